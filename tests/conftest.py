@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random models built in code (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Deterministic, quiet CPU runs.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Re-initialise every parameter with seeded noise so parity tests see non-trivial weights.
+
+    1-D weights (norms) get 1 + noise, matrices get 1/sqrt(fan_in) noise, biases small noise.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * std
+            if p.ndim == 1 and name.endswith("weight"):  # norm weights multiply: keep them near 1
+                noise = noise + 1.0
+            elif p.ndim >= 2:
+                fan_in = p[0].numel()
+                noise = torch.randn(p.shape, generator=g, dtype=torch.float32) / fan_in**0.5
+            p.copy_(noise.to(p.dtype))
+    return module
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Z-Image model in the diffusers layout (built once per test session)."""
+    from .fixtures import build_model_folder
+
+    return build_model_folder(tmp_path_factory.mktemp("tiny-zimage"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_model_dir):
+    from zimage_native import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    pipe.progress = False
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def reference_pipe(tiny_model_dir):
+    pytest.importorskip("diffusers")
+    from .fixtures import reference_pipeline
+
+    return reference_pipeline(tiny_model_dir)

@@ -1,0 +1,74 @@
+"""Scheduler parity against diffusers 0.42.1 FlowMatchEulerDiscreteScheduler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zimage_native.config import SchedulerConfig
+from zimage_native.scheduler import euler_step, make_schedule
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def reference(shift, n=None, sigmas=None):
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False)
+    if sigmas is None:
+        sigmas = torch.linspace(1.0, 1 / n, n).tolist()  # the pipeline's default schedule
+    sched.set_timesteps(sigmas=sigmas, mu=1.15)
+    return sched
+
+
+@pytest.mark.parametrize("shift", [3.0, 6.0])
+def test_sigmas_and_timesteps_match_for_1_to_50_steps(shift):
+    config = SchedulerConfig(shift=shift)
+    for n in range(1, 51):
+        ref = reference(shift, n)
+        ours = make_schedule(config, n)
+        assert torch.equal(ours.sigmas, ref.sigmas), f"sigmas differ at N={n}"
+        assert torch.equal(ours.timesteps, ref.timesteps), f"timesteps differ at N={n}"
+
+
+def test_turbo_eight_steps_known_values():
+    s = make_schedule(SchedulerConfig(shift=3.0), 8).sigmas
+    expected = [1, 0.95454544, 0.9, 0.8333333, 0.75, 0.6428571, 0.5, 0.3, 0]
+    assert torch.allclose(s, torch.tensor(expected), atol=1e-7)
+
+
+def test_custom_sigmas_are_shifted_like_the_reference():
+    custom = [1.0, 0.7, 0.4, 0.1]
+    ref = reference(3.0, sigmas=custom)
+    ours = make_schedule(SchedulerConfig(shift=3.0), sigmas=custom)
+    assert torch.equal(ours.sigmas, ref.sigmas) and torch.equal(ours.timesteps, ref.timesteps)
+
+
+def test_euler_step_matches_reference():
+    ref = reference(3.0, 8)
+    ref.set_begin_index(0)
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, 16, 8, 8, generator=g)
+    expected = ref.step(v, ref.timesteps[0], x, return_dict=False)[0]
+    s = make_schedule(SchedulerConfig(shift=3.0), 8).sigmas
+    assert torch.equal(euler_step(x, v, s[0], s[1]), expected)
+
+
+def test_dynamic_shifting_matches_reference():
+    config = SchedulerConfig(use_dynamic_shifting=True)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    sigmas = torch.linspace(1.0, 1 / 6, 6).tolist()
+    from zimage_native.scheduler import calculate_mu
+
+    sched.set_timesteps(sigmas=sigmas, mu=calculate_mu(1024, config))
+    ours = make_schedule(config, sigmas=sigmas, image_seq_len=1024)
+    assert torch.allclose(ours.sigmas, sched.sigmas, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_bad_step_counts_raise(bad):
+    with pytest.raises(ValueError, match=">= 1"):
+        make_schedule(SchedulerConfig(), bad)
+
+
+def test_bad_sigmas_raise():
+    with pytest.raises(ValueError, match="\\(0, 1\\]"):
+        make_schedule(SchedulerConfig(), sigmas=[1.0, 0.0])

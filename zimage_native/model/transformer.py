@@ -1,0 +1,157 @@
+"""The Z-Image single-stream DiT (6.15 B parameters for the released config).
+
+Mirrors diffusers 0.42.1 ``ZImageTransformer2DModel`` (text-to-image path) and the official
+Tongyi-MAI ``src/zimage/transformer.py``, with the checkpoint's own parameter names so a diffusers
+``transformer/`` folder loads without renaming. The forward takes tensors prepared by
+``model.sequence`` (patchified latents, padded caption features, RoPE tables, masks).
+
+Data flow: t -> t_embedder -> c (B, 256). Image tokens: x_embedder, pad rows -> x_pad_token,
+2 noise-refiner blocks (modulated by c). Caption tokens: cap_embedder (RMSNorm + Linear), pad rows
+-> cap_pad_token, 2 context-refiner blocks (no modulation). Joint [image, caption] sequence:
+30 modulated blocks. Final layer on the image rows.
+
+Numerics kept for parity: sandwich RMSNorms (pre and post each sub-layer), scales 1 + s, gates
+tanh(g), no shift terms; block adaLN is a bare Linear on c, the final layer's adaLN has a SiLU;
+the timestep sinusoid, RMSNorm statistics and RoPE run in fp32.
+
+Shape legend: B batch, Nx image tokens, Lc caption tokens, L = Nx + Lc, D model dim,
+H heads, Dh head dim (= sum(axes_dims)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import TransformerConfig
+from .attention import attention
+from .layers import FeedForward, RMSNorm, TimestepEmbedder
+from .rope import apply_rope
+from .sequence import SequenceLayout
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+class Attention(nn.Module):
+    """Self-attention with per-head q/k RMSNorm and RoPE. (B, L, D) -> (B, L, D)."""
+
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        head_dim = dim // n_heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])  # key "to_out.0", as in diffusers
+        self.norm_q = RMSNorm(head_dim, eps=1e-5)  # 1e-5 is hard-coded in the reference, not norm_eps
+        self.norm_k = RMSNorm(head_dim, eps=1e-5)
+        self.attn_fn = attention  # the seam that accel/ swaps for another backend
+
+    def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None) -> torch.Tensor:
+        q = self.to_q(x).unflatten(-1, (self.n_heads, -1))  # (B, L, H, Dh)
+        k = self.to_k(x).unflatten(-1, (self.n_heads, -1))
+        v = self.to_v(x).unflatten(-1, (self.n_heads, -1))
+        q = apply_rope(self.norm_q(q), *rope)  # RoPE after the qk-norm
+        k = apply_rope(self.norm_k(k), *rope)
+        out = self.attn_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, L, Dh)
+        return self.to_out[0](out.transpose(1, 2).flatten(2))
+
+
+class TransformerBlock(nn.Module):
+    """Attention + SwiGLU with sandwich norms; modulated by c unless it is a context-refiner block."""
+
+    def __init__(self, config: TransformerConfig, modulation: bool):
+        super().__init__()
+        dim, eps = config.dim, config.norm_eps
+        self.attention = Attention(dim, config.n_heads)
+        self.feed_forward = FeedForward(dim, config.ffn_dim)
+        self.attention_norm1 = RMSNorm(dim, eps)
+        self.attention_norm2 = RMSNorm(dim, eps)
+        self.ffn_norm1 = RMSNorm(dim, eps)
+        self.ffn_norm2 = RMSNorm(dim, eps)
+        self.modulation = modulation
+        if modulation:
+            # A bare Linear on c (no SiLU in front), unlike the final layer.
+            self.adaLN_modulation = nn.Sequential(nn.Linear(config.adaln_dim, 4 * dim))
+
+    def forward(
+        self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None, c: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if not self.modulation:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        # (B, 1, D) each, in the order of the checkpoint's rows.
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=2)
+        attn = self.attention(self.attention_norm1(x) * (1.0 + scale_msa), rope, mask)
+        x = x + gate_msa.tanh() * self.attention_norm2(attn)
+        ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_mlp))
+        return x + gate_mlp.tanh() * self.ffn_norm2(ffn)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm (no affine) * (1 + scale(c)), then Linear to p*p*C. (B, N, D) -> (B, N, p*p*C)."""
+
+    def __init__(self, dim: int, out_dim: int, adaln_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        scale = 1.0 + self.adaLN_modulation(c)
+        return self.linear(self.norm_final(x) * scale.unsqueeze(1))
+
+
+class ZImageTransformer(nn.Module):
+    """The DiT. forward(x (B, Nx, p*p*C), cap (B, Lc, cap_feat_dim), t (B,), layout) -> (B, Nx, p*p*C).
+
+    ``t`` is the model time in [0, 1): 0 is pure noise (the pipeline passes 1 - sigma).
+    The output approximates x0 - noise (the negative of the flow velocity).
+    """
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        dim, key = config.dim, f"{config.patch_size}-{config.all_f_patch_size[0]}"
+        self.all_x_embedder = nn.ModuleDict({key: nn.Linear(config.patch_dim, dim)})
+        self.all_final_layer = nn.ModuleDict({key: FinalLayer(dim, config.patch_dim, config.adaln_dim)})
+        self.t_embedder = TimestepEmbedder(config.adaln_dim, mid_dim=1024)
+        self.cap_embedder = nn.Sequential(
+            RMSNorm(config.cap_feat_dim, eps=config.norm_eps), nn.Linear(config.cap_feat_dim, dim)
+        )
+        self.x_pad_token = nn.Parameter(torch.zeros(1, dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, dim))
+        self.noise_refiner = nn.ModuleList(TransformerBlock(config, True) for _ in range(config.n_refiner_layers))
+        self.context_refiner = nn.ModuleList(
+            TransformerBlock(config, False) for _ in range(config.n_refiner_layers)
+        )
+        self.layers = nn.ModuleList(TransformerBlock(config, True) for _ in range(config.n_layers))
+        self._key = key
+
+    @property
+    def x_embedder(self) -> nn.Linear:
+        return self.all_x_embedder[self._key]
+
+    @property
+    def final_layer(self) -> FinalLayer:
+        return self.all_final_layer[self._key]
+
+    def forward(
+        self, x: torch.Tensor, cap: torch.Tensor, t: torch.Tensor, layout: SequenceLayout
+    ) -> torch.Tensor:
+        c = self.t_embedder(t * self.config.t_scale).to(x.dtype)  # (B, 256); t * t_scale in fp32
+
+        x = self.x_embedder(x)  # (B, Nx, D)
+        x = torch.where(layout.image_pad[..., None], self.x_pad_token, x)  # pad rows are learned tokens
+        for block in self.noise_refiner:
+            x = block(x, layout.image_rope, None, c)  # every item has the same Nx: nothing to mask
+
+        cap = self.cap_embedder(cap)  # (B, Lc, D)
+        cap = torch.where(layout.caption_pad[..., None], self.cap_pad_token, cap)
+        for block in self.context_refiner:
+            cap = block(cap, layout.caption_rope, layout.caption_mask)
+
+        h = torch.cat([x, cap], dim=1)  # (B, L, D): [image, caption]
+        for block in self.layers:
+            h = block(h, layout.joint_rope, layout.joint_mask, c)
+        return self.final_layer(h[:, : x.shape[1]], c)  # image rows only; row-wise, so equal to slicing after

@@ -1,0 +1,85 @@
+"""FlowMatch Euler sampling schedule, with diffusers 0.42.1 semantics, as plain functions.
+
+N steps are N model forwards. The default raw schedule is linspace(1, 1/N, N) in fp32; the static
+shift s of ``scheduler_config.json`` maps sigma -> s*sigma / (1 + (s - 1)*sigma) (custom sigmas are
+shifted too, as the reference does); a terminal sigma 0 is appended. Timesteps are sigma * 1000.
+
+With ``use_dynamic_shifting`` (off in both released configs) the resolution-dependent shift
+exp(mu) / (exp(mu) + (1/sigma - 1)) replaces the static one, mu interpolated from the image
+sequence length. One Euler step is x <- x + (sigma_next - sigma) * velocity, in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import SchedulerConfig
+
+
+@dataclass(frozen=True)
+class Schedule:
+    sigmas: torch.Tensor  # (N + 1,) fp32, ends with 0
+    timesteps: torch.Tensor  # (N,) fp32, sigma * num_train_timesteps
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+    def model_times(self) -> torch.Tensor:
+        """(N,) the DiT's time input (1000 - t) / 1000: 0 at pure noise, as the pipeline computes it."""
+        return (1000 - self.timesteps) / 1000
+
+
+def default_sigmas(num_steps: int) -> torch.Tensor:
+    if num_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_steps}")
+    return torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float32)
+
+
+def calculate_mu(image_seq_len: int, config: SchedulerConfig) -> float:
+    m = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+    b = config.base_shift - m * config.base_image_seq_len
+    return image_seq_len * m + b
+
+
+def make_schedule(
+    config: SchedulerConfig,
+    num_steps: int | None = None,
+    sigmas: list[float] | torch.Tensor | None = None,
+    image_seq_len: int | None = None,
+) -> Schedule:
+    """Sigmas and timesteps for ``num_steps`` (default linspace(1, 1/N, N)) or explicit ``sigmas``."""
+    if sigmas is None:
+        if num_steps is None:
+            raise ValueError("give num_steps or sigmas")
+        raw = default_sigmas(num_steps)
+    else:
+        raw = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
+        if raw.numel() < 1:
+            raise ValueError("sigmas must not be empty")
+        if num_steps is not None and raw.numel() != num_steps:
+            raise ValueError(f"got {raw.numel()} sigmas for num_inference_steps={num_steps}")
+        if bool(((raw <= 0) | (raw > 1)).any()):
+            raise ValueError(f"sigmas must lie in (0, 1], got {raw.tolist()}")
+    if config.use_dynamic_shifting:
+        if image_seq_len is None:
+            raise ValueError("use_dynamic_shifting needs the image sequence length")
+        mu = calculate_mu(image_seq_len, config)
+        if config.time_shift_type == "exponential":
+            shifted = math.exp(mu) / (math.exp(mu) + (1 / raw - 1))
+        else:
+            shifted = mu / (mu + (1 / raw - 1))
+        shifted = shifted.to(torch.float32)
+    else:
+        s = config.shift
+        shifted = s * raw / (1 + (s - 1) * raw)  # fp32, in the reference's operation order
+    timesteps = shifted * config.num_train_timesteps
+    return Schedule(sigmas=torch.cat([shifted, torch.zeros(1)]), timesteps=timesteps)
+
+
+def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor):
+    """x_next = x + (sigma_next - sigma) * velocity, in fp32."""
+    return latents.float() + (sigma_next - sigma) * velocity.float()

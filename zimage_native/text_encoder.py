@@ -1,0 +1,105 @@
+"""The Qwen3 text encoder: formatted prompt text -> caption features (hidden_states[-2]).
+
+Z-Image conditions on the raw output of decoder layer N-2 of Qwen3-4B (layer 34 of 36), without
+the final norm, keeping only real tokens. So only the first N-1 layers are built and loaded, and
+transformers' final norm is replaced by an identity (its ``last_hidden_state`` would otherwise be
+normed). With right padding and a causal model, real tokens never see the padding, so the
+features equal those of an unpadded run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .loading import assign_state_dict, build_on_meta, iter_tensors, safetensors_files
+
+logger = logging.getLogger(__name__)
+
+
+def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """Build a Qwen3 model with the first N-1 layers and no final norm, and load its weights strictly."""
+    from transformers import AutoConfig, AutoModel
+
+    folder = Path(folder)
+    full = AutoConfig.from_pretrained(folder)
+    if full.model_type != "qwen3":
+        raise ValueError(f"{folder}: expected a Qwen3 text encoder (model_type 'qwen3'), got {full.model_type!r}")
+    config = copy.deepcopy(full)
+    n = full.num_hidden_layers
+    config.num_hidden_layers = n - 1
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[: n - 1]
+    model = build_on_meta(lambda: AutoModel.from_config(config, attn_implementation="sdpa"))
+    model.norm = nn.Identity()
+
+    def keep(key: str) -> bool:
+        key = key.removeprefix("model.")
+        return not (key.startswith(f"layers.{n - 1}.") or key == "norm.weight" or key.startswith("lm_head."))
+
+    state_dict = {
+        k.removeprefix("model."): t for k, t in iter_tensors(safetensors_files(folder), dtype, device, keep)
+    }
+    rotary = model.rotary_emb
+    model.rotary_emb = None  # its inv_freq buffer is computed, not loaded: rebuild it below on the device
+    assign_state_dict(model, state_dict, "text_encoder")
+    with torch.device(device):
+        model.rotary_emb = type(rotary)(config=config)
+    return model.eval().requires_grad_(False)
+
+
+class TextEncoder:
+    """Tokenizer + truncated Qwen3. ``encode(texts)`` -> list of (L_i, hidden) features."""
+
+    def __init__(self, model: nn.Module, tokenizer, max_sequence_length: int = 512):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_sequence_length = max_sequence_length
+
+    @classmethod
+    def from_folders(cls, encoder_dir, tokenizer_dir, dtype: torch.dtype, device) -> "TextEncoder":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        return cls(load_qwen3_encoder(encoder_dir, dtype, device), tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def tokenize(self, texts: list[str], max_sequence_length: int | None = None) -> list[list[int]]:
+        """Token ids per text, cut to ``max_sequence_length`` from the right (as the reference does)."""
+        limit = max_sequence_length or self.max_sequence_length
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for i, row in enumerate(ids):
+            if len(row) > limit:
+                logger.warning(
+                    "prompt %d has %d tokens, more than max_sequence_length %d: the last %d tokens "
+                    "(including the chat scaffold's closing tokens) are cut. Raise max_sequence_length to keep them.",
+                    i, len(row), limit, len(row) - limit,
+                )
+        return [row[:limit] for row in ids]
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], max_sequence_length: int | None = None) -> list[torch.Tensor]:
+        ids = self.tokenize(texts, max_sequence_length)
+        longest = max(len(row) for row in ids)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), longest), dtype=torch.bool)
+        for i, row in enumerate(ids):  # right padding
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = True
+        hidden = self.model(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
+        ).last_hidden_state  # = hidden_states[-2] of the full model
+        return [hidden[i, : len(row)] for i, row in enumerate(ids)]
