@@ -103,6 +103,6 @@ def reference_pipeline(folder: Path):
     """diffusers' own ZImagePipeline on the same folder, fp32, CPU."""
     import diffusers
 
-    pipe = diffusers.ZImagePipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = diffusers.ZImagePipeline.from_pretrained(folder, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -142,3 +142,21 @@ def load_module(
     module = build_on_meta(factory)
     state_dict = load_state_dict(path, dtype=dtype, device=device)
     return assign_state_dict(module, state_dict, what).eval().requires_grad_(False)
+
+
+def inspect_weights(path: str | os.PathLike) -> dict:
+    """Tensor count, parameter count and dtypes of a component, read from the safetensors headers only."""
+    files = safetensors_files(path)
+    tensors, params, dtypes = 0, 0, {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                s = f.get_slice(key)
+                n = 1
+                for d in s.get_shape():
+                    n *= d
+                tensors += 1
+                params += n
+                dt = s.get_dtype()
+                dtypes[dt] = dtypes.get(dt, 0) + n
+    return {"files": len(files), "tensors": tensors, "parameters": params, "dtypes": dtypes}

@@ -227,8 +227,8 @@ class ZImagePipeline:
         max_sequence_length: int = 512,
         progress: bool | None = None,
     ) -> ZImageOutput:
-        prompts = self._check_call(prompt, width, height, num_inference_steps, seed, generator,
-                                   guidance_scale, num_images_per_prompt, output_type, max_sequence_length)
+        prompts = check_request(prompt, width, height, num_inference_steps, seed, generator,
+                                guidance_scale, num_images_per_prompt, output_type, max_sequence_length)
         progress = self.progress if progress is None else progress
         batch = len(prompts) * num_images_per_prompt
         shape = (batch, self.transformer_config.in_channels, 2 * (height // 16), 2 * (width // 16))
@@ -253,7 +253,7 @@ class ZImagePipeline:
             if negative is not None:
                 negative = [e for e in negative for _ in range(num_images_per_prompt)]
 
-        schedule = make_schedule(self.scheduler_config, num_inference_steps, sigmas,
+        schedule = make_schedule(self.scheduler_config, None if sigmas is not None else num_inference_steps, sigmas,
                                  image_seq_len=(height // 16) * (width // 16))
         latents = self.denoise(latents, embeds, negative, schedule, guidance_scale, cfg_normalization,
                                cfg_truncation, progress)
@@ -273,29 +273,31 @@ class ZImagePipeline:
             raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts")
         return negatives
 
-    @staticmethod
-    def _check_call(prompt, width, height, steps, seed, generator, guidance_scale, n, output_type, max_len):
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
-        if not prompts:
-            raise ValueError("prompt must be a non-empty string or a non-empty list of strings")
-        if not all(isinstance(p, str) for p in prompts):
-            raise ValueError("every prompt must be a string")
-        for name, value in (("width", width), ("height", height)):
-            if not isinstance(value, int) or value <= 0 or value % 16:
-                raise ValueError(f"{name} must be a positive multiple of 16, got {value!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
-        if seed is not None and generator is not None:
-            raise ValueError("give either seed or generator, not both")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (0 turns CFG off), got {guidance_scale}")
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if max_len < 1:
-            raise ValueError(f"max_sequence_length must be >= 1, got {max_len}")
-        return prompts
+
+def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator=None, guidance_scale=0.0, n=1,
+                  output_type="pil", max_len=512) -> list[str]:
+    """Validate a generation request before any work is done; returns the prompts as a list."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
+    if not prompts:
+        raise ValueError("prompt must be a non-empty string or a non-empty list of strings")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError("every prompt must be a string")
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or value <= 0 or value % 16:
+            raise ValueError(f"{name} must be a positive multiple of 16, got {value!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+    if seed is not None and generator is not None:
+        raise ValueError("give either seed or generator, not both")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0 (0 turns CFG off), got {guidance_scale}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if max_len < 1:
+        raise ValueError(f"max_sequence_length must be >= 1, got {max_len}")
+    return prompts
 
 
 def to_pil(images: np.ndarray):

@@ -1,0 +1,91 @@
+"""The zimage CLI: generate writes correct PNGs atomically, bad input exits with one line, info reports."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from zimage_native.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_generate_writes_the_library_image(tiny_model_dir, tiny_pipe, tmp_path):
+    out = tmp_path / "x.png"
+    result = run("generate", "a cat", "--model", tiny_model_dir, "-o", out, "--width", 64, "--height", 48,
+                 "--steps", 2, "--seed", 3, "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output
+    expected = tiny_pipe("a cat", width=64, height=48, num_inference_steps=2, seed=3).images[0]
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.size == (64, 48)
+        assert np.array_equal(np.asarray(img), np.asarray(expected))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temporary files left behind
+
+
+def test_generate_several_images_and_reports_random_seed(tiny_model_dir, tmp_path):
+    result = run("generate", "a cat", "--model", tiny_model_dir, "-o", tmp_path / "y.png", "--width", 32,
+                 "--height", 32, "--steps", 1, "--num-images", 2, "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["y_0.png", "y_1.png"]
+    assert "seed " in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--width", "100"], "width must be a positive multiple of 16"),
+        (["--steps", "0"], "num_inference_steps must be an integer >= 1"),
+        (["--guidance-scale", "-2"], "guidance_scale must be >= 0"),
+        (["-o", "out.jpg"], "output must be a .png file"),
+        (["--model", "/no/such/folder"], "model folder not found"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_line(tmp_path, args, message):
+    result = CliRunner().invoke(main, ["generate", "a cat", "--device", "cpu", *args])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_write_leaves_no_file(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "z.png"
+
+    def broken_save(self, fp, format=None, **kw):
+        fp.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "-o", str(out),
+                                       "--width", "32", "--height", "32", "--steps", "1", "--device", "cpu",
+                                       "--no-progress"])
+    assert result.exit_code != 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_keeps_the_previous_file(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"old image")
+    monkeypatch.setattr(Image.Image, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "-o", str(out), "--width", "32",
+                              "--height", "32", "--steps", "1", "--device", "cpu", "--no-progress"])
+    assert out.read_bytes() == b"old image" and [p.name for p in tmp_path.iterdir()] == ["keep.png"]
+
+
+def test_info_reports_components(tiny_model_dir):
+    result = run("info", tiny_model_dir, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["transformer"]["class"] == "ZImageTransformer2DModel"
+    assert report["transformer"]["dtypes"] == {"F32": report["transformer"]["parameters"]}
+    assert report["vae"]["class"] == "AutoencoderKL"
+    assert report["scheduler"]["shift"] == 3.0
+    table = run("info", tiny_model_dir).output
+    assert "transformer" in table and "params" in table and "text_encoder" in table

@@ -1,0 +1,112 @@
+"""Strict loading, sharded checkpoints, dtype casting and model resolution (local folders, Hub ids)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from zimage_native import ZImagePipeline
+from zimage_native.config import TransformerConfig
+from zimage_native.hub import HUB_FILES, resolve_model_folder
+from zimage_native.loading import StateDictMismatchError, assign_state_dict, build_on_meta, load_module
+from zimage_native.model.transformer import ZImageTransformer
+
+from .dit_configs import TINY_DIT
+
+
+def tiny_state():
+    config = TransformerConfig.from_dict(TINY_DIT)
+    model = ZImageTransformer(config)
+    return config, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_missing_and_unexpected_keys_are_named_with_counts():
+    config, sd = tiny_state()
+    del sd["layers.0.attention.to_q.weight"], sd["x_pad_token"]
+    sd["layers.0.attention.qkv.weight"] = torch.zeros(3)
+    with pytest.raises(StateDictMismatchError) as err:
+        assign_state_dict(build_on_meta(lambda: ZImageTransformer(config)), sd, "transformer")
+    msg = str(err.value)
+    assert "2 missing keys" in msg and "layers.0.attention.to_q.weight" in msg and "x_pad_token" in msg
+    assert "1 unexpected keys" in msg and "layers.0.attention.qkv.weight" in msg
+
+
+def test_shape_mismatch_is_reported():
+    config, sd = tiny_state()
+    sd["x_pad_token"] = torch.zeros(1, 7)
+    with pytest.raises(StateDictMismatchError, match="shape mismatches"):
+        assign_state_dict(build_on_meta(lambda: ZImageTransformer(config)), sd, "transformer")
+
+
+def test_sharded_fp32_checkpoint_is_cast_while_loading(tmp_path):
+    config, sd = tiny_state()
+    keys = sorted(sd)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, tmp_path / name)
+    index = {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    model = load_module(lambda: ZImageTransformer(config), tmp_path, torch.bfloat16, "cpu", "transformer")
+    assert all(p.dtype == torch.bfloat16 and not p.is_meta for p in model.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k].to(torch.bfloat16)), k
+
+
+def test_index_naming_a_missing_shard_raises(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="gone.safetensors"):
+        load_module(lambda: torch.nn.Linear(1, 1), tmp_path, None, "cpu", "x")
+
+
+def test_text_encoder_with_model_prefix_loads(tiny_model_dir, tmp_path, tiny_pipe):
+    """Hub text-encoder files carry a 'model.' prefix (and may carry lm_head); both load."""
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    te = folder / "text_encoder" / "model.safetensors"
+    sd = load_file(te)
+    sd = {f"model.{k}": v for k, v in sd.items()}
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    save_file(sd, te)
+    pipe = ZImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    a, b = pipe.encode_prompt(["a cat"])[0], tiny_pipe.encode_prompt(["a cat"])[0]
+    assert torch.equal(a, b)
+
+
+def test_missing_model_folder_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ZImagePipeline.from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="not a Z-Image model folder"):
+        ZImagePipeline.from_pretrained(tmp_path)
+
+
+def test_hub_id_downloads_only_needed_files(tiny_model_dir, monkeypatch):
+    calls = {}
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.update(kwargs, repo_id=repo_id)
+        return str(tiny_model_dir)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    folder = resolve_model_folder("Tongyi-MAI/Z-Image-Turbo", revision="main")
+    assert folder == tiny_model_dir
+    assert calls["repo_id"] == "Tongyi-MAI/Z-Image-Turbo" and calls["revision"] == "main"
+    assert calls["allow_patterns"] == HUB_FILES
+    assert "transformer/*.safetensors" in HUB_FILES and not any(p.endswith(".bin") for p in HUB_FILES)
+
+
+def test_hub_cache_layout_loads_offline(tiny_model_dir, tmp_path):
+    """A Hub id already in the huggingface_hub cache loads with local_files_only (no network)."""
+    repo = tmp_path / "models--Tongyi-MAI--Z-Image-Turbo"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    folder = resolve_model_folder("Tongyi-MAI/Z-Image-Turbo", cache_dir=tmp_path, local_files_only=True)
+    assert (folder / "transformer" / "config.json").is_file()

@@ -1,0 +1,39 @@
+"""Packaging: kernels/ and converters/ install inside zimage_native, never as top-level packages."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_maps_folders_into_the_namespace(tmp_path):
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True)
+    wheel = next((tmp_path / "dist").glob("zimage_native-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "zimage_native/kernels/__init__.py" in names
+    assert "zimage_native/converters/__init__.py" in names
+    assert "zimage_native/model/transformer.py" in names
+    tops = {n.split("/")[0] for n in names}
+    assert "kernels" not in tops and "converters" not in tops and "tests" not in tops
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "zimage = zimage_native.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_installed_subpackages_import():
+    import zimage_native.converters
+    import zimage_native.kernels
+
+    assert Path(zimage_native.kernels.__file__).parent.name == "kernels"
+    assert Path(zimage_native.converters.__file__).parent.name == "converters"

@@ -1,0 +1,122 @@
+"""End-to-end parity of ZImagePipeline against diffusers 0.42.1 ZImagePipeline, fp32 on CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from .utils import assert_rel
+
+LONG = "a watercolor painting of mountains at dawn, soft light, mist over the lake, a small red boat"
+
+
+def both(ours, ref, prompt, **kw):
+    """Run both pipelines on the same request. diffusers mutates prompt lists, so each gets a copy."""
+    copy = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    seed = kw.pop("seed", 0)
+    ref_kw = {k: copy(v) for k, v in kw.items()}
+    ref_kw.setdefault("guidance_scale", 0.0)  # diffusers' default is 5.0; ours is 0.0 (Turbo)
+    expected = ref(copy(prompt), generator=torch.Generator().manual_seed(seed), **ref_kw).images
+    got = ours(copy(prompt), seed=seed, **{k: copy(v) for k, v in kw.items()}).images
+    return got, expected
+
+
+@pytest.mark.parametrize(
+    "prompt, size, extra",
+    [
+        pytest.param("a cat", (64, 64), {}, id="one prompt"),
+        pytest.param(["a cat", LONG], (64, 96), {}, id="two prompts of different lengths"),
+        pytest.param("a cat", (80, 48), {}, id="15 image tokens: image padding"),
+        pytest.param(["a cat", LONG], (64, 64), {"num_images_per_prompt": 2}, id="two images per prompt"),
+        pytest.param(LONG, (64, 64), {"guidance_scale": 4.0}, id="CFG with the empty negative prompt"),
+        pytest.param(["a cat", LONG], (48, 64),
+                     {"guidance_scale": 3.0, "negative_prompt": ["blurry", "ugly, low quality"],
+                      "cfg_normalization": True, "cfg_truncation": 0.5}, id="CFG normalization and truncation"),
+    ],
+)
+def test_final_latents_match_diffusers(tiny_pipe, reference_pipe, prompt, size, extra):
+    h, w = size
+    got, expected = both(tiny_pipe, reference_pipe, prompt, height=h, width=w, num_inference_steps=4,
+                         output_type="latent", **extra)
+    assert got.dtype == torch.float32
+    assert_rel(got, expected, 1e-5, "final latents")
+
+
+def test_images_match_diffusers(tiny_pipe, reference_pipe):
+    got, expected = both(tiny_pipe, reference_pipe, ["a cat", LONG], height=64, width=96, num_inference_steps=3,
+                         output_type="np")
+    assert got.shape == (2, 64, 96, 3) and got.min() >= 0 and got.max() <= 1
+    assert_rel(torch.from_numpy(got), torch.from_numpy(expected), 1e-5, "images")
+    pil, ref_pil = both(tiny_pipe, reference_pipe, "a cat", height=64, width=64, num_inference_steps=2)
+    diff = np.abs(np.asarray(pil[0], dtype=np.int16) - np.asarray(ref_pil[0], dtype=np.int16))
+    assert pil[0].size == (64, 64) and diff.max() <= 1
+
+
+def test_text_features_match_diffusers(tiny_pipe, reference_pipe):
+    prompts = ["a cat", LONG, ""]
+    expected = reference_pipe._encode_prompt(list(prompts), device="cpu")
+    got = tiny_pipe.encode_prompt(prompts)
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    for g, e in zip(got, expected):
+        assert_rel(g, e, 1e-5, "text features")
+
+
+def test_text_encoder_loads_only_the_needed_layers(tiny_pipe, tiny_model_dir):
+    import json
+
+    full = json.loads((tiny_model_dir / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
+    assert len(tiny_pipe.text_encoder.model.layers) == full - 1
+
+
+def test_seed_generator_and_latents_paths_agree(tiny_pipe):
+    kw = dict(height=32, width=32, num_inference_steps=2, output_type="latent")
+    a = tiny_pipe("a cat", seed=7, **kw).images
+    b = tiny_pipe("a cat", generator=torch.Generator().manual_seed(7), **kw).images
+    noise = torch.randn(1, 16, 4, 4, generator=torch.Generator("cpu").manual_seed(7))
+    c = tiny_pipe("a cat", latents=noise, **kw).images
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(a, tiny_pipe("a cat", seed=8, **kw).images)
+
+
+def test_random_seed_is_reported(tiny_pipe):
+    out = tiny_pipe("a cat", height=32, width=32, num_inference_steps=1, output_type="latent")
+    again = tiny_pipe("a cat", height=32, width=32, num_inference_steps=1, output_type="latent", seed=out.seeds[0])
+    assert torch.equal(out.images, again.images)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(width=100), "width must be a positive multiple of 16"),
+        (dict(height=0), "height must be a positive multiple of 16"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(guidance_scale=-1.0), "guidance_scale"),
+        (dict(seed=1, generator=torch.Generator()), "either seed or generator"),
+        (dict(latents=torch.zeros(1, 16, 3, 3)), "latents must have shape"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+    ],
+)
+def test_bad_input_raises_value_error(tiny_pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_pipe("a cat", **{"height": 32, "width": 32, **kwargs})
+
+
+def test_empty_prompt_list_raises(tiny_pipe):
+    with pytest.raises(ValueError, match="non-empty"):
+        tiny_pipe([])
+
+
+def test_progress_bar_can_be_turned_off(tiny_pipe, capsys):
+    tiny_pipe("a cat", height=32, width=32, num_inference_steps=2, output_type="latent", progress=True)
+    assert "denoise" in capsys.readouterr().err
+    tiny_pipe("a cat", height=32, width=32, num_inference_steps=2, output_type="latent", progress=False)
+    assert "denoise" not in capsys.readouterr().err
+
+
+def test_long_prompt_warns_with_token_counts(tiny_pipe, caplog):
+    with caplog.at_level("WARNING"):
+        feats = tiny_pipe.encode_prompt([LONG], max_sequence_length=10)
+    assert feats[0].shape[0] == 10
+    assert "more than max_sequence_length 10" in caplog.text
