@@ -1,0 +1,30 @@
+"""The ``zimage`` command line: a thin layer over the library, one module per command.
+
+Each flag maps to one argument of the library. Bad input exits non-zero with a one-line message
+(no traceback); images are written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="zimage-native")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the engine does.")
+def main(verbose: bool) -> None:
+    """zimage: fast, PyTorch-native Z-Image text-to-image."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+from .generate import generate  # noqa: E402
+from .info import info  # noqa: E402
+
+main.add_command(generate)
+main.add_command(info)
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
