@@ -1,11 +1,14 @@
 """ZImagePipeline: prompt -> caption features -> FlowMatch Euler sampling with the DiT -> VAE decode.
 
-Semantics are those of diffusers 0.42.1 ``ZImagePipeline`` (the parity reference):
+Semantics are those of diffusers 0.42.1 ``ZImagePipeline`` and ``ZImageImg2ImgPipeline`` (the
+parity references):
 - prompts are wrapped in the Qwen3 chat format and encoded to hidden_states[-2];
 - the initial noise is fp32, drawn on the generator's device (the CPU for ``seed=``), shape
   (B, 16, H/8, W/8); latents stay fp32 and are cast to the DiT dtype only as model input;
 - the DiT output is the negative velocity; CFG (guidance_scale > 0) is pos + g * (pos - neg) in fp32;
-- decode: z / scaling_factor + shift_factor in the VAE dtype, then (x * 0.5 + 0.5).clamp(0, 1).
+- decode: z / scaling_factor + shift_factor in the VAE dtype, then (x * 0.5 + 0.5).clamp(0, 1);
+- img2img: a VAE posterior *sample* is drawn before the noise, from the same generator, and the
+  start latents sigma * noise + (1 - sigma) * z are formed in the text encoder's dtype.
 
 Per-request work (tokenising, padding, positions, RoPE tables, masks, the sigma schedule) happens
 once before the step loop; the loop itself has no host syncs.
@@ -13,12 +16,13 @@ once before the step loop; the loop itself has no host syncs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,17 +35,34 @@ from .model.sequence import build_layout, pad_captions, patchify, unpatchify
 from .model.transformer import ZImageTransformer
 from .model.vae import AutoencoderKL
 from .prompt.format import format_prompt
-from .scheduler import euler_step, make_schedule
+from .scheduler import Schedule, euler_step, make_schedule
 from .text_encoder import TextEncoder
+from .tiling import TileConfig, tiled_decode, tiled_encode
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+OFFLOAD_MODES = ("none", "text_encoder", "model")
+PROMPT_FIELDS = ("system_prompt", "thinking_content", "assistant_content", "force_think_block", "strip_quotes")
+
+
+@dataclass(frozen=True)
+class VariantDefaults:
+    num_inference_steps: int
+    guidance_scale: float
+
+
+# Turbo is distilled for 8 forwards without CFG; the base model card recommends 50 steps, guidance 4.
+VARIANTS = {"turbo": VariantDefaults(8, 0.0), "base": VariantDefaults(50, 4.0)}
 
 
 @dataclass
 class ZImageOutput:
-    """``images``: PIL images, an (N, H, W, 3) array in [0, 1], or the final fp32 latents."""
+    """``images``: PIL images, an (N, H, W, 3) array in [0, 1], or the final fp32 latents.
+
+    ``seeds`` holds the seed of each image when seeds were used; ``info`` the request as run
+    (formatted prompts, token counts, settings), which the CLI writes into PNG metadata.
+    """
 
     images: Any
     seeds: list[int] | None = None
@@ -75,8 +96,18 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def detect_variant(source: str, scheduler_config: SchedulerConfig) -> str:
+    """'turbo' or 'base' from the model's name, else from the scheduler shift (Turbo 3, base 6)."""
+    name = str(source).lower().rstrip("/")
+    if "turbo" in name:
+        return "turbo"
+    if scheduler_config.shift == 6.0 or name.endswith("z-image"):
+        return "base"
+    return "turbo"
+
+
 class ZImagePipeline:
-    """Text-to-image with Z-Image. Build with :meth:`from_pretrained`, call like a function."""
+    """Text-to-image (and img2img) with Z-Image. Build with :meth:`from_pretrained`, call like a function."""
 
     def __init__(
         self,
@@ -86,6 +117,10 @@ class ZImagePipeline:
         scheduler_config: SchedulerConfig,
         vae_config: VAEConfig,
         source: str | None = None,
+        variant: str | None = None,
+        model_folder: str | os.PathLike | None = None,
+        placement: dict[str, torch.device] | None = None,
+        offload: str = "none",
     ):
         self.transformer = transformer
         self.vae = vae
@@ -93,7 +128,22 @@ class ZImagePipeline:
         self.scheduler_config = scheduler_config
         self.vae_config = vae_config
         self.source = source
+        self.model_folder = Path(model_folder) if model_folder is not None else None
+        self.variant = variant or detect_variant(source or "", scheduler_config)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        here = transformer.x_pad_token.device
+        self.placement = {"text_encoder": here, "transformer": here, "vae": here, **(placement or {})}
+        self.offload = offload
+        self.vae_tiling: TileConfig | None = None
+        self.templates_dirs: list[str] = []
         self.progress = True
+
+    @property
+    def defaults(self) -> VariantDefaults:
+        return VARIANTS[self.variant]
 
     @property
     def transformer_config(self) -> TransformerConfig:
@@ -101,7 +151,8 @@ class ZImagePipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.x_pad_token.device
+        """Where the DiT runs (its execution device, also with offloading)."""
+        return self.placement["transformer"]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -115,60 +166,145 @@ class ZImagePipeline:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         *,
+        variant: str | None = None,
+        text_encoder_device: str | torch.device | None = None,
+        dit_device: str | torch.device | None = None,
+        vae_device: str | torch.device | None = None,
+        offload: str = "none",
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
     ) -> "ZImagePipeline":
         """Load a diffusers-layout folder or a Hub id (only the needed files are downloaded).
 
-        ``dtype`` applies to all three components (default: bf16 on GPU, fp32 on CPU); weights
-        are cast tensor by tensor while loading.
+        ``dtype`` applies to all three components (default: bf16 on GPU, fp32 on CPU); weights are
+        cast tensor by tensor while loading. ``*_device`` place one component elsewhere than
+        ``device``. ``offload``: "text_encoder" keeps the text encoder on the CPU except while it
+        encodes; "model" keeps every component on the CPU except while it runs.
         """
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
         folder = resolve_model_folder(path_or_id, revision=revision, cache_dir=cache_dir,
                                       local_files_only=local_files_only)
-        device = resolve_device(device)
-        dtype = resolve_dtype(dtype, device)
+        main = resolve_device(device)
+        dtype = resolve_dtype(dtype, main)
+        placement = {
+            "text_encoder": resolve_device(text_encoder_device) if text_encoder_device else main,
+            "transformer": resolve_device(dit_device) if dit_device else main,
+            "vae": resolve_device(vae_device) if vae_device else main,
+        }
+        storage = {name: _storage_device(name, dev, offload) for name, dev in placement.items()}
         tcfg = TransformerConfig.from_json(folder / "transformer" / "config.json")
         vcfg = VAEConfig.from_json(folder / "vae" / "config.json")
         scfg = SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
-        logger.info("loading %s on %s in %s", folder, device, dtype)
-        transformer = load_module(lambda: ZImageTransformer(tcfg), folder / "transformer", dtype, device, "transformer")
-        vae = load_module(lambda: AutoencoderKL(vcfg), folder / "vae", dtype, device, "vae")
-        text_encoder = TextEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", dtype, device)
+        logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
+        transformer = load_module(lambda: ZImageTransformer(tcfg), folder / "transformer", dtype,
+                                  storage["transformer"], "transformer")
+        vae = load_module(lambda: AutoencoderKL(vcfg), folder / "vae", dtype, storage["vae"], "vae")
+        text_encoder = TextEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", dtype,
+                                                storage["text_encoder"])
         if text_encoder.model.config.hidden_size != tcfg.cap_feat_dim:
             raise ValueError(
                 f"text encoder hidden size {text_encoder.model.config.hidden_size} does not match the "
                 f"transformer's cap_feat_dim {tcfg.cap_feat_dim}"
             )
-        return cls(transformer, vae, text_encoder, scfg, vcfg, source=str(path_or_id))
+        pipe = cls(transformer, vae, text_encoder, scfg, vcfg, source=str(path_or_id), variant=variant,
+                   model_folder=folder, placement=placement, offload=offload)
+        if variant is None:
+            logger.info("variant %s (defaults: %s)", pipe.variant, pipe.defaults)
+        return pipe
+
+    # ------------------------------------------------------------------ placement
+    def _module(self, name: str) -> torch.nn.Module:
+        return self.text_encoder.model if name == "text_encoder" else getattr(self, name)
+
+    @contextlib.contextmanager
+    def _running(self, name: str):
+        """Put a component on its execution device while it runs; offloaded ones go back to the CPU."""
+        device = self.placement[name]
+        storage = _storage_device(name, device, self.offload)
+        if storage != device:
+            self._module(name).to(device)
+        try:
+            yield device
+        finally:
+            if storage != device:
+                self._module(name).to(storage)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def enable_vae_tiling(self, tile_size: int = 512, overlap: int = 64) -> None:
+        """Decode (and encode) through the VAE in overlapping tiles; for 2K+ images."""
+        self.vae_tiling = TileConfig(tile_size, overlap)
+
+    def disable_vae_tiling(self) -> None:
+        self.vae_tiling = None
 
     # ------------------------------------------------------------------ stages
-    def encode_prompt(self, prompts: list[str], max_sequence_length: int = 512, **format_kwargs) -> list[torch.Tensor]:
+    def format_prompts(self, prompts: list[str], template=None, **fields) -> list[str]:
+        """The chat text for each prompt: template fields, overridden by explicit non-None fields."""
+        template = self._template(template)
+        if template is not None:
+            merged = template.prompt_fields(**fields)
+        else:
+            merged = {k: v for k, v in fields.items() if v is not None}
+        return [format_prompt(p, **merged) for p in prompts]
+
+    def encode_prompt(
+        self, prompts: list[str], max_sequence_length: int = 512, template=None, **fields
+    ) -> list[torch.Tensor]:
         """Chat-format and encode prompts: a list of (L_i, cap_feat_dim) features on the DiT device."""
-        texts = [format_prompt(p, **format_kwargs) for p in prompts]
-        features = self.text_encoder.encode(texts, max_sequence_length)
+        texts = self.format_prompts(prompts, template, **fields)
+        with self._running("text_encoder"):
+            features = self.text_encoder.encode(texts, max_sequence_length)
         return [f.to(self.device) for f in features]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """fp32 latents (B, 16, h, w) -> images (B, 3, 8h, 8w) in [0, 1], in the VAE dtype."""
-        vae_param = next(self.vae.parameters())
-        z = latents.to(vae_param.device, vae_param.dtype)
-        z = z / self.vae_config.scaling_factor + (self.vae_config.shift_factor or 0.0)  # in the VAE dtype
-        return (self.vae.decode(z) * 0.5 + 0.5).clamp(0, 1)
+        """fp32 latents (B, 16, h, w) -> images (B, 3, 8h, 8w) in [0, 1]."""
+        with self._running("vae") as device:
+            dtype = next(self.vae.parameters()).dtype
+            z = latents.to(device, dtype)
+            z = z / self.vae_config.scaling_factor + (self.vae_config.shift_factor or 0.0)  # in the VAE dtype
+            if self.vae_tiling is not None:
+                image = tiled_decode(self.vae, z, self.vae_tiling, self.vae_config.scale_factor).to(dtype)
+            else:
+                image = self.vae.decode(z)
+            return (image * 0.5 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor, generators: list[torch.Generator], dtype: torch.dtype) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents, a posterior *sample* (one draw per generator)."""
+        with self._running("vae") as device:
+            vae_dtype = next(self.vae.parameters()).dtype
+            x = image.to(device, dtype).to(vae_dtype)
+            if self.vae_tiling is not None:
+                mean, logvar = (t.to(vae_dtype) for t in tiled_encode(self.vae, x, self.vae_tiling,
+                                                                    self.vae_config.scale_factor))
+            else:
+                mean, logvar = self.vae.encode(x)
+            eps = _randn(mean.shape, generators, vae_dtype).to(device)
+            z = mean + torch.exp(0.5 * logvar) * eps
+            shift = self.vae_config.shift_factor or 0.0
+            return ((z - shift) * self.vae_config.scaling_factor).to(self.device)
 
     def denoise(
         self,
         latents: torch.Tensor,
         prompt_embeds: list[torch.Tensor],
         negative_embeds: list[torch.Tensor] | None,
-        schedule,
+        schedule: Schedule,
         guidance_scale: float = 0.0,
         cfg_normalization: float | bool = False,
-        cfg_truncation: float = 1.0,
+        cfg_truncation: float | None = 1.0,
         progress: bool = True,
+        start: int = 0,
+        callback: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
-        """Run the sampling loop from fp32 noise ``latents``; returns the final fp32 latents."""
+        """Run the sampling loop from ``latents`` at step ``start``; returns the final fp32 latents.
+
+        ``callback(step, total)`` runs after each step (raise in it to stop the run).
+        """
         cfg = self.transformer_config
         device, dtype = self.device, self.dtype
         h, w = latents.shape[-2:]
@@ -187,91 +323,264 @@ class ZImagePipeline:
         truncate = cfg_truncation is not None and float(cfg_truncation) <= 1  # late steps run without CFG
 
         latents = latents.to(device, torch.float32)
-        for i in tqdm(range(schedule.num_steps), disable=not progress, desc="denoise"):
-            guided_step = use_cfg and not (truncate and model_times[i] > cfg_truncation)
-            layout, cap = guided if guided_step else plain
-            x = latents.to(dtype)
-            if guided_step:
-                x = x.repeat(2, 1, 1, 1)
-            t = t_all[i].expand(x.shape[0])
-            out = self.transformer(patchify(x, cfg.patch_size), cap, t, layout)
-            pred = unpatchify(out, layout.grid, cfg.in_channels, cfg.patch_size).float()
-            if guided_step:
-                pos, neg = pred.chunk(2)
-                pred = pos + guidance_scale * (pos - neg)
-                if norm_limit > 0:
-                    limit = torch.linalg.vector_norm(pos, dim=(1, 2, 3), keepdim=True) * norm_limit
-                    norm = torch.linalg.vector_norm(pred, dim=(1, 2, 3), keepdim=True)
-                    pred = torch.where(norm > limit, pred * (limit / norm), pred)
-            latents = euler_step(latents, -pred, sigmas[i], sigmas[i + 1])  # the model predicts -velocity
+        total = schedule.num_steps
+        with self._running("transformer"):
+            for i in tqdm(range(start, total), disable=not progress, desc="denoise"):
+                guided_step = use_cfg and not (truncate and model_times[i] > cfg_truncation)
+                layout, cap = guided if guided_step else plain
+                x = latents.to(dtype)
+                if guided_step:
+                    x = x.repeat(2, 1, 1, 1)
+                t = t_all[i].expand(x.shape[0])
+                out = self.transformer(patchify(x, cfg.patch_size), cap, t, layout)
+                pred = unpatchify(out, layout.grid, cfg.in_channels, cfg.patch_size).float()
+                if guided_step:
+                    pos, neg = pred.chunk(2)
+                    pred = pos + guidance_scale * (pos - neg)
+                    if norm_limit > 0:
+                        limit = torch.linalg.vector_norm(pos, dim=(1, 2, 3), keepdim=True) * norm_limit
+                        norm = torch.linalg.vector_norm(pred, dim=(1, 2, 3), keepdim=True)
+                        pred = torch.where(norm > limit, pred * (limit / norm), pred)
+                latents = euler_step(latents, -pred, sigmas[i], sigmas[i + 1])  # the model predicts -velocity
+                if callback is not None:
+                    callback(i - start + 1, total - start)
         return latents
 
-    # ------------------------------------------------------------------ call
+    # ------------------------------------------------------------------ requests
+    def _template(self, template):
+        if template is None or not isinstance(template, str):
+            return template
+        from .prompt.templates import default_registry
+
+        return default_registry(self.templates_dirs).get(template)
+
+    def _resolve(self, template, width, height, steps, guidance_scale, negative_prompt):
+        """Fill unset settings: the template's suggestions first, then the variant defaults."""
+        suggested = dict(getattr(self._template(template), "settings", None) or {})
+        width = width if width is not None else suggested.get("width", 1024)
+        height = height if height is not None else suggested.get("height", 1024)
+        steps = steps if steps is not None else suggested.get("steps", self.defaults.num_inference_steps)
+        if guidance_scale is None:
+            guidance_scale = suggested.get("guidance_scale", self.defaults.guidance_scale)
+        if negative_prompt is None:
+            negative_prompt = suggested.get("negative_prompt")
+        return width, height, steps, guidance_scale, negative_prompt
+
+    def _prepare_embeds(self, prompts, n, guidance_scale, negative_prompt, max_len, template, fields, info):
+        embeds = self.encode_prompt(prompts, max_len, template, **fields)
+        info["formatted_prompts"] = self.format_prompts(prompts, template, **fields)
+        negative = None
+        if guidance_scale > 0:
+            negative = self.encode_prompt(_negatives(negative_prompt, len(prompts)), max_len)
+        if n > 1:  # [p0, p0, p1, p1, ...], as the reference repeats them
+            embeds = [e for e in embeds for _ in range(n)]
+            if negative is not None:
+                negative = [e for e in negative for _ in range(n)]
+        info["token_counts"] = [int(e.shape[0]) for e in embeds]
+        return embeds, negative
+
+    @staticmethod
+    def _generators(seed, generator, batch: int) -> tuple[list[torch.Generator], list[int] | None]:
+        """One generator (shared, as diffusers) or one per image for a list of seeds."""
+        if generator is not None:
+            return ([generator] if isinstance(generator, torch.Generator) else list(generator)), None
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [random.randrange(2**63) if seed is None else seed]
+        if len(seeds) not in (1, batch):
+            raise ValueError(f"got {len(seeds)} seeds for {batch} images: give one seed or one per image")
+        return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds], seeds
+
     @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str],
-        width: int = 1024,
-        height: int = 1024,
-        num_inference_steps: int = 8,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        seed: int | list[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
-        guidance_scale: float = 0.0,
+        guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
         sigmas: list[float] | None = None,
         cfg_normalization: float | bool = False,
-        cfg_truncation: float = 1.0,
+        cfg_truncation: float | None = 1.0,
         max_sequence_length: int = 512,
+        template: str | Any | None = None,
+        system_prompt: str | None = None,
+        thinking_content: str | None = None,
+        assistant_content: str | None = None,
+        force_think_block: bool | None = None,
+        strip_quotes: bool | None = None,
         progress: bool | None = None,
+        callback: Callable[[int, int], None] | None = None,
     ) -> ZImageOutput:
+        """Generate images. Unset ``width``/``height``/``num_inference_steps``/``guidance_scale`` come
+        from the template's suggested settings, then from the variant (Turbo: 8 steps, guidance 0;
+        base: 50 steps, guidance 4). ``seed`` may be a list with one seed per image."""
+        width, height, num_inference_steps, guidance_scale, negative_prompt = self._resolve(
+            template, width, height, num_inference_steps, guidance_scale, negative_prompt)
         prompts = check_request(prompt, width, height, num_inference_steps, seed, generator,
                                 guidance_scale, num_images_per_prompt, output_type, max_sequence_length)
+        fields = dict(system_prompt=system_prompt, thinking_content=thinking_content,
+                      assistant_content=assistant_content, force_think_block=force_think_block,
+                      strip_quotes=strip_quotes)
         progress = self.progress if progress is None else progress
         batch = len(prompts) * num_images_per_prompt
         shape = (batch, self.transformer_config.in_channels, 2 * (height // 16), 2 * (width // 16))
 
         seeds = None
         if latents is None:
-            if generator is None:
-                seed = random.randrange(2**63) if seed is None else seed
-                seeds = [seed]
-                generator = torch.Generator("cpu").manual_seed(seed)
-            latents = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+            generators, seeds = self._generators(seed, generator, batch)
+            latents = _randn(shape, generators, torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
 
-        embeds = self.encode_prompt(prompts, max_sequence_length)
-        negative = None
-        if guidance_scale > 0:
-            negatives = self._negatives(negative_prompt, len(prompts))
-            negative = self.encode_prompt(negatives, max_sequence_length)
-        if num_images_per_prompt > 1:  # [p0, p0, p1, p1, ...], as the reference repeats them
-            embeds = [e for e in embeds for _ in range(num_images_per_prompt)]
-            if negative is not None:
-                negative = [e for e in negative for _ in range(num_images_per_prompt)]
-
+        info = _request_info(self, prompts, width, height, num_inference_steps, guidance_scale, negative_prompt,
+                             seeds, template, fields)
+        embeds, negative = self._prepare_embeds(prompts, num_images_per_prompt, guidance_scale, negative_prompt,
+                                                max_sequence_length, template, fields, info)
         schedule = make_schedule(self.scheduler_config, None if sigmas is not None else num_inference_steps, sigmas,
                                  image_seq_len=(height // 16) * (width // 16))
         latents = self.denoise(latents, embeds, negative, schedule, guidance_scale, cfg_normalization,
-                               cfg_truncation, progress)
+                               cfg_truncation, progress, callback=callback)
+        return self._output(latents, output_type, seeds, info)
+
+    @torch.no_grad()
+    def img2img(
+        self,
+        prompt: str | list[str],
+        image,
+        strength: float = 0.6,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        seed: int | list[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        sigmas: list[float] | None = None,
+        cfg_normalization: float | bool = False,
+        cfg_truncation: float | None = 1.0,
+        max_sequence_length: int = 512,
+        template: str | Any | None = None,
+        system_prompt: str | None = None,
+        thinking_content: str | None = None,
+        assistant_content: str | None = None,
+        force_think_block: bool | None = None,
+        strip_quotes: bool | None = None,
+        progress: bool | None = None,
+        callback: Callable[[int, int], None] | None = None,
+    ) -> ZImageOutput:
+        """Image-to-image: start from ``image`` (a PIL image or a list of them) noised to ``strength``.
+
+        The image is resized down to multiples of 16 (or to ``width`` x ``height`` when given);
+        ``strength`` 1 starts from pure noise, 0.6 runs the last 60% of the schedule.
+        """
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        pixels = preprocess_image(image, width, height)
+        height, width = pixels.shape[-2:]
+        _, _, num_inference_steps, guidance_scale, negative_prompt = self._resolve(
+            template, width, height, num_inference_steps, guidance_scale, negative_prompt)
+        prompts = check_request(prompt, width, height, num_inference_steps, seed, generator,
+                                guidance_scale, num_images_per_prompt, output_type, max_sequence_length)
+        fields = dict(system_prompt=system_prompt, thinking_content=thinking_content,
+                      assistant_content=assistant_content, force_think_block=force_think_block,
+                      strip_quotes=strip_quotes)
+        progress = self.progress if progress is None else progress
+        batch = len(prompts) * num_images_per_prompt
+        if batch % pixels.shape[0]:
+            raise ValueError(f"cannot spread {pixels.shape[0]} input images over {batch} outputs")
+
+        schedule = make_schedule(self.scheduler_config, None if sigmas is not None else num_inference_steps, sigmas,
+                                 image_seq_len=(height // 16) * (width // 16))
+        n = schedule.num_steps
+        start = int(max(n - min(n * strength, n), 0))
+        if n - start < 1:
+            raise ValueError(f"strength {strength} with {n} steps leaves no step to run; raise strength or steps")
+
+        generators, seeds = self._generators(seed, generator, batch)
+        info = _request_info(self, prompts, width, height, num_inference_steps, guidance_scale, negative_prompt,
+                             seeds, template, fields, strength=strength)
+        embeds, negative = self._prepare_embeds(prompts, num_images_per_prompt, guidance_scale, negative_prompt,
+                                                max_sequence_length, template, fields, info)
+        dtype = embeds[0].dtype  # the reference forms the start latents in the text encoder's dtype
+        # Order matters for seeds: the VAE posterior sample is drawn before the noise.
+        z = self.encode_image(pixels, generators if len(generators) == 1 else generators[: pixels.shape[0]], dtype)
+        z = z.to(dtype).repeat(batch // z.shape[0], 1, 1, 1)
+        noise = _randn(z.shape, generators, dtype).to(self.device)
+        sigma = schedule.sigmas.to(self.device, dtype)[start]
+        latents = sigma * noise + (1.0 - sigma) * z
+        latents = self.denoise(latents, embeds, negative, schedule, guidance_scale, cfg_normalization,
+                               cfg_truncation, progress, start=start, callback=callback)
+        return self._output(latents, output_type, seeds, info)
+
+    def _output(self, latents, output_type, seeds, info) -> ZImageOutput:
         if output_type == "latent":
-            return ZImageOutput(images=latents, seeds=seeds)
+            return ZImageOutput(images=latents, seeds=seeds, info=info)
         images = self.decode(latents).cpu().permute(0, 2, 3, 1).float().numpy()
         if output_type == "np":
-            return ZImageOutput(images=images, seeds=seeds)
-        return ZImageOutput(images=to_pil(images), seeds=seeds)
+            return ZImageOutput(images=images, seeds=seeds, info=info)
+        return ZImageOutput(images=to_pil(images), seeds=seeds, info=info)
 
-    @staticmethod
-    def _negatives(negative_prompt, n: int) -> list[str]:
-        if negative_prompt is None:
-            return [""] * n
-        negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != n:
-            raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts")
-        return negatives
+
+def _storage_device(name: str, device: torch.device, offload: str) -> torch.device:
+    """Where a component's weights live between uses."""
+    if offload == "model" or (offload == "text_encoder" and name == "text_encoder"):
+        return torch.device("cpu")
+    return device
+
+
+def _randn(shape, generators: list[torch.Generator], dtype: torch.dtype) -> torch.Tensor:
+    """Noise as diffusers draws it: one draw of the whole shape from a single generator, or one
+    draw per item from a list of generators; on the generator's device."""
+    if len(generators) == 1:
+        g = generators[0]
+        return torch.randn(shape, generator=g, device=g.device, dtype=dtype)
+    if len(generators) != shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype).cpu()
+                      for g in generators])
+
+
+def _negatives(negative_prompt, n: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * n
+    negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != n:
+        raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts")
+    return negatives
+
+
+def _request_info(pipe, prompts, width, height, steps, guidance, negative, seeds, template, fields, **extra):
+    from . import __version__
+
+    name = getattr(template, "name", template)
+    return {"prompts": list(prompts), "negative_prompt": negative, "width": width, "height": height,
+            "steps": steps, "guidance_scale": guidance, "seeds": seeds, "template": name,
+            **{k: v for k, v in fields.items() if v is not None},
+            "model": pipe.source, "variant": pipe.variant, "version": __version__, **extra}
+
+
+def preprocess_image(image, width: int | None = None, height: int | None = None) -> torch.Tensor:
+    """PIL image(s) -> (B, 3, H, W) fp32 in [-1, 1], resized down to multiples of 16 with Lanczos
+    (as the reference's image processor does), or to ``width`` x ``height`` when given."""
+    from PIL import Image
+
+    images = image if isinstance(image, (list, tuple)) else [image]
+    if not images or not all(isinstance(i, Image.Image) for i in images):
+        raise ValueError("image must be a PIL image or a non-empty list of PIL images")
+    w = width if width is not None else images[0].width // 16 * 16
+    h = height if height is not None else images[0].height // 16 * 16
+    if w < 16 or h < 16 or w % 16 or h % 16:
+        raise ValueError(f"the input image must be at least 16x16 and the size a multiple of 16, got {w}x{h}")
+    arrays = [np.asarray(i.convert("RGB").resize((w, h), resample=Image.LANCZOS), dtype=np.float32) / 255.0
+              for i in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
 
 
 def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator=None, guidance_scale=0.0, n=1,
