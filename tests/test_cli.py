@@ -33,8 +33,9 @@ def test_generate_several_images_and_reports_random_seed(tiny_model_dir, tmp_pat
     result = run("generate", "a cat", "--model", tiny_model_dir, "-o", tmp_path / "y.png", "--width", 32,
                  "--height", 32, "--steps", 1, "--num-images", 2, "--device", "cpu", "--no-progress")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["y_0.png", "y_1.png"]
-    assert "seed " in result.output
+    names = sorted(p.name for p in tmp_path.iterdir())
+    seeds = result.output.split("seeds ")[1].split()[:2]
+    assert names == sorted(f"y_{i}_{s}.png" for i, s in enumerate(seeds))
 
 
 @pytest.mark.parametrize(

@@ -7,12 +7,31 @@ Each flag maps to one argument of the library. Bad input exits non-zero with a o
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 import click
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class ZImageGroup(click.Group):
+    """Lets ``--seed 1 2 3`` mean ``--seed 1 --seed 2 --seed 3`` (click options take one value each)."""
+
+    def parse_args(self, ctx, args):
+        out, i = [], 0
+        while i < len(args):
+            out.append(args[i])
+            if args[i] == "--seed":
+                out.append(args[i + 1]) if i + 1 < len(args) else None
+                i += 2
+                while i < len(args) and re.fullmatch(r"-?\d+", args[i]):
+                    out += ["--seed", args[i]]
+                    i += 1
+                continue
+            i += 1
+        return super().parse_args(ctx, out)
+
+
+@click.group(cls=ZImageGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="zimage-native")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the engine does.")
 def main(verbose: bool) -> None:

@@ -1,55 +1,259 @@
-"""``zimage generate``: text-to-image from the command line."""
+"""``zimage generate``: text-to-image and img2img from the command line.
+
+Every flag maps to one argument of ``ZImagePipeline.from_pretrained`` or of the call; the
+``--config``/``--profile`` TOML layer and ``--from-image`` metadata sit below the flags.
+"""
 
 from __future__ import annotations
 
+import random
+import re
 from pathlib import Path
 
 import click
 
 from ..hub import DEFAULT_MODEL
 from ._common import save_image_atomic, user_errors
+from .config import apply_layers, convert, read_profile
+
+DEFAULT_PATTERN = "zimage-{index:03d}-{seed}.png"
 
 
-def output_paths(output: Path, count: int) -> list[Path]:
-    if count == 1:
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def output_paths(jobs: list[tuple[int, str, int]], output: Path | None, output_dir: Path | None,
+                 pattern: str) -> list[Path]:
+    """One path per (prompt_index, prompt, seed) job: ``-o`` for a single image, else names with index and seed."""
+    if output is not None and len(jobs) == 1:
         return [output]
-    return [output.with_name(f"{output.stem}_{i}{output.suffix}") for i in range(count)]
+    if output is not None:
+        return [output.with_name(f"{output.stem}_{i}_{seed}{output.suffix}") for i, (_, _, seed) in enumerate(jobs)]
+    folder = output_dir or Path(".")
+    try:
+        names = [pattern.format(index=i, seed=seed, prompt_index=pi, slug=_slug(p))
+                 for i, (pi, p, seed) in enumerate(jobs)]
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"bad --name-pattern {pattern!r}: fields are index, seed, prompt_index, slug ({e})") from None
+    if len(set(names)) != len(names):
+        raise ValueError(f"--name-pattern {pattern!r} gives the same name to several images; include {{index}}")
+    return [folder / (n if n.lower().endswith(".png") else n + ".png") for n in names]
+
+
+def resolve_seeds(seed: tuple[int, ...], seeds: int | None, num_images: int) -> tuple[list[int], bool]:
+    """The seed of each image of a prompt, and whether they were drawn at random (then printed)."""
+    if seed and seeds:
+        raise ValueError("give --seed or --seeds, not both")
+    if num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    if len(seed) > 1:
+        if num_images not in (1, len(seed)):
+            raise ValueError(f"got {len(seed)} seeds and --num-images {num_images}")
+        return list(seed), False
+    if len(seed) == 1:
+        return [seed[0] + i for i in range(num_images)], False
+    count = seeds if seeds is not None else num_images
+    if count < 1:
+        raise ValueError(f"--seeds must be >= 1, got {count}")
+    return [random.randrange(2**31) for _ in range(count)], True
+
+
+def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
+    prompts = [prompt] if prompt else []
+    if prompts_file is not None:
+        lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError("give a PROMPT, --prompts-file or --from-image")
+    return prompts
+
+
+def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
+    """Command parameters recorded in a PNG by an earlier run (see zimage_native.metadata)."""
+    if path is None:
+        return {}, None
+    from ..metadata import read_metadata
+
+    record = read_metadata(path)
+    keys = {"negative_prompt": "negative_prompt", "width": "width", "height": "height", "steps": "steps",
+            "guidance_scale": "guidance_scale", "model": "model", "template": "template", "variant": "variant",
+            "system_prompt": "system_prompt", "thinking_content": "thinking_content",
+            "assistant_content": "assistant_content", "force_think_block": "force_think_block",
+            "strip_quotes": "strip_quotes", "strength": "strength"}
+    layer = {flag: record[key] for key, flag in keys.items() if record.get(key) is not None}
+    if record.get("seed") is not None:
+        layer["seed"] = [int(record["seed"])]
+    return layer, record["prompt"]
 
 
 @click.command()
-@click.argument("prompt")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model folder (diffusers layout) or Hub id.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("zimage.png"),
-              show_default=True, help="PNG to write; with several images, NAME_0.png, NAME_1.png, ...")
-@click.option("--width", type=int, default=1024, show_default=True, help="Multiple of 16.")
-@click.option("--height", type=int, default=1024, show_default=True, help="Multiple of 16.")
-@click.option("--steps", type=int, default=8, show_default=True, help="Number of DiT forwards.")
-@click.option("--seed", type=int, default=None, help="Noise seed (random if not given; printed).")
-@click.option("--guidance-scale", type=float, default=0.0, show_default=True, help="CFG scale; 0 turns CFG off.")
-@click.option("--negative-prompt", default=None, help="Negative prompt (used when --guidance-scale > 0).")
-@click.option("--num-images", type=int, default=1, show_default=True, help="Images for the prompt.")
+@click.argument("prompt", required=False)
+@click.option("--model", "--model-path", "model", default=DEFAULT_MODEL, show_default=True,
+              help="Model folder (diffusers layout) or Hub id.")
+@click.option("--variant", type=click.Choice(["turbo", "base"]), default=None,
+              help="Sets the step and guidance defaults (Turbo 8/0, base 50/4); detected from the model if not given.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG to write for a single image; with several, NAME_INDEX_SEED.png. Default: --name-pattern.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the images (default: the current folder).")
+@click.option("--name-pattern", default=DEFAULT_PATTERN, show_default=True,
+              help="File names under --output-dir; fields {index} {seed} {prompt_index} {slug}.")
+@click.option("--overwrite/--no-overwrite", default=False, show_default=True, help="Replace existing files.")
+@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="One prompt per line (lines starting with # are skipped).")
+@click.option("--width", type=int, default=None, help="Multiple of 16 [default: template setting, else 1024].")
+@click.option("--height", type=int, default=None, help="Multiple of 16 [default: template setting, else 1024].")
+@click.option("--steps", type=int, default=None, help="DiT forwards [default: 8 Turbo, 50 base].")
+@click.option("--seed", type=int, multiple=True, help="Seed(s): --seed 1 2 3 gives one image per seed.")
+@click.option("--seeds", type=int, default=None, help="Draw N random seeds (printed).")
+@click.option("--num-images", type=int, default=1, show_default=True,
+              help="Images per prompt (consecutive seeds from --seed).")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Images per forward batch.")
+@click.option("--guidance-scale", type=float, default=None, help="CFG scale, 0 = off [default: 0 Turbo, 4 base].")
+@click.option("--negative-prompt", default=None, help="Negative prompt (used when CFG is on).")
+@click.option("--cfg-normalization", type=float, default=0.0, show_default=True,
+              help="Clamp ||pred|| to this multiple of ||pos|| (0 = off).")
+@click.option("--cfg-truncation", type=float, default=1.0, show_default=True,
+              help="Turn CFG off once 1 - sigma exceeds this (1 = never).")
+@click.option("--image", "init_image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="img2img: start from this image.")
+@click.option("--strength", type=float, default=0.6, show_default=True, help="img2img: 1 = from pure noise.")
+@click.option("--template", default=None, help="Prompt template name (see `zimage templates list`).")
+@click.option("--templates-dir", type=click.Path(exists=True, file_okay=False), multiple=True,
+              help="Extra template folder (repeatable).")
+@click.option("--system-prompt", default=None, help="System message of the chat format.")
+@click.option("--thinking-content", default=None, help="Text inside <think>...</think>.")
+@click.option("--assistant-content", default=None, help="Text after the think block.")
+@click.option("--force-think-block/--no-force-think-block", default=None, help="Empty think block without content.")
+@click.option("--strip-quotes/--no-strip-quotes", default=None, help='Remove " from the prompt.')
+@click.option("--max-sequence-length", type=int, default=512, show_default=True, help="Token limit of the prompt.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto",
               show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar over steps.")
+@click.option("--text-encoder-device", default=None, help="Device of the text encoder (default: --device).")
+@click.option("--dit-device", default=None, help="Device of the DiT (default: --device).")
+@click.option("--vae-device", default=None, help="Device of the VAE (default: --device).")
+@click.option("--offload", type=click.Choice(["none", "text_encoder", "model"]), default="none", show_default=True,
+              help="Keep the text encoder (or every component) on the CPU except while it runs.")
+@click.option("--tiled-vae/--no-tiled-vae", default=False, show_default=True, help="Decode/encode in tiles (2K+).")
+@click.option("--tile-size", type=int, default=512, show_default=True, help="VAE tile size in pixels.")
+@click.option("--tile-overlap", type=int, default=64, show_default=True, help="VAE tile overlap in pixels.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TOML config file ([default] plus profiles).")
+@click.option("--profile", default=None, help="Profile of the config file to apply on top of [default].")
+@click.option("--from-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Re-run the request recorded in a PNG written by zimage; flags override it.")
+@click.option("--debug", is_flag=True, help="Print the formatted prompts, token ids and embedding statistics.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.pass_context
 @user_errors
-def generate(prompt, model, output, width, height, steps, seed, guidance_scale, negative_prompt, num_images,
-             device, dtype, progress):
-    """Generate images from PROMPT."""
+def generate(ctx, prompt, config_path, profile, from_image, **opts):
+    """Generate images from PROMPT (or --prompts-file, or --from-image)."""
+    config = convert(ctx, read_profile(config_path, profile)) if config_path else {}
+    if profile and not config_path:
+        raise ValueError("--profile needs --config")
+    recorded, recorded_prompt = from_image_layer(from_image)
+    opts = apply_layers(ctx, opts, config, convert(ctx, {k: (v, f"{from_image}: {k}") for k, v in recorded.items()}))
+    prompts = read_prompts(prompt or (recorded_prompt if not opts["prompts_file"] else None), opts["prompts_file"])
+    run_generate(prompts, opts)
+
+
+def run_generate(prompts: list[str], o: dict) -> None:
     from ..pipeline import ZImagePipeline, check_request
 
+    seeds, drawn = resolve_seeds(tuple(o["seed"]), o["seeds"], o["num_images"])
+    if o["batch_size"] < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {o['batch_size']}")
+    jobs = [(pi, p, s) for pi, p in enumerate(prompts) for s in seeds]
+    paths = output_paths(jobs, o["output"], o["output_dir"], o["name_pattern"])
+    if any(p.suffix.lower() != ".png" for p in paths):
+        raise ValueError(f"output must be a .png file, got {paths[0]}")
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not o["overwrite"]:
+        raise ValueError(f"{existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
+                         f"use --overwrite to replace")
     # Refuse bad input before spending minutes loading weights.
-    check_request(prompt, width, height, steps, seed, None, guidance_scale, num_images)
-    if output.suffix.lower() != ".png":
-        raise ValueError(f"output must be a .png file, got {output}")
-    pipe = ZImagePipeline.from_pretrained(model, device=device, dtype=dtype)
-    result = pipe(prompt, width=width, height=height, num_inference_steps=steps, seed=seed,
-                  guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                  num_images_per_prompt=num_images, progress=progress)
-    for image, path in zip(result.images, output_paths(output, len(result.images))):
-        save_image_atomic(image, path)
-        click.echo(f"wrote {path}")
-    if seed is None and result.seeds:
-        click.echo(f"seed {result.seeds[0]}")
+    given = lambda key, fallback: fallback if o[key] is None else o[key]  # noqa: E731
+    check_request("x", given("width", 1024), given("height", 1024), given("steps", 1),
+                  guidance_scale=given("guidance_scale", 0.0), max_len=o["max_sequence_length"])
+    if o["init_image"] is not None and not 0 <= o["strength"] <= 1:
+        raise ValueError(f"strength must be in [0, 1], got {o['strength']}")
+    if o["template"] is not None:
+        from ..prompt.templates import default_registry
+
+        default_registry(o["templates_dir"]).get(o["template"])
+
+    pipe = ZImagePipeline.from_pretrained(
+        o["model"], device=o["device"], dtype=o["dtype"], variant=o["variant"],
+        text_encoder_device=o["text_encoder_device"], dit_device=o["dit_device"], vae_device=o["vae_device"],
+        offload=o["offload"])
+    pipe.templates_dirs = list(o["templates_dir"])
+    if o["tiled_vae"]:
+        pipe.enable_vae_tiling(o["tile_size"], o["tile_overlap"])
+    fields = {k: o[k] for k in ("template", "system_prompt", "thinking_content", "assistant_content",
+                                "force_think_block", "strip_quotes")}
+    if o["debug"]:
+        print_debug(pipe, prompts, o["max_sequence_length"], fields)
+    if drawn:
+        click.echo("seeds " + " ".join(str(s) for s in seeds))
+
+    init = None
+    if o["init_image"] is not None:
+        from PIL import Image
+
+        with Image.open(o["init_image"]) as im:
+            init = im.convert("RGB")
+    run_jobs(pipe, jobs, paths, o, fields, init)
 
 
+def run_jobs(pipe, jobs, paths, o, fields, init) -> None:
+    """Run the jobs in batches under one progress bar over all steps, writing each image as it comes."""
+    from tqdm.auto import tqdm
+
+    from ..metadata import image_record, png_info
+
+    batches = [list(range(i, min(i + o["batch_size"], len(jobs)))) for i in range(0, len(jobs), o["batch_size"])]
+    bar = tqdm(total=None, unit="step", disable=not o["progress"], desc="zimage")
+    done = 0
+    for batch in batches:
+        call = dict(seed=[jobs[i][2] for i in batch], width=o["width"], height=o["height"],
+                    num_inference_steps=o["steps"], guidance_scale=o["guidance_scale"],
+                    negative_prompt=o["negative_prompt"], cfg_normalization=o["cfg_normalization"],
+                    cfg_truncation=o["cfg_truncation"], max_sequence_length=o["max_sequence_length"],
+                    progress=False, **fields)
+
+        def step(i, n, _size=len(batch)):
+            if bar.total is None:
+                bar.reset(total=n * len(batches))
+            bar.set_postfix_str(f"images {done}/{len(jobs)}")
+            bar.update(1)
+
+        prompts = [jobs[i][1] for i in batch]
+        if init is not None:
+            result = pipe.img2img(prompts, init, strength=o["strength"], callback=step,
+                                  **{k: v for k, v in call.items() if k not in ("width", "height")})
+        else:
+            result = pipe(prompts, callback=step, **call)
+        for k, (i, image) in enumerate(zip(batch, result.images)):
+            record = image_record(result.info, k, k)
+            save_image_atomic(image, paths[i], pnginfo=png_info(record))
+            done += 1
+            bar.set_postfix_str(f"images {done}/{len(jobs)}")
+            tqdm.write(f"wrote {paths[i]}")
+    bar.close()
+
+
+def print_debug(pipe, prompts, max_len, fields) -> None:
+    template = fields.get("template")
+    other = {k: v for k, v in fields.items() if k != "template"}
+    texts = pipe.format_prompts(prompts, template, **other)
+    ids = pipe.text_encoder.tokenize(texts, max_len)
+    features = pipe.encode_prompt(prompts, max_len, template, **other)
+    for i, (text, row, f) in enumerate(zip(texts, ids, features)):
+        f = f.float()
+        click.echo(f"--- prompt {i}: {len(row)} tokens")
+        click.echo(text)
+        click.echo(f"token ids: {row}")
+        click.echo(f"embedding: shape {tuple(f.shape)} mean {f.mean():.4f} std {f.std():.4f} "
+                   f"min {f.min():.4f} max {f.max():.4f} norm {f.norm():.2f}")

@@ -1,0 +1,185 @@
+"""zimage generate: batches and seeds, naming and overwrite, PNG metadata and --from-image, TOML
+profiles, img2img, prompt fields and --debug."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from zimage_native.cli import main
+from zimage_native.metadata import read_metadata
+
+BASE = ["--device", "cpu", "--width", "32", "--height", "32", "--steps", "1", "--no-progress"]
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def pixels(path):
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def test_seed_list_prompts_file_and_naming(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n# a comment\n\na dog\n")
+    out = tmp_path / "out"
+    run("generate", "--prompts-file", prompts, "--model", tiny_model_dir, "--output-dir", out, "--seed", 1, 2, 3,
+        "--batch-size", 2, *BASE)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"zimage-{i:03d}-{s}.png" for i, s in enumerate([1, 2, 3, 1, 2, 3])]
+    # Each image equals a single run with its own seed (batching does not change results).
+    run("generate", "a dog", "--model", tiny_model_dir, "-o", tmp_path / "one.png", "--seed", 3, *BASE)
+    assert np.abs(pixels(out / "zimage-005-3.png").astype(int) - pixels(tmp_path / "one.png")).max() <= 1
+
+
+def test_num_images_uses_consecutive_seeds_and_pattern_fields(tiny_model_dir, tmp_path):
+    run("generate", "A Cat!", "--model", tiny_model_dir, "--output-dir", tmp_path, "--seed", 10, "--num-images", 2,
+        "--name-pattern", "{slug}-{prompt_index}-{seed}", *BASE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-cat-0-10.png", "a-cat-0-11.png"]
+
+
+def test_random_seeds_are_printed(tiny_model_dir, tmp_path):
+    result = run("generate", "a cat", "--model", tiny_model_dir, "--output-dir", tmp_path, "--seeds", 2, *BASE)
+    seeds = result.output.split("seeds ")[1].split()[:2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"zimage-{i:03d}-{s}.png" for i, s in enumerate(seeds)]
+
+
+def test_existing_file_is_not_overwritten_without_flag(tiny_model_dir, tmp_path):
+    out = tmp_path / "x.png"
+    out.write_bytes(b"keep")
+    result = run("generate", "a cat", "--model", tiny_model_dir, "-o", out, *BASE, ok=False)
+    assert result.exit_code != 0 and "use --overwrite" in result.output and out.read_bytes() == b"keep"
+    run("generate", "a cat", "--model", tiny_model_dir, "-o", out, "--overwrite", *BASE)
+    assert out.read_bytes() != b"keep"
+
+
+def test_png_metadata_and_rerun_from_image(tiny_model_dir, tmp_path):
+    first = tmp_path / "first.png"
+    run("generate", 'a "red" cat', "--model", tiny_model_dir, "-o", first, "--seed", 42, "--device", "cpu",
+        "--width", "48", "--height", "32", "--steps", "2", "--system-prompt", "be precise", "--no-progress")
+    record = read_metadata(first)
+    assert record["prompt"] == 'a "red" cat' and record["seed"] == 42 and record["steps"] == 2
+    assert record["width"] == 48 and record["system_prompt"] == "be precise"
+    assert record["formatted_prompt"].startswith("<|im_start|>system\nbe precise<|im_end|>")
+    with Image.open(first) as im:
+        text = im.info["parameters"]
+    assert text.startswith('a "red" cat\nSteps: 2, Sampler: FlowMatch Euler') and "Seed: 42, Size: 48x32" in text
+    again = tmp_path / "again.png"
+    run("generate", "--from-image", first, "-o", again, "--device", "cpu", "--no-progress")
+    assert np.array_equal(pixels(first), pixels(again))
+    other = tmp_path / "other.png"
+    run("generate", "--from-image", first, "-o", other, "--seed", 43, "--device", "cpu", "--no-progress")
+    assert read_metadata(other)["seed"] == 43 and not np.array_equal(pixels(first), pixels(other))
+
+
+def test_from_image_without_metadata_fails_clearly(tmp_path):
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    result = run("generate", "--from-image", plain, ok=False)
+    assert result.exit_code == 1 and "no zimage-native generation metadata" in result.output
+
+
+def test_config_profiles_and_precedence(tiny_model_dir, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(f'''
+[default]
+model_path = "{tiny_model_dir}"
+device = "cpu"
+progress = false
+
+[default.generation]
+width = 64
+height = 32
+steps = 1
+
+[small]
+width = 32
+''')
+    run("generate", "a cat", "--config", config, "-o", tmp_path / "a.png", "--seed", 1)
+    assert Image.open(tmp_path / "a.png").size == (64, 32)  # [default]
+    run("generate", "a cat", "--config", config, "--profile", "small", "-o", tmp_path / "b.png", "--seed", 1)
+    assert Image.open(tmp_path / "b.png").size == (32, 32)  # profile over default
+    run("generate", "a cat", "--config", config, "--profile", "small", "--width", "48", "-o", tmp_path / "c.png",
+        "--seed", 1)
+    assert Image.open(tmp_path / "c.png").size == (48, 32)  # flags over profile
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("[default]\nwidht = 64\n", "unknown key 'widht'"),
+        ("[default]\nwidth = \"wide\"\n", "'width' has the wrong type"),
+        ("[default]\ntiled_vae = 3\n", "'tiled_vae' must be true or false"),
+        ("[default]\nwidth = 64\n[x]\nheight = 1.5\n", "'height' has the wrong type"),
+        ("[default\n", "invalid TOML"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, body, message):
+    config = tmp_path / "bad.toml"
+    config.write_text(body)
+    profile = ["--profile", "x"] if "[x]" in body else []
+    result = run("generate", "a cat", "--config", config, *profile, ok=False)
+    assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_unknown_profile_lists_the_tables(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[default]\n[h100]\n")
+    result = run("generate", "a cat", "--config", config, "--profile", "a100", ok=False)
+    assert "no profile [a100]" in result.output and "h100" in result.output
+
+
+def test_shipped_example_config_is_valid():
+    from pathlib import Path
+
+    import click
+
+    from zimage_native.cli.config import convert, read_profile
+    from zimage_native.cli.generate import generate
+
+    example = Path(__file__).resolve().parents[1] / "docs" / "config.example.toml"
+    ctx = click.Context(generate)
+    for profile in ("default", "h100", "rtx4090", "low_vram"):
+        assert convert(ctx, read_profile(example, profile))
+
+
+def test_img2img_from_the_cli(tiny_model_dir, tiny_pipe, tmp_path):
+    src = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype("uint8")).save(src)
+    out = tmp_path / "out.png"
+    run("generate", "a cat", "--model", tiny_model_dir, "--image", src, "--strength", "0.5", "-o", out, "--seed", 2,
+        "--steps", "4", "--device", "cpu", "--no-progress")
+    with Image.open(src) as im:
+        expected = tiny_pipe.img2img("a cat", im.convert("RGB"), strength=0.5, num_inference_steps=4, seed=2).images[0]
+    assert np.array_equal(pixels(out), np.asarray(expected))
+    assert read_metadata(out)["strength"] == 0.5
+
+
+def test_template_and_debug_output(tiny_model_dir, tmp_path):
+    result = run("generate", "a cat", "--model", tiny_model_dir, "-o", tmp_path / "t.png", "--template",
+                 "photo-portrait-85mm", "--debug", "--seed", 1, *BASE)
+    assert "<|im_start|>system\n" in result.output and "token ids: [" in result.output
+    assert "embedding: shape (" in result.output
+    assert read_metadata(tmp_path / "t.png")["template"] == "photo-portrait-85mm"
+
+
+def test_unknown_template_is_one_line(tiny_model_dir, tmp_path):
+    result = run("generate", "a cat", "--model", tiny_model_dir, "--template", "photo-portrait-85", "-o",
+                 tmp_path / "u.png", *BASE, ok=False)
+    assert result.exit_code == 1 and "photo-portrait-85mm" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_tiled_vae_and_offload_flags_run(tiny_model_dir, tmp_path):
+    run("generate", "a cat", "--model", tiny_model_dir, "-o", tmp_path / "v.png", "--tiled-vae", "--tile-size", "128",
+        "--tile-overlap", "32", "--offload", "model", "--seed", 1, *BASE)
+    assert (tmp_path / "v.png").exists()

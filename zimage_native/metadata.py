@@ -1,0 +1,76 @@
+"""Generation parameters in PNG text chunks, and reading them back.
+
+Two chunks per image:
+- ``parameters``: the A1111-style text that image viewers and other tools already show
+  (prompt, "Negative prompt: ...", then "Steps: 8, Sampler: ..., Seed: ..., Size: WxH, ...");
+- ``zimage``: a JSON object with every field needed to re-run the request exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+JSON_KEY = "zimage"
+TEXT_KEY = "parameters"
+
+
+def image_record(info: dict[str, Any], index: int, prompt_index: int = 0) -> dict[str, Any]:
+    """The metadata of one image of a request (``info`` is ``ZImageOutput.info``)."""
+    seeds = info.get("seeds") or []
+    record = {k: v for k, v in info.items() if k not in ("prompts", "seeds", "formatted_prompts", "token_counts")}
+    record["prompt"] = info["prompts"][prompt_index]
+    formatted = info.get("formatted_prompts") or []
+    if prompt_index < len(formatted):
+        record["formatted_prompt"] = formatted[prompt_index]
+    if seeds:
+        record["seed"] = seeds[index] if len(seeds) > 1 else seeds[0]
+    return {k: v for k, v in record.items() if v is not None}
+
+
+def parameters_text(record: dict[str, Any]) -> str:
+    lines = [record["prompt"]]
+    if record.get("negative_prompt"):
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    parts = [
+        f"Steps: {record.get('steps')}",
+        "Sampler: FlowMatch Euler",
+        f"CFG scale: {record.get('guidance_scale')}",
+        f"Seed: {record.get('seed')}",
+        f"Size: {record.get('width')}x{record.get('height')}",
+        f"Model: {record.get('model')}",
+    ]
+    if record.get("strength") is not None:
+        parts.append(f"Denoising strength: {record['strength']}")
+    if record.get("loras"):
+        parts.append("LoRA: " + ", ".join(f"{p}:{s}" for p, s in record["loras"]))
+    parts.append(f"Version: zimage-native {record.get('version')}")
+    lines.append(", ".join(parts))
+    return "\n".join(lines)
+
+
+def png_info(record: dict[str, Any]):
+    from PIL.PngImagePlugin import PngInfo
+
+    meta = PngInfo()
+    meta.add_text(TEXT_KEY, parameters_text(record))
+    meta.add_text(JSON_KEY, json.dumps(record, ensure_ascii=False))
+    return meta
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``zimage`` JSON record of a PNG written by zimage-native."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.info.get(JSON_KEY) if hasattr(image, "info") else None
+    if not text:
+        raise ValueError(f"{path} has no zimage-native generation metadata (no '{JSON_KEY}' PNG text chunk)")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the '{JSON_KEY}' metadata is not valid JSON ({e})") from None
+    if not isinstance(record, dict) or "prompt" not in record:
+        raise ValueError(f"{path}: the '{JSON_KEY}' metadata has no prompt")
+    return record
