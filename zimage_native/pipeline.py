@@ -35,6 +35,7 @@ from .model.sequence import build_layout, pad_captions, patchify, unpatchify
 from .model.transformer import ZImageTransformer
 from .model.vae import AutoencoderKL
 from .prompt.format import format_prompt
+from .prompt.rewriter import RewriterMixin
 from .scheduler import Schedule, euler_step, make_schedule
 from .text_encoder import TextEncoder
 from .tiling import TileConfig, tiled_decode, tiled_encode
@@ -106,8 +107,11 @@ def detect_variant(source: str, scheduler_config: SchedulerConfig) -> str:
     return "turbo"
 
 
-class ZImagePipeline:
-    """Text-to-image (and img2img) with Z-Image. Build with :meth:`from_pretrained`, call like a function."""
+class ZImagePipeline(RewriterMixin):
+    """Text-to-image (and img2img) with Z-Image. Build with :meth:`from_pretrained`, call like a function.
+
+    ``rewrite(prompt, rewriter=...)`` (from :class:`RewriterMixin`) expands a prompt with the same Qwen3 weights.
+    """
 
     def __init__(
         self,
@@ -140,6 +144,13 @@ class ZImagePipeline:
         self.vae_tiling: TileConfig | None = None
         self.templates_dirs: list[str] = []
         self.progress = True
+
+    @property
+    def template_registry(self):
+        """The shipped templates plus ``templates_dirs`` (cached per set of folders)."""
+        from .prompt.templates import default_registry
+
+        return default_registry(self.templates_dirs)
 
     @property
     def defaults(self) -> VariantDefaults:
@@ -350,9 +361,7 @@ class ZImagePipeline:
     def _template(self, template):
         if template is None or not isinstance(template, str):
             return template
-        from .prompt.templates import default_registry
-
-        return default_registry(self.templates_dirs).get(template)
+        return self.template_registry.get(template)
 
     def _resolve(self, template, width, height, steps, guidance_scale, negative_prompt):
         """Fill unset settings: the template's suggestions first, then the variant defaults."""
