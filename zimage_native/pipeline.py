@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .config import SchedulerConfig, TransformerConfig, VAEConfig
 from .hub import DEFAULT_MODEL, resolve_model_folder
 from .loading import load_module
-from .model.sequence import build_layout, pad_captions, patchify, unpatchify
+from .model.sequence import SequenceLayout, build_layout, ceil_to, pad_captions, patchify, unpatchify
 from .model.transformer import ZImageTransformer
 from .model.vae import AutoencoderKL
 from .prompt.format import format_prompt
@@ -55,6 +55,25 @@ class VariantDefaults:
 
 # Turbo is distilled for 8 forwards without CFG; the base model card recommends 50 steps, guidance 4.
 VARIANTS = {"turbo": VariantDefaults(8, 0.0), "base": VariantDefaults(50, 4.0)}
+
+
+@dataclass
+class Step:
+    index: int  # into the schedule
+    guided: bool  # CFG on for this step
+    mods: list[torch.Tensor]  # precomputed modulation vectors, (1, 4D) per block and (1, D) final
+
+
+@dataclass
+class SamplingPlan:
+    """The static inputs of the step loop for one request (see ``ZImagePipeline.plan``)."""
+
+    steps: list[Step]
+    plain: tuple[SequenceLayout, torch.Tensor]  # layout and refined caption tokens, positives only
+    guided: tuple[SequenceLayout, torch.Tensor] | None  # positives then negatives
+    sigmas: torch.Tensor
+    guidance_scale: float
+    norm_limit: float
 
 
 @dataclass
@@ -142,6 +161,8 @@ class ZImagePipeline(RewriterMixin):
         self.placement = {"text_encoder": here, "transformer": here, "vae": here, **(placement or {})}
         self.offload = offload
         self.vae_tiling: TileConfig | None = None
+        # Static caption lengths (multiples of 32) for compiled/graphed runs; None = exact lengths.
+        self.caption_buckets: tuple[int, ...] | None = None
         self.templates_dirs: list[str] = []
         self.progress = True
 
@@ -316,45 +337,61 @@ class ZImagePipeline(RewriterMixin):
 
         ``callback(step, total)`` runs after each step (raise in it to stop the run).
         """
-        cfg = self.transformer_config
-        device, dtype = self.device, self.dtype
-        h, w = latents.shape[-2:]
+        with self._running("transformer"):
+            plan = self.plan(latents.shape[-2:], prompt_embeds, negative_embeds, schedule, guidance_scale,
+                             cfg_normalization, cfg_truncation, start)
+            return self.run_steps(latents.to(self.device, torch.float32), plan, progress, callback)
+
+    def plan(self, size, prompt_embeds, negative_embeds, schedule: Schedule, guidance_scale=0.0,
+             cfg_normalization=False, cfg_truncation=1.0, start=0) -> "SamplingPlan":
+        """Everything the step loop reads, computed once per request: layouts, refined caption tokens
+        (the context refiner does not depend on t) and every modulation vector of the schedule.
+        The DiT must be on its execution device (see ``_running``)."""
+        cfg, device, dtype = self.transformer_config, self.device, self.dtype
         use_cfg = guidance_scale > 0 and negative_embeds is not None
 
         def prepare(embeds):
-            layout = build_layout(cfg, [e.shape[0] for e in embeds], h, w, device)
-            return layout, pad_captions(embeds, layout.caption_pad.shape[1])
+            longest = max(ceil_to(e.shape[0]) for e in embeds)
+            bucket = next((b for b in self.caption_buckets or () if b >= longest), None)
+            layout = build_layout(cfg, [e.shape[0] for e in embeds], size[0], size[1], device, bucket)
+            cap = pad_captions(embeds, layout.caption_pad.shape[1])
+            return layout, self.transformer.encode_caption(cap, layout)
 
         plain = prepare(prompt_embeds)
         guided = prepare(prompt_embeds + negative_embeds) if use_cfg else None
-        model_times = schedule.model_times().tolist()  # host floats: the CFG truncation rule reads them
-        t_all = schedule.model_times().to(device)
-        sigmas = schedule.sigmas.to(device)
-        norm_limit = float(cfg_normalization) if cfg_normalization else 0.0
+        times = schedule.model_times()
+        c = self.transformer.time_embedding(times.to(device), dtype)  # (N, 256): one row per step
+        mods = self.transformer.modulations(c)
         truncate = cfg_truncation is not None and float(cfg_truncation) <= 1  # late steps run without CFG
+        steps = []
+        for i in range(start, schedule.num_steps):
+            on = use_cfg and not (truncate and times[i].item() > cfg_truncation)
+            steps.append(Step(i, on, [m[i:i + 1] for m in mods]))
+        return SamplingPlan(steps, plain, guided, schedule.sigmas.to(device), float(guidance_scale),
+                            float(cfg_normalization) if cfg_normalization else 0.0)
 
-        latents = latents.to(device, torch.float32)
-        total = schedule.num_steps
-        with self._running("transformer"):
-            for i in tqdm(range(start, total), disable=not progress, desc="denoise"):
-                guided_step = use_cfg and not (truncate and model_times[i] > cfg_truncation)
-                layout, cap = guided if guided_step else plain
-                x = latents.to(dtype)
-                if guided_step:
-                    x = x.repeat(2, 1, 1, 1)
-                t = t_all[i].expand(x.shape[0])
-                out = self.transformer(patchify(x, cfg.patch_size), cap, t, layout)
-                pred = unpatchify(out, layout.grid, cfg.in_channels, cfg.patch_size).float()
-                if guided_step:
-                    pos, neg = pred.chunk(2)
-                    pred = pos + guidance_scale * (pos - neg)
-                    if norm_limit > 0:
-                        limit = torch.linalg.vector_norm(pos, dim=(1, 2, 3), keepdim=True) * norm_limit
-                        norm = torch.linalg.vector_norm(pred, dim=(1, 2, 3), keepdim=True)
-                        pred = torch.where(norm > limit, pred * (limit / norm), pred)
-                latents = euler_step(latents, -pred, sigmas[i], sigmas[i + 1])  # the model predicts -velocity
-                if callback is not None:
-                    callback(i - start + 1, total - start)
+    def run_steps(self, latents: torch.Tensor, plan: "SamplingPlan", progress: bool = False,
+                  callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """The sampling loop over fp32 ``latents``: only tensor work, no host syncs."""
+        cfg, dtype = self.transformer_config, self.dtype
+        for k, step in enumerate(tqdm(plan.steps, disable=not progress, desc="denoise")):
+            layout, tokens = plan.guided if step.guided else plan.plain
+            x = latents.to(dtype)
+            if step.guided:
+                x = x.repeat(2, 1, 1, 1)
+            out = self.transformer.forward_tokens(patchify(x, cfg.patch_size), tokens, None, layout, step.mods)
+            pred = unpatchify(out, layout.grid, cfg.in_channels, cfg.patch_size).float()
+            if step.guided:
+                pos, neg = pred.chunk(2)
+                pred = pos + plan.guidance_scale * (pos - neg)
+                if plan.norm_limit > 0:
+                    limit = torch.linalg.vector_norm(pos, dim=(1, 2, 3), keepdim=True) * plan.norm_limit
+                    norm = torch.linalg.vector_norm(pred, dim=(1, 2, 3), keepdim=True)
+                    pred = torch.where(norm > limit, pred * (limit / norm), pred)
+            # The model predicts the negative velocity.
+            latents = euler_step(latents, -pred, plan.sigmas[step.index], plan.sigmas[step.index + 1])
+            if callback is not None:
+                callback(k + 1, len(plan.steps))
         return latents
 
     # ------------------------------------------------------------------ requests

@@ -60,7 +60,8 @@ def build_layout(
     """Positions, RoPE tables, pad flags and masks for a batch.
 
     ``caption_lengths`` are the real caption lengths L_i. ``caption_tokens`` (optional) pads the
-    caption axis further to a fixed length (a static-shape bucket); those extra rows are masked.
+    caption axis further to a fixed length (a static-shape bucket); those extra rows are masked,
+    and the masks are then always tensors (never None), so every prompt gives the same graph.
     """
     p = config.patch_size
     if latent_height % p or latent_width % p:
@@ -95,7 +96,7 @@ def build_layout(
     caption_rope = rope_cos_sin(caption_pos, config.axes_dims, config.rope_theta)
     joint_rope = tuple(torch.cat([i, c], dim=1) for i, c in zip(image_rope, caption_rope))
 
-    if bool(caption_valid.all()):
+    if caption_tokens is None and bool(caption_valid.all()):
         caption_mask = joint_mask = None
     else:
         caption_mask = caption_valid

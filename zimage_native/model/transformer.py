@@ -75,13 +75,21 @@ class TransformerBlock(nn.Module):
             self.adaLN_modulation = nn.Sequential(nn.Linear(config.adaln_dim, 4 * dim))
 
     def forward(
-        self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None, c: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope: Rope,
+        mask: torch.Tensor | None,
+        c: torch.Tensor | None = None,
+        mod: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``mod`` = adaLN_modulation(c), (B or 1, 4D), may be given precomputed instead of ``c``."""
         if not self.modulation:
             x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        if mod is None:
+            mod = self.adaLN_modulation(c)
         # (B, 1, D) each, in the order of the checkpoint's rows.
-        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=2)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.unsqueeze(1).chunk(4, dim=2)
         attn = self.attention(self.attention_norm1(x) * (1.0 + scale_msa), rope, mask)
         x = x + gate_msa.tanh() * self.attention_norm2(attn)
         ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_mlp))
@@ -97,8 +105,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(adaln_dim, dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        scale = 1.0 + self.adaLN_modulation(c)
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``scale`` = 1 + adaLN_modulation(c), (B or 1, D), may be given precomputed instead of ``c``."""
+        if scale is None:
+            scale = 1.0 + self.adaLN_modulation(c)
         return self.linear(self.norm_final(x) * scale.unsqueeze(1))
 
 
@@ -136,22 +146,50 @@ class ZImageTransformer(nn.Module):
     def final_layer(self) -> FinalLayer:
         return self.all_final_layer[self._key]
 
-    def forward(
-        self, x: torch.Tensor, cap: torch.Tensor, t: torch.Tensor, layout: SequenceLayout
-    ) -> torch.Tensor:
-        c = self.t_embedder(t * self.config.t_scale).to(x.dtype)  # (B, 256); t * t_scale in fp32
+    # The forward in stages, so that per-request and per-schedule work can be done once
+    # (caption tokens do not depend on t; the modulation vectors depend only on t).
+    def time_embedding(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B,) model time -> c (B, 256) in ``dtype``; t * t_scale and the sinusoid stay in fp32."""
+        return self.t_embedder(t * self.config.t_scale).to(dtype)
 
-        x = self.x_embedder(x)  # (B, Nx, D)
-        x = torch.where(layout.image_pad[..., None], self.x_pad_token, x)  # pad rows are learned tokens
-        for block in self.noise_refiner:
-            x = block(x, layout.image_rope, None, c)  # every item has the same Nx: nothing to mask
+    def modulations(self, c: torch.Tensor) -> list[torch.Tensor]:
+        """Every modulation vector for conditioning c: one (B, 4D) per noise-refiner block and main
+        block, in execution order, then the final layer's (B, D) scale 1 + s."""
+        blocks = [b.adaLN_modulation(c) for b in (*self.noise_refiner, *self.layers)]
+        return blocks + [1.0 + self.final_layer.adaLN_modulation(c)]
 
-        cap = self.cap_embedder(cap)  # (B, Lc, D)
-        cap = torch.where(layout.caption_pad[..., None], self.cap_pad_token, cap)
+    def encode_caption(self, cap: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
+        """Caption features (B, Lc, cap_feat_dim) -> refined caption tokens (B, Lc, D)."""
+        cap = self.cap_embedder(cap)
+        cap = torch.where(layout.caption_pad[..., None], self.cap_pad_token, cap)  # pad rows are learned tokens
         for block in self.context_refiner:
             cap = block(cap, layout.caption_rope, layout.caption_mask)
+        return cap
 
-        h = torch.cat([x, cap], dim=1)  # (B, L, D): [image, caption]
-        for block in self.layers:
-            h = block(h, layout.joint_rope, layout.joint_mask, c)
-        return self.final_layer(h[:, : x.shape[1]], c)  # image rows only; row-wise, so equal to slicing after
+    def forward_tokens(
+        self,
+        x: torch.Tensor,
+        cap_tokens: torch.Tensor,
+        c: torch.Tensor | None,
+        layout: SequenceLayout,
+        mods: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Image tokens (B, Nx, p*p*C) + refined caption tokens -> (B, Nx, p*p*C).
+
+        Conditioning is ``c`` or, precomputed, ``mods = self.modulations(c)``.
+        """
+        if mods is None:
+            mods = self.modulations(c)
+        x = self.x_embedder(x)  # (B, Nx, D)
+        x = torch.where(layout.image_pad[..., None], self.x_pad_token, x)
+        n = len(self.noise_refiner)
+        for block, mod in zip(self.noise_refiner, mods[:n]):
+            x = block(x, layout.image_rope, None, mod=mod)  # every item has the same Nx: nothing to mask
+        h = torch.cat([x, cap_tokens], dim=1)  # (B, L, D): [image, caption]
+        for block, mod in zip(self.layers, mods[n:-1]):
+            h = block(h, layout.joint_rope, layout.joint_mask, mod=mod)
+        return self.final_layer(h[:, : x.shape[1]], scale=mods[-1])  # image rows only (the layer is row-wise)
+
+    def forward(self, x: torch.Tensor, cap: torch.Tensor, t: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
+        c = self.time_embedding(t, x.dtype)  # (B, 256)
+        return self.forward_tokens(x, self.encode_caption(cap, layout), c, layout)
