@@ -7,28 +7,12 @@ import os
 import pytest
 import torch
 
+from zimage_native.testing import randomize_  # noqa: F401  (re-exported for the tests)
+
 # Deterministic, quiet CPU runs.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Re-initialise every parameter with seeded noise so parity tests see non-trivial weights.
-
-    1-D weights (norms) get 1 + noise, matrices get 1/sqrt(fan_in) noise, biases small noise.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * std
-            if p.ndim == 1 and name.endswith("weight"):  # norm weights multiply: keep them near 1
-                noise = noise + 1.0
-            elif p.ndim >= 2:
-                fan_in = p[0].numel()
-                noise = torch.randn(p.shape, generator=g, dtype=torch.float32) / fan_in**0.5
-            p.copy_(noise.to(p.dtype))
-    return module
 
 
 @pytest.fixture

@@ -13,30 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .conftest import randomize_
+from zimage_native.testing import build_tokenizer, randomize_
 from .dit_configs import TINY_DIT
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-
-# A ChatML template written for the tests; it renders what Qwen3's template renders for one user
-# message (no <think> block with enable_thinking=True, an empty one with enable_thinking=False).
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
-
-CORPUS = [
-    "a photo of a cat sitting on a red chair in the sun",
-    "a watercolor painting of mountains at dawn, soft light, mist over the lake",
-    "cinematic portrait of an astronaut, dramatic lighting, 35mm film grain",
-    "a poster with the words HELLO WORLD in bold letters",
-    "user assistant system think the quick brown fox jumps over the lazy dog",
-    "中文 文字 海报 城市 夜景 灯光",
-]
 
 TINY_QWEN3 = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=12, rms_norm_eps=1e-6, rope_theta=1e6,
@@ -46,22 +24,6 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_cha
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                 layers_per_block=1, norm_num_groups=16, act_fn="silu", scaling_factor=0.3611,
                 shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
-
-
-def build_tokenizer(folder: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                   chat_template=CHAT_TEMPLATE, padding_side="right")
-    fast.save_pretrained(folder)
-    return fast
 
 
 def build_model_folder(folder: Path, dit_kwargs: dict | None = None, shift: float = 3.0, seed: int = 0) -> Path:

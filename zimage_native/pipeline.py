@@ -35,14 +35,17 @@ from .model.sequence import SequenceLayout, build_layout, ceil_to, pad_captions,
 from .model.transformer import ZImageTransformer
 from .model.vae import AutoencoderKL
 from .prompt.format import format_prompt
+from .formats import SingleFileMixin, load_component, load_tokenizer
+from .lora import LoraMixin
 from .prompt.rewriter import RewriterMixin
 from .scheduler import Schedule, euler_step, make_schedule
-from .text_encoder import TextEncoder
+from .text_encoder import TextEncoder, load_qwen3_encoder
 from .tiling import TileConfig, tiled_decode, tiled_encode
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "latent")
+CAPTION_BUCKETS = (64, 128, 256, 512)
 OFFLOAD_MODES = ("none", "text_encoder", "model")
 PROMPT_FIELDS = ("system_prompt", "thinking_content", "assistant_content", "force_think_block", "strip_quotes")
 
@@ -126,10 +129,12 @@ def detect_variant(source: str, scheduler_config: SchedulerConfig) -> str:
     return "turbo"
 
 
-class ZImagePipeline(RewriterMixin):
+class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
     """Text-to-image (and img2img) with Z-Image. Build with :meth:`from_pretrained`, call like a function.
 
-    ``rewrite(prompt, rewriter=...)`` (from :class:`RewriterMixin`) expands a prompt with the same Qwen3 weights.
+    Mixed in: ``from_single_files`` (ComfyUI / all-in-one / fp8 files, :mod:`zimage_native.formats`),
+    ``load_lora``/``unload_lora`` (:mod:`zimage_native.lora`) and ``rewrite`` (the prompt rewriter,
+    :mod:`zimage_native.prompt.rewriter`).
     """
 
     def __init__(
@@ -163,6 +168,8 @@ class ZImagePipeline(RewriterMixin):
         self.vae_tiling: TileConfig | None = None
         # Static caption lengths (multiples of 32) for compiled/graphed runs; None = exact lengths.
         self.caption_buckets: tuple[int, ...] | None = None
+        self._accel = {"kernels": "none", "attention": "sdpa", "compile": "off", "fp8": False, "cuda_graphs": False}
+        self._graphed = None
         self.templates_dirs: list[str] = []
         self.progress = True
 
@@ -206,13 +213,19 @@ class ZImagePipeline(RewriterMixin):
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
+        transformer: str | os.PathLike | None = None,
+        vae: str | os.PathLike | None = None,
+        text_encoder: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | None = None,
     ) -> "ZImagePipeline":
         """Load a diffusers-layout folder or a Hub id (only the needed files are downloaded).
 
         ``dtype`` applies to all three components (default: bf16 on GPU, fp32 on CPU); weights are
         cast tensor by tensor while loading. ``*_device`` place one component elsewhere than
         ``device``. ``offload``: "text_encoder" keeps the text encoder on the CPU except while it
-        encodes; "model" keeps every component on the CPU except while it runs.
+        encodes; "model" keeps every component on the CPU except while it runs. ``transformer``,
+        ``vae``, ``text_encoder`` (files in any supported format, see docs/formats.md) and
+        ``tokenizer`` (a folder or Hub id) replace that component of the model folder.
         """
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
@@ -226,21 +239,33 @@ class ZImagePipeline(RewriterMixin):
             "vae": resolve_device(vae_device) if vae_device else main,
         }
         storage = {name: _storage_device(name, dev, offload) for name, dev in placement.items()}
-        tcfg = TransformerConfig.from_json(folder / "transformer" / "config.json")
-        vcfg = VAEConfig.from_json(folder / "vae" / "config.json")
         scfg = SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
         logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
-        transformer = load_module(lambda: ZImageTransformer(tcfg), folder / "transformer", dtype,
-                                  storage["transformer"], "transformer")
-        vae = load_module(lambda: AutoencoderKL(vcfg), folder / "vae", dtype, storage["vae"], "vae")
-        text_encoder = TextEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", dtype,
-                                                storage["text_encoder"])
-        if text_encoder.model.config.hidden_size != tcfg.cap_feat_dim:
+        if transformer is not None:
+            dit = load_component("transformer", transformer, dtype, storage["transformer"],
+                                 folder / "transformer" / "config.json")
+        else:
+            tcfg = TransformerConfig.from_json(folder / "transformer" / "config.json")
+            dit = load_module(lambda: ZImageTransformer(tcfg), folder / "transformer", dtype,
+                              storage["transformer"], "transformer")
+        if vae is not None:
+            ae = load_component("vae", vae, dtype, storage["vae"], folder / "vae" / "config.json")
+            vcfg = ae.config
+        else:
+            vcfg = VAEConfig.from_json(folder / "vae" / "config.json")
+            ae = load_module(lambda: AutoencoderKL(vcfg), folder / "vae", dtype, storage["vae"], "vae")
+        tok = load_tokenizer(tokenizer if tokenizer is not None else folder / "tokenizer")
+        if text_encoder is not None:
+            te = TextEncoder(load_component("text_encoder", text_encoder, dtype, storage["text_encoder"],
+                                            folder / "text_encoder" / "config.json"), tok)
+        else:
+            te = TextEncoder(load_qwen3_encoder(folder / "text_encoder", dtype, storage["text_encoder"]), tok)
+        if te.model.config.hidden_size != dit.config.cap_feat_dim:
             raise ValueError(
-                f"text encoder hidden size {text_encoder.model.config.hidden_size} does not match the "
-                f"transformer's cap_feat_dim {tcfg.cap_feat_dim}"
+                f"text encoder hidden size {te.model.config.hidden_size} does not match the "
+                f"transformer's cap_feat_dim {dit.config.cap_feat_dim}"
             )
-        pipe = cls(transformer, vae, text_encoder, scfg, vcfg, source=str(path_or_id), variant=variant,
+        pipe = cls(dit, ae, te, scfg, vcfg, source=str(path_or_id), variant=variant,
                    model_folder=folder, placement=placement, offload=offload)
         if variant is None:
             logger.info("variant %s (defaults: %s)", pipe.variant, pipe.defaults)
@@ -264,6 +289,66 @@ class ZImagePipeline(RewriterMixin):
                 self._module(name).to(storage)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ acceleration
+    def optimize(
+        self,
+        kernels: str | None = None,
+        attention: str | None = None,
+        compile: str | None = None,
+        cuda_graphs: bool | None = None,
+        fp8: bool | None = None,
+    ) -> list[str]:
+        """Apply accelerations to the DiT in place, in the one order of ``accel.optimize`` (kernel
+        swaps, fp8, attention backend, torch.compile), then CUDA graphs of the sampling loop.
+
+        Calls are cumulative: ``None`` keeps the current setting, and a transform already applied is
+        not applied again. Turning one off again needs a reload. Returns the log lines.
+        """
+        from .accel import optimize as optimize_dit
+        from .accel.cuda_graphs import GraphedSampler
+
+        state = self._accel
+        wanted = {"kernels": kernels, "attention": attention, "compile": compile, "fp8": fp8,
+                  "cuda_graphs": cuda_graphs}
+        changes = {k: v for k, v in wanted.items() if v is not None and v != state[k]}
+        for key in ("kernels", "compile", "fp8", "cuda_graphs"):
+            if key in changes and state[key] not in ("none", "off", False):
+                raise ValueError(f"{key} is already {state[key]!r}; reload the pipeline to change it")
+        if changes.get("cuda_graphs"):
+            if self.device.type != "cuda":
+                raise ValueError(f"cuda_graphs needs the DiT on a CUDA device; it is on {self.device}")
+            if self.offload != "none":
+                raise ValueError("cuda_graphs needs the DiT to stay on the GPU: use offload='none'")
+        lines = optimize_dit(
+            self.transformer,
+            kernels=changes.get("kernels", "none"),
+            attention=changes.get("attention", state["attention"]),
+            fp8=bool(changes.get("fp8", False)),
+            compile=changes.get("compile", "off"),
+        ) if any(k in changes for k in ("kernels", "attention", "fp8", "compile")) else []
+        if changes.get("compile", "off") != "off" or changes.get("cuda_graphs"):
+            self.caption_buckets = CAPTION_BUCKETS  # static shapes: a new prompt does not recompile
+        if changes.get("cuda_graphs"):
+            self._graphed = GraphedSampler(self)
+            lines.append("cuda graphs: the whole sampling loop, captured once per shape")
+        elif self._graphed is not None and ("fp8" in changes or "kernels" in changes):
+            self._graphed.clear()  # captured graphs hold the old modules
+        state.update(changes)
+        return lines
+
+    def load_lora(self, *args, **kwargs):
+        """Fuse LoRA weights into the DiT (see :meth:`LoraMixin.load_lora`); captured graphs are dropped."""
+        report = super().load_lora(*args, **kwargs)
+        if self._graphed is not None:
+            self._graphed.clear()
+        return report
+
+    def unload_lora(self, *args, **kwargs):
+        restored = super().unload_lora(*args, **kwargs)
+        if self._graphed is not None:
+            self._graphed.clear()
+        return restored
 
     def enable_vae_tiling(self, tile_size: int = 512, overlap: int = 64) -> None:
         """Decode (and encode) through the VAE in overlapping tiles; for 2K+ images."""
@@ -340,7 +425,8 @@ class ZImagePipeline(RewriterMixin):
         with self._running("transformer"):
             plan = self.plan(latents.shape[-2:], prompt_embeds, negative_embeds, schedule, guidance_scale,
                              cfg_normalization, cfg_truncation, start)
-            return self.run_steps(latents.to(self.device, torch.float32), plan, progress, callback)
+            run = self._graphed if self._graphed is not None else self.run_steps
+            return run(latents.to(self.device, torch.float32), plan, progress, callback)
 
     def plan(self, size, prompt_embeds, negative_embeds, schedule: Schedule, guidance_scale=0.0,
              cfg_normalization=False, cfg_truncation=1.0, start=0) -> "SamplingPlan":
@@ -609,7 +695,8 @@ def _request_info(pipe, prompts, width, height, steps, guidance, negative, seeds
     return {"prompts": list(prompts), "negative_prompt": negative, "width": width, "height": height,
             "steps": steps, "guidance_scale": guidance, "seeds": seeds, "template": name,
             **{k: v for k, v in fields.items() if v is not None},
-            "model": pipe.source, "variant": pipe.variant, "version": __version__, **extra}
+            "model": pipe.source, "variant": pipe.variant, "version": __version__,
+            "loras": [[r.path, r.scale] for r in pipe.loras] or None, **extra}
 
 
 def preprocess_image(image, width: int | None = None, height: int | None = None) -> torch.Tensor:

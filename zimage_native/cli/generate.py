@@ -89,8 +89,15 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 
 @click.command()
 @click.argument("prompt", required=False)
-@click.option("--model", "--model-path", "model", default=DEFAULT_MODEL, show_default=True,
-              help="Model folder (diffusers layout) or Hub id.")
+@click.option("--model", "--model-path", "model", default=None,
+              help=f"Model folder (diffusers layout) or Hub id [default: {DEFAULT_MODEL}, or none with --transformer].")
+@click.option("--transformer", type=click.Path(exists=True, path_type=Path), default=None,
+              help="DiT file in any supported format (ComfyUI, all-in-one, fp8); see docs/formats.md.")
+@click.option("--vae", type=click.Path(exists=True, path_type=Path), default=None, help="VAE file (e.g. ae.safetensors).")
+@click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Qwen3 text encoder file (e.g. qwen_3_4b.safetensors).")
+@click.option("--tokenizer", default=None, help="Tokenizer folder or Hub id (default: the model's, or Z-Image-Turbo's).")
+@click.option("--lora", "loras", multiple=True, help="LoRA file, PATH[:SCALE] (repeatable); fused into the weights.")
 @click.option("--variant", type=click.Choice(["turbo", "base"]), default=None,
               help="Sets the step and guidance defaults (Turbo 8/0, base 50/4); detected from the model if not given.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -184,10 +191,7 @@ def run_generate(prompts: list[str], o: dict) -> None:
 
         default_registry(o["templates_dir"]).get(o["template"])
 
-    pipe = ZImagePipeline.from_pretrained(
-        o["model"], device=o["device"], dtype=o["dtype"], variant=o["variant"],
-        text_encoder_device=o["text_encoder_device"], dit_device=o["dit_device"], vae_device=o["vae_device"],
-        offload=o["offload"])
+    pipe = load_pipeline(o)
     pipe.templates_dirs = list(o["templates_dir"])
     if o["tiled_vae"]:
         pipe.enable_vae_tiling(o["tile_size"], o["tile_overlap"])
@@ -205,6 +209,30 @@ def run_generate(prompts: list[str], o: dict) -> None:
         with Image.open(o["init_image"]) as im:
             init = im.convert("RGB")
     run_jobs(pipe, jobs, paths, o, fields, init)
+
+
+def load_pipeline(o: dict):
+    """From a model folder or Hub id (with single-file overrides), or from single files alone."""
+    from ..lora import parse_lora_arg
+    from ..pipeline import ZImagePipeline
+
+    placement = dict(device=o["device"], dtype=o["dtype"], variant=o["variant"])
+    if o["model"] is None and o["transformer"] is not None:
+        if o["dit_device"] or o["vae_device"] or o["text_encoder_device"] or o["offload"] != "none":
+            raise ValueError("per-component devices and --offload need --model (a folder) for now")
+        pipe = ZImagePipeline.from_single_files(transformer=o["transformer"], vae=o["vae"],
+                                                text_encoder=o["text_encoder"], tokenizer=o["tokenizer"], **placement)
+    else:
+        pipe = ZImagePipeline.from_pretrained(
+            o["model"] or DEFAULT_MODEL, **placement, text_encoder_device=o["text_encoder_device"],
+            dit_device=o["dit_device"], vae_device=o["vae_device"], offload=o["offload"],
+            transformer=o["transformer"], vae=o["vae"], text_encoder=o["text_encoder"], tokenizer=o["tokenizer"])
+    if o["loras"]:
+        pairs = [parse_lora_arg(text) for text in o["loras"]]
+        reports = pipe.load_lora([p for p, _ in pairs], scale=[s for _, s in pairs])
+        for report in reports if isinstance(reports, list) else [reports]:
+            click.echo(str(report))
+    return pipe
 
 
 def run_jobs(pipe, jobs, paths, o, fields, init) -> None:

@@ -1,4 +1,4 @@
-"""``zimage info``: what a model folder holds, read from headers only."""
+"""``zimage info``: what a model folder, component folder or single file holds, read from headers only."""
 
 from __future__ import annotations
 
@@ -9,31 +9,86 @@ import click
 
 from ._common import user_errors
 
+COMPONENTS = ("transformer", "vae", "text_encoder")
 
-@click.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@user_errors
-def info(path: Path, as_json: bool):
-    """Show the components of a model folder: class, dtypes, tensors and parameters."""
+
+def _folder_report(path: Path) -> dict:
+    from ..formats import detect_format
     from ..hub import check_model_folder
     from ..loading import inspect_weights
 
     check_model_folder(path)
     report = {}
-    for name in ("transformer", "vae", "text_encoder"):
+    for name in COMPONENTS:
         config = json.loads((path / name / "config.json").read_text())
         kind = config.get("_class_name") or ",".join(config.get("architectures", [])) or config.get("model_type", "?")
         report[name] = {"class": kind, **inspect_weights(path / name)}
+        fmt = detect_format(path / name)
+        found = [c for c in fmt.components if c.component == name]
+        report[name]["layout"] = found[0].layout if found else None
+        report[name]["quantization"] = found[0].quantization if found else None
+        if fmt.problem:
+            report[name]["problem"] = fmt.problem
     scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     report["scheduler"] = {"class": scheduler.get("_class_name", "?"), "shift": scheduler.get("shift")}
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
+    return report
+
+
+def _dtypes(d: dict) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(d.items()))
+
+
+def _config_line(component: str, cfg: dict) -> str:
+    keys = {"transformer": ("dim", "n_layers", "n_refiner_layers", "n_heads", "cap_feat_dim", "in_channels"),
+            "vae": ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups"),
+            "text_encoder": ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                             "head_dim", "vocab_size")}[component]
+    return " ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@user_errors
+def info(path: Path, as_json: bool):
+    """Show what PATH holds (a model folder, a component folder or a single file): detected format,
+    components, layout, quantisation, dtypes, tensors and parameters. Reads headers only."""
+    if path.is_dir() and (path / "model_index.json").is_file():
+        report = _folder_report(path)
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+            return
+        click.echo(f"{path}  (diffusers model folder)")
+        for name in COMPONENTS:
+            r = report[name]
+            quant = f" {r['quantization']}" if r.get("quantization") else ""
+            click.echo(f"  {name:<13} {r['class']:<28} {r['parameters']:>15,} params  {r['tensors']:>5} tensors  "
+                       f"{r['files']} file(s)  {r.get('layout')}{quant}  [{_dtypes(r['dtypes'])}]")
+        click.echo(f"  {'scheduler':<13} {report['scheduler']['class']:<28} shift {report['scheduler']['shift']}")
         return
-    click.echo(f"{path}")
-    for name in ("transformer", "vae", "text_encoder"):
-        r = report[name]
-        dtypes = ", ".join(f"{k} {v:,}" for k, v in sorted(r["dtypes"].items()))
-        click.echo(f"  {name:<13} {r['class']:<28} {r['parameters']:>15,} params  {r['tensors']:>5} tensors  "
-                   f"{r['files']} file(s)  [{dtypes}]")
-    click.echo(f"  {'scheduler':<13} {report['scheduler']['class']:<28} shift {report['scheduler']['shift']}")
+    from ..formats import describe
+
+    report = describe(path)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    click.echo(f"{path}  ({report['container']}, {report['kind']})")
+    if "lora" in report:
+        lora = report["lora"]
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(lora["kinds"].items()))
+        click.echo(f"  LoRA: {lora['modules']} modules ({kinds}); family: {lora['family']}")
+        if lora["foreign"]:
+            click.echo(f"  not for Z-Image: {lora['foreign']}")
+        click.echo(f"  {report['tensors']} tensors, {report['parameters']:,} params")
+        return
+    for name, c in report.get("components", {}).items():
+        prefix = f" prefix '{c['prefix']}'" if c["prefix"] else ""
+        quant = c["quantization"] or "not quantised"
+        click.echo(f"  {name:<13} {c['layout']:<13} {quant:<14} {c['parameters']:>15,} params  {c['tensors']:>5} "
+                   f"tensors{prefix}  [{_dtypes(c['dtypes'])}]")
+        if "config" in c:
+            click.echo(f"  {'':<13} {_config_line(name, c['config'])}")
+        else:
+            click.echo(f"  {'':<13} config: {c['config_error']}")
+    if report.get("problem"):
+        click.echo(f"  cannot load: {report['problem']}")

@@ -1,0 +1,399 @@
+"""Convert one checkpoint component between layouts and dtypes, shard it, bake LoRAs in; write atomically.
+
+The path of every tensor: read (fp8 dequantised to fp32) -> canonical names (``keymap.to_canonical``)
+-> LoRA deltas added in fp32 -> destination layout (``keymap.from_canonical``) -> dtype cast or fp8
+quantisation -> shard buffer -> file. The same path runs first on meta tensors built from the
+header alone, which gives the plan (keys, shapes, dtypes, sizes, shard assignment) that
+``--dry-run`` prints and the writer follows; only one shard is held in memory at a time.
+
+Layout changes with ``dtype='keep'`` are lossless: a round trip returns the same bytes.
+fp8 output is ComfyUI's "scaled fp8": block Linear weights in float8_e4m3fn with one fp32
+``scale_weight`` each (amax / 448), a ``scaled_fp8`` marker, every other tensor in bf16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .keymap import KeyMap, from_canonical, keymap_for
+
+DTYPES = {"keep": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "fp8": torch.float8_e4m3fn,
+          "float8_e4m3fn": torch.float8_e4m3fn}
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+             torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+#: Canonical weights that the fp8 output quantises: the Linear layers of the repeated blocks.
+_FP8_TARGETS = {
+    "transformer": re.compile(r"^(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)"
+                              r"|feed_forward\.w[123]|adaLN_modulation\.0)\.weight$"),
+    "text_encoder": re.compile(r"^layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$"),
+}
+_WEIGHT_NAMES = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+_CLASS_NAMES = {"transformer": "ZImageTransformer2DModel", "vae": "AutoencoderKL"}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'5GB', '500MB', '2GiB', '123' -> bytes (decimal units as in huggingface_hub; GiB/MiB binary)."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?I?B?)\s*", str(text).upper())
+    if not m:
+        raise ValueError(f"cannot read size {text!r} (use e.g. 5GB, 500MB, 2GiB)")
+    value, unit = float(m.group(1)), m.group(2).rstrip("B")
+    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
+            "TI": 2**40}[unit]
+    size = int(value * mult)
+    if size <= 0:
+        raise ValueError(f"shard size must be positive, got {text!r}")
+    return size
+
+
+@dataclass
+class PlannedTensor:
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    sources: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """What a conversion will write; ``lines()`` is the ``--dry-run`` listing."""
+
+    src: str
+    dst: str
+    component: str
+    src_layout: str
+    dst_layout: str
+    dtype: str
+    quantization: str | None
+    tensors: list[PlannedTensor]
+    shards: list[list[str]]
+    shard_files: list[str]
+    folder: bool
+    config: dict
+    dropped: list[str] = field(default_factory=list)
+    loras: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def lines(self) -> list[str]:
+        quant = f", {self.quantization}" if self.quantization else ""
+        out = [f"{self.src} ({self.component}, {self.src_layout}{quant}) -> {self.dst} ({self.dst_layout}, "
+               f"dtype {self.dtype})"]
+        for lora in self.loras:
+            out.append(f"  bake LoRA {lora}")
+        for t in self.tensors:
+            src = ", ".join(t.sources) if t.sources else "(new)"
+            arrow = "=" if t.sources == [t.key] else "<-"
+            out.append(f"  {t.key} {arrow} {src}  {list(t.shape)} {t.dtype} {_human(t.nbytes)}")
+        for key in self.dropped:
+            out.append(f"  (dropped) {key}")
+        by_key = {t.key: t for t in self.tensors}
+        for name, keys in zip(self.shard_files, self.shards):
+            out.append(f"  file {name}: {len(keys)} tensors, {_human(sum(by_key[k].nbytes for k in keys))}")
+        out.append(f"  total: {len(self.tensors)} tensors, {_human(self.total_bytes)} in {len(self.shards)} file(s)")
+        return out
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor scaled fp8: (fp8 weight, fp32 scale) with weight ~= fp8 * scale, scale = amax / 448."""
+    if weight.is_meta:
+        return torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device="meta"), torch.empty((), device="meta")
+    w = weight.float()
+    amax = w.abs().max()
+    scale = (amax / FP8_MAX) if amax > 0 else torch.ones((), dtype=torch.float32)
+    q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale.reshape(()).to(torch.float32)
+
+
+class _LoraBaker:
+    """Adds LoRA deltas to canonical tensors as they stream past (fuse before any cast or quantisation)."""
+
+    def __init__(self, loras: Sequence[tuple[str, float]], shapes: dict[str, tuple]):
+        from ..lora import parse_lora, read_lora
+
+        linear = {k[: -len(".weight")]: s for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2}
+        self.parts: dict[str, list] = {}
+        self.reports = []
+        for path, scale in loras:
+            name, sd = read_lora(path)
+            modules, report = parse_lora(sd, linear, name)
+            report.scale = scale
+            self.reports.append(report)
+            for module in modules:
+                rows = [linear[m][0] for m in module.target.modules]
+                for i, m in enumerate(module.target.modules):
+                    self.parts.setdefault(m + ".weight", []).append((module, i, rows, scale))
+        self._cache: tuple[int, torch.Tensor] | None = None
+
+    def __call__(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        contribs = self.parts.get(key)
+        if not contribs or tensor.is_meta:
+            return tensor
+        out = tensor.float()
+        for module, index, rows, scale in contribs:
+            if self._cache is None or self._cache[0] != id(module):
+                self._cache = (id(module), module.delta())
+            out = out + scale * self._cache[1].split(rows, dim=0)[index]
+        return out
+
+
+def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | None, baker, meta: bool
+            ) -> Iterator[tuple[str, torch.Tensor]]:
+    from ..formats import canonical_items
+
+    def canonical():
+        for key, tensor in canonical_items(ckpt, info, meta=meta):
+            original = tensor.dtype
+            if baker is not None:
+                tensor = baker(key, tensor)
+            if out_dtype is None and tensor.dtype != original:  # 'keep': a LoRA-modified tensor is rounded back
+                tensor = tensor.to(original)
+            yield key, tensor
+
+    fp8 = out_dtype == torch.float8_e4m3fn
+    if fp8:
+        yield "scaled_fp8", torch.empty(0, dtype=torch.float8_e4m3fn, device="meta" if meta else "cpu")
+    pattern = _FP8_TARGETS.get(component)
+    for key, tensor in from_canonical(canonical(), dst):
+        if fp8 and pattern is not None and tensor.ndim == 2 and any(pattern.match(c) for c in dst.canonical_keys(key)):
+            q, scale = quantize_fp8(tensor)
+            yield key, q
+            yield key[: -len("weight")] + "scale_weight", scale
+        elif fp8 and tensor.is_floating_point():
+            yield key, tensor.to(torch.bfloat16)
+        elif out_dtype is not None and tensor.is_floating_point():
+            yield key, tensor.to(out_dtype)
+        else:
+            yield key, tensor
+
+
+def _sources(info, dst: KeyMap) -> tuple[dict[str, list[str]], list[str]]:
+    src_km = info.keymap()
+    from ..formats import _is_aux
+
+    parts: dict[str, dict[int, str]] = {}
+    dropped = []
+    for key in info.keys:
+        if _is_aux(key):
+            continue
+        canon = src_km.canonical_keys(key)
+        if not canon:
+            dropped.append(key)
+        for c in canon:
+            _, foreign, index = dst.inverse_key(c)
+            parts.setdefault(dst.out_prefix + foreign, {}).setdefault(index, key)
+    sources = {out: list(dict.fromkeys(p[i] for i in sorted(p))) for out, p in parts.items()}
+    return sources, dropped
+
+
+def plan_conversion(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, component: str | None = None,
+                    dtype: str = "keep", shard_size: str | int | None = None,
+                    loras: Sequence[tuple[str, float]] = (), config: dict | str | None = None) -> Plan:
+    """The plan of a conversion, from headers (and LoRA files) alone."""
+    plan, (ckpt, *_) = _prepare(src, dst, to, component, dtype, shard_size, loras, config)
+    ckpt.close()
+    return plan
+
+
+def _prepare(src, dst, to, component, dtype, shard_size, loras, config=None):
+    from ..formats import Checkpoint, canonical_shapes, infer_config, inspect_checkpoint, normalize_kind
+
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    out_dtype = DTYPES[dtype]
+    limit = parse_size(shard_size)
+    ckpt = Checkpoint(src)
+    try:
+        fmt = inspect_checkpoint(ckpt)
+        if component is None:
+            if fmt.problem:
+                raise ValueError(fmt.problem)
+            if len(fmt.components) != 1:
+                found = [c.component for c in fmt.components]
+                raise ValueError(f"{src} holds several components {found}: choose one with --component")
+            info = fmt.components[0]
+        else:
+            info = fmt.component(normalize_kind(component))
+        kind = info.component
+        dst_km = keymap_for(kind, to)
+        if info.quantization and out_dtype is None:
+            raise ValueError(f"{src} is {info.quantization}: choose an output --dtype (fp32, bf16, fp16 or fp8); "
+                             f"'keep' would need the quantised values re-encoded")
+        if out_dtype == torch.float8_e4m3fn and kind not in _FP8_TARGETS:
+            raise ValueError(f"fp8 output is for the transformer and the text encoder, not the {kind}")
+        if loras and kind != "transformer":
+            raise ValueError("LoRAs can be baked into the transformer only")
+        shapes = canonical_shapes(ckpt, info)
+        folder = dst.suffix != ".safetensors"
+        try:
+            config = infer_config(kind, shapes, config, _folder_config(src))
+            config = config if isinstance(config, dict) else config.to_dict()
+        except ValueError:
+            if folder:  # the folder's config.json needs it; a single file carries no config
+                raise
+            config = {}
+        baker = _LoraBaker(loras, shapes) if loras else None
+        sources, dropped = _sources(info, dst_km)
+        planned = []
+        for key, t in _stream(ckpt, info, dst_km, kind, out_dtype, None, meta=True):
+            planned.append(PlannedTensor(key, tuple(t.shape), _ST_NAMES[t.dtype], t.numel() * t.element_size(),
+                                         sources.get(key, [])))
+        shards: list[list[str]] = [[]]
+        size = 0
+        for t in planned:
+            if limit is not None and shards[-1] and size + t.nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(t.key)
+            size += t.nbytes
+        if len(shards) > 1 and not folder:
+            raise ValueError(f"{len(shards)} shards need a folder as the destination, not the file {dst}")
+        base = _WEIGHT_NAMES[kind]
+        if not folder:
+            names = [dst.name]
+        elif len(shards) == 1:
+            names = [f"{base}.safetensors"]
+        else:
+            names = [f"{base}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        plan = Plan(str(src), str(dst), kind, info.layout, dst_km.name, dtype,
+                    info.quantization, planned, shards, names, folder, config, dropped,
+                    [f"{p} (scale {s:g})" for p, s in loras])
+        return plan, (ckpt, info, dst_km, out_dtype, baker)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def _folder_config(path: Path):
+    from ..formats import _folder_config as fc
+
+    return fc(path)
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, component: str | None = None,
+                       dtype: str = "keep", shard_size: str | int | None = None,
+                       loras: Sequence[tuple[str, float]] = (), config: dict | str | os.PathLike | None = None,
+                       force: bool = False, dry_run: bool = False) -> Plan:
+    """Convert ``src`` (a file or component folder) to layout ``to`` at ``dst`` and return the plan.
+
+    ``dst`` ending in ``.safetensors`` is one file; anything else is a component folder (weights,
+    an index json when sharded, and a config.json: ``config`` overrides what the shapes cannot tell,
+    as in ``formats.load_component``). An existing ``dst`` is refused unless ``force``;
+    the output appears only when complete (written next to it, then renamed).
+    """
+    src_p, dst_p = Path(src).expanduser(), Path(dst).expanduser()
+    if src_p.resolve() == dst_p.resolve():
+        raise ValueError("the output must not be the input")
+    if dst_p.exists() and not dry_run:
+        if not force:
+            raise FileExistsError(f"{dst_p} exists; pass --force to replace it")
+        if dst_p.is_dir() and dst_p.suffix == ".safetensors":
+            raise FileExistsError(f"{dst_p} is a folder; the output file cannot replace it")
+    plan, (ckpt, info, dst_km, out_dtype, baker) = _prepare(src, dst, to, component, dtype, shard_size, loras, config)
+    try:
+        if dry_run:
+            return plan
+        metadata = {"format": "pt", "zimage_native.layout": dst_km.name, "zimage_native.component": plan.component,
+                    **dst_km.metadata}
+        dst_p.parent.mkdir(parents=True, exist_ok=True)
+        if plan.folder:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dst_p.name}.tmp-", dir=dst_p.parent))
+            try:
+                _write(plan, tmp, ckpt, info, dst_km, out_dtype, baker, metadata)
+                _write_folder_extras(plan, tmp)
+                _swap_in(tmp, dst_p)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        else:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{dst_p.name}.tmp-", suffix=".safetensors", dir=dst_p.parent)
+            os.close(fd)
+            tmp = Path(tmp_name)
+            try:
+                plan.shard_files = [tmp.name]
+                _write(plan, tmp.parent, ckpt, info, dst_km, out_dtype, baker, metadata)
+                os.replace(tmp, dst_p)
+                plan.shard_files = [dst_p.name]
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        return plan
+    finally:
+        ckpt.close()
+
+
+def _write(plan: Plan, folder: Path, ckpt, info, dst_km, out_dtype, baker, metadata) -> None:
+    from safetensors.torch import save_file
+
+    shard_of = {k: i for i, keys in enumerate(plan.shards) for k in keys}
+    remaining = [len(keys) for keys in plan.shards]
+    buffers: list[dict[str, torch.Tensor]] = [{} for _ in plan.shards]
+    expected = {t.key: t for t in plan.tensors}
+    for key, tensor in _stream(ckpt, info, dst_km, plan.component, out_dtype, baker, meta=False):
+        if key not in shard_of or tuple(tensor.shape) != expected[key].shape:
+            raise RuntimeError(f"conversion produced {key} {tuple(tensor.shape)}, which the plan does not have")
+        i = shard_of[key]
+        buffers[i][key] = tensor.contiguous()
+        remaining[i] -= 1
+        if remaining[i] == 0:
+            save_file(buffers[i], str(folder / plan.shard_files[i]), metadata=metadata)
+            buffers[i] = {}
+    if any(remaining):
+        raise RuntimeError("conversion ended before every planned tensor was written")
+
+
+def _write_folder_extras(plan: Plan, folder: Path) -> None:
+    if len(plan.shards) > 1:
+        base = _WEIGHT_NAMES[plan.component]
+        index = {"metadata": {"total_size": plan.total_bytes},
+                 "weight_map": {k: name for name, keys in zip(plan.shard_files, plan.shards) for k in keys}}
+        (folder / f"{base}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = dict(plan.config)
+    if plan.component in _CLASS_NAMES:
+        config = {"_class_name": _CLASS_NAMES[plan.component], **config}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _swap_in(tmp: Path, dst: Path) -> None:
+    """Move a finished folder into place; an existing ``dst`` is replaced only after the new one is complete."""
+    if not dst.exists():
+        os.replace(tmp, dst)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+    old.rmdir()
+    os.replace(dst, old)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        os.replace(old, dst)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)

@@ -1,0 +1,322 @@
+"""``zimage convert``: bit-exact layout round trips, dtype casts, fp8 with scales, sharding, LoRA baking,
+atomic writes and overwrite refusal; ``zimage info`` on single files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from zimage_native.cli import main
+from zimage_native.converters.convert import convert_checkpoint, parse_size, plan_conversion
+from zimage_native.converters.keymap import DIT_COMFYUI, convert_state_dict
+from zimage_native.formats import detect_format, load_component
+
+from .test_formats import TINY_AXES, comfy_dit, dit_state, ldm_vae, prefixed_te, te_state, to_fp8, vae_state, write
+
+
+def read(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def read_folder(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def assert_identical(a: dict, b: dict):
+    assert a.keys() == b.keys(), (sorted(set(a) ^ set(b)))[:5]
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+# ----------------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dit_round_trips_are_bit_exact(tiny_model_dir, tmp_path, dtype):
+    original = {k: v.to(dtype) for k, v in comfy_dit(tiny_model_dir, "", norm_final=False).items()}
+    src = write(tmp_path / "comfy.safetensors", original)
+    convert_checkpoint(src, tmp_path / "diffusers", "diffusers", config=TINY_AXES)
+    convert_checkpoint(tmp_path / "diffusers", tmp_path / "fused.safetensors", "native-fused")
+    convert_checkpoint(tmp_path / "fused.safetensors", tmp_path / "back.safetensors", "comfyui")
+    assert_identical(read(tmp_path / "back.safetensors"), original)
+    diffusers = read_folder(tmp_path / "diffusers")
+    assert_identical(diffusers, {k: v.to(dtype) for k, v in dit_state(tiny_model_dir).items()})
+    assert detect_format(tmp_path / "fused.safetensors").components[0].layout == "native-fused"
+    with safe_open(str(tmp_path / "fused.safetensors"), "pt") as f:
+        assert f.metadata()["zimage_native.layout"] == "native-fused"
+
+
+def test_converted_diffusers_folder_loads_in_diffusers(tiny_model_dir, tmp_path):
+    """The config.json we write is a real diffusers config: diffusers' own class reads the folder."""
+    import diffusers
+
+    src = write(tmp_path / "comfy.safetensors", comfy_dit(tiny_model_dir))
+    with pytest.raises(ValueError, match="RoPE axes cannot be read from shapes"):  # a folder needs a config.json
+        convert_checkpoint(src, tmp_path / "transformer", "diffusers")
+    convert_checkpoint(src, tmp_path / "transformer", "diffusers", config=TINY_AXES)
+    model = diffusers.ZImageTransformer2DModel.from_pretrained(tmp_path / "transformer")
+    ref = dit_state(tiny_model_dir)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+
+
+def test_vae_and_text_encoder_round_trips(tiny_model_dir, tmp_path):
+    ldm = ldm_vae(tiny_model_dir)
+    convert_checkpoint(write(tmp_path / "ae.safetensors", ldm), tmp_path / "vae", "diffusers")
+    assert_identical(read_folder(tmp_path / "vae"), vae_state(tiny_model_dir))
+    convert_checkpoint(tmp_path / "vae", tmp_path / "ae2.safetensors", "bfl")
+    assert_identical(read(tmp_path / "ae2.safetensors"), ldm)
+    te = prefixed_te(tiny_model_dir, lm_head=False)
+    convert_checkpoint(write(tmp_path / "te.safetensors", te), tmp_path / "bare.safetensors", "bare")
+    assert_identical(read(tmp_path / "bare.safetensors"), te_state(tiny_model_dir))
+    convert_checkpoint(tmp_path / "bare.safetensors", tmp_path / "te2.safetensors", "comfyui")
+    assert_identical(read(tmp_path / "te2.safetensors"), te)
+
+
+def test_norm_final_is_dropped_and_listed(tiny_model_dir, tmp_path):
+    src = write(tmp_path / "comfy.safetensors", comfy_dit(tiny_model_dir))
+    plan = plan_conversion(src, tmp_path / "out.safetensors", "diffusers")
+    assert plan.dropped == ["model.diffusion_model.norm_final.weight"]
+    assert any("(dropped) model.diffusion_model.norm_final.weight" in line for line in plan.lines())
+
+
+# ----------------------------------------------------------------------------------- sharding and dtypes
+
+
+def test_sharding_writes_an_index_and_loads(tiny_model_dir, tiny_pipe, tmp_path):
+    src = tiny_model_dir / "transformer"
+    plan = convert_checkpoint(src, tmp_path / "sharded", "comfyui", shard_size="100KB")
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(files) == len(plan.shards) > 2 and files[0] == f"diffusion_pytorch_model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in read_folder(tmp_path / "sharded").values())
+    for name in files:
+        sizes = sum(t.numel() * t.element_size() for t in read(tmp_path / "sharded" / name).values())
+        assert sizes <= 100_000 or len(read(tmp_path / "sharded" / name)) == 1
+    model = load_component("transformer", tmp_path / "sharded", torch.float32, "cpu")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, tiny_pipe.transformer.state_dict()[k]), k
+    with pytest.raises(ValueError, match="need a folder as the destination"):
+        convert_checkpoint(src, tmp_path / "one.safetensors", "comfyui", shard_size="100KB")
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("100kb") == 100_000
+    assert parse_size(123) == 123 and parse_size(None) is None
+    with pytest.raises(ValueError, match="cannot read size"):
+        parse_size("lots")
+
+
+def test_bf16_cast(tiny_model_dir, tmp_path):
+    convert_checkpoint(tiny_model_dir / "transformer", tmp_path / "bf16.safetensors", "comfyui", dtype="bf16")
+    out = read(tmp_path / "bf16.safetensors")
+    want = convert_state_dict(dit_state(tiny_model_dir), None, DIT_COMFYUI)
+    assert_identical(out, {k: v.to(torch.bfloat16) for k, v in want.items()})
+
+
+def test_fp8_output_has_scales_and_loads(tiny_model_dir, tmp_path):
+    plan = convert_checkpoint(tiny_model_dir / "transformer", tmp_path / "fp8.safetensors", "comfyui", dtype="fp8")
+    out = read(tmp_path / "fp8.safetensors")
+    assert out["scaled_fp8"].dtype == torch.float8_e4m3fn and out["scaled_fp8"].numel() == 0
+    q, s = out["layers.0.attention.qkv.weight"], out["layers.0.attention.qkv.scale_weight"]
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32 and s.shape == ()
+    assert out["x_embedder.weight"].dtype == torch.bfloat16 and out["layers.0.attention_norm1.weight"].dtype == torch.bfloat16
+    assert "scale_weight" in " ".join(t.key for t in plan.tensors)
+    src = convert_state_dict(dit_state(tiny_model_dir), None, DIT_COMFYUI)["layers.0.attention.qkv.weight"]
+    assert s == src.abs().max() / 448
+    info = detect_format(tmp_path / "fp8.safetensors").components[0]
+    assert info.quantization == "scaled-fp8"
+    model = load_component("transformer", tmp_path / "fp8.safetensors", torch.float32, "cpu", config=TINY_AXES)
+    assert torch.equal(model.state_dict()["layers.0.attention.to_k.weight"], (q.float() * s).chunk(3)[1])
+    torch.testing.assert_close(model.state_dict()["layers.0.attention.to_k.weight"], src.chunk(3)[1], rtol=0.07,
+                               atol=1e-3)
+
+
+def test_fp8_sources_and_targets(tiny_model_dir, tmp_path):
+    fp8, expected = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True)
+    src = write(tmp_path / "fp8.safetensors", fp8)
+    with pytest.raises(ValueError, match="is scaled-fp8: choose an output --dtype"):
+        convert_checkpoint(src, tmp_path / "out.safetensors", "diffusers")
+    convert_checkpoint(src, tmp_path / "out.safetensors", "diffusers", dtype="fp32")
+    assert_identical(read(tmp_path / "out.safetensors"), convert_state_dict(expected, DIT_COMFYUI, None))
+    with pytest.raises(ValueError, match="fp8 output is for the transformer and the text encoder, not the vae"):
+        convert_checkpoint(tiny_model_dir / "vae", tmp_path / "vae8.safetensors", "ldm", dtype="fp8")
+
+
+# ----------------------------------------------------------------------------------- LoRA baking
+
+
+def _lora(tiny_model_dir, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = {"lora_unet_layers_0_attention_qkv.lora_down.weight": torch.randn(4, 64, generator=g) * 0.1,
+          "lora_unet_layers_0_attention_qkv.lora_up.weight": torch.randn(192, 4, generator=g) * 0.1,
+          "lora_unet_layers_0_attention_qkv.alpha": torch.tensor(2.0),
+          "diffusion_model.layers.1.feed_forward.w2.lora_A.weight": torch.randn(4, 170, generator=g) * 0.1,
+          "diffusion_model.layers.1.feed_forward.w2.lora_B.weight": torch.randn(64, 4, generator=g) * 0.1}
+    return write(tmp_path / "lora.safetensors", sd), sd
+
+
+def test_lora_is_baked_in_like_load_lora(tiny_model_dir, tmp_path):
+    from zimage_native.lora import LoraMixin
+
+    path, sd = _lora(tiny_model_dir, tmp_path)
+    convert_checkpoint(tiny_model_dir / "transformer", tmp_path / "baked", "diffusers", loras=[(str(path), 0.8)])
+    baked = read_folder(tmp_path / "baked")
+
+    class P(LoraMixin):
+        transformer = load_component("transformer", tiny_model_dir / "transformer", torch.float32, "cpu")
+
+    p = P()
+    p.load_lora(path, 0.8)
+    for k, v in p.transformer.state_dict().items():
+        assert torch.equal(baked[k], v), k
+    assert not torch.equal(baked["layers.0.attention.to_q.weight"], dit_state(tiny_model_dir)["layers.0.attention.to_q.weight"])
+
+
+def test_lora_is_fused_before_fp8_quantisation(tiny_model_dir, tmp_path):
+    from zimage_native.converters.convert import quantize_fp8
+    from zimage_native.lora import LoraMixin
+
+    path, _ = _lora(tiny_model_dir, tmp_path)
+    convert_checkpoint(tiny_model_dir / "transformer", tmp_path / "fp8.safetensors", "comfyui", dtype="fp8",
+                       loras=[(str(path), 1.0)])
+    out = read(tmp_path / "fp8.safetensors")
+
+    class P(LoraMixin):
+        transformer = load_component("transformer", tiny_model_dir / "transformer", torch.float32, "cpu")
+
+    p = P()
+    p.load_lora(path)
+    fused = convert_state_dict(p.transformer.state_dict(), None, DIT_COMFYUI)
+    q, s = quantize_fp8(fused["layers.0.attention.qkv.weight"])
+    assert torch.equal(out["layers.0.attention.qkv.weight"].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(out["layers.0.attention.qkv.scale_weight"], s)
+    with pytest.raises(ValueError, match="LoRAs can be baked into the transformer only"):
+        convert_checkpoint(tiny_model_dir / "vae", tmp_path / "v.safetensors", "ldm", loras=[(str(path), 1.0)])
+
+
+# ----------------------------------------------------------------------------------- safety
+
+
+def test_existing_output_is_refused_unless_forced(tiny_model_dir, tmp_path):
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="pass --force"):
+        convert_checkpoint(tiny_model_dir / "vae", out, "ldm")
+    assert out.read_bytes() == b"keep me"
+    convert_checkpoint(tiny_model_dir / "vae", out, "ldm", force=True)
+    assert detect_format(out).components[0].layout == "ldm"
+    folder = tmp_path / "vae"
+    convert_checkpoint(out, folder, "diffusers")
+    (folder / "stale.txt").write_text("old")
+    convert_checkpoint(out, folder, "diffusers", force=True)
+    assert not (folder / "stale.txt").exists() and (folder / "config.json").is_file()
+    with pytest.raises(ValueError, match="must not be the input"):
+        convert_checkpoint(out, out, "ldm", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "vae"]  # no temporary leftovers
+
+
+@pytest.mark.parametrize("dst", ["out.safetensors", "folder"])
+def test_failed_write_leaves_nothing_and_keeps_the_old_output(tiny_model_dir, tmp_path, monkeypatch, dst):
+    import safetensors.torch
+
+    target = tmp_path / dst
+    if dst == "folder":
+        target.mkdir()
+        (target / "old.txt").write_text("old")
+    else:
+        target.write_bytes(b"old")
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        convert_checkpoint(tiny_model_dir / "vae", target, "ldm", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [dst]
+    assert (target / "old.txt").read_text() == "old" if dst == "folder" else target.read_bytes() == b"old"
+
+
+def test_dry_run_prints_the_key_map_and_sizes_and_writes_nothing(tiny_model_dir, tmp_path):
+    result = run("convert", tiny_model_dir / "transformer", tmp_path / "out", "--to", "comfyui", "--dry-run",
+                 "--shard-size", "200KB")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert ("layers.0.attention.qkv.weight <- layers.0.attention.to_q.weight, layers.0.attention.to_k.weight, "
+            "layers.0.attention.to_v.weight  [192, 64] F32") in out
+    assert "x_embedder.weight <- all_x_embedder.2-1.weight" in out and "layers.0.ffn_norm1.weight = " in out
+    assert "file diffusion_pytorch_model-00001-of-" in out and "total: 65 tensors" in out
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+
+def test_cli_convert_and_errors(tiny_model_dir, tmp_path):
+    src = write(tmp_path / "comfy.safetensors", comfy_dit(tiny_model_dir))
+    cfg = tmp_path / "axes.json"
+    cfg.write_text(json.dumps(TINY_AXES))
+    result = run("convert", src, tmp_path / "d", "--to", "diffusers", "--config", cfg)
+    assert result.exit_code == 0 and "wrote" in result.output and "73 tensors" in result.output, result.output
+    assert_identical(read_folder(tmp_path / "d"), dit_state(tiny_model_dir))
+    for dst, args, message in [
+        ("d", ["--to", "diffusers"], "exists; pass --force"),
+        ("new", ["--to", "sideways"], "unknown transformer layout 'sideways'"),
+        ("new", ["--to", "diffusers", "--shard-size", "x"], "cannot read size"),
+    ]:
+        result = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / dst), *args])
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    aio = dict(comfy_dit(tiny_model_dir))
+    aio.update(ldm_vae(tiny_model_dir, "vae."))
+    aio_path = write(tmp_path / "aio.safetensors", aio)
+    result = CliRunner().invoke(main, ["convert", str(aio_path), str(tmp_path / "x.safetensors"), "--to", "diffusers"])
+    assert result.exit_code != 0 and "choose one with --component" in result.output
+    result = run("convert", aio_path, tmp_path / "v.safetensors", "--to", "diffusers", "--component", "vae")
+    assert result.exit_code == 0
+    assert_identical(read(tmp_path / "v.safetensors"), vae_state(tiny_model_dir))
+    result = run("convert", tiny_model_dir / "transformer", tmp_path / "l.safetensors", "--to", "comfyui",
+                 "--lora", f"{_lora(tiny_model_dir, tmp_path)[0]}:0.5")
+    assert result.exit_code == 0, result.output
+
+
+def test_info_on_single_files(tiny_model_dir, tmp_path):
+    src = write(tmp_path / "dit.safetensors", comfy_dit(tiny_model_dir))
+    report = json.loads(run("info", src, "--json").output)
+    dit = report["components"]["transformer"]
+    assert (dit["layout"], dit["prefix"], dit["quantization"]) == ("comfyui", "model.diffusion_model.", None)
+    assert "head dim is 32" in dit["config_error"]
+    fp8 = write(tmp_path / "fp8.safetensors", to_fp8(comfy_dit(tiny_model_dir, ""), True)[0])
+    text = run("info", fp8).output
+    assert "comfyui" in text and "scaled-fp8" in text and "F8_E4M3" in text
+    ae = write(tmp_path / "ae.safetensors", ldm_vae(tiny_model_dir))
+    text = run("info", ae).output
+    assert "vae" in text and "ldm" in text and "block_out_channels=[32, 32, 32, 32]" in text
+    lora, _ = _lora(tiny_model_dir, tmp_path)
+    text = run("info", lora).output
+    assert "LoRA: 2 modules" in text and "kohya" in text
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 40)
+    text = run("info", gguf).output
+    assert "cannot load" in text and "GGUF" in text
+    folder = json.loads(run("info", tiny_model_dir, "--json").output)
+    assert folder["transformer"]["layout"] == "diffusers" and folder["vae"]["quantization"] is None
+    assert folder["text_encoder"]["layout"] == "bare"
+    text = run("info", tiny_model_dir / "vae").output  # a component folder
+    assert "vae" in text and "diffusers" in text

@@ -1,0 +1,537 @@
+"""Single-file formats: detection from headers, ComfyUI / LDM / fp8 loading, config inference, errors.
+
+Every file is written here from the tiny random model (no downloads): the ComfyUI DiT by running
+our key map backwards, the LDM VAE likewise, the text encoder with a ``model.`` prefix. Each
+lossless format must load to the same weights and outputs as the diffusers folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from zimage_native.config import TransformerConfig, VAEConfig
+from zimage_native.converters.keymap import (DIT_COMFYUI, DIT_NATIVE_FUSED, TE_TRANSFORMERS, convert_state_dict,
+                                             vae_ldm_keymap)
+from zimage_native.formats import (SingleFileMixin, UnsupportedFormatError, describe, detect_format,
+                                   infer_text_encoder_config, infer_transformer_config, infer_vae_config,
+                                   load_component, read_component_state_dict, resolve_tokenizer_folder)
+from zimage_native.loading import StateDictMismatchError
+from zimage_native.model.sequence import build_layout, pad_captions, patchify
+from zimage_native.text_encoder import TextEncoder
+
+from .utils import assert_rel
+
+TINY_AXES = {"axes_dims": [8, 12, 12]}  # RoPE axes cannot be read from shapes
+TINY_GROUPS = {"norm_num_groups": 16}  # nor can the VAE's GroupNorm groups
+
+
+# ----------------------------------------------------------------------------------- file writers
+
+
+def dit_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(model_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def vae_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(model_dir / "vae" / "diffusion_pytorch_model.safetensors")
+
+
+def te_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(model_dir / "text_encoder" / "model.safetensors")
+
+
+def comfy_dit(model_dir: Path, prefix: str = "model.diffusion_model.", norm_final: bool = True) -> dict:
+    """The ComfyUI / original single-file layout of the tiny DiT."""
+    sd = convert_state_dict(dit_state(model_dir), None, DIT_COMFYUI)
+    if norm_final:
+        sd["norm_final.weight"] = torch.ones(sd["x_pad_token"].shape[1])
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def ldm_vae(model_dir: Path, prefix: str = "") -> dict:
+    """The BFL / LDM layout (ComfyUI ``ae.safetensors``) of the tiny VAE."""
+    return {prefix + k: v for k, v in convert_state_dict(vae_state(model_dir), None, vae_ldm_keymap(4)).items()}
+
+
+def prefixed_te(model_dir: Path, lm_head: bool = True) -> dict:
+    """``qwen_3_4b.safetensors``: the text encoder with a ``model.`` prefix (and a tied lm_head)."""
+    sd = convert_state_dict(te_state(model_dir), None, TE_TRANSFORMERS)
+    if lm_head:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    return sd
+
+
+def write(path: Path, sd: dict, metadata: dict | None = None) -> Path:
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    return path
+
+
+def to_fp8(sd: dict, scaled: bool, scale_name: str = "scale_weight", per_row: bool = False) -> tuple[dict, dict]:
+    """(fp8 file contents, expected dequantised fp32 values): every 2-D weight in fp8."""
+    out, expected = {}, {}
+    for k, v in sd.items():
+        if v.ndim == 2 and k.endswith(".weight"):
+            if scaled:
+                amax = v.abs().amax(dim=1, keepdim=True) if per_row else v.abs().max()
+                scale = (amax / 448.0).float()
+                q = (v / scale).to(torch.float8_e4m3fn)
+                out[k] = q
+                out[k[: -len("weight")] + scale_name] = scale.reshape(-1) if per_row else scale.reshape(())
+                expected[k] = q.float() * scale
+            else:
+                out[k] = v.to(torch.float8_e4m3fn)
+                expected[k] = out[k].float()
+        else:
+            out[k] = v
+            expected[k] = v
+    if scaled:
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out, expected
+
+
+def dit_output(model) -> torch.Tensor:
+    """One DiT forward on fixed random inputs."""
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    latents = torch.randn(1, cfg.in_channels, 8, 8, generator=g)
+    caption = [torch.randn(5, cfg.cap_feat_dim, generator=g)]
+    layout = build_layout(cfg, [5], 8, 8, "cpu")
+    with torch.no_grad():
+        return model(patchify(latents, cfg.patch_size), pad_captions(caption, layout.caption_pad.shape[1]),
+                     torch.tensor([0.3]), layout)
+
+
+def vae_output(vae) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return vae.decode(torch.randn(1, 16, 4, 4, generator=g))
+
+
+def assert_same_weights(module, reference):
+    a, b = module.state_dict(), reference.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ----------------------------------------------------------------------------------- DiT
+
+
+@pytest.mark.parametrize("layout, prefix", [("comfyui", "model.diffusion_model."), ("comfyui", ""),
+                                            ("comfyui", "diffusion_model."), ("native-fused", ""),
+                                            ("diffusers", "")])
+def test_dit_single_file_loads_like_the_folder(tiny_model_dir, tiny_pipe, tmp_path, layout, prefix):
+    if layout == "comfyui":
+        sd = comfy_dit(tiny_model_dir, prefix)
+    elif layout == "native-fused":
+        sd = convert_state_dict(dit_state(tiny_model_dir), None, DIT_NATIVE_FUSED)
+    else:
+        sd = dit_state(tiny_model_dir)
+    path = write(tmp_path / "dit.safetensors", sd)
+    fmt = detect_format(path)
+    assert [(c.component, c.layout, c.prefix) for c in fmt.components] == [("transformer", layout, prefix)]
+    model = load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES)
+    assert model.config == tiny_pipe.transformer.config
+    assert_same_weights(model, tiny_pipe.transformer)
+    assert_rel(dit_output(model), dit_output(tiny_pipe.transformer), 1e-6, "DiT output")
+
+
+def test_dit_config_inferred_from_tiny_shapes(tiny_model_dir, tmp_path):
+    """dim, layers, refiner layers, heads (from the q/k-norm size), cap_feat_dim, in_channels come from shapes."""
+    from .dit_configs import TINY_DIT
+
+    path = write(tmp_path / "dit.safetensors", comfy_dit(tiny_model_dir))
+    info = describe(path)["components"]["transformer"]
+    cfg = info["config_error"]  # the released axes_dims do not fit head_dim 32: named, with the fix
+    assert "head dim is 32" in cfg and "axes_dims" in cfg
+    model = load_component("transformer", path, None, "cpu", config=TINY_AXES)
+    for key in ("dim", "n_layers", "n_refiner_layers", "n_heads", "cap_feat_dim", "in_channels"):
+        assert getattr(model.config, key) == TINY_DIT[key], key
+    # Other shapes: 3 layers, 4 heads of 16 (axes 4+6+6), no refiner changes.
+    other = TransformerConfig.from_dict(dict(TINY_DIT, n_layers=3, n_heads=4, n_kv_heads=4, axes_dims=[4, 6, 6]))
+    shapes = _meta_shapes(other)
+    assert infer_transformer_config(shapes, {"axes_dims": [4, 6, 6]}) == other
+
+
+def _meta_shapes(config: TransformerConfig) -> dict[str, tuple]:
+    from zimage_native.model.transformer import ZImageTransformer
+
+    with torch.device("meta"):
+        model = ZImageTransformer(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_dit_config_override_from_json_and_mismatch(tiny_model_dir, tmp_path):
+    path = write(tmp_path / "dit.safetensors", comfy_dit(tiny_model_dir))
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"_class_name": "ZImageTransformer2DModel", "axes_dims": [8, 12, 12], "rope_theta": 100.0}))
+    model = load_component("transformer", path, None, "cpu", config=cfg)
+    assert model.config.rope_theta == 100.0 and model.config.axes_dims == (8, 12, 12)
+    with pytest.raises(ValueError, match=r"n_layers=5 does not match the checkpoint.*n_layers=2"):
+        load_component("transformer", path, None, "cpu", config={**TINY_AXES, "n_layers": 5})
+    with pytest.raises(ValueError, match="n_heads=4 does not match"):
+        load_component("transformer", path, None, "cpu", config={**TINY_AXES, "n_heads": 4})
+
+
+def test_dit_inconsistent_shapes_raise(tiny_model_dir, tmp_path):
+    sd = comfy_dit(tiny_model_dir, "")
+    sd["layers.1.feed_forward.w1.weight"] = sd["layers.1.feed_forward.w1.weight"][:-8]
+    path = write(tmp_path / "bad.safetensors", sd)
+    with pytest.raises(StateDictMismatchError, match=r"shape mismatches.*layers.1.feed_forward.w1.weight"):
+        load_component("transformer", path, None, "cpu", config=TINY_AXES)
+    sd = comfy_dit(tiny_model_dir, "")
+    sd["layers.0.feed_forward.w1.weight"] = torch.zeros(100, 64)
+    with pytest.raises(ValueError, match=r"feed_forward.w1.weight has shape \(100, 64\), the config implies"):
+        load_component("transformer", write(tmp_path / "bad2.safetensors", sd), None, "cpu", config=TINY_AXES)
+    sd = comfy_dit(tiny_model_dir, "")
+    del sd["context_refiner.0.attention.qkv.weight"]
+    sd = {k.replace("context_refiner.0.", "context_refiner.9."): v for k, v in sd.items()}
+    with pytest.raises(ValueError, match="not contiguous"):
+        load_component("transformer", write(tmp_path / "bad3.safetensors", sd), None, "cpu", config=TINY_AXES)
+
+
+def test_released_shapes_infer_the_turbo_config_from_headers_only(tmp_path):
+    """A header-only (sparse) ComfyUI file with the released shapes: 453 tensors, 6.15 B params, Turbo config."""
+    from zimage_native.model.transformer import ZImageTransformer
+
+    with torch.device("meta"):
+        model = ZImageTransformer(TransformerConfig())
+    comfy = convert_state_dict(model.state_dict(), None, DIT_COMFYUI)
+    path = write_sparse(tmp_path / "z_image_turbo_bf16.safetensors", {k: (v.shape, "BF16") for k, v in comfy.items()})
+    report = describe(path)
+    dit = report["components"]["transformer"]
+    assert dit["layout"] == "comfyui" and dit["tensors"] == 453 and dit["parameters"] == 6_154_908_736
+    assert TransformerConfig.from_dict(dit["config"]) == TransformerConfig()
+    assert dit["dtypes"] == {"BF16": 6_154_908_736}
+
+
+def test_released_vae_and_text_encoder_shapes(tmp_path):
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zimage_native.formats import RELEASED_QWEN3
+    from zimage_native.model.vae import AutoencoderKL
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(VAEConfig())
+        te = Qwen3Model(Qwen3Config(**{k: v for k, v in RELEASED_QWEN3.items() if k != "model_type"}))
+    ldm = convert_state_dict(vae.state_dict(), None, vae_ldm_keymap(4))
+    path = write_sparse(tmp_path / "ae.safetensors", {k: (v.shape, "F32") for k, v in ldm.items()})
+    entry = describe(path)["components"]["vae"]
+    assert entry["layout"] == "ldm" and entry["parameters"] == 83_819_683 and entry["tensors"] == 244
+    assert VAEConfig.from_dict(entry["config"]) == VAEConfig()
+    sd = convert_state_dict(te.state_dict(), None, TE_TRANSFORMERS)
+    path = write_sparse(tmp_path / "qwen_3_4b.safetensors", {k: (v.shape, "BF16") for k, v in sd.items()})
+    entry = describe(path)["components"]["text_encoder"]
+    assert entry["tensors"] == 398 and entry["parameters"] == 4_022_468_096
+    cfg = entry["config"]
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["head_dim"], cfg["intermediate_size"], cfg["vocab_size"]) == (2560, 36, 32, 8, 128, 9728, 151936)
+
+
+def write_sparse(path: Path, tensors: dict[str, tuple[tuple, str]]) -> Path:
+    """A safetensors file whose data section is a hole: the header is real, the bytes are never written."""
+    sizes = {"BF16": 2, "F32": 4, "F16": 2, "F8_E4M3": 1}
+    header, offset = {}, 0
+    for key, (shape, dtype) in tensors.items():
+        n = sizes[dtype]
+        for d in shape:
+            n *= d
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)
+    return path
+
+
+# ----------------------------------------------------------------------------------- VAE and text encoder
+
+
+@pytest.mark.parametrize("prefix", ["", "first_stage_model.", "vae."])
+def test_ldm_vae_single_file_loads_like_the_folder(tiny_model_dir, tiny_pipe, tmp_path, prefix):
+    path = write(tmp_path / "ae.safetensors", ldm_vae(tiny_model_dir, prefix))
+    assert [(c.component, c.layout) for c in detect_format(path).components] == [("vae", "ldm")]
+    vae = load_component("vae", path, torch.float32, "cpu", config=TINY_GROUPS)
+    assert vae.config == dataclasses.replace(tiny_pipe.vae_config, sample_size=1024)  # sample_size: unused
+    assert_same_weights(vae, tiny_pipe.vae)
+    assert_rel(vae_output(vae), vae_output(tiny_pipe.vae), 1e-6, "VAE decode")
+
+
+def test_vae_groups_must_divide_widths(tiny_model_dir, tmp_path):
+    path = write(tmp_path / "ae.safetensors", ldm_vae(tiny_model_dir))
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        load_component("vae", path, None, "cpu", config={"norm_num_groups": 24})
+    with pytest.raises(ValueError, match="latent_channels=4 does not match"):
+        load_component("vae", path, None, "cpu", config={"latent_channels": 4})
+
+
+def test_text_encoder_single_file_loads_like_the_folder(tiny_model_dir, tiny_pipe, tmp_path):
+    path = write(tmp_path / "qwen_3_4b.safetensors", prefixed_te(tiny_model_dir))
+    fmt = detect_format(path)
+    assert [(c.component, c.layout) for c in fmt.components] == [("text_encoder", "transformers")]
+    # Only rope_theta / eps / max positions are not in the shapes; the tiny model uses the released ones.
+    model = load_component("text_encoder", path, torch.float32, "cpu", config={"max_position_embeddings": 2048})
+    ref = tiny_pipe.text_encoder
+    assert_same_weights(model, ref.model)
+    a = TextEncoder(model, ref.tokenizer).encode(["a cat on a chair", "mountains"])
+    b = ref.encode(["a cat on a chair", "mountains"])
+    for x, y in zip(a, b):
+        assert_rel(x, y, 1e-6, "text features")
+
+
+def test_text_encoder_errors(tiny_model_dir, tmp_path):
+    sd = prefixed_te(tiny_model_dir, lm_head=False)
+    del sd["model.norm.weight"]
+    with pytest.raises(ValueError, match="looks truncated"):
+        load_component("text_encoder", write(tmp_path / "t.safetensors", sd), None, "cpu")
+    sd = {k: v for k, v in prefixed_te(tiny_model_dir).items() if "q_norm" not in k and "k_norm" not in k}
+    with pytest.raises(UnsupportedFormatError, match="not a Qwen3 model"):
+        load_component("text_encoder", write(tmp_path / "q2.safetensors", sd), None, "cpu")
+    with pytest.raises(ValueError, match="num_key_value_heads=4 does not match"):
+        load_component("text_encoder", write(tmp_path / "ok.safetensors", prefixed_te(tiny_model_dir)), None, "cpu",
+                       config={"num_key_value_heads": 4})
+
+
+def test_component_folders_load_too(tiny_model_dir, tiny_pipe):
+    """A diffusers component folder goes through the same path; its config.json is the base."""
+    dit = load_component("transformer", tiny_model_dir / "transformer", torch.float32, "cpu")
+    assert_same_weights(dit, tiny_pipe.transformer)
+    vae = load_component("vae", tiny_model_dir / "vae", torch.float32, "cpu")
+    assert_same_weights(vae, tiny_pipe.vae)
+    te = load_component("text_encoder", tiny_model_dir / "text_encoder", torch.float32, "cpu")
+    assert_same_weights(te, tiny_pipe.text_encoder.model)
+
+
+def test_infer_vae_and_text_encoder_configs_from_tiny_shapes(tiny_model_dir, tiny_pipe):
+    from .fixtures import TINY_QWEN3, TINY_VAE
+
+    shapes = {k: tuple(v.shape) for k, v in tiny_pipe.vae.state_dict().items()}
+    cfg = infer_vae_config(shapes, TINY_GROUPS)
+    assert cfg.block_out_channels == tuple(TINY_VAE["block_out_channels"]) and cfg.layers_per_block == 1
+    te = {k: tuple(v.shape) for k, v in te_state(tiny_model_dir).items()}
+    cfg = infer_text_encoder_config(te)
+    for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size"):
+        assert cfg[key] == TINY_QWEN3[key], key
+    assert cfg["hidden_size"] == 48 and cfg["rope_theta"] == 1e6
+
+
+# ----------------------------------------------------------------------------------- single-file pipelines
+
+
+def _pipe_class():
+    from zimage_native import ZImagePipeline
+
+    assert issubclass(ZImagePipeline, SingleFileMixin)
+    return ZImagePipeline
+
+
+def test_from_single_files_generates_like_the_folder(tiny_model_dir, tiny_pipe, tmp_path):
+    dit = write(tmp_path / "z_image_turbo_bf16.safetensors", comfy_dit(tiny_model_dir))
+    vae = write(tmp_path / "ae.safetensors", ldm_vae(tiny_model_dir))
+    te = write(tmp_path / "qwen_3_4b.safetensors", prefixed_te(tiny_model_dir))
+    pipe = _pipe_class().from_single_files(
+        transformer=dit, vae=vae, text_encoder=te, tokenizer=tiny_model_dir / "tokenizer", device="cpu",
+        dtype=torch.float32, transformer_config=TINY_AXES, vae_config=TINY_GROUPS,
+        text_encoder_config={"max_position_embeddings": 2048})
+    pipe.progress = False
+    kwargs = dict(width=32, height=32, num_inference_steps=2, seed=5, output_type="latent")
+    assert_rel(pipe("a cat", **kwargs).images, tiny_pipe("a cat", **kwargs).images, 1e-6, "latents")
+    image = pipe("a cat", width=32, height=32, num_inference_steps=1, seed=5, output_type="np").images
+    ref = tiny_pipe("a cat", width=32, height=32, num_inference_steps=1, seed=5, output_type="np").images
+    assert_rel(torch.from_numpy(image), torch.from_numpy(ref), 1e-6, "image")
+    assert "single files" in pipe.source
+
+
+def test_all_in_one_file(tiny_model_dir, tiny_pipe, tmp_path):
+    """ComfyUI all-in-one: model.diffusion_model. + vae. + text_encoders.qwen3_4b.transformer. in one file."""
+    sd = comfy_dit(tiny_model_dir)
+    sd.update(ldm_vae(tiny_model_dir, "vae."))
+    sd.update({"text_encoders.qwen3_4b.transformer." + k: v for k, v in prefixed_te(tiny_model_dir).items()})
+    path = write(tmp_path / "aio.safetensors", sd)
+    assert sorted(c.component for c in detect_format(path).components) == ["text_encoder", "transformer", "vae"]
+    pipe = _pipe_class().from_single_files(
+        transformer=path, tokenizer=tiny_model_dir, device="cpu", dtype=torch.float32, transformer_config=TINY_AXES,
+        vae_config=TINY_GROUPS, text_encoder_config={"max_position_embeddings": 2048})
+    assert_same_weights(pipe.transformer, tiny_pipe.transformer)
+    assert_same_weights(pipe.vae, tiny_pipe.vae)
+    assert_same_weights(pipe.text_encoder.model, tiny_pipe.text_encoder.model)
+
+
+def test_from_single_files_needs_every_component(tiny_model_dir, tmp_path):
+    dit = write(tmp_path / "dit.safetensors", comfy_dit(tiny_model_dir))
+    with pytest.raises(ValueError, match="no vae or text_encoder given"):
+        _pipe_class().from_single_files(transformer=dit, tokenizer=tiny_model_dir)
+    with pytest.raises(ValueError, match="needs transformer="):
+        _pipe_class().from_single_files(vae=dit)
+
+
+def test_format_comes_from_the_header_not_the_name(tiny_model_dir, tmp_path):
+    path = write(tmp_path / "ae.safetensors", comfy_dit(tiny_model_dir))  # a DiT named like a VAE
+    assert [c.component for c in detect_format(path).components] == ["transformer"]
+    with pytest.raises(UnsupportedFormatError, match=r"no vae in this checkpoint \(found: transformer\)"):
+        load_component("vae", path, None, "cpu")
+
+
+# ----------------------------------------------------------------------------------- fp8
+
+
+@pytest.mark.parametrize("scaled, scale_name, per_row", [(False, None, False), (True, "scale_weight", False),
+                                                          (True, "weight_scale", True)])
+def test_fp8_dit_is_dequantised_while_loading(tiny_model_dir, tiny_pipe, tmp_path, scaled, scale_name, per_row):
+    sd, expected = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), scaled, scale_name or "", per_row)
+    path = write(tmp_path / "fp8.safetensors", sd)
+    info = detect_format(path).components[0]
+    assert info.quantization == ("scaled-fp8" if scaled else "fp8") and "F8_E4M3" in info.dtypes
+    model = load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES)
+    want = convert_state_dict(expected, DIT_COMFYUI, None)
+    got = model.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert_rel(dit_output(model), dit_output(tiny_pipe.transformer), 0.1, "fp8 DiT output")  # lossy, but close
+    bf16 = load_component("transformer", path, torch.bfloat16, "cpu", config=TINY_AXES)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+
+
+def test_fp8_weights_can_stay_fp8_with_their_scales(tiny_model_dir, tmp_path):
+    sd, expected = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True)
+    path = write(tmp_path / "fp8.safetensors", sd)
+    state, scales = read_component_state_dict(path, "transformer", dequantize_fp8=False)
+    q = state["layers.0.attention.to_k.weight"]
+    assert q.dtype == torch.float8_e4m3fn
+    assert torch.equal(scales["layers.0.attention.to_k.weight"], sd["layers.0.attention.qkv.scale_weight"])
+    want = convert_state_dict(expected, DIT_COMFYUI, None)["layers.0.attention.to_k.weight"]
+    assert torch.equal(q.float() * scales["layers.0.attention.to_k.weight"], want)
+
+
+def test_scaled_fp8_text_encoder(tiny_model_dir, tiny_pipe, tmp_path):
+    sd, expected = to_fp8(prefixed_te(tiny_model_dir, lm_head=False), True)
+    path = write(tmp_path / "qwen_3_4b_fp8_scaled.safetensors", sd)
+    assert detect_format(path).components[0].quantization == "scaled-fp8"
+    model = load_component("text_encoder", path, torch.float32, "cpu", config={"max_position_embeddings": 2048})
+    assert torch.equal(model.state_dict()["layers.0.self_attn.q_proj.weight"],
+                       expected["model.layers.0.self_attn.q_proj.weight"])
+
+
+# ----------------------------------------------------------------------------------- refused formats
+
+
+def _small_dit(model_dir):
+    return comfy_dit(model_dir, "", norm_final=False)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("comfy_quant", r"comfy_quant.*formats: nvfp4"),
+    ("quant_metadata", r"comfy_quant.*formats: float8_e4m3fn"),
+    ("nunchaku", "nunchaku SVDQuant"),
+    ("bitsandbytes", "bitsandbytes"),
+    ("gptq", "GPTQ/AWQ"),
+    ("int8", "integer-typed weights"),
+    ("lora", "this is a LoRA"),
+    ("controlnet", "ControlNet"),
+    ("unknown", "not recognised as a Z-Image"),
+    ("mixed", "mixes layouts"),
+])
+def test_unsupported_checkpoints_raise_naming_the_format(tiny_model_dir, tmp_path, case, message):
+    sd = _small_dit(tiny_model_dir)
+    metadata = None
+    if case == "comfy_quant":
+        sd["layers.0.attention.qkv.comfy_quant"] = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()),
+                                                                dtype=torch.uint8)
+    elif case == "quant_metadata":
+        metadata = {"_quantization_metadata": json.dumps({"layers": {"layers.0.attention.qkv": {"format": "float8_e4m3fn"}}})}
+    elif case == "nunchaku":
+        sd["layers.0.attention.to_out.0.qweight"] = torch.zeros(4, 4, dtype=torch.int8)
+    elif case == "bitsandbytes":
+        sd["layers.0.feed_forward.w1.absmax"] = torch.zeros(4)
+    elif case == "gptq":
+        sd["layers.0.feed_forward.w1.qzeros"] = torch.zeros(4, dtype=torch.int32)
+    elif case == "int8":
+        sd["layers.0.feed_forward.w1.weight"] = sd["layers.0.feed_forward.w1.weight"].to(torch.int8)
+    elif case == "lora":
+        sd = {"diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.zeros(2, 64),
+              "diffusion_model.layers.0.attention.to_q.lora_B.weight": torch.zeros(64, 2)}
+    elif case == "controlnet":
+        sd["control_layers.0.adaLN_modulation.0.weight"] = torch.zeros(4, 4)
+    elif case == "unknown":
+        sd = {"foo.weight": torch.zeros(2), "bar.bias": torch.zeros(2)}
+    elif case == "mixed":
+        sd["layers.1.attention.to_q.weight"] = torch.zeros(64, 64)
+    path = write(tmp_path / "model.safetensors", sd, metadata)
+    with pytest.raises(UnsupportedFormatError, match=message):
+        load_component("transformer", path, None, "cpu", config=TINY_AXES)
+    assert message.split(".*")[0].split("(")[0] in (describe(path).get("problem") or "this is a LoRA")
+
+
+def test_gguf_and_pickles_are_refused(tmp_path):
+    gguf = tmp_path / "z_image_turbo-Q8_0.gguf"
+    gguf.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\0" * 32)
+    with pytest.raises(UnsupportedFormatError, match="GGUF"):
+        load_component("transformer", gguf, None, "cpu")
+    assert detect_format(gguf).container == "gguf"
+    pt = tmp_path / "model.pt"
+    torch.save({"x": torch.zeros(2)}, pt)
+    with pytest.raises(UnsupportedFormatError, match="pickle"):
+        load_component("transformer", pt, None, "cpu")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"hello world, not a checkpoint")
+    with pytest.raises(UnsupportedFormatError, match="not a safetensors file"):
+        load_component("vae", junk, None, "cpu")
+
+
+def test_missing_paths_and_model_folders(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_component("vae", tmp_path / "nope.safetensors", None, "cpu")
+    with pytest.raises(UnsupportedFormatError, match="whole model folder"):
+        load_component("transformer", tiny_model_dir, None, "cpu")
+    with pytest.raises(ValueError, match="unknown component"):
+        load_component("unet2", tmp_path, None, "cpu")
+
+
+# ----------------------------------------------------------------------------------- tokenizer
+
+
+def test_default_tokenizer_fetches_only_the_tokenizer_folder(tiny_model_dir, monkeypatch):
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(tiny_model_dir)
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    folder = resolve_tokenizer_folder()
+    assert folder == tiny_model_dir / "tokenizer"
+    assert calls == [("Tongyi-MAI/Z-Image-Turbo", dict(allow_patterns=["tokenizer/*"], revision=None, cache_dir=None,
+                                                       local_files_only=False))]
+
+
+def test_tokenizer_at_a_repository_root(tiny_model_dir, monkeypatch):
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns, **kwargs):
+        calls.append(allow_patterns)
+        return str(tiny_model_dir / ("tokenizer" if len(calls) > 1 else "vae"))
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert resolve_tokenizer_folder("Qwen/Qwen3-4B") == tiny_model_dir / "tokenizer"
+    assert calls[0] == ["tokenizer/*"] and "tokenizer.json" in calls[1]
+
+
+def test_tokenizer_local_folders(tiny_model_dir, tmp_path):
+    assert resolve_tokenizer_folder(tiny_model_dir) == tiny_model_dir / "tokenizer"
+    assert resolve_tokenizer_folder(tiny_model_dir / "tokenizer") == tiny_model_dir / "tokenizer"
+    with pytest.raises(FileNotFoundError, match="tokenizer folder not found"):
+        resolve_tokenizer_folder(str(tmp_path / "missing"))

@@ -1,0 +1,48 @@
+"""``zimage convert``: change a checkpoint's layout and dtype, shard it, bake LoRAs in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._common import UserError, user_errors
+
+LAYOUT_HELP = ("Target layout. transformer: diffusers | comfyui (= original) | native-fused; "
+               "vae: diffusers | ldm (= comfyui, bfl); text encoder: transformers (= comfyui, diffusers; "
+               "'model.' prefix) | bare.")
+
+
+@click.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--to", "layout", required=True, help=LAYOUT_HELP)
+@click.option("--component", type=click.Choice(["auto", "transformer", "vae", "text-encoder"]), default="auto",
+              show_default=True, help="Which component of SRC (needed for all-in-one files).")
+@click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16", "fp8"]), default="keep",
+              show_default=True, help="Output dtype; fp8 = float8_e4m3fn block weights with per-tensor scales.")
+@click.option("--shard-size", default=None, metavar="SIZE",
+              help="Split into files of at most SIZE (e.g. 5GB) with an index json; DST must be a folder.")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="Bake a LoRA into the transformer (repeatable); fused in fp32 before any cast or fp8.")
+@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A config.json with what the shapes cannot tell (e.g. axes_dims), for the output folder's config.")
+@click.option("--dry-run", is_flag=True, help="Print the key map and sizes; write nothing.")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@user_errors
+def convert(src, dst, layout, component, dtype, shard_size, loras, config, dry_run, force):
+    """Convert SRC (a file or component folder) to DST (a .safetensors file, or a folder)."""
+    from ..converters.convert import convert_checkpoint
+    from ..lora import parse_lora_arg
+
+    try:
+        plan = convert_checkpoint(src, dst, layout, component=None if component == "auto" else component,
+                                  dtype=dtype, shard_size=shard_size, loras=[parse_lora_arg(t) for t in loras],
+                                  config=config, force=force, dry_run=dry_run)
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
+    if dry_run:
+        click.echo("\n".join(plan.lines()))
+        return
+    click.echo(f"wrote {dst} ({plan.component}, {plan.dst_layout}, {len(plan.tensors)} tensors, "
+               f"{plan.total_bytes / 1e9:.3f} GB in {len(plan.shards)} file(s))")

@@ -1,0 +1,540 @@
+"""LoRA for the Z-Image DiT: parse every common spelling, fuse into the weights, undo exactly.
+
+Fusing means W <- W + user_scale * (alpha / rank) * dW for each targeted Linear, computed in fp32
+and rounded once to the weight dtype. The originals are kept (on the CPU by default) the first
+time a weight is touched, so ``unload_lora`` restores them bit for bit, however many LoRAs were
+stacked. With ``undo=False`` nothing is kept and ``unload_lora`` asks for a reload instead.
+
+Spellings accepted (``parse_lora``), in any combination:
+
+- prefixes ``diffusion_model.``, ``model.diffusion_model.``, ``transformer.``, ``base_model.model.``,
+  ``lora_unet_`` / ``lora_transformer_`` / ``lycoris_`` (module paths with dots written as ``_``);
+- weights ``lora_down/lora_up``, ``lora_A/lora_B`` (optional ``.default`` or another adapter name),
+  dotted ``.lora.down/.lora.up``, ``lora_linear_layer.down/up``; ``alpha`` (absent: alpha = rank);
+- LyCORIS LoKr (``lokr_w1`` or ``lokr_w1_a/b``, ``lokr_w2`` or ``lokr_w2_a/b``), LoHa
+  (``hada_w1_a/b``, ``hada_w2_a/b``) and full deltas (``diff``);
+- module names of the diffusers tree (``to_q``, ``to_out.0``, ``feed_forward.w1``,
+  ``adaLN_modulation.0``, ...) and of the original / ComfyUI tree (fused ``attention.qkv``, split
+  into q | k | v row thirds; bare ``attention.out`` = ``to_out.0``; ``x_embedder``, ``final_layer``);
+  our native-fused names (``to_qkv``, ``w13``) too.
+
+When a file spells the same weights twice (``qkv`` and ``to_q/k/v``; ``out`` and ``to_out.0``), the
+split / canonical spelling is applied and the other is reported as a duplicate, not added twice.
+A LoRA for another model family (FLUX, SD/SDXL, SD3, Wan, ...) raises an error that names it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .converters.keymap import DIT_COMFYUI, DIT_NATIVE_FUSED, Fuse, Rename
+
+logger = logging.getLogger(__name__)
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.",
+             "lora_unet_", "lora_transformer_", "lycoris_")
+
+_SUFFIX = re.compile(
+    r"^(?P<module>.+?)\.(?P<suffix>"
+    r"lora_(?:down|up|A|B)(?:\.[^.]+)?\.weight|lora\.(?:down|up)\.weight|lora_linear_layer\.(?:down|up)\.weight"
+    r"|lora_mid\.weight|alpha|lokr_(?:w1|w1_a|w1_b|w2|w2_a|w2_b|t2)|hada_(?:w1_a|w1_b|w2_a|w2_b|t1|t2)"
+    r"|dora_scale|lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?|diff|diff_b)$"
+)
+
+_FOREIGN = [
+    (re.compile(r"(^|[._])(double_blocks|single_blocks)[._]"), "FLUX (double_blocks / single_blocks)"),
+    (re.compile(r"(^|[._])single_transformer_blocks[._]"), "FLUX in diffusers naming (single_transformer_blocks)"),
+    (re.compile(r"(^|[._])joint_blocks[._]"), "Stable Diffusion 3 (joint_blocks)"),
+    (re.compile(r"(^|[._])(input_blocks|output_blocks|middle_block)[._]"), "Stable Diffusion 1.x/2.x/SDXL (UNet)"),
+    (re.compile(r"(^|[._])(down_blocks|up_blocks|mid_block)[._]\d+[._](attentions|resnets)"),
+     "Stable Diffusion / SDXL (diffusers UNet)"),
+    (re.compile(r"^lora_te\d?_|(^|[._])text_model[._]"), "a CLIP text encoder (SD / SDXL / FLUX lora_te)"),
+    (re.compile(r"(^|[._])transformer_blocks[._]"),
+     "another DiT family (transformer_blocks: FLUX, SD3, Qwen-Image, ...)"),
+    (re.compile(r"(^|[._])blocks[._]\d+[._](self_attn|cross_attn)[._]"), "Wan (blocks.N.self_attn / cross_attn)"),
+]
+
+
+def _normal(name: str) -> str:
+    """One spelling for dotted and underscored module paths: 'layers_0_attention_to_q' == 'layers.0.attention.to_q'."""
+    return name.replace("_", ".")
+
+
+def _role(suffix: str) -> str:
+    if suffix.startswith(("lora_down", "lora_A", "lora.down", "lora_linear_layer.down")):
+        return "down"
+    if suffix.startswith(("lora_up", "lora_B", "lora.up", "lora_linear_layer.up")):
+        return "up"
+    if suffix.startswith(("dora_scale", "lora_magnitude_vector")):
+        return "dora"
+    if suffix == "lora_mid.weight":
+        return "mid"
+    return suffix
+
+
+# =========================================================================== targets
+
+
+@dataclass(frozen=True)
+class Target:
+    """A module name in a LoRA file and the canonical Linear(s) it stands for (several when fused)."""
+
+    modules: tuple[str, ...]
+    canonical: bool  # the name is our own module name (not an alias of the original tree)
+
+
+def build_targets(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, Target], dict[str, Target]]:
+    """(exact names, normalised names) -> Target, for canonical Linear names with weight ``shapes``.
+
+    Aliases come from the ComfyUI and native-fused key maps, so the LoRA names follow the same
+    table as the checkpoints do.
+    """
+    exact: dict[str, Target] = {name: Target((name,), True) for name in shapes}
+    fused: dict[str, list[str]] = {}
+    for keymap in (DIT_COMFYUI, DIT_NATIVE_FUSED):
+        for name in shapes:
+            rule, foreign, index = keymap.inverse_key(name + ".weight")
+            if rule is None or not foreign.endswith(".weight"):
+                continue
+            alias = foreign[: -len(".weight")]
+            if alias == name:
+                continue
+            if isinstance(rule, Fuse):
+                parts = fused.setdefault(alias, [None] * len(rule.dst))
+                parts[index] = name
+            elif isinstance(rule, Rename):
+                exact.setdefault(alias, Target((name,), False))
+    for alias, parts in fused.items():
+        if all(p is not None for p in parts):
+            exact.setdefault(alias, Target(tuple(parts), False))
+    normal: dict[str, Target] = {}
+    clashes = set()
+    for name, target in exact.items():
+        key = _normal(name)
+        if key in normal and normal[key] != target:
+            clashes.add(key)
+        normal[key] = target
+    for key in clashes:
+        del normal[key]
+    return exact, normal
+
+
+def linear_shapes(module: nn.Module) -> dict[str, tuple[int, int]]:
+    """Canonical name -> (out, in) of every Linear in a transformer."""
+    return {name: tuple(m.weight.shape) for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+# =========================================================================== parsing
+
+
+def _factor(t: dict[str, torch.Tensor], a: str, b: str, full: str) -> torch.Tensor:
+    """A LoKr factor: stored whole (``full``) or as the product of two low-rank halves."""
+    if full in t:
+        return t[full].float().flatten(1)
+    return t[a].float().flatten(1) @ t[b].float().flatten(1)
+
+
+@dataclass
+class LoraModule:
+    """One adapted module of a LoRA file: its factors and the canonical weights it changes."""
+
+    source: str  # the module path as spelled in the file (prefix removed)
+    target: Target
+    tensors: dict[str, torch.Tensor]
+    keys: list[str]  # the file keys it was read from
+
+    @property
+    def kind(self) -> str:
+        roles = self.tensors
+        if "down" in roles or "up" in roles:
+            return "lora"
+        if any(r.startswith("lokr_") for r in roles):
+            return "lokr"
+        if any(r.startswith("hada_") for r in roles):
+            return "loha"
+        if "diff" in roles:
+            return "full"
+        return "unknown"
+
+    def check(self) -> None:
+        """Raise if the factors are incomplete or of a kind we cannot fuse (before any weight changes)."""
+        t, kind = self.tensors, self.kind
+        where = f"LoRA module {self.source}"
+        if "mid" in t or "lokr_t2" in t or "hada_t1" in t or "hada_t2" in t:
+            raise ValueError(f"{where}: Tucker-decomposed (conv) factors are not supported for Linear layers")
+        if kind == "lora" and not ("down" in t and "up" in t):
+            raise ValueError(f"{where}: has {'down' if 'down' in t else 'up'} weights but not the other half")
+        if kind == "lokr" and (self._shape("lokr_w1_a", "lokr_w1_b", "lokr_w1") is None
+                               or self._shape("lokr_w2_a", "lokr_w2_b", "lokr_w2") is None):
+            raise ValueError(f"{where}: incomplete LoKr factors {sorted(t)}")
+        if kind == "loha" and not all(k in t for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")):
+            raise ValueError(f"{where}: incomplete LoHa factors {sorted(t)}")
+        if kind == "unknown":
+            raise ValueError(f"{where}: no LoRA weights (only {sorted(t)})")
+        pairs = {"lora": [("up", "down")], "lokr": [("lokr_w1_a", "lokr_w1_b"), ("lokr_w2_a", "lokr_w2_b")],
+                 "loha": [("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b")]}.get(kind, [])
+        for left, right in pairs:
+            if left in t and right in t and t[left].shape[1] != t[right].shape[0]:
+                raise ValueError(f"{where}: {left} {tuple(t[left].shape)} and {right} {tuple(t[right].shape)} do "
+                                 f"not multiply (rank mismatch)")
+        if kind == "loha" and (t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1]) != (
+                t["hada_w2_a"].shape[0], t["hada_w2_b"].shape[1]):
+            raise ValueError(f"{where}: the two LoHa products have different shapes")
+
+    def _shape(self, a: str, b: str, full: str) -> tuple[int, int] | None:
+        t = self.tensors
+        if full in t:
+            return tuple(t[full].shape[:2])
+        if a in t and b in t:
+            return t[a].shape[0], t[b].shape[1]
+        return None
+
+    def delta_shape(self) -> tuple[int, int]:
+        t, kind = self.tensors, self.kind
+        if kind == "lora":
+            return t["up"].shape[0], t["down"].flatten(1).shape[1]
+        if kind == "lokr":
+            (a, b) = self._shape("lokr_w1_a", "lokr_w1_b", "lokr_w1")
+            (c, d) = self._shape("lokr_w2_a", "lokr_w2_b", "lokr_w2")
+            return a * c, b * d
+        if kind == "loha":
+            return t["hada_w1_a"].shape[0], t["hada_w1_b"].flatten(1).shape[1]
+        return tuple(t["diff"].shape[:2])
+
+    @property
+    def rank(self) -> int | None:
+        t = self.tensors
+        if self.kind == "lora":
+            return t["down"].shape[0]
+        if self.kind == "lokr":
+            for key in ("lokr_w2_b", "lokr_w1_b"):
+                if key in t:
+                    return t[key].shape[0]
+            return None
+        if self.kind == "loha":
+            return t["hada_w1_b"].shape[0]
+        return None
+
+    @property
+    def alpha_scale(self) -> float:
+        """alpha / rank; 1 when there is no alpha (or no rank: full LoKr factors and full deltas)."""
+        alpha, rank = self.tensors.get("alpha"), self.rank
+        if alpha is None or rank is None:
+            return 1.0
+        return float(alpha.float().item()) / rank
+
+    def delta(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """The unscaled update dW (fp32, (out, in)) times alpha/rank."""
+        t = {k: v.to(device) if device is not None else v for k, v in self.tensors.items()}
+        kind = self.kind
+        if kind == "lora":
+            d = t["up"].float().flatten(1) @ t["down"].float().flatten(1)
+        elif kind == "lokr":
+            d = torch.kron(_factor(t, "lokr_w1_a", "lokr_w1_b", "lokr_w1"),
+                           _factor(t, "lokr_w2_a", "lokr_w2_b", "lokr_w2"))
+        elif kind == "loha":
+            d = (t["hada_w1_a"].float().flatten(1) @ t["hada_w1_b"].float().flatten(1)) * (
+                t["hada_w2_a"].float().flatten(1) @ t["hada_w2_b"].float().flatten(1))
+        else:
+            d = t["diff"].float().reshape(self.delta_shape())
+        return d * self.alpha_scale
+
+
+@dataclass
+class LoraReport:
+    """What one LoRA did: how many modules matched, what was left out, which trainer wrote it."""
+
+    path: str
+    family: str
+    scale: float = 1.0
+    matched: int = 0  # LoRA modules applied
+    weights: int = 0  # model weights changed (a fused qkv module changes three)
+    unmatched: list[str] = field(default_factory=list)  # file keys that were not used
+    duplicates: list[str] = field(default_factory=list)  # modules skipped: another spelling of the same weights
+    kinds: dict[str, int] = field(default_factory=dict)  # lora / lokr / loha / full -> modules
+
+    def __str__(self) -> str:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.kinds.items()))
+        text = (f"LoRA {self.path} (scale {self.scale:g}; {self.family}): {self.matched} modules matched "
+                f"({self.weights} weights; {kinds}), {len(self.unmatched)} unmatched keys")
+        if self.unmatched:
+            text += f" e.g. {self.unmatched[:3]}"
+        if self.duplicates:
+            text += f", {len(self.duplicates)} duplicate modules skipped"
+        return text
+
+
+def detect_family(keys: Iterable[str]) -> str:
+    """The trainer family / naming convention of a LoRA, from its key names."""
+    keys = list(keys)
+    found = []
+
+    def has(pred) -> bool:
+        return any(pred(k) for k in keys)
+
+    if has(lambda k: k.startswith("lora_unet_") or k.startswith("lora_transformer_")):
+        found.append("kohya / musubi-tuner (lora_unet_, lora_down/lora_up)")
+    if has(lambda k: k.startswith("lycoris_")):
+        found.append("LyCORIS (lycoris_ underscored names, SimpleTuner)")
+    if has(lambda k: k.startswith(("diffusion_model.", "model.diffusion_model."))):
+        found.append("ai-toolkit / musubi-converted / ComfyUI (diffusion_model. prefix)")
+    if has(lambda k: k.startswith("transformer.")):
+        found.append("diffusers / SimpleTuner (transformer. prefix)")
+    if has(lambda k: k.startswith("base_model.model.") or ".default." in k):
+        found.append("PEFT / DiffSynth-Studio (adapter-named lora_A/lora_B)")
+    if has(lambda k: ".lora.down." in k or ".lora.up." in k):
+        found.append("dotted .lora.down/.lora.up (Anime-Z style)")
+    if has(lambda k: "lora_linear_layer" in k):
+        found.append("OneTrainer / legacy diffusers (lora_linear_layer)")
+    if has(lambda k: ".lokr_" in k):
+        found.append("LyCORIS LoKr")
+    if has(lambda k: ".hada_" in k):
+        found.append("LyCORIS LoHa")
+    if has(lambda k: re.search(r"attention[._]qkv[._]", k) is not None):
+        found.append("original module tree (fused attention.qkv)")
+    if not found and has(lambda k: ".lora_A." in k or ".lora_B." in k):
+        found.append("PEFT / diffusers (bare module names)")
+    return "; ".join(found) or "unknown"
+
+
+def _foreign(keys: Iterable[str]) -> tuple[str, str] | None:
+    for key in keys:
+        for pattern, family in _FOREIGN:
+            if pattern.search(key):
+                return family, key
+    return None
+
+
+def _strip(key: str) -> str:
+    for prefix in _PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def parse_lora(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
+               name: str = "<dict>") -> tuple[list[LoraModule], LoraReport]:
+    """Group a LoRA state dict by module, resolve every module onto canonical Linear names with
+    weight ``shapes``, drop duplicate spellings and check all shapes. Changes nothing."""
+    keys = list(state_dict)
+    report = LoraReport(path=name, family=detect_family(keys))
+    exact, normal = build_targets(shapes)
+    groups: dict[str, LoraModule] = {}
+    for key in keys:
+        m = _SUFFIX.match(_strip(key))
+        if m is None:
+            report.unmatched.append(key)
+            continue
+        source, role = m.group("module"), _role(m.group("suffix"))
+        target = exact.get(source) or normal.get(_normal(source))
+        if target is None:
+            report.unmatched.append(key)
+            continue
+        group = groups.setdefault(source, LoraModule(source, target, {}, []))
+        if role in group.tensors:
+            raise ValueError(f"{name}: two {role} tensors for module {source} ({group.keys} and {key})")
+        group.tensors[role] = state_dict[key]
+        group.keys.append(key)
+    modules: list[LoraModule] = []
+    for group in groups.values():
+        if "dora" in group.tensors:
+            raise ValueError(f"{name}: module {group.source} is DoRA (dora_scale / lora_magnitude_vector); DoRA "
+                             f"re-normalises weights and is not supported")
+        if group.kind == "unknown" and set(group.tensors) <= {"alpha", "diff_b"}:
+            report.unmatched.extend(group.keys)  # an alpha without weights, or a bias delta
+            continue
+        if "diff_b" in group.tensors:
+            report.unmatched.append(next(k for k in group.keys if k.endswith("diff_b")))
+            del group.tensors["diff_b"]
+        group.check()
+        modules.append(group)
+    # One spelling per weight: canonical single-module names first, then aliases, then fused modules.
+    modules.sort(key=lambda g: (len(g.target.modules) > 1, not g.target.canonical))
+    claimed: dict[str, str] = {}
+    kept: list[LoraModule] = []
+    for group in modules:
+        overlap = [m for m in group.target.modules if m in claimed]
+        if overlap:
+            report.duplicates.append(group.source)
+            logger.info("%s: module %s duplicates %s; applied once", name, group.source, claimed[overlap[0]])
+            continue
+        for m in group.target.modules:
+            claimed[m] = group.source
+        kept.append(group)
+    for group in kept:
+        out = sum(shapes[m][0] for m in group.target.modules)
+        want = (out, shapes[group.target.modules[0]][1])
+        if tuple(group.delta_shape()) != want:
+            got = tuple(group.delta_shape())
+            hint = " (a Lumina-2 LoRA? Lumina-2 shares Z-Image's module names at width 2304)" if 2304 in got else ""
+            raise ValueError(f"{name}: LoRA module {group.source} gives an update of shape {got} but the model "
+                             f"weight is {want}: the LoRA is for a different model{hint}")
+        report.kinds[group.kind] = report.kinds.get(group.kind, 0) + 1
+    report.matched = len(kept)
+    report.weights = sum(len(g.target.modules) for g in kept)
+    foreign = _foreign(report.unmatched)
+    if not kept:
+        if foreign:
+            raise ValueError(f"{name}: this LoRA is for {foreign[0]}, not Z-Image (key {foreign[1]!r})")
+        raise ValueError(f"{name}: no key of this LoRA matches a Z-Image module (family: {report.family}; "
+                         f"{len(keys)} keys, e.g. {keys[:3]})")
+    if foreign:
+        logger.warning("%s: some keys look like %s (e.g. %s); they were not applied", name, foreign[0], foreign[1])
+    return kept, report
+
+
+def describe_lora_keys(keys: Iterable[str]) -> dict:
+    """Header-only summary of a LoRA file for ``zimage info``: family, module count, kinds."""
+    keys = list(keys)
+    foreign = _foreign(keys)
+    modules = {}
+    for key in keys:
+        m = _SUFFIX.match(_strip(key))
+        if m:
+            modules.setdefault(m.group("module"), set()).add(_role(m.group("suffix")))
+    kinds: dict[str, int] = {}
+    for roles in modules.values():
+        kind = ("lora" if "down" in roles else "lokr" if any(r.startswith("lokr_") for r in roles)
+                else "loha" if any(r.startswith("hada_") for r in roles) else "full" if "diff" in roles else "other")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return {"family": detect_family(keys), "modules": len(modules), "kinds": kinds,
+            "foreign": foreign[0] if foreign else None}
+
+
+# =========================================================================== files and fusing
+
+
+def read_lora(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+    """(name, state dict) of a LoRA safetensors file; a dict is passed through. Pickles are refused."""
+    if isinstance(path_or_state, Mapping):
+        return "<dict>", dict(path_or_state)
+    path = Path(path_or_state).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    from safetensors.torch import load_file
+
+    from .formats import _refuse_non_safetensors
+
+    _refuse_non_safetensors(path)
+    return str(path), load_file(str(path))
+
+
+def fuse_lora_(weights: Mapping[str, torch.Tensor], modules: Sequence[LoraModule], scale: float,
+               originals: dict[str, torch.Tensor] | None = None, undo_device: torch.device | str = "cpu") -> int:
+    """W <- W + scale * dW in place for each module (fp32 maths, one rounding). Returns weights changed.
+
+    ``weights`` maps canonical module names to their weight tensors. Before a weight first changes,
+    a copy goes to ``originals`` (if given) on ``undo_device``.
+    """
+    changed = 0
+    with torch.no_grad():
+        for module in modules:
+            first = weights[module.target.modules[0]]
+            if first.dtype in FP8:
+                raise ValueError(
+                    f"weight {module.target.modules[0]} is fp8: fuse LoRAs before quantising (load the LoRA on the "
+                    f"bf16/fp32 model, then apply fp8; or bake it in with `zimage convert --lora ... --dtype fp8`)")
+            delta = module.delta(first.device)
+            rows = [weights[m].shape[0] for m in module.target.modules]
+            for name, part in zip(module.target.modules, delta.split(rows, dim=0)):
+                w = weights[name]
+                if originals is not None and name not in originals:
+                    originals[name] = w.detach().to(undo_device, copy=True)
+                w.copy_((w.float() + scale * part).to(w.dtype))
+                changed += 1
+    return changed
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """'PATH[:SCALE]' -> (path, scale); a Windows drive colon or a non-number after ':' is part of the path."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+# =========================================================================== the pipeline mixin
+
+
+class LoraMixin:
+    """``load_lora`` / ``unload_lora`` for a pipeline with a ``transformer`` (a ZImageTransformer)."""
+
+    def _lora_state(self) -> dict:
+        state = self.__dict__.get("_lora")
+        if state is None:
+            state = self.__dict__["_lora"] = {"originals": {}, "loaded": [], "no_undo": False}
+        return state
+
+    @property
+    def loras(self) -> list[LoraReport]:
+        """Reports of the LoRAs fused so far (since the last ``unload_lora``)."""
+        return list(self._lora_state()["loaded"])
+
+    def load_lora(self, path_or_list, scale: float | Sequence[float] = 1.0, *, strict: bool = False,
+                  undo: bool = True, undo_device: torch.device | str = "cpu"):
+        """Fuse one LoRA (a path or a state dict) or several (a list) into the transformer's weights.
+
+        ``scale`` is a float or one per LoRA. Every file is parsed and checked before any weight
+        changes. ``strict=True`` raises if any key is left unmatched. Returns a :class:`LoraReport`
+        (a list of them for a list) and logs each one.
+        """
+        single = isinstance(path_or_list, (str, os.PathLike, Mapping))
+        items = [path_or_list] if single else list(path_or_list)
+        if not items:
+            raise ValueError("load_lora: no LoRA given")
+        if isinstance(scale, (int, float)):
+            scales = [float(scale)] * len(items)
+        else:
+            scales = [float(s) for s in scale]
+            if len(scales) != len(items):
+                raise ValueError(f"load_lora: {len(items)} LoRAs but {len(scales)} scales")
+        shapes = linear_shapes(self.transformer)
+        planned = []
+        for item, s in zip(items, scales):
+            name, state_dict = read_lora(item)
+            modules, report = parse_lora(state_dict, shapes, name)
+            report.scale = s
+            if strict and report.unmatched:
+                raise ValueError(f"{name}: {len(report.unmatched)} keys match no Z-Image module, e.g. "
+                                 f"{report.unmatched[:5]}")
+            planned.append((modules, report))
+        state = self._lora_state()
+        weights = {n: m.weight for n, m in self.transformer.named_modules() if isinstance(m, nn.Linear)}
+        for modules, report in planned:
+            fuse_lora_(weights, modules, report.scale, state["originals"] if undo else None, undo_device)
+            state["no_undo"] |= not undo
+            state["loaded"].append(report)
+            logger.info("%s", report)
+            if report.unmatched:
+                logger.warning("%s: %d keys matched no module, e.g. %s", report.path, len(report.unmatched),
+                               report.unmatched[:5])
+        reports = [r for _, r in planned]
+        return reports[0] if single else reports
+
+    def unload_lora(self) -> int:
+        """Restore the weights as they were before the first ``load_lora``, bit for bit. Returns weights restored."""
+        state = self._lora_state()
+        if state["no_undo"]:
+            raise RuntimeError("a LoRA was fused with undo=False: the original weights were not kept; reload the "
+                               "pipeline to remove it")
+        weights = {n: m.weight for n, m in self.transformer.named_modules() if isinstance(m, nn.Linear)}
+        with torch.no_grad():
+            for name, original in state["originals"].items():
+                weights[name].copy_(original)
+        count = len(state["originals"])
+        state["originals"].clear()
+        state["loaded"].clear()
+        return count
