@@ -298,6 +298,7 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
         compile: str | None = None,
         cuda_graphs: bool | None = None,
         fp8: bool | None = None,
+        compile_backend: str | object = "inductor",
     ) -> list[str]:
         """Apply accelerations to the DiT in place, in the one order of ``accel.optimize`` (kernel
         swaps, fp8, attention backend, torch.compile), then CUDA graphs of the sampling loop.
@@ -326,6 +327,7 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
             attention=changes.get("attention", state["attention"]),
             fp8=bool(changes.get("fp8", False)),
             compile=changes.get("compile", "off"),
+            compile_backend=compile_backend,
         ) if any(k in changes for k in ("kernels", "attention", "fp8", "compile")) else []
         if changes.get("compile", "off") != "off" or changes.get("cuda_graphs"):
             self.caption_buckets = CAPTION_BUCKETS  # static shapes: a new prompt does not recompile
@@ -367,6 +369,7 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
             merged = {k: v for k, v in fields.items() if v is not None}
         return [format_prompt(p, **merged) for p in prompts]
 
+    @torch.no_grad()
     def encode_prompt(
         self, prompts: list[str], max_sequence_length: int = 512, template=None, **fields
     ) -> list[torch.Tensor]:
@@ -405,6 +408,7 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
             shift = self.vae_config.shift_factor or 0.0
             return ((z - shift) * self.vae_config.scaling_factor).to(self.device)
 
+    @torch.no_grad()
     def denoise(
         self,
         latents: torch.Tensor,
@@ -428,6 +432,7 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
             run = self._graphed if self._graphed is not None else self.run_steps
             return run(latents.to(self.device, torch.float32), plan, progress, callback)
 
+    @torch.no_grad()
     def plan(self, size, prompt_embeds, negative_embeds, schedule: Schedule, guidance_scale=0.0,
              cfg_normalization=False, cfg_truncation=1.0, start=0) -> "SamplingPlan":
         """Everything the step loop reads, computed once per request: layouts, refined caption tokens

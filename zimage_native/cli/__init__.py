@@ -39,6 +39,7 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+from .bench import bench  # noqa: E402
 from .convert import convert  # noqa: E402
 from .format_prompt import format_prompt_command  # noqa: E402
 from .generate import generate  # noqa: E402
@@ -49,6 +50,7 @@ from .templates import templates  # noqa: E402
 main.add_command(generate)
 main.add_command(info)
 main.add_command(convert)
+main.add_command(bench)
 main.add_command(format_prompt_command)
 main.add_command(templates)
 main.add_command(rewrite)

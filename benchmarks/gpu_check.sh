@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The one prepared GPU check: run on a GPU machine from the repository root.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]        (OUT_DIR defaults to $OUT, else benchmarks/results)
+#
+# What it does, in order (about 6-8 minutes on an H100, compilation included):
+#   1. installs what the machine lacks: this package (editable, no deps) and, if a .whl/ folder of
+#      carried wheels is present (diffusers 0.42.1, importlib_metadata), those;
+#   2. runs the Triton kernel tests on the real GPU (not the interpreter);
+#   3. runs the ladder at 1024x1024, 8 steps, batch 1, random full-size weights: diffusers eager,
+#      ours eager / +kernels / +compile / +CUDA graphs / +fp8, diffusers compiled; the diffusers-eager
+#      row's PSNR is the bf16 parity check (>= 40 dB expected), and the +cuda_graphs row's latent error
+#      against +compile shows that graph replay equals eager;
+#   4. runs the kernel micro-benchmark.
+# Everything it prints is also written to OUT_DIR (gpu_check.log, e2e.csv, kernels.csv).
+set -uo pipefail
+OUT_DIR=${1:-${OUT:-benchmarks/results}}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
+exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
+
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+python3 -c "import diffusers; print('diffusers', diffusers.__version__)" || echo "diffusers missing: the side-by-side rows are skipped"
+
+echo "== kernel tests on the GPU"
+timeout 180 python3 -m pytest -q -x tests/test_kernels_*.py -p no:cacheprovider
+
+echo "== ladder 1024x1024, 8 steps"
+DIFF=--diffusers
+python3 -c "import diffusers" 2>/dev/null || DIFF=--no-diffusers
+ZIMAGE_GIT_SHA=${ZIMAGE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} \
+  timeout 420 python3 -m zimage_native.cli bench --sizes 1024 --steps 8 --repeats 3 $DIFF --out "$OUT_DIR"
+
+echo "== kernel micro-benchmark"
+timeout 120 python3 benchmarks/bench_kernels.py --out "$OUT_DIR" || true

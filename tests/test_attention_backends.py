@@ -1,0 +1,270 @@
+"""The attention seam: backend names, selection with mocked availability, the glue code of each
+backend against stand-in libraries, sdpa parity, and real-library parity where a GPU allows it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from zimage_native.accel import attention_backends as ab
+from zimage_native.accel import optimize
+from zimage_native.config import TransformerConfig, VAEConfig
+from zimage_native.model.attention import attention as sdpa_reference
+from zimage_native.model.sequence import build_layout
+from zimage_native.model.transformer import ZImageTransformer
+from zimage_native.model.vae import AutoencoderKL
+
+from .conftest import randomize_
+from .dit_configs import TINY_DIT
+from .utils import assert_rel
+
+CUDA = torch.device("cuda")
+GPU_BACKENDS = ("flash_attn_2", "flash_attn_3", "sage", "xformers")
+
+
+# ---------------------------------------------------------------- names and the environment
+@pytest.mark.parametrize("name, expected", [("sdpa", "sdpa"), ("FA3", "flash_attn_3"), ("fa2", "flash_attn_2"),
+                                            (" Auto ", "auto"), ("sageattention", "sage"), ("xformers", "xformers")])
+def test_backend_names_and_aliases(name, expected):
+    assert ab.canonical_name(name) == expected
+
+
+def test_unknown_backend_name_lists_the_choices():
+    with pytest.raises(ValueError, match=r"unknown attention backend 'flash'.*'flash_attn_3'"):
+        ab.canonical_name("flash")
+
+
+def test_attention_from_env(monkeypatch):
+    monkeypatch.delenv("ZIMAGE_ATTENTION", raising=False)
+    assert ab.attention_from_env() == "sdpa"
+    assert ab.attention_from_env(default="auto") == "auto"
+    monkeypatch.setenv("ZIMAGE_ATTENTION", "fa3")
+    assert ab.attention_from_env() == "flash_attn_3"
+    monkeypatch.setenv("ZIMAGE_ATTENTION", "magic")
+    with pytest.raises(ValueError, match="ZIMAGE_ATTENTION='magic'"):
+        ab.attention_from_env()
+
+
+# ---------------------------------------------------------------- selection with mocked availability
+def mock_environment(monkeypatch, installed=(), capability=(9, 0)):
+    """Pretend these backends import (flash_attn_2, flash_attn_3, sage, xformers) on a GPU of this capability."""
+    modules = {ab.MODULES[name][0] for name in installed}
+
+    def fake_import(names):
+        hit = [n for n in names if n in modules]
+        if hit:
+            return types.ModuleType(hit[0])
+        return f"import {names[0]}: ModuleNotFoundError: No module named {names[0]!r}"
+
+    monkeypatch.setattr(ab, "_import", fake_import)
+    monkeypatch.setattr(ab, "_capability", lambda device: capability)
+
+
+@pytest.mark.parametrize(
+    "installed, capability, dtype, expected",
+    [
+        pytest.param(GPU_BACKENDS, (9, 0), torch.bfloat16, "flash_attn_3", id="everything on Hopper: FA3"),
+        pytest.param(GPU_BACKENDS, (8, 0), torch.bfloat16, "flash_attn_2", id="everything on Ampere: FA2"),
+        pytest.param(("sage", "xformers"), (8, 9), torch.float16, "sage", id="no FlashAttention: Sage"),
+        pytest.param(("xformers",), (8, 6), torch.bfloat16, "xformers", id="only xFormers"),
+        pytest.param(GPU_BACKENDS, (9, 0), torch.float32, "xformers", id="fp32: only xFormers takes it"),
+        pytest.param((), (9, 0), torch.bfloat16, "sdpa", id="nothing installed: SDPA"),
+        pytest.param(GPU_BACKENDS, (7, 5), torch.float16, "xformers", id="Turing: FA and Sage need sm80"),
+    ],
+)
+def test_auto_picks_by_priority(monkeypatch, installed, capability, dtype, expected):
+    mock_environment(monkeypatch, installed, capability)
+    backend, line = ab.resolve_backend("auto", CUDA, dtype, 128)
+    assert backend == expected
+    assert line.startswith(f"attention backend: auto -> {expected}")
+
+
+def test_auto_on_the_cpu_says_why_it_chose_sdpa(monkeypatch):
+    mock_environment(monkeypatch, GPU_BACKENDS)
+    backend, line = ab.resolve_backend("auto", torch.device("cpu"), torch.float32, 128)
+    assert backend == "sdpa"
+    assert "flash_attn_3: needs a CUDA GPU; the model is on cpu" in line
+
+
+@pytest.mark.parametrize(
+    "name, installed, capability, dtype, head_dim, reason",
+    [
+        ("flash_attn_3", GPU_BACKENDS, (8, 0), torch.bfloat16, 128, "needs a Hopper GPU"),
+        ("flash_attn_2", (), (9, 0), torch.bfloat16, 128, "No module named 'flash_attn'"),
+        ("flash_attn_2", GPU_BACKENDS, (9, 0), torch.float32, 128, "float16/bfloat16 only"),
+        ("flash_attn_2", GPU_BACKENDS, (9, 0), torch.bfloat16, 512, "head dim <= 256"),
+        ("sage", GPU_BACKENDS, (9, 0), torch.bfloat16, 256, "head dim 64, 96 or 128"),
+        ("xformers", (), (9, 0), torch.float32, 128, "No module named 'xformers.ops'"),
+    ],
+)
+def test_explicit_unavailable_backend_raises_with_the_reason(monkeypatch, name, installed, capability, dtype,
+                                                              head_dim, reason):
+    mock_environment(monkeypatch, installed, capability)
+    with pytest.raises(RuntimeError, match=f"attention backend '{name}' is not available: .*{reason}"):
+        ab.resolve_backend(name, CUDA, dtype, head_dim)
+
+
+def test_explicit_backend_on_the_cpu_raises():
+    with pytest.raises(RuntimeError, match="'xformers' is not available: needs a CUDA GPU; the model is on cpu"):
+        ab.resolve_backend("xformers", torch.device("cpu"), torch.float32, 128)
+
+
+# ---------------------------------------------------------------- installing on a model
+def tiny_dit():
+    return randomize_(ZImageTransformer(TransformerConfig.from_dict(TINY_DIT))).eval()
+
+
+def test_backend_is_set_on_dit_attention_only_never_the_vae(monkeypatch):
+    vae_config = VAEConfig(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                           up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=16)
+    both = nn.ModuleDict({"dit": tiny_dit(), "vae": AutoencoderKL(vae_config)})
+    sentinel = object()
+    monkeypatch.setattr(ab, "unavailable_reason", lambda *args: None)  # pretend xformers can run here
+    monkeypatch.setitem(ab.FACTORIES, "xformers", lambda: sentinel)
+    assert ab.set_attention_backend(both, "xformers") == "attention backend: xformers"
+    dit_modules = ab.dit_attention_modules(both)
+    assert len(dit_modules) == 4 and all(m.attn_fn is sentinel for m in dit_modules)
+    vae_attn = [m for m in both["vae"].modules() if hasattr(m, "attn_fn")]
+    assert vae_attn and all(m.attn_fn is sdpa_reference for m in vae_attn)
+
+
+def test_auto_logs_its_choice_once(caplog):
+    model = tiny_dit()
+    with caplog.at_level(logging.INFO, logger="zimage_native.accel"):
+        lines = optimize(model, attention="auto")
+    assert lines[0].startswith("attention backend: auto -> sdpa")
+    records = [r for r in caplog.records if "attention backend" in r.getMessage()]
+    assert len(records) == 1 and records[0].getMessage() == lines[0]
+
+
+@torch.no_grad()
+def test_sdpa_backend_is_the_eager_reference():
+    model = tiny_dit()
+    config = model.config
+    layout = build_layout(config, [7, 40], 8, 10)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 32, 64, generator=g), torch.rand(2, generator=g)
+    cap = torch.randn(2, layout.caption_pad.shape[1], config.cap_feat_dim, generator=g)
+    before = model(x, cap, t, layout)
+    assert optimize(model, attention="sdpa") == ["attention backend: sdpa"]
+    assert all(m.attn_fn is sdpa_reference for m in ab.dit_attention_modules(model))
+    assert torch.equal(model(x, cap, t, layout), before)
+
+
+# ---------------------------------------------------------------- the glue code, against stand-in libraries
+def naive_attention(q, k, v, key_mask=None):
+    """softmax(q k^T / sqrt(Dh)) v in the (B, L, H, Dh) layout of FlashAttention and xFormers."""
+    scores = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(q.shape[-1])
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), v)
+
+
+def lengths_to_mask(lengths, n):
+    return torch.arange(n)[None, :] < lengths[:, None]
+
+
+def fake_module(name, **attrs):
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    return module
+
+
+def seam_inputs():
+    """(B, H, L, Dh) q, k, v and a prefix key mask as model.sequence builds them (batch padding at the tail)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 12, 16, generator=g) for _ in range(3))
+    return q, k, v, lengths_to_mask(torch.tensor([12, 7]), 12)
+
+
+def install_fakes(monkeypatch):
+    calls = []
+
+    def fa_func(q, k, v):
+        calls.append("flash_attn_func")
+        return naive_attention(q, k, v)
+
+    def fa_kvcache(q, k_cache, v_cache, cache_seqlens):
+        calls.append("flash_attn_with_kvcache")
+        assert cache_seqlens.dtype == torch.int32
+        return naive_attention(q, k_cache, v_cache, lengths_to_mask(cache_seqlens, k_cache.shape[1]))
+
+    def fa3_func(q, k, v):
+        return fa_func(q, k, v), None  # some FA3 builds return (out, lse)
+
+    def sageattn(q, k, v, tensor_layout, is_causal):
+        assert tensor_layout == "HND" and not is_causal
+        calls.append("sageattn")
+        return naive_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+    def memory_efficient_attention(q, k, v, attn_bias=None):
+        calls.append("memory_efficient_attention")
+        scores = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(q.shape[-1])
+        if attn_bias is not None:
+            assert attn_bias.shape == scores.shape
+            scores = scores + attn_bias
+        return torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), v)
+
+    ops = fake_module("xformers.ops", memory_efficient_attention=memory_efficient_attention)
+    for name, module in {
+        "flash_attn": fake_module("flash_attn", flash_attn_func=fa_func, flash_attn_with_kvcache=fa_kvcache),
+        "flash_attn_interface": fake_module("flash_attn_interface", flash_attn_func=fa3_func,
+                                            flash_attn_with_kvcache=fa_kvcache),
+        "sageattention": fake_module("sageattention", sageattn=sageattn),
+        "xformers": fake_module("xformers", ops=ops),
+        "xformers.ops": ops,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+@pytest.mark.parametrize("masked", [False, True], ids=["no mask (batch 1)", "key-padding mask"])
+def test_backend_glue_matches_sdpa(monkeypatch, name, masked):
+    """Layouts, mask-to-lengths and the bias are right, checked against stand-ins of each library."""
+    calls = install_fakes(monkeypatch)
+    q, k, v, mask = seam_inputs()
+    mask = mask if masked else None
+    fn = ab.FACTORIES[name]()
+    assert_rel(fn(q, k, v, mask), sdpa_reference(q, k, v, mask), 1e-6, f"{name} glue")
+    expected_call = {
+        "flash_attn_2": "flash_attn_with_kvcache" if masked else "flash_attn_func",
+        "flash_attn_3": "flash_attn_with_kvcache" if masked else "flash_attn_func",
+        "sage": None if masked else "sageattn",  # no key mask in SageAttention: masked calls use SDPA
+        "xformers": "memory_efficient_attention",
+    }[name]
+    assert calls == ([expected_call] if expected_call else [])
+
+
+def test_layout_masks_are_key_prefixes():
+    """What the FlashAttention paths rely on: the valid keys of each item are a prefix of the sequence."""
+    config = TransformerConfig.from_dict(TINY_DIT)
+    layout = build_layout(config, [3, 40, 70, 64], 8, 10, caption_tokens=128)
+    for mask in (layout.caption_mask, layout.joint_mask):
+        lengths = mask.sum(-1)
+        assert torch.equal(mask, lengths_to_mask(lengths, mask.shape[1]))
+    assert build_layout(config, [30], 8, 10).joint_mask is None  # batch 1: no mask is passed
+
+
+# ---------------------------------------------------------------- the real libraries (GPU only)
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+@pytest.mark.parametrize("masked", [False, True], ids=["no mask", "key-padding mask"])
+def test_gpu_backend_matches_sdpa(name, masked):
+    device = CUDA if torch.cuda.is_available() else torch.device("cpu")
+    reason = ab.unavailable_reason(name, device, torch.bfloat16, 128)
+    if reason is not None:
+        pytest.skip(f"{name}: {reason}")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 30, 300, 128, generator=g).to(device, torch.bfloat16) for _ in range(3))
+    mask = lengths_to_mask(torch.tensor([300, 213]), 300).to(device) if masked else None
+    got = ab.FACTORIES[name]()(q, k, v, mask)
+    tol = 5e-2 if name == "sage" else 2e-2  # SageAttention quantizes q and k to int8
+    assert_rel(got[0], sdpa_reference(q, k, v, mask)[0], tol, f"{name} vs sdpa")
+    if masked:  # the padded item: compare its valid query rows too
+        assert_rel(got[1, :, :213], sdpa_reference(q, k, v, mask)[1, :, :213], tol, f"{name} vs sdpa (padded)")

@@ -1,0 +1,82 @@
+"""Accelerations of a built model, applied from outside ``zimage_native.model`` and ordered here.
+
+    from zimage_native.accel import optimize, attention_from_env
+    lines = optimize(pipe.transformer, kernels="triton", attention=attention_from_env())
+
+:func:`optimize` is the one place that orders the transforms: the kernel swaps with the
+load-time fusions (``fused_ops``: q|k|v and w1|w3 as single GEMMs), fp8 (``fp8``; quantise before
+compiling), the attention backend (``attention_backends``), then torch.compile (``compile``).
+CUDA graphs of the whole sampling loop come last, in the pipeline (``cuda_graphs``), because a
+capture records whatever ran before it. Each transform reports what it changed. Importing this package never imports Triton; ``kernels="triton"`` does, and
+raises a clear error when Triton or a GPU is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from ._kernels import load_kernels, triton_unavailable_reason
+from .attention_backends import (
+    ATTENTION_CHOICES,
+    attention_from_env,
+    canonical_name,
+    check_attention_backend,
+    resolve_backend,
+    set_attention_backend,
+    unavailable_reason,
+)
+from .compile import COMPILE_MODES, compile_transformer_
+from .fp8 import quantize_fp8_
+from .fused_ops import check_kernels_can_run, count_fused, drop_unused_fusions_, use_fused_kernels
+
+logger = logging.getLogger(__name__)
+
+KERNEL_CHOICES = ("none", "triton")
+
+__all__ = [
+    "optimize", "attention_from_env", "set_attention_backend", "use_fused_kernels", "load_kernels",
+    "count_fused", "resolve_backend", "check_attention_backend", "canonical_name", "unavailable_reason",
+    "triton_unavailable_reason", "ATTENTION_CHOICES", "KERNEL_CHOICES",
+]
+
+
+def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sdpa", fp8: bool = False,
+             compile: str = "off", compile_backend: str | object = "inductor") -> list[str]:
+    """Apply, in order, the kernel swaps, fp8, the attention backend and torch.compile in place.
+
+    ``kernels``: "none" (eager PyTorch) or "triton" (the zimage:: ops; needs Triton and a GPU).
+    ``attention``: one of ATTENTION_CHOICES ("auto" picks the fastest available and says which).
+    ``fp8``: the blocks' attention and feed-forward linears in float8 e4m3 (``accel.fp8``).
+    ``compile``: "off" | "blocks" | "full" (``accel.compile``).
+    Returns the log lines (e.g. "fused 205/205 RMSNorm (...)", "attention backend: sdpa"), which
+    are also logged once at INFO. Both arguments are checked before the model is touched.
+    """
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"unknown kernels {kernels!r}; choose one of {list(KERNEL_CHOICES)}")
+    canonical_name(attention)  # an unknown name fails first
+    if kernels == "triton":
+        check_kernels_can_run(transformer)
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {list(COMPILE_MODES)}, got {compile!r}")
+    check_attention_backend(transformer, attention)  # all checked before anything is swapped
+    lines = []
+    if kernels == "triton":
+        lines += use_fused_kernels(transformer, fuse_gate_up=True, fuse_qkv=True)
+    if fp8:
+        converted, kept = quantize_fp8_(transformer)
+        freed = drop_unused_fusions_(transformer)
+        lines.append(f"fp8: {converted} linears in float8 e4m3, {kept} kept in {_dtype(transformer)}"
+                     + (f" ({freed} fused bf16 buffers freed)" if freed else ""))
+    lines.append(set_attention_backend(transformer, attention))
+    if compile != "off":
+        lines.append(compile_transformer_(transformer, compile, compile_backend))
+    for line in lines:
+        logger.info(line)
+    return lines
+
+
+def _dtype(module: nn.Module) -> str:
+    param = next(module.parameters(), None)
+    return str(param.dtype).removeprefix("torch.") if param is not None else "?"

@@ -1,0 +1,233 @@
+"""Attention backends for the DiT, behind the one seam of ``zimage_native.model.attention``.
+
+Every DiT :class:`~zimage_native.model.transformer.Attention` module calls ``self.attn_fn(q, k, v,
+mask)`` with q, k, v (B, H, L, Dh) and ``mask`` None or a (B, L) bool key mask (True = may be
+attended). :func:`set_attention_backend` checks that the requested backend can run on the
+model's device, dtype and head dim *when it is selected*, then sets ``attn_fn`` on each DiT
+attention module (never on the VAE's, whose head dim is 512). Nothing is read from the
+environment here except by :func:`attention_from_env`, which entry points call once.
+
+    name          needs                                           masks (batch padding)
+    sdpa          nothing (default; PyTorch picks flash/cuDNN/    bool mask to SDPA
+                  memory-efficient)
+    flash_attn_2  flash-attn 2, CUDA sm80+, fp16/bf16, Dh<=256    key lengths (flash_attn_with_kvcache)
+    flash_attn_3  flash-attn 3 (flash_attn_interface), sm90,      key lengths (flash_attn_with_kvcache)
+                  fp16/bf16, Dh<=256
+    sage          sageattention, CUDA sm80+, fp16/bf16,           not supported: masked calls use SDPA
+                  Dh in {64, 96, 128}
+    xformers      xformers, CUDA                                  additive -inf bias, broadcast
+    auto          the first available of flash_attn_3 > flash_attn_2 > sage > xformers > sdpa
+
+The mask-as-lengths conversion relies on a property of ``model.sequence``: only batch padding is
+masked, and it is always the tail of each item's keys, so the valid keys are a prefix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..model.attention import attention as sdpa_attention
+from ..model.transformer import Attention
+from .fused_ops import FusedAttention
+
+AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+BACKENDS = ("sdpa", "flash_attn_2", "flash_attn_3", "sage", "xformers")
+AUTO_PRIORITY = ("flash_attn_3", "flash_attn_2", "sage", "xformers", "sdpa")
+ATTENTION_CHOICES = BACKENDS + ("auto",)
+ALIASES = {"fa2": "flash_attn_2", "fa3": "flash_attn_3", "sageattention": "sage", "torch": "sdpa"}
+ENV_VAR = "ZIMAGE_ATTENTION"
+
+MODULES = {  # import names to try, in order
+    "flash_attn_2": ("flash_attn",),
+    "flash_attn_3": ("flash_attn_interface", "flash_attn_3.flash_attn_interface"),
+    "sage": ("sageattention",),
+    "xformers": ("xformers.ops",),
+}
+HALF = (torch.float16, torch.bfloat16)
+
+
+def canonical_name(name: str) -> str:
+    """'FA3' -> 'flash_attn_3'; raises ValueError for an unknown name."""
+    key = str(name).strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in ATTENTION_CHOICES:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {list(ATTENTION_CHOICES)}")
+    return key
+
+
+def attention_from_env(default: str = "sdpa") -> str:
+    """The backend named by ZIMAGE_ATTENTION, else ``default``. Call it at entry points only."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if not value:
+        return canonical_name(default)
+    try:
+        return canonical_name(value)
+    except ValueError as e:
+        raise ValueError(f"{ENV_VAR}={value!r}: {e}") from None
+
+
+# ---------------------------------------------------------------- availability (mocked in tests)
+def _import(names: tuple[str, ...]) -> ModuleType | str:
+    """The first importable module of ``names``, or why none is."""
+    errors = []
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except Exception as e:  # compiled extensions fail with ImportError, OSError, RuntimeError...
+            errors.append(f"import {name}: {type(e).__name__}: {e}")
+    return "; ".join(errors)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """None if backend ``name`` can run attention with these inputs, else the reason it cannot."""
+    name = canonical_name(name)
+    if name == "sdpa":
+        return None
+    if name == "auto":
+        raise ValueError("'auto' is resolved by resolve_backend, not checked")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"needs a CUDA GPU; the model is on {device}"
+    if name != "xformers" and dtype not in HALF:
+        return f"supports float16/bfloat16 only; the model is {dtype} (use sdpa or xformers)"
+    major_minor = _capability(device)
+    if name == "flash_attn_2" and (major_minor < (8, 0) or head_dim > 256):
+        return f"needs sm80+ and head dim <= 256; this is sm{major_minor[0]}{major_minor[1]}, head dim {head_dim}"
+    if name == "flash_attn_3" and (major_minor[0] != 9 or head_dim > 256):
+        return f"needs a Hopper GPU (sm90) and head dim <= 256; this is sm{major_minor[0]}{major_minor[1]}"
+    if name == "sage" and (major_minor < (8, 0) or head_dim not in (64, 96, 128)):
+        return (f"needs sm80+ and head dim 64, 96 or 128; this is sm{major_minor[0]}{major_minor[1]}, "
+                f"head dim {head_dim}")
+    module = _import(MODULES[name])
+    return module if isinstance(module, str) else None
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, str]:
+    """(backend, log line). 'auto' picks by priority; an explicit backend that cannot run raises."""
+    name = canonical_name(name)
+    if name != "auto":
+        reason = unavailable_reason(name, device, dtype, head_dim)
+        if reason is not None:
+            raise RuntimeError(f"attention backend {name!r} is not available: {reason}")
+        return name, f"attention backend: {name}"
+    skipped = []
+    for candidate in AUTO_PRIORITY:
+        reason = unavailable_reason(candidate, device, dtype, head_dim)
+        if reason is None:
+            why = f" (skipped {'; '.join(skipped)})" if skipped else ""
+            return candidate, f"attention backend: auto -> {candidate}{why}"
+        skipped.append(f"{candidate}: {reason}")
+    raise AssertionError("sdpa is always available")
+
+
+# ---------------------------------------------------------------- the backends
+def _key_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) prefix key mask -> (B,) int32 valid-key counts, on the device (no host sync)."""
+    return mask.sum(-1, dtype=torch.int32)
+
+
+def _flash_attn_2() -> AttnFn:
+    from flash_attn import flash_attn_func, flash_attn_with_kvcache
+
+    def flash_attn_2(q, k, v, mask=None):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, L, H, Dh): FlashAttention's layout
+        if mask is None:
+            out = flash_attn_func(q, k, v)
+        else:  # k/v as a "cache" whose valid length per item is the unmasked prefix
+            out = flash_attn_with_kvcache(q, k, v, cache_seqlens=_key_lengths(mask))
+        return out.transpose(1, 2)
+
+    return flash_attn_2
+
+
+def _flash_attn_3() -> AttnFn:
+    fa3 = _import(MODULES["flash_attn_3"])
+
+    def flash_attn_3(q, k, v, mask=None):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if mask is None:
+            out = fa3.flash_attn_func(q, k, v)
+        else:
+            out = fa3.flash_attn_with_kvcache(q, k, v, cache_seqlens=_key_lengths(mask))
+        out = out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+        return out.transpose(1, 2)
+
+    return flash_attn_3
+
+
+def _sage() -> AttnFn:
+    from sageattention import sageattn
+
+    def sage(q, k, v, mask=None):
+        if mask is not None:  # SageAttention has no key mask: batches with caption padding use SDPA
+            return sdpa_attention(q, k, v, mask)
+        return sageattn(q, k, v, tensor_layout="HND", is_causal=False)
+
+    return sage
+
+
+def _xformers() -> AttnFn:
+    import xformers.ops as xops
+
+    def xformers(q, k, v, mask=None):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, L, H, Dh)
+        bias = None
+        if mask is not None:
+            b, n_keys = mask.shape
+            padded = -(-n_keys // 8) * 8  # xFormers wants the bias rows allocated in multiples of 8
+            bias = torch.zeros(b, 1, 1, padded, dtype=q.dtype, device=q.device)[..., :n_keys]
+            bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
+            bias = bias.expand(b, q.shape[2], q.shape[1], n_keys)  # broadcast over heads and queries
+        return xops.memory_efficient_attention(q, k, v, attn_bias=bias).transpose(1, 2)
+
+    return xformers
+
+
+FACTORIES: dict[str, Callable[[], AttnFn]] = {
+    "sdpa": lambda: sdpa_attention,
+    "flash_attn_2": _flash_attn_2,
+    "flash_attn_3": _flash_attn_3,
+    "sage": _sage,
+    "xformers": _xformers,
+}
+NOTES = {"sage": " (masked batches fall back to sdpa: SageAttention has no key mask)"}
+
+
+# ---------------------------------------------------------------- installing on a model
+def dit_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The DiT's attention modules (eager or fused); never the VAE's single-head attention."""
+    return [m for m in model.modules() if isinstance(m, (Attention, FusedAttention))]
+
+
+def check_attention_backend(model: nn.Module, name: str = "sdpa") -> tuple[str, str]:
+    """Resolve ``name`` for this model's device, dtype and head dim without changing the model.
+
+    Returns (backend, log line); raises RuntimeError when an explicitly named backend cannot run.
+    """
+    modules = dit_attention_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no DiT attention modules to set a backend on")
+    weight = modules[0].to_q.weight
+    head_dim = weight.shape[0] // modules[0].n_heads
+    backend, line = resolve_backend(name, weight.device, weight.dtype, head_dim)
+    return backend, line + NOTES.get(backend, "")
+
+
+def set_attention_backend(model: nn.Module, name: str = "sdpa") -> str:
+    """Check and install backend ``name`` on every DiT attention module; returns the log line."""
+    backend, line = check_attention_backend(model, name)
+    fn = FACTORIES[backend]()
+    for module in dit_attention_modules(model):
+        module.attn_fn = fn
+    return line

@@ -1,0 +1,5 @@
+"""python -m zimage_native.cli == the zimage command."""
+
+from . import main
+
+main()

@@ -1,0 +1,46 @@
+"""``zimage bench``: the benchmark ladder (see zimage_native/bench.py and docs/performance.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._common import user_errors
+
+RUNG_NAMES = ("eager", "kernels", "compile", "cuda_graphs", "fp8")
+
+
+@click.command()
+@click.option("--model", default=None, help="A model folder to load; default: random weights, released architecture.")
+@click.option("--tiny", is_flag=True, help="A tiny random model (a CPU dry run of the code path).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True)
+@click.option("--sizes", type=int, multiple=True, default=(1024,), show_default=True, help="Square sizes (repeatable).")
+@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per measurement (median).")
+@click.option("--rungs", multiple=True, type=click.Choice(RUNG_NAMES), default=RUNG_NAMES, show_default=True,
+              help="Ladder rungs, applied cumulatively in the order given.")
+@click.option("--diffusers/--no-diffusers", "with_diffusers", default=True, show_default=True,
+              help="Measure diffusers 0.42.1 on the same weights in the same run.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"),
+              show_default=True, help="Folder for the CSV rows.")
+@user_errors
+def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffusers, out):
+    """Time the ladder eager -> +kernels -> +compile -> +CUDA graphs -> +fp8 (and diffusers beside it)."""
+    from .. import bench as b
+    from ..pipeline import ZImagePipeline, resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    full_qwen = None
+    if model is not None:
+        pipe = ZImagePipeline.from_pretrained(model, device=dev, dtype=dt)
+        if with_diffusers:
+            raise ValueError("--diffusers with --model is not supported yet; use --no-diffusers or random weights")
+    else:
+        pipe, full_qwen = b.build_random_pipeline(dev, dt, tiny=tiny)
+    pipe.progress = False
+    rows, env = b.ladder(pipe, full_qwen, sizes=sizes, steps=steps, repeats=repeats, rungs=b.make_ladder(rungs),
+                         with_diffusers=with_diffusers)
+    click.echo(b.report(rows, env, out))
