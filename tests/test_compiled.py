@@ -151,3 +151,56 @@ def test_bench_ladder_dry_run_on_cpu(tmp_path):
     assert rows["diffusers 0.42.1", "eager"]["psnr_db"] > 40  # bf16 parity of the two engines
     assert rows["zimage-native", "+fp8"]["notes"][0].startswith("fp8:")
     assert (tmp_path / "e2e.csv").read_text().count("\n") == 5  # header + 4 rows
+
+
+@pytest.fixture
+def compiled_kernels(monkeypatch):
+    """Kernels as on a machine where Triton compiles for a GPU (not the CPU interpreter that the kernel
+    tests may have loaded earlier in the session)."""
+    from types import SimpleNamespace
+
+    import zimage_native.accel.fused_ops as fused_ops
+
+    monkeypatch.setattr(fused_ops, "load_kernels", lambda *a, **k: SimpleNamespace(INTERPRETED=False))
+
+
+def test_from_pretrained_kernels_on_cpu_fail_clearly_and_default_never_fails(tiny_model_dir, compiled_kernels):
+    from zimage_native.accel import AccelerationUnavailable
+
+    with pytest.raises(AccelerationUnavailable, match="GPU"):
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", kernels="triton")
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu")  # defaults: no kernels, sdpa
+    assert pipe._accel["kernels"] == "none" and pipe._accel["attention"] == "sdpa"
+
+
+def test_attention_env_var_is_read_at_the_entry_point(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("ZIMAGE_ATTENTION", "no_such_backend")
+    with pytest.raises(ValueError, match="ZIMAGE_ATTENTION"):
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu")
+    monkeypatch.setenv("ZIMAGE_ATTENTION", "sdpa")
+    assert ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu")._accel["attention"] == "sdpa"
+
+
+@pytest.mark.parametrize("flag, message", [(["--kernels", "triton"], "GPU"),
+                                           (["--cuda-graphs"], "needs the DiT on a CUDA device")])
+def test_cli_gpu_only_flags_fail_in_one_line_on_cpu(tiny_model_dir, tmp_path, flag, message, compiled_kernels):
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "--device", "cpu",
+                                       "-o", str(tmp_path / "x.png"), *flag])
+    assert result.exit_code == 1 and message in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
+def test_cli_fp8_runs_on_cpu(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "--device", "cpu",
+                                       "--dtype", "bfloat16", "--fp8", "--width", "32", "--height", "32",
+                                       "--steps", "1", "--seed", "1", "--no-progress", "-o", str(tmp_path / "f.png")])
+    assert result.exit_code == 0, result.output
+    assert "fp8: 16 linears" in result.output and (tmp_path / "f.png").exists()

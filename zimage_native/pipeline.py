@@ -217,8 +217,17 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
         vae: str | os.PathLike | None = None,
         text_encoder: str | os.PathLike | None = None,
         tokenizer: str | os.PathLike | None = None,
+        kernels: str = "none",
+        attention: str | None = None,
+        compile: str = "off",
+        cuda_graphs: bool = False,
+        fp8: bool = False,
     ) -> "ZImagePipeline":
         """Load a diffusers-layout folder or a Hub id (only the needed files are downloaded).
+
+        Accelerations (see :meth:`optimize` and docs/performance.md): ``kernels`` "none" | "triton",
+        ``attention`` a backend name or "auto" (default: $ZIMAGE_ATTENTION, else "sdpa"),
+        ``compile`` "off" | "blocks" | "full", ``cuda_graphs``, ``fp8``.
 
         ``dtype`` applies to all three components (default: bf16 on GPU, fp32 on CPU); weights are
         cast tensor by tensor while loading. ``*_device`` place one component elsewhere than
@@ -269,6 +278,10 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
                    model_folder=folder, placement=placement, offload=offload)
         if variant is None:
             logger.info("variant %s (defaults: %s)", pipe.variant, pipe.defaults)
+        from .accel import attention_from_env
+
+        pipe.optimize(kernels=kernels, attention=attention or attention_from_env(), compile=compile,
+                      cuda_graphs=cuda_graphs, fp8=fp8)
         return pipe
 
     # ------------------------------------------------------------------ placement

@@ -17,7 +17,7 @@ import logging
 
 from torch import nn
 
-from ._kernels import load_kernels, triton_unavailable_reason
+from ._kernels import AccelerationUnavailable, load_kernels, triton_unavailable_reason
 from .attention_backends import (
     ATTENTION_CHOICES,
     attention_from_env,
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 KERNEL_CHOICES = ("none", "triton")
 
 __all__ = [
-    "optimize", "attention_from_env", "set_attention_backend", "use_fused_kernels", "load_kernels",
+    "optimize", "attention_from_env", "AccelerationUnavailable", "set_attention_backend", "use_fused_kernels", "load_kernels",
     "count_fused", "resolve_backend", "check_attention_backend", "canonical_name", "unavailable_reason",
     "triton_unavailable_reason", "ATTENTION_CHOICES", "KERNEL_CHOICES",
 ]

@@ -16,6 +16,11 @@ import sys
 from types import ModuleType
 
 NAME = "zimage_native.kernels"
+
+
+class AccelerationUnavailable(RuntimeError):
+    """An acceleration that was asked for cannot run here (no Triton, no GPU, a missing library)."""
+
 INSTALL_HINT = "install it with `pip install 'zimage-native[triton]'` (Linux with an NVIDIA or AMD GPU)"
 
 
@@ -58,23 +63,23 @@ def load_kernels(interpret: bool = False) -> ModuleType:
         return _checked(sys.modules[NAME], interpret)
     reason = triton_unavailable_reason()
     if reason is not None:
-        raise RuntimeError(f"kernels='triton' needs Triton: {reason}")
+        raise AccelerationUnavailable(f"kernels='triton' needs Triton: {reason}")
     with _interpreter_env(interpret):
         try:
             module = importlib.import_module(NAME)
         except ModuleNotFoundError as e:
             if e.name != NAME:
                 raise
-            raise RuntimeError(f"{NAME} is not installed: reinstall zimage-native (`pip install -e .` in a "
+            raise AccelerationUnavailable(f"{NAME} is not installed: reinstall zimage-native (`pip install -e .` in a "
                                "checkout); pyproject.toml maps the kernels/ folder to that name") from e
     return _checked(module, interpret)
 
 
 def _checked(module: ModuleType, interpret: bool) -> ModuleType:
     if not module.is_available():
-        raise RuntimeError(f"kernels='triton' needs Triton: {NAME} was imported without it ("
+        raise AccelerationUnavailable(f"kernels='triton' needs Triton: {NAME} was imported without it ("
                            f"{triton_unavailable_reason() or 'restart Python after installing it'})")
     if interpret and not module.INTERPRETED:
-        raise RuntimeError(f"{NAME} was already imported without TRITON_INTERPRET=1; "
+        raise AccelerationUnavailable(f"{NAME} was already imported without TRITON_INTERPRET=1; "
                            "the interpreter can only be chosen before the first import")
     return module

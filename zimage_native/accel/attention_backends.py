@@ -30,6 +30,8 @@ from types import ModuleType
 from typing import Callable
 
 import torch
+
+from ._kernels import AccelerationUnavailable
 from torch import nn
 
 from ..model.attention import attention as sdpa_attention
@@ -119,7 +121,7 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_di
     if name != "auto":
         reason = unavailable_reason(name, device, dtype, head_dim)
         if reason is not None:
-            raise RuntimeError(f"attention backend {name!r} is not available: {reason}")
+            raise AccelerationUnavailable(f"attention backend {name!r} is not available: {reason}")
         return name, f"attention backend: {name}"
     skipped = []
     for candidate in AUTO_PRIORITY:

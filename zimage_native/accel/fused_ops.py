@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from ..model.layers import FeedForward, RMSNorm
 from ..model.transformer import Attention, TransformerBlock
-from ._kernels import load_kernels
+from ._kernels import AccelerationUnavailable, load_kernels
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -204,7 +204,7 @@ def check_kernels_can_run(model: nn.Module) -> None:
     kernels = load_kernels()
     param = next(model.parameters(), None)
     if param is not None and param.device.type != "cuda" and not kernels.INTERPRETED:
-        raise RuntimeError(
+        raise AccelerationUnavailable(
             f"kernels='triton' runs on a CUDA (or ROCm) GPU, but the transformer is on {param.device}; use "
             "kernels='none' there (TRITON_INTERPRET=1 runs the kernels on the CPU, slowly, for tests)"
         )

@@ -16,13 +16,14 @@ class UserError(click.ClickException):
 
 def user_errors(fn):
     """Turn the library's input errors into one-line CLI errors."""
+    from ..accel import AccelerationUnavailable
     from ..loading import StateDictMismatchError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, KeyError, StateDictMismatchError) as e:
+        except (ValueError, FileNotFoundError, KeyError, StateDictMismatchError, AccelerationUnavailable) as e:
             message = e.args[0] if isinstance(e, KeyError) and e.args and not isinstance(e, StateDictMismatchError) else str(e)
             raise UserError(str(message).splitlines()[0] if str(message) else type(e).__name__) from None
 

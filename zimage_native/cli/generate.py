@@ -143,6 +143,16 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @click.option("--vae-device", default=None, help="Device of the VAE (default: --device).")
 @click.option("--offload", type=click.Choice(["none", "text_encoder", "model"]), default="none", show_default=True,
               help="Keep the text encoder (or every component) on the CPU except while it runs.")
+@click.option("--kernels", type=click.Choice(["none", "triton"]), default="none", show_default=True,
+              help="Fused Triton kernels (GPU).")
+@click.option("--attention", default=None,
+              help="Attention backend: sdpa, flash_attn_2, flash_attn_3, sage, xformers or auto "
+                   "[default: $ZIMAGE_ATTENTION, else sdpa].")
+@click.option("--compile", "compile_mode", type=click.Choice(["off", "blocks", "full"]), default="off",
+              show_default=True, help="torch.compile preset.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+              help="Capture the whole sampling loop as one CUDA graph per shape (GPU).")
+@click.option("--fp8/--no-fp8", default=False, show_default=True, help="float8 e4m3 linears in the DiT (lossy).")
 @click.option("--tiled-vae/--no-tiled-vae", default=False, show_default=True, help="Decode/encode in tiles (2K+).")
 @click.option("--tile-size", type=int, default=512, show_default=True, help="VAE tile size in pixels.")
 @click.option("--tile-overlap", type=int, default=64, show_default=True, help="VAE tile overlap in pixels.")
@@ -216,7 +226,11 @@ def load_pipeline(o: dict):
     from ..lora import parse_lora_arg
     from ..pipeline import ZImagePipeline
 
+    from ..accel import attention_from_env
+
     placement = dict(device=o["device"], dtype=o["dtype"], variant=o["variant"])
+    speed = dict(kernels=o["kernels"], attention=o["attention"] or attention_from_env(), compile=o["compile_mode"],
+                 cuda_graphs=o["cuda_graphs"], fp8=o["fp8"])
     if o["model"] is None and o["transformer"] is not None:
         if o["dit_device"] or o["vae_device"] or o["text_encoder_device"] or o["offload"] != "none":
             raise ValueError("per-component devices and --offload need --model (a folder) for now")
@@ -227,11 +241,13 @@ def load_pipeline(o: dict):
             o["model"] or DEFAULT_MODEL, **placement, text_encoder_device=o["text_encoder_device"],
             dit_device=o["dit_device"], vae_device=o["vae_device"], offload=o["offload"],
             transformer=o["transformer"], vae=o["vae"], text_encoder=o["text_encoder"], tokenizer=o["tokenizer"])
-    if o["loras"]:
+    if o["loras"]:  # fused before any fp8 conversion or capture
         pairs = [parse_lora_arg(text) for text in o["loras"]]
         reports = pipe.load_lora([p for p, _ in pairs], scale=[s for _, s in pairs])
         for report in reports if isinstance(reports, list) else [reports]:
             click.echo(str(report))
+    for line in pipe.optimize(**speed):
+        click.echo(line, err=True)
     return pipe
 
 
