@@ -20,7 +20,7 @@ RUNG_NAMES = ("eager", "kernels", "compile", "cuda_graphs", "fp8")
 @click.option("--steps", type=int, default=8, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per measurement (median).")
 @click.option("--rungs", multiple=True, type=click.Choice(RUNG_NAMES), default=RUNG_NAMES, show_default=True,
-              help="Ladder rungs, applied cumulatively in the order given.")
+              help="Ladder rungs (repeatable); each adds its feature to the ones before, in the order above.")
 @click.option("--diffusers/--no-diffusers", "with_diffusers", default=True, show_default=True,
               help="Measure diffusers 0.42.1 on the same weights in the same run.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"),
