@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-from zimage_native.testing import randomize_  # noqa: F401  (re-exported for the tests)
 
 # Deterministic, quiet CPU runs.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from zimage_native.config import TransformerConfig
-from zimage_native.model.layers import FeedForward, RMSNorm
+from zimage_native.model.layers import FeedForward
 from zimage_native.model.sequence import build_layout, pad_captions, patchify
 from zimage_native.model.transformer import Attention, TransformerBlock, ZImageTransformer
 
-from .conftest import randomize_
+from zimage_native.testing import randomize_
 from .dit_configs import REAL_HEADS_DIT, TINY_DIT
 from .utils import assert_rel
 

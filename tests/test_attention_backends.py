@@ -20,7 +20,7 @@ from zimage_native.model.sequence import build_layout
 from zimage_native.model.transformer import ZImageTransformer
 from zimage_native.model.vae import AutoencoderKL
 
-from .conftest import randomize_
+from zimage_native.testing import randomize_
 from .dit_configs import TINY_DIT
 from .utils import assert_rel
 

@@ -3,8 +3,6 @@ profiles, img2img, prompt fields and --debug."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from click.testing import CliRunner

@@ -16,7 +16,7 @@ from zimage_native.config import TransformerConfig
 from zimage_native.model.sequence import build_layout, pad_captions, patchify
 from zimage_native.model.transformer import ZImageTransformer
 
-from .conftest import randomize_
+from zimage_native.testing import randomize_
 from .dit_configs import TINY_DIT
 from .utils import assert_rel
 

@@ -14,7 +14,7 @@ from zimage_native.config import TransformerConfig
 from zimage_native.lora import LoraMixin, detect_family, parse_lora_arg
 from zimage_native.model.transformer import ZImageTransformer
 
-from .conftest import randomize_
+from zimage_native.testing import randomize_
 from .dit_configs import TINY_DIT
 
 DIM, FFN = 64, int(64 / 3 * 8)

@@ -97,7 +97,7 @@ def test_causal_lm_checkpoints_with_model_prefix_and_lm_head(tmp_path, tied):
     """A checkpoint saved by Qwen3ForCausalLM: ``model.`` keys, and a separate head when untied."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from .conftest import randomize_
+    from zimage_native.testing import randomize_
     from .fixtures import TINY_QWEN3
 
     config = Qwen3Config(vocab_size=64, **dict(TINY_QWEN3, hidden_size=32, num_hidden_layers=2,

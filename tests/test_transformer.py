@@ -10,7 +10,7 @@ from zimage_native.loading import assign_state_dict, build_on_meta
 from zimage_native.model.sequence import build_layout, pad_captions, patchify, unpatchify
 from zimage_native.model.transformer import ZImageTransformer
 
-from .conftest import randomize_
+from zimage_native.testing import randomize_
 from .dit_configs import REAL_HEADS_DIT, TINY_DIT
 from .utils import assert_rel
 

@@ -21,7 +21,6 @@ Public entry points: :func:`detect_format`, :func:`load_component`, :func:`load_
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -694,18 +693,12 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 def build_text_encoder(config_kwargs: dict[str, Any]) -> tuple[nn.Module, Any, int]:
     """A Qwen3 model with the first N-1 layers and no final norm (what Z-Image reads), built on meta."""
-    from transformers import AutoModel, Qwen3Config
+    from transformers import Qwen3Config
+
+    from .text_encoder import build_truncated_qwen3
 
     kwargs = {k: v for k, v in config_kwargs.items() if k not in ("model_type", "transformers_version")}
-    full = Qwen3Config(**kwargs)
-    config = copy.deepcopy(full)
-    n = full.num_hidden_layers
-    config.num_hidden_layers = n - 1
-    if getattr(config, "layer_types", None):
-        config.layer_types = list(config.layer_types)[: n - 1]
-    model = build_on_meta(lambda: AutoModel.from_config(config, attn_implementation="sdpa"))
-    model.norm = nn.Identity()
-    return model, config, n
+    return build_truncated_qwen3(Qwen3Config(**kwargs))
 
 
 def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None = None,

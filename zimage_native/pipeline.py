@@ -80,6 +80,21 @@ class SamplingPlan:
 
 
 @dataclass
+class Request:
+    """A generation request after defaults are resolved and inputs checked."""
+
+    prompts: list[str]
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    negative_prompt: str | list[str] | None
+    fields: dict[str, Any]  # the chat-format fields (system_prompt, thinking_content, ...)
+    progress: bool
+    batch: int
+
+
+@dataclass
 class ZImageOutput:
     """``images``: PIL images, an (N, H, W, 3) array in [0, 1], or the final fp32 latents.
 
@@ -516,12 +531,26 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
             negative_prompt = suggested.get("negative_prompt")
         return width, height, steps, guidance_scale, negative_prompt
 
-    def _prepare_embeds(self, prompts, n, guidance_scale, negative_prompt, max_len, template, fields, info):
-        embeds = self.encode_prompt(prompts, max_len, template, **fields)
-        info["formatted_prompts"] = self.format_prompts(prompts, template, **fields)
+    def _request(self, prompt, width, height, steps, seed, generator, guidance_scale, negative_prompt, n,
+                 output_type, max_len, template, progress, **fields) -> "Request":
+        """Resolve unset settings (template, then variant), validate everything, before any work."""
+        width, height, steps, guidance_scale, negative_prompt = self._resolve(
+            template, width, height, steps, guidance_scale, negative_prompt)
+        prompts = check_request(prompt, width, height, steps, seed, generator, guidance_scale, n, output_type,
+                                max_len)
+        return Request(prompts, width, height, steps, guidance_scale, negative_prompt, fields,
+                       self.progress if progress is None else progress, len(prompts) * n)
+
+    def _schedule(self, r: "Request", sigmas) -> Schedule:
+        return make_schedule(self.scheduler_config, None if sigmas is not None else r.steps, sigmas,
+                             image_seq_len=(r.height // 16) * (r.width // 16))
+
+    def _prepare_embeds(self, r: "Request", n, max_len, template, info):
+        embeds = self.encode_prompt(r.prompts, max_len, template, **r.fields)
+        info["formatted_prompts"] = self.format_prompts(r.prompts, template, **r.fields)
         negative = None
-        if guidance_scale > 0:
-            negative = self.encode_prompt(_negatives(negative_prompt, len(prompts)), max_len)
+        if r.guidance_scale > 0:
+            negative = self.encode_prompt(_negatives(r.negative_prompt, len(r.prompts)), max_len)
         if n > 1:  # [p0, p0, p1, p1, ...], as the reference repeats them
             embeds = [e for e in embeds for _ in range(n)]
             if negative is not None:
@@ -569,32 +598,25 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
         """Generate images. Unset ``width``/``height``/``num_inference_steps``/``guidance_scale`` come
         from the template's suggested settings, then from the variant (Turbo: 8 steps, guidance 0;
         base: 50 steps, guidance 4). ``seed`` may be a list with one seed per image."""
-        width, height, num_inference_steps, guidance_scale, negative_prompt = self._resolve(
-            template, width, height, num_inference_steps, guidance_scale, negative_prompt)
-        prompts = check_request(prompt, width, height, num_inference_steps, seed, generator,
-                                guidance_scale, num_images_per_prompt, output_type, max_sequence_length)
-        fields = dict(system_prompt=system_prompt, thinking_content=thinking_content,
-                      assistant_content=assistant_content, force_think_block=force_think_block,
-                      strip_quotes=strip_quotes)
-        progress = self.progress if progress is None else progress
-        batch = len(prompts) * num_images_per_prompt
-        shape = (batch, self.transformer_config.in_channels, 2 * (height // 16), 2 * (width // 16))
+        r = self._request(prompt, width, height, num_inference_steps, seed, generator, guidance_scale,
+                          negative_prompt, num_images_per_prompt, output_type, max_sequence_length, template, progress,
+                          system_prompt=system_prompt, thinking_content=thinking_content,
+                          assistant_content=assistant_content, force_think_block=force_think_block,
+                          strip_quotes=strip_quotes)
+        shape = (r.batch, self.transformer_config.in_channels, 2 * (r.height // 16), 2 * (r.width // 16))
 
         seeds = None
         if latents is None:
-            generators, seeds = self._generators(seed, generator, batch)
+            generators, seeds = self._generators(seed, generator, r.batch)
             latents = _randn(shape, generators, torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
 
-        info = _request_info(self, prompts, width, height, num_inference_steps, guidance_scale, negative_prompt,
-                             seeds, template, fields)
-        embeds, negative = self._prepare_embeds(prompts, num_images_per_prompt, guidance_scale, negative_prompt,
-                                                max_sequence_length, template, fields, info)
-        schedule = make_schedule(self.scheduler_config, None if sigmas is not None else num_inference_steps, sigmas,
-                                 image_seq_len=(height // 16) * (width // 16))
-        latents = self.denoise(latents, embeds, negative, schedule, guidance_scale, cfg_normalization,
-                               cfg_truncation, progress, callback=callback)
+        info = _request_info(self, r, seeds, template)
+        embeds, negative = self._prepare_embeds(r, num_images_per_prompt, max_sequence_length, template, info)
+        schedule = self._schedule(r, sigmas)
+        latents = self.denoise(latents, embeds, negative, schedule, r.guidance_scale, cfg_normalization,
+                               cfg_truncation, r.progress, callback=callback)
         return self._output(latents, output_type, seeds, info)
 
     @torch.no_grad()
@@ -633,40 +655,31 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
         if not 0 <= strength <= 1:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         pixels = preprocess_image(image, width, height)
-        height, width = pixels.shape[-2:]
-        _, _, num_inference_steps, guidance_scale, negative_prompt = self._resolve(
-            template, width, height, num_inference_steps, guidance_scale, negative_prompt)
-        prompts = check_request(prompt, width, height, num_inference_steps, seed, generator,
-                                guidance_scale, num_images_per_prompt, output_type, max_sequence_length)
-        fields = dict(system_prompt=system_prompt, thinking_content=thinking_content,
-                      assistant_content=assistant_content, force_think_block=force_think_block,
-                      strip_quotes=strip_quotes)
-        progress = self.progress if progress is None else progress
-        batch = len(prompts) * num_images_per_prompt
-        if batch % pixels.shape[0]:
-            raise ValueError(f"cannot spread {pixels.shape[0]} input images over {batch} outputs")
-
-        schedule = make_schedule(self.scheduler_config, None if sigmas is not None else num_inference_steps, sigmas,
-                                 image_seq_len=(height // 16) * (width // 16))
+        r = self._request(prompt, pixels.shape[-1], pixels.shape[-2], num_inference_steps, seed, generator,
+                          guidance_scale, negative_prompt, num_images_per_prompt, output_type, max_sequence_length,
+                          template, progress, system_prompt=system_prompt, thinking_content=thinking_content,
+                          assistant_content=assistant_content, force_think_block=force_think_block,
+                          strip_quotes=strip_quotes)
+        if r.batch % pixels.shape[0]:
+            raise ValueError(f"cannot spread {pixels.shape[0]} input images over {r.batch} outputs")
+        schedule = self._schedule(r, sigmas)
         n = schedule.num_steps
         start = int(max(n - min(n * strength, n), 0))
         if n - start < 1:
             raise ValueError(f"strength {strength} with {n} steps leaves no step to run; raise strength or steps")
 
-        generators, seeds = self._generators(seed, generator, batch)
-        info = _request_info(self, prompts, width, height, num_inference_steps, guidance_scale, negative_prompt,
-                             seeds, template, fields, strength=strength)
-        embeds, negative = self._prepare_embeds(prompts, num_images_per_prompt, guidance_scale, negative_prompt,
-                                                max_sequence_length, template, fields, info)
+        generators, seeds = self._generators(seed, generator, r.batch)
+        info = _request_info(self, r, seeds, template, strength=strength)
+        embeds, negative = self._prepare_embeds(r, num_images_per_prompt, max_sequence_length, template, info)
         dtype = embeds[0].dtype  # the reference forms the start latents in the text encoder's dtype
         # Order matters for seeds: the VAE posterior sample is drawn before the noise.
         z = self.encode_image(pixels, generators if len(generators) == 1 else generators[: pixels.shape[0]], dtype)
-        z = z.to(dtype).repeat(batch // z.shape[0], 1, 1, 1)
+        z = z.to(dtype).repeat(r.batch // z.shape[0], 1, 1, 1)
         noise = _randn(z.shape, generators, dtype).to(self.device)
         sigma = schedule.sigmas.to(self.device, dtype)[start]
         latents = sigma * noise + (1.0 - sigma) * z
-        latents = self.denoise(latents, embeds, negative, schedule, guidance_scale, cfg_normalization,
-                               cfg_truncation, progress, start=start, callback=callback)
+        latents = self.denoise(latents, embeds, negative, schedule, r.guidance_scale, cfg_normalization,
+                               cfg_truncation, r.progress, start=start, callback=callback)
         return self._output(latents, output_type, seeds, info)
 
     def _output(self, latents, output_type, seeds, info) -> ZImageOutput:
@@ -706,15 +719,15 @@ def _negatives(negative_prompt, n: int) -> list[str]:
     return negatives
 
 
-def _request_info(pipe, prompts, width, height, steps, guidance, negative, seeds, template, fields, **extra):
+def _request_info(pipe, r: Request, seeds, template, **extra):
     from . import __version__
 
     name = getattr(template, "name", template)
-    return {"prompts": list(prompts), "negative_prompt": negative, "width": width, "height": height,
-            "steps": steps, "guidance_scale": guidance, "seeds": seeds, "template": name,
-            **{k: v for k, v in fields.items() if v is not None},
+    return {"prompts": list(r.prompts), "negative_prompt": r.negative_prompt, "width": r.width, "height": r.height,
+            "steps": r.steps, "guidance_scale": r.guidance_scale, "seeds": seeds, "template": name,
+            **{k: v for k, v in r.fields.items() if v is not None},
             "model": pipe.source, "variant": pipe.variant, "version": __version__,
-            "loras": [[r.path, r.scale] for r in pipe.loras] or None, **extra}
+            "loras": [[lr.path, lr.scale] for lr in pipe.loras] or None, **extra}
 
 
 def preprocess_image(image, width: int | None = None, height: int | None = None) -> torch.Tensor:

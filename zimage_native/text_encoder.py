@@ -22,14 +22,11 @@ from .loading import assign_state_dict, build_on_meta, iter_tensors, safetensors
 logger = logging.getLogger(__name__)
 
 
-def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    """Build a Qwen3 model with the first N-1 layers and no final norm, and load its weights strictly."""
-    from transformers import AutoConfig, AutoModel
+def build_truncated_qwen3(full) -> tuple[nn.Module, object, int]:
+    """From a full Qwen3 config: the model with the first N-1 layers and no final norm, built on
+    meta (what Z-Image reads: hidden_states[-2]); returns (model, its config, N)."""
+    from transformers import AutoModel
 
-    folder = Path(folder)
-    full = AutoConfig.from_pretrained(folder)
-    if full.model_type != "qwen3":
-        raise ValueError(f"{folder}: expected a Qwen3 text encoder (model_type 'qwen3'), got {full.model_type!r}")
     config = copy.deepcopy(full)
     n = full.num_hidden_layers
     config.num_hidden_layers = n - 1
@@ -37,6 +34,18 @@ def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: to
         config.layer_types = list(config.layer_types)[: n - 1]
     model = build_on_meta(lambda: AutoModel.from_config(config, attn_implementation="sdpa"))
     model.norm = nn.Identity()
+    return model, config, n
+
+
+def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """Build a Qwen3 model with the first N-1 layers and no final norm, and load its weights strictly."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    full = AutoConfig.from_pretrained(folder)
+    if full.model_type != "qwen3":
+        raise ValueError(f"{folder}: expected a Qwen3 text encoder (model_type 'qwen3'), got {full.model_type!r}")
+    model, config, n = build_truncated_qwen3(full)
 
     def keep(key: str) -> bool:
         key = key.removeprefix("model.")

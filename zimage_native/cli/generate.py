@@ -177,7 +177,7 @@ def generate(ctx, prompt, config_path, profile, from_image, **opts):
 
 
 def run_generate(prompts: list[str], o: dict) -> None:
-    from ..pipeline import ZImagePipeline, check_request
+    from ..pipeline import check_request
 
     seeds, drawn = resolve_seeds(tuple(o["seed"]), o["seeds"], o["num_images"])
     if o["batch_size"] < 1:
