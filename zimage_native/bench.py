@@ -305,7 +305,7 @@ def ladder(pipe, full_qwen=None, sizes=(1024,), steps: int = 8, repeats: int = 3
     the diffusers eager row's PSNR is the bf16 parity of the two engines."""
     rows: list[Row] = []
     ref = diffusers_pipeline(pipe, full_qwen) if with_diffusers and full_qwen is not None else None
-    diffusers_rows, diffusers_images, eager = {}, {}, {}
+    diffusers_rows, diffusers_images, eager, results = {}, {}, {}, {}
     if ref is not None:
         for size in sizes:
             diffusers_rows[size], diffusers_images[size] = run_diffusers(ref, pipe, size, steps, repeats, False)
@@ -313,6 +313,12 @@ def ladder(pipe, full_qwen=None, sizes=(1024,), steps: int = 8, repeats: int = 3
     for rung in rungs or LADDER:
         for size in sizes:
             row, result = run_ours(pipe, rung, size, steps, repeats, eager.get(size))
+            results[rung.name, size] = result
+            before = results.get(("+compile", size))
+            if rung.cuda_graphs and not rung.fp8 and before is not None:
+                # The same kernels, replayed from the graph instead of launched one by one.
+                diff = (result["latents"] - before["latents"]).abs().max().item()
+                row.notes.append(f"graph replay vs +compile: max abs latent difference {diff:.3g}")
             if size not in eager:
                 eager[size] = result
                 row.psnr_db, row.latent_max_err = float("inf"), 0.0
