@@ -173,8 +173,8 @@ def test_model_offload_moves_each_component_only_while_it_runs(tiny_model_dir, m
 
     pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", offload="model")
     pipe.progress = False
-    real = zp._storage_device
-    monkeypatch.setattr(zp, "_storage_device",
+    real = zp.storage_device
+    monkeypatch.setattr(zp, "storage_device",
                         lambda name, dev, offload: torch.device("meta") if real(name, torch.device("cuda"), offload)
                         == torch.device("cpu") else dev)
     names = {id(pipe.text_encoder.model): "text_encoder", id(pipe.transformer): "transformer", id(pipe.vae): "vae"}

@@ -847,7 +847,7 @@ class SingleFileMixin:
         (pass the Base one, shift 6.0, for Z-Image Base). ``pipeline_kwargs`` (e.g. ``variant=``) go
         to the pipeline's constructor.
         """
-        from .pipeline import resolve_device, resolve_dtype
+        from .devices import resolve_device, resolve_dtype
         from .text_encoder import TextEncoder
 
         if transformer is None:

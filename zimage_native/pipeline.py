@@ -29,14 +29,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import SchedulerConfig, TransformerConfig, VAEConfig
+from .devices import resolve_device, resolve_dtype, storage_device
+from .formats import SingleFileMixin, load_component, load_tokenizer
 from .hub import DEFAULT_MODEL, resolve_model_folder
 from .loading import load_module
+from .lora import LoraMixin
 from .model.sequence import SequenceLayout, build_layout, ceil_to, pad_captions, patchify, unpatchify
 from .model.transformer import ZImageTransformer
 from .model.vae import AutoencoderKL
 from .prompt.format import format_prompt
-from .formats import SingleFileMixin, load_component, load_tokenizer
-from .lora import LoraMixin
 from .prompt.rewriter import RewriterMixin
 from .scheduler import Schedule, euler_step, make_schedule
 from .text_encoder import TextEncoder, load_qwen3_encoder
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 OUTPUT_TYPES = ("pil", "np", "latent")
 CAPTION_BUCKETS = (64, 128, 256, 512)
 OFFLOAD_MODES = ("none", "text_encoder", "model")
-PROMPT_FIELDS = ("system_prompt", "thinking_content", "assistant_content", "force_think_block", "strip_quotes")
 
 
 @dataclass(frozen=True)
@@ -105,33 +105,6 @@ class ZImageOutput:
     images: Any
     seeds: list[int] | None = None
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None/'auto': bf16 on accelerators, fp32 on the CPU (bf16 matmuls are slow there)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or 'auto'")
-    if DTYPES[dtype] is torch.float16:
-        logger.warning("float16 can overflow in the Z-Image DiT; bfloat16 or float32 is recommended")
-    return DTYPES[dtype]
 
 
 def detect_variant(source: str, scheduler_config: SchedulerConfig) -> str:
@@ -262,7 +235,7 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
             "transformer": resolve_device(dit_device) if dit_device else main,
             "vae": resolve_device(vae_device) if vae_device else main,
         }
-        storage = {name: _storage_device(name, dev, offload) for name, dev in placement.items()}
+        storage = {name: storage_device(name, dev, offload) for name, dev in placement.items()}
         scfg = SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
         logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
         if transformer is not None:
@@ -307,7 +280,7 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
     def _running(self, name: str):
         """Put a component on its execution device while it runs; offloaded ones go back to the CPU."""
         device = self.placement[name]
-        storage = _storage_device(name, device, self.offload)
+        storage = storage_device(name, device, self.offload)
         if storage != device:
             self._module(name).to(device)
         try:
@@ -689,13 +662,6 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
         if output_type == "np":
             return ZImageOutput(images=images, seeds=seeds, info=info)
         return ZImageOutput(images=to_pil(images), seeds=seeds, info=info)
-
-
-def _storage_device(name: str, device: torch.device, offload: str) -> torch.device:
-    """Where a component's weights live between uses."""
-    if offload == "model" or (offload == "text_encoder" and name == "text_encoder"):
-        return torch.device("cpu")
-    return device
 
 
 def _randn(shape, generators: list[torch.Generator], dtype: torch.dtype) -> torch.Tensor:

@@ -29,7 +29,8 @@ RUNG_NAMES = ("eager", "kernels", "compile", "cuda_graphs", "fp8")
 def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffusers, out):
     """Time the ladder eager -> +kernels -> +compile -> +CUDA graphs -> +fp8 (and diffusers beside it)."""
     from .. import bench as b
-    from ..pipeline import ZImagePipeline, resolve_device, resolve_dtype
+    from ..devices import resolve_device, resolve_dtype
+    from ..pipeline import ZImagePipeline
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

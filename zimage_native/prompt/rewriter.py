@@ -513,7 +513,7 @@ class PromptRewriter:
         as for the pipeline: default bf16 on an accelerator, fp32 on the CPU)."""
         from transformers import AutoTokenizer
 
-        from ..pipeline import resolve_device, resolve_dtype
+        from ..devices import resolve_device, resolve_dtype
 
         folder = _rewriter_folder(path_or_id, revision, cache_dir, local_files_only)
         device = resolve_device(device)

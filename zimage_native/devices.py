@@ -1,0 +1,43 @@
+"""Devices and dtypes: what "auto" means, and where a component's weights live between uses."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None/'auto': bf16 on accelerators, fp32 on the CPU (bf16 matmuls are slow there)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or 'auto'")
+    if DTYPES[dtype] is torch.float16:
+        logger.warning("float16 can overflow in the Z-Image DiT; bfloat16 or float32 is recommended")
+    return DTYPES[dtype]
+
+
+def storage_device(name: str, device: torch.device, offload: str) -> torch.device:
+    """Where a component's weights live between uses."""
+    if offload == "model" or (offload == "text_encoder" and name == "text_encoder"):
+        return torch.device("cpu")
+    return device

@@ -1,0 +1,54 @@
+"""Server settings and request limits (all configurable; published by ``GET /api/v1/capabilities``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/zimage-native/server``, else ``~/.local/share/zimage-native/server``."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "zimage-native" / "server"
+
+
+@dataclass
+class Limits:
+    """What one request may ask for. Sizes must also be multiples of 16."""
+
+    min_side: int = 256
+    max_side: int = 2048
+    max_pixels: int = 2048 * 2048  # about 4.2 megapixels
+    max_steps: int = 100
+    max_images: int = 4  # n per request
+    max_guidance: float = 20.0
+    max_prompt_chars: int = 4000  # each text field
+    max_sequence_length: int = 1024  # the largest max_sequence_length a request may set
+    max_upload_bytes: int = 16 * 1024 * 1024  # decoded img2img input
+    max_body_bytes: int = 24 * 1024 * 1024  # whole request body (base64 input included)
+    max_texts: int = 16  # texts per /api/encode or /api/tokenize call
+    max_new_tokens: int = 2048  # /api/rewrite
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ServerSettings:
+    data_dir: Path = field(default_factory=default_data_dir)
+    queue_size: int = 8  # jobs waiting behind the running one; capacity is queue_size + 1
+    token: str | None = None  # bearer token; None = no authentication
+    limits: Limits = field(default_factory=Limits)
+    max_history: int | None = None  # keep at most this many images (oldest pruned); None = all
+    job_timeout: float | None = None  # seconds a job may run before it fails; None = no limit
+    sync_timeout: float = 600.0  # seconds the synchronous routes wait for their job
+    full_sync: bool = False  # SQLite synchronous=FULL (survives power loss), else NORMAL
+    thumbnail_size: int = 256
+
+    def __post_init__(self):
+        self.data_dir = Path(self.data_dir)
+        if self.queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
+        if self.token is not None and not self.token:
+            self.token = None
