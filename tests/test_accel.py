@@ -189,3 +189,39 @@ def test_import_and_default_path_work_without_triton():
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "ERROR: kernels='triton' needs Triton" in result.stdout and "pip install" in result.stdout
+
+
+@needs_triton
+def test_lora_after_the_fused_gemms_reaches_them(tiny_model_dir):
+    """q|k|v and w1|w3 become views of fused buffers; a LoRA fused afterwards (in place) must change
+    the fused GEMMs exactly as it changes the eager model."""
+    from safetensors.torch import save_file
+
+    from zimage_native import ZImagePipeline
+
+    def pipe():
+        p = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+        p.progress = False
+        return p
+
+    w = pipe().transformer.layers[0].attention.to_k.weight
+    g = torch.Generator().manual_seed(0)
+    lora = {"transformer.layers.0.attention.to_k.lora_A.weight": torch.randn(4, w.shape[1], generator=g),
+            "transformer.layers.0.attention.to_k.lora_B.weight": torch.randn(w.shape[0], 4, generator=g),
+            "transformer.layers.1.feed_forward.w3.lora_A.weight": torch.randn(4, w.shape[1], generator=g),
+            "transformer.layers.1.feed_forward.w3.lora_B.weight": torch.randn(170, 4, generator=g)}
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lora-fused-{os.getpid()}.safetensors"
+    save_file(lora, path)
+    try:
+        kw = dict(width=32, height=32, num_inference_steps=2, seed=0, output_type="latent")
+        eager = pipe()
+        eager.load_lora(str(path))
+        fused = pipe()
+        optimize(fused.transformer, kernels="triton")
+        before = fused("a cat", **kw).images
+        fused.load_lora(str(path))
+        after = fused("a cat", **kw).images
+        assert_rel(after, eager("a cat", **kw).images, 1e-5)
+        assert (after - before).abs().max() > 1e-3
+    finally:
+        path.unlink()
