@@ -210,12 +210,17 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
         compile: str = "off",
         cuda_graphs: bool = False,
         fp8: bool = False,
+        text_encoder_url: str | None = None,
+        text_encoder_token: str | None = None,
     ) -> "ZImagePipeline":
         """Load a diffusers-layout folder or a Hub id (only the needed files are downloaded).
 
         Accelerations (see :meth:`optimize` and docs/performance.md): ``kernels`` "none" | "triton",
         ``attention`` a backend name or "auto" (default: $ZIMAGE_ATTENTION, else "sdpa"),
         ``compile`` "off" | "blocks" | "full", ``cuda_graphs``, ``fp8``.
+
+        ``text_encoder_url``: encode prompts on a remote ``zimage serve`` (its ``/api/encode``)
+        instead of loading Qwen3 here (the distributed mode; docs/server.md).
 
         ``dtype`` applies to all three components (default: bf16 on GPU, fp32 on CPU); weights are
         cast tensor by tensor while loading. ``*_device`` place one component elsewhere than
@@ -251,16 +256,22 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
         else:
             vcfg = VAEConfig.from_json(folder / "vae" / "config.json")
             ae = load_module(lambda: AutoencoderKL(vcfg), folder / "vae", dtype, storage["vae"], "vae")
-        tok = load_tokenizer(tokenizer if tokenizer is not None else folder / "tokenizer")
-        if text_encoder is not None:
-            te = TextEncoder(load_component("text_encoder", text_encoder, dtype, storage["text_encoder"],
-                                            folder / "text_encoder" / "config.json"), tok)
+        if text_encoder_url is not None:
+            from .server.remote import RemoteTextEncoder
+
+            te = RemoteTextEncoder(text_encoder_url, text_encoder_token, dtype=dtype)
+            hidden = te.hidden_size
         else:
-            te = TextEncoder(load_qwen3_encoder(folder / "text_encoder", dtype, storage["text_encoder"]), tok)
-        if te.model.config.hidden_size != dit.config.cap_feat_dim:
+            tok = load_tokenizer(tokenizer if tokenizer is not None else folder / "tokenizer")
+            if text_encoder is not None:
+                te = TextEncoder(load_component("text_encoder", text_encoder, dtype, storage["text_encoder"],
+                                                folder / "text_encoder" / "config.json"), tok)
+            else:
+                te = TextEncoder(load_qwen3_encoder(folder / "text_encoder", dtype, storage["text_encoder"]), tok)
+            hidden = te.model.config.hidden_size
+        if hidden != dit.config.cap_feat_dim:
             raise ValueError(
-                f"text encoder hidden size {te.model.config.hidden_size} does not match the "
-                f"transformer's cap_feat_dim {dit.config.cap_feat_dim}"
+                f"text encoder hidden size {hidden} does not match the transformer's cap_feat_dim {dit.config.cap_feat_dim}"
             )
         pipe = cls(dit, ae, te, scfg, vcfg, source=str(path_or_id), variant=variant,
                    model_folder=folder, placement=placement, offload=offload)
@@ -281,6 +292,8 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
         """Put a component on its execution device while it runs; offloaded ones go back to the CPU."""
         device = self.placement[name]
         storage = storage_device(name, device, self.offload)
+        if self._module(name) is None:  # a remote text encoder: nothing to move
+            storage = device
         if storage != device:
             self._module(name).to(device)
         try:
@@ -346,6 +359,13 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
         if self._graphed is not None:
             self._graphed.clear()
         return report
+
+    def rewrite(self, prompt: str, *args, **kwargs) -> str:
+        """Expand a prompt with the Qwen3 weights (see :class:`RewriterMixin`); with a remote text
+        encoder, the remote server rewrites."""
+        if getattr(self.text_encoder, "model", None) is None:
+            return self.text_encoder.rewrite(prompt, *args, **kwargs)
+        return super().rewrite(prompt, *args, **kwargs)
 
     def unload_lora(self, *args, **kwargs):
         restored = super().unload_lora(*args, **kwargs)

@@ -45,6 +45,7 @@ from .format_prompt import format_prompt_command  # noqa: E402
 from .generate import generate  # noqa: E402
 from .info import info  # noqa: E402
 from .rewrite import rewrite  # noqa: E402
+from .serve import serve  # noqa: E402
 from .templates import templates  # noqa: E402
 
 main.add_command(generate)
@@ -54,6 +55,7 @@ main.add_command(bench)
 main.add_command(format_prompt_command)
 main.add_command(templates)
 main.add_command(rewrite)
+main.add_command(serve)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

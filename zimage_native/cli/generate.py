@@ -97,6 +97,10 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), default=None,
               help="Qwen3 text encoder file (e.g. qwen_3_4b.safetensors).")
 @click.option("--tokenizer", default=None, help="Tokenizer folder or Hub id (default: the model's, or Z-Image-Turbo's).")
+@click.option("--encoder-url", default=None,
+              help="Encode prompts on a remote `zimage serve` (distributed mode) instead of loading Qwen3 here.")
+@click.option("--encoder-token", default=None, envvar="ZIMAGE_ENCODER_TOKEN",
+              help="Bearer token of the remote encoder [env ZIMAGE_ENCODER_TOKEN].")
 @click.option("--lora", "loras", multiple=True, help="LoRA file, PATH[:SCALE] (repeatable); fused into the weights.")
 @click.option("--variant", type=click.Choice(["turbo", "base"]), default=None,
               help="Sets the step and guidance defaults (Turbo 8/0, base 50/4); detected from the model if not given.")
@@ -234,13 +238,16 @@ def load_pipeline(o: dict):
     if o["model"] is None and o["transformer"] is not None:
         if o["dit_device"] or o["vae_device"] or o["text_encoder_device"] or o["offload"] != "none":
             raise ValueError("per-component devices and --offload need --model (a folder) for now")
+        if o.get("encoder_url"):
+            raise ValueError("--encoder-url needs --model (a folder with the DiT and VAE)")
         pipe = ZImagePipeline.from_single_files(transformer=o["transformer"], vae=o["vae"],
                                                 text_encoder=o["text_encoder"], tokenizer=o["tokenizer"], **placement)
     else:
         pipe = ZImagePipeline.from_pretrained(
             o["model"] or DEFAULT_MODEL, **placement, text_encoder_device=o["text_encoder_device"],
             dit_device=o["dit_device"], vae_device=o["vae_device"], offload=o["offload"],
-            transformer=o["transformer"], vae=o["vae"], text_encoder=o["text_encoder"], tokenizer=o["tokenizer"])
+            transformer=o["transformer"], vae=o["vae"], text_encoder=o["text_encoder"], tokenizer=o["tokenizer"],
+            text_encoder_url=o.get("encoder_url"), text_encoder_token=o.get("encoder_token"))
     if o["loras"]:  # fused before any fp8 conversion or capture
         pairs = [parse_lora_arg(text) for text in o["loras"]]
         reports = pipe.load_lora([p for p, _ in pairs], scale=[s for _, s in pairs])

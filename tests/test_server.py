@@ -1,0 +1,527 @@
+"""The generation server with the fake engine: every route, SSE order, cancel, 429, auth, validation,
+path safety, the OpenAI client, history persistence and start-up repair."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from zimage_native.server import FakeEngine, Limits, ServerSettings, create_app  # noqa: E402
+from zimage_native.server.engine import seed_colour  # noqa: E402
+from zimage_native.server.remote import features_from_bytes  # noqa: E402
+from zimage_native.server.sse import follow  # noqa: E402
+from zimage_native.server.testing import LiveServer  # noqa: E402
+
+SMALL = dict(width=64, height=64)
+
+
+def settings_for(path, **kw) -> ServerSettings:
+    limits = kw.pop("limits", None) or Limits(min_side=32, max_side=512, max_pixels=512 * 512, max_steps=50,
+                                              max_images=4, max_prompt_chars=200, max_upload_bytes=200_000,
+                                              max_body_bytes=400_000)
+    return ServerSettings(data_dir=path, limits=limits, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    engine = FakeEngine(step_delay=0.01)
+    app = create_app(engine, settings_for(tmp_path_factory.mktemp("server-data"), queue_size=4))
+    with LiveServer(app) as live:
+        live.engine = engine
+        yield live
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+def submit(client, **body):
+    body = {"prompt": "a red fox", **SMALL, "steps": 3, **body}
+    r = client.post("/api/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def run_job(client, **body):
+    job = submit(client, **body)
+    events = follow(client, job["events_url"])
+    return job, events
+
+
+def png_bytes(color=(10, 20, 30), size=(96, 80), fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- basics
+def test_health_and_capabilities(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == "fake"
+    caps = client.get("/api/v1/capabilities").json()
+    assert caps["variant"] == "turbo" and caps["defaults"]["steps"] == 8
+    assert caps["limits"]["min_side"] == 32 and caps["queue"]["capacity"] == 5
+    assert caps["features"]["generate"] and caps["text_encoder"]["hidden_size"] == 32
+    assert all(32 <= p["width"] <= 512 for p in caps["presets"]) and caps["presets"]
+    assert client.get("/openapi.json").json()["paths"]["/api/v1/jobs"]
+
+
+def test_job_events_arrive_in_order(client):
+    job, events = run_job(client, steps=4, n=2, seed=7)
+    assert job["status"] in ("queued", "running") and job["queue_position"] == 0
+    assert [e.type for e in events] == ["queued", "started"] + ["progress"] * 4 + ["completed"]
+    assert [e.id for e in events] == list(range(1, 8))
+    assert [(e.data["step"], e.data["total"]) for e in events if e.type == "progress"] == [(i, 4) for i in range(1, 5)]
+    images = events[-1].data["images"]
+    assert [i["seed"] for i in images] == [7, 8] and [i["index"] for i in images] == [0, 1]
+    got = client.get(f"/api/v1/jobs/{job['id']}").json()
+    assert got["status"] == "completed" and got["progress"] == {"step": 4, "total": 4}
+    assert [i["id"] for i in got["images"]] == [i["id"] for i in images]
+    png = client.get(images[1]["url"])
+    assert png.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(png.content)) as im:
+        assert im.size == (64, 64) and im.getpixel((5, 5)) == seed_colour(8)
+        meta = json.loads(im.info["zimage"])
+        assert meta["seed"] == 8 and meta["prompt"] == "a red fox" and "Seed: 8" in im.info["parameters"]
+    # Resuming after an event id replays only what came later; a finished job with nothing left answers 204.
+    with client.stream("GET", job["events_url"], headers={"Last-Event-ID": "5"}) as r:
+        text = r.read().decode()
+    assert "id: 6\n" in text and "id: 5\n" not in text and "event: completed" in text
+    assert client.get(job["events_url"], headers={"Last-Event-ID": "7"}).status_code == 204
+
+
+def test_formats_thumbnail_and_job_list(client):
+    _, events = run_job(client)
+    image = events[-1].data["images"][0]
+    for fmt, media in (("jpeg", "image/jpeg"), ("webp", "image/webp")):
+        r = client.get(image["url"], params={"format": fmt})
+        assert r.status_code == 200 and r.headers["content-type"] == media
+        Image.open(io.BytesIO(r.content)).verify()
+    assert client.get(image["url"], params={"format": "gif"}).status_code == 422
+    thumb = client.get(image["thumbnail_url"])
+    assert thumb.headers["content-type"] == "image/jpeg"
+    jobs = client.get("/api/v1/jobs").json()["jobs"]
+    assert image["job_id"] in [j["id"] for j in jobs]
+
+
+def test_failed_job_reports_the_error(client):
+    job, events = run_job(client, prompt="please [fail] now", steps=3)
+    assert [e.type for e in events] == ["queued", "started", "progress", "failed"]
+    assert "asked to fail" in events[-1].data["error"]
+    got = client.get(f"/api/v1/jobs/{job['id']}").json()
+    assert got["status"] == "failed" and "asked to fail" in got["error"] and got["images"] == []
+
+
+def test_cancel_a_running_job_between_steps(client, server):
+    server.engine.step_delay = 0.03
+    try:
+        job = submit(client, steps=40)
+        sent = []
+
+        def on_event(event):
+            if event.type == "progress" and event.data["step"] == 2 and not sent:
+                r = client.post(f"/api/v1/jobs/{job['id']}/cancel")
+                sent.append(r)
+
+        events = follow(client, job["events_url"], on_event)
+    finally:
+        server.engine.step_delay = 0.01
+    assert sent and sent[0].status_code == 200 and sent[0].json()["cancel_requested"] is True
+    types = [e.type for e in events]
+    assert types[:2] == ["queued", "started"] and types[-1] == "cancelled" and "completed" not in types
+    steps = [e.data["step"] for e in events if e.type == "progress"]
+    assert 2 <= steps[-1] < 40 and events[-1].data["step"] == steps[-1]
+    assert client.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+    assert client.post(f"/api/v1/jobs/{job['id']}/cancel").status_code == 409
+    assert client.post("/api/v1/jobs/jdeadbeefdeadbeefdead/cancel").status_code == 404
+
+
+def test_queue_full_answers_429_with_retry_after(tmp_path):
+    engine = FakeEngine(step_delay=0.05)
+    with LiveServer(create_app(engine, settings_for(tmp_path, queue_size=1))) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as c:
+        accepted = [submit(c, steps=50) for _ in range(2)]
+        r = c.post("/api/v1/jobs", json={"prompt": "one more", **SMALL})
+        assert r.status_code == 429
+        assert int(r.headers["Retry-After"]) >= 1
+        body = r.json()["error"]
+        assert body["type"] == "queue_full" and "queue is full" in body["message"]
+        # A waiting job is cancelled at once (its events end), which frees a place.
+        waiting = accepted[1]
+        assert c.get(f"/api/v1/jobs/{waiting['id']}").json()["queue_position"] == 1
+        assert c.post(f"/api/v1/jobs/{waiting['id']}/cancel").json()["status"] == "cancelled"
+        assert [e.type for e in follow(c, waiting["events_url"])] == ["queued", "cancelled"]
+        third = submit(c, steps=2)
+        for job in (accepted[0], third):
+            c.post(f"/api/v1/jobs/{job['id']}/cancel")
+        assert follow(c, third["events_url"])[-1].type == "cancelled"
+
+
+def test_warmup_job_timeout_and_history_pruning(tmp_path):
+    engine = FakeEngine(step_delay=0.02)
+    settings = settings_for(tmp_path, job_timeout=0.1, max_history=2)
+    with LiveServer(create_app(engine, settings, warmup=True)) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as c:
+        assert list(engine.calls) == ["warmup@zimage-worker"]  # before the server listened
+        job, events = run_job(c, steps=40)
+        assert events[-1].type == "failed" and "longer than the limit of 0.1 s" in events[-1].data["error"]
+        for seed in (1, 2, 3):
+            run_job(c, seed=seed, steps=1)
+        assert [i["seed"] for i in c.get("/api/history").json()["items"]] == [3, 2]
+        assert len(list((tmp_path / "images").rglob("*.png"))) == 2
+
+
+# ---------------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("body, param, words", [
+    ({"width": 65}, "width", "multiple of 16"),
+    ({"width": 1024}, "width", "between 32 and 512"),
+    ({"steps": 0}, "steps", "between 1 and 50"),
+    ({"n": 9}, "n", "between 1 and 4"),
+    ({"prompt": "x" * 201}, "prompt", "limit is 200"),
+    ({"prompt": "   "}, "prompt", "must not be empty"),
+    ({"guidance_scale": -1}, "guidance_scale", "between 0"),
+    ({"seed": [1, 2], "n": 3}, "seed", "2 seeds for n=3"),
+    ({"seed": -5}, "seed", "between 0"),
+    ({"template": "no-such-template"}, "template", "no-such-template"),
+    ({"size": "64x64"}, "size", "either size or width"),
+    ({"colour": "red"}, "colour", "Extra inputs"),
+    ({"steps": "many"}, "steps", "valid integer"),
+    ({"image": "not base64!!"}, "image", "not valid base64"),
+    ({"image": base64.b64encode(b"hello").decode()}, "image", "cannot be read"),
+    ({"max_sequence_length": 5000}, "max_sequence_length", "between 1 and"),
+    ({"shift": 0}, "shift", "> 0"),
+])
+def test_validation_errors_are_clear_json(client, body, param, words):
+    r = client.post("/api/v1/jobs", json={"prompt": "a cat", **SMALL, **body})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_and_oversized_bodies(client):
+    r = client.post("/api/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "JSON" in r.json()["error"]["message"]
+    r = client.post("/api/v1/jobs", content=b"x" * 500_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large"
+
+    def chunks():  # no Content-Length: the middleware counts the bytes
+        for _ in range(50):
+            yield b" " * 10_000
+
+    r = client.post("/api/v1/jobs", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    big = base64.b64encode(b"\0" * 250_000).decode()
+    r = client.post("/api/v1/jobs", json={"prompt": "a", **SMALL, "image": big})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "image"
+
+
+def test_img2img_input(client):
+    data = "data:image/png;base64," + base64.b64encode(png_bytes(size=(100, 70))).decode()
+    job, events = run_job(client, image=data, strength=0.5, steps=4, width=None, height=None)
+    assert events[-1].type == "completed"
+    image = events[-1].data["images"][0]
+    assert (image["width"], image["height"]) == (96, 64)  # the input's size, down to multiples of 16
+    assert job["params"]["img2img"] is True and job["params"]["strength"] == 0.5
+    r = client.post("/api/v1/jobs", json={"prompt": "a", **SMALL, "image": data, "strength": 0.0, "steps": 4})
+    assert r.status_code == 422 and "leaves no step" in r.json()["error"]["message"]
+
+
+def test_paths_never_come_from_user_input(client, server):
+    _, events = run_job(client)
+    good = events[-1].data["images"][0]["id"]
+    for bad in ("..%2F..%2Fhistory.sqlite3", "..", "%2e%2e", good + ".png", "../" + good, "j0-0", good + "%00"):
+        r = client.get(f"/api/v1/images/{bad}")
+        assert r.status_code == 404, bad
+        assert b"SQLite" not in r.content
+        assert client.delete(f"/api/history/{bad}").status_code in (404, 405), bad
+    for bad in ("/static/../app.py", "/static/..%2F..%2Fapp.py", "/static/%2e%2e/jobs.py"):
+        r = client.get(bad)
+        assert r.status_code == 404 and b"import" not in r.content, bad
+    assert client.get("/api/embeddings/..%2Fhistory.sqlite3").status_code == 404
+    # Everything the server wrote lies under its data folder with server-made names.
+    root = server.app.state.storage.root
+    for path in root.rglob("*"):
+        assert path.resolve().is_relative_to(root)
+
+
+# ---------------------------------------------------------------------------------------------- history
+def test_history_list_delete_and_clear(tmp_path):
+    with LiveServer(create_app(FakeEngine(), settings_for(tmp_path))) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as c:
+        for seed in (1, 2, 3):
+            run_job(c, seed=seed, steps=1)
+        items = c.get("/api/history").json()["items"]
+        assert [i["seed"] for i in items] == [3, 2, 1]  # newest first
+        assert c.get("/api/v1/images", params={"limit": 1, "offset": 1}).json()["items"][0]["seed"] == 2
+        r = c.delete(f"/api/history/{items[0]['id']}")
+        assert r.json() == {"deleted": items[0]["id"]}
+        assert c.get(items[0]["url"]).status_code == 404
+        r = c.delete("/api/history/0")  # the deprecated positional alias (index into the newest-first list)
+        assert r.json()["deleted"] == items[1]["id"] and r.headers["Deprecation"] == "true"
+        assert c.delete("/api/history/7").status_code == 404
+        assert c.delete(f"/api/v1/images/{items[2]['id']}").json() == {"deleted": items[2]["id"]}
+        run_job(c, seed=4, steps=1)
+        assert c.delete("/api/history").json() == {"deleted": 1}
+        assert c.get("/api/history").json() == {"items": [], "total": 0, "limit": 100, "offset": 0}
+        files = [p for p in (tmp_path / "images").rglob("*") if p.is_file()]
+        files += [p for p in (tmp_path / "thumbs").rglob("*") if p.is_file()]
+        assert files == []
+
+
+def test_history_survives_a_restart(tmp_path):
+    with LiveServer(create_app(FakeEngine(), settings_for(tmp_path))) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as c:
+        job, events = run_job(c, seed=11, n=2, steps=1)
+        before = c.get("/api/history").json()
+    with LiveServer(create_app(FakeEngine(), settings_for(tmp_path))) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as c:
+        after = c.get("/api/history").json()
+        assert after == before and after["total"] == 2
+        assert [i["index"] for i in after["items"]] == [0, 1]  # a job's images together, in order
+        got = c.get(f"/api/v1/jobs/{job['id']}").json()
+        assert got["status"] == "completed" and len(got["images"]) == 2
+        assert c.get(after["items"][0]["url"]).status_code == 200
+        # The events of a job from before the restart: its terminal event, from the database.
+        events = follow(c, f"/api/v1/jobs/{job['id']}/events")
+        assert [e.type for e in events] == ["completed"] and len(events[0].data["images"]) == 2
+
+
+def test_start_up_repairs_what_a_crash_leaves(tmp_path):
+    from zimage_native.metadata import png_info
+    from zimage_native.server.storage import Storage, write_atomic
+
+    store = Storage(tmp_path)
+    image = Image.new("RGB", (32, 32), (1, 2, 3))
+    store.insert_job("j" + "a" * 20, "generate", {"prompt": "p"}, time.time(), status="running")
+    store.insert_job("j" + "b" * 20, "generate", {"prompt": "q"}, time.time(), status="queued")
+    kept = store.save_image("j" + "a" * 20, 0, image, {"prompt": "p", "seed": 5})
+    # A file renamed into place just before the crash, whose row was never inserted: adopted.
+    day = kept["file"].split("/")[1]
+    orphan = tmp_path / "images" / day / f"j{'a' * 20}-1.png"
+    write_atomic(orphan, lambda f: image.save(f, format="PNG", pnginfo=png_info({"prompt": "p", "seed": 6})))
+    # A file of an unknown job, a half-written temporary file, a row whose file is gone.
+    stranger = tmp_path / "images" / day / f"j{'c' * 20}-0.png"
+    stranger.write_bytes(orphan.read_bytes())
+    (tmp_path / "images" / day / ".x.png.1234.tmp").write_bytes(b"partial")
+    gone = store.save_image("j" + "a" * 20, 2, image, {"prompt": "p", "seed": 7})
+    (tmp_path / gone["file"]).unlink()
+    store.close()
+
+    store = Storage(tmp_path)
+    report = store.reconcile()
+    assert report["failed"] == 1 and report["cancelled"] == 1 and report["adopted"] == 1
+    assert report["orphans_removed"] == 1 and report["tmp_removed"] == 1 and report["rows_dropped"] == 1
+    assert store.get_job("j" + "a" * 20)["status"] == "failed"
+    assert store.get_job("j" + "b" * 20)["status"] == "cancelled"
+    rows = store.list_images()
+    assert sorted(r["seed"] for r in rows) == [5, 6]
+    for row in rows:
+        assert store.image_file(row).is_file() and store.thumb_file(row).is_file()
+    assert not stranger.exists() and not list(tmp_path.rglob("*.tmp"))
+    assert store.reconcile() == dict.fromkeys(report, 0)  # a second pass finds nothing to do
+    store.close()
+
+
+# ---------------------------------------------------------------------------------------------- OpenAI
+def test_openai_client_b64_json_and_url(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(prompt="a lighthouse", n=2, size="64x48", response_format="b64_json",
+                                    extra_body={"num_inference_steps": 2, "seed": 21, "negative_prompt": "fog",
+                                                "guidance_scale": 0.0})
+    assert len(result.data) == 2
+    with Image.open(io.BytesIO(base64.b64decode(result.data[1].b64_json))) as im:
+        assert im.size == (64, 48) and im.getpixel((0, 0)) == seed_colour(22)
+        assert json.loads(im.info["zimage"])["negative_prompt"] == "fog"
+    result = client.images.generate(prompt="a lighthouse", size="64x64", response_format="url",
+                                    output_format="jpeg", extra_body={"num_inference_steps": 1, "seed": 3})
+    url = result.data[0].url
+    assert url.startswith(server.url + "/api/v1/images/") and url.endswith("?format=jpeg")
+    r = httpx.get(url)
+    assert r.headers["content-type"] == "image/jpeg"
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["fake"]
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.images.generate(prompt="a", size="65x64")
+    r = httpx.post(server.url + "/v1/images/generations",
+                   json={"prompt": "a", "size": "64x64", "quality": "hd", "style": "vivid", "user": "u",
+                         "num_inference_steps": 1})
+    assert r.status_code == 200 and r.json()["size"] == "64x64" and r.json()["output_format"] == "png"
+
+
+# ---------------------------------------------------------------------------------------------- predecessor routes
+def test_legacy_generate(client):
+    r = client.post("/api/generate", json={"prompt": "a cat", "width": 64, "height": 64, "steps": 2, "seed": 42,
+                                           "system_prompt": "You are a painter.", "shift": 3.0, "unknown": 1})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["seed"] == 42 and body["image"].startswith("data:image/png;base64,")
+    assert body["formatted_prompt"].startswith("<|im_start|>system\nYou are a painter.")
+    with Image.open(io.BytesIO(base64.b64decode(body["image"].split(",", 1)[1]))) as im:
+        assert im.getpixel((0, 0)) == seed_colour(42)
+
+
+def test_encode_returns_safetensors_with_dtype_and_shape(tmp_path):
+    engine = FakeEngine(dtype=torch.bfloat16, hidden_size=24)
+    with LiveServer(create_app(engine, settings_for(tmp_path))) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as c:
+        r = c.post("/api/encode", json={"prompt": ["ab", "hello"], "system_prompt": "S"})
+        assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+        features, meta = features_from_bytes(r.content)
+        texts = json.loads(meta["texts"])
+        assert texts[0] == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n"
+        expected = engine.encode(texts)
+        assert [f.dtype for f in features] == [torch.bfloat16] * 2
+        assert [tuple(f.shape) for f in features] == [tuple(e.shape) for e in expected]
+        assert all(torch.equal(f, e) for f, e in zip(features, expected))
+        assert json.loads(meta["token_counts"]) == [e.shape[0] for e in expected]
+        # Pre-formatted texts are encoded as given; max_sequence_length cuts them.
+        r = c.post("/api/encode", json={"texts": ["raw text"], "max_sequence_length": 3})
+        (only,), _ = features_from_bytes(r.content)
+        assert only.shape == (3, 24)
+        for body, words in (({"texts": ["a"], "prompt": "b"}, "exactly one"), ({}, "exactly one"),
+                            ({"texts": ["a"], "template": "x"}, "no prompt fields"),
+                            ({"texts": ["a"] * 17}, "between 1 and 16"),
+                            ({"prompt": "a", "template": "no-such"}, "no-such")):
+            r = c.post("/api/encode", json=body)
+            assert r.status_code == 422 and words in r.json()["error"]["message"], (body, r.text)
+        r = c.post("/api/tokenize", json={"texts": ["abc", "de"], "max_sequence_length": 2})
+        assert r.json() == {"input_ids": [[97, 98], [100, 101]], "token_counts": [2, 2]}
+        saved = c.post("/api/save-embeddings", json={"prompt": "ab"}).json()
+        assert saved["count"] == 1
+        download = c.get(saved["url"])
+        features, _ = features_from_bytes(download.content)
+        assert features[0].dtype == torch.bfloat16
+        assert c.get("/api/embeddings/e" + "0" * 20).status_code == 404
+
+
+def test_prompt_routes(client, server):
+    r = client.post("/api/format-prompt", json={"prompt": "a cat", "thinking_content": "orange", "tokens": True})
+    body = r.json()
+    assert body["formatted_prompt"] == ("<|im_start|>user\na cat<|im_end|>\n<|im_start|>assistant\n"
+                                        "<think>\norange\n</think>\n\n")
+    assert body["token_count"] == len(body["formatted_prompt"].encode()) == len(body["token_ids"])
+    templates = client.get("/api/templates").json()
+    assert len(templates["templates"]) > 50 and "rewriter" in templates["categories"]
+    assert all("path" not in t for t in templates["templates"])
+    name = next(t["name"] for t in templates["templates"] if t["category"] != "rewriter")
+    r = client.post("/api/format-prompt", json={"prompt": "x", "template": name})
+    assert r.status_code == 200
+    only = client.get("/api/templates", params={"category": "rewriter"}).json()["templates"]
+    assert only and all(t["category"] == "rewriter" for t in only)
+    assert client.get("/api/templates", params={"category": "nope"}).status_code == 422
+    rewriters = client.get("/api/rewriters").json()
+    assert rewriters["available"] and [t["name"] for t in rewriters["rewriters"]] == [t["name"] for t in only]
+    r = client.post("/api/rewrite", json={"prompt": "a cat", "rewriter": only[0]["name"], "seed": 1})
+    assert r.json()["rewritten"] == f"a cat, rewritten ({only[0]['name']})"
+    assert client.post("/api/rewrite", json={"prompt": "a", "max_new_tokens": 0}).status_code == 422
+    assert client.post("/api/rewrite", json={"prompt": "a", "rewriter": "nope"}).status_code == 422
+    # Model calls run on the worker thread, in order with the jobs.
+    assert "rewrite@zimage-worker" in server.engine.calls
+    assert {c.split("@")[1] for c in server.engine.calls} == {"zimage-worker"}
+
+
+def test_encoder_only_server_refuses_generation(tmp_path):
+    engine = FakeEngine()
+    engine.can_generate = False
+    with LiveServer(create_app(engine, settings_for(tmp_path))) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as c:
+        r = c.post("/api/v1/jobs", json={"prompt": "a", **SMALL})
+        assert r.status_code == 503 and "text encoder only" in r.json()["error"]["message"]
+        assert c.post("/v1/images/generations", json={"prompt": "a"}).status_code == 503
+        assert c.post("/api/encode", json={"texts": ["a"]}).status_code == 200
+        assert c.get("/api/v1/capabilities").json()["features"]["generate"] is False
+
+
+# ---------------------------------------------------------------------------------------------- auth
+def test_token_is_required_everywhere_but_health(tmp_path):
+    token = "s3cret-token"
+    app = create_app(FakeEngine(), settings_for(tmp_path, token=token))
+    open_paths = {"/health", "/", "/favicon.ico", "/api/v1/login"}
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=30) as c:
+        checked = 0
+        for route in app.routes:
+            path = getattr(route, "path", None)
+            methods = getattr(route, "methods", None) or {"GET"}
+            if path is None or path in open_paths:
+                continue
+            concrete = (path.replace("{job_id}", "j" + "0" * 20).replace("{image_id}", "j" + "0" * 20 + "-0")
+                        .replace("{embedding_id}", "e" + "0" * 20).replace("{ref}", "0")
+                        .replace("{path:path}", "style.css"))
+            if path == "/static":
+                continue
+            for method in methods - {"HEAD", "OPTIONS"}:
+                for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + token}):
+                    r = c.request(method, concrete, headers=headers, json={})
+                    assert r.status_code == 401, (method, concrete, headers, r.status_code)
+                    assert r.headers["www-authenticate"] == "Bearer"
+                checked += 1
+        assert checked >= 25
+        assert c.get("/health").status_code == 200
+        assert c.get("/").status_code == 200 and c.get("/static/app.js").status_code == 200
+        good = {"Authorization": f"Bearer {token}"}
+        assert c.get("/api/v1/capabilities", headers=good).json()["auth"] is True
+        with httpx.Client(base_url=live.url, timeout=30) as browser:  # the page's cookie login
+            assert browser.post("/api/v1/login", json={"token": "nope"}).status_code == 401
+            r = browser.post("/api/v1/login", json={"token": token})
+            assert r.status_code == 200 and "httponly" in r.headers["set-cookie"].lower()
+            assert "samesite=strict" in r.headers["set-cookie"].lower()
+            assert browser.get("/api/history").status_code == 200
+
+
+def test_constant_time_comparison_is_used(monkeypatch):
+    import hmac
+
+    from zimage_native.server import app as app_module
+
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(app_module.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    gate = app_module.LimitsAndAuth(None, token="abc", max_body=10)
+    assert gate.authorized({"authorization": "Bearer abc"}) and not gate.authorized({"authorization": "Bearer abd"})
+    assert gate.authorized({"cookie": "x=1; zimage_token=abc"}) and not gate.authorized({})
+    assert calls == [(b"abc", b"abc"), (b"abd", b"abc"), (b"abc", b"abc")]
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_serve_cli_checks_options_and_reads_profiles(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import importlib
+
+    from zimage_native.cli import main
+
+    serve_module = importlib.import_module("zimage_native.cli.serve")  # the package attribute is the command
+
+    seen = {}
+    monkeypatch.setattr(serve_module, "run_server", lambda o: seen.update(o))
+    config = tmp_path / "z.toml"
+    config.write_text('[default]\nsteps = 9\nwidth = 768\nqueue_size = 3\n\n[fast]\nport = 9001\nfake = true\n'
+                      'compile_mode = "blocks"\n')
+    result = CliRunner().invoke(main, ["serve", "--config", str(config), "--profile", "fast", "--port", "9002"])
+    assert result.exit_code == 0, result.output
+    assert seen["queue_size"] == 3 and seen["port"] == 9002 and seen["fake"] is True
+    assert seen["compile_mode"] == "blocks" and seen["host"] == "127.0.0.1"
+    config.write_text("[default]\nbogus = 1\n")
+    result = CliRunner().invoke(main, ["serve", "--config", str(config)])
+    assert result.exit_code == 1 and "unknown key 'bogus'" in result.output
+    result = CliRunner().invoke(main, ["serve", "--profile", "x"])
+    assert result.exit_code == 1 and "--profile needs --config" in result.output
+
+    monkeypatch.undo()  # the real run_server: these fail before anything is loaded or bound
+    for args, words in ((["--queue-size", "-1"], "--queue-size"), (["--min-side", "8"], "--min-side"),
+                        (["--encoder-only", "--encoder-url", "http://x"], "exclude each other")):
+        result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path / "d"), *args])
+        assert result.exit_code == 1 and words in result.output, result.output

@@ -1,0 +1,256 @@
+"""The web page in a real headless browser: Playwright for Python driving Debian's chromium against
+the server with the fake engine. Skipped, with the reason, only where chromium or Playwright is missing.
+
+Screenshots (phone and desktop) go to the test's temporary folder, and also to
+$ZIMAGE_TEST_ARTIFACTS when that is set (a git-ignored folder such as test-artifacts/).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from zimage_native.server import FakeEngine, ServerSettings, create_app  # noqa: E402
+from zimage_native.server.testing import LiveServer  # noqa: E402
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+PHONE = {"width": 390, "height": 844}
+TIMEOUT_MS = 15_000
+
+
+def chromium_path() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import Error, sync_playwright
+    except ImportError:
+        pytest.skip("Playwright for Python is not installed (pip install playwright)")
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does it when it can)")
+    with sync_playwright() as p:
+        try:
+            instance = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        except Error as e:
+            pytest.skip(f"chromium at {executable} did not start: {str(e).splitlines()[0]}")
+        yield instance
+        instance.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    engine = FakeEngine(step_delay=0.05)
+    app = create_app(engine, ServerSettings(data_dir=tmp_path_factory.mktemp("browser-data"), queue_size=1))
+    with LiveServer(app) as live:
+        live.engine = engine
+        yield live
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport=PHONE, device_scale_factor=2, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#presets button').length > 0")
+    yield page
+    context.close()
+    assert errors == [], errors
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> list[Path]:
+    folders = [tmp_path_factory.mktemp("screenshots")]
+    extra = os.environ.get("ZIMAGE_TEST_ARTIFACTS")
+    if extra:
+        Path(extra).mkdir(parents=True, exist_ok=True)
+        folders.append(Path(extra))
+    return folders
+
+
+def screenshot(page, artifacts, name: str) -> Path:
+    paths = [folder / name for folder in artifacts]
+    page.screenshot(path=str(paths[0]), full_page=True)
+    for other in paths[1:]:
+        shutil.copy(paths[0], other)
+    print(f"screenshot: {paths}")
+    return paths[0]
+
+
+def history_count(page) -> int:
+    return page.locator("#history li.item").count()
+
+
+def api_history(server) -> list[dict]:
+    return httpx.get(server.url + "/api/history").json()["items"]
+
+
+def test_generate_shows_progress_and_a_history_item_that_survives_reload(page, server, artifacts):
+    page.get_by_role("button", name="1:1 small").click()
+    assert page.input_value("#width") == "512" and page.input_value("#height") == "512"
+    assert "active" in page.get_by_role("button", name="1:1 small").get_attribute("class")
+    page.get_by_role("button", name="16:9").click()
+    assert (page.input_value("#width"), page.input_value("#height")) == ("1280", "720")
+    page.get_by_role("button", name="1:1 small").click()
+    before = history_count(page)
+    page.fill("#prompt", "a red fox in fresh snow")
+    page.fill("#seed", "1234")
+    page.click("#generate")
+    job = page.locator("#jobs li.job").first
+    job.locator(".state", has_text=re.compile(r"Step \d+ of 8")).wait_for()
+    width = page.eval_on_selector("#jobs li.job .bar-inner", "el => parseFloat(el.style.width)")
+    assert 0 < width <= 100
+    page.wait_for_function(f"document.querySelectorAll('#history li.item').length === {before + 1}")
+    assert job.get_attribute("data-status") == "completed"
+    item = page.locator("#history li.item").first
+    assert "a red fox in fresh snow" in item.inner_text() and "512x512 seed 1234" in item.inner_text()
+    page.wait_for_function("(() => { const i = document.querySelector('#history li.item img');"
+                           " return i && i.complete && i.naturalWidth > 0; })()")
+    page.wait_for_function("document.querySelectorAll('#result img').length === 1")
+    screenshot(page, artifacts, "web-phone.png")
+    assert api_history(server)[0]["seed"] == 1234
+
+    page.reload()
+    page.wait_for_function(f"document.querySelectorAll('#history li.item').length === {before + 1}")
+    assert "a red fox in fresh snow" in page.locator("#history li.item").first.inner_text()
+
+
+def test_reuse_fills_the_form(page, server):
+    if not api_history(server):
+        pytest.skip("needs an image in the history")
+    page.wait_for_function("document.querySelectorAll('#history li.item').length > 0")
+    item = api_history(server)[0]
+    page.locator("#history li.item").first.get_by_role("button", name="Re-use").click()
+    assert page.input_value("#prompt") == item["prompt"]
+    assert page.input_value("#seed") == str(item["seed"])
+    assert page.input_value("#width") == str(item["width"])
+
+
+def test_template_and_prompt_fields_reach_the_job(page, server, artifacts):
+    page.click("#format summary")
+    options = page.locator("#template option")
+    assert options.count() > 50
+    name = options.nth(1).get_attribute("value")
+    page.select_option("#template", name)
+    page.fill("#system_prompt", "You are a careful painter.")
+    page.fill("#prompt", "a bowl of plums")
+    page.get_by_role("button", name="1:1 small").click()
+    page.fill("#steps", "2")
+    screenshot(page, artifacts, "web-phone-prompt-format.png")
+    before = len(api_history(server))
+    page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('#history li.item').length >= {before + 1}")
+    record = api_history(server)[0]["params"]
+    assert record["template"] == name and record["system_prompt"] == "You are a careful painter."
+    assert record["steps"] == 2
+
+
+def test_cancel(page, artifacts):
+    page.fill("#prompt", "a very slow picture")
+    page.get_by_role("button", name="1:1 small").click()
+    page.fill("#steps", "60")
+    page.click("#generate")
+    job = page.locator("#jobs li.job").first
+    job.locator(".state", has_text=re.compile(r"Step \d+ of 60")).wait_for()
+    job.get_by_role("button", name="Cancel").click()
+    job.locator(".state", has_text="Cancelled").wait_for()
+    assert job.get_attribute("data-status") == "cancelled"
+    screenshot(page, artifacts, "web-phone-cancelled.png")
+
+
+def test_queue_full_message(page, server, artifacts):
+    ids = []
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for _ in range(2):  # queue size 1: one running, one waiting
+            r = c.post("/api/v1/jobs", json={"prompt": "filler", "width": 256, "height": 256, "steps": 60})
+            assert r.status_code == 202
+            ids.append(r.json()["id"])
+        try:
+            page.fill("#prompt", "one too many")
+            page.click("#generate")
+            message = page.locator("#message")
+            message.wait_for(state="visible")
+            assert re.search(r"The queue is full\. Try again in \d+ s\.", message.inner_text())
+            assert page.locator("#jobs li.job", has_text="one too many").count() == 0
+            screenshot(page, artifacts, "web-phone-queue-full.png")
+        finally:
+            for job_id in ids:
+                c.post(f"/api/v1/jobs/{job_id}/cancel")
+
+
+def test_delete_and_clear(page, server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:  # make sure there are two images
+        r = c.post("/v1/images/generations", json={"prompt": "extra", "n": 2, "size": "256x256",
+                                                   "num_inference_steps": 1})
+        assert r.status_code == 200, r.text
+    page.reload()
+    page.wait_for_function("document.querySelectorAll('#history li.item').length >= 2")
+    total = len(api_history(server))
+    first = page.locator("#history li.item").first
+    gone = first.get_attribute("data-id")
+    first.get_by_role("button", name="Delete").click()
+    page.wait_for_function(f"!document.querySelector('#history li.item[data-id=\"{gone}\"]')")
+    assert len(api_history(server)) == total - 1 and gone not in [i["id"] for i in api_history(server)]
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#clear")
+    page.locator("#history-empty").wait_for(state="visible")
+    assert history_count(page) == 0 and api_history(server) == []
+    page.reload()
+    page.locator("#history-empty").wait_for(state="visible")
+
+
+def test_desktop_layout_screenshot(browser, server, artifacts):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        c.post("/v1/images/generations", json={"prompt": "a lighthouse at dusk", "n": 3, "size": "512x512",
+                                               "num_inference_steps": 1})
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(server.url + "/")
+    page.wait_for_function("document.querySelectorAll('#history li.item').length >= 3")
+    page.fill("#prompt", "a lighthouse at dusk")
+    boxes = [page.locator(sel).bounding_box() for sel in ("#compose", "#history-panel")]
+    assert boxes[0]["x"] < boxes[1]["x"]  # two columns side by side on a wide screen
+    screenshot(page, artifacts, "web-desktop.png")
+    context.close()
+
+
+def test_token_login(browser, tmp_path):
+    app = create_app(FakeEngine(), ServerSettings(data_dir=tmp_path, token="letmein"))
+    with LiveServer(app) as live:
+        context = browser.new_context(viewport=PHONE)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(live.url + "/")
+        page.locator("#login").wait_for(state="visible")
+        page.fill("#token", "wrong")
+        page.click("#login-form button[type=submit]")
+        page.locator("#login-error").wait_for(state="visible")
+        page.fill("#token", "letmein")
+        page.click("#login-form button[type=submit]")
+        page.wait_for_function("document.querySelectorAll('#presets button').length > 0")
+        assert not page.locator("#login").is_visible()
+        # The cookie carries the token for the event stream and the images too.
+        page.fill("#prompt", "behind a token")
+        page.get_by_role("button", name="1:1 small").click()
+        page.fill("#steps", "2")
+        page.click("#generate")
+        page.wait_for_function("(() => { const i = document.querySelector('#history li.item img');"
+                               " return i && i.complete && i.naturalWidth > 0; })()")
+        context.close()

@@ -1,0 +1,192 @@
+"""The server on the tiny random model: served images equal library images, remote encoding equals
+local encoding (features, token ids and a whole generation), rewrite and shift."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from PIL import Image  # noqa: E402
+
+from zimage_native import ZImagePipeline  # noqa: E402
+from zimage_native.scheduler import make_schedule  # noqa: E402
+from zimage_native.server import Limits, PipelineEngine, RemoteEncoderError, RemoteTextEncoder, ServerSettings  # noqa: E402
+from zimage_native.server import create_app  # noqa: E402
+from zimage_native.server.engine import shift_sigmas  # noqa: E402
+from zimage_native.server.sse import follow  # noqa: E402
+from zimage_native.server.testing import LiveServer  # noqa: E402
+
+TOKEN = "tiny-token"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_pipe, tmp_path_factory):
+    settings = ServerSettings(data_dir=tmp_path_factory.mktemp("tiny-server"), token=TOKEN,
+                              limits=Limits(min_side=32, max_side=256))
+    with LiveServer(create_app(PipelineEngine(tiny_pipe, model_name="tiny"), settings)) as live:
+        yield live
+
+
+@pytest.fixture
+def remote(served):
+    return RemoteTextEncoder(served.url, token=TOKEN, timeout=60)
+
+
+def test_served_image_equals_the_library_image(served, tiny_pipe):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with httpx.Client(base_url=served.url, headers=headers, timeout=60) as c:
+        body = {"prompt": "a cat", "width": 64, "height": 48, "steps": 2, "seed": [3, 4],
+                "system_prompt": "You are a painter.", "negative_prompt": "blur", "guidance_scale": 1.5}
+        job = c.post("/api/v1/jobs", json=body).json()
+        events = follow(c, job["events_url"])
+        assert [e.type for e in events] == ["queued", "started", "progress", "progress", "completed"]
+        images = events[-1].data["images"]
+        pngs = [c.get(i["url"]).content for i in images]
+        capabilities = c.get("/api/v1/capabilities").json()
+    expected = tiny_pipe("a cat", width=64, height=48, num_inference_steps=2, seed=[3, 4], num_images_per_prompt=2,
+                         system_prompt="You are a painter.", negative_prompt="blur", guidance_scale=1.5)
+    for png, want, seed in zip(pngs, expected.images, (3, 4)):
+        with Image.open(io.BytesIO(png)) as im:
+            assert np.array_equal(np.asarray(im), np.asarray(want))
+            record = json.loads(im.info["zimage"])
+        assert record["seed"] == seed and record["system_prompt"] == "You are a painter."
+        assert record["formatted_prompt"] == expected.info["formatted_prompts"][0]
+    assert capabilities["text_encoder"] == {"dtype": "float32", "device": "cpu", "hidden_size": 48,
+                                            "max_sequence_length": 512, "remote": False}
+    assert capabilities["scheduler_shift"] == tiny_pipe.scheduler_config.shift
+
+
+def test_remote_encoding_equals_local_encoding(remote, tiny_pipe):
+    texts = tiny_pipe.format_prompts(["a cat", "a watercolor of mountains at dawn, soft light"],
+                                     system_prompt="S", thinking_content="T")
+    local = tiny_pipe.text_encoder.encode(texts, 512)
+    got = remote.encode(texts, 512)
+    assert len(got) == 2
+    for g, want in zip(got, local):
+        assert g.dtype == want.dtype and g.shape == want.shape and torch.equal(g, want)
+    assert remote.tokenize(texts, 5) == tiny_pipe.text_encoder.tokenize(texts, 5)
+    short = remote.encode(texts, 4)
+    assert [tuple(f.shape) for f in short] == [(4, 48), (4, 48)]
+    assert remote.model is None and remote.tokenizer is None and remote.device == torch.device("cpu")
+    assert remote.dtype == torch.float32 and remote.hidden_size == 48 and remote.encode([]) == []
+    cast = RemoteTextEncoder(remote.url, token=TOKEN, dtype="bfloat16").encode(texts[:1])
+    assert cast[0].dtype == torch.bfloat16
+
+
+def test_generation_with_the_remote_encoder_equals_the_local_one(remote, tiny_pipe, tiny_model_dir, tmp_path):
+    # The pipeline takes any object with the TextEncoder interface; the lead wires text_encoder_url to this.
+    pipe = ZImagePipeline(tiny_pipe.transformer, tiny_pipe.vae, remote, tiny_pipe.scheduler_config,
+                          tiny_pipe.vae_config, source=tiny_pipe.source, variant=tiny_pipe.variant,
+                          model_folder=tiny_pipe.model_folder)
+    pipe.progress = False
+    call = dict(width=64, height=64, num_inference_steps=2, seed=5, output_type="np")
+    want = tiny_pipe(["a red fox", "a lighthouse at dusk"], **call).images
+    got = pipe(["a red fox", "a lighthouse at dusk"], **call).images
+    assert np.array_equal(got, want)
+    # The distributed mode end to end: a DiT server whose pipeline encodes on the encoder server.
+    with LiveServer(create_app(PipelineEngine(pipe, model_name="dit"),
+                               ServerSettings(data_dir=tmp_path, limits=Limits(min_side=32)))) as dit, \
+            httpx.Client(base_url=dit.url, timeout=60) as c:
+        job = c.post("/api/v1/jobs", json={"prompt": "a red fox", "width": 64, "height": 64, "steps": 2,
+                                           "seed": 5}).json()
+        image = follow(c, job["events_url"])[-1].data["images"][0]
+        with Image.open(io.BytesIO(c.get(image["url"]).content)) as im:
+            served = np.asarray(im)
+        caps = c.get("/api/v1/capabilities").json()
+        rewritten = c.post("/api/rewrite", json={"prompt": "a cat", "max_new_tokens": 5, "temperature": 0}).json()
+    local = tiny_pipe("a red fox", width=64, height=64, num_inference_steps=2, seed=5).images[0]
+    assert np.array_equal(served, np.asarray(local))
+    assert caps["text_encoder"]["remote"] is True and caps["features"]["rewrite"] is True
+    assert rewritten["rewritten"] == tiny_pipe.rewrite("a cat", max_new_tokens=5, temperature=0.0)
+    # The same through from_pretrained(text_encoder_url=...): no local Qwen3 is loaded.
+    wired = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32,
+                                           text_encoder_url=remote.url, text_encoder_token=TOKEN)
+    assert wired.text_encoder.model is None
+    wired.progress = False
+    assert np.array_equal(wired(["a red fox", "a lighthouse at dusk"], **call).images, want)
+
+
+def test_remote_errors_are_clear(served):
+    with pytest.raises(RemoteEncoderError, match="HTTP 401"):
+        RemoteTextEncoder(served.url).encode(["x"])
+    with pytest.raises(RemoteEncoderError, match="HTTP 422: max_sequence_length"):
+        RemoteTextEncoder(served.url, token=TOKEN).encode(["x"], 100_000)
+    with pytest.raises(RemoteEncoderError, match="cannot reach"):
+        RemoteTextEncoder("http://127.0.0.1:9", timeout=5).encode(["x"])
+    with pytest.raises(ValueError, match="http"):
+        RemoteTextEncoder("ftp://host")
+
+
+def test_remote_rewrite_equals_local(remote, tiny_pipe):
+    kwargs = dict(max_new_tokens=6, temperature=0.0)
+    assert remote.rewrite("a cat", **kwargs) == tiny_pipe.rewrite("a cat", **kwargs)
+
+
+def test_shift_sigmas_give_the_shifted_schedule(tiny_pipe):
+    from dataclasses import replace
+
+    cfg = tiny_pipe.scheduler_config
+    for shift in (1.0, 3.0, 6.0):
+        got = make_schedule(cfg, None, shift_sigmas(cfg.shift, shift, 6)).sigmas
+        want = make_schedule(replace(cfg, shift=shift), 6).sigmas
+        assert torch.allclose(got, want, atol=1e-6), shift
+
+
+def test_encoder_only_engine_matches_the_pipeline_encoder(tiny_model_dir, tiny_pipe, tmp_path):
+    from zimage_native.server import EncoderOnlyEngine
+
+    engine = EncoderOnlyEngine.from_pretrained(tiny_model_dir, device="cpu", dtype="float32")
+    texts = tiny_pipe.format_prompts(["a cat", "two dogs"])
+    for got, want in zip(engine.encode(texts, 512), tiny_pipe.text_encoder.encode(texts, 512)):
+        assert torch.equal(got, want)
+    assert engine.text_encoder_info()["hidden_size"] == 48 and not engine.can_generate
+    settings = ServerSettings(data_dir=tmp_path)
+    with LiveServer(create_app(engine, settings)) as live:
+        remote = RemoteTextEncoder(live.url)
+        assert torch.equal(remote.encode(texts[:1])[0], tiny_pipe.text_encoder.encode(texts[:1])[0])
+        kwargs = dict(max_new_tokens=5, temperature=0.0)
+        assert remote.rewrite("a cat", **kwargs) == tiny_pipe.rewrite("a cat", **kwargs)
+
+
+def test_serve_builds_each_engine(tiny_model_dir, tmp_path):
+    import importlib
+
+    serve = importlib.import_module("zimage_native.cli.serve")
+    from zimage_native.server import EncoderOnlyEngine, FakeEngine
+
+    def options(*args):
+        return serve.serve.make_context("serve", ["--data-dir", str(tmp_path), *args]).params
+
+    assert isinstance(serve.build_engine(options("--fake")), FakeEngine)
+    assert isinstance(serve.build_engine(options("--model", str(tiny_model_dir), "--encoder-only", "--device", "cpu")),
+                      EncoderOnlyEngine)
+    engine = serve.build_engine(options("--model", str(tiny_model_dir), "--device", "cpu", "--tiled-vae"))
+    assert isinstance(engine, PipelineEngine) and engine.pipe.vae_tiling is not None
+    assert engine.model_name == str(tiny_model_dir) and engine.default_steps == 8
+
+
+def test_generate_cli_with_a_remote_encoder(served, tiny_model_dir, tiny_pipe, tmp_path):
+    """zimage generate --encoder-url: the image equals the local one, and no Qwen3 is loaded here."""
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    remote = served  # the encoder server of the fixture above
+    out = tmp_path / "remote.png"
+    result = CliRunner().invoke(main, ["generate", "a red fox", "--model", str(tiny_model_dir), "--device", "cpu",
+                                       "--encoder-url", remote.url, "--encoder-token", TOKEN, "--width", "32",
+                                       "--height", "32", "--steps", "2", "--seed", "3", "--no-progress",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    want = tiny_pipe("a red fox", width=32, height=32, num_inference_steps=2, seed=3).images[0]
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert np.array_equal(np.asarray(im), np.asarray(want))

@@ -1,0 +1,200 @@
+"""``zimage serve``: the generation server (job API, OpenAI-compatible route, web page, history).
+
+Needs the optional extra: ``pip install "zimage-native[server]"``. The model is loaded (and
+warmed up when torch.compile or CUDA graphs are on) before the server starts listening. See
+docs/server.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+
+import click
+
+from ..hub import DEFAULT_MODEL
+from ._common import user_errors
+from .config import apply_layers, convert, read_profile
+
+logger = logging.getLogger(__name__)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command()
+@click.option("--model", "--model-path", "model", default=None,
+              help=f"Model folder (diffusers layout) or Hub id [default: {DEFAULT_MODEL}].")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (loopback by default; use a token when exposing it).")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--token", default=None, envvar="ZIMAGE_TOKEN",
+              help="Bearer token required on every route but /health and the page shell [env ZIMAGE_TOKEN].")
+@click.option("--queue-size", type=int, default=8, show_default=True,
+              help="Jobs that may wait behind the running one; beyond that: 429 with Retry-After.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="History folder (images + SQLite) [default: $XDG_DATA_HOME/zimage-native/server].")
+@click.option("--encoder-url", default=None,
+              help="Use the text encoder of another zimage server (URL) instead of loading Qwen3 here.")
+@click.option("--encoder-token", default=None, envvar="ZIMAGE_ENCODER_TOKEN",
+              help="Token of the --encoder-url server [env ZIMAGE_ENCODER_TOKEN].")
+@click.option("--encoder-only", is_flag=True,
+              help="Load only the text encoder and tokenizer: serve /api/encode (and rewrite) "
+                   "for --encoder-url clients.")
+@click.option("--fake", is_flag=True, help="No model: a fake engine that makes solid-colour images (demos, tests).")
+@click.option("--fake-step-delay", type=float, default=0.05, show_default=True,
+              help="Seconds per step of the fake engine.")
+@click.option("--warmup/--no-warmup", default=None,
+              help="Run one generation before listening [default: on with --compile or --cuda-graphs].")
+@click.option("--max-side", type=int, default=2048, show_default=True,
+              help="Largest width or height a request may ask.")
+@click.option("--min-side", type=int, default=256, show_default=True,
+              help="Smallest width or height a request may ask.")
+@click.option("--max-pixels", type=int, default=2048 * 2048, show_default=True, help="Largest width x height.")
+@click.option("--max-steps", type=int, default=100, show_default=True, help="Most steps a request may ask.")
+@click.option("--max-images", type=int, default=4, show_default=True, help="Most images (n) per request.")
+@click.option("--max-history", type=int, default=None, help="Keep only the newest N images [default: all].")
+@click.option("--job-timeout", type=float, default=None, help="Seconds a job may run before it fails [default: none].")
+@click.option("--full-sync/--no-full-sync", default=False, show_default=True,
+              help="SQLite synchronous=FULL: history survives a power loss, at some cost per write.")
+@click.option("--transformer", type=click.Path(exists=True, path_type=Path), default=None,
+              help="DiT file in any supported format; see docs/formats.md.")
+@click.option("--vae", type=click.Path(exists=True, path_type=Path), default=None, help="VAE file.")
+@click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Qwen3 text encoder file.")
+@click.option("--tokenizer", default=None, help="Tokenizer folder or Hub id.")
+@click.option("--lora", "loras", multiple=True, help="LoRA file, PATH[:SCALE] (repeatable); fused into the weights.")
+@click.option("--variant", type=click.Choice(["turbo", "base"]), default=None, help="Step and guidance defaults.")
+@click.option("--templates-dir", type=click.Path(exists=True, file_okay=False), multiple=True,
+              help="Extra template folder (repeatable).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto",
+              show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+@click.option("--text-encoder-device", default=None, help="Device of the text encoder (default: --device).")
+@click.option("--dit-device", default=None, help="Device of the DiT (default: --device).")
+@click.option("--vae-device", default=None, help="Device of the VAE (default: --device).")
+@click.option("--offload", type=click.Choice(["none", "text_encoder", "model"]), default="none", show_default=True,
+              help="Keep the text encoder (or every component) on the CPU except while it runs.")
+@click.option("--kernels", type=click.Choice(["none", "triton"]), default="none", show_default=True,
+              help="Fused Triton kernels (GPU).")
+@click.option("--attention", default=None, help="Attention backend [default: $ZIMAGE_ATTENTION, else sdpa].")
+@click.option("--compile", "compile_mode", type=click.Choice(["off", "blocks", "full"]), default="off",
+              show_default=True, help="torch.compile preset.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+              help="One CUDA graph for the sampling loop (progress then arrives at the end of each image).")
+@click.option("--fp8/--no-fp8", default=False, show_default=True, help="float8 e4m3 linears in the DiT (lossy).")
+@click.option("--tiled-vae/--no-tiled-vae", default=False, show_default=True, help="Decode/encode in tiles (2K+).")
+@click.option("--tile-size", type=int, default=512, show_default=True, help="VAE tile size in pixels.")
+@click.option("--tile-overlap", type=int, default=64, show_default=True, help="VAE tile overlap in pixels.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TOML config file ([default] plus profiles); generation-only keys are ignored here.")
+@click.option("--profile", default=None, help="Profile of the config file to apply on top of [default].")
+@click.pass_context
+@user_errors
+def serve(ctx, config_path, profile, **opts):
+    """Serve Z-Image over HTTP: job API with live progress, OpenAI-compatible images route, web page."""
+    if profile and not config_path:
+        raise ValueError("--profile needs --config")
+    config = {}
+    if config_path:
+        from .generate import generate
+
+        values = read_profile(config_path, profile)
+        mine = {p.name for p in ctx.command.params}
+        generation_only = {p.name for p in generate.params} - mine
+        skipped = sorted(k for k in values if k in generation_only)
+        if skipped:
+            logger.info("zimage serve ignores the generation keys %s of %s", skipped, config_path)
+        config = convert(ctx, {k: v for k, v in values.items() if k not in generation_only})
+    opts = apply_layers(ctx, opts, config)
+    run_server(opts)
+
+
+def build_settings(o: dict):
+    from ..server.settings import Limits, ServerSettings, default_data_dir
+
+    if o["queue_size"] < 0:
+        raise ValueError(f"--queue-size must be >= 0, got {o['queue_size']}")
+    if not 0 <= o["port"] <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {o['port']}")
+    if o["min_side"] < 16 or o["min_side"] > o["max_side"]:
+        raise ValueError(f"need 16 <= --min-side <= --max-side, got {o['min_side']} and {o['max_side']}")
+    for key in ("max_steps", "max_images", "max_pixels"):
+        if o[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {o[key]}")
+    limits = Limits(min_side=o["min_side"], max_side=o["max_side"], max_pixels=o["max_pixels"],
+                    max_steps=o["max_steps"], max_images=o["max_images"])
+    return ServerSettings(data_dir=o["data_dir"] or default_data_dir(), queue_size=o["queue_size"], token=o["token"],
+                          limits=limits, max_history=o["max_history"], job_timeout=o["job_timeout"],
+                          full_sync=o["full_sync"])
+
+
+def build_engine(o: dict):
+    """The engine the server drives: fake, text encoder only, or the full pipeline (loaded here)."""
+    from ..server.engine import EncoderOnlyEngine, FakeEngine, PipelineEngine
+
+    templates = list(o["templates_dir"])
+    if o["fake"]:
+        return FakeEngine(o["fake_step_delay"], model_name=o["model"] or "fake", variant=o["variant"] or "turbo",
+                          templates_dirs=templates)
+    if o["encoder_only"]:
+        if o["encoder_url"]:
+            raise ValueError("--encoder-only and --encoder-url exclude each other")
+        device = o["text_encoder_device"] or o["device"]
+        return EncoderOnlyEngine.from_pretrained(o["model"] or DEFAULT_MODEL, device=device, dtype=o["dtype"],
+                                                 templates_dirs=templates)
+    if o["encoder_url"]:
+        from ..server.remote import RemoteTextEncoder
+
+        RemoteTextEncoder(o["encoder_url"], o["encoder_token"]).info()  # fail early when it is unreachable
+    from .generate import load_pipeline
+
+    pipe = load_pipeline(o)
+    pipe.templates_dirs = templates
+    if o["tiled_vae"]:
+        pipe.enable_vae_tiling(o["tile_size"], o["tile_overlap"])
+    return PipelineEngine(pipe, model_name=o["model"] or DEFAULT_MODEL, templates_dirs=templates)
+
+
+def run_server(o: dict) -> None:
+    try:
+        import uvicorn
+
+        from ..server.app import create_app
+    except ImportError as e:
+        raise click.ClickException(f"zimage serve needs the server extra ({e.name} is missing): "
+                                   f"pip install 'zimage-native[server]'") from None
+    settings = build_settings(o)
+    if not _is_loopback(o["host"]) and not settings.token:
+        click.echo(f"warning: listening on {o['host']} without --token: anyone who can reach this port can "
+                   f"generate and delete images", err=True)
+    engine = build_engine(o)
+    warmup = o["warmup"] if o["warmup"] is not None else (o["compile_mode"] != "off" or o["cuda_graphs"])
+    if warmup:
+        click.echo("warming up on the worker thread (one generation at the default size)...", err=True)
+    app = create_app(engine, settings, warmup=bool(warmup))
+    repaired = {k: v for k, v in app.state.repaired.items() if v}
+    if repaired:
+        click.echo(f"history repaired at start-up: {repaired}", err=True)
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
+    host = o["host"]
+    shown = f"[{host}]" if ":" in host else host
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                port = self.servers[0].sockets[0].getsockname()[1] if self.servers else o["port"]
+                click.echo(f"zimage serve: {engine.model_name} ready on http://{shown}:{port}/ "
+                           f"(queue {settings.queue_size}, data {settings.data_dir})", err=True)
+
+    config = uvicorn.Config(app, host=host, port=o["port"], log_level="info" if verbose else "warning",
+                            timeout_graceful_shutdown=10, access_log=verbose)
+    Server(config).run()

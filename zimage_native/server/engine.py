@@ -1,0 +1,401 @@
+"""What the server's worker thread drives: a real pipeline, a text encoder alone, or a fake.
+
+Every engine answers the same calls, made only from the worker thread (the one thread that owns
+the model and the GPU): ``generate``, ``encode``, ``tokenize``, ``rewrite``, ``warmup``. Prompt
+formatting and template look-ups need no model and may run on any thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..metadata import png_info
+from ..prompt.format import format_prompt
+from ..prompt.templates import default_registry
+
+logger = logging.getLogger(__name__)
+
+PROMPT_FIELDS = ("system_prompt", "thinking_content", "assistant_content", "force_think_block", "strip_quotes")
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot do this (e.g. generation on an encoder-only server)."""
+
+
+@dataclass
+class GenerationRequest:
+    """A generation request with every default resolved; what a job runs and what history keeps."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seeds: list[int]  # one per image
+    negative_prompt: str | None = None
+    template: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)  # the chat-format fields that are set
+    cfg_normalization: float = 0.0
+    cfg_truncation: float = 1.0
+    max_sequence_length: int = 512
+    shift: float | None = None
+    strength: float | None = None  # img2img only
+    image: Any = None  # img2img input (a PIL image); not stored
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able parameters (the input image is recorded as a flag only)."""
+        out = asdict(self)
+        out.pop("image")
+        out.update(out.pop("fields"))
+        out["n"] = self.n
+        out["img2img"] = self.image is not None
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass
+class GeneratedImage:
+    image: Any  # PIL image
+    seed: int
+    record: dict[str, Any]  # the PNG metadata record (zimage_native.metadata.image_record)
+
+    def pnginfo(self):
+        return png_info(self.record)
+
+
+def shift_sigmas(model_shift: float, shift: float, steps: int) -> list[float]:
+    """Raw sigmas that give the schedule of ``shift`` once the pipeline applies ``model_shift``.
+
+    The pipeline maps a raw sigma r to s*r / (1 + (s-1)*r) with the model's static shift s. For a
+    target shift s', the wanted sigma is t = s'*r / (1 + (s'-1)*r); the raw value that the
+    pipeline maps onto t is t / (s - (s-1)*t).
+    """
+    raw = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    target = shift * raw / (1 + (shift - 1) * raw)
+    pre = target / (model_shift - (model_shift - 1) * target)
+    return [float(v) for v in pre.clamp(1e-6, 1.0)]
+
+
+class Engine:
+    """The interface the server uses; subclasses fill in the model-backed calls."""
+
+    can_generate = True
+    can_rewrite = True
+
+    def __init__(self, model_name: str, variant: str = "turbo", templates_dirs: list[str] | None = None):
+        self.model_name = model_name
+        self.variant = variant
+        self.templates_dirs = list(templates_dirs or [])
+
+    # -- facts
+    @property
+    def default_steps(self) -> int:
+        return 8 if self.variant == "turbo" else 50
+
+    @property
+    def default_guidance(self) -> float:
+        return 0.0 if self.variant == "turbo" else 4.0
+
+    @property
+    def scheduler_shift(self) -> float | None:
+        return None
+
+    @property
+    def dynamic_shift(self) -> bool:
+        return False
+
+    def text_encoder_info(self) -> dict[str, Any]:
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.model_name, "variant": self.variant, "engine": type(self).__name__,
+                "scheduler_shift": self.scheduler_shift}
+
+    # -- prompts (no model needed)
+    @property
+    def registry(self):
+        return default_registry(self.templates_dirs)
+
+    def template(self, name: str):
+        """The template of that name; an unknown name raises KeyError with close matches."""
+        return self.registry.get(name)
+
+    def format_prompts(self, prompts: list[str], template: str | None = None, **fields) -> list[str]:
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if template is not None:
+            merged = self.template(template).prompt_fields(**fields)
+        else:
+            merged = fields
+        return [format_prompt(p, **merged) for p in prompts]
+
+    # -- model calls (worker thread only)
+    def generate(self, request: GenerationRequest, callback: Callable[[int, int], None]) -> list[GeneratedImage]:
+        raise EngineUnavailable("this server cannot generate images")
+
+    def encode(self, texts: list[str], max_sequence_length: int | None = None) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def tokenize(self, texts: list[str], max_sequence_length: int | None = None) -> list[list[int]]:
+        raise NotImplementedError
+
+    def rewrite(self, prompt: str, **kwargs) -> str:
+        raise EngineUnavailable("this server cannot rewrite prompts")
+
+    def warmup(self) -> None:
+        """Run whatever compiles or captures before the server reports ready (default: nothing)."""
+
+
+def _running(pipe, name: str):
+    """The pipeline's context that puts a component on its execution device (offload aware)."""
+    running = getattr(pipe, "_running", None)
+    return running(name) if running is not None else contextlib.nullcontext()
+
+
+class PipelineEngine(Engine):
+    """A loaded :class:`~zimage_native.ZImagePipeline`."""
+
+    def __init__(self, pipe, model_name: str | None = None, templates_dirs: list[str] | None = None):
+        super().__init__(model_name or str(pipe.source or "z-image"), pipe.variant,
+                         templates_dirs if templates_dirs is not None else list(getattr(pipe, "templates_dirs", [])))
+        self.pipe = pipe
+        pipe.templates_dirs = list(self.templates_dirs)
+        pipe.progress = False
+
+    @property
+    def default_steps(self) -> int:
+        return self.pipe.defaults.num_inference_steps
+
+    @property
+    def default_guidance(self) -> float:
+        return self.pipe.defaults.guidance_scale
+
+    @property
+    def scheduler_shift(self) -> float | None:
+        return float(self.pipe.scheduler_config.shift)
+
+    @property
+    def dynamic_shift(self) -> bool:
+        return bool(getattr(self.pipe.scheduler_config, "use_dynamic_shifting", False))
+
+    @property
+    def can_rewrite(self) -> bool:
+        te = self.pipe.text_encoder
+        if getattr(te, "model", None) is None:  # a remote encoder rewrites on its own machine
+            return callable(getattr(te, "rewrite", None))
+        return self.pipe.model_folder is not None
+
+    def text_encoder_info(self) -> dict[str, Any]:
+        te = self.pipe.text_encoder
+        return {"dtype": str(te.dtype).removeprefix("torch."), "device": str(te.device),
+                "hidden_size": int(self.pipe.transformer_config.cap_feat_dim),
+                "max_sequence_length": int(getattr(te, "max_sequence_length", 512)),
+                "remote": getattr(te, "model", None) is None}
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out.update(device=str(self.pipe.device), dtype=str(self.pipe.dtype).removeprefix("torch."),
+                   loras=[[lr.path, lr.scale] for lr in getattr(self.pipe, "loras", [])] or None)
+        return out
+
+    def format_prompts(self, prompts, template=None, **fields):
+        return self.pipe.format_prompts(prompts, template, **{k: v for k, v in fields.items() if v is not None})
+
+    def generate(self, request: GenerationRequest, callback) -> list[GeneratedImage]:
+        from ..metadata import image_record
+
+        call = dict(width=request.width, height=request.height, num_inference_steps=request.steps,
+                    seed=list(request.seeds), guidance_scale=request.guidance_scale,
+                    negative_prompt=request.negative_prompt, num_images_per_prompt=request.n,
+                    cfg_normalization=request.cfg_normalization, cfg_truncation=request.cfg_truncation,
+                    max_sequence_length=request.max_sequence_length, template=request.template,
+                    progress=False, callback=callback, **request.fields)
+        if request.shift is not None and self.scheduler_shift is not None and request.shift != self.scheduler_shift:
+            call["sigmas"] = shift_sigmas(self.scheduler_shift, request.shift, request.steps)
+        if request.image is not None:
+            out = self.pipe.img2img(request.prompt, request.image, strength=request.strength, **call)
+        else:
+            out = self.pipe(request.prompt, **call)
+        images = []
+        for k, image in enumerate(out.images):
+            record = image_record(out.info, k, 0)
+            if request.shift is not None:
+                record["shift"] = request.shift
+            images.append(GeneratedImage(image, int(record.get("seed", request.seeds[k])), record))
+        return images
+
+    def encode(self, texts, max_sequence_length=None):
+        with torch.no_grad(), _running(self.pipe, "text_encoder"):
+            features = self.pipe.text_encoder.encode(list(texts), max_sequence_length)
+            return [f.detach().to("cpu") for f in features]
+
+    def tokenize(self, texts, max_sequence_length=None):
+        return self.pipe.text_encoder.tokenize(list(texts), max_sequence_length)
+
+    def rewrite(self, prompt: str, **kwargs) -> str:
+        if not self.can_rewrite:
+            raise EngineUnavailable("this server has no text encoder to rewrite with")
+        te = self.pipe.text_encoder
+        if getattr(te, "model", None) is None:
+            return te.rewrite(prompt, **kwargs)
+        return self.pipe.rewrite(prompt, **kwargs)
+
+    def warmup(self) -> None:
+        t = time.perf_counter()
+        self.pipe("warm-up", num_inference_steps=self.default_steps, seed=0, progress=False)
+        logger.info("warm-up generation took %.1f s", time.perf_counter() - t)
+
+
+class EncoderOnlyEngine(Engine):
+    """Only the text encoder and its tokenizer: the encoding side of the distributed mode."""
+
+    can_generate = False
+
+    def __init__(self, text_encoder, model_name: str, model_folder=None, variant: str = "turbo",
+                 templates_dirs: list[str] | None = None):
+        super().__init__(model_name, variant, templates_dirs)
+        self.text_encoder = text_encoder
+        self.model_folder = model_folder
+        self._rewriter = None
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, device=None, dtype=None, *, templates_dirs=None, **hub) -> "EncoderOnlyEngine":
+        from ..pipeline import resolve_device, resolve_dtype
+        from ..prompt.rewriter import _rewriter_folder
+        from ..text_encoder import TextEncoder
+
+        folder = _rewriter_folder(path_or_id, **hub)  # a Hub id fetches text_encoder/ and tokenizer/ only
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        te = TextEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", dtype, device)
+        return cls(te, str(path_or_id), folder, templates_dirs=templates_dirs)
+
+    @property
+    def can_rewrite(self) -> bool:
+        return self.model_folder is not None
+
+    def text_encoder_info(self):
+        te = self.text_encoder
+        return {"dtype": str(te.dtype).removeprefix("torch."), "device": str(te.device),
+                "hidden_size": int(te.model.config.hidden_size),
+                "max_sequence_length": int(te.max_sequence_length), "remote": False}
+
+    def encode(self, texts, max_sequence_length=None):
+        with torch.no_grad():
+            return [f.detach().to("cpu") for f in self.text_encoder.encode(list(texts), max_sequence_length)]
+
+    def tokenize(self, texts, max_sequence_length=None):
+        return self.text_encoder.tokenize(list(texts), max_sequence_length)
+
+    def rewrite(self, prompt: str, **kwargs) -> str:
+        from pathlib import Path
+
+        from ..prompt.rewriter import rewrite_prompt, load_causal_lm
+
+        if self.model_folder is None:
+            raise EngineUnavailable("this server has no model folder to load the rewriter from")
+        te = self.text_encoder
+        if self._rewriter is None:
+            self._rewriter = load_causal_lm(Path(self.model_folder) / "text_encoder", te.dtype, te.device,
+                                            share_from=te.model)
+        args = dict(rewriter=None, system_prompt=None, max_new_tokens=512, temperature=0.7, seed=None, top_p=0.95)
+        args.update({k: v for k, v in kwargs.items() if k in args})
+        return rewrite_prompt(self._rewriter, te.tokenizer, prompt, args["rewriter"], args["system_prompt"],
+                              args["max_new_tokens"], args["temperature"], args["seed"], args["top_p"],
+                              force_think_block=kwargs.get("force_think_block"), registry=self.registry)
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+
+
+def seed_colour(seed: int) -> tuple[int, int, int]:
+    """The fake engine's solid colour for a seed (distinct and reproducible)."""
+    d = _digest(f"seed:{seed}")
+    return (d & 0xFF, (d >> 8) & 0xFF, (d >> 16) & 0xFF)
+
+
+class FakeEngine(Engine):
+    """Solid-colour images after ``step_delay`` seconds per step; deterministic fake features.
+
+    For tests and demos: no weights, no GPU. A prompt that contains ``fail_marker`` fails after
+    its first step (to exercise the failed path). Features are random tensors of ``hidden_size``
+    columns, one row per UTF-8 byte of the text (capped at the token limit), seeded by the text.
+    """
+
+    def __init__(self, step_delay: float = 0.0, *, model_name: str = "fake", variant: str = "turbo",
+                 hidden_size: int = 32, dtype: torch.dtype = torch.float32, fail_marker: str | None = "[fail]",
+                 templates_dirs: list[str] | None = None):
+        super().__init__(model_name, variant, templates_dirs)
+        self.step_delay = step_delay
+        self.hidden_size = hidden_size
+        self.dtype = dtype
+        self.fail_marker = fail_marker
+        self.calls: collections.deque[str] = collections.deque(maxlen=1000)  # what ran, and on which thread
+
+    @property
+    def scheduler_shift(self) -> float:
+        return 3.0
+
+    def text_encoder_info(self):
+        return {"dtype": str(self.dtype).removeprefix("torch."), "device": "cpu", "hidden_size": self.hidden_size,
+                "max_sequence_length": 512, "remote": False}
+
+    def generate(self, request, callback):
+        from PIL import Image
+
+        from .. import __version__
+
+        self.calls.append(f"generate@{threading.current_thread().name}")
+        for step in range(request.steps):
+            if self.step_delay:
+                time.sleep(self.step_delay)
+            if self.fail_marker and self.fail_marker in request.prompt and step == 1:
+                raise RuntimeError("the fake engine was asked to fail")
+            callback(step + 1, request.steps)
+        formatted = self.format_prompts([request.prompt], request.template, **request.fields)[0]
+        images = []
+        for seed in request.seeds:
+            record = {"prompt": request.prompt, "formatted_prompt": formatted,
+                      "negative_prompt": request.negative_prompt, "width": request.width, "height": request.height,
+                      "steps": request.steps, "guidance_scale": request.guidance_scale, "seed": seed,
+                      "template": request.template, **request.fields, "model": self.model_name,
+                      "variant": self.variant, "version": __version__, "strength": request.strength,
+                      "shift": request.shift}
+            record = {k: v for k, v in record.items() if v is not None}
+            image = Image.new("RGB", (request.width, request.height), seed_colour(seed))
+            images.append(GeneratedImage(image, seed, record))
+        return images
+
+    def warmup(self) -> None:
+        self.calls.append(f"warmup@{threading.current_thread().name}")
+
+    def tokenize(self, texts, max_sequence_length=None):
+        limit = max_sequence_length or 512
+        return [list(t.encode("utf-8"))[:limit] for t in texts]
+
+    def encode(self, texts, max_sequence_length=None):
+        self.calls.append(f"encode@{threading.current_thread().name}")
+        out = []
+        for text, ids in zip(texts, self.tokenize(texts, max_sequence_length)):
+            g = torch.Generator().manual_seed(_digest(text) % (2**63))
+            out.append(torch.randn(max(len(ids), 1), self.hidden_size, generator=g).to(self.dtype))
+        return out
+
+    def rewrite(self, prompt: str, **kwargs) -> str:
+        self.calls.append(f"rewrite@{threading.current_thread().name}")
+        if self.step_delay:
+            time.sleep(self.step_delay)
+        style = kwargs.get("rewriter") or "default"
+        return f"{prompt}, rewritten ({style})"

@@ -1,0 +1,360 @@
+"""The job queue and the one worker thread that owns the engine (and so the model and the GPU).
+
+- Admission: at most ``queue_size + 1`` generation jobs are active (one running, the rest
+  waiting). A submit beyond that raises :class:`QueueFull`, which the app answers with 429 and a
+  ``Retry-After`` estimated from the queue length and a moving average of job durations.
+- Other model calls (encode, tokenize, rewrite) are short tasks that the same worker runs before
+  the next waiting job; they have their own bound.
+- Events: each job keeps its full event log (``queued``, ``started``, ``progress`` per step, then
+  one of ``completed``, ``failed``, ``cancelled``), numbered from 1. A subscriber gets the events
+  after the id it asks for, then every new one, in order: the log and the subscription are read
+  and registered under one lock, so no event is lost or repeated.
+- Cancel: a waiting job is removed at once; a running one stops at its next step boundary (the
+  pipeline's per-step callback raises).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .engine import Engine, GenerationRequest
+from .settings import ServerSettings
+from .storage import Storage, new_job_id
+
+logger = logging.getLogger(__name__)
+
+TERMINAL = ("completed", "failed", "cancelled")
+KEEP_FINISHED = 256  # finished jobs kept in memory (older ones are answered from the database)
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int, active: int, capacity: int, what: str = "job"):
+        super().__init__(f"the {what} queue is full ({active} of {capacity}); retry in {retry_after} s")
+        self.retry_after = retry_after
+        self.active = active
+        self.capacity = capacity
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class JobTimedOut(Exception):
+    pass
+
+
+class Conflict(Exception):
+    """The job is in a state that does not allow this (e.g. cancelling a finished job)."""
+
+    def __init__(self, message: str, status: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Event:
+    id: int
+    type: str
+    data: dict[str, Any]
+    time: float
+
+
+@dataclass(eq=False)  # identity semantics: jobs are looked up in the queue by identity
+class Job:
+    id: str
+    kind: str
+    request: GenerationRequest
+    params: dict[str, Any]
+    created: float
+    status: str = "queued"
+    error: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    cancel_requested: bool = False
+    progress: tuple[int, int] | None = None
+    images: list[dict] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+def image_view(row: dict) -> dict[str, Any]:
+    """An image row as the API shows it."""
+    record = row.get("record") or {}
+    return {"id": row["id"], "job_id": row["job_id"], "index": row["idx"], "created": row["created"],
+            "url": f"/api/v1/images/{row['id']}", "thumbnail_url": f"/api/v1/images/{row['id']}/thumbnail",
+            "width": row["width"], "height": row["height"], "seed": row.get("seed"),
+            "prompt": record.get("prompt"), "params": record}
+
+
+class JobManager:
+    def __init__(self, engine: Engine, storage: Storage, settings: ServerSettings):
+        self.engine = engine
+        self.storage = storage
+        self.settings = settings
+        self.capacity = settings.queue_size + 1
+        self.task_capacity = max(4, settings.queue_size)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._tasks: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
+        self._running: Job | None = None
+        self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._avg_seconds = 2.0  # moving average of job run time (a guess until the first job ends)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.completed_count = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="zimage-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop admission, cancel waiting jobs, ask the running one to stop, join the worker."""
+        with self._cond:
+            self._stopping = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            tasks = list(self._tasks)
+            self._tasks.clear()
+            if self._running is not None:
+                self._running.cancel_requested = True
+            self._cond.notify_all()
+        for job in waiting:
+            self._finish(job, "cancelled", error="the server shut down before the job ran")
+        for _, future in tasks:
+            future.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ admission
+    def retry_after(self) -> int:
+        with self._cond:
+            waiting = len(self._queue)
+        return int(min(3600, max(1, math.ceil((waiting + 1) * self._avg_seconds))))
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {"running": 0 if self._running is None else 1, "queued": len(self._queue),
+                    "capacity": self.capacity, "queue_size": self.settings.queue_size, "tasks": len(self._tasks),
+                    "average_job_seconds": round(self._avg_seconds, 3)}
+
+    def submit(self, request: GenerationRequest, kind: str = "generate") -> Job:
+        now = time.time()
+        job = Job(id=new_job_id(), kind=kind, request=request, params=request.params(), created=now)
+        with self._cond:
+            if self._stopping:
+                raise QueueFull(5, self.capacity, self.capacity)
+            active = len(self._queue) + (self._running is not None)
+            if active >= self.capacity:
+                raise QueueFull(self._retry_after_locked(), active, self.capacity)
+            self.storage.insert_job(job.id, kind, job.params, now)
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            position = active  # jobs ahead of this one, the running one included
+            self._publish_locked(job, "queued", {"position": position})
+            self._cond.notify_all()
+        return job
+
+    def _retry_after_locked(self) -> int:
+        return int(min(3600, max(1, math.ceil((len(self._queue) + 1) * self._avg_seconds))))
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn()`` on the worker thread (before the next waiting job); returns its future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise QueueFull(5, self.task_capacity, self.task_capacity, "task")
+            if len(self._tasks) >= self.task_capacity:
+                raise QueueFull(max(1, math.ceil(self._avg_seconds)), len(self._tasks), self.task_capacity, "task")
+            self._tasks.append((fn, future))
+            self._cond.notify_all()
+        return future
+
+    # ------------------------------------------------------------------ queries
+    def get(self, job_id: str) -> Job | None:
+        with self._cond:
+            return self._jobs.get(job_id)
+
+    def active_jobs(self) -> list[Job]:
+        with self._cond:
+            return ([self._running] if self._running is not None else []) + list(self._queue)
+
+    def position(self, job: Job) -> int | None:
+        """Jobs ahead of this one (the running job counts): 0 when running, None when finished."""
+        with self._cond:
+            if job is self._running:
+                return 0
+            try:
+                return self._queue.index(job) + (self._running is not None)
+            except ValueError:
+                return None
+
+    def view(self, job: Job) -> dict[str, Any]:
+        with self._cond:
+            progress = job.progress
+            status = job.status
+        out = {"id": job.id, "kind": job.kind, "status": status, "created": job.created, "started": job.started,
+               "finished": job.finished, "queue_position": self.position(job), "params": job.params,
+               "error": job.error, "cancel_requested": job.cancel_requested,
+               "progress": {"step": progress[0], "total": progress[1]} if progress else None,
+               "images": [image_view(r) for r in job.images],
+               "events_url": f"/api/v1/jobs/{job.id}/events", "url": f"/api/v1/jobs/{job.id}"}
+        return out
+
+    # ------------------------------------------------------------------ cancel
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a waiting job now, or ask a running one to stop at its next step boundary."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise KeyError(job_id)
+            if job.terminal:
+                raise Conflict(f"job {job_id} is already {job.status}", job.status)
+            if job.status == "queued":
+                self._queue.remove(job)
+                waiting = True
+            else:
+                job.cancel_requested = True
+                waiting = False
+        if waiting:
+            self._finish(job, "cancelled", error=None)
+        return job
+
+    # ------------------------------------------------------------------ events
+    def _publish_locked(self, job: Job, type_: str, data: dict[str, Any]) -> Event:
+        event = Event(len(job.events) + 1, type_, {"job_id": job.id, **data}, time.time())
+        job.events.append(event)
+        for loop, queue in list(job.subscribers):
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the subscriber's loop is closed
+                job.subscribers.remove((loop, queue))
+        return event
+
+    def publish(self, job: Job, type_: str, data: dict[str, Any]) -> Event:
+        with self._cond:
+            return self._publish_locked(job, type_, data)
+
+    def subscribe(self, job: Job, after: int = 0) -> tuple[list[Event], asyncio.Queue]:
+        """Events after id ``after`` so far, and a queue that receives every later one."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._cond:
+            past = [e for e in job.events if e.id > after]
+            job.subscribers.append((loop, queue))
+        return past, queue
+
+    def unsubscribe(self, job: Job, queue: asyncio.Queue) -> None:
+        with self._cond:
+            job.subscribers[:] = [(lp, q) for lp, q in job.subscribers if q is not queue]
+
+    # ------------------------------------------------------------------ worker
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._tasks and not self._queue:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                if self._tasks:
+                    task, job = self._tasks.popleft(), None
+                else:
+                    task, job = None, self._queue.popleft()
+                    self._running = job
+                    job.status = "running"
+                    job.started = time.time()
+            if task is not None:
+                fn, future = task
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 - handed to the waiting request
+                        future.set_exception(e)
+                continue
+            try:
+                self._run(job)
+            except Exception:  # noqa: BLE001 - the worker must survive anything
+                logger.exception("job %s: unexpected error in the worker", job.id)
+            finally:
+                with self._cond:
+                    self._running = None
+                    self._cond.notify_all()
+
+    def _run(self, job: Job) -> None:
+        request = job.request
+        self.storage.update_job(job.id, "running", started=job.started)
+        self.publish(job, "started", {"steps": request.steps, "n": request.n})
+        timeout = self.settings.job_timeout
+        t0 = time.perf_counter()
+
+        def callback(step: int, total: int) -> None:
+            with self._cond:
+                job.progress = (step, total)
+                self._publish_locked(job, "progress", {"step": step, "total": total})
+                cancel = job.cancel_requested
+            if cancel:
+                raise JobCancelled()
+            if timeout is not None and time.perf_counter() - t0 > timeout:
+                raise JobTimedOut()
+
+        try:
+            if job.cancel_requested:
+                raise JobCancelled()
+            results = self.engine.generate(request, callback)
+            rows, made = [], time.time()  # one timestamp: the history lists a job's images together, in order
+            for k, result in enumerate(results):
+                rows.append(self.storage.save_image(job.id, k, result.image, result.record, result.pnginfo(),
+                                                    created=made))
+            job.images = rows
+            seconds = time.perf_counter() - t0
+            self._avg_seconds = 0.7 * self._avg_seconds + 0.3 * seconds if self.completed_count else seconds
+            self.completed_count += 1
+            self._finish(job, "completed", data={"images": [image_view(r) for r in rows],
+                                                 "seconds": round(seconds, 4)})
+            if self.settings.max_history is not None:
+                self.storage.prune(self.settings.max_history)
+        except JobCancelled:
+            step = job.progress[0] if job.progress else 0
+            self._finish(job, "cancelled", data={"step": step})
+        except JobTimedOut:
+            self._finish(job, "failed", error=f"the job ran longer than the limit of {timeout:g} s")
+        except Exception as e:  # noqa: BLE001 - reported to the client as a failed job
+            logger.warning("job %s failed: %s", job.id, e, exc_info=logger.isEnabledFor(logging.DEBUG))
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self._finish(job, "failed", error=message)
+        finally:
+            request.image = None  # do not keep input images in memory
+
+    def _finish(self, job: Job, status: str, *, error: str | None = None, data: dict | None = None) -> None:
+        now = time.time()
+        self.storage.update_job(job.id, status, error=error, finished=now)
+        with self._cond:
+            job.status = status
+            job.error = error
+            job.finished = now
+            payload = dict(data or {})
+            if status == "failed":
+                payload["error"] = error
+            elif error:
+                payload["reason"] = error
+            self._publish_locked(job, status, payload)
+            job.subscribers.clear()
+            self._evict_locked()
+
+    def _evict_locked(self) -> None:
+        finished = [jid for jid, j in self._jobs.items() if j.terminal]
+        for jid in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            del self._jobs[jid]

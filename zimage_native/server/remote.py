@@ -1,0 +1,198 @@
+"""Remote text encoding: the wire format of ``POST /api/encode`` and its client.
+
+The distributed mode runs the Qwen3 text encoder on one machine (``zimage serve``, possibly with
+``--encoder-only``) and the DiT on another, which then needs no encoder weights. The DiT side uses
+:class:`RemoteTextEncoder` wherever the pipeline would use its local
+:class:`~zimage_native.text_encoder.TextEncoder`: same ``encode``/``tokenize`` calls, same result.
+
+Wire format of ``POST /api/encode`` (request JSON, response safetensors bytes):
+
+- request, pre-formatted form (what this client sends; the texts are already in the chat format,
+  exactly what the encoder reads)::
+
+      {"texts": ["<|im_start|>user\\na cat<|im_end|>\\n<|im_start|>assistant\\n"], "max_sequence_length": 512}
+
+- request, prompt form (the predecessor's; the server applies the chat format)::
+
+      {"prompt": "a cat", "template": null, "system_prompt": null, "thinking_content": null,
+       "assistant_content": null, "force_think_block": null, "strip_quotes": null, "max_sequence_length": 512}
+
+  ``prompt`` may also be a list of prompts. Exactly one of ``texts`` and ``prompt`` must be given.
+- response: ``application/octet-stream``, a safetensors file with tensors ``features.0`` ...
+  ``features.{N-1}`` of shape (L_i, hidden) in the encoder's dtype, and string metadata
+  ``format`` = ``zimage-features/1``, ``count`` (N), ``token_counts`` (JSON list), ``dtype``,
+  ``hidden_size`` and ``texts`` (JSON list of the texts the encoder read).
+
+This module needs only the standard library, torch and safetensors (no HTTP client package).
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import torch
+
+FORMAT = "zimage-features/1"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def features_to_bytes(features: list[torch.Tensor], texts: list[str]) -> bytes:
+    """Serialise encoder features (dtype and shape kept) with the metadata described above."""
+    from safetensors.torch import save
+
+    tensors = {f"features.{i}": f.detach().to("cpu").contiguous() for i, f in enumerate(features)}
+    dtype = str(features[0].dtype).removeprefix("torch.") if features else ""
+    meta = {"format": FORMAT, "count": str(len(features)), "dtype": dtype,
+            "token_counts": json.dumps([int(f.shape[0]) for f in features]),
+            "hidden_size": str(int(features[0].shape[-1])) if features else "0",
+            "texts": json.dumps(texts, ensure_ascii=False)}
+    return save(tensors, metadata=meta)
+
+
+def features_from_bytes(data: bytes) -> tuple[list[torch.Tensor], dict[str, str]]:
+    """The inverse of :func:`features_to_bytes`: (features in order, metadata)."""
+    from safetensors.torch import load
+
+    tensors = load(data)
+    meta = _metadata(data)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"not a zimage features payload (format {meta.get('format')!r}, expected {FORMAT!r})")
+    count = int(meta.get("count", len(tensors)))
+    try:
+        features = [tensors[f"features.{i}"] for i in range(count)]
+    except KeyError as e:
+        raise ValueError(f"the features payload lacks tensor {e.args[0]}") from None
+    return features, meta
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors byte string (header: 8-byte length, then JSON)."""
+    if len(data) < 8:
+        raise ValueError("the features payload is too short to be safetensors")
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size].decode("utf-8"))
+    return dict(header.get("__metadata__") or {})
+
+
+class RemoteEncoderError(RuntimeError):
+    """The remote encoder could not be reached or refused the request (the message says which)."""
+
+
+class RemoteTextEncoder:
+    """A text encoder that runs on a ``zimage serve`` machine, reached over HTTP.
+
+    Drop-in for the pipeline's :class:`~zimage_native.text_encoder.TextEncoder`:
+
+    - ``encode(texts, max_sequence_length=None) -> list[Tensor]``: texts are already chat-formatted
+      (the pipeline formats them); returns one (L_i, hidden) tensor per text, on the CPU, in the
+      remote encoder's dtype, or cast to ``dtype`` when one was given here;
+    - ``tokenize(texts, max_sequence_length=None) -> list[list[int]]``;
+    - ``device`` (where features arrive: the CPU), ``dtype``, ``hidden_size``,
+      ``max_sequence_length``; ``model`` and ``tokenizer`` are ``None`` (no local weights);
+    - ``rewrite(prompt, ...)``: the prompt rewriter of the remote machine.
+
+    ``url`` is the server's base URL (``http://host:8000``); ``token`` its bearer token, if any.
+    """
+
+    model = None
+    tokenizer = None
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 120.0,
+                 dtype: torch.dtype | str | None = None, max_sequence_length: int = 512):
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"the encoder URL must start with http:// or https://, got {url!r}")
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        if isinstance(dtype, str):
+            if dtype not in _DTYPES:
+                raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+            dtype = _DTYPES[dtype]
+        self._dtype = dtype
+        self.max_sequence_length = max_sequence_length
+        self._info: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"RemoteTextEncoder({self.url!r})"
+
+    # ------------------------------------------------------------------ HTTP
+    def _request(self, method: str, path: str, body: dict | None = None) -> tuple[bytes, dict[str, str]]:
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return response.read(), dict(response.headers.items())
+        except urllib.error.HTTPError as e:
+            detail = e.read()
+            try:
+                message = json.loads(detail)["error"]["message"]
+            except Exception:  # noqa: BLE001 - any non-JSON error body
+                message = detail.decode("utf-8", "replace")[:200] or e.reason
+            raise RemoteEncoderError(f"{method} {self.url}{path}: HTTP {e.code}: {message}") from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise RemoteEncoderError(f"cannot reach the text encoder at {self.url}: {reason}") from None
+
+    def _json(self, method: str, path: str, body: dict | None = None) -> Any:
+        data, _ = self._request(method, path, body)
+        return json.loads(data)
+
+    # ------------------------------------------------------------------ facts
+    def info(self) -> dict[str, Any]:
+        """The remote text encoder's facts (dtype, hidden_size, max_sequence_length, device); cached."""
+        if self._info is None:
+            caps = self._json("GET", "/api/v1/capabilities")
+            self._info = dict(caps.get("text_encoder") or {})
+        return self._info
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if self._dtype is not None:
+            return self._dtype
+        name = self.info().get("dtype", "float32")
+        return _DTYPES.get(name, torch.float32)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.info()["hidden_size"])
+
+    # ------------------------------------------------------------------ the encoder interface
+    def encode(self, texts: list[str], max_sequence_length: int | None = None) -> list[torch.Tensor]:
+        texts = list(texts)
+        if not texts:
+            return []
+        limit = max_sequence_length or self.max_sequence_length
+        data, _ = self._request("POST", "/api/encode", {"texts": texts, "max_sequence_length": limit})
+        try:
+            features, _ = features_from_bytes(data)
+        except ValueError as e:
+            raise RemoteEncoderError(f"{self.url}/api/encode: {e}") from None
+        if len(features) != len(texts):
+            raise RemoteEncoderError(f"{self.url}/api/encode returned {len(features)} features for {len(texts)} texts")
+        if self._dtype is not None:
+            features = [f.to(self._dtype) for f in features]
+        return features
+
+    def tokenize(self, texts: list[str], max_sequence_length: int | None = None) -> list[list[int]]:
+        limit = max_sequence_length or self.max_sequence_length
+        return self._json("POST", "/api/tokenize", {"texts": list(texts), "max_sequence_length": limit})["input_ids"]
+
+    def rewrite(self, prompt: str, rewriter: str | None = None, system_prompt: str | None = None,
+                max_new_tokens: int = 512, temperature: float = 0.7, seed: int | None = None, top_p: float = 0.95,
+                *, force_think_block: bool | None = None) -> str:
+        body = dict(prompt=prompt, rewriter=rewriter, system_prompt=system_prompt, max_new_tokens=max_new_tokens,
+                    temperature=temperature, seed=seed, top_p=top_p, force_think_block=force_think_block)
+        return self._json("POST", "/api/rewrite", body)["rewritten"]
