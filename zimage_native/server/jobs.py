@@ -1,7 +1,9 @@
-"""The job queue and the one worker thread that owns the engine (and so the model and the GPU).
+"""The job queue and the worker thread that owns the engine (and so the model and the GPU).
 
-- Admission: at most ``queue_size + 1`` generation jobs are active (one running, the rest
-  waiting). A submit beyond that raises :class:`QueueFull`, which the app answers with 429 and a
+- Workers: one by default (one GPU, one model). Behind a Ray Serve ingress there is one worker
+  per replica (``settings.workers``), each forwarding its job to a replica.
+- Admission: at most ``queue_size + workers`` generation jobs are active (the running ones, the
+  rest waiting). A submit beyond that raises :class:`QueueFull`, which the app answers with 429 and a
   ``Retry-After`` estimated from the queue length and a moving average of job durations.
 - Other model calls (encode, tokenize, rewrite) are short tasks that the same worker runs before
   the next waiting job; they have their own bound.
@@ -103,23 +105,26 @@ class JobManager:
         self.engine = engine
         self.storage = storage
         self.settings = settings
-        self.capacity = settings.queue_size + 1
+        self.workers = settings.workers
+        self.capacity = settings.queue_size + self.workers
         self.task_capacity = max(4, settings.queue_size)
         self._cond = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
         self._tasks: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
-        self._running: Job | None = None
+        self._running: list[Job] = []
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._avg_seconds = 2.0  # moving average of job run time (a guess until the first job ends)
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.completed_count = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="zimage-worker", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            names = ["zimage-worker"] if self.workers == 1 else [f"zimage-worker-{i}" for i in range(self.workers)]
+            self._threads = [threading.Thread(target=self._loop, name=name, daemon=True) for name in names]
+            for thread in self._threads:
+                thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop admission, cancel waiting jobs, ask the running one to stop, join the worker."""
@@ -129,25 +134,25 @@ class JobManager:
             self._queue.clear()
             tasks = list(self._tasks)
             self._tasks.clear()
-            if self._running is not None:
-                self._running.cancel_requested = True
+            for job in self._running:
+                job.cancel_requested = True
             self._cond.notify_all()
         for job in waiting:
             self._finish(job, "cancelled", error="the server shut down before the job ran")
         for _, future in tasks:
             future.cancel()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
 
     # ------------------------------------------------------------------ admission
     def retry_after(self) -> int:
         with self._cond:
             waiting = len(self._queue)
-        return int(min(3600, max(1, math.ceil((waiting + 1) * self._avg_seconds))))
+        return int(min(3600, max(1, math.ceil((waiting + 1) * self._avg_seconds / self.workers))))
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            return {"running": 0 if self._running is None else 1, "queued": len(self._queue),
+            return {"running": len(self._running), "workers": self.workers, "queued": len(self._queue),
                     "capacity": self.capacity, "queue_size": self.settings.queue_size, "tasks": len(self._tasks),
                     "average_job_seconds": round(self._avg_seconds, 3)}
 
@@ -157,19 +162,19 @@ class JobManager:
         with self._cond:
             if self._stopping:
                 raise QueueFull(5, self.capacity, self.capacity)
-            active = len(self._queue) + (self._running is not None)
+            active = len(self._queue) + len(self._running)
             if active >= self.capacity:
                 raise QueueFull(self._retry_after_locked(), active, self.capacity)
             self.storage.insert_job(job.id, kind, job.params, now)
             self._jobs[job.id] = job
             self._queue.append(job)
-            position = active  # jobs ahead of this one, the running one included
+            position = active  # jobs ahead of this one, the running ones included
             self._publish_locked(job, "queued", {"position": position})
             self._cond.notify_all()
         return job
 
     def _retry_after_locked(self) -> int:
-        return int(min(3600, max(1, math.ceil((len(self._queue) + 1) * self._avg_seconds))))
+        return int(min(3600, max(1, math.ceil((len(self._queue) + 1) * self._avg_seconds / self.workers))))
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run ``fn()`` on the worker thread (before the next waiting job); returns its future."""
@@ -190,15 +195,15 @@ class JobManager:
 
     def active_jobs(self) -> list[Job]:
         with self._cond:
-            return ([self._running] if self._running is not None else []) + list(self._queue)
+            return list(self._running) + list(self._queue)
 
     def position(self, job: Job) -> int | None:
-        """Jobs ahead of this one (the running job counts): 0 when running, None when finished."""
+        """Jobs ahead of this one (running jobs count): 0 when running, None when finished."""
         with self._cond:
-            if job is self._running:
+            if any(job is running for running in self._running):
                 return 0
             try:
-                return self._queue.index(job) + (self._running is not None)
+                return self._queue.index(job) + len(self._running)
             except ValueError:
                 return None
 
@@ -273,7 +278,7 @@ class JobManager:
                     task, job = self._tasks.popleft(), None
                 else:
                     task, job = None, self._queue.popleft()
-                    self._running = job
+                    self._running.append(job)
                     job.status = "running"
                     job.started = time.time()
             if task is not None:
@@ -290,7 +295,7 @@ class JobManager:
                 logger.exception("job %s: unexpected error in the worker", job.id)
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running = [j for j in self._running if j is not job]
                     self._cond.notify_all()
 
     def _run(self, job: Job) -> None:
@@ -320,8 +325,9 @@ class JobManager:
                                                     created=made))
             job.images = rows
             seconds = time.perf_counter() - t0
-            self._avg_seconds = 0.7 * self._avg_seconds + 0.3 * seconds if self.completed_count else seconds
-            self.completed_count += 1
+            with self._cond:
+                self._avg_seconds = 0.7 * self._avg_seconds + 0.3 * seconds if self.completed_count else seconds
+                self.completed_count += 1
             self._finish(job, "completed", data={"images": [image_view(r) for r in rows],
                                                  "seconds": round(seconds, 4)})
             if self.settings.max_history is not None:

@@ -37,7 +37,8 @@ class Limits:
 @dataclass
 class ServerSettings:
     data_dir: Path = field(default_factory=default_data_dir)
-    queue_size: int = 8  # jobs waiting behind the running one; capacity is queue_size + 1
+    queue_size: int = 8  # jobs waiting behind the running ones; capacity is queue_size + workers
+    workers: int = 1  # jobs run at once: 1 for one GPU; the number of replicas behind a Ray ingress
     token: str | None = None  # bearer token; None = no authentication
     limits: Limits = field(default_factory=Limits)
     max_history: int | None = None  # keep at most this many images (oldest pruned); None = all
@@ -50,5 +51,7 @@ class ServerSettings:
         self.data_dir = Path(self.data_dir)
         if self.queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.token is not None and not self.token:
             self.token = None
