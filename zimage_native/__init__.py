@@ -5,7 +5,7 @@
     image = pipe("a red fox in the snow", seed=0).images[0]
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from .pipeline import ZImageOutput, ZImagePipeline
 from .prompt import format_prompt

@@ -48,6 +48,17 @@ def _is_loopback(host: str) -> bool:
 @click.option("--encoder-only", is_flag=True,
               help="Load only the text encoder and tokenizer: serve /api/encode (and rewrite) "
                    "for --encoder-url clients.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Scale out on Ray Serve: replicas of the engine (one GPU each) behind this API (docs/scaling.md).")
+@click.option("--ray-address", default=None, help="Ray cluster to join [default: start a local one].")
+@click.option("--replicas", type=int, default=None, help="Fixed number of replicas [default: the visible GPUs, at least 1].")
+@click.option("--min-replicas", type=int, default=None, help="Autoscaling: fewest replicas.")
+@click.option("--max-replicas", type=int, default=None, help="Autoscaling: most replicas.")
+@click.option("--target-ongoing-requests", type=float, default=1.0, show_default=True,
+              help="Autoscaling: requests per replica to aim for.")
+@click.option("--gpus-per-replica", type=float, default=1.0, show_default=True, help="GPUs each replica reserves.")
+@click.option("--max-queued-requests", type=int, default=4, show_default=True,
+              help="Requests that may wait at a replica (the ingress queue answers 429 before that).")
 @click.option("--fake", is_flag=True, help="No model: a fake engine that makes solid-colour images (demos, tests).")
 @click.option("--fake-step-delay", type=float, default=0.05, show_default=True,
               help="Seconds per step of the fake engine.")
@@ -163,7 +174,49 @@ def build_engine(o: dict):
     return PipelineEngine(pipe, model_name=o["model"] or DEFAULT_MODEL, templates_dirs=templates)
 
 
+def default_options() -> dict:
+    """Every ``zimage serve`` option at its default (the base of a Ray Serve config's args)."""
+    ctx = click.Context(serve)
+    out = {}
+    for p in serve.params:
+        if p.name and p.name not in ("config_path", "profile"):
+            value = p.get_default(ctx)
+            if type(value).__name__ == "Sentinel":  # click's "no default"
+                value = None
+            out[p.name] = tuple(value or ()) if p.multiple else value
+    return out
+
+
+def run_ray(o: dict) -> None:
+    """``zimage serve --ray``: a Ray cluster (local, or --ray-address), the app, and wait."""
+    try:
+        import ray
+        from ray import serve as ray_serve
+
+        from ..server.ray_serve import build_app
+    except ImportError as e:
+        raise click.ClickException(f"zimage serve --ray needs the ray extra ({e.name} is missing): "
+                                   f"pip install 'zimage-native[ray]'") from None
+    import time
+
+    build_settings(o)  # validate before starting anything
+    ray.init(address=o["ray_address"], ignore_reinit_error=True)
+    if o["replicas"] is None and o["min_replicas"] is None and o["max_replicas"] is None:
+        o = {**o, "replicas": max(1, int(ray.cluster_resources().get("GPU", 0) // max(o["gpus_per_replica"], 1e-9)))}
+    ray_serve.start(http_options={"host": o["host"], "port": o["port"]})
+    ray_serve.run(build_app(o), name="zimage", route_prefix="/")
+    click.echo(f"zimage serve --ray: ready on http://{o['host']}:{o['port']}/ (Ctrl-C to stop)", err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        ray_serve.shutdown()
+
+
 def run_server(o: dict) -> None:
+    if o["use_ray"]:
+        run_ray(o)
+        return
     try:
         import uvicorn
 

@@ -1,0 +1,167 @@
+"""Scale-out on Ray Serve, on the CPU: the replica in Serve's local testing mode, and a real local
+Ray cluster with logical GPUs (two replicas, backpressure, a replica replaced after a failed health
+check, no accepted request lost)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'zimage-native[ray]')")
+serve = pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx")
+
+from zimage_native.cli.serve import default_options  # noqa: E402
+from zimage_native.server.engine import GenerationRequest  # noqa: E402
+from zimage_native.server.jobs import JobCancelled  # noqa: E402
+from zimage_native.server.ray_serve import RayEngine, ZImageReplica, build_app, scaling_options  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+
+def fake_options(tmp_path, **extra):
+    return {**default_options(), "fake": True, "fake_step_delay": 0.0, "data_dir": str(tmp_path), "min_side": 16,
+            **extra}
+
+
+def request(prompt="a cat", steps=3, seeds=(1, 2)):
+    return GenerationRequest(prompt=prompt, width=32, height=32, steps=steps, guidance_scale=0.0, seeds=list(seeds))
+
+
+# ------------------------------------------------------------------------------------------ local testing mode
+@pytest.fixture
+def local_replica(tmp_path):
+    handle = serve.run(serve.deployment(ZImageReplica).bind(fake_options(tmp_path)), name="local",
+                       _local_testing_mode=True)
+    return handle
+
+
+def test_replica_streams_steps_then_images(local_replica):
+    from zimage_native.server.ray_serve import _request_payload
+
+    items = list(local_replica.options(stream=True).generate.remote(_request_payload(request())))
+    assert [i["type"] for i in items] == ["progress", "progress", "progress", "images"]
+    assert [(i["step"], i["total"]) for i in items[:3]] == [(1, 3), (2, 3), (3, 3)]
+    images = items[-1]["images"]
+    assert [x["seed"] for x in images] == [1, 2] and images[0]["png"].startswith(b"\x89PNG")
+    assert images[0]["record"]["prompt"] == "a cat" and "replica" in images[0]["record"]
+
+
+def test_ray_engine_generates_reports_progress_and_cancels(local_replica):
+    info = local_replica.info.remote().result()
+    engine = RayEngine(local_replica, info)
+    assert engine.default_steps == 8 and engine.can_generate and engine.describe()["scale_out"] == "ray serve"
+    steps = []
+    images = engine.generate(request(), lambda i, n: steps.append((i, n)))
+    assert steps == [(1, 3), (2, 3), (3, 3)] and [im.seed for im in images] == [1, 2]
+    assert images[0].image.size == (32, 32)
+
+    def cancel(i, n):
+        raise JobCancelled()
+
+    with pytest.raises(JobCancelled):
+        engine.generate(request(steps=5), cancel)
+    assert len(engine.encode(["a cat", "a dog"])) == 2
+    assert engine.tokenize(["ab"]) == [[97, 98]]
+
+
+def test_scaling_options():
+    fixed, workers = scaling_options({"replicas": 3})
+    assert fixed["num_replicas"] == 3 and fixed["max_ongoing_requests"] == 1 and workers == 3
+    assert fixed["ray_actor_options"]["num_gpus"] == 1
+    auto, workers = scaling_options({"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2})
+    assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
+    assert workers == 4 and "num_replicas" not in auto
+    with pytest.raises(ValueError, match="min_replicas"):
+        scaling_options({"min_replicas": 3, "max_replicas": 2})
+
+
+def test_shipped_serve_config_is_valid():
+    from pathlib import Path
+
+    import yaml
+
+    from zimage_native.server.ray_serve import scaling_options as check
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    assert app["import_path"] == "zimage_native.server.ray_serve:app_builder"
+    unknown = set(app["args"]) - set(default_options()) - {"health_check_period_s", "health_check_timeout_s"}
+    assert not unknown, f"serve_config.yaml args that zimage serve does not know: {unknown}"
+    check({**default_options(), **app["args"]})
+
+
+# ------------------------------------------------------------------------------------------ a real local cluster
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Ray with 4 CPUs and 2 logical GPUs, two replicas of the fake engine behind the ingress."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    options = fake_options(tmp_path_factory.mktemp("ray-data"), fake_step_delay=0.15, replicas=2, queue_size=2,
+                           health_check_period_s=1.0, health_check_timeout_s=5.0)
+    serve.run(build_app(options), name="zimage", route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    yield client
+    client.close()
+    serve.shutdown()
+    ray.shutdown()
+
+
+def submit(client, prompt, steps=4):
+    return client.post("/api/v1/jobs", json={"prompt": prompt, "width": 32, "height": 32, "steps": steps})
+
+
+def wait(client, job_id, timeout=90):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["status"] in ("completed", "failed", "cancelled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+@pytest.mark.slow
+def test_two_replicas_serve_concurrently_and_excess_gets_429(cluster):
+    assert cluster.get("/health").json()["queue"]["workers"] == 2
+    replies = [submit(cluster, f"a cat {i}") for i in range(7)]  # capacity: 2 running + 2 waiting
+    accepted = [r for r in replies if r.status_code == 202]
+    refused = [r for r in replies if r.status_code == 429]
+    assert len(accepted) == 4 and len(refused) == 3
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in refused)
+    jobs = [wait(cluster, r.json()["id"]) for r in accepted]
+    assert all(j["status"] == "completed" for j in jobs)
+    started = sorted(j["started"] for j in jobs)
+    assert started[1] - started[0] < 0.5  # the first two ran at the same time, on two replicas
+    history = cluster.get("/api/v1/images").json()
+    assert history["total"] >= 4 and all(item["url"] for item in history["items"])  # kept at the ingress
+
+
+@pytest.mark.slow
+def test_unhealthy_replica_is_replaced_and_no_accepted_job_is_lost(cluster):
+    handle = serve.get_deployment_handle("ZImageReplica", app_name="zimage")
+    before = {handle.whoami.remote().result() for _ in range(20)}
+    assert len(before) == 2
+    accepted = [r.json()["id"] for r in (submit(cluster, f"a dog {i}", steps=8) for i in range(4))]
+    broken = handle.break_for_test.remote("test").result()
+    deadline = time.time() + 90
+    now: set[str] = set()
+    while time.time() < deadline:
+        now = {handle.whoami.remote().result() for _ in range(20)}
+        if broken not in now and len(now) == 2:
+            break
+        time.sleep(1)
+    assert broken not in now and len(now) == 2, f"replica {broken} was not replaced: {now}"
+    jobs = [wait(cluster, job_id) for job_id in accepted]
+    assert [j["status"] for j in jobs] == ["completed"] * 4, [j.get("error") for j in jobs]
