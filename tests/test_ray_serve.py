@@ -85,7 +85,7 @@ def test_shipped_serve_config_is_valid():
 
     from zimage_native.server.ray_serve import scaling_options as check
 
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "docs" / "deploy" / "serve_config.yaml").read_text())
     app = config["applications"][0]
     assert app["import_path"] == "zimage_native.server.ray_serve:app_builder"
     unknown = set(app["args"]) - set(default_options()) - {"health_check_period_s", "health_check_timeout_s"}

@@ -16,7 +16,7 @@ Two deployments:
   accepted request is not lost.
 
 Use ``zimage serve --ray`` on one machine, or ``serve run`` / ``serve deploy`` with
-``deploy/serve_config.yaml`` on a cluster (docs/scaling.md).
+``docs/deploy/serve_config.yaml`` on a cluster (docs/scaling.md).
 """
 
 from __future__ import annotations
