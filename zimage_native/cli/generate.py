@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ..hub import DEFAULT_MODEL
+from .options import config_file, loading, placement, speed, vae_tiling
 from ._common import save_image_atomic, user_errors
 from .config import apply_layers, convert, read_profile
 
@@ -91,19 +92,7 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @click.argument("prompt", required=False)
 @click.option("--model", "--model-path", "model", default=None,
               help=f"Model folder (diffusers layout) or Hub id [default: {DEFAULT_MODEL}, or none with --transformer].")
-@click.option("--transformer", type=click.Path(exists=True, path_type=Path), default=None,
-              help="DiT file in any supported format (ComfyUI, all-in-one, fp8); see docs/formats.md.")
-@click.option("--vae", type=click.Path(exists=True, path_type=Path), default=None, help="VAE file (e.g. ae.safetensors).")
-@click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Qwen3 text encoder file (e.g. qwen_3_4b.safetensors).")
-@click.option("--tokenizer", default=None, help="Tokenizer folder or Hub id (default: the model's, or Z-Image-Turbo's).")
-@click.option("--encoder-url", default=None,
-              help="Encode prompts on a remote `zimage serve` (distributed mode) instead of loading Qwen3 here.")
-@click.option("--encoder-token", default=None, envvar="ZIMAGE_ENCODER_TOKEN",
-              help="Bearer token of the remote encoder [env ZIMAGE_ENCODER_TOKEN].")
-@click.option("--lora", "loras", multiple=True, help="LoRA file, PATH[:SCALE] (repeatable); fused into the weights.")
-@click.option("--variant", type=click.Choice(["turbo", "base"]), default=None,
-              help="Sets the step and guidance defaults (Turbo 8/0, base 50/4); detected from the model if not given.")
+@loading
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="PNG to write for a single image; with several, NAME_INDEX_SEED.png. Default: --name-pattern.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -139,30 +128,10 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @click.option("--force-think-block/--no-force-think-block", default=None, help="Empty think block without content.")
 @click.option("--strip-quotes/--no-strip-quotes", default=None, help='Remove " from the prompt.')
 @click.option("--max-sequence-length", type=int, default=512, show_default=True, help="Token limit of the prompt.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto",
-              show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
-@click.option("--text-encoder-device", default=None, help="Device of the text encoder (default: --device).")
-@click.option("--dit-device", default=None, help="Device of the DiT (default: --device).")
-@click.option("--vae-device", default=None, help="Device of the VAE (default: --device).")
-@click.option("--offload", type=click.Choice(["none", "text_encoder", "model"]), default="none", show_default=True,
-              help="Keep the text encoder (or every component) on the CPU except while it runs.")
-@click.option("--kernels", type=click.Choice(["none", "triton"]), default="none", show_default=True,
-              help="Fused Triton kernels (GPU).")
-@click.option("--attention", default=None,
-              help="Attention backend: sdpa, flash_attn_2, flash_attn_3, sage, xformers or auto "
-                   "[default: $ZIMAGE_ATTENTION, else sdpa].")
-@click.option("--compile", "compile_mode", type=click.Choice(["off", "blocks", "full"]), default="off",
-              show_default=True, help="torch.compile preset.")
-@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
-              help="Capture the whole sampling loop as one CUDA graph per shape (GPU).")
-@click.option("--fp8/--no-fp8", default=False, show_default=True, help="float8 e4m3 linears in the DiT (lossy).")
-@click.option("--tiled-vae/--no-tiled-vae", default=False, show_default=True, help="Decode/encode in tiles (2K+).")
-@click.option("--tile-size", type=int, default=512, show_default=True, help="VAE tile size in pixels.")
-@click.option("--tile-overlap", type=int, default=64, show_default=True, help="VAE tile overlap in pixels.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="TOML config file ([default] plus profiles).")
-@click.option("--profile", default=None, help="Profile of the config file to apply on top of [default].")
+@placement
+@speed
+@vae_tiling
+@config_file
 @click.option("--from-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Re-run the request recorded in a PNG written by zimage; flags override it.")
 @click.option("--debug", is_flag=True, help="Print the formatted prompts, token ids and embedding statistics.")

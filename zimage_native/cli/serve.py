@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ..hub import DEFAULT_MODEL
+from .options import config_file, loading, placement, speed, vae_tiling
 from ._common import user_errors
 from .config import apply_layers, convert, read_profile
 
@@ -41,10 +42,7 @@ def _is_loopback(host: str) -> bool:
               help="Jobs that may wait behind the running one; beyond that: 429 with Retry-After.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="History folder (images + SQLite) [default: $XDG_DATA_HOME/zimage-native/server].")
-@click.option("--encoder-url", default=None,
-              help="Use the text encoder of another zimage server (URL) instead of loading Qwen3 here.")
-@click.option("--encoder-token", default=None, envvar="ZIMAGE_ENCODER_TOKEN",
-              help="Token of the --encoder-url server [env ZIMAGE_ENCODER_TOKEN].")
+@loading
 @click.option("--encoder-only", is_flag=True,
               help="Load only the text encoder and tokenizer: serve /api/encode (and rewrite) "
                    "for --encoder-url clients.")
@@ -75,38 +73,12 @@ def _is_loopback(host: str) -> bool:
 @click.option("--job-timeout", type=float, default=None, help="Seconds a job may run before it fails [default: none].")
 @click.option("--full-sync/--no-full-sync", default=False, show_default=True,
               help="SQLite synchronous=FULL: history survives a power loss, at some cost per write.")
-@click.option("--transformer", type=click.Path(exists=True, path_type=Path), default=None,
-              help="DiT file in any supported format; see docs/formats.md.")
-@click.option("--vae", type=click.Path(exists=True, path_type=Path), default=None, help="VAE file.")
-@click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Qwen3 text encoder file.")
-@click.option("--tokenizer", default=None, help="Tokenizer folder or Hub id.")
-@click.option("--lora", "loras", multiple=True, help="LoRA file, PATH[:SCALE] (repeatable); fused into the weights.")
-@click.option("--variant", type=click.Choice(["turbo", "base"]), default=None, help="Step and guidance defaults.")
 @click.option("--templates-dir", type=click.Path(exists=True, file_okay=False), multiple=True,
               help="Extra template folder (repeatable).")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto",
-              show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
-@click.option("--text-encoder-device", default=None, help="Device of the text encoder (default: --device).")
-@click.option("--dit-device", default=None, help="Device of the DiT (default: --device).")
-@click.option("--vae-device", default=None, help="Device of the VAE (default: --device).")
-@click.option("--offload", type=click.Choice(["none", "text_encoder", "model"]), default="none", show_default=True,
-              help="Keep the text encoder (or every component) on the CPU except while it runs.")
-@click.option("--kernels", type=click.Choice(["none", "triton"]), default="none", show_default=True,
-              help="Fused Triton kernels (GPU).")
-@click.option("--attention", default=None, help="Attention backend [default: $ZIMAGE_ATTENTION, else sdpa].")
-@click.option("--compile", "compile_mode", type=click.Choice(["off", "blocks", "full"]), default="off",
-              show_default=True, help="torch.compile preset.")
-@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
-              help="One CUDA graph for the sampling loop (progress then arrives at the end of each image).")
-@click.option("--fp8/--no-fp8", default=False, show_default=True, help="float8 e4m3 linears in the DiT (lossy).")
-@click.option("--tiled-vae/--no-tiled-vae", default=False, show_default=True, help="Decode/encode in tiles (2K+).")
-@click.option("--tile-size", type=int, default=512, show_default=True, help="VAE tile size in pixels.")
-@click.option("--tile-overlap", type=int, default=64, show_default=True, help="VAE tile overlap in pixels.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="TOML config file ([default] plus profiles); generation-only keys are ignored here.")
-@click.option("--profile", default=None, help="Profile of the config file to apply on top of [default].")
+@placement
+@speed
+@vae_tiling
+@config_file
 @click.pass_context
 @user_errors
 def serve(ctx, config_path, profile, **opts):

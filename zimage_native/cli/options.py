@@ -1,0 +1,83 @@
+"""Options shared by ``zimage generate`` and ``zimage serve`` (each maps to one library argument)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def stack(*decorators):
+    """Apply several click decorators as one (in the order written)."""
+
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+
+    return apply
+
+
+# Where the weights come from: single files, LoRA, the variant, a remote text encoder.
+loading = stack(
+    click.option("--transformer", type=click.Path(exists=True, path_type=Path), default=None,
+                 help="DiT file in any supported format (ComfyUI, all-in-one, fp8); see docs/formats.md."),
+    click.option("--vae", type=click.Path(exists=True, path_type=Path), default=None,
+                 help="VAE file (e.g. ae.safetensors)."),
+    click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), default=None,
+                 help="Qwen3 text encoder file (e.g. qwen_3_4b.safetensors)."),
+    click.option("--tokenizer", default=None,
+                 help="Tokenizer folder or Hub id (default: the model's, or Z-Image-Turbo's)."),
+    click.option("--lora", "loras", multiple=True,
+                 help="LoRA file, PATH[:SCALE] (repeatable); fused into the weights."),
+    click.option("--variant", type=click.Choice(["turbo", "base"]), default=None,
+                 help="Step and guidance defaults (Turbo 8/0, base 50/4); detected from the model if not given."),
+    click.option("--encoder-url", default=None,
+                 help="Encode prompts on a remote `zimage serve` (distributed mode) instead of loading Qwen3 here."),
+    click.option("--encoder-token", default=None, envvar="ZIMAGE_ENCODER_TOKEN",
+                 help="Bearer token of the remote encoder [env ZIMAGE_ENCODER_TOKEN]."),
+)
+
+
+# Devices, dtype and CPU offload.
+placement = stack(
+    click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto."),
+    click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto",
+                 show_default=True, help="auto: bfloat16 on GPU, float32 on CPU."),
+    click.option("--text-encoder-device", default=None, help="Device of the text encoder (default: --device)."),
+    click.option("--dit-device", default=None, help="Device of the DiT (default: --device)."),
+    click.option("--vae-device", default=None, help="Device of the VAE (default: --device)."),
+    click.option("--offload", type=click.Choice(["none", "text_encoder", "model"]), default="none", show_default=True,
+                 help="Keep the text encoder (or every component) on the CPU except while it runs."),
+)
+
+
+# Accelerations (docs/performance.md).
+speed = stack(
+    click.option("--kernels", type=click.Choice(["none", "triton"]), default="none", show_default=True,
+                 help="Fused Triton kernels (GPU)."),
+    click.option("--attention", default=None,
+                 help="Attention backend: sdpa, flash_attn_2, flash_attn_3, sage, xformers or auto "
+                      "[default: $ZIMAGE_ATTENTION, else sdpa]."),
+    click.option("--compile", "compile_mode", type=click.Choice(["off", "blocks", "full"]), default="off",
+                 show_default=True, help="torch.compile preset."),
+    click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+                 help="Capture the whole sampling loop as one CUDA graph per shape (GPU)."),
+    click.option("--fp8/--no-fp8", default=False, show_default=True, help="float8 e4m3 linears in the DiT (lossy)."),
+)
+
+
+# Tiled VAE decode and encode.
+vae_tiling = stack(
+    click.option("--tiled-vae/--no-tiled-vae", default=False, show_default=True, help="Decode/encode in tiles (2K+)."),
+    click.option("--tile-size", type=int, default=512, show_default=True, help="VAE tile size in pixels."),
+    click.option("--tile-overlap", type=int, default=64, show_default=True, help="VAE tile overlap in pixels."),
+)
+
+
+# The TOML config layer.
+config_file = stack(
+    click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="TOML config file ([default] plus profiles)."),
+    click.option("--profile", default=None, help="Profile of the config file to apply on top of [default]."),
+)
