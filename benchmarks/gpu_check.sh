@@ -13,8 +13,12 @@
 #      against +compile shows that graph replay equals eager;
 #   4. runs the kernel micro-benchmark.
 # Everything it prints is also written to OUT_DIR (gpu_check.log, e2e.csv, kernels.csv).
+# Without a GPU (or with DRY_RUN=1) it runs the same steps as a CPU dry run of the code path: a tiny
+# random model, the eager and fp8 rungs, the kernel benchmark's --smoke mode.
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-benchmarks/results}}
+DRY_RUN=${DRY_RUN:-0}
+command -v nvidia-smi >/dev/null 2>&1 || DRY_RUN=1
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
 exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
@@ -24,18 +28,27 @@ if [ -d .whl ]; then
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "install failed"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+[ "$DRY_RUN" = 1 ] && echo "no GPU (or DRY_RUN=1): CPU dry run" || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 python3 -c "import diffusers; print('diffusers', diffusers.__version__)" || echo "diffusers missing: the side-by-side rows are skipped"
 
 echo "== kernel tests on the GPU"
 timeout 180 python3 -m pytest -q -x tests/test_kernels_*.py -p no:cacheprovider
 
-echo "== ladder 1024x1024, 8 steps"
 DIFF=--diffusers
 python3 -c "import diffusers" 2>/dev/null || DIFF=--no-diffusers
-ZIMAGE_GIT_SHA=${ZIMAGE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} \
-  timeout 420 python3 -m zimage_native.cli bench --sizes 1024 --steps 8 --repeats 3 $DIFF --out "$OUT_DIR"
+export ZIMAGE_GIT_SHA=${ZIMAGE_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+if [ "$DRY_RUN" = 1 ]; then
+  echo "== ladder, dry run (tiny model, CPU)"
+  timeout 420 python3 -m zimage_native.cli bench --tiny --device cpu --dtype bfloat16 --sizes 64 --steps 2 \
+    --repeats 1 --rungs eager --rungs fp8 $DIFF --out "$OUT_DIR/dry-run"
+  echo "== kernel micro-benchmark, smoke"
+  timeout 300 python3 benchmarks/bench_kernels.py --smoke --out "$OUT_DIR/dry-run" || true
+  exit 0
+fi
+
+echo "== ladder 1024x1024, 8 steps"
+timeout 420 python3 -m zimage_native.cli bench --sizes 1024 --steps 8 --repeats 3 $DIFF --out "$OUT_DIR"
 
 echo "== kernel micro-benchmark"
 timeout 120 python3 benchmarks/bench_kernels.py --out "$OUT_DIR" || true
