@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zimage_native.config import VAEConfig
-from zimage_native.model.attention import attention
+from ..config import VAEConfig
+from .attention import attention
 
 NORM_EPS = 1e-6  # every GroupNorm in this VAE, including the attention's
 
