@@ -215,19 +215,19 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
     ) -> "ZImagePipeline":
         """Load a diffusers-layout folder or a Hub id (only the needed files are downloaded).
 
-        Accelerations (see :meth:`optimize` and docs/performance.md): ``kernels`` "none" | "triton",
-        ``attention`` a backend name or "auto" (default: $ZIMAGE_ATTENTION, else "sdpa"),
-        ``compile`` "off" | "blocks" | "full", ``cuda_graphs``, ``fp8``.
-
-        ``text_encoder_url``: encode prompts on a remote ``zimage serve`` (its ``/api/encode``)
-        instead of loading Qwen3 here (the distributed mode; docs/server.md).
-
         ``dtype`` applies to all three components (default: bf16 on GPU, fp32 on CPU); weights are
         cast tensor by tensor while loading. ``*_device`` place one component elsewhere than
         ``device``. ``offload``: "text_encoder" keeps the text encoder on the CPU except while it
         encodes; "model" keeps every component on the CPU except while it runs. ``transformer``,
         ``vae``, ``text_encoder`` (files in any supported format, see docs/formats.md) and
         ``tokenizer`` (a folder or Hub id) replace that component of the model folder.
+
+        Accelerations (see :meth:`optimize` and docs/performance.md): ``kernels`` "none" | "triton",
+        ``attention`` a backend name or "auto" (default: $ZIMAGE_ATTENTION, else "sdpa"),
+        ``compile`` "off" | "blocks" | "full", ``cuda_graphs``, ``fp8``.
+
+        ``text_encoder_url``: encode prompts on a remote ``zimage serve`` (its ``/api/encode``)
+        instead of loading Qwen3 here (the distributed mode; docs/server.md).
         """
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
