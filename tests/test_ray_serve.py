@@ -166,37 +166,3 @@ def test_unhealthy_replica_is_replaced_and_no_accepted_job_is_lost(cluster):
     jobs = [wait(cluster, job_id) for job_id in accepted]
     assert [j["status"] for j in jobs] == ["completed"] * 4, [j.get("error") for j in jobs]
 
-
-@pytest.mark.slow
-def test_zimage_serve_ray_command(tmp_path):
-    """`zimage serve --ray` on one machine: starts Ray, deploys, answers HTTP, stops on Ctrl-C."""
-    import signal
-    import subprocess
-    import sys
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "zimage_native.cli", "serve", "--ray", "--fake", "--replicas", "1",
-           "--gpus-per-replica", "0", "--port", str(port), "--data-dir", str(tmp_path), "--min-side", "32"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline, health = time.time() + 180, None
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
-                break
-            except httpx.HTTPError:
-                time.sleep(1)
-        assert health is not None, f"no answer; output: {proc.stdout.read() if proc.poll() is not None else ''}"
-        assert health["status"] == "ok" and health["queue"]["workers"] == 1
-        job = httpx.post(f"http://127.0.0.1:{port}/api/v1/jobs", json={"prompt": "a cat", "width": 32, "height": 32,
-                                                                      "steps": 2}, timeout=10).json()
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-        assert wait(client, job["id"])["status"] == "completed"
-        client.close()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
