@@ -14,7 +14,6 @@ Used by ``benchmarks/bench_e2e.py`` and ``zimage bench``.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -148,7 +147,7 @@ def build_random_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool =
     from .model.vae import AutoencoderKL
     from .pipeline import ZImagePipeline
     from .testing import build_tokenizer
-    from .text_encoder import TextEncoder
+    from .text_encoder import TextEncoder, build_truncated_qwen3
 
     workdir = Path(workdir or os.environ.get("TMPDIR", "/tmp")) / "zimage-bench-tokenizer"
     tokenizer = build_tokenizer(workdir)
@@ -174,15 +173,13 @@ def build_random_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool =
     full_qwen = on_device(lambda: AutoModel.from_config(qcfg, attn_implementation="sdpa"), 3)
     with torch.device(device):
         full_qwen.rotary_emb = type(full_qwen.rotary_emb)(config=qcfg)  # a computed buffer, not a weight
-    # Our encoder: the same tensors, the first N-1 layers, no final norm (hidden_states[-2]).
-    ours = copy.copy(full_qwen)
-    ours._modules = dict(full_qwen._modules)
-    ours.config = copy.deepcopy(qcfg)
-    ours.config.num_hidden_layers = qcfg.num_hidden_layers - 1
-    if getattr(ours.config, "layer_types", None):
-        ours.config.layer_types = list(ours.config.layer_types)[:-1]
-    ours.layers = torch.nn.ModuleList(list(full_qwen.layers)[:-1])
-    ours.norm = torch.nn.Identity()
+    # Our encoder: the first N-1 layers and no final norm (hidden_states[-2]), sharing the tensors.
+    ours, _, n = build_truncated_qwen3(qcfg)
+    shared = {k: v for k, v in full_qwen.state_dict().items()
+              if not (k.startswith(f"layers.{n - 1}.") or k == "norm.weight")}
+    ours.load_state_dict(shared, strict=True, assign=True)
+    ours.rotary_emb = full_qwen.rotary_emb  # a computed buffer, the same for both
+    ours = ours.eval().requires_grad_(False)
     pipe = ZImagePipeline(transformer, vae, TextEncoder(ours, tokenizer), SchedulerConfig(shift=3.0), vcfg,
                           source="random Z-Image-Turbo architecture" + (" (tiny)" if tiny else ""), variant="turbo")
     return pipe, full_qwen
