@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_wheel_maps_folders_into_the_namespace(tmp_path):
     pytest.importorskip("setuptools")
     src = tmp_path / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__"))
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path / "dist"), str(src)], check=True)
     wheel = next((tmp_path / "dist").glob("zimage_native-*.whl"))
