@@ -9,3 +9,7 @@ TINY_DIT = dict(
 # The released head geometry (head_dim 128, axes_dims [32, 48, 48], axes_lens [1536, 512, 512]), few layers.
 REAL_HEADS_DIT = dict(TINY_DIT, dim=256, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=2,
                       cap_feat_dim=64, axes_dims=[32, 48, 48])
+
+# The tiny DiT widened so its FFN width int(96 / 3 * 8) = 256 is a multiple of 16: fp8 then converts
+# the feed-forward GEMMs too (TINY_DIT's width 170 is not, and its other tests pin that width).
+TINY_FP8_DIT = dict(TINY_DIT, dim=96, n_heads=3, n_kv_heads=3)

@@ -18,15 +18,15 @@ import pytest
 import torch
 
 from zimage_native.config import TransformerConfig
-from zimage_native.model.layers import FeedForward
 from zimage_native.model.sequence import build_layout, pad_captions, patchify
-from zimage_native.model.transformer import Attention, TransformerBlock, ZImageTransformer
+from zimage_native.model.transformer import ZImageTransformer
 
 from zimage_native.testing import randomize_
 from .dit_configs import REAL_HEADS_DIT, TINY_DIT
 from .utils import assert_rel
 
 from zimage_native.accel import _kernels, fused_ops, load_kernels, optimize
+from zimage_native.accel.fusions import fuse_projections_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET_ENV = os.environ.get("TRITON_INTERPRET")
@@ -68,40 +68,44 @@ def test_optimize_triton_reports_every_fusion_and_keeps_the_state_dict():
     model, _ = tiny_dit()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     lines = optimize(model, kernels="triton")
-    # TINY_DIT: 1 noise refiner + 1 context refiner + 2 layers = 4 blocks; 6 norms each + the caption norm.
-    assert lines[:4] == [
-        "fused 25/25 RMSNorm (zimage::rms_norm, zimage::gated_rms_norm_residual, zimage::qk_norm_rope)",
-        "fused 4/4 q/k RMSNorm + RoPE (zimage::qk_norm_rope, q|k|v in one GEMM)",
-        "fused 8/8 gated post-norm residual (zimage::gated_rms_norm_residual)",
-        "fused 4/4 SwiGLU gate (zimage::silu_mul, w1|w3 in one GEMM)",
+    # TINY_DIT: 1 noise refiner + 1 context refiner + 2 layers = 4 blocks, and the caption norm.
+    assert lines == [
+        "fused GEMMs: q|k|v in 4 attention modules, w1|w3 in 4 feed-forwards",
+        "kernels: 9/9 RMSNorm -> zimage::rms_norm",
+        "kernels: 8/8 ModulatedRMSNorm -> zimage::rms_norm",
+        "kernels: 8/8 PostNormResidual -> zimage::gated_rms_norm_residual",
+        "kernels: 4/4 QKNormRoPE -> zimage::qk_norm_rope",
+        "kernels: 4/4 SwiGLU -> zimage::silu_mul",
+        "attention backend: sdpa",
     ]
-    assert lines[4] == "attention backend: sdpa"
-    assert not any(type(m) in (Attention, TransformerBlock, FeedForward) for m in model.modules())
-    assert type(model.cap_embedder[0]) is fused_ops.FusedRMSNorm  # the others are read by the fused blocks
+    assert not any(type(m) in fused_ops.TWINS for m in model.modules())
     after = model.state_dict()
     assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
-    assert optimize(model, kernels="triton")[:4] == lines[:4]  # idempotent: nothing is wrapped twice
+    assert optimize(model, kernels="triton") == lines[1:]  # idempotent: nothing is fused or swapped twice
 
 
-def test_released_config_fuses_205_rms_norms():
-    """6 per block x 34 blocks + the caption embedder's, counted on a meta-device model (no memory)."""
+def test_released_config_swaps_every_leaf():
+    """Counted on a meta-device model (no memory): 34 blocks, the caption embedder's norm."""
     with torch.device("meta"):
         model = ZImageTransformer(TransformerConfig())
-    fused_ops.use_fused_attention_(model)
-    fused_ops.use_fused_blocks_(model)
-    fused_ops.use_fused_swiglu_(model, fuse_gate_up=False)
-    assert fused_ops.use_fused_rms_norm_(model) == 1
+    for leaf in fused_ops.TWINS:
+        fused_ops.swap_leaf_(model, leaf)
     assert fused_ops.count_fused(model) == {
-        "RMSNorm": (205, 205), "q/k RMSNorm + RoPE": (34, 34), "gated post-norm residual": (68, 68),
-        "SwiGLU gate": (34, 34),
+        "RMSNorm": (69, 69), "ModulatedRMSNorm": (68, 68), "PostNormResidual": (68, 68), "QKNormRoPE": (34, 34),
+        "SwiGLU": (34, 34),
     }
+
+
+def swap_one(leaf):
+    def swap(model):
+        fused_ops.swap_leaf_(model, leaf)
+    swap.__name__ = f"swap {leaf.__name__}"
+    return swap
 
 
 @needs_triton
 @pytest.mark.parametrize(
-    "swap",
-    [fused_ops.use_fused_attention_, fused_ops.use_fused_blocks_, fused_ops.use_fused_swiglu_,
-     fused_ops.use_fused_rms_norm_, fused_ops.use_fused_kernels],
+    "swap", [*(swap_one(leaf) for leaf in fused_ops.TWINS), fused_ops.use_fused_kernels, fuse_projections_],
     ids=lambda f: f.__name__,
 )
 @torch.no_grad()
@@ -113,7 +117,7 @@ def test_each_swap_alone_keeps_the_dit_at_parity(swap):
     inputs = dit_inputs(config, cap_lens=(9, 45), size=(6, 10))
     kernels.reset_launch_counts()
     assert_rel(fused(*inputs), eager(*inputs), 1e-5, f"DiT after {swap.__name__}")
-    assert sum(kernels.launch_counts().values()) > 0
+    assert (sum(kernels.launch_counts().values()) > 0) == (swap is not fuse_projections_)
 
 
 @needs_triton

@@ -8,17 +8,20 @@ Tolerances (relative error; for bf16 also the share of elements that differ at a
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.nn import functional as F
 
-from zimage_native.model.layers import FeedForward
+from zimage_native.model.layers import FeedForward, SwiGLU
 
 from .utils import assert_rel
 
 pytest.importorskip("triton")
 from zimage_native.accel import load_kernels  # noqa: E402
-from zimage_native.accel.fused_ops import FusedFeedForward  # noqa: E402
+from zimage_native.accel.fused_ops import swap_leaf_  # noqa: E402
+from zimage_native.accel.fusions import fuse_projections_  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 kernels = load_kernels(interpret=DEVICE == "cpu")
@@ -64,21 +67,24 @@ def test_silu_mul_separate_and_transposed_inputs(dtype):
 
 
 @pytest.mark.parametrize("fuse_gate_up", [True, False], ids=["one gate-up GEMM", "two GEMMs"])
-def test_fused_feed_forward_matches_feed_forward(fuse_gate_up):
-    """The whole SwiGLU module, fp32; the fused GEMM keeps w1/w3 as views (same keys, no copy)."""
+def test_feed_forward_with_the_silu_mul_leaf_matches_feed_forward(fuse_gate_up):
+    """The whole SwiGLU module, fp32, with the SwiGLU leaf swapped; the fused GEMM keeps w1/w3 as views
+    (same keys, no copy), and in-place edits of w1/w3 reach it."""
     torch.manual_seed(0)
     ffn = FeedForward(32, 85).to(DEVICE)
     x = randn(2, 5, 32, seed=3).to(DEVICE)
     expected = ffn(x)
-    fused = FusedFeedForward(ffn, fuse_gate_up)
-    assert_rel(fused(x), expected, 1e-6, "FusedFeedForward")
+    fused = copy.deepcopy(ffn)
+    assert swap_leaf_(fused, SwiGLU) == 1
+    if fuse_gate_up:
+        assert fuse_projections_(fused) == (0, 1)
+    kernels.reset_launch_counts()
+    assert_rel(fused(x), expected, 1e-6, "FeedForward with TritonSwiGLU")
+    assert kernels.launch_counts() == {"silu_mul": 1}
     assert list(fused.state_dict()) == ["w1.weight", "w2.weight", "w3.weight"]
     if fuse_gate_up:
-        assert fused.w1.weight.data_ptr() == fused.w13.data_ptr()  # a view, not a copy
+        assert fused.w1.weight.data_ptr() == fused.w13.weight.data_ptr()  # a view, not a copy
         with torch.no_grad():
-            fused.w3.weight.mul_(2)  # an in-place edit reaches the fused GEMM
+            fused.w3.weight.mul_(2)
+            ffn.w3.weight.mul_(2)
         assert_rel(fused(x), ffn(x), 1e-6, "after an in-place weight edit")
-        fused.w1 = torch.nn.Sequential(ffn.w1)  # a later swap of w1 (fp8, say) is used, not bypassed
-        kernels.reset_launch_counts()
-        assert_rel(fused(x), ffn(x), 1e-6, "after w1 was replaced")
-        assert kernels.launch_counts() == {"silu_mul": 1}

@@ -4,7 +4,7 @@
     lines = optimize(pipe.transformer, kernels="triton", attention=attention_from_env())
 
 :func:`optimize` is the one place that orders the transforms: the kernel swaps with the
-load-time fusions (``fused_ops``: q|k|v and w1|w3 as single GEMMs), fp8 (``fp8``; quantise before
+load-time GEMM fusions (``fusions``: q|k|v and w1|w3 as single GEMMs), the leaf swaps (``fused_ops``), fp8 (``fp8``; quantise before
 compiling), the attention backend (``attention_backends``), then torch.compile (``compile``).
 CUDA graphs of the whole sampling loop come last, in the pipeline (``cuda_graphs``), because a
 capture records whatever ran before it. Each transform reports what it changed. Importing this package never imports Triton; ``kernels="triton"`` does, and
@@ -28,8 +28,9 @@ from .attention_backends import (
     unavailable_reason,
 )
 from .compile import COMPILE_MODES, compile_transformer_
-from .fp8 import quantize_fp8_
-from .fused_ops import check_kernels_can_run, count_fused, drop_unused_fusions_, use_fused_kernels
+from .fp8 import check_fp8_supported, quantize_fp8_
+from .fused_ops import check_kernels_can_run, count_fused, use_fused_kernels
+from .fusions import fuse_projections_
 
 logger = logging.getLogger(__name__)
 
@@ -37,21 +38,25 @@ KERNEL_CHOICES = ("none", "triton")
 
 __all__ = [
     "optimize", "attention_from_env", "AccelerationUnavailable", "set_attention_backend", "use_fused_kernels", "load_kernels",
-    "count_fused", "resolve_backend", "check_attention_backend", "canonical_name", "unavailable_reason",
+    "count_fused", "fuse_projections_", "quantize_fp8_", "resolve_backend", "check_attention_backend", "canonical_name", "unavailable_reason",
     "triton_unavailable_reason", "ATTENTION_CHOICES", "KERNEL_CHOICES",
 ]
 
 
 def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sdpa", fp8: bool = False,
-             compile: str = "off", compile_backend: str | object = "inductor") -> list[str]:
-    """Apply, in order, the kernel swaps, fp8, the attention backend and torch.compile in place.
+             compile: str = "off", compile_backend: str | object = "inductor", fp8_fast_accum: bool = True) -> list[str]:
+    """Apply, in order, the GEMM fusions, the kernel swaps, fp8, the attention backend and
+    torch.compile in place.
 
     ``kernels``: "none" (eager PyTorch) or "triton" (the zimage:: ops; needs Triton and a GPU).
     ``attention``: one of ATTENTION_CHOICES ("auto" picks the fastest available and says which).
-    ``fp8``: the blocks' attention and feed-forward linears in float8 e4m3 (``accel.fp8``).
+    ``fp8``: the blocks' attention and feed-forward linears in float8 e4m3 (``accel.fp8``), with
+    ``fp8_fast_accum`` passed to the fp8 GEMM.
     ``compile``: "off" | "blocks" | "full" (``accel.compile``).
-    Returns the log lines (e.g. "fused 205/205 RMSNorm (...)", "attention backend: sdpa"), which
-    are also logged once at INFO. Both arguments are checked before the model is touched.
+    With kernels or fp8, q|k|v and w1|w3 are first fused into one GEMM each (``accel.fusions``),
+    so fp8 quantises one activation once per fusion. fp8 always comes before compile.
+    Returns the log lines, which are also logged once at INFO. Every argument is checked before
+    the model is touched.
     """
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"unknown kernels {kernels!r}; choose one of {list(KERNEL_CHOICES)}")
@@ -60,15 +65,18 @@ def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sd
         check_kernels_can_run(transformer)
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {list(COMPILE_MODES)}, got {compile!r}")
+    if fp8:
+        check_fp8_supported(transformer)
     check_attention_backend(transformer, attention)  # all checked before anything is swapped
     lines = []
+    if kernels == "triton" or fp8:
+        qkv, ffn = fuse_projections_(transformer)
+        if qkv or ffn:
+            lines.append(f"fused GEMMs: q|k|v in {qkv} attention modules, w1|w3 in {ffn} feed-forwards")
     if kernels == "triton":
-        lines += use_fused_kernels(transformer, fuse_gate_up=True, fuse_qkv=True)
+        lines += use_fused_kernels(transformer)
     if fp8:
-        converted, kept = quantize_fp8_(transformer)
-        freed = drop_unused_fusions_(transformer)
-        lines.append(f"fp8: {converted} linears in float8 e4m3, {kept} kept in {_dtype(transformer)}"
-                     + (f" ({freed} fused bf16 buffers freed)" if freed else ""))
+        lines.append(quantize_fp8_(transformer, fast_accum=fp8_fast_accum, kernels=kernels == "triton"))
     lines.append(set_attention_backend(transformer, attention))
     if compile != "off":
         lines.append(compile_transformer_(transformer, compile, compile_backend))

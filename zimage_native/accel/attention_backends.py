@@ -36,7 +36,6 @@ from torch import nn
 
 from ..model.attention import attention as sdpa_attention
 from ..model.transformer import Attention
-from .fused_ops import FusedAttention
 
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -209,7 +208,7 @@ NOTES = {"sage": " (masked batches fall back to sdpa: SageAttention has no key m
 # ---------------------------------------------------------------- installing on a model
 def dit_attention_modules(model: nn.Module) -> list[nn.Module]:
     """The DiT's attention modules (eager or fused); never the VAE's single-head attention."""
-    return [m for m in model.modules() if isinstance(m, (Attention, FusedAttention))]
+    return [m for m in model.modules() if isinstance(m, Attention)]
 
 
 def check_attention_backend(model: nn.Module, name: str = "sdpa") -> tuple[str, str]:

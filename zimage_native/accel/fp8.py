@@ -2,23 +2,38 @@
 
 Weights are quantised once with one scale per output row (amax / 448); activations are quantised
 on the fly with one scale per token. The matmul is ``torch._scaled_mm`` (fp8 tensor cores on
-Hopper and Ada; PyTorch also has a CPU implementation, which the tests use), with the output in
-the activation dtype. ``torch._scaled_mm`` is used directly rather than torchao: it is one call,
-it is in every PyTorch the engine supports, and it needs no extra dependency.
+Hopper and Ada, sm89+; PyTorch also has a CPU implementation, which the tests use), with the
+output in the activation dtype. ``torch._scaled_mm`` is used directly rather than torchao: it is
+one call, it is in every PyTorch the engine supports, and it needs no extra dependency.
 
-The slow twin is ``Float8Linear.reference``: the same quantisation, dequantised and multiplied in
-fp32. Only the attention and feed-forward linears inside the blocks are converted; the embedders,
-the final layer and the adaLN projections stay in bf16 (they are small and sensitive). fp8 is
-lossy: every speed number with fp8 is reported with an image-quality number against bf16.
+The per-token activation quantisation is one pass: the Triton kernel ``zimage::quantize_fp8_rows``
+(``kernels/quantize_fp8.py``) when the kernels are on, else :func:`quantize_rows` in PyTorch.
+The fused q|k|v and w1|w3 GEMMs (``accel.fusions``) stay fused: the fused weight is quantised as
+one matrix (its rows keep their own scales), so one activation is quantised once per fusion, and
+the original linears become fp8 views of it (same names, no extra memory).
+
+The slow twin is :meth:`Float8Linear.reference`: it quantises the activation by its own code (in
+float64) and multiplies the dequantised values in fp64. Only the attention and feed-forward
+linears inside the blocks are converted; the embedders, the final layer and the adaLN projections
+stay in bf16 (they are small and sensitive). fp8 is lossy: every speed number with fp8 is reported
+with an image-quality number against bf16.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
+from ._kernels import AccelerationUnavailable
+from .fusions import FusedLinear
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+MIN_CAPABILITY = (8, 9)  # Ada (sm89) and Hopper (sm90) have fp8 tensor cores
+
+Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,62 +42,129 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
-class Float8Linear(nn.Module):
-    """y = x W^T + b with W in fp8 (per-row scales) and x quantised per token. (..., K) -> (..., N)."""
+def check_fp8_supported(model: nn.Module) -> None:
+    """fp8 GEMMs need fp8 tensor cores on a GPU (sm89+); the CPU path is for tests. Raises clearly."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(param.device)
+    if (major, minor) < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(param.device)
+        raise AccelerationUnavailable(
+            f"fp8 needs a GPU with fp8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackwell); "
+            f"{name} is sm{major}{minor}. Run without fp8 on this GPU")
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+
+class Float8Linear(nn.Module):
+    """y = x W^T + b with W in fp8 (per-row scales) and x quantised per token. (..., K) -> (..., N).
+
+    ``persistent=False`` keeps the buffers out of ``state_dict()`` (the fused GEMMs, whose
+    weights are also held, as views, by the checkpoint-named linears).
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 fast_accum: bool = True, quantize: Quantizer = quantize_rows, persistent: bool = True):
         super().__init__()
-        self.register_buffer("weight", weight)  # (N, K) float8_e4m3fn
-        self.register_buffer("weight_scale", scale)  # (N, 1) fp32
+        self.register_buffer("weight", weight, persistent=persistent)  # (N, K) float8_e4m3fn
+        self.register_buffer("weight_scale", scale, persistent=persistent)  # (N, 1) fp32
         self.bias = bias
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.fast_accum = fast_accum
+        self.quantize = quantize
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Float8Linear":
-        weight, scale = quantize_rows(linear.weight)
-        bias = None if linear.bias is None else linear.bias
-        return cls(weight, scale, bias)
+    def from_linear(cls, linear: nn.Module, **kwargs) -> "Float8Linear":
+        weight, scale = quantize_rows(linear.weight.detach())
+        return cls(weight, scale, getattr(linear, "bias", None), **kwargs)
+
+    def view(self, start: int, stop: int) -> "Float8Linear":
+        """Rows start:stop of this layer, sharing its storage (the checkpoint-named parts of a fusion)."""
+        return Float8Linear(self.weight[start:stop], self.weight_scale[start:stop], None, self.fast_accum,
+                            self.quantize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xq, xs = quantize_rows(x2)
+        xq, xs = self.quantize(x.reshape(-1, shape[-1]))
         out = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale.t(),
-                               bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype)
+                               bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype,
+                               use_fast_accum=self.fast_accum)
         return out.reshape(*shape[:-1], self.out_features)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The same quantisation, dequantised, in fp32 (the slow twin of forward)."""
-        x2 = x.reshape(-1, x.shape[-1])
-        xq, xs = quantize_rows(x2)
-        out = (xq.float() * xs) @ (self.weight.float() * self.weight_scale).t()
+        """The slow twin of forward: its own per-token quantisation in float64, dequantised GEMM in fp64."""
+        x64 = x.reshape(-1, x.shape[-1]).double()
+        amax = torch.max(x64.abs(), dim=1, keepdim=True).values
+        scale = torch.where(amax > 1e-12, amax, torch.full_like(amax, 1e-12)) / 448.0
+        xq = torch.clamp(x64 / scale, -448.0, 448.0).to(FP8).double() * scale
+        w = self.weight.double() * self.weight_scale.double()
+        out = xq @ w.t()
         if self.bias is not None:
-            out = out + self.bias.float()
+            out = out + self.bias.double()
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-def _eligible(name: str, module: nn.Module) -> bool:
+def _in_block(name: str) -> bool:
     """The big GEMMs inside the blocks: attention q/k/v/out and the feed-forward projections."""
-    if not isinstance(module, nn.Linear) or "adaLN" in name:
-        return False
     in_block = name.startswith(("layers.", "noise_refiner.", "context_refiner."))
-    return in_block and (".attention." in name or ".feed_forward." in name)
+    return in_block and "adaLN" not in name and (".attention." in name or ".feed_forward." in name)
 
 
-def quantize_fp8_(transformer: nn.Module) -> tuple[int, int]:
-    """Replace eligible linears by :class:`Float8Linear` in place; returns (converted, kept)."""
-    converted = kept = 0
+def _eligible(module: nn.Module) -> bool:
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0  # _scaled_mm needs multiples of 16
+
+
+def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool = False) -> str:
+    """Replace the blocks' linears (and fused GEMMs) by :class:`Float8Linear` in place; returns the log line.
+
+    A fused GEMM (``accel.fusions.FusedLinear``) is quantised as one matrix and the linears it
+    fuses become fp8 views of it. ``kernels=True`` quantises activations with the Triton kernel.
+    """
+    quantize = quantize_rows
+    if kernels:
+        from .fused_ops import check_kernels_can_run
+
+        check_kernels_can_run(transformer)
+        quantize = torch.ops.zimage.quantize_fp8_rows
+    options = dict(fast_accum=fast_accum, quantize=quantize)
+    converted = kept = fused = 0
     for name, module in list(transformer.named_modules()):
+        fusions = [(child_name, child) for child_name, child in module.named_children()
+                   if isinstance(child, FusedLinear)]
+        parts_of = {}
+        for child_name, child in fusions:
+            full = f"{name}.{child_name}" if name else child_name
+            sources = _fused_sources(module, child)
+            if not (_in_block(full) and _eligible(child) and all(_eligible(s) for _, s in sources)):
+                continue
+            fp8 = Float8Linear.from_linear(child, persistent=False, **options)
+            setattr(module, child_name, fp8)
+            start = 0
+            for source_name, source in sources:
+                parts_of[source_name] = fp8.view(start, start + source.out_features)
+                start += source.out_features
+            fused += 1
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if not isinstance(child, nn.Linear):
-                continue
-            if _eligible(full, child):
-                if child.in_features % 16 or child.out_features % 16:
-                    kept += 1  # _scaled_mm needs multiples of 16
-                    continue
-                setattr(module, child_name, Float8Linear.from_linear(child))
+            if child_name in parts_of:
+                setattr(module, child_name, parts_of[child_name])
                 converted += 1
-            else:
-                kept += 1
-    return converted, kept
+            elif type(child) is nn.Linear:
+                if _in_block(full) and _eligible(child):
+                    setattr(module, child_name, Float8Linear.from_linear(child, **options))
+                    converted += 1
+                else:
+                    kept += 1
+    dtype = next((p.dtype for p in transformer.parameters()), None)
+    accum = "fast accumulation" if fast_accum else "fp32 accumulation"
+    return (f"fp8: {converted} linears in float8 e4m3 ({fused} as fused GEMMs, {accum}, activations quantised by "
+            f"{'zimage::quantize_fp8_rows' if kernels else 'PyTorch'}), {kept} kept in "
+            f"{str(dtype).removeprefix('torch.')}")
+
+
+def _fused_sources(parent: nn.Module, fused: FusedLinear) -> list[tuple[str, nn.Linear]]:
+    """The (name, linear) children of ``parent`` whose weights are views of ``fused``'s weight, in order."""
+    base = fused.weight.untyped_storage().data_ptr()
+    sources = [(n, m) for n, m in parent.named_children() if type(m) is nn.Linear
+               and m.weight.untyped_storage().data_ptr() == base]
+    sources.sort(key=lambda item: item[1].weight.storage_offset())
+    return sources

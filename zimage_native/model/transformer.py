@@ -25,15 +25,17 @@ from torch import nn
 
 from ..config import TransformerConfig
 from .attention import attention
-from .layers import FeedForward, RMSNorm, TimestepEmbedder
-from .rope import apply_rope
+from .layers import FeedForward, ModulatedRMSNorm, PostNormResidual, QKNormRoPE, RMSNorm, Rope, TimestepEmbedder
 from .sequence import SequenceLayout
-
-Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
-    """Self-attention with per-head q/k RMSNorm and RoPE. (B, L, D) -> (B, L, D)."""
+    """Self-attention with per-head q/k RMSNorm and RoPE. (B, L, D) -> (B, L, D).
+
+    ``to_qkv`` is an optional load-time fusion (set from outside the model, see
+    ``zimage_native.accel.fusions``): one module computing [q | k | v] in one GEMM. It holds no
+    state_dict entries; to_q, to_k and to_v stay the checkpoint's parameters.
+    """
 
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
@@ -45,30 +47,39 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])  # key "to_out.0", as in diffusers
         self.norm_q = RMSNorm(head_dim, eps=1e-5)  # 1e-5 is hard-coded in the reference, not norm_eps
         self.norm_k = RMSNorm(head_dim, eps=1e-5)
+        self.qk_norm_rope = QKNormRoPE()
+        self.to_qkv: nn.Module | None = None
         self.attn_fn = attention  # the seam that accel/ swaps for another backend
 
     def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None) -> torch.Tensor:
-        q = self.to_q(x).unflatten(-1, (self.n_heads, -1))  # (B, L, H, Dh)
-        k = self.to_k(x).unflatten(-1, (self.n_heads, -1))
-        v = self.to_v(x).unflatten(-1, (self.n_heads, -1))
-        q = apply_rope(self.norm_q(q), *rope)  # RoPE after the qk-norm
-        k = apply_rope(self.norm_k(k), *rope)
+        if self.to_qkv is not None:
+            q, k, v = self.to_qkv(x).unflatten(-1, (3 * self.n_heads, -1)).chunk(3, dim=2)  # (B, L, H, Dh)
+        else:
+            q = self.to_q(x).unflatten(-1, (self.n_heads, -1))  # (B, L, H, Dh)
+            k = self.to_k(x).unflatten(-1, (self.n_heads, -1))
+            v = self.to_v(x).unflatten(-1, (self.n_heads, -1))
+        q, k = self.qk_norm_rope(q, k, self.norm_q, self.norm_k, rope)
         out = self.attn_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, L, Dh)
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
 
 class TransformerBlock(nn.Module):
-    """Attention + SwiGLU with sandwich norms; modulated by c unless it is a context-refiner block."""
+    """Attention + SwiGLU with sandwich norms; modulated by c unless it is a context-refiner block.
+
+    Written once, from leaves (``model.layers``): the pre-norms are ModulatedRMSNorm, the
+    post-norms with their tanh-gated residual adds are PostNormResidual. Without modulation the
+    scales and gates are None (plain norms, plain residual adds).
+    """
 
     def __init__(self, config: TransformerConfig, modulation: bool):
         super().__init__()
         dim, eps = config.dim, config.norm_eps
         self.attention = Attention(dim, config.n_heads)
         self.feed_forward = FeedForward(dim, config.ffn_dim)
-        self.attention_norm1 = RMSNorm(dim, eps)
-        self.attention_norm2 = RMSNorm(dim, eps)
-        self.ffn_norm1 = RMSNorm(dim, eps)
-        self.ffn_norm2 = RMSNorm(dim, eps)
+        self.attention_norm1 = ModulatedRMSNorm(dim, eps)
+        self.attention_norm2 = PostNormResidual(dim, eps)
+        self.ffn_norm1 = ModulatedRMSNorm(dim, eps)
+        self.ffn_norm2 = PostNormResidual(dim, eps)
         self.modulation = modulation
         if modulation:
             # A bare Linear on c (no SiLU in front), unlike the final layer.
@@ -83,17 +94,14 @@ class TransformerBlock(nn.Module):
         mod: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``mod`` = adaLN_modulation(c), (B or 1, 4D), may be given precomputed instead of ``c``."""
-        if not self.modulation:
-            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), rope, mask))
-            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
-        if mod is None:
-            mod = self.adaLN_modulation(c)
-        # (B, 1, D) each, in the order of the checkpoint's rows.
-        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.unsqueeze(1).chunk(4, dim=2)
-        attn = self.attention(self.attention_norm1(x) * (1.0 + scale_msa), rope, mask)
-        x = x + gate_msa.tanh() * self.attention_norm2(attn)
-        ffn = self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_mlp))
-        return x + gate_mlp.tanh() * self.ffn_norm2(ffn)
+        scale_msa = gate_msa = scale_mlp = gate_mlp = None
+        if self.modulation:
+            if mod is None:
+                mod = self.adaLN_modulation(c)
+            # (B, 1, D) each, in the order of the checkpoint's rows.
+            scale_msa, gate_msa, scale_mlp, gate_mlp = mod.unsqueeze(1).chunk(4, dim=2)
+        x = self.attention_norm2(x, self.attention(self.attention_norm1(x, scale_msa), rope, mask), gate_msa)
+        return self.ffn_norm2(x, self.feed_forward(self.ffn_norm1(x, scale_mlp)), gate_mlp)
 
 
 class FinalLayer(nn.Module):
