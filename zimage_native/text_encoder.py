@@ -13,6 +13,7 @@ import copy
 import logging
 import os
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -37,29 +38,46 @@ def build_truncated_qwen3(full) -> tuple[nn.Module, object, int]:
     return model, config, n
 
 
-def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    """Build a Qwen3 model with the first N-1 layers and no final norm, and load its weights strictly."""
-    from transformers import AutoConfig
+def unused_key(key: str, n_layers: int) -> bool:
+    """A canonical (``model.``-less) Qwen3 key the truncated encoder does not load: the last layer,
+    the final norm and the LM head (``lm_head.*``, tied or not)."""
+    return key.startswith((f"layers.{n_layers - 1}.", "lm_head.")) or key == "norm.weight"
 
-    folder = Path(folder)
-    full = AutoConfig.from_pretrained(folder)
-    if full.model_type != "qwen3":
-        raise ValueError(f"{folder}: expected a Qwen3 text encoder (model_type 'qwen3'), got {full.model_type!r}")
+
+def load_truncated_qwen3(full, items: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None,
+                         device: torch.device | str) -> nn.Module:
+    """The one Qwen3 loader: from a full Qwen3 config and canonical (key, tensor) pairs, the model
+    with the first N-1 layers and no final norm, loaded strictly (see :func:`unused_key`).
+
+    Floating tensors are cast to ``dtype`` and moved to ``device`` as they are taken, skipped ones never.
+    """
+    from .formats.tensors import cast
+
     model, config, n = build_truncated_qwen3(full)
-
-    def keep(key: str) -> bool:
-        key = key.removeprefix("model.")
-        return not (key.startswith(f"layers.{n - 1}.") or key == "norm.weight" or key.startswith("lm_head."))
-
-    state_dict = {
-        k.removeprefix("model."): t for k, t in iter_tensors(safetensors_files(folder), dtype, device, keep)
-    }
+    state_dict = {k: cast(t, dtype).to(device) for k, t in items if not unused_key(k, n)}
     rotary = model.rotary_emb
     model.rotary_emb = None  # its inv_freq buffer is computed, not loaded: rebuild it below on the device
     assign_state_dict(model, state_dict, "text_encoder")
     with torch.device(device):
         model.rotary_emb = type(rotary)(config=config)
     return model.eval().requires_grad_(False)
+
+
+def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """The truncated Qwen3 of a transformers folder (config.json + safetensors), loaded strictly."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    full = AutoConfig.from_pretrained(folder)
+    if full.model_type != "qwen3":
+        raise ValueError(f"{folder}: expected a Qwen3 text encoder (model_type 'qwen3'), got {full.model_type!r}")
+    n = full.num_hidden_layers
+
+    def keep(key: str) -> bool:  # skip reading what is not loaded
+        return not unused_key(key.removeprefix("model."), n)
+
+    items = ((k.removeprefix("model."), t) for k, t in iter_tensors(safetensors_files(folder), dtype, device, keep))
+    return load_truncated_qwen3(full, items, dtype, device)
 
 
 class TextEncoder:
