@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .loading import assign_state_dict, build_on_meta, iter_tensors, safetensors_files
+from .quantize import quantize_text_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -45,26 +46,32 @@ def unused_key(key: str, n_layers: int) -> bool:
 
 
 def load_truncated_qwen3(full, items: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None,
-                         device: torch.device | str) -> nn.Module:
+                         device: torch.device | str, quant: str = "none") -> nn.Module:
     """The one Qwen3 loader: from a full Qwen3 config and canonical (key, tensor) pairs, the model
     with the first N-1 layers and no final norm, loaded strictly (see :func:`unused_key`).
 
-    Floating tensors are cast to ``dtype`` and moved to ``device`` as they are taken, skipped ones never.
+    Floating tensors are cast to ``dtype`` and moved to ``device`` as they are taken, skipped ones
+    never. ``quant`` "int8" | "int4" quantises the weights (:mod:`zimage_native.quantize`): they are
+    then kept on the CPU and quantised one by one on ``device``, so the device never holds them all
+    in full precision.
     """
     from .formats.tensors import cast
 
     model, config, n = build_truncated_qwen3(full)
-    state_dict = {k: cast(t, dtype).to(device) for k, t in items if not unused_key(k, n)}
+    read_on = device if quant == "none" else "cpu"
+    state_dict = {k: cast(t, dtype).to(read_on) for k, t in items if not unused_key(k, n)}
     rotary = model.rotary_emb
     model.rotary_emb = None  # its inv_freq buffer is computed, not loaded: rebuild it below on the device
     assign_state_dict(model, state_dict, "text_encoder")
     with torch.device(device):
         model.rotary_emb = type(rotary)(config=config)
-    return model.eval().requires_grad_(False)
+    return quantize_text_encoder(model.eval().requires_grad_(False), quant, device)
 
 
-def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    """The truncated Qwen3 of a transformers folder (config.json + safetensors), loaded strictly."""
+def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: torch.device | str,
+                       quant: str = "none") -> nn.Module:
+    """The truncated Qwen3 of a transformers folder (config.json + safetensors), loaded strictly;
+    ``quant`` as in :func:`load_truncated_qwen3`."""
     from transformers import AutoConfig
 
     folder = Path(folder)
@@ -76,8 +83,9 @@ def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: to
     def keep(key: str) -> bool:  # skip reading what is not loaded
         return not unused_key(key.removeprefix("model."), n)
 
-    items = ((k.removeprefix("model."), t) for k, t in iter_tensors(safetensors_files(folder), dtype, device, keep))
-    return load_truncated_qwen3(full, items, dtype, device)
+    read_on = device if quant == "none" else "cpu"
+    items = ((k.removeprefix("model."), t) for k, t in iter_tensors(safetensors_files(folder), dtype, read_on, keep))
+    return load_truncated_qwen3(full, items, dtype, device, quant)
 
 
 class TextEncoder:
@@ -89,19 +97,23 @@ class TextEncoder:
         self.max_sequence_length = max_sequence_length
 
     @classmethod
-    def from_folders(cls, encoder_dir, tokenizer_dir, dtype: torch.dtype, device) -> "TextEncoder":
+    def from_folders(cls, encoder_dir, tokenizer_dir, dtype: torch.dtype, device, quant: str = "none") -> "TextEncoder":
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        return cls(load_qwen3_encoder(encoder_dir, dtype, device), tokenizer)
+        return cls(load_qwen3_encoder(encoder_dir, dtype, device, quant), tokenizer)
+
+    def _norm_weight(self) -> torch.Tensor:
+        # The first layer norm: always in the compute dtype, also when the linears are quantised.
+        return self.model.layers[0].input_layernorm.weight
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self._norm_weight().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self._norm_weight().dtype
 
     def tokenize(self, texts: list[str], max_sequence_length: int | None = None) -> list[list[int]]:
         """Token ids per text, cut to ``max_sequence_length`` from the right (as the reference does)."""
