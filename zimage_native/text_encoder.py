@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .loading import assign_state_dict, build_on_meta, iter_tensors, safetensors_files
+from .quantize import quantize_text_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,14 @@ def build_truncated_qwen3(full) -> tuple[nn.Module, object, int]:
     return model, config, n
 
 
-def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    """Build a Qwen3 model with the first N-1 layers and no final norm, and load its weights strictly."""
+def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: torch.device | str,
+                       quant: str = "none") -> nn.Module:
+    """Build a Qwen3 model with the first N-1 layers and no final norm, and load its weights strictly.
+
+    ``quant`` "int8" | "int4" quantises the weights (:mod:`zimage_native.quantize`): they are then
+    read on the CPU and quantised one by one on ``device``, so the device never holds them all in
+    full precision.
+    """
     from transformers import AutoConfig
 
     folder = Path(folder)
@@ -51,15 +58,16 @@ def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: to
         key = key.removeprefix("model.")
         return not (key.startswith(f"layers.{n - 1}.") or key == "norm.weight" or key.startswith("lm_head."))
 
+    read_on = device if quant == "none" else "cpu"
     state_dict = {
-        k.removeprefix("model."): t for k, t in iter_tensors(safetensors_files(folder), dtype, device, keep)
+        k.removeprefix("model."): t for k, t in iter_tensors(safetensors_files(folder), dtype, read_on, keep)
     }
     rotary = model.rotary_emb
     model.rotary_emb = None  # its inv_freq buffer is computed, not loaded: rebuild it below on the device
     assign_state_dict(model, state_dict, "text_encoder")
     with torch.device(device):
         model.rotary_emb = type(rotary)(config=config)
-    return model.eval().requires_grad_(False)
+    return quantize_text_encoder(model.eval().requires_grad_(False), quant, device)
 
 
 class TextEncoder:
@@ -71,19 +79,23 @@ class TextEncoder:
         self.max_sequence_length = max_sequence_length
 
     @classmethod
-    def from_folders(cls, encoder_dir, tokenizer_dir, dtype: torch.dtype, device) -> "TextEncoder":
+    def from_folders(cls, encoder_dir, tokenizer_dir, dtype: torch.dtype, device, quant: str = "none") -> "TextEncoder":
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        return cls(load_qwen3_encoder(encoder_dir, dtype, device), tokenizer)
+        return cls(load_qwen3_encoder(encoder_dir, dtype, device, quant), tokenizer)
+
+    def _norm_weight(self) -> torch.Tensor:
+        # The first layer norm: always in the compute dtype, also when the linears are quantised.
+        return self.model.layers[0].input_layernorm.weight
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self._norm_weight().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self._norm_weight().dtype
 
     def tokenize(self, texts: list[str], max_sequence_length: int | None = None) -> list[list[int]]:
         """Token ids per text, cut to ``max_sequence_length`` from the right (as the reference does)."""
