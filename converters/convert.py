@@ -194,12 +194,12 @@ def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | No
 
 def _sources(info, dst: KeyMap) -> tuple[dict[str, list[str]], list[str]]:
     src_km = info.keymap()
-    from ..formats import _is_aux
+    from ..formats import is_aux
 
     parts: dict[str, dict[int, str]] = {}
     dropped = []
     for key in info.keys:
-        if _is_aux(key):
+        if is_aux(key):
             continue
         canon = src_km.canonical_keys(key)
         if not canon:
@@ -221,7 +221,7 @@ def plan_conversion(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, 
 
 
 def _prepare(src, dst, to, component, dtype, shard_size, loras, config=None):
-    from ..formats import Checkpoint, canonical_shapes, infer_config, inspect_checkpoint, normalize_kind
+    from ..formats import Checkpoint, canonical_shapes, folder_config, infer_config, inspect_checkpoint, normalize_kind
 
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if dtype not in DTYPES:
@@ -252,7 +252,7 @@ def _prepare(src, dst, to, component, dtype, shard_size, loras, config=None):
         shapes = canonical_shapes(ckpt, info)
         folder = dst.suffix != ".safetensors"
         try:
-            config = infer_config(kind, shapes, config, _folder_config(src))
+            config = infer_config(kind, shapes, config, folder_config(src))
             config = config if isinstance(config, dict) else config.to_dict()
         except ValueError:
             if folder:  # the folder's config.json needs it; a single file carries no config
@@ -290,12 +290,6 @@ def _prepare(src, dst, to, component, dtype, shard_size, loras, config=None):
         raise
 
 
-def _folder_config(path: Path):
-    from ..formats import _folder_config as fc
-
-    return fc(path)
-
-
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, component: str | None = None,
                        dtype: str = "keep", shard_size: str | int | None = None,
                        loras: Sequence[tuple[str, float]] = (), config: dict | str | os.PathLike | None = None,
@@ -304,7 +298,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
 
     ``dst`` ending in ``.safetensors`` is one file; anything else is a component folder (weights,
     an index json when sharded, and a config.json: ``config`` overrides what the shapes cannot tell,
-    as in ``formats.load_component``). An existing ``dst`` is refused unless ``force``;
+    as in ``loading.load_component``). An existing ``dst`` is refused unless ``force``;
     the output appears only when complete (written next to it, then renamed).
     """
     src_p, dst_p = Path(src).expanduser(), Path(dst).expanduser()

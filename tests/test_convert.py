@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from zimage_native.cli import main
 from zimage_native.converters.convert import convert_checkpoint, parse_size, plan_conversion
 from zimage_native.converters.keymap import DIT_COMFYUI, convert_state_dict
-from zimage_native.formats import detect_format, load_component
+from zimage_native.formats import detect_format
+from zimage_native.loading import load_component
 
 from .test_formats import TINY_AXES, comfy_dit, dit_state, ldm_vae, prefixed_te, te_state, to_fp8, vae_state, write
 

@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 from zimage_native.config import TransformerConfig, VAEConfig
 from zimage_native.converters.keymap import (DIT_COMFYUI, DIT_NATIVE_FUSED, TE_TRANSFORMERS, convert_state_dict,
                                              vae_ldm_keymap)
-from zimage_native.formats import (SingleFileMixin, UnsupportedFormatError, describe, detect_format,
-                                   infer_text_encoder_config, infer_transformer_config, infer_vae_config,
-                                   load_component, read_component_state_dict, resolve_tokenizer_folder)
-from zimage_native.loading import StateDictMismatchError
+from zimage_native.formats import (UnsupportedFormatError, describe, detect_format, infer_text_encoder_config,
+                                   infer_transformer_config, infer_vae_config)
+from zimage_native.hub import resolve_tokenizer_folder
+from zimage_native.loading import StateDictMismatchError, load_component, read_component_state_dict
 from zimage_native.model.sequence import build_layout, pad_captions, patchify
 from zimage_native.text_encoder import TextEncoder
 
@@ -301,6 +301,28 @@ def test_text_encoder_errors(tiny_model_dir, tmp_path):
                        config={"num_key_value_heads": 4})
 
 
+def test_every_text_encoder_loader_drops_the_lm_head(tiny_model_dir, tiny_pipe, tmp_path):
+    """An untied LM head (``lm_head.*``, here with a bias as some exports carry) is not part of the
+    encoder: the folder loader and the single-file loader (one loader since the split) both drop it."""
+    from zimage_native.text_encoder import load_qwen3_encoder
+
+    sd = prefixed_te(tiny_model_dir, lm_head=False)
+    vocab, hidden = sd["model.embed_tokens.weight"].shape
+    sd["lm_head.weight"] = torch.randn(vocab, hidden)
+    sd["lm_head.bias"] = torch.randn(vocab)
+    single = write(tmp_path / "qwen3_untied.safetensors", sd)
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    write(folder / "model.safetensors", sd)
+    (folder / "config.json").write_text((tiny_model_dir / "text_encoder" / "config.json").read_text())
+    ref = tiny_pipe.text_encoder.model
+    for model in (load_component("text_encoder", single, torch.float32, "cpu", config={"max_position_embeddings": 2048}),
+                  load_component("text_encoder", folder, torch.float32, "cpu"),
+                  load_qwen3_encoder(folder, torch.float32, "cpu")):
+        assert not any(k.startswith("lm_head") for k in model.state_dict())
+        assert_same_weights(model, ref)
+
+
 def test_component_folders_load_too(tiny_model_dir, tiny_pipe):
     """A diffusers component folder goes through the same path; its config.json is the base."""
     dit = load_component("transformer", tiny_model_dir / "transformer", torch.float32, "cpu")
@@ -330,7 +352,6 @@ def test_infer_vae_and_text_encoder_configs_from_tiny_shapes(tiny_model_dir, tin
 def _pipe_class():
     from zimage_native import ZImagePipeline
 
-    assert issubclass(ZImagePipeline, SingleFileMixin)
     return ZImagePipeline
 
 

@@ -484,7 +484,7 @@ def test_token_is_required_everywhere_but_health(tmp_path):
 def test_constant_time_comparison_is_used(monkeypatch):
     import hmac
 
-    from zimage_native.server import app as app_module
+    from zimage_native.server import middleware as app_module
 
     calls = []
     real = hmac.compare_digest

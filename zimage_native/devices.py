@@ -36,8 +36,28 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+#: "text_encoder": the text encoder lives on the CPU except while it encodes; "model": every
+#: component lives on the CPU except while it runs; "blocks": the text encoder as with
+#: "text_encoder", and the DiT's blocks stream from pinned CPU memory (:mod:`zimage_native.offload`).
+OFFLOAD_MODES = ("none", "text_encoder", "model", "blocks")
+
+
+def check_offload(offload: str) -> str:
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+    return offload
+
+
 def storage_device(name: str, device: torch.device, offload: str) -> torch.device:
-    """Where a component's weights live between uses."""
-    if offload == "model" or (offload == "text_encoder" and name == "text_encoder"):
+    """Where a component's weights live between uses (with "blocks", the DiT's resident parts)."""
+    if offload == "model" or (offload in ("text_encoder", "blocks") and name == "text_encoder"):
         return torch.device("cpu")
     return device
+
+
+def load_device(name: str, device: torch.device, offload: str) -> torch.device:
+    """Where a component is loaded: with "blocks" the DiT is read into CPU memory, and
+    :func:`zimage_native.offload.stream_blocks` then moves its resident parts to ``device``."""
+    if offload == "blocks" and name == "transformer":
+        return torch.device("cpu")
+    return storage_device(name, device, offload)

@@ -1,7 +1,8 @@
 """Where a model comes from: a local diffusers-layout folder, or a Hub id fetched with huggingface_hub.
 
 Only the files the engine reads are downloaded (configs, safetensors weights, the tokenizer), into
-huggingface_hub's usual cache.
+huggingface_hub's usual cache. A tokenizer alone (for single files) is a folder or a Hub id too:
+only its ``tokenizer/`` folder is fetched.
 """
 
 from __future__ import annotations
@@ -67,3 +68,46 @@ def resolve_model_folder(
         text, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_FILES, local_files_only=local_files_only
     )
     return check_model_folder(Path(folder))
+
+
+TOKENIZER_PATTERNS = ["tokenizer/*"]
+_ROOT_TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                            "special_tokens_map.json", "added_tokens.json"]
+
+
+def resolve_tokenizer_folder(tokenizer: str | os.PathLike | None = None, *, revision: str | None = None,
+                             cache_dir: str | os.PathLike | None = None, local_files_only: bool = False) -> Path:
+    """A tokenizer folder: a local folder (or a model folder with tokenizer/), or a Hub id.
+
+    For a Hub id only the ``tokenizer/`` folder is fetched (default: that of Tongyi-MAI/Z-Image-Turbo,
+    a few MB); a repository with the tokenizer files at its root is fetched with those files alone.
+    """
+    tokenizer = DEFAULT_MODEL if tokenizer is None else tokenizer
+    path = Path(tokenizer).expanduser()
+    if path.exists():
+        if (path / "tokenizer").is_dir():
+            return path / "tokenizer"
+        if path.is_dir():
+            return path
+        raise FileNotFoundError(f"tokenizer: {path} is a file; give a tokenizer folder or a Hub id")
+    text = str(tokenizer)
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"tokenizer folder not found: {text} (give a folder or a Hub id such as "
+                                f"{DEFAULT_MODEL})")
+    from huggingface_hub import snapshot_download
+
+    kwargs = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    folder = Path(snapshot_download(text, allow_patterns=TOKENIZER_PATTERNS, **kwargs))
+    if (folder / "tokenizer").is_dir():
+        return folder / "tokenizer"
+    folder = Path(snapshot_download(text, allow_patterns=_ROOT_TOKENIZER_PATTERNS, **kwargs))
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        raise FileNotFoundError(f"tokenizer: the Hub repository {text} has no tokenizer/ folder or tokenizer files")
+    return folder
+
+
+def load_tokenizer(tokenizer: str | os.PathLike | None = None, **kwargs):
+    """A transformers tokenizer from :func:`resolve_tokenizer_folder`."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_tokenizer_folder(tokenizer, **kwargs))

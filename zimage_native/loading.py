@@ -1,4 +1,9 @@
-"""Weight loading: safetensors (single file or sharded with an index) into modules built on meta.
+"""Weight loading: components from a diffusers folder or a single file, into modules built on meta.
+
+- :func:`load_module`: a diffusers component folder (safetensors, sharded or not) into a module;
+- :func:`load_component`: one component from any supported file (ComfyUI / all-in-one / fp8 single
+  files, component folders; what a file is comes from :mod:`zimage_native.formats`);
+- :func:`load_single_files`: a whole pipeline from single files (``ZImagePipeline.from_single_files``).
 
 The policy, stated once:
 - modules are built on the ``meta`` device (no memory, no init cost) and weights are assigned;
@@ -10,17 +15,26 @@ The policy, stated once:
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-WEIGHT_INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
-WEIGHT_FILE_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+from .config import SchedulerConfig
+from .formats.checkpoint import WEIGHT_FILE_NAMES, WEIGHT_INDEX_NAMES, Checkpoint, safetensors_files
+from .formats.detect import inspect_checkpoint, normalize_kind
+from .formats.fp8 import read_scales
+from .formats.infer import folder_config, infer_text_encoder_config, infer_transformer_config, infer_vae_config
+from .formats.infer import read_overrides
+from .formats.tensors import canonical_items, canonical_shapes, cast
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["WEIGHT_FILE_NAMES", "WEIGHT_INDEX_NAMES", "safetensors_files"]  # re-exported from formats.checkpoint
 
 
 class StateDictMismatchError(KeyError):
@@ -40,35 +54,6 @@ class StateDictMismatchError(KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.message
-
-
-def safetensors_files(path: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a component: a file, or a folder with an index json or one weight file."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"no such weight file or folder: {path}")
-    for name in WEIGHT_INDEX_NAMES:
-        index = path / name
-        if index.is_file():
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            files = [path / shard for shard in sorted(set(weight_map.values()))]
-            absent = [str(f) for f in files if not f.is_file()]
-            if absent:
-                raise FileNotFoundError(f"{index} lists shards that are not there: {absent}")
-            return files
-    for name in WEIGHT_FILE_NAMES:
-        if (path / name).is_file():
-            return [path / name]
-    found = sorted(p.name for p in path.glob("*.safetensors"))
-    if len(found) == 1:
-        return [path / found[0]]
-    raise FileNotFoundError(
-        f"no safetensors weights in {path}: expected one of {list(WEIGHT_FILE_NAMES + WEIGHT_INDEX_NAMES)}"
-        + (f", found several files without an index: {found}" if found else "")
-    )
 
 
 def read_header_keys(files: Iterable[Path]) -> list[str]:
@@ -160,3 +145,135 @@ def inspect_weights(path: str | os.PathLike) -> dict:
                 dt = s.get_dtype()
                 dtypes[dt] = dtypes.get(dt, 0) + n
     return {"files": len(files), "tensors": tensors, "parameters": params, "dtypes": dtypes}
+
+
+# =========================================================================== single files and component folders
+
+
+def read_component_state_dict(path: str | os.PathLike, kind: str, *, dequantize_fp8: bool = True,
+                              dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+                              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(canonical state dict, fp8 scales by canonical weight key) of one component of a checkpoint.
+
+    With ``dequantize_fp8=False`` fp8 weights stay fp8 (for an fp8 compute path) and their scales are
+    returned separately (a fused weight's per-tensor scale is given to each part). ``dtype`` casts
+    the floating, non-fp8 tensors.
+    """
+    with Checkpoint(path) as ckpt:
+        info = inspect_checkpoint(ckpt).component(kind)
+        state = {key: cast(t, dtype).to(device) for key, t in canonical_items(ckpt, info, dequant=dequantize_fp8)}
+        scales = {}
+        if not dequantize_fp8 and info.quantization == "scaled-fp8":
+            scales = read_scales(ckpt, info.keys, info.keymap(), device)
+        return state, scales
+
+
+def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                   device: torch.device | str = "cpu", config: dict | str | os.PathLike | None = None) -> nn.Module:
+    """Load one component from a single file (any supported layout / fp8 form) or a component folder.
+
+    ``kind``: 'transformer' | 'vae' | 'text_encoder'. Returns a ``ZImageTransformer``, an
+    ``AutoencoderKL`` (its ``.config`` is the VAEConfig) or the truncated Qwen3 ``nn.Module`` (wrap it
+    with ``TextEncoder(module, tokenizer)``). ``config`` overrides what shapes cannot tell (a dict or
+    a config.json path); a component folder's own config.json is the base. Weights are dequantised
+    (fp8), renamed, cast to ``dtype`` and moved to ``device`` one tensor at a time; loading is strict.
+    """
+    kind = normalize_kind(kind)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{kind}: no such file or folder: {path}")
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    with Checkpoint(path) as ckpt:
+        info = inspect_checkpoint(ckpt).component(kind)
+        if info.quantization:
+            logger.info("%s: %s weights in %s, dequantised to %s while loading", kind, info.quantization, path,
+                        dtype or "float32")
+        shapes = canonical_shapes(ckpt, info)
+        base = folder_config(path)
+        if kind == "text_encoder":
+            from transformers import Qwen3Config
+
+            from .text_encoder import load_truncated_qwen3
+
+            kwargs = infer_text_encoder_config(shapes, config, base)
+            full = Qwen3Config(**{k: v for k, v in kwargs.items() if k not in ("model_type", "transformers_version")})
+            return load_truncated_qwen3(full, canonical_items(ckpt, info), dtype, device)
+        if kind == "transformer":
+            from .model.transformer import ZImageTransformer
+
+            cfg = infer_transformer_config(shapes, config, base)
+            module = build_on_meta(lambda: ZImageTransformer(cfg))
+        else:
+            from .model.vae import AutoencoderKL
+
+            cfg = infer_vae_config(shapes, config, base)
+            module = build_on_meta(lambda: AutoencoderKL(cfg))
+        assign_state_dict(module, {k: cast(t, dtype).to(device) for k, t in canonical_items(ckpt, info)}, kind)
+        logger.info("%s: loaded %s (%s layout%s)", kind, path, info.layout,
+                    f", {info.quantization}" if info.quantization else "")
+        return module.eval().requires_grad_(False)
+
+
+def read_scheduler_config(scheduler_config: SchedulerConfig | dict | str | os.PathLike | None) -> SchedulerConfig:
+    """None: the released Turbo scheduler (shift 3.0); else a SchedulerConfig, a dict or a scheduler_config.json."""
+    if scheduler_config is None:
+        return SchedulerConfig()
+    if isinstance(scheduler_config, SchedulerConfig):
+        return scheduler_config
+    if isinstance(scheduler_config, (str, os.PathLike)) and Path(scheduler_config).is_dir():
+        scheduler_config = Path(scheduler_config) / "scheduler_config.json"
+    return SchedulerConfig.from_dict(read_overrides(scheduler_config))
+
+
+def load_single_files(
+    transformer: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
+    text_encoder: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    transformer_config: dict | str | os.PathLike | None = None,
+    vae_config: dict | str | os.PathLike | None = None,
+    text_encoder_config: dict | str | os.PathLike | None = None,
+    scheduler_config: SchedulerConfig | dict | str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The pieces of a pipeline from single files (ComfyUI split files, all-in-one files, fp8 files,
+    component folders): a dict of the pipeline constructor's arguments (``transformer``, ``vae``,
+    ``text_encoder`` (a TextEncoder), ``scheduler_config``, ``vae_config``, ``source``).
+
+    A component left out is taken from ``transformer``'s file when that file also holds it
+    (all-in-one checkpoints). ``tokenizer``: a folder or Hub id (default: the tokenizer/ folder of
+    Tongyi-MAI/Z-Image-Turbo, fetched alone). The scheduler defaults to the released Turbo one
+    (pass the Base one, shift 6.0, for Z-Image Base).
+    """
+    from .devices import resolve_device, resolve_dtype
+    from .formats.detect import detect_format
+    from .hub import load_tokenizer
+    from .text_encoder import TextEncoder
+
+    if transformer is None:
+        raise ValueError("from_single_files needs transformer= (a DiT file or folder)")
+    given = {"vae": vae, "text_encoder": text_encoder}
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        present = {c.component for c in detect_format(transformer).components}
+        for name in missing:
+            if name in present:
+                given[name] = transformer
+        still = [name for name in missing if given[name] is None]
+        if still:
+            raise ValueError(f"from_single_files: no {' or '.join(still)} given, and {transformer} does not "
+                             f"contain one; pass {', '.join(n + '=' for n in still)}")
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    scfg = read_scheduler_config(scheduler_config)
+    tok = load_tokenizer(tokenizer)
+    dit = load_component("transformer", transformer, dtype, device, transformer_config)
+    ae = load_component("vae", given["vae"], dtype, device, vae_config)
+    te = load_component("text_encoder", given["text_encoder"], dtype, device, text_encoder_config)
+    if te.config.hidden_size != dit.config.cap_feat_dim:
+        raise ValueError(f"text encoder hidden size {te.config.hidden_size} does not match the transformer's "
+                         f"cap_feat_dim {dit.config.cap_feat_dim}")
+    source = f"single files: transformer={transformer}, vae={given['vae']}, text_encoder={given['text_encoder']}"
+    return dict(transformer=dit, vae=ae, text_encoder=TextEncoder(te, tok), scheduler_config=scfg,
+                vae_config=ae.config, source=source)

@@ -423,9 +423,9 @@ def read_lora(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
         raise FileNotFoundError(f"LoRA file not found: {path}")
     from safetensors.torch import load_file
 
-    from .formats import _refuse_non_safetensors
+    from .formats import refuse_non_safetensors
 
-    _refuse_non_safetensors(path)
+    refuse_non_safetensors(path)
     return str(path), load_file(str(path))
 
 

@@ -30,9 +30,8 @@ from tqdm.auto import tqdm
 
 from .config import SchedulerConfig, TransformerConfig, VAEConfig
 from .devices import resolve_device, resolve_dtype, storage_device
-from .formats import SingleFileMixin, load_component, load_tokenizer
-from .hub import DEFAULT_MODEL, resolve_model_folder
-from .loading import load_module
+from .hub import DEFAULT_MODEL, load_tokenizer, resolve_model_folder
+from .loading import load_component, load_module, load_single_files
 from .lora import LoraMixin
 from .model.sequence import SequenceLayout, build_layout, ceil_to, pad_captions, patchify, unpatchify
 from .model.transformer import ZImageTransformer
@@ -117,11 +116,12 @@ def detect_variant(source: str, scheduler_config: SchedulerConfig) -> str:
     return "turbo"
 
 
-class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
+class ZImagePipeline(LoraMixin, RewriterMixin):
     """Text-to-image (and img2img) with Z-Image. Build with :meth:`from_pretrained`, call like a function.
 
-    Mixed in: ``from_single_files`` (ComfyUI / all-in-one / fp8 files, :mod:`zimage_native.formats`),
-    ``load_lora``/``unload_lora`` (:mod:`zimage_native.lora`) and ``rewrite`` (the prompt rewriter,
+    ``from_single_files`` builds one from ComfyUI / all-in-one / fp8 files
+    (:func:`zimage_native.loading.load_single_files`).
+    Mixed in: ``load_lora``/``unload_lora`` (:mod:`zimage_native.lora`) and ``rewrite`` (the prompt rewriter,
     :mod:`zimage_native.prompt.rewriter`).
     """
 
@@ -282,6 +282,17 @@ class ZImagePipeline(SingleFileMixin, LoraMixin, RewriterMixin):
         pipe.optimize(kernels=kernels, attention=attention or attention_from_env(), compile=compile,
                       cuda_graphs=cuda_graphs, fp8=fp8)
         return pipe
+
+    @classmethod
+    def from_single_files(cls, transformer=None, vae=None, text_encoder=None, tokenizer=None, device=None, dtype=None,
+                          **kwargs) -> "ZImagePipeline":
+        """Build from single files (ComfyUI split, all-in-one, fp8) or component folders; see
+        :func:`zimage_native.loading.load_single_files` for the arguments. Other keyword arguments
+        (``variant=``, ...) go to the constructor."""
+        names = ("transformer_config", "vae_config", "text_encoder_config", "scheduler_config")
+        loaded = load_single_files(transformer, vae, text_encoder, tokenizer, device, dtype,
+                                   **{k: kwargs.pop(k) for k in names if k in kwargs})
+        return cls(**loaded, **kwargs)
 
     # ------------------------------------------------------------------ placement
     def _module(self, name: str) -> torch.nn.Module:

@@ -13,11 +13,13 @@ import copy
 import logging
 import os
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from .loading import assign_state_dict, build_on_meta, iter_tensors, safetensors_files
+from .quantize import quantize_text_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -37,29 +39,53 @@ def build_truncated_qwen3(full) -> tuple[nn.Module, object, int]:
     return model, config, n
 
 
-def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    """Build a Qwen3 model with the first N-1 layers and no final norm, and load its weights strictly."""
+def unused_key(key: str, n_layers: int) -> bool:
+    """A canonical (``model.``-less) Qwen3 key the truncated encoder does not load: the last layer,
+    the final norm and the LM head (``lm_head.*``, tied or not)."""
+    return key.startswith((f"layers.{n_layers - 1}.", "lm_head.")) or key == "norm.weight"
+
+
+def load_truncated_qwen3(full, items: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None,
+                         device: torch.device | str, quant: str = "none") -> nn.Module:
+    """The one Qwen3 loader: from a full Qwen3 config and canonical (key, tensor) pairs, the model
+    with the first N-1 layers and no final norm, loaded strictly (see :func:`unused_key`).
+
+    Floating tensors are cast to ``dtype`` and moved to ``device`` as they are taken, skipped ones
+    never. ``quant`` "int8" | "int4" quantises the weights (:mod:`zimage_native.quantize`): they are
+    then kept on the CPU and quantised one by one on ``device``, so the device never holds them all
+    in full precision.
+    """
+    from .formats.tensors import cast
+
+    model, config, n = build_truncated_qwen3(full)
+    read_on = device if quant == "none" else "cpu"
+    state_dict = {k: cast(t, dtype).to(read_on) for k, t in items if not unused_key(k, n)}
+    rotary = model.rotary_emb
+    model.rotary_emb = None  # its inv_freq buffer is computed, not loaded: rebuild it below on the device
+    assign_state_dict(model, state_dict, "text_encoder")
+    with torch.device(device):
+        model.rotary_emb = type(rotary)(config=config)
+    return quantize_text_encoder(model.eval().requires_grad_(False), quant, device)
+
+
+def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: torch.device | str,
+                       quant: str = "none") -> nn.Module:
+    """The truncated Qwen3 of a transformers folder (config.json + safetensors), loaded strictly;
+    ``quant`` as in :func:`load_truncated_qwen3`."""
     from transformers import AutoConfig
 
     folder = Path(folder)
     full = AutoConfig.from_pretrained(folder)
     if full.model_type != "qwen3":
         raise ValueError(f"{folder}: expected a Qwen3 text encoder (model_type 'qwen3'), got {full.model_type!r}")
-    model, config, n = build_truncated_qwen3(full)
+    n = full.num_hidden_layers
 
-    def keep(key: str) -> bool:
-        key = key.removeprefix("model.")
-        return not (key.startswith(f"layers.{n - 1}.") or key == "norm.weight" or key.startswith("lm_head."))
+    def keep(key: str) -> bool:  # skip reading what is not loaded
+        return not unused_key(key.removeprefix("model."), n)
 
-    state_dict = {
-        k.removeprefix("model."): t for k, t in iter_tensors(safetensors_files(folder), dtype, device, keep)
-    }
-    rotary = model.rotary_emb
-    model.rotary_emb = None  # its inv_freq buffer is computed, not loaded: rebuild it below on the device
-    assign_state_dict(model, state_dict, "text_encoder")
-    with torch.device(device):
-        model.rotary_emb = type(rotary)(config=config)
-    return model.eval().requires_grad_(False)
+    read_on = device if quant == "none" else "cpu"
+    items = ((k.removeprefix("model."), t) for k, t in iter_tensors(safetensors_files(folder), dtype, read_on, keep))
+    return load_truncated_qwen3(full, items, dtype, device, quant)
 
 
 class TextEncoder:
@@ -71,19 +97,23 @@ class TextEncoder:
         self.max_sequence_length = max_sequence_length
 
     @classmethod
-    def from_folders(cls, encoder_dir, tokenizer_dir, dtype: torch.dtype, device) -> "TextEncoder":
+    def from_folders(cls, encoder_dir, tokenizer_dir, dtype: torch.dtype, device, quant: str = "none") -> "TextEncoder":
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        return cls(load_qwen3_encoder(encoder_dir, dtype, device), tokenizer)
+        return cls(load_qwen3_encoder(encoder_dir, dtype, device, quant), tokenizer)
+
+    def _norm_weight(self) -> torch.Tensor:
+        # The first layer norm: always in the compute dtype, also when the linears are quantised.
+        return self.model.layers[0].input_layernorm.weight
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self._norm_weight().device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self._norm_weight().dtype
 
     def tokenize(self, texts: list[str], max_sequence_length: int | None = None) -> list[list[int]]:
         """Token ids per text, cut to ``max_sequence_length`` from the right (as the reference does)."""

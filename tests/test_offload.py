@@ -1,0 +1,161 @@
+"""Streamed block offload (``offload="blocks"``) on the CPU, with a fake device move that records
+every copy: identical results, the copy order, the prefetch depth and the blocks freed after use."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from zimage_native.config import TransformerConfig
+from zimage_native.model.sequence import build_layout, pad_captions, patchify
+from zimage_native.model.transformer import ZImageTransformer
+from zimage_native.offload import RESIDENT, _streamed_tensors, dit_blocks, stream_blocks, streamed_bytes
+from zimage_native.testing import randomize_
+
+from .dit_configs import TINY_DIT
+
+CONFIG = TransformerConfig.from_dict(dict(TINY_DIT, n_layers=3, n_refiner_layers=2))
+NAMES = ["c0", "c1", "n0", "n1", "l0", "l1", "l2"]  # execution order: context, noise refiner, layers
+
+
+def tiny_dit():
+    torch.manual_seed(0)
+    return randomize_(ZImageTransformer(CONFIG), 1).eval()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(1, 16, 8, 12, generator=g)
+    caps = [torch.randn(9, CONFIG.cap_feat_dim, generator=g)]
+    layout = build_layout(CONFIG, [9], 8, 12)
+    return patchify(latents), pad_captions(caps, layout.caption_pad.shape[1]), torch.tensor([0.3]), layout
+
+
+class Recorder:
+    """A fake device move (a copy of the tensor) that logs which block each copy belongs to, plus
+    hooks that log each block's run and check its weights are the copies while it runs."""
+
+    def __init__(self, model):
+        self.model, self.log, self.max_loaded = model, [], 0
+        self.owner = {}  # data_ptr of a CPU copy -> block name
+
+    def transfer(self, t: torch.Tensor) -> torch.Tensor:
+        name = self.owner[t.data_ptr()]
+        if not self.log or self.log[-1] != ("copy", name):
+            self.log.append(("copy", name))
+        return t.clone()
+
+    def attach(self, streamer):
+        for name, block in zip(NAMES, streamer.blocks):
+            homes = [t.data_ptr() for t in _streamed_tensors(block, RESIDENT)]
+            self.owner.update(dict.fromkeys(homes, name))
+
+            def before(module, args, name=name, homes=homes):
+                self.log.append(("run", name))
+                self.max_loaded = max(self.max_loaded, len(streamer.loaded))
+                now = [t.data_ptr() for t in _streamed_tensors(module, RESIDENT)]
+                assert not set(now) & set(homes), f"{name} runs on its CPU copies"
+
+            def after(module, args, out, homes=homes):
+                assert [t.data_ptr() for t in _streamed_tensors(module, RESIDENT)] == homes  # freed
+
+            block.register_forward_pre_hook(before)  # after the streamer's hooks
+            block.register_forward_hook(after)
+
+
+def streamed(depth):
+    model = tiny_dit()
+    rec = Recorder(model)
+    streamer = stream_blocks(model, "cpu", depth=depth, transfer=rec.transfer)
+    rec.attach(streamer)
+    return model, rec, streamer
+
+
+@torch.no_grad()
+def test_streamed_blocks_give_identical_results():
+    ref = tiny_dit()
+    model, _, _ = streamed(1)
+    x, cap, t, layout = inputs()
+    want = ref(x, cap, t, layout)
+    for _ in range(3):  # the first pass loads on demand, the later ones prefetch
+        assert torch.equal(model(x, cap, t, layout), want)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@torch.no_grad()
+def test_copy_order_and_prefetch_depth(depth):
+    model, rec, streamer = streamed(depth)
+    x, cap, t, layout = inputs()
+    model(x, cap, t, layout)
+    # First pass: nothing is known about the order, so each block is copied just before it runs.
+    assert rec.log == [e for n in NAMES for e in (("copy", n), ("run", n))]
+    assert not streamer.loaded  # every block was freed after its run
+    rec.log.clear()
+    model(x, cap, t, layout)
+    # Second pass: c0 is copied on demand (l2 did not know its successor yet), then prefetching.
+    assert rec.log[: depth + 2] == [("copy", n) for n in NAMES[: depth + 1]] + [("run", "c0")]
+    rec.log.clear()
+    model(x, cap, t, layout)
+    steady = rec.log  # the third pass
+    # While block k starts, the copy of block k + depth is issued (cyclically: the last blocks
+    # prefetch the first blocks of the next pass); each block is copied once per pass.
+    expected = []
+    for k, name in enumerate(NAMES):
+        expected += [("copy", NAMES[(k + depth) % len(NAMES)]), ("run", name)]
+    assert steady == expected
+    assert rec.max_loaded == depth + 1
+    streamer.release()
+    assert not streamer.loaded
+
+
+@torch.no_grad()
+def test_a_changed_order_drops_the_wrong_prefetch():
+    model, rec, streamer = streamed(1)
+    x, cap, t, layout = inputs()
+    model(x, cap, t, layout)
+    model(x, cap, t, layout)  # learned: after l2 comes c0
+    rec.log.clear()
+    mods = model.modulations(model.time_embedding(t, x.dtype))
+    out = model.forward_tokens(x, model.encode_caption(cap, layout), None, layout, mods)  # c0 prefetched
+    rec.log.clear()
+    model.forward_tokens(x, out.new_zeros(1, layout.caption_pad.shape[1], CONFIG.dim), None, layout, mods)
+    # l2 prefetched c0, but n0 runs next: c0 is dropped and n0 copied on demand.
+    assert rec.log[:3] == [("copy", "n0"), ("copy", "n1"), ("run", "n0")]
+    assert rec.max_loaded <= 2
+
+
+def test_resident_parts_move_and_blocks_stay_on_the_cpu():
+    model = tiny_dit()
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    resident, largest = streamed_bytes(model)
+    per_block = [sum(t.numel() * t.element_size() for t in _streamed_tensors(b, RESIDENT)) for b in dit_blocks(model)]
+    assert resident + sum(per_block) == total and largest == max(per_block)
+    adaln = sum(p.numel() * 4 for b in model.layers for p in b.adaLN_modulation.parameters())
+    assert resident > adaln > 0  # the adaLN projections are resident
+    stream_blocks(model, "meta")  # "meta" stands in for the GPU: what is not streamed goes there
+    assert model.x_pad_token.is_meta and model.layers[0].adaLN_modulation[0].weight.is_meta
+    assert not model.layers[0].attention.to_q.weight.is_meta
+    with pytest.raises(ValueError, match="already streamed"):
+        stream_blocks(model, "meta")
+
+
+def test_compiled_blocks_are_refused():
+    model = tiny_dit()
+    # What nn.Module.compile() sets (calling it imports dynamo, which takes seconds).
+    model.layers[0]._compiled_call_impl = model.layers[0]._call_impl
+    with pytest.raises(ValueError, match="compile='off'"):
+        stream_blocks(model, "cpu")
+
+
+def test_block_offload_placement():
+    from zimage_native.devices import check_offload, load_device, storage_device
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert storage_device("text_encoder", gpu, "blocks") == cpu  # off the GPU between prompts
+    assert storage_device("transformer", gpu, "blocks") == gpu  # its resident parts never move
+    assert load_device("transformer", gpu, "blocks") == cpu  # read into CPU memory, then streamed
+    assert load_device("vae", gpu, "blocks") == gpu and load_device("transformer", gpu, "none") == gpu
+    with pytest.raises(ValueError, match="offload must be one of .*'blocks'.*got 'layers'"):
+        check_offload("layers")

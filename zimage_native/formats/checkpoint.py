@@ -1,0 +1,188 @@
+"""Safetensors containers read from their headers: what a file is, its tensors, and their bytes on demand.
+
+What a file is comes from its first bytes (:func:`sniff`), never from its name; a safetensors
+header (8-byte length + JSON) gives every tensor's dtype, shape and byte range without reading
+data. :class:`Checkpoint` is the tensors of one file, or of a component folder (sharded or not),
+by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+WEIGHT_INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+WEIGHT_FILE_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+class UnsupportedFormatError(ValueError):
+    """A checkpoint we recognise but cannot load (the message names the format), or do not recognise."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors dtype string: "BF16", "F8_E4M3", ...
+    shape: tuple[int, ...]
+    file: Path
+    offsets: tuple[int, int]  # byte range inside the file's data section
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return SAFETENSORS_DTYPES.get(self.dtype)
+
+
+def sniff(path: Path) -> str:
+    """'gguf', 'pickle', 'safetensors' or 'unknown', from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if len(head) >= 9:
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n < 200_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # a torch.save zip, or a raw pickle stream
+        return "pickle"
+    return "unknown"
+
+
+def refuse_non_safetensors(path: Path) -> None:
+    """Raise :class:`UnsupportedFormatError` naming what ``path`` is, unless it is a safetensors file."""
+    kind = sniff(path)
+    if kind == "gguf":
+        raise UnsupportedFormatError(
+            f"{path}: GGUF file (llama.cpp / ComfyUI-GGUF quantisation) is not supported; use a safetensors "
+            f"checkpoint (bf16, fp8 or scaled fp8)")
+    if kind == "pickle":
+        raise UnsupportedFormatError(
+            f"{path}: pickled PyTorch checkpoint (.pt/.ckpt/.bin) is refused (pickle can run code); "
+            f"convert it to safetensors first")
+    if kind != "safetensors":
+        raise UnsupportedFormatError(f"{path}: not a safetensors file (unrecognised header)")
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse one safetensors header (8-byte length + JSON): tensor infos and ``__metadata__``. No data is read."""
+    path = Path(path)
+    refuse_non_safetensors(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    metadata = header.pop("__metadata__", None) or {}
+    tensors = {k: TensorInfo(v["dtype"], tuple(v["shape"]), path, tuple(v["data_offsets"])) for k, v in header.items()}
+    return tensors, metadata
+
+
+def safetensors_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a component: a file, or a folder with an index json or one weight file."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"no such weight file or folder: {path}")
+    for name in WEIGHT_INDEX_NAMES:
+        index = path / name
+        if index.is_file():
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            files = [path / shard for shard in sorted(set(weight_map.values()))]
+            absent = [str(f) for f in files if not f.is_file()]
+            if absent:
+                raise FileNotFoundError(f"{index} lists shards that are not there: {absent}")
+            return files
+    for name in WEIGHT_FILE_NAMES:
+        if (path / name).is_file():
+            return [path / name]
+    found = sorted(p.name for p in path.glob("*.safetensors"))
+    if len(found) == 1:
+        return [path / found[0]]
+    raise FileNotFoundError(
+        f"no safetensors weights in {path}: expected one of {list(WEIGHT_FILE_NAMES + WEIGHT_INDEX_NAMES)}"
+        + (f", found several files without an index: {found}" if found else "")
+    )
+
+
+def _component_files(path: Path) -> list[Path]:
+    if path.is_dir() and (path / "model_index.json").is_file():
+        raise UnsupportedFormatError(
+            f"{path} is a whole model folder (diffusers layout): load it with ZImagePipeline.from_pretrained, "
+            f"or give one component (a file, or a folder such as {path / 'transformer'})")
+    return safetensors_files(path)
+
+
+class Checkpoint:
+    """The tensors of one file, or of a component folder (sharded or not), by name. Data is read on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.files = _component_files(self.path)
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        for file in self.files:
+            tensors, metadata = read_header(file)
+            twice = sorted(set(tensors) & set(self.tensors))
+            if twice:
+                raise ValueError(f"{self.path}: tensors stored in two files, e.g. {twice[:3]}")
+            self.tensors.update(tensors)
+            self.metadata.update(metadata)
+        self._stack = ExitStack()
+        self._handles: dict[Path, Any] = {}
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        info = self.tensors[key]
+        if info.file not in self._handles:
+            handle = safe_open(str(info.file), framework="pt", device="cpu")
+            self._handles[info.file] = self._stack.enter_context(handle)
+        return self._handles[info.file].get_tensor(key)
+
+    def meta(self, key: str) -> torch.Tensor:
+        info = self.tensors[key]
+        dtype = info.torch_dtype
+        if dtype is None:
+            raise UnsupportedFormatError(f"{self.path}: tensor {key} has dtype {info.dtype}, which is not supported")
+        return torch.empty(info.shape, dtype=dtype, device="meta")
+
+    def raw_bytes(self, key: str) -> bytes:
+        """The stored bytes of a (small) tensor, without torch: used for quantisation markers."""
+        info = self.tensors[key]
+        with open(info.file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            f.seek(8 + n + info.offsets[0])
+            return f.read(info.offsets[1] - info.offsets[0])
+

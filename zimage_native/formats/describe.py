@@ -1,0 +1,44 @@
+"""``zimage info`` for files and component folders: a JSON-able description read from headers only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpoint
+from .detect import detect_format
+from .infer import folder_config, infer_config
+from .tensors import canonical_shapes
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON-able, header-only description of a file or component folder (used by ``zimage info``)."""
+    fmt = detect_format(path)
+    out: dict[str, Any] = {"path": str(fmt.path), "container": fmt.container, "kind": fmt.kind}
+    if fmt.kind == "lora" and fmt.container == "safetensors":
+        from ..lora import describe_lora_keys
+
+        with Checkpoint(path) as ckpt:
+            out["lora"] = describe_lora_keys(ckpt.keys())
+            out["tensors"] = len(ckpt.tensors)
+            out["parameters"] = sum(t.numel for t in ckpt.tensors.values())
+        return out
+    if fmt.problem:
+        out["problem"] = fmt.problem
+    components = {}
+    if fmt.components:
+        with Checkpoint(path) as ckpt:
+            for info in fmt.components:
+                entry: dict[str, Any] = {
+                    "layout": info.layout, "prefix": info.prefix, "quantization": info.quantization,
+                    "tensors": info.tensors, "parameters": info.parameters, "dtypes": info.dtypes,
+                }
+                try:
+                    cfg = infer_config(info.component, canonical_shapes(ckpt, info), None, folder_config(Path(path)))
+                    entry["config"] = cfg if isinstance(cfg, dict) else cfg.to_dict()
+                except (ValueError, KeyError) as e:
+                    entry["config_error"] = str(e)
+                components[info.component] = entry
+    out["components"] = components
+    return out

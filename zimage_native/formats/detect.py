@@ -1,0 +1,239 @@
+"""What a checkpoint holds, from its header alone: components, layouts, quantisation, or why it cannot load.
+
+- which components it holds (DiT, VAE, Qwen3 text encoder; one file may hold all three, as
+  ComfyUI's all-in-one checkpoints do under ``model.diffusion_model.`` / ``vae.`` /
+  ``text_encoders.qwen3_4b.``) and in which layout (``converters.keymap``);
+- its quantisation: none, plain fp8 or ComfyUI's "scaled fp8" (:mod:`.fp8`). Formats that need
+  kernels we do not have (comfy_quant mixed precision, nunchaku SVDQuant, bitsandbytes,
+  GPTQ/AWQ) are recognised and refused with an error that names them;
+- LoRAs and ControlNets are recognised and pointed elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..converters.keymap import KeyMap, keymap_for
+from .checkpoint import (FLOAT_DTYPES, SAFETENSORS_DTYPES, Checkpoint, UnsupportedFormatError,
+                         refuse_non_safetensors, sniff)
+from .fp8 import FP8_DTYPES, is_aux, is_scaled
+
+COMPONENTS = ("transformer", "vae", "text_encoder")
+_KIND_ALIASES = {"dit": "transformer", "unet": "transformer", "diffusion_model": "transformer",
+                 "text-encoder": "text_encoder", "te": "text_encoder", "encoder": "text_encoder", "ae": "vae"}
+
+
+@dataclass
+class ComponentInfo:
+    """One model component found in a checkpoint."""
+
+    component: str  # transformer | vae | text_encoder
+    layout: str  # a name from converters.keymap.LAYOUTS
+    prefix: str  # the key prefix that selects this component in the file ("" for a plain file)
+    keys: list[str]  # the full keys of the component, quantisation keys included
+    quantization: str | None = None  # None | "fp8" | "scaled-fp8"
+    n_blocks: int | None = None  # VAE only: len(block_out_channels), for the LDM up-block mirror
+    dtypes: dict[str, int] = field(default_factory=dict)  # dtype -> parameter count
+    tensors: int = 0
+    parameters: int = 0
+
+    def keymap(self) -> KeyMap:
+        """The key map of this layout (its ``prefixes`` cover every prefix that detection accepts)."""
+        return keymap_for(self.component, self.layout, self.n_blocks)
+
+
+@dataclass
+class FileFormat:
+    """What :func:`detect_format` found. ``problem`` says why it cannot be loaded (None if it can)."""
+
+    path: Path
+    container: str  # safetensors | gguf | pickle | unknown
+    kind: str  # model | lora | controlnet | unknown
+    components: list[ComponentInfo] = field(default_factory=list)
+    problem: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def component(self, kind: str) -> ComponentInfo:
+        kind = normalize_kind(kind)
+        if self.problem:
+            raise UnsupportedFormatError(self.problem)
+        for c in self.components:
+            if c.component == kind:
+                return c
+        found = ", ".join(c.component for c in self.components) or "no Z-Image component"
+        raise UnsupportedFormatError(f"{self.path}: no {kind} in this checkpoint (found: {found})")
+
+
+def normalize_kind(kind: str) -> str:
+    kind = _KIND_ALIASES.get(kind.lower().replace(" ", "_"), kind.lower().replace("-", "_"))
+    if kind not in COMPONENTS:
+        raise ValueError(f"unknown component {kind!r}; choose one of {list(COMPONENTS)}")
+    return kind
+
+
+def _comfy_quant_formats(ckpt: Checkpoint, keys: list[str]) -> list[str]:
+    formats = set()
+    for key in keys:
+        if key.endswith(".comfy_quant"):
+            try:
+                formats.add(str(json.loads(ckpt.raw_bytes(key).decode("utf-8")).get("format", "?")))
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                formats.add("?")
+    meta = ckpt.metadata.get("_quantization_metadata")
+    if meta:
+        try:
+            layers = json.loads(meta).get("layers", {})
+            formats.update(str(v.get("format", "?")) for v in layers.values() if isinstance(v, dict))
+        except (ValueError, AttributeError):
+            formats.add("?")
+    return sorted(formats)
+
+
+def _quantization_problem(ckpt: Checkpoint) -> str | None:
+    """A message naming the quantisation format we cannot load, or None."""
+    keys = ckpt.keys()
+    path = ckpt.path
+    if any(k.endswith(".comfy_quant") for k in keys) or "_quantization_metadata" in ckpt.metadata:
+        formats = ", ".join(_comfy_quant_formats(ckpt, keys)) or "?"
+        return (f"{path}: ComfyUI mixed-precision 'comfy_quant' quantisation (formats: {formats}) is not supported; "
+                f"use a bf16, plain fp8 or legacy scaled-fp8 file")
+    if any(k.endswith((".qweight", ".wscales", ".smooth_factor", ".wtscale")) for k in keys):
+        return (f"{path}: nunchaku SVDQuant (W4A4 int4/fp4, 'qweight') checkpoint is not supported: it needs the "
+                f"nunchaku CUDA kernels")
+    if any(k.endswith((".absmax", ".quant_map", ".nested_absmax")) or ".quant_state." in k for k in keys):
+        return f"{path}: bitsandbytes-quantised checkpoint (absmax/quant_state) is not supported"
+    if any(k.endswith((".qzeros", ".g_idx")) for k in keys):
+        return f"{path}: GPTQ/AWQ-quantised checkpoint (qzeros/g_idx) is not supported"
+    odd = sorted({i.dtype for k, i in ckpt.tensors.items() if i.dtype not in SAFETENSORS_DTYPES})
+    if odd:
+        return f"{path}: tensor dtypes {odd} (a packed quantisation format) are not supported"
+    return None
+
+
+_LORA_KEY = re.compile(r"(lora_|\.lora\.|lokr_|hada_|\.alpha$|dora_scale|lora_magnitude)")
+
+_DIT_MARKERS = ("x_pad_token", "cap_embedder.1.weight", "layers.0.adaLN_modulation.0.weight")
+_CANDIDATES = {
+    # (outer prefix, marker keys relative to it). Prefixed candidates are claimed before bare ones.
+    "transformer": [(p, _DIT_MARKERS) for p in ("model.diffusion_model.", "diffusion_model.", "")],
+    "vae": [(p, ("decoder.conv_in.weight", "encoder.conv_in.weight")) for p in ("vae.", "first_stage_model.", "")],
+    "text_encoder": [(p, ("model.embed_tokens.weight", "embed_tokens.weight"))
+                     for p in ("text_encoders.qwen3_4b.transformer.", "text_encoders.qwen3_4b.", "")],
+}
+
+
+def _dit_layout(stripped: list[str], path: Path) -> str:
+    comfy = any(k.endswith(".attention.qkv.weight") for k in stripped)
+    fused = any(k.endswith((".attention.to_qkv.weight", ".feed_forward.w13.weight")) for k in stripped)
+    split = any(k.endswith(".attention.to_q.weight") for k in stripped)
+    if sum((comfy, fused, split)) > 1:
+        raise UnsupportedFormatError(f"{path}: the DiT mixes layouts (fused attention.qkv and split to_q keys)")
+    if comfy or any(k.startswith("x_embedder.") for k in stripped):
+        return "comfyui"
+    if fused:
+        return "native-fused"
+    return "diffusers"
+
+
+def _analyse(ckpt: Checkpoint, component: str, prefix: str, keys: list[str]) -> ComponentInfo:
+    km_probe = keymap_for(component, {"transformer": "diffusers", "vae": "diffusers",
+                                      "text_encoder": "bare"}[component])
+    stripped = [km_probe.strip(k[len(prefix):]) for k in keys]
+    n_blocks = None
+    if component == "transformer":
+        layout = _dit_layout(stripped, ckpt.path)
+    elif component == "vae":
+        ldm = any(k.startswith(("decoder.mid.", "encoder.mid.", "decoder.up.", "encoder.down.")) for k in stripped)
+        layout = "ldm" if ldm else "diffusers"
+        blocks = r"(?:decoder\.up|encoder\.down)" if ldm else r"(?:decoder\.up_blocks|encoder\.down_blocks)"
+        pat = re.compile(rf"^{blocks}\.(\d+)\.")
+        idx = {int(m.group(1)) for k in stripped if (m := pat.match(k))}
+        n_blocks = max(idx) + 1 if idx else None
+    else:
+        layout = "transformers" if any(k[len(prefix):].startswith("model.") for k in keys) else "bare"
+        if not any(k.endswith("layers.0.self_attn.q_norm.weight") for k in stripped):
+            raise UnsupportedFormatError(
+                f"{ckpt.path}: the text encoder has no q_norm: it is not a Qwen3 model (Z-Image needs Qwen3-4B)")
+    info = ComponentInfo(component, layout, prefix, keys, n_blocks=n_blocks)
+    weights = [k for k in keys if not is_aux(k)]
+    if any(ckpt.tensors[k].dtype in FP8_DTYPES for k in weights):
+        info.quantization = "scaled-fp8" if is_scaled(keys) else "fp8"
+    ints = [k for k in weights if ckpt.tensors[k].dtype not in FLOAT_DTYPES + FP8_DTYPES]
+    if ints:
+        raise UnsupportedFormatError(
+            f"{ckpt.path}: integer-typed weights ({ckpt.tensors[ints[0]].dtype} {ints[0]}) without a known "
+            f"quantisation marker are not supported")
+    for k in keys:
+        t = ckpt.tensors[k]
+        info.dtypes[t.dtype] = info.dtypes.get(t.dtype, 0) + t.numel
+        info.tensors += 1
+        info.parameters += 0 if is_aux(k) else t.numel
+    return info
+
+
+def inspect_checkpoint(ckpt: Checkpoint) -> FileFormat:
+    """Detect components, layouts and quantisation of an open checkpoint (header only)."""
+    keys = ckpt.keys()
+    fmt = FileFormat(ckpt.path, "safetensors", "model", metadata=dict(ckpt.metadata))
+    fmt.problem = _quantization_problem(ckpt)
+    if fmt.problem:
+        return fmt
+    if keys and all(_LORA_KEY.search(k) for k in keys):
+        fmt.kind = "lora"
+        fmt.problem = f"{ckpt.path}: this is a LoRA, not a model checkpoint; apply it with pipe.load_lora(...)"
+        return fmt
+    if any(re.search(r"(^|\.)control_", k) for k in keys):
+        fmt.kind = "controlnet"
+        fmt.problem = f"{ckpt.path}: a Z-Image ControlNet (control_* keys) is not supported"
+        return fmt
+    unclaimed = set(keys)
+    found: list[tuple[str, str]] = []
+    for bare in (False, True):
+        for component, candidates in _CANDIDATES.items():
+            for prefix, markers in candidates:
+                if (prefix == "") != bare or any(c == component for c, _ in found):
+                    continue
+                if any(prefix + m in unclaimed for m in markers):
+                    found.append((component, prefix))
+                    if prefix:
+                        unclaimed -= {k for k in unclaimed if k.startswith(prefix)}
+    bare_found = [c for c, p in found if p == ""]
+    if len(bare_found) > 1:
+        fmt.problem = f"{ckpt.path}: ambiguous checkpoint: unprefixed keys of several components {bare_found}"
+        return fmt
+    for component, prefix in found:
+        comp_keys = [k for k in keys if k.startswith(prefix)] if prefix else [
+            k for k in keys if k in unclaimed]
+        try:
+            fmt.components.append(_analyse(ckpt, component, prefix, comp_keys))
+        except UnsupportedFormatError as e:
+            fmt.problem = str(e)
+            return fmt
+    if not fmt.components:
+        fmt.kind = "unknown"
+        fmt.problem = (f"{ckpt.path}: not recognised as a Z-Image DiT, FLUX-family VAE or Qwen3 text encoder "
+                       f"(keys such as {sorted(keys)[:3]})")
+    return fmt
+
+
+def detect_format(path: str | os.PathLike) -> FileFormat:
+    """Detect what a file or component folder holds, from headers only. Never raises on a readable path."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    if path.is_file():
+        container = sniff(path)
+        if container != "safetensors":
+            fmt = FileFormat(path, container, "unknown")
+            try:
+                refuse_non_safetensors(path)
+            except UnsupportedFormatError as e:
+                fmt.problem = str(e)
+            return fmt
+    with Checkpoint(path) as ckpt:
+        return inspect_checkpoint(ckpt)
+

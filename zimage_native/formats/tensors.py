@@ -1,0 +1,53 @@
+"""A component's tensors streamed under canonical names (our module names), read one at a time.
+
+The path of every tensor: read from the file -> fp8 dequantised to fp32 (unless asked to keep
+it) -> renamed / split by the layout's key map (``converters.keymap.to_canonical``). The same
+stream runs on meta tensors built from the header alone, which gives the canonical shapes that
+config inference reads.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..converters.keymap import to_canonical
+from .checkpoint import Checkpoint
+from .detect import ComponentInfo
+from .fp8 import FP8_DTYPES, TORCH_FP8, dequantize, is_aux, scale_for
+
+
+def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool = True
+              ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The component's weights in file order (quantisation keys consumed), as stored or dequantised to fp32."""
+    for key in info.keys:
+        if is_aux(key):
+            continue
+        t_info = ckpt.tensors[key]
+        if t_info.dtype in FP8_DTYPES and dequant:
+            if meta:
+                yield key, torch.empty(t_info.shape, dtype=torch.float32, device="meta")
+            else:
+                scale_key = scale_for(ckpt, key)
+                yield key, dequantize(ckpt.get(key), ckpt.get(scale_key) if scale_key else None)
+        else:
+            yield key, ckpt.meta(key) if meta else ckpt.get(key)
+
+
+def canonical_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool = False, dequant: bool = True
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream the component as canonical (our module names) tensors; fp8 is dequantised to fp32."""
+    return to_canonical(raw_items(ckpt, info, meta, dequant), info.keymap())
+
+
+def canonical_shapes(ckpt: Checkpoint, info: ComponentInfo) -> dict[str, tuple]:
+    """Canonical key -> shape, computed on meta tensors from the header alone."""
+    return {k: tuple(t.shape) for k, t in canonical_items(ckpt, info, meta=True)}
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Cast floating tensors to ``dtype``; fp8 tensors (only present when not dequantised) stay fp8."""
+    if dtype is None or not t.is_floating_point() or t.dtype in TORCH_FP8:
+        return t
+    return t.to(dtype)

@@ -1,0 +1,186 @@
+"""Streamed block offload (``offload="blocks"``): the DiT's blocks live in pinned CPU memory and
+visit the GPU one at a time.
+
+:func:`stream_blocks` is a transform on a built model. Everything outside the blocks (embedders,
+final layer, pad tokens) and the small per-block adaLN projections (which the pipeline calls
+outside the blocks, to precompute the modulation vectors) move to the device for good. The rest of
+each block stays in CPU memory, pinned so that copies are asynchronous, and :class:`BlockStreamer`
+moves it in with forward hooks:
+
+- before block k runs, its weights must be on the device (copied now if no prefetch brought them),
+  and the copies of the next ``depth`` blocks are started on a side CUDA stream, so that they
+  overlap block k's compute; the compute stream waits for block k's copy event only;
+- after block k has run, its device copies are dropped (the tensors point at the CPU copies again;
+  ``record_stream`` keeps the allocator from reusing their memory before the compute is done).
+
+Which block comes next is learned from the order in which blocks ran before (the successor of
+each block, last seen). The sampling loop runs the same order every step, so from the second
+pass on every block but the very first is prefetched, including the first block of the next step
+while the last one runs. A prefetch that turns out wrong is dropped when the next block starts,
+so at most ``depth + 1`` blocks are ever on the device.
+
+The copy itself is a hook (``transfer``), so the CPU tests can record the copy order with a fake
+device move. Weights are swapped through ``tensor.data``, so in-place weight edits while a block is
+on the CPU (fused LoRA, see :mod:`zimage_native.lora`) land in the CPU copy and are streamed too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+# Submodules of a block that stay resident (the pipeline calls them outside the block's forward).
+RESIDENT = ("adaLN_modulation",)
+
+
+def _streamed_tensors(block: nn.Module, keep: tuple[str, ...]) -> list[torch.Tensor]:
+    """The block's parameters and buffers, except those under a submodule named in ``keep``."""
+    out = []
+    for name, module in block.named_modules():
+        if any(part in keep for part in name.split(".")):
+            continue
+        out += [t for t in module._parameters.values() if t is not None]
+        out += [t for t in module._buffers.values() if t is not None]
+    return out
+
+
+class BlockStreamer:
+    """Moves each block's weights to ``device`` just in time and back after use (see module doc)."""
+
+    def __init__(self, blocks: Iterable[nn.Module], device: torch.device | str, depth: int = 1,
+                 keep: tuple[str, ...] = RESIDENT, transfer: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be >= 0, got {depth}")
+        self.blocks = list(blocks)
+        self.device = torch.device(device)
+        self.depth = depth
+        self.keep = keep
+        self.transfer = transfer or (lambda t: t.to(self.device, non_blocking=True))
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # block index -> (its tensors, their CPU copies, the copy-done event or None)
+        self.loaded: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], object]] = {}
+        self.successor: dict[int, int] = {}
+        self.last: int | None = None
+        self.handles = []
+        for i, block in enumerate(self.blocks):
+            self.handles.append(block.register_forward_pre_hook(functools.partial(self._before, i)))
+            self.handles.append(block.register_forward_hook(functools.partial(self._after, i)))
+
+    # -------------------------------------------------------------- moves
+    def load(self, i: int) -> None:
+        """Start copying block ``i`` to the device (on the side stream when there is one)."""
+        if i in self.loaded:
+            return
+        tensors = _streamed_tensors(self.blocks[i], self.keep)
+        homes = []
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            for t in tensors:
+                home = t.data
+                if self.stream is not None and not home.is_pinned():  # e.g. a module swapped in later
+                    home = home.pin_memory()
+                homes.append(home)
+                t.data = self.transfer(home)
+            event = self.stream.record_event() if self.stream is not None else None
+        self.loaded[i] = (tensors, homes, event)
+
+    def free(self, i: int) -> None:
+        """Point block ``i`` at its CPU copies again (its device copies are released)."""
+        tensors, homes, _ = self.loaded.pop(i)
+        for t, home in zip(tensors, homes):
+            t.data = home
+
+    def release(self) -> None:
+        """Drop every device copy (for example a prefetched block after the last step)."""
+        for i in list(self.loaded):
+            self.free(i)
+
+    def ahead(self, i: int) -> list[int]:
+        """The blocks to prefetch while block ``i`` runs: its next ``depth`` learned successors."""
+        out, j = [], i
+        for _ in range(self.depth):
+            j = self.successor.get(j)
+            if j is None or j == i or j in out:
+                break
+            out.append(j)
+        return out
+
+    # -------------------------------------------------------------- hooks
+    def _before(self, i: int, module: nn.Module, args) -> None:
+        if self.last is not None:
+            self.successor[self.last] = i
+        self.last = i
+        self.load(i)
+        upcoming = self.ahead(i)
+        for k in list(self.loaded):
+            if k != i and k not in upcoming:  # a wrong prefetch: the order changed
+                self.free(k)
+        for k in upcoming:
+            self.load(k)
+        tensors, _, event = self.loaded[i]
+        if event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            for t in tensors:
+                t.data.record_stream(compute)
+
+    def _after(self, i: int, module: nn.Module, args, output) -> None:
+        self.free(i)
+
+    def remove(self) -> None:
+        """Remove the hooks (the blocks stay where their weights are now: on the CPU)."""
+        self.release()
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def dit_blocks(transformer: nn.Module) -> list[nn.Module]:
+    """The DiT's blocks in execution order: context refiner, noise refiner, main layers."""
+    return [*transformer.context_refiner, *transformer.noise_refiner, *transformer.layers]
+
+
+def stream_blocks(transformer: nn.Module, device: torch.device | str, depth: int = 1,
+                  transfer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> BlockStreamer:
+    """Offload the DiT's blocks to (pinned) CPU memory and stream them to ``device``; everything
+    else moves to ``device``. Returns the streamer (also kept as ``transformer.block_streamer``).
+
+    Apply it after transforms that compile blocks: a compiled block would trace the hooks.
+    """
+    device = torch.device(device)
+    if getattr(transformer, "block_streamer", None) is not None:
+        raise ValueError("the DiT's blocks are already streamed")
+    blocks = dit_blocks(transformer)
+    if any(getattr(b, "_compiled_call_impl", None) is not None for b in blocks):
+        raise ValueError("offload='blocks' cannot stream compiled blocks: use compile='off' with block offload")
+    streamed = {id(t) for b in blocks for t in _streamed_tensors(b, RESIDENT)}
+    pin = device.type == "cuda"
+    with torch.no_grad():
+        for module in transformer.modules():
+            for table in (module._parameters, module._buffers):
+                for name, t in table.items():
+                    if t is None:
+                        continue
+                    if id(t) in streamed:
+                        home = t.data.cpu()
+                        t.data = home.pin_memory() if pin else home
+                    elif isinstance(t, nn.Parameter):
+                        table[name] = nn.Parameter(t.data.to(device), requires_grad=t.requires_grad)
+                    else:
+                        table[name] = t.to(device)
+    streamer = BlockStreamer(blocks, device, depth, transfer=transfer)
+    transformer.block_streamer = streamer
+    return streamer
+
+
+def streamed_bytes(transformer: nn.Module) -> tuple[int, int]:
+    """(bytes that stay on the device, bytes of the largest streamed block) of a DiT."""
+    blocks = dit_blocks(transformer)
+    streamed = [sum(t.numel() * t.element_size() for t in _streamed_tensors(b, RESIDENT)) for b in blocks]
+    ids = {id(t) for b in blocks for t in _streamed_tensors(b, RESIDENT)}
+    resident = sum(t.numel() * t.element_size() for t in (*transformer.parameters(), *transformer.buffers())
+                   if id(t) not in ids)
+    return resident, max(streamed, default=0)

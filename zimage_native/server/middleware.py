@@ -1,0 +1,85 @@
+"""Pure ASGI middleware: the request body limit (413) and the bearer token (401)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .errors import error_body
+
+COOKIE = "zimage_token"
+OPEN_PATHS = ("/health", "/", "/favicon.ico", "/api/v1/login")  # no token needed (the page shell and its assets too)
+OPEN_PREFIXES = ("/static/",)
+
+
+class LimitsAndAuth:
+    """Request body size (413) and the bearer token (401).
+
+    The token comes as ``Authorization: Bearer <token>`` or in the ``zimage_token`` cookie (set by
+    ``POST /api/v1/login``, used by the web page, whose image and event requests cannot carry
+    headers). Comparison is constant-time. Open without a token: ``/health``, the page shell
+    (``/``, ``/static/*``) and the login route, which checks the token itself.
+    """
+
+    def __init__(self, app, token: str | None, max_body: int):
+        self.app = app
+        self.token = token.encode() if token else None
+        self.max_body = max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        if self.token is not None and not is_open(path) and not self.authorized(headers):
+            return await send_json(send, 401, error_body(401, "a valid bearer token is required "
+                                                              "(Authorization: Bearer <token>)", "unauthorized"),
+                                   {"www-authenticate": "Bearer"})
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                return await send_json(send, 400, error_body(400, "bad Content-Length", "invalid_request_error"))
+            if too_big:
+                return await send_json(send, 413, error_body(
+                    413, f"the request body is larger than the limit of {self.max_body} bytes", "payload_too_large"))
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise StarletteHTTPException(413, f"the request body is larger than the limit of "
+                                                      f"{self.max_body} bytes")
+            return message
+
+        return await self.app(scope, counted, send)
+
+    def authorized(self, headers: dict[str, str]) -> bool:
+        given = None
+        auth = headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        elif "cookie" in headers:
+            for part in headers["cookie"].split(";"):
+                name, _, value = part.strip().partition("=")
+                if name == COOKIE:
+                    given = value
+        return given is not None and hmac.compare_digest(given.encode(), self.token)
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+async def send_json(send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    data = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})

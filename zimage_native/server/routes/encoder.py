@@ -1,0 +1,153 @@
+"""Prompt and text-encoder routes: encode (safetensors features), tokenize, save-embeddings,
+format-prompt, templates, rewriters, rewrite. An ``--encoder-only`` server serves all of them."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, Response
+
+from ..context import ServerContext, not_found
+from ..remote import features_to_bytes
+from ..schemas import (
+    ApiError,
+    EncodeRequest,
+    FormatPromptRequest,
+    RewriteRequest,
+    TokenizeRequest,
+    check_max_len,
+    check_prompt_fields,
+    check_text,
+    invalid,
+)
+
+
+def router(ctx: ServerContext) -> APIRouter:
+    api = APIRouter()
+    engine, limits, storage = ctx.engine, ctx.limits, ctx.storage
+
+    def check_texts(texts: list[str]) -> None:
+        if not 1 <= len(texts) <= limits.max_texts:
+            raise invalid("texts", f"give between 1 and {limits.max_texts} texts, got {len(texts)}")
+        for text in texts:
+            if not text:
+                raise invalid("texts", "must not contain empty texts")
+            check_text("texts", text, limits)
+
+    def encode_texts(body: EncodeRequest) -> list[str]:
+        if (body.texts is None) == (body.prompt is None):
+            raise invalid("texts", "give exactly one of texts (already chat-formatted) and prompt")
+        check_max_len(body.max_sequence_length, limits)
+        if body.texts is not None:
+            if any(f is not None for f in (body.template, body.system_prompt, body.thinking_content,
+                                           body.assistant_content, body.force_think_block, body.strip_quotes)):
+                raise invalid("texts", "pre-formatted texts take no prompt fields (template, system_prompt, ...)")
+            check_texts(body.texts)
+            return body.texts
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        for p in prompts:
+            check_text("prompt", p, limits, required=True)
+        fields = check_prompt_fields(body, limits, engine)
+        template = fields.pop("template", None)
+        texts = engine.format_prompts(prompts, template, **fields)
+        if not 1 <= len(texts) <= limits.max_texts:
+            raise invalid("texts", f"give between 1 and {limits.max_texts} texts, got {len(texts)}")
+        return texts
+
+    async def encoded(body: EncodeRequest) -> tuple[bytes, list[str]]:
+        texts = encode_texts(body)
+        features = await ctx.on_worker(lambda: engine.encode(texts, body.max_sequence_length))
+        return await asyncio.to_thread(features_to_bytes, features, texts), texts
+
+    @api.post("/api/encode", tags=["compat", "remote encoder"],
+              responses={200: {"content": {"application/octet-stream": {}},
+                               "description": "safetensors: features.0 ... features.N-1, (L_i, hidden)"}})
+    async def encode(body: EncodeRequest):
+        """Prompt features as safetensors bytes (dtype and shape kept). Body: ``texts`` (already
+        chat-formatted, what RemoteTextEncoder sends) or ``prompt`` plus the chat-format fields."""
+        data, texts = await encoded(body)
+        return Response(data, media_type="application/octet-stream",
+                        headers={"X-Zimage-Format": "zimage-features/1", "X-Zimage-Count": str(len(texts))})
+
+    @api.post("/api/tokenize", tags=["remote encoder"])
+    async def tokenize(body: TokenizeRequest):
+        """Token ids of already chat-formatted texts, cut to max_sequence_length."""
+        check_max_len(body.max_sequence_length, limits)
+        check_texts(body.texts)
+        ids = await ctx.on_worker(lambda: engine.tokenize(body.texts, body.max_sequence_length))
+        return {"input_ids": ids, "token_counts": [len(r) for r in ids]}
+
+    @api.post("/api/save-embeddings", tags=["compat"])
+    async def save_embeddings(body: EncodeRequest):
+        """Encode and keep the features on the server as a safetensors file; returns its id and URL."""
+        data, texts = await encoded(body)
+        eid = await asyncio.to_thread(storage.save_embeddings, data)
+        return {"id": eid, "url": f"/api/embeddings/{eid}", "count": len(texts), "bytes": len(data)}
+
+    @api.get("/api/embeddings/{embedding_id}", tags=["compat"])
+    def get_embeddings(embedding_id: str):
+        path = storage.embeddings_file(embedding_id)
+        if path is None:
+            raise not_found("embeddings file", embedding_id)
+        return FileResponse(path, media_type="application/octet-stream",
+                            headers={"Content-Disposition": f'attachment; filename="{embedding_id}.safetensors"'})
+
+    @api.post("/api/format-prompt", tags=["compat"])
+    async def format_prompt(body: FormatPromptRequest):
+        """The exact text the encoder reads; with ``tokens: true`` also the token ids and count."""
+        check_text("prompt", body.prompt, limits, required=True)
+        fields = check_prompt_fields(body, limits, engine)
+        template = fields.pop("template", None)
+        text = engine.format_prompts([body.prompt], template, **fields)[0]
+        out: dict[str, Any] = {"formatted_prompt": text, "chars": len(text)}
+        if body.tokens:
+            check_max_len(body.max_sequence_length, limits)
+            ids = (await ctx.on_worker(lambda: engine.tokenize([text], body.max_sequence_length)))[0]
+            out.update(token_ids=ids, token_count=len(ids))
+        return out
+
+    def template_list(category: str | None) -> list[dict]:
+        out = []
+        for t in engine.registry.list(category):
+            d = t.to_dict()
+            d.pop("path", None)
+            out.append(d)
+        return out
+
+    @api.get("/api/templates", tags=["compat"])
+    def templates(category: str | None = None):
+        registry = engine.registry
+        if category is not None and category not in registry.categories():
+            raise invalid("category", f"unknown category {category!r}; the categories are {registry.categories()}")
+        return {"templates": template_list(category), "categories": registry.categories()}
+
+    @api.get("/api/rewriters", tags=["compat"])
+    def rewriters():
+        return {"rewriters": template_list("rewriter") if "rewriter" in engine.registry.categories() else [],
+                "available": engine.can_rewrite}
+
+    @api.post("/api/rewrite", tags=["compat"])
+    async def rewrite(body: RewriteRequest):
+        """Expand a prompt with the Qwen3 weights (runs on the worker, between jobs)."""
+        check_text("prompt", body.prompt, limits, required=True)
+        check_text("system_prompt", body.system_prompt, limits)
+        if not 1 <= body.max_new_tokens <= limits.max_new_tokens:
+            raise invalid("max_new_tokens", f"must be between 1 and {limits.max_new_tokens}, got {body.max_new_tokens}")
+        if not 0 <= body.temperature <= 5:
+            raise invalid("temperature", f"must be between 0 and 5, got {body.temperature}")
+        if not 0 < body.top_p <= 1:
+            raise invalid("top_p", f"must be in (0, 1], got {body.top_p}")
+        if body.rewriter is not None:
+            try:
+                engine.template(body.rewriter)
+            except KeyError as e:
+                raise invalid("rewriter", str(e.args[0]) if e.args else "unknown rewriter") from None
+        if not engine.can_rewrite:
+            raise ApiError(503, "this server cannot rewrite prompts (no local text encoder)", "unavailable")
+        args = body.model_dump(exclude={"prompt"})
+        text = await ctx.on_worker(lambda: engine.rewrite(body.prompt, **args))
+        return {"prompt": body.prompt, "rewritten": text, "rewriter": body.rewriter}
+
+    return api
