@@ -1,6 +1,6 @@
 """Loading Z-Image Fun-ControlNet-Union checkpoints (alibaba-pai, versions 1.0, 2.0 and 2.1).
 
-    from zimage_native.controlnet import load_controlnet
+    from zimage_native.formats.controlnet import load_controlnet
     cn = load_controlnet("Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors", dtype=torch.bfloat16)
 
 ``path`` is a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or a
@@ -31,10 +31,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .config import ControlNetConfig, TransformerConfig
-from .formats import UnsupportedFormatError, read_header, read_overrides
-from .loading import assign_state_dict, build_on_meta, iter_tensors, safetensors_files
-from .model.controlnet import ZImageControlNet
+from ..config import ControlNetConfig, TransformerConfig
+from ..loading import assign_state_dict, build_on_meta, iter_tensors, safetensors_files
+from ..model.controlnet import ZImageControlNet
+from .checkpoint import UnsupportedFormatError, read_header
+from .infer import _count, _merge_checked, _need, folder_config, read_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +51,6 @@ def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
         tensors, _ = read_header(file)
         shapes.update({k: v.shape for k, v in tensors.items()})
     return shapes
-
-
-def _indices(shapes: dict[str, tuple], prefix: str) -> list[int]:
-    rx = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-    found = sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
-    if found != list(range(len(found))):
-        raise UnsupportedFormatError(f"{prefix} block indices are not contiguous: {found}")
-    return found
 
 
 def _all_zero(files: list[Path], key: str) -> bool:
@@ -94,8 +87,8 @@ def infer_controlnet_config(
     when the tensors match no Fun-ControlNet-Union layout.
     """
     embedders = [k for k in shapes if re.match(r"^control_all_x_embedder\.\d+-\d+\.weight$", k)]
-    layers = _indices(shapes, "control_layers")
-    if len(embedders) != 1 or not layers or "control_layers.0.before_proj.weight" not in shapes:
+    n = _count(shapes, r"^control_layers\.(\d+)\.")
+    if len(embedders) != 1 or not n or "control_layers.0.before_proj.weight" not in shapes:
         raise UnsupportedFormatError(
             "not a Z-Image Fun-ControlNet-Union checkpoint: it needs one control_all_x_embedder.P-F.weight and "
             f"control_layers.0..N with control_layers.0.before_proj; found {_what_it_is(shapes)}")
@@ -103,13 +96,10 @@ def infer_controlnet_config(
     dim, width = shapes[embedders[0]]
     if width % (p * p * f):
         raise UnsupportedFormatError(f"{embedders[0]} has {width} inputs, not a multiple of the patch volume {p * p * f}")
-    norm_q = "control_layers.0.attention.norm_q.weight"
-    if norm_q not in shapes:
-        raise UnsupportedFormatError(f"the checkpoint has no {norm_q}, so its head count cannot be inferred")
-    head_dim = shapes[norm_q][0]
+    head_dim = _need(shapes, "control_layers.0.attention.norm_q.weight", "ControlNet")[0]
 
-    refiner = _indices(shapes, "control_noise_refiner")
-    if not refiner:
+    n_refiner = _count(shapes, r"^control_noise_refiner\.(\d+)\.")
+    if not n_refiner:
         variant = "control_layers"
     elif not any(k.startswith("control_noise_refiner.") and ".after_proj." in k for k in shapes):
         variant = None  # plain DiT blocks: 1.0
@@ -118,7 +108,7 @@ def infer_controlnet_config(
     else:
         variant = "control_noise_refiner"
 
-    n, n_layers = len(layers), transformer_config.n_layers
+    n_layers = transformer_config.n_layers
     step = n_layers // n
     if step < 1:
         raise UnsupportedFormatError(f"the checkpoint has {n} control layers, more than the DiT's {n_layers} layers")
@@ -126,33 +116,26 @@ def infer_controlnet_config(
     return {
         "control_layers_places": [k * step for k in range(n)],
         "control_refiner_layers_places": None if variant is None else list(
-            range(len(refiner) if uses_refiner else transformer_config.n_refiner_layers)),
+            range(n_refiner if uses_refiner else transformer_config.n_refiner_layers)),
         "control_in_dim": width // (p * p * f),
         "add_control_noise_refiner": variant,
         "all_patch_size": [p],
         "all_f_patch_size": [f],
         "dim": dim,
-        "n_refiner_layers": len(refiner) if uses_refiner else transformer_config.n_refiner_layers,
+        "n_refiner_layers": n_refiner if uses_refiner else transformer_config.n_refiner_layers,
         "n_heads": dim // head_dim,
         "n_kv_heads": dim // head_dim,
         "norm_eps": transformer_config.norm_eps,
     }
 
 
-def _merge(inferred: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
-    """Inferred values < an explicit config; shape-fixed values and the layer count must agree."""
-    def norm(v):
-        return list(v) if isinstance(v, (list, tuple)) else v
-
-    for key in SHAPE_KEYS:
-        if key in explicit and norm(explicit[key]) != norm(inferred[key]):
-            raise ValueError(f"ControlNet config {key}={explicit[key]!r} does not match the checkpoint, whose "
-                             f"tensor shapes give {key}={inferred[key]!r}")
+def _merge(what: str, inferred: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
+    """Inferred values < an explicit config; the values the shapes fix, and the layer count, must agree."""
     places = explicit.get("control_layers_places")
     if places is not None and len(places) != len(inferred["control_layers_places"]):
-        raise ValueError(f"ControlNet config control_layers_places {list(places)} names {len(places)} layers but "
+        raise ValueError(f"{what}: config control_layers_places {list(places)} names {len(places)} layers but "
                          f"the checkpoint has {len(inferred['control_layers_places'])} control layers")
-    return {**inferred, **explicit}
+    return _merge_checked(what, inferred, {k: inferred[k] for k in SHAPE_KEYS}, explicit)
 
 
 def load_controlnet(
@@ -173,9 +156,8 @@ def load_controlnet(
     before = "control_noise_refiner.0.before_proj.weight"
     untrained = _all_zero(files, before) if before in shapes else None
     inferred = infer_controlnet_config(shapes, tcfg, untrained)
-    folder_config = path / "config.json" if path.is_dir() and (path / "config.json").is_file() else None
-    explicit = {**read_overrides(folder_config), **read_overrides(config)}
-    cfg = ControlNetConfig.from_dict(_merge(inferred, explicit))
+    explicit = {**(folder_config(path) or {}), **read_overrides(config)}
+    cfg = ControlNetConfig.from_dict(_merge(f"ControlNet {path.name}", inferred, explicit))
 
     n = len(cfg.control_layers_places)
     if not explicit and tcfg.n_layers == 30 and n not in PUBLISHED_LAYER_COUNTS:
