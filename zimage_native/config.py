@@ -196,3 +196,62 @@ class SchedulerConfig(_ConfigMixin):
             raise ValueError(f"unsupported scheduler options for Z-Image: {unsupported}")
         if self.time_shift_type not in ("exponential", "linear"):
             raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}")
+
+
+CONTROL_REFINER_VARIANTS = (None, "control_layers", "control_noise_refiner")
+
+
+@dataclass(frozen=True)
+class ControlNetConfig(_ConfigMixin):
+    """Z-Image Fun-ControlNet-Union (diffusers ``ZImageControlNetModel``). Defaults are version 2.1's.
+
+    ``add_control_noise_refiner`` names the version: None is 1.0 (the control context goes through
+    its own plain refiner blocks), "control_layers" is 2.0 (the control layers also run over the
+    image tokens and hint the DiT's noise refiner), "control_noise_refiner" is 2.1 (dedicated control
+    refiner blocks hint the DiT's noise refiner). See ``model/controlnet.py``.
+    """
+
+    control_layers_places: tuple[int, ...] = tuple(range(0, 30, 2))
+    control_refiner_layers_places: tuple[int, ...] | None = (0, 1)
+    control_in_dim: int = 33
+    add_control_noise_refiner: str | None = "control_noise_refiner"
+    all_patch_size: tuple[int, ...] = (2,)
+    all_f_patch_size: tuple[int, ...] = (1,)
+    dim: int = 3840
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    n_kv_heads: int = 30  # present in the config, unused (as in the DiT)
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+
+    def __post_init__(self):
+        places = self.control_layers_places
+        if not places or 0 not in places or len(set(places)) != len(places) or min(places) < 0:
+            raise ValueError(f"control_layers_places must be distinct layer indices including 0, got {places}")
+        if self.add_control_noise_refiner not in CONTROL_REFINER_VARIANTS:
+            raise ValueError(f"add_control_noise_refiner must be one of {CONTROL_REFINER_VARIANTS}, "
+                             f"got {self.add_control_noise_refiner!r}")
+        refiner = self.control_refiner_layers_places
+        if self.add_control_noise_refiner is not None:
+            if not refiner or len(set(refiner)) != len(refiner) or min(refiner) < 0:
+                raise ValueError(f"control_refiner_layers_places must be distinct refiner indices, got {refiner}")
+            hinting = len(places) if self.add_control_noise_refiner == "control_layers" else self.n_refiner_layers
+            if len(refiner) > hinting:
+                raise ValueError(f"control_refiner_layers_places {refiner} names {len(refiner)} refiner hints "
+                                 f"but the {self.add_control_noise_refiner} stage makes only {hinting}")
+        if len(self.all_patch_size) != 1 or len(self.all_f_patch_size) != 1 or self.all_f_patch_size[0] != 1:
+            raise ValueError(f"only one patch size with f_patch_size 1 is supported, got all_patch_size="
+                             f"{self.all_patch_size}, all_f_patch_size={self.all_f_patch_size}")
+        if self.control_in_dim < 1 or self.dim % self.n_heads:
+            raise ValueError(f"bad control_in_dim {self.control_in_dim} or dim {self.dim} / n_heads {self.n_heads}")
+        if not self.qk_norm:
+            raise ValueError("qk_norm=False is not a released Z-Image configuration and is not supported")
+
+    @property
+    def patch_size(self) -> int:
+        return self.all_patch_size[0]
+
+    @property
+    def version(self) -> str:
+        """The published version whose layout this is: "1.0", "2.0" or "2.1"."""
+        return {None: "1.0", "control_layers": "2.0", "control_noise_refiner": "2.1"}[self.add_control_noise_refiner]

@@ -188,7 +188,8 @@ def inspect_checkpoint(ckpt: Checkpoint) -> FileFormat:
         return fmt
     if any(re.search(r"(^|\.)control_", k) for k in keys):
         fmt.kind = "controlnet"
-        fmt.problem = f"{ckpt.path}: a Z-Image ControlNet (control_* keys) is not supported"
+        fmt.problem = (f"{ckpt.path}: this is a Z-Image ControlNet (control_* keys), not a model checkpoint; "
+                       f"load it with pipe.load_controlnet(...)")
         return fmt
     unclaimed = set(keys)
     found: list[tuple[str, str]] = []

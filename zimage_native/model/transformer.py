@@ -166,6 +166,26 @@ class ZImageTransformer(nn.Module):
             cap = block(cap, layout.caption_rope, layout.caption_mask)
         return cap
 
+    def embed_image(self, x: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
+        """Image tokens (B, Nx, p*p*C) -> (B, Nx, D); pad rows are the learned ``x_pad_token``."""
+        x = self.x_embedder(x)
+        return torch.where(layout.image_pad[..., None], self.x_pad_token, x)
+
+    def refine_image(
+        self,
+        x: torch.Tensor,
+        layout: SequenceLayout,
+        mods: list[torch.Tensor],
+        control_hints: dict[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The noise refiner over embedded image tokens (B, Nx, D), one modulation per block.
+        ``control_hints`` {block index: (B, Nx, D)} are added after those blocks (ControlNet 2.x)."""
+        for i, (block, mod) in enumerate(zip(self.noise_refiner, mods)):
+            x = block(x, layout.image_rope, None, mod=mod)  # every item has the same Nx: nothing to mask
+            if control_hints is not None and i in control_hints:
+                x = x + control_hints[i]
+        return x
+
     def forward_tokens(
         self,
         x: torch.Tensor,
@@ -173,21 +193,23 @@ class ZImageTransformer(nn.Module):
         c: torch.Tensor | None,
         layout: SequenceLayout,
         mods: list[torch.Tensor] | None = None,
+        control_hints: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Image tokens (B, Nx, p*p*C) + refined caption tokens -> (B, Nx, p*p*C).
 
-        Conditioning is ``c`` or, precomputed, ``mods = self.modulations(c)``.
+        Conditioning is ``c`` or, precomputed, ``mods = self.modulations(c)``. ``control_hints``
+        {main layer index: (B, Nx + Lc, D)} are added to the joint sequence after those layers: the
+        ControlNet hook (``model/controlnet.py``); the static dict keys keep the loop graph-friendly.
         """
         if mods is None:
             mods = self.modulations(c)
-        x = self.x_embedder(x)  # (B, Nx, D)
-        x = torch.where(layout.image_pad[..., None], self.x_pad_token, x)
         n = len(self.noise_refiner)
-        for block, mod in zip(self.noise_refiner, mods[:n]):
-            x = block(x, layout.image_rope, None, mod=mod)  # every item has the same Nx: nothing to mask
+        x = self.refine_image(self.embed_image(x, layout), layout, mods[:n])  # (B, Nx, D)
         h = torch.cat([x, cap_tokens], dim=1)  # (B, L, D): [image, caption]
-        for block, mod in zip(self.layers, mods[n:-1]):
+        for i, (block, mod) in enumerate(zip(self.layers, mods[n:-1])):
             h = block(h, layout.joint_rope, layout.joint_mask, mod=mod)
+            if control_hints is not None and i in control_hints:
+                h = h + control_hints[i]
         return self.final_layer(h[:, : x.shape[1]], scale=mods[-1])  # image rows only (the layer is row-wise)
 
     def forward(self, x: torch.Tensor, cap: torch.Tensor, t: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:

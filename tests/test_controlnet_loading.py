@@ -1,0 +1,181 @@
+"""Loading Fun-ControlNet-Union checkpoints: config inference for each published layout, diffusers
+folders, config overrides, strictness and the errors for files that are not ControlNets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from zimage_native.config import ControlNetConfig, TransformerConfig
+from zimage_native.formats.controlnet import infer_controlnet_config, load_controlnet
+from zimage_native.formats import UnsupportedFormatError
+from zimage_native.loading import StateDictMismatchError, build_on_meta
+from zimage_native.model.controlnet import ZImageControlNet
+
+from .test_controlnet_model import CONTROL_DIT, CONTROL_LAYOUTS, inputs, make_models, run_ours, run_reference
+from .utils import assert_rel
+
+diffusers = pytest.importorskip("diffusers")
+
+DIT = TransformerConfig.from_dict(CONTROL_DIT)
+
+
+def control_state_dict(version: str) -> dict[str, torch.Tensor]:
+    """The control tensors of the randomised diffusers model, as a published single file holds them."""
+    return {k: v.contiguous() for k, v in make_models(version)[1].state_dict().items() if k.startswith("control_")}
+
+
+def write(tmp_path, name, state_dict):
+    path = tmp_path / name
+    save_file(state_dict, str(path))
+    return path
+
+
+def expected_config(version: str) -> dict:
+    return ControlNetConfig.from_dict(CONTROL_LAYOUTS[version]).to_dict()
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.1"])
+@torch.no_grad()
+def test_single_file_infers_the_layout_and_matches_diffusers(tmp_path, version):
+    path = write(tmp_path, f"cn-{version}.safetensors", control_state_dict(version))
+    cn = load_controlnet(path, transformer_config=DIT)
+    got = cn.config.to_dict()
+    want = expected_config(version)
+    if version == "1.0":  # unused by 1.0; the inference leaves it unset
+        want["control_refiner_layers_places"] = None
+    assert got == want
+    assert cn.config.version == version
+    ref_dit, ref_cn, dit, _, config = make_models(version)
+    latents, control, caps, t = inputs(version, [7, 40])
+    _, expected = run_reference(ref_dit, ref_cn, latents, control, caps, t, 0.6)
+    _, out, _ = run_ours(dit, cn, config, latents, control, caps, t, 0.6)
+    assert_rel(out, expected, 1e-5, f"DiT output with the loaded {version} ControlNet")
+
+
+@torch.no_grad()
+def test_version_2_0_with_zero_refiner_is_told_from_2_1(tmp_path):
+    """diffusers' rule: control_noise_refiner.0.before_proj all zeros (or absent) -> 2.0, and the
+    untrained refiner tensors are dropped."""
+    sd = control_state_dict("2.1")
+    sd["control_noise_refiner.0.before_proj.weight"] = torch.zeros_like(sd["control_noise_refiner.0.before_proj.weight"])
+    zero = load_controlnet(write(tmp_path, "zero.safetensors", sd), transformer_config=DIT)
+    absent = {k: v for k, v in sd.items() if k != "control_noise_refiner.0.before_proj.weight"}
+    no_before = load_controlnet(write(tmp_path, "absent.safetensors", absent), transformer_config=DIT)
+    no_refiner = {k: v for k, v in sd.items() if not k.startswith("control_noise_refiner.")}
+    bare = load_controlnet(write(tmp_path, "bare.safetensors", no_refiner), transformer_config=DIT)
+    for cn in (zero, no_before, bare):
+        assert cn.config.to_dict() == expected_config("2.0")
+        assert cn.control_noise_refiner is None
+    # The 2.0 layout computes what diffusers' 2.0 model computes with the same control layers.
+    ref_dit, ref_cn, dit, _, config = make_models("2.0")
+    same = {k: v for k, v in control_state_dict("2.0").items()}
+    cn = load_controlnet(write(tmp_path, "v20.safetensors", same), transformer_config=DIT)
+    latents, control, caps, t = inputs("2.0", [9])
+    _, expected = run_reference(ref_dit, ref_cn, latents, control, caps, t, 0.75)
+    _, out, _ = run_ours(dit, cn, config, latents, control, caps, t, 0.75)
+    assert_rel(out, expected, 1e-5, "DiT output with the loaded 2.0 ControlNet")
+
+
+def test_published_layouts_from_shapes():
+    """The even-spacing rule against the published configs (a 30-layer DiT): 1.0 has 6 control
+    layers at [0, 5, ..., 25] and 16 input channels; 2.0 and 2.1 have 15 at [0, 2, ..., 28], 33
+    channels and refiner places [0, 1]."""
+    dit = TransformerConfig()
+    dim, ffn = dit.dim, dit.ffn_dim
+
+    def shapes(n_layers, in_dim, refiner):
+        s = {"control_all_x_embedder.2-1.weight": (dim, 4 * in_dim), "control_all_x_embedder.2-1.bias": (dim,),
+             "control_layers.0.before_proj.weight": (dim, dim)}
+        for k in range(n_layers):
+            s[f"control_layers.{k}.attention.norm_q.weight"] = (128,)
+            s[f"control_layers.{k}.after_proj.weight"] = (dim, dim)
+            s[f"control_layers.{k}.feed_forward.w1.weight"] = (ffn, dim)
+        for k in range(2 if refiner else 0):
+            s[f"control_noise_refiner.{k}.attention.to_q.weight"] = (dim, dim)
+            if refiner == "control":
+                s[f"control_noise_refiner.{k}.after_proj.weight"] = (dim, dim)
+        return s
+
+    v1 = infer_controlnet_config(shapes(6, 16, "plain"), dit)
+    v20 = infer_controlnet_config(shapes(15, 33, "control"), dit, refiner_untrained=True)
+    v21 = infer_controlnet_config(shapes(15, 33, "control"), dit, refiner_untrained=False)
+    assert (v1["control_layers_places"], v1["control_in_dim"], v1["add_control_noise_refiner"]) == (
+        [0, 5, 10, 15, 20, 25], 16, None)
+    for cfg, variant in ((v20, "control_layers"), (v21, "control_noise_refiner")):
+        assert cfg["control_layers_places"] == list(range(0, 30, 2))
+        assert (cfg["control_in_dim"], cfg["control_refiner_layers_places"], cfg["add_control_noise_refiner"]) == (
+            33, [0, 1], variant)
+        assert (cfg["dim"], cfg["n_heads"]) == (3840, 30)
+    # Every published layout builds against the released DiT with its parameter count.
+    for cfg in (v1, v20, v21):
+        model = build_on_meta(lambda: ZImageControlNet(ControlNetConfig.from_dict(cfg), dit))
+        assert len(model.control_layers) == len(cfg["control_layers_places"])
+
+
+@torch.no_grad()
+def test_diffusers_folder_and_config_override(tmp_path):
+    _, ref_cn, *_ = make_models("2.1")
+    folder = tmp_path / "controlnet"
+    fresh = diffusers.ZImageControlNetModel(**CONTROL_LAYOUTS["2.1"])  # save_pretrained of the plain model
+    fresh.load_state_dict(control_state_dict("2.1"))
+    fresh.save_pretrained(folder)
+    cn = load_controlnet(folder, transformer_config=DIT)
+    assert cn.config.to_dict() == expected_config("2.1")
+    assert torch.equal(cn.control_layers[1].after_proj.weight, ref_cn.control_layers[1].after_proj.weight)
+
+    # The folder's config.json wins over the even-spacing rule ...
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(cfg, control_layers_places=[0, 3])))
+    assert list(load_controlnet(folder, transformer_config=DIT).config.control_layers_places) == [0, 3]
+    # ... and config= wins over both: here a 2.1 file run as 2.0.
+    cn = load_controlnet(folder, {"add_control_noise_refiner": "control_layers"}, transformer_config=DIT)
+    assert cn.config.version == "2.0" and cn.control_noise_refiner is None
+    path = tmp_path / "override.json"
+    path.write_text(json.dumps({"control_layers_places": [0, 1]}))
+    single = write(tmp_path, "cn.safetensors", control_state_dict("1.0"))
+    assert list(load_controlnet(single, path, transformer_config=DIT).config.control_layers_places) == [0, 1]
+
+
+def test_config_must_agree_with_the_shapes(tmp_path):
+    single = write(tmp_path, "cn.safetensors", control_state_dict("2.1"))
+    with pytest.raises(ValueError, match="control_in_dim=16 does not match the checkpoint.*control_in_dim=33"):
+        load_controlnet(single, {"control_in_dim": 16}, transformer_config=DIT)
+    with pytest.raises(ValueError, match="names 3 layers but the checkpoint has 2 control layers"):
+        load_controlnet(single, {"control_layers_places": [0, 1, 2]}, transformer_config=DIT)
+    with pytest.raises(ValueError, match="does not fit the DiT.*transformer_config"):
+        load_controlnet(single)  # the released DiT is 3840 wide; this one is 64
+
+
+def test_strict_loading_names_the_keys(tmp_path):
+    sd = control_state_dict("1.0")
+    extra = dict(sd, **{"control_layers.0.surprise.weight": torch.zeros(2)})
+    with pytest.raises(StateDictMismatchError, match="control_layers.0.surprise.weight"):
+        load_controlnet(write(tmp_path, "extra.safetensors", extra), transformer_config=DIT)
+    missing = {k: v for k, v in sd.items() if k != "control_layers.1.ffn_norm2.weight"}
+    with pytest.raises(StateDictMismatchError, match="control_layers.1.ffn_norm2.weight"):
+        load_controlnet(write(tmp_path, "missing.safetensors", missing), transformer_config=DIT)
+    # A 1.0 file forced to the 2.1 layout: the refiner's projections are missing, by name.
+    with pytest.raises(StateDictMismatchError, match="control_noise_refiner.0.before_proj.weight"):
+        load_controlnet(write(tmp_path, "v1.safetensors", sd), {"add_control_noise_refiner": "control_noise_refiner",
+                                                                "control_refiner_layers_places": [0, 1]},
+                        transformer_config=DIT)
+
+
+def test_files_that_are_not_controlnets(tmp_path):
+    dit_like = {"layers.0.attention.to_q.weight": torch.zeros(4, 4), "x_pad_token": torch.zeros(1, 4)}
+    with pytest.raises(UnsupportedFormatError, match="not a Z-Image Fun-ControlNet-Union.*2 tensors.*looks like a DiT"):
+        load_controlnet(write(tmp_path, "dit.safetensors", dit_like), transformer_config=DIT)
+    lora = {"control_layers.0.attention.to_q.lora_A.weight": torch.zeros(2, 4)}
+    with pytest.raises(UnsupportedFormatError, match="looks like a LoRA"):
+        load_controlnet(write(tmp_path, "lora.safetensors", lora), transformer_config=DIT)
+    gaps = {k.replace("control_layers.1.", "control_layers.3."): v for k, v in control_state_dict("1.0").items()}
+    with pytest.raises(ValueError, match=r"not contiguous.*\[0, 3\]"):
+        load_controlnet(write(tmp_path, "gaps.safetensors", gaps), transformer_config=DIT)
+    pickled = tmp_path / "cn.ckpt"
+    torch.save({"a": torch.zeros(1)}, pickled)
+    with pytest.raises(UnsupportedFormatError, match="pickle"):
+        load_controlnet(pickled, transformer_config=DIT)

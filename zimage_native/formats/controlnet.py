@@ -1,0 +1,181 @@
+"""Loading Z-Image Fun-ControlNet-Union checkpoints (alibaba-pai, versions 1.0, 2.0 and 2.1).
+
+    from zimage_native.formats.controlnet import load_controlnet
+    cn = load_controlnet("Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors", dtype=torch.bfloat16)
+
+``path`` is a diffusers folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or a
+published single file. Files carry no config, so it is inferred from the tensor names and shapes:
+
+- ``control_all_x_embedder.P-F.weight`` (D, P*P*F*Cc): model width D, patch P, control input width
+  Cc (16 for 1.0, 33 for 2.x: control latents, mask, masked-image latents);
+- ``control_layers.N``: N control layers, placed evenly from DiT layer 0 with step = (DiT layers // N),
+  which gives the published layouts [0, 5, ..., 25] (1.0: 6 layers) and [0, 2, ..., 28] (2.x: 15);
+- the control noise refiner, told apart as diffusers 0.42.1 does: plain DiT blocks (no
+  ``after_proj``) are 1.0; control blocks whose ``control_noise_refiner.0.before_proj.weight`` is
+  absent or all zeros are 2.0 (those blocks were never trained and are dropped, as diffusers drops
+  them); otherwise 2.1. No refiner tensors at all is 2.0.
+
+``config=`` (a dict, a config.json or a folder holding one) overrides what is inferred, for files the
+rules cannot decide; values that the tensor shapes fix must agree with them. A diffusers folder's
+own config.json is used the same way. Loading is strict (missing and unexpected keys are named).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..config import ControlNetConfig, TransformerConfig
+from ..loading import assign_state_dict, build_on_meta, iter_tensors, safetensors_files
+from ..model.controlnet import ZImageControlNet
+from .checkpoint import UnsupportedFormatError, read_header
+from .infer import _count, _merge_checked, _need, folder_config, read_overrides
+
+logger = logging.getLogger(__name__)
+
+# The published files (with a 30-layer DiT): number of control layers -> version(s).
+PUBLISHED_LAYER_COUNTS = {6: "1.0", 15: "2.0 / 2.1"}
+# Values that the tensor shapes fix; a config may restate them but not change them.
+SHAPE_KEYS = ("dim", "n_heads", "control_in_dim", "all_patch_size", "all_f_patch_size")
+
+
+def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for file in files:
+        tensors, _ = read_header(file)
+        shapes.update({k: v.shape for k, v in tensors.items()})
+    return shapes
+
+
+def _all_zero(files: list[Path], key: str) -> bool:
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            if key in f.keys():
+                return not bool(f.get_tensor(key).any())
+    raise KeyError(key)
+
+
+def _what_it_is(shapes: dict[str, tuple]) -> str:
+    """A short description of a checkpoint that is not a ControlNet, for the error message."""
+    keys = sorted(shapes)
+    prefixes = sorted({k.split(".")[0] for k in keys})
+    guess = ""
+    if any("lora" in k for k in keys):
+        guess = " (it looks like a LoRA)"
+    elif any(k.startswith(("layers.", "model.diffusion_model.")) for k in keys):
+        guess = " (it looks like a DiT checkpoint)"
+    elif any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        guess = " (it looks like a VAE)"
+    return f"{len(keys)} tensors with top-level names {prefixes[:8]}{guess}"
+
+
+def infer_controlnet_config(
+    shapes: dict[str, tuple],
+    transformer_config: TransformerConfig,
+    refiner_untrained: bool | None = None,
+) -> dict[str, Any]:
+    """ControlNetConfig fields from tensor names and shapes (see the module docstring).
+
+    ``refiner_untrained``: whether ``control_noise_refiner.0.before_proj.weight`` is all zeros
+    (None when the file has no such tensor). Raises UnsupportedFormatError naming what was found
+    when the tensors match no Fun-ControlNet-Union layout.
+    """
+    embedders = [k for k in shapes if re.match(r"^control_all_x_embedder\.\d+-\d+\.weight$", k)]
+    n = _count(shapes, r"^control_layers\.(\d+)\.")
+    if len(embedders) != 1 or not n or "control_layers.0.before_proj.weight" not in shapes:
+        raise UnsupportedFormatError(
+            "not a Z-Image Fun-ControlNet-Union checkpoint: it needs one control_all_x_embedder.P-F.weight and "
+            f"control_layers.0..N with control_layers.0.before_proj; found {_what_it_is(shapes)}")
+    p, f = (int(v) for v in embedders[0].split(".")[1].split("-"))
+    dim, width = shapes[embedders[0]]
+    if width % (p * p * f):
+        raise UnsupportedFormatError(f"{embedders[0]} has {width} inputs, not a multiple of the patch volume {p * p * f}")
+    head_dim = _need(shapes, "control_layers.0.attention.norm_q.weight", "ControlNet")[0]
+
+    n_refiner = _count(shapes, r"^control_noise_refiner\.(\d+)\.")
+    if not n_refiner:
+        variant = "control_layers"
+    elif not any(k.startswith("control_noise_refiner.") and ".after_proj." in k for k in shapes):
+        variant = None  # plain DiT blocks: 1.0
+    elif refiner_untrained is None or refiner_untrained:
+        variant = "control_layers"  # 2.0: its refiner tensors are absent or zero and are not used
+    else:
+        variant = "control_noise_refiner"
+
+    n_layers = transformer_config.n_layers
+    step = n_layers // n
+    if step < 1:
+        raise UnsupportedFormatError(f"the checkpoint has {n} control layers, more than the DiT's {n_layers} layers")
+    uses_refiner = variant in (None, "control_noise_refiner")
+    return {
+        "control_layers_places": [k * step for k in range(n)],
+        "control_refiner_layers_places": None if variant is None else list(
+            range(n_refiner if uses_refiner else transformer_config.n_refiner_layers)),
+        "control_in_dim": width // (p * p * f),
+        "add_control_noise_refiner": variant,
+        "all_patch_size": [p],
+        "all_f_patch_size": [f],
+        "dim": dim,
+        "n_refiner_layers": n_refiner if uses_refiner else transformer_config.n_refiner_layers,
+        "n_heads": dim // head_dim,
+        "n_kv_heads": dim // head_dim,
+        "norm_eps": transformer_config.norm_eps,
+    }
+
+
+def _merge(what: str, inferred: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
+    """Inferred values < an explicit config; the values the shapes fix, and the layer count, must agree."""
+    places = explicit.get("control_layers_places")
+    if places is not None and len(places) != len(inferred["control_layers_places"]):
+        raise ValueError(f"{what}: config control_layers_places {list(places)} names {len(places)} layers but "
+                         f"the checkpoint has {len(inferred['control_layers_places'])} control layers")
+    return _merge_checked(what, inferred, {k: inferred[k] for k in SHAPE_KEYS}, explicit)
+
+
+def load_controlnet(
+    path: str | os.PathLike,
+    config: dict | str | os.PathLike | ControlNetConfig | None = None,
+    *,
+    transformer_config: TransformerConfig | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> ZImageControlNet:
+    """Load a Fun-ControlNet-Union folder or single file for a DiT of ``transformer_config``
+    (default: the released Z-Image DiT). ``config`` overrides the inferred config (see the module
+    docstring). Weights are cast to ``dtype`` while reading, placed on ``device``."""
+    path = Path(path)
+    tcfg = transformer_config or TransformerConfig()
+    files = safetensors_files(path)
+    shapes = _shapes(files)
+    before = "control_noise_refiner.0.before_proj.weight"
+    untrained = _all_zero(files, before) if before in shapes else None
+    inferred = infer_controlnet_config(shapes, tcfg, untrained)
+    explicit = {**(folder_config(path) or {}), **read_overrides(config)}
+    cfg = ControlNetConfig.from_dict(_merge(f"ControlNet {path.name}", inferred, explicit))
+
+    n = len(cfg.control_layers_places)
+    if not explicit and tcfg.n_layers == 30 and n not in PUBLISHED_LAYER_COUNTS:
+        logger.warning("ControlNet %s: %d control layers is not a published layout (%s); placed at DiT layers %s by "
+                       "the even-spacing rule: pass config= if its publisher says otherwise", path.name, n,
+                       PUBLISHED_LAYER_COUNTS, list(cfg.control_layers_places))
+    drop = "control_noise_refiner." if cfg.add_control_noise_refiner == "control_layers" else None
+    dropped = sum(1 for k in shapes if drop and k.startswith(drop))
+    if dropped:
+        logger.info("ControlNet %s: version 2.0 layout, dropping its %d unused control_noise_refiner tensors",
+                    path.name, dropped)
+    try:
+        module = build_on_meta(lambda: ZImageControlNet(cfg, tcfg))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e} (pass the DiT's transformer_config, or config= to override)") from e
+    keep = (lambda k: not k.startswith(drop)) if drop else None
+    state_dict = dict(iter_tensors(files, dtype, device, keep))
+    assign_state_dict(module, state_dict, f"ControlNet {path.name}")
+    logger.info("ControlNet %s: version %s layout, %d control layers at DiT layers %s, control input %d channels",
+                path.name, cfg.version, n, list(cfg.control_layers_places), cfg.control_in_dim)
+    return module.eval().requires_grad_(False)
