@@ -6,6 +6,8 @@
 - :func:`load_single_files`: a whole pipeline from single files (``ZImagePipeline.from_single_files``).
 
 The policy, stated once:
+- a file cut short or not a safetensors file fails in one line naming it (``CorruptCheckpointError``),
+  before safetensors reads it;
 - modules are built on the ``meta`` device (no memory, no init cost) and weights are assigned;
 - every tensor is cast to the requested dtype as it is read, one tensor at a time, so a 24.6 GB
   fp32 checkpoint loads into 12.3 GB of bf16 without ever holding two full copies;
@@ -25,7 +27,8 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import SchedulerConfig
-from .formats.checkpoint import WEIGHT_FILE_NAMES, WEIGHT_INDEX_NAMES, Checkpoint, safetensors_files
+from .formats.checkpoint import (WEIGHT_FILE_NAMES, WEIGHT_INDEX_NAMES, Checkpoint, check_safetensors,
+                                 safetensors_files)
 from .formats.detect import inspect_checkpoint, normalize_kind
 from .formats.fp8 import read_scales
 from .formats.infer import folder_config, infer_text_encoder_config, infer_transformer_config, infer_vae_config
@@ -59,7 +62,7 @@ class StateDictMismatchError(KeyError):
 def read_header_keys(files: Iterable[Path]) -> list[str]:
     keys: list[str] = []
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
+        with safe_open(str(check_safetensors(file)), framework="pt") as f:
             keys.extend(f.keys())
     return keys
 
@@ -72,7 +75,7 @@ def iter_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) one tensor at a time, cast to ``dtype`` (floating tensors only) on ``device``."""
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with safe_open(str(check_safetensors(file)), framework="pt", device="cpu") as f:
             for key in f.keys():
                 if keep is not None and not keep(key):
                     continue
@@ -134,7 +137,7 @@ def inspect_weights(path: str | os.PathLike) -> dict:
     files = safetensors_files(path)
     tensors, params, dtypes = 0, 0, {}
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
+        with safe_open(str(check_safetensors(file)), framework="pt") as f:
             for key in f.keys():
                 s = f.get_slice(key)
                 n = 1

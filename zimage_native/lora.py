@@ -423,9 +423,9 @@ def read_lora(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
         raise FileNotFoundError(f"LoRA file not found: {path}")
     from safetensors.torch import load_file
 
-    from .formats import refuse_non_safetensors
+    from .formats import check_safetensors
 
-    refuse_non_safetensors(path)
+    check_safetensors(path)
     return str(path), load_file(str(path))
 
 

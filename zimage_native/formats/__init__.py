@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import importlib
 
-from .checkpoint import (FLOAT_DTYPES, SAFETENSORS_DTYPES, Checkpoint, TensorInfo, UnsupportedFormatError,
-                         read_header, refuse_non_safetensors, sniff)
+from .checkpoint import (FLOAT_DTYPES, SAFETENSORS_DTYPES, Checkpoint, CorruptCheckpointError, TensorInfo,
+                         UnsupportedFormatError, check_safetensors, read_header, refuse_non_safetensors, sniff)
 from .describe import describe
 from .detect import COMPONENTS, ComponentInfo, FileFormat, detect_format, inspect_checkpoint, normalize_kind
 from .fp8 import FP8_DTYPES, is_aux
@@ -52,6 +52,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "COMPONENTS", "FLOAT_DTYPES", "FP8_DTYPES", "RELEASED_QWEN3", "SAFETENSORS_DTYPES", "Checkpoint", "ComponentInfo",
+    "CorruptCheckpointError", "check_safetensors",
     "FileFormat", "TensorInfo", "UnsupportedFormatError", "canonical_items", "canonical_shapes", "describe",
     "detect_format", "folder_config", "infer_config", "infer_text_encoder_config", "infer_transformer_config",
     "infer_vae_config", "inspect_checkpoint", "is_aux", "normalize_kind", "read_header", "read_overrides",

@@ -33,6 +33,17 @@ class UnsupportedFormatError(ValueError):
     """A checkpoint we recognise but cannot load (the message names the format), or do not recognise."""
 
 
+class CorruptCheckpointError(UnsupportedFormatError):
+    """A file cut short (an interrupted download or copy) or not the container it should be.
+
+    The message is one line: ``PATH: truncated or not a safetensors file (what is wrong, in numbers)``.
+    """
+
+    def __init__(self, path: str | os.PathLike, container: str = "safetensors", detail: str = ""):
+        self.path, self.container, self.detail = Path(path), container, detail
+        super().__init__(f"{path}: truncated or not a {container} file" + (f" ({detail})" if detail else ""))
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: str  # safetensors dtype string: "BF16", "F8_E4M3", ...
@@ -79,19 +90,47 @@ def refuse_non_safetensors(path: Path) -> None:
             f"{path}: pickled PyTorch checkpoint (.pt/.ckpt/.bin) is refused (pickle can run code); "
             f"convert it to safetensors first")
     if kind != "safetensors":
-        raise UnsupportedFormatError(f"{path}: not a safetensors file (unrecognised header)")
+        size = path.stat().st_size
+        raise CorruptCheckpointError(path, detail="the file is empty" if size == 0 else
+                                     f"unrecognised header; {size:,} bytes")
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse one safetensors header (8-byte length + JSON): tensor infos and ``__metadata__``. No data is read."""
+    """Parse and check one safetensors header (8-byte length + JSON): tensor infos and ``__metadata__``.
+
+    No tensor data is read, but the file must be long enough for every tensor the header lists and
+    the header must be well formed; otherwise :class:`CorruptCheckpointError` says what is wrong.
+    """
     path = Path(path)
     refuse_non_safetensors(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = {k: TensorInfo(v["dtype"], tuple(v["shape"]), path, tuple(v["data_offsets"])) for k, v in header.items()}
+        if 8 + n > size:
+            raise CorruptCheckpointError(path, detail=f"the header needs {8 + n:,} bytes, the file has {size:,}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+        metadata = header.pop("__metadata__", None) or {}
+        tensors = {k: TensorInfo(v["dtype"], tuple(v["shape"]), path, tuple(v["data_offsets"]))
+                   for k, v in header.items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSON, or entries of the wrong form
+        raise CorruptCheckpointError(path, detail=f"unreadable header: {type(e).__name__}: {e}") from None
+    end = max((t.offsets[1] for t in tensors.values()), default=0)
+    if 8 + n + end > size:
+        raise CorruptCheckpointError(path, detail=f"its tensors need {8 + n + end:,} bytes, the file has {size:,}")
     return tensors, metadata
+
+
+def check_safetensors(path: str | os.PathLike) -> Path:
+    """Raise a one-line :class:`UnsupportedFormatError` (:class:`CorruptCheckpointError` for a cut or
+    damaged file) unless ``path`` is a complete safetensors file; returns the path. Reads the header only.
+
+    Every loader calls this (or :func:`read_header`) before handing a file to ``safetensors``, whose
+    own errors are tracebacks.
+    """
+    read_header(path)
+    return Path(path)
 
 
 def safetensors_files(path: str | os.PathLike) -> list[Path]:

@@ -222,12 +222,18 @@ def inspect_checkpoint(ckpt: Checkpoint) -> FileFormat:
 
 
 def detect_format(path: str | os.PathLike) -> FileFormat:
-    """Detect what a file or component folder holds, from headers only. Never raises on a readable path."""
+    """Detect what a file or component folder holds, from headers only.
+
+    A format that cannot be loaded is reported in ``problem``; a damaged file (cut short, or not
+    the container its first bytes claim) raises :class:`CorruptCheckpointError`.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file or folder: {path}")
     if path.is_file():
         container = sniff(path)
+        if container == "unknown":
+            refuse_non_safetensors(path)  # raises CorruptCheckpointError
         if container != "safetensors":
             fmt = FileFormat(path, container, "unknown")
             try:
@@ -237,4 +243,3 @@ def detect_format(path: str | os.PathLike) -> FileFormat:
             return fmt
     with Checkpoint(path) as ckpt:
         return inspect_checkpoint(ckpt)
-

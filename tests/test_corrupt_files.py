@@ -1,0 +1,131 @@
+"""A truncated or corrupt weight file fails in one line naming the file and the problem, in every
+loader (diffusers folder, single files, LoRA, GGUF), and the CLI exits 1 without writing an image."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from zimage_native.cli import main
+from zimage_native.formats import CorruptCheckpointError, check_safetensors, detect_format
+from zimage_native.loading import load_component
+
+from .test_formats import TINY_AXES, comfy_dit, write
+
+BASE = ["--device", "cpu", "--width", "32", "--height", "32", "--steps", "1", "--no-progress"]
+PROBLEM = "truncated or not a safetensors file"
+
+
+def cut(path: Path, keep: int | None = None, fraction: float = 0.5) -> Path:
+    """Cut a file short, as an interrupted copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: keep if keep is not None else int(len(data) * fraction)])
+    return path
+
+
+def broken_header(path: Path) -> Path:
+    """A header length that fits the file, but JSON that does not parse."""
+    body = b'{"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]'  # no closing braces
+    path.write_bytes(struct.pack("<Q", len(body)) + body + b"\0" * 8)
+    return path
+
+
+def one_line(message: str, path: Path) -> None:
+    assert "\n" not in message and message.startswith(f"{path}: {PROBLEM}"), message
+
+
+@pytest.fixture
+def dit_file(tiny_model_dir, tmp_path) -> Path:
+    return write(tmp_path / "z_image_turbo_bf16.safetensors", comfy_dit(tiny_model_dir))
+
+
+@pytest.mark.parametrize("damage, detail", [
+    (lambda p: cut(p), r"its tensors need [\d,]+ bytes, the file has [\d,]+"),
+    (lambda p: cut(p, keep=100), r"the header needs [\d,]+ bytes, the file has 100"),
+    (lambda p: cut(p, keep=0), "the file is empty"),
+    (lambda p: cut(p, keep=5), "unrecognised header; 5 bytes"),
+    (broken_header, "unreadable header: JSONDecodeError"),
+])
+def test_single_file_loader_names_the_file_and_the_problem(dit_file, damage, detail):
+    damage(dit_file)
+    with pytest.raises(CorruptCheckpointError, match=detail) as err:
+        load_component("transformer", dit_file, None, "cpu", config=TINY_AXES)
+    one_line(str(err.value), dit_file)
+    with pytest.raises(CorruptCheckpointError):
+        detect_format(dit_file)
+
+
+def test_complete_files_pass_the_check(dit_file):
+    assert check_safetensors(dit_file) == dit_file
+
+
+def test_folder_loader(tiny_model_dir, tmp_path):
+    from zimage_native import ZImagePipeline
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = cut(folder / "vae" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CorruptCheckpointError) as err:
+        ZImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    one_line(str(err.value), weights)
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(folder), "-o", str(out), *BASE])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.strip().splitlines() == [f"Error: {err.value}"]
+
+
+def test_text_encoder_folder_and_single_files_from_the_cli(tiny_model_dir, dit_file, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    te = cut(folder / "text_encoder" / "model.safetensors", fraction=0.9)
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(folder), "-o", str(out), *BASE])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.strip().startswith(f"Error: {te}: {PROBLEM}") and len(result.output.strip().splitlines()) == 1
+    cut(dit_file)
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "--transformer",
+                                       str(dit_file), "-o", str(out), *BASE])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.strip().startswith(f"Error: {dit_file}: {PROBLEM}") and len(result.output.strip().splitlines()) == 1
+
+
+def test_lora_loader(tiny_model_dir, tiny_pipe, tmp_path):
+    w = tiny_pipe.transformer.layers[0].attention.to_q.weight
+    lora = tmp_path / "style.safetensors"
+    save_file({"diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.randn(4, w.shape[1]),
+               "diffusion_model.layers.0.attention.to_q.lora_B.weight": torch.randn(w.shape[0], 4)}, lora)
+    cut(lora)
+    before = w.clone()
+    with pytest.raises(CorruptCheckpointError) as err:
+        tiny_pipe.load_lora(lora)
+    one_line(str(err.value), lora)
+    assert torch.equal(w, before)
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "--lora", str(lora),
+                                       "-o", str(out), *BASE])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.strip().splitlines() == [f"Error: {err.value}"]
+
+
+def test_info_and_convert(dit_file, tmp_path):
+    cut(dit_file)
+    for args in (["info", str(dit_file)], ["convert", str(dit_file), str(tmp_path / "o.safetensors"), "--to", "diffusers"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().startswith(f"Error: {dit_file}: {PROBLEM}")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_header_entries_of_the_wrong_form(tmp_path):
+    path = tmp_path / "odd.safetensors"
+    body = json.dumps({"x": [1, 2, 3]}).encode()
+    path.write_bytes(struct.pack("<Q", len(body)) + body)
+    with pytest.raises(CorruptCheckpointError, match="unreadable header: TypeError"):
+        check_safetensors(path)
