@@ -194,7 +194,7 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
     if path.is_file() and sniff(path) == "gguf":
         from .gguf_loading import load_gguf_component
 
-        return load_gguf_component(kind, path, dtype, device, config)
+        return load_gguf_component(kind, path, dtype, device, config, quant)
     with Checkpoint(path) as ckpt:
         info = inspect_checkpoint(ckpt).component(kind)
         if info.quantization:
