@@ -61,6 +61,27 @@ def test_optimize_is_cumulative_and_refuses_to_undo(fresh_pipe):
         fresh_pipe.optimize(compile="full")
 
 
+def test_fp8_asked_after_compile_is_applied_before_compiling_again(fp8_model_dir):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel.compile import CompiledBlock
+
+    torch._dynamo.reset()
+    pipe = ZImagePipeline.from_pretrained(fp8_model_dir, device="cpu", dtype=torch.bfloat16)
+    pipe.progress = False
+    counter = CompileCounterWithBackend("eager")
+    pipe.optimize(compile="blocks", compile_backend=counter)
+    pipe("a cat", **KW)
+    frames = counter.frame_count
+    lines = pipe.optimize(fp8=True)
+    assert lines[0].startswith("compile: blocks undone") and lines[-1].startswith("compile: blocks")
+    assert [line.split(":")[0] for line in lines[1:]] == ["fused GEMMs", "fp8", "attention backend", "compile"]
+    block = pipe.transformer.layers[0]
+    assert isinstance(block.forward, CompiledBlock) and isinstance(block.feed_forward.w13, Float8Linear)
+    pipe("a cat", **KW)
+    assert counter.frame_count > frames  # traced again, through the fp8 linears, with the same backend
+
+
 def test_cuda_graphs_need_a_gpu(fresh_pipe):
     with pytest.raises(ValueError, match="needs the DiT on a CUDA device"):
         fresh_pipe.optimize(cuda_graphs=True)
