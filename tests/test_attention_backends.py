@@ -198,6 +198,14 @@ def install_fakes(monkeypatch):
     def fa3_func(q, k, v):
         return fa_func(q, k, v), None  # some FA3 builds return (out, lse)
 
+    def fa3_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k=None):
+        calls.append("flash_attn_varlen_func")
+        assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == seqused_k.dtype == torch.int32
+        b, n = len(cu_seqlens_q) - 1, max_seqlen_q
+        assert torch.equal(cu_seqlens_q, torch.arange(0, (b + 1) * n, n, dtype=torch.int32)) and max_seqlen_k == n
+        unflat = [t.unflatten(0, (b, n)) for t in (q, k, v)]
+        return naive_attention(*unflat, lengths_to_mask(seqused_k, n)).flatten(0, 1), None
+
     def sageattn(q, k, v, tensor_layout, is_causal):
         assert tensor_layout == "HND" and not is_causal
         calls.append("sageattn")
@@ -215,7 +223,7 @@ def install_fakes(monkeypatch):
     for name, module in {
         "flash_attn": fake_module("flash_attn", flash_attn_func=fa_func, flash_attn_with_kvcache=fa_kvcache),
         "flash_attn_interface": fake_module("flash_attn_interface", flash_attn_func=fa3_func,
-                                            flash_attn_with_kvcache=fa_kvcache),
+                                            flash_attn_varlen_func=fa3_varlen),
         "sageattention": fake_module("sageattention", sageattn=sageattn),
         "xformers": fake_module("xformers", ops=ops),
         "xformers.ops": ops,
@@ -235,7 +243,7 @@ def test_backend_glue_matches_sdpa(monkeypatch, name, masked):
     assert_rel(fn(q, k, v, mask), sdpa_reference(q, k, v, mask), 1e-6, f"{name} glue")
     expected_call = {
         "flash_attn_2": "flash_attn_with_kvcache" if masked else "flash_attn_func",
-        "flash_attn_3": "flash_attn_with_kvcache" if masked else "flash_attn_func",
+        "flash_attn_3": "flash_attn_varlen_func" if masked else "flash_attn_func",
         "sage": None if masked else "sageattn",  # no key mask in SageAttention: masked calls use SDPA
         "xformers": "memory_efficient_attention",
     }[name]

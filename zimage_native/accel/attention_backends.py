@@ -11,15 +11,22 @@ environment here except by :func:`attention_from_env`, which entry points call o
     sdpa          nothing (default; PyTorch picks flash/cuDNN/    bool mask to SDPA
                   memory-efficient)
     flash_attn_2  flash-attn 2, CUDA sm80+, fp16/bf16, Dh<=256    key lengths (flash_attn_with_kvcache)
-    flash_attn_3  flash-attn 3 (flash_attn_interface), sm90,      key lengths (flash_attn_with_kvcache)
-                  fp16/bf16, Dh<=256
+    flash_attn_3  flash-attn 3 (flash_attn_interface), sm90,      varlen: cu_seqlens + seqused_k
+                  fp16/bf16, Dh<=256                              (flash_attn_varlen_func)
     sage          sageattention, CUDA sm80+, fp16/bf16,           not supported: masked calls use SDPA
                   Dh in {64, 96, 128}
     xformers      xformers, CUDA                                  additive -inf bias, broadcast
     auto          the first available of flash_attn_3 > flash_attn_2 > sage > xformers > sdpa
 
-The mask-as-lengths conversion relies on a property of ``model.sequence``: only batch padding is
-masked, and it is always the tail of each item's keys, so the valid keys are a prefix.
+Masks reach this seam only when a batch really mixes caption lengths (``model.sequence``): a
+single-image request, with or without CFG, runs mask-free (the engine's shape policy,
+docs/performance.md), so the flash kernels run on every call there. The mask-as-lengths
+conversion relies on a property of ``model.sequence``: only batch padding is masked, and it is
+always the tail of each item's keys, so the valid keys are a prefix. Both FlashAttention paths
+take the lengths as a device tensor (no host sync, capturable in a CUDA graph): FA3's varlen call
+gets cu_seqlens [0, L, 2L, ...] (every item keeps its L rows) and ``seqused_k`` = the valid key
+counts; FA2's varlen call has no ``seqused_k``, so it uses ``flash_attn_with_kvcache`` with
+``cache_seqlens``, the same computation.
 """
 
 from __future__ import annotations
@@ -159,8 +166,12 @@ def _flash_attn_3() -> AttnFn:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if mask is None:
             out = fa3.flash_attn_func(q, k, v)
-        else:
-            out = fa3.flash_attn_with_kvcache(q, k, v, cache_seqlens=_key_lengths(mask))
+        else:  # varlen: item i is rows [i*L, (i+1)*L) of the flat batch, of which the first len_i keys count
+            b, n = q.shape[:2]
+            cu_seqlens = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=q.device)
+            out = fa3.flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens,
+                                             cu_seqlens, n, n, seqused_k=_key_lengths(mask))
+            out = (out[0] if isinstance(out, tuple) else out).unflatten(0, (b, n))
         out = out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
         return out.transpose(1, 2)
 
