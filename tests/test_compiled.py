@@ -257,7 +257,8 @@ def test_quantize_counts_and_skips_small_or_odd_linears():
 
 
 def test_bench_ladder_dry_run_on_cpu(tmp_path):
-    """The benchmark's code path end to end on a tiny model: ours eager and +fp8, diffusers beside them."""
+    """The benchmark's code path end to end on a tiny model: ours eager and +fp8, diffusers beside
+    them, judged with --check (parity and fp8 quality; the graph checks need CUDA)."""
     import json
 
     from click.testing import CliRunner
@@ -266,15 +267,48 @@ def test_bench_ladder_dry_run_on_cpu(tmp_path):
 
     result = CliRunner().invoke(main, ["bench", "--tiny", "--device", "cpu", "--dtype", "bfloat16", "--sizes", "32",
                                        "--steps", "2", "--repeats", "1", "--rungs", "eager", "--rungs", "fp8",
-                                       "--out", str(tmp_path)])
+                                       "--check", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    payload = json.loads(result.output.strip().splitlines()[-1])
+    payload = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
     rows = {(r["engine"], r["rung"]): r for r in payload["rows"]}
     assert set(rows) == {("diffusers 0.42.1", "eager"), ("zimage-native", "eager"), ("zimage-native", "+fp8"),
                          ("diffusers 0.42.1", "compile (regional)")}
     assert rows["diffusers 0.42.1", "eager"]["psnr_db"] > 40  # bf16 parity of the two engines
-    assert any(note.startswith("fp8:") for note in rows["zimage-native", "+fp8"]["notes"])
+    notes = rows["zimage-native", "+fp8"]["notes"]
+    # the tiny bench model's FFN width (1024) is a multiple of 16: the feed-forward GEMMs are fp8 too
+    assert any(note.startswith("fp8: 28 linears in float8 e4m3 (8 as fused GEMMs") for note in notes), notes
+    assert set(payload["checks"]["fp8_quality_db"]) == {"fast_accum", "fp32_accum"}
+    verdicts = [line for line in result.output.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert len(verdicts) == 3 and all(line.startswith("PASS") for line in verdicts), verdicts
     assert (tmp_path / "e2e.csv").read_text().count("\n") == 5  # header + 4 rows
+
+
+GOOD_CHECKS = {"size": 1024, "parity_db": 45.0, "graph_vs_compiled_rel_l2": 1e-4,
+               "cfg_under_graphs": {"exercised": True, "rel_l2": 2e-4},
+               "fp8_quality_db": {"fast_accum": 30.0, "fp32_accum": 31.0}}
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({}, None),
+    ({"parity_db": 38.2}, "FAIL bf16 parity vs diffusers at 1024x1024: 38.2 dB PSNR (needs >= 40 dB)"),
+    ({"parity_db": None}, "FAIL bf16 parity vs diffusers: not measured"),
+    ({"graph_vs_compiled_rel_l2": 0.02}, "FAIL graph replay vs compiled eager: relative L2 latent difference 0.02"),
+    ({"cfg_under_graphs": {"exercised": False, "rel_l2": 0.0}}, "FAIL CFG under CUDA graphs: not exercised"),
+    ({"cfg_under_graphs": {"exercised": True, "rel_l2": 0.1}}, "FAIL CFG under CUDA graphs vs compiled eager"),
+    ({"fp8_quality_db": {"fast_accum": 21.0, "fp32_accum": 31.0}}, "FAIL fp8 quality (fast accum) vs bf16"),
+], ids=["all pass", "parity low", "parity missing", "graph differs", "cfg not exercised", "cfg differs", "fp8 low"])
+def test_gpu_check_verdicts_fail_one_line_each(change, expected):
+    from zimage_native.bench import verdicts
+
+    checks = {k: v for k, v in {**GOOD_CHECKS, **change}.items() if v is not None}
+    failures, passes = verdicts(checks, gpu=True)
+    if expected is None:
+        assert not failures and len(passes) == 5
+    else:
+        assert len(failures) == 1 and failures[0].startswith(expected), failures
+        assert "\n" not in failures[0]
+    assert not verdicts({k: v for k, v in checks.items() if k in ("size", "parity_db", "fp8_quality_db")},
+                        gpu=False)[0] or expected is not None  # the CPU dry run judges parity and fp8 only
 
 
 @pytest.fixture

@@ -34,21 +34,31 @@ PROMPT = ("a lighthouse on a rocky cliff at dusk, waves breaking below, warm lig
           "dramatic clouds, 35mm photograph, fine grain")
 
 
+# Pass/fail thresholds of the GPU check (benchmarks/gpu_check.sh), stated once here.
+PARITY_MIN_DB = 40.0  # bf16 parity with diffusers, decoded image PSNR (design.md section 3)
+GRAPH_MAX_REL = 5e-3  # graph replay vs the compiled eager run: relative L2 error of the final latents
+FP8_MIN_DB = 25.0  # fp8 (either accumulation) vs our bf16 eager run, decoded image PSNR
+CFG_GUIDANCE = 4.0  # the CFG check's guidance scale (the base model's default)
+
+
 @dataclass
 class Rung:
     name: str
     kernels: str = "none"
     compile: str = "off"
     cuda_graphs: bool = False
+    vae_compile: bool = False
     fp8: bool = False
 
 
-# Each rung adds one feature to the one before it.
+# Each rung adds one feature to the one before it. fp8 is the last rung but is applied *before*
+# compile: pipe.optimize undoes the compilation, quantises and compiles again.
 FEATURES = {"kernels": {"kernels": "triton"}, "compile": {"compile": "blocks"}, "cuda_graphs": {"cuda_graphs": True},
-            "fp8": {"fp8": True}}
+            "vae": {"vae_compile": True}, "fp8": {"fp8": True}}
+RUNG_NAMES = ("eager", *FEATURES)
 
 
-def make_ladder(names=("eager", "kernels", "compile", "cuda_graphs", "fp8")) -> list[Rung]:
+def make_ladder(names=RUNG_NAMES) -> list[Rung]:
     """Cumulative rungs over the chosen features, in the canonical order."""
     unknown = set(names) - {"eager", *FEATURES}
     if unknown:
@@ -152,7 +162,8 @@ def build_random_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool =
     workdir = Path(workdir or os.environ.get("TMPDIR", "/tmp")) / "zimage-bench-tokenizer"
     tokenizer = build_tokenizer(workdir)
     if tiny:
-        tcfg = TransformerConfig(dim=256, n_heads=2, n_kv_heads=2, n_layers=2, n_refiner_layers=1, cap_feat_dim=64)
+        # dim 384: FFN width int(384 / 3 * 8) = 1024, a multiple of 16, so fp8 converts the FFN GEMMs too.
+        tcfg = TransformerConfig(dim=384, n_heads=3, n_kv_heads=3, n_layers=2, n_refiner_layers=1, cap_feat_dim=64)
         vcfg = VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=16)
         qcfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
@@ -245,7 +256,7 @@ def run_ours(pipe, rung: Rung, size: int, steps: int, repeats: int, reference=No
     device = pipe.device
     row = Row("zimage-native", rung.name, size, steps)
     row.notes += pipe.optimize(kernels=rung.kernels, compile=rung.compile, cuda_graphs=rung.cuda_graphs,
-                               fp8=rung.fp8)  # cumulative: only what changed is applied
+                               vae_compile=rung.vae_compile, fp8=rung.fp8)  # cumulative: only what changed
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     call = lambda: pipe(PROMPT, width=size, height=size, num_inference_steps=steps, seed=0,  # noqa: E731
@@ -295,42 +306,186 @@ def run_diffusers(ref, pipe, size: int, steps: int, repeats: int, compiled: bool
     return row, out.images
 
 
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def graphs_off(pipe):
+    """A context in which ``pipe`` runs its compiled step loop without CUDA graphs."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        graphed, pipe._graphed = pipe._graphed, None
+        try:
+            yield
+        finally:
+            pipe._graphed = graphed
+
+    return scope()
+
+
+def cfg_under_graphs(pipe, size: int, steps: int) -> dict:
+    """A CFG request (guidance 4, truncated after half the steps) replayed from CUDA graphs against
+    the same compiled step loop run eagerly; 'exercised' says a guided step was captured and replayed."""
+    from .scheduler import make_schedule
+
+    embeds = pipe.encode_prompt([PROMPT])
+    negative = pipe.encode_prompt(["blurry, low quality"])
+    schedule = make_schedule(pipe.scheduler_config, steps)
+    noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(1))
+    kw = dict(guidance_scale=CFG_GUIDANCE, cfg_truncation=0.5, progress=False)
+    graphed = pipe._graphed
+    guided = graphed.guided_replays if graphed is not None else 0
+    got = pipe.denoise(noise, embeds, negative, schedule, **kw).float().cpu()
+    exercised = graphed is not None and graphed.guided_replays > guided
+    with graphs_off(pipe):
+        expected = pipe.denoise(noise, embeds, negative, schedule, **kw).float().cpu()
+    return {"exercised": exercised, "rel_l2": rel_l2(got, expected)}
+
+
+def graph_mode_timing(pipe, size: int, steps: int, repeats: int) -> dict:
+    """Denoise time with one graph per step (the default, progress and cancel per step) against one
+    graph for the whole loop, on the same compiled model; the engine keeps "step" unless "loop" is
+    more than 2% faster."""
+    from .accel.cuda_graphs import GraphedSampler
+    from .scheduler import make_schedule
+
+    embeds = pipe.encode_prompt([PROMPT])
+    schedule = make_schedule(pipe.scheduler_config, steps)
+    noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    times = {}
+    step_sampler = pipe._graphed
+    for mode in ("step", "loop"):
+        pipe._graphed = step_sampler if mode == "step" else GraphedSampler(pipe, mode="loop", max_graphs=1)
+        call = lambda: pipe.denoise(noise, embeds, None, schedule, progress=False)  # noqa: E731
+        call()  # capture
+        times[f"{mode}_s"], _ = timed(call, pipe.device, repeats)
+        if mode == "loop":
+            pipe._graphed.clear()
+    pipe._graphed = step_sampler
+    times["loop_gain_pct"] = 100 * (times["step_s"] - times["loop_s"]) / times["step_s"]
+    return times
+
+
+def fp8_accumulation_quality(pipe, size: int, steps: int, reference) -> dict:
+    """fp8 image quality against our bf16 eager image with fast and with fp32 accumulation, both
+    run eagerly (no compile, no graphs) so that only the accumulation differs."""
+    from .accel.compile import uncompile_
+    from .accel.fp8 import Float8Linear
+
+    uncompile_(pipe.transformer)
+    pipe._accel["compile"] = "off"
+    quality = {}
+    with graphs_off(pipe):
+        for fast in (True, False):
+            for m in pipe.transformer.modules():
+                if isinstance(m, Float8Linear):
+                    m.fast_accum = fast
+            out = pipe(PROMPT, width=size, height=size, num_inference_steps=steps, seed=0, output_type="np",
+                       progress=False)
+            quality["fast_accum" if fast else "fp32_accum"] = psnr(out.images, reference["image"])
+    return quality
+
+
 def ladder(pipe, full_qwen=None, sizes=(1024,), steps: int = 8, repeats: int = 3, rungs=None,
-           with_diffusers: bool = True) -> tuple[list[Row], dict]:
+           with_diffusers: bool = True, big_size: int | None = None) -> tuple[list[Row], dict, dict]:
     """Apply the rungs cumulatively to ``pipe`` (in place) and measure each at every size, with
     diffusers eager and compiled on the same weights beside them. Quality is against our eager run;
-    the diffusers eager row's PSNR is the bf16 parity of the two engines."""
+    the diffusers eager row's PSNR is the bf16 parity of the two engines.
+
+    ``big_size`` (e.g. 2048) adds one row at that size for the last bf16 rung (cold start
+    included: with the dynamic shape policy the compiled graphs are reused, only the CUDA graphs
+    are captured anew). Returns (rows, environment, checks); ``checks`` feeds :func:`verdicts`.
+    """
     rows: list[Row] = []
+    checks: dict = {"size": sizes[0]}
     ref = diffusers_pipeline(pipe, full_qwen) if with_diffusers and full_qwen is not None else None
     diffusers_rows, diffusers_images, eager, results = {}, {}, {}, {}
     if ref is not None:
         for size in sizes:
             diffusers_rows[size], diffusers_images[size] = run_diffusers(ref, pipe, size, steps, repeats, False)
             rows.append(diffusers_rows[size])
-    for rung in rungs or LADDER:
+    rungs = rungs or LADDER
+    last_bf16 = max((i for i, r in enumerate(rungs) if not r.fp8), default=None)
+    for index, rung in enumerate(rungs):
         for size in sizes:
             row, result = run_ours(pipe, rung, size, steps, repeats, eager.get(size))
             results[rung.name, size] = result
             before = results.get(("+compile", size))
-            if rung.cuda_graphs and not rung.fp8 and before is not None:
+            if rung.cuda_graphs and not rung.fp8 and before is not None and not rung.vae_compile:
                 # The same kernels, replayed from the graph instead of launched one by one.
-                diff = (result["latents"] - before["latents"]).abs().max().item()
-                row.notes.append(f"graph replay vs +compile: max abs latent difference {diff:.3g}")
+                err = rel_l2(result["latents"], before["latents"])
+                row.notes.append(f"graph replay vs +compile: relative L2 latent difference {err:.3g}")
+                if size == sizes[0]:
+                    checks["graph_vs_compiled_rel_l2"] = err
+                    checks["cfg_under_graphs"] = cfg_under_graphs(pipe, size, steps)
+                    checks["graph_modes"] = graph_mode_timing(pipe, size, steps, repeats)
             if size not in eager:
                 eager[size] = result
                 row.psnr_db, row.latent_max_err = float("inf"), 0.0
                 if size in diffusers_rows:
                     diffusers_rows[size].psnr_db = psnr(diffusers_images[size], result["image"])
+                    if size == sizes[0]:
+                        checks["parity_db"] = diffusers_rows[size].psnr_db
+            if rung.fp8 and size == sizes[0]:
+                checks["fp8_ladder_db"] = row.psnr_db
+            rows.append(row)
+        if big_size is not None and index == last_bf16:
+            row, _ = run_ours(pipe, rung, big_size, steps, 1)
+            row.notes.append("the big-size row: one timed run; cold_start_s includes any capture at this size")
             rows.append(row)
     if ref is not None:
         for size in sizes:
             row, images = run_diffusers(ref, pipe, size, steps, repeats, True)
             row.psnr_db = psnr(images, eager[size]["image"])
             rows.append(row)
-    return rows, environment(pipe.device)
+    if any(r.fp8 for r in rungs) and sizes[0] in eager:
+        checks["fp8_quality_db"] = fp8_accumulation_quality(pipe, sizes[0], steps, eager[sizes[0]])
+    return rows, environment(pipe.device), checks
 
 
-def report(rows: list[Row], env: dict, out_dir: Path | None = None) -> str:
+def verdicts(checks: dict, gpu: bool) -> tuple[list[str], list[str]]:
+    """(failures, passes) as one-line verdicts. On a GPU every check must have run; a CPU dry run
+    requires the parity and fp8 checks only (no CUDA graphs there)."""
+    failures, passes = [], []
+    size = checks.get("size")
+
+    def judge(ok: bool, line: str) -> None:
+        (passes if ok else failures).append(("PASS " if ok else "FAIL ") + line)
+
+    parity = checks.get("parity_db")
+    if parity is None:
+        failures.append("FAIL bf16 parity vs diffusers: not measured (diffusers missing or --no-diffusers)")
+    else:
+        judge(parity >= PARITY_MIN_DB, f"bf16 parity vs diffusers at {size}x{size}: {parity:.1f} dB PSNR "
+                                       f"(needs >= {PARITY_MIN_DB:.0f} dB)")
+    fp8 = checks.get("fp8_quality_db")
+    if fp8 is None:
+        failures.append("FAIL fp8 quality: not measured (no fp8 rung)")
+    else:
+        for name, value in fp8.items():
+            judge(value >= FP8_MIN_DB, f"fp8 quality ({name.replace('_', ' ')}) vs bf16 at {size}x{size}: "
+                                       f"{value:.1f} dB PSNR (needs >= {FP8_MIN_DB:.0f} dB)")
+    if not gpu:
+        return failures, passes
+    graph = checks.get("graph_vs_compiled_rel_l2")
+    if graph is None:
+        failures.append("FAIL graph replay vs compiled eager: not measured (needs the compile and cuda_graphs rungs)")
+    else:
+        judge(graph <= GRAPH_MAX_REL, f"graph replay vs compiled eager: relative L2 latent difference {graph:.3g} "
+                                      f"(needs <= {GRAPH_MAX_REL:g})")
+    cfg = checks.get("cfg_under_graphs")
+    if cfg is None or not cfg["exercised"]:
+        failures.append("FAIL CFG under CUDA graphs: not exercised (no guided step was captured and replayed)")
+    else:
+        judge(cfg["rel_l2"] <= GRAPH_MAX_REL, f"CFG under CUDA graphs vs compiled eager: relative L2 latent "
+                                              f"difference {cfg['rel_l2']:.3g} (needs <= {GRAPH_MAX_REL:g})")
+    return failures, passes
+
+
+def report(rows: list[Row], env: dict, out_dir: Path | None = None, checks: dict | None = None) -> str:
     """A readable table, then one JSON line; appends CSV rows under ``out_dir`` when given."""
     head = f"{env.get('gpu')} | torch {env['torch']} | triton {env.get('triton')} | diffusers {env.get('diffusers')} | git {env.get('git_sha')}"
     cols = ["engine", "rung", "size", "encode_s", "denoise_s", "step_s", "decode_s", "e2e_s", "cold_start_s",
@@ -345,7 +500,7 @@ def report(rows: list[Row], env: dict, out_dir: Path | None = None) -> str:
 
     lines = [head, " | ".join(cols)]
     lines += [" | ".join(fmt(getattr(r, c)) for c in cols) for r in rows]
-    payload = {"env": env, "rows": [asdict(r) for r in rows]}
+    payload = {"env": env, "rows": [asdict(r) for r in rows], "checks": checks or {}}
     lines.append(json.dumps(payload, default=str))
     if out_dir is not None:
         out_dir = Path(out_dir)

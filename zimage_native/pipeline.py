@@ -159,7 +159,8 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         self.vae_tiling: TileConfig | None = None
         # Static caption lengths (multiples of 32) for compiled/graphed runs; None = exact lengths.
         self.caption_buckets: tuple[int, ...] | None = None
-        self._accel = {"kernels": "none", "attention": "sdpa", "compile": "off", "fp8": False, "cuda_graphs": False}
+        self._accel = {"kernels": "none", "attention": "sdpa", "compile": "off", "fp8": False, "cuda_graphs": False,
+                       "vae_compile": False}
         self._graphed = None
         self._compile_options: tuple = ("inductor", "dynamic")  # backend and shape policy of the compile
         self.templates_dirs: list[str] = []
@@ -339,6 +340,7 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         shapes: str = "dynamic",
         graph_mode: str = "step",
         graph_cache_size: int | None = None,
+        vae_compile: bool | None = None,
     ) -> list[str]:
         """Apply accelerations to the DiT in place, in the one order of ``accel.optimize`` (kernel
         swaps, fp8, attention backend, torch.compile), then CUDA graphs of the sampling loop.
@@ -349,7 +351,8 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         compilation, applies it and compiles again, so fp8 is always quantised before compile.
         ``shapes`` is the compile shape policy ("dynamic" or "static", ``accel.compile``);
         ``graph_mode`` ("step" or "loop") and ``graph_cache_size`` configure the CUDA graphs
-        (``accel.cuda_graphs``). Returns the log lines.
+        (``accel.cuda_graphs``). ``vae_compile``: the VAE decode compiled with its weights in
+        channels_last (``accel.vae``). Returns the log lines.
         """
         from .accel import optimize as optimize_dit
         from .accel.compile import uncompile_
@@ -357,9 +360,9 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
 
         state = self._accel
         wanted = {"kernels": kernels, "attention": attention, "compile": compile, "fp8": fp8,
-                  "cuda_graphs": cuda_graphs}
+                  "cuda_graphs": cuda_graphs, "vae_compile": vae_compile}
         changes = {k: v for k, v in wanted.items() if v is not None and v != state[k]}
-        for key in ("kernels", "compile", "fp8", "cuda_graphs"):
+        for key in ("kernels", "compile", "fp8", "cuda_graphs", "vae_compile"):
             if key in changes and state[key] not in ("none", "off", False):
                 raise ValueError(f"{key} is already {state[key]!r}; reload the pipeline to change it")
         if changes.get("cuda_graphs"):
@@ -402,6 +405,10 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
                          f"at most {size} cached (LRU)")
         elif self._graphed is not None and before_compile:
             self._graphed.clear()  # captured graphs hold the old modules
+        if changes.get("vae_compile"):
+            from .accel.vae import compile_vae_decode_
+
+            lines.append(compile_vae_decode_(self.vae, backend=compile_backend))
         state.update(changes)
         return lines
 

@@ -143,6 +143,7 @@ class GraphedSampler:
         self.captures = 0
         self.replays = 0
         self.evictions = 0
+        self.guided_replays = 0  # replays that ran a CFG step (the GPU check asks for at least one)
 
     def clear(self) -> None:
         while self.graphs:
@@ -203,6 +204,7 @@ class GraphedSampler:
         self._copy_in(entry, tensors)
         entry.captured.replay()
         self.replays += 1
+        self.guided_replays += any(step.guided for step in plan.steps)
         if callback is not None:  # one graph, no Python per step: the steps are reported at the end
             for k in range(len(plan.steps)):
                 callback(k + 1, len(plan.steps))
@@ -241,6 +243,7 @@ class GraphedSampler:
                 self._copy_in(entry, tensors)
                 entry.captured.replay()
                 self.replays += 1
+                self.guided_replays += bool(step.guided)
                 current = entry.latents
                 if report:
                     events.append(self.new_event())

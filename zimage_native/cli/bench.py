@@ -8,7 +8,7 @@ import click
 
 from ._common import user_errors
 
-RUNG_NAMES = ("eager", "kernels", "compile", "cuda_graphs", "fp8")
+RUNG_NAMES = ("eager", "kernels", "compile", "cuda_graphs", "vae", "fp8")  # = zimage_native.bench.RUNG_NAMES
 
 
 @click.command()
@@ -25,9 +25,15 @@ RUNG_NAMES = ("eager", "kernels", "compile", "cuda_graphs", "fp8")
               help="Measure diffusers 0.42.1 on the same weights in the same run.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"),
               show_default=True, help="Folder for the CSV rows.")
+@click.option("--big-size", type=int, default=None,
+              help="One more row at this size (e.g. 2048) for the last bf16 rung.")
+@click.option("--check", is_flag=True,
+              help="Judge the run (bf16 parity, graph replay, CFG under graphs, fp8 quality): one line per "
+                   "check, exit status 1 when any fails.")
 @user_errors
-def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffusers, out):
-    """Time the ladder eager -> +kernels -> +compile -> +CUDA graphs -> +fp8 (and diffusers beside it)."""
+def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffusers, out, big_size, check):
+    """Time the ladder eager -> +kernels -> +compile -> +CUDA graphs -> +VAE compile -> +fp8 (and diffusers
+    beside it)."""
     from .. import bench as b
     from ..devices import resolve_device, resolve_dtype
     from ..pipeline import ZImagePipeline
@@ -42,6 +48,12 @@ def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffuse
     else:
         pipe, full_qwen = b.build_random_pipeline(dev, dt, tiny=tiny)
     pipe.progress = False
-    rows, env = b.ladder(pipe, full_qwen, sizes=sizes, steps=steps, repeats=repeats, rungs=b.make_ladder(rungs),
-                         with_diffusers=with_diffusers)
-    click.echo(b.report(rows, env, out))
+    rows, env, checks = b.ladder(pipe, full_qwen, sizes=sizes, steps=steps, repeats=repeats,
+                                 rungs=b.make_ladder(rungs), with_diffusers=with_diffusers, big_size=big_size)
+    click.echo(b.report(rows, env, out, checks))
+    if check:
+        failures, passes = b.verdicts(checks, gpu=dev.type == "cuda")
+        for line in passes + failures:
+            click.echo(line, err=True)
+        if failures:
+            raise SystemExit(1)

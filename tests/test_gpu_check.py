@@ -1,0 +1,51 @@
+"""benchmarks/gpu_check.sh as a pass/fail script, on the CPU (its dry-run branch).
+
+The judged ladder itself is tested in-process (tests/test_compiled.py::test_bench_ladder_dry_run_on_cpu
+and the verdict cases); here a stand-in for ``python3 -m zimage_native.cli bench`` returns a chosen
+status, and every other python3 call goes to this interpreter, to check the script's own logic:
+a failing check makes it exit non-zero with a one-line verdict.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(tmp_path: Path, bench_rc: int) -> subprocess.CompletedProcess:
+    shim = tmp_path / "bin" / "python3"
+    shim.parent.mkdir()
+    shim.write_text(f"""#!/usr/bin/env bash
+if [ "$1 $2 $3" = "-m zimage_native.cli bench" ]; then
+  echo "bench $*"
+  [ {bench_rc} = 0 ] && echo "PASS fp8 quality (fast accum) vs bf16 at 64x64: 40.1 dB PSNR (needs >= 25 dB)" \\
+                     || echo "FAIL fp8 quality (fast accum) vs bf16 at 64x64: 12.0 dB PSNR (needs >= 25 dB)"
+  exit {bench_rc}
+fi
+exec {sys.executable} "$@"
+""")
+    shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}", "DRY_RUN": "1", "SKIP_INSTALL": "1",
+           "SKIP_KERNEL_BENCH": "1"}
+    return subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("bench_rc", [0, 1], ids=["checks pass", "a check fails"])
+def test_dry_run_exit_status_and_verdict(tmp_path, bench_rc):
+    result = run_script(tmp_path, bench_rc)
+    lines = result.stdout.strip().splitlines()
+    bench = next(line for line in lines if line.startswith("bench "))
+    assert "--check" in bench and "--rungs eager --rungs fp8" in bench and "--device cpu" in bench
+    if bench_rc == 0:
+        assert result.returncode == 0 and lines[-1] == "VERDICT: PASS", result.stdout + result.stderr
+    else:
+        assert result.returncode == 1 and lines[-1] == "VERDICT: FAIL (ladder checks)", result.stdout
+        assert any(line.startswith("FAIL fp8 quality") for line in lines)
+    assert (tmp_path / "out" / "gpu_check.log").read_text().strip().splitlines()[-1] == lines[-1]

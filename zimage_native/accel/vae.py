@@ -1,0 +1,49 @@
+"""A compiled, channels_last VAE decode (the flux-fast recipe's VAE step).
+
+:func:`compile_vae_decode_` puts the decoder's weights in channels_last (NHWC) memory format,
+so cuDNN runs its convolutions without layout transposes, and compiles the decoder with
+torch.compile (Inductor fuses the GroupNorm + SiLU chains around the convolutions). The latents
+are converted to channels_last at the decoder's input; the output is returned in the usual
+contiguous NCHW layout. The slow twin is the eager ``AutoencoderKL.decode`` (same weights, same
+values: the memory format does not change the numbers beyond convolution-algorithm rounding);
+``tests/test_vae.py`` compares them.
+
+The sequence dims here are spatial: ``dynamic=None`` lets dynamo generalise after a second
+resolution instead of recompiling for every size (a server decodes many sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CompiledDecode:
+    """``vae.decode`` replaced: channels_last input, the compiled decoder, contiguous output."""
+
+    def __init__(self, decoder: nn.Module, compiled, channels_last: bool):
+        self.decoder = decoder
+        self.compiled = compiled
+        self.channels_last = channels_last
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        return self.compiled(z).contiguous()
+
+
+def compile_vae_decode_(vae: nn.Module, channels_last: bool = True, backend: str | object = "inductor",
+                        mode: str | None = None) -> str:
+    """Compile ``vae.decode`` in place (weights to channels_last first); returns the log line."""
+    if isinstance(vae.__dict__.get("decode"), CompiledDecode):
+        return "vae decode: already compiled"
+    if channels_last:
+        vae.decoder.to(memory_format=torch.channels_last)
+    compiled = torch.compile(vae.decoder, backend=backend, mode=mode, dynamic=None)
+    vae.decode = CompiledDecode(vae.decoder, compiled, channels_last)
+    return f"vae decode: compiled{', channels_last' if channels_last else ''}"
+
+
+def uncompile_vae_decode_(vae: nn.Module) -> None:
+    """Back to the eager decode (the weights stay in their memory format; values are unchanged)."""
+    vae.__dict__.pop("decode", None)
