@@ -22,9 +22,9 @@ import torch
 
 from . import sampling
 from .config import SchedulerConfig, TransformerConfig, VAEConfig
-from .devices import storage_device
+from .devices import OFFLOAD_MODES, storage_device
 from .hub import DEFAULT_MODEL
-from .loading import load_pretrained, load_single_files
+from .loading import check_quant, load_pretrained, load_single_files  # noqa: F401
 from .lora import LoraMixin
 from .model.transformer import ZImageTransformer
 from .model.vae import AutoencoderKL
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = sampling.OUTPUT_TYPES
 CAPTION_BUCKETS = (64, 128, 256, 512)
-OFFLOAD_MODES = ("none", "text_encoder", "model")
 
 
 @dataclass(frozen=True)
@@ -114,6 +113,10 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         here = transformer.x_pad_token.device
         self.placement = {"text_encoder": here, "transformer": here, "vae": here, **(placement or {})}
         self.offload = offload
+        if offload == "blocks" and getattr(transformer, "block_streamer", None) is None:
+            from .offload import stream_blocks
+
+            stream_blocks(transformer, self.placement["transformer"])  # the resident parts move there
         self.vae_tiling: TileConfig | None = None
         # Static caption lengths (multiples of 32) for compiled/graphed runs; None = exact lengths.
         self.caption_buckets: tuple[int, ...] | None = None
@@ -191,7 +194,7 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         """Build from single files (ComfyUI split, all-in-one, fp8) or component folders; see
         :func:`zimage_native.loading.load_single_files` for the arguments. Other keyword arguments
         (``variant=``, ...) go to the constructor."""
-        names = ("transformer_config", "vae_config", "text_encoder_config", "scheduler_config")
+        names = ("transformer_config", "vae_config", "text_encoder_config", "scheduler_config", "text_encoder_quant")
         loaded = load_single_files(transformer, vae, text_encoder, tokenizer, device, dtype,
                                    **{k: kwargs.pop(k) for k in names if k in kwargs})
         return cls(**loaded, **kwargs)
@@ -248,6 +251,12 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
                 raise ValueError(f"cuda_graphs needs the DiT on a CUDA device; it is on {self.device}")
             if self.offload != "none":
                 raise ValueError("cuda_graphs needs the DiT to stay on the GPU: use offload='none'")
+        if self.offload == "blocks":
+            refused = [f"{k}={changes[k]!r}" for k in ("kernels", "compile", "fp8") if changes.get(k) not in
+                       (None, "none", "off", False)]
+            if refused:
+                raise ValueError(f"offload='blocks' streams the DiT's blocks as they are loaded; {', '.join(refused)} "
+                                 f"would change or compile them: use offload='none' (or 'text_encoder') with it")
         lines = optimize_dit(
             self.transformer,
             kernels=changes.get("kernels", "none"),
