@@ -233,3 +233,51 @@ def test_a_cut_gguf_fails_in_one_line_naming_the_file(tmp_path, keep):
         assert result.exit_code == 1, result.output
         assert result.output.strip().splitlines() == [f"Error: {message}"], result.output
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_on_a_gguf_dit_is_a_side_path_equal_to_the_fused_lora(tmp_path):
+    from zimage_native.lora import LoraMixin
+
+    class Holder(LoraMixin):
+        def __init__(self, transformer):
+            self.transformer = transformer
+
+    path, reference = write_dit(tmp_path / "q4k.gguf", "Q4_K")
+    model = load_component("transformer", path, torch.float32, "cpu", config=AXES)
+    g = torch.Generator().manual_seed(1)
+    dim, ffn = 768, 2048
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.02
+
+    lora = {
+        # the original module tree's fused qkv (one A, B split by rows) on packed to_q/k/v
+        "diffusion_model.layers.0.attention.qkv.lora_A.weight": r(4, dim),
+        "diffusion_model.layers.0.attention.qkv.lora_B.weight": r(3 * dim, 4),
+        # kohya names with an alpha on a packed feed-forward projection
+        "lora_unet_layers_0_feed_forward_w2.lora_down.weight": r(8, ffn),
+        "lora_unet_layers_0_feed_forward_w2.lora_up.weight": r(dim, 8),
+        "lora_unet_layers_0_feed_forward_w2.alpha": torch.tensor(4.0),
+        # a LoKr on a packed refiner projection (a dense side path)
+        "lycoris_context_refiner_0_attention_to_out_0.lokr_w1": r(4, 4),
+        "lycoris_context_refiner_0_attention_to_out_0.lokr_w2": r(dim // 4, dim // 4),
+        # the patch embedder is not packed (64 inputs are not a 256-block): fused into its weight
+        "diffusion_model.x_embedder.lora_A.weight": r(2, 64),
+        "diffusion_model.x_embedder.lora_B.weight": r(dim, 2),
+    }
+    before = dit_output(model)
+    packed_before = model.layers[0].attention.to_k.weight.clone()
+    pipe = Holder(model)
+    report = pipe.load_lora(lora, scale=0.7)
+    assert report.matched == 4 and report.weights == 6 and not report.unmatched
+    assert torch.equal(model.layers[0].attention.to_k.weight, packed_before)  # the packed bytes are untouched
+    assert len(model.layers[0].attention.to_k.lora) == 1 and len(model.layers[0].feed_forward.w2.lora) == 1
+    ref = Holder(reference_dit(reference))
+    ref.load_lora(lora, scale=0.7)  # fused into the dequantised weights
+    assert_rel(dit_output(model), dit_output(ref.transformer), 1e-6, "GGUF DiT + LoRA")
+    assert pipe.unload_lora() == 6
+    assert not model.layers[0].attention.to_k.lora
+    assert torch.equal(dit_output(model), before)

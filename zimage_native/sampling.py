@@ -211,14 +211,14 @@ def preprocess_mask(mask, height: int, width: int) -> torch.Tensor:
 @dataclass
 class Conditioning:
     """What a task contributes to the core: start latents at schedule index ``start``, an optional
-    per-step latent blend ``blend(latents, index) -> latents`` (run after the Euler step of schedule
-    step ``index``), and optional extra DiT inputs ``extra(x, step, layout, cap_tokens) -> dict``
+    per-step latent blend ``blend(latents, sigma_next) -> latents`` (run after each Euler step,
+    with the sigma that step reached), and optional extra DiT inputs ``extra(x, step, layout, cap_tokens) -> dict``
     (keyword arguments of ``forward_tokens``, e.g. ControlNet hints). ``blend`` and ``extra``
     should be dataclasses of tensors, so a graphed loop copies their tensors in."""
 
     latents: torch.Tensor
     start: int = 0
-    blend: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    blend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     extra: Any = None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -299,10 +299,9 @@ class InpaintBlend:
     mask: torch.Tensor  # (B, 1, h, w), 1 = repaint
     image_latents: torch.Tensor
     noise: torch.Tensor
-    sigmas: torch.Tensor  # (N + 1,) in the latents' dtype
 
-    def __call__(self, latents: torch.Tensor, index: int) -> torch.Tensor:
-        sigma = self.sigmas[index + 1]
+    def __call__(self, latents: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        sigma = sigma_next.to(self.image_latents.dtype)  # as the reference's scale_noise casts it
         known = sigma * self.noise + (1.0 - sigma) * self.image_latents
         return (1 - self.mask) * known + self.mask * latents
 
@@ -328,7 +327,7 @@ class Inpaint(ImageToImage):
         if ctx.batch % mask.shape[0]:
             raise ValueError(f"cannot spread {mask.shape[0]} masks over {ctx.batch} outputs")
         mask = mask.to(pipe.device, ctx.dtype).repeat(ctx.batch // mask.shape[0], 1, 1, 1)
-        return Conditioning(latents, start, InpaintBlend(mask, z, noise, sigmas), info={"strength": r.strength})
+        return Conditioning(latents, start, InpaintBlend(mask, z, noise), info={"strength": r.strength})
 
 
 #: The tasks by name; ControlNet registers "control" and "control_inpaint" (see :func:`register_task`).
@@ -399,6 +398,20 @@ def plan(pipe, size, prompt_embeds, negative_embeds, schedule: Schedule, guidanc
                         float(cfg_normalization) if cfg_normalization else 0.0, blend, extra)
 
 
+def cfg_combine(pos: torch.Tensor, neg: torch.Tensor, scale: float | torch.Tensor,
+                norm_limit: float | torch.Tensor) -> torch.Tensor:
+    """pos + scale * (pos - neg) in fp32, its norm capped at norm_limit * |pos| per item when the
+    limit is > 0. ``scale`` and ``norm_limit`` may be fp32 device scalars (the CUDA-graph path copies
+    them in): then the cap is applied by ``torch.where`` on the limit, with no host sync."""
+    pred = pos + scale * (pos - neg)
+    if isinstance(norm_limit, torch.Tensor) or norm_limit > 0:
+        limit = torch.linalg.vector_norm(pos, dim=(1, 2, 3), keepdim=True) * norm_limit
+        norm = torch.linalg.vector_norm(pred, dim=(1, 2, 3), keepdim=True)
+        capped = torch.where(norm > limit, pred * (limit / norm), pred)
+        pred = torch.where(norm_limit > 0, capped, pred) if isinstance(norm_limit, torch.Tensor) else capped
+    return pred
+
+
 def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = False,
               callback: Callable[[int, int], None] | None = None,
               on_step_end: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
@@ -418,15 +431,12 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
         pred = unpatchify(out, layout.grid, cfg.in_channels, cfg.patch_size).float()
         if step.guided:
             pos, neg = pred.chunk(2)
-            pred = pos + plan.guidance_scale * (pos - neg)
-            if plan.norm_limit > 0:
-                limit = torch.linalg.vector_norm(pos, dim=(1, 2, 3), keepdim=True) * plan.norm_limit
-                norm = torch.linalg.vector_norm(pred, dim=(1, 2, 3), keepdim=True)
-                pred = torch.where(norm > limit, pred * (limit / norm), pred)
+            pred = cfg_combine(pos, neg, plan.guidance_scale, plan.norm_limit)
         # The model predicts the negative velocity.
-        latents = euler_step(latents, -pred, plan.sigmas[step.index], plan.sigmas[step.index + 1])
+        sigma_next = plan.sigmas[step.index + 1]
+        latents = euler_step(latents, -pred, plan.sigmas[step.index], sigma_next)
         if plan.blend is not None:
-            latents = plan.blend(latents, step.index)
+            latents = plan.blend(latents, sigma_next)
         if on_step_end is not None:
             latents = on_step_end(k, step.index, latents)
         if callback is not None:
