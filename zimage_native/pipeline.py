@@ -161,6 +161,7 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         self.caption_buckets: tuple[int, ...] | None = None
         self._accel = {"kernels": "none", "attention": "sdpa", "compile": "off", "fp8": False, "cuda_graphs": False}
         self._graphed = None
+        self._compile_options: tuple = ("inductor", "dynamic")  # backend and shape policy of the compile
         self.templates_dirs: list[str] = []
         self.progress = True
 
@@ -334,15 +335,25 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         cuda_graphs: bool | None = None,
         fp8: bool | None = None,
         compile_backend: str | object = "inductor",
+        fp8_fast_accum: bool = True,
+        shapes: str = "dynamic",
+        graph_mode: str = "step",
+        graph_cache_size: int | None = None,
     ) -> list[str]:
         """Apply accelerations to the DiT in place, in the one order of ``accel.optimize`` (kernel
         swaps, fp8, attention backend, torch.compile), then CUDA graphs of the sampling loop.
 
         Calls are cumulative: ``None`` keeps the current setting, and a transform already applied is
-        not applied again. Turning one off again needs a reload. Returns the log lines.
+        not applied again. Turning one off again needs a reload. A transform that must come before
+        compile (kernels, fp8, the attention backend) asked for on a compiled DiT undoes the
+        compilation, applies it and compiles again, so fp8 is always quantised before compile.
+        ``shapes`` is the compile shape policy ("dynamic" or "static", ``accel.compile``);
+        ``graph_mode`` ("step" or "loop") and ``graph_cache_size`` configure the CUDA graphs
+        (``accel.cuda_graphs``). Returns the log lines.
         """
         from .accel import optimize as optimize_dit
-        from .accel.cuda_graphs import GraphedSampler
+        from .accel.compile import uncompile_
+        from .accel.cuda_graphs import DEFAULT_MAX_GRAPHS, GraphedSampler
 
         state = self._accel
         wanted = {"kernels": kernels, "attention": attention, "compile": compile, "fp8": fp8,
@@ -362,20 +373,34 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
             if refused:
                 raise ValueError(f"offload='blocks' streams the DiT's blocks as they are loaded; {', '.join(refused)} "
                                  f"would change or compile them: use offload='none' (or 'text_encoder') with it")
-        lines = optimize_dit(
-            self.transformer,
-            kernels=changes.get("kernels", "none"),
-            attention=changes.get("attention", state["attention"]),
-            fp8=bool(changes.get("fp8", False)),
-            compile=changes.get("compile", "off"),
-            compile_backend=compile_backend,
-        ) if any(k in changes for k in ("kernels", "attention", "fp8", "compile")) else []
-        if changes.get("compile", "off") != "off" or changes.get("cuda_graphs"):
-            self.caption_buckets = CAPTION_BUCKETS  # static shapes: a new prompt does not recompile
+        before_compile = any(k in changes for k in ("kernels", "attention", "fp8"))
+        compile_mode = changes.get("compile", "off")
+        lines = []
+        if "compile" in changes:
+            self._compile_options = (compile_backend, shapes)
+        if before_compile and state["compile"] != "off":
+            uncompile_(self.transformer)  # compile again after the transform, as it was compiled
+            compile_mode = state["compile"]
+            compile_backend, shapes = self._compile_options
+            lines.append(f"compile: {compile_mode} undone, to apply {sorted(set(changes) & {'kernels', 'attention', 'fp8'})} "
+                         "before compiling again")
+        if before_compile or compile_mode != "off":
+            lines += optimize_dit(
+                self.transformer,
+                kernels=changes.get("kernels", "none"),
+                attention=changes.get("attention", state["attention"]),
+                fp8=bool(changes.get("fp8", False)),
+                compile=compile_mode,
+                compile_backend=compile_backend,
+                fp8_fast_accum=fp8_fast_accum,
+                shapes=shapes,
+            )
         if changes.get("cuda_graphs"):
-            self._graphed = GraphedSampler(self)
-            lines.append("cuda graphs: the whole sampling loop, captured once per shape")
-        elif self._graphed is not None and ("fp8" in changes or "kernels" in changes):
+            size = graph_cache_size or DEFAULT_MAX_GRAPHS
+            self._graphed = GraphedSampler(self, mode=graph_mode, max_graphs=size)
+            lines.append(f"cuda graphs: {'one graph per step kind' if graph_mode == 'step' else 'the whole loop'}, "
+                         f"at most {size} cached (LRU)")
+        elif self._graphed is not None and before_compile:
             self._graphed.clear()  # captured graphs hold the old modules
         state.update(changes)
         return lines
@@ -522,11 +547,7 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
             pred = unpatchify(out, layout.grid, cfg.in_channels, cfg.patch_size).float()
             if step.guided:
                 pos, neg = pred.chunk(2)
-                pred = pos + plan.guidance_scale * (pos - neg)
-                if plan.norm_limit > 0:
-                    limit = torch.linalg.vector_norm(pos, dim=(1, 2, 3), keepdim=True) * plan.norm_limit
-                    norm = torch.linalg.vector_norm(pred, dim=(1, 2, 3), keepdim=True)
-                    pred = torch.where(norm > limit, pred * (limit / norm), pred)
+                pred = cfg_combine(pos, neg, plan.guidance_scale, plan.norm_limit)
             # The model predicts the negative velocity.
             latents = euler_step(latents, -pred, plan.sigmas[step.index], plan.sigmas[step.index + 1])
             if callback is not None:
@@ -709,6 +730,20 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         if output_type == "np":
             return ZImageOutput(images=images, seeds=seeds, info=info)
         return ZImageOutput(images=to_pil(images), seeds=seeds, info=info)
+
+
+def cfg_combine(pos: torch.Tensor, neg: torch.Tensor, scale: float | torch.Tensor,
+                norm_limit: float | torch.Tensor) -> torch.Tensor:
+    """pos + scale * (pos - neg) in fp32, its norm capped at norm_limit * |pos| per item when the
+    limit is > 0. ``scale`` and ``norm_limit`` may be fp32 device scalars (the CUDA-graph path copies
+    them in): then the cap is applied by ``torch.where`` on the limit, with no host sync."""
+    pred = pos + scale * (pos - neg)
+    if isinstance(norm_limit, torch.Tensor) or norm_limit > 0:
+        limit = torch.linalg.vector_norm(pos, dim=(1, 2, 3), keepdim=True) * norm_limit
+        norm = torch.linalg.vector_norm(pred, dim=(1, 2, 3), keepdim=True)
+        capped = torch.where(norm > limit, pred * (limit / norm), pred)
+        pred = torch.where(norm_limit > 0, capped, pred) if isinstance(norm_limit, torch.Tensor) else capped
+    return pred
 
 
 def check_quant(text_encoder_quant: str, text_encoder_url: str | None = None) -> str:
