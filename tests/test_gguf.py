@@ -162,6 +162,12 @@ def test_bf16_compute_dequantises_to_bf16(tmp_path):
     assert y.dtype == torch.bfloat16
     w = reference["layers.0.feed_forward.w1.weight"].to(torch.bfloat16)
     assert torch.equal(y, torch.nn.functional.linear(x, w))
+    # The load-time q|k|v and w1|w3 GEMM fusions leave packed linears alone (each dequantises itself).
+    from zimage_native.accel import fuse_projections_
+
+    before = dit_output(model.float())
+    assert fuse_projections_(model) == (0, 0)
+    assert model.layers[0].attention.to_qkv is None and torch.equal(dit_output(model), before)
 
 
 def test_info_shows_types_and_bytes(tmp_path):
