@@ -396,3 +396,27 @@ def test_gguf_text_encoder_errors_and_cli(tiny_model_dir, tmp_path):
                                        str(tiny_model_dir / "tokenizer"), "-o", str(out), *base])
     assert result.exit_code == 0, result.output
     assert out.is_file()
+
+
+# ----------------------------------------------------------------------------------- the pipeline
+
+
+def test_from_pretrained_takes_a_gguf_transformer_like_other_single_files(tiny_model_dir, tmp_path):
+    """The tiny folder's own DiT as a Q8_0 GGUF (its 64-wide rows are whole 32-blocks; the 170-wide
+    FFN rows fall back to F32, as a converter does): the pipeline equals the one given the same
+    dequantised weights as a safetensors file."""
+    from zimage_native import ZImagePipeline
+
+    from .test_formats import comfy_dit, write
+
+    comfy = comfy_dit(tiny_model_dir, prefix="")
+    file, values = gguf_state(comfy, "Q8_0", np.random.default_rng(3))
+    assert {q for _, q in file.values()} == {"Q8_0", "F32"}
+    path = write_gguf(tmp_path / "tiny-Q8_0.gguf", file, "lumina2")
+    dequantised = write(tmp_path / "tiny-dequantised.safetensors", values)
+    kw = dict(device="cpu", dtype=torch.float32)
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, transformer=path, **kw)
+    ref = ZImagePipeline.from_pretrained(tiny_model_dir, transformer=dequantised, **kw)
+    assert any(isinstance(m, GGUFLinear) for m in pipe.transformer.modules())
+    run = dict(width=32, height=32, num_inference_steps=2, seed=0, output_type="latent")
+    assert_rel(pipe("a cat on a chair", **run).images, ref("a cat on a chair", **run).images, 1e-6, "latents")
