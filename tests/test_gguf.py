@@ -420,3 +420,29 @@ def test_from_pretrained_takes_a_gguf_transformer_like_other_single_files(tiny_m
     assert any(isinstance(m, GGUFLinear) for m in pipe.transformer.modules())
     run = dict(width=32, height=32, num_inference_steps=2, seed=0, output_type="latent")
     assert_rel(pipe("a cat on a chair", **run).images, ref("a cat on a chair", **run).images, 1e-6, "latents")
+
+
+def test_gguf_qwen3_in_transformers_names(tiny_model_dir, tmp_path):
+    """Some converters keep the transformers names (``model.layers.N.self_attn.q_proj``) in GGUF."""
+    from transformers import AutoTokenizer
+
+    from zimage_native.converters.keymap import TE_TRANSFORMERS
+    from zimage_native.formats.gguf import TE_LLAMA_CPP, GGUFCheckpoint
+    from zimage_native.text_encoder import TextEncoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    llama_path, reference = write_qwen3(tmp_path / "llama-names.gguf", len(tok), "Q5_K")
+    with GGUFCheckpoint(llama_path) as ckpt:  # the same bytes, renamed
+        tensors = {k: (np.array(t.data), t.qtype) for k, t in ckpt.tensors.items()}
+    renamed = {}
+    for key, value in tensors.items():
+        for canon in TE_LLAMA_CPP.canonical_keys(key):
+            if not canon.startswith("lm_head."):
+                renamed[TE_TRANSFORMERS.foreign_key(canon)] = value
+    path = write_gguf(tmp_path / "hf-names.gguf", renamed, "qwen3")
+    assert [(c.component, c.layout) for c in detect_format(path).components] == [("text_encoder", "transformers")]
+    model = load_component("text_encoder", path, torch.float32, "cpu", config={"max_position_embeddings": 2048})
+    assert isinstance(model.layers[0].self_attn.q_proj, GGUFLinear)
+    texts = ["a cat on a chair"]
+    for a, b in zip(TextEncoder(model, tok).encode(texts), reference_features(reference, tok, texts)):
+        assert_rel(a, b, 1e-6, "text features")
