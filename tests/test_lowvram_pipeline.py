@@ -163,3 +163,19 @@ def test_serve_loads_with_the_settings(tiny_model_dir):
     o.update(encoder_only=True, offload="none")
     engine = serve_cli.build_engine(o)
     assert isinstance(engine.text_encoder.model.layers[0].mlp.up_proj, Int8Linear)
+
+
+def test_a_hub_model_with_a_transformer_file_does_not_fetch_the_hub_transformer(tiny_model_dir, monkeypatch):
+    """A low-VRAM profile names a DiT file over the Hub model: only the Hub DiT's config is fetched,
+    not its 24.6 GB of weights (nor the text encoder's, with a remote encoder)."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: calls.append(kw["allow_patterns"]) or str(tiny_model_dir))
+    dit = tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    pipe = ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", device="cpu", dtype=torch.float32,
+                                          transformer=dit)
+    assert "transformer/*.safetensors" not in calls[0] and "transformer/*.json" in calls[0]
+    assert "text_encoder/*.safetensors" in calls[0] and "vae/*.safetensors" in calls[0]
+    assert pipe.transformer.config.dim == load(tiny_model_dir).transformer.config.dim

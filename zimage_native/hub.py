@@ -51,8 +51,13 @@ def resolve_model_folder(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
+    skip_weights: tuple[str, ...] = (),
 ) -> Path:
-    """A local folder as is; an ``owner/name`` Hub id through ``huggingface_hub.snapshot_download``."""
+    """A local folder as is; an ``owner/name`` Hub id through ``huggingface_hub.snapshot_download``.
+
+    ``skip_weights``: components ("transformer", "vae", "text_encoder") whose weights come from
+    elsewhere (a single file, a remote encoder): only their configs are fetched.
+    """
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -65,7 +70,8 @@ def resolve_model_folder(
     from huggingface_hub import snapshot_download
 
     folder = snapshot_download(
-        text, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_FILES, local_files_only=local_files_only
+        text, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+        allow_patterns=[p for p in HUB_FILES if p not in {f"{c}/*.safetensors" for c in skip_weights}],
     )
     return check_model_folder(Path(folder))
 
