@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import SchedulerConfig
 from .formats.checkpoint import (WEIGHT_FILE_NAMES, WEIGHT_INDEX_NAMES, Checkpoint, check_safetensors,
-                                 safetensors_files)
+                                 safetensors_files, sniff)
 from .formats.detect import inspect_checkpoint, normalize_kind
 from .formats.fp8 import read_scales
 from .formats.infer import folder_config, infer_text_encoder_config, infer_transformer_config, infer_vae_config
@@ -191,6 +191,10 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
     if not path.exists():
         raise FileNotFoundError(f"{kind}: no such file or folder: {path}")
     device = torch.device(device) if not isinstance(device, torch.device) else device
+    if path.is_file() and sniff(path) == "gguf":
+        from .gguf_loading import load_gguf_component
+
+        return load_gguf_component(kind, path, dtype, device, config, quant)
     with Checkpoint(path) as ckpt:
         info = inspect_checkpoint(ckpt).component(kind)
         if info.quantization:
