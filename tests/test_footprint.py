@@ -136,3 +136,29 @@ def test_profiles_match_the_example_config():
             assert transformer is None and table.get("fp8", False) == (p.dit == "fp8"), p.name
         b = fp.profile_bytes(p)
         assert max(b["encode"], b["denoise"]) < 0.75 * p.card_gib * 2**30, (p.name, b)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_gguf_dit_bytes_equal_the_loaded_file_resident_and_streamed(tmp_path, qtype):
+    """A one-type GGUF DiT loaded in bf16 (packed linears kept packed, the rest cast) holds exactly
+    ``dit_bytes(cfg, "gguf:TYPE")``; its packed blocks stream like bf16 ones, with identical output."""
+    pytest.importorskip("gguf")
+    from zimage_native.loading import load_component
+
+    from .test_formats import dit_output
+    from .test_gguf import AXES, GGUF_DIT, write_dit
+
+    path, _ = write_dit(tmp_path / f"z-{qtype}.gguf", qtype)
+    cfg = TransformerConfig(**GGUF_DIT)
+    model = load_component("transformer", path, torch.bfloat16, "cpu", config=AXES)
+    assert weight_bytes(model) == fp.dit_bytes(cfg, f"gguf:{qtype}")
+    resident, largest = streamed_bytes(model)
+    assert fp.dit_bytes(cfg, f"gguf:{qtype}", "blocks") == resident + 2 * largest
+
+    model = load_component("transformer", path, torch.float32, "cpu", config=AXES)
+    want = dit_output(model)
+    moved = []
+    stream_blocks(model, "cpu", transfer=lambda t: moved.append(t.dtype) or t.clone())
+    for _ in range(2):
+        assert torch.equal(dit_output(model), want)
+    assert torch.uint8 in moved  # the packed weights are what streams

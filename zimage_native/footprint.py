@@ -34,12 +34,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-#: GGML block type -> (values per block, bytes per block), as in ggml.h.
-GGML_BLOCKS: dict[str, tuple[int, int]] = {
-    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
-    "Q8_0": (32, 34), "Q5_1": (32, 24), "Q5_0": (32, 22), "Q4_1": (32, 20), "Q4_0": (32, 18),
-    "Q6_K": (256, 210), "Q5_K": (256, 176), "Q4_K": (256, 144), "Q3_K": (256, 110), "Q2_K": (256, 84),
-}
+from .formats.ggml import GGML_TYPES
+
+#: GGML type -> (values per block, bytes per block): the types the GGUF loader reads (formats.ggml).
+GGML_BLOCKS: dict[str, tuple[int, int]] = {name: (block, size) for name, block, size in GGML_TYPES.values()}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 INT4_GROUP = 128
 
