@@ -281,3 +281,112 @@ def test_lora_on_a_gguf_dit_is_a_side_path_equal_to_the_fused_lora(tmp_path):
     assert pipe.unload_lora() == 6
     assert not model.layers[0].attention.to_k.lora
     assert torch.equal(dit_output(model), before)
+
+
+# ----------------------------------------------------------------------------------- Qwen3 text encoder
+
+#: A tiny Qwen3 whose rows are whole 256-value blocks: hidden 256, 2 heads of 128, 1 KV head, FFN 512.
+GGUF_QWEN3 = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+                  max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def write_qwen3(path: Path, tokenizer_len: int, types, arch: str | None = "qwen3", seed: int = 0):
+    """A GGUF Qwen3 in llama.cpp names; returns it and the reference full transformers Qwen3Model."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zimage_native.formats.gguf import TE_LLAMA_CPP
+
+    config = Qwen3Config(vocab_size=tokenizer_len, **GGUF_QWEN3)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Qwen3Model(config).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    canonical = {k: (torch.randn(s, generator=g) * 0.05 + (1.0 if k.endswith("norm.weight") else 0.0))
+                 for k, s in shapes.items()}
+    canonical["lm_head.weight"] = torch.randn(tokenizer_len, 256, generator=g) * 0.05  # llama.cpp's output.weight
+    llama = dict(from_canonical(canonical.items(), TE_LLAMA_CPP))
+    assert "blk.0.attn_q_norm.weight" in llama and "output.weight" in llama and "token_embd.weight" in llama
+    file, values = gguf_state(llama, types, np.random.default_rng(seed))
+    meta = {"qwen3.rope.freq_base": 1e6, "qwen3.attention.layer_norm_rms_epsilon": 1e-6,
+            "qwen3.context_length": 2048, "qwen3.block_count": 3} if arch else None
+    write_gguf(path, file, arch, meta)
+    state = dict(to_canonical(values.items(), TE_LLAMA_CPP))
+    state.pop("lm_head.weight")
+    reference = Qwen3Model(config).eval()
+    reference.load_state_dict(state, strict=True)
+    return path, reference
+
+
+def reference_features(reference, tokenizer, texts: list[str]) -> list[torch.Tensor]:
+    out = []
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out.append(reference(input_ids=ids, output_hidden_states=True).hidden_states[-2][0])
+    return out
+
+
+@pytest.mark.parametrize("types", ["Q4_K", "Q8_0", "mixed"])
+def test_gguf_qwen3_encoder_kept_packed_equals_the_dequantised_model(tiny_model_dir, tmp_path, types):
+    from transformers import AutoTokenizer
+
+    from zimage_native.formats.gguf import GGUFCheckpoint
+    from zimage_native.quant_linear import GGUFEmbedding
+    from zimage_native.text_encoder import TextEncoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    mix = ("Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "Q8_0", "Q4_0", "Q5_1", "F16", "BF16")
+    chosen = (lambda name, i: mix[i % len(mix)]) if types == "mixed" else types
+    path, reference = write_qwen3(tmp_path / f"Qwen3-tiny-{types}.gguf", len(tok), chosen)
+    fmt = detect_format(path)
+    assert [(c.component, c.layout) for c in fmt.components] == [("text_encoder", "llama.cpp")]
+    model = load_component("text_encoder", path, torch.float32, "cpu")
+    assert len(model.layers) == 2 and model.config.num_hidden_layers == 2  # 3 - 1: hidden_states[-2]
+    assert isinstance(model.embed_tokens, GGUFEmbedding)  # packed in every case (Q4_K first in the mix)
+    assert model.embed_tokens.weight.dtype == torch.uint8
+    packed = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    assert packed and all(m.weight.dtype == torch.uint8 for m in packed)
+    if types != "mixed":
+        assert len(packed) == 2 * 7 and {m.qtype for m in packed} == {types}
+    texts = ["a cat on a chair", "mountains at dawn, soft light"]
+    ours = TextEncoder(model, tok).encode(texts)
+    for a, b in zip(ours, reference_features(reference, tok, texts)):
+        assert_rel(a, b, 1e-6, f"{types} text features")
+    # Packed tensors stay as the file's bytes (the last layer and the LM head are not loaded).
+    with GGUFCheckpoint(path) as ckpt:
+        loaded = sum(t.n_bytes for k, t in ckpt.tensors.items()
+                     if t.quantized and not k.startswith(("blk.2.", "output.")))
+    assert sum(quantized_bytes(model).values()) == loaded
+
+
+def test_gguf_text_encoder_errors_and_cli(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from zimage_native.cli import main
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    llama, _ = write_qwen3(tmp_path / "llama.gguf", len(tok), "Q8_0", arch="llama")
+    with pytest.raises(UnsupportedFormatError, match="architecture 'llama'.*permutes the q/k"):
+        load_component("text_encoder", llama, None, "cpu")
+    # No general.architecture: recognised from the tensor names.
+    bare, reference = write_qwen3(tmp_path / "bare.gguf", len(tok), "Q6_K", arch=None)
+    assert detect_format(bare).components[0].component == "text_encoder"
+    report = describe(bare)["components"]["text_encoder"]
+    assert report["config"]["hidden_size"] == 256 and "Q6_K" in report["gguf_types"]
+    with pytest.raises(UnsupportedFormatError, match="no transformer"):
+        load_component("transformer", bare, None, "cpu")
+    # `--text-encoder FILE.gguf` replaces the model folder's encoder, checked against the folder's config
+    # (the tiny folder's encoder has head_dim 12).
+    out = tmp_path / "out.png"
+    base = ["--device", "cpu", "--steps", "1", "--width", "32", "--height", "32", "--no-progress"]
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "--text-encoder",
+                                       str(bare), "-o", str(out), *base])
+    assert result.exit_code == 1 and "head_dim=12 does not match the checkpoint" in result.output, result.output
+    # GGUF DiT + GGUF text encoder as single files (tokenizer and VAE from the tiny folder) generate an image.
+    dit, _ = write_dit(tmp_path / "dit-Q4_K.gguf", "Q4_K")
+    result = CliRunner().invoke(main, ["generate", "a cat", "--transformer", str(dit), "--text-encoder", str(bare),
+                                       "--vae", str(tiny_model_dir / "vae"), "--tokenizer",
+                                       str(tiny_model_dir / "tokenizer"), "-o", str(out), *base])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()

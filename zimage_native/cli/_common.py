@@ -43,8 +43,9 @@ def _is_user_error(e: BaseException) -> bool:
     module imports neither torch nor the engine."""
     if isinstance(e, (ValueError, FileNotFoundError, KeyError)):
         return True
-    accel = sys.modules.get("zimage_native.accel._kernels")
-    return accel is not None and isinstance(e, accel.AccelerationUnavailable)
+    accel, hub = sys.modules.get("zimage_native.accel._kernels"), sys.modules.get("zimage_native.hub")
+    return ((accel is not None and isinstance(e, accel.AccelerationUnavailable))
+            or (hub is not None and isinstance(e, hub.HubError)))
 
 
 def user_errors(fn):
