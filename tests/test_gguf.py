@@ -162,6 +162,12 @@ def test_bf16_compute_dequantises_to_bf16(tmp_path):
     assert y.dtype == torch.bfloat16
     w = reference["layers.0.feed_forward.w1.weight"].to(torch.bfloat16)
     assert torch.equal(y, torch.nn.functional.linear(x, w))
+    # The load-time q|k|v and w1|w3 GEMM fusions leave packed linears alone (each dequantises itself).
+    from zimage_native.accel import fuse_projections_
+
+    before = dit_output(model.float())
+    assert fuse_projections_(model) == (0, 0)
+    assert model.layers[0].attention.to_qkv is None and torch.equal(dit_output(model), before)
 
 
 def test_info_shows_types_and_bytes(tmp_path):
@@ -390,3 +396,53 @@ def test_gguf_text_encoder_errors_and_cli(tiny_model_dir, tmp_path):
                                        str(tiny_model_dir / "tokenizer"), "-o", str(out), *base])
     assert result.exit_code == 0, result.output
     assert out.is_file()
+
+
+# ----------------------------------------------------------------------------------- the pipeline
+
+
+def test_from_pretrained_takes_a_gguf_transformer_like_other_single_files(tiny_model_dir, tmp_path):
+    """The tiny folder's own DiT as a Q8_0 GGUF (its 64-wide rows are whole 32-blocks; the 170-wide
+    FFN rows fall back to F32, as a converter does): the pipeline equals the one given the same
+    dequantised weights as a safetensors file."""
+    from zimage_native import ZImagePipeline
+
+    from .test_formats import comfy_dit, write
+
+    comfy = comfy_dit(tiny_model_dir, prefix="")
+    file, values = gguf_state(comfy, "Q8_0", np.random.default_rng(3))
+    assert {q for _, q in file.values()} == {"Q8_0", "F32"}
+    path = write_gguf(tmp_path / "tiny-Q8_0.gguf", file, "lumina2")
+    dequantised = write(tmp_path / "tiny-dequantised.safetensors", values)
+    kw = dict(device="cpu", dtype=torch.float32)
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, transformer=path, **kw)
+    ref = ZImagePipeline.from_pretrained(tiny_model_dir, transformer=dequantised, **kw)
+    assert any(isinstance(m, GGUFLinear) for m in pipe.transformer.modules())
+    run = dict(width=32, height=32, num_inference_steps=2, seed=0, output_type="latent")
+    assert_rel(pipe("a cat on a chair", **run).images, ref("a cat on a chair", **run).images, 1e-6, "latents")
+
+
+def test_gguf_qwen3_in_transformers_names(tiny_model_dir, tmp_path):
+    """Some converters keep the transformers names (``model.layers.N.self_attn.q_proj``) in GGUF."""
+    from transformers import AutoTokenizer
+
+    from zimage_native.converters.keymap import TE_TRANSFORMERS
+    from zimage_native.formats.gguf import TE_LLAMA_CPP, GGUFCheckpoint
+    from zimage_native.text_encoder import TextEncoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    llama_path, reference = write_qwen3(tmp_path / "llama-names.gguf", len(tok), "Q5_K")
+    with GGUFCheckpoint(llama_path) as ckpt:  # the same bytes, renamed
+        tensors = {k: (np.array(t.data), t.qtype) for k, t in ckpt.tensors.items()}
+    renamed = {}
+    for key, value in tensors.items():
+        for canon in TE_LLAMA_CPP.canonical_keys(key):
+            if not canon.startswith("lm_head."):
+                renamed[TE_TRANSFORMERS.foreign_key(canon)] = value
+    path = write_gguf(tmp_path / "hf-names.gguf", renamed, "qwen3")
+    assert [(c.component, c.layout) for c in detect_format(path).components] == [("text_encoder", "transformers")]
+    model = load_component("text_encoder", path, torch.float32, "cpu", config={"max_position_embeddings": 2048})
+    assert isinstance(model.layers[0].self_attn.q_proj, GGUFLinear)
+    texts = ["a cat on a chair"]
+    for a, b in zip(TextEncoder(model, tok).encode(texts), reference_features(reference, tok, texts)):
+        assert_rel(a, b, 1e-6, "text features")

@@ -63,6 +63,7 @@ TE_LLAMA_CPP = KeyMap(
 _DIT_MARKERS = ("x_pad_token", "cap_embedder.1.weight", "layers.0.adaLN_modulation.0.weight")
 _DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 _TE_ARCHITECTURES = ("qwen3",)
+_TE_HF_PREFIXES = ("text_encoders.qwen3_4b.transformer.model.", "text_encoders.qwen3_4b.model.", "model.", "")
 
 
 def _require_gguf():
@@ -235,7 +236,15 @@ def inspect_gguf(ckpt: GGUFCheckpoint) -> FileFormat:
                 return fmt
             found.append(_component(ckpt, "transformer", layout, prefix, comp_keys))
             break
-    if "token_embd.weight" in keys and any(k.startswith("blk.0.attn_q.") for k in keys):
+    hf = next((p for p in _TE_HF_PREFIXES if p + "embed_tokens.weight" in keys), None)
+    if hf is not None:  # a Qwen3 in transformers names (some GGUF converters keep them)
+        te_keys = [k for k in keys if k.startswith(hf) and not k.startswith(_DIT_PREFIXES[:2])]
+        if hf + "layers.0.self_attn.q_norm.weight" not in keys:
+            fmt.problem = f"{ckpt.path}: the text encoder has no q_norm: it is not a Qwen3 model (Z-Image needs Qwen3-4B)"
+            return fmt
+        # The transformers key map strips its prefixes itself.
+        found.append(_component(ckpt, "text_encoder", "transformers" if hf else "bare", "", te_keys))
+    elif "token_embd.weight" in keys and any(k.startswith("blk.0.attn_q.") for k in keys):
         te_keys = [k for k in keys if k.startswith(("token_embd.", "output_norm.", "output.", "blk.", "rope_freqs."))]
         problem = _te_problem(ckpt, te_keys)
         if problem:
