@@ -162,3 +162,20 @@ def test_gguf_dit_bytes_equal_the_loaded_file_resident_and_streamed(tmp_path, qt
     for _ in range(2):
         assert torch.equal(dit_output(model), want)
     assert torch.uint8 in moved  # the packed weights are what streams
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_gguf_text_encoder_bytes_equal_the_loaded_file(tiny_model_dir, tmp_path, qtype):
+    """A one-type llama.cpp GGUF Qwen3 loaded in bf16 holds ``text_encoder_bytes(cfg, "gguf:TYPE")``
+    (its 35-of-36-style truncation included: the last layer and the LM head are not loaded)."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from zimage_native.loading import load_component
+
+    from .test_gguf import GGUF_QWEN3, write_qwen3
+
+    vocab = len(AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer"))
+    path, _ = write_qwen3(tmp_path / f"qwen3-{qtype}.gguf", vocab, qtype)
+    model = load_component("text_encoder", path, torch.bfloat16, "cpu")
+    assert weight_bytes(model) == fp.text_encoder_bytes(dict(GGUF_QWEN3, vocab_size=vocab), f"gguf:{qtype}")
