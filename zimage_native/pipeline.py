@@ -28,6 +28,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .control import (ControlNetSlot, ControlPlan, control_context, control_hints, image_to_pixels, plan_control,
+                      repeat_to)
+from .control import image_size as image_size_of
 from .config import SchedulerConfig, TransformerConfig, VAEConfig
 from .devices import resolve_device, resolve_dtype, storage_device
 from .hub import DEFAULT_MODEL, load_tokenizer, resolve_model_folder
@@ -76,6 +79,7 @@ class SamplingPlan:
     sigmas: torch.Tensor
     guidance_scale: float
     norm_limit: float
+    control: ControlPlan | None = None  # the ControlNet task's per-request inputs (zimage_native.control)
 
 
 @dataclass
@@ -160,6 +164,32 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         self._graphed = None
         self.templates_dirs: list[str] = []
         self.progress = True
+        self.controlnets = ControlNetSlot()
+
+    @property
+    def controlnet(self):
+        """The loaded ControlNet-Union branch (``load_controlnet``), or None."""
+        return self.controlnets.model
+
+    def load_controlnet(self, path: str | os.PathLike, config=None):
+        """Load a Fun-ControlNet-Union (a diffusers folder or a published single file, versions 1.0,
+        2.0, 2.1) for this pipeline's DiT, replacing any loaded one; ``config`` (a dict, config.json
+        or folder) overrides what is inferred from the tensors. The branch gets the DiT's dtype,
+        device and accelerations. Returns the branch (``pipe.controlnet``)."""
+        state = self._accel
+        accel = {"kernels": state["kernels"], "attention": state["attention"], "fp8": state["fp8"],
+                 "compile": state["compile"]}
+        model = self.controlnets.load(path, config, transformer_config=self.transformer_config, dtype=self.dtype,
+                                      device=self.transformer.x_pad_token.device, accel=accel)
+        if self._graphed is not None:
+            self._graphed.clear()
+        return model
+
+    def unload_controlnet(self) -> bool:
+        """Drop the loaded ControlNet; returns whether one was loaded."""
+        if self._graphed is not None:
+            self._graphed.clear()
+        return self.controlnets.unload()
 
     @property
     def template_registry(self):
@@ -296,6 +326,8 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
 
     # ------------------------------------------------------------------ placement
     def _module(self, name: str) -> torch.nn.Module:
+        if name == "transformer" and self.controlnet is not None:
+            return torch.nn.ModuleList([self.transformer, self.controlnet])  # the branch runs with the DiT
         return self.text_encoder.model if name == "text_encoder" else getattr(self, name)
 
     @contextlib.contextmanager
@@ -354,6 +386,10 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
             compile=changes.get("compile", "off"),
             compile_backend=compile_backend,
         ) if any(k in changes for k in ("kernels", "attention", "fp8", "compile")) else []
+        if self.controlnet is not None and any(k in changes for k in ("kernels", "attention", "fp8", "compile")):
+            optimize_dit(self.controlnet, kernels=changes.get("kernels", "none"),
+                         attention=changes.get("attention", state["attention"]), fp8=bool(changes.get("fp8", False)),
+                         compile=changes.get("compile", "off"), compile_backend=compile_backend)
         if changes.get("compile", "off") != "off" or changes.get("cuda_graphs"):
             self.caption_buckets = CAPTION_BUCKETS  # static shapes: a new prompt does not recompile
         if changes.get("cuda_graphs"):
@@ -441,6 +477,20 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
             return ((z - shift) * self.vae_config.scaling_factor).to(self.device)
 
     @torch.no_grad()
+    def encode_mode(self, image: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents, the posterior *mode* (no random draw)."""
+        with self._running("vae") as device:
+            vae_dtype = next(self.vae.parameters()).dtype
+            x = image.to(device, vae_dtype)
+            if self.vae_tiling is not None:
+                mean, _ = tiled_encode(self.vae, x, self.vae_tiling, self.vae_config.scale_factor)
+                mean = mean.to(vae_dtype)
+            else:
+                mean, _ = self.vae.encode(x)
+            shift = self.vae_config.shift_factor or 0.0
+            return ((mean - shift) * self.vae_config.scaling_factor).to(self.device)
+
+    @torch.no_grad()
     def denoise(
         self,
         latents: torch.Tensor,
@@ -453,20 +503,22 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         progress: bool = True,
         start: int = 0,
         callback: Callable[[int, int], None] | None = None,
+        control: tuple[torch.Tensor, float] | None = None,
     ) -> torch.Tensor:
         """Run the sampling loop from ``latents`` at step ``start``; returns the final fp32 latents.
 
         ``callback(step, total)`` runs after each step (raise in it to stop the run).
+        ``control``: (control context (B, Cc, h, w), conditioning scale) for the loaded ControlNet.
         """
         with self._running("transformer"):
             plan = self.plan(latents.shape[-2:], prompt_embeds, negative_embeds, schedule, guidance_scale,
-                             cfg_normalization, cfg_truncation, start)
+                             cfg_normalization, cfg_truncation, start, control)
             run = self._graphed if self._graphed is not None else self.run_steps
             return run(latents.to(self.device, torch.float32), plan, progress, callback)
 
     @torch.no_grad()
     def plan(self, size, prompt_embeds, negative_embeds, schedule: Schedule, guidance_scale=0.0,
-             cfg_normalization=False, cfg_truncation=1.0, start=0) -> "SamplingPlan":
+             cfg_normalization=False, cfg_truncation=1.0, start=0, control=None) -> "SamplingPlan":
         """Everything the step loop reads, computed once per request: layouts, refined caption tokens
         (the context refiner does not depend on t) and every modulation vector of the schedule.
         The DiT must be on its execution device (see ``_running``)."""
@@ -490,8 +542,13 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         for i in range(start, schedule.num_steps):
             on = use_cfg and not (truncate and times[i].item() > cfg_truncation)
             steps.append(Step(i, on, [m[i:i + 1] for m in mods]))
+        control_plan = None
+        if control is not None:
+            context, scale = control
+            control_plan = plan_control(self.controlnets.require(), self.transformer, context.to(device), plain[0],
+                                        guided[0] if guided is not None else None, c, scale)
         return SamplingPlan(steps, plain, guided, schedule.sigmas.to(device), float(guidance_scale),
-                            float(cfg_normalization) if cfg_normalization else 0.0)
+                            float(cfg_normalization) if cfg_normalization else 0.0, control_plan)
 
     def run_steps(self, latents: torch.Tensor, plan: "SamplingPlan", progress: bool = False,
                   callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -502,7 +559,12 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
             x = latents.to(dtype)
             if step.guided:
                 x = x.repeat(2, 1, 1, 1)
-            out = self.transformer.forward_tokens(patchify(x, cfg.patch_size), tokens, None, layout, step.mods)
+            x = patchify(x, cfg.patch_size)
+            hints = None
+            if plan.control is not None:
+                hints = control_hints(self.controlnet, self.transformer, plan.control, step.index, step.guided, x,
+                                      tokens, layout, step.mods)
+            out = self.transformer.forward_tokens(x, tokens, None, layout, step.mods, control_hints=hints)
             pred = unpatchify(out, layout.grid, cfg.in_channels, cfg.patch_size).float()
             if step.guided:
                 pos, neg = pred.chunk(2)
@@ -598,10 +660,21 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         strip_quotes: bool | None = None,
         progress: bool | None = None,
         callback: Callable[[int, int], None] | None = None,
+        control_image=None,
+        controlnet_conditioning_scale: float = 0.75,
     ) -> ZImageOutput:
         """Generate images. Unset ``width``/``height``/``num_inference_steps``/``guidance_scale`` come
         from the template's suggested settings, then from the variant (Turbo: 8 steps, guidance 0;
-        base: 50 steps, guidance 4). ``seed`` may be a list with one seed per image."""
+        base: 50 steps, guidance 4). ``seed`` may be a list with one seed per image.
+
+        ``control_image`` (with a ControlNet loaded, :meth:`load_controlnet`): a pose / depth / edge
+        image that steers the layout, weighted by ``controlnet_conditioning_scale``; unset
+        ``width``/``height`` then come from its size (rounded down to multiples of 16)."""
+        if control_image is not None:
+            self.controlnets.require()
+            if width is None and height is None:
+                w, h = image_size_of(control_image)
+                width, height = w // 16 * 16, h // 16 * 16
         r = self._request(prompt, width, height, num_inference_steps, seed, generator, guidance_scale,
                           negative_prompt, num_images_per_prompt, output_type, max_sequence_length, template, progress,
                           system_prompt=system_prompt, thinking_content=thinking_content,
@@ -618,9 +691,18 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
 
         info = _request_info(self, r, seeds, template)
         embeds, negative = self._prepare_embeds(r, num_images_per_prompt, max_sequence_length, template, info)
+        control = None
+        if control_image is not None:
+            pixels = repeat_to(image_to_pixels(control_image, r.width, r.height), r.batch, num_images_per_prompt,
+                               "control image")
+            context = control_context(self.encode_mode, pixels, self.transformer_config.in_channels,
+                                      self.controlnet.config.control_in_dim)
+            control = (context, controlnet_conditioning_scale)
+            info["controlnet"] = self.controlnets.path
+            info["control_scale"] = controlnet_conditioning_scale
         schedule = self._schedule(r, sigmas)
         latents = self.denoise(latents, embeds, negative, schedule, r.guidance_scale, cfg_normalization,
-                               cfg_truncation, r.progress, callback=callback)
+                               cfg_truncation, r.progress, callback=callback, control=control)
         return self._output(latents, output_type, seeds, info)
 
     @torch.no_grad()
