@@ -172,7 +172,8 @@ def read_component_state_dict(path: str | os.PathLike, kind: str, *, dequantize_
 
 
 def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                   device: torch.device | str = "cpu", config: dict | str | os.PathLike | None = None) -> nn.Module:
+                   device: torch.device | str = "cpu", config: dict | str | os.PathLike | None = None,
+                   quant: str = "none") -> nn.Module:
     """Load one component from a single file (any supported layout / fp8 form) or a component folder.
 
     ``kind``: 'transformer' | 'vae' | 'text_encoder'. Returns a ``ZImageTransformer``, an
@@ -180,8 +181,12 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
     with ``TextEncoder(module, tokenizer)``). ``config`` overrides what shapes cannot tell (a dict or
     a config.json path); a component folder's own config.json is the base. Weights are dequantised
     (fp8), renamed, cast to ``dtype`` and moved to ``device`` one tensor at a time; loading is strict.
+    ``quant`` ("none" | "int8" | "int4", text encoder only) quantises the text encoder's weights
+    while loading (:mod:`zimage_native.quantize`).
     """
     kind = normalize_kind(kind)
+    if quant != "none" and kind != "text_encoder":
+        raise ValueError(f"quant={quant!r} applies to the text encoder only, not to the {kind}")
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{kind}: no such file or folder: {path}")
@@ -200,7 +205,7 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
 
             kwargs = infer_text_encoder_config(shapes, config, base)
             full = Qwen3Config(**{k: v for k, v in kwargs.items() if k not in ("model_type", "transformers_version")})
-            return load_truncated_qwen3(full, canonical_items(ckpt, info), dtype, device)
+            return load_truncated_qwen3(full, canonical_items(ckpt, info), dtype, device, quant)
         if kind == "transformer":
             from .model.transformer import ZImageTransformer
 
@@ -239,6 +244,7 @@ def load_single_files(
     vae_config: dict | str | os.PathLike | None = None,
     text_encoder_config: dict | str | os.PathLike | None = None,
     scheduler_config: SchedulerConfig | dict | str | os.PathLike | None = None,
+    text_encoder_quant: str = "none",
 ) -> dict[str, Any]:
     """The pieces of a pipeline from single files (ComfyUI split files, all-in-one files, fp8 files,
     component folders): a dict of the pipeline constructor's arguments (``transformer``, ``vae``,
@@ -247,7 +253,8 @@ def load_single_files(
     A component left out is taken from ``transformer``'s file when that file also holds it
     (all-in-one checkpoints). ``tokenizer``: a folder or Hub id (default: the tokenizer/ folder of
     Tongyi-MAI/Z-Image-Turbo, fetched alone). The scheduler defaults to the released Turbo one
-    (pass the Base one, shift 6.0, for Z-Image Base).
+    (pass the Base one, shift 6.0, for Z-Image Base). ``text_encoder_quant``: "none" | "int8" |
+    "int4" (:mod:`zimage_native.quantize`).
     """
     from .devices import resolve_device, resolve_dtype
     from .formats.detect import detect_format
@@ -273,7 +280,8 @@ def load_single_files(
     tok = load_tokenizer(tokenizer)
     dit = load_component("transformer", transformer, dtype, device, transformer_config)
     ae = load_component("vae", given["vae"], dtype, device, vae_config)
-    te = load_component("text_encoder", given["text_encoder"], dtype, device, text_encoder_config)
+    te = load_component("text_encoder", given["text_encoder"], dtype, device, text_encoder_config,
+                        quant=text_encoder_quant)
     if te.config.hidden_size != dit.config.cap_feat_dim:
         raise ValueError(f"text encoder hidden size {te.config.hidden_size} does not match the transformer's "
                          f"cap_feat_dim {dit.config.cap_feat_dim}")

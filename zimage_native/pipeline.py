@@ -32,7 +32,7 @@ from .control import (ControlNetSlot, ControlPlan, control_context, control_hint
                       repeat_to)
 from .control import image_size as image_size_of
 from .config import SchedulerConfig, TransformerConfig, VAEConfig
-from .devices import resolve_device, resolve_dtype, storage_device
+from .devices import OFFLOAD_MODES, load_device, resolve_device, resolve_dtype, storage_device
 from .hub import DEFAULT_MODEL, load_tokenizer, resolve_model_folder
 from .loading import load_component, load_module, load_single_files
 from .lora import LoraMixin
@@ -49,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 CAPTION_BUCKETS = (64, 128, 256, 512)
-OFFLOAD_MODES = ("none", "text_encoder", "model")
 
 
 @dataclass(frozen=True)
@@ -157,6 +156,10 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         here = transformer.x_pad_token.device
         self.placement = {"text_encoder": here, "transformer": here, "vae": here, **(placement or {})}
         self.offload = offload
+        if offload == "blocks" and getattr(transformer, "block_streamer", None) is None:
+            from .offload import stream_blocks
+
+            stream_blocks(transformer, self.placement["transformer"])  # the resident parts move there
         self.vae_tiling: TileConfig | None = None
         # Static caption lengths (multiples of 32) for compiled/graphed runs; None = exact lengths.
         self.caption_buckets: tuple[int, ...] | None = None
@@ -242,13 +245,18 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         fp8: bool = False,
         text_encoder_url: str | None = None,
         text_encoder_token: str | None = None,
+        text_encoder_quant: str = "none",
     ) -> "ZImagePipeline":
         """Load a diffusers-layout folder or a Hub id (only the needed files are downloaded).
 
         ``dtype`` applies to all three components (default: bf16 on GPU, fp32 on CPU); weights are
         cast tensor by tensor while loading. ``*_device`` place one component elsewhere than
         ``device``. ``offload``: "text_encoder" keeps the text encoder on the CPU except while it
-        encodes; "model" keeps every component on the CPU except while it runs. ``transformer``,
+        encodes; "model" keeps every component on the CPU except while it runs; "blocks" offloads
+        the text encoder as "text_encoder" does and streams the DiT's blocks from (pinned) CPU
+        memory one block ahead of their use (:mod:`zimage_native.offload`).
+        ``text_encoder_quant`` "none" | "int8" | "int4": weight-only quantisation of the Qwen3
+        text encoder (:mod:`zimage_native.quantize`). ``transformer``,
         ``vae``, ``text_encoder`` (files in any supported format, see docs/formats.md) and
         ``tokenizer`` (a folder or Hub id) replace that component of the model folder.
 
@@ -261,6 +269,7 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         """
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        check_quant(text_encoder_quant, text_encoder_url)
         folder = resolve_model_folder(path_or_id, revision=revision, cache_dir=cache_dir,
                                       local_files_only=local_files_only)
         main = resolve_device(device)
@@ -270,7 +279,7 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
             "transformer": resolve_device(dit_device) if dit_device else main,
             "vae": resolve_device(vae_device) if vae_device else main,
         }
-        storage = {name: storage_device(name, dev, offload) for name, dev in placement.items()}
+        storage = {name: load_device(name, dev, offload) for name, dev in placement.items()}
         scfg = SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
         logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
         if transformer is not None:
@@ -295,9 +304,10 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
             tok = load_tokenizer(tokenizer if tokenizer is not None else folder / "tokenizer")
             if text_encoder is not None:
                 te = TextEncoder(load_component("text_encoder", text_encoder, dtype, storage["text_encoder"],
-                                                folder / "text_encoder" / "config.json"), tok)
+                                                folder / "text_encoder" / "config.json", quant=text_encoder_quant), tok)
             else:
-                te = TextEncoder(load_qwen3_encoder(folder / "text_encoder", dtype, storage["text_encoder"]), tok)
+                te = TextEncoder(load_qwen3_encoder(folder / "text_encoder", dtype, storage["text_encoder"],
+                                                    text_encoder_quant), tok)
             hidden = te.model.config.hidden_size
         if hidden != dit.config.cap_feat_dim:
             raise ValueError(
@@ -319,7 +329,7 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         """Build from single files (ComfyUI split, all-in-one, fp8) or component folders; see
         :func:`zimage_native.loading.load_single_files` for the arguments. Other keyword arguments
         (``variant=``, ...) go to the constructor."""
-        names = ("transformer_config", "vae_config", "text_encoder_config", "scheduler_config")
+        names = ("transformer_config", "vae_config", "text_encoder_config", "scheduler_config", "text_encoder_quant")
         loaded = load_single_files(transformer, vae, text_encoder, tokenizer, device, dtype,
                                    **{k: kwargs.pop(k) for k in names if k in kwargs})
         return cls(**loaded, **kwargs)
@@ -378,6 +388,12 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
                 raise ValueError(f"cuda_graphs needs the DiT on a CUDA device; it is on {self.device}")
             if self.offload != "none":
                 raise ValueError("cuda_graphs needs the DiT to stay on the GPU: use offload='none'")
+        if self.offload == "blocks":
+            refused = [f"{k}={changes[k]!r}" for k in ("kernels", "compile", "fp8") if changes.get(k) not in
+                       (None, "none", "off", False)]
+            if refused:
+                raise ValueError(f"offload='blocks' streams the DiT's blocks as they are loaded; {', '.join(refused)} "
+                                 f"would change or compile them: use offload='none' (or 'text_encoder') with it")
         lines = optimize_dit(
             self.transformer,
             kernels=changes.get("kernels", "none"),
@@ -775,6 +791,18 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         if output_type == "np":
             return ZImageOutput(images=images, seeds=seeds, info=info)
         return ZImageOutput(images=to_pil(images), seeds=seeds, info=info)
+
+
+def check_quant(text_encoder_quant: str, text_encoder_url: str | None = None) -> str:
+    """Refuse an unknown text encoder quantisation, or one asked for a remote text encoder."""
+    from .quantize import QUANT_MODES
+
+    if text_encoder_quant not in QUANT_MODES:
+        raise ValueError(f"text_encoder_quant must be one of {QUANT_MODES}, got {text_encoder_quant!r}")
+    if text_encoder_url is not None and text_encoder_quant != "none":
+        raise ValueError("text_encoder_quant applies to a local text encoder; with text_encoder_url the remote "
+                         "server's setting applies (start it with --text-encoder-quant)")
+    return text_encoder_quant
 
 
 def _randn(shape, generators: list[torch.Generator], dtype: torch.dtype) -> torch.Tensor:

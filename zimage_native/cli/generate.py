@@ -210,13 +210,15 @@ def load_pipeline(o: dict):
         if o.get("encoder_url"):
             raise ValueError("--encoder-url needs --model (a folder with the DiT and VAE)")
         pipe = ZImagePipeline.from_single_files(transformer=o["transformer"], vae=o["vae"],
-                                                text_encoder=o["text_encoder"], tokenizer=o["tokenizer"], **placement)
+                                                text_encoder=o["text_encoder"], tokenizer=o["tokenizer"],
+                                                text_encoder_quant=o["text_encoder_quant"], **placement)
     else:
         pipe = ZImagePipeline.from_pretrained(
             o["model"] or DEFAULT_MODEL, **placement, text_encoder_device=o["text_encoder_device"],
             dit_device=o["dit_device"], vae_device=o["vae_device"], offload=o["offload"],
             transformer=o["transformer"], vae=o["vae"], text_encoder=o["text_encoder"], tokenizer=o["tokenizer"],
-            text_encoder_url=o.get("encoder_url"), text_encoder_token=o.get("encoder_token"))
+            text_encoder_url=o.get("encoder_url"), text_encoder_token=o.get("encoder_token"),
+            text_encoder_quant=o["text_encoder_quant"])
     if o["loras"]:  # fused before any fp8 conversion or capture
         pairs = [parse_lora_arg(text) for text in o["loras"]]
         reports = pipe.load_lora([p for p, _ in pairs], scale=[s for _, s in pairs])

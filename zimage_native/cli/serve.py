@@ -132,7 +132,7 @@ def build_engine(o: dict):
             raise ValueError("--encoder-only and --encoder-url exclude each other")
         device = o["text_encoder_device"] or o["device"]
         return EncoderOnlyEngine.from_pretrained(o["model"] or DEFAULT_MODEL, device=device, dtype=o["dtype"],
-                                                 templates_dirs=templates)
+                                                 templates_dirs=templates, quant=o["text_encoder_quant"])
     if o["encoder_url"]:
         from ..server.remote import RemoteTextEncoder
 

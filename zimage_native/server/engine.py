@@ -270,7 +270,8 @@ class EncoderOnlyEngine(Engine):
         self._rewriter = None
 
     @classmethod
-    def from_pretrained(cls, path_or_id, device=None, dtype=None, *, templates_dirs=None, **hub) -> "EncoderOnlyEngine":
+    def from_pretrained(cls, path_or_id, device=None, dtype=None, *, templates_dirs=None, quant: str = "none",
+                        **hub) -> "EncoderOnlyEngine":
         from ..pipeline import resolve_device, resolve_dtype
         from ..prompt.rewriter import _rewriter_folder
         from ..text_encoder import TextEncoder
@@ -278,7 +279,7 @@ class EncoderOnlyEngine(Engine):
         folder = _rewriter_folder(path_or_id, **hub)  # a Hub id fetches text_encoder/ and tokenizer/ only
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        te = TextEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", dtype, device)
+        te = TextEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", dtype, device, quant)
         return cls(te, str(path_or_id), folder, templates_dirs=templates_dirs)
 
     @property
