@@ -82,107 +82,16 @@ class ControlNetSlot:
         return self.model
 
 
-# ---------------------------------------------------------------------------------------- inputs
-def _as_list(image) -> list:
-    return list(image) if isinstance(image, (list, tuple)) else [image]
-
-
-def image_to_pixels(image, width: int, height: int, what: str = "control_image") -> torch.Tensor:
-    """An image input -> (B, 3, height, width) fp32 in [-1, 1].
-
-    Accepted: PIL images (converted to RGB, resized with Lanczos as diffusers' image processor does),
-    numpy arrays (H, W, C) or (B, H, W, C) in [0, 1], torch tensors (B, C, H, W) or (C, H, W) in [0, 1]
-    (both resized bilinearly when their size differs), or a list of those.
-    """
-    from PIL import Image
-
-    items = _as_list(image)
-    if not items:
-        raise ValueError(f"{what} must be an image or a non-empty list of images")
-    if all(isinstance(i, Image.Image) for i in items):
-        arrays = [np.asarray(i.convert("RGB").resize((width, height), resample=Image.LANCZOS), dtype=np.float32) / 255.0
-                  for i in items]
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    else:
-        parts = []
-        for i in items:
-            if isinstance(i, np.ndarray):
-                t = torch.from_numpy(np.asarray(i, dtype=np.float32))
-                t = t[None] if t.ndim == 3 else t
-                if t.ndim != 4:
-                    raise ValueError(f"{what}: a numpy image must be (H, W, C) or (B, H, W, C), got {tuple(i.shape)}")
-                t = t.permute(0, 3, 1, 2)
-            elif isinstance(i, torch.Tensor):
-                t = i.detach().float().cpu()
-                t = t[None] if t.ndim == 3 else t
-                if t.ndim != 4:
-                    raise ValueError(f"{what}: a tensor image must be (C, H, W) or (B, C, H, W), got {tuple(i.shape)}")
-            else:
-                raise ValueError(f"{what} must be PIL images, numpy arrays or torch tensors, got {type(i).__name__}")
-            parts.append(t)
-        pixels = torch.cat(parts)
-        if pixels.shape[1] == 1:
-            pixels = pixels.repeat(1, 3, 1, 1)
-        if pixels.shape[1] != 3:
-            raise ValueError(f"{what} must have 1 or 3 channels, got {pixels.shape[1]}")
-        if pixels.shape[-2:] != (height, width):
-            pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False)
-    return pixels * 2.0 - 1.0
-
-
-def mask_to_pixels(mask, width: int, height: int) -> torch.Tensor:
-    """A mask input -> (B, 1, height, width) fp32 of 0 (keep) and 1 (repaint): white repaints.
-
-    PIL masks are resized with Lanczos, then turned grey ("L"), then binarised at 0.5, as diffusers'
-    mask processor does; arrays and tensors in [0, 1] ((H, W), (H, W, 1), (B, 1, H, W), ...) are
-    averaged over channels, resized bilinearly when needed, and binarised the same way.
-    """
-    from PIL import Image
-
-    items = _as_list(mask)
-    if not items:
-        raise ValueError("mask_image must be an image or a non-empty list of images")
-    if all(isinstance(i, Image.Image) for i in items):
-        arrays = [np.asarray(i.resize((width, height), resample=Image.LANCZOS).convert("L"), dtype=np.float32) / 255.0
-                  for i in items]
-        values = torch.from_numpy(np.stack(arrays))[:, None]
-    else:
-        parts = []
-        for i in items:
-            t = torch.from_numpy(np.asarray(i, dtype=np.float32)) if isinstance(i, np.ndarray) else \
-                i.detach().float().cpu() if isinstance(i, torch.Tensor) else None
-            if t is None:
-                raise ValueError(f"mask_image must be PIL images, numpy arrays or torch tensors, got {type(i).__name__}")
-            if isinstance(i, np.ndarray):  # (H, W), (H, W, C) or (B, H, W, C)
-                t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None] if t.ndim == 3 else t.permute(0, 3, 1, 2)
-            else:  # (H, W), (C, H, W) or (B, C, H, W)
-                t = t[None, None] if t.ndim == 2 else t[None] if t.ndim == 3 else t
-            parts.append(t.mean(dim=1, keepdim=True))
-        values = torch.cat(parts)
-        if values.shape[-2:] != (height, width):
-            values = F.interpolate(values, size=(height, width), mode="bilinear", align_corners=False)
-    return (values >= 0.5).float()
-
-
-def image_size(image) -> tuple[int, int]:
-    """(width, height) of an image input (the first one of a list), as given."""
-    first = _as_list(image)[0]
-    if isinstance(first, np.ndarray):
-        return int(first.shape[-2]), int(first.shape[-3])
-    if isinstance(first, torch.Tensor):
-        return int(first.shape[-1]), int(first.shape[-2])
-    return first.size
-
-
+# ---------------------------------------------------------------------------------------- context
 def repeat_to(x: torch.Tensor, batch: int, per_prompt: int, what: str) -> torch.Tensor:
-    """Spread inputs over the generated batch as diffusers does: one input for every image, or one
-    per prompt repeated for each of its ``per_prompt`` images (or already one per image)."""
+    """Spread inputs over the generated batch as diffusers does: one input for every image, one per
+    prompt repeated for each of its ``per_prompt`` images, or one per image."""
+    if x.shape[0] == batch:
+        return x
     if x.shape[0] == 1:
         return x.expand(batch, *x.shape[1:])
     if x.shape[0] * per_prompt == batch:
         return x.repeat_interleave(per_prompt, dim=0)
-    if x.shape[0] == batch:
-        return x
     raise ValueError(f"got {x.shape[0]} {what}s for {batch // per_prompt} prompts x {per_prompt} images: "
                      f"give one, one per prompt, or one per image")
 
@@ -197,9 +106,9 @@ def control_context(
 ) -> torch.Tensor:
     """The ControlNet's input (B, control_in_dim, h, w) from pixels (see the module docstring).
 
-    ``encode``: pixels (B, 3, H, W) in [-1, 1] -> scaled latents in mode, (B, C, h, w).
-    ``control``: control pixels; ``image`` and ``mask`` (B, 1, H, W of 0/1), for control inpainting,
-    are the image to repaint and where (both already spread over the batch).
+    ``encode``: pixels (B, 3, H, W) in [-1, 1] -> scaled latents in mode (B, C, h, w).
+    ``control``: the control pixels; ``image`` and ``mask`` ((B, 1, H, W) of 0 / 1, 1 = repaint),
+    for control inpainting, the picture to repaint and where. All three with the same batch.
     """
     latents = encode(control)
     if (image is None) != (mask is None):
@@ -209,64 +118,68 @@ def control_context(
         if extra < 0:
             raise ValueError(f"the ControlNet takes {control_in_dim} input channels, fewer than the "
                              f"{latents.shape[1]} latent channels")
-        if extra:  # 2.x run without an inpainting image: zeros for the mask and the masked image
+        if extra:  # 2.x without an inpainting image: zeros for the mask and the masked image
             latents = torch.cat([latents, latents.new_zeros(latents.shape[0], extra, *latents.shape[2:])], dim=1)
         return latents
+    check_inpaint_width(control_in_dim, latent_channels)
+    masked = encode(image * (mask < 0.5).to(image.dtype))  # repainted pixels -> 0 (grey)
+    keep = F.interpolate(1.0 - mask, size=masked.shape[-2:], mode="nearest")
+    return torch.cat([latents, keep.to(latents.device, latents.dtype), masked.to(latents.dtype)], dim=1)
+
+
+def check_inpaint_width(control_in_dim: int, latent_channels: int) -> None:
     if control_in_dim != 2 * latent_channels + 1:
         raise ValueError(f"control inpainting needs a ControlNet with {2 * latent_channels + 1} input channels "
-                         f"(Fun-ControlNet-Union 2.0 or 2.1); this one takes {control_in_dim} (version 1.0)")
-    masked = encode(image * (mask < 0.5).to(image.dtype))
-    keep = F.interpolate(1.0 - mask, size=masked.shape[-2:], mode="nearest").to(latents.dtype)
-    return torch.cat([latents, keep.to(latents.device), masked.to(latents.dtype)], dim=1)
+                         f"(Fun-ControlNet-Union 2.0 or 2.1); the loaded one takes {control_in_dim} (version 1.0)")
 
 
 # ---------------------------------------------------------------------------------------- steps
 @dataclass
-class ControlPlan:
-    """What the step loop reads for control, computed once per request.
+class ControlHints:
+    """The DiT's extra input per step (``Conditioning.extra`` of the sampling core), once planned.
 
     ``plain`` / ``guided``: the embedded control context (B or 2B, Nx, D) for the unguided and the
-    CFG batch; ``mods``: the branch's modulation vectors, one list per step of the schedule (sliced
-    like the DiT's); ``scale``: the conditioning scale as a 0-d fp32 device tensor (a value, not a
-    shape: a captured graph replays for any scale).
+    CFG batch; ``mods``: the branch's modulation vectors for every step of the schedule, indexed by
+    schedule step; ``scale``: the conditioning scale as a 0-d fp32 device tensor (a value, not a
+    constant of the graph: a captured loop replays for any scale).
     """
 
+    model: ZImageControlNet
+    dit: Any
     plain: torch.Tensor
     guided: torch.Tensor | None
     mods: list[list[torch.Tensor]]
     scale: torch.Tensor
 
-
-def plan_control(
-    model: ZImageControlNet,
-    dit,
-    context: torch.Tensor,
-    plain_layout: SequenceLayout,
-    guided_layout: SequenceLayout | None,
-    c: torch.Tensor,
-    scale: float,
-) -> ControlPlan:
-    """Embed the context for both batches and precompute the branch's modulations for every row of
-    the timestep conditioning ``c`` (N steps, 256)."""
-    if not isinstance(scale, (int, float)):
-        raise ValueError(f"controlnet_conditioning_scale must be a number, got {scale!r}")
-    p = dit.config.patch_size
-    x = patchify(context.to(dit.x_pad_token.dtype), p)
-    plain = model.embed_control(x, plain_layout, dit.x_pad_token)
-    guided = model.embed_control(x.repeat(2, 1, 1), guided_layout, dit.x_pad_token) if guided_layout else None
-    every = model.modulations(c)
-    mods = [[m[i:i + 1] for m in every] for i in range(c.shape[0])]
-    return ControlPlan(plain, guided, mods, torch.tensor(float(scale), device=c.device))
+    def __call__(self, x: torch.Tensor, step, layout: SequenceLayout, tokens: torch.Tensor) -> dict[str, Any]:
+        ctx = self.guided if step.guided else self.plain
+        hints = self.model.hints(self.dit, x, tokens, ctx, layout, step.mods, self.mods[step.index], self.scale)
+        return {"control_hints": hints}
 
 
-def control_hints(model: ZImageControlNet, dit, control: ControlPlan, index: int, guided: bool, x: torch.Tensor,
-                  tokens: torch.Tensor, layout: SequenceLayout, dit_mods: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-    """The hints for one DiT forward: step ``index`` of the schedule, on the CFG batch or not."""
-    ctx = control.guided if guided else control.plain
-    return model.hints(dit, x, tokens, ctx, layout, dit_mods, control.mods[index], control.scale)
+@dataclass
+class ControlInput:
+    """The control task's contribution before planning: the context (B, Cc, h, w) and the scale.
+    :meth:`plan` (called by the core's plan, with the DiT on its device) makes the per-step hints."""
+
+    model: ZImageControlNet
+    context: torch.Tensor
+    scale: float
+
+    def plan(self, pipe, plain: SequenceLayout, guided: SequenceLayout | None, c: torch.Tensor) -> ControlHints:
+        """Embed the context for both batches and the branch's modulations for every row of the
+        timestep conditioning ``c`` (N steps, 256): all the per-request work of the branch."""
+        dit = pipe.transformer
+        x = patchify(self.context.to(c.device, dit.x_pad_token.dtype), dit.config.patch_size)
+        ctx = self.model.embed_control(x, plain, dit.x_pad_token)
+        ctx_guided = self.model.embed_control(x.repeat(2, 1, 1), guided, dit.x_pad_token) if guided else None
+        every = self.model.modulations(c)
+        mods = [[m[i:i + 1] for m in every] for i in range(c.shape[0])]
+        scale = torch.tensor(float(self.scale), dtype=torch.float32, device=c.device)
+        return ControlHints(self.model, dit, ctx, ctx_guided, mods, scale)
 
 
-def describe(model: ZImageControlNet | None, path: str | None) -> str | None:
-    if model is None:
-        return None
-    return f"{Path(path).name} (version {model.config.version}, {len(model.config.control_layers_places)} control layers)"
+def check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+        raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {scale!r}")
+    return float(scale)

@@ -28,9 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .control import (ControlNetSlot, ControlPlan, control_context, control_hints, image_to_pixels, plan_control,
-                      repeat_to)
-from .control import image_size as image_size_of
+from .control import ControlInput, ControlNetSlot, control_context, repeat_to
 from .config import SchedulerConfig, TransformerConfig, VAEConfig
 from .devices import OFFLOAD_MODES, load_device, resolve_device, resolve_dtype, storage_device
 from .hub import DEFAULT_MODEL, load_tokenizer, resolve_model_folder
@@ -78,7 +76,7 @@ class SamplingPlan:
     sigmas: torch.Tensor
     guidance_scale: float
     norm_limit: float
-    control: ControlPlan | None = None  # the ControlNet task's per-request inputs (zimage_native.control)
+    extra: Any = None  # the ControlNet task's per-request inputs (zimage_native.control)
 
 
 @dataclass
@@ -561,8 +559,8 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         control_plan = None
         if control is not None:
             context, scale = control
-            control_plan = plan_control(self.controlnets.require(), self.transformer, context.to(device), plain[0],
-                                        guided[0] if guided is not None else None, c, scale)
+            control_plan = ControlInput(self.controlnets.require(), context, scale).plan(
+                self, plain[0], guided[0] if guided is not None else None, c)
         return SamplingPlan(steps, plain, guided, schedule.sigmas.to(device), float(guidance_scale),
                             float(cfg_normalization) if cfg_normalization else 0.0, control_plan)
 
@@ -576,11 +574,8 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
             if step.guided:
                 x = x.repeat(2, 1, 1, 1)
             x = patchify(x, cfg.patch_size)
-            hints = None
-            if plan.control is not None:
-                hints = control_hints(self.controlnet, self.transformer, plan.control, step.index, step.guided, x,
-                                      tokens, layout, step.mods)
-            out = self.transformer.forward_tokens(x, tokens, None, layout, step.mods, control_hints=hints)
+            extra = plan.extra(x, step, layout, tokens) if plan.extra is not None else {}
+            out = self.transformer.forward_tokens(x, tokens, None, layout, step.mods, **extra)
             pred = unpatchify(out, layout.grid, cfg.in_channels, cfg.patch_size).float()
             if step.guided:
                 pos, neg = pred.chunk(2)
@@ -689,8 +684,7 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         if control_image is not None:
             self.controlnets.require()
             if width is None and height is None:
-                w, h = image_size_of(control_image)
-                width, height = w // 16 * 16, h // 16 * 16
+                height, width = preprocess_image(control_image).shape[-2:]
         r = self._request(prompt, width, height, num_inference_steps, seed, generator, guidance_scale,
                           negative_prompt, num_images_per_prompt, output_type, max_sequence_length, template, progress,
                           system_prompt=system_prompt, thinking_content=thinking_content,
@@ -709,7 +703,7 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         embeds, negative = self._prepare_embeds(r, num_images_per_prompt, max_sequence_length, template, info)
         control = None
         if control_image is not None:
-            pixels = repeat_to(image_to_pixels(control_image, r.width, r.height), r.batch, num_images_per_prompt,
+            pixels = repeat_to(preprocess_image(control_image, r.width, r.height), r.batch, num_images_per_prompt,
                                "control image")
             context = control_context(self.encode_mode, pixels, self.transformer_config.in_channels,
                                       self.controlnet.config.control_in_dim)
