@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .control import ControlInput, ControlNetSlot, control_context, repeat_to
+from .control import ControlInput, ControlNetSlot, check_scale, control_context, repeat_to
 from .config import SchedulerConfig, TransformerConfig, VAEConfig
 from .devices import OFFLOAD_MODES, load_device, resolve_device, resolve_dtype, storage_device
 from .hub import DEFAULT_MODEL, load_tokenizer, resolve_model_folder
@@ -683,6 +683,7 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         ``width``/``height`` then come from its size (rounded down to multiples of 16)."""
         if control_image is not None:
             self.controlnets.require()
+            check_scale(controlnet_conditioning_scale)
             if width is None and height is None:
                 height, width = preprocess_image(control_image).shape[-2:]
         r = self._request(prompt, width, height, num_inference_steps, seed, generator, guidance_scale,
