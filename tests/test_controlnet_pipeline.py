@@ -121,3 +121,42 @@ def test_images_per_prompt_and_one_control_image_per_prompt(control_pipe, contro
     assert rel_err(without, expected) > 1e-3
     zero = control_pipe(["a cat", LONG], seed=0, controlnet_conditioning_scale=0.0, **kw).images
     assert torch.equal(zero, without)
+
+
+INPAINT_CASES = [
+    pytest.param("2.0", "a cat", dict(height=48, width=64), id="2.0, one prompt"),
+    pytest.param("2.1", ["a cat", LONG], dict(height=64, width=48, guidance_scale=3.0, negative_prompt=["blurry", "ugly"],
+                                              controlnet_conditioning_scale=0.6),
+                 id="2.1, CFG, two prompts of different lengths"),
+    pytest.param("2.1", "a cat", dict(height=32, width=48, num_images_per_prompt=2), id="2.1, two images per prompt"),
+]
+
+
+@pytest.mark.parametrize("version, prompt, kw", INPAINT_CASES)
+def test_control_inpaint_final_latents_match_diffusers(control_pipe, control_model_dir, control_files, version, prompt,
+                                                       kw):
+    control_pipe.load_controlnet(control_files[version])
+    ref = reference(control_model_dir, version, inpaint=True)
+    image, mask, control = picture(80, 56, 7), picture(80, 56, 0, "L"), picture(40, 72, 8)
+    expected = ref(list(prompt) if isinstance(prompt, list) else prompt, image=image, mask_image=mask,
+                   control_image=control, generator=torch.Generator().manual_seed(0), num_inference_steps=2,
+                   output_type="latent", **{"guidance_scale": 0.0, **{k: list(v) if isinstance(v, list) else v
+                                                                       for k, v in kw.items()}}).images
+    got = control_pipe.inpaint(prompt, image=image, mask_image=mask, control_image=control, seed=0,
+                               num_inference_steps=2, output_type="latent", **kw).images
+    assert_rel(got, expected, 1e-5, f"final latents of control inpainting with ControlNet {version}")
+    # The image reaches the model: another image under the same mask changes the result.
+    other = control_pipe.inpaint(prompt, image=picture(80, 56, 9), mask_image=mask, control_image=control, seed=0,
+                                 num_inference_steps=2, output_type="latent", **kw).images
+    assert rel_err(other, expected) > 1e-4
+
+
+def test_control_inpaint_needs_a_2x_controlnet_and_takes_no_strength(control_pipe, control_files):
+    image, mask, control = picture(48, 32, 7), picture(48, 32, 0, "L"), picture(48, 32, 8)
+    control_pipe.load_controlnet(control_files["1.0"])
+    with pytest.raises(ValueError, match="33 input channels.*version 1.0"):
+        control_pipe.inpaint("a cat", image=image, mask_image=mask, control_image=control, num_inference_steps=1)
+    control_pipe.load_controlnet(control_files["2.1"])
+    with pytest.raises(ValueError, match="no strength"):
+        control_pipe.inpaint("a cat", image=image, mask_image=mask, control_image=control, strength=0.5,
+                             num_inference_steps=1)
