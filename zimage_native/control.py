@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 from .model.controlnet import ZImageControlNet
 from .model.sequence import SequenceLayout, patchify
+from .sampling import Task, TaskContext, latent_multiple, preprocess_image, preprocess_mask, register_task
 
 logger = logging.getLogger(__name__)
 
@@ -138,21 +139,20 @@ class ControlHints:
     """The DiT's extra input per step (``Conditioning.extra`` of the sampling core), once planned.
 
     ``plain`` / ``guided``: the embedded control context (B or 2B, Nx, D) for the unguided and the
-    CFG batch; ``mods``: the branch's modulation vectors for every step of the schedule, indexed by
-    schedule step; ``scale``: the conditioning scale as a 0-d fp32 device tensor (a value, not a
-    constant of the graph: a captured loop replays for any scale).
+    CFG batch; ``scale``: the conditioning scale as a 0-d fp32 device tensor (a value, not a
+    constant of a graph: a captured step replays for any scale). The branch's modulation vectors
+    of each step travel with the step (``step.extra``).
     """
 
     model: ZImageControlNet
     dit: Any
     plain: torch.Tensor
     guided: torch.Tensor | None
-    mods: list[list[torch.Tensor]]
     scale: torch.Tensor
 
     def __call__(self, x: torch.Tensor, step, layout: SequenceLayout, tokens: torch.Tensor) -> dict[str, Any]:
         ctx = self.guided if step.guided else self.plain
-        hints = self.model.hints(self.dit, x, tokens, ctx, layout, step.mods, self.mods[step.index], self.scale)
+        hints = self.model.hints(self.dit, x, tokens, ctx, layout, step.mods, step.extra, self.scale)
         return {"control_hints": hints}
 
 
@@ -165,9 +165,11 @@ class ControlInput:
     context: torch.Tensor
     scale: float
 
-    def plan(self, pipe, plain: SequenceLayout, guided: SequenceLayout | None, c: torch.Tensor) -> ControlHints:
-        """Embed the context for both batches and the branch's modulations for every row of the
-        timestep conditioning ``c`` (N steps, 256): all the per-request work of the branch."""
+    def plan(self, pipe, plain: SequenceLayout, guided: SequenceLayout | None,
+             c: torch.Tensor) -> tuple[ControlHints, list[list[torch.Tensor]]]:
+        """Embed the context for both batches, and the branch's modulations for every row of the
+        timestep conditioning ``c`` (N steps, 256): all the per-request work of the branch.
+        Returns (the per-step extra, the modulation vectors of each schedule step)."""
         dit = pipe.transformer
         x = patchify(self.context.to(c.device, dit.x_pad_token.dtype), dit.config.patch_size)
         ctx = self.model.embed_control(x, plain, dit.x_pad_token)
@@ -175,10 +177,72 @@ class ControlInput:
         every = self.model.modulations(c)
         mods = [[m[i:i + 1] for m in every] for i in range(c.shape[0])]
         scale = torch.tensor(float(self.scale), dtype=torch.float32, device=c.device)
-        return ControlHints(self.model, dit, ctx, ctx_guided, mods, scale)
+        return ControlHints(self.model, dit, ctx, ctx_guided, scale), mods
 
 
 def check_scale(scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
         raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {scale!r}")
     return float(scale)
+
+
+# ---------------------------------------------------------------------------------------- tasks
+class Control(Task):
+    """ControlNet txt2img (diffusers' ``ZImageControlNetPipeline``): noise start, control hints."""
+
+    name = "control"
+
+    def read(self, pipe, r):
+        model = pipe.controlnets.require()
+        check_scale(r.control_scale)
+        if r.image is not None:
+            raise ValueError("control_image with image= needs mask_image= too (ControlNet inpainting); img2img "
+                             "with a ControlNet is not supported (diffusers has no such pipeline either)")
+        pixels = preprocess_image(r.control_image, r.width, r.height, latent_multiple(pipe))
+        if r.strength is not None and r.strength != 1.0:
+            raise ValueError(f"ControlNet generation starts from noise and takes no strength, got {r.strength}")
+        return {"model": model, "control": pixels}, pixels.shape[-1], pixels.shape[-2]
+
+    def context(self, ctx: TaskContext) -> torch.Tensor:
+        pipe, r, model = ctx.pipe, ctx.request, ctx.inputs["model"]
+        control = repeat_to(ctx.inputs["control"], ctx.batch, r.n, "control image")
+        return control_context(lambda x: pipe.encode_image(x, None), control, pipe.transformer_config.in_channels,
+                               model.config.control_in_dim)
+
+    def condition(self, ctx):
+        cond = super().condition(ctx)  # the start noise, drawn as for txt2img
+        r = ctx.request
+        cond.extra = ControlInput(ctx.inputs["model"], self.context(ctx), r.control_scale)
+        cond.info = {"controlnet": ctx.pipe.controlnets.path, "control_scale": r.control_scale}
+        return cond
+
+
+class ControlInpaint(Control):
+    """ControlNet inpainting (diffusers' ``ZImageControlNetInpaintPipeline``): noise start, no
+    strength, no per-step blend; the image and mask reach the model only through the context."""
+
+    name = "control_inpaint"
+
+    def read(self, pipe, r):
+        model = pipe.controlnets.require()
+        check_inpaint_width(model.config.control_in_dim, pipe.transformer_config.in_channels)
+        check_scale(r.control_scale)
+        if r.strength is not None and r.strength != 1.0:
+            raise ValueError(f"ControlNet inpainting starts from noise and takes no strength (as diffusers' "
+                             f"ZImageControlNetInpaintPipeline), got {r.strength}")
+        image = preprocess_image(r.image, r.width, r.height, latent_multiple(pipe))
+        h, w = image.shape[-2:]
+        control = preprocess_image(r.control_image, w, h, latent_multiple(pipe))
+        mask = preprocess_mask(r.mask_image, h, w)
+        return {"model": model, "control": control, "image": image, "mask": mask}, w, h
+
+    def context(self, ctx):
+        pipe, r, model, inputs = ctx.pipe, ctx.request, ctx.inputs["model"], ctx.inputs
+        spread = lambda x, what: repeat_to(x, ctx.batch, r.n, what)  # noqa: E731
+        return control_context(lambda x: pipe.encode_image(x, None), spread(inputs["control"], "control image"),
+                               pipe.transformer_config.in_channels, model.config.control_in_dim,
+                               spread(inputs["image"], "image"), spread(inputs["mask"], "mask"))
+
+
+register_task(Control())
+register_task(ControlInpaint())

@@ -134,8 +134,11 @@ def build_targets(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, Targ
 
 
 def linear_shapes(module: nn.Module) -> dict[str, tuple[int, int]]:
-    """Canonical name -> (out, in) of every Linear in a transformer."""
-    return {name: tuple(m.weight.shape) for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    """Canonical name -> (out, in) of every Linear in a transformer (packed GGUF linears included)."""
+    from .quant_linear import GGUFLinear
+
+    return {name: (m.out_features, m.in_features) for name, m in module.named_modules()
+            if isinstance(m, (nn.Linear, GGUFLinear))}
 
 
 # =========================================================================== parsing
@@ -520,6 +523,43 @@ def fuse_lora_(weights: Mapping[str, torch.Tensor], modules: Sequence[LoraModule
     return changed
 
 
+def add_lora_side_paths_(layers: Mapping[str, nn.Module], modules: Sequence[LoraModule], scale: float) -> int:
+    """Apply LoRA modules unfused, as side paths of packed (GGUF) linears whose weights cannot be
+    rewritten: ``y += scale * (x A^T) B^T`` with B carrying alpha/rank (a low-rank LoRA), or
+    ``y += scale * x dW^T`` (LoKr, LoHa, full deltas). A fused target (``attention.qkv``) shares A
+    and splits B by rows. Returns the layers changed."""
+    changed = 0
+    with torch.no_grad():
+        for module in modules:
+            targets = [layers[m] for m in module.target.modules]
+            rows = [layer.out_features for layer in targets]
+            if module.kind == "lora":
+                down = module.tensors["down"].float().flatten(1)
+                up = module.tensors["up"].float().flatten(1) * module.alpha_scale
+                parts = [(down, b) for b in up.split(rows, dim=0)]
+            else:
+                parts = [(d, None) for d in module.delta().split(rows, dim=0)]
+            for layer, (a, b) in zip(targets, parts):
+                layer.add_lora(a, b, scale)
+                changed += 1
+    return changed
+
+
+def _split_by_storage(modules: Sequence[LoraModule], packed: Mapping[str, nn.Module]
+                      ) -> tuple[list[LoraModule], list[LoraModule]]:
+    """(modules to fuse into weights, modules to apply as side paths of packed linears)."""
+    fused, side = [], []
+    for module in modules:
+        on_packed = [m in packed for m in module.target.modules]
+        if all(on_packed):
+            side.append(module)
+        elif not any(on_packed):
+            fused.append(module)
+        else:
+            raise ValueError(f"LoRA module {module.source} targets packed and unpacked weights at once")
+    return fused, side
+
+
 def parse_lora_arg(text: str) -> tuple[str, float]:
     """'PATH[:SCALE]' -> (path, scale); a Windows drive colon or a non-number after ':' is part of the path."""
     head, sep, tail = text.rpartition(":")
@@ -532,6 +572,12 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 
 
 # =========================================================================== the pipeline mixin
+
+
+def _packed_linears(model: nn.Module) -> dict[str, nn.Module]:
+    from .quant_linear import GGUFLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, GGUFLinear)}
 
 
 class LoraMixin:
@@ -551,6 +597,7 @@ class LoraMixin:
     def load_lora(self, path_or_list, scale: float | Sequence[float] = 1.0, *, strict: bool = False,
                   undo: bool = True, undo_device: torch.device | str = "cpu"):
         """Fuse one LoRA (a path or a state dict) or several (a list) into the transformer's weights.
+        Linears whose weights are packed (GGUF) get the LoRA as an unfused side path instead.
 
         ``scale`` is a float or one per LoRA. Every file is parsed and checked before any weight
         changes. ``strict=True`` raises if any key is left unmatched. Returns a :class:`LoraReport`
@@ -578,8 +625,11 @@ class LoraMixin:
             planned.append((modules, report))
         state = self._lora_state()
         weights = {n: m.weight for n, m in self.transformer.named_modules() if isinstance(m, nn.Linear)}
+        packed = _packed_linears(self.transformer)
         for modules, report in planned:
-            fuse_lora_(weights, modules, report.scale, state["originals"] if undo else None, undo_device)
+            fused, side = _split_by_storage(modules, packed)
+            fuse_lora_(weights, fused, report.scale, state["originals"] if undo else None, undo_device)
+            add_lora_side_paths_(packed, side, report.scale)
             state["no_undo"] |= not undo
             state["loaded"].append(report)
             logger.info("%s", report)
@@ -599,7 +649,7 @@ class LoraMixin:
         with torch.no_grad():
             for name, original in state["originals"].items():
                 weights[name].copy_(original)
-        count = len(state["originals"])
+        count = len(state["originals"]) + sum(m.clear_lora() for m in _packed_linears(self.transformer).values())
         state["originals"].clear()
         state["loaded"].clear()
         return count

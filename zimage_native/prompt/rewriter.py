@@ -475,10 +475,10 @@ def _rewriter_folder(path_or_id, revision=None, cache_dir=None, local_files_only
         text = str(path_or_id)
         if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
             raise FileNotFoundError(f"model folder not found: {text}")
-        from huggingface_hub import snapshot_download
+        from ..hub import hub_snapshot
 
-        path = Path(snapshot_download(text, revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=REWRITER_HUB_FILES, local_files_only=local_files_only))
+        path = hub_snapshot(text, "text encoder of", revision=revision, cache_dir=cache_dir,
+                            allow_patterns=REWRITER_HUB_FILES, local_files_only=local_files_only)
     missing = [name for name in ("text_encoder/config.json", "tokenizer") if not (path / name).exists()]
     if missing:
         raise FileNotFoundError(f"{path} is not a Z-Image model folder (diffusers layout): missing {missing}")
