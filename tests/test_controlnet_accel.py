@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from zimage_native import ZImagePipeline
-from zimage_native.accel.cuda_graphs import GraphedSampler
 from zimage_native.accel.fp8 import Float8Linear
 from zimage_native.formats import UnsupportedFormatError
 from zimage_native.model.transformer import Attention
@@ -101,9 +100,15 @@ def test_compiled_control_matches_eager_and_does_not_recompile(eager, fresh, con
     got = pipe(["a cat", "a dog"], control_image=control, **KW).images
     assert_rel(got, expected, 1e-5, f"compile={mode} with ControlNet")
     frames = counter.frame_count
-    compiled = [m for m in pipe.controlnet.modules() if hasattr(m, "_compiled_call_impl") and m._compiled_call_impl]
+    from zimage_native.accel.compile import CompiledBlock, CompiledMethod
+
+    cn = pipe.controlnet
     if mode == "blocks":  # the branch's blocks are DiT blocks and are compiled as such
-        assert len(compiled) == len(pipe.controlnet.control_layers) + len(pipe.controlnet.control_noise_refiner)
+        compiled = [m for m in cn.modules() if isinstance(m.__dict__.get("forward"), CompiledBlock)]
+        assert len(compiled) == len(cn.control_layers) + len(cn.control_noise_refiner)
+        assert "ControlNet: compile: blocks (4 blocks" in " ".join(lines)
+    else:  # the branch's step is one graph
+        assert isinstance(cn.__dict__.get("hints"), CompiledMethod)
     pipe(["a tree", "a house by the sea"], control_image=picture(48, 32, 6), controlnet_conditioning_scale=0.3, **KW)
     assert counter.frame_count == frames, "a new prompt, control image or scale recompiled"
 
@@ -123,21 +128,21 @@ def test_fp8_reaches_the_branch(fresh, control_files):  # noqa: F811
     assert 0 < err < 0.1
 
 
-def rerun_capture(fn):
-    out = fn()
-    return out, lambda: out.copy_(fn())
+@pytest.mark.parametrize("mode", ["step", "loop"])
+def test_graphed_loop_replays_for_new_control_inputs(eager, fresh, control_files, mode):  # noqa: F811
+    """A new control image or scale is copied into the captured graph(s): no new capture, results as
+    eager. In step mode the branch's per-step modulations travel with the step (not keyed by it)."""
+    from .test_compiled import graphed
 
-
-def test_graphed_loop_replays_for_new_control_inputs(eager, fresh, control_files):  # noqa: F811
     pipe = fresh()
     pipe.load_controlnet(control_files["2.1"])
     pipe.caption_buckets = (64, 128, 256, 512)
-    pipe._graphed = graphed = GraphedSampler(pipe, capture=rerun_capture)
-    for seed, scale in ((1, 0.75), (2, 0.3), (3, 1.0)):  # one capture: image and scale are copied in
+    sampler, _ = graphed(pipe, mode=mode)
+    for seed, scale in ((1, 0.75), (2, 0.3), (3, 1.0)):
         control = picture(48, 32, seed)
         got = pipe("a cat", control_image=control, controlnet_conditioning_scale=scale, **KW).images
         want = eager("a cat", control_image=control, controlnet_conditioning_scale=scale, **KW).images
-        assert_rel(got, want, 1e-5, f"graphed control run, scale {scale}")
-    assert (graphed.captures, graphed.replays) == (1, 3)
+        assert_rel(got, want, 1e-5, f"graphed ({mode}) control run, scale {scale}")
+    assert sampler.captures == 1 and sampler.replays == 3 * (2 if mode == "step" else 1)
     pipe.unload_controlnet()
-    assert not graphed.graphs  # captured graphs held the branch: dropped
+    assert not sampler.graphs  # captured graphs held the branch: dropped

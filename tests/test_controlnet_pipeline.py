@@ -138,7 +138,11 @@ def test_control_inpaint_final_latents_match_diffusers(control_pipe, control_mod
     control_pipe.load_controlnet(control_files[version])
     ref = reference(control_model_dir, version, inpaint=True)
     image, mask, control = picture(80, 56, 7), picture(80, 56, 0, "L"), picture(40, 72, 8)
-    expected = ref(list(prompt) if isinstance(prompt, list) else prompt, image=image, mask_image=mask,
+    batch = (len(prompt) if isinstance(prompt, list) else 1) * kw.get("num_images_per_prompt", 1)
+    if batch > 1:  # diffusers concatenates the mask without spreading it: give one per image
+        mask = [mask] * batch
+    expected = ref(list(prompt) if isinstance(prompt, list) else prompt, image=image, mask_image=list(mask)
+                   if isinstance(mask, list) else mask,
                    control_image=control, generator=torch.Generator().manual_seed(0), num_inference_steps=2,
                    output_type="latent", **{"guidance_scale": 0.0, **{k: list(v) if isinstance(v, list) else v
                                                                        for k, v in kw.items()}}).images
