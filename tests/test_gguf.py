@@ -446,3 +446,28 @@ def test_gguf_qwen3_in_transformers_names(tiny_model_dir, tmp_path):
     texts = ["a cat on a chair"]
     for a, b in zip(TextEncoder(model, tok).encode(texts), reference_features(reference, tok, texts)):
         assert_rel(a, b, 1e-6, "text features")
+
+
+def test_gguf_benchmark_smoke():
+    """The GPU benchmark of packed linears runs its code path on the CPU (tiny shapes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gguf", Path(__file__).parents[1] / "benchmarks" /
+                                                  "bench_gguf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke"]) == 0
+
+
+@pytest.mark.slow
+def test_packed_linear_compiles(tmp_path):
+    """torch.compile (the engine's compile modes) traces the dequantisation: same output as eager."""
+    rng = np.random.default_rng(0)
+    layer = GGUFLinear(512, 256, "Q4_K", bias=True)
+    layer.weight.copy_(torch.from_numpy(random_blocks("Q4_K", 256, 512, rng)))
+    layer.bias.copy_(torch.randn(256))
+    layer.add_lora(torch.randn(4, 512) * 0.01, torch.randn(256, 4) * 0.01, 0.5)
+    x = torch.randn(3, 512)
+    eager = layer(x)
+    torch._dynamo.reset()
+    assert_rel(torch.compile(layer)(x), eager, 1e-6, "compiled packed linear")
