@@ -163,3 +163,38 @@ def test_serve_loads_with_the_settings(tiny_model_dir):
     o.update(encoder_only=True, offload="none")
     engine = serve_cli.build_engine(o)
     assert isinstance(engine.text_encoder.model.layers[0].mlp.up_proj, Int8Linear)
+
+
+def test_a_hub_model_with_a_transformer_file_does_not_fetch_the_hub_transformer(tiny_model_dir, monkeypatch):
+    """A low-VRAM profile names a DiT file over the Hub model: only the Hub DiT's config is fetched,
+    not its 24.6 GB of weights (nor the text encoder's, with a remote encoder)."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: calls.append(kw["allow_patterns"]) or str(tiny_model_dir))
+    dit = tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    pipe = ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", device="cpu", dtype=torch.float32,
+                                          transformer=dit)
+    assert "transformer/*.safetensors" not in calls[0] and "transformer/*.json" in calls[0]
+    assert "text_encoder/*.safetensors" in calls[0] and "vae/*.safetensors" in calls[0]
+    assert pipe.transformer.config.dim == load(tiny_model_dir).transformer.config.dim
+
+
+def test_the_8gb_combination_gguf_dit_streamed_with_an_int8_encoder(tiny_model_dir, tmp_path):
+    """The `8gb` profile's settings together on the tiny model: a GGUF DiT (kept packed) whose
+    blocks stream, and an int8 text encoder; same images as the same files fully resident."""
+    pytest.importorskip("gguf")
+    from .gguf_files import gguf_state, write_gguf
+    from .test_formats import comfy_dit
+
+    file, _ = gguf_state(comfy_dit(tiny_model_dir), "Q8_0", np.random.default_rng(0))
+    path = write_gguf(tmp_path / "z_image_turbo-Q8_0.gguf", file, "lumina2")
+    images = []
+    for offload in ("none", "blocks"):
+        pipe = load(tiny_model_dir, transformer=path, offload=offload, text_encoder_quant="int8")
+        assert pipe.transformer.layers[0].attention.to_q.weight.dtype == torch.uint8  # packed
+        if offload == "blocks":
+            move = FakeMove(pipe.transformer.block_streamer)
+        images.append(pipe("a cat", **CALL).images)
+    assert np.array_equal(images[0], images[1]) and move.log

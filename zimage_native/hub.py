@@ -128,8 +128,13 @@ def resolve_model_folder(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
+    skip_weights: tuple[str, ...] = (),
 ) -> Path:
-    """A local folder as is; an ``owner/name`` Hub id through ``huggingface_hub.snapshot_download``."""
+    """A local folder as is; an ``owner/name`` Hub id through ``huggingface_hub.snapshot_download``.
+
+    ``skip_weights``: components ("transformer", "vae", "text_encoder") whose weights come from
+    elsewhere (a single file, a remote encoder): only their configs are fetched.
+    """
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -139,7 +144,8 @@ def resolve_model_folder(
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder not found: {text} (give a diffusers-layout folder or a Hub id "
                                 f"such as {DEFAULT_MODEL})")
-    folder = hub_snapshot(text, "model", revision=revision, cache_dir=cache_dir, allow_patterns=HUB_FILES,
+    allow = [p for p in HUB_FILES if p not in {f"{c}/*.safetensors" for c in skip_weights}]
+    folder = hub_snapshot(text, "model", revision=revision, cache_dir=cache_dir, allow_patterns=allow,
                           local_files_only=local_files_only)
     return check_model_folder(folder)
 

@@ -354,8 +354,11 @@ def load_pretrained(
 
     check_offload(offload)
     check_quant(text_encoder_quant, text_encoder_url)
+    overridden = {"transformer": transformer, "vae": vae,
+                  "text_encoder": text_encoder if text_encoder_url is None else text_encoder_url}
     folder = resolve_model_folder(path_or_id, revision=revision, cache_dir=cache_dir,
-                                  local_files_only=local_files_only)
+                                  local_files_only=local_files_only,
+                                  skip_weights=tuple(k for k, v in overridden.items() if v is not None))
     main = resolve_device(device)
     dtype = resolve_dtype(dtype, main)
     placement = {

@@ -615,6 +615,7 @@ def request_info(pipe, r: GenerationRequest, seeds, **extra) -> dict[str, Any]:
             "loras": [[lr.path, lr.scale] for lr in pipe.loras] or None, **extra}
 
 
+STEP_END_TENSORS = ("latents", "prompt_embeds")  # prompt_embeds: read only
 StepEndCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
 
 
@@ -626,16 +627,18 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
     """Run one request on ``pipe`` (a ZImagePipeline): encode -> condition -> plan -> steps -> decode.
 
     ``callback(step, total)`` runs after each step (raise in it to stop the run).
-    ``callback_on_step_end(pipe, i, t, tensors)`` as in diffusers: ``tensors`` holds the names of
-    ``callback_on_step_end_tensor_inputs`` ("latents"); it returns a dict whose ``latents``, if
-    present, replace the current latents. It runs the loop eagerly (no graph replay).
+    ``callback_on_step_end(pipe, i, t, tensors)`` as in diffusers: ``i`` counts the steps run,
+    ``t`` is the step's timestep, ``tensors`` holds the names of
+    ``callback_on_step_end_tensor_inputs`` ("latents", "prompt_embeds"); it returns a dict whose
+    ``latents``, if present, replace the current latents (prompt_embeds are read only). It runs the
+    loop eagerly (no graph replay).
     """
     from .pipeline import ZImageOutput
 
     r, task, inputs = resolve(pipe, request)
-    bad = [k for k in callback_on_step_end_tensor_inputs if k != "latents"]
+    bad = [k for k in callback_on_step_end_tensor_inputs if k not in STEP_END_TENSORS]
     if bad:
-        raise ValueError(f"callback_on_step_end_tensor_inputs can hold only 'latents', got {bad}")
+        raise ValueError(f"callback_on_step_end_tensor_inputs can hold {STEP_END_TENSORS}, got {bad}")
     schedule = schedule_for(pipe, r)
     task.check(pipe, r, schedule)
     batch = len(r.prompts or r.prompt_embeds) * r.n
@@ -650,8 +653,13 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
     on_step_end = None
     if callback_on_step_end is not None:
         def on_step_end(k, index, latents):
-            out = callback_on_step_end(pipe, k, schedule.timesteps[index].to(latents.device), {"latents": latents})
-            return (out or {}).get("latents", latents)
+            given = {"latents": latents, "prompt_embeds": embeds}
+            tensors = {name: given[name] for name in callback_on_step_end_tensor_inputs}
+            out = callback_on_step_end(pipe, k, schedule.timesteps[index].to(latents.device), tensors) or {}
+            if out.get("prompt_embeds", embeds) is not embeds:
+                raise ValueError("callback_on_step_end: replacing prompt_embeds mid-run is not supported (the "
+                                 "caption tokens are refined once per request); only latents can be replaced")
+            return out.get("latents", latents)
 
     latents = denoise(pipe, cond.latents, embeds, negative, schedule, r.guidance_scale, r.cfg_normalization,
                       r.cfg_truncation, pipe.progress if progress is None else progress, cond.start, callback,

@@ -44,7 +44,6 @@ TE_LLAMA_CPP = KeyMap(
     rules=(
         Rename("token_embd.{}", "embed_tokens.{}"),
         Rename("output_norm.{}", "norm.{}"),
-        Rename("output.{}", "lm_head.{}"),
         Rename("blk.{}.attn_norm.{}", "layers.{}.input_layernorm.{}"),
         Rename("blk.{}.attn_q_norm.{}", "layers.{}.self_attn.q_norm.{}"),
         Rename("blk.{}.attn_k_norm.{}", "layers.{}.self_attn.k_norm.{}"),
@@ -57,12 +56,13 @@ TE_LLAMA_CPP = KeyMap(
         Rename("blk.{}.ffn_up.{}", "layers.{}.mlp.up_proj.{}"),
         Rename("blk.{}.ffn_down.{}", "layers.{}.mlp.down_proj.{}"),
     ),
-    drop=("rope_freqs.weight",),
+    drop=("rope_freqs.weight", "output.weight"),  # computed RoPE frequencies; the LM head (Z-Image reads hidden states)
 )
 
 _DIT_MARKERS = ("x_pad_token", "cap_embedder.1.weight", "layers.0.adaLN_modulation.0.weight")
 _DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 _TE_ARCHITECTURES = ("qwen3",)
+_TE_HF_PREFIXES = ("text_encoders.qwen3_4b.transformer.model.", "text_encoders.qwen3_4b.model.", "model.", "")
 
 
 def _require_gguf():
@@ -161,8 +161,10 @@ class GGUFCheckpoint:
         return self.path.stat().st_size
 
     def meta(self, key: str) -> torch.Tensor:
-        """A meta tensor with the values' shape (what the tensor is once dequantised)."""
-        return torch.empty(self.tensors[key].shape, dtype=torch.float32, device="meta")
+        """A meta tensor with the values' shape and dtype (fp32 for packed tensors: what they dequantise to)."""
+        t = self.tensors[key]
+        dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(t.qtype, torch.float32)
+        return torch.empty(t.shape, dtype=dtype, device="meta")
 
     def get(self, key: str) -> torch.Tensor:
         """F32 / F16 / BF16: the values (own dtype, a copy in memory). Block types: the packed
@@ -235,7 +237,15 @@ def inspect_gguf(ckpt: GGUFCheckpoint) -> FileFormat:
                 return fmt
             found.append(_component(ckpt, "transformer", layout, prefix, comp_keys))
             break
-    if "token_embd.weight" in keys and any(k.startswith("blk.0.attn_q.") for k in keys):
+    hf = next((p for p in _TE_HF_PREFIXES if p + "embed_tokens.weight" in keys), None)
+    if hf is not None:  # a Qwen3 in transformers names (some GGUF converters keep them)
+        te_keys = [k for k in keys if k.startswith(hf) and not k.startswith(_DIT_PREFIXES[:2])]
+        if hf + "layers.0.self_attn.q_norm.weight" not in keys:
+            fmt.problem = f"{ckpt.path}: the text encoder has no q_norm: it is not a Qwen3 model (Z-Image needs Qwen3-4B)"
+            return fmt
+        # The transformers key map strips its prefixes itself.
+        found.append(_component(ckpt, "text_encoder", "transformers" if hf else "bare", "", te_keys))
+    elif "token_embd.weight" in keys and any(k.startswith("blk.0.attn_q.") for k in keys):
         te_keys = [k for k in keys if k.startswith(("token_embd.", "output_norm.", "output.", "blk.", "rope_freqs."))]
         problem = _te_problem(ckpt, te_keys)
         if problem:
