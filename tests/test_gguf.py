@@ -309,15 +309,14 @@ def write_qwen3(path: Path, tokenizer_len: int, types, arch: str | None = "qwen3
     g = torch.Generator().manual_seed(seed)
     canonical = {k: (torch.randn(s, generator=g) * 0.05 + (1.0 if k.endswith("norm.weight") else 0.0))
                  for k, s in shapes.items()}
-    canonical["lm_head.weight"] = torch.randn(tokenizer_len, 256, generator=g) * 0.05  # llama.cpp's output.weight
     llama = dict(from_canonical(canonical.items(), TE_LLAMA_CPP))
+    llama["output.weight"] = torch.randn(tokenizer_len, 256, generator=g) * 0.05  # the LM head, untied
     assert "blk.0.attn_q_norm.weight" in llama and "output.weight" in llama and "token_embd.weight" in llama
     file, values = gguf_state(llama, types, np.random.default_rng(seed))
     meta = {"qwen3.rope.freq_base": 1e6, "qwen3.attention.layer_norm_rms_epsilon": 1e-6,
             "qwen3.context_length": 2048, "qwen3.block_count": 3} if arch else None
     write_gguf(path, file, arch, meta)
-    state = dict(to_canonical(values.items(), TE_LLAMA_CPP))
-    state.pop("lm_head.weight")
+    state = dict(to_canonical(values.items(), TE_LLAMA_CPP))  # the LM head is dropped
     reference = Qwen3Model(config).eval()
     reference.load_state_dict(state, strict=True)
     return path, reference
@@ -436,9 +435,8 @@ def test_gguf_qwen3_in_transformers_names(tiny_model_dir, tmp_path):
         tensors = {k: (np.array(t.data), t.qtype) for k, t in ckpt.tensors.items()}
     renamed = {}
     for key, value in tensors.items():
-        for canon in TE_LLAMA_CPP.canonical_keys(key):
-            if not canon.startswith("lm_head."):
-                renamed[TE_TRANSFORMERS.foreign_key(canon)] = value
+        for canon in TE_LLAMA_CPP.canonical_keys(key):  # the LM head has none
+            renamed[TE_TRANSFORMERS.foreign_key(canon)] = value
     path = write_gguf(tmp_path / "hf-names.gguf", renamed, "qwen3")
     assert [(c.component, c.layout) for c in detect_format(path).components] == [("text_encoder", "transformers")]
     model = load_component("text_encoder", path, torch.float32, "cpu", config={"max_position_embeddings": 2048})
@@ -471,3 +469,34 @@ def test_packed_linear_compiles(tmp_path):
     eager = layer(x)
     torch._dynamo.reset()
     assert_rel(torch.compile(layer)(x), eager, 1e-6, "compiled packed linear")
+
+
+def test_zimage_convert_dequantises_a_gguf(tiny_model_dir, tmp_path):
+    """`zimage convert FILE.gguf OUT.safetensors --to LAYOUT --dtype D`: the dequantised weights, renamed."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from zimage_native.cli import main
+
+    mix = ("Q4_K", "Q6_K", "Q8_0", "F16")
+    path, reference = write_dit(tmp_path / "dit.gguf", lambda name, i: mix[i % 4])
+    out = tmp_path / "dit.safetensors"
+    result = CliRunner().invoke(main, ["convert", str(path), str(out), "--to", "diffusers"])
+    assert result.exit_code == 1 and "choose an output --dtype" in result.output  # 'keep' cannot re-encode
+    result = CliRunner().invoke(main, ["convert", str(path), str(out), "--to", "diffusers", "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    converted = load_file(out)
+    assert converted.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(converted[key], value), key
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    te, qwen = write_qwen3(tmp_path / "te.gguf", len(tok), "Q5_0")
+    out = tmp_path / "qwen.safetensors"
+    result = CliRunner().invoke(main, ["convert", str(te), str(out), "--to", "transformers", "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    converted = load_file(out)
+    expected = {"model." + k: v for k, v in qwen.state_dict().items()}
+    assert set(converted) == set(expected), set(converted) ^ set(expected)  # the LM head (llama.cpp's output.weight) is dropped
+    for key, value in expected.items():
+        assert torch.equal(converted[key], value), key

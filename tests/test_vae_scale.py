@@ -57,7 +57,8 @@ def test_img2img_encodes_through_the_same_scale(pipes):
     name, ours, _, img2img = pipes
     image = make_image(48, 32)
     kw = dict(strength=0.6, num_inference_steps=4, output_type="latent")
-    expected = img2img("a cat", image=image, generator=torch.Generator().manual_seed(1), guidance_scale=0.0, **kw).images
+    expected = img2img("a cat", image=image, generator=torch.Generator().manual_seed(1), guidance_scale=0.0,
+                       **kw).images
     got = ours.img2img("a cat", image, seed=1, **kw).images
     assert_rel(got, expected, 1e-5, f"{name}: img2img latents")
 

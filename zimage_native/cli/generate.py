@@ -1,4 +1,4 @@
-"""``zimage generate``: text-to-image and img2img from the command line.
+"""``zimage generate``: text-to-image, img2img (``--image``) and inpainting (``--image`` + ``--mask``).
 
 Every flag maps to one argument of ``ZImagePipeline.from_pretrained`` or of the call; the
 ``--config``/``--profile`` TOML layer and ``--from-image`` metadata sit below the flags.
@@ -81,7 +81,7 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
             "guidance_scale": "guidance_scale", "model": "model", "template": "template", "variant": "variant",
             "system_prompt": "system_prompt", "thinking_content": "thinking_content",
             "assistant_content": "assistant_content", "force_think_block": "force_think_block",
-            "strip_quotes": "strip_quotes", "strength": "strength"}
+            "strip_quotes": "strip_quotes", "strength": "strength", "shift": "shift"}
     layer = {flag: record[key] for key, flag in keys.items() if record.get(key) is not None}
     if record.get("seed") is not None:
         layer["seed"] = [int(record["seed"])]
@@ -116,9 +116,14 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
               help="Clamp ||pred|| to this multiple of ||pos|| (0 = off).")
 @click.option("--cfg-truncation", type=float, default=1.0, show_default=True,
               help="Turn CFG off once 1 - sigma exceeds this (1 = never).")
+@click.option("--shift", type=float, default=None,
+              help="Scheduler shift (sigma -> s*sigma / (1 + (s-1)*sigma)) [default: the model's, Turbo 3, base 6].")
 @click.option("--image", "init_image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="img2img: start from this image.")
-@click.option("--strength", type=float, default=0.6, show_default=True, help="img2img: 1 = from pure noise.")
+@click.option("--mask", "mask", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Inpaint with --image: repaint where this mask is white, keep where it is black.")
+@click.option("--strength", type=float, default=None,
+              help="img2img / inpaint: 1 = from pure noise [default: 0.6 img2img, 1.0 inpaint].")
 @click.option("--template", default=None, help="Prompt template name (see `zimage templates list`).")
 @click.option("--templates-dir", type=click.Path(exists=True, file_okay=False), multiple=True,
               help="Extra template folder (repeatable).")
@@ -167,8 +172,12 @@ def run_generate(prompts: list[str], o: dict) -> None:
     given = lambda key, fallback: fallback if o[key] is None else o[key]  # noqa: E731
     check_request("x", given("width", 1024), given("height", 1024), given("steps", 1),
                   guidance_scale=given("guidance_scale", 0.0), max_len=o["max_sequence_length"])
-    if o["init_image"] is not None and not 0 <= o["strength"] <= 1:
-        raise ValueError(f"strength must be in [0, 1], got {o['strength']}")
+    if o["strength"] is not None and not 0 <= o["strength"] <= 1:
+        raise ValueError(f"--strength must be in [0, 1], got {o['strength']}")
+    if o["shift"] is not None and not o["shift"] > 0:
+        raise ValueError(f"--shift must be > 0, got {o['shift']}")
+    if o["mask"] is not None and o["init_image"] is None:
+        raise ValueError("--mask needs --image (the picture to inpaint)")
     if o["template"] is not None:
         from ..prompt.templates import default_registry
 
@@ -185,13 +194,16 @@ def run_generate(prompts: list[str], o: dict) -> None:
     if drawn:
         click.echo("seeds " + " ".join(str(s) for s in seeds))
 
-    init = None
+    init = mask = None
     if o["init_image"] is not None:
         from PIL import Image
 
         with Image.open(o["init_image"]) as im:
             init = im.convert("RGB")
-    run_jobs(pipe, jobs, paths, o, fields, init)
+        if o["mask"] is not None:
+            with Image.open(o["mask"]) as im:
+                mask = im.convert("L")
+    run_jobs(pipe, jobs, paths, o, fields, init, mask)
 
 
 def load_pipeline(o: dict):
@@ -229,7 +241,7 @@ def load_pipeline(o: dict):
     return pipe
 
 
-def run_jobs(pipe, jobs, paths, o, fields, init) -> None:
+def run_jobs(pipe, jobs, paths, o, fields, init, mask=None) -> None:
     """Run the jobs in batches under one progress bar over all steps, writing each image as it comes."""
     from tqdm.auto import tqdm
 
@@ -247,7 +259,8 @@ def run_jobs(pipe, jobs, paths, o, fields, init) -> None:
             cfg_normalization=o["cfg_normalization"], cfg_truncation=o["cfg_truncation"],
             max_sequence_length=o["max_sequence_length"], template=fields["template"],
             fields={k: v for k, v in fields.items() if k != "template" and v is not None},
-            image=init, strength=o["strength"] if init is not None else None, num_images_per_prompt=1)
+            image=init, mask_image=mask, strength=o["strength"] if init is not None else None, shift=o["shift"],
+            num_images_per_prompt=1)
 
         def step(i, n, _size=len(batch)):
             if bar.total is None:

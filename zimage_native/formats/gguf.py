@@ -44,7 +44,6 @@ TE_LLAMA_CPP = KeyMap(
     rules=(
         Rename("token_embd.{}", "embed_tokens.{}"),
         Rename("output_norm.{}", "norm.{}"),
-        Rename("output.{}", "lm_head.{}"),
         Rename("blk.{}.attn_norm.{}", "layers.{}.input_layernorm.{}"),
         Rename("blk.{}.attn_q_norm.{}", "layers.{}.self_attn.q_norm.{}"),
         Rename("blk.{}.attn_k_norm.{}", "layers.{}.self_attn.k_norm.{}"),
@@ -57,7 +56,7 @@ TE_LLAMA_CPP = KeyMap(
         Rename("blk.{}.ffn_up.{}", "layers.{}.mlp.up_proj.{}"),
         Rename("blk.{}.ffn_down.{}", "layers.{}.mlp.down_proj.{}"),
     ),
-    drop=("rope_freqs.weight",),
+    drop=("rope_freqs.weight", "output.weight"),  # computed RoPE frequencies; the LM head (Z-Image reads hidden states)
 )
 
 _DIT_MARKERS = ("x_pad_token", "cap_embedder.1.weight", "layers.0.adaLN_modulation.0.weight")
@@ -162,8 +161,10 @@ class GGUFCheckpoint:
         return self.path.stat().st_size
 
     def meta(self, key: str) -> torch.Tensor:
-        """A meta tensor with the values' shape (what the tensor is once dequantised)."""
-        return torch.empty(self.tensors[key].shape, dtype=torch.float32, device="meta")
+        """A meta tensor with the values' shape and dtype (fp32 for packed tensors: what they dequantise to)."""
+        t = self.tensors[key]
+        dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(t.qtype, torch.float32)
+        return torch.empty(t.shape, dtype=dtype, device="meta")
 
     def get(self, key: str) -> torch.Tensor:
         """F32 / F16 / BF16: the values (own dtype, a copy in memory). Block types: the packed
