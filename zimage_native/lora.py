@@ -357,7 +357,23 @@ def lora_alpha_config(metadata: Mapping[str, str] | None) -> dict | None:
     if config.get("lora_alpha") is None:
         return None
     return {"lora_alpha": float(config["lora_alpha"]), "alpha_pattern": dict(config.get("alpha_pattern") or {}),
-            "use_rslora": bool(config.get("use_rslora", False))}
+            "use_rslora": bool(config.get("use_rslora", False)), "r": config.get("r"),
+            "rank_pattern": dict(config.get("rank_pattern") or {})}
+
+
+def _pattern_value(patterns: Mapping, module: str, default):
+    """PEFT's pattern rule: the first key equal to ``module`` or to a dotted suffix of it (keys are
+    regular expressions), else ``default``."""
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
+            return value
+    return default
+
+
+def metadata_rank(config: Mapping, module: str) -> int | None:
+    """The rank that a :func:`lora_alpha_config` gives ``module`` (``rank_pattern``, else ``r``)."""
+    rank = _pattern_value(config.get("rank_pattern", {}), module, config.get("r"))
+    return None if rank is None else int(rank)
 
 
 def metadata_alpha(config: Mapping, module: str, rank: int) -> float:
@@ -366,11 +382,7 @@ def metadata_alpha(config: Mapping, module: str, rank: int) -> float:
     As in PEFT, an ``alpha_pattern`` key applies to the module whose name equals it or ends with
     ``.`` + it (keys are regular expressions; the first that matches wins), else ``lora_alpha``.
     """
-    alpha = config["lora_alpha"]
-    for pattern, value in config["alpha_pattern"].items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
-            alpha = float(value)
-            break
+    alpha = float(_pattern_value(config["alpha_pattern"], module, config["lora_alpha"]))
     return alpha / (math.sqrt(rank) if config["use_rslora"] else rank)
 
 
@@ -416,6 +428,10 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
         group.check()
         if alpha_config is not None and group.kind == "lora" and "alpha" not in group.tensors:
             group.scale_from_metadata = metadata_alpha(alpha_config, group.source, group.rank)
+            meta_rank = metadata_rank(alpha_config, group.source)
+            if meta_rank is not None and meta_rank != group.rank:
+                logger.warning("%s: module %s has rank %d but the file's PEFT metadata (r / rank_pattern) says %d; "
+                               "alpha / %d is used", name, group.source, group.rank, meta_rank, group.rank)
         modules.append(group)
     # One spelling per weight: canonical single-module names first, then aliases, then fused modules.
     modules.sort(key=lambda g: (len(g.target.modules) > 1, not g.target.canonical))

@@ -44,7 +44,6 @@ TE_LLAMA_CPP = KeyMap(
     rules=(
         Rename("token_embd.{}", "embed_tokens.{}"),
         Rename("output_norm.{}", "norm.{}"),
-        Rename("output.{}", "lm_head.{}"),
         Rename("blk.{}.attn_norm.{}", "layers.{}.input_layernorm.{}"),
         Rename("blk.{}.attn_q_norm.{}", "layers.{}.self_attn.q_norm.{}"),
         Rename("blk.{}.attn_k_norm.{}", "layers.{}.self_attn.k_norm.{}"),
@@ -57,7 +56,7 @@ TE_LLAMA_CPP = KeyMap(
         Rename("blk.{}.ffn_up.{}", "layers.{}.mlp.up_proj.{}"),
         Rename("blk.{}.ffn_down.{}", "layers.{}.mlp.down_proj.{}"),
     ),
-    drop=("rope_freqs.weight",),
+    drop=("rope_freqs.weight", "output.weight"),  # computed RoPE frequencies; the LM head (Z-Image reads hidden states)
 )
 
 _DIT_MARKERS = ("x_pad_token", "cap_embedder.1.weight", "layers.0.adaLN_modulation.0.weight")
@@ -73,6 +72,15 @@ def _require_gguf():
         raise ImportError("reading GGUF files needs the gguf package: pip install 'zimage-native[gguf]' "
                           "(or pip install gguf)") from None
     return gguf
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "?"
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,10 @@ class GGUFCheckpoint:
                 warnings.simplefilter("ignore")
                 reader = gguf.GGUFReader(str(self.path))
         except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
+            if "GGMLQuantizationType" in str(e):  # a complete file with a tensor type newer than the package
+                raise UnsupportedFormatError(
+                    f"{self.path}: a GGUF tensor type the installed gguf package ({_gguf_version()}) does not know "
+                    f"({e}); supported: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q2_K..Q6_K") from None
             raise _corrupt(self.path, e) from None
         self._reader = reader
         size = self.path.stat().st_size
@@ -162,8 +174,10 @@ class GGUFCheckpoint:
         return self.path.stat().st_size
 
     def meta(self, key: str) -> torch.Tensor:
-        """A meta tensor with the values' shape (what the tensor is once dequantised)."""
-        return torch.empty(self.tensors[key].shape, dtype=torch.float32, device="meta")
+        """A meta tensor with the values' shape and dtype (fp32 for packed tensors: what they dequantise to)."""
+        t = self.tensors[key]
+        dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(t.qtype, torch.float32)
+        return torch.empty(t.shape, dtype=dtype, device="meta")
 
     def get(self, key: str) -> torch.Tensor:
         """F32 / F16 / BF16: the values (own dtype, a copy in memory). Block types: the packed
