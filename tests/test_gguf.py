@@ -207,6 +207,15 @@ def test_gguf_files_that_are_not_z_image(tmp_path):
                                                (np.zeros((4, 66), np.uint8), "IQ2_XXS")}, "lumina2")
     with pytest.raises(UnsupportedFormatError, match="IQ2_XXS"):
         load_component("transformer", iq, None, "cpu")
+    # A type id the gguf package does not know (a newer file) is named as such, not as damage.
+    data = bytearray(iq.read_bytes())
+    at = data.find(b"layers.0.attention.qkv.weight") + len(b"layers.0.attention.qkv.weight") + 4 + 16
+    assert int.from_bytes(data[at:at + 4], "little") == gguf.GGMLQuantizationType.IQ2_XXS
+    data[at:at + 4] = (250).to_bytes(4, "little")
+    iq.write_bytes(bytes(data))
+    with pytest.raises(UnsupportedFormatError, match="tensor type the installed gguf package") as err:
+        detect_format(iq)
+    assert "truncated" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------------- damaged files
@@ -349,6 +358,7 @@ def test_gguf_qwen3_encoder_kept_packed_equals_the_dequantised_model(tiny_model_
     assert len(model.layers) == 2 and model.config.num_hidden_layers == 2  # 3 - 1: hidden_states[-2]
     assert isinstance(model.embed_tokens, GGUFEmbedding)  # packed in every case (Q4_K first in the mix)
     assert model.embed_tokens.weight.dtype == torch.uint8
+    assert model.embed_tokens(torch.tensor([1, 2])).dtype == torch.float32
     packed = [m for m in model.modules() if isinstance(m, GGUFLinear)]
     assert packed and all(m.weight.dtype == torch.uint8 for m in packed)
     if types != "mixed":
@@ -361,6 +371,9 @@ def test_gguf_qwen3_encoder_kept_packed_equals_the_dequantised_model(tiny_model_
     with GGUFCheckpoint(path) as ckpt:
         loaded = sum(t.n_bytes for k, t in ckpt.tensors.items()
                      if t.quantized and not k.startswith(("blk.2.", "output.")))
+    assert sum(quantized_bytes(model).values()) == loaded
+    model.to(torch.bfloat16)  # the embedding's output dtype follows a cast of the model; the packed bytes do not
+    assert model.embed_tokens(torch.tensor([1, 2])).dtype == torch.bfloat16
     assert sum(quantized_bytes(model).values()) == loaded
 
 

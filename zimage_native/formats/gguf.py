@@ -74,6 +74,15 @@ def _require_gguf():
     return gguf
 
 
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "?"
+
+
 @dataclass(frozen=True)
 class GGUFTensor:
     """One tensor of a GGUF file: its GGML type, its shape (torch order, values) and its bytes."""
@@ -116,6 +125,10 @@ class GGUFCheckpoint:
                 warnings.simplefilter("ignore")
                 reader = gguf.GGUFReader(str(self.path))
         except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
+            if "GGMLQuantizationType" in str(e):  # a complete file with a tensor type newer than the package
+                raise UnsupportedFormatError(
+                    f"{self.path}: a GGUF tensor type the installed gguf package ({_gguf_version()}) does not know "
+                    f"({e}); supported: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q2_K..Q6_K") from None
             raise _corrupt(self.path, e) from None
         self._reader = reader
         size = self.path.stat().st_size
