@@ -6,7 +6,8 @@ accelerations applied to the DiT. Every call (``pipe(...)``, ``img2img``, ``inpa
 :mod:`zimage_native.sampling` (encode -> plan -> step loop -> decode; the semantics of diffusers
 0.42.1 are stated there). Loading is in :mod:`zimage_native.loading`, LoRA in
 :mod:`zimage_native.lora` (a :class:`~zimage_native.lora.LoraStack` collaborator), the rewriter in
-:mod:`zimage_native.prompt.rewriter` (a :class:`~zimage_native.prompt.rewriter.Rewriter`).
+:mod:`zimage_native.prompt.rewriter` (a :class:`~zimage_native.prompt.rewriter.Rewriter`), the
+ControlNet in :mod:`zimage_native.control` (a :class:`~zimage_native.control.ControlNetSlot`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import control as _control  # noqa: F401  (registers the ControlNet tasks on the core)
 from . import sampling
 from .config import SchedulerConfig, TransformerConfig, VAEConfig
 from .devices import OFFLOAD_MODES, storage_device
@@ -125,6 +127,7 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         self._compile_options: tuple = ("inductor", "dynamic")  # backend and shape policy of the compile
         self.templates_dirs: list[str] = []
         self.progress = True
+        self.controlnets = _control.ControlNetSlot()
 
     @property
     def template_registry(self):
@@ -200,8 +203,37 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
                                    **{k: kwargs.pop(k) for k in names if k in kwargs})
         return cls(**loaded, **kwargs)
 
+    # ------------------------------------------------------------------ ControlNet
+    @property
+    def controlnet(self):
+        """The loaded ControlNet-Union branch (:meth:`load_controlnet`), or None."""
+        return self.controlnets.model
+
+    def load_controlnet(self, path: str | os.PathLike, config=None):
+        """Load a Fun-ControlNet-Union (a diffusers folder or a published single file: versions 1.0,
+        2.0, 2.1, 2.1 lite) for this pipeline's DiT, replacing any loaded one. ``config`` (a dict, a
+        config.json or a folder holding one) overrides what is inferred from the tensors. The branch
+        gets the DiT's dtype, device and accelerations. Returns it (also ``pipe.controlnet``)."""
+        state = self._accel
+        backend, shapes = self._compile_options
+        accel = dict(kernels=state["kernels"], attention=state["attention"], fp8=state["fp8"],
+                     compile=state["compile"], compile_backend=backend, shapes=shapes)
+        model = self.controlnets.load(path, config, transformer_config=self.transformer_config, dtype=self.dtype,
+                                      device=self.transformer.x_pad_token.device, accel=accel)
+        if self._graphed is not None:
+            self._graphed.clear()
+        return model
+
+    def unload_controlnet(self) -> bool:
+        """Drop the loaded ControlNet; returns whether one was loaded."""
+        if self._graphed is not None:
+            self._graphed.clear()
+        return self.controlnets.unload()
+
     # ------------------------------------------------------------------ placement
     def _module(self, name: str) -> torch.nn.Module:
+        if name == "transformer" and self.controlnet is not None:
+            return torch.nn.ModuleList([self.transformer, self.controlnet])  # the branch runs with the DiT
         return self.text_encoder.model if name == "text_encoder" else getattr(self, name)
 
     @contextlib.contextmanager
@@ -275,21 +307,28 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
             self._compile_options = (compile_backend, shapes)
         if before_compile and state["compile"] != "off":
             uncompile_(self.transformer)  # compile again after the transform, as it was compiled
+            if self.controlnet is not None:
+                uncompile_(self.controlnet)
             compile_mode = state["compile"]
             compile_backend, shapes = self._compile_options
             lines.append(f"compile: {compile_mode} undone, to apply {sorted(set(changes) & {'kernels', 'attention', 'fp8'})} "
                          "before compiling again")
         if before_compile or compile_mode != "off":
-            lines += optimize_dit(
-                self.transformer,
-                kernels=changes.get("kernels", "none"),
-                attention=changes.get("attention", state["attention"]),
-                fp8=bool(changes.get("fp8", False)),
-                compile=compile_mode,
-                compile_backend=compile_backend,
-                fp8_fast_accum=fp8_fast_accum,
-                shapes=shapes,
-            )
+            # The same transforms on the ControlNet branch (built from the DiT's block), if loaded.
+            for model in (self.transformer, self.controlnet):
+                if model is None:
+                    continue
+                applied = optimize_dit(
+                    model,
+                    kernels=changes.get("kernels", "none"),
+                    attention=changes.get("attention", state["attention"]),
+                    fp8=bool(changes.get("fp8", False)),
+                    compile=compile_mode,
+                    compile_backend=compile_backend,
+                    fp8_fast_accum=fp8_fast_accum,
+                    shapes=shapes,
+                )
+                lines += applied if model is self.transformer else [f"ControlNet: {line}" for line in applied]
         if changes.get("cuda_graphs"):
             size = graph_cache_size or DEFAULT_MAX_GRAPHS
             self._graphed = GraphedSampler(self, mode=graph_mode, max_graphs=size)
@@ -358,18 +397,24 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
             return (image * 0.5 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
-    def encode_image(self, image: torch.Tensor, generators: list[torch.Generator], dtype: torch.dtype) -> torch.Tensor:
-        """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents, a posterior *sample* (one draw per generator)."""
+    def encode_image(self, image: torch.Tensor, generators: list[torch.Generator] | None,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents: a posterior *sample* (one draw per
+        generator), or with ``generators=None`` the posterior *mode* (the mean: no draw), as
+        diffusers' ControlNet pipelines encode their control and masked images."""
         with self._running("vae") as device:
             vae_dtype = next(self.vae.parameters()).dtype
-            x = image.to(device, dtype).to(vae_dtype)
+            x = image.to(device, dtype or image.dtype).to(vae_dtype)
             if self.vae_tiling is not None:
                 mean, logvar = (t.to(vae_dtype) for t in tiled_encode(self.vae, x, self.vae_tiling,
                                                                     self.vae_config.scale_factor))
             else:
                 mean, logvar = self.vae.encode(x)
-            eps = _randn(mean.shape, generators, vae_dtype).to(device)
-            z = mean + torch.exp(0.5 * logvar) * eps
+            if generators is None:
+                z = mean
+            else:
+                eps = _randn(mean.shape, generators, vae_dtype).to(device)
+                z = mean + torch.exp(0.5 * logvar) * eps
             shift = self.vae_config.shift_factor or 0.0
             return ((z - shift) * self.vae_config.scaling_factor).to(self.device)
 
@@ -463,6 +508,10 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         in diffusers (may return new ``latents``). ``shift`` replaces the scheduler's shift.
         ``image`` (+ ``strength``), ``mask_image``, ``control_image`` select img2img, inpainting or
         ControlNet as :meth:`img2img` / :meth:`inpaint` do.
+
+        ``control_image`` (with a ControlNet loaded, :meth:`load_controlnet`): a pose / depth / edge
+        image that steers the layout, as diffusers' ``ZImageControlNetPipeline``; its hints are
+        weighted by ``controlnet_conditioning_scale``. An unset size comes from the control image.
         """
         return self._call(prompt, width=width, height=height, num_inference_steps=num_inference_steps, seed=seed,
                           generator=generator, latents=latents, guidance_scale=guidance_scale,
@@ -492,7 +541,11 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         """Inpainting, as diffusers' ``ZImageInpaintPipeline``: repaint where ``mask_image`` is white
         (>= 0.5 after resizing), keep ``image`` where it is black. After every step the kept area is
         reset to the image's latents noised to the current level. ``strength`` as for img2img (1:
-        the repainted area starts from pure noise). Other arguments as for ``__call__``."""
+        the repainted area starts from pure noise). Other arguments as for ``__call__``.
+
+        With ``control_image`` (and a 2.x ControlNet loaded), ControlNet inpainting as diffusers'
+        ``ZImageControlNetInpaintPipeline``: from pure noise, no ``strength`` (leave it at 1), no
+        per-step blend; the image and mask reach the model through the control context."""
         if image is None or mask_image is None:
             raise ValueError("inpaint needs image= and mask_image=")
         return self(prompt, image=image, mask_image=mask_image, strength=strength, **kwargs)
