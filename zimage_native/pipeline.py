@@ -27,11 +27,11 @@ from .config import SchedulerConfig, TransformerConfig, VAEConfig
 from .devices import OFFLOAD_MODES, storage_device
 from .hub import DEFAULT_MODEL
 from .loading import check_quant, load_pretrained, load_single_files  # noqa: F401
-from .lora import LoraMixin
+from .lora import LoraReport, LoraStack
 from .model.transformer import ZImageTransformer
 from .model.vae import AutoencoderKL
 from .prompt.format import format_prompt
-from .prompt.rewriter import RewriterMixin
+from .prompt.rewriter import Rewriter
 from .sampling import (GenerationRequest, SamplingPlan, Step, check_request, preprocess_image,  # noqa: F401
                        preprocess_mask, to_pil)
 from .sampling import cfg_combine, randn as _randn  # noqa: F401  (kept for older imports)
@@ -78,13 +78,13 @@ def detect_variant(source: str, scheduler_config: SchedulerConfig) -> str:
     return "turbo"
 
 
-class ZImagePipeline(LoraMixin, RewriterMixin):
-    """Text-to-image (and img2img) with Z-Image. Build with :meth:`from_pretrained`, call like a function.
+class ZImagePipeline:
+    """Z-Image text-to-image, img2img and inpainting. Build with :meth:`from_pretrained` (or
+    ``from_single_files`` for ComfyUI / all-in-one / fp8 files), call like a function.
 
-    ``from_single_files`` builds one from ComfyUI / all-in-one / fp8 files
-    (:func:`zimage_native.loading.load_single_files`).
-    Mixed in: ``load_lora``/``unload_lora`` (:mod:`zimage_native.lora`) and ``rewrite`` (the prompt rewriter,
-    :mod:`zimage_native.prompt.rewriter`).
+    Collaborators: ``lora_stack`` (:class:`~zimage_native.lora.LoraStack`, behind ``load_lora`` /
+    ``unload_lora`` / ``loras``) and ``prompt_rewriter`` (:class:`~zimage_native.prompt.rewriter.Rewriter`,
+    behind ``rewrite`` / ``load_rewriter`` / ``unload_rewriter``).
     """
 
     def __init__(
@@ -127,6 +127,9 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         self._compile_options: tuple = ("inductor", "dynamic")  # backend and shape policy of the compile
         self.templates_dirs: list[str] = []
         self.progress = True
+        self.lora_stack = LoraStack()
+        self.prompt_rewriter = Rewriter(lambda: self.text_encoder, lambda: self.model_folder,
+                                        lambda: self.template_registry)
         self.controlnets = _control.ControlNetSlot()
 
     @property
@@ -339,25 +342,43 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         state.update(changes)
         return lines
 
-    def load_lora(self, *args, **kwargs):
-        """Fuse LoRA weights into the DiT (see :meth:`LoraMixin.load_lora`); captured graphs are dropped."""
-        report = super().load_lora(*args, **kwargs)
+    # ------------------------------------------------------------------ LoRA and the rewriter (collaborators)
+    @property
+    def loras(self) -> list[LoraReport]:
+        """Reports of the LoRAs fused so far (since the last ``unload_lora``)."""
+        return list(self.lora_stack.loaded)
+
+    def load_lora(self, path_or_list, scale=1.0, **options):
+        """Fuse LoRA weights into the DiT (:meth:`LoraStack.load`); captured graphs are dropped."""
+        report = self.lora_stack.load(self.transformer, path_or_list, scale, **options)
         if self._graphed is not None:
             self._graphed.clear()
         return report
 
-    def rewrite(self, prompt: str, *args, **kwargs) -> str:
-        """Expand a prompt with the Qwen3 weights (see :class:`RewriterMixin`); with a remote text
-        encoder, the remote server rewrites."""
-        if getattr(self.text_encoder, "model", None) is None:
-            return self.text_encoder.rewrite(prompt, *args, **kwargs)
-        return super().rewrite(prompt, *args, **kwargs)
-
-    def unload_lora(self, *args, **kwargs):
-        restored = super().unload_lora(*args, **kwargs)
+    def unload_lora(self) -> int:
+        """Restore the DiT's weights exactly (:meth:`LoraStack.unload`); captured graphs are dropped."""
+        restored = self.lora_stack.unload(self.transformer)
         if self._graphed is not None:
             self._graphed.clear()
         return restored
+
+    def rewrite(self, prompt: str, *args, **kwargs) -> str:
+        """Expand a prompt with the Qwen3 weights or a chat server (:meth:`Rewriter.rewrite`); with a
+        remote text encoder and no ``llm_url``, the remote server rewrites."""
+        if getattr(self.text_encoder, "model", None) is None and kwargs.get("llm_url") is None:
+            return self.text_encoder.rewrite(prompt, *args, **kwargs)
+        return self.prompt_rewriter.rewrite(prompt, *args, **kwargs)
+
+    def load_rewriter(self):
+        """The rewriter LM, loaded on first use (:meth:`Rewriter.load`)."""
+        return self.prompt_rewriter.load()
+
+    def unload_rewriter(self) -> None:
+        self.prompt_rewriter.unload()
+
+    @property
+    def _rewriter_lm(self):
+        return self.prompt_rewriter.lm
 
     def enable_vae_tiling(self, tile_size: int = 512, overlap: int = 64) -> None:
         """Decode (and encode) through the VAE in overlapping tiles; for 2K+ images."""
