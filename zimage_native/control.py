@@ -213,7 +213,8 @@ class Control(Task):
         cond = super().condition(ctx)  # the start noise, drawn as for txt2img
         r = ctx.request
         cond.extra = ControlInput(ctx.inputs["model"], self.context(ctx), r.control_scale)
-        cond.info = {"controlnet": ctx.pipe.controlnets.path, "control_scale": r.control_scale}
+        cond.info = {"controlnet": ctx.pipe.controlnets.path, "controlnet_version": ctx.inputs["model"].config.version,
+                     "control_scale": r.control_scale}
         return cond
 
 
