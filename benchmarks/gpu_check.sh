@@ -18,9 +18,11 @@
 # Also measured (not judged): the ladder diffusers eager, ours eager / +kernels / +compile /
 # +CUDA graphs / +VAE compile / +fp8, diffusers compiled, with the cold start of every rung (the
 # first image, compile and capture included); a 2048x2048 row for the last bf16 rung; one graph
-# per step against one graph for the whole loop; the kernel micro-benchmark.
+# per step against one graph for the whole loop; the kernel micro-benchmark; the GGUF packed
+# linears (dequantised per forward) against bf16 linears at the DiT's shapes.
 # Budget: about 6-8 minutes on an H100 (an estimate: it has not run on a GPU yet); every step has
-# its own timeout so the whole stays under 10 minutes.
+# its own timeout so the whole stays under 10 minutes. Everything it prints is also written to
+# OUT_DIR (gpu_check.log, e2e.csv with the JSON checks, kernels.csv).
 #
 # Without a GPU (or with DRY_RUN=1) it runs the same steps as a CPU dry run of the code path: a tiny
 # random model, the eager and fp8 rungs with --check (parity and fp8 quality judged; the graph
@@ -57,6 +59,8 @@ if [ "$DRY_RUN" = 1 ]; then
   if [ "${SKIP_KERNEL_BENCH:-0}" != 1 ]; then
     echo "== kernel micro-benchmark, smoke"
     timeout 300 python3 benchmarks/bench_kernels.py --smoke --out "$OUT_DIR/dry-run" || true
+    echo "== GGUF packed linears, smoke"
+    timeout 120 python3 benchmarks/bench_gguf.py --smoke || true
   fi
 else
   echo "== kernel tests on the GPU"
@@ -72,6 +76,9 @@ else
 
   echo "== kernel micro-benchmark"
   timeout 60 python3 benchmarks/bench_kernels.py --out "$OUT_DIR" || true
+
+  echo "== GGUF packed linears (dequantise per forward) against bf16"
+  timeout 60 python3 benchmarks/bench_gguf.py --out "$OUT_DIR" || true
 fi
 
 echo "elapsed $(( $(date +%s) - START )) s"

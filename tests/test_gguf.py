@@ -162,6 +162,12 @@ def test_bf16_compute_dequantises_to_bf16(tmp_path):
     assert y.dtype == torch.bfloat16
     w = reference["layers.0.feed_forward.w1.weight"].to(torch.bfloat16)
     assert torch.equal(y, torch.nn.functional.linear(x, w))
+    # The load-time q|k|v and w1|w3 GEMM fusions leave packed linears alone (each dequantises itself).
+    from zimage_native.accel import fuse_projections_
+
+    before = dit_output(model.float())
+    assert fuse_projections_(model) == (0, 0)
+    assert model.layers[0].attention.to_qkv is None and torch.equal(dit_output(model), before)
 
 
 def test_info_shows_types_and_bytes(tmp_path):
@@ -201,6 +207,15 @@ def test_gguf_files_that_are_not_z_image(tmp_path):
                                                (np.zeros((4, 66), np.uint8), "IQ2_XXS")}, "lumina2")
     with pytest.raises(UnsupportedFormatError, match="IQ2_XXS"):
         load_component("transformer", iq, None, "cpu")
+    # A type id the gguf package does not know (a newer file) is named as such, not as damage.
+    data = bytearray(iq.read_bytes())
+    at = data.find(b"layers.0.attention.qkv.weight") + len(b"layers.0.attention.qkv.weight") + 4 + 16
+    assert int.from_bytes(data[at:at + 4], "little") == gguf.GGMLQuantizationType.IQ2_XXS
+    data[at:at + 4] = (250).to_bytes(4, "little")
+    iq.write_bytes(bytes(data))
+    with pytest.raises(UnsupportedFormatError, match="tensor type the installed gguf package") as err:
+        detect_format(iq)
+    assert "truncated" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------------- damaged files
@@ -281,3 +296,234 @@ def test_lora_on_a_gguf_dit_is_a_side_path_equal_to_the_fused_lora(tmp_path):
     assert pipe.unload_lora() == 6
     assert not model.layers[0].attention.to_k.lora
     assert torch.equal(dit_output(model), before)
+
+
+# ----------------------------------------------------------------------------------- Qwen3 text encoder
+
+#: A tiny Qwen3 whose rows are whole 256-value blocks: hidden 256, 2 heads of 128, 1 KV head, FFN 512.
+GGUF_QWEN3 = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+                  max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def write_qwen3(path: Path, tokenizer_len: int, types, arch: str | None = "qwen3", seed: int = 0):
+    """A GGUF Qwen3 in llama.cpp names; returns it and the reference full transformers Qwen3Model."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zimage_native.formats.gguf import TE_LLAMA_CPP
+
+    config = Qwen3Config(vocab_size=tokenizer_len, **GGUF_QWEN3)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Qwen3Model(config).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    canonical = {k: (torch.randn(s, generator=g) * 0.05 + (1.0 if k.endswith("norm.weight") else 0.0))
+                 for k, s in shapes.items()}
+    llama = dict(from_canonical(canonical.items(), TE_LLAMA_CPP))
+    llama["output.weight"] = torch.randn(tokenizer_len, 256, generator=g) * 0.05  # the LM head, untied
+    assert "blk.0.attn_q_norm.weight" in llama and "output.weight" in llama and "token_embd.weight" in llama
+    file, values = gguf_state(llama, types, np.random.default_rng(seed))
+    meta = {"qwen3.rope.freq_base": 1e6, "qwen3.attention.layer_norm_rms_epsilon": 1e-6,
+            "qwen3.context_length": 2048, "qwen3.block_count": 3} if arch else None
+    write_gguf(path, file, arch, meta)
+    state = dict(to_canonical(values.items(), TE_LLAMA_CPP))  # the LM head is dropped
+    reference = Qwen3Model(config).eval()
+    reference.load_state_dict(state, strict=True)
+    return path, reference
+
+
+def reference_features(reference, tokenizer, texts: list[str]) -> list[torch.Tensor]:
+    out = []
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out.append(reference(input_ids=ids, output_hidden_states=True).hidden_states[-2][0])
+    return out
+
+
+@pytest.mark.parametrize("types", ["Q4_K", "Q8_0", "mixed"])
+def test_gguf_qwen3_encoder_kept_packed_equals_the_dequantised_model(tiny_model_dir, tmp_path, types):
+    from transformers import AutoTokenizer
+
+    from zimage_native.formats.gguf import GGUFCheckpoint
+    from zimage_native.quant_linear import GGUFEmbedding
+    from zimage_native.text_encoder import TextEncoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    mix = ("Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "Q8_0", "Q4_0", "Q5_1", "F16", "BF16")
+    chosen = (lambda name, i: mix[i % len(mix)]) if types == "mixed" else types
+    path, reference = write_qwen3(tmp_path / f"Qwen3-tiny-{types}.gguf", len(tok), chosen)
+    fmt = detect_format(path)
+    assert [(c.component, c.layout) for c in fmt.components] == [("text_encoder", "llama.cpp")]
+    model = load_component("text_encoder", path, torch.float32, "cpu")
+    assert len(model.layers) == 2 and model.config.num_hidden_layers == 2  # 3 - 1: hidden_states[-2]
+    assert isinstance(model.embed_tokens, GGUFEmbedding)  # packed in every case (Q4_K first in the mix)
+    assert model.embed_tokens.weight.dtype == torch.uint8
+    assert model.embed_tokens(torch.tensor([1, 2])).dtype == torch.float32
+    packed = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    assert packed and all(m.weight.dtype == torch.uint8 for m in packed)
+    if types != "mixed":
+        assert len(packed) == 2 * 7 and {m.qtype for m in packed} == {types}
+    texts = ["a cat on a chair", "mountains at dawn, soft light"]
+    ours = TextEncoder(model, tok).encode(texts)
+    for a, b in zip(ours, reference_features(reference, tok, texts)):
+        assert_rel(a, b, 1e-6, f"{types} text features")
+    # Packed tensors stay as the file's bytes (the last layer and the LM head are not loaded).
+    with GGUFCheckpoint(path) as ckpt:
+        loaded = sum(t.n_bytes for k, t in ckpt.tensors.items()
+                     if t.quantized and not k.startswith(("blk.2.", "output.")))
+    assert sum(quantized_bytes(model).values()) == loaded
+    model.to(torch.bfloat16)  # the embedding's output dtype follows a cast of the model; the packed bytes do not
+    assert model.embed_tokens(torch.tensor([1, 2])).dtype == torch.bfloat16
+    assert sum(quantized_bytes(model).values()) == loaded
+
+
+def test_gguf_text_encoder_errors_and_cli(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from zimage_native.cli import main
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    llama, _ = write_qwen3(tmp_path / "llama.gguf", len(tok), "Q8_0", arch="llama")
+    with pytest.raises(UnsupportedFormatError, match="architecture 'llama'.*permutes the q/k"):
+        load_component("text_encoder", llama, None, "cpu")
+    # No general.architecture: recognised from the tensor names.
+    bare, reference = write_qwen3(tmp_path / "bare.gguf", len(tok), "Q6_K", arch=None)
+    assert detect_format(bare).components[0].component == "text_encoder"
+    report = describe(bare)["components"]["text_encoder"]
+    assert report["config"]["hidden_size"] == 256 and "Q6_K" in report["gguf_types"]
+    with pytest.raises(UnsupportedFormatError, match="no transformer"):
+        load_component("transformer", bare, None, "cpu")
+    # `--text-encoder FILE.gguf` replaces the model folder's encoder, checked against the folder's config
+    # (the tiny folder's encoder has head_dim 12).
+    out = tmp_path / "out.png"
+    base = ["--device", "cpu", "--steps", "1", "--width", "32", "--height", "32", "--no-progress"]
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "--text-encoder",
+                                       str(bare), "-o", str(out), *base])
+    assert result.exit_code == 1 and "head_dim=12 does not match the checkpoint" in result.output, result.output
+    # GGUF DiT + GGUF text encoder as single files (tokenizer and VAE from the tiny folder) generate an image.
+    dit, _ = write_dit(tmp_path / "dit-Q4_K.gguf", "Q4_K")
+    result = CliRunner().invoke(main, ["generate", "a cat", "--transformer", str(dit), "--text-encoder", str(bare),
+                                       "--vae", str(tiny_model_dir / "vae"), "--tokenizer",
+                                       str(tiny_model_dir / "tokenizer"), "-o", str(out), *base])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+
+
+# ----------------------------------------------------------------------------------- the pipeline
+
+
+def test_from_pretrained_takes_a_gguf_transformer_like_other_single_files(tiny_model_dir, tmp_path):
+    """The tiny folder's own DiT as a Q8_0 GGUF (its 64-wide rows are whole 32-blocks; the 170-wide
+    FFN rows fall back to F32, as a converter does): the pipeline equals the one given the same
+    dequantised weights as a safetensors file."""
+    from zimage_native import ZImagePipeline
+
+    from .test_formats import comfy_dit, write
+
+    comfy = comfy_dit(tiny_model_dir, prefix="")
+    file, values = gguf_state(comfy, "Q8_0", np.random.default_rng(3))
+    assert {q for _, q in file.values()} == {"Q8_0", "F32"}
+    path = write_gguf(tmp_path / "tiny-Q8_0.gguf", file, "lumina2")
+    dequantised = write(tmp_path / "tiny-dequantised.safetensors", values)
+    kw = dict(device="cpu", dtype=torch.float32)
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, transformer=path, **kw)
+    ref = ZImagePipeline.from_pretrained(tiny_model_dir, transformer=dequantised, **kw)
+    assert any(isinstance(m, GGUFLinear) for m in pipe.transformer.modules())
+    run = dict(width=32, height=32, num_inference_steps=2, seed=0, output_type="latent")
+    assert_rel(pipe("a cat on a chair", **run).images, ref("a cat on a chair", **run).images, 1e-6, "latents")
+
+
+def test_gguf_qwen3_in_transformers_names(tiny_model_dir, tmp_path):
+    """Some converters keep the transformers names (``model.layers.N.self_attn.q_proj``) in GGUF."""
+    from transformers import AutoTokenizer
+
+    from zimage_native.converters.keymap import TE_TRANSFORMERS
+    from zimage_native.formats.gguf import TE_LLAMA_CPP, GGUFCheckpoint
+    from zimage_native.text_encoder import TextEncoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    llama_path, reference = write_qwen3(tmp_path / "llama-names.gguf", len(tok), "Q5_K")
+    with GGUFCheckpoint(llama_path) as ckpt:  # the same bytes, renamed
+        tensors = {k: (np.array(t.data), t.qtype) for k, t in ckpt.tensors.items()}
+    renamed = {}
+    for key, value in tensors.items():
+        for canon in TE_LLAMA_CPP.canonical_keys(key):  # the LM head has none
+            renamed[TE_TRANSFORMERS.foreign_key(canon)] = value
+    path = write_gguf(tmp_path / "hf-names.gguf", renamed, "qwen3")
+    assert [(c.component, c.layout) for c in detect_format(path).components] == [("text_encoder", "transformers")]
+    model = load_component("text_encoder", path, torch.float32, "cpu", config={"max_position_embeddings": 2048})
+    assert isinstance(model.layers[0].self_attn.q_proj, GGUFLinear)
+    texts = ["a cat on a chair"]
+    for a, b in zip(TextEncoder(model, tok).encode(texts), reference_features(reference, tok, texts)):
+        assert_rel(a, b, 1e-6, "text features")
+
+
+def test_gguf_benchmark_smoke():
+    """The GPU benchmark of packed linears runs its code path on the CPU (tiny shapes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gguf", Path(__file__).parents[1] / "benchmarks" /
+                                                  "bench_gguf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke"]) == 0
+
+
+@pytest.mark.slow
+def test_packed_linear_compiles(tmp_path):
+    """torch.compile (the engine's compile modes) traces the dequantisation: same output as eager."""
+    rng = np.random.default_rng(0)
+    layer = GGUFLinear(512, 256, "Q4_K", bias=True)
+    layer.weight.copy_(torch.from_numpy(random_blocks("Q4_K", 256, 512, rng)))
+    layer.bias.copy_(torch.randn(256))
+    layer.add_lora(torch.randn(4, 512) * 0.01, torch.randn(256, 4) * 0.01, 0.5)
+    x = torch.randn(3, 512)
+    eager = layer(x)
+    torch._dynamo.reset()
+    assert_rel(torch.compile(layer)(x), eager, 1e-6, "compiled packed linear")
+
+
+def test_zimage_convert_dequantises_a_gguf(tiny_model_dir, tmp_path):
+    """`zimage convert FILE.gguf OUT.safetensors --to LAYOUT --dtype D`: the dequantised weights, renamed."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from zimage_native.cli import main
+
+    mix = ("Q4_K", "Q6_K", "Q8_0", "F16")
+    path, reference = write_dit(tmp_path / "dit.gguf", lambda name, i: mix[i % 4])
+    out = tmp_path / "dit.safetensors"
+    result = CliRunner().invoke(main, ["convert", str(path), str(out), "--to", "diffusers"])
+    assert result.exit_code == 1 and "choose an output --dtype" in result.output  # 'keep' cannot re-encode
+    result = CliRunner().invoke(main, ["convert", str(path), str(out), "--to", "diffusers", "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    converted = load_file(out)
+    assert converted.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(converted[key], value), key
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    te, qwen = write_qwen3(tmp_path / "te.gguf", len(tok), "Q5_0")
+    out = tmp_path / "qwen.safetensors"
+    result = CliRunner().invoke(main, ["convert", str(te), str(out), "--to", "transformers", "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    converted = load_file(out)
+    expected = {"model." + k: v for k, v in qwen.state_dict().items()}
+    assert set(converted) == set(expected), set(converted) ^ set(expected)  # the LM head (llama.cpp's output.weight) is dropped
+    for key, value in expected.items():
+        assert torch.equal(converted[key], value), key
+
+
+def test_without_the_gguf_package_the_error_says_what_to_install(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    path, _ = write_dit(tmp_path / "q8.gguf", "Q8_0")
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # `import gguf` now raises ImportError
+    with pytest.raises(UnsupportedFormatError, match=r"needs the gguf package: pip install 'zimage-native\[gguf\]'"):
+        load_component("transformer", path, None, "cpu")
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "pip install 'zimage-native[gguf]'" in result.output

@@ -111,6 +111,9 @@ def test_text_encoder_quant_from_pretrained(tiny_model_dir, tiny_pipe):
     assert torch.equal(got[0], exact)  # quantised while loading = quantising the loaded model
     cos = torch.nn.functional.cosine_similarity(got[0], ref[0], dim=-1)
     assert cos.min() > 0.99
+    # The rewriter reads the full-precision Qwen3 (it shares no quantised weight): same text.
+    assert pipe.rewrite("a cat", max_new_tokens=4, seed=0) == load(tiny_model_dir).rewrite(
+        "a cat", max_new_tokens=4, seed=0)
     # Both settings together, and the whole pipeline runs with them.
     both = load(tiny_model_dir, text_encoder_quant="int8", offload="blocks")
     assert np.array_equal(both("a cat", **CALL).images, pipe("a cat", **CALL).images)
@@ -163,3 +166,38 @@ def test_serve_loads_with_the_settings(tiny_model_dir):
     o.update(encoder_only=True, offload="none")
     engine = serve_cli.build_engine(o)
     assert isinstance(engine.text_encoder.model.layers[0].mlp.up_proj, Int8Linear)
+
+
+def test_a_hub_model_with_a_transformer_file_does_not_fetch_the_hub_transformer(tiny_model_dir, monkeypatch):
+    """A low-VRAM profile names a DiT file over the Hub model: only the Hub DiT's config is fetched,
+    not its 24.6 GB of weights (nor the text encoder's, with a remote encoder)."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: calls.append(kw["allow_patterns"]) or str(tiny_model_dir))
+    dit = tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    pipe = ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", device="cpu", dtype=torch.float32,
+                                          transformer=dit)
+    assert "transformer/*.safetensors" not in calls[0] and "transformer/*.json" in calls[0]
+    assert "text_encoder/*.safetensors" in calls[0] and "vae/*.safetensors" in calls[0]
+    assert pipe.transformer.config.dim == load(tiny_model_dir).transformer.config.dim
+
+
+def test_the_8gb_combination_gguf_dit_streamed_with_an_int8_encoder(tiny_model_dir, tmp_path):
+    """The `8gb` profile's settings together on the tiny model: a GGUF DiT (kept packed) whose
+    blocks stream, and an int8 text encoder; same images as the same files fully resident."""
+    pytest.importorskip("gguf")
+    from .gguf_files import gguf_state, write_gguf
+    from .test_formats import comfy_dit
+
+    file, _ = gguf_state(comfy_dit(tiny_model_dir), "Q8_0", np.random.default_rng(0))
+    path = write_gguf(tmp_path / "z_image_turbo-Q8_0.gguf", file, "lumina2")
+    images = []
+    for offload in ("none", "blocks"):
+        pipe = load(tiny_model_dir, transformer=path, offload=offload, text_encoder_quant="int8")
+        assert pipe.transformer.layers[0].attention.to_q.weight.dtype == torch.uint8  # packed
+        if offload == "blocks":
+            move = FakeMove(pipe.transformer.block_streamer)
+        images.append(pipe("a cat", **CALL).images)
+    assert np.array_equal(images[0], images[1]) and move.log

@@ -1,4 +1,4 @@
-"""Static shapes and hoisting: caption buckets (masked) and the staged forward leave results unchanged."""
+"""Shapes without masks (captions padded to 32, CFG as two forwards) and the staged forward."""
 
 from __future__ import annotations
 
@@ -12,33 +12,47 @@ from .utils import assert_rel
 LONG = "a watercolor painting of mountains at dawn, soft light, mist over the lake, a small red boat"
 
 
-@pytest.mark.parametrize("guidance", [0.0, 3.0])
-def test_caption_buckets_do_not_change_results(tiny_pipe, guidance):
-    kw = dict(height=48, width=64, num_inference_steps=3, output_type="latent", seed=0, guidance_scale=guidance)
-    expected = tiny_pipe(["a cat", LONG], **kw).images
-    tiny_pipe.caption_buckets = (64, 128, 256, 512)
-    try:
-        got = tiny_pipe(["a cat", LONG], **kw).images
-        single = tiny_pipe("a cat", **kw).images
-    finally:
-        tiny_pipe.caption_buckets = None
-    assert_rel(got, expected, 1e-5, "bucketed vs exact caption lengths")
-    assert_rel(single, tiny_pipe("a cat", **kw).images, 1e-5, "bucketed single prompt")
+@pytest.mark.parametrize("guidance", [0.0, 3.0], ids=["no CFG", "CFG"])
+def test_single_image_plans_are_mask_free_and_padded_to_32(tiny_pipe, guidance):
+    from zimage_native import sampling
 
-
-def test_plan_uses_the_bucket_and_always_masks(tiny_pipe):
-    embeds = tiny_pipe.encode_prompt(["a cat"])
+    embeds = tiny_pipe.encode_prompt([LONG])
+    negative = tiny_pipe.encode_prompt([""])
     schedule = make_schedule(tiny_pipe.scheduler_config, 2)
-    tiny_pipe.caption_buckets = (64, 128)
-    try:
-        plan = tiny_pipe.plan((4, 4), embeds, None, schedule)
-    finally:
-        tiny_pipe.caption_buckets = None
-    layout, tokens = plan.plain
-    assert tokens.shape[1] == 64 and layout.caption_mask is not None and layout.joint_mask is not None
-    assert int(layout.caption_mask.sum()) == 32  # the padded-to-32 caption is attended, the rest masked
-    exact = tiny_pipe.plan((4, 4), embeds, None, schedule)
-    assert exact.plain[1].shape[1] == 32 and exact.plain[0].joint_mask is None
+    plan = sampling.plan(tiny_pipe, (4, 4), embeds, negative, schedule, guidance_scale=guidance)
+    sides = [plan.plain] + ([plan.negative] if guidance else [])
+    assert (plan.negative is None) == (guidance == 0)
+    for (layout, tokens), features in zip(sides, (embeds, negative)):
+        assert layout.caption_mask is None and layout.joint_mask is None  # never a mask at batch 1
+        assert tokens.shape == (1, -(-features[0].shape[0] // 32) * 32, tiny_pipe.transformer_config.dim)
+
+
+def test_masks_only_when_a_batch_mixes_caption_lengths(tiny_pipe):
+    from zimage_native import sampling
+
+    schedule = make_schedule(tiny_pipe.scheduler_config, 2)
+    mixed = sampling.plan(tiny_pipe, (4, 4), tiny_pipe.encode_prompt(["a cat", LONG]), None, schedule)
+    assert mixed.plain[0].joint_mask is not None and int(mixed.plain[0].caption_mask[0].sum()) == 32
+    same = sampling.plan(tiny_pipe, (4, 4), tiny_pipe.encode_prompt(["a cat", "a dog"]), None, schedule)
+    assert same.plain[0].joint_mask is None  # the same 32-token class: no mask
+
+
+def test_cfg_as_two_forwards_equals_one_batched_forward(tiny_pipe):
+    """The negatives' forward on its own layout gives what the batched, masked forward gave."""
+    from zimage_native.model.sequence import build_layout, pad_captions, patchify
+
+    dit = tiny_pipe.transformer
+    pos, neg = tiny_pipe.encode_prompt([LONG]), tiny_pipe.encode_prompt([""])
+    x = patchify(torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(0)))
+    t = torch.tensor([0.3])
+
+    def run(features, batch_x):
+        layout = build_layout(dit.config, [f.shape[0] for f in features], 4, 6)
+        return dit(batch_x, pad_captions(features, layout.caption_pad.shape[1]), t.expand(batch_x.shape[0]), layout)
+
+    batched = run(pos + neg, x.repeat(2, 1, 1))  # one masked forward of 2 (the old CFG path)
+    assert_rel(run(pos, x), batched[:1], 1e-5, "positive forward alone")
+    assert_rel(run(neg, x), batched[1:], 1e-5, "negative forward alone")
 
 
 @torch.no_grad()

@@ -292,3 +292,112 @@ def load_single_files(
     source = f"single files: transformer={transformer}, vae={given['vae']}, text_encoder={given['text_encoder']}"
     return dict(transformer=dit, vae=ae, text_encoder=TextEncoder(te, tok), scheduler_config=scfg,
                 vae_config=ae.config, source=source)
+
+
+# =========================================================================== a whole pipeline from a model folder
+
+
+def check_quant(text_encoder_quant: str, text_encoder_url: str | None = None) -> str:
+    """Refuse an unknown text encoder quantisation, or one asked for a remote text encoder."""
+    from .quantize import QUANT_MODES
+
+    if text_encoder_quant not in QUANT_MODES:
+        raise ValueError(f"text_encoder_quant must be one of {QUANT_MODES}, got {text_encoder_quant!r}")
+    if text_encoder_url is not None and text_encoder_quant != "none":
+        raise ValueError("text_encoder_quant applies to a local text encoder; with text_encoder_url the remote "
+                         "server's setting applies (start it with --text-encoder-quant)")
+    return text_encoder_quant
+
+
+def load_pretrained(
+    path_or_id: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    text_encoder_device: str | torch.device | None = None,
+    dit_device: str | torch.device | None = None,
+    vae_device: str | torch.device | None = None,
+    offload: str = "none",
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    transformer: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
+    text_encoder: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    text_encoder_url: str | None = None,
+    text_encoder_token: str | None = None,
+    text_encoder_quant: str = "none",
+) -> dict[str, Any]:
+    """The pieces of a pipeline from a diffusers-layout folder or a Hub id (only the needed files
+    are downloaded): a dict of the pipeline constructor's arguments.
+
+    ``dtype`` applies to all three components (default: bf16 on GPU, fp32 on CPU); weights are
+    cast tensor by tensor while loading. ``*_device`` place one component elsewhere than
+    ``device``; ``offload`` (see :mod:`zimage_native.devices`) says where each lives between uses:
+    "text_encoder" keeps the text encoder on the CPU except while it encodes; "model" keeps every
+    component on the CPU except while it runs; "blocks" offloads the text encoder as "text_encoder"
+    does and streams the DiT's blocks from (pinned) CPU memory one block ahead of their use
+    (:mod:`zimage_native.offload`). ``text_encoder_quant`` "none" | "int8" | "int4": weight-only
+    quantisation of the Qwen3 text encoder (:mod:`zimage_native.quantize`).
+    ``transformer``, ``vae``, ``text_encoder`` (files in any supported format, see
+    docs/formats.md) and ``tokenizer`` (a folder or Hub id) replace that component of the folder.
+    ``text_encoder_url``: encode prompts on a remote ``zimage serve`` (its ``/api/encode``) instead
+    of loading Qwen3 here (the distributed mode; docs/server.md).
+    """
+    from .config import TransformerConfig, VAEConfig
+    from .devices import check_offload, load_device, resolve_device, resolve_dtype
+    from .hub import load_tokenizer, resolve_model_folder
+    from .model.transformer import ZImageTransformer
+    from .model.vae import AutoencoderKL
+    from .text_encoder import TextEncoder, load_qwen3_encoder
+
+    check_offload(offload)
+    check_quant(text_encoder_quant, text_encoder_url)
+    overridden = {"transformer": transformer, "vae": vae,
+                  "text_encoder": text_encoder if text_encoder_url is None else text_encoder_url}
+    folder = resolve_model_folder(path_or_id, revision=revision, cache_dir=cache_dir,
+                                  local_files_only=local_files_only,
+                                  skip_weights=tuple(k for k, v in overridden.items() if v is not None))
+    main = resolve_device(device)
+    dtype = resolve_dtype(dtype, main)
+    placement = {
+        "text_encoder": resolve_device(text_encoder_device) if text_encoder_device else main,
+        "transformer": resolve_device(dit_device) if dit_device else main,
+        "vae": resolve_device(vae_device) if vae_device else main,
+    }
+    storage = {name: load_device(name, dev, offload) for name, dev in placement.items()}
+    scfg = SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
+    logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
+    if transformer is not None:
+        dit = load_component("transformer", transformer, dtype, storage["transformer"],
+                             folder / "transformer" / "config.json")
+    else:
+        tcfg = TransformerConfig.from_json(folder / "transformer" / "config.json")
+        dit = load_module(lambda: ZImageTransformer(tcfg), folder / "transformer", dtype,
+                          storage["transformer"], "transformer")
+    if vae is not None:
+        ae = load_component("vae", vae, dtype, storage["vae"], folder / "vae" / "config.json")
+    else:
+        vcfg = VAEConfig.from_json(folder / "vae" / "config.json")
+        ae = load_module(lambda: AutoencoderKL(vcfg), folder / "vae", dtype, storage["vae"], "vae")
+    if text_encoder_url is not None:
+        from .server.remote import RemoteTextEncoder
+
+        te = RemoteTextEncoder(text_encoder_url, text_encoder_token, dtype=dtype)
+        hidden = te.hidden_size
+    else:
+        tok = load_tokenizer(tokenizer if tokenizer is not None else folder / "tokenizer")
+        if text_encoder is not None:
+            te = TextEncoder(load_component("text_encoder", text_encoder, dtype, storage["text_encoder"],
+                                            folder / "text_encoder" / "config.json", quant=text_encoder_quant), tok)
+        else:
+            te = TextEncoder(load_qwen3_encoder(folder / "text_encoder", dtype, storage["text_encoder"],
+                                                text_encoder_quant), tok)
+        hidden = te.model.config.hidden_size
+    if hidden != dit.config.cap_feat_dim:
+        raise ValueError(
+            f"text encoder hidden size {hidden} does not match the transformer's cap_feat_dim {dit.config.cap_feat_dim}"
+        )
+    return dict(transformer=dit, vae=ae, text_encoder=te, scheduler_config=scfg, vae_config=ae.config,
+                source=str(path_or_id), model_folder=folder, placement=placement, offload=offload)

@@ -24,6 +24,7 @@ LIBRARY_FLAGS = {
     "height": "--height", "strength": "--strength", "cfg_truncation": "--cfg-truncation", "tile_size": "--tile-size",
     "tile_overlap": "--tile-overlap", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
     "top_p": "--top-p", "offload": "--offload", "variant": "--variant", "text_encoder_quant": "--text-encoder-quant",
+    "shift": "--shift", "mask_image": "--mask",
 }
 _NAMES = "|".join(LIBRARY_FLAGS)
 # A statement about the argument ("steps must be ...", at the start or after ': ', '; ', ', ', '(') or
@@ -43,8 +44,11 @@ def _is_user_error(e: BaseException) -> bool:
     module imports neither torch nor the engine."""
     if isinstance(e, (ValueError, FileNotFoundError, KeyError)):
         return True
-    accel = sys.modules.get("zimage_native.accel._kernels")
-    return accel is not None and isinstance(e, accel.AccelerationUnavailable)
+    accel, hub = sys.modules.get("zimage_native.accel._kernels"), sys.modules.get("zimage_native.hub")
+    chat = sys.modules.get("zimage_native.prompt.remote")
+    return ((accel is not None and isinstance(e, accel.AccelerationUnavailable))
+            or (hub is not None and isinstance(e, hub.HubError))
+            or (chat is not None and isinstance(e, chat.ChatServerError)))
 
 
 def user_errors(fn):

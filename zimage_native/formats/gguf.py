@@ -44,7 +44,6 @@ TE_LLAMA_CPP = KeyMap(
     rules=(
         Rename("token_embd.{}", "embed_tokens.{}"),
         Rename("output_norm.{}", "norm.{}"),
-        Rename("output.{}", "lm_head.{}"),
         Rename("blk.{}.attn_norm.{}", "layers.{}.input_layernorm.{}"),
         Rename("blk.{}.attn_q_norm.{}", "layers.{}.self_attn.q_norm.{}"),
         Rename("blk.{}.attn_k_norm.{}", "layers.{}.self_attn.k_norm.{}"),
@@ -57,21 +56,31 @@ TE_LLAMA_CPP = KeyMap(
         Rename("blk.{}.ffn_up.{}", "layers.{}.mlp.up_proj.{}"),
         Rename("blk.{}.ffn_down.{}", "layers.{}.mlp.down_proj.{}"),
     ),
-    drop=("rope_freqs.weight",),
+    drop=("rope_freqs.weight", "output.weight"),  # computed RoPE frequencies; the LM head (Z-Image reads hidden states)
 )
 
 _DIT_MARKERS = ("x_pad_token", "cap_embedder.1.weight", "layers.0.adaLN_modulation.0.weight")
 _DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 _TE_ARCHITECTURES = ("qwen3",)
+_TE_HF_PREFIXES = ("text_encoders.qwen3_4b.transformer.model.", "text_encoders.qwen3_4b.model.", "model.", "")
 
 
-def _require_gguf():
+def _require_gguf(path: Path):
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise ImportError("reading GGUF files needs the gguf package: pip install 'zimage-native[gguf]' "
-                          "(or pip install gguf)") from None
+        raise UnsupportedFormatError(f"{path}: a GGUF file; reading it needs the gguf package: "
+                                     f"pip install 'zimage-native[gguf]' (or pip install gguf)") from None
     return gguf
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "?"
 
 
 @dataclass(frozen=True)
@@ -109,13 +118,17 @@ class GGUFCheckpoint:
     """The tensors and metadata of one GGUF file, by name; data is memory-mapped and read on demand."""
 
     def __init__(self, path: str | os.PathLike):
-        gguf = _require_gguf()
         self.path = Path(path)
+        gguf = _require_gguf(self.path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 reader = gguf.GGUFReader(str(self.path))
         except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
+            if "GGMLQuantizationType" in str(e):  # a complete file with a tensor type newer than the package
+                raise UnsupportedFormatError(
+                    f"{self.path}: a GGUF tensor type the installed gguf package ({_gguf_version()}) does not know "
+                    f"({e}); supported: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q2_K..Q6_K") from None
             raise _corrupt(self.path, e) from None
         self._reader = reader
         size = self.path.stat().st_size
@@ -161,8 +174,10 @@ class GGUFCheckpoint:
         return self.path.stat().st_size
 
     def meta(self, key: str) -> torch.Tensor:
-        """A meta tensor with the values' shape (what the tensor is once dequantised)."""
-        return torch.empty(self.tensors[key].shape, dtype=torch.float32, device="meta")
+        """A meta tensor with the values' shape and dtype (fp32 for packed tensors: what they dequantise to)."""
+        t = self.tensors[key]
+        dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(t.qtype, torch.float32)
+        return torch.empty(t.shape, dtype=dtype, device="meta")
 
     def get(self, key: str) -> torch.Tensor:
         """F32 / F16 / BF16: the values (own dtype, a copy in memory). Block types: the packed
@@ -235,7 +250,15 @@ def inspect_gguf(ckpt: GGUFCheckpoint) -> FileFormat:
                 return fmt
             found.append(_component(ckpt, "transformer", layout, prefix, comp_keys))
             break
-    if "token_embd.weight" in keys and any(k.startswith("blk.0.attn_q.") for k in keys):
+    hf = next((p for p in _TE_HF_PREFIXES if p + "embed_tokens.weight" in keys), None)
+    if hf is not None:  # a Qwen3 in transformers names (some GGUF converters keep them)
+        te_keys = [k for k in keys if k.startswith(hf) and not k.startswith(_DIT_PREFIXES[:2])]
+        if hf + "layers.0.self_attn.q_norm.weight" not in keys:
+            fmt.problem = f"{ckpt.path}: the text encoder has no q_norm: it is not a Qwen3 model (Z-Image needs Qwen3-4B)"
+            return fmt
+        # The transformers key map strips its prefixes itself.
+        found.append(_component(ckpt, "text_encoder", "transformers" if hf else "bare", "", te_keys))
+    elif "token_embd.weight" in keys and any(k.startswith("blk.0.attn_q.") for k in keys):
         te_keys = [k for k in keys if k.startswith(("token_embd.", "output_norm.", "output.", "blk.", "rope_freqs."))]
         problem = _te_problem(ckpt, te_keys)
         if problem:

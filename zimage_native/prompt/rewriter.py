@@ -18,20 +18,18 @@ A ``<think>...</think>`` part of the reply (also an unterminated one) is removed
 
 Three ways in:
 
-- ``pipe.rewrite(prompt, rewriter=...)`` on a pipeline whose class mixes in :class:`RewriterMixin`;
+- ``pipe.rewrite(prompt, rewriter=...)`` on a pipeline, through its :class:`Rewriter` collaborator;
 - :class:`PromptRewriter` ``.from_pretrained(model)``: the LM and tokenizer alone (no DiT, no VAE);
 - :func:`rewrite_prompt` ``(lm, tokenizer, prompt, ...)`` with a loaded :class:`Qwen3CausalLM`.
 """
 
 from __future__ import annotations
 
-import difflib
 import gc
 import inspect
 import logging
 import os
 import random
-import re
 import threading
 from pathlib import Path
 from typing import Iterable
@@ -41,8 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loading import assign_state_dict, build_on_meta, iter_tensors, read_header_keys, safetensors_files
-from .format import format_prompt
-from .templates import Template, TemplateRegistry, UnknownTemplateError, default_registry
+from .request import (DEFAULT_REWRITER, REWRITER_CATEGORY, build_rewrite_text, check_sampling,  # noqa: F401
+                      resolve_rewriter, strip_think)
+from .templates import Template, TemplateRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +49,7 @@ __all__ = [
     "DEFAULT_REWRITER",
     "PromptRewriter",
     "Qwen3CausalLM",
+    "Rewriter",
     "RewriterMixin",
     "build_rewrite_text",
     "check_sampling",
@@ -60,8 +60,6 @@ __all__ = [
     "strip_think",
 ]
 
-DEFAULT_REWRITER = "rewriter-faithful-expansion"
-REWRITER_CATEGORY = "rewriter"
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 # The files a standalone rewriter reads from a Hub snapshot.
@@ -252,26 +250,6 @@ def generate_ids(
     return out
 
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
-
-
-def strip_think(text: str) -> str:
-    """Remove the reasoning from a Qwen3 reply and trim it.
-
-    Every ``<think>...</think>`` block goes; a ``</think>`` without its opening tag drops all that
-    precedes it (the block was opened in the request); an unterminated ``<think>`` drops all that
-    follows it (the reply ran out of tokens while reasoning).
-    """
-    text = _THINK_BLOCK.sub("", text)
-    end = text.rfind("</think>")
-    if end != -1:
-        text = text[end + len("</think>"):]
-    start = text.find("<think>")
-    if start != -1:
-        text = text[:start]
-    return text.strip()
-
-
 def _stop_ids(tokenizer) -> set[int]:
     ids = set()
     for token in STOP_TOKENS:
@@ -281,78 +259,6 @@ def _stop_ids(tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-# ---------------------------------------------------------------------------------------------
-# The request
-
-
-def resolve_rewriter(rewriter: str | Template, registry: TemplateRegistry | None = None) -> Template:
-    """The rewriter template called ``rewriter`` (or ``rewriter`` itself when it is a Template).
-
-    An unknown name raises :class:`UnknownTemplateError` (a KeyError) listing the rewriters; a
-    template of another category raises ValueError.
-    """
-    if isinstance(rewriter, Template):
-        template = rewriter
-    else:
-        registry = registry if registry is not None else default_registry()
-        try:
-            template = registry.get(rewriter)
-        except UnknownTemplateError:
-            names = [t.name for t in registry.list(REWRITER_CATEGORY)]
-            close = difflib.get_close_matches(str(rewriter), names, n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UnknownTemplateError(
-                f"unknown rewriter {rewriter!r}{hint} (rewriters: {', '.join(names)})") from None
-    if template.category != REWRITER_CATEGORY:
-        raise ValueError(
-            f"template {template.name!r} is in category {template.category!r}, not {REWRITER_CATEGORY!r}; "
-            "list the rewriters with `zimage templates list --category rewriter`"
-        )
-    return template
-
-
-def build_rewrite_text(
-    prompt: str,
-    rewriter: str | Template | None = None,
-    system_prompt: str | None = None,
-    *,
-    force_think_block: bool | None = None,
-    registry: TemplateRegistry | None = None,
-) -> tuple[str, str]:
-    """The chat text the LM continues, and the reply prefix it ends with.
-
-    ``rewriter`` names a template of the ``rewriter`` category, rendered with
-    :meth:`Template.render` (its think block settings apply); ``system_prompt`` replaces its system
-    prompt. ``system_prompt`` alone is an ad-hoc instruction, rendered with an empty think block
-    (the model answers directly) unless ``force_think_block=False``. Neither: ``DEFAULT_REWRITER``.
-    A template's ``assistant_content`` is not closed here: it starts the reply, which the LM
-    continues, and is part of the returned text.
-    """
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("the prompt to rewrite must be a non-empty string")
-    if rewriter is None and system_prompt is None:
-        rewriter = DEFAULT_REWRITER
-    if rewriter is not None:
-        template = resolve_rewriter(rewriter, registry)
-        prefix = template.assistant_content or ""
-        text = template.render(prompt, system_prompt=system_prompt, force_think_block=force_think_block,
-                               assistant_content="")
-    else:
-        prefix = ""
-        text = format_prompt(prompt, system_prompt=system_prompt,
-                             force_think_block=True if force_think_block is None else force_think_block)
-    return text + prefix, prefix
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def rewrite_prompt(
@@ -369,7 +275,7 @@ def rewrite_prompt(
     force_think_block: bool | None = None,
     registry: TemplateRegistry | None = None,
 ) -> str:
-    """Rewrite ``prompt`` with a loaded LM; see :meth:`RewriterMixin.rewrite` for the arguments."""
+    """Rewrite ``prompt`` with a loaded LM; see :meth:`Rewriter.rewrite` for the arguments."""
     check_sampling(max_new_tokens, temperature, top_p)
     text, prefix = build_rewrite_text(prompt, rewriter, system_prompt, force_think_block=force_think_block,
                                       registry=registry)
@@ -397,36 +303,39 @@ def rewrite_prompt(
 _LOAD_LOCK = threading.Lock()
 
 
-class RewriterMixin:
-    """Adds :meth:`rewrite` to a pipeline.
+class Rewriter:
+    """The prompt rewriter of a pipeline (a collaborator, not a mixin): the text encoder's Qwen3 run
+    as a language model, loaded on first use and sharing the encoder's weights, or an
+    OpenAI-compatible chat server.
 
-    The host class provides ``model_folder`` (the diffusers-layout model folder, a Path) and
-    ``text_encoder`` (a :class:`~zimage_native.text_encoder.TextEncoder`: ``.model``,
-    ``.tokenizer``, ``.device``, ``.dtype``). It may set ``template_registry`` (a
-    :class:`TemplateRegistry`) to look rewriter names up in extra template folders.
+    It reads what it needs when it needs it, through three callables: the text encoder (a
+    :class:`~zimage_native.text_encoder.TextEncoder`: ``.model``, ``.tokenizer``, ``.device``,
+    ``.dtype``), the diffusers-layout model folder, and the template registry (None: the shipped
+    templates), so a pipeline's later changes to them are seen.
     """
 
-    template_registry: TemplateRegistry | None = None
-    _rewriter_lm: Qwen3CausalLM | None = None
+    def __init__(self, text_encoder, model_folder, registry=lambda: None):
+        self._text_encoder, self._model_folder, self._registry = text_encoder, model_folder, registry
+        self.lm: Qwen3CausalLM | None = None
 
-    def load_rewriter(self) -> Qwen3CausalLM:
+    def load(self) -> Qwen3CausalLM:
         """The rewriter LM, loaded on first use from ``model_folder / "text_encoder"`` on the text
-        encoder's device and dtype, sharing the encoder's weights, and kept until
-        :meth:`unload_rewriter` (or until the text encoder moves to another device or dtype)."""
+        encoder's device and dtype, sharing the encoder's weights, and kept until :meth:`unload`
+        (or until the text encoder moves to another device or dtype)."""
         with _LOAD_LOCK:
-            te = self.text_encoder
-            lm = self._rewriter_lm
+            te = self._text_encoder()
+            lm = self.lm
             if lm is None or lm.dtype != te.dtype or not _same_device(lm.device, te.device):
-                self._rewriter_lm = None
-                lm = load_causal_lm(Path(self.model_folder) / "text_encoder", te.dtype, te.device,
+                self.lm = None
+                lm = load_causal_lm(Path(self._model_folder()) / "text_encoder", te.dtype, te.device,
                                     share_from=te.model)
-                self._rewriter_lm = lm
+                self.lm = lm
             return lm
 
-    def unload_rewriter(self) -> None:
+    def unload(self) -> None:
         """Free the rewriter LM (the weights it shares with the text encoder stay with the encoder)."""
         with _LOAD_LOCK:
-            lm, self._rewriter_lm = self._rewriter_lm, None
+            lm, self.lm = self.lm, None
         if lm is not None:
             on_cuda = lm.device.type == "cuda"
             del lm
@@ -445,8 +354,13 @@ class RewriterMixin:
         top_p: float = 0.95,
         *,
         force_think_block: bool | None = None,
+        llm_url: str | None = None,
+        llm_model: str | None = None,
+        llm_timeout: float = 120.0,
     ) -> str:
-        """Expand ``prompt`` with the text encoder's Qwen3 run as a language model.
+        """Expand ``prompt`` with the text encoder's Qwen3 run as a language model, or with
+        ``llm_url``: on that OpenAI-compatible chat server (``llm_model`` names the served model;
+        see :mod:`zimage_native.prompt.remote`), without loading the rewriter LM here.
 
         - ``rewriter``: the name of a template of the ``rewriter`` category (``zimage templates
           list --category rewriter``), or a Template; ``system_prompt``: an ad-hoc instruction
@@ -458,12 +372,51 @@ class RewriterMixin:
 
         Returns the rewritten prompt (may be empty when the reply was all reasoning).
         """
+        registry = self._registry()
+        if llm_url is not None:
+            from .remote import ChatRewriter
+
+            chat = ChatRewriter(llm_url, llm_model, timeout=llm_timeout, template_registry=registry)
+            return chat.rewrite(prompt, rewriter, system_prompt, max_new_tokens, temperature, seed, top_p,
+                                force_think_block=force_think_block)
         check_sampling(max_new_tokens, temperature, top_p)
         build_rewrite_text(prompt, rewriter, system_prompt, force_think_block=force_think_block,
-                           registry=self.template_registry)  # refuse bad input before loading weights
-        return rewrite_prompt(self.load_rewriter(), self.text_encoder.tokenizer, prompt, rewriter, system_prompt,
+                           registry=registry)  # refuse bad input before loading weights
+        return rewrite_prompt(self.load(), self._text_encoder().tokenizer, prompt, rewriter, system_prompt,
                               max_new_tokens, temperature, seed, top_p, force_think_block=force_think_block,
-                              registry=self.template_registry)
+                              registry=registry)
+
+
+class RewriterMixin:
+    """``rewrite`` / ``load_rewriter`` / ``unload_rewriter`` on a class with ``model_folder`` and
+    ``text_encoder`` (and optionally ``template_registry``), through a :class:`Rewriter`. Kept for
+    code that mixes it in; the pipeline holds a Rewriter instead."""
+
+    template_registry: TemplateRegistry | None = None
+
+    @property
+    def prompt_rewriter(self) -> Rewriter:
+        rw = self.__dict__.get("_prompt_rewriter")
+        if rw is None:
+            rw = self.__dict__["_prompt_rewriter"] = Rewriter(lambda: self.text_encoder, lambda: self.model_folder,
+                                                              lambda: self.template_registry)
+        return rw
+
+    @property
+    def _rewriter_lm(self) -> Qwen3CausalLM | None:
+        return self.prompt_rewriter.lm
+
+    def load_rewriter(self) -> Qwen3CausalLM:
+        """As :meth:`Rewriter.load`."""
+        return self.prompt_rewriter.load()
+
+    def unload_rewriter(self) -> None:
+        """As :meth:`Rewriter.unload`."""
+        self.prompt_rewriter.unload()
+
+    def rewrite(self, prompt: str, *args, **kwargs) -> str:
+        """As :meth:`Rewriter.rewrite`."""
+        return self.prompt_rewriter.rewrite(prompt, *args, **kwargs)
 
 
 def _rewriter_folder(path_or_id, revision=None, cache_dir=None, local_files_only=False) -> Path:
@@ -475,10 +428,10 @@ def _rewriter_folder(path_or_id, revision=None, cache_dir=None, local_files_only
         text = str(path_or_id)
         if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
             raise FileNotFoundError(f"model folder not found: {text}")
-        from huggingface_hub import snapshot_download
+        from ..hub import hub_snapshot
 
-        path = Path(snapshot_download(text, revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=REWRITER_HUB_FILES, local_files_only=local_files_only))
+        path = hub_snapshot(text, "text encoder of", revision=revision, cache_dir=cache_dir,
+                            allow_patterns=REWRITER_HUB_FILES, local_files_only=local_files_only)
     missing = [name for name in ("text_encoder/config.json", "tokenizer") if not (path / name).exists()]
     if missing:
         raise FileNotFoundError(f"{path} is not a Z-Image model folder (diffusers layout): missing {missing}")
@@ -533,7 +486,7 @@ class PromptRewriter:
         *,
         force_think_block: bool | None = None,
     ) -> str:
-        """As :meth:`RewriterMixin.rewrite`."""
+        """As :meth:`Rewriter.rewrite`."""
         return rewrite_prompt(self.lm, self.tokenizer, prompt, rewriter, system_prompt, max_new_tokens,
                               temperature, seed, top_p, force_think_block=force_think_block,
                               registry=self.template_registry)
