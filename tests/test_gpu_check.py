@@ -49,3 +49,29 @@ def test_dry_run_exit_status_and_verdict(tmp_path, bench_rc):
         assert result.returncode == 1 and lines[-1] == "VERDICT: FAIL (ladder checks)", result.stdout
         assert any(line.startswith("FAIL fp8 quality") for line in lines)
     assert (tmp_path / "out" / "gpu_check.log").read_text().strip().splitlines()[-1] == lines[-1]
+
+
+def test_gpu_only_checks_run_on_the_cpu_with_stand_in_graphs():
+    """The ladder's GPU-only checks (CFG under graphs, graph modes, fp8 both ways) as code paths:
+    stand-in graph capture, eager-backend compile, the tiny bench model in bf16."""
+    import torch
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native import bench
+
+    from .test_compiled import graphed
+
+    torch._dynamo.reset()
+    pipe, _ = bench.build_random_pipeline(torch.device("cpu"), torch.bfloat16, tiny=True)
+    pipe.progress = False
+    pipe.optimize(compile="blocks", compile_backend=CompileCounterWithBackend("eager"))
+    reference = {"image": pipe(bench.PROMPT, width=32, height=32, num_inference_steps=2, seed=0,
+                               output_type="np").images}
+    sampler, _ = graphed(pipe)
+    cfg = bench.cfg_under_graphs(pipe, 32, 2)
+    assert cfg["exercised"] and cfg["rel_l2"] < bench.GRAPH_MAX_REL, cfg
+    modes = bench.graph_mode_timing(pipe, 32, 2, 1)
+    assert set(modes) == {"step_s", "loop_s", "loop_gain_pct"} and pipe._graphed is sampler
+    pipe.optimize(fp8=True)
+    quality = bench.fp8_accumulation_quality(pipe, 32, 2, reference)
+    assert set(quality) == {"fast_accum", "fp32_accum"} and all(v > 20 for v in quality.values()), quality

@@ -359,7 +359,8 @@ def graph_mode_timing(pipe, size: int, steps: int, repeats: int) -> dict:
     times = {}
     step_sampler = pipe._graphed
     for mode in ("step", "loop"):
-        pipe._graphed = step_sampler if mode == "step" else GraphedSampler(pipe, mode="loop", max_graphs=1)
+        pipe._graphed = step_sampler if mode == "step" else GraphedSampler(
+            pipe, capture=step_sampler.capture, new_event=step_sampler.new_event, mode="loop", max_graphs=1)
         call = lambda: pipe.denoise(noise, embeds, None, schedule, progress=False)  # noqa: E731
         call()  # capture
         times[f"{mode}_s"], _ = timed(call, pipe.device, repeats)

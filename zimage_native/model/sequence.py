@@ -8,7 +8,9 @@ Layout of one batch item (Z-Image reference semantics):
 - image tokens: N = (H/16) * (W/16) patches, padded to Nx = ceil32(N) with ``x_pad_token`` rows;
 - caption tokens: L real rows, padded to Lc = ceil32(L) with ``cap_pad_token`` rows;
 - the pad-to-32 rows are real tokens: attended, with positions. Only *batch* padding (items with
-  shorter captions, or a caption bucket longer than Lc) is masked;
+  shorter captions in a batch that mixes 32-token classes) is masked: the engine pads a caption
+  to its multiple of 32 and no further, so a single-image request has no mask (the shape policy
+  of docs/performance.md; ``caption_tokens`` pads further, for tests and callers that want it);
 - positions: caption row j -> (1 + j, 0, 0) for j < Lc; image patch (h, w) -> (Lc + 1, h, w);
   image pad rows -> (0, 0, 0);
 - the joint sequence is [image (Nx), caption (Lc_max)]. Because every item of a batch has the
