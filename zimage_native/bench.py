@@ -392,7 +392,7 @@ def fp8_accumulation_quality(pipe, size: int, steps: int, reference) -> dict:
 
 
 def ladder(pipe, full_qwen=None, sizes=(1024,), steps: int = 8, repeats: int = 3, rungs=None,
-           with_diffusers: bool = True, big_size: int | None = None) -> tuple[list[Row], dict, dict]:
+           with_diffusers: bool = True, big_size: int | None = None, on_row=None) -> tuple[list[Row], dict, dict]:
     """Apply the rungs cumulatively to ``pipe`` (in place) and measure each at every size, with
     diffusers eager and compiled on the same weights beside them. Quality is against our eager run;
     the diffusers eager row's PSNR is the bf16 parity of the two engines.
@@ -400,8 +400,9 @@ def ladder(pipe, full_qwen=None, sizes=(1024,), steps: int = 8, repeats: int = 3
     ``big_size`` (e.g. 2048) adds one row at that size for the last bf16 rung (cold start
     included: with the dynamic shape policy the compiled graphs are reused, only the CUDA graphs
     are captured anew). Returns (rows, environment, checks); ``checks`` feeds :func:`verdicts`.
+    ``on_row(row)`` is called as each row is done (the GPU check prints them, so a timeout keeps them).
     """
-    rows: list[Row] = []
+    rows = _Rows(on_row)
     checks: dict = {"size": sizes[0]}
     ref = diffusers_pipeline(pipe, full_qwen) if with_diffusers and full_qwen is not None else None
     diffusers_rows, diffusers_images, eager, results = {}, {}, {}, {}
@@ -445,7 +446,18 @@ def ladder(pipe, full_qwen=None, sizes=(1024,), steps: int = 8, repeats: int = 3
             rows.append(row)
     if any(r.fp8 for r in rungs) and sizes[0] in eager:
         checks["fp8_quality_db"] = fp8_accumulation_quality(pipe, sizes[0], steps, eager[sizes[0]])
-    return rows, environment(pipe.device), checks
+    return list(rows), environment(pipe.device), checks
+
+
+class _Rows(list):
+    def __init__(self, on_row=None):
+        super().__init__()
+        self.on_row = on_row
+
+    def append(self, row) -> None:
+        super().append(row)
+        if self.on_row is not None:
+            self.on_row(row)
 
 
 def verdicts(checks: dict, gpu: bool) -> tuple[list[str], list[str]]:

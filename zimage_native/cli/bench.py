@@ -49,7 +49,10 @@ def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffuse
         pipe, full_qwen = b.build_random_pipeline(dev, dt, tiny=tiny)
     pipe.progress = False
     rows, env, checks = b.ladder(pipe, full_qwen, sizes=sizes, steps=steps, repeats=repeats,
-                                 rungs=b.make_ladder(rungs), with_diffusers=with_diffusers, big_size=big_size)
+                                 rungs=b.make_ladder(rungs), with_diffusers=with_diffusers, big_size=big_size,
+                                 on_row=lambda row: click.echo(f"row done: {row.engine} {row.rung} {row.size}: "
+                                                               f"denoise {row.denoise_s} s, e2e {row.e2e_s} s, "
+                                                               f"cold {row.cold_start_s} s, PSNR {row.psnr_db}"))
     click.echo(b.report(rows, env, out, checks))
     if check:
         failures, passes = b.verdicts(checks, gpu=dev.type == "cuda")
