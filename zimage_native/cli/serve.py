@@ -41,7 +41,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--queue-size", type=int, default=8, show_default=True,
               help="Jobs that may wait behind the running one; beyond that: 429 with Retry-After.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="History folder (images + SQLite) [default: $XDG_DATA_HOME/zimage-native/server].")
+              help="History folder (images + SQLite) [default: $XDG_DATA_HOME/zimage-native/server; "
+                   "with --fake: .../server-fake].")
 @loading
 @click.option("--encoder-only", is_flag=True,
               help="Load only the text encoder and tokenizer: serve /api/encode (and rewrite) "
@@ -114,7 +115,8 @@ def build_settings(o: dict):
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {o[key]}")
     limits = Limits(min_side=o["min_side"], max_side=o["max_side"], max_pixels=o["max_pixels"],
                     max_steps=o["max_steps"], max_images=o["max_images"])
-    return ServerSettings(data_dir=o["data_dir"] or default_data_dir(), queue_size=o["queue_size"], token=o["token"],
+    data_dir = o["data_dir"] or default_data_dir(fake=bool(o.get("fake")))  # fake images stay out of real history
+    return ServerSettings(data_dir=data_dir, queue_size=o["queue_size"], token=o["token"],
                           limits=limits, max_history=o["max_history"], job_timeout=o["job_timeout"],
                           full_sync=o["full_sync"])
 

@@ -48,8 +48,19 @@ class GenerationRequest:
     cfg_truncation: float = 1.0
     max_sequence_length: int = 512
     shift: float | None = None
-    strength: float | None = None  # img2img only
-    image: Any = None  # img2img input (a PIL image); not stored
+    strength: float | None = None  # img2img and inpainting
+    image: Any = None  # img2img / inpainting input (a PIL image); not stored
+    mask: Any = None  # inpainting mask (a PIL "L" image, white = repaint); not stored
+    control_image: Any = None  # ControlNet condition (a PIL image); not stored
+    control_scale: float | None = None  # ControlNet conditioning scale
+
+    @property
+    def task(self) -> str:
+        if self.control_image is not None:
+            return "control_inpaint" if self.mask is not None else "control"
+        if self.mask is not None:
+            return "inpaint"
+        return "img2img" if self.image is not None else "txt2img"
 
     @property
     def n(self) -> int:
@@ -58,10 +69,12 @@ class GenerationRequest:
     def params(self) -> dict[str, Any]:
         """JSON-able parameters (the input image is recorded as a flag only)."""
         out = asdict(self)
-        out.pop("image")
+        for name in ("image", "mask", "control_image"):
+            out.pop(name)
         out.update(out.pop("fields"))
         out["n"] = self.n
         out["img2img"] = self.image is not None
+        out["task"] = self.task
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -93,6 +106,8 @@ class Engine:
 
     can_generate = True
     can_rewrite = True
+    can_inpaint = False  # takes a mask (pipe.inpaint)
+    can_control = False  # takes a control image (a ControlNet is loaded)
 
     def __init__(self, model_name: str, variant: str = "turbo", templates_dirs: list[str] | None = None):
         self.model_name = model_name
@@ -174,6 +189,14 @@ class PipelineEngine(Engine):
         pipe.progress = False
 
     @property
+    def can_inpaint(self) -> bool:
+        return callable(getattr(self.pipe, "inpaint", None))
+
+    @property
+    def can_control(self) -> bool:
+        return getattr(self.pipe, "controlnet", None) is not None
+
+    @property
     def default_steps(self) -> int:
         return self.pipe.defaults.num_inference_steps
 
@@ -223,7 +246,13 @@ class PipelineEngine(Engine):
                     progress=False, callback=callback, **request.fields)
         if request.shift is not None and self.scheduler_shift is not None and request.shift != self.scheduler_shift:
             call["sigmas"] = shift_sigmas(self.scheduler_shift, request.shift, request.steps)
-        if request.image is not None:
+        if request.control_image is not None:
+            call.update(control_image=request.control_image, controlnet_conditioning_scale=request.control_scale)
+        if request.mask is not None:
+            if request.control_image is None:
+                call["strength"] = request.strength
+            out = self.pipe.inpaint(request.prompt, image=request.image, mask_image=request.mask, **call)
+        elif request.image is not None:
             out = self.pipe.img2img(request.prompt, request.image, strength=request.strength, **call)
         else:
             out = self.pipe(request.prompt, **call)
@@ -329,10 +358,16 @@ def seed_colour(seed: int) -> tuple[int, int, int]:
 class FakeEngine(Engine):
     """Solid-colour images after ``step_delay`` seconds per step; deterministic fake features.
 
+    Inpainting paints the seed's colour where the mask is white and keeps the input elsewhere;
+    a control image is accepted and recorded (task, control_scale) in the image's metadata.
+
     For tests and demos: no weights, no GPU. A prompt that contains ``fail_marker`` fails after
     its first step (to exercise the failed path). Features are random tensors of ``hidden_size``
     columns, one row per UTF-8 byte of the text (capped at the token limit), seeded by the text.
     """
+
+    can_inpaint = True
+    can_control = True
 
     def __init__(self, step_delay: float = 0.0, *, model_name: str = "fake", variant: str = "turbo",
                  hidden_size: int = 32, dtype: torch.dtype = torch.float32, fail_marker: str | None = "[fail]",
@@ -372,9 +407,13 @@ class FakeEngine(Engine):
                       "steps": request.steps, "guidance_scale": request.guidance_scale, "seed": seed,
                       "template": request.template, **request.fields, "model": self.model_name,
                       "variant": self.variant, "version": __version__, "strength": request.strength,
-                      "shift": request.shift}
+                      "shift": request.shift, "task": request.task, "control_scale": request.control_scale}
             record = {k: v for k, v in record.items() if v is not None}
             image = Image.new("RGB", (request.width, request.height), seed_colour(seed))
+            if request.mask is not None:  # inpainting: the seed's colour where the mask is white, the input elsewhere
+                size = (request.width, request.height)
+                keep = request.image.convert("RGB").resize(size)
+                image = Image.composite(image, keep, request.mask.convert("L").resize(size))
             images.append(GeneratedImage(image, seed, record))
         return images
 
