@@ -169,6 +169,8 @@ def test_inpaint_and_control_inputs(client):
     job, images = run(client, control_image=b64png(size=(128, 96)), control_scale=0.5)
     assert job["params"]["task"] == "control" and job["params"]["control_scale"] == 0.5
     assert (images[0]["width"], images[0]["height"]) == (128, 96)  # the control image's size
+    _, images = run(client, control_image=b64png(size=(20, 15)))  # smaller than min_side: scaled up to it
+    assert (images[0]["width"], images[0]["height"]) == (32, 32)
     job, _ = run(client, image=image, mask=mask_b64, control_image=b64png())
     assert job["params"]["task"] == "control_inpaint" and job["params"]["control_scale"] == 0.75
     assert "strength" not in job["params"]

@@ -21,6 +21,8 @@ from zimage_native.server.testing import LiveServer  # noqa: E402
 TOKEN = "fuzz-token"
 SEED = 1
 EXAMPLES = 10  # per operation and phase; docs/server.md runs 100
+# One worker: with several, hypothesis (6.155) can fail inside schemathesis on its own thread-unsafe
+# lambda-source cache ("AST constructor recursion depth mismatch"), an error of the tool, not the server.
 
 
 def fuzz_settings(path) -> ServerSettings:
@@ -43,7 +45,7 @@ def test_schemathesis_finds_nothing(tmp_path):
     # fail_marker=None: a prompt the fuzzer makes up must not turn into a deliberately failed job.
     engine = FakeEngine(step_delay=0.001, fail_marker=None)
     with LiveServer(create_app(engine, fuzz_settings(tmp_path / "data"))) as live:
-        done = run_schemathesis(live.url, tmp_path, "--seed", str(SEED), "--max-examples", str(EXAMPLES), "--workers", "2")
+        done = run_schemathesis(live.url, tmp_path, "--seed", str(SEED), "--max-examples", str(EXAMPLES), "--workers", "1")
     report = done.stdout[-6000:] + done.stderr[-2000:]
     assert done.returncode == 0, report
     for phase in ("Coverage", "Fuzzing", "Stateful"):

@@ -399,10 +399,12 @@ def default_side(limits: Limits) -> int:
 
 
 def _fit(width: int, height: int, limits: Limits) -> tuple[int, int]:
-    """An input image's size, scaled down to the limits and rounded down to multiples of 16."""
+    """An input image's size within the limits (scaled down, or up to min_side), in multiples of 16."""
     scale = min(1.0, limits.max_side / max(width, height), (limits.max_pixels / (width * height)) ** 0.5)
+    if min(width, height) * scale < limits.min_side:  # too small: up to min_side if the other side fits
+        scale = min(-(-limits.min_side // 16) * 16 / min(width, height), limits.max_side / max(width, height))
     w, h = int(width * scale) // 16 * 16, int(height * scale) // 16 * 16
-    return max(w, 16), max(h, 16)
+    return max(w, 16, limits.min_side), max(h, 16, limits.min_side)
 
 
 def resolve_seeds(seed: int | list[int] | None, n: int, limits: Limits) -> list[int]:
