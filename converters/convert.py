@@ -140,8 +140,8 @@ class _LoraBaker:
         self.parts: dict[str, list] = {}
         self.reports = []
         for path, scale in loras:
-            name, sd = read_lora(path)
-            modules, report = parse_lora(sd, linear, name)
+            name, sd, metadata = read_lora(path, with_metadata=True)
+            modules, report = parse_lora(sd, linear, name, metadata=metadata)
             report.scale = scale
             self.reports.append(report)
             for module in modules:

@@ -9,6 +9,7 @@ only when ``kernels="triton"`` is asked for (see ``zimage_native.accel``).
     zimage::qk_norm_rope             per-head q/k RMSNorm + 3-axis RoPE         qk_norm_rope.py
     zimage::gated_rms_norm_residual  x + tanh(gate) * RMSNorm(y)                gated_residual.py
     zimage::silu_mul                 SiLU(a) * b (SwiGLU gate)                  silu_mul.py
+    zimage::quantize_fp8_rows        per-token fp8 e4m3 activation quantisation  quantize_fp8.py
 
 The ops are ``torch.library.custom_op``s with fake implementations: opaque to Inductor, so they
 work under ``torch.compile(fullgraph=True)``, in CUDA graphs, and with Triton's CPU interpreter
@@ -33,13 +34,14 @@ if __name__ == "zimage_native.kernels" and importlib.util.find_spec("triton") is
     from ._launch import is_interpreted, launch_counts, reset_launch_counts
     from .gated_residual import gated_rms_norm_residual
     from .qk_norm_rope import qk_norm_rope
+    from .quantize_fp8 import quantize_fp8_rows
     from .rms_norm import _rms_norm_fwd_kernel, rms_norm
     from .silu_mul import silu_mul
 
     # True when the kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
     INTERPRETED = is_interpreted(_rms_norm_fwd_kernel)
 
-    OPS = ("rms_norm", "qk_norm_rope", "gated_rms_norm_residual", "silu_mul")
+    OPS = ("rms_norm", "qk_norm_rope", "gated_rms_norm_residual", "silu_mul", "quantize_fp8_rows")
 
-    __all__ += ["rms_norm", "qk_norm_rope", "gated_rms_norm_residual", "silu_mul", "OPS", "INTERPRETED",
+    __all__ += ["rms_norm", "qk_norm_rope", "gated_rms_norm_residual", "silu_mul", "quantize_fp8_rows", "OPS", "INTERPRETED",
                 "launch_counts", "reset_launch_counts"]

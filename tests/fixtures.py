@@ -26,8 +26,10 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_cha
                 shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
 
 
-def build_model_folder(folder: Path, dit_kwargs: dict | None = None, shift: float = 3.0, seed: int = 0) -> Path:
-    """Write a tiny random model in the diffusers layout to ``folder`` and return it."""
+def build_model_folder(folder: Path, dit_kwargs: dict | None = None, shift: float = 3.0, seed: int = 0,
+                       vae_kwargs: dict | None = None) -> Path:
+    """Write a tiny random model in the diffusers layout to ``folder`` and return it (``vae_kwargs``
+    override TINY_VAE's)."""
     import diffusers
     from transformers import Qwen3Config, Qwen3Model
 
@@ -43,7 +45,7 @@ def build_model_folder(folder: Path, dit_kwargs: dict | None = None, shift: floa
     transformer = randomize_(diffusers.ZImageTransformer2DModel(**dit_kwargs), seed + 2)
     transformer.save_pretrained(folder / "transformer")
 
-    vae = randomize_(diffusers.AutoencoderKL(**TINY_VAE), seed + 3, std=0.02)
+    vae = randomize_(diffusers.AutoencoderKL(**{**TINY_VAE, **(vae_kwargs or {})}), seed + 3, std=0.02)
     vae.save_pretrained(folder / "vae")
 
     diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift,

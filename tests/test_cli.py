@@ -42,8 +42,8 @@ def test_generate_several_images_and_reports_random_seed(tiny_model_dir, tmp_pat
     "args, message",
     [
         (["--width", "100"], "width must be a positive multiple of 16"),
-        (["--steps", "0"], "num_inference_steps must be an integer >= 1"),
-        (["--guidance-scale", "-2"], "guidance_scale must be >= 0"),
+        (["--steps", "0"], "--steps must be an integer >= 1"),
+        (["--guidance-scale", "-2"], "--guidance-scale must be >= 0"),
         (["-o", "out.jpg"], "output must be a .png file"),
         (["--model", "/no/such/folder"], "model folder not found"),
     ],

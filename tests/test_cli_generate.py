@@ -136,7 +136,8 @@ def test_unknown_profile_lists_the_tables(tmp_path):
     assert "no profile [a100]" in result.output and "h100" in result.output
 
 
-def test_shipped_example_config_is_valid():
+def test_shipped_example_config_is_valid(tmp_path, monkeypatch):
+    import sys
     from pathlib import Path
 
     import click
@@ -144,9 +145,23 @@ def test_shipped_example_config_is_valid():
     from zimage_native.cli.config import convert, read_profile
     from zimage_native.cli.generate import generate
 
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
     example = Path(__file__).resolve().parents[1] / "docs" / "config.example.toml"
+    tables = [k for k, v in tomllib.loads(example.read_text()).items() if isinstance(v, dict)]
+    assert {"default", "h100", "rtx4090", "16gb", "12gb", "8gb", "low_vram"} <= set(tables)
+    monkeypatch.chdir(tmp_path)  # the files the profiles name (relative paths) must exist
+    for table in tables:
+        for key in ("transformer", "vae", "text_encoder"):
+            name = read_profile(example, table).get(key)
+            if name:
+                Path(name[0]).parent.mkdir(parents=True, exist_ok=True)
+                Path(name[0]).touch()
     ctx = click.Context(generate)
-    for profile in ("default", "h100", "rtx4090", "low_vram"):
+    for profile in tables:
         assert convert(ctx, read_profile(example, profile))
 
 

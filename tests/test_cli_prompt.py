@@ -51,7 +51,7 @@ def test_templates_list_category_filter():
     lines = run("templates", "list", "--category", "rewriter").output.splitlines()
     assert len(lines) >= 10 and len(lines) == len(SHIPPED.list("rewriter"))
     assert all(line.split()[1] == "rewriter" for line in lines)
-    assert run("templates", "list", "--category", "nonsense").exit_code == 2  # click's usage error
+    assert run("templates", "list", "--category", "nonsense").exit_code == 1  # one line, like every input error
 
 
 def test_templates_list_json_and_extra_folder(tmp_path):
@@ -159,8 +159,8 @@ def test_rewrite_prints_the_rewritten_prompt(tiny_model_dir):
     [
         (["--rewriter", "rewriter-concize"], "unknown rewriter 'rewriter-concize'"),
         (["--rewriter", "photo-portrait-85mm"], "not 'rewriter'"),
-        (["--temperature", "-1"], "temperature must be >= 0"),
-        (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
     ],
 )
 def test_rewrite_refuses_bad_input_before_loading(args, message):

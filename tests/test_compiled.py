@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from zimage_native import ZImagePipeline
-from zimage_native.accel.cuda_graphs import GraphedSampler, flatten
+from zimage_native.accel.cuda_graphs import Captured, GraphedSampler, flatten
 from zimage_native.accel.fp8 import Float8Linear, quantize_fp8_
 from zimage_native.scheduler import make_schedule
 
@@ -54,11 +54,32 @@ def test_inductor_compiled_matches_eager(tiny_pipe, fresh_pipe, mode):
 def test_optimize_is_cumulative_and_refuses_to_undo(fresh_pipe):
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    fresh_pipe.optimize(compile="blocks", compile_backend=CompileCounterWithBackend("eager"))
-    assert fresh_pipe.caption_buckets is not None  # static shapes come with compilation
+    lines = fresh_pipe.optimize(compile="blocks", compile_backend=CompileCounterWithBackend("eager"))
+    assert "shapes dynamic" in lines[-1]  # the sequence dim is symbolic: no caption buckets, no masks
     assert fresh_pipe.optimize(compile="blocks") == []  # already applied: nothing to do
     with pytest.raises(ValueError, match="reload"):
         fresh_pipe.optimize(compile="full")
+
+
+def test_fp8_asked_after_compile_is_applied_before_compiling_again(fp8_model_dir):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel.compile import CompiledBlock
+
+    torch._dynamo.reset()
+    pipe = ZImagePipeline.from_pretrained(fp8_model_dir, device="cpu", dtype=torch.bfloat16)
+    pipe.progress = False
+    counter = CompileCounterWithBackend("eager")
+    pipe.optimize(compile="blocks", compile_backend=counter)
+    pipe("a cat", **KW)
+    frames = counter.frame_count
+    lines = pipe.optimize(fp8=True)
+    assert lines[0].startswith("compile: blocks undone") and lines[-1].startswith("compile: blocks")
+    assert [line.split(":")[0] for line in lines[1:]] == ["fused GEMMs", "fp8", "attention backend", "compile"]
+    block = pipe.transformer.layers[0]
+    assert isinstance(block.forward, CompiledBlock) and isinstance(block.feed_forward.w13, Float8Linear)
+    pipe("a cat", **KW)
+    assert counter.frame_count > frames  # traced again, through the fp8 linears, with the same backend
 
 
 def test_cuda_graphs_need_a_gpu(fresh_pipe):
@@ -66,24 +87,101 @@ def test_cuda_graphs_need_a_gpu(fresh_pipe):
         fresh_pipe.optimize(cuda_graphs=True)
 
 
-def rerun_capture(fn):
-    """Stand-in for cuda_capture on the CPU: 'replay' re-runs the captured function on the static inputs."""
-    out = fn()
-    return out, lambda: out.copy_(fn())
+class FakeGraphs:
+    """Stand-in for cuda_capture on the CPU: 'replay' re-runs the captured function on the static
+    inputs; releases and an event log are recorded."""
+
+    def __init__(self):
+        self.released = 0
+        self.log: list[str] = []
+
+    def capture(self, fn):
+        out = fn()
+
+        def replay():
+            self.log.append("replay")
+            out.copy_(fn())
+
+        def release():
+            self.released += 1
+
+        return Captured(out, replay, release)
+
+    def event(self):
+        log = self.log
+
+        class Event:
+            def record(self):
+                log.append("record")
+
+            def synchronize(self):
+                log.append("wait")
+
+        return Event()
 
 
-def test_graphed_sampler_bookkeeping(fresh_pipe, tiny_pipe):
-    fresh_pipe.caption_buckets = (64, 128, 256, 512)
-    fresh_pipe._graphed = graphed = GraphedSampler(fresh_pipe, capture=rerun_capture)
-    for prompt in ("a cat", LONG, "a dog"):  # three caption lengths, one bucket: one capture
+def graphed(pipe, **kwargs) -> tuple[GraphedSampler, FakeGraphs]:
+    fake = FakeGraphs()
+    pipe._graphed = GraphedSampler(pipe, capture=fake.capture, new_event=fake.event, **kwargs)
+    return pipe._graphed, fake
+
+
+@pytest.mark.parametrize("mode", ["step", "loop"])
+def test_graphed_sampler_replays_equal_eager_and_keys_without_guidance(fresh_pipe, tiny_pipe, mode):
+    sampler, _ = graphed(fresh_pipe, mode=mode)
+    cfg = {**KW, "guidance_scale": 2.0, "cfg_truncation": 0.6, "num_inference_steps": 3}
+    for prompt in ("a cat", "a dog"):  # one 32-token class
         got = fresh_pipe(prompt, **KW).images
-        assert_rel(got, tiny_pipe(prompt, **KW).images, 1e-5, f"graphed run of {prompt!r}")
-    assert (graphed.captures, graphed.replays) == (1, 3)
-    fresh_pipe("a cat", **{**KW, "height": 48})  # another resolution: a second graph
-    fresh_pipe(["a cat", "a dog"], **KW)  # another batch size: a third
-    assert graphed.captures == 3 and len(graphed.graphs) == 3
-    graphed.clear()
-    assert not graphed.graphs
+        assert_rel(got, tiny_pipe(prompt, **KW).images, 1e-5, f"graphed {mode} run of {prompt!r}")
+    first = sampler.captures
+    assert first == 1 and sampler.replays == (4 if mode == "step" else 2)
+    for scale in (2.0, 3.5):  # a new guidance value is copied in: no new capture
+        got = fresh_pipe("a cat", **{**cfg, "guidance_scale": scale}).images
+        assert_rel(got, tiny_pipe("a cat", **{**cfg, "guidance_scale": scale}).images, 1e-5, f"CFG {scale}")
+    with_cfg = sampler.captures
+    # step mode: one graph per step kind (CFG on, CFG off after truncation); loop mode: one per pattern
+    assert with_cfg == first + 1, sampler.graphs.keys()
+    fresh_pipe("a cat", **{**KW, "num_inference_steps": 5})  # another step count
+    assert sampler.captures == with_cfg + (0 if mode == "step" else 1)
+
+
+def test_graph_cache_is_lru_bounded_and_releases(fresh_pipe):
+    sampler, fake = graphed(fresh_pipe, max_graphs=2)
+    for height in (32, 48, 64):  # three latent sizes: three graphs, the first evicted and released
+        fresh_pipe("a cat", **{**KW, "height": height})
+    assert (sampler.captures, sampler.evictions, fake.released, len(sampler.graphs)) == (3, 1, 1, 2)
+    fresh_pipe("a cat", **{**KW, "height": 48})  # still cached: moved to the recent end
+    fresh_pipe("a cat", **{**KW, "height": 32})  # recaptured; evicts 64 (least recently used), not 48
+    assert (sampler.captures, fake.released) == (4, 2)
+    assert [key_height(k) for k in sampler.graphs] == [48 // 8, 32 // 8]  # latent heights
+    sampler.clear()
+    assert not sampler.graphs and fake.released == 4
+
+
+def key_height(key):
+    return next(spec[1][2] for spec in key[1] if spec[0] == "T" and len(spec[1]) == 4)
+
+
+def test_graphed_steps_report_progress_one_step_behind_and_cancel(fresh_pipe):
+    sampler, fake = graphed(fresh_pipe)
+    seen = []
+    fresh_pipe("a cat", **{**KW, "num_inference_steps": 4}, callback=lambda k, n: seen.append((k, n)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    # Step k's event is waited for only after step k+1 is queued: the GPU never idles for Python.
+    assert fake.log == ["replay", "record", "replay", "record", "wait", "replay", "record", "wait",
+                        "replay", "record", "wait", "wait"]
+    fake.log.clear()
+    fresh_pipe("a cat", **{**KW, "num_inference_steps": 4})  # no callback, no progress: no waits at all
+    assert fake.log == ["replay"] * 4
+
+    def cancel(k, n):
+        if k == 2:
+            raise KeyboardInterrupt("cancelled")
+
+    fake.log.clear()
+    with pytest.raises(KeyboardInterrupt):
+        fresh_pipe("a cat", **{**KW, "num_inference_steps": 8}, callback=cancel)
+    assert fake.log.count("replay") == 3  # cancelled after step 2, with step 3 already queued
 
 
 def test_flatten_round_trips_a_plan(tiny_pipe):

@@ -313,7 +313,7 @@ def test_info_on_single_files(tiny_model_dir, tmp_path):
     text = run("info", lora).output
     assert "LoRA: 2 modules" in text and "kohya" in text
     gguf = tmp_path / "m.gguf"
-    gguf.write_bytes(b"GGUF" + b"\0" * 40)
+    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16))  # version 3, no tensors: not Z-Image
     text = run("info", gguf).output
     assert "cannot load" in text and "GGUF" in text
     folder = json.loads(run("info", tiny_model_dir, "--json").output)

@@ -62,7 +62,7 @@ def test_img2img_rejects_bad_input(tiny_pipe):
     with pytest.raises(ValueError, match="leaves no step"):
         tiny_pipe.img2img("a cat", make_image(), strength=0.0, num_inference_steps=4)
     with pytest.raises(ValueError, match="PIL image"):
-        tiny_pipe.img2img("a cat", np.zeros((16, 16, 3)))
+        tiny_pipe.img2img("a cat", "cat.png")  # numpy and torch images are accepted (tests/test_sampling.py)
 
 
 def test_preprocess_rounds_down_to_multiples_of_16():

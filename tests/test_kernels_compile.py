@@ -27,12 +27,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 kernels = load_kernels(interpret=DEVICE == "cpu")
 
 
-def all_four_ops(x, y, w, scale, gate, q, k, wq, wk, cos, sin, gate_up):
+def all_ops(x, y, w, scale, gate, q, k, wq, wk, cos, sin, gate_up):
     h = torch.ops.zimage.rms_norm(x, w, 1e-5, scale)
     h = torch.ops.zimage.gated_rms_norm_residual(x, y + h, w, 1e-5, gate)
     q, k = torch.ops.zimage.qk_norm_rope(q, k, wq, wk, cos, sin, 1e-5)
     a, b = gate_up.chunk(2, dim=-1)
-    return h * 2, q + k, torch.ops.zimage.silu_mul(a, b)
+    xq, xs = torch.ops.zimage.quantize_fp8_rows(x.flatten(0, 1))
+    return h * 2, q + k, torch.ops.zimage.silu_mul(a, b), xq.float() * xs
 
 
 def op_inputs(dtype):
@@ -50,9 +51,9 @@ def op_inputs(dtype):
 def test_ops_under_torch_compile_fullgraph_inductor(dtype):
     torch._dynamo.reset()
     inputs = op_inputs(dtype)
-    expected = all_four_ops(*inputs)
+    expected = all_ops(*inputs)
     kernels.reset_launch_counts()
-    compiled = torch.compile(all_four_ops, fullgraph=True, backend="inductor")
+    compiled = torch.compile(all_ops, fullgraph=True, backend="inductor")
     got = compiled(*inputs)
     for g, e in zip(got, expected):
         assert g.dtype == e.dtype and g.shape == e.shape
@@ -80,15 +81,15 @@ def test_fused_transformer_compiles_without_graph_breaks():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a CUDA GPU")
 def test_ops_under_cuda_graph_capture():
     inputs = op_inputs(torch.bfloat16)
-    expected = all_four_ops(*inputs)
+    expected = all_ops(*inputs)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up (Triton compiles) outside the capture
-        all_four_ops(*inputs)
+        all_ops(*inputs)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = all_four_ops(*inputs)
+        captured = all_ops(*inputs)
     graph.replay()
     torch.cuda.synchronize()
     for g, e in zip(captured, expected):

@@ -72,3 +72,16 @@ def test_bad_step_counts_raise(bad):
 def test_bad_sigmas_raise():
     with pytest.raises(ValueError, match="\\(0, 1\\]"):
         make_schedule(SchedulerConfig(), sigmas=[1.0, 0.0])
+
+
+@pytest.mark.parametrize("config", [SchedulerConfig(shift=3.0), SchedulerConfig(use_dynamic_shifting=True)],
+                         ids=["static", "dynamic"])
+def test_a_request_shift_replaces_the_configured_one(config):
+    """``shift=`` (CLI --shift, TOML shift, the server's shift) is applied in make_schedule, once:
+    the schedule of a scheduler configured with that static shift, as diffusers computes it."""
+    for shift in (1.0, 4.5, 6.0):
+        ours = make_schedule(config, 7, shift=shift, image_seq_len=1024)
+        ref = reference(shift, 7)
+        assert torch.equal(ours.sigmas, ref.sigmas) and torch.equal(ours.timesteps, ref.timesteps), shift
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        make_schedule(config, 7, shift=0.0)

@@ -1,5 +1,6 @@
 """The web page in a real headless browser: Playwright for Python driving Debian's chromium against
-the server with the fake engine. Skipped, with the reason, only where chromium or Playwright is missing.
+the server with the fake engine. Skipped, with the reason, only where chromium or Playwright is missing;
+under CI=true that is a failure instead (CI must not go green while these tests skip).
 
 Screenshots (phone and desktop) go to the test's temporary folder, and also to
 $ZIMAGE_TEST_ARTIFACTS when that is set (a git-ignored folder such as test-artifacts/).
@@ -35,20 +36,32 @@ def chromium_path() -> str | None:
     return "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None
 
 
+def unavailable(reason: str):
+    """Skip with ``reason``; under CI=true, fail with it."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: the browser tests must run)", pytrace=False)
+    pytest.skip(reason)
+
+
+def chromium_or_unavailable() -> str:
+    executable = chromium_path()
+    if executable is None:
+        unavailable("Debian's chromium is not installed (apt-get install chromium; .ci/run does it)")
+    return executable
+
+
 @pytest.fixture(scope="module")
 def browser():
     try:
         from playwright.sync_api import Error, sync_playwright
     except ImportError:
-        pytest.skip("Playwright for Python is not installed (pip install playwright)")
-    executable = chromium_path()
-    if executable is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run does it when it can)")
+        unavailable("Playwright for Python is not installed (pip install playwright)")
+    executable = chromium_or_unavailable()
     with sync_playwright() as p:
         try:
             instance = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
         except Error as e:
-            pytest.skip(f"chromium at {executable} did not start: {str(e).splitlines()[0]}")
+            unavailable(f"chromium at {executable} did not start: {str(e).splitlines()[0]}")
         yield instance
         instance.close()
 
@@ -214,7 +227,7 @@ def test_upload_image_mask_and_control_image(page, server, artifacts, tmp_path):
     page.fill("#prompt", "follow the pose")
     page.click("#generate")
     page.wait_for_function(f"document.querySelectorAll('#history li.item').length >= {before + 2}")
-    latest = api_history(server)[0]["params"]
+    latest = api_history(server)[0]["params"]  # the image's record
     assert latest["task"] == "control" and latest["control_scale"] == 0.5
 
 

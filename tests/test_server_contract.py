@@ -161,18 +161,19 @@ def test_inpaint_and_control_inputs(client):
     mask.save(buf, format="PNG")
     mask_b64 = base64.b64encode(buf.getvalue()).decode()
     job, images = run(client, image=image, mask=mask_b64, seed=5)
-    assert job["params"]["task"] == "inpaint" and job["params"]["strength"] == 1.0  # inpainting's default
+    assert job["params"]["inpaint"] is True and job["params"]["strength"] == 1.0  # inpainting's default
+    assert images[0]["params"]["task"] == "inpaint"
     out = Image.open(io.BytesIO(client.get(images[0]["url"]).content)).convert("RGB")
     assert out.size == (96, 64)
     assert out.getpixel((10, 30)) == seed_colour(5) and out.getpixel((80, 30)) == (200, 10, 10)
 
     job, images = run(client, control_image=b64png(size=(128, 96)), control_scale=0.5)
-    assert job["params"]["task"] == "control" and job["params"]["control_scale"] == 0.5
+    assert images[0]["params"]["task"] == "control" and job["params"]["control_scale"] == 0.5
     assert (images[0]["width"], images[0]["height"]) == (128, 96)  # the control image's size
     _, images = run(client, control_image=b64png(size=(20, 15)))  # smaller than min_side: scaled up to it
     assert (images[0]["width"], images[0]["height"]) == (32, 32)
-    job, _ = run(client, image=image, mask=mask_b64, control_image=b64png())
-    assert job["params"]["task"] == "control_inpaint" and job["params"]["control_scale"] == 0.75
+    job, images = run(client, image=image, mask=mask_b64, control_image=b64png())
+    assert images[0]["params"]["task"] == "control_inpaint" and job["params"]["control_scale"] == 0.75
     assert "strength" not in job["params"]
 
 

@@ -16,10 +16,8 @@ httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
 
 from zimage_native import ZImagePipeline  # noqa: E402
-from zimage_native.scheduler import make_schedule  # noqa: E402
 from zimage_native.server import Limits, PipelineEngine, RemoteEncoderError, RemoteTextEncoder, ServerSettings  # noqa: E402
 from zimage_native.server import create_app  # noqa: E402
-from zimage_native.server.engine import shift_sigmas  # noqa: E402
 from zimage_native.server.sse import follow  # noqa: E402
 from zimage_native.server.testing import LiveServer  # noqa: E402
 
@@ -129,14 +127,19 @@ def test_remote_rewrite_equals_local(remote, tiny_pipe):
     assert remote.rewrite("a cat", **kwargs) == tiny_pipe.rewrite("a cat", **kwargs)
 
 
-def test_shift_sigmas_give_the_shifted_schedule(tiny_pipe):
-    from dataclasses import replace
+def test_engine_shift_is_the_pipeline_shift(tiny_pipe):
+    """The server's ``shift`` reaches make_schedule as the pipeline's does (no re-derived sigmas):
+    the engine's latents equal the library's with the same shift, and differ from the model's own."""
+    from zimage_native.server.engine import GenerationRequest
 
-    cfg = tiny_pipe.scheduler_config
-    for shift in (1.0, 3.0, 6.0):
-        got = make_schedule(cfg, None, shift_sigmas(cfg.shift, shift, 6)).sigmas
-        want = make_schedule(replace(cfg, shift=shift), 6).sigmas
-        assert torch.allclose(got, want, atol=1e-6), shift
+    engine = PipelineEngine(tiny_pipe, model_name="tiny")
+    kw = dict(prompt="a cat", width=32, height=32, steps=3, guidance_scale=0.0, seeds=[5], output_type="latent")
+    served = engine.generate(GenerationRequest(shift=6.0, **kw), lambda i, n: None)
+    assert served[0].record["shift"] == 6.0
+    direct = tiny_pipe("a cat", width=32, height=32, num_inference_steps=3, seed=5, shift=6.0, output_type="latent")
+    assert torch.equal(served[0].image, direct.images[0])
+    own = tiny_pipe("a cat", width=32, height=32, num_inference_steps=3, seed=5, output_type="latent").images
+    assert not torch.equal(direct.images, own)
 
 
 def test_encoder_only_engine_matches_the_pipeline_encoder(tiny_model_dir, tiny_pipe, tmp_path):

@@ -255,7 +255,8 @@ def run_ours(pipe, rung: Rung, size: int, steps: int, repeats: int, reference=No
     embeds = pipe.encode_prompt([PROMPT])
     row.encode_s, _ = timed(lambda: pipe.encode_prompt([PROMPT]), device, repeats)
     schedule = make_schedule(pipe.scheduler_config, steps)
-    noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+    f = pipe.vae_scale_factor
+    noise = torch.randn(1, 16, size // f, size // f, generator=torch.Generator().manual_seed(0))
     row.denoise_s, latents = timed(lambda: pipe.denoise(noise, embeds, None, schedule, progress=False), device,
                                    repeats)
     row.step_s = row.denoise_s / steps

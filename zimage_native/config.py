@@ -144,8 +144,6 @@ class VAEConfig(_ConfigMixin):
     def __post_init__(self):
         if self.act_fn != "silu":
             raise ValueError(f"only act_fn 'silu' is supported, got {self.act_fn!r}")
-        if self.use_quant_conv or self.use_post_quant_conv:
-            raise ValueError("quant_conv / post_quant_conv are not part of the FLUX-family VAE and are not supported")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(
                 f"every block_out_channels entry {self.block_out_channels} must be divisible by "
@@ -160,7 +158,8 @@ class VAEConfig(_ConfigMixin):
 
     @property
     def scale_factor(self) -> int:
-        """Spatial downscale of the encoder: 2 ** (number of blocks - 1)."""
+        """Spatial downscale of the encoder: 2 ** (number of blocks - 1), as diffusers reads it (8 for
+        the released VAE; every block but the last halves the size)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
 

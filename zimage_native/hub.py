@@ -7,6 +7,7 @@ only its ``tokenizer/`` folder is fetched.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -37,6 +38,82 @@ REQUIRED = [
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+class HubError(RuntimeError):
+    """A model or tokenizer could not be fetched from the Hugging Face Hub. The message names the
+    repository, says why (no network, offline with an incomplete cache, not found, gated, disk full)
+    and what to do; it is one line, so the CLI prints it whole."""
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def explain_hub_error(e: BaseException, repo_id: str, what: str = "model", *, cache_dir=None,
+                      local_files_only: bool = False) -> HubError | None:
+    """A :class:`HubError` explaining why ``snapshot_download`` of ``repo_id`` failed with ``e``, or
+    None when ``e`` is not a download failure."""
+    from huggingface_hub import constants, errors
+
+    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+    local = "give a local folder instead (--model /path/to/folder on the command line)"
+    head = f"cannot fetch the {what} {repo_id} from the Hugging Face Hub"
+    chain = list(_chain(e))
+    kinds = {type(x).__name__ for x in chain}
+    full = next((x for x in chain if isinstance(x, OSError) and x.errno == errno.ENOSPC), None)
+    if full is not None:
+        return HubError(f"{head}: the disk is full ({_first_line(full)}) while writing to the cache {cache}; free "
+                        f"space there, or set HF_HUB_CACHE to a folder on a larger disk, or {local}")
+    if isinstance(e, errors.GatedRepoError):
+        return HubError(f"{head}: it is a gated repository; accept its terms at https://huggingface.co/{repo_id} "
+                        f"and set HF_TOKEN to a read token of that account (or run `hf auth login`), or {local}")
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return HubError(f"{head}: no such repository (check the id; a private one needs HF_TOKEN set to a token "
+                        f"that can read it), or {local}")
+    if isinstance(e, errors.RevisionNotFoundError):
+        return HubError(f"{head}: the repository has no such revision (branch, tag or commit), or {local}")
+    offline_mode = local_files_only or "OfflineModeIsEnabled" in kinds or (
+        constants.HF_HUB_OFFLINE and len(chain) == 1)
+    if isinstance(e, errors.LocalEntryNotFoundError) and offline_mode:
+        switch = "local_files_only is set" if local_files_only else "HF_HUB_OFFLINE=1 is set"
+        return HubError(f"{head}: {switch} and the cache {cache} has no complete copy of it; download it once "
+                        f"on a connected machine (unset HF_HUB_OFFLINE) into that cache, or {local}")
+    network = next((x for x in chain[1:] if type(x).__name__ in {"ConnectError", "ConnectTimeout", "ConnectionError",
+                                                                 "TimeoutException", "ReadTimeout", "gaierror",
+                                                                 "TimeoutError", "ProxyError", "NetworkError"}
+                    or isinstance(x, (ConnectionError, TimeoutError))), None)
+    if isinstance(e, errors.LocalEntryNotFoundError) or network is not None:
+        why = f" ({_first_line(network)})" if network is not None else ""
+        return HubError(f"{head}: no network connection{why} and no complete copy in the cache {cache}; "
+                        f"{local}, or fill that cache on a connected machine and run with HF_HUB_OFFLINE=1")
+    if isinstance(e, errors.HfHubHTTPError):
+        return HubError(f"{head}: the Hub answered {_first_line(e)}; try again later, or {local}")
+    return None
+
+
+def hub_snapshot(repo_id: str, what: str = "model", **kwargs) -> Path:
+    """``huggingface_hub.snapshot_download(repo_id, **kwargs)``; a failure raises :class:`HubError`
+    (see :func:`explain_hub_error`)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, **kwargs))
+    except Exception as e:
+        explained = explain_hub_error(e, repo_id, what, cache_dir=kwargs.get("cache_dir"),
+                                      local_files_only=bool(kwargs.get("local_files_only")))
+        if explained is None:
+            raise
+        raise explained from e
+
+
 def check_model_folder(folder: Path) -> Path:
     missing = [name for name in REQUIRED if not (folder / name).exists()]
     if missing:
@@ -51,8 +128,13 @@ def resolve_model_folder(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
+    skip_weights: tuple[str, ...] = (),
 ) -> Path:
-    """A local folder as is; an ``owner/name`` Hub id through ``huggingface_hub.snapshot_download``."""
+    """A local folder as is; an ``owner/name`` Hub id through ``huggingface_hub.snapshot_download``.
+
+    ``skip_weights``: components ("transformer", "vae", "text_encoder") whose weights come from
+    elsewhere (a single file, a remote encoder): only their configs are fetched.
+    """
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -62,12 +144,10 @@ def resolve_model_folder(
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder not found: {text} (give a diffusers-layout folder or a Hub id "
                                 f"such as {DEFAULT_MODEL})")
-    from huggingface_hub import snapshot_download
-
-    folder = snapshot_download(
-        text, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_FILES, local_files_only=local_files_only
-    )
-    return check_model_folder(Path(folder))
+    allow = [p for p in HUB_FILES if p not in {f"{c}/*.safetensors" for c in skip_weights}]
+    folder = hub_snapshot(text, "model", revision=revision, cache_dir=cache_dir, allow_patterns=allow,
+                          local_files_only=local_files_only)
+    return check_model_folder(folder)
 
 
 TOKENIZER_PATTERNS = ["tokenizer/*"]
@@ -94,13 +174,11 @@ def resolve_tokenizer_folder(tokenizer: str | os.PathLike | None = None, *, revi
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
         raise FileNotFoundError(f"tokenizer folder not found: {text} (give a folder or a Hub id such as "
                                 f"{DEFAULT_MODEL})")
-    from huggingface_hub import snapshot_download
-
     kwargs = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    folder = Path(snapshot_download(text, allow_patterns=TOKENIZER_PATTERNS, **kwargs))
+    folder = hub_snapshot(text, "tokenizer of", allow_patterns=TOKENIZER_PATTERNS, **kwargs)
     if (folder / "tokenizer").is_dir():
         return folder / "tokenizer"
-    folder = Path(snapshot_download(text, allow_patterns=_ROOT_TOKENIZER_PATTERNS, **kwargs))
+    folder = hub_snapshot(text, "tokenizer of", allow_patterns=_ROOT_TOKENIZER_PATTERNS, **kwargs)
     if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
         raise FileNotFoundError(f"tokenizer: the Hub repository {text} has no tokenizer/ folder or tokenizer files")
     return folder

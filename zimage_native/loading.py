@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import SchedulerConfig
 from .formats.checkpoint import (WEIGHT_FILE_NAMES, WEIGHT_INDEX_NAMES, Checkpoint, check_safetensors,
-                                 safetensors_files)
+                                 safetensors_files, sniff)
 from .formats.detect import inspect_checkpoint, normalize_kind
 from .formats.fp8 import read_scales
 from .formats.infer import folder_config, infer_text_encoder_config, infer_transformer_config, infer_vae_config
@@ -172,7 +172,8 @@ def read_component_state_dict(path: str | os.PathLike, kind: str, *, dequantize_
 
 
 def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                   device: torch.device | str = "cpu", config: dict | str | os.PathLike | None = None) -> nn.Module:
+                   device: torch.device | str = "cpu", config: dict | str | os.PathLike | None = None,
+                   quant: str = "none") -> nn.Module:
     """Load one component from a single file (any supported layout / fp8 form) or a component folder.
 
     ``kind``: 'transformer' | 'vae' | 'text_encoder'. Returns a ``ZImageTransformer``, an
@@ -180,12 +181,20 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
     with ``TextEncoder(module, tokenizer)``). ``config`` overrides what shapes cannot tell (a dict or
     a config.json path); a component folder's own config.json is the base. Weights are dequantised
     (fp8), renamed, cast to ``dtype`` and moved to ``device`` one tensor at a time; loading is strict.
+    ``quant`` ("none" | "int8" | "int4", text encoder only) quantises the text encoder's weights
+    while loading (:mod:`zimage_native.quantize`).
     """
     kind = normalize_kind(kind)
+    if quant != "none" and kind != "text_encoder":
+        raise ValueError(f"quant={quant!r} applies to the text encoder only, not to the {kind}")
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{kind}: no such file or folder: {path}")
     device = torch.device(device) if not isinstance(device, torch.device) else device
+    if path.is_file() and sniff(path) == "gguf":
+        from .gguf_loading import load_gguf_component
+
+        return load_gguf_component(kind, path, dtype, device, config, quant)
     with Checkpoint(path) as ckpt:
         info = inspect_checkpoint(ckpt).component(kind)
         if info.quantization:
@@ -200,7 +209,7 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
 
             kwargs = infer_text_encoder_config(shapes, config, base)
             full = Qwen3Config(**{k: v for k, v in kwargs.items() if k not in ("model_type", "transformers_version")})
-            return load_truncated_qwen3(full, canonical_items(ckpt, info), dtype, device)
+            return load_truncated_qwen3(full, canonical_items(ckpt, info), dtype, device, quant)
         if kind == "transformer":
             from .model.transformer import ZImageTransformer
 
@@ -239,6 +248,7 @@ def load_single_files(
     vae_config: dict | str | os.PathLike | None = None,
     text_encoder_config: dict | str | os.PathLike | None = None,
     scheduler_config: SchedulerConfig | dict | str | os.PathLike | None = None,
+    text_encoder_quant: str = "none",
 ) -> dict[str, Any]:
     """The pieces of a pipeline from single files (ComfyUI split files, all-in-one files, fp8 files,
     component folders): a dict of the pipeline constructor's arguments (``transformer``, ``vae``,
@@ -247,7 +257,8 @@ def load_single_files(
     A component left out is taken from ``transformer``'s file when that file also holds it
     (all-in-one checkpoints). ``tokenizer``: a folder or Hub id (default: the tokenizer/ folder of
     Tongyi-MAI/Z-Image-Turbo, fetched alone). The scheduler defaults to the released Turbo one
-    (pass the Base one, shift 6.0, for Z-Image Base).
+    (pass the Base one, shift 6.0, for Z-Image Base). ``text_encoder_quant``: "none" | "int8" |
+    "int4" (:mod:`zimage_native.quantize`).
     """
     from .devices import resolve_device, resolve_dtype
     from .formats.detect import detect_format
@@ -273,10 +284,120 @@ def load_single_files(
     tok = load_tokenizer(tokenizer)
     dit = load_component("transformer", transformer, dtype, device, transformer_config)
     ae = load_component("vae", given["vae"], dtype, device, vae_config)
-    te = load_component("text_encoder", given["text_encoder"], dtype, device, text_encoder_config)
+    te = load_component("text_encoder", given["text_encoder"], dtype, device, text_encoder_config,
+                        quant=text_encoder_quant)
     if te.config.hidden_size != dit.config.cap_feat_dim:
         raise ValueError(f"text encoder hidden size {te.config.hidden_size} does not match the transformer's "
                          f"cap_feat_dim {dit.config.cap_feat_dim}")
     source = f"single files: transformer={transformer}, vae={given['vae']}, text_encoder={given['text_encoder']}"
     return dict(transformer=dit, vae=ae, text_encoder=TextEncoder(te, tok), scheduler_config=scfg,
                 vae_config=ae.config, source=source)
+
+
+# =========================================================================== a whole pipeline from a model folder
+
+
+def check_quant(text_encoder_quant: str, text_encoder_url: str | None = None) -> str:
+    """Refuse an unknown text encoder quantisation, or one asked for a remote text encoder."""
+    from .quantize import QUANT_MODES
+
+    if text_encoder_quant not in QUANT_MODES:
+        raise ValueError(f"text_encoder_quant must be one of {QUANT_MODES}, got {text_encoder_quant!r}")
+    if text_encoder_url is not None and text_encoder_quant != "none":
+        raise ValueError("text_encoder_quant applies to a local text encoder; with text_encoder_url the remote "
+                         "server's setting applies (start it with --text-encoder-quant)")
+    return text_encoder_quant
+
+
+def load_pretrained(
+    path_or_id: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    text_encoder_device: str | torch.device | None = None,
+    dit_device: str | torch.device | None = None,
+    vae_device: str | torch.device | None = None,
+    offload: str = "none",
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    transformer: str | os.PathLike | None = None,
+    vae: str | os.PathLike | None = None,
+    text_encoder: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    text_encoder_url: str | None = None,
+    text_encoder_token: str | None = None,
+    text_encoder_quant: str = "none",
+) -> dict[str, Any]:
+    """The pieces of a pipeline from a diffusers-layout folder or a Hub id (only the needed files
+    are downloaded): a dict of the pipeline constructor's arguments.
+
+    ``dtype`` applies to all three components (default: bf16 on GPU, fp32 on CPU); weights are
+    cast tensor by tensor while loading. ``*_device`` place one component elsewhere than
+    ``device``; ``offload`` (see :mod:`zimage_native.devices`) says where each lives between uses:
+    "text_encoder" keeps the text encoder on the CPU except while it encodes; "model" keeps every
+    component on the CPU except while it runs; "blocks" offloads the text encoder as "text_encoder"
+    does and streams the DiT's blocks from (pinned) CPU memory one block ahead of their use
+    (:mod:`zimage_native.offload`). ``text_encoder_quant`` "none" | "int8" | "int4": weight-only
+    quantisation of the Qwen3 text encoder (:mod:`zimage_native.quantize`).
+    ``transformer``, ``vae``, ``text_encoder`` (files in any supported format, see
+    docs/formats.md) and ``tokenizer`` (a folder or Hub id) replace that component of the folder.
+    ``text_encoder_url``: encode prompts on a remote ``zimage serve`` (its ``/api/encode``) instead
+    of loading Qwen3 here (the distributed mode; docs/server.md).
+    """
+    from .config import TransformerConfig, VAEConfig
+    from .devices import check_offload, load_device, resolve_device, resolve_dtype
+    from .hub import load_tokenizer, resolve_model_folder
+    from .model.transformer import ZImageTransformer
+    from .model.vae import AutoencoderKL
+    from .text_encoder import TextEncoder, load_qwen3_encoder
+
+    check_offload(offload)
+    check_quant(text_encoder_quant, text_encoder_url)
+    overridden = {"transformer": transformer, "vae": vae,
+                  "text_encoder": text_encoder if text_encoder_url is None else text_encoder_url}
+    folder = resolve_model_folder(path_or_id, revision=revision, cache_dir=cache_dir,
+                                  local_files_only=local_files_only,
+                                  skip_weights=tuple(k for k, v in overridden.items() if v is not None))
+    main = resolve_device(device)
+    dtype = resolve_dtype(dtype, main)
+    placement = {
+        "text_encoder": resolve_device(text_encoder_device) if text_encoder_device else main,
+        "transformer": resolve_device(dit_device) if dit_device else main,
+        "vae": resolve_device(vae_device) if vae_device else main,
+    }
+    storage = {name: load_device(name, dev, offload) for name, dev in placement.items()}
+    scfg = SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
+    logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
+    if transformer is not None:
+        dit = load_component("transformer", transformer, dtype, storage["transformer"],
+                             folder / "transformer" / "config.json")
+    else:
+        tcfg = TransformerConfig.from_json(folder / "transformer" / "config.json")
+        dit = load_module(lambda: ZImageTransformer(tcfg), folder / "transformer", dtype,
+                          storage["transformer"], "transformer")
+    if vae is not None:
+        ae = load_component("vae", vae, dtype, storage["vae"], folder / "vae" / "config.json")
+    else:
+        vcfg = VAEConfig.from_json(folder / "vae" / "config.json")
+        ae = load_module(lambda: AutoencoderKL(vcfg), folder / "vae", dtype, storage["vae"], "vae")
+    if text_encoder_url is not None:
+        from .server.remote import RemoteTextEncoder
+
+        te = RemoteTextEncoder(text_encoder_url, text_encoder_token, dtype=dtype)
+        hidden = te.hidden_size
+    else:
+        tok = load_tokenizer(tokenizer if tokenizer is not None else folder / "tokenizer")
+        if text_encoder is not None:
+            te = TextEncoder(load_component("text_encoder", text_encoder, dtype, storage["text_encoder"],
+                                            folder / "text_encoder" / "config.json", quant=text_encoder_quant), tok)
+        else:
+            te = TextEncoder(load_qwen3_encoder(folder / "text_encoder", dtype, storage["text_encoder"],
+                                                text_encoder_quant), tok)
+        hidden = te.model.config.hidden_size
+    if hidden != dit.config.cap_feat_dim:
+        raise ValueError(
+            f"text encoder hidden size {hidden} does not match the transformer's cap_feat_dim {dit.config.cap_feat_dim}"
+        )
+    return dict(transformer=dit, vae=ae, text_encoder=te, scheduler_config=scfg, vae_config=ae.config,
+                source=str(path_or_id), model_folder=folder, placement=placement, offload=offload)

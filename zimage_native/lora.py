@@ -10,7 +10,9 @@ Spellings accepted (``parse_lora``), in any combination:
 - prefixes ``diffusion_model.``, ``model.diffusion_model.``, ``transformer.``, ``base_model.model.``,
   ``lora_unet_`` / ``lora_transformer_`` / ``lycoris_`` (module paths with dots written as ``_``);
 - weights ``lora_down/lora_up``, ``lora_A/lora_B`` (optional ``.default`` or another adapter name),
-  dotted ``.lora.down/.lora.up``, ``lora_linear_layer.down/up``; ``alpha`` (absent: alpha = rank);
+  dotted ``.lora.down/.lora.up``, ``lora_linear_layer.down/up``; ``alpha`` tensors, else the PEFT
+  config that diffusers / PEFT write into the safetensors metadata (``lora_adapter_metadata``:
+  ``lora_alpha``, ``alpha_pattern``, ``use_rslora``), else alpha = rank;
 - LyCORIS LoKr (``lokr_w1`` or ``lokr_w1_a/b``, ``lokr_w2`` or ``lokr_w2_a/b``), LoHa
   (``hada_w1_a/b``, ``hada_w2_a/b``) and full deltas (``diff``);
 - module names of the diffusers tree (``to_q``, ``to_out.0``, ``feed_forward.w1``,
@@ -25,7 +27,9 @@ A LoRA for another model family (FLUX, SD/SDXL, SD3, Wan, ...) raises an error t
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -130,8 +134,11 @@ def build_targets(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, Targ
 
 
 def linear_shapes(module: nn.Module) -> dict[str, tuple[int, int]]:
-    """Canonical name -> (out, in) of every Linear in a transformer."""
-    return {name: tuple(m.weight.shape) for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    """Canonical name -> (out, in) of every Linear in a transformer (packed GGUF linears included)."""
+    from .quant_linear import GGUFLinear
+
+    return {name: (m.out_features, m.in_features) for name, m in module.named_modules()
+            if isinstance(m, (nn.Linear, GGUFLinear))}
 
 
 # =========================================================================== parsing
@@ -152,6 +159,7 @@ class LoraModule:
     target: Target
     tensors: dict[str, torch.Tensor]
     keys: list[str]  # the file keys it was read from
+    scale_from_metadata: float | None = None  # alpha/rank from the file's PEFT metadata (no alpha tensor)
 
     @property
     def kind(self) -> str:
@@ -227,8 +235,11 @@ class LoraModule:
 
     @property
     def alpha_scale(self) -> float:
-        """alpha / rank; 1 when there is no alpha (or no rank: full LoKr factors and full deltas)."""
+        """alpha / rank: the module's alpha tensor, else the file's PEFT metadata, else 1 (alpha = rank;
+        also when there is no rank: full LoKr factors and full deltas)."""
         alpha, rank = self.tensors.get("alpha"), self.rank
+        if alpha is None and self.scale_from_metadata is not None and rank is not None:
+            return self.scale_from_metadata
         if alpha is None or rank is None:
             return 1.0
         return float(alpha.float().item()) / rank
@@ -322,10 +333,56 @@ def _strip(key: str) -> str:
     return key
 
 
+LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights puts the PEFT config
+
+
+def lora_alpha_config(metadata: Mapping[str, str] | None) -> dict | None:
+    """The alpha part of the PEFT config in a LoRA file's safetensors metadata, or None.
+
+    diffusers writes ``LoraConfig.to_dict()`` as JSON under ``lora_adapter_metadata``, its keys
+    prefixed with the component (``transformer.lora_alpha``); unprefixed keys are read too. Returns
+    ``{"lora_alpha", "alpha_pattern", "use_rslora"}`` when the config gives ``lora_alpha``.
+    """
+    raw = (metadata or {}).get(LORA_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        config = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"the LoRA's {LORA_METADATA_KEY} metadata is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        return None
+    prefixed = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
+    config = prefixed or config
+    if config.get("lora_alpha") is None:
+        return None
+    return {"lora_alpha": float(config["lora_alpha"]), "alpha_pattern": dict(config.get("alpha_pattern") or {}),
+            "use_rslora": bool(config.get("use_rslora", False))}
+
+
+def metadata_alpha(config: Mapping, module: str, rank: int) -> float:
+    """alpha / rank (alpha / sqrt(rank) for rsLoRA) of ``module`` under a :func:`lora_alpha_config`.
+
+    As in PEFT, an ``alpha_pattern`` key applies to the module whose name equals it or ends with
+    ``.`` + it (keys are regular expressions; the first that matches wins), else ``lora_alpha``.
+    """
+    alpha = config["lora_alpha"]
+    for pattern, value in config["alpha_pattern"].items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
+            alpha = float(value)
+            break
+    return alpha / (math.sqrt(rank) if config["use_rslora"] else rank)
+
+
 def parse_lora(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]],
-               name: str = "<dict>") -> tuple[list[LoraModule], LoraReport]:
+               name: str = "<dict>", metadata: Mapping[str, str] | None = None) -> tuple[list[LoraModule], LoraReport]:
     """Group a LoRA state dict by module, resolve every module onto canonical Linear names with
-    weight ``shapes``, drop duplicate spellings and check all shapes. Changes nothing."""
+    weight ``shapes``, drop duplicate spellings and check all shapes. Changes nothing.
+
+    ``metadata``: the file's safetensors metadata; its PEFT ``lora_alpha`` / ``alpha_pattern`` give
+    the alpha of modules that have no ``alpha`` tensor (:func:`lora_alpha_config`).
+    """
+    alpha_config = lora_alpha_config(metadata)
     keys = list(state_dict)
     report = LoraReport(path=name, family=detect_family(keys))
     exact, normal = build_targets(shapes)
@@ -357,6 +414,8 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
             report.unmatched.append(next(k for k in group.keys if k.endswith("diff_b")))
             del group.tensors["diff_b"]
         group.check()
+        if alpha_config is not None and group.kind == "lora" and "alpha" not in group.tensors:
+            group.scale_from_metadata = metadata_alpha(alpha_config, group.source, group.rank)
         modules.append(group)
     # One spelling per weight: canonical single-module names first, then aliases, then fused modules.
     modules.sort(key=lambda g: (len(g.target.modules) > 1, not g.target.canonical))
@@ -414,10 +473,13 @@ def describe_lora_keys(keys: Iterable[str]) -> dict:
 # =========================================================================== files and fusing
 
 
-def read_lora(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
-    """(name, state dict) of a LoRA safetensors file; a dict is passed through. Pickles are refused."""
+def read_lora(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor], *, with_metadata: bool = False):
+    """(name, state dict) of a LoRA safetensors file; a dict is passed through. Pickles are refused.
+
+    ``with_metadata=True``: (name, state dict, the file's safetensors metadata or None).
+    """
     if isinstance(path_or_state, Mapping):
-        return "<dict>", dict(path_or_state)
+        return ("<dict>", dict(path_or_state), None) if with_metadata else ("<dict>", dict(path_or_state))
     path = Path(path_or_state).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
@@ -426,7 +488,13 @@ def read_lora(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor]) -> 
     from .formats import check_safetensors
 
     check_safetensors(path)
-    return str(path), load_file(str(path))
+    if not with_metadata:
+        return str(path), load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    return str(path), load_file(str(path)), metadata
 
 
 def fuse_lora_(weights: Mapping[str, torch.Tensor], modules: Sequence[LoraModule], scale: float,
@@ -455,6 +523,43 @@ def fuse_lora_(weights: Mapping[str, torch.Tensor], modules: Sequence[LoraModule
     return changed
 
 
+def add_lora_side_paths_(layers: Mapping[str, nn.Module], modules: Sequence[LoraModule], scale: float) -> int:
+    """Apply LoRA modules unfused, as side paths of packed (GGUF) linears whose weights cannot be
+    rewritten: ``y += scale * (x A^T) B^T`` with B carrying alpha/rank (a low-rank LoRA), or
+    ``y += scale * x dW^T`` (LoKr, LoHa, full deltas). A fused target (``attention.qkv``) shares A
+    and splits B by rows. Returns the layers changed."""
+    changed = 0
+    with torch.no_grad():
+        for module in modules:
+            targets = [layers[m] for m in module.target.modules]
+            rows = [layer.out_features for layer in targets]
+            if module.kind == "lora":
+                down = module.tensors["down"].float().flatten(1)
+                up = module.tensors["up"].float().flatten(1) * module.alpha_scale
+                parts = [(down, b) for b in up.split(rows, dim=0)]
+            else:
+                parts = [(d, None) for d in module.delta().split(rows, dim=0)]
+            for layer, (a, b) in zip(targets, parts):
+                layer.add_lora(a, b, scale)
+                changed += 1
+    return changed
+
+
+def _split_by_storage(modules: Sequence[LoraModule], packed: Mapping[str, nn.Module]
+                      ) -> tuple[list[LoraModule], list[LoraModule]]:
+    """(modules to fuse into weights, modules to apply as side paths of packed linears)."""
+    fused, side = [], []
+    for module in modules:
+        on_packed = [m in packed for m in module.target.modules]
+        if all(on_packed):
+            side.append(module)
+        elif not any(on_packed):
+            fused.append(module)
+        else:
+            raise ValueError(f"LoRA module {module.source} targets packed and unpacked weights at once")
+    return fused, side
+
+
 def parse_lora_arg(text: str) -> tuple[str, float]:
     """'PATH[:SCALE]' -> (path, scale); a Windows drive colon or a non-number after ':' is part of the path."""
     head, sep, tail = text.rpartition(":")
@@ -467,6 +572,12 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 
 
 # =========================================================================== the pipeline mixin
+
+
+def _packed_linears(model: nn.Module) -> dict[str, nn.Module]:
+    from .quant_linear import GGUFLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, GGUFLinear)}
 
 
 class LoraMixin:
@@ -486,6 +597,7 @@ class LoraMixin:
     def load_lora(self, path_or_list, scale: float | Sequence[float] = 1.0, *, strict: bool = False,
                   undo: bool = True, undo_device: torch.device | str = "cpu"):
         """Fuse one LoRA (a path or a state dict) or several (a list) into the transformer's weights.
+        Linears whose weights are packed (GGUF) get the LoRA as an unfused side path instead.
 
         ``scale`` is a float or one per LoRA. Every file is parsed and checked before any weight
         changes. ``strict=True`` raises if any key is left unmatched. Returns a :class:`LoraReport`
@@ -504,8 +616,8 @@ class LoraMixin:
         shapes = linear_shapes(self.transformer)
         planned = []
         for item, s in zip(items, scales):
-            name, state_dict = read_lora(item)
-            modules, report = parse_lora(state_dict, shapes, name)
+            name, state_dict, metadata = read_lora(item, with_metadata=True)
+            modules, report = parse_lora(state_dict, shapes, name, metadata=metadata)
             report.scale = s
             if strict and report.unmatched:
                 raise ValueError(f"{name}: {len(report.unmatched)} keys match no Z-Image module, e.g. "
@@ -513,8 +625,11 @@ class LoraMixin:
             planned.append((modules, report))
         state = self._lora_state()
         weights = {n: m.weight for n, m in self.transformer.named_modules() if isinstance(m, nn.Linear)}
+        packed = _packed_linears(self.transformer)
         for modules, report in planned:
-            fuse_lora_(weights, modules, report.scale, state["originals"] if undo else None, undo_device)
+            fused, side = _split_by_storage(modules, packed)
+            fuse_lora_(weights, fused, report.scale, state["originals"] if undo else None, undo_device)
+            add_lora_side_paths_(packed, side, report.scale)
             state["no_undo"] |= not undo
             state["loaded"].append(report)
             logger.info("%s", report)
@@ -534,7 +649,7 @@ class LoraMixin:
         with torch.no_grad():
             for name, original in state["originals"].items():
                 weights[name].copy_(original)
-        count = len(state["originals"])
+        count = len(state["originals"]) + sum(m.clear_lora() for m in _packed_linears(self.transformer).values())
         state["originals"].clear()
         state["loaded"].clear()
         return count

@@ -1,17 +1,12 @@
-"""ZImagePipeline: prompt -> caption features -> FlowMatch Euler sampling with the DiT -> VAE decode.
+"""ZImagePipeline: the models, their placement and accelerations, and the public calls.
 
-Semantics are those of diffusers 0.42.1 ``ZImagePipeline`` and ``ZImageImg2ImgPipeline`` (the
-parity references):
-- prompts are wrapped in the Qwen3 chat format and encoded to hidden_states[-2];
-- the initial noise is fp32, drawn on the generator's device (the CPU for ``seed=``), shape
-  (B, 16, H/8, W/8); latents stay fp32 and are cast to the DiT dtype only as model input;
-- the DiT output is the negative velocity; CFG (guidance_scale > 0) is pos + g * (pos - neg) in fp32;
-- decode: z / scaling_factor + shift_factor in the VAE dtype, then (x * 0.5 + 0.5).clamp(0, 1);
-- img2img: a VAE posterior *sample* is drawn before the noise, from the same generator, and the
-  start latents sigma * noise + (1 - sigma) * z are formed in the text encoder's dtype.
-
-Per-request work (tokenising, padding, positions, RoPE tables, masks, the sigma schedule) happens
-once before the step loop; the loop itself has no host syncs.
+A pipeline holds the three components (DiT, VAE, text encoder), where each runs, and the
+accelerations applied to the DiT. Every call (``pipe(...)``, ``img2img``, ``inpaint``) builds one
+:class:`~zimage_native.sampling.GenerationRequest` and runs it on the sampling core,
+:mod:`zimage_native.sampling` (encode -> plan -> step loop -> decode; the semantics of diffusers
+0.42.1 are stated there). Loading is in :mod:`zimage_native.loading`, LoRA in
+:mod:`zimage_native.lora` (a :class:`~zimage_native.lora.LoraStack` collaborator), the rewriter in
+:mod:`zimage_native.prompt.rewriter` (a :class:`~zimage_native.prompt.rewriter.Rewriter`).
 """
 
 from __future__ import annotations
@@ -19,34 +14,33 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from . import sampling
 from .config import SchedulerConfig, TransformerConfig, VAEConfig
-from .devices import resolve_device, resolve_dtype, storage_device
-from .hub import DEFAULT_MODEL, load_tokenizer, resolve_model_folder
-from .loading import load_component, load_module, load_single_files
+from .devices import OFFLOAD_MODES, storage_device
+from .hub import DEFAULT_MODEL
+from .loading import check_quant, load_pretrained, load_single_files  # noqa: F401
 from .lora import LoraMixin
-from .model.sequence import SequenceLayout, build_layout, ceil_to, pad_captions, patchify, unpatchify
 from .model.transformer import ZImageTransformer
 from .model.vae import AutoencoderKL
 from .prompt.format import format_prompt
 from .prompt.rewriter import RewriterMixin
-from .scheduler import Schedule, euler_step, make_schedule
-from .text_encoder import TextEncoder, load_qwen3_encoder
+from .sampling import (GenerationRequest, SamplingPlan, Step, check_request, preprocess_image,  # noqa: F401
+                       preprocess_mask, to_pil)
+from .sampling import cfg_combine, randn as _randn  # noqa: F401  (kept for older imports)
+from .scheduler import Schedule
+from .text_encoder import TextEncoder
 from .tiling import TileConfig, tiled_decode, tiled_encode
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_TYPES = ("pil", "np", "latent")
+OUTPUT_TYPES = sampling.OUTPUT_TYPES
 CAPTION_BUCKETS = (64, 128, 256, 512)
-OFFLOAD_MODES = ("none", "text_encoder", "model")
 
 
 @dataclass(frozen=True)
@@ -57,40 +51,6 @@ class VariantDefaults:
 
 # Turbo is distilled for 8 forwards without CFG; the base model card recommends 50 steps, guidance 4.
 VARIANTS = {"turbo": VariantDefaults(8, 0.0), "base": VariantDefaults(50, 4.0)}
-
-
-@dataclass
-class Step:
-    index: int  # into the schedule
-    guided: bool  # CFG on for this step
-    mods: list[torch.Tensor]  # precomputed modulation vectors, (1, 4D) per block and (1, D) final
-
-
-@dataclass
-class SamplingPlan:
-    """The static inputs of the step loop for one request (see ``ZImagePipeline.plan``)."""
-
-    steps: list[Step]
-    plain: tuple[SequenceLayout, torch.Tensor]  # layout and refined caption tokens, positives only
-    guided: tuple[SequenceLayout, torch.Tensor] | None  # positives then negatives
-    sigmas: torch.Tensor
-    guidance_scale: float
-    norm_limit: float
-
-
-@dataclass
-class Request:
-    """A generation request after defaults are resolved and inputs checked."""
-
-    prompts: list[str]
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    negative_prompt: str | list[str] | None
-    fields: dict[str, Any]  # the chat-format fields (system_prompt, thinking_content, ...)
-    progress: bool
-    batch: int
 
 
 @dataclass
@@ -153,11 +113,16 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         here = transformer.x_pad_token.device
         self.placement = {"text_encoder": here, "transformer": here, "vae": here, **(placement or {})}
         self.offload = offload
+        if offload == "blocks" and getattr(transformer, "block_streamer", None) is None:
+            from .offload import stream_blocks
+
+            stream_blocks(transformer, self.placement["transformer"])  # the resident parts move there
         self.vae_tiling: TileConfig | None = None
         # Static caption lengths (multiples of 32) for compiled/graphed runs; None = exact lengths.
         self.caption_buckets: tuple[int, ...] | None = None
         self._accel = {"kernels": "none", "attention": "sdpa", "compile": "off", "fp8": False, "cuda_graphs": False}
         self._graphed = None
+        self._compile_options: tuple = ("inductor", "dynamic")  # backend and shape policy of the compile
         self.templates_dirs: list[str] = []
         self.progress = True
 
@@ -185,6 +150,11 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
     def dtype(self) -> torch.dtype:
         return self.transformer.x_pad_token.dtype
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """The VAE's spatial downscale (2 ** (len(block_out_channels) - 1)): 8 for the released VAE."""
+        return self.vae_config.scale_factor
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
@@ -194,91 +164,27 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         dtype: str | torch.dtype | None = None,
         *,
         variant: str | None = None,
-        text_encoder_device: str | torch.device | None = None,
-        dit_device: str | torch.device | None = None,
-        vae_device: str | torch.device | None = None,
-        offload: str = "none",
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        transformer: str | os.PathLike | None = None,
-        vae: str | os.PathLike | None = None,
-        text_encoder: str | os.PathLike | None = None,
-        tokenizer: str | os.PathLike | None = None,
         kernels: str = "none",
         attention: str | None = None,
         compile: str = "off",
         cuda_graphs: bool = False,
         fp8: bool = False,
-        text_encoder_url: str | None = None,
-        text_encoder_token: str | None = None,
+        **load,
     ) -> "ZImagePipeline":
-        """Load a diffusers-layout folder or a Hub id (only the needed files are downloaded).
-
-        ``dtype`` applies to all three components (default: bf16 on GPU, fp32 on CPU); weights are
-        cast tensor by tensor while loading. ``*_device`` place one component elsewhere than
-        ``device``. ``offload``: "text_encoder" keeps the text encoder on the CPU except while it
-        encodes; "model" keeps every component on the CPU except while it runs. ``transformer``,
-        ``vae``, ``text_encoder`` (files in any supported format, see docs/formats.md) and
-        ``tokenizer`` (a folder or Hub id) replace that component of the model folder.
+        """Load a diffusers-layout folder or a Hub id; ``load`` holds the loading options of
+        :func:`zimage_native.loading.load_pretrained` (per-component devices, ``offload``, Hub
+        ``revision``/``cache_dir``/``local_files_only``, component files ``transformer``/``vae``/
+        ``text_encoder``/``tokenizer``, a remote ``text_encoder_url``/``text_encoder_token``).
 
         Accelerations (see :meth:`optimize` and docs/performance.md): ``kernels`` "none" | "triton",
         ``attention`` a backend name or "auto" (default: $ZIMAGE_ATTENTION, else "sdpa"),
         ``compile`` "off" | "blocks" | "full", ``cuda_graphs``, ``fp8``.
-
-        ``text_encoder_url``: encode prompts on a remote ``zimage serve`` (its ``/api/encode``)
-        instead of loading Qwen3 here (the distributed mode; docs/server.md).
         """
-        if offload not in OFFLOAD_MODES:
-            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
-        folder = resolve_model_folder(path_or_id, revision=revision, cache_dir=cache_dir,
-                                      local_files_only=local_files_only)
-        main = resolve_device(device)
-        dtype = resolve_dtype(dtype, main)
-        placement = {
-            "text_encoder": resolve_device(text_encoder_device) if text_encoder_device else main,
-            "transformer": resolve_device(dit_device) if dit_device else main,
-            "vae": resolve_device(vae_device) if vae_device else main,
-        }
-        storage = {name: storage_device(name, dev, offload) for name, dev in placement.items()}
-        scfg = SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
-        logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
-        if transformer is not None:
-            dit = load_component("transformer", transformer, dtype, storage["transformer"],
-                                 folder / "transformer" / "config.json")
-        else:
-            tcfg = TransformerConfig.from_json(folder / "transformer" / "config.json")
-            dit = load_module(lambda: ZImageTransformer(tcfg), folder / "transformer", dtype,
-                              storage["transformer"], "transformer")
-        if vae is not None:
-            ae = load_component("vae", vae, dtype, storage["vae"], folder / "vae" / "config.json")
-            vcfg = ae.config
-        else:
-            vcfg = VAEConfig.from_json(folder / "vae" / "config.json")
-            ae = load_module(lambda: AutoencoderKL(vcfg), folder / "vae", dtype, storage["vae"], "vae")
-        if text_encoder_url is not None:
-            from .server.remote import RemoteTextEncoder
-
-            te = RemoteTextEncoder(text_encoder_url, text_encoder_token, dtype=dtype)
-            hidden = te.hidden_size
-        else:
-            tok = load_tokenizer(tokenizer if tokenizer is not None else folder / "tokenizer")
-            if text_encoder is not None:
-                te = TextEncoder(load_component("text_encoder", text_encoder, dtype, storage["text_encoder"],
-                                                folder / "text_encoder" / "config.json"), tok)
-            else:
-                te = TextEncoder(load_qwen3_encoder(folder / "text_encoder", dtype, storage["text_encoder"]), tok)
-            hidden = te.model.config.hidden_size
-        if hidden != dit.config.cap_feat_dim:
-            raise ValueError(
-                f"text encoder hidden size {hidden} does not match the transformer's cap_feat_dim {dit.config.cap_feat_dim}"
-            )
-        pipe = cls(dit, ae, te, scfg, vcfg, source=str(path_or_id), variant=variant,
-                   model_folder=folder, placement=placement, offload=offload)
-        if variant is None:
-            logger.info("variant %s (defaults: %s)", pipe.variant, pipe.defaults)
         from .accel import attention_from_env
 
+        pipe = cls(**load_pretrained(path_or_id, device, dtype, **load), variant=variant)
+        if variant is None:
+            logger.info("variant %s (defaults: %s)", pipe.variant, pipe.defaults)
         pipe.optimize(kernels=kernels, attention=attention or attention_from_env(), compile=compile,
                       cuda_graphs=cuda_graphs, fp8=fp8)
         return pipe
@@ -289,7 +195,7 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         """Build from single files (ComfyUI split, all-in-one, fp8) or component folders; see
         :func:`zimage_native.loading.load_single_files` for the arguments. Other keyword arguments
         (``variant=``, ...) go to the constructor."""
-        names = ("transformer_config", "vae_config", "text_encoder_config", "scheduler_config")
+        names = ("transformer_config", "vae_config", "text_encoder_config", "scheduler_config", "text_encoder_quant")
         loaded = load_single_files(transformer, vae, text_encoder, tokenizer, device, dtype,
                                    **{k: kwargs.pop(k) for k in names if k in kwargs})
         return cls(**loaded, **kwargs)
@@ -324,15 +230,25 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         cuda_graphs: bool | None = None,
         fp8: bool | None = None,
         compile_backend: str | object = "inductor",
+        fp8_fast_accum: bool = True,
+        shapes: str = "dynamic",
+        graph_mode: str = "step",
+        graph_cache_size: int | None = None,
     ) -> list[str]:
         """Apply accelerations to the DiT in place, in the one order of ``accel.optimize`` (kernel
         swaps, fp8, attention backend, torch.compile), then CUDA graphs of the sampling loop.
 
         Calls are cumulative: ``None`` keeps the current setting, and a transform already applied is
-        not applied again. Turning one off again needs a reload. Returns the log lines.
+        not applied again. Turning one off again needs a reload. A transform that must come before
+        compile (kernels, fp8, the attention backend) asked for on a compiled DiT undoes the
+        compilation, applies it and compiles again, so fp8 is always quantised before compile.
+        ``shapes`` is the compile shape policy ("dynamic" or "static", ``accel.compile``);
+        ``graph_mode`` ("step" or "loop") and ``graph_cache_size`` configure the CUDA graphs
+        (``accel.cuda_graphs``). Returns the log lines.
         """
         from .accel import optimize as optimize_dit
-        from .accel.cuda_graphs import GraphedSampler
+        from .accel.compile import uncompile_
+        from .accel.cuda_graphs import DEFAULT_MAX_GRAPHS, GraphedSampler
 
         state = self._accel
         wanted = {"kernels": kernels, "attention": attention, "compile": compile, "fp8": fp8,
@@ -346,20 +262,40 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
                 raise ValueError(f"cuda_graphs needs the DiT on a CUDA device; it is on {self.device}")
             if self.offload != "none":
                 raise ValueError("cuda_graphs needs the DiT to stay on the GPU: use offload='none'")
-        lines = optimize_dit(
-            self.transformer,
-            kernels=changes.get("kernels", "none"),
-            attention=changes.get("attention", state["attention"]),
-            fp8=bool(changes.get("fp8", False)),
-            compile=changes.get("compile", "off"),
-            compile_backend=compile_backend,
-        ) if any(k in changes for k in ("kernels", "attention", "fp8", "compile")) else []
-        if changes.get("compile", "off") != "off" or changes.get("cuda_graphs"):
-            self.caption_buckets = CAPTION_BUCKETS  # static shapes: a new prompt does not recompile
+        if self.offload == "blocks":
+            refused = [f"{k}={changes[k]!r}" for k in ("kernels", "compile", "fp8") if changes.get(k) not in
+                       (None, "none", "off", False)]
+            if refused:
+                raise ValueError(f"offload='blocks' streams the DiT's blocks as they are loaded; {', '.join(refused)} "
+                                 f"would change or compile them: use offload='none' (or 'text_encoder') with it")
+        before_compile = any(k in changes for k in ("kernels", "attention", "fp8"))
+        compile_mode = changes.get("compile", "off")
+        lines = []
+        if "compile" in changes:
+            self._compile_options = (compile_backend, shapes)
+        if before_compile and state["compile"] != "off":
+            uncompile_(self.transformer)  # compile again after the transform, as it was compiled
+            compile_mode = state["compile"]
+            compile_backend, shapes = self._compile_options
+            lines.append(f"compile: {compile_mode} undone, to apply {sorted(set(changes) & {'kernels', 'attention', 'fp8'})} "
+                         "before compiling again")
+        if before_compile or compile_mode != "off":
+            lines += optimize_dit(
+                self.transformer,
+                kernels=changes.get("kernels", "none"),
+                attention=changes.get("attention", state["attention"]),
+                fp8=bool(changes.get("fp8", False)),
+                compile=compile_mode,
+                compile_backend=compile_backend,
+                fp8_fast_accum=fp8_fast_accum,
+                shapes=shapes,
+            )
         if changes.get("cuda_graphs"):
-            self._graphed = GraphedSampler(self)
-            lines.append("cuda graphs: the whole sampling loop, captured once per shape")
-        elif self._graphed is not None and ("fp8" in changes or "kernels" in changes):
+            size = graph_cache_size or DEFAULT_MAX_GRAPHS
+            self._graphed = GraphedSampler(self, mode=graph_mode, max_graphs=size)
+            lines.append(f"cuda graphs: {'one graph per step kind' if graph_mode == 'step' else 'the whole loop'}, "
+                         f"at most {size} cached (LRU)")
+        elif self._graphed is not None and before_compile:
             self._graphed.clear()  # captured graphs hold the old modules
         state.update(changes)
         return lines
@@ -406,14 +342,11 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         self, prompts: list[str], max_sequence_length: int = 512, template=None, **fields
     ) -> list[torch.Tensor]:
         """Chat-format and encode prompts: a list of (L_i, cap_feat_dim) features on the DiT device."""
-        texts = self.format_prompts(prompts, template, **fields)
-        with self._running("text_encoder"):
-            features = self.text_encoder.encode(texts, max_sequence_length)
-        return [f.to(self.device) for f in features]
+        return self.encode_texts(self.format_prompts(prompts, template, **fields), max_sequence_length)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """fp32 latents (B, 16, h, w) -> images (B, 3, 8h, 8w) in [0, 1]."""
+        """fp32 latents (B, 16, h, w) -> images (B, 3, f*h, f*w) in [0, 1] (f: ``vae_scale_factor``)."""
         with self._running("vae") as device:
             dtype = next(self.vae.parameters()).dtype
             z = latents.to(device, dtype)
@@ -441,141 +374,51 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
             return ((z - shift) * self.vae_config.scaling_factor).to(self.device)
 
     @torch.no_grad()
-    def denoise(
-        self,
-        latents: torch.Tensor,
-        prompt_embeds: list[torch.Tensor],
-        negative_embeds: list[torch.Tensor] | None,
-        schedule: Schedule,
-        guidance_scale: float = 0.0,
-        cfg_normalization: float | bool = False,
-        cfg_truncation: float | None = 1.0,
-        progress: bool = True,
-        start: int = 0,
-        callback: Callable[[int, int], None] | None = None,
-    ) -> torch.Tensor:
-        """Run the sampling loop from ``latents`` at step ``start``; returns the final fp32 latents.
+    def encode_texts(self, texts: list[str], max_sequence_length: int = 512) -> list[torch.Tensor]:
+        """Encode already formatted texts in one text-encoder batch; features on the DiT device."""
+        with self._running("text_encoder"):
+            features = self.text_encoder.encode(texts, max_sequence_length)
+        return [f.to(self.device) for f in features]
 
-        ``callback(step, total)`` runs after each step (raise in it to stop the run).
-        """
-        with self._running("transformer"):
-            plan = self.plan(latents.shape[-2:], prompt_embeds, negative_embeds, schedule, guidance_scale,
-                             cfg_normalization, cfg_truncation, start)
-            run = self._graphed if self._graphed is not None else self.run_steps
-            return run(latents.to(self.device, torch.float32), plan, progress, callback)
+    # ------------------------------------------------------------------ the sampling core (see sampling.py)
+    def denoise(self, latents, prompt_embeds, negative_embeds, schedule: Schedule, guidance_scale=0.0,
+                cfg_normalization=False, cfg_truncation=1.0, progress=True, start=0, callback=None, **hooks):
+        """Run the step loop from ``latents`` at schedule step ``start`` (:func:`sampling.denoise`)."""
+        return sampling.denoise(self, latents, prompt_embeds, negative_embeds, schedule, guidance_scale,
+                                cfg_normalization, cfg_truncation, progress, start, callback, **hooks)
 
-    @torch.no_grad()
-    def plan(self, size, prompt_embeds, negative_embeds, schedule: Schedule, guidance_scale=0.0,
-             cfg_normalization=False, cfg_truncation=1.0, start=0) -> "SamplingPlan":
-        """Everything the step loop reads, computed once per request: layouts, refined caption tokens
-        (the context refiner does not depend on t) and every modulation vector of the schedule.
-        The DiT must be on its execution device (see ``_running``)."""
-        cfg, device, dtype = self.transformer_config, self.device, self.dtype
-        use_cfg = guidance_scale > 0 and negative_embeds is not None
+    def plan(self, *args, **kwargs) -> SamplingPlan:
+        """The step loop's static inputs for one request (:func:`sampling.plan`)."""
+        return sampling.plan(self, *args, **kwargs)
 
-        def prepare(embeds):
-            longest = max(ceil_to(e.shape[0]) for e in embeds)
-            bucket = next((b for b in self.caption_buckets or () if b >= longest), None)
-            layout = build_layout(cfg, [e.shape[0] for e in embeds], size[0], size[1], device, bucket)
-            cap = pad_captions(embeds, layout.caption_pad.shape[1])
-            return layout, self.transformer.encode_caption(cap, layout)
+    def run_steps(self, latents: torch.Tensor, plan: SamplingPlan, progress: bool = False, callback=None,
+                  on_step_end=None) -> torch.Tensor:
+        """The step loop (:func:`sampling.run_steps`); what the graphed sampler captures."""
+        return sampling.run_steps(self, latents, plan, progress, callback, on_step_end)
 
-        plain = prepare(prompt_embeds)
-        guided = prepare(prompt_embeds + negative_embeds) if use_cfg else None
-        times = schedule.model_times()
-        c = self.transformer.time_embedding(times.to(device), dtype)  # (N, 256): one row per step
-        mods = self.transformer.modulations(c)
-        truncate = cfg_truncation is not None and float(cfg_truncation) <= 1  # late steps run without CFG
-        steps = []
-        for i in range(start, schedule.num_steps):
-            on = use_cfg and not (truncate and times[i].item() > cfg_truncation)
-            steps.append(Step(i, on, [m[i:i + 1] for m in mods]))
-        return SamplingPlan(steps, plain, guided, schedule.sigmas.to(device), float(guidance_scale),
-                            float(cfg_normalization) if cfg_normalization else 0.0)
-
-    def run_steps(self, latents: torch.Tensor, plan: "SamplingPlan", progress: bool = False,
-                  callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """The sampling loop over fp32 ``latents``: only tensor work, no host syncs."""
-        cfg, dtype = self.transformer_config, self.dtype
-        for k, step in enumerate(tqdm(plan.steps, disable=not progress, desc="denoise")):
-            layout, tokens = plan.guided if step.guided else plan.plain
-            x = latents.to(dtype)
-            if step.guided:
-                x = x.repeat(2, 1, 1, 1)
-            out = self.transformer.forward_tokens(patchify(x, cfg.patch_size), tokens, None, layout, step.mods)
-            pred = unpatchify(out, layout.grid, cfg.in_channels, cfg.patch_size).float()
-            if step.guided:
-                pos, neg = pred.chunk(2)
-                pred = pos + plan.guidance_scale * (pos - neg)
-                if plan.norm_limit > 0:
-                    limit = torch.linalg.vector_norm(pos, dim=(1, 2, 3), keepdim=True) * plan.norm_limit
-                    norm = torch.linalg.vector_norm(pred, dim=(1, 2, 3), keepdim=True)
-                    pred = torch.where(norm > limit, pred * (limit / norm), pred)
-            # The model predicts the negative velocity.
-            latents = euler_step(latents, -pred, plan.sigmas[step.index], plan.sigmas[step.index + 1])
-            if callback is not None:
-                callback(k + 1, len(plan.steps))
-        return latents
-
-    # ------------------------------------------------------------------ requests
     def _template(self, template):
         if template is None or not isinstance(template, str):
             return template
         return self.template_registry.get(template)
 
-    def _resolve(self, template, width, height, steps, guidance_scale, negative_prompt):
-        """Fill unset settings: the template's suggestions first, then the variant defaults."""
-        suggested = dict(getattr(self._template(template), "settings", None) or {})
-        width = width if width is not None else suggested.get("width", 1024)
-        height = height if height is not None else suggested.get("height", 1024)
-        steps = steps if steps is not None else suggested.get("steps", self.defaults.num_inference_steps)
-        if guidance_scale is None:
-            guidance_scale = suggested.get("guidance_scale", self.defaults.guidance_scale)
-        if negative_prompt is None:
-            negative_prompt = suggested.get("negative_prompt")
-        return width, height, steps, guidance_scale, negative_prompt
+    # ------------------------------------------------------------------ requests
+    def generate(self, request: GenerationRequest, **run) -> ZImageOutput:
+        """Run one :class:`GenerationRequest` (any task); ``run``: ``progress``, ``callback``,
+        ``callback_on_step_end``, ``callback_on_step_end_tensor_inputs`` (:func:`sampling.generate`)."""
+        return sampling.generate(self, request, **run)
 
-    def _request(self, prompt, width, height, steps, seed, generator, guidance_scale, negative_prompt, n,
-                 output_type, max_len, template, progress, **fields) -> "Request":
-        """Resolve unset settings (template, then variant), validate everything, before any work."""
-        width, height, steps, guidance_scale, negative_prompt = self._resolve(
-            template, width, height, steps, guidance_scale, negative_prompt)
-        prompts = check_request(prompt, width, height, steps, seed, generator, guidance_scale, n, output_type,
-                                max_len)
-        return Request(prompts, width, height, steps, guidance_scale, negative_prompt, fields,
-                       self.progress if progress is None else progress, len(prompts) * n)
-
-    def _schedule(self, r: "Request", sigmas) -> Schedule:
-        return make_schedule(self.scheduler_config, None if sigmas is not None else r.steps, sigmas,
-                             image_seq_len=(r.height // 16) * (r.width // 16))
-
-    def _prepare_embeds(self, r: "Request", n, max_len, template, info):
-        embeds = self.encode_prompt(r.prompts, max_len, template, **r.fields)
-        info["formatted_prompts"] = self.format_prompts(r.prompts, template, **r.fields)
-        negative = None
-        if r.guidance_scale > 0:
-            negative = self.encode_prompt(_negatives(r.negative_prompt, len(r.prompts)), max_len)
-        if n > 1:  # [p0, p0, p1, p1, ...], as the reference repeats them
-            embeds = [e for e in embeds for _ in range(n)]
-            if negative is not None:
-                negative = [e for e in negative for _ in range(n)]
-        info["token_counts"] = [int(e.shape[0]) for e in embeds]
-        return embeds, negative
-
-    @staticmethod
-    def _generators(seed, generator, batch: int) -> tuple[list[torch.Generator], list[int] | None]:
-        """One generator (shared, as diffusers) or one per image for a list of seeds."""
-        if generator is not None:
-            return ([generator] if isinstance(generator, torch.Generator) else list(generator)), None
-        seeds = list(seed) if isinstance(seed, (list, tuple)) else [random.randrange(2**63) if seed is None else seed]
-        if len(seeds) not in (1, batch):
-            raise ValueError(f"got {len(seeds)} seeds for {batch} images: give one seed or one per image")
-        return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds], seeds
+    def _call(self, prompt, *, seed, num_inference_steps, fields, progress, callback, callback_on_step_end,
+              callback_on_step_end_tensor_inputs, **kw) -> ZImageOutput:
+        seeds = None if seed is None else [int(s) for s in seed] if isinstance(seed, (list, tuple)) else [int(seed)]
+        request = GenerationRequest(prompt=prompt, seeds=seeds, steps=num_inference_steps,
+                                    fields={k: v for k, v in fields.items() if v is not None}, **kw)
+        return self.generate(request, progress=progress, callback=callback, callback_on_step_end=callback_on_step_end,
+                             callback_on_step_end_tensor_inputs=tuple(callback_on_step_end_tensor_inputs))
 
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         width: int | None = None,
         height: int | None = None,
         num_inference_steps: int | None = None,
@@ -598,180 +441,58 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         strip_quotes: bool | None = None,
         progress: bool | None = None,
         callback: Callable[[int, int], None] | None = None,
+        *,
+        shift: float | None = None,
+        prompt_embeds: list[torch.Tensor] | None = None,
+        negative_prompt_embeds: list[torch.Tensor] | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        image=None,
+        strength: float | None = None,
+        mask_image=None,
+        control_image=None,
+        controlnet_conditioning_scale: float = 0.75,
     ) -> ZImageOutput:
         """Generate images. Unset ``width``/``height``/``num_inference_steps``/``guidance_scale`` come
         from the template's suggested settings, then from the variant (Turbo: 8 steps, guidance 0;
-        base: 50 steps, guidance 4). ``seed`` may be a list with one seed per image."""
-        r = self._request(prompt, width, height, num_inference_steps, seed, generator, guidance_scale,
-                          negative_prompt, num_images_per_prompt, output_type, max_sequence_length, template, progress,
-                          system_prompt=system_prompt, thinking_content=thinking_content,
-                          assistant_content=assistant_content, force_think_block=force_think_block,
-                          strip_quotes=strip_quotes)
-        shape = (r.batch, self.transformer_config.in_channels, 2 * (r.height // 16), 2 * (r.width // 16))
+        base: 50 steps, guidance 4). ``seed`` may be a list with one seed per image.
 
-        seeds = None
-        if latents is None:
-            generators, seeds = self._generators(seed, generator, r.batch)
-            latents = _randn(shape, generators, torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape} for this request, got {tuple(latents.shape)}")
-
-        info = _request_info(self, r, seeds, template)
-        embeds, negative = self._prepare_embeds(r, num_images_per_prompt, max_sequence_length, template, info)
-        schedule = self._schedule(r, sigmas)
-        latents = self.denoise(latents, embeds, negative, schedule, r.guidance_scale, cfg_normalization,
-                               cfg_truncation, r.progress, callback=callback)
-        return self._output(latents, output_type, seeds, info)
-
-    @torch.no_grad()
-    def img2img(
-        self,
-        prompt: str | list[str],
-        image,
-        strength: float = 0.6,
-        width: int | None = None,
-        height: int | None = None,
-        num_inference_steps: int | None = None,
-        seed: int | list[int] | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        guidance_scale: float | None = None,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        output_type: str = "pil",
-        sigmas: list[float] | None = None,
-        cfg_normalization: float | bool = False,
-        cfg_truncation: float | None = 1.0,
-        max_sequence_length: int = 512,
-        template: str | Any | None = None,
-        system_prompt: str | None = None,
-        thinking_content: str | None = None,
-        assistant_content: str | None = None,
-        force_think_block: bool | None = None,
-        strip_quotes: bool | None = None,
-        progress: bool | None = None,
-        callback: Callable[[int, int], None] | None = None,
-    ) -> ZImageOutput:
-        """Image-to-image: start from ``image`` (a PIL image or a list of them) noised to ``strength``.
-
-        The image is resized down to multiples of 16 (or to ``width`` x ``height`` when given);
-        ``strength`` 1 starts from pure noise, 0.6 runs the last 60% of the schedule.
+        ``output_type``: "pil" | "np" | "pt" | "latent". ``prompt_embeds`` /
+        ``negative_prompt_embeds``: lists of (tokens, features) tensors instead of prompts.
+        ``callback(step, total)`` after each step; ``callback_on_step_end(pipe, i, t, tensors)`` as
+        in diffusers (may return new ``latents``). ``shift`` replaces the scheduler's shift.
+        ``image`` (+ ``strength``), ``mask_image``, ``control_image`` select img2img, inpainting or
+        ControlNet as :meth:`img2img` / :meth:`inpaint` do.
         """
-        if not 0 <= strength <= 1:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        pixels = preprocess_image(image, width, height)
-        r = self._request(prompt, pixels.shape[-1], pixels.shape[-2], num_inference_steps, seed, generator,
-                          guidance_scale, negative_prompt, num_images_per_prompt, output_type, max_sequence_length,
-                          template, progress, system_prompt=system_prompt, thinking_content=thinking_content,
-                          assistant_content=assistant_content, force_think_block=force_think_block,
-                          strip_quotes=strip_quotes)
-        if r.batch % pixels.shape[0]:
-            raise ValueError(f"cannot spread {pixels.shape[0]} input images over {r.batch} outputs")
-        schedule = self._schedule(r, sigmas)
-        n = schedule.num_steps
-        start = int(max(n - min(n * strength, n), 0))
-        if n - start < 1:
-            raise ValueError(f"strength {strength} with {n} steps leaves no step to run; raise strength or steps")
+        return self._call(prompt, width=width, height=height, num_inference_steps=num_inference_steps, seed=seed,
+                          generator=generator, latents=latents, guidance_scale=guidance_scale,
+                          negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
+                          output_type=output_type, sigmas=sigmas, cfg_normalization=cfg_normalization,
+                          cfg_truncation=cfg_truncation, max_sequence_length=max_sequence_length, template=template,
+                          fields=dict(system_prompt=system_prompt, thinking_content=thinking_content,
+                                      assistant_content=assistant_content, force_think_block=force_think_block,
+                                      strip_quotes=strip_quotes),
+                          progress=progress, callback=callback, shift=shift, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds, callback_on_step_end=callback_on_step_end,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, image=image,
+                          strength=strength, mask_image=mask_image, control_image=control_image,
+                          control_scale=controlnet_conditioning_scale)
 
-        generators, seeds = self._generators(seed, generator, r.batch)
-        info = _request_info(self, r, seeds, template, strength=strength)
-        embeds, negative = self._prepare_embeds(r, num_images_per_prompt, max_sequence_length, template, info)
-        dtype = embeds[0].dtype  # the reference forms the start latents in the text encoder's dtype
-        # Order matters for seeds: the VAE posterior sample is drawn before the noise.
-        z = self.encode_image(pixels, generators if len(generators) == 1 else generators[: pixels.shape[0]], dtype)
-        z = z.to(dtype).repeat(r.batch // z.shape[0], 1, 1, 1)
-        noise = _randn(z.shape, generators, dtype).to(self.device)
-        sigma = schedule.sigmas.to(self.device, dtype)[start]
-        latents = sigma * noise + (1.0 - sigma) * z
-        latents = self.denoise(latents, embeds, negative, schedule, r.guidance_scale, cfg_normalization,
-                               cfg_truncation, r.progress, start=start, callback=callback)
-        return self._output(latents, output_type, seeds, info)
+    def img2img(self, prompt: str | list[str] | None, image, strength: float = 0.6, **kwargs) -> ZImageOutput:
+        """Image-to-image: start from ``image`` (PIL, numpy (H, W, C) in [0, 1], torch (B, C, H, W) in
+        [0, 1], or a list) noised to ``strength``. The image is resized down to multiples of 16 (or to
+        ``width`` x ``height`` when given); ``strength`` 1 starts from pure noise, 0.6 runs the last 60%
+        of the schedule. Other arguments as for ``__call__``."""
+        if image is None:
+            raise ValueError("img2img needs image=")
+        return self(prompt, image=image, strength=strength, **kwargs)
 
-    def _output(self, latents, output_type, seeds, info) -> ZImageOutput:
-        if output_type == "latent":
-            return ZImageOutput(images=latents, seeds=seeds, info=info)
-        images = self.decode(latents).cpu().permute(0, 2, 3, 1).float().numpy()
-        if output_type == "np":
-            return ZImageOutput(images=images, seeds=seeds, info=info)
-        return ZImageOutput(images=to_pil(images), seeds=seeds, info=info)
-
-
-def _randn(shape, generators: list[torch.Generator], dtype: torch.dtype) -> torch.Tensor:
-    """Noise as diffusers draws it: one draw of the whole shape from a single generator, or one
-    draw per item from a list of generators; on the generator's device."""
-    if len(generators) == 1:
-        g = generators[0]
-        return torch.randn(shape, generator=g, device=g.device, dtype=dtype)
-    if len(generators) != shape[0]:
-        raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
-    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype).cpu()
-                      for g in generators])
-
-
-def _negatives(negative_prompt, n: int) -> list[str]:
-    if negative_prompt is None:
-        return [""] * n
-    negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-    if len(negatives) != n:
-        raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts")
-    return negatives
-
-
-def _request_info(pipe, r: Request, seeds, template, **extra):
-    from . import __version__
-
-    name = getattr(template, "name", template)
-    return {"prompts": list(r.prompts), "negative_prompt": r.negative_prompt, "width": r.width, "height": r.height,
-            "steps": r.steps, "guidance_scale": r.guidance_scale, "seeds": seeds, "template": name,
-            **{k: v for k, v in r.fields.items() if v is not None},
-            "model": pipe.source, "variant": pipe.variant, "version": __version__,
-            "loras": [[lr.path, lr.scale] for lr in pipe.loras] or None, **extra}
-
-
-def preprocess_image(image, width: int | None = None, height: int | None = None) -> torch.Tensor:
-    """PIL image(s) -> (B, 3, H, W) fp32 in [-1, 1], resized down to multiples of 16 with Lanczos
-    (as the reference's image processor does), or to ``width`` x ``height`` when given."""
-    from PIL import Image
-
-    images = image if isinstance(image, (list, tuple)) else [image]
-    if not images or not all(isinstance(i, Image.Image) for i in images):
-        raise ValueError("image must be a PIL image or a non-empty list of PIL images")
-    w = width if width is not None else images[0].width // 16 * 16
-    h = height if height is not None else images[0].height // 16 * 16
-    if w < 16 or h < 16 or w % 16 or h % 16:
-        raise ValueError(f"the input image must be at least 16x16 and the size a multiple of 16, got {w}x{h}")
-    arrays = [np.asarray(i.convert("RGB").resize((w, h), resample=Image.LANCZOS), dtype=np.float32) / 255.0
-              for i in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
-
-
-def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator=None, guidance_scale=0.0, n=1,
-                  output_type="pil", max_len=512) -> list[str]:
-    """Validate a generation request before any work is done; returns the prompts as a list."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
-    if not prompts:
-        raise ValueError("prompt must be a non-empty string or a non-empty list of strings")
-    if not all(isinstance(p, str) for p in prompts):
-        raise ValueError("every prompt must be a string")
-    for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or value <= 0 or value % 16:
-            raise ValueError(f"{name} must be a positive multiple of 16, got {value!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
-    if seed is not None and generator is not None:
-        raise ValueError("give either seed or generator, not both")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0 (0 turns CFG off), got {guidance_scale}")
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if max_len < 1:
-        raise ValueError(f"max_sequence_length must be >= 1, got {max_len}")
-    return prompts
-
-
-def to_pil(images: np.ndarray):
-    """(N, H, W, 3) floats in [0, 1] -> PIL images, rounding as the reference does."""
-    from PIL import Image
-
-    return [Image.fromarray((img * 255).round().astype("uint8")) for img in images]
+    def inpaint(self, prompt: str | list[str] | None, image, mask_image, strength: float = 1.0,
+                **kwargs) -> ZImageOutput:
+        """Inpainting, as diffusers' ``ZImageInpaintPipeline``: repaint where ``mask_image`` is white
+        (>= 0.5 after resizing), keep ``image`` where it is black. After every step the kept area is
+        reset to the image's latents noised to the current level. ``strength`` as for img2img (1:
+        the repainted area starts from pure noise). Other arguments as for ``__call__``."""
+        if image is None or mask_image is None:
+            raise ValueError("inpaint needs image= and mask_image=")
+        return self(prompt, image=image, mask_image=mask_image, strength=strength, **kwargs)

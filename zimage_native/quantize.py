@@ -162,11 +162,15 @@ def quantize_text_encoder(model: nn.Module, mode: str, device: torch.device | st
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """Bytes held by a module's parameters and buffers (each storage counted once)."""
+    """Bytes held by a module's parameters and buffers: each storage counted once and whole, so
+    views (the fp8 views of a fused GEMM, tied weights) count as the memory they share."""
     seen, total = set(), 0
     for t in (*module.parameters(), *module.buffers()):
-        key = (t.device, t.untyped_storage().data_ptr()) if not t.is_meta else id(t)
+        if t.is_meta:
+            total += t.numel() * t.element_size()
+            continue
+        key = (t.device, t.untyped_storage().data_ptr())
         if key not in seen:
             seen.add(key)
-            total += t.numel() * t.element_size()
+            total += t.untyped_storage().nbytes()
     return total

@@ -11,6 +11,7 @@ sequence length. One Euler step is x <- x + (sigma_next - sigma) * velocity, in 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -50,8 +51,18 @@ def make_schedule(
     num_steps: int | None = None,
     sigmas: list[float] | torch.Tensor | None = None,
     image_seq_len: int | None = None,
+    shift: float | None = None,
 ) -> Schedule:
-    """Sigmas and timesteps for ``num_steps`` (default linspace(1, 1/N, N)) or explicit ``sigmas``."""
+    """Sigmas and timesteps for ``num_steps`` (default linspace(1, 1/N, N)) or explicit ``sigmas``.
+
+    ``shift`` replaces the configured static shift (and turns dynamic shifting off): the one place
+    where a request's ``shift`` (``zimage generate --shift``, TOML ``shift``, the server's ``shift``)
+    enters the schedule.
+    """
+    if shift is not None:
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        config = dataclasses.replace(config, shift=float(shift), use_dynamic_shifting=False)
     if sigmas is None:
         if num_steps is None:
             raise ValueError("give num_steps or sigmas")

@@ -13,7 +13,7 @@ import copy
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -46,18 +46,22 @@ def unused_key(key: str, n_layers: int) -> bool:
 
 
 def load_truncated_qwen3(full, items: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None,
-                         device: torch.device | str, quant: str = "none") -> nn.Module:
+                         device: torch.device | str, quant: str = "none",
+                         prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """The one Qwen3 loader: from a full Qwen3 config and canonical (key, tensor) pairs, the model
     with the first N-1 layers and no final norm, loaded strictly (see :func:`unused_key`).
 
     Floating tensors are cast to ``dtype`` and moved to ``device`` as they are taken, skipped ones
     never. ``quant`` "int8" | "int4" quantises the weights (:mod:`zimage_native.quantize`): they are
     then kept on the CPU and quantised one by one on ``device``, so the device never holds them all
-    in full precision.
+    in full precision. ``prepare(model)`` runs on the model built on meta before the weights are
+    assigned (the GGUF loader swaps in its packed linears there).
     """
     from .formats.tensors import cast
 
     model, config, n = build_truncated_qwen3(full)
+    if prepare is not None:
+        prepare(model)
     read_on = device if quant == "none" else "cpu"
     state_dict = {k: cast(t, dtype).to(read_on) for k, t in items if not unused_key(k, n)}
     rotary = model.rotary_emb

@@ -27,7 +27,7 @@ from .attention_backends import (
     set_attention_backend,
     unavailable_reason,
 )
-from .compile import COMPILE_MODES, compile_transformer_
+from .compile import COMPILE_MODES, SHAPE_POLICIES, compile_transformer_
 from .fp8 import check_fp8_supported, quantize_fp8_
 from .fused_ops import check_kernels_can_run, count_fused, use_fused_kernels
 from .fusions import fuse_projections_
@@ -44,7 +44,8 @@ __all__ = [
 
 
 def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sdpa", fp8: bool = False,
-             compile: str = "off", compile_backend: str | object = "inductor", fp8_fast_accum: bool = True) -> list[str]:
+             compile: str = "off", compile_backend: str | object = "inductor", fp8_fast_accum: bool = True,
+             shapes: str = "dynamic") -> list[str]:
     """Apply, in order, the GEMM fusions, the kernel swaps, fp8, the attention backend and
     torch.compile in place.
 
@@ -52,7 +53,8 @@ def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sd
     ``attention``: one of ATTENTION_CHOICES ("auto" picks the fastest available and says which).
     ``fp8``: the blocks' attention and feed-forward linears in float8 e4m3 (``accel.fp8``), with
     ``fp8_fast_accum`` passed to the fp8 GEMM.
-    ``compile``: "off" | "blocks" | "full" (``accel.compile``).
+    ``compile``: "off" | "blocks" | "full" (``accel.compile``), with the shape policy ``shapes``
+    ("dynamic": the sequence dim is symbolic, one graph for every caption length; or "static").
     With kernels or fp8, q|k|v and w1|w3 are first fused into one GEMM each (``accel.fusions``),
     so fp8 quantises one activation once per fusion. fp8 always comes before compile.
     Returns the log lines, which are also logged once at INFO. Every argument is checked before
@@ -65,6 +67,8 @@ def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sd
         check_kernels_can_run(transformer)
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {list(COMPILE_MODES)}, got {compile!r}")
+    if shapes not in SHAPE_POLICIES:
+        raise ValueError(f"shapes must be one of {list(SHAPE_POLICIES)}, got {shapes!r}")
     if fp8:
         check_fp8_supported(transformer)
     check_attention_backend(transformer, attention)  # all checked before anything is swapped
@@ -79,7 +83,7 @@ def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sd
         lines.append(quantize_fp8_(transformer, fast_accum=fp8_fast_accum, kernels=kernels == "triton"))
     lines.append(set_attention_backend(transformer, attention))
     if compile != "off":
-        lines.append(compile_transformer_(transformer, compile, compile_backend))
+        lines.append(compile_transformer_(transformer, compile, compile_backend, shapes))
     for line in lines:
         logger.info(line)
     return lines

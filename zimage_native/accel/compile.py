@@ -1,37 +1,203 @@
-"""torch.compile presets for the DiT.
+"""torch.compile presets for the DiT, with the shape policy of docs/performance.md.
 
 - ``off``: eager.
-- ``blocks``: regional compilation. Each transformer block is compiled in place; all blocks run
-  the same code, so dynamo reuses one graph per block kind (modulated / context refiner) and
-  sequence shape instead of tracing 34 blocks: a short cold start.
+- ``blocks``: regional compilation. One compiled function runs every transformer block (noise
+  refiner, context refiner, main): all blocks share one code object, so dynamo keeps one graph per
+  *shape class* of a block call instead of tracing 34 blocks: a short cold start.
 - ``full``: the whole per-step forward (``forward_tokens``) as one graph (``fullgraph=True``) and
   the caption path (``encode_caption``) as another. Longest cold start, fewest launches.
 
-Shapes are static (``dynamic=False``): with caption buckets, a new prompt of another length at the
-same resolution hits the same graphs (no recompilation).
+Shape policy (``shapes=``):
+
+- ``"dynamic"`` (default): the sequence dimension of every block input (tokens, RoPE tables, key
+  mask) is marked dynamic before dynamo sees it, so one graph serves every caption length (each
+  a multiple of 32) and every resolution. A block's shape class is then (modulated or not, batch,
+  masked or not, dtype): at most 4 per batch size.
+- ``"static"``: every sequence length is its own graph, compiled lazily the first time it occurs
+  (up to 16 caption classes per resolution, batch and block kind).
+
+The engine sets dynamo's recompile limit explicitly (:func:`recompile_limit_for`) to cover the
+classes it can produce, and :class:`ShapeClasses` logs a warning naming the shape whenever a call
+would exceed it (dynamo would then run that block eagerly). The measurement behind the default
+is in docs/performance.md ("Shape policy").
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 COMPILE_MODES = ("off", "blocks", "full")
+SHAPE_POLICIES = ("dynamic", "static")
+
+# Shape classes the engine can produce, per batch size and resolution (see ShapeClasses.key):
+# block variants = (modulated, unmodulated) x (unmasked, masked); caption classes = 512 / 32.
+BLOCK_VARIANTS = 4
+CAPTION_CLASSES = 16
+BATCH_CLASSES = 8  # distinct batch sizes a process is expected to serve before a warning
+RESOLUTIONS = 4  # distinct resolutions (static policy only)
 
 
-def compile_transformer_(transformer: nn.Module, mode: str = "blocks", backend: str | object = "inductor") -> str:
+def recompile_limit_for(shapes: str) -> int:
+    """The dynamo recompile limit for the shape classes the engine can produce under ``shapes``."""
+    if shapes == "dynamic":
+        return BLOCK_VARIANTS * BATCH_CLASSES
+    return (1 + 2 * CAPTION_CLASSES) * 2 * BATCH_CLASSES * RESOLUTIONS  # noise + (context, main) x classes, masks
+
+
+def _dynamo_config():
+    import torch._dynamo.config as config
+
+    return config
+
+
+def set_recompile_limit(limit: int) -> int:
+    """Raise dynamo's per-code-object recompile limit to at least ``limit``; returns the value set."""
+    config = _dynamo_config()
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    value = max(int(getattr(config, name)), limit)
+    setattr(config, name, value)
+    if hasattr(config, "accumulated_recompile_limit"):
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * value)
+    return value
+
+
+class ShapeClasses:
+    """The shape classes seen by one compiled code object; warns (once per class) past the limit."""
+
+    def __init__(self, what: str, limit: int):
+        self.what = what
+        self.limit = limit
+        self.seen: dict[tuple, None] = {}
+        self.warned: set[tuple] = set()
+
+    def note(self, key: tuple, describe) -> None:
+        if key in self.seen:
+            return
+        if len(self.seen) >= self.limit and key not in self.warned:
+            self.warned.add(key)
+            logger.warning("torch.compile: %s gets a new shape class %s, number %d for one code object, past the "
+                           "recompile limit %d: dynamo runs it eagerly (slow). Serve fewer shapes or raise the "
+                           "limit (accel.compile.set_recompile_limit)", self.what, describe(), len(self.seen) + 1,
+                           self.limit)
+            return
+        self.seen[key] = None
+
+
+def _mark_sequence_dynamic(*tensors: torch.Tensor | None) -> None:
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.ndim >= 2:
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+
+
+class CompiledBlock:
+    """A block's ``forward``: notes its shape class, marks the sequence dim dynamic (under the dynamic
+    policy), and calls the one compiled function shared by all blocks."""
+
+    def __init__(self, block: nn.Module, compiled, classes: ShapeClasses, dynamic: bool):
+        self.block = block
+        self.compiled = compiled
+        self.classes = classes
+        self.dynamic = dynamic
+
+    def __call__(self, x, rope, mask, c=None, mod=None):
+        modulated = mod is not None or c is not None
+        seq = None if self.dynamic else x.shape[1]
+        key = (modulated, x.shape[0], seq, mask is not None, x.dtype)
+        self.classes.note(key, lambda: (f"(block {'modulated' if modulated else 'unmodulated'}, batch {x.shape[0]}, "
+                                        f"sequence {x.shape[1]}, {'masked' if mask is not None else 'no mask'}, "
+                                        f"{str(x.dtype).removeprefix('torch.')})"))
+        if self.dynamic:
+            _mark_sequence_dynamic(x, *rope, mask)
+        return self.compiled(self.block, x, rope, mask, c, mod)
+
+
+def _block_forward(block, x, rope, mask, c, mod):
+    return type(block).forward(block, x, rope, mask, c, mod)
+
+
+class CompiledMethod:
+    """``forward_tokens`` / ``encode_caption`` of the ``full`` preset, with the same bookkeeping.
+
+    Marked dynamic (dim 1): the token inputs (x for forward_tokens, the caption features or
+    tokens), every tensor of the layout and the ControlNet hints; never c or the modulation vectors.
+    """
+
+    def __init__(self, name: str, compiled, classes: ShapeClasses, dynamic: bool):
+        self.name = name
+        self.compiled = compiled
+        self.classes = classes
+        self.dynamic = dynamic
+
+    def __call__(self, *args, **kwargs):
+        from .cuda_graphs import flatten
+
+        tokens = args[:2] if self.name == "forward_tokens" else args[:1]
+        layout = kwargs.get("layout", args[3] if self.name == "forward_tokens" else args[1])
+        hints = kwargs.get("control_hints", args[5] if len(args) > 5 else None)
+        sequence = [*tokens, *flatten(layout)[0], *flatten(hints)[0]]
+        batch, masked = tokens[0].shape[0], layout.joint_mask is not None
+        seq = None if self.dynamic else tuple(t.shape[1] for t in sequence if t.ndim >= 2)
+        key = (batch, masked, seq, tokens[0].dtype, tuple(sorted(hints or ())))
+        self.classes.note(key, lambda: f"({self.name}, batch {batch}, {'masked' if masked else 'no mask'}, "
+                                       f"token shapes {[tuple(t.shape) for t in tokens]})")
+        if self.dynamic:
+            _mark_sequence_dynamic(*sequence)
+        return self.compiled(*args, **kwargs)
+
+
+def _blocks(transformer: nn.Module) -> list[nn.Module]:
+    return [*transformer.noise_refiner, *transformer.context_refiner, *transformer.layers]
+
+
+def compile_transformer_(transformer: nn.Module, mode: str = "blocks", backend: str | object = "inductor",
+                         shapes: str = "dynamic") -> str:
     """Compile the DiT in place; returns one log line. ``backend`` is for tests (e.g. a counter)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+    if shapes not in SHAPE_POLICIES:
+        raise ValueError(f"shapes must be one of {SHAPE_POLICIES}, got {shapes!r}")
     if mode == "off":
         return "compile: off"
+    uncompile_(transformer)
+    limit = set_recompile_limit(recompile_limit_for(shapes))
+    dynamic = shapes == "dynamic"
+    # dynamic=False: only the dims marked above are symbolic (no automatic dynamic on the batch).
+    options = dict(backend=backend, dynamic=False)
     if mode == "blocks":
-        blocks = [*transformer.noise_refiner, *transformer.context_refiner, *transformer.layers]
+        blocks = _blocks(transformer)
+        compiled = torch.compile(_block_forward, **options)
+        classes = ShapeClasses("the DiT block", limit)
         for block in blocks:
-            block.compile(backend=backend, dynamic=False)
-        return f"compile: blocks ({len(blocks)} blocks compiled regionally)"
-    transformer.forward_tokens = torch.compile(transformer.forward_tokens, backend=backend, fullgraph=True,
-                                               dynamic=False)
-    transformer.encode_caption = torch.compile(transformer.encode_caption, backend=backend, fullgraph=True,
-                                               dynamic=False)
-    return "compile: full (forward_tokens and encode_caption, fullgraph)"
+            block.forward = CompiledBlock(block, compiled, classes, dynamic)
+        transformer._zimage_compiled = ("blocks", shapes, classes)
+        return (f"compile: blocks ({len(blocks)} blocks share one compiled function; shapes {shapes}, "
+                f"recompile limit {limit})")
+    classes = ShapeClasses("the DiT forward", limit)
+    transformer.forward_tokens = CompiledMethod(
+        "forward_tokens", torch.compile(transformer.forward_tokens, fullgraph=True, **options), classes, dynamic)
+    transformer.encode_caption = CompiledMethod(
+        "encode_caption", torch.compile(transformer.encode_caption, fullgraph=True, **options), classes, dynamic)
+    transformer._zimage_compiled = ("full", shapes, classes)
+    return f"compile: full (forward_tokens and encode_caption, fullgraph; shapes {shapes}, recompile limit {limit})"
+
+
+def uncompile_(transformer: nn.Module) -> str | None:
+    """Undo :func:`compile_transformer_` (to apply a transform that must come before compile, such as
+    fp8, and compile again). Returns the mode that was undone, or None."""
+    state = transformer.__dict__.pop("_zimage_compiled", None)
+    for block in _blocks(transformer):
+        block.__dict__.pop("forward", None)
+    for name in ("forward_tokens", "encode_caption"):
+        transformer.__dict__.pop(name, None)
+    return None if state is None else state[0]
+
+
+def compiled_mode(transformer: nn.Module) -> tuple[str, str] | None:
+    """(mode, shapes) of a compiled DiT, or None."""
+    state = transformer.__dict__.get("_zimage_compiled")
+    return None if state is None else state[:2]

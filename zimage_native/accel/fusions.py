@@ -44,14 +44,20 @@ class FusedLinear(nn.Module):
 def fuse_projections_(model: nn.Module) -> tuple[int, int]:
     """Fuse q|k|v of every DiT attention and w1|w3 of every feed-forward in place.
 
-    Returns (attention modules fused, feed-forwards fused); modules already fused are skipped.
+    Returns (attention modules fused, feed-forwards fused); modules already fused are skipped, and
+    so are modules whose linears are not plain ``nn.Linear`` (packed GGUF weights: each keeps its
+    own dequantise-and-multiply).
     """
     qkv = ffn = 0
+
+    def plain(*linears: nn.Module) -> bool:
+        return all(type(m) is nn.Linear for m in linears)
+
     for module in model.modules():
-        if isinstance(module, Attention) and module.to_qkv is None:
+        if isinstance(module, Attention) and module.to_qkv is None and plain(module.to_q, module.to_k, module.to_v):
             module.to_qkv = FusedLinear([module.to_q, module.to_k, module.to_v])
             qkv += 1
-        elif isinstance(module, FeedForward) and module.w13 is None:
+        elif isinstance(module, FeedForward) and module.w13 is None and plain(module.w1, module.w3):
             module.w13 = FusedLinear([module.w1, module.w3])
             ffn += 1
     return qkv, ffn

@@ -13,8 +13,34 @@ import sys
 import click
 
 
+def _one_line(e: click.UsageError) -> click.ClickException:
+    """click's usage errors (no such file, bad choice, unknown option) as one line, exit status 1,
+    like every other input error of the CLI; the line names the command's --help."""
+    from ._common import UserError
+
+    where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+    return UserError(e.format_message().splitlines()[0] + where)
+
+
 class ZImageGroup(click.Group):
-    """Lets ``--seed 1 2 3`` mean ``--seed 1 --seed 2 --seed 3`` (click options take one value each)."""
+    """Lets ``--seed 1 2 3`` mean ``--seed 1 --seed 2 --seed 3`` (click options take one value each),
+    and prints click's usage errors as one line with exit status 1 (:func:`_one_line`)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _one_line(e) from None
 
     def parse_args(self, ctx, args):
         out, i = [], 0

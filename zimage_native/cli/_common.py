@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -14,18 +16,54 @@ class UserError(click.ClickException):
     """Printed as one line, exit status 1 (click's convention for usage errors is 2)."""
 
 
+# The library's argument names and the CLI flags that set them: a library message about
+# ``num_inference_steps`` reaches the user as one about ``--steps``, the flag they typed.
+LIBRARY_FLAGS = {
+    "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale", "num_images_per_prompt": "--num-images",
+    "max_sequence_length": "--max-sequence-length", "max_len": "--max-sequence-length", "width": "--width",
+    "height": "--height", "strength": "--strength", "cfg_truncation": "--cfg-truncation", "tile_size": "--tile-size",
+    "tile_overlap": "--tile-overlap", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+    "top_p": "--top-p", "offload": "--offload", "variant": "--variant", "text_encoder_quant": "--text-encoder-quant",
+}
+_NAMES = "|".join(LIBRARY_FLAGS)
+# A statement about the argument ("steps must be ...", at the start or after ': ', '; ', ', ', '(') or
+# its value ("for num_inference_steps=4").
+_LIBRARY_NAME = re.compile(rf"(?:^|(?<=: )|(?<=; )|(?<=, )|(?<=\())({_NAMES})(?=\s+(?:must|is|are)\b)"
+                           rf"|(?<![\w.-])({_NAMES})(?==)")
+
+
+def cli_message(message: str) -> str:
+    """``message`` with the library argument names it starts a statement with replaced by their flags."""
+    return _LIBRARY_NAME.sub(lambda m: LIBRARY_FLAGS[m.group(1) or m.group(2)], message)
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """The library's input errors. The engine's own classes are looked up among the modules already
+    imported (an exception of a module that was never imported cannot have been raised), so this
+    module imports neither torch nor the engine."""
+    if isinstance(e, (ValueError, FileNotFoundError, KeyError)):
+        return True
+    accel, hub = sys.modules.get("zimage_native.accel._kernels"), sys.modules.get("zimage_native.hub")
+    chat = sys.modules.get("zimage_native.prompt.remote")
+    return ((accel is not None and isinstance(e, accel.AccelerationUnavailable))
+            or (hub is not None and isinstance(e, hub.HubError))
+            or (chat is not None and isinstance(e, chat.ChatServerError)))
+
+
 def user_errors(fn):
     """Turn the library's input errors into one-line CLI errors."""
-    from ..accel import AccelerationUnavailable
-    from ..loading import StateDictMismatchError
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, KeyError, StateDictMismatchError, AccelerationUnavailable) as e:
-            message = e.args[0] if isinstance(e, KeyError) and e.args and not isinstance(e, StateDictMismatchError) else str(e)
-            raise UserError(str(message).splitlines()[0] if str(message) else type(e).__name__) from None
+        except Exception as e:
+            if not _is_user_error(e):
+                raise
+            loading = sys.modules.get("zimage_native.loading")
+            mismatch = loading is not None and isinstance(e, loading.StateDictMismatchError)
+            message = e.args[0] if isinstance(e, KeyError) and e.args and not mismatch else str(e)
+            raise UserError(cli_message(str(message).splitlines()[0]) if str(message) else type(e).__name__) from None
 
     return wrapper
 

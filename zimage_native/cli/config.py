@@ -24,7 +24,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ALIASES = {"model_path": "model", "attention_backend": "attention"}  # the predecessor's names
+ALIASES = {"model_path": "model", "attention_backend": "attention", "quantization": "text_encoder_quant"}  # the predecessor's names
+VALUE_ALIASES = {"text_encoder_quant": {"8bit": "int8", "4bit": "int4"}}  # its quantization = "8bit" | "4bit"
 NOT_CONFIGURABLE = {"config", "profile", "prompt", "from_image"}
 
 
@@ -33,7 +34,10 @@ def _flatten(table: dict[str, Any], where: str, out: dict[str, tuple[Any, str]])
         if isinstance(value, dict):
             _flatten(value, f"{where}.{key}", out)
         else:
-            out[ALIASES.get(key, key)] = (value, f"{where}.{key}")
+            name = ALIASES.get(key, key)
+            if isinstance(value, str):
+                value = VALUE_ALIASES.get(name, {}).get(value, value)
+            out[name] = (value, f"{where}.{key}")
 
 
 def read_profile(path: Path, profile: str | None) -> dict[str, tuple[Any, str]]:

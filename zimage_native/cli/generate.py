@@ -150,7 +150,7 @@ def generate(ctx, prompt, config_path, profile, from_image, **opts):
 
 
 def run_generate(prompts: list[str], o: dict) -> None:
-    from ..pipeline import check_request
+    from ..sampling import check_request
 
     seeds, drawn = resolve_seeds(tuple(o["seed"]), o["seeds"], o["num_images"])
     if o["batch_size"] < 1:
@@ -210,13 +210,15 @@ def load_pipeline(o: dict):
         if o.get("encoder_url"):
             raise ValueError("--encoder-url needs --model (a folder with the DiT and VAE)")
         pipe = ZImagePipeline.from_single_files(transformer=o["transformer"], vae=o["vae"],
-                                                text_encoder=o["text_encoder"], tokenizer=o["tokenizer"], **placement)
+                                                text_encoder=o["text_encoder"], tokenizer=o["tokenizer"],
+                                                text_encoder_quant=o["text_encoder_quant"], **placement)
     else:
         pipe = ZImagePipeline.from_pretrained(
             o["model"] or DEFAULT_MODEL, **placement, text_encoder_device=o["text_encoder_device"],
             dit_device=o["dit_device"], vae_device=o["vae_device"], offload=o["offload"],
             transformer=o["transformer"], vae=o["vae"], text_encoder=o["text_encoder"], tokenizer=o["tokenizer"],
-            text_encoder_url=o.get("encoder_url"), text_encoder_token=o.get("encoder_token"))
+            text_encoder_url=o.get("encoder_url"), text_encoder_token=o.get("encoder_token"),
+            text_encoder_quant=o["text_encoder_quant"])
     if o["loras"]:  # fused before any fp8 conversion or capture
         pairs = [parse_lora_arg(text) for text in o["loras"]]
         reports = pipe.load_lora([p for p, _ in pairs], scale=[s for _, s in pairs])
@@ -232,16 +234,20 @@ def run_jobs(pipe, jobs, paths, o, fields, init) -> None:
     from tqdm.auto import tqdm
 
     from ..metadata import image_record, png_info
+    from ..sampling import GenerationRequest
 
     batches = [list(range(i, min(i + o["batch_size"], len(jobs)))) for i in range(0, len(jobs), o["batch_size"])]
     bar = tqdm(total=None, unit="step", disable=not o["progress"], desc="zimage")
     done = 0
     for batch in batches:
-        call = dict(seed=[jobs[i][2] for i in batch], width=o["width"], height=o["height"],
-                    num_inference_steps=o["steps"], guidance_scale=o["guidance_scale"],
-                    negative_prompt=o["negative_prompt"], cfg_normalization=o["cfg_normalization"],
-                    cfg_truncation=o["cfg_truncation"], max_sequence_length=o["max_sequence_length"],
-                    progress=False, **fields)
+        request = GenerationRequest(
+            prompt=[jobs[i][1] for i in batch], seeds=[jobs[i][2] for i in batch], steps=o["steps"],
+            width=None if init is not None else o["width"], height=None if init is not None else o["height"],
+            guidance_scale=o["guidance_scale"], negative_prompt=o["negative_prompt"],
+            cfg_normalization=o["cfg_normalization"], cfg_truncation=o["cfg_truncation"],
+            max_sequence_length=o["max_sequence_length"], template=fields["template"],
+            fields={k: v for k, v in fields.items() if k != "template" and v is not None},
+            image=init, strength=o["strength"] if init is not None else None, num_images_per_prompt=1)
 
         def step(i, n, _size=len(batch)):
             if bar.total is None:
@@ -249,12 +255,7 @@ def run_jobs(pipe, jobs, paths, o, fields, init) -> None:
             bar.set_postfix_str(f"images {done}/{len(jobs)}")
             bar.update(1)
 
-        prompts = [jobs[i][1] for i in batch]
-        if init is not None:
-            result = pipe.img2img(prompts, init, strength=o["strength"], callback=step,
-                                  **{k: v for k, v in call.items() if k not in ("width", "height")})
-        else:
-            result = pipe(prompts, callback=step, **call)
+        result = pipe.generate(request, progress=False, callback=step)
         for k, (i, image) in enumerate(zip(batch, result.images)):
             record = image_record(result.info, k, k)
             save_image_atomic(image, paths[i], pnginfo=png_info(record))

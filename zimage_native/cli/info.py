@@ -86,6 +86,10 @@ def info(path: Path, as_json: bool):
         quant = c["quantization"] or "not quantised"
         click.echo(f"  {name:<13} {c['layout']:<13} {quant:<14} {c['parameters']:>15,} params  {c['tensors']:>5} "
                    f"tensors{prefix}  [{_dtypes(c['dtypes'])}]")
+        if "gguf_types" in c:
+            types = ", ".join(f"{q} {e['tensors']} tensors {e['bytes']:,} bytes"
+                              for q, e in sorted(c["gguf_types"].items(), key=lambda kv: -kv[1]["bytes"]))
+            click.echo(f"  {'':<13} GGUF types: {types}; {c['bytes']:,} bytes in all")
         if "config" in c:
             click.echo(f"  {'':<13} {_config_line(name, c['config'])}")
         else:

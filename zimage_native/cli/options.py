@@ -47,8 +47,13 @@ placement = stack(
     click.option("--text-encoder-device", default=None, help="Device of the text encoder (default: --device)."),
     click.option("--dit-device", default=None, help="Device of the DiT (default: --device)."),
     click.option("--vae-device", default=None, help="Device of the VAE (default: --device)."),
-    click.option("--offload", type=click.Choice(["none", "text_encoder", "model"]), default="none", show_default=True,
-                 help="Keep the text encoder (or every component) on the CPU except while it runs."),
+    click.option("--offload", type=click.Choice(["none", "text_encoder", "model", "blocks"]), default="none",
+                 show_default=True,
+                 help="Keep the text encoder (or every component) on the CPU except while it runs; blocks: "
+                      "also stream the DiT's blocks from CPU memory (docs/performance.md)."),
+    click.option("--text-encoder-quant", type=click.Choice(["none", "int8", "int4"]), default="none",
+                 show_default=True,
+                 help="Weight-only quantised text encoder (the predecessor's quantization = 8bit / 4bit)."),
 )
 
 

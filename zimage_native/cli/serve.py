@@ -17,6 +17,7 @@ from ..hub import DEFAULT_MODEL
 from .options import config_file, loading, placement, speed, vae_tiling
 from ._common import user_errors
 from .config import apply_layers, convert, read_profile
+from .rewrite import chat_rewriter, llm_options
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--gpus-per-replica", type=float, default=1.0, show_default=True, help="GPUs each replica reserves.")
 @click.option("--max-queued-requests", type=int, default=4, show_default=True,
               help="Requests that may wait at a replica (the ingress queue answers 429 before that).")
+@llm_options
 @click.option("--fake", is_flag=True, help="No model: a fake engine that makes solid-colour images (demos, tests).")
 @click.option("--fake-step-delay", type=float, default=0.05, show_default=True,
               help="Seconds per step of the fake engine.")
@@ -134,7 +136,7 @@ def build_engine(o: dict):
             raise ValueError("--encoder-only and --encoder-url exclude each other")
         device = o["text_encoder_device"] or o["device"]
         return EncoderOnlyEngine.from_pretrained(o["model"] or DEFAULT_MODEL, device=device, dtype=o["dtype"],
-                                                 templates_dirs=templates)
+                                                 templates_dirs=templates, quant=o["text_encoder_quant"])
     if o["encoder_url"]:
         from ..server.remote import RemoteTextEncoder
 
@@ -188,6 +190,8 @@ def run_ray(o: dict) -> None:
 
 
 def run_server(o: dict) -> None:
+    if o["use_ray"] and o["llm_url"]:
+        raise ValueError("--llm-url is not available with --ray yet; run the rewriting server without --ray")
     if o["use_ray"]:
         run_ray(o)
         return
@@ -199,10 +203,13 @@ def run_server(o: dict) -> None:
         raise click.ClickException(f"zimage serve needs the server extra ({e.name} is missing): "
                                    f"pip install 'zimage-native[server]'") from None
     settings = build_settings(o)
+    llm = chat_rewriter(o["llm_url"], o["llm_model"], o["llm_timeout"])
     if not _is_loopback(o["host"]) and not settings.token:
         click.echo(f"warning: listening on {o['host']} without --token: anyone who can reach this port can "
                    f"generate and delete images", err=True)
     engine = build_engine(o)
+    if llm is not None:
+        engine.llm_rewriter = llm  # /api/rewrite goes to the chat server
     warmup = o["warmup"] if o["warmup"] is not None else (o["compile_mode"] != "off" or o["cuda_graphs"])
     if warmup:
         click.echo("warming up on the worker thread (one generation at the default size)...", err=True)

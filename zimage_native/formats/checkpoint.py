@@ -83,8 +83,9 @@ def refuse_non_safetensors(path: Path) -> None:
     kind = sniff(path)
     if kind == "gguf":
         raise UnsupportedFormatError(
-            f"{path}: GGUF file (llama.cpp / ComfyUI-GGUF quantisation) is not supported; use a safetensors "
-            f"checkpoint (bf16, fp8 or scaled fp8)")
+            f"{path}: a GGUF file, where a safetensors file is needed; GGUF DiTs and Qwen3 text encoders load "
+            f"as components (load_component, from_pretrained(transformer=/text_encoder=), --transformer, "
+            f"--text-encoder)")
     if kind == "pickle":
         raise UnsupportedFormatError(
             f"{path}: pickled PyTorch checkpoint (.pt/.ckpt/.bin) is refused (pickle can run code); "

@@ -15,6 +15,10 @@ from .tensors import canonical_shapes
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """A JSON-able, header-only description of a file or component folder (used by ``zimage info``)."""
     fmt = detect_format(path)
+    if fmt.container == "gguf":
+        from .gguf import describe_gguf
+
+        return describe_gguf(path, fmt)
     out: dict[str, Any] = {"path": str(fmt.path), "container": fmt.container, "kind": fmt.kind}
     if fmt.kind == "lora" and fmt.container == "safetensors":
         from ..lora import describe_lora_keys

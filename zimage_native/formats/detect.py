@@ -234,6 +234,10 @@ def detect_format(path: str | os.PathLike) -> FileFormat:
         container = sniff(path)
         if container == "unknown":
             refuse_non_safetensors(path)  # raises CorruptCheckpointError
+        if container == "gguf":
+            from .gguf import detect_gguf
+
+            return detect_gguf(path)
         if container != "safetensors":
             fmt = FileFormat(path, container, "unknown")
             try:

@@ -135,5 +135,6 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, mid_dim), nn.SiLU(), nn.Linear(mid_dim, out_dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        # The sinusoid is an fp32 island; it is cast to the weight dtype only at the MLP input.
-        return self.mlp(timestep_features(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
+        # The sinusoid is an fp32 island; it is cast to the layer's dtype only at the MLP input. (The
+        # bias gives that dtype: a packed-weight linear variant keeps its weight in another one.)
+        return self.mlp(timestep_features(t, self.frequency_dim).to(self.mlp[0].bias.dtype))

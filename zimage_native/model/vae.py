@@ -1,12 +1,14 @@
 """The Z-Image VAE: the FLUX-family 16-channel ``AutoencoderKL``.
 
-Shapes (released config, ``s = config.scale_factor = 8``):
+Shapes (``s = config.scale_factor = 2 ** (len(block_out_channels) - 1)``, 8 for the released VAE):
 
 - ``encode``: image in [-1, 1], (B, 3, H, W) -> (mean, logvar), each (B, 16, H/s, W/s);
 - ``decode``: latent (B, 16, h, w) -> image (B, 3, s*h, s*w), roughly in [-1, 1].
 
-There is no quant_conv / post_quant_conv, and no latent scaling here: the pipeline applies
-``z / scaling_factor + shift_factor`` before ``decode`` (and the inverse after ``encode``).
+The released VAE has no quant_conv / post_quant_conv; a config with ``use_quant_conv`` /
+``use_post_quant_conv`` gets them (1x1 convolutions after the encoder and before the decoder, as in
+diffusers). There is no latent scaling here: the pipeline applies ``z / scaling_factor +
+shift_factor`` before ``decode`` (and the inverse after ``encode``).
 
 Parameter names are those of diffusers' ``AutoencoderKL`` state dict, so a diffusers ``vae/``
 folder loads without renaming. Numerics mirror diffusers 0.42.1 (``Encoder``/``Decoder``,
@@ -197,13 +199,21 @@ class AutoencoderKL(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        moments, latent = 2 * config.latent_channels, config.latent_channels
+        self.quant_conv = nn.Conv2d(moments, moments, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) in [-1, 1] -> (mean, logvar), each (B, latent_channels, H/s, W/s)."""
-        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)
         # Same clamp as diffusers' DiagonalGaussianDistribution, so exp(0.5 * logvar) stays finite.
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, latent_channels, h, w), already un-scaled by the caller -> (B, 3, s*h, s*w)."""
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
         return self.decoder(z)

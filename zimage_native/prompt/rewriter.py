@@ -25,13 +25,11 @@ Three ways in:
 
 from __future__ import annotations
 
-import difflib
 import gc
 import inspect
 import logging
 import os
 import random
-import re
 import threading
 from pathlib import Path
 from typing import Iterable
@@ -41,8 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loading import assign_state_dict, build_on_meta, iter_tensors, read_header_keys, safetensors_files
-from .format import format_prompt
-from .templates import Template, TemplateRegistry, UnknownTemplateError, default_registry
+from .request import (DEFAULT_REWRITER, REWRITER_CATEGORY, build_rewrite_text, check_sampling,  # noqa: F401
+                      resolve_rewriter, strip_think)
+from .templates import Template, TemplateRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +59,6 @@ __all__ = [
     "strip_think",
 ]
 
-DEFAULT_REWRITER = "rewriter-faithful-expansion"
-REWRITER_CATEGORY = "rewriter"
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 # The files a standalone rewriter reads from a Hub snapshot.
@@ -252,26 +249,6 @@ def generate_ids(
     return out
 
 
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
-
-
-def strip_think(text: str) -> str:
-    """Remove the reasoning from a Qwen3 reply and trim it.
-
-    Every ``<think>...</think>`` block goes; a ``</think>`` without its opening tag drops all that
-    precedes it (the block was opened in the request); an unterminated ``<think>`` drops all that
-    follows it (the reply ran out of tokens while reasoning).
-    """
-    text = _THINK_BLOCK.sub("", text)
-    end = text.rfind("</think>")
-    if end != -1:
-        text = text[end + len("</think>"):]
-    start = text.find("<think>")
-    if start != -1:
-        text = text[:start]
-    return text.strip()
-
-
 def _stop_ids(tokenizer) -> set[int]:
     ids = set()
     for token in STOP_TOKENS:
@@ -281,78 +258,6 @@ def _stop_ids(tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-# ---------------------------------------------------------------------------------------------
-# The request
-
-
-def resolve_rewriter(rewriter: str | Template, registry: TemplateRegistry | None = None) -> Template:
-    """The rewriter template called ``rewriter`` (or ``rewriter`` itself when it is a Template).
-
-    An unknown name raises :class:`UnknownTemplateError` (a KeyError) listing the rewriters; a
-    template of another category raises ValueError.
-    """
-    if isinstance(rewriter, Template):
-        template = rewriter
-    else:
-        registry = registry if registry is not None else default_registry()
-        try:
-            template = registry.get(rewriter)
-        except UnknownTemplateError:
-            names = [t.name for t in registry.list(REWRITER_CATEGORY)]
-            close = difflib.get_close_matches(str(rewriter), names, n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UnknownTemplateError(
-                f"unknown rewriter {rewriter!r}{hint} (rewriters: {', '.join(names)})") from None
-    if template.category != REWRITER_CATEGORY:
-        raise ValueError(
-            f"template {template.name!r} is in category {template.category!r}, not {REWRITER_CATEGORY!r}; "
-            "list the rewriters with `zimage templates list --category rewriter`"
-        )
-    return template
-
-
-def build_rewrite_text(
-    prompt: str,
-    rewriter: str | Template | None = None,
-    system_prompt: str | None = None,
-    *,
-    force_think_block: bool | None = None,
-    registry: TemplateRegistry | None = None,
-) -> tuple[str, str]:
-    """The chat text the LM continues, and the reply prefix it ends with.
-
-    ``rewriter`` names a template of the ``rewriter`` category, rendered with
-    :meth:`Template.render` (its think block settings apply); ``system_prompt`` replaces its system
-    prompt. ``system_prompt`` alone is an ad-hoc instruction, rendered with an empty think block
-    (the model answers directly) unless ``force_think_block=False``. Neither: ``DEFAULT_REWRITER``.
-    A template's ``assistant_content`` is not closed here: it starts the reply, which the LM
-    continues, and is part of the returned text.
-    """
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("the prompt to rewrite must be a non-empty string")
-    if rewriter is None and system_prompt is None:
-        rewriter = DEFAULT_REWRITER
-    if rewriter is not None:
-        template = resolve_rewriter(rewriter, registry)
-        prefix = template.assistant_content or ""
-        text = template.render(prompt, system_prompt=system_prompt, force_think_block=force_think_block,
-                               assistant_content="")
-    else:
-        prefix = ""
-        text = format_prompt(prompt, system_prompt=system_prompt,
-                             force_think_block=True if force_think_block is None else force_think_block)
-    return text + prefix, prefix
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
 def rewrite_prompt(
@@ -445,8 +350,13 @@ class RewriterMixin:
         top_p: float = 0.95,
         *,
         force_think_block: bool | None = None,
+        llm_url: str | None = None,
+        llm_model: str | None = None,
+        llm_timeout: float = 120.0,
     ) -> str:
-        """Expand ``prompt`` with the text encoder's Qwen3 run as a language model.
+        """Expand ``prompt`` with the text encoder's Qwen3 run as a language model, or with
+        ``llm_url``: on that OpenAI-compatible chat server (``llm_model`` names the served model;
+        see :mod:`zimage_native.prompt.remote`), without loading the rewriter LM here.
 
         - ``rewriter``: the name of a template of the ``rewriter`` category (``zimage templates
           list --category rewriter``), or a Template; ``system_prompt``: an ad-hoc instruction
@@ -458,6 +368,12 @@ class RewriterMixin:
 
         Returns the rewritten prompt (may be empty when the reply was all reasoning).
         """
+        if llm_url is not None:
+            from .remote import ChatRewriter
+
+            chat = ChatRewriter(llm_url, llm_model, timeout=llm_timeout, template_registry=self.template_registry)
+            return chat.rewrite(prompt, rewriter, system_prompt, max_new_tokens, temperature, seed, top_p,
+                                force_think_block=force_think_block)
         check_sampling(max_new_tokens, temperature, top_p)
         build_rewrite_text(prompt, rewriter, system_prompt, force_think_block=force_think_block,
                            registry=self.template_registry)  # refuse bad input before loading weights
@@ -475,10 +391,10 @@ def _rewriter_folder(path_or_id, revision=None, cache_dir=None, local_files_only
         text = str(path_or_id)
         if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
             raise FileNotFoundError(f"model folder not found: {text}")
-        from huggingface_hub import snapshot_download
+        from ..hub import hub_snapshot
 
-        path = Path(snapshot_download(text, revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=REWRITER_HUB_FILES, local_files_only=local_files_only))
+        path = hub_snapshot(text, "text encoder of", revision=revision, cache_dir=cache_dir,
+                            allow_patterns=REWRITER_HUB_FILES, local_files_only=local_files_only)
     missing = [name for name in ("text_encoder/config.json", "tokenizer") if not (path / name).exists()]
     if missing:
         raise FileNotFoundError(f"{path} is not a Z-Image model folder (diffusers layout): missing {missing}")

@@ -21,61 +21,13 @@ import torch
 from ..metadata import png_info
 from ..prompt.format import format_prompt
 from ..prompt.templates import default_registry
+from ..sampling import PROMPT_FIELDS, GenerationRequest  # noqa: F401  (the one request type, re-exported)
 
 logger = logging.getLogger(__name__)
-
-PROMPT_FIELDS = ("system_prompt", "thinking_content", "assistant_content", "force_think_block", "strip_quotes")
 
 
 class EngineUnavailable(RuntimeError):
     """The engine cannot do this (e.g. generation on an encoder-only server)."""
-
-
-@dataclass
-class GenerationRequest:
-    """A generation request with every default resolved; what a job runs and what history keeps."""
-
-    prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    seeds: list[int]  # one per image
-    negative_prompt: str | None = None
-    template: str | None = None
-    fields: dict[str, Any] = field(default_factory=dict)  # the chat-format fields that are set
-    cfg_normalization: float = 0.0
-    cfg_truncation: float = 1.0
-    max_sequence_length: int = 512
-    shift: float | None = None
-    strength: float | None = None  # img2img and inpainting
-    image: Any = None  # img2img / inpainting input (a PIL image); not stored
-    mask: Any = None  # inpainting mask (a PIL "L" image, white = repaint); not stored
-    control_image: Any = None  # ControlNet condition (a PIL image); not stored
-    control_scale: float | None = None  # ControlNet conditioning scale
-
-    @property
-    def task(self) -> str:
-        if self.control_image is not None:
-            return "control_inpaint" if self.mask is not None else "control"
-        if self.mask is not None:
-            return "inpaint"
-        return "img2img" if self.image is not None else "txt2img"
-
-    @property
-    def n(self) -> int:
-        return len(self.seeds)
-
-    def params(self) -> dict[str, Any]:
-        """JSON-able parameters (the input image is recorded as a flag only)."""
-        out = asdict(self)
-        for name in ("image", "mask", "control_image"):
-            out.pop(name)
-        out.update(out.pop("fields"))
-        out["n"] = self.n
-        out["img2img"] = self.image is not None
-        out["task"] = self.task
-        return {k: v for k, v in out.items() if v is not None}
 
 
 @dataclass
@@ -88,25 +40,12 @@ class GeneratedImage:
         return png_info(self.record)
 
 
-def shift_sigmas(model_shift: float, shift: float, steps: int) -> list[float]:
-    """Raw sigmas that give the schedule of ``shift`` once the pipeline applies ``model_shift``.
-
-    The pipeline maps a raw sigma r to s*r / (1 + (s-1)*r) with the model's static shift s. For a
-    target shift s', the wanted sigma is t = s'*r / (1 + (s'-1)*r); the raw value that the
-    pipeline maps onto t is t / (s - (s-1)*t).
-    """
-    raw = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
-    target = shift * raw / (1 + (shift - 1) * raw)
-    pre = target / (model_shift - (model_shift - 1) * target)
-    return [float(v) for v in pre.clamp(1e-6, 1.0)]
-
-
 class Engine:
     """The interface the server uses; subclasses fill in the model-backed calls."""
 
     can_generate = True
     can_rewrite = True
-    can_inpaint = False  # takes a mask (pipe.inpaint)
+    can_inpaint = False  # takes a mask (GenerationRequest.mask_image)
     can_control = False  # takes a control image (a ControlNet is loaded)
 
     def __init__(self, model_name: str, variant: str = "turbo", templates_dirs: list[str] | None = None):
@@ -238,29 +177,10 @@ class PipelineEngine(Engine):
     def generate(self, request: GenerationRequest, callback) -> list[GeneratedImage]:
         from ..metadata import image_record
 
-        call = dict(width=request.width, height=request.height, num_inference_steps=request.steps,
-                    seed=list(request.seeds), guidance_scale=request.guidance_scale,
-                    negative_prompt=request.negative_prompt, num_images_per_prompt=request.n,
-                    cfg_normalization=request.cfg_normalization, cfg_truncation=request.cfg_truncation,
-                    max_sequence_length=request.max_sequence_length, template=request.template,
-                    progress=False, callback=callback, **request.fields)
-        if request.shift is not None and self.scheduler_shift is not None and request.shift != self.scheduler_shift:
-            call["sigmas"] = shift_sigmas(self.scheduler_shift, request.shift, request.steps)
-        if request.control_image is not None:
-            call.update(control_image=request.control_image, controlnet_conditioning_scale=request.control_scale)
-        if request.mask is not None:
-            if request.control_image is None:
-                call["strength"] = request.strength
-            out = self.pipe.inpaint(request.prompt, image=request.image, mask_image=request.mask, **call)
-        elif request.image is not None:
-            out = self.pipe.img2img(request.prompt, request.image, strength=request.strength, **call)
-        else:
-            out = self.pipe(request.prompt, **call)
+        out = self.pipe.generate(request, progress=False, callback=callback)
         images = []
         for k, image in enumerate(out.images):
             record = image_record(out.info, k, 0)
-            if request.shift is not None:
-                record["shift"] = request.shift
             images.append(GeneratedImage(image, int(record.get("seed", request.seeds[k])), record))
         return images
 
@@ -299,15 +219,16 @@ class EncoderOnlyEngine(Engine):
         self._rewriter = None
 
     @classmethod
-    def from_pretrained(cls, path_or_id, device=None, dtype=None, *, templates_dirs=None, **hub) -> "EncoderOnlyEngine":
-        from ..pipeline import resolve_device, resolve_dtype
+    def from_pretrained(cls, path_or_id, device=None, dtype=None, *, templates_dirs=None, quant: str = "none",
+                        **hub) -> "EncoderOnlyEngine":
+        from ..devices import resolve_device, resolve_dtype
         from ..prompt.rewriter import _rewriter_folder
         from ..text_encoder import TextEncoder
 
         folder = _rewriter_folder(path_or_id, **hub)  # a Hub id fetches text_encoder/ and tokenizer/ only
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        te = TextEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", dtype, device)
+        te = TextEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", dtype, device, quant)
         return cls(te, str(path_or_id), folder, templates_dirs=templates_dirs)
 
     @property
@@ -407,13 +328,14 @@ class FakeEngine(Engine):
                       "steps": request.steps, "guidance_scale": request.guidance_scale, "seed": seed,
                       "template": request.template, **request.fields, "model": self.model_name,
                       "variant": self.variant, "version": __version__, "strength": request.strength,
-                      "shift": request.shift, "task": request.task, "control_scale": request.control_scale}
+                      "shift": request.shift, "task": request.task,
+                      "control_scale": request.control_scale if request.control_image is not None else None}
             record = {k: v for k, v in record.items() if v is not None}
             image = Image.new("RGB", (request.width, request.height), seed_colour(seed))
-            if request.mask is not None:  # inpainting: the seed's colour where the mask is white, the input elsewhere
+            if request.mask_image is not None:  # inpainting: the seed's colour where the mask is white
                 size = (request.width, request.height)
                 keep = request.image.convert("RGB").resize(size)
-                image = Image.composite(image, keep, request.mask.convert("L").resize(size))
+                image = Image.composite(image, keep, request.mask_image.convert("L").resize(size))
             images.append(GeneratedImage(image, seed, record))
         return images
 

@@ -26,7 +26,7 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Any
 
 from ray import serve
@@ -46,11 +46,11 @@ def _replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
-IMAGE_FIELDS = {"image": "RGB", "mask": "L", "control_image": "RGB"}  # the request's PIL inputs, sent as PNG
+IMAGE_FIELDS = {"image": "RGB", "mask_image": "L", "control_image": "RGB"}  # the request's PIL inputs, sent as PNG
 
 
 def _request_payload(request: GenerationRequest) -> dict[str, Any]:
-    payload = {k: v for k, v in asdict(request).items() if k not in IMAGE_FIELDS}
+    payload = {f.name: getattr(request, f.name) for f in fields(request) if f.name not in IMAGE_FIELDS}
     for name in IMAGE_FIELDS:
         image = getattr(request, name)
         if image is not None:

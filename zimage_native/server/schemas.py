@@ -510,8 +510,8 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
                              guidance_scale=float(guidance), seeds=seeds, negative_prompt=negative,
                              template=body.template, fields=fields, cfg_normalization=float(body.cfg_normalization),
                              cfg_truncation=float(body.cfg_truncation), max_sequence_length=body.max_sequence_length,
-                             shift=shift, strength=strength, image=image, mask=mask, control_image=control,
-                             control_scale=control_scale)
+                             shift=shift, strength=strength, image=image, mask_image=mask, control_image=control,
+                             control_scale=0.75 if control_scale is None else control_scale)
 
 
 def openai_to_job(body, models: Models):

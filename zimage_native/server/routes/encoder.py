@@ -126,7 +126,7 @@ def router(ctx: ServerContext) -> APIRouter:
     @api.get("/api/rewriters", tags=["compat"])
     def rewriters():
         return {"rewriters": template_list("rewriter") if "rewriter" in engine.registry.categories() else [],
-                "available": engine.can_rewrite}
+                "available": engine.can_rewrite or getattr(engine, "llm_rewriter", None) is not None}
 
     @api.post("/api/rewrite", tags=["compat"], responses=errors(503))
     async def rewrite(body: RewriteRequest):
@@ -144,10 +144,19 @@ def router(ctx: ServerContext) -> APIRouter:
                 engine.template(body.rewriter)
             except KeyError as e:
                 raise invalid("rewriter", str(e.args[0]) if e.args else "unknown rewriter") from None
-        if not engine.can_rewrite:
+        llm = getattr(engine, "llm_rewriter", None)  # `zimage serve --llm-url`: a chat server rewrites
+        if llm is None and not engine.can_rewrite:
             raise ApiError(503, "this server cannot rewrite prompts (no local text encoder)", "unavailable")
         args = body.model_dump(exclude={"prompt"})
-        text = await ctx.on_worker(lambda: engine.rewrite(body.prompt, **args))
+        if llm is not None:
+            from ...prompt.remote import ChatServerError
+
+            try:  # a network call, not a model call: off the GPU worker
+                text = await asyncio.to_thread(llm.rewrite, body.prompt, registry=engine.registry, **args)
+            except ChatServerError as e:
+                raise ApiError(502, str(e), "upstream") from None
+        else:
+            text = await ctx.on_worker(lambda: engine.rewrite(body.prompt, **args))
         return {"prompt": body.prompt, "rewritten": text, "rewriter": body.rewriter}
 
     return api

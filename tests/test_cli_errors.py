@@ -1,0 +1,49 @@
+"""Every input error of the CLI is one line on stderr, exit status 1, naming the flag the user typed."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from zimage_native.cli import main
+
+
+def one_line_error(*args: str):
+    result = CliRunner().invoke(main, list(args), prog_name="zimage")
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["info", "/nonexistent"], "Path '/nonexistent' does not exist. (see `zimage info --help`)"),
+    (["generate", "a cat", "--bogus"], "No such option '--bogus'"),
+    (["generate", "a cat", "--steps", "x"], "'x' is not a valid integer"),
+    (["templates", "list", "--category", "nonsense"], "'nonsense' is not one of"),
+    (["templates", "show", "photo-aerial-drone", "--nope"], "(see `zimage templates show --help`)"),
+    (["nosuchcommand"], "No such command 'nosuchcommand'"),
+    (["convert", "/nonexistent", "/tmp/x", "--to", "diffusers"], "Path '/nonexistent' does not exist"),
+])
+def test_click_usage_errors_are_one_line_with_status_1(args, message):
+    assert message in one_line_error(*args)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "a cat", "--device", "cpu", "--steps", "0"], "Error: --steps must be an integer >= 1, got 0"),
+    (["generate", "a cat", "--device", "cpu", "--guidance-scale", "-2"], "Error: --guidance-scale must be >= 0"),
+    (["generate", "a cat", "--device", "cpu", "--width", "100"], "Error: --width must be a positive multiple of 16"),
+    (["generate", "a cat", "--device", "cpu", "--max-sequence-length", "0"], "Error: --max-sequence-length must be"),
+    (["rewrite", "a cat", "--max-new-tokens", "0"], "Error: --max-new-tokens must be an integer >= 1, got 0"),
+    (["rewrite", "a cat", "--top-p", "0"], "Error: --top-p must be in (0, 1]"),
+    (["rewrite", "a cat", "--temperature", "-1"], "Error: --temperature must be >= 0"),
+])
+def test_messages_name_the_flag_not_the_library_argument(args, message):
+    line = one_line_error(*args)
+    assert line.startswith(message), line
+    assert not any(name in line for name in ("num_inference_steps", "guidance_scale", "max_new_tokens", "top_p"))
+
+
+def test_no_arguments_still_prints_the_help():
+    result = CliRunner().invoke(main, [])
+    assert "Commands:" in result.output

@@ -1,0 +1,181 @@
+"""The resident bytes of docs/formats.md and docs/performance.md (``zimage_native.footprint``):
+computed from a config on meta, they equal the bytes of real tiny models stored the engine's way
+(bf16, fp8, int8 / int4 text encoder, streamed blocks), and the released models' counts."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zimage_native import footprint as fp
+from zimage_native.config import TransformerConfig, VAEConfig
+from zimage_native.model.transformer import ZImageTransformer
+from zimage_native.model.vae import AutoencoderKL
+from zimage_native.offload import stream_blocks, streamed_bytes
+from zimage_native.quantize import quantize_text_encoder, weight_bytes
+from zimage_native.testing import randomize_
+
+from .dit_configs import TINY_DIT, TINY_FP8_DIT
+from .fixtures import TINY_VAE
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# Widths that are multiples of 128, so that int4 uses its real group size (as test_text_encoder_quant).
+QWEN = dict(vocab_size=300, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=512,
+            tie_word_embeddings=True)
+
+
+def tiny_dit(config: dict, dtype=torch.bfloat16):
+    return randomize_(ZImageTransformer(TransformerConfig.from_dict(config)), 0).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.bfloat16, "bf16"), (torch.float32, "fp32")])
+def test_dit_and_vae_bytes_equal_the_built_models(dtype, name):
+    cfg = TransformerConfig.from_dict(TINY_DIT)
+    assert fp.dit_bytes(cfg, name) == weight_bytes(tiny_dit(TINY_DIT, dtype))
+    vcfg = VAEConfig.from_dict(TINY_VAE)
+    assert fp.vae_bytes(vcfg, name) == weight_bytes(AutoencoderKL(vcfg).to(dtype))
+
+
+def test_fp8_dit_bytes_equal_the_converted_model():
+    from zimage_native.accel import optimize
+
+    model = tiny_dit(TINY_FP8_DIT)
+    optimize(model, fp8=True)  # fused q|k|v and w1|w3 quantised as one matrix each (views share it)
+    assert any(type(m).__name__ == "Float8Linear" for m in model.modules())
+    expected = fp.dit_bytes(TransformerConfig.from_dict(TINY_FP8_DIT), "fp8")
+    assert weight_bytes(model) == expected
+    assert expected < fp.dit_bytes(TransformerConfig.from_dict(TINY_FP8_DIT), "bf16")
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_streamed_dit_bytes_equal_what_stays_plus_the_blocks_in_flight(depth):
+    model = tiny_dit(TINY_DIT)
+    resident, largest = streamed_bytes(model)
+    assert fp.dit_bytes(TransformerConfig.from_dict(TINY_DIT), "bf16", "blocks", depth) == resident + (depth + 1) * largest
+    # And what stream_blocks really leaves on the device ("meta" stands in for it).
+    stream_blocks(model, "meta")
+    on_device = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if t.is_meta)
+    assert on_device == resident
+
+
+def tiny_qwen3(dtype=torch.bfloat16):
+    from transformers import Qwen3Config
+
+    from zimage_native.text_encoder import build_truncated_qwen3
+
+    model, cfg, _ = build_truncated_qwen3(Qwen3Config(**QWEN))
+    model = randomize_(model.to_empty(device="cpu"), 3).to(dtype).eval()
+    with torch.device("cpu"):  # built after the cast, in fp32, as the loader does
+        model.rotary_emb = type(model.rotary_emb)(config=cfg)
+    return model
+
+
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_text_encoder_bytes_equal_the_quantised_model(quant):
+    model = quantize_text_encoder(tiny_qwen3(), quant)
+    assert fp.text_encoder_bytes(QWEN, quant) == weight_bytes(model)
+    assert len(model.layers) == QWEN["num_hidden_layers"] - 1  # the last layer is never loaded
+
+
+def test_ggml_block_sizes_follow_from_the_block_layouts():
+    # Bytes of each block's fields (ggml-common.h): fp16 scales, packed quants, high bits, sub-scales.
+    fields = {
+        "Q8_0": (32, 2 + 32), "Q4_0": (32, 2 + 16), "Q4_1": (32, 2 + 2 + 16), "Q5_0": (32, 2 + 4 + 16),
+        "Q5_1": (32, 2 + 2 + 4 + 16), "Q2_K": (256, 16 + 64 + 2 + 2), "Q3_K": (256, 32 + 64 + 12 + 2),
+        "Q4_K": (256, 2 + 2 + 12 + 128), "Q5_K": (256, 2 + 2 + 12 + 32 + 128), "Q6_K": (256, 128 + 64 + 16 + 2),
+    }
+    for qtype, (block, size) in fields.items():
+        assert fp.GGML_BLOCKS[qtype] == (block, size), qtype
+        assert fp.ggml_bytes(qtype, (3, 2 * block)) == 6 * size
+    with pytest.raises(ValueError, match="multiple of 256"):
+        fp.ggml_bytes("Q4_K", (4, 64))
+
+
+def test_gguf_bytes_count_packed_tensors_by_type_and_the_rest_in_the_compute_dtype():
+    cfg = TransformerConfig.from_dict(dict(TINY_DIT, dim=256, n_heads=2, axes_dims=[32, 48, 48]))
+    tensors = fp.tensors_of(fp.dit_on_meta(cfg))
+    types = fp.uniform_types(tensors, "Q8_0", fp.ggml_linear("Q8_0"))
+    packed = [t for t in tensors if t.name in types]
+    assert "layers.0.attention.to_q.weight" in types and "x_pad_token" not in types
+    rest = sum(t.numel for t in tensors if t.name not in types)
+    assert fp.gguf_bytes(tensors, types) == sum(t.numel // 32 * 34 for t in packed) + 2 * rest
+    assert fp.dit_bytes(cfg, "gguf:Q8_0") == fp.gguf_bytes(tensors, types)
+    mixed = dict(types, **{"layers.0.feed_forward.w1.weight": "Q6_K"})  # a file mixing types per tensor
+    w1 = next(t for t in tensors if t.name == "layers.0.feed_forward.w1.weight")
+    assert fp.gguf_bytes(tensors, mixed) - fp.gguf_bytes(tensors, types) == w1.numel // 256 * 210 - w1.numel // 32 * 34
+
+
+def test_released_models():
+    """The released DiT is 6,154,908,736 parameters (12,309,817,472 bytes in bf16, the size of the
+    bf16 files); Qwen3-4B is 4,022,468,096, of which the 35 loaded layers and the embedding hold
+    3,921,534,720 (plus two 64-entry fp32 RoPE tables)."""
+    assert fp.dit_bytes(None, "bf16") == 12_309_817_472
+    assert fp.text_encoder_bytes(None, "none") == 2 * 3_921_534_720 + 2 * 64 * 4
+    assert fp.vae_bytes(None, "bf16") == 2 * 83_819_683
+
+
+def test_profiles_match_the_example_config():
+    example = tomllib.loads((Path(__file__).resolve().parents[1] / "docs" / "config.example.toml").read_text())
+    for p in fp.PROFILES:
+        table = example[p.name]
+        assert table.get("offload", "none") == p.offload, p.name
+        assert table.get("text_encoder_quant", "none") == p.text_encoder, p.name
+        transformer = table.get("transformer")
+        if p.dit.startswith("gguf:"):
+            assert transformer.endswith(".gguf") and p.dit.split(":")[1].lower() in transformer.lower(), p.name
+        else:
+            assert transformer is None and table.get("fp8", False) == (p.dit == "fp8"), p.name
+        b = fp.profile_bytes(p)
+        assert max(b["encode"], b["denoise"]) < 0.75 * p.card_gib * 2**30, (p.name, b)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_gguf_dit_bytes_equal_the_loaded_file_resident_and_streamed(tmp_path, qtype):
+    """A one-type GGUF DiT loaded in bf16 (packed linears kept packed, the rest cast) holds exactly
+    ``dit_bytes(cfg, "gguf:TYPE")``; its packed blocks stream like bf16 ones, with identical output."""
+    pytest.importorskip("gguf")
+    from zimage_native.loading import load_component
+
+    from .test_formats import dit_output
+    from .test_gguf import AXES, GGUF_DIT, write_dit
+
+    path, _ = write_dit(tmp_path / f"z-{qtype}.gguf", qtype)
+    cfg = TransformerConfig(**GGUF_DIT)
+    model = load_component("transformer", path, torch.bfloat16, "cpu", config=AXES)
+    assert weight_bytes(model) == fp.dit_bytes(cfg, f"gguf:{qtype}")
+    resident, largest = streamed_bytes(model)
+    assert fp.dit_bytes(cfg, f"gguf:{qtype}", "blocks") == resident + 2 * largest
+
+    model = load_component("transformer", path, torch.float32, "cpu", config=AXES)
+    want = dit_output(model)
+    moved = []
+    stream_blocks(model, "cpu", transfer=lambda t: moved.append(t.dtype) or t.clone())
+    for _ in range(2):
+        assert torch.equal(dit_output(model), want)
+    assert torch.uint8 in moved  # the packed weights are what streams
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+def test_gguf_text_encoder_bytes_equal_the_loaded_file(tiny_model_dir, tmp_path, qtype):
+    """A one-type llama.cpp GGUF Qwen3 loaded in bf16 holds ``text_encoder_bytes(cfg, "gguf:TYPE")``
+    (its 35-of-36-style truncation included: the last layer and the LM head are not loaded)."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from zimage_native.loading import load_component
+
+    from .test_gguf import GGUF_QWEN3, write_qwen3
+
+    vocab = len(AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer"))
+    path, _ = write_qwen3(tmp_path / f"qwen3-{qtype}.gguf", vocab, qtype)
+    model = load_component("text_encoder", path, torch.bfloat16, "cpu")
+    assert weight_bytes(model) == fp.text_encoder_bytes(dict(GGUF_QWEN3, vocab_size=vocab), f"gguf:{qtype}")

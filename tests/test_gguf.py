@@ -1,0 +1,448 @@
+"""GGUF: bit-exact dequantisation, DiTs and Qwen3 text encoders kept packed, LoRA side paths, errors.
+
+Every file is written here with ``gguf.GGUFWriter`` (tests/gguf_files.py); the reference models are
+built from the ``gguf`` package's own dequantisation of the same bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from zimage_native.config import TransformerConfig  # noqa: E402
+from zimage_native.converters.keymap import DIT_COMFYUI, from_canonical, to_canonical  # noqa: E402
+from zimage_native.formats import UnsupportedFormatError, describe, detect_format  # noqa: E402
+from zimage_native.formats.ggml import GGML_TYPES, QUANT_TYPES, dequantize, row_bytes  # noqa: E402
+from zimage_native.loading import assign_state_dict, build_on_meta, load_component  # noqa: E402
+from zimage_native.model.transformer import ZImageTransformer  # noqa: E402
+from zimage_native.quant_linear import GGUFLinear, quantized_bytes, resident_bytes  # noqa: E402
+
+from .gguf_files import ALL_TYPES, BLOCK_TYPES, SCALE_FIELDS, gguf_state, random_blocks, write_gguf  # noqa: E402
+from .test_formats import dit_output  # noqa: E402
+from .utils import assert_rel  # noqa: E402
+
+# Rows (input features) that are whole 256-value blocks everywhere except the patch embedder (64):
+# dim 768 gives an FFN width of 2048 and an adaLN width of 256; head_dim 128 is the released one.
+GGUF_DIT = dict(dim=768, n_heads=6, n_kv_heads=6, n_layers=1, n_refiner_layers=1, cap_feat_dim=256,
+                axes_dims=(32, 48, 48))
+
+
+# ----------------------------------------------------------------------------------- dequantisation
+
+
+@pytest.mark.parametrize("qtype", sorted(n for n, _, _ in GGML_TYPES.values()))
+def test_dequantisation_is_bit_exact_against_the_gguf_package(qtype):
+    rng = np.random.default_rng(sum(map(ord, qtype)))
+    q = gguf.GGMLQuantizationType[qtype]
+    block, size = gguf.GGML_QUANT_SIZES[q]
+    assert row_bytes(qtype, 512) == 512 // block * size
+    rows, cols = 12, 768
+    if qtype == "F32":
+        raw = rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint8)
+    elif qtype == "F16":
+        raw = rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8)
+    elif qtype == "BF16":
+        raw = rng.integers(0, 2**16, size=(rows, cols), dtype=np.uint16).view(np.uint8)  # every bit pattern
+    else:
+        raw = random_blocks(qtype, rows, cols, rng, magnitude=False)  # any finite fp16 scale
+    expected = np.asarray(gguf.quants.dequantize(raw, q), dtype=np.float32).reshape(rows, cols)
+    ours = dequantize(torch.from_numpy(raw.copy()), qtype)
+    assert ours.dtype == torch.float32 and tuple(ours.shape) == (rows, cols)
+    assert np.array_equal(ours.numpy().view(np.uint32), expected.view(np.uint32)), qtype
+    # Rows sliced out of a tensor (the fused qkv split) dequantise to the same rows.
+    part = dequantize(torch.from_numpy(raw[4:8].copy()), qtype)
+    assert torch.equal(part.view(torch.int32), ours[4:8].view(torch.int32))
+    assert dequantize(torch.from_numpy(raw.copy()), qtype, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_scale_fields_are_the_fp16_fields_of_the_format():
+    # Setting every scale field to 0 must zero the signed types (guards the offsets used to build files).
+    rng = np.random.default_rng(0)
+    for qtype in ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K"):
+        raw = random_blocks(qtype, 2, 256, rng)
+        blocks = raw.reshape(-1, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1])
+        for off in SCALE_FIELDS[qtype][0]:
+            blocks[:, off:off + 2] = 0
+        assert not dequantize(torch.from_numpy(raw.copy()), qtype).any(), qtype
+
+
+# ----------------------------------------------------------------------------------- DiT files
+
+
+def _dit_config() -> TransformerConfig:
+    return TransformerConfig(**GGUF_DIT)
+
+
+def _canonical_random(cfg: TransformerConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    model = build_on_meta(lambda: ZImageTransformer(cfg))
+    return {k: torch.randn(tuple(v.shape), generator=g) * 0.05 for k, v in model.state_dict().items()}
+
+
+def write_dit(path: Path, types, prefix: str = "", arch: str | None = "lumina2", seed: int = 0
+              ) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A GGUF DiT in the ComfyUI layout; returns it and the reference canonical fp32 values."""
+    cfg = _dit_config()
+    comfy = dict(from_canonical(_canonical_random(cfg, seed).items(), DIT_COMFYUI))
+    comfy["norm_final.weight"] = torch.ones(cfg.dim)
+    file, values = gguf_state(comfy, types, np.random.default_rng(seed))
+    write_gguf(path, {prefix + k: v for k, v in file.items()}, arch)
+    reference = dict(to_canonical(((k, v) for k, v in values.items()), DIT_COMFYUI))
+    return path, reference
+
+
+def reference_dit(reference: dict[str, torch.Tensor]) -> ZImageTransformer:
+    model = build_on_meta(lambda: ZImageTransformer(_dit_config()))
+    return assign_state_dict(model, dict(reference), "reference").eval()
+
+
+AXES = {"axes_dims": [32, 48, 48]}
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES)
+def test_dit_of_every_type_equals_the_model_built_from_the_dequantised_weights(tmp_path, qtype):
+    path, reference = write_dit(tmp_path / f"z_image_turbo-{qtype}.gguf", qtype)
+    model = load_component("transformer", path, torch.float32, "cpu", config=AXES)
+    packed = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    if qtype in QUANT_TYPES:
+        # Every linear whose rows are whole blocks stays packed (the patch embedder's 64 only for 32-blocks).
+        n_linear = sum(1 for m in reference_dit(reference).modules() if isinstance(m, torch.nn.Linear))
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
+        assert len(packed) == n_linear - (1 if block == 256 else 0)
+        assert {m.qtype for m in packed} == {qtype}
+        assert model.layers[0].attention.to_q.weight.dtype == torch.uint8
+    else:
+        assert not packed
+    ref = reference_dit(reference)
+    assert_rel(dit_output(model), dit_output(ref), 1e-6, f"{qtype} DiT")
+
+
+def test_mixed_types_resident_bytes_and_prefix(tmp_path):
+    # A Q4_K_M-like mix: the types rotate tensor by tensor; a prefix, and no general.architecture
+    # (stable-diffusion.cpp): the DiT is recognised from its tensor names.
+    mix = ("Q4_K", "Q6_K", "Q5_K", "Q8_0", "Q4_0", "Q5_1", "Q2_K", "Q3_K", "Q4_1", "Q5_0", "F16", "BF16")
+    path, reference = write_dit(tmp_path / "mixed.gguf", lambda name, i: mix[i % len(mix)],
+                                prefix="model.diffusion_model.", arch=None)
+    fmt = detect_format(path)
+    assert fmt.container == "gguf" and not fmt.problem
+    assert [(c.component, c.layout, c.prefix) for c in fmt.components] == [
+        ("transformer", "comfyui", "model.diffusion_model.")]
+    assert len(set(fmt.components[0].dtypes) & set(BLOCK_TYPES)) >= 8
+    model = load_component("transformer", path, torch.float32, "cpu", config=AXES)
+    assert_rel(dit_output(model), dit_output(reference_dit(reference)), 1e-6, "mixed DiT")
+    # Packed weights are held as the file's bytes: the resident bytes of the packed layers equal the
+    # file's bytes for those tensors, and the whole model is no larger than the file (fp32 file
+    # tensors stay fp32 here).
+    from zimage_native.formats.gguf import GGUFCheckpoint
+
+    with GGUFCheckpoint(path) as ckpt:
+        file_packed = sum(t.n_bytes for t in ckpt.tensors.values() if t.quantized)
+        file_float = {k: t for k, t in ckpt.tensors.items() if not t.quantized}
+        float_as_fp32 = sum(t.numel * 4 for t in file_float.values())
+        norm_final = ckpt.tensors["model.diffusion_model.norm_final.weight"].n_bytes  # dropped on load
+    assert sum(quantized_bytes(model).values()) == file_packed
+    assert resident_bytes(model) == file_packed + float_as_fp32 - norm_final
+    # In bf16, the model is smaller than the file.
+    small = load_component("transformer", path, torch.bfloat16, "cpu", config=AXES)
+    assert resident_bytes(small) <= path.stat().st_size
+    assert sum(quantized_bytes(small).values()) == file_packed
+
+
+def test_bf16_compute_dequantises_to_bf16(tmp_path):
+    path, reference = write_dit(tmp_path / "q4k.gguf", "Q4_K")
+    model = load_component("transformer", path, torch.bfloat16, "cpu", config=AXES)
+    layer = model.layers[0].feed_forward.w1
+    x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    w = reference["layers.0.feed_forward.w1.weight"].to(torch.bfloat16)
+    assert torch.equal(y, torch.nn.functional.linear(x, w))
+    # The load-time q|k|v and w1|w3 GEMM fusions leave packed linears alone (each dequantises itself).
+    from zimage_native.accel import fuse_projections_
+
+    before = dit_output(model.float())
+    assert fuse_projections_(model) == (0, 0)
+    assert model.layers[0].attention.to_qkv is None and torch.equal(dit_output(model), before)
+
+
+def test_info_shows_types_and_bytes(tmp_path):
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    mix = ("Q4_K", "Q6_K", "F16")
+    path, _ = write_dit(tmp_path / "mixed.gguf", lambda name, i: mix[i % 3])
+    report = describe(path)
+    entry = report["components"]["transformer"]
+    assert report["container"] == "gguf" and report["architecture"] == "lumina2"
+    assert set(entry["gguf_types"]) == {"Q4_K", "Q6_K", "F16", "F32"}
+    assert entry["config"]["dim"] == 768 and entry["quantization"] == "gguf"
+    from zimage_native.formats.gguf import GGUFCheckpoint
+
+    with GGUFCheckpoint(path) as ckpt:
+        q4 = sum(t.n_bytes for t in ckpt.tensors.values() if t.qtype == "Q4_K")
+    assert entry["gguf_types"]["Q4_K"]["bytes"] == q4
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "Q4_K" in result.output and f"{q4:,} bytes" in result.output
+
+
+def test_gguf_files_that_are_not_z_image(tmp_path):
+    rng = np.random.default_rng(0)
+    other = write_gguf(tmp_path / "flux.gguf", {"double_blocks.0.img_attn.qkv.weight":
+                                                 (random_blocks("Q4_0", 96, 64, rng), "Q4_0")}, "flux")
+    fmt = detect_format(other)
+    assert fmt.problem and "not a Z-Image DiT" in fmt.problem and "'flux'" in fmt.problem
+    with pytest.raises(UnsupportedFormatError, match="not a Z-Image DiT"):
+        load_component("transformer", other, None, "cpu")
+    # A tensor type we do not dequantise is named.
+    path, _ = write_dit(tmp_path / "ok.gguf", "Q8_0")
+    iq = write_gguf(tmp_path / "iq.gguf", {"x_pad_token": (np.zeros((1, 256), np.float32), "F32"),
+                                           "layers.0.attention.qkv.weight":
+                                               (np.zeros((4, 66), np.uint8), "IQ2_XXS")}, "lumina2")
+    with pytest.raises(UnsupportedFormatError, match="IQ2_XXS"):
+        load_component("transformer", iq, None, "cpu")
+
+
+# ----------------------------------------------------------------------------------- damaged files
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 200, 40, 0])
+def test_a_cut_gguf_fails_in_one_line_naming_the_file(tmp_path, keep):
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+    from zimage_native.formats import CorruptCheckpointError
+
+    path, _ = write_dit(tmp_path / "z_image_turbo-Q4_K.gguf", "Q4_K")
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
+    if keep == 0:
+        problem = f"{path}: truncated or not a safetensors file (the file is empty)"  # no magic left to tell
+    else:
+        problem = f"{path}: truncated or not a GGUF file ("
+    with pytest.raises(CorruptCheckpointError) as err:
+        load_component("transformer", path, None, "cpu", config=AXES)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(problem), message
+    with pytest.raises(CorruptCheckpointError):
+        detect_format(path)
+    out = tmp_path / "out.png"
+    for args in (["info", str(path)],
+                 ["generate", "a cat", "--transformer", str(path), "--device", "cpu", "-o", str(out)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().splitlines() == [f"Error: {message}"], result.output
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_on_a_gguf_dit_is_a_side_path_equal_to_the_fused_lora(tmp_path):
+    from zimage_native.lora import LoraMixin
+
+    class Holder(LoraMixin):
+        def __init__(self, transformer):
+            self.transformer = transformer
+
+    path, reference = write_dit(tmp_path / "q4k.gguf", "Q4_K")
+    model = load_component("transformer", path, torch.float32, "cpu", config=AXES)
+    g = torch.Generator().manual_seed(1)
+    dim, ffn = 768, 2048
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.02
+
+    lora = {
+        # the original module tree's fused qkv (one A, B split by rows) on packed to_q/k/v
+        "diffusion_model.layers.0.attention.qkv.lora_A.weight": r(4, dim),
+        "diffusion_model.layers.0.attention.qkv.lora_B.weight": r(3 * dim, 4),
+        # kohya names with an alpha on a packed feed-forward projection
+        "lora_unet_layers_0_feed_forward_w2.lora_down.weight": r(8, ffn),
+        "lora_unet_layers_0_feed_forward_w2.lora_up.weight": r(dim, 8),
+        "lora_unet_layers_0_feed_forward_w2.alpha": torch.tensor(4.0),
+        # a LoKr on a packed refiner projection (a dense side path)
+        "lycoris_context_refiner_0_attention_to_out_0.lokr_w1": r(4, 4),
+        "lycoris_context_refiner_0_attention_to_out_0.lokr_w2": r(dim // 4, dim // 4),
+        # the patch embedder is not packed (64 inputs are not a 256-block): fused into its weight
+        "diffusion_model.x_embedder.lora_A.weight": r(2, 64),
+        "diffusion_model.x_embedder.lora_B.weight": r(dim, 2),
+    }
+    before = dit_output(model)
+    packed_before = model.layers[0].attention.to_k.weight.clone()
+    pipe = Holder(model)
+    report = pipe.load_lora(lora, scale=0.7)
+    assert report.matched == 4 and report.weights == 6 and not report.unmatched
+    assert torch.equal(model.layers[0].attention.to_k.weight, packed_before)  # the packed bytes are untouched
+    assert len(model.layers[0].attention.to_k.lora) == 1 and len(model.layers[0].feed_forward.w2.lora) == 1
+    ref = Holder(reference_dit(reference))
+    ref.load_lora(lora, scale=0.7)  # fused into the dequantised weights
+    assert_rel(dit_output(model), dit_output(ref.transformer), 1e-6, "GGUF DiT + LoRA")
+    assert pipe.unload_lora() == 6
+    assert not model.layers[0].attention.to_k.lora
+    assert torch.equal(dit_output(model), before)
+
+
+# ----------------------------------------------------------------------------------- Qwen3 text encoder
+
+#: A tiny Qwen3 whose rows are whole 256-value blocks: hidden 256, 2 heads of 128, 1 KV head, FFN 512.
+GGUF_QWEN3 = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+                  max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def write_qwen3(path: Path, tokenizer_len: int, types, arch: str | None = "qwen3", seed: int = 0):
+    """A GGUF Qwen3 in llama.cpp names; returns it and the reference full transformers Qwen3Model."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zimage_native.formats.gguf import TE_LLAMA_CPP
+
+    config = Qwen3Config(vocab_size=tokenizer_len, **GGUF_QWEN3)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Qwen3Model(config).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    canonical = {k: (torch.randn(s, generator=g) * 0.05 + (1.0 if k.endswith("norm.weight") else 0.0))
+                 for k, s in shapes.items()}
+    canonical["lm_head.weight"] = torch.randn(tokenizer_len, 256, generator=g) * 0.05  # llama.cpp's output.weight
+    llama = dict(from_canonical(canonical.items(), TE_LLAMA_CPP))
+    assert "blk.0.attn_q_norm.weight" in llama and "output.weight" in llama and "token_embd.weight" in llama
+    file, values = gguf_state(llama, types, np.random.default_rng(seed))
+    meta = {"qwen3.rope.freq_base": 1e6, "qwen3.attention.layer_norm_rms_epsilon": 1e-6,
+            "qwen3.context_length": 2048, "qwen3.block_count": 3} if arch else None
+    write_gguf(path, file, arch, meta)
+    state = dict(to_canonical(values.items(), TE_LLAMA_CPP))
+    state.pop("lm_head.weight")
+    reference = Qwen3Model(config).eval()
+    reference.load_state_dict(state, strict=True)
+    return path, reference
+
+
+def reference_features(reference, tokenizer, texts: list[str]) -> list[torch.Tensor]:
+    out = []
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out.append(reference(input_ids=ids, output_hidden_states=True).hidden_states[-2][0])
+    return out
+
+
+@pytest.mark.parametrize("types", ["Q4_K", "Q8_0", "mixed"])
+def test_gguf_qwen3_encoder_kept_packed_equals_the_dequantised_model(tiny_model_dir, tmp_path, types):
+    from transformers import AutoTokenizer
+
+    from zimage_native.formats.gguf import GGUFCheckpoint
+    from zimage_native.quant_linear import GGUFEmbedding
+    from zimage_native.text_encoder import TextEncoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    mix = ("Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K", "Q8_0", "Q4_0", "Q5_1", "F16", "BF16")
+    chosen = (lambda name, i: mix[i % len(mix)]) if types == "mixed" else types
+    path, reference = write_qwen3(tmp_path / f"Qwen3-tiny-{types}.gguf", len(tok), chosen)
+    fmt = detect_format(path)
+    assert [(c.component, c.layout) for c in fmt.components] == [("text_encoder", "llama.cpp")]
+    model = load_component("text_encoder", path, torch.float32, "cpu")
+    assert len(model.layers) == 2 and model.config.num_hidden_layers == 2  # 3 - 1: hidden_states[-2]
+    assert isinstance(model.embed_tokens, GGUFEmbedding)  # packed in every case (Q4_K first in the mix)
+    assert model.embed_tokens.weight.dtype == torch.uint8
+    packed = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    assert packed and all(m.weight.dtype == torch.uint8 for m in packed)
+    if types != "mixed":
+        assert len(packed) == 2 * 7 and {m.qtype for m in packed} == {types}
+    texts = ["a cat on a chair", "mountains at dawn, soft light"]
+    ours = TextEncoder(model, tok).encode(texts)
+    for a, b in zip(ours, reference_features(reference, tok, texts)):
+        assert_rel(a, b, 1e-6, f"{types} text features")
+    # Packed tensors stay as the file's bytes (the last layer and the LM head are not loaded).
+    with GGUFCheckpoint(path) as ckpt:
+        loaded = sum(t.n_bytes for k, t in ckpt.tensors.items()
+                     if t.quantized and not k.startswith(("blk.2.", "output.")))
+    assert sum(quantized_bytes(model).values()) == loaded
+
+
+def test_gguf_text_encoder_errors_and_cli(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from zimage_native.cli import main
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    llama, _ = write_qwen3(tmp_path / "llama.gguf", len(tok), "Q8_0", arch="llama")
+    with pytest.raises(UnsupportedFormatError, match="architecture 'llama'.*permutes the q/k"):
+        load_component("text_encoder", llama, None, "cpu")
+    # No general.architecture: recognised from the tensor names.
+    bare, reference = write_qwen3(tmp_path / "bare.gguf", len(tok), "Q6_K", arch=None)
+    assert detect_format(bare).components[0].component == "text_encoder"
+    report = describe(bare)["components"]["text_encoder"]
+    assert report["config"]["hidden_size"] == 256 and "Q6_K" in report["gguf_types"]
+    with pytest.raises(UnsupportedFormatError, match="no transformer"):
+        load_component("transformer", bare, None, "cpu")
+    # `--text-encoder FILE.gguf` replaces the model folder's encoder, checked against the folder's config
+    # (the tiny folder's encoder has head_dim 12).
+    out = tmp_path / "out.png"
+    base = ["--device", "cpu", "--steps", "1", "--width", "32", "--height", "32", "--no-progress"]
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "--text-encoder",
+                                       str(bare), "-o", str(out), *base])
+    assert result.exit_code == 1 and "head_dim=12 does not match the checkpoint" in result.output, result.output
+    # GGUF DiT + GGUF text encoder as single files (tokenizer and VAE from the tiny folder) generate an image.
+    dit, _ = write_dit(tmp_path / "dit-Q4_K.gguf", "Q4_K")
+    result = CliRunner().invoke(main, ["generate", "a cat", "--transformer", str(dit), "--text-encoder", str(bare),
+                                       "--vae", str(tiny_model_dir / "vae"), "--tokenizer",
+                                       str(tiny_model_dir / "tokenizer"), "-o", str(out), *base])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+
+
+# ----------------------------------------------------------------------------------- the pipeline
+
+
+def test_from_pretrained_takes_a_gguf_transformer_like_other_single_files(tiny_model_dir, tmp_path):
+    """The tiny folder's own DiT as a Q8_0 GGUF (its 64-wide rows are whole 32-blocks; the 170-wide
+    FFN rows fall back to F32, as a converter does): the pipeline equals the one given the same
+    dequantised weights as a safetensors file."""
+    from zimage_native import ZImagePipeline
+
+    from .test_formats import comfy_dit, write
+
+    comfy = comfy_dit(tiny_model_dir, prefix="")
+    file, values = gguf_state(comfy, "Q8_0", np.random.default_rng(3))
+    assert {q for _, q in file.values()} == {"Q8_0", "F32"}
+    path = write_gguf(tmp_path / "tiny-Q8_0.gguf", file, "lumina2")
+    dequantised = write(tmp_path / "tiny-dequantised.safetensors", values)
+    kw = dict(device="cpu", dtype=torch.float32)
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, transformer=path, **kw)
+    ref = ZImagePipeline.from_pretrained(tiny_model_dir, transformer=dequantised, **kw)
+    assert any(isinstance(m, GGUFLinear) for m in pipe.transformer.modules())
+    run = dict(width=32, height=32, num_inference_steps=2, seed=0, output_type="latent")
+    assert_rel(pipe("a cat on a chair", **run).images, ref("a cat on a chair", **run).images, 1e-6, "latents")
+
+
+def test_gguf_qwen3_in_transformers_names(tiny_model_dir, tmp_path):
+    """Some converters keep the transformers names (``model.layers.N.self_attn.q_proj``) in GGUF."""
+    from transformers import AutoTokenizer
+
+    from zimage_native.converters.keymap import TE_TRANSFORMERS
+    from zimage_native.formats.gguf import TE_LLAMA_CPP, GGUFCheckpoint
+    from zimage_native.text_encoder import TextEncoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    llama_path, reference = write_qwen3(tmp_path / "llama-names.gguf", len(tok), "Q5_K")
+    with GGUFCheckpoint(llama_path) as ckpt:  # the same bytes, renamed
+        tensors = {k: (np.array(t.data), t.qtype) for k, t in ckpt.tensors.items()}
+    renamed = {}
+    for key, value in tensors.items():
+        for canon in TE_LLAMA_CPP.canonical_keys(key):
+            if not canon.startswith("lm_head."):
+                renamed[TE_TRANSFORMERS.foreign_key(canon)] = value
+    path = write_gguf(tmp_path / "hf-names.gguf", renamed, "qwen3")
+    assert [(c.component, c.layout) for c in detect_format(path).components] == [("text_encoder", "transformers")]
+    model = load_component("text_encoder", path, torch.float32, "cpu", config={"max_position_embeddings": 2048})
+    assert isinstance(model.layers[0].self_attn.q_proj, GGUFLinear)
+    texts = ["a cat on a chair"]
+    for a, b in zip(TextEncoder(model, tok).encode(texts), reference_features(reference, tok, texts)):
+        assert_rel(a, b, 1e-6, "text features")

@@ -1,0 +1,107 @@
+"""Inpainting at fp32 parity with diffusers 0.42.1 ``ZImageInpaintPipeline`` (white = repaint)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from .test_generation import make_image
+from .utils import assert_rel, rel_err
+
+
+def make_mask(w=80, h=48, box=(20, 10, 60, 40), mode="L"):
+    """Black with a white box (the area to repaint); grey edges from the resize test binarisation."""
+    m = np.zeros((h, w), dtype=np.uint8)
+    x0, y0, x1, y1 = box
+    m[y0:y1, x0:x1] = 255
+    m[y0:y1, x0] = 120  # below 0.5: kept
+    return Image.fromarray(m).convert(mode)
+
+
+@pytest.fixture(scope="module")
+def reference_inpaint(reference_pipe):
+    import diffusers
+
+    pipe = diffusers.ZImageInpaintPipeline(**reference_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize(
+    "strength, extra",
+    [
+        pytest.param(1.0, {}, id="strength 1"),
+        pytest.param(0.6, {}, id="strength 0.6"),
+        pytest.param(1.0, {"guidance_scale": 3.0, "negative_prompt": "blurry"}, id="strength 1 with CFG"),
+        pytest.param(0.5, {"guidance_scale": 2.0, "cfg_truncation": 0.6, "cfg_normalization": 1.2},
+                     id="strength 0.5, CFG truncated and normalised"),
+        pytest.param(0.8, {"num_images_per_prompt": 2}, id="two outputs"),
+    ],
+)
+def test_inpaint_matches_diffusers(tiny_pipe, reference_inpaint, strength, extra):
+    image, mask = make_image(83, 50), make_mask(83, 50, mode="RGB")  # resized down to 80x48
+    kw = dict(strength=strength, num_inference_steps=5, output_type="latent", **extra)
+    expected = reference_inpaint("a cat", image=image, mask_image=mask, generator=torch.Generator().manual_seed(3),
+                                 **{"guidance_scale": 0.0, **kw}).images
+    got = tiny_pipe.inpaint("a cat", image=image, mask_image=mask, seed=3, **kw)
+    assert got.images.shape == (kw.get("num_images_per_prompt", 1), 16, 6, 10)
+    assert got.info["strength"] == strength
+    assert_rel(got.images, expected, 1e-5, "inpaint final latents")
+
+
+def test_inpaint_with_per_image_seeds_matches_diffusers_generator_list(tiny_pipe, reference_inpaint):
+    image, mask = make_image(64, 64), make_mask(64, 64, box=(8, 8, 40, 56))
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    expected = reference_inpaint(["a cat", "a dog"], image=image, mask_image=mask, generator=gens, guidance_scale=3.0,
+                                 num_inference_steps=4, output_type="latent", strength=0.75).images
+    got = tiny_pipe.inpaint(["a cat", "a dog"], image, mask, seed=[5, 6], guidance_scale=3.0, num_inference_steps=4,
+                            output_type="latent", strength=0.75).images
+    assert_rel(got, expected, 1e-5, "inpaint with per-image seeds")
+
+
+def test_inpaint_images_match_diffusers(tiny_pipe, reference_inpaint):
+    image, mask = make_image(64, 48), make_mask(64, 48)
+    expected = reference_inpaint("a cat", image=image, mask_image=mask, generator=torch.Generator().manual_seed(1),
+                                 guidance_scale=0.0, num_inference_steps=3, output_type="np").images
+    got = tiny_pipe.inpaint("a cat", image, mask, seed=1, num_inference_steps=3, output_type="np").images
+    assert_rel(torch.from_numpy(got), torch.from_numpy(expected), 1e-5, "inpaint images")
+
+
+def test_black_mask_keeps_the_image_and_white_mask_repaints(tiny_pipe):
+    """The last blend puts the clean image latents wherever the mask is black: an all-black mask
+    returns the encoded image exactly; an all-white one is img2img at the same strength."""
+    image = make_image(32, 32)
+    kw = dict(num_inference_steps=3, output_type="latent", seed=4, strength=0.7)
+    black = Image.new("L", (32, 32), 0)
+    kept = tiny_pipe.inpaint("a cat", image, black, **kw).images
+    from zimage_native.sampling import preprocess_image
+
+    z = tiny_pipe.encode_image(preprocess_image(image), [torch.Generator().manual_seed(4)], torch.float32)
+    assert torch.equal(kept, z)
+    white = Image.new("L", (32, 32), 255)
+    repainted = tiny_pipe.inpaint("a cat", image, white, **kw).images
+    assert rel_err(repainted, tiny_pipe.img2img("a cat", image, **kw).images) < 1e-6
+
+
+def test_mask_inputs_as_arrays_and_tensors_equal_the_pil_mask(tiny_pipe):
+    image = make_image(48, 32)
+    pil = make_mask(48, 32, box=(8, 8, 32, 24))
+    arr = np.asarray(pil, dtype=np.float32) / 255.0
+    kw = dict(num_inference_steps=2, output_type="latent", seed=2)
+    want = tiny_pipe.inpaint("a cat", image, pil, **kw).images
+    for mask in (arr, arr[..., None], torch.from_numpy(arr), torch.from_numpy(arr)[None, None]):
+        assert torch.equal(tiny_pipe.inpaint("a cat", image, mask, **kw).images, want)
+
+
+def test_inpaint_rejects_bad_input(tiny_pipe):
+    image = make_image(32, 32)
+    with pytest.raises(ValueError, match="mask_image needs image"):
+        tiny_pipe("a cat", mask_image=make_mask(32, 32))
+    with pytest.raises(ValueError, match="inpaint needs"):
+        tiny_pipe.inpaint("a cat", image, None)
+    with pytest.raises(ValueError, match="mask"):
+        tiny_pipe.inpaint("a cat", image, np.zeros((32, 32, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="strength"):
+        tiny_pipe.inpaint("a cat", image, make_mask(32, 32), strength=1.5)

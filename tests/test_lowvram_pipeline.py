@@ -1,0 +1,200 @@
+"""Low-VRAM settings through the whole pipeline: ``text_encoder_quant`` and ``offload="blocks"``
+from ``from_pretrained``, the CLI flags and TOML profiles (the units are in test_offload.py and
+test_text_encoder_quant.py)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from zimage_native import ZImagePipeline
+from zimage_native.offload import RESIDENT, _streamed_tensors, dit_blocks
+from zimage_native.quantize import Int8Embedding, Int8Linear, quantize_text_encoder
+
+CALL = dict(width=32, height=48, num_inference_steps=3, seed=4, output_type="np")
+
+
+def load(folder, **kwargs):
+    pipe = ZImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32, **kwargs)
+    pipe.progress = False
+    return pipe
+
+
+class FakeMove:
+    """A fake device move for the streamer: a copy (new storage) that logs the block it belongs to."""
+
+    def __init__(self, streamer):
+        self.streamer, self.log, self.most = streamer, [], 0
+        self.owner = {t.data_ptr(): i for i, b in enumerate(streamer.blocks) for t in _streamed_tensors(b, RESIDENT)}
+        streamer.transfer = self
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        block = self.owner[t.data_ptr()]
+        if not self.log or self.log[-1] != block:
+            self.log.append(block)
+        self.most = max(self.most, len(self.streamer.loaded) + 1)
+        return t.clone()
+
+
+def test_offload_blocks_runs_the_pipeline_with_streamed_blocks_and_identical_results(tiny_model_dir, tiny_pipe):
+    pipe = load(tiny_model_dir, offload="blocks")
+    streamer = pipe.transformer.block_streamer
+    assert pipe.offload == "blocks" and streamer.blocks == dit_blocks(pipe.transformer)
+    move = FakeMove(streamer)
+    ran = []
+    for i, block in enumerate(streamer.blocks):  # registered after the streamer's hooks: sees the moved weights
+        block.register_forward_pre_hook(lambda m, a, i=i: ran.append(
+            (i, not {t.data_ptr() for t in _streamed_tensors(m, RESIDENT)} & set(move.owner))))
+    for guidance in (0.0, 2.0):  # without and with CFG
+        want = tiny_pipe("a cat on a mat", guidance_scale=guidance, **CALL).images
+        got = pipe("a cat on a mat", guidance_scale=guidance, **CALL).images
+        assert np.array_equal(got, want)
+    n = len(streamer.blocks)
+    refiner = len(pipe.transformer.context_refiner)
+    # Every block ran on its moved copy, never on its CPU home; each run of a block had one copy.
+    assert ran and all(on_copy for _, on_copy in ran)
+    steps = CALL["num_inference_steps"] * (n - refiner)
+    assert len(ran) == (refiner + steps) + (2 * refiner + steps)  # with CFG the caption is refined twice
+    assert sorted(set(move.log)) == list(range(n)) and len(move.log) >= len(ran)
+    assert move.most <= streamer.depth + 1  # at most the running block and its prefetch are moved
+    # The block's tensors point at their CPU homes between runs (the prefetched one aside).
+    assert len(streamer.loaded) <= streamer.depth
+
+
+def test_offload_blocks_with_a_fused_lora_and_img2img(tiny_model_dir, tmp_path):
+    """A LoRA fused after the blocks went to the CPU lands in the streamed copies: same images as a
+    resident pipeline with the same LoRA, for txt2img and img2img."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    dim = load(tiny_model_dir).transformer.config.dim
+    lora = {f"transformer.layers.{i}.feed_forward.w1.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.3
+            for i in (0, 1) for ab, shape in (("A", (4, dim)), ("B", (int(dim / 3 * 8), 4)))}
+    save_file(lora, str(tmp_path / "lora.safetensors"))
+    image = Image.fromarray((np.random.default_rng(1).random((48, 32, 3)) * 255).astype("uint8"))
+    out = []
+    for offload in ("none", "blocks"):
+        pipe = load(tiny_model_dir, offload=offload)
+        if offload == "blocks":
+            FakeMove(pipe.transformer.block_streamer)
+        pipe.load_lora(tmp_path / "lora.safetensors", scale=0.8)
+        out.append((pipe("a cat", **CALL).images, pipe.img2img("a cat", image, strength=0.7, **CALL).images))
+    (a, b), (c, d) = out
+    assert np.array_equal(a, c) and np.array_equal(b, d)
+    assert not np.array_equal(a, load(tiny_model_dir)("a cat", **CALL).images)  # the LoRA changed the image
+
+
+def test_offload_blocks_refuses_transforms_that_change_blocks(tiny_model_dir):
+    pipe = load(tiny_model_dir, offload="blocks")
+    for kwargs in (dict(compile="blocks"), dict(fp8=True), dict(kernels="triton")):
+        with pytest.raises(ValueError, match="offload='blocks'"):
+            pipe.optimize(**kwargs)
+    pipe.optimize(attention="sdpa")  # the attention backend is a leaf swap that streaming does not touch
+
+
+def test_text_encoder_quant_from_pretrained(tiny_model_dir, tiny_pipe):
+    pipe = load(tiny_model_dir, text_encoder_quant="int8")
+    model = pipe.text_encoder.model
+    assert isinstance(model.layers[0].self_attn.q_proj, Int8Linear) and isinstance(model.embed_tokens, Int8Embedding)
+    want = quantize_text_encoder(copy.deepcopy(tiny_pipe.text_encoder.model), "int8")
+    ids = tiny_pipe.text_encoder.encode(["a cat on a mat"])
+    got = pipe.text_encoder.encode(["a cat on a mat"])
+    ref = tiny_pipe.text_encoder.encode(["a cat on a mat"])
+    ids = torch.tensor([tiny_pipe.text_encoder.tokenize(["a cat on a mat"])[0]])
+    with torch.no_grad():
+        exact = want(input_ids=ids, attention_mask=torch.ones_like(ids, dtype=torch.bool)).last_hidden_state[0]
+    assert torch.equal(got[0], exact)  # quantised while loading = quantising the loaded model
+    cos = torch.nn.functional.cosine_similarity(got[0], ref[0], dim=-1)
+    assert cos.min() > 0.99
+    # Both settings together, and the whole pipeline runs with them.
+    both = load(tiny_model_dir, text_encoder_quant="int8", offload="blocks")
+    assert np.array_equal(both("a cat", **CALL).images, pipe("a cat", **CALL).images)
+
+
+def test_text_encoder_quant_is_checked(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"text_encoder_quant must be one of .*got 'int2'"):
+        load(tiny_model_dir, text_encoder_quant="int2")
+    with pytest.raises(ValueError, match="remote server's setting applies"):
+        load(tiny_model_dir, text_encoder_quant="int8", text_encoder_url="http://127.0.0.1:9")
+    from zimage_native.loading import load_component
+
+    with pytest.raises(ValueError, match="text encoder only"):
+        load_component("vae", tiny_model_dir / "vae", quant="int8")
+
+
+def run(*args):
+    from zimage_native.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_cli_flags_and_profile_keys(tiny_model_dir, tmp_path):
+    base = ["--model", tiny_model_dir, "--device", "cpu", "--dtype", "float32", "--width", 32, "--height", 48,
+            "--steps", 2, "--seed", 4, "--no-progress"]
+    run("generate", "a cat", "-o", tmp_path / "flags.png", "--offload", "blocks", "--text-encoder-quant", "int8", *base)
+    config = tmp_path / "c.toml"
+    # The predecessor's spelling: [x.encoder] quantization = "8bit".
+    config.write_text('[small]\noffload = "blocks"\n[small.encoder]\nquantization = "8bit"\n')
+    run("generate", "a cat", "-o", tmp_path / "profile.png", "--config", config, "--profile", "small", *base)
+    pipe = load(tiny_model_dir, offload="blocks", text_encoder_quant="int8")
+    want = pipe("a cat", width=32, height=48, num_inference_steps=2, seed=4).images[0]
+    for name in ("flags.png", "profile.png"):
+        with Image.open(tmp_path / name) as im:
+            assert np.array_equal(np.asarray(im), np.asarray(want)), name
+
+
+def test_serve_loads_with_the_settings(tiny_model_dir):
+    import importlib
+
+    serve_cli = importlib.import_module("zimage_native.cli.serve")  # the package exports the command as `serve`
+    o = serve_cli.default_options()
+    assert o["text_encoder_quant"] == "none" and o["offload"] == "none"
+    o.update(model=str(tiny_model_dir), device="cpu", dtype="float32", text_encoder_quant="int8", offload="blocks")
+    pipe = serve_cli.build_engine(o).pipe
+    assert pipe.offload == "blocks" and pipe.transformer.block_streamer is not None
+    assert isinstance(pipe.text_encoder.model.layers[0].mlp.up_proj, Int8Linear)
+    o.update(encoder_only=True, offload="none")
+    engine = serve_cli.build_engine(o)
+    assert isinstance(engine.text_encoder.model.layers[0].mlp.up_proj, Int8Linear)
+
+
+def test_a_hub_model_with_a_transformer_file_does_not_fetch_the_hub_transformer(tiny_model_dir, monkeypatch):
+    """A low-VRAM profile names a DiT file over the Hub model: only the Hub DiT's config is fetched,
+    not its 24.6 GB of weights (nor the text encoder's, with a remote encoder)."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: calls.append(kw["allow_patterns"]) or str(tiny_model_dir))
+    dit = tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    pipe = ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", device="cpu", dtype=torch.float32,
+                                          transformer=dit)
+    assert "transformer/*.safetensors" not in calls[0] and "transformer/*.json" in calls[0]
+    assert "text_encoder/*.safetensors" in calls[0] and "vae/*.safetensors" in calls[0]
+    assert pipe.transformer.config.dim == load(tiny_model_dir).transformer.config.dim
+
+
+def test_the_8gb_combination_gguf_dit_streamed_with_an_int8_encoder(tiny_model_dir, tmp_path):
+    """The `8gb` profile's settings together on the tiny model: a GGUF DiT (kept packed) whose
+    blocks stream, and an int8 text encoder; same images as the same files fully resident."""
+    pytest.importorskip("gguf")
+    from .gguf_files import gguf_state, write_gguf
+    from .test_formats import comfy_dit
+
+    file, _ = gguf_state(comfy_dit(tiny_model_dir), "Q8_0", np.random.default_rng(0))
+    path = write_gguf(tmp_path / "z_image_turbo-Q8_0.gguf", file, "lumina2")
+    images = []
+    for offload in ("none", "blocks"):
+        pipe = load(tiny_model_dir, transformer=path, offload=offload, text_encoder_quant="int8")
+        assert pipe.transformer.layers[0].attention.to_q.weight.dtype == torch.uint8  # packed
+        if offload == "blocks":
+            move = FakeMove(pipe.transformer.block_streamer)
+        images.append(pipe("a cat", **CALL).images)
+    assert np.array_equal(images[0], images[1]) and move.log

@@ -1,0 +1,123 @@
+"""The sampling core: one request type, the call habits diffusers users expect (output_type "pt",
+numpy / torch image inputs, prompt_embeds, callback_on_step_end), one text-encoder call per request."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from zimage_native.sampling import GenerationRequest, task_name
+
+from .test_generation import make_image
+from .utils import assert_rel, rel_err
+
+
+@pytest.fixture(scope="module")
+def reference_img2img(reference_pipe):
+    import diffusers
+
+    pipe = diffusers.ZImageImg2ImgPipeline(**reference_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_request_is_frozen_and_names_its_task():
+    r = GenerationRequest(prompt="a cat", seeds=[1, 2])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.width = 64
+    assert r.n == 2 and r.task == "txt2img"
+    assert task_name(dataclasses.replace(r, image=object())) == "img2img"
+    assert task_name(dataclasses.replace(r, image=object(), mask_image=object())) == "inpaint"
+    assert task_name(dataclasses.replace(r, control_image=object())) == "control"
+    assert GenerationRequest(prompt=["a", "b"], seeds=[1, 2]).n == 1  # one seed per prompt
+    assert r.params() == {"prompt": "a cat", "seeds": [1, 2], "cfg_normalization": 0.0, "cfg_truncation": 1.0,
+                          "max_sequence_length": 512, "n": 2, "img2img": False}
+
+
+def test_pipeline_call_and_generate_agree(tiny_pipe):
+    kw = dict(height=32, width=48, num_inference_steps=2, output_type="latent", guidance_scale=2.0)
+    direct = tiny_pipe("a cat", seed=3, **kw).images
+    request = GenerationRequest(prompt="a cat", seeds=[3], height=32, width=48, steps=2, guidance_scale=2.0,
+                                output_type="latent")
+    assert torch.equal(tiny_pipe.generate(request).images, direct)
+
+
+def test_output_type_pt_matches_diffusers(tiny_pipe, reference_pipe):
+    kw = dict(height=48, width=32, num_inference_steps=2, guidance_scale=0.0)
+    expected = reference_pipe("a cat", generator=torch.Generator().manual_seed(0), output_type="pt", **kw).images
+    got = tiny_pipe("a cat", seed=0, output_type="pt", **kw).images
+    assert isinstance(got, torch.Tensor) and got.shape == (1, 3, 48, 32) == expected.shape
+    assert_rel(got, expected, 1e-5, "pt images")
+    as_np = tiny_pipe("a cat", seed=0, output_type="np", **kw).images
+    assert np.array_equal(got.permute(0, 2, 3, 1).numpy(), as_np)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "numpy batch", "torch", "torch list"])
+def test_array_and_tensor_images_match_diffusers(tiny_pipe, reference_img2img, kind):
+    pil = make_image(83, 50)  # not a multiple of 16: resized (nearest) to 80x48, as diffusers does
+    arr = np.asarray(pil, dtype=np.float32) / 255.0
+    image = {"numpy": arr, "numpy batch": arr[None], "torch": torch.from_numpy(arr).permute(2, 0, 1)[None],
+             "torch list": [torch.from_numpy(arr).permute(2, 0, 1)]}[kind]
+    kw = dict(strength=0.7, num_inference_steps=4, output_type="latent")
+    expected = reference_img2img("a cat", image=image, generator=torch.Generator().manual_seed(2), guidance_scale=0.0,
+                                 **kw).images
+    got = tiny_pipe.img2img("a cat", image, seed=2, **kw).images
+    assert_rel(got, expected, 1e-5, f"img2img from a {kind} image")
+
+
+def test_prompt_embeds_match_diffusers(tiny_pipe, reference_pipe):
+    embeds = tiny_pipe.encode_prompt(["a cat", "two dogs on a sofa"])
+    negative = tiny_pipe.encode_prompt(["blurry", ""])
+    kw = dict(height=32, width=32, num_inference_steps=3, guidance_scale=2.5, output_type="latent")
+    expected = reference_pipe(prompt_embeds=list(embeds), negative_prompt_embeds=list(negative),
+                              generator=torch.Generator().manual_seed(1), **kw).images
+    got = tiny_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, seed=1, **kw)
+    assert_rel(got.images, expected, 1e-5, "prompt_embeds")
+    from_text = tiny_pipe(["a cat", "two dogs on a sofa"], negative_prompt=["blurry", ""], seed=1, **kw).images
+    assert rel_err(got.images, from_text) < 1e-6
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        tiny_pipe(prompt_embeds=embeds, **kw)
+    with pytest.raises(ValueError, match="not both"):
+        tiny_pipe("a cat", prompt_embeds=embeds, **kw)
+
+
+def test_callback_on_step_end_reads_and_replaces_latents_like_diffusers(tiny_pipe, reference_pipe):
+    def make_callback(seen):
+        def callback(pipe, i, t, tensors):
+            seen.append((i, float(t), tuple(tensors["latents"].shape)))
+            return {"latents": tensors["latents"] * 0.5} if i == 1 else {}
+        return callback
+
+    kw = dict(height=32, width=32, num_inference_steps=4, guidance_scale=0.0, output_type="latent")
+    ref_seen, seen = [], []
+    expected = reference_pipe("a cat", generator=torch.Generator().manual_seed(5),
+                              callback_on_step_end=make_callback(ref_seen), **kw).images
+    got = tiny_pipe("a cat", seed=5, callback_on_step_end=make_callback(seen), **kw).images
+    assert seen == ref_seen and len(seen) == 4
+    assert_rel(got, expected, 1e-5, "latents replaced mid-run")
+    assert rel_err(got, tiny_pipe("a cat", seed=5, **kw).images) > 0.01  # the replacement took effect
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        tiny_pipe("a cat", seed=5, callback_on_step_end=lambda p, i, t, d: {"prompt_embeds": []},
+                  callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], **kw)
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        tiny_pipe("a cat", callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["mask"], **kw)
+
+
+def test_negative_prompts_are_encoded_in_the_same_call(tiny_pipe, monkeypatch):
+    """CFG encodes positives and negatives in one text-encoder batch; the features equal separate encodes."""
+    te = tiny_pipe.text_encoder
+    calls = []
+    real = te.encode
+    monkeypatch.setattr(te, "encode", lambda texts, *a, **k: calls.append(list(texts)) or real(texts, *a, **k))
+    out = tiny_pipe(["a cat", "a long prompt about two dogs on a red sofa"], negative_prompt=["blurry", ""],
+                    guidance_scale=2.0, height=32, width=32, num_inference_steps=2, seed=0, output_type="latent")
+    assert len(calls) == 1 and len(calls[0]) == 4
+    monkeypatch.setattr(te, "encode", real)
+    joint = real(calls[0], 512)
+    separate = real(calls[0][:2], 512) + real(calls[0][2:], 512)
+    for a, b in zip(joint, separate):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-6
+    assert out.info["token_counts"] == [int(f.shape[0]) for f in joint[:2]]

@@ -1,0 +1,311 @@
+"""Resident weight bytes of each component in each low-VRAM setting, computed from tensor shapes.
+
+The numbers in docs/formats.md and docs/performance.md come from here (``python -m
+zimage_native.footprint`` prints them). Each model is built on the ``meta`` device from its config
+(no memory, no weights), and each tensor's bytes follow from its shape and the storage the engine
+gives it:
+
+- ``bf16`` / ``fp16`` / ``fp32``: every tensor in that dtype;
+- ``fp8`` (DiT, ``--fp8``, :mod:`zimage_native.accel.fp8`): the attention and feed-forward linears
+  inside the blocks as float8 (1 byte) with one fp32 scale per output row, the rest in bf16;
+- ``int8`` / ``int4`` (text encoder, ``--text-encoder-quant``, :mod:`zimage_native.quantize`):
+  int8 linears with one fp32 scale per row; int4 codes two per byte with a scale and a minimum per
+  group of 128 inputs in the model dtype; in both the token embedding in int8 with one fp32 scale
+  per row; norms in the model dtype;
+- ``gguf:TYPE`` (GGUF files, kept packed): every linear weight whose rows are a multiple of the
+  type's block in the GGML block type ``TYPE`` (``Q8_0``: 34 bytes per 32 values, ``Q4_K``: 144
+  bytes per 256, ...), every other tensor in the compute dtype. That is a file with one type for
+  all its linears; a real ``Q4_K_M`` file mixes types per tensor, and :func:`gguf_bytes` takes that
+  mix (``{name: type}``) to give its exact number.
+
+``offload="blocks"`` (:mod:`zimage_native.offload`) keeps on the device only what is outside the
+streamed parts of the blocks plus ``depth + 1`` blocks in flight (the running block and its
+prefetch); the text encoder then lives on the CPU except while it encodes. Activations, the CUDA
+context and the allocator's cache come on top of every number here: they are not weights and are
+measured, not computed (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .formats.ggml import GGML_TYPES
+
+#: GGML type -> (values per block, bytes per block): the types the GGUF loader reads (formats.ggml).
+GGML_BLOCKS: dict[str, tuple[int, int]] = {name: (block, size) for name, block, size in GGML_TYPES.values()}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+INT4_GROUP = 128
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of a built model: its qualified name, shape, and the module type that holds it."""
+
+    name: str
+    shape: tuple[int, ...]
+    owner: type
+    buffer: bool = False
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def tensors_of(module: nn.Module) -> list[Tensor]:
+    """Every parameter and buffer of ``module`` (meta or not) with the module type holding it."""
+    out = []
+    for prefix, sub in module.named_modules():
+        for table, buffer in ((sub._parameters, False), (sub._buffers, True)):
+            for name, t in table.items():
+                if t is not None:
+                    out.append(Tensor(f"{prefix}.{name}" if prefix else name, tuple(t.shape), type(sub), buffer))
+    return out
+
+
+# ----------------------------------------------------------------------------- models on meta
+
+
+def dit_on_meta(config=None) -> nn.Module:
+    from .config import TransformerConfig
+    from .model.transformer import ZImageTransformer
+
+    with torch.device("meta"):
+        return ZImageTransformer(config or TransformerConfig())
+
+
+def vae_on_meta(config=None) -> nn.Module:
+    from .config import VAEConfig
+    from .model.vae import AutoencoderKL
+
+    with torch.device("meta"):
+        return AutoencoderKL(config or VAEConfig())
+
+
+@functools.lru_cache(maxsize=1)
+def _released_text_encoder_tensors() -> tuple[list[Tensor], int]:
+    model = text_encoder_on_meta()
+    return [t for t in tensors_of(model) if not t.buffer], _unique_buffer_bytes(model)
+
+
+def text_encoder_on_meta(config: dict | None = None) -> nn.Module:
+    """The truncated Qwen3 the engine loads (N-1 layers, no final norm) on meta, from a full Qwen3
+    config (default: the released Qwen3-4B); its RoPE table is built for real, as the loader does."""
+    from transformers import Qwen3Config
+
+    from .formats.infer import RELEASED_QWEN3
+    from .text_encoder import build_truncated_qwen3
+
+    data = {k: v for k, v in (config or RELEASED_QWEN3).items() if k not in ("model_type", "transformers_version")}
+    model, cfg, _ = build_truncated_qwen3(Qwen3Config(**data))
+    with torch.device("cpu"):
+        model.rotary_emb = type(model.rotary_emb)(config=cfg)
+    return model
+
+
+# ----------------------------------------------------------------------------- bytes per tensor
+
+
+def _unique_buffer_bytes(module: nn.Module) -> int:
+    """Bytes of the real (non-meta) buffers, each storage once (RoPE tables alias each other)."""
+    seen, total = set(), 0
+    for b in module.buffers():
+        if b.is_meta:
+            continue
+        key = b.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += b.numel() * b.element_size()
+    return total
+
+
+def dit_block_linear(t: Tensor) -> bool:
+    """A weight that fp8 and GGUF quantise: the attention / feed-forward linears inside the blocks
+    (not the adaLN projections, embedders or final layer)."""
+    in_block = t.name.startswith(("layers.", "noise_refiner.", "context_refiner."))
+    return (in_block and t.owner is nn.Linear and t.name.endswith(".weight") and "adaLN" not in t.name
+            and (".attention." in t.name or ".feed_forward." in t.name))
+
+
+def ggml_bytes(qtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor stored in GGML type ``qtype`` (rows along the last dimension)."""
+    block, size = GGML_BLOCKS[qtype]
+    n = 1
+    for d in shape:
+        n *= d
+    if shape[-1] % block:
+        raise ValueError(f"a {qtype} row holds a multiple of {block} values; a row of {shape[-1]} cannot be {qtype}")
+    return n // block * size
+
+
+def gguf_bytes(tensors: list[Tensor], types: dict[str, str], dtype: str = "bf16") -> int:
+    """Resident bytes with the named tensors kept packed in their GGML type (``{name: type}``, a
+    float type counts as the compute ``dtype``), every other tensor in ``dtype``."""
+    total = 0
+    for t in tensors:
+        qtype = types.get(t.name)
+        if qtype is None or qtype in ("F32", "F16", "BF16"):
+            total += t.numel * (4 if t.buffer else DTYPE_BYTES[dtype])
+        else:
+            total += ggml_bytes(qtype, t.shape)
+    return total
+
+
+def uniform_types(tensors: list[Tensor], qtype: str, select: Callable[[Tensor], bool]) -> dict[str, str]:
+    """``{name: qtype}`` for the selected tensors (a file with one type for all its linears)."""
+    return {t.name: qtype for t in tensors if select(t)}
+
+
+def _weights(fmt: str) -> tuple[str, str | None]:
+    """'bf16' -> ('bf16', None); 'gguf:Q4_K' -> ('bf16', 'Q4_K'); 'fp8' -> ('bf16', 'fp8')."""
+    if fmt.startswith("gguf:"):
+        qtype = fmt.split(":", 1)[1]
+        if qtype not in GGML_BLOCKS:
+            raise ValueError(f"unknown GGML type {qtype!r}; known: {sorted(GGML_BLOCKS)}")
+        return "bf16", qtype
+    if fmt == "fp8":
+        return "bf16", "fp8"
+    if fmt not in DTYPE_BYTES:
+        raise ValueError(f"weights must be one of {sorted(DTYPE_BYTES)}, 'fp8' or 'gguf:TYPE', got {fmt!r}")
+    return fmt, None
+
+
+def ggml_linear(qtype: str) -> Callable[[Tensor], bool]:
+    """The tensors a one-type GGUF file packs: linear weights whose rows fit the type's blocks."""
+    block = GGML_BLOCKS[qtype][0]
+    return lambda t: t.owner is nn.Linear and t.name.endswith(".weight") and t.shape[-1] % block == 0
+
+
+def dit_tensor_bytes(t: Tensor, fmt: str) -> int:
+    dtype, quant = _weights(fmt)
+    if quant == "fp8" and dit_block_linear(t) and t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0:
+        return t.numel + 4 * t.shape[0]  # float8 values + one fp32 scale per output row
+    if quant not in (None, "fp8") and ggml_linear(quant)(t):
+        return ggml_bytes(quant, t.shape)
+    return t.numel * DTYPE_BYTES[dtype]
+
+
+# ----------------------------------------------------------------------------- components
+
+
+def streamed(t: Tensor) -> bool:
+    """A tensor that ``offload="blocks"`` streams: inside a block, outside its adaLN projection."""
+    from .offload import RESIDENT
+
+    parts = t.name.split(".")
+    return parts[0] in ("layers", "noise_refiner", "context_refiner") and not any(p in RESIDENT for p in parts)
+
+
+def dit_bytes(config=None, weights: str = "bf16", offload: str = "none", depth: int = 1) -> int:
+    """Bytes of the DiT on its device: all of it, or with ``offload="blocks"`` what stays resident
+    plus ``depth + 1`` of the largest streamed blocks."""
+    tensors = tensors_of(dit_on_meta(config))
+    if offload != "blocks":
+        return sum(dit_tensor_bytes(t, weights) for t in tensors)
+    resident = sum(dit_tensor_bytes(t, weights) for t in tensors if not streamed(t))
+    blocks: dict[str, int] = {}
+    for t in tensors:
+        if streamed(t):
+            key = ".".join(t.name.split(".")[:2])
+            blocks[key] = blocks.get(key, 0) + dit_tensor_bytes(t, weights)
+    return resident + (depth + 1) * max(blocks.values())
+
+
+def text_encoder_bytes(config: dict | None = None, quant: str = "none", dtype: str = "bf16") -> int:
+    """Bytes of the truncated Qwen3 (``config``: a full Qwen3 config dict, default Qwen3-4B) with
+    ``--text-encoder-quant quant`` ("none", "int8", "int4") or as a GGUF file ("gguf:TYPE": every
+    linear and the token embedding in TYPE, norms in ``dtype``)."""
+    if config is None:
+        params, buffers = _released_text_encoder_tensors()
+    else:
+        model = text_encoder_on_meta(config)
+        params, buffers = [t for t in tensors_of(model) if not t.buffer], _unique_buffer_bytes(model)
+    size = DTYPE_BYTES[dtype]
+    if quant.startswith("gguf:"):
+        qtype = _weights(quant)[1]
+        packed = lambda t: len(t.shape) == 2 and t.shape[-1] % GGML_BLOCKS[qtype][0] == 0  # noqa: E731
+        return buffers + gguf_bytes(params, uniform_types(params, qtype, packed), dtype)
+    total = buffers
+    for t in params:
+        if quant == "none" or len(t.shape) != 2:
+            total += t.numel * size
+        elif t.owner is nn.Embedding or quant == "int8":
+            total += t.numel + 4 * t.shape[0]  # int8 codes + one fp32 scale per row
+        elif quant == "int4":
+            rows, cols = t.shape
+            total += t.numel // 2 + 2 * size * rows * (cols // INT4_GROUP)  # codes + scale and minimum per group
+        else:
+            raise ValueError(f"text encoder quant must be 'none', 'int8', 'int4' or 'gguf:TYPE', got {quant!r}")
+    return total
+
+
+def vae_bytes(config=None, dtype: str = "bf16") -> int:
+    return sum(t.numel * DTYPE_BYTES[dtype] for t in tensors_of(vae_on_meta(config)))
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A low-VRAM setting: the DiT's weights, the text encoder's, and the offload mode."""
+
+    name: str
+    dit: str  # "bf16" | "fp8" | "gguf:TYPE"
+    text_encoder: str  # "none" (bf16) | "int8" | "int4" | "gguf:TYPE"
+    offload: str  # "none" | "text_encoder" | "blocks"
+    card_gib: float
+
+
+#: The profiles of docs/config.example.toml.
+PROFILES = (
+    Profile("rtx4090", "bf16", "int8", "none", 24),
+    Profile("16gb", "gguf:Q8_0", "int8", "none", 16),
+    Profile("12gb", "gguf:Q6_K", "int8", "none", 12),
+    Profile("8gb", "gguf:Q4_K", "int8", "blocks", 8),  # a Q4_K_M file: mostly Q4_K (see the module doc)
+)
+
+
+def profile_bytes(profile: Profile, dit_config=None, te_config: dict | None = None, vae_config=None) -> dict[str, int]:
+    """Weight bytes on the GPU per phase: while encoding the prompt, and while denoising and
+    decoding (the text encoder has left the GPU when it is offloaded)."""
+    dit = dit_bytes(dit_config, profile.dit, "blocks" if profile.offload == "blocks" else "none")
+    te = text_encoder_bytes(te_config, profile.text_encoder)
+    vae = vae_bytes(vae_config)
+    offloaded = profile.offload in ("text_encoder", "blocks")
+    return {"dit": dit, "text_encoder": te, "vae": vae, "encode": dit + te + vae,
+            "denoise": dit + vae + (0 if offloaded else te)}
+
+
+def report() -> str:
+    """The tables of docs/formats.md and docs/performance.md, for the released models."""
+    from .config import TransformerConfig
+
+    cfg = TransformerConfig()
+    gb = lambda n: f"{n / 1e9:.2f} GB ({n:,} B)"  # noqa: E731
+    lines = ["DiT (6,154,908,736 parameters):"]
+    for fmt in ("fp32", "bf16", "fp8", "gguf:Q8_0", "gguf:Q6_K", "gguf:Q5_K", "gguf:Q4_K", "gguf:Q4_0", "gguf:Q3_K",
+                "gguf:Q2_K"):
+        lines.append(f"  {fmt:<10} resident {gb(dit_bytes(cfg, fmt))}   offload=blocks {gb(dit_bytes(cfg, fmt, 'blocks'))}")
+    lines.append("Text encoder (Qwen3-4B, 35 of 36 layers loaded):")
+    for quant in ("none", "int8", "int4", "gguf:Q8_0", "gguf:Q6_K", "gguf:Q4_K"):
+        lines.append(f"  {quant:<10} {gb(text_encoder_bytes(quant=quant))}")
+    lines.append(f"VAE bf16: {gb(vae_bytes())}")
+    lines.append("Profiles (weights on the GPU while encoding / while denoising and decoding):")
+    for p in PROFILES:
+        b = profile_bytes(p, cfg)
+        lines.append(f"  {p.name:<8} {p.dit:<10} te={p.text_encoder:<5} offload={p.offload:<12} "
+                     f"encode {b['encode'] / 2**30:.2f} GiB  denoise {b['denoise'] / 2**30:.2f} GiB "
+                     f"({b['encode']:,} / {b['denoise']:,} B) of {p.card_gib} GB")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(report())

@@ -1,0 +1,222 @@
+"""GGML block formats (the tensor types of GGUF files), dequantised in plain PyTorch on any device.
+
+A quantised GGML tensor is a sequence of rows; each row is a run of fixed-size blocks, each block
+``type_size`` bytes holding ``block_size`` values (32 for the legacy types, 256 for the K-quants)
+with their scales. A row of ``n`` values therefore takes ``n / block_size * type_size`` bytes, and
+splitting a tensor by rows (the fused ``attention.qkv`` of a GGUF DiT) is slicing its bytes by rows.
+
+:func:`dequantize` turns the bytes of such rows, as a ``uint8`` tensor ``(rows, row_bytes)``, into
+fp32 values ``(rows, row_values)``, bit for bit what the ``gguf`` package's reference
+``gguf.quants.dequantize`` gives (same operations in the same order, all in fp32), then casts them
+to the requested dtype. Only integer and elementwise float ops are used, so it runs on the CPU,
+CUDA, MPS, ... alike. The ``gguf`` package itself is not needed here.
+
+Supported: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: GGML type id -> (name, values per block, bytes per block), as in ggml.h / gguf.constants.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    30: ("BF16", 1, 2),
+}
+TYPE_IDS: dict[str, int] = {name: tid for tid, (name, _, _) in GGML_TYPES.items()}
+FLOAT_TYPES = ("F32", "F16", "BF16")
+#: The quantised (block) types: kept packed in memory and dequantised when used.
+QUANT_TYPES = tuple(name for name, _, _ in GGML_TYPES.values() if name not in FLOAT_TYPES)
+
+
+class UnsupportedGGMLType(ValueError):
+    """A GGML tensor type this engine does not dequantise (the IQ / TQ / MXFP4 families, ...)."""
+
+
+def type_name(qtype: int | str) -> str:
+    if isinstance(qtype, str):
+        if qtype not in TYPE_IDS:
+            raise UnsupportedGGMLType(f"GGML type {qtype} is not supported; supported: {sorted(TYPE_IDS)}")
+        return qtype
+    if int(qtype) not in GGML_TYPES:
+        raise UnsupportedGGMLType(f"GGML type id {int(qtype)} is not supported; supported: {sorted(TYPE_IDS)}")
+    return GGML_TYPES[int(qtype)][0]
+
+
+def block_info(qtype: int | str) -> tuple[int, int]:
+    """(values per block, bytes per block) of a type."""
+    _, block, size = GGML_TYPES[TYPE_IDS[type_name(qtype)]]
+    return block, size
+
+
+def row_bytes(qtype: int | str, n: int) -> int:
+    """Bytes of one row of ``n`` values; ``n`` must be a multiple of the block size."""
+    block, size = block_info(qtype)
+    if n % block:
+        raise ValueError(f"a {type_name(qtype)} row holds a multiple of {block} values, got {n}")
+    return n // block * size
+
+
+def _f16(b: torch.Tensor, start: int) -> torch.Tensor:
+    """The fp16 at bytes start:start+2 of every block, as fp32, shape (n, 1)."""
+    return b[:, start:start + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _shifts(values: list[int], shape: tuple[int, ...], device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8, device=device).reshape(shape)
+
+
+def _nibbles(qs: torch.Tensor, n: int, groups: int, width: int) -> torch.Tensor:
+    """Low then high nibbles of ``groups`` runs of ``width`` bytes: (n, groups, 2, width), masked."""
+    return (qs.reshape(n, groups, 1, width) >> _shifts([0, 4], (1, 1, 2, 1), qs.device)) & 0x0F
+
+
+def _bits(qh: torch.Tensor, n: int, groups: int, width: int) -> torch.Tensor:
+    """Bits 0..7 of ``groups`` runs of ``width`` bytes: (n, groups, 8, width)."""
+    return (qh.reshape(n, groups, 1, width) >> _shifts(list(range(8)), (1, 1, 8, 1), qh.device)) & 1
+
+
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d = _f16(b, 0)
+    q = _nibbles(b[:, 2:18], n, 1, 16).reshape(n, 32).to(torch.int8) - 8
+    return d * q.to(torch.float32)
+
+
+def _q4_1(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, m = _f16(b, 0), _f16(b, 2)
+    q = _nibbles(b[:, 4:20], n, 1, 16).reshape(n, 32).to(torch.float32)
+    return d * q + m
+
+
+def _q5(b: torch.Tensor, qh_at: int) -> torch.Tensor:
+    """The 5-bit codes of Q5_0 / Q5_1: 16 bytes of low nibbles and a 32-bit mask of high bits."""
+    n = b.shape[0]
+    high = _bits(b[:, qh_at:qh_at + 4], n, 1, 4).transpose(2, 3).reshape(n, 32)  # bit i of the LE uint32
+    low = _nibbles(b[:, qh_at + 4:qh_at + 20], n, 1, 16).reshape(n, 32)
+    return low | (high << 4)
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    q = _q5(b, 2).to(torch.int8) - 16
+    return _f16(b, 0) * q.to(torch.float32)
+
+
+def _q5_1(b: torch.Tensor) -> torch.Tensor:
+    q = _q5(b, 4).to(torch.float32)
+    return _f16(b, 0) * q + _f16(b, 2)
+
+
+def _q8_0(b: torch.Tensor) -> torch.Tensor:
+    return b[:, 2:34].view(torch.int8).to(torch.float32) * _f16(b, 0)
+
+
+def _q2_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    scales, qs = b[:, 0:16], b[:, 16:80]
+    d, dmin = _f16(b, 80), _f16(b, 82)
+    dl = (d * (scales & 0x0F).to(torch.float32)).reshape(n, 16, 1)
+    ml = (dmin * (scales >> 4).to(torch.float32)).reshape(n, 16, 1)
+    q = (qs.reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3
+    q = q.reshape(n, 16, 16).to(torch.float32)
+    return (dl * q - ml).reshape(n, 256)
+
+
+def _q3_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    hmask, qs, scales = b[:, 0:32], b[:, 32:96], b[:, 96:108]
+    d = _f16(b, 108)
+    low = (scales[:, :8].reshape(n, 1, 8) >> _shifts([0, 4], (1, 2, 1), b.device)).reshape(n, 16)
+    high = (scales[:, 8:12].reshape(n, 1, 4) >> _shifts([0, 2, 4, 6], (1, 4, 1), b.device)).reshape(n, 16)
+    sc = ((low & 0x0F) | ((high & 3) << 4)).to(torch.int16) - 32
+    dl = (d * sc.to(torch.float32)).reshape(n, 16, 1)
+    ql = ((qs.reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3).reshape(n, 16, 16)
+    qh = (_bits(hmask, n, 1, 32).reshape(n, 16, 16)) ^ 1  # a set bit means no offset
+    q = (ql.to(torch.int16) - (qh.to(torch.int16) << 2)).to(torch.float32)
+    return (dl * q).reshape(n, 256)
+
+
+def _k_scales(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eight 6-bit scales and minimums packed in 12 bytes (Q4_K, Q5_K): (n, 8) each."""
+    n = s.shape[0]
+    s = s.reshape(n, 3, 4)
+    d, m, md = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=1)
+    return sc, mn
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    sc, mn = _k_scales(b[:, 4:16])
+    ds = (d * sc.to(torch.float32)).reshape(n, 8, 1)
+    dm = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
+    q = _nibbles(b[:, 16:144], n, 4, 32).reshape(n, 8, 32).to(torch.float32)
+    return (ds * q - dm).reshape(n, 256)
+
+
+def _q5_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d, dmin = _f16(b, 0), _f16(b, 2)
+    sc, mn = _k_scales(b[:, 4:16])
+    ds = (d * sc.to(torch.float32)).reshape(n, 8, 1)
+    dm = (dmin * mn.to(torch.float32)).reshape(n, 8, 1)
+    low = _nibbles(b[:, 48:176], n, 4, 32).reshape(n, 8, 32)
+    high = _bits(b[:, 16:48], n, 1, 32).reshape(n, 8, 32)
+    q = (low | (high << 4)).to(torch.float32)
+    return (ds * q - dm).reshape(n, 256)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    ql, qh, scales = b[:, 0:128], b[:, 128:192], b[:, 192:208]
+    d = _f16(b, 208)
+    ds = (d * scales.view(torch.int8).to(torch.float32)).reshape(n, 16, 1)
+    low = _nibbles(ql, n, 2, 64).reshape(n, 8, 32)
+    high = ((qh.reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3).reshape(n, 8, 32)
+    q = ((low | (high << 4)).to(torch.int16) - 32).reshape(n, 16, 16).to(torch.float32)
+    return (ds * q).reshape(n, 256)
+
+
+_BLOCK_DEQUANT = {
+    "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
+    "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
+}
+
+
+def dequantize(raw: torch.Tensor, qtype: int | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Packed GGML rows ``(..., row_bytes)`` (``uint8``) -> values ``(..., row_values)`` in ``dtype``.
+
+    The values are computed in fp32 exactly as ``gguf.quants.dequantize`` computes them, then cast.
+    """
+    name = type_name(qtype)
+    if raw.dtype != torch.uint8:
+        raise TypeError(f"packed GGML data must be uint8, got {raw.dtype}")
+    block, size = block_info(name)
+    lead, nbytes = tuple(raw.shape[:-1]), raw.shape[-1]
+    if nbytes % size:
+        raise ValueError(f"{name} rows are a multiple of {size} bytes, got {nbytes}")
+    values = nbytes // size * block
+    if name == "F32":
+        out = raw.contiguous().view(torch.float32)
+    elif name == "F16":
+        out = raw.contiguous().view(torch.float16).to(torch.float32)
+    elif name == "BF16":  # the top half of an fp32: exact, NaN payloads included
+        out = (raw.contiguous().view(torch.int16).to(torch.int32) << 16).view(torch.float32)
+    else:
+        blocks = raw.reshape(-1, size)
+        out = _BLOCK_DEQUANT[name](blocks)
+    return out.reshape(*lead, values).to(dtype)

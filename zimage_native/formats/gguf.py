@@ -1,0 +1,385 @@
+"""GGUF files: Z-Image DiTs (ComfyUI-GGUF / stable-diffusion.cpp) and Qwen3 text encoders (llama.cpp).
+
+A GGUF file is a header (metadata key/values and tensor infos) followed by aligned tensor data;
+the ``gguf`` package (``pip install zimage-native[gguf]``) reads it, memory-mapped. What a file
+holds comes from its tensor names, not only from ``general.architecture``:
+
+- a **DiT** has the original / ComfyUI names (``x_embedder``, fused ``attention.qkv``,
+  ``attention.out``, ``final_layer``, ...), with or without a ``model.diffusion_model.`` prefix;
+  ComfyUI-GGUF writes ``general.architecture = lumina2``, stable-diffusion.cpp may write none;
+- a **text encoder** has llama.cpp names (``token_embd``, ``blk.N.attn_q``, ``blk.N.attn_q_norm``,
+  ``output_norm``, ...) and architecture ``qwen3``. llama.cpp's converter permutes the q/k rows only
+  for the ``llama`` architecture family (its rotary embedding is interleaved there); ``qwen3`` uses
+  the NEOX (half-split) rotary embedding that transformers uses, and its weights are written
+  unpermuted, so they map onto transformers' ``Qwen3Model`` as they are. Other architectures are refused.
+
+Tensors are read as :class:`torch.Tensor`: F32 / F16 / BF16 as values in their own dtype, block
+types (:data:`ggml.QUANT_TYPES`) as their packed bytes ``(rows, row_bytes)`` in ``uint8``, which
+split by rows like values do (the fused ``attention.qkv``). A file cut short or with a damaged
+header raises :class:`CorruptCheckpointError` (``PATH: truncated or not a GGUF file (...)``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..converters.keymap import KeyMap, Rename, keymap_for, to_canonical
+from .checkpoint import CorruptCheckpointError, UnsupportedFormatError
+from .detect import ComponentInfo, FileFormat, _dit_layout
+from .ggml import FLOAT_TYPES, GGML_TYPES, dequantize
+
+CONTAINER = "GGUF"
+
+#: Qwen3 as llama.cpp writes it -> the canonical (bare ``Qwen3Model``) names.
+TE_LLAMA_CPP = KeyMap(
+    name="llama.cpp",
+    component="text_encoder",
+    rules=(
+        Rename("token_embd.{}", "embed_tokens.{}"),
+        Rename("output_norm.{}", "norm.{}"),
+        Rename("output.{}", "lm_head.{}"),
+        Rename("blk.{}.attn_norm.{}", "layers.{}.input_layernorm.{}"),
+        Rename("blk.{}.attn_q_norm.{}", "layers.{}.self_attn.q_norm.{}"),
+        Rename("blk.{}.attn_k_norm.{}", "layers.{}.self_attn.k_norm.{}"),
+        Rename("blk.{}.attn_q.{}", "layers.{}.self_attn.q_proj.{}"),
+        Rename("blk.{}.attn_k.{}", "layers.{}.self_attn.k_proj.{}"),
+        Rename("blk.{}.attn_v.{}", "layers.{}.self_attn.v_proj.{}"),
+        Rename("blk.{}.attn_output.{}", "layers.{}.self_attn.o_proj.{}"),
+        Rename("blk.{}.ffn_norm.{}", "layers.{}.post_attention_layernorm.{}"),
+        Rename("blk.{}.ffn_gate.{}", "layers.{}.mlp.gate_proj.{}"),
+        Rename("blk.{}.ffn_up.{}", "layers.{}.mlp.up_proj.{}"),
+        Rename("blk.{}.ffn_down.{}", "layers.{}.mlp.down_proj.{}"),
+    ),
+    drop=("rope_freqs.weight",),
+)
+
+_DIT_MARKERS = ("x_pad_token", "cap_embedder.1.weight", "layers.0.adaLN_modulation.0.weight")
+_DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+_TE_ARCHITECTURES = ("qwen3",)
+_TE_HF_PREFIXES = ("text_encoders.qwen3_4b.transformer.model.", "text_encoders.qwen3_4b.model.", "model.", "")
+
+
+def _require_gguf():
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ImportError("reading GGUF files needs the gguf package: pip install 'zimage-native[gguf]' "
+                          "(or pip install gguf)") from None
+    return gguf
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file: its GGML type, its shape (torch order, values) and its bytes."""
+
+    name: str
+    qtype: str
+    shape: tuple[int, ...]
+    n_bytes: int
+    data: Any  # numpy view of the memory-mapped bytes / values
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    @property
+    def quantized(self) -> bool:
+        return self.qtype not in FLOAT_TYPES
+
+
+def _corrupt(path: Path, e: BaseException) -> CorruptCheckpointError:
+    size = path.stat().st_size
+    text = str(e)
+    if size == 0 or "empty file" in text:
+        detail = "the file is empty"
+    elif "cannot reshape" in text or "larger dtype" in text or isinstance(e, IndexError):
+        detail = f"its header or tensor data is cut short; the file has {size:,} bytes"
+    else:
+        detail = f"unreadable header: {type(e).__name__}: {text}; {size:,} bytes"
+    return CorruptCheckpointError(path, CONTAINER, detail)
+
+
+class GGUFCheckpoint:
+    """The tensors and metadata of one GGUF file, by name; data is memory-mapped and read on demand."""
+
+    def __init__(self, path: str | os.PathLike):
+        gguf = _require_gguf()
+        self.path = Path(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                reader = gguf.GGUFReader(str(self.path))
+        except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
+            raise _corrupt(self.path, e) from None
+        self._reader = reader
+        size = self.path.stat().st_size
+        self.metadata: dict[str, Any] = {}
+        for name, field in reader.fields.items():
+            if name.startswith("GGUF.") or name.startswith("tokenizer.ggml."):
+                continue  # container counters; the vocabulary (large, and the tokenizer comes from its folder)
+            try:
+                self.metadata[name] = field.contents()
+            except (ValueError, IndexError, TypeError, UnicodeDecodeError):
+                continue
+        self.architecture: str | None = self.metadata.get("general.architecture")
+        self.tensors: dict[str, GGUFTensor] = {}
+        self.unsupported: dict[str, str] = {}
+        for t in reader.tensors:
+            qtype = t.tensor_type.name if hasattr(t.tensor_type, "name") else str(t.tensor_type)
+            if int(t.tensor_type) not in GGML_TYPES:
+                self.unsupported[t.name] = qtype
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            orig = self.metadata.get(f"comfy.gguf.orig_shape.{t.name}")
+            if orig is not None and int(np.prod(orig)) == int(np.prod(shape)):
+                shape = tuple(int(d) for d in orig)
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size:
+                raise CorruptCheckpointError(self.path, CONTAINER, f"its tensors need {end:,} bytes, the file has "
+                                                                   f"{size:,}")
+            self.tensors[t.name] = GGUFTensor(t.name, qtype, shape, int(t.n_bytes), t.data)
+
+    def __enter__(self) -> "GGUFCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._reader = None
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    @property
+    def file_size(self) -> int:
+        return self.path.stat().st_size
+
+    def meta(self, key: str) -> torch.Tensor:
+        """A meta tensor with the values' shape (what the tensor is once dequantised)."""
+        return torch.empty(self.tensors[key].shape, dtype=torch.float32, device="meta")
+
+    def get(self, key: str) -> torch.Tensor:
+        """F32 / F16 / BF16: the values (own dtype, a copy in memory). Block types: the packed
+        bytes ``(rows, row_bytes)`` in uint8, rows being the shape's leading dimensions."""
+        t = self.tensors[key]
+        if key in self.unsupported:
+            raise UnsupportedFormatError(f"{self.path}: tensor {key} has GGML type {t.qtype}, which is not supported")
+        data = np.array(t.data, copy=True)
+        raw = torch.from_numpy(data.reshape(-1).view(np.uint8))
+        if t.qtype == "F32":
+            return raw.view(torch.float32).reshape(t.shape)
+        if t.qtype == "F16":
+            return raw.view(torch.float16).reshape(t.shape)
+        if t.qtype == "BF16":
+            return raw.view(torch.bfloat16).reshape(t.shape)
+        rows = int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1
+        return raw.reshape(rows, -1)
+
+    def values(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The tensor's values (dequantised if packed) in ``dtype``, in its shape."""
+        t = self.tensors[key]
+        x = self.get(key)
+        if t.quantized:
+            return dequantize(x, t.qtype, dtype).reshape(t.shape)
+        return x.to(dtype)
+
+
+# ============================================================================ detection
+
+
+def _te_problem(ckpt: GGUFCheckpoint, keys: list[str]) -> str | None:
+    arch = ckpt.architecture
+    if arch is not None and arch not in _TE_ARCHITECTURES:
+        note = (" (llama.cpp permutes the q/k weights of the llama family, and Z-Image needs Qwen3 anyway)"
+                if arch == "llama" else "")
+        return (f"{ckpt.path}: a GGUF text encoder of architecture {arch!r}: Z-Image needs Qwen3-4B "
+                f"(architecture 'qwen3'){note}")
+    if "blk.0.attn_q_norm.weight" not in keys:
+        return f"{ckpt.path}: the text encoder has no attn_q_norm: it is not a Qwen3 model (Z-Image needs Qwen3-4B)"
+    return None
+
+
+def _component(ckpt: GGUFCheckpoint, component: str, layout: str, prefix: str, keys: list[str]) -> ComponentInfo:
+    info = ComponentInfo(component, layout, prefix, keys)
+    qtypes = {ckpt.tensors[k].qtype for k in keys}
+    info.quantization = "gguf" if any(q not in FLOAT_TYPES for q in qtypes) else None
+    for k in keys:
+        t = ckpt.tensors[k]
+        info.dtypes[t.qtype] = info.dtypes.get(t.qtype, 0) + t.numel
+        info.tensors += 1
+        info.parameters += t.numel
+    return info
+
+
+def inspect_gguf(ckpt: GGUFCheckpoint) -> FileFormat:
+    """Which Z-Image component an open GGUF file holds (from its tensor names), or why it cannot load."""
+    keys = ckpt.keys()
+    meta = {k: str(v) for k, v in ckpt.metadata.items() if k.startswith("general.") and not isinstance(v, list)}
+    fmt = FileFormat(ckpt.path, "gguf", "model", metadata=meta)
+    arch = ckpt.architecture
+    found = []
+    for prefix in _DIT_PREFIXES:
+        if any(prefix + m in keys for m in _DIT_MARKERS):
+            comp_keys = [k for k in keys if k.startswith(prefix)]
+            stripped = [k[len(prefix):] for k in comp_keys]
+            try:
+                layout = _dit_layout(stripped, ckpt.path)
+            except UnsupportedFormatError as e:
+                fmt.problem = str(e)
+                return fmt
+            found.append(_component(ckpt, "transformer", layout, prefix, comp_keys))
+            break
+    hf = next((p for p in _TE_HF_PREFIXES if p + "embed_tokens.weight" in keys), None)
+    if hf is not None:  # a Qwen3 in transformers names (some GGUF converters keep them)
+        te_keys = [k for k in keys if k.startswith(hf) and not k.startswith(_DIT_PREFIXES[:2])]
+        if hf + "layers.0.self_attn.q_norm.weight" not in keys:
+            fmt.problem = f"{ckpt.path}: the text encoder has no q_norm: it is not a Qwen3 model (Z-Image needs Qwen3-4B)"
+            return fmt
+        # The transformers key map strips its prefixes itself.
+        found.append(_component(ckpt, "text_encoder", "transformers" if hf else "bare", "", te_keys))
+    elif "token_embd.weight" in keys and any(k.startswith("blk.0.attn_q.") for k in keys):
+        te_keys = [k for k in keys if k.startswith(("token_embd.", "output_norm.", "output.", "blk.", "rope_freqs."))]
+        problem = _te_problem(ckpt, te_keys)
+        if problem:
+            fmt.problem = problem
+            return fmt
+        found.append(_component(ckpt, "text_encoder", "llama.cpp", "", te_keys))
+    fmt.components = found
+    if not found:
+        fmt.kind = "unknown"
+        fmt.problem = (f"{ckpt.path}: a GGUF file (architecture {arch!r}) that is not a Z-Image DiT or a Qwen3 text "
+                       f"encoder (tensors such as {sorted(keys)[:3]})")
+        return fmt
+    bad = sorted({q for k, q in ckpt.unsupported.items() if any(k in c.keys for c in found)})
+    if bad:
+        fmt.problem = (f"{ckpt.path}: GGML tensor types {bad} are not supported; supported: F32, F16, BF16, Q8_0, "
+                       f"Q5_0, Q5_1, Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K")
+    return fmt
+
+
+def detect_gguf(path: str | os.PathLike) -> FileFormat:
+    with GGUFCheckpoint(path) as ckpt:
+        return inspect_gguf(ckpt)
+
+
+def check_gguf(path: str | os.PathLike) -> Path:
+    """Raise a one-line :class:`CorruptCheckpointError` unless ``path`` is a complete GGUF file."""
+    GGUFCheckpoint(path).close()
+    return Path(path)
+
+
+# ============================================================================ canonical stream
+
+
+def keymap_of(info: ComponentInfo) -> KeyMap:
+    if info.component == "text_encoder" and info.layout == "llama.cpp":
+        return TE_LLAMA_CPP
+    return keymap_for(info.component, info.layout)
+
+
+def _strip(info: ComponentInfo, key: str) -> str:
+    return key[len(info.prefix):] if info.prefix and key.startswith(info.prefix) else key
+
+
+def canonical_qtypes(ckpt: GGUFCheckpoint, info: ComponentInfo) -> dict[str, str]:
+    """Canonical key -> GGML type of every packed (block-type) tensor of the component."""
+    km = keymap_of(info)
+    out = {}
+    for key in info.keys:
+        t = ckpt.tensors[key]
+        if t.quantized:
+            for canon in km.forward_key(km.strip(_strip(info, key)))[1]:
+                out[canon] = t.qtype
+    return out
+
+
+def canonical_items(ckpt: GGUFCheckpoint, info: ComponentInfo, meta: bool = False, packed: set[str] | None = None,
+                    dtype: torch.dtype = torch.float32, keep=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The component as canonical (key, tensor) pairs.
+
+    ``meta``: meta tensors with the values' shapes. Otherwise a packed tensor whose canonical
+    key(s) are all in ``packed`` stays packed (uint8 rows); every other packed tensor is
+    dequantised to ``dtype``; float tensors come in their own dtype. ``keep(canonical key)`` skips
+    reading tensors that are not wanted.
+    """
+    km = keymap_of(info)
+    packed = packed if packed is not None else set()
+
+    def raw() -> Iterator[tuple[str, torch.Tensor]]:
+        for key in info.keys:
+            name = km.strip(_strip(info, key))
+            targets = km.forward_key(name)[1]
+            if not targets or (keep is not None and not any(keep(t) for t in targets)):
+                continue
+            t = ckpt.tensors[key]
+            if meta:
+                yield name, ckpt.meta(key)
+            elif t.quantized and all(c in packed for c in targets):
+                yield name, ckpt.get(key)
+            else:
+                yield name, ckpt.values(key, dtype) if t.quantized else ckpt.get(key)
+
+    return to_canonical(raw(), km)
+
+
+def canonical_shapes(ckpt: GGUFCheckpoint, info: ComponentInfo) -> dict[str, tuple]:
+    return {k: tuple(t.shape) for k, t in canonical_items(ckpt, info, meta=True)}
+
+
+def text_encoder_base(ckpt: GGUFCheckpoint, info: ComponentInfo) -> dict[str, Any]:
+    """Qwen3 config values that shapes cannot give, from the llama.cpp metadata (when present)."""
+    arch = ckpt.architecture or "qwen3"
+    base: dict[str, Any] = {}
+    for key, name, cast in (("rope.freq_base", "rope_theta", float),
+                            ("attention.layer_norm_rms_epsilon", "rms_norm_eps", float),
+                            ("context_length", "max_position_embeddings", int)):
+        value = ckpt.metadata.get(f"{arch}.{key}")
+        if value is not None:
+            base[name] = cast(value)
+    base["tie_word_embeddings"] = "output.weight" not in info.keys
+    return base
+
+
+# ============================================================================ zimage info
+
+
+def describe_gguf(path: str | os.PathLike, fmt: FileFormat) -> dict[str, Any]:
+    """The ``zimage info`` description of a GGUF file: components, GGML types with tensor counts and bytes."""
+    from .infer import infer_config
+
+    out: dict[str, Any] = {"path": str(fmt.path), "container": "gguf", "kind": fmt.kind,
+                           "architecture": fmt.metadata.get("general.architecture")}
+    if fmt.problem:
+        out["problem"] = fmt.problem
+    components = {}
+    with GGUFCheckpoint(path) as ckpt:
+        out["file_bytes"] = ckpt.file_size
+        for info in fmt.components:
+            types: dict[str, dict[str, int]] = {}
+            for k in info.keys:
+                t = ckpt.tensors[k]
+                entry = types.setdefault(t.qtype, {"tensors": 0, "bytes": 0, "parameters": 0})
+                entry["tensors"] += 1
+                entry["bytes"] += t.n_bytes
+                entry["parameters"] += t.numel
+            desc: dict[str, Any] = {
+                "layout": info.layout, "prefix": info.prefix, "quantization": info.quantization,
+                "tensors": info.tensors, "parameters": info.parameters, "dtypes": info.dtypes,
+                "gguf_types": types, "bytes": sum(e["bytes"] for e in types.values()),
+            }
+            try:
+                base = text_encoder_base(ckpt, info) if info.component == "text_encoder" else None
+                cfg = infer_config(info.component, canonical_shapes(ckpt, info), None, base)
+                desc["config"] = cfg if isinstance(cfg, dict) else cfg.to_dict()
+            except (ValueError, KeyError) as e:
+                desc["config_error"] = str(e)
+            components[info.component] = desc
+    out["components"] = components
+    return out

@@ -1,0 +1,152 @@
+"""Linears and embeddings whose weights stay in a GGML block format (GGUF files) until they are used.
+
+:class:`GGUFLinear` is a linear-layer variant behind the same leaf interface as ``nn.Linear`` and
+the fp8 linear (``forward(x) -> y``, ``in_features``, ``out_features``, ``bias``): its weight is
+held as the file's packed bytes (a ``uint8`` buffer named ``weight``, ``(out_features, row_bytes)``,
+so state-dict keys are the checkpoint's) and dequantised (:func:`zimage_native.formats.ggml.dequantize`)
+to the input dtype at every forward, then freed. Resident weight bytes are therefore the file's bytes.
+
+A LoRA on such a layer is applied unfused, as a low-rank side path ``y += s * (x A^T) B^T`` (or a
+dense delta for LoKr / LoHa / full-delta modules): the packed weights are never rewritten, and
+removing the LoRA removes the side paths.
+
+:class:`GGUFEmbedding` keeps a token-embedding table packed and dequantises only the rows looked up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats.ggml import dequantize, row_bytes, type_name
+
+
+class GGUFLinear(nn.Module):
+    """y = x W^T + b with W stored packed in a GGML block format (``qtype``), dequantised per call."""
+
+    def __init__(self, in_features: int, out_features: int, qtype: int | str, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.qtype = type_name(qtype)
+        self.register_buffer("weight", torch.empty(out_features, row_bytes(self.qtype, in_features),
+                                                   dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype),
+                                 requires_grad=False) if bias else None
+        self.lora: list[tuple[torch.Tensor, torch.Tensor | None, float]] = []  # (A, B or None, scale)
+
+    @classmethod
+    def like(cls, linear: nn.Module, qtype: int | str) -> "GGUFLinear":
+        """An empty GGUFLinear with the geometry of ``linear`` (on its device, meta included)."""
+        bias = getattr(linear, "bias", None)
+        return cls(linear.in_features, linear.out_features, qtype, bias is not None,
+                   device=linear.weight.device, dtype=bias.dtype if bias is not None else None)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight (out_features, in_features) in ``dtype`` (without any LoRA)."""
+        return dequantize(self.weight, self.qtype, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.linear(x, self.dequantize(x.dtype), bias)
+        for a, b, scale in self.lora:
+            side = F.linear(x, a.to(x.dtype))
+            if b is not None:
+                side = F.linear(side, b.to(x.dtype))
+            y = y + scale * side
+        return y
+
+    # ---------------------------------------------------------------- LoRA side paths
+    def add_lora(self, a: torch.Tensor, b: torch.Tensor | None, scale: float) -> None:
+        """Add ``scale * B A`` (``b`` None: ``a`` is a dense (out, in) delta) as a side path."""
+        rows = a.shape[0] if b is None else b.shape[0]
+        if rows != self.out_features or a.shape[1] != self.in_features:
+            raise ValueError(f"LoRA side path of shape ({rows}, {a.shape[1]}) for a layer of shape "
+                             f"({self.out_features}, {self.in_features})")
+        dev = self.weight.device
+        self.lora.append((a.detach().to(dev), None if b is None else b.detach().to(dev), float(scale)))
+
+    def clear_lora(self) -> int:
+        n = len(self.lora)
+        self.lora = []
+        return n
+
+    def _apply(self, fn, recurse=True):  # keep the side paths with the layer on .to() / .cuda()
+        super()._apply(fn, recurse)
+        self.lora = [(fn(a), None if b is None else fn(b), s) for a, b, s in self.lora]
+        return self
+
+    def extra_repr(self) -> str:
+        lora = f", {len(self.lora)} LoRA side paths" if self.lora else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self.qtype}{lora}")
+
+
+class GGUFEmbedding(nn.Module):
+    """An embedding table stored packed (``weight``: uint8 rows); looked-up rows come out in ``dtype``."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, qtype: int | str, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.qtype = type_name(qtype)
+        self.dtype = dtype
+        self.register_buffer("weight", torch.empty(num_embeddings, row_bytes(self.qtype, embedding_dim),
+                                                   dtype=torch.uint8, device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize(self.weight[ids], self.qtype, self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.qtype}"
+
+
+def swap_quantized_modules_(model: nn.Module, qtypes: dict[str, str], dtype: torch.dtype | None = None) -> set[str]:
+    """Replace, in place, every ``nn.Linear`` / ``nn.Embedding`` whose ``<name>.weight`` is in ``qtypes``
+    (canonical weight key -> GGML type name) by a :class:`GGUFLinear` / :class:`GGUFEmbedding` of that type.
+
+    Returns the keys that were swapped; the others (weights of other module kinds, or rows that are
+    not whole blocks) must be dequantised while loading.
+    """
+    swapped = set()
+    for name, module in list(model.named_modules()):
+        key = f"{name}.weight" if name else "weight"
+        if key not in qtypes:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(module, nn.Linear):
+            new: nn.Module = GGUFLinear.like(module, qtypes[key])
+        elif isinstance(module, nn.Embedding):
+            new = GGUFEmbedding(module.num_embeddings, module.embedding_dim, qtypes[key],
+                                dtype or module.weight.dtype, device=module.weight.device)
+        else:
+            continue
+        setattr(parent, child, new)
+        swapped.add(key)
+    return swapped
+
+
+def quantized_bytes(model: nn.Module) -> dict[str, int]:
+    """GGML type -> bytes held packed by the model's GGUF layers."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, (GGUFLinear, GGUFEmbedding)):
+            out[m.qtype] = out.get(m.qtype, 0) + m.weight.numel()
+    return out
+
+
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes of the storages behind a module's parameters and buffers, each storage counted once
+    (views such as the q/k/v rows of one packed qkv tensor share theirs)."""
+    seen, total = set(), 0
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_meta:
+            continue
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total

@@ -1,0 +1,674 @@
+"""The sampling core: one request type, one run (encode -> plan -> step loop -> decode), and tasks.
+
+Every generation, whoever asks for it (``ZImagePipeline.__call__`` / ``img2img`` / ``inpaint``,
+``zimage generate``, the server's engine), is a :class:`GenerationRequest` run by :func:`generate`:
+
+1. resolve: unset settings from the template's suggestions, then the variant's defaults; the
+   task's inputs are read and checked before any model runs;
+2. encode: the prompts (and, with CFG, the negative prompts in the same text-encoder batch);
+3. condition: the task (:data:`TASKS`) gives its start latents, its first step, an optional
+   per-step latent blend and optional extra DiT inputs (:class:`Conditioning`);
+4. plan: everything the step loop reads, once per request (:func:`plan`);
+5. step loop: :func:`run_steps` (or the pipeline's graphed replay of it), the same for every task;
+6. decode to the requested output type.
+
+Semantics are those of diffusers 0.42.1 (``ZImagePipeline``, ``ZImageImg2ImgPipeline``,
+``ZImageInpaintPipeline``): fp32 latents, noise drawn on the generator's device, the DiT output
+is the negative velocity, CFG ``pos + g * (pos - neg)`` in fp32; img2img and inpaint draw the VAE
+posterior sample before the noise, from the same generator, and form their start latents in the
+text encoder's dtype; inpaint re-noises the clean image latents to the next sigma after every
+step and keeps them where the mask is black (white = repaint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .model.sequence import SequenceLayout, build_layout, ceil_to, pad_captions, patchify, unpatchify
+from .scheduler import Schedule, euler_step, make_schedule
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+PROMPT_FIELDS = ("system_prompt", "thinking_content", "assistant_content", "force_think_block", "strip_quotes")
+
+
+# =========================================================================== the request
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation, as the library, the CLI and the server describe it.
+
+    Left unset (None), ``width``/``height``/``steps``/``guidance_scale``/``negative_prompt`` come
+    from the template's suggested settings, then from the model variant; the size of an input
+    image sets an unset size. ``seeds``: one for all images, or one per image (their count then
+    sets the images per prompt); None draws one. ``generator`` (a torch.Generator or one per
+    image) replaces ``seeds``. The task follows from the inputs: ``image`` alone is img2img,
+    ``image`` + ``mask_image`` inpainting, ``control_image`` ControlNet (see :func:`task_name`).
+    """
+
+    prompt: str | list[str] | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seeds: list[int] | None = None
+    negative_prompt: str | list[str] | None = None
+    template: Any = None  # a template name or a Template
+    fields: dict[str, Any] = field(default_factory=dict)  # the chat-format fields (PROMPT_FIELDS) that are set
+    cfg_normalization: float = 0.0
+    cfg_truncation: float | None = 1.0
+    max_sequence_length: int = 512
+    shift: float | None = None  # the scheduler shift; None: the model's
+    strength: float | None = None  # img2img / inpaint; None: 0.6 for img2img, 1.0 for inpaint
+    image: Any = None  # img2img / inpaint input: PIL, numpy (H, W, C) in [0, 1] or torch (B, C, H, W)
+    mask_image: Any = None  # inpaint: white = repaint, black = keep
+    control_image: Any = None  # ControlNet conditioning image
+    control_scale: float = 0.75
+    num_images_per_prompt: int | None = None
+    generator: Any = None
+    latents: torch.Tensor | None = None  # the initial noise (txt2img) or start latents (inpaint)
+    sigmas: list[float] | None = None
+    prompt_embeds: list[torch.Tensor] | None = None
+    negative_prompt_embeds: list[torch.Tensor] | None = None
+    output_type: str = "pil"
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt or [])
+
+    @property
+    def n(self) -> int:
+        """Images per prompt: given, else one per seed (with one prompt), else 1."""
+        if self.num_images_per_prompt is not None:
+            return self.num_images_per_prompt
+        count = max(len(self.prompts) or len(self.prompt_embeds or ()), 1)
+        seeds = self.seeds or []
+        return len(seeds) // count if len(seeds) > count and len(seeds) % count == 0 else 1
+
+    @property
+    def task(self) -> str:
+        return task_name(self)
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able parameters, as the server records them (input images as flags only)."""
+        keep = ("prompt", "width", "height", "steps", "guidance_scale", "seeds", "negative_prompt", "template",
+                "cfg_normalization", "cfg_truncation", "max_sequence_length", "shift", "strength")
+        out = {k: getattr(self, k) for k in keep}
+        out.update(self.fields)
+        out["n"] = len(self.seeds) if self.seeds else self.n
+        out["img2img"] = self.image is not None
+        if self.mask_image is not None:
+            out["inpaint"] = True
+        if self.control_image is not None:
+            out["control_scale"] = self.control_scale
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def task_name(r: GenerationRequest) -> str:
+    if r.mask_image is not None and r.image is None:
+        raise ValueError("mask_image needs image= (the picture to inpaint)")
+    if r.control_image is not None:
+        return "control_inpaint" if r.mask_image is not None else "control"
+    if r.image is None:
+        return "txt2img"
+    return "inpaint" if r.mask_image is not None else "img2img"
+
+
+# =========================================================================== image inputs
+
+
+def _as_batch(image, what: str) -> tuple[str, Any]:
+    """('pil', [images]) | ('np', (B, H, W, C) array) | ('pt', (B, C, H, W) tensor)."""
+    from PIL import Image
+
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not items:
+        raise ValueError(f"{what} must not be an empty list")
+    if all(isinstance(i, Image.Image) for i in items):
+        return "pil", items
+    if all(isinstance(i, np.ndarray) for i in items):
+        arr = np.concatenate(items) if items[0].ndim == 4 else np.stack(items)
+        return "np", arr
+    if all(isinstance(i, torch.Tensor) for i in items):
+        return "pt", torch.cat(items) if items[0].ndim == 4 else torch.stack(items)
+    raise ValueError(f"{what} must be a PIL image, a numpy array (H, W, C) in [0, 1], a torch tensor (B, C, H, W) "
+                     f"in [0, 1], or a list of one kind; got {type(items[0]).__name__}")
+
+
+def _target_size(size_hw: tuple[int, int], width: int | None, height: int | None, multiple: int) -> tuple[int, int]:
+    h = height if height is not None else size_hw[0] // multiple * multiple
+    w = width if width is not None else size_hw[1] // multiple * multiple
+    if w < multiple or h < multiple or w % multiple or h % multiple:
+        raise ValueError(f"the input image must be at least {multiple}x{multiple} and the size a multiple of "
+                         f"{multiple}, got {w}x{h}")
+    return h, w
+
+
+def preprocess_image(image, width: int | None = None, height: int | None = None, multiple: int = 16) -> torch.Tensor:
+    """Image(s) -> (B, 3, H, W) fp32 in [-1, 1], as the reference's image processor does: PIL images
+    resized with Lanczos, arrays and tensors (values in [0, 1]) with nearest interpolation, to
+    ``width`` x ``height`` or down to multiples of ``multiple``."""
+    from PIL import Image
+
+    kind, batch = _as_batch(image, "image")
+    if kind == "pil":
+        h, w = _target_size((batch[0].height, batch[0].width), width, height, multiple)
+        arrays = [np.asarray(i.resize((w, h), resample=Image.LANCZOS).convert("RGB"), dtype=np.float32) / 255.0
+                  for i in batch]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
+    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2) if kind == "np" \
+        else batch.float()
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"image arrays must be (H, W, 3) / (B, H, W, 3), tensors (3, H, W) / (B, 3, H, W); "
+                         f"got shape {tuple(batch.shape)}")
+    h, w = _target_size(tuple(x.shape[-2:]), width, height, multiple)
+    x = torch.nn.functional.interpolate(x, size=(h, w))
+    if x.min() < 0:  # already in [-1, 1] (diffusers accepts this, deprecated)
+        return x
+    return x * 2.0 - 1.0
+
+
+def preprocess_mask(mask, height: int, width: int) -> torch.Tensor:
+    """Mask(s) -> (B, 1, H, W) fp32 of 0 (keep) and 1 (repaint): PIL masks resized with Lanczos and
+    made grey, arrays (H, W) / (H, W, 1) and tensors (H, W) / (B, 1, H, W) with nearest
+    interpolation; then binarised at 0.5, as the reference's mask processor does."""
+    from PIL import Image
+
+    if isinstance(mask, np.ndarray) and mask.ndim == 2:
+        mask = mask[..., None]
+    if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+        mask = mask[None, None]
+    elif isinstance(mask, torch.Tensor) and mask.ndim == 3:
+        mask = mask[:, None]
+    kind, batch = _as_batch(mask, "mask_image")
+    if kind == "pil":
+        arrays = [np.asarray(m.resize((width, height), resample=Image.LANCZOS).convert("L"), dtype=np.float32)
+                  / 255.0 for m in batch]
+        m = torch.from_numpy(np.stack(arrays))[:, None]
+    else:
+        m = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2) if kind == "np" \
+            else batch.float()
+        if m.ndim != 4 or m.shape[1] != 1:
+            raise ValueError(f"a mask array must be (H, W) or (H, W, 1), a mask tensor (H, W) or (B, 1, H, W); got "
+                             f"shape {tuple(batch.shape)}")
+        m = torch.nn.functional.interpolate(m, size=(height, width))
+    return (m >= 0.5).float()
+
+
+# =========================================================================== tasks
+
+
+@dataclass
+class Conditioning:
+    """What a task contributes to the core: start latents at schedule index ``start``, an optional
+    per-step latent blend ``blend(latents, sigma_next) -> latents`` (run after each Euler step,
+    with the sigma that step reached), and optional extra DiT inputs ``extra(x, step, layout, cap_tokens) -> dict``
+    (keyword arguments of ``forward_tokens``, e.g. ControlNet hints). ``blend`` and ``extra``
+    should be dataclasses of tensors, so a graphed loop copies their tensors in."""
+
+    latents: torch.Tensor
+    start: int = 0
+    blend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    extra: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TaskContext:
+    pipe: Any
+    request: GenerationRequest  # resolved
+    inputs: dict[str, Any]  # what the task's ``read`` returned
+    schedule: Schedule
+    generators: list[torch.Generator] | None
+    batch: int
+    dtype: torch.dtype  # the text features' dtype (the reference forms image latents in it)
+
+
+class Task:
+    """A task: ``read`` its inputs (before any model runs; may set the size), ``condition`` the core."""
+
+    name = "txt2img"
+
+    def read(self, pipe, r: GenerationRequest) -> tuple[dict[str, Any], int | None, int | None]:
+        """(inputs, width, height): the preprocessed inputs and the size they imply (None: no opinion)."""
+        return {}, None, None
+
+    def check(self, pipe, r: GenerationRequest, schedule: Schedule) -> None:
+        """Refuse what the resolved request cannot run, before any model runs."""
+
+    def condition(self, ctx: TaskContext) -> Conditioning:
+        r, pipe = ctx.request, ctx.pipe
+        shape = latent_shape(pipe, ctx.batch, r.height, r.width)
+        if r.latents is None:
+            return Conditioning(randn(shape, ctx.generators, torch.float32))
+        if tuple(r.latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for this request, got {tuple(r.latents.shape)}")
+        return Conditioning(r.latents)
+
+
+def start_index(num_steps: int, strength: float) -> int:
+    """The first schedule step of a run at ``strength`` (the reference's ``get_timesteps``)."""
+    return int(max(num_steps - min(num_steps * strength, num_steps), 0))
+
+
+class ImageToImage(Task):
+    name = "img2img"
+    default_strength = 0.6
+
+    def read(self, pipe, r):
+        pixels = preprocess_image(r.image, r.width, r.height, latent_multiple(pipe))
+        return {"pixels": pixels}, pixels.shape[-1], pixels.shape[-2]
+
+    def check(self, pipe, r, schedule):
+        if not 0 <= r.strength <= 1:
+            raise ValueError(f"strength must be in [0, 1], got {r.strength}")
+        n = schedule.num_steps
+        if n - start_index(n, r.strength) < 1:
+            raise ValueError(f"strength {r.strength} with {n} steps leaves no step to run; raise strength or steps")
+
+    def encode(self, ctx: TaskContext) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(clean image latents, noise, start): the posterior sample first, then the noise, from the same generators."""
+        pipe, pixels, gens = ctx.pipe, ctx.inputs["pixels"], ctx.generators
+        if ctx.batch % pixels.shape[0]:
+            raise ValueError(f"cannot spread {pixels.shape[0]} input images over {ctx.batch} outputs")
+        z = pipe.encode_image(pixels, gens if len(gens) == 1 else gens[: pixels.shape[0]], ctx.dtype)
+        z = z.to(ctx.dtype).repeat(ctx.batch // z.shape[0], 1, 1, 1)
+        noise = randn(z.shape, gens, ctx.dtype).to(pipe.device)
+        return z, noise, start_index(ctx.schedule.num_steps, ctx.request.strength)
+
+    def condition(self, ctx):
+        z, noise, start = self.encode(ctx)
+        sigma = ctx.schedule.sigmas.to(ctx.pipe.device, ctx.dtype)[start]
+        return Conditioning(sigma * noise + (1.0 - sigma) * z, start, info={"strength": ctx.request.strength})
+
+
+@dataclass
+class InpaintBlend:
+    """After each step: the clean image latents, re-noised to the next sigma, where the mask is 0."""
+
+    mask: torch.Tensor  # (B, 1, h, w), 1 = repaint
+    image_latents: torch.Tensor
+    noise: torch.Tensor
+
+    def __call__(self, latents: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        sigma = sigma_next.to(self.image_latents.dtype)  # as the reference's scale_noise casts it
+        known = sigma * self.noise + (1.0 - sigma) * self.image_latents
+        return (1 - self.mask) * known + self.mask * latents
+
+
+class Inpaint(ImageToImage):
+    name = "inpaint"
+    default_strength = 1.0
+
+    def read(self, pipe, r):
+        inputs, w, h = super().read(pipe, r)
+        inputs["mask"] = preprocess_mask(r.mask_image, h, w)
+        return inputs, w, h
+
+    def condition(self, ctx):
+        pipe, r = ctx.pipe, ctx.request
+        z, noise, start = self.encode(ctx)
+        sigmas = ctx.schedule.sigmas.to(pipe.device, ctx.dtype)
+        if r.latents is not None:
+            latents = r.latents.to(pipe.device)
+        else:
+            latents = sigmas[start] * noise + (1.0 - sigmas[start]) * z
+        mask = torch.nn.functional.interpolate(ctx.inputs["mask"], size=z.shape[-2:], mode="nearest")
+        if ctx.batch % mask.shape[0]:
+            raise ValueError(f"cannot spread {mask.shape[0]} masks over {ctx.batch} outputs")
+        mask = mask.to(pipe.device, ctx.dtype).repeat(ctx.batch // mask.shape[0], 1, 1, 1)
+        return Conditioning(latents, start, InpaintBlend(mask, z, noise), info={"strength": r.strength})
+
+
+#: The tasks by name; ControlNet registers "control" and "control_inpaint" (see :func:`register_task`).
+TASKS: dict[str, Task] = {"txt2img": Task(), "img2img": ImageToImage(), "inpaint": Inpaint()}
+
+
+def register_task(task: Task) -> None:
+    TASKS[task.name] = task
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"no {name!r} task is available (control tasks need ControlNet support)")
+    return TASKS[name]
+
+
+# =========================================================================== plan and step loop
+
+
+@dataclass
+class Step:
+    index: int  # into the schedule
+    guided: bool  # CFG on for this step
+    mods: list[torch.Tensor]  # precomputed modulation vectors, (1, 4D) per block and (1, D) final
+
+
+@dataclass
+class SamplingPlan:
+    """The static inputs of the step loop for one request (see :func:`plan`)."""
+
+    steps: list[Step]
+    plain: tuple[SequenceLayout, torch.Tensor]  # layout and refined caption tokens, positives only
+    guided: tuple[SequenceLayout, torch.Tensor] | None  # positives then negatives
+    sigmas: torch.Tensor
+    guidance_scale: float
+    norm_limit: float
+    blend: Any = None  # the task's per-step latent blend (see Conditioning)
+    extra: Any = None  # the task's extra DiT inputs (see Conditioning)
+
+
+@torch.no_grad()
+def plan(pipe, size, prompt_embeds, negative_embeds, schedule: Schedule, guidance_scale=0.0,
+         cfg_normalization=False, cfg_truncation=1.0, start=0, blend=None, extra=None) -> SamplingPlan:
+    """Everything the step loop reads, computed once per request: layouts, refined caption tokens
+    (the context refiner does not depend on t) and every modulation vector of the schedule.
+    The DiT must be on its execution device (see ``pipe._running``)."""
+    cfg, device, dtype, dit = pipe.transformer_config, pipe.device, pipe.dtype, pipe.transformer
+    use_cfg = guidance_scale > 0 and negative_embeds is not None
+
+    def prepare(embeds):
+        longest = max(ceil_to(e.shape[0]) for e in embeds)
+        bucket = next((b for b in pipe.caption_buckets or () if b >= longest), None)
+        layout = build_layout(cfg, [e.shape[0] for e in embeds], size[0], size[1], device, bucket)
+        cap = pad_captions(embeds, layout.caption_pad.shape[1])
+        return layout, dit.encode_caption(cap, layout)
+
+    plain = prepare(prompt_embeds)
+    guided = prepare(prompt_embeds + negative_embeds) if use_cfg else None
+    times = schedule.model_times()
+    c = dit.time_embedding(times.to(device), dtype)  # (N, 256): one row per step
+    mods = dit.modulations(c)
+    truncate = cfg_truncation is not None and float(cfg_truncation) <= 1  # late steps run without CFG
+    steps = []
+    for i in range(start, schedule.num_steps):
+        on = use_cfg and not (truncate and times[i].item() > cfg_truncation)
+        steps.append(Step(i, on, [m[i:i + 1] for m in mods]))
+    return SamplingPlan(steps, plain, guided, schedule.sigmas.to(device), float(guidance_scale),
+                        float(cfg_normalization) if cfg_normalization else 0.0, blend, extra)
+
+
+def cfg_combine(pos: torch.Tensor, neg: torch.Tensor, scale: float | torch.Tensor,
+                norm_limit: float | torch.Tensor) -> torch.Tensor:
+    """pos + scale * (pos - neg) in fp32, its norm capped at norm_limit * |pos| per item when the
+    limit is > 0. ``scale`` and ``norm_limit`` may be fp32 device scalars (the CUDA-graph path copies
+    them in): then the cap is applied by ``torch.where`` on the limit, with no host sync."""
+    pred = pos + scale * (pos - neg)
+    if isinstance(norm_limit, torch.Tensor) or norm_limit > 0:
+        limit = torch.linalg.vector_norm(pos, dim=(1, 2, 3), keepdim=True) * norm_limit
+        norm = torch.linalg.vector_norm(pred, dim=(1, 2, 3), keepdim=True)
+        capped = torch.where(norm > limit, pred * (limit / norm), pred)
+        pred = torch.where(norm_limit > 0, capped, pred) if isinstance(norm_limit, torch.Tensor) else capped
+    return pred
+
+
+def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = False,
+              callback: Callable[[int, int], None] | None = None,
+              on_step_end: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The sampling loop over fp32 ``latents``: only tensor work, no host syncs.
+
+    After each step: the task's blend, then ``on_step_end(k, index, latents) -> latents`` (may
+    replace the latents), then ``callback(k + 1, total)``."""
+    cfg, dtype = pipe.transformer_config, pipe.dtype
+    for k, step in enumerate(tqdm(plan.steps, disable=not progress, desc="denoise")):
+        layout, tokens = plan.guided if step.guided else plan.plain
+        x = latents.to(dtype)
+        if step.guided:
+            x = x.repeat(2, 1, 1, 1)
+        x = patchify(x, cfg.patch_size)
+        extra = plan.extra(x, step, layout, tokens) if plan.extra is not None else {}
+        out = pipe.transformer.forward_tokens(x, tokens, None, layout, step.mods, **extra)
+        pred = unpatchify(out, layout.grid, cfg.in_channels, cfg.patch_size).float()
+        if step.guided:
+            pos, neg = pred.chunk(2)
+            pred = cfg_combine(pos, neg, plan.guidance_scale, plan.norm_limit)
+        # The model predicts the negative velocity.
+        sigma_next = plan.sigmas[step.index + 1]
+        latents = euler_step(latents, -pred, plan.sigmas[step.index], sigma_next)
+        if plan.blend is not None:
+            latents = plan.blend(latents, sigma_next)
+        if on_step_end is not None:
+            latents = on_step_end(k, step.index, latents)
+        if callback is not None:
+            callback(k + 1, len(plan.steps))
+    return latents
+
+
+@torch.no_grad()
+def denoise(pipe, latents, prompt_embeds, negative_embeds, schedule: Schedule, guidance_scale=0.0,
+            cfg_normalization=False, cfg_truncation=1.0, progress=True, start=0, callback=None, blend=None,
+            extra=None, on_step_end=None) -> torch.Tensor:
+    """Plan and run the step loop from ``latents`` at schedule step ``start``; the final fp32 latents.
+    The pipeline's graphed loop (``cuda_graphs``) runs it unless ``on_step_end`` needs Python per step."""
+    with pipe._running("transformer"):
+        p = plan(pipe, latents.shape[-2:], prompt_embeds, negative_embeds, schedule, guidance_scale,
+                 cfg_normalization, cfg_truncation, start, blend, extra)
+        latents = latents.to(pipe.device, torch.float32)
+        if pipe._graphed is not None and on_step_end is None:
+            return pipe._graphed(latents, p, progress, callback)
+        return run_steps(pipe, latents, p, progress, callback, on_step_end)
+
+
+# =========================================================================== the run
+
+
+def latent_multiple(pipe) -> int:
+    """Image sizes are multiples of this: the VAE's downscale times the DiT's patch size."""
+    return pipe.vae_scale_factor * pipe.transformer_config.patch_size
+
+
+def latent_shape(pipe, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+    f = pipe.vae_scale_factor
+    return (batch, pipe.transformer_config.in_channels, height // f, width // f)
+
+
+def randn(shape, generators: list[torch.Generator], dtype: torch.dtype) -> torch.Tensor:
+    """Noise as diffusers draws it: one draw of the whole shape from a single generator, or one
+    draw per item from a list of generators; on the generator's device."""
+    if len(generators) == 1:
+        g = generators[0]
+        return torch.randn(shape, generator=g, device=g.device, dtype=dtype)
+    if len(generators) != shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype).cpu()
+                      for g in generators])
+
+
+def make_generators(seeds, generator, batch: int) -> tuple[list[torch.Generator], list[int] | None]:
+    """One generator (shared, as diffusers) or one per image for a list of seeds."""
+    if generator is not None:
+        return ([generator] if isinstance(generator, torch.Generator) else list(generator)), None
+    seeds = list(seeds) if seeds else [random.randrange(2**63)]
+    if len(seeds) not in (1, batch):
+        raise ValueError(f"got {len(seeds)} seeds for {batch} images: give one seed or one per image")
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds], seeds
+
+
+def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator=None, guidance_scale=0.0, n=1,
+                  output_type="pil", max_len=512, multiple: int = 16, prompt_embeds=None) -> list[str]:
+    """Validate a generation request before any work is done; returns the prompts as a list."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
+    if prompt_embeds is not None:
+        if prompts:
+            raise ValueError("give either prompt or prompt_embeds, not both")
+        if not isinstance(prompt_embeds, (list, tuple)) or not prompt_embeds or \
+                not all(isinstance(e, torch.Tensor) and e.ndim == 2 for e in prompt_embeds):
+            raise ValueError("prompt_embeds must be a non-empty list of (tokens, features) tensors, one per prompt")
+    elif not prompts:
+        raise ValueError("prompt must be a non-empty string or a non-empty list of strings")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError("every prompt must be a string")
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or value <= 0 or value % multiple:
+            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+    if seed is not None and generator is not None:
+        raise ValueError("give either seed or generator, not both")
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be >= 0 (0 turns CFG off), got {guidance_scale}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if max_len < 1:
+        raise ValueError(f"max_sequence_length must be >= 1, got {max_len}")
+    return prompts
+
+
+def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[str, Any]]:
+    """Fill unset settings (task inputs, template suggestions, variant defaults) and check
+    everything, before any model runs. Returns (resolved request, task, task inputs)."""
+    task = get_task(task_name(r))
+    inputs, w, h = task.read(pipe, r)
+    suggested = dict(getattr(pipe._template(r.template), "settings", None) or {})
+    defaults = pipe.defaults
+    r = dataclasses.replace(
+        r,
+        width=r.width if r.width is not None else w if w is not None else suggested.get("width", 1024),
+        height=r.height if r.height is not None else h if h is not None else suggested.get("height", 1024),
+        steps=r.steps if r.steps is not None else suggested.get("steps", defaults.num_inference_steps),
+        guidance_scale=(r.guidance_scale if r.guidance_scale is not None
+                        else suggested.get("guidance_scale", defaults.guidance_scale)),
+        negative_prompt=r.negative_prompt if r.negative_prompt is not None else suggested.get("negative_prompt"),
+        strength=r.strength if r.strength is not None else getattr(task, "default_strength", None),
+        num_images_per_prompt=r.n,
+        fields={k: v for k, v in r.fields.items() if v is not None},
+    )
+    check_request(r.prompt, r.width, r.height, r.steps, r.seeds, r.generator, r.guidance_scale, r.n, r.output_type,
+                  r.max_sequence_length, latent_multiple(pipe), r.prompt_embeds)
+    unknown = set(r.fields) - set(PROMPT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown prompt fields {sorted(unknown)}; known: {list(PROMPT_FIELDS)}")
+    if r.prompt_embeds is not None and r.guidance_scale > 0 and r.negative_prompt_embeds is None:
+        raise ValueError("with prompt_embeds and guidance_scale > 0, give negative_prompt_embeds too")
+    return r, task, inputs
+
+
+def schedule_for(pipe, r: GenerationRequest) -> Schedule:
+    f = latent_multiple(pipe)
+    return make_schedule(pipe.scheduler_config, None if r.sigmas is not None else r.steps, r.sigmas,
+                         image_seq_len=(r.height // f) * (r.width // f), shift=r.shift)
+
+
+def encode(pipe, r: GenerationRequest, info: dict) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Prompt features (and, with CFG, negative ones: both in one text-encoder call), repeated per image."""
+    n, use_cfg = r.n, r.guidance_scale > 0
+    if r.prompt_embeds is not None:
+        embeds = [e.to(pipe.device) for e in r.prompt_embeds]
+        negative = [e.to(pipe.device) for e in r.negative_prompt_embeds] if use_cfg else None
+    else:
+        texts = pipe.format_prompts(r.prompts, r.template, **r.fields)
+        info["formatted_prompts"] = texts
+        own_negatives = use_cfg and r.negative_prompt_embeds is None
+        negatives = pipe.format_prompts(negative_prompts(r.negative_prompt, len(r.prompts))) if own_negatives else []
+        features = pipe.encode_texts(texts + negatives, r.max_sequence_length)
+        embeds, negative = features[: len(texts)], features[len(texts):] if own_negatives else None
+        if use_cfg and not own_negatives:
+            negative = [e.to(pipe.device) for e in r.negative_prompt_embeds]
+    if negative is not None and len(negative) != len(embeds):
+        raise ValueError(f"got {len(negative)} negative prompt embeddings for {len(embeds)} prompts")
+    if n > 1:  # [p0, p0, p1, p1, ...], as the reference repeats them
+        embeds = [e for e in embeds for _ in range(n)]
+        negative = [e for e in negative for _ in range(n)] if negative is not None else None
+    info["token_counts"] = [int(e.shape[0]) for e in embeds]
+    return embeds, negative
+
+
+def negative_prompts(negative_prompt, n: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * n
+    negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != n:
+        raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts")
+    return negatives
+
+
+def request_info(pipe, r: GenerationRequest, seeds, **extra) -> dict[str, Any]:
+    from . import __version__
+
+    prompts = r.prompts or [None] * len(r.prompt_embeds or ())
+    return {"prompts": prompts, "negative_prompt": r.negative_prompt, "width": r.width, "height": r.height,
+            "steps": r.steps, "guidance_scale": r.guidance_scale, "seeds": seeds,
+            "template": getattr(r.template, "name", r.template), **r.fields,
+            "shift": r.shift, "model": pipe.source, "variant": pipe.variant, "version": __version__,
+            "loras": [[lr.path, lr.scale] for lr in pipe.loras] or None, **extra}
+
+
+STEP_END_TENSORS = ("latents", "prompt_embeds")  # prompt_embeds: read only
+StepEndCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
+
+
+@torch.no_grad()
+def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
+             callback: Callable[[int, int], None] | None = None,
+             callback_on_step_end: StepEndCallback | None = None,
+             callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",)):
+    """Run one request on ``pipe`` (a ZImagePipeline): encode -> condition -> plan -> steps -> decode.
+
+    ``callback(step, total)`` runs after each step (raise in it to stop the run).
+    ``callback_on_step_end(pipe, i, t, tensors)`` as in diffusers: ``i`` counts the steps run,
+    ``t`` is the step's timestep, ``tensors`` holds the names of
+    ``callback_on_step_end_tensor_inputs`` ("latents", "prompt_embeds"); it returns a dict whose
+    ``latents``, if present, replace the current latents (prompt_embeds are read only). It runs the
+    loop eagerly (no graph replay).
+    """
+    from .pipeline import ZImageOutput
+
+    r, task, inputs = resolve(pipe, request)
+    bad = [k for k in callback_on_step_end_tensor_inputs if k not in STEP_END_TENSORS]
+    if bad:
+        raise ValueError(f"callback_on_step_end_tensor_inputs can hold {STEP_END_TENSORS}, got {bad}")
+    schedule = schedule_for(pipe, r)
+    task.check(pipe, r, schedule)
+    batch = len(r.prompts or r.prompt_embeds) * r.n
+    needs_noise = r.latents is None or task.name != "txt2img"
+    generators, seeds = make_generators(r.seeds, r.generator, batch) if needs_noise else (None, None)
+    info = request_info(pipe, r, seeds)
+    embeds, negative = encode(pipe, r, info)
+    ctx = TaskContext(pipe, r, inputs, schedule, generators, batch, embeds[0].dtype)
+    cond = task.condition(ctx)
+    info.update(cond.info)
+
+    on_step_end = None
+    if callback_on_step_end is not None:
+        def on_step_end(k, index, latents):
+            given = {"latents": latents, "prompt_embeds": embeds}
+            tensors = {name: given[name] for name in callback_on_step_end_tensor_inputs}
+            out = callback_on_step_end(pipe, k, schedule.timesteps[index].to(latents.device), tensors) or {}
+            if out.get("prompt_embeds", embeds) is not embeds:
+                raise ValueError("callback_on_step_end: replacing prompt_embeds mid-run is not supported (the "
+                                 "caption tokens are refined once per request); only latents can be replaced")
+            return out.get("latents", latents)
+
+    latents = denoise(pipe, cond.latents, embeds, negative, schedule, r.guidance_scale, r.cfg_normalization,
+                      r.cfg_truncation, pipe.progress if progress is None else progress, cond.start, callback,
+                      cond.blend, cond.extra, on_step_end)
+    return ZImageOutput(images=to_output(pipe, latents, r.output_type), seeds=seeds, info=info)
+
+
+def to_output(pipe, latents: torch.Tensor, output_type: str):
+    if output_type == "latent":
+        return latents
+    images = pipe.decode(latents)
+    if output_type == "pt":
+        return images
+    images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    return images if output_type == "np" else to_pil(images)
+
+
+def to_pil(images: np.ndarray):
+    """(N, H, W, 3) floats in [0, 1] -> PIL images, rounding as the reference does."""
+    from PIL import Image
+
+    return [Image.fromarray((img * 255).round().astype("uint8")) for img in images]
