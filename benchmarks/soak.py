@@ -38,6 +38,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -82,7 +83,7 @@ class Server:
     """``zimage serve --fake`` in a child process; :meth:`kill` is a SIGKILL, :meth:`start` again
     reuses the port and the data folder."""
 
-    def __init__(self, data_dir: str, step_delay: float, queue_size: int, port: int | None = None):
+    def __init__(self, data_dir: str, step_delay: float, queue_size: int, log_path: str, port: int | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "zimage_native.cli", "serve", "--fake", "--fake-step-delay", str(step_delay),
@@ -91,14 +92,16 @@ class Server:
                     "--max-pixels", str(256 * 256), "--max-steps", "20"]
         self.proc: subprocess.Popen | None = None
         self.starts = 0
+        self.log_path = log_path  # the server's stderr, appended by each start (a pipe could fill and block it)
 
     def start(self, timeout: float = 90) -> None:
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=log)
         self.starts += 1
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stderr.read().decode()[-800:]}")
+                raise RuntimeError(f"the server exited: {self.log()[-800:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
@@ -113,17 +116,21 @@ class Server:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(15)
 
-    def stop(self) -> str:
-        """Terminate; returns the tail of its stderr (where a logged 500 would show)."""
-        if self.proc is None:
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except FileNotFoundError:
             return ""
-        if self.proc.poll() is None:
+
+    def stop(self) -> str:
+        """Terminate; returns its whole stderr, every start (where a logged 500 would show)."""
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        return self.proc.stderr.read().decode(errors="replace")[-2000:]
+        return self.log()
 
 
 class Soak:
@@ -288,6 +295,7 @@ async def settle(url: str, accepted: set[str], timeout: float) -> dict[str, Any]
     """Wait for every accepted job to end; returns their statuses and the ones lost or stuck."""
     headers = {"Authorization": f"Bearer {TOKEN}"}
     final: dict[str, str] = {}
+    last: dict[str, Any] = {}
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as client:
         pending = set(accepted)
@@ -300,6 +308,9 @@ async def settle(url: str, accepted: set[str], timeout: float) -> dict[str, Any]
                 elif r.json()["status"] in TERMINAL:
                     final[job_id] = r.json()["status"]
                     pending.discard(job_id)
+                else:
+                    last[job_id] = {k: r.json().get(k) for k in ("status", "created", "started", "queue_position",
+                                                                  "progress", "cancel_requested", "params")}
             if pending:
                 await asyncio.sleep(0.2)
         for job_id in pending:
@@ -307,7 +318,8 @@ async def settle(url: str, accepted: set[str], timeout: float) -> dict[str, Any]
     counts = Counter(final.values())
     return {"accepted": len(accepted), "final": dict(counts),
             "lost": sorted(j for j, s in final.items() if s == "lost"),
-            "stuck": sorted(j for j, s in final.items() if s == "stuck")}
+            "stuck": sorted(j for j, s in final.items() if s == "stuck"),
+            "stuck_examples": [last.get(j) for j, s in sorted(final.items()) if s == "stuck"][:3]}
 
 
 async def audit_images(url: str, data_dir: Path) -> dict[str, Any]:
@@ -341,7 +353,8 @@ async def run_soak(duration: float, clients: int, max_requests: int, seed: int, 
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="zimage-soak-")
         data_dir = tmp.name
-    server = Server(data_dir, step_delay, queue_size)
+    log_path = os.path.join(tempfile.gettempdir(), f"zimage-soak-{os.getpid()}-{seed}.log")
+    server = Server(data_dir, step_delay, queue_size, log_path)
     started = time.monotonic()
     server.start()
     rng = random.Random(seed)
@@ -369,6 +382,7 @@ async def run_soak(duration: float, clients: int, max_requests: int, seed: int, 
         images = await audit_images(server.url, Path(data_dir))
     finally:
         logs = server.stop()
+        Path(log_path).unlink(missing_ok=True)
         if tmp is not None:
             tmp.cleanup()
     ms = [v * 1000 for v in soak.submit_latency]
@@ -389,7 +403,8 @@ async def run_soak(duration: float, clients: int, max_requests: int, seed: int, 
         "images": images,
         "submit_latency": {"n": len(ms), "p50_ms": round(percentile(ms, 50), 2),
                            "p99_ms": round(percentile(ms, 99), 2)},
-        "logged_500": "server_error" in logs or "Traceback" in logs,
+        "logged_500": bool(re.search(r"request [0-9a-f]{16} \(", logs)) or "Traceback" in logs,
+        "server_log_tail": logs[-1500:] if ("Traceback" in logs) else "",
     }
     report["ok"] = (report["server_errors"] == 0 and not jobs["lost"] and not jobs["stuck"]
                     and not images["unfetchable"] and not images["stored_not_listed"]

@@ -197,6 +197,14 @@ def test_task_inputs_are_checked_as_the_img2img_input(client, extra, param, word
     assert r.status_code == 413 and r.json()["error"]["param"] == "control_image"
 
 
+def test_finished_jobs_drop_their_input_images(client, live, caplog):
+    with caplog.at_level(logging.WARNING, logger="zimage_native.server.jobs"):
+        job, _ = run(client, image=b64png(), mask=b64png((255,), mode="L"), control_image=b64png())
+    kept = live.app.state.manager.get(job["id"]).request
+    assert kept.image is None and kept.mask_image is None and kept.control_image is None
+    assert not [r for r in caplog.records if "unexpected error" in r.getMessage()]
+
+
 def test_legacy_generate_takes_mask_and_control(client):
     r = client.post("/api/generate", json={"prompt": "a", "steps": 1, "control_image": b64png(size=(64, 64))})
     assert r.status_code == 200 and r.json()["images"][0]["params"]["task"] == "control", r.text
