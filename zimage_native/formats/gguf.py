@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -164,7 +164,9 @@ class GGUFCheckpoint:
         self.close()
 
     def close(self) -> None:
+        """Drop the memory map (names, types and shapes stay readable)."""
         self._reader = None
+        self.tensors = {k: replace(t, data=None) for k, t in self.tensors.items()}
 
     def keys(self) -> list[str]:
         return list(self.tensors)
