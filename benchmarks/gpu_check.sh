@@ -11,7 +11,8 @@
 #      ours eager / +kernels / +compile / +CUDA graphs / +fp8, diffusers compiled; the diffusers-eager
 #      row's PSNR is the bf16 parity check (>= 40 dB expected), and the +cuda_graphs row's latent error
 #      against +compile shows that graph replay equals eager;
-#   4. runs the kernel micro-benchmark.
+#   4. runs the kernel micro-benchmark;
+#   5. times the GGUF packed linears (dequantise per forward) against bf16 linears at the DiT's shapes.
 # Everything it prints is also written to OUT_DIR (gpu_check.log, e2e.csv, kernels.csv).
 # Without a GPU (or with DRY_RUN=1) it runs the same steps as a CPU dry run of the code path: a tiny
 # random model, the eager and fp8 rungs, the kernel benchmark's --smoke mode.
@@ -44,6 +45,8 @@ if [ "$DRY_RUN" = 1 ]; then
     --repeats 1 --rungs eager --rungs fp8 $DIFF --out "$OUT_DIR/dry-run"
   echo "== kernel micro-benchmark, smoke"
   timeout 300 python3 benchmarks/bench_kernels.py --smoke --out "$OUT_DIR/dry-run" || true
+  echo "== GGUF packed linears, smoke"
+  timeout 120 python3 benchmarks/bench_gguf.py --smoke || true
   exit 0
 fi
 
@@ -52,3 +55,6 @@ timeout 420 python3 -m zimage_native.cli bench --sizes 1024 --steps 8 --repeats 
 
 echo "== kernel micro-benchmark"
 timeout 120 python3 benchmarks/bench_kernels.py --out "$OUT_DIR" || true
+
+echo "== GGUF packed linears (dequantise per forward) against bf16"
+timeout 120 python3 benchmarks/bench_gguf.py --out "$OUT_DIR" || true

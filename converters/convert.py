@@ -165,6 +165,11 @@ class _LoraBaker:
 def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | None, baker, meta: bool
             ) -> Iterator[tuple[str, torch.Tensor]]:
     from ..formats import canonical_items
+    from ..formats.gguf import GGUFCheckpoint
+    from ..formats.gguf import canonical_items as gguf_items
+
+    if isinstance(ckpt, GGUFCheckpoint):  # packed GGUF tensors are dequantised to fp32
+        canonical_items = gguf_items  # noqa: F811
 
     def canonical():
         for key, tensor in canonical_items(ckpt, info, meta=meta):
@@ -193,8 +198,10 @@ def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | No
 
 
 def _sources(info, dst: KeyMap) -> tuple[dict[str, list[str]], list[str]]:
-    src_km = info.keymap()
     from ..formats import is_aux
+    from ..formats.gguf import keymap_of
+
+    src_km = keymap_of(info)  # info.keymap(), and the llama.cpp names of a GGUF text encoder
 
     parts: dict[str, dict[int, str]] = {}
     dropped = []
@@ -228,9 +235,16 @@ def _prepare(src, dst, to, component, dtype, shard_size, loras, config=None):
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     out_dtype = DTYPES[dtype]
     limit = parse_size(shard_size)
-    ckpt = Checkpoint(src)
+    from ..formats.checkpoint import sniff
+
+    if src.is_file() and sniff(src) == "gguf":
+        from ..formats import gguf
+
+        ckpt, inspect, canonical_shapes = gguf.GGUFCheckpoint(src), gguf.inspect_gguf, gguf.canonical_shapes
+    else:
+        ckpt, inspect = Checkpoint(src), inspect_checkpoint
     try:
-        fmt = inspect_checkpoint(ckpt)
+        fmt = inspect(ckpt)
         if component is None:
             if fmt.problem:
                 raise ValueError(fmt.problem)

@@ -177,6 +177,44 @@ def test_img2img_from_the_cli(tiny_model_dir, tiny_pipe, tmp_path):
     assert read_metadata(out)["strength"] == 0.5
 
 
+def test_inpaint_from_the_cli(tiny_model_dir, tiny_pipe, tmp_path):
+    src, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype("uint8")).save(src)
+    m = np.zeros((48, 64), dtype="uint8")
+    m[8:40, 16:48] = 255
+    Image.fromarray(m).convert("RGB").save(mask)  # a mask saved as RGB is read as grey
+    out = tmp_path / "out.png"
+    run("generate", "a cat", "--model", tiny_model_dir, "--image", src, "--mask", mask, "-o", out, "--seed", 2,
+        "--steps", "3", "--device", "cpu", "--no-progress")
+    with Image.open(src) as im, Image.open(mask) as mk:
+        expected = tiny_pipe.inpaint("a cat", im.convert("RGB"), mk.convert("L"), num_inference_steps=3,
+                                     seed=2).images[0]
+    assert np.array_equal(pixels(out), np.asarray(expected))
+    assert read_metadata(out)["strength"] == 1.0  # inpainting's default
+    result = run("generate", "a cat", "--model", tiny_model_dir, "--mask", mask, "-o", tmp_path / "x.png", ok=False)
+    assert result.exit_code == 1 and "--mask needs --image" in result.output
+
+
+def test_shift_flag_and_profile_key(tiny_model_dir, tiny_pipe, tmp_path):
+    run("generate", "a cat", "--model", tiny_model_dir, "--shift", "6", "-o", tmp_path / "s.png", "--seed", 4, *BASE,
+        "--steps", 2)
+    expected = tiny_pipe("a cat", width=32, height=32, num_inference_steps=2, seed=4, shift=6.0).images[0]
+    assert np.array_equal(pixels(tmp_path / "s.png"), np.asarray(expected))
+    assert read_metadata(tmp_path / "s.png")["shift"] == 6.0
+    assert not np.array_equal(np.asarray(expected), np.asarray(
+        tiny_pipe("a cat", width=32, height=32, num_inference_steps=2, seed=4).images[0]))
+    config = tmp_path / "shift.toml"
+    config.write_text("[default]\nshift = 6.0\n")
+    run("generate", "a cat", "--model", tiny_model_dir, "--config", config, "-o", tmp_path / "t.png", "--seed", 4,
+        *BASE, "--steps", 2)
+    assert np.array_equal(pixels(tmp_path / "t.png"), np.asarray(expected))
+    run("generate", "--from-image", tmp_path / "t.png", "--model", tiny_model_dir, "-o", tmp_path / "u.png", *BASE,
+        "--steps", 2)
+    assert np.array_equal(pixels(tmp_path / "u.png"), np.asarray(expected))  # --from-image keeps the shift
+    result = run("generate", "a cat", "--model", tiny_model_dir, "--shift", "0", *BASE, "--steps", 2, ok=False)
+    assert result.exit_code == 1 and "--shift must be > 0, got 0.0" in result.output
+
+
 def test_template_and_debug_output(tiny_model_dir, tmp_path):
     result = run("generate", "a cat", "--model", tiny_model_dir, "-o", tmp_path / "t.png", "--template",
                  "photo-portrait-85mm", "--debug", "--seed", 1, *BASE)

@@ -101,6 +101,8 @@ def test_published_layouts_from_shapes():
         return s
 
     v1 = infer_controlnet_config(shapes(6, 16, "plain"), dit)
+    lite = infer_controlnet_config(shapes(3, 33, "control"), dit, refiner_untrained=False)
+    assert lite["control_layers_places"] == [0, 10, 20]  # z_image_control_2.1_lite.yaml
     v20 = infer_controlnet_config(shapes(15, 33, "control"), dit, refiner_untrained=True)
     v21 = infer_controlnet_config(shapes(15, 33, "control"), dit, refiner_untrained=False)
     assert (v1["control_layers_places"], v1["control_in_dim"], v1["add_control_noise_refiner"]) == (

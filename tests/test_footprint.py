@@ -179,3 +179,12 @@ def test_gguf_text_encoder_bytes_equal_the_loaded_file(tiny_model_dir, tmp_path,
     path, _ = write_qwen3(tmp_path / f"qwen3-{qtype}.gguf", vocab, qtype)
     model = load_component("text_encoder", path, torch.bfloat16, "cpu")
     assert weight_bytes(model) == fp.text_encoder_bytes(dict(GGUF_QWEN3, vocab_size=vocab), f"gguf:{qtype}")
+
+
+def test_unknown_settings_are_refused():
+    with pytest.raises(ValueError, match="'int8', 'int4' or 'gguf:TYPE', got 'int3'"):
+        fp.text_encoder_bytes(QWEN, "int3")
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fp.text_encoder_bytes(dict(QWEN, hidden_size=96, head_dim=24), "int4")
+    with pytest.raises(ValueError, match="unknown GGML type 'Q7_K'"):
+        fp.dit_bytes(TransformerConfig.from_dict(TINY_DIT), "gguf:Q7_K")

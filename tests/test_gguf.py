@@ -207,6 +207,15 @@ def test_gguf_files_that_are_not_z_image(tmp_path):
                                                (np.zeros((4, 66), np.uint8), "IQ2_XXS")}, "lumina2")
     with pytest.raises(UnsupportedFormatError, match="IQ2_XXS"):
         load_component("transformer", iq, None, "cpu")
+    # A type id the gguf package does not know (a newer file) is named as such, not as damage.
+    data = bytearray(iq.read_bytes())
+    at = data.find(b"layers.0.attention.qkv.weight") + len(b"layers.0.attention.qkv.weight") + 4 + 16
+    assert int.from_bytes(data[at:at + 4], "little") == gguf.GGMLQuantizationType.IQ2_XXS
+    data[at:at + 4] = (250).to_bytes(4, "little")
+    iq.write_bytes(bytes(data))
+    with pytest.raises(UnsupportedFormatError, match="tensor type the installed gguf package") as err:
+        detect_format(iq)
+    assert "truncated" not in str(err.value)
 
 
 # ----------------------------------------------------------------------------------- damaged files
@@ -309,15 +318,14 @@ def write_qwen3(path: Path, tokenizer_len: int, types, arch: str | None = "qwen3
     g = torch.Generator().manual_seed(seed)
     canonical = {k: (torch.randn(s, generator=g) * 0.05 + (1.0 if k.endswith("norm.weight") else 0.0))
                  for k, s in shapes.items()}
-    canonical["lm_head.weight"] = torch.randn(tokenizer_len, 256, generator=g) * 0.05  # llama.cpp's output.weight
     llama = dict(from_canonical(canonical.items(), TE_LLAMA_CPP))
+    llama["output.weight"] = torch.randn(tokenizer_len, 256, generator=g) * 0.05  # the LM head, untied
     assert "blk.0.attn_q_norm.weight" in llama and "output.weight" in llama and "token_embd.weight" in llama
     file, values = gguf_state(llama, types, np.random.default_rng(seed))
     meta = {"qwen3.rope.freq_base": 1e6, "qwen3.attention.layer_norm_rms_epsilon": 1e-6,
             "qwen3.context_length": 2048, "qwen3.block_count": 3} if arch else None
     write_gguf(path, file, arch, meta)
-    state = dict(to_canonical(values.items(), TE_LLAMA_CPP))
-    state.pop("lm_head.weight")
+    state = dict(to_canonical(values.items(), TE_LLAMA_CPP))  # the LM head is dropped
     reference = Qwen3Model(config).eval()
     reference.load_state_dict(state, strict=True)
     return path, reference
@@ -350,6 +358,7 @@ def test_gguf_qwen3_encoder_kept_packed_equals_the_dequantised_model(tiny_model_
     assert len(model.layers) == 2 and model.config.num_hidden_layers == 2  # 3 - 1: hidden_states[-2]
     assert isinstance(model.embed_tokens, GGUFEmbedding)  # packed in every case (Q4_K first in the mix)
     assert model.embed_tokens.weight.dtype == torch.uint8
+    assert model.embed_tokens(torch.tensor([1, 2])).dtype == torch.float32
     packed = [m for m in model.modules() if isinstance(m, GGUFLinear)]
     assert packed and all(m.weight.dtype == torch.uint8 for m in packed)
     if types != "mixed":
@@ -362,6 +371,9 @@ def test_gguf_qwen3_encoder_kept_packed_equals_the_dequantised_model(tiny_model_
     with GGUFCheckpoint(path) as ckpt:
         loaded = sum(t.n_bytes for k, t in ckpt.tensors.items()
                      if t.quantized and not k.startswith(("blk.2.", "output.")))
+    assert sum(quantized_bytes(model).values()) == loaded
+    model.to(torch.bfloat16)  # the embedding's output dtype follows a cast of the model; the packed bytes do not
+    assert model.embed_tokens(torch.tensor([1, 2])).dtype == torch.bfloat16
     assert sum(quantized_bytes(model).values()) == loaded
 
 
@@ -436,9 +448,8 @@ def test_gguf_qwen3_in_transformers_names(tiny_model_dir, tmp_path):
         tensors = {k: (np.array(t.data), t.qtype) for k, t in ckpt.tensors.items()}
     renamed = {}
     for key, value in tensors.items():
-        for canon in TE_LLAMA_CPP.canonical_keys(key):
-            if not canon.startswith("lm_head."):
-                renamed[TE_TRANSFORMERS.foreign_key(canon)] = value
+        for canon in TE_LLAMA_CPP.canonical_keys(key):  # the LM head has none
+            renamed[TE_TRANSFORMERS.foreign_key(canon)] = value
     path = write_gguf(tmp_path / "hf-names.gguf", renamed, "qwen3")
     assert [(c.component, c.layout) for c in detect_format(path).components] == [("text_encoder", "transformers")]
     model = load_component("text_encoder", path, torch.float32, "cpu", config={"max_position_embeddings": 2048})
@@ -446,3 +457,73 @@ def test_gguf_qwen3_in_transformers_names(tiny_model_dir, tmp_path):
     texts = ["a cat on a chair"]
     for a, b in zip(TextEncoder(model, tok).encode(texts), reference_features(reference, tok, texts)):
         assert_rel(a, b, 1e-6, "text features")
+
+
+def test_gguf_benchmark_smoke():
+    """The GPU benchmark of packed linears runs its code path on the CPU (tiny shapes)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gguf", Path(__file__).parents[1] / "benchmarks" /
+                                                  "bench_gguf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--smoke"]) == 0
+
+
+@pytest.mark.slow
+def test_packed_linear_compiles(tmp_path):
+    """torch.compile (the engine's compile modes) traces the dequantisation: same output as eager."""
+    rng = np.random.default_rng(0)
+    layer = GGUFLinear(512, 256, "Q4_K", bias=True)
+    layer.weight.copy_(torch.from_numpy(random_blocks("Q4_K", 256, 512, rng)))
+    layer.bias.copy_(torch.randn(256))
+    layer.add_lora(torch.randn(4, 512) * 0.01, torch.randn(256, 4) * 0.01, 0.5)
+    x = torch.randn(3, 512)
+    eager = layer(x)
+    torch._dynamo.reset()
+    assert_rel(torch.compile(layer)(x), eager, 1e-6, "compiled packed linear")
+
+
+def test_zimage_convert_dequantises_a_gguf(tiny_model_dir, tmp_path):
+    """`zimage convert FILE.gguf OUT.safetensors --to LAYOUT --dtype D`: the dequantised weights, renamed."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from zimage_native.cli import main
+
+    mix = ("Q4_K", "Q6_K", "Q8_0", "F16")
+    path, reference = write_dit(tmp_path / "dit.gguf", lambda name, i: mix[i % 4])
+    out = tmp_path / "dit.safetensors"
+    result = CliRunner().invoke(main, ["convert", str(path), str(out), "--to", "diffusers"])
+    assert result.exit_code == 1 and "choose an output --dtype" in result.output  # 'keep' cannot re-encode
+    result = CliRunner().invoke(main, ["convert", str(path), str(out), "--to", "diffusers", "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    converted = load_file(out)
+    assert converted.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(converted[key], value), key
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    te, qwen = write_qwen3(tmp_path / "te.gguf", len(tok), "Q5_0")
+    out = tmp_path / "qwen.safetensors"
+    result = CliRunner().invoke(main, ["convert", str(te), str(out), "--to", "transformers", "--dtype", "fp32"])
+    assert result.exit_code == 0, result.output
+    converted = load_file(out)
+    expected = {"model." + k: v for k, v in qwen.state_dict().items()}
+    assert set(converted) == set(expected), set(converted) ^ set(expected)  # the LM head (llama.cpp's output.weight) is dropped
+    for key, value in expected.items():
+        assert torch.equal(converted[key], value), key
+
+
+def test_without_the_gguf_package_the_error_says_what_to_install(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    path, _ = write_dit(tmp_path / "q8.gguf", "Q8_0")
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # `import gguf` now raises ImportError
+    with pytest.raises(UnsupportedFormatError, match=r"needs the gguf package: pip install 'zimage-native\[gguf\]'"):
+        load_component("transformer", path, None, "cpu")
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "pip install 'zimage-native[gguf]'" in result.output

@@ -130,3 +130,13 @@ def test_cli_prints_the_whole_explanation_on_one_line(failing_hub, case):
     assert len(lines) == 1 and lines[0].startswith(f"Error: cannot fetch the model {REPO}"), result.output
     for phrase in phrases:
         assert phrase in lines[0]
+
+
+@pytest.mark.parametrize("args", [["format-prompt", "a cat", "--tokens", "--model", REPO],
+                                  ["rewrite", "a cat", "--model", REPO]], ids=["format-prompt", "rewrite"])
+def test_other_commands_that_fetch_from_the_hub_fail_in_one_line(failing_hub, args):
+    failing_hub(no_network)
+    result = CliRunner().invoke(main, args, prog_name="zimage")
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: cannot fetch the ") and "no network connection" in lines[0]

@@ -22,7 +22,7 @@ RANK = 4
 
 
 class Pipe(LoraMixin):
-    """A stand-in with a ``transformer``; the lead mixes LoraMixin into ZImagePipeline."""
+    """A stand-in with a ``transformer`` (LoraMixin: a LoraStack behind load_lora / unload_lora)."""
 
     def __init__(self, dtype=torch.float32):
         self.transformer = randomize_(ZImageTransformer(TransformerConfig.from_dict(TINY_DIT)), 7).to(dtype)
@@ -359,11 +359,13 @@ def test_parse_lora_arg(text, parsed):
 
 
 def test_lora_on_the_real_pipeline_changes_and_restores_the_image(tiny_model_dir, tmp_path):
-    """End to end on ZImagePipeline with the mixin: a LoRA changes the output; unload gives it back exactly."""
+    """End to end on ZImagePipeline (its LoraStack): a LoRA changes the output; unload gives it back exactly."""
     from zimage_native import ZImagePipeline
+    from zimage_native.lora import LoraStack
 
-    assert issubclass(ZImagePipeline, LoraMixin)
+    assert not issubclass(ZImagePipeline, LoraMixin)  # a collaborator, not a mixin
     pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    assert isinstance(pipe.lora_stack, LoraStack)
     pipe.progress = False
     kwargs = dict(width=32, height=32, num_inference_steps=2, seed=1, output_type="latent")
     ref = pipe("a cat", **kwargs).images

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from zimage_native.lora import lora_alpha_config, metadata_alpha
+from zimage_native.lora import lora_alpha_config, metadata_alpha, metadata_rank
 
 from .utils import assert_rel, rel_err
 
@@ -86,6 +86,7 @@ def test_metadata_alpha_lookup_follows_peft_pattern_rules():
     assert metadata_alpha(config, "layers.0.feed_forward.w1", 4) == 8 / 4
     assert metadata_alpha(config, "noise_refiner.0.attention.to_v", 4) == 3 / 4  # suffix match on a dot
     assert metadata_alpha(config, "layers.0.attention.xto_v", 4) == 8 / 4  # not on a partial name
+    assert metadata_rank(config, "layers.0.attention.to_k") == 2 and metadata_rank(config, "layers.1.attention.to_k") == 4
     # Unprefixed PEFT config dicts are read as well; no metadata or no lora_alpha: no override.
     assert metadata_alpha(lora_alpha_config({"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 2})}),
                           "layers.0.attention.to_q", 4) == 2 / 4
@@ -116,3 +117,48 @@ def test_alpha_tensor_in_the_file_wins_over_metadata(tmp_path):
     assert {k: m.alpha_scale for k, m in by_name.items()} == {"layers.0.attention.to_q": 2 / 4,
                                                               "layers.0.attention.to_k": 12 / 4}
     assert rel_err(by_name["layers.0.attention.to_k"].delta(), b @ a * 3) < 1e-6
+
+
+def test_zimage_convert_bakes_the_metadata_alpha_like_load_lora(tiny_model_dir, tmp_path):
+    """`zimage convert --lora` reads the same metadata: the baked weights equal load_lora's."""
+    from zimage_native.converters.convert import convert_checkpoint
+    from zimage_native.loading import load_component
+    from zimage_native.lora import LoraMixin
+
+    from .test_convert import read_folder
+    from .test_formats import dit_state
+
+    path = save_peft_lora(tmp_path, tiny_model_dir, r=4, lora_alpha=16, alpha_pattern={"to_v": 3})
+    convert_checkpoint(tiny_model_dir / "transformer", tmp_path / "baked", "diffusers", loras=[(str(path), 0.5)])
+    baked = read_folder(tmp_path / "baked")
+
+    class P(LoraMixin):
+        transformer = load_component("transformer", tiny_model_dir / "transformer", torch.float32, "cpu")
+
+    p = P()
+    p.load_lora(path, 0.5)
+    for k, v in p.transformer.state_dict().items():
+        assert torch.equal(baked[k], v), k
+    # The factor is 0.5 * alpha / rank = 0.5 * 16 / 4 (3 / 4 for to_v), not 0.5 (alpha = rank).
+    with safe_open(str(path), "pt") as f:
+        a = f.get_tensor("transformer.layers.0.attention.to_q.lora_A.weight")
+        b = f.get_tensor("transformer.layers.0.attention.to_q.lora_B.weight")
+        av = f.get_tensor("transformer.layers.0.attention.to_v.lora_A.weight")
+        bv = f.get_tensor("transformer.layers.0.attention.to_v.lora_B.weight")
+    base = dit_state(tiny_model_dir)
+    assert rel_err(baked["layers.0.attention.to_q.weight"] - base["layers.0.attention.to_q.weight"],
+                   0.5 * 16 / 4 * (b @ a)) < 1e-5
+    assert rel_err(baked["layers.0.attention.to_v.weight"] - base["layers.0.attention.to_v.weight"],
+                   0.5 * 3 / 4 * (bv @ av)) < 1e-5
+
+
+def test_rank_disagreeing_with_the_metadata_is_reported(caplog):
+    from zimage_native.lora import parse_lora
+
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    sd = {"layers.0.attention.to_q.lora_A.weight": a, "layers.0.attention.to_q.lora_B.weight": b}
+    meta = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8, "rank_pattern": {"to_q": 2}})}
+    with caplog.at_level("WARNING", logger="zimage_native.lora"):
+        modules, _ = parse_lora(sd, {"layers.0.attention.to_q": (8, 8)}, "x.safetensors", metadata=meta)
+    assert modules[0].alpha_scale == 8 / 4
+    assert "has rank 4 but the file's PEFT metadata (r / rank_pattern) says 2" in caplog.text

@@ -111,6 +111,9 @@ def test_text_encoder_quant_from_pretrained(tiny_model_dir, tiny_pipe):
     assert torch.equal(got[0], exact)  # quantised while loading = quantising the loaded model
     cos = torch.nn.functional.cosine_similarity(got[0], ref[0], dim=-1)
     assert cos.min() > 0.99
+    # The rewriter reads the full-precision Qwen3 (it shares no quantised weight): same text.
+    assert pipe.rewrite("a cat", max_new_tokens=4, seed=0) == load(tiny_model_dir).rewrite(
+        "a cat", max_new_tokens=4, seed=0)
     # Both settings together, and the whole pipeline runs with them.
     both = load(tiny_model_dir, text_encoder_quant="int8", offload="blocks")
     assert np.array_equal(both("a cat", **CALL).images, pipe("a cat", **CALL).images)

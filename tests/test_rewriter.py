@@ -273,7 +273,7 @@ def test_bad_arguments_are_refused(tiny_pipe, tmp_path, kwargs, message):
 
 
 def test_pipeline_rewrite_is_wired(tiny_pipe):
-    """ZImagePipeline mixes in RewriterMixin: same text as the standalone rewriter, deterministic with a seed."""
+    """ZImagePipeline's Rewriter: same text as the standalone rewriter, deterministic with a seed."""
     from zimage_native.prompt.rewriter import PromptRewriter
 
     a = tiny_pipe.rewrite("a cat", max_new_tokens=6, seed=3)

@@ -35,11 +35,11 @@ def pipes(request, tmp_path_factory):
     ref = reference_pipeline(folder)
     img2img = diffusers.ZImageImg2ImgPipeline(**ref.components)
     img2img.set_progress_bar_config(disable=True)
-    return request.param, ours, ref, img2img
+    return request.param, ours, ref, img2img, folder
 
 
 def test_images_have_the_requested_size_and_match_diffusers(pipes):
-    name, ours, ref, _ = pipes
+    name, ours, ref, _, _ = pipes
     scale = 2 ** (len(CASES[name].get("block_out_channels", (0,) * 4)) - 1)
     assert ours.vae_scale_factor == scale == ref.vae_scale_factor
     kw = dict(height=32, width=48, num_inference_steps=2, guidance_scale=0.0)
@@ -54,16 +54,39 @@ def test_images_have_the_requested_size_and_match_diffusers(pipes):
 
 
 def test_img2img_encodes_through_the_same_scale(pipes):
-    name, ours, _, img2img = pipes
+    name, ours, _, img2img, _ = pipes
     image = make_image(48, 32)
     kw = dict(strength=0.6, num_inference_steps=4, output_type="latent")
-    expected = img2img("a cat", image=image, generator=torch.Generator().manual_seed(1), guidance_scale=0.0, **kw).images
+    expected = img2img("a cat", image=image, generator=torch.Generator().manual_seed(1), guidance_scale=0.0,
+                       **kw).images
     got = ours.img2img("a cat", image, seed=1, **kw).images
     assert_rel(got, expected, 1e-5, f"{name}: img2img latents")
 
 
 def test_sizes_must_fit_the_latent_grid(pipes):
-    name, ours, _, _ = pipes
+    name, ours, _, _, _ = pipes
     multiple = ours.vae_scale_factor * 2  # the DiT's 2x2 patches
     with pytest.raises(ValueError, match=f"multiple of {multiple}"):
         ours("a cat", height=multiple * 3 + multiple // 2, width=32, num_inference_steps=1)
+
+
+def test_single_file_vaes_infer_scale_and_quant_convs(pipes, tmp_path):
+    """The same VAE as a single file, diffusers and LDM (BFL) layouts: the config inferred from the
+    shapes gives the same scale and quant convs, and the same decode."""
+    from safetensors.torch import load_file, save_file
+
+    from zimage_native.converters.keymap import convert_state_dict, vae_ldm_keymap
+    from zimage_native.loading import load_component
+
+    name, ours, _, _, folder = pipes
+    sd = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
+    n = len(ours.vae_config.block_out_channels)
+    z = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(0))
+    want = ours.vae.decode(z)
+    for layout, state in (("diffusers", sd), ("ldm", convert_state_dict(sd, None, vae_ldm_keymap(n)))):
+        save_file(state, tmp_path / f"{layout}.safetensors")
+        # norm_num_groups is not in the shapes: the tiny VAE's 16 is given (the released value is 32).
+        vae = load_component("vae", tmp_path / f"{layout}.safetensors", torch.float32, config={"norm_num_groups": 16})
+        assert vae.config.scale_factor == ours.vae_scale_factor, (name, layout)
+        assert (vae.quant_conv is None) == (ours.vae.quant_conv is None), (name, layout)
+        assert torch.equal(vae.decode(z), want), (name, layout)

@@ -13,10 +13,11 @@ __version__ = "0.3.0"
 _LAZY = {
     "ZImagePipeline": "zimage_native.pipeline",
     "ZImageOutput": "zimage_native.pipeline",
+    "GenerationRequest": "zimage_native.sampling",
     "format_prompt": "zimage_native.prompt.format",
 }
 
-__all__ = ["ZImagePipeline", "ZImageOutput", "format_prompt", "__version__"]
+__all__ = ["ZImagePipeline", "ZImageOutput", "GenerationRequest", "format_prompt", "__version__"]
 
 
 def __getattr__(name: str):

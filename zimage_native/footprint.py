@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from .formats.ggml import GGML_TYPES
+from .quantize import INT4_GROUP
 
 #: GGML type -> (values per block, bytes per block): the types the GGUF loader reads (formats.ggml).
 GGML_BLOCKS: dict[str, tuple[int, int]] = {name: (block, size) for name, block, size in GGML_TYPES.values()}
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-INT4_GROUP = 128
 
 
 @dataclass(frozen=True)
@@ -228,6 +228,8 @@ def text_encoder_bytes(config: dict | None = None, quant: str = "none", dtype: s
         model = text_encoder_on_meta(config)
         params, buffers = [t for t in tensors_of(model) if not t.buffer], _unique_buffer_bytes(model)
     size = DTYPE_BYTES[dtype]
+    if quant not in ("none", "int8", "int4") and not quant.startswith("gguf:"):
+        raise ValueError(f"text encoder quant must be 'none', 'int8', 'int4' or 'gguf:TYPE', got {quant!r}")
     if quant.startswith("gguf:"):
         qtype = _weights(quant)[1]
         packed = lambda t: len(t.shape) == 2 and t.shape[-1] % GGML_BLOCKS[qtype][0] == 0  # noqa: E731
@@ -238,11 +240,11 @@ def text_encoder_bytes(config: dict | None = None, quant: str = "none", dtype: s
             total += t.numel * size
         elif t.owner is nn.Embedding or quant == "int8":
             total += t.numel + 4 * t.shape[0]  # int8 codes + one fp32 scale per row
-        elif quant == "int4":
+        else:  # int4, as quantize.int4_groups stores it
             rows, cols = t.shape
+            if cols % INT4_GROUP:
+                raise ValueError(f"{t.name}: int4 needs the input features ({cols}) to be a multiple of {INT4_GROUP}")
             total += t.numel // 2 + 2 * size * rows * (cols // INT4_GROUP)  # codes + scale and minimum per group
-        else:
-            raise ValueError(f"text encoder quant must be 'none', 'int8', 'int4' or 'gguf:TYPE', got {quant!r}")
     return total
 
 

@@ -357,7 +357,23 @@ def lora_alpha_config(metadata: Mapping[str, str] | None) -> dict | None:
     if config.get("lora_alpha") is None:
         return None
     return {"lora_alpha": float(config["lora_alpha"]), "alpha_pattern": dict(config.get("alpha_pattern") or {}),
-            "use_rslora": bool(config.get("use_rslora", False))}
+            "use_rslora": bool(config.get("use_rslora", False)), "r": config.get("r"),
+            "rank_pattern": dict(config.get("rank_pattern") or {})}
+
+
+def _pattern_value(patterns: Mapping, module: str, default):
+    """PEFT's pattern rule: the first key equal to ``module`` or to a dotted suffix of it (keys are
+    regular expressions), else ``default``."""
+    for pattern, value in patterns.items():
+        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
+            return value
+    return default
+
+
+def metadata_rank(config: Mapping, module: str) -> int | None:
+    """The rank that a :func:`lora_alpha_config` gives ``module`` (``rank_pattern``, else ``r``)."""
+    rank = _pattern_value(config.get("rank_pattern", {}), module, config.get("r"))
+    return None if rank is None else int(rank)
 
 
 def metadata_alpha(config: Mapping, module: str, rank: int) -> float:
@@ -366,11 +382,7 @@ def metadata_alpha(config: Mapping, module: str, rank: int) -> float:
     As in PEFT, an ``alpha_pattern`` key applies to the module whose name equals it or ends with
     ``.`` + it (keys are regular expressions; the first that matches wins), else ``lora_alpha``.
     """
-    alpha = config["lora_alpha"]
-    for pattern, value in config["alpha_pattern"].items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{pattern})", module):
-            alpha = float(value)
-            break
+    alpha = float(_pattern_value(config["alpha_pattern"], module, config["lora_alpha"]))
     return alpha / (math.sqrt(rank) if config["use_rslora"] else rank)
 
 
@@ -416,6 +428,10 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
         group.check()
         if alpha_config is not None and group.kind == "lora" and "alpha" not in group.tensors:
             group.scale_from_metadata = metadata_alpha(alpha_config, group.source, group.rank)
+            meta_rank = metadata_rank(alpha_config, group.source)
+            if meta_rank is not None and meta_rank != group.rank:
+                logger.warning("%s: module %s has rank %d but the file's PEFT metadata (r / rank_pattern) says %d; "
+                               "alpha / %d is used", name, group.source, group.rank, meta_rank, group.rank)
         modules.append(group)
     # One spelling per weight: canonical single-module names first, then aliases, then fused modules.
     modules.sort(key=lambda g: (len(g.target.modules) > 1, not g.target.canonical))
@@ -580,22 +596,17 @@ def _packed_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, GGUFLinear)}
 
 
-class LoraMixin:
-    """``load_lora`` / ``unload_lora`` for a pipeline with a ``transformer`` (a ZImageTransformer)."""
+class LoraStack:
+    """The LoRAs fused into one DiT (a pipeline's collaborator): ``load``, ``unload`` with exact undo,
+    and the reports of what is loaded. The transformer is passed to each call."""
 
-    def _lora_state(self) -> dict:
-        state = self.__dict__.get("_lora")
-        if state is None:
-            state = self.__dict__["_lora"] = {"originals": {}, "loaded": [], "no_undo": False}
-        return state
+    def __init__(self):
+        self.originals: dict[str, torch.Tensor] = {}
+        self.loaded: list[LoraReport] = []
+        self.no_undo = False
 
-    @property
-    def loras(self) -> list[LoraReport]:
-        """Reports of the LoRAs fused so far (since the last ``unload_lora``)."""
-        return list(self._lora_state()["loaded"])
-
-    def load_lora(self, path_or_list, scale: float | Sequence[float] = 1.0, *, strict: bool = False,
-                  undo: bool = True, undo_device: torch.device | str = "cpu"):
+    def load(self, transformer: nn.Module, path_or_list, scale: float | Sequence[float] = 1.0, *,
+             strict: bool = False, undo: bool = True, undo_device: torch.device | str = "cpu"):
         """Fuse one LoRA (a path or a state dict) or several (a list) into the transformer's weights.
         Linears whose weights are packed (GGUF) get the LoRA as an unfused side path instead.
 
@@ -613,7 +624,7 @@ class LoraMixin:
             scales = [float(s) for s in scale]
             if len(scales) != len(items):
                 raise ValueError(f"load_lora: {len(items)} LoRAs but {len(scales)} scales")
-        shapes = linear_shapes(self.transformer)
+        shapes = linear_shapes(transformer)
         planned = []
         for item, s in zip(items, scales):
             name, state_dict, metadata = read_lora(item, with_metadata=True)
@@ -623,15 +634,14 @@ class LoraMixin:
                 raise ValueError(f"{name}: {len(report.unmatched)} keys match no Z-Image module, e.g. "
                                  f"{report.unmatched[:5]}")
             planned.append((modules, report))
-        state = self._lora_state()
-        weights = {n: m.weight for n, m in self.transformer.named_modules() if isinstance(m, nn.Linear)}
-        packed = _packed_linears(self.transformer)
+        weights = {n: m.weight for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
+        packed = _packed_linears(transformer)
         for modules, report in planned:
             fused, side = _split_by_storage(modules, packed)
-            fuse_lora_(weights, fused, report.scale, state["originals"] if undo else None, undo_device)
+            fuse_lora_(weights, fused, report.scale, self.originals if undo else None, undo_device)
             add_lora_side_paths_(packed, side, report.scale)
-            state["no_undo"] |= not undo
-            state["loaded"].append(report)
+            self.no_undo |= not undo
+            self.loaded.append(report)
             logger.info("%s", report)
             if report.unmatched:
                 logger.warning("%s: %d keys matched no module, e.g. %s", report.path, len(report.unmatched),
@@ -639,17 +649,41 @@ class LoraMixin:
         reports = [r for _, r in planned]
         return reports[0] if single else reports
 
-    def unload_lora(self) -> int:
-        """Restore the weights as they were before the first ``load_lora``, bit for bit. Returns weights restored."""
-        state = self._lora_state()
-        if state["no_undo"]:
+    def unload(self, transformer: nn.Module) -> int:
+        """Restore the weights as they were before the first ``load``, bit for bit. Returns weights restored."""
+        if self.no_undo:
             raise RuntimeError("a LoRA was fused with undo=False: the original weights were not kept; reload the "
                                "pipeline to remove it")
-        weights = {n: m.weight for n, m in self.transformer.named_modules() if isinstance(m, nn.Linear)}
+        weights = {n: m.weight for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
         with torch.no_grad():
-            for name, original in state["originals"].items():
+            for name, original in self.originals.items():
                 weights[name].copy_(original)
-        count = len(state["originals"]) + sum(m.clear_lora() for m in _packed_linears(self.transformer).values())
-        state["originals"].clear()
-        state["loaded"].clear()
+        count = len(self.originals) + sum(m.clear_lora() for m in _packed_linears(transformer).values())
+        self.originals.clear()
+        self.loaded.clear()
         return count
+
+
+class LoraMixin:
+    """``load_lora`` / ``unload_lora`` / ``loras`` on a class with a ``transformer``, through a
+    :class:`LoraStack`. Kept for code that mixes it in; the pipeline holds a LoraStack instead."""
+
+    @property
+    def lora_stack(self) -> LoraStack:
+        stack = self.__dict__.get("_lora_stack")
+        if stack is None:
+            stack = self.__dict__["_lora_stack"] = LoraStack()
+        return stack
+
+    @property
+    def loras(self) -> list[LoraReport]:
+        """Reports of the LoRAs fused so far (since the last ``unload_lora``)."""
+        return list(self.lora_stack.loaded)
+
+    def load_lora(self, path_or_list, scale: float | Sequence[float] = 1.0, **options):
+        """As :meth:`LoraStack.load` on ``self.transformer``."""
+        return self.lora_stack.load(self.transformer, path_or_list, scale, **options)
+
+    def unload_lora(self) -> int:
+        """As :meth:`LoraStack.unload` on ``self.transformer``."""
+        return self.lora_stack.unload(self.transformer)

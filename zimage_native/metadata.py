@@ -45,6 +45,9 @@ def parameters_text(record: dict[str, Any]) -> str:
         parts.append(f"Denoising strength: {record['strength']}")
     if record.get("loras"):
         parts.append("LoRA: " + ", ".join(f"{p}:{s}" for p, s in record["loras"]))
+    if record.get("controlnet"):
+        name = str(record["controlnet"]).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        parts.append(f"ControlNet: {name}, Control scale: {record.get('control_scale')}")
     parts.append(f"Version: zimage-native {record.get('version')}")
     lines.append(", ".join(parts))
     return "\n".join(lines)

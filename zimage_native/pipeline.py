@@ -6,7 +6,8 @@ accelerations applied to the DiT. Every call (``pipe(...)``, ``img2img``, ``inpa
 :mod:`zimage_native.sampling` (encode -> plan -> step loop -> decode; the semantics of diffusers
 0.42.1 are stated there). Loading is in :mod:`zimage_native.loading`, LoRA in
 :mod:`zimage_native.lora` (a :class:`~zimage_native.lora.LoraStack` collaborator), the rewriter in
-:mod:`zimage_native.prompt.rewriter` (a :class:`~zimage_native.prompt.rewriter.Rewriter`).
+:mod:`zimage_native.prompt.rewriter` (a :class:`~zimage_native.prompt.rewriter.Rewriter`), the
+ControlNet in :mod:`zimage_native.control` (a :class:`~zimage_native.control.ControlNetSlot`).
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ from typing import Any, Callable
 
 import torch
 
+from . import control as _control  # noqa: F401  (registers the ControlNet tasks on the core)
 from . import sampling
 from .config import SchedulerConfig, TransformerConfig, VAEConfig
 from .devices import OFFLOAD_MODES, storage_device
 from .hub import DEFAULT_MODEL
 from .loading import check_quant, load_pretrained, load_single_files  # noqa: F401
-from .lora import LoraMixin
+from .lora import LoraReport, LoraStack
 from .model.transformer import ZImageTransformer
 from .model.vae import AutoencoderKL
 from .prompt.format import format_prompt
-from .prompt.rewriter import RewriterMixin
+from .prompt.rewriter import Rewriter
 from .sampling import (GenerationRequest, SamplingPlan, Step, check_request, preprocess_image,  # noqa: F401
                        preprocess_mask, to_pil)
 from .sampling import cfg_combine, randn as _randn  # noqa: F401  (kept for older imports)
@@ -76,13 +78,13 @@ def detect_variant(source: str, scheduler_config: SchedulerConfig) -> str:
     return "turbo"
 
 
-class ZImagePipeline(LoraMixin, RewriterMixin):
-    """Text-to-image (and img2img) with Z-Image. Build with :meth:`from_pretrained`, call like a function.
+class ZImagePipeline:
+    """Z-Image text-to-image, img2img and inpainting. Build with :meth:`from_pretrained` (or
+    ``from_single_files`` for ComfyUI / all-in-one / fp8 files), call like a function.
 
-    ``from_single_files`` builds one from ComfyUI / all-in-one / fp8 files
-    (:func:`zimage_native.loading.load_single_files`).
-    Mixed in: ``load_lora``/``unload_lora`` (:mod:`zimage_native.lora`) and ``rewrite`` (the prompt rewriter,
-    :mod:`zimage_native.prompt.rewriter`).
+    Collaborators: ``lora_stack`` (:class:`~zimage_native.lora.LoraStack`, behind ``load_lora`` /
+    ``unload_lora`` / ``loras``) and ``prompt_rewriter`` (:class:`~zimage_native.prompt.rewriter.Rewriter`,
+    behind ``rewrite`` / ``load_rewriter`` / ``unload_rewriter``).
     """
 
     def __init__(
@@ -125,6 +127,10 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         self._compile_options: tuple = ("inductor", "dynamic")  # backend and shape policy of the compile
         self.templates_dirs: list[str] = []
         self.progress = True
+        self.lora_stack = LoraStack()
+        self.prompt_rewriter = Rewriter(lambda: self.text_encoder, lambda: self.model_folder,
+                                        lambda: self.template_registry)
+        self.controlnets = _control.ControlNetSlot()
 
     @property
     def template_registry(self):
@@ -200,8 +206,37 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
                                    **{k: kwargs.pop(k) for k in names if k in kwargs})
         return cls(**loaded, **kwargs)
 
+    # ------------------------------------------------------------------ ControlNet
+    @property
+    def controlnet(self):
+        """The loaded ControlNet-Union branch (:meth:`load_controlnet`), or None."""
+        return self.controlnets.model
+
+    def load_controlnet(self, path: str | os.PathLike, config=None):
+        """Load a Fun-ControlNet-Union (a diffusers folder or a published single file: versions 1.0,
+        2.0, 2.1, 2.1 lite) for this pipeline's DiT, replacing any loaded one. ``config`` (a dict, a
+        config.json or a folder holding one) overrides what is inferred from the tensors. The branch
+        gets the DiT's dtype, device and accelerations. Returns it (also ``pipe.controlnet``)."""
+        state = self._accel
+        backend, shapes = self._compile_options
+        accel = dict(kernels=state["kernels"], attention=state["attention"], fp8=state["fp8"],
+                     compile=state["compile"], compile_backend=backend, shapes=shapes)
+        model = self.controlnets.load(path, config, transformer_config=self.transformer_config, dtype=self.dtype,
+                                      device=self.transformer.x_pad_token.device, accel=accel)
+        if self._graphed is not None:
+            self._graphed.clear()
+        return model
+
+    def unload_controlnet(self) -> bool:
+        """Drop the loaded ControlNet; returns whether one was loaded."""
+        if self._graphed is not None:
+            self._graphed.clear()
+        return self.controlnets.unload()
+
     # ------------------------------------------------------------------ placement
     def _module(self, name: str) -> torch.nn.Module:
+        if name == "transformer" and self.controlnet is not None:
+            return torch.nn.ModuleList([self.transformer, self.controlnet])  # the branch runs with the DiT
         return self.text_encoder.model if name == "text_encoder" else getattr(self, name)
 
     @contextlib.contextmanager
@@ -275,21 +310,28 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
             self._compile_options = (compile_backend, shapes)
         if before_compile and state["compile"] != "off":
             uncompile_(self.transformer)  # compile again after the transform, as it was compiled
+            if self.controlnet is not None:
+                uncompile_(self.controlnet)
             compile_mode = state["compile"]
             compile_backend, shapes = self._compile_options
             lines.append(f"compile: {compile_mode} undone, to apply {sorted(set(changes) & {'kernels', 'attention', 'fp8'})} "
                          "before compiling again")
         if before_compile or compile_mode != "off":
-            lines += optimize_dit(
-                self.transformer,
-                kernels=changes.get("kernels", "none"),
-                attention=changes.get("attention", state["attention"]),
-                fp8=bool(changes.get("fp8", False)),
-                compile=compile_mode,
-                compile_backend=compile_backend,
-                fp8_fast_accum=fp8_fast_accum,
-                shapes=shapes,
-            )
+            # The same transforms on the ControlNet branch (built from the DiT's block), if loaded.
+            for model in (self.transformer, self.controlnet):
+                if model is None:
+                    continue
+                applied = optimize_dit(
+                    model,
+                    kernels=changes.get("kernels", "none"),
+                    attention=changes.get("attention", state["attention"]),
+                    fp8=bool(changes.get("fp8", False)),
+                    compile=compile_mode,
+                    compile_backend=compile_backend,
+                    fp8_fast_accum=fp8_fast_accum,
+                    shapes=shapes,
+                )
+                lines += applied if model is self.transformer else [f"ControlNet: {line}" for line in applied]
         if changes.get("cuda_graphs"):
             size = graph_cache_size or DEFAULT_MAX_GRAPHS
             self._graphed = GraphedSampler(self, mode=graph_mode, max_graphs=size)
@@ -300,25 +342,43 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         state.update(changes)
         return lines
 
-    def load_lora(self, *args, **kwargs):
-        """Fuse LoRA weights into the DiT (see :meth:`LoraMixin.load_lora`); captured graphs are dropped."""
-        report = super().load_lora(*args, **kwargs)
+    # ------------------------------------------------------------------ LoRA and the rewriter (collaborators)
+    @property
+    def loras(self) -> list[LoraReport]:
+        """Reports of the LoRAs fused so far (since the last ``unload_lora``)."""
+        return list(self.lora_stack.loaded)
+
+    def load_lora(self, path_or_list, scale=1.0, **options):
+        """Fuse LoRA weights into the DiT (:meth:`LoraStack.load`); captured graphs are dropped."""
+        report = self.lora_stack.load(self.transformer, path_or_list, scale, **options)
         if self._graphed is not None:
             self._graphed.clear()
         return report
 
-    def rewrite(self, prompt: str, *args, **kwargs) -> str:
-        """Expand a prompt with the Qwen3 weights (see :class:`RewriterMixin`); with a remote text
-        encoder, the remote server rewrites."""
-        if getattr(self.text_encoder, "model", None) is None:
-            return self.text_encoder.rewrite(prompt, *args, **kwargs)
-        return super().rewrite(prompt, *args, **kwargs)
-
-    def unload_lora(self, *args, **kwargs):
-        restored = super().unload_lora(*args, **kwargs)
+    def unload_lora(self) -> int:
+        """Restore the DiT's weights exactly (:meth:`LoraStack.unload`); captured graphs are dropped."""
+        restored = self.lora_stack.unload(self.transformer)
         if self._graphed is not None:
             self._graphed.clear()
         return restored
+
+    def rewrite(self, prompt: str, *args, **kwargs) -> str:
+        """Expand a prompt with the Qwen3 weights or a chat server (:meth:`Rewriter.rewrite`); with a
+        remote text encoder and no ``llm_url``, the remote server rewrites."""
+        if getattr(self.text_encoder, "model", None) is None and kwargs.get("llm_url") is None:
+            return self.text_encoder.rewrite(prompt, *args, **kwargs)
+        return self.prompt_rewriter.rewrite(prompt, *args, **kwargs)
+
+    def load_rewriter(self):
+        """The rewriter LM, loaded on first use (:meth:`Rewriter.load`)."""
+        return self.prompt_rewriter.load()
+
+    def unload_rewriter(self) -> None:
+        self.prompt_rewriter.unload()
+
+    @property
+    def _rewriter_lm(self):
+        return self.prompt_rewriter.lm
 
     def enable_vae_tiling(self, tile_size: int = 512, overlap: int = 64) -> None:
         """Decode (and encode) through the VAE in overlapping tiles; for 2K+ images."""
@@ -358,18 +418,24 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
             return (image * 0.5 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
-    def encode_image(self, image: torch.Tensor, generators: list[torch.Generator], dtype: torch.dtype) -> torch.Tensor:
-        """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents, a posterior *sample* (one draw per generator)."""
+    def encode_image(self, image: torch.Tensor, generators: list[torch.Generator] | None,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents: a posterior *sample* (one draw per
+        generator), or with ``generators=None`` the posterior *mode* (the mean: no draw), as
+        diffusers' ControlNet pipelines encode their control and masked images."""
         with self._running("vae") as device:
             vae_dtype = next(self.vae.parameters()).dtype
-            x = image.to(device, dtype).to(vae_dtype)
+            x = image.to(device, dtype or image.dtype).to(vae_dtype)
             if self.vae_tiling is not None:
                 mean, logvar = (t.to(vae_dtype) for t in tiled_encode(self.vae, x, self.vae_tiling,
                                                                     self.vae_config.scale_factor))
             else:
                 mean, logvar = self.vae.encode(x)
-            eps = _randn(mean.shape, generators, vae_dtype).to(device)
-            z = mean + torch.exp(0.5 * logvar) * eps
+            if generators is None:
+                z = mean
+            else:
+                eps = _randn(mean.shape, generators, vae_dtype).to(device)
+                z = mean + torch.exp(0.5 * logvar) * eps
             shift = self.vae_config.shift_factor or 0.0
             return ((z - shift) * self.vae_config.scaling_factor).to(self.device)
 
@@ -463,6 +529,10 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         in diffusers (may return new ``latents``). ``shift`` replaces the scheduler's shift.
         ``image`` (+ ``strength``), ``mask_image``, ``control_image`` select img2img, inpainting or
         ControlNet as :meth:`img2img` / :meth:`inpaint` do.
+
+        ``control_image`` (with a ControlNet loaded, :meth:`load_controlnet`): a pose / depth / edge
+        image that steers the layout, as diffusers' ``ZImageControlNetPipeline``; its hints are
+        weighted by ``controlnet_conditioning_scale``. An unset size comes from the control image.
         """
         return self._call(prompt, width=width, height=height, num_inference_steps=num_inference_steps, seed=seed,
                           generator=generator, latents=latents, guidance_scale=guidance_scale,
@@ -492,7 +562,11 @@ class ZImagePipeline(LoraMixin, RewriterMixin):
         """Inpainting, as diffusers' ``ZImageInpaintPipeline``: repaint where ``mask_image`` is white
         (>= 0.5 after resizing), keep ``image`` where it is black. After every step the kept area is
         reset to the image's latents noised to the current level. ``strength`` as for img2img (1:
-        the repainted area starts from pure noise). Other arguments as for ``__call__``."""
+        the repainted area starts from pure noise). Other arguments as for ``__call__``.
+
+        With ``control_image`` (and a 2.x ControlNet loaded), ControlNet inpainting as diffusers'
+        ``ZImageControlNetInpaintPipeline``: from pure noise, no ``strength`` (leave it at 1), no
+        per-step blend; the image and mask reach the model through the control context."""
         if image is None or mask_image is None:
             raise ValueError("inpaint needs image= and mask_image=")
         return self(prompt, image=image, mask_image=mask_image, strength=strength, **kwargs)

@@ -91,9 +91,15 @@ class GGUFEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.qtype = type_name(qtype)
-        self.dtype = dtype
         self.register_buffer("weight", torch.empty(num_embeddings, row_bytes(self.qtype, embedding_dim),
                                                    dtype=torch.uint8, device=device))
+        # An empty tensor in the output dtype: it follows .to(dtype) / .half() as the model's other floats do.
+        # (Never on meta: nothing is loaded into it. It moves with .to(device) like the rest.)
+        self.register_buffer("dtype_of_output", torch.empty(0, dtype=dtype, device="cpu"), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dtype_of_output.dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return dequantize(self.weight[ids], self.qtype, self.dtype)

@@ -214,7 +214,13 @@ class Conditioning:
     per-step latent blend ``blend(latents, sigma_next) -> latents`` (run after each Euler step,
     with the sigma that step reached), and optional extra DiT inputs ``extra(x, step, layout, cap_tokens) -> dict``
     (keyword arguments of ``forward_tokens``, e.g. ControlNet hints). ``blend`` and ``extra``
-    should be dataclasses of tensors, so a graphed loop copies their tensors in."""
+    should be dataclasses of tensors, so a graphed loop copies their tensors in.
+
+    An ``extra`` that needs the plan's per-request work (the layouts, the timestep conditioning)
+    has a method ``plan(pipe, plain_layout, guided_layout, c) -> (extra, per_step)``, called by
+    :func:`plan` with the DiT on its device: it returns the extra the loop calls and one value per
+    schedule step (or None), which the loop finds as ``step.extra`` (per-step tensors travel with
+    the step, so a per-step graph copies in only its own)."""
 
     latents: torch.Tensor
     start: int = 0
@@ -352,6 +358,7 @@ class Step:
     index: int  # into the schedule
     guided: bool  # CFG on for this step
     mods: list[torch.Tensor]  # precomputed modulation vectors, (1, 4D) per block and (1, D) final
+    extra: Any = None  # this step's inputs of the task's extra DiT inputs (see Conditioning)
 
 
 @dataclass
@@ -389,11 +396,14 @@ def plan(pipe, size, prompt_embeds, negative_embeds, schedule: Schedule, guidanc
     times = schedule.model_times()
     c = dit.time_embedding(times.to(device), dtype)  # (N, 256): one row per step
     mods = dit.modulations(c)
+    per_step = [None] * schedule.num_steps
+    if extra is not None and hasattr(extra, "plan"):  # e.g. the ControlNet: embeds and modulations
+        extra, per_step = extra.plan(pipe, plain[0], guided[0] if guided is not None else None, c)
     truncate = cfg_truncation is not None and float(cfg_truncation) <= 1  # late steps run without CFG
     steps = []
     for i in range(start, schedule.num_steps):
         on = use_cfg and not (truncate and times[i].item() > cfg_truncation)
-        steps.append(Step(i, on, [m[i:i + 1] for m in mods]))
+        steps.append(Step(i, on, [m[i:i + 1] for m in mods], per_step[i]))
     return SamplingPlan(steps, plain, guided, schedule.sigmas.to(device), float(guidance_scale),
                         float(cfg_normalization) if cfg_normalization else 0.0, blend, extra)
 

@@ -7,6 +7,10 @@
 - ``full``: the whole per-step forward (``forward_tokens``) as one graph (``fullgraph=True``) and
   the caption path (``encode_caption``) as another. Longest cold start, fewest launches.
 
+The ControlNet branch (``model/controlnet.py``) is compiled by the same function: its blocks are
+DiT blocks, so ``blocks`` runs them through the same compiled code; ``full`` compiles its per-step
+``hints`` as one graph.
+
 Shape policy (``shapes=``):
 
 - ``"dynamic"`` (default): the sequence dimension of every block input (tokens, RoPE tables, key
@@ -136,9 +140,10 @@ class CompiledMethod:
     def __call__(self, *args, **kwargs):
         from .cuda_graphs import flatten
 
-        tokens = args[:2] if self.name == "forward_tokens" else args[:1]
-        layout = kwargs.get("layout", args[3] if self.name == "forward_tokens" else args[1])
-        hints = kwargs.get("control_hints", args[5] if len(args) > 5 else None)
+        tokens, layout_at = {"forward_tokens": (args[:2], 3), "encode_caption": (args[:1], 1),
+                             "hints": (args[1:4], 4)}[self.name]  # hints(dit, x, cap_tokens, ctx, layout, ...)
+        layout = kwargs.get("layout", args[layout_at])
+        hints = kwargs.get("control_hints", args[5] if len(args) > 5 and self.name == "forward_tokens" else None)
         sequence = [*tokens, *flatten(layout)[0], *flatten(hints)[0]]
         batch, masked = tokens[0].shape[0], layout.joint_mask is not None
         seq = None if self.dynamic else tuple(t.shape[1] for t in sequence if t.ndim >= 2)
@@ -150,8 +155,18 @@ class CompiledMethod:
         return self.compiled(*args, **kwargs)
 
 
-def _blocks(transformer: nn.Module) -> list[nn.Module]:
-    return [*transformer.noise_refiner, *transformer.context_refiner, *transformer.layers]
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """Every transformer block of the DiT (or of the ControlNet branch, built from the same block)."""
+    from ..model.transformer import TransformerBlock
+
+    return [m for m in model.modules() if isinstance(m, TransformerBlock)]
+
+
+def _methods(model: nn.Module) -> tuple[str, ...]:
+    """What ``full`` compiles: the DiT's step and caption path, or the branch's step."""
+    from ..model.controlnet import ZImageControlNet
+
+    return ("hints",) if isinstance(model, ZImageControlNet) else ("forward_tokens", "encode_caption")
 
 
 def compile_transformer_(transformer: nn.Module, mode: str = "blocks", backend: str | object = "inductor",
@@ -177,13 +192,13 @@ def compile_transformer_(transformer: nn.Module, mode: str = "blocks", backend: 
         transformer._zimage_compiled = ("blocks", shapes, classes)
         return (f"compile: blocks ({len(blocks)} blocks share one compiled function; shapes {shapes}, "
                 f"recompile limit {limit})")
-    classes = ShapeClasses("the DiT forward", limit)
-    transformer.forward_tokens = CompiledMethod(
-        "forward_tokens", torch.compile(transformer.forward_tokens, fullgraph=True, **options), classes, dynamic)
-    transformer.encode_caption = CompiledMethod(
-        "encode_caption", torch.compile(transformer.encode_caption, fullgraph=True, **options), classes, dynamic)
+    methods = _methods(transformer)
+    classes = ShapeClasses("the DiT forward" if "forward_tokens" in methods else "the ControlNet step", limit)
+    for name in methods:
+        compiled = torch.compile(getattr(transformer, name), fullgraph=True, **options)
+        setattr(transformer, name, CompiledMethod(name, compiled, classes, dynamic))
     transformer._zimage_compiled = ("full", shapes, classes)
-    return f"compile: full (forward_tokens and encode_caption, fullgraph; shapes {shapes}, recompile limit {limit})"
+    return f"compile: full ({' and '.join(methods)}, fullgraph; shapes {shapes}, recompile limit {limit})"
 
 
 def uncompile_(transformer: nn.Module) -> str | None:
@@ -192,7 +207,7 @@ def uncompile_(transformer: nn.Module) -> str | None:
     state = transformer.__dict__.pop("_zimage_compiled", None)
     for block in _blocks(transformer):
         block.__dict__.pop("forward", None)
-    for name in ("forward_tokens", "encode_caption"):
+    for name in _methods(transformer):
         transformer.__dict__.pop(name, None)
     return None if state is None else state[0]
 

@@ -104,8 +104,10 @@ class Float8Linear(nn.Module):
 
 
 def _in_block(name: str) -> bool:
-    """The big GEMMs inside the blocks: attention q/k/v/out and the feed-forward projections."""
-    in_block = name.startswith(("layers.", "noise_refiner.", "context_refiner."))
+    """The big GEMMs inside the blocks: attention q/k/v/out and the feed-forward projections (of the
+    DiT's blocks and of the ControlNet branch's, which are DiT blocks)."""
+    in_block = name.startswith(("layers.", "noise_refiner.", "context_refiner.", "control_layers.",
+                                "control_noise_refiner."))
     return in_block and "adaLN" not in name and (".attention." in name or ".feed_forward." in name)
 
 

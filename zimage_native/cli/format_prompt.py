@@ -29,7 +29,9 @@ def load_tokenizer(model: str):
             f"no tokenizer in {path}: expected a model folder with tokenizer/ or a tokenizer folder")
     if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
         raise FileNotFoundError(f"model folder not found: {model}")
-    return AutoTokenizer.from_pretrained(str(model), subfolder="tokenizer")
+    from ..hub import resolve_tokenizer_folder
+
+    return AutoTokenizer.from_pretrained(resolve_tokenizer_folder(str(model)))  # a failure: one-line HubError
 
 
 def prompt_options(fn):

@@ -1,4 +1,6 @@
-"""``zimage generate``: text-to-image and img2img from the command line.
+"""``zimage generate``: text-to-image, img2img (``--image``) and inpainting (``--image`` + ``--mask``);
+with ``--controlnet FILE --control-image POSE.png``, ControlNet (and ControlNet inpainting with
+``--image`` + ``--mask``).
 
 Every flag maps to one argument of ``ZImagePipeline.from_pretrained`` or of the call; the
 ``--config``/``--profile`` TOML layer and ``--from-image`` metadata sit below the flags.
@@ -81,7 +83,8 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
             "guidance_scale": "guidance_scale", "model": "model", "template": "template", "variant": "variant",
             "system_prompt": "system_prompt", "thinking_content": "thinking_content",
             "assistant_content": "assistant_content", "force_think_block": "force_think_block",
-            "strip_quotes": "strip_quotes", "strength": "strength"}
+            "strip_quotes": "strip_quotes", "strength": "strength", "shift": "shift",
+            "control_scale": "control_scale"}
     layer = {flag: record[key] for key, flag in keys.items() if record.get(key) is not None}
     if record.get("seed") is not None:
         layer["seed"] = [int(record["seed"])]
@@ -116,9 +119,23 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
               help="Clamp ||pred|| to this multiple of ||pos|| (0 = off).")
 @click.option("--cfg-truncation", type=float, default=1.0, show_default=True,
               help="Turn CFG off once 1 - sigma exceeds this (1 = never).")
+@click.option("--shift", type=float, default=None,
+              help="Scheduler shift (sigma -> s*sigma / (1 + (s-1)*sigma)) [default: the model's, Turbo 3, base 6].")
 @click.option("--image", "init_image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="img2img: start from this image.")
-@click.option("--strength", type=float, default=0.6, show_default=True, help="img2img: 1 = from pure noise.")
+@click.option("--mask", "mask", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Inpaint with --image: repaint where this mask is white, keep where it is black.")
+@click.option("--strength", type=float, default=None,
+              help="img2img / inpaint: 1 = from pure noise [default: 0.6 img2img, 1.0 inpaint].")
+@click.option("--controlnet", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Fun-ControlNet-Union file or diffusers folder (versions 1.0, 2.0, 2.1); needs --control-image.")
+@click.option("--controlnet-config", type=click.Path(exists=True, path_type=Path), default=None,
+              help="config.json overriding what is inferred from the ControlNet file.")
+@click.option("--control-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="ControlNet: pose / depth / edge image [sets the size unless --width/--height; with --image "
+                   "and --mask: ControlNet inpainting].")
+@click.option("--control-scale", type=float, default=0.75, show_default=True,
+              help="ControlNet conditioning scale (0 = no control).")
 @click.option("--template", default=None, help="Prompt template name (see `zimage templates list`).")
 @click.option("--templates-dir", type=click.Path(exists=True, file_okay=False), multiple=True,
               help="Extra template folder (repeatable).")
@@ -167,8 +184,13 @@ def run_generate(prompts: list[str], o: dict) -> None:
     given = lambda key, fallback: fallback if o[key] is None else o[key]  # noqa: E731
     check_request("x", given("width", 1024), given("height", 1024), given("steps", 1),
                   guidance_scale=given("guidance_scale", 0.0), max_len=o["max_sequence_length"])
-    if o["init_image"] is not None and not 0 <= o["strength"] <= 1:
-        raise ValueError(f"strength must be in [0, 1], got {o['strength']}")
+    if o["strength"] is not None and not 0 <= o["strength"] <= 1:
+        raise ValueError(f"--strength must be in [0, 1], got {o['strength']}")
+    if o["shift"] is not None and not o["shift"] > 0:
+        raise ValueError(f"--shift must be > 0, got {o['shift']}")
+    if o["mask"] is not None and o["init_image"] is None:
+        raise ValueError("--mask needs --image (the picture to inpaint)")
+    check_control_options(o)
     if o["template"] is not None:
         from ..prompt.templates import default_registry
 
@@ -185,13 +207,36 @@ def run_generate(prompts: list[str], o: dict) -> None:
     if drawn:
         click.echo("seeds " + " ".join(str(s) for s in seeds))
 
-    init = None
-    if o["init_image"] is not None:
-        from PIL import Image
+    init = mask = control = None
+    from PIL import Image
 
+    if o["init_image"] is not None:
         with Image.open(o["init_image"]) as im:
             init = im.convert("RGB")
-    run_jobs(pipe, jobs, paths, o, fields, init)
+        if o["mask"] is not None:
+            with Image.open(o["mask"]) as im:
+                mask = im.convert("L")
+    if o["control_image"] is not None:
+        with Image.open(o["control_image"]) as im:
+            control = im.convert("RGB")
+    run_jobs(pipe, jobs, paths, o, fields, init, mask, control)
+
+
+def check_control_options(o: dict) -> None:
+    """ControlNet flags that cannot work together, refused before any weights load."""
+    import math
+
+    if o["control_image"] is not None and o["controlnet"] is None:
+        raise ValueError("--control-image needs --controlnet FILE (a Fun-ControlNet-Union)")
+    if o["controlnet"] is not None and o["control_image"] is None:
+        raise ValueError("--controlnet needs --control-image (the pose / depth / edge image)")
+    if o["controlnet_config"] is not None and o["controlnet"] is None:
+        raise ValueError("--controlnet-config needs --controlnet")
+    if o["control_image"] is not None and o["init_image"] is not None and o["mask"] is None:
+        raise ValueError("--control-image with --image needs --mask (ControlNet inpainting); img2img with a "
+                         "ControlNet is not supported")
+    if not math.isfinite(o["control_scale"]):
+        raise ValueError(f"--control-scale must be a finite number, got {o['control_scale']}")
 
 
 def load_pipeline(o: dict):
@@ -224,12 +269,16 @@ def load_pipeline(o: dict):
         reports = pipe.load_lora([p for p, _ in pairs], scale=[s for _, s in pairs])
         for report in reports if isinstance(reports, list) else [reports]:
             click.echo(str(report))
+    if o.get("controlnet") is not None:  # before optimize: the branch gets the same transforms
+        cn = pipe.load_controlnet(o["controlnet"], o.get("controlnet_config"))
+        click.echo(f"ControlNet {o['controlnet'].name}: version {cn.config.version}, "
+                   f"{len(cn.config.control_layers_places)} control layers", err=True)
     for line in pipe.optimize(**speed):
         click.echo(line, err=True)
     return pipe
 
 
-def run_jobs(pipe, jobs, paths, o, fields, init) -> None:
+def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> None:
     """Run the jobs in batches under one progress bar over all steps, writing each image as it comes."""
     from tqdm.auto import tqdm
 
@@ -243,11 +292,13 @@ def run_jobs(pipe, jobs, paths, o, fields, init) -> None:
         request = GenerationRequest(
             prompt=[jobs[i][1] for i in batch], seeds=[jobs[i][2] for i in batch], steps=o["steps"],
             width=None if init is not None else o["width"], height=None if init is not None else o["height"],
+            control_image=control, control_scale=o.get("control_scale", 0.75),
             guidance_scale=o["guidance_scale"], negative_prompt=o["negative_prompt"],
             cfg_normalization=o["cfg_normalization"], cfg_truncation=o["cfg_truncation"],
             max_sequence_length=o["max_sequence_length"], template=fields["template"],
             fields={k: v for k, v in fields.items() if k != "template" and v is not None},
-            image=init, strength=o["strength"] if init is not None else None, num_images_per_prompt=1)
+            image=init, mask_image=mask, strength=o["strength"] if init is not None else None, shift=o["shift"],
+            num_images_per_prompt=1)
 
         def step(i, n, _size=len(batch)):
             if bar.total is None:

@@ -9,7 +9,8 @@ published single file. Files carry no config, so it is inferred from the tensor 
 - ``control_all_x_embedder.P-F.weight`` (D, P*P*F*Cc): model width D, patch P, control input width
   Cc (16 for 1.0, 33 for 2.x: control latents, mask, masked-image latents);
 - ``control_layers.N``: N control layers, placed evenly from DiT layer 0 with step = (DiT layers // N),
-  which gives the published layouts [0, 5, ..., 25] (1.0: 6 layers) and [0, 2, ..., 28] (2.x: 15);
+  which gives the published layouts (VideoX-Fun's config/z_image/*.yaml): [0, 5, ..., 25] (1.0:
+  6 layers), [0, 2, ..., 28] (2.0 and 2.1: 15) and [0, 10, 20] (2.1 lite: 3);
 - the control noise refiner, told apart as diffusers 0.42.1 does: plain DiT blocks (no
   ``after_proj``) are 1.0; control blocks whose ``control_noise_refiner.0.before_proj.weight`` is
   absent or all zeros are 2.0 (those blocks were never trained and are dropped, as diffusers drops
@@ -40,7 +41,7 @@ from .infer import _count, _merge_checked, _need, folder_config, read_overrides
 logger = logging.getLogger(__name__)
 
 # The published files (with a 30-layer DiT): number of control layers -> version(s).
-PUBLISHED_LAYER_COUNTS = {6: "1.0", 15: "2.0 / 2.1"}
+PUBLISHED_LAYER_COUNTS = {6: "1.0", 15: "2.0 / 2.1", 3: "2.1 lite"}
 # Values that the tensor shapes fix; a config may restate them but not change them.
 SHAPE_KEYS = ("dim", "n_heads", "control_in_dim", "all_patch_size", "all_f_patch_size")
 

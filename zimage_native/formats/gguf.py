@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,7 +44,6 @@ TE_LLAMA_CPP = KeyMap(
     rules=(
         Rename("token_embd.{}", "embed_tokens.{}"),
         Rename("output_norm.{}", "norm.{}"),
-        Rename("output.{}", "lm_head.{}"),
         Rename("blk.{}.attn_norm.{}", "layers.{}.input_layernorm.{}"),
         Rename("blk.{}.attn_q_norm.{}", "layers.{}.self_attn.q_norm.{}"),
         Rename("blk.{}.attn_k_norm.{}", "layers.{}.self_attn.k_norm.{}"),
@@ -57,7 +56,7 @@ TE_LLAMA_CPP = KeyMap(
         Rename("blk.{}.ffn_up.{}", "layers.{}.mlp.up_proj.{}"),
         Rename("blk.{}.ffn_down.{}", "layers.{}.mlp.down_proj.{}"),
     ),
-    drop=("rope_freqs.weight",),
+    drop=("rope_freqs.weight", "output.weight"),  # computed RoPE frequencies; the LM head (Z-Image reads hidden states)
 )
 
 _DIT_MARKERS = ("x_pad_token", "cap_embedder.1.weight", "layers.0.adaLN_modulation.0.weight")
@@ -66,13 +65,22 @@ _TE_ARCHITECTURES = ("qwen3",)
 _TE_HF_PREFIXES = ("text_encoders.qwen3_4b.transformer.model.", "text_encoders.qwen3_4b.model.", "model.", "")
 
 
-def _require_gguf():
+def _require_gguf(path: Path):
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise ImportError("reading GGUF files needs the gguf package: pip install 'zimage-native[gguf]' "
-                          "(or pip install gguf)") from None
+        raise UnsupportedFormatError(f"{path}: a GGUF file; reading it needs the gguf package: "
+                                     f"pip install 'zimage-native[gguf]' (or pip install gguf)") from None
     return gguf
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "?"
 
 
 @dataclass(frozen=True)
@@ -110,13 +118,17 @@ class GGUFCheckpoint:
     """The tensors and metadata of one GGUF file, by name; data is memory-mapped and read on demand."""
 
     def __init__(self, path: str | os.PathLike):
-        gguf = _require_gguf()
         self.path = Path(path)
+        gguf = _require_gguf(self.path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 reader = gguf.GGUFReader(str(self.path))
         except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
+            if "GGMLQuantizationType" in str(e):  # a complete file with a tensor type newer than the package
+                raise UnsupportedFormatError(
+                    f"{self.path}: a GGUF tensor type the installed gguf package ({_gguf_version()}) does not know "
+                    f"({e}); supported: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q2_K..Q6_K") from None
             raise _corrupt(self.path, e) from None
         self._reader = reader
         size = self.path.stat().st_size
@@ -152,7 +164,9 @@ class GGUFCheckpoint:
         self.close()
 
     def close(self) -> None:
+        """Drop the memory map (names, types and shapes stay readable)."""
         self._reader = None
+        self.tensors = {k: replace(t, data=None) for k, t in self.tensors.items()}
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -162,8 +176,10 @@ class GGUFCheckpoint:
         return self.path.stat().st_size
 
     def meta(self, key: str) -> torch.Tensor:
-        """A meta tensor with the values' shape (what the tensor is once dequantised)."""
-        return torch.empty(self.tensors[key].shape, dtype=torch.float32, device="meta")
+        """A meta tensor with the values' shape and dtype (fp32 for packed tensors: what they dequantise to)."""
+        t = self.tensors[key]
+        dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(t.qtype, torch.float32)
+        return torch.empty(t.shape, dtype=dtype, device="meta")
 
     def get(self, key: str) -> torch.Tensor:
         """F32 / F16 / BF16: the values (own dtype, a copy in memory). Block types: the packed

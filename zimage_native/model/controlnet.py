@@ -37,27 +37,15 @@ from .transformer import Rope, TransformerBlock, ZImageTransformer
 
 
 class ControlTransformerBlock(TransformerBlock):
-    """A modulated DiT block with zero-initialised projections around it (in the checkpoints they
-    are trained): ``before_proj`` on the first block of a chain only, ``after_proj`` on every one."""
+    """A modulated DiT block (its forward unchanged) that carries zero-initialised projections (in
+    the checkpoints they are trained): ``before_proj`` on the first block of a chain only,
+    ``after_proj`` on every one. :meth:`ZImageControlNet._chain` applies them around the block, so
+    whatever replaces or compiles DiT blocks treats these blocks the same way."""
 
     def __init__(self, config: TransformerConfig, first: bool):
         super().__init__(config, modulation=True)
         self.before_proj = nn.Linear(config.dim, config.dim) if first else None
         self.after_proj = nn.Linear(config.dim, config.dim)
-
-    def forward(
-        self,
-        ctx: torch.Tensor,
-        h: torch.Tensor,
-        rope: Rope,
-        mask: torch.Tensor | None,
-        mod: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(control state, the tokens the chain follows) -> (hint, new control state), all (B, L, D)."""
-        if self.before_proj is not None:
-            ctx = self.before_proj(ctx) + h
-        ctx = super().forward(ctx, rope, mask, mod=mod)
-        return self.after_proj(ctx), ctx
 
 
 def _check_fits(config: ControlNetConfig, dit: TransformerConfig) -> None:
@@ -126,11 +114,17 @@ class ZImageControlNet(nn.Module):
         return torch.where(layout.image_pad[..., None], x_pad_token, ctx)
 
     @staticmethod
-    def _chain(blocks, mods, ctx, h, rope, mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _chain(blocks, mods, ctx: torch.Tensor, h: torch.Tensor, rope: Rope, mask: torch.Tensor | None,
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Control blocks over (control state, the tokens the chain follows), all (B, L, D): the
+        first adds before_proj(state) to h, each emits after_proj(its output) as a hint.
+        Returns (final state, hints)."""
         hints = []
         for block, mod in zip(blocks, mods):
-            hint, ctx = block(ctx, h, rope, mask, mod)
-            hints.append(hint)
+            if block.before_proj is not None:
+                ctx = block.before_proj(ctx) + h
+            ctx = block(ctx, rope, mask, mod=mod)
+            hints.append(block.after_proj(ctx))
         return ctx, hints
 
     def hints(

@@ -18,7 +18,7 @@ A ``<think>...</think>`` part of the reply (also an unterminated one) is removed
 
 Three ways in:
 
-- ``pipe.rewrite(prompt, rewriter=...)`` on a pipeline whose class mixes in :class:`RewriterMixin`;
+- ``pipe.rewrite(prompt, rewriter=...)`` on a pipeline, through its :class:`Rewriter` collaborator;
 - :class:`PromptRewriter` ``.from_pretrained(model)``: the LM and tokenizer alone (no DiT, no VAE);
 - :func:`rewrite_prompt` ``(lm, tokenizer, prompt, ...)`` with a loaded :class:`Qwen3CausalLM`.
 """
@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_REWRITER",
     "PromptRewriter",
     "Qwen3CausalLM",
+    "Rewriter",
     "RewriterMixin",
     "build_rewrite_text",
     "check_sampling",
@@ -274,7 +275,7 @@ def rewrite_prompt(
     force_think_block: bool | None = None,
     registry: TemplateRegistry | None = None,
 ) -> str:
-    """Rewrite ``prompt`` with a loaded LM; see :meth:`RewriterMixin.rewrite` for the arguments."""
+    """Rewrite ``prompt`` with a loaded LM; see :meth:`Rewriter.rewrite` for the arguments."""
     check_sampling(max_new_tokens, temperature, top_p)
     text, prefix = build_rewrite_text(prompt, rewriter, system_prompt, force_think_block=force_think_block,
                                       registry=registry)
@@ -302,36 +303,39 @@ def rewrite_prompt(
 _LOAD_LOCK = threading.Lock()
 
 
-class RewriterMixin:
-    """Adds :meth:`rewrite` to a pipeline.
+class Rewriter:
+    """The prompt rewriter of a pipeline (a collaborator, not a mixin): the text encoder's Qwen3 run
+    as a language model, loaded on first use and sharing the encoder's weights, or an
+    OpenAI-compatible chat server.
 
-    The host class provides ``model_folder`` (the diffusers-layout model folder, a Path) and
-    ``text_encoder`` (a :class:`~zimage_native.text_encoder.TextEncoder`: ``.model``,
-    ``.tokenizer``, ``.device``, ``.dtype``). It may set ``template_registry`` (a
-    :class:`TemplateRegistry`) to look rewriter names up in extra template folders.
+    It reads what it needs when it needs it, through three callables: the text encoder (a
+    :class:`~zimage_native.text_encoder.TextEncoder`: ``.model``, ``.tokenizer``, ``.device``,
+    ``.dtype``), the diffusers-layout model folder, and the template registry (None: the shipped
+    templates), so a pipeline's later changes to them are seen.
     """
 
-    template_registry: TemplateRegistry | None = None
-    _rewriter_lm: Qwen3CausalLM | None = None
+    def __init__(self, text_encoder, model_folder, registry=lambda: None):
+        self._text_encoder, self._model_folder, self._registry = text_encoder, model_folder, registry
+        self.lm: Qwen3CausalLM | None = None
 
-    def load_rewriter(self) -> Qwen3CausalLM:
+    def load(self) -> Qwen3CausalLM:
         """The rewriter LM, loaded on first use from ``model_folder / "text_encoder"`` on the text
-        encoder's device and dtype, sharing the encoder's weights, and kept until
-        :meth:`unload_rewriter` (or until the text encoder moves to another device or dtype)."""
+        encoder's device and dtype, sharing the encoder's weights, and kept until :meth:`unload`
+        (or until the text encoder moves to another device or dtype)."""
         with _LOAD_LOCK:
-            te = self.text_encoder
-            lm = self._rewriter_lm
+            te = self._text_encoder()
+            lm = self.lm
             if lm is None or lm.dtype != te.dtype or not _same_device(lm.device, te.device):
-                self._rewriter_lm = None
-                lm = load_causal_lm(Path(self.model_folder) / "text_encoder", te.dtype, te.device,
+                self.lm = None
+                lm = load_causal_lm(Path(self._model_folder()) / "text_encoder", te.dtype, te.device,
                                     share_from=te.model)
-                self._rewriter_lm = lm
+                self.lm = lm
             return lm
 
-    def unload_rewriter(self) -> None:
+    def unload(self) -> None:
         """Free the rewriter LM (the weights it shares with the text encoder stay with the encoder)."""
         with _LOAD_LOCK:
-            lm, self._rewriter_lm = self._rewriter_lm, None
+            lm, self.lm = self.lm, None
         if lm is not None:
             on_cuda = lm.device.type == "cuda"
             del lm
@@ -368,18 +372,51 @@ class RewriterMixin:
 
         Returns the rewritten prompt (may be empty when the reply was all reasoning).
         """
+        registry = self._registry()
         if llm_url is not None:
             from .remote import ChatRewriter
 
-            chat = ChatRewriter(llm_url, llm_model, timeout=llm_timeout, template_registry=self.template_registry)
+            chat = ChatRewriter(llm_url, llm_model, timeout=llm_timeout, template_registry=registry)
             return chat.rewrite(prompt, rewriter, system_prompt, max_new_tokens, temperature, seed, top_p,
                                 force_think_block=force_think_block)
         check_sampling(max_new_tokens, temperature, top_p)
         build_rewrite_text(prompt, rewriter, system_prompt, force_think_block=force_think_block,
-                           registry=self.template_registry)  # refuse bad input before loading weights
-        return rewrite_prompt(self.load_rewriter(), self.text_encoder.tokenizer, prompt, rewriter, system_prompt,
+                           registry=registry)  # refuse bad input before loading weights
+        return rewrite_prompt(self.load(), self._text_encoder().tokenizer, prompt, rewriter, system_prompt,
                               max_new_tokens, temperature, seed, top_p, force_think_block=force_think_block,
-                              registry=self.template_registry)
+                              registry=registry)
+
+
+class RewriterMixin:
+    """``rewrite`` / ``load_rewriter`` / ``unload_rewriter`` on a class with ``model_folder`` and
+    ``text_encoder`` (and optionally ``template_registry``), through a :class:`Rewriter`. Kept for
+    code that mixes it in; the pipeline holds a Rewriter instead."""
+
+    template_registry: TemplateRegistry | None = None
+
+    @property
+    def prompt_rewriter(self) -> Rewriter:
+        rw = self.__dict__.get("_prompt_rewriter")
+        if rw is None:
+            rw = self.__dict__["_prompt_rewriter"] = Rewriter(lambda: self.text_encoder, lambda: self.model_folder,
+                                                              lambda: self.template_registry)
+        return rw
+
+    @property
+    def _rewriter_lm(self) -> Qwen3CausalLM | None:
+        return self.prompt_rewriter.lm
+
+    def load_rewriter(self) -> Qwen3CausalLM:
+        """As :meth:`Rewriter.load`."""
+        return self.prompt_rewriter.load()
+
+    def unload_rewriter(self) -> None:
+        """As :meth:`Rewriter.unload`."""
+        self.prompt_rewriter.unload()
+
+    def rewrite(self, prompt: str, *args, **kwargs) -> str:
+        """As :meth:`Rewriter.rewrite`."""
+        return self.prompt_rewriter.rewrite(prompt, *args, **kwargs)
 
 
 def _rewriter_folder(path_or_id, revision=None, cache_dir=None, local_files_only=False) -> Path:
@@ -449,7 +486,7 @@ class PromptRewriter:
         *,
         force_think_block: bool | None = None,
     ) -> str:
-        """As :meth:`RewriterMixin.rewrite`."""
+        """As :meth:`Rewriter.rewrite`."""
         return rewrite_prompt(self.lm, self.tokenizer, prompt, rewriter, system_prompt, max_new_tokens,
                               temperature, seed, top_p, force_think_block=force_think_block,
                               registry=self.template_registry)

@@ -1,0 +1,134 @@
+"""GGUF packed linears against bf16 linears, at the released DiT's shapes.
+
+    python benchmarks/bench_gguf.py                         # GPU: every block type, eager
+    python benchmarks/bench_gguf.py --compile               # also torch.compile of the packed linear
+    python benchmarks/bench_gguf.py --smoke                 # CPU plumbing check (tiny shapes, one type)
+
+A GGUFLinear dequantises its packed weight at every forward (zimage_native/quant_linear.py). This
+measures what that costs: for each GGML block type and each linear shape of a DiT block at
+1024x1024 (T = 4352 tokens; q, k, v, out: 3840 x 3840; w1, w3: 10240 x 3840; w2: 3840 x 10240), the
+p50 time of the bf16 ``F.linear`` with a resident weight, of the packed linear in eager mode (and
+compiled with ``--compile``), and the dequantisation alone. The last column is the extra time of
+one DiT forward (30 main + 2 noise-refiner blocks at T tokens, 2 context-refiner blocks counted at
+T as an upper bound), which is what a fused Triton dequant-GEMM kernel would have to win back.
+Weights are random bytes with finite fp16 scales (the values do not matter for the timing).
+Results: markdown on stdout, CSV and JSON in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from zimage_native.formats.ggml import QUANT_TYPES, block_info, dequantize  # noqa: E402
+from zimage_native.quant_linear import GGUFLinear  # noqa: E402
+
+#: Byte offsets of the fp16 scale fields in one block of each type.
+SCALE_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
+                "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+SHAPES = {"q/k/v/out": (3840, 3840, 4), "w1/w3": (10240, 3840, 2), "w2": (3840, 10240, 1)}  # (out, in, per block)
+BLOCKS = 34
+
+
+def packed(qtype: str, rows: int, cols: int, device: str) -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    block, size = block_info(qtype)
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    for off in SCALE_FIELDS[qtype]:
+        raw[:, off:off + 2] = rng.uniform(-1e-3, 1e-3, size=raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(raw.reshape(rows, -1)).to(device)
+
+
+def timer(device: str, smoke: bool):
+    def run(fn, *args) -> float:
+        """p50 milliseconds."""
+        if smoke:
+            start = time.perf_counter()
+            fn(*args)
+            return (time.perf_counter() - start) * 1e3
+        for _ in range(3):
+            fn(*args)
+        times = []
+        for _ in range(15):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return float(np.median(times))
+    return run
+
+
+@torch.inference_mode()
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--types", default="all", help="comma-separated GGML block types, or 'all'")
+    parser.add_argument("--tokens", type=int, default=4352)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the packed linear")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: tiny shapes, one type")
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("bench_gguf.py needs a CUDA GPU (use --smoke for a CPU plumbing check)", file=sys.stderr)
+        return 2
+    device = "cpu" if args.smoke else "cuda"
+    dtype = torch.bfloat16
+    types = (["Q4_K"] if args.smoke else list(QUANT_TYPES)) if args.types == "all" else args.types.split(",")
+    shapes = {"smoke": (256, 512, 7)} if args.smoke else SHAPES
+    tokens = 8 if args.smoke else args.tokens
+    run = timer(device, args.smoke)
+    name = "cpu (smoke run)" if args.smoke else torch.cuda.get_device_name(0)
+    rows = []
+    for qtype in types:
+        extra = 0.0
+        for label, (out_f, in_f, per_block) in shapes.items():
+            layer = GGUFLinear(in_f, out_f, qtype, device=device)
+            layer.weight.copy_(packed(qtype, out_f, in_f, device))
+            x = torch.randn(tokens, in_f, device=device, dtype=dtype)
+            w = layer.dequantize(dtype)
+            row = {"type": qtype, "shape": f"{out_f}x{in_f}", "tokens": tokens,
+                   "packed_MB": layer.weight.numel() / 1e6, "bf16_MB": w.numel() * 2 / 1e6,
+                   "bf16_ms": run(F.linear, x, w), "dequant_ms": run(layer.dequantize, dtype),
+                   "packed_ms": run(layer, x)}
+            if args.compile and not args.smoke:
+                torch._dynamo.reset()
+                row["compiled_ms"] = run(torch.compile(layer), x)
+            best = min(row["packed_ms"], row.get("compiled_ms", float("inf")))
+            extra += per_block * (best - row["bf16_ms"])
+            rows.append(row)
+        for r in rows:
+            if r["type"] == qtype:
+                r["extra_ms_per_forward"] = extra * (BLOCKS if not args.smoke else 1)
+    print(f"# GGUF packed linears vs bf16, {name}, torch {torch.__version__}, T={tokens}\n")
+    header = ["type", "shape", "packed MB", "bf16 ms", "dequant ms", "packed ms", "compiled ms", "extra ms / forward"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join([r["type"], r["shape"], f"{r['packed_MB']:.1f}", f"{r['bf16_ms']:.3f}",
+                                 f"{r['dequant_ms']:.3f}", f"{r['packed_ms']:.3f}",
+                                 f"{r.get('compiled_ms', float('nan')):.3f}",
+                                 f"{r['extra_ms_per_forward']:.1f}"]) + " |")
+    if not args.smoke:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "gguf.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+            writer.writeheader()
+            writer.writerows(rows)
+        (args.out / "gguf.json").write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows},
+                                                       indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The accelerations reach the ControlNet branch without task-specific code: the attention backend,
+torch.compile (blocks and full), fp8 and the graphed sampling loop, each against its eager twin;
+loading and unloading through the pipeline, and the errors a user can meet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zimage_native import ZImagePipeline
+from zimage_native.accel.fp8 import Float8Linear
+from zimage_native.formats import UnsupportedFormatError
+from zimage_native.model.transformer import Attention
+
+from .test_controlnet_pipeline import control_files, control_model_dir, picture  # noqa: F401 (fixtures)
+from .utils import assert_rel, rel_err
+
+pytest.importorskip("diffusers")
+
+KW = dict(height=32, width=48, num_inference_steps=2, output_type="latent", seed=0)
+
+
+@pytest.fixture
+def fresh(control_model_dir):  # noqa: F811
+    """Transforms change a pipeline in place: each test gets its own."""
+    def make(dtype=torch.float32):
+        pipe = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=dtype)
+        pipe.progress = False
+        return pipe
+    return make
+
+
+@pytest.fixture
+def eager(fresh, control_files):  # noqa: F811
+    pipe = fresh()
+    pipe.load_controlnet(control_files["2.1"])
+    return pipe
+
+
+def test_load_unload_and_errors(fresh, control_files, tmp_path):  # noqa: F811
+    pipe = fresh()
+    with pytest.raises(ValueError, match="load_controlnet"):
+        pipe("a cat", control_image=picture(48, 32, 0), **KW)
+    plain = pipe("a cat", **KW).images
+    model = pipe.load_controlnet(control_files["1.0"])
+    assert pipe.controlnet is model and model.config.version == "1.0"
+    assert not any(k.startswith(("layers.", "x_pad_token", "t_embedder")) for k in model.state_dict())
+    assert pipe.load_controlnet(control_files["2.0"]).config.version == "2.0"  # replaces the loaded one
+    assert pipe.unload_controlnet() is True and pipe.controlnet is None
+    assert pipe.unload_controlnet() is False
+    assert torch.equal(pipe("a cat", **KW).images, plain)  # unloading leaves the DiT as it was
+    with pytest.raises(UnsupportedFormatError, match="not a Z-Image Fun-ControlNet-Union"):
+        from safetensors.torch import save_file
+
+        save_file({"layers.0.attention.to_q.weight": torch.zeros(4, 4)}, str(tmp_path / "dit.safetensors"))
+        pipe.load_controlnet(tmp_path / "dit.safetensors")
+    with pytest.raises(ValueError, match="control_layers_places"):
+        pipe.load_controlnet(control_files["2.1"], config={"control_layers_places": [0, 1, 2]})
+    with pytest.raises(ValueError, match="controlnet_conditioning_scale"):
+        pipe.load_controlnet(control_files["2.1"])
+        pipe("a cat", control_image=picture(48, 32, 0), controlnet_conditioning_scale="high", **KW)
+
+
+def test_attention_backend_reaches_the_branch(eager, fresh, control_files, monkeypatch):  # noqa: F811
+    """The backend the pipeline selected is installed on the branch's attention modules too (here a
+    counting twin of SDPA stands for a GPU backend), and every branch attention runs through it."""
+    from zimage_native.accel import attention_backends
+    from zimage_native.model.attention import attention
+
+    calls = []
+
+    def counting(q, k, v, mask):
+        calls.append(q.shape)
+        return attention(q, k, v, mask)
+
+    monkeypatch.setitem(attention_backends.FACTORIES, "sdpa", lambda: counting)
+    pipe = fresh()
+    pipe.load_controlnet(control_files["2.1"])  # after the pipeline's optimize: gets its backend
+    branch = [m for m in pipe.controlnet.modules() if isinstance(m, Attention)]
+    assert branch and all(m.attn_fn is counting for m in branch)
+    control = picture(48, 32, 5)
+    got = pipe("a cat", control_image=control, **KW).images
+    assert_rel(got, eager("a cat", control_image=control, **KW).images, 1e-6, "counting backend")
+    # 2 steps x the branch's own blocks (2 control-refiner blocks, 2 control layers)
+    assert len(calls) == 2 * (len(pipe.controlnet.control_noise_refiner) + len(pipe.controlnet.control_layers))
+
+
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_compiled_control_matches_eager_and_does_not_recompile(eager, fresh, control_files, mode):  # noqa: F811
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    control = picture(48, 32, 5)
+    expected = eager(["a cat", "a dog"], control_image=control, **KW).images
+    pipe = fresh()
+    pipe.load_controlnet(control_files["2.1"])
+    counter = CompileCounterWithBackend("eager")
+    lines = pipe.optimize(compile=mode, compile_backend=counter)
+    assert any(line.startswith(f"compile: {mode}") for line in lines)
+    got = pipe(["a cat", "a dog"], control_image=control, **KW).images
+    assert_rel(got, expected, 1e-5, f"compile={mode} with ControlNet")
+    frames = counter.frame_count
+    from zimage_native.accel.compile import CompiledBlock, CompiledMethod
+
+    cn = pipe.controlnet
+    if mode == "blocks":  # the branch's blocks are DiT blocks and are compiled as such
+        compiled = [m for m in cn.modules() if isinstance(m.__dict__.get("forward"), CompiledBlock)]
+        assert len(compiled) == len(cn.control_layers) + len(cn.control_noise_refiner)
+        assert "ControlNet: compile: blocks (4 blocks" in " ".join(lines)
+    else:  # the branch's step is one graph
+        assert isinstance(cn.__dict__.get("hints"), CompiledMethod)
+    pipe(["a tree", "a house by the sea"], control_image=picture(48, 32, 6), controlnet_conditioning_scale=0.3, **KW)
+    assert counter.frame_count == frames, "a new prompt, control image or scale recompiled"
+
+
+def test_fp8_reaches_the_branch(fresh, control_files):  # noqa: F811
+    pipe = fresh(torch.bfloat16)
+    pipe.load_controlnet(control_files["2.1"])
+    control = picture(48, 32, 5)
+    reference = pipe("a cat", control_image=control, **KW).images
+    pipe.optimize(fp8=True)
+    fp8 = [n for n, m in pipe.controlnet.named_modules() if isinstance(m, Float8Linear)]
+    assert any(n.startswith("control_layers.0.attention.") for n in fp8)
+    assert not any("after_proj" in n or "before_proj" in n or "embedder" in n for n in fp8)
+    got = pipe("a cat", control_image=control, **KW).images
+    err = rel_err(got, reference)
+    print(f"fp8 with ControlNet 2.1: final latents rel err {err:.3e} against bf16")
+    assert 0 < err < 0.1
+
+
+@pytest.mark.parametrize("mode", ["step", "loop"])
+def test_graphed_loop_replays_for_new_control_inputs(eager, fresh, control_files, mode):  # noqa: F811
+    """A new control image or scale is copied into the captured graph(s): no new capture, results as
+    eager. In step mode the branch's per-step modulations travel with the step (not keyed by it)."""
+    from .test_compiled import graphed
+
+    pipe = fresh()
+    pipe.load_controlnet(control_files["2.1"])
+    pipe.caption_buckets = (64, 128, 256, 512)
+    sampler, _ = graphed(pipe, mode=mode)
+    for seed, scale in ((1, 0.75), (2, 0.3), (3, 1.0)):
+        control = picture(48, 32, seed)
+        got = pipe("a cat", control_image=control, controlnet_conditioning_scale=scale, **KW).images
+        want = eager("a cat", control_image=control, controlnet_conditioning_scale=scale, **KW).images
+        assert_rel(got, want, 1e-5, f"graphed ({mode}) control run, scale {scale}")
+    assert sampler.captures == 1 and sampler.replays == 3 * (2 if mode == "step" else 1)
+    pipe.unload_controlnet()
+    assert not sampler.graphs  # captured graphs held the branch: dropped

@@ -1,0 +1,170 @@
+"""ControlNet-Union end to end at parity with diffusers 0.42.1 ZImageControlNetPipeline (and, for
+control inpainting, ZImageControlNetInpaintPipeline), fp32 on CPU, for each published version's
+layout (1.0, 2.0, 2.1) on tiny random models: final latents rel err <= 1e-5.
+
+The model folder's DiT has four main and two noise-refiner layers, so that the tiny layouts of
+``test_controlnet_model`` (control places [0, 2], refiner places [0, 1]) fit it. Our pipeline loads
+the ControlNet from a single file of the control tensors, as the published files are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from .test_controlnet_model import CONTROL_DIT, CONTROL_LAYOUTS, make_models
+from .utils import assert_rel, rel_err
+
+diffusers = pytest.importorskip("diffusers")
+
+LONG = "a watercolor painting of mountains at dawn, soft light, mist over the lake, a small red boat"
+
+
+@pytest.fixture(scope="module")
+def control_model_dir(tmp_path_factory):
+    from .fixtures import build_model_folder
+
+    return build_model_folder(tmp_path_factory.mktemp("control-zimage"), dit_kwargs=CONTROL_DIT)
+
+
+@pytest.fixture(scope="module")
+def control_pipe(control_model_dir):
+    from zimage_native import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32)
+    pipe.progress = False
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def control_files(tmp_path_factory):
+    """One single file per version: the control tensors of the randomised diffusers ControlNet."""
+    folder = tmp_path_factory.mktemp("controlnets")
+    files = {}
+    for version in CONTROL_LAYOUTS:
+        state = {k: v.contiguous() for k, v in make_models(version)[1].state_dict().items() if k.startswith("control_")}
+        files[version] = folder / f"cn-{version}.safetensors"
+        save_file(state, str(files[version]))
+    return files
+
+
+def reference(model_dir, version: str, inpaint: bool = False):
+    """diffusers' ControlNet pipeline on the same folder, with the same control weights."""
+    from .fixtures import reference_pipeline
+
+    base = reference_pipeline(model_dir)
+    cn = diffusers.ZImageControlNetModel(**CONTROL_LAYOUTS[version]).eval()
+    cn.load_state_dict({k: v for k, v in make_models(version)[1].state_dict().items() if k.startswith("control_")},
+                       strict=False)
+    cls = diffusers.ZImageControlNetInpaintPipeline if inpaint else diffusers.ZImageControlNetPipeline
+    pipe = cls(scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+               transformer=base.transformer, controlnet=cn)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def picture(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    if mode == "L":  # a mask: a white rectangle (repaint) on black, with soft grey edges
+        a = np.zeros((h, w), dtype=np.uint8)
+        a[h // 4: 3 * h // 4, w // 3: w - 2] = 255
+        a[h // 4, :] = 120
+        return Image.fromarray(a, "L")
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+def both(ours, ref, prompt, seed=0, **kw):
+    """Run both pipelines on one request. diffusers rewrites prompt lists in place: each gets copies."""
+    copy = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    ref_kw = {k: copy(v) for k, v in kw.items()}
+    ref_kw.setdefault("guidance_scale", 0.0)  # diffusers' default is 5.0
+    expected = ref(copy(prompt), generator=torch.Generator().manual_seed(seed), **ref_kw).images
+    got = ours(copy(prompt), seed=seed, **{k: copy(v) for k, v in kw.items()}).images
+    return got, expected
+
+
+CASES = [
+    pytest.param("a cat", dict(height=48, width=64), id="one prompt"),
+    pytest.param(["a cat", LONG], dict(height=64, width=48, guidance_scale=3.0, negative_prompt=["blurry", "ugly"],
+                                       controlnet_conditioning_scale=0.5),
+                 id="CFG, two prompts of different lengths, scale 0.5"),
+]
+
+
+@pytest.mark.parametrize("version", sorted(CONTROL_LAYOUTS))
+@pytest.mark.parametrize("prompt, kw", CASES)
+def test_control_final_latents_match_diffusers(control_pipe, control_model_dir, control_files, version, prompt, kw):
+    control_pipe.load_controlnet(control_files[version])
+    assert control_pipe.controlnet.config.version == version
+    ref = reference(control_model_dir, version)
+    control = picture(72, 40, 1)  # resized to the output size, as diffusers does
+    got, expected = both(control_pipe, ref, prompt, control_image=control, num_inference_steps=2,
+                         output_type="latent", **kw)
+    assert_rel(got, expected, 1e-5, f"final latents with ControlNet {version}")
+
+
+def test_images_per_prompt_and_one_control_image_per_prompt(control_pipe, control_model_dir, control_files):
+    control_pipe.load_controlnet(control_files["2.1"])
+    ref = reference(control_model_dir, "2.1")
+    controls = [picture(48, 48, 2), picture(64, 32, 3)]  # one per prompt, each repeated for its images
+    kw = dict(control_image=controls, num_images_per_prompt=2, height=32, width=48, num_inference_steps=2,
+              output_type="latent")
+    got, expected = both(control_pipe, ref, ["a cat", LONG], **kw)
+    assert got.shape == (4, 16, 4, 6)
+    assert_rel(got, expected, 1e-5, "final latents, two control images, two images per prompt")
+    # The control matters: the same request without it is far away; scale 0 is the plain DiT.
+    plain = {k: v for k, v in kw.items() if k != "control_image"}
+    without = control_pipe(["a cat", LONG], seed=0, **plain).images
+    assert rel_err(without, expected) > 1e-3
+    zero = control_pipe(["a cat", LONG], seed=0, controlnet_conditioning_scale=0.0, **kw).images
+    assert torch.equal(zero, without)
+
+
+INPAINT_CASES = [
+    pytest.param("2.0", "a cat", dict(height=48, width=64), id="2.0, one prompt"),
+    pytest.param("2.1", ["a cat", LONG], dict(height=64, width=48, guidance_scale=3.0, negative_prompt=["blurry", "ugly"],
+                                              controlnet_conditioning_scale=0.6),
+                 id="2.1, CFG, two prompts of different lengths"),
+    pytest.param("2.1", "a cat", dict(height=32, width=48, num_images_per_prompt=2), id="2.1, two images per prompt"),
+]
+
+
+@pytest.mark.parametrize("version, prompt, kw", INPAINT_CASES)
+def test_control_inpaint_final_latents_match_diffusers(control_pipe, control_model_dir, control_files, version, prompt,
+                                                       kw):
+    control_pipe.load_controlnet(control_files[version])
+    ref = reference(control_model_dir, version, inpaint=True)
+    image, mask, control = picture(80, 56, 7), picture(80, 56, 0, "L"), picture(40, 72, 8)
+    batch = (len(prompt) if isinstance(prompt, list) else 1) * kw.get("num_images_per_prompt", 1)
+    if batch > 1:  # diffusers concatenates the mask without spreading it: give one per image
+        mask = [mask] * batch
+    expected = ref(list(prompt) if isinstance(prompt, list) else prompt, image=image, mask_image=list(mask)
+                   if isinstance(mask, list) else mask,
+                   control_image=control, generator=torch.Generator().manual_seed(0), num_inference_steps=2,
+                   output_type="latent", **{"guidance_scale": 0.0, **{k: list(v) if isinstance(v, list) else v
+                                                                       for k, v in kw.items()}}).images
+    got = control_pipe.inpaint(prompt, image=image, mask_image=mask, control_image=control, seed=0,
+                               num_inference_steps=2, output_type="latent", **kw).images
+    assert_rel(got, expected, 1e-5, f"final latents of control inpainting with ControlNet {version}")
+    if isinstance(mask, list):  # one mask serves every image here
+        one = control_pipe.inpaint(prompt, image=image, mask_image=mask[0], control_image=control, seed=0,
+                                   num_inference_steps=2, output_type="latent", **kw).images
+        assert torch.equal(one, got)
+    # The image reaches the model: another image under the same mask changes the result.
+    other = control_pipe.inpaint(prompt, image=picture(80, 56, 9), mask_image=mask, control_image=control, seed=0,
+                                 num_inference_steps=2, output_type="latent", **kw).images
+    assert rel_err(other, expected) > 1e-4
+
+
+def test_control_inpaint_needs_a_2x_controlnet_and_takes_no_strength(control_pipe, control_files):
+    image, mask, control = picture(48, 32, 7), picture(48, 32, 0, "L"), picture(48, 32, 8)
+    control_pipe.load_controlnet(control_files["1.0"])
+    with pytest.raises(ValueError, match="33 input channels.*version 1.0"):
+        control_pipe.inpaint("a cat", image=image, mask_image=mask, control_image=control, num_inference_steps=1)
+    control_pipe.load_controlnet(control_files["2.1"])
+    with pytest.raises(ValueError, match="no strength"):
+        control_pipe.inpaint("a cat", image=image, mask_image=mask, control_image=control, strength=0.5,
+                             num_inference_steps=1)

@@ -1,0 +1,249 @@
+"""ControlNet-Union as a task: what control adds to a generation, and nothing else.
+
+Semantics are those of diffusers 0.42.1 ``ZImageControlNetPipeline`` and
+``ZImageControlNetInpaintPipeline`` (the parity references):
+
+- the control image is resized to the output size (Lanczos, RGB), scaled to [-1, 1] and encoded by
+  the VAE in *mode* (the posterior mean: no random draw, so seeds mean the same as in txt2img);
+  latents (z - shift) * scaling_factor;
+- control context (B, Cc, h, w), by the ControlNet's input width Cc:
+  - 16 (1.0): the control latents;
+  - 33 (2.x), plain control: the control latents, then 17 zero channels;
+  - 33, control inpainting: [control latents (16), 1 - mask (1), masked-image latents (16)], where
+    the mask is binarised (>= 0.5 is white = repaint), the masked image is the input image with the
+    white pixels set to 0 (grey in [-1, 1]) and encoded in mode like the control image, and
+    1 - mask is resized to the latent grid with nearest-neighbour;
+- the start latents are pure noise, as in txt2img (control inpainting has no strength and no
+  per-step latent blend: the image reaches the model only through the control context);
+- per step the ControlNet (``model/controlnet.py``) turns the context into hints that the DiT adds
+  after its control layers, scaled by ``controlnet_conditioning_scale``; under CFG the context is
+  repeated for the negative half.
+
+What is computed once per request: the context, its embedding (``embed_control``) for the plain and
+the guided batch, and every modulation vector of the branch for the whole schedule.
+
+Loading is a small collaborator, :class:`ControlNetSlot`, that the pipeline holds
+(``pipe.load_controlnet`` / ``pipe.unload_controlnet``): the branch is loaded for the pipeline's DiT
+(its config, dtype and device) and gets the same accelerations as the DiT (``accel.optimize``: the
+branch is built from the DiT's block, so kernel, attention and fp8 swaps apply unchanged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .model.controlnet import ZImageControlNet
+from .model.sequence import SequenceLayout, patchify
+from .sampling import Task, TaskContext, latent_multiple, preprocess_image, preprocess_mask, register_task
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------- loading
+class ControlNetSlot:
+    """Holds at most one loaded ControlNet for a pipeline. ``model`` is None when none is loaded."""
+
+    def __init__(self):
+        self.model: ZImageControlNet | None = None
+        self.path: str | None = None
+
+    def load(self, path: str | os.PathLike, config=None, *, transformer_config, dtype, device,
+             accel: dict[str, Any] | None = None) -> ZImageControlNet:
+        """Load ``path`` (diffusers folder or single file; ``config`` overrides the inferred config,
+        see ``formats.controlnet``) for a DiT of ``transformer_config``, replacing any loaded one.
+        ``accel``: the DiT's acceleration settings (``optimize`` arguments), applied to the branch."""
+        from .formats.controlnet import load_controlnet
+
+        model = load_controlnet(path, config, transformer_config=transformer_config, dtype=dtype, device=device)
+        if accel:
+            from .accel import optimize
+
+            optimize(model, **accel)
+        self.model, self.path = model, str(path)
+        return model
+
+    def unload(self) -> bool:
+        """Drop the loaded ControlNet; returns whether one was loaded."""
+        loaded = self.model is not None
+        self.model = self.path = None
+        return loaded
+
+    def require(self) -> ZImageControlNet:
+        if self.model is None:
+            raise ValueError("control_image needs a ControlNet: call pipe.load_controlnet(path) first "
+                             "(or pass --controlnet FILE on the command line)")
+        return self.model
+
+
+# ---------------------------------------------------------------------------------------- context
+def repeat_to(x: torch.Tensor, batch: int, per_prompt: int, what: str) -> torch.Tensor:
+    """Spread inputs over the generated batch as diffusers does: one input for every image, one per
+    prompt repeated for each of its ``per_prompt`` images, or one per image."""
+    if x.shape[0] == batch:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(batch, *x.shape[1:])
+    if x.shape[0] * per_prompt == batch:
+        return x.repeat_interleave(per_prompt, dim=0)
+    raise ValueError(f"got {x.shape[0]} {what}s for {batch // per_prompt} prompts x {per_prompt} images: "
+                     f"give one, one per prompt, or one per image")
+
+
+def control_context(
+    encode,
+    control: torch.Tensor,
+    latent_channels: int,
+    control_in_dim: int,
+    image: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The ControlNet's input (B, control_in_dim, h, w) from pixels (see the module docstring).
+
+    ``encode``: pixels (B, 3, H, W) in [-1, 1] -> scaled latents in mode (B, C, h, w).
+    ``control``: the control pixels; ``image`` and ``mask`` ((B, 1, H, W) of 0 / 1, 1 = repaint),
+    for control inpainting, the picture to repaint and where. All three with the same batch.
+    """
+    latents = encode(control)
+    if (image is None) != (mask is None):
+        raise ValueError("control inpainting needs both image and mask_image")
+    if image is None:
+        extra = control_in_dim - latents.shape[1]
+        if extra < 0:
+            raise ValueError(f"the ControlNet takes {control_in_dim} input channels, fewer than the "
+                             f"{latents.shape[1]} latent channels")
+        if extra:  # 2.x without an inpainting image: zeros for the mask and the masked image
+            latents = torch.cat([latents, latents.new_zeros(latents.shape[0], extra, *latents.shape[2:])], dim=1)
+        return latents
+    check_inpaint_width(control_in_dim, latent_channels)
+    masked = encode(image * (mask < 0.5).to(image.dtype))  # repainted pixels -> 0 (grey)
+    keep = F.interpolate(1.0 - mask, size=masked.shape[-2:], mode="nearest")
+    return torch.cat([latents, keep.to(latents.device, latents.dtype), masked.to(latents.dtype)], dim=1)
+
+
+def check_inpaint_width(control_in_dim: int, latent_channels: int) -> None:
+    if control_in_dim != 2 * latent_channels + 1:
+        raise ValueError(f"control inpainting needs a ControlNet with {2 * latent_channels + 1} input channels "
+                         f"(Fun-ControlNet-Union 2.0 or 2.1); the loaded one takes {control_in_dim} (version 1.0)")
+
+
+# ---------------------------------------------------------------------------------------- steps
+@dataclass
+class ControlHints:
+    """The DiT's extra input per step (``Conditioning.extra`` of the sampling core), once planned.
+
+    ``plain`` / ``guided``: the embedded control context (B or 2B, Nx, D) for the unguided and the
+    CFG batch; ``scale``: the conditioning scale as a 0-d fp32 device tensor (a value, not a
+    constant of a graph: a captured step replays for any scale). The branch's modulation vectors
+    of each step travel with the step (``step.extra``).
+    """
+
+    model: ZImageControlNet
+    dit: Any
+    plain: torch.Tensor
+    guided: torch.Tensor | None
+    scale: torch.Tensor
+
+    def __call__(self, x: torch.Tensor, step, layout: SequenceLayout, tokens: torch.Tensor) -> dict[str, Any]:
+        ctx = self.guided if step.guided else self.plain
+        hints = self.model.hints(self.dit, x, tokens, ctx, layout, step.mods, step.extra, self.scale)
+        return {"control_hints": hints}
+
+
+@dataclass
+class ControlInput:
+    """The control task's contribution before planning: the context (B, Cc, h, w) and the scale.
+    :meth:`plan` (called by the core's plan, with the DiT on its device) makes the per-step hints."""
+
+    model: ZImageControlNet
+    context: torch.Tensor
+    scale: float
+
+    def plan(self, pipe, plain: SequenceLayout, guided: SequenceLayout | None,
+             c: torch.Tensor) -> tuple[ControlHints, list[list[torch.Tensor]]]:
+        """Embed the context for both batches, and the branch's modulations for every row of the
+        timestep conditioning ``c`` (N steps, 256): all the per-request work of the branch.
+        Returns (the per-step extra, the modulation vectors of each schedule step)."""
+        dit = pipe.transformer
+        x = patchify(self.context.to(c.device, dit.x_pad_token.dtype), dit.config.patch_size)
+        ctx = self.model.embed_control(x, plain, dit.x_pad_token)
+        ctx_guided = self.model.embed_control(x.repeat(2, 1, 1), guided, dit.x_pad_token) if guided else None
+        every = self.model.modulations(c)
+        mods = [[m[i:i + 1] for m in every] for i in range(c.shape[0])]
+        scale = torch.tensor(float(self.scale), dtype=torch.float32, device=c.device)
+        return ControlHints(self.model, dit, ctx, ctx_guided, scale), mods
+
+
+def check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+        raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+# ---------------------------------------------------------------------------------------- tasks
+class Control(Task):
+    """ControlNet txt2img (diffusers' ``ZImageControlNetPipeline``): noise start, control hints."""
+
+    name = "control"
+
+    def read(self, pipe, r):
+        model = pipe.controlnets.require()
+        check_scale(r.control_scale)
+        if r.image is not None:
+            raise ValueError("control_image with image= needs mask_image= too (ControlNet inpainting); img2img "
+                             "with a ControlNet is not supported (diffusers has no such pipeline either)")
+        pixels = preprocess_image(r.control_image, r.width, r.height, latent_multiple(pipe))
+        if r.strength is not None and r.strength != 1.0:
+            raise ValueError(f"ControlNet generation starts from noise and takes no strength, got {r.strength}")
+        return {"model": model, "control": pixels}, pixels.shape[-1], pixels.shape[-2]
+
+    def context(self, ctx: TaskContext) -> torch.Tensor:
+        pipe, r, model = ctx.pipe, ctx.request, ctx.inputs["model"]
+        control = repeat_to(ctx.inputs["control"], ctx.batch, r.n, "control image")
+        return control_context(lambda x: pipe.encode_image(x, None), control, pipe.transformer_config.in_channels,
+                               model.config.control_in_dim)
+
+    def condition(self, ctx):
+        cond = super().condition(ctx)  # the start noise, drawn as for txt2img
+        r = ctx.request
+        cond.extra = ControlInput(ctx.inputs["model"], self.context(ctx), r.control_scale)
+        cond.info = {"controlnet": ctx.pipe.controlnets.path, "controlnet_version": ctx.inputs["model"].config.version,
+                     "control_scale": r.control_scale}
+        return cond
+
+
+class ControlInpaint(Control):
+    """ControlNet inpainting (diffusers' ``ZImageControlNetInpaintPipeline``): noise start, no
+    strength, no per-step blend; the image and mask reach the model only through the context."""
+
+    name = "control_inpaint"
+
+    def read(self, pipe, r):
+        model = pipe.controlnets.require()
+        check_inpaint_width(model.config.control_in_dim, pipe.transformer_config.in_channels)
+        check_scale(r.control_scale)
+        if r.strength is not None and r.strength != 1.0:
+            raise ValueError(f"ControlNet inpainting starts from noise and takes no strength (as diffusers' "
+                             f"ZImageControlNetInpaintPipeline), got {r.strength}")
+        image = preprocess_image(r.image, r.width, r.height, latent_multiple(pipe))
+        h, w = image.shape[-2:]
+        control = preprocess_image(r.control_image, w, h, latent_multiple(pipe))
+        mask = preprocess_mask(r.mask_image, h, w)
+        return {"model": model, "control": control, "image": image, "mask": mask}, w, h
+
+    def context(self, ctx):
+        pipe, r, model, inputs = ctx.pipe, ctx.request, ctx.inputs["model"], ctx.inputs
+        spread = lambda x, what: repeat_to(x, ctx.batch, r.n, what)  # noqa: E731
+        return control_context(lambda x: pipe.encode_image(x, None), spread(inputs["control"], "control image"),
+                               pipe.transformer_config.in_channels, model.config.control_in_dim,
+                               spread(inputs["image"], "image"), spread(inputs["mask"], "mask"))
+
+
+register_task(Control())
+register_task(ControlInpaint())
