@@ -45,6 +45,10 @@ def _is_loopback(host: str) -> bool:
               help="History folder (images + SQLite) [default: $XDG_DATA_HOME/zimage-native/server; "
                    "with --fake: .../server-fake].")
 @loading
+@click.option("--controlnet", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Load a Fun-ControlNet-Union (file or diffusers folder): jobs may then send control_image.")
+@click.option("--controlnet-config", type=click.Path(exists=True, path_type=Path), default=None,
+              help="config.json overriding what is inferred from the ControlNet file.")
 @click.option("--encoder-only", is_flag=True,
               help="Load only the text encoder and tokenizer: serve /api/encode (and rewrite) "
                    "for --encoder-url clients.")
@@ -131,7 +135,11 @@ def build_engine(o: dict):
     if o["fake"]:
         return FakeEngine(o["fake_step_delay"], model_name=o["model"] or "fake", variant=o["variant"] or "turbo",
                           templates_dirs=templates)
+    if o.get("controlnet_config") is not None and o.get("controlnet") is None:
+        raise ValueError("--controlnet-config needs --controlnet")
     if o["encoder_only"]:
+        if o.get("controlnet") is not None:
+            raise ValueError("--encoder-only and --controlnet exclude each other (the ControlNet runs with the DiT)")
         if o["encoder_url"]:
             raise ValueError("--encoder-only and --encoder-url exclude each other")
         device = o["text_encoder_device"] or o["device"]
