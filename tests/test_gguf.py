@@ -513,3 +513,17 @@ def test_zimage_convert_dequantises_a_gguf(tiny_model_dir, tmp_path):
     assert set(converted) == set(expected), set(converted) ^ set(expected)  # the LM head (llama.cpp's output.weight) is dropped
     for key, value in expected.items():
         assert torch.equal(converted[key], value), key
+
+
+def test_without_the_gguf_package_the_error_says_what_to_install(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    path, _ = write_dit(tmp_path / "q8.gguf", "Q8_0")
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)  # `import gguf` now raises ImportError
+    with pytest.raises(UnsupportedFormatError, match=r"needs the gguf package: pip install 'zimage-native\[gguf\]'"):
+        load_component("transformer", path, None, "cpu")
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "pip install 'zimage-native[gguf]'" in result.output

@@ -105,3 +105,22 @@ def test_inpaint_rejects_bad_input(tiny_pipe):
         tiny_pipe.inpaint("a cat", image, np.zeros((32, 32, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="strength"):
         tiny_pipe.inpaint("a cat", image, make_mask(32, 32), strength=1.5)
+
+
+@pytest.mark.parametrize("mode", ["step", "loop"])
+def test_graphed_inpaint_equals_eager_and_copies_the_blend_in(tiny_model_dir, tiny_pipe, mode):
+    """The blend's tensors (mask, image latents, noise) are plan inputs: a replayed graph with another
+    image and mask gives that request's result, with no inpaint-specific graph code."""
+    from zimage_native import ZImagePipeline
+
+    from .test_compiled import graphed
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    pipe.progress = False
+    sampler, _ = graphed(pipe, mode=mode)
+    kw = dict(num_inference_steps=3, output_type="latent", seed=1, strength=0.8, guidance_scale=2.0)
+    for k, box in enumerate([(4, 4, 20, 28), (16, 0, 32, 16)]):
+        image, mask = make_image(32, 32, seed=k), make_mask(32, 32, box=box)
+        got = pipe.inpaint("a cat", image, mask, **kw).images
+        assert_rel(got, tiny_pipe.inpaint("a cat", image, mask, **kw).images, 1e-6, f"graphed {mode} inpaint {k}")
+    assert sampler.captures == 1 and sampler.replays == (2 if mode == "loop" else 6)

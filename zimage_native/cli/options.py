@@ -21,11 +21,11 @@ def stack(*decorators):
 # Where the weights come from: single files, LoRA, a ControlNet, the variant, a remote text encoder.
 loading = stack(
     click.option("--transformer", type=click.Path(exists=True, path_type=Path), default=None,
-                 help="DiT file in any supported format (ComfyUI, all-in-one, fp8); see docs/formats.md."),
+                 help="DiT file in any supported format (ComfyUI, all-in-one, fp8, GGUF); see docs/formats.md."),
     click.option("--vae", type=click.Path(exists=True, path_type=Path), default=None,
                  help="VAE file (e.g. ae.safetensors)."),
     click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), default=None,
-                 help="Qwen3 text encoder file (e.g. qwen_3_4b.safetensors)."),
+                 help="Qwen3 text encoder file (e.g. qwen_3_4b.safetensors, or a llama.cpp GGUF)."),
     click.option("--tokenizer", default=None,
                  help="Tokenizer folder or Hub id (default: the model's, or Z-Image-Turbo's)."),
     click.option("--lora", "loras", multiple=True,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -65,12 +65,12 @@ _TE_ARCHITECTURES = ("qwen3",)
 _TE_HF_PREFIXES = ("text_encoders.qwen3_4b.transformer.model.", "text_encoders.qwen3_4b.model.", "model.", "")
 
 
-def _require_gguf():
+def _require_gguf(path: Path):
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise ImportError("reading GGUF files needs the gguf package: pip install 'zimage-native[gguf]' "
-                          "(or pip install gguf)") from None
+        raise UnsupportedFormatError(f"{path}: a GGUF file; reading it needs the gguf package: "
+                                     f"pip install 'zimage-native[gguf]' (or pip install gguf)") from None
     return gguf
 
 
@@ -118,8 +118,8 @@ class GGUFCheckpoint:
     """The tensors and metadata of one GGUF file, by name; data is memory-mapped and read on demand."""
 
     def __init__(self, path: str | os.PathLike):
-        gguf = _require_gguf()
         self.path = Path(path)
+        gguf = _require_gguf(self.path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -164,7 +164,9 @@ class GGUFCheckpoint:
         self.close()
 
     def close(self) -> None:
+        """Drop the memory map (names, types and shapes stay readable)."""
         self._reader = None
+        self.tensors = {k: replace(t, data=None) for k, t in self.tensors.items()}
 
     def keys(self) -> list[str]:
         return list(self.tensors)
