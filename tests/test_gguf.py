@@ -510,7 +510,8 @@ def test_zimage_convert_dequantises_a_gguf(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     converted = load_file(out)
     expected = {"model." + k: v for k, v in qwen.state_dict().items()}
-    assert set(converted) == set(expected), set(converted) ^ set(expected)  # the LM head (llama.cpp's output.weight) is dropped
+    # The LM head (llama.cpp's output.weight) is dropped.
+    assert set(converted) == set(expected), set(converted) ^ set(expected)
     for key, value in expected.items():
         assert torch.equal(converted[key], value), key
 
@@ -527,3 +528,24 @@ def test_without_the_gguf_package_the_error_says_what_to_install(tmp_path, monke
     result = CliRunner().invoke(main, ["info", str(path)])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert "pip install 'zimage-native[gguf]'" in result.output
+
+
+def test_gguf_text_encoder_with_int8_quantises_only_its_unpacked_linears(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from zimage_native.quantize import Int8Linear
+    from zimage_native.text_encoder import TextEncoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    mix = ("Q4_K", "F16")  # alternate tensors packed and fp16
+    path, _ = write_qwen3(tmp_path / "te.gguf", len(tok), lambda name, i: mix[i % 2])
+    model = load_component("text_encoder", path, torch.float32, "cpu", quant="int8")
+    packed = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert packed and int8 and len(packed) + len(int8) == 2 * 7
+    plain = load_component("text_encoder", path, torch.float32, "cpu")
+    texts = ["a cat on a chair"]
+    a, = TextEncoder(model, tok).encode(texts)
+    b, = TextEncoder(plain, tok).encode(texts)
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+    assert cos > 0.999, cos  # int8 rounding of the fp16 linears only
