@@ -146,3 +146,23 @@ def test_graphed_loop_replays_for_new_control_inputs(eager, fresh, control_files
     assert sampler.captures == 1 and sampler.replays == 3 * (2 if mode == "step" else 1)
     pipe.unload_controlnet()
     assert not sampler.graphs  # captured graphs held the branch: dropped
+
+
+def test_triton_kernels_reach_the_branch(eager, fresh, control_files):  # noqa: F811
+    """kernels="triton" (Triton's interpreter on the CPU): every leaf of the branch is swapped, its
+    q|k|v and w1|w3 fused, and the result equals eager within the parity tolerance."""
+    pytest.importorskip("triton")
+    from zimage_native.accel import count_fused, load_kernels
+
+    kernels = load_kernels(interpret=not torch.cuda.is_available())
+    pipe = fresh()
+    pipe.optimize(kernels="triton")
+    pipe.load_controlnet(control_files["2.1"])  # after optimize: gets the swaps too
+    counts = count_fused(pipe.controlnet)
+    assert counts and all(swapped == total > 0 for swapped, total in counts.values()), counts
+    assert all(m.to_qkv is not None for m in pipe.controlnet.modules() if isinstance(m, Attention))
+    control = picture(48, 32, 5)
+    kernels.reset_launch_counts()
+    got = pipe(["a cat", "a dog"], control_image=control, **KW).images
+    assert sum(kernels.launch_counts().values()) > 0
+    assert_rel(got, eager(["a cat", "a dog"], control_image=control, **KW).images, 1e-5, "kernels='triton'")

@@ -77,8 +77,8 @@ class ControlNetSlot:
 
     def require(self) -> ZImageControlNet:
         if self.model is None:
-            raise ValueError("control_image needs a ControlNet: call pipe.load_controlnet(path) first "
-                             "(or pass --controlnet FILE on the command line)")
+            raise ValueError("control_image needs a ControlNet: load one with pipe.load_controlnet(path) "
+                             "(zimage generate / zimage serve: --controlnet FILE)")
         return self.model
 
 

@@ -256,7 +256,8 @@ def inspect_gguf(ckpt: GGUFCheckpoint) -> FileFormat:
     if hf is not None:  # a Qwen3 in transformers names (some GGUF converters keep them)
         te_keys = [k for k in keys if k.startswith(hf) and not k.startswith(_DIT_PREFIXES[:2])]
         if hf + "layers.0.self_attn.q_norm.weight" not in keys:
-            fmt.problem = f"{ckpt.path}: the text encoder has no q_norm: it is not a Qwen3 model (Z-Image needs Qwen3-4B)"
+            fmt.problem = (f"{ckpt.path}: the text encoder has no q_norm: it is not a Qwen3 model "
+                           f"(Z-Image needs Qwen3-4B)")
             return fmt
         # The transformers key map strips its prefixes itself.
         found.append(_component(ckpt, "text_encoder", "transformers" if hf else "bare", "", te_keys))
