@@ -45,10 +45,6 @@ def _is_loopback(host: str) -> bool:
               help="History folder (images + SQLite) [default: $XDG_DATA_HOME/zimage-native/server; "
                    "with --fake: .../server-fake].")
 @loading
-@click.option("--controlnet", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Load a Fun-ControlNet-Union (file or diffusers folder): jobs may then send control_image.")
-@click.option("--controlnet-config", type=click.Path(exists=True, path_type=Path), default=None,
-              help="config.json overriding what is inferred from the ControlNet file.")
 @click.option("--encoder-only", is_flag=True,
               help="Load only the text encoder and tokenizer: serve /api/encode (and rewrite) "
                    "for --encoder-url clients.")
