@@ -60,6 +60,21 @@ def test_dequantisation_is_bit_exact_against_the_gguf_package(qtype):
     assert dequantize(torch.from_numpy(raw.copy()), qtype, torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_dequantisation_copies_nothing_from_the_host(monkeypatch):
+    """Only ops on the packed tensor (scalar shifts and masks): no tensor is built from host data, so
+    on a GPU there is no host-to-device copy per forward and the ops can be captured in a CUDA graph."""
+    rng = np.random.default_rng(0)
+    raws = {q: torch.from_numpy(random_blocks(q, 2, 256, rng)) for q in BLOCK_TYPES}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a tensor was built from host data during dequantisation")
+
+    for name in ("tensor", "as_tensor", "from_numpy", "arange"):
+        monkeypatch.setattr(torch, name, forbidden)
+    for qtype, raw in raws.items():
+        assert dequantize(raw, qtype).shape == (2, 256)
+
+
 def test_scale_fields_are_the_fp16_fields_of_the_format():
     # Setting every scale field to 0 must zero the signed types (guards the offsets used to build files).
     rng = np.random.default_rng(0)

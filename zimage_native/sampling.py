@@ -201,20 +201,39 @@ class ImageToImage(Task):
         if n - start_index(n, r.strength) < 1:
             raise ValueError(f"strength {r.strength} with {n} steps leaves no step to run; raise strength or steps")
 
-    def encode(self, ctx: TaskContext) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(clean image latents, noise, start): the posterior sample first, then the noise, from the same generators."""
-        pipe, pixels, gens = ctx.pipe, ctx.inputs["pixels"], ctx.generators
+    def encode(self, ctx: TaskContext, noise_first: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(clean image latents, noise, start), from the same generators: the posterior sample, then
+        the noise (or the noise first, as the reference's inpainting draws them when given latents)."""
+        pipe, pixels, gens, r = ctx.pipe, ctx.inputs["pixels"], ctx.generators, ctx.request
         if ctx.batch % pixels.shape[0]:
             raise ValueError(f"cannot spread {pixels.shape[0]} input images over {ctx.batch} outputs")
+        shape = latent_shape(pipe, ctx.batch, r.height, r.width)
+        noise = randn(shape, gens, ctx.dtype).to(pipe.device) if noise_first else None
         z = pipe.encode_image(pixels, gens if len(gens) == 1 else gens[: pixels.shape[0]], ctx.dtype)
         z = z.to(ctx.dtype).repeat(ctx.batch // z.shape[0], 1, 1, 1)
-        noise = randn(z.shape, gens, ctx.dtype).to(pipe.device)
-        return z, noise, start_index(ctx.schedule.num_steps, ctx.request.strength)
+        if noise is None:
+            noise = randn(z.shape, gens, ctx.dtype).to(pipe.device)
+        return z, noise, start_index(ctx.schedule.num_steps, r.strength)
+
+    def given_latents(self, ctx: TaskContext) -> torch.Tensor | None:
+        """``latents=``, checked and in the features' dtype, as the reference takes them (no noising)."""
+        r = ctx.request
+        if r.latents is None:
+            return None
+        shape = latent_shape(ctx.pipe, ctx.batch, r.height, r.width)
+        if tuple(r.latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for this request, got {tuple(r.latents.shape)}")
+        return r.latents.to(ctx.pipe.device, ctx.dtype)
 
     def condition(self, ctx):
+        start = start_index(ctx.schedule.num_steps, ctx.request.strength)
+        info = {"strength": ctx.request.strength}
+        given = self.given_latents(ctx)
+        if given is not None:  # the reference starts there and encodes nothing
+            return Conditioning(given, start, info=info)
         z, noise, start = self.encode(ctx)
         sigma = ctx.schedule.sigmas.to(ctx.pipe.device, ctx.dtype)[start]
-        return Conditioning(sigma * noise + (1.0 - sigma) * z, start, info={"strength": ctx.request.strength})
+        return Conditioning(sigma * noise + (1.0 - sigma) * z, start, info=info)
 
 
 @dataclass
@@ -242,12 +261,11 @@ class Inpaint(ImageToImage):
 
     def condition(self, ctx):
         pipe, r = ctx.pipe, ctx.request
-        z, noise, start = self.encode(ctx)
-        sigmas = ctx.schedule.sigmas.to(pipe.device, ctx.dtype)
-        if r.latents is not None:
-            latents = r.latents.to(pipe.device)
-        else:
-            latents = sigmas[start] * noise + (1.0 - sigmas[start]) * z
+        latents = self.given_latents(ctx)
+        z, noise, start = self.encode(ctx, noise_first=latents is not None)  # the blend needs both
+        if latents is None:
+            sigma = ctx.schedule.sigmas.to(pipe.device, ctx.dtype)[start]
+            latents = sigma * noise + (1.0 - sigma) * z
         mask = torch.nn.functional.interpolate(ctx.inputs["mask"], size=z.shape[-2:], mode="nearest")
         if ctx.batch % mask.shape[0]:
             raise ValueError(f"cannot spread {mask.shape[0]} masks over {ctx.batch} outputs")
