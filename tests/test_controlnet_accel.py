@@ -166,3 +166,31 @@ def test_triton_kernels_reach_the_branch(eager, fresh, control_files):  # noqa: 
     got = pipe(["a cat", "a dog"], control_image=control, **KW).images
     assert sum(kernels.launch_counts().values()) > 0
     assert_rel(got, eager(["a cat", "a dog"], control_image=control, **KW).images, 1e-5, "kernels='triton'")
+
+
+def test_offload_blocks_streams_the_branch_too(control_model_dir, control_files, eager):  # noqa: F811
+    """With offload="blocks" the branch's blocks are streamed like the DiT's (its projections and
+    modulations stay resident): every branch block runs on its moved copy, the results are those of
+    the resident pipeline, and between runs at most the prefetch depth is moved."""
+    from zimage_native.control import branch_blocks
+    from zimage_native.offload import _streamed_tensors
+
+    from .test_lowvram_pipeline import FakeMove
+
+    pipe = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="blocks")
+    pipe.progress = False
+    pipe.load_controlnet(control_files["2.1"])
+    streamer = pipe.controlnet.block_streamer
+    assert streamer.blocks == branch_blocks(pipe.controlnet) and "after_proj" in streamer.keep
+    move = FakeMove(streamer)  # logs which block each moved tensor belongs to
+    ran = []
+    for i, block in enumerate(streamer.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: ran.append(
+            not {t.data_ptr() for t in _streamed_tensors(m, streamer.keep)} & set(move.owner)))
+    control = picture(48, 32, 5)
+    got = pipe(["a cat", "a dog"], control_image=control, guidance_scale=2.0, **KW).images
+    want = eager(["a cat", "a dog"], control_image=control, guidance_scale=2.0, **KW).images
+    assert torch.equal(got, want)
+    assert len(ran) == 2 * len(streamer.blocks) and all(ran)  # 2 steps, every block on its moved copy
+    assert sorted(set(move.log)) == list(range(len(streamer.blocks)))
+    assert len(streamer.loaded) <= streamer.depth
