@@ -119,7 +119,7 @@ def router(ctx: ServerContext) -> APIRouter:
         return out
 
     @api.get("/api/templates", tags=["compat"])
-    def templates(category: Category | None = None):
+    def templates(category: Category = None):  # absent: None (no null in the schema)
         registry = engine.registry
         return {"templates": template_list(category), "categories": registry.categories()}
 

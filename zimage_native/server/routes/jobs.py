@@ -88,8 +88,10 @@ def router(ctx: ServerContext) -> APIRouter:
               "content": {"text/event-stream": {"schema": SSE_EVENT}}},
         204: {"description": "The job has ended and the client has seen every event"},
         **errors(404, 409)})
-    async def job_events(job_id: JobId, after: Int(0, MAX_INT) | None = None,
-                         last_event_id: Annotated[EventId | None, Header()] = None):
+    async def job_events(job_id: JobId, after: Int(0, MAX_INT) = None,
+                         last_event_id: Annotated[EventId, Header()] = None):
+        # Optional parameters typed without "| None": absent means None, and the schema does not
+        # offer null (which would travel as the text "null" in a query or a header).
         """Server-Sent Events: ``queued``, ``started``, ``progress`` (step, total) per step, then
         ``completed`` (images), ``failed`` (error) or ``cancelled``. Each event has an id; a client
         resumes with ``Last-Event-ID`` (or ``?after=``). 204 once a finished job has nothing more."""
