@@ -194,3 +194,22 @@ def test_offload_blocks_streams_the_branch_too(control_model_dir, control_files,
     assert len(ran) == 2 * len(streamer.blocks) and all(ran)  # 2 steps, every block on its moved copy
     assert sorted(set(move.log)) == list(range(len(streamer.blocks)))
     assert len(streamer.loaded) <= streamer.depth
+
+
+def test_the_gpu_benchmark_runs_its_smoke_mode(tmp_path):
+    """benchmarks/bench_controlnet.py (part of benchmarks/gpu_check.sh) on the CPU: every row, and
+    the diffusers rows at fp32 parity (the GPU run reports the bf16 numbers)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_controlnet", Path(__file__).parents[1] / "benchmarks" / "bench_controlnet.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--smoke", "--out", str(tmp_path)])
+    cases = [(r["case"], r["mode"]) for r in rows]
+    assert cases == [("no control", "eager")] + [(f"ControlNet {v}", "eager") for v in ("1.0", "2.0", "2.1")] + [
+        (f"ControlNet {v}", "diffusers eager") for v in ("1.0", "2.0", "2.1")]
+    assert all(r["rel_err_vs_diffusers"] <= 1e-5 for r in rows if "rel_err_vs_diffusers" in r)
+    assert json.loads((tmp_path / "controlnet.json").read_text())["rows"] == json.loads(json.dumps(rows))

@@ -211,9 +211,9 @@ class Control(Task):
 
     def context(self, ctx: TaskContext) -> torch.Tensor:
         pipe, r, model = ctx.pipe, ctx.request, ctx.inputs["model"]
-        control = repeat_to(ctx.inputs["control"], ctx.batch, r.n, "control image")
-        return control_context(lambda x: pipe.encode_image(x, None), control, pipe.transformer_config.in_channels,
-                               model.config.control_in_dim)
+        context = control_context(lambda x: pipe.encode_image(x, None), ctx.inputs["control"],
+                                  pipe.transformer_config.in_channels, model.config.control_in_dim)
+        return repeat_to(context, ctx.batch, r.n, "control image")  # each distinct image encoded once
 
     def condition(self, ctx):
         cond = super().condition(ctx)  # the start noise, drawn as for txt2img
