@@ -31,7 +31,7 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from zimage_native.formats.ggml import QUANT_TYPES, block_info, dequantize  # noqa: E402
+from zimage_native.formats.ggml import QUANT_TYPES, block_info  # noqa: E402
 from zimage_native.quant_linear import GGUFLinear  # noqa: E402
 
 #: Byte offsets of the fp16 scale fields in one block of each type.
@@ -46,7 +46,8 @@ def packed(qtype: str, rows: int, cols: int, device: str) -> torch.Tensor:
     block, size = block_info(qtype)
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
     for off in SCALE_FIELDS[qtype]:
-        raw[:, off:off + 2] = rng.uniform(-1e-3, 1e-3, size=raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        scales = rng.uniform(-1e-3, 1e-3, size=raw.shape[0]).astype(np.float16)
+        raw[:, off:off + 2] = scales.view(np.uint8).reshape(-1, 2)
     return torch.from_numpy(raw.reshape(rows, -1)).to(device)
 
 

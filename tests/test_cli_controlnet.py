@@ -99,3 +99,25 @@ def test_a_file_that_is_no_controlnet_is_named(control_model_dir, tmp_path):  # 
                  "-o", tmp_path / "x.png", "--steps", 1, "--device", "cpu", "--no-progress", ok=False)
     assert result.exit_code == 1 and "not a Z-Image Fun-ControlNet-Union" in result.output
     assert "looks like a LoRA" in result.output
+
+
+def test_serve_loads_the_controlnet_for_control_requests(control_model_dir, control_pipe, control_files):  # noqa: F811
+    """`zimage serve --controlnet FILE`: the engine's pipeline carries the branch, and a request with a
+    control image (as the job API builds it) gives the library's image."""
+    import importlib
+
+    from zimage_native.sampling import GenerationRequest
+
+    serve_cli = importlib.import_module("zimage_native.cli.serve")
+    o = serve_cli.default_options()
+    assert o["controlnet"] is None and o["controlnet_config"] is None
+    o.update(model=str(control_model_dir), device="cpu", dtype="float32", controlnet=control_files["1.0"])
+    engine = serve_cli.build_engine(o)
+    assert engine.pipe.controlnet.config.version == "1.0"
+    pose = picture(48, 32, 4)
+    request = GenerationRequest(prompt="a cat", seeds=[6], steps=2, control_image=pose, control_scale=0.5)
+    image = engine.generate(request, callback=lambda k, n: None)[0].image
+    control_pipe.load_controlnet(control_files["1.0"])
+    want = control_pipe("a cat", control_image=pose, controlnet_conditioning_scale=0.5, num_inference_steps=2,
+                        seed=6).images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(want))

@@ -60,6 +60,21 @@ def test_dequantisation_is_bit_exact_against_the_gguf_package(qtype):
     assert dequantize(torch.from_numpy(raw.copy()), qtype, torch.bfloat16).dtype == torch.bfloat16
 
 
+def test_dequantisation_copies_nothing_from_the_host(monkeypatch):
+    """Only ops on the packed tensor (scalar shifts and masks): no tensor is built from host data, so
+    on a GPU there is no host-to-device copy per forward and the ops can be captured in a CUDA graph."""
+    rng = np.random.default_rng(0)
+    raws = {q: torch.from_numpy(random_blocks(q, 2, 256, rng)) for q in BLOCK_TYPES}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a tensor was built from host data during dequantisation")
+
+    for name in ("tensor", "as_tensor", "from_numpy", "arange"):
+        monkeypatch.setattr(torch, name, forbidden)
+    for qtype, raw in raws.items():
+        assert dequantize(raw, qtype).shape == (2, 256)
+
+
 def test_scale_fields_are_the_fp16_fields_of_the_format():
     # Setting every scale field to 0 must zero the signed types (guards the offsets used to build files).
     rng = np.random.default_rng(0)
@@ -510,7 +525,8 @@ def test_zimage_convert_dequantises_a_gguf(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     converted = load_file(out)
     expected = {"model." + k: v for k, v in qwen.state_dict().items()}
-    assert set(converted) == set(expected), set(converted) ^ set(expected)  # the LM head (llama.cpp's output.weight) is dropped
+    # The LM head (llama.cpp's output.weight) is dropped.
+    assert set(converted) == set(expected), set(converted) ^ set(expected)
     for key, value in expected.items():
         assert torch.equal(converted[key], value), key
 
@@ -527,3 +543,24 @@ def test_without_the_gguf_package_the_error_says_what_to_install(tmp_path, monke
     result = CliRunner().invoke(main, ["info", str(path)])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert "pip install 'zimage-native[gguf]'" in result.output
+
+
+def test_gguf_text_encoder_with_int8_quantises_only_its_unpacked_linears(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from zimage_native.quantize import Int8Linear
+    from zimage_native.text_encoder import TextEncoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    mix = ("Q4_K", "F16")  # alternate tensors packed and fp16
+    path, _ = write_qwen3(tmp_path / "te.gguf", len(tok), lambda name, i: mix[i % 2])
+    model = load_component("text_encoder", path, torch.float32, "cpu", quant="int8")
+    packed = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert packed and int8 and len(packed) + len(int8) == 2 * 7
+    plain = load_component("text_encoder", path, torch.float32, "cpu")
+    texts = ["a cat on a chair"]
+    a, = TextEncoder(model, tok).encode(texts)
+    b, = TextEncoder(plain, tok).encode(texts)
+    cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+    assert cos > 0.999, cos  # int8 rounding of the fp16 linears only

@@ -124,3 +124,23 @@ def test_graphed_inpaint_equals_eager_and_copies_the_blend_in(tiny_model_dir, ti
         got = pipe.inpaint("a cat", image, mask, **kw).images
         assert_rel(got, tiny_pipe.inpaint("a cat", image, mask, **kw).images, 1e-6, f"graphed {mode} inpaint {k}")
     assert sampler.captures == 1 and sampler.replays == (2 if mode == "loop" else 6)
+
+
+def test_given_start_latents_match_diffusers(tiny_pipe, reference_inpaint, reference_pipe):
+    """``latents=`` is the start of img2img and inpainting as in diffusers (inpainting still encodes
+    the image and draws the noise for its blend)."""
+    import diffusers
+
+    image, mask = make_image(48, 32), make_mask(48, 32, box=(8, 8, 40, 24))
+    start = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(9))
+    kw = dict(strength=0.7, num_inference_steps=4, output_type="latent", guidance_scale=0.0, latents=start)
+    expected = reference_inpaint("a cat", image=image, mask_image=mask, generator=torch.Generator().manual_seed(2),
+                                 **kw).images
+    got = tiny_pipe.inpaint("a cat", image, mask, seed=2, **kw).images
+    assert_rel(got, expected, 1e-5, "inpaint from given latents")
+    img2img = diffusers.ZImageImg2ImgPipeline(**reference_pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    expected = img2img("a cat", image=image, generator=torch.Generator().manual_seed(2), **kw).images
+    assert_rel(tiny_pipe.img2img("a cat", image, seed=2, **kw).images, expected, 1e-5, "img2img from given latents")
+    with pytest.raises(ValueError, match="latents must have shape"):
+        tiny_pipe.img2img("a cat", image, latents=start[..., :2], num_inference_steps=2)

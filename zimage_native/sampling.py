@@ -28,10 +28,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .images import preprocess_image, preprocess_mask, to_pil  # noqa: F401  (the task inputs, re-exported)
 from .model.sequence import SequenceLayout, build_layout, pad_captions, patchify, unpatchify
 from .scheduler import Schedule, euler_step, make_schedule
 
@@ -124,87 +124,6 @@ def task_name(r: GenerationRequest) -> str:
     return "inpaint" if r.mask_image is not None else "img2img"
 
 
-# =========================================================================== image inputs
-
-
-def _as_batch(image, what: str) -> tuple[str, Any]:
-    """('pil', [images]) | ('np', (B, H, W, C) array) | ('pt', (B, C, H, W) tensor)."""
-    from PIL import Image
-
-    items = list(image) if isinstance(image, (list, tuple)) else [image]
-    if not items:
-        raise ValueError(f"{what} must not be an empty list")
-    if all(isinstance(i, Image.Image) for i in items):
-        return "pil", items
-    if all(isinstance(i, np.ndarray) for i in items):
-        arr = np.concatenate(items) if items[0].ndim == 4 else np.stack(items)
-        return "np", arr
-    if all(isinstance(i, torch.Tensor) for i in items):
-        return "pt", torch.cat(items) if items[0].ndim == 4 else torch.stack(items)
-    raise ValueError(f"{what} must be a PIL image, a numpy array (H, W, C) in [0, 1], a torch tensor (B, C, H, W) "
-                     f"in [0, 1], or a list of one kind; got {type(items[0]).__name__}")
-
-
-def _target_size(size_hw: tuple[int, int], width: int | None, height: int | None, multiple: int) -> tuple[int, int]:
-    h = height if height is not None else size_hw[0] // multiple * multiple
-    w = width if width is not None else size_hw[1] // multiple * multiple
-    if w < multiple or h < multiple or w % multiple or h % multiple:
-        raise ValueError(f"the input image must be at least {multiple}x{multiple} and the size a multiple of "
-                         f"{multiple}, got {w}x{h}")
-    return h, w
-
-
-def preprocess_image(image, width: int | None = None, height: int | None = None, multiple: int = 16) -> torch.Tensor:
-    """Image(s) -> (B, 3, H, W) fp32 in [-1, 1], as the reference's image processor does: PIL images
-    resized with Lanczos, arrays and tensors (values in [0, 1]) with nearest interpolation, to
-    ``width`` x ``height`` or down to multiples of ``multiple``."""
-    from PIL import Image
-
-    kind, batch = _as_batch(image, "image")
-    if kind == "pil":
-        h, w = _target_size((batch[0].height, batch[0].width), width, height, multiple)
-        arrays = [np.asarray(i.resize((w, h), resample=Image.LANCZOS).convert("RGB"), dtype=np.float32) / 255.0
-                  for i in batch]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
-    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2) if kind == "np" \
-        else batch.float()
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"image arrays must be (H, W, 3) / (B, H, W, 3), tensors (3, H, W) / (B, 3, H, W); "
-                         f"got shape {tuple(batch.shape)}")
-    h, w = _target_size(tuple(x.shape[-2:]), width, height, multiple)
-    x = torch.nn.functional.interpolate(x, size=(h, w))
-    if x.min() < 0:  # already in [-1, 1] (diffusers accepts this, deprecated)
-        return x
-    return x * 2.0 - 1.0
-
-
-def preprocess_mask(mask, height: int, width: int) -> torch.Tensor:
-    """Mask(s) -> (B, 1, H, W) fp32 of 0 (keep) and 1 (repaint): PIL masks resized with Lanczos and
-    made grey, arrays (H, W) / (H, W, 1) and tensors (H, W) / (B, 1, H, W) with nearest
-    interpolation; then binarised at 0.5, as the reference's mask processor does."""
-    from PIL import Image
-
-    if isinstance(mask, np.ndarray) and mask.ndim == 2:
-        mask = mask[..., None]
-    if isinstance(mask, torch.Tensor) and mask.ndim == 2:
-        mask = mask[None, None]
-    elif isinstance(mask, torch.Tensor) and mask.ndim == 3:
-        mask = mask[:, None]
-    kind, batch = _as_batch(mask, "mask_image")
-    if kind == "pil":
-        arrays = [np.asarray(m.resize((width, height), resample=Image.LANCZOS).convert("L"), dtype=np.float32)
-                  / 255.0 for m in batch]
-        m = torch.from_numpy(np.stack(arrays))[:, None]
-    else:
-        m = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2) if kind == "np" \
-            else batch.float()
-        if m.ndim != 4 or m.shape[1] != 1:
-            raise ValueError(f"a mask array must be (H, W) or (H, W, 1), a mask tensor (H, W) or (B, 1, H, W); got "
-                             f"shape {tuple(batch.shape)}")
-        m = torch.nn.functional.interpolate(m, size=(height, width))
-    return (m >= 0.5).float()
-
-
 # =========================================================================== tasks
 
 
@@ -282,20 +201,39 @@ class ImageToImage(Task):
         if n - start_index(n, r.strength) < 1:
             raise ValueError(f"strength {r.strength} with {n} steps leaves no step to run; raise strength or steps")
 
-    def encode(self, ctx: TaskContext) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(clean image latents, noise, start): the posterior sample first, then the noise, from the same generators."""
-        pipe, pixels, gens = ctx.pipe, ctx.inputs["pixels"], ctx.generators
+    def encode(self, ctx: TaskContext, noise_first: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(clean image latents, noise, start), from the same generators: the posterior sample, then
+        the noise (or the noise first, as the reference's inpainting draws them when given latents)."""
+        pipe, pixels, gens, r = ctx.pipe, ctx.inputs["pixels"], ctx.generators, ctx.request
         if ctx.batch % pixels.shape[0]:
             raise ValueError(f"cannot spread {pixels.shape[0]} input images over {ctx.batch} outputs")
+        shape = latent_shape(pipe, ctx.batch, r.height, r.width)
+        noise = randn(shape, gens, ctx.dtype).to(pipe.device) if noise_first else None
         z = pipe.encode_image(pixels, gens if len(gens) == 1 else gens[: pixels.shape[0]], ctx.dtype)
         z = z.to(ctx.dtype).repeat(ctx.batch // z.shape[0], 1, 1, 1)
-        noise = randn(z.shape, gens, ctx.dtype).to(pipe.device)
-        return z, noise, start_index(ctx.schedule.num_steps, ctx.request.strength)
+        if noise is None:
+            noise = randn(z.shape, gens, ctx.dtype).to(pipe.device)
+        return z, noise, start_index(ctx.schedule.num_steps, r.strength)
+
+    def given_latents(self, ctx: TaskContext) -> torch.Tensor | None:
+        """``latents=``, checked and in the features' dtype, as the reference takes them (no noising)."""
+        r = ctx.request
+        if r.latents is None:
+            return None
+        shape = latent_shape(ctx.pipe, ctx.batch, r.height, r.width)
+        if tuple(r.latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} for this request, got {tuple(r.latents.shape)}")
+        return r.latents.to(ctx.pipe.device, ctx.dtype)
 
     def condition(self, ctx):
+        start = start_index(ctx.schedule.num_steps, ctx.request.strength)
+        info = {"strength": ctx.request.strength}
+        given = self.given_latents(ctx)
+        if given is not None:  # the reference starts there and encodes nothing
+            return Conditioning(given, start, info=info)
         z, noise, start = self.encode(ctx)
         sigma = ctx.schedule.sigmas.to(ctx.pipe.device, ctx.dtype)[start]
-        return Conditioning(sigma * noise + (1.0 - sigma) * z, start, info={"strength": ctx.request.strength})
+        return Conditioning(sigma * noise + (1.0 - sigma) * z, start, info=info)
 
 
 @dataclass
@@ -323,12 +261,11 @@ class Inpaint(ImageToImage):
 
     def condition(self, ctx):
         pipe, r = ctx.pipe, ctx.request
-        z, noise, start = self.encode(ctx)
-        sigmas = ctx.schedule.sigmas.to(pipe.device, ctx.dtype)
-        if r.latents is not None:
-            latents = r.latents.to(pipe.device)
-        else:
-            latents = sigmas[start] * noise + (1.0 - sigmas[start]) * z
+        latents = self.given_latents(ctx)
+        z, noise, start = self.encode(ctx, noise_first=latents is not None)  # the blend needs both
+        if latents is None:
+            sigma = ctx.schedule.sigmas.to(pipe.device, ctx.dtype)[start]
+            latents = sigma * noise + (1.0 - sigma) * z
         mask = torch.nn.functional.interpolate(ctx.inputs["mask"], size=z.shape[-2:], mode="nearest")
         if ctx.batch % mask.shape[0]:
             raise ValueError(f"cannot spread {mask.shape[0]} masks over {ctx.batch} outputs")
@@ -682,10 +619,3 @@ def to_output(pipe, latents: torch.Tensor, output_type: str):
         return images
     images = images.cpu().permute(0, 2, 3, 1).float().numpy()
     return images if output_type == "np" else to_pil(images)
-
-
-def to_pil(images: np.ndarray):
-    """(N, H, W, 3) floats in [0, 1] -> PIL images, rounding as the reference does."""
-    from PIL import Image
-
-    return [Image.fromarray((img * 255).round().astype("uint8")) for img in images]

@@ -127,10 +127,6 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
               help="Inpaint with --image: repaint where this mask is white, keep where it is black.")
 @click.option("--strength", type=float, default=None,
               help="img2img / inpaint: 1 = from pure noise [default: 0.6 img2img, 1.0 inpaint].")
-@click.option("--controlnet", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Fun-ControlNet-Union file or diffusers folder (versions 1.0, 2.0, 2.1); needs --control-image.")
-@click.option("--controlnet-config", type=click.Path(exists=True, path_type=Path), default=None,
-              help="config.json overriding what is inferred from the ControlNet file.")
 @click.option("--control-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="ControlNet: pose / depth / edge image [sets the size unless --width/--height; with --image "
                    "and --mask: ControlNet inpainting].")

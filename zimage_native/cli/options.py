@@ -18,7 +18,7 @@ def stack(*decorators):
     return apply
 
 
-# Where the weights come from: single files, LoRA, the variant, a remote text encoder.
+# Where the weights come from: single files, LoRA, a ControlNet, the variant, a remote text encoder.
 loading = stack(
     click.option("--transformer", type=click.Path(exists=True, path_type=Path), default=None,
                  help="DiT file in any supported format (ComfyUI, all-in-one, fp8, GGUF); see docs/formats.md."),
@@ -30,6 +30,11 @@ loading = stack(
                  help="Tokenizer folder or Hub id (default: the model's, or Z-Image-Turbo's)."),
     click.option("--lora", "loras", multiple=True,
                  help="LoRA file, PATH[:SCALE] (repeatable); fused into the weights."),
+    click.option("--controlnet", type=click.Path(exists=True, path_type=Path), default=None,
+                 help="Fun-ControlNet-Union file or diffusers folder (1.0, 2.0, 2.1; docs/tasks.md), for "
+                      "requests with a control image."),
+    click.option("--controlnet-config", type=click.Path(exists=True, path_type=Path), default=None,
+                 help="config.json overriding what is inferred from the ControlNet file."),
     click.option("--variant", type=click.Choice(["turbo", "base"]), default=None,
                  help="Step and guidance defaults (Turbo 8/0, base 50/4); detected from the model if not given."),
     click.option("--encoder-url", default=None,

@@ -73,18 +73,22 @@ def _f16(b: torch.Tensor, start: int) -> torch.Tensor:
     return b[:, start:start + 2].contiguous().view(torch.float16).to(torch.float32)
 
 
-def _shifts(values: list[int], shape: tuple[int, ...], device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.uint8, device=device).reshape(shape)
+def _split(q: torch.Tensor, n: int, groups: int, width: int, shifts: tuple[int, ...], mask: int) -> torch.Tensor:
+    """``groups`` runs of ``width`` bytes, each shifted right by every amount in ``shifts`` and masked:
+    (n, groups, len(shifts), width). Python-scalar shifts only: no host-to-device copy, so it runs
+    inside CUDA graphs and compiled code."""
+    q = q.reshape(n, groups, width)
+    return torch.stack([(q >> s) & mask if s else q & mask for s in shifts], dim=2)
 
 
 def _nibbles(qs: torch.Tensor, n: int, groups: int, width: int) -> torch.Tensor:
-    """Low then high nibbles of ``groups`` runs of ``width`` bytes: (n, groups, 2, width), masked."""
-    return (qs.reshape(n, groups, 1, width) >> _shifts([0, 4], (1, 1, 2, 1), qs.device)) & 0x0F
+    """Low then high nibbles of ``groups`` runs of ``width`` bytes: (n, groups, 2, width)."""
+    return _split(qs, n, groups, width, (0, 4), 0x0F)
 
 
 def _bits(qh: torch.Tensor, n: int, groups: int, width: int) -> torch.Tensor:
     """Bits 0..7 of ``groups`` runs of ``width`` bytes: (n, groups, 8, width)."""
-    return (qh.reshape(n, groups, 1, width) >> _shifts(list(range(8)), (1, 1, 8, 1), qh.device)) & 1
+    return _split(qh, n, groups, width, tuple(range(8)), 1)
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
@@ -129,8 +133,7 @@ def _q2_k(b: torch.Tensor) -> torch.Tensor:
     d, dmin = _f16(b, 80), _f16(b, 82)
     dl = (d * (scales & 0x0F).to(torch.float32)).reshape(n, 16, 1)
     ml = (dmin * (scales >> 4).to(torch.float32)).reshape(n, 16, 1)
-    q = (qs.reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3
-    q = q.reshape(n, 16, 16).to(torch.float32)
+    q = _split(qs, n, 2, 32, (0, 2, 4, 6), 3).reshape(n, 16, 16).to(torch.float32)
     return (dl * q - ml).reshape(n, 256)
 
 
@@ -138,11 +141,11 @@ def _q3_k(b: torch.Tensor) -> torch.Tensor:
     n = b.shape[0]
     hmask, qs, scales = b[:, 0:32], b[:, 32:96], b[:, 96:108]
     d = _f16(b, 108)
-    low = (scales[:, :8].reshape(n, 1, 8) >> _shifts([0, 4], (1, 2, 1), b.device)).reshape(n, 16)
-    high = (scales[:, 8:12].reshape(n, 1, 4) >> _shifts([0, 2, 4, 6], (1, 4, 1), b.device)).reshape(n, 16)
-    sc = ((low & 0x0F) | ((high & 3) << 4)).to(torch.int16) - 32
+    low = _split(scales[:, :8], n, 1, 8, (0, 4), 0x0F).reshape(n, 16)
+    high = _split(scales[:, 8:12], n, 1, 4, (0, 2, 4, 6), 3).reshape(n, 16)
+    sc = (low | (high << 4)).to(torch.int16) - 32
     dl = (d * sc.to(torch.float32)).reshape(n, 16, 1)
-    ql = ((qs.reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3).reshape(n, 16, 16)
+    ql = _split(qs, n, 2, 32, (0, 2, 4, 6), 3).reshape(n, 16, 16)
     qh = (_bits(hmask, n, 1, 32).reshape(n, 16, 16)) ^ 1  # a set bit means no offset
     q = (ql.to(torch.int16) - (qh.to(torch.int16) << 2)).to(torch.float32)
     return (dl * q).reshape(n, 256)
@@ -186,7 +189,7 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     d = _f16(b, 208)
     ds = (d * scales.view(torch.int8).to(torch.float32)).reshape(n, 16, 1)
     low = _nibbles(ql, n, 2, 64).reshape(n, 8, 32)
-    high = ((qh.reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], (1, 1, 4, 1), b.device)) & 3).reshape(n, 8, 32)
+    high = _split(qh, n, 2, 32, (0, 2, 4, 6), 3).reshape(n, 8, 32)
     q = ((low | (high << 4)).to(torch.int16) - 32).reshape(n, 16, 16).to(torch.float32)
     return (ds * q).reshape(n, 256)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -164,7 +164,9 @@ class GGUFCheckpoint:
         self.close()
 
     def close(self) -> None:
+        """Drop the memory map (names, types and shapes stay readable)."""
         self._reader = None
+        self.tensors = {k: replace(t, data=None) for k, t in self.tensors.items()}
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -254,7 +256,8 @@ def inspect_gguf(ckpt: GGUFCheckpoint) -> FileFormat:
     if hf is not None:  # a Qwen3 in transformers names (some GGUF converters keep them)
         te_keys = [k for k in keys if k.startswith(hf) and not k.startswith(_DIT_PREFIXES[:2])]
         if hf + "layers.0.self_attn.q_norm.weight" not in keys:
-            fmt.problem = f"{ckpt.path}: the text encoder has no q_norm: it is not a Qwen3 model (Z-Image needs Qwen3-4B)"
+            fmt.problem = (f"{ckpt.path}: the text encoder has no q_norm: it is not a Qwen3 model "
+                           f"(Z-Image needs Qwen3-4B)")
             return fmt
         # The transformers key map strips its prefixes itself.
         found.append(_component(ckpt, "text_encoder", "transformers" if hf else "bare", "", te_keys))

@@ -1,0 +1,98 @@
+"""Image inputs and outputs, as diffusers' image processor handles them.
+
+Inputs (``image``, ``mask_image``, ``control_image``) may be PIL images, numpy arrays (H, W, C) in
+[0, 1], torch tensors (B, C, H, W) in [0, 1], or lists of one kind. PIL images are resized with
+Lanczos, arrays and tensors with nearest interpolation; sizes round down to the latent grid.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _as_batch(image, what: str) -> tuple[str, Any]:
+    """('pil', [images]) | ('np', (B, H, W, C) array) | ('pt', (B, C, H, W) tensor)."""
+    from PIL import Image
+
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not items:
+        raise ValueError(f"{what} must not be an empty list")
+    if all(isinstance(i, Image.Image) for i in items):
+        return "pil", items
+    if all(isinstance(i, np.ndarray) for i in items):
+        arr = np.concatenate(items) if items[0].ndim == 4 else np.stack(items)
+        return "np", arr
+    if all(isinstance(i, torch.Tensor) for i in items):
+        return "pt", torch.cat(items) if items[0].ndim == 4 else torch.stack(items)
+    raise ValueError(f"{what} must be a PIL image, a numpy array (H, W, C) in [0, 1], a torch tensor (B, C, H, W) "
+                     f"in [0, 1], or a list of one kind; got {type(items[0]).__name__}")
+
+
+def _target_size(size_hw: tuple[int, int], width: int | None, height: int | None, multiple: int) -> tuple[int, int]:
+    h = height if height is not None else size_hw[0] // multiple * multiple
+    w = width if width is not None else size_hw[1] // multiple * multiple
+    if w < multiple or h < multiple or w % multiple or h % multiple:
+        raise ValueError(f"the input image must be at least {multiple}x{multiple} and the size a multiple of "
+                         f"{multiple}, got {w}x{h}")
+    return h, w
+
+
+def preprocess_image(image, width: int | None = None, height: int | None = None, multiple: int = 16) -> torch.Tensor:
+    """Image(s) -> (B, 3, H, W) fp32 in [-1, 1], as the reference's image processor does: PIL images
+    resized with Lanczos, arrays and tensors (values in [0, 1]) with nearest interpolation, to
+    ``width`` x ``height`` or down to multiples of ``multiple``."""
+    from PIL import Image
+
+    kind, batch = _as_batch(image, "image")
+    if kind == "pil":
+        h, w = _target_size((batch[0].height, batch[0].width), width, height, multiple)
+        arrays = [np.asarray(i.resize((w, h), resample=Image.LANCZOS).convert("RGB"), dtype=np.float32) / 255.0
+                  for i in batch]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
+    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2) if kind == "np" \
+        else batch.float()
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"image arrays must be (H, W, 3) / (B, H, W, 3), tensors (3, H, W) / (B, 3, H, W); "
+                         f"got shape {tuple(batch.shape)}")
+    h, w = _target_size(tuple(x.shape[-2:]), width, height, multiple)
+    x = torch.nn.functional.interpolate(x, size=(h, w))
+    if x.min() < 0:  # already in [-1, 1] (diffusers accepts this, deprecated)
+        return x
+    return x * 2.0 - 1.0
+
+
+def preprocess_mask(mask, height: int, width: int) -> torch.Tensor:
+    """Mask(s) -> (B, 1, H, W) fp32 of 0 (keep) and 1 (repaint): PIL masks resized with Lanczos and
+    made grey, arrays (H, W) / (H, W, 1) and tensors (H, W) / (B, 1, H, W) with nearest
+    interpolation; then binarised at 0.5, as the reference's mask processor does."""
+    from PIL import Image
+
+    if isinstance(mask, np.ndarray) and mask.ndim == 2:
+        mask = mask[..., None]
+    if isinstance(mask, torch.Tensor) and mask.ndim == 2:
+        mask = mask[None, None]
+    elif isinstance(mask, torch.Tensor) and mask.ndim == 3:
+        mask = mask[:, None]
+    kind, batch = _as_batch(mask, "mask_image")
+    if kind == "pil":
+        arrays = [np.asarray(m.resize((width, height), resample=Image.LANCZOS).convert("L"), dtype=np.float32)
+                  / 255.0 for m in batch]
+        m = torch.from_numpy(np.stack(arrays))[:, None]
+    else:
+        m = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2) if kind == "np" \
+            else batch.float()
+        if m.ndim != 4 or m.shape[1] != 1:
+            raise ValueError(f"a mask array must be (H, W) or (H, W, 1), a mask tensor (H, W) or (B, 1, H, W); got "
+                             f"shape {tuple(batch.shape)}")
+        m = torch.nn.functional.interpolate(m, size=(height, width))
+    return (m >= 0.5).float()
+
+
+def to_pil(images: np.ndarray):
+    """(N, H, W, 3) floats in [0, 1] -> PIL images, rounding as the reference does."""
+    from PIL import Image
+
+    return [Image.fromarray((img * 255).round().astype("uint8")) for img in images]
