@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(tmp_path: Path, bench_rc: int) -> subprocess.CompletedProcess:
+def run_script(tmp_path: Path, bench_rc: int, gpu: bool = False) -> subprocess.CompletedProcess:
     shim = tmp_path / "bin" / "python3"
     shim.parent.mkdir()
     shim.write_text(f"""#!/usr/bin/env bash
@@ -28,11 +28,16 @@ if [ "$1 $2 $3" = "-m zimage_native.cli bench" ]; then
                      || echo "FAIL fp8 quality (fast accum) vs bf16 at 64x64: 12.0 dB PSNR (needs >= 25 dB)"
   exit {bench_rc}
 fi
+if [ "$1 $2" = "-m pytest" ] || [ "${{1#benchmarks/}}" != "$1" ]; then echo "ran $*"; exit 0; fi
 exec {sys.executable} "$@"
 """)
     shim.chmod(0o755)
-    env = {**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}", "DRY_RUN": "1", "SKIP_INSTALL": "1",
-           "SKIP_KERNEL_BENCH": "1"}
+    env = {**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}", "DRY_RUN": "0" if gpu else "1",
+           "SKIP_INSTALL": "1", "SKIP_KERNEL_BENCH": "1"}
+    if gpu:  # a stand-in nvidia-smi: the script takes its GPU branch
+        smi = shim.parent / "nvidia-smi"
+        smi.write_text("#!/usr/bin/env bash\necho 'name, driver_version, memory.total'\n")
+        smi.chmod(0o755)
     return subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path / "out")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -75,3 +80,16 @@ def test_gpu_only_checks_run_on_the_cpu_with_stand_in_graphs():
     pipe.optimize(fp8=True)
     quality = bench.fp8_accumulation_quality(pipe, 32, 2, reference)
     assert set(quality) == {"fast_accum", "fp32_accum"} and all(v > 20 for v in quality.values()), quality
+
+
+@pytest.mark.parametrize("bench_rc", [0, 1], ids=["checks pass", "a check fails"])
+def test_gpu_branch_runs_the_judged_ladder_first_then_the_optional_steps(tmp_path, bench_rc):
+    result = run_script(tmp_path, bench_rc, gpu=True)
+    lines = result.stdout.strip().splitlines()
+    bench = next(line for line in lines if line.startswith("bench "))
+    assert "--sizes 1024 --big-size 2048 --steps 8" in bench and "--check" in bench and "--tiny" not in bench
+    ran = [line for line in lines if line.startswith("ran ")]
+    assert ran[0].startswith("ran -m pytest") and [r.split()[1] for r in ran[1:]] == [
+        "benchmarks/bench_kernels.py", "benchmarks/bench_gguf.py", "benchmarks/bench_controlnet.py"]
+    assert result.returncode == bench_rc and lines[-1] == ("VERDICT: PASS" if bench_rc == 0 else
+                                                          "VERDICT: FAIL (ladder checks (rc 1))"), result.stdout

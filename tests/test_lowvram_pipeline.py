@@ -59,7 +59,8 @@ def test_offload_blocks_runs_the_pipeline_with_streamed_blocks_and_identical_res
     # Every block ran on its moved copy, never on its CPU home; each run of a block had one copy.
     assert ran and all(on_copy for _, on_copy in ran)
     steps = CALL["num_inference_steps"] * (n - refiner)
-    assert len(ran) == (refiner + steps) + (2 * refiner + steps)  # with CFG the caption is refined twice
+    # with CFG the caption is refined twice (positives, negatives) and every step runs two forwards
+    assert len(ran) == (refiner + steps) + (2 * refiner + 2 * steps)
     assert sorted(set(move.log)) == list(range(n)) and len(move.log) >= len(ran)
     assert move.most <= streamer.depth + 1  # at most the running block and its prefetch are moved
     # The block's tensors point at their CPU homes between runs (the prefetched one aside).
