@@ -13,7 +13,10 @@
 #      against +compile shows that graph replay equals eager;
 #   4. runs the kernel micro-benchmark;
 #   5. times the GGUF packed linears (dequantise per forward) against bf16 linears at the DiT's shapes.
-# Everything it prints is also written to OUT_DIR (gpu_check.log, e2e.csv, kernels.csv).
+#   6. times a 1024x1024 8-step request with a random ControlNet branch of each published layout
+#      against none, and checks bf16 parity with diffusers' ZImageControlNetPipeline (estimated at about
+#      2 minutes; not yet run on a GPU).
+# Everything it prints is also written to OUT_DIR (gpu_check.log, e2e.csv, kernels.csv, controlnet.json).
 # Without a GPU (or with DRY_RUN=1) it runs the same steps as a CPU dry run of the code path: a tiny
 # random model, the eager and fp8 rungs, the kernel benchmark's --smoke mode.
 set -uo pipefail
@@ -47,6 +50,8 @@ if [ "$DRY_RUN" = 1 ]; then
   timeout 300 python3 benchmarks/bench_kernels.py --smoke --out "$OUT_DIR/dry-run" || true
   echo "== GGUF packed linears, smoke"
   timeout 120 python3 benchmarks/bench_gguf.py --smoke || true
+  echo "== ControlNet, smoke"
+  timeout 300 python3 benchmarks/bench_controlnet.py --smoke --out "$OUT_DIR/dry-run" || true
   exit 0
 fi
 
@@ -58,3 +63,6 @@ timeout 120 python3 benchmarks/bench_kernels.py --out "$OUT_DIR" || true
 
 echo "== GGUF packed linears (dequantise per forward) against bf16"
 timeout 120 python3 benchmarks/bench_gguf.py --out "$OUT_DIR" || true
+
+echo "== ControlNet-Union 1.0 / 2.0 / 2.1: cost per request and bf16 parity with diffusers"
+timeout 300 python3 benchmarks/bench_controlnet.py --repeats 2 --out "$OUT_DIR" || true

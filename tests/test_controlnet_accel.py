@@ -166,3 +166,50 @@ def test_triton_kernels_reach_the_branch(eager, fresh, control_files):  # noqa: 
     got = pipe(["a cat", "a dog"], control_image=control, **KW).images
     assert sum(kernels.launch_counts().values()) > 0
     assert_rel(got, eager(["a cat", "a dog"], control_image=control, **KW).images, 1e-5, "kernels='triton'")
+
+
+def test_offload_blocks_streams_the_branch_too(control_model_dir, control_files, eager):  # noqa: F811
+    """With offload="blocks" the branch's blocks are streamed like the DiT's (its projections and
+    modulations stay resident): every branch block runs on its moved copy, the results are those of
+    the resident pipeline, and between runs at most the prefetch depth is moved."""
+    from zimage_native.control import branch_blocks
+    from zimage_native.offload import _streamed_tensors
+
+    from .test_lowvram_pipeline import FakeMove
+
+    pipe = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="blocks")
+    pipe.progress = False
+    pipe.load_controlnet(control_files["2.1"])
+    streamer = pipe.controlnet.block_streamer
+    assert streamer.blocks == branch_blocks(pipe.controlnet) and "after_proj" in streamer.keep
+    move = FakeMove(streamer)  # logs which block each moved tensor belongs to
+    ran = []
+    for i, block in enumerate(streamer.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: ran.append(
+            not {t.data_ptr() for t in _streamed_tensors(m, streamer.keep)} & set(move.owner)))
+    control = picture(48, 32, 5)
+    got = pipe(["a cat", "a dog"], control_image=control, guidance_scale=2.0, **KW).images
+    want = eager(["a cat", "a dog"], control_image=control, guidance_scale=2.0, **KW).images
+    assert torch.equal(got, want)
+    assert len(ran) == 2 * len(streamer.blocks) and all(ran)  # 2 steps, every block on its moved copy
+    assert sorted(set(move.log)) == list(range(len(streamer.blocks)))
+    assert len(streamer.loaded) <= streamer.depth
+
+
+def test_the_gpu_benchmark_runs_its_smoke_mode(tmp_path):
+    """benchmarks/bench_controlnet.py (part of benchmarks/gpu_check.sh) on the CPU: every row, and
+    the diffusers rows at fp32 parity (the GPU run reports the bf16 numbers)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_controlnet", Path(__file__).parents[1] / "benchmarks" / "bench_controlnet.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--smoke", "--out", str(tmp_path)])
+    cases = [(r["case"], r["mode"]) for r in rows]
+    assert cases == [("no control", "eager")] + [(f"ControlNet {v}", "eager") for v in ("1.0", "2.0", "2.1")] + [
+        (f"ControlNet {v}", "diffusers eager") for v in ("1.0", "2.0", "2.1")]
+    assert all(r["rel_err_vs_diffusers"] <= 1e-5 for r in rows if "rel_err_vs_diffusers" in r)
+    assert json.loads((tmp_path / "controlnet.json").read_text())["rows"] == json.loads(json.dumps(rows))

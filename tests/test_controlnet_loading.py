@@ -181,3 +181,23 @@ def test_files_that_are_not_controlnets(tmp_path):
     torch.save({"a": torch.zeros(1)}, pickled)
     with pytest.raises(UnsupportedFormatError, match="pickle"):
         load_controlnet(pickled, transformer_config=DIT)
+
+
+@pytest.mark.parametrize("version, shown", [("1.0", "1.0"), ("2.0", "2.0"), ("2.1", "2.1 (2.0 if")])
+def test_zimage_info_describes_a_controlnet_from_its_headers(tmp_path, version, shown):
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    sd = control_state_dict(version)
+    if version == "2.0":  # as published: no refiner tensors of its own
+        sd = {k: v for k, v in sd.items() if not k.startswith("control_noise_refiner.")}
+    path = write(tmp_path, f"cn-{version}.safetensors", sd)
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    want_in = CONTROL_LAYOUTS[version]["control_in_dim"]
+    assert f"ControlNet-Union {shown}" in result.output and f"control input {want_in} channels" in result.output
+    assert "2 control layers at DiT layers [0, 15]" in result.output  # placed for the released 30-layer DiT
+    assert "zimage generate --controlnet" in result.output
+    report = json.loads(CliRunner().invoke(main, ["info", "--json", str(path)]).output)
+    assert report["kind"] == "controlnet" and report["controlnet"]["parameters"] == sum(v.numel() for v in sd.values())

@@ -243,9 +243,9 @@ def test_paths_never_come_from_user_input(client, server):
     good = events[-1].data["images"][0]["id"]
     for bad in ("..%2F..%2Fhistory.sqlite3", "..", "%2e%2e", good + ".png", "../" + good, "j0-0", good + "%00"):
         r = client.get(f"/api/v1/images/{bad}")
-        assert r.status_code == 404, bad
+        assert r.status_code in (404, 422), bad  # 422: not an image id (checked before any look-up)
         assert b"SQLite" not in r.content
-        assert client.delete(f"/api/history/{bad}").status_code in (404, 405), bad
+        assert client.delete(f"/api/history/{bad}").status_code in (404, 405, 422), bad
     for bad in ("/static/../app.py", "/static/..%2F..%2Fapp.py", "/static/%2e%2e/jobs.py"):
         r = client.get(bad)
         assert r.status_code == 404 and b"import" not in r.content, bad
@@ -392,8 +392,9 @@ def test_encode_returns_safetensors_with_dtype_and_shape(tmp_path):
         (only,), _ = features_from_bytes(r.content)
         assert only.shape == (3, 24)
         for body, words in (({"texts": ["a"], "prompt": "b"}, "exactly one"), ({}, "exactly one"),
-                            ({"texts": ["a"], "template": "x"}, "no prompt fields"),
-                            ({"texts": ["a"] * 17}, "between 1 and 16"),
+                            ({"texts": ["a"], "template": "film-noir"}, "no prompt fields"),
+                            ({"texts": ["a"], "template": "x"}, "unknown template"),
+                            ({"texts": ["a"] * 17}, "at most 16"),
                             ({"prompt": "a", "template": "no-such"}, "no-such")):
             r = c.post("/api/encode", json=body)
             assert r.status_code == 422 and words in r.json()["error"]["message"], (body, r.text)
@@ -525,3 +526,15 @@ def test_serve_cli_checks_options_and_reads_profiles(tmp_path, monkeypatch):
                         (["--encoder-only", "--encoder-url", "http://x"], "exclude each other")):
         result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path / "d"), *args])
         assert result.exit_code == 1 and words in result.output, result.output
+
+
+def test_fake_server_keeps_its_own_history_folder(tmp_path, monkeypatch):
+    from zimage_native.cli.serve import build_settings, default_options
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    real = build_settings({**default_options(), "fake": False}).data_dir
+    fake = build_settings({**default_options(), "fake": True}).data_dir
+    assert real == tmp_path / "zimage-native" / "server"
+    assert fake == tmp_path / "zimage-native" / "server-fake"
+    chosen = build_settings({**default_options(), "fake": True, "data_dir": tmp_path / "mine"}).data_dir
+    assert chosen == tmp_path / "mine"

@@ -8,6 +8,7 @@ $ZIMAGE_TEST_ARTIFACTS when that is set (a git-ignored folder such as test-artif
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -173,6 +174,61 @@ def test_template_and_prompt_fields_reach_the_job(page, server, artifacts):
     record = api_history(server)[0]["params"]
     assert record["template"] == name and record["system_prompt"] == "You are a careful painter."
     assert record["steps"] == 2
+
+
+def test_upload_image_mask_and_control_image(page, server, artifacts, tmp_path):
+    from PIL import Image
+
+    from zimage_native.server.engine import seed_colour
+
+    files = {}
+    for name, mode, colour, size in (("image", "RGB", (200, 10, 10), (384, 256)), ("mask", "L", 0, (384, 256)),
+                                     ("control_image", "RGB", (0, 0, 0), (384, 256))):
+        picture = Image.new(mode, size, colour)
+        if name == "mask":
+            picture.paste(255, (0, 0, 192, 256))  # repaint the left half
+        files[name] = tmp_path / f"{name}.png"
+        picture.save(files[name])
+    page.click("#inputs summary")
+    page.set_input_files("#image-file", str(files["image"]))
+    page.locator("#image-preview").wait_for(state="visible")
+    assert page.inner_text("#task") == "(img2img)"
+    page.set_input_files("#mask-file", str(files["mask"]))
+    page.locator("#mask-preview").wait_for(state="visible")
+    assert page.inner_text("#task") == "(inpainting)"
+    page.set_input_files("#control_image-file", str(files["control_image"]))
+    page.locator("#control_image-preview").wait_for(state="visible")
+    assert page.inner_text("#task") == "(ControlNet inpainting)"
+    for field in ("image", "mask", "control_image"):  # the previews show the uploaded pictures
+        page.wait_for_function(f"(() => {{ const i = document.querySelector('#{field}-preview');"
+                               f" return i.complete && i.naturalWidth === 384; }})()")
+    screenshot(page, artifacts, "web-phone-inputs.png")
+    page.click("#control_image-clear")
+    assert page.locator("#control_image-preview").is_hidden() and page.inner_text("#task") == "(inpainting)"
+
+    page.fill("#prompt", "repaint the left half")
+    page.fill("#seed", "77")
+    page.fill("#steps", "2")
+    page.fill("#width", "")
+    page.fill("#height", "")
+    before = len(api_history(server))
+    page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('#history li.item').length >= {before + 1}")
+    latest = api_history(server)[0]
+    assert latest["params"]["task"] == "inpaint" and (latest["width"], latest["height"]) == (384, 256)
+    out = Image.open(io.BytesIO(httpx.get(server.url + latest["url"]).content)).convert("RGB")
+    assert out.getpixel((10, 100)) == seed_colour(77) and out.getpixel((370, 100)) == (200, 10, 10)
+
+    page.click("#image-clear")
+    page.click("#mask-clear")
+    page.set_input_files("#control_image-file", str(files["control_image"]))
+    page.locator("#control_image-preview").wait_for(state="visible")
+    page.fill("#control_scale", "0.5")
+    page.fill("#prompt", "follow the pose")
+    page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('#history li.item').length >= {before + 2}")
+    latest = api_history(server)[0]["params"]  # the image's record
+    assert latest["task"] == "control" and latest["control_scale"] == 0.5
 
 
 def test_cancel(page, artifacts):

@@ -41,7 +41,8 @@ from torch.nn import functional as F
 
 from .model.controlnet import ZImageControlNet
 from .model.sequence import SequenceLayout, patchify
-from .sampling import Task, TaskContext, latent_multiple, preprocess_image, preprocess_mask, register_task
+from .images import preprocess_image, preprocess_mask
+from .sampling import Task, TaskContext, latent_multiple, register_task
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,11 @@ class ControlNetSlot:
             raise ValueError("control_image needs a ControlNet: load one with pipe.load_controlnet(path) "
                              "(zimage generate / zimage serve: --controlnet FILE)")
         return self.model
+
+
+def branch_blocks(model: ZImageControlNet) -> list:
+    """The branch's blocks in execution order (refiner stage, then control layers)."""
+    return [*(model.control_noise_refiner or []), *model.control_layers]
 
 
 # ---------------------------------------------------------------------------------------- context
@@ -205,9 +211,9 @@ class Control(Task):
 
     def context(self, ctx: TaskContext) -> torch.Tensor:
         pipe, r, model = ctx.pipe, ctx.request, ctx.inputs["model"]
-        control = repeat_to(ctx.inputs["control"], ctx.batch, r.n, "control image")
-        return control_context(lambda x: pipe.encode_image(x, None), control, pipe.transformer_config.in_channels,
-                               model.config.control_in_dim)
+        context = control_context(lambda x: pipe.encode_image(x, None), ctx.inputs["control"],
+                                  pipe.transformer_config.in_channels, model.config.control_in_dim)
+        return repeat_to(context, ctx.batch, r.n, "control image")  # each distinct image encoded once
 
     def condition(self, ctx):
         cond = super().condition(ctx)  # the start noise, drawn as for txt2img

@@ -144,19 +144,22 @@ def dit_blocks(transformer: nn.Module) -> list[nn.Module]:
 
 
 def stream_blocks(transformer: nn.Module, device: torch.device | str, depth: int = 1,
-                  transfer: Callable[[torch.Tensor], torch.Tensor] | None = None) -> BlockStreamer:
+                  transfer: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  blocks: list[nn.Module] | None = None, keep: tuple[str, ...] = RESIDENT) -> BlockStreamer:
     """Offload the DiT's blocks to (pinned) CPU memory and stream them to ``device``; everything
     else moves to ``device``. Returns the streamer (also kept as ``transformer.block_streamer``).
+    ``blocks`` / ``keep``: another model's blocks in execution order and the submodules of a block
+    that stay resident (the ControlNet branch: its blocks, whose projections run outside them).
 
     Apply it after transforms that compile blocks: a compiled block would trace the hooks.
     """
     device = torch.device(device)
     if getattr(transformer, "block_streamer", None) is not None:
         raise ValueError("the DiT's blocks are already streamed")
-    blocks = dit_blocks(transformer)
+    blocks = dit_blocks(transformer) if blocks is None else list(blocks)
     if any(getattr(b, "_compiled_call_impl", None) is not None for b in blocks):
         raise ValueError("offload='blocks' cannot stream compiled blocks: use compile='off' with block offload")
-    streamed = {id(t) for b in blocks for t in _streamed_tensors(b, RESIDENT)}
+    streamed = {id(t) for b in blocks for t in _streamed_tensors(b, keep)}
     pin = device.type == "cuda"
     with torch.no_grad():
         for module in transformer.modules():
@@ -171,7 +174,7 @@ def stream_blocks(transformer: nn.Module, device: torch.device | str, depth: int
                         table[name] = nn.Parameter(t.data.to(device), requires_grad=t.requires_grad)
                     else:
                         table[name] = t.to(device)
-    streamer = BlockStreamer(blocks, device, depth, transfer=transfer)
+    streamer = BlockStreamer(blocks, device, depth, keep=keep, transfer=transfer)
     transformer.block_streamer = streamer
     return streamer
 

@@ -221,8 +221,15 @@ class ZImagePipeline:
         backend, shapes = self._compile_options
         accel = dict(kernels=state["kernels"], attention=state["attention"], fp8=state["fp8"],
                      compile=state["compile"], compile_backend=backend, shapes=shapes)
+        blocks = self.offload == "blocks"  # then the branch's blocks are streamed like the DiT's
+        device = torch.device("cpu") if blocks else self.transformer.x_pad_token.device
         model = self.controlnets.load(path, config, transformer_config=self.transformer_config, dtype=self.dtype,
-                                      device=self.transformer.x_pad_token.device, accel=accel)
+                                      device=device, accel=accel)
+        if blocks:
+            from .offload import RESIDENT, stream_blocks
+
+            stream_blocks(model, self.placement["transformer"], blocks=_control.branch_blocks(model),
+                          keep=RESIDENT + ("before_proj", "after_proj"))
         if self._graphed is not None:
             self._graphed.clear()
         return model

@@ -81,6 +81,16 @@ def info(path: Path, as_json: bool):
             click.echo(f"  not for Z-Image: {lora['foreign']}")
         click.echo(f"  {report['tensors']} tensors, {report['parameters']:,} params")
         return
+    if "controlnet" in report:
+        cn = report["controlnet"]
+        if "error" in cn:
+            click.echo(f"  ControlNet: {cn['error']}")
+        else:
+            click.echo(f"  ControlNet-Union {cn['version']}: {len(cn['control_layers_places'])} control layers at DiT "
+                       f"layers {cn['control_layers_places']}, control input {cn['control_in_dim']} channels; "
+                       f"{cn['tensors']} tensors, {cn['parameters']:,} params")
+            click.echo("  use it with pipe.load_controlnet(PATH) or zimage generate --controlnet PATH")
+        return
     for name, c in report.get("components", {}).items():
         prefix = f" prefix '{c['prefix']}'" if c["prefix"] else ""
         quant = c["quantization"] or "not quantised"

@@ -42,7 +42,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--queue-size", type=int, default=8, show_default=True,
               help="Jobs that may wait behind the running one; beyond that: 429 with Retry-After.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="History folder (images + SQLite) [default: $XDG_DATA_HOME/zimage-native/server].")
+              help="History folder (images + SQLite) [default: $XDG_DATA_HOME/zimage-native/server; "
+                   "with --fake: .../server-fake].")
 @loading
 @click.option("--encoder-only", is_flag=True,
               help="Load only the text encoder and tokenizer: serve /api/encode (and rewrite) "
@@ -116,7 +117,8 @@ def build_settings(o: dict):
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {o[key]}")
     limits = Limits(min_side=o["min_side"], max_side=o["max_side"], max_pixels=o["max_pixels"],
                     max_steps=o["max_steps"], max_images=o["max_images"])
-    return ServerSettings(data_dir=o["data_dir"] or default_data_dir(), queue_size=o["queue_size"], token=o["token"],
+    data_dir = o["data_dir"] or default_data_dir(fake=bool(o.get("fake")))  # fake images stay out of real history
+    return ServerSettings(data_dir=data_dir, queue_size=o["queue_size"], token=o["token"],
                           limits=limits, max_history=o["max_history"], job_timeout=o["job_timeout"],
                           full_sync=o["full_sync"])
 
@@ -129,7 +131,11 @@ def build_engine(o: dict):
     if o["fake"]:
         return FakeEngine(o["fake_step_delay"], model_name=o["model"] or "fake", variant=o["variant"] or "turbo",
                           templates_dirs=templates)
+    if o.get("controlnet_config") is not None and o.get("controlnet") is None:
+        raise ValueError("--controlnet-config needs --controlnet")
     if o["encoder_only"]:
+        if o.get("controlnet") is not None:
+            raise ValueError("--encoder-only and --controlnet exclude each other (the ControlNet runs with the DiT)")
         if o["encoder_url"]:
             raise ValueError("--encoder-only and --encoder-url exclude each other")
         device = o["text_encoder_device"] or o["device"]

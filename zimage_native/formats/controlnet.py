@@ -24,6 +24,7 @@ own config.json is used the same way. Loading is strict (missing and unexpected 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -128,6 +129,27 @@ def infer_controlnet_config(
         "n_kv_heads": dim // head_dim,
         "norm_eps": transformer_config.norm_eps,
     }
+
+
+def describe_controlnet(path: str | os.PathLike) -> dict[str, Any]:
+    """What ``zimage info`` says about a ControlNet, from the headers only (for the released DiT):
+    the version, the control layer places, the control input width. 2.0 and 2.1 files with control
+    refiner blocks are told apart by a tensor's values, which this does not read."""
+    files = safetensors_files(Path(path))
+    shapes = _shapes(files)
+    try:
+        cfg = infer_controlnet_config(shapes, TransformerConfig(), refiner_untrained=False)
+    except (UnsupportedFormatError, ValueError) as e:
+        return {"error": str(e)}
+    version = {None: "1.0", "control_layers": "2.0"}.get(
+        cfg["add_control_noise_refiner"],
+        "2.1 (2.0 if control_noise_refiner.0.before_proj is all zeros: decided when loading)")
+    if len(cfg["control_layers_places"]) == 3:
+        version += " lite"
+    return {"version": version, "control_layers_places": cfg["control_layers_places"],
+            "control_refiner_layers_places": cfg["control_refiner_layers_places"],
+            "control_in_dim": cfg["control_in_dim"], "tensors": len(shapes),
+            "parameters": sum(math.prod(v) for v in shapes.values())}
 
 
 def _merge(what: str, inferred: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,11 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         return out
     if fmt.problem:
         out["problem"] = fmt.problem
+    if fmt.kind == "controlnet" and fmt.container == "safetensors":
+        from .controlnet import describe_controlnet
+
+        out["controlnet"] = describe_controlnet(path)
+        return out
     components = {}
     if fmt.components:
         with Checkpoint(path) as ckpt:

@@ -189,7 +189,7 @@ def inspect_checkpoint(ckpt: Checkpoint) -> FileFormat:
     if any(re.search(r"(^|\.)control_", k) for k in keys):
         fmt.kind = "controlnet"
         fmt.problem = (f"{ckpt.path}: this is a Z-Image ControlNet (control_* keys), not a model checkpoint; "
-                       f"load it with pipe.load_controlnet(...)")
+                       f"load it with pipe.load_controlnet(...) (zimage generate --controlnet FILE)")
         return fmt
     unclaimed = set(keys)
     found: list[tuple[str, str]] = []

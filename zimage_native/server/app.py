@@ -14,6 +14,7 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__
@@ -22,6 +23,7 @@ from .engine import Engine
 from .errors import install_error_handlers
 from .jobs import JobManager
 from .middleware import LimitsAndAuth
+from .openapi import install_openapi
 from .routes import FAMILIES
 from .routes.server import web_dir
 from .settings import ServerSettings
@@ -70,5 +72,9 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, *, warmup
     install_error_handlers(app)
     for family in FAMILIES:  # the routes as they are (no prefix), so that app.routes lists every route
         app.router.routes.extend(family.router(ctx).routes)
+    for route in app.router.routes:  # operation ids are the handlers' names (the schema's links use them)
+        if isinstance(route, APIRoute) and route.operation_id is None:
+            route.operation_id = route.name
     app.mount("/static", StaticFiles(directory=web_dir()), name="static")
+    install_openapi(app, token=settings.token is not None)
     return app

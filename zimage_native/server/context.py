@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from .engine import Engine
 from .jobs import TERMINAL, Conflict, Event, Job, JobManager, image_view
-from .schemas import ApiError, JobRequest, resolve_generation
+from .schemas import ApiError, Models, build_models, resolve_generation
 from .settings import Limits, ServerSettings
 from .storage import IMAGE_ID, JOB_ID, Storage
 
@@ -42,6 +42,22 @@ class ServerContext:
     settings: ServerSettings
     storage: Storage
     manager: JobManager
+    models: Models | None = None  # the request bodies under these limits (built at start-up when None)
+
+    def __post_init__(self):
+        if self.models is None:
+            registry = self.engine.registry
+            names = [t.name for t in registry.list(None)]
+            rewriters = [t.name for t in registry.list("rewriter")] if "rewriter" in registry.categories() else []
+
+            def hint(name: str) -> str:
+                try:
+                    self.engine.template(name)
+                except KeyError as e:
+                    return str(e.args[0]) if e.args else f"unknown template {name!r}"
+                return f"{name!r} is not a template of this server"
+
+            self.models = build_models(self.limits, names, rewriters, hint)
 
     @property
     def limits(self) -> Limits:
@@ -52,7 +68,7 @@ class ServerContext:
             raise ApiError(503, "this server runs the text encoder only (--encoder-only); it cannot generate images",
                            "unavailable")
 
-    def submit(self, body: JobRequest) -> Job:
+    def submit(self, body) -> Job:
         self.require_generation()
         return self.manager.submit(resolve_generation(body, self.engine, self.limits))
 
@@ -89,7 +105,7 @@ class ServerContext:
         finally:
             self.manager.unsubscribe(job, queue)
 
-    async def run_sync(self, body: JobRequest) -> tuple[Job, Event]:
+    async def run_sync(self, body) -> tuple[Job, Event]:
         """Submit, wait for the job's end; a job that did not complete is an error (500 failed,
         409 cancelled). The synchronous routes (OpenAI, /api/generate) answer with this."""
         job = await asyncio.to_thread(self.submit, body)
@@ -115,6 +131,17 @@ class ServerContext:
         if row is None:
             raise not_found("image", image_id)
         return row
+
+    def image_bytes(self, image_id: str, fmt: str = "png", compression: int | None = None) -> bytes:
+        """A stored image's bytes (converted to ``fmt``); 404 when it is gone (deleted meanwhile)."""
+        row = self.image_row(image_id)
+        path = self.storage.image_file(row)
+        try:
+            if path is not None:
+                return encode_output(path, fmt, compression)
+        except FileNotFoundError:
+            pass
+        raise not_found("image file", image_id)
 
     def history(self, limit: int, offset: int) -> dict:
         limit = max(1, min(limit, 1000))

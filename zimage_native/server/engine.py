@@ -45,6 +45,8 @@ class Engine:
 
     can_generate = True
     can_rewrite = True
+    can_inpaint = False  # takes a mask (GenerationRequest.mask_image)
+    can_control = False  # takes a control image (a ControlNet is loaded)
 
     def __init__(self, model_name: str, variant: str = "turbo", templates_dirs: list[str] | None = None):
         self.model_name = model_name
@@ -124,6 +126,14 @@ class PipelineEngine(Engine):
         self.pipe = pipe
         pipe.templates_dirs = list(self.templates_dirs)
         pipe.progress = False
+
+    @property
+    def can_inpaint(self) -> bool:
+        return callable(getattr(self.pipe, "inpaint", None))
+
+    @property
+    def can_control(self) -> bool:
+        return getattr(self.pipe, "controlnet", None) is not None
 
     @property
     def default_steps(self) -> int:
@@ -269,10 +279,16 @@ def seed_colour(seed: int) -> tuple[int, int, int]:
 class FakeEngine(Engine):
     """Solid-colour images after ``step_delay`` seconds per step; deterministic fake features.
 
+    Inpainting paints the seed's colour where the mask is white and keeps the input elsewhere;
+    a control image is accepted and recorded (task, control_scale) in the image's metadata.
+
     For tests and demos: no weights, no GPU. A prompt that contains ``fail_marker`` fails after
     its first step (to exercise the failed path). Features are random tensors of ``hidden_size``
     columns, one row per UTF-8 byte of the text (capped at the token limit), seeded by the text.
     """
+
+    can_inpaint = True
+    can_control = True
 
     def __init__(self, step_delay: float = 0.0, *, model_name: str = "fake", variant: str = "turbo",
                  hidden_size: int = 32, dtype: torch.dtype = torch.float32, fail_marker: str | None = "[fail]",
@@ -312,9 +328,14 @@ class FakeEngine(Engine):
                       "steps": request.steps, "guidance_scale": request.guidance_scale, "seed": seed,
                       "template": request.template, **request.fields, "model": self.model_name,
                       "variant": self.variant, "version": __version__, "strength": request.strength,
-                      "shift": request.shift}
+                      "shift": request.shift, "task": request.task,
+                      "control_scale": request.control_scale if request.control_image is not None else None}
             record = {k: v for k, v in record.items() if v is not None}
             image = Image.new("RGB", (request.width, request.height), seed_colour(seed))
+            if request.mask_image is not None:  # inpainting: the seed's colour where the mask is white
+                size = (request.width, request.height)
+                keep = request.image.convert("RGB").resize(size)
+                image = Image.composite(image, keep, request.mask_image.convert("L").resize(size))
             images.append(GeneratedImage(image, seed, record))
         return images
 

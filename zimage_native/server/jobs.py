@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import threading
@@ -341,8 +342,8 @@ class JobManager:
             logger.warning("job %s failed: %s", job.id, e, exc_info=logger.isEnabledFor(logging.DEBUG))
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             self._finish(job, "failed", error=message)
-        finally:
-            request.image = None  # do not keep input images in memory
+        finally:  # do not keep input images in memory (the request is frozen: keep a copy without them)
+            job.request = dataclasses.replace(request, image=None, mask_image=None, control_image=None)
 
     def _finish(self, job: Job, status: str, *, error: str | None = None, data: dict | None = None) -> None:
         now = time.time()

@@ -1,13 +1,18 @@
-"""Pure ASGI middleware: the request body limit (413) and the bearer token (401)."""
+"""Pure ASGI middleware: a request id on every response, the request body limit (413) and the
+bearer token (401)."""
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
+import uuid
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .errors import error_body
+
+logger = logging.getLogger("zimage_native.server.errors")
 
 COOKIE = "zimage_token"
 OPEN_PATHS = ("/health", "/", "/favicon.ico", "/api/v1/login")  # no token needed (the page shell and its assets too)
@@ -31,6 +36,30 @@ class LimitsAndAuth:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        request_id = uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
+        raw_id = request_id.encode()
+        started = False
+
+        async def send_with_id(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", raw_id)]}
+            await send(message)
+
+        try:
+            return await self._call(scope, receive, send_with_id)
+        except Exception as e:  # noqa: BLE001 - the one place that turns the unexpected into a JSON 500
+            logger.error("request %s (%s %s) failed: %s: %s", request_id, scope.get("method"), scope.get("path"),
+                         type(e).__name__, e, exc_info=e)
+            if started:  # a streamed response broke midway: nothing to answer, the connection ends
+                raise
+            await send_json(send_with_id, 500, error_body(
+                500, f"internal server error (request id {request_id}; the server's log has the details)",
+                "server_error", request_id=request_id))
+
+    async def _call(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path = scope.get("path", "")
         if self.token is not None and not is_open(path) and not self.authorized(headers):

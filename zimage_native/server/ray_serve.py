@@ -26,7 +26,7 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Any
 
 from ray import serve
@@ -46,23 +46,28 @@ def _replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
+IMAGE_FIELDS = {"image": "RGB", "mask_image": "L", "control_image": "RGB"}  # the request's PIL inputs, sent as PNG
+
+
 def _request_payload(request: GenerationRequest) -> dict[str, Any]:
-    payload = asdict(request)
-    image = payload.pop("image")
-    if image is not None:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        payload["image_png"] = buffer.getvalue()
+    payload = {f.name: getattr(request, f.name) for f in fields(request) if f.name not in IMAGE_FIELDS}
+    for name in IMAGE_FIELDS:
+        image = getattr(request, name)
+        if image is not None:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            payload[f"{name}_png"] = buffer.getvalue()
     return payload
 
 
 def _request_from_payload(payload: dict[str, Any]) -> GenerationRequest:
     payload = dict(payload)
-    png = payload.pop("image_png", None)
-    if png is not None:
-        from PIL import Image
+    for name, mode in IMAGE_FIELDS.items():
+        png = payload.pop(f"{name}_png", None)
+        if png is not None:
+            from PIL import Image
 
-        payload["image"] = Image.open(io.BytesIO(png)).convert("RGB")
+            payload[name] = Image.open(io.BytesIO(png)).convert(mode)
     return GenerationRequest(**payload)
 
 
@@ -85,6 +90,7 @@ class ZImageReplica:
                 "default_guidance": e.default_guidance, "scheduler_shift": e.scheduler_shift,
                 "dynamic_shift": e.dynamic_shift, "text_encoder": e.text_encoder_info(),
                 "describe": e.describe(), "can_generate": e.can_generate, "can_rewrite": e.can_rewrite,
+                "can_inpaint": e.can_inpaint, "can_control": e.can_control,
                 "replica": _replica_id()}
 
     def generate(self, payload: dict[str, Any]):
@@ -156,6 +162,8 @@ class RayEngine(Engine):
         self._info = info
         self.can_generate = info["can_generate"]
         self.can_rewrite = info["can_rewrite"]
+        self.can_inpaint = info.get("can_inpaint", False)
+        self.can_control = info.get("can_control", False)
 
     default_steps = property(lambda self: self._info["default_steps"])
     default_guidance = property(lambda self: self._info["default_guidance"])

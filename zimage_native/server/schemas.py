@@ -6,22 +6,24 @@ the request leaves unset: the template's suggested settings first, then the mode
 Every problem raises :class:`ApiError`, which the app turns into a JSON error naming the field.
 """
 
-from __future__ import annotations
-
 import base64
 import binascii
 import io
+import math
 import random
 import re
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from .engine import PROMPT_FIELDS, Engine, GenerationRequest
 from .settings import Limits
 
 MAX_SEED = 2**63 - 1
+MAX_INT = 2**63 - 1  # SQLite's largest integer: the bound of offsets and event ids
 MAX_INPUT_SIDE = 8192  # an img2img input larger than this is refused before it is decoded
+SIZE_PATTERN = r"^(?:[0-9]{1,5}[xX][0-9]{1,5}|auto)$"
 
 
 class ApiError(Exception):
@@ -41,106 +43,272 @@ def invalid(param: str, message: str) -> ApiError:
     return ApiError(422, f"{param}: {message}", "invalid_request_error", param)
 
 
-class PromptFields(BaseModel):
-    """The chat-format fields (docs/prompting.md)."""
-
-    template: str | None = None
-    system_prompt: str | None = None
-    thinking_content: str | None = None
-    assistant_content: str | None = None
-    force_think_block: bool | None = None
-    strip_quotes: bool | None = None
+# ------------------------------------------------------------------------------ constrained types
+# Each helper returns one annotated type whose check and whose JSON Schema come from the same
+# arguments, so what /openapi.json promises is what the server enforces (the arguments come from
+# the server's Limits). A failed check is a 422 naming the field (errors.py).
 
 
-class JobRequest(PromptFields):
-    """``POST /api/v1/jobs``: every generation field of the library. Unknown fields are refused."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    prompt: str
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    size: str | None = Field(None, description="'WIDTHxHEIGHT', instead of width and height")
-    steps: int | None = Field(None, validation_alias=AliasChoices("steps", "num_inference_steps"))
-    guidance_scale: float | None = None
-    seed: int | list[int] | None = Field(None, validation_alias=AliasChoices("seed", "seeds"))
-    n: int = Field(1, validation_alias=AliasChoices("n", "num_images"))
-    cfg_normalization: float = 0.0
-    cfg_truncation: float = 1.0
-    max_sequence_length: int = 512
-    shift: float | None = None
-    image: str | None = Field(None, description="img2img input: base64 or a data: URL (PNG, JPEG, WebP)")
-    strength: float = 0.6
+def _has_lone_surrogate(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
 
 
-class LegacyGenerateRequest(JobRequest):
-    """``POST /api/generate`` (the predecessor's route): as a job request, unknown fields ignored."""
+def Int(lo: int, hi: int, *, multiple_of: int | None = None, description: str | None = None) -> Any:
+    """An integer in [lo, hi], optionally a multiple of ``multiple_of``."""
+    schema: dict[str, Any] = {"type": "integer", "minimum": lo, "maximum": hi}
+    if multiple_of:
+        schema["multipleOf"] = multiple_of
+    if description:
+        schema["description"] = description
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    def check(v: int) -> int:
+        if multiple_of and v % multiple_of:
+            raise ValueError(f"must be a multiple of {multiple_of}, got {v}")
+        if not lo <= v <= hi:
+            raise ValueError(f"must be between {lo} and {hi}, got {v}")
+        return v
 
-
-class OpenAIImageRequest(BaseModel):
-    """``POST /v1/images/generations``; OpenAI-only knobs (quality, style, ...) are accepted and ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    prompt: str
-    model: str | None = None
-    n: int = 1
-    size: str | None = None
-    response_format: Literal["b64_json", "url"] | None = "b64_json"
-    output_format: Literal["png", "jpeg", "webp"] | None = "png"
-    output_compression: int | None = None
-    stream: bool | None = None
-    user: str | None = None
-    # The extensions, named as vLLM-Omni and SGLang name them.
-    negative_prompt: str | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = None
+    return Annotated[int, AfterValidator(check), WithJsonSchema(schema)]
 
 
-class EncodeRequest(PromptFields):
-    """``POST /api/encode`` and ``/api/save-embeddings``: pre-formatted ``texts`` or a ``prompt``."""
+def Num(lo: float, hi: float, *, open_lo: bool = False, description: str | None = None) -> Any:
+    """A finite number in [lo, hi] (or (lo, hi] with ``open_lo``)."""
+    schema: dict[str, Any] = {"type": "number", "maximum": hi}
+    schema["exclusiveMinimum" if open_lo else "minimum"] = lo
+    if description:
+        schema["description"] = description
 
-    model_config = ConfigDict(extra="forbid")
+    def check(v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v}")
+        if (v <= lo if open_lo else v < lo) or v > hi:
+            raise ValueError(f"must be {'>' if open_lo else 'between'} {lo}{' and <=' if open_lo else ' and'} {hi}, got {v}")
+        return float(v)
 
-    texts: list[str] | None = None
-    prompt: str | list[str] | None = None
-    max_sequence_length: int = 512
-
-
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    texts: list[str]
-    max_sequence_length: int = 512
-
-
-class FormatPromptRequest(PromptFields):
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str
-    tokens: bool = False
-    max_sequence_length: int = 512
+    return Annotated[float, AfterValidator(check), WithJsonSchema(schema)]
 
 
-class RewriteRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def Text(max_len: int, *, nonblank: bool = False, min_len: int = 0, pattern: str | None = None,
+         description: str | None = None) -> Any:
+    """A string of at most ``max_len`` characters (no lone surrogates); ``nonblank``: not only
+    whitespace; ``pattern``: must match it in full."""
+    schema: dict[str, Any] = {"type": "string", "maxLength": max_len}
+    if min_len:
+        schema["minLength"] = min_len
+    if nonblank:
+        schema.update(minLength=1, pattern=r"\S")
+    if pattern:
+        schema["pattern"] = pattern
+    if description:
+        schema["description"] = description
 
-    prompt: str
-    rewriter: str | None = None
-    system_prompt: str | None = None
-    max_new_tokens: int = 512
-    temperature: float = 0.7
-    seed: int | None = None
-    top_p: float = 0.95
-    force_think_block: bool | None = None
+    def check(v: str) -> str:
+        if (nonblank and not re.search(r"\S", v)) or len(v) < min_len:
+            raise ValueError("must not be empty")
+        if len(v) > max_len:
+            raise ValueError(f"is {len(v)} characters long; the limit is {max_len}")
+        if pattern and not re.fullmatch(pattern.strip("^$"), v):
+            raise ValueError(f"must match {pattern}, got {v[:40]!r}")
+        if _has_lone_surrogate(v):
+            raise ValueError("is not valid Unicode (a lone surrogate)")
+        return v
+
+    return Annotated[str, AfterValidator(check), WithJsonSchema(schema)]
 
 
-class LoginRequest(BaseModel):
-    token: str
+def Choice(names: list[str], what: str, *, hint=None) -> Any:
+    """One of ``names`` (a JSON Schema enum); ``hint(value)`` may give a friendlier message."""
+    allowed = list(names)
+    known = set(allowed)
+    schema: dict[str, Any] = {"type": "string", "enum": allowed}
+
+    def check(v: str) -> str:
+        if v not in known:
+            raise ValueError(hint(v) if hint else f"unknown {what} {v!r}; one of {allowed}")
+        return v
+
+    return Annotated[str, AfterValidator(check), WithJsonSchema(schema)]
+
+
+def NoStream() -> Any:
+    def check(v: bool) -> bool:
+        if v:
+            raise ValueError("streaming is not supported on this route; use the job API's events instead")
+        return v
+
+    return Annotated[bool, AfterValidator(check),
+                     WithJsonSchema({"type": "boolean", "enum": [False],
+                                     "description": "not supported (use the job API's events)"})]
+
+
+IMAGE_DATA = {"type": "string", "contentEncoding": "base64",
+              "description": "base64 or a data: URL of a PNG, JPEG or WebP image"}
+
+
+def ImageData(description: str) -> Any:
+    """A base64 image (its content is checked when it is decoded: format, size, upload limit)."""
+    def check(v: str) -> str:
+        if _has_lone_surrogate(v):
+            raise ValueError("is not valid base64")
+        return v
+
+    return Annotated[str, AfterValidator(check), WithJsonSchema({**IMAGE_DATA, "description": description})]
+
+
+def IdPath(regex: re.Pattern, what: str) -> Any:
+    """A path id in the server's format (anything else is a 422 before any look-up)."""
+    def check(v: str) -> str:
+        if not regex.fullmatch(v):
+            raise ValueError(f"is not a valid {what} id (the format is {regex.pattern})")
+        return v
+
+    return Annotated[str, AfterValidator(check), WithJsonSchema({"type": "string", "pattern": regex.pattern})]
+
+
+class Strict(BaseModel):
+    """JSON types are taken as they are: no "5" for 5, no 1 for true."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+
+@dataclass
+class Models:
+    """The request bodies of one app, with the constraints of its Limits (see :func:`build_models`)."""
+
+    job: type[BaseModel]
+    legacy: type[BaseModel]
+    openai: type[BaseModel]
+    encode: type[BaseModel]
+    tokenize: type[BaseModel]
+    format_prompt: type[BaseModel]
+    rewrite: type[BaseModel]
+    login: type[BaseModel]
+
+
+def build_models(limits: Limits, templates: list[str], rewriters: list[str], template_hint=None) -> Models:
+    """The request models for ``limits`` and the templates known at start-up.
+
+    The limits become constraints in both the checks and the published schema (minimum, maximum,
+    multipleOf, maxLength, enum), from the same numbers. What JSON Schema cannot say (width x
+    height within max_pixels, one seed per image, the strength leaving a step to run) is checked
+    by :func:`resolve_generation` and answered with a 422 too.
+    """
+    L = limits
+    PromptTextT = Text(L.max_prompt_chars, nonblank=True)
+    TextT = Text(L.max_prompt_chars)
+    SideT = Int(L.min_side, L.max_side, multiple_of=16)
+    StepsT = Int(1, L.max_steps)
+    NImagesT = Int(1, L.max_images)
+    SeedT = Int(0, MAX_SEED)
+    GuidanceT = Num(0, L.max_guidance)
+    SeqLenT = Int(1, L.max_sequence_length)
+    default_len = min(512, L.max_sequence_length)
+    SizeT = Text(11, pattern=SIZE_PATTERN, description="'WIDTHxHEIGHT' (or 'auto'), instead of width and height")
+    TemplateT = Choice(templates, "template", hint=template_hint)
+    RewriterT = Choice(rewriters, "rewriter", hint=template_hint)
+
+    class PromptFields(Strict):
+        """The chat-format fields (docs/prompting.md)."""
+
+        template: TemplateT | None = None
+        system_prompt: TextT | None = None
+        thinking_content: TextT | None = None
+        assistant_content: TextT | None = None
+        force_think_block: bool | None = None
+        strip_quotes: bool | None = None
+
+    class JobRequest(PromptFields):
+        """``POST /api/v1/jobs``: every generation field of the library. Unknown fields are refused.
+
+        Tasks: text-to-image (no image), img2img (``image``), inpainting (``image`` + ``mask``, white
+        = repaint), ControlNet (``control_image``, alone or with ``image`` + ``mask``)."""
+
+        prompt: PromptTextT
+        negative_prompt: TextT | None = None
+        width: SideT | None = None
+        height: SideT | None = None
+        size: SizeT | None = None
+        steps: StepsT | None = Field(None, validation_alias=AliasChoices("steps", "num_inference_steps"))
+        guidance_scale: GuidanceT | None = None
+        seed: SeedT | Annotated[list[SeedT], Field(min_length=1, max_length=L.max_images)] | None = Field(
+            None, validation_alias=AliasChoices("seed", "seeds"))
+        n: NImagesT = Field(1, validation_alias=AliasChoices("n", "num_images"))
+        cfg_normalization: Num(0, 100, description="0 = off") = 0.0
+        cfg_truncation: Num(0, 1) = 1.0
+        max_sequence_length: SeqLenT = default_len
+        shift: Num(0, 100, open_lo=True) | None = None
+        image: ImageData("img2img or inpainting input: base64 or a data: URL (PNG, JPEG, WebP)") | None = None
+        mask: ImageData("inpainting mask (needs image): white = repaint, black = keep; base64 or data: URL") | None = None
+        control_image: ImageData("ControlNet condition (pose, edges, depth, ...): base64 or data: URL") | None = None
+        strength: Num(0, 1, description="img2img default 0.6, inpainting default 1.0") | None = None
+        control_scale: Num(0, L.max_control_scale, description="ControlNet conditioning scale (default 0.75)") | None = None
+
+    class LegacyGenerateRequest(JobRequest):
+        """``POST /api/generate`` (the predecessor's route): as a job request, unknown fields ignored."""
+
+        model_config = ConfigDict(extra="ignore")
+
+    class OpenAIImageRequest(Strict):
+        """``POST /v1/images/generations``; OpenAI-only knobs (quality, style, ...) are accepted and ignored."""
+
+        model_config = ConfigDict(extra="ignore")
+
+        prompt: PromptTextT
+        model: Text(256) | None = None
+        n: NImagesT = 1
+        size: SizeT | None = None
+        response_format: Literal["b64_json", "url"] | None = "b64_json"
+        output_format: Literal["png", "jpeg", "webp"] | None = "png"
+        output_compression: Int(0, 100) | None = None
+        stream: NoStream() | None = None
+        user: Text(256) | None = None
+        # The extensions, named as vLLM-Omni and SGLang name them.
+        negative_prompt: TextT | None = None
+        num_inference_steps: StepsT | None = None
+        guidance_scale: GuidanceT | None = None
+        seed: SeedT | None = None
+
+    NonemptyT = Text(L.max_prompt_chars, min_len=1)
+    TextsT = Annotated[list[NonemptyT], Field(min_length=1, max_length=L.max_texts)]
+
+    class EncodeRequest(PromptFields):
+        """``POST /api/encode`` and ``/api/save-embeddings``: pre-formatted ``texts`` or a ``prompt``."""
+
+        model_config = ConfigDict(json_schema_extra={"oneOf": [
+            {"required": ["texts"], "properties": {"texts": {"type": "array"}, "prompt": {"type": "null"},
+                                                   **{k: {"type": "null"} for k in ("template", *PROMPT_FIELDS)}}},
+            {"required": ["prompt"], "properties": {"prompt": {"type": ["string", "array"]},
+                                                    "texts": {"type": "null"}}},
+        ]})
+
+        texts: TextsT | None = None
+        prompt: PromptTextT | TextsT | None = None
+        max_sequence_length: SeqLenT = default_len
+
+    class TokenizeRequest(Strict):
+        texts: TextsT
+        max_sequence_length: SeqLenT = default_len
+
+    class FormatPromptRequest(PromptFields):
+        prompt: PromptTextT
+        tokens: bool = False
+        max_sequence_length: SeqLenT = default_len
+
+    class RewriteRequest(Strict):
+        prompt: PromptTextT
+        rewriter: RewriterT | None = None
+        system_prompt: TextT | None = None
+        max_new_tokens: Int(1, L.max_new_tokens) = min(512, L.max_new_tokens)
+        temperature: Num(0, 5) = 0.7
+        seed: SeedT | None = None
+        top_p: Num(0, 1, open_lo=True) = 0.95
+        force_think_block: bool | None = None
+
+    class LoginRequest(Strict):
+        token: Text(4096)
+
+    return Models(JobRequest, LegacyGenerateRequest, OpenAIImageRequest, EncodeRequest, TokenizeRequest,
+                  FormatPromptRequest, RewriteRequest, LoginRequest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +325,7 @@ def check_text(param: str, value: str | None, limits: Limits, *, required: bool 
         raise invalid(param, f"is {len(value)} characters long; the limit is {limits.max_prompt_chars}")
 
 
-def check_prompt_fields(body: PromptFields, limits: Limits, engine: Engine) -> dict[str, Any]:
+def check_prompt_fields(body, limits: Limits, engine: Engine) -> dict[str, Any]:
     for name in ("system_prompt", "thinking_content", "assistant_content"):
         check_text(name, getattr(body, name), limits)
     if body.template is not None:
@@ -175,7 +343,7 @@ def check_max_len(value: int, limits: Limits) -> int:
 
 
 def parse_size(text: str, param: str = "size") -> tuple[int, int]:
-    match = re.fullmatch(r"\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*", text)
+    match = re.fullmatch(r"([0-9]{1,5})[xX]([0-9]{1,5})", text)
     if not match:
         raise invalid(param, f"must look like '1024x1024' (width x height), got {text!r}")
     return int(match.group(1)), int(match.group(2))
@@ -191,44 +359,52 @@ def check_size(width: int, height: int, limits: Limits) -> None:
         raise invalid("size", f"{width}x{height} has {width * height} pixels; the limit is {limits.max_pixels}")
 
 
-def decode_image(data: str, limits: Limits):
-    """A base64 string or data: URL -> an RGB PIL image, within the upload limits."""
+def decode_image(data: str, limits: Limits, param: str = "image"):
+    """A base64 string or data: URL -> a PIL image (RGB; ``L`` for a mask), within the upload limits."""
     from PIL import Image, UnidentifiedImageError
 
     text = data.strip()
     if text.startswith("data:"):
         head, _, text = text.partition(",")
         if ";base64" not in head:
-            raise invalid("image", "a data: URL must be base64-encoded")
+            raise invalid(param, "a data: URL must be base64-encoded")
+    too_big = ApiError(413, f"{param}: the input image is larger than the limit of {limits.max_upload_bytes} bytes",
+                       "payload_too_large", param)
     if len(text) > limits.max_upload_bytes * 4 // 3 + 8:
-        raise ApiError(413, f"image: the input image is larger than the limit of {limits.max_upload_bytes} bytes",
-                       "payload_too_large", "image")
+        raise too_big
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise invalid("image", "is not valid base64") from None
+        raise invalid(param, "is not valid base64") from None
     if len(raw) > limits.max_upload_bytes:
-        raise ApiError(413, f"image: the input image is larger than the limit of {limits.max_upload_bytes} bytes",
-                       "payload_too_large", "image")
+        raise too_big
     try:
         image = Image.open(io.BytesIO(raw))
         if image.format not in ("PNG", "JPEG", "WEBP"):
-            raise invalid("image", f"must be a PNG, JPEG or WebP image, got {image.format}")
+            raise invalid(param, f"must be a PNG, JPEG or WebP image, got {image.format}")
         if max(image.size) > MAX_INPUT_SIDE:
-            raise invalid("image", f"is {image.width}x{image.height}; the limit is {MAX_INPUT_SIDE} pixels a side")
+            raise invalid(param, f"is {image.width}x{image.height}; the limit is {MAX_INPUT_SIDE} pixels a side")
         image.load()
+        return image.convert("L" if param == "mask" else "RGB")
     except ApiError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise invalid("image", f"cannot be read as an image ({e})") from None
-    return image.convert("RGB")
+    except Exception as e:  # a damaged file can fail in many ways inside PIL's decoders
+        raise invalid(param, f"cannot be read as an image ({type(e).__name__}: {e})") from None
+
+
+def default_side(limits: Limits) -> int:
+    """The side of the default square image: 1024, or less where the limits allow less."""
+    side = min(1024, limits.max_side, int(limits.max_pixels ** 0.5)) // 16 * 16
+    return max(side, limits.min_side)
 
 
 def _fit(width: int, height: int, limits: Limits) -> tuple[int, int]:
-    """An input image's size, scaled down to the limits and rounded down to multiples of 16."""
+    """An input image's size within the limits (scaled down, or up to min_side), in multiples of 16."""
     scale = min(1.0, limits.max_side / max(width, height), (limits.max_pixels / (width * height)) ** 0.5)
+    if min(width, height) * scale < limits.min_side:  # too small: up to min_side if the other side fits
+        scale = min(-(-limits.min_side // 16) * 16 / min(width, height), limits.max_side / max(width, height))
     w, h = int(width * scale) // 16 * 16, int(height * scale) // 16 * 16
-    return max(w, 16), max(h, 16)
+    return max(w, 16, limits.min_side), max(h, 16, limits.min_side)
 
 
 def resolve_seeds(seed: int | list[int] | None, n: int, limits: Limits) -> list[int]:
@@ -252,24 +428,42 @@ def resolve_seeds(seed: int | list[int] | None, n: int, limits: Limits) -> list[
     return seeds
 
 
-def resolve_generation(body: JobRequest, engine: Engine, limits: Limits) -> GenerationRequest:
-    """Check a job request against the limits and fill its unset values (see the module docstring)."""
+def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationRequest:
+    """Check a job request against the limits and fill its unset values (see the module docstring).
+
+    The task follows from the inputs: ``image`` alone is img2img, ``image`` + ``mask`` inpainting,
+    ``control_image`` ControlNet (with ``image`` + ``mask``: ControlNet inpainting, which, as in
+    diffusers, takes no strength). Each image input is checked as the img2img input is.
+    """
     check_text("prompt", body.prompt, limits, required=True)
     check_text("negative_prompt", body.negative_prompt, limits)
     fields = check_prompt_fields(body, limits, engine)
     fields.pop("template", None)
     suggested = dict(getattr(engine.template(body.template), "settings", None) or {}) if body.template else {}
 
-    image = decode_image(body.image, limits) if body.image else None
+    mask_given, control_given = getattr(body, "mask", None), getattr(body, "control_image", None)
+    if mask_given and not body.image:
+        raise invalid("mask", "inpainting needs the image to repaint: give image with the mask")
+    if mask_given and not engine.can_inpaint:
+        raise invalid("mask", "this server's model cannot inpaint")
+    if control_given and not engine.can_control:
+        raise invalid("control_image", "this server has no ControlNet loaded (zimage serve --controlnet FILE)")
+    if control_given and body.image and not mask_given:
+        raise invalid("control_image", "with an image, a control image needs a mask (ControlNet inpainting); "
+                                       "ControlNet img2img is not supported")
+    image = decode_image(body.image, limits, "image") if body.image else None
+    mask = decode_image(mask_given, limits, "mask") if mask_given else None
+    control = decode_image(control_given, limits, "control_image") if control_given else None
     width, height = body.width, body.height
     if body.size is not None and body.size != "auto":
         if width is not None or height is not None:
             raise invalid("size", "give either size or width and height, not both")
         width, height = parse_size(body.size)
-    if image is not None and width is None and height is None:
-        width, height = _fit(image.width, image.height, limits)
-    width = width if width is not None else suggested.get("width", 1024)
-    height = height if height is not None else suggested.get("height", 1024)
+    reference = image if image is not None else control
+    if reference is not None and width is None and height is None:
+        width, height = _fit(reference.width, reference.height, limits)
+    width = width if width is not None else suggested.get("width", default_side(limits))
+    height = height if height is not None else suggested.get("height", default_side(limits))
     check_size(width, height, limits)
 
     steps = body.steps if body.steps is not None else suggested.get("steps", engine.default_steps)
@@ -297,24 +491,35 @@ def resolve_generation(body: JobRequest, engine: Engine, limits: Limits) -> Gene
         if engine.dynamic_shift:
             raise invalid("shift", "this model's scheduler shifts by resolution; a fixed shift is not supported")
     strength = None
-    if image is not None:
-        if not 0 <= body.strength <= 1:
-            raise invalid("strength", f"must be between 0 and 1, got {body.strength}")
-        start = int(max(steps - min(steps * body.strength, steps), 0))  # as the pipeline computes it
+    if image is not None and not (mask is not None and control is not None):
+        strength = body.strength if body.strength is not None else (1.0 if mask is not None else 0.6)
+        if not 0 <= strength <= 1:
+            raise invalid("strength", f"must be between 0 and 1, got {strength}")
+        start = int(max(steps - min(steps * strength, steps), 0))  # as the pipeline computes it
         if steps - start < 1:
-            raise invalid("strength", f"strength {body.strength} with {steps} steps leaves no step to run")
-        strength = body.strength
+            raise invalid("strength", f"strength {strength} with {steps} steps leaves no step to run")
+    elif image is not None and body.strength is not None:
+        raise invalid("strength", "ControlNet inpainting takes no strength (it always starts from noise)")
+    control_scale = None
+    if control is not None:
+        control_scale = getattr(body, "control_scale", None)
+        control_scale = 0.75 if control_scale is None else control_scale
+        if not 0 <= control_scale <= limits.max_control_scale:
+            raise invalid("control_scale", f"must be between 0 and {limits.max_control_scale}, got {control_scale}")
     return GenerationRequest(prompt=body.prompt, width=width, height=height, steps=steps,
                              guidance_scale=float(guidance), seeds=seeds, negative_prompt=negative,
                              template=body.template, fields=fields, cfg_normalization=float(body.cfg_normalization),
                              cfg_truncation=float(body.cfg_truncation), max_sequence_length=body.max_sequence_length,
-                             shift=shift, strength=strength, image=image)
+                             shift=shift, strength=strength, image=image, mask_image=mask, control_image=control,
+                             control_scale=0.75 if control_scale is None else control_scale)
 
 
-def openai_to_job(body: OpenAIImageRequest) -> JobRequest:
+def openai_to_job(body, models: Models):
+    """The job request an OpenAI images request stands for (already validated: no second check)."""
     if body.stream:
         raise invalid("stream", "streaming is not supported on this route; use the job API's events instead")
     if body.output_compression is not None and not 0 <= body.output_compression <= 100:
         raise invalid("output_compression", f"must be between 0 and 100, got {body.output_compression}")
-    return JobRequest(prompt=body.prompt, n=body.n, size=body.size, negative_prompt=body.negative_prompt,
-                      steps=body.num_inference_steps, guidance_scale=body.guidance_scale, seed=body.seed)
+    return models.job.model_construct(prompt=body.prompt, n=body.n, size=body.size,
+                                      negative_prompt=body.negative_prompt, steps=body.num_inference_steps,
+                                      guidance_scale=body.guidance_scale, seed=body.seed)

@@ -7,10 +7,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-def default_data_dir() -> Path:
-    """``$XDG_DATA_HOME/zimage-native/server``, else ``~/.local/share/zimage-native/server``."""
+def default_data_dir(fake: bool = False) -> Path:
+    """``$XDG_DATA_HOME/zimage-native/server``, else ``~/.local/share/zimage-native/server``.
+
+    ``fake``: the fake engine's own folder (``server-fake`` next to it), so that its solid-colour
+    images never mix with a real server's history.
+    """
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "zimage-native" / "server"
+    return Path(base) / "zimage-native" / ("server-fake" if fake else "server")
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Limits:
     max_body_bytes: int = 24 * 1024 * 1024  # whole request body (base64 input included)
     max_texts: int = 16  # texts per /api/encode or /api/tokenize call
     max_new_tokens: int = 2048  # /api/rewrite
+    max_control_scale: float = 2.0  # ControlNet conditioning scale
 
     def as_dict(self) -> dict:
         return asdict(self)

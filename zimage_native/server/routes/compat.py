@@ -1,30 +1,32 @@
 """The predecessor's generate and history routes, as thin adapters over the job queue and history."""
 
-from __future__ import annotations
-
 import asyncio
 import base64
+import re
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from ..context import ServerContext, not_found
-from ..schemas import LegacyGenerateRequest
-from ..storage import IMAGE_ID
+from ..openapi import errors
+from ..schemas import IdPath
+from .images import Limit, Offset
+
+HistoryRef = IdPath(re.compile(r"^(?:[0-9]{1,9}|j[0-9a-f]{20}-[0-9]{1,3})$"), "image (or history index)")
 
 
 def router(ctx: ServerContext) -> APIRouter:
     api = APIRouter(tags=["compat"])
     storage = ctx.storage
+    LegacyGenerateRequest = ctx.models.legacy
 
-    @api.post("/api/generate")
+    @api.post("/api/generate", responses=errors(409, 429, 503, 504))
     async def legacy_generate(body: LegacyGenerateRequest):
         """Synchronous generation (the predecessor's route): waits, then returns the first image as a
         data URL plus every image's id and URL."""
         job, event = await ctx.run_sync(body)
         images = event.data["images"]
-        path = storage.image_file(storage.get_image(images[0]["id"]))
-        raw = await asyncio.to_thread(path.read_bytes)
+        raw = await asyncio.to_thread(ctx.image_bytes, images[0]["id"])
         first = images[0]["params"]
         return {"image": "data:image/png;base64," + base64.b64encode(raw).decode("ascii"),
                 "id": images[0]["id"], "job_id": job.id, "url": images[0]["url"], "seed": images[0]["seed"],
@@ -33,7 +35,7 @@ def router(ctx: ServerContext) -> APIRouter:
                 "images": images}
 
     @api.get("/api/history")
-    def get_history(limit: int = 100, offset: int = 0):
+    def get_history(limit: Limit = 100, offset: Offset = 0):
         """The history, newest first (as ``GET /api/v1/images``)."""
         return ctx.history(limit, offset)
 
@@ -41,18 +43,18 @@ def router(ctx: ServerContext) -> APIRouter:
     def clear_history():
         return {"deleted": storage.clear_images()}
 
-    @api.delete("/api/history/{ref}")
-    def delete_history_item(ref: str):
+    @api.delete("/api/history/{ref}", responses=errors(404))
+    def delete_history_item(ref: HistoryRef):
         """Delete one image by its id. A number is the deprecated positional form: the index into
         the list ``GET /api/history`` returns (newest first); ids are stable, indexes are not."""
-        if ref.isdigit() and len(ref) <= 9:
+        if ref.isdigit():
             rows = storage.list_images(1, int(ref))
             if not rows:
                 raise not_found("history index", ref)
             storage.delete_image(rows[0]["id"])
             return JSONResponse({"deleted": rows[0]["id"], "deprecated": "positional indexes are deprecated; "
                                  "use the image id"}, headers={"Deprecation": "true"})
-        if not (IMAGE_ID.match(ref) and storage.delete_image(ref)):
+        if not storage.delete_image(ref):
             raise not_found("image", ref)
         return {"deleted": ref}
 

@@ -1,32 +1,28 @@
 """Prompt and text-encoder routes: encode (safetensors features), tokenize, save-embeddings,
 format-prompt, templates, rewriters, rewrite. An ``--encoder-only`` server serves all of them."""
 
-from __future__ import annotations
-
 import asyncio
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 
 from ..context import ServerContext, not_found
+from ..openapi import errors, media
 from ..remote import features_to_bytes
-from ..schemas import (
-    ApiError,
-    EncodeRequest,
-    FormatPromptRequest,
-    RewriteRequest,
-    TokenizeRequest,
-    check_max_len,
-    check_prompt_fields,
-    check_text,
-    invalid,
-)
+from ..schemas import ApiError, Choice, IdPath, check_max_len, check_prompt_fields, check_text, invalid
+from ..storage import EMBEDDING_ID
+
+EmbeddingId = IdPath(EMBEDDING_ID, "embeddings")
 
 
 def router(ctx: ServerContext) -> APIRouter:
     api = APIRouter()
     engine, limits, storage = ctx.engine, ctx.limits, ctx.storage
+    models = ctx.models
+    EncodeRequest, TokenizeRequest, FormatPromptRequest, RewriteRequest = (
+        models.encode, models.tokenize, models.format_prompt, models.rewrite)
+    Category = Choice(engine.registry.categories(), "category")
 
     def check_texts(texts: list[str]) -> None:
         if not 1 <= len(texts) <= limits.max_texts:
@@ -36,7 +32,7 @@ def router(ctx: ServerContext) -> APIRouter:
                 raise invalid("texts", "must not contain empty texts")
             check_text("texts", text, limits)
 
-    def encode_texts(body: EncodeRequest) -> list[str]:
+    def encode_texts(body) -> list[str]:
         if (body.texts is None) == (body.prompt is None):
             raise invalid("texts", "give exactly one of texts (already chat-formatted) and prompt")
         check_max_len(body.max_sequence_length, limits)
@@ -56,14 +52,15 @@ def router(ctx: ServerContext) -> APIRouter:
             raise invalid("texts", f"give between 1 and {limits.max_texts} texts, got {len(texts)}")
         return texts
 
-    async def encoded(body: EncodeRequest) -> tuple[bytes, list[str]]:
+    async def encoded(body) -> tuple[bytes, list[str]]:
         texts = encode_texts(body)
         features = await ctx.on_worker(lambda: engine.encode(texts, body.max_sequence_length))
         return await asyncio.to_thread(features_to_bytes, features, texts), texts
 
-    @api.post("/api/encode", tags=["compat", "remote encoder"],
-              responses={200: {"content": {"application/octet-stream": {}},
-                               "description": "safetensors: features.0 ... features.N-1, (L_i, hidden)"}})
+    @api.post("/api/encode", tags=["compat", "remote encoder"], response_class=Response,
+              responses={**media("application/octet-stream",
+                                 description="safetensors: features.0 ... features.N-1, (L_i, hidden)"),
+                         **errors(503)})
     async def encode(body: EncodeRequest):
         """Prompt features as safetensors bytes (dtype and shape kept). Body: ``texts`` (already
         chat-formatted, what RemoteTextEncoder sends) or ``prompt`` plus the chat-format fields."""
@@ -71,7 +68,7 @@ def router(ctx: ServerContext) -> APIRouter:
         return Response(data, media_type="application/octet-stream",
                         headers={"X-Zimage-Format": "zimage-features/1", "X-Zimage-Count": str(len(texts))})
 
-    @api.post("/api/tokenize", tags=["remote encoder"])
+    @api.post("/api/tokenize", tags=["remote encoder"], responses=errors(503))
     async def tokenize(body: TokenizeRequest):
         """Token ids of already chat-formatted texts, cut to max_sequence_length."""
         check_max_len(body.max_sequence_length, limits)
@@ -79,22 +76,27 @@ def router(ctx: ServerContext) -> APIRouter:
         ids = await ctx.on_worker(lambda: engine.tokenize(body.texts, body.max_sequence_length))
         return {"input_ids": ids, "token_counts": [len(r) for r in ids]}
 
-    @api.post("/api/save-embeddings", tags=["compat"])
+    @api.post("/api/save-embeddings", tags=["compat"], responses=errors(503))
     async def save_embeddings(body: EncodeRequest):
         """Encode and keep the features on the server as a safetensors file; returns its id and URL."""
         data, texts = await encoded(body)
         eid = await asyncio.to_thread(storage.save_embeddings, data)
         return {"id": eid, "url": f"/api/embeddings/{eid}", "count": len(texts), "bytes": len(data)}
 
-    @api.get("/api/embeddings/{embedding_id}", tags=["compat"])
-    def get_embeddings(embedding_id: str):
+    @api.get("/api/embeddings/{embedding_id}", tags=["compat"], response_class=Response,
+             responses={**media("application/octet-stream", description="safetensors"), **errors(404)})
+    def get_embeddings(embedding_id: EmbeddingId):
         path = storage.embeddings_file(embedding_id)
-        if path is None:
+        try:
+            data = path.read_bytes() if path is not None else None
+        except FileNotFoundError:
+            data = None
+        if data is None:
             raise not_found("embeddings file", embedding_id)
-        return FileResponse(path, media_type="application/octet-stream",
-                            headers={"Content-Disposition": f'attachment; filename="{embedding_id}.safetensors"'})
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{embedding_id}.safetensors"'})
 
-    @api.post("/api/format-prompt", tags=["compat"])
+    @api.post("/api/format-prompt", tags=["compat"], responses=errors(503))
     async def format_prompt(body: FormatPromptRequest):
         """The exact text the encoder reads; with ``tokens: true`` also the token ids and count."""
         check_text("prompt", body.prompt, limits, required=True)
@@ -117,10 +119,8 @@ def router(ctx: ServerContext) -> APIRouter:
         return out
 
     @api.get("/api/templates", tags=["compat"])
-    def templates(category: str | None = None):
+    def templates(category: Category = None):  # absent: None (no null in the schema)
         registry = engine.registry
-        if category is not None and category not in registry.categories():
-            raise invalid("category", f"unknown category {category!r}; the categories are {registry.categories()}")
         return {"templates": template_list(category), "categories": registry.categories()}
 
     @api.get("/api/rewriters", tags=["compat"])
@@ -128,7 +128,7 @@ def router(ctx: ServerContext) -> APIRouter:
         return {"rewriters": template_list("rewriter") if "rewriter" in engine.registry.categories() else [],
                 "available": engine.can_rewrite or getattr(engine, "llm_rewriter", None) is not None}
 
-    @api.post("/api/rewrite", tags=["compat"])
+    @api.post("/api/rewrite", tags=["compat"], responses=errors(503))
     async def rewrite(body: RewriteRequest):
         """Expand a prompt with the Qwen3 weights (runs on the worker, between jobs)."""
         check_text("prompt", body.prompt, limits, required=True)

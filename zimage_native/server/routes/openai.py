@@ -1,25 +1,24 @@
 """The OpenAI Images API (``POST /v1/images/generations``, ``GET /v1/models``) on the job queue."""
 
-from __future__ import annotations
-
 import asyncio
 import base64
 
 from fastapi import APIRouter, Request
 
-from ..context import ServerContext, encode_output
-from ..schemas import OpenAIImageRequest, openai_to_job
+from ..context import ServerContext
+from ..openapi import errors
+from ..schemas import openai_to_job
 
 
 def router(ctx: ServerContext) -> APIRouter:
     api = APIRouter(tags=["openai"])
-    storage = ctx.storage
+    OpenAIImageRequest = ctx.models.openai
 
-    @api.post("/v1/images/generations")
+    @api.post("/v1/images/generations", responses=errors(409, 429, 503, 504))
     async def openai_generate(body: OpenAIImageRequest, request: Request):
         """OpenAI Images API. Extensions: negative_prompt, num_inference_steps, guidance_scale,
         seed. Waits for the image on the same queue as the job API (429 when full)."""
-        job, event = await ctx.run_sync(openai_to_job(body))
+        job, event = await ctx.run_sync(openai_to_job(body, ctx.models))
         fmt = body.output_format or "png"
         data = []
         base = str(request.base_url).rstrip("/")
@@ -28,8 +27,7 @@ def router(ctx: ServerContext) -> APIRouter:
                 url = base + image["url"] + ("" if fmt == "png" else f"?format={fmt}")
                 data.append({"url": url, "revised_prompt": None})
             else:
-                path = storage.image_file(storage.get_image(image["id"]))
-                raw = await asyncio.to_thread(encode_output, path, fmt, body.output_compression)
+                raw = await asyncio.to_thread(ctx.image_bytes, image["id"], fmt, body.output_compression)
                 data.append({"b64_json": base64.b64encode(raw).decode("ascii"), "revised_prompt": None})
         first = event.data["images"][0]
         return {"created": int(job.created), "data": data, "output_format": fmt,

@@ -1,7 +1,5 @@
 """Health, the web page (no build step; files in ``server/web/``) and the page's token sign-in."""
 
-from __future__ import annotations
-
 import hmac
 from importlib import resources
 from pathlib import Path
@@ -12,7 +10,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from ... import __version__
 from ..context import ServerContext
 from ..middleware import COOKIE
-from ..schemas import ApiError, LoginRequest
+from ..openapi import errors
+from ..schemas import ApiError
 
 
 def web_dir() -> Path:
@@ -22,6 +21,7 @@ def web_dir() -> Path:
 def router(ctx: ServerContext) -> APIRouter:
     api = APIRouter(tags=["server"])
     engine, settings = ctx.engine, ctx.settings
+    LoginRequest = ctx.models.login
 
     @api.get("/health")
     async def health():
@@ -38,7 +38,7 @@ def router(ctx: ServerContext) -> APIRouter:
     async def favicon():
         return Response(status_code=204)
 
-    @api.post("/api/v1/login")
+    @api.post("/api/v1/login", responses=errors(401))
     async def login(body: LoginRequest):
         """Check a token and set it as an HttpOnly, SameSite=Strict cookie (for the web page)."""
         if settings.token is None:

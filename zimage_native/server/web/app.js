@@ -4,7 +4,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { caps: null, jobs: new Map(), historyTotal: 0 };
+const state = { caps: null, jobs: new Map(), historyTotal: 0, inputs: {} };
+const INPUTS = ["image", "mask", "control_image"];  // base64 data URLs, as the job API takes them
 const FIELDS = ["system_prompt", "thinking_content", "assistant_content", "negative_prompt"];
 
 class HttpError extends Error {
@@ -107,7 +108,48 @@ function readForm() {
   if ($("template").value) body.template = $("template").value;
   for (const f of FIELDS) if ($(f).value.trim() !== "") body[f] = $(f).value;
   if ($("force_think_block").checked) body.force_think_block = true;
+  for (const f of INPUTS) if (state.inputs[f]) body[f] = state.inputs[f];
+  const strength = num("strength"), scale = num("control_scale");
+  if (strength !== null && body.image && !(body.mask && body.control_image)) body.strength = strength;
+  if (scale !== null && body.control_image) body.control_scale = scale;
   return body;
+}
+
+// ------------------------------------------------------------------ input images
+function taskName() {
+  const i = state.inputs;
+  if (i.control_image) return i.mask && i.image ? "ControlNet inpainting" : "ControlNet";
+  if (i.mask) return "inpainting";
+  return i.image ? "img2img" : "";
+}
+
+function setInput(field, dataUrl) {
+  if (dataUrl) state.inputs[field] = dataUrl; else delete state.inputs[field];
+  const preview = $(`${field}-preview`);
+  preview.hidden = !dataUrl;
+  if (dataUrl) preview.src = dataUrl; else preview.removeAttribute("src");
+  $(`${field}-clear`).hidden = !dataUrl;
+  if (!dataUrl) $(`${field}-file`).value = "";
+  const task = taskName();
+  $("task").textContent = task ? `(${task})` : "";
+}
+
+for (const field of INPUTS) {
+  $(`${field}-file`).addEventListener("change", (event) => {
+    const file = event.target.files[0];
+    if (!file) { setInput(field, null); return; }
+    const limit = state.caps ? state.caps.limits.max_upload_bytes : Infinity;
+    if (file.size > limit) {
+      show(`${file.name} is larger than the server's limit of ${limit} bytes.`);
+      setInput(field, null);
+      return;
+    }
+    const reader = new FileReader();
+    reader.onload = () => setInput(field, reader.result);
+    reader.onerror = () => show(`${file.name} could not be read.`);
+    reader.readAsDataURL(file);
+  });
+  $(`${field}-clear`).addEventListener("click", () => setInput(field, null));
 }
 
 function reuse(params) {
@@ -298,6 +340,12 @@ async function init() {
   $("guidance").placeholder = d.guidance_scale;
   $("prompt").maxLength = l.max_prompt_chars;
   $("generate").disabled = !caps.features.generate;
+  $("strength").placeholder = d.strength;
+  $("control_scale").placeholder = d.control_scale;
+  $("control_scale").max = l.max_control_scale;
+  $("control-upload").hidden = !caps.features.control;
+  $("control-scale-label").hidden = !caps.features.control;
+  $("mask-file").disabled = !caps.features.inpaint;
   if (!caps.features.generate) show("This server runs the text encoder only.", "info");
   const templates = await api("/api/templates");
   const select = $("template");
