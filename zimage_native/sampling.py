@@ -76,7 +76,7 @@ class GenerationRequest:
     control_scale: float = 0.75
     num_images_per_prompt: int | None = None
     generator: Any = None
-    latents: torch.Tensor | None = None  # the initial noise (txt2img) or start latents (inpaint)
+    latents: torch.Tensor | None = None  # the initial noise (txt2img) or the start latents (img2img, inpaint)
     sigmas: list[float] | None = None
     prompt_embeds: list[torch.Tensor] | None = None
     negative_prompt_embeds: list[torch.Tensor] | None = None
