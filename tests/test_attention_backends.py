@@ -190,13 +190,19 @@ def install_fakes(monkeypatch):
         calls.append("flash_attn_func")
         return naive_attention(q, k, v)
 
-    def fa_kvcache(q, k_cache, v_cache, cache_seqlens):
-        calls.append("flash_attn_with_kvcache")
-        assert cache_seqlens.dtype == torch.int32
-        return naive_attention(q, k_cache, v_cache, lengths_to_mask(cache_seqlens, k_cache.shape[1]))
-
     def fa3_func(q, k, v):
         return fa_func(q, k, v), None  # some FA3 builds return (out, lse)
+
+    def fa2_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        calls.append("flash_attn_varlen_func")
+        assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
+        bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        outs = []
+        for i in range(len(bounds_q) - 1):  # item i: its query rows against its packed keys only
+            sl_q, sl_k = slice(bounds_q[i], bounds_q[i + 1]), slice(bounds_k[i], bounds_k[i + 1])
+            assert bounds_q[i + 1] - bounds_q[i] <= max_seqlen_q and bounds_k[i + 1] - bounds_k[i] <= max_seqlen_k
+            outs.append(naive_attention(q[None, sl_q], k[None, sl_k], v[None, sl_k])[0])
+        return torch.cat(outs)
 
     def fa3_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k=None):
         calls.append("flash_attn_varlen_func")
@@ -221,7 +227,7 @@ def install_fakes(monkeypatch):
 
     ops = fake_module("xformers.ops", memory_efficient_attention=memory_efficient_attention)
     for name, module in {
-        "flash_attn": fake_module("flash_attn", flash_attn_func=fa_func, flash_attn_with_kvcache=fa_kvcache),
+        "flash_attn": fake_module("flash_attn", flash_attn_func=fa_func, flash_attn_varlen_func=fa2_varlen),
         "flash_attn_interface": fake_module("flash_attn_interface", flash_attn_func=fa3_func,
                                             flash_attn_varlen_func=fa3_varlen),
         "sageattention": fake_module("sageattention", sageattn=sageattn),
@@ -242,12 +248,22 @@ def test_backend_glue_matches_sdpa(monkeypatch, name, masked):
     fn = ab.FACTORIES[name]()
     assert_rel(fn(q, k, v, mask), sdpa_reference(q, k, v, mask), 1e-6, f"{name} glue")
     expected_call = {
-        "flash_attn_2": "flash_attn_with_kvcache" if masked else "flash_attn_func",
+        "flash_attn_2": "flash_attn_varlen_func" if masked else "flash_attn_func",
         "flash_attn_3": "flash_attn_varlen_func" if masked else "flash_attn_func",
         "sage": None if masked else "sageattn",  # no key mask in SageAttention: masked calls use SDPA
         "xformers": "memory_efficient_attention",
     }[name]
     assert calls == ([expected_call] if expected_call else [])
+
+
+def test_pack_keys_puts_each_items_valid_keys_together_without_a_host_sync():
+    g = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(3, 5, 2, 4, generator=g) for _ in range(2))
+    mask = lengths_to_mask(torch.tensor([5, 2, 3]), 5)
+    kp, vp, cu = ab.pack_keys(k, v, mask)
+    assert cu.tolist() == [0, 5, 7, 10] and cu.dtype == torch.int32 and kp.shape == (15, 2, 4)
+    assert torch.equal(kp[:10], torch.cat([k[0], k[1, :2], k[2, :3]])) and torch.equal(vp[5:7], v[1, :2])
+    assert torch.equal(kp[10:], torch.cat([k[1, 2:], k[2, 3:]]))  # the masked keys, after all valid ones
 
 
 def test_layout_masks_are_key_prefixes():

@@ -10,7 +10,8 @@ environment here except by :func:`attention_from_env`, which entry points call o
     name          needs                                           masks (batch padding)
     sdpa          nothing (default; PyTorch picks flash/cuDNN/    bool mask to SDPA
                   memory-efficient)
-    flash_attn_2  flash-attn 2, CUDA sm80+, fp16/bf16, Dh<=256    key lengths (flash_attn_with_kvcache)
+    flash_attn_2  flash-attn 2, CUDA sm80+, fp16/bf16, Dh<=256    varlen: cu_seqlens, keys packed
+                                                                  (flash_attn_varlen_func)
     flash_attn_3  flash-attn 3 (flash_attn_interface), sm90,      varlen: cu_seqlens + seqused_k
                   fp16/bf16, Dh<=256                              (flash_attn_varlen_func)
     sage          sageattention, CUDA sm80+, fp16/bf16,           not supported: masked calls use SDPA
@@ -25,8 +26,8 @@ conversion relies on a property of ``model.sequence``: only batch padding is mas
 always the tail of each item's keys, so the valid keys are a prefix. Both FlashAttention paths
 take the lengths as a device tensor (no host sync, capturable in a CUDA graph): FA3's varlen call
 gets cu_seqlens [0, L, 2L, ...] (every item keeps its L rows) and ``seqused_k`` = the valid key
-counts; FA2's varlen call has no ``seqused_k``, so it uses ``flash_attn_with_kvcache`` with
-``cache_seqlens``, the same computation.
+counts; FA2's varlen call has no ``seqused_k``, so the valid keys are packed on the device
+(:func:`pack_keys`, a permutation) and described by cu_seqlens_k.
 """
 
 from __future__ import annotations
@@ -145,15 +146,38 @@ def _key_lengths(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(-1, dtype=torch.int32)
 
 
+def pack_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+    """(B, L, H, Dh) keys and values with a (B, L) prefix key mask -> the packed varlen layout.
+
+    Returns (k, v) of (B*L, H, Dh) with the valid keys of item i at rows cu_seqlens_k[i] ...
+    cu_seqlens_k[i+1] (the masked keys after all of them), and cu_seqlens_k (B+1,) int32. A
+    device-side permutation (index_copy_): no host sync, the shapes do not depend on the mask.
+    """
+    b, n = mask.shape
+    lengths = _key_lengths(mask)
+    cu_seqlens_k = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    flat = mask.flatten()
+    packed = (cu_seqlens_k[:-1, None] + torch.arange(n, device=mask.device)).flatten()
+    tail = cu_seqlens_k[-1] + torch.cumsum((~flat).to(torch.int64), 0) - 1
+    dest = torch.where(flat, packed, tail)
+    k2, v2 = k.flatten(0, 1), v.flatten(0, 1)
+    return (torch.empty_like(k2).index_copy_(0, dest, k2), torch.empty_like(v2).index_copy_(0, dest, v2),
+            cu_seqlens_k)
+
+
 def _flash_attn_2() -> AttnFn:
-    from flash_attn import flash_attn_func, flash_attn_with_kvcache
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     def flash_attn_2(q, k, v, mask=None):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, L, H, Dh): FlashAttention's layout
         if mask is None:
             out = flash_attn_func(q, k, v)
-        else:  # k/v as a "cache" whose valid length per item is the unmasked prefix
-            out = flash_attn_with_kvcache(q, k, v, cache_seqlens=_key_lengths(mask))
+        else:  # varlen: every item keeps its L query rows; its valid keys packed (cu_seqlens_k)
+            b, n = q.shape[:2]
+            cu_seqlens_q = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=q.device)
+            kp, vp, cu_seqlens_k = pack_keys(k, v, mask)
+            out = flash_attn_varlen_func(q.flatten(0, 1), kp, vp, cu_seqlens_q, cu_seqlens_k, n, n)
+            out = out.unflatten(0, (b, n))
         return out.transpose(1, 2)
 
     return flash_attn_2
