@@ -244,7 +244,8 @@ def load_pipeline(o: dict):
 
     placement = dict(device=o["device"], dtype=o["dtype"], variant=o["variant"])
     speed = dict(kernels=o["kernels"], attention=o["attention"] or attention_from_env(), compile=o["compile_mode"],
-                 cuda_graphs=o["cuda_graphs"], fp8=o["fp8"])
+                 cuda_graphs=o["cuda_graphs"], fp8=o["fp8"], vae_compile=o.get("vae_compile", False),
+                 graph_cache_size=o.get("graph_cache_size"))
     if o["model"] is None and o["transformer"] is not None:
         if o["dit_device"] or o["vae_device"] or o["text_encoder_device"] or o["offload"] != "none":
             raise ValueError("per-component devices and --offload need --model (a folder) for now")
