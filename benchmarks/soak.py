@@ -35,12 +35,10 @@ import asyncio
 import base64
 import io
 import json
-import math
 import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,24 +49,12 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_test import free_port, percentile  # noqa: E402  (the load test's helpers)
+
 TERMINAL = ("completed", "failed", "cancelled")
 TOKEN = "soak-token"
 SUBMIT = "POST /api/v1/jobs"
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]); NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
-    return ordered[rank - 1]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_b64(size=(64, 48), color=(120, 40, 200), mode="RGB") -> str:

@@ -28,6 +28,7 @@ measured, not computed (docs/performance.md).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,10 +54,7 @@ class Tensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def tensors_of(module: nn.Module) -> list[Tensor]:
