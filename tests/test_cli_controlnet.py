@@ -6,27 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from zimage_native.cli import main
 from zimage_native.metadata import read_metadata
 
+from .test_cli_generate import pixels, run
 from .test_controlnet_pipeline import control_files, control_model_dir, control_pipe, picture  # noqa: F401
 
 pytest.importorskip("diffusers")
-
-
-def run(*args, ok=True):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
-
-
-def pixels(path):
-    with Image.open(path) as im:
-        return np.asarray(im)
 
 
 def save(image: Image.Image, path):
