@@ -361,7 +361,7 @@ def check_size(width: int, height: int, limits: Limits) -> None:
 
 def decode_image(data: str, limits: Limits, param: str = "image"):
     """A base64 string or data: URL -> a PIL image (RGB; ``L`` for a mask), within the upload limits."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     text = data.strip()
     if text.startswith("data:"):
