@@ -185,6 +185,28 @@ def test_bf16_compute_dequantises_to_bf16(tmp_path):
     assert model.layers[0].attention.to_qkv is None and torch.equal(dit_output(model), before)
 
 
+def test_pad_tokens_stored_as_vectors_load(tmp_path):
+    # stable-diffusion.cpp's Z-Image GGUFs (leejet/Z-Image-Turbo-GGUF) store x_pad_token and
+    # cap_pad_token as (dim,), the released checkpoint and the model as (1, dim).
+    path, reference = write_dit(tmp_path / "sdcpp.gguf", "Q4_K", prefix="model.diffusion_model.", arch=None)
+    reader = gguf.GGUFReader(str(path))
+    tensors = {}
+    for t in reader.tensors:
+        data = np.array(t.data)
+        if t.name.endswith("pad_token"):
+            assert data.shape == (1, GGUF_DIT["dim"])
+            data = data.reshape(-1)
+        tensors[t.name] = (data, t.tensor_type.name)
+    del reader
+    flat = write_gguf(tmp_path / "sdcpp-flat.gguf", tensors, None)
+    assert describe(flat)["components"]["transformer"]["config"]["dim"] == GGUF_DIT["dim"]
+    model = load_component("transformer", flat, torch.float32, "cpu", config=AXES)
+    assert tuple(model.x_pad_token.shape) == (1, GGUF_DIT["dim"])
+    assert torch.equal(dit_output(model), dit_output(load_component("transformer", path, torch.float32, "cpu",
+                                                                    config=AXES)))
+    assert_rel(dit_output(model), dit_output(reference_dit(reference)), 1e-6, "DiT with vector pad tokens")
+
+
 def test_info_shows_types_and_bytes(tmp_path):
     from click.testing import CliRunner
 
