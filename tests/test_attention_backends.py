@@ -222,6 +222,8 @@ def install_fakes(monkeypatch):
         scores = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(q.shape[-1])
         if attn_bias is not None:
             assert attn_bias.shape == scores.shape
+            alignment = 128 // torch.finfo(attn_bias.dtype).bits  # xFormers' check on a tensor bias
+            assert all(attn_bias.stride(d) % alignment == 0 for d in range(attn_bias.ndim - 1)), attn_bias.stride()
             scores = scores + attn_bias
         return torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), v)
 
@@ -254,6 +256,17 @@ def test_backend_glue_matches_sdpa(monkeypatch, name, masked):
         "xformers": "memory_efficient_attention",
     }[name]
     assert calls == ([expected_call] if expected_call else [])
+
+
+@pytest.mark.parametrize("n_keys", [12, 13])
+def test_xformers_bias_rows_stay_aligned(monkeypatch, n_keys):
+    """xFormers rejects a tensor bias whose strides are not multiples of 16 bytes: with a key count
+    that is not a multiple of 8 the bias must stay a slice of a padded allocation."""
+    install_fakes(monkeypatch)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, n_keys, 16, generator=g) for _ in range(3))
+    mask = lengths_to_mask(torch.tensor([n_keys, 7]), n_keys)
+    assert_rel(ab.FACTORIES["xformers"]()(q, k, v, mask), sdpa_reference(q, k, v, mask), 1e-6, "xformers glue")
 
 
 def test_pack_keys_puts_each_items_valid_keys_together_without_a_host_sync():

@@ -67,6 +67,8 @@ def test_controlnet_inpainting_from_the_cli(control_model_dir, control_pipe, con
     (["--controlnet", "CN"], "--controlnet needs --control-image"),
     (["--controlnet", "CN", "--control-image", "POSE", "--image", "POSE"], "needs --mask"),
     (["--controlnet", "CN", "--control-image", "POSE", "--control-scale", "nan"], "--control-scale must be"),
+    (["--controlnet", "CN", "--control-image", "POSE", "--image", "POSE", "--mask", "POSE", "--strength", "0.5"],
+     "--strength does not apply to ControlNet inpainting"),
 ])
 def test_controlnet_flags_are_checked_before_loading(tmp_path, control_files, args, message):  # noqa: F811
     pose = save(picture(32, 32, 1), tmp_path / "pose.png")

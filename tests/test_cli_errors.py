@@ -47,3 +47,22 @@ def test_messages_name_the_flag_not_the_library_argument(args, message):
 def test_no_arguments_still_prints_the_help():
     result = CliRunner().invoke(main, [])
     assert "Commands:" in result.output
+
+
+@pytest.mark.parametrize("flag", ["--image", "--mask", "--control-image"])
+@pytest.mark.parametrize("content, message", [(b"not a picture", "not an image file"),
+                                              (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "cannot read the image")])
+def test_an_input_image_that_cannot_be_read_is_named_before_loading(tmp_path, flag, content, message):
+    from PIL import Image
+
+    good = tmp_path / "good.png"
+    Image.new("RGB", (32, 32)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(content)
+    extra = {"--image": ["--image", bad], "--mask": ["--image", good, "--mask", bad],
+             "--control-image": ["--controlnet", good, "--control-image", bad]}[flag]
+    # --model points nowhere: the image must be refused before any weights are looked for
+    line = one_line_error("generate", "a cat", "--device", "cpu", "--model", str(tmp_path / "missing"),
+                          "-o", str(tmp_path / "x.png"), *map(str, extra))
+    assert line.startswith(f"Error: {flag} {bad}: {message}"), line
+    assert not (tmp_path / "x.png").exists()

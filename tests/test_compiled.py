@@ -3,6 +3,8 @@ CUDA-graph wrapper's bookkeeping (with a stand-in capture), fp8 linears and the 
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -143,6 +145,26 @@ def test_graphed_sampler_replays_equal_eager_and_keys_without_guidance(fresh_pip
     assert with_cfg == first + 1, sampler.graphs.keys()
     fresh_pipe("a cat", **{**KW, "num_inference_steps": 5})  # another step count
     assert sampler.captures == with_cfg + (0 if mode == "step" else 1)
+
+
+def test_evicted_graph_output_is_freed_before_the_next_capture(fresh_pipe):
+    """The loop graph's output lives in its graph's memory pool: nothing may keep it alive while the
+    next graph is captured, or the evicted pool cannot be reused for the new one."""
+    sampler, fake = graphed(fresh_pipe, mode="loop", max_graphs=1)
+    outputs, alive_at_capture = [], []
+    capture = fake.capture
+
+    def recording_capture(fn):
+        alive_at_capture.append([ref() is not None for ref in outputs])
+        captured = capture(fn)
+        outputs.append(weakref.ref(captured.output))
+        return captured
+
+    sampler.capture = recording_capture
+    for height in (32, 48):
+        fresh_pipe("a cat", **{**KW, "height": height})
+    assert (sampler.captures, sampler.evictions, fake.released) == (2, 1, 1)
+    assert alive_at_capture == [[], [False]]
 
 
 def test_graph_cache_is_lru_bounded_and_releases(fresh_pipe):

@@ -185,6 +185,28 @@ def test_bf16_compute_dequantises_to_bf16(tmp_path):
     assert model.layers[0].attention.to_qkv is None and torch.equal(dit_output(model), before)
 
 
+def test_pad_tokens_stored_as_vectors_load(tmp_path):
+    # stable-diffusion.cpp's Z-Image GGUFs (leejet/Z-Image-Turbo-GGUF) store x_pad_token and
+    # cap_pad_token as (dim,), the released checkpoint and the model as (1, dim).
+    path, reference = write_dit(tmp_path / "sdcpp.gguf", "Q4_K", prefix="model.diffusion_model.", arch=None)
+    reader = gguf.GGUFReader(str(path))
+    tensors = {}
+    for t in reader.tensors:
+        data = np.array(t.data)
+        if t.name.endswith("pad_token"):
+            assert data.shape == (1, GGUF_DIT["dim"])
+            data = data.reshape(-1)
+        tensors[t.name] = (data, t.tensor_type.name)
+    del reader
+    flat = write_gguf(tmp_path / "sdcpp-flat.gguf", tensors, None)
+    assert describe(flat)["components"]["transformer"]["config"]["dim"] == GGUF_DIT["dim"]
+    model = load_component("transformer", flat, torch.float32, "cpu", config=AXES)
+    assert tuple(model.x_pad_token.shape) == (1, GGUF_DIT["dim"])
+    assert torch.equal(dit_output(model), dit_output(load_component("transformer", path, torch.float32, "cpu",
+                                                                    config=AXES)))
+    assert_rel(dit_output(model), dit_output(reference_dit(reference)), 1e-6, "DiT with vector pad tokens")
+
+
 def test_info_shows_types_and_bytes(tmp_path):
     from click.testing import CliRunner
 
@@ -311,6 +333,34 @@ def test_lora_on_a_gguf_dit_is_a_side_path_equal_to_the_fused_lora(tmp_path):
     assert pipe.unload_lora() == 6
     assert not model.layers[0].attention.to_k.lora
     assert torch.equal(dit_output(model), before)
+
+
+def test_lora_side_paths_run_on_the_devices_of_the_input(monkeypatch):
+    """With offload='blocks' a LoRA is added while its block rests in CPU memory, so its side paths
+    are made there, and the block then runs on the GPU with only the module's own tensors streamed:
+    every operand of a side path must be on the input's device (here meta stands for the GPU)."""
+    import zimage_native.quant_linear as ql
+
+    layer = GGUFLinear(256, 8, "Q8_0", bias=True)
+    layer.weight.copy_(torch.from_numpy(random_blocks("Q8_0", 8, 256, np.random.default_rng(3))))
+    layer.bias.copy_(torch.randn(8))
+    layer.add_lora(torch.randn(4, 256), torch.randn(8, 4), 0.5)
+    layer.add_lora(torch.randn(8, 256), None, 0.25)  # a dense delta (LoKr / LoHa)
+    x = torch.randn(2, 256)
+    expected = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
+    expected = expected + 0.5 * (x @ layer.lora[0][0].T @ layer.lora[0][1].T) + 0.25 * (x @ layer.lora[1][0].T)
+    assert_rel(layer(x), expected, 1e-6, "GGUFLinear with side paths")
+    # What BlockStreamer does: the layer's parameters and buffers go to the device, nothing else.
+    layer.weight = layer.weight.to("meta")
+    layer.bias = torch.nn.Parameter(layer.bias.detach().to("meta"), requires_grad=False)
+    real = ql.F.linear
+
+    def same_device(inp, weight, bias=None):
+        assert weight.device == inp.device and (bias is None or bias.device == inp.device), (inp.device, weight.device)
+        return real(inp, weight, bias)
+
+    monkeypatch.setattr(ql.F, "linear", same_device)
+    assert layer(x.to("meta")).device.type == "meta"
 
 
 # ----------------------------------------------------------------------------------- Qwen3 text encoder

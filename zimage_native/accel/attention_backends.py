@@ -223,7 +223,8 @@ def _xformers() -> AttnFn:
             b, n_keys = mask.shape
             padded = -(-n_keys // 8) * 8  # xFormers wants the bias rows allocated in multiples of 8
             bias = torch.zeros(b, 1, 1, padded, dtype=q.dtype, device=q.device)[..., :n_keys]
-            bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
+            # in place: an out-of-place masked_fill would return a compact copy (row stride n_keys)
+            bias.masked_fill_(~mask[:, None, None, :], float("-inf"))
             bias = bias.expand(b, q.shape[2], q.shape[1], n_keys)  # broadcast over heads and queries
         return xops.memory_efficient_attention(q, k, v, attn_bias=bias).transpose(1, 2)
 

@@ -160,8 +160,8 @@ class GraphedSampler:
             self.graphs.move_to_end(signature)
             return entry
         while len(self.graphs) >= self.max_graphs:  # free before capturing the next one
-            _, old = self.graphs.popitem(last=False)
-            self._release(old)
+            # no local name for the evicted entry: its output (in its graph's pool) dies here
+            self._release(self.graphs.popitem(last=False)[1])
             self.evictions += 1
         static = [t.clone() for t in tensors]
         latents, plan = rebuild(static)

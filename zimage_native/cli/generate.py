@@ -192,6 +192,10 @@ def run_generate(prompts: list[str], o: dict) -> None:
 
         default_registry(o["templates_dir"]).get(o["template"])
 
+    init = read_image(o["init_image"], "--image", "RGB")
+    mask = read_image(o["mask"], "--mask", "L")
+    control = read_image(o["control_image"], "--control-image", "RGB")
+
     pipe = load_pipeline(o)
     pipe.templates_dirs = list(o["templates_dir"])
     if o["tiled_vae"]:
@@ -203,19 +207,22 @@ def run_generate(prompts: list[str], o: dict) -> None:
     if drawn:
         click.echo("seeds " + " ".join(str(s) for s in seeds))
 
-    init = mask = control = None
-    from PIL import Image
-
-    if o["init_image"] is not None:
-        with Image.open(o["init_image"]) as im:
-            init = im.convert("RGB")
-        if o["mask"] is not None:
-            with Image.open(o["mask"]) as im:
-                mask = im.convert("L")
-    if o["control_image"] is not None:
-        with Image.open(o["control_image"]) as im:
-            control = im.convert("RGB")
     run_jobs(pipe, jobs, paths, o, fields, init, mask, control)
+
+
+def read_image(path, flag: str, mode: str):
+    """The image a flag names, converted to ``mode``; a file PIL cannot read is a one-line error."""
+    if path is None:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)
+    except UnidentifiedImageError:
+        raise ValueError(f"{flag} {path}: not an image file (PNG, JPEG, WebP, ...)") from None
+    except OSError as e:  # truncated or damaged
+        raise ValueError(f"{flag} {path}: cannot read the image ({e})") from None
 
 
 def check_control_options(o: dict) -> None:
@@ -231,6 +238,9 @@ def check_control_options(o: dict) -> None:
     if o["control_image"] is not None and o["init_image"] is not None and o["mask"] is None:
         raise ValueError("--control-image with --image needs --mask (ControlNet inpainting); img2img with a "
                          "ControlNet is not supported")
+    if o["control_image"] is not None and o["mask"] is not None and o["strength"] is not None:
+        raise ValueError(f"--strength does not apply to ControlNet inpainting (it starts from noise), "
+                         f"got {o['strength']}")
     if not math.isfinite(o["control_scale"]):
         raise ValueError(f"--control-scale must be a finite number, got {o['control_scale']}")
 

@@ -329,6 +329,12 @@ def canonical_items(ckpt: GGUFCheckpoint, info: ComponentInfo, meta: bool = Fals
     km = keymap_of(info)
     packed = packed if packed is not None else set()
 
+    def shaped(name: str, x: torch.Tensor) -> torch.Tensor:
+        # stable-diffusion.cpp's Z-Image GGUFs store the pad tokens as (dim,); the model's are (1, dim).
+        if info.component == "transformer" and name.endswith("pad_token") and x.dim() == 1:
+            return x.reshape(1, -1)
+        return x
+
     def raw() -> Iterator[tuple[str, torch.Tensor]]:
         for key in info.keys:
             name = km.strip(_strip(info, key))
@@ -337,11 +343,11 @@ def canonical_items(ckpt: GGUFCheckpoint, info: ComponentInfo, meta: bool = Fals
                 continue
             t = ckpt.tensors[key]
             if meta:
-                yield name, ckpt.meta(key)
+                yield name, shaped(name, ckpt.meta(key))
             elif t.quantized and all(c in packed for c in targets):
                 yield name, ckpt.get(key)
             else:
-                yield name, ckpt.values(key, dtype) if t.quantized else ckpt.get(key)
+                yield name, shaped(name, ckpt.values(key, dtype) if t.quantized else ckpt.get(key))
 
     return to_canonical(raw(), km)
 
