@@ -207,6 +207,28 @@ def test_pad_tokens_stored_as_vectors_load(tmp_path):
     assert_rel(dit_output(model), dit_output(reference_dit(reference)), 1e-6, "DiT with vector pad tokens")
 
 
+def test_attention_backend_sees_the_compute_dtype_and_device_of_a_packed_or_streamed_dit(tmp_path, monkeypatch):
+    """A GGUF DiT's to_q.weight holds packed uint8 bytes, and with offload='blocks' every block
+    weight rests in CPU memory: the backend check must see the compute dtype and the device the
+    blocks run on (else flash / sage are refused for "uint8" or "cpu" and 'auto' falls back)."""
+    import zimage_native.accel.attention_backends as ab
+    from zimage_native.offload import stream_blocks
+
+    path, _ = write_dit(tmp_path / "q8.gguf", "Q8_0")
+    model = load_component("transformer", path, torch.bfloat16, "cpu", config=AXES)
+    assert model.layers[0].attention.to_q.weight.dtype == torch.uint8
+    seen = []
+    real = ab.resolve_backend
+    monkeypatch.setattr(ab, "resolve_backend", lambda name, device, dtype, head_dim: (
+        seen.append((torch.device(device), dtype, head_dim)) or real(name, device, dtype, head_dim)))
+    assert ab.check_attention_backend(model, "sdpa")[0] == "sdpa"
+    assert seen[-1] == (torch.device("cpu"), torch.bfloat16, 128)
+    streamer = stream_blocks(model, "cpu", transfer=lambda t: t.clone())
+    streamer.device = torch.device("cuda", 0)  # what a GPU streamer holds (no GPU here); the blocks rest on the CPU
+    ab.check_attention_backend(model, "sdpa")
+    assert seen[-1] == (torch.device("cuda", 0), torch.bfloat16, 128)
+
+
 def test_info_shows_types_and_bytes(tmp_path):
     from click.testing import CliRunner
 
@@ -333,6 +355,34 @@ def test_lora_on_a_gguf_dit_is_a_side_path_equal_to_the_fused_lora(tmp_path):
     assert pipe.unload_lora() == 6
     assert not model.layers[0].attention.to_k.lora
     assert torch.equal(dit_output(model), before)
+
+
+def test_lora_side_paths_run_on_the_devices_of_the_input(monkeypatch):
+    """With offload='blocks' a LoRA is added while its block rests in CPU memory, so its side paths
+    are made there, and the block then runs on the GPU with only the module's own tensors streamed:
+    every operand of a side path must be on the input's device (here meta stands for the GPU)."""
+    import zimage_native.quant_linear as ql
+
+    layer = GGUFLinear(256, 8, "Q8_0", bias=True)
+    layer.weight.copy_(torch.from_numpy(random_blocks("Q8_0", 8, 256, np.random.default_rng(3))))
+    layer.bias.copy_(torch.randn(8))
+    layer.add_lora(torch.randn(4, 256), torch.randn(8, 4), 0.5)
+    layer.add_lora(torch.randn(8, 256), None, 0.25)  # a dense delta (LoKr / LoHa)
+    x = torch.randn(2, 256)
+    expected = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
+    expected = expected + 0.5 * (x @ layer.lora[0][0].T @ layer.lora[0][1].T) + 0.25 * (x @ layer.lora[1][0].T)
+    assert_rel(layer(x), expected, 1e-6, "GGUFLinear with side paths")
+    # What BlockStreamer does: the layer's parameters and buffers go to the device, nothing else.
+    layer.weight = layer.weight.to("meta")
+    layer.bias = torch.nn.Parameter(layer.bias.detach().to("meta"), requires_grad=False)
+    real = ql.F.linear
+
+    def same_device(inp, weight, bias=None):
+        assert weight.device == inp.device and (bias is None or bias.device == inp.device), (inp.device, weight.device)
+        return real(inp, weight, bias)
+
+    monkeypatch.setattr(ql.F, "linear", same_device)
+    assert layer(x.to("meta")).device.type == "meta"
 
 
 # ----------------------------------------------------------------------------------- Qwen3 text encoder

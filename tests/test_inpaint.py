@@ -144,3 +144,26 @@ def test_given_start_latents_match_diffusers(tiny_pipe, reference_inpaint, refer
     assert_rel(tiny_pipe.img2img("a cat", image, seed=2, **kw).images, expected, 1e-5, "img2img from given latents")
     with pytest.raises(ValueError, match="latents must have shape"):
         tiny_pipe.img2img("a cat", image, latents=start[..., :2], num_inference_steps=2)
+
+
+def test_lists_of_2d_masks_are_a_batch_as_in_diffusers(tiny_pipe):
+    """A list of (H, W) arrays or tensors is a batch of masks (diffusers stacks them and adds the
+    channel): each equals its PIL mask."""
+    image = make_image(48, 32)
+    pils = [make_mask(48, 32, box=(8, 8, 32, 24)), make_mask(48, 32, box=(0, 16, 48, 32))]
+    arrays = [np.asarray(m, dtype=np.float32) / 255.0 for m in pils]
+    kw = dict(num_inference_steps=2, output_type="latent", seed=[2, 3], num_images_per_prompt=2)
+    want = tiny_pipe.inpaint("a cat", image, pils, **kw).images
+    for masks in (arrays, [torch.from_numpy(a) for a in arrays]):
+        assert torch.equal(tiny_pipe.inpaint("a cat", image, masks, **kw).images, want)
+
+
+def test_bad_image_arrays_and_strength_raise_clear_value_errors(tiny_pipe):
+    image, mask = make_image(32, 32), make_mask(32, 32)
+    with pytest.raises(ValueError, match=r"image arrays must be \(H, W, 3\).*got shape \(1, 32, 32\)"):
+        tiny_pipe.img2img("a cat", np.zeros((32, 32), dtype=np.float32), num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"image arrays must be"):
+        tiny_pipe.inpaint("a cat", [np.zeros((32, 32))] * 2, mask, num_inference_steps=1)
+    for bad in ("0.5", float("nan"), True):
+        with pytest.raises(ValueError, match="strength must be a number in \\[0, 1\\]"):
+            tiny_pipe.inpaint("a cat", image, mask, strength=bad, num_inference_steps=1)

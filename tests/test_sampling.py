@@ -121,3 +121,13 @@ def test_negative_prompts_are_encoded_in_the_same_call(tiny_pipe, monkeypatch):
     for a, b in zip(joint, separate):
         assert a.shape == b.shape and rel_err(a, b) < 1e-6
     assert out.info["token_counts"] == [int(f.shape[0]) for f in joint[:2]]
+
+
+def test_sigmas_set_the_recorded_step_count(tiny_pipe):
+    """With ``sigmas=`` the run has one step per sigma (diffusers ignores num_inference_steps then):
+    the metadata records that count, not the variant's default or a conflicting argument."""
+    kw = dict(height=32, width=32, seed=1, output_type="latent", sigmas=[1.0, 0.6, 0.3])
+    steps = []
+    out = tiny_pipe("a cat", callback=lambda k, n: steps.append(n), **kw)
+    assert out.info["steps"] == 3 and steps == [3, 3, 3]
+    assert tiny_pipe("a cat", num_inference_steps=8, **kw).info["steps"] == 3

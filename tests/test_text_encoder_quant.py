@@ -51,6 +51,24 @@ def test_int8_rows_round_within_half_a_step_and_forward_matches_dequantised():
     torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_int8_linear_in_float16_does_not_overflow():
+    """x Q^T is the output divided by the row scale (up to 127 / amax larger): in float16 (the
+    text encoder on a GPU without bf16) it overflows where the output itself is small."""
+    torch.manual_seed(3)
+    lin = nn.Linear(256, 4, bias=False)
+    with torch.no_grad():
+        lin.weight.uniform_(0.0, 0.01)
+        lin.weight[:, 0] = 0.01
+    q = Int8Linear.from_linear(lin)
+    x = torch.full((2, 256), 30.0).half()
+    x[1] = -x[1]
+    ref = F.linear(x.float(), q.dequantize())  # about 40 in magnitude: representable in float16
+    assert ref.abs().max() < 100 and (x.float() @ q.qweight.float().T).abs().max() > 65504
+    y = q(x)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-2)
+
+
 def test_int4_codes_pack_two_per_byte_and_round_within_half_a_step():
     torch.manual_seed(1)
     lin = nn.Linear(256, 8, bias=False)

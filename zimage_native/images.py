@@ -52,8 +52,9 @@ def preprocess_image(image, width: int | None = None, height: int | None = None,
         arrays = [np.asarray(i.resize((w, h), resample=Image.LANCZOS).convert("RGB"), dtype=np.float32) / 255.0
                   for i in batch]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
-    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2) if kind == "np" \
-        else batch.float()
+    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)) if kind == "np" else batch.float()
+    if kind == "np" and x.ndim == 4:
+        x = x.permute(0, 3, 1, 2)
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"image arrays must be (H, W, 3) / (B, H, W, 3), tensors (3, H, W) / (B, 3, H, W); "
                          f"got shape {tuple(batch.shape)}")
@@ -66,7 +67,7 @@ def preprocess_image(image, width: int | None = None, height: int | None = None,
 
 def preprocess_mask(mask, height: int, width: int) -> torch.Tensor:
     """Mask(s) -> (B, 1, H, W) fp32 of 0 (keep) and 1 (repaint): PIL masks resized with Lanczos and
-    made grey, arrays (H, W) / (H, W, 1) and tensors (H, W) / (B, 1, H, W) with nearest
+    made grey, arrays (H, W) / (H, W, 1) and tensors (H, W) / (B, 1, H, W) (or lists of them) with nearest
     interpolation; then binarised at 0.5, as the reference's mask processor does."""
     from PIL import Image
 
@@ -77,13 +78,16 @@ def preprocess_mask(mask, height: int, width: int) -> torch.Tensor:
     elif isinstance(mask, torch.Tensor) and mask.ndim == 3:
         mask = mask[:, None]
     kind, batch = _as_batch(mask, "mask_image")
+    if kind != "pil" and batch.ndim == 3:  # a list of (H, W) masks: add the channel, as the reference does
+        batch = batch[..., None] if kind == "np" else batch[:, None]
     if kind == "pil":
         arrays = [np.asarray(m.resize((width, height), resample=Image.LANCZOS).convert("L"), dtype=np.float32)
                   / 255.0 for m in batch]
         m = torch.from_numpy(np.stack(arrays))[:, None]
     else:
-        m = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).permute(0, 3, 1, 2) if kind == "np" \
-            else batch.float()
+        m = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)) if kind == "np" else batch.float()
+        if kind == "np" and m.ndim == 4:
+            m = m.permute(0, 3, 1, 2)
         if m.ndim != 4 or m.shape[1] != 1:
             raise ValueError(f"a mask array must be (H, W) or (H, W, 1), a mask tensor (H, W) or (B, 1, H, W); got "
                              f"shape {tuple(batch.shape)}")

@@ -50,10 +50,10 @@ class GGUFLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = F.linear(x, self.dequantize(x.dtype), bias)
-        for a, b, scale in self.lora:
-            side = F.linear(x, a.to(x.dtype))
+        for a, b, scale in self.lora:  # to x's device too: a streamed block (offload) moves only its own tensors
+            side = F.linear(x, a.to(x.device, x.dtype))
             if b is not None:
-                side = F.linear(side, b.to(x.dtype))
+                side = F.linear(side, b.to(x.device, x.dtype))
             y = y + scale * side
         return y
 

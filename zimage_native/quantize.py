@@ -5,7 +5,8 @@ runs on every device, the CPU included:
 
 - ``int8``: each linear's weight is stored as int8 with one fp32 scale per output row
   (symmetric, amax / 127). The forward is ``F.linear(x, q) * scale``: the int8 values are exact in
-  bf16 and fp32, so the only loss is the rounding of the weights.
+  bf16 and fp32, so the only loss is the rounding of the weights. In fp16, whose range ``x q^T``
+  (the output divided by the scale) would overflow, the weight is dequantised first.
 - ``int4``: each linear's weight is stored as 4-bit codes, two per byte, in groups of
   ``group_size`` (128) input columns with a scale and a minimum per group (asymmetric,
   ``w = code * scale + minimum``, 16 levels), both in the model dtype. The forward dequantises the
@@ -55,6 +56,8 @@ class Int8Linear(nn.Module):
         return (self.qweight.float() * self.scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float16:  # x Q^T is y / scale (up to 127 / amax larger): it overflows float16
+            return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -195,8 +196,8 @@ class ImageToImage(Task):
         return {"pixels": pixels}, pixels.shape[-1], pixels.shape[-2]
 
     def check(self, pipe, r, schedule):
-        if not 0 <= r.strength <= 1:
-            raise ValueError(f"strength must be in [0, 1], got {r.strength}")
+        if isinstance(r.strength, bool) or not isinstance(r.strength, numbers.Real) or not 0 <= r.strength <= 1:
+            raise ValueError(f"strength must be a number in [0, 1], got {r.strength!r}")
         n = schedule.num_steps
         if n - start_index(n, r.strength) < 1:
             raise ValueError(f"strength {r.strength} with {n} steps leaves no step to run; raise strength or steps")
@@ -487,11 +488,13 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
     inputs, w, h = task.read(pipe, r)
     suggested = dict(getattr(pipe._template(r.template), "settings", None) or {})
     defaults = pipe.defaults
+    sigma_count = torch.as_tensor(r.sigmas).numel() if r.sigmas is not None else 0
     r = dataclasses.replace(
         r,
         width=r.width if r.width is not None else w if w is not None else suggested.get("width", 1024),
         height=r.height if r.height is not None else h if h is not None else suggested.get("height", 1024),
-        steps=r.steps if r.steps is not None else suggested.get("steps", defaults.num_inference_steps),
+        steps=(sigma_count if sigma_count else r.steps if r.steps is not None  # sigmas set the step count
+               else suggested.get("steps", defaults.num_inference_steps)),
         guidance_scale=(r.guidance_scale if r.guidance_scale is not None
                         else suggested.get("guidance_scale", defaults.guidance_scale)),
         negative_prompt=r.negative_prompt if r.negative_prompt is not None else suggested.get("negative_prompt"),
