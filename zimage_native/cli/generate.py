@@ -171,7 +171,7 @@ def run_generate(prompts: list[str], o: dict) -> None:
     jobs = [(pi, p, s) for pi, p in enumerate(prompts) for s in seeds]
     paths = output_paths(jobs, o["output"], o["output_dir"], o["name_pattern"])
     if any(p.suffix.lower() != ".png" for p in paths):
-        raise ValueError(f"output must be a .png file, got {paths[0]}")
+        raise ValueError(f"--output must be a .png file, got {o['output']}")  # --name-pattern adds .png
     existing = [str(p) for p in paths if p.exists()]
     if existing and not o["overwrite"]:
         raise ValueError(f"{existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
