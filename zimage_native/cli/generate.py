@@ -298,7 +298,7 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
     for batch in batches:
         request = GenerationRequest(
             prompt=[jobs[i][1] for i in batch], seeds=[jobs[i][2] for i in batch], steps=o["steps"],
-            width=None if init is not None else o["width"], height=None if init is not None else o["height"],
+            width=o["width"], height=o["height"],
             control_image=control, control_scale=o.get("control_scale", 0.75),
             guidance_scale=o["guidance_scale"], negative_prompt=o["negative_prompt"],
             cfg_normalization=o["cfg_normalization"], cfg_truncation=o["cfg_truncation"],
