@@ -66,3 +66,18 @@ def test_an_input_image_that_cannot_be_read_is_named_before_loading(tmp_path, fl
                           "-o", str(tmp_path / "x.png"), *map(str, extra))
     assert line.startswith(f"Error: {flag} {bad}: {message}"), line
     assert not (tmp_path / "x.png").exists()
+
+
+def test_single_files_without_vae_name_the_flags(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    dit = tmp_path / "dit.safetensors"
+    save_file(load_file(str(next((tiny_model_dir / "transformer").glob("*.safetensors")))), str(dit))
+    line = one_line_error("generate", "a cat", "--device", "cpu", "--transformer", str(dit), "-o",
+                          str(tmp_path / "x.png"))
+    assert "no vae or text_encoder given" in line and "--vae, --text-encoder" in line, line
+
+
+def test_llm_url_errors_name_the_flag():
+    assert one_line_error("rewrite", "a cat", "--llm-url", "notaurl", "--llm-model", "m") == (
+        "Error: --llm-url must be an http:// or https:// address, got 'notaurl'")

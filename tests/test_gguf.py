@@ -207,6 +207,28 @@ def test_pad_tokens_stored_as_vectors_load(tmp_path):
     assert_rel(dit_output(model), dit_output(reference_dit(reference)), 1e-6, "DiT with vector pad tokens")
 
 
+def test_attention_backend_sees_the_compute_dtype_and_device_of_a_packed_or_streamed_dit(tmp_path, monkeypatch):
+    """A GGUF DiT's to_q.weight holds packed uint8 bytes, and with offload='blocks' every block
+    weight rests in CPU memory: the backend check must see the compute dtype and the device the
+    blocks run on (else flash / sage are refused for "uint8" or "cpu" and 'auto' falls back)."""
+    import zimage_native.accel.attention_backends as ab
+    from zimage_native.offload import stream_blocks
+
+    path, _ = write_dit(tmp_path / "q8.gguf", "Q8_0")
+    model = load_component("transformer", path, torch.bfloat16, "cpu", config=AXES)
+    assert model.layers[0].attention.to_q.weight.dtype == torch.uint8
+    seen = []
+    real = ab.resolve_backend
+    monkeypatch.setattr(ab, "resolve_backend", lambda name, device, dtype, head_dim: (
+        seen.append((torch.device(device), dtype, head_dim)) or real(name, device, dtype, head_dim)))
+    assert ab.check_attention_backend(model, "sdpa")[0] == "sdpa"
+    assert seen[-1] == (torch.device("cpu"), torch.bfloat16, 128)
+    streamer = stream_blocks(model, "cpu", transfer=lambda t: t.clone())
+    streamer.device = torch.device("cuda", 0)  # what a GPU streamer holds (no GPU here); the blocks rest on the CPU
+    ab.check_attention_backend(model, "sdpa")
+    assert seen[-1] == (torch.device("cuda", 0), torch.bfloat16, 128)
+
+
 def test_info_shows_types_and_bytes(tmp_path):
     from click.testing import CliRunner
 

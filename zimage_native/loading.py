@@ -277,7 +277,8 @@ def load_single_files(
         still = [name for name in missing if given[name] is None]
         if still:
             raise ValueError(f"from_single_files: no {' or '.join(still)} given, and {transformer} does not "
-                             f"contain one; pass {', '.join(n + '=' for n in still)}")
+                             f"contain one; pass {', '.join(n + '=' for n in still)} (on the command line "
+                             f"{', '.join('--' + n.replace('_', '-') for n in still)})")
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     scfg = read_scheduler_config(scheduler_config)

@@ -255,9 +255,13 @@ def check_attention_backend(model: nn.Module, name: str = "sdpa") -> tuple[str, 
     modules = dit_attention_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no DiT attention modules to set a backend on")
-    weight = modules[0].to_q.weight
-    head_dim = weight.shape[0] // modules[0].n_heads
-    backend, line = resolve_backend(name, weight.device, weight.dtype, head_dim)
+    head_dim = modules[0].to_q.weight.shape[0] // modules[0].n_heads
+    # The compute dtype from the q norm: to_q.weight may be packed GGUF bytes (uint8) or fp8. With
+    # offload="blocks" the block weights rest on the CPU: the blocks run on the streamer's device.
+    norm = modules[0].norm_q.weight
+    streamer = getattr(model, "block_streamer", None)
+    device = streamer.device if streamer is not None else norm.device
+    backend, line = resolve_backend(name, device, norm.dtype, head_dim)
     return backend, line + NOTES.get(backend, "")
 
 

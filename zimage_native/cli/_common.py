@@ -24,7 +24,7 @@ LIBRARY_FLAGS = {
     "height": "--height", "strength": "--strength", "cfg_truncation": "--cfg-truncation", "tile_size": "--tile-size",
     "tile_overlap": "--tile-overlap", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
     "top_p": "--top-p", "offload": "--offload", "variant": "--variant", "text_encoder_quant": "--text-encoder-quant",
-    "shift": "--shift", "mask_image": "--mask",
+    "shift": "--shift", "mask_image": "--mask", "llm_url": "--llm-url",
 }
 _NAMES = "|".join(LIBRARY_FLAGS)
 # A statement about the argument ("steps must be ...", at the start or after ': ', '; ', ', ', '(') or
