@@ -147,15 +147,17 @@ def test_given_start_latents_match_diffusers(tiny_pipe, reference_inpaint, refer
 
 
 def test_lists_of_2d_masks_are_a_batch_as_in_diffusers(tiny_pipe):
-    """A list of (H, W) arrays or tensors is a batch of masks (diffusers stacks them and adds the
-    channel): each equals its PIL mask."""
+    """A list of (H, W) arrays or tensors, or a (B, H, W) array, is a batch of masks (diffusers
+    stacks them and adds the channel): each equals its PIL mask. An RGB array is refused."""
     image = make_image(48, 32)
     pils = [make_mask(48, 32, box=(8, 8, 32, 24)), make_mask(48, 32, box=(0, 16, 48, 32))]
     arrays = [np.asarray(m, dtype=np.float32) / 255.0 for m in pils]
     kw = dict(num_inference_steps=2, output_type="latent", seed=[2, 3], num_images_per_prompt=2)
     want = tiny_pipe.inpaint("a cat", image, pils, **kw).images
-    for masks in (arrays, [torch.from_numpy(a) for a in arrays]):
+    for masks in (arrays, [torch.from_numpy(a) for a in arrays], np.stack(arrays)):
         assert torch.equal(tiny_pipe.inpaint("a cat", image, masks, **kw).images, want)
+    with pytest.raises(ValueError, match=r"mask_image.*one channel.*got shape \(32, 48, 3\)"):
+        tiny_pipe.inpaint("a cat", image, np.zeros((32, 48, 3), dtype=np.float32), num_inference_steps=1)
 
 
 def test_bad_image_arrays_and_strength_raise_clear_value_errors(tiny_pipe):

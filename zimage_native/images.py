@@ -67,11 +67,17 @@ def preprocess_image(image, width: int | None = None, height: int | None = None,
 
 def preprocess_mask(mask, height: int, width: int) -> torch.Tensor:
     """Mask(s) -> (B, 1, H, W) fp32 of 0 (keep) and 1 (repaint): PIL masks resized with Lanczos and
-    made grey, arrays (H, W) / (H, W, 1) and tensors (H, W) / (B, 1, H, W) (or lists of them) with nearest
-    interpolation; then binarised at 0.5, as the reference's mask processor does."""
+    made grey, arrays (H, W) / (H, W, 1) / (B, H, W) and tensors (H, W) / (B, H, W) / (B, 1, H, W) (or
+    lists of them) with nearest interpolation; then binarised at 0.5, as the reference's mask processor
+    does."""
     from PIL import Image
 
+    if isinstance(mask, np.ndarray) and mask.ndim == 3 and mask.shape[-1] in (3, 4):
+        raise ValueError(f"mask_image arrays have one channel: give (H, W), (H, W, 1) or (B, H, W); got shape "
+                         f"{mask.shape} (a PIL mask of any mode is made grey)")
     if isinstance(mask, np.ndarray) and mask.ndim == 2:
+        mask = mask[..., None]
+    elif isinstance(mask, np.ndarray) and mask.ndim == 3 and mask.shape[-1] != 1:  # (B, H, W), as the reference
         mask = mask[..., None]
     if isinstance(mask, torch.Tensor) and mask.ndim == 2:
         mask = mask[None, None]
@@ -89,8 +95,8 @@ def preprocess_mask(mask, height: int, width: int) -> torch.Tensor:
         if kind == "np" and m.ndim == 4:
             m = m.permute(0, 3, 1, 2)
         if m.ndim != 4 or m.shape[1] != 1:
-            raise ValueError(f"a mask array must be (H, W) or (H, W, 1), a mask tensor (H, W) or (B, 1, H, W); got "
-                             f"shape {tuple(batch.shape)}")
+            raise ValueError(f"a mask array must be (H, W), (H, W, 1) or (B, H, W), a mask tensor (H, W) or "
+                             f"(B, 1, H, W); got shape {tuple(batch.shape)}")
         m = torch.nn.functional.interpolate(m, size=(height, width))
     return (m >= 0.5).float()
 
