@@ -229,6 +229,24 @@ def test_attention_backend_sees_the_compute_dtype_and_device_of_a_packed_or_stre
     assert seen[-1] == (torch.device("cuda", 0), torch.bfloat16, 128)
 
 
+def test_without_a_dtype_a_mixed_file_loads_in_one_compute_dtype(tmp_path):
+    # Real GGUF files mix F32 norms, F16 / BF16 unquantised weights and packed ones: with dtype=None
+    # the float tensors must not keep their file dtypes (fp32 activations meet bf16 weights).
+    mix = ("Q4_K", "F16", "BF16")
+    path, reference = write_dit(tmp_path / "mixed.gguf", lambda name, i: mix[i % len(mix)])
+    model = load_component("transformer", path, None, "cpu", config=AXES)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert_rel(dit_output(model), dit_output(reference_dit(reference)), 1e-6, "mixed DiT, dtype None")
+    te_path, te_reference = write_qwen3(tmp_path / "qwen3-mixed.gguf", 64, lambda name, i: mix[i % len(mix)])
+    te = load_component("text_encoder", te_path, None, "cpu")
+    assert {p.dtype for p in te.parameters()} == {torch.float32}
+    ids = torch.tensor([[1, 5, 9, 33]])
+    with torch.no_grad():
+        ours = te(input_ids=ids).last_hidden_state
+        want = te_reference(input_ids=ids, output_hidden_states=True).hidden_states[-2]
+    assert_rel(ours, want, 1e-6, "mixed Qwen3, dtype None")
+
+
 def test_info_shows_types_and_bytes(tmp_path):
     from click.testing import CliRunner
 

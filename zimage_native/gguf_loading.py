@@ -5,7 +5,8 @@ file. The module is built on meta from the config inferred from the tensor shape
 ``nn.Linear`` (and the token embedding) whose weight is stored in a block type (Q8_0 ... Q6_K)
 becomes a :class:`~zimage_native.quant_linear.GGUFLinear` (:class:`~zimage_native.quant_linear.GGUFEmbedding`)
 holding the file's bytes, moved to ``device`` as they are; F32 / F16 / BF16 tensors, and packed
-tensors of other modules, are cast (dequantised) to ``dtype``. Loading is strict, as for safetensors.
+tensors of other modules, are cast (dequantised) to ``dtype`` (fp32 when it is None: the
+files mix F32, F16 and BF16, and one model computes in one dtype). Loading is strict, as for safetensors.
 """
 
 from __future__ import annotations
@@ -56,14 +57,14 @@ def load_gguf_component(kind: str, path: str | os.PathLike, dtype: torch.dtype |
             full = Qwen3Config(**{k: v for k, v in kwargs.items() if k not in ("model_type", "transformers_version")})
             n = full.num_hidden_layers
             items = canonical_items(ckpt, info, packed=swapped, dtype=compute, keep=lambda k: not unused_key(k, n))
-            module = load_truncated_qwen3(full, items, dtype, device, quant, prepare=prepare)
+            module = load_truncated_qwen3(full, items, compute, device, quant, prepare=prepare)
         elif kind == "transformer":
             from .model.transformer import ZImageTransformer
 
             cfg = infer_transformer_config(shapes, config, folder_config(path))
             module = build_on_meta(lambda: ZImageTransformer(cfg))
             prepare(module)
-            state = {k: cast(t, dtype).to(device) for k, t in canonical_items(ckpt, info, packed=swapped,
+            state = {k: cast(t, compute).to(device) for k, t in canonical_items(ckpt, info, packed=swapped,
                                                                                dtype=compute)}
             assign_state_dict(module, state, kind)
             module = module.eval().requires_grad_(False)
