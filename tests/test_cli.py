@@ -44,7 +44,7 @@ def test_generate_several_images_and_reports_random_seed(tiny_model_dir, tmp_pat
         (["--width", "100"], "width must be a positive multiple of 16"),
         (["--steps", "0"], "--steps must be an integer >= 1"),
         (["--guidance-scale", "-2"], "--guidance-scale must be >= 0"),
-        (["-o", "out.jpg"], "output must be a .png file"),
+        (["-o", "out.jpg"], "Error: --output must be a .png file, got out.jpg"),
         (["--model", "/no/such/folder"], "model folder not found"),
     ],
 )

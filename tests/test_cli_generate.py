@@ -175,6 +175,14 @@ def test_img2img_from_the_cli(tiny_model_dir, tiny_pipe, tmp_path):
         expected = tiny_pipe.img2img("a cat", im.convert("RGB"), strength=0.5, num_inference_steps=4, seed=2).images[0]
     assert np.array_equal(pixels(out), np.asarray(expected))
     assert read_metadata(out)["strength"] == 0.5
+    # --width/--height resize the input as the library's width=/height= do (docs/tasks.md)
+    sized = tmp_path / "sized.png"
+    run("generate", "a cat", "--model", tiny_model_dir, "--image", src, "--strength", "0.5", "-o", sized, "--seed", 2,
+        "--steps", "2", "--width", "32", "--height", "48", "--device", "cpu", "--no-progress")
+    with Image.open(src) as im:
+        expected = tiny_pipe.img2img("a cat", im.convert("RGB"), strength=0.5, num_inference_steps=2, seed=2,
+                                     width=32, height=48).images[0]
+    assert pixels(sized).shape == (48, 32, 3) and np.array_equal(pixels(sized), np.asarray(expected))
 
 
 def test_inpaint_from_the_cli(tiny_model_dir, tiny_pipe, tmp_path):

@@ -171,7 +171,7 @@ def run_generate(prompts: list[str], o: dict) -> None:
     jobs = [(pi, p, s) for pi, p in enumerate(prompts) for s in seeds]
     paths = output_paths(jobs, o["output"], o["output_dir"], o["name_pattern"])
     if any(p.suffix.lower() != ".png" for p in paths):
-        raise ValueError(f"output must be a .png file, got {paths[0]}")
+        raise ValueError(f"--output must be a .png file, got {o['output']}")  # --name-pattern adds .png
     existing = [str(p) for p in paths if p.exists()]
     if existing and not o["overwrite"]:
         raise ValueError(f"{existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
@@ -298,7 +298,7 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
     for batch in batches:
         request = GenerationRequest(
             prompt=[jobs[i][1] for i in batch], seeds=[jobs[i][2] for i in batch], steps=o["steps"],
-            width=None if init is not None else o["width"], height=None if init is not None else o["height"],
+            width=o["width"], height=o["height"],
             control_image=control, control_scale=o.get("control_scale", 0.75),
             guidance_scale=o["guidance_scale"], negative_prompt=o["negative_prompt"],
             cfg_normalization=o["cfg_normalization"], cfg_truncation=o["cfg_truncation"],
