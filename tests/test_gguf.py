@@ -247,6 +247,36 @@ def test_without_a_dtype_a_mixed_file_loads_in_one_compute_dtype(tmp_path):
     assert_rel(ours, want, 1e-6, "mixed Qwen3, dtype None")
 
 
+def test_a_tensor_reshaped_to_whole_blocks_with_comfy_orig_shape_loads(tmp_path):
+    # ComfyUI-GGUF's converter may store a weight whose rows are not whole 256-blocks reshaped to
+    # (-1, 256) and quantised, with its shape in comfy.gguf.orig_shape.NAME: the blocks run along the
+    # stored rows, so it is dequantised as stored, then given its shape (the patch embedder, 64 wide).
+    path, reference = write_dit(tmp_path / "q4k.gguf", "Q4_K")
+    name = "x_embedder.weight"
+    shape = tuple(reference["all_x_embedder.2-1.weight"].shape)
+    assert shape[-1] % 256
+    raw = random_blocks("Q4_K", shape[0] * shape[1] // 256, 256, np.random.default_rng(7))
+    expected = np.asarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K), dtype=np.float32)
+    reference["all_x_embedder.2-1.weight"] = torch.from_numpy(expected.reshape(shape).copy())
+    reader = gguf.GGUFReader(str(path))
+    writer = gguf.GGUFWriter(str(tmp_path / "reshaped.gguf"), arch="lumina2")
+    writer.add_array(f"comfy.gguf.orig_shape.{name}", list(shape))
+    for t in reader.tensors:
+        data, qtype = np.array(t.data), t.tensor_type
+        if t.name == name:
+            data, qtype = raw, gguf.GGMLQuantizationType.Q4_K
+        writer.add_tensor(t.name, data, raw_shape=data.shape if data.dtype == np.uint8 else None, raw_dtype=qtype)
+    del reader
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model = load_component("transformer", tmp_path / "reshaped.gguf", torch.float32, "cpu", config=AXES)
+    assert not isinstance(model.all_x_embedder["2-1"], GGUFLinear)  # dequantised while loading
+    assert torch.equal(model.all_x_embedder["2-1"].weight, reference["all_x_embedder.2-1.weight"])
+    assert_rel(dit_output(model), dit_output(reference_dit(reference)), 1e-6, "DiT with a reshaped tensor")
+
+
 def test_info_shows_types_and_bytes(tmp_path):
     from click.testing import CliRunner
 

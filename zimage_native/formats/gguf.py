@@ -92,6 +92,12 @@ class GGUFTensor:
     shape: tuple[int, ...]
     n_bytes: int
     data: Any  # numpy view of the memory-mapped bytes / values
+    stored: tuple[int, ...] = ()  # the shape as stored, when ComfyUI-GGUF's orig_shape differs from it
+
+    @property
+    def row_packed(self) -> bool:
+        """Whether the packed rows are the rows of ``shape`` (not a reshape to whole blocks)."""
+        return not self.stored or self.stored[-1] == self.shape[-1]
 
     @property
     def numel(self) -> int:
@@ -147,7 +153,7 @@ class GGUFCheckpoint:
             qtype = t.tensor_type.name if hasattr(t.tensor_type, "name") else str(t.tensor_type)
             if int(t.tensor_type) not in GGML_TYPES:
                 self.unsupported[t.name] = qtype
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            shape = stored = tuple(int(d) for d in reversed(t.shape.tolist()))
             orig = self.metadata.get(f"comfy.gguf.orig_shape.{t.name}")
             if orig is not None and int(np.prod(orig)) == int(np.prod(shape)):
                 shape = tuple(int(d) for d in orig)
@@ -155,7 +161,8 @@ class GGUFCheckpoint:
             if end > size:
                 raise CorruptCheckpointError(self.path, CONTAINER, f"its tensors need {end:,} bytes, the file has "
                                                                    f"{size:,}")
-            self.tensors[t.name] = GGUFTensor(t.name, qtype, shape, int(t.n_bytes), t.data)
+            self.tensors[t.name] = GGUFTensor(t.name, qtype, shape, int(t.n_bytes), t.data,
+                                              stored if stored != shape else ())
 
     def __enter__(self) -> "GGUFCheckpoint":
         return self
@@ -195,7 +202,8 @@ class GGUFCheckpoint:
             return raw.view(torch.float16).reshape(t.shape)
         if t.qtype == "BF16":
             return raw.view(torch.bfloat16).reshape(t.shape)
-        rows = int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1
+        shape = t.stored or t.shape  # a reshaped tensor's blocks run along its stored rows
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         return raw.reshape(rows, -1)
 
     def values(self, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -311,7 +319,7 @@ def canonical_qtypes(ckpt: GGUFCheckpoint, info: ComponentInfo) -> dict[str, str
     out = {}
     for key in info.keys:
         t = ckpt.tensors[key]
-        if t.quantized:
+        if t.quantized and t.row_packed:  # a tensor reshaped to whole blocks is dequantised while loading
             for canon in km.forward_key(km.strip(_strip(info, key)))[1]:
                 out[canon] = t.qtype
     return out
