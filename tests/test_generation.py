@@ -194,3 +194,12 @@ def test_offload_and_placement_arguments_are_checked(tiny_model_dir):
         ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", offload="sometimes")
     pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", vae_device="cpu", offload="text_encoder")
     assert pipe.placement["vae"] == torch.device("cpu")
+
+
+def test_a_bad_size_with_an_input_image_names_the_argument(tiny_pipe):
+    """width / height given with an input image are checked as without one (no PIL TypeError)."""
+    for kw, name in ((dict(width=100), "width"), (dict(height=48.0), "height"), (dict(width=0), "width")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive multiple of 16, got"):
+            tiny_pipe.img2img("a cat", make_image(), num_inference_steps=1, **kw)
+    with pytest.raises(ValueError, match="the input image must be at least 16x16"):
+        tiny_pipe.img2img("a cat", make_image(12, 40), num_inference_steps=1)

@@ -32,6 +32,10 @@ def _as_batch(image, what: str) -> tuple[str, Any]:
 
 
 def _target_size(size_hw: tuple[int, int], width: int | None, height: int | None, multiple: int) -> tuple[int, int]:
+    for name, value in (("width", width), ("height", height)):  # as check_request words it
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0
+                                  or value % multiple):
+            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
     h = height if height is not None else size_hw[0] // multiple * multiple
     w = width if width is not None else size_hw[1] // multiple * multiple
     if w < multiple or h < multiple or w % multiple or h % multiple:
