@@ -95,3 +95,16 @@ def test_device_and_speed_flags_are_one_line_naming_the_flag(tiny_model_dir, tmp
                           "--steps", "1", "-o", str(tmp_path / "x.png"), *args)
     assert message in line, line
     assert not (tmp_path / "x.png").exists()
+
+
+def test_an_unreachable_encoder_url_is_one_line(tiny_model_dir, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    line = one_line_error("generate", "a cat", "--model", str(tiny_model_dir), "--device", "cpu", "--width", "32",
+                          "--height", "32", "--steps", "1", "-o", str(tmp_path / "x.png"),
+                          "--encoder-url", f"http://127.0.0.1:{port}")
+    assert line.startswith(f"Error: cannot reach the text encoder at http://127.0.0.1:{port}"), line
+    assert not (tmp_path / "x.png").exists()

@@ -46,10 +46,11 @@ def _is_user_error(e: BaseException) -> bool:
     if isinstance(e, (ValueError, FileNotFoundError, KeyError)):
         return True
     accel, hub = sys.modules.get("zimage_native.accel._kernels"), sys.modules.get("zimage_native.hub")
-    chat = sys.modules.get("zimage_native.prompt.remote")
+    chat, encoder = sys.modules.get("zimage_native.prompt.remote"), sys.modules.get("zimage_native.server.remote")
     return ((accel is not None and isinstance(e, accel.AccelerationUnavailable))
             or (hub is not None and isinstance(e, hub.HubError))
-            or (chat is not None and isinstance(e, chat.ChatServerError)))
+            or (chat is not None and isinstance(e, chat.ChatServerError))
+            or (encoder is not None and isinstance(e, encoder.RemoteEncoderError)))
 
 
 def user_errors(fn):
