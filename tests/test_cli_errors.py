@@ -81,3 +81,17 @@ def test_single_files_without_vae_name_the_flags(tiny_model_dir, tmp_path):
 def test_llm_url_errors_name_the_flag():
     assert one_line_error("rewrite", "a cat", "--llm-url", "notaurl", "--llm-model", "m") == (
         "Error: --llm-url must be an http:// or https:// address, got 'notaurl'")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda:99"], "Error: device 'cuda:99' is not available"),
+    (["--device", "gpu"], "Error: unknown device 'gpu': give cpu, cuda, cuda:N, mps or auto"),
+    (["--device", "cpu", "--offload", "blocks", "--compile", "blocks"], "--compile='blocks' would change"),
+    (["--device", "cpu", "--cuda-graphs"], "Error: --cuda-graphs needs the DiT on a CUDA device"),
+    (["--device", "cpu", "--kernels", "triton"], "Error: --kernels='triton' runs on a CUDA"),
+])
+def test_device_and_speed_flags_are_one_line_naming_the_flag(tiny_model_dir, tmp_path, args, message):
+    line = one_line_error("generate", "a cat", "--model", str(tiny_model_dir), "--width", "32", "--height", "32",
+                          "--steps", "1", "-o", str(tmp_path / "x.png"), *args)
+    assert message in line, line
+    assert not (tmp_path / "x.png").exists()

@@ -25,11 +25,12 @@ LIBRARY_FLAGS = {
     "tile_overlap": "--tile-overlap", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
     "top_p": "--top-p", "offload": "--offload", "variant": "--variant", "text_encoder_quant": "--text-encoder-quant",
     "shift": "--shift", "mask_image": "--mask", "llm_url": "--llm-url",
+    "compile": "--compile", "fp8": "--fp8", "kernels": "--kernels", "cuda_graphs": "--cuda-graphs",
 }
 _NAMES = "|".join(LIBRARY_FLAGS)
 # A statement about the argument ("steps must be ...", at the start or after ': ', '; ', ', ', '(') or
 # its value ("for num_inference_steps=4").
-_LIBRARY_NAME = re.compile(rf"(?:^|(?<=: )|(?<=; )|(?<=, )|(?<=\())({_NAMES})(?=\s+(?:must|is|are)\b)"
+_LIBRARY_NAME = re.compile(rf"(?:^|(?<=: )|(?<=; )|(?<=, )|(?<=\())({_NAMES})(?=\s+(?:must|is|are|needs)\b)"
                            rf"|(?<![\w.-])({_NAMES})(?==)")
 
 
