@@ -131,3 +131,9 @@ def test_sigmas_set_the_recorded_step_count(tiny_pipe):
     out = tiny_pipe("a cat", callback=lambda k, n: steps.append(n), **kw)
     assert out.info["steps"] == 3 and steps == [3, 3, 3]
     assert tiny_pipe("a cat", num_inference_steps=8, **kw).info["steps"] == 3
+
+
+def test_strength_without_an_image_is_refused(tiny_pipe):
+    """strength belongs to img2img and inpainting: text to image refuses it rather than ignoring it."""
+    with pytest.raises(ValueError, match="strength needs image="):
+        tiny_pipe("a cat", strength=0.5, width=32, height=32, num_inference_steps=1)

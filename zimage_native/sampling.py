@@ -167,6 +167,9 @@ class Task:
 
     def read(self, pipe, r: GenerationRequest) -> tuple[dict[str, Any], int | None, int | None]:
         """(inputs, width, height): the preprocessed inputs and the size they imply (None: no opinion)."""
+        if r.strength is not None:  # text to image has no input to keep
+            raise ValueError(f"strength needs image= (img2img or inpainting), got strength={r.strength!r} "
+                             f"without an image")
         return {}, None, None
 
     def check(self, pipe, r: GenerationRequest, schedule: Schedule) -> None:
