@@ -108,3 +108,19 @@ def test_an_unreachable_encoder_url_is_one_line(tiny_model_dir, tmp_path):
                           "--encoder-url", f"http://127.0.0.1:{port}")
     assert line.startswith(f"Error: cannot reach the text encoder at http://127.0.0.1:{port}"), line
     assert not (tmp_path / "x.png").exists()
+
+
+def test_seed_out_of_range_and_from_image_of_a_non_image(tmp_path):
+    missing = str(tmp_path / "missing")  # refused before any weights are looked for
+    assert one_line_error("generate", "a cat", "--model", missing, "--seed", str(2**64)) == (
+        f"Error: --seed must be between -2**63 and 2**64 - 1, got {2**64}")
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    assert one_line_error("generate", "--from-image", str(text), "--model", missing) == (
+        f"Error: {text} is not an image file (a PNG written by zimage-native is needed)")
+
+
+def test_tile_overlap_error_names_the_flag(tiny_model_dir, tmp_path):
+    line = one_line_error("generate", "a cat", "--model", str(tiny_model_dir), "--device", "cpu", "--tiled-vae",
+                          "--tile-overlap", "600", "-o", str(tmp_path / "x.png"))
+    assert line.startswith("Error: --tile-overlap must be a multiple of 16"), line

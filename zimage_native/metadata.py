@@ -64,10 +64,13 @@ def png_info(record: dict[str, Any]):
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The ``zimage`` JSON record of a PNG written by zimage-native."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as image:
-        text = image.info.get(JSON_KEY) if hasattr(image, "info") else None
+    try:
+        with Image.open(path) as image:
+            text = image.info.get(JSON_KEY) if hasattr(image, "info") else None
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image file (a PNG written by zimage-native is needed)") from None
     if not text:
         raise ValueError(f"{path} has no zimage-native generation metadata (no '{JSON_KEY}' PNG text chunk)")
     try:

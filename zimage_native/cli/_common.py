@@ -26,6 +26,7 @@ LIBRARY_FLAGS = {
     "top_p": "--top-p", "offload": "--offload", "variant": "--variant", "text_encoder_quant": "--text-encoder-quant",
     "shift": "--shift", "mask_image": "--mask", "llm_url": "--llm-url",
     "compile": "--compile", "fp8": "--fp8", "kernels": "--kernels", "cuda_graphs": "--cuda-graphs",
+    "overlap": "--tile-overlap",
 }
 _NAMES = "|".join(LIBRARY_FLAGS)
 # A statement about the argument ("steps must be ...", at the start or after ': ', '; ', ', ', '(') or

@@ -50,6 +50,9 @@ def resolve_seeds(seed: tuple[int, ...], seeds: int | None, num_images: int) -> 
         raise ValueError("give --seed or --seeds, not both")
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    for s in seed:  # what torch.Generator.manual_seed takes
+        if not -2**63 <= s < 2**64:
+            raise ValueError(f"--seed must be between -2**63 and 2**64 - 1, got {s}")
     if len(seed) > 1:
         if num_images not in (1, len(seed)):
             raise ValueError(f"got {len(seed)} seeds and --num-images {num_images}")
