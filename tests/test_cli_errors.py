@@ -124,3 +124,12 @@ def test_tile_overlap_error_names_the_flag(tiny_model_dir, tmp_path):
     line = one_line_error("generate", "a cat", "--model", str(tiny_model_dir), "--device", "cpu", "--tiled-vae",
                           "--tile-overlap", "600", "-o", str(tmp_path / "x.png"))
     assert line.startswith("Error: --tile-overlap must be a multiple of 16"), line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strength", "0.5"], "Error: --strength needs --image"),
+    (["--control-scale", "0.5"], "Error: --control-scale needs --controlnet"),
+])
+def test_flags_that_would_be_ignored_are_refused(tmp_path, args, message):
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
+    assert line.startswith(message), line

@@ -161,6 +161,13 @@ def generate(ctx, prompt, config_path, profile, from_image, **opts):
         raise ValueError("--profile needs --config")
     recorded, recorded_prompt = from_image_layer(from_image)
     opts = apply_layers(ctx, opts, config, convert(ctx, {k: (v, f"{from_image}: {k}") for k, v in recorded.items()}))
+    from click.core import ParameterSource
+
+    typed = lambda key: ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE  # noqa: E731
+    if typed("strength") and opts["init_image"] is None:
+        raise ValueError("--strength needs --image (img2img or inpainting); text-to-image starts from pure noise")
+    if typed("control_scale") and opts["controlnet"] is None:
+        raise ValueError("--control-scale needs --controlnet and --control-image")
     prompts = read_prompts(prompt or (recorded_prompt if not opts["prompts_file"] else None), opts["prompts_file"])
     run_generate(prompts, opts)
 
