@@ -45,6 +45,9 @@ def test_controlnet_from_the_cli(control_model_dir, control_pipe, control_files,
         "--control-image", pose, "-o", sized, "--seed", 5, "--steps", 1, "--width", 32, "--height", 32,
         "--device", "cpu", "--no-progress")
     assert pixels(sized).shape == (32, 32, 3)
+    # --from-image needs the ControlNet and the control image again (neither is stored in the PNG)
+    result = run("generate", "--from-image", out, "-o", tmp_path / "again.png", "--device", "cpu", ok=False)
+    assert result.exit_code == 1 and "give --controlnet FILE and --control-image again" in result.output
 
 
 def test_controlnet_inpainting_from_the_cli(control_model_dir, control_pipe, control_files, tmp_path):  # noqa: F811

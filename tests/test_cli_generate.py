@@ -183,6 +183,12 @@ def test_img2img_from_the_cli(tiny_model_dir, tiny_pipe, tmp_path):
         expected = tiny_pipe.img2img("a cat", im.convert("RGB"), strength=0.5, num_inference_steps=2, seed=2,
                                      width=32, height=48).images[0]
     assert pixels(sized).shape == (48, 32, 3) and np.array_equal(pixels(sized), np.asarray(expected))
+    # --from-image needs the input image again (it is not stored): without it the rerun is refused
+    result = run("generate", "--from-image", out, "-o", tmp_path / "again.png", "--device", "cpu", ok=False)
+    assert result.exit_code == 1 and "give it again with --image" in result.output
+    run("generate", "--from-image", out, "--image", src, "-o", tmp_path / "again.png", "--device", "cpu",
+        "--no-progress")
+    assert np.array_equal(pixels(tmp_path / "again.png"), pixels(out))
 
 
 def test_inpaint_from_the_cli(tiny_model_dir, tiny_pipe, tmp_path):

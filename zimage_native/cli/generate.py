@@ -168,6 +168,13 @@ def generate(ctx, prompt, config_path, profile, from_image, **opts):
         raise ValueError("--strength needs --image (img2img or inpainting); text-to-image starts from pure noise")
     if typed("control_scale") and opts["controlnet"] is None:
         raise ValueError("--control-scale needs --controlnet and --control-image")
+    # The input images are not stored in the PNG: a rerun needs them again, or it would silently become
+    # text-to-image.
+    if recorded.get("strength") is not None and opts["init_image"] is None:
+        raise ValueError(f"{from_image} was made from an input image (strength {recorded['strength']}); give it "
+                         f"again with --image IN.png (and --mask for inpainting)")
+    if recorded.get("control_scale") is not None and opts["controlnet"] is None:
+        raise ValueError(f"{from_image} was made with a ControlNet; give --controlnet FILE and --control-image again")
     prompts = read_prompts(prompt or (recorded_prompt if not opts["prompts_file"] else None), opts["prompts_file"])
     run_generate(prompts, opts)
 
