@@ -133,3 +133,17 @@ def test_tile_overlap_error_names_the_flag(tiny_model_dir, tmp_path):
 def test_flags_that_would_be_ignored_are_refused(tmp_path, args, message):
     line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
     assert line.startswith(message), line
+
+
+def test_output_folder_and_prompts_file_errors_come_before_loading(tmp_path):
+    missing = str(tmp_path / "missing")  # refused before any weights are looked for
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert one_line_error("generate", "a cat", "--model", missing, "--output-dir", str(afile / "sub")).startswith(
+        f"Error: --output-dir: cannot create the folder {afile / 'sub'} (")
+    assert one_line_error("generate", "a cat", "--model", missing, "-o", str(afile / "x.png")).startswith(
+        f"Error: --output: cannot create the folder {afile} (")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# only a comment\n\n")
+    assert one_line_error("generate", "--prompts-file", str(prompts), "--model", missing) == (
+        f"Error: --prompts-file {prompts} has no prompts (only blank and # lines)")

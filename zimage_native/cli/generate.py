@@ -70,6 +70,8 @@ def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     if prompts_file is not None:
         lines = prompts_file.read_text(encoding="utf-8").splitlines()
         prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not prompts:
+            raise ValueError(f"--prompts-file {prompts_file} has no prompts (only blank and # lines)")
     if not prompts:
         raise ValueError("give a PROMPT, --prompts-file or --from-image")
     return prompts
@@ -189,6 +191,12 @@ def run_generate(prompts: list[str], o: dict) -> None:
     paths = output_paths(jobs, o["output"], o["output_dir"], o["name_pattern"])
     if any(p.suffix.lower() != ".png" for p in paths):
         raise ValueError(f"--output must be a .png file, got {o['output']}")  # --name-pattern adds .png
+    for folder in dict.fromkeys(p.parent for p in paths):  # a folder that cannot be made fails now, not after sampling
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            flag = "--output" if o["output"] is not None else "--output-dir"
+            raise ValueError(f"{flag}: cannot create the folder {folder} ({e.strerror or e})") from None
     existing = [str(p) for p in paths if p.exists()]
     if existing and not o["overwrite"]:
         raise ValueError(f"{existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
