@@ -147,3 +147,13 @@ def test_output_folder_and_prompts_file_errors_come_before_loading(tmp_path):
     prompts.write_text("# only a comment\n\n")
     assert one_line_error("generate", "--prompts-file", str(prompts), "--model", missing) == (
         f"Error: --prompts-file {prompts} has no prompts (only blank and # lines)")
+
+
+def test_a_too_small_input_image_gives_its_size(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    small = tmp_path / "small.png"
+    Image.new("RGB", (8, 20)).save(small)
+    line = one_line_error("generate", "a cat", "--model", str(tiny_model_dir), "--device", "cpu", "--steps", "1",
+                          "--image", str(small), "-o", str(tmp_path / "x.png"), "--seed", "1")
+    assert "8x20 gives 0x16" in line and "give --width= and --height= to resize it" in line, line

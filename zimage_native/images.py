@@ -39,8 +39,9 @@ def _target_size(size_hw: tuple[int, int], width: int | None, height: int | None
     h = height if height is not None else size_hw[0] // multiple * multiple
     w = width if width is not None else size_hw[1] // multiple * multiple
     if w < multiple or h < multiple or w % multiple or h % multiple:
-        raise ValueError(f"the input image must be at least {multiple}x{multiple} and the size a multiple of "
-                         f"{multiple}, got {w}x{h}")
+        raise ValueError(f"the input image must be at least {multiple}x{multiple} (its size is rounded down to a "
+                         f"multiple of {multiple}: {size_hw[1]}x{size_hw[0]} gives {w}x{h}); give width= and height= "
+                         f"to resize it")
     return h, w
 
 

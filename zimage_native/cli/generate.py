@@ -318,34 +318,39 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
     from ..sampling import GenerationRequest
 
     batches = [list(range(i, min(i + o["batch_size"], len(jobs)))) for i in range(0, len(jobs), o["batch_size"])]
-    bar = tqdm(total=None, unit="step", disable=not o["progress"], desc="zimage")
+    bar = None  # made at the first step, when the total is known: nothing is drawn while prompts encode
     done = 0
-    for batch in batches:
-        request = GenerationRequest(
-            prompt=[jobs[i][1] for i in batch], seeds=[jobs[i][2] for i in batch], steps=o["steps"],
-            width=o["width"], height=o["height"],
-            control_image=control, control_scale=o.get("control_scale", 0.75),
-            guidance_scale=o["guidance_scale"], negative_prompt=o["negative_prompt"],
-            cfg_normalization=o["cfg_normalization"], cfg_truncation=o["cfg_truncation"],
-            max_sequence_length=o["max_sequence_length"], template=fields["template"],
-            fields={k: v for k, v in fields.items() if k != "template" and v is not None},
-            image=init, mask_image=mask, strength=o["strength"] if init is not None else None, shift=o["shift"],
-            num_images_per_prompt=1)
+    try:
+        for batch in batches:
+            request = GenerationRequest(
+                prompt=[jobs[i][1] for i in batch], seeds=[jobs[i][2] for i in batch], steps=o["steps"],
+                width=o["width"], height=o["height"],
+                control_image=control, control_scale=o.get("control_scale", 0.75),
+                guidance_scale=o["guidance_scale"], negative_prompt=o["negative_prompt"],
+                cfg_normalization=o["cfg_normalization"], cfg_truncation=o["cfg_truncation"],
+                max_sequence_length=o["max_sequence_length"], template=fields["template"],
+                fields={k: v for k, v in fields.items() if k != "template" and v is not None},
+                image=init, mask_image=mask, strength=o["strength"] if init is not None else None,
+                shift=o["shift"], num_images_per_prompt=1)
 
-        def step(i, n, _size=len(batch)):
-            if bar.total is None:
-                bar.reset(total=n * len(batches))
-            bar.set_postfix_str(f"images {done}/{len(jobs)}")
-            bar.update(1)
+            def step(i, n, _size=len(batch)):
+                nonlocal bar
+                if bar is None:
+                    bar = tqdm(total=n * len(batches), unit="step", disable=not o["progress"], desc="zimage")
+                bar.set_postfix_str(f"images {done}/{len(jobs)}")
+                bar.update(1)
 
-        result = pipe.generate(request, progress=False, callback=step)
-        for k, (i, image) in enumerate(zip(batch, result.images)):
-            record = image_record(result.info, k, k)
-            save_image_atomic(image, paths[i], pnginfo=png_info(record))
-            done += 1
-            bar.set_postfix_str(f"images {done}/{len(jobs)}")
-            tqdm.write(f"wrote {paths[i]}")
-    bar.close()
+            result = pipe.generate(request, progress=False, callback=step)
+            for k, (i, image) in enumerate(zip(batch, result.images)):
+                record = image_record(result.info, k, k)
+                save_image_atomic(image, paths[i], pnginfo=png_info(record))
+                done += 1
+                if bar is not None:
+                    bar.set_postfix_str(f"images {done}/{len(jobs)}")
+                tqdm.write(f"wrote {paths[i]}")
+    finally:  # closed on an error too, so that the error starts on its own line
+        if bar is not None:
+            bar.close()
 
 
 def print_debug(pipe, prompts, max_len, fields) -> None:
