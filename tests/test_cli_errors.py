@@ -90,7 +90,12 @@ def test_llm_url_errors_name_the_flag():
     (["--device", "cpu", "--cuda-graphs"], "Error: --cuda-graphs needs the DiT on a CUDA device"),
     (["--device", "cpu", "--kernels", "triton"], "Error: --kernels='triton' runs on a CUDA"),
 ])
-def test_device_and_speed_flags_are_one_line_naming_the_flag(tiny_model_dir, tmp_path, args, message):
+def test_device_and_speed_flags_are_one_line_naming_the_flag(tiny_model_dir, tmp_path, monkeypatch, args, message):
+    # As in a process whose kernels were not imported under TRITON_INTERPRET=1 (earlier tests in this
+    # process may have imported them interpreted, which allows the CPU).
+    from types import SimpleNamespace
+
+    monkeypatch.setattr("zimage_native.accel.fused_ops.load_kernels", lambda: SimpleNamespace(INTERPRETED=False))
     line = one_line_error("generate", "a cat", "--model", str(tiny_model_dir), "--width", "32", "--height", "32",
                           "--steps", "1", "-o", str(tmp_path / "x.png"), *args)
     assert message in line, line
