@@ -42,6 +42,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -79,7 +80,7 @@ class Run:
         self.cuda = self.device.type == "cuda"
         from zimage_native.testing import build_tokenizer
 
-        self.tokenizer = build_tokenizer(args.out / "tokenizer")
+        self.tokenizer = build_tokenizer(Path(tempfile.mkdtemp(prefix="zimage-lowvram-tokenizer-")))
         self.tcfg, self.vcfg, self.qcfg = bench.model_configs(len(self.tokenizer), args.tiny)
         self._vae = None
         self._text_encoders: dict = {}
@@ -109,14 +110,23 @@ class Run:
     def allocated(self) -> int | None:
         return torch.cuda.memory_allocated(self.device) if self.cuda else None
 
-    def pinned_host(self) -> int | None:
-        """Bytes the pinned host allocator holds (it caches and rounds blocks up), None off CUDA."""
+    def pinned_host(self) -> dict | None:
+        """The pinned host allocator's bytes, None off CUDA: ``held`` (its blocks, cached ones
+        included) and ``active`` (handed out); it rounds each block up to a power of two."""
         if not self.cuda:
             return None
         try:
-            return int(torch.cuda.host_memory_stats().get("allocated_bytes.all.current", 0)) or None
+            stats = torch.cuda.host_memory_stats()
         except (AttributeError, RuntimeError):
             return None
+
+        def current(kind: str) -> int | None:
+            for key in (f"{kind}.current", f"{kind}.all.current"):
+                if key in stats:
+                    return int(stats[key])
+            return None
+
+        return {"held": current("allocated_bytes"), "active": current("active_bytes")}
 
     def vae(self):
         if self._vae is None:
@@ -337,7 +347,7 @@ def table(result: dict) -> str:
             lines.append(f"| {r['dit']} | {secs(r['resident_s'])} ({r['resident_runs']}) | {secs(r['streamed_s'])} "
                          f"({r['streamed_runs']}) | {r['slowdown']:.2f}x | {r['bytes_per_step'] / 1e9:.3f} | "
                          f"{r['gb_s_to_hide_copies']:.1f} | {gib(r['peak_resident_bytes'])} | "
-                         f"{gib(r['peak_streamed_bytes'])} | {gib(r['pinned_host_bytes'])} | {equal} |")
+                         f"{gib(r['peak_streamed_bytes'])} | {gib((r['pinned_host_bytes'] or {}).get('held'))} | {equal} |")
         lines.append("")
     if result["profiles"]:
         lines += ["## Profiles: one request, GPU memory per phase (peak allocated / peak reserved, GiB)", "",
