@@ -1,6 +1,7 @@
 """Issue 14's GPU measurements: the slowdown of streamed DiT blocks (``offload="blocks"``) against
 resident weights, and the measured GPU memory peaks of each low-VRAM profile.
 
+    python3 -m pip install -q --no-deps --no-build-isolation -e .       # once per machine
     python3 benchmarks/lowvram_check.py --out $OUT                      # GPU, within --budget-s (180 s)
     python3 benchmarks/lowvram_check.py --tiny --device cpu --out DIR   # CPU dry run of the same code (< 60 s)
 
@@ -50,11 +51,10 @@ from pathlib import Path
 import torch
 
 try:
-    import zimage_native  # noqa: F401  (installed, e.g. pip install -e .)
-except ImportError:  # a checkout without installing: appended, so the repository's kernels/ shadows nothing
-    sys.path.append(str(Path(__file__).resolve().parents[1]))
-
-from zimage_native import bench, footprint  # noqa: E402
+    from zimage_native import bench, footprint
+except ImportError as e:  # its kernels/, converters/ and templates/ exist only once installed
+    sys.exit(f"lowvram_check.py: the engine is not installed ({e}); from the repository root run "
+             "`python3 -m pip install --no-deps --no-build-isolation -e .` first")
 
 GIB = 2**30
 #: CUDA context and library handles, not seen by torch's allocator (an allowance, not a measurement).
