@@ -28,6 +28,9 @@
 # yet). Everything it prints is also written to OUT_DIR (gpu_check.log, e2e.csv with the JSON
 # checks, kernels.csv, controlnet.json).
 #
+# On the lent GPU image, diffusers (and importlib_metadata) are missing: fetch their wheels first with
+# benchmarks/device_wheels.sh and carry .whl; this script installs them from there.
+#
 # Without a GPU (or with DRY_RUN=1) it runs the same steps as a CPU dry run of the code path: a tiny
 # random model, the eager and fp8 rungs with --check (parity and fp8 quality judged; the graph
 # checks need CUDA), the kernel benchmark's --smoke mode. tests/test_gpu_check.py runs the dry run.
@@ -49,7 +52,8 @@ if [ "${SKIP_INSTALL:-0}" != 1 ]; then
 fi
 [ "$DRY_RUN" = 1 ] && echo "no GPU (or DRY_RUN=1): CPU dry run" || nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-python3 -c "import diffusers; print('diffusers', diffusers.__version__)" || echo "diffusers missing: the parity check will fail"
+python3 -c "import diffusers; print('diffusers', diffusers.__version__)" \
+  || echo "diffusers missing: the parity check will fail (carry .whl from benchmarks/device_wheels.sh)"
 
 DIFF=--diffusers
 python3 -c "import diffusers" 2>/dev/null || DIFF=--no-diffusers

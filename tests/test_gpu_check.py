@@ -93,3 +93,18 @@ def test_gpu_branch_runs_the_judged_ladder_first_then_the_optional_steps(tmp_pat
         "benchmarks/bench_kernels.py", "benchmarks/bench_gguf.py", "benchmarks/bench_controlnet.py"]
     assert result.returncode == bench_rc and lines[-1] == ("VERDICT: PASS" if bench_rc == 0 else
                                                           "VERDICT: FAIL (ladder checks (rc 1))"), result.stdout
+
+
+def test_device_wheels_pin_the_versions_the_project_tests_against():
+    """benchmarks/device_wheels.sh fetches the parity reference the test extra pins, and one version of
+    each wheel (gpu_check.sh installs .whl/*.whl together; two versions of a package stop the install)."""
+    import re
+    import tomllib
+
+    script = (ROOT / "benchmarks" / "device_wheels.sh").read_text()
+    pins = dict(re.findall(r"([A-Za-z_]+)==([0-9.]+)", script.split("WHEELS=(", 1)[1].split(")", 1)[0]))
+    test_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    assert f"diffusers=={pins['diffusers']}" in test_extra
+    assert set(pins) == {"diffusers", "importlib_metadata", "gguf"}
+    assert "gguf" in " ".join(tomllib.loads((ROOT / "pyproject.toml").read_text())
+                              ["project"]["optional-dependencies"]["gguf"])
