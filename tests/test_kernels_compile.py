@@ -27,13 +27,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 kernels = load_kernels(interpret=DEVICE == "cpu")
 
 
-def all_ops(x, y, w, scale, gate, q, k, wq, wk, cos, sin, gate_up):
+def all_ops(x, y, w, scale, gate, q, k, wq, wk, cos, sin, gate_up, packed):
     h = torch.ops.zimage.rms_norm(x, w, 1e-5, scale)
     h = torch.ops.zimage.gated_rms_norm_residual(x, y + h, w, 1e-5, gate)
     q, k = torch.ops.zimage.qk_norm_rope(q, k, wq, wk, cos, sin, 1e-5)
     a, b = gate_up.chunk(2, dim=-1)
     xq, xs = torch.ops.zimage.quantize_fp8_rows(x.flatten(0, 1))
-    return h * 2, q + k, torch.ops.zimage.silu_mul(a, b), xq.float() * xs
+    w8 = torch.ops.zimage.dequantize_ggml(packed, "Q8_0", x.dtype)  # 4 rows of 2 Q8_0 blocks
+    return h * 2, q + k, torch.ops.zimage.silu_mul(a, b), xq.float() * xs, x[0] @ w8.T
 
 
 def op_inputs(dtype):
@@ -43,8 +44,11 @@ def op_inputs(dtype):
         return torch.randn(*shape, generator=g).to(DEVICE, dtype)
 
     cos_sin = torch.rand(2, 2, 5, 4, generator=g).to(DEVICE)
+    packed = torch.randint(0, 256, (4, 2, 34), generator=g, dtype=torch.uint8)
+    packed[:, :, :2] = (torch.rand(4, 2, 1, generator=g) / 100).half().view(torch.uint8)  # finite fp16 scales
     return (r(2, 5, 64), r(2, 5, 64), 1 + r(64) / 10, r(2, 1, 64), r(2, 1, 64),
-            r(2, 5, 3, 8), r(2, 5, 3, 8), 1 + r(8) / 10, 1 + r(8) / 10, cos_sin[0], cos_sin[1], r(2, 5, 66))
+            r(2, 5, 3, 8), r(2, 5, 3, 8), 1 + r(8) / 10, 1 + r(8) / 10, cos_sin[0], cos_sin[1], r(2, 5, 66),
+            packed.reshape(4, 68).to(DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -11,6 +11,11 @@ dense delta for LoKr / LoHa / full-delta modules): the packed weights are never 
 removing the LoRA removes the side paths.
 
 :class:`GGUFEmbedding` keeps a token-embedding table packed and dequantises only the rows looked up.
+
+Both call their ``dequantizer`` attribute, ``(packed rows, qtype, dtype) -> values``: by default the
+torch function above, on any device. ``zimage_native.accel`` (``kernels="triton"``) sets it, per
+module, to the Triton kernel ``zimage::dequantize_ggml``, which gives the same bits on the GPU; this
+module never imports Triton.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from .formats.ggml import dequantize, row_bytes, type_name
 
 class GGUFLinear(nn.Module):
     """y = x W^T + b with W stored packed in a GGML block format (``qtype``), dequantised per call."""
+
+    #: (packed rows, qtype, dtype) -> values: the torch twin unless an acceleration set another one.
+    dequantizer = staticmethod(dequantize)
 
     def __init__(self, in_features: int, out_features: int, qtype: int | str, bias: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
@@ -45,7 +53,7 @@ class GGUFLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (out_features, in_features) in ``dtype`` (without any LoRA)."""
-        return dequantize(self.weight, self.qtype, dtype)
+        return self.dequantizer(self.weight, self.qtype, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -86,6 +94,8 @@ class GGUFLinear(nn.Module):
 class GGUFEmbedding(nn.Module):
     """An embedding table stored packed (``weight``: uint8 rows); looked-up rows come out in ``dtype``."""
 
+    dequantizer = staticmethod(dequantize)  # as GGUFLinear.dequantizer
+
     def __init__(self, num_embeddings: int, embedding_dim: int, qtype: int | str, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None):
         super().__init__()
@@ -102,7 +112,7 @@ class GGUFEmbedding(nn.Module):
         return self.dtype_of_output.dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return dequantize(self.weight[ids], self.qtype, self.dtype)
+        return self.dequantizer(self.weight[ids], self.qtype, self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.qtype}"

@@ -13,6 +13,11 @@ twin, which *adopts* the original parameter (by reference, not by value), so par
     SwiGLU                TritonSwiGLU             zimage::silu_mul
 
 The ops must be registered first (``load_kernels()``); the twins call them through ``torch.ops``.
+
+Packed GGUF layers (``quant_linear.GGUFLinear`` / ``GGUFEmbedding``) keep their class: their
+``dequantizer`` attribute, the torch twin ``formats.ggml.dequantize`` by default, is set to
+:func:`triton_dequantize` (``zimage::dequantize_ggml``, the same bits), and set back by
+:func:`use_torch_dequant_`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..formats.ggml import dequantize
 from ..model.layers import ModulatedRMSNorm, PostNormResidual, QKNormRoPE, RMSNorm, Rope, SwiGLU
+from ..quant_linear import GGUFEmbedding, GGUFLinear
 from ._kernels import AccelerationUnavailable, load_kernels
 
 
@@ -111,7 +118,56 @@ def use_fused_kernels(model: nn.Module) -> list[str]:
     for leaf in TWINS:
         swap_leaf_(model, leaf)
     counts = count_fused(model)
-    return [f"kernels: {fused}/{total} {name} -> {TWINS_BY_NAME[name]}" for name, (fused, total) in counts.items()]
+    lines = [f"kernels: {fused}/{total} {name} -> {TWINS_BY_NAME[name]}" for name, (fused, total) in counts.items()]
+    return lines + use_triton_dequant_(model)
 
 
 TWINS_BY_NAME = {leaf.__name__: op for leaf, (_, op) in TWINS.items()}
+
+
+# ------------------------------------------------------------------ packed GGUF layers
+
+PACKED = (GGUFLinear, GGUFEmbedding)
+_state = {"kernel_types": (), "interpreted": False}  # filled by use_triton_dequant_ (after load_kernels)
+
+
+def triton_dequantize(raw: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.Tensor:
+    """``formats.ggml.dequantize`` through ``zimage::dequantize_ggml`` where there is a kernel for the
+    type and dtype (fp32, bf16, fp16) and the rows are on a GPU (or the kernels are interpreted);
+    otherwise the torch twin (float types, a CPU tensor without the interpreter). Same bits either way."""
+    if qtype in _state["kernel_types"] and dtype in (torch.float32, torch.bfloat16, torch.float16) and (
+            raw.is_cuda or _state["interpreted"]):
+        lead = raw.shape[:-1]
+        return torch.ops.zimage.dequantize_ggml(raw.reshape(-1, raw.shape[-1]), qtype, dtype).reshape(*lead, -1)
+    return dequantize(raw, qtype, dtype)
+
+
+def count_dequant(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{packed layer type: (layers dequantising with the kernel, all of them)}, for types present."""
+    out = {}
+    for kind in PACKED:
+        layers = [m for m in model.modules() if type(m) is kind]
+        if layers:
+            out[kind.__name__] = (sum(1 for m in layers if m.dequantizer is triton_dequantize
+                                      and m.qtype in _state["kernel_types"]), len(layers))
+    return out
+
+
+def use_triton_dequant_(model: nn.Module) -> list[str]:
+    """Make every packed GGUF layer dequantise with ``zimage::dequantize_ggml``; one log line per layer
+    type present (none for a model without packed layers). Types without a kernel stay on the torch twin."""
+    kernels = load_kernels()
+    _state["kernel_types"], _state["interpreted"] = tuple(kernels.DEQUANT_TYPES), kernels.INTERPRETED
+    for m in model.modules():
+        if type(m) in PACKED:
+            m.dequantizer = triton_dequantize
+    return [f"kernels: {fused}/{total} {name} -> zimage::dequantize_ggml" for name, (fused, total) in
+            count_dequant(model).items()]
+
+
+def use_torch_dequant_(model: nn.Module) -> int:
+    """Undo :func:`use_triton_dequant_`: every packed layer back on the torch twin; returns how many."""
+    layers = [m for m in model.modules() if type(m) in PACKED and "dequantizer" in vars(m)]
+    for m in layers:
+        del m.dequantizer  # the class attribute, formats.ggml.dequantize, shows through again
+    return len(layers)
