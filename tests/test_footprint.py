@@ -129,6 +129,7 @@ def test_profiles_match_the_example_config():
         table = example[p.name]
         assert table.get("offload", "none") == p.offload, p.name
         assert table.get("text_encoder_quant", "none") == p.text_encoder, p.name
+        assert table.get("tiled_vae", False) == p.tiled_vae, p.name
         transformer = table.get("transformer")
         if p.dit.startswith("gguf:"):
             assert transformer.endswith(".gguf") and p.dit.split(":")[1].lower() in transformer.lower(), p.name

@@ -147,12 +147,41 @@ def random_init_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+TINY_DIT = dict(dim=384, n_heads=3, n_kv_heads=3, n_layers=2, n_refiner_layers=1, cap_feat_dim=64)
+
+
+def model_configs(tokenizer_size: int, tiny: bool = False):
+    """(DiT, VAE, full Qwen3) configs: the released Z-Image-Turbo / Qwen3-4B ones, or tiny ones
+    (dim 384: FFN width int(384 / 3 * 8) = 1024, a multiple of 16, so fp8 converts the FFN GEMMs too)."""
+    from transformers import Qwen3Config
+
+    from .config import TransformerConfig, VAEConfig
+
+    if tiny:
+        return (TransformerConfig(**TINY_DIT),
+                VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=16),
+                Qwen3Config(vocab_size=tokenizer_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True))
+    return (TransformerConfig(), VAEConfig(),
+            Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                        rope_theta=1e6, max_position_embeddings=40960, tie_word_embeddings=True))
+
+
+def on_device(factory, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """A module built on meta, materialised on ``device`` in ``dtype`` with :func:`random_init_` weights."""
+    with torch.device("meta"):
+        module = factory()
+    module = module.to_empty(device=device).to(dtype)
+    return random_init_(module, seed).eval().requires_grad_(False)
+
+
 def build_random_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool = False, workdir: Path | None = None):
     """Our pipeline with the released Z-Image-Turbo architecture (or a tiny one) and random weights,
     plus the full 36-layer Qwen3 module (for diffusers, which runs all of its layers)."""
-    from transformers import AutoModel, Qwen3Config
+    from transformers import AutoModel
 
-    from .config import SchedulerConfig, TransformerConfig, VAEConfig
+    from .config import SchedulerConfig
     from .model.transformer import ZImageTransformer
     from .model.vae import AutoencoderKL
     from .pipeline import ZImagePipeline
@@ -161,27 +190,10 @@ def build_random_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool =
 
     workdir = Path(workdir or os.environ.get("TMPDIR", "/tmp")) / "zimage-bench-tokenizer"
     tokenizer = build_tokenizer(workdir)
-    if tiny:
-        # dim 384: FFN width int(384 / 3 * 8) = 1024, a multiple of 16, so fp8 converts the FFN GEMMs too.
-        tcfg = TransformerConfig(dim=384, n_heads=3, n_kv_heads=3, n_layers=2, n_refiner_layers=1, cap_feat_dim=64)
-        vcfg = VAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=16)
-        qcfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
-    else:
-        tcfg, vcfg = TransformerConfig(), VAEConfig()
-        qcfg = Qwen3Config(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                           num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
-                           rope_theta=1e6, max_position_embeddings=40960, tie_word_embeddings=True)
-
-    def on_device(factory, seed):
-        with torch.device("meta"):
-            module = factory()
-        module = module.to_empty(device=device).to(dtype)
-        return random_init_(module, seed).eval().requires_grad_(False)
-
-    transformer = on_device(lambda: ZImageTransformer(tcfg), 1)
-    vae = on_device(lambda: AutoencoderKL(vcfg), 2)
-    full_qwen = on_device(lambda: AutoModel.from_config(qcfg, attn_implementation="sdpa"), 3)
+    tcfg, vcfg, qcfg = model_configs(len(tokenizer), tiny)
+    transformer = on_device(lambda: ZImageTransformer(tcfg), device, dtype, 1)
+    vae = on_device(lambda: AutoencoderKL(vcfg), device, dtype, 2)
+    full_qwen = on_device(lambda: AutoModel.from_config(qcfg, attn_implementation="sdpa"), device, dtype, 3)
     with torch.device(device):
         full_qwen.rotary_emb = type(full_qwen.rotary_emb)(config=qcfg)  # a computed buffer, not a weight
     # Our encoder: the first N-1 layers and no final norm (hidden_states[-2]), sharing the tensors.
@@ -194,6 +206,139 @@ def build_random_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool =
     pipe = ZImagePipeline(transformer, vae, TextEncoder(ours, tokenizer), SchedulerConfig(shift=3.0), vcfg,
                           source="random Z-Image-Turbo architecture" + (" (tiny)" if tiny else ""), variant="turbo")
     return pipe, full_qwen
+
+
+# ------------------------------------------------------------------- random weights in each stored format
+#: Byte offsets of the fp16 scale fields in one block of each GGML block type, and a magnitude for
+#: them that keeps the dequantised weights around 0.01-0.05 (so a random model stays finite).
+GGML_SCALES = {
+    "Q4_0": ([0], 3e-3), "Q4_1": ([0, 2], 3e-3), "Q5_0": ([0], 1.5e-3), "Q5_1": ([0, 2], 1.5e-3),
+    "Q8_0": ([0], 2e-4), "Q2_K": ([80, 82], 5e-4), "Q3_K": ([108], 1e-4), "Q4_K": ([0, 2], 3e-5),
+    "Q5_K": ([0, 2], 1.5e-5), "Q6_K": ([208], 5e-6),
+}
+
+
+def random_ggml_(packed: torch.Tensor, qtype: str, seed: int = 0) -> torch.Tensor:
+    """Fill packed GGML rows (``uint8``, ``(rows, row_bytes)``) in place, on their own device, with
+    random blocks whose fp16 scales are finite and small (:data:`GGML_SCALES`); the other bytes
+    (quants, 6-bit sub-scales, high bits) are uniform random. Returns ``packed``."""
+    from .formats.ggml import block_info
+
+    _, size = block_info(qtype)
+    offsets, magnitude = GGML_SCALES[qtype]
+    g = torch.Generator(packed.device).manual_seed(seed)
+    with torch.no_grad():
+        blocks = packed.view(-1, size)
+        blocks.random_(0, 256, generator=g)
+        for off in offsets:
+            scales = (torch.rand(blocks.shape[0], generator=g, device=packed.device) * 2 - 1) * magnitude
+            blocks[:, off:off + 2] = scales.to(torch.float16).view(torch.uint8).view(-1, 2)
+    return packed
+
+
+def _random_packed_(module: torch.nn.Module, seed: int) -> None:
+    from .quant_linear import GGUFEmbedding, GGUFLinear
+
+    packed = [m for m in module.modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))]
+    for i, m in enumerate(packed):
+        random_ggml_(m.weight, m.qtype, seed * 100_003 + 50_000 + i)
+
+
+def _weights_format(fmt: str) -> str | None:
+    """'gguf:TYPE' -> TYPE; the float formats -> None."""
+    if not fmt.startswith("gguf:"):
+        return None
+    from .formats.ggml import QUANT_TYPES
+
+    qtype = fmt.split(":", 1)[1]
+    if qtype not in QUANT_TYPES:
+        raise ValueError(f"unknown GGML block type {qtype!r}; known: {list(QUANT_TYPES)}")
+    return qtype
+
+
+def random_dit(config, device: torch.device | str, dtype: torch.dtype, weights: str = "bf16", seed: int = 1):
+    """The DiT with random weights on ``device``: every tensor in ``dtype`` ("bf16" / "fp8": fp8 is
+    applied later by ``pipe.optimize(fp8=True)``), or with ``weights="gguf:TYPE"`` every linear whose
+    rows fit the type's blocks (what :func:`zimage_native.footprint.dit_bytes` counts packed) as a
+    :class:`~zimage_native.quant_linear.GGUFLinear` holding random blocks, as a one-type GGUF file loads."""
+    from . import footprint
+    from .model.transformer import ZImageTransformer
+    from .quant_linear import swap_quantized_modules_
+
+    qtype = _weights_format(weights)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = ZImageTransformer(config)
+    if qtype is not None:
+        select = footprint.ggml_linear(qtype)
+        swap_quantized_modules_(model, {t.name: qtype for t in footprint.tensors_of(model) if select(t)}, dtype)
+    model = random_init_(model.to_empty(device=device).to(dtype), seed)
+    _random_packed_(model, seed)
+    return model.eval().requires_grad_(False)
+
+
+def random_text_encoder(full_config, device: torch.device | str, dtype: torch.dtype, quant: str = "none",
+                        seed: int = 3) -> torch.nn.Module:
+    """The truncated Qwen3 (N-1 layers, no final norm) with random weights on ``device``, stored as
+    ``--text-encoder-quant quant`` ("none", "int8", "int4": built in ``dtype`` there, then quantised
+    in place) or as a one-type GGUF file ("gguf:TYPE": the linears and the token embedding whose rows
+    fit the type's blocks kept packed, as :func:`zimage_native.footprint.text_encoder_bytes` counts)."""
+    from .quant_linear import swap_quantized_modules_
+    from .quantize import quantize_text_encoder
+    from .text_encoder import build_truncated_qwen3
+    from .formats.ggml import block_info
+
+    qtype = _weights_format(quant)
+    device = torch.device(device)
+    model, config, _ = build_truncated_qwen3(full_config)  # on meta
+    if qtype is not None:
+        block = block_info(qtype)[0]
+        names = {f"{name}.weight": qtype for name, m in model.named_modules()
+                 if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and m.weight.shape[-1] % block == 0}
+        swap_quantized_modules_(model, names, dtype)
+    rotary = model.rotary_emb
+    model.rotary_emb = None  # a computed buffer, not a weight: built for real below
+    model = random_init_(model.to_empty(device=device).to(dtype), seed)
+    _random_packed_(model, seed)
+    with torch.device(device):
+        model.rotary_emb = type(rotary)(config=config)
+    model = model.eval().requires_grad_(False)
+    return model if qtype is not None else quantize_text_encoder(model, quant, device)
+
+
+def profile_pipeline(profile, device: torch.device | str, dtype: torch.dtype = torch.bfloat16, tiny: bool = False,
+                     text_encoder=None, vae=None, workdir: Path | None = None):
+    """A pipeline in a low-VRAM profile's formats and placement (:class:`zimage_native.footprint.Profile`:
+    DiT format, text-encoder storage, offload, tiled VAE), with random weights of the released
+    architecture (or the tiny one). ``text_encoder`` (a :class:`~zimage_native.text_encoder.TextEncoder`
+    already in the profile's text-encoder format) and ``vae`` are reused when given, so several
+    profiles can share them; the text encoder is moved to where the profile keeps it between uses."""
+    from .config import SchedulerConfig
+    from .devices import storage_device
+    from .model.vae import AutoencoderKL
+    from .pipeline import ZImagePipeline
+    from .testing import build_tokenizer
+    from .text_encoder import TextEncoder
+
+    device = torch.device(device)
+    workdir = Path(workdir or os.environ.get("TMPDIR", "/tmp")) / "zimage-bench-tokenizer"
+    tokenizer = text_encoder.tokenizer if text_encoder is not None else build_tokenizer(workdir)
+    tcfg, vcfg, qcfg = model_configs(len(tokenizer), tiny)
+    dit = random_dit(tcfg, device, dtype, profile.dit)
+    if text_encoder is None:
+        text_encoder = TextEncoder(random_text_encoder(qcfg, device, dtype, profile.text_encoder), tokenizer)
+    text_encoder.model.to(storage_device("text_encoder", device, profile.offload))
+    if vae is None:
+        vae = on_device(lambda: AutoencoderKL(vcfg), device, dtype, 2)
+    placement = {"text_encoder": device, "transformer": device, "vae": device}
+    pipe = ZImagePipeline(dit, vae, text_encoder, SchedulerConfig(shift=3.0), vcfg, variant="turbo",
+                          source=f"random Z-Image-Turbo architecture, profile {profile.name}" + (" (tiny)" if tiny else ""),
+                          placement=placement, offload=profile.offload)
+    if profile.dit == "fp8":
+        pipe.optimize(fp8=True)
+    if profile.tiled_vae:
+        pipe.enable_vae_tiling()
+    return pipe
 
 
 def diffusers_pipeline(pipe, full_qwen):

@@ -255,21 +255,23 @@ def vae_bytes(config=None, dtype: str = "bf16") -> int:
 
 @dataclass(frozen=True)
 class Profile:
-    """A low-VRAM setting: the DiT's weights, the text encoder's, and the offload mode."""
+    """A low-VRAM setting: the DiT's weights, the text encoder's, the offload mode, the card size it
+    targets and whether the VAE decodes in tiles (``tiled_vae``, which changes no weight bytes)."""
 
     name: str
     dit: str  # "bf16" | "fp8" | "gguf:TYPE"
     text_encoder: str  # "none" (bf16) | "int8" | "int4" | "gguf:TYPE"
     offload: str  # "none" | "text_encoder" | "blocks"
     card_gib: float
+    tiled_vae: bool = False
 
 
 #: The profiles of docs/config.example.toml.
 PROFILES = (
     Profile("rtx4090", "bf16", "int8", "none", 24),
-    Profile("16gb", "gguf:Q8_0", "int8", "none", 16),
-    Profile("12gb", "gguf:Q6_K", "int8", "none", 12),
-    Profile("8gb", "gguf:Q4_K", "int8", "blocks", 8),  # a Q4_K_M file: mostly Q4_K (see the module doc)
+    Profile("16gb", "gguf:Q8_0", "int8", "none", 16, tiled_vae=True),
+    Profile("12gb", "gguf:Q6_K", "int8", "none", 12, tiled_vae=True),
+    Profile("8gb", "gguf:Q4_K", "int8", "blocks", 8, tiled_vae=True),  # a Q4_K_M file: mostly Q4_K (see the module doc)
 )
 
 
