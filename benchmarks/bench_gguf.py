@@ -8,10 +8,15 @@ A GGUFLinear dequantises its packed weight at every forward (zimage_native/quant
 measures what that costs: for each GGML block type and each linear shape of a DiT block at
 1024x1024 (T = 4352 tokens; q, k, v, out: 3840 x 3840; w1, w3: 10240 x 3840; w2: 3840 x 10240), the
 p50 time of the bf16 ``F.linear`` with a resident weight, of the packed linear in eager mode (and
-compiled with ``--compile``), and the dequantisation alone. The last column is the extra time of
-one DiT forward (30 main + 2 noise-refiner blocks at T tokens, 2 context-refiner blocks counted at
-T as an upper bound), which is what a fused Triton dequant-GEMM kernel would have to win back.
-Weights are random bytes with finite fp16 scales (the values do not matter for the timing).
+compiled with ``--compile``), and the dequantisation alone; then the same two with the Triton
+dequantisation ``zimage::dequantize_ggml`` (what ``kernels="triton"`` switches on), with a check
+that its bf16 weight is bit-equal to the torch one on this GPU. The "extra ms / forward" columns
+are the extra time of one DiT forward over bf16 (30 main + 2 noise-refiner blocks at T tokens, 2
+context-refiner blocks counted at T as an upper bound), with the torch and with the Triton
+dequantisation: whether the Triton one should become the default for GGUF files, and what a fused
+dequant-GEMM would still have to win back. Weights are random bytes with finite fp16 scales (the
+values do not matter for the timing). Without Triton the Triton columns are NaN. ``--smoke`` runs
+them in Triton's CPU interpreter (or skips them when the kernels were already built for a GPU).
 Results: markdown on stdout, CSV and JSON in --out.
 """
 
@@ -31,6 +36,7 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from zimage_native.accel import AccelerationUnavailable, load_kernels  # noqa: E402
 from zimage_native.formats.ggml import QUANT_TYPES, block_info  # noqa: E402
 from zimage_native.quant_linear import GGUFLinear  # noqa: E402
 
@@ -72,6 +78,19 @@ def timer(device: str, smoke: bool):
     return run
 
 
+def triton_dequant(smoke: bool) -> tuple[object | None, str]:
+    """(the Triton dequantiser, or None, and why not). Smoke runs use the CPU interpreter."""
+    try:
+        load_kernels(interpret=smoke)
+    except AccelerationUnavailable as e:
+        return None, str(e)
+    from zimage_native.accel.fused_ops import use_triton_dequant_
+
+    probe = GGUFLinear(256, 1, "Q4_K", device="meta")
+    use_triton_dequant_(probe)
+    return probe.dequantizer, ""
+
+
 @torch.inference_mode()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -91,9 +110,11 @@ def main(argv=None) -> int:
     tokens = 8 if args.smoke else args.tokens
     run = timer(device, args.smoke)
     name = "cpu (smoke run)" if args.smoke else torch.cuda.get_device_name(0)
+    triton_fn, why_not = triton_dequant(args.smoke)
+    nan = float("nan")
     rows = []
     for qtype in types:
-        extra = 0.0
+        extra = extra_triton = 0.0
         for label, (out_f, in_f, per_block) in shapes.items():
             layer = GGUFLinear(in_f, out_f, qtype, device=device)
             layer.weight.copy_(packed(qtype, out_f, in_f, device))
@@ -102,25 +123,43 @@ def main(argv=None) -> int:
             row = {"type": qtype, "shape": f"{out_f}x{in_f}", "tokens": tokens,
                    "packed_MB": layer.weight.numel() / 1e6, "bf16_MB": w.numel() * 2 / 1e6,
                    "bf16_ms": run(F.linear, x, w), "dequant_ms": run(layer.dequantize, dtype),
-                   "packed_ms": run(layer, x)}
+                   "packed_ms": run(layer, x), "triton_dequant_ms": nan, "triton_packed_ms": nan,
+                   "triton_bit_equal": None}
             if args.compile and not args.smoke:
                 torch._dynamo.reset()
                 row["compiled_ms"] = run(torch.compile(layer), x)
+            if triton_fn is not None:
+                layer.dequantizer = triton_fn
+                row["triton_bit_equal"] = bool(torch.equal(layer.dequantize(dtype).view(torch.int16),
+                                                           w.view(torch.int16)))
+                row["triton_dequant_ms"] = run(layer.dequantize, dtype)
+                row["triton_packed_ms"] = run(layer, x)
             best = min(row["packed_ms"], row.get("compiled_ms", float("inf")))
             extra += per_block * (best - row["bf16_ms"])
+            extra_triton += per_block * (row["triton_packed_ms"] - row["bf16_ms"])
             rows.append(row)
         for r in rows:
             if r["type"] == qtype:
                 r["extra_ms_per_forward"] = extra * (BLOCKS if not args.smoke else 1)
+                r["triton_extra_ms_per_forward"] = extra_triton * (BLOCKS if not args.smoke else 1)
     print(f"# GGUF packed linears vs bf16, {name}, torch {torch.__version__}, T={tokens}\n")
-    header = ["type", "shape", "packed MB", "bf16 ms", "dequant ms", "packed ms", "compiled ms", "extra ms / forward"]
+    if triton_fn is None:
+        print(f"Triton columns not measured: {why_not}\n")
+    header = ["type", "shape", "packed MB", "bf16 ms", "dequant ms", "packed ms", "compiled ms", "extra ms / forward",
+              "triton dequant ms", "triton packed ms", "triton extra ms / forward", "triton bit-equal"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
         print("| " + " | ".join([r["type"], r["shape"], f"{r['packed_MB']:.1f}", f"{r['bf16_ms']:.3f}",
                                  f"{r['dequant_ms']:.3f}", f"{r['packed_ms']:.3f}",
-                                 f"{r.get('compiled_ms', float('nan')):.3f}",
-                                 f"{r['extra_ms_per_forward']:.1f}"]) + " |")
+                                 f"{r.get('compiled_ms', nan):.3f}", f"{r['extra_ms_per_forward']:.1f}",
+                                 f"{r['triton_dequant_ms']:.3f}", f"{r['triton_packed_ms']:.3f}",
+                                 f"{r['triton_extra_ms_per_forward']:.1f}",
+                                 {True: "yes", False: "NO", None: "-"}[r["triton_bit_equal"]]]) + " |")
+    if not all(r["triton_bit_equal"] in (True, None) for r in rows):
+        print("FAIL: the Triton dequantisation differs from the torch twin (see 'triton bit-equal')", file=sys.stderr)
+        return 1
     if not args.smoke:
+        rows = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()} for r in rows]  # NaN: not run
         args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / "gguf.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))

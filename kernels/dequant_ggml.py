@@ -51,6 +51,8 @@ KERNEL_TYPES: dict[str, tuple[int, int, int]] = {
     "Q6_K": (9, 256, 210),
 }
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: No fma contraction (ptxas --fmad=false): ``a * b - c`` rounds twice, as in the twin.
+LAUNCH_OPTIONS = {"num_warps": 8, "enable_fp_fusion": False}
 
 
 @triton.jit
@@ -194,7 +196,7 @@ def dequantize_ggml(raw: torch.Tensor, qtype: str, dtype: torch.dtype) -> torch.
     with device_guard(raw):
         _dequant_ggml_kernel[(triton.cdiv(n_blocks, block_b),)](
             raw, out, n_blocks, per_row, raw.stride(0),
-            KIND=kind, BLOCK=block, TYPE_SIZE=size, BLOCK_B=block_b, num_warps=8, enable_fp_fusion=False,
+            KIND=kind, BLOCK=block, TYPE_SIZE=size, BLOCK_B=block_b, **LAUNCH_OPTIONS,
         )
     count_launch("dequantize_ggml")
     return out

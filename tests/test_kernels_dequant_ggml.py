@@ -212,3 +212,55 @@ def test_kernels_transform_on_a_mixed_gguf_dit(tmp_path):
     kernels.reset_launch_counts()
     assert_rel(dit_output(fused), expected, 1e-5, "GGUF DiT with kernels='triton'")
     assert kernels.launch_counts()["dequantize_ggml"] == len(packed)
+
+
+FMA_PROBE = """
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from zimage_native.accel import load_kernels
+load_kernels(interpret=False)  # a plain build (this process never saw TRITON_INTERPRET)
+from zimage_native.kernels import dequant_ggml as dq
+
+nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+if not os.path.exists(nvdisasm):
+    print(json.dumps(None)); sys.exit()
+kind, block, size = dq.KERNEL_TYPES[sys.argv[1]]
+src = ASTSource(dq._dequant_ggml_kernel, constexprs={"KIND": kind, "BLOCK": block, "TYPE_SIZE": size, "BLOCK_B": 16},
+                signature={"src": "*u8", "out": "*bf16", "n_blocks": "i32", "blocks_per_row": "i32", "stride_row": "i32",
+                           "KIND": "constexpr", "BLOCK": "constexpr", "TYPE_SIZE": "constexpr", "BLOCK_B": "constexpr"})
+counts = {}
+for fusion in (True, False):
+    cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={**dq.LAUNCH_OPTIONS, "enable_fp_fusion": fusion}).asm["cubin"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([nvdisasm, f.name], capture_output=True, text=True, check=True).stdout
+    counts["launch" if fusion == dq.LAUNCH_OPTIONS["enable_fp_fusion"] else "fused"] = {
+        op: sass.count(op) for op in ("FFMA", "FMUL", "FADD")}
+print(json.dumps(counts))
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the bit-equality tests above run the real build")
+def test_the_gpu_build_does_not_contract_into_fma():
+    """The interpreter cannot see fma contraction (``ds * q - dm`` rounded once instead of twice),
+    which would break bit equality on a GPU. Compile the Q4_K kernel for sm_90 with the launch's
+    options (no GPU needed) in a fresh process and read its SASS: no FFMA, where the default
+    (contracting) build has them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", FMA_PROBE, "Q4_K"], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    if counts is None:
+        pytest.skip("this Triton build has no NVIDIA backend tools")
+    assert counts["fused"]["FFMA"] > 0  # the check can fail: a contracting build is caught
+    assert counts["launch"]["FFMA"] == 0 and counts["launch"]["FMUL"] > 0 and counts["launch"]["FADD"] > 0, counts
