@@ -340,14 +340,14 @@ def table(result: dict) -> str:
     if result["offload"]:
         lines += ["## Streamed blocks (offload=blocks) against resident weights (DiT sampling loop)", "",
                   "| DiT | resident p50 s | streamed p50 s | slowdown | copied / step GB | GB/s to hide copies "
-                  "| peak resident GiB | peak streamed GiB | pinned host GiB | equal to resident |",
+                  "| peak resident GiB | peak streamed GiB | pinned host GiB in use | equal to resident |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["offload"]:
             equal = ("bit-equal" if r["bit_equal"] else f"rel L2 {r['rel_l2']:.3g}" if r["finite"] else "not finite")
             lines.append(f"| {r['dit']} | {secs(r['resident_s'])} ({r['resident_runs']}) | {secs(r['streamed_s'])} "
                          f"({r['streamed_runs']}) | {r['slowdown']:.2f}x | {r['bytes_per_step'] / 1e9:.3f} | "
                          f"{r['gb_s_to_hide_copies']:.1f} | {gib(r['peak_resident_bytes'])} | "
-                         f"{gib(r['peak_streamed_bytes'])} | {gib((r['pinned_host_bytes'] or {}).get('held'))} | {equal} |")
+                         f"{gib(r['peak_streamed_bytes'])} | {gib((r['pinned_host_bytes'] or {}).get('active'))} | {equal} |")
         lines.append("")
     if result["profiles"]:
         lines += ["## Profiles: one request, GPU memory per phase (peak allocated / peak reserved, GiB)", "",
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
                 traceback.print_exc()
                 failed = True
                 status, line = "failed", f"== {name}: FAILED after {run.elapsed() - t:.1f} s: {type(e).__name__}: {e}"
-                run.free()
+            run.free()  # out here: the exception and its frames (the step's models) are gone by now
             run.result["steps"].append({"name": name, "status": status, "seconds": round(run.elapsed() - t, 2),
                                         "line": line})
             print(line, flush=True)

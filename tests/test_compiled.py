@@ -13,6 +13,7 @@ from zimage_native.accel.cuda_graphs import Captured, GraphedSampler, flatten
 from zimage_native.accel.fp8 import Float8Linear, quantize_fp8_
 from zimage_native.scheduler import make_schedule
 
+from .frozen_graphs import FrozenGraphs
 from .utils import assert_rel, rel_err
 
 LONG = "a watercolor painting of mountains at dawn, soft light, mist over the lake, a small red boat"
@@ -122,8 +123,10 @@ class FakeGraphs:
         return Event()
 
 
-def graphed(pipe, **kwargs) -> tuple[GraphedSampler, FakeGraphs]:
-    fake = FakeGraphs()
+def graphed(pipe, frozen: bool = True, **kwargs) -> tuple[GraphedSampler, FakeGraphs | FrozenGraphs]:
+    """A GraphedSampler on ``pipe`` with a CPU stand-in capture: by default one that replays the
+    recorded ops with their Python values frozen, as a CUDA graph does (tests/frozen_graphs.py)."""
+    fake = FrozenGraphs() if frozen else FakeGraphs()
     pipe._graphed = GraphedSampler(pipe, capture=fake.capture, new_event=fake.event, **kwargs)
     return pipe._graphed, fake
 

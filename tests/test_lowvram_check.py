@@ -103,3 +103,44 @@ def test_a_streamed_result_that_differs_fails_the_check(tmp_path, monkeypatch, c
     row = data["offload"][0]
     assert not row["bit_equal"] and row["rel_l2"] > script.OFFLOAD_MAX_REL
     assert data["checks"][0].startswith("FAIL offload=blocks equals resident (bf16 DiT")
+
+
+def test_the_gpu_bookkeeping_with_stand_in_cuda_counters(tmp_path, monkeypatch, capsys):
+    """The CUDA-only branches (peaks, pinned host bytes, copy rate, fits, the table's numbers) on the
+    CPU: torch.cuda's counters replaced by stand-ins, the models still on the CPU."""
+    script = load_script()
+    monkeypatch.setattr(script, "ORDER", ("offload bf16", "profile 8gb", "profile rtx4090"))
+    gib = 2**30
+    peaks = iter(range(1, 1000))
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: gib // 2)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: next(peaks) * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: int(7.75 * gib))
+    monkeypatch.setattr(torch.cuda, "host_memory_stats",
+                        lambda: {"allocated_bytes.current": 3 * gib, "active_bytes.current": 2 * gib})
+    monkeypatch.setattr(script, "h2d_rate", lambda run: 25.0)
+
+    class CudaRun(script.Run):
+        def __init__(self, args):
+            super().__init__(args)
+            self.cuda = True
+
+    monkeypatch.setattr(script, "Run", CudaRun)
+    assert script.main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--repeats", "1"]) == 0
+    data = json.loads((tmp_path / "lowvram.json").read_text())
+    row = data["offload"][0]
+    assert row["pinned_host_bytes"] == {"held": 3 * gib, "active": 2 * gib} and data["h2d_gb_s"] == 25.0
+    assert row["copy_s_per_step_at_h2d"] == pytest.approx(row["bytes_per_step"] / 25e9)
+    assert row["peak_resident_bytes"] % gib == 0 and row["peak_streamed_bytes"] > row["peak_resident_bytes"]
+    small, big = data["profiles"]
+    for p in (small, big):
+        assert p["peak_reserved_bytes"] == int(7.75 * gib)
+        assert all(ph["allocated_before_bytes"] == gib // 2 and ph["peak_allocated_bytes"] % gib == 0
+                   for ph in p["phases"].values())
+    # 7.75 GiB reserved + 0.5 GiB context: fits 24 GiB, not 8
+    assert (small["fits"], small["headroom_gib"]) == (False, pytest.approx(8 - 0.5 - 7.75))
+    assert (big["fits"], big["headroom_gib"]) == (True, pytest.approx(24 - 0.5 - 7.75))
+    out = capsys.readouterr().out
+    assert "copy alone: 25.0 GB/s" in out and "| NO (-0.25 GiB of 8) |" in out and "| yes (+15.75 GiB of 24) |" in out
+    assert "| 2.00 | bit-equal |" in out  # pinned host bytes in use

@@ -1,0 +1,115 @@
+"""The frozen-replay capture stand-in (tests/frozen_graphs.py) catches what a CUDA graph would get
+wrong and a re-running stand-in would not: Python values baked in at capture, host reads, host data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .frozen_graphs import CaptureError, FrozenGraphs
+from .test_compiled import FakeGraphs, fp8_model_dir  # noqa: F401 (a fixture)
+
+
+def test_replay_follows_input_tensors_and_freezes_python_values():
+    graphs = FrozenGraphs()
+    x = torch.arange(6.0).reshape(2, 3)
+    scale = {"value": 2.0}
+
+    def fn():
+        y = x.t() * scale["value"]  # a view, then a fresh result with a Python number in it
+        y.add_(1.0)  # in place
+        return torch.cat([y, y.sum(0, keepdim=True)])
+
+    captured = graphs.capture(fn)
+    x.copy_(torch.ones(2, 3))
+    scale["value"] = 5.0  # not a tensor: the replay keeps 2.0, as a CUDA graph would
+    captured.replay()
+    expected = torch.cat([torch.full((3, 2), 3.0), torch.full((1, 2), 9.0)])
+    assert torch.equal(captured.output, expected)
+
+
+@pytest.mark.parametrize("body, match", [
+    (lambda x: x * x.sum().item(), "reads a device value"),
+    (lambda x: x if bool((x > 0).all()) else -x, "reads a device value"),
+    (lambda x: x[x.nonzero(as_tuple=True)], "reads a device value"),
+    (lambda x: x + torch.tensor([1.0, 2.0, 3.0]), "host data"),
+])
+def test_capture_refuses_host_syncs_and_host_data(body, match):
+    x = torch.ones(3)
+    with pytest.raises(CaptureError, match=match):
+        FrozenGraphs().capture(lambda: body(x))
+
+
+def test_fake_and_frozen_stand_ins_share_the_interface():
+    for graphs in (FakeGraphs(), FrozenGraphs()):
+        captured = graphs.capture(lambda: torch.ones(2) * 2)
+        captured.replay()
+        captured.release()
+        event = graphs.event()
+        event.record()
+        event.synchronize()
+        assert graphs.released == 1 and graphs.log == ["replay", "record", "wait"]
+
+
+@pytest.mark.parametrize("transforms", ["kernels", "fp8", "kernels+fp8"])
+def test_graphed_sampling_with_kernels_and_fp8_replays_like_eager(fp8_model_dir, transforms):  # noqa: F811
+    """The Triton kernels (interpreted here) and the fp8 linears under the frozen stand-in: with CFG
+    and truncation, a second guidance value and prompt, replays equal the eager run of the same model."""
+    import importlib.util
+
+    from zimage_native import ZImagePipeline
+    from zimage_native.accel import load_kernels, optimize
+
+    from .test_compiled import KW, graphed
+    from .utils import assert_rel
+
+    if "kernels" in transforms:
+        if importlib.util.find_spec("triton") is None:
+            pytest.skip("Triton is not installed")
+        load_kernels(interpret=True)
+    pipe = ZImagePipeline.from_pretrained(fp8_model_dir, device="cpu", dtype=torch.bfloat16)
+    pipe.progress = False
+    optimize(pipe.transformer, kernels="triton" if "kernels" in transforms else "none", fp8="fp8" in transforms)
+    kw = {**KW, "num_inference_steps": 3, "cfg_truncation": 0.3}  # guided, guided, plain
+    runs = [("a cat", 2.0), ("a dog on a red chair", 3.5)]
+    eager = [pipe(prompt, **kw, guidance_scale=scale).images for prompt, scale in runs]
+    sampler, graphs = graphed(pipe)
+    for (prompt, scale), want in zip(runs, eager):
+        assert_rel(pipe(prompt, **kw, guidance_scale=scale).images, want, 1e-6, f"graphed {transforms}, {scale}")
+    assert sampler.captures == 2 and sampler.guided_replays == 4 and graphs.ops > 0
+
+
+def test_graphed_gguf_dit_and_a_lora_side_path_loaded_after_capture(tiny_model_dir, tmp_path):
+    """A packed GGUF DiT dequantises inside the graph; a LoRA loaded after a capture becomes a side
+    path (Python state the old graph never ran): the pipeline drops its graphs, so the next request
+    captures again and equals the eager run with the LoRA."""
+    pytest.importorskip("gguf")
+    import numpy as np
+
+    from zimage_native import ZImagePipeline
+
+    from .gguf_files import gguf_state, write_gguf
+    from .test_compiled import KW, graphed
+    from .test_formats import comfy_dit
+    from .utils import assert_rel
+
+    file, _ = gguf_state(comfy_dit(tiny_model_dir), "Q8_0", np.random.default_rng(0))
+    path = write_gguf(tmp_path / "dit-Q8_0.gguf", file, "lumina2")
+    pipes = [ZImagePipeline.from_pretrained(tiny_model_dir, transformer=path, device="cpu", dtype=torch.float32)
+             for _ in range(2)]
+    eager, pipe = pipes
+    for p in pipes:
+        p.progress = False
+    assert pipe.transformer.layers[0].feed_forward.w1.weight.dtype == torch.uint8  # packed
+    dim = pipe.transformer_config.dim
+    g = torch.Generator().manual_seed(0)
+    lora = {f"transformer.layers.{i}.feed_forward.w1.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.3
+            for i in (0, 1) for ab, shape in (("A", (4, dim)), ("B", (int(dim / 3 * 8), 4)))}
+    sampler, _ = graphed(pipe)
+    assert_rel(pipe("a cat", **KW).images, eager("a cat", **KW).images, 1e-6, "graphed GGUF DiT")
+    for p in pipes:
+        p.load_lora(lora, scale=0.8)
+    assert len(pipe.transformer.layers[0].feed_forward.w1.lora) == 1 and not sampler.graphs  # dropped
+    want = eager("a cat", **KW).images
+    assert_rel(pipe("a cat", **KW).images, want, 1e-6, "graphed GGUF DiT with a LoRA side path")
+    assert sampler.captures == 2
