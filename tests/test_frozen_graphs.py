@@ -77,3 +77,39 @@ def test_graphed_sampling_with_kernels_and_fp8_replays_like_eager(fp8_model_dir,
     for (prompt, scale), want in zip(runs, eager):
         assert_rel(pipe(prompt, **kw, guidance_scale=scale).images, want, 1e-6, f"graphed {transforms}, {scale}")
     assert sampler.captures == 2 and sampler.guided_replays == 4 and graphs.ops > 0
+
+
+def test_graphed_gguf_dit_and_a_lora_side_path_loaded_after_capture(tiny_model_dir, tmp_path):
+    """A packed GGUF DiT dequantises inside the graph; a LoRA loaded after a capture becomes a side
+    path (Python state the old graph never ran): the pipeline drops its graphs, so the next request
+    captures again and equals the eager run with the LoRA."""
+    pytest.importorskip("gguf")
+    import numpy as np
+
+    from zimage_native import ZImagePipeline
+
+    from .gguf_files import gguf_state, write_gguf
+    from .test_compiled import KW, graphed
+    from .test_formats import comfy_dit
+    from .utils import assert_rel
+
+    file, _ = gguf_state(comfy_dit(tiny_model_dir), "Q8_0", np.random.default_rng(0))
+    path = write_gguf(tmp_path / "dit-Q8_0.gguf", file, "lumina2")
+    pipes = [ZImagePipeline.from_pretrained(tiny_model_dir, transformer=path, device="cpu", dtype=torch.float32)
+             for _ in range(2)]
+    eager, pipe = pipes
+    for p in pipes:
+        p.progress = False
+    assert pipe.transformer.layers[0].feed_forward.w1.weight.dtype == torch.uint8  # packed
+    dim = pipe.transformer_config.dim
+    g = torch.Generator().manual_seed(0)
+    lora = {f"transformer.layers.{i}.feed_forward.w1.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.3
+            for i in (0, 1) for ab, shape in (("A", (4, dim)), ("B", (int(dim / 3 * 8), 4)))}
+    sampler, _ = graphed(pipe)
+    assert_rel(pipe("a cat", **KW).images, eager("a cat", **KW).images, 1e-6, "graphed GGUF DiT")
+    for p in pipes:
+        p.load_lora(lora, scale=0.8)
+    assert len(pipe.transformer.layers[0].feed_forward.w1.lora) == 1 and not sampler.graphs  # dropped
+    want = eager("a cat", **KW).images
+    assert_rel(pipe("a cat", **KW).images, want, 1e-6, "graphed GGUF DiT with a LoRA side path")
+    assert sampler.captures == 2
