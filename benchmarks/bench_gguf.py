@@ -45,6 +45,8 @@ SCALE_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0"
                 "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 SHAPES = {"q/k/v/out": (3840, 3840, 4), "w1/w3": (10240, 3840, 2), "w2": (3840, 10240, 1)}  # (out, in, per block)
 BLOCKS = 34
+#: All block types, those real files use first (a timeout keeps them).
+ORDER = ["Q4_K", "Q8_0", "Q6_K", "Q5_K", "Q4_0", *(t for t in QUANT_TYPES if t not in ("Q4_K", "Q8_0", "Q6_K", "Q5_K", "Q4_0"))]
 
 
 def packed(qtype: str, rows: int, cols: int, device: str) -> torch.Tensor:
@@ -105,7 +107,7 @@ def main(argv=None) -> int:
         return 2
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.bfloat16
-    types = (["Q4_K"] if args.smoke else list(QUANT_TYPES)) if args.types == "all" else args.types.split(",")
+    types = (["Q4_K"] if args.smoke else ORDER) if args.types == "all" else args.types.split(",")
     shapes = {"smoke": (256, 512, 7)} if args.smoke else SHAPES
     tokens = 8 if args.smoke else args.tokens
     run = timer(device, args.smoke)
@@ -142,6 +144,8 @@ def main(argv=None) -> int:
             if r["type"] == qtype:
                 r["extra_ms_per_forward"] = extra * (BLOCKS if not args.smoke else 1)
                 r["triton_extra_ms_per_forward"] = extra_triton * (BLOCKS if not args.smoke else 1)
+        if not args.smoke:
+            save(args.out, name, rows)
     print(f"# GGUF packed linears vs bf16, {name}, torch {torch.__version__}, T={tokens}\n")
     if triton_fn is None:
         print(f"Triton columns not measured: {why_not}\n")
@@ -159,15 +163,20 @@ def main(argv=None) -> int:
         print("FAIL: the Triton dequantisation differs from the torch twin (see 'triton bit-equal')", file=sys.stderr)
         return 1
     if not args.smoke:
-        rows = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()} for r in rows]  # NaN: not run
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "gguf.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-            writer.writeheader()
-            writer.writerows(rows)
-        (args.out / "gguf.json").write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows},
-                                                       indent=2))
+        save(args.out, name, rows)
     return 0
+
+
+def save(out: Path, device: str, rows: list[dict]) -> None:
+    """gguf.csv and gguf.json (NaN, a column not run, as null); rewritten after every type, so a
+    timeout keeps the types already measured."""
+    rows = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()} for r in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "gguf.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "gguf.json").write_text(json.dumps({"device": device, "torch": torch.__version__, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
