@@ -141,6 +141,18 @@ def test_gguf_linear_with_the_kernel_equals_the_torch_one(qtype, dtype):
 
 
 @torch.no_grad()
+def test_gguf_linear_with_the_kernel_compiles_in_one_graph():
+    """Dynamo traces the dequantizer seam (fullgraph: no break) and keeps the op; same bits as eager."""
+    layer = packed_linear("Q4_K")
+    fused_ops.use_triton_dequant_(layer)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
+    torch._dynamo.reset()
+    kernels.reset_launch_counts()
+    assert_bits_equal(torch.compile(layer, backend="eager", fullgraph=True)(x), layer(x), "compiled GGUFLinear")
+    assert kernels.launch_counts()["dequantize_ggml"] == 2
+
+
+@torch.no_grad()
 def test_gguf_embedding_with_the_kernel_equals_the_torch_one():
     slow = GGUFEmbedding(40, 256, "Q6_K", dtype=torch.bfloat16, device=DEVICE)
     slow.weight.copy_(packed_rows("Q6_K", 40, 1))
