@@ -76,7 +76,9 @@ if [ "$DRY_RUN" = 1 ]; then
   fi
 else
   echo "== kernel tests on the GPU"
-  timeout 120 python3 -m pytest -q -x tests/test_kernels_*.py -p no:cacheprovider || {
+  # pytest-xdist (in the GPU image) spreads the Triton compiles of ~120 tests over 4 processes
+  XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
+  timeout 120 python3 -m pytest -q -x $XDIST tests/test_kernels_*.py -p no:cacheprovider || {
     echo "FAIL Triton kernel tests on the GPU (see above)"; FAILED+=("kernel tests"); }
 
   LADDER_S=$(( $(left) - 20 ))

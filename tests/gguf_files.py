@@ -34,10 +34,11 @@ def finite_f16(rng: np.random.Generator, n: int, magnitude: float | None) -> np.
 
 
 def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator, magnitude: bool = True) -> np.ndarray:
-    """Packed rows (rows, row_bytes) of a block type: random bytes, with finite fp16 scales."""
-    import gguf
+    """Packed rows (rows, row_bytes) of a block type: random bytes, with finite fp16 scales (no
+    ``gguf`` package needed: the block sizes are checked against it in test_gguf.py)."""
+    from zimage_native.formats.ggml import block_info
 
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    block, size = block_info(qtype)
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
     offsets, mag = SCALE_FIELDS[qtype]
     for off in offsets:
