@@ -37,26 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from zimage_native.accel import AccelerationUnavailable, load_kernels  # noqa: E402
-from zimage_native.formats.ggml import QUANT_TYPES, block_info  # noqa: E402
+from zimage_native.bench import random_ggml_  # noqa: E402
+from zimage_native.formats.ggml import QUANT_TYPES  # noqa: E402
 from zimage_native.quant_linear import GGUFLinear  # noqa: E402
 
-#: Byte offsets of the fp16 scale fields in one block of each type.
-SCALE_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
-                "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
 SHAPES = {"q/k/v/out": (3840, 3840, 4), "w1/w3": (10240, 3840, 2), "w2": (3840, 10240, 1)}  # (out, in, per block)
 BLOCKS = 34
 #: All block types, those real files use first (a timeout keeps them).
 ORDER = ["Q4_K", "Q8_0", "Q6_K", "Q5_K", "Q4_0", *(t for t in QUANT_TYPES if t not in ("Q4_K", "Q8_0", "Q6_K", "Q5_K", "Q4_0"))]
-
-
-def packed(qtype: str, rows: int, cols: int, device: str) -> torch.Tensor:
-    rng = np.random.default_rng(0)
-    block, size = block_info(qtype)
-    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
-    for off in SCALE_FIELDS[qtype]:
-        scales = rng.uniform(-1e-3, 1e-3, size=raw.shape[0]).astype(np.float16)
-        raw[:, off:off + 2] = scales.view(np.uint8).reshape(-1, 2)
-    return torch.from_numpy(raw.reshape(rows, -1)).to(device)
 
 
 def timer(device: str, smoke: bool):
@@ -119,7 +107,7 @@ def main(argv=None) -> int:
         extra = extra_triton = 0.0
         for label, (out_f, in_f, per_block) in shapes.items():
             layer = GGUFLinear(in_f, out_f, qtype, device=device)
-            layer.weight.copy_(packed(qtype, out_f, in_f, device))
+            random_ggml_(layer.weight, qtype)  # random blocks, finite fp16 scales
             x = torch.randn(tokens, in_f, device=device, dtype=dtype)
             w = layer.dequantize(dtype)
             row = {"type": qtype, "shape": f"{out_f}x{in_f}", "tokens": tokens,

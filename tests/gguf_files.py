@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zimage_native.bench import GGML_SCALES
+
 #: Byte offsets of the fp16 scale fields in one block, and a magnitude for them that keeps the
-#: dequantised weights around 0.01-0.05 (so a random model stays finite).
-SCALE_FIELDS = {
-    "Q4_0": ([0], 3e-3), "Q4_1": ([0, 2], 3e-3), "Q5_0": ([0], 1.5e-3), "Q5_1": ([0, 2], 1.5e-3),
-    "Q8_0": ([0], 2e-4), "Q2_K": ([80, 82], 5e-4), "Q3_K": ([108], 1e-4), "Q4_K": ([0, 2], 3e-5),
-    "Q5_K": ([0, 2], 1.5e-5), "Q6_K": ([208], 5e-6),
-}
+#: dequantised weights around 0.01-0.05 (so a random model stays finite): the engine's random-weight
+#: table, checked against the format in test_gguf.py.
+SCALE_FIELDS = GGML_SCALES
 BLOCK_TYPES = tuple(SCALE_FIELDS)
 ALL_TYPES = ("F32", "F16", "BF16", *BLOCK_TYPES)
 

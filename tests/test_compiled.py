@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from zimage_native import ZImagePipeline
-from zimage_native.accel.cuda_graphs import Captured, GraphedSampler, flatten
+from zimage_native.accel.cuda_graphs import GraphedSampler, flatten
 from zimage_native.accel.fp8 import Float8Linear, quantize_fp8_
 from zimage_native.scheduler import make_schedule
 
-from .frozen_graphs import FrozenGraphs
+from .graph_standins import FakeGraphs, FrozenGraphs
 from .utils import assert_rel, rel_err
 
 LONG = "a watercolor painting of mountains at dawn, soft light, mist over the lake, a small red boat"
@@ -90,42 +90,9 @@ def test_cuda_graphs_need_a_gpu(fresh_pipe):
         fresh_pipe.optimize(cuda_graphs=True)
 
 
-class FakeGraphs:
-    """Stand-in for cuda_capture on the CPU: 'replay' re-runs the captured function on the static
-    inputs; releases and an event log are recorded."""
-
-    def __init__(self):
-        self.released = 0
-        self.log: list[str] = []
-
-    def capture(self, fn):
-        out = fn()
-
-        def replay():
-            self.log.append("replay")
-            out.copy_(fn())
-
-        def release():
-            self.released += 1
-
-        return Captured(out, replay, release)
-
-    def event(self):
-        log = self.log
-
-        class Event:
-            def record(self):
-                log.append("record")
-
-            def synchronize(self):
-                log.append("wait")
-
-        return Event()
-
-
 def graphed(pipe, frozen: bool = True, **kwargs) -> tuple[GraphedSampler, FakeGraphs | FrozenGraphs]:
     """A GraphedSampler on ``pipe`` with a CPU stand-in capture: by default one that replays the
-    recorded ops with their Python values frozen, as a CUDA graph does (tests/frozen_graphs.py)."""
+    recorded ops with their Python values frozen, as a CUDA graph does (tests/graph_standins.py)."""
     fake = FrozenGraphs() if frozen else FakeGraphs()
     pipe._graphed = GraphedSampler(pipe, capture=fake.capture, new_event=fake.event, **kwargs)
     return pipe._graphed, fake

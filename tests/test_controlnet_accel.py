@@ -200,14 +200,11 @@ def test_offload_blocks_streams_the_branch_too(control_model_dir, control_files,
 def test_the_gpu_benchmark_runs_its_smoke_mode(tmp_path):
     """benchmarks/bench_controlnet.py (part of benchmarks/gpu_check.sh) on the CPU: every row, and
     the diffusers rows at fp32 parity (the GPU run reports the bf16 numbers)."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location(
-        "bench_controlnet", Path(__file__).parents[1] / "benchmarks" / "bench_controlnet.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from .utils import benchmark_script
+
+    bench = benchmark_script("bench_controlnet")
     rows = bench.main(["--smoke", "--out", str(tmp_path)])
     cases = [(r["case"], r["mode"]) for r in rows]
     assert cases == [("no control", "eager")] + [(f"ControlNet {v}", "eager") for v in ("1.0", "2.0", "2.1")] + [

@@ -1,4 +1,4 @@
-"""The frozen-replay capture stand-in (tests/frozen_graphs.py) catches what a CUDA graph would get
+"""The frozen-replay capture stand-in (tests/graph_standins.py) catches what a CUDA graph would get
 wrong and a re-running stand-in would not: Python values baked in at capture, host reads, host data."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .frozen_graphs import CaptureError, FrozenGraphs
-from .test_compiled import FakeGraphs, fp8_model_dir  # noqa: F401 (a fixture)
+from .graph_standins import CaptureError, FakeGraphs, FrozenGraphs
+from .test_compiled import fp8_model_dir  # noqa: F401 (a fixture)
 
 
 def test_replay_follows_input_tensors_and_freezes_python_values():

@@ -596,13 +596,9 @@ def test_gguf_qwen3_in_transformers_names(tiny_model_dir, tmp_path):
 
 def test_gguf_benchmark_smoke():
     """The GPU benchmark of packed linears runs its code path on the CPU (tiny shapes)."""
-    import importlib.util
+    from .utils import benchmark_script
 
-    spec = importlib.util.spec_from_file_location("bench_gguf", Path(__file__).parents[1] / "benchmarks" /
-                                                  "bench_gguf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--smoke"]) == 0
+    assert benchmark_script("bench_gguf").main(["--smoke"]) == 0
 
 
 @pytest.mark.slow

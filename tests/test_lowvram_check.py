@@ -4,7 +4,6 @@ skip path, and a check that fails when streamed results differ."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,15 +14,14 @@ import torch
 
 from zimage_native import footprint as fp
 
+from .utils import benchmark_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "lowvram_check.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("lowvram_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("lowvram_check")
 
 
 def test_dry_run_writes_the_json_and_streamed_equals_resident(tmp_path):

@@ -4,22 +4,18 @@ queue_size + 1 of a burst accepted, the rest 429 with Retry-After, no event lost
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-from pathlib import Path
 
 import pytest
+
+from .utils import benchmark_script
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "load_test.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("zimage_load_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("load_test")
 
 
 def test_burst_admission_and_event_streams(tmp_path):

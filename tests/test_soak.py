@@ -5,22 +5,18 @@ accepted job lost or stuck, every listed image fetchable and every stored image 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-from pathlib import Path
 
 import pytest
+
+from .utils import benchmark_script
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("zimage_soak", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("soak")
 
 
 @pytest.mark.slow

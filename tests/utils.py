@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (a script, not a package module) as a fresh module."""
+    spec = importlib.util.spec_from_file_location(f"zimage_benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

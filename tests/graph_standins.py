@@ -1,4 +1,7 @@
-"""A CPU stand-in for CUDA-graph capture that replays what was recorded, not the Python code.
+"""CPU stand-ins for CUDA-graph capture (the ``capture=`` / ``new_event=`` hooks of GraphedSampler).
+
+``FakeGraphs`` re-runs the captured Python function on replay; ``FrozenGraphs`` replays what was
+recorded, not the Python code, which is what a CUDA graph does.
 
 A CUDA graph records the kernels one run launched, with their arguments: on replay, Python does not
 run, so every Python number the captured code used (a guidance value, a control scale, a step's
@@ -69,12 +72,44 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
-class FrozenGraphs:
-    """``capture`` / ``event`` hooks for GraphedSampler (the same interface as FakeGraphs)."""
+class FakeGraphs:
+    """'replay' re-runs the captured function on the static inputs; releases and an event log
+    (record / wait) are recorded."""
 
     def __init__(self):
         self.released = 0
         self.log: list[str] = []
+
+    def capture(self, fn):
+        out = fn()
+
+        def replay():
+            self.log.append("replay")
+            out.copy_(fn())
+
+        def release():
+            self.released += 1
+
+        return Captured(out, replay, release)
+
+    def event(self):
+        log = self.log
+
+        class Event:
+            def record(self):
+                log.append("record")
+
+            def synchronize(self):
+                log.append("wait")
+
+        return Event()
+
+
+class FrozenGraphs(FakeGraphs):
+    """'replay' runs the ops recorded at capture with the values they had (see the module doc)."""
+
+    def __init__(self):
+        super().__init__()
         self.ops = 0  # ops on the tapes captured so far
 
     def capture(self, fn):
@@ -101,16 +136,3 @@ class FrozenGraphs:
             tape.clear()
 
         return Captured(out, replay, release)
-
-    def event(self):
-        log = self.log
-
-        class Event:
-            def record(self):
-                log.append("record")
-
-            def synchronize(self):
-                log.append("wait")
-
-        return Event()
-
