@@ -18,22 +18,26 @@
 # Also measured (not judged): the ladder diffusers eager, ours eager / +kernels / +compile /
 # +CUDA graphs / +VAE compile / +fp8, diffusers compiled, with the cold start of every rung (the
 # first image, compile and capture included); a 2048x2048 row for the last bf16 rung; one graph
-# per step against one graph for the whole loop; then, while the time budget lasts, the kernel
-# micro-benchmark, the GGUF packed linears (dequantised per forward) against bf16 linears at the
-# DiT's shapes, and a 1024x1024 8-step request with a random ControlNet branch of each published
-# layout against none, with bf16 parity against diffusers' ZImageControlNetPipeline
-# (benchmarks/bench_controlnet.py, controlnet.json; its own report, not judged here).
+# per step against one graph for the whole loop; then, while the time budget lasts, where the time
+# goes (benchmarks/time_breakdown.py: one profiled warm request of the +compile rung, Triton kernels
+# and compile="blocks" without CUDA graphs, device time by kernel category and phase, the GPU's
+# idle share and the DiT GEMMs' TFLOP/s; time_breakdown.json), the kernel micro-benchmark, the
+# GGUF packed linears (dequantised per forward) against bf16 linears at the DiT's shapes, and a
+# 1024x1024 8-step request with a random ControlNet branch of each published layout against none,
+# with bf16 parity against diffusers' ZImageControlNetPipeline (benchmarks/bench_controlnet.py,
+# controlnet.json; its own report, not judged here).
 # Budget: BUDGET_S (default 480 s = 8 minutes) from the first test on; the judged steps come first
 # and the optional ones only run in the time left (an estimate: the script has not run on a GPU
 # yet). Everything it prints is also written to OUT_DIR (gpu_check.log, e2e.csv with the JSON
-# checks, kernels.csv, controlnet.json).
+# checks, time_breakdown.json, kernels.csv, controlnet.json).
 #
 # On the lent GPU image, diffusers (and importlib_metadata) are missing: fetch their wheels first with
 # benchmarks/device_wheels.sh and carry .whl; this script installs them from there.
 #
 # Without a GPU (or with DRY_RUN=1) it runs the same steps as a CPU dry run of the code path: a tiny
 # random model, the eager and fp8 rungs with --check (parity and fp8 quality judged; the graph
-# checks need CUDA), the kernel benchmark's --smoke mode. tests/test_gpu_check.py runs the dry run.
+# checks need CUDA), the time breakdown on CPU ops, the kernel benchmark's --smoke mode.
+# tests/test_gpu_check.py runs the dry run.
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-benchmarks/results}}
 DRY_RUN=${DRY_RUN:-0}
@@ -66,6 +70,8 @@ if [ "$DRY_RUN" = 1 ]; then
   echo "== ladder, dry run (tiny model, CPU), judged"
   timeout 900 python3 -m zimage_native.cli bench --tiny --device cpu --dtype bfloat16 --sizes 64 --steps 2 \
     --repeats 1 --rungs eager --rungs fp8 $DIFF --check --out "$OUT_DIR/dry-run" || FAILED+=("ladder checks")
+  echo "== where the time goes, dry run (CPU ops, tiny model)"
+  timeout 180 python3 benchmarks/time_breakdown.py --tiny --device cpu --size 32 --steps 2 --out "$OUT_DIR/dry-run" || true
   if [ "${SKIP_KERNEL_BENCH:-0}" != 1 ]; then
     echo "== kernel micro-benchmark, smoke"
     timeout 300 python3 benchmarks/bench_kernels.py --smoke --out "$OUT_DIR/dry-run" || true
@@ -89,7 +95,8 @@ else
   [ $rc = 124 ] && echo "FAIL ladder: timed out after ${LADDER_S} s (the checks after that point did not run)"
   [ $rc != 0 ] && FAILED+=("ladder checks (rc $rc)")
 
-  for step in "kernel micro-benchmark|60|benchmarks/bench_kernels.py --out $OUT_DIR" \
+  for step in "where the time goes: one profiled request, +compile rung without graphs|90|benchmarks/time_breakdown.py --out $OUT_DIR" \
+              "kernel micro-benchmark|60|benchmarks/bench_kernels.py --out $OUT_DIR" \
               "GGUF packed linears (dequantise per forward) against bf16|60|benchmarks/bench_gguf.py --out $OUT_DIR" \
               "ControlNet-Union 1.0 / 2.0 / 2.1: cost per request and bf16 parity|300|benchmarks/bench_controlnet.py --repeats 2 --out $OUT_DIR"; do
     IFS='|' read -r name limit cmd <<< "$step"

@@ -48,6 +48,10 @@ def test_dry_run_exit_status_and_verdict(tmp_path, bench_rc):
     lines = result.stdout.strip().splitlines()
     bench = next(line for line in lines if line.startswith("bench "))
     assert "--check" in bench and "--rungs eager --rungs fp8" in bench and "--device cpu" in bench
+    # after the judged ladder, not judged itself: where the time goes, on the CPU ops of the tiny model
+    ran = [line for line in lines if line.startswith("ran ")]
+    assert lines.index(bench) < lines.index(ran[0]) and ran[0].split()[1] == "benchmarks/time_breakdown.py"
+    assert "--tiny --device cpu" in ran[0] and f"--out {tmp_path / 'out' / 'dry-run'}" in ran[0]
     if bench_rc == 0:
         assert result.returncode == 0 and lines[-1] == "VERDICT: PASS", result.stdout + result.stderr
     else:
@@ -90,7 +94,10 @@ def test_gpu_branch_runs_the_judged_ladder_first_then_the_optional_steps(tmp_pat
     assert "--sizes 1024 --big-size 2048 --steps 8" in bench and "--check" in bench and "--tiny" not in bench
     ran = [line for line in lines if line.startswith("ran ")]
     assert ran[0].startswith("ran -m pytest") and [r.split()[1] for r in ran[1:]] == [
-        "benchmarks/bench_kernels.py", "benchmarks/bench_gguf.py", "benchmarks/bench_controlnet.py"]
+        "benchmarks/time_breakdown.py", "benchmarks/bench_kernels.py", "benchmarks/bench_gguf.py",
+        "benchmarks/bench_controlnet.py"]
+    assert lines.index(bench) < lines.index(ran[1]) and ran[1] == f"ran benchmarks/time_breakdown.py --out {tmp_path / 'out'}"
+    assert any(line.startswith("== where the time goes") and "(timeout 90 s)" in line for line in lines), result.stdout
     assert result.returncode == bench_rc and lines[-1] == ("VERDICT: PASS" if bench_rc == 0 else
                                                           "VERDICT: FAIL (ladder checks (rc 1))"), result.stdout
 
