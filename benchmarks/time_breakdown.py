@@ -137,6 +137,21 @@ def _union_us(intervals) -> float:
     return total
 
 
+#: Names of the record_function ranges that torch and Inductor open (their copies on the GPU
+#: timeline are ranges, not kernels).
+ANNOTATION_PREFIXES = (RANGE, "ProfilerStep", "Torch-Compiled Region", "CompiledFunction", "## ",
+                       "inductor_wrapper_call")
+
+
+def _annotation_copy(evt, name: str, annotations: set[str]) -> bool:
+    """A user annotation's range on the GPU timeline (kineto's gpu_user_annotation), not a kernel.
+    Without the activity type (older torch), by name: a known range prefix, or the name of a CPU-side
+    annotation that does not read as a kernel name."""
+    if getattr(evt, "activity_type", None) == "gpu_user_annotation":
+        return True
+    return name.startswith(ANNOTATION_PREFIXES) or (name in annotations and kernel_category(name) == "other")
+
+
 def analyse(events, gpu: bool) -> dict:
     """Sort the profiled activities into categories and phases.
 
@@ -165,10 +180,8 @@ def analyse(events, gpu: bool) -> dict:
         if not start <= e.time_range.start <= end:
             continue
         if gpu:
-            if e.device_type != DeviceType.CUDA or getattr(e, "activity_type", None) == "gpu_user_annotation":
+            if e.device_type != DeviceType.CUDA or _annotation_copy(e, name, annotations):
                 continue
-            if name in annotations or name.startswith(("ProfilerStep", RANGE)):
-                continue  # a user annotation's copy on the GPU timeline, not a kernel
             items.append((name, kernel_category(name), e.time_range.start, e.time_range.end,
                           e.time_range.end - e.time_range.start))
         else:

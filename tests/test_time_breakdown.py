@@ -140,6 +140,10 @@ def test_gpu_analysis_of_a_synthetic_profile():
         _evt("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_NNT", cuda, 30, 90),
         _evt(tb.RANGE + "denoise", cuda, 100, 900, activity="gpu_user_annotation"),
         _evt("Torch-Compiled Region: 0/0", cuda, 120, 880),  # a GPU copy of an annotation (older torch)
+        _evt("## Call CompiledFxGraph fabc ##", cuda, 121, 879),
+        _evt("my_range", DeviceType.CPU, 130, 870, annotation=True),
+        _evt("my_range", cuda, 130, 870),
+        _evt("triton_poi_fused_add_mul_0", DeviceType.CPU, 699, 701, annotation=True),  # a kernel's CPU range
         _evt("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", cuda, 150, 450),
         _evt("flash_fwd_kernel", cuda, 400, 600),  # overlaps the GEMM by 50 us (another stream)
         _evt("_rms_norm_fwd_kernel", cuda, 600, 700),
