@@ -159,3 +159,30 @@ def test_block_offload_placement():
     assert load_device("vae", gpu, "blocks") == gpu and load_device("transformer", gpu, "none") == gpu
     with pytest.raises(ValueError, match="offload must be one of .*'blocks'.*got 'layers'"):
         check_offload("layers")
+
+
+@torch.no_grad()
+def test_only_the_end_of_a_request_is_mispredicted():
+    """The sampler's order: the caption refiner once per request, then the other blocks once per
+    step. The most frequent successor of the last block is the next step's first block, so within a
+    request every block is prefetched; only the request's end prefetches one block in vain (its last
+    block cannot know no step follows). Last-seen successors cost a second wasted copy per request
+    (the first step's end predicted the caption refiner of the request before)."""
+    model, rec, streamer = streamed(1)
+    x, cap, t, layout = inputs()
+    mods = model.modulations(model.time_embedding(t, x.dtype))
+    steps = 3
+    for _ in range(3):
+        rec.log.clear()
+        tokens = model.encode_caption(cap, layout)
+        for _ in range(steps):
+            model.forward_tokens(x, tokens, None, layout, mods)
+    runs = [name for kind, name in rec.log if kind == "run"]
+    copies = [name for kind, name in rec.log if kind == "copy"]
+    assert runs == NAMES[:2] + NAMES[2:] * steps
+    assert len(copies) == len(runs) + 1 and copies[-1] == "n0"  # the wasted one: no step follows l2
+    # The request's first block is copied on demand (the end of the request before predicted a
+    # step); from then on, while each block starts, its successor's copy is issued.
+    successors = runs[1:] + ["n0"]
+    assert rec.log == [("copy", "c0")] + [e for run, nxt in zip(runs, successors) for e in (("copy", nxt), ("run", run))]
+    streamer.release()

@@ -13,11 +13,15 @@ moves it in with forward hooks:
 - after block k has run, its device copies are dropped (the tensors point at the CPU copies again;
   ``record_stream`` keeps the allocator from reusing their memory before the compute is done).
 
-Which block comes next is learned from the order in which blocks ran before (the successor of
-each block, last seen). The sampling loop runs the same order every step, so from the second
-pass on every block but the very first is prefetched, including the first block of the next step
-while the last one runs. A prefetch that turns out wrong is dropped when the next block starts,
-so at most ``depth + 1`` blocks are ever on the device.
+Which block comes next is learned from the order in which blocks ran before: for each block, how
+often each other block followed it, and the most frequent successor is prefetched (the first seen
+on a tie). The sampling loop runs the same order every step, so from the second pass on every
+block but the very first is prefetched, including the first block of the next step while the last
+one runs. Only the end of a request is mispredicted (its last block predicts another step; the
+next request starts with the caption refiner): one wasted copy per request, unless that block is
+within the prefetch depth of the request's first block. A prefetch that turns
+out wrong is dropped when the next block starts, so at most ``depth + 1`` blocks are ever on the
+device.
 
 The copy itself is a hook (``transfer``), so the CPU tests can record the copy order with a fake
 device move. Weights are swapped through ``tensor.data``, so in-place weight edits while a block is
@@ -63,7 +67,7 @@ class BlockStreamer:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # block index -> (its tensors, their CPU copies, the copy-done event or None)
         self.loaded: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], object]] = {}
-        self.successor: dict[int, int] = {}
+        self.successor: dict[int, dict[int, int]] = {}  # block -> {next block: times seen}
         self.last: int | None = None
         self.handles = []
         for i, block in enumerate(self.blocks):
@@ -99,11 +103,14 @@ class BlockStreamer:
             self.free(i)
 
     def ahead(self, i: int) -> list[int]:
-        """The blocks to prefetch while block ``i`` runs: its next ``depth`` learned successors."""
+        """The blocks to prefetch while block ``i`` runs: its next ``depth`` most frequent successors."""
         out, j = [], i
         for _ in range(self.depth):
-            j = self.successor.get(j)
-            if j is None or j == i or j in out:
+            seen = self.successor.get(j)
+            if not seen:
+                break
+            j = max(seen, key=seen.get)  # the first seen of the most frequent
+            if j == i or j in out:
                 break
             out.append(j)
         return out
@@ -111,7 +118,8 @@ class BlockStreamer:
     # -------------------------------------------------------------- hooks
     def _before(self, i: int, module: nn.Module, args) -> None:
         if self.last is not None:
-            self.successor[self.last] = i
+            seen = self.successor.setdefault(self.last, {})
+            seen[i] = seen.get(i, 0) + 1
         self.last = i
         self.load(i)
         upcoming = self.ahead(i)
