@@ -14,7 +14,7 @@ from zimage_native.accel.fp8 import Float8Linear, quantize_fp8_
 from zimage_native.scheduler import make_schedule
 
 from .graph_standins import FakeGraphs, FrozenGraphs
-from .utils import assert_rel, rel_err
+from .utils import assert_rel, needs_cpu_fp8, rel_err
 
 LONG = "a watercolor painting of mountains at dawn, soft light, mist over the lake, a small red boat"
 KW = dict(height=32, width=48, num_inference_steps=2, output_type="latent", seed=0)
@@ -64,6 +64,7 @@ def test_optimize_is_cumulative_and_refuses_to_undo(fresh_pipe):
         fresh_pipe.optimize(compile="full")
 
 
+@needs_cpu_fp8
 def test_fp8_asked_after_compile_is_applied_before_compiling_again(fp8_model_dir):
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -186,6 +187,7 @@ def test_flatten_round_trips_a_plan(tiny_pipe):
     assert copy.steps[1].guided and copy.guidance_scale == 2.0
 
 
+@needs_cpu_fp8
 def test_float8_linear_matches_its_reference_and_stays_close_to_bf16():
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 128).to(torch.bfloat16)
@@ -204,6 +206,7 @@ def fp8_model_dir(tmp_path_factory):
     return build_model_folder(tmp_path_factory.mktemp("tiny-fp8"), TINY_FP8_DIT)
 
 
+@needs_cpu_fp8
 @pytest.mark.parametrize("fast_accum", [True, False], ids=["fast accumulation", "fp32 accumulation"])
 def test_fp8_pipeline_converts_block_linears_and_stays_close(fp8_model_dir, fast_accum):
     pipe = ZImagePipeline.from_pretrained(fp8_model_dir, device="cpu", dtype=torch.bfloat16)
@@ -248,6 +251,7 @@ def test_quantize_counts_and_skips_small_or_odd_linears():
     assert "2 kept" in quantize_fp8_(model)  # idempotent: converted linears are not converted again
 
 
+@needs_cpu_fp8
 def test_bench_ladder_dry_run_on_cpu(tmp_path):
     """The benchmark's code path end to end on a tiny model: ours eager and +fp8, diffusers beside
     them, judged with --check (parity and fp8 quality; the graph checks need CUDA)."""
@@ -344,6 +348,7 @@ def test_cli_gpu_only_flags_fail_in_one_line_on_cpu(tiny_model_dir, tmp_path, fl
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
 
 
+@needs_cpu_fp8
 def test_cli_fp8_runs_on_cpu(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
@@ -354,3 +359,27 @@ def test_cli_fp8_runs_on_cpu(tiny_model_dir, tmp_path):
                                        "--steps", "1", "--seed", "1", "--no-progress", "-o", str(tmp_path / "f.png")])
     assert result.exit_code == 0, result.output
     assert "fp8: 16 linears" in result.output and (tmp_path / "f.png").exists()
+
+
+def test_fp8_on_a_cpu_without_per_row_scaled_mm_is_refused_in_one_line(fp8_model_dir, monkeypatch):
+    """PyTorch 2.11's CPU _scaled_mm (the GPU image's version) takes per-tensor scales only and fails
+    an internal assert on per-row ones: fp8 on such a CPU is refused up front, with the reason."""
+    from zimage_native.accel import AccelerationUnavailable, fp8
+
+    monkeypatch.setattr(fp8, "cpu_rowwise_scaled_mm", lambda: False)
+    pipe = ZImagePipeline.from_pretrained(fp8_model_dir, device="cpu", dtype=torch.bfloat16)
+    with pytest.raises(AccelerationUnavailable, match="per-row scales"):
+        pipe.optimize(fp8=True)
+    assert not any(isinstance(m, Float8Linear) for m in pipe.transformer.modules())  # nothing half done
+
+
+def test_the_per_row_scaled_mm_probe_predicts_the_fp8_linear_on_the_cpu():
+    from zimage_native.accel.fp8 import cpu_rowwise_scaled_mm
+
+    layer = Float8Linear.from_linear(torch.nn.Linear(32, 48).to(torch.bfloat16))
+    try:
+        layer(torch.randn(5, 32, dtype=torch.bfloat16))
+        runs = True
+    except RuntimeError:
+        runs = False
+    assert cpu_rowwise_scaled_mm() == runs

@@ -13,7 +13,7 @@ from zimage_native.formats import UnsupportedFormatError
 from zimage_native.model.transformer import Attention
 
 from .test_controlnet_pipeline import control_files, control_model_dir, picture  # noqa: F401 (fixtures)
-from .utils import assert_rel, rel_err
+from .utils import assert_rel, needs_cpu_fp8, rel_err
 
 pytest.importorskip("diffusers")
 
@@ -113,6 +113,7 @@ def test_compiled_control_matches_eager_and_does_not_recompile(eager, fresh, con
     assert counter.frame_count == frames, "a new prompt, control image or scale recompiled"
 
 
+@needs_cpu_fp8
 def test_fp8_reaches_the_branch(fresh, control_files):  # noqa: F811
     pipe = fresh(torch.bfloat16)
     pipe.load_controlnet(control_files["2.1"])

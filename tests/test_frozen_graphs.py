@@ -8,6 +8,7 @@ import torch
 
 from .graph_standins import CaptureError, FakeGraphs, FrozenGraphs
 from .test_compiled import fp8_model_dir  # noqa: F401 (a fixture)
+from .utils import needs_cpu_fp8
 
 
 def test_replay_follows_input_tensors_and_freezes_python_values():
@@ -51,7 +52,8 @@ def test_fake_and_frozen_stand_ins_share_the_interface():
         assert graphs.released == 1 and graphs.log == ["replay", "record", "wait"]
 
 
-@pytest.mark.parametrize("transforms", ["kernels", "fp8", "kernels+fp8"])
+@pytest.mark.parametrize("transforms", ["kernels", pytest.param("fp8", marks=needs_cpu_fp8),
+                                        pytest.param("kernels+fp8", marks=needs_cpu_fp8)])
 def test_graphed_sampling_with_kernels_and_fp8_replays_like_eager(fp8_model_dir, transforms):  # noqa: F811
     """The Triton kernels (interpreted here) and the fp8 linears under the frozen stand-in: with CFG
     and truncation, a second guidance value and prompt, replays equal the eager run of the same model."""

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from .utils import needs_cpu_fp8
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -60,6 +62,7 @@ def test_dry_run_exit_status_and_verdict(tmp_path, bench_rc):
     assert (tmp_path / "out" / "gpu_check.log").read_text().strip().splitlines()[-1] == lines[-1]
 
 
+@needs_cpu_fp8
 def test_gpu_only_checks_run_on_the_cpu_with_stand_in_graphs():
     """The ladder's GPU-only checks (CFG under graphs, graph modes, fp8 both ways) as code paths:
     stand-in graph capture, eager-backend compile, the tiny bench model in bf16."""

@@ -6,7 +6,10 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
+
+from zimage_native.accel.fp8 import cpu_rowwise_scaled_mm
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -30,3 +33,9 @@ def assert_rel(a: torch.Tensor, b: torch.Tensor, tol: float, what: str = "output
     err = rel_err(a, b)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e} (max abs {(a.double() - b.double()).abs().max():.3e})"
     return err
+
+
+#: fp8 on the CPU (the tests' stand-in for fp8 tensor cores) needs per-row scales in the CPU
+#: torch._scaled_mm: PyTorch 2.13 has them, 2.11 (the GPU image's) does not.
+needs_cpu_fp8 = pytest.mark.skipif(not cpu_rowwise_scaled_mm(),
+                                   reason=f"torch {torch.__version__}: the CPU _scaled_mm takes per-tensor scales only")

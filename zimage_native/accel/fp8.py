@@ -21,6 +21,7 @@ with an image-quality number against bf16.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -42,10 +43,29 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_rowwise_scaled_mm() -> bool:
+    """Whether this PyTorch's CPU ``torch._scaled_mm`` takes per-row scales (2.13 does; 2.11's CPU
+    implementation takes per-tensor scales only and fails an internal assert otherwise)."""
+    a = torch.ones(16, 16).to(FP8)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
 def check_fp8_supported(model: nn.Module) -> None:
-    """fp8 GEMMs need fp8 tensor cores on a GPU (sm89+); the CPU path is for tests. Raises clearly."""
+    """fp8 GEMMs need fp8 tensor cores on a GPU (sm89+); the CPU path (for tests and dry runs) needs a
+    PyTorch whose CPU ``_scaled_mm`` takes per-row scales. Raises clearly."""
     param = next(model.parameters(), None)
-    if param is None or param.device.type != "cuda":
+    if param is None:
+        return
+    if param.device.type == "cpu" and not cpu_rowwise_scaled_mm():
+        raise AccelerationUnavailable(
+            f"fp8 on the CPU needs a PyTorch whose CPU torch._scaled_mm takes per-row scales (2.13 does; this is "
+            f"{torch.__version__}); fp8 is meant for GPUs with fp8 tensor cores (Ada, Hopper, Blackwell)")
+    if param.device.type != "cuda":
         return
     major, minor = torch.cuda.get_device_capability(param.device)
     if (major, minor) < MIN_CAPABILITY:
