@@ -21,6 +21,7 @@ from zimage_native.testing import randomize_
 
 from .dit_configs import TINY_DIT, TINY_FP8_DIT
 from .fixtures import TINY_VAE
+from .utils import needs_cpu_fp8
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,6 +46,7 @@ def test_dit_and_vae_bytes_equal_the_built_models(dtype, name):
     assert fp.vae_bytes(vcfg, name) == weight_bytes(AutoencoderKL(vcfg).to(dtype))
 
 
+@needs_cpu_fp8  # optimize(fp8=True) on the CPU
 def test_fp8_dit_bytes_equal_the_converted_model():
     from zimage_native.accel import optimize
 
