@@ -39,6 +39,15 @@ def test_seed_list_prompts_file_and_naming(tiny_model_dir, tmp_path):
     assert np.abs(pixels(out / "zimage-005-3.png").astype(int) - pixels(tmp_path / "one.png")).max() <= 1
 
 
+def test_batches_with_cfg_and_one_negative_prompt(tiny_model_dir, tmp_path):
+    """--negative-prompt serves every image of a --batch-size batch under CFG, as it does one at a time."""
+    cfg = ["--guidance-scale", 2.0, "--negative-prompt", "blurry", "--seed", 5, 6, *BASE]
+    run("generate", "a cat", "--model", tiny_model_dir, "--output-dir", tmp_path / "b", "--batch-size", 2, *cfg)
+    run("generate", "a cat", "--model", tiny_model_dir, "--output-dir", tmp_path / "s", *cfg)
+    for name in ("zimage-000-5.png", "zimage-001-6.png"):
+        assert np.abs(pixels(tmp_path / "b" / name).astype(int) - pixels(tmp_path / "s" / name)).max() <= 1
+
+
 def test_num_images_uses_consecutive_seeds_and_pattern_fields(tiny_model_dir, tmp_path):
     run("generate", "A Cat!", "--model", tiny_model_dir, "--output-dir", tmp_path, "--seed", 10, "--num-images", 2,
         "--name-pattern", "{slug}-{prompt_index}-{seed}", *BASE)

@@ -123,6 +123,19 @@ def test_negative_prompts_are_encoded_in_the_same_call(tiny_pipe, monkeypatch):
     assert out.info["token_counts"] == [int(f.shape[0]) for f in joint[:2]]
 
 
+def test_one_negative_prompt_serves_a_batch_of_prompts(tiny_pipe):
+    """A single negative string with several prompts (the CLI's --negative-prompt with --batch-size)
+    is that negative for each prompt; a list of the wrong length is refused."""
+    kw = dict(guidance_scale=2.0, height=32, width=32, num_inference_steps=2, seed=[3, 4], output_type="latent")
+    prompts = ["a cat", "a long prompt about two dogs on a red sofa"]
+    one = tiny_pipe(prompts, negative_prompt="blurry", **kw).images
+    each = tiny_pipe(prompts, negative_prompt=["blurry", "blurry"], **kw).images
+    other = tiny_pipe(prompts, negative_prompt=["blurry", "sharp"], **kw).images
+    assert torch.equal(one, each) and not torch.equal(one[1], other[1])
+    with pytest.raises(ValueError, match="got 3 negative prompts for 2 prompts"):
+        tiny_pipe(prompts, negative_prompt=["a", "b", "c"], **kw)
+
+
 def test_sigmas_set_the_recorded_step_count(tiny_pipe):
     """With ``sigmas=`` the run has one step per sigma (diffusers ignores num_inference_steps then):
     the metadata records that count, not the variant's default or a conflicting argument."""

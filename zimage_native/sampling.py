@@ -546,9 +546,11 @@ def encode(pipe, r: GenerationRequest, info: dict) -> tuple[list[torch.Tensor], 
 
 
 def negative_prompts(negative_prompt, n: int) -> list[str]:
+    """One negative prompt per prompt: None is "" for each, one string serves every prompt (the
+    CLI's --negative-prompt with --batch-size; diffusers asserts here), a list must match."""
     if negative_prompt is None:
-        return [""] * n
-    negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        negative_prompt = ""
+    negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
     if len(negatives) != n:
         raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts")
     return negatives
