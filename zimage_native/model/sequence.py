@@ -98,7 +98,7 @@ def build_layout(
     caption_rope = rope_cos_sin(caption_pos, config.axes_dims, config.rope_theta)
     joint_rope = tuple(torch.cat([i, c], dim=1) for i, c in zip(image_rope, caption_rope))
 
-    if caption_tokens is None and bool(caption_valid.all()):
+    if caption_tokens is None and min(padded) == lc:  # from the lengths: no device read
         caption_mask = joint_mask = None
     else:
         caption_mask = caption_valid

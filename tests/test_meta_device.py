@@ -1,0 +1,129 @@
+"""The sampling core on a device that is not the CPU, with the CPU suite's tools: the DiT and the VAE on
+PyTorch's "meta" device, the text encoder on the CPU (a per-component placement users run).
+
+Meta tensors carry shapes but no data, so a request fails on them exactly where it would misbehave on
+a GPU and not on the CPU: a host read of a device tensor (``.item()``, ``bool(t)``, ``nonzero``: a
+sync that stalls the launch queue and breaks graph capture) or a tensor left on the CPU and mixed
+with device tensors (a device-mismatch error on a GPU). The numbers are not checked here (the rest of
+the suite does that on the CPU); every task, CFG and batch shape must simply run through.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+META = torch.device("meta")
+KW = dict(height=64, width=64, num_inference_steps=2, seed=0)
+
+
+def on_meta(pipe, *modules):
+    """Move the DiT, the VAE (and ``modules``) to meta; the text encoder stays on the CPU."""
+    for module in (pipe.transformer, pipe.vae, *modules):
+        module.to(META)
+    pipe.placement = {"transformer": META, "vae": META, "text_encoder": torch.device("cpu")}
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def meta_pipe(tiny_model_dir):
+    from zimage_native import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
+    pipe.progress = False
+    return on_meta(pipe)
+
+
+def picture(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+def square_mask() -> Image.Image:
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    return Image.fromarray(mask)
+
+
+def swap_latents(pipe, i, t, kw):
+    return {"latents": torch.zeros_like(kw["latents"])}
+
+
+REQUESTS = {
+    "txt2img": lambda p: p("a cat", output_type="pt", **KW),
+    # CFG over a batch whose captions fall in different 32-token classes (the masked path), with
+    # truncation and normalisation, one seed per image
+    "cfg_mixed_batch": lambda p: p(["a cat", "a watercolor painting of mountains at dawn, soft light, mist over the "
+                                    "lake, a small red boat, birds in the sky, a long quiet morning"],
+                                   negative_prompt="blurry", guidance_scale=3.0, cfg_truncation=0.5,
+                                   cfg_normalization=1.0, output_type="pt", **{**KW, "seed": [1, 2]}),
+    "images_per_prompt": lambda p: p("a cat", num_images_per_prompt=2, output_type="latent", **KW),
+    "img2img": lambda p: p.img2img("a cat", picture(1), strength=0.6, output_type="pt", **KW),
+    "inpaint": lambda p: p.inpaint("a cat", Image.fromarray(picture(2)), square_mask(), strength=0.8,
+                                   guidance_scale=2.0, output_type="pt", **KW),
+    "step_callback": lambda p: p("a cat", callback_on_step_end=swap_latents, output_type="latent", **KW),
+    "sigmas": lambda p: p("a cat", sigmas=[1.0, 0.4], output_type="latent",
+                          **{k: v for k, v in KW.items() if k != "num_inference_steps"}),
+}
+
+
+@pytest.mark.parametrize("task", REQUESTS)
+def test_every_task_runs_on_a_device_other_than_the_cpu(meta_pipe, task):
+    out = REQUESTS[task](meta_pipe)
+    assert out.images.device == META and out.images.shape[-2:] in ((64, 64), (8, 8))
+
+
+def test_tiled_vae_decode_on_the_device(meta_pipe):
+    meta_pipe.enable_vae_tiling(64, 16)
+    try:
+        out = meta_pipe("a cat", output_type="pt", **{**KW, "height": 128, "width": 128})
+    finally:
+        meta_pipe.disable_vae_tiling()
+    assert out.images.device == META and out.images.shape == (1, 3, 128, 128)
+
+
+def test_controlnet_and_control_inpainting_on_the_device(tmp_path_factory):
+    from zimage_native import ZImagePipeline
+
+    from .fixtures import build_model_folder
+    from .test_controlnet_model import CONTROL_DIT, make_models
+
+    folder = build_model_folder(tmp_path_factory.mktemp("meta-control"), dit_kwargs=CONTROL_DIT)
+    state = {k: v.contiguous() for k, v in make_models("2.1")[1].state_dict().items() if k.startswith("control_")}
+    save_file(state, str(folder / "controlnet.safetensors"))
+    pipe = ZImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.bfloat16)
+    pipe.progress = False
+    pipe.load_controlnet(folder / "controlnet.safetensors")
+    on_meta(pipe, pipe.controlnet)
+    control = picture(3)
+    out = pipe("a cat", control_image=control, guidance_scale=2.0, output_type="pt", **KW)
+    assert out.images.device == META
+    out = pipe.inpaint("a cat", picture(4), square_mask(), control_image=control, output_type="pt", **KW)
+    assert out.images.device == META
+
+
+def test_the_meta_device_catches_host_reads_and_cpu_tensors(meta_pipe, monkeypatch):
+    """The check can fail: a host read in the layout, or a CPU tensor fed to the DiT, stops a request."""
+    import zimage_native.sampling as sampling
+    from zimage_native.model import sequence
+
+    real = sequence.build_layout
+
+    def reads_the_device(*args, **kwargs):
+        layout = real(*args, **kwargs)
+        bool(layout.caption_pad.any())
+        return layout
+
+    monkeypatch.setattr(sampling, "build_layout", reads_the_device)
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        meta_pipe("a cat", output_type="latent", **KW)
+    monkeypatch.undo()
+
+    def cpu_layout(config, lengths, h, w, device="cpu", **kwargs):
+        return real(config, lengths, h, w, "cpu", **kwargs)
+
+    monkeypatch.setattr(sampling, "build_layout", cpu_layout)
+    with pytest.raises(RuntimeError, match="device"):
+        meta_pipe("a cat", output_type="latent", **KW)
