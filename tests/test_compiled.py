@@ -240,6 +240,58 @@ def test_fp8_pipeline_converts_block_linears_and_stays_close(fp8_model_dir, fast
     assert quality > 20  # lossy, but the same image
 
 
+def test_fp8_gemms_meet_the_cuda_layout_rules():
+    """Every fp8 GEMM of a converted DiT (fused q|k|v and w1|w3, their views, the plain linears) passes
+    PyTorch's own checks for torch._scaled_mm on CUDA: a row-major activation, a column-major weight,
+    dimensions in multiples of 16, per-row fp32 scales of shape (M, 1) and (1, N), contiguous. The
+    CPU kernel is laxer, so this runs on fake CUDA tensors (FakeTensorMode: shapes, strides and
+    device checks, no data and no GPU). A row-major weight, which the CPU would take, fails there."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from zimage_native.accel.fusions import fuse_projections_
+    from zimage_native.config import TransformerConfig
+    from zimage_native.model.transformer import ZImageTransformer
+    from zimage_native.testing import randomize_
+
+    from .dit_configs import TINY_FP8_DIT
+
+    model = randomize_(ZImageTransformer(TransformerConfig.from_dict(TINY_FP8_DIT))).to(torch.bfloat16).eval()
+    fuse_projections_(model)  # what optimize(fp8=True) does, without the CPU's own fp8 check
+    quantize_fp8_(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert len(layers) == 28 + 8  # 4 blocks x 7 linears, 8 of them views of the 2 fused GEMMs per block
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    cuda = torch.device("cuda", 0)
+
+    def to_fake_cuda(t):
+        with mode:
+            return mode.from_tensor(t).to(cuda)
+
+    for layer in layers.values():
+        layer._apply(to_fake_cuda)
+    with mode, torch.no_grad():
+        for name, layer in layers.items():
+            x = torch.empty(2, 77, layer.in_features, device=cuda, dtype=torch.bfloat16)
+            out = layer(x)
+            assert out.device == cuda and out.shape == (2, 77, layer.out_features) and out.dtype == torch.bfloat16
+        a, b = (torch.empty(*shape, device=cuda, dtype=torch.float8_e4m3fn) for shape in ((16, 32), (32, 16)))
+        with pytest.raises(RuntimeError, match="col_major"):
+            torch._scaled_mm(a, b, scale_a=torch.empty(16, 1, device=cuda),
+                             scale_b=torch.empty(1, 16, device=cuda), out_dtype=torch.bfloat16)
+
+
+def test_fp8_on_a_gpu_needs_sm89_and_a_bfloat16_dit():
+    """The GPU checks behind check_fp8_supported, which the CPU cannot reach: fp8 tensor cores, and
+    bfloat16 outputs (the per-row scaled GEMM writes bfloat16 only)."""
+    from zimage_native.accel.fp8 import gpu_fp8_problem
+
+    assert gpu_fp8_problem((9, 0), "NVIDIA H100", {torch.bfloat16}) is None
+    assert gpu_fp8_problem((8, 9), "NVIDIA L4", {torch.bfloat16}) is None
+    assert "sm86" in gpu_fp8_problem((8, 6), "NVIDIA GeForce RTX 3090", {torch.bfloat16})
+    assert "float16, float32: load it with dtype bfloat16" in gpu_fp8_problem(
+        (9, 0), "NVIDIA H100", {torch.bfloat16, torch.float32, torch.float16})
+
+
 def test_quantize_counts_and_skips_small_or_odd_linears():
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([torch.nn.Module()])

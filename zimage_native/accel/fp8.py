@@ -56,8 +56,8 @@ def cpu_rowwise_scaled_mm() -> bool:
 
 
 def check_fp8_supported(model: nn.Module) -> None:
-    """fp8 GEMMs need fp8 tensor cores on a GPU (sm89+); the CPU path (for tests and dry runs) needs a
-    PyTorch whose CPU ``_scaled_mm`` takes per-row scales. Raises clearly."""
+    """fp8 GEMMs need fp8 tensor cores on a GPU (sm89+) and a bfloat16 DiT there; the CPU path (for
+    tests and dry runs) needs a PyTorch whose CPU ``_scaled_mm`` takes per-row scales. Raises clearly."""
     param = next(model.parameters(), None)
     if param is None:
         return
@@ -67,12 +67,26 @@ def check_fp8_supported(model: nn.Module) -> None:
             f"{torch.__version__}); fp8 is meant for GPUs with fp8 tensor cores (Ada, Hopper, Blackwell)")
     if param.device.type != "cuda":
         return
-    major, minor = torch.cuda.get_device_capability(param.device)
+    dtypes = {m.weight.dtype for name, m in model.named_modules() if type(m) is nn.Linear and _in_block(name)}
+    problem = gpu_fp8_problem(torch.cuda.get_device_capability(param.device), torch.cuda.get_device_name(param.device),
+                              dtypes)
+    if problem:
+        raise AccelerationUnavailable(problem)
+
+
+def gpu_fp8_problem(capability: tuple[int, int], name: str, dtypes: set[torch.dtype]) -> str | None:
+    """Why fp8 cannot run on this GPU (None if it can): fp8 tensor cores need compute capability 8.9 or
+    newer, and PyTorch's per-row scaled fp8 GEMM writes bfloat16 only (float16 never; float32 only
+    through cuBLAS on some Hopper builds), so the block linears must be bfloat16."""
+    major, minor = capability
     if (major, minor) < MIN_CAPABILITY:
-        name = torch.cuda.get_device_name(param.device)
-        raise AccelerationUnavailable(
-            f"fp8 needs a GPU with fp8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackwell); "
-            f"{name} is sm{major}{minor}. Run without fp8 on this GPU")
+        return (f"fp8 needs a GPU with fp8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackwell); "
+                f"{name} is sm{major}{minor}. Run without fp8 on this GPU")
+    other = sorted(str(d).removeprefix("torch.") for d in dtypes if d != torch.bfloat16)
+    if other:
+        return (f"fp8 on a GPU needs the DiT in bfloat16 (the per-row scaled fp8 GEMM writes bfloat16 only); its "
+                f"linears are {', '.join(other)}: load it with dtype bfloat16 (--dtype bfloat16)")
+    return None
 
 
 class Float8Linear(nn.Module):
