@@ -74,3 +74,43 @@ def load_device(name: str, device: torch.device, offload: str) -> torch.device:
     if offload == "blocks" and name == "transformer":
         return torch.device("cpu")
     return storage_device(name, device, offload)
+
+
+# ----------------------------------------------------------------------------- GPU memory
+
+#: What lowers the weights' share of GPU memory, in the words of the CLI (the library's arguments
+#: have the same names with underscores); docs/performance.md has the numbers for each.
+MEMORY_ADVICE = ("quantise the text encoder (--text-encoder-quant int8), use a GGUF DiT (--transformer "
+                 "FILE.gguf), stream the DiT's blocks (--offload blocks) or keep every component in CPU memory "
+                 "except while it runs (--offload model); the profiles of config.example.toml fit 8-24 GB cards")
+
+
+class InsufficientMemoryError(ValueError):
+    """The weights placed on a GPU at load time cannot fit in its free memory."""
+
+
+def free_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device, as the driver reports them."""
+    return torch.cuda.mem_get_info(device)
+
+
+def check_weights_fit(needs: dict[str, int], storage: dict[str, torch.device]) -> None:
+    """Refuse before loading what cannot fit: ``needs`` holds, per component, the bytes of weights it
+    will keep on ``storage[name]`` (a lower bound is enough: weights cannot be smaller than that);
+    raises :class:`InsufficientMemoryError` naming each part and what to change."""
+    per_device: dict[torch.device, dict[str, int]] = {}
+    for name, size in needs.items():
+        if storage[name].type == "cuda":
+            per_device.setdefault(storage[name], {})[name] = size
+    for device, parts in per_device.items():
+        free, total = free_memory(device)
+        if sum(parts.values()) <= free:
+            continue
+        listed = ", ".join(f"{name.replace('_', ' ')} {_size(size)}" for name, size in parts.items())
+        raise InsufficientMemoryError(
+            f"the weights do not fit on {device}: {listed} need {_size(sum(parts.values()))}, and the GPU has "
+            f"{_size(free)} free of {_size(total)}. To fit, {MEMORY_ADVICE}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB"

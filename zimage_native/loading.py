@@ -17,6 +17,7 @@ The policy, stated once:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -310,6 +311,27 @@ def check_quant(text_encoder_quant: str, text_encoder_url: str | None = None) ->
     return text_encoder_quant
 
 
+def folder_weight_bytes(folder: Path, skip: Iterable[str], dtype: torch.dtype, text_encoder_quant: str = "none"
+                        ) -> dict[str, int]:
+    """The weight bytes each component of a diffusers-layout folder will hold once loaded in ``dtype``
+    (computed from its config by :mod:`zimage_native.footprint`), except the components in ``skip``
+    (replaced by other files or a remote encoder)."""
+    from . import footprint
+    from .config import TransformerConfig, VAEConfig
+
+    size = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    needs = {}
+    if "transformer" not in skip:
+        needs["transformer"] = footprint.dit_bytes(TransformerConfig.from_json(folder / "transformer" / "config.json"),
+                                                   size)
+    if "text_encoder" not in skip:
+        config = json.loads((folder / "text_encoder" / "config.json").read_text())
+        needs["text_encoder"] = footprint.text_encoder_bytes(config, text_encoder_quant, size)
+    if "vae" not in skip:
+        needs["vae"] = footprint.vae_bytes(VAEConfig.from_json(folder / "vae" / "config.json"), size)
+    return needs
+
+
 def load_pretrained(
     path_or_id: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -347,7 +369,7 @@ def load_pretrained(
     of loading Qwen3 here (the distributed mode; docs/server.md).
     """
     from .config import TransformerConfig, VAEConfig
-    from .devices import check_offload, load_device, resolve_device, resolve_dtype
+    from .devices import check_offload, check_weights_fit, load_device, resolve_device, resolve_dtype
     from .hub import load_tokenizer, resolve_model_folder
     from .model.transformer import ZImageTransformer
     from .model.vae import AutoencoderKL
@@ -368,6 +390,9 @@ def load_pretrained(
         "vae": resolve_device(vae_device) if vae_device else main,
     }
     storage = {name: load_device(name, dev, offload) for name, dev in placement.items()}
+    if any(dev.type == "cuda" for dev in storage.values()):
+        check_weights_fit(folder_weight_bytes(folder, [k for k, v in overridden.items() if v is not None], dtype,
+                                              text_encoder_quant), storage)
     scfg = SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
     logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
     if transformer is not None:

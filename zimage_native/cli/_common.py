@@ -62,6 +62,12 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
+            torch = sys.modules.get("torch")
+            if torch is not None and isinstance(e, torch.OutOfMemoryError):
+                from ..devices import MEMORY_ADVICE
+
+                raise UserError(f"{str(e).splitlines()[0].strip()} To use less memory: a smaller --width/--height "
+                                f"or --batch-size for the images; for the weights, {MEMORY_ADVICE}") from None
             if not _is_user_error(e):
                 raise
             loading = sys.modules.get("zimage_native.loading")
