@@ -1,0 +1,63 @@
+"""Every Triton kernel launch of the engine, built for NVIDIA GPUs (sm90 Hopper, sm89 Ada, sm80 Ampere)
+without a GPU: tests/gpu_build_probe.py compiles each launch of the real call sites at the released
+model's widths down to a cubin, with Triton's own specialisation and options. The CPU interpreter,
+which runs the kernels in the other tests, would not notice a kernel that a GPU build rejects."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+PROBE = Path(__file__).with_name("gpu_build_probe.py")
+#: Shared memory one block may use, per architecture (bytes).
+SHARED_LIMIT = {"sm90": 227 * 1024, "sm89": 99 * 1024, "sm80": 163 * 1024}
+ROW_KERNELS = {"_rms_norm_fwd_kernel", "_qk_norm_rope_kernel", "_gated_rms_norm_residual_kernel", "_silu_mul_kernel"}
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    try:
+        from triton.backends import backends
+    except ImportError:
+        backends = {}
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))  # build, do not reuse a cached cubin
+    # fp8 is also built for sm80, where it must fail: the check can fail, and it is why fp8 needs sm89
+    result = subprocess.run([sys.executable, str(PROBE), "sm90,sm89,sm80"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path_factory.mktemp("probe"), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("target", list(SHARED_LIMIT))
+def test_every_launch_builds_for_the_gpu(builds, target):
+    launches = builds[target]
+    kernels = {launch["kernel"] for launch in launches}
+    assert ROW_KERNELS <= kernels and "_quantize_fp8_rows_kernel" in kernels
+    # the modulated norms and gated residuals of the main blocks, and the plain ones of the context refiner
+    assert {launch["constants"].get("HAS_SCALE") for launch in launches if launch["kernel"] == "_rms_norm_fwd_kernel"} \
+        == {False, True}
+    for launch in launches:
+        if target == "sm80" and launch["kernel"] == "_quantize_fp8_rows_kernel":
+            assert not launch["ok"] and "fp8e4nv not supported" in launch["error"], launch  # no e4m3 below sm89
+            continue
+        assert launch["ok"], launch
+        assert launch["arch"] == int(target[2:]), launch  # built for this target, not reused from another
+        assert launch["shared"] <= SHARED_LIMIT[target], launch
+
+
+def test_every_ggml_type_builds_for_hopper(builds):
+    from zimage_native.kernels.dequant_ggml import KERNEL_TYPES
+
+    dequant = [launch for launch in builds["sm90"] if launch["kernel"] == "_dequant_ggml_kernel"]
+    assert sorted(launch["constants"]["KIND"] for launch in dequant) == sorted(k for k, _, _ in KERNEL_TYPES.values())
+    assert all(launch["ok"] for launch in dequant), [launch for launch in dequant if not launch["ok"]]
