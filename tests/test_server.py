@@ -538,3 +538,37 @@ def test_fake_server_keeps_its_own_history_folder(tmp_path, monkeypatch):
     assert fake == tmp_path / "zimage-native" / "server-fake"
     chosen = build_settings({**default_options(), "fake": True, "data_dir": tmp_path / "mine"}).data_dir
     assert chosen == tmp_path / "mine"
+
+
+def test_two_cancels_of_a_waiting_job_race_without_an_error(tmp_path):
+    """The soak's one 500: a waiting job is taken off the queue under the lock and finished (stored)
+    outside it; a second cancel (or the shutdown) arriving in between found it "queued" but not in the
+    queue. Now the second call returns the job being cancelled, and the job ends cancelled once."""
+    import threading
+
+    from zimage_native.sampling import GenerationRequest
+    from zimage_native.server.jobs import JobManager
+    from zimage_native.server.storage import Storage
+
+    storage = Storage(tmp_path)
+    manager = JobManager(FakeEngine(), storage, settings_for(tmp_path, queue_size=4))  # no worker: jobs wait
+    job = manager.submit(GenerationRequest(prompt="a cat", width=64, height=64, steps=1))
+    inside, release = threading.Event(), threading.Event()
+    update = storage.update_job
+
+    def slow_update(*args, **kwargs):  # the first cancel stops between the queue and the stored status
+        inside.set()
+        release.wait(10)
+        return update(*args, **kwargs)
+
+    storage.update_job = slow_update
+    first = threading.Thread(target=manager.cancel, args=(job.id,))
+    first.start()
+    assert inside.wait(10)
+    storage.update_job = update
+    second = manager.cancel(job.id)  # raised ValueError (deque.remove) before the fix: a 500
+    assert second is job and job.cancel_requested
+    release.set()
+    first.join(10)
+    assert job.status == "cancelled" and [e.type for e in job.events] == ["queued", "cancelled"]
+    manager.stop()

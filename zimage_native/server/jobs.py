@@ -133,6 +133,8 @@ class JobManager:
             self._stopping = True
             waiting = list(self._queue)
             self._queue.clear()
+            for job in waiting:
+                job.cancel_requested = True
             tasks = list(self._tasks)
             self._tasks.clear()
             for job in self._running:
@@ -230,7 +232,10 @@ class JobManager:
             if job.terminal:
                 raise Conflict(f"job {job_id} is already {job.status}", job.status)
             if job.status == "queued":
+                if job.cancel_requested:  # out of the queue already: another cancel (or stop) is finishing it
+                    return job
                 self._queue.remove(job)
+                job.cancel_requested = True
                 waiting = True
             else:
                 job.cancel_requested = True
