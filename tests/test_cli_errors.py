@@ -32,7 +32,8 @@ def test_click_usage_errors_are_one_line_with_status_1(args, message):
 @pytest.mark.parametrize("args, message", [
     (["generate", "a cat", "--device", "cpu", "--steps", "0"], "Error: --steps must be an integer >= 1, got 0"),
     (["generate", "a cat", "--device", "cpu", "--guidance-scale", "-2"], "Error: --guidance-scale must be >= 0"),
-    (["generate", "a cat", "--device", "cpu", "--width", "100"], "Error: --width must be a positive multiple of 16"),
+    (["generate", "a cat", "--device", "cpu", "--width", "100"],
+     "Error: --width must be a positive multiple of 16, got 100 (nearest: 96 or 112)"),
     (["generate", "a cat", "--device", "cpu", "--max-sequence-length", "0"], "Error: --max-sequence-length must be"),
     (["rewrite", "a cat", "--max-new-tokens", "0"], "Error: --max-new-tokens must be an integer >= 1, got 0"),
     (["rewrite", "a cat", "--top-p", "0"], "Error: --top-p must be in (0, 1]"),

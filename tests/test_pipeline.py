@@ -89,7 +89,8 @@ def test_random_seed_is_reported(tiny_pipe):
     "kwargs, match",
     [
         (dict(width=100), "width must be a positive multiple of 16"),
-        (dict(height=0), "height must be a positive multiple of 16"),
+        (dict(height=0), "height must be a positive multiple of 16, got 0$"),
+        (dict(height=8), "height must be a positive multiple of 16, got 8 \\(the smallest is 16\\)"),
         (dict(num_inference_steps=0), "num_inference_steps"),
         (dict(output_type="jpeg"), "output_type"),
         (dict(guidance_scale=-1.0), "guidance_scale"),

@@ -31,11 +31,21 @@ def _as_batch(image, what: str) -> tuple[str, Any]:
                      f"in [0, 1], or a list of one kind; got {type(items[0]).__name__}")
 
 
+def check_side(name: str, value, multiple: int) -> None:
+    """An image side (width or height) must be a positive multiple of ``multiple``; the error names
+    the nearest valid sizes."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
+        hint = ""
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            low = value // multiple * multiple
+            hint = f" (nearest: {low} or {low + multiple})" if low else f" (the smallest is {multiple})"
+        raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}{hint}")
+
+
 def _target_size(size_hw: tuple[int, int], width: int | None, height: int | None, multiple: int) -> tuple[int, int]:
-    for name, value in (("width", width), ("height", height)):  # as check_request words it
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0
-                                  or value % multiple):
-            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+    for name, value in (("width", width), ("height", height)):
+        if value is not None:
+            check_side(name, value, multiple)
     h = height if height is not None else size_hw[0] // multiple * multiple
     w = width if width is not None else size_hw[1] // multiple * multiple
     if w < multiple or h < multiple or w % multiple or h % multiple:

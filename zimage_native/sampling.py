@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .images import preprocess_image, preprocess_mask, to_pil  # noqa: F401  (the task inputs, re-exported)
+from .images import check_side, preprocess_image, preprocess_mask, to_pil  # noqa: F401  (re-exported)
 from .model.sequence import SequenceLayout, build_layout, pad_captions, patchify, unpatchify
 from .scheduler import Schedule, euler_step, make_schedule
 
@@ -467,8 +467,7 @@ def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator
     if not all(isinstance(p, str) for p in prompts):
         raise ValueError("every prompt must be a string")
     for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or value <= 0 or value % multiple:
-            raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+        check_side(name, value, multiple)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
     if seed is not None and generator is not None:
