@@ -326,7 +326,8 @@ def folder_weight_bytes(folder: Path, skip: Iterable[str], dtype: torch.dtype, t
                                                    size)
     if "text_encoder" not in skip:
         config = json.loads((folder / "text_encoder" / "config.json").read_text())
-        needs["text_encoder"] = footprint.text_encoder_bytes(config, text_encoder_quant, size)
+        if config.get("model_type") == "qwen3":  # anything else is refused, with its reason, when it loads
+            needs["text_encoder"] = footprint.text_encoder_bytes(config, text_encoder_quant, size)
     if "vae" not in skip:
         needs["vae"] = footprint.vae_bytes(VAEConfig.from_json(folder / "vae" / "config.json"), size)
     return needs
