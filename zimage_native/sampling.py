@@ -32,7 +32,8 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .images import check_side, preprocess_image, preprocess_mask, to_pil  # noqa: F401  (re-exported)
+from .images import check_side
+from .images import preprocess_image, preprocess_mask, to_pil  # noqa: F401  (the task inputs, re-exported)
 from .model.sequence import SequenceLayout, build_layout, pad_captions, patchify, unpatchify
 from .scheduler import Schedule, euler_step, make_schedule
 
