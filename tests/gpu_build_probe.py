@@ -9,7 +9,8 @@ DiT with the released config (one layer and one refiner of each kind; weights le
 the GEMMs and attention stubbed since only the kernels' arguments matter) with every leaf swapped for
 its Triton twin, the fp8 activation quantisation at the GEMM input widths, and the GGUF
 dequantisation of every block type to bf16. Prints one JSON line: per target, per launch, the
-kernel, its constants, the warps and shared memory, or the compile error.
+kernel, its constants, the warps, shared memory, registers and local memory (spills) per thread,
+or the compile error.
 
 The CPU interpreter runs the same kernels in the tests but forgives what a GPU build rejects
 (types it cannot convert on that architecture, shapes a layout cannot take); this catches those.
@@ -93,6 +94,27 @@ def dequant_launches() -> None:
         torch.ops.zimage.dequantize_ggml(raw, qtype, torch.bfloat16)
 
 
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and local memory per thread (spills) of a cubin, read by the cuobjdump
+    that ships with Triton's NVIDIA backend ({} where it is missing)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+    return {"registers": int(found[1]), "stack": int(found[2]), "local": int(found[3])} if found else {}
+
+
 def jit_functions() -> list:
     import zimage_native.kernels as package
     from triton.runtime.jit import JITFunction
@@ -118,7 +140,7 @@ def main(argv: list[str]) -> None:
         try:
             kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
             record.update(ok=True, shared=kernel.metadata.shared, cubin_bytes=len(kernel.asm["cubin"]),
-                          arch=kernel.metadata.target.arch)
+                          arch=kernel.metadata.target.arch, **resource_usage(kernel.asm["cubin"]))
         except Exception as e:  # a GPU build the interpreter would have run
             record.update(ok=False, error=f"{type(e).__name__}: {' '.join(str(e).split())}"[-400:])
         launches.append(record)

@@ -55,6 +55,8 @@ def test_every_launch_builds_for_the_gpu(builds, target):
         assert launch["ok"], launch
         assert launch["arch"] == int(target[2:]), launch  # built for this target, not reused from another
         assert launch["shared"] <= SHARED_LIMIT[target], launch
+        # no register spills to local memory at the released widths (a silent slowdown); 255 is the cap
+        assert launch.get("local", 0) == 0 and launch.get("stack", 0) == 0 and launch.get("registers", 0) <= 255, launch
 
 
 def test_every_ggml_type_builds_for_hopper(builds):
