@@ -35,19 +35,30 @@ def card(monkeypatch, free: int, total: int = 16 * GB):
     return asked
 
 
-def test_weights_that_fit_pass_and_only_gpu_components_count(monkeypatch):
+def test_the_peak_counts_what_stays_and_the_largest_visitor(monkeypatch):
+    """Components stored on the card count always; offloaded ones visit it one at a time while they
+    run, so the largest of them counts on top (the text encoder encodes beside the resident DiT)."""
     asked = card(monkeypatch, free=10 * GB)
     needs = {"transformer": 6 * GB, "text_encoder": 8 * GB, "vae": GB // 5}
     cpu = torch.device("cpu")
-    check_weights_fit(needs, {"transformer": CUDA, "text_encoder": cpu, "vae": CUDA})  # 6.2 GB on the card
-    check_weights_fit(needs, {"transformer": cpu, "text_encoder": cpu, "vae": cpu})  # nothing on a GPU
-    assert asked == [CUDA]
+    on_card = {"transformer": CUDA, "text_encoder": CUDA, "vae": CUDA}
+    check_weights_fit(needs, {**on_card, "text_encoder": cpu})  # the encoder runs on the CPU: 6.2 GB here
+    check_weights_fit(needs, on_card, "model")  # one component at a time: 8 GB at the peak
+    check_weights_fit(needs, dict.fromkeys(on_card, cpu))  # nothing on a GPU: the card is not even asked
+    assert asked == [CUDA, CUDA]
     with pytest.raises(InsufficientMemoryError) as e:
-        check_weights_fit(needs, {"transformer": CUDA, "text_encoder": CUDA, "vae": CUDA})
+        check_weights_fit(needs, on_card)
     message = str(e.value)
     assert message.startswith("the weights do not fit on cuda:0: transformer 6.00 GB, text encoder 8.00 GB, "
-                              "vae 0.20 GB need 14.20 GB, and the GPU has 10.00 GB free of 16.00 GB")
+                              "vae 0.20 GB, 14.20 GB at the peak, and the GPU has 10.00 GB free of 16.00 GB")
     assert "--text-encoder-quant int8" in message and "--offload blocks" in message and "\n" not in message
+    with pytest.raises(InsufficientMemoryError, match="transformer 6.00 GB, vae 0.20 GB stay there and the text "
+                       "encoder \\(8.00 GB\\) joins them while it runs, 14.20 GB at the peak"):
+        check_weights_fit(needs, on_card, "text_encoder")  # offloading the encoder does not lower the peak
+    card(monkeypatch, free=7 * GB)
+    with pytest.raises(InsufficientMemoryError, match="each component runs there alone and the text encoder "
+                       "needs 8.00 GB, 8.00 GB at the peak"):
+        check_weights_fit(needs, on_card, "model")
 
 
 def test_each_card_is_checked_on_its_own(monkeypatch):
@@ -65,27 +76,43 @@ def fake_cuda(monkeypatch):
 
 
 def test_loading_is_refused_before_any_weight_is_read(tiny_model_dir, monkeypatch):
-    """A card too small for the tiny model's bf16 weights: the load stops before reading a tensor; with
-    the text encoder kept in CPU memory (offload) or replaced by a remote one, its bytes do not count."""
+    """A card too small for the tiny model's bf16 weights: the load stops before reading a tensor. The
+    text encoder placed on the CPU leaves room; offloaded, it still joins the DiT while it encodes;
+    with every component offloaded, the largest alone must fit; streamed blocks count as such."""
     import zimage_native.loading as loading
+    from zimage_native import footprint
+    from zimage_native.config import TransformerConfig
 
-    fake_cuda(monkeypatch)
-    need = folder_weight_bytes(tiny_model_dir, [], torch.bfloat16)
-    card(monkeypatch, free=need["transformer"] + need["vae"] + need["text_encoder"] - 1)
     class WeightsRead(Exception):
         pass
 
     def read(*args, **kwargs):
         raise WeightsRead
 
+    fake_cuda(monkeypatch)
     monkeypatch.setattr(loading, "iter_tensors", read)
-    with pytest.raises(InsufficientMemoryError, match="transformer .* MB, text encoder .* MB, vae .* MB free of 16.00 GB"):
-        loading.load_pretrained(tiny_model_dir, device="cuda", dtype=torch.bfloat16)
+    need = folder_weight_bytes(tiny_model_dir, [], torch.bfloat16)
+    card(monkeypatch, free=sum(need.values()) - 1)
+    kw = dict(device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(InsufficientMemoryError, match="transformer .* MB, text encoder .* MB, vae .* MB, .* MB at "
+                       "the peak, and the GPU has .* free of 16.00 GB"):
+        loading.load_pretrained(tiny_model_dir, **kw)
+    with pytest.raises(InsufficientMemoryError, match="joins them while it runs"):
+        loading.load_pretrained(tiny_model_dir, offload="text_encoder", **kw)
     with pytest.raises(WeightsRead):  # it fits without the text encoder: loading starts
-        loading.load_pretrained(tiny_model_dir, device="cuda", dtype=torch.bfloat16, offload="text_encoder")
-    card(monkeypatch, free=0)
-    with pytest.raises(WeightsRead):  # "model" offload loads everything in CPU memory
-        loading.load_pretrained(tiny_model_dir, device="cuda", dtype=torch.bfloat16, offload="model")
+        loading.load_pretrained(tiny_model_dir, text_encoder_device="cpu", **kw)
+    card(monkeypatch, free=max(need.values()))
+    with pytest.raises(WeightsRead):
+        loading.load_pretrained(tiny_model_dir, offload="model", **kw)
+    card(monkeypatch, free=max(need.values()) - 1)
+    with pytest.raises(InsufficientMemoryError, match="runs there alone and the transformer needs"):
+        loading.load_pretrained(tiny_model_dir, offload="model", **kw)
+    blocks = folder_weight_bytes(tiny_model_dir, [], torch.bfloat16, offload="blocks")
+    cfg = TransformerConfig.from_json(tiny_model_dir / "transformer" / "config.json")
+    assert blocks["transformer"] == footprint.dit_bytes(cfg, "bf16", "blocks") < need["transformer"]
+    card(monkeypatch, free=blocks["transformer"] + need["vae"] + need["text_encoder"])
+    with pytest.raises(WeightsRead):
+        loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
 
 
 def test_the_cli_says_it_in_one_line(tiny_model_dir, monkeypatch, tmp_path):

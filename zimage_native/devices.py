@@ -94,21 +94,33 @@ def free_memory(device: torch.device) -> tuple[int, int]:
     return torch.cuda.mem_get_info(device)
 
 
-def check_weights_fit(needs: dict[str, int], storage: dict[str, torch.device]) -> None:
-    """Refuse before loading what cannot fit: ``needs`` holds, per component, the bytes of weights it
-    will keep on ``storage[name]`` (a lower bound is enough: weights cannot be smaller than that);
-    raises :class:`InsufficientMemoryError` naming each part and what to change."""
+def check_weights_fit(needs: dict[str, int], placement: dict[str, torch.device], offload: str = "none") -> None:
+    """Refuse before loading what cannot fit when it runs: ``needs`` holds, per component, the bytes of
+    weights it holds on ``placement[name]`` while it runs (a lower bound is enough: weights cannot be
+    smaller). Components stored there between uses count always; an offloaded one (``offload``: see
+    :func:`storage_device`) joins them while it runs, so the largest of those counts too. Raises
+    :class:`InsufficientMemoryError` naming each part and what to change."""
     per_device: dict[torch.device, dict[str, int]] = {}
     for name, size in needs.items():
-        if storage[name].type == "cuda":
-            per_device.setdefault(storage[name], {})[name] = size
+        if placement[name].type == "cuda":
+            per_device.setdefault(placement[name], {})[name] = size
     for device, parts in per_device.items():
+        stay = {n: b for n, b in parts.items() if storage_device(n, device, offload) == device}
+        visit = {n: b for n, b in parts.items() if n not in stay}
+        largest = max(visit, key=visit.get, default=None)
+        peak = sum(stay.values()) + (visit[largest] if largest else 0)
         free, total = free_memory(device)
-        if sum(parts.values()) <= free:
+        if peak <= free:
             continue
-        listed = ", ".join(f"{name.replace('_', ' ')} {_size(size)}" for name, size in parts.items())
+        listed = ", ".join(f"{name.replace('_', ' ')} {_size(size)}" for name, size in stay.items())
+        if largest and stay:
+            what = f"{listed} stay there and the {largest.replace('_', ' ')} ({_size(visit[largest])}) joins them while it runs"
+        elif largest:
+            what = f"each component runs there alone and the {largest.replace('_', ' ')} needs {_size(visit[largest])}"
+        else:
+            what = listed
         raise InsufficientMemoryError(
-            f"the weights do not fit on {device}: {listed} need {_size(sum(parts.values()))}, and the GPU has "
+            f"the weights do not fit on {device}: {what}, {_size(peak)} at the peak, and the GPU has "
             f"{_size(free)} free of {_size(total)}. To fit, {MEMORY_ADVICE}")
 
 

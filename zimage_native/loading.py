@@ -311,10 +311,11 @@ def check_quant(text_encoder_quant: str, text_encoder_url: str | None = None) ->
     return text_encoder_quant
 
 
-def folder_weight_bytes(folder: Path, skip: Iterable[str], dtype: torch.dtype, text_encoder_quant: str = "none"
-                        ) -> dict[str, int]:
-    """The weight bytes each component of a diffusers-layout folder will hold once loaded in ``dtype``
-    (computed from its config by :mod:`zimage_native.footprint`), except the components in ``skip``
+def folder_weight_bytes(folder: Path, skip: Iterable[str], dtype: torch.dtype, text_encoder_quant: str = "none",
+                        offload: str = "none") -> dict[str, int]:
+    """The weight bytes each component of a diffusers-layout folder holds on its device while it runs,
+    loaded in ``dtype`` (computed from its config by :mod:`zimage_native.footprint`; with ``offload``
+    "blocks" the DiT's resident part and the blocks in flight), except the components in ``skip``
     (replaced by other files or a remote encoder)."""
     from . import footprint
     from .config import TransformerConfig, VAEConfig
@@ -323,7 +324,7 @@ def folder_weight_bytes(folder: Path, skip: Iterable[str], dtype: torch.dtype, t
     needs = {}
     if "transformer" not in skip:
         needs["transformer"] = footprint.dit_bytes(TransformerConfig.from_json(folder / "transformer" / "config.json"),
-                                                   size)
+                                                   size, "blocks" if offload == "blocks" else "none")
     if "text_encoder" not in skip:
         config = json.loads((folder / "text_encoder" / "config.json").read_text())
         if config.get("model_type") == "qwen3":  # anything else is refused, with its reason, when it loads
@@ -391,9 +392,9 @@ def load_pretrained(
         "vae": resolve_device(vae_device) if vae_device else main,
     }
     storage = {name: load_device(name, dev, offload) for name, dev in placement.items()}
-    if any(dev.type == "cuda" for dev in storage.values()):
+    if any(dev.type == "cuda" for dev in placement.values()):
         check_weights_fit(folder_weight_bytes(folder, [k for k, v in overridden.items() if v is not None], dtype,
-                                              text_encoder_quant), storage)
+                                              text_encoder_quant, offload), placement, offload)
     scfg = SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
     logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
     if transformer is not None:
