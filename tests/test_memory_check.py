@@ -144,3 +144,30 @@ def test_out_of_memory_while_generating_is_one_line_with_advice(tiny_model_dir, 
     (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert line.startswith("Error: CUDA out of memory. Tried to allocate 2.00 GiB.")
     assert "--width/--height" in line and "--batch-size" in line and "--text-encoder-quant int8" in line
+
+
+def test_a_component_file_is_checked_when_it_is_read(tiny_model_dir, tmp_path, monkeypatch):
+    """Component files (a single-file DiT, a GGUF DiT kept packed) are not in the folder's estimate:
+    each is checked just before its tensors are read, against what the card has free then."""
+    import zimage_native.loading as loading
+    from zimage_native.quantize import weight_bytes
+
+    from .test_gguf import AXES, write_dit
+
+    fake_cuda(monkeypatch)
+    single = next((tiny_model_dir / "transformer").glob("*.safetensors"))
+    need = folder_weight_bytes(tiny_model_dir, [], torch.bfloat16)
+    assert need["text_encoder"] + need["vae"] < need["transformer"]
+    card(monkeypatch, free=need["transformer"] - 1)  # room for the folder's text encoder and VAE only
+    with pytest.raises(InsufficientMemoryError, match=r"^the transformer \(1.2 MB of weights\) does not fit on "
+                       r"cuda: the GPU has 1.2 MB free of 16.00 GB, the components loaded before it included"):
+        loading.load_pretrained(tiny_model_dir, device="cuda", dtype=torch.bfloat16, transformer=single)
+
+    path, _ = write_dit(tmp_path / "q4k.gguf", "Q4_K")
+    packed = weight_bytes(loading.load_component("transformer", path, torch.bfloat16, "cpu", config=AXES))
+    card(monkeypatch, free=packed - 1)
+    with pytest.raises(InsufficientMemoryError, match="the transformer .* does not fit on cuda:0"):
+        loading.load_component("transformer", path, torch.bfloat16, CUDA, config=AXES)
+    card(monkeypatch, free=packed)  # exactly the packed bytes (refused at one byte less): reading starts,
+    with pytest.raises((RuntimeError, AssertionError), match="CUDA"):  # onto a GPU this machine lacks
+        loading.load_component("transformer", path, torch.bfloat16, CUDA, config=AXES)

@@ -124,5 +124,21 @@ def check_weights_fit(needs: dict[str, int], placement: dict[str, torch.device],
             f"{_size(free)} free of {_size(total)}. To fit, {MEMORY_ADVICE}")
 
 
+def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype | None,
+                         device: torch.device) -> None:
+    """Just before a component built on meta is read onto a GPU: refuse if its weights (its floating
+    tensors in ``dtype``, packed ones as they are) exceed the card's free memory now, which the
+    components loaded before it have already taken their share of."""
+    if device.type != "cuda":
+        return
+    need = sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+               for t in (*module.parameters(), *module.buffers()))
+    free, total = free_memory(device)
+    if need > free:
+        raise InsufficientMemoryError(
+            f"the {what} ({_size(need)} of weights) does not fit on {device}: the GPU has {_size(free)} free of "
+            f"{_size(total)}, the components loaded before it included. To fit, {MEMORY_ADVICE}")
+
+
 def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB"

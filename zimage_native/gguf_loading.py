@@ -22,6 +22,7 @@ from .formats.gguf import GGUFCheckpoint, canonical_items, canonical_qtypes, can
 from .formats.gguf import text_encoder_base
 from .formats.infer import folder_config, infer_text_encoder_config, infer_transformer_config
 from .formats.tensors import cast
+from .devices import check_component_fits
 from .loading import assign_state_dict, build_on_meta
 from .quant_linear import quantized_bytes, swap_quantized_modules_
 
@@ -64,6 +65,7 @@ def load_gguf_component(kind: str, path: str | os.PathLike, dtype: torch.dtype |
             cfg = infer_transformer_config(shapes, config, folder_config(path))
             module = build_on_meta(lambda: ZImageTransformer(cfg))
             prepare(module)
+            check_component_fits(kind, module, compute, device)
             state = {k: cast(t, compute).to(device) for k, t in canonical_items(ckpt, info, packed=swapped,
                                                                                dtype=compute)}
             assign_state_dict(module, state, kind)

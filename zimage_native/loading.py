@@ -28,6 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import SchedulerConfig
+from .devices import check_component_fits
 from .formats.checkpoint import (WEIGHT_FILE_NAMES, WEIGHT_INDEX_NAMES, Checkpoint, check_safetensors,
                                  safetensors_files, sniff)
 from .formats.detect import inspect_checkpoint, normalize_kind
@@ -129,6 +130,7 @@ def load_module(
 ) -> nn.Module:
     """Build ``factory()`` on meta and strictly load the weights at ``path`` into it."""
     module = build_on_meta(factory)
+    check_component_fits(what, module, dtype, torch.device(device))
     state_dict = load_state_dict(path, dtype=dtype, device=device)
     return assign_state_dict(module, state_dict, what).eval().requires_grad_(False)
 
@@ -221,6 +223,7 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
 
             cfg = infer_vae_config(shapes, config, base)
             module = build_on_meta(lambda: AutoencoderKL(cfg))
+        check_component_fits(kind, module, dtype, device)
         assign_state_dict(module, {k: cast(t, dtype).to(device) for k, t in canonical_items(ckpt, info)}, kind)
         logger.info("%s: loaded %s (%s layout%s)", kind, path, info.layout,
                     f", {info.quantization}" if info.quantization else "")
