@@ -171,3 +171,12 @@ def test_a_component_file_is_checked_when_it_is_read(tiny_model_dir, tmp_path, m
     card(monkeypatch, free=packed)  # exactly the packed bytes (refused at one byte less): reading starts,
     with pytest.raises((RuntimeError, AssertionError), match="CUDA"):  # onto a GPU this machine lacks
         loading.load_component("transformer", path, torch.bfloat16, CUDA, config=AXES)
+
+
+def test_free_memory_counts_the_allocators_cache(monkeypatch):
+    """Memory PyTorch holds in its cache but does not use (an earlier model's freed tensors) is free
+    for the next load, though the driver counts it as taken."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * GB, 16 * GB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 9 * GB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4 * GB)
+    assert devices.free_memory(CUDA) == (7 * GB, 16 * GB)

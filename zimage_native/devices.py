@@ -90,8 +90,10 @@ class InsufficientMemoryError(ValueError):
 
 
 def free_memory(device: torch.device) -> tuple[int, int]:
-    """(free, total) bytes of a CUDA device, as the driver reports them."""
-    return torch.cuda.mem_get_info(device)
+    """(free, total) bytes of a CUDA device: what the driver reports free plus what PyTorch's caching
+    allocator holds without using (freed tensors of an earlier model, which it hands out again)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
 
 
 def check_weights_fit(needs: dict[str, int], placement: dict[str, torch.device], offload: str = "none") -> None:
