@@ -180,3 +180,13 @@ def test_free_memory_counts_the_allocators_cache(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 9 * GB)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 4 * GB)
     assert devices.free_memory(CUDA) == (7 * GB, 16 * GB)
+
+
+def test_an_encoder_only_server_checks_its_text_encoder(tiny_model_dir, monkeypatch):
+    from zimage_native.server.engine import EncoderOnlyEngine
+
+    fake_cuda(monkeypatch)
+    need = folder_weight_bytes(tiny_model_dir, ["transformer", "vae"], torch.bfloat16, "int8")["text_encoder"]
+    card(monkeypatch, free=need - 1)
+    with pytest.raises(InsufficientMemoryError, match=r"^the weights do not fit on cuda: text encoder 0\.1 MB"):
+        EncoderOnlyEngine.from_pretrained(tiny_model_dir, device="cuda", dtype=torch.bfloat16, quant="int8")

@@ -221,13 +221,17 @@ class EncoderOnlyEngine(Engine):
     @classmethod
     def from_pretrained(cls, path_or_id, device=None, dtype=None, *, templates_dirs=None, quant: str = "none",
                         **hub) -> "EncoderOnlyEngine":
-        from ..devices import resolve_device, resolve_dtype
+        from ..devices import check_weights_fit, resolve_device, resolve_dtype
+        from ..loading import folder_weight_bytes
         from ..prompt.rewriter import _rewriter_folder
         from ..text_encoder import TextEncoder
 
         folder = _rewriter_folder(path_or_id, **hub)  # a Hub id fetches text_encoder/ and tokenizer/ only
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        if device.type == "cuda":
+            check_weights_fit(folder_weight_bytes(folder, ["transformer", "vae"], dtype, quant),
+                              {"text_encoder": device})
         te = TextEncoder.from_folders(folder / "text_encoder", folder / "tokenizer", dtype, device, quant)
         return cls(te, str(path_or_id), folder, templates_dirs=templates_dirs)
 
