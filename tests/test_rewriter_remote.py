@@ -211,6 +211,7 @@ def test_cli_errors_are_one_line():
 
 def test_pipeline_rewrite_with_llm_url(chat, tiny_pipe):
     """pipe.rewrite(..., llm_url=...) goes to the server and loads no rewriter LM."""
+    tiny_pipe.unload_rewriter()  # the session's shared pipe may hold one from another test
     text = tiny_pipe.rewrite("a fox", rewriter="rewriter-concise", llm_url=chat.url, llm_model="m", seed=1)
     assert text == "A red fox in deep snow, morning light."
     assert chat.requests[0]["messages"][0]["content"] == default_registry().get("rewriter-concise").system_prompt
