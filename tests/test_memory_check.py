@@ -190,3 +190,18 @@ def test_an_encoder_only_server_checks_its_text_encoder(tiny_model_dir, monkeypa
     card(monkeypatch, free=need - 1)
     with pytest.raises(InsufficientMemoryError, match=r"^the weights do not fit on cuda: text encoder 0\.1 MB"):
         EncoderOnlyEngine.from_pretrained(tiny_model_dir, device="cuda", dtype=torch.bfloat16, quant="int8")
+
+
+def test_a_text_encoder_file_is_checked_when_it_is_read(tiny_model_dir, monkeypatch):
+    """The truncated Qwen3 (N-1 layers, no head) built on meta must fit before it is read onto the card."""
+    import zimage_native.loading as loading
+
+    fake_cuda(monkeypatch)
+    folder = tiny_model_dir / "text_encoder"
+    need = folder_weight_bytes(tiny_model_dir, ["transformer", "vae"], torch.bfloat16)["text_encoder"]
+    card(monkeypatch, free=need - 1000)  # (the check counts the RoPE buffers in bf16, the loaded model in fp32)
+    with pytest.raises(InsufficientMemoryError, match=r"^the text encoder \(0\.1 MB of weights\) does not fit"):
+        loading.load_component("text_encoder", folder, torch.bfloat16, CUDA)
+    card(monkeypatch, free=need)
+    with pytest.raises((RuntimeError, AssertionError), match="CUDA"):  # it fits: reading starts
+        loading.load_component("text_encoder", folder, torch.bfloat16, CUDA)

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .devices import check_component_fits
 from .loading import assign_state_dict, build_on_meta, iter_tensors, safetensors_files
 from .quantize import quantize_text_encoder
 
@@ -62,6 +63,8 @@ def load_truncated_qwen3(full, items: Iterable[tuple[str, torch.Tensor]], dtype:
     model, config, n = build_truncated_qwen3(full)
     if prepare is not None:
         prepare(model)
+    if quant == "none":  # read straight onto the device: check it fits first (quantised: see loading)
+        check_component_fits("text encoder", model, dtype, torch.device(device))
     read_on = device if quant == "none" else "cpu"
     state_dict = {k: cast(t, dtype).to(read_on) for k, t in items if not unused_key(k, n)}
     rotary = model.rotary_emb
