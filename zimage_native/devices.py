@@ -115,10 +115,11 @@ def check_weights_fit(needs: dict[str, int], placement: dict[str, torch.device],
         if peak <= free:
             continue
         listed = ", ".join(f"{name.replace('_', ' ')} {_size(size)}" for name, size in stay.items())
+        visitor = f"{largest.replace('_', ' ')}" if largest else ""
         if largest and stay:
-            what = f"{listed} stay there and the {largest.replace('_', ' ')} ({_size(visit[largest])}) joins them while it runs"
+            what = f"{listed} stay there and the {visitor} ({_size(visit[largest])}) joins them while it runs"
         elif largest:
-            what = f"each component runs there alone and the {largest.replace('_', ' ')} needs {_size(visit[largest])}"
+            what = f"each component runs there alone and the {visitor} needs {_size(visit[largest])}"
         else:
             what = listed
         raise InsufficientMemoryError(
