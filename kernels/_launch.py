@@ -19,6 +19,13 @@ import triton.language as tl
 # (Liger's layout) and gives the CPU interpreter large numpy tiles instead of many tiny programs.
 TILE_ELEMENTS = 4096
 
+# Every launch passes these options. No fused multiply-add contraction (ptxas --fmad=false): the GPU
+# build then performs the same IEEE operations, each rounded, as the CPU interpreter the tests run and
+# as the torch twins (``a * b + c`` rounds twice; explicit fmas, such as those inside the correctly
+# rounded division, stay). It also pins the behaviour across Triton versions (3.10 changes the
+# default). tests/test_kernels_gpu_build.py reads the SASS: no FFMA in the row kernels.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
+
 # Kernel launches per op since the last reset. Eager launches only: a replayed CUDA graph
 # re-runs kernels without passing through Python.
 LAUNCHES: Counter[str] = Counter()

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import TILE_ELEMENTS, count_launch, device_guard, is_interpreted, round_to
+from ._launch import LAUNCH_OPTIONS as NO_FMA, TILE_ELEMENTS, count_launch, device_guard, is_interpreted, round_to
 
 #: Types with a kernel: name -> (kernel id, values per block, bytes per block). Same table as
 #: ``formats.ggml.GGML_TYPES``; the float types (F32/F16/BF16) are a view or a cast, not a kernel.
@@ -51,8 +51,8 @@ KERNEL_TYPES: dict[str, tuple[int, int, int]] = {
     "Q6_K": (9, 256, 210),
 }
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: No fma contraction (ptxas --fmad=false): ``a * b - c`` rounds twice, as in the twin.
-LAUNCH_OPTIONS = {"num_warps": 8, "enable_fp_fusion": False}
+#: No fma contraction (ptxas --fmad=false, as every launch): ``a * b - c`` rounds twice, as in the twin.
+LAUNCH_OPTIONS = {"num_warps": 8, **NO_FMA}
 
 
 @triton.jit

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (
+    LAUNCH_OPTIONS,
     as_rows,
     check_float,
     check_same_device,
@@ -109,7 +110,7 @@ def gated_rms_norm_residual(
             n_rows, seq_len, n_cols,
             x3.stride(0), x3.stride(1), y3.stride(0), y3.stride(1), g3.stride(0), g3.stride(1),
             eps,
-            HAS_GATE=gate is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+            HAS_GATE=gate is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, **LAUNCH_OPTIONS,
         )
     count_launch("gated_rms_norm_residual")
     return out

@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_float, check_same_device, count_launch, device_guard, round_to, row_sum, row_tile
+from ._launch import (LAUNCH_OPTIONS, check_float, check_same_device, count_launch, device_guard, round_to,
+                      row_sum, row_tile)
 
 
 @triton.jit
@@ -127,7 +128,7 @@ def qk_norm_rope(
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1),
             eps,
-            BLOCK_R=block_r, BLOCK_P=block_p, num_warps=num_warps,
+            BLOCK_R=block_r, BLOCK_P=block_p, num_warps=num_warps, **LAUNCH_OPTIONS,
         )
     count_launch("qk_norm_rope")
     return q_out, k_out

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_float, count_launch, device_guard
+from ._launch import LAUNCH_OPTIONS, check_float, count_launch, device_guard
 
 FP8_MAX = 448.0
 MIN_SCALE = 1e-12
@@ -101,7 +101,7 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     num_warps = 8 if block_k * block_r >= 4096 else 4
     with device_guard(x):
         _quantize_fp8_rows_kernel[(triton.cdiv(m, block_r),)](
-            x, q, scale, m, k, x.stride(0), BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps,
+            x, q, scale, m, k, x.stride(0), BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps, **LAUNCH_OPTIONS,
         )
     count_launch("quantize_fp8_rows")
     return q, scale

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (
+    LAUNCH_OPTIONS,
     as_rows,
     check_float,
     check_same_device,
@@ -100,7 +101,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, scale: Optional[
             n_rows, seq_len, n_cols,
             x3.stride(0), x3.stride(1), s3.stride(0), s3.stride(1),
             eps,
-            HAS_SCALE=scale is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+            HAS_SCALE=scale is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps, **LAUNCH_OPTIONS,
         )
     count_launch("rms_norm")
     return y

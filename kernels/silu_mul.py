@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import as_rows, check_float, check_same_device, count_launch, device_guard, round_to, row_tile
+from ._launch import (LAUNCH_OPTIONS, as_rows, check_float, check_same_device, count_launch, device_guard,
+                      round_to, row_tile)
 
 BLOCK_COLS = 1024
 
@@ -73,7 +74,7 @@ def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             a3, b3, out,
             n_rows, seq_len, n_cols,
             a3.stride(0), a3.stride(1), b3.stride(0), b3.stride(1),
-            BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps,
+            BLOCK_R=block_r, BLOCK_F=block_f, num_warps=num_warps, **LAUNCH_OPTIONS,
         )
     count_launch("silu_mul")
     return out

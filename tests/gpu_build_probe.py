@@ -95,8 +95,9 @@ def dequant_launches() -> None:
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """Registers per thread and local memory per thread (spills) of a cubin, read by the cuobjdump
-    that ships with Triton's NVIDIA backend ({} where it is missing)."""
+    """Registers, stack and local memory (spills) per thread of a cubin, and its fused multiply-adds
+    (FFMA) and separate multiplies and adds, read by the cuobjdump and nvdisasm that ship with
+    Triton's NVIDIA backend (the keys of a missing tool are left out)."""
     import os
     import re
     import subprocess
@@ -104,15 +105,22 @@ def resource_usage(cubin: bytes) -> dict:
 
     import triton
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return {}
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    out: dict = {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
-    return {"registers": int(found[1]), "stack": int(found[2]), "local": int(found[3])} if found else {}
+        if os.path.exists(os.path.join(tools, "cuobjdump")):
+            text = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                                  text=True, check=True).stdout
+            found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+            if found:
+                out.update(registers=int(found[1]), stack=int(found[2]), local=int(found[3]))
+        if os.path.exists(os.path.join(tools, "nvdisasm")):
+            sass = subprocess.run([os.path.join(tools, "nvdisasm"), f.name], capture_output=True, text=True,
+                                  check=True).stdout
+            out.update({op.lower(): len(re.findall(rf"\b{op}\b", sass)) for op in ("FFMA", "FMUL", "FADD")})
+    return out
 
 
 def jit_functions() -> list:

@@ -56,6 +56,10 @@ def test_every_launch_builds_for_the_gpu(builds, target):
         assert launch["ok"], launch
         assert launch["arch"] == int(target[2:]), launch  # built for this target, not reused from another
         assert launch["shared"] <= SHARED_LIMIT[target], launch
+        # the GPU performs the interpreter's operations: no contracted multiply-adds (the fp8 quantisation's
+        # FFMAs are those of the correctly rounded division, which the launch option does not touch)
+        if launch["kernel"] != "_quantize_fp8_rows_kernel":
+            assert launch.get("ffma", 0) == 0 and launch.get("fmul", 1) > 0, launch
         # no register spills to local memory at the released widths (a silent slowdown); 255 is the cap
         assert launch.get("local", 0) == 0 and launch.get("stack", 0) == 0 and launch.get("registers", 0) <= 255, launch
 
