@@ -29,6 +29,19 @@ def test_click_usage_errors_are_one_line_with_status_1(args, message):
     assert message in one_line_error(*args)
 
 
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_the_predecessors_flags_say_what_they_are_here(command):
+    """Users of the predecessor type its flags; each says what it is spelled as here (docs/cli.md)."""
+    from zimage_native.cli import PREDECESSOR_FLAGS
+
+    prompt = ["a cat"] if command == "generate" else []
+    for flag, here in PREDECESSOR_FLAGS.items():
+        line = one_line_error(command, *prompt, flag)
+        assert line == f"Error: No such option '{flag}': the predecessor's {flag} is {here} here " \
+                       f"(see `zimage {command} --help`)", line
+    assert "--offload model" in one_line_error(command, *prompt, "--cpu-offload")
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", "a cat", "--device", "cpu", "--steps", "0"], "Error: --steps must be an integer >= 1, got 0"),
     (["generate", "a cat", "--device", "cpu", "--guidance-scale", "-2"], "Error: --guidance-scale must be >= 0"),
@@ -163,3 +176,12 @@ def test_a_too_small_input_image_gives_its_size(tiny_model_dir, tmp_path):
     line = one_line_error("generate", "a cat", "--model", str(tiny_model_dir), "--device", "cpu", "--steps", "1",
                           "--image", str(small), "-o", str(tmp_path / "x.png"), "--seed", "1")
     assert "8x20 gives 0x16" in line and "give --width= and --height= to resize it" in line, line
+
+
+def test_compile_alone_is_the_blocks_preset():
+    """The predecessor's --compile was a bare flag: alone it means the blocks preset; a value still works."""
+    generate = main.commands["generate"]
+    for args, mode in ((["a cat", "--compile"], "blocks"), (["a cat", "--compile", "full"], "full"), (["a cat"], "off"),
+                       (["--compile", "--steps", "2", "a cat"], "blocks")):
+        ctx = generate.make_context("generate", list(args))
+        assert ctx.params["compile_mode"] == mode, args

@@ -13,12 +13,28 @@ import sys
 import click
 
 
+#: The predecessor's flags (docs/cli.md, "Coming from the predecessor") that are spelled otherwise here.
+PREDECESSOR_FLAGS = {
+    "--cpu-offload": "--offload model (each component on the GPU only while it runs)",
+    "--flash-attn": "--attention flash_attn_2 (or --attention auto, the fastest backend installed)",
+    "--attention-backend": "--attention",
+    "--use-custom-scheduler": "the default: the engine always runs its own FlowMatch Euler scheduler",
+    "--api-url": "--encoder-url URL, a `zimage serve` that encodes the prompts (docs/server.md)",
+    "--use-api-encoder": "--encoder-url URL, a `zimage serve` that encodes the prompts (docs/server.md)",
+    "--api-model": "the model of the `zimage serve` given by --encoder-url",
+}
+
+
 def _one_line(e: click.UsageError) -> click.ClickException:
     """click's usage errors (no such file, bad choice, unknown option) as one line, exit status 1,
-    like every other input error of the CLI; the line names the command's --help."""
+    like every other input error of the CLI; the line names the command's --help, or for a flag of
+    the predecessor project what it is here."""
     from ._common import UserError
 
     where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+    if isinstance(e, click.NoSuchOption) and e.option_name in PREDECESSOR_FLAGS:
+        return UserError(f"No such option '{e.option_name}': the predecessor's {e.option_name} is "
+                         f"{PREDECESSOR_FLAGS[e.option_name]} here{where}")
     return UserError(e.format_message().splitlines()[0] + where)
 
 

@@ -70,7 +70,8 @@ speed = stack(
                  help="Attention backend: sdpa, flash_attn_2, flash_attn_3, sage, xformers or auto "
                       "[default: $ZIMAGE_ATTENTION, else sdpa]."),
     click.option("--compile", "compile_mode", type=click.Choice(["off", "blocks", "full"]), default="off",
-                 show_default=True, help="torch.compile preset."),
+                 is_flag=False, flag_value="blocks", show_default=True,
+                 help="torch.compile preset; --compile alone is blocks (the predecessor's flag)."),
     click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
                  help="Capture the sampling loop as CUDA graphs, one per step kind and shape, replayed per step "
                       "(GPU)."),
