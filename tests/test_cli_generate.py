@@ -138,6 +138,105 @@ def test_config_errors_name_the_key(tmp_path, body, message):
     assert result.exit_code == 1 and message in result.output, result.output
 
 
+def config_values(tmp_path, body: str, command: str = "generate", profile: str | None = None) -> dict:
+    """What a config file sets for a command (after its checks and conversions)."""
+    import click
+
+    from zimage_native.cli import main
+    from zimage_native.cli.config import convert, read_profile
+
+    path = tmp_path / "c.toml"
+    path.write_text(body)
+    return convert(click.Context(main.commands[command]), read_profile(path, profile))
+
+
+def test_config_keys_are_the_flag_names(tmp_path):
+    """Keys are the flags' names with underscores, also where the parameter is named otherwise
+    (--compile, --lora, --image): those failed as unknown keys."""
+    (tmp_path / "in.png").write_bytes(b"")
+    values = config_values(tmp_path, f'[default]\ncompile = "blocks"\nlora = ["a.safetensors:0.5"]\n'
+                                     f'image = "{tmp_path / "in.png"}"\n')
+    assert values["compile_mode"] == "blocks" and values["loras"] == ("a.safetensors:0.5",)
+    assert str(values["init_image"]) == str(tmp_path / "in.png")
+    with pytest.raises(ValueError, match="unknown key 'config'"):
+        config_values(tmp_path, '[default]\nconfig = "other.toml"\n')
+
+
+PREDECESSOR_CONFIG = """
+[default]
+model_path = "{model}"
+templates_dir = "{templates}"
+
+[default.encoder]
+device = "cpu"
+torch_dtype = "bfloat16"
+quantization = "8bit"
+cpu_offload = false
+
+[default.pipeline]
+device = "cpu"
+
+[default.generation]
+width = 64
+height = 32
+steps = 1
+guidance_scale = 0.0
+
+[default.scheduler]
+shift = 3.0
+
+[default.optimization]
+flash_attn = false
+compile = false
+cpu_offload = false
+
+[default.pytorch]
+attention_backend = "sdpa"
+use_custom_scheduler = false
+tiled_vae = false
+tile_size = 512
+tile_overlap = 64
+
+[default.lora]
+paths = []
+scales = []
+
+[fast]
+[fast.optimization]
+compile = true
+flash_attn = true
+cpu_offload = true
+
+[fast.encoder]
+cpu_offload = true
+
+[fast.lora]
+paths = ["style.safetensors", "detail.safetensors"]
+scales = [0.8, 0.5]
+"""
+
+
+def test_the_predecessors_config_file_reads_as_it_meant(tiny_model_dir, tmp_path):
+    """The predecessor's documented config.toml: its sub-tables give [encoder] device and torch_dtype to
+    the text encoder and the dtype, cpu_offload to --offload, flash_attn and compile to --attention and
+    --compile, [lora] paths and scales to --lora; use_custom_scheduler is what the engine always does."""
+    (tmp_path / "templates").mkdir()
+    body = PREDECESSOR_CONFIG.format(model=tiny_model_dir, templates=tmp_path / "templates")
+    values = config_values(tmp_path, body)
+    assert values["model"] == str(tiny_model_dir) and values["text_encoder_device"] == "cpu"
+    assert values["device"] == "cpu" and values["dtype"] == "bfloat16" and values["text_encoder_quant"] == "int8"
+    assert values["attention"] == "sdpa" and values["compile_mode"] == "off" and "offload" not in values
+    assert "loras" not in values and values["tile_size"] == 512 and values["tiled_vae"] is False
+    fast = config_values(tmp_path, body, profile="fast")
+    assert fast["compile_mode"] == "blocks" and fast["attention"] == "flash_attn_2"
+    assert fast["offload"] == "text_encoder"  # [fast.encoder] comes after [fast.optimization] in the file
+    assert fast["loras"] == ("style.safetensors:0.8", "detail.safetensors:0.5")
+    with pytest.raises(ValueError, match=r"\[bad\]\.lora: paths must be a list and scales a list of the same"):
+        config_values(tmp_path, body + '[bad.lora]\npaths = ["a"]\nscales = [1.0, 2.0]\n', profile="bad")
+    run("generate", "a cat", "--config", tmp_path / "c.toml", "-o", tmp_path / "a.png", "--seed", 1)
+    assert Image.open(tmp_path / "a.png").size == (64, 32)
+
+
 def test_unknown_profile_lists_the_tables(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text("[default]\n[h100]\n")

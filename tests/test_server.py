@@ -510,7 +510,7 @@ def test_serve_cli_checks_options_and_reads_profiles(tmp_path, monkeypatch):
     monkeypatch.setattr(serve_module, "run_server", lambda o: seen.update(o))
     config = tmp_path / "z.toml"
     config.write_text('[default]\nsteps = 9\nwidth = 768\nqueue_size = 3\n\n[fast]\nport = 9001\nfake = true\n'
-                      'compile_mode = "blocks"\n')
+                      'compile = "blocks"\nimage = "in.png"\n')  # flag names; image is zimage generate's: skipped
     result = CliRunner().invoke(main, ["serve", "--config", str(config), "--profile", "fast", "--port", "9002"])
     assert result.exit_code == 0, result.output
     assert seen["queue_size"] == 3 and seen["port"] == 9002 and seen["fake"] is True

@@ -24,20 +24,57 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ALIASES = {"model_path": "model", "attention_backend": "attention", "quantization": "text_encoder_quant"}  # the predecessor's names
+# The predecessor's config.toml (docs/cli.md, "Coming from the predecessor"): its key names, its values
+# for text_encoder_quant, and the keys of its sub-tables whose meaning depends on the sub-table
+# (sub-table, key) -> (key here, value here for its value; None sets nothing).
+ALIASES = {"model_path": "model", "attention_backend": "attention", "quantization": "text_encoder_quant"}
 VALUE_ALIASES = {"text_encoder_quant": {"8bit": "int8", "4bit": "int4"}}  # its quantization = "8bit" | "4bit"
-NOT_CONFIGURABLE = {"config", "profile", "prompt", "from_image"}
+TABLE_KEYS = {
+    ("encoder", "device"): ("text_encoder_device", lambda v: v),
+    ("encoder", "torch_dtype"): ("dtype", lambda v: v),
+    ("encoder", "cpu_offload"): ("offload", lambda v: "text_encoder" if v is True else None if v is False else v),
+    ("optimization", "cpu_offload"): ("offload", lambda v: "model" if v is True else None if v is False else v),
+    ("optimization", "flash_attn"): ("attention", lambda v: "flash_attn_2" if v is True else None if v is False else v),
+    ("optimization", "compile"): ("compile", lambda v: "blocks" if v is True else "off" if v is False else v),
+    ("pytorch", "use_custom_scheduler"): ("use_custom_scheduler", lambda v: None),  # always: the engine's own
+}
+NOT_CONFIGURABLE = {"config", "config_path", "profile", "prompt", "from_image"}
 
 
-def _flatten(table: dict[str, Any], where: str, out: dict[str, tuple[Any, str]]) -> None:
+def _flatten(table: dict[str, Any], where: str, out: dict[str, tuple[Any, str]], sub: str = "") -> None:
     for key, value in table.items():
         if isinstance(value, dict):
-            _flatten(value, f"{where}.{key}", out)
-        else:
-            name = ALIASES.get(key, key)
-            if isinstance(value, str):
-                value = VALUE_ALIASES.get(name, {}).get(value, value)
-            out[name] = (value, f"{where}.{key}")
+            _flatten(value, f"{where}.{key}", out, key)
+            continue
+        if sub == "lora" and key in ("paths", "scales"):
+            continue  # below: the predecessor's [lora] paths and scales
+        name, translate = TABLE_KEYS.get((sub, key), (ALIASES.get(key, key), None))
+        if translate is not None:
+            value = translate(value)
+            if value is None:
+                continue
+        if isinstance(value, str):
+            value = VALUE_ALIASES.get(name, {}).get(value, value)
+        out[name] = (value, f"{where}.{key}")
+    if sub == "lora" and table.get("paths"):
+        paths, scales = table["paths"], table.get("scales") or []
+        if not isinstance(paths, list) or not isinstance(scales, list) or (scales and len(scales) != len(paths)):
+            raise ValueError(f"{where}: paths must be a list and scales a list of the same length, got {paths!r} "
+                             f"and {scales!r}")
+        out["lora"] = ([f"{p}:{s}" for p, s in zip(paths, scales)] if scales else list(paths), f"{where}.paths")
+
+
+def option_keys(command: click.Command) -> dict[str, click.Option]:
+    """Config key -> option: the flag's name with underscores (``compile`` for ``--compile``), and the
+    parameter's own name where it differs (``compile_mode``)."""
+    keys: dict[str, click.Option] = {}
+    for param in command.params:
+        if isinstance(param, click.Option):
+            keys[param.name] = param
+            for opt in param.opts:
+                if opt.startswith("--"):
+                    keys.setdefault(opt[2:].replace("-", "_"), param)
+    return keys
 
 
 def read_profile(path: Path, profile: str | None) -> dict[str, tuple[Any, str]]:
@@ -71,10 +108,10 @@ def _matches(kind: click.ParamType, value: Any) -> bool:
 
 def convert(ctx: click.Context, values: dict[str, tuple[Any, str]]) -> dict[str, Any]:
     """Check each key against the command's parameters and convert it with the flag's own type."""
-    params = {p.name: p for p in ctx.command.params if isinstance(p, click.Option)}
+    params = option_keys(ctx.command)
     out = {}
     for key, (value, where) in values.items():
-        if key in NOT_CONFIGURABLE or key not in params:
+        if key in NOT_CONFIGURABLE or key not in params or params[key].name in NOT_CONFIGURABLE:
             raise ValueError(f"{where}: unknown key '{key}' for `zimage {ctx.command.name}`")
         param = params[key]
         if param.is_flag and not isinstance(value, bool):
@@ -87,7 +124,7 @@ def convert(ctx: click.Context, values: dict[str, tuple[Any, str]]) -> dict[str,
         if not param.is_flag and any(not _matches(param.type, v) for v in items):
             raise ValueError(f"{where}: '{key}' has the wrong type: got {value!r}, expected {param.type.name}")
         try:
-            out[key] = param.type_cast_value(ctx, value)
+            out[param.name] = param.type_cast_value(ctx, value)
         except click.BadParameter as e:
             raise ValueError(f"{where}: '{key}' has the wrong type or value: {e.message}") from None
     return out

@@ -16,7 +16,7 @@ import click
 from ..hub import DEFAULT_MODEL
 from .options import config_file, loading, placement, speed, vae_tiling
 from ._common import user_errors
-from .config import apply_layers, convert, read_profile
+from .config import apply_layers, convert, option_keys, read_profile
 from .rewrite import chat_rewriter, llm_options
 
 logger = logging.getLogger(__name__)
@@ -93,8 +93,7 @@ def serve(ctx, config_path, profile, **opts):
         from .generate import generate
 
         values = read_profile(config_path, profile)
-        mine = {p.name for p in ctx.command.params}
-        generation_only = {p.name for p in generate.params} - mine
+        generation_only = set(option_keys(generate)) - set(option_keys(ctx.command))
         skipped = sorted(k for k in values if k in generation_only)
         if skipped:
             logger.info("zimage serve ignores the generation keys %s of %s", skipped, config_path)
