@@ -25,17 +25,24 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 # The predecessor's config.toml (docs/cli.md, "Coming from the predecessor"): its key names, its values
-# for text_encoder_quant, and the keys of its sub-tables whose meaning depends on the sub-table
+# for text_encoder_quant, and the keys of its sub-tables whose meaning depends on the sub-table:
 # (sub-table, key) -> (key here, value here for its value; None sets nothing).
 ALIASES = {"model_path": "model", "attention_backend": "attention", "quantization": "text_encoder_quant"}
 VALUE_ALIASES = {"text_encoder_quant": {"8bit": "int8", "4bit": "int4"}}  # its quantization = "8bit" | "4bit"
+
+
+def _switch(on: str, off: str | None = None):
+    """A true/false key of the predecessor as a value here (other values pass through, to be checked)."""
+    return lambda v: on if v is True else off if v is False else v
+
+
 TABLE_KEYS = {
     ("encoder", "device"): ("text_encoder_device", lambda v: v),
     ("encoder", "torch_dtype"): ("dtype", lambda v: v),
-    ("encoder", "cpu_offload"): ("offload", lambda v: "text_encoder" if v is True else None if v is False else v),
-    ("optimization", "cpu_offload"): ("offload", lambda v: "model" if v is True else None if v is False else v),
-    ("optimization", "flash_attn"): ("attention", lambda v: "flash_attn_2" if v is True else None if v is False else v),
-    ("optimization", "compile"): ("compile", lambda v: "blocks" if v is True else "off" if v is False else v),
+    ("encoder", "cpu_offload"): ("offload", _switch("text_encoder")),
+    ("optimization", "cpu_offload"): ("offload", _switch("model")),
+    ("optimization", "flash_attn"): ("attention", _switch("flash_attn_2")),
+    ("optimization", "compile"): ("compile", _switch("blocks", "off")),
     ("pytorch", "use_custom_scheduler"): ("use_custom_scheduler", lambda v: None),  # always: the engine's own
 }
 NOT_CONFIGURABLE = {"config", "config_path", "profile", "prompt", "from_image"}
