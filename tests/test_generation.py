@@ -203,3 +203,34 @@ def test_a_bad_size_with_an_input_image_names_the_argument(tiny_pipe):
             tiny_pipe.img2img("a cat", make_image(), num_inference_steps=1, **kw)
     with pytest.raises(ValueError, match="the input image must be at least 16x16"):
         tiny_pipe.img2img("a cat", make_image(12, 40), num_inference_steps=1)
+
+
+def test_diffusers_habits_torch_dtype_to_offload_and_progress(tiny_model_dir):
+    """What diffusers users type: from_pretrained(torch_dtype=), pipe.to(device),
+    enable_model_cpu_offload(), set_progress_bar_config(disable=True). (meta stands for the GPU.)"""
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", torch_dtype=torch.bfloat16)
+    assert pipe.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="not both"):
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32, torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.progress is False
+    pipe.enable_model_cpu_offload(device="meta")
+    assert pipe.offload == "model" and set(pipe.placement.values()) == {torch.device("meta")}
+    assert pipe.transformer.x_pad_token.device.type == "cpu"  # stored in CPU memory between uses
+    meta = torch.device("meta")
+    assert pipe.to(meta) is pipe and pipe.offload == "none" and set(pipe.placement.values()) == {meta}
+    assert pipe.transformer.x_pad_token.device == meta and pipe.vae.decoder.conv_in.weight.device == meta
+    assert next(pipe.text_encoder.model.parameters()).device == meta
+    streamed = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", offload="blocks")
+    with pytest.raises(ValueError, match="streamed"):
+        streamed.to("cpu")
+
+
+def test_to_and_model_offload_give_the_same_image(tiny_pipe, tiny_model_dir):
+    kw = dict(height=32, width=32, num_inference_steps=2, seed=3, output_type="latent")
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_model_cpu_offload(device="cpu")
+    offloaded = pipe("a cat", **kw).images
+    assert torch.equal(pipe.to("cpu")("a cat", **kw).images, offloaded)
+    assert torch.equal(tiny_pipe("a cat", **kw).images, offloaded)

@@ -24,7 +24,7 @@ import torch
 from . import control as _control  # noqa: F401  (registers the ControlNet tasks on the core)
 from . import sampling
 from .config import SchedulerConfig, TransformerConfig, VAEConfig
-from .devices import OFFLOAD_MODES, storage_device
+from .devices import OFFLOAD_MODES, resolve_device, storage_device
 from .hub import DEFAULT_MODEL
 from .loading import check_quant, load_pretrained, load_single_files  # noqa: F401
 from .lora import LoraReport, LoraStack
@@ -65,6 +65,15 @@ class ZImageOutput:
     images: Any
     seeds: list[int] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def _dtype_argument(dtype, torch_dtype):
+    """``dtype``, or diffusers' ``torch_dtype`` for it (both only if they agree)."""
+    if torch_dtype is None:
+        return dtype
+    if dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"give dtype or torch_dtype (diffusers' name for it), not both: {dtype} vs {torch_dtype}")
+    return torch_dtype
 
 
 def detect_variant(source: str, scheduler_config: SchedulerConfig) -> str:
@@ -182,10 +191,12 @@ class ZImagePipeline:
 
         Accelerations (see :meth:`optimize` and docs/performance.md): ``kernels`` "none" | "triton",
         ``attention`` a backend name or "auto" (default: $ZIMAGE_ATTENTION, else "sdpa"),
-        ``compile`` "off" | "blocks" | "full", ``cuda_graphs``, ``fp8``.
+        ``compile`` "off" | "blocks" | "full", ``cuda_graphs``, ``fp8``. ``torch_dtype=`` (diffusers'
+        name) is accepted for ``dtype``.
         """
         from .accel import attention_from_env
 
+        dtype = _dtype_argument(dtype, load.pop("torch_dtype", None))
         pipe = cls(**load_pretrained(path_or_id, device, dtype, **load), variant=variant)
         if variant is None:
             logger.info("variant %s (defaults: %s)", pipe.variant, pipe.defaults)
@@ -239,6 +250,45 @@ class ZImagePipeline:
         return self.controlnets.unload()
 
     # ------------------------------------------------------------------ placement
+    def to(self, device: str | torch.device) -> "ZImagePipeline":
+        """Every component on ``device``, resident (diffusers' ``pipe.to``; offloading ends). Returns
+        the pipeline. Streamed blocks cannot move this way: load again with ``offload="none"``."""
+        if self.offload == "blocks":
+            raise ValueError("pipe.to() cannot move a DiT whose blocks are streamed (offload='blocks'); load it "
+                             "again with offload='none'")
+        device = resolve_device(device)
+        for name in ("text_encoder", "transformer", "vae"):
+            module = self._module(name)
+            if module is not None:  # a remote text encoder stays where it is
+                module.to(device)
+        self.placement = dict.fromkeys(self.placement, device)
+        self.offload = "none"
+        if self._graphed is not None:
+            self._graphed.clear()  # graphs hold tensors of the old placement
+        return self
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
+        """diffusers' name for ``offload="model"``: every component stays in CPU memory and visits
+        ``device`` (cuda:``gpu_id``) only while it runs."""
+        kind = torch.device(device).type
+        device = resolve_device(kind if gpu_id is None else f"{kind}:{gpu_id}")
+        if self.offload == "blocks":
+            raise ValueError("the DiT's blocks are already streamed (offload='blocks'); load it again with "
+                             "offload='model'")
+        self.placement = dict.fromkeys(self.placement, device)
+        self.offload = "model"
+        for name in ("text_encoder", "transformer", "vae"):
+            module = self._module(name)
+            if module is not None:
+                module.to(storage_device(name, device, self.offload))
+        if self._graphed is not None:
+            self._graphed.clear()
+
+    def set_progress_bar_config(self, disable: bool = False, **_) -> None:
+        """diffusers' switch for the per-step progress bar (``pipe.progress``); other tqdm options are
+        ignored."""
+        self.progress = not disable
+
     def _module(self, name: str) -> torch.nn.Module:
         if name == "transformer" and self.controlnet is not None:
             return torch.nn.ModuleList([self.transformer, self.controlnet])  # the branch runs with the DiT
