@@ -95,8 +95,13 @@ def test_loading_is_refused_before_any_weight_is_read(tiny_model_dir, monkeypatc
     card(monkeypatch, free=sum(need.values()) - 1)
     kw = dict(device="cuda", dtype=torch.bfloat16)
     with pytest.raises(InsufficientMemoryError, match="transformer .* MB, text encoder .* MB, vae .* MB, .* MB at "
-                       "the peak, and the GPU has .* free of 16.00 GB"):
+                       "the peak, and the GPU has .* free of 16.00 GB") as e:
         loading.load_pretrained(tiny_model_dir, **kw)
+    # the settings that fit this folder on this card, each with its peak (int4 cannot: widths of 48)
+    fits = str(e.value).split("To fit, use one of: ")[1]
+    assert fits.startswith("--text-encoder-quant int8 (") and "--offload model (1.2 MB at the peak)" in fits
+    assert "int4" not in fits and "--offload blocks (" in fits
+    assert fits.endswith("(or a GGUF DiT, --transformer FILE.gguf)")
     with pytest.raises(InsufficientMemoryError, match="joins them while it runs"):
         loading.load_pretrained(tiny_model_dir, offload="text_encoder", **kw)
     with pytest.raises(WeightsRead):  # it fits without the text encoder: loading starts

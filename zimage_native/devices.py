@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -96,35 +97,44 @@ def free_memory(device: torch.device) -> tuple[int, int]:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
 
 
-def check_weights_fit(needs: dict[str, int], placement: dict[str, torch.device], offload: str = "none") -> None:
+def weight_peak(needs: dict[str, int], placement: dict[str, torch.device], offload: str, device: torch.device
+                ) -> tuple[int, dict[str, int], dict[str, int]]:
+    """(peak bytes of weights on ``device``, the components stored there, those that visit it while
+    they run): the stored ones plus the largest visitor (see :func:`check_weights_fit`)."""
+    parts = {name: size for name, size in needs.items() if placement[name] == device}
+    stay = {n: b for n, b in parts.items() if storage_device(n, device, offload) == device}
+    visit = {n: b for n, b in parts.items() if n not in stay}
+    return sum(stay.values()) + max(visit.values(), default=0), stay, visit
+
+
+def check_weights_fit(needs: dict[str, int], placement: dict[str, torch.device], offload: str = "none",
+                      advice: Callable[[torch.device, int], str | None] | None = None) -> None:
     """Refuse before loading what cannot fit when it runs: ``needs`` holds, per component, the bytes of
     weights it holds on ``placement[name]`` while it runs (a lower bound is enough: weights cannot be
     smaller). Components stored there between uses count always; an offloaded one (``offload``: see
     :func:`storage_device`) joins them while it runs, so the largest of those counts too. Raises
-    :class:`InsufficientMemoryError` naming each part and what to change."""
-    per_device: dict[torch.device, dict[str, int]] = {}
-    for name, size in needs.items():
-        if placement[name].type == "cuda":
-            per_device.setdefault(placement[name], {})[name] = size
-    for device, parts in per_device.items():
-        stay = {n: b for n, b in parts.items() if storage_device(n, device, offload) == device}
-        visit = {n: b for n, b in parts.items() if n not in stay}
+    :class:`InsufficientMemoryError` naming each part and what to change: ``advice(device, free
+    bytes)``, or :data:`MEMORY_ADVICE` where it has none."""
+    for device in {d for d in placement.values() if d.type == "cuda"}:
+        peak, stay, visit = weight_peak(needs, placement, offload, device)
+        if peak == 0:
+            continue
         largest = max(visit, key=visit.get, default=None)
-        peak = sum(stay.values()) + (visit[largest] if largest else 0)
         free, total = free_memory(device)
         if peak <= free:
             continue
-        listed = ", ".join(f"{name.replace('_', ' ')} {_size(size)}" for name, size in stay.items())
+        listed = ", ".join(f"{name.replace('_', ' ')} {format_bytes(size)}" for name, size in stay.items())
         visitor = f"{largest.replace('_', ' ')}" if largest else ""
         if largest and stay:
-            what = f"{listed} stay there and the {visitor} ({_size(visit[largest])}) joins them while it runs"
+            what = f"{listed} stay there and the {visitor} ({format_bytes(visit[largest])}) joins them while it runs"
         elif largest:
-            what = f"each component runs there alone and the {visitor} needs {_size(visit[largest])}"
+            what = f"each component runs there alone and the {visitor} needs {format_bytes(visit[largest])}"
         else:
             what = listed
+        fix = (advice and advice(device, free)) or MEMORY_ADVICE
         raise InsufficientMemoryError(
-            f"the weights do not fit on {device}: {what}, {_size(peak)} at the peak, and the GPU has "
-            f"{_size(free)} free of {_size(total)}. To fit, {MEMORY_ADVICE}")
+            f"the weights do not fit on {device}: {what}, {format_bytes(peak)} at the peak, and the GPU has "
+            f"{format_bytes(free)} free of {format_bytes(total)}. To fit, {fix}")
 
 
 def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype | None,
@@ -139,9 +149,11 @@ def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype 
     free, total = free_memory(device)
     if need > free:
         raise InsufficientMemoryError(
-            f"the {what} ({_size(need)} of weights) does not fit on {device}: the GPU has {_size(free)} free of "
-            f"{_size(total)}, the components loaded before it included. To fit, {MEMORY_ADVICE}")
+            f"the {what} ({format_bytes(need)} of weights) does not fit on {device}: the GPU has "
+            f"{format_bytes(free)} free of {format_bytes(total)}, the components loaded before it included. "
+            f"To fit, {MEMORY_ADVICE}")
 
 
-def _size(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """Bytes in GB (10^9), or MB below 0.1 GB."""
     return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB"

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import SchedulerConfig
-from .devices import check_component_fits
+from .devices import check_component_fits, format_bytes, weight_peak
 from .formats.checkpoint import (WEIGHT_FILE_NAMES, WEIGHT_INDEX_NAMES, Checkpoint, check_safetensors,
                                  safetensors_files, sniff)
 from .formats.detect import inspect_checkpoint, normalize_kind
@@ -337,6 +337,25 @@ def folder_weight_bytes(folder: Path, skip: Iterable[str], dtype: torch.dtype, t
     return needs
 
 
+def settings_that_fit(folder: Path, skip: list[str], dtype: torch.dtype, placement: dict[str, torch.device],
+                      device: torch.device, free: int) -> str | None:
+    """The offload and text encoder settings whose weights fit in ``free`` bytes of ``device``, in
+    the CLI's words with their peaks; None if none does."""
+    fits = []
+    for offload, quant in (("none", "int8"), ("none", "int4"), ("blocks", "none"), ("blocks", "int8"),
+                           ("model", "none"), ("model", "int8")):
+        try:
+            needs = folder_weight_bytes(folder, skip, dtype, quant, offload)
+        except ValueError:  # int4 needs widths in multiples of its group
+            continue
+        peak = weight_peak(needs, placement, offload, device)[0]
+        if peak <= free:
+            flags = " ".join(f for f in (f"--offload {offload}" if offload != "none" else "",
+                                         f"--text-encoder-quant {quant}" if quant != "none" else "") if f)
+            fits.append(f"{flags} ({format_bytes(peak)} at the peak)")
+    return f"use one of: {'; '.join(fits)} (or a GGUF DiT, --transformer FILE.gguf)" if fits else None
+
+
 def load_pretrained(
     path_or_id: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -396,8 +415,9 @@ def load_pretrained(
     }
     storage = {name: load_device(name, dev, offload) for name, dev in placement.items()}
     if any(dev.type == "cuda" for dev in placement.values()):
-        check_weights_fit(folder_weight_bytes(folder, [k for k, v in overridden.items() if v is not None], dtype,
-                                              text_encoder_quant, offload), placement, offload)
+        skip = [k for k, v in overridden.items() if v is not None]
+        check_weights_fit(folder_weight_bytes(folder, skip, dtype, text_encoder_quant, offload), placement, offload,
+                          advice=lambda device, free: settings_that_fit(folder, skip, dtype, placement, device, free))
     scfg = SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
     logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
     if transformer is not None:
