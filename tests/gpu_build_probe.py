@@ -1,7 +1,8 @@
 """Build every Triton kernel launch of the engine for NVIDIA GPUs, on a machine without one.
 
 Run as a script in a fresh process (``python tests/gpu_build_probe.py [FP8_TARGETS]``, not under
-TRITON_INTERPRET; FP8_TARGETS, comma-separated, default sm90,sm89, are where the fp8 kernel is built):
+TRITON_INTERPRET; FP8_TARGETS, comma-separated, default sm90,sm120,sm89, are where the fp8 kernel is
+built):
 Triton's driver is replaced by a stand-in that reports a target GPU, and each launch compiles
 (``warmup=True``: Triton's own argument specialisation, options and compiler, down to the cubin)
 instead of running. The launches come from the real call sites at the released model's widths: a
@@ -24,8 +25,8 @@ import sys
 
 import torch
 
-TARGETS = {"sm90": 90, "sm89": 89, "sm80": 80}
-FP8_TARGETS = ("sm90", "sm89")  # fp8 tensor cores: the engine refuses fp8 below sm89
+TARGETS = {"sm90": 90, "sm120": 120, "sm89": 89, "sm80": 80}  # Hopper, consumer Blackwell, Ada, Ampere
+FP8_TARGETS = ("sm90", "sm120", "sm89")  # fp8 tensor cores: the engine refuses fp8 below sm89
 
 
 class StandInDriver:

@@ -1,4 +1,5 @@
-"""Every Triton kernel launch of the engine, built for NVIDIA GPUs (sm90 Hopper, sm89 Ada, sm80 Ampere)
+"""Every Triton kernel launch of the engine, built for NVIDIA GPUs (sm90 Hopper, sm120 consumer Blackwell
+(RTX 50xx), sm89 Ada, sm80 Ampere)
 without a GPU: tests/gpu_build_probe.py compiles each launch of the real call sites at the released
 model's widths down to a cubin, with Triton's own specialisation and options. The CPU interpreter,
 which runs the kernels in the other tests, would not notice a kernel that a GPU build rejects."""
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
 
 PROBE = Path(__file__).with_name("gpu_build_probe.py")
 #: Shared memory one block may use, per architecture (bytes).
-SHARED_LIMIT = {"sm90": 227 * 1024, "sm89": 99 * 1024, "sm80": 163 * 1024}
+SHARED_LIMIT = {"sm90": 227 * 1024, "sm120": 99 * 1024, "sm89": 99 * 1024, "sm80": 163 * 1024}
 ROW_KERNELS = {"_rms_norm_fwd_kernel", "_qk_norm_rope_kernel", "_gated_rms_norm_residual_kernel", "_silu_mul_kernel"}
 
 
@@ -35,8 +36,8 @@ def builds(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))  # build, do not reuse a cached cubin
     # fp8 is also built for sm80, where it must fail: the check can fail, and it is why fp8 needs sm89
-    result = subprocess.run([sys.executable, str(PROBE), "sm90,sm89,sm80"], capture_output=True, text=True, env=env,
-                            cwd=tmp_path_factory.mktemp("probe"), timeout=600)
+    result = subprocess.run([sys.executable, str(PROBE), "sm90,sm120,sm89,sm80"], capture_output=True, text=True,
+                            env=env, cwd=tmp_path_factory.mktemp("probe"), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
