@@ -90,3 +90,14 @@ def test_info_reports_components(tiny_model_dir):
     assert report["scheduler"]["shift"] == 3.0
     table = run("info", tiny_model_dir).output
     assert "transformer" in table and "params" in table and "text_encoder" in table
+    # the weights each offload / text encoder setting keeps on the GPU at the peak, in bf16
+    import torch
+
+    from zimage_native.loading import folder_weight_bytes
+
+    need = folder_weight_bytes(tiny_model_dir, [], torch.bfloat16)
+    peaks = report["gpu_weights_bf16"]
+    assert peaks["everything resident"] == sum(need.values()) and peaks["--offload model"] == max(need.values())
+    assert peaks["--text-encoder-quant int8"] < peaks["everything resident"]
+    assert "--text-encoder-quant int4" not in peaks  # widths of 48: no int4
+    assert "GPU weights at the peak in bf16" in table and "--offload blocks --text-encoder-quant int8" in table

@@ -337,22 +337,33 @@ def folder_weight_bytes(folder: Path, skip: Iterable[str], dtype: torch.dtype, t
     return needs
 
 
-def settings_that_fit(folder: Path, skip: list[str], dtype: torch.dtype, placement: dict[str, torch.device],
-                      device: torch.device, free: int) -> str | None:
-    """The offload and text encoder settings whose weights fit in ``free`` bytes of ``device``, in
-    the CLI's words with their peaks; None if none does."""
-    fits = []
-    for offload, quant in (("none", "int8"), ("none", "int4"), ("blocks", "none"), ("blocks", "int8"),
-                           ("model", "none"), ("model", "int8")):
+#: The offload and text encoder settings weighed by :func:`setting_peaks`, in the CLI's words.
+SETTINGS = (("none", "none"), ("none", "int8"), ("none", "int4"), ("blocks", "none"), ("blocks", "int8"),
+            ("model", "none"), ("model", "int8"))
+
+
+def setting_peaks(folder: Path, skip: list[str], dtype: torch.dtype, placement: dict[str, torch.device],
+                  device: torch.device) -> list[tuple[str, int]]:
+    """(flags, peak bytes of weights on ``device``) for each of :data:`SETTINGS` this folder allows
+    (int4 needs widths in multiples of its group)."""
+    out = []
+    for offload, quant in SETTINGS:
         try:
             needs = folder_weight_bytes(folder, skip, dtype, quant, offload)
-        except ValueError:  # int4 needs widths in multiples of its group
+        except ValueError:
             continue
-        peak = weight_peak(needs, placement, offload, device)[0]
-        if peak <= free:
-            flags = " ".join(f for f in (f"--offload {offload}" if offload != "none" else "",
-                                         f"--text-encoder-quant {quant}" if quant != "none" else "") if f)
-            fits.append(f"{flags} ({format_bytes(peak)} at the peak)")
+        flags = " ".join(f for f in (f"--offload {offload}" if offload != "none" else "",
+                                     f"--text-encoder-quant {quant}" if quant != "none" else "") if f)
+        out.append((flags or "everything resident", weight_peak(needs, placement, offload, device)[0]))
+    return out
+
+
+def settings_that_fit(folder: Path, skip: list[str], dtype: torch.dtype, placement: dict[str, torch.device],
+                      device: torch.device, free: int) -> str | None:
+    """The settings whose weights fit in ``free`` bytes of ``device``, in the CLI's words with their
+    peaks; None if none does."""
+    fits = [f"{flags} ({format_bytes(peak)} at the peak)"
+            for flags, peak in setting_peaks(folder, skip, dtype, placement, device) if peak <= free]
     return f"use one of: {'; '.join(fits)} (or a GGUF DiT, --transformer FILE.gguf)" if fits else None
 
 

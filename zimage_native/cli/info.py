@@ -31,7 +31,18 @@ def _folder_report(path: Path) -> dict:
             report[name]["problem"] = fmt.problem
     scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     report["scheduler"] = {"class": scheduler.get("_class_name", "?"), "shift": scheduler.get("shift")}
+    report["gpu_weights_bf16"] = dict(_peaks(path))
     return report
+
+
+def _peaks(path: Path) -> list[tuple[str, int]]:
+    """Peak bytes of bf16 weights on one GPU, per offload / text encoder setting (from the configs)."""
+    import torch
+
+    from ..loading import setting_peaks
+
+    gpu = torch.device("cuda")
+    return setting_peaks(path, [], torch.bfloat16, dict.fromkeys(COMPONENTS, gpu), gpu)
 
 
 def _dtypes(d: dict) -> str:
@@ -65,6 +76,11 @@ def info(path: Path, as_json: bool):
             click.echo(f"  {name:<13} {r['class']:<28} {r['parameters']:>15,} params  {r['tensors']:>5} tensors  "
                        f"{r['files']} file(s)  {r.get('layout')}{quant}  [{_dtypes(r['dtypes'])}]")
         click.echo(f"  {'scheduler':<13} {report['scheduler']['class']:<28} shift {report['scheduler']['shift']}")
+        from ..devices import format_bytes
+
+        click.echo("  GPU weights at the peak in bf16 (activations come on top; docs/performance.md, Low VRAM):")
+        for flags, peak in report["gpu_weights_bf16"].items():
+            click.echo(f"    {flags:<45} {format_bytes(peak):>10}")
         return
     from ..formats import describe
 
