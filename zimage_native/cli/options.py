@@ -55,7 +55,9 @@ placement = stack(
     click.option("--offload", type=click.Choice(["none", "text_encoder", "model", "blocks"]), default="none",
                  show_default=True,
                  help="Keep the text encoder (or every component) on the CPU except while it runs; blocks: "
-                      "also stream the DiT's blocks from CPU memory (docs/performance.md)."),
+                      "also stream the DiT's blocks from CPU memory. text_encoder frees the GPU between prompts "
+                      "but not at the peak (it encodes beside the DiT); `zimage info MODEL` shows each "
+                      "setting's peak (docs/performance.md)."),
     click.option("--text-encoder-quant", type=click.Choice(["none", "int8", "int4"]), default="none",
                  show_default=True,
                  help="Weight-only quantised text encoder (the predecessor's quantization = 8bit / 4bit)."),
