@@ -6,6 +6,10 @@ a GPU and not on the CPU: a host read of a device tensor (``.item()``, ``bool(t)
 sync that stalls the launch queue and breaks graph capture) or a tensor left on the CPU and mixed
 with device tensors (a device-mismatch error on a GPU). The numbers are not checked here (the rest of
 the suite does that on the CPU); every task, CFG and batch shape must simply run through.
+
+The meta device also stands for Apple's Metal ("mps"), which has no float64: a dispatch mode
+rejects any float64 tensor on the device while every task runs, with meta treated as a device
+without float64.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 META = torch.device("meta")
 KW = dict(height=64, width=64, num_inference_steps=2, seed=0)
@@ -73,6 +79,39 @@ REQUESTS = {
 def test_every_task_runs_on_a_device_other_than_the_cpu(meta_pipe, task):
     out = REQUESTS[task](meta_pipe)
     assert out.images.device == META and out.images.shape[-2:] in ((64, 64), (8, 8))
+
+
+class NoFloat64OnDevice(TorchDispatchMode):
+    """Records every op that reads or writes a float64 (or complex128) tensor on the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.device == META and t.dtype in (torch.float64, torch.complex128)
+               for t in tree_leaves((args, kwargs, out))):
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("task", REQUESTS)
+def test_every_task_runs_without_float64_on_the_device(meta_pipe, task, monkeypatch):
+    """Metal's rule: no float64 tensor on the device (the layout is built on the CPU there)."""
+    from zimage_native.model import sequence
+
+    monkeypatch.setattr(sequence, "NO_FLOAT64", sequence.NO_FLOAT64 | {"meta"})
+    with NoFloat64OnDevice() as mode:
+        out = REQUESTS[task](meta_pipe)
+    assert mode.ops == [] and out.images.device == META
+
+
+def test_the_float64_rule_can_fail(meta_pipe):
+    """Without meta counted as a device without float64, the RoPE table is built on it in float64."""
+    with NoFloat64OnDevice() as mode:
+        meta_pipe("a cat", output_type="latent", **KW)
+    assert "aten.arange.start_step" in mode.ops
 
 
 def test_tiled_vae_decode_on_the_device(meta_pipe):

@@ -16,12 +16,15 @@ Layout of one batch item (Z-Image reference semantics):
 - the joint sequence is [image (Nx), caption (Lc_max)]. Because every item of a batch has the
   same image size, this equals the reference's per-item [image, caption] followed by batch padding.
 
+Apple's Metal (device "mps") has no float64, which the RoPE angles need: for such a device the
+layout is built on the CPU and then moved over, once per request (every step shares it).
+
 Shape legend: B batch, C latent channels, Nx padded image tokens, Lc padded caption tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch.nn import functional as F
@@ -30,6 +33,8 @@ from ..config import TransformerConfig
 from .rope import rope_cos_sin
 
 SEQ_MULTIPLE = 32
+#: Device types without float64 tensors: layouts for them are built on the CPU.
+NO_FLOAT64 = frozenset({"mps"})
 
 
 def ceil_to(n: int, multiple: int = SEQ_MULTIPLE) -> int:
@@ -49,6 +54,13 @@ class SequenceLayout:
     joint_mask: torch.Tensor | None  # (B, Nx + Lc)
     num_patches: int  # N, real image tokens per item
     grid: tuple[int, int]  # (H/16, W/16) in tokens
+
+    def to(self, device: torch.device | str) -> SequenceLayout:
+        def move(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            return tuple(move(v) for v in value) if isinstance(value, tuple) else value
+        return SequenceLayout(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
 
 def build_layout(
@@ -77,6 +89,8 @@ def build_layout(
     if lc < max(padded):
         raise ValueError(f"caption_tokens {lc} is shorter than the longest padded caption {max(padded)}")
     check_positions(config, max(padded), gh, gw)
+    if torch.device(device).type in NO_FLOAT64:
+        return build_layout(config, caption_lengths, latent_height, latent_width, "cpu", caption_tokens).to(device)
     b = len(caption_lengths)
 
     rows = torch.arange(lc, device=device)
