@@ -123,8 +123,9 @@ def test_tiled_vae_decode_on_the_device(meta_pipe):
     assert out.images.device == META and out.images.shape == (1, 3, 128, 128)
 
 
-def test_controlnet_and_control_inpainting_on_the_device(tmp_path_factory):
+def test_controlnet_and_control_inpainting_on_the_device(tmp_path_factory, monkeypatch):
     from zimage_native import ZImagePipeline
+    from zimage_native.model import sequence
 
     from .fixtures import build_model_folder
     from .test_controlnet_model import CONTROL_DIT, make_models
@@ -141,6 +142,12 @@ def test_controlnet_and_control_inpainting_on_the_device(tmp_path_factory):
     assert out.images.device == META
     out = pipe.inpaint("a cat", picture(4), square_mask(), control_image=control, output_type="pt", **KW)
     assert out.images.device == META
+    # and with Metal's rule (no float64 on the device)
+    monkeypatch.setattr(sequence, "NO_FLOAT64", sequence.NO_FLOAT64 | {"meta"})
+    with NoFloat64OnDevice() as mode:
+        pipe("a cat", control_image=control, guidance_scale=2.0, output_type="pt", **KW)
+        pipe.inpaint("a cat", picture(4), square_mask(), control_image=control, output_type="pt", **KW)
+    assert mode.ops == []
 
 
 def test_the_meta_device_catches_host_reads_and_cpu_tensors(meta_pipe, monkeypatch):
