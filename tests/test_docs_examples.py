@@ -1,0 +1,215 @@
+"""The documentation's Python examples run as written, on a tiny model.
+
+Every ```python block of README.md and docs/*.md runs statement by statement, in one namespace per
+file (a file's blocks build on each other), with:
+
+- the Hub ids resolved from a local huggingface_hub cache that holds a tiny model (offline);
+- "cuda" read as "cpu", and 1024-pixel sizes (written or defaulted) made 64;
+- the files the examples name (in.png, style.safetensors, z_image_turbo-Q4_K_M.gguf, ...) written
+  in the working directory, from the same tiny model;
+- the names an example takes from its surrounding prose (``pipe``, ``prompt``) bound beforehand.
+
+Statements with placeholders (``...``) are not run, and the few that need what a CPU test cannot
+have are listed in SKIP with the reason. A failing example names its file, block and line.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+HUB_IDS = ("Tongyi-MAI/Z-Image-Turbo", "Tongyi-MAI/Z-Image")
+
+#: statement text -> why it does not run here
+SKIP = {
+    'kernels="triton"': "Triton kernels need a CUDA GPU (tests/test_kernels_* run them under the interpreter)",
+    "llm_url=": "needs an OpenAI-compatible LLM server (tests/test_rewriter_remote.py runs one)",
+    "ChatRewriter(": "needs an OpenAI-compatible LLM server (tests/test_rewriter_remote.py runs one)",
+    "OpenAI(": "needs a running zimage server and the openai package (tests/test_server_contract.py)",
+    "client.images": "needs a running zimage server (tests/test_server_contract.py)",
+    "RemoteTextEncoder(": "needs a running encoder server (tests/test_server_pipeline.py runs one)",
+    "encoder.": "needs a running encoder server (tests/test_server_pipeline.py runs one)",
+}
+
+# A DiT with the released head geometry (so single files need no config), ControlNet-ready layers.
+DOC_DIT = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=256, n_layers=4,
+               n_refiner_layers=2, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=64,
+               rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
+
+
+def python_blocks(path: Path) -> list[tuple[int, str]]:
+    """(first line number, code) of each ```python block."""
+    blocks, lines, start = [], path.read_text().splitlines(), None
+    for i, line in enumerate(lines, 1):
+        if start is None and line.strip() == "```python":
+            start, code = i + 1, []
+        elif start is not None and line.strip() == "```":
+            blocks.append((start, "\n".join(code)))
+            start = None
+        elif start is not None:
+            code.append(line)
+    return blocks
+
+
+def for_the_cpu(code: str) -> str:
+    return re.sub(r"\b1024\b", "64", code.replace('"cuda"', '"cpu"'))
+
+
+def has_placeholder(node: ast.AST) -> bool:
+    return any(isinstance(n, ast.Constant) and n.value is Ellipsis for n in ast.walk(node))
+
+
+# ----------------------------------------------------------------------------------- the files
+
+
+def write_example_files(model: Path, where: Path) -> None:
+    """Every file the examples name, made from the tiny model in ``model``."""
+    from safetensors.torch import save_file
+
+    from zimage_native.config import TransformerConfig
+    from zimage_native.converters.keymap import from_canonical
+    from zimage_native.formats.gguf import TE_LLAMA_CPP
+    from zimage_native.model.controlnet import ControlNetConfig, ZImageControlNet
+    from zimage_native.testing import randomize_
+
+    from .gguf_files import gguf_state, write_gguf
+    from .test_formats import comfy_dit, ldm_vae, prefixed_te, te_state, write
+
+    rng = np.random.default_rng(0)
+    for name, seed in [("in.png", 1), ("house.png", 2), ("photo.png", 3), ("pose.png", 4)]:
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(where / name)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    for name in ("mask.png", "door-mask.png"):
+        Image.fromarray(mask).save(where / name)
+
+    dit = comfy_dit(model, prefix="")
+    write(where / "z_image_turbo_bf16.safetensors", dit)
+    write(where / "model.safetensors", dit)
+    write(where / "ae.safetensors", ldm_vae(model))
+    write(where / "qwen_3_4b.safetensors", prefixed_te(model))
+    for name, qtype in [("z_image_turbo-Q4_K_M.gguf", "Q4_K"), ("z_image_turbo-Q8_0.gguf", "Q8_0")]:
+        write_gguf(where / name, gguf_state(dit, qtype, rng)[0], "lumina2")
+    llama = dict(from_canonical(te_state(model).items(), TE_LLAMA_CPP))
+    meta = {"qwen3.rope.freq_base": 1e6, "qwen3.attention.layer_norm_rms_epsilon": 1e-6,
+            "qwen3.context_length": 2048, "qwen3.block_count": 3}
+    for name, qtype in [("Qwen3-4B-Q5_K_M.gguf", "Q5_K"), ("Qwen3-4B-Q6_K.gguf", "Q6_K")]:
+        write_gguf(where / name, gguf_state(llama, qtype, rng, fallback="F16")[0], "qwen3", meta)
+
+    g = torch.Generator().manual_seed(5)
+    for name in ("style.safetensors", "a.safetensors", "b.safetensors"):
+        save_file({"transformer.layers.1.attention.to_q.lora_A.weight": torch.randn(4, 256, generator=g) * 0.1,
+                   "transformer.layers.1.attention.to_q.lora_B.weight": torch.randn(256, 4, generator=g) * 0.1},
+                  str(where / name))
+
+    config = TransformerConfig.from_dict(DOC_DIT)
+    layout = dict(dim=256, n_heads=2, n_kv_heads=2, n_refiner_layers=2, norm_eps=1e-5, qk_norm=True,
+                  all_patch_size=(2,), all_f_patch_size=(1,), control_layers_places=[0, 2],
+                  control_refiner_layers_places=[0, 1], control_in_dim=33,
+                  add_control_noise_refiner="control_noise_refiner")
+    branch = randomize_(ZImageControlNet(ControlNetConfig.from_dict(layout), config), 6)
+    save_file({k: v.contiguous() for k, v in branch.state_dict().items() if k.startswith("control_")},
+              str(where / "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def doc_model(tmp_path_factory):
+    from .fixtures import build_model_folder
+
+    return build_model_folder(tmp_path_factory.mktemp("doc-model"), dit_kwargs=DOC_DIT,
+                              vae_kwargs={"norm_num_groups": 32})
+
+
+@pytest.fixture(scope="module")
+def example_files(doc_model, tmp_path_factory):
+    where = tmp_path_factory.mktemp("doc-files")
+    write_example_files(doc_model, where)
+    return where
+
+
+@pytest.fixture
+def offline_hub(doc_model, tmp_path, monkeypatch):
+    """A huggingface_hub cache with the tiny model under each Hub id the examples name."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for repo_id in HUB_IDS:
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        shutil.copytree(doc_model, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.fixture
+def small_by_default(monkeypatch):
+    """Requests that leave the size unset get 64x64 instead of 1024x1024."""
+    from zimage_native import sampling
+
+    real = sampling.resolve
+
+    def resolve(pipe, r):
+        if r.width is None and r.height is None:
+            r = dataclasses.replace(r, width=64, height=64)
+        return real(pipe, r)
+
+    monkeypatch.setattr(sampling, "resolve", resolve)
+
+
+# ----------------------------------------------------------------------------------- the test
+
+
+def context(doc_model) -> dict:
+    """The names an example takes from its prose: a loaded pipeline and a prompt."""
+    from zimage_native import ZImagePipeline
+
+    return {"pipe": ZImagePipeline.from_pretrained("Tongyi-MAI/Z-Image-Turbo", device="cpu"), "prompt": "a cat"}
+
+
+@pytest.mark.parametrize("doc", [p.relative_to(ROOT).as_posix() for p in DOC_FILES
+                                 if python_blocks(p)])
+def test_documented_python_examples_run(doc, doc_model, example_files, offline_hub, small_by_default,
+                                        tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    shutil.copytree(example_files, work)
+    (work / "my-templates").mkdir()  # "~/my-templates", a folder of one's own templates
+    monkeypatch.setenv("HOME", str(work))
+    monkeypatch.chdir(work)
+    namespace = {"__name__": "__doc_example__", **context(doc_model)}
+    ran = skipped = 0
+    for line, code in python_blocks(ROOT / doc):
+        for node in ast.parse(code).body:
+            text = ast.get_source_segment(code, node)
+            if has_placeholder(node) or any(key in text for key in SKIP):
+                skipped += 1
+                continue
+            where = f"{doc}:{line + node.lineno - 1}: {text.splitlines()[0]}"
+            try:
+                exec(compile(for_the_cpu(text), where, "exec"), namespace)
+            except Exception as e:
+                pytest.fail(f"{where}\n  raised {type(e).__name__}: {e}")
+            ran += 1
+    assert ran > 0, f"{doc}: nothing ran ({skipped} statements skipped)"
+
+
+def test_the_example_runner_can_fail(tmp_path):
+    """A documented call that no longer exists would fail: the runner reads blocks and line numbers
+    as written, and a statement that raises is reported with its place."""
+    doc = tmp_path / "x.md"
+    doc.write_text("text\n\n```python\nx = 1\ny = x.no_such_method()\n```\n")
+    assert python_blocks(doc) == [(4, "x = 1\ny = x.no_such_method()")]
+    assert for_the_cpu('f(device="cuda", width=1024, n=10240)') == 'f(device="cpu", width=64, n=10240)'
+    assert has_placeholder(ast.parse("f(...)").body[0]) and not has_placeholder(ast.parse("f(1)").body[0])
