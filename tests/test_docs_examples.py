@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -47,11 +48,11 @@ DOC_DIT = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=2
                rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
 
 
-def python_blocks(path: Path) -> list[tuple[int, str]]:
-    """(first line number, code) of each ```python block."""
+def code_blocks(path: Path, lang: str = "python") -> list[tuple[int, str]]:
+    """(first line number, text) of each ```python (or ``lang``) block."""
     blocks, lines, start = [], path.read_text().splitlines(), None
     for i, line in enumerate(lines, 1):
-        if start is None and line.strip() == "```python":
+        if start is None and line.strip() == "```" + lang:
             start, code = i + 1, []
         elif start is not None and line.strip() == "```":
             blocks.append((start, "\n".join(code)))
@@ -59,6 +60,33 @@ def python_blocks(path: Path) -> list[tuple[int, str]]:
         elif start is not None:
             code.append(line)
     return blocks
+
+
+def fenced_blocks(path: Path, lang: str) -> list[str]:
+    return [text for _, text in code_blocks(path, lang)]
+
+
+def shell_commands(path: Path, program: str = "zimage") -> list[tuple[int, str]]:
+    """(line number, command) of each ``program`` command in the fenced blocks other than python,
+    with backslash continuations joined and a leading "$ " dropped."""
+    commands, fence, pending = [], None, None
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip().startswith("```"):
+            fence = None if fence is not None else line.strip()[3:]
+            continue
+        if fence is None or fence == "python":
+            continue
+        text = line.strip().removeprefix("$ ")
+        if pending is not None:
+            pending = (pending[0], pending[1] + " " + text)
+        elif text.startswith(program + " "):
+            pending = (i, text)
+        if pending is not None and not pending[1].endswith("\\"):
+            commands.append(pending)
+            pending = None
+        elif pending is not None:
+            pending = (pending[0], pending[1][:-1].rstrip())
+    return commands
 
 
 def for_the_cpu(code: str) -> str:
@@ -98,13 +126,19 @@ def write_example_files(model: Path, where: Path) -> None:
     write(where / "model.safetensors", dit)
     write(where / "ae.safetensors", ldm_vae(model))
     write(where / "qwen_3_4b.safetensors", prefixed_te(model))
-    for name, qtype in [("z_image_turbo-Q4_K_M.gguf", "Q4_K"), ("z_image_turbo-Q8_0.gguf", "Q8_0")]:
+    (where / "models").mkdir()
+    for name, qtype in [("z_image_turbo-Q4_K_M.gguf", "Q4_K"), ("z_image_turbo-Q8_0.gguf", "Q8_0"),
+                        ("z_image_turbo-Q6_K.gguf", "Q6_K")]:
         write_gguf(where / name, gguf_state(dit, qtype, rng)[0], "lumina2")
+        shutil.copy(where / name, where / "models" / name)  # the example config's paths
     llama = dict(from_canonical(te_state(model).items(), TE_LLAMA_CPP))
     meta = {"qwen3.rope.freq_base": 1e6, "qwen3.attention.layer_norm_rms_epsilon": 1e-6,
             "qwen3.context_length": 2048, "qwen3.block_count": 3}
     for name, qtype in [("Qwen3-4B-Q5_K_M.gguf", "Q5_K"), ("Qwen3-4B-Q6_K.gguf", "Q6_K")]:
         write_gguf(where / name, gguf_state(llama, qtype, rng, fallback="F16")[0], "qwen3", meta)
+    shutil.copy(where / "Qwen3-4B-Q5_K_M.gguf", where / "models" / "Qwen3-4B-Q4_K_M.gguf")
+    (where / "docs").mkdir()
+    (where / "docs" / "config.example.toml").write_text(for_the_cpu((ROOT / "docs" / "config.example.toml").read_text()))
 
     g = torch.Generator().manual_seed(5)
     for name in ("style.safetensors", "a.safetensors", "b.safetensors"):
@@ -180,17 +214,11 @@ def context(doc_model) -> dict:
 
 
 @pytest.mark.parametrize("doc", [p.relative_to(ROOT).as_posix() for p in DOC_FILES
-                                 if python_blocks(p)])
-def test_documented_python_examples_run(doc, doc_model, example_files, offline_hub, small_by_default,
-                                        tmp_path, monkeypatch):
-    work = tmp_path / "work"
-    shutil.copytree(example_files, work)
-    (work / "my-templates").mkdir()  # "~/my-templates", a folder of one's own templates
-    monkeypatch.setenv("HOME", str(work))
-    monkeypatch.chdir(work)
+                                 if code_blocks(p)])
+def test_documented_python_examples_run(doc, doc_model, example_dir, offline_hub, small_by_default):
     namespace = {"__name__": "__doc_example__", **context(doc_model)}
     ran = skipped = 0
-    for line, code in python_blocks(ROOT / doc):
+    for line, code in code_blocks(ROOT / doc):
         for node in ast.parse(code).body:
             text = ast.get_source_segment(code, node)
             if has_placeholder(node) or any(key in text for key in SKIP):
@@ -205,11 +233,77 @@ def test_documented_python_examples_run(doc, doc_model, example_files, offline_h
     assert ran > 0, f"{doc}: nothing ran ({skipped} statements skipped)"
 
 
+#: subcommands whose examples run here; the others serve or benchmark (their own tests run them)
+RUNNABLE = ("generate", "info", "convert", "templates", "format-prompt", "rewrite")
+
+
+def runnable(command: str) -> list[str] | None:
+    """The arguments after ``zimage``, or None for a synopsis (PROMPT, [options], a|b, ...), a
+    command of another kind, or one that needs a server (--llm-url)."""
+    args = shlex.split(command, comments=True)[1:]
+    if not args or args[0] not in RUNNABLE or "--llm-url" in args:
+        return None
+    if any(re.search(r"\[|\.\.\.|\||\$|^[A-Z_]{3,}$", a) for a in args):
+        return None
+    return args
+
+
+@pytest.fixture
+def example_dir(example_files, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    shutil.copytree(example_files, work)
+    (work / "my-templates").mkdir()  # "~/my-templates": the templates docs/prompting.md writes
+    for text in fenced_blocks(ROOT / "docs" / "prompting.md", "markdown"):
+        name = re.search(r"^name: *([\w-]+)", text, re.M)
+        if text.startswith("---") and name:
+            (work / "my-templates" / f"{name.group(1)}.md").write_text(text + "\n")
+    monkeypatch.setenv("HOME", str(work))
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.mark.parametrize("doc", [p.relative_to(ROOT).as_posix() for p in DOC_FILES
+                                 if any(runnable(c) for _, c in shell_commands(p))])
+def test_documented_cli_examples_run(doc, example_dir, offline_hub, small_by_default):
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    for line, command in shell_commands(ROOT / doc):
+        args = runnable(command)
+        if args is None:
+            continue
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, f"{doc}:{line}: {command}\n{result.output}{result.exception or ''}"
+
+
+def example_profiles() -> list[str]:
+    from zimage_native.cli.config import tomllib
+
+    return [name for name in tomllib.loads((ROOT / "docs" / "config.example.toml").read_text()) if name != "default"]
+
+
+@pytest.mark.parametrize("profile", example_profiles())
+def test_every_profile_of_the_example_config_generates(profile, example_dir, offline_hub):
+    """Each card's profile, with the GGUF files it names at its paths, loads and writes an image
+    (the CPU standing for the card; the sizes made 64)."""
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    args = ["generate", "a red fox in fresh snow", "--config", "docs/config.example.toml", "--profile", profile,
+            "-o", f"{profile}.png", "--seed", "0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, f"--profile {profile}\n{result.output}{result.exception or ''}"
+    written = sorted(example_dir.glob(f"{profile}*.png"))
+    assert written and Image.open(written[0]).size == (64, 64)
+
+
 def test_the_example_runner_can_fail(tmp_path):
     """A documented call that no longer exists would fail: the runner reads blocks and line numbers
     as written, and a statement that raises is reported with its place."""
     doc = tmp_path / "x.md"
     doc.write_text("text\n\n```python\nx = 1\ny = x.no_such_method()\n```\n")
-    assert python_blocks(doc) == [(4, "x = 1\ny = x.no_such_method()")]
+    assert code_blocks(doc) == [(4, "x = 1\ny = x.no_such_method()")]
     assert for_the_cpu('f(device="cuda", width=1024, n=10240)') == 'f(device="cpu", width=64, n=10240)'
     assert has_placeholder(ast.parse("f(...)").body[0]) and not has_placeholder(ast.parse("f(1)").body[0])
