@@ -1,8 +1,11 @@
 """GPU memory at load time: weights that cannot fit on the card are refused before anything is read,
 in one line that names each part and what to change; a CUDA out-of-memory error later is one line too.
-Without a GPU, the card's free memory (devices.free_memory) and CUDA's presence are faked."""
+Without a GPU, the card's free memory (devices.free_memory) and CUDA's presence are faked. The same for
+the weights kept in CPU memory (devices.host_memory faked), and the warning when "auto" finds no GPU."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -212,3 +215,115 @@ def test_a_text_encoder_file_is_checked_when_it_is_read(tiny_model_dir, monkeypa
     card(monkeypatch, free=need)
     with pytest.raises((RuntimeError, AssertionError), match="CUDA"):  # it fits: reading starts
         loading.load_component("text_encoder", folder, torch.bfloat16, CUDA)
+
+
+# ----------------------------------------------------------------------------------- CPU memory
+
+
+def host(monkeypatch, available: int, swap: int = 0, total: int = 32 * GB):
+    """Pretend the machine reports ``available`` bytes of RAM and ``swap`` of free swap."""
+    monkeypatch.setattr(devices, "host_memory", lambda: (available, swap, total))
+
+
+def test_weights_kept_in_cpu_memory_are_checked_before_reading(tiny_model_dir, monkeypatch, caplog):
+    """On the CPU (and for what an offload keeps in CPU memory) the weights are weighed against the
+    RAM: beyond RAM and swap together the load stops before reading, beyond the RAM it warns."""
+    import zimage_native.loading as loading
+
+    class WeightsRead(Exception):
+        pass
+
+    def read(*args, **kwargs):
+        raise WeightsRead
+
+    monkeypatch.setattr(loading, "iter_tensors", read)
+    need = folder_weight_bytes(tiny_model_dir, [], torch.float32)
+    host(monkeypatch, available=sum(need.values()) - 1)
+    with pytest.raises(InsufficientMemoryError) as e:
+        loading.load_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    mb = {k: devices.format_bytes(v) for k, v in need.items()}
+    total = devices.format_bytes(sum(need.values()))
+    assert str(e.value).startswith(
+        f"the weights do not fit in CPU memory: transformer {mb['transformer']}, text encoder {mb['text_encoder']}, "
+        f"vae {mb['vae']}, {total} in all, and this machine has {total} of RAM available of 32.00 GB and 0.0 MB of "
+        f"free swap. To fit, load in bfloat16 (--dtype bfloat16)")
+    with pytest.raises(WeightsRead):  # half the bytes in bf16: it fits, reading starts
+        loading.load_pretrained(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
+    host(monkeypatch, available=sum(need.values()) - 1, swap=GB)
+    caplog.clear()
+    with pytest.raises(WeightsRead):  # with swap it fits, slowly: a warning, and reading starts
+        loading.load_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    assert f"exceed the available RAM ({total} of 32.00 GB): the system will swap" in caplog.text
+
+    # on a GPU, only what an offload keeps in CPU memory counts: the text encoder between its uses
+    fake_cuda(monkeypatch)
+    card(monkeypatch, free=16 * GB)
+    host(monkeypatch, available=need["text_encoder"] - 1)
+    with pytest.raises(WeightsRead):
+        loading.load_pretrained(tiny_model_dir, device="cuda", dtype=torch.float32)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit in CPU memory: text encoder "
+                       rf"{mb['text_encoder']}, and this machine has .* of RAM available"):
+        loading.load_pretrained(tiny_model_dir, device="cuda", dtype=torch.float32, offload="text_encoder")
+
+
+def test_a_component_read_into_cpu_memory_is_checked_too(tiny_model_dir, monkeypatch):
+    import zimage_native.loading as loading
+
+    single = next((tiny_model_dir / "transformer").glob("*.safetensors"))
+    need = folder_weight_bytes(tiny_model_dir, [], torch.float32)["transformer"]
+    host(monkeypatch, available=need - 1)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit in CPU memory: transformer "
+                       rf"{devices.format_bytes(need)}, and this machine has"):
+        loading.load_component("transformer", single, torch.float32, "cpu", tiny_model_dir / "transformer")
+    host(monkeypatch, available=need)
+    loading.load_component("transformer", single, torch.float32, "cpu", tiny_model_dir / "transformer")
+
+
+def test_host_memory_reads_meminfo_and_a_containers_limit(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n"
+                       "SwapTotal:       4000000 kB\nSwapFree:        3000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert devices.host_memory(meminfo, cgroup) == (20_480_000_000, 3_072_000_000, 32_768_000_000)
+    (cgroup / "memory.max").write_text("max\n")
+    assert devices.host_memory(meminfo, cgroup) == (20_480_000_000, 3_072_000_000, 32_768_000_000)
+    # a container limited to 8 GB that uses 6 GB, 2 GB of it reclaimable page cache, and no swap
+    (cgroup / "memory.max").write_text(f"{8 * GB}\n")
+    (cgroup / "memory.current").write_text(f"{6 * GB}\n")
+    (cgroup / "memory.stat").write_text(f"anon {4 * GB}\nfile {2 * GB}\ninactive_file {2 * GB}\n")
+    (cgroup / "memory.swap.max").write_text("0\n")
+    (cgroup / "memory.swap.current").write_text("0\n")
+    assert devices.host_memory(meminfo, cgroup) == (4 * GB, 0, 8 * GB)
+    assert devices.host_memory(tmp_path / "missing", cgroup) is None  # not Linux: no check
+
+
+@pytest.mark.parametrize("cuda_build,nvidia,expected", [
+    (None, True, "this machine has an NVIDIA GPU but torch .* is a CPU-only build: install a CUDA build of torch"),
+    ("12.8", True, "is built for CUDA 12.8 but cannot use this machine's NVIDIA GPU: check the driver with nvidia-smi"),
+    (None, False, r"no GPU is visible to torch: the model runs on the CPU, which takes minutes per image at "
+                  r"1024x1024 \(device cpu, asked for explicitly, silences this\)$"),
+])
+def test_falling_back_to_the_cpu_says_why(monkeypatch, caplog, cuda_build, nvidia, expected):
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: nvidia)
+    caplog.clear()
+    devices.warn_if_cpu_fallback("auto", torch.device("cpu"))
+    assert len(caplog.records) == 1
+    assert re.search(expected, caplog.records[0].getMessage())
+    caplog.clear()
+    for asked, got in [("cpu", "cpu"), (None, "cuda"), ("auto", "mps")]:
+        devices.warn_if_cpu_fallback(asked, torch.device(got))
+    assert caplog.records == []
+
+
+def test_generate_with_the_default_device_warns_on_a_machine_without_a_gpu(tiny_model_dir, tmp_path, monkeypatch,
+                                                                            caplog):
+    from zimage_native.cli import main
+
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: True)
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "--width", "32",
+                                       "--height", "32", "--steps", "1", "-o", str(tmp_path / "x.png")])
+    assert result.exit_code == 0, result.output
+    assert "is a CPU-only build: install a CUDA build of torch" in caplog.text

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import shutil
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -139,13 +141,17 @@ def check_weights_fit(needs: dict[str, int], placement: dict[str, torch.device],
 
 def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype | None,
                          device: torch.device) -> None:
-    """Just before a component built on meta is read onto a GPU: refuse if its weights (its floating
-    tensors in ``dtype``, packed ones as they are) exceed the card's free memory now, which the
-    components loaded before it have already taken their share of."""
-    if device.type != "cuda":
+    """Just before a component built on meta is read onto a GPU (or into CPU memory): refuse if its
+    weights (its floating tensors in ``dtype``, packed ones as they are) exceed the card's free memory
+    now (the machine's available RAM and swap), which the components loaded before it have already
+    taken their share of."""
+    if device.type not in ("cuda", "cpu"):
         return
     need = sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
                for t in (*module.parameters(), *module.buffers()))
+    if device.type == "cpu":
+        check_host_memory({what: need}, {what: device})
+        return
     free, total = free_memory(device)
     if need > free:
         raise InsufficientMemoryError(
@@ -157,3 +163,78 @@ def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype 
 def format_bytes(n: int) -> str:
     """Bytes in GB (10^9), or MB below 0.1 GB."""
     return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB"
+
+
+# ----------------------------------------------------------------------------- CPU memory
+
+#: What lowers the weights' share of CPU memory, in the words of the CLI.
+HOST_MEMORY_ADVICE = ("load in bfloat16 (--dtype bfloat16), quantise the text encoder (--text-encoder-quant int8), "
+                      "use a GGUF DiT (--transformer FILE.gguf), or, with a GPU, offload less (--offload none)")
+
+
+def host_memory(meminfo: str | Path = "/proc/meminfo", cgroup: str | Path = "/sys/fs/cgroup"
+                ) -> tuple[int, int, int] | None:
+    """(available RAM, free swap, total RAM) in bytes, or None where the system does not say (not
+    Linux). A container's limit (cgroup v2 ``memory.max``) caps the RAM; its reclaimable page cache
+    (``inactive_file``) counts as available, as the kernel would free it."""
+    try:
+        lines = Path(meminfo).read_text().splitlines()
+        info = {k.strip(): int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in lines if ":" in line)}
+        available, total, swap = info["MemAvailable"], info["MemTotal"], info.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    try:
+        limit = Path(cgroup, "memory.max").read_text().strip()
+        if limit != "max":
+            stat = dict(line.split() for line in Path(cgroup, "memory.stat").read_text().splitlines())
+            used = int(Path(cgroup, "memory.current").read_text()) - int(stat.get("inactive_file", 0))
+            available, total = min(available, int(limit) - used), min(total, int(limit))
+            swap_limit = Path(cgroup, "memory.swap.max").read_text().strip()
+            if swap_limit != "max":
+                swap = min(swap, int(swap_limit) - int(Path(cgroup, "memory.swap.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(available, 0), max(swap, 0), total
+
+
+def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device]) -> None:
+    """Refuse before loading the weights that would stay in CPU memory (``needs``: bytes per component;
+    those whose ``storage`` device is the CPU count) when they exceed the available RAM and free swap
+    together, and warn when they exceed the RAM alone (the system would swap). Quiet where the
+    system does not report its memory."""
+    parts = {name: size for name, size in needs.items() if storage[name].type == "cpu"}
+    need, memory = sum(parts.values()), host_memory()
+    if not need or memory is None:
+        return
+    available, swap, total = memory
+    listed = ", ".join(f"{name.replace('_', ' ')} {format_bytes(size)}" for name, size in parts.items())
+    where = f"{listed}, {format_bytes(need)} in all" if len(parts) > 1 else listed
+    if need > available + swap:
+        raise InsufficientMemoryError(
+            f"the weights do not fit in CPU memory: {where}, and this machine has {format_bytes(available)} of RAM "
+            f"available of {format_bytes(total)} and {format_bytes(swap)} of free swap. To fit, {HOST_MEMORY_ADVICE}")
+    if need > available:
+        logger.warning("the weights kept in CPU memory (%s) exceed the available RAM (%s of %s): the system will "
+                       "swap, and loading and generating will be slow", where, format_bytes(available),
+                       format_bytes(total))
+
+
+def nvidia_gpu_present() -> bool:
+    """Whether the machine has an NVIDIA driver (whatever torch makes of it)."""
+    return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
+
+
+def warn_if_cpu_fallback(requested: str | torch.device | None, device: torch.device) -> None:
+    """When ``device`` "auto" (or None) came out as the CPU, say so and why, once per load: a full-size
+    model there takes minutes per image, and the usual cause is a CPU-only build of torch."""
+    if device.type != "cpu" or (requested is not None and str(requested) != "auto"):
+        return
+    why = ""
+    if nvidia_gpu_present() and torch.version.cuda is None:
+        why = (f"; this machine has an NVIDIA GPU but torch {torch.__version__} is a CPU-only build: install a CUDA "
+               f"build of torch (https://pytorch.org/get-started/locally/) to use it")
+    elif nvidia_gpu_present():
+        why = (f"; torch {torch.__version__} is built for CUDA {torch.version.cuda} but cannot use this machine's "
+               f"NVIDIA GPU: check the driver with nvidia-smi (it must support CUDA {torch.version.cuda})")
+    logger.warning("no GPU is visible to torch: the model runs on the CPU, which takes minutes per image at "
+                   "1024x1024 (device cpu, asked for explicitly, silences this)%s", why)

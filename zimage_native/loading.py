@@ -264,7 +264,7 @@ def load_single_files(
     (pass the Base one, shift 6.0, for Z-Image Base). ``text_encoder_quant``: "none" | "int8" |
     "int4" (:mod:`zimage_native.quantize`).
     """
-    from .devices import resolve_device, resolve_dtype
+    from .devices import resolve_device, resolve_dtype, warn_if_cpu_fallback
     from .formats.detect import detect_format
     from .hub import load_tokenizer
     from .text_encoder import TextEncoder
@@ -283,8 +283,9 @@ def load_single_files(
             raise ValueError(f"from_single_files: no {' or '.join(still)} given, and {transformer} does not "
                              f"contain one; pass {', '.join(n + '=' for n in still)} (on the command line "
                              f"{', '.join('--' + n.replace('_', '-') for n in still)})")
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    resolved = resolve_device(device)
+    warn_if_cpu_fallback(device, resolved)
+    device, dtype = resolved, resolve_dtype(dtype, resolved)
     scfg = read_scheduler_config(scheduler_config)
     tok = load_tokenizer(tokenizer)
     dit = load_component("transformer", transformer, dtype, device, transformer_config)
@@ -404,7 +405,8 @@ def load_pretrained(
     of loading Qwen3 here (the distributed mode; docs/server.md).
     """
     from .config import TransformerConfig, VAEConfig
-    from .devices import check_offload, check_weights_fit, load_device, resolve_device, resolve_dtype
+    from .devices import (check_host_memory, check_offload, check_weights_fit, load_device, resolve_device,
+                          resolve_dtype, warn_if_cpu_fallback)
     from .hub import load_tokenizer, resolve_model_folder
     from .model.transformer import ZImageTransformer
     from .model.vae import AutoencoderKL
@@ -418,6 +420,7 @@ def load_pretrained(
                                   local_files_only=local_files_only,
                                   skip_weights=tuple(k for k, v in overridden.items() if v is not None))
     main = resolve_device(device)
+    warn_if_cpu_fallback(device, main)
     dtype = resolve_dtype(dtype, main)
     placement = {
         "text_encoder": resolve_device(text_encoder_device) if text_encoder_device else main,
@@ -425,8 +428,9 @@ def load_pretrained(
         "vae": resolve_device(vae_device) if vae_device else main,
     }
     storage = {name: load_device(name, dev, offload) for name, dev in placement.items()}
+    skip = [k for k, v in overridden.items() if v is not None]
+    check_host_memory(folder_weight_bytes(folder, skip, dtype, text_encoder_quant), storage)
     if any(dev.type == "cuda" for dev in placement.values()):
-        skip = [k for k, v in overridden.items() if v is not None]
         check_weights_fit(folder_weight_bytes(folder, skip, dtype, text_encoder_quant, offload), placement, offload,
                           advice=lambda device, free: settings_that_fit(folder, skip, dtype, placement, device, free))
     scfg = SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
