@@ -9,7 +9,7 @@ instead of running. The launches come from the real call sites at the released m
 DiT with the released config (one layer and one refiner of each kind; weights left uninitialised,
 the GEMMs and attention stubbed since only the kernels' arguments matter) with every leaf swapped for
 its Triton twin, the fp8 activation quantisation at the GEMM input widths, and the GGUF
-dequantisation of every block type to bf16. Prints one JSON line: per target, per launch, the
+dequantisation of every block type to bf16 (for sm90 and sm75). Prints one JSON line: per target, per launch, the
 kernel, its constants, the warps, shared memory, registers and local memory (spills) per thread,
 or the compile error.
 
@@ -25,8 +25,10 @@ import sys
 
 import torch
 
-TARGETS = {"sm90": 90, "sm120": 120, "sm89": 89, "sm80": 80}  # Hopper, consumer Blackwell, Ada, Ampere
+# Hopper, consumer Blackwell, Ada, Ampere, Turing (T4, RTX 20xx: free notebook GPUs and older home cards)
+TARGETS = {"sm90": 90, "sm120": 120, "sm89": 89, "sm80": 80, "sm75": 75}
 FP8_TARGETS = ("sm90", "sm120", "sm89")  # fp8 tensor cores: the engine refuses fp8 below sm89
+DEQUANT_TARGETS = ("sm90", "sm75")  # GGUF: the newest card and the oldest a GGUF user may have
 
 
 class StandInDriver:
@@ -165,7 +167,7 @@ def main(argv: list[str]) -> None:
         model_launches()
         if name in fp8_targets:
             fp8_launches()
-        if name == "sm90":
+        if name in DEQUANT_TARGETS:
             dequant_launches()
         out[name] = list(launches)
     print(json.dumps(out))
