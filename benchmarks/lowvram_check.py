@@ -21,7 +21,7 @@ seconds), otherwise it prints ``== NAME: skipped (...)``:
    each, the pinned host memory, and whether the final latents are equal (bit-equal, or the
    relative L2 difference).
 2. ``profile 8gb``, 3. ``profile 12gb``: one request (encode, denoise, decode) of the profile
-   (zimage_native.footprint.PROFILES, the profiles of docs/config.example.toml) in its formats and
+   (zimage_native.footprint.PROFILES, the profiles of zimage_native/config.example.toml) in its formats and
    placement; per phase the time and torch.cuda.max_memory_allocated / max_memory_reserved after
    empty_cache and reset_peak_memory_stats, the memory allocated before it (the weights on the
    GPU), the weight bytes footprint.py computes, and whether it fits the card: the largest peak

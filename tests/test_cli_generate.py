@@ -258,7 +258,7 @@ def test_shipped_example_config_is_valid(tmp_path, monkeypatch):
     else:  # pragma: no cover
         import tomli as tomllib
 
-    example = Path(__file__).resolve().parents[1] / "docs" / "config.example.toml"
+    example = Path(__file__).resolve().parents[1] / "zimage_native" / "config.example.toml"
     tables = [k for k, v in tomllib.loads(example.read_text()).items() if isinstance(v, dict)]
     assert {"default", "h100", "rtx4090", "16gb", "12gb", "8gb", "low_vram"} <= set(tables)
     monkeypatch.chdir(tmp_path)  # the files the profiles name (relative paths) must exist

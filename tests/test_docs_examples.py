@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_CONFIG = ROOT / "zimage_native" / "config.example.toml"
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 HUB_IDS = ("Tongyi-MAI/Z-Image-Turbo", "Tongyi-MAI/Z-Image")
 
@@ -137,8 +138,6 @@ def write_example_files(model: Path, where: Path) -> None:
     for name, qtype in [("Qwen3-4B-Q5_K_M.gguf", "Q5_K"), ("Qwen3-4B-Q6_K.gguf", "Q6_K")]:
         write_gguf(where / name, gguf_state(llama, qtype, rng, fallback="F16")[0], "qwen3", meta)
     shutil.copy(where / "Qwen3-4B-Q5_K_M.gguf", where / "models" / "Qwen3-4B-Q4_K_M.gguf")
-    (where / "docs").mkdir()
-    (where / "docs" / "config.example.toml").write_text(for_the_cpu((ROOT / "docs" / "config.example.toml").read_text()))
 
     g = torch.Generator().manual_seed(5)
     for name in ("style.safetensors", "a.safetensors", "b.safetensors"):
@@ -234,7 +233,7 @@ def test_documented_python_examples_run(doc, doc_model, example_dir, offline_hub
 
 
 #: subcommands whose examples run here; the others serve or benchmark (their own tests run them)
-RUNNABLE = ("generate", "info", "convert", "templates", "format-prompt", "rewrite")
+RUNNABLE = ("generate", "info", "convert", "templates", "format-prompt", "rewrite", "env")
 
 
 def runnable(command: str) -> list[str] | None:
@@ -259,6 +258,11 @@ def example_dir(example_files, tmp_path, monkeypatch):
             (work / "my-templates" / f"{name.group(1)}.md").write_text(text + "\n")
     monkeypatch.setenv("HOME", str(work))
     monkeypatch.chdir(work)
+    # the shipped example config (--profile NAME), with its 1024-pixel sizes made 64
+    from zimage_native.cli import config
+
+    (work / "example.toml").write_text(for_the_cpu(EXAMPLE_CONFIG.read_text()))
+    monkeypatch.setattr(config, "EXAMPLE_CONFIG", work / "example.toml")
     return work
 
 
@@ -280,18 +284,18 @@ def test_documented_cli_examples_run(doc, example_dir, offline_hub, small_by_def
 def example_profiles() -> list[str]:
     from zimage_native.cli.config import tomllib
 
-    return [name for name in tomllib.loads((ROOT / "docs" / "config.example.toml").read_text()) if name != "default"]
+    return [name for name in tomllib.loads(EXAMPLE_CONFIG.read_text()) if name != "default"]
 
 
 @pytest.mark.parametrize("profile", example_profiles())
 def test_every_profile_of_the_example_config_generates(profile, example_dir, offline_hub):
-    """Each card's profile, with the GGUF files it names at its paths, loads and writes an image
-    (the CPU standing for the card; the sizes made 64)."""
+    """Each card's profile of the shipped example config (``--profile NAME`` alone), with the GGUF files
+    it names at its paths, loads and writes an image (the CPU standing for the card; the sizes made 64)."""
     from click.testing import CliRunner
 
     from zimage_native.cli import main
 
-    args = ["generate", "a red fox in fresh snow", "--config", "docs/config.example.toml", "--profile", profile,
+    args = ["generate", "a red fox in fresh snow", "--profile", profile,
             "-o", f"{profile}.png", "--seed", "0"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, f"--profile {profile}\n{result.output}{result.exception or ''}"

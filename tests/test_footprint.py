@@ -126,7 +126,7 @@ def test_released_models():
 
 
 def test_profiles_match_the_example_config():
-    example = tomllib.loads((Path(__file__).resolve().parents[1] / "docs" / "config.example.toml").read_text())
+    example = tomllib.loads((Path(__file__).resolve().parents[1] / "zimage_native" / "config.example.toml").read_text())
     for p in fp.PROFILES:
         table = example[p.name]
         assert table.get("offload", "none") == p.offload, p.name

@@ -26,6 +26,7 @@ def test_wheel_maps_folders_into_the_namespace(tmp_path):
     assert "zimage_native/kernels/__init__.py" in names
     assert "zimage_native/converters/__init__.py" in names
     assert "zimage_native/model/transformer.py" in names
+    assert "zimage_native/config.example.toml" in names  # --profile NAME without --config reads it
     tops = {n.split("/")[0] for n in names}
     assert "kernels" not in tops and "converters" not in tops and "tests" not in tops
     entry = next(n for n in names if n.endswith("entry_points.txt"))

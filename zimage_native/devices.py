@@ -85,7 +85,7 @@ def load_device(name: str, device: torch.device, offload: str) -> torch.device:
 #: have the same names with underscores); docs/performance.md has the numbers for each.
 MEMORY_ADVICE = ("quantise the text encoder (--text-encoder-quant int8), use a GGUF DiT (--transformer "
                  "FILE.gguf), stream the DiT's blocks (--offload blocks) or keep every component in CPU memory "
-                 "except while it runs (--offload model); the profiles of config.example.toml fit 8-24 GB cards")
+                 "except while it runs (--offload model); the example profiles (--profile 8gb, 12gb, 16gb, rtx4090) fit 8-24 GB cards")
 
 
 class InsufficientMemoryError(ValueError):

@@ -266,7 +266,7 @@ class Profile:
     tiled_vae: bool = False
 
 
-#: The profiles of docs/config.example.toml.
+#: The profiles of zimage_native/config.example.toml (``--profile NAME``).
 PROFILES = (
     Profile("rtx4090", "bf16", "int8", "none", 24),
     Profile("16gb", "gguf:Q8_0", "int8", "none", 16, tiled_vae=True),

@@ -83,6 +83,7 @@ def main(verbose: bool) -> None:
 
 from .bench import bench  # noqa: E402
 from .convert import convert  # noqa: E402
+from .env import env  # noqa: E402
 from .format_prompt import format_prompt_command  # noqa: E402
 from .generate import generate  # noqa: E402
 from .info import info  # noqa: E402
@@ -98,6 +99,7 @@ main.add_command(format_prompt_command)
 main.add_command(templates)
 main.add_command(rewrite)
 main.add_command(serve)
+main.add_command(env)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -46,6 +46,13 @@ TABLE_KEYS = {
     ("pytorch", "use_custom_scheduler"): ("use_custom_scheduler", lambda v: None),  # always: the engine's own
 }
 NOT_CONFIGURABLE = {"config", "config_path", "profile", "prompt", "from_image"}
+#: The example config shipped with the package: ``--profile NAME`` without ``--config`` reads it.
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.toml"
+
+
+def config_source(config_path: Path | None, profile: str | None) -> Path | None:
+    """The config file to read: the one given, or for ``--profile`` alone the shipped example."""
+    return EXAMPLE_CONFIG if config_path is None and profile else config_path
 
 
 def _flatten(table: dict[str, Any], where: str, out: dict[str, tuple[Any, str]], sub: str = "") -> None:

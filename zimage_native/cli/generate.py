@@ -17,7 +17,7 @@ import click
 from ..hub import DEFAULT_MODEL
 from .options import config_file, loading, placement, speed, vae_tiling
 from ._common import save_image_atomic, user_errors
-from .config import apply_layers, convert, read_profile
+from .config import apply_layers, config_source, convert, read_profile
 
 DEFAULT_PATTERN = "zimage-{index:03d}-{seed}.png"
 
@@ -158,9 +158,8 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @user_errors
 def generate(ctx, prompt, config_path, profile, from_image, **opts):
     """Generate images from PROMPT (or --prompts-file, or --from-image)."""
+    config_path = config_source(config_path, profile)
     config = convert(ctx, read_profile(config_path, profile)) if config_path else {}
-    if profile and not config_path:
-        raise ValueError("--profile needs --config")
     recorded, recorded_prompt = from_image_layer(from_image)
     opts = apply_layers(ctx, opts, config, convert(ctx, {k: (v, f"{from_image}: {k}") for k, v in recorded.items()}))
     from click.core import ParameterSource

@@ -97,5 +97,7 @@ vae_tiling = stack(
 config_file = stack(
     click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="TOML config file ([default] plus profiles)."),
-    click.option("--profile", default=None, help="Profile of the config file to apply on top of [default]."),
+    click.option("--profile", default=None,
+                 help="Profile of the config file to apply on top of [default]; without --config, of the shipped "
+                      "example (h100, rtx4090, 16gb, 12gb, 8gb, low_vram; `zimage env` suggests one)."),
 )

@@ -16,7 +16,7 @@ import click
 from ..hub import DEFAULT_MODEL
 from .options import config_file, loading, placement, speed, vae_tiling
 from ._common import user_errors
-from .config import apply_layers, convert, option_keys, read_profile
+from .config import apply_layers, config_source, convert, option_keys, read_profile
 from .rewrite import chat_rewriter, llm_options
 
 logger = logging.getLogger(__name__)
@@ -86,8 +86,7 @@ def _is_loopback(host: str) -> bool:
 @user_errors
 def serve(ctx, config_path, profile, **opts):
     """Serve Z-Image over HTTP: job API with live progress, OpenAI-compatible images route, web page."""
-    if profile and not config_path:
-        raise ValueError("--profile needs --config")
+    config_path = config_source(config_path, profile)
     config = {}
     if config_path:
         from .generate import generate

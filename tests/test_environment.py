@@ -1,0 +1,108 @@
+"""``zimage env``: what this machine offers the engine. On the CPU the report is the real one; the
+GPUs are faked (torch.cuda's queries and devices.free_memory) to check the per-GPU lines, the
+verdicts and the profile each card gets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from zimage_native import devices, environment
+from zimage_native.cli import main
+
+GiB = 2**30
+
+
+def run(*args: str):
+    result = CliRunner().invoke(main, ["env", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_the_report_on_this_machine():
+    out = run()
+    assert out.startswith("zimage-native ") and f"torch {torch.__version__}" in out
+    assert "what runs here:" in out and "  --attention sdpa: yes" in out
+    assert "example config (--profile NAME): " in out and "config.example.toml" in out
+    data = json.loads(run("--json"))
+    assert data["torch"] == torch.__version__ and data["runs_here"]["--attention sdpa"] is True
+    assert set(data["packages"]) == set(environment.PACKAGES)
+    if not torch.cuda.is_available():
+        assert data["gpus"] == [] and data["runs_here"]["--cuda-graphs"] is False
+        assert "  a CUDA GPU: no, " in out and "device auto runs on" in out
+
+
+def test_the_report_imports_no_optional_package():
+    """Versions come from metadata: a broken flash-attn or xformers build cannot hang or crash it."""
+    code = ("import sys; from zimage_native.environment import lines, report; lines(report()); "
+            "print(sorted(m for m in ('gguf', 'fastapi', 'ray', 'diffusers', 'flash_attn', 'sageattention', "
+            "'xformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+CARDS = {0: ("NVIDIA H100 80GB HBM3", (9, 0), 79 * GiB), 1: ("Tesla T4", (7, 5), 15 * GiB)}
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Two fake GPUs: an H100 and a T4."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(CARDS))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: CARDS[torch.device(d).index][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: CARDS[torch.device(d).index][1])
+    monkeypatch.setattr(devices, "free_memory", lambda d: (CARDS[d.index][2] - GiB, CARDS[d.index][2]))
+    return CARDS
+
+
+def test_gpus_their_features_and_the_verdicts(gpus):
+    out = run()
+    assert "GPU 0: NVIDIA H100 80GB HBM3, sm90, 83.75 GB free of 84.83 GB; bf16 tensor cores: yes; fp8 tensor " \
+           "cores: yes" in out
+    assert "GPU 1: Tesla T4, sm75, 15.03 GB free of 16.11 GB; bf16 tensor cores: no; fp8 tensor cores: no" in out
+    verdicts = dict(environment.verdicts(environment.report()))  # for the first GPU
+    assert "a CUDA GPU" not in verdicts
+    assert verdicts["--fp8"] is None and verdicts["--cuda-graphs"] is None
+    from zimage_native.accel._kernels import triton_unavailable_reason
+
+    assert verdicts["--kernels triton"] == triton_unavailable_reason()
+    if environment.package_version(("flash-attn", "flash_attn")) is None:
+        assert "flash_attn" in verdicts["--attention flash_attn_2"]  # the import that failed
+    assert "  Z-Image-Turbo on GPU 0 (84.83 GB): everything resident (no profile), 20.32 GB of weights at the " \
+           "peak" in out
+    assert "  Z-Image-Turbo on GPU 1 (16.11 GB): --profile 16gb (10.63 GB of weights at the peak)" in out
+
+
+def test_fp8_on_an_older_gpu_says_why(gpus, monkeypatch):
+    monkeypatch.setitem(CARDS, 0, ("Tesla T4", (7, 5), 15 * GiB))
+    verdicts = dict(environment.verdicts(environment.report()))
+    assert "compute capability 8.9 or newer" in verdicts["--fp8"]
+    assert "needs sm80+" in verdicts["--attention flash_attn_2"]
+
+
+@pytest.mark.parametrize("card_gib, profile", [(24, "rtx4090"), (16, "16gb"), (12, "12gb"), (8, "8gb"), (6, "8gb"),
+                                               (4, None)])
+def test_each_card_size_gets_the_profile_made_for_it(gpus, monkeypatch, card_gib, profile):
+    monkeypatch.setattr(environment.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setitem(CARDS, 0, ("card", (8, 9), card_gib * GiB))
+    (line,) = [line for line in environment.lines(environment.report()) if line.startswith("  Z-Image-Turbo")]
+    if profile is None:
+        assert "none of the example profiles leaves a quarter of this card free" in line
+    else:
+        assert f": --profile {profile} (" in line
+
+
+def test_a_cpu_only_torch_on_a_machine_with_an_nvidia_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(environment.torch.version, "hip", None)
+    monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: True)
+    out = run()
+    assert "(CPU-only build); CUDA available: no" in out and "NVIDIA driver: yes" in out
+    assert "  a CUDA GPU: no, torch " in out and "is a CPU-only build: install a CUDA build" in out

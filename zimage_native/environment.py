@@ -1,0 +1,197 @@
+"""What this machine offers the engine: ``zimage env`` (and :func:`report`).
+
+The versions of Python, torch and the optional packages; each GPU with its compute capability,
+memory and what it supports (bf16 tensor cores, fp8, the attention backends); the RAM; the Hugging
+Face cache; then, for each acceleration and the example config's profiles, whether it can run here
+and why not. It reads versions from package metadata and imports no optional package (importing a
+broken flash-attn build can take long or crash), so it is safe to run when something is wrong,
+which is when it is needed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import shutil
+import sys
+from typing import Any
+
+import torch
+
+#: Distributions whose versions the report lists (name in the report -> distribution names to try).
+PACKAGES = {
+    "triton": ("triton", "pytorch-triton-rocm"),
+    "transformers": ("transformers",),
+    "safetensors": ("safetensors",),
+    "huggingface_hub": ("huggingface_hub",),
+    "gguf": ("gguf",),
+    "flash_attn": ("flash-attn", "flash_attn"),
+    "flash_attn_3": ("flash-attn-3", "flash_attn_3", "flash_attn_interface"),
+    "sageattention": ("sageattention",),
+    "xformers": ("xformers",),
+    "fastapi": ("fastapi",),
+    "ray": ("ray",),
+    "diffusers": ("diffusers",),
+}
+#: The example config's share of a card left free for activations, the CUDA context and the decode.
+HEADROOM = 0.25
+
+
+def package_version(names: tuple[str, ...]) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def gpu_report(index: int) -> dict[str, Any]:
+    from .devices import free_memory
+
+    device = torch.device("cuda", index)
+    major, minor = torch.cuda.get_device_capability(device)
+    free, total = free_memory(device)
+    return {"index": index, "name": torch.cuda.get_device_name(device), "capability": f"sm{major}{minor}",
+            "free_bytes": free, "total_bytes": total, "bf16_tensor_cores": (major, minor) >= (8, 0),
+            "fp8_tensor_cores": (major, minor) >= (8, 9)}
+
+
+def hub_cache() -> dict[str, Any]:
+    """Where the Hugging Face cache is, and which released models it already holds."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    from .hub import DEFAULT_MODEL
+
+    cached = {}
+    for repo_id in (DEFAULT_MODEL, "Tongyi-MAI/Z-Image"):
+        try:
+            cached[repo_id] = isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+        except Exception:  # a malformed cache folder: say not cached
+            cached[repo_id] = False
+    return {"path": str(constants.HF_HUB_CACHE), "offline": bool(constants.HF_HUB_OFFLINE), "models": cached}
+
+
+def report() -> dict[str, Any]:
+    """Everything ``zimage env`` prints, as plain data."""
+    from . import __version__
+    from .devices import host_memory, nvidia_gpu_present
+
+    cuda = torch.cuda.is_available()
+    memory = host_memory()
+    mps = getattr(torch.backends, "mps", None)
+    return {
+        "zimage_native": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "torch_hip": getattr(torch.version, "hip", None),
+        "cuda_available": cuda,
+        "nvidia_driver": nvidia_gpu_present(),
+        "gpus": [gpu_report(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "mps_available": bool(mps is not None and mps.is_available()),
+        "ram": None if memory is None else dict(zip(("available_bytes", "swap_free_bytes", "total_bytes"), memory)),
+        "packages": {name: package_version(dists) for name, dists in PACKAGES.items()},
+        "hub_cache": hub_cache(),
+    }
+
+
+# ----------------------------------------------------------------------------- what runs here
+
+
+def released_peaks() -> list[tuple[str, int]]:
+    """(setting, weight bytes on the GPU at the peak) for the released Z-Image-Turbo in bf16: all
+    resident, then the example config's profiles (exact bytes from :mod:`zimage_native.footprint`)."""
+    from . import footprint
+
+    resident = footprint.Profile("everything resident (no profile)", "bf16", "none", "none", 0)
+    out = []
+    for profile in (resident, *footprint.PROFILES):
+        phases = footprint.profile_bytes(profile)
+        out.append((profile.name, max(phases["encode"], phases["denoise"])))
+    return out
+
+
+def verdicts(rep: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(what, None if it can run here else why not), for the device "auto" picks and the accelerations."""
+    from .accel._kernels import triton_unavailable_reason
+    from .accel.attention_backends import BACKENDS, unavailable_reason
+    from .accel.fp8 import gpu_fp8_problem
+
+    gpu = rep["gpus"][0] if rep["gpus"] else None
+    out: list[tuple[str, str | None]] = []
+    if gpu is None:
+        if rep["nvidia_driver"] and not rep["torch_cuda"]:
+            why = f"torch {rep['torch']} is a CPU-only build: install a CUDA build (https://pytorch.org/get-started/locally/)"
+        elif rep["nvidia_driver"]:
+            why = f"torch is built for CUDA {rep['torch_cuda']} but cannot use the NVIDIA GPU: check the driver (nvidia-smi)"
+        else:
+            why = "no CUDA GPU is visible to torch"
+        where = "mps (Apple's Metal)" if rep["mps_available"] else "the CPU, minutes per image"
+        out.append(("a CUDA GPU", f"{why}; device auto runs on {where}"))
+    no_gpu = "needs a CUDA GPU"
+    device = torch.device("cuda", gpu["index"]) if gpu else torch.device("cpu")
+    triton = triton_unavailable_reason()
+    out.append(("--kernels triton", no_gpu if gpu is None else triton))
+    out.append(("--compile blocks / full", (triton and f"needs Triton on a GPU: {triton}") if gpu is not None
+                else None if any(shutil.which(cc) for cc in ("c++", "g++", "clang++", "cl"))
+                else "torch.compile on the CPU needs a C++ compiler (none found on PATH)"))
+    out.append(("--cuda-graphs", no_gpu if gpu is None else None))
+    fp8 = no_gpu
+    if gpu is not None:
+        major, minor = int(gpu["capability"][2:-1]), int(gpu["capability"][-1])
+        fp8 = gpu_fp8_problem((major, minor), gpu["name"], {torch.bfloat16})
+    out.append(("--fp8", fp8))
+    for backend in BACKENDS:
+        if backend == "sdpa":
+            out.append(("--attention sdpa", None))
+            continue
+        reason = no_gpu if gpu is None else unavailable_reason(backend, device, torch.bfloat16, 128)
+        out.append((f"--attention {backend}", reason))
+    out.append(("--offload blocks (streamed from pinned memory)", no_gpu if gpu is None else None))
+    return out
+
+
+def lines(rep: dict[str, Any]) -> list[str]:
+    """The report as ``zimage env`` prints it."""
+    from .cli.config import EXAMPLE_CONFIG
+    from .devices import format_bytes
+
+    build = (f"CUDA {rep['torch_cuda']}" if rep["torch_cuda"] else f"ROCm {rep['torch_hip']}" if rep["torch_hip"]
+             else "CPU-only build")
+    out = [f"zimage-native {rep['zimage_native']}, Python {rep['python']}, {rep['platform']}",
+           f"torch {rep['torch']} ({build}); CUDA available: {'yes' if rep['cuda_available'] else 'no'}; "
+           f"MPS available: {'yes' if rep['mps_available'] else 'no'}; NVIDIA driver: "
+           f"{'yes' if rep['nvidia_driver'] else 'no'}"]
+    for gpu in rep["gpus"]:
+        out.append(f"GPU {gpu['index']}: {gpu['name']}, {gpu['capability']}, {format_bytes(gpu['free_bytes'])} free of "
+                   f"{format_bytes(gpu['total_bytes'])}; bf16 tensor cores: {'yes' if gpu['bf16_tensor_cores'] else 'no'}; "
+                   f"fp8 tensor cores: {'yes' if gpu['fp8_tensor_cores'] else 'no'}")
+    if rep["ram"]:
+        ram = rep["ram"]
+        out.append(f"RAM: {format_bytes(ram['available_bytes'])} available of {format_bytes(ram['total_bytes'])}, "
+                   f"{format_bytes(ram['swap_free_bytes'])} of free swap")
+    else:
+        out.append("RAM: not reported by this system")
+    out.append("packages: " + ", ".join(f"{name} {version or 'not installed'}"
+                                        for name, version in rep["packages"].items()))
+    cache = rep["hub_cache"]
+    held = ", ".join(f"{repo} {'cached' if yes else 'not downloaded (about 33 GB on first use)'}"
+                     for repo, yes in cache["models"].items())
+    out.append(f"Hugging Face cache: {cache['path']}{' (offline)' if cache['offline'] else ''}; {held}")
+    out.append(f"example config (--profile NAME): {EXAMPLE_CONFIG}")
+    out.append("what runs here:")
+    for what, why in verdicts(rep):
+        out.append(f"  {what}: {'yes' if why is None else 'no, ' + why}")
+    for gpu in rep["gpus"]:
+        room = gpu["total_bytes"] * (1 - HEADROOM)
+        fits = [(name, peak) for name, peak in released_peaks() if peak <= room]
+        if fits:
+            name, peak = fits[0]
+            pick = (f"{name}, {format_bytes(peak)} of weights at the peak" if name.startswith("everything")
+                    else f"--profile {name} ({format_bytes(peak)} of weights at the peak)")
+        else:
+            pick = "none of the example profiles leaves a quarter of this card free; try --profile 8gb"
+        out.append(f"  Z-Image-Turbo on GPU {gpu['index']} ({format_bytes(gpu['total_bytes'])}): {pick}")
+    return out
