@@ -387,3 +387,19 @@ def test_single_files_and_lora_flags(tiny_model_dir, tiny_pipe, tmp_path):
     assert "1 modules matched" in result.output
     assert read_metadata(styled)["loras"] == [[str(lora), 0.5]]
     assert not np.array_equal(pixels(styled), pixels(out))
+
+
+def test_a_shipped_profile_alone_and_its_gguf_path_replaced_by_the_flag(tiny_model_dir, tmp_path, monkeypatch):
+    """--profile NAME without --config reads the shipped example; a GGUF path it names that is not
+    there is no error when --transformer replaces it, and otherwise says where it was looked for."""
+    monkeypatch.chdir(tmp_path)  # no models/ folder here
+    dit = next((tiny_model_dir / "transformer").glob("*.safetensors"))
+    common = ["generate", "a cat", "--profile", "12gb", "--model", tiny_model_dir, *BASE]
+    run(*common, "--transformer", dit, "-o", tmp_path / "a.png")
+    assert (tmp_path / "a.png").is_file()
+    result = run(*common, "-o", tmp_path / "b.png", ok=False)
+    assert result.exit_code == 1 and not (tmp_path / "b.png").exists()
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("Error: ") and "config.example.toml: [12gb].transformer" in line
+    assert "models/z_image_turbo-Q6_K.gguf' does not exist (relative paths are read from the current folder, " \
+           f"{tmp_path}; --transformer on the command line replaces it)" in line

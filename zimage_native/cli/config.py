@@ -121,13 +121,17 @@ def _matches(kind: click.ParamType, value: Any) -> bool:
 
 
 def convert(ctx: click.Context, values: dict[str, tuple[Any, str]]) -> dict[str, Any]:
-    """Check each key against the command's parameters and convert it with the flag's own type."""
+    """Check each key against the command's parameters and convert it with the flag's own type. A key
+    whose flag is given on the command line is only checked to exist: the flag replaces its value
+    (a profile's GGUF path that is not there, with --transformer given, is no error)."""
     params = option_keys(ctx.command)
     out = {}
     for key, (value, where) in values.items():
         if key in NOT_CONFIGURABLE or key not in params or params[key].name in NOT_CONFIGURABLE:
             raise ValueError(f"{where}: unknown key '{key}' for `zimage {ctx.command.name}`")
         param = params[key]
+        if ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
+            continue
         if param.is_flag and not isinstance(value, bool):
             raise ValueError(f"{where}: '{key}' must be true or false, got {value!r}")
         if param.multiple and not isinstance(value, list):
@@ -140,7 +144,11 @@ def convert(ctx: click.Context, values: dict[str, tuple[Any, str]]) -> dict[str,
         try:
             out[param.name] = param.type_cast_value(ctx, value)
         except click.BadParameter as e:
-            raise ValueError(f"{where}: '{key}' has the wrong type or value: {e.message}") from None
+            hint = ""
+            if "does not exist" in e.message:
+                hint = (f" (relative paths are read from the current folder, {Path.cwd()}; "
+                        f"--{param.name.replace('_', '-')} on the command line replaces it)")
+            raise ValueError(f"{where}: '{key}' has the wrong type or value: {e.message.rstrip('.')}{hint}") from None
     return out
 
 
