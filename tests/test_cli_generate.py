@@ -3,6 +3,8 @@ profiles, img2img, prompt fields and --debug."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -403,3 +405,18 @@ def test_a_shipped_profile_alone_and_its_gguf_path_replaced_by_the_flag(tiny_mod
     assert line.startswith("Error: ") and "config.example.toml: [12gb].transformer" in line
     assert "models/z_image_turbo-Q6_K.gguf' does not exist (relative paths are read from the current folder, " \
            f"{tmp_path}; --transformer on the command line replaces it)" in line
+
+
+def test_compile_for_a_single_image_says_what_it_costs(tiny_model_dir, tmp_path, monkeypatch):
+    cli_generate = sys.modules["zimage_native.cli.generate"]  # the package's `generate` is the command
+
+    def stop(o):
+        raise ValueError("stopped before loading")
+
+    monkeypatch.setattr(cli_generate, "load_pipeline", stop)
+    common = ["generate", "a cat", "--model", tiny_model_dir, *BASE, "--output-dir", tmp_path]
+    one = run(*common, "--compile", "blocks", "--cuda-graphs", ok=False)
+    assert "note: --compile, --cuda-graphs add their cold start (compiling, capturing) to this run of one image" \
+        in one.output and "stopped before loading" in one.output
+    for extra in (["--compile", "blocks", "--num-images", "2"], []):
+        assert "cold start" not in run(*common, *extra, ok=False).output

@@ -216,6 +216,12 @@ def run_generate(prompts: list[str], o: dict) -> None:
 
         default_registry(o["templates_dir"]).get(o["template"])
 
+    slow_start = [flag for flag, on in (("--compile", o["compile_mode"] != "off"), ("--cuda-graphs", o["cuda_graphs"]),
+                                        ("--vae-compile", o.get("vae_compile"))) if on]
+    if len(jobs) == 1 and slow_start:
+        click.echo(f"note: {', '.join(slow_start)} add their cold start (compiling, capturing) to this run of one "
+                   f"image; they pay back over many images in one process (--num-images, --prompts-file, "
+                   f"`zimage serve`)", err=True)
     init = read_image(o["init_image"], "--image", "RGB")
     mask = read_image(o["mask"], "--mask", "L")
     control = read_image(o["control_image"], "--control-image", "RGB")
