@@ -106,3 +106,14 @@ def test_a_cpu_only_torch_on_a_machine_with_an_nvidia_gpu(monkeypatch):
     out = run()
     assert "(CPU-only build); CUDA available: no" in out and "NVIDIA driver: yes" in out
     assert "  a CUDA GPU: no, torch " in out and "is a CPU-only build: install a CUDA build" in out
+
+
+def test_a_gpu_the_driver_cannot_query_is_reported_not_raised(gpus, monkeypatch):
+    def busy(device):
+        raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable")
+
+    monkeypatch.setattr(devices, "free_memory", busy)
+    out = run()
+    assert "GPU 0: cannot be queried: RuntimeError: CUDA error: all CUDA-capable devices are busy" in out
+    assert "  a CUDA GPU: no, the driver did not answer for GPU 0: RuntimeError" in out
+    assert "Z-Image-Turbo on GPU" not in out

@@ -47,11 +47,15 @@ def package_version(names: tuple[str, ...]) -> str | None:
 
 
 def gpu_report(index: int) -> dict[str, Any]:
+    """One GPU; where the driver cannot answer (a busy exclusive-mode GPU, a broken driver), the error."""
     from .devices import free_memory
 
     device = torch.device("cuda", index)
-    major, minor = torch.cuda.get_device_capability(device)
-    free, total = free_memory(device)
+    try:
+        major, minor = torch.cuda.get_device_capability(device)
+        free, total = free_memory(device)
+    except Exception as e:  # whatever the driver raises: the report must still print
+        return {"index": index, "error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
     return {"index": index, "name": torch.cuda.get_device_name(device), "capability": f"sm{major}{minor}",
             "free_bytes": free, "total_bytes": total, "bf16_tensor_cores": (major, minor) >= (8, 0),
             "fp8_tensor_cores": (major, minor) >= (8, 9)}
@@ -119,9 +123,13 @@ def verdicts(rep: dict[str, Any]) -> list[tuple[str, str | None]]:
     from .accel.attention_backends import BACKENDS, unavailable_reason
     from .accel.fp8 import gpu_fp8_problem
 
-    gpu = rep["gpus"][0] if rep["gpus"] else None
+    usable = [g for g in rep["gpus"] if "error" not in g]
+    gpu = usable[0] if usable else None
     out: list[tuple[str, str | None]] = []
-    if gpu is None:
+    if gpu is None and rep["gpus"]:
+        out.append(("a CUDA GPU", f"the driver did not answer for GPU {rep['gpus'][0]['index']}: "
+                                  f"{rep['gpus'][0]['error']}"))
+    elif gpu is None:
         if rep["nvidia_driver"] and not rep["torch_cuda"]:
             why = f"torch {rep['torch']} is a CPU-only build: install a CUDA build (https://pytorch.org/get-started/locally/)"
         elif rep["nvidia_driver"]:
@@ -165,6 +173,9 @@ def lines(rep: dict[str, Any]) -> list[str]:
            f"MPS available: {'yes' if rep['mps_available'] else 'no'}; NVIDIA driver: "
            f"{'yes' if rep['nvidia_driver'] else 'no'}"]
     for gpu in rep["gpus"]:
+        if "error" in gpu:
+            out.append(f"GPU {gpu['index']}: cannot be queried: {gpu['error']}")
+            continue
         out.append(f"GPU {gpu['index']}: {gpu['name']}, {gpu['capability']}, {format_bytes(gpu['free_bytes'])} free of "
                    f"{format_bytes(gpu['total_bytes'])}; bf16 tensor cores: {'yes' if gpu['bf16_tensor_cores'] else 'no'}; "
                    f"fp8 tensor cores: {'yes' if gpu['fp8_tensor_cores'] else 'no'}")
@@ -184,7 +195,7 @@ def lines(rep: dict[str, Any]) -> list[str]:
     out.append("what runs here:")
     for what, why in verdicts(rep):
         out.append(f"  {what}: {'yes' if why is None else 'no, ' + why}")
-    for gpu in rep["gpus"]:
+    for gpu in (g for g in rep["gpus"] if "error" not in g):
         room = gpu["total_bytes"] * (1 - HEADROOM)
         fits = [(name, peak) for name, peak in released_peaks() if peak <= room]
         if fits:
