@@ -105,7 +105,8 @@ def test_a_cpu_only_torch_on_a_machine_with_an_nvidia_gpu(monkeypatch):
     monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: True)
     out = run()
     assert "(CPU-only build); CUDA available: no" in out and "NVIDIA driver: yes" in out
-    assert "  a CUDA GPU: no, torch " in out and "is a CPU-only build: install a CUDA build" in out
+    assert "  a CUDA GPU: no, this machine has an NVIDIA GPU but torch " in out
+    assert "is a CPU-only build: install a CUDA build of torch" in out
 
 
 def test_a_gpu_the_driver_cannot_query_is_reported_not_raised(gpus, monkeypatch):

@@ -224,17 +224,22 @@ def nvidia_gpu_present() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
 
 
+def gpu_missing_reason() -> str:
+    """Why torch sees no CUDA GPU, as far as the machine tells: the usual cause, where there is an
+    NVIDIA driver, is a CPU-only build of torch."""
+    if nvidia_gpu_present() and torch.version.cuda is None:
+        return (f"this machine has an NVIDIA GPU but torch {torch.__version__} is a CPU-only build: install a CUDA "
+                f"build of torch (https://pytorch.org/get-started/locally/) to use it")
+    if nvidia_gpu_present():
+        return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but cannot use this machine's "
+                f"NVIDIA GPU: check the driver with nvidia-smi (it must support CUDA {torch.version.cuda})")
+    return "no CUDA GPU is visible to torch"
+
+
 def warn_if_cpu_fallback(requested: str | torch.device | None, device: torch.device) -> None:
     """When ``device`` "auto" (or None) came out as the CPU, say so and why, once per load: a full-size
-    model there takes minutes per image, and the usual cause is a CPU-only build of torch."""
+    model there takes minutes per image."""
     if device.type != "cpu" or (requested is not None and str(requested) != "auto"):
         return
-    why = ""
-    if nvidia_gpu_present() and torch.version.cuda is None:
-        why = (f"; this machine has an NVIDIA GPU but torch {torch.__version__} is a CPU-only build: install a CUDA "
-               f"build of torch (https://pytorch.org/get-started/locally/) to use it")
-    elif nvidia_gpu_present():
-        why = (f"; torch {torch.__version__} is built for CUDA {torch.version.cuda} but cannot use this machine's "
-               f"NVIDIA GPU: check the driver with nvidia-smi (it must support CUDA {torch.version.cuda})")
-    logger.warning("no GPU is visible to torch: the model runs on the CPU, which takes minutes per image at "
-                   "1024x1024 (device cpu, asked for explicitly, silences this)%s", why)
+    logger.warning("the model runs on the CPU, which takes minutes per image at 1024x1024 (device cpu, asked for "
+                   "explicitly, silences this): %s", gpu_missing_reason())

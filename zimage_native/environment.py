@@ -122,6 +122,7 @@ def verdicts(rep: dict[str, Any]) -> list[tuple[str, str | None]]:
     from .accel._kernels import triton_unavailable_reason
     from .accel.attention_backends import BACKENDS, unavailable_reason
     from .accel.fp8 import gpu_fp8_problem
+    from .devices import gpu_missing_reason
 
     usable = [g for g in rep["gpus"] if "error" not in g]
     gpu = usable[0] if usable else None
@@ -130,14 +131,8 @@ def verdicts(rep: dict[str, Any]) -> list[tuple[str, str | None]]:
         out.append(("a CUDA GPU", f"the driver did not answer for GPU {rep['gpus'][0]['index']}: "
                                   f"{rep['gpus'][0]['error']}"))
     elif gpu is None:
-        if rep["nvidia_driver"] and not rep["torch_cuda"]:
-            why = f"torch {rep['torch']} is a CPU-only build: install a CUDA build (https://pytorch.org/get-started/locally/)"
-        elif rep["nvidia_driver"]:
-            why = f"torch is built for CUDA {rep['torch_cuda']} but cannot use the NVIDIA GPU: check the driver (nvidia-smi)"
-        else:
-            why = "no CUDA GPU is visible to torch"
         where = "mps (Apple's Metal)" if rep["mps_available"] else "the CPU, minutes per image"
-        out.append(("a CUDA GPU", f"{why}; device auto runs on {where}"))
+        out.append(("a CUDA GPU", f"{gpu_missing_reason()}; device auto runs on {where}"))
     no_gpu = "needs a CUDA GPU"
     device = torch.device("cuda", gpu["index"]) if gpu else torch.device("cpu")
     triton = triton_unavailable_reason()
