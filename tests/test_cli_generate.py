@@ -408,15 +408,19 @@ def test_a_shipped_profile_alone_and_its_gguf_path_replaced_by_the_flag(tiny_mod
 
 
 def test_compile_for_a_single_image_says_what_it_costs(tiny_model_dir, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
     cli_generate = sys.modules["zimage_native.cli.generate"]  # the package's `generate` is the command
 
-    def stop(o):
-        raise ValueError("stopped before loading")
+    def stop(*args):
+        raise ValueError("stopped before sampling")
 
-    monkeypatch.setattr(cli_generate, "load_pipeline", stop)
+    monkeypatch.setattr(cli_generate, "load_pipeline", lambda o: SimpleNamespace())  # loaded and optimised
+    monkeypatch.setattr(cli_generate, "run_jobs", stop)
     common = ["generate", "a cat", "--model", tiny_model_dir, *BASE, "--output-dir", tmp_path]
     one = run(*common, "--compile", "blocks", "--cuda-graphs", ok=False)
     assert "note: --compile, --cuda-graphs add their cold start (compiling, capturing) to this run of one image" \
-        in one.output and "stopped before loading" in one.output
+        in one.output and "stopped before sampling" in one.output
+    assert "note: --vae-compile adds its cold start" in run(*common, "--vae-compile", ok=False).output
     for extra in (["--compile", "blocks", "--num-images", "2"], []):
         assert "cold start" not in run(*common, *extra, ok=False).output

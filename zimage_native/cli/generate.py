@@ -216,12 +216,6 @@ def run_generate(prompts: list[str], o: dict) -> None:
 
         default_registry(o["templates_dir"]).get(o["template"])
 
-    slow_start = [flag for flag, on in (("--compile", o["compile_mode"] != "off"), ("--cuda-graphs", o["cuda_graphs"]),
-                                        ("--vae-compile", o.get("vae_compile"))) if on]
-    if len(jobs) == 1 and slow_start:
-        click.echo(f"note: {', '.join(slow_start)} add their cold start (compiling, capturing) to this run of one "
-                   f"image; they pay back over many images in one process (--num-images, --prompts-file, "
-                   f"`zimage serve`)", err=True)
     init = read_image(o["init_image"], "--image", "RGB")
     mask = read_image(o["mask"], "--mask", "L")
     control = read_image(o["control_image"], "--control-image", "RGB")
@@ -236,6 +230,13 @@ def run_generate(prompts: list[str], o: dict) -> None:
         print_debug(pipe, prompts, o["max_sequence_length"], fields)
     if drawn:
         click.echo("seeds " + " ".join(str(s) for s in seeds))
+    slow_start = [flag for flag, on in (("--compile", o["compile_mode"] != "off"), ("--cuda-graphs", o["cuda_graphs"]),
+                                        ("--vae-compile", o.get("vae_compile"))) if on]
+    if len(jobs) == 1 and slow_start:
+        verb = "adds its" if len(slow_start) == 1 else "add their"
+        click.echo(f"note: {', '.join(slow_start)} {verb} cold start (compiling, capturing) to this run of one image; "
+                   f"the cost is paid back over many images in one process (--num-images, --prompts-file, "
+                   f"`zimage serve`)", err=True)
 
     run_jobs(pipe, jobs, paths, o, fields, init, mask, control)
 
