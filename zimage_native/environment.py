@@ -57,6 +57,7 @@ def gpu_report(index: int) -> dict[str, Any]:
     except Exception as e:  # whatever the driver raises: the report must still print
         return {"index": index, "error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
     return {"index": index, "name": torch.cuda.get_device_name(device), "capability": f"sm{major}{minor}",
+            "compute_capability": [major, minor],
             "free_bytes": free, "total_bytes": total, "bf16_tensor_cores": (major, minor) >= (8, 0),
             "fp8_tensor_cores": (major, minor) >= (8, 9)}
 
@@ -143,8 +144,7 @@ def verdicts(rep: dict[str, Any]) -> list[tuple[str, str | None]]:
     out.append(("--cuda-graphs", no_gpu if gpu is None else None))
     fp8 = no_gpu
     if gpu is not None:
-        major, minor = int(gpu["capability"][2:-1]), int(gpu["capability"][-1])
-        fp8 = gpu_fp8_problem((major, minor), gpu["name"], {torch.bfloat16})
+        fp8 = gpu_fp8_problem(tuple(gpu["compute_capability"]), gpu["name"], {torch.bfloat16})
     out.append(("--fp8", fp8))
     for backend in BACKENDS:
         if backend == "sdpa":
