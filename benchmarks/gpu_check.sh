@@ -28,7 +28,7 @@
 # controlnet.json; its own report, not judged here).
 # Budget: BUDGET_S (default 480 s = 8 minutes) from the first test on; the judged steps come first
 # and the optional ones only run in the time left (an estimate: the script has not run on a GPU
-# yet). Everything it prints is also written to OUT_DIR (gpu_check.log, e2e.csv with the JSON
+# yet). Everything it prints is also written to OUT_DIR (env.json: `zimage env --json`, gpu_check.log, e2e.csv with the JSON
 # checks, time_breakdown.json, kernels.csv, controlnet.json).
 #
 # On the lent GPU image, diffusers (and importlib_metadata) are missing: fetch their wheels first with
@@ -58,6 +58,9 @@ fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 python3 -c "import diffusers; print('diffusers', diffusers.__version__)" \
   || echo "diffusers missing: the parity check will fail (carry .whl from benchmarks/device_wheels.sh)"
+# The machine as the engine sees it (GPU, capability, driver, versions of every package), for the results.
+python3 -m zimage_native.cli env --json > "$OUT_DIR/env.json" && echo "wrote $OUT_DIR/env.json" \
+  || echo "zimage env failed (see above)"
 
 DIFF=--diffusers
 python3 -c "import diffusers" 2>/dev/null || DIFF=--no-diffusers

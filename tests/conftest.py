@@ -2,34 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-
-def _import_installed_kernels() -> None:
-    """Import the installed Hugging Face ``kernels`` package (a dependency of transformers) first.
-
-    Run from the repository root, ``python -m pytest`` puts the root on sys.path, where this
-    repository's ``kernels/`` folder (installed as ``zimage_native.kernels``) would shadow it and
-    transformers' ``from kernels import ...`` would fail.
-    """
-    root = Path(__file__).resolve().parent.parent
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-    try:
-        importlib.import_module("kernels")
-    except ImportError:  # not installed: nothing to shadow
-        pass
-    finally:
-        sys.path[:] = saved
-
-
-_import_installed_kernels()
+# Run from the repository root, ``python -m pytest`` puts the root on sys.path, where its kernels/
+# folder would shadow the Hugging Face ``kernels`` package that transformers imports: importing
+# zimage_native imports the installed one first (zimage_native._import_hub_kernels_first).
+import zimage_native  # noqa: F401,E402
 
 
 # Deterministic, quiet CPU runs.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import shutil
 import subprocess
 import sys
@@ -39,3 +40,20 @@ def test_installed_subpackages_import():
 
     assert Path(zimage_native.kernels.__file__).parent.name == "kernels"
     assert Path(zimage_native.converters.__file__).parent.name == "converters"
+
+
+def test_the_checkouts_kernels_folder_does_not_shadow_the_hub_package():
+    """From the checkout's root (``python -m zimage_native.cli bench`` in benchmarks/gpu_check.sh, a
+    script there), transformers' Qwen3 imports once zimage_native is imported; without it, where the
+    Hugging Face ``kernels`` package is installed, the root's kernels/ folder is taken for it."""
+    code = "import zimage_native; import transformers.models.qwen3.modeling_qwen3; import kernels; print(kernels.__file__)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    try:
+        importlib.metadata.version("kernels")  # the Hugging Face package (a transformers dependency)
+    except importlib.metadata.PackageNotFoundError:
+        return
+    assert Path(result.stdout.strip()).resolve().parent != ROOT / "kernels"
+    control = subprocess.run([sys.executable, "-c", "import transformers.models.qwen3.modeling_qwen3"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert control.returncode != 0 and "from 'kernels'" in control.stderr  # what importing zimage_native prevents
