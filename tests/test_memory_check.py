@@ -327,3 +327,18 @@ def test_generate_with_the_default_device_warns_on_a_machine_without_a_gpu(tiny_
                                        "--height", "32", "--steps", "1", "-o", str(tmp_path / "x.png")])
     assert result.exit_code == 0, result.output
     assert "is a CPU-only build: install a CUDA build of torch" in caplog.text
+
+
+def test_weights_that_fit_but_leave_little_room_warn(monkeypatch, caplog):
+    """The example profiles leave a quarter of the card for activations: weights that fit but take
+    more than three quarters load with a warning naming what to do if generating runs out."""
+    needs = {"transformer": 12 * GB, "text_encoder": 8 * GB, "vae": GB // 5}
+    on_card = {"transformer": CUDA, "text_encoder": CUDA, "vae": CUDA}
+    card(monkeypatch, free=23 * GB, total=24 * GB)  # a 24 GB card and the resident bf16 model
+    caplog.clear()
+    check_weights_fit(needs, on_card)
+    assert "the weights take 20.20 GB of cuda:0's 24.00 GB at the peak, more than 75%; activations come on top" \
+        in caplog.text and "`zimage env` names it) or --tiled-vae" in caplog.text
+    caplog.clear()
+    check_weights_fit({**needs, "text_encoder": 4 * GB}, on_card)  # 16.2 GB of 24: room left, quiet
+    assert caplog.text == ""

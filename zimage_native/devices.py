@@ -88,6 +88,10 @@ MEMORY_ADVICE = ("quantise the text encoder (--text-encoder-quant int8), use a G
                  "except while it runs (--offload model); the example profiles (--profile 8gb, 12gb, 16gb, rtx4090) fit 8-24 GB cards")
 
 
+#: The share of a card the example profiles leave free for activations, the CUDA context and the decode.
+HEADROOM = 0.25
+
+
 class InsufficientMemoryError(ValueError):
     """The weights placed on a GPU at load time cannot fit in its free memory."""
 
@@ -124,6 +128,11 @@ def check_weights_fit(needs: dict[str, int], placement: dict[str, torch.device],
         largest = max(visit, key=visit.get, default=None)
         free, total = free_memory(device)
         if peak <= free:
+            if peak > (1 - HEADROOM) * total:
+                logger.warning("the weights take %s of %s's %s at the peak, more than %d%%; activations come on top "
+                               "(not counted): if generating runs out of memory, use the profile for this card "
+                               "(`zimage env` names it) or --tiled-vae", format_bytes(peak), device,
+                               format_bytes(total), round(100 * (1 - HEADROOM)))
             continue
         listed = ", ".join(f"{name.replace('_', ' ')} {format_bytes(size)}" for name, size in stay.items())
         visitor = f"{largest.replace('_', ' ')}" if largest else ""

@@ -33,8 +33,6 @@ PACKAGES = {
     "ray": ("ray",),
     "diffusers": ("diffusers",),
 }
-#: The example config's share of a card left free for activations, the CUDA context and the decode.
-HEADROOM = 0.25
 
 
 def package_version(names: tuple[str, ...]) -> str | None:
@@ -159,7 +157,7 @@ def verdicts(rep: dict[str, Any]) -> list[tuple[str, str | None]]:
 def lines(rep: dict[str, Any]) -> list[str]:
     """The report as ``zimage env`` prints it."""
     from .cli.config import EXAMPLE_CONFIG
-    from .devices import format_bytes
+    from .devices import HEADROOM, format_bytes
 
     build = (f"CUDA {rep['torch_cuda']}" if rep["torch_cuda"] else f"ROCm {rep['torch_hip']}" if rep["torch_hip"]
              else "CPU-only build")
