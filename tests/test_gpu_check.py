@@ -8,6 +8,7 @@ a failing check makes it exit non-zero with a one-line verdict.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +61,8 @@ def test_dry_run_exit_status_and_verdict(tmp_path, bench_rc):
         assert result.returncode == 1 and lines[-1] == "VERDICT: FAIL (ladder checks)", result.stdout
         assert any(line.startswith("FAIL fp8 quality") for line in lines)
     assert (tmp_path / "out" / "gpu_check.log").read_text().strip().splitlines()[-1] == lines[-1]
+    env = json.loads((tmp_path / "out" / "env.json").read_text())  # `zimage env --json`, for the results
+    assert env["zimage_native"] and "gpus" in env and "runs_here" in env
 
 
 @needs_cpu_fp8
