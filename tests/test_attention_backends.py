@@ -305,3 +305,14 @@ def test_gpu_backend_matches_sdpa(name, masked):
     assert_rel(got[0], sdpa_reference(q, k, v, mask)[0], tol, f"{name} vs sdpa")
     if masked:  # the padded item: compare its valid query rows too
         assert_rel(got[1, :, :213], sdpa_reference(q, k, v, mask)[1, :, :213], tol, f"{name} vs sdpa (padded)")
+
+
+def test_rocm_gfx_numbers_are_not_taken_for_cuda_capabilities(monkeypatch):
+    """A ROCm build reports gfx versions as the capability (9.4 for MI300): FlashAttention 3 (Hopper
+    only) and SageAttention (CUDA only) are refused by name, not let through on the numbers."""
+    mock_environment(monkeypatch, GPU_BACKENDS, (9, 4))
+    assert ab.unavailable_reason("flash_attn_3", CUDA, torch.bfloat16, 128) is None  # as CUDA numbers: "Hopper"
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    for name in ("flash_attn_3", "sage"):
+        assert "needs an NVIDIA GPU" in ab.unavailable_reason(name, CUDA, torch.bfloat16, 128)
+    assert ab.resolve_backend("auto", CUDA, torch.bfloat16, 128)[0] == "flash_attn_2"  # ROCm builds exist

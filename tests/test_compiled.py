@@ -292,6 +292,14 @@ def test_fp8_on_a_gpu_needs_sm89_and_a_bfloat16_dit():
         (9, 0), "NVIDIA H100", {torch.bfloat16, torch.float32, torch.float16})
 
 
+def test_fp8_is_refused_on_rocm_whatever_its_gfx_numbers(monkeypatch):
+    from zimage_native.accel.fp8 import gpu_fp8_problem
+
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    assert "is a ROCm GPU" in gpu_fp8_problem((9, 4), "AMD Instinct MI300X", {torch.bfloat16})  # gfx942
+    assert "is a ROCm GPU" in gpu_fp8_problem((11, 0), "AMD Radeon RX 7900 XTX", {torch.bfloat16})  # gfx1100
+
+
 def test_quantize_counts_and_skips_small_or_odd_linears():
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([torch.nn.Module()])

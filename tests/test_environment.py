@@ -118,3 +118,15 @@ def test_a_gpu_the_driver_cannot_query_is_reported_not_raised(gpus, monkeypatch)
     assert "GPU 0: cannot be queried: RuntimeError: CUDA error: all CUDA-capable devices are busy" in out
     assert "  a CUDA GPU: no, the driver did not answer for GPU 0: RuntimeError" in out
     assert "Z-Image-Turbo on GPU" not in out
+
+
+def test_a_rocm_gpu_is_not_judged_by_cuda_capabilities(gpus, monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setitem(CARDS, 0, ("AMD Instinct MI300X", (9, 4), 192 * GiB))
+    out = run()
+    assert "(ROCm 6.4.0)" in out
+    assert "GPU 0: AMD Instinct MI300X, sm94, " in out and "bf16 tensor cores: unknown (ROCm); fp8 tensor cores: " \
+        "unknown (ROCm)" in out
+    verdicts = dict(environment.verdicts(environment.report()))
+    assert "is a ROCm GPU" in verdicts["--fp8"] and "needs an NVIDIA GPU" in verdicts["--attention flash_attn_3"]

@@ -56,8 +56,10 @@ def gpu_report(index: int) -> dict[str, Any]:
         return {"index": index, "error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
     return {"index": index, "name": torch.cuda.get_device_name(device), "capability": f"sm{major}{minor}",
             "compute_capability": [major, minor],
-            "free_bytes": free, "total_bytes": total, "bf16_tensor_cores": (major, minor) >= (8, 0),
-            "fp8_tensor_cores": (major, minor) >= (8, 9)}
+            "free_bytes": free, "total_bytes": total,
+            # CUDA capabilities; a ROCm build reports gfx versions there, which say nothing of these
+            "bf16_tensor_cores": None if torch.version.hip else (major, minor) >= (8, 0),
+            "fp8_tensor_cores": None if torch.version.hip else (major, minor) >= (8, 9)}
 
 
 def hub_cache() -> dict[str, Any]:
@@ -169,9 +171,10 @@ def lines(rep: dict[str, Any]) -> list[str]:
         if "error" in gpu:
             out.append(f"GPU {gpu['index']}: cannot be queried: {gpu['error']}")
             continue
+        say = {True: "yes", False: "no", None: "unknown (ROCm)"}
         out.append(f"GPU {gpu['index']}: {gpu['name']}, {gpu['capability']}, {format_bytes(gpu['free_bytes'])} free of "
-                   f"{format_bytes(gpu['total_bytes'])}; bf16 tensor cores: {'yes' if gpu['bf16_tensor_cores'] else 'no'}; "
-                   f"fp8 tensor cores: {'yes' if gpu['fp8_tensor_cores'] else 'no'}")
+                   f"{format_bytes(gpu['total_bytes'])}; bf16 tensor cores: {say[gpu['bf16_tensor_cores']]}; "
+                   f"fp8 tensor cores: {say[gpu['fp8_tensor_cores']]}")
     if rep["ram"]:
         ram = rep["ram"]
         out.append(f"RAM: {format_bytes(ram['available_bytes'])} available of {format_bytes(ram['total_bytes'])}, "

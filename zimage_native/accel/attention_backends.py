@@ -110,6 +110,9 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, head
         return f"needs a CUDA GPU; the model is on {device}"
     if name != "xformers" and dtype not in HALF:
         return f"supports float16/bfloat16 only; the model is {dtype} (use sdpa or xformers)"
+    if getattr(torch.version, "hip", None) and name in ("flash_attn_3", "sage"):
+        return ("needs an NVIDIA GPU (Hopper for flash_attn_3; SageAttention's kernels are CUDA only); this is a ROCm "
+                "GPU, whose compute capability numbers are gfx versions")
     major_minor = _capability(device)
     if name == "flash_attn_2" and (major_minor < (8, 0) or head_dim > 256):
         return f"needs sm80+ and head dim <= 256; this is sm{major_minor[0]}{major_minor[1]}, head dim {head_dim}"

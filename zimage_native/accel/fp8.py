@@ -79,6 +79,9 @@ def gpu_fp8_problem(capability: tuple[int, int], name: str, dtypes: set[torch.dt
     newer, and PyTorch's per-row scaled fp8 GEMM writes bfloat16 only (float16 never; float32 only
     through cuBLAS on some Hopper builds), so the block linears must be bfloat16."""
     major, minor = capability
+    if getattr(torch.version, "hip", None):  # ROCm reports gfx numbers (9.4: MI300), not CUDA capabilities
+        return (f"fp8 here is CUDA's float8 e4m3fn with the per-row scaled GEMM; {name} is a ROCm GPU (MI300's fp8 "
+                f"is the e4m3fnuz format), which this engine does not support for fp8. Run without fp8")
     if (major, minor) < MIN_CAPABILITY:
         return (f"fp8 needs a GPU with fp8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackwell); "
                 f"{name} is sm{major}{minor}. Run without fp8 on this GPU")
