@@ -9,7 +9,7 @@ instead of running. The launches come from the real call sites at the released m
 DiT with the released config (one layer and one refiner of each kind; weights left uninitialised,
 the GEMMs and attention stubbed since only the kernels' arguments matter) with every leaf swapped for
 its Triton twin, the fp8 activation quantisation at the GEMM input widths, and the GGUF
-dequantisation of every block type to bf16 (for sm90 and sm75). Prints one JSON line: per target, per launch, the
+dequantisation of every block type to bf16 (for sm90, sm75 and gfx1100). Prints one JSON line: per target, per launch, the
 kernel, its constants, the warps, shared memory, registers and local memory (spills) per thread,
 or the compile error.
 
@@ -25,10 +25,12 @@ import sys
 
 import torch
 
-# Hopper, consumer Blackwell, Ada, Ampere, Turing (T4, RTX 20xx: free notebook GPUs and older home cards)
-TARGETS = {"sm90": 90, "sm120": 120, "sm89": 89, "sm80": 80, "sm75": 75}
-FP8_TARGETS = ("sm90", "sm120", "sm89")  # fp8 tensor cores: the engine refuses fp8 below sm89
-DEQUANT_TARGETS = ("sm90", "sm75")  # GGUF: the newest card and the oldest a GGUF user may have
+# (backend, architecture, threads per warp or wavefront): NVIDIA Hopper, consumer Blackwell, Ada, Ampere,
+# Turing (T4, RTX 20xx: free notebook GPUs and older home cards); AMD CDNA3 (MI300) and RDNA3 (RX 7900)
+TARGETS = {"sm90": ("cuda", 90, 32), "sm120": ("cuda", 120, 32), "sm89": ("cuda", 89, 32), "sm80": ("cuda", 80, 32),
+           "sm75": ("cuda", 75, 32), "gfx942": ("hip", "gfx942", 64), "gfx1100": ("hip", "gfx1100", 32)}
+FP8_TARGETS = ("sm90", "sm120", "sm89")  # fp8 tensor cores: the engine refuses fp8 below sm89 and on ROCm
+DEQUANT_TARGETS = ("sm90", "sm75", "gfx1100")  # GGUF: the newest card, the oldest a GGUF user may have, AMD
 
 
 class StandInDriver:
@@ -126,6 +128,15 @@ def resource_usage(cubin: bytes) -> dict:
     return out
 
 
+def amd_resource_usage(asm: dict) -> dict:
+    """Vector registers and scratch memory (spills) per lane, from the AMDGCN assembly's metadata."""
+    import re
+
+    vgprs = [int(v) for v in re.findall(r"\.vgpr_count:\s*(\d+)", asm["amdgcn"])]
+    scratch = [int(v) for v in re.findall(r"\.private_segment_fixed_size:\s*(\d+)", asm["amdgcn"])]
+    return {"registers": max(vgprs, default=0), "local": max(scratch, default=0)}
+
+
 def jit_functions() -> list:
     import zimage_native.kernels as package
     from triton.runtime.jit import JITFunction
@@ -150,8 +161,8 @@ def main(argv: list[str]) -> None:
                   "constants": {k: v for k, v in kwargs.items() if k.isupper()}, "num_warps": kwargs.get("num_warps")}
         try:
             kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-            record.update(ok=True, shared=kernel.metadata.shared, cubin_bytes=len(kernel.asm["cubin"]),
-                          arch=kernel.metadata.target.arch, **resource_usage(kernel.asm["cubin"]))
+            usage = resource_usage(kernel.asm["cubin"]) if "cubin" in kernel.asm else amd_resource_usage(kernel.asm)
+            record.update(ok=True, shared=kernel.metadata.shared, arch=kernel.metadata.target.arch, **usage)
         except Exception as e:  # a GPU build the interpreter would have run
             record.update(ok=False, error=f"{type(e).__name__}: {' '.join(str(e).split())}"[-400:])
         launches.append(record)
@@ -159,8 +170,12 @@ def main(argv: list[str]) -> None:
     JITFunction.run = compile_only
     fp8_targets = argv[0].split(",") if argv else FP8_TARGETS
     out = {}
-    for name, arch in TARGETS.items():
-        driver.set_active(StandInDriver(GPUTarget("cuda", arch, 32)))
+    from triton.backends import backends
+
+    for name, (backend, arch, warp) in TARGETS.items():
+        if {"cuda": "nvidia", "hip": "amd"}[backend] not in backends:  # a Triton build without it: left out
+            continue
+        driver.set_active(StandInDriver(GPUTarget(backend, arch, warp)))
         for kernel in jit_functions():  # each keeps its target and builds per device: start afresh
             kernel.device_caches.clear()
         launches.clear()
