@@ -1,7 +1,7 @@
-"""The documentation's Python examples run as written, on a tiny model.
-
-Every ```python block of README.md and docs/*.md runs statement by statement, in one namespace per
-file (a file's blocks build on each other), with:
+"""The documentation's examples run as written, on a tiny model: every ```python block of README.md
+and docs/*.md, statement by statement, in one namespace per file (a file's blocks build on each
+other); every complete ``zimage`` command of their other blocks; every profile of the shipped
+example config (``--profile NAME``). With:
 
 - the Hub ids resolved from a local huggingface_hub cache that holds a tiny model (offline);
 - "cuda" read as "cpu", and 1024-pixel sizes (written or defaulted) made 64;
@@ -9,8 +9,10 @@ file (a file's blocks build on each other), with:
   in the working directory, from the same tiny model;
 - the names an example takes from its surrounding prose (``pipe``, ``prompt``) bound beforehand.
 
-Statements with placeholders (``...``) are not run, and the few that need what a CPU test cannot
-have are listed in SKIP with the reason. A failing example names its file, block and line.
+Statements with placeholders (``...``) and command synopses (``PROMPT``, ``[options]``) are not run,
+nor are ``zimage serve`` and ``zimage bench`` (their own tests run them); the few statements that
+need what a CPU test cannot have are listed in SKIP with the reason. A failing example names its
+file and line.
 """
 
 from __future__ import annotations
