@@ -14,6 +14,7 @@ import importlib.metadata
 import platform
 import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,6 +88,7 @@ def report() -> dict[str, Any]:
     mps = getattr(torch.backends, "mps", None)
     return {
         "zimage_native": __version__,
+        "zimage_native_path": str(Path(__file__).resolve().parent),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -163,7 +165,8 @@ def lines(rep: dict[str, Any]) -> list[str]:
 
     build = (f"CUDA {rep['torch_cuda']}" if rep["torch_cuda"] else f"ROCm {rep['torch_hip']}" if rep["torch_hip"]
              else "CPU-only build")
-    out = [f"zimage-native {rep['zimage_native']}, Python {rep['python']}, {rep['platform']}",
+    out = [f"zimage-native {rep['zimage_native']} ({rep['zimage_native_path']}), Python {rep['python']}, "
+           f"{rep['platform']}",
            f"torch {rep['torch']} ({build}); CUDA available: {'yes' if rep['cuda_available'] else 'no'}; "
            f"MPS available: {'yes' if rep['mps_available'] else 'no'}; NVIDIA driver: "
            f"{'yes' if rep['nvidia_driver'] else 'no'}"]
