@@ -266,6 +266,33 @@ def test_weights_kept_in_cpu_memory_are_checked_before_reading(tiny_model_dir, m
         loading.load_pretrained(tiny_model_dir, device="cuda", dtype=torch.float32, offload="text_encoder")
 
 
+def test_streamed_blocks_are_pinned_and_swap_cannot_hold_them(tiny_model_dir, monkeypatch):
+    """With --offload blocks on a GPU the DiT stays in page-locked CPU memory: it must fit in the RAM
+    itself; swap only counts for the rest."""
+    import zimage_native.loading as loading
+
+    class WeightsRead(Exception):
+        pass
+
+    def read(*args, **kwargs):
+        raise WeightsRead
+
+    monkeypatch.setattr(loading, "iter_tensors", read)
+    fake_cuda(monkeypatch)
+    card(monkeypatch, free=16 * GB)
+    need = folder_weight_bytes(tiny_model_dir, [], torch.float32)
+    host(monkeypatch, available=need["transformer"] - 1, swap=GB)
+    kw = dict(device="cuda", dtype=torch.float32)
+    with pytest.raises(InsufficientMemoryError, match=r"of which the transformer \(.* MB\) is pinned for "
+                       r"streaming, which swap cannot hold"):
+        loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
+    with pytest.raises(WeightsRead):  # model offload keeps it pageable: swap may hold it
+        loading.load_pretrained(tiny_model_dir, offload="model", **kw)
+    host(monkeypatch, available=need["transformer"], swap=GB)
+    with pytest.raises(WeightsRead):
+        loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
+
+
 def test_a_component_read_into_cpu_memory_is_checked_too(tiny_model_dir, monkeypatch):
     import zimage_native.loading as loading
 

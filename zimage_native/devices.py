@@ -206,11 +206,12 @@ def host_memory(meminfo: str | Path = "/proc/meminfo", cgroup: str | Path = "/sy
     return max(available, 0), max(swap, 0), total
 
 
-def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device]) -> None:
+def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device], pinned: tuple[str, ...] = ()) -> None:
     """Refuse before loading the weights that would stay in CPU memory (``needs``: bytes per component;
     those whose ``storage`` device is the CPU count) when they exceed the available RAM and free swap
-    together, and warn when they exceed the RAM alone (the system would swap). Quiet where the
-    system does not report its memory."""
+    together, or when the ``pinned`` ones (page-locked for streaming: swap cannot hold them) exceed
+    the RAM alone; warn when they all exceed the RAM (the system would swap). Quiet where the system
+    does not report its memory."""
     parts = {name: size for name, size in needs.items() if storage[name].type == "cpu"}
     need, memory = sum(parts.values()), host_memory()
     if not need or memory is None:
@@ -218,6 +219,13 @@ def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device]) -
     available, swap, total = memory
     listed = ", ".join(f"{name.replace('_', ' ')} {format_bytes(size)}" for name, size in parts.items())
     where = f"{listed}, {format_bytes(need)} in all" if len(parts) > 1 else listed
+    locked = sum(size for name, size in parts.items() if name in pinned)
+    if locked > available:
+        raise InsufficientMemoryError(
+            f"the weights do not fit in CPU memory: {where}, of which the {' and '.join(pinned).replace('_', ' ')} "
+            f"({format_bytes(locked)}) is pinned for streaming, which swap cannot hold, and this machine has "
+            f"{format_bytes(available)} of RAM available of {format_bytes(total)}. To fit, use a smaller DiT (a GGUF "
+            f"file, --transformer FILE.gguf) or --offload model")
     if need > available + swap:
         raise InsufficientMemoryError(
             f"the weights do not fit in CPU memory: {where}, and this machine has {format_bytes(available)} of RAM "
