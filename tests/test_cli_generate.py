@@ -424,3 +424,20 @@ def test_compile_for_a_single_image_says_what_it_costs(tiny_model_dir, tmp_path,
     assert "note: --vae-compile adds its cold start" in run(*common, "--vae-compile", ok=False).output
     for extra in (["--compile", "blocks", "--num-images", "2"], []):
         assert "cold start" not in run(*common, *extra, ok=False).output
+
+
+def test_info_on_an_image_shows_the_request_it_records(tiny_model_dir, tmp_path):
+    import json
+
+    out = tmp_path / "cat.png"
+    run("generate", "a cat on a chair", "--model", tiny_model_dir, *BASE, "--seed", "7", "-o", out)
+    text = run("info", out).output
+    assert text.startswith(f"{out}  (image written by zimage-native ")
+    assert "  a cat on a chair\n" in text and "Seed: 7, Size: 32x32" in text
+    assert f"re-run it: zimage generate --from-image {out}" in text
+    assert json.loads(run("info", out, "--json").output) == read_metadata(out)
+    plain = tmp_path / "plain.png"
+    Image.new("RGB", (8, 8)).save(plain)
+    result = run("info", plain, ok=False)
+    assert result.exit_code == 1 and result.output.strip() == \
+        f"Error: {plain} has no zimage-native generation metadata (no 'zimage' PNG text chunk)"

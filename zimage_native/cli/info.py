@@ -45,6 +45,23 @@ def _peaks(path: Path) -> list[tuple[str, int]]:
     return setting_peaks(path, [], torch.bfloat16, dict.fromkeys(COMPONENTS, gpu), gpu)
 
 
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")  # PNG, JPEG, WebP
+
+
+def _image_info(path: Path, as_json: bool) -> None:
+    """An image: the request recorded in a PNG written by zimage (read_metadata says what is missing)."""
+    from ..metadata import parameters_text, read_metadata
+
+    record = read_metadata(path)
+    if as_json:
+        click.echo(json.dumps(record, indent=2, ensure_ascii=False))
+        return
+    click.echo(f"{path}  (image written by zimage-native {record.get('version', '?')})")
+    for line in parameters_text(record).splitlines():
+        click.echo(f"  {line}")
+    click.echo(f"  re-run it: zimage generate --from-image {path}")
+
+
 def _dtypes(d: dict) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in sorted(d.items()))
 
@@ -63,7 +80,12 @@ def _config_line(component: str, cfg: dict) -> str:
 @user_errors
 def info(path: Path, as_json: bool):
     """Show what PATH holds (a model folder, a component folder or a single file): detected format,
-    components, layout, quantisation, dtypes, tensors and parameters. Reads headers only."""
+    components, layout, quantisation, dtypes, tensors and parameters. Reads headers only. For an
+    image written by zimage: the request it records."""
+    if path.is_file():
+        with path.open("rb") as f:
+            if f.read(8).startswith(IMAGE_MAGIC):
+                return _image_info(path, as_json)
     if path.is_dir() and (path / "model_index.json").is_file():
         report = _folder_report(path)
         if as_json:
