@@ -429,8 +429,9 @@ def load_pretrained(
     }
     storage = {name: load_device(name, dev, offload) for name, dev in placement.items()}
     skip = [k for k, v in overridden.items() if v is not None]
-    pinned = ("transformer",) if offload == "blocks" and placement["transformer"].type == "cuda" else ()
-    check_host_memory(folder_weight_bytes(folder, skip, dtype, text_encoder_quant), storage, pinned)
+    if any(dev.type == "cpu" for dev in storage.values()):
+        pinned = ("transformer",) if offload == "blocks" and placement["transformer"].type == "cuda" else ()
+        check_host_memory(folder_weight_bytes(folder, skip, dtype, text_encoder_quant), storage, pinned)
     if any(dev.type == "cuda" for dev in placement.values()):
         check_weights_fit(folder_weight_bytes(folder, skip, dtype, text_encoder_quant, offload), placement, offload,
                           advice=lambda device, free: settings_that_fit(folder, skip, dtype, placement, device, free))
