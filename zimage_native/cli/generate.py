@@ -235,8 +235,8 @@ def run_generate(prompts: list[str], o: dict) -> None:
     if len(jobs) == 1 and slow_start:
         verb = "adds its" if len(slow_start) == 1 else "add their"
         click.echo(f"note: {', '.join(slow_start)} {verb} cold start (compiling, capturing) to this run of one image; "
-                   f"the cost is paid back over many images in one process (--num-images, --prompts-file, "
-                   f"`zimage serve`)", err=True)
+                   f"it is paid once per process and image size, so these flags suit many images in one process "
+                   f"(--num-images, --prompts-file, `zimage serve`)", err=True)
 
     run_jobs(pipe, jobs, paths, o, fields, init, mask, control)
 
