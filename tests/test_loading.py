@@ -110,3 +110,46 @@ def test_hub_cache_layout_loads_offline(tiny_model_dir, tmp_path):
     (repo / "refs" / "main").write_text(commit)
     folder = resolve_model_folder("Tongyi-MAI/Z-Image-Turbo", cache_dir=tmp_path, local_files_only=True)
     assert (folder / "transformer" / "config.json").is_file()
+
+
+class RecordingBar:
+    """Stands in for tqdm: records each bar's description, total, what was read and whether it shows."""
+
+    bars: list = []
+
+    def __init__(self, total=None, desc=None, disable=False, **kwargs):
+        self.total, self.desc, self.disable, self.n = total, desc, disable, 0
+        RecordingBar.bars.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n):
+        self.n += n
+
+
+def test_loading_shows_progress_in_bytes_for_large_components(tiny_model_dir, tmp_path, monkeypatch):
+    """Every component's weights are read under a bar whose total is what the component holds in the
+    load dtype, and which ends there; below PROGRESS_MIN_BYTES (the tiny model) the bar is off."""
+    import tqdm.auto
+
+    import zimage_native.loading as loading
+    from zimage_native import ZImagePipeline
+
+    from .test_formats import comfy_dit, write
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    RecordingBar.bars = []
+    ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
+    assert {b.desc for b in RecordingBar.bars} == {"loading transformer", "loading vae", "loading text encoder"}
+    assert all(b.disable is True and b.n == b.total > 0 for b in RecordingBar.bars)  # tiny: no bar
+
+    monkeypatch.setattr(loading, "PROGRESS_MIN_BYTES", 0)
+    RecordingBar.bars = []
+    single = write(tmp_path / "dit.safetensors", comfy_dit(tiny_model_dir))
+    loading.load_component("transformer", single, torch.bfloat16, "cpu", {"axes_dims": [8, 12, 12]})
+    (bar,) = RecordingBar.bars
+    assert bar.desc == "loading transformer" and bar.disable is None and bar.n == bar.total  # shown on a terminal

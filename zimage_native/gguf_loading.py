@@ -23,7 +23,7 @@ from .formats.gguf import text_encoder_base
 from .formats.infer import folder_config, infer_text_encoder_config, infer_transformer_config
 from .formats.tensors import cast
 from .devices import check_component_fits
-from .loading import assign_state_dict, build_on_meta
+from .loading import assign_state_dict, build_on_meta, read_weights
 from .quant_linear import quantized_bytes, swap_quantized_modules_
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,9 @@ def load_gguf_component(kind: str, path: str | os.PathLike, dtype: torch.dtype |
             module = build_on_meta(lambda: ZImageTransformer(cfg))
             prepare(module)
             check_component_fits(kind, module, compute, device)
-            state = {k: cast(t, compute).to(device) for k, t in canonical_items(ckpt, info, packed=swapped,
-                                                                               dtype=compute)}
+            items = ((k, cast(t, compute).to(device)) for k, t in canonical_items(ckpt, info, packed=swapped,
+                                                                                  dtype=compute))
+            state = read_weights(items, kind, module, compute)
             assign_state_dict(module, state, kind)
             module = module.eval().requires_grad_(False)
         else:

@@ -116,6 +116,28 @@ def assign_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], wh
     return module
 
 
+#: Components with fewer bytes than this load without a progress bar (the VAE, the tiny test models).
+PROGRESS_MIN_BYTES = 256 * 2**20
+
+
+def read_weights(items: Iterable[tuple[str, torch.Tensor]], what: str, module: nn.Module,
+                 dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Take (key, tensor) pairs, already cast and placed, into a state dict for ``module`` (built on
+    meta), with a progress bar in bytes against what it holds in ``dtype``: on a terminal only, and
+    for components of :data:`PROGRESS_MIN_BYTES` or more."""
+    from tqdm.auto import tqdm
+
+    total = sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+                for t in module.state_dict().values())
+    state = {}
+    with tqdm(total=total, desc=f"loading {what}", unit="B", unit_scale=True, leave=False,
+              disable=True if total < PROGRESS_MIN_BYTES else None) as bar:
+        for key, t in items:
+            state[key] = t
+            bar.update(t.numel() * t.element_size())
+    return state
+
+
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     with torch.device("meta"):
         return factory()
@@ -131,7 +153,7 @@ def load_module(
     """Build ``factory()`` on meta and strictly load the weights at ``path`` into it."""
     module = build_on_meta(factory)
     check_component_fits(what, module, dtype, torch.device(device))
-    state_dict = load_state_dict(path, dtype=dtype, device=device)
+    state_dict = read_weights(iter_tensors(safetensors_files(path), dtype, device), what, module, dtype)
     return assign_state_dict(module, state_dict, what).eval().requires_grad_(False)
 
 
@@ -224,7 +246,8 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
             cfg = infer_vae_config(shapes, config, base)
             module = build_on_meta(lambda: AutoencoderKL(cfg))
         check_component_fits(kind, module, dtype, device)
-        assign_state_dict(module, {k: cast(t, dtype).to(device) for k, t in canonical_items(ckpt, info)}, kind)
+        items = ((k, cast(t, dtype).to(device)) for k, t in canonical_items(ckpt, info))
+        assign_state_dict(module, read_weights(items, kind, module, dtype), kind)
         logger.info("%s: loaded %s (%s layout%s)", kind, path, info.layout,
                     f", {info.quantization}" if info.quantization else "")
         return module.eval().requires_grad_(False)

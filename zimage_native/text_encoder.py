@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .devices import check_component_fits
-from .loading import assign_state_dict, build_on_meta, iter_tensors, safetensors_files
+from .loading import assign_state_dict, build_on_meta, iter_tensors, read_weights, safetensors_files
 from .quantize import quantize_text_encoder
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ def load_truncated_qwen3(full, items: Iterable[tuple[str, torch.Tensor]], dtype:
     if quant == "none":  # read straight onto the device: check it fits first (quantised: see loading)
         check_component_fits("text encoder", model, dtype, torch.device(device))
     read_on = device if quant == "none" else "cpu"
-    state_dict = {k: cast(t, dtype).to(read_on) for k, t in items if not unused_key(k, n)}
+    state_dict = read_weights(((k, cast(t, dtype).to(read_on)) for k, t in items if not unused_key(k, n)),
+                              "text encoder", model, dtype)
     rotary = model.rotary_emb
     model.rotary_emb = None  # its inv_freq buffer is computed, not loaded: rebuild it below on the device
     assign_state_dict(model, state_dict, "text_encoder")
