@@ -357,21 +357,31 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
 
 
 def _write(plan: Plan, folder: Path, ckpt, info, dst_km, out_dtype, baker, metadata) -> None:
+    """Stream the converted tensors into the planned shards, under a progress bar in bytes (on a
+    terminal, for components of ``loading.PROGRESS_MIN_BYTES`` or more)."""
     from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from ..loading import PROGRESS_MIN_BYTES
 
     shard_of = {k: i for i, keys in enumerate(plan.shards) for k in keys}
     remaining = [len(keys) for keys in plan.shards]
     buffers: list[dict[str, torch.Tensor]] = [{} for _ in plan.shards]
     expected = {t.key: t for t in plan.tensors}
-    for key, tensor in _stream(ckpt, info, dst_km, plan.component, out_dtype, baker, meta=False):
-        if key not in shard_of or tuple(tensor.shape) != expected[key].shape:
-            raise RuntimeError(f"conversion produced {key} {tuple(tensor.shape)}, which the plan does not have")
-        i = shard_of[key]
-        buffers[i][key] = tensor.contiguous()
-        remaining[i] -= 1
-        if remaining[i] == 0:
-            save_file(buffers[i], str(folder / plan.shard_files[i]), metadata=metadata)
-            buffers[i] = {}
+    total = plan.total_bytes
+    bar = tqdm(total=total, desc=f"converting {plan.component}", unit="B", unit_scale=True, leave=False,
+               disable=True if total < PROGRESS_MIN_BYTES else None)
+    with bar:
+        for key, tensor in _stream(ckpt, info, dst_km, plan.component, out_dtype, baker, meta=False):
+            if key not in shard_of or tuple(tensor.shape) != expected[key].shape:
+                raise RuntimeError(f"conversion produced {key} {tuple(tensor.shape)}, which the plan does not have")
+            i = shard_of[key]
+            buffers[i][key] = tensor.contiguous()
+            bar.update(tensor.numel() * tensor.element_size())
+            remaining[i] -= 1
+            if remaining[i] == 0:
+                save_file(buffers[i], str(folder / plan.shard_files[i]), metadata=metadata)
+                buffers[i] = {}
     if any(remaining):
         raise RuntimeError("conversion ended before every planned tensor was written")
 

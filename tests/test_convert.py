@@ -321,3 +321,19 @@ def test_info_on_single_files(tiny_model_dir, tmp_path):
     assert folder["text_encoder"]["layout"] == "bare"
     text = run("info", tiny_model_dir / "vae").output  # a component folder
     assert "vae" in text and "diffusers" in text
+
+
+def test_conversion_progress_counts_every_planned_byte(tiny_model_dir, tmp_path, monkeypatch):
+    import tqdm.auto
+
+    import zimage_native.loading as loading
+    from zimage_native.converters.convert import convert_checkpoint
+
+    from .test_loading import RecordingBar
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordingBar)
+    monkeypatch.setattr(loading, "PROGRESS_MIN_BYTES", 0)
+    RecordingBar.bars = []
+    convert_checkpoint(tiny_model_dir / "transformer", tmp_path / "dit.safetensors", "comfyui")
+    (bar,) = RecordingBar.bars
+    assert bar.desc == "converting transformer" and bar.disable is None and bar.n == bar.total > 0
