@@ -441,3 +441,22 @@ def test_info_on_an_image_shows_the_request_it_records(tiny_model_dir, tmp_path)
     result = run("info", plain, ok=False)
     assert result.exit_code == 1 and result.output.strip() == \
         f"Error: {plain} has no zimage-native generation metadata (no 'zimage' PNG text chunk)"
+
+
+def test_prompt_and_config_files_saved_by_windows_editors(tmp_path):
+    """Notepad's UTF-8 byte order mark and PowerShell 5's UTF-16 (`>`) are read as the text they hold;
+    a file in another encoding is a one-line error naming the flag and the file."""
+    gen = sys.modules["zimage_native.cli.generate"]
+    from zimage_native.cli.config import read_profile
+
+    text = "# a comment\na café at dawn\nun chat\n"
+    for name, data in [("bom.txt", b"\xef\xbb\xbf" + text.encode()), ("utf16.txt", text.encode("utf-16"))]:
+        (tmp_path / name).write_bytes(data)
+        assert gen.read_prompts(None, tmp_path / name) == ["a café at dawn", "un chat"]
+    (tmp_path / "latin1.txt").write_bytes("un café".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"^--prompts-file .*latin1.txt: not UTF-8 text \(.* at byte 6\); save it "
+                       r"as UTF-8$"):
+        gen.read_prompts(None, tmp_path / "latin1.txt")
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"\xef\xbb\xbf[default]\nsteps = 4\n")
+    assert read_profile(config, None)["steps"][0] == 4

@@ -90,3 +90,14 @@ def save_image_atomic(image, path: Path, **save_kwargs) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_user_text(path: Path, what: str) -> str:
+    """A text file a user wrote: UTF-8, with or without a byte order mark (Notepad's), or UTF-16 with
+    one (what Windows PowerShell 5's ``>`` writes); anything else is a one-line error."""
+    data = Path(path).read_bytes()
+    encoding = "utf-16" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None

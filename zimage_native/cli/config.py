@@ -19,6 +19,8 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from ._common import read_user_text
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -94,7 +96,7 @@ def option_keys(command: click.Command) -> dict[str, click.Option]:
 def read_profile(path: Path, profile: str | None) -> dict[str, tuple[Any, str]]:
     """Key -> (value, where it came from) for [default] plus the profile (profile wins)."""
     try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        data = tomllib.loads(read_user_text(Path(path), "config file"))
     except FileNotFoundError:
         raise ValueError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:

@@ -16,7 +16,7 @@ import click
 
 from ..hub import DEFAULT_MODEL
 from .options import config_file, loading, placement, speed, vae_tiling
-from ._common import save_image_atomic, user_errors
+from ._common import read_user_text, save_image_atomic, user_errors
 from .config import apply_layers, config_source, convert, read_profile
 
 DEFAULT_PATTERN = "zimage-{index:03d}-{seed}.png"
@@ -68,7 +68,7 @@ def resolve_seeds(seed: tuple[int, ...], seeds: int | None, num_images: int) -> 
 def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     prompts = [prompt] if prompt else []
     if prompts_file is not None:
-        lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        lines = read_user_text(prompts_file, "--prompts-file").splitlines()
         prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not prompts:
             raise ValueError(f"--prompts-file {prompts_file} has no prompts (only blank and # lines)")
