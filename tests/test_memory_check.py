@@ -6,6 +6,7 @@ the weights kept in CPU memory (devices.host_memory faked), and the warning when
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 import torch
@@ -322,7 +323,10 @@ def test_host_memory_reads_meminfo_and_a_containers_limit(tmp_path):
     (cgroup / "memory.swap.max").write_text("0\n")
     (cgroup / "memory.swap.current").write_text("0\n")
     assert devices.host_memory(meminfo, cgroup) == (4 * GB, 0, 8 * GB)
-    assert devices.host_memory(tmp_path / "missing", cgroup) is None  # not Linux: no check
+    # no /proc/meminfo and no psutil (macOS or Windows without it): not known, no check
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "psutil", None)
+        assert devices.host_memory(tmp_path / "missing", cgroup) is None
 
 
 @pytest.mark.parametrize("cuda_build,nvidia,expected", [
@@ -369,3 +373,15 @@ def test_weights_that_fit_but_leave_little_room_warn(monkeypatch, caplog):
     caplog.clear()
     check_weights_fit({**needs, "text_encoder": 4 * GB}, on_card)  # 16.2 GB of 24: room left, quiet
     assert caplog.text == ""
+
+
+def test_host_memory_without_proc_asks_psutil(tmp_path, monkeypatch):
+    """macOS and Windows have no /proc/meminfo: psutil answers where it is installed, else nothing."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(virtual_memory=lambda: SimpleNamespace(available=5 * GB, total=16 * GB),
+                           swap_memory=lambda: SimpleNamespace(free=2 * GB))
+    monkeypatch.setitem(sys.modules, "psutil", fake)
+    assert devices.host_memory(tmp_path / "no-meminfo") == (5 * GB, 2 * GB, 16 * GB)
+    monkeypatch.setitem(sys.modules, "psutil", None)  # not installed: import fails
+    assert devices.host_memory(tmp_path / "no-meminfo") is None

@@ -183,15 +183,21 @@ HOST_MEMORY_ADVICE = ("load in bfloat16 (--dtype bfloat16), quantise the text en
 
 def host_memory(meminfo: str | Path = "/proc/meminfo", cgroup: str | Path = "/sys/fs/cgroup"
                 ) -> tuple[int, int, int] | None:
-    """(available RAM, free swap, total RAM) in bytes, or None where the system does not say (not
-    Linux). A container's limit (cgroup v2 ``memory.max``) caps the RAM; its reclaimable page cache
-    (``inactive_file``) counts as available, as the kernel would free it."""
+    """(available RAM, free swap, total RAM) in bytes: on Linux from ``meminfo``, where a container's
+    limit (cgroup v2 ``memory.max``) caps the RAM and its reclaimable page cache (``inactive_file``)
+    counts as available, as the kernel would free it; elsewhere (macOS, Windows) from psutil when it
+    is installed; else None (not known)."""
     try:
         lines = Path(meminfo).read_text().splitlines()
         info = {k.strip(): int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in lines if ":" in line)}
         available, total, swap = info["MemAvailable"], info["MemTotal"], info.get("SwapFree", 0)
     except (OSError, KeyError, ValueError, IndexError):
-        return None
+        try:
+            import psutil
+        except ImportError:
+            return None
+        memory = psutil.virtual_memory()
+        return memory.available, psutil.swap_memory().free, memory.total
     try:
         limit = Path(cgroup, "memory.max").read_text().strip()
         if limit != "max":
