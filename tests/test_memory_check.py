@@ -385,3 +385,15 @@ def test_host_memory_without_proc_asks_psutil(tmp_path, monkeypatch):
     assert devices.host_memory(tmp_path / "no-meminfo") == (5 * GB, 2 * GB, 16 * GB)
     monkeypatch.setitem(sys.modules, "psutil", None)  # not installed: import fails
     assert devices.host_memory(tmp_path / "no-meminfo") is None
+
+
+def test_apple_silicon_weights_take_the_ram(monkeypatch):
+    """On a Mac the GPU ("mps") shares the RAM: its weights count against the RAM like the CPU's."""
+    mps, cpu = torch.device("mps"), torch.device("cpu")
+    needs = {"transformer": 12 * GB, "text_encoder": 8 * GB, "vae": GB // 5}
+    host(monkeypatch, available=16 * GB, swap=GB)
+    with pytest.raises(InsufficientMemoryError, match=r"^the weights do not fit in memory \(Apple silicon's GPU shares "
+                       r"the RAM\): transformer 12.00 GB, text encoder 8.00 GB, vae 0.20 GB, 20.20 GB in all"):
+        devices.check_host_memory(needs, dict.fromkeys(needs, mps))
+    devices.check_host_memory({**needs, "text_encoder": 2 * GB}, {**dict.fromkeys(needs, mps), "text_encoder": cpu})
+    devices.check_host_memory(needs, dict.fromkeys(needs, CUDA))  # a discrete GPU's weights do not count

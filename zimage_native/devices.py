@@ -154,11 +154,11 @@ def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype 
     weights (its floating tensors in ``dtype``, packed ones as they are) exceed the card's free memory
     now (the machine's available RAM and swap), which the components loaded before it have already
     taken their share of."""
-    if device.type not in ("cuda", "cpu"):
+    if device.type not in ("cuda", "cpu", "mps"):
         return
     need = sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
                for t in (*module.parameters(), *module.buffers()))
-    if device.type == "cpu":
+    if device.type in HOST_MEMORY_DEVICES:
         check_host_memory({what: need}, {what: device})
         return
     free, total = free_memory(device)
@@ -176,6 +176,8 @@ def format_bytes(n: int) -> str:
 
 # ----------------------------------------------------------------------------- CPU memory
 
+#: Devices whose weights take the machine's RAM: the CPU, and Apple silicon's GPU (unified memory).
+HOST_MEMORY_DEVICES = ("cpu", "mps")
 #: What lowers the weights' share of CPU memory, in the words of the CLI.
 HOST_MEMORY_ADVICE = ("load in bfloat16 (--dtype bfloat16), quantise the text encoder (--text-encoder-quant int8), "
                       "use a GGUF DiT (--transformer FILE.gguf), or, with a GPU, offload less (--offload none)")
@@ -214,31 +216,33 @@ def host_memory(meminfo: str | Path = "/proc/meminfo", cgroup: str | Path = "/sy
 
 def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device], pinned: tuple[str, ...] = ()) -> None:
     """Refuse before loading the weights that would stay in CPU memory (``needs``: bytes per component;
-    those whose ``storage`` device is the CPU count) when they exceed the available RAM and free swap
+    those whose ``storage`` device is the CPU, or Apple silicon's GPU, which shares the RAM, count) when they exceed the available RAM and free swap
     together, or when the ``pinned`` ones (page-locked for streaming: swap cannot hold them) exceed
     the RAM alone; warn when they all exceed the RAM (the system would swap). Quiet where the system
     does not report its memory."""
-    parts = {name: size for name, size in needs.items() if storage[name].type == "cpu"}
+    parts = {name: size for name, size in needs.items() if storage[name].type in HOST_MEMORY_DEVICES}
     need, memory = sum(parts.values()), host_memory()
     if not need or memory is None:
         return
     available, swap, total = memory
+    where_kept = ("memory (Apple silicon's GPU shares the RAM)" if any(storage[n].type == "mps" for n in parts)
+                  else "CPU memory")
     listed = ", ".join(f"{name.replace('_', ' ')} {format_bytes(size)}" for name, size in parts.items())
     where = f"{listed}, {format_bytes(need)} in all" if len(parts) > 1 else listed
     locked = sum(size for name, size in parts.items() if name in pinned)
     if locked > available:
         raise InsufficientMemoryError(
-            f"the weights do not fit in CPU memory: {where}, of which the {' and '.join(pinned).replace('_', ' ')} "
+            f"the weights do not fit in {where_kept}: {where}, of which the {' and '.join(pinned).replace('_', ' ')} "
             f"({format_bytes(locked)}) is pinned for streaming, which swap cannot hold, and this machine has "
             f"{format_bytes(available)} of RAM available of {format_bytes(total)}. To fit, use a smaller DiT (a GGUF "
             f"file, --transformer FILE.gguf) or --offload model")
     if need > available + swap:
         raise InsufficientMemoryError(
-            f"the weights do not fit in CPU memory: {where}, and this machine has {format_bytes(available)} of RAM "
+            f"the weights do not fit in {where_kept}: {where}, and this machine has {format_bytes(available)} of RAM "
             f"available of {format_bytes(total)} and {format_bytes(swap)} of free swap. To fit, {HOST_MEMORY_ADVICE}")
     if need > available:
-        logger.warning("the weights kept in CPU memory (%s) exceed the available RAM (%s of %s): the system will "
-                       "swap, and loading and generating will be slow", where, format_bytes(available),
+        logger.warning("the weights kept in %s (%s) exceed the available RAM (%s of %s): the system will swap, "
+                       "and loading and generating will be slow", where_kept, where, format_bytes(available),
                        format_bytes(total))
 
 

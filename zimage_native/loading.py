@@ -428,8 +428,8 @@ def load_pretrained(
     of loading Qwen3 here (the distributed mode; docs/server.md).
     """
     from .config import TransformerConfig, VAEConfig
-    from .devices import (check_host_memory, check_offload, check_weights_fit, load_device, resolve_device,
-                          resolve_dtype, warn_if_cpu_fallback)
+    from .devices import (HOST_MEMORY_DEVICES, check_host_memory, check_offload, check_weights_fit, load_device,
+                          resolve_device, resolve_dtype, warn_if_cpu_fallback)
     from .hub import load_tokenizer, resolve_model_folder
     from .model.transformer import ZImageTransformer
     from .model.vae import AutoencoderKL
@@ -452,7 +452,7 @@ def load_pretrained(
     }
     storage = {name: load_device(name, dev, offload) for name, dev in placement.items()}
     skip = [k for k, v in overridden.items() if v is not None]
-    if any(dev.type == "cpu" for dev in storage.values()):
+    if any(dev.type in HOST_MEMORY_DEVICES for dev in storage.values()):
         pinned = ("transformer",) if offload == "blocks" and placement["transformer"].type == "cuda" else ()
         check_host_memory(folder_weight_bytes(folder, skip, dtype, text_encoder_quant), storage, pinned)
     if any(dev.type == "cuda" for dev in placement.values()):
