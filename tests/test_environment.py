@@ -30,10 +30,10 @@ def test_the_report_on_this_machine():
     assert "what runs here:" in out and "  --attention sdpa: yes" in out
     assert "example config (--profile NAME): " in out and "config.example.toml" in out
     data = json.loads(run("--json"))
-    assert data["torch"] == torch.__version__ and data["runs_here"]["--attention sdpa"] is True
+    assert data["torch"] == torch.__version__ and data["runs_here"]["--attention sdpa"] == {"runs": True, "why": None}
     assert set(data["packages"]) == set(environment.PACKAGES)
     if not torch.cuda.is_available():
-        assert data["gpus"] == [] and data["runs_here"]["--cuda-graphs"] is False
+        assert data["gpus"] == [] and data["runs_here"]["--cuda-graphs"] == {"runs": False, "why": "needs a CUDA GPU"}
         assert "  a CUDA GPU: no, " in out and "device auto runs on" in out
 
 

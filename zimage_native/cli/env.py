@@ -16,7 +16,7 @@ def env(as_json: bool) -> None:
 
     rep = report()
     if as_json:
-        rep["runs_here"] = {what: why is None for what, why in verdicts(rep)}
+        rep["runs_here"] = {what: {"runs": why is None, "why": why} for what, why in verdicts(rep)}
         click.echo(json.dumps(rep, indent=2))
         return
     for line in lines(rep):

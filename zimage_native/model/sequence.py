@@ -16,8 +16,9 @@ Layout of one batch item (Z-Image reference semantics):
 - the joint sequence is [image (Nx), caption (Lc_max)]. Because every item of a batch has the
   same image size, this equals the reference's per-item [image, caption] followed by batch padding.
 
-Apple's Metal (device "mps") has no float64, which the RoPE angles need: for such a device the
-layout is built on the CPU and then moved over, once per request (every step shares it).
+Apple's Metal (device "mps") has no float64, which the RoPE angles need, nor have Intel's Arc GPUs
+("xpu"): for such a device the layout is built on the CPU and then moved over, once per request
+(every step shares it).
 
 Shape legend: B batch, C latent channels, Nx padded image tokens, Lc padded caption tokens.
 """
@@ -33,8 +34,9 @@ from ..config import TransformerConfig
 from .rope import rope_cos_sin
 
 SEQ_MULTIPLE = 32
-#: Device types without float64 tensors: layouts for them are built on the CPU.
-NO_FLOAT64 = frozenset({"mps"})
+#: Device types that may lack float64 (Apple's Metal; Intel's Arc GPUs, "xpu", have no fp64 hardware):
+#: layouts for them are built on the CPU.
+NO_FLOAT64 = frozenset({"mps", "xpu"})
 
 
 def ceil_to(n: int, multiple: int = SEQ_MULTIPLE) -> int:
