@@ -130,3 +130,10 @@ def test_a_rocm_gpu_is_not_judged_by_cuda_capabilities(gpus, monkeypatch):
         "unknown (ROCm)" in out
     verdicts = dict(environment.verdicts(environment.report()))
     assert "is a ROCm GPU" in verdicts["--fp8"] and "needs an NVIDIA GPU" in verdicts["--attention flash_attn_3"]
+
+
+def test_the_drivers_cuda_version_is_shown(monkeypatch):
+    monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(devices, "driver_cuda_version", lambda: "12.2")
+    assert "NVIDIA driver: yes (supports CUDA up to 12.2)" in run()
+    assert json.loads(run("--json"))["driver_cuda"] == "12.2"

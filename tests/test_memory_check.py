@@ -397,3 +397,18 @@ def test_apple_silicon_weights_take_the_ram(monkeypatch):
         devices.check_host_memory(needs, dict.fromkeys(needs, mps))
     devices.check_host_memory({**needs, "text_encoder": 2 * GB}, {**dict.fromkeys(needs, mps), "text_encoder": cpu})
     devices.check_host_memory(needs, dict.fromkeys(needs, CUDA))  # a discrete GPU's weights do not count
+
+
+def test_a_torch_newer_than_the_driver_says_so(monkeypatch):
+    """The second usual cause of no GPU: torch built for a newer CUDA than the driver supports."""
+    import subprocess
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: True)
+    smi = "| NVIDIA-SMI 535.183.01   Driver Version: 535.183.01   CUDA Version: 12.2     |\n"
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, smi, ""))
+    assert devices.driver_cuda_version() == "12.2"
+    assert "is built for CUDA 12.8, newer than the 12.2 this machine's NVIDIA driver supports: update the " \
+           "driver, or install a torch built for CUDA 12.2 or older" in devices.gpu_missing_reason()
+    monkeypatch.setattr(devices, "driver_cuda_version", lambda: "13.0")  # new enough: something else
+    assert "check the driver with nvidia-smi" in devices.gpu_missing_reason()

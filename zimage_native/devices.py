@@ -251,13 +251,36 @@ def nvidia_gpu_present() -> bool:
     return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None
 
 
+def driver_cuda_version() -> str | None:
+    """The newest CUDA version the NVIDIA driver supports, as ``nvidia-smi`` prints it, or None."""
+    import re
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=15).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"CUDA Version:\s*(\d+\.\d+)", out)
+    return found[1] if found else None
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2])
+
+
 def gpu_missing_reason() -> str:
     """Why torch sees no CUDA GPU, as far as the machine tells: the usual cause, where there is an
-    NVIDIA driver, is a CPU-only build of torch."""
+    NVIDIA driver, is a CPU-only build of torch; the next, a torch built for a newer CUDA than the
+    driver supports."""
     if nvidia_gpu_present() and torch.version.cuda is None:
         return (f"this machine has an NVIDIA GPU but torch {torch.__version__} is a CPU-only build: install a CUDA "
                 f"build of torch (https://pytorch.org/get-started/locally/) to use it")
     if nvidia_gpu_present():
+        driver = driver_cuda_version()
+        if driver is not None and _version(driver) < _version(torch.version.cuda):
+            return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, newer than the {driver} this "
+                    f"machine's NVIDIA driver supports: update the driver, or install a torch built for CUDA {driver} "
+                    f"or older (https://pytorch.org/get-started/locally/)")
         return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but cannot use this machine's "
                 f"NVIDIA GPU: check the driver with nvidia-smi (it must support CUDA {torch.version.cuda})")
     return "no CUDA GPU is visible to torch"

@@ -81,7 +81,7 @@ def hub_cache() -> dict[str, Any]:
 def report() -> dict[str, Any]:
     """Everything ``zimage env`` prints, as plain data."""
     from . import __version__
-    from .devices import host_memory, nvidia_gpu_present
+    from .devices import driver_cuda_version, host_memory, nvidia_gpu_present
 
     cuda = torch.cuda.is_available()
     memory = host_memory()
@@ -96,6 +96,7 @@ def report() -> dict[str, Any]:
         "torch_hip": getattr(torch.version, "hip", None),
         "cuda_available": cuda,
         "nvidia_driver": nvidia_gpu_present(),
+        "driver_cuda": driver_cuda_version() if nvidia_gpu_present() else None,
         "gpus": [gpu_report(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "mps_available": bool(mps is not None and mps.is_available()),
         "ram": None if memory is None else dict(zip(("available_bytes", "swap_free_bytes", "total_bytes"), memory)),
@@ -165,11 +166,12 @@ def lines(rep: dict[str, Any]) -> list[str]:
 
     build = (f"CUDA {rep['torch_cuda']}" if rep["torch_cuda"] else f"ROCm {rep['torch_hip']}" if rep["torch_hip"]
              else "CPU-only build")
+    driver = f" (supports CUDA up to {rep['driver_cuda']})" if rep["driver_cuda"] else ""
     out = [f"zimage-native {rep['zimage_native']} ({rep['zimage_native_path']}), Python {rep['python']}, "
            f"{rep['platform']}",
            f"torch {rep['torch']} ({build}); CUDA available: {'yes' if rep['cuda_available'] else 'no'}; "
            f"MPS available: {'yes' if rep['mps_available'] else 'no'}; NVIDIA driver: "
-           f"{'yes' if rep['nvidia_driver'] else 'no'}"]
+           f"{'yes' if rep['nvidia_driver'] else 'no'}{driver}"]
     for gpu in rep["gpus"]:
         if "error" in gpu:
             out.append(f"GPU {gpu['index']}: cannot be queried: {gpu['error']}")
