@@ -183,6 +183,26 @@ def test_warmup_job_timeout_and_history_pruning(tmp_path):
         assert len(list((tmp_path / "images").rglob("*.png"))) == 2
 
 
+def test_a_completed_job_finds_the_history_already_pruned(tmp_path, monkeypatch):
+    """The images beyond max_history are deleted before the job's "completed" event, so a client that
+    lists the history or the files right after it sees them pruned (a slow disk stands in here)."""
+    from zimage_native.server import storage
+
+    unlink = storage.Storage._unlink
+
+    def slow_unlink(self, *relatives):
+        time.sleep(0.3)
+        unlink(self, *relatives)
+
+    monkeypatch.setattr(storage.Storage, "_unlink", slow_unlink)
+    settings = settings_for(tmp_path, max_history=1)
+    with LiveServer(create_app(FakeEngine(step_delay=0.0), settings)) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as c:
+        for seed in (1, 2):
+            run_job(c, seed=seed, steps=1)
+            assert len(list((tmp_path / "images").rglob("*.png"))) == 1
+
+
 # ---------------------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("body, param, words", [
     ({"width": 65}, "width", "multiple of 16"),

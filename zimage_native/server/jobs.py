@@ -334,10 +334,10 @@ class JobManager:
             with self._cond:
                 self._avg_seconds = 0.7 * self._avg_seconds + 0.3 * seconds if self.completed_count else seconds
                 self.completed_count += 1
+            if self.settings.max_history is not None:  # before "completed": a client that then lists the
+                self.storage.prune(self.settings.max_history)  # history or the files sees them pruned
             self._finish(job, "completed", data={"images": [image_view(r) for r in rows],
                                                  "seconds": round(seconds, 4)})
-            if self.settings.max_history is not None:
-                self.storage.prune(self.settings.max_history)
         except JobCancelled:
             step = job.progress[0] if job.progress else 0
             self._finish(job, "cancelled", data={"step": step})
