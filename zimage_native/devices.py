@@ -148,6 +148,12 @@ def check_weights_fit(needs: dict[str, int], placement: dict[str, torch.device],
             f"{format_bytes(free)} free of {format_bytes(total)}. To fit, {fix}")
 
 
+def bytes_in(tensors, dtype: torch.dtype | None) -> int:
+    """Bytes of ``tensors`` once read: floating ones in ``dtype`` (when given), the others as they are."""
+    return sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+               for t in tensors)
+
+
 def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype | None,
                          device: torch.device) -> None:
     """Just before a component built on meta is read onto a GPU (or into CPU memory): refuse if its
@@ -156,8 +162,7 @@ def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype 
     taken their share of."""
     if device.type not in ("cuda", "cpu", "mps"):
         return
-    need = sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
-               for t in (*module.parameters(), *module.buffers()))
+    need = bytes_in((*module.parameters(), *module.buffers()), dtype)
     if device.type in HOST_MEMORY_DEVICES:
         check_host_memory({what: need}, {what: device})
         return

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import SchedulerConfig
-from .devices import check_component_fits, format_bytes, weight_peak
+from .devices import bytes_in, check_component_fits, format_bytes, weight_peak
 from .formats.checkpoint import (WEIGHT_FILE_NAMES, WEIGHT_INDEX_NAMES, Checkpoint, check_safetensors,
                                  safetensors_files, sniff)
 from .formats.detect import inspect_checkpoint, normalize_kind
@@ -127,8 +127,7 @@ def read_weights(items: Iterable[tuple[str, torch.Tensor]], what: str, module: n
     for components of :data:`PROGRESS_MIN_BYTES` or more."""
     from tqdm.auto import tqdm
 
-    total = sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
-                for t in module.state_dict().values())
+    total = bytes_in(module.state_dict().values(), dtype)
     state = {}
     with tqdm(total=total, desc=f"loading {what}", unit="B", unit_scale=True, leave=False,
               disable=True if total < PROGRESS_MIN_BYTES else None) as bar:
