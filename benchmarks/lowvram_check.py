@@ -52,6 +52,7 @@ import torch
 
 try:
     from zimage_native import bench, footprint
+    from zimage_native.loading import build_on_meta
 except ImportError as e:  # its kernels/, converters/ and templates/ exist only once installed
     sys.exit(f"lowvram_check.py: the engine is not installed ({e}); from the repository root run "
              "`python3 -m pip install --no-deps --no-build-isolation -e .` first")
@@ -132,7 +133,7 @@ class Run:
         if self._vae is None:
             from zimage_native.model.vae import AutoencoderKL
 
-            self._vae = bench.on_device(lambda: AutoencoderKL(self.vcfg), self.device, self.dtype, 2)
+            self._vae = bench.on_device(build_on_meta(lambda: AutoencoderKL(self.vcfg)), self.device, self.dtype, 2)
         return self._vae
 
     def text_encoder(self, quant: str):

@@ -28,6 +28,20 @@ NO_FP8 = ("sm80", "sm75")  # no e4m3 below sm89 (and the engine refuses fp8 on R
 ROW_KERNELS = {"_rms_norm_fwd_kernel", "_qk_norm_rope_kernel", "_gated_rms_norm_residual_kernel", "_silu_mul_kernel"}
 
 
+def contracting_ptxas(target: str) -> str | None:
+    """The ptxas of ``target`` where it is known to contract ``mul.rn`` / ``add.rn`` into FFMA against
+    PTX's rules (docs/kernels.md): the sm120 assembler of Triton 3.6 and 3.7 (CUDA 12.x); else None."""
+    if target != "sm120":
+        return None
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        version = get_ptxas(120).version
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    return f"Triton {triton.__version__}'s sm120 ptxas {version}" if int(version.split(".")[0]) < 13 else None
+
+
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     try:
@@ -66,8 +80,9 @@ def test_every_launch_builds_for_the_gpu(builds, target):
         if target not in NVIDIA:  # AMD: its FMAs include the division and exp expansions; nothing more read
             continue
         # the GPU performs the interpreter's operations: no contracted multiply-adds (the fp8 quantisation's
-        # FFMAs are those of the correctly rounded division, which the launch option does not touch)
-        if launch["kernel"] != "_quantize_fp8_rows_kernel":
+        # FFMAs are those of the correctly rounded division, which the launch option does not touch; an
+        # older sm120 ptxas contracts anyway, a known deviation within the kernel tests' tolerances)
+        if launch["kernel"] != "_quantize_fp8_rows_kernel" and contracting_ptxas(target) is None:
             assert launch.get("ffma", 0) == 0 and launch.get("fmul", 1) > 0, launch
         # no register spills to local memory at the released widths (a silent slowdown); 255 is the cap
         assert launch.get("local", 0) == 0 and launch.get("stack", 0) == 0 and launch.get("registers", 0) <= 255, launch

@@ -180,7 +180,7 @@ def test_a_component_file_is_checked_when_it_is_read(tiny_model_dir, tmp_path, m
     with pytest.raises(InsufficientMemoryError, match="the transformer .* does not fit on cuda:0"):
         loading.load_component("transformer", path, torch.bfloat16, CUDA, config=AXES)
     card(monkeypatch, free=packed)  # exactly the packed bytes (refused at one byte less): reading starts,
-    with pytest.raises((RuntimeError, AssertionError), match="CUDA"):  # onto a GPU this machine lacks
+    with pytest.raises((RuntimeError, AssertionError), match="CUDA|NVIDIA driver"):  # no GPU here (CPU or CUDA build)
         loading.load_component("transformer", path, torch.bfloat16, CUDA, config=AXES)
 
 
@@ -214,7 +214,7 @@ def test_a_text_encoder_file_is_checked_when_it_is_read(tiny_model_dir, monkeypa
     with pytest.raises(InsufficientMemoryError, match=r"^the text encoder \(0\.1 MB of weights\) does not fit"):
         loading.load_component("text_encoder", folder, torch.bfloat16, CUDA)
     card(monkeypatch, free=need)
-    with pytest.raises((RuntimeError, AssertionError), match="CUDA"):  # it fits: reading starts
+    with pytest.raises((RuntimeError, AssertionError), match="CUDA|NVIDIA driver"):  # it fits: reading starts
         loading.load_component("text_encoder", folder, torch.bfloat16, CUDA)
 
 

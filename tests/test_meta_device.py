@@ -173,3 +173,70 @@ def test_the_meta_device_catches_host_reads_and_cpu_tensors(meta_pipe, monkeypat
     monkeypatch.setattr(sampling, "build_layout", cpu_layout)
     with pytest.raises(RuntimeError, match="device"):
         meta_pipe("a cat", output_type="latent", **KW)
+
+
+IMPORTS_UNDER_META = r"""
+import json, sys
+import torch
+
+seen = []
+
+
+class Watch:  # a meta-path finder that only records what is imported while meta is the default device
+    busy = False
+
+    def find_spec(self, name, path=None, target=None):
+        if not Watch.busy:  # get_default_device may import too
+            Watch.busy = True
+            try:
+                if torch.get_default_device().type == "meta":
+                    seen.append(name)
+            finally:
+                Watch.busy = False
+        return None
+
+
+sys.meta_path.insert(0, Watch())
+from transformers import Qwen3Config
+
+config = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+if sys.argv[1] == "engine":
+    from zimage_native.text_encoder import build_truncated_qwen3
+
+    build_truncated_qwen3(config)
+elif sys.argv[1] == "pipeline":  # a whole load: every component is built on meta first
+    from zimage_native import ZImagePipeline
+
+    ZImagePipeline.from_pretrained(sys.argv[2], device="cpu")
+else:  # the control: transformers' lazy import left to run under meta
+    from transformers import AutoModel
+
+    from zimage_native.loading import build_on_meta
+
+    build_on_meta(lambda: AutoModel.from_config(config, attn_implementation="sdpa"))
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("mode", ["engine", "pipeline", "control"])
+def test_nothing_is_imported_under_meta(mode, tmp_path, tiny_model_dir):
+    """The Qwen3 is built on meta, but transformers imports its modelling module lazily, and that
+    import reaches torch._dynamo, whose first import under a meta default device fails with torch
+    2.6 ("Tensor.item() cannot be called on meta tensors": every load failed there). Nothing may be
+    imported while meta is the default device; the control shows the watch sees such imports."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "watch.py"
+    script.write_text(IMPORTS_UNDER_META)
+    run = subprocess.run([sys.executable, str(script), mode, str(tiny_model_dir)], capture_output=True, text=True,
+                         timeout=300,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    if mode != "control":
+        assert seen == []
+    else:
+        assert "transformers.models.qwen3.modeling_qwen3" in seen

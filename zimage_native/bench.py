@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .loading import build_on_meta
+
 logger = logging.getLogger(__name__)
 
 FLOOR_TFLOPS = 790.0  # bf16 dense matmul rate used as the compute floor (design.md section 4)
@@ -168,10 +170,8 @@ def model_configs(tokenizer_size: int, tiny: bool = False):
                         rope_theta=1e6, max_position_embeddings=40960, tie_word_embeddings=True))
 
 
-def on_device(factory, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+def on_device(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     """A module built on meta, materialised on ``device`` in ``dtype`` with :func:`random_init_` weights."""
-    with torch.device("meta"):
-        module = factory()
     module = module.to_empty(device=device).to(dtype)
     return random_init_(module, seed).eval().requires_grad_(False)
 
@@ -179,21 +179,19 @@ def on_device(factory, device: torch.device, dtype: torch.dtype, seed: int) -> t
 def build_random_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool = False, workdir: Path | None = None):
     """Our pipeline with the released Z-Image-Turbo architecture (or a tiny one) and random weights,
     plus the full 36-layer Qwen3 module (for diffusers, which runs all of its layers)."""
-    from transformers import AutoModel
-
     from .config import SchedulerConfig
     from .model.transformer import ZImageTransformer
     from .model.vae import AutoencoderKL
     from .pipeline import ZImagePipeline
     from .testing import build_tokenizer
-    from .text_encoder import TextEncoder, build_truncated_qwen3
+    from .text_encoder import TextEncoder, build_truncated_qwen3, qwen3_on_meta
 
     workdir = Path(workdir or os.environ.get("TMPDIR", "/tmp")) / "zimage-bench-tokenizer"
     tokenizer = build_tokenizer(workdir)
     tcfg, vcfg, qcfg = model_configs(len(tokenizer), tiny)
-    transformer = on_device(lambda: ZImageTransformer(tcfg), device, dtype, 1)
-    vae = on_device(lambda: AutoencoderKL(vcfg), device, dtype, 2)
-    full_qwen = on_device(lambda: AutoModel.from_config(qcfg, attn_implementation="sdpa"), device, dtype, 3)
+    transformer = on_device(build_on_meta(lambda: ZImageTransformer(tcfg)), device, dtype, 1)
+    vae = on_device(build_on_meta(lambda: AutoencoderKL(vcfg)), device, dtype, 2)
+    full_qwen = on_device(qwen3_on_meta(qcfg), device, dtype, 3)
     with torch.device(device):
         full_qwen.rotary_emb = type(full_qwen.rotary_emb)(config=qcfg)  # a computed buffer, not a weight
     # Our encoder: the first N-1 layers and no final norm (hidden_states[-2]), sharing the tensors.
@@ -329,7 +327,7 @@ def profile_pipeline(profile, device: torch.device | str, dtype: torch.dtype = t
         text_encoder = TextEncoder(random_text_encoder(qcfg, device, dtype, profile.text_encoder), tokenizer)
     text_encoder.model.to(storage_device("text_encoder", device, profile.offload))
     if vae is None:
-        vae = on_device(lambda: AutoencoderKL(vcfg), device, dtype, 2)
+        vae = on_device(build_on_meta(lambda: AutoencoderKL(vcfg)), device, dtype, 2)
     placement = {"text_encoder": device, "transformer": device, "vae": device}
     pipe = ZImagePipeline(dit, vae, text_encoder, SchedulerConfig(shift=3.0), vcfg, variant="turbo",
                           source=f"random Z-Image-Turbo architecture, profile {profile.name}" + (" (tiny)" if tiny else ""),
@@ -347,9 +345,11 @@ def diffusers_pipeline(pipe, full_qwen):
 
     tcfg = pipe.transformer_config.to_dict()
     tcfg = {k: v for k, v in tcfg.items() if k != "siglip_feat_dim"}
+    # The classes first: diffusers imports lazily, and an import under meta can fail (see qwen3_on_meta).
+    transformer_class, vae_class = diffusers.ZImageTransformer2DModel, diffusers.AutoencoderKL
     with torch.device("meta"):
-        transformer = diffusers.ZImageTransformer2DModel(**tcfg)
-        vae = diffusers.AutoencoderKL(**pipe.vae_config.to_dict())
+        transformer = transformer_class(**tcfg)
+        vae = vae_class(**pipe.vae_config.to_dict())
     transformer.load_state_dict(pipe.transformer.state_dict(), strict=True, assign=True)
     vae.load_state_dict(pipe.vae.state_dict(), strict=True, assign=True)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=pipe.scheduler_config.shift)

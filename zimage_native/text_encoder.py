@@ -25,17 +25,29 @@ from .quantize import quantize_text_encoder
 logger = logging.getLogger(__name__)
 
 
+def qwen3_on_meta(config) -> nn.Module:
+    """transformers' model of ``config`` (a Qwen3 config) with SDPA attention, built on meta.
+
+    Its modelling module is imported first, outside the meta device: importing it imports
+    transformers' generation utilities and, through their ``torch.compiler.disable``, torch._dynamo,
+    whose first import fails under a meta default device with torch 2.6 ("Tensor.item() cannot be
+    called on meta tensors")."""
+    from transformers import AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    MODEL_MAPPING[type(config)]  # the lazy import, here
+    return build_on_meta(lambda: AutoModel.from_config(config, attn_implementation="sdpa"))
+
+
 def build_truncated_qwen3(full) -> tuple[nn.Module, object, int]:
     """From a full Qwen3 config: the model with the first N-1 layers and no final norm, built on
     meta (what Z-Image reads: hidden_states[-2]); returns (model, its config, N)."""
-    from transformers import AutoModel
-
     config = copy.deepcopy(full)
     n = full.num_hidden_layers
     config.num_hidden_layers = n - 1
     if getattr(config, "layer_types", None):
         config.layer_types = list(config.layer_types)[: n - 1]
-    model = build_on_meta(lambda: AutoModel.from_config(config, attn_implementation="sdpa"))
+    model = qwen3_on_meta(config)
     model.norm = nn.Identity()
     return model, config, n
 

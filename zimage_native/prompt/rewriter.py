@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..loading import assign_state_dict, build_on_meta, iter_tensors, read_header_keys, safetensors_files
+from ..loading import assign_state_dict, iter_tensors, read_header_keys, safetensors_files
 from .request import (DEFAULT_REWRITER, REWRITER_CATEGORY, build_rewrite_text, check_sampling,  # noqa: F401
                       resolve_rewriter, strip_think)
 from .templates import Template, TemplateRegistry
@@ -152,14 +152,16 @@ def load_causal_lm(
     encoder's truncated Qwen3). Its tensors are reused, not copied, where shape, dtype and device
     match; the rest is read from ``folder``.
     """
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
+
+    from ..text_encoder import qwen3_on_meta
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
     if config.model_type != "qwen3":
         raise ValueError(f"{folder}: expected a Qwen3 text encoder (model_type 'qwen3'), got {config.model_type!r}")
     device = torch.device(device)
-    model = build_on_meta(lambda: AutoModel.from_config(config, attn_implementation="sdpa"))
+    model = qwen3_on_meta(config)
     rotary = model.rotary_emb
     model.rotary_emb = None  # its inv_freq buffer is computed, not loaded: rebuilt below on the device
     expected = model.state_dict(keep_vars=True)
