@@ -25,7 +25,7 @@ from zimage_native.model.sequence import build_layout, pad_captions, patchify  #
 from zimage_native.quant_linear import GGUFEmbedding, GGUFLinear  # noqa: E402
 
 from .gguf_files import SCALE_FIELDS, random_blocks  # noqa: E402
-from .utils import assert_rel  # noqa: E402
+from .utils import assert_rel, needs_probe_triton  # noqa: E402
 
 # The interpreter's fp16 cast of |x| > 65504 (inf, as torch gives) warns through numpy.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast")
@@ -257,6 +257,7 @@ print(json.dumps(counts))
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the bit-equality tests above run the real build")
+@needs_probe_triton
 def test_the_gpu_build_does_not_contract_into_fma():
     """The interpreter cannot see fma contraction (``ds * q - dm`` rounded once instead of twice),
     which would break bit equality on a GPU. Compile the Q4_K kernel for sm_90 with the launch's

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from .utils import needs_probe_triton
+
 triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
-                                reason="on a GPU the kernel tests build and run them for real")
+pytestmark = [pytest.mark.skipif(torch.cuda.is_available(),
+                                 reason="on a GPU the kernel tests build and run them for real"), needs_probe_triton]
 
 PROBE = Path(__file__).with_name("gpu_build_probe.py")
 #: Shared memory one block may use, per architecture (bytes).

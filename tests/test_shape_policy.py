@@ -106,22 +106,23 @@ def test_sweep_has_no_masks_for_single_images_and_no_recompile_limit_hit(pipe, c
 def test_static_shapes_under_the_default_limit_warn_naming_the_shape(pipe, caplog, limit_hits):
     import torch._dynamo.config as config
 
-    from zimage_native.accel.compile import set_recompile_limit
+    from zimage_native.accel.compile import recompile_limit_name, set_recompile_limit
 
     torch._dynamo.reset()
     # Restored by hand: pytest >= 9.2's monkeypatch deletes a torch config entry on undo (hiding it).
-    saved = config.recompile_limit
+    name = recompile_limit_name()  # cache_size_limit in torch 2.6
+    saved = getattr(config, name)
     try:
         backend = InspectingBackend()
         pipe.optimize(compile="blocks", compile_backend=backend, shapes="static")
         set_recompile_limit(0)  # keeps the engine's limit; now force dynamo's default back:
-        config.recompile_limit = 8
+        setattr(config, name, 8)
         pipe.transformer._zimage_compiled[2].limit = 8
         with caplog.at_level(logging.WARNING):
             sweep(pipe, backend, sizes=SIZES[:1] + [(64, 64)])
     finally:
-        config.recompile_limit = saved
-    assert any("hit config.recompile_limit" in m for m in limit_hits.messages), "static shapes exceed 8 classes"
+        setattr(config, name, saved)
+    assert any(f"hit config.{name}" in m for m in limit_hits.messages), "static shapes exceed 8 classes"
     messages = [r.getMessage() for r in caplog.records]
     ours = [m for m in messages if m.startswith("torch.compile: the DiT block gets a new shape class")]
     assert ours and "sequence" in ours[0] and "past the recompile limit 8" in ours[0], messages

@@ -39,3 +39,20 @@ def assert_rel(a: torch.Tensor, b: torch.Tensor, tol: float, what: str = "output
 #: torch._scaled_mm: PyTorch 2.13 has them, 2.11 (the GPU image's) does not.
 needs_cpu_fp8 = pytest.mark.skipif(not cpu_rowwise_scaled_mm(),
                                    reason=f"torch {torch.__version__}: the CPU _scaled_mm takes per-tensor scales only")
+
+
+def _triton_version() -> tuple[int, int]:
+    import re
+
+    import triton
+
+    major, minor = (int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
+    return major, minor
+
+
+#: The GPU build probes (tests/gpu_build_probe.py and the GGML kernel's FMA probe) drive Triton's
+#: compiler through its internals, which change between releases; they were written against
+#: Triton 3.6 to 3.9. An older Triton is skipped by name; a newer one that breaks them fails.
+needs_probe_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is not None and _triton_version() < (3, 6),
+    reason="the GPU build probes drive Triton 3.6-3.9's compiler internals; this Triton is older")

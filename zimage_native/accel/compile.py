@@ -59,10 +59,15 @@ def _dynamo_config():
     return config
 
 
+def recompile_limit_name() -> str:
+    """The name of dynamo's per-code-object recompile limit (``cache_size_limit`` in torch 2.6)."""
+    return "recompile_limit" if hasattr(_dynamo_config(), "recompile_limit") else "cache_size_limit"
+
+
 def set_recompile_limit(limit: int) -> int:
     """Raise dynamo's per-code-object recompile limit to at least ``limit``; returns the value set."""
     config = _dynamo_config()
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    name = recompile_limit_name()
     value = max(int(getattr(config, name)), limit)
     setattr(config, name, value)
     if hasattr(config, "accumulated_recompile_limit"):
