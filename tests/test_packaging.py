@@ -34,6 +34,20 @@ def test_wheel_maps_folders_into_the_namespace(tmp_path):
     assert "zimage = zimage_native.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
 
 
+def test_the_triton_extra_names_a_triton_each_platform_has():
+    """PyPI's triton has Linux wheels only: on Windows the extra installs triton-windows, on macOS
+    nothing, so that `pip install ".[test,triton]"` (the README's development install) works there."""
+    from packaging.requirements import Requirement
+
+    requirements = [Requirement(r) for r in importlib.metadata.requires("zimage-native")]
+
+    def tritons(platform: str) -> list[str]:
+        env = {"sys_platform": platform, "extra": "triton"}
+        return sorted(r.name for r in requirements if "triton" in r.name and r.marker and r.marker.evaluate(env))
+
+    assert tritons("linux") == ["triton"] and tritons("win32") == ["triton-windows"] and tritons("darwin") == []
+
+
 def test_installed_subpackages_import():
     import zimage_native.converters
     import zimage_native.kernels

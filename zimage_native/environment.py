@@ -21,7 +21,7 @@ import torch
 
 #: Distributions whose versions the report lists (name in the report -> distribution names to try).
 PACKAGES = {
-    "triton": ("triton", "pytorch-triton-rocm"),
+    "triton": ("triton", "pytorch-triton-rocm", "triton-windows"),
     "transformers": ("transformers",),
     "safetensors": ("safetensors",),
     "huggingface_hub": ("huggingface_hub",),
