@@ -252,13 +252,8 @@ def test_shipped_example_config_is_valid(tmp_path, monkeypatch):
 
     import click
 
-    from zimage_native.cli.config import convert, read_profile
+    from zimage_native.cli.config import convert, read_profile, tomllib
     from zimage_native.cli.generate import generate
-
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
 
     example = Path(__file__).resolve().parents[1] / "zimage_native" / "config.example.toml"
     tables = [k for k, v in tomllib.loads(example.read_text()).items() if isinstance(v, dict)]

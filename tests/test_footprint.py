@@ -5,13 +5,13 @@ computed from a config on meta, they equal the bytes of real tiny models stored 
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from zimage_native import footprint as fp
+from zimage_native.cli.config import tomllib  # tomli before Python 3.11
 from zimage_native.config import TransformerConfig, VAEConfig
 from zimage_native.model.transformer import ZImageTransformer
 from zimage_native.model.vae import AutoencoderKL
@@ -22,11 +22,6 @@ from zimage_native.testing import randomize_
 from .dit_configs import TINY_DIT, TINY_FP8_DIT
 from .fixtures import TINY_VAE
 from .utils import needs_cpu_fp8
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 # Widths that are multiples of 128, so that int4 uses its real group size (as test_text_encoder_quant).
 QWEN = dict(vocab_size=300, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,

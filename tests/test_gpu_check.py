@@ -112,7 +112,8 @@ def test_device_wheels_pin_the_versions_the_project_tests_against():
     """benchmarks/device_wheels.sh fetches the parity reference the test extra pins, and one version of
     each wheel (gpu_check.sh installs .whl/*.whl together; two versions of a package stop the install)."""
     import re
-    import tomllib
+
+    from zimage_native.cli.config import tomllib  # tomli before Python 3.11
 
     script = (ROOT / "benchmarks" / "device_wheels.sh").read_text()
     pins = dict(re.findall(r"([A-Za-z_]+)==([0-9.]+)", script.split("WHEELS=(", 1)[1].split(")", 1)[0]))
