@@ -18,7 +18,7 @@ def one_line_error(*args: str):
 
 @pytest.mark.parametrize("args, message", [
     (["info", "/nonexistent"], "Path '/nonexistent' does not exist. (see `zimage info --help`)"),
-    (["generate", "a cat", "--bogus"], "No such option '--bogus'"),
+    (["generate", "a cat", "--bogus"], ("No such option '--bogus'", "No such option: --bogus")),  # click 8.2+, 8.1
     (["generate", "a cat", "--steps", "x"], "'x' is not a valid integer"),
     (["templates", "list", "--category", "nonsense"], "'nonsense' is not one of"),
     (["templates", "show", "photo-aerial-drone", "--nope"], "(see `zimage templates show --help`)"),
@@ -26,7 +26,8 @@ def one_line_error(*args: str):
     (["convert", "/nonexistent", "/tmp/x", "--to", "diffusers"], "Path '/nonexistent' does not exist"),
 ])
 def test_click_usage_errors_are_one_line_with_status_1(args, message):
-    assert message in one_line_error(*args)
+    line = one_line_error(*args)
+    assert any(m in line for m in ((message,) if isinstance(message, str) else message)), line
 
 
 @pytest.mark.parametrize("command", ["generate", "serve"])

@@ -38,6 +38,11 @@ def _one_line(e: click.UsageError) -> click.ClickException:
     return UserError(e.format_message().splitlines()[0] + where)
 
 
+#: click >= 8.2 raises this for a bare group or command with no_args_is_help (its help, exit status 2);
+#: click 8.1 prints the help and exits without an exception.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class ZImageGroup(click.Group):
     """Lets ``--seed 1 2 3`` mean ``--seed 1 --seed 2 --seed 3`` (click options take one value each),
     and prints click's usage errors as one line with exit status 1 (:func:`_one_line`)."""
@@ -45,7 +50,7 @@ class ZImageGroup(click.Group):
     def make_context(self, info_name, args, parent=None, **extra):
         try:
             return super().make_context(info_name, args, parent, **extra)
-        except click.exceptions.NoArgsIsHelpError:
+        except _NO_ARGS_IS_HELP:
             raise
         except click.UsageError as e:
             raise _one_line(e) from None
@@ -53,7 +58,7 @@ class ZImageGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except click.exceptions.NoArgsIsHelpError:
+        except _NO_ARGS_IS_HELP:
             raise
         except click.UsageError as e:
             raise _one_line(e) from None
