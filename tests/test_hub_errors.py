@@ -15,16 +15,27 @@ from huggingface_hub.utils import hf_raise_for_status
 from zimage_native.cli import main
 from zimage_native.hub import HubError, resolve_model_folder, resolve_tokenizer_folder
 
-httpx = pytest.importorskip("httpx2" if hasattr(huggingface_hub.utils, "_http") and hasattr(
+# The HTTP client huggingface_hub uses: requests before 1.0 (transformers 4.x pins it there), httpx after.
+REQUESTS = int(huggingface_hub.__version__.split(".")[0]) < 1
+client = pytest.importorskip("requests" if REQUESTS else "httpx2" if hasattr(huggingface_hub.utils, "_http") and hasattr(
     huggingface_hub.utils._http, "httpx2") else "httpx")
 
 REPO = "someone/some-model"
 
 
+def fake_response(status: int, headers: dict, url: str):
+    if not REQUESTS:
+        return client.Response(status, headers=headers, request=client.Request("GET", url))
+    response = client.Response()
+    response.status_code, response.url, response.reason = status, url, "error"
+    response.headers.update(headers)
+    response.request = client.Request("GET", url).prepare()
+    return response
+
+
 def http_error(status: int, code: str | None) -> Exception:
     url = f"https://huggingface.co/api/models/{REPO}/revision/main"
-    response = httpx.Response(status, headers={"X-Error-Code": code} if code else {},
-                              request=httpx.Request("GET", url))
+    response = fake_response(status, {"X-Error-Code": code} if code else {}, url)
     try:
         hf_raise_for_status(response)
     except Exception as e:
@@ -35,7 +46,8 @@ def http_error(status: int, code: str | None) -> Exception:
 def no_network() -> Exception:
     try:
         try:
-            raise httpx.ConnectError("[Errno -2] Name or service not known")
+            connect_error = client.ConnectionError if REQUESTS else client.ConnectError
+            raise connect_error("[Errno -2] Name or service not known")
         except Exception as cause:
             raise errors.LocalEntryNotFoundError(
                 "An error happened while trying to locate the files on the Hub, and we cannot find the "
@@ -59,7 +71,8 @@ def disk_full() -> Exception:
 
 
 CASES = {
-    "no network": (no_network, ["no network connection", "ConnectError: [Errno -2] Name or service not known",
+    "no network": (no_network, ["no network connection",
+                                f"{'ConnectionError' if REQUESTS else 'ConnectError'}: [Errno -2] Name or service not known",
                                 "--model /path/to/folder", "HF_HUB_OFFLINE=1", "/hf-cache"]),
     "offline, cache incomplete": (offline_cache_miss, ["HF_HUB_OFFLINE=1 is set", "no complete copy",
                                                        "/hf-cache", "--model /path/to/folder"]),
