@@ -48,7 +48,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or 'auto'")
     if DTYPES[dtype] is torch.float16:
-        logger.warning("float16 can overflow in the Z-Image DiT; bfloat16 or float32 is recommended")
+        logger.warning("float16 can overflow in the Z-Image DiT (a run that does stops with an error); bfloat16 or "
+                       "float32 is recommended")
     return DTYPES[dtype]
 
 

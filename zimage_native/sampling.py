@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from .finite import check_finite, finite_all, finite_rows
 from .images import check_side
 from .images import preprocess_image, preprocess_mask, to_pil  # noqa: F401  (the task inputs, re-exported)
 from .model.sequence import SequenceLayout, build_layout, pad_captions, patchify, unpatchify
@@ -613,17 +614,25 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
                                  "caption tokens are refined once per request); only latents can be replaced")
             return out.get("latents", latents)
 
+    text_ok = finite_all(embeds + (negative or []))  # read at the end (no sync here)
     latents = denoise(pipe, cond.latents, embeds, negative, schedule, r.guidance_scale, r.cfg_normalization,
                       r.cfg_truncation, pipe.progress if progress is None else progress, cond.start, callback,
                       cond.blend, cond.extra, on_step_end)
-    return ZImageOutput(images=to_output(pipe, latents, r.output_type), seeds=seeds, info=info)
+    return ZImageOutput(images=finish(pipe, latents, r.output_type, text_ok, seeds, r.prompt_embeds is not None),
+                        seeds=seeds, info=info)
 
 
-def to_output(pipe, latents: torch.Tensor, output_type: str):
+def finish(pipe, latents: torch.Tensor, output_type: str, text_ok: torch.Tensor | None = None,
+           seeds: list[int] | None = None, given_embeds: bool = False):
+    """Decode to ``output_type`` and refuse NaN or inf (:func:`finite.check_finite`); the check reads
+    its flags after the copy to the host ("np", "pil"), which waits for the run anyway."""
+    latents_ok = finite_rows(latents)
     if output_type == "latent":
+        check_finite(pipe, text_ok, latents_ok, None, seeds, given_embeds)
         return latents
     images = pipe.decode(latents)
-    if output_type == "pt":
-        return images
-    images = images.cpu().permute(0, 2, 3, 1).float().numpy()
-    return images if output_type == "np" else to_pil(images)
+    images_ok = finite_rows(images)
+    if output_type != "pt":
+        images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    check_finite(pipe, text_ok, latents_ok, images_ok, seeds, given_embeds)
+    return to_pil(images) if output_type == "pil" else images

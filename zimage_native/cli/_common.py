@@ -48,7 +48,9 @@ def _is_user_error(e: BaseException) -> bool:
         return True
     accel, hub = sys.modules.get("zimage_native.accel._kernels"), sys.modules.get("zimage_native.hub")
     chat, encoder = sys.modules.get("zimage_native.prompt.remote"), sys.modules.get("zimage_native.server.remote")
+    finite = sys.modules.get("zimage_native.finite")
     return ((accel is not None and isinstance(e, accel.AccelerationUnavailable))
+            or (finite is not None and isinstance(e, finite.NonFiniteError))
             or (hub is not None and isinstance(e, hub.HubError))
             or (chat is not None and isinstance(e, chat.ChatServerError))
             or (encoder is not None and isinstance(e, encoder.RemoteEncoderError)))

@@ -62,6 +62,25 @@ def _image_info(path: Path, as_json: bool) -> None:
     click.echo(f"  re-run it: zimage generate --from-image {path}")
 
 
+def _check(path: Path, as_json: bool) -> None:
+    """``--check``: every tensor's values read; exit status 1 if any holds NaN or inf."""
+    import sys
+
+    from ..formats.scan import scan_nonfinite
+
+    report = scan_nonfinite(path, progress=not as_json and sys.stderr.isatty())
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(f"{path}: read {report.tensors} floating-point tensors ({report.values:,} values)")
+        for b in report.bad:
+            click.echo(f"  {b.name}: {b.nan:,} NaN, {b.inf:,} infinite of {b.numel:,} values")
+        click.echo(f"  {len(report.bad)} tensor(s) hold NaN or infinite values: the file is damaged, or the model "
+                   "it holds diverged" if report.bad else "  all values are finite")
+    if report.bad:
+        sys.exit(1)
+
+
 def _dtypes(d: dict) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in sorted(d.items()))
 
@@ -77,15 +96,23 @@ def _config_line(component: str, cfg: dict) -> str:
 @click.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--check", is_flag=True,
+              help="Instead: read every tensor and list those holding NaN or infinite values (exit status 1 if any).")
 @user_errors
-def info(path: Path, as_json: bool):
+def info(path: Path, as_json: bool, check: bool):
     """Show what PATH holds (a model folder, a component folder or a single file): detected format,
     components, layout, quantisation, dtypes, tensors and parameters. Reads headers only. For an
     image written by zimage: the request it records."""
+    is_image = False
     if path.is_file():
         with path.open("rb") as f:
-            if f.read(8).startswith(IMAGE_MAGIC):
-                return _image_info(path, as_json)
+            is_image = f.read(8).startswith(IMAGE_MAGIC)
+    if check:
+        if is_image:
+            raise ValueError(f"--check reads model weights; {path} is an image")
+        return _check(path, as_json)
+    if is_image:
+        return _image_info(path, as_json)
     if path.is_dir() and (path / "model_index.json").is_file():
         report = _folder_report(path)
         if as_json:

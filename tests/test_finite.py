@@ -1,0 +1,210 @@
+"""No silent black images (zimage_native.finite): NaN or inf made by the text encoder, the DiT or
+the VAE stops the run with an error naming the stage and the likely cause.
+
+The float16 case is the one users meet: the tiny model with its feed-forward weights scaled up, so
+that its activations exceed float16's range as the real DiT's do, gives a finite image in float32
+and an all-black one in float16 without the check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from zimage_native import ZImagePipeline
+from zimage_native.finite import NonFiniteError, check_finite, finite_rows
+
+RUN = dict(width=64, height=64, num_inference_steps=2, seed=[5, 6], num_images_per_prompt=2)
+
+
+def _overflowing(tiny_model_dir, dtype):
+    """The tiny model whose DiT feed-forward activations reach ~1e5 (beyond float16's 65504)."""
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=dtype)
+    pipe.progress = False
+    with torch.no_grad():
+        for block in pipe.transformer.layers:
+            for name, p in block.feed_forward.named_parameters():
+                if name.startswith(("w1", "w3", "w13")):
+                    p.mul_(400)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def fp16_pipe(tiny_model_dir):
+    return _overflowing(tiny_model_dir, torch.float16)
+
+
+def test_the_overflow_is_real_float32_is_finite(tiny_model_dir):
+    """The control: the same scaled weights in float32 make a finite, non-black image."""
+    pipe = _overflowing(tiny_model_dir, torch.float32)
+    images = pipe("a cat", output_type="np", **RUN).images
+    assert np.isfinite(images).all() and images.max() > 0.1
+
+
+def test_float16_overflow_is_an_error_not_a_black_image(fp16_pipe):
+    for output_type in ("pil", "np", "pt", "latent"):
+        with pytest.raises(NonFiniteError) as e:
+            fp16_pipe("a cat", output_type=output_type, **RUN)
+        message = str(e.value)
+        assert message.startswith("the DiT made NaN or infinite latents for image 1, 2 of 2 (seed 5, 6)")
+        assert "float16" in message and "bfloat16" in message and "\n" not in message
+
+
+def test_the_unchecked_float16_output_is_black(fp16_pipe, monkeypatch):
+    """What the check prevents: without it the same run returns an all-black image."""
+    import zimage_native.sampling as sampling
+
+    monkeypatch.setattr(sampling, "check_finite", lambda *a, **k: None)
+    with np.errstate(invalid="ignore"):
+        image = fp16_pipe("a cat", **RUN).images[0]
+    assert image.getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+def test_only_the_bad_image_is_named(tiny_pipe):
+    """Given latents, NaN in the second item only: the DiT keeps items apart."""
+    latents = torch.randn(2, 16, 8, 8)
+    latents[1, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"latents for image 2 of 2, so") as e:
+        tiny_pipe(["a cat", "a dog"], width=64, height=64, num_inference_steps=2, latents=latents)
+    assert "float16" not in str(e.value) and "damaged weights" in str(e.value)
+
+
+def test_text_encoder_nan_names_the_text_features(tiny_model_dir):
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    pipe.progress = False
+    with torch.no_grad():
+        pipe.text_encoder.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="^the text features hold NaN or infinite values, so"):
+        pipe("a cat", **RUN)
+
+
+def test_given_embeddings_are_named(tiny_pipe):
+    embeds = tiny_pipe.encode_prompt(["a cat"])
+    embeds[0][3, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="the prompt_embeds .* given hold them"):
+        tiny_pipe(prompt_embeds=embeds, **RUN)
+
+
+def test_vae_nan_names_the_decode(tiny_model_dir):
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    pipe.progress = False
+    with torch.no_grad():
+        next(pipe.vae.decoder.parameters()).view(-1)[0] = float("nan")
+    assert torch.isfinite(pipe("a cat", output_type="latent", **RUN).images).all()
+    with pytest.raises(NonFiniteError, match="^the VAE decode made NaN or infinite pixels from finite latents "
+                                             r"for image 1, 2 of 2 \(seed 5, 6\)"):
+        pipe("a cat", **RUN)
+
+
+def test_lora_and_fp8_are_suspects(fp16_pipe, monkeypatch):
+    from zimage_native.lora import LoraReport
+
+    monkeypatch.setitem(fp16_pipe._accel, "fp8", True)
+    monkeypatch.setattr(fp16_pipe.lora_stack, "loaded", [LoraReport("style.safetensors", "kohya", scale=3.0)])
+    with pytest.raises(NonFiniteError) as e:
+        fp16_pipe("a cat", output_type="latent", **RUN)
+    assert "fp8 linears (try without --fp8)" in str(e.value)
+    assert "the LoRA style.safetensors at scale 3 (try a lower scale" in str(e.value)
+
+
+def test_finite_runs_pass_and_flags_are_per_item(tiny_pipe):
+    t = torch.zeros(3, 4, 2)
+    t[1, 2, 0] = float("-inf")
+    assert finite_rows(t).tolist() == [True, False, True]
+    check_finite(tiny_pipe, torch.tensor([True]), torch.tensor([True, True]), torch.tensor([True, True]))
+    check_finite(tiny_pipe, None, torch.tensor([True]))
+
+
+def test_the_cli_prints_one_line_and_writes_nothing(tiny_model_dir, tmp_path):
+    """A DiT file with a NaN weight (as a bad merge leaves): one line, exit 1, no image file."""
+    import shutil
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from zimage_native.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    path = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    state["all_final_layer.2-1.linear.weight"][0, 0] = float("nan")
+    save_file(state, path)
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(folder), "--device", "cpu", "--width", "64",
+                                       "--height", "64", "--steps", "2", "--seed", "9", "--no-progress", "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1].startswith(
+        "Error: the DiT made NaN or infinite latents for image 1 of 1 (seed 9), so the images would be black")
+    assert not out.exists() and list(tmp_path.glob("*.png")) == []
+
+
+# ----------------------------------------------------------------------------- zimage info --check
+
+def _invoke(*args):
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    return CliRunner().invoke(main, ["info", *map(str, args)])
+
+
+def test_check_reads_every_tensor_of_a_model_folder(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    clean = _invoke(tiny_model_dir, "--check")
+    assert clean.exit_code == 0 and clean.output.strip().endswith("all values are finite")
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    path = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    key = sorted(k for k in state if k.startswith("decoder."))[0]
+    state[key].view(-1)[:3] = float("nan")
+    state[key].view(-1)[5] = float("-inf")
+    save_file(state, path)
+    bad = _invoke(folder, "--check")
+    assert bad.exit_code == 1
+    assert f"  vae/{key}: 3 NaN, 1 infinite of {state[key].numel():,} values" in bad.output.splitlines()
+    report = json.loads(_invoke(folder / "vae", "--check", "--json").output)
+    assert report["nonfinite"] == [{"name": key, "nan": 3, "inf": 1, "numel": state[key].numel()}]
+    assert report["tensors"] == len(state) and report["values"] == sum(v.numel() for v in state.values())
+
+
+def test_check_widens_fp8_and_skips_integers(tmp_path):
+    from safetensors.torch import save_file
+
+    from zimage_native.formats.scan import scan_nonfinite
+
+    w = torch.tensor([[1.0, float("nan")], [448.0, -2.0]]).to(torch.float8_e4m3fn)
+    save_file({"w": w, "q": torch.full((4,), -1, dtype=torch.int8), "b": torch.ones(2, dtype=torch.bfloat16)},
+              tmp_path / "m.safetensors")
+    report = scan_nonfinite(tmp_path / "m.safetensors")
+    assert (report.tensors, report.values) == (2, 6)
+    assert [(b.name, b.nan, b.inf) for b in report.bad] == [("w", 1, 0)]
+
+
+def test_check_dequantises_gguf_blocks(tmp_path):
+    from tests.gguf_files import random_blocks, write_gguf
+    from zimage_native.formats.scan import scan_nonfinite
+
+    rng = np.random.default_rng(0)
+    blocks = random_blocks("Q8_0", 4, 64, rng)
+    blocks[2, 34:36] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)  # row 2, block 1: its fp16 scale
+    half = np.ones((2, 8), np.float16)
+    half[1, 1] = np.inf
+    path = write_gguf(tmp_path / "m.gguf", {"a.weight": (blocks, "Q8_0"), "b.weight": (half, "F16"),
+                                            "c.weight": (random_blocks("Q4_K", 2, 256, rng), "Q4_K")}, arch=None)
+    report = scan_nonfinite(path)
+    assert report.tensors == 3 and report.values == 4 * 64 + 16 + 2 * 256
+    assert [(b.name, b.nan, b.inf) for b in report.bad] == [("a.weight", 32, 0), ("b.weight", 0, 1)]
+
+
+def test_check_refuses_an_image(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    result = _invoke(tmp_path / "x.png", "--check")
+    assert result.exit_code == 1 and "--check reads model weights" in result.output
