@@ -208,3 +208,22 @@ def test_check_refuses_an_image(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     result = _invoke(tmp_path / "x.png", "--check")
     assert result.exit_code == 1 and "--check reads model weights" in result.output
+
+
+def test_the_server_fails_the_job_with_the_message(fp16_pipe, tmp_path):
+    pytest.importorskip("fastapi")
+    httpx = pytest.importorskip("httpx")
+    from zimage_native.server import Limits, PipelineEngine, ServerSettings, create_app
+    from zimage_native.server.sse import follow
+    from zimage_native.server.testing import LiveServer
+
+    settings = ServerSettings(data_dir=tmp_path / "server", limits=Limits(min_side=32, max_side=256))
+    with LiveServer(create_app(PipelineEngine(fp16_pipe, model_name="tiny"), settings)) as live:
+        with httpx.Client(base_url=live.url, timeout=60) as c:
+            job = c.post("/api/v1/jobs", json={"prompt": "a cat", "width": 64, "height": 64, "steps": 2,
+                                               "seed": 4}).json()
+            events = follow(c, job["events_url"])
+            got = c.get(f"/api/v1/jobs/{job['id']}").json()
+    assert events[-1].type == "failed"
+    assert events[-1].data["error"].startswith("the DiT made NaN or infinite latents for image 1 of 1 (seed 4)")
+    assert got["status"] == "failed" and got["images"] == [] and "float16" in got["error"]
