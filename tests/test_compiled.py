@@ -292,6 +292,60 @@ def test_fp8_on_a_gpu_needs_sm89_and_a_bfloat16_dit():
         (9, 0), "NVIDIA H100", {torch.bfloat16, torch.float32, torch.float16})
 
 
+class _OnCuda(torch.nn.Module):
+    """A module whose parameters claim to live on cuda:0 in bfloat16 (the checks read only that)."""
+
+    def parameters(self, recurse=True):
+        from types import SimpleNamespace
+
+        yield SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, is_floating_point=lambda: True)
+
+
+@pytest.mark.parametrize("capability", [(6, 1), (7, 0), (7, 5), (8, 0), (8, 6), (9, 0), (12, 0)])
+def test_compile_is_refused_where_inductor_skips_bfloat16(monkeypatch, capability):
+    """Inductor skips every bfloat16 graph on a GPU whose torch.cuda.is_bf16_supported(including_emulation=
+    False) is False, with a warning, and the model runs eagerly: there compile (of the DiT and of the
+    VAE decode) is refused with the reason, and the threshold is torch's own."""
+    import inspect
+    from types import SimpleNamespace
+
+    from torch._inductor import compile_fx
+
+    from zimage_native.accel import AccelerationUnavailable
+    from zimage_native.accel.compile import check_compile_supported, gpu_compile_problem
+    from zimage_native.accel.vae import compile_vae_decode_
+
+    source = inspect.getsource(compile_fx._check_triton_bf16_support)
+    assert "is_bf16_supported(including_emulation=False)" in source and "SkipFrame" in source
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(major=capability[0]))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "Tesla T4")
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert native == (capability >= (8, 0))
+    problem = gpu_compile_problem(capability, "Tesla T4", {torch.bfloat16})
+    assert (problem is None) == native
+    assert gpu_compile_problem(capability, "Tesla T4", {torch.float16, torch.float32}) is None
+    if native:
+        check_compile_supported(_OnCuda(), "inductor")
+        return
+    assert f"on Tesla T4 (sm{capability[0]}{capability[1]}; native bfloat16 starts at compute capability 8.0)" in problem
+    with pytest.raises(AccelerationUnavailable, match="run the DiT eagerly"):
+        check_compile_supported(_OnCuda(), "inductor")
+    check_compile_supported(_OnCuda(), "eager")  # another backend is not inductor's business
+    with pytest.raises(AccelerationUnavailable, match="run the VAE decode eagerly"):
+        compile_vae_decode_(_OnCuda())
+
+
+def test_compile_is_not_refused_on_rocm(monkeypatch):
+    from zimage_native.accel.compile import gpu_compile_problem
+
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    assert gpu_compile_problem((9, 4), "AMD Instinct MI300X", {torch.bfloat16}) is None
+
+
 def test_fp8_is_refused_on_rocm_whatever_its_gfx_numbers(monkeypatch):
     from zimage_native.accel.fp8 import gpu_fp8_problem
 

@@ -72,6 +72,8 @@ def test_gpus_their_features_and_the_verdicts(gpus):
     from zimage_native.accel._kernels import triton_unavailable_reason
 
     assert verdicts["--kernels triton"] == triton_unavailable_reason()
+    assert verdicts["--compile blocks / full"] == (triton_unavailable_reason() and
+                                                  f"needs Triton on a GPU: {triton_unavailable_reason()}")
     if environment.package_version(("flash-attn", "flash_attn")) is None:
         assert "flash_attn" in verdicts["--attention flash_attn_2"]  # the import that failed
     assert "  Z-Image-Turbo on GPU 0 (84.83 GB): everything resident (no profile), 20.32 GB of weights at the " \
@@ -84,6 +86,10 @@ def test_fp8_on_an_older_gpu_says_why(gpus, monkeypatch):
     verdicts = dict(environment.verdicts(environment.report()))
     assert "compute capability 8.9 or newer" in verdicts["--fp8"]
     assert "needs sm80+" in verdicts["--attention flash_attn_2"]
+    from zimage_native.accel._kernels import triton_unavailable_reason
+
+    if triton_unavailable_reason() is None:
+        assert "does not compile bfloat16 graphs on Tesla T4 (sm75" in verdicts["--compile blocks / full"]
 
 
 @pytest.mark.parametrize("card_gib, profile", [(24, "rtx4090"), (16, "16gb"), (12, "12gb"), (8, "8gb"), (6, "8gb"),

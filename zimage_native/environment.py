@@ -125,6 +125,7 @@ def verdicts(rep: dict[str, Any]) -> list[tuple[str, str | None]]:
     """(what, None if it can run here else why not), for the device "auto" picks and the accelerations."""
     from .accel._kernels import triton_unavailable_reason
     from .accel.attention_backends import BACKENDS, unavailable_reason
+    from .accel.compile import gpu_compile_problem
     from .accel.fp8 import gpu_fp8_problem
     from .devices import gpu_missing_reason
 
@@ -141,9 +142,14 @@ def verdicts(rep: dict[str, Any]) -> list[tuple[str, str | None]]:
     device = torch.device("cuda", gpu["index"]) if gpu else torch.device("cpu")
     triton = triton_unavailable_reason()
     out.append(("--kernels triton", no_gpu if gpu is None else triton))
-    out.append(("--compile blocks / full", (triton and f"needs Triton on a GPU: {triton}") if gpu is not None
-                else None if any(shutil.which(cc) for cc in ("c++", "g++", "clang++", "cl"))
-                else "torch.compile on the CPU needs a C++ compiler (none found on PATH)"))
+    if gpu is not None:  # with the default dtype there, bfloat16
+        compile_problem = ((triton and f"needs Triton on a GPU: {triton}")
+                           or gpu_compile_problem(tuple(gpu["compute_capability"]), gpu["name"], {torch.bfloat16}))
+    elif any(shutil.which(cc) for cc in ("c++", "g++", "clang++", "cl")):
+        compile_problem = None
+    else:
+        compile_problem = "torch.compile on the CPU needs a C++ compiler (none found on PATH)"
+    out.append(("--compile blocks / full", compile_problem))
     out.append(("--cuda-graphs", no_gpu if gpu is None else None))
     fp8 = no_gpu
     if gpu is not None:

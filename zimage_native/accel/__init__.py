@@ -27,7 +27,7 @@ from .attention_backends import (
     set_attention_backend,
     unavailable_reason,
 )
-from .compile import COMPILE_MODES, SHAPE_POLICIES, compile_transformer_
+from .compile import COMPILE_MODES, SHAPE_POLICIES, check_compile_supported, compile_transformer_
 from .fp8 import check_fp8_supported, quantize_fp8_
 from .fused_ops import check_kernels_can_run, count_fused, use_fused_kernels
 from .fusions import fuse_projections_
@@ -69,6 +69,8 @@ def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sd
         raise ValueError(f"compile must be one of {list(COMPILE_MODES)}, got {compile!r}")
     if shapes not in SHAPE_POLICIES:
         raise ValueError(f"shapes must be one of {list(SHAPE_POLICIES)}, got {shapes!r}")
+    if compile != "off":
+        check_compile_supported(transformer, compile_backend)
     if fp8:
         check_fp8_supported(transformer)
     check_attention_backend(transformer, attention)  # all checked before anything is swapped

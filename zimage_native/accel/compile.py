@@ -174,6 +174,33 @@ def _methods(model: nn.Module) -> tuple[str, ...]:
     return ("hints",) if isinstance(model, ZImageControlNet) else ("forward_tokens", "encode_caption")
 
 
+def gpu_compile_problem(capability: tuple[int, int], name: str, dtypes: set[torch.dtype],
+                        what: str = "the DiT") -> str | None:
+    """Why torch.compile's inductor would not compile the DiT on this GPU (None if it would): inductor
+    skips every graph with bfloat16 inputs or outputs on a CUDA GPU without native bfloat16 (compute
+    capability below 8.0: Turing, Volta, Pascal), with a warning, and ``what`` runs eagerly."""
+    if getattr(torch.version, "hip", None) or torch.bfloat16 not in dtypes or tuple(capability) >= (8, 0):
+        return None
+    major, minor = capability
+    return (f"torch.compile (inductor) does not compile bfloat16 graphs on {name} (sm{major}{minor}; native "
+            f"bfloat16 starts at compute capability 8.0): it would skip them and run {what} eagerly. Run "
+            f"without compile on this GPU (CUDA graphs and the Triton kernels still apply)")
+
+
+def check_compile_supported(model: nn.Module, backend: str | object, what: str = "the DiT") -> None:
+    """Raise :class:`AccelerationUnavailable` where the inductor backend would silently not compile."""
+    from ._kernels import AccelerationUnavailable
+
+    param = next(model.parameters(), None)
+    if backend != "inductor" or param is None or param.device.type != "cuda":
+        return
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    problem = gpu_compile_problem(torch.cuda.get_device_capability(param.device),
+                                  torch.cuda.get_device_name(param.device), dtypes, what)
+    if problem:
+        raise AccelerationUnavailable(problem)
+
+
 def compile_transformer_(transformer: nn.Module, mode: str = "blocks", backend: str | object = "inductor",
                          shapes: str = "dynamic") -> str:
     """Compile the DiT in place; returns one log line. ``backend`` is for tests (e.g. a counter)."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .compile import check_compile_supported
+
 
 class CompiledDecode:
     """``vae.decode`` replaced: channels_last input, the compiled decoder, contiguous output."""
@@ -37,6 +39,7 @@ def compile_vae_decode_(vae: nn.Module, channels_last: bool = True, backend: str
     """Compile ``vae.decode`` in place (weights to channels_last first); returns the log line."""
     if isinstance(vae.__dict__.get("decode"), CompiledDecode):
         return "vae decode: already compiled"
+    check_compile_supported(vae, backend, "the VAE decode")
     if channels_last:
         vae.decoder.to(memory_format=torch.channels_last)
     compiled = torch.compile(vae.decoder, backend=backend, mode=mode, dynamic=None)
