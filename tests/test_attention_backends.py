@@ -76,6 +76,7 @@ def mock_environment(monkeypatch, installed=(), capability=(9, 0)):
         pytest.param(GPU_BACKENDS, (9, 0), torch.float32, "xformers", id="fp32: only xFormers takes it"),
         pytest.param((), (9, 0), torch.bfloat16, "sdpa", id="nothing installed: SDPA"),
         pytest.param(GPU_BACKENDS, (7, 5), torch.float16, "xformers", id="Turing: FA and Sage need sm80"),
+        pytest.param(GPU_BACKENDS, (7, 5), torch.bfloat16, "sdpa", id="Turing in bf16: xFormers needs sm80 too"),
     ],
 )
 def test_auto_picks_by_priority(monkeypatch, installed, capability, dtype, expected):
@@ -101,6 +102,7 @@ def test_auto_on_the_cpu_says_why_it_chose_sdpa(monkeypatch):
         ("flash_attn_2", GPU_BACKENDS, (9, 0), torch.bfloat16, 512, "head dim <= 256"),
         ("sage", GPU_BACKENDS, (9, 0), torch.bfloat16, 256, "head dim 64, 96 or 128"),
         ("xformers", (), (9, 0), torch.float32, 128, "No module named 'xformers.ops'"),
+        ("xformers", GPU_BACKENDS, (7, 5), torch.bfloat16, 128, "takes bfloat16 from sm80 only .*this is sm75"),
     ],
 )
 def test_explicit_unavailable_backend_raises_with_the_reason(monkeypatch, name, installed, capability, dtype,

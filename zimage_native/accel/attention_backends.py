@@ -16,7 +16,7 @@ environment here except by :func:`attention_from_env`, which entry points call o
                   fp16/bf16, Dh<=256                              (flash_attn_varlen_func)
     sage          sageattention, CUDA sm80+, fp16/bf16,           not supported: masked calls use SDPA
                   Dh in {64, 96, 128}
-    xformers      xformers, CUDA                                  additive -inf bias, broadcast
+    xformers      xformers, CUDA (bf16 from sm80)                 additive -inf bias, broadcast
     auto          the first available of flash_attn_3 > flash_attn_2 > sage > xformers > sdpa
 
 Masks reach this seam only when a batch really mixes caption lengths (``model.sequence``): a
@@ -118,6 +118,10 @@ def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype, head
         return f"needs sm80+ and head dim <= 256; this is sm{major_minor[0]}{major_minor[1]}, head dim {head_dim}"
     if name == "flash_attn_3" and (major_minor[0] != 9 or head_dim > 256):
         return f"needs a Hopper GPU (sm90) and head dim <= 256; this is sm{major_minor[0]}{major_minor[1]}"
+    if name == "xformers" and dtype == torch.bfloat16 and major_minor < (8, 0) and not getattr(torch.version, "hip",
+                                                                                               None):
+        return (f"takes bfloat16 from sm80 only (its CUTLASS and flash kernels); this is sm{major_minor[0]}"
+                f"{major_minor[1]} (use sdpa)")
     if name == "sage" and (major_minor < (8, 0) or head_dim not in (64, 96, 128)):
         return (f"needs sm80+ and head dim 64, 96 or 128; this is sm{major_minor[0]}{major_minor[1]}, "
                 f"head dim {head_dim}")
