@@ -318,3 +318,92 @@ def test_rocm_gfx_numbers_are_not_taken_for_cuda_capabilities(monkeypatch):
     for name in ("flash_attn_3", "sage"):
         assert "needs an NVIDIA GPU" in ab.unavailable_reason(name, CUDA, torch.bfloat16, 128)
     assert ab.resolve_backend("auto", CUDA, torch.bfloat16, 128)[0] == "flash_attn_2"  # ROCm builds exist
+
+
+# ---------------------------------------------------------------- SDPA with its math path only
+@pytest.mark.parametrize("device, capability, dtype, math_only", [
+    (CUDA, (7, 5), torch.bfloat16, True),  # T4, RTX 20xx
+    (CUDA, (7, 0), torch.bfloat16, True),  # V100
+    (CUDA, (7, 5), torch.float16, False),  # the memory-efficient kernel takes fp16 from sm50
+    (CUDA, (7, 5), torch.float32, False),
+    (CUDA, (8, 0), torch.bfloat16, False),
+    (CUDA, (12, 0), torch.bfloat16, False),
+    (torch.device("cpu"), (0, 0), torch.bfloat16, False),  # the CPU's fused kernel takes every dtype
+])
+def test_sdpa_math_only_where_no_fused_kernel_takes_bfloat16(monkeypatch, device, capability, dtype, math_only):
+    monkeypatch.setattr(ab, "_capability", lambda d: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    reason = ab.sdpa_math_only(device, dtype)
+    assert (reason is not None) == math_only
+    if math_only:
+        assert reason.startswith(f"sm{capability[0]}{capability[1]} in bfloat16: SDPA's fused kernels take bfloat16 "
+                                 "from sm80 only")
+    monkeypatch.setattr(torch.version, "hip", "6.4.0")
+    assert ab.sdpa_math_only(device, dtype) is None  # ROCm's capability numbers are gfx versions
+
+
+def _qkv(b=2, h=3, lq=50, lk=50, d=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(b, h, n, d, generator=g).to(dtype) for n in (lq, lk, lk)]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("backend", ["default", "math"])
+def test_bounded_sdpa_is_sdpa(monkeypatch, masked, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = _qkv()
+    mask = torch.ones(2, 50, dtype=torch.bool)
+    mask[1, 37:] = False
+    mask = mask if masked else None
+    monkeypatch.setattr(ab, "MATH_SCORE_BUDGET", 2 * 3 * 50 * 4 * 7)  # 7 query rows per slice: 8 slices
+    context = sdpa_kernel([SDPBackend.MATH]) if backend == "math" else torch.enable_grad()
+    with context:
+        assert_rel(ab.bounded_sdpa(q, k, v, mask), sdpa_reference(q, k, v, mask), 1e-6)
+
+
+def test_bounded_sdpa_holds_at_most_the_budget_of_scores(monkeypatch):
+    """On the math path (forced on the CPU) the largest tensor of a bounded call is one slice's
+    scores; plain SDPA holds all of them (the control)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.numel = max([self.numel, *sizes])
+            return out
+
+    q, k, v = _qkv(b=1, h=4, lq=256, lk=256, dtype=torch.bfloat16)
+    budget = 1 * 4 * 256 * 4 * 32  # 32 query rows of fp32 scores
+    monkeypatch.setattr(ab, "MATH_SCORE_BUDGET", budget)
+    with sdpa_kernel([SDPBackend.MATH]):
+        with Largest() as plain:
+            sdpa_reference(q, k, v)
+        with Largest() as bounded:
+            ab.bounded_sdpa(q, k, v)
+    assert plain.numel == 4 * 256 * 256 and bounded.numel == max(budget // 4, q.numel())
+
+
+def test_pipelines_bound_sdpa_where_it_has_its_math_path_only(tiny_model_dir, tiny_pipe, monkeypatch):
+    """The DiT's and the VAE's attention get the bounded variant on such a device (stood in for by
+    the CPU here), the images stay the same, and moving to a device with fused kernels undoes it."""
+    from zimage_native import ZImagePipeline
+
+    monkeypatch.setattr(ab, "sdpa_math_only", lambda device, dtype: "stand-in")
+    monkeypatch.setattr(ab, "MATH_SCORE_BUDGET", 4096)  # a few rows per slice at 64x64
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    modules = [m for m in (*pipe.transformer.modules(), *pipe.vae.modules()) if hasattr(m, "attn_fn")]
+    assert len(modules) == len(pipe.transformer.layers) + 2 * pipe.transformer.config.n_refiner_layers + 2  # VAE: 2
+    assert all(m.attn_fn is ab.bounded_sdpa for m in modules)
+    run = dict(width=64, height=64, num_inference_steps=2, seed=3, output_type="np")
+    assert_rel(torch.from_numpy(pipe("a cat", **run).images), torch.from_numpy(tiny_pipe("a cat", **run).images), 1e-5)
+    optimize(pipe.transformer, attention="sdpa")  # installing SDPA again keeps it bounded
+    assert pipe.transformer.layers[0].attention.attn_fn is ab.bounded_sdpa
+    monkeypatch.undo()
+    pipe.to("cpu")
+    assert all(m.attn_fn is sdpa_reference for m in modules)

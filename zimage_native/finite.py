@@ -67,6 +67,8 @@ def check_finite(pipe, text_ok: torch.Tensor | None, latents_ok: torch.Tensor,
     """Raise :class:`NonFiniteError` if a stage made NaN or inf. The flags are device tensors:
     ``text_ok`` from :func:`finite_all` (None: not checked), ``latents_ok`` and ``images_ok`` from
     :func:`finite_rows` (``images_ok`` None: not decoded). Reading them is one device-to-host copy."""
+    if latents_ok.device.type == "meta":  # shapes without values (the test suite's stand-in device)
+        return
     flags = [f for f in (text_ok, latents_ok, images_ok) if f is not None]
     values = torch.cat([f.to(latents_ok.device) for f in flags]).tolist()
     text = values.pop(0) if text_ok is not None else True

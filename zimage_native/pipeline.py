@@ -138,6 +138,7 @@ class ZImagePipeline:
         self.prompt_rewriter = Rewriter(lambda: self.text_encoder, lambda: self.model_folder,
                                         lambda: self.template_registry)
         self.controlnets = _control.ControlNetSlot()
+        self._fit_attention()
 
     @property
     def template_registry(self):
@@ -239,6 +240,7 @@ class ZImagePipeline:
 
             stream_blocks(model, self.placement["transformer"], blocks=_control.branch_blocks(model),
                           keep=RESIDENT + ("before_proj", "after_proj"))
+        self._fit_attention()
         if self._graphed is not None:
             self._graphed.clear()
         return model
@@ -263,6 +265,7 @@ class ZImagePipeline:
                 module.to(device)
         self.placement = dict.fromkeys(self.placement, device)
         self.offload = "none"
+        self._fit_attention()
         if self._graphed is not None:
             self._graphed.clear()  # graphs hold tensors of the old placement
         return self
@@ -281,8 +284,20 @@ class ZImagePipeline:
             module = self._module(name)
             if module is not None:
                 module.to(storage_device(name, device, self.offload))
+        self._fit_attention()
         if self._graphed is not None:
             self._graphed.clear()
+
+    def _fit_attention(self) -> None:
+        """SDPA bounded to slices of the queries where it has only its math path (a bfloat16 model on a
+        GPU below sm80: ``accel.attention_backends.sdpa_math_only``), for the DiT, the ControlNet
+        branch and the VAE, on the devices where they run."""
+        from .accel.attention_backends import fit_sdpa_
+
+        for name, model in (("transformer", self.transformer), ("transformer", self.controlnet), ("vae", self.vae)):
+            line = fit_sdpa_(model, self.placement[name]) if model is not None else None
+            if line:
+                logger.info(line)
 
     def set_progress_bar_config(self, disable: bool = False, **_) -> None:
         """diffusers' switch for the per-step progress bar (``pipe.progress``); other tqdm options are

@@ -238,6 +238,53 @@ def _xformers() -> AttnFn:
     return xformers
 
 
+# ---------------------------------------------------------------- SDPA with its math path only
+#: fp32 score bytes one SDPA call may hold where PyTorch has only its math path (:func:`sdpa_math_only`).
+MATH_SCORE_BUDGET = 256 * 2**20
+
+
+def sdpa_math_only(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why PyTorch's SDPA has only its math path for these inputs (None if a fused kernel takes them):
+    on a CUDA GPU below sm80 in bfloat16, its flash, memory-efficient (CUTLASS) and cuDNN kernels do
+    not take bfloat16. The math path holds the (B, H, Lq, Lk) scores in fp32 and its softmax as
+    much again: 4.8 GB for one 1024x1024 DiT attention call (measured on the CPU's math path)."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype != torch.bfloat16 or getattr(torch.version, "hip", None):
+        return None
+    major, minor = _capability(device)
+    if (major, minor) >= (8, 0):
+        return None
+    return (f"sm{major}{minor} in bfloat16: SDPA's fused kernels take bfloat16 from sm80 only, so its math path "
+            f"runs; the queries go in slices of at most {MATH_SCORE_BUDGET // 2**20} MiB of fp32 scores")
+
+
+def bounded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA over slices of the queries, each holding at most :data:`MATH_SCORE_BUDGET` bytes of fp32
+    scores. Query rows do not interact, so the result is SDPA's."""
+    b, h, n_queries = q.shape[:3]
+    rows = max(1, MATH_SCORE_BUDGET // (b * h * k.shape[2] * 4))
+    if rows >= n_queries:
+        return sdpa_attention(q, k, v, mask)
+    return torch.cat([sdpa_attention(part, k, v, mask) for part in q.split(rows, dim=2)], dim=2)
+
+
+def fit_sdpa_(model: nn.Module, device: torch.device) -> str | None:
+    """Give every attention module of ``model`` (the DiT's, the ControlNet's or the VAE's) that uses
+    SDPA the variant for ``device``, where it runs: :func:`bounded_sdpa` where SDPA has only its math
+    path, else plain SDPA. Other backends are left alone. Returns a log line when it bounds any."""
+    bounded = 0
+    for module in model.modules():
+        if getattr(module, "attn_fn", None) not in (sdpa_attention, bounded_sdpa):
+            continue
+        norm = getattr(module, "norm_q", None)  # the DiT's compute dtype (to_q may be packed or fp8)
+        reason = sdpa_math_only(device, (norm if norm is not None else module.to_q).weight.dtype)
+        module.attn_fn = bounded_sdpa if reason else sdpa_attention
+        bounded += reason is not None
+    if not bounded:
+        return None
+    return f"attention: {bounded} {type(model).__name__} attention modules bounded ({reason})"
+
+
 FACTORIES: dict[str, Callable[[], AttnFn]] = {
     "sdpa": lambda: sdpa_attention,
     "flash_attn_2": _flash_attn_2,
@@ -263,13 +310,16 @@ def check_attention_backend(model: nn.Module, name: str = "sdpa") -> tuple[str, 
     if not modules:
         raise ValueError(f"{type(model).__name__} has no DiT attention modules to set a backend on")
     head_dim = modules[0].to_q.weight.shape[0] // modules[0].n_heads
-    # The compute dtype from the q norm: to_q.weight may be packed GGUF bytes (uint8) or fp8. With
-    # offload="blocks" the block weights rest on the CPU: the blocks run on the streamer's device.
-    norm = modules[0].norm_q.weight
-    streamer = getattr(model, "block_streamer", None)
-    device = streamer.device if streamer is not None else norm.device
-    backend, line = resolve_backend(name, device, norm.dtype, head_dim)
+    # The compute dtype from the q norm: to_q.weight may be packed GGUF bytes (uint8) or fp8.
+    backend, line = resolve_backend(name, _run_device(model), modules[0].norm_q.weight.dtype, head_dim)
     return backend, line + NOTES.get(backend, "")
+
+
+def _run_device(model: nn.Module) -> torch.device:
+    """Where the DiT's attention runs: with offload="blocks" the block weights rest on the CPU and
+    run on the streamer's device."""
+    streamer = getattr(model, "block_streamer", None)
+    return streamer.device if streamer is not None else dit_attention_modules(model)[0].norm_q.weight.device
 
 
 def set_attention_backend(model: nn.Module, name: str = "sdpa") -> str:
@@ -278,4 +328,5 @@ def set_attention_backend(model: nn.Module, name: str = "sdpa") -> str:
     fn = FACTORIES[backend]()
     for module in dit_attention_modules(model):
         module.attn_fn = fn
-    return line
+    bounded = fit_sdpa_(model, _run_device(model)) if backend == "sdpa" else None
+    return line + (f"; {bounded}" if bounded else "")
