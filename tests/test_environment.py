@@ -143,3 +143,15 @@ def test_the_drivers_cuda_version_is_shown(monkeypatch):
     monkeypatch.setattr(devices, "driver_cuda_version", lambda: "12.2")
     assert "NVIDIA driver: yes (supports CUDA up to 12.2)" in run()
     assert json.loads(run("--json"))["driver_cuda"] == "12.2"
+
+
+def test_auto_dtype_on_a_gpu_without_bf16_tensor_cores_says_so(gpus, monkeypatch, caplog):
+    monkeypatch.setattr(torch.version, "hip", None)
+    with caplog.at_level("WARNING", logger="zimage_native.devices"):
+        assert devices.resolve_dtype("auto", torch.device("cuda", 1)) is torch.bfloat16
+    assert "Tesla T4 (sm75) has no bfloat16 tensor cores: bfloat16, the default on a GPU, runs there" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="zimage_native.devices"):
+        assert devices.resolve_dtype(None, torch.device("cuda", 0)) is torch.bfloat16  # the H100
+        assert devices.resolve_dtype("bf16", torch.device("cuda", 1)) is torch.bfloat16  # asked for by name
+    assert caplog.text == ""

@@ -44,6 +44,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
+        if device.type == "cuda" and not getattr(torch.version, "hip", None):
+            major, minor = torch.cuda.get_device_capability(device)
+            if (major, minor) < (8, 0):
+                logger.warning("%s (sm%d%d) has no bfloat16 tensor cores: bfloat16, the default on a GPU, runs there "
+                               "but slower than on newer cards (float16 would use the tensor cores, but the DiT's "
+                               "activations overflow it)", torch.cuda.get_device_name(device), major, minor)
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or 'auto'")
