@@ -393,6 +393,45 @@ def test_bench_ladder_dry_run_on_cpu(tmp_path):
     assert (tmp_path / "e2e.csv").read_text().count("\n") == 5  # header + 4 rows
 
 
+def test_bench_skips_the_default_rungs_that_cannot_run_and_refuses_named_ones(tmp_path, monkeypatch):
+    """Checked before any timing: the default ladder on the CPU keeps eager and says why each other rung
+    is left out; a rung named with --rungs that cannot run is a one-line error. A rung refused by a
+    transform's own check (compile of a bf16 DiT below sm80, stood in for here) is left out the same way."""
+    import json
+
+    from click.testing import CliRunner
+
+    from zimage_native import bench as b
+    from zimage_native.cli import main
+
+    base = ["bench", "--tiny", "--device", "cpu", "--dtype", "bfloat16", "--sizes", "32", "--steps", "1",
+            "--repeats", "1", "--no-diffusers", "--out", str(tmp_path)]
+    result = CliRunner().invoke(main, base)
+    assert result.exit_code == 0, result.output
+    skipped = [line for line in result.output.splitlines() if line.startswith("rung ")]
+    assert [line.split(" cannot run here")[0] for line in skipped] == [
+        "rung +kernels", "rung +compile", "rung +cuda_graphs", "rung +vae", "rung +fp8"]
+    assert all(line.endswith(": skipped") for line in skipped)
+    payload = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
+    assert [r["rung"] for r in payload["rows"]] == ["eager"]
+
+    result = CliRunner().invoke(main, [*base, "--rungs", "eager", "--rungs", "cuda_graphs"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: rung +cuda_graphs cannot run here: CUDA graphs need a CUDA GPU; the "
+                                     "DiT is on cpu; leave it out of --rungs")
+
+    from zimage_native.accel import AccelerationUnavailable, compile as accel_compile
+
+    def refuse(model, backend, what="the DiT"):
+        raise AccelerationUnavailable(f"not on this card ({what})")
+
+    monkeypatch.setattr(accel_compile, "check_compile_supported", refuse)
+    pipe, _ = b.build_random_pipeline(torch.device("cpu"), torch.float32, tiny=True)
+    assert b.rung_problem(pipe, b.Rung("+compile", compile="blocks")) == "not on this card (the DiT)"
+    assert b.rung_problem(pipe, b.Rung("+vae", vae_compile=True)) == "not on this card (the VAE decode)"
+    assert b.rung_problem(pipe, b.Rung("eager")) is None
+
+
 GOOD_CHECKS = {"size": 1024, "parity_db": 45.0, "graph_vs_compiled_rel_l2": 1e-4,
                "cfg_under_graphs": {"exercised": True, "rel_l2": 2e-4},
                "fp8_quality_db": {"fast_accum": 30.0, "fp32_accum": 31.0}}

@@ -78,6 +78,30 @@ def make_ladder(names=RUNG_NAMES) -> list[Rung]:
 LADDER = make_ladder()
 
 
+def rung_problem(pipe, rung: Rung) -> str | None:
+    """Why ``rung`` cannot run on ``pipe`` here (None if it can), from the checks the transforms run
+    first, without changing the pipeline: Triton for the kernels, a CUDA GPU for the graphs, compile
+    where inductor compiles (not bfloat16 below sm80), fp8 tensor cores."""
+    from .accel import AccelerationUnavailable
+    from .accel.compile import check_compile_supported
+    from .accel.fp8 import check_fp8_supported
+    from .accel.fused_ops import check_kernels_can_run
+
+    if rung.cuda_graphs and pipe.device.type != "cuda":
+        return f"CUDA graphs need a CUDA GPU; the DiT is on {pipe.device}"
+    checks = [(rung.kernels == "triton", lambda: check_kernels_can_run(pipe.transformer)),
+              (rung.compile != "off", lambda: check_compile_supported(pipe.transformer, "inductor")),
+              (rung.vae_compile, lambda: check_compile_supported(pipe.vae, "inductor", "the VAE decode")),
+              (rung.fp8, lambda: check_fp8_supported(pipe.transformer))]
+    try:
+        for wanted, check in checks:
+            if wanted:
+                check()
+    except (AccelerationUnavailable, ValueError) as e:
+        return str(e)
+    return None
+
+
 @dataclass
 class Row:
     engine: str

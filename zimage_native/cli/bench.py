@@ -48,8 +48,22 @@ def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffuse
     else:
         pipe, full_qwen = b.build_random_pipeline(dev, dt, tiny=tiny)
     pipe.progress = False
+    ladder, problems = [], {}
+    for rung in b.make_ladder(rungs):
+        problem = b.rung_problem(pipe, rung)
+        if problem is None:
+            ladder.append(rung)
+        else:
+            problems[rung.name] = problem
+    if problems:  # checked before minutes of timing: named rungs are an error, the default ladder skips them
+        lines = [f"rung {name} cannot run here: {why}" for name, why in problems.items()]
+        if click.get_current_context().get_parameter_source("rungs") != click.core.ParameterSource.DEFAULT:
+            raise ValueError(f"{lines[0]}" + (f" (and {len(lines) - 1} more rung(s))" if len(lines) > 1 else "")
+                             + "; leave it out of --rungs")
+        for line in lines:
+            click.echo(f"{line}: skipped", err=True)
     rows, env, checks = b.ladder(pipe, full_qwen, sizes=sizes, steps=steps, repeats=repeats,
-                                 rungs=b.make_ladder(rungs), with_diffusers=with_diffusers, big_size=big_size,
+                                 rungs=ladder, with_diffusers=with_diffusers, big_size=big_size,
                                  on_row=lambda row: click.echo(f"row done: {row.engine} {row.rung} {row.size}: "
                                                                f"denoise {row.denoise_s} s, e2e {row.e2e_s} s, "
                                                                f"cold {row.cold_start_s} s, PSNR {row.psnr_db}"))
