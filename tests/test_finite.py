@@ -136,6 +136,7 @@ def test_the_cli_prints_one_line_and_writes_nothing(tiny_model_dir, tmp_path):
     assert result.exit_code == 1, result.output
     assert result.output.strip().splitlines()[-1].startswith(
         "Error: the DiT made NaN or infinite latents for image 1 of 1 (seed 9), so the images would be black")
+    assert f"damaged weights (`zimage info --check {folder}` finds tensors" in result.output
     assert not out.exists() and list(tmp_path.glob("*.png")) == []
 
 

@@ -57,7 +57,8 @@ def _suspects(pipe, stage: str, given_embeds: bool) -> list[str]:
         if dtype == torch.float16:
             out.append("the VAE runs in float16, whose range its activations can exceed (use bfloat16 or "
                        "float32)")
-    out.append("damaged weights (`zimage info --check PATH` finds tensors holding NaN or inf)")
+    folder = getattr(pipe, "model_folder", None)
+    out.append(f"damaged weights (`zimage info --check {folder or 'PATH'}` finds tensors holding NaN or inf)")
     return out
 
 
