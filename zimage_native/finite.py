@@ -2,8 +2,8 @@
 values stops with :class:`NonFiniteError`, which names the stage that made them and what in this
 pipeline can cause it, instead of returning a black or broken image.
 
-The usual cause is float16: the Z-Image DiT's activations exceed its range (65504), and the NaN that
-follows turns the whole image black. Others: a LoRA fused at too high a scale, fp8, or damaged weights.
+The usual cause is float16: the Z-Image DiT's activations exceed its range (65504), as users of other
+engines report, and the NaN that follows turns the whole image black. Others: a LoRA fused at too high a scale, fp8, or damaged weights.
 
 The checks are reductions on the device (``torch.isfinite(...).all()`` per image), queued as the run
 goes and read once at its end, when the output is fetched anyway: no host sync inside the loop.
@@ -28,10 +28,6 @@ def finite_all(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all().reshape(1)
 
 
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _suspects(pipe, stage: str, given_embeds: bool) -> list[str]:
     """What in this pipeline can make NaN or inf at ``stage``, most likely first."""
     out = []
@@ -44,7 +40,7 @@ def _suspects(pipe, stage: str, given_embeds: bool) -> list[str]:
                        "bfloat16 or float32: --dtype)")
     elif stage == "dit":
         if pipe.dtype == torch.float16:
-            out.append("the DiT runs in float16, whose range (65504) its activations exceed (use bfloat16, or "
+            out.append("the DiT runs in float16, whose range (65504) its activations can exceed (use bfloat16, or "
                        "float32 on the CPU: --dtype)")
         if pipe._accel.get("fp8"):
             out.append("fp8 linears (try without --fp8)")

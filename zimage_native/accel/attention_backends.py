@@ -247,7 +247,8 @@ def sdpa_math_only(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why PyTorch's SDPA has only its math path for these inputs (None if a fused kernel takes them):
     on a CUDA GPU below sm80 in bfloat16, its flash, memory-efficient (CUTLASS) and cuDNN kernels do
     not take bfloat16. The math path holds the (B, H, Lq, Lk) scores in fp32 and its softmax as
-    much again: 4.8 GB for one 1024x1024 DiT attention call (measured on the CPU's math path)."""
+    much again: 5.09 GB for one DiT attention call at 1024x1024 (4224 tokens; measured on the CPU's
+    math path, docs/performance.md)."""
     device = torch.device(device)
     if device.type != "cuda" or dtype != torch.bfloat16 or getattr(torch.version, "hip", None):
         return None
