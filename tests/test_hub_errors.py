@@ -153,3 +153,90 @@ def test_other_commands_that_fetch_from_the_hub_fail_in_one_line(failing_hub, ar
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: cannot fetch the ") and "no network connection" in lines[0]
+
+
+# ----------------------------------------------------------------------------- disk space, before downloading
+GB = 10**9
+
+
+@pytest.fixture
+def hub_listing(monkeypatch, tmp_path, tiny_model_dir):
+    """The Hub lists a Z-Image-like repository (sizes only); the download returns the tiny model."""
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
+
+    import zimage_native.hub as hub
+
+    files = [RepoSibling("model_index.json", size=500, blob_id="b0"),
+             RepoSibling("transformer/config.json", size=700, blob_id="b1"),
+             RepoSibling("transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+                         lfs=BlobLfsInfo(size=20 * GB, sha256="s1", pointer_size=130)),
+             RepoSibling("transformer/diffusion_pytorch_model-00002-of-00002.safetensors",
+                         lfs=BlobLfsInfo(size=5 * GB, sha256="s2", pointer_size=130)),
+             RepoSibling("text_encoder/model.safetensors", lfs=BlobLfsInfo(size=8 * GB, sha256="s3", pointer_size=130)),
+             RepoSibling("vae/diffusion_pytorch_model.safetensors",
+                         lfs=BlobLfsInfo(size=GB // 5, sha256="s4", pointer_size=130)),
+             RepoSibling("transformer/diffusion_pytorch_model.bin",  # not downloaded: not in HUB_FILES
+                         lfs=BlobLfsInfo(size=25 * GB, sha256="s5", pointer_size=130))]
+    state = {"free": 100 * GB, "asked": 0, "downloaded": 0, "fail": None}
+
+    def model_info(self, repo_id, revision=None, files_metadata=False, **_):
+        state["asked"] += 1
+        assert files_metadata
+        if state["fail"]:
+            raise state["fail"]
+        return SimpleNamespace(siblings=files)
+
+    def snapshot_download(repo_id, **kwargs):
+        state["downloaded"] += 1
+        return str(tiny_model_dir)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(hub.shutil, "disk_usage", lambda path: Usage(2 * state["free"], state["free"], state["free"]))
+    return state
+
+
+def test_a_download_the_disk_cannot_hold_is_refused_before_it_starts(hub_listing, tmp_path):
+    hub_listing["free"] = 30 * GB  # the safetensors weights are 33.2 GB
+    with pytest.raises(HubError) as info:
+        resolve_model_folder(REPO)
+    assert str(info.value) == (
+        f"cannot fetch the model {REPO} from the Hugging Face Hub: it needs 33.20 GB in the cache "
+        f"{tmp_path / 'cache'}, and that disk has 30.00 GB free; free space there, or set HF_HUB_CACHE to a folder "
+        "on a larger disk, or give a local folder instead (--model /path/to/folder on the command line)")
+    assert hub_listing["downloaded"] == 0
+
+
+def test_what_the_cache_holds_or_is_not_fetched_does_not_count(hub_listing, tmp_path, tiny_model_dir):
+    hub_listing["free"] = 10 * GB
+    blobs = tmp_path / "cache" / f"models--{REPO.replace('/', '--')}" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "s1").touch()  # the first 20 GB shard is already there: 13.2 GB to fetch
+    with pytest.raises(HubError, match="it needs 13.20 GB in the cache"):
+        resolve_model_folder(REPO)
+    (blobs / "s3").touch()  # and the text encoder: 5.2 GB
+    assert resolve_model_folder(REPO) == tiny_model_dir
+    assert hub_listing["downloaded"] == 1
+    # a DiT from a single file: its Hub weights are not fetched (0.2 GB left)
+    hub_listing["free"] = GB // 2
+    (blobs / "s3").unlink()
+    with pytest.raises(HubError, match="it needs 8.20 GB"):
+        resolve_model_folder(REPO, skip_weights=("transformer",))
+    resolve_model_folder(REPO, skip_weights=("transformer", "text_encoder"))
+
+
+def test_the_space_check_steps_aside_offline_or_when_the_hub_cannot_be_asked(hub_listing, monkeypatch):
+    hub_listing["free"] = GB
+    hub_listing["fail"] = ConnectionError("no route to host")
+    resolve_model_folder(REPO)  # the download itself would say why it fails
+    assert hub_listing["asked"] == 1 and hub_listing["downloaded"] == 1
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    resolve_model_folder(REPO)
+    resolve_model_folder(REPO, local_files_only=True)
+    assert hub_listing["asked"] == 1 and hub_listing["downloaded"] == 3

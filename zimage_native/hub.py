@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
+from fnmatch import fnmatch
 from pathlib import Path
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
@@ -57,6 +59,9 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
+LOCAL_HINT = "give a local folder instead (--model /path/to/folder on the command line)"
+
+
 def explain_hub_error(e: BaseException, repo_id: str, what: str = "model", *, cache_dir=None,
                       local_files_only: bool = False) -> HubError | None:
     """A :class:`HubError` explaining why ``snapshot_download`` of ``repo_id`` failed with ``e``, or
@@ -64,8 +69,7 @@ def explain_hub_error(e: BaseException, repo_id: str, what: str = "model", *, ca
     from huggingface_hub import constants, errors
 
     cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
-    local = "give a local folder instead (--model /path/to/folder on the command line)"
-    head = f"cannot fetch the {what} {repo_id} from the Hugging Face Hub"
+    local, head = LOCAL_HINT, f"cannot fetch the {what} {repo_id} from the Hugging Face Hub"
     chain = list(_chain(e))
     kinds = {type(x).__name__ for x in chain}
     full = next((x for x in chain if isinstance(x, OSError) and x.errno == errno.ENOSPC), None)
@@ -114,6 +118,40 @@ def hub_snapshot(repo_id: str, what: str = "model", **kwargs) -> Path:
         raise explained from e
 
 
+def check_download_space(repo_id: str, allow_patterns: list[str], revision: str | None = None,
+                         cache_dir: str | os.PathLike | None = None) -> None:
+    """Refuse, before it starts, a download the cache's disk cannot hold: the Hub lists each file's
+    size, and the files the cache already holds (by blob) do not count. Offline, or when the Hub
+    cannot be asked, nothing is checked here: the download itself then says why it fails."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    except Exception:  # noqa: BLE001 - explained by the download's own error (explain_hub_error)
+        return
+    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+    blobs = cache / f"models--{repo_id.replace('/', '--')}" / "blobs"
+    need = 0
+    for sibling in info.siblings or []:
+        if not any(fnmatch(sibling.rfilename, pattern) for pattern in allow_patterns):
+            continue
+        blob = sibling.lfs.sha256 if sibling.lfs else sibling.blob_id
+        if blob is None or not (blobs / blob).exists():
+            need += (sibling.lfs.size if sibling.lfs else sibling.size) or 0
+    existing = cache
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        from .devices import format_bytes
+
+        raise HubError(f"cannot fetch the model {repo_id} from the Hugging Face Hub: it needs {format_bytes(need)} "
+                       f"in the cache {cache}, and that disk has {format_bytes(free)} free; free space there, or "
+                       f"set HF_HUB_CACHE to a folder on a larger disk, or {LOCAL_HINT}")
+
+
 def check_model_folder(folder: Path) -> Path:
     missing = [name for name in REQUIRED if not (folder / name).exists()]
     if missing:
@@ -145,6 +183,8 @@ def resolve_model_folder(
         raise FileNotFoundError(f"model folder not found: {text} (give a diffusers-layout folder or a Hub id "
                                 f"such as {DEFAULT_MODEL})")
     allow = [p for p in HUB_FILES if p not in {f"{c}/*.safetensors" for c in skip_weights}]
+    if not local_files_only:
+        check_download_space(text, allow, revision, cache_dir)
     folder = hub_snapshot(text, "model", revision=revision, cache_dir=cache_dir, allow_patterns=allow,
                           local_files_only=local_files_only)
     return check_model_folder(folder)
