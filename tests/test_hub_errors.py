@@ -240,3 +240,13 @@ def test_the_space_check_steps_aside_offline_or_when_the_hub_cannot_be_asked(hub
     resolve_model_folder(REPO)
     resolve_model_folder(REPO, local_files_only=True)
     assert hub_listing["asked"] == 1 and hub_listing["downloaded"] == 3
+
+
+def test_the_rewriter_download_is_checked_too(hub_listing):
+    from zimage_native.prompt.rewriter import _rewriter_folder
+
+    hub_listing["free"] = 5 * GB
+    with pytest.raises(HubError, match=f"^cannot fetch the text encoder of {REPO} from the Hugging Face Hub: it "
+                                       "needs 8.00 GB in the cache"):
+        _rewriter_folder(REPO)
+    assert hub_listing["downloaded"] == 0

@@ -104,10 +104,14 @@ def explain_hub_error(e: BaseException, repo_id: str, what: str = "model", *, ca
 
 
 def hub_snapshot(repo_id: str, what: str = "model", **kwargs) -> Path:
-    """``huggingface_hub.snapshot_download(repo_id, **kwargs)``; a failure raises :class:`HubError`
+    """``huggingface_hub.snapshot_download(repo_id, **kwargs)``; a download the cache's disk cannot
+    hold is refused first (:func:`check_download_space`), and a failure raises :class:`HubError`
     (see :func:`explain_hub_error`)."""
     from huggingface_hub import snapshot_download
 
+    if not kwargs.get("local_files_only"):
+        check_download_space(repo_id, kwargs.get("allow_patterns") or ["*"], kwargs.get("revision"),
+                             kwargs.get("cache_dir"), what)
     try:
         return Path(snapshot_download(repo_id, **kwargs))
     except Exception as e:
@@ -119,7 +123,7 @@ def hub_snapshot(repo_id: str, what: str = "model", **kwargs) -> Path:
 
 
 def check_download_space(repo_id: str, allow_patterns: list[str], revision: str | None = None,
-                         cache_dir: str | os.PathLike | None = None) -> None:
+                         cache_dir: str | os.PathLike | None = None, what: str = "model") -> None:
     """Refuse, before it starts, a download the cache's disk cannot hold: the Hub lists each file's
     size, and the files the cache already holds (by blob) do not count. Offline, or when the Hub
     cannot be asked, nothing is checked here: the download itself then says why it fails."""
@@ -147,7 +151,7 @@ def check_download_space(repo_id: str, allow_patterns: list[str], revision: str 
     if need > free:
         from .devices import format_bytes
 
-        raise HubError(f"cannot fetch the model {repo_id} from the Hugging Face Hub: it needs {format_bytes(need)} "
+        raise HubError(f"cannot fetch the {what} {repo_id} from the Hugging Face Hub: it needs {format_bytes(need)} "
                        f"in the cache {cache}, and that disk has {format_bytes(free)} free; free space there, or "
                        f"set HF_HUB_CACHE to a folder on a larger disk, or {LOCAL_HINT}")
 
@@ -183,8 +187,6 @@ def resolve_model_folder(
         raise FileNotFoundError(f"model folder not found: {text} (give a diffusers-layout folder or a Hub id "
                                 f"such as {DEFAULT_MODEL})")
     allow = [p for p in HUB_FILES if p not in {f"{c}/*.safetensors" for c in skip_weights}]
-    if not local_files_only:
-        check_download_space(text, allow, revision, cache_dir)
     folder = hub_snapshot(text, "model", revision=revision, cache_dir=cache_dir, allow_patterns=allow,
                           local_files_only=local_files_only)
     return check_model_folder(folder)
