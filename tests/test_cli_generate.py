@@ -130,6 +130,15 @@ width = 32
         ("[default]\ntiled_vae = 3\n", "'tiled_vae' must be true or false"),
         ("[default]\nwidth = 64\n[x]\nheight = 1.5\n", "'height' has the wrong type"),
         ("[default\n", "invalid TOML"),
+        # Windows paths in "..." strings: an invalid escape fails to parse, a valid one ("\n", "\t") would
+        # turn into a control character silently; both say how to write the path
+        ("[default]\ntransformer = \"D:\\models\\z.gguf\"\n", "in a string (at line 2, column "  # the position is tomllib's
+         "20)); in a TOML \"...\" string a backslash starts an escape: write Windows paths with forward "
+         "slashes (\"C:/models/z.gguf\") or in single quotes ('C:\\models\\z.gguf')"),
+        ("[default]\nmodel = \"C:\\Users\\me\\zimage\"\n", "invalid TOML (Invalid hex value"),
+        ("[default]\nmodel = \"D:\\new\\turbo\"\n", "[default].model: 'model' holds a control character ('D:\\new\\turbo'): "
+         "in a TOML \"...\" string a backslash starts an escape"),
+        ("[default]\ntransformer = \"D:\\turbo.gguf\"\n", "'transformer' holds a control character"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, body, message):

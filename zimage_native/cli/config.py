@@ -93,6 +93,14 @@ def option_keys(command: click.Command) -> dict[str, click.Option]:
     return keys
 
 
+#: Windows paths in TOML's "..." strings: each backslash starts an escape ("\\n" a newline, "\\t" a tab).
+BACKSLASH_HINT = ("in a TOML \"...\" string a backslash starts an escape: write Windows paths with forward slashes "
+                  "(\"C:/models/z.gguf\") or in single quotes ('C:\\models\\z.gguf')")
+
+#: Options that take paths (or Hub ids) as plain strings.
+PATH_NAMES = ("model", "tokenizer", "loras")
+
+
 def read_profile(path: Path, profile: str | None) -> dict[str, tuple[Any, str]]:
     """Key -> (value, where it came from) for [default] plus the profile (profile wins)."""
     try:
@@ -100,7 +108,8 @@ def read_profile(path: Path, profile: str | None) -> dict[str, tuple[Any, str]]:
     except FileNotFoundError:
         raise ValueError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path}: invalid TOML ({e})") from None
+        hint = f"; {BACKSLASH_HINT}" if str(e).startswith(("Unescaped '\\'", "Invalid hex value")) else ""
+        raise ValueError(f"{path}: invalid TOML ({e}){hint}") from None
     values: dict[str, tuple[Any, str]] = {}
     _flatten(data.get("default", {}), f"{path}: [default]", values)
     if profile and profile != "default":
@@ -141,6 +150,9 @@ def convert(ctx: click.Context, values: dict[str, tuple[Any, str]]) -> dict[str,
         if isinstance(value, (dict,)):
             raise ValueError(f"{where}: '{key}' must be a single value")
         items = value if param.multiple else [value]
+        is_path = isinstance(param.type, click.Path) or param.name in PATH_NAMES
+        if is_path and any(isinstance(v, str) and set(v) & set("\t\n\r\b\f") for v in items):
+            raise ValueError(f"{where}: '{key}' holds a control character ({value!r}): {BACKSLASH_HINT}")
         if not param.is_flag and any(not _matches(param.type, v) for v in items):
             raise ValueError(f"{where}: '{key}' has the wrong type: got {value!r}, expected {param.type.name}")
         try:
