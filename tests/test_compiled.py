@@ -118,6 +118,34 @@ def test_graphed_sampler_replays_equal_eager_and_keys_without_guidance(fresh_pip
     assert sampler.captures == with_cfg + (0 if mode == "step" else 1)
 
 
+def test_graphed_runs_from_several_threads_keep_their_own_images(fresh_pipe, tiny_pipe):
+    """The graphs' static buffers are shared: runs from several threads must not interleave (the
+    pipeline serialises them), so each thread gets the image its request gives alone."""
+    import threading
+    import time
+
+    graphed(fresh_pipe, mode="step")
+    requests = {f"t{i}": (prompt, i) for i, prompt in enumerate(("a cat", "a dog", "a red fox"))}
+    results, errors = {}, []
+
+    def worker(name):
+        prompt, seed = requests[name]
+        try:
+            slow = lambda step, total: time.sleep(0.02)  # noqa: E731 - a slow step invites interleaving
+            results[name] = fresh_pipe(prompt, callback=slow, **{**KW, "seed": seed}).images
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 3
+    for name, (prompt, seed) in requests.items():
+        assert_rel(results[name], tiny_pipe(prompt, **{**KW, "seed": seed}).images, 1e-5, name)
+
+
 def test_evicted_graph_output_is_freed_before_the_next_capture(fresh_pipe):
     """The loop graph's output lives in its graph's memory pool: nothing may keep it alive while the
     next graph is captured, or the evicted pool cannot be reused for the new one."""

@@ -121,3 +121,45 @@ def test_long_prompt_warns_with_token_counts(tiny_pipe, caplog):
         feats = tiny_pipe.encode_prompt([LONG], max_sequence_length=10)
     assert feats[0].shape[0] == 10
     assert "more than max_sequence_length 10" in caplog.text
+
+
+def test_calls_from_several_threads_run_one_at_a_time(tiny_pipe):
+    """A web framework's worker threads calling one pipeline: the runs do not interleave (they share
+    modules, offload moves, LoRA weights and CUDA-graph buffers), each gives the image it gives alone,
+    and a call made from inside a run (a step callback) does not deadlock."""
+    import threading
+    import time
+
+    steps, errors = [], []
+    run = dict(width=64, height=64, num_inference_steps=3, output_type="np", progress=False)
+
+    def callback(name):
+        def on_step(step, total):
+            steps.append(name)
+            time.sleep(0.02)  # a slow step: another thread would get in here without the lock
+        return on_step
+
+    def worker(name, seed):
+        try:
+            results[name] = tiny_pipe("a cat", seed=seed, callback=callback(name), **run).images
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    results: dict = {}
+    threads = [threading.Thread(target=worker, args=(f"t{i}", i)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 3
+    runs = ["".join(steps[i:i + 3]) for i in range(0, len(steps), 3)]
+    assert sorted(runs) == ["t0t0t0", "t1t1t1", "t2t2t2"], steps  # each run's three steps together
+    for i in range(3):
+        alone = tiny_pipe("a cat", seed=i, **run).images
+        assert np.array_equal(results[f"t{i}"], alone)
+
+    def reenter(pipe, i, t, tensors):
+        pipe.encode_prompt(["a dog"])  # the same thread, inside a run
+        return tensors
+
+    tiny_pipe("a cat", seed=0, callback_on_step_end=reenter, **run)

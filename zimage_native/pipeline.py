@@ -13,8 +13,10 @@ ControlNet in :mod:`zimage_native.control` (a :class:`~zimage_native.control.Con
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -65,6 +67,19 @@ class ZImageOutput:
     images: Any
     seeds: list[int] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def _serialized(method):
+    """One call at a time per pipeline (re-entrant): a run shares the pipeline's modules, offload moves,
+    fused LoRA weights and CUDA-graph buffers, so calls from several threads (a web framework's worker
+    threads) wait for each other instead of corrupting each other's images."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def _dtype_argument(dtype, torch_dtype):
@@ -138,6 +153,7 @@ class ZImagePipeline:
         self.prompt_rewriter = Rewriter(lambda: self.text_encoder, lambda: self.model_folder,
                                         lambda: self.template_registry)
         self.controlnets = _control.ControlNetSlot()
+        self._lock = threading.RLock()  # see _serialized
         self._fit_attention()
 
     @property
@@ -222,6 +238,7 @@ class ZImagePipeline:
         """The loaded ControlNet-Union branch (:meth:`load_controlnet`), or None."""
         return self.controlnets.model
 
+    @_serialized
     def load_controlnet(self, path: str | os.PathLike, config=None):
         """Load a Fun-ControlNet-Union (a diffusers folder or a published single file: versions 1.0,
         2.0, 2.1, 2.1 lite) for this pipeline's DiT, replacing any loaded one. ``config`` (a dict, a
@@ -245,6 +262,7 @@ class ZImagePipeline:
             self._graphed.clear()
         return model
 
+    @_serialized
     def unload_controlnet(self) -> bool:
         """Drop the loaded ControlNet; returns whether one was loaded."""
         if self._graphed is not None:
@@ -252,6 +270,7 @@ class ZImagePipeline:
         return self.controlnets.unload()
 
     # ------------------------------------------------------------------ placement
+    @_serialized
     def to(self, device: str | torch.device) -> "ZImagePipeline":
         """Every component on ``device``, resident (diffusers' ``pipe.to``; offloading ends). Returns
         the pipeline. Streamed blocks cannot move this way: load again with ``offload="none"``."""
@@ -270,6 +289,7 @@ class ZImagePipeline:
             self._graphed.clear()  # graphs hold tensors of the old placement
         return self
 
+    @_serialized
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
         """diffusers' name for ``offload="model"``: every component stays in CPU memory and visits
         ``device`` (cuda:``gpu_id``) only while it runs."""
@@ -327,6 +347,7 @@ class ZImagePipeline:
                     torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ acceleration
+    @_serialized
     def optimize(
         self,
         kernels: str | None = None,
@@ -424,6 +445,7 @@ class ZImagePipeline:
         """Reports of the LoRAs fused so far (since the last ``unload_lora``)."""
         return list(self.lora_stack.loaded)
 
+    @_serialized
     def load_lora(self, path_or_list, scale=1.0, **options):
         """Fuse LoRA weights into the DiT (:meth:`LoraStack.load`); captured graphs are dropped."""
         report = self.lora_stack.load(self.transformer, path_or_list, scale, **options)
@@ -431,6 +453,7 @@ class ZImagePipeline:
             self._graphed.clear()
         return report
 
+    @_serialized
     def unload_lora(self) -> int:
         """Restore the DiT's weights exactly (:meth:`LoraStack.unload`); captured graphs are dropped."""
         restored = self.lora_stack.unload(self.transformer)
@@ -438,6 +461,7 @@ class ZImagePipeline:
             self._graphed.clear()
         return restored
 
+    @_serialized
     def rewrite(self, prompt: str, *args, **kwargs) -> str:
         """Expand a prompt with the Qwen3 weights or a chat server (:meth:`Rewriter.rewrite`); with a
         remote text encoder and no ``llm_url``, the remote server rewrites."""
@@ -445,10 +469,12 @@ class ZImagePipeline:
             return self.text_encoder.rewrite(prompt, *args, **kwargs)
         return self.prompt_rewriter.rewrite(prompt, *args, **kwargs)
 
+    @_serialized
     def load_rewriter(self):
         """The rewriter LM, loaded on first use (:meth:`Rewriter.load`)."""
         return self.prompt_rewriter.load()
 
+    @_serialized
     def unload_rewriter(self) -> None:
         self.prompt_rewriter.unload()
 
@@ -473,6 +499,7 @@ class ZImagePipeline:
             merged = {k: v for k, v in fields.items() if v is not None}
         return [format_prompt(p, **merged) for p in prompts]
 
+    @_serialized
     @torch.no_grad()
     def encode_prompt(
         self, prompts: list[str], max_sequence_length: int = 512, template=None, **fields
@@ -480,6 +507,7 @@ class ZImagePipeline:
         """Chat-format and encode prompts: a list of (L_i, cap_feat_dim) features on the DiT device."""
         return self.encode_texts(self.format_prompts(prompts, template, **fields), max_sequence_length)
 
+    @_serialized
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """fp32 latents (B, 16, h, w) -> images (B, 3, f*h, f*w) in [0, 1] (f: ``vae_scale_factor``)."""
@@ -493,6 +521,7 @@ class ZImagePipeline:
                 image = self.vae.decode(z)
             return (image * 0.5 + 0.5).clamp(0, 1)
 
+    @_serialized
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, generators: list[torch.Generator] | None,
                      dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -515,6 +544,7 @@ class ZImagePipeline:
             shift = self.vae_config.shift_factor or 0.0
             return ((z - shift) * self.vae_config.scaling_factor).to(self.device)
 
+    @_serialized
     @torch.no_grad()
     def encode_texts(self, texts: list[str], max_sequence_length: int = 512) -> list[torch.Tensor]:
         """Encode already formatted texts in one text-encoder batch; features on the DiT device."""
@@ -523,6 +553,7 @@ class ZImagePipeline:
         return [f.to(self.device) for f in features]
 
     # ------------------------------------------------------------------ the sampling core (see sampling.py)
+    @_serialized
     def denoise(self, latents, prompt_embeds, negative_embeds, schedule: Schedule, guidance_scale=0.0,
                 cfg_normalization=False, cfg_truncation=1.0, progress=True, start=0, callback=None, **hooks):
         """Run the step loop from ``latents`` at schedule step ``start`` (:func:`sampling.denoise`)."""
@@ -533,6 +564,7 @@ class ZImagePipeline:
         """The step loop's static inputs for one request (:func:`sampling.plan`)."""
         return sampling.plan(self, *args, **kwargs)
 
+    @_serialized
     def run_steps(self, latents: torch.Tensor, plan: SamplingPlan, progress: bool = False, callback=None,
                   on_step_end=None) -> torch.Tensor:
         """The step loop (:func:`sampling.run_steps`); what the graphed sampler captures."""
@@ -544,6 +576,7 @@ class ZImagePipeline:
         return self.template_registry.get(template)
 
     # ------------------------------------------------------------------ requests
+    @_serialized
     def generate(self, request: GenerationRequest, **run) -> ZImageOutput:
         """Run one :class:`GenerationRequest` (any task); ``run``: ``progress``, ``callback``,
         ``callback_on_step_end``, ``callback_on_step_end_tensor_inputs`` (:func:`sampling.generate`)."""
