@@ -432,6 +432,12 @@ def test_bench_skips_the_default_rungs_that_cannot_run_and_refuses_named_ones(tm
     from zimage_native import bench as b
     from zimage_native.cli import main
 
+    from zimage_native.accel import AccelerationUnavailable, compile as accel_compile, fused_ops
+
+    def no_kernels(model):  # as on a CPU without the interpreter (an earlier test may have loaded it)
+        raise AccelerationUnavailable("kernels='triton' runs on a CUDA (or ROCm) GPU")
+
+    monkeypatch.setattr(fused_ops, "check_kernels_can_run", no_kernels)
     base = ["bench", "--tiny", "--device", "cpu", "--dtype", "bfloat16", "--sizes", "32", "--steps", "1",
             "--repeats", "1", "--no-diffusers", "--out", str(tmp_path)]
     result = CliRunner().invoke(main, base)
@@ -447,8 +453,6 @@ def test_bench_skips_the_default_rungs_that_cannot_run_and_refuses_named_ones(tm
     assert result.exit_code == 1
     assert result.output.strip() == ("Error: rung +cuda_graphs cannot run here: CUDA graphs need a CUDA GPU; the "
                                      "DiT is on cpu; leave it out of --rungs")
-
-    from zimage_native.accel import AccelerationUnavailable, compile as accel_compile
 
     def refuse(model, backend, what="the DiT"):
         raise AccelerationUnavailable(f"not on this card ({what})")
