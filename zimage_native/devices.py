@@ -45,7 +45,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return dtype
     if dtype is None or dtype == "auto":
         if device.type == "cuda" and not getattr(torch.version, "hip", None):
-            major, minor = torch.cuda.get_device_capability(device)
+            try:
+                major, minor = torch.cuda.get_device_capability(device)
+            except (RuntimeError, AssertionError):  # no driver answer: the load says so; this is only advice
+                major, minor = 8, 0
             if (major, minor) < (8, 0):
                 logger.warning("%s (sm%d%d) has no bfloat16 tensor cores: bfloat16, the default on a GPU, runs there "
                                "but slower than on newer cards (float16 would use the tensor cores, but the DiT's "
