@@ -146,6 +146,38 @@ class BlockStreamer:
         self.handles = []
 
 
+# ---------------------------------------------------------------------------- whole components
+def copy_storage(storage: torch.UntypedStorage, device: torch.device) -> torch.UntypedStorage:
+    """One storage to ``device`` (the tests record the copies by replacing this)."""
+    return storage.to(device=device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def visit(module: nn.Module, device: torch.device):
+    """``module``'s weights on ``device`` for the duration (``offload="model"`` / ``"text_encoder"``),
+    then back where they rest, in CPU memory, without a copy back: a run does not change weights, so
+    each tensor simply points at its resting copy again (a LoRA fused between runs edits that copy).
+    Storages are copied, not tensors, so weights that are views of one buffer (the fused q|k|v and
+    w1|w3 GEMMs) stay views of one copy on the device."""
+    tensors = list({id(t): t for m in module.modules() for table in (m._parameters, m._buffers)
+                    for t in table.values() if t is not None}.values())
+    homes = [t.data for t in tensors]
+    copies: dict[tuple[int, int], torch.UntypedStorage] = {}
+    try:
+        for t, home in zip(tensors, homes):
+            storage = home.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in copies:
+                copies[key] = copy_storage(storage, device)
+            there = copies[key]
+            t.data = torch.empty(0, dtype=home.dtype, device=there.device).set_(
+                there, home.storage_offset(), home.size(), home.stride())
+        yield
+    finally:
+        for t, home in zip(tensors, homes):
+            t.data = home
+
+
 def dit_blocks(transformer: nn.Module) -> list[nn.Module]:
     """The DiT's blocks in execution order: context refiner, noise refiner, main layers."""
     return [*transformer.context_refiner, *transformer.noise_refiner, *transformer.layers]

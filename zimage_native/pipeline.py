@@ -331,20 +331,21 @@ class ZImagePipeline:
 
     @contextlib.contextmanager
     def _running(self, name: str):
-        """Put a component on its execution device while it runs; offloaded ones go back to the CPU."""
+        """A component on its execution device while it runs; an offloaded one visits it from CPU
+        memory (``offload.visit``: copied there, nothing copied back)."""
         device = self.placement[name]
-        storage = storage_device(name, device, self.offload)
-        if self._module(name) is None:  # a remote text encoder: nothing to move
-            storage = device
-        if storage != device:
-            self._module(name).to(device)
-        try:
+        module = self._module(name)
+        if module is None or storage_device(name, device, self.offload) == device:  # None: a remote encoder
             yield device
+            return
+        from .offload import visit
+
+        try:
+            with visit(module, device):
+                yield device
         finally:
-            if storage != device:
-                self._module(name).to(storage)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ acceleration
     @_serialized
