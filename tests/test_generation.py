@@ -168,21 +168,18 @@ def test_tile_config_rejects_bad_sizes(tiny_pipe):
 
 
 def test_model_offload_visits_each_component_only_while_it_runs(tiny_model_dir, tiny_pipe, monkeypatch):
-    """Without a GPU the visits are recorded (the storage copies are faked as CPU clones, with the
-    resting place faked as elsewhere): each component is copied in once per run, in order, every
-    storage once (the fused q|k|v views of one buffer too), and nothing is copied back: afterwards
-    every weight is its resting tensor again, and the image is the resident pipeline's."""
+    """Without a GPU the visits are recorded: the components run on "cpu:1" (torch's CPU under
+    another name, standing in for the GPU) and the storage copies are CPU clones. Each component is
+    copied in once per run, in order, every storage once (the fused q|k|v views of one buffer too),
+    and nothing is copied back: afterwards every weight is its resting tensor again, and the image
+    is the resident pipeline's."""
     import zimage_native.offload as offload
-    import zimage_native.pipeline as zp
     from zimage_native.accel import fuse_projections_
 
     pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", offload="model")
     pipe.progress = False
+    pipe.placement = dict.fromkeys(pipe.placement, torch.device("cpu", 1))
     fuse_projections_(pipe.transformer)  # q|k|v and w1|w3 as views of one buffer each
-    real = zp.storage_device
-    monkeypatch.setattr(zp, "storage_device",
-                        lambda name, dev, offload: torch.device("meta") if real(name, torch.device("cuda"), offload)
-                        == torch.device("cpu") else dev)
     modules = {"text_encoder": pipe.text_encoder.model, "transformer": pipe.transformer, "vae": pipe.vae}
     owner = {t.untyped_storage().data_ptr(): name for name, m in modules.items()
              for t in (*m.parameters(), *m.buffers())}
@@ -252,3 +249,26 @@ def test_to_and_model_offload_give_the_same_image(tiny_pipe, tiny_model_dir):
     offloaded = pipe("a cat", **kw).images
     assert torch.equal(pipe.to("cpu")("a cat", **kw).images, offloaded)
     assert torch.equal(tiny_pipe("a cat", **kw).images, offloaded)
+
+
+def test_a_placement_change_keeps_fused_views_so_later_weight_edits_reach_the_fused_gemm(tiny_model_dir, monkeypatch):
+    """pipe.to() copies storages, not tensors (offload.move_): after a move the q|k|v weights are still
+    views of the fused GEMM's weight, so an in-place edit of one (what a fused LoRA does) changes the
+    fused GEMM, and their memory is not doubled. ("cpu:1" stands in for a GPU; the copies are CPU clones.)"""
+    import zimage_native.offload as offload
+    from zimage_native.accel import fuse_projections_
+
+    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: storage.clone())
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu")
+    fuse_projections_(pipe.transformer)
+    attn = pipe.transformer.layers[0].attention
+    before = attn.to_qkv.weight.untyped_storage().data_ptr()
+    assert pipe.to(torch.device("cpu", 1)) is pipe
+    fused = attn.to_qkv.weight
+    assert fused.untyped_storage().data_ptr() != before  # moved
+    for w in (attn.to_q.weight, attn.to_k.weight, attn.to_v.weight):
+        assert w.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    with torch.no_grad():
+        attn.to_k.weight.add_(1.0)
+    n = attn.to_q.weight.shape[0]
+    assert torch.equal(fused[n:2 * n], attn.to_k.weight)

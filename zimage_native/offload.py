@@ -152,26 +152,52 @@ def copy_storage(storage: torch.UntypedStorage, device: torch.device) -> torch.U
     return storage.to(device=device, non_blocking=True)
 
 
+def _tensors(module: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``module``, each once."""
+    return list({id(t): t for m in module.modules() for table in (m._parameters, m._buffers)
+                 for t in table.values() if t is not None}.values())
+
+
+def _place(tensors: list[torch.Tensor], device: torch.device) -> None:
+    """Point each tensor at a copy of its storage on ``device``, copying each storage once: weights
+    that are views of one buffer (the fused q|k|v and w1|w3 GEMMs, ``accel.fusions``) stay views of one
+    copy, where ``Module.to`` copies each separately (the fused GEMM then no longer sees edits of the
+    checkpoint's weights, such as a fused LoRA, and the memory doubles)."""
+    copies: dict[tuple[int, int], torch.UntypedStorage] = {}
+    for t in tensors:
+        home = t.data
+        storage = home.untyped_storage()
+        if storage.device == device:
+            continue
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in copies:
+            copies[key] = copy_storage(storage, device)
+        there = copies[key]
+        t.data = torch.empty(0, dtype=home.dtype, device=there.device).set_(
+            there, home.storage_offset(), home.size(), home.stride())
+
+
+def move_(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """``module.to(device)`` for a placement change (``pipe.to``, ``enable_model_cpu_offload``) that
+    keeps views of one buffer views of one copy (see :func:`_place`). To "meta" (the tests' stand-in
+    for a GPU, whose tensors cannot take another device's data) it is ``module.to``."""
+    device = torch.device(device)
+    if device.type == "meta":
+        return module.to(device)
+    _place(_tensors(module), device)
+    return module
+
+
 @contextlib.contextmanager
 def visit(module: nn.Module, device: torch.device):
     """``module``'s weights on ``device`` for the duration (``offload="model"`` / ``"text_encoder"``),
     then back where they rest, in CPU memory, without a copy back: a run does not change weights, so
     each tensor simply points at its resting copy again (a LoRA fused between runs edits that copy).
-    Storages are copied, not tensors, so weights that are views of one buffer (the fused q|k|v and
-    w1|w3 GEMMs) stay views of one copy on the device."""
-    tensors = list({id(t): t for m in module.modules() for table in (m._parameters, m._buffers)
-                    for t in table.values() if t is not None}.values())
+    Storages are copied once each (:func:`_place`)."""
+    tensors = _tensors(module)
     homes = [t.data for t in tensors]
-    copies: dict[tuple[int, int], torch.UntypedStorage] = {}
     try:
-        for t, home in zip(tensors, homes):
-            storage = home.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes())
-            if key not in copies:
-                copies[key] = copy_storage(storage, device)
-            there = copies[key]
-            t.data = torch.empty(0, dtype=home.dtype, device=there.device).set_(
-                there, home.storage_offset(), home.size(), home.stride())
+        _place(tensors, torch.device(device))
         yield
     finally:
         for t, home in zip(tensors, homes):

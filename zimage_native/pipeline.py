@@ -277,11 +277,13 @@ class ZImagePipeline:
         if self.offload == "blocks":
             raise ValueError("pipe.to() cannot move a DiT whose blocks are streamed (offload='blocks'); load it "
                              "again with offload='none'")
+        from .offload import move_
+
         device = resolve_device(device)
         for name in ("text_encoder", "transformer", "vae"):
             module = self._module(name)
             if module is not None:  # a remote text encoder stays where it is
-                module.to(device)
+                move_(module, device)
         self.placement = dict.fromkeys(self.placement, device)
         self.offload = "none"
         self._fit_attention()
@@ -300,10 +302,12 @@ class ZImagePipeline:
                              "offload='model'")
         self.placement = dict.fromkeys(self.placement, device)
         self.offload = "model"
+        from .offload import move_
+
         for name in ("text_encoder", "transformer", "vae"):
             module = self._module(name)
             if module is not None:
-                module.to(storage_device(name, device, self.offload))
+                move_(module, storage_device(name, device, self.offload))
         self._fit_attention()
         if self._graphed is not None:
             self._graphed.clear()

@@ -7,8 +7,10 @@ buffer and the original weights become views of it, so there is no extra memory,
 fused LoRA, ``load_state_dict``) reach the fused GEMM. fp8 (``accel.fp8``) quantises the fused
 weight as one matrix, so one activation is quantised once per fusion.
 
-Apply it after the model is on its final device and dtype: a later ``.to()`` copies the buffer
-and the parameters separately (still correct, no longer shared).
+Apply it after the model is on its final dtype. A later ``Module.to()`` copies the buffer and the
+parameters separately (no longer shared: a LoRA fused afterwards would not reach the fused GEMM);
+the pipeline's placement changes (``pipe.to``, offloading) copy storages instead and keep the
+views (``offload.move_``, ``offload.visit``).
 """
 
 from __future__ import annotations
