@@ -160,8 +160,19 @@ GB = 10**9
 
 
 @pytest.fixture
-def hub_listing(monkeypatch, tmp_path, tiny_model_dir):
-    """The Hub lists a Z-Image-like repository (sizes only); the download returns the tiny model."""
+def snapshot_folder(tmp_path):
+    """What a finished download leaves: a folder with the files check_model_folder asks for."""
+    folder = tmp_path / "snapshot"
+    for name in ("transformer/config.json", "vae/config.json", "text_encoder/config.json",
+                 "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("{}")
+    return folder
+
+
+@pytest.fixture
+def hub_listing(monkeypatch, tmp_path, snapshot_folder):
+    """The Hub lists a Z-Image-like repository (sizes only); the download returns a finished folder."""
     from collections import namedtuple
     from types import SimpleNamespace
 
@@ -191,7 +202,7 @@ def hub_listing(monkeypatch, tmp_path, tiny_model_dir):
 
     def snapshot_download(repo_id, **kwargs):
         state["downloaded"] += 1
-        return str(tiny_model_dir)
+        return str(snapshot_folder)
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
@@ -213,7 +224,7 @@ def test_a_download_the_disk_cannot_hold_is_refused_before_it_starts(hub_listing
     assert hub_listing["downloaded"] == 0
 
 
-def test_what_the_cache_holds_or_is_not_fetched_does_not_count(hub_listing, tmp_path, tiny_model_dir):
+def test_what_the_cache_holds_or_is_not_fetched_does_not_count(hub_listing, tmp_path, snapshot_folder):
     hub_listing["free"] = 10 * GB
     blobs = tmp_path / "cache" / f"models--{REPO.replace('/', '--')}" / "blobs"
     blobs.mkdir(parents=True)
@@ -221,7 +232,7 @@ def test_what_the_cache_holds_or_is_not_fetched_does_not_count(hub_listing, tmp_
     with pytest.raises(HubError, match="it needs 13.20 GB in the cache"):
         resolve_model_folder(REPO)
     (blobs / "s3").touch()  # and the text encoder: 5.2 GB
-    assert resolve_model_folder(REPO) == tiny_model_dir
+    assert resolve_model_folder(REPO) == snapshot_folder
     assert hub_listing["downloaded"] == 1
     # a DiT from a single file: its Hub weights are not fetched (0.2 GB left)
     hub_listing["free"] = GB // 2
