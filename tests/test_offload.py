@@ -186,3 +186,23 @@ def test_only_the_end_of_a_request_is_mispredicted():
     successors = runs[1:] + ["n0"]
     assert rec.log == [("copy", "c0")] + [e for run, nxt in zip(runs, successors) for e in (("copy", nxt), ("run", run))]
     streamer.release()
+
+
+def test_placing_copies_each_storage_once_and_nothing_already_there(monkeypatch):
+    """offload.move_: one copy per storage (views of one buffer stay views), none for tensors already
+    on the device; a device without an index ("cuda") means whichever one holds the tensor."""
+    import zimage_native.offload as offload
+
+    copies = []
+    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: copies.append(storage.nbytes())
+                        or storage.clone())
+    m = torch.nn.Module()
+    buffer = torch.arange(12.0)
+    m.a, m.b = torch.nn.Parameter(buffer[:4]), torch.nn.Parameter(buffer[4:])  # two views of one buffer
+    m.register_buffer("c", torch.ones(3))
+    offload.move_(m, "cpu")
+    assert copies == []
+    offload.move_(m, torch.device("cpu", 1))  # CPU under another name: stands in for another device
+    assert sorted(copies) == [12, 48]
+    assert m.a.untyped_storage().data_ptr() == m.b.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+    assert torch.equal(torch.cat([m.a, m.b]), buffer)

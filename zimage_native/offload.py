@@ -167,8 +167,8 @@ def _place(tensors: list[torch.Tensor], device: torch.device) -> None:
     for t in tensors:
         home = t.data
         storage = home.untyped_storage()
-        if storage.device == device:
-            continue
+        if storage.device.type == device.type and device.index in (None, storage.device.index):
+            continue  # already there ("cuda" is whichever GPU holds it)
         key = (storage.data_ptr(), storage.nbytes())
         if key not in copies:
             copies[key] = copy_storage(storage, device)

@@ -295,6 +295,8 @@ class ZImagePipeline:
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
         """diffusers' name for ``offload="model"``: every component stays in CPU memory and visits
         ``device`` (cuda:``gpu_id``) only while it runs."""
+        from .offload import move_
+
         kind = torch.device(device).type
         device = resolve_device(kind if gpu_id is None else f"{kind}:{gpu_id}")
         if self.offload == "blocks":
@@ -302,8 +304,6 @@ class ZImagePipeline:
                              "offload='model'")
         self.placement = dict.fromkeys(self.placement, device)
         self.offload = "model"
-        from .offload import move_
-
         for name in ("text_encoder", "transformer", "vae"):
             module = self._module(name)
             if module is not None:
