@@ -30,6 +30,14 @@ def test_the_report_on_this_machine():
     assert "what runs here:" in out and "  --attention sdpa: yes" in out
     assert "example config (--profile NAME): " in out and "config.example.toml" in out
     data = json.loads(run("--json"))
+    import shutil
+    from pathlib import Path
+
+    cache = Path(data["hub_cache"]["path"])
+    while not cache.exists():
+        cache = cache.parent
+    assert abs(data["hub_cache"]["free_bytes"] - shutil.disk_usage(cache).free) < 2**30  # the cache's disk
+    assert "free on its disk; " in out
     assert data["torch"] == torch.__version__ and data["runs_here"]["--attention sdpa"] == {"runs": True, "why": None}
     assert set(data["packages"]) == set(environment.PACKAGES)
     if not torch.cuda.is_available():
@@ -66,6 +74,10 @@ def test_gpus_their_features_and_the_verdicts(gpus):
     assert "GPU 0: NVIDIA H100 80GB HBM3, sm90, 83.75 GB free of 84.83 GB; bf16 tensor cores: yes; fp8 tensor " \
            "cores: yes" in out
     assert "GPU 1: Tesla T4, sm75, 15.03 GB free of 16.11 GB; bf16 tensor cores: no; fp8 tensor cores: no" in out
+    t4 = out.split("GPU 1: Tesla T4")[1].splitlines()
+    assert t4[1] == ("  bf16 on this GPU: slower matmuls, SDPA's math path (run in query slices) and no "
+                     "torch.compile; float16 overflows in the DiT (docs/numerics.md)")
+    assert "bf16 on this GPU" not in out.split("GPU 1:")[0]  # not for the H100
     verdicts = dict(environment.verdicts(environment.report()))  # for the first GPU
     assert "a CUDA GPU" not in verdicts
     assert verdicts["--fp8"] is None and verdicts["--cuda-graphs"] is None

@@ -75,7 +75,15 @@ def hub_cache() -> dict[str, Any]:
             cached[repo_id] = isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
         except Exception:  # a malformed cache folder: say not cached
             cached[repo_id] = False
-    return {"path": str(constants.HF_HUB_CACHE), "offline": bool(constants.HF_HUB_OFFLINE), "models": cached}
+    existing = Path(constants.HF_HUB_CACHE).expanduser()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        free = None
+    return {"path": str(constants.HF_HUB_CACHE), "offline": bool(constants.HF_HUB_OFFLINE), "models": cached,
+            "free_bytes": free}
 
 
 def report() -> dict[str, Any]:
@@ -186,6 +194,9 @@ def lines(rep: dict[str, Any]) -> list[str]:
         out.append(f"GPU {gpu['index']}: {gpu['name']}, {gpu['capability']}, {format_bytes(gpu['free_bytes'])} free of "
                    f"{format_bytes(gpu['total_bytes'])}; bf16 tensor cores: {say[gpu['bf16_tensor_cores']]}; "
                    f"fp8 tensor cores: {say[gpu['fp8_tensor_cores']]}")
+        if gpu["bf16_tensor_cores"] is False:
+            out.append("  bf16 on this GPU: slower matmuls, SDPA's math path (run in query slices) and no "
+                       "torch.compile; float16 overflows in the DiT (docs/numerics.md)")
     if rep["ram"]:
         ram = rep["ram"]
         out.append(f"RAM: {format_bytes(ram['available_bytes'])} available of {format_bytes(ram['total_bytes'])}, "
@@ -197,7 +208,8 @@ def lines(rep: dict[str, Any]) -> list[str]:
     cache = rep["hub_cache"]
     held = ", ".join(f"{repo} {'cached' if yes else 'not downloaded (about 33 GB on first use)'}"
                      for repo, yes in cache["models"].items())
-    out.append(f"Hugging Face cache: {cache['path']}{' (offline)' if cache['offline'] else ''}; {held}")
+    free = f", {format_bytes(cache['free_bytes'])} free on its disk" if cache["free_bytes"] is not None else ""
+    out.append(f"Hugging Face cache: {cache['path']}{' (offline)' if cache['offline'] else ''}{free}; {held}")
     out.append(f"example config (--profile NAME): {EXAMPLE_CONFIG}")
     out.append("what runs here:")
     for what, why in verdicts(rep):
