@@ -71,6 +71,18 @@ def test_existing_file_is_not_overwritten_without_flag(tiny_model_dir, tmp_path)
     assert out.read_bytes() != b"keep"
 
 
+def test_a_bad_request_is_named_before_the_outputs_are_touched(tiny_model_dir, tmp_path):
+    """The request's own mistake first: an existing output does not hide a bad width, and a bad
+    request creates no output folder."""
+    out = tmp_path / "x.png"
+    out.write_bytes(b"keep")
+    result = run("generate", "a cat", "--model", tiny_model_dir, "-o", out, *BASE, "--width", "8", ok=False)
+    assert result.exit_code == 1 and "--width must be a positive multiple of 16, got 8" in result.output
+    result = run("generate", "a cat", "--model", tiny_model_dir, "-o", tmp_path / "new" / "x.png", *BASE,
+                 "--steps", "0", ok=False)
+    assert "--steps must be an integer >= 1" in result.output and not (tmp_path / "new").exists()
+
+
 def test_png_metadata_and_rerun_from_image(tiny_model_dir, tmp_path):
     first = tmp_path / "first.png"
     run("generate", 'a "red" cat', "--model", tiny_model_dir, "-o", first, "--seed", 42, "--device", "cpu",

@@ -190,16 +190,6 @@ def run_generate(prompts: list[str], o: dict) -> None:
     paths = output_paths(jobs, o["output"], o["output_dir"], o["name_pattern"])
     if any(p.suffix.lower() != ".png" for p in paths):
         raise ValueError(f"--output must be a .png file, got {o['output']}")  # --name-pattern adds .png
-    for folder in dict.fromkeys(p.parent for p in paths):  # a folder that cannot be made fails now, not after sampling
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            flag = "--output" if o["output"] is not None else "--output-dir"
-            raise ValueError(f"{flag}: cannot create the folder {folder} ({e.strerror or e})") from None
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not o["overwrite"]:
-        raise ValueError(f"{existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
-                         f"use --overwrite to replace")
     # Refuse bad input before spending minutes loading weights.
     given = lambda key, fallback: fallback if o[key] is None else o[key]  # noqa: E731
     check_request("x", given("width", 1024), given("height", 1024), given("steps", 1),
@@ -215,6 +205,19 @@ def run_generate(prompts: list[str], o: dict) -> None:
         from ..prompt.templates import default_registry
 
         default_registry(o["templates_dir"]).get(o["template"])
+
+    # The outputs, once the request is known to be valid: a folder that cannot be made fails now, not
+    # after sampling; an existing file needs --overwrite.
+    for folder in dict.fromkeys(p.parent for p in paths):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            flag = "--output" if o["output"] is not None else "--output-dir"
+            raise ValueError(f"{flag}: cannot create the folder {folder} ({e.strerror or e})") from None
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not o["overwrite"]:
+        raise ValueError(f"{existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
+                         f"use --overwrite to replace")
 
     init = read_image(o["init_image"], "--image", "RGB")
     mask = read_image(o["mask"], "--mask", "L")
