@@ -67,7 +67,7 @@ def hub_cache() -> dict[str, Any]:
     """Where the Hugging Face cache is, and which released models it already holds."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    from .hub import DEFAULT_MODEL
+    from .hub import DEFAULT_MODEL, free_disk
 
     cached = {}
     for repo_id in (DEFAULT_MODEL, "Tongyi-MAI/Z-Image"):
@@ -75,11 +75,8 @@ def hub_cache() -> dict[str, Any]:
             cached[repo_id] = isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
         except Exception:  # a malformed cache folder: say not cached
             cached[repo_id] = False
-    existing = Path(constants.HF_HUB_CACHE).expanduser()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
     try:
-        free = shutil.disk_usage(existing).free
+        free = free_disk(constants.HF_HUB_CACHE)
     except OSError:
         free = None
     return {"path": str(constants.HF_HUB_CACHE), "offline": bool(constants.HF_HUB_OFFLINE), "models": cached,

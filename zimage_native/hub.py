@@ -122,6 +122,14 @@ def hub_snapshot(repo_id: str, what: str = "model", **kwargs) -> Path:
         raise explained from e
 
 
+def free_disk(folder: str | os.PathLike) -> int:
+    """Free bytes on the disk that holds ``folder``, or will once it is made."""
+    existing = Path(folder).expanduser()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
 def check_download_space(repo_id: str, allow_patterns: list[str], revision: str | None = None,
                          cache_dir: str | os.PathLike | None = None, what: str = "model") -> None:
     """Refuse, before it starts, a download the cache's disk cannot hold: the Hub lists each file's
@@ -144,10 +152,7 @@ def check_download_space(repo_id: str, allow_patterns: list[str], revision: str 
         blob = sibling.lfs.sha256 if sibling.lfs else sibling.blob_id
         if blob is None or not (blobs / blob).exists():
             need += (sibling.lfs.size if sibling.lfs else sibling.size) or 0
-    existing = cache
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
+    free = free_disk(cache)
     if need > free:
         from .devices import format_bytes
 
