@@ -200,7 +200,7 @@ def test_model_offload_visits_each_component_only_while_it_runs(tiny_model_dir, 
     assert_rel(out, tiny_pipe("a cat", **kw).images, 1e-5)  # (its q|k|v GEMMs fused: not bit-equal)
     copies.clear()
     pipe.offload = "text_encoder"
-    pipe("a cat", **kw)
+    pipe("a dog", **kw)  # a new prompt: "a cat" is in the prompt cache and would not visit
     assert {name for name, _ in copies} == {"text_encoder"}
 
 

@@ -108,6 +108,9 @@ def test_callback_on_step_end_reads_and_replaces_latents_like_diffusers(tiny_pip
 
 def test_negative_prompts_are_encoded_in_the_same_call(tiny_pipe, monkeypatch):
     """CFG encodes positives and negatives in one text-encoder batch; the features equal separate encodes."""
+    from zimage_native.text_encoder import PromptCache
+
+    monkeypatch.setattr(tiny_pipe, "prompt_cache", PromptCache())  # none of the texts known yet
     te = tiny_pipe.text_encoder
     calls = []
     real = te.encode

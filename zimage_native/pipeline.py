@@ -38,7 +38,7 @@ from .sampling import (GenerationRequest, SamplingPlan, Step, check_request, pre
                        preprocess_mask, to_pil)
 from .sampling import cfg_combine, randn as _randn  # noqa: F401  (kept for older imports)
 from .scheduler import Schedule
-from .text_encoder import TextEncoder
+from .text_encoder import PromptCache, TextEncoder
 from .tiling import TileConfig, tiled_decode, tiled_encode
 
 logger = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ class ZImagePipeline:
         self.prompt_rewriter = Rewriter(lambda: self.text_encoder, lambda: self.model_folder,
                                         lambda: self.template_registry)
         self.controlnets = _control.ControlNetSlot()
+        self.prompt_cache = PromptCache()  # features of recent prompts (encode_texts)
         self._lock = threading.RLock()  # see _serialized
         self._fit_attention()
 
@@ -287,6 +288,7 @@ class ZImagePipeline:
         self.placement = dict.fromkeys(self.placement, device)
         self.offload = "none"
         self._fit_attention()
+        self.prompt_cache.clear()  # its features are on the old devices
         if self._graphed is not None:
             self._graphed.clear()  # graphs hold tensors of the old placement
         return self
@@ -309,6 +311,7 @@ class ZImagePipeline:
             if module is not None:
                 move_(module, storage_device(name, device, self.offload))
         self._fit_attention()
+        self.prompt_cache.clear()
         if self._graphed is not None:
             self._graphed.clear()
 
@@ -552,9 +555,14 @@ class ZImagePipeline:
     @_serialized
     @torch.no_grad()
     def encode_texts(self, texts: list[str], max_sequence_length: int = 512) -> list[torch.Tensor]:
-        """Encode already formatted texts in one text-encoder batch; features on the DiT device."""
-        with self._running("text_encoder"):
-            features = self.text_encoder.encode(texts, max_sequence_length)
+        """Encode already formatted texts in one text-encoder batch; features on the DiT device. Texts
+        in ``prompt_cache`` are not encoded again, and when all are, the encoder does not run (nor,
+        offloaded, visit its device)."""
+        def run(missing):
+            with self._running("text_encoder"):
+                return self.text_encoder.encode(missing, max_sequence_length)
+
+        features = self.prompt_cache.encode(self.text_encoder, texts, max_sequence_length, run)
         return [f.to(self.device) for f in features]
 
     # ------------------------------------------------------------------ the sampling core (see sampling.py)

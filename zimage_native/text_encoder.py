@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -162,3 +164,64 @@ class TextEncoder:
             input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
         ).last_hidden_state  # = hidden_states[-2] of the full model
         return [hidden[i, : len(row)] for i, row in enumerate(ids)]
+
+
+class PromptCache:
+    """The caption features of recently encoded texts, least recently used out (``max_entries``).
+
+    A text asked for again (the same prompt with other seeds, one image at a time, as ``zimage
+    generate --num-images`` and a server's users do) is not encoded again, and an offloaded text
+    encoder does not visit the GPU for it: ``ZImagePipeline.encode_texts`` runs the encoder only for
+    the texts missing here, once each, in one batch. Keys are the formatted text and the token limit;
+    the features are those of the first encoding (a text encoded in another batch can differ from
+    them in the last bits, as the GEMM shapes change with the batch). The cache belongs to one encoder: a different ``source``
+    empties it, and the pipeline empties it when the encoder moves. ``max_entries = 0`` turns it off.
+    Stored features are compact copies (not views of their batch), and hits are handed out as copies.
+    """
+
+    def __init__(self, max_entries: int = 32):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, int | None], torch.Tensor] = OrderedDict()
+        self._source: Callable[[], object] | None = None
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def encode(self, source, texts: list[str], max_sequence_length: int | None,
+               run: Callable[[list[str]], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Features of ``texts``: from the cache, and ``run(missing texts)`` for the rest (not called
+        when nothing is missing). ``source`` is the encoder the features come from."""
+        if self._source is None or self._source() is not source:  # a weak reference: never keeps an encoder alive
+            self.clear()
+            try:
+                self._source = weakref.ref(source)
+            except TypeError:  # an object that cannot be weakly referenced
+                self._source = lambda: source
+        if self.max_entries <= 0:
+            self.clear()
+            return run(texts)
+        unique = list(dict.fromkeys(texts))
+        found: dict[str, torch.Tensor] = {}
+        for text in unique:
+            stored = self._entries.get((text, max_sequence_length))
+            if stored is not None:
+                self._entries.move_to_end((text, max_sequence_length))
+                found[text] = stored.clone()
+        missing = [text for text in unique if text not in found]
+        self.hits += len(found)
+        self.misses += len(missing)
+        if missing:
+            for text, feature in zip(missing, run(missing)):
+                found[text] = feature
+                self._entries[(text, max_sequence_length)] = feature.clone()
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        out, given = [], set()
+        for text in texts:  # a text twice in one call: the second gets its own copy
+            out.append(found[text].clone() if text in given else found[text])
+            given.add(text)
+        return out

@@ -1,0 +1,165 @@
+"""The prompt cache: a text asked for again is not encoded again, and an offloaded text encoder does
+not visit its device for it; results equal those of a pipeline without the cache."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from zimage_native import ZImagePipeline
+from zimage_native.text_encoder import PromptCache
+
+from .utils import assert_rel
+
+KW = dict(height=32, width=32, num_inference_steps=1, output_type="pt")
+
+
+def spy_encoder(pipe, monkeypatch) -> list[list[str]]:
+    """The batches of texts the pipeline's text encoder is asked to encode."""
+    calls, encode = [], pipe.text_encoder.encode
+    monkeypatch.setattr(pipe.text_encoder, "encode", lambda texts, *a: calls.append(list(texts)) or encode(texts, *a))
+    return calls
+
+
+@pytest.fixture
+def pipe(tiny_model_dir):
+    p = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    p.progress = False
+    return p
+
+
+@pytest.fixture(scope="module")
+def uncached(tiny_model_dir):
+    p = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    p.progress = False
+    p.prompt_cache.max_entries = 0
+    return p
+
+
+def test_a_prompt_asked_again_is_not_encoded_again_and_gives_the_same_images(pipe, uncached, monkeypatch):
+    calls = spy_encoder(pipe, monkeypatch)
+    images = [pipe("a cat", seed=s, **KW).images for s in (1, 2)]
+    assert len(calls) == 1 and pipe.prompt_cache.hits == 1 and pipe.prompt_cache.misses == 1
+    for s, image in zip((1, 2), images):  # the same batch (one text) was encoded: bit-equal
+        assert torch.equal(image, uncached("a cat", seed=s, **KW).images)
+    # control: without the cache every request encodes
+    control = spy_encoder(uncached, monkeypatch)
+    uncached("a cat", seed=1, **KW)
+    uncached("a cat", seed=2, **KW)
+    assert len(control) == 2
+
+
+def test_cfg_encodes_each_missing_text_once_in_one_batch(pipe, uncached, monkeypatch):
+    calls = spy_encoder(pipe, monkeypatch)
+    cfg = dict(guidance_scale=2.0, negative_prompt="blurry", seed=3, **KW)
+    out = pipe(["a cat", "a dog", "a cat"], **cfg).images
+    assert len(calls) == 1 and len(calls[0]) == 3  # "a cat", "a dog", "blurry": each once
+    assert_rel(out, uncached(["a cat", "a dog", "a cat"], **cfg).images, 1e-6)  # (another batch: not bit-equal)
+    pipe("a dog", **cfg)
+    assert len(calls) == 1  # prompt and negative prompt both known
+    pipe("a bird", **cfg)
+    assert len(calls) == 2 and len(calls[1]) == 1  # only the new prompt
+
+
+def test_the_cache_is_bounded_least_recently_used_out_and_hands_out_copies():
+    cache, runs = PromptCache(max_entries=2), []
+    source = object.__new__(type("Encoder", (), {}))
+
+    def run(texts):
+        runs.append(list(texts))
+        batch = torch.arange(len(texts) * 8, dtype=torch.float32).reshape(len(texts), 4, 2)
+        return [batch[i, : 2 + i] for i in range(len(texts))]  # views of one batch, as the encoder returns
+
+    cache.encode(source, ["a", "b"], 512, run)
+    cache.encode(source, ["a"], 512, run)  # a is now the most recently used
+    cache.encode(source, ["c"], 512, run)  # b goes
+    assert runs == [["a", "b"], ["c"]] and len(cache) == 2
+    cache.encode(source, ["b", "a"], 512, run)
+    assert runs[-1] == ["b"]
+    stored = cache._entries[("a", 512)]
+    assert stored.untyped_storage().nbytes() == stored.numel() * 4  # compact: not a view of its batch
+    first = cache.encode(source, ["a", "a"], 512, run)
+    assert first[0].data_ptr() != first[1].data_ptr()
+    first[0].add_(100.0)
+    assert torch.equal(cache.encode(source, ["a"], 512, run)[0], first[1])  # an edit does not reach the cache
+    cache.encode(source, ["a"], 77, run)  # another token limit is another entry
+    assert runs[-1] == ["a"]
+
+
+def test_another_encoder_a_move_or_size_zero_empties_it_and_it_keeps_no_encoder_alive(pipe, monkeypatch):
+    pipe.encode_prompt(["a cat"])
+    assert len(pipe.prompt_cache) == 1
+    pipe.to("cpu")
+    assert len(pipe.prompt_cache) == 0
+    pipe.encode_prompt(["a cat"])
+    old, pipe.text_encoder = pipe.text_encoder, type(pipe.text_encoder)(pipe.text_encoder.model,
+                                                                         pipe.text_encoder.tokenizer)
+    calls = spy_encoder(pipe, monkeypatch)
+    pipe.encode_prompt(["a cat"])
+    assert len(calls) == 1  # a new encoder: encoded again
+    ref = weakref.ref(old)
+    del old
+    gc.collect()
+    assert ref() is None  # the cache held the old encoder only weakly
+    pipe.prompt_cache.max_entries = 0
+    pipe.encode_prompt(["a cat"])
+    assert len(calls) == 2 and len(pipe.prompt_cache) == 0
+
+
+def test_an_offloaded_text_encoder_visits_only_for_new_prompts(tiny_model_dir, monkeypatch):
+    """("cpu:1" stands in for the GPU; the storage copies are recorded CPU clones.)"""
+    import zimage_native.offload as offload
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", offload="model")
+    pipe.progress = False
+    pipe.placement = dict.fromkeys(pipe.placement, torch.device("cpu", 1))
+    modules = {"text_encoder": pipe.text_encoder.model, "transformer": pipe.transformer, "vae": pipe.vae}
+    owner = {t.untyped_storage().data_ptr(): name for name, m in modules.items()
+             for t in (*m.parameters(), *m.buffers())}
+    copied = []
+    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: copied.append(owner[storage.data_ptr()])
+                        or storage.clone())
+
+    def visits(prompt, seed):
+        copied.clear()
+        pipe(prompt, seed=seed, **KW)
+        return list(dict.fromkeys(copied))
+
+    assert visits("a cat", 1) == ["text_encoder", "transformer", "vae"]
+    assert visits("a cat", 2) == ["transformer", "vae"]
+    assert visits("a dog", 2) == ["text_encoder", "transformer", "vae"]
+
+
+def test_the_cli_encodes_a_prompt_once_for_several_images(tiny_model_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+    from zimage_native.text_encoder import TextEncoder
+
+    calls, encode = [], TextEncoder.encode
+    monkeypatch.setattr(TextEncoder, "encode", lambda self, texts, *a: calls.append(list(texts)) or encode(self, texts, *a))
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "--output-dir",
+                                       str(tmp_path), "--num-images", "3", "--device", "cpu", "--width", "32",
+                                       "--height", "32", "--steps", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert len(list(tmp_path.iterdir())) == 3 and len(calls) == 1
+
+
+def test_the_benchmark_encodes_on_every_timed_run(monkeypatch):
+    """Cached features would time the encoder at zero: every bench pipeline runs without the cache."""
+    from zimage_native import bench
+
+    torch.manual_seed(0)
+    pipe, _ = bench.build_random_pipeline(torch.device("cpu"), torch.float32, tiny=True)
+    assert pipe.prompt_cache.max_entries == 0
+    pipe.prompt_cache.max_entries = 32  # as a pipeline from from_pretrained (zimage bench --model) has it
+    calls, asked = spy_encoder(pipe, monkeypatch), []
+    for name in ("generate", "encode_prompt"):
+        method = getattr(pipe, name)
+        monkeypatch.setattr(pipe, name, lambda *a, _m=method, **k: asked.append(1) or _m(*a, **k))
+    bench.run_ours(pipe, bench.LADDER[0], 32, 1, 2)
+    assert len(asked) == 1 + 2 + 1 + 2  # cold start, 2 timed requests, the embeds, 2 timed encodes
+    assert len(calls) == len(asked)
