@@ -102,6 +102,24 @@ def test_png_metadata_and_rerun_from_image(tiny_model_dir, tmp_path):
     assert read_metadata(other)["seed"] == 43 and not np.array_equal(pixels(first), pixels(other))
 
 
+def test_seed_variance_flags_metadata_and_rerun(tiny_model_dir, tmp_path):
+    varied, plain = tmp_path / "varied.png", tmp_path / "plain.png"
+    run("generate", "a cat", "--model", tiny_model_dir, "-o", varied, "--seed", 5, *BASE, "--steps", "2",
+        "--seed-variance", "20", "--seed-variance-steps", "0.5")
+    run("generate", "a cat", "--model", tiny_model_dir, "-o", plain, "--seed", 5, *BASE, "--steps", "2")
+    assert not np.array_equal(pixels(varied), pixels(plain))
+    record = read_metadata(varied)
+    assert (record["seed_variance"], record["seed_variance_share"], record["seed_variance_steps"]) == (20, 0.5, 0.5)
+    with Image.open(varied) as im:
+        assert "Seed variance: 20.0 (share 0.5, steps 0.5)" in im.info["parameters"]
+    again = tmp_path / "again.png"
+    run("generate", "--from-image", varied, "-o", again, "--device", "cpu", "--no-progress")
+    assert np.array_equal(pixels(varied), pixels(again))
+    result = run("generate", "a cat", "--model", tiny_model_dir, "-o", tmp_path / "bad.png", *BASE,
+                 "--seed-variance", "20", "--seed-variance-share", "0", ok=False)
+    assert result.exit_code == 1 and "--seed-variance-share must be > 0" in result.output
+
+
 def test_from_image_without_metadata_fails_clearly(tmp_path):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)

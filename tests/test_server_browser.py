@@ -155,6 +155,8 @@ def test_reuse_fills_the_form(page, server):
     assert page.input_value("#prompt") == item["prompt"]
     assert page.input_value("#seed") == str(item["seed"])
     assert page.input_value("#width") == str(item["width"])
+    variance = item["params"].get("seed_variance")
+    assert (float(page.input_value("#seed_variance")) == variance) if variance else page.input_value("#seed_variance") == ""
 
 
 def test_template_and_prompt_fields_reach_the_job(page, server, artifacts):
@@ -167,6 +169,7 @@ def test_template_and_prompt_fields_reach_the_job(page, server, artifacts):
     page.fill("#prompt", "a bowl of plums")
     page.get_by_role("button", name="1:1 small").click()
     page.fill("#steps", "2")
+    page.fill("#seed_variance", "20")
     screenshot(page, artifacts, "web-phone-prompt-format.png")
     before = len(api_history(server))
     page.click("#generate")
@@ -174,6 +177,7 @@ def test_template_and_prompt_fields_reach_the_job(page, server, artifacts):
     record = api_history(server)[0]["params"]
     assert record["template"] == name and record["system_prompt"] == "You are a careful painter."
     assert record["steps"] == 2
+    assert record["seed_variance"] == 20 and record["seed_variance_share"] == 0.5  # the API's default share
 
 
 def test_upload_image_mask_and_control_image(page, server, artifacts, tmp_path):

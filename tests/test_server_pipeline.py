@@ -114,6 +114,22 @@ def test_generation_with_the_remote_encoder_equals_the_local_one(remote, tiny_pi
     assert np.array_equal(wired(["a red fox", "a lighthouse at dusk"], **call).images, want)
 
 
+def test_a_served_job_with_seed_variance_equals_the_library_image(served, tiny_pipe):
+    variance = {"seed_variance": 20.0, "seed_variance_share": 0.5, "seed_variance_steps": 0.5}
+    with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+        job = c.post("/api/v1/jobs", json={"prompt": "a cat", "width": 64, "height": 48, "steps": 2, "seed": 3,
+                                           **variance}).json()
+        image = follow(c, job["events_url"])[-1].data["images"][0]
+        png = c.get(image["url"]).content
+    expected = tiny_pipe("a cat", width=64, height=48, num_inference_steps=2, seed=3, **variance).images[0]
+    with Image.open(io.BytesIO(png)) as im:
+        assert np.array_equal(np.asarray(im), np.asarray(expected))
+        record = json.loads(im.info["zimage"])
+    assert {k: record[k] for k in variance} == variance
+    assert not np.array_equal(np.asarray(expected), np.asarray(
+        tiny_pipe("a cat", width=64, height=48, num_inference_steps=2, seed=3).images[0]))
+
+
 def test_a_repeated_prompt_is_not_sent_to_the_remote_encoder_again(remote, tiny_pipe, monkeypatch):
     pipe = ZImagePipeline(tiny_pipe.transformer, tiny_pipe.vae, remote, tiny_pipe.scheduler_config,
                           tiny_pipe.vae_config, variant=tiny_pipe.variant)

@@ -640,6 +640,9 @@ class ZImagePipeline:
         mask_image=None,
         control_image=None,
         controlnet_conditioning_scale: float = 0.75,
+        seed_variance: float = 0.0,
+        seed_variance_share: float = 0.5,
+        seed_variance_steps: float = 0.2,
     ) -> ZImageOutput:
         """Generate images. Unset ``width``/``height``/``num_inference_steps``/``guidance_scale`` come
         from the template's suggested settings, then from the variant (Turbo: 8 steps, guidance 0;
@@ -655,6 +658,12 @@ class ZImagePipeline:
         ``control_image`` (with a ControlNet loaded, :meth:`load_controlnet`): a pose / depth / edge
         image that steers the layout, as diffusers' ``ZImageControlNetPipeline``; its hints are
         weighted by ``controlnet_conditioning_scale``. An unset size comes from the control image.
+
+        ``seed_variance`` > 0 (Turbo, whose images change little with the seed; 15 to 30 is a usual
+        range): for the first ``seed_variance_steps`` of the schedule the prompt features carry
+        seeded noise, uniform in [-seed_variance, seed_variance] on ``seed_variance_share`` of their
+        values (:func:`sampling.vary`), so seeds give more different compositions; the later steps
+        see the prompt as it is.
         """
         return self._call(prompt, width=width, height=height, num_inference_steps=num_inference_steps, seed=seed,
                           generator=generator, latents=latents, guidance_scale=guidance_scale,
@@ -668,7 +677,8 @@ class ZImagePipeline:
                           negative_prompt_embeds=negative_prompt_embeds, callback_on_step_end=callback_on_step_end,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, image=image,
                           strength=strength, mask_image=mask_image, control_image=control_image,
-                          control_scale=controlnet_conditioning_scale)
+                          control_scale=controlnet_conditioning_scale, seed_variance=seed_variance,
+                          seed_variance_share=seed_variance_share, seed_variance_steps=seed_variance_steps)
 
     def img2img(self, prompt: str | list[str] | None, image, strength: float = 0.6, **kwargs) -> ZImageOutput:
         """Image-to-image: start from ``image`` (PIL, numpy (H, W, C) in [0, 1], torch (B, C, H, W) in

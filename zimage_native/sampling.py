@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import numbers
 import random
 from dataclasses import dataclass, field
@@ -72,6 +73,9 @@ class GenerationRequest:
     cfg_truncation: float | None = 1.0
     max_sequence_length: int = 512
     shift: float | None = None  # the scheduler shift; None: the model's
+    seed_variance: float = 0.0  # noise amplitude on the prompt features of the first steps (0 = off)
+    seed_variance_share: float = 0.5  # the fraction of the feature values that get noise
+    seed_variance_steps: float = 0.2  # the fraction of the schedule (its first steps) that sees them
     strength: float | None = None  # img2img / inpaint; None: 0.6 for img2img, 1.0 for inpaint
     image: Any = None  # img2img / inpaint input: PIL, numpy (H, W, C) in [0, 1] or torch (B, C, H, W)
     mask_image: Any = None  # inpaint: white = repaint, black = keep
@@ -114,6 +118,7 @@ class GenerationRequest:
             out["inpaint"] = True
         if self.control_image is not None:
             out["control_scale"] = self.control_scale
+        out.update(variance_info(self))
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -302,6 +307,7 @@ class Step:
     guided: bool  # CFG on for this step
     mods: list[torch.Tensor]  # precomputed modulation vectors, (1, 4D) per block and (1, D) final
     extra: Any = None  # this step's inputs of the task's extra DiT inputs (see Conditioning)
+    varied: bool = False  # the positives' caption tokens are the seed-varied ones (``SamplingPlan.varied``)
 
 
 @dataclass
@@ -319,11 +325,13 @@ class SamplingPlan:
     norm_limit: float
     blend: Any = None  # the task's per-step latent blend (see Conditioning)
     extra: Any = None  # the task's extra DiT inputs (see Conditioning)
+    varied: tuple[SequenceLayout, torch.Tensor] | None = None  # the positives with seed variance (``vary``)
 
 
 @torch.no_grad()
 def plan(pipe, size, prompt_embeds, negative_embeds, schedule: Schedule, guidance_scale=0.0,
-         cfg_normalization=False, cfg_truncation=1.0, start=0, blend=None, extra=None) -> SamplingPlan:
+         cfg_normalization=False, cfg_truncation=1.0, start=0, blend=None, extra=None, varied=None,
+         varied_steps=0.0) -> SamplingPlan:
     """Everything the step loop reads, computed once per request: layouts, refined caption tokens
     (the context refiner does not depend on t) and every modulation vector of the schedule.
     The DiT must be on its execution device (see ``pipe._running``).
@@ -341,6 +349,8 @@ def plan(pipe, size, prompt_embeds, negative_embeds, schedule: Schedule, guidanc
 
     plain = prepare(prompt_embeds)
     negative = prepare(negative_embeds) if use_cfg else None
+    if varied is not None:  # the same layout: only the features differ
+        varied = plain[0], dit.encode_caption(pad_captions(varied, plain[0].caption_pad.shape[1]), plain[0])
     times = schedule.model_times()
     c = dit.time_embedding(times.to(device), dtype)  # (N, 256): one row per step
     mods = dit.modulations(c)
@@ -352,9 +362,10 @@ def plan(pipe, size, prompt_embeds, negative_embeds, schedule: Schedule, guidanc
     steps = []
     for i in range(start, schedule.num_steps):
         on = use_cfg and not (truncate and times[i].item() > cfg_truncation)
-        steps.append(Step(i, on, [m[i:i + 1] for m in mods], per_step[i]))
+        early = varied is not None and i < varied_steps * schedule.num_steps
+        steps.append(Step(i, on, [m[i:i + 1] for m in mods], per_step[i], early))
     return SamplingPlan(steps, plain, negative, schedule.sigmas.to(device), float(guidance_scale),
-                        float(cfg_normalization) if cfg_normalization else 0.0, blend, extra)
+                        float(cfg_normalization) if cfg_normalization else 0.0, blend, extra, varied)
 
 
 def cfg_combine(pos: torch.Tensor, neg: torch.Tensor, scale: float | torch.Tensor,
@@ -389,7 +400,7 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
     for k, step in enumerate(tqdm(plan.steps, disable=not progress, desc="denoise")):
         x = patchify(latents.to(dtype), cfg.patch_size)
         one = dataclasses.replace(step, guided=False) if step.guided else step  # each forward has batch B
-        pred = forward(x, one, plan.plain)
+        pred = forward(x, one, plan.varied if step.varied else plan.plain)
         if step.guided:  # CFG: a second forward for the negatives, mask-free at batch 1
             pred = cfg_combine(pred, forward(x, one, plan.negative), plan.guidance_scale, plan.norm_limit)
         # The model predicts the negative velocity.
@@ -407,12 +418,12 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
 @torch.no_grad()
 def denoise(pipe, latents, prompt_embeds, negative_embeds, schedule: Schedule, guidance_scale=0.0,
             cfg_normalization=False, cfg_truncation=1.0, progress=True, start=0, callback=None, blend=None,
-            extra=None, on_step_end=None) -> torch.Tensor:
+            extra=None, on_step_end=None, varied=None, varied_steps=0.0) -> torch.Tensor:
     """Plan and run the step loop from ``latents`` at schedule step ``start``; the final fp32 latents.
     The pipeline's graphed loop (``cuda_graphs``) runs it unless ``on_step_end`` needs Python per step."""
     with pipe._running("transformer"):
         p = plan(pipe, latents.shape[-2:], prompt_embeds, negative_embeds, schedule, guidance_scale,
-                 cfg_normalization, cfg_truncation, start, blend, extra)
+                 cfg_normalization, cfg_truncation, start, blend, extra, varied, varied_steps)
         latents = latents.to(pipe.device, torch.float32)
         if pipe._graphed is not None and on_step_end is None:
             return pipe._graphed(latents, p, progress, callback)
@@ -452,6 +463,41 @@ def make_generators(seeds, generator, batch: int) -> tuple[list[torch.Generator]
     if len(seeds) not in (1, batch):
         raise ValueError(f"got {len(seeds)} seeds for {batch} images: give one seed or one per image")
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds], seeds
+
+
+#: Added to an image's seed for its seed-variance noise, so that this noise never shares a stream with
+#: the initial noise of a neighbouring seed (--num-images draws consecutive seeds).
+VARIANCE_SEED_OFFSET = 0x9E3779B97F4A7C15
+
+
+def check_seed_variance(amount, share, steps) -> None:
+    for name, value in (("seed_variance", amount), ("seed_variance_share", share), ("seed_variance_steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if amount < 0:
+        raise ValueError(f"seed_variance must be >= 0 (0 turns it off), got {amount}")
+    if not 0 < share <= 1:
+        raise ValueError(f"seed_variance_share must be > 0 and <= 1 (the fraction of feature values varied), got {share}")
+    if not 0 < steps <= 1:
+        raise ValueError(f"seed_variance_steps must be > 0 and <= 1 (the fraction of the steps that see the varied "
+                         f"features), got {steps}")
+
+
+def vary(embeds: list[torch.Tensor], amount: float, share: float, seeds: list[int]) -> list[torch.Tensor]:
+    """Seed variance (what ComfyUI's SeedVarianceEnhancer node does for Z-Image-Turbo, whose images
+    change little with the seed): each image's prompt features with uniform noise in
+    [-amount, amount] added to a random ``share`` of their values. The noise is drawn on the CPU in
+    fp32 from a generator seeded with the image's seed plus :data:`VARIANCE_SEED_OFFSET` (one seed for
+    a batch: one generator, drawn image after image, as the initial noise), so a seed reproduces it
+    on every device. Per image: a (L, D) draw that picks the values, then one for the noise."""
+    gens = [torch.Generator("cpu").manual_seed((int(s) + VARIANCE_SEED_OFFSET) % 2**64) for s in seeds]
+    out = []
+    for i, e in enumerate(embeds):
+        g = gens[i] if len(gens) > 1 else gens[0]
+        picked = torch.rand(tuple(e.shape), generator=g) < share
+        noise = (torch.rand(tuple(e.shape), generator=g) * 2 - 1) * amount
+        out.append((e.float() + torch.where(picked, noise, 0.0).to(e.device)).to(e.dtype))
+    return out
 
 
 def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator=None, guidance_scale=0.0, n=1,
@@ -513,6 +559,7 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
         raise ValueError(f"unknown prompt fields {sorted(unknown)}; known: {list(PROMPT_FIELDS)}")
     if r.prompt_embeds is not None and r.guidance_scale > 0 and r.negative_prompt_embeds is None:
         raise ValueError("with prompt_embeds and guidance_scale > 0, give negative_prompt_embeds too")
+    check_seed_variance(r.seed_variance, r.seed_variance_share, r.seed_variance_steps)
     return r, task, inputs
 
 
@@ -557,6 +604,12 @@ def negative_prompts(negative_prompt, n: int) -> list[str]:
     return negatives
 
 
+def variance_info(r: GenerationRequest) -> dict[str, float]:
+    """The seed-variance settings of a request, for its record (none when it is off)."""
+    names = ("seed_variance", "seed_variance_share", "seed_variance_steps")
+    return {name: getattr(r, name) for name in names} if r.seed_variance else {}
+
+
 def request_info(pipe, r: GenerationRequest, seeds, **extra) -> dict[str, Any]:
     from . import __version__
 
@@ -565,6 +618,7 @@ def request_info(pipe, r: GenerationRequest, seeds, **extra) -> dict[str, Any]:
             "steps": r.steps, "guidance_scale": r.guidance_scale, "seeds": seeds,
             "template": getattr(r.template, "name", r.template), **r.fields,
             "shift": r.shift, "model": pipe.source, "variant": pipe.variant, "version": __version__,
+            **variance_info(r),
             "loras": [[lr.path, lr.scale] for lr in pipe.loras] or None, **extra}
 
 
@@ -595,7 +649,7 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
     schedule = schedule_for(pipe, r)
     task.check(pipe, r, schedule)
     batch = len(r.prompts or r.prompt_embeds) * r.n
-    needs_noise = r.latents is None or task.name != "txt2img"
+    needs_noise = r.latents is None or task.name != "txt2img" or r.seed_variance > 0  # (the variance is seeded)
     generators, seeds = make_generators(r.seeds, r.generator, batch) if needs_noise else (None, None)
     info = request_info(pipe, r, seeds)
     embeds, negative = encode(pipe, r, info)
@@ -614,10 +668,14 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
                                  "caption tokens are refined once per request); only latents can be replaced")
             return out.get("latents", latents)
 
+    varied = None
+    if r.seed_variance > 0:  # a generator given: its seed stands for the image's
+        varied = vary(embeds, r.seed_variance, r.seed_variance_share,
+                      seeds if seeds is not None else [g.initial_seed() for g in generators])
     text_ok = finite_all(embeds + (negative or []))  # read at the end (no sync here)
     latents = denoise(pipe, cond.latents, embeds, negative, schedule, r.guidance_scale, r.cfg_normalization,
                       r.cfg_truncation, pipe.progress if progress is None else progress, cond.start, callback,
-                      cond.blend, cond.extra, on_step_end)
+                      cond.blend, cond.extra, on_step_end, varied, r.seed_variance_steps)
     return ZImageOutput(images=finish(pipe, latents, r.output_type, text_ok, seeds, r.prompt_embeds is not None),
                         seeds=seeds, info=info)
 

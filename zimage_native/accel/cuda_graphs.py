@@ -120,9 +120,12 @@ def guidance_tensors(plan, device: torch.device):
 
 
 def one_step_plan(plan, step):
-    """The plan of a single step: that step (as index 0) and its two sigmas."""
-    return dataclasses.replace(plan, steps=[dataclasses.replace(step, index=0)],
-                               sigmas=plan.sigmas[step.index:step.index + 2])
+    """The plan of a single step: that step (as index 0), its two sigmas, and as ``plain`` the caption
+    tokens its positives read (a seed-variance step's are ``plan.varied``: one graph serves both
+    kinds of step, the tokens copied in at the switch)."""
+    plain = plan.varied if step.varied else plan.plain
+    return dataclasses.replace(plan, steps=[dataclasses.replace(step, index=0, varied=False)], plain=plain,
+                               varied=None, sigmas=plan.sigmas[step.index:step.index + 2])
 
 
 class GraphedSampler:

@@ -26,7 +26,8 @@ LIBRARY_FLAGS = {
     "top_p": "--top-p", "offload": "--offload", "variant": "--variant", "text_encoder_quant": "--text-encoder-quant",
     "shift": "--shift", "mask_image": "--mask", "llm_url": "--llm-url",
     "compile": "--compile", "fp8": "--fp8", "kernels": "--kernels", "cuda_graphs": "--cuda-graphs",
-    "overlap": "--tile-overlap",
+    "overlap": "--tile-overlap", "seed_variance": "--seed-variance", "seed_variance_share": "--seed-variance-share",
+    "seed_variance_steps": "--seed-variance-steps",
 }
 _NAMES = "|".join(LIBRARY_FLAGS)
 # A statement about the argument ("steps must be ...", at the start or after ': ', '; ', ', ', '(') or

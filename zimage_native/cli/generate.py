@@ -89,7 +89,8 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
             "system_prompt": "system_prompt", "thinking_content": "thinking_content",
             "assistant_content": "assistant_content", "force_think_block": "force_think_block",
             "strip_quotes": "strip_quotes", "strength": "strength", "shift": "shift",
-            "control_scale": "control_scale"}
+            "control_scale": "control_scale", "seed_variance": "seed_variance",
+            "seed_variance_share": "seed_variance_share", "seed_variance_steps": "seed_variance_steps"}
     layer = {flag: record[key] for key, flag in keys.items() if record.get(key) is not None}
     if record.get("seed") is not None:
         layer["seed"] = [int(record["seed"])]
@@ -126,6 +127,13 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
               help="Turn CFG off once 1 - sigma exceeds this (1 = never).")
 @click.option("--shift", type=float, default=None,
               help="Scheduler shift (sigma -> s*sigma / (1 + (s-1)*sigma)) [default: the model's, Turbo 3, base 6].")
+@click.option("--seed-variance", type=float, default=0.0, show_default=True,
+              help="More varied images across seeds (Turbo changes little with the seed): seeded noise of this "
+                   "amplitude on the prompt features of the first steps; 15-30 is a usual range, 0 = off.")
+@click.option("--seed-variance-share", type=float, default=0.5, show_default=True,
+              help="With --seed-variance: the fraction of the prompt feature values that get noise.")
+@click.option("--seed-variance-steps", type=float, default=0.2, show_default=True,
+              help="With --seed-variance: the fraction of the steps, the first ones, that see the noise.")
 @click.option("--image", "init_image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="img2img: start from this image.")
 @click.option("--mask", "mask", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -181,7 +189,7 @@ def generate(ctx, prompt, config_path, profile, from_image, **opts):
 
 
 def run_generate(prompts: list[str], o: dict) -> None:
-    from ..sampling import check_request
+    from ..sampling import check_request, check_seed_variance
 
     seeds, drawn = resolve_seeds(tuple(o["seed"]), o["seeds"], o["num_images"])
     if o["batch_size"] < 1:
@@ -198,6 +206,7 @@ def run_generate(prompts: list[str], o: dict) -> None:
         raise ValueError(f"--strength must be in [0, 1], got {o['strength']}")
     if o["shift"] is not None and not o["shift"] > 0:
         raise ValueError(f"--shift must be > 0, got {o['shift']}")
+    check_seed_variance(o["seed_variance"], o["seed_variance_share"], o["seed_variance_steps"])
     if o["mask"] is not None and o["init_image"] is None:
         raise ValueError("--mask needs --image (the picture to inpaint)")
     check_control_options(o)
@@ -340,7 +349,8 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
                 max_sequence_length=o["max_sequence_length"], template=fields["template"],
                 fields={k: v for k, v in fields.items() if k != "template" and v is not None},
                 image=init, mask_image=mask, strength=o["strength"] if init is not None else None,
-                shift=o["shift"], num_images_per_prompt=1)
+                shift=o["shift"], num_images_per_prompt=1, seed_variance=o["seed_variance"],
+                seed_variance_share=o["seed_variance_share"], seed_variance_steps=o["seed_variance_steps"])
 
             def step(i, n, _size=len(batch)):
                 nonlocal bar

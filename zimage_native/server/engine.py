@@ -21,7 +21,7 @@ import torch
 from ..metadata import png_info
 from ..prompt.format import format_prompt
 from ..prompt.templates import default_registry
-from ..sampling import PROMPT_FIELDS, GenerationRequest  # noqa: F401  (the one request type, re-exported)
+from ..sampling import PROMPT_FIELDS, GenerationRequest, variance_info  # noqa: F401  (the one request type, re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +333,8 @@ class FakeEngine(Engine):
                       "template": request.template, **request.fields, "model": self.model_name,
                       "variant": self.variant, "version": __version__, "strength": request.strength,
                       "shift": request.shift, "task": request.task,
-                      "control_scale": request.control_scale if request.control_image is not None else None}
+                      "control_scale": request.control_scale if request.control_image is not None else None,
+                      **variance_info(request)}
             record = {k: v for k, v in record.items() if v is not None}
             image = Image.new("RGB", (request.width, request.height), seed_colour(seed))
             if request.mask_image is not None:  # inpainting: the seed's colour where the mask is white

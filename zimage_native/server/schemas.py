@@ -237,6 +237,10 @@ def build_models(limits: Limits, templates: list[str], rewriters: list[str], tem
         cfg_truncation: Num(0, 1) = 1.0
         max_sequence_length: SeqLenT = default_len
         shift: Num(0, 100, open_lo=True) | None = None
+        seed_variance: Num(0, 1000, description="more varied images across seeds (Turbo): noise amplitude on the "
+                                                "prompt features of the first steps; 15-30 is usual, 0 = off") = 0.0
+        seed_variance_share: Num(0, 1, open_lo=True, description="the fraction of feature values varied") = 0.5
+        seed_variance_steps: Num(0, 1, open_lo=True, description="the fraction of the steps that see the noise") = 0.2
         image: ImageData("img2img or inpainting input: base64 or a data: URL (PNG, JPEG, WebP)") | None = None
         mask: ImageData("inpainting mask (needs image): white = repaint, black = keep; base64 or data: URL") | None = None
         control_image: ImageData("ControlNet condition (pose, edges, depth, ...): base64 or data: URL") | None = None
@@ -511,7 +515,10 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
                              template=body.template, fields=fields, cfg_normalization=float(body.cfg_normalization),
                              cfg_truncation=float(body.cfg_truncation), max_sequence_length=body.max_sequence_length,
                              shift=shift, strength=strength, image=image, mask_image=mask, control_image=control,
-                             control_scale=0.75 if control_scale is None else control_scale)
+                             control_scale=0.75 if control_scale is None else control_scale,
+                             seed_variance=float(getattr(body, "seed_variance", 0.0)),
+                             seed_variance_share=float(getattr(body, "seed_variance_share", 0.5)),
+                             seed_variance_steps=float(getattr(body, "seed_variance_steps", 0.2)))
 
 
 def openai_to_job(body, models: Models):

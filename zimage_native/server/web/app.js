@@ -4,7 +4,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { caps: null, jobs: new Map(), historyTotal: 0, inputs: {} };
+const state = { caps: null, jobs: new Map(), historyTotal: 0, inputs: {}, varianceShape: {} };
 const INPUTS = ["image", "mask", "control_image"];  // base64 data URLs, as the job API takes them
 const FIELDS = ["system_prompt", "thinking_content", "assistant_content", "negative_prompt"];
 
@@ -103,6 +103,8 @@ function readForm() {
   if (steps !== null) body.steps = steps;
   if (n !== null) body.n = n;
   if (guidance !== null) body.guidance_scale = guidance;
+  const variance = num("seed_variance");
+  if (variance) Object.assign(body, { seed_variance: variance, ...state.varianceShape });
   const seed = $("seed").value.trim();
   if (seed !== "") body.seed = /^\d+$/.test(seed) ? Number(seed) : seed;
   if ($("template").value) body.template = $("template").value;
@@ -159,6 +161,10 @@ function reuse(params) {
   $("seed").value = params.seed ?? "";
   $("n").value = 1;
   $("guidance").value = params.guidance_scale ?? "";
+  $("seed_variance").value = params.seed_variance || "";
+  // share and steps have no field here: a re-used request keeps those it was made with
+  state.varianceShape = params.seed_variance ? { seed_variance_share: params.seed_variance_share,
+    seed_variance_steps: params.seed_variance_steps } : {};
   $("template").value = params.template || "";
   for (const f of FIELDS) $(f).value = params[f] || "";
   $("force_think_block").checked = !!params.force_think_block;
