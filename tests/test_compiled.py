@@ -367,6 +367,28 @@ def test_compile_is_refused_where_inductor_skips_bfloat16(monkeypatch, capabilit
         compile_vae_decode_(_OnCuda())
 
 
+def test_compile_without_triton_on_a_gpu_is_refused_before_any_work(monkeypatch):
+    """Inductor writes its CUDA kernels in Triton: without it the first call fails, after the weights
+    are loaded (Windows without triton-windows is the usual case). Refused up front, with the hint;
+    the CPU (C++ kernels) and other backends do not need Triton."""
+    from zimage_native.accel import AccelerationUnavailable, _kernels
+    from zimage_native.accel.compile import check_compile_supported
+    from zimage_native.accel.vae import compile_vae_decode_
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "NVIDIA GeForce RTX 4090")
+    check_compile_supported(_OnCuda(), "inductor")  # Triton importable here
+    monkeypatch.setattr(_kernels.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(AccelerationUnavailable, match=r"writes its CUDA kernels in Triton, and the triton package "
+                                                      r"is not installed; install it with .*triton-windows"):
+        check_compile_supported(_OnCuda(), "inductor")
+    with pytest.raises(AccelerationUnavailable, match="triton package is not installed"):
+        compile_vae_decode_(_OnCuda())
+    check_compile_supported(_OnCuda(), "eager")
+    check_compile_supported(torch.nn.Linear(2, 2), "inductor")  # on the CPU
+
+
 def test_compile_is_not_refused_on_rocm(monkeypatch):
     from zimage_native.accel.compile import gpu_compile_problem
 

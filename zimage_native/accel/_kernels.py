@@ -21,7 +21,8 @@ NAME = "zimage_native.kernels"
 class AccelerationUnavailable(RuntimeError):
     """An acceleration that was asked for cannot run here (no Triton, no GPU, a missing library)."""
 
-INSTALL_HINT = "install it with `pip install 'zimage-native[triton]'` (Linux with an NVIDIA or AMD GPU)"
+INSTALL_HINT = ("install it with `pip install 'zimage-native[triton]'` (Linux with an NVIDIA or AMD GPU; on Windows "
+                "it installs triton-windows)")
 
 
 def triton_unavailable_reason() -> str | None:

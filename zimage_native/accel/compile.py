@@ -188,12 +188,18 @@ def gpu_compile_problem(capability: tuple[int, int], name: str, dtypes: set[torc
 
 
 def check_compile_supported(model: nn.Module, backend: str | object, what: str = "the DiT") -> None:
-    """Raise :class:`AccelerationUnavailable` where the inductor backend would silently not compile."""
-    from ._kernels import AccelerationUnavailable
+    """Raise :class:`AccelerationUnavailable` where the inductor backend would not compile: without
+    Triton, which inductor writes its CUDA kernels in (it would fail at the first call, after the
+    weights are loaded), or where it would silently skip the model's graphs."""
+    from ._kernels import AccelerationUnavailable, triton_unavailable_reason
 
     param = next(model.parameters(), None)
     if backend != "inductor" or param is None or param.device.type != "cuda":
         return
+    triton = triton_unavailable_reason()
+    if triton:
+        raise AccelerationUnavailable(f"torch.compile (inductor) writes its CUDA kernels in Triton, and {triton}; "
+                                      f"or run without compile")
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     problem = gpu_compile_problem(torch.cuda.get_device_capability(param.device),
                                   torch.cuda.get_device_name(param.device), dtypes, what)
