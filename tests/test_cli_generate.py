@@ -450,6 +450,7 @@ def test_compile_for_a_single_image_says_what_it_costs(tiny_model_dir, tmp_path,
         raise ValueError("stopped before sampling")
 
     monkeypatch.setattr(cli_generate, "load_pipeline", lambda o: SimpleNamespace())  # loaded and optimised
+    monkeypatch.setattr(cli_generate, "check_speed_flags", lambda o: None)  # (--cuda-graphs needs a GPU)
     monkeypatch.setattr(cli_generate, "run_jobs", stop)
     common = ["generate", "a cat", "--model", tiny_model_dir, *BASE, "--output-dir", tmp_path]
     one = run(*common, "--compile", "blocks", "--cuda-graphs", ok=False)
@@ -458,6 +459,17 @@ def test_compile_for_a_single_image_says_what_it_costs(tiny_model_dir, tmp_path,
     assert "note: --vae-compile adds its cold start" in run(*common, "--vae-compile", ok=False).output
     for extra in (["--compile", "blocks", "--num-images", "2"], []):
         assert "cold start" not in run(*common, *extra, ok=False).output
+
+
+def test_speed_flags_that_cannot_run_fail_before_the_weights_load(tiny_model_dir, tmp_path, monkeypatch):
+    cli_generate = sys.modules["zimage_native.cli.generate"]
+    monkeypatch.setattr(cli_generate, "load_pipeline", lambda o: pytest.fail("the weights were loaded"))
+    out = tmp_path / "new"
+    for extra, words in ((["--cuda-graphs"], "--cuda-graphs needs the DiT on a CUDA device; it is on cpu"),
+                         (["--offload", "blocks", "--compile", "blocks"], "offload='blocks' streams the DiT's blocks")):
+        result = run("generate", "a cat", "--model", tiny_model_dir, *BASE, "--output-dir", out, *extra, ok=False)
+        assert result.exit_code == 1 and words in result.output, result.output
+    assert not out.exists()
 
 
 def test_info_on_an_image_shows_the_request_it_records(tiny_model_dir, tmp_path):

@@ -389,6 +389,74 @@ def test_compile_without_triton_on_a_gpu_is_refused_before_any_work(monkeypatch)
     check_compile_supported(torch.nn.Linear(2, 2), "inductor")  # on the CPU
 
 
+def test_from_pretrained_checks_the_accelerations_before_reading_weights(tiny_model_dir, monkeypatch):
+    """What needs only the DiT's device and the dtype is checked before any weights are read (or
+    downloaded): a probe stands for the DiT in the same checks the transforms run."""
+    import zimage_native.pipeline as pipeline_module
+    from zimage_native.accel import _kernels, check_before_loading
+
+    monkeypatch.setattr(pipeline_module, "load_pretrained", lambda *a, **k: pytest.fail("weights were read"))
+    with pytest.raises(ValueError, match="cuda_graphs needs the DiT on a CUDA device; it is on cpu"):
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="offload='blocks' streams"):
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", offload="blocks", fp8=True)
+    # (kernels="triton" on the CPU is refused too, unless an earlier test built the kernels for
+    # Triton's CPU interpreter: test_kernels_* do)
+    with pytest.raises(ValueError, match="compile must be one of"):
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", compile="fast")
+    monkeypatch.setattr(_kernels.importlib.util, "find_spec", lambda name, *a: None)
+    check_before_loading("cpu", "auto", compile="blocks", vae_compile=True)  # on the CPU: C++ kernels, no Triton
+
+
+def test_the_checks_before_loading_on_a_gpu(monkeypatch):
+    """On a (faked) CUDA GPU the same checks run against a probe standing for the DiT: compile on a
+    T4 in bfloat16 and fp8 on an RTX 3090 are refused before loading; the probe's linear is one the
+    fp8 check reads (a block's attention projection)."""
+    from types import SimpleNamespace
+
+    import zimage_native.accel as accel
+    import zimage_native.devices as devices
+    from zimage_native.accel import AccelerationUnavailable, check_before_loading
+    from zimage_native.accel.fp8 import _in_block
+
+    real = accel._Probe
+    probe = real(torch.device("cpu"), torch.bfloat16)
+    assert [n for n, m in probe.named_modules() if type(m) is torch.nn.Linear and _in_block(n)] == \
+        ["layers.0.attention.to_q"]
+    seen = []
+
+    class OnCuda(torch.nn.Module):  # the probe, its parameter claiming cuda:0
+        def __init__(self, device, dtype):
+            super().__init__()
+            seen.append((device, dtype))
+            self.inner = real(torch.device("cpu"), dtype)
+
+        def parameters(self, recurse=True):
+            yield SimpleNamespace(device=torch.device("cuda", 0), dtype=seen[-1][1], is_floating_point=lambda: True)
+
+        def named_modules(self, *a, **k):  # the real probe's, built on the CPU in the dtype
+            return self.inner.named_modules(*a, **k)
+
+    monkeypatch.setattr(accel, "_Probe", OnCuda)
+    monkeypatch.setattr(devices, "resolve_device", lambda d: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    gpu = {"name": "Tesla T4", "capability": (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: gpu["capability"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: gpu["name"])
+    with pytest.raises(AccelerationUnavailable, match="does not compile bfloat16 graphs on Tesla T4"):
+        check_before_loading("cuda", "auto", compile="blocks")
+    assert seen[-1] == (torch.device("cuda", 0), torch.bfloat16)  # auto: bfloat16 on a GPU
+    check_before_loading("cuda", "float32", compile="blocks")
+    gpu.update(name="NVIDIA GeForce RTX 3090", capability=(8, 6))
+    check_before_loading("cuda", "bfloat16", compile="blocks", cuda_graphs=True)
+    with pytest.raises(AccelerationUnavailable, match="fp8 needs a GPU with fp8 tensor cores"):
+        check_before_loading("cuda", "bfloat16", fp8=True)
+    gpu.update(name="NVIDIA H100", capability=(9, 0))
+    with pytest.raises(AccelerationUnavailable, match="needs the DiT in bfloat16"):
+        check_before_loading("cuda", "float16", fp8=True)
+    check_before_loading("cuda", "bfloat16", fp8=True, compile="full", kernels="none")
+
+
 def test_compile_is_not_refused_on_rocm(monkeypatch):
     from zimage_native.accel.compile import gpu_compile_problem
 

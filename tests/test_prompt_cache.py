@@ -52,16 +52,24 @@ def test_a_prompt_asked_again_is_not_encoded_again_and_gives_the_same_images(pip
     assert len(control) == 2
 
 
-def test_cfg_encodes_each_missing_text_once_in_one_batch(pipe, uncached, monkeypatch):
+def test_a_repeated_cfg_request_is_not_encoded_again(pipe, uncached, monkeypatch):
     calls = spy_encoder(pipe, monkeypatch)
     cfg = dict(guidance_scale=2.0, negative_prompt="blurry", seed=3, **KW)
-    out = pipe(["a cat", "a dog", "a cat"], **cfg).images
-    assert len(calls) == 1 and len(calls[0]) == 3  # "a cat", "a dog", "blurry": each once
-    assert_rel(out, uncached(["a cat", "a dog", "a cat"], **cfg).images, 1e-6)  # (another batch: not bit-equal)
-    pipe("a dog", **cfg)
-    assert len(calls) == 1  # prompt and negative prompt both known
-    pipe("a bird", **cfg)
-    assert len(calls) == 2 and len(calls[1]) == 1  # only the new prompt
+    prompts = ["a cat", "a dog", "a cat"]
+    first = pipe(prompts, **cfg).images
+    assert len(calls) == 1 and len(calls[0]) == 6  # prompts and negatives in one batch, as without the cache
+    assert torch.equal(pipe(prompts, **{**cfg, "seed": 3}).images, first) and len(calls) == 1
+    assert torch.equal(first, uncached(prompts, **cfg).images)
+
+
+def test_results_do_not_depend_on_what_was_encoded_before(pipe, uncached):
+    """A text's features differ in the last bits with the batch it is encoded in (on this CPU too):
+    the cache is keyed by the whole batch, so a request gives the bits it gives without the cache."""
+    pipe(["a cat", "a long prompt about two dogs on a red sofa"], seed=1, **KW)
+    alone = pipe("a cat", seed=1, **KW).images
+    assert torch.equal(alone, uncached("a cat", seed=1, **KW).images)
+    joint = uncached.encode_prompt(["a cat", "a long prompt about two dogs on a red sofa"])[0]
+    assert not torch.equal(joint, uncached.encode_prompt(["a cat"])[0])  # why: per-text keys would differ
 
 
 def test_the_cache_is_bounded_least_recently_used_out_and_hands_out_copies():
@@ -73,20 +81,30 @@ def test_the_cache_is_bounded_least_recently_used_out_and_hands_out_copies():
         batch = torch.arange(len(texts) * 8, dtype=torch.float32).reshape(len(texts), 4, 2)
         return [batch[i, : 2 + i] for i in range(len(texts))]  # views of one batch, as the encoder returns
 
-    cache.encode(source, ["a", "b"], 512, run)
+    cache.encode(source, ["a"], 512, run)
+    cache.encode(source, ["b"], 512, run)
     cache.encode(source, ["a"], 512, run)  # a is now the most recently used
     cache.encode(source, ["c"], 512, run)  # b goes
-    assert runs == [["a", "b"], ["c"]] and len(cache) == 2
-    cache.encode(source, ["b", "a"], 512, run)
+    assert runs == [["a"], ["b"], ["c"]] and len(cache) == 2
+    cache.encode(source, ["b"], 512, run)
     assert runs[-1] == ["b"]
-    stored = cache._entries[("a", 512)]
-    assert stored.untyped_storage().nbytes() == stored.numel() * 4  # compact: not a view of its batch
-    first = cache.encode(source, ["a", "a"], 512, run)
-    assert first[0].data_ptr() != first[1].data_ptr()
+    cache.encode(source, ["a", "c"], 512, run)  # another batch: another entry
+    assert runs[-1] == ["a", "c"]
+    stored = cache._entries[(("a", "c"), 512)]
+    assert [f.untyped_storage().nbytes() for f in stored] == [f.numel() * 4 for f in stored]  # compact copies
+    first = cache.encode(source, ["a", "c"], 512, run)
     first[0].add_(100.0)
-    assert torch.equal(cache.encode(source, ["a"], 512, run)[0], first[1])  # an edit does not reach the cache
-    cache.encode(source, ["a"], 77, run)  # another token limit is another entry
-    assert runs[-1] == ["a"]
+    assert not torch.equal(cache.encode(source, ["a", "c"], 512, run)[0], first[0])  # an edit does not reach it
+    cache.encode(source, ["a", "c"], 77, run)  # another token limit is another entry
+    assert runs[-1] == ["a", "c"] and len(runs) == 6
+    small = PromptCache(max_entries=8, max_bytes=100)
+    for text in "abcd":
+        small.encode(source, [text], 512, run)  # (2, 2) fp32 features: 16 bytes each
+    assert len(small) == 4 and small.nbytes == 64
+    small.encode(source, ["a", "b"], 512, run)  # 16 + 24 bytes: 104 in all, so the oldest entry goes
+    assert small.nbytes == 88 and [k[0] for k in small._entries] == [("b",), ("c",), ("d",), ("a", "b")]
+    small.encode(source, ["a", "b", "c", "d", "e"], 512, run)  # 160 bytes: more than the cap, not kept
+    assert small.nbytes == 88 and len(small) == 4
 
 
 def test_another_encoder_a_move_or_size_zero_empties_it_and_it_keeps_no_encoder_alive(pipe, monkeypatch):

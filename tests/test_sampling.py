@@ -110,7 +110,7 @@ def test_negative_prompts_are_encoded_in_the_same_call(tiny_pipe, monkeypatch):
     """CFG encodes positives and negatives in one text-encoder batch; the features equal separate encodes."""
     from zimage_native.text_encoder import PromptCache
 
-    monkeypatch.setattr(tiny_pipe, "prompt_cache", PromptCache())  # none of the texts known yet
+    monkeypatch.setattr(tiny_pipe, "prompt_cache", PromptCache())  # this batch not cached by an earlier test
     te = tiny_pipe.text_encoder
     calls = []
     real = te.encode

@@ -39,12 +39,13 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """None/'auto': bf16 on accelerators, fp32 on the CPU (bf16 matmuls are slow there)."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, warn: bool = True) -> torch.dtype:
+    """None/'auto': bf16 on accelerators, fp32 on the CPU (bf16 matmuls are slow there). ``warn``:
+    give the advice for this device and dtype (the load does; a check before it does not)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        if device.type == "cuda" and not getattr(torch.version, "hip", None):
+        if warn and device.type == "cuda" and not getattr(torch.version, "hip", None):
             try:
                 major, minor = torch.cuda.get_device_capability(device)
             except (RuntimeError, AssertionError):  # no driver answer: the load says so; this is only advice
@@ -56,7 +57,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or 'auto'")
-    if DTYPES[dtype] is torch.float16:
+    if warn and DTYPES[dtype] is torch.float16:
         logger.warning("float16 can overflow in the Z-Image DiT (a run that does stops with an error); bfloat16 or "
                        "float32 is recommended")
     return DTYPES[dtype]

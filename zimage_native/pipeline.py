@@ -212,9 +212,11 @@ class ZImagePipeline:
         ``compile`` "off" | "blocks" | "full", ``cuda_graphs``, ``fp8``. ``torch_dtype=`` (diffusers'
         name) is accepted for ``dtype``.
         """
-        from .accel import attention_from_env
+        from .accel import attention_from_env, check_before_loading
 
         dtype = _dtype_argument(dtype, load.pop("torch_dtype", None))
+        check_before_loading(load.get("dit_device") or device, dtype, load.get("offload", "none"), kernels=kernels,
+                             compile=compile, fp8=fp8, cuda_graphs=cuda_graphs)
         pipe = cls(**load_pretrained(path_or_id, device, dtype, **load), variant=variant)
         if variant is None:
             logger.info("variant %s (defaults: %s)", pipe.variant, pipe.defaults)
@@ -382,9 +384,10 @@ class ZImagePipeline:
         (``accel.cuda_graphs``). ``vae_compile``: the VAE decode compiled with its weights in
         channels_last (``accel.vae``). Returns the log lines.
         """
+        from .accel import blocks_conflict
         from .accel import optimize as optimize_dit
         from .accel.compile import uncompile_
-        from .accel.cuda_graphs import DEFAULT_MAX_GRAPHS, GraphedSampler
+        from .accel.cuda_graphs import DEFAULT_MAX_GRAPHS, GraphedSampler, graphs_problem
 
         state = self._accel
         wanted = {"kernels": kernels, "attention": attention, "compile": compile, "fp8": fp8,
@@ -393,17 +396,10 @@ class ZImagePipeline:
         for key in ("kernels", "compile", "fp8", "cuda_graphs", "vae_compile"):
             if key in changes and state[key] not in ("none", "off", False):
                 raise ValueError(f"{key} is already {state[key]!r}; reload the pipeline to change it")
-        if changes.get("cuda_graphs"):
-            if self.device.type != "cuda":
-                raise ValueError(f"cuda_graphs needs the DiT on a CUDA device; it is on {self.device}")
-            if self.offload != "none":
-                raise ValueError("cuda_graphs needs the DiT to stay on the GPU: use offload='none'")
-        if self.offload == "blocks":
-            refused = [f"{k}={changes[k]!r}" for k in ("kernels", "compile", "fp8") if changes.get(k) not in
-                       (None, "none", "off", False)]
-            if refused:
-                raise ValueError(f"offload='blocks' streams the DiT's blocks as they are loaded; {', '.join(refused)} "
-                                 f"would change or compile them: use offload='none' (or 'text_encoder') with it")
+        problem = (changes.get("cuda_graphs") and graphs_problem(self.device, self.offload)
+                   or blocks_conflict(self.offload, changes))
+        if problem:
+            raise ValueError(problem)
         before_compile = any(k in changes for k in ("kernels", "attention", "fp8"))
         compile_mode = changes.get("compile", "off")
         lines = []

@@ -167,35 +167,43 @@ class TextEncoder:
 
 
 class PromptCache:
-    """The caption features of recently encoded texts, least recently used out (``max_entries``).
+    """The caption features of recent text-encoder batches, least recently used out.
 
-    A text asked for again (the same prompt with other seeds, one image at a time, as ``zimage
+    A request asked for again (the same prompt with other seeds, one image at a time, as ``zimage
     generate --num-images`` and a server's users do) is not encoded again, and an offloaded text
-    encoder does not visit the GPU for it: ``ZImagePipeline.encode_texts`` runs the encoder only for
-    the texts missing here, once each, in one batch. Keys are the formatted text and the token limit;
-    the features are those of the first encoding (a text encoded in another batch can differ from
-    them in the last bits, as the GEMM shapes change with the batch). The cache belongs to one encoder: a different ``source``
-    empties it, and the pipeline empties it when the encoder moves. ``max_entries = 0`` turns it off.
-    Stored features are compact copies (not views of their batch), and hits are handed out as copies.
+    encoder does not visit the GPU for it: ``ZImagePipeline.encode_texts`` runs the encoder only on a
+    miss. The key is the whole batch (its formatted texts in order, and the token limit), not each
+    text: a text's features can differ in the last bits with the batch it is encoded in (the GEMM
+    shapes change with it), so keying by batch keeps every result equal, bit for bit, to the one
+    the same request gives without the cache, whatever ran before it.
+
+    At most ``max_entries`` batches and ``max_bytes`` of features are kept (stored as compact copies,
+    not views of the encoder's padded output; handed out as copies). The cache belongs to one encoder:
+    a different ``source`` empties it, and the pipeline empties it when the encoder moves. It holds
+    the encoder only weakly. ``max_entries = 0`` turns it off.
     """
 
-    def __init__(self, max_entries: int = 32):
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[str, int | None], torch.Tensor] = OrderedDict()
+    def __init__(self, max_entries: int = 32, max_bytes: int = 64 * 2**20):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._entries: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
         self._source: Callable[[], object] | None = None
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for features in self._entries.values() for f in features)
+
     def clear(self) -> None:
         self._entries.clear()
 
     def encode(self, source, texts: list[str], max_sequence_length: int | None,
                run: Callable[[list[str]], list[torch.Tensor]]) -> list[torch.Tensor]:
-        """Features of ``texts``: from the cache, and ``run(missing texts)`` for the rest (not called
-        when nothing is missing). ``source`` is the encoder the features come from."""
-        if self._source is None or self._source() is not source:  # a weak reference: never keeps an encoder alive
+        """The features of ``texts``: cached, or ``run(texts)`` (then kept). ``source`` is the encoder
+        they come from."""
+        if self._source is None or self._source() is not source:
             self.clear()
             try:
                 self._source = weakref.ref(source)
@@ -204,24 +212,16 @@ class PromptCache:
         if self.max_entries <= 0:
             self.clear()
             return run(texts)
-        unique = list(dict.fromkeys(texts))
-        found: dict[str, torch.Tensor] = {}
-        for text in unique:
-            stored = self._entries.get((text, max_sequence_length))
-            if stored is not None:
-                self._entries.move_to_end((text, max_sequence_length))
-                found[text] = stored.clone()
-        missing = [text for text in unique if text not in found]
-        self.hits += len(found)
-        self.misses += len(missing)
-        if missing:
-            for text, feature in zip(missing, run(missing)):
-                found[text] = feature
-                self._entries[(text, max_sequence_length)] = feature.clone()
-            while len(self._entries) > self.max_entries:
+        key = (tuple(texts), max_sequence_length)
+        stored = self._entries.get(key)
+        if stored is not None:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return [f.clone() for f in stored]
+        self.misses += 1
+        features = run(texts)
+        if sum(f.nbytes for f in features) <= self.max_bytes:  # (a batch larger than that is not kept)
+            self._entries[key] = [f.clone() for f in features]
+            while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
                 self._entries.popitem(last=False)
-        out, given = [], set()
-        for text in texts:  # a text twice in one call: the second gets its own copy
-            out.append(found[text].clone() if text in given else found[text])
-            given.add(text)
-        return out
+        return features

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from ._kernels import AccelerationUnavailable, load_kernels, triton_unavailable_reason
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 KERNEL_CHOICES = ("none", "triton")
 
 __all__ = [
-    "optimize", "attention_from_env", "AccelerationUnavailable", "set_attention_backend", "use_fused_kernels", "load_kernels",
+    "optimize", "check_before_loading", "blocks_conflict", "attention_from_env", "AccelerationUnavailable", "set_attention_backend", "use_fused_kernels", "load_kernels",
     "count_fused", "fuse_projections_", "quantize_fp8_", "resolve_backend", "check_attention_backend", "canonical_name", "unavailable_reason",
     "triton_unavailable_reason", "ATTENTION_CHOICES", "KERNEL_CHOICES",
 ]
@@ -89,6 +90,60 @@ def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sd
     for line in lines:
         logger.info(line)
     return lines
+
+
+def blocks_conflict(offload: str, settings: dict) -> str | None:
+    """Why these settings (kernels, compile, fp8) cannot go with ``offload`` (None if they can)."""
+    refused = [f"{k}={settings[k]!r}" for k in ("kernels", "compile", "fp8")
+               if settings.get(k) not in (None, "none", "off", False)]
+    if offload == "blocks" and refused:
+        return (f"offload='blocks' streams the DiT's blocks as they are loaded; {', '.join(refused)} would change or "
+                f"compile them: use offload='none' (or 'text_encoder') with it")
+    return None
+
+
+class _Probe(nn.Module):
+    """Stands for the DiT in the acceleration checks before its weights exist: one block linear
+    (16 x 16) on the DiT's device, in its dtype: what the checks read."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        block = nn.Module()
+        block.attention = nn.Module()
+        block.attention.to_q = nn.Linear(16, 16, bias=False, device=device, dtype=dtype)
+        self.layers = nn.ModuleList([block])
+
+
+def check_before_loading(dit_device, dtype, offload: str = "none", *, kernels: str = "none",
+                         compile: str = "off", fp8: bool = False, cuda_graphs: bool = False,
+                         vae_compile: bool = False, compile_backend: str | object = "inductor") -> None:
+    """The checks of the asked accelerations that need only the DiT's device and the dtype, made
+    before any weights are read or downloaded, so that a flag that cannot run here fails in seconds
+    rather than after the load (Triton for the kernels and for compile on a GPU, bfloat16 support
+    for compile, fp8 tensor cores, a CUDA device for graphs, conflicts with ``offload``). The
+    transforms check the loaded model again. Raises :class:`AccelerationUnavailable` or ValueError."""
+    from ..devices import resolve_device, resolve_dtype
+    from .cuda_graphs import graphs_problem
+
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"unknown kernels {kernels!r}; choose one of {list(KERNEL_CHOICES)}")
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {list(COMPILE_MODES)}, got {compile!r}")
+    device = resolve_device(dit_device)
+    problem = (cuda_graphs and graphs_problem(device, offload)
+               or blocks_conflict(offload, {"kernels": kernels, "compile": compile, "fp8": fp8}))
+    if problem:
+        raise ValueError(problem)
+    if kernels == "triton" or compile != "off" or fp8 or vae_compile:
+        probe = _Probe(device, resolve_dtype(dtype, device, warn=False))
+        if kernels == "triton":
+            check_kernels_can_run(probe)
+        if compile != "off":
+            check_compile_supported(probe, compile_backend)
+        if vae_compile:
+            check_compile_supported(probe, compile_backend, "the VAE decode")
+        if fp8:
+            check_fp8_supported(probe)
 
 
 def _dtype(module: nn.Module) -> str:

@@ -46,6 +46,15 @@ GRAPH_MODES = ("step", "loop")
 DEFAULT_MAX_GRAPHS = 8
 
 
+def graphs_problem(device: torch.device, offload: str) -> str | None:
+    """Why the sampling loop cannot be captured for a DiT running on ``device`` (None if it can)."""
+    if device.type != "cuda":
+        return f"cuda_graphs needs the DiT on a CUDA device; it is on {device}"
+    if offload != "none":
+        return "cuda_graphs needs the DiT to stay on the GPU: use offload='none'"
+    return None
+
+
 def flatten(obj: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any], tuple]:
     """Tensors of a nested structure (dataclasses, tuples, lists), a function that rebuilds the
     structure from new tensors, and a signature of everything else (shapes, dtypes, constants)."""

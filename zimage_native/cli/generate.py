@@ -210,6 +210,7 @@ def run_generate(prompts: list[str], o: dict) -> None:
     if o["mask"] is not None and o["init_image"] is None:
         raise ValueError("--mask needs --image (the picture to inpaint)")
     check_control_options(o)
+    check_speed_flags(o)
     if o["template"] is not None:
         from ..prompt.templates import default_registry
 
@@ -286,6 +287,15 @@ def check_control_options(o: dict) -> None:
                          f"got {o['strength']}")
     if not math.isfinite(o["control_scale"]):
         raise ValueError(f"--control-scale must be a finite number, got {o['control_scale']}")
+
+
+def check_speed_flags(o: dict) -> None:
+    """The speed flags against the DiT's device and the dtype, before any weights are read or downloaded."""
+    from ..accel import check_before_loading
+
+    check_before_loading(o["dit_device"] or o["device"], o["dtype"], o["offload"], kernels=o["kernels"],
+                         compile=o["compile_mode"], fp8=o["fp8"], cuda_graphs=o["cuda_graphs"],
+                         vae_compile=o.get("vae_compile", False))
 
 
 def load_pipeline(o: dict):

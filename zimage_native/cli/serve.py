@@ -143,8 +143,9 @@ def build_engine(o: dict):
         from ..server.remote import RemoteTextEncoder
 
         RemoteTextEncoder(o["encoder_url"], o["encoder_token"]).info()  # fail early when it is unreachable
-    from .generate import load_pipeline
+    from .generate import check_speed_flags, load_pipeline
 
+    check_speed_flags(o)
     pipe = load_pipeline(o)
     pipe.templates_dirs = templates
     if o["tiled_vae"]:
