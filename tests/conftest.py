@@ -41,6 +41,16 @@ def tiny_pipe(tiny_model_dir):
     return pipe
 
 
+@pytest.fixture
+def fresh_pipe(tiny_model_dir):
+    """A pipeline of its own for a test that changes it (transforms, caches, encoders)."""
+    from zimage_native import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    pipe.progress = False
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def reference_pipe(tiny_model_dir):
     pytest.importorskip("diffusers")

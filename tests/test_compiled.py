@@ -20,14 +20,6 @@ LONG = "a watercolor painting of mountains at dawn, soft light, mist over the la
 KW = dict(height=32, width=48, num_inference_steps=2, output_type="latent", seed=0)
 
 
-@pytest.fixture
-def fresh_pipe(tiny_model_dir):
-    """Transforms change a pipeline in place: each test gets its own."""
-    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
-    pipe.progress = False
-    return pipe
-
-
 @pytest.mark.parametrize("mode", ["blocks", "full"])
 def test_new_prompt_length_does_not_recompile(fresh_pipe, mode):
     from torch._dynamo.testing import CompileCounterWithBackend

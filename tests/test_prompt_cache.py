@@ -12,7 +12,6 @@ import torch
 from zimage_native import ZImagePipeline
 from zimage_native.text_encoder import PromptCache
 
-from .utils import assert_rel
 
 KW = dict(height=32, width=32, num_inference_steps=1, output_type="pt")
 
@@ -25,10 +24,8 @@ def spy_encoder(pipe, monkeypatch) -> list[list[str]]:
 
 
 @pytest.fixture
-def pipe(tiny_model_dir):
-    p = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
-    p.progress = False
-    return p
+def pipe(fresh_pipe):
+    return fresh_pipe
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from zimage_native import ZImagePipeline
 from zimage_native.accel.cuda_graphs import GraphedSampler
 from zimage_native.sampling import VARIANCE_SEED_OFFSET, GenerationRequest
 from zimage_native.scheduler import make_schedule
@@ -41,10 +40,8 @@ def run_by_hand(pipe, prompt: str, seed: int, steps: int, switch: int) -> torch.
 
 
 @pytest.fixture
-def pipe(tiny_model_dir):
-    p = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
-    p.progress = False
-    return p
+def pipe(fresh_pipe):
+    return fresh_pipe
 
 
 def test_the_first_steps_see_the_varied_features_and_the_rest_the_prompt(pipe):
