@@ -168,3 +168,17 @@ def test_control_inpaint_needs_a_2x_controlnet_and_takes_no_strength(control_pip
     with pytest.raises(ValueError, match="no strength"):
         control_pipe.inpaint("a cat", image=image, mask_image=mask, control_image=control, strength=0.5,
                              num_inference_steps=1)
+
+
+def test_seed_variance_reaches_the_control_branch(control_pipe, control_files):
+    """With every step varied, seed variance is the run with the varied features given as
+    prompt_embeds (varied by independent code): the ControlNet branch reads the same caption tokens."""
+    from .test_seed_variance import varied_by_hand
+
+    control_pipe.load_controlnet(control_files["2.1"])
+    kw = dict(control_image=picture(32, 32, 1), num_inference_steps=2, output_type="latent", height=32, width=32,
+              seed=5)
+    got = control_pipe("a cat", seed_variance=20.0, seed_variance_share=0.5, seed_variance_steps=1.0, **kw).images
+    varied = varied_by_hand(control_pipe.encode_prompt(["a cat"])[0], 5, 20.0, 0.5)
+    assert_rel(got, control_pipe(prompt_embeds=[varied], **kw).images, 1e-6)
+    assert rel_err(got, control_pipe("a cat", **kw).images) > 1e-3

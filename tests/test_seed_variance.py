@@ -55,6 +55,14 @@ def test_the_first_steps_see_the_varied_features_and_the_rest_the_prompt(pipe):
     assert_rel(one, run_by_hand(pipe, "a cat", 7, steps=4, switch=1), 1e-6)
 
 
+def test_with_every_step_varied_it_is_the_run_with_the_varied_features_given(pipe):
+    kw = dict(seed=9, guidance_scale=2.0, negative_prompt="blurry", **KW)  # the negatives stay as they are
+    got = pipe("a cat", **{**VAR, "seed_variance_steps": 1.0}, **kw).images
+    clean, negative = pipe.encode_prompt(["a cat"]), pipe.encode_prompt(["blurry"])
+    varied = [varied_by_hand(clean[0], 9, VAR["seed_variance"], VAR["seed_variance_share"])]
+    assert_rel(got, pipe(prompt_embeds=varied, negative_prompt_embeds=negative, **kw).images, 1e-6)
+
+
 def test_a_seed_reproduces_its_image_alone_or_in_a_batch_and_seeds_differ(pipe):
     batch = pipe("a cat", seed=[3, 4], num_images_per_prompt=2, **VAR, **KW).images
     alone = pipe("a cat", seed=4, **VAR, **KW).images
