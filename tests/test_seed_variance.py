@@ -77,6 +77,22 @@ def test_a_seed_reproduces_its_image_alone_or_in_a_batch_and_seeds_differ(pipe):
     assert_rel(by_generator, alone, 1e-6)
 
 
+def test_img2img_starting_after_the_varied_steps_says_it_has_no_effect(pipe, caplog):
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 32), (120, 80, 40))
+    kw = dict(image=image, strength=0.5, seed=2, **KW)  # 4 steps: starts at step 2
+    plain = pipe("a cat", **kw).images
+    with caplog.at_level("WARNING", logger="zimage_native.sampling"):
+        same = pipe("a cat", **VAR, **kw).images  # varied: steps 0 and 1, both skipped
+    assert torch.equal(same, plain)
+    assert "seed_variance has no effect here: the run starts at step 2 of 4" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="zimage_native.sampling"):
+        changed = pipe("a cat", **{**VAR, "seed_variance_steps": 0.75}, **kw).images  # steps 0 to 2
+    assert "no effect" not in caplog.text and rel_err(changed, plain) > 1e-3
+
+
 def test_off_is_the_plain_run_and_bad_values_are_refused(pipe):
     assert torch.equal(pipe("a cat", seed=1, seed_variance=0.0, **KW).images, pipe("a cat", seed=1, **KW).images)
     for kwargs, message in (({"seed_variance": -1.0}, "seed_variance must be >= 0"),

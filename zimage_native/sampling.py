@@ -364,6 +364,11 @@ def plan(pipe, size, prompt_embeds, negative_embeds, schedule: Schedule, guidanc
         on = use_cfg and not (truncate and times[i].item() > cfg_truncation)
         early = varied is not None and i < varied_steps * schedule.num_steps
         steps.append(Step(i, on, [m[i:i + 1] for m in mods], per_step[i], early))
+    if varied is not None and not any(step.varied for step in steps):
+        logger.warning("seed_variance has no effect here: the run starts at step %d of %d (img2img / inpainting "
+                       "strength), after the varied steps (the first %d, seed_variance_steps %g); raise "
+                       "seed_variance_steps or the strength", start, schedule.num_steps,
+                       math.ceil(varied_steps * schedule.num_steps), varied_steps)
     return SamplingPlan(steps, plain, negative, schedule.sigmas.to(device), float(guidance_scale),
                         float(cfg_normalization) if cfg_normalization else 0.0, blend, extra, varied)
 
