@@ -153,3 +153,26 @@ def test_strength_without_an_image_is_refused(tiny_pipe):
     """strength belongs to img2img and inpainting: text to image refuses it rather than ignoring it."""
     with pytest.raises(ValueError, match="strength needs image="):
         tiny_pipe("a cat", strength=0.5, width=32, height=32, num_inference_steps=1)
+
+
+def test_cfg_on_turbo_is_advised_once_per_value(tiny_model_dir, caplog):
+    """Turbo is distilled without CFG; guidance 1 is most often ComfyUI's "cfg 1" (off there) and here
+    doubles the forwards. A warning, once per pipeline and value; none for 0 or for the base model."""
+    from zimage_native import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32, variant="turbo")
+    kw = dict(height=32, width=32, num_inference_steps=1, seed=0, output_type="latent", progress=False)
+    with caplog.at_level("WARNING", logger="zimage_native.sampling"):
+        pipe("a cat", **kw)
+        pipe("a cat", guidance_scale=1.0, **kw)
+        pipe("a dog", guidance_scale=1.0, **kw)
+        pipe("a cat", guidance_scale=2.5, **kw)
+    notes = [r.getMessage() for r in caplog.records if "classifier-free guidance" in r.getMessage()]
+    assert len(notes) == 2
+    assert notes[0].startswith("guidance_scale 1 turns classifier-free guidance on") and "cfg 1 means off" in notes[0]
+    assert notes[1].startswith("guidance_scale 2.5 turns classifier-free guidance on for Z-Image-Turbo")
+    caplog.clear()
+    base = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32, variant="base")
+    with caplog.at_level("WARNING", logger="zimage_native.sampling"):
+        base("a cat", guidance_scale=1.0, **kw)
+    assert "classifier-free guidance" not in caplog.text

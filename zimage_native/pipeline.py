@@ -154,6 +154,7 @@ class ZImagePipeline:
                                         lambda: self.template_registry)
         self.controlnets = _control.ControlNetSlot()
         self.prompt_cache = PromptCache()  # features of recent prompts (encode_texts)
+        self.advised: set[str] = set()  # advice about requests, logged once each (sampling.generate)
         self._lock = threading.RLock()  # see _serialized
         self._fit_attention()
 

@@ -610,6 +610,21 @@ def negative_prompts(negative_prompt, n: int) -> list[str]:
     return negatives
 
 
+def turbo_cfg_advice(variant: str, guidance_scale: float) -> str | None:
+    """What to say when CFG is on for Z-Image-Turbo (None otherwise): it is distilled to run without
+    CFG, which doubles the DiT forwards; guidance 1 is most often ComfyUI's "cfg 1" (off there)."""
+    if variant != "turbo" or not guidance_scale > 0:
+        return None
+    if guidance_scale == 1:
+        return ("guidance_scale 1 turns classifier-free guidance on: two DiT forwards per step (about twice the "
+                "time) and a push away from the negative prompt. Z-Image-Turbo is distilled to run without it "
+                "(guidance_scale 0, its default). In ComfyUI and stable-diffusion.cpp cfg 1 means off; here that "
+                "is guidance_scale 0 (their cfg is this scale + 1)")
+    return (f"guidance_scale {guidance_scale:g} turns classifier-free guidance on for Z-Image-Turbo, which is "
+            f"distilled to run without it: two DiT forwards per step, about twice the time (guidance_scale 0, "
+            f"the default, turns it off)")
+
+
 def variance_info(r: GenerationRequest) -> dict[str, float]:
     """The seed-variance settings of a request, for its record (none when it is off)."""
     names = ("seed_variance", "seed_variance_share", "seed_variance_steps")
@@ -654,6 +669,10 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
         raise ValueError(f"callback_on_step_end_tensor_inputs can hold {STEP_END_TENSORS}, got {bad}")
     schedule = schedule_for(pipe, r)
     task.check(pipe, r, schedule)
+    advice = turbo_cfg_advice(pipe.variant, r.guidance_scale)
+    if advice and advice not in pipe.advised:  # once per pipeline and value: a server runs many requests
+        pipe.advised.add(advice)
+        logger.warning(advice)
     batch = len(r.prompts or r.prompt_embeds) * r.n
     needs_noise = r.latents is None or task.name != "txt2img" or r.seed_variance > 0  # (the variance is seeded)
     generators, seeds = make_generators(r.seeds, r.generator, batch) if needs_noise else (None, None)
