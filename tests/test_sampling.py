@@ -176,3 +176,19 @@ def test_cfg_on_turbo_is_advised_once_per_value(tiny_model_dir, caplog):
     with caplog.at_level("WARNING", logger="zimage_native.sampling"):
         base("a cat", guidance_scale=1.0, **kw)
     assert "classifier-free guidance" not in caplog.text
+
+
+def test_a_negative_prompt_without_cfg_is_advised_once(tiny_model_dir, caplog):
+    from zimage_native import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    kw = dict(height=32, width=32, num_inference_steps=1, seed=0, output_type="latent", progress=False)
+    with caplog.at_level("WARNING", logger="zimage_native.sampling"):
+        pipe("a cat", **kw)
+        pipe("a cat", negative_prompt="", **kw)
+        assert "negative prompt is not used" not in caplog.text
+        pipe("a cat", negative_prompt="blurry", **kw)
+        pipe("a dog", negative_prompt="text", **kw)
+        pipe("a cat", negative_prompt="blurry", guidance_scale=2.0, **kw)
+    notes = [r.getMessage() for r in caplog.records if "negative prompt is not used" in r.getMessage()]
+    assert len(notes) == 1 and "guidance_scale 0" in notes[0]

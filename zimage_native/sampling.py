@@ -610,6 +610,17 @@ def negative_prompts(negative_prompt, n: int) -> list[str]:
     return negatives
 
 
+def unused_negative_advice(request: GenerationRequest, guidance_scale: float) -> str | None:
+    """What to say when a negative prompt was given but CFG is off (None otherwise): it acts only
+    through classifier-free guidance. (A template's suggested negative prompt is not given.)"""
+    given = request.negative_prompt not in (None, "", []) or request.negative_prompt_embeds is not None
+    if not given or guidance_scale > 0:
+        return None
+    return ("the negative prompt is not used: it acts through classifier-free guidance, which is off "
+            "(guidance_scale 0, the default for Z-Image-Turbo); guidance_scale > 0 turns it on, at two DiT "
+            "forwards per step")
+
+
 def turbo_cfg_advice(variant: str, guidance_scale: float) -> str | None:
     """What to say when CFG is on for Z-Image-Turbo (None otherwise): it is distilled to run without
     CFG, which doubles the DiT forwards; guidance 1 is most often ComfyUI's "cfg 1" (off there)."""
@@ -669,10 +680,10 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
         raise ValueError(f"callback_on_step_end_tensor_inputs can hold {STEP_END_TENSORS}, got {bad}")
     schedule = schedule_for(pipe, r)
     task.check(pipe, r, schedule)
-    advice = turbo_cfg_advice(pipe.variant, r.guidance_scale)
-    if advice and advice not in pipe.advised:  # once per pipeline and value: a server runs many requests
-        pipe.advised.add(advice)
-        logger.warning(advice)
+    for advice in (turbo_cfg_advice(pipe.variant, r.guidance_scale), unused_negative_advice(request, r.guidance_scale)):
+        if advice and advice not in pipe.advised:  # once per pipeline and value: a server runs many requests
+            pipe.advised.add(advice)
+            logger.warning(advice)
     batch = len(r.prompts or r.prompt_embeds) * r.n
     needs_noise = r.latents is None or task.name != "txt2img" or r.seed_variance > 0  # (the variance is seeded)
     generators, seeds = make_generators(r.seeds, r.generator, batch) if needs_noise else (None, None)
