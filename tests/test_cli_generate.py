@@ -62,6 +62,22 @@ def test_random_seeds_are_printed(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"zimage-{i:03d}-{s}.png" for i, s in enumerate(seeds)]
 
 
+def test_seed_minus_one_draws_a_random_seed(tiny_model_dir, tmp_path):
+    """-1 is "random" in A1111 and stable-diffusion.cpp: taken literally it gave the same image every run."""
+    firsts = []
+    for folder in ("a", "b"):
+        result = run("generate", "a cat", "--model", tiny_model_dir, "--output-dir", tmp_path / folder, "--seed", -1,
+                     "--num-images", 2, *BASE)
+        seeds = result.output.split("seeds ")[1].split()[:2]
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == \
+            [f"zimage-{i:03d}-{s}.png" for i, s in enumerate(seeds)]
+        firsts.append(seeds[0])
+    assert firsts[0] != firsts[1] and "-1" not in firsts
+    result = run("generate", "a cat", "--model", tiny_model_dir, "--output-dir", tmp_path / "c", "--seed", 3, "--seed",
+                 -1, *BASE, ok=False)
+    assert result.exit_code == 1 and "--seed -1 (a random seed) goes alone" in result.output
+
+
 def test_existing_file_is_not_overwritten_without_flag(tiny_model_dir, tmp_path):
     out = tmp_path / "x.png"
     out.write_bytes(b"keep")

@@ -50,6 +50,10 @@ def resolve_seeds(seed: tuple[int, ...], seeds: int | None, num_images: int) -> 
         raise ValueError("give --seed or --seeds, not both")
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    if -1 in seed:  # a random seed, as in A1111 and stable-diffusion.cpp (else the same image every run)
+        if len(seed) > 1:
+            raise ValueError("--seed -1 (a random seed) goes alone; give it once, or --seeds N for N random seeds")
+        seed = ()
     for s in seed:  # what torch.Generator.manual_seed takes
         if not -2**63 <= s < 2**64:
             raise ValueError(f"--seed must be between -2**63 and 2**64 - 1, got {s}")
@@ -114,7 +118,8 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @click.option("--width", type=int, default=None, help="Multiple of 16 [default: template setting, else 1024].")
 @click.option("--height", type=int, default=None, help="Multiple of 16 [default: template setting, else 1024].")
 @click.option("--steps", type=int, default=None, help="DiT forwards [default: 8 Turbo, 50 base].")
-@click.option("--seed", type=int, multiple=True, help="Seed(s): --seed 1 2 3 gives one image per seed.")
+@click.option("--seed", type=int, multiple=True,
+              help="Seed(s): --seed 1 2 3 gives one image per seed; -1 draws a random one (printed).")
 @click.option("--seeds", type=int, default=None, help="Draw N random seeds (printed).")
 @click.option("--num-images", type=int, default=1, show_default=True,
               help="Images per prompt (consecutive seeds from --seed).")
