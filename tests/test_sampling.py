@@ -192,3 +192,17 @@ def test_a_negative_prompt_without_cfg_is_advised_once(tiny_model_dir, caplog):
         pipe("a cat", negative_prompt="blurry", guidance_scale=2.0, **kw)
     notes = [r.getMessage() for r in caplog.records if "negative prompt is not used" in r.getMessage()]
     assert len(notes) == 1 and "guidance_scale 0" in notes[0]
+
+
+def test_nine_steps_on_turbo_is_advised_once(tiny_model_dir, caplog):
+    """The model card's 9 (8 forwards in older diffusers) is 9 forwards here, as in diffusers 0.42.1."""
+    from zimage_native import ZImagePipeline
+
+    kw = dict(height=32, width=32, seed=0, output_type="latent", progress=False)
+    for variant, expected in (("turbo", 1), ("base", 0)):
+        pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32, variant=variant)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="zimage_native.sampling"):
+            for steps in (8, 9, 9):
+                pipe("a cat", num_inference_steps=steps, guidance_scale=0.0, **kw)
+        assert sum("9 steps run 9 DiT forwards" in r.getMessage() for r in caplog.records) == expected, variant

@@ -621,6 +621,17 @@ def unused_negative_advice(request: GenerationRequest, guidance_scale: float) ->
             "forwards per step")
 
 
+def turbo_steps_advice(variant: str, steps: int) -> str | None:
+    """What to say for 9 steps on Turbo (None otherwise): the model card's example asked diffusers
+    for 9 to get 8 DiT forwards, before diffusers dropped its redundant last step (PR 13730); here,
+    as in diffusers 0.42.1, steps are forwards, so 9 runs one more than Turbo is distilled for."""
+    if variant != "turbo" or steps != 9:
+        return None
+    return ("9 steps run 9 DiT forwards here (as in diffusers 0.42.1), one more than Z-Image-Turbo is distilled "
+            "for: the model card's example used 9 to get 8 forwards in older diffusers. 8, the default, is "
+            "Turbo's schedule")
+
+
 def turbo_cfg_advice(variant: str, guidance_scale: float) -> str | None:
     """What to say when CFG is on for Z-Image-Turbo (None otherwise): it is distilled to run without
     CFG, which doubles the DiT forwards; guidance 1 is most often ComfyUI's "cfg 1" (off there)."""
@@ -680,7 +691,8 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
         raise ValueError(f"callback_on_step_end_tensor_inputs can hold {STEP_END_TENSORS}, got {bad}")
     schedule = schedule_for(pipe, r)
     task.check(pipe, r, schedule)
-    for advice in (turbo_cfg_advice(pipe.variant, r.guidance_scale), unused_negative_advice(request, r.guidance_scale)):
+    for advice in (turbo_cfg_advice(pipe.variant, r.guidance_scale), unused_negative_advice(request, r.guidance_scale),
+                   turbo_steps_advice(pipe.variant, r.steps) if r.sigmas is None else None):
         if advice and advice not in pipe.advised:  # once per pipeline and value: a server runs many requests
             pipe.advised.add(advice)
             logger.warning(advice)
