@@ -640,6 +640,7 @@ class ZImagePipeline:
         seed_variance: float = 0.0,
         seed_variance_share: float = 0.5,
         seed_variance_steps: float = 0.2,
+        first_block_cache: float = 0.0,
     ) -> ZImageOutput:
         """Generate images. Unset ``width``/``height``/``num_inference_steps``/``guidance_scale`` come
         from the template's suggested settings, then from the variant (Turbo: 8 steps, guidance 0;
@@ -661,6 +662,13 @@ class ZImagePipeline:
         seeded noise, uniform in [-seed_variance, seed_variance] on ``seed_variance_share`` of their
         values (:func:`sampling.vary`), so seeds give more different compositions; the later steps
         see the prompt as it is.
+
+        ``first_block_cache`` > 0 (a threshold, 0.05 to 0.2 is a usual range; lossy): on a step where
+        the first main layer's residual changed by at most this fraction since the last full step,
+        the other main layers are skipped and their residual of that step is reused
+        (``accel.block_cache``). Most useful with many steps (the base model's 50 with CFG). Not with
+        CUDA graphs or ``compile="full"``. ``output.info["first_block_cache_forwards"]`` counts the
+        forwards run in full and reused.
         """
         return self._call(prompt, width=width, height=height, num_inference_steps=num_inference_steps, seed=seed,
                           generator=generator, latents=latents, guidance_scale=guidance_scale,
@@ -675,7 +683,8 @@ class ZImagePipeline:
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, image=image,
                           strength=strength, mask_image=mask_image, control_image=control_image,
                           control_scale=controlnet_conditioning_scale, seed_variance=seed_variance,
-                          seed_variance_share=seed_variance_share, seed_variance_steps=seed_variance_steps)
+                          seed_variance_share=seed_variance_share, seed_variance_steps=seed_variance_steps,
+                          first_block_cache=first_block_cache)
 
     def img2img(self, prompt: str | list[str] | None, image, strength: float = 0.6, **kwargs) -> ZImageOutput:
         """Image-to-image: start from ``image`` (PIL, numpy (H, W, C) in [0, 1], torch (B, C, H, W) in

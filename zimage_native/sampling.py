@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from .accel.block_cache import FirstBlockCache, cache_problem, check_threshold
 from .finite import check_finite, finite_all, finite_rows
 from .images import check_side
 from .images import preprocess_image, preprocess_mask, to_pil  # noqa: F401  (the task inputs, re-exported)
@@ -76,6 +77,7 @@ class GenerationRequest:
     seed_variance: float = 0.0  # noise amplitude on the prompt features of the first steps (0 = off)
     seed_variance_share: float = 0.5  # the fraction of the feature values that get noise
     seed_variance_steps: float = 0.2  # the fraction of the schedule (its first steps) that sees them
+    first_block_cache: float = 0.0  # reuse the main layers' work below this change of the first's (0 = off)
     strength: float | None = None  # img2img / inpaint; None: 0.6 for img2img, 1.0 for inpaint
     image: Any = None  # img2img / inpaint input: PIL, numpy (H, W, C) in [0, 1] or torch (B, C, H, W)
     mask_image: Any = None  # inpaint: white = repaint, black = keep
@@ -119,6 +121,8 @@ class GenerationRequest:
         if self.control_image is not None:
             out["control_scale"] = self.control_scale
         out.update(variance_info(self))
+        if self.first_block_cache:
+            out["first_block_cache"] = self.first_block_cache
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -326,19 +330,21 @@ class SamplingPlan:
     blend: Any = None  # the task's per-step latent blend (see Conditioning)
     extra: Any = None  # the task's extra DiT inputs (see Conditioning)
     varied: tuple[SequenceLayout, torch.Tensor] | None = None  # the positives with seed variance (``vary``)
+    cache: FirstBlockCache | None = None  # the request's first-block cache (``accel.block_cache``)
 
 
 @torch.no_grad()
 def plan(pipe, size, prompt_embeds, negative_embeds, schedule: Schedule, guidance_scale=0.0,
          cfg_normalization=False, cfg_truncation=1.0, start=0, blend=None, extra=None, varied=None,
-         varied_steps=0.0) -> SamplingPlan:
+         varied_steps=0.0, cache: float = 0.0) -> SamplingPlan:
     """Everything the step loop reads, computed once per request: layouts, refined caption tokens
     (the context refiner does not depend on t) and every modulation vector of the schedule.
     The DiT must be on its execution device (see ``pipe._running``).
 
     Shape policy (docs/performance.md): captions are padded only to their multiple of 32 (those
     rows are learned pad tokens and are attended, as in the reference); positives and negatives
-    get separate layouts, so a mask appears only when one of them mixes caption lengths."""
+    get separate layouts, so a mask appears only when one of them mixes caption lengths.
+    ``cache`` > 0: the first-block cache threshold (``accel.block_cache``), a fresh cache per plan."""
     cfg, device, dtype, dit = pipe.transformer_config, pipe.device, pipe.dtype, pipe.transformer
     use_cfg = guidance_scale > 0 and negative_embeds is not None
 
@@ -370,7 +376,8 @@ def plan(pipe, size, prompt_embeds, negative_embeds, schedule: Schedule, guidanc
                        "seed_variance_steps or the strength", start, schedule.num_steps,
                        math.ceil(varied_steps * schedule.num_steps), varied_steps)
     return SamplingPlan(steps, plain, negative, schedule.sigmas.to(device), float(guidance_scale),
-                        float(cfg_normalization) if cfg_normalization else 0.0, blend, extra, varied)
+                        float(cfg_normalization) if cfg_normalization else 0.0, blend, extra, varied,
+                        FirstBlockCache(float(cache)) if cache else None)
 
 
 def cfg_combine(pos: torch.Tensor, neg: torch.Tensor, scale: float | torch.Tensor,
@@ -399,7 +406,11 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
     def forward(x, step, side):
         layout, tokens = side
         extra = plan.extra(x, step, layout, tokens) if plan.extra is not None else {}
-        out = pipe.transformer.forward_tokens(x, tokens, None, layout, step.mods, **extra)
+        if plan.cache is not None:  # each branch (positives, negatives) keeps its own residuals
+            branch = "negative" if side is plan.negative else "positive"
+            out = plan.cache.forward(pipe.transformer, branch, x, tokens, layout, step.mods, **extra)
+        else:
+            out = pipe.transformer.forward_tokens(x, tokens, None, layout, step.mods, **extra)
         return unpatchify(out, layout.grid, cfg.in_channels, cfg.patch_size).float()
 
     for k, step in enumerate(tqdm(plan.steps, disable=not progress, desc="denoise")):
@@ -423,16 +434,21 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
 @torch.no_grad()
 def denoise(pipe, latents, prompt_embeds, negative_embeds, schedule: Schedule, guidance_scale=0.0,
             cfg_normalization=False, cfg_truncation=1.0, progress=True, start=0, callback=None, blend=None,
-            extra=None, on_step_end=None, varied=None, varied_steps=0.0) -> torch.Tensor:
+            extra=None, on_step_end=None, varied=None, varied_steps=0.0, cache=0.0,
+            info: dict | None = None) -> torch.Tensor:
     """Plan and run the step loop from ``latents`` at schedule step ``start``; the final fp32 latents.
-    The pipeline's graphed loop (``cuda_graphs``) runs it unless ``on_step_end`` needs Python per step."""
+    The pipeline's graphed loop (``cuda_graphs``) runs it unless ``on_step_end`` needs Python per step
+    or the first-block cache (``cache`` > 0; its counts go to ``info["first_block_cache_forwards"]``) is on."""
     with pipe._running("transformer"):
         p = plan(pipe, latents.shape[-2:], prompt_embeds, negative_embeds, schedule, guidance_scale,
-                 cfg_normalization, cfg_truncation, start, blend, extra, varied, varied_steps)
+                 cfg_normalization, cfg_truncation, start, blend, extra, varied, varied_steps, cache)
         latents = latents.to(pipe.device, torch.float32)
-        if pipe._graphed is not None and on_step_end is None:
+        if pipe._graphed is not None and on_step_end is None and p.cache is None:
             return pipe._graphed(latents, p, progress, callback)
-        return run_steps(pipe, latents, p, progress, callback, on_step_end)
+        latents = run_steps(pipe, latents, p, progress, callback, on_step_end)
+        if p.cache is not None and info is not None:
+            info["first_block_cache_forwards"] = p.cache.counts()
+        return latents
 
 
 # =========================================================================== the run
@@ -566,6 +582,10 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
     if r.prompt_embeds is not None and r.guidance_scale > 0 and r.negative_prompt_embeds is None:
         raise ValueError("with prompt_embeds and guidance_scale > 0, give negative_prompt_embeds too")
     check_seed_variance(r.seed_variance, r.seed_variance_share, r.seed_variance_steps)
+    check_threshold(r.first_block_cache)
+    problem = cache_problem(pipe) if r.first_block_cache else None
+    if problem:
+        raise ValueError(problem)
     return r, task, inputs
 
 
@@ -661,7 +681,7 @@ def request_info(pipe, r: GenerationRequest, seeds, **extra) -> dict[str, Any]:
             "steps": r.steps, "guidance_scale": r.guidance_scale, "seeds": seeds,
             "template": getattr(r.template, "name", r.template), **r.fields,
             "shift": r.shift, "model": pipe.source, "variant": pipe.variant, "version": __version__,
-            **variance_info(r),
+            **variance_info(r), **({"first_block_cache": r.first_block_cache} if r.first_block_cache else {}),
             "loras": [[lr.path, lr.scale] for lr in pipe.loras] or None, **extra}
 
 
@@ -723,7 +743,7 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
     text_ok = finite_all(embeds + (negative or []))  # read at the end (no sync here)
     latents = denoise(pipe, cond.latents, embeds, negative, schedule, r.guidance_scale, r.cfg_normalization,
                       r.cfg_truncation, pipe.progress if progress is None else progress, cond.start, callback,
-                      cond.blend, cond.extra, on_step_end, varied, r.seed_variance_steps)
+                      cond.blend, cond.extra, on_step_end, varied, r.seed_variance_steps, r.first_block_cache, info)
     return ZImageOutput(images=finish(pipe, latents, r.output_type, text_ok, seeds, r.prompt_embeds is not None),
                         seeds=seeds, info=info)
 

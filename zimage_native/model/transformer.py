@@ -208,17 +208,35 @@ class ZImageTransformer(nn.Module):
         Conditioning is ``c`` or, precomputed, ``mods = self.modulations(c)``. ``control_hints``
         {main layer index: (B, Nx + Lc, D)} are added to the joint sequence after those layers: the
         ControlNet hook (``model/controlnet.py``); the static dict keys keep the loop graph-friendly.
+        The three stages (joint sequence, main layers, final layer) are also methods, for callers
+        that run the main layers in parts (the first-block cache, ``accel/block_cache.py``).
         """
         if mods is None:
             mods = self.modulations(c)
+        h = self.joint_tokens(x, cap_tokens, layout, mods)
+        return self.final_tokens(self.run_layers(h, layout, mods, control_hints), x.shape[1], mods)
+
+    def joint_tokens(self, x: torch.Tensor, cap_tokens: torch.Tensor, layout: SequenceLayout,
+                     mods: list[torch.Tensor]) -> torch.Tensor:
+        """Image tokens (B, Nx, p*p*C), embedded and refined, then the caption tokens: (B, L, D)."""
+        x = self.refine_image(self.embed_image(x, layout), layout, mods[: len(self.noise_refiner)])
+        return torch.cat([x, cap_tokens], dim=1)  # [image, caption]
+
+    def run_layers(self, h: torch.Tensor, layout: SequenceLayout, mods: list[torch.Tensor],
+                   control_hints: dict[int, torch.Tensor] | None = None, start: int = 0,
+                   stop: int | None = None) -> torch.Tensor:
+        """Main layers ``start`` to ``stop`` (all by default) over the joint sequence (B, L, D),
+        each followed by its control hint, if any."""
         n = len(self.noise_refiner)
-        x = self.refine_image(self.embed_image(x, layout), layout, mods[:n])  # (B, Nx, D)
-        h = torch.cat([x, cap_tokens], dim=1)  # (B, L, D): [image, caption]
-        for i, (block, mod) in enumerate(zip(self.layers, mods[n:-1])):
-            h = block(h, layout.joint_rope, layout.joint_mask, mod=mod)
+        for i in range(start, len(self.layers) if stop is None else stop):
+            h = self.layers[i](h, layout.joint_rope, layout.joint_mask, mod=mods[n + i])
             if control_hints is not None and i in control_hints:
                 h = h + control_hints[i]
-        return self.final_layer(h[:, : x.shape[1]], scale=mods[-1])  # image rows only (the layer is row-wise)
+        return h
+
+    def final_tokens(self, h: torch.Tensor, num_image: int, mods: list[torch.Tensor]) -> torch.Tensor:
+        """The final layer on the first ``num_image`` rows (the image; the layer is row-wise)."""
+        return self.final_layer(h[:, :num_image], scale=mods[-1])
 
     def forward(self, x: torch.Tensor, cap: torch.Tensor, t: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
         c = self.time_embedding(t, x.dtype)  # (B, 256)

@@ -1,0 +1,189 @@
+"""The first-block cache (accel/block_cache.py) against an independent implementation of the same
+rule on diffusers' DiT, and against the uncached engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from zimage_native.accel.cuda_graphs import GraphedSampler
+
+from .dit_configs import TINY_DIT
+from .graph_standins import FrozenGraphs
+from .utils import assert_rel, rel_err
+
+KW = dict(height=32, width=32, num_inference_steps=8, output_type="latent")
+# The tiny random DiT's first-layer residual changes by 110% to 165% from step to step (random
+# weights are not smooth in t, unlike the released ones), so the thresholds that mix full and
+# reused steps here are around 1.3; what counts is that both implementations decide alike.
+MIXED = 1.35
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny model with 4 main layers: a head, two middle layers and a tail."""
+    from .fixtures import build_model_folder
+
+    return build_model_folder(tmp_path_factory.mktemp("fbc"), dit_kwargs=dict(TINY_DIT, n_layers=4))
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    from zimage_native import ZImagePipeline
+
+    p = ZImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    p.progress = False
+    return p
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    pytest.importorskip("diffusers")
+    from .fixtures import reference_pipeline
+
+    return reference_pipeline(folder)
+
+
+class _Rule:
+    """The cache's rule, written again for diffusers' blocks, one decision per batch item (diffusers
+    runs CFG as one batch [positives, negatives]; the engine runs them as two forwards)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self.head_residual, self.tail_residual = {}, {}
+        self.full = self.reused = 0
+        self.compute: list[bool] = []
+        self.head_out = None
+
+
+class _Head(nn.Module):
+    def __init__(self, block, rule):
+        super().__init__()
+        self.block, self.rule = block, rule
+
+    def forward(self, x, *args):
+        out = self.block(x, *args)
+        rule, residual = self.rule, (out - x).double()
+        rule.compute = []
+        for i in range(x.shape[0]):
+            before = rule.head_residual.get(i)
+            change = None if before is None else ((residual[i] - before).abs().mean() / before.abs().mean()).item()
+            compute = change is None or change > rule.threshold
+            rule.compute.append(compute)
+            if compute:
+                rule.head_residual[i] = residual[i]
+            rule.full, rule.reused = rule.full + compute, rule.reused + (not compute)
+        rule.head_out = out
+        return out
+
+
+class _Later(nn.Module):
+    def __init__(self, block, rule, tail: bool):
+        super().__init__()
+        self.block, self.rule, self.tail = block, rule, tail
+
+    def forward(self, x, *args):
+        out, rule = self.block(x, *args), self.rule
+        rows = []
+        for i, compute in enumerate(rule.compute):
+            if not self.tail:
+                rows.append(out[i] if compute else x[i])  # a skipped item passes through
+            elif compute:
+                rule.tail_residual[i] = out[i] - rule.head_out[i]
+                rows.append(out[i])
+            else:
+                rows.append(rule.head_out[i] + rule.tail_residual[i])
+        return torch.stack(rows)
+
+
+def reference_run(reference, threshold: float, prompt: str, seed: int, **kw):
+    """diffusers' ZImagePipeline with the rule wrapped around its main layers; (latents, counts)."""
+    layers = reference.transformer.layers
+    blocks = list(layers)
+    rule = _Rule(threshold)
+    for i, block in enumerate(blocks):
+        layers[i] = _Head(block, rule) if i == 0 else _Later(block, rule, tail=i == len(blocks) - 1)
+    try:
+        kw.setdefault("guidance_scale", 0.0)
+        out = reference(prompt, generator=torch.Generator().manual_seed(seed), **kw).images
+    finally:
+        for i, block in enumerate(blocks):
+            layers[i] = block
+    return out, {"full": rule.full, "reused": rule.reused}
+
+
+def test_threshold_mixes_full_and_reused_steps_as_the_reference_does(pipe, reference):
+    for seed in (0, 5):
+        out = pipe("a cat", seed=seed, first_block_cache=MIXED, **KW)
+        want, counts = reference_run(reference, MIXED, "a cat", seed, **KW)
+        assert out.info["first_block_cache_forwards"] == counts
+        assert counts["reused"] >= 2 and counts["full"] >= 2  # the premise: both kinds of step ran
+        assert_rel(out.images, want, 1e-5, "final latents")
+        assert rel_err(out.images, pipe("a cat", seed=seed, **KW).images) > 1e-3  # reuse changed the image
+
+
+def test_cfg_branches_decide_separately_as_the_reference_items_do(pipe, reference):
+    # Same token count for both prompts: diffusers' CFG batch then has no padding rows, whose
+    # residuals would enter its per-item mean and not the engine's.
+    assert pipe.encode_prompt(["a cat"])[0].shape == pipe.encode_prompt(["a bat"])[0].shape
+    kw = dict(KW, guidance_scale=3.0, negative_prompt="a bat")
+    out = pipe("a cat", seed=2, first_block_cache=MIXED, **kw)
+    want, counts = reference_run(reference, MIXED, "a cat", 2, **kw)
+    assert out.info["first_block_cache_forwards"] == counts
+    assert counts["reused"] >= 2 and counts["full"] >= 3
+    assert_rel(out.images, want, 1e-5, "final latents")
+
+
+def test_a_threshold_nothing_passes_is_the_uncached_run_bit_for_bit(pipe):
+    plain = pipe("a cat", seed=1, guidance_scale=2.0, **KW)
+    out = pipe("a cat", seed=1, guidance_scale=2.0, first_block_cache=1e-9, **KW)
+    assert out.info["first_block_cache_forwards"] == {"full": 16, "reused": 0}
+    assert torch.equal(out.images, plain.images)
+    assert "first_block_cache_forwards" not in plain.info
+
+
+def test_a_threshold_everything_passes_reuses_every_step_after_the_first(pipe, reference):
+    out = pipe("a cat", seed=4, first_block_cache=1e6, **KW)
+    assert out.info["first_block_cache_forwards"] == {"full": 1, "reused": 7}
+    assert_rel(out.images, reference_run(reference, 1e6, "a cat", 4, **KW)[0], 1e-5)
+
+
+def test_each_request_starts_afresh_and_records_the_threshold(pipe):
+    first = pipe("a cat", seed=3, first_block_cache=MIXED, **KW)
+    again = pipe("a cat", seed=3, first_block_cache=MIXED, **KW)
+    assert torch.equal(first.images, again.images)
+    assert first.info["first_block_cache_forwards"] == again.info["first_block_cache_forwards"]
+    assert first.info["first_block_cache"] == MIXED
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "0.1", True])
+def test_bad_thresholds_are_refused(pipe, bad):
+    with pytest.raises(ValueError, match="first_block_cache must be a number >= 0"):
+        pipe("a cat", seed=0, first_block_cache=bad, **KW)
+
+
+def test_refused_under_cuda_graphs_and_full_compile_before_any_work(fresh_pipe, monkeypatch):
+    calls = []
+    monkeypatch.setattr(fresh_pipe, "encode_texts", lambda *a, **k: calls.append(1))
+    fresh_pipe._graphed = GraphedSampler(fresh_pipe, capture=FrozenGraphs().capture)
+    with pytest.raises(ValueError, match="turn off cuda_graphs"):
+        fresh_pipe("a cat", seed=0, first_block_cache=0.1, **KW)
+    fresh_pipe._graphed = None
+    from zimage_native.accel.compile import compile_transformer_
+
+    compile_transformer_(fresh_pipe.transformer, "full", backend="eager")
+    with pytest.raises(ValueError, match="compile='blocks'"):
+        fresh_pipe("a cat", seed=0, first_block_cache=0.1, **KW)
+    assert not calls  # refused before the text encoder ran
+
+
+def test_compiled_blocks_run_under_the_cache(fresh_pipe):
+    from zimage_native.accel.compile import compile_transformer_
+
+    kw = dict(KW, num_inference_steps=4)
+    eager = fresh_pipe("a cat", seed=6, first_block_cache=1e6, **kw).images
+    compile_transformer_(fresh_pipe.transformer, "blocks", backend="eager")
+    compiled = fresh_pipe("a cat", seed=6, first_block_cache=1e6, **kw)
+    assert compiled.info["first_block_cache_forwards"] == {"full": 1, "reused": 3}
+    assert_rel(compiled.images, eager, 1e-6)

@@ -1,0 +1,102 @@
+"""First-block cache: reuse the main layers' work on steps where it would barely change.
+
+The idea is ParaAttention's First Block Cache (also diffusers' ``FirstBlockCacheConfig`` and the
+F1B0 setting of cache-dit's DBCache): on every step the DiT runs its noise refiner and the first
+main layer as usual. The first layer's residual r = layer_0(h) - h is compared with the one of the
+last step that ran every layer:
+
+    change = mean |r - r_full| / mean |r_full|
+
+If the change is at most the threshold, the other main layers are skipped: their residual of that
+full step (its output minus the first layer's output) is added to the first layer's output, and the
+final layer runs as usual. Otherwise every layer runs and both residuals are kept for later steps.
+The comparison is always with the last full step, so a run of skipped steps cannot drift away from
+it unnoticed. The first step of a request always runs in full (there is nothing to compare with).
+
+Each forward of a request keeps its own residuals: with CFG the positives and the negatives (two
+forwards per step, ``sampling.run_steps``) decide separately, as cache-dit does with its separate
+CFG option. A batch of several images decides once for the batch, on the mean over all of it.
+
+ControlNet hints are added after their layers on full steps; a skipped step adds the first layer's
+hint only (the other layers' hints are part of the reused residual). Its ControlNet branch still
+runs every step.
+
+The decision reads one number on the host per forward (a sync, as in every dynamic cache), so the
+cache runs on the eager step loop: not under CUDA graphs (whose replay has no host decisions) and
+not with ``compile="full"`` (one graph for the whole forward, which the cache runs in parts);
+``compile="blocks"`` compiles the layers themselves and works with it. :func:`cache_problem` says
+so before a request runs.
+
+It is lossy: the threshold trades quality for speed (``sampling.GenerationRequest.first_block_cache``;
+docs/performance.md, "First-block cache").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+def check_threshold(threshold) -> None:
+    """A first-block cache threshold must be a finite number >= 0 (0 turns the cache off)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+            or threshold < 0:
+        raise ValueError(f"first_block_cache must be a number >= 0 (0 = off; 0.05 to 0.2 is a usual range), "
+                         f"got {threshold!r}")
+
+
+def cache_problem(pipe) -> str | None:
+    """Why a pipeline cannot run a request with the first-block cache (None when it can)."""
+    from .compile import compiled_mode
+
+    if getattr(pipe, "_graphed", None) is not None:
+        return ("first_block_cache decides on the host at every step, which a CUDA graph replay cannot: "
+                "turn off cuda_graphs (--no-cuda-graphs) or the cache")
+    mode = compiled_mode(pipe.transformer)
+    if mode is not None and mode[0] == "full":
+        return ("first_block_cache runs the DiT forward in parts, and compile='full' compiles it as one "
+                "graph: use compile='blocks' (--compile blocks) with the cache")
+    return None
+
+
+@dataclass
+class _Branch:
+    head_residual: torch.Tensor | None = None  # the first layer's residual at the last full step
+    tail_residual: torch.Tensor | None = None  # the other layers' residual at that step
+
+
+@dataclass
+class FirstBlockCache:
+    """The cache of one request (see the module doc). ``forward`` stands in for
+    ``ZImageTransformer.forward_tokens``; ``branch`` names the forward's residuals ("positive",
+    "negative"). ``full`` / ``reused`` count the forwards of each kind."""
+
+    threshold: float
+    branches: dict[str, _Branch] = field(default_factory=dict)
+    full: int = 0
+    reused: int = 0
+
+    def forward(self, dit, branch: str, x: torch.Tensor, cap_tokens: torch.Tensor, layout, mods: list[torch.Tensor],
+                control_hints: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+        state = self.branches.setdefault(branch, _Branch())
+        h = dit.joint_tokens(x, cap_tokens, layout, mods)
+        head = dit.run_layers(h, layout, mods, control_hints, 0, 1)
+        residual = head - h
+        if state.head_residual is not None and self.small_change(residual, state.head_residual):
+            self.reused += 1
+            out = head + state.tail_residual
+        else:
+            self.full += 1
+            out = dit.run_layers(head, layout, mods, control_hints, 1)
+            state.head_residual, state.tail_residual = residual, out - head
+        return dit.final_tokens(out, x.shape[1], mods)
+
+    def small_change(self, residual: torch.Tensor, before: torch.Tensor) -> bool:
+        change = (residual - before).abs().mean() / before.abs().mean()
+        return bool(change.item() <= self.threshold)  # one host read per forward
+
+    def counts(self) -> dict[str, int]:
+        """What the cache did: DiT forwards run in full and forwards that reused the main layers."""
+        return {"full": self.full, "reused": self.reused}
