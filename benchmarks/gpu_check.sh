@@ -29,7 +29,8 @@
 # Budget: BUDGET_S (default 480 s = 8 minutes) from the first test on; the judged steps come first
 # and the optional ones only run in the time left (an estimate: the script has not run on a GPU
 # yet). Everything it prints is also written to OUT_DIR (env.json: `zimage env --json`, gpu_check.log, e2e.csv with the JSON
-# checks, time_breakdown.json, kernels.csv, controlnet.json).
+# checks, time_breakdown.json, kernels.json, gguf.json, controlnet.json: 7 files, within the device
+# tool's 8; the benchmarks' CSVs, which repeat their JSONs, are removed).
 #
 # On the lent GPU image, diffusers (and importlib_metadata) are missing: fetch their wheels first with
 # benchmarks/device_wheels.sh and carry .whl; this script installs them from there.
@@ -82,6 +83,8 @@ if [ "$DRY_RUN" = 1 ]; then
     timeout 120 python3 benchmarks/bench_gguf.py --smoke || true
     echo "== ControlNet, smoke"
     timeout 300 python3 benchmarks/bench_controlnet.py --smoke --out "$OUT_DIR/dry-run" || true
+    echo "== first-block cache, smoke"
+    timeout 120 python3 benchmarks/bench_block_cache.py --smoke || true
   fi
 else
   echo "== kernel tests on the GPU"
@@ -101,12 +104,15 @@ else
   for step in "where the time goes: one profiled request, +compile rung without graphs|90|benchmarks/time_breakdown.py --out $OUT_DIR" \
               "kernel micro-benchmark|60|benchmarks/bench_kernels.py --out $OUT_DIR" \
               "GGUF packed linears (dequantise per forward) against bf16|60|benchmarks/bench_gguf.py --out $OUT_DIR" \
-              "ControlNet-Union 1.0 / 2.0 / 2.1: cost per request and bf16 parity|300|benchmarks/bench_controlnet.py --repeats 2 --out $OUT_DIR"; do
+              "ControlNet-Union 1.0 / 2.0 / 2.1: cost per request and bf16 parity|300|benchmarks/bench_controlnet.py --repeats 2 --out $OUT_DIR" \
+              "first-block cache: a reused step against a full forward|60|benchmarks/bench_block_cache.py"; do
     IFS='|' read -r name limit cmd <<< "$step"
     t=$(left); [ "$t" -lt "$limit" ] && limit=$t
     if [ "$limit" -lt 15 ]; then echo "== $name: skipped (time budget spent)"; continue; fi
     echo "== $name (timeout ${limit} s)"
     timeout "$limit" python3 $cmd || true
+    # The device tool brings back at most 8 files: the CSVs repeat their JSONs' rows, so they go.
+    rm -f "$OUT_DIR/kernels.csv" "$OUT_DIR/gguf.csv"
   done
 fi
 

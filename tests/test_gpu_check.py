@@ -27,11 +27,23 @@ def run_script(tmp_path: Path, bench_rc: int, gpu: bool = False) -> subprocess.C
     shim.write_text(f"""#!/usr/bin/env bash
 if [ "$1 $2 $3" = "-m zimage_native.cli bench" ]; then
   echo "bench $*"
+  [ {int(gpu)} = 1 ] && touch "{tmp_path / 'out'}/e2e.csv"
   [ {bench_rc} = 0 ] && echo "PASS fp8 quality (fast accum) vs bf16 at 64x64: 40.1 dB PSNR (needs >= 25 dB)" \\
                      || echo "FAIL fp8 quality (fast accum) vs bf16 at 64x64: 12.0 dB PSNR (needs >= 25 dB)"
   exit {bench_rc}
 fi
-if [ "$1 $2" = "-m pytest" ] || [ "${{1#benchmarks/}}" != "$1" ]; then echo "ran $*"; exit 0; fi
+if [ "$1 $2" = "-m pytest" ] || [ "${{1#benchmarks/}}" != "$1" ]; then
+  echo "ran $*"
+  # what each benchmark writes into --out on a GPU
+  args="$*"; out=${{args##*--out }}; out=${{out%% *}}
+  case "$1" in
+    benchmarks/time_breakdown.py) touch "$out/time_breakdown.json" ;;
+    benchmarks/bench_kernels.py) touch "$out/kernels.csv" "$out/kernels.json" ;;
+    benchmarks/bench_gguf.py) touch "$out/gguf.csv" "$out/gguf.json" ;;
+    benchmarks/bench_controlnet.py) touch "$out/controlnet.json" ;;
+  esac
+  exit 0
+fi
 exec {sys.executable} "$@"
 """)
     shim.chmod(0o755)
@@ -101,11 +113,15 @@ def test_gpu_branch_runs_the_judged_ladder_first_then_the_optional_steps(tmp_pat
     ran = [line for line in lines if line.startswith("ran ")]
     assert ran[0].startswith("ran -m pytest") and [r.split()[1] for r in ran[1:]] == [
         "benchmarks/time_breakdown.py", "benchmarks/bench_kernels.py", "benchmarks/bench_gguf.py",
-        "benchmarks/bench_controlnet.py"]
+        "benchmarks/bench_controlnet.py", "benchmarks/bench_block_cache.py"]
     assert lines.index(bench) < lines.index(ran[1]) and ran[1] == f"ran benchmarks/time_breakdown.py --out {tmp_path / 'out'}"
     assert any(line.startswith("== where the time goes") and "(timeout 90 s)" in line for line in lines), result.stdout
     assert result.returncode == bench_rc and lines[-1] == ("VERDICT: PASS" if bench_rc == 0 else
                                                           "VERDICT: FAIL (ladder checks (rc 1))"), result.stdout
+    # what comes back: the device tool brings back at most 8 files from $OUT
+    files = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert files == ["controlnet.json", "e2e.csv", "env.json", "gguf.json", "gpu_check.log", "kernels.json",
+                     "time_breakdown.json"], files
 
 
 def test_device_wheels_pin_the_versions_the_project_tests_against():
