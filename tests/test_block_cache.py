@@ -11,7 +11,7 @@ from zimage_native.accel.cuda_graphs import GraphedSampler
 
 from .dit_configs import TINY_DIT
 from .graph_standins import FrozenGraphs
-from .utils import assert_rel, rel_err
+from .utils import assert_rel, benchmark_script, rel_err
 
 KW = dict(height=32, width=32, num_inference_steps=8, output_type="latent")
 # The tiny random DiT's first-layer residual changes by 110% to 165% from step to step (random
@@ -167,13 +167,13 @@ def test_refused_under_cuda_graphs_and_full_compile_before_any_work(fresh_pipe, 
     calls = []
     monkeypatch.setattr(fresh_pipe, "encode_texts", lambda *a, **k: calls.append(1))
     fresh_pipe._graphed = GraphedSampler(fresh_pipe, capture=FrozenGraphs().capture)
-    with pytest.raises(ValueError, match="turn off cuda_graphs"):
+    with pytest.raises(ValueError, match="turn off CUDA graphs"):
         fresh_pipe("a cat", seed=0, first_block_cache=0.1, **KW)
     fresh_pipe._graphed = None
     from zimage_native.accel.compile import compile_transformer_
 
     compile_transformer_(fresh_pipe.transformer, "full", backend="eager")
-    with pytest.raises(ValueError, match="compile='blocks'"):
+    with pytest.raises(ValueError, match='compile mode "blocks"'):
         fresh_pipe("a cat", seed=0, first_block_cache=0.1, **KW)
     assert not calls  # refused before the text encoder ran
 
@@ -187,3 +187,15 @@ def test_compiled_blocks_run_under_the_cache(fresh_pipe):
     compiled = fresh_pipe("a cat", seed=6, first_block_cache=1e6, **kw)
     assert compiled.info["first_block_cache_forwards"] == {"full": 1, "reused": 3}
     assert_rel(compiled.images, eager, 1e-6)
+
+
+def test_the_cost_benchmark_times_both_kinds_of_forward(tmp_path, capsys):
+    out = tmp_path / "block_cache.json"
+    assert benchmark_script("bench_block_cache").main(["--smoke", "--size", "128", "--repeats", "2",
+                                                       "--out", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["layers"] == 30 and result["tokens"] == 64 + 128
+    assert 0 < result["reused_ms"] < result["full_ms"]  # 2 refiner blocks + 1 of 30 layers, against all
+    assert "| full forward ms | reused forward ms |" in capsys.readouterr().out

@@ -136,6 +136,36 @@ def test_seed_variance_flags_metadata_and_rerun(tiny_model_dir, tmp_path):
     assert result.exit_code == 1 and "--seed-variance-share must be > 0" in result.output
 
 
+def test_first_block_cache_flag_reports_metadata_and_rerun(tiny_model_dir, tmp_path):
+    cached, plain = tmp_path / "cached.png", tmp_path / "plain.png"
+    # The tiny random DiT changes too much between steps for usual thresholds: 1e6 reuses every step after the first.
+    result = run("generate", "a cat", "--model", tiny_model_dir, "-o", cached, "--seed", 5, *BASE, "--steps", "3",
+                 "--first-block-cache", "1e6")
+    assert "first-block cache: 2 of 3 DiT forwards reused the main layers" in result.output
+    run("generate", "a cat", "--model", tiny_model_dir, "-o", plain, "--seed", 5, *BASE, "--steps", "3")
+    assert not np.array_equal(pixels(cached), pixels(plain))
+    record = read_metadata(cached)
+    assert record["first_block_cache"] == 1e6 and record["first_block_cache_forwards"] == {"full": 1, "reused": 2}
+    with Image.open(cached) as im:
+        assert "First block cache: 1000000.0" in im.info["parameters"]
+    again = tmp_path / "again.png"
+    run("generate", "--from-image", cached, "-o", again, "--device", "cpu", "--no-progress")
+    assert np.array_equal(pixels(cached), pixels(again))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--first-block-cache", "-1"], "--first-block-cache must be a number >= 0"),
+    (["--first-block-cache", "0.1", "--cuda-graphs"], "turn off CUDA graphs (--no-cuda-graphs)"),
+    (["--first-block-cache", "0.1", "--compile", "full"], 'use compile mode "blocks" (--compile blocks)'),
+])
+def test_first_block_cache_refused_before_loading(tmp_path, monkeypatch, flags, message):
+    cli_generate = sys.modules["zimage_native.cli.generate"]  # the package's `generate` is the command
+    monkeypatch.setattr(cli_generate, "load_pipeline", lambda o: pytest.fail("loaded the weights"))
+    result = run("generate", "a cat", "--model", tmp_path, "-o", tmp_path / "out" / "x.png", *BASE, *flags, ok=False)
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_from_image_without_metadata_fails_clearly(tmp_path):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)

@@ -224,6 +224,7 @@ def test_a_completed_job_finds_the_history_already_pruned(tmp_path, monkeypatch)
     ({"shift": 0}, "shift", "> 0"),
     ({"seed_variance": -1}, "seed_variance", "between 0"),
     ({"seed_variance": 20, "seed_variance_share": 0}, "seed_variance_share", "> 0"),
+    ({"first_block_cache": -1}, "first_block_cache", "between 0"),
 ])
 def test_validation_errors_are_clear_json(client, body, param, words):
     r = client.post("/api/v1/jobs", json={"prompt": "a cat", **SMALL, **body})

@@ -157,6 +157,8 @@ def test_reuse_fills_the_form(page, server):
     assert page.input_value("#width") == str(item["width"])
     variance = item["params"].get("seed_variance")
     assert (float(page.input_value("#seed_variance")) == variance) if variance else page.input_value("#seed_variance") == ""
+    cache = item["params"].get("first_block_cache")
+    assert (float(page.input_value("#first_block_cache")) == cache) if cache else page.input_value("#first_block_cache") == ""
 
 
 def test_template_and_prompt_fields_reach_the_job(page, server, artifacts):
@@ -170,6 +172,7 @@ def test_template_and_prompt_fields_reach_the_job(page, server, artifacts):
     page.get_by_role("button", name="1:1 small").click()
     page.fill("#steps", "2")
     page.fill("#seed_variance", "20")
+    page.fill("#first_block_cache", "0.1")
     screenshot(page, artifacts, "web-phone-prompt-format.png")
     before = len(api_history(server))
     page.click("#generate")
@@ -178,6 +181,7 @@ def test_template_and_prompt_fields_reach_the_job(page, server, artifacts):
     assert record["template"] == name and record["system_prompt"] == "You are a careful painter."
     assert record["steps"] == 2
     assert record["seed_variance"] == 20 and record["seed_variance_share"] == 0.5  # the API's default share
+    assert record["first_block_cache"] == 0.1
 
 
 def test_upload_image_mask_and_control_image(page, server, artifacts, tmp_path):

@@ -127,6 +127,23 @@ def test_a_served_job_with_seed_variance_equals_the_library_image(served, tiny_p
         tiny_pipe("a cat", width=64, height=48, num_inference_steps=2, seed=3).images[0]))
 
 
+def test_a_served_job_with_the_first_block_cache_equals_the_library_image(served, tiny_pipe, monkeypatch):
+    call = {"width": 64, "height": 48, "steps": 3, "seed": 3}
+    with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+        job = c.post("/api/v1/jobs", json={"prompt": "a cat", **call, "first_block_cache": 100}).json()
+        png = c.get(follow(c, job["events_url"])[-1].data["images"][0]["url"]).content
+        expected = tiny_pipe("a cat", width=64, height=48, num_inference_steps=3, seed=3, first_block_cache=100)
+        with Image.open(io.BytesIO(png)) as im:
+            assert np.array_equal(np.asarray(im), np.asarray(expected.images[0]))
+            record = json.loads(im.info["zimage"])
+        assert record["first_block_cache"] == 100 and record["first_block_cache_forwards"] == {"full": 1, "reused": 2}
+        # A server whose pipeline runs CUDA graphs refuses the option up front (422), naming it.
+        monkeypatch.setattr(tiny_pipe, "_graphed", object())
+        r = c.post("/api/v1/jobs", json={"prompt": "a cat", **call, "first_block_cache": 0.1})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "first_block_cache"
+    assert "turn off CUDA graphs" in r.json()["error"]["message"]
+
+
 def test_a_repeated_prompt_is_not_sent_to_the_remote_encoder_again(remote, tiny_pipe, monkeypatch):
     pipe = ZImagePipeline(tiny_pipe.transformer, tiny_pipe.vae, remote, tiny_pipe.scheduler_config,
                           tiny_pipe.vae_config, variant=tiny_pipe.variant)

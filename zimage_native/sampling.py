@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .accel.block_cache import FirstBlockCache, cache_problem, check_threshold
+from .accel.block_cache import FirstBlockCache, check_threshold, pipeline_cache_problem
 from .finite import check_finite, finite_all, finite_rows
 from .images import check_side
 from .images import preprocess_image, preprocess_mask, to_pil  # noqa: F401  (the task inputs, re-exported)
@@ -120,9 +120,7 @@ class GenerationRequest:
             out["inpaint"] = True
         if self.control_image is not None:
             out["control_scale"] = self.control_scale
-        out.update(variance_info(self))
-        if self.first_block_cache:
-            out["first_block_cache"] = self.first_block_cache
+        out.update(optional_settings(self))
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -583,7 +581,7 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
         raise ValueError("with prompt_embeds and guidance_scale > 0, give negative_prompt_embeds too")
     check_seed_variance(r.seed_variance, r.seed_variance_share, r.seed_variance_steps)
     check_threshold(r.first_block_cache)
-    problem = cache_problem(pipe) if r.first_block_cache else None
+    problem = pipeline_cache_problem(pipe) if r.first_block_cache else None
     if problem:
         raise ValueError(problem)
     return r, task, inputs
@@ -667,10 +665,10 @@ def turbo_cfg_advice(variant: str, guidance_scale: float) -> str | None:
             f"the default, turns it off)")
 
 
-def variance_info(r: GenerationRequest) -> dict[str, float]:
-    """The seed-variance settings of a request, for its record (none when it is off)."""
-    names = ("seed_variance", "seed_variance_share", "seed_variance_steps")
-    return {name: getattr(r, name) for name in names} if r.seed_variance else {}
+def optional_settings(r: GenerationRequest) -> dict[str, float]:
+    """The request's seed-variance and first-block-cache settings, for its record (those that are on)."""
+    names = ("seed_variance", "seed_variance_share", "seed_variance_steps") if r.seed_variance else ()
+    return {name: getattr(r, name) for name in (*names, "first_block_cache") if getattr(r, name)}
 
 
 def request_info(pipe, r: GenerationRequest, seeds, **extra) -> dict[str, Any]:
@@ -681,7 +679,7 @@ def request_info(pipe, r: GenerationRequest, seeds, **extra) -> dict[str, Any]:
             "steps": r.steps, "guidance_scale": r.guidance_scale, "seeds": seeds,
             "template": getattr(r.template, "name", r.template), **r.fields,
             "shift": r.shift, "model": pipe.source, "variant": pipe.variant, "version": __version__,
-            **variance_info(r), **({"first_block_cache": r.first_block_cache} if r.first_block_cache else {}),
+            **optional_settings(r),
             "loras": [[lr.path, lr.scale] for lr in pipe.loras] or None, **extra}
 
 

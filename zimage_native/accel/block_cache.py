@@ -47,18 +47,23 @@ def check_threshold(threshold) -> None:
                          f"got {threshold!r}")
 
 
-def cache_problem(pipe) -> str | None:
-    """Why a pipeline cannot run a request with the first-block cache (None when it can)."""
+def cache_problem(cuda_graphs: bool, compile_mode: str | None) -> str | None:
+    """Why the first-block cache cannot run with these speed settings (None when it can)."""
+    if cuda_graphs:
+        return ("the first-block cache decides on the host at every step, which a CUDA graph replay cannot: "
+                "turn off CUDA graphs (--no-cuda-graphs) or the cache")
+    if compile_mode == "full":
+        return ("the first-block cache runs the DiT forward in parts, which compile mode \"full\" compiles as "
+                "one graph: use compile mode \"blocks\" (--compile blocks) with the cache")
+    return None
+
+
+def pipeline_cache_problem(pipe) -> str | None:
+    """:func:`cache_problem` for a pipeline's current settings."""
     from .compile import compiled_mode
 
-    if getattr(pipe, "_graphed", None) is not None:
-        return ("first_block_cache decides on the host at every step, which a CUDA graph replay cannot: "
-                "turn off cuda_graphs (--no-cuda-graphs) or the cache")
     mode = compiled_mode(pipe.transformer)
-    if mode is not None and mode[0] == "full":
-        return ("first_block_cache runs the DiT forward in parts, and compile='full' compiles it as one "
-                "graph: use compile='blocks' (--compile blocks) with the cache")
-    return None
+    return cache_problem(getattr(pipe, "_graphed", None) is not None, mode[0] if mode else None)
 
 
 @dataclass

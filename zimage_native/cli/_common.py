@@ -27,7 +27,7 @@ LIBRARY_FLAGS = {
     "shift": "--shift", "mask_image": "--mask", "llm_url": "--llm-url",
     "compile": "--compile", "fp8": "--fp8", "kernels": "--kernels", "cuda_graphs": "--cuda-graphs",
     "overlap": "--tile-overlap", "seed_variance": "--seed-variance", "seed_variance_share": "--seed-variance-share",
-    "seed_variance_steps": "--seed-variance-steps",
+    "seed_variance_steps": "--seed-variance-steps", "first_block_cache": "--first-block-cache",
 }
 _NAMES = "|".join(LIBRARY_FLAGS)
 # A statement about the argument ("steps must be ...", at the start or after ': ', '; ', ', ', '(') or

@@ -94,7 +94,8 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
             "assistant_content": "assistant_content", "force_think_block": "force_think_block",
             "strip_quotes": "strip_quotes", "strength": "strength", "shift": "shift",
             "control_scale": "control_scale", "seed_variance": "seed_variance",
-            "seed_variance_share": "seed_variance_share", "seed_variance_steps": "seed_variance_steps"}
+            "seed_variance_share": "seed_variance_share", "seed_variance_steps": "seed_variance_steps",
+            "first_block_cache": "first_block_cache"}
     layer = {flag: record[key] for key, flag in keys.items() if record.get(key) is not None}
     if record.get("seed") is not None:
         layer["seed"] = [int(record["seed"])]
@@ -139,6 +140,10 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
               help="With --seed-variance: the fraction of the prompt feature values that get noise.")
 @click.option("--seed-variance-steps", type=float, default=0.2, show_default=True,
               help="With --seed-variance: the fraction of the steps, the first ones, that see the noise.")
+@click.option("--first-block-cache", type=float, default=0.0, show_default=True,
+              help="Skip the DiT's main layers on steps whose first layer changed by at most this fraction since "
+                   "the last full step, reusing that step's work (lossy; 0.05-0.2 is a usual range, for many "
+                   "steps; 0 = off). Not with --cuda-graphs or --compile full.")
 @click.option("--image", "init_image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="img2img: start from this image.")
 @click.option("--mask", "mask", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -194,6 +199,7 @@ def generate(ctx, prompt, config_path, profile, from_image, **opts):
 
 
 def run_generate(prompts: list[str], o: dict) -> None:
+    from ..accel.block_cache import cache_problem, check_threshold
     from ..sampling import check_request, check_seed_variance
 
     seeds, drawn = resolve_seeds(tuple(o["seed"]), o["seeds"], o["num_images"])
@@ -212,6 +218,10 @@ def run_generate(prompts: list[str], o: dict) -> None:
     if o["shift"] is not None and not o["shift"] > 0:
         raise ValueError(f"--shift must be > 0, got {o['shift']}")
     check_seed_variance(o["seed_variance"], o["seed_variance_share"], o["seed_variance_steps"])
+    check_threshold(o["first_block_cache"])
+    problem = cache_problem(o["cuda_graphs"], o["compile_mode"]) if o["first_block_cache"] else None
+    if problem:
+        raise ValueError(problem)
     if o["mask"] is not None and o["init_image"] is None:
         raise ValueError("--mask needs --image (the picture to inpaint)")
     check_control_options(o)
@@ -365,7 +375,8 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
                 fields={k: v for k, v in fields.items() if k != "template" and v is not None},
                 image=init, mask_image=mask, strength=o["strength"] if init is not None else None,
                 shift=o["shift"], num_images_per_prompt=1, seed_variance=o["seed_variance"],
-                seed_variance_share=o["seed_variance_share"], seed_variance_steps=o["seed_variance_steps"])
+                seed_variance_share=o["seed_variance_share"], seed_variance_steps=o["seed_variance_steps"],
+                first_block_cache=o["first_block_cache"])
 
             def step(i, n, _size=len(batch)):
                 nonlocal bar
@@ -375,6 +386,10 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
                 bar.update(1)
 
             result = pipe.generate(request, progress=False, callback=step)
+            counts = result.info.get("first_block_cache_forwards")
+            if counts:  # what the threshold did, to tune it by
+                tqdm.write(f"first-block cache: {counts['reused']} of {counts['full'] + counts['reused']} DiT "
+                           f"forwards reused the main layers")
             for k, (i, image) in enumerate(zip(batch, result.images)):
                 record = image_record(result.info, k, k)
                 save_image_atomic(image, paths[i], pnginfo=png_info(record))

@@ -21,7 +21,7 @@ import torch
 from ..metadata import png_info
 from ..prompt.format import format_prompt
 from ..prompt.templates import default_registry
-from ..sampling import PROMPT_FIELDS, GenerationRequest, variance_info  # noqa: F401  (the one request type, re-exported)
+from ..sampling import PROMPT_FIELDS, GenerationRequest, optional_settings  # noqa: F401  (the one request type, re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class Engine:
     can_rewrite = True
     can_inpaint = False  # takes a mask (GenerationRequest.mask_image)
     can_control = False  # takes a control image (a ControlNet is loaded)
+    cache_problem: str | None = None  # why requests cannot use the first-block cache (None: they can)
 
     def __init__(self, model_name: str, variant: str = "turbo", templates_dirs: list[str] | None = None):
         self.model_name = model_name
@@ -134,6 +135,12 @@ class PipelineEngine(Engine):
     @property
     def can_control(self) -> bool:
         return getattr(self.pipe, "controlnet", None) is not None
+
+    @property
+    def cache_problem(self) -> str | None:
+        from ..accel.block_cache import pipeline_cache_problem
+
+        return pipeline_cache_problem(self.pipe)
 
     @property
     def default_steps(self) -> int:
@@ -334,7 +341,7 @@ class FakeEngine(Engine):
                       "variant": self.variant, "version": __version__, "strength": request.strength,
                       "shift": request.shift, "task": request.task,
                       "control_scale": request.control_scale if request.control_image is not None else None,
-                      **variance_info(request)}
+                      **optional_settings(request)}
             record = {k: v for k, v in record.items() if v is not None}
             image = Image.new("RGB", (request.width, request.height), seed_colour(seed))
             if request.mask_image is not None:  # inpainting: the seed's colour where the mask is white

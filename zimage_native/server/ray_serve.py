@@ -90,7 +90,7 @@ class ZImageReplica:
                 "default_guidance": e.default_guidance, "scheduler_shift": e.scheduler_shift,
                 "dynamic_shift": e.dynamic_shift, "text_encoder": e.text_encoder_info(),
                 "describe": e.describe(), "can_generate": e.can_generate, "can_rewrite": e.can_rewrite,
-                "can_inpaint": e.can_inpaint, "can_control": e.can_control,
+                "can_inpaint": e.can_inpaint, "can_control": e.can_control, "cache_problem": e.cache_problem,
                 "replica": _replica_id()}
 
     def generate(self, payload: dict[str, Any]):
@@ -164,6 +164,7 @@ class RayEngine(Engine):
         self.can_rewrite = info["can_rewrite"]
         self.can_inpaint = info.get("can_inpaint", False)
         self.can_control = info.get("can_control", False)
+        self.cache_problem = info.get("cache_problem")
 
     default_steps = property(lambda self: self._info["default_steps"])
     default_guidance = property(lambda self: self._info["default_guidance"])

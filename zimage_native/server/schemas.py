@@ -241,6 +241,8 @@ def build_models(limits: Limits, templates: list[str], rewriters: list[str], tem
                                                 "prompt features of the first steps; 15-30 is usual, 0 = off") = 0.0
         seed_variance_share: Num(0, 1, open_lo=True, description="the fraction of feature values varied") = 0.5
         seed_variance_steps: Num(0, 1, open_lo=True, description="the fraction of the steps that see the noise") = 0.2
+        first_block_cache: Num(0, 100, description="skip the DiT's main layers on steps whose first layer changed by "
+                                                   "at most this fraction (lossy; 0.05-0.2 is usual, 0 = off)") = 0.0
         image: ImageData("img2img or inpainting input: base64 or a data: URL (PNG, JPEG, WebP)") | None = None
         mask: ImageData("inpainting mask (needs image): white = repaint, black = keep; base64 or data: URL") | None = None
         control_image: ImageData("ControlNet condition (pose, edges, depth, ...): base64 or data: URL") | None = None
@@ -452,6 +454,9 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
         raise invalid("mask", "this server's model cannot inpaint")
     if control_given and not engine.can_control:
         raise invalid("control_image", "this server has no ControlNet loaded (zimage serve --controlnet FILE)")
+    first_block_cache = float(getattr(body, "first_block_cache", 0.0))
+    if first_block_cache and engine.cache_problem:
+        raise invalid("first_block_cache", f"not on this server: {engine.cache_problem}")
     if control_given and body.image and not mask_given:
         raise invalid("control_image", "with an image, a control image needs a mask (ControlNet inpainting); "
                                        "ControlNet img2img is not supported")
@@ -518,7 +523,8 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
                              control_scale=0.75 if control_scale is None else control_scale,
                              seed_variance=float(getattr(body, "seed_variance", 0.0)),
                              seed_variance_share=float(getattr(body, "seed_variance_share", 0.5)),
-                             seed_variance_steps=float(getattr(body, "seed_variance_steps", 0.2)))
+                             seed_variance_steps=float(getattr(body, "seed_variance_steps", 0.2)),
+                             first_block_cache=first_block_cache)
 
 
 def openai_to_job(body, models: Models):

@@ -105,6 +105,8 @@ function readForm() {
   if (guidance !== null) body.guidance_scale = guidance;
   const variance = num("seed_variance");
   if (variance) Object.assign(body, { seed_variance: variance, ...state.varianceShape });
+  const cache = num("first_block_cache");
+  if (cache) body.first_block_cache = cache;
   const seed = $("seed").value.trim();
   if (seed !== "") body.seed = /^\d+$/.test(seed) ? Number(seed) : seed;
   if ($("template").value) body.template = $("template").value;
@@ -162,6 +164,7 @@ function reuse(params) {
   $("n").value = 1;
   $("guidance").value = params.guidance_scale ?? "";
   $("seed_variance").value = params.seed_variance || "";
+  $("first_block_cache").value = params.first_block_cache || "";
   // share and steps have no field here: a re-used request keeps those it was made with
   state.varianceShape = params.seed_variance ? { seed_variance_share: params.seed_variance_share,
     seed_variance_steps: params.seed_variance_steps } : {};
