@@ -199,3 +199,21 @@ def test_the_cost_benchmark_times_both_kinds_of_forward(tmp_path, capsys):
     assert result["layers"] == 30 and result["tokens"] == 64 + 128
     assert 0 < result["reused_ms"] < result["full_ms"]  # 2 refiner blocks + 1 of 30 layers, against all
     assert "| full forward ms | reused forward ms |" in capsys.readouterr().out
+
+
+def test_streamed_blocks_under_the_cache_equal_resident_ones_and_skipped_layers_stay_in_cpu_memory(folder, pipe):
+    from zimage_native import ZImagePipeline
+
+    from .test_lowvram_pipeline import FakeMove
+
+    streamed = ZImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32, offload="blocks")
+    streamed.progress = False
+    move = FakeMove(streamed.transformer.block_streamer)
+    kw = dict(KW, num_inference_steps=4)
+    out = streamed("a cat", seed=8, first_block_cache=1e6, **kw)
+    assert out.info["first_block_cache_forwards"] == {"full": 1, "reused": 3}
+    assert torch.equal(out.images, pipe("a cat", seed=8, first_block_cache=1e6, **kw).images)
+    # blocks: context refiner 0, noise refiner 1, main layers 2-5; the reused steps run 0 and 1 once
+    # each, then layer 0 (block 2): the last two layers were copied in for the full step only
+    assert move.log.count(4) == 1 and move.log.count(5) == 1, move.log
+    assert move.log.count(2) >= 4 and move.log.count(1) >= 4  # (a wrong prefetch may add a copy)
