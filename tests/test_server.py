@@ -213,7 +213,8 @@ def test_a_completed_job_finds_the_history_already_pruned(tmp_path, monkeypatch)
     ({"prompt": "   "}, "prompt", "must not be empty"),
     ({"guidance_scale": -1}, "guidance_scale", "between 0"),
     ({"seed": [1, 2], "n": 3}, "seed", "2 seeds for n=3"),
-    ({"seed": -5}, "seed", "between 0"),
+    ({"seed": -5}, "seed", "between -1"),
+    ({"seed": [3, -1]}, "seed.1", "between 0"),  # -1 means random for one seed only
     ({"template": "no-such-template"}, "template", "no-such-template"),
     ({"size": "64x64"}, "size", "either size or width"),
     ({"colour": "red"}, "colour", "Extra inputs"),
@@ -382,6 +383,20 @@ def test_openai_client_b64_json_and_url(server):
                    json={"prompt": "a", "size": "64x64", "quality": "hd", "style": "vivid", "user": "u",
                          "num_inference_steps": 1})
     assert r.status_code == 200 and r.json()["size"] == "64x64" and r.json()["output_format"] == "png"
+
+
+def test_seed_minus_one_draws_a_random_seed_as_a1111_does(client):
+    # A1111's API and most UIs send -1 for "random"; it was refused with a 422
+    drawn = []
+    for _ in range(2):
+        r = client.post("/api/generate", json={"prompt": "a cat", "width": 64, "height": 64, "steps": 1, "seed": -1})
+        assert r.status_code == 200, r.text
+        drawn.append(r.json()["seed"])
+    job = client.post("/api/v1/jobs", json={"prompt": "a cat", **SMALL, "steps": 1, "seed": -1, "n": 2}).json()
+    drawn += job["params"]["seeds"]
+    assert all(0 <= s < 2**63 for s in drawn) and len(set(drawn)) == 4, drawn
+    r = client.post("/v1/images/generations", json={"prompt": "a", "size": "64x64", "seed": -1})
+    assert r.status_code == 200, r.text
 
 
 # ---------------------------------------------------------------------------------------------- predecessor routes

@@ -200,6 +200,8 @@ def build_models(limits: Limits, templates: list[str], rewriters: list[str], tem
     StepsT = Int(1, L.max_steps)
     NImagesT = Int(1, L.max_images)
     SeedT = Int(0, MAX_SEED)
+    # An image request's one seed: -1 draws a random one, as A1111's API and most UIs take it.
+    ImageSeedT = Int(-1, MAX_SEED, description="-1 (or no seed) draws a random seed")
     GuidanceT = Num(0, L.max_guidance)
     SeqLenT = Int(1, L.max_sequence_length)
     default_len = min(512, L.max_sequence_length)
@@ -230,7 +232,7 @@ def build_models(limits: Limits, templates: list[str], rewriters: list[str], tem
         size: SizeT | None = None
         steps: StepsT | None = Field(None, validation_alias=AliasChoices("steps", "num_inference_steps"))
         guidance_scale: GuidanceT | None = None
-        seed: SeedT | Annotated[list[SeedT], Field(min_length=1, max_length=L.max_images)] | None = Field(
+        seed: ImageSeedT | Annotated[list[SeedT], Field(min_length=1, max_length=L.max_images)] | None = Field(
             None, validation_alias=AliasChoices("seed", "seeds"))
         n: NImagesT = Field(1, validation_alias=AliasChoices("n", "num_images"))
         cfg_normalization: Num(0, 100, description="0 = off") = 0.0
@@ -272,7 +274,7 @@ def build_models(limits: Limits, templates: list[str], rewriters: list[str], tem
         negative_prompt: TextT | None = None
         num_inference_steps: StepsT | None = None
         guidance_scale: GuidanceT | None = None
-        seed: SeedT | None = None
+        seed: ImageSeedT | None = None
 
     NonemptyT = Text(L.max_prompt_chars, min_len=1)
     TextsT = Annotated[list[NonemptyT], Field(min_length=1, max_length=L.max_texts)]
@@ -422,7 +424,7 @@ def resolve_seeds(seed: int | list[int] | None, n: int, limits: Limits) -> list[
         elif len(seed) != n:
             raise invalid("seed", f"got {len(seed)} seeds for n={n} images; give one seed or one per image")
         seeds = list(seed)
-    elif seed is not None:
+    elif seed is not None and seed != -1:  # -1: a random seed
         seeds = [seed + i for i in range(n)]
     else:
         seeds = [random.randrange(2**32) for _ in range(n)]

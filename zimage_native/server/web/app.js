@@ -108,7 +108,7 @@ function readForm() {
   const cache = num("first_block_cache");
   if (cache) body.first_block_cache = cache;
   const seed = $("seed").value.trim();
-  if (seed !== "") body.seed = /^\d+$/.test(seed) ? Number(seed) : seed;
+  if (seed !== "") body.seed = /^-?\d+$/.test(seed) ? Number(seed) : seed;  // -1: random
   if ($("template").value) body.template = $("template").value;
   for (const f of FIELDS) if ($(f).value.trim() !== "") body[f] = $(f).value;
   if ($("force_think_block").checked) body.force_think_block = true;
