@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from zimage_native.server import FakeEngine, Limits, ServerSettings, create_app  # noqa: E402
+from zimage_native.sampling import unused_negative_advice  # noqa: E402
 from zimage_native.server.engine import seed_colour  # noqa: E402
 from zimage_native.server.remote import features_from_bytes  # noqa: E402
 from zimage_native.server.sse import follow  # noqa: E402
@@ -383,6 +384,18 @@ def test_openai_client_b64_json_and_url(server):
                    json={"prompt": "a", "size": "64x64", "quality": "hd", "style": "vivid", "user": "u",
                          "num_inference_steps": 1})
     assert r.status_code == 200 and r.json()["size"] == "64x64" and r.json()["output_format"] == "png"
+
+
+def test_a_job_says_what_other_tools_habits_cost_here(client):
+    # The fake engine is a Turbo model: ComfyUI's cfg 1 (guidance 1 here turns CFG on), a negative
+    # prompt with CFG off, and the model card's 9 steps each get a sentence in the job's "advice".
+    job = client.post("/api/v1/jobs", json={"prompt": "a cat", **SMALL, "steps": 9, "guidance_scale": 1.0}).json()
+    assert len(job["advice"]) == 2 and "In ComfyUI and stable-diffusion.cpp cfg 1 means off" in job["advice"][0]
+    assert "9 steps run 9 DiT forwards" in job["advice"][1]
+    job = client.post("/api/v1/jobs", json={"prompt": "a cat", **SMALL, "steps": 2, "negative_prompt": "fog"}).json()
+    assert job["advice"] == [unused_negative_advice(True, 0.0)]
+    assert client.post("/api/v1/jobs", json={"prompt": "a cat", **SMALL, "steps": 2}).json()["advice"] == []
+    assert client.get(job["url"]).json()["advice"] == job["advice"]
 
 
 def test_seed_minus_one_draws_a_random_seed_as_a1111_does(client):

@@ -173,9 +173,12 @@ def test_template_and_prompt_fields_reach_the_job(page, server, artifacts):
     page.fill("#steps", "2")
     page.fill("#seed_variance", "20")
     page.fill("#first_block_cache", "0.1")
+    page.fill("#guidance", "1")  # ComfyUI's "cfg 1" habit: the page says what it costs here
     screenshot(page, artifacts, "web-phone-prompt-format.png")
     before = len(api_history(server))
     page.click("#generate")
+    page.wait_for_selector("#message.info:not([hidden])")
+    assert "cfg 1 means off" in page.inner_text("#message")
     page.wait_for_function(f"document.querySelectorAll('#history li.item').length >= {before + 1}")
     record = api_history(server)[0]["params"]
     assert record["template"] == name and record["system_prompt"] == "You are a careful painter."

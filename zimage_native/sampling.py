@@ -628,10 +628,22 @@ def negative_prompts(negative_prompt, n: int) -> list[str]:
     return negatives
 
 
-def unused_negative_advice(request: GenerationRequest, guidance_scale: float) -> str | None:
+def negative_given(request: GenerationRequest) -> bool:
+    """Whether the caller gave a negative prompt (a template's suggested one is not given)."""
+    return request.negative_prompt not in (None, "", []) or request.negative_prompt_embeds is not None
+
+
+def request_advice(variant: str, guidance_scale: float, steps: int | None, negative: bool) -> list[str]:
+    """What a request should be told: habits of other tools that cost time here or change nothing
+    (CFG or 9 steps on Turbo, a negative prompt without CFG). ``steps`` None: given as sigmas."""
+    said = (turbo_cfg_advice(variant, guidance_scale), unused_negative_advice(negative, guidance_scale),
+            turbo_steps_advice(variant, steps) if steps is not None else None)
+    return [text for text in said if text]
+
+
+def unused_negative_advice(given: bool, guidance_scale: float) -> str | None:
     """What to say when a negative prompt was given but CFG is off (None otherwise): it acts only
-    through classifier-free guidance. (A template's suggested negative prompt is not given.)"""
-    given = request.negative_prompt not in (None, "", []) or request.negative_prompt_embeds is not None
+    through classifier-free guidance."""
     if not given or guidance_scale > 0:
         return None
     return ("the negative prompt is not used: it acts through classifier-free guidance, which is off "
@@ -709,9 +721,9 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
         raise ValueError(f"callback_on_step_end_tensor_inputs can hold {STEP_END_TENSORS}, got {bad}")
     schedule = schedule_for(pipe, r)
     task.check(pipe, r, schedule)
-    for advice in (turbo_cfg_advice(pipe.variant, r.guidance_scale), unused_negative_advice(request, r.guidance_scale),
-                   turbo_steps_advice(pipe.variant, r.steps) if r.sigmas is None else None):
-        if advice and advice not in pipe.advised:  # once per pipeline and value: a server runs many requests
+    for advice in request_advice(pipe.variant, r.guidance_scale, r.steps if r.sigmas is None else None,
+                                 negative_given(request)):
+        if advice not in pipe.advised:  # once per pipeline and value: a server runs many requests
             pipe.advised.add(advice)
             logger.warning(advice)
     batch = len(r.prompts or r.prompt_embeds) * r.n

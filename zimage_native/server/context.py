@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from .engine import Engine
 from .jobs import TERMINAL, Conflict, Event, Job, JobManager, image_view
+from ..sampling import request_advice
 from .schemas import ApiError, Models, build_models, resolve_generation
 from .settings import Limits, ServerSettings
 from .storage import IMAGE_ID, JOB_ID, Storage
@@ -70,7 +71,10 @@ class ServerContext:
 
     def submit(self, body) -> Job:
         self.require_generation()
-        return self.manager.submit(resolve_generation(body, self.engine, self.limits))
+        request = resolve_generation(body, self.engine, self.limits)
+        advice = request_advice(self.engine.variant, request.guidance_scale, request.steps,
+                                body.negative_prompt not in (None, ""))
+        return self.manager.submit(request, advice=advice)
 
     async def on_worker(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the worker thread (which owns the model) and await its result."""
@@ -123,7 +127,7 @@ class ServerContext:
         images = [image_view(r) for r in self.storage.job_images(job_id)]
         return {"id": row["id"], "kind": row["kind"], "status": row["status"], "created": row["created"],
                 "started": row["started"], "finished": row["finished"], "queue_position": None,
-                "params": row["params"], "error": row["error"], "cancel_requested": False, "progress": None,
+                "params": row["params"], "advice": [], "error": row["error"], "cancel_requested": False, "progress": None,
                 "images": images, "events_url": f"/api/v1/jobs/{job_id}/events", "url": f"/api/v1/jobs/{job_id}"}
 
     def image_row(self, image_id: str) -> dict:

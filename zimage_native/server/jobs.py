@@ -84,6 +84,7 @@ class Job:
     cancel_requested: bool = False
     progress: tuple[int, int] | None = None
     images: list[dict] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)  # what the request should be told (sampling.request_advice)
     events: list[Event] = field(default_factory=list)
     subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = field(default_factory=list)
 
@@ -159,9 +160,10 @@ class JobManager:
                     "capacity": self.capacity, "queue_size": self.settings.queue_size, "tasks": len(self._tasks),
                     "average_job_seconds": round(self._avg_seconds, 3)}
 
-    def submit(self, request: GenerationRequest, kind: str = "generate") -> Job:
+    def submit(self, request: GenerationRequest, kind: str = "generate", advice: list[str] = ()) -> Job:
         now = time.time()
-        job = Job(id=new_job_id(), kind=kind, request=request, params=request.params(), created=now)
+        job = Job(id=new_job_id(), kind=kind, request=request, params=request.params(), created=now,
+                  advice=list(advice))
         with self._cond:
             if self._stopping:
                 raise QueueFull(5, self.capacity, self.capacity)
@@ -216,7 +218,7 @@ class JobManager:
             status = job.status
         out = {"id": job.id, "kind": job.kind, "status": status, "created": job.created, "started": job.started,
                "finished": job.finished, "queue_position": self.position(job), "params": job.params,
-               "error": job.error, "cancel_requested": job.cancel_requested,
+               "advice": job.advice, "error": job.error, "cancel_requested": job.cancel_requested,
                "progress": {"step": progress[0], "total": progress[1]} if progress else None,
                "images": [image_view(r) for r in job.images],
                "events_url": f"/api/v1/jobs/{job.id}/events", "url": f"/api/v1/jobs/{job.id}"}

@@ -186,6 +186,8 @@ $("form").addEventListener("submit", async (event) => {
   try {
     const job = await api("/api/v1/jobs", { json: body });
     trackJob(job, body.prompt);
+    // e.g. guidance on Turbo: twice the time, and ComfyUI's cfg 1 is guidance 0 here
+    if (job.advice && job.advice.length) show(job.advice.join(" "), "info");
   } catch (e) {
     if (e.status === 429) {
       const wait = (e.headers && e.headers.get("Retry-After")) || "a few";
