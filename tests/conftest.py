@@ -34,21 +34,17 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_model_dir):
-    from zimage_native import ZImagePipeline
+    from .fixtures import our_pipeline
 
-    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
-    pipe.progress = False
-    return pipe
+    return our_pipeline(tiny_model_dir)
 
 
 @pytest.fixture
 def fresh_pipe(tiny_model_dir):
     """A pipeline of its own for a test that changes it (transforms, caches, encoders)."""
-    from zimage_native import ZImagePipeline
+    from .fixtures import our_pipeline
 
-    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
-    pipe.progress = False
-    return pipe
+    return our_pipeline(tiny_model_dir)
 
 
 @pytest.fixture(scope="session")

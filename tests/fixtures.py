@@ -63,6 +63,15 @@ def build_model_folder(folder: Path, dit_kwargs: dict | None = None, shift: floa
     return folder
 
 
+def our_pipeline(folder: Path, **kwargs):
+    """The engine's ZImagePipeline on ``folder``, fp32 on the CPU, without progress bars."""
+    from zimage_native import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32, **kwargs)
+    pipe.progress = False
+    return pipe
+
+
 def reference_pipeline(folder: Path):
     """diffusers' own ZImagePipeline on the same folder, fp32, CPU."""
     import diffusers

@@ -30,11 +30,9 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(folder):
-    from zimage_native import ZImagePipeline
+    from .fixtures import our_pipeline
 
-    p = ZImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
-    p.progress = False
-    return p
+    return our_pipeline(folder)
 
 
 @pytest.fixture(scope="module")
@@ -202,12 +200,10 @@ def test_the_cost_benchmark_times_both_kinds_of_forward(tmp_path, capsys):
 
 
 def test_streamed_blocks_under_the_cache_equal_resident_ones_and_skipped_layers_stay_in_cpu_memory(folder, pipe):
-    from zimage_native import ZImagePipeline
-
+    from .fixtures import our_pipeline
     from .test_lowvram_pipeline import FakeMove
 
-    streamed = ZImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32, offload="blocks")
-    streamed.progress = False
+    streamed = our_pipeline(folder, offload="blocks")
     move = FakeMove(streamed.transformer.block_streamer)
     kw = dict(KW, num_inference_steps=4)
     out = streamed("a cat", seed=8, first_block_cache=1e6, **kw)

@@ -32,11 +32,9 @@ def control_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def control_pipe(control_model_dir):
-    from zimage_native import ZImagePipeline
+    from .fixtures import our_pipeline
 
-    pipe = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32)
-    pipe.progress = False
-    return pipe
+    return our_pipeline(control_model_dir)
 
 
 @pytest.fixture(scope="module")
