@@ -26,7 +26,7 @@ from zimage_native.loading import StateDictMismatchError, load_component, read_c
 from zimage_native.model.sequence import build_layout, pad_captions, patchify
 from zimage_native.text_encoder import TextEncoder
 
-from .utils import assert_rel
+from .utils import assert_rel, needs_cpu_fp8
 
 TINY_AXES = {"axes_dims": [8, 12, 12]}  # RoPE axes cannot be read from shapes
 TINY_GROUPS = {"norm_num_groups": 16}  # nor can the VAE's GroupNorm groups
@@ -387,6 +387,23 @@ def test_all_in_one_file(tiny_model_dir, tiny_pipe, tmp_path):
     assert_same_weights(pipe.text_encoder.model, tiny_pipe.text_encoder.model)
 
 
+def test_an_fp8_dit_file_runs_the_pipeline_as_its_upcast_weights_resident_and_streamed(tiny_model_dir, tmp_path):
+    from zimage_native.quant_linear import FP8StoredLinear
+
+    from .fixtures import our_pipeline
+
+    sd, _ = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True)
+    dit = write(tmp_path / "z_image_turbo_fp8_scaled.safetensors", sd)
+    kw = dict(width=32, height=32, num_inference_steps=2, seed=5, output_type="latent")
+    upcast = our_pipeline(tiny_model_dir, transformer=dit)
+    upcast.transformer = load_component("transformer", dit, torch.float32, "cpu", config=TINY_AXES, keep_fp8=False)
+    want = upcast("a cat", **kw).images
+    for offload in ("none", "blocks"):
+        pipe = our_pipeline(tiny_model_dir, transformer=dit, offload=offload)
+        assert isinstance(pipe.transformer.layers[0].feed_forward.w1, FP8StoredLinear)
+        assert torch.equal(pipe("a cat", **kw).images, want), offload
+
+
 def test_from_single_files_needs_every_component(tiny_model_dir, tmp_path):
     dit = write(tmp_path / "dit.safetensors", comfy_dit(tiny_model_dir))
     with pytest.raises(ValueError, match="no vae or text_encoder given"):
@@ -405,22 +422,110 @@ def test_format_comes_from_the_header_not_the_name(tiny_model_dir, tmp_path):
 # ----------------------------------------------------------------------------------- fp8
 
 
-@pytest.mark.parametrize("scaled, scale_name, per_row", [(False, None, False), (True, "scale_weight", False),
-                                                          (True, "weight_scale", True)])
-def test_fp8_dit_is_dequantised_while_loading(tiny_model_dir, tiny_pipe, tmp_path, scaled, scale_name, per_row):
+FP8_FILES = pytest.mark.parametrize("scaled, scale_name, per_row", [
+    (False, None, False), (True, "scale_weight", False), (True, "weight_scale", True)])
+
+
+@FP8_FILES
+def test_fp8_dit_is_dequantised_while_loading_when_asked(tiny_model_dir, tiny_pipe, tmp_path, scaled, scale_name,
+                                                          per_row):
     sd, expected = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), scaled, scale_name or "", per_row)
     path = write(tmp_path / "fp8.safetensors", sd)
     info = detect_format(path).components[0]
     assert info.quantization == ("scaled-fp8" if scaled else "fp8") and "F8_E4M3" in info.dtypes
-    model = load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES)
+    model = load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES, keep_fp8=False)
     want = convert_state_dict(expected, DIT_COMFYUI, None)
     got = model.state_dict()
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(got[k], want[k]), k
     assert_rel(dit_output(model), dit_output(tiny_pipe.transformer), 0.1, "fp8 DiT output")  # lossy, but close
-    bf16 = load_component("transformer", path, torch.bfloat16, "cpu", config=TINY_AXES)
+    bf16 = load_component("transformer", path, torch.bfloat16, "cpu", config=TINY_AXES, keep_fp8=False)
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+
+
+@FP8_FILES
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_dit_keeps_its_float8_weights_with_the_results_of_the_upcast_ones(tiny_model_dir, tmp_path, scaled,
+                                                                             scale_name, per_row, dtype):
+    from zimage_native.quant_linear import FP8StoredLinear, resident_bytes
+
+    sd, expected = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), scaled, scale_name or "", per_row)
+    path = write(tmp_path / "fp8.safetensors", sd)
+    kept = load_component("transformer", path, dtype, "cpu", config=TINY_AXES)
+    upcast = load_component("transformer", path, dtype, "cpu", config=TINY_AXES, keep_fp8=False)
+    stored = {n: m for n, m in kept.named_modules() if isinstance(m, FP8StoredLinear)}
+    linears = [n for n, m in upcast.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(stored) == sorted(linears)  # every linear: the test file stores all 2-D weights in fp8
+    want = convert_state_dict(expected, DIT_COMFYUI, None)
+    for name, layer in stored.items():  # the file's values, dequantised as loading does
+        assert layer.weight.dtype == torch.uint8 and layer.scale.dtype == torch.float32
+        assert torch.equal(layer.dequantize(torch.float32), want[f"{name}.weight"]), name
+        assert torch.equal(layer.dequantize(dtype), upcast.get_submodule(name).weight), name  # as loading casts
+    if dtype == torch.float32:
+        assert torch.equal(dit_output(kept), dit_output(upcast))  # the same results, bit for bit
+    block = lambda m: resident_bytes(m.layers[0])  # noqa: E731  (1 byte per value against 2 or 4)
+    assert block(kept) < 0.6 * block(upcast) if dtype == torch.bfloat16 else block(kept) < 0.3 * block(upcast)
+
+
+def test_fp8_stored_weights_survive_a_dtype_cast_of_the_model(tiny_model_dir, tmp_path):
+    from zimage_native.quant_linear import FP8StoredLinear
+
+    sd, _ = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True)
+    model = load_component("transformer", write(tmp_path / "fp8.safetensors", sd), torch.float32, "cpu",
+                           config=TINY_AXES)
+    layer = model.layers[0].attention.to_q
+    assert isinstance(layer, FP8StoredLinear)
+    before = layer.dequantize(torch.float32)
+    model.to(torch.bfloat16)
+    assert layer.scale.dtype == torch.float32 and torch.equal(layer.dequantize(torch.float32), before)
+    assert "float8_e4m3fn" in repr(layer)
+
+
+def test_a_lora_on_an_fp8_dit_file_is_a_side_path_equal_to_the_fused_lora(tiny_model_dir, tmp_path):
+    from zimage_native.lora import LoraMixin
+
+    class Holder(LoraMixin):
+        def __init__(self, transformer):
+            self.transformer = transformer
+
+    sd, _ = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True)
+    path = write(tmp_path / "fp8.safetensors", sd)
+    kept = load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES)
+    upcast = load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES, keep_fp8=False)
+    g = torch.Generator().manual_seed(1)
+    lora = {  # the original module tree's fused qkv: one A, and a B split by rows over to_q / to_k / to_v
+        "diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.randn(4, 64, generator=g) * 0.02,
+        "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.randn(192, 4, generator=g) * 0.02,
+        "diffusion_model.layers.1.feed_forward.w2.lora_A.weight": torch.randn(2, 170, generator=g) * 0.02,
+        "diffusion_model.layers.1.feed_forward.w2.lora_B.weight": torch.randn(64, 2, generator=g) * 0.02,
+    }
+    before, stored = dit_output(kept), kept.layers[0].attention.to_k.weight.clone()
+    holder = Holder(kept)
+    assert holder.load_lora(lora, scale=0.7).weights == 4
+    assert torch.equal(kept.layers[0].attention.to_k.weight, stored) and len(kept.layers[0].attention.to_k.lora) == 1
+    Holder(upcast).load_lora(lora, scale=0.7)  # fused into the upcast weights
+    assert_rel(dit_output(kept), dit_output(upcast), 1e-6, "fp8 DiT + LoRA")
+    assert holder.unload_lora() == 4 and torch.equal(dit_output(kept), before)
+
+
+@needs_cpu_fp8
+def test_fp8_compute_takes_an_fp8_files_values_and_scales_as_they_are(tiny_model_dir, tmp_path):
+    from zimage_native.accel.fp8 import Float8Linear, quantize_fp8_
+
+    sd, _ = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True)
+    kept = load_component("transformer", write(tmp_path / "fp8.safetensors", sd), torch.bfloat16, "cpu",
+                          config=TINY_AXES)
+    stored = kept.layers[0].attention.to_q
+    values, scale = stored.values(), stored.scale
+    # q, k, v and out of the 4 blocks (the feed-forward width, 170, is not a multiple of 16)
+    assert "16 linears in float8 e4m3" in quantize_fp8_(kept)
+    layer = kept.layers[0].attention.to_q
+    assert isinstance(layer, Float8Linear) and layer.weight.data_ptr() == values.data_ptr()  # no copy, no rounding
+    assert torch.equal(layer.weight_scale, scale)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(layer.reference(x.float()), Float8Linear(values, scale, None).reference(x.float()))
+    assert_rel(layer(x), layer.reference(x), 1e-2, "fp8 GEMM against its slow twin")
 
 
 def test_fp8_weights_can_stay_fp8_with_their_scales(tiny_model_dir, tmp_path):

@@ -105,7 +105,7 @@ def test_loading_is_refused_before_any_weight_is_read(tiny_model_dir, monkeypatc
     fits = str(e.value).split("To fit, use one of: ")[1]
     assert fits.startswith("--text-encoder-quant int8 (") and "--offload model (1.2 MB at the peak)" in fits
     assert "int4" not in fits and "--offload blocks (" in fits
-    assert fits.endswith("(or a GGUF DiT, --transformer FILE.gguf)")
+    assert fits.endswith("(or a GGUF or fp8 DiT file, kept quantised: --transformer FILE)")
     with pytest.raises(InsufficientMemoryError, match="joins them while it runs"):
         loading.load_pretrained(tiny_model_dir, offload="text_encoder", **kw)
     with pytest.raises(WeightsRead):  # it fits without the text encoder: loading starts

@@ -197,7 +197,7 @@ def read_component_state_dict(path: str | os.PathLike, kind: str, *, dequantize_
 
 def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None = None,
                    device: torch.device | str = "cpu", config: dict | str | os.PathLike | None = None,
-                   quant: str = "none") -> nn.Module:
+                   quant: str = "none", keep_fp8: bool = True) -> nn.Module:
     """Load one component from a single file (any supported layout / fp8 form) or a component folder.
 
     ``kind``: 'transformer' | 'vae' | 'text_encoder'. Returns a ``ZImageTransformer``, an
@@ -207,6 +207,11 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
     (fp8), renamed, cast to ``dtype`` and moved to ``device`` one tensor at a time; loading is strict.
     ``quant`` ("none" | "int8" | "int4", text encoder only) quantises the text encoder's weights
     while loading (:mod:`zimage_native.quantize`).
+
+    An fp8 DiT file's linears keep their float8 weights (``keep_fp8``, the default): each becomes a
+    :class:`~zimage_native.quant_linear.FP8StoredLinear` that dequantises them per forward exactly
+    as loading would (the same results), so the file's memory saving carries over to the GPU.
+    ``keep_fp8=False`` dequantises them while loading, as for the other components.
     """
     kind = normalize_kind(kind)
     if quant != "none" and kind != "text_encoder":
@@ -221,7 +226,8 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
         return load_gguf_component(kind, path, dtype, device, config, quant)
     with Checkpoint(path) as ckpt:
         info = inspect_checkpoint(ckpt).component(kind)
-        if info.quantization:
+        kept_fp8 = keep_fp8 and kind == "transformer" and info.quantization in ("fp8", "scaled-fp8")
+        if info.quantization and not kept_fp8:
             logger.info("%s: %s weights in %s, dequantised to %s while loading", kind, info.quantization, path,
                         dtype or "float32")
         shapes = canonical_shapes(ckpt, info)
@@ -239,6 +245,8 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
 
             cfg = infer_transformer_config(shapes, config, base)
             module = build_on_meta(lambda: ZImageTransformer(cfg))
+            if kept_fp8:
+                return load_kept_fp8(ckpt, info, module, dtype, device, path)
         else:
             from .model.vae import AutoencoderKL
 
@@ -250,6 +258,36 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
         logger.info("%s: loaded %s (%s layout%s)", kind, path, info.layout,
                     f", {info.quantization}" if info.quantization else "")
         return module.eval().requires_grad_(False)
+
+
+def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, device: torch.device,
+                  path: Path) -> nn.Module:
+    """An fp8 DiT file into ``module`` (built on meta): linears with float8 weights become
+    FP8StoredLinear (the file's values and scales); the other tensors are dequantised and cast."""
+    from .formats.fp8 import TORCH_FP8, dequantize
+    from .quant_linear import quantized_bytes, swap_fp8_linears_
+
+    fp8 = {k: t.dtype for k, t in canonical_items(ckpt, info, meta=True, dequant=False) if t.dtype in TORCH_FP8}
+    swapped = swap_fp8_linears_(module, fp8)
+    check_component_fits("transformer", module, dtype, device)
+    scales = read_scales(ckpt, info.keys, info.keymap(), device) if info.quantization == "scaled-fp8" else {}
+
+    def items():
+        for key, t in canonical_items(ckpt, info, dequant=False):
+            t = t.to(device)
+            if key in swapped:  # the float8 values as bytes, and their scale as one value per row
+                scale = scales.get(key, torch.ones((), device=device)).float()
+                yield key, t.contiguous().view(torch.uint8)
+                yield key[: -len("weight")] + "scale", scale.reshape(-1, 1).expand(t.shape[0], 1).contiguous()
+            else:
+                yield key, cast(dequantize(t, scales.get(key)) if t.dtype in TORCH_FP8 else t, dtype)
+
+    assign_state_dict(module, read_weights(items(), "transformer", module, dtype), "transformer")
+    kept = ", ".join(f"{kind} {n / 2**20:.1f} MiB" for kind, n in sorted(quantized_bytes(module).items()))
+    logger.info("transformer: loaded %s (%s layout, %s): %d linears keep their float8 weights (%s), dequantised "
+                "per forward; %d other tensors dequantised or cast to %s", path, info.layout, info.quantization,
+                len(swapped), kept, len(fp8) - len(swapped), dtype or "float32")
+    return module.eval().requires_grad_(False)
 
 
 def read_scheduler_config(scheduler_config: SchedulerConfig | dict | str | os.PathLike | None) -> SchedulerConfig:
@@ -387,7 +425,7 @@ def settings_that_fit(folder: Path, skip: list[str], dtype: torch.dtype, placeme
     peaks; None if none does."""
     fits = [f"{flags} ({format_bytes(peak)} at the peak)"
             for flags, peak in setting_peaks(folder, skip, dtype, placement, device) if peak <= free]
-    return f"use one of: {'; '.join(fits)} (or a GGUF DiT, --transformer FILE.gguf)" if fits else None
+    return f"use one of: {'; '.join(fits)} (or a GGUF or fp8 DiT file, kept quantised: --transformer FILE)" if fits else None
 
 
 def load_pretrained(

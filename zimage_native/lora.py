@@ -134,11 +134,11 @@ def build_targets(shapes: Mapping[str, tuple[int, ...]]) -> tuple[dict[str, Targ
 
 
 def linear_shapes(module: nn.Module) -> dict[str, tuple[int, int]]:
-    """Canonical name -> (out, in) of every Linear in a transformer (packed GGUF linears included)."""
-    from .quant_linear import GGUFLinear
+    """Canonical name -> (out, in) of every Linear in a transformer (packed GGUF / fp8 linears included)."""
+    from .quant_linear import PackedLinear
 
     return {name: (m.out_features, m.in_features) for name, m in module.named_modules()
-            if isinstance(m, (nn.Linear, GGUFLinear))}
+            if isinstance(m, (nn.Linear, PackedLinear))}
 
 
 # =========================================================================== parsing
@@ -591,9 +591,9 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 
 
 def _packed_linears(model: nn.Module) -> dict[str, nn.Module]:
-    from .quant_linear import GGUFLinear
+    from .quant_linear import PackedLinear
 
-    return {n: m for n, m in model.named_modules() if isinstance(m, GGUFLinear)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
 class LoraStack:

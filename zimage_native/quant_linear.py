@@ -1,4 +1,5 @@
-"""Linears and embeddings whose weights stay in a GGML block format (GGUF files) until they are used.
+"""Linears and embeddings whose weights stay in a GGML block format (GGUF files) or in float8 (fp8
+files) until they are used.
 
 :class:`GGUFLinear` is a linear-layer variant behind the same leaf interface as ``nn.Linear`` and
 the fp8 linear (``forward(x) -> y``, ``in_features``, ``out_features``, ``bias``): its weight is
@@ -6,13 +7,18 @@ held as the file's packed bytes (a ``uint8`` buffer named ``weight``, ``(out_fea
 so state-dict keys are the checkpoint's) and dequantised (:func:`zimage_native.formats.ggml.dequantize`)
 to the input dtype at every forward, then freed. Resident weight bytes are therefore the file's bytes.
 
+:class:`FP8StoredLinear` holds an fp8 file's float8 weight and its scale as the file has them and
+dequantises them per forward exactly as loading would have (fp8 -> fp32, times the scale, -> the
+input dtype): the same results as the upcast weights, at about half of their bf16 bytes. Both are
+:class:`PackedLinear` s.
+
 A LoRA on such a layer is applied unfused, as a low-rank side path ``y += s * (x A^T) B^T`` (or a
 dense delta for LoKr / LoHa / full-delta modules): the packed weights are never rewritten, and
 removing the LoRA removes the side paths.
 
 :class:`GGUFEmbedding` keeps a token-embedding table packed and dequantises only the rows looked up.
 
-Both call their ``dequantizer`` attribute, ``(packed rows, qtype, dtype) -> values``: by default the
+The GGUF layers call their ``dequantizer`` attribute, ``(packed rows, qtype, dtype) -> values``: by default the
 torch function above, on any device. ``zimage_native.accel`` (``kernels="triton"``) sets it, per
 module, to the Triton kernel ``zimage::dequantize_ggml``, which gives the same bits on the GPU; this
 module never imports Triton.
@@ -27,33 +33,22 @@ from torch import nn
 from .formats.ggml import dequantize, row_bytes, type_name
 
 
-class GGUFLinear(nn.Module):
-    """y = x W^T + b with W stored packed in a GGML block format (``qtype``), dequantised per call."""
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W held in a compact form and dequantised to the input dtype at every call.
 
-    #: (packed rows, qtype, dtype) -> values: the torch twin unless an acceleration set another one.
-    dequantizer = staticmethod(dequantize)
+    Subclasses hold the weight and say how to dequantise it (:meth:`dequantize`). A LoRA on such a
+    layer is a list of side paths (see the module doc)."""
 
-    def __init__(self, in_features: int, out_features: int, qtype: int | str, bias: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, device, dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.qtype = type_name(qtype)
-        self.register_buffer("weight", torch.empty(out_features, row_bytes(self.qtype, in_features),
-                                                   dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype),
                                  requires_grad=False) if bias else None
         self.lora: list[tuple[torch.Tensor, torch.Tensor | None, float]] = []  # (A, B or None, scale)
 
-    @classmethod
-    def like(cls, linear: nn.Module, qtype: int | str) -> "GGUFLinear":
-        """An empty GGUFLinear with the geometry of ``linear`` (on its device, meta included)."""
-        bias = getattr(linear, "bias", None)
-        return cls(linear.in_features, linear.out_features, qtype, bias is not None,
-                   device=linear.weight.device, dtype=bias.dtype if bias is not None else None)
-
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (out_features, in_features) in ``dtype`` (without any LoRA)."""
-        return self.dequantizer(self.weight, self.qtype, dtype)
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -85,10 +80,82 @@ class GGUFLinear(nn.Module):
         self.lora = [(fn(a), None if b is None else fn(b), s) for a, b, s in self.lora]
         return self
 
+    def storage(self) -> str:
+        """How the weight is held, for ``extra_repr``."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         lora = f", {len(self.lora)} LoRA side paths" if self.lora else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{self.qtype}{lora}")
+                f"{self.storage()}{lora}")
+
+
+class GGUFLinear(PackedLinear):
+    """The weight stored packed in a GGML block format (``qtype``), dequantised per call."""
+
+    #: (packed rows, qtype, dtype) -> values: the torch twin unless an acceleration set another one.
+    dequantizer = staticmethod(dequantize)
+
+    def __init__(self, in_features: int, out_features: int, qtype: int | str, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.qtype = type_name(qtype)
+        self.register_buffer("weight", torch.empty(out_features, row_bytes(self.qtype, in_features),
+                                                   dtype=torch.uint8, device=device))
+
+    @classmethod
+    def like(cls, linear: nn.Module, qtype: int | str) -> "GGUFLinear":
+        """An empty GGUFLinear with the geometry of ``linear`` (on its device, meta included)."""
+        bias = getattr(linear, "bias", None)
+        return cls(linear.in_features, linear.out_features, qtype, bias is not None,
+                   device=linear.weight.device, dtype=bias.dtype if bias is not None else None)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.dequantizer(self.weight, self.qtype, dtype)
+
+    def storage(self) -> str:
+        return self.qtype
+
+
+class FP8StoredLinear(PackedLinear):
+    """The weight as an fp8 file stores it: float8 values (``weight``, held as their bytes, uint8
+    (out, in)) times ``scale`` (fp32: one value, or one per output row; 1 for a file without
+    scales), dequantised per call as the loader would have done once (fp8 -> fp32, times the
+    scale, -> the input dtype), so the results are those of the upcast weights, bit for bit.
+
+    The bytes keep a dtype cast of the model (``module.to(torch.bfloat16)``) away from the fp8
+    values, as GGUFLinear's packed bytes are; the scale stays fp32 and follows the weight's device.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fp8_dtype: torch.dtype, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.fp8_dtype = fp8_dtype
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
+
+    @classmethod
+    def like(cls, linear: nn.Module, fp8_dtype: torch.dtype) -> "FP8StoredLinear":
+        """An empty FP8StoredLinear with the geometry of ``linear`` (on its device, meta included)."""
+        bias = getattr(linear, "bias", None)
+        return cls(linear.in_features, linear.out_features, fp8_dtype, bias is not None,
+                   device=linear.weight.device, dtype=bias.dtype if bias is not None else None)
+
+    def values(self) -> torch.Tensor:
+        """The stored float8 values (a view of the bytes)."""
+        return self.weight.view(self.fp8_dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.values().to(torch.float32) * self.scale).to(dtype)
+
+    def _apply(self, fn, recurse=True):
+        scale = self.scale
+        super()._apply(fn, recurse)
+        self.scale = scale.to(self.weight.device)  # fp32 whatever the cast
+        return self
+
+    def storage(self) -> str:
+        return str(self.fp8_dtype).removeprefix("torch.")
 
 
 class GGUFEmbedding(nn.Module):
@@ -144,12 +211,27 @@ def swap_quantized_modules_(model: nn.Module, qtypes: dict[str, str], dtype: tor
     return swapped
 
 
+def swap_fp8_linears_(model: nn.Module, fp8: dict[str, torch.dtype]) -> set[str]:
+    """Replace, in place, every ``nn.Linear`` whose ``<name>.weight`` is in ``fp8`` (canonical weight
+    key -> float8 dtype) by an :class:`FP8StoredLinear`; returns the keys that were swapped."""
+    swapped = set()
+    for name, module in list(model.named_modules()):
+        key = f"{name}.weight"
+        if key in fp8 and isinstance(module, nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                    FP8StoredLinear.like(module, fp8[key]))
+            swapped.add(key)
+    return swapped
+
+
 def quantized_bytes(model: nn.Module) -> dict[str, int]:
-    """GGML type -> bytes held packed by the model's GGUF layers."""
+    """Storage (GGML type, float8 dtype) -> bytes held by the model's packed layers."""
     out: dict[str, int] = {}
     for m in model.modules():
-        if isinstance(m, (GGUFLinear, GGUFEmbedding)):
-            out[m.qtype] = out.get(m.qtype, 0) + m.weight.numel()
+        if isinstance(m, (PackedLinear, GGUFEmbedding)):
+            kind = m.storage() if isinstance(m, PackedLinear) else m.qtype
+            out[kind] = out.get(kind, 0) + m.weight.numel()
     return out
 
 

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..quant_linear import FP8StoredLinear
 from ._kernels import AccelerationUnavailable
 from .fusions import FusedLinear
 
@@ -111,7 +112,13 @@ class Float8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, **kwargs) -> "Float8Linear":
-        weight, scale = quantize_rows(linear.weight.detach())
+        """From an ``nn.Linear`` (quantised per row), or from an fp8 file's layer
+        (``quant_linear.FP8StoredLinear``): e4m3 values and their scales as they are, with no second
+        rounding and no copy; e5m2 values quantised again from their dequantised weight."""
+        if isinstance(linear, FP8StoredLinear) and linear.fp8_dtype == FP8:
+            return cls(linear.values(), linear.scale, linear.bias, **kwargs)
+        weight = linear.dequantize(torch.float32) if isinstance(linear, FP8StoredLinear) else linear.weight.detach()
+        weight, scale = quantize_rows(weight)
         return cls(weight, scale, getattr(linear, "bias", None), **kwargs)
 
     def view(self, start: int, stop: int) -> "Float8Linear":
@@ -187,8 +194,10 @@ def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool
             if child_name in parts_of:
                 setattr(module, child_name, parts_of[child_name])
                 converted += 1
-            elif type(child) is nn.Linear:
-                if _in_block(full) and _eligible(child):
+            elif type(child) is nn.Linear or isinstance(child, FP8StoredLinear):
+                if getattr(child, "lora", None):  # side paths (a LoRA on an fp8 file's weights) stay on the stored layer
+                    kept += 1
+                elif _in_block(full) and _eligible(child):
                     setattr(module, child_name, Float8Linear.from_linear(child, **options))
                     converted += 1
                 else:
