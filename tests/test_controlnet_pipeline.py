@@ -180,3 +180,18 @@ def test_seed_variance_reaches_the_control_branch(control_pipe, control_files):
     varied = varied_by_hand(control_pipe.encode_prompt(["a cat"])[0], 5, 20.0, 0.5)
     assert_rel(got, control_pipe(prompt_embeds=[varied], **kw).images, 1e-6)
     assert rel_err(got, control_pipe("a cat", **kw).images) > 1e-3
+
+
+def test_the_first_block_cache_runs_the_control_branch(control_pipe, control_files):
+    """A threshold nothing passes gives the uncached run bit for bit; one everything passes reuses
+    every step after the first (the reused steps add the first layer's hint only)."""
+    control_pipe.load_controlnet(control_files["2.1"])
+    kw = dict(control_image=picture(32, 32, 1), num_inference_steps=3, output_type="latent", height=32, width=32,
+              seed=5)
+    plain = control_pipe("a cat", **kw).images
+    never = control_pipe("a cat", first_block_cache=1e-9, **kw)
+    assert never.info["first_block_cache_forwards"] == {"full": 3, "reused": 0}
+    assert torch.equal(never.images, plain)
+    always = control_pipe("a cat", first_block_cache=1e6, **kw)
+    assert always.info["first_block_cache_forwards"] == {"full": 1, "reused": 2}
+    assert rel_err(always.images, plain) > 1e-3
