@@ -2,7 +2,7 @@
 
     python benchmarks/bench_gguf.py                         # GPU: every block type, eager
     python benchmarks/bench_gguf.py --compile               # also torch.compile of the packed linear
-    python benchmarks/bench_gguf.py --smoke                 # CPU plumbing check (tiny shapes, one type)
+    python benchmarks/bench_gguf.py --smoke                 # CPU plumbing check (tiny shapes, Q4_K and F8_E4M3)
 
 A GGUFLinear dequantises its packed weight at every forward (zimage_native/quant_linear.py). This
 measures what that costs: for each GGML block type and each linear shape of a DiT block at
@@ -14,8 +14,10 @@ that its bf16 weight is bit-equal to the torch one on this GPU. The "extra ms / 
 are the extra time of one DiT forward over bf16 (30 main + 2 noise-refiner blocks at T tokens, 2
 context-refiner blocks counted at T as an upper bound), with the torch and with the Triton
 dequantisation: whether the Triton one should become the default for GGUF files, and what a fused
-dequant-GEMM would still have to win back. Weights are random bytes with finite fp16 scales (the
-values do not matter for the timing). Without Triton the Triton columns are NaN. ``--smoke`` runs
+dequant-GEMM would still have to win back. The type ``F8_E4M3`` is the layer of an fp8 DiT file
+(``FP8StoredLinear``: e4m3 values and row scales, dequantised per forward; no Triton twin), for what
+keeping an fp8 file in fp8 costs. Weights are random bytes with finite fp16 scales, or random e4m3
+values (the values do not matter for the timing). Without Triton the Triton columns are NaN. ``--smoke`` runs
 them in Triton's CPU interpreter (or skips them when the kernels were already built for a GPU).
 Results: markdown on stdout, CSV and JSON in --out.
 """
@@ -39,12 +41,29 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from zimage_native.accel import AccelerationUnavailable, load_kernels  # noqa: E402
 from zimage_native.bench import random_ggml_  # noqa: E402
 from zimage_native.formats.ggml import QUANT_TYPES  # noqa: E402
-from zimage_native.quant_linear import GGUFLinear  # noqa: E402
+from zimage_native.quant_linear import FP8StoredLinear, GGUFLinear  # noqa: E402
 
 SHAPES = {"q/k/v/out": (3840, 3840, 4), "w1/w3": (10240, 3840, 2), "w2": (3840, 10240, 1)}  # (out, in, per block)
 BLOCKS = 34
 #: All block types, those real files use first (a timeout keeps them).
-ORDER = ["Q4_K", "Q8_0", "Q6_K", "Q5_K", "Q4_0", *(t for t in QUANT_TYPES if t not in ("Q4_K", "Q8_0", "Q6_K", "Q5_K", "Q4_0"))]
+#: F8_E4M3 is not a GGML type: the layer of an fp8 DiT file (FP8StoredLinear), e4m3 values and row scales.
+FP8_FILE = "F8_E4M3"
+ORDER = ["Q4_K", "Q8_0", FP8_FILE, "Q6_K", "Q5_K", "Q4_0",
+         *(t for t in QUANT_TYPES if t not in ("Q4_K", "Q8_0", "Q6_K", "Q5_K", "Q4_0"))]
+
+
+def packed_layer(qtype: str, in_f: int, out_f: int, device: str):
+    """A packed linear of ``qtype`` holding random weights (random GGML blocks with finite fp16 scales,
+    or random e4m3 values with row scales for an fp8 file's layer)."""
+    if qtype == FP8_FILE:
+        layer = FP8StoredLinear(in_f, out_f, torch.float8_e4m3fn, device=device)
+        layer.weight.copy_(torch.randn(out_f, in_f, device=device).clamp(-448, 448).to(torch.float8_e4m3fn)
+                           .view(torch.uint8))
+        layer.scale.copy_(torch.rand(out_f, 1, device=device) * 1e-3)
+        return layer
+    layer = GGUFLinear(in_f, out_f, qtype, device=device)
+    random_ggml_(layer.weight, qtype)
+    return layer
 
 
 def timer(device: str, smoke: bool):
@@ -95,7 +114,7 @@ def main(argv=None) -> int:
         return 2
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.bfloat16
-    types = (["Q4_K"] if args.smoke else ORDER) if args.types == "all" else args.types.split(",")
+    types = (["Q4_K", FP8_FILE] if args.smoke else ORDER) if args.types == "all" else args.types.split(",")
     shapes = {"smoke": (256, 512, 7)} if args.smoke else SHAPES
     tokens = 8 if args.smoke else args.tokens
     run = timer(device, args.smoke)
@@ -106,8 +125,7 @@ def main(argv=None) -> int:
     for qtype in types:
         extra = extra_triton = 0.0
         for label, (out_f, in_f, per_block) in shapes.items():
-            layer = GGUFLinear(in_f, out_f, qtype, device=device)
-            random_ggml_(layer.weight, qtype)  # random blocks, finite fp16 scales
+            layer = packed_layer(qtype, in_f, out_f, device)
             x = torch.randn(tokens, in_f, device=device, dtype=dtype)
             w = layer.dequantize(dtype)
             row = {"type": qtype, "shape": f"{out_f}x{in_f}", "tokens": tokens,
@@ -118,7 +136,7 @@ def main(argv=None) -> int:
             if args.compile and not args.smoke:
                 torch._dynamo.reset()
                 row["compiled_ms"] = run(torch.compile(layer), x)
-            if triton_fn is not None:
+            if triton_fn is not None and isinstance(layer, GGUFLinear):  # (no Triton twin for fp8 files)
                 layer.dequantizer = triton_fn
                 row["triton_bit_equal"] = bool(torch.equal(layer.dequantize(dtype).view(torch.int16),
                                                            w.view(torch.int16)))
