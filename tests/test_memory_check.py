@@ -412,3 +412,19 @@ def test_a_torch_newer_than_the_driver_says_so(monkeypatch):
            "driver, or install a torch built for CUDA 12.2 or older" in devices.gpu_missing_reason()
     monkeypatch.setattr(devices, "driver_cuda_version", lambda: "13.0")  # new enough: something else
     assert "check the driver with nvidia-smi" in devices.gpu_missing_reason()
+
+
+def test_an_fp8_dit_file_keeps_its_float8_weights_where_the_upcast_ones_would_not_fit(monkeypatch):
+    """``load_component(keep_fp8=None)``: kept in CPU memory; on a GPU only where the upcast weights
+    would leave less than a quarter of the card free (upcast weights need no per-forward dequantisation);
+    never on Apple's Metal, which has no float8."""
+    cuda = torch.device("cuda", 0)
+    card(monkeypatch, free=15 * GB, total=16 * GB)  # 16 GB card, nothing loaded yet
+    upcast = 12_309_817_472  # the bf16 DiT
+    assert devices.keeps_fp8_here(upcast, cuda)  # 12.3 GB of 16 would leave 3.7 GB: under a quarter
+    card(monkeypatch, free=23 * GB, total=24 * GB)
+    assert not devices.keeps_fp8_here(upcast, cuda)  # a 24 GB card: upcast
+    card(monkeypatch, free=14 * GB, total=24 * GB)  # the same card with a text encoder loaded first
+    assert devices.keeps_fp8_here(upcast, cuda)
+    assert devices.keeps_fp8_here(upcast, torch.device("cpu"))
+    assert not devices.keeps_fp8_here(upcast, torch.device("mps"))

@@ -114,6 +114,20 @@ def free_memory(device: torch.device) -> tuple[int, int]:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
 
 
+def keeps_fp8_here(upcast_bytes: int, device: torch.device) -> bool:
+    """Whether an fp8 DiT file keeps its float8 weights on ``device`` when not told
+    (``load_component(keep_fp8=None)``): in CPU memory always (half the RAM, and half the bytes an
+    offloaded DiT copies to the GPU); on a CUDA GPU only when its upcast weights (``upcast_bytes``)
+    would not fit there with :data:`HEADROOM` of the card left free, since upcast weights need no
+    dequantisation per forward; elsewhere never (Apple's Metal has no float8 types)."""
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda":
+        return False
+    free, total = free_memory(device)
+    return upcast_bytes > free - HEADROOM * total
+
+
 def weight_peak(needs: dict[str, int], placement: dict[str, torch.device], offload: str, device: torch.device
                 ) -> tuple[int, dict[str, int], dict[str, int]]:
     """(peak bytes of weights on ``device``, the components stored there, those that visit it while

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .config import SchedulerConfig
-from .devices import bytes_in, check_component_fits, format_bytes, weight_peak
+from .devices import bytes_in, check_component_fits, format_bytes, keeps_fp8_here, weight_peak
 from .formats.checkpoint import (WEIGHT_FILE_NAMES, WEIGHT_INDEX_NAMES, Checkpoint, check_safetensors,
                                  safetensors_files, sniff)
 from .formats.detect import inspect_checkpoint, normalize_kind
@@ -197,7 +197,7 @@ def read_component_state_dict(path: str | os.PathLike, kind: str, *, dequantize_
 
 def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None = None,
                    device: torch.device | str = "cpu", config: dict | str | os.PathLike | None = None,
-                   quant: str = "none", keep_fp8: bool = True) -> nn.Module:
+                   quant: str = "none", keep_fp8: bool | None = None) -> nn.Module:
     """Load one component from a single file (any supported layout / fp8 form) or a component folder.
 
     ``kind``: 'transformer' | 'vae' | 'text_encoder'. Returns a ``ZImageTransformer``, an
@@ -208,10 +208,11 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
     ``quant`` ("none" | "int8" | "int4", text encoder only) quantises the text encoder's weights
     while loading (:mod:`zimage_native.quantize`).
 
-    An fp8 DiT file's linears keep their float8 weights (``keep_fp8``, the default): each becomes a
+    An fp8 DiT file's linears can keep their float8 weights (``keep_fp8=True``): each becomes a
     :class:`~zimage_native.quant_linear.FP8StoredLinear` that dequantises them per forward exactly
-    as loading would (the same results), so the file's memory saving carries over to the GPU.
-    ``keep_fp8=False`` dequantises them while loading, as for the other components.
+    as loading would (the same results) at half of the bf16 bytes. ``keep_fp8=False`` dequantises
+    them while loading, as for the other components; None (the default) keeps them in CPU memory,
+    and on a GPU only where the upcast weights would not fit (``devices.keeps_fp8_here``).
     """
     kind = normalize_kind(kind)
     if quant != "none" and kind != "text_encoder":
@@ -226,7 +227,10 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
         return load_gguf_component(kind, path, dtype, device, config, quant)
     with Checkpoint(path) as ckpt:
         info = inspect_checkpoint(ckpt).component(kind)
-        kept_fp8 = keep_fp8 and kind == "transformer" and info.quantization in ("fp8", "scaled-fp8")
+        kept_fp8 = kind == "transformer" and info.quantization in ("fp8", "scaled-fp8") and keep_fp8 is not False
+        if kept_fp8 and keep_fp8 is None:  # auto: see devices.keeps_fp8_here
+            upcast = bytes_in((t for _, t in canonical_items(ckpt, info, meta=True)), dtype)
+            kept_fp8 = keeps_fp8_here(upcast, device)
         if info.quantization and not kept_fp8:
             logger.info("%s: %s weights in %s, dequantised to %s while loading", kind, info.quantization, path,
                         dtype or "float32")
