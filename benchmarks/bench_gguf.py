@@ -15,8 +15,8 @@ are the extra time of one DiT forward over bf16 (30 main + 2 noise-refiner block
 context-refiner blocks counted at T as an upper bound), with the torch and with the Triton
 dequantisation: whether the Triton one should become the default for GGUF files, and what a fused
 dequant-GEMM would still have to win back. The type ``F8_E4M3`` is the layer of an fp8 DiT file
-(``FP8StoredLinear``: e4m3 values and row scales, dequantised per forward; no Triton twin), for what
-keeping an fp8 file in fp8 costs. Weights are random bytes with finite fp16 scales, or random e4m3
+(``FP8StoredLinear``: e4m3 values and row scales, dequantised per forward; its Triton columns are
+``zimage::dequantize_fp8``), for what keeping an fp8 file in fp8 costs. Weights are random bytes with finite fp16 scales, or random e4m3
 values (the values do not matter for the timing). Without Triton the Triton columns are NaN. ``--smoke`` runs
 them in Triton's CPU interpreter (or skips them when the kernels were already built for a GPU).
 Results: markdown on stdout, CSV and JSON in --out.
@@ -136,8 +136,10 @@ def main(argv=None) -> int:
             if args.compile and not args.smoke:
                 torch._dynamo.reset()
                 row["compiled_ms"] = run(torch.compile(layer), x)
-            if triton_fn is not None and isinstance(layer, GGUFLinear):  # (no Triton twin for fp8 files)
-                layer.dequantizer = triton_fn
+            if triton_fn is not None:
+                from zimage_native.accel.fused_ops import use_triton_dequant_
+
+                use_triton_dequant_(layer)  # zimage::dequantize_ggml, or zimage::dequantize_fp8
                 row["triton_bit_equal"] = bool(torch.equal(layer.dequantize(dtype).view(torch.int16),
                                                            w.view(torch.int16)))
                 row["triton_dequant_ms"] = run(layer.dequantize, dtype)

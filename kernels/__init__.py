@@ -11,6 +11,7 @@ only when ``kernels="triton"`` is asked for (see ``zimage_native.accel``).
     zimage::silu_mul                 SiLU(a) * b (SwiGLU gate)                  silu_mul.py
     zimage::quantize_fp8_rows        per-token fp8 e4m3 activation quantisation  quantize_fp8.py
     zimage::dequantize_ggml          GGML block rows (GGUF weights) -> float    dequant_ggml.py
+    zimage::dequantize_fp8           fp8 rows x row scales (fp8 files) -> float dequant_fp8.py
 
 The ops are ``torch.library.custom_op``s with fake implementations: opaque to Inductor, so they
 work under ``torch.compile(fullgraph=True)``, in CUDA graphs, and with Triton's CPU interpreter
@@ -34,6 +35,7 @@ def is_available() -> bool:
 if __name__ == "zimage_native.kernels" and importlib.util.find_spec("triton") is not None:
     from ._launch import is_interpreted, launch_counts, reset_launch_counts
     from .dequant_ggml import KERNEL_TYPES as DEQUANT_TYPES
+    from .dequant_fp8 import dequantize_fp8
     from .dequant_ggml import dequantize_ggml
     from .gated_residual import gated_rms_norm_residual
     from .qk_norm_rope import qk_norm_rope
@@ -44,8 +46,10 @@ if __name__ == "zimage_native.kernels" and importlib.util.find_spec("triton") is
     # True when the kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1 at import).
     INTERPRETED = is_interpreted(_rms_norm_fwd_kernel)
 
-    OPS = ("rms_norm", "qk_norm_rope", "gated_rms_norm_residual", "silu_mul", "quantize_fp8_rows", "dequantize_ggml")
+    OPS = ("rms_norm", "qk_norm_rope", "gated_rms_norm_residual", "silu_mul", "quantize_fp8_rows", "dequantize_ggml",
+           "dequantize_fp8")
 
     __all__ += ["rms_norm", "qk_norm_rope", "gated_rms_norm_residual", "silu_mul", "quantize_fp8_rows", "dequantize_ggml",
+                "dequantize_fp8",
                 "DEQUANT_TYPES", "OPS", "INTERPRETED",
                 "launch_counts", "reset_launch_counts"]

@@ -9,7 +9,7 @@ instead of running. The launches come from the real call sites at the released m
 DiT with the released config (one layer and one refiner of each kind; weights left uninitialised,
 the GEMMs and attention stubbed since only the kernels' arguments matter) with every leaf swapped for
 its Triton twin, the fp8 activation quantisation at the GEMM input widths, and the GGUF
-dequantisation of every block type to bf16 (for sm90, sm75 and gfx1100). Prints one JSON line: per target, per launch, the
+dequantisation of every block type and of fp8 files' rows to bf16 (for sm90, sm75 and gfx1100). Prints one JSON line: per target, per launch, the
 kernel, its constants, the warps, shared memory, registers and local memory (spills) per thread,
 or the compile error.
 
@@ -97,6 +97,9 @@ def dequant_launches() -> None:
         block, size = block_info(qtype)
         raw = torch.zeros(64, 3840 // block * size, dtype=torch.uint8)
         torch.ops.zimage.dequantize_ggml(raw, qtype, torch.bfloat16)
+    for e5m2 in (False, True):  # an fp8 file's weights, decoded with integer ops (no float8 type needed)
+        torch.ops.zimage.dequantize_fp8(torch.zeros(64, 3840, dtype=torch.uint8), torch.ones(64, 1), e5m2,
+                                        torch.bfloat16)
 
 
 def resource_usage(cubin: bytes) -> dict:

@@ -99,3 +99,7 @@ def test_every_ggml_type_builds(builds, target):
     dequant = [launch for launch in builds[target] if launch["kernel"] == "_dequant_ggml_kernel"]
     assert sorted(launch["constants"]["KIND"] for launch in dequant) == sorted(k for k, _, _ in KERNEL_TYPES.values())
     assert all(launch["ok"] for launch in dequant), [launch for launch in dequant if not launch["ok"]]
+    # fp8 files' rows: e4m3fn and e5m2, decoded with integer ops, so they build where float8 types do not (sm75)
+    fp8 = [launch for launch in builds[target] if launch["kernel"] == "_dequant_fp8_kernel"]
+    assert sorted(launch["constants"]["E5M2"] for launch in fp8) == [False, True]
+    assert all(launch["ok"] for launch in fp8), [launch for launch in fp8 if not launch["ok"]]

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .formats.fp8 import dequantize_rows
 from .formats.ggml import dequantize, row_bytes, type_name
 
 
@@ -127,6 +128,10 @@ class FP8StoredLinear(PackedLinear):
     values, as GGUFLinear's packed bytes are; the scale stays fp32 and follows the weight's device.
     """
 
+    #: (codes, fp8 dtype, scales, dtype) -> values: the torch twin unless an acceleration set another one
+    #: (``kernels="triton"``: ``zimage::dequantize_fp8``, the same bits in one pass).
+    dequantizer = staticmethod(dequantize_rows)
+
     def __init__(self, in_features: int, out_features: int, fp8_dtype: torch.dtype, bias: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__(in_features, out_features, bias, device, dtype)
@@ -146,7 +151,7 @@ class FP8StoredLinear(PackedLinear):
         return self.weight.view(self.fp8_dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.values().to(torch.float32) * self.scale).to(dtype)
+        return self.dequantizer(self.weight, self.fp8_dtype, self.scale, dtype)
 
     def _apply(self, fn, recurse=True):
         scale = self.scale

@@ -17,7 +17,8 @@ The ops must be registered first (``load_kernels()``); the twins call them throu
 Packed GGUF layers (``quant_linear.GGUFLinear`` / ``GGUFEmbedding``) keep their class: their
 ``dequantizer`` attribute, the torch twin ``formats.ggml.dequantize`` by default, is set to
 :func:`triton_dequantize` (``zimage::dequantize_ggml``, the same bits), and set back by
-:func:`use_torch_dequant_`.
+:func:`use_torch_dequant_`. The same for an fp8 file's layers (``quant_linear.FP8StoredLinear``):
+:func:`triton_dequantize_fp8` (``zimage::dequantize_fp8``) in place of ``formats.fp8.dequantize_rows``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..formats.fp8 import dequantize_rows
 from ..formats.ggml import dequantize
 from ..model.layers import ModulatedRMSNorm, PostNormResidual, QKNormRoPE, RMSNorm, Rope, SwiGLU
-from ..quant_linear import GGUFEmbedding, GGUFLinear
+from ..quant_linear import FP8StoredLinear, GGUFEmbedding, GGUFLinear
 from ._kernels import AccelerationUnavailable, load_kernels
 
 
@@ -127,7 +129,8 @@ TWINS_BY_NAME = {leaf.__name__: op for leaf, (_, op) in TWINS.items()}
 
 # ------------------------------------------------------------------ packed GGUF layers
 
-PACKED = (GGUFLinear, GGUFEmbedding)
+PACKED = (GGUFLinear, GGUFEmbedding, FP8StoredLinear)
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _state = {"kernel_types": (), "interpreted": False}  # filled by use_triton_dequant_ (after load_kernels)
 
 
@@ -135,11 +138,28 @@ def triton_dequantize(raw: torch.Tensor, qtype: str, dtype: torch.dtype) -> torc
     """``formats.ggml.dequantize`` through ``zimage::dequantize_ggml`` where there is a kernel for the
     type and dtype (fp32, bf16, fp16) and the rows are on a GPU (or the kernels are interpreted);
     otherwise the torch twin (float types, a CPU tensor without the interpreter). Same bits either way."""
-    if qtype in _state["kernel_types"] and dtype in (torch.float32, torch.bfloat16, torch.float16) and (
-            raw.is_cuda or _state["interpreted"]):
+    if qtype in _state["kernel_types"] and dtype in OUT_DTYPES and (raw.is_cuda or _state["interpreted"]):
         lead = raw.shape[:-1]
         return torch.ops.zimage.dequantize_ggml(raw.reshape(-1, raw.shape[-1]), qtype, dtype).reshape(*lead, -1)
     return dequantize(raw, qtype, dtype)
+
+
+def triton_dequantize_fp8(raw: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """``formats.fp8.dequantize_rows`` through ``zimage::dequantize_fp8`` for rows on a GPU (or with
+    the kernels interpreted) and an fp32, bf16 or fp16 output; otherwise the torch twin. Same bits."""
+    if dtype in OUT_DTYPES and (raw.is_cuda or _state["interpreted"]):
+        return torch.ops.zimage.dequantize_fp8(raw, scale, fp8_dtype == torch.float8_e5m2, dtype)
+    return dequantize_rows(raw, fp8_dtype, scale, dtype)
+
+
+def _kernel_for(m: nn.Module):
+    return triton_dequantize_fp8 if isinstance(m, FP8StoredLinear) else triton_dequantize
+
+
+def _on_kernel(m: nn.Module) -> bool:
+    """Whether a packed layer dequantises with its kernel (GGML types without one stay on the twin)."""
+    return m.dequantizer is _kernel_for(m) and (isinstance(m, FP8StoredLinear) or m.qtype in _state["kernel_types"])
 
 
 def count_dequant(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -148,8 +168,7 @@ def count_dequant(model: nn.Module) -> dict[str, tuple[int, int]]:
     for kind in PACKED:
         layers = [m for m in model.modules() if type(m) is kind]
         if layers:
-            out[kind.__name__] = (sum(1 for m in layers if m.dequantizer is triton_dequantize
-                                      and m.qtype in _state["kernel_types"]), len(layers))
+            out[kind.__name__] = (sum(1 for m in layers if _on_kernel(m)), len(layers))
     return out
 
 
@@ -160,8 +179,9 @@ def use_triton_dequant_(model: nn.Module) -> list[str]:
     _state["kernel_types"], _state["interpreted"] = tuple(kernels.DEQUANT_TYPES), kernels.INTERPRETED
     for m in model.modules():
         if type(m) in PACKED:
-            m.dequantizer = triton_dequantize
-    return [f"kernels: {fused}/{total} {name} -> zimage::dequantize_ggml" for name, (fused, total) in
+            m.dequantizer = _kernel_for(m)
+    op = {"FP8StoredLinear": "zimage::dequantize_fp8"}
+    return [f"kernels: {fused}/{total} {name} -> {op.get(name, 'zimage::dequantize_ggml')}" for name, (fused, total) in
             count_dequant(model).items()]
 
 

@@ -53,6 +53,14 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor
     return w * s
 
 
+def dequantize_rows(raw: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Float8 codes held as bytes (rows, cols) uint8, times their row's fp32 scale (rows, 1), in
+    ``dtype``: fp8 -> fp32, times the scale, rounded once (as loading dequantises). The slow twin of
+    ``zimage::dequantize_fp8``."""
+    return (raw.view(fp8_dtype).to(torch.float32) * scale).to(dtype)
+
+
 def read_scales(ckpt: Checkpoint, keys: list[str], keymap, device: torch.device | str = "cpu"
                 ) -> dict[str, torch.Tensor]:
     """fp32 scales by canonical weight key (a fused weight's per-tensor scale is given to each part)."""
