@@ -104,3 +104,29 @@ def test_an_fp8_file_layer_with_the_kernel_equals_the_torch_one(fp8):
     assert_same(fast(x), slow(x), "FP8StoredLinear forward")
     assert kernels.launch_counts() == {"dequantize_fp8": 1}
     assert fused_ops.use_torch_dequant_(fast) == 1 and fast.dequantizer is dequantize_rows
+
+
+@torch.no_grad()
+def test_an_fp8_dit_file_with_the_kernel_gives_the_same_output(tiny_model_dir, tmp_path):
+    from zimage_native.loading import load_component
+    from zimage_native.model.sequence import build_layout, pad_captions, patchify
+
+    from .test_formats import TINY_AXES, comfy_dit, to_fp8, write
+
+    def output(model):  # one DiT forward on fixed random inputs, on DEVICE
+        g, cfg = torch.Generator().manual_seed(0), model.config
+        latents = torch.randn(1, cfg.in_channels, 8, 8, generator=g).to(DEVICE)
+        caption = [torch.randn(5, cfg.cap_feat_dim, generator=g).to(DEVICE)]
+        layout = build_layout(cfg, [5], 8, 8, DEVICE)
+        return model(patchify(latents, cfg.patch_size), pad_captions(caption, layout.caption_pad.shape[1]),
+                     torch.tensor([0.3], device=DEVICE), layout)
+
+    sd, _ = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True, "weight_scale", per_row=True)
+    path = write(tmp_path / "fp8.safetensors", sd)
+    slow = load_component("transformer", path, torch.float32, DEVICE, config=TINY_AXES, keep_fp8=True)
+    fast = copy.deepcopy(slow)
+    n = sum(isinstance(m, FP8StoredLinear) for m in fast.modules())
+    assert fused_ops.use_triton_dequant_(fast) == [f"kernels: {n}/{n} FP8StoredLinear -> zimage::dequantize_fp8"]
+    kernels.reset_launch_counts()
+    assert torch.equal(output(fast), output(slow))
+    assert kernels.launch_counts().get("dequantize_fp8", 0) >= n
