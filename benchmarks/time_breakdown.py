@@ -63,7 +63,7 @@ RANGE = "time_breakdown/"  # the record_function ranges: time_breakdown/request,
 #: The GPU kernel names of the engine's own Triton kernels (the @triton.jit functions the zimage::
 #: ops launch, kernels/*.py); tests/test_time_breakdown.py checks this list against the sources.
 ENGINE_KERNELS = ("_rms_norm_fwd_kernel", "_qk_norm_rope_kernel", "_gated_rms_norm_residual_kernel",
-                  "_silu_mul_kernel", "_quantize_fp8_rows_kernel", "_dequant_ggml_kernel")
+                  "_silu_mul_kernel", "_quantize_fp8_rows_kernel", "_dequant_ggml_kernel", "_dequant_fp8_kernel")
 
 GRAPH_NOTE = ("no CUDA graphs here, so the launches are visible: graph replay removes the launch and host gaps "
               "measured as GPU idle time; the ladder's +cuda_graphs row reports the graphed time")
