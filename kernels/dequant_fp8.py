@@ -50,7 +50,7 @@ def _decode(b, E5M2: tl.constexpr):
         special = normal * 0 + 0x7FC00000  # NaN
         is_special = (exp == 15) & (mant == 7)
     value = tl.where(is_special, special, normal).to(tl.float32, bitcast=True)
-    small = tl.where(sign != 0, -small, small)  # -0.0 for the negative zero code
+    small = (small.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)  # its sign (-0.0 too)
     return tl.where(exp == 0, small, value)
 
 
