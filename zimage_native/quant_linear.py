@@ -120,9 +120,10 @@ class GGUFLinear(PackedLinear):
 
 class FP8StoredLinear(PackedLinear):
     """The weight as an fp8 file stores it: float8 values (``weight``, held as their bytes, uint8
-    (out, in)) times ``scale`` (fp32: one value, or one per output row; 1 for a file without
-    scales), dequantised per call as the loader would have done once (fp8 -> fp32, times the
-    scale, -> the input dtype), so the results are those of the upcast weights, bit for bit.
+    (out, in)) times ``scale`` (fp32 (out, 1): the file's per-row scales, or its per-tensor scale
+    repeated, or 1 for a file without scales), dequantised per call as the loader would have done
+    once (fp8 -> fp32, times the scale, -> the input dtype), so the results are those of the upcast
+    weights, bit for bit.
 
     The bytes keep a dtype cast of the model (``module.to(torch.bfloat16)``) away from the fp8
     values, as GGUFLinear's packed bytes are; the scale stays fp32 and follows the weight's device.
