@@ -398,7 +398,7 @@ def test_an_fp8_dit_file_runs_the_pipeline_as_its_upcast_weights_resident_and_st
     upcast = our_pipeline(tiny_model_dir, transformer=dit)
     upcast.transformer = load_component("transformer", dit, torch.float32, "cpu", config=TINY_AXES, keep_fp8=False)
     want = upcast("a cat", **kw).images
-    for offload in ("none", "blocks"):
+    for offload in ("none", "blocks", "model"):
         pipe = our_pipeline(tiny_model_dir, transformer=dit, offload=offload)
         assert isinstance(pipe.transformer.layers[0].feed_forward.w1, FP8StoredLinear)
         assert torch.equal(pipe("a cat", **kw).images, want), offload
