@@ -137,8 +137,11 @@ def test_a_served_job_with_the_first_block_cache_equals_the_library_image(served
             assert np.array_equal(np.asarray(im), np.asarray(expected.images[0]))
             record = json.loads(im.info["zimage"])
         assert record["first_block_cache"] == 100 and record["first_block_cache_forwards"] == {"full": 1, "reused": 2}
-        # A server whose pipeline runs CUDA graphs refuses the option up front (422), naming it.
+        assert c.get("/api/v1/capabilities").json()["features"]["first_block_cache"] is True
+        # A server whose pipeline runs CUDA graphs says so (the web page hides the field) and refuses the
+        # option up front (422), naming it.
         monkeypatch.setattr(tiny_pipe, "_graphed", object())
+        assert c.get("/api/v1/capabilities").json()["features"]["first_block_cache"] is False
         r = c.post("/api/v1/jobs", json={"prompt": "a cat", **call, "first_block_cache": 0.1})
     assert r.status_code == 422 and r.json()["error"]["param"] == "first_block_cache"
     assert "turn off CUDA graphs" in r.json()["error"]["message"]

@@ -356,6 +356,7 @@ async function init() {
   $("control_scale").max = l.max_control_scale;
   $("control-upload").hidden = !caps.features.control;
   $("control-scale-label").hidden = !caps.features.control;
+  $("first-block-cache-label").hidden = !caps.features.first_block_cache;  // not under CUDA graphs
   $("mask-file").disabled = !caps.features.inpaint;
   if (!caps.features.generate) show("This server runs the text encoder only.", "info");
   const templates = await api("/api/templates");
