@@ -19,23 +19,22 @@ from zimage_native.accel import fused_ops, load_kernels  # noqa: E402
 from zimage_native.formats.fp8 import dequantize_rows  # noqa: E402
 from zimage_native.quant_linear import FP8StoredLinear  # noqa: E402
 
+from .utils import OUT_DTYPE_IDS as DTYPE_IDS  # noqa: E402
+from .utils import OUT_DTYPES as DTYPES  # noqa: E402
+from .utils import assert_bits_equal  # noqa: E402
+
 # The interpreter's fp16 cast of |x| > 65504 (inf, as torch gives) warns through numpy.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 kernels = load_kernels(interpret=DEVICE == "cpu")
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DTYPE_IDS = ["fp32", "bf16", "fp16"]
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 FP8_IDS = ["e4m3fn", "e5m2"]
-BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
 def assert_same(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Bit equality, NaN payloads aside."""
-    assert got.dtype == expected.dtype and got.shape == expected.shape, (got.dtype, got.shape, expected.shape)
-    same = (got.view(BITS[got.dtype]) == expected.view(BITS[expected.dtype])) | (got.isnan() & expected.isnan())
-    assert same.all(), f"{what}: {int((~same).sum())} of {same.numel()} values differ from the twin"
+    assert_bits_equal(got, expected, what, nan_payloads=True)
 
 
 def all_codes(rows: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,16 +25,15 @@ from zimage_native.model.sequence import build_layout, pad_captions, patchify  #
 from zimage_native.quant_linear import GGUFEmbedding, GGUFLinear  # noqa: E402
 
 from .gguf_files import SCALE_FIELDS, random_blocks  # noqa: E402
-from .utils import assert_rel, needs_probe_triton  # noqa: E402
+from .utils import OUT_DTYPE_IDS as DTYPE_IDS  # noqa: E402
+from .utils import OUT_DTYPES as DTYPES  # noqa: E402
+from .utils import assert_bits_equal, assert_rel, needs_probe_triton  # noqa: E402
 
 # The interpreter's fp16 cast of |x| > 65504 (inf, as torch gives) warns through numpy.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 kernels = load_kernels(interpret=DEVICE == "cpu")
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DTYPE_IDS = ["fp32", "bf16", "fp16"]
-BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 # fp16 bit patterns of edge-case scales: +0, -0, the largest finite (+-65504), the smallest
 # subnormals (+-2^-24), the smallest normal, 1.0.
@@ -52,12 +51,6 @@ def packed_rows(qtype: str, rows: int, blocks_per_row: int, seed: int = 0) -> to
         edge = np.roll(EDGE_SCALES, k)[:n_edge]  # d and dmin get different edge values in one block
         blocks[:n_edge, off:off + 2] = edge.view(np.uint8).reshape(-1, 2)
     return torch.from_numpy(raw.copy()).to(DEVICE)
-
-
-def assert_bits_equal(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    assert got.dtype == expected.dtype and got.shape == expected.shape, (got.dtype, got.shape, expected.shape)
-    differ = got.view(BITS[got.dtype]) != expected.view(BITS[expected.dtype])
-    assert not differ.any(), f"{what}: {int(differ.sum())} of {differ.numel()} values differ from the twin"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

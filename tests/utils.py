@@ -56,3 +56,18 @@ def _triton_version() -> tuple[int, int]:
 needs_probe_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is not None and _triton_version() < (3, 6),
     reason="the GPU build probes drive Triton 3.6-3.9's compiler internals; this Triton is older")
+
+
+#: The output dtypes of the dequantisation kernels, their test ids, and the integer views that compare bits.
+OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+OUT_DTYPE_IDS = ["fp32", "bf16", "fp16"]
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def assert_bits_equal(got: torch.Tensor, expected: torch.Tensor, what: str, nan_payloads: bool = False) -> None:
+    """Bit equality of two float tensors (``nan_payloads``: any NaN equals any NaN)."""
+    assert got.dtype == expected.dtype and got.shape == expected.shape, (got.dtype, got.shape, expected.shape)
+    differ = got.view(BITS[got.dtype]) != expected.view(BITS[expected.dtype])
+    if nan_payloads:
+        differ &= ~(got.isnan() & expected.isnan())
+    assert not differ.any(), f"{what}: {int(differ.sum())} of {differ.numel()} values differ from the twin"
