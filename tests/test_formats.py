@@ -516,16 +516,70 @@ def test_fp8_compute_takes_an_fp8_files_values_and_scales_as_they_are(tiny_model
     sd, _ = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True)
     kept = load_component("transformer", write(tmp_path / "fp8.safetensors", sd), torch.bfloat16, "cpu",
                           config=TINY_AXES)
-    stored = kept.layers[0].attention.to_q
-    values, scale = stored.values(), stored.scale
-    # q, k, v and out of the 4 blocks (the feed-forward width, 170, is not a multiple of 16)
-    assert "16 linears in float8 e4m3" in quantize_fp8_(kept)
-    layer = kept.layers[0].attention.to_q
-    assert isinstance(layer, Float8Linear) and layer.weight.data_ptr() == values.data_ptr()  # no copy, no rounding
-    assert torch.equal(layer.weight_scale, scale)
+    attention = kept.layers[0].attention
+    stored = [attention.to_q, attention.to_k, attention.to_v, attention.to_out[0]]
+    values, scales = [m.values().clone() for m in stored], [m.scale.clone() for m in stored]
+    out_storage = stored[3].values().data_ptr()
+    # q|k|v of the 4 blocks stacked into one fp8 GEMM each (12 linears) and the 4 out projections
+    # (the feed-forward width, 170, is not a multiple of 16)
+    assert "16 linears in float8 e4m3 (4 as fused GEMMs" in quantize_fp8_(kept)
+    layers = [attention.to_q, attention.to_k, attention.to_v, attention.to_out[0]]
+    assert all(isinstance(m, Float8Linear) for m in [*layers, attention.to_qkv])
+    for layer, value, scale in zip(layers, values, scales):  # no second rounding
+        assert torch.equal(layer.weight.view(torch.uint8), value.view(torch.uint8))
+        assert torch.equal(layer.weight_scale, scale)
+    assert layers[3].weight.data_ptr() == out_storage  # an unfused layer shares the file's storage: no copy
+    assert layers[0].weight.data_ptr() == attention.to_qkv.weight.data_ptr()  # the parts are views of the fusion
     x = torch.randn(3, 64, dtype=torch.bfloat16)
-    assert torch.equal(layer.reference(x.float()), Float8Linear(values, scale, None).reference(x.float()))
-    assert_rel(layer(x), layer.reference(x), 1e-2, "fp8 GEMM against its slow twin")
+    assert torch.equal(layers[0].reference(x.float()), Float8Linear(values[0], scales[0], None).reference(x.float()))
+    assert_rel(layers[0](x), layers[0].reference(x), 1e-2, "fp8 GEMM against its slow twin")
+
+
+@needs_cpu_fp8
+def test_an_fp8_files_kept_fusions_are_one_fp8_gemm_with_one_activation_quantisation(tmp_path, monkeypatch):
+    from zimage_native.accel import fp8
+    from zimage_native.model.layers import FeedForward
+    from zimage_native.model.transformer import Attention, ZImageTransformer
+    from zimage_native.testing import randomize_
+
+    from .dit_configs import TINY_FP8_DIT  # its FFN width (256) takes fp8, so w1|w3 fuse too
+
+    source = randomize_(ZImageTransformer(TransformerConfig.from_dict(TINY_FP8_DIT)))
+    sd, _ = to_fp8(convert_state_dict(source.state_dict(), None, DIT_COMFYUI), True, per_row=True)  # a scale per row
+    path = write(tmp_path / "fp8.safetensors", sd)
+    models = [load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES) for _ in range(2)]
+    fused, apart = models
+    assert "28 linears in float8 e4m3 (8 as fused GEMMs" in fp8.quantize_fp8_(fused)  # 4 attentions' q|k|v, 4 feed-forwards' w1|w3
+    monkeypatch.setattr(fp8, "_fusions", lambda module: [])  # the same layers, each its own GEMM
+    assert "(0 as fused GEMMs" in fp8.quantize_fp8_(apart)
+    assert apart.layers[0].attention.to_qkv is None and apart.layers[0].feed_forward.w13 is None
+    x = torch.randn(2, 7, 96)
+    for mine, theirs, names in ((fused.layers[0].attention, apart.layers[0].attention, ("to_q", "to_k", "to_v")),
+                                (fused.layers[0].feed_forward, apart.layers[0].feed_forward, ("w1", "w3"))):
+        whole = (mine.to_qkv if names[0] == "to_q" else mine.w13).reference(x).chunk(len(names), dim=-1)
+        for name, part in zip(names, whole):  # the same rows and scales (fp64 twin)
+            assert getattr(mine, name).weight.untyped_storage().data_ptr() == \
+                (mine.to_qkv if names[0] == "to_q" else mine.w13).weight.untyped_storage().data_ptr()
+            assert torch.equal(part, getattr(theirs, name).reference(x))
+
+    calls = []
+
+    def counting(rows):
+        calls.append(rows.shape)
+        return fp8.quantize_rows(rows)
+
+    outputs = []
+    for model in models:
+        for m in model.modules():
+            if isinstance(m, fp8.Float8Linear):
+                m.quantize = counting
+        calls.clear()
+        outputs += [dit_output(model), len(calls)]
+    fused_out, fused_calls, apart_out, apart_calls = outputs
+    attentions = sum(isinstance(m, Attention) for m in fused.modules())
+    ffns = sum(isinstance(m, FeedForward) for m in fused.modules())
+    assert apart_calls - fused_calls == 2 * attentions + ffns  # one activation quantised once per fusion
+    assert_rel(fused_out, apart_out, 1e-6, "fused fp8 GEMMs against one fp8 GEMM per linear")
 
 
 def test_fp8_weights_can_stay_fp8_with_their_scales(tiny_model_dir, tmp_path):

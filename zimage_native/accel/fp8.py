@@ -10,7 +10,9 @@ The per-token activation quantisation is one pass: the Triton kernel ``zimage::q
 (``kernels/quantize_fp8.py``) when the kernels are on, else :func:`quantize_rows` in PyTorch.
 The fused q|k|v and w1|w3 GEMMs (``accel.fusions``) stay fused: the fused weight is quantised as
 one matrix (its rows keep their own scales), so one activation is quantised once per fusion, and
-the original linears become fp8 views of it (same names, no extra memory).
+the original linears become fp8 views of it (same names, no extra memory). An fp8 file's layers
+kept in float8 (``quant_linear.FP8StoredLinear``, which ``fuse_projections_`` leaves apart) are
+fused here: their values and scales are stacked into one fp8 GEMM the same way.
 
 The slow twin is :meth:`Float8Linear.reference`: it quantises the activation by its own code (in
 float64) and multiplies the dequantised values in fp64. Only the attention and feed-forward
@@ -29,6 +31,8 @@ from torch import nn
 
 from ..quant_linear import FP8StoredLinear
 from ._kernels import AccelerationUnavailable
+from ..model.layers import FeedForward
+from ..model.transformer import Attention
 from .fusions import FusedLinear
 
 FP8 = torch.float8_e4m3fn
@@ -121,6 +125,11 @@ class Float8Linear(nn.Module):
         weight, scale = quantize_rows(weight)
         return cls(weight, scale, getattr(linear, "bias", None), **kwargs)
 
+    @classmethod
+    def stack(cls, layers: list["Float8Linear"], **kwargs) -> "Float8Linear":
+        """Bias-free layers on one input as one layer: their rows, each with its own scale, in order."""
+        return cls(torch.cat([m.weight for m in layers]), torch.cat([m.weight_scale for m in layers]), None, **kwargs)
+
     def view(self, start: int, stop: int) -> "Float8Linear":
         """Rows start:stop of this layer, sharing its storage (the checkpoint-named parts of a fusion)."""
         return Float8Linear(self.weight[start:stop], self.weight_scale[start:stop], None, self.fast_accum,
@@ -162,8 +171,9 @@ def _eligible(module: nn.Module) -> bool:
 def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool = False) -> str:
     """Replace the blocks' linears (and fused GEMMs) by :class:`Float8Linear` in place; returns the log line.
 
-    A fused GEMM (``accel.fusions.FusedLinear``) is quantised as one matrix and the linears it
-    fuses become fp8 views of it. ``kernels=True`` quantises activations with the Triton kernel.
+    A fused GEMM (``accel.fusions.FusedLinear``), or the q|k|v / w1|w3 of an fp8 file's kept layers,
+    becomes one fp8 matrix and the linears it fuses become fp8 views of it (see :func:`_fusions`).
+    ``kernels=True`` quantises activations with the Triton kernel.
     """
     quantize = quantize_rows
     if kernels:
@@ -174,20 +184,18 @@ def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool
     options = dict(fast_accum=fast_accum, quantize=quantize)
     converted = kept = fused = 0
     for name, module in list(transformer.named_modules()):
-        fusions = [(child_name, child) for child_name, child in module.named_children()
-                   if isinstance(child, FusedLinear)]
         parts_of = {}
-        for child_name, child in fusions:
-            full = f"{name}.{child_name}" if name else child_name
-            sources = _fused_sources(module, child)
-            if not (_in_block(full) and _eligible(child) and all(_eligible(s) for _, s in sources)):
+        for attr, sources in _fusions(module):
+            full = f"{name}.{attr}" if name else attr
+            if not (_in_block(full) and all(_eligible(s) for _, s in sources)):
                 continue
-            fp8 = Float8Linear.from_linear(child, persistent=False, **options)
-            setattr(module, child_name, fp8)
+            parts = [Float8Linear.from_linear(source, **options) for _, source in sources]
+            fp8 = Float8Linear.stack(parts, persistent=False, **options)
+            setattr(module, attr, fp8)
             start = 0
-            for source_name, source in sources:
-                parts_of[source_name] = fp8.view(start, start + source.out_features)
-                start += source.out_features
+            for (source_name, source), part in zip(sources, parts):
+                parts_of[source_name] = fp8.view(start, start + part.out_features)
+                start += part.out_features
             fused += 1
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
@@ -209,10 +217,21 @@ def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool
             f"{str(dtype).removeprefix('torch.')}")
 
 
-def _fused_sources(parent: nn.Module, fused: FusedLinear) -> list[tuple[str, nn.Linear]]:
-    """The (name, linear) children of ``parent`` whose weights are views of ``fused``'s weight, in order."""
-    base = fused.weight.untyped_storage().data_ptr()
-    sources = [(n, m) for n, m in parent.named_children() if type(m) is nn.Linear
-               and m.weight.untyped_storage().data_ptr() == base]
-    sources.sort(key=lambda item: item[1].weight.storage_offset())
-    return sources
+def _fusions(module: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
+    """(attribute, [(name, linear) in output order]) of each GEMM fusion of ``module`` that fp8 keeps:
+    the fused GEMMs of ``accel.fusions`` (their linears are views of the fused weight), and an
+    attention's q|k|v or a feed-forward's w1|w3 held as an fp8 file's layers without a LoRA."""
+    found = []
+    for attr, fusion in module.named_children():
+        if isinstance(fusion, FusedLinear):
+            base = fusion.weight.untyped_storage().data_ptr()
+            sources = [(n, m) for n, m in module.named_children() if type(m) is nn.Linear
+                       and m.weight.untyped_storage().data_ptr() == base]
+            sources.sort(key=lambda item: item[1].weight.storage_offset())
+            found.append((attr, sources))
+    stored = {Attention: ("to_qkv", ("to_q", "to_k", "to_v")), FeedForward: ("w13", ("w1", "w3"))}.get(type(module))
+    if stored and getattr(module, stored[0]) is None:
+        sources = [(n, getattr(module, n)) for n in stored[1]]
+        if all(isinstance(m, FP8StoredLinear) and not m.lora and m.bias is None for _, m in sources):
+            found.append((stored[0], sources))
+    return found
