@@ -260,6 +260,38 @@ def test_fp8_pipeline_converts_block_linears_and_stays_close(fp8_model_dir, fast
     assert quality > 20  # lossy, but the same image
 
 
+def test_fp8_quantises_activations_in_one_kernel_wherever_nothing_compiles_them(monkeypatch):
+    """Eager quantize_rows is nine passes over every activation: on a CUDA GPU with Triton, fp8 takes
+    the one-pass kernel (the same bits) even without --kernels triton, unless compile fuses the
+    eager code; on the CPU (no GPU kernels) and without Triton it stays eager."""
+    from zimage_native import accel
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(accel, "triton_unavailable_reason", lambda: None)
+    assert accel.fp8_quantize_kernel("triton", "blocks", cuda) and accel.fp8_quantize_kernel("triton", "off", cpu)
+    assert accel.fp8_quantize_kernel("none", "off", cuda)
+    assert not accel.fp8_quantize_kernel("none", "blocks", cuda) and not accel.fp8_quantize_kernel("none", "full", cuda)
+    assert not accel.fp8_quantize_kernel("none", "off", cpu)
+    monkeypatch.setattr(accel, "triton_unavailable_reason", lambda: "the triton package is not installed")
+    assert not accel.fp8_quantize_kernel("none", "off", cuda)
+
+
+@needs_cpu_fp8
+def test_optimize_gives_fp8_the_kernel_it_chose(fp8_model_dir, monkeypatch):
+    pytest.importorskip("triton")
+    from zimage_native import accel
+
+    accel.load_kernels(interpret=not torch.cuda.is_available())
+    pipe = ZImagePipeline.from_pretrained(fp8_model_dir, device="cpu", dtype=torch.bfloat16)
+    chosen = []
+    monkeypatch.setattr(accel, "fp8_quantize_kernel", lambda *args: chosen.append(args) or True)
+    lines = accel.optimize(pipe.transformer, fp8=True)
+    assert chosen == [("none", "off", torch.device("cpu"))]
+    assert "activations quantised by zimage::quantize_fp8_rows" in lines[1]
+    layer = pipe.transformer.layers[0].attention.to_qkv
+    assert layer.quantize is torch.ops.zimage.quantize_fp8_rows
+
+
 def test_fp8_gemms_meet_the_cuda_layout_rules():
     """Every fp8 GEMM of a converted DiT (fused q|k|v and w1|w3, their views, the plain linears) passes
     PyTorch's own checks for torch._scaled_mm on CUDA: a row-major activation, a column-major weight,

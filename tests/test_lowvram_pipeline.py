@@ -29,7 +29,7 @@ class FakeMove:
     """A fake device move for the streamer: a copy (new storage) that logs the block it belongs to."""
 
     def __init__(self, streamer):
-        self.streamer, self.log, self.most = streamer, [], 0
+        self.streamer, self.log, self.most, self.bytes = streamer, [], 0, 0
         self.owner = {t.data_ptr(): i for i, b in enumerate(streamer.blocks) for t in _streamed_tensors(b, RESIDENT)}
         streamer.transfer = self
 
@@ -38,6 +38,7 @@ class FakeMove:
         if not self.log or self.log[-1] != block:
             self.log.append(block)
         self.most = max(self.most, len(self.streamer.loaded) + 1)
+        self.bytes += t.nbytes
         return t.clone()
 
 
@@ -92,10 +93,54 @@ def test_offload_blocks_with_a_fused_lora_and_img2img(tiny_model_dir, tmp_path):
 
 def test_offload_blocks_refuses_transforms_that_change_blocks(tiny_model_dir):
     pipe = load(tiny_model_dir, offload="blocks")
-    for kwargs in (dict(compile="blocks"), dict(fp8=True), dict(kernels="triton")):
+    for kwargs in (dict(compile="blocks"), dict(fp8=True)):
         with pytest.raises(ValueError, match="offload='blocks'"):
             pipe.optimize(**kwargs)
     pipe.optimize(attention="sdpa")  # the attention backend is a leaf swap that streaming does not touch
+
+
+@pytest.mark.parametrize("dit", ["folder", "gguf"])
+def test_offload_blocks_takes_the_triton_kernels_with_the_gemms_left_apart(tiny_model_dir, tmp_path, dit):
+    """The kernels under streamed blocks (Triton's interpreter on the CPU), on the folder's DiT and on
+    the 8gb profile's GGUF DiT with its one-pass dequantisation: the images of the resident pipeline
+    with the kernels, q|k|v and w1|w3 left apart (a fused buffer and its views would be copied
+    twice), and the streamer copies the same bytes as without the kernels."""
+    pytest.importorskip("triton")
+    from zimage_native.accel import count_fused, load_kernels
+    from zimage_native.accel.fused_ops import count_dequant
+    from zimage_native.model.transformer import Attention
+
+    kernels = load_kernels(interpret=not torch.cuda.is_available())
+    files = {}
+    if dit == "gguf":
+        pytest.importorskip("gguf")
+        from .gguf_files import gguf_state, write_gguf
+        from .test_formats import comfy_dit
+
+        file, _ = gguf_state(comfy_dit(tiny_model_dir), "Q8_0", np.random.default_rng(0))
+        files["transformer"] = write_gguf(tmp_path / "z_image_turbo-Q8_0.gguf", file, "lumina2")
+    images, copied = [], []
+    for offload, kernel_choice in (("none", "triton"), ("blocks", "triton"), ("blocks", "none")):
+        pipe = load(tiny_model_dir, offload=offload, **files)
+        pipe.optimize(kernels=kernel_choice)
+        if offload == "blocks":
+            move = FakeMove(pipe.transformer.block_streamer)
+        kernels.reset_launch_counts()
+        images.append(pipe("a cat", **CALL).images)
+        if kernel_choice == "triton":
+            assert all(swapped == total > 0 for swapped, total in count_fused(pipe.transformer).values())
+            assert sum(kernels.launch_counts().values()) > 0
+        if dit == "gguf" and kernel_choice == "triton":
+            assert all(done == total > 0 for done, total in count_dequant(pipe.transformer).values())
+            assert kernels.launch_counts().get("dequantize_ggml", 0) > 0
+        if offload == "blocks":
+            assert all(m.to_qkv is None for m in pipe.transformer.modules() if isinstance(m, Attention))
+            copied.append(move.bytes)
+    if dit == "gguf":  # packed layers are never fused: the same GEMMs, the same bits
+        assert np.array_equal(images[0], images[1])
+    else:  # resident, q|k|v is one GEMM
+        assert np.abs(images[0] - images[1]).max() <= 1e-5
+    assert copied[0] == copied[1] > 0  # the same bytes streamed with and without the kernels
 
 
 def test_text_encoder_quant_from_pretrained(tiny_model_dir, tiny_pipe):

@@ -250,9 +250,9 @@ class ZImagePipeline:
         gets the DiT's dtype, device and accelerations. Returns it (also ``pipe.controlnet``)."""
         state = self._accel
         backend, shapes = self._compile_options
-        accel = dict(kernels=state["kernels"], attention=state["attention"], fp8=state["fp8"],
-                     compile=state["compile"], compile_backend=backend, shapes=shapes)
         blocks = self.offload == "blocks"  # then the branch's blocks are streamed like the DiT's
+        accel = dict(kernels=state["kernels"], attention=state["attention"], fp8=state["fp8"],
+                     compile=state["compile"], compile_backend=backend, shapes=shapes, fuse=not blocks)
         device = torch.device("cpu") if blocks else self.transformer.x_pad_token.device
         model = self.controlnets.load(path, config, transformer_config=self.transformer_config, dtype=self.dtype,
                                       device=device, accel=accel)
@@ -428,6 +428,7 @@ class ZImagePipeline:
                     compile_backend=compile_backend,
                     fp8_fast_accum=fp8_fast_accum,
                     shapes=shapes,
+                    fuse=self.offload != "blocks",  # streamed blocks keep q|k|v and w1|w3 apart
                 )
                 lines += applied if model is self.transformer else [f"ControlNet: {line}" for line in applied]
         if changes.get("cuda_graphs"):

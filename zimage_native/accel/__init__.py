@@ -40,13 +40,13 @@ KERNEL_CHOICES = ("none", "triton")
 __all__ = [
     "optimize", "check_before_loading", "blocks_conflict", "attention_from_env", "AccelerationUnavailable", "set_attention_backend", "use_fused_kernels", "load_kernels",
     "count_fused", "fuse_projections_", "quantize_fp8_", "resolve_backend", "check_attention_backend", "canonical_name", "unavailable_reason",
-    "triton_unavailable_reason", "ATTENTION_CHOICES", "KERNEL_CHOICES",
+    "triton_unavailable_reason", "fp8_quantize_kernel", "ATTENTION_CHOICES", "KERNEL_CHOICES",
 ]
 
 
 def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sdpa", fp8: bool = False,
              compile: str = "off", compile_backend: str | object = "inductor", fp8_fast_accum: bool = True,
-             shapes: str = "dynamic") -> list[str]:
+             shapes: str = "dynamic", fuse: bool = True) -> list[str]:
     """Apply, in order, the GEMM fusions, the kernel swaps, fp8, the attention backend and
     torch.compile in place.
 
@@ -57,7 +57,9 @@ def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sd
     ``compile``: "off" | "blocks" | "full" (``accel.compile``), with the shape policy ``shapes``
     ("dynamic": the sequence dim is symbolic, one graph for every caption length; or "static").
     With kernels or fp8, q|k|v and w1|w3 are first fused into one GEMM each (``accel.fusions``),
-    so fp8 quantises one activation once per fusion. fp8 always comes before compile.
+    so fp8 quantises one activation once per fusion (``fuse=False`` leaves them apart: streamed
+    blocks, whose copies would carry the fused buffer and its views twice). fp8 always comes before
+    compile; its activations are quantised by the Triton kernel where :func:`fp8_quantize_kernel` says.
     Returns the log lines, which are also logged once at INFO. Every argument is checked before
     the model is touched.
     """
@@ -76,14 +78,15 @@ def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sd
         check_fp8_supported(transformer)
     check_attention_backend(transformer, attention)  # all checked before anything is swapped
     lines = []
-    if kernels == "triton" or fp8:
+    if (kernels == "triton" or fp8) and fuse:
         qkv, ffn = fuse_projections_(transformer)
         if qkv or ffn:
             lines.append(f"fused GEMMs: q|k|v in {qkv} attention modules, w1|w3 in {ffn} feed-forwards")
     if kernels == "triton":
         lines += use_fused_kernels(transformer)
     if fp8:
-        lines.append(quantize_fp8_(transformer, fast_accum=fp8_fast_accum, kernels=kernels == "triton"))
+        lines.append(quantize_fp8_(transformer, fast_accum=fp8_fast_accum,
+                                   kernels=fp8_quantize_kernel(kernels, compile, _device(transformer))))
     lines.append(set_attention_backend(transformer, attention))
     if compile != "off":
         lines.append(compile_transformer_(transformer, compile, compile_backend, shapes))
@@ -92,10 +95,26 @@ def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sd
     return lines
 
 
+def fp8_quantize_kernel(kernels: str, compile: str, device: torch.device) -> bool:
+    """Whether fp8 quantises its activations with ``zimage::quantize_fp8_rows`` (one pass) rather than
+    ``accel.fp8.quantize_rows`` (eager PyTorch: nine passes over each activation, with an fp32 copy).
+    With the kernels always; without them too on a CUDA GPU where Triton imports and nothing compiles
+    the blocks (compiled, Inductor fuses the eager code into one pass). The two give the same bits."""
+    if kernels == "triton":
+        return True
+    return compile == "off" and device.type == "cuda" and triton_unavailable_reason() is None
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return torch.device("cpu") if param is None else param.device
+
+
 def blocks_conflict(offload: str, settings: dict) -> str | None:
-    """Why these settings (kernels, compile, fp8) cannot go with ``offload`` (None if they can)."""
-    refused = [f"{k}={settings[k]!r}" for k in ("kernels", "compile", "fp8")
-               if settings.get(k) not in (None, "none", "off", False)]
+    """Why these settings (compile, fp8) cannot go with ``offload`` (None if they can). The Triton
+    kernels can: their leaf twins adopt the blocks' parameters, and streamed blocks keep q|k|v and
+    w1|w3 apart (``optimize(fuse=False)``)."""
+    refused = [f"{k}={settings[k]!r}" for k in ("compile", "fp8") if settings.get(k) not in (None, "none", "off", False)]
     if offload == "blocks" and refused:
         return (f"offload='blocks' streams the DiT's blocks as they are loaded; {', '.join(refused)} would change or "
                 f"compile them: use offload='none' (or 'text_encoder') with it")
