@@ -113,6 +113,56 @@ def test_compiled_control_matches_eager_and_does_not_recompile(eager, fresh, con
     assert counter.frame_count == frames, "a new prompt, control image or scale recompiled"
 
 
+def test_the_branchs_compiled_blocks_count_against_the_one_recompile_limit(fresh, control_files, caplog):  # noqa: F811
+    """The DiT's and the branch's blocks run one compiled code object, so dynamo keeps their graphs,
+    and counts its recompile limit, together, and a ControlNet block is another class (dynamo guards
+    its type): the engine's shape classes are one process-wide count with the block type in the key,
+    at least as many as dynamo's graphs, so its warning comes before dynamo's silent eager runs."""
+    import logging
+
+    import torch._dynamo.config as config
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel.compile import BLOCK_VARIANTS, recompile_limit_name
+
+    from .test_shape_policy import LimitHits
+
+    torch._dynamo.reset()
+    pipe = fresh()
+    pipe.load_controlnet(control_files["2.1"])
+    counter = CompileCounterWithBackend("eager")
+    pipe.optimize(compile="blocks", compile_backend=counter)
+    classes = pipe.transformer._zimage_compiled[2]
+    assert pipe.controlnet._zimage_compiled[2] is classes  # one count for the one code object
+    long = "a watercolor painting of mountains at dawn, soft light, mist over the lake, a small red boat " * 2
+    control = picture(48, 32, 5)
+    for prompts in ("a cat", ["a cat", long]):  # batch 1; batch 2 mixing caption lengths (masked)
+        pipe(prompts, control_image=control, **KW)
+        assert counter.frame_count <= len(classes.seen), (counter.frame_count, list(classes.seen))
+    kinds = {key[0] for key in classes.seen}
+    assert kinds == {"TransformerBlock", "ControlTransformerBlock"}
+    per_batch = {}
+    for key in classes.seen:
+        per_batch[key[2]] = per_batch.get(key[2], 0) + 1
+    assert max(per_batch.values()) <= BLOCK_VARIANTS  # the limit's budget per batch size covers the branch
+
+    # Past the limit (here the classes seen so far), the next class warns, naming the block type.
+    name, saved = recompile_limit_name(), getattr(config, recompile_limit_name())
+    handler = LimitHits()
+    logging.getLogger("torch._dynamo.convert_frame").addHandler(handler)
+    try:
+        setattr(config, name, counter.frame_count)
+        classes.limit = len(classes.seen)
+        with caplog.at_level(logging.WARNING):
+            pipe(["a cat", long, "a dog"], control_image=control, **KW)  # batch 3: new classes
+    finally:
+        setattr(config, name, saved)
+        logging.getLogger("torch._dynamo.convert_frame").removeHandler(handler)
+    ours = [r.getMessage() for r in caplog.records if "past the recompile limit" in r.getMessage()]
+    assert handler.messages and ours, (handler.messages, ours)
+    assert any("ControlTransformerBlock" in m for m in ours) and any("(TransformerBlock" in m for m in ours)
+
+
 @needs_cpu_fp8
 def test_fp8_reaches_the_branch(fresh, control_files):  # noqa: F811
     pipe = fresh(torch.bfloat16)

@@ -124,5 +124,5 @@ def test_static_shapes_under_the_default_limit_warn_naming_the_shape(pipe, caplo
         setattr(config, name, saved)
     assert any(f"hit config.{name}" in m for m in limit_hits.messages), "static shapes exceed 8 classes"
     messages = [r.getMessage() for r in caplog.records]
-    ours = [m for m in messages if m.startswith("torch.compile: the DiT block gets a new shape class")]
+    ours = [m for m in messages if m.startswith("torch.compile: the transformer block gets a new shape class (TransformerBlock")]
     assert ours and "sequence" in ours[0] and "past the recompile limit 8" in ours[0], messages

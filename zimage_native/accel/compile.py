@@ -22,8 +22,12 @@ Shape policy (``shapes=``):
 
 The engine sets dynamo's recompile limit explicitly (:func:`recompile_limit_for`) to cover the
 classes it can produce, and :class:`ShapeClasses` logs a warning naming the shape whenever a call
-would exceed it (dynamo would then run that block eagerly). The measurement behind the default
-is in docs/performance.md ("Shape policy").
+would exceed it (dynamo would then run that block eagerly). Dynamo keeps its graphs, and counts
+the limit, per code object, and the code objects are shared process-wide (every DiT's and every
+ControlNet branch's blocks run ``_block_forward``; every DiT's ``forward_tokens``), so the classes
+are counted per code object too (:func:`shape_classes`), with the block's type in the key: a
+ControlNet block is another class for dynamo (its type guard). The measurement behind the
+default is in docs/performance.md ("Shape policy").
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ logger = logging.getLogger(__name__)
 COMPILE_MODES = ("off", "blocks", "full")
 SHAPE_POLICIES = ("dynamic", "static")
 
-# Shape classes the engine can produce, per batch size and resolution (see ShapeClasses.key):
-# block variants = (modulated, unmodulated) x (unmasked, masked); caption classes = 512 / 32.
-BLOCK_VARIANTS = 4
+# Shape classes the engine can produce, per batch size and resolution (see CompiledBlock): block
+# variants = the DiT's (modulated, unmodulated) x (unmasked, masked), and a ControlNet's blocks
+# (modulated) x (unmasked, masked); caption classes = 512 / 32.
+BLOCK_VARIANTS = 4 + 2
 CAPTION_CLASSES = 16
 BATCH_CLASSES = 8  # distinct batch sizes a process is expected to serve before a warning
 RESOLUTIONS = 4  # distinct resolutions (static policy only)
@@ -50,7 +55,9 @@ def recompile_limit_for(shapes: str) -> int:
     """The dynamo recompile limit for the shape classes the engine can produce under ``shapes``."""
     if shapes == "dynamic":
         return BLOCK_VARIANTS * BATCH_CLASSES
-    return (1 + 2 * CAPTION_CLASSES) * 2 * BATCH_CLASSES * RESOLUTIONS  # noise + (context, main) x classes, masks
+    dit = (1 + 2 * CAPTION_CLASSES) * 2  # noise refiner + (context refiner, main) x caption classes, x masks
+    controlnet = (1 + CAPTION_CLASSES) * 2  # its refiner + its layers x caption classes, x masks
+    return (dit + controlnet) * BATCH_CLASSES * RESOLUTIONS
 
 
 def _dynamo_config():
@@ -76,17 +83,22 @@ def set_recompile_limit(limit: int) -> int:
 
 
 class ShapeClasses:
-    """The shape classes seen by one compiled code object; warns (once per class) past the limit."""
+    """The shape classes seen by one compiled code object; warns (once per class) past the limit.
+    ``code`` (the code object, if given) lets it notice ``torch._dynamo.reset()``: once dynamo holds
+    no graph for it, the classes seen before are forgotten."""
 
-    def __init__(self, what: str, limit: int):
+    def __init__(self, what: str, limit: int, code=None):
         self.what = what
         self.limit = limit
+        self.code = code
         self.seen: dict[tuple, None] = {}
         self.warned: set[tuple] = set()
 
     def note(self, key: tuple, describe) -> None:
         if key in self.seen:
             return
+        if self.seen and self.code is not None and _dynamo_graphs(self.code) == 0:
+            self.seen.clear()
         if len(self.seen) >= self.limit and key not in self.warned:
             self.warned.add(key)
             logger.warning("torch.compile: %s gets a new shape class %s, number %d for one code object, past the "
@@ -95,6 +107,27 @@ class ShapeClasses:
                            self.limit)
             return
         self.seen[key] = None
+
+
+def _dynamo_graphs(code) -> int | None:
+    """How many graphs dynamo holds for ``code`` (None where this PyTorch does not say)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return len(_debug_get_cache_entry_list(code))
+    except Exception:  # a private helper: absent or changed in some PyTorch
+        return None
+
+
+_CLASSES: dict[str, ShapeClasses] = {}
+
+
+def shape_classes(name: str, what: str, limit: int, code=None) -> ShapeClasses:
+    """The process-wide :class:`ShapeClasses` of one compiled code object (``name``), with its limit
+    raised to ``limit``: every model compiled with that code object shares it, as dynamo does."""
+    classes = _CLASSES.setdefault(name, ShapeClasses(what, limit, code))
+    classes.limit = max(classes.limit, limit)
+    return classes
 
 
 def _mark_sequence_dynamic(*tensors: torch.Tensor | None) -> None:
@@ -116,8 +149,9 @@ class CompiledBlock:
     def __call__(self, x, rope, mask, c=None, mod=None):
         modulated = mod is not None or c is not None
         seq = None if self.dynamic else x.shape[1]
-        key = (modulated, x.shape[0], seq, mask is not None, x.dtype)
-        self.classes.note(key, lambda: (f"(block {'modulated' if modulated else 'unmodulated'}, batch {x.shape[0]}, "
+        kind = type(self.block).__name__
+        key = (kind, modulated, x.shape[0], seq, mask is not None, x.dtype)
+        self.classes.note(key, lambda: (f"({kind} {'modulated' if modulated else 'unmodulated'}, batch {x.shape[0]}, "
                                         f"sequence {x.shape[1]}, {'masked' if mask is not None else 'no mask'}, "
                                         f"{str(x.dtype).removeprefix('torch.')})"))
         if self.dynamic:
@@ -224,16 +258,18 @@ def compile_transformer_(transformer: nn.Module, mode: str = "blocks", backend: 
     if mode == "blocks":
         blocks = _blocks(transformer)
         compiled = torch.compile(_block_forward, **options)
-        classes = ShapeClasses("the DiT block", limit)
+        classes = shape_classes("_block_forward", "the transformer block", limit, _block_forward.__code__)
         for block in blocks:
             block.forward = CompiledBlock(block, compiled, classes, dynamic)
         transformer._zimage_compiled = ("blocks", shapes, classes)
         return (f"compile: blocks ({len(blocks)} blocks share one compiled function; shapes {shapes}, "
                 f"recompile limit {limit})")
     methods = _methods(transformer)
-    classes = ShapeClasses("the DiT forward" if "forward_tokens" in methods else "the ControlNet step", limit)
     for name in methods:
-        compiled = torch.compile(getattr(transformer, name), fullgraph=True, **options)
+        method = getattr(transformer, name)
+        compiled = torch.compile(method, fullgraph=True, **options)
+        classes = shape_classes(f"{type(transformer).__name__}.{name}", f"the compiled {name}", limit,
+                                method.__func__.__code__)
         setattr(transformer, name, CompiledMethod(name, compiled, classes, dynamic))
     transformer._zimage_compiled = ("full", shapes, classes)
     return f"compile: full ({' and '.join(methods)}, fullgraph; shapes {shapes}, recompile limit {limit})"
