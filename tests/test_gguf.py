@@ -405,32 +405,33 @@ def test_lora_on_a_gguf_dit_is_a_side_path_equal_to_the_fused_lora(tmp_path):
     assert torch.equal(dit_output(model), before)
 
 
-def test_lora_side_paths_run_on_the_devices_of_the_input(monkeypatch):
-    """With offload='blocks' a LoRA is added while its block rests in CPU memory, so its side paths
-    are made there, and the block then runs on the GPU with only the module's own tensors streamed:
-    every operand of a side path must be on the input's device (here meta stands for the GPU)."""
-    import zimage_native.quant_linear as ql
+def test_lora_side_paths_move_with_their_layer_in_the_compute_dtype():
+    """A LoRA's side paths are buffers of the packed layer, in the model's compute dtype: every
+    placement moves them with the layer's own tensors (the streamer of offload='blocks' moves a
+    block's parameters and buffers, ``--offload model`` the same, ``Module.to`` too), so a forward
+    neither copies them from the CPU nor casts them. They stay out of the state dict."""
+    from zimage_native.offload import _streamed_tensors
 
     layer = GGUFLinear(256, 8, "Q8_0", bias=True)
     layer.weight.copy_(torch.from_numpy(random_blocks("Q8_0", 8, 256, np.random.default_rng(3))))
     layer.bias.copy_(torch.randn(8))
+    keys = set(layer.state_dict())
     layer.add_lora(torch.randn(4, 256), torch.randn(8, 4), 0.5)
     layer.add_lora(torch.randn(8, 256), None, 0.25)  # a dense delta (LoKr / LoHa)
     x = torch.randn(2, 256)
-    expected = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)
-    expected = expected + 0.5 * (x @ layer.lora[0][0].T @ layer.lora[0][1].T) + 0.25 * (x @ layer.lora[1][0].T)
+    (a, b, _), (d, _, _) = layer.side_paths()
+    expected = torch.nn.functional.linear(x, layer.dequantize(), layer.bias) + 0.5 * (x @ a.T @ b.T) + 0.25 * (x @ d.T)
     assert_rel(layer(x), expected, 1e-6, "GGUFLinear with side paths")
-    # What BlockStreamer does: the layer's parameters and buffers go to the device, nothing else.
-    layer.weight = layer.weight.to("meta")
-    layer.bias = torch.nn.Parameter(layer.bias.detach().to("meta"), requires_grad=False)
-    real = ql.F.linear
-
-    def same_device(inp, weight, bias=None):
-        assert weight.device == inp.device and (bias is None or bias.device == inp.device), (inp.device, weight.device)
-        return real(inp, weight, bias)
-
-    monkeypatch.setattr(ql.F, "linear", same_device)
+    assert set(layer.state_dict()) == keys
+    assert {id(t) for t in (a, b, d)} <= {id(t) for t in _streamed_tensors(layer, ())}
+    layer.to("meta")  # meta stands for the GPU
+    assert all(t.device.type == "meta" for t, _, _ in layer.side_paths())
     assert layer(x.to("meta")).device.type == "meta"
+    half = GGUFLinear(256, 8, "Q8_0", dtype=torch.bfloat16)
+    half.add_lora(torch.randn(4, 256), torch.randn(8, 4), 0.5, torch.bfloat16)
+    (a, b, _), = half.side_paths()
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert half.clear_lora() == 1 and not half.side_paths() and not dict(half.named_buffers()).keys() - {"weight"}
 
 
 # ----------------------------------------------------------------------------------- Qwen3 text encoder

@@ -143,6 +143,35 @@ def test_offload_blocks_takes_the_triton_kernels_with_the_gemms_left_apart(tiny_
     assert copied[0] == copied[1] > 0  # the same bytes streamed with and without the kernels
 
 
+def test_a_lora_on_a_streamed_gguf_dit_streams_with_its_blocks(tiny_model_dir, tmp_path):
+    """A LoRA on the 8gb profile's packed blocks is a side path whose A and B are buffers of the
+    layer: the streamer copies them with the block (no per-forward copy from the CPU), and the images
+    equal those of the same files and LoRA fully resident."""
+    pytest.importorskip("gguf")
+    from .gguf_files import gguf_state, write_gguf
+    from .test_formats import comfy_dit
+
+    file, _ = gguf_state(comfy_dit(tiny_model_dir), "Q8_0", np.random.default_rng(0))
+    path = write_gguf(tmp_path / "z_image_turbo-Q8_0.gguf", file, "lumina2")
+    g = torch.Generator().manual_seed(0)
+    dim = load(tiny_model_dir).transformer.config.dim
+    lora = {f"transformer.layers.{i}.attention.to_k.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.3
+            for i in (0, 1) for ab, shape in (("A", (4, dim)), ("B", (dim, 4)))}
+    images = []
+    for offload in ("none", "blocks"):
+        pipe = load(tiny_model_dir, transformer=path, offload=offload)
+        pipe.load_lora(lora, scale=0.8)
+        layer = pipe.transformer.layers[0].attention.to_k
+        assert len(layer.lora) == 1 and layer.weight.dtype == torch.uint8  # a side path on the packed layer
+        if offload == "blocks":
+            move = FakeMove(pipe.transformer.block_streamer)  # after the LoRA: it knows the side paths' tensors
+            a, b, _ = layer.side_paths()[0]
+            assert a.device.type == "cpu" and (a.data_ptr() in move.owner and b.data_ptr() in move.owner)
+        images.append(pipe("a cat", **CALL).images)
+    assert np.array_equal(images[0], images[1])
+    assert not np.array_equal(images[0], load(tiny_model_dir, transformer=path)("a cat", **CALL).images)
+
+
 def test_text_encoder_quant_from_pretrained(tiny_model_dir, tiny_pipe):
     pipe = load(tiny_model_dir, text_encoder_quant="int8")
     model = pipe.text_encoder.model

@@ -539,11 +539,13 @@ def fuse_lora_(weights: Mapping[str, torch.Tensor], modules: Sequence[LoraModule
     return changed
 
 
-def add_lora_side_paths_(layers: Mapping[str, nn.Module], modules: Sequence[LoraModule], scale: float) -> int:
+def add_lora_side_paths_(layers: Mapping[str, nn.Module], modules: Sequence[LoraModule], scale: float,
+                         dtype: torch.dtype | None = None) -> int:
     """Apply LoRA modules unfused, as side paths of packed (GGUF) linears whose weights cannot be
     rewritten: ``y += scale * (x A^T) B^T`` with B carrying alpha/rank (a low-rank LoRA), or
     ``y += scale * x dW^T`` (LoKr, LoHa, full deltas). A fused target (``attention.qkv``) shares A
-    and splits B by rows. Returns the layers changed."""
+    and splits B by rows. A and B are computed in fp32 and kept in ``dtype`` (the model's compute
+    dtype, which a forward would cast them to). Returns the layers changed."""
     changed = 0
     with torch.no_grad():
         for module in modules:
@@ -556,7 +558,7 @@ def add_lora_side_paths_(layers: Mapping[str, nn.Module], modules: Sequence[Lora
             else:
                 parts = [(d, None) for d in module.delta().split(rows, dim=0)]
             for layer, (a, b) in zip(targets, parts):
-                layer.add_lora(a, b, scale)
+                layer.add_lora(a, b, scale, dtype)
                 changed += 1
     return changed
 
@@ -636,10 +638,11 @@ class LoraStack:
             planned.append((modules, report))
         weights = {n: m.weight for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
         packed = _packed_linears(transformer)
+        compute = next((p.dtype for p in transformer.parameters() if p.is_floating_point()), None)
         for modules, report in planned:
             fused, side = _split_by_storage(modules, packed)
             fuse_lora_(weights, fused, report.scale, self.originals if undo else None, undo_device)
-            add_lora_side_paths_(packed, side, report.scale)
+            add_lora_side_paths_(packed, side, report.scale, compute)
             self.no_undo |= not undo
             self.loaded.append(report)
             logger.info("%s", report)

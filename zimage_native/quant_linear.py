@@ -14,7 +14,9 @@ input dtype): the same results as the upcast weights, at about half of their bf1
 
 A LoRA on such a layer is applied unfused, as a low-rank side path ``y += s * (x A^T) B^T`` (or a
 dense delta for LoKr / LoHa / full-delta modules): the packed weights are never rewritten, and
-removing the LoRA removes the side paths.
+removing the LoRA removes the side paths. A and B are non-persistent buffers of the layer, in the
+model's compute dtype: every placement (``Module.to``, ``--offload model``, the streamed blocks
+of ``--offload blocks``) moves them with the layer, and a forward neither casts nor copies them.
 
 :class:`GGUFEmbedding` keeps a token-embedding table packed and dequantises only the rows looked up.
 
@@ -45,7 +47,7 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype),
                                  requires_grad=False) if bias else None
-        self.lora: list[tuple[torch.Tensor, torch.Tensor | None, float]] = []  # (A, B or None, scale)
+        self.lora: list[tuple[str, str | None, float]] = []  # buffer names of (A, B or None), scale
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (out_features, in_features) in ``dtype`` (without any LoRA)."""
@@ -54,32 +56,43 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = F.linear(x, self.dequantize(x.dtype), bias)
-        for a, b, scale in self.lora:  # to x's device too: a streamed block (offload) moves only its own tensors
-            side = F.linear(x, a.to(x.device, x.dtype))
+        for a, b, scale in self.side_paths():
+            side = F.linear(x, a.to(x.dtype))  # no-ops in the compute dtype they are kept in
             if b is not None:
-                side = F.linear(side, b.to(x.device, x.dtype))
+                side = F.linear(side, b.to(x.dtype))
             y = y + scale * side
         return y
 
     # ---------------------------------------------------------------- LoRA side paths
-    def add_lora(self, a: torch.Tensor, b: torch.Tensor | None, scale: float) -> None:
-        """Add ``scale * B A`` (``b`` None: ``a`` is a dense (out, in) delta) as a side path."""
+    def add_lora(self, a: torch.Tensor, b: torch.Tensor | None, scale: float, dtype: torch.dtype | None = None) -> None:
+        """Add ``scale * B A`` (``b`` None: ``a`` is a dense (out, in) delta) as a side path, kept on
+        the layer's device in ``dtype`` (the model's compute dtype; default: as given)."""
         rows = a.shape[0] if b is None else b.shape[0]
         if rows != self.out_features or a.shape[1] != self.in_features:
             raise ValueError(f"LoRA side path of shape ({rows}, {a.shape[1]}) for a layer of shape "
                              f"({self.out_features}, {self.in_features})")
-        dev = self.weight.device
-        self.lora.append((a.detach().to(dev), None if b is None else b.detach().to(dev), float(scale)))
+        names = []
+        for part, tensor in (("a", a), ("b", b)):
+            if tensor is None:
+                names.append(None)
+                continue
+            name = f"lora_{part}{len(self.lora)}"
+            self.register_buffer(name, tensor.detach().to(self.weight.device, dtype or tensor.dtype), persistent=False)
+            names.append(name)
+        self.lora.append((names[0], names[1], float(scale)))
+
+    def side_paths(self) -> list[tuple[torch.Tensor, torch.Tensor | None, float]]:
+        """The LoRA side paths as (A, B or None, scale)."""
+        return [(getattr(self, a), None if b is None else getattr(self, b), s) for a, b, s in self.lora]
 
     def clear_lora(self) -> int:
         n = len(self.lora)
+        for a, b, _ in self.lora:
+            delattr(self, a)
+            if b is not None:
+                delattr(self, b)
         self.lora = []
         return n
-
-    def _apply(self, fn, recurse=True):  # keep the side paths with the layer on .to() / .cuda()
-        super()._apply(fn, recurse)
-        self.lora = [(fn(a), None if b is None else fn(b), s) for a, b, s in self.lora]
-        return self
 
     def storage(self) -> str:
         """How the weight is held, for ``extra_repr``."""
