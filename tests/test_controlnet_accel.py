@@ -108,7 +108,7 @@ def test_compiled_control_matches_eager_and_does_not_recompile(eager, fresh, con
         assert len(compiled) == len(cn.control_layers) + len(cn.control_noise_refiner)
         assert "ControlNet: compile: blocks (4 blocks" in " ".join(lines)
     else:  # the branch's step is one graph
-        assert isinstance(cn.__dict__.get("hints"), CompiledMethod)
+        assert isinstance(cn.__dict__.get("step"), CompiledMethod)
     pipe(["a tree", "a house by the sea"], control_image=picture(48, 32, 6), controlnet_conditioning_scale=0.3, **KW)
     assert counter.frame_count == frames, "a new prompt, control image or scale recompiled"
 

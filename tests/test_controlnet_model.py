@@ -79,10 +79,10 @@ def run_ours(dit, cn, config, latents, control, caps, t, scale):
     layout = build_layout(config, [c.shape[0] for c in caps], latents.shape[-2], latents.shape[-1])
     cap = pad_captions(caps, layout.caption_pad.shape[1])
     x = patchify(latents, config.patch_size)
-    hints = cn(dit, x, cap, t, patchify(control, config.patch_size), layout, scale)
+    step = cn(dit, x, cap, t, patchify(control, config.patch_size), layout, scale)
     c = dit.time_embedding(t, x.dtype)
-    out = dit.forward_tokens(x, dit.encode_caption(cap, layout), c, layout, control_hints=hints)
-    return hints, unpatchify(out, layout.grid, config.in_channels, config.patch_size), layout
+    out = dit.forward_tokens(x, dit.encode_caption(cap, layout), c, layout, **step)
+    return step["control_hints"], unpatchify(out, layout.grid, config.in_channels, config.patch_size), layout
 
 
 @pytest.mark.parametrize("version", sorted(CONTROL_LAYOUTS))
@@ -156,8 +156,40 @@ def test_hints_compile_in_one_graph():
     cap = pad_captions(caps, layout.caption_pad.shape[1])
     x, c = patchify(latents), dit.time_embedding(t, latents.dtype)
     tokens, ctx = dit.encode_caption(cap, layout), cn.embed_control(patchify(control), layout, dit.x_pad_token)
-    step = torch.compile(cn.hints, backend="eager", fullgraph=True)
-    compiled_hints = step(dit, x, tokens, ctx, layout, dit.modulations(c), cn.modulations(c), 0.5)
+    step = torch.compile(cn.step, backend="eager", fullgraph=True)
+    compiled_step = step(dit, x, tokens, ctx, layout, dit.modulations(c), cn.modulations(c), 0.5)
     forward = torch.compile(dit.forward_tokens, backend="eager", fullgraph=True)
-    got = unpatchify(forward(x, tokens, c, layout, control_hints=compiled_hints), layout.grid, config.in_channels)
+    got = unpatchify(forward(x, tokens, c, layout, **compiled_step), layout.grid, config.in_channels)
     assert_rel(got, expected, 1e-6, "compiled step")
+
+
+@pytest.mark.parametrize("version", sorted(CONTROL_LAYOUTS))
+@torch.no_grad()
+def test_the_step_runs_the_dits_embedding_and_shared_refiner_blocks_once(version):
+    """The branch needs the DiT's image embedding and noise refiner (2.x: with its refiner hints
+    added after the first hinted block), so its step computes the DiT's own refined image tokens too
+    and hands them on: the DiT's output is bit for bit the one it computes itself, and the refiner
+    blocks before the first hint (1.0: all) and the embedder run once per step instead of twice."""
+    _, _, dit, cn, config = make_models(version)
+    latents, control, caps, t = inputs(version, [7, 40], (10, 14))
+    layout = build_layout(config, [c.shape[0] for c in caps], *latents.shape[-2:])
+    cap = pad_captions(caps, layout.caption_pad.shape[1])
+    x, c = patchify(latents), dit.time_embedding(t, latents.dtype)
+    tokens, ctx = dit.encode_caption(cap, layout), cn.embed_control(patchify(control), layout, dit.x_pad_token)
+    calls, handles = {}, []  # (the models are cached: the hooks go again)
+    for name, module in [*((f"refiner {i}", b) for i, b in enumerate(dit.noise_refiner)), ("embedder", dit.x_embedder)]:
+        handles.append(module.register_forward_hook(
+            lambda m, a, out, name=name: calls.__setitem__(name, calls.get(name, 0) + 1)))
+    try:
+        step = cn.step(dit, x, tokens, ctx, layout, dit.modulations(c), cn.modulations(c), 0.75)
+        got = dit.forward_tokens(x, tokens, c, layout, **step)
+    finally:
+        for handle in handles:
+            handle.remove()
+    places = CONTROL_LAYOUTS[version].get("control_refiner_layers_places") or ()
+    first = min(places) if version != "1.0" and places else len(dit.noise_refiner) - 1
+    want = {"embedder": 1, **{f"refiner {i}": 1 if i <= first else 2 for i in range(len(dit.noise_refiner))}}
+    assert calls == want
+    own = dit.refine_image(dit.embed_image(x, layout), layout, dit.modulations(c))
+    assert torch.equal(step["image_tokens"], own)
+    assert torch.equal(got, dit.forward_tokens(x, tokens, c, layout, control_hints=step["control_hints"]))

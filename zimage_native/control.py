@@ -158,8 +158,7 @@ class ControlHints:
 
     def __call__(self, x: torch.Tensor, step, layout: SequenceLayout, tokens: torch.Tensor) -> dict[str, Any]:
         ctx = self.guided if step.guided else self.plain
-        hints = self.model.hints(self.dit, x, tokens, ctx, layout, step.mods, step.extra, self.scale)
-        return {"control_hints": hints}
+        return self.model.step(self.dit, x, tokens, ctx, layout, step.mods, step.extra, self.scale)
 
 
 @dataclass

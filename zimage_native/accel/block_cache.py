@@ -84,9 +84,10 @@ class FirstBlockCache:
     reused: int = 0
 
     def forward(self, dit, branch: str, x: torch.Tensor, cap_tokens: torch.Tensor, layout, mods: list[torch.Tensor],
-                control_hints: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+                control_hints: dict[int, torch.Tensor] | None = None,
+                image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         state = self.branches.setdefault(branch, _Branch())
-        h = dit.joint_tokens(x, cap_tokens, layout, mods)
+        h = dit.joint_tokens(x, cap_tokens, layout, mods, image_tokens)
         head = dit.run_layers(h, layout, mods, control_hints, 0, 1)
         residual = head - h
         if state.head_residual is not None and self.small_change(residual, state.head_residual):

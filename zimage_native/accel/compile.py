@@ -9,7 +9,7 @@
 
 The ControlNet branch (``model/controlnet.py``) is compiled by the same function: its blocks are
 DiT blocks, so ``blocks`` runs them through the same compiled code; ``full`` compiles its per-step
-``hints`` as one graph.
+``step`` as one graph.
 
 Shape policy (``shapes=``):
 
@@ -167,7 +167,8 @@ class CompiledMethod:
     """``forward_tokens`` / ``encode_caption`` of the ``full`` preset, with the same bookkeeping.
 
     Marked dynamic (dim 1): the token inputs (x for forward_tokens, the caption features or
-    tokens), every tensor of the layout and the ControlNet hints; never c or the modulation vectors.
+    tokens), every tensor of the layout, the ControlNet hints and the image tokens it passes on;
+    never c or the modulation vectors.
     """
 
     def __init__(self, name: str, compiled, classes: ShapeClasses, dynamic: bool):
@@ -180,10 +181,11 @@ class CompiledMethod:
         from .cuda_graphs import flatten
 
         tokens, layout_at = {"forward_tokens": (args[:2], 3), "encode_caption": (args[:1], 1),
-                             "hints": (args[1:4], 4)}[self.name]  # hints(dit, x, cap_tokens, ctx, layout, ...)
+                             "step": (args[1:4], 4)}[self.name]  # step(dit, x, cap_tokens, ctx, layout, ...)
         layout = kwargs.get("layout", args[layout_at])
         hints = kwargs.get("control_hints", args[5] if len(args) > 5 and self.name == "forward_tokens" else None)
-        sequence = [*tokens, *flatten(layout)[0], *flatten(hints)[0]]
+        image = kwargs.get("image_tokens", args[6] if len(args) > 6 and self.name == "forward_tokens" else None)
+        sequence = [*tokens, *flatten(layout)[0], *flatten(hints)[0], *flatten(image)[0]]
         batch, masked = tokens[0].shape[0], layout.joint_mask is not None
         seq = None if self.dynamic else tuple(t.shape[1] for t in sequence if t.ndim >= 2)
         key = (batch, masked, seq, tokens[0].dtype, tuple(sorted(hints or ())))
@@ -205,7 +207,7 @@ def _methods(model: nn.Module) -> tuple[str, ...]:
     """What ``full`` compiles: the DiT's step and caption path, or the branch's step."""
     from ..model.controlnet import ZImageControlNet
 
-    return ("hints",) if isinstance(model, ZImageControlNet) else ("forward_tokens", "encode_caption")
+    return ("step",) if isinstance(model, ZImageControlNet) else ("forward_tokens", "encode_caption")
 
 
 def gpu_compile_problem(capability: tuple[int, int], name: str, dtypes: set[torch.dtype],

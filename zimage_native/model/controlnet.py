@@ -70,8 +70,9 @@ def _check_fits(config: ControlNetConfig, dit: TransformerConfig) -> None:
 class ZImageControlNet(nn.Module):
     """The control branch for a DiT of config ``transformer_config`` (built with the DiT's blocks).
 
-    Per step: :meth:`hints` -> {DiT layer index: (B, Nx + Lc, D)}, the ``control_hints`` argument of
-    :meth:`ZImageTransformer.forward_tokens`. :meth:`forward` does a whole step for tests.
+    Per step: :meth:`step` -> the ``control_hints`` ({DiT layer index: (B, Nx + Lc, D)}) and the
+    ``image_tokens`` arguments of :meth:`ZImageTransformer.forward_tokens`. :meth:`forward` does a
+    whole step for tests.
     """
 
     def __init__(self, config: ControlNetConfig, transformer_config: TransformerConfig):
@@ -104,7 +105,7 @@ class ZImageControlNet(nn.Module):
 
     def modulations(self, c: torch.Tensor) -> list[torch.Tensor]:
         """Every modulation vector for conditioning c (B, 256): one (B, 4D) per refiner block, then
-        one per control layer, in that order (what :meth:`hints` takes as ``mods``)."""
+        one per control layer, in that order (what :meth:`step` takes as ``mods``)."""
         return [b.adaLN_modulation(c) for b in (*self._refiner_blocks(), *self.control_layers)]
 
     def embed_control(self, control: torch.Tensor, layout: SequenceLayout, x_pad_token: torch.Tensor) -> torch.Tensor:
@@ -127,7 +128,7 @@ class ZImageControlNet(nn.Module):
             hints.append(block.after_proj(ctx))
         return ctx, hints
 
-    def hints(
+    def step(
         self,
         dit: ZImageTransformer,
         x: torch.Tensor,
@@ -137,11 +138,16 @@ class ZImageControlNet(nn.Module):
         dit_mods: list[torch.Tensor],
         mods: list[torch.Tensor],
         scale: float | torch.Tensor = 1.0,
-    ) -> dict[int, torch.Tensor]:
+    ) -> dict[str, torch.Tensor | dict[int, torch.Tensor]]:
         """One step of the branch. ``x``: image tokens (B, Nx, p*p*C) as the DiT gets them;
         ``cap_tokens``: the refined caption tokens (B, Lc, D); ``ctx``: :meth:`embed_control`;
         ``dit_mods``: the DiT's modulations (``dit.modulations(c)``); ``mods``: :meth:`modulations`.
-        Returns {DiT layer index: hint * scale}, each (B, Nx + Lc, D)."""
+
+        Returns the keyword arguments of ``dit.forward_tokens``: ``control_hints`` {DiT layer index:
+        hint * scale}, each (B, Nx + Lc, D), and ``image_tokens``, the DiT's own refined image tokens
+        (B, Nx, D). The branch needs the DiT's image embedding and noise refiner too (2.x: with its
+        refiner hints added), so the part both compute alike runs once here: the embedding and the
+        refiner blocks up to the first block with a hint (1.0: all of them)."""
         config, n_ref = self.config, len(self._refiner_blocks())
         refiner_mods, layer_mods = mods[:n_ref], mods[n_ref:]
         variant = config.add_control_noise_refiner
@@ -155,11 +161,17 @@ class ZImageControlNet(nn.Module):
                 (self.control_noise_refiner, refiner_mods)
             ctx, out = self._chain(*chain, ctx, image, layout.image_rope, None)
             refiner_hints = {i: out[k] * scale for k, i in enumerate(config.control_refiner_layers_places)}
-        image = dit.refine_image(image, layout, dit_mods[: len(dit.noise_refiner)], refiner_hints)
+        # The DiT's refiner blocks up to the first one with a hint are the same for both: run once.
+        shared = len(dit.noise_refiner) if variant is None else min(config.control_refiner_layers_places) + 1
+        image = dit.refine_image(image, layout, dit_mods, stop=shared)
+        own = dit.refine_image(image, layout, dit_mods, start=shared)
+        if variant is not None:
+            image = dit.refine_image(image + refiner_hints[shared - 1], layout, dit_mods, refiner_hints, start=shared)
         h = torch.cat([image, cap_tokens], dim=1)  # the DiT's joint sequence (with these refiner hints)
         ctx = torch.cat([ctx, cap_tokens], dim=1)
         _, out = self._chain(self.control_layers, layer_mods, ctx, h, layout.joint_rope, layout.joint_mask)
-        return {i: out[k] * scale for k, i in enumerate(config.control_layers_places)}
+        return {"control_hints": {i: out[k] * scale for k, i in enumerate(config.control_layers_places)},
+                "image_tokens": own}
 
     def forward(
         self,
@@ -172,8 +184,8 @@ class ZImageControlNet(nn.Module):
         scale: float | torch.Tensor = 1.0,
     ) -> dict[int, torch.Tensor]:
         """A whole step from raw inputs (the DiT's ``forward`` arguments plus the patchified control
-        latents (B, Nx, p*p*Cc)): the hints for ``dit.forward_tokens(..., control_hints=...)``."""
+        latents (B, Nx, p*p*Cc)): :meth:`step`'s keyword arguments for ``dit.forward_tokens``."""
         c = dit.time_embedding(t, x.dtype)
         ctx = self.embed_control(control, layout, dit.x_pad_token)
-        return self.hints(dit, x, dit.encode_caption(cap, layout), ctx, layout, dit.modulations(c),
-                          self.modulations(c), scale)
+        return self.step(dit, x, dit.encode_caption(cap, layout), ctx, layout, dit.modulations(c),
+                         self.modulations(c), scale)

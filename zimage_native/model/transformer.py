@@ -185,11 +185,14 @@ class ZImageTransformer(nn.Module):
         layout: SequenceLayout,
         mods: list[torch.Tensor],
         control_hints: dict[int, torch.Tensor] | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> torch.Tensor:
-        """The noise refiner over embedded image tokens (B, Nx, D), one modulation per block.
+        """Noise-refiner blocks ``start`` to ``stop`` (all by default) over embedded image tokens
+        (B, Nx, D); ``mods`` holds one modulation per block from block 0 (the DiT's ``mods`` do).
         ``control_hints`` {block index: (B, Nx, D)} are added after those blocks (ControlNet 2.x)."""
-        for i, (block, mod) in enumerate(zip(self.noise_refiner, mods)):
-            x = block(x, layout.image_rope, None, mod=mod)  # every item has the same Nx: nothing to mask
+        for i in range(start, len(self.noise_refiner) if stop is None else stop):
+            x = self.noise_refiner[i](x, layout.image_rope, None, mod=mods[i])  # one Nx for all: no mask
             if control_hints is not None and i in control_hints:
                 x = x + control_hints[i]
         return x
@@ -202,25 +205,30 @@ class ZImageTransformer(nn.Module):
         layout: SequenceLayout,
         mods: list[torch.Tensor] | None = None,
         control_hints: dict[int, torch.Tensor] | None = None,
+        image_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Image tokens (B, Nx, p*p*C) + refined caption tokens -> (B, Nx, p*p*C).
 
         Conditioning is ``c`` or, precomputed, ``mods = self.modulations(c)``. ``control_hints``
         {main layer index: (B, Nx + Lc, D)} are added to the joint sequence after those layers: the
         ControlNet hook (``model/controlnet.py``); the static dict keys keep the loop graph-friendly.
+        ``image_tokens``: ``x`` already embedded and refined (B, Nx, D), by the ControlNet's step,
+        which needs them too.
         The three stages (joint sequence, main layers, final layer) are also methods, for callers
         that run the main layers in parts (the first-block cache, ``accel/block_cache.py``).
         """
         if mods is None:
             mods = self.modulations(c)
-        h = self.joint_tokens(x, cap_tokens, layout, mods)
+        h = self.joint_tokens(x, cap_tokens, layout, mods, image_tokens)
         return self.final_tokens(self.run_layers(h, layout, mods, control_hints), x.shape[1], mods)
 
     def joint_tokens(self, x: torch.Tensor, cap_tokens: torch.Tensor, layout: SequenceLayout,
-                     mods: list[torch.Tensor]) -> torch.Tensor:
-        """Image tokens (B, Nx, p*p*C), embedded and refined, then the caption tokens: (B, L, D)."""
-        x = self.refine_image(self.embed_image(x, layout), layout, mods[: len(self.noise_refiner)])
-        return torch.cat([x, cap_tokens], dim=1)  # [image, caption]
+                     mods: list[torch.Tensor], image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Image tokens (B, Nx, p*p*C), embedded and refined (or ``image_tokens``, already so), then
+        the caption tokens: (B, L, D)."""
+        if image_tokens is None:
+            image_tokens = self.refine_image(self.embed_image(x, layout), layout, mods)
+        return torch.cat([image_tokens, cap_tokens], dim=1)  # [image, caption]
 
     def run_layers(self, h: torch.Tensor, layout: SequenceLayout, mods: list[torch.Tensor],
                    control_hints: dict[int, torch.Tensor] | None = None, start: int = 0,
