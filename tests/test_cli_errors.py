@@ -160,13 +160,48 @@ def test_output_folder_and_prompts_file_errors_come_before_loading(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert one_line_error("generate", "a cat", "--model", missing, "--output-dir", str(afile / "sub")).startswith(
-        f"Error: --output-dir: cannot create the folder {afile / 'sub'} (")
+        f"Error: --output-dir: cannot write in the folder {afile / 'sub'} (")
     assert one_line_error("generate", "a cat", "--model", missing, "-o", str(afile / "x.png")).startswith(
-        f"Error: --output: cannot create the folder {afile} (")
+        f"Error: --output: cannot write in the folder {afile} (")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# only a comment\n\n")
     assert one_line_error("generate", "--prompts-file", str(prompts), "--model", missing) == (
         f"Error: --prompts-file {prompts} has no prompts (only blank and # lines)")
+
+
+def test_a_folder_that_refuses_writes_fails_before_loading_and_late_refusals_are_one_line(tmp_path, monkeypatch):
+    """A folder that exists but takes no files (read-only, /sys; root passes chmod, so the refusal is
+    simulated) fails before any weights are looked for; a write refused later (a disk that fills up)
+    is one line naming the file, not a traceback."""
+    import tempfile
+
+    from zimage_native.cli import _common
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".probe"))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "-o", str(tmp_path / "x.png"))
+    assert line == f"Error: --output: cannot write in the folder {tmp_path} (Permission denied)"
+    monkeypatch.undo()
+
+    @_common.user_errors
+    def late():
+        raise OSError(28, "No space left on device", str(tmp_path / "x.png"))
+
+    with pytest.raises(_common.UserError, match=f"cannot use {tmp_path / 'x.png'}: No space left on device"):
+        late()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attention", "foo"], "Error: unknown attention backend 'foo'; choose one of"),
+    (["--attention", "flash_attn_2", "--device", "cpu"],
+     "Error: attention backend 'flash_attn_2' is not available: needs a CUDA GPU; the model is on cpu"),
+    (["--lora", "nope.safetensors:0.8"], "Error: --lora: LoRA file not found: nope.safetensors"),
+])
+def test_attention_and_lora_mistakes_fail_before_the_model_is_looked_for(tmp_path, args, message):
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
+    assert line.startswith(message), line
 
 
 def test_a_too_small_input_image_gives_its_size(tiny_model_dir, tmp_path):

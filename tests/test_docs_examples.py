@@ -290,12 +290,16 @@ def example_profiles() -> list[str]:
 
 
 @pytest.mark.parametrize("profile", example_profiles())
-def test_every_profile_of_the_example_config_generates(profile, example_dir, offline_hub):
+def test_every_profile_of_the_example_config_generates(profile, example_dir, offline_hub, small_by_default):
     """Each card's profile of the shipped example config (``--profile NAME`` alone), with the GGUF files
-    it names at its paths, loads and writes an image (the CPU standing for the card; the sizes made 64)."""
+    it names at its paths, loads and writes an image (the CPU standing for the card; the sizes made 64).
+    No profile sets a size: one would override a --template's suggested size on every run."""
     from click.testing import CliRunner
 
     from zimage_native.cli import main
+    from zimage_native.cli.config import read_profile
+
+    assert not {"width", "height"} & set(read_profile(EXAMPLE_CONFIG, profile))
 
     args = ["generate", "a red fox in fresh snow", "--profile", profile,
             "-o", f"{profile}.png", "--seed", "0"]

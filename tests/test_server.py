@@ -579,6 +579,37 @@ def test_serve_cli_checks_options_and_reads_profiles(tmp_path, monkeypatch):
         assert result.exit_code == 1 and words in result.output, result.output
 
 
+def test_a_port_in_use_and_an_unwritable_data_dir_fail_before_the_model_loads(tmp_path, monkeypatch):
+    """Both used to surface only once the server started: after the model had loaded (minutes, GBs),
+    as uvicorn's own message with exit status 3, or a PermissionError traceback."""
+    import importlib
+    import socket
+    import tempfile
+
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    serve_module = importlib.import_module("zimage_native.cli.serve")  # the package attribute is the command
+    monkeypatch.setattr(serve_module, "build_engine", lambda o: pytest.fail("the model was loaded"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path / "d"), "--port", str(port)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"Error: --port {port}: cannot listen on 127.0.0.1:{port}" in result.output
+    assert "pick another port with --port" in result.output
+
+    def refuse(*args, **kwargs):  # a read-only folder (root passes chmod, so the refusal is simulated)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path / "d"), "--port", "0"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"Error: --data-dir: cannot write in the folder {tmp_path / 'd'} (Permission denied)" in result.output
+
+
 def test_fake_server_keeps_its_own_history_folder(tmp_path, monkeypatch):
     from zimage_native.cli.serve import build_settings, default_options
 

@@ -135,11 +135,13 @@ class _Probe(nn.Module):
 
 def check_before_loading(dit_device, dtype, offload: str = "none", *, kernels: str = "none",
                          compile: str = "off", fp8: bool = False, cuda_graphs: bool = False,
-                         vae_compile: bool = False, compile_backend: str | object = "inductor") -> None:
+                         vae_compile: bool = False, compile_backend: str | object = "inductor",
+                         attention: str | None = None) -> None:
     """The checks of the asked accelerations that need only the DiT's device and the dtype, made
     before any weights are read or downloaded, so that a flag that cannot run here fails in seconds
     rather than after the load (Triton for the kernels and for compile on a GPU, bfloat16 support
-    for compile, fp8 tensor cores, a CUDA device for graphs, conflicts with ``offload``). The
+    for compile, fp8 tensor cores, a CUDA device for graphs, conflicts with ``offload``, the
+    attention backend's name and whether it can run here, at the released head dim 128). The
     transforms check the loaded model again. Raises :class:`AccelerationUnavailable` or ValueError."""
     from ..devices import resolve_device, resolve_dtype
     from .cuda_graphs import graphs_problem
@@ -153,6 +155,10 @@ def check_before_loading(dit_device, dtype, offload: str = "none", *, kernels: s
                or blocks_conflict(offload, {"kernels": kernels, "compile": compile, "fp8": fp8}))
     if problem:
         raise ValueError(problem)
+    if attention is not None and canonical_name(attention) != "auto":
+        reason = unavailable_reason(attention, device, resolve_dtype(dtype, device, warn=False), 128)
+        if reason is not None:
+            raise AccelerationUnavailable(f"attention backend {canonical_name(attention)!r} is not available: {reason}")
     if kernels == "triton" or compile != "off" or fp8 or vae_compile:
         probe = _Probe(device, resolve_dtype(dtype, device, warn=False))
         if kernels == "triton":

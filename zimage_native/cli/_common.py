@@ -71,6 +71,8 @@ def user_errors(fn):
 
                 raise UserError(f"{str(e).splitlines()[0].strip()} To use less memory: a smaller --width/--height "
                                 f"or --batch-size for the images; for the weights, {MEMORY_ADVICE}") from None
+            if isinstance(e, OSError) and e.filename is not None:  # a file or folder the system refused
+                raise UserError(f"cannot use {e.filename}: {e.strerror or e}") from None
             if not _is_user_error(e):
                 raise
             loading = sys.modules.get("zimage_native.loading")
@@ -79,6 +81,17 @@ def user_errors(fn):
             raise UserError(cli_message(str(message).splitlines()[0]) if str(message) else type(e).__name__) from None
 
     return wrapper
+
+
+def check_writable_folder(folder: Path, flag: str) -> None:
+    """Make ``folder`` (and its parents) and check that a file can be written in it, so that a run fails
+    in seconds rather than after loading and sampling; raises ValueError naming ``flag``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag}: cannot write in the folder {folder} ({e.strerror or e})") from None
 
 
 def save_image_atomic(image, path: Path, **save_kwargs) -> None:

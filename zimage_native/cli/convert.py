@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ._common import UserError, user_errors
+from ._common import UserError, check_writable_folder, user_errors
 
 LAYOUT_HELP = ("Target layout. transformer: diffusers | comfyui (= original) | native-fused; "
                "vae: diffusers | ldm (= comfyui, bfl); text encoder: transformers (= comfyui, diffusers; "
@@ -35,6 +35,8 @@ def convert(src, dst, layout, component, dtype, shard_size, loras, config, dry_r
     from ..converters.convert import convert_checkpoint
     from ..lora import parse_lora_arg
 
+    if not dry_run:  # refused now, not after reading and converting gigabytes
+        check_writable_folder(dst.parent, "DST")
     try:
         plan = convert_checkpoint(src, dst, layout, component=None if component == "auto" else component,
                                   dtype=dtype, shard_size=shard_size, loras=[parse_lora_arg(t) for t in loras],

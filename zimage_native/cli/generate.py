@@ -16,7 +16,7 @@ import click
 
 from ..hub import DEFAULT_MODEL
 from .options import config_file, loading, placement, speed, vae_tiling
-from ._common import read_user_text, save_image_atomic, user_errors
+from ._common import check_writable_folder, read_user_text, save_image_atomic, user_errors
 from .config import apply_layers, config_source, convert, read_profile
 
 DEFAULT_PATTERN = "zimage-{index:03d}-{seed}.png"
@@ -234,11 +234,7 @@ def run_generate(prompts: list[str], o: dict) -> None:
     # The outputs, once the request is known to be valid: a folder that cannot be made fails now, not
     # after sampling; an existing file needs --overwrite.
     for folder in dict.fromkeys(p.parent for p in paths):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            flag = "--output" if o["output"] is not None else "--output-dir"
-            raise ValueError(f"{flag}: cannot create the folder {folder} ({e.strerror or e})") from None
+        check_writable_folder(folder, "--output" if o["output"] is not None else "--output-dir")
     existing = [str(p) for p in paths if p.exists()]
     if existing and not o["overwrite"]:
         raise ValueError(f"{existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
@@ -305,12 +301,19 @@ def check_control_options(o: dict) -> None:
 
 
 def check_speed_flags(o: dict) -> None:
-    """The speed flags against the DiT's device and the dtype, before any weights are read or downloaded."""
-    from ..accel import check_before_loading
+    """The speed flags against the DiT's device and the dtype, and the LoRA files, before any weights
+    are read or downloaded."""
+    from ..accel import attention_from_env, check_before_loading
 
     check_before_loading(o["dit_device"] or o["device"], o["dtype"], o["offload"], kernels=o["kernels"],
                          compile=o["compile_mode"], fp8=o["fp8"], cuda_graphs=o["cuda_graphs"],
-                         vae_compile=o.get("vae_compile", False))
+                         vae_compile=o.get("vae_compile", False), attention=o["attention"] or attention_from_env())
+    from ..lora import parse_lora_arg
+
+    for text in o.get("loras") or ():
+        path = Path(parse_lora_arg(text)[0]).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--lora: LoRA file not found: {path}")
 
 
 def load_pipeline(o: dict):

@@ -15,7 +15,7 @@ import click
 
 from ..hub import DEFAULT_MODEL
 from .options import config_file, loading, placement, speed, vae_tiling
-from ._common import user_errors
+from ._common import check_writable_folder, user_errors
 from .config import apply_layers, config_source, convert, option_keys, read_profile
 from .rewrite import chat_rewriter, llm_options
 
@@ -99,6 +99,26 @@ def serve(ctx, config_path, profile, **opts):
         config = convert(ctx, {k: v for k, v in values.items() if k not in generation_only})
     opts = apply_layers(ctx, opts, config)
     run_server(opts)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` for a moment, as uvicorn will (with SO_REUSEADDR), so that a port in use fails
+    before the model loads; raises ValueError naming --port."""
+    import socket
+
+    if port == 0:  # the system picks a free one
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: not an address this machine can listen on ({e.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ValueError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e}); another server may "
+                             f"be using it: pick another port with --port") from None
 
 
 def build_settings(o: dict):
@@ -206,6 +226,9 @@ def run_server(o: dict) -> None:
         raise click.ClickException(f"zimage serve needs the server extra ({e.name} is missing): "
                                    f"pip install 'zimage-native[server]'") from None
     settings = build_settings(o)
+    # What would fail only once the server starts, checked before the model loads (minutes, GBs).
+    check_writable_folder(Path(settings.data_dir), "--data-dir")
+    check_port_free(o["host"], o["port"])
     llm = chat_rewriter(o["llm_url"], o["llm_model"], o["llm_timeout"])
     if not _is_loopback(o["host"]) and not settings.token:
         click.echo(f"warning: listening on {o['host']} without --token: anyone who can reach this port can "
