@@ -115,10 +115,20 @@ def test_tokenizer_and_rewriter_downloads_name_what_they_fetch(failing_hub):
     from zimage_native.prompt.rewriter import _rewriter_folder
 
     failing_hub(no_network)
-    with pytest.raises(HubError, match=f"cannot fetch the tokenizer of {REPO} .*no network"):
+    with pytest.raises(HubError, match=f"cannot fetch the tokenizer of {REPO} .*no network") as caught:
         resolve_tokenizer_folder(REPO)
+    assert "--tokenizer FOLDER" in str(caught.value) and "--model" not in str(caught.value)  # the flag that helps
     with pytest.raises(HubError, match=f"cannot fetch the text encoder of {REPO} .*no network"):
         _rewriter_folder(REPO)
+
+
+def test_a_checkpoint_file_given_as_the_model_folder_points_to_transformer(tmp_path):
+    from zimage_native.hub import resolve_model_folder
+
+    checkpoint = tmp_path / "z_image_turbo_bf16.safetensors"
+    checkpoint.write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=r"is a file; .*--transformer FILE"):
+        resolve_model_folder(checkpoint)
 
 
 def test_local_files_only_names_that_switch(failing_hub):

@@ -60,6 +60,8 @@ def _first_line(e: BaseException) -> str:
 
 
 LOCAL_HINT = "give a local folder instead (--model /path/to/folder on the command line)"
+TOKENIZER_HINT = ("give a local tokenizer folder instead (--tokenizer FOLDER on the command line: a model folder or "
+                  "its tokenizer/)")
 
 
 def explain_hub_error(e: BaseException, repo_id: str, what: str = "model", *, cache_dir=None,
@@ -69,7 +71,8 @@ def explain_hub_error(e: BaseException, repo_id: str, what: str = "model", *, ca
     from huggingface_hub import constants, errors
 
     cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
-    local, head = LOCAL_HINT, f"cannot fetch the {what} {repo_id} from the Hugging Face Hub"
+    local = TOKENIZER_HINT if what.startswith("tokenizer") else LOCAL_HINT
+    head = f"cannot fetch the {what} {repo_id} from the Hugging Face Hub"
     chain = list(_chain(e))
     kinds = {type(x).__name__ for x in chain}
     full = next((x for x in chain if isinstance(x, OSError) and x.errno == errno.ENOSPC), None)
@@ -185,7 +188,10 @@ def resolve_model_folder(
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise FileNotFoundError(f"{path} is a file; expected a model folder (diffusers layout) or a Hub id")
+            raise FileNotFoundError(f"{path} is a file; expected a model folder (diffusers layout) or a Hub id. A "
+                                    f"single-file checkpoint (ComfyUI, GGUF) goes in as transformer=FILE "
+                                    f"(--transformer FILE), with the other components from a model folder or "
+                                    f"their own files (--vae, --text-encoder)")
         return check_model_folder(path)
     text = str(path_or_id)
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
