@@ -204,6 +204,31 @@ def test_attention_and_lora_mistakes_fail_before_the_model_is_looked_for(tmp_pat
     assert line.startswith(message), line
 
 
+def test_a_side_past_the_position_table_is_refused_before_loading_and_by_the_library(tmp_path, tiny_pipe):
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--width", "8208",
+                          "--height", "16")
+    assert line == ("Error: --width must be at most 8192 pixels for this model (its position table covers 512 "
+                    "patches of 16 pixels), got 8208"), line
+    with pytest.raises(ValueError, match="height must be at most 8192 pixels"):
+        tiny_pipe("a cat", width=16, height=8208, num_inference_steps=1)
+    from zimage_native.sampling import check_size_fits
+
+    check_size_fits(8192, 8192, (1536, 512, 512))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-o", "x.png", "--output-dir", "out"], "Error: -o/--output names the file itself; give it, or --output-dir"),
+    (["--tile-size", "256"], "Error: --tile-size needs --tiled-vae"),
+    (["--tile-overlap", "32"], "Error: --tile-overlap needs --tiled-vae"),
+    (["--seeds", "2", "--num-images", "3"], "Error: --seeds 2 already gives 2 images per prompt"),
+    (["--seed", "1", "2", "--num-images", "3"], "Error: got 2 seeds and --num-images 3: several seeds give one"),
+    (["--cfg-normalization", "-1"], "Error: --cfg-normalization must be >= 0"),
+])
+def test_flags_that_would_be_ignored_or_meaningless_are_refused(tmp_path, args, message):
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
+    assert line.startswith(message), line
+
+
 def test_a_too_small_input_image_gives_its_size(tiny_model_dir, tmp_path):
     from PIL import Image
 

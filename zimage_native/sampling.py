@@ -521,7 +521,8 @@ def vary(embeds: list[torch.Tensor], amount: float, share: float, seeds: list[in
 
 
 def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator=None, guidance_scale=0.0, n=1,
-                  output_type="pil", max_len=512, multiple: int = 16, prompt_embeds=None) -> list[str]:
+                  output_type="pil", max_len=512, multiple: int = 16, prompt_embeds=None,
+                  cfg_normalization=0.0) -> list[str]:
     """Validate a generation request before any work is done; returns the prompts as a list."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
     if prompt_embeds is not None:
@@ -548,7 +549,20 @@ def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     if max_len < 1:
         raise ValueError(f"max_sequence_length must be >= 1, got {max_len}")
+    norm = float(cfg_normalization or 0.0)
+    if not math.isfinite(norm) or norm < 0:
+        raise ValueError(f"cfg_normalization must be >= 0 (a multiple of the positive prediction's norm; 0 = off), "
+                         f"got {cfg_normalization}")
     return prompts
+
+
+def check_size_fits(width: int, height: int, axes_lens, multiple: int = 16) -> None:
+    """The DiT's RoPE tables hold ``axes_lens[1]`` rows and ``axes_lens[2]`` columns of patches (the
+    released models: 512 each, so sides up to 8192 pixels); a larger side is refused by name."""
+    for name, value, patches in (("height", height, axes_lens[1]), ("width", width, axes_lens[2])):
+        if value > patches * multiple:
+            raise ValueError(f"{name} must be at most {patches * multiple} pixels for this model (its position "
+                             f"table covers {patches} patches of {multiple} pixels), got {value}")
 
 
 def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[str, Any]]:
@@ -573,7 +587,8 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
         fields={k: v for k, v in r.fields.items() if v is not None},
     )
     check_request(r.prompt, r.width, r.height, r.steps, r.seeds, r.generator, r.guidance_scale, r.n, r.output_type,
-                  r.max_sequence_length, latent_multiple(pipe), r.prompt_embeds)
+                  r.max_sequence_length, latent_multiple(pipe), r.prompt_embeds, r.cfg_normalization)
+    check_size_fits(r.width, r.height, pipe.transformer_config.axes_lens, latent_multiple(pipe))
     unknown = set(r.fields) - set(PROMPT_FIELDS)
     if unknown:
         raise ValueError(f"unknown prompt fields {sorted(unknown)}; known: {list(PROMPT_FIELDS)}")

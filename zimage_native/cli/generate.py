@@ -50,6 +50,9 @@ def resolve_seeds(seed: tuple[int, ...], seeds: int | None, num_images: int) -> 
         raise ValueError("give --seed or --seeds, not both")
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
+    if seeds is not None and num_images != 1:
+        raise ValueError(f"--seeds {seeds} already gives {seeds} images per prompt (one per random seed); leave "
+                         f"--num-images {num_images} out")
     if -1 in seed:  # a random seed, as in A1111 and stable-diffusion.cpp (else the same image every run)
         if len(seed) > 1:
             raise ValueError("--seed -1 (a random seed) goes alone; give it once, or --seeds N for N random seeds")
@@ -59,7 +62,8 @@ def resolve_seeds(seed: tuple[int, ...], seeds: int | None, num_images: int) -> 
             raise ValueError(f"--seed must be between -2**63 and 2**64 - 1, got {s}")
     if len(seed) > 1:
         if num_images not in (1, len(seed)):
-            raise ValueError(f"got {len(seed)} seeds and --num-images {num_images}")
+            raise ValueError(f"got {len(seed)} seeds and --num-images {num_images}: several seeds give one image "
+                             f"each; leave --num-images out, or give one --seed for {num_images} consecutive seeds")
         return list(seed), False
     if len(seed) == 1:
         return [seed[0] + i for i in range(num_images)], False
@@ -187,6 +191,11 @@ def generate(ctx, prompt, config_path, profile, from_image, **opts):
         raise ValueError("--strength needs --image (img2img or inpainting); text-to-image starts from pure noise")
     if typed("control_scale") and opts["controlnet"] is None:
         raise ValueError("--control-scale needs --controlnet and --control-image")
+    if typed("output") and (typed("output_dir") or typed("name_pattern")):
+        raise ValueError("-o/--output names the file itself; give it, or --output-dir and --name-pattern, not both")
+    for flag in ("tile_size", "tile_overlap"):
+        if typed(flag) and not opts["tiled_vae"]:
+            raise ValueError(f"--{flag.replace('_', '-')} needs --tiled-vae (without it the VAE decodes in one piece)")
     # The input images are not stored in the PNG: a rerun needs them again, or it would silently become
     # text-to-image.
     if recorded.get("strength") is not None and opts["init_image"] is None:
@@ -200,7 +209,8 @@ def generate(ctx, prompt, config_path, profile, from_image, **opts):
 
 def run_generate(prompts: list[str], o: dict) -> None:
     from ..accel.block_cache import cache_problem, check_threshold
-    from ..sampling import check_request, check_seed_variance
+    from ..config import TransformerConfig
+    from ..sampling import check_request, check_seed_variance, check_size_fits
 
     seeds, drawn = resolve_seeds(tuple(o["seed"]), o["seeds"], o["num_images"])
     if o["batch_size"] < 1:
@@ -212,7 +222,9 @@ def run_generate(prompts: list[str], o: dict) -> None:
     # Refuse bad input before spending minutes loading weights.
     given = lambda key, fallback: fallback if o[key] is None else o[key]  # noqa: E731
     check_request("x", given("width", 1024), given("height", 1024), given("steps", 1),
-                  guidance_scale=given("guidance_scale", 0.0), max_len=o["max_sequence_length"])
+                  guidance_scale=given("guidance_scale", 0.0), max_len=o["max_sequence_length"],
+                  cfg_normalization=o["cfg_normalization"])
+    check_size_fits(given("width", 1024), given("height", 1024), TransformerConfig().axes_lens)  # the released DiTs
     if o["strength"] is not None and not 0 <= o["strength"] <= 1:
         raise ValueError(f"--strength must be in [0, 1], got {o['strength']}")
     if o["shift"] is not None and not o["shift"] > 0:
