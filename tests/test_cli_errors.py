@@ -229,6 +229,31 @@ def test_flags_that_would_be_ignored_or_meaningless_are_refused(tmp_path, args, 
     assert line.startswith(message), line
 
 
+def test_the_engines_warnings_name_the_flags_on_the_command_line(monkeypatch):
+    import logging
+
+    from zimage_native.cli import _common, main
+
+    def warning(message, *args, name="zimage_native.sampling"):
+        record = logging.LogRecord(name, logging.WARNING, __file__, 1, message, args, None)
+        assert _common.FlagNames().filter(record)
+        return record.getMessage()
+
+    assert warning("guidance_scale %g turns classifier-free guidance on for %s", 1.0, "Z-Image-Turbo") == (
+        "--guidance-scale 1 turns classifier-free guidance on for Z-Image-Turbo")
+    assert warning("tokens were cut. Raise max_sequence_length to keep them.") == (
+        "tokens were cut. Raise --max-sequence-length to keep them.")
+    assert warning("the image width is odd; pipe.cfg_truncation_x and --guidance_scale stay") == (
+        "the image width is odd; pipe.cfg_truncation_x and --guidance_scale stay")  # words, attributes, flags
+    assert warning("guidance_scale 1", name="torch._dynamo") == "guidance_scale 1"  # other libraries' logs
+    # the CLI's own handler carries the filter (where no other program configured logging first)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    main.callback(verbose=False)
+    assert len(root.handlers) == 1 and any(isinstance(f, _common.FlagNames) for f in root.handlers[0].filters)
+
+
 def test_a_too_small_input_image_gives_its_size(tiny_model_dir, tmp_path):
     from PIL import Image
 

@@ -41,6 +41,14 @@ def test_seed_list_prompts_file_and_naming(tiny_model_dir, tmp_path):
     assert np.abs(pixels(out / "zimage-005-3.png").astype(int) - pixels(tmp_path / "one.png")).max() <= 1
 
 
+def test_the_step_bar_is_drawn_on_a_terminal_only(tiny_model_dir, tmp_path):
+    """With stderr in a file (2>log) the bar's redraws would fill it; the "wrote" lines stay."""
+    args = [a for a in BASE if a != "--no-progress"]
+    result = run("generate", "a cat", "--model", tiny_model_dir, "-o", tmp_path / "a.png", *args)
+    assert f"wrote {tmp_path / 'a.png'}" in result.output, result.output
+    assert "step/s" not in result.output and "%|" not in result.output, result.output
+
+
 def test_batches_with_cfg_and_one_negative_prompt(tiny_model_dir, tmp_path):
     """--negative-prompt serves every image of a --batch-size batch under CFG, as it does one at a time."""
     cfg = ["--guidance-scale", 2.0, "--negative-prompt", "blurry", "--seed", 5, 6, *BASE]

@@ -83,7 +83,13 @@ class ZImageGroup(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Log what the engine does.")
 def main(verbose: bool) -> None:
     """zimage: fast, PyTorch-native Z-Image text-to-image."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from ._common import FlagNames
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(FlagNames())
+    # A no-op where the root logger has handlers already (an embedding program, pytest).
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
 
 
 from .bench import bench  # noqa: E402

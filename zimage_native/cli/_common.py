@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import sys
@@ -40,6 +41,21 @@ _LIBRARY_NAME = re.compile(rf"(?:^|(?<=: )|(?<=; )|(?<=, )|(?<=\())({_NAMES})(?=
 def cli_message(message: str) -> str:
     """``message`` with the library argument names it starts a statement with replaced by their flags."""
     return _LIBRARY_NAME.sub(lambda m: LIBRARY_FLAGS[m.group(1) or m.group(2)], message)
+
+
+# In the engine's warnings an argument name is a whole word: the unambiguous ones (with an underscore)
+# are named by their flags on the command line ("guidance_scale 1 turns CFG on" -> "--guidance-scale 1 ...").
+_WARNING_NAME = re.compile(rf"(?<![\w.-])({'|'.join(k for k in LIBRARY_FLAGS if '_' in k)})(?![\w])")
+
+
+class FlagNames(logging.Filter):
+    """On the CLI's log handler: the engine's warnings name the flags the user types, not the library's
+    argument names."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("zimage_native") and record.levelno >= logging.WARNING:
+            record.msg, record.args = _WARNING_NAME.sub(lambda m: LIBRARY_FLAGS[m.group(1)], record.getMessage()), None
+        return True
 
 
 def _is_user_error(e: BaseException) -> bool:

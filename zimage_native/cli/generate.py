@@ -396,7 +396,9 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
             def step(i, n, _size=len(batch)):
                 nonlocal bar
                 if bar is None:
-                    bar = tqdm(total=n * len(batches), unit="step", disable=not o["progress"], desc="zimage")
+                    # disable=None: drawn on a terminal only, as the loading bars (a log file gets no redraws)
+                    bar = tqdm(total=n * len(batches), unit="step", disable=None if o["progress"] else True,
+                               desc="zimage")
                 bar.set_postfix_str(f"images {done}/{len(jobs)}")
                 bar.update(1)
 
