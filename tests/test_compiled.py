@@ -171,6 +171,43 @@ def test_graph_cache_is_lru_bounded_and_releases(fresh_pipe):
     assert not sampler.graphs and fake.released == 4
 
 
+def test_a_server_mix_of_caption_classes_is_captured_once_in_one_shared_pool(fresh_pipe, monkeypatch):
+    """Prompts falling in many 32-token caption classes at one size, with and without CFG, round after
+    round: every graph is captured once (with the old default cache of 8 graphs, each of pool of its
+    own, every request evicted and recaptured one). The default capture puts every graph in one pool."""
+    from zimage_native.accel import cuda_graphs
+    from zimage_native.model.sequence import ceil_to
+
+    sampler, fake = graphed(fresh_pipe, frozen=False)  # the default cache size
+    words = "red green blue cat dog tree house river mountain sky".split()
+    prompts, classes, n = [], set(), 1
+    while len(prompts) < 10:
+        prompt = " ".join(words[i % len(words)] for i in range(n))
+        tokens = len(fresh_pipe.text_encoder.tokenize(fresh_pipe.format_prompts([prompt]))[0])
+        if ceil_to(tokens) not in classes:
+            classes.add(ceil_to(tokens))
+            prompts.append(prompt)
+        n += 3
+    kw = {**KW, "num_inference_steps": 2, "output_type": "latent"}
+    for round_ in range(2):
+        for prompt in prompts:
+            for guidance in (0.0, 2.0):
+                fresh_pipe(prompt, guidance_scale=guidance, **kw)
+        if round_ == 0:
+            captured = sampler.captures
+    assert captured == sampler.captures == 20 and sampler.evictions == 0 and len(classes) == 10
+
+    pools, handles = [], []
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "graph_pool_handle", lambda: handles.append(object()) or handles[-1])
+    monkeypatch.setattr(cuda_graphs, "cuda_capture", lambda fn, pool=None: pools.append(pool) or cuda_graphs.Captured(
+        fn(), lambda: None))
+    default = cuda_graphs.GraphedSampler(fresh_pipe)
+    assert isinstance(default.capture, cuda_graphs.SharedPoolCapture)
+    for _ in range(3):
+        default.capture(lambda: torch.zeros(1))
+    assert len(handles) == 1 and pools == [handles[0]] * 3  # one pool, made once, for every capture
+
+
 def key_height(key):
     return next(spec[1][2] for spec in key[1] if spec[0] == "T" and len(spec[1]) == 4)
 

@@ -20,7 +20,14 @@ Guidance values (``guidance_scale`` and the CFG norm limit) are device tensors c
 part of the key: a new guidance value replays the same graph.
 
 The cache is bounded: at most ``max_graphs`` graphs, least recently used first out; an evicted
-graph is released (its memory pool returned to the allocator) before the next capture.
+graph is released before the next capture. All graphs of a sampler are captured into one memory
+pool (:class:`SharedPoolCapture`), so the pool holds about one graph's temporaries, not one set per
+graph, and a server can afford a graph per caption class (the default cache holds 32). Sharing is
+safe because no tensor in the pool carries data from one replay to another: a step graph's state
+lives in its static inputs (allocated outside the pool, and written by ``copy_``), a loop graph's
+output is cloned right after its replay and stays allocated (so no later capture takes its
+memory), and replays are serial on one stream. The GPU check's CFG case replays graphs out of
+capture order (the guided graph, captured second, then the plain one) against the eager run.
 
 The capture mechanism is a parameter (``capture=``, with ``new_event=``): :func:`cuda_capture` and
 CUDA events on a GPU; the CPU tests pass a re-running stand-in and a recording event to check the
@@ -43,7 +50,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 GRAPH_MODES = ("step", "loop")
-DEFAULT_MAX_GRAPHS = 8
+DEFAULT_MAX_GRAPHS = 32  # a caption class each (16) with and without CFG, for one size; one shared pool
 
 
 def graphs_problem(device: torch.device, offload: str) -> str | None:
@@ -94,17 +101,30 @@ class Captured:
     release: Callable[[], None] = lambda: None
 
 
-def cuda_capture(fn: Callable[[], torch.Tensor]) -> Captured:
-    """Warm up ``fn`` on a side stream, capture it in a CUDA graph with its own memory pool."""
+def cuda_capture(fn: Callable[[], torch.Tensor], pool=None) -> Captured:
+    """Warm up ``fn`` on a side stream, capture it in a CUDA graph, in memory pool ``pool`` (a
+    ``torch.cuda.graph_pool_handle()``; None: a pool of its own)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()  # warm-up: lazy init, autotuning and allocator growth happen outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
     return Captured(out, graph.replay, graph.reset)
+
+
+class SharedPoolCapture:
+    """:func:`cuda_capture` into one memory pool for every graph it captures (see the module doc)."""
+
+    def __init__(self):
+        self.pool = None
+
+    def __call__(self, fn: Callable[[], torch.Tensor]) -> Captured:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        return cuda_capture(fn, self.pool)
 
 
 def cuda_event():
@@ -140,14 +160,14 @@ def one_step_plan(plan, step):
 class GraphedSampler:
     """Capture-once, replay-many wrapper of ``pipe.run_steps``, with a bounded LRU graph cache."""
 
-    def __init__(self, pipe, capture: Callable[[Callable[[], torch.Tensor]], Captured] = cuda_capture,
+    def __init__(self, pipe, capture: Callable[[Callable[[], torch.Tensor]], Captured] | None = None,
                  mode: str = "step", max_graphs: int = DEFAULT_MAX_GRAPHS, new_event: Callable | None = None):
         if mode not in GRAPH_MODES:
             raise ValueError(f"graph mode must be one of {GRAPH_MODES}, got {mode!r}")
         if max_graphs < 1:
             raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
         self.pipe = pipe
-        self.capture = capture
+        self.capture = capture or SharedPoolCapture()
         self.mode = mode
         self.max_graphs = max_graphs
         self.new_event = new_event or cuda_event

@@ -77,8 +77,9 @@ speed = stack(
     click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
                  help="Capture the sampling loop as CUDA graphs, one per step kind and shape, replayed per step "
                       "(GPU)."),
-    click.option("--graph-cache-size", type=click.IntRange(min=1), default=8, show_default=True,
-                 help="At most this many CUDA graphs are kept (least recently used out, memory freed)."),
+    click.option("--graph-cache-size", type=click.IntRange(min=1), default=32, show_default=True,
+                 help="At most this many CUDA graphs are kept (least recently used out); they share one memory "
+                      "pool."),
     click.option("--fp8/--no-fp8", default=False, show_default=True, help="float8 e4m3 linears in the DiT (lossy)."),
     click.option("--vae-compile/--no-vae-compile", default=False, show_default=True,
                  help="Compile the VAE decode, its weights in channels_last."),
