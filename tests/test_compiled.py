@@ -297,7 +297,7 @@ def test_fp8_pipeline_converts_block_linears_and_stays_close(fp8_model_dir, fast
     assert quality > 20  # lossy, but the same image
 
 
-def test_fp8_quantises_activations_in_one_kernel_wherever_nothing_compiles_them(monkeypatch):
+def test_fp8_quantises_activations_in_one_kernel_wherever_nothing_compiles_them(monkeypatch, caplog):
     """Eager quantize_rows is nine passes over every activation: on a CUDA GPU with Triton, fp8 takes
     the one-pass kernel (the same bits) even without --kernels triton, unless compile fuses the
     eager code; on the CPU (no GPU kernels) and without Triton it stays eager."""
@@ -306,11 +306,29 @@ def test_fp8_quantises_activations_in_one_kernel_wherever_nothing_compiles_them(
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.setattr(accel, "triton_unavailable_reason", lambda: None)
     assert accel.fp8_quantize_kernel("triton", "blocks", cuda) and accel.fp8_quantize_kernel("triton", "off", cpu)
+    monkeypatch.setattr(accel, "quantizer_problem", lambda device: None)
     assert accel.fp8_quantize_kernel("none", "off", cuda)
+    monkeypatch.setattr(accel, "quantizer_problem", lambda device: "RuntimeError: PTX .version 8.7 does not support")
+    with caplog.at_level("WARNING", logger="zimage_native.accel"):
+        assert not accel.fp8_quantize_kernel("none", "off", cuda)  # not asked for: the eager twin, with a warning
+    assert "does not run here (RuntimeError: PTX .version 8.7" in caplog.text
     assert not accel.fp8_quantize_kernel("none", "blocks", cuda) and not accel.fp8_quantize_kernel("none", "full", cuda)
     assert not accel.fp8_quantize_kernel("none", "off", cpu)
     monkeypatch.setattr(accel, "triton_unavailable_reason", lambda: "the triton package is not installed")
     assert not accel.fp8_quantize_kernel("none", "off", cuda)
+
+
+def test_the_quantiser_probe_runs_the_kernel_and_reports_what_fails(monkeypatch):
+    pytest.importorskip("triton")
+    from zimage_native import accel
+
+    kernels = accel.load_kernels(interpret=not torch.cuda.is_available())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU: Triton's interpreter
+    kernels.reset_launch_counts()
+    assert accel.quantizer_problem(device) is None
+    assert kernels.launch_counts().get("quantize_fp8_rows") == 1
+    monkeypatch.setattr(accel, "load_kernels", lambda: (_ for _ in ()).throw(RuntimeError("no sm_120 in ptxas\nx")))
+    assert accel.quantizer_problem(device) == "RuntimeError: no sm_120 in ptxas"
 
 
 @needs_cpu_fp8

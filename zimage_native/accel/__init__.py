@@ -98,11 +98,29 @@ def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sd
 def fp8_quantize_kernel(kernels: str, compile: str, device: torch.device) -> bool:
     """Whether fp8 quantises its activations with ``zimage::quantize_fp8_rows`` (one pass) rather than
     ``accel.fp8.quantize_rows`` (eager PyTorch: nine passes over each activation, with an fp32 copy).
-    With the kernels always; without them too on a CUDA GPU where Triton imports and nothing compiles
-    the blocks (compiled, Inductor fuses the eager code into one pass). The two give the same bits."""
+    With the kernels always; without them too on a CUDA GPU where Triton imports, nothing compiles
+    the blocks (compiled, Inductor fuses the eager code into one pass) and the kernel builds and runs
+    (tried once on a small input; if not, a warning and the eager twin). The two give the same bits."""
     if kernels == "triton":
         return True
-    return compile == "off" and device.type == "cuda" and triton_unavailable_reason() is None
+    if compile != "off" or device.type != "cuda" or triton_unavailable_reason() is not None:
+        return False
+    problem = quantizer_problem(device)  # not asked for: it must build and run here, or the eager twin stays
+    if problem:
+        logger.warning("fp8: the one-pass activation quantiser zimage::quantize_fp8_rows does not run here (%s); "
+                       "using the eager PyTorch twin", problem)
+    return problem is None
+
+
+def quantizer_problem(device: torch.device) -> str | None:
+    """Why ``zimage::quantize_fp8_rows`` does not build or run on ``device`` (tried on a 16 x 16 input),
+    or None."""
+    try:
+        load_kernels()
+        torch.ops.zimage.quantize_fp8_rows(torch.ones(16, 16, device=device, dtype=torch.bfloat16))
+    except Exception as e:  # noqa: BLE001 - a Triton that cannot build for this GPU, a missing op
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
 
 
 def _device(model: nn.Module) -> torch.device:
