@@ -29,10 +29,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..quant_linear import FP8StoredLinear
-from ._kernels import AccelerationUnavailable
 from ..model.layers import FeedForward
 from ..model.transformer import Attention
+from ..quant_linear import FP8StoredLinear
+from ._kernels import AccelerationUnavailable
 from .fusions import FusedLinear
 
 FP8 = torch.float8_e4m3fn
