@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -330,8 +331,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
         metadata = {"format": "pt", "zimage_native.layout": dst_km.name, "zimage_native.component": plan.component,
                     **dst_km.metadata}
         dst_p.parent.mkdir(parents=True, exist_ok=True)
+        # Not tempfile's mkdtemp / mkstemp, which make private entries (0700 / 0600): what is renamed
+        # into place has the permissions the umask gives (_write sets its files' mode).
+        tmp = dst_p.parent / f".{dst_p.name}.tmp-{uuid.uuid4().hex[:8]}"
         if plan.folder:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{dst_p.name}.tmp-", dir=dst_p.parent))
+            tmp.mkdir()
             try:
                 _write(plan, tmp, ckpt, info, dst_km, out_dtype, baker, metadata)
                 _write_folder_extras(plan, tmp)
@@ -340,9 +344,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         else:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{dst_p.name}.tmp-", suffix=".safetensors", dir=dst_p.parent)
-            os.close(fd)
-            tmp = Path(tmp_name)
+            tmp = tmp.with_name(tmp.name + ".safetensors")
             try:
                 plan.shard_files = [tmp.name]
                 _write(plan, tmp.parent, ckpt, info, dst_km, out_dtype, baker, metadata)
@@ -356,9 +358,17 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str, 
         ckpt.close()
 
 
+def _umask() -> int:
+    """The process's umask: reading it means setting it, so set 0 and put it back at once."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write(plan: Plan, folder: Path, ckpt, info, dst_km, out_dtype, baker, metadata) -> None:
     """Stream the converted tensors into the planned shards, under a progress bar in bytes (on a
-    terminal, for components of ``loading.PROGRESS_MIN_BYTES`` or more)."""
+    terminal, for components of ``loading.PROGRESS_MIN_BYTES`` or more). The shards get the mode a
+    new file gets under the umask (safetensors writes them private, 0600)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -369,6 +379,7 @@ def _write(plan: Plan, folder: Path, ckpt, info, dst_km, out_dtype, baker, metad
     buffers: list[dict[str, torch.Tensor]] = [{} for _ in plan.shards]
     expected = {t.key: t for t in plan.tensors}
     total = plan.total_bytes
+    file_mode = 0o666 & ~_umask()
     bar = tqdm(total=total, desc=f"converting {plan.component}", unit="B", unit_scale=True, leave=False,
                disable=True if total < PROGRESS_MIN_BYTES else None)
     with bar:
@@ -381,6 +392,7 @@ def _write(plan: Plan, folder: Path, ckpt, info, dst_km, out_dtype, baker, metad
             remaining[i] -= 1
             if remaining[i] == 0:
                 save_file(buffers[i], str(folder / plan.shard_files[i]), metadata=metadata)
+                os.chmod(folder / plan.shard_files[i], file_mode)
                 buffers[i] = {}
     if any(remaining):
         raise RuntimeError("conversion ended before every planned tensor was written")

@@ -24,6 +24,14 @@ def rng():
     return torch.Generator().manual_seed(1234)
 
 
+@pytest.fixture
+def umask_027():
+    """Run the test under umask 027 (new files 0640, folders 0750), then restore the umask."""
+    old = os.umask(0o027)
+    yield 0o027
+    os.umask(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Z-Image model in the diffusers layout (built once per test session)."""

@@ -95,6 +95,16 @@ def test_existing_file_is_not_overwritten_without_flag(tiny_model_dir, tmp_path)
     assert out.read_bytes() != b"keep"
 
 
+def test_images_get_the_umask_permissions(tiny_model_dir, tmp_path, umask_027):
+    """The image is written to a temporary file and renamed into place: it has the permissions any
+    new file gets under the umask (not tempfile's private 0600), and no temporary file is left."""
+    out = tmp_path / "new" / "x.png"
+    run("generate", "a cat", "--model", tiny_model_dir, "-o", out, *BASE)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask_027
+    assert out.parent.stat().st_mode & 0o777 == 0o777 & ~umask_027
+    assert [p.name for p in out.parent.iterdir()] == ["x.png"]
+
+
 def test_a_bad_request_is_named_before_the_outputs_are_touched(tiny_model_dir, tmp_path):
     """The request's own mistake first: an existing output does not hide a bad width, and a bad
     request creates no output folder."""

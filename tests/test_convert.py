@@ -231,6 +231,17 @@ def test_existing_output_is_refused_unless_forced(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "vae"]  # no temporary leftovers
 
 
+def test_outputs_get_the_umask_permissions(tiny_model_dir, tmp_path, umask_027):
+    """A converted file or folder is written next to its destination and renamed into place: it has
+    the permissions any new file or folder gets under the umask (not tempfile's private 0600 / 0700)."""
+    convert_checkpoint(tiny_model_dir / "vae", tmp_path / "ae.safetensors", "ldm")
+    convert_checkpoint(tiny_model_dir / "vae", tmp_path / "vae", "diffusers")
+    assert (tmp_path / "ae.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask_027
+    assert (tmp_path / "vae").stat().st_mode & 0o777 == 0o777 & ~umask_027
+    for f in (tmp_path / "vae").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask_027, f.name
+
+
 @pytest.mark.parametrize("dst", ["out.safetensors", "folder"])
 def test_failed_write_leaves_nothing_and_keeps_the_old_output(tiny_model_dir, tmp_path, monkeypatch, dst):
     import safetensors.torch

@@ -7,7 +7,7 @@ import logging
 import os
 import re
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 
 import click
@@ -112,16 +112,18 @@ def check_writable_folder(folder: Path, flag: str) -> None:
 
 
 def save_image_atomic(image, path: Path, **save_kwargs) -> None:
-    """Write a PNG next to its destination, then rename: no partial or empty file on failure."""
+    """Write a PNG next to its destination, then rename: no partial or empty file on failure. The
+    file is made by ``open`` (not ``tempfile.mkstemp``, whose files are private), so it has the
+    permissions the umask gives any new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    f = open(tmp, "xb")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with f:
             image.save(f, format="PNG", **save_kwargs)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 
