@@ -101,3 +101,15 @@ def test_info_reports_components(tiny_model_dir):
     assert peaks["--text-encoder-quant int8"] < peaks["everything resident"]
     assert "--text-encoder-quant int4" not in peaks  # widths of 48: no int4
     assert "GPU weights at the peak in bf16" in table and "--offload blocks --text-encoder-quant int8" in table
+
+
+def test_version_is_the_package_version_not_the_installed_metadata(monkeypatch):
+    """An editable install keeps the metadata of its last `pip install` (stale after a version bump):
+    --version prints the code's zimage_native.__version__."""
+    import importlib.metadata
+
+    import zimage_native
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.0-stale")
+    result = CliRunner().invoke(main, ["--version"], prog_name="zimage")
+    assert result.exit_code == 0 and result.output == f"zimage, version {zimage_native.__version__}\n"

@@ -12,6 +12,8 @@ import sys
 
 import click
 
+from .. import __version__
+
 
 #: The predecessor's flags (docs/cli.md, "Coming from the predecessor") that are spelled otherwise here.
 PREDECESSOR_FLAGS = {
@@ -79,7 +81,7 @@ class ZImageGroup(click.Group):
 
 
 @click.group(cls=ZImageGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="zimage-native")
+@click.version_option(version=__version__, prog_name="zimage")
 @click.option("-v", "--verbose", is_flag=True, help="Log what the engine does.")
 def main(verbose: bool) -> None:
     """zimage: fast, PyTorch-native Z-Image text-to-image."""
