@@ -219,7 +219,11 @@ width = 32
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("[default]\nwidht = 64\n", "unknown key 'widht'"),
+        ("[default]\nwidht = 64\n",
+         "[default].widht: unknown key 'widht' for `zimage generate`; did you mean 'width'?"),
+        ("[default]\nzzz = 64\n", "unknown key 'zzz' for `zimage generate`\n"),  # nothing close: no suggestion
+        ("[default]\nvae = \"nope.safetensors\"\n", "[default].vae: Path 'nope.safetensors' does not exist (relative "
+         "paths are read from the current folder"),
         ("[default]\nwidth = \"wide\"\n", "'width' has the wrong type"),
         ("[default]\ntiled_vae = 3\n", "'tiled_vae' must be true or false"),
         ("[default]\nwidth = 64\n[x]\nheight = 1.5\n", "'height' has the wrong type"),
@@ -346,7 +350,10 @@ def test_unknown_profile_lists_the_tables(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text("[default]\n[h100]\n")
     result = run("generate", "a cat", "--config", config, "--profile", "a100", ok=False)
-    assert "no profile [a100]" in result.output and "h100" in result.output
+    assert result.output.endswith("no profile [a100]; its profiles are h100\n"), result.output
+    config.write_text("[default]\nwidth = 32\n")
+    result = run("generate", "a cat", "--config", config, "--profile", "a100", ok=False)
+    assert result.output.endswith("no profile [a100]; it has no profiles, only [default]\n"), result.output
 
 
 def test_shipped_example_config_is_valid(tmp_path, monkeypatch):
@@ -500,9 +507,11 @@ def test_a_shipped_profile_alone_and_its_gguf_path_replaced_by_the_flag(tiny_mod
     result = run(*common, "-o", tmp_path / "b.png", ok=False)
     assert result.exit_code == 1 and not (tmp_path / "b.png").exists()
     line = result.output.strip().splitlines()[-1]
-    assert line.startswith("Error: ") and "config.example.toml: [12gb].transformer" in line
+    assert line.startswith("Error: ") and "config.example.toml: [12gb].transformer: Path " in line
     assert "models/z_image_turbo-Q6_K.gguf' does not exist (relative paths are read from the current folder, " \
-           f"{tmp_path}; --transformer on the command line replaces it)" in line
+           f"{tmp_path}; --transformer on the command line replaces it); download a GGUF DiT there, for example " \
+           "from jayn7/Z-Image-Turbo-GGUF on the Hugging Face Hub" in line
+    assert "wrong type" not in line
 
 
 def test_compile_for_a_single_image_says_what_it_costs(tiny_model_dir, tmp_path, monkeypatch):

@@ -570,7 +570,8 @@ def test_serve_cli_checks_options_and_reads_profiles(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["serve", "--config", str(config)])
     assert result.exit_code == 1 and "unknown key 'bogus'" in result.output
     result = CliRunner().invoke(main, ["serve", "--profile", "x"])  # alone: a profile of the shipped example
-    assert result.exit_code == 1 and "config.example.toml: no profile [x]; the file has [" in result.output
+    assert result.exit_code == 1 and "config.example.toml: no profile [x]; its profiles are 12gb, 16gb, 8gb, h100," \
+        in result.output
 
     monkeypatch.undo()  # the real run_server: these fail before anything is loaded or bound
     for args, words in ((["--queue-size", "-1"], "--queue-size"), (["--min-side", "8"], "--min-side"),

@@ -6,12 +6,13 @@ A config file holds a ``[default]`` table and any number of profile tables (``[h
 ``--profile NAME`` are applied on top of ``[default]``. Precedence: built-in defaults < config
 (default, then profile) < values from ``--from-image`` < flags given on the command line.
 
-An unknown key or a value of the wrong type raises an error that names the file, the table and
-the key.
+An unknown key (with the closest key name, for a typo) or a value of the wrong type raises an
+error that names the file, the table and the key.
 """
 
 from __future__ import annotations
 
+import difflib
 import sys
 from pathlib import Path
 from typing import Any
@@ -112,10 +113,12 @@ def read_profile(path: Path, profile: str | None) -> dict[str, tuple[Any, str]]:
         raise ValueError(f"{path}: invalid TOML ({e}){hint}") from None
     values: dict[str, tuple[Any, str]] = {}
     _flatten(data.get("default", {}), f"{path}: [default]", values)
+    # [default] is no profile (it always applies), though `--profile default` is accepted: [default] alone.
     if profile and profile != "default":
         if profile not in data:
-            tables = sorted(k for k, v in data.items() if isinstance(v, dict))
-            raise ValueError(f"{path}: no profile [{profile}]; the file has {tables}")
+            profiles = sorted(k for k, v in data.items() if isinstance(v, dict) and k != "default")
+            which = f"its profiles are {', '.join(profiles)}" if profiles else "it has no profiles, only [default]"
+            raise ValueError(f"{path}: no profile [{profile}]; {which}")
         _flatten(data[profile], f"{path}: [{profile}]", values)
     return values
 
@@ -136,10 +139,13 @@ def convert(ctx: click.Context, values: dict[str, tuple[Any, str]]) -> dict[str,
     whose flag is given on the command line is only checked to exist: the flag replaces its value
     (a profile's GGUF path that is not there, with --transformer given, is no error)."""
     params = option_keys(ctx.command)
+    keys = sorted(k for k, p in params.items() if k not in NOT_CONFIGURABLE and p.name not in NOT_CONFIGURABLE)
     out = {}
     for key, (value, where) in values.items():
-        if key in NOT_CONFIGURABLE or key not in params or params[key].name in NOT_CONFIGURABLE:
-            raise ValueError(f"{where}: unknown key '{key}' for `zimage {ctx.command.name}`")
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"{where}: unknown key '{key}' for `zimage {ctx.command.name}`{hint}")
         param = params[key]
         if ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
             continue
@@ -158,11 +164,14 @@ def convert(ctx: click.Context, values: dict[str, tuple[Any, str]]) -> dict[str,
         try:
             out[param.name] = param.type_cast_value(ctx, value)
         except click.BadParameter as e:
+            message = e.message.rstrip(".")
+            if "does not exist" not in message:
+                raise ValueError(f"{where}: '{key}' has the wrong type or value: {message}") from None
             hint = ""
-            if "does not exist" in e.message:
-                hint = (f" (relative paths are read from the current folder, {Path.cwd()}; "
-                        f"--{param.name.replace('_', '-')} on the command line replaces it)")
-            raise ValueError(f"{where}: '{key}' has the wrong type or value: {e.message.rstrip('.')}{hint}") from None
+            if param.name == "transformer" and str(value).lower().endswith(".gguf"):
+                hint = "; download a GGUF DiT there, for example from jayn7/Z-Image-Turbo-GGUF on the Hugging Face Hub"
+            raise ValueError(f"{where}: {message} (relative paths are read from the current folder, {Path.cwd()}; "
+                             f"--{param.name.replace('_', '-')} on the command line replaces it){hint}") from None
     return out
 
 
