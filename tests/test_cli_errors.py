@@ -43,6 +43,15 @@ def test_the_predecessors_flags_say_what_they_are_here(command):
     assert "--offload model" in one_line_error(command, *prompt, "--cpu-offload")
 
 
+@pytest.mark.parametrize("args, command", [
+    (["generate", "a cat", "-v"], "generate"), (["generate", "a cat", "--verbose"], "generate"),
+    (["templates", "list", "-v"], "templates list"),
+])
+def test_verbose_after_the_command_says_it_goes_before(args, command):
+    assert one_line_error(*args) == f"Error: No such option '{args[-1]}': -v/--verbose goes before the command: " \
+                                    f"zimage -v {command} ..."
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", "a cat", "--device", "cpu", "--steps", "0"], "Error: --steps must be an integer >= 1, got 0"),
     (["generate", "a cat", "--device", "cpu", "--guidance-scale", "-2"], "Error: --guidance-scale must be >= 0"),

@@ -30,13 +30,18 @@ PREDECESSOR_FLAGS = {
 def _one_line(e: click.UsageError) -> click.ClickException:
     """click's usage errors (no such file, bad choice, unknown option) as one line, exit status 1,
     like every other input error of the CLI; the line names the command's --help, or for a flag of
-    the predecessor project what it is here."""
+    the predecessor project what it is here, or for -v after a command where it goes."""
     from ._common import UserError
 
     where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
     if isinstance(e, click.NoSuchOption) and e.option_name in PREDECESSOR_FLAGS:
         return UserError(f"No such option '{e.option_name}': the predecessor's {e.option_name} is "
                          f"{PREDECESSOR_FLAGS[e.option_name]} here{where}")
+    if isinstance(e, click.NoSuchOption) and e.option_name in ("-v", "--verbose") and e.ctx and e.ctx.parent:
+        root = e.ctx.find_root().info_name
+        command = e.ctx.command_path[len(root):].strip()
+        return UserError(f"No such option '{e.option_name}': -v/--verbose goes before the command: "
+                         f"{root} -v {command} ...")
     return UserError(e.format_message().splitlines()[0] + where)
 
 
