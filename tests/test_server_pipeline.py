@@ -160,8 +160,12 @@ def test_a_repeated_prompt_is_not_sent_to_the_remote_encoder_again(remote, tiny_
 
 
 def test_remote_errors_are_clear(served):
-    with pytest.raises(RemoteEncoderError, match="HTTP 401"):
+    with pytest.raises(RemoteEncoderError, match=r"HTTP 401: .*; pass the server's --token with --encoder-token "
+                                                 r"TOKEN \(or set ZIMAGE_ENCODER_TOKEN\)$"):
         RemoteTextEncoder(served.url).encode(["x"])
+    with pytest.raises(RemoteEncoderError, match=r"HTTP 401: .*; the token given is not the server's --token \(check "
+                                                 r"--encoder-token or ZIMAGE_ENCODER_TOKEN\)$"):
+        RemoteTextEncoder(served.url, token="wrong").encode(["x"])
     with pytest.raises(RemoteEncoderError, match="HTTP 422: max_sequence_length"):
         RemoteTextEncoder(served.url, token=TOKEN).encode(["x"], 100_000)
     with pytest.raises(RemoteEncoderError, match="cannot reach"):

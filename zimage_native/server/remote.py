@@ -137,7 +137,12 @@ class RemoteTextEncoder:
                 message = json.loads(detail)["error"]["message"]
             except Exception:  # noqa: BLE001 - any non-JSON error body
                 message = detail.decode("utf-8", "replace")[:200] or e.reason
-            raise RemoteEncoderError(f"{method} {self.url}{path}: HTTP {e.code}: {message}") from None
+            hint = ""
+            if e.code == 401:  # the token the encoder server was started with (its --token)
+                hint = ("; the token given is not the server's --token (check --encoder-token or ZIMAGE_ENCODER_TOKEN)"
+                        if self.token else
+                        "; pass the server's --token with --encoder-token TOKEN (or set ZIMAGE_ENCODER_TOKEN)")
+            raise RemoteEncoderError(f"{method} {self.url}{path}: HTTP {e.code}: {message}{hint}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise RemoteEncoderError(f"cannot reach the text encoder at {self.url}: {reason}") from None
