@@ -332,8 +332,8 @@ def test_host_memory_reads_meminfo_and_a_containers_limit(tmp_path):
 @pytest.mark.parametrize("cuda_build,nvidia,expected", [
     (None, True, "this machine has an NVIDIA GPU but torch .* is a CPU-only build: install a CUDA build of torch"),
     ("12.8", True, "is built for CUDA 12.8 but cannot use this machine's NVIDIA GPU: check the driver with nvidia-smi"),
-    (None, False, r"^the model runs on the CPU, which takes minutes per image at 1024x1024 \(device cpu, asked for "
-                  r"explicitly, silences this\): no CUDA GPU is visible to torch$"),
+    (None, False, r"^the model runs on the CPU, which takes minutes per image at 1024x1024 \(pass --device cpu, or "
+                  r"device=\"cpu\" in Python, to silence this warning\): no CUDA GPU is visible to torch$"),
 ])
 def test_falling_back_to_the_cpu_says_why(monkeypatch, caplog, cuda_build, nvidia, expected):
     monkeypatch.setattr(torch.version, "cuda", cuda_build)

@@ -321,5 +321,5 @@ def warn_if_cpu_fallback(requested: str | torch.device | None, device: torch.dev
     model there takes minutes per image."""
     if device.type != "cpu" or (requested is not None and str(requested) != "auto"):
         return
-    logger.warning("the model runs on the CPU, which takes minutes per image at 1024x1024 (device cpu, asked for "
-                   "explicitly, silences this): %s", gpu_missing_reason())
+    logger.warning("the model runs on the CPU, which takes minutes per image at 1024x1024 (pass --device cpu, or "
+                   "device=\"cpu\" in Python, to silence this warning): %s", gpu_missing_reason())
