@@ -116,6 +116,44 @@ def test_each_card_size_gets_the_profile_made_for_it(gpus, monkeypatch, card_gib
         assert f": --profile {profile} (" in line
 
 
+def test_what_runs_on_the_cpu_only_as_a_dry_run_says_so(monkeypatch):
+    """--fp8 and --offload blocks run on the CPU (fp8 through its torch._scaled_mm, the streaming as a
+    dry run): "yes", with what that means there; with a GPU, a plain "yes"."""
+    from zimage_native.accel import fp8
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(fp8, "cpu_rowwise_scaled_mm", lambda: True)
+    out = run()
+    assert "  --fp8: yes, on the CPU slowly (torch._scaled_mm's CPU path: for tests and dry runs); on a GPU it " \
+           "needs fp8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackwell)\n" in out
+    assert "  --offload blocks (streamed from pinned memory): yes, on the CPU as a dry run (the blocks stay in CPU " \
+           "memory: nothing is saved); on a CUDA GPU it keeps two DiT blocks there at a time\n" in out
+    data = json.loads(run("--json"))["runs_here"]
+    assert data["--fp8"]["runs"] is True and data["--fp8"]["note"].startswith("on the CPU slowly")
+    assert data["--cuda-graphs"] == {"runs": False, "why": "needs a CUDA GPU"}
+    monkeypatch.setattr(fp8, "cpu_rowwise_scaled_mm", lambda: False)  # torch 2.11's CPU _scaled_mm
+    assert "  --fp8: no, fp8 on the CPU needs a PyTorch whose CPU torch._scaled_mm takes per-row scales" in run()
+
+
+def test_with_a_gpu_blocks_offload_is_a_plain_yes(gpus):
+    out = run()
+    assert "  --offload blocks (streamed from pinned memory): yes\n" in out and "dry run" not in out
+
+
+@pytest.mark.parametrize("free_gb, cached, says", [
+    (10, False, "Tongyi-MAI/Z-Image-Turbo not downloaded (about 33 GB on first use, more than is free on that disk: "
+                "make room, or set HF_HOME to a folder on a larger disk)"),
+    (100, False, "Tongyi-MAI/Z-Image-Turbo not downloaded (about 33 GB on first use)"),
+    (10, True, "Tongyi-MAI/Z-Image-Turbo cached\n"),
+])
+def test_the_cache_line_says_when_the_download_would_not_fit(monkeypatch, free_gb, cached, says):
+    cache = {"path": "/cache", "offline": False, "models": {"Tongyi-MAI/Z-Image-Turbo": cached},
+             "free_bytes": free_gb * 10**9}
+    monkeypatch.setattr(environment, "hub_cache", lambda: cache)
+    out = run()
+    assert f"Hugging Face cache: /cache, {free_gb}.00 GB free on its disk; {says}" in out
+
+
 def test_a_cpu_only_torch_on_a_machine_with_an_nvidia_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", None)

@@ -35,6 +35,19 @@ PACKAGES = {
     "diffusers": ("diffusers",),
 }
 
+#: About what a first use of a released model downloads (Z-Image-Turbo, Z-Image: bf16 weights and the rest).
+DOWNLOAD_BYTES = 33 * 10**9
+
+#: Accelerations that run on the CPU only as tests and dry runs of their code path: what their "yes"
+#: there means.
+CPU_NOTES = {
+    "--fp8": "on the CPU slowly (torch._scaled_mm's CPU path: for tests and dry runs); on a GPU it needs fp8 "
+             "tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackwell)",
+    "--offload blocks (streamed from pinned memory)": "on the CPU as a dry run (the blocks stay in CPU memory: "
+                                                      "nothing is saved); on a CUDA GPU it keeps two DiT blocks there "
+                                                      "at a time",
+}
+
 
 def package_version(names: tuple[str, ...]) -> str | None:
     for name in names:
@@ -131,7 +144,7 @@ def verdicts(rep: dict[str, Any]) -> list[tuple[str, str | None]]:
     from .accel._kernels import triton_unavailable_reason
     from .accel.attention_backends import BACKENDS, unavailable_reason
     from .accel.compile import gpu_compile_problem
-    from .accel.fp8 import gpu_fp8_problem
+    from .accel.fp8 import cpu_fp8_problem, gpu_fp8_problem
     from .devices import gpu_missing_reason
 
     usable = [g for g in rep["gpus"] if "error" not in g]
@@ -156,9 +169,10 @@ def verdicts(rep: dict[str, Any]) -> list[tuple[str, str | None]]:
         compile_problem = "torch.compile on the CPU needs a C++ compiler (none found on PATH)"
     out.append(("--compile blocks / full", compile_problem))
     out.append(("--cuda-graphs", no_gpu if gpu is None else None))
-    fp8 = no_gpu
     if gpu is not None:
         fp8 = gpu_fp8_problem(tuple(gpu["compute_capability"]), gpu["name"], {torch.bfloat16})
+    else:
+        fp8 = cpu_fp8_problem()
     out.append(("--fp8", fp8))
     for backend in BACKENDS:
         if backend == "sdpa":
@@ -166,8 +180,13 @@ def verdicts(rep: dict[str, Any]) -> list[tuple[str, str | None]]:
             continue
         reason = no_gpu if gpu is None else unavailable_reason(backend, device, torch.bfloat16, 128)
         out.append((f"--attention {backend}", reason))
-    out.append(("--offload blocks (streamed from pinned memory)", no_gpu if gpu is None else None))
+    out.append(("--offload blocks (streamed from pinned memory)", None))  # on the CPU, a dry run
     return out
+
+
+def notes(rep: dict[str, Any]) -> dict[str, str]:
+    """What a verdict's "yes" means where it needs saying (without a usable GPU: :data:`CPU_NOTES`)."""
+    return {} if any("error" not in g for g in rep["gpus"]) else CPU_NOTES
 
 
 def lines(rep: dict[str, Any]) -> list[str]:
@@ -203,14 +222,21 @@ def lines(rep: dict[str, Any]) -> list[str]:
     out.append("packages: " + ", ".join(f"{name} {version or 'not installed'}"
                                         for name, version in rep["packages"].items()))
     cache = rep["hub_cache"]
-    held = ", ".join(f"{repo} {'cached' if yes else 'not downloaded (about 33 GB on first use)'}"
-                     for repo, yes in cache["models"].items())
+    held = ", ".join(f"{repo} {'cached' if yes else 'not downloaded'}" for repo, yes in cache["models"].items())
+    missing = [repo for repo, yes in cache["models"].items() if not yes]
+    if missing:
+        short = cache["free_bytes"] is not None and cache["free_bytes"] < DOWNLOAD_BYTES
+        room = ", more than is free on that disk: make room, or set HF_HOME to a folder on a larger disk"
+        held += f" (about {DOWNLOAD_BYTES / 1e9:.0f} GB {'each ' if len(missing) > 1 else ''}on first use" \
+                f"{room if short else ''})"
     free = f", {format_bytes(cache['free_bytes'])} free on its disk" if cache["free_bytes"] is not None else ""
     out.append(f"Hugging Face cache: {cache['path']}{' (offline)' if cache['offline'] else ''}{free}; {held}")
     out.append(f"example config (--profile NAME): {EXAMPLE_CONFIG}")
     out.append("what runs here:")
+    said = notes(rep)
     for what, why in verdicts(rep):
-        out.append(f"  {what}: {'yes' if why is None else 'no, ' + why}")
+        yes = f"yes, {said[what]}" if what in said else "yes"
+        out.append(f"  {what}: {yes if why is None else 'no, ' + why}")
     for gpu in (g for g in rep["gpus"] if "error" not in g):
         room = gpu["total_bytes"] * (1 - HEADROOM)
         fits = [(name, peak) for name, peak in released_peaks() if peak <= room]

@@ -66,10 +66,8 @@ def check_fp8_supported(model: nn.Module) -> None:
     param = next(model.parameters(), None)
     if param is None:
         return
-    if param.device.type == "cpu" and not cpu_rowwise_scaled_mm():
-        raise AccelerationUnavailable(
-            f"fp8 on the CPU needs a PyTorch whose CPU torch._scaled_mm takes per-row scales (2.13 does; this is "
-            f"{torch.__version__}); fp8 is meant for GPUs with fp8 tensor cores (Ada, Hopper, Blackwell)")
+    if param.device.type == "cpu" and cpu_fp8_problem():
+        raise AccelerationUnavailable(cpu_fp8_problem())
     if param.device.type != "cuda":
         return
     dtypes = {m.weight.dtype for name, m in model.named_modules() if type(m) is nn.Linear and _in_block(name)}
@@ -77,6 +75,14 @@ def check_fp8_supported(model: nn.Module) -> None:
                               dtypes)
     if problem:
         raise AccelerationUnavailable(problem)
+
+
+def cpu_fp8_problem() -> str | None:
+    """Why fp8 cannot run on the CPU (None if it can, slowly: for tests and dry runs)."""
+    if cpu_rowwise_scaled_mm():
+        return None
+    return (f"fp8 on the CPU needs a PyTorch whose CPU torch._scaled_mm takes per-row scales (2.13 does; this is "
+            f"{torch.__version__}); fp8 is meant for GPUs with fp8 tensor cores (Ada, Hopper, Blackwell)")
 
 
 def gpu_fp8_problem(capability: tuple[int, int], name: str, dtypes: set[torch.dtype]) -> str | None:

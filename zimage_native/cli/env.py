@@ -12,11 +12,13 @@ import click
 def env(as_json: bool) -> None:
     """Show the versions, GPUs, memory and packages the engine sees, which accelerations can run
     here (and why not), and which example profile fits each GPU. Include it in bug reports."""
-    from ..environment import lines, report, verdicts
+    from ..environment import lines, notes, report, verdicts
 
     rep = report()
     if as_json:
-        rep["runs_here"] = {what: {"runs": why is None, "why": why} for what, why in verdicts(rep)}
+        said = notes(rep)
+        rep["runs_here"] = {what: {"runs": why is None, "why": why, **({"note": said[what]} if what in said else {})}
+                            for what, why in verdicts(rep)}
         click.echo(json.dumps(rep, indent=2))
         return
     for line in lines(rep):
