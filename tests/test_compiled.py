@@ -3,6 +3,7 @@ CUDA-graph wrapper's bookkeeping (with a stand-in capture), fp8 linears and the 
 
 from __future__ import annotations
 
+import re
 import weakref
 
 import pytest
@@ -617,6 +618,10 @@ def test_bench_skips_the_default_rungs_that_cannot_run_and_refuses_named_ones(tm
     assert all(line.endswith(": skipped") for line in skipped)
     payload = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
     assert [r["rung"] for r in payload["rows"]] == ["eager"]
+    # the row as it is done, rounded for people (the JSON keeps the exact values); where the CSV went
+    assert re.search(r"^row done: zimage-native eager 32: denoise \d+\.\d{3} s, e2e \d+\.\d{3} s, "
+                     r"cold \d+\.\d{3} s, PSNR inf$", result.output, re.M), result.output
+    assert f"\nappended 1 row(s) to {tmp_path / 'e2e.csv'}\n" in result.output
 
     result = CliRunner().invoke(main, [*base, "--rungs", "eager", "--rungs", "cuda_graphs"])
     assert result.exit_code == 1

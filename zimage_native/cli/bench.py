@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -9,6 +10,17 @@ import click
 from ._common import user_errors
 
 RUNG_NAMES = ("eager", "kernels", "compile", "cuda_graphs", "vae", "fp8")  # = zimage_native.bench.RUNG_NAMES
+
+
+def row_line(row) -> str:
+    """A finished row for the terminal, rounded (the JSON line and the CSV rows keep the values)."""
+    def seconds(v):
+        return "-" if v is None else f"{v:.3f} s"
+
+    psnr = row.psnr_db
+    psnr = "-" if psnr is None else "inf" if math.isinf(psnr) else f"{psnr:.1f} dB"
+    return (f"row done: {row.engine} {row.rung} {row.size}: denoise {seconds(row.denoise_s)}, "
+            f"e2e {seconds(row.e2e_s)}, cold {seconds(row.cold_start_s)}, PSNR {psnr}")
 
 
 @click.command()
@@ -64,10 +76,9 @@ def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffuse
             click.echo(f"{line}: skipped", err=True)
     rows, env, checks = b.ladder(pipe, full_qwen, sizes=sizes, steps=steps, repeats=repeats,
                                  rungs=ladder, with_diffusers=with_diffusers, big_size=big_size,
-                                 on_row=lambda row: click.echo(f"row done: {row.engine} {row.rung} {row.size}: "
-                                                               f"denoise {row.denoise_s} s, e2e {row.e2e_s} s, "
-                                                               f"cold {row.cold_start_s} s, PSNR {row.psnr_db}"))
+                                 on_row=lambda row: click.echo(row_line(row)))
     click.echo(b.report(rows, env, out, checks))
+    click.echo(f"appended {len(rows)} row(s) to {out / 'e2e.csv'}")
     if check:
         failures, passes = b.verdicts(checks, gpu=dev.type == "cuda")
         for line in passes + failures:
