@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
