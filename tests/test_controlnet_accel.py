@@ -139,7 +139,7 @@ def test_the_branchs_compiled_blocks_count_against_the_one_recompile_limit(fresh
     for prompts in ("a cat", ["a cat", long]):  # batch 1; batch 2 mixing caption lengths (masked)
         pipe(prompts, control_image=control, **KW)
         assert counter.frame_count <= len(classes.seen), (counter.frame_count, list(classes.seen))
-    kinds = {key[0] for key in classes.seen}
+    kinds = {key[0][0] for key in classes.seen}
     assert kinds == {"TransformerBlock", "ControlTransformerBlock"}
     per_batch = {}
     for key in classes.seen:

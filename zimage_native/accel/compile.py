@@ -44,8 +44,9 @@ SHAPE_POLICIES = ("dynamic", "static")
 
 # Shape classes the engine can produce, per batch size and resolution (see CompiledBlock): block
 # variants = the DiT's (modulated, unmodulated) x (unmasked, masked), and a ControlNet's blocks
-# (modulated) x (unmasked, masked); caption classes = 512 / 32.
-BLOCK_VARIANTS = 4 + 2
+# (with before_proj, without: some PyTorch versions guard the submodule count) x (unmasked, masked);
+# caption classes = 512 / 32.
+BLOCK_VARIANTS = 4 + 4
 CAPTION_CLASSES = 16
 BATCH_CLASSES = 8  # distinct batch sizes a process is expected to serve before a warning
 RESOLUTIONS = 4  # distinct resolutions (static policy only)
@@ -56,7 +57,7 @@ def recompile_limit_for(shapes: str) -> int:
     if shapes == "dynamic":
         return BLOCK_VARIANTS * BATCH_CLASSES
     dit = (1 + 2 * CAPTION_CLASSES) * 2  # noise refiner + (context refiner, main) x caption classes, x masks
-    controlnet = (1 + CAPTION_CLASSES) * 2  # its refiner + its layers x caption classes, x masks
+    controlnet = (1 + CAPTION_CLASSES) * 2 * 2  # its refiner + its layers x caption classes, x masks, x before_proj
     return (dit + controlnet) * BATCH_CLASSES * RESOLUTIONS
 
 
@@ -145,12 +146,16 @@ class CompiledBlock:
         self.compiled = compiled
         self.classes = classes
         self.dynamic = dynamic
+        # What dynamo guards about the block itself: its type and its submodules (a ControlNet chain's
+        # first block has a before_proj, the others none; torch 2.6 guards the count).
+        self.kind = type(block).__name__
+        self.structure = (self.kind, tuple(block._modules))
 
     def __call__(self, x, rope, mask, c=None, mod=None):
         modulated = mod is not None or c is not None
         seq = None if self.dynamic else x.shape[1]
-        kind = type(self.block).__name__
-        key = (kind, modulated, x.shape[0], seq, mask is not None, x.dtype)
+        kind = self.kind
+        key = (self.structure, modulated, x.shape[0], seq, mask is not None, x.dtype)
         self.classes.note(key, lambda: (f"({kind} {'modulated' if modulated else 'unmodulated'}, batch {x.shape[0]}, "
                                         f"sequence {x.shape[1]}, {'masked' if mask is not None else 'no mask'}, "
                                         f"{str(x.dtype).removeprefix('torch.')})"))
