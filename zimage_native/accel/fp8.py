@@ -7,7 +7,8 @@ output in the activation dtype. ``torch._scaled_mm`` is used directly rather tha
 one call, it is in every PyTorch the engine supports, and it needs no extra dependency.
 
 The per-token activation quantisation is one pass: the Triton kernel ``zimage::quantize_fp8_rows``
-(``kernels/quantize_fp8.py``) when the kernels are on, else :func:`quantize_rows` in PyTorch.
+(``kernels/quantize_fp8.py``) where ``accel.fp8_quantize_kernel`` chooses it (the kernels on, or a
+CUDA GPU with nothing compiled), else :func:`quantize_rows` in PyTorch (which compile fuses).
 The fused q|k|v and w1|w3 GEMMs (``accel.fusions``) stay fused: the fused weight is quantised as
 one matrix (its rows keep their own scales), so one activation is quantised once per fusion, and
 the original linears become fp8 views of it (same names, no extra memory). An fp8 file's layers
