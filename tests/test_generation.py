@@ -84,6 +84,12 @@ def test_variant_detection_and_defaults(tiny_model_dir):
     assert detect_variant("Tongyi-MAI/Z-Image-Turbo", SchedulerConfig(shift=3.0)) == "turbo"
     assert detect_variant("Tongyi-MAI/Z-Image", SchedulerConfig(shift=6.0)) == "base"
     assert detect_variant("/models/zimage", SchedulerConfig(shift=6.0)) == "base"
+    assert detect_variant("/models/zimage/", SchedulerConfig(shift=3.0)) == "turbo"  # the folder's scheduler says
+    single = SchedulerConfig()  # what single files get
+    for name, variant in (("z_image_bf16.safetensors", "base"), ("z_image-Q8_0.gguf", "base"),
+                          ("z_image_turbo_bf16.safetensors", "turbo"), ("z-image-turbo-Q4_K_M.gguf", "turbo"),
+                          ("my_finetune.safetensors", "turbo")):
+        assert detect_variant(f"/comfy/z_image_turbo/../models/{name}", single, single_file=True) == variant, name
     pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", variant="base")
     assert pipe.defaults.num_inference_steps == 50 and pipe.defaults.guidance_scale == 4.0
     calls = []
@@ -92,6 +98,34 @@ def test_variant_detection_and_defaults(tiny_model_dir):
     assert calls[-1] == (50, 50)
     with pytest.raises(ValueError, match="variant"):
         ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", variant="large")
+
+
+def test_the_variant_sets_the_scheduler_shift_of_single_files_and_of_the_other_variants_folder(tiny_model_dir,
+                                                                                                tmp_path):
+    """Z-Image Base samples with shift 6 (its scheduler_config.json), Turbo with 3. Single files carry
+    no scheduler, and a Base DiT is often run with the Turbo folder's other components: the variant
+    (given, or from the DiT file's name) sets the shift, and an explicit schedule is kept."""
+    from safetensors.torch import save_file
+
+    from .test_formats import comfy_dit, ldm_vae, prefixed_te
+
+    files = {"transformer": tmp_path / "z_image_bf16.safetensors", "vae": tmp_path / "ae.safetensors",
+             "text_encoder": tmp_path / "z_image_turbo" / "qwen_3_4b.safetensors"}
+    files["text_encoder"].parent.mkdir()
+    for (kind, path), sd in zip(files.items(), (comfy_dit(tiny_model_dir), ldm_vae(tiny_model_dir),
+                                                prefixed_te(tiny_model_dir))):
+        save_file(sd, str(path))
+    common = dict(files, tokenizer=tiny_model_dir / "tokenizer", device="cpu",
+                  transformer_config={"axes_dims": [8, 12, 12]})  # RoPE axes cannot be read from shapes
+    base = ZImagePipeline.from_single_files(**common)
+    assert base.variant == "base" and base.scheduler_config.shift == 6.0  # from the DiT's name alone
+    turbo = ZImagePipeline.from_single_files(**common, variant="turbo")
+    assert turbo.scheduler_config.shift == 3.0
+    own = ZImagePipeline.from_single_files(**common, variant="base", scheduler_config={"shift": 4.5})
+    assert own.scheduler_config.shift == 4.5  # a schedule of one's own is not a released one: kept
+    folder = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", variant="base")  # a Turbo folder (3.0)
+    assert folder.scheduler_config.shift == 6.0
+    assert ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu").scheduler_config.shift == 3.0
 
 
 def test_template_fields_and_settings_apply_and_flags_win(tiny_pipe):

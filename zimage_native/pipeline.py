@@ -13,9 +13,11 @@ ControlNet in :mod:`zimage_native.control` (a :class:`~zimage_native.control.Con
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +52,11 @@ OUTPUT_TYPES = sampling.OUTPUT_TYPES
 class VariantDefaults:
     num_inference_steps: int
     guidance_scale: float
+    shift: float  # the released scheduler_config.json's
 
 
 # Turbo is distilled for 8 forwards without CFG; the base model card recommends 50 steps, guidance 4.
-VARIANTS = {"turbo": VariantDefaults(8, 0.0), "base": VariantDefaults(50, 4.0)}
+VARIANTS = {"turbo": VariantDefaults(8, 0.0, 3.0), "base": VariantDefaults(50, 4.0, 6.0)}
 
 
 @dataclass
@@ -91,14 +94,30 @@ def _dtype_argument(dtype, torch_dtype):
     return torch_dtype
 
 
-def detect_variant(source: str, scheduler_config: SchedulerConfig) -> str:
-    """'turbo' or 'base' from the model's name, else from the scheduler shift (Turbo 3, base 6)."""
-    name = str(source).lower().rstrip("/")
+def detect_variant(source: str, scheduler_config: SchedulerConfig, single_file: bool = False) -> str:
+    """'turbo' or 'base' from the model's name, else from the scheduler shift (Turbo 3, base 6). A
+    folder or Hub id named ``Z-Image`` is the base model; a single DiT file (whose scheduler is the
+    default) named ``z_image...`` without "turbo" is too (Comfy-Org's ``z_image_bf16.safetensors``).
+    Anything else is Turbo, as InvokeAI also assumes."""
+    name = Path(str(source).rstrip("/\\")).name.lower()
     if "turbo" in name:
         return "turbo"
-    if scheduler_config.shift == 6.0 or name.endswith("z-image"):
+    if single_file:
+        return "base" if re.match(r"z[-_]?image([-_.]|$)", name) else "turbo"
+    if scheduler_config.shift == VARIANTS["base"].shift or name == "z-image":
         return "base"
     return "turbo"
+
+
+def variant_scheduler(scheduler_config: SchedulerConfig, variant: str) -> SchedulerConfig:
+    """The scheduler for ``variant``: the released shift of the other variant (a Turbo folder's, or the
+    single files' default, with a Base DiT) becomes this variant's; any other shift is kept."""
+    own = VARIANTS[variant].shift
+    released = {v.shift for v in VARIANTS.values()}
+    if scheduler_config.shift in released and scheduler_config.shift != own:
+        logger.info("variant %s: scheduler shift %s instead of %s", variant, own, scheduler_config.shift)
+        return dataclasses.replace(scheduler_config, shift=own)
+    return scheduler_config
 
 
 class ZImagePipeline:
@@ -126,13 +145,13 @@ class ZImagePipeline:
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
-        self.scheduler_config = scheduler_config
         self.vae_config = vae_config
         self.source = source
         self.model_folder = Path(model_folder) if model_folder is not None else None
         self.variant = variant or detect_variant(source or "", scheduler_config)
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        self.scheduler_config = variant_scheduler(scheduler_config, self.variant)
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
         here = transformer.x_pad_token.device
@@ -234,6 +253,9 @@ class ZImagePipeline:
         names = ("transformer_config", "vae_config", "text_encoder_config", "scheduler_config", "text_encoder_quant")
         loaded = load_single_files(transformer, vae, text_encoder, tokenizer, device, dtype,
                                    **{k: kwargs.pop(k) for k in names if k in kwargs})
+        if kwargs.get("variant") is None:  # from the DiT file's name, not the other components' paths
+            kwargs["variant"] = detect_variant(str(transformer), loaded["scheduler_config"], single_file=True)
+            logger.info("variant %s (from %s; variant= or --variant sets it)", kwargs["variant"], Path(transformer).name)
         return cls(**loaded, **kwargs)
 
     # ------------------------------------------------------------------ ControlNet
