@@ -217,6 +217,36 @@ def test_lokr_forms(tmp_path):
     assert_only_changed(before, weights(pipe), want)
 
 
+@pytest.mark.parametrize("marker", ["lokr_factor tensor", "kohya metadata"])
+def test_musubi_tuners_own_lokr_scales_a_whole_w2_by_alpha_over_its_size(tmp_path, marker):
+    """musubi-tuner's LoKr (networks.lokr) keeps w2 whole when its dim reaches the factor's size and
+    trains with alpha / max(w2's shape) there (alpha 1 on a 3840-wide layer: 1/60), where LyCORIS files
+    use 1: read as LyCORIS, such a LoRA was fused up to 60 times too strong (Comfy-Org/ComfyUI#15114
+    reports the collapse). Its factorised modules keep alpha / rank; LyCORIS files are unchanged."""
+    from safetensors.torch import save_file
+
+    pipe = Pipe()
+    before = weights(pipe)
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    k1, k2 = r(8, 4), r(8, 16)  # to_k: w1 and a whole w2 (8 x 16)
+    w1, w2a, w2b = r(4, 4), r(16, 2), r(2, 16)  # to_q: a factorised w2 of dim 2
+    sd = {"lora_unet_layers_0_attention_to_k.lokr_w1": k1, "lora_unet_layers_0_attention_to_k.lokr_w2": k2,
+          "lora_unet_layers_0_attention_to_k.alpha": torch.tensor(1.0),
+          "lora_unet_layers_0_attention_to_q.lokr_w1": w1, "lora_unet_layers_0_attention_to_q.lokr_w2_a": w2a,
+          "lora_unet_layers_0_attention_to_q.lokr_w2_b": w2b, "lora_unet_layers_0_attention_to_q.alpha": torch.tensor(1.0)}
+    metadata = {"ss_network_module": "networks.lokr"} if marker == "kohya metadata" else None
+    if marker == "lokr_factor tensor":
+        sd["lokr_factor"] = torch.tensor(-1)
+    path = tmp_path / "musubi_lokr.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    report = pipe.load_lora(path)
+    assert report.kinds == {"lokr": 2} and not report.unmatched  # the factor tensor is not a stray key
+    want = {"layers.0.attention.to_k.weight": before["layers.0.attention.to_k.weight"] + torch.kron(k1, k2) / 16,
+            "layers.0.attention.to_q.weight": before["layers.0.attention.to_q.weight"] + 0.5 * torch.kron(w1, w2a @ w2b)}
+    assert_only_changed(before, weights(pipe), want)
+
+
 def test_loha(tmp_path):
     pipe = Pipe()
     before = weights(pipe)

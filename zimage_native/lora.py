@@ -160,6 +160,7 @@ class LoraModule:
     tensors: dict[str, torch.Tensor]
     keys: list[str]  # the file keys it was read from
     scale_from_metadata: float | None = None  # alpha/rank from the file's PEFT metadata (no alpha tensor)
+    native_lokr: bool = False  # written by musubi-tuner's own LoKr (see alpha_scale)
 
     @property
     def kind(self) -> str:
@@ -236,8 +237,13 @@ class LoraModule:
     @property
     def alpha_scale(self) -> float:
         """alpha / rank: the module's alpha tensor, else the file's PEFT metadata, else 1 (alpha = rank;
-        also when there is no rank: full LoKr factors and full deltas)."""
+        also when there is no rank: full LoKr factors and full deltas). musubi-tuner's own LoKr
+        (``native_lokr``) with a whole ``lokr_w2`` trains with alpha / max(w2's shape) instead, where
+        LyCORIS (and diffusers and ComfyUI, reading LyCORIS files) use 1."""
         alpha, rank = self.tensors.get("alpha"), self.rank
+        if self.native_lokr and "lokr_w2" in self.tensors:
+            dim = max(self.tensors["lokr_w2"].shape[:2])
+            return (dim if alpha is None else float(alpha.float().item())) / dim
         if alpha is None and self.scale_from_metadata is not None and rank is not None:
             return self.scale_from_metadata
         if alpha is None or rank is None:
@@ -395,7 +401,10 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
     the alpha of modules that have no ``alpha`` tensor (:func:`lora_alpha_config`).
     """
     alpha_config = lora_alpha_config(metadata)
-    keys = list(state_dict)
+    # musubi-tuner's own LoKr keeps its factor as a network-level tensor and names its module in the
+    # kohya metadata; its full-w2 modules scale by alpha / max(w2's shape) (LoraModule.alpha_scale).
+    native_lokr = "lokr_factor" in state_dict or str((metadata or {}).get("ss_network_module", "")).endswith("lokr")
+    keys = [k for k in state_dict if k != "lokr_factor"]
     report = LoraReport(path=name, family=detect_family(keys))
     exact, normal = build_targets(shapes)
     groups: dict[str, LoraModule] = {}
@@ -426,6 +435,7 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
             report.unmatched.append(next(k for k in group.keys if k.endswith("diff_b")))
             del group.tensors["diff_b"]
         group.check()
+        group.native_lokr = native_lokr and group.kind == "lokr"
         if alpha_config is not None and group.kind == "lora" and "alpha" not in group.tensors:
             group.scale_from_metadata = metadata_alpha(alpha_config, group.source, group.rank)
             meta_rank = metadata_rank(alpha_config, group.source)
