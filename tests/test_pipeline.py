@@ -163,3 +163,87 @@ def test_calls_from_several_threads_run_one_at_a_time(tiny_pipe):
         return tensors
 
     tiny_pipe("a cat", seed=0, callback_on_step_end=reenter, **run)
+
+
+# ------------------------------------------------------------------------- diffusers habits
+def test_call_arguments_are_keywords_so_diffusers_positional_height_width_cannot_swap(tiny_pipe):
+    """diffusers' order is (prompt, height, width, ...); a positional call would have come out
+    transposed here. Everything after the prompt is a keyword, so it is a TypeError instead."""
+    with pytest.raises(TypeError, match="positional argument"):
+        tiny_pipe("a cat", 32, 64, 1)
+
+
+def test_an_interrupt_set_in_callback_on_step_end_stops_the_run_as_in_diffusers(tiny_pipe, reference_pipe):
+    """``pipe._interrupt = True`` is diffusers' documented stop: the remaining steps are skipped and the
+    latents so far decoded. The same latents as diffusers' interrupted run; reset at the next call."""
+    steps = []
+
+    def stop_after_two(pipe, i, t, tensors):
+        steps.append(i)
+        if i == 1:
+            pipe._interrupt = True
+        return tensors
+
+    kw = dict(height=32, width=48, num_inference_steps=4, output_type="latent", guidance_scale=0.0)
+    expected = reference_pipe("a cat", generator=torch.Generator().manual_seed(0), callback_on_step_end=stop_after_two,
+                              **kw).images
+    assert steps == [0, 1]
+    steps.clear()
+    got = tiny_pipe("a cat", seed=0, callback_on_step_end=stop_after_two, **kw).images
+    assert steps == [0, 1] and tiny_pipe.interrupt
+    assert_rel(got, expected, 1e-5, "interrupted latents")
+    full = tiny_pipe("a cat", seed=0, **kw).images  # reset: all four steps again
+    assert not tiny_pipe.interrupt and not torch.equal(full, got)
+
+
+def test_diffusers_output_access_return_dict_and_encode_prompt_of_a_string(tiny_pipe):
+    out = tiny_pipe("a cat", height=32, width=32, num_inference_steps=1, output_type="latent", seed=0)
+    assert out[0] is out.images and out["images"] is out.images and out.to_tuple() == (out.images,)
+    (images,) = tiny_pipe("a cat", height=32, width=32, num_inference_steps=1, output_type="latent", seed=0,
+                          return_dict=False)
+    assert torch.equal(images, out.images)
+    one = tiny_pipe.encode_prompt("a cat")  # a string is one prompt, not five characters
+    assert len(one) == 1 and torch.equal(one[0], tiny_pipe.encode_prompt(["a cat"])[0])
+
+
+def test_diffusers_loading_habits_are_refused_before_loading_or_mapped(tiny_model_dir, tiny_pipe, tmp_path,
+                                                                       monkeypatch):
+    from zimage_native import ZImagePipeline, pipeline
+
+    monkeypatch.setattr(pipeline, "load_pretrained", lambda *a, **k: pytest.fail("loaded before refusing"))
+    with pytest.raises(ValueError, match="not diffusers' weight-file variant"):
+        ZImagePipeline.from_pretrained(tiny_model_dir, variant="fp16")
+    with pytest.raises(ValueError, match="torch_dtype per component"):
+        ZImagePipeline.from_pretrained(tiny_model_dir, torch_dtype={"default": torch.bfloat16})
+    with pytest.raises(ValueError, match=r"the dtype is chosen when loading; load again with dtype='bfloat16'"):
+        tiny_pipe.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="the dtype is chosen when loading"):
+        tiny_pipe.to("cpu", dtype=torch.float16)
+    assert tiny_pipe.to(device="cpu") is tiny_pipe and tiny_pipe.to("cpu") is tiny_pipe
+
+
+def test_diffusers_lora_method_names_and_save_folders(tiny_model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from .fixtures import our_pipeline
+
+    pipe = our_pipeline(tiny_model_dir)
+    dim = pipe.transformer.config.dim
+    g = torch.Generator().manual_seed(0)
+    folder = tmp_path / "my_lora"  # what diffusers' save_lora_weights writes
+    folder.mkdir()
+    save_file({"transformer.layers.0.attention.to_k.lora_A.weight": torch.randn(2, dim, generator=g),
+               "transformer.layers.0.attention.to_k.lora_B.weight": torch.randn(dim, 2, generator=g)},
+              str(folder / "pytorch_lora_weights.safetensors"))
+    before = pipe.transformer.layers[0].attention.to_k.weight.clone()
+    report = pipe.load_lora_weights(folder, adapter_name="style")
+    assert report.matched == 1 and not torch.equal(pipe.transformer.layers[0].attention.to_k.weight, before)
+    pipe.fuse_lora()  # fused already: nothing to do at 1.0
+    with pytest.raises(ValueError, match=r"load_lora\(path, scale=0.5\)"):
+        pipe.fuse_lora(lora_scale=0.5)
+    assert pipe.unload_lora_weights() == 1 and torch.equal(pipe.transformer.layers[0].attention.to_k.weight, before)
+    (folder / "other.safetensors").write_bytes(b"")
+    (folder / "pytorch_lora_weights.safetensors").rename(folder / "lora.safetensors")
+    with pytest.raises(FileNotFoundError, match="2 .safetensors files and no pytorch_lora_weights"):
+        pipe.load_lora(folder)
+    assert pipe.load_lora_weights(folder, weight_name="lora.safetensors").matched == 1

@@ -507,6 +507,13 @@ def read_lora(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor], *, 
     if isinstance(path_or_state, Mapping):
         return ("<dict>", dict(path_or_state), None) if with_metadata else ("<dict>", dict(path_or_state))
     path = Path(path_or_state).expanduser()
+    if path.is_dir():  # a diffusers / PEFT save folder: its weights file
+        files = sorted(path.glob("*.safetensors"))
+        named = path / "pytorch_lora_weights.safetensors"
+        if not (named.is_file() or len(files) == 1):
+            raise FileNotFoundError(f"{path} is a folder with {len(files)} .safetensors files and no "
+                                    f"pytorch_lora_weights.safetensors; give the LoRA file itself")
+        path = named if named.is_file() else files[0]
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
     from safetensors.torch import load_file

@@ -71,6 +71,14 @@ class ZImageOutput:
     seeds: list[int] | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
+    def to_tuple(self) -> tuple:
+        """``(images,)``, as diffusers' pipeline outputs give (``return_dict=False``)."""
+        return (self.images,)
+
+    def __getitem__(self, key: int | str):
+        """``out[0]`` and ``out["images"]`` as on diffusers' outputs."""
+        return self.images if key == "images" else self.to_tuple()[key]
+
 
 def _serialized(method):
     """One call at a time per pipeline (re-entrant): a run shares the pipeline's modules, offload moves,
@@ -87,11 +95,21 @@ def _serialized(method):
 
 def _dtype_argument(dtype, torch_dtype):
     """``dtype``, or diffusers' ``torch_dtype`` for it (both only if they agree)."""
+    if isinstance(torch_dtype, dict):
+        raise ValueError("torch_dtype per component (a dict) is not supported: every component is loaded in one "
+                         "dtype (dtype= or torch_dtype=); the VAE decodes in it too")
     if torch_dtype is None:
         return dtype
     if dtype is not None and dtype != torch_dtype:
         raise ValueError(f"give dtype or torch_dtype (diffusers' name for it), not both: {dtype} vs {torch_dtype}")
     return torch_dtype
+
+
+def check_variant(variant: str | None) -> None:
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)} (the model: its step, guidance and shift "
+                         f"defaults), got {variant!r}; it is not diffusers' weight-file variant (fp16, bf16): the "
+                         f"weights are cast to dtype= / torch_dtype=")
 
 
 def detect_variant(source: str, scheduler_config: SchedulerConfig, single_file: bool = False) -> str:
@@ -148,9 +166,8 @@ class ZImagePipeline:
         self.vae_config = vae_config
         self.source = source
         self.model_folder = Path(model_folder) if model_folder is not None else None
+        check_variant(variant)
         self.variant = variant or detect_variant(source or "", scheduler_config)
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
         self.scheduler_config = variant_scheduler(scheduler_config, self.variant)
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
@@ -174,6 +191,7 @@ class ZImagePipeline:
         self.controlnets = _control.ControlNetSlot()
         self.prompt_cache = PromptCache()  # features of recent prompts (encode_texts)
         self.advised: set[str] = set()  # advice about requests, logged once each (sampling.generate)
+        self._interrupt = False  # diffusers' way to stop a run from callback_on_step_end
         self._lock = threading.RLock()  # see _serialized
         self._fit_attention()
 
@@ -235,6 +253,7 @@ class ZImagePipeline:
         from .accel import attention_from_env, check_before_loading
 
         dtype = _dtype_argument(dtype, load.pop("torch_dtype", None))
+        check_variant(variant)  # before a download: diffusers' variant="fp16" means something else
         check_before_loading(load.get("dit_device") or device, dtype, load.get("offload", "none"), kernels=kernels,
                              compile=compile, fp8=fp8, cuda_graphs=cuda_graphs)
         pipe = cls(**load_pretrained(path_or_id, device, dtype, **load), variant=variant)
@@ -250,6 +269,7 @@ class ZImagePipeline:
         """Build from single files (ComfyUI split, all-in-one, fp8) or component folders; see
         :func:`zimage_native.loading.load_single_files` for the arguments. Other keyword arguments
         (``variant=``, ...) go to the constructor."""
+        check_variant(kwargs.get("variant"))
         names = ("transformer_config", "vae_config", "text_encoder_config", "scheduler_config", "text_encoder_quant")
         loaded = load_single_files(transformer, vae, text_encoder, tokenizer, device, dtype,
                                    **{k: kwargs.pop(k) for k in names if k in kwargs})
@@ -297,9 +317,18 @@ class ZImagePipeline:
 
     # ------------------------------------------------------------------ placement
     @_serialized
-    def to(self, device: str | torch.device) -> "ZImagePipeline":
+    def to(self, *args, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ZImagePipeline":
         """Every component on ``device``, resident (diffusers' ``pipe.to``; offloading ends). Returns
-        the pipeline. Streamed blocks cannot move this way: load again with ``offload="none"``."""
+        the pipeline. Streamed blocks cannot move this way: load again with ``offload="none"``. The
+        dtype is chosen when loading (``dtype=`` / ``torch_dtype=``): a dtype here is refused."""
+        dtypes = [a for a in args if isinstance(a, torch.dtype)] + ([dtype] if dtype is not None else [])
+        if dtypes:
+            raise ValueError(f"pipe.to({dtypes[0]}): the dtype is chosen when loading; load again with "
+                             f"dtype={str(dtypes[0]).removeprefix('torch.')!r} (or torch_dtype=)")
+        places = [a for a in args if not isinstance(a, torch.dtype)] + ([device] if device is not None else [])
+        if len(places) != 1:
+            raise ValueError(f"pipe.to() takes one device, got {places}")
+        device = places[0]
         if self.offload == "blocks":
             raise ValueError("pipe.to() cannot move a DiT whose blocks are streamed (offload='blocks'); load it "
                              "again with offload='none'")
@@ -481,6 +510,28 @@ class ZImagePipeline:
             self._graphed.clear()
         return report
 
+    def load_lora_weights(self, path, weight_name: str | None = None, adapter_name: str | None = None, **options):
+        """diffusers' name: :meth:`load_lora` at scale 1 (``weight_name``: the file in the folder
+        ``path``). The LoRA is fused at once; ``adapter_name`` is accepted and not used (no adapters)."""
+        return self.load_lora(Path(path) / weight_name if weight_name else path, **options)
+
+    def fuse_lora(self, lora_scale: float = 1.0, **ignored) -> None:
+        """diffusers' name. LoRAs are fused when loaded, at their scale: nothing to do at 1.0; another
+        scale is refused (load again with ``load_lora(path, scale=...)``)."""
+        if lora_scale != 1.0:
+            raise ValueError(f"fuse_lora(lora_scale={lora_scale}): LoRAs are fused when loaded here; unload_lora() "
+                             f"and load_lora(path, scale={lora_scale}) instead")
+
+    def unload_lora_weights(self) -> int:
+        """diffusers' name for :meth:`unload_lora`."""
+        return self.unload_lora()
+
+    @property
+    def interrupt(self) -> bool:
+        """diffusers' flag: set ``pipe._interrupt = True`` in ``callback_on_step_end`` to stop the run
+        after that step (the image is decoded from the latents so far); reset at each call."""
+        return self._interrupt
+
     @_serialized
     def unload_lora(self) -> int:
         """Restore the DiT's weights exactly (:meth:`LoraStack.unload`); captured graphs are dropped."""
@@ -532,7 +583,9 @@ class ZImagePipeline:
     def encode_prompt(
         self, prompts: list[str], max_sequence_length: int = 512, template=None, **fields
     ) -> list[torch.Tensor]:
-        """Chat-format and encode prompts: a list of (L_i, cap_feat_dim) features on the DiT device."""
+        """Chat-format and encode prompts (a string is one prompt): a list of (L_i, cap_feat_dim)
+        features on the DiT device."""
+        prompts = [prompts] if isinstance(prompts, str) else prompts
         return self.encode_texts(self.format_prompts(prompts, template, **fields), max_sequence_length)
 
     @_serialized
@@ -627,6 +680,7 @@ class ZImagePipeline:
     def __call__(
         self,
         prompt: str | list[str] | None = None,
+        *,  # diffusers' positional order is (prompt, height, width, ...): keywords only, nothing swapped
         width: int | None = None,
         height: int | None = None,
         num_inference_steps: int | None = None,
@@ -649,7 +703,6 @@ class ZImagePipeline:
         strip_quotes: bool | None = None,
         progress: bool | None = None,
         callback: Callable[[int, int], None] | None = None,
-        *,
         shift: float | None = None,
         prompt_embeds: list[torch.Tensor] | None = None,
         negative_prompt_embeds: list[torch.Tensor] | None = None,
@@ -664,8 +717,10 @@ class ZImagePipeline:
         seed_variance_share: float = 0.5,
         seed_variance_steps: float = 0.2,
         first_block_cache: float = 0.0,
-    ) -> ZImageOutput:
-        """Generate images. Unset ``width``/``height``/``num_inference_steps``/``guidance_scale`` come
+        return_dict: bool = True,
+    ) -> ZImageOutput | tuple:
+        """Generate images (every argument after ``prompt`` by keyword). ``return_dict=False`` returns
+        ``(images,)`` as diffusers does. Unset ``width``/``height``/``num_inference_steps``/``guidance_scale`` come
         from the template's suggested settings, then from the variant (Turbo: 8 steps, guidance 0;
         base: 50 steps, guidance 4). ``seed`` may be a list with one seed per image.
 
@@ -693,21 +748,22 @@ class ZImagePipeline:
         CUDA graphs or ``compile="full"``. ``output.info["first_block_cache_forwards"]`` counts the
         forwards run in full and reused.
         """
-        return self._call(prompt, width=width, height=height, num_inference_steps=num_inference_steps, seed=seed,
-                          generator=generator, latents=latents, guidance_scale=guidance_scale,
-                          negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
-                          output_type=output_type, sigmas=sigmas, cfg_normalization=cfg_normalization,
-                          cfg_truncation=cfg_truncation, max_sequence_length=max_sequence_length, template=template,
-                          fields=dict(system_prompt=system_prompt, thinking_content=thinking_content,
-                                      assistant_content=assistant_content, force_think_block=force_think_block,
-                                      strip_quotes=strip_quotes),
-                          progress=progress, callback=callback, shift=shift, prompt_embeds=prompt_embeds,
-                          negative_prompt_embeds=negative_prompt_embeds, callback_on_step_end=callback_on_step_end,
-                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, image=image,
-                          strength=strength, mask_image=mask_image, control_image=control_image,
-                          control_scale=controlnet_conditioning_scale, seed_variance=seed_variance,
-                          seed_variance_share=seed_variance_share, seed_variance_steps=seed_variance_steps,
-                          first_block_cache=first_block_cache)
+        out = self._call(prompt, width=width, height=height, num_inference_steps=num_inference_steps, seed=seed,
+                         generator=generator, latents=latents, guidance_scale=guidance_scale,
+                         negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
+                         output_type=output_type, sigmas=sigmas, cfg_normalization=cfg_normalization,
+                         cfg_truncation=cfg_truncation, max_sequence_length=max_sequence_length, template=template,
+                         fields=dict(system_prompt=system_prompt, thinking_content=thinking_content,
+                                     assistant_content=assistant_content, force_think_block=force_think_block,
+                                     strip_quotes=strip_quotes),
+                         progress=progress, callback=callback, shift=shift, prompt_embeds=prompt_embeds,
+                         negative_prompt_embeds=negative_prompt_embeds, callback_on_step_end=callback_on_step_end,
+                         callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, image=image,
+                         strength=strength, mask_image=mask_image, control_image=control_image,
+                         control_scale=controlnet_conditioning_scale, seed_variance=seed_variance,
+                         seed_variance_share=seed_variance_share, seed_variance_steps=seed_variance_steps,
+                         first_block_cache=first_block_cache)
+        return out if return_dict else out.to_tuple()
 
     def img2img(self, prompt: str | list[str] | None, image, strength: float = 0.6, **kwargs) -> ZImageOutput:
         """Image-to-image: start from ``image`` (PIL, numpy (H, W, C) in [0, 1], torch (B, C, H, W) in

@@ -426,6 +426,8 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
             latents = on_step_end(k, step.index, latents)
         if callback is not None:
             callback(k + 1, len(plan.steps))
+        if getattr(pipe, "_interrupt", False):  # set by a callback_on_step_end, as in diffusers: stop here
+            break
     return latents
 
 
@@ -725,11 +727,13 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
     ``callback_on_step_end(pipe, i, t, tensors)`` as in diffusers: ``i`` counts the steps run,
     ``t`` is the step's timestep, ``tensors`` holds the names of
     ``callback_on_step_end_tensor_inputs`` ("latents", "prompt_embeds"); it returns a dict whose
-    ``latents``, if present, replace the current latents (prompt_embeds are read only). It runs the
-    loop eagerly (no graph replay).
+    ``latents``, if present, replace the current latents (prompt_embeds are read only); setting
+    ``pipe._interrupt = True`` in it stops the run after that step, and the latents so far are
+    decoded, as diffusers does. It runs the loop eagerly (no graph replay).
     """
     from .pipeline import ZImageOutput
 
+    pipe._interrupt = False
     r, task, inputs = resolve(pipe, request)
     bad = [k for k in callback_on_step_end_tensor_inputs if k not in STEP_END_TENSORS]
     if bad:
