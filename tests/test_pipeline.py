@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -215,11 +217,24 @@ def test_diffusers_loading_habits_are_refused_before_loading_or_mapped(tiny_mode
         ZImagePipeline.from_pretrained(tiny_model_dir, variant="fp16")
     with pytest.raises(ValueError, match="torch_dtype per component"):
         ZImagePipeline.from_pretrained(tiny_model_dir, torch_dtype={"default": torch.bfloat16})
+    for name, value, words in (("device_map", "balanced", "device= (and dit_device="), ("token", "hf_x", "HF_TOKEN"),
+                               ("subfolder", "transformer", "model folder itself"),
+                               ("controlnet", object(), "pipe.load_controlnet(path)"),
+                               ("use_safetensors", False, "only safetensors files are loaded")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            ZImagePipeline.from_pretrained(tiny_model_dir, **{name: value})
+    monkeypatch.undo()  # options that change nothing here are accepted
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", use_safetensors=True, low_cpu_mem_usage=True)
+    assert pipe.variant == "turbo"
     with pytest.raises(ValueError, match=r"the dtype is chosen when loading; load again with dtype='bfloat16'"):
         tiny_pipe.to(torch.bfloat16)
     with pytest.raises(ValueError, match="the dtype is chosen when loading"):
         tiny_pipe.to("cpu", dtype=torch.float16)
     assert tiny_pipe.to(device="cpu") is tiny_pipe and tiny_pipe.to("cpu") is tiny_pipe
+    with pytest.raises(ValueError, match=r"from_pretrained\(\.\.\., offload='blocks'\)"):
+        tiny_pipe.enable_sequential_cpu_offload()
+    with pytest.raises(ValueError, match=r"enable_vae_tiling\(\) bounds the VAE's memory"):
+        tiny_pipe.enable_vae_slicing()
 
 
 def test_diffusers_lora_method_names_and_save_folders(tiny_model_dir, tmp_path):

@@ -105,6 +105,29 @@ def _dtype_argument(dtype, torch_dtype):
     return torch_dtype
 
 
+# diffusers' from_pretrained options: what they mean here (None: accepted, nothing to do), else why refused.
+DIFFUSERS_LOAD_OPTIONS = {
+    "low_cpu_mem_usage": None,  # loading is always tensor by tensor onto modules built on the meta device
+    "device_map": "device= (and dit_device= / text_encoder_device= / vae_device=, or offload=) place the components",
+    "token": "set HF_TOKEN (or run `hf auth login`) for a gated or private repository",
+    "subfolder": "give the model folder itself (with model_index.json), or single files with from_single_files",
+    "controlnet": "load it after the pipeline: pipe.load_controlnet(path)",
+}
+
+
+def pop_diffusers_options(load: dict) -> None:
+    """Take diffusers' from_pretrained options out of ``load``: accepted where they change nothing here
+    (``use_safetensors=True``, ``low_cpu_mem_usage``), else refused saying what to use."""
+    if load.pop("use_safetensors", True) is False:
+        raise ValueError("use_safetensors=False: only safetensors files are loaded (pickled .bin / .pt weights are "
+                         "refused: loading them can run code)")
+    for name in [k for k in load if k in DIFFUSERS_LOAD_OPTIONS]:
+        instead = DIFFUSERS_LOAD_OPTIONS[name]
+        if instead is not None:
+            raise ValueError(f"{name}= is diffusers' option; here {instead}")
+        del load[name]
+
+
 def check_variant(variant: str | None) -> None:
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)} (the model: its step, guidance and shift "
@@ -253,6 +276,7 @@ class ZImagePipeline:
         from .accel import attention_from_env, check_before_loading
 
         dtype = _dtype_argument(dtype, load.pop("torch_dtype", None))
+        pop_diffusers_options(load)
         check_variant(variant)  # before a download: diffusers' variant="fp16" means something else
         check_before_loading(load.get("dit_device") or device, dtype, load.get("offload", "none"), kernels=kernels,
                              compile=compile, fp8=fp8, cuda_graphs=cuda_graphs)
@@ -368,6 +392,19 @@ class ZImagePipeline:
         self.prompt_cache.clear()
         if self._graphed is not None:
             self._graphed.clear()
+
+    def enable_sequential_cpu_offload(self, *args, **kwargs) -> None:
+        """diffusers' lowest-memory offload. Here it is chosen when loading, as ``offload="blocks"``
+        (the DiT's blocks stream from pinned CPU memory one ahead of their use): refused with that."""
+        raise ValueError("enable_sequential_cpu_offload(): here the lowest-memory mode is chosen when loading: "
+                         "from_pretrained(..., offload='blocks') streams the DiT's blocks from CPU memory; "
+                         "enable_model_cpu_offload() works after loading")
+
+    def enable_vae_slicing(self) -> None:
+        """diffusers' per-image VAE decode: refused, pointing at the tiled decode, which bounds the
+        VAE's memory here (a batch decodes at once)."""
+        raise ValueError("enable_vae_slicing(): not available; enable_vae_tiling() bounds the VAE's memory here "
+                         "(or decode fewer images per call)")
 
     def _fit_attention(self) -> None:
         """SDPA bounded to slices of the queries where it has only its math path (a bfloat16 model on a
