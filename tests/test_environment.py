@@ -205,3 +205,16 @@ def test_auto_dtype_on_a_gpu_without_bf16_tensor_cores_says_so(gpus, monkeypatch
         assert devices.resolve_dtype(None, torch.device("cuda", 0)) is torch.bfloat16  # the H100
         assert devices.resolve_dtype("bf16", torch.device("cuda", 1)) is torch.bfloat16  # asked for by name
     assert caplog.text == ""
+
+
+def test_float16_is_advised_against_however_it_is_spelled(caplog):
+    """The overflow advice reaches diffusers' spelling (torch_dtype=torch.float16) as well as the
+    name; a dtype the engine has no path for is refused by name, not with a KeyError later."""
+    for spelling in ("float16", "fp16", torch.float16):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="zimage_native.devices"):
+            assert devices.resolve_dtype(spelling, torch.device("cpu")) is torch.float16
+        assert "float16 can overflow in the Z-Image DiT" in caplog.text, spelling
+    assert devices.resolve_dtype(torch.bfloat16, torch.device("cpu")) is torch.bfloat16
+    with pytest.raises(ValueError, match="torch.float64 is not supported"):
+        devices.resolve_dtype(torch.float64, torch.device("cpu"))

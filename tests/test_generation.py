@@ -47,13 +47,46 @@ def test_img2img_matches_diffusers(tiny_pipe, reference_img2img, strength, extra
     assert_rel(got, expected, 1e-5, "img2img final latents")
 
 
-def test_img2img_with_seed_list_matches_diffusers_generator_list(tiny_pipe, reference_img2img):
+def test_img2img_with_generator_list_matches_diffusers(tiny_pipe, reference_img2img):
     image = make_image(64, 64)
-    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
-    expected = reference_img2img(["a cat", "a dog"], image=image, generator=gens, guidance_scale=0.0,
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]  # noqa: E731
+    expected = reference_img2img(["a cat", "a dog"], image=image, generator=gens(), guidance_scale=0.0,
                                  num_inference_steps=4, output_type="latent").images
-    got = tiny_pipe.img2img(["a cat", "a dog"], image, seed=[5, 6], num_inference_steps=4, output_type="latent").images
-    assert_rel(got, expected, 1e-5, "img2img with per-image seeds")
+    got = tiny_pipe.img2img(["a cat", "a dog"], image, generator=gens(), num_inference_steps=4,
+                            output_type="latent").images
+    assert_rel(got, expected, 1e-5, "img2img with a generator list")
+
+
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_one_input_image_with_a_seed_per_output_remakes_each_alone(tiny_pipe, task):
+    """The CLI and the server record seed S+k for image k of a batch over one input image: that
+    seed alone must give the image (diffusers' generator lists draw every image's posterior sample
+    from the first generator, so image k would also depend on seed S)."""
+    image = make_image(64, 64)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    extra = {"mask_image": mask} if task == "inpaint" else {}
+    kw = dict(num_inference_steps=3, output_type="latent", strength=0.6, **extra)
+    both = getattr(tiny_pipe, task)("a cat", image, seed=[5, 6], **kw)
+    assert both.images.shape[0] == 2 and both.seeds == [5, 6]
+    for k, seed in enumerate((5, 6)):
+        alone = getattr(tiny_pipe, task)("a cat", image, seed=seed, **kw).images
+        assert_rel(both.images[k:k + 1], alone, 1e-5, f"{task} image {k} against seed {seed} alone")
+
+
+def test_input_images_pair_with_their_prompts(tiny_pipe):
+    """One image per prompt goes to each of that prompt's images ([i0, i0, i1, i1] for 2 prompts x
+    2), as the ControlNet tasks pair control images (diffusers' img2img would give prompt 0 the
+    second image); each output equals its prompt, image and seed run alone."""
+    images = [make_image(32, 32), make_image(32, 32).rotate(90)]
+    kw = dict(num_inference_steps=3, output_type="latent", strength=0.6)
+    out = tiny_pipe.img2img(["a cat", "a dog"], images, num_images_per_prompt=2, seed=[1, 2, 3, 4], **kw)
+    for k, (prompt, image, seed) in enumerate(zip(["a cat", "a cat", "a dog", "a dog"],
+                                                   [images[0], images[0], images[1], images[1]], [1, 2, 3, 4])):
+        alone = tiny_pipe.img2img(prompt, image, seed=seed, **kw).images
+        assert_rel(out.images[k:k + 1], alone, 1e-5, f"image {k}")
+    with pytest.raises(ValueError, match="give one, one per prompt, or one per image"):
+        tiny_pipe.img2img(["a cat", "a dog"], images + images[:1], num_images_per_prompt=2, **kw)
 
 
 def test_img2img_rejects_bad_input(tiny_pipe):
@@ -68,6 +101,26 @@ def test_img2img_rejects_bad_input(tiny_pipe):
 def test_preprocess_rounds_down_to_multiples_of_16():
     x = preprocess_image(make_image(83, 50))
     assert x.shape == (1, 3, 48, 80) and x.min() >= -1 and x.max() <= 1
+
+
+def test_integer_arrays_16_bit_and_palette_images_read_as_their_pixels():
+    """An image read with np.asarray(pil) (uint8) or a uint8 tensor equals the same pixels given as
+    floats in [0, 1]; float values past 1 are refused; a 16-bit grey PNG (a depth map) keeps its
+    grey levels instead of clipping to white; a palette image equals its RGB conversion."""
+    rgb = make_image(48, 32)
+    pixels = np.array(rgb)
+    expected = preprocess_image(pixels.astype(np.float32) / 255)
+    assert torch.equal(preprocess_image(pixels), expected)
+    assert torch.equal(preprocess_image(torch.from_numpy(pixels).permute(2, 0, 1)[None]), expected)
+    with pytest.raises(ValueError, match="divide by 255"):
+        preprocess_image(pixels.astype(np.float32))
+    depth = np.linspace(0, 65535, 32 * 48).reshape(32, 48).astype(np.uint16)
+    grey = preprocess_image(Image.fromarray(depth))
+    assert grey.shape == (1, 3, 32, 48) and torch.equal(grey[:, 0], grey[:, 2])
+    assert abs(float(grey.mean())) < 0.01 and float(grey.min()) == -1.0  # a ramp from black to white
+    assert torch.equal(preprocess_image(Image.fromarray(depth).convert("I")), grey)
+    palette = rgb.convert("P")
+    assert torch.equal(preprocess_image(palette, 32, 32), preprocess_image(palette.convert("RGB"), 32, 32))
 
 
 def test_seed_list_gives_each_image_its_own_seed(tiny_pipe):
@@ -261,6 +314,8 @@ def test_diffusers_habits_torch_dtype_to_offload_and_progress(tiny_model_dir):
     assert pipe.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="not both"):
         ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32, torch_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="torch.float64 is not supported"):
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", torch_dtype=torch.float64)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.progress is False
     pipe.enable_model_cpu_offload(device="meta")

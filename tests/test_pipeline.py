@@ -206,6 +206,14 @@ def test_diffusers_output_access_return_dict_and_encode_prompt_of_a_string(tiny_
     assert torch.equal(images, out.images)
     one = tiny_pipe.encode_prompt("a cat")  # a string is one prompt, not five characters
     assert len(one) == 1 and torch.equal(one[0], tiny_pipe.encode_prompt(["a cat"])[0])
+    assert torch.equal(tiny_pipe.encode_prompt(prompt="a cat")[0], one[0])  # diffusers' keyword
+    # diffusers' encode_prompt returns (positive, negative); here one list, so its arguments are refused
+    for diffusers_kw in ({"device": "cpu"}, {"negative_prompt": "blurry"}, {"do_classifier_free_guidance": False}):
+        with pytest.raises(TypeError, match="for diffusers' pair use"):
+            tiny_pipe.encode_prompt("a cat", **diffusers_kw)
+    with pytest.raises(TypeError, match="unknown arguments"):
+        tiny_pipe.encode_prompt("a cat", sytem_prompt="x")
+    assert not torch.equal(tiny_pipe.encode_prompt("a cat", system_prompt="be brief")[0], one[0])
 
 
 def test_diffusers_loading_habits_are_refused_before_loading_or_mapped(tiny_model_dir, tiny_pipe, tmp_path,

@@ -149,6 +149,22 @@ def test_sigmas_set_the_recorded_step_count(tiny_pipe):
     assert tiny_pipe("a cat", num_inference_steps=8, **kw).info["steps"] == 3
 
 
+def test_numpy_integers_are_taken_and_seeds_are_checked(tiny_pipe):
+    """Sizes, step counts and seeds from numpy arrays work as ints (diffusers takes them); a seed
+    that is a float, a bool, negative (the CLI's "random" -1) or past 64 bits is refused, not turned
+    into another seed; a seed list alone sets the images per prompt."""
+    kw = dict(output_type="latent", num_inference_steps=np.int64(2))
+    got = tiny_pipe("a cat", width=np.int64(32), height=np.int32(32), seed=np.int64(3), **kw)
+    assert got.seeds == [3] and type(got.seeds[0]) is int
+    assert torch.equal(got.images, tiny_pipe("a cat", width=32, height=32, seed=3, **kw).images)
+    assert tiny_pipe("a cat", width=32, height=32, seed=[1, 2], **kw).images.shape[0] == 2
+    for bad in (-1, 1.5, True, 2**64):
+        with pytest.raises(ValueError, match="a seed must be an integer in"):
+            tiny_pipe("a cat", width=32, height=32, seed=bad, **kw)
+    with pytest.raises(ValueError, match="positive multiple of 16"):
+        tiny_pipe("a cat", width=32.0, height=32, **kw)
+
+
 def test_strength_without_an_image_is_refused(tiny_pipe):
     """strength belongs to img2img and inpainting: text to image refuses it rather than ignoring it."""
     with pytest.raises(ValueError, match="strength needs image="):

@@ -52,15 +52,20 @@ def test_euler_step_matches_reference():
     assert torch.equal(euler_step(x, v, s[0], s[1]), expected)
 
 
-def test_dynamic_shifting_matches_reference():
-    config = SchedulerConfig(use_dynamic_shifting=True)
-    sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
-    sigmas = torch.linspace(1.0, 1 / 6, 6).tolist()
-    from zimage_native.scheduler import calculate_mu
+@pytest.mark.parametrize("kind", ["exponential", "linear"])
+@pytest.mark.parametrize("seq_len", [256, 1024, 4096])
+def test_dynamic_shifting_matches_reference_bit_for_bit(kind, seq_len):
+    from zimage_native.scheduler import calculate_mu, default_sigmas
 
-    sched.set_timesteps(sigmas=sigmas, mu=calculate_mu(1024, config))
-    ours = make_schedule(config, sigmas=sigmas, image_seq_len=1024)
-    assert torch.allclose(ours.sigmas, sched.sigmas, rtol=1e-6, atol=1e-7)
+    config = SchedulerConfig(use_dynamic_shifting=True, time_shift_type=kind)
+    for steps, sigmas in ((8, None), (None, torch.linspace(1.0, 1 / 6, 6).tolist())):
+        sched = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type=kind)
+        # the Z-Image pipelines pass their default sigmas, linspace(1, 1/N, N)
+        given = sigmas if sigmas is not None else default_sigmas(steps).numpy()
+        sched.set_timesteps(sigmas=given, mu=calculate_mu(seq_len, config))
+        ours = make_schedule(config, steps, sigmas=sigmas, image_seq_len=seq_len)
+        assert torch.equal(ours.sigmas, sched.sigmas), (steps, ours.sigmas - sched.sigmas)
+        assert ours.sigmas[0] == 1.0
 
 
 @pytest.mark.parametrize("bad", [0, -3])

@@ -42,7 +42,7 @@ from torch.nn import functional as F
 from .model.controlnet import ZImageControlNet
 from .model.sequence import SequenceLayout, patchify
 from .images import preprocess_image, preprocess_mask
-from .sampling import Task, TaskContext, latent_multiple, register_task
+from .sampling import Task, TaskContext, latent_multiple, register_task, repeat_to
 
 logger = logging.getLogger(__name__)
 
@@ -89,19 +89,6 @@ def branch_blocks(model: ZImageControlNet) -> list:
 
 
 # ---------------------------------------------------------------------------------------- context
-def repeat_to(x: torch.Tensor, batch: int, per_prompt: int, what: str) -> torch.Tensor:
-    """Spread inputs over the generated batch as diffusers does: one input for every image, one per
-    prompt repeated for each of its ``per_prompt`` images, or one per image."""
-    if x.shape[0] == batch:
-        return x
-    if x.shape[0] == 1:
-        return x.expand(batch, *x.shape[1:])
-    if x.shape[0] * per_prompt == batch:
-        return x.repeat_interleave(per_prompt, dim=0)
-    raise ValueError(f"got {x.shape[0]} {what}s for {batch // per_prompt} prompts x {per_prompt} images: "
-                     f"give one, one per prompt, or one per image")
-
-
 def control_context(
     encode,
     control: torch.Tensor,

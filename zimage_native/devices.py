@@ -43,7 +43,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, warn: b
     """None/'auto': bf16 on accelerators, fp32 on the CPU (bf16 matmuls are slow there). ``warn``:
     give the advice for this device and dtype (the load does; a check before it does not)."""
     if isinstance(dtype, torch.dtype):
-        return dtype
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; choose torch.bfloat16, torch.float32 or torch.float16")
+        dtype = str(dtype).removeprefix("torch.")
     if dtype is None or dtype == "auto":
         if warn and device.type == "cuda" and not getattr(torch.version, "hip", None):
             try:

@@ -1,7 +1,8 @@
 """Image inputs and outputs, as diffusers' image processor handles them.
 
 Inputs (``image``, ``mask_image``, ``control_image``) may be PIL images, numpy arrays (H, W, C) in
-[0, 1], torch tensors (B, C, H, W) in [0, 1], or lists of one kind. PIL images are resized with
+[0, 1] (integer images, such as ``np.asarray(pil)``'s uint8, are scaled from their type's range),
+torch tensors (B, C, H, W) in [0, 1], or lists of one kind. PIL images are resized with
 Lanczos, arrays and tensors with nearest interpolation; sizes round down to the latent grid.
 """
 
@@ -59,25 +60,51 @@ def preprocess_image(image, width: int | None = None, height: int | None = None,
     """Image(s) -> (B, 3, H, W) fp32 in [-1, 1], as the reference's image processor does: PIL images
     resized with Lanczos, arrays and tensors (values in [0, 1]) with nearest interpolation, to
     ``width`` x ``height`` or down to multiples of ``multiple``."""
-    from PIL import Image
-
     kind, batch = _as_batch(image, "image")
     if kind == "pil":
         h, w = _target_size((batch[0].height, batch[0].width), width, height, multiple)
-        arrays = [np.asarray(i.resize((w, h), resample=Image.LANCZOS).convert("RGB"), dtype=np.float32) / 255.0
-                  for i in batch]
+        arrays = [_pil_rgb(i, w, h) for i in batch]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
-    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)) if kind == "np" else batch.float()
+    if kind == "np":
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32) / _integer_top(batch.dtype))
+    else:
+        x = batch.float() / (torch.iinfo(batch.dtype).max if not batch.dtype.is_floating_point else 1)
     if kind == "np" and x.ndim == 4:
         x = x.permute(0, 3, 1, 2)
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"image arrays must be (H, W, 3) / (B, H, W, 3), tensors (3, H, W) / (B, 3, H, W); "
                          f"got shape {tuple(batch.shape)}")
+    if x.numel() and float(x.max()) > 1.0:
+        raise ValueError(f"float image values must lie in [0, 1] (or [-1, 1]); got values up to {float(x.max()):g} "
+                         f"(for 0-255 values divide by 255, or pass the uint8 array as it is)")
     h, w = _target_size(tuple(x.shape[-2:]), width, height, multiple)
     x = torch.nn.functional.interpolate(x, size=(h, w))
     if x.min() < 0:  # already in [-1, 1] (diffusers accepts this, deprecated)
         return x
     return x * 2.0 - 1.0
+
+
+def _integer_top(dtype) -> float:
+    """The value that means white in an array of this dtype: 255 for uint8 (an image read with
+    ``np.asarray(pil)``), 65535 for uint16, 1 for floats."""
+    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
+
+
+def _pil_rgb(image, w: int, h: int) -> np.ndarray:
+    """A PIL image as (h, w, 3) float32 in [0, 1], resized with Lanczos. RGB images are resized, then
+    read (the reference's order); other modes are made RGB first (a palette image resized as
+    indices would fall back to nearest), and 16-bit or float grey images (depth maps) are scaled to
+    [0, 1] from their own range, which a plain RGB conversion would clip to white."""
+    from PIL import Image
+
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        top = 1.0 if image.mode == "F" else 65535.0
+        grey = np.asarray(image, dtype=np.float32) / top
+        grey = np.asarray(Image.fromarray(grey, mode="F").resize((w, h), resample=Image.LANCZOS), dtype=np.float32)
+        return np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=-1)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image.resize((w, h), resample=Image.LANCZOS), dtype=np.float32) / 255.0
 
 
 def preprocess_mask(mask, height: int, width: int) -> torch.Tensor:

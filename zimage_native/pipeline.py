@@ -63,8 +63,10 @@ VARIANTS = {"turbo": VariantDefaults(8, 0.0, 3.0), "base": VariantDefaults(50, 4
 class ZImageOutput:
     """``images``: PIL images, an (N, H, W, 3) array in [0, 1], or the final fp32 latents.
 
-    ``seeds`` holds the seed of each image when seeds were used; ``info`` the request as run
-    (formatted prompts, token counts, settings), which the CLI writes into PNG metadata.
+    ``seeds`` holds the seeds when seeds were used: one per image (each remakes its image alone), or
+    one for the whole batch (one generator draws every image, as diffusers' single generator does;
+    image k > 0 then needs the whole batch to be remade). ``info``: the request as run (formatted
+    prompts, token counts, settings), which the CLI writes into PNG metadata.
     """
 
     images: Any
@@ -126,6 +128,11 @@ def pop_diffusers_options(load: dict) -> None:
         if instead is not None:
             raise ValueError(f"{name}= is diffusers' option; here {instead}")
         del load[name]
+
+
+#: diffusers' ``encode_prompt`` arguments, refused by name by :meth:`ZImagePipeline.encode_prompt`.
+DIFFUSERS_ENCODE_OPTIONS = {"device", "do_classifier_free_guidance", "negative_prompt", "prompt_embeds",
+                            "negative_prompt_embeds"}
 
 
 def check_variant(variant: str | None) -> None:
@@ -618,11 +625,20 @@ class ZImagePipeline:
     @_serialized
     @torch.no_grad()
     def encode_prompt(
-        self, prompts: list[str], max_sequence_length: int = 512, template=None, **fields
+        self, prompt: str | list[str], max_sequence_length: int = 512, template=None, **fields
     ) -> list[torch.Tensor]:
-        """Chat-format and encode prompts (a string is one prompt): a list of (L_i, cap_feat_dim)
-        features on the DiT device."""
-        prompts = [prompts] if isinstance(prompts, str) else prompts
+        """Chat-format and encode prompts (a string is one prompt): ONE list of (L_i, cap_feat_dim)
+        features on the DiT device, not diffusers' (prompt_embeds, negative_prompt_embeds) pair;
+        ``fields``: the chat format's parts (``system_prompt``, ...)."""
+        unknown = set(fields) - set(sampling.PROMPT_FIELDS)
+        if unknown & DIFFUSERS_ENCODE_OPTIONS:
+            raise TypeError(f"encode_prompt() takes no {sorted(unknown & DIFFUSERS_ENCODE_OPTIONS)}: it returns one "
+                            f"list of features per prompt, on the pipeline's device; for diffusers' pair use "
+                            f"pipe.encode_prompt(prompts), pipe.encode_prompt(negative_prompts or [''] * len(prompts))")
+        if unknown:
+            raise TypeError(f"encode_prompt() got unknown arguments {sorted(unknown)}; the chat format's parts are "
+                            f"{list(sampling.PROMPT_FIELDS)}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
         return self.encode_texts(self.format_prompts(prompts, template, **fields), max_sequence_length)
 
     @_serialized
@@ -642,10 +658,12 @@ class ZImagePipeline:
     @_serialized
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor, generators: list[torch.Generator] | None,
-                     dtype: torch.dtype | None = None) -> torch.Tensor:
+                     dtype: torch.dtype | None = None, spread: Callable | None = None) -> torch.Tensor:
         """Pixels in [-1, 1] (B, 3, H, W) -> scaled latents: a posterior *sample* (one draw per
         generator), or with ``generators=None`` the posterior *mode* (the mean: no draw), as
-        diffusers' ControlNet pipelines encode their control and masked images."""
+        diffusers' ControlNet pipelines encode their control and masked images. ``spread`` maps the
+        posterior of each input image to the batch before the draw (one image encoded once, one draw
+        per output)."""
         with self._running("vae") as device:
             vae_dtype = next(self.vae.parameters()).dtype
             x = image.to(device, dtype or image.dtype).to(vae_dtype)
@@ -654,6 +672,8 @@ class ZImagePipeline:
                                                                     self.vae_config.scale_factor))
             else:
                 mean, logvar = self.vae.encode(x)
+            if spread is not None:
+                mean, logvar = spread(mean), spread(logvar)
             if generators is None:
                 z = mean
             else:
@@ -707,7 +727,7 @@ class ZImagePipeline:
 
     def _call(self, prompt, *, seed, num_inference_steps, fields, progress, callback, callback_on_step_end,
               callback_on_step_end_tensor_inputs, **kw) -> ZImageOutput:
-        seeds = None if seed is None else [int(s) for s in seed] if isinstance(seed, (list, tuple)) else [int(seed)]
+        seeds = None if seed is None else list(seed) if isinstance(seed, (list, tuple)) else [seed]
         request = GenerationRequest(prompt=prompt, seeds=seeds, steps=num_inference_steps,
                                     fields={k: v for k, v in fields.items() if v is not None}, **kw)
         return self.generate(request, progress=progress, callback=callback, callback_on_step_end=callback_on_step_end,
@@ -726,7 +746,7 @@ class ZImagePipeline:
         latents: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
+        num_images_per_prompt: int | None = None,
         output_type: str = "pil",
         sigmas: list[float] | None = None,
         cfg_normalization: float | bool = False,
@@ -759,7 +779,8 @@ class ZImagePipeline:
         """Generate images (every argument after ``prompt`` by keyword). ``return_dict=False`` returns
         ``(images,)`` as diffusers does. Unset ``width``/``height``/``num_inference_steps``/``guidance_scale`` come
         from the template's suggested settings, then from the variant (Turbo: 8 steps, guidance 0;
-        base: 50 steps, guidance 4). ``seed`` may be a list with one seed per image.
+        base: 50 steps, guidance 4). ``seed`` may be a list with one seed per image (unset,
+        ``num_images_per_prompt`` is then the seeds per prompt; else 1).
 
         ``output_type``: "pil" | "np" | "pt" | "latent". ``prompt_embeds`` /
         ``negative_prompt_embeds``: lists of (tokens, features) tensors instead of prompts.

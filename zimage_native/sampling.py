@@ -194,6 +194,21 @@ class Task:
         return Conditioning(r.latents)
 
 
+def repeat_to(x: torch.Tensor, batch: int, per_prompt: int, what: str) -> torch.Tensor:
+    """Spread inputs over the generated batch ([p0, p0, p1, p1] for 2 prompts x 2 images): one input
+    for every image, one per prompt repeated for each of its ``per_prompt`` images (diffusers'
+    ControlNet pipelines pair them so; its img2img and inpainting tile them, giving prompt 0 the
+    second image), or one per image."""
+    if x.shape[0] == batch:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(batch, *x.shape[1:])
+    if x.shape[0] * per_prompt == batch:
+        return x.repeat_interleave(per_prompt, dim=0)
+    raise ValueError(f"got {x.shape[0]} {what}s for {batch // per_prompt} prompts x {per_prompt} images: "
+                     f"give one, one per prompt, or one per image")
+
+
 def start_index(num_steps: int, strength: float) -> int:
     """The first schedule step of a run at ``strength`` (the reference's ``get_timesteps``)."""
     return int(max(num_steps - min(num_steps * strength, num_steps), 0))
@@ -218,12 +233,15 @@ class ImageToImage(Task):
         """(clean image latents, noise, start), from the same generators: the posterior sample, then
         the noise (or the noise first, as the reference's inpainting draws them when given latents)."""
         pipe, pixels, gens, r = ctx.pipe, ctx.inputs["pixels"], ctx.generators, ctx.request
-        if ctx.batch % pixels.shape[0]:
-            raise ValueError(f"cannot spread {pixels.shape[0]} input images over {ctx.batch} outputs")
+        spread = lambda x: repeat_to(x, ctx.batch, r.n, "input image")  # noqa: E731
         shape = latent_shape(pipe, ctx.batch, r.height, r.width)
         noise = randn(shape, gens, ctx.dtype).to(pipe.device) if noise_first else None
-        z = pipe.encode_image(pixels, gens if len(gens) == 1 else gens[: pixels.shape[0]], ctx.dtype)
-        z = z.to(ctx.dtype).repeat(ctx.batch // z.shape[0], 1, 1, 1)
+        if r.generator is None and len(gens) == ctx.batch:
+            # one seed per image: each image draws its own posterior sample, so its seed alone remakes it
+            z = pipe.encode_image(pixels, gens, ctx.dtype, spread=spread)
+        else:  # one generator, or diffusers' generator list, whose first ones draw the samples that are spread
+            z = spread(pipe.encode_image(pixels, gens if len(gens) == 1 else gens[: pixels.shape[0]], ctx.dtype))
+        z = z.to(ctx.dtype)
         if noise is None:
             noise = randn(z.shape, gens, ctx.dtype).to(pipe.device)
         return z, noise, start_index(ctx.schedule.num_steps, r.strength)
@@ -280,9 +298,7 @@ class Inpaint(ImageToImage):
             sigma = ctx.schedule.sigmas.to(pipe.device, ctx.dtype)[start]
             latents = sigma * noise + (1.0 - sigma) * z
         mask = torch.nn.functional.interpolate(ctx.inputs["mask"], size=z.shape[-2:], mode="nearest")
-        if ctx.batch % mask.shape[0]:
-            raise ValueError(f"cannot spread {mask.shape[0]} masks over {ctx.batch} outputs")
-        mask = mask.to(pipe.device, ctx.dtype).repeat(ctx.batch // mask.shape[0], 1, 1, 1)
+        mask = repeat_to(mask.to(pipe.device, ctx.dtype), ctx.batch, r.n, "mask")
         return Conditioning(latents, start, InpaintBlend(mask, z, noise), info={"strength": r.strength})
 
 
@@ -558,6 +574,23 @@ def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator
     return prompts
 
 
+def check_seeds(seeds) -> list[int] | None:
+    """Seeds as Python ints in [0, 2**64) (numpy integers too); a float, a bool or -1 is refused
+    rather than turned into another seed (the CLI's and server's -1, "random", is None here)."""
+    if seeds is None:
+        return None
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not 0 <= s < 2**64:
+            raise ValueError(f"a seed must be an integer in [0, 2**64), got {s!r} (leave seed unset for a random one)")
+    return [int(s) for s in seeds]
+
+
+def _integer(value):
+    """numpy and other integral scalars as Python ints (a size or step count from an array); anything
+    else as it is, for the checks to refuse by name."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+
+
 def check_size_fits(width: int, height: int, axes_lens, multiple: int = 16) -> None:
     """The DiT's RoPE tables hold ``axes_lens[1]`` rows and ``axes_lens[2]`` columns of patches (the
     released models: 512 each, so sides up to 8192 pixels); a larger side is refused by name."""
@@ -577,15 +610,16 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
     sigma_count = torch.as_tensor(r.sigmas).numel() if r.sigmas is not None else 0
     r = dataclasses.replace(
         r,
-        width=r.width if r.width is not None else w if w is not None else suggested.get("width", 1024),
-        height=r.height if r.height is not None else h if h is not None else suggested.get("height", 1024),
-        steps=(sigma_count if sigma_count else r.steps if r.steps is not None  # sigmas set the step count
-               else suggested.get("steps", defaults.num_inference_steps)),
+        width=_integer(r.width if r.width is not None else w if w is not None else suggested.get("width", 1024)),
+        height=_integer(r.height if r.height is not None else h if h is not None else suggested.get("height", 1024)),
+        steps=_integer(sigma_count if sigma_count else r.steps if r.steps is not None  # sigmas set the step count
+                       else suggested.get("steps", defaults.num_inference_steps)),
+        seeds=check_seeds(r.seeds),
         guidance_scale=(r.guidance_scale if r.guidance_scale is not None
                         else suggested.get("guidance_scale", defaults.guidance_scale)),
         negative_prompt=r.negative_prompt if r.negative_prompt is not None else suggested.get("negative_prompt"),
         strength=r.strength if r.strength is not None else getattr(task, "default_strength", None),
-        num_images_per_prompt=r.n,
+        num_images_per_prompt=_integer(r.n),
         fields={k: v for k, v in r.fields.items() if v is not None},
     )
     check_request(r.prompt, r.width, r.height, r.steps, r.seeds, r.generator, r.guidance_scale, r.n, r.output_type,

@@ -79,10 +79,10 @@ def make_schedule(
         if image_seq_len is None:
             raise ValueError("use_dynamic_shifting needs the image sequence length")
         mu = calculate_mu(image_seq_len, config)
-        if config.time_shift_type == "exponential":
-            shifted = math.exp(mu) / (math.exp(mu) + (1 / raw - 1))
-        else:
-            shifted = mu / (mu + (1 / raw - 1))
+        a = math.exp(mu) if config.time_shift_type == "exponential" else mu
+        # a true division, as the reference's numpy one (a scalar over a tensor is a reciprocal times
+        # the scalar in torch: the first sigma came out 1 ulp below 1)
+        shifted = torch.div(torch.full_like(raw, a), a + (1 / raw - 1))
         shifted = shifted.to(torch.float32)
     else:
         s = config.shift
