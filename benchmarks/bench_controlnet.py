@@ -113,15 +113,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pipe.progress = False
     control = control_picture(size)
     call = dict(width=size, height=size, num_inference_steps=steps, seed=0, output_type="latent")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     rows = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        if args.out is not None:  # after each row: a timeout keeps the rows measured so far
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "controlnet.json").write_text(json.dumps(
+                {"device": device_name, "size": size, "steps": steps, "dtype": str(dtype), "rows": rows}, indent=2))
+
     base, _ = timed(lambda: pipe(PROMPT, **call).images, repeats)
-    rows.append({"case": "no control", "mode": "eager", "seconds": base})
+    add({"case": "no control", "mode": "eager", "seconds": base})
     branches = {v: random_branch(pipe, v, 10 + i) for i, v in enumerate(("1.0", "2.0", "2.1"))}
     ours = {}
     for version, branch in branches.items():
         pipe.controlnets.model, pipe.controlnets.path = branch, f"random {version}"
         seconds, ours[version] = timed(lambda: pipe(PROMPT, control_image=control, **call).images, repeats)
-        rows.append({"case": f"ControlNet {version}", "mode": "eager", "seconds": seconds,
+        add({"case": f"ControlNet {version}", "mode": "eager", "seconds": seconds,
                      "overhead": seconds / base - 1})
 
     if not args.no_diffusers:
@@ -145,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                      num_inference_steps=steps, guidance_scale=0.0,
                                                      generator=torch.Generator().manual_seed(0),
                                                      output_type="latent").images, repeats)
-                rows.append({"case": f"ControlNet {version}", "mode": "diffusers eager", "seconds": seconds,
+                add({"case": f"ControlNet {version}", "mode": "diffusers eager", "seconds": seconds,
                              "rel_err_vs_diffusers": rel_err(ours[version], theirs)})
             del ref
 
@@ -153,17 +162,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         pipe.controlnets.model = None
         pipe.optimize(compile="blocks")
         base_c, _ = timed(lambda: pipe(PROMPT, **call).images, repeats)
-        rows.append({"case": "no control", "mode": "compile=blocks", "seconds": base_c})
+        add({"case": "no control", "mode": "compile=blocks", "seconds": base_c})
         for version, branch in branches.items():
             from zimage_native.accel import optimize
 
             optimize(branch, compile="blocks")
             pipe.controlnets.model, pipe.controlnets.path = branch, f"random {version}"
             seconds, _ = timed(lambda: pipe(PROMPT, control_image=control, **call).images, repeats)
-            rows.append({"case": f"ControlNet {version}", "mode": "compile=blocks", "seconds": seconds,
+            add({"case": f"ControlNet {version}", "mode": "compile=blocks", "seconds": seconds,
                          "overhead": seconds / base_c - 1})
 
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"ControlNet, {size}x{size}, {steps} steps, {str(dtype).removeprefix('torch.')}, {device_name}")
     print("| case | mode | s per request | overhead | rel err vs diffusers |")
     print("|---|---|---|---|---|")
@@ -171,10 +179,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         over = f"{r['overhead'] * 100:+.0f}%" if "overhead" in r else ""
         err = f"{r['rel_err_vs_diffusers']:.2e}" if "rel_err_vs_diffusers" in r else ""
         print(f"| {r['case']} | {r['mode']} | {r['seconds']:.3f} | {over} | {err} |")
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "controlnet.json").write_text(json.dumps(
-            {"device": device_name, "size": size, "steps": steps, "dtype": str(dtype), "rows": rows}, indent=2))
     return rows
 
 

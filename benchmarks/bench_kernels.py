@@ -22,6 +22,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -154,9 +155,9 @@ def peak_gbps(name: str, override: float | None) -> float | None:
 
 
 def environment(smoke: bool) -> dict:
-    sha = "n/a (smoke run)"
+    sha = "n/a (smoke run)" if smoke else os.environ.get("ZIMAGE_GIT_SHA")  # the GPU check passes it (no .git there)
     try:
-        if not smoke:
+        if sha is None:
             sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                  timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -180,6 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-gbps", type=float, default=None, help="override the peak bandwidth")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--stem", default=None,
+                        help="file name without suffix (default kernels-<gpu>-<dtype>-<date>; the GPU check: kernels)")
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check of the plumbing: interpreter, tiny shapes, one untimed-quality run each")
     args = parser.parse_args(argv)
@@ -196,6 +199,7 @@ def main(argv=None) -> int:
     env = environment(args.smoke)
     peak = None if args.smoke else peak_gbps(env["gpu"], args.peak_gbps)
 
+    stem = args.stem or f"kernels-{env['gpu'].replace(' ', '_')}-{args.dtype}-{env['date'][:10]}"
     rows = []
     for case in cases(tokens, dtype, device, **sizes):
         if wanted is not None and case.op not in wanted:
@@ -217,6 +221,8 @@ def main(argv=None) -> int:
         if "compiled_us" in row:
             row["speedup_vs_compiled"] = row["compiled_us"] / row["kernel_us"]
         rows.append(row)
+        if not args.smoke:  # after each case: a timeout keeps the cases measured so far
+            write_rows(args.out, stem, env, rows)
 
     print(f"# zimage:: kernels, {env['gpu']}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
           f"git {env['git_sha']}, {args.dtype}, peak {peak or 'n/a'} GB/s, p50 of do_bench\n")
@@ -236,16 +242,18 @@ def main(argv=None) -> int:
         print(f"\nNOTE: {r['op']} {r['shape']} does not beat torch.compile of the reference "
               f"({r['kernel_us']:.1f} us vs {r['compiled_us']:.1f} us)")
 
-    if not args.smoke:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = f"kernels-{env['gpu'].replace(' ', '_')}-{args.dtype}-{env['date'][:10]}"
-        with open(args.out / f"{stem}.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(env) + list(rows[0]))
-            writer.writeheader()
-            writer.writerows({**env, **r} for r in rows)
-        (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+    if not args.smoke and rows:
         print(f"\nwrote {args.out / stem}.csv and .json")
     return 0
+
+
+def write_rows(out: Path, stem: str, env: dict, rows: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(env) + list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**env, **r} for r in rows)
+    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -589,6 +589,73 @@ def test_bench_ladder_dry_run_on_cpu(tmp_path):
     verdicts = [line for line in result.output.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert len(verdicts) == 3 and all(line.startswith("PASS") for line in verdicts), verdicts
     assert (tmp_path / "e2e.csv").read_text().count("\n") == 5  # header + 4 rows
+    assert json.loads((tmp_path / "e2e.json").read_text()) == json.loads(json.dumps(payload, default=str))
+
+
+BENCH_DRY = ["bench", "--tiny", "--device", "cpu", "--dtype", "bfloat16", "--sizes", "32", "--steps", "2",
+             "--repeats", "1", "--rungs", "eager", "--rungs", "fp8", "--check"]
+
+
+def test_bench_interrupted_keeps_the_verdicts_and_rows_measured_before(tmp_path, monkeypatch):
+    """A timeout (`timeout -s INT`) during the fp8 quality check: the parity verdict was already
+    printed when it was measured (before the fp8 row), e2e.json holds the rows and that check, the
+    check not measured is a FAIL, and the exit status is 1."""
+    import json
+
+    from click.testing import CliRunner
+
+    from zimage_native import bench
+    from zimage_native.cli import main
+
+    def timeout(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "fp8_accumulation_quality", timeout)
+    result = CliRunner().invoke(main, [*BENCH_DRY, "--out", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    parity = next(i for i, line in enumerate(lines) if line.startswith("PASS bf16 parity vs diffusers at 32x32"))
+    fp8_row = next(i for i, line in enumerate(lines) if line.startswith("row done: zimage-native +fp8 32"))
+    diffusers_row = next(i for i, line in enumerate(lines) if line.startswith("row done: diffusers 0.42.1 eager"))
+    assert diffusers_row < parity < fp8_row and "PSNR -" not in lines[diffusers_row]  # printed with its parity
+    assert "interrupted: the report and the verdicts below hold what was measured before" in result.output
+    assert "FAIL fp8 quality: not measured (no fp8 rung)" in lines
+    assert sum(line.startswith("PASS bf16 parity") for line in lines) == 1  # said once, when measured
+    saved = json.loads((tmp_path / "e2e.json").read_text())
+    assert saved["checks"]["parity_db"] > 40 and "fp8_quality_db" not in saved["checks"]
+    assert [(r["engine"], r["rung"]) for r in saved["rows"]] == [
+        ("zimage-native", "eager"), ("diffusers 0.42.1", "eager"), ("zimage-native", "+fp8")]
+    assert (tmp_path / "e2e.csv").read_text().count("\n") == 4  # header + the 3 rows
+
+
+def test_bench_optional_steps_fail_or_skip_without_losing_the_verdicts(tmp_path, monkeypatch):
+    """diffusers compiled (optional) raising, or skipped by a spent --budget-s: a note on the last row,
+    every judged check still measured and passed, exit status 0."""
+    import json
+
+    from click.testing import CliRunner
+
+    from zimage_native import bench
+    from zimage_native.cli import main
+
+    run_diffusers = bench.run_diffusers
+
+    def broken_compile(ref, pipe, size, steps, repeats, compiled):
+        if compiled:
+            raise RuntimeError("inductor fell over")
+        return run_diffusers(ref, pipe, size, steps, repeats, compiled)
+
+    monkeypatch.setattr(bench, "run_diffusers", broken_compile)
+    for extra, note in (([], "diffusers compiled: failed: RuntimeError: inductor fell over"),
+                        (["--budget-s", "0"], "diffusers compiled: skipped (")):
+        out = tmp_path / str(len(extra))
+        result = CliRunner().invoke(main, [*BENCH_DRY, *extra, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        verdict_lines = [line for line in result.output.splitlines() if line.startswith(("PASS", "FAIL"))]
+        assert len(verdict_lines) == 3 and all(line.startswith("PASS") for line in verdict_lines), verdict_lines
+        saved = json.loads((out / "e2e.json").read_text())
+        assert any(n.startswith(note) for n in saved["rows"][-1]["notes"]), saved["rows"][-1]["notes"]
+        assert "compile (regional)" not in [r["rung"] for r in saved["rows"]]
 
 
 def test_bench_skips_the_default_rungs_that_cannot_run_and_refuses_named_ones(tmp_path, monkeypatch):
@@ -621,7 +688,8 @@ def test_bench_skips_the_default_rungs_that_cannot_run_and_refuses_named_ones(tm
     # the row as it is done, rounded for people (the JSON keeps the exact values); where the CSV went
     assert re.search(r"^row done: zimage-native eager 32: denoise \d+\.\d{3} s, e2e \d+\.\d{3} s, "
                      r"cold \d+\.\d{3} s, PSNR inf$", result.output, re.M), result.output
-    assert f"\nappended 1 row(s) to {tmp_path / 'e2e.csv'}\n" in result.output
+    assert f"\nappended 1 row(s) to {tmp_path / 'e2e.csv'}; this run's rows and checks: {tmp_path / 'e2e.json'}\n" \
+        in result.output
 
     result = CliRunner().invoke(main, [*base, "--rungs", "eager", "--rungs", "cuda_graphs"])
     assert result.exit_code == 1
@@ -639,6 +707,7 @@ def test_bench_skips_the_default_rungs_that_cannot_run_and_refuses_named_ones(tm
 
 
 GOOD_CHECKS = {"size": 1024, "parity_db": 45.0, "graph_vs_compiled_rel_l2": 1e-4,
+               "graph_new_request": {"replayed": True, "rel_l2": 3e-4},
                "cfg_under_graphs": {"exercised": True, "rel_l2": 2e-4},
                "fp8_quality_db": {"fast_accum": 30.0, "fp32_accum": 31.0}}
 
@@ -648,17 +717,21 @@ GOOD_CHECKS = {"size": 1024, "parity_db": 45.0, "graph_vs_compiled_rel_l2": 1e-4
     ({"parity_db": 38.2}, "FAIL bf16 parity vs diffusers at 1024x1024: 38.2 dB PSNR (needs >= 40 dB)"),
     ({"parity_db": None}, "FAIL bf16 parity vs diffusers: not measured"),
     ({"graph_vs_compiled_rel_l2": 0.02}, "FAIL graph replay vs compiled eager: relative L2 latent difference 0.02"),
+    ({"graph_new_request": {"replayed": False, "rel_l2": 0.0}}, "FAIL a new request under CUDA graphs: not replayed"),
+    ({"graph_new_request": {"replayed": True, "rel_l2": 0.3}}, "FAIL a new request (other features and noise)"),
+    ({"graph_new_request": None}, "FAIL a new request under CUDA graphs: not replayed"),
     ({"cfg_under_graphs": {"exercised": False, "rel_l2": 0.0}}, "FAIL CFG under CUDA graphs: not exercised"),
     ({"cfg_under_graphs": {"exercised": True, "rel_l2": 0.1}}, "FAIL CFG under CUDA graphs vs compiled eager"),
     ({"fp8_quality_db": {"fast_accum": 21.0, "fp32_accum": 31.0}}, "FAIL fp8 quality (fast accum) vs bf16"),
-], ids=["all pass", "parity low", "parity missing", "graph differs", "cfg not exercised", "cfg differs", "fp8 low"])
+], ids=["all pass", "parity low", "parity missing", "graph differs", "new request captured", "new request differs",
+        "new request missing", "cfg not exercised", "cfg differs", "fp8 low"])
 def test_gpu_check_verdicts_fail_one_line_each(change, expected):
     from zimage_native.bench import verdicts
 
     checks = {k: v for k, v in {**GOOD_CHECKS, **change}.items() if v is not None}
     failures, passes = verdicts(checks, gpu=True)
     if expected is None:
-        assert not failures and len(passes) == 5
+        assert not failures and len(passes) == 6
     else:
         assert len(failures) == 1 and failures[0].startswith(expected), failures
         assert "\n" not in failures[0]

@@ -21,16 +21,19 @@ from .utils import needs_cpu_fp8
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(tmp_path: Path, bench_rc: int, gpu: bool = False) -> subprocess.CompletedProcess:
+def run_script(tmp_path: Path, bench_rc: int, gpu: bool = False, budget_s: int = 480) -> subprocess.CompletedProcess:
     shim = tmp_path / "bin" / "python3"
     shim.parent.mkdir()
     shim.write_text(f"""#!/usr/bin/env bash
 if [ "$1 $2 $3" = "-m zimage_native.cli bench" ]; then
   echo "bench $*"
-  [ {int(gpu)} = 1 ] && touch "{tmp_path / 'out'}/e2e.csv"
+  [ {int(gpu)} = 1 ] && touch "{tmp_path / 'out'}/e2e.csv" "{tmp_path / 'out'}/e2e.json"
   [ {bench_rc} = 0 ] && echo "PASS fp8 quality (fast accum) vs bf16 at 64x64: 40.1 dB PSNR (needs >= 25 dB)" \\
                      || echo "FAIL fp8 quality (fast accum) vs bf16 at 64x64: 12.0 dB PSNR (needs >= 25 dB)"
   exit {bench_rc}
+fi
+if [ "$1" = "-c" ] && [ "${{2#*cuda.is_available}}" != "$2" ]; then  # the preflight: torch sees the stand-in GPU
+  exit $(( 1 - {int(gpu)} ))
 fi
 if [ "$1 $2" = "-m pytest" ] || [ "${{1#benchmarks/}}" != "$1" ]; then
   echo "ran $*"
@@ -38,7 +41,7 @@ if [ "$1 $2" = "-m pytest" ] || [ "${{1#benchmarks/}}" != "$1" ]; then
   args="$*"; out=${{args##*--out }}; out=${{out%% *}}
   case "$1" in
     benchmarks/time_breakdown.py) touch "$out/time_breakdown.json" ;;
-    benchmarks/bench_kernels.py) touch "$out/kernels.csv" "$out/kernels.json" ;;
+    benchmarks/bench_kernels.py) stem=${{args##*--stem }}; stem=${{stem%% *}}; touch "$out/$stem.csv" "$out/$stem.json" ;;
     benchmarks/bench_gguf.py) touch "$out/gguf.csv" "$out/gguf.json" ;;
     benchmarks/bench_controlnet.py) touch "$out/controlnet.json" ;;
   esac
@@ -48,7 +51,8 @@ exec {sys.executable} "$@"
 """)
     shim.chmod(0o755)
     env = {**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}", "DRY_RUN": "0" if gpu else "1",
-           "SKIP_INSTALL": "1", "SKIP_KERNEL_BENCH": "1"}
+           "SKIP_INSTALL": "1", "SKIP_KERNEL_BENCH": "1", "OUT": str(tmp_path / "out"),
+           "BUDGET_S": str(budget_s)}  # the device tool's $OUT
     if gpu:  # a stand-in nvidia-smi: the script takes its GPU branch
         smi = shim.parent / "nvidia-smi"
         smi.write_text("#!/usr/bin/env bash\necho 'name, driver_version, memory.total'\n")
@@ -95,6 +99,9 @@ def test_gpu_only_checks_run_on_the_cpu_with_stand_in_graphs():
     reference = {"image": pipe(bench.PROMPT, width=32, height=32, num_inference_steps=2, seed=0,
                                output_type="np").images}
     sampler, _ = graphed(pipe)
+    pipe(bench.PROMPT, width=32, height=32, num_inference_steps=2, seed=0, output_type="np")  # the capture
+    new = bench.graph_new_request(pipe, 32, 2)  # replays that graph with other features and noise
+    assert new["replayed"] and new["rel_l2"] < bench.GRAPH_MAX_REL, new
     cfg = bench.cfg_under_graphs(pipe, 32, 2)
     assert cfg["exercised"] and cfg["rel_l2"] < bench.GRAPH_MAX_REL, cfg
     modes = bench.graph_mode_timing(pipe, 32, 2, 1)
@@ -109,19 +116,32 @@ def test_gpu_branch_runs_the_judged_ladder_first_then_the_optional_steps(tmp_pat
     result = run_script(tmp_path, bench_rc, gpu=True)
     lines = result.stdout.strip().splitlines()
     bench = next(line for line in lines if line.startswith("bench "))
-    assert "--sizes 1024 --big-size 2048 --steps 8" in bench and "--check" in bench and "--tiny" not in bench
+    assert "--device cuda --sizes 1024 --big-size 2048 --steps 8" in bench and "--check" in bench
+    assert "--tiny" not in bench and "--budget-s" in bench
     ran = [line for line in lines if line.startswith("ran ")]
-    assert ran[0].startswith("ran -m pytest") and [r.split()[1] for r in ran[1:]] == [
+    # the ladder, then the kernel tests (judged, one verdict line), then the optional benchmarks
+    assert lines.index(bench) < lines.index(ran[0]) and ran[0].startswith("ran -m pytest")
+    assert "PASS Triton kernel tests on the GPU" in lines
+    assert [r.split()[1] for r in ran[1:]] == [
         "benchmarks/time_breakdown.py", "benchmarks/bench_kernels.py", "benchmarks/bench_gguf.py",
         "benchmarks/bench_controlnet.py", "benchmarks/bench_block_cache.py"]
-    assert lines.index(bench) < lines.index(ran[1]) and ran[1] == f"ran benchmarks/time_breakdown.py --out {tmp_path / 'out'}"
+    assert ran[1] == f"ran benchmarks/time_breakdown.py --device cuda --out {tmp_path / 'out'}"
     assert any(line.startswith("== where the time goes") and "(timeout 90 s)" in line for line in lines), result.stdout
     assert result.returncode == bench_rc and lines[-1] == ("VERDICT: PASS" if bench_rc == 0 else
                                                           "VERDICT: FAIL (ladder checks (rc 1))"), result.stdout
-    # what comes back: the device tool brings back at most 8 files from $OUT
+    # what comes back: the device tool brings back at most 8 files from $OUT; the CSVs repeat the JSONs
     files = sorted(p.name for p in (tmp_path / "out").rglob("*") if p.is_file())
-    assert files == ["controlnet.json", "e2e.csv", "env.json", "gguf.json", "gpu_check.log", "kernels.json",
+    assert files == ["controlnet.json", "e2e.json", "env.json", "gguf.json", "gpu_check.log", "kernels.json",
                      "time_breakdown.json"], files
+
+
+def test_gpu_branch_with_no_time_left_fails_instead_of_running_unlimited(tmp_path):
+    """A budget spent before the ladder (BUDGET_S too small) is a FAIL, never `timeout 0` (no limit)."""
+    result = run_script(tmp_path, 0, gpu=True, budget_s=100)
+    lines = result.stdout.strip().splitlines()
+    assert not any(line.startswith("bench ") for line in lines), result.stdout
+    assert any(line.startswith("FAIL ladder: only") for line in lines)
+    assert result.returncode == 1 and lines[-1].startswith("VERDICT: FAIL (ladder (no time)")
 
 
 def test_device_wheels_pin_the_versions_the_project_tests_against():

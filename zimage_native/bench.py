@@ -518,6 +518,26 @@ def cfg_under_graphs(pipe, size: int, steps: int) -> dict:
     return {"exercised": exercised, "rel_l2": rel_l2(got, expected)}
 
 
+def graph_new_request(pipe, size: int, steps: int) -> dict:
+    """A request the graphs were not captured on, replayed against the same compiled step loop run
+    eagerly: caption features of the same length but other values (the same sequence class, so the
+    captured graph is replayed, not captured again) and other noise. A value baked in at capture or
+    an input not copied in per request shows here; 'replayed' says a captured graph ran it."""
+    from .scheduler import make_schedule
+
+    embeds = [e + 0.5 * torch.randn(e.shape, generator=torch.Generator().manual_seed(2)).to(e.device, e.dtype)
+              for e in pipe.encode_prompt([PROMPT])]
+    schedule = make_schedule(pipe.scheduler_config, steps)
+    noise = torch.randn(1, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(2))
+    graphed = pipe._graphed
+    captures, replays = (graphed.captures, graphed.replays) if graphed is not None else (0, 0)
+    got = pipe.denoise(noise, embeds, None, schedule, progress=False).float().cpu()
+    replayed = graphed is not None and graphed.replays > replays and graphed.captures == captures
+    with graphs_off(pipe):
+        expected = pipe.denoise(noise, embeds, None, schedule, progress=False).float().cpu()
+    return {"replayed": replayed, "rel_l2": rel_l2(got, expected)}
+
+
 def graph_mode_timing(pipe, size: int, steps: int, repeats: int) -> dict:
     """Denoise time with one graph per step (the default, progress and cancel per step) against one
     graph for the whole loop, on the same compiled model; the engine keeps "step" unless "loop" is
@@ -563,61 +583,119 @@ def fp8_accumulation_quality(pipe, size: int, steps: int, reference) -> dict:
     return quality
 
 
+class Budget:
+    """The time a ladder may take (``seconds`` None: no limit). Judged steps always run; the optional
+    ones (the big-size row, graph-mode timing, diffusers compiled) only while more than ``reserve_s``
+    is left, so that a short budget loses optional numbers, never a verdict."""
+
+    def __init__(self, seconds: float | None = None, reserve_s: float = 150.0):
+        self.end = None if seconds is None else time.monotonic() + seconds
+        self.reserve_s = reserve_s
+
+    def left(self) -> float:
+        return math.inf if self.end is None else self.end - time.monotonic()
+
+    def allows_optional(self) -> bool:
+        return self.left() > self.reserve_s
+
+
+def optional(name: str, notes: list[str], budget: Budget, fn):
+    """Run an optional (not judged) step: skipped when the budget is short, and a failure is a note,
+    not the end of the ladder (the judged numbers measured so far and after it are kept)."""
+    if not budget.allows_optional():
+        notes.append(f"{name}: skipped ({budget.left():.0f} s left of the time budget)")
+        logger.warning("%s: skipped (%.0f s left of the time budget)", name, budget.left())
+        return None
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001  (reported; the judged steps go on)
+        notes.append(f"{name}: failed: {type(e).__name__}: {e}")
+        logger.warning("%s failed: %s: %s", name, type(e).__name__, e)
+        return None
+
+
 def ladder(pipe, full_qwen=None, sizes=(1024,), steps: int = 8, repeats: int = 3, rungs=None,
-           with_diffusers: bool = True, big_size: int | None = None, on_row=None) -> tuple[list[Row], dict, dict]:
+           with_diffusers: bool = True, big_size: int | None = None, on_row=None, checks: dict | None = None,
+           on_check=None, budget: Budget | None = None) -> tuple[list[Row], dict, dict]:
     """Apply the rungs cumulatively to ``pipe`` (in place) and measure each at every size, with
     diffusers eager and compiled on the same weights beside them. Quality is against our eager run;
     the diffusers eager row's PSNR is the bf16 parity of the two engines.
 
-    ``big_size`` (e.g. 2048) adds one row at that size for the last bf16 rung (cold start
-    included: with the dynamic shape policy the compiled graphs are reused, only the CUDA graphs
-    are captured anew). Returns (rows, environment, checks); ``checks`` feeds :func:`verdicts`.
-    ``on_row(row)`` is called as each row is done (the GPU check prints them, so a timeout keeps them).
+    The judged checks (``checks``, filled in place: parity, graph replay, a new request under
+    graphs, CFG under graphs, fp8 quality) are measured as early as the cumulative ladder allows,
+    and ``on_check(name)`` is called as each is measured; ``on_row(row)`` as each row is done (a
+    finished row, its PSNR included). So an interrupted run keeps what it measured. Optional steps
+    (:func:`optional`) follow the budget: ``big_size`` (e.g. 2048) adds one row at that size for the
+    last bf16 rung (cold start included: with the dynamic shape policy the compiled graphs are
+    reused, only the CUDA graphs are captured anew), graph-mode timing, diffusers compiled (last).
+    Returns (rows, environment, checks); ``checks`` feeds :func:`verdicts`.
     """
     rows = _Rows(on_row)
-    checks: dict = {"size": sizes[0]}
+    checks = {} if checks is None else checks
+    budget = budget or Budget()
+    checks["size"] = sizes[0]
+
+    def measured(name: str, value) -> None:
+        checks[name] = value
+        if on_check is not None:
+            on_check(name)
+
     ref = diffusers_pipeline(pipe, full_qwen) if with_diffusers and full_qwen is not None else None
     diffusers_rows, diffusers_images, eager, results = {}, {}, {}, {}
     if ref is not None:
         for size in sizes:
             diffusers_rows[size], diffusers_images[size] = run_diffusers(ref, pipe, size, steps, repeats, False)
-            rows.append(diffusers_rows[size])
     rungs = rungs or LADDER
     last_bf16 = max((i for i, r in enumerate(rungs) if not r.fp8), default=None)
     for index, rung in enumerate(rungs):
         for size in sizes:
             row, result = run_ours(pipe, rung, size, steps, repeats, eager.get(size))
             results[rung.name, size] = result
-            before = results.get(("+compile", size))
-            if rung.cuda_graphs and not rung.fp8 and before is not None and not rung.vae_compile:
-                # The same kernels, replayed from the graph instead of launched one by one.
-                err = rel_l2(result["latents"], before["latents"])
-                row.notes.append(f"graph replay vs +compile: relative L2 latent difference {err:.3g}")
-                if size == sizes[0]:
-                    checks["graph_vs_compiled_rel_l2"] = err
-                    checks["cfg_under_graphs"] = cfg_under_graphs(pipe, size, steps)
-                    checks["graph_modes"] = graph_mode_timing(pipe, size, steps, repeats)
-            if size not in eager:
+            first_eager = size not in eager
+            if first_eager:
                 eager[size] = result
                 row.psnr_db, row.latent_max_err = float("inf"), 0.0
-                if size in diffusers_rows:
-                    diffusers_rows[size].psnr_db = psnr(diffusers_images[size], result["image"])
-                    if size == sizes[0]:
-                        checks["parity_db"] = diffusers_rows[size].psnr_db
+            rows.append(row)
+            if first_eager and size in diffusers_rows:  # the diffusers row, now with its parity
+                diffusers_rows[size].psnr_db = psnr(diffusers_images[size], result["image"])
+                rows.append(diffusers_rows[size])
+                if size == sizes[0]:
+                    measured("parity_db", diffusers_rows[size].psnr_db)
+            before = results.get(("+compile", size))
+            if rung.cuda_graphs and not rung.fp8 and before is not None and not rung.vae_compile \
+                    and size == sizes[0]:
+                # The same kernels, replayed from the graph instead of launched one by one.
+                measured("graph_vs_compiled_rel_l2", rel_l2(result["latents"], before["latents"]))
+                measured("graph_new_request", graph_new_request(pipe, size, steps))
+                measured("cfg_under_graphs", cfg_under_graphs(pipe, size, steps))
+                modes = optional("graph-mode timing", row.notes, budget,
+                                 lambda: graph_mode_timing(pipe, size, steps, repeats))
+                if modes is not None:
+                    checks["graph_modes"] = modes
             if rung.fp8 and size == sizes[0]:
                 checks["fp8_ladder_db"] = row.psnr_db
-            rows.append(row)
         if big_size is not None and index == last_bf16:
-            row, _ = run_ours(pipe, rung, big_size, steps, 1)
-            row.notes.append("the big-size row: one timed run; cold_start_s includes any capture at this size")
-            rows.append(row)
+            notes: list[str] = []
+            big = optional(f"the {big_size}x{big_size} row", notes, budget,
+                           lambda: run_ours(pipe, rung, big_size, steps, 1)[0])
+            if big is not None:
+                big.notes.append("the big-size row: one timed run; cold_start_s includes any capture at this size")
+                rows.append(big)
+            elif rows:
+                rows[-1].notes += notes
+    if any(r.fp8 for r in rungs) and sizes[0] in eager:
+        measured("fp8_quality_db", fp8_accumulation_quality(pipe, sizes[0], steps, eager[sizes[0]]))
     if ref is not None:
         for size in sizes:
-            row, images = run_diffusers(ref, pipe, size, steps, repeats, True)
-            row.psnr_db = psnr(images, eager[size]["image"])
-            rows.append(row)
-    if any(r.fp8 for r in rungs) and sizes[0] in eager:
-        checks["fp8_quality_db"] = fp8_accumulation_quality(pipe, sizes[0], steps, eager[sizes[0]])
+            notes = []
+            done = optional("diffusers compiled", notes, budget,
+                            lambda: run_diffusers(ref, pipe, size, steps, repeats, True))
+            if done is not None:
+                row, images = done
+                row.psnr_db = psnr(images, eager[size]["image"])
+                rows.append(row)
+            elif rows:
+                rows[-1].notes += notes
     return list(rows), environment(pipe.device), checks
 
 
@@ -632,71 +710,101 @@ class _Rows(list):
             self.on_row(row)
 
 
+#: The judged checks, in the order the ladder measures them; the last three need CUDA graphs.
+JUDGED = ("parity_db", "graph_vs_compiled_rel_l2", "graph_new_request", "cfg_under_graphs", "fp8_quality_db")
+GPU_ONLY = ("graph_vs_compiled_rel_l2", "graph_new_request", "cfg_under_graphs")
+
+
+def judge(name: str, checks: dict) -> list[str]:
+    """The one-line verdicts (PASS ... / FAIL ...) of one judged check, "not measured" included."""
+    size, value = checks.get("size"), checks.get(name)
+
+    def line(ok: bool, text: str) -> str:
+        return ("PASS " if ok else "FAIL ") + text
+
+    if name == "parity_db":
+        if value is None:
+            return ["FAIL bf16 parity vs diffusers: not measured (diffusers missing or --no-diffusers)"]
+        return [line(value >= PARITY_MIN_DB, f"bf16 parity vs diffusers at {size}x{size}: {value:.1f} dB PSNR "
+                                             f"(needs >= {PARITY_MIN_DB:.0f} dB)")]
+    if name == "fp8_quality_db":
+        if value is None:
+            return ["FAIL fp8 quality: not measured (no fp8 rung)"]
+        return [line(db >= FP8_MIN_DB, f"fp8 quality ({kind.replace('_', ' ')}) vs bf16 at {size}x{size}: "
+                                       f"{db:.1f} dB PSNR (needs >= {FP8_MIN_DB:.0f} dB)") for kind, db in value.items()]
+    if name == "graph_vs_compiled_rel_l2":
+        if value is None:
+            return ["FAIL graph replay vs compiled eager: not measured (needs the compile and cuda_graphs rungs)"]
+        return [line(value <= GRAPH_MAX_REL, f"graph replay vs compiled eager: relative L2 latent difference "
+                                             f"{value:.3g} (needs <= {GRAPH_MAX_REL:g})")]
+    if name == "graph_new_request":
+        if value is None or not value["replayed"]:
+            return ["FAIL a new request under CUDA graphs: not replayed (no captured graph ran a request it was "
+                    "not captured on)"]
+        return [line(value["rel_l2"] <= GRAPH_MAX_REL, f"a new request (other features and noise) replayed vs "
+                                                       f"compiled eager: relative L2 latent difference "
+                                                       f"{value['rel_l2']:.3g} (needs <= {GRAPH_MAX_REL:g})")]
+    if name == "cfg_under_graphs":
+        if value is None or not value["exercised"]:
+            return ["FAIL CFG under CUDA graphs: not exercised (no guided step was captured and replayed)"]
+        return [line(value["rel_l2"] <= GRAPH_MAX_REL, f"CFG under CUDA graphs vs compiled eager: relative L2 "
+                                                       f"latent difference {value['rel_l2']:.3g} "
+                                                       f"(needs <= {GRAPH_MAX_REL:g})")]
+    raise ValueError(f"no judged check {name!r}; the checks are {JUDGED}")
+
+
 def verdicts(checks: dict, gpu: bool) -> tuple[list[str], list[str]]:
     """(failures, passes) as one-line verdicts. On a GPU every check must have run; a CPU dry run
     requires the parity and fp8 checks only (no CUDA graphs there)."""
-    failures, passes = [], []
-    size = checks.get("size")
-
-    def judge(ok: bool, line: str) -> None:
-        (passes if ok else failures).append(("PASS " if ok else "FAIL ") + line)
-
-    parity = checks.get("parity_db")
-    if parity is None:
-        failures.append("FAIL bf16 parity vs diffusers: not measured (diffusers missing or --no-diffusers)")
-    else:
-        judge(parity >= PARITY_MIN_DB, f"bf16 parity vs diffusers at {size}x{size}: {parity:.1f} dB PSNR "
-                                       f"(needs >= {PARITY_MIN_DB:.0f} dB)")
-    fp8 = checks.get("fp8_quality_db")
-    if fp8 is None:
-        failures.append("FAIL fp8 quality: not measured (no fp8 rung)")
-    else:
-        for name, value in fp8.items():
-            judge(value >= FP8_MIN_DB, f"fp8 quality ({name.replace('_', ' ')}) vs bf16 at {size}x{size}: "
-                                       f"{value:.1f} dB PSNR (needs >= {FP8_MIN_DB:.0f} dB)")
-    if not gpu:
-        return failures, passes
-    graph = checks.get("graph_vs_compiled_rel_l2")
-    if graph is None:
-        failures.append("FAIL graph replay vs compiled eager: not measured (needs the compile and cuda_graphs rungs)")
-    else:
-        judge(graph <= GRAPH_MAX_REL, f"graph replay vs compiled eager: relative L2 latent difference {graph:.3g} "
-                                      f"(needs <= {GRAPH_MAX_REL:g})")
-    cfg = checks.get("cfg_under_graphs")
-    if cfg is None or not cfg["exercised"]:
-        failures.append("FAIL CFG under CUDA graphs: not exercised (no guided step was captured and replayed)")
-    else:
-        judge(cfg["rel_l2"] <= GRAPH_MAX_REL, f"CFG under CUDA graphs vs compiled eager: relative L2 latent "
-                                              f"difference {cfg['rel_l2']:.3g} (needs <= {GRAPH_MAX_REL:g})")
-    return failures, passes
+    lines = [text for name in JUDGED if gpu or name not in GPU_ONLY for text in judge(name, checks)]
+    return [t for t in lines if t.startswith("FAIL")], [t for t in lines if t.startswith("PASS")]
 
 
-def report(rows: list[Row], env: dict, out_dir: Path | None = None, checks: dict | None = None) -> str:
-    """A readable table, then one JSON line; appends CSV rows under ``out_dir`` when given."""
+REPORT_COLUMNS = ["engine", "rung", "size", "encode_s", "denoise_s", "step_s", "decode_s", "e2e_s", "cold_start_s",
+                  "peak_mem_gib", "tflops", "floor_pct", "psnr_db", "latent_max_err"]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def report(rows: list[Row], env: dict, checks: dict | None = None) -> str:
+    """A readable table, then one JSON line (environment, rows, checks)."""
     head = f"{env.get('gpu')} | torch {env['torch']} | triton {env.get('triton')} | diffusers {env.get('diffusers')} | git {env.get('git_sha')}"
-    cols = ["engine", "rung", "size", "encode_s", "denoise_s", "step_s", "decode_s", "e2e_s", "cold_start_s",
-            "peak_mem_gib", "tflops", "floor_pct", "psnr_db", "latent_max_err"]
-
-    def fmt(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return "inf" if math.isinf(v) else f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
-        return str(v)
-
-    lines = [head, " | ".join(cols)]
-    lines += [" | ".join(fmt(getattr(r, c)) for c in cols) for r in rows]
-    payload = {"env": env, "rows": [asdict(r) for r in rows], "checks": checks or {}}
-    lines.append(json.dumps(payload, default=str))
-    if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        csv = out_dir / "e2e.csv"
-        new = not csv.exists()
-        with open(csv, "a", encoding="utf-8") as f:
-            if new:
-                f.write(",".join(["gpu", "driver", "torch", "triton", "git_sha"] + cols) + "\n")
-            for r in rows:
-                meta = [str(env.get(k)) for k in ("gpu", "driver", "torch", "triton", "git_sha")]
-                f.write(",".join(meta + [fmt(getattr(r, c)).replace(",", ";") for c in cols]) + "\n")
+    lines = [head, " | ".join(REPORT_COLUMNS)]
+    lines += [" | ".join(_fmt(getattr(r, c)) for c in REPORT_COLUMNS) for r in rows]
+    lines.append(json.dumps(payload(rows, env, checks), default=str))
     return "\n".join(lines)
+
+
+def payload(rows: list[Row], env: dict, checks: dict | None = None) -> dict:
+    return {"env": env, "rows": [asdict(r) for r in rows], "checks": checks or {}}
+
+
+def append_csv(row: Row, env: dict, out_dir: Path) -> None:
+    """Append one row to ``out_dir/e2e.csv`` (with a header when the file is new), as the row is done."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv = out_dir / "e2e.csv"
+    new = not csv.exists()
+    meta_keys = ("gpu", "driver", "torch", "triton", "git_sha")
+    with open(csv, "a", encoding="utf-8") as f:
+        if new:
+            f.write(",".join([*meta_keys, *REPORT_COLUMNS]) + "\n")
+        meta = [str(env.get(k)) for k in meta_keys]
+        f.write(",".join(meta + [_fmt(getattr(row, c)).replace(",", ";") for c in REPORT_COLUMNS]) + "\n")
+
+
+def write_json(rows: list[Row], env: dict, checks: dict | None, out_dir: Path) -> Path:
+    """``out_dir/e2e.json``: this run's environment, rows and checks, rewritten whole (atomically) as
+    each row or check is done, so an interrupted run leaves what it measured."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path, part = out_dir / "e2e.json", out_dir / "e2e.json.part"
+    part.write_text(json.dumps(payload(rows, env, checks), indent=1, default=str), encoding="utf-8")
+    os.replace(part, path)
+    return path

@@ -40,10 +40,13 @@ def row_line(row) -> str:
 @click.option("--big-size", type=int, default=None,
               help="One more row at this size (e.g. 2048) for the last bf16 rung.")
 @click.option("--check", is_flag=True,
-              help="Judge the run (bf16 parity, graph replay, CFG under graphs, fp8 quality): one line per "
-                   "check, exit status 1 when any fails.")
+              help="Judge the run (bf16 parity, graph replay, a new request and CFG under graphs, fp8 quality): "
+                   "one line per check as it is measured, exit status 1 when any fails or was not measured.")
+@click.option("--budget-s", type=float, default=None,
+              help="Seconds the ladder may take: the optional steps (the --big-size row, graph-mode timing, "
+                   "diffusers compiled) are skipped when less than 150 s would be left for the rest.")
 @user_errors
-def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffusers, out, big_size, check):
+def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffusers, out, big_size, check, budget_s):
     """Time the ladder eager -> +kernels -> +compile -> +CUDA graphs -> +VAE compile -> +fp8 (and diffusers
     beside it)."""
     from .. import bench as b
@@ -74,14 +77,39 @@ def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffuse
                              + "; leave it out of --rungs")
         for line in lines:
             click.echo(f"{line}: skipped", err=True)
-    rows, env, checks = b.ladder(pipe, full_qwen, sizes=sizes, steps=steps, repeats=repeats,
-                                 rungs=ladder, with_diffusers=with_diffusers, big_size=big_size,
-                                 on_row=lambda row: click.echo(row_line(row)))
-    click.echo(b.report(rows, env, out, checks))
-    click.echo(f"appended {len(rows)} row(s) to {out / 'e2e.csv'}")
+    env, rows, checks, said = b.environment(dev), [], {}, set()
+    gpu = dev.type == "cuda"
+
+    def on_row(row) -> None:  # each row on the terminal and in the files as it is done
+        rows.append(row)
+        click.echo(row_line(row))
+        b.append_csv(row, env, out)
+        b.write_json(rows, env, checks, out)
+
+    def on_check(name: str) -> None:  # each verdict as soon as its check is measured
+        b.write_json(rows, env, checks, out)
+        if check and (gpu or name not in b.GPU_ONLY):
+            for line in b.judge(name, checks):
+                click.echo(line, err=True)
+                said.add(line)
+
+    try:
+        b.ladder(pipe, full_qwen, sizes=sizes, steps=steps, repeats=repeats, rungs=ladder,
+                 with_diffusers=with_diffusers, big_size=big_size, on_row=on_row, checks=checks,
+                 on_check=on_check, budget=b.Budget(budget_s))
+        interrupted = False
+    except KeyboardInterrupt:  # `timeout -s INT` (the GPU check) or Ctrl-C: report what was measured
+        interrupted = True
+        click.echo("interrupted: the report and the verdicts below hold what was measured before", err=True)
+    click.echo(b.report(rows, env, checks))
+    click.echo(f"appended {len(rows)} row(s) to {out / 'e2e.csv'}; this run's rows and checks: "
+               f"{b.write_json(rows, env, checks, out)}")
     if check:
-        failures, passes = b.verdicts(checks, gpu=dev.type == "cuda")
+        failures, passes = b.verdicts(checks, gpu=gpu)
         for line in passes + failures:
-            click.echo(line, err=True)
-        if failures:
+            if line not in said:  # the checks never measured (and any not said yet)
+                click.echo(line, err=True)
+        if failures or interrupted:
             raise SystemExit(1)
+    elif interrupted:
+        raise SystemExit(130)
