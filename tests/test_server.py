@@ -637,18 +637,18 @@ def test_two_cancels_of_a_waiting_job_race_without_an_error(tmp_path):
     manager = JobManager(FakeEngine(), storage, settings_for(tmp_path, queue_size=4))  # no worker: jobs wait
     job = manager.submit(GenerationRequest(prompt="a cat", width=64, height=64, steps=1))
     inside, release = threading.Event(), threading.Event()
-    update = storage.update_job
+    finish = manager._finish
 
-    def slow_update(*args, **kwargs):  # the first cancel stops between the queue and the stored status
+    def slow_finish(*args, **kwargs):  # the first cancel stops between the queue and the job's end
         inside.set()
         release.wait(10)
-        return update(*args, **kwargs)
+        return finish(*args, **kwargs)
 
-    storage.update_job = slow_update
+    manager._finish = slow_finish
     first = threading.Thread(target=manager.cancel, args=(job.id,))
     first.start()
     assert inside.wait(10)
-    storage.update_job = update
+    manager._finish = finish
     second = manager.cancel(job.id)  # raised ValueError (deque.remove) before the fix: a 500
     assert second is job and job.cancel_requested
     release.set()

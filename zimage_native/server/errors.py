@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import EngineUnavailable
-from .jobs import QueueFull
+from .jobs import QueueFull, StorageFailed
 from .schemas import ApiError
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, e: QueueFull):
         return queue_full_response(e)
+
+    @app.exception_handler(StorageFailed)
+    async def _storage_failed(request: Request, e: StorageFailed):
+        return error_response(e.status, str(e), "insufficient_storage" if e.status == 507 else "unavailable")
 
     @app.exception_handler(EngineUnavailable)
     async def _unavailable(request: Request, e: EngineUnavailable):

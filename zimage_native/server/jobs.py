@@ -21,8 +21,10 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
+import errno
 import logging
 import math
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,6 +50,24 @@ class QueueFull(Exception):
 
 class JobCancelled(Exception):
     pass
+
+
+class StorageFailed(Exception):
+    """The history could not be written (disk full, database error): answered 507 or 503."""
+
+    def __init__(self, message: str, status: int = 503):
+        super().__init__(message)
+        self.status = status
+
+
+def storage_failure(e: BaseException, what: str) -> StorageFailed:
+    """A storage error in the server's words: 507 when the disk (or the database) is full, else 503."""
+    text = str(e).strip() or type(e).__name__
+    full = getattr(e, "errno", None) == errno.ENOSPC or "full" in text.lower()
+    if full:
+        return StorageFailed(f"{what}: the server's data folder is full ({text}); free some space "
+                             f"(delete images from the history) and try again", 507)
+    return StorageFailed(f"{what}: the server cannot write its history ({text})", 503)
 
 
 class JobTimedOut(Exception):
@@ -170,7 +190,11 @@ class JobManager:
             active = len(self._queue) + len(self._running)
             if active >= self.capacity:
                 raise QueueFull(self._retry_after_locked(), active, self.capacity)
-            self.storage.insert_job(job.id, kind, job.params, now)
+            try:
+                self.storage.insert_job(job.id, kind, job.params, now)
+            except (sqlite3.Error, OSError) as e:
+                logger.error("job %s not queued: cannot record it: %s", job.id, e)
+                raise storage_failure(e, "the job was not queued") from None
             self._jobs[job.id] = job
             self._queue.append(job)
             position = active  # jobs ahead of this one, the running ones included
@@ -299,8 +323,10 @@ class JobManager:
                 continue
             try:
                 self._run(job)
-            except Exception:  # noqa: BLE001 - the worker must survive anything
+            except Exception as e:  # noqa: BLE001 - the worker must survive anything
                 logger.exception("job %s: unexpected error in the worker", job.id)
+                if not job.terminal:  # every job ends with a final event, whatever went wrong
+                    self._finish(job, "failed", error=f"internal error: {type(e).__name__}: {e}")
             finally:
                 with self._cond:
                     self._running = [j for j in self._running if j is not job]
@@ -308,8 +334,6 @@ class JobManager:
 
     def _run(self, job: Job) -> None:
         request = job.request
-        self.storage.update_job(job.id, "running", started=job.started)
-        self.publish(job, "started", {"steps": request.steps, "n": request.n})
         timeout = self.settings.job_timeout
         t0 = time.perf_counter()
 
@@ -324,20 +348,31 @@ class JobManager:
                 raise JobTimedOut()
 
         try:
+            try:
+                self.storage.update_job(job.id, "running", started=job.started)
+            except (sqlite3.Error, OSError) as e:
+                raise storage_failure(e, "the job could not be started") from None
+            self.publish(job, "started", {"steps": request.steps, "n": request.n})
             if job.cancel_requested:
                 raise JobCancelled()
             results = self.engine.generate(request, callback)
             rows, made = [], time.time()  # one timestamp: the history lists a job's images together, in order
             for k, result in enumerate(results):
-                rows.append(self.storage.save_image(job.id, k, result.image, result.record, result.pnginfo(),
-                                                    created=made))
+                try:
+                    rows.append(self.storage.save_image(job.id, k, result.image, result.record, result.pnginfo(),
+                                                        created=made))
+                except (sqlite3.Error, OSError) as e:
+                    raise storage_failure(e, f"image {k} of the job could not be saved") from None
             job.images = rows
             seconds = time.perf_counter() - t0
             with self._cond:
                 self._avg_seconds = 0.7 * self._avg_seconds + 0.3 * seconds if self.completed_count else seconds
                 self.completed_count += 1
             if self.settings.max_history is not None:  # before "completed": a client that then lists the
-                self.storage.prune(self.settings.max_history)  # history or the files sees them pruned
+                try:  # history or the files sees them pruned
+                    self.storage.prune(self.settings.max_history)
+                except (sqlite3.Error, OSError) as e:  # the images are saved: the job still completed
+                    logger.error("job %s: pruning the history failed: %s", job.id, e)
             self._finish(job, "completed", data={"images": [image_view(r) for r in rows],
                                                  "seconds": round(seconds, 4)})
         except JobCancelled:
@@ -345,6 +380,9 @@ class JobManager:
             self._finish(job, "cancelled", data={"step": step})
         except JobTimedOut:
             self._finish(job, "failed", error=f"the job ran longer than the limit of {timeout:g} s")
+        except StorageFailed as e:
+            logger.error("job %s failed: %s", job.id, e)
+            self._finish(job, "failed", error=str(e))
         except Exception as e:  # noqa: BLE001 - reported to the client as a failed job
             logger.warning("job %s failed: %s", job.id, e, exc_info=logger.isEnabledFor(logging.DEBUG))
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -353,9 +391,13 @@ class JobManager:
             job.request = dataclasses.replace(request, image=None, mask_image=None, control_image=None)
 
     def _finish(self, job: Job, status: str, *, error: str | None = None, data: dict | None = None) -> None:
+        """End the job: its state in memory and its final event first (what clients wait for), then
+        its row. A row that cannot be written is logged; start-up repairs it (a row left running
+        becomes failed)."""
         now = time.time()
-        self.storage.update_job(job.id, status, error=error, finished=now)
         with self._cond:
+            if job.terminal:  # ended already (a cancel and a shutdown can meet here)
+                return
             job.status = status
             job.error = error
             job.finished = now
@@ -367,6 +409,10 @@ class JobManager:
             self._publish_locked(job, status, payload)
             job.subscribers.clear()
             self._evict_locked()
+        try:
+            self.storage.update_job(job.id, status, error=error, finished=now)
+        except Exception as e:  # noqa: BLE001 - the job has ended for its clients; only the history lags
+            logger.error("job %s %s, but its history row could not be updated: %s", job.id, status, e)
 
     def _evict_locked(self) -> None:
         finished = [jid for jid, j in self._jobs.items() if j.terminal]

@@ -20,7 +20,7 @@ def router(ctx: ServerContext) -> APIRouter:
     storage = ctx.storage
     LegacyGenerateRequest = ctx.models.legacy
 
-    @api.post("/api/generate", responses=errors(409, 429, 503, 504))
+    @api.post("/api/generate", responses=errors(409, 429, 503, 504, 507))
     async def legacy_generate(body: LegacyGenerateRequest):
         """Synchronous generation (the predecessor's route): waits, then returns the first image as a
         data URL plus every image's id and URL."""

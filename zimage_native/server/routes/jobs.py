@@ -59,7 +59,7 @@ def router(ctx: ServerContext) -> APIRouter:
         }
         return out
 
-    @api.post("/api/v1/jobs", status_code=202, responses=errors(429, 503))
+    @api.post("/api/v1/jobs", status_code=202, responses=errors(429, 503, 507))
     async def create_job(body: JobRequest):
         """Queue a generation. 202 with the job (id, status, queue_position, events_url); 429 with
         Retry-After when the queue is full."""
@@ -71,7 +71,11 @@ def router(ctx: ServerContext) -> APIRouter:
         """Active jobs (running, then waiting) followed by the most recent finished ones."""
         active = [manager.view(j) for j in manager.active_jobs()]
         seen = {j["id"] for j in active}
-        recent = [ctx.job_from_db(r["id"]) for r in ctx.storage.list_jobs(limit) if r["id"] not in seen]
+        recent = []
+        for row in ctx.storage.list_jobs(limit):
+            if row["id"] not in seen:  # a job still in memory is more current than its row
+                job = manager.get(row["id"])
+                recent.append(manager.view(job) if job is not None else ctx.job_from_db(row["id"]))
         return {"jobs": active + [r for r in recent if r][: max(0, limit - len(active))], "queue": manager.stats()}
 
     @api.get("/api/v1/jobs/{job_id}", responses=errors(404))

@@ -14,7 +14,7 @@ def router(ctx: ServerContext) -> APIRouter:
     api = APIRouter(tags=["openai"])
     OpenAIImageRequest = ctx.models.openai
 
-    @api.post("/v1/images/generations", responses=errors(409, 429, 503, 504))
+    @api.post("/v1/images/generations", responses=errors(409, 429, 503, 504, 507))
     async def openai_generate(body: OpenAIImageRequest, request: Request):
         """OpenAI Images API. Extensions: negative_prompt, num_inference_steps, guidance_scale,
         seed. Waits for the image on the same queue as the job API (429 when full)."""

@@ -1,0 +1,125 @@
+"""The server when things around it fail: a full disk, a broken history, a remote encoder that
+fails or hangs, hostile uploads, odd tokens. Fake engine, CPU only."""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from zimage_native.server import FakeEngine, Limits, ServerSettings, create_app  # noqa: E402
+from zimage_native.server.sse import follow  # noqa: E402
+from zimage_native.server.testing import LiveServer  # noqa: E402
+
+SMALL = dict(width=64, height=64, steps=2)
+
+
+def settings_for(path, **kw) -> ServerSettings:
+    limits = kw.pop("limits", None) or Limits(min_side=32, max_side=512, max_pixels=512 * 512, max_steps=50,
+                                              max_images=4, max_upload_bytes=200_000, max_body_bytes=400_000)
+    return ServerSettings(data_dir=path, limits=limits, **kw)
+
+
+def live(tmp_path, engine=None, **kw) -> LiveServer:
+    return LiveServer(create_app(engine or FakeEngine(step_delay=0.01), settings_for(tmp_path, **kw)))
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def db_full(*args, **kwargs):
+    raise sqlite3.OperationalError("database or disk is full")
+
+
+def wait_status(client, job_id: str, statuses=("completed", "failed", "cancelled"), timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["status"] in statuses or time.monotonic() > deadline:
+            return job
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------------------ 1. storage failures
+def test_a_job_whose_images_and_row_cannot_be_written_fails_with_a_final_event(tmp_path):
+    server = live(tmp_path)
+    storage = server.app.state.storage
+    real_update = storage.update_job
+
+    def update_job(job_id, status, **kw):
+        if status in ("completed", "failed", "cancelled"):
+            db_full()
+        return real_update(job_id, status, **kw)
+
+    storage.save_image = disk_full
+    storage.update_job = update_job
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        job = client.post("/api/v1/jobs", json={"prompt": "x", **SMALL}).json()
+        events = follow(client, job["events_url"], timeout=10)
+        assert events[-1].type == "failed"
+        assert "full" in events[-1].data["error"] and "No space left" in events[-1].data["error"]
+        assert client.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "failed"
+        assert client.post(f"/api/v1/jobs/{job['id']}/cancel").status_code == 409
+        assert client.get("/health").json()["queue"]["running"] == 0
+        listed = {j["id"]: j["status"] for j in client.get("/api/v1/jobs").json()["jobs"]}
+        assert listed[job["id"]] == "failed"  # the memory's state, not the row that could not be written
+        # The worker goes on: the next job (storage back to normal) completes.
+        del storage.save_image, storage.update_job
+        job = client.post("/api/v1/jobs", json={"prompt": "y", **SMALL}).json()
+        assert follow(client, job["events_url"], timeout=10)[-1].type == "completed"
+
+
+def test_a_job_whose_start_cannot_be_recorded_fails(tmp_path):
+    server = live(tmp_path)
+    storage = server.app.state.storage
+    real_update = storage.update_job
+
+    def update_job(job_id, status, **kw):
+        if status == "running":
+            raise sqlite3.OperationalError("disk I/O error")
+        return real_update(job_id, status, **kw)
+
+    storage.update_job = update_job
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        job = client.post("/api/v1/jobs", json={"prompt": "x", **SMALL}).json()
+        last = follow(client, job["events_url"], timeout=10)[-1]
+        assert last.type == "failed" and "disk I/O error" in last.data["error"]
+        del storage.update_job
+        assert storage.get_job(job["id"])["status"] == "failed"
+
+
+def test_an_unexpected_error_in_the_worker_still_ends_the_job(tmp_path):
+    server = live(tmp_path)
+    manager = server.app.state.manager
+
+    def broken_run(job):
+        raise RuntimeError("boom")
+
+    manager._run = broken_run
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        job = client.post("/api/v1/jobs", json={"prompt": "x", **SMALL}).json()
+        last = follow(client, job["events_url"], timeout=10)[-1]
+        assert last.type == "failed" and "boom" in last.data["error"]
+        r = client.post("/api/generate", json={"prompt": "x", **SMALL}, timeout=10)
+        assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("error, status", [(db_full, 507), (disk_full, 507),
+                                           (lambda *a, **k: (_ for _ in ()).throw(
+                                               sqlite3.OperationalError("disk I/O error")), 503)])
+def test_a_submit_that_cannot_be_recorded_is_refused_clearly(tmp_path, error, status):
+    server = live(tmp_path)
+    server.app.state.storage.insert_job = error
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        for route in ("/api/v1/jobs", "/api/generate", "/v1/images/generations"):
+            r = client.post(route, json={"prompt": "x", "size": "64x64"})
+            assert r.status_code == status, (route, r.text)
+            message = r.json()["error"]["message"]
+            assert "not queued" in message and ("full" in message) == (status == 507)
+        assert client.get("/health").json()["queue"]["queued"] == 0
