@@ -543,8 +543,9 @@ def test_constant_time_comparison_is_used(monkeypatch):
     monkeypatch.setattr(app_module.hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
     gate = app_module.LimitsAndAuth(None, token="abc", max_body=10)
     assert gate.authorized({"authorization": "Bearer abc"}) and not gate.authorized({"authorization": "Bearer abd"})
-    assert gate.authorized({"cookie": "x=1; zimage_token=abc"}) and not gate.authorized({})
-    assert calls == [(b"abc", b"abc"), (b"abd", b"abc"), (b"abc", b"abc")]
+    signed = app_module.cookie_value("abc").encode()
+    assert gate.authorized({"cookie": f"x=1; zimage_token={signed.decode()}"}) and not gate.authorized({})
+    assert calls == [(b"abc", b"abc"), (b"abd", b"abc"), (signed, signed)]
 
 
 # ---------------------------------------------------------------------------------------------- CLI

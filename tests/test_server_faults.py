@@ -123,3 +123,24 @@ def test_a_submit_that_cannot_be_recorded_is_refused_clearly(tmp_path, error, st
             message = r.json()["error"]["message"]
             assert "not queued" in message and ("full" in message) == (status == 507)
         assert client.get("/health").json()["queue"]["queued"] == 0
+
+
+# ------------------------------------------------------------------------------ 2. sign-in with any token
+@pytest.mark.parametrize("token", ["Ab3/x+Yz9w==", "two words", "a,b;c", 'say "hi"', "back\\slash", "ünï€ode"])
+def test_web_sign_in_works_with_any_token(tmp_path, token):
+    server = live(tmp_path, token=token)
+    with server, httpx.Client(base_url=server.url, timeout=30) as browser:
+        assert browser.get("/api/history").status_code == 401
+        r = browser.post("/api/v1/login", json={"token": token})
+        assert r.status_code == 200 and token not in r.headers["set-cookie"]  # the browser never keeps the token
+        assert browser.get("/api/history").status_code == 200  # the cookie, as the browser sends it back
+        job = browser.post("/api/v1/jobs", json={"prompt": "x", **SMALL}).json()
+        assert follow(browser, job["events_url"], timeout=10)[-1].type == "completed"
+        assert browser.get(f"/api/v1/images/{job['id']}-0").status_code == 200
+        client = httpx.Client(base_url=server.url, timeout=30)
+        header = {"Authorization": b"Bearer " + token.encode()}
+        assert client.get("/api/history", headers=header).status_code == 200
+        assert client.get("/api/history", headers={"Authorization": b"Bearer " + token.encode() + b"x"}).status_code == 401
+        raw_cookie = {"Cookie": b"zimage_token=" + token.encode()}
+        assert client.get("/api/history", headers=raw_cookie).status_code == 401  # the token itself is no cookie
+        client.close()

@@ -3,6 +3,7 @@ bearer token (401)."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -19,18 +20,29 @@ OPEN_PATHS = ("/health", "/", "/favicon.ico", "/api/v1/login")  # no token neede
 OPEN_PREFIXES = ("/static/",)
 
 
+def cookie_value(token: str) -> str:
+    """The sign-in cookie's value for ``token``: an HMAC of it, in hex digits.
+
+    Not the token itself: any token works (a token with ``/``, ``+``, ``=``, spaces, commas or
+    quotes would be quoted in a cookie, and read back with the quotes on), and the browser never
+    stores the token."""
+    return hmac.new(token.encode(), b"zimage-native web sign-in", hashlib.sha256).hexdigest()
+
+
 class LimitsAndAuth:
     """Request body size (413) and the bearer token (401).
 
-    The token comes as ``Authorization: Bearer <token>`` or in the ``zimage_token`` cookie (set by
-    ``POST /api/v1/login``, used by the web page, whose image and event requests cannot carry
-    headers). Comparison is constant-time. Open without a token: ``/health``, the page shell
-    (``/``, ``/static/*``) and the login route, which checks the token itself.
+    The token comes as ``Authorization: Bearer <token>``, or the ``zimage_token`` cookie carries
+    :func:`cookie_value` of it (set by ``POST /api/v1/login``, used by the web page, whose image and
+    event requests cannot carry headers). Comparisons are constant-time. Open without a token:
+    ``/health``, the page shell (``/``, ``/static/*``) and the login route, which checks the token
+    itself.
     """
 
     def __init__(self, app, token: str | None, max_body: int):
         self.app = app
         self.token = token.encode() if token else None
+        self.cookie = cookie_value(token).encode() if token else None
         self.max_body = max_body
 
     async def __call__(self, scope, receive, send):
@@ -90,16 +102,16 @@ class LimitsAndAuth:
         return await self.app(scope, counted, send)
 
     def authorized(self, headers: dict[str, str]) -> bool:
-        given = None
+        """``headers`` as decoded by :meth:`_call` (latin-1, so ``encode("latin-1")`` gives the bytes sent)."""
         auth = headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        elif "cookie" in headers:
-            for part in headers["cookie"].split(";"):
-                name, _, value = part.strip().partition("=")
-                if name == COOKIE:
-                    given = value
-        return given is not None and hmac.compare_digest(given.encode(), self.token)
+            return hmac.compare_digest(auth[7:].strip(" \t").encode("latin-1"), self.token)
+        good = False
+        for part in headers.get("cookie", "").split(";"):  # every cookie of that name (paths may differ)
+            name, _, value = part.strip().partition("=")
+            if name == COOKIE:
+                good |= hmac.compare_digest(value.strip(" \t").strip('"').encode("latin-1"), self.cookie)
+        return good
 
 
 def is_open(path: str) -> bool:

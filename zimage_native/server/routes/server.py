@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from ... import __version__
 from ..context import ServerContext
-from ..middleware import COOKIE
+from ..middleware import COOKIE, cookie_value
 from ..openapi import errors
 from ..schemas import ApiError
 
@@ -40,13 +40,14 @@ def router(ctx: ServerContext) -> APIRouter:
 
     @api.post("/api/v1/login", responses=errors(401))
     async def login(body: LoginRequest):
-        """Check a token and set it as an HttpOnly, SameSite=Strict cookie (for the web page)."""
+        """Check a token and set the sign-in cookie (HttpOnly, SameSite=Strict; its value is
+        derived from the token) for the web page."""
         if settings.token is None:
             return {"auth": False}
         if not hmac.compare_digest(body.token.encode(), settings.token.encode()):
             raise ApiError(401, "wrong token", "unauthorized")
         response = JSONResponse({"auth": True})
-        response.set_cookie(COOKIE, body.token, httponly=True, samesite="strict", path="/")
+        response.set_cookie(COOKIE, cookie_value(settings.token), httponly=True, samesite="strict", path="/")
         return response
 
     return api
