@@ -8,6 +8,7 @@ import sqlite3
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -144,3 +145,34 @@ def test_web_sign_in_works_with_any_token(tmp_path, token):
         raw_cookie = {"Cookie": b"zimage_token=" + token.encode()}
         assert client.get("/api/history", headers=raw_cookie).status_code == 401  # the token itself is no cookie
         client.close()
+
+
+# ------------------------------------------------------------------------------ 3. remote encoder limits
+def test_the_remote_encoder_takes_what_the_dit_server_accepts(tmp_path):
+    from zimage_native.server import RemoteEncoderError, RemoteTextEncoder
+
+    engine = FakeEngine()
+    server = LiveServer(create_app(engine, ServerSettings(data_dir=tmp_path)))  # the default limits
+    with server:
+        remote = RemoteTextEncoder(server.url, timeout=30)
+        # Fields each within the DiT server's limit of 4000 characters, formatted by its pipeline.
+        texts = engine.format_prompts(["p" * 3990], None) + \
+            engine.format_prompts(["p" * 3550], "photo-portrait-85mm") + \
+            engine.format_prompts(["p" * 3000], None, system_prompt="s" * 3000) + \
+            engine.format_prompts(["p" * 4000], None, system_prompt="s" * 4000, thinking_content="t" * 4000,
+                                  assistant_content="a" * 4000)
+        assert all(len(t) > 4000 for t in texts)
+        got = remote.encode(texts, 64)
+        assert [f.shape[0] for f in got] == [64] * 4
+        assert remote.tokenize(texts, 64) == engine.tokenize(texts, 64)
+        # More texts than one call takes (max_texts 16): split, in order.
+        many = [f"text {i}" for i in range(40)]
+        features = remote.encode(many)
+        assert len(features) == 40
+        assert all(torch.equal(a, b) for a, b in zip(features, engine.encode(many)))
+        assert remote.tokenize(many) == engine.tokenize(many)
+        # Past the encoder's limit: a clear error before anything is sent.
+        limit = remote.limits()["max_formatted_chars"]
+        with pytest.raises(RemoteEncoderError, match=f"is {limit + 1} characters long; the text encoder at .* takes "
+                                                     f"at most {limit}"):
+            remote.encode(["x" * (limit + 1)])

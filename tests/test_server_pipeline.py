@@ -111,6 +111,24 @@ def test_generation_with_the_remote_encoder_equals_the_local_one(remote, tiny_pi
     assert np.array_equal(wired(["a red fox", "a lighthouse at dusk"], **call).images, want)
 
 
+def test_the_distributed_mode_takes_the_prompts_the_dit_server_accepts(remote, tiny_pipe, tmp_path):
+    """Each field within the DiT server's limit: the formatted text is longer, and more than one
+    encoder call's worth of texts goes in several calls."""
+    pipe = ZImagePipeline(tiny_pipe.transformer, tiny_pipe.vae, remote, tiny_pipe.scheduler_config,
+                          tiny_pipe.vae_config, variant=tiny_pipe.variant)
+    with LiveServer(create_app(PipelineEngine(pipe, model_name="dit"),
+                               ServerSettings(data_dir=tmp_path, limits=Limits(min_side=32)))) as dit, \
+            httpx.Client(base_url=dit.url, timeout=60) as c:
+        for extra in ({"prompt": "a red fox " * 399}, {"prompt": "a fox " * 500, "system_prompt": "paint " * 500},
+                      {"prompt": "a fox " * 590, "template": "photo-portrait-85mm"}):
+            job = c.post("/api/v1/jobs", json={"width": 32, "height": 32, "steps": 1, "seed": 1,
+                                               "max_sequence_length": 64, **extra}).json()
+            last = follow(c, job["events_url"])[-1]
+            assert last.type == "completed", last.data
+    prompts = [f"prompt {i}" for i in range(20)]
+    assert [f.shape for f in remote.encode(prompts)] == [f.shape for f in tiny_pipe.text_encoder.encode(prompts)]
+
+
 def test_a_served_job_with_seed_variance_equals_the_library_image(served, tiny_pipe):
     variance = {"seed_variance": 20.0, "seed_variance_share": 0.5, "seed_variance_steps": 0.5}
     with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:

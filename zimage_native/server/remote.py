@@ -115,7 +115,7 @@ class RemoteTextEncoder:
             dtype = _DTYPES[dtype]
         self._dtype = dtype
         self.max_sequence_length = max_sequence_length
-        self._info: dict[str, Any] | None = None
+        self._caps: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return f"RemoteTextEncoder({self.url!r})"
@@ -152,12 +152,31 @@ class RemoteTextEncoder:
         return json.loads(data)
 
     # ------------------------------------------------------------------ facts
+    def _capabilities(self) -> dict[str, Any]:
+        if self._caps is None:
+            self._caps = dict(self._json("GET", "/api/v1/capabilities"))
+        return self._caps
+
     def info(self) -> dict[str, Any]:
         """The remote text encoder's facts (dtype, hidden_size, max_sequence_length, device); cached."""
-        if self._info is None:
-            caps = self._json("GET", "/api/v1/capabilities")
-            self._info = dict(caps.get("text_encoder") or {})
-        return self._info
+        return dict(self._capabilities().get("text_encoder") or {})
+
+    def limits(self) -> dict[str, Any]:
+        """The remote server's request limits (``max_texts``, ``max_formatted_chars``, ...); cached."""
+        return dict(self._capabilities().get("limits") or {})
+
+    def _batches(self, texts: list[str]) -> list[list[str]]:
+        """``texts`` in calls the server takes (at most its ``max_texts`` each); a text over its
+        length limit is an error here, naming the limit, rather than the server's 422."""
+        limits = self.limits()
+        longest = limits.get("max_formatted_chars")
+        for text in texts:
+            if longest is not None and len(text) > longest:
+                raise RemoteEncoderError(
+                    f"a formatted prompt is {len(text)} characters long; the text encoder at {self.url} takes at "
+                    f"most {longest} (shorten the prompt or its system prompt, thinking or assistant content)")
+        size = max(1, int(limits.get("max_texts") or 16))
+        return [texts[i:i + size] for i in range(0, len(texts), size)]
 
     @property
     def device(self) -> torch.device:
@@ -180,20 +199,26 @@ class RemoteTextEncoder:
         if not texts:
             return []
         limit = max_sequence_length or self.max_sequence_length
-        data, _ = self._request("POST", "/api/encode", {"texts": texts, "max_sequence_length": limit})
-        try:
-            features, _ = features_from_bytes(data)
-        except ValueError as e:
-            raise RemoteEncoderError(f"{self.url}/api/encode: {e}") from None
-        if len(features) != len(texts):
-            raise RemoteEncoderError(f"{self.url}/api/encode returned {len(features)} features for {len(texts)} texts")
+        features: list[torch.Tensor] = []
+        for batch in self._batches(texts):
+            data, _ = self._request("POST", "/api/encode", {"texts": batch, "max_sequence_length": limit})
+            try:
+                part, _ = features_from_bytes(data)
+            except ValueError as e:
+                raise RemoteEncoderError(f"{self.url}/api/encode: {e}") from None
+            if len(part) != len(batch):
+                raise RemoteEncoderError(f"{self.url}/api/encode returned {len(part)} features for {len(batch)} texts")
+            features += part
         if self._dtype is not None:
             features = [f.to(self._dtype) for f in features]
         return features
 
     def tokenize(self, texts: list[str], max_sequence_length: int | None = None) -> list[list[int]]:
         limit = max_sequence_length or self.max_sequence_length
-        return self._json("POST", "/api/tokenize", {"texts": list(texts), "max_sequence_length": limit})["input_ids"]
+        ids: list[list[int]] = []
+        for batch in self._batches(list(texts)):
+            ids += self._json("POST", "/api/tokenize", {"texts": batch, "max_sequence_length": limit})["input_ids"]
+        return ids
 
     def rewrite(self, prompt: str, rewriter: str | None = None, system_prompt: str | None = None,
                 max_new_tokens: int = 512, temperature: float = 0.7, seed: int | None = None, top_p: float = 0.95,

@@ -276,8 +276,8 @@ def build_models(limits: Limits, templates: list[str], rewriters: list[str], tem
         guidance_scale: GuidanceT | None = None
         seed: ImageSeedT | None = None
 
-    NonemptyT = Text(L.max_prompt_chars, min_len=1)
-    TextsT = Annotated[list[NonemptyT], Field(min_length=1, max_length=L.max_texts)]
+    PromptsT = Annotated[list[Text(L.max_prompt_chars, min_len=1)], Field(min_length=1, max_length=L.max_texts)]
+    TextsT = Annotated[list[Text(L.max_formatted_chars, min_len=1)], Field(min_length=1, max_length=L.max_texts)]
 
     class EncodeRequest(PromptFields):
         """``POST /api/encode`` and ``/api/save-embeddings``: pre-formatted ``texts`` or a ``prompt``."""
@@ -290,7 +290,7 @@ def build_models(limits: Limits, templates: list[str], rewriters: list[str], tem
         ]})
 
         texts: TextsT | None = None
-        prompt: PromptTextT | TextsT | None = None
+        prompt: PromptTextT | PromptsT | None = None
         max_sequence_length: SeqLenT = default_len
 
     class TokenizeRequest(Strict):

@@ -17,6 +17,9 @@ def default_data_dir(fake: bool = False) -> Path:
     return Path(base) / "zimage-native" / ("server-fake" if fake else "server")
 
 
+FORMAT_ALLOWANCE = 16000  # characters of a formatted prompt beyond its fields: chat markup, a template's text
+
+
 @dataclass
 class Limits:
     """What one request may ask for. Sizes must also be multiples of 16."""
@@ -32,8 +35,16 @@ class Limits:
     max_upload_bytes: int = 16 * 1024 * 1024  # decoded img2img input
     max_body_bytes: int = 24 * 1024 * 1024  # whole request body (base64 input included)
     max_texts: int = 16  # texts per /api/encode or /api/tokenize call
+    # A pre-formatted text of /api/encode or /api/tokenize (what a --encoder-url server sends): the
+    # chat format of a prompt with its system prompt, thinking and assistant content (each up to
+    # max_prompt_chars) and a template's own text. None: 4 x max_prompt_chars + FORMAT_ALLOWANCE.
+    max_formatted_chars: int | None = None
     max_new_tokens: int = 2048  # /api/rewrite
     max_control_scale: float = 2.0  # ControlNet conditioning scale
+
+    def __post_init__(self):
+        if self.max_formatted_chars is None:
+            self.max_formatted_chars = 4 * self.max_prompt_chars + FORMAT_ALLOWANCE
 
     def as_dict(self) -> dict:
         return asdict(self)

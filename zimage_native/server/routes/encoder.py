@@ -27,10 +27,12 @@ def router(ctx: ServerContext) -> APIRouter:
     def check_texts(texts: list[str]) -> None:
         if not 1 <= len(texts) <= limits.max_texts:
             raise invalid("texts", f"give between 1 and {limits.max_texts} texts, got {len(texts)}")
-        for text in texts:
+        for text in texts:  # already chat-formatted: the limit is the formatted one
             if not text:
                 raise invalid("texts", "must not contain empty texts")
-            check_text("texts", text, limits)
+            if len(text) > limits.max_formatted_chars:
+                raise invalid("texts", f"a text is {len(text)} characters long; the limit is "
+                                       f"{limits.max_formatted_chars}")
 
     def encode_texts(body) -> list[str]:
         if (body.texts is None) == (body.prompt is None):
