@@ -176,3 +176,51 @@ def test_the_remote_encoder_takes_what_the_dit_server_accepts(tmp_path):
         with pytest.raises(RemoteEncoderError, match=f"is {limit + 1} characters long; the text encoder at .* takes "
                                                      f"at most {limit}"):
             remote.encode(["x" * (limit + 1)])
+
+
+# ------------------------------------------------------------------------------ 4. remote encoder failures
+class RemoteBackedEngine(FakeEngine):
+    """The fake engine with its text encoder on another server, as a --encoder-url server has."""
+
+    def __init__(self, remote):
+        super().__init__()
+        self.remote = remote
+
+    def encode(self, texts, max_sequence_length=None):
+        return self.remote.encode(texts, max_sequence_length)
+
+    def tokenize(self, texts, max_sequence_length=None):
+        return self.remote.tokenize(texts, max_sequence_length)
+
+    def rewrite(self, prompt, **kwargs):
+        return self.remote.rewrite(prompt, **kwargs)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["unreachable", "refused"])
+def test_remote_encoder_failures_are_502_or_503_with_their_message(tmp_path, case):
+    from zimage_native.server import RemoteTextEncoder
+
+    encoder = LiveServer(create_app(FakeEngine(), ServerSettings(data_dir=tmp_path / "enc", token="right")))
+    with encoder:
+        url = f"http://127.0.0.1:{free_port()}" if case == "unreachable" else encoder.url
+        remote = RemoteTextEncoder(url, token="wrong", timeout=5)
+        remote._caps = {"limits": {}}  # what the DiT server read at start-up
+        dit = live(tmp_path / "dit", engine=RemoteBackedEngine(remote))
+        status, words = (503, "cannot reach") if case == "unreachable" else (502, "HTTP 401")
+        with dit, httpx.Client(base_url=dit.url, timeout=30) as client:
+            for route, body in (("/api/encode", {"prompt": "a cat"}), ("/api/tokenize", {"texts": ["a cat"]}),
+                                ("/api/rewrite", {"prompt": "a cat"}),
+                                ("/api/format-prompt", {"prompt": "a cat", "tokens": True}),
+                                ("/api/save-embeddings", {"prompt": "a cat"})):
+                r = client.post(route, json=body)
+                assert r.status_code == status, (route, r.text)
+                message = r.json()["error"]["message"]
+                assert message.startswith("the remote text encoder failed: ") and words in message, message

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from .engine import Engine
 from .jobs import TERMINAL, Conflict, Event, Job, JobManager, image_view
+from .remote import RemoteEncoderError
 from ..sampling import request_advice
 from .schemas import ApiError, Models, build_models, resolve_generation
 from .settings import Limits, ServerSettings
@@ -80,6 +81,8 @@ class ServerContext:
         """Run ``fn`` on the worker thread (which owns the model) and await its result."""
         try:
             return await asyncio.wrap_future(self.manager.call(fn))
+        except RemoteEncoderError as e:  # --encoder-url: the encoder machine failed, not this request
+            raise ApiError(e.status, f"the remote text encoder failed: {e}", "upstream") from None
         except (ValueError, KeyError) as e:
             message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             raise ApiError(422, str(message), "invalid_request_error") from None

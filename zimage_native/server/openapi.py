@@ -25,8 +25,10 @@ DESCRIPTIONS = {
     429: "The queue is full; retry after Retry-After seconds",
     500: "Unexpected server error (the body carries a request id that is in the server's log) or a failed "
          "generation on a synchronous route",
+    502: "A server this one relies on failed (the remote text encoder of --encoder-url, the chat server of "
+         "--llm-url); the message says what it answered",
     503: "This server cannot do this (for example generation on an --encoder-only server, or its history "
-         "cannot be written)",
+         "cannot be written), or the remote text encoder of --encoder-url cannot be reached",
     504: "The synchronous route's job did not finish in time and was cancelled",
     507: "The server's data folder is full: the job was not queued",
 }

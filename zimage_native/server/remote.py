@@ -80,7 +80,19 @@ def _metadata(data: bytes) -> dict[str, str]:
 
 
 class RemoteEncoderError(RuntimeError):
-    """The remote encoder could not be reached or refused the request (the message says which)."""
+    """The remote encoder could not be reached or refused the request (the message says which).
+
+    ``reachable``: False when no answer came (connection refused, timed out), True when the
+    server answered with an error or with something unreadable. A server relaying the error
+    answers 503 for the first and 502 for the second (``status``)."""
+
+    def __init__(self, message: str, *, reachable: bool = True):
+        super().__init__(message)
+        self.reachable = reachable
+
+    @property
+    def status(self) -> int:
+        return 502 if self.reachable else 503
 
 
 class RemoteTextEncoder:
@@ -145,7 +157,8 @@ class RemoteTextEncoder:
             raise RemoteEncoderError(f"{method} {self.url}{path}: HTTP {e.code}: {message}{hint}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise RemoteEncoderError(f"cannot reach the text encoder at {self.url}: {reason}") from None
+            raise RemoteEncoderError(f"cannot reach the text encoder at {self.url}: {reason}",
+                                     reachable=False) from None
 
     def _json(self, method: str, path: str, body: dict | None = None) -> Any:
         data, _ = self._request(method, path, body)

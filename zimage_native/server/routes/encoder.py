@@ -62,7 +62,7 @@ def router(ctx: ServerContext) -> APIRouter:
     @api.post("/api/encode", tags=["compat", "remote encoder"], response_class=Response,
               responses={**media("application/octet-stream",
                                  description="safetensors: features.0 ... features.N-1, (L_i, hidden)"),
-                         **errors(503)})
+                         **errors(502, 503)})
     async def encode(body: EncodeRequest):
         """Prompt features as safetensors bytes (dtype and shape kept). Body: ``texts`` (already
         chat-formatted, what RemoteTextEncoder sends) or ``prompt`` plus the chat-format fields."""
@@ -70,7 +70,7 @@ def router(ctx: ServerContext) -> APIRouter:
         return Response(data, media_type="application/octet-stream",
                         headers={"X-Zimage-Format": "zimage-features/1", "X-Zimage-Count": str(len(texts))})
 
-    @api.post("/api/tokenize", tags=["remote encoder"], responses=errors(503))
+    @api.post("/api/tokenize", tags=["remote encoder"], responses=errors(502, 503))
     async def tokenize(body: TokenizeRequest):
         """Token ids of already chat-formatted texts, cut to max_sequence_length."""
         check_max_len(body.max_sequence_length, limits)
@@ -78,7 +78,7 @@ def router(ctx: ServerContext) -> APIRouter:
         ids = await ctx.on_worker(lambda: engine.tokenize(body.texts, body.max_sequence_length))
         return {"input_ids": ids, "token_counts": [len(r) for r in ids]}
 
-    @api.post("/api/save-embeddings", tags=["compat"], responses=errors(503))
+    @api.post("/api/save-embeddings", tags=["compat"], responses=errors(502, 503))
     async def save_embeddings(body: EncodeRequest):
         """Encode and keep the features on the server as a safetensors file; returns its id and URL."""
         data, texts = await encoded(body)
@@ -98,7 +98,7 @@ def router(ctx: ServerContext) -> APIRouter:
         return Response(data, media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{embedding_id}.safetensors"'})
 
-    @api.post("/api/format-prompt", tags=["compat"], responses=errors(503))
+    @api.post("/api/format-prompt", tags=["compat"], responses=errors(502, 503))
     async def format_prompt(body: FormatPromptRequest):
         """The exact text the encoder reads; with ``tokens: true`` also the token ids and count."""
         check_text("prompt", body.prompt, limits, required=True)
@@ -130,7 +130,7 @@ def router(ctx: ServerContext) -> APIRouter:
         return {"rewriters": template_list("rewriter") if "rewriter" in engine.registry.categories() else [],
                 "available": engine.can_rewrite or getattr(engine, "llm_rewriter", None) is not None}
 
-    @api.post("/api/rewrite", tags=["compat"], responses=errors(503))
+    @api.post("/api/rewrite", tags=["compat"], responses=errors(502, 503))
     async def rewrite(body: RewriteRequest):
         """Expand a prompt with the Qwen3 weights (runs on the worker, between jobs)."""
         check_text("prompt", body.prompt, limits, required=True)
