@@ -224,3 +224,96 @@ def test_remote_encoder_failures_are_502_or_503_with_their_message(tmp_path, cas
                 assert r.status_code == status, (route, r.text)
                 message = r.json()["error"]["message"]
                 assert message.startswith("the remote text encoder failed: ") and words in message, message
+
+
+# ------------------------------------------------------------------------------ 5. a remote encoder that hangs
+class Silent:
+    """A TCP server that accepts connections and reads requests but never answers."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+
+    def close(self):
+        self.sock.close()
+        for conn in self.connections:
+            conn.close()
+
+
+class EncodesFirst(RemoteBackedEngine):
+    """Encodes the prompt on the remote encoder, then generates (as the pipeline does)."""
+
+    def generate(self, request, callback):
+        self.remote.encode([request.prompt])
+        return super().generate(request, callback)
+
+
+@pytest.fixture
+def silent():
+    server = Silent()
+    yield server
+    server.close()
+
+
+def hanging_remote(url, timeout=60.0):
+    from zimage_native.server import RemoteTextEncoder
+
+    remote = RemoteTextEncoder(url, timeout=timeout)
+    remote._caps = {"limits": {"max_texts": 16}}  # read at start-up, when the encoder still answered
+    return remote
+
+
+def test_cancel_stops_a_job_waiting_for_a_hanging_remote_encoder(tmp_path, silent):
+    server = live(tmp_path, engine=EncodesFirst(hanging_remote(silent.url)))
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        job = client.post("/api/v1/jobs", json={"prompt": "x", **SMALL}).json()
+        assert wait_status(client, job["id"], ("running",))["status"] == "running"
+        time.sleep(0.3)  # inside the remote call
+        t0 = time.monotonic()
+        assert client.post(f"/api/v1/jobs/{job['id']}/cancel").json()["cancel_requested"] is True
+        last = follow(client, job["events_url"], timeout=10)[-1]
+        assert last.type == "cancelled" and time.monotonic() - t0 < 5
+
+
+def test_the_job_timeout_stops_the_wait_for_a_hanging_remote_encoder(tmp_path, silent):
+    server = live(tmp_path, engine=EncodesFirst(hanging_remote(silent.url)), job_timeout=0.5)
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        t0 = time.monotonic()
+        r = client.post("/api/generate", json={"prompt": "x", **SMALL})
+        assert r.status_code == 500 and "longer than the limit of 0.5 s" in r.json()["error"]["message"]
+        assert time.monotonic() - t0 < 5
+
+
+def test_the_encoder_timeout_bounds_a_call_to_a_hanging_remote_encoder(tmp_path, silent):
+    server = live(tmp_path, engine=RemoteBackedEngine(hanging_remote(silent.url, timeout=0.5)))
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        t0 = time.monotonic()
+        r = client.post("/api/encode", json={"prompt": "a cat"})
+        assert r.status_code == 503, r.text
+        assert "did not answer POST /api/encode within 0.5 s (zimage serve --encoder-timeout)" in \
+            r.json()["error"]["message"]
+        assert time.monotonic() - t0 < 5
+
+
+def test_serve_checks_the_encoder_timeout(tmp_path):
+    from click.testing import CliRunner
+
+    from zimage_native.cli.serve import serve
+
+    result = CliRunner().invoke(serve, ["--fake", "--data-dir", str(tmp_path), "--encoder-timeout", "0"])
+    assert result.exit_code != 0 and "--encoder-timeout must be > 0" in result.output

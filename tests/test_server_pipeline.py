@@ -245,6 +245,17 @@ def test_serve_builds_each_engine(tiny_model_dir, tmp_path):
     assert engine.model_name == str(tiny_model_dir) and engine.default_steps == 8
 
 
+def test_serve_encoder_timeout_reaches_the_remote_encoder(served, tiny_model_dir, tmp_path):
+    import importlib
+
+    serve = importlib.import_module("zimage_native.cli.serve")
+    options = serve.serve.make_context("serve", ["--data-dir", str(tmp_path), "--model", str(tiny_model_dir),
+                                                 "--device", "cpu", "--encoder-url", served.url, "--encoder-token",
+                                                 TOKEN, "--encoder-timeout", "7.5"]).params
+    engine = serve.build_engine(options)
+    assert isinstance(engine.pipe.text_encoder, RemoteTextEncoder) and engine.pipe.text_encoder.timeout == 7.5
+
+
 def test_generate_cli_with_a_remote_encoder(served, tiny_model_dir, tiny_pipe, tmp_path):
     """zimage generate --encoder-url: the image equals the local one, and no Qwen3 is loaded here."""
     from click.testing import CliRunner

@@ -45,6 +45,9 @@ def _is_loopback(host: str) -> bool:
               help="History folder (images + SQLite) [default: $XDG_DATA_HOME/zimage-native/server; "
                    "with --fake: .../server-fake].")
 @loading
+@click.option("--encoder-timeout", type=float, default=120.0, show_default=True,
+              help="With --encoder-url: seconds to wait for the encoder's answer (a cancel or --job-timeout "
+                   "stops the wait sooner; connecting gives up after 10 s).")
 @click.option("--encoder-only", is_flag=True,
               help="Load only the text encoder and tokenizer: serve /api/encode (and rewrite) "
                    "for --encoder-url clients.")
@@ -130,6 +133,8 @@ def build_settings(o: dict):
         raise ValueError(f"--port must be between 0 and 65535, got {o['port']}")
     if o["min_side"] < 16 or o["min_side"] > o["max_side"]:
         raise ValueError(f"need 16 <= --min-side <= --max-side, got {o['min_side']} and {o['max_side']}")
+    if o.get("encoder_timeout") is not None and not o["encoder_timeout"] > 0:
+        raise ValueError(f"--encoder-timeout must be > 0 seconds, got {o['encoder_timeout']}")
     for key in ("max_steps", "max_images", "max_pixels"):
         if o[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {o[key]}")
@@ -162,11 +167,14 @@ def build_engine(o: dict):
     if o["encoder_url"]:
         from ..server.remote import RemoteTextEncoder
 
-        RemoteTextEncoder(o["encoder_url"], o["encoder_token"]).info()  # fail early when it is unreachable
+        # Fail early (before the DiT loads) when the encoder machine is unreachable.
+        RemoteTextEncoder(o["encoder_url"], o["encoder_token"], timeout=o.get("encoder_timeout", 120.0)).info()
     from .generate import check_speed_flags, load_pipeline
 
     check_speed_flags(o)
     pipe = load_pipeline(o)
+    if o["encoder_url"]:
+        pipe.text_encoder.timeout = o.get("encoder_timeout", 120.0)  # wait for answers this long
     pipe.templates_dirs = templates
     if o["tiled_vae"]:
         pipe.enable_vae_tiling(o["tile_size"], o["tile_overlap"])

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .engine import Engine, GenerationRequest
+from .remote import RemoteCallAborted, abort_when
 from .settings import ServerSettings
 from .storage import Storage, new_job_id
 
@@ -337,6 +338,9 @@ class JobManager:
         timeout = self.settings.job_timeout
         t0 = time.perf_counter()
 
+        def timed_out() -> bool:
+            return timeout is not None and time.perf_counter() - t0 > timeout
+
         def callback(step: int, total: int) -> None:
             with self._cond:
                 job.progress = (step, total)
@@ -344,7 +348,7 @@ class JobManager:
                 cancel = job.cancel_requested
             if cancel:
                 raise JobCancelled()
-            if timeout is not None and time.perf_counter() - t0 > timeout:
+            if timed_out():
                 raise JobTimedOut()
 
         try:
@@ -355,7 +359,14 @@ class JobManager:
             self.publish(job, "started", {"steps": request.steps, "n": request.n})
             if job.cancel_requested:
                 raise JobCancelled()
-            results = self.engine.generate(request, callback)
+            # A remote text encoder (--encoder-url) that is slow to answer gives up on a cancel or the time limit.
+            with abort_when(lambda: job.cancel_requested or timed_out()):
+                try:
+                    results = self.engine.generate(request, callback)
+                except RemoteCallAborted:
+                    if job.cancel_requested:
+                        raise JobCancelled() from None
+                    raise JobTimedOut() from None
             rows, made = [], time.time()  # one timestamp: the history lists a job's images together, in order
             for k, result in enumerate(results):
                 try:

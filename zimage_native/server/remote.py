@@ -28,10 +28,16 @@ This module needs only the standard library, torch and safetensors (no HTTP clie
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.client
 import json
+import select
+import threading
+import time
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -95,6 +101,86 @@ class RemoteEncoderError(RuntimeError):
         return 502 if self.reachable else 503
 
 
+class RemoteCallAborted(RemoteEncoderError):
+    """The caller gave up while waiting for the remote encoder's answer (see :func:`abort_when`)."""
+
+
+_abort = threading.local()
+
+
+@contextlib.contextmanager
+def abort_when(check: Callable[[], bool]) -> Iterator[None]:
+    """While inside, a :class:`RemoteTextEncoder` call made on this thread that waits for its
+    answer gives up (raises :class:`RemoteCallAborted`) once ``check()`` is true; checked a few
+    times a second. The server's worker uses it so that a cancel or a job timeout takes effect
+    while the encoder machine is slow or hangs."""
+    previous = getattr(_abort, "check", None)
+    _abort.check = check
+    try:
+        yield
+    finally:
+        _abort.check = previous
+
+
+def _wait_for_answer(sock, timeout: float | None, abort: Callable[[], bool] | None) -> None:
+    """Until ``sock`` has something to read: raises TimeoutError after ``timeout`` seconds and
+    RemoteCallAborted once ``abort()`` is true."""
+    if abort is None:
+        return  # the socket's own timeout applies
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if abort():
+            raise RemoteCallAborted("the request to the text encoder was given up (the job was cancelled or "
+                                    "ran past its time limit)")
+        wait = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+        if wait <= 0:
+            raise TimeoutError("timed out")
+        if select.select([sock], [], [], wait)[0]:
+            return
+
+
+class _ConnectionMixin:
+    """An HTTP(S) connection whose connect has its own (short) timeout, then ``read_timeout`` for the
+    answer, which an abort check may cut short."""
+
+    def __init__(self, *args, read_timeout: float | None = None, abort=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read_timeout = read_timeout
+        self.abort = abort
+
+    def connect(self):
+        super().connect()  # under the connect timeout (urlopen's timeout)
+        self.sock.settimeout(self.read_timeout)
+
+    def getresponse(self):
+        _wait_for_answer(self.sock, self.read_timeout, self.abort)
+        return super().getresponse()
+
+
+class _HTTPConnection(_ConnectionMixin, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_ConnectionMixin, http.client.HTTPSConnection):
+    pass
+
+
+def _opener(read_timeout: float | None, abort) -> urllib.request.OpenerDirector:
+    """urllib's opener (proxies and all) with the connections above."""
+    args = dict(read_timeout=read_timeout, abort=abort)
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(functools.partial(_HTTPConnection, **args), req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(functools.partial(_HTTPSConnection, **args), req,
+                                context=self._context)
+
+    return urllib.request.build_opener(HTTPHandler, HTTPSHandler)
+
+
 class RemoteTextEncoder:
     """A text encoder that runs on a ``zimage serve`` machine, reached over HTTP.
 
@@ -109,18 +195,25 @@ class RemoteTextEncoder:
     - ``rewrite(prompt, ...)``: the prompt rewriter of the remote machine.
 
     ``url`` is the server's base URL (``http://host:8000``); ``token`` its bearer token, if any.
+    ``timeout``: seconds to wait for an answer (``zimage serve --encoder-timeout``);
+    ``connect_timeout``: seconds to wait for the connection (a machine that is down fails fast).
     """
 
     model = None
     tokenizer = None
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 120.0,
-                 dtype: torch.dtype | str | None = None, max_sequence_length: int = 512):
+                 dtype: torch.dtype | str | None = None, max_sequence_length: int = 512,
+                 connect_timeout: float = 10.0):
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(f"the encoder URL must start with http:// or https://, got {url!r}")
+        for name, value in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+            if not value > 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value}")
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
                 raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
@@ -140,8 +233,9 @@ class RemoteTextEncoder:
             request.add_header("Content-Type", "application/json")
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
+        opener = _opener(self.timeout, getattr(_abort, "check", None))
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with opener.open(request, timeout=min(self.connect_timeout, self.timeout)) as response:
                 return response.read(), dict(response.headers.items())
         except urllib.error.HTTPError as e:
             detail = e.read()
@@ -155,7 +249,10 @@ class RemoteTextEncoder:
                         if self.token else
                         "; pass the server's --token with --encoder-token TOKEN (or set ZIMAGE_ENCODER_TOKEN)")
             raise RemoteEncoderError(f"{method} {self.url}{path}: HTTP {e.code}: {message}{hint}") from None
-        except (urllib.error.URLError, OSError) as e:
+        except TimeoutError:  # connected, but no answer in time (a connect timeout comes as a URLError)
+            raise RemoteEncoderError(f"the text encoder at {self.url} did not answer {method} {path} within "
+                                     f"{self.timeout:g} s (zimage serve --encoder-timeout)", reachable=False) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)
             raise RemoteEncoderError(f"cannot reach the text encoder at {self.url}: {reason}",
                                      reachable=False) from None
