@@ -317,3 +317,78 @@ def test_serve_checks_the_encoder_timeout(tmp_path):
 
     result = CliRunner().invoke(serve, ["--fake", "--data-dir", str(tmp_path), "--encoder-timeout", "0"])
     assert result.exit_code != 0 and "--encoder-timeout must be > 0" in result.output
+
+
+# ------------------------------------------------------------------------------ 6, 7. input images
+def encoded(image, fmt="PNG", **save) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_an_input_image_with_too_many_pixels_is_refused_before_decoding(tmp_path):
+    from PIL import Image
+
+    server = live(tmp_path, limits=Limits(min_side=32, max_side=512, max_pixels=512 * 512,
+                                          max_upload_bytes=200_000, max_body_bytes=400_000))
+    big = encoded(Image.new("RGB", (1300, 1300), (9, 9, 9)))  # a few kB of PNG, 1.69 megapixels decoded
+    assert len(big) < 200_000
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        assert client.get("/api/v1/capabilities").json()["limits"]["max_input_pixels"] == 6 * 512 * 512
+        for field in ("image", "control_image"):
+            r = client.post("/api/v1/jobs", json={"prompt": "x", **SMALL, field: big})
+            assert r.status_code == 413, r.text
+            error = r.json()["error"]
+            assert error["param"] == field and "1300x1300 (1690000 pixels); the limit is 1572864 pixels" in \
+                error["message"]
+        ok = encoded(Image.new("RGB", (1200, 1300), (9, 9, 9)))
+        assert client.post("/api/v1/jobs", json={"prompt": "x", **SMALL, "image": ok}).status_code == 202
+
+
+def test_input_images_are_shrunk_to_the_output_size_when_decoded():
+    from PIL import Image
+
+    from zimage_native.server.schemas import build_models, resolve_generation
+
+    engine = FakeEngine()
+    limits = Limits(min_side=32, max_side=512, max_pixels=512 * 512)
+    models = build_models(limits, [t.name for t in engine.registry.list(None)], [])
+    body = models.job(prompt="x", width=64, height=96, image=encoded(Image.new("RGB", (800, 1000), (200, 0, 0))),
+                      mask=encoded(Image.new("L", (800, 1000), 255)),
+                      control_image=encoded(Image.new("RGB", (900, 900), (0, 0, 200))))
+    request = resolve_generation(body, engine, limits)
+    assert request.image.size == request.mask_image.size == request.control_image.size == (64, 96)
+    assert request.image.getpixel((10, 10)) == (200, 0, 0) and request.mask_image.mode == "L"
+
+
+def sideways_jpeg(size=(96, 64), mode="RGB") -> str:
+    """A JPEG stored landscape, left half dark, whose EXIF orientation 6 says: turn 90 degrees clockwise."""
+    from PIL import Image
+
+    image = Image.new(mode, size, 255 if mode == "L" else (255, 255, 255))
+    image.paste(0 if mode == "L" else (0, 0, 0), (0, 0, size[0] // 2, size[1]))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encoded(image, "JPEG", exif=exif, quality=95)
+
+
+def test_exif_orientation_is_applied_to_every_input_image():
+    from zimage_native.server.schemas import decode_image
+
+    limits = Limits(min_side=32)
+    for param, mode in (("image", "RGB"), ("mask", "L"), ("control_image", "RGB")):
+        upright = decode_image(sideways_jpeg(mode=mode), limits, param)
+        assert upright.size == (64, 96), param  # portrait, as the photo was taken
+        top, bottom = upright.convert("L").getpixel((32, 10)), upright.convert("L").getpixel((32, 85))
+        assert top < 50 and bottom > 200, (param, top, bottom)  # the dark half is now on top
+
+
+def test_a_sideways_photo_gives_a_portrait_image(tmp_path):
+    server = live(tmp_path)
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        job = client.post("/api/v1/jobs", json={"prompt": "x", "steps": 2, "image": sideways_jpeg()}).json()
+        image = follow(client, job["events_url"], timeout=10)[-1].data["images"][0]
+        assert (image["width"], image["height"]) == (64, 96)

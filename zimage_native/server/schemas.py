@@ -368,8 +368,10 @@ def check_size(width: int, height: int, limits: Limits) -> None:
 
 
 def decode_image(data: str, limits: Limits, param: str = "image"):
-    """A base64 string or data: URL -> a PIL image (RGB; ``L`` for a mask), within the upload limits."""
-    from PIL import Image
+    """A base64 string or data: URL -> a PIL image (RGB; ``L`` for a mask), within the upload limits
+    (compressed bytes, then pixels, checked before the pixels are decoded), turned upright as its
+    EXIF orientation says (a phone photo is stored sideways with a tag saying so)."""
+    from PIL import Image, ImageOps
 
     text = data.strip()
     if text.startswith("data:"):
@@ -392,7 +394,12 @@ def decode_image(data: str, limits: Limits, param: str = "image"):
             raise invalid(param, f"must be a PNG, JPEG or WebP image, got {image.format}")
         if max(image.size) > MAX_INPUT_SIDE:
             raise invalid(param, f"is {image.width}x{image.height}; the limit is {MAX_INPUT_SIDE} pixels a side")
+        if image.width * image.height > limits.max_input_pixels:
+            raise ApiError(413, f"{param}: the input image is {image.width}x{image.height} "
+                                f"({image.width * image.height} pixels); the limit is {limits.max_input_pixels} "
+                                f"pixels (scale it down before sending)", "payload_too_large", param)
         image.load()
+        image = ImageOps.exif_transpose(image)
         return image.convert("L" if param == "mask" else "RGB")
     except ApiError:
         raise
@@ -413,6 +420,15 @@ def _fit(width: int, height: int, limits: Limits) -> tuple[int, int]:
         scale = min(-(-limits.min_side // 16) * 16 / min(width, height), limits.max_side / max(width, height))
     w, h = int(width * scale) // 16 * 16, int(height * scale) // 16 * 16
     return max(w, 16, limits.min_side), max(h, 16, limits.min_side)
+
+
+def _to_size(image, width: int, height: int):
+    """``image`` resized to width x height as the pipeline resizes its inputs (Lanczos); None stays None."""
+    if image is None or image.size == (width, height):
+        return image
+    from PIL import Image
+
+    return image.resize((width, height), resample=Image.LANCZOS)
 
 
 def resolve_seeds(seed: int | list[int] | None, n: int, limits: Limits) -> list[int]:
@@ -476,6 +492,9 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
     width = width if width is not None else suggested.get("width", default_side(limits))
     height = height if height is not None else suggested.get("height", default_side(limits))
     check_size(width, height, limits)
+    # The pipeline resizes every input to the output size (Lanczos): do it now, so that a waiting
+    # job keeps small images, not the uploads.
+    image, mask, control = (_to_size(x, width, height) for x in (image, mask, control))
 
     steps = body.steps if body.steps is not None else suggested.get("steps", engine.default_steps)
     if not 1 <= steps <= limits.max_steps:

@@ -17,6 +17,7 @@ def default_data_dir(fake: bool = False) -> Path:
     return Path(base) / "zimage-native" / ("server-fake" if fake else "server")
 
 
+INPUT_PIXELS_FACTOR = 6  # an input image may have this many times the pixels of the largest output
 FORMAT_ALLOWANCE = 16000  # characters of a formatted prompt beyond its fields: chat markup, a template's text
 
 
@@ -33,6 +34,9 @@ class Limits:
     max_prompt_chars: int = 4000  # each text field
     max_sequence_length: int = 1024  # the largest max_sequence_length a request may set
     max_upload_bytes: int = 16 * 1024 * 1024  # decoded img2img input
+    # Pixels of an input image (image, mask, control image) once decoded: a small file can hold a
+    # huge image. None: INPUT_PIXELS_FACTOR x max_pixels (a 24-megapixel photo with the defaults).
+    max_input_pixels: int | None = None
     max_body_bytes: int = 24 * 1024 * 1024  # whole request body (base64 input included)
     max_texts: int = 16  # texts per /api/encode or /api/tokenize call
     # A pre-formatted text of /api/encode or /api/tokenize (what a --encoder-url server sends): the
@@ -45,6 +49,8 @@ class Limits:
     def __post_init__(self):
         if self.max_formatted_chars is None:
             self.max_formatted_chars = 4 * self.max_prompt_chars + FORMAT_ALLOWANCE
+        if self.max_input_pixels is None:
+            self.max_input_pixels = INPUT_PIXELS_FACTOR * self.max_pixels
 
     def as_dict(self) -> dict:
         return asdict(self)
