@@ -392,3 +392,36 @@ def test_a_sideways_photo_gives_a_portrait_image(tmp_path):
         job = client.post("/api/v1/jobs", json={"prompt": "x", "steps": 2, "image": sideways_jpeg()}).json()
         image = follow(client, job["events_url"], timeout=10)[-1].data["images"][0]
         assert (image["width"], image["height"]) == (64, 96)
+
+
+# ------------------------------------------------------------------------------ 8. --ray without GPUs
+def ray_options(*args):
+    from zimage_native.cli.serve import serve
+
+    return serve.make_context("serve", ["--ray", "--fake", *args]).params
+
+
+def test_serve_ray_refuses_replicas_a_local_cluster_cannot_place():
+    from zimage_native.cli.serve import plan_ray_replicas
+
+    with pytest.raises(ValueError, match=r"wait forever for GPUs: 1 replica x --gpus-per-replica 1 = 1 GPUs, and "
+                                         r"this Ray cluster has 0; to run on the CPU .* pass --gpus-per-replica 0"):
+        plan_ray_replicas(ray_options(), 0)
+    with pytest.raises(ValueError, match=r"3 replicas x --gpus-per-replica 1 = 3 GPUs, and this Ray cluster has 2; "
+                                         r"ask for fewer replicas"):
+        plan_ray_replicas(ray_options("--replicas", "3"), 2)
+    with pytest.raises(ValueError, match="2 replicas"):
+        plan_ray_replicas(ray_options("--min-replicas", "2", "--max-replicas", "4"), 1)
+    with pytest.raises(ValueError, match="--gpus-per-replica must be >= 0"):
+        plan_ray_replicas(ray_options("--gpus-per-replica", "-1"), 4)
+
+
+def test_serve_ray_plans_replicas_that_fit():
+    from zimage_native.cli.serve import plan_ray_replicas
+
+    assert plan_ray_replicas(ray_options("--gpus-per-replica", "0"), 0) == (
+        {**ray_options("--gpus-per-replica", "0"), "replicas": 1}, None)
+    assert plan_ray_replicas(ray_options(), 4)[0]["replicas"] == 4  # one per GPU
+    assert plan_ray_replicas(ray_options("--gpus-per-replica", "2"), 5)[0]["replicas"] == 2
+    options, warning = plan_ray_replicas(ray_options("--ray-address", "ray://head:10001"), 0)
+    assert options["replicas"] == 1 and "wait until the Ray cluster has the GPUs" in warning  # it may autoscale

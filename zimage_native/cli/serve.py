@@ -194,6 +194,31 @@ def default_options() -> dict:
     return out
 
 
+def plan_ray_replicas(o: dict, cluster_gpus: float) -> tuple[dict, str | None]:
+    """The replica count for ``--ray`` on a cluster with ``cluster_gpus`` GPUs, and a warning.
+
+    Replicas that need more GPUs than the cluster has are never placed: Serve waits for them
+    without a word. A local cluster (no ``--ray-address``) cannot grow, so that is an error naming
+    the fix; a remote one may add GPU nodes (an autoscaler), so it is a warning."""
+    per = o["gpus_per_replica"]
+    if per < 0:
+        raise ValueError(f"--gpus-per-replica must be >= 0, got {per}")
+    fixed = o["replicas"] is None and o["min_replicas"] is None and o["max_replicas"] is None
+    if fixed:
+        o = {**o, "replicas": max(1, int(cluster_gpus // per)) if per > 0 else 1}
+    first = o["replicas"] if o["replicas"] is not None else max(1, o["min_replicas"] or 0)
+    needed = first * per
+    if needed <= cluster_gpus:
+        return o, None
+    what = (f"{first} replica{'s' if first > 1 else ''} x --gpus-per-replica {per:g} = {needed:g} GPUs, and this "
+            f"Ray cluster has {cluster_gpus:g}")
+    hint = "; to run on the CPU (--fake, or a CPU model) pass --gpus-per-replica 0" if cluster_gpus == 0 else \
+        "; ask for fewer replicas (--replicas) or fewer GPUs each (--gpus-per-replica)"
+    if o["ray_address"] is None:
+        raise ValueError(f"zimage serve --ray: the replicas would wait forever for GPUs: {what}{hint}")
+    return o, f"the replicas wait until the Ray cluster has the GPUs they need: {what}{hint}"
+
+
 def run_ray(o: dict) -> None:
     """``zimage serve --ray``: a Ray cluster (local, or --ray-address), the app, and wait."""
     try:
@@ -208,8 +233,13 @@ def run_ray(o: dict) -> None:
 
     build_settings(o)  # validate before starting anything
     ray.init(address=o["ray_address"], ignore_reinit_error=True)
-    if o["replicas"] is None and o["min_replicas"] is None and o["max_replicas"] is None:
-        o = {**o, "replicas": max(1, int(ray.cluster_resources().get("GPU", 0) // max(o["gpus_per_replica"], 1e-9)))}
+    try:
+        o, warning = plan_ray_replicas(o, float(ray.cluster_resources().get("GPU", 0)))
+    except ValueError:
+        ray.shutdown()
+        raise
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     ray_serve.start(http_options={"host": o["host"], "port": o["port"]})
     ray_serve.run(build_app(o), name="zimage", route_prefix="/")
     click.echo(f"zimage serve --ray: ready on http://{o['host']}:{o['port']}/ (Ctrl-C to stop)", err=True)
