@@ -425,3 +425,19 @@ def test_serve_ray_plans_replicas_that_fit():
     assert plan_ray_replicas(ray_options("--gpus-per-replica", "2"), 5)[0]["replicas"] == 2
     options, warning = plan_ray_replicas(ray_options("--ray-address", "ray://head:10001"), 0)
     assert options["replicas"] == 1 and "wait until the Ray cluster has the GPUs" in warning  # it may autoscale
+
+
+# ------------------------------------------------------------------------------ 9. --max-history below n
+def test_max_history_never_prunes_the_images_of_the_job_that_made_them(tmp_path):
+    server = live(tmp_path, max_history=1)
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        job = client.post("/api/v1/jobs", json={"prompt": "x", **SMALL, "n": 3}).json()
+        images = follow(client, job["events_url"], timeout=10)[-1].data["images"]
+        assert len(images) == 3
+        assert all(client.get(image["url"]).status_code == 200 for image in images)
+        assert client.get("/api/v1/images").json()["total"] == 3
+        later = client.post("/api/v1/jobs", json={"prompt": "y", **SMALL}).json()
+        follow(client, later["events_url"], timeout=10)
+        history = client.get("/api/v1/images").json()
+        assert history["total"] == 1 and history["items"][0]["job_id"] == later["id"]
+        assert all(client.get(image["url"]).status_code == 404 for image in images)

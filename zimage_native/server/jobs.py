@@ -381,7 +381,7 @@ class JobManager:
                 self.completed_count += 1
             if self.settings.max_history is not None:  # before "completed": a client that then lists the
                 try:  # history or the files sees them pruned
-                    self.storage.prune(self.settings.max_history)
+                    self.storage.prune(self.settings.max_history, spare_job=job.id)
                 except (sqlite3.Error, OSError) as e:  # the images are saved: the job still completed
                     logger.error("job %s: pruning the history failed: %s", job.id, e)
             self._finish(job, "completed", data={"images": [image_view(r) for r in rows],

@@ -282,11 +282,13 @@ class Storage:
             self._unlink(row["file"], row["thumb"])
         return len(rows)
 
-    def prune(self, keep: int) -> int:
-        """Keep the newest ``keep`` images; delete the rest (rows first)."""
+    def prune(self, keep: int, spare_job: str | None = None) -> int:
+        """Keep the newest ``keep`` images; delete the rest (rows first), but never an image of job
+        ``spare_job`` (the job that just ended: its images stay even when it made more than ``keep``)."""
         with self._lock:
-            rows = self._db.execute(f"SELECT id, file, thumb FROM images ORDER BY {ORDER} LIMIT -1 OFFSET ?",
+            rows = self._db.execute(f"SELECT id, job_id, file, thumb FROM images ORDER BY {ORDER} LIMIT -1 OFFSET ?",
                                     (keep,)).fetchall()
+            rows = [r for r in rows if r["job_id"] != spare_job]
             if rows:
                 self._db.executemany("DELETE FROM images WHERE id = ?", [(r["id"],) for r in rows])
         for row in rows:
