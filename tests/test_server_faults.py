@@ -441,3 +441,21 @@ def test_max_history_never_prunes_the_images_of_the_job_that_made_them(tmp_path)
         history = client.get("/api/v1/images").json()
         assert history["total"] == 1 and history["items"][0]["job_id"] == later["id"]
         assert all(client.get(image["url"]).status_code == 404 for image in images)
+
+
+# ------------------------------------------------------------------------------ 10. a template's size and the limits
+def test_a_template_size_is_fitted_to_the_limits(tmp_path):
+    server = live(tmp_path, limits=Limits(min_side=32, max_side=512, max_pixels=512 * 512))
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        # architecture-archviz suggests 1344x768: over max_side 512; shrunk keeping 7:4, in multiples of 16.
+        job = client.post("/api/v1/jobs", json={"prompt": "x", "steps": 1, "template": "architecture-archviz"})
+        assert job.status_code == 202, job.text
+        params = job.json()["params"]
+        assert (params["width"], params["height"]) == (512, 288)
+        # A side the request sent still counts; the other comes from the template, within the limits.
+        params = client.post("/api/v1/jobs", json={"prompt": "x", "steps": 1, "width": 256,
+                                                   "template": "architecture-archviz"}).json()["params"]
+        assert (params["width"], params["height"]) == (256, 512)
+        # Explicit sizes are still checked as sent.
+        r = client.post("/api/v1/jobs", json={"prompt": "x", "size": "1024x512", "template": "architecture-archviz"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "width"

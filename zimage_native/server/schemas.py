@@ -422,6 +422,13 @@ def _fit(width: int, height: int, limits: Limits) -> tuple[int, int]:
     return max(w, 16, limits.min_side), max(h, 16, limits.min_side)
 
 
+def _clamp_side(side: int, limits: Limits) -> int:
+    """A side the request did not send (a template's or the default) within min_side..max_side, in
+    multiples of 16."""
+    low = -(-limits.min_side // 16) * 16
+    return max(low, min(int(side), limits.max_side // 16 * 16) // 16 * 16)
+
+
 def _to_size(image, width: int, height: int):
     """``image`` resized to width x height as the pipeline resizes its inputs (Lanczos); None stays None."""
     if image is None or image.size == (width, height):
@@ -489,8 +496,12 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
     reference = image if image is not None else control
     if reference is not None and width is None and height is None:
         width, height = _fit(reference.width, reference.height, limits)
-    width = width if width is not None else suggested.get("width", default_side(limits))
-    height = height if height is not None else suggested.get("height", default_side(limits))
+    if width is None and height is None and "width" in suggested and "height" in suggested:
+        # The template's suggested size, made to fit this server's limits (aspect ratio kept): the
+        # request sent no size, so it must not be refused for one.
+        width, height = _fit(int(suggested["width"]), int(suggested["height"]), limits)
+    width = width if width is not None else _clamp_side(suggested.get("width", default_side(limits)), limits)
+    height = height if height is not None else _clamp_side(suggested.get("height", default_side(limits)), limits)
     check_size(width, height, limits)
     # The pipeline resizes every input to the output size (Lanczos): do it now, so that a waiting
     # job keeps small images, not the uploads.
