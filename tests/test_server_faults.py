@@ -459,3 +459,17 @@ def test_a_template_size_is_fitted_to_the_limits(tmp_path):
         # Explicit sizes are still checked as sent.
         r = client.post("/api/v1/jobs", json={"prompt": "x", "size": "1024x512", "template": "architecture-archviz"})
         assert r.status_code == 422 and r.json()["error"]["param"] == "width"
+
+
+# ------------------------------------------------------------------------------ 11. a synchronous client that leaves
+@pytest.mark.parametrize("route", ["/api/generate", "/v1/images/generations"])
+def test_a_synchronous_job_is_cancelled_when_its_client_disconnects(tmp_path, route):
+    server = live(tmp_path, engine=FakeEngine(step_delay=0.1))
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        body = {"prompt": "x", "size": "64x64", "num_inference_steps": 40} if route == "/v1/images/generations" else \
+            {"prompt": "x", "width": 64, "height": 64, "steps": 40}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + route, json=body, timeout=0.8)  # the client gives up and hangs up
+        job_id = client.get("/api/v1/jobs").json()["jobs"][0]["id"]
+        job = wait_status(client, job_id, timeout=4)  # 40 steps would take 4 s
+        assert job["status"] == "cancelled" and job["progress"]["step"] < 35, job

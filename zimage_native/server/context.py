@@ -9,7 +9,7 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from .engine import Engine
 from .jobs import TERMINAL, Conflict, Event, Job, JobManager, image_view
@@ -87,24 +87,30 @@ class ServerContext:
             message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             raise ApiError(422, str(message), "invalid_request_error") from None
 
-    async def wait(self, job: Job, timeout: float) -> Event:
-        """The job's terminal event (the job is cancelled if it takes longer than ``timeout``)."""
+    async def wait(self, job: Job, timeout: float,
+                   disconnected: Callable[[], Awaitable[bool]] | None = None) -> Event:
+        """The job's terminal event. The job is cancelled if it takes longer than ``timeout``, or
+        once ``disconnected()`` (checked every half second) says the client has gone."""
         past, queue = self.manager.subscribe(job)
         try:
             for event in past:
                 if event.type in TERMINAL:
                     return event
             deadline = time.monotonic() + timeout
+            checked = time.monotonic()
             while True:
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = deadline - now
                 if remaining <= 0:
-                    try:
-                        self.manager.cancel(job.id)
-                    except (KeyError, Conflict):
-                        pass
+                    self._cancel_quietly(job)
                     raise ApiError(504, f"the job did not finish within {timeout:g} s and was cancelled", "timeout")
+                if disconnected is not None and now - checked >= 0.5:  # progress events may never pause
+                    checked = now
+                    if await disconnected():
+                        self._cancel_quietly(job)  # nobody is left to receive the images
+                        raise ApiError(499, "the client disconnected; the job was cancelled", "cancelled")
                 try:
-                    event = await asyncio.wait_for(queue.get(), remaining)
+                    event = await asyncio.wait_for(queue.get(), min(remaining, 0.5) if disconnected else remaining)
                 except asyncio.TimeoutError:
                     continue
                 if event.type in TERMINAL:
@@ -112,11 +118,18 @@ class ServerContext:
         finally:
             self.manager.unsubscribe(job, queue)
 
-    async def run_sync(self, body) -> tuple[Job, Event]:
+    def _cancel_quietly(self, job: Job) -> None:
+        try:
+            self.manager.cancel(job.id)
+        except (KeyError, Conflict):  # ended meanwhile
+            pass
+
+    async def run_sync(self, body, request=None) -> tuple[Job, Event]:
         """Submit, wait for the job's end; a job that did not complete is an error (500 failed,
-        409 cancelled). The synchronous routes (OpenAI, /api/generate) answer with this."""
+        409 cancelled). The synchronous routes (OpenAI, /api/generate) answer with this; given
+        their ``request``, the job is cancelled when the client disconnects."""
         job = await asyncio.to_thread(self.submit, body)
-        event = await self.wait(job, self.settings.sync_timeout)
+        event = await self.wait(job, self.settings.sync_timeout, request.is_disconnected if request else None)
         if event.type != "completed":
             reason = event.data.get("error") or event.data.get("reason") or ""
             raise ApiError(500 if event.type == "failed" else 409, f"generation {event.type}: {reason}".rstrip(": "),

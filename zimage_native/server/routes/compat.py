@@ -4,7 +4,7 @@ import asyncio
 import base64
 import re
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..context import ServerContext, not_found
@@ -21,10 +21,10 @@ def router(ctx: ServerContext) -> APIRouter:
     LegacyGenerateRequest = ctx.models.legacy
 
     @api.post("/api/generate", responses=errors(409, 429, 503, 504, 507))
-    async def legacy_generate(body: LegacyGenerateRequest):
+    async def legacy_generate(body: LegacyGenerateRequest, request: Request):
         """Synchronous generation (the predecessor's route): waits, then returns the first image as a
         data URL plus every image's id and URL."""
-        job, event = await ctx.run_sync(body)
+        job, event = await ctx.run_sync(body, request)
         images = event.data["images"]
         raw = await asyncio.to_thread(ctx.image_bytes, images[0]["id"])
         first = images[0]["params"]

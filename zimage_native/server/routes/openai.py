@@ -18,7 +18,7 @@ def router(ctx: ServerContext) -> APIRouter:
     async def openai_generate(body: OpenAIImageRequest, request: Request):
         """OpenAI Images API. Extensions: negative_prompt, num_inference_steps, guidance_scale,
         seed. Waits for the image on the same queue as the job API (429 when full)."""
-        job, event = await ctx.run_sync(openai_to_job(body, ctx.models))
+        job, event = await ctx.run_sync(openai_to_job(body, ctx.models), request)
         fmt = body.output_format or "png"
         data = []
         base = str(request.base_url).rstrip("/")
