@@ -398,8 +398,6 @@ class JobManager:
             logger.warning("job %s failed: %s", job.id, e, exc_info=logger.isEnabledFor(logging.DEBUG))
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             self._finish(job, "failed", error=message)
-        finally:  # do not keep input images in memory (the request is frozen: keep a copy without them)
-            job.request = dataclasses.replace(request, image=None, mask_image=None, control_image=None)
 
     def _finish(self, job: Job, status: str, *, error: str | None = None, data: dict | None = None) -> None:
         """End the job: its state in memory and its final event first (what clients wait for), then
@@ -409,6 +407,8 @@ class JobManager:
         with self._cond:
             if job.terminal:  # ended already (a cancel and a shutdown can meet here)
                 return
+            # Do not keep input images in memory (the request is frozen: keep a copy without them).
+            job.request = dataclasses.replace(job.request, image=None, mask_image=None, control_image=None)
             job.status = status
             job.error = error
             job.finished = now
