@@ -612,6 +612,30 @@ def test_a_port_in_use_and_an_unwritable_data_dir_fail_before_the_model_loads(tm
     assert f"Error: --data-dir: cannot write in the folder {tmp_path / 'd'} (Permission denied)" in result.output
 
 
+def test_a_damaged_history_database_is_refused_in_one_line_before_the_model_loads(tmp_path, monkeypatch):
+    """A damaged history.sqlite3 crashed the start with sqlite3's traceback, after the model loaded."""
+    import importlib
+
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+    from zimage_native.server.storage import Storage
+
+    serve_module = importlib.import_module("zimage_native.cli.serve")
+    monkeypatch.setattr(serve_module, "build_engine", lambda o: pytest.fail("the model was loaded"))
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "history.sqlite3").write_bytes(b"not a database, " * 512)
+    result = CliRunner().invoke(main, ["serve", "--data-dir", str(data), "--port", "0"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"Error: {data / 'history.sqlite3'} is not a readable history database (file is not a database); " \
+           f"move it away" in result.output
+    with pytest.raises(ValueError, match="is not a readable history database"):
+        Storage(data)  # the library's way in says the same
+    (data / "history.sqlite3").unlink()
+    Storage(data).close()  # a missing history is a new one
+
+
 def test_fake_server_keeps_its_own_history_folder(tmp_path, monkeypatch):
     from zimage_native.cli.serve import build_settings, default_options
 

@@ -260,12 +260,14 @@ def run_server(o: dict) -> None:
         import uvicorn
 
         from ..server.app import create_app
+        from ..server.storage import check_history
     except ImportError as e:
         raise click.ClickException(f"zimage serve needs the server extra ({e.name} is missing): "
                                    f"pip install 'zimage-native[server]'") from None
     settings = build_settings(o)
     # What would fail only once the server starts, checked before the model loads (minutes, GBs).
     check_writable_folder(Path(settings.data_dir), "--data-dir")
+    check_history(settings.data_dir)
     check_port_free(o["host"], o["port"])
     llm = chat_rewriter(o["llm_url"], o["llm_model"], o["llm_timeout"])
     if not _is_loopback(o["host"]) and not settings.token:

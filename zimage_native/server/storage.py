@@ -119,10 +119,32 @@ def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
     _fsync_dir(path.parent)
 
 
+def check_history(root: str | os.PathLike) -> None:
+    """Refuse, in one line, a data folder whose ``history.sqlite3`` SQLite cannot read (damaged, or
+    another kind of file): the server checks it before its model loads. A missing file is fine (a
+    new history). Read-only: nothing is created or changed."""
+    path = Path(root) / "history.sqlite3"
+    if not path.is_file():
+        return
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            problem = db.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        problem = str(e)
+    if problem != "ok":
+        raise ValueError(f"{path} is not a readable history database ({problem}); move it away (the server then "
+                         f"starts a new history; the images stay in {Path(root) / 'images'}) or pick another "
+                         f"--data-dir")
+
+
 class Storage:
     """The history store. Thread-safe: one SQLite connection behind a lock (calls are short)."""
 
     def __init__(self, root: str | os.PathLike, *, full_sync: bool = False, thumbnail_size: int = 256):
+        check_history(root)
         self.root = Path(root).resolve()
         self.images_dir = self.root / "images"
         self.thumbs_dir = self.root / "thumbs"
