@@ -596,6 +596,7 @@ BENCH_DRY = ["bench", "--tiny", "--device", "cpu", "--dtype", "bfloat16", "--siz
              "--repeats", "1", "--rungs", "eager", "--rungs", "fp8", "--check"]
 
 
+@needs_cpu_fp8
 def test_bench_interrupted_keeps_the_verdicts_and_rows_measured_before(tmp_path, monkeypatch):
     """A timeout (`timeout -s INT`) during the fp8 quality check: the parity verdict was already
     printed when it was measured (before the fp8 row), e2e.json holds the rows and that check, the
@@ -628,6 +629,7 @@ def test_bench_interrupted_keeps_the_verdicts_and_rows_measured_before(tmp_path,
     assert (tmp_path / "e2e.csv").read_text().count("\n") == 4  # header + the 3 rows
 
 
+@needs_cpu_fp8
 def test_bench_optional_steps_fail_or_skip_without_losing_the_verdicts(tmp_path, monkeypatch):
     """diffusers compiled (optional) raising, or skipped by a spent --budget-s: a note on the last row,
     every judged check still measured and passed, exit status 0."""
