@@ -77,6 +77,7 @@ def test_health_and_capabilities(client):
     assert caps["features"]["generate"] and caps["text_encoder"]["hidden_size"] == 32
     assert all(32 <= p["width"] <= 512 for p in caps["presets"]) and caps["presets"]
     assert client.get("/openapi.json").json()["paths"]["/api/v1/jobs"]
+    assert client.head("/health").status_code == 200 and client.head("/").status_code == 200  # curl -I, monitors
 
 
 def test_job_events_arrive_in_order(client):

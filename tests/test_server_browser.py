@@ -255,6 +255,23 @@ def test_cancel(page, artifacts):
     screenshot(page, artifacts, "web-phone-cancelled.png")
 
 
+def test_a_reload_keeps_tracking_a_running_job_and_can_cancel_it(page, artifacts):
+    """After a reload (or in a second tab) a running job is listed again with its progress and a
+    Cancel button that works; before, it vanished from the page until its image appeared."""
+    page.fill("#prompt", "a job that outlives its page")
+    page.get_by_role("button", name="1:1 small").click()
+    page.fill("#steps", "80")
+    page.click("#generate")
+    page.locator("#jobs li.job .state", has_text=re.compile(r"Step \d+ of 80")).first.wait_for()
+    page.reload()
+    page.wait_for_function("document.querySelectorAll('#presets button').length > 0")
+    job = page.locator("#jobs li.job").first
+    assert "a job that outlives its page" in job.inner_text()
+    job.locator(".state", has_text=re.compile(r"Step \d+ of 80")).wait_for()
+    job.get_by_role("button", name="Cancel").click()
+    job.locator(".state", has_text="Cancelled").wait_for()
+
+
 def test_queue_full_message(page, server, artifacts):
     ids = []
     with httpx.Client(base_url=server.url, timeout=30) as c:

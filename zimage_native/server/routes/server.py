@@ -30,6 +30,12 @@ def router(ctx: ServerContext) -> APIRouter:
         return {"status": "ok", "model": engine.model_name, "version": __version__, "queue": ctx.manager.stats(),
                 "generate": engine.can_generate}
 
+    @api.head("/health", include_in_schema=False)
+    @api.head("/", include_in_schema=False)
+    async def alive():
+        """``curl -I`` and uptime monitors ask with HEAD (405 otherwise)."""
+        return Response(status_code=200)
+
     @api.get("/", include_in_schema=False)
     async def index():
         return FileResponse(web_dir() / "index.html", media_type="text/html", headers={"Cache-Control": "no-cache"})

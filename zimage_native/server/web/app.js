@@ -337,6 +337,16 @@ $("clear").addEventListener("click", async () => {
   } catch (e) { show(e.message); }
 });
 
+// The jobs still queued or running (started before a reload, or from another tab): tracked again,
+// with progress and a Cancel button, as if this page had started them.
+async function resumeJobs() {
+  const data = await api("/api/v1/jobs?limit=50");
+  const active = data.jobs.filter((j) => j.status === "queued" || j.status === "running");
+  for (const job of active.reverse()) {  // running first, at the top
+    if (!state.jobs.has(job.id)) trackJob(job, (job.params && job.params.prompt) || "");
+  }
+}
+
 // ------------------------------------------------------------------ start
 async function init() {
   const caps = await api("/api/v1/capabilities");
@@ -367,6 +377,7 @@ async function init() {
     select.append(el("option", { value: t.name, text: `${t.name} - ${t.description}` }));
   }
   await loadHistory();
+  await resumeJobs();
   refreshQueue();
 }
 
