@@ -142,7 +142,12 @@ def test_an_unreachable_encoder_url_is_one_line(tiny_model_dir, tmp_path):
 def test_seed_out_of_range_and_from_image_of_a_non_image(tmp_path):
     missing = str(tmp_path / "missing")  # refused before any weights are looked for
     assert one_line_error("generate", "a cat", "--model", missing, "--seed", str(2**64)) == (
-        f"Error: --seed must be between -2**63 and 2**64 - 1, got {2**64}")
+        f"Error: --seed must be between 0 and 2**64 - 1 (-1: a random seed), got {2**64}")
+    assert one_line_error("generate", "a cat", "--model", missing, "--seed", "-5") == (  # the library's range
+        "Error: --seed must be between 0 and 2**64 - 1 (-1: a random seed), got -5")
+    assert one_line_error("generate", "a cat", "--model", missing, "--seed", str(2**64 - 1), "--num-images", "2") == (
+        f"Error: --seed must be between 0 and 2**64 - 1 (-1: a random seed), got {2**64} "
+        f"(--seed {2**64 - 1} with --num-images 2 runs to {2**64})")
     text = tmp_path / "notes.png"
     text.write_text("not a picture")
     assert one_line_error("generate", "--from-image", str(text), "--model", missing) == (

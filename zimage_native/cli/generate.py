@@ -57,9 +57,12 @@ def resolve_seeds(seed: tuple[int, ...], seeds: int | None, num_images: int) -> 
         if len(seed) > 1:
             raise ValueError("--seed -1 (a random seed) goes alone; give it once, or --seeds N for N random seeds")
         seed = ()
-    for s in seed:  # what torch.Generator.manual_seed takes
-        if not -2**63 <= s < 2**64:
-            raise ValueError(f"--seed must be between -2**63 and 2**64 - 1, got {s}")
+    last = seed[0] + num_images - 1 if len(seed) == 1 else None  # one seed: consecutive seeds from it
+    for s in (*seed, *([last] if last is not None else [])):  # what the library takes (sampling.check_seeds)
+        if not 0 <= s < 2**64:
+            raise ValueError(f"--seed must be between 0 and 2**64 - 1 (-1: a random seed), got {s}"
+                             + (f" (--seed {seed[0]} with --num-images {num_images} runs to {last})" if s == last
+                                and s != seed[0] else ""))
     if len(seed) > 1:
         if num_images not in (1, len(seed)):
             raise ValueError(f"got {len(seed)} seeds and --num-images {num_images}: several seeds give one image "
