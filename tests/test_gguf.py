@@ -405,6 +405,60 @@ def test_lora_on_a_gguf_dit_is_a_side_path_equal_to_the_fused_lora(tmp_path):
     assert torch.equal(dit_output(model), before)
 
 
+def test_factored_lokr_and_loha_on_a_gguf_dit_stay_low_rank(tmp_path, caplog):
+    """A LoKr with a low-rank second factor and a LoHa keep low-rank side paths on packed layers
+    (their exact factors: Kronecker mixed product, face-splitting product), a fraction of the dense
+    delta's bytes, and give the output of the LoRA fused into the dequantised weights; a LoKr with
+    a whole second factor has no smaller form and is logged with its bytes."""
+    from zimage_native.lora import LoraMixin, LoraModule
+
+    class Holder(LoraMixin):
+        def __init__(self, transformer):
+            self.transformer = transformer
+
+    path, reference = write_dit(tmp_path / "q8.gguf", "Q8_0")
+    model = load_component("transformer", path, torch.float32, "cpu", config=AXES)
+    g = torch.Generator().manual_seed(3)
+    dim, ffn = 768, 2048
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.05
+
+    lora = {
+        "lycoris_layers_0_attention_to_q.lokr_w1": r(4, 4),  # W1 whole, W2 = U V of rank 4
+        "lycoris_layers_0_attention_to_q.lokr_w2_a": r(dim // 4, 4),
+        "lycoris_layers_0_attention_to_q.lokr_w2_b": r(4, dim // 4),
+        "lycoris_layers_0_attention_to_q.alpha": torch.tensor(2.0),
+        "lycoris_layers_0_feed_forward_w2.lokr_w1_a": r(2, 1),  # W1 factored too
+        "lycoris_layers_0_feed_forward_w2.lokr_w1_b": r(1, 8),
+        "lycoris_layers_0_feed_forward_w2.lokr_w2_a": r(dim // 2, 4),
+        "lycoris_layers_0_feed_forward_w2.lokr_w2_b": r(4, ffn // 8),
+        "lycoris_layers_0_attention_to_k.hada_w1_a": r(dim, 4), "lycoris_layers_0_attention_to_k.hada_w1_b": r(4, dim),
+        "lycoris_layers_0_attention_to_k.hada_w2_a": r(dim, 4), "lycoris_layers_0_attention_to_k.hada_w2_b": r(4, dim),
+        "lycoris_layers_0_attention_to_k.alpha": torch.tensor(8.0),
+        "lycoris_layers_0_attention_to_v.lokr_w1": r(4, 4),  # a whole W2: dense, and said so
+        "lycoris_layers_0_attention_to_v.lokr_w2": r(dim // 4, dim // 4),
+    }
+    with caplog.at_level("WARNING", logger="zimage_native.lora"):
+        report = Holder(model).load_lora(lora, scale=0.8)
+    assert report.matched == 4 and not report.unmatched
+    attention, w2 = model.layers[0].attention, model.layers[0].feed_forward.w2
+    for layer in (attention.to_q, attention.to_k, w2):
+        (a, b, _), = layer.side_paths()
+        assert b is not None and (a.numel() + b.numel()) * 4 < layer.out_features * layer.in_features, layer
+    (a, b, _), = attention.to_v.side_paths()
+    assert b is None and a.shape == (dim, dim)
+    assert "1 LoRA modules (full deltas or LoKr with a whole second factor) have no low-rank form" in caplog.text
+    ref = Holder(reference_dit(reference))
+    ref.load_lora(lora, scale=0.8)  # fused into the dequantised weights from the dense deltas
+    assert_rel(dit_output(model), dit_output(ref.transformer), 1e-6, "GGUF DiT + LoKr / LoHa side paths")
+    for key in ("lycoris_layers_0_attention_to_q", "lycoris_layers_0_feed_forward_w2", "lycoris_layers_0_attention_to_k"):
+        tensors = {k.split(".", 1)[1]: v for k, v in lora.items() if k.startswith(key + ".")}
+        module = LoraModule(key, None, tensors, [])
+        down, up = module.factors()
+        assert_rel(up @ down, module.delta(), 1e-6, f"{key}: B A against the dense delta")
+
+
 def test_lora_side_paths_move_with_their_layer_in_the_compute_dtype():
     """A LoRA's side paths are buffers of the packed layer, in the model's compute dtype: every
     placement moves them with the layer's own tensors (the streamer of offload='blocks' moves a

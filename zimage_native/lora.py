@@ -250,6 +250,32 @@ class LoraModule:
             return 1.0
         return float(alpha.float().item()) / rank
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) in fp32 with ``B @ A`` equal to :meth:`delta` (alpha/rank in B), where those two are
+        smaller than the dense delta; None where they are not (a full delta, a LoKr with a whole
+        second factor). A LoRA: its own factors. A LoKr whose second factor is low-rank, W1 x (U V):
+        B = W1 x U and A = I x V (the Kronecker product's mixed-product rule), of rank q r for a
+        (p, q) W1. A LoHa, (B1 A1) * (B2 A2): the face-splitting product, rank r1 r2 (B's column
+        (j, k) is B1[:, j] * B2[:, k], A's row (j, k) is A1[j] * A2[k])."""
+        t, kind = self.tensors, self.kind
+        if kind == "lora":
+            down, up = t["down"].float().flatten(1), t["up"].float().flatten(1)
+        elif kind == "lokr" and "lokr_w2_a" in t and "lokr_w2_b" in t:
+            w1 = _factor(t, "lokr_w1_a", "lokr_w1_b", "lokr_w1")
+            up = torch.kron(w1, t["lokr_w2_a"].float().flatten(1))
+            down = torch.kron(torch.eye(w1.shape[1]), t["lokr_w2_b"].float().flatten(1))
+        elif kind == "loha":
+            b1, a1 = t["hada_w1_a"].float().flatten(1), t["hada_w1_b"].float().flatten(1)
+            b2, a2 = t["hada_w2_a"].float().flatten(1), t["hada_w2_b"].float().flatten(1)
+            up = (b1[:, :, None] * b2[:, None, :]).flatten(1)
+            down = (a1[:, None, :] * a2[None, :, :]).flatten(0, 1)
+        else:
+            return None
+        rows, cols = up.shape[0], down.shape[1]
+        if kind != "lora" and down.shape[0] * (rows + cols) >= rows * cols:
+            return None  # the dense delta is smaller
+        return down, up * self.alpha_scale
+
     def delta(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The unscaled update dW (fp32, (out, in)) times alpha/rank."""
         t = {k: v.to(device) if device is not None else v for k, v in self.tensors.items()}
@@ -558,25 +584,35 @@ def fuse_lora_(weights: Mapping[str, torch.Tensor], modules: Sequence[LoraModule
 
 def add_lora_side_paths_(layers: Mapping[str, nn.Module], modules: Sequence[LoraModule], scale: float,
                          dtype: torch.dtype | None = None) -> int:
-    """Apply LoRA modules unfused, as side paths of packed (GGUF) linears whose weights cannot be
-    rewritten: ``y += scale * (x A^T) B^T`` with B carrying alpha/rank (a low-rank LoRA), or
-    ``y += scale * x dW^T`` (LoKr, LoHa, full deltas). A fused target (``attention.qkv``) shares A
-    and splits B by rows. A and B are computed in fp32 and kept in ``dtype`` (the model's compute
-    dtype, which a forward would cast them to). Returns the layers changed."""
-    changed = 0
+    """Apply LoRA modules unfused, as side paths of packed (GGUF, kept fp8) linears whose weights
+    cannot be rewritten: ``y += scale * (x A^T) B^T`` with B carrying alpha/rank, from the module's
+    low-rank :meth:`LoraModule.factors` (a LoRA, a LoKr with a low-rank second factor, a LoHa), or
+    ``y += scale * x dW^T`` where the dense delta is smaller (a full delta, a LoKr with a whole
+    second factor: those cost the full weight's size in ``dtype``, which is logged). A fused target
+    (``attention.qkv``) shares A and splits B by rows. A and B are computed in fp32 and kept in
+    ``dtype`` (the model's compute dtype, which a forward would cast them to). Returns the layers
+    changed."""
+    changed, dense, dense_bytes = 0, 0, 0
     with torch.no_grad():
         for module in modules:
             targets = [layers[m] for m in module.target.modules]
             rows = [layer.out_features for layer in targets]
-            if module.kind == "lora":
-                down = module.tensors["down"].float().flatten(1)
-                up = module.tensors["up"].float().flatten(1) * module.alpha_scale
+            factors = module.factors()
+            if factors is not None:
+                down, up = factors
                 parts = [(down, b) for b in up.split(rows, dim=0)]
             else:
                 parts = [(d, None) for d in module.delta().split(rows, dim=0)]
+                dense += 1
             for layer, (a, b) in zip(targets, parts):
                 layer.add_lora(a, b, scale, dtype)
+                dense_bytes += 0 if b is not None else a.numel() * torch.finfo(dtype or a.dtype).bits // 8
                 changed += 1
+    if dense:
+        logger.warning("%d LoRA modules (full deltas or LoKr with a whole second factor) have no low-rank form: they "
+                       "are kept beside the quantised weights as dense side paths, %.2f GB in all (a low-VRAM run may "
+                       "not fit; a LoRA of low rank, LoHa or a LoKr with factored w2 stays small)", dense,
+                       dense_bytes / 1e9)
     return changed
 
 
