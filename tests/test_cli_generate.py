@@ -465,8 +465,10 @@ def test_tiled_vae_and_offload_flags_run(tiny_model_dir, tmp_path):
     assert (tmp_path / "v.png").exists()
 
 
-def test_single_files_and_lora_flags(tiny_model_dir, tiny_pipe, tmp_path):
-    """--transformer/--vae/--text-encoder/--tokenizer load single files; --lora fuses and is recorded."""
+def test_single_files_and_lora_flags(tiny_model_dir, tiny_pipe, tmp_path, monkeypatch):
+    """--transformer/--vae/--text-encoder/--tokenizer load single files; --lora fuses and is recorded,
+    without a host copy of the weights it changes (a CLI run never unloads it)."""
+    from zimage_native.lora import LoraStack
     import torch
     from safetensors.torch import save_file
 
@@ -490,8 +492,12 @@ def test_single_files_and_lora_flags(tiny_model_dir, tiny_pipe, tmp_path):
     save_file({"diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.randn(4, w.shape[1]),
                "diffusion_model.layers.0.attention.to_q.lora_B.weight": torch.randn(w.shape[0], 4)}, lora)
     styled = tmp_path / "styled.png"
+    stacks = []
+    load = LoraStack.load
+    monkeypatch.setattr(LoraStack, "load", lambda self, *a, **k: stacks.append(self) or load(self, *a, **k))
     result = run("generate", "a cat", "--model", tiny_model_dir, "--lora", f"{lora}:0.5", "-o", styled, *base)
     assert "1 modules matched" in result.output
+    assert len(stacks) == 1 and stacks[0].originals == {} and stacks[0].no_undo
     assert read_metadata(styled)["loras"] == [[str(lora), 0.5]]
     assert not np.array_equal(pixels(styled), pixels(out))
 
