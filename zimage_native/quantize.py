@@ -28,11 +28,25 @@ from torch import nn
 
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP = 128
+#: Rows quantised at a time: each row's codes depend on that row alone, so chunks give the same codes
+#: while the fp32 temporaries stay small (the whole 151936 x 2560 token embedding at once took 6x its
+#: bf16 bytes, 4.7 GB, on the device that quantises it).
+CHUNK_ROWS = 4096
+
+
+def _by_rows(fn, weight: torch.Tensor, *args) -> tuple[torch.Tensor, ...]:
+    """``fn`` (a per-row quantiser returning tensors with rows first) over chunks of rows, joined."""
+    parts = [fn(weight[i:i + CHUNK_ROWS], *args) for i in range(0, weight.shape[0], CHUNK_ROWS)]
+    return tuple(torch.cat(tensors) for tensors in zip(*parts))
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) -> int8 codes (N, K) and fp32 scales (N,), symmetric per row: w ~= q * scale."""
-    w = weight.detach().float()
+    return _by_rows(_int8_rows, weight.detach())
+
+
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = weight.float()
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
@@ -72,7 +86,12 @@ def int4_groups(weight: torch.Tensor, group_size: int, dtype: torch.dtype):
     if k % group_size or group_size % 2:
         raise ValueError(f"int4 needs the input features ({k}) to be a multiple of the group size "
                          f"({group_size}, even); this layer cannot be quantised to int4")
-    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    return _by_rows(_int4_groups, weight.detach(), group_size, dtype)
+
+
+def _int4_groups(weight: torch.Tensor, group_size: int, dtype: torch.dtype):
+    n, k = weight.shape
+    w = weight.float().reshape(n, k // group_size, group_size)
     low, high = w.amin(dim=2), w.amax(dim=2)
     scale = ((high - low) / 15.0).to(dtype).float()
     low = low.to(dtype).float()
@@ -139,8 +158,10 @@ def quantize_text_encoder(model: nn.Module, mode: str, device: torch.device | st
     """Quantise a (truncated) Qwen3 text encoder in place: every linear to ``mode`` ("int8" or
     "int4"), the token embedding to int8; norms are kept. Returns the model, on ``device``.
 
-    Each weight is moved to ``device`` and quantised there, one at a time, so a GPU never holds
-    more than the quantised model plus one full-precision weight. "none" only moves the model.
+    Each weight is moved to ``device`` and quantised there, one at a time and in chunks of
+    :data:`CHUNK_ROWS` rows, so a GPU never holds more than the quantised model plus one
+    full-precision weight and a chunk's temporaries; the replaced layer is dropped at once (the
+    caller must not keep the weights elsewhere). "none" only moves the model.
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"text encoder quantisation must be one of {QUANT_MODES}, got {mode!r}")
@@ -157,7 +178,8 @@ def quantize_text_encoder(model: nn.Module, mode: str, device: torch.device | st
             return Int8Linear.from_linear(module)
         return Int4Linear.from_linear(module, group_size)
 
-    for parent in list(model.modules()):
+    for path in [path for path, _ in model.named_modules()]:  # names, not modules: a replaced layer dies at once
+        parent = model.get_submodule(path)
         for name, child in list(parent.named_children()):
             if isinstance(child, (nn.Linear, nn.Embedding)):
                 setattr(parent, name, convert(child))

@@ -85,6 +85,7 @@ def load_truncated_qwen3(full, items: Iterable[tuple[str, torch.Tensor]], dtype:
     rotary = model.rotary_emb
     model.rotary_emb = None  # its inv_freq buffer is computed, not loaded: rebuild it below on the device
     assign_state_dict(model, state_dict, "text_encoder")
+    del state_dict  # the model holds the weights now: each one is freed as soon as it is quantised
     with torch.device(device):
         model.rotary_emb = type(rotary)(config=config)
     return quantize_text_encoder(model.eval().requires_grad_(False), quant, device)
