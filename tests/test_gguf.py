@@ -360,21 +360,36 @@ def test_a_cut_gguf_fails_in_one_line_naming_the_file(tmp_path, keep):
 # ----------------------------------------------------------------------------------- LoRA
 
 
+class LoraHolder:
+    """A GGUF test DiT with the pipeline's LoRA methods, its dequantised reference, and random LoRA
+    factors of ``std``."""
+
+    def __init__(self, tmp_path, qtype: str, seed: int, std: float):
+        from zimage_native.lora import LoraMixin
+
+        class Holder(LoraMixin):
+            def __init__(self, transformer):
+                self.transformer = transformer
+
+        path, self.reference = write_dit(tmp_path / f"{qtype}.gguf", qtype)
+        self.model = load_component("transformer", path, torch.float32, "cpu", config=AXES)
+        self.pipe, self.wrap = Holder(self.model), Holder
+        self.g, self.std = torch.Generator().manual_seed(seed), std
+
+    def r(self, *shape):
+        return torch.randn(*shape, generator=self.g) * self.std
+
+    def fused_reference(self, lora, scale):
+        """The DiT built from the dequantised weights with ``lora`` fused into them."""
+        ref = self.wrap(reference_dit(self.reference))
+        ref.load_lora(lora, scale=scale)
+        return ref.transformer
+
+
 def test_lora_on_a_gguf_dit_is_a_side_path_equal_to_the_fused_lora(tmp_path):
-    from zimage_native.lora import LoraMixin
-
-    class Holder(LoraMixin):
-        def __init__(self, transformer):
-            self.transformer = transformer
-
-    path, reference = write_dit(tmp_path / "q4k.gguf", "Q4_K")
-    model = load_component("transformer", path, torch.float32, "cpu", config=AXES)
-    g = torch.Generator().manual_seed(1)
+    held = LoraHolder(tmp_path, "Q4_K", 1, 0.02)
+    model, pipe, r = held.model, held.pipe, held.r
     dim, ffn = 768, 2048
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g) * 0.02
-
     lora = {
         # the original module tree's fused qkv (one A, B split by rows) on packed to_q/k/v
         "diffusion_model.layers.0.attention.qkv.lora_A.weight": r(4, dim),
@@ -392,14 +407,11 @@ def test_lora_on_a_gguf_dit_is_a_side_path_equal_to_the_fused_lora(tmp_path):
     }
     before = dit_output(model)
     packed_before = model.layers[0].attention.to_k.weight.clone()
-    pipe = Holder(model)
     report = pipe.load_lora(lora, scale=0.7)
     assert report.matched == 4 and report.weights == 6 and not report.unmatched
     assert torch.equal(model.layers[0].attention.to_k.weight, packed_before)  # the packed bytes are untouched
     assert len(model.layers[0].attention.to_k.lora) == 1 and len(model.layers[0].feed_forward.w2.lora) == 1
-    ref = Holder(reference_dit(reference))
-    ref.load_lora(lora, scale=0.7)  # fused into the dequantised weights
-    assert_rel(dit_output(model), dit_output(ref.transformer), 1e-6, "GGUF DiT + LoRA")
+    assert_rel(dit_output(model), dit_output(held.fused_reference(lora, 0.7)), 1e-6, "GGUF DiT + LoRA")
     assert pipe.unload_lora() == 6
     assert not model.layers[0].attention.to_k.lora
     assert torch.equal(dit_output(model), before)
@@ -410,20 +422,11 @@ def test_factored_lokr_and_loha_on_a_gguf_dit_stay_low_rank(tmp_path, caplog):
     (their exact factors: Kronecker mixed product, face-splitting product), a fraction of the dense
     delta's bytes, and give the output of the LoRA fused into the dequantised weights; a LoKr with
     a whole second factor has no smaller form and is logged with its bytes."""
-    from zimage_native.lora import LoraMixin, LoraModule
+    from zimage_native.lora import LoraModule
 
-    class Holder(LoraMixin):
-        def __init__(self, transformer):
-            self.transformer = transformer
-
-    path, reference = write_dit(tmp_path / "q8.gguf", "Q8_0")
-    model = load_component("transformer", path, torch.float32, "cpu", config=AXES)
-    g = torch.Generator().manual_seed(3)
+    held = LoraHolder(tmp_path, "Q8_0", 3, 0.05)
+    model, r = held.model, held.r
     dim, ffn = 768, 2048
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g) * 0.05
-
     lora = {
         "lycoris_layers_0_attention_to_q.lokr_w1": r(4, 4),  # W1 whole, W2 = U V of rank 4
         "lycoris_layers_0_attention_to_q.lokr_w2_a": r(dim // 4, 4),
@@ -440,7 +443,7 @@ def test_factored_lokr_and_loha_on_a_gguf_dit_stay_low_rank(tmp_path, caplog):
         "lycoris_layers_0_attention_to_v.lokr_w2": r(dim // 4, dim // 4),
     }
     with caplog.at_level("WARNING", logger="zimage_native.lora"):
-        report = Holder(model).load_lora(lora, scale=0.8)
+        report = held.pipe.load_lora(lora, scale=0.8)
     assert report.matched == 4 and not report.unmatched
     attention, w2 = model.layers[0].attention, model.layers[0].feed_forward.w2
     for layer in (attention.to_q, attention.to_k, w2):
@@ -449,9 +452,8 @@ def test_factored_lokr_and_loha_on_a_gguf_dit_stay_low_rank(tmp_path, caplog):
     (a, b, _), = attention.to_v.side_paths()
     assert b is None and a.shape == (dim, dim)
     assert "1 LoRA modules (full deltas or LoKr with a whole second factor) have no low-rank form" in caplog.text
-    ref = Holder(reference_dit(reference))
-    ref.load_lora(lora, scale=0.8)  # fused into the dequantised weights from the dense deltas
-    assert_rel(dit_output(model), dit_output(ref.transformer), 1e-6, "GGUF DiT + LoKr / LoHa side paths")
+    expected = dit_output(held.fused_reference(lora, 0.8))  # fused from the dense deltas
+    assert_rel(dit_output(model), expected, 1e-6, "GGUF DiT + LoKr / LoHa side paths")
     for key in ("lycoris_layers_0_attention_to_q", "lycoris_layers_0_feed_forward_w2", "lycoris_layers_0_attention_to_k"):
         tensors = {k.split(".", 1)[1]: v for k, v in lora.items() if k.startswith(key + ".")}
         module = LoraModule(key, None, tensors, [])
