@@ -2,9 +2,11 @@
 
 The path of every tensor: read (fp8 dequantised to fp32) -> canonical names (``keymap.to_canonical``)
 -> LoRA deltas added in fp32 -> destination layout (``keymap.from_canonical``) -> dtype cast or fp8
-quantisation -> shard buffer -> file. The same path runs first on meta tensors built from the
+quantisation -> file. The same path runs first on meta tensors built from the
 header alone, which gives the plan (keys, shapes, dtypes, sizes, shard assignment) that
-``--dry-run`` prints and the writer follows; only one shard is held in memory at a time.
+``--dry-run`` prints and the writer follows: each file's header is written from the plan first,
+then every tensor is converted, written at its offset and dropped (``streaming.SafetensorsWriter``),
+so about one tensor is held in memory at a time, whatever the size of a file.
 
 Layout changes with ``dtype='keep'`` are lossless: a round trip returns the same bytes.
 fp8 output is ComfyUI's "scaled fp8": block Linear weights in float8_e4m3fn with one fp32
@@ -26,14 +28,13 @@ from typing import Iterator, Sequence
 import torch
 
 from .keymap import KeyMap, from_canonical, keymap_for
+from .streaming import ST_DTYPES, SafetensorsWriter
 
 DTYPES = {"keep": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "fp8": torch.float8_e4m3fn,
           "float8_e4m3fn": torch.float8_e4m3fn}
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
-_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
-             torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_NAMES = ST_DTYPES  # torch dtype -> the safetensors spec's name (F32, BF16, F8_E4M3, ...)
 
 #: Canonical weights that the fp8 output quantises: the Linear layers of the repeated blocks.
 _FP8_TARGETS = {
@@ -189,7 +190,9 @@ def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | No
         if fp8 and pattern is not None and tensor.ndim == 2 and any(pattern.match(c) for c in dst.canonical_keys(key)):
             q, scale = quantize_fp8(tensor)
             yield key, q
+            del q  # not held while the next tensors are made (the writer streams them one at a time)
             yield key[: -len("weight")] + "scale_weight", scale
+            del scale
         elif fp8 and tensor.is_floating_point():
             yield key, tensor.to(torch.bfloat16)
         elif out_dtype is not None and tensor.is_floating_point():
@@ -367,33 +370,47 @@ def _umask() -> int:
 
 def _write(plan: Plan, folder: Path, ckpt, info, dst_km, out_dtype, baker, metadata) -> None:
     """Stream the converted tensors into the planned shards, under a progress bar in bytes (on a
-    terminal, for components of ``loading.PROGRESS_MIN_BYTES`` or more). The shards get the mode a
-    new file gets under the umask (safetensors writes them private, 0600)."""
-    from safetensors.torch import save_file
+    terminal, for components of ``loading.PROGRESS_MIN_BYTES`` or more). A shard's header is
+    written from the plan when its first tensor comes, and each tensor is written as it comes and
+    dropped: the memory held is about one tensor (and what the conversion of one tensor needs),
+    not a shard. The bytes are those ``safetensors.torch.save_file`` writes for the same tensors
+    (``streaming``). The shards get the mode a new file gets under the umask."""
     from tqdm.auto import tqdm
 
     from ..loading import PROGRESS_MIN_BYTES
 
     shard_of = {k: i for i, keys in enumerate(plan.shards) for k in keys}
     remaining = [len(keys) for keys in plan.shards]
-    buffers: list[dict[str, torch.Tensor]] = [{} for _ in plan.shards]
+    writers: dict[int, SafetensorsWriter] = {}  # the shards begun and not yet complete
     expected = {t.key: t for t in plan.tensors}
+    written: set[str] = set()
     total = plan.total_bytes
     file_mode = 0o666 & ~_umask()
     bar = tqdm(total=total, desc=f"converting {plan.component}", unit="B", unit_scale=True, leave=False,
                disable=True if total < PROGRESS_MIN_BYTES else None)
-    with bar:
-        for key, tensor in _stream(ckpt, info, dst_km, plan.component, out_dtype, baker, meta=False):
-            if key not in shard_of or tuple(tensor.shape) != expected[key].shape:
-                raise RuntimeError(f"conversion produced {key} {tuple(tensor.shape)}, which the plan does not have")
-            i = shard_of[key]
-            buffers[i][key] = tensor.contiguous()
-            bar.update(tensor.numel() * tensor.element_size())
-            remaining[i] -= 1
-            if remaining[i] == 0:
-                save_file(buffers[i], str(folder / plan.shard_files[i]), metadata=metadata)
-                os.chmod(folder / plan.shard_files[i], file_mode)
-                buffers[i] = {}
+    try:
+        with bar:
+            for key, tensor in _stream(ckpt, info, dst_km, plan.component, out_dtype, baker, meta=False):
+                want = expected.get(key)
+                if (want is None or key in written or tuple(tensor.shape) != want.shape
+                        or _ST_NAMES.get(tensor.dtype) != want.dtype):
+                    raise RuntimeError(f"conversion produced {key} {tuple(tensor.shape)} {tensor.dtype}, which "
+                                       f"the plan does not have")
+                i = shard_of[key]
+                if i not in writers:
+                    tensors = [(k, expected[k].dtype, expected[k].shape) for k in plan.shards[i]]
+                    writers[i] = SafetensorsWriter(folder / plan.shard_files[i], tensors, metadata)
+                writers[i].write(key, tensor)
+                written.add(key)
+                bar.update(tensor.numel() * tensor.element_size())
+                del tensor  # not held while the next one is made
+                remaining[i] -= 1
+                if remaining[i] == 0:
+                    writers.pop(i).close()
+                    os.chmod(folder / plan.shard_files[i], file_mode)
+    finally:
+        for w in writers.values():  # after an error: the caller removes the partial files
+            w.abort()
     if any(remaining):
         raise RuntimeError("conversion ended before every planned tensor was written")
 

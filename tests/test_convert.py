@@ -244,7 +244,7 @@ def test_outputs_get_the_umask_permissions(tiny_model_dir, tmp_path, umask_027):
 
 @pytest.mark.parametrize("dst", ["out.safetensors", "folder"])
 def test_failed_write_leaves_nothing_and_keeps_the_old_output(tiny_model_dir, tmp_path, monkeypatch, dst):
-    import safetensors.torch
+    from zimage_native.converters.streaming import SafetensorsWriter
 
     target = tmp_path / dst
     if dst == "folder":
@@ -252,13 +252,16 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_output(tiny_model_dir, tm
         (target / "old.txt").write_text("old")
     else:
         target.write_bytes(b"old")
+    write = SafetensorsWriter.write
+    calls = []
 
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
+    def broken(self, name, tensor):  # the disk fills up after the header and a few tensors
+        calls.append(name)
+        if len(calls) > 3:
+            raise OSError("disk full")
+        write(self, name, tensor)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(SafetensorsWriter, "write", broken)
     with pytest.raises(OSError, match="disk full"):
         convert_checkpoint(tiny_model_dir / "vae", target, "ldm", force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == [dst]

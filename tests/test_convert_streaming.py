@@ -1,17 +1,25 @@
-"""``converters/streaming.py``: safetensors files written one tensor at a time, with the same bytes
-as ``safetensors.torch.save_file`` for every dtype."""
+"""``zimage convert`` writes safetensors files one tensor at a time (``converters/streaming.py``):
+the same bytes as ``safetensors.torch.save_file`` for every dtype, the same files as the former
+write-a-whole-shard-with-save_file writer for every layout and dtype the convert tests cover, and
+at most a tensor or two of the output alive at once."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
+import weakref
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from zimage_native.converters import convert as conv
+from zimage_native.converters.convert import convert_checkpoint
+
+from .test_formats import TINY_AXES, comfy_dit, prefixed_te, to_fp8, write
 
 
 def _split(path) -> tuple[int, dict, bytes]:
@@ -107,3 +115,106 @@ def test_writer_refuses_what_the_plan_does_not_hold(tmp_path):
         w.write("a", torch.arange(6, dtype=torch.bfloat16).reshape(3, 2).t())
     out = load_file(tmp_path / "z.safetensors")
     assert torch.equal(out["a"], torch.arange(6, dtype=torch.bfloat16).reshape(3, 2).t()) and out["b"] == 2.5
+
+
+# ----------------------------------------------------------------------------------- old writer vs new
+
+
+def _old_write(plan, folder, ckpt, info, dst_km, out_dtype, baker, metadata):
+    """The former ``convert._write``: each shard collected in a dict, then ``save_file``."""
+    shard_of = {k: i for i, keys in enumerate(plan.shards) for k in keys}
+    remaining = [len(keys) for keys in plan.shards]
+    buffers = [{} for _ in plan.shards]
+    for key, tensor in conv._stream(ckpt, info, dst_km, plan.component, out_dtype, baker, meta=False):
+        i = shard_of[key]
+        buffers[i][key] = tensor.contiguous()
+        remaining[i] -= 1
+        if remaining[i] == 0:
+            save_file(buffers[i], str(folder / plan.shard_files[i]), metadata=metadata)
+            buffers[i] = {}
+    assert not any(remaining)
+
+
+def _lora_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = {"lora_unet_layers_0_attention_qkv.lora_down.weight": torch.randn(4, 64, generator=g) * 0.1,
+          "lora_unet_layers_0_attention_qkv.lora_up.weight": torch.randn(192, 4, generator=g) * 0.1,
+          "lora_unet_layers_0_attention_qkv.alpha": torch.tensor(2.0)}
+    return write(tmp_path / "lora.safetensors", sd)
+
+
+def _gguf_dit(tmp_path):
+    pytest.importorskip("gguf")
+    from .test_gguf import write_dit
+
+    mix = ("Q4_K", "Q6_K", "Q8_0", "F16")
+    return write_dit(tmp_path / "dit.gguf", lambda name, i: mix[i % 4])[0]
+
+
+CASES = {  # name: (source, destination, layout, options)
+    "dit-comfyui-keep": (lambda d, t: d / "transformer", "o.safetensors", "comfyui", {}),
+    "dit-comfyui-bf16": (lambda d, t: d / "transformer", "o.safetensors", "comfyui", {"dtype": "bf16"}),
+    "dit-comfyui-fp16": (lambda d, t: d / "transformer", "o.safetensors", "comfyui", {"dtype": "fp16"}),
+    "dit-comfyui-fp8": (lambda d, t: d / "transformer", "o.safetensors", "comfyui", {"dtype": "fp8"}),
+    "dit-fused-bf16": (lambda d, t: d / "transformer", "o.safetensors", "native-fused", {"dtype": "bf16"}),
+    "dit-sharded": (lambda d, t: d / "transformer", "o", "comfyui", {"shard_size": "100KB"}),
+    "dit-diffusers-folder": (lambda d, t: write(t / "c.safetensors", comfy_dit(d)), "o", "diffusers",
+                             {"config": TINY_AXES, "dtype": "bf16"}),
+    "dit-fp8-source-fp32": (lambda d, t: write(t / "f8.safetensors", to_fp8(comfy_dit(d, "", norm_final=False),
+                                                                             True)[0]),
+                            "o.safetensors", "diffusers", {"dtype": "fp32"}),
+    "dit-lora-fp8": (lambda d, t: d / "transformer", "o.safetensors", "comfyui",
+                     {"dtype": "fp8", "loras": lambda t: [(str(_lora_file(t)), 0.7)]}),
+    "dit-gguf-bf16": (lambda d, t: _gguf_dit(t), "o.safetensors", "comfyui", {"dtype": "bf16"}),
+    "vae-ldm": (lambda d, t: d / "vae", "o.safetensors", "ldm", {}),
+    "vae-diffusers-fp16": (lambda d, t: d / "vae", "o", "diffusers", {"dtype": "fp16"}),
+    "te-comfyui-fp8": (lambda d, t: write(t / "te.safetensors", prefixed_te(d, lm_head=False)), "o.safetensors",
+                       "bare", {"dtype": "fp8"}),
+    "te-transformers-keep": (lambda d, t: d / "text_encoder", "o.safetensors", "transformers", {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_streamed_files_equal_the_former_writers(tiny_model_dir, tmp_path, monkeypatch, case):
+    source, dst, layout, options = CASES[case]
+    options = dict(options)
+    if "loras" in options:
+        options["loras"] = options["loras"](tmp_path)
+    src = source(tiny_model_dir, tmp_path)
+    new_plan = convert_checkpoint(src, tmp_path / "new" / dst, layout, **options)
+    monkeypatch.setattr(conv, "_write", _old_write)
+    old_plan = convert_checkpoint(src, tmp_path / "old" / dst, layout, **options)
+    assert new_plan.shard_files == old_plan.shard_files
+    new_dir, old_dir = (tmp_path / "new" / dst, tmp_path / "old" / dst) if new_plan.folder else (
+        tmp_path / "new", tmp_path / "old")
+    assert sorted(os.listdir(new_dir)) == sorted(os.listdir(old_dir))
+    for name in new_plan.shard_files:
+        assert_same_file(new_dir / name, old_dir / name)
+
+
+# ----------------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("dst, options", [("bf16.safetensors", {"dtype": "bf16"}),
+                                          ("fp8.safetensors", {"dtype": "fp8"}),
+                                          ("keep.safetensors", {}),
+                                          ("sharded", {"shard_size": "300KB"})])
+def test_at_most_two_output_tensors_are_alive_at_once(tiny_model_dir, tmp_path, monkeypatch, dst, options):
+    """Every tensor the conversion makes is watched (a weakref): when the next one is made, at most
+    one made before it may still be alive. The former writer kept a whole shard (here the whole
+    file, 60-odd tensors) alive until ``save_file``."""
+    stream = conv._stream
+    alive_peak = [0]
+    made = []
+
+    def watched(*args, meta, **kwargs):
+        for key, tensor in stream(*args, meta=meta, **kwargs):
+            if not meta:
+                made.append(weakref.ref(tensor))
+                alive_peak[0] = max(alive_peak[0], sum(r() is not None for r in made))
+            yield key, tensor
+
+    monkeypatch.setattr(conv, "_stream", watched)
+    plan = convert_checkpoint(tiny_model_dir / "transformer", tmp_path / dst, "comfyui", **options)
+    assert len(made) == len(plan.tensors) > 60
+    assert alive_peak[0] <= 2, f"{alive_peak[0]} of {len(made)} output tensors alive at once"
