@@ -112,8 +112,12 @@ def test_integer_arrays_16_bit_and_palette_images_read_as_their_pixels():
     expected = preprocess_image(pixels.astype(np.float32) / 255)
     assert torch.equal(preprocess_image(pixels), expected)
     assert torch.equal(preprocess_image(torch.from_numpy(pixels).permute(2, 0, 1)[None]), expected)
+    assert torch.equal(preprocess_image(pixels.astype(np.uint16) * 257), expected)  # 16 bits
     with pytest.raises(ValueError, match="divide by 255"):
         preprocess_image(pixels.astype(np.float32))
+    with pytest.raises(ValueError, match="integer images must be uint8"):  # int64 0-255 would read as black
+        preprocess_image(pixels.astype(np.int64))
+    assert float(preprocess_image(torch.ones(1, 3, 16, 16, dtype=torch.bool)).min()) == 1.0  # bool: 0/1
     depth = np.linspace(0, 65535, 32 * 48).reshape(32, 48).astype(np.uint16)
     grey = preprocess_image(Image.fromarray(depth))
     assert grey.shape == (1, 3, 32, 48) and torch.equal(grey[:, 0], grey[:, 2])

@@ -637,6 +637,20 @@ def test_a_damaged_history_database_is_refused_in_one_line_before_the_model_load
     Storage(data).close()  # a missing history is a new one
 
 
+@pytest.mark.parametrize("name", ["run#2", "what?", "100%25"])
+def test_a_history_in_a_folder_with_uri_characters_is_read_where_it_is(tmp_path, name):
+    """The read-only check opens the database by URI: '#', '?' and '%' in the folder's path are
+    escaped (they cut the path short: a valid history was refused, or a stray empty database was
+    created beside the folder and checked instead)."""
+    from zimage_native.server.storage import Storage, check_history
+
+    data = tmp_path / name
+    Storage(data).close()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    check_history(data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before == [name]
+
+
 def test_fake_server_keeps_its_own_history_folder(tmp_path, monkeypatch):
     from zimage_native.cli.serve import build_settings, default_options
 

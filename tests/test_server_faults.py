@@ -228,12 +228,15 @@ def test_remote_encoder_failures_are_502_or_503_with_their_message(tmp_path, cas
 
 # ------------------------------------------------------------------------------ 5. a remote encoder that hangs
 class Silent:
-    """A TCP server that accepts connections and reads requests but never answers."""
+    """A TCP server that accepts connections and reads requests but never answers (or, given
+    ``first``, sends those bytes at once and then nothing: a reader then blocks inside the answer,
+    as behind TLS 1.3, whose session tickets make the socket readable before any answer)."""
 
-    def __init__(self):
+    def __init__(self, first: bytes = b""):
         import socket
         import threading
 
+        self.first = first
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -248,6 +251,8 @@ class Silent:
             except OSError:
                 return
             self.connections.append(conn)
+            if self.first:
+                conn.sendall(self.first)
 
     def close(self):
         self.sock.close()
@@ -288,6 +293,22 @@ def test_cancel_stops_a_job_waiting_for_a_hanging_remote_encoder(tmp_path, silen
         assert client.post(f"/api/v1/jobs/{job['id']}/cancel").json()["cancel_requested"] is True
         last = follow(client, job["events_url"], timeout=10)[-1]
         assert last.type == "cancelled" and time.monotonic() - t0 < 5
+
+
+def test_an_abort_ends_a_read_already_blocked_inside_the_answer():
+    """A cancel reaches a call whose socket has data but no whole answer (TLS 1.3's tickets, or a
+    half-sent status line): waiting for the socket to be readable did not see it (the call hung
+    for the whole --encoder-timeout); the socket is now shut down under the blocked read."""
+    from zimage_native.server.remote import RemoteCallAborted, abort_when
+
+    server = Silent(first=b"HTTP/1.1 2")
+    try:
+        remote, t0 = hanging_remote(server.url, timeout=30), time.monotonic()
+        with abort_when(lambda: time.monotonic() - t0 > 0.5), pytest.raises(RemoteCallAborted, match="given up"):
+            remote.encode(["a cat"])
+        assert time.monotonic() - t0 < 5
+    finally:
+        server.close()
 
 
 def test_the_job_timeout_stops_the_wait_for_a_hanging_remote_encoder(tmp_path, silent):

@@ -208,6 +208,9 @@ def test_chunked_quantisation_gives_the_same_codes(monkeypatch, mode):
     monkeypatch.setattr(q, "CHUNK_ROWS", 3)
     chunked = run()
     assert len(chunked) == len(whole) and all(torch.equal(a, b) for a, b in zip(chunked, whole))
+    empty = weight[:0]  # no rows: empty codes and scales, as one pass gives
+    assert [t.shape[0] for t in (q.int8_rows(empty) if mode == "int8" else q.int4_groups(empty, 128, torch.bfloat16))] \
+        == [0] * len(whole)
 
 
 def test_loading_a_quantised_encoder_frees_each_full_precision_weight_once_quantised(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """Image inputs and outputs, as diffusers' image processor handles them.
 
 Inputs (``image``, ``mask_image``, ``control_image``) may be PIL images, numpy arrays (H, W, C) in
-[0, 1] (integer images, such as ``np.asarray(pil)``'s uint8, are scaled from their type's range),
+[0, 1] (uint8 and uint16 images, such as ``np.asarray(pil)``'s, are scaled from their type's range;
+mask arrays are binarised as they are),
 torch tensors (B, C, H, W) in [0, 1], or lists of one kind. PIL images are resized with
 Lanczos, arrays and tensors with nearest interpolation; sizes round down to the latent grid.
 """
@@ -65,10 +66,8 @@ def preprocess_image(image, width: int | None = None, height: int | None = None,
         h, w = _target_size((batch[0].height, batch[0].width), width, height, multiple)
         arrays = [_pil_rgb(i, w, h) for i in batch]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
-    if kind == "np":
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32) / _integer_top(batch.dtype))
-    else:
-        x = batch.float() / (torch.iinfo(batch.dtype).max if not batch.dtype.is_floating_point else 1)
+    x = torch.from_numpy(np.ascontiguousarray(batch)) if kind == "np" else batch
+    x = x.float() / _white(x.dtype)
     if kind == "np" and x.ndim == 4:
         x = x.permute(0, 3, 1, 2)
     if x.ndim != 4 or x.shape[1] != 3:
@@ -84,10 +83,20 @@ def preprocess_image(image, width: int | None = None, height: int | None = None,
     return x * 2.0 - 1.0
 
 
-def _integer_top(dtype) -> float:
-    """The value that means white in an array of this dtype: 255 for uint8 (an image read with
-    ``np.asarray(pil)``), 65535 for uint16, 1 for floats."""
-    return float(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 1.0
+#: What white is in an integer image: uint8 (``np.asarray(pil)``) and uint16 (16-bit PNGs); bool is 0/1.
+WHITE = {torch.uint8: 255.0, torch.uint16: 65535.0, torch.bool: 1.0} if hasattr(torch, "uint16") else \
+    {torch.uint8: 255.0, torch.bool: 1.0}
+
+
+def _white(dtype: torch.dtype) -> float:
+    """The value that means white in an image of this dtype (floats: 1); other integer types are
+    refused, since their range says nothing (0-255 values in int64 would otherwise read as black)."""
+    if dtype.is_floating_point:
+        return 1.0
+    if dtype not in WHITE:
+        raise ValueError(f"integer images must be uint8 (0-255) or uint16 (0-65535), got {dtype}: convert them "
+                         f"(.astype(np.uint8)) or give floats in [0, 1]")
+    return WHITE[dtype]
 
 
 def _pil_rgb(image, w: int, h: int) -> np.ndarray:

@@ -36,6 +36,8 @@ CHUNK_ROWS = 4096
 
 def _by_rows(fn, weight: torch.Tensor, *args) -> tuple[torch.Tensor, ...]:
     """``fn`` (a per-row quantiser returning tensors with rows first) over chunks of rows, joined."""
+    if weight.shape[0] <= CHUNK_ROWS:
+        return fn(weight, *args)
     parts = [fn(weight[i:i + CHUNK_ROWS], *args) for i in range(0, weight.shape[0], CHUNK_ROWS)]
     return tuple(torch.cat(tensors) for tensors in zip(*parts))
 
@@ -160,8 +162,9 @@ def quantize_text_encoder(model: nn.Module, mode: str, device: torch.device | st
 
     Each weight is moved to ``device`` and quantised there, one at a time and in chunks of
     :data:`CHUNK_ROWS` rows, so a GPU never holds more than the quantised model plus one
-    full-precision weight and a chunk's temporaries; the replaced layer is dropped at once (the
-    caller must not keep the weights elsewhere). "none" only moves the model.
+    module's full-precision weights and a chunk's temporaries; the replaced layers of one module (an
+    attention's q, k, v, o) are dropped once that module is done (the caller must not keep the
+    weights elsewhere). "none" only moves the model.
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"text encoder quantisation must be one of {QUANT_MODES}, got {mode!r}")

@@ -32,9 +32,8 @@ import contextlib
 import functools
 import http.client
 import json
-import select
+import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from typing import Any, Callable, Iterator
@@ -122,26 +121,12 @@ def abort_when(check: Callable[[], bool]) -> Iterator[None]:
         _abort.check = previous
 
 
-def _wait_for_answer(sock, timeout: float | None, abort: Callable[[], bool] | None) -> None:
-    """Until ``sock`` has something to read: raises TimeoutError after ``timeout`` seconds and
-    RemoteCallAborted once ``abort()`` is true."""
-    if abort is None:
-        return  # the socket's own timeout applies
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        if abort():
-            raise RemoteCallAborted("the request to the text encoder was given up (the job was cancelled or "
-                                    "ran past its time limit)")
-        wait = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
-        if wait <= 0:
-            raise TimeoutError("timed out")
-        if select.select([sock], [], [], wait)[0]:
-            return
-
-
 class _ConnectionMixin:
     """An HTTP(S) connection whose connect has its own (short) timeout, then ``read_timeout`` for the
-    answer, which an abort check may cut short."""
+    answer, which an ``abort`` check may cut short: a watcher thread asks it a few times a second
+    while the answer is awaited and, once it is true, shuts the socket down, which ends the blocked
+    read at once (plain or TLS alike; waiting for the socket to become readable instead is fooled
+    by TLS 1.3's session tickets, which arrive before any answer)."""
 
     def __init__(self, *args, read_timeout: float | None = None, abort=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -153,8 +138,30 @@ class _ConnectionMixin:
         self.sock.settimeout(self.read_timeout)
 
     def getresponse(self):
-        _wait_for_answer(self.sock, self.read_timeout, self.abort)
-        return super().getresponse()
+        if self.abort is None:
+            return super().getresponse()
+        done, aborted, sock = threading.Event(), threading.Event(), self.sock
+
+        def watch() -> None:
+            while not done.wait(0.2):
+                if self.abort():
+                    aborted.set()
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                    return
+
+        watcher = threading.Thread(target=watch, name="zimage-encoder-abort", daemon=True)
+        watcher.start()
+        try:
+            return super().getresponse()
+        except (OSError, http.client.HTTPException):
+            if aborted.is_set():
+                raise RemoteCallAborted("the request to the text encoder was given up (the job was cancelled or "
+                                        "ran past its time limit)") from None
+            raise
+        finally:
+            done.set()
+            watcher.join()
 
 
 class _HTTPConnection(_ConnectionMixin, http.client.HTTPConnection):

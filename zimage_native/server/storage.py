@@ -127,7 +127,7 @@ def check_history(root: str | os.PathLike) -> None:
     if not path.is_file():
         return
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)  # as_uri: '#', '?', '%' escaped
         try:
             problem = db.execute("PRAGMA quick_check").fetchone()[0]
         finally:
