@@ -419,9 +419,10 @@ def test_lora_on_a_gguf_dit_is_a_side_path_equal_to_the_fused_lora(tmp_path):
 
 def test_factored_lokr_and_loha_on_a_gguf_dit_stay_low_rank(tmp_path, caplog):
     """A LoKr with a low-rank second factor and a LoHa keep low-rank side paths on packed layers
-    (their exact factors: Kronecker mixed product, face-splitting product), a fraction of the dense
-    delta's bytes, and give the output of the LoRA fused into the dequantised weights; a LoKr with
-    a whole second factor has no smaller form and is logged with its bytes."""
+    (their exact factors: Kronecker mixed product, face-splitting product), a LoKr with a whole
+    second factor a Kronecker side path of its two factors, each a fraction of the dense delta's
+    bytes, and all give the output of the LoRA fused into the dequantised weights; a full delta
+    has no smaller form and is logged with its bytes."""
     from zimage_native.lora import LoraModule
 
     held = LoraHolder(tmp_path, "Q8_0", 3, 0.05)
@@ -439,19 +440,28 @@ def test_factored_lokr_and_loha_on_a_gguf_dit_stay_low_rank(tmp_path, caplog):
         "lycoris_layers_0_attention_to_k.hada_w1_a": r(dim, 4), "lycoris_layers_0_attention_to_k.hada_w1_b": r(4, dim),
         "lycoris_layers_0_attention_to_k.hada_w2_a": r(dim, 4), "lycoris_layers_0_attention_to_k.hada_w2_b": r(4, dim),
         "lycoris_layers_0_attention_to_k.alpha": torch.tensor(8.0),
-        "lycoris_layers_0_attention_to_v.lokr_w1": r(4, 4),  # a whole W2: dense, and said so
+        "lycoris_layers_0_attention_to_v.lokr_w1": r(4, 4),  # a whole W2: W1 kron W2 from the factors
         "lycoris_layers_0_attention_to_v.lokr_w2": r(dim // 4, dim // 4),
+        "lycoris_layers_0_attention_to_v.alpha": torch.tensor(3.0),
+        "lycoris_layers_0_attention_to_out_0.diff": r(dim, dim),  # a full delta: dense, and said so
+        # a whole-W2 LoKr on the original tree's fused qkv: W1's rows split over the packed q, k, v
+        "diffusion_model.noise_refiner.0.attention.qkv.lokr_w1": r(6, 4),
+        "diffusion_model.noise_refiner.0.attention.qkv.lokr_w2": r(dim // 2, dim // 4),
     }
     with caplog.at_level("WARNING", logger="zimage_native.lora"):
         report = held.pipe.load_lora(lora, scale=0.8)
-    assert report.matched == 4 and not report.unmatched
+    assert report.matched == 6 and not report.unmatched
+    for name in ("to_q", "to_k", "to_v"):
+        (w1, w2, _, kron), = getattr(model.noise_refiner[0].attention, name).side_paths()
+        assert kron and w1.shape == (2, 4) and w2.shape == (dim // 2, dim // 4)
     attention, w2 = model.layers[0].attention, model.layers[0].feed_forward.w2
-    for layer in (attention.to_q, attention.to_k, w2):
-        (a, b, _), = layer.side_paths()
+    for layer in (attention.to_q, attention.to_k, w2, attention.to_v):
+        (a, b, _, kron), = layer.side_paths()
+        assert kron == (layer is attention.to_v), layer
         assert b is not None and (a.numel() + b.numel()) * 4 < layer.out_features * layer.in_features, layer
-    (a, b, _), = attention.to_v.side_paths()
-    assert b is None and a.shape == (dim, dim)
-    assert "1 LoRA modules (full deltas or LoKr with a whole second factor) have no low-rank form" in caplog.text
+    (a, b, _, kron), = attention.to_out[0].side_paths()
+    assert b is None and not kron and a.shape == (dim, dim)
+    assert "1 LoRA modules (full deltas) have no smaller form" in caplog.text
     expected = dit_output(held.fused_reference(lora, 0.8))  # fused from the dense deltas
     assert_rel(dit_output(model), expected, 1e-6, "GGUF DiT + LoKr / LoHa side paths")
     for key in ("lycoris_layers_0_attention_to_q", "lycoris_layers_0_feed_forward_w2", "lycoris_layers_0_attention_to_k"):
@@ -473,19 +483,24 @@ def test_lora_side_paths_move_with_their_layer_in_the_compute_dtype():
     layer.bias.copy_(torch.randn(8))
     keys = set(layer.state_dict())
     layer.add_lora(torch.randn(4, 256), torch.randn(8, 4), 0.5)
-    layer.add_lora(torch.randn(8, 256), None, 0.25)  # a dense delta (LoKr / LoHa)
+    layer.add_lora(torch.randn(8, 256), None, 0.25)  # a dense delta (a full-delta module)
+    layer.add_lora(torch.randn(2, 16), torch.randn(4, 16), 0.75, kron=True)  # a LoKr's W1 kron W2
     x = torch.randn(2, 256)
-    (a, b, _), (d, _, _) = layer.side_paths()
-    expected = torch.nn.functional.linear(x, layer.dequantize(), layer.bias) + 0.5 * (x @ a.T @ b.T) + 0.25 * (x @ d.T)
+    (a, b, _, _), (d, _, _, _), (w1, w2, _, kron) = layer.side_paths()
+    assert kron
+    expected = (torch.nn.functional.linear(x, layer.dequantize(), layer.bias) + 0.5 * (x @ a.T @ b.T)
+                + 0.25 * (x @ d.T) + 0.75 * (x @ torch.kron(w1, w2).T))
     assert_rel(layer(x), expected, 1e-6, "GGUFLinear with side paths")
     assert set(layer.state_dict()) == keys
-    assert {id(t) for t in (a, b, d)} <= {id(t) for t in _streamed_tensors(layer, ())}
+    assert {id(t) for t in (a, b, d, w1, w2)} <= {id(t) for t in _streamed_tensors(layer, ())}
+    with pytest.raises(ValueError, match="side path of shape"):
+        layer.add_lora(torch.randn(2, 16), torch.randn(4, 8), 0.75, kron=True)  # 8 x 128 is not 8 x 256
     layer.to("meta")  # meta stands for the GPU
-    assert all(t.device.type == "meta" for t, _, _ in layer.side_paths())
+    assert all(p.a.device.type == "meta" for p in layer.side_paths())
     assert layer(x.to("meta")).device.type == "meta"
     half = GGUFLinear(256, 8, "Q8_0", dtype=torch.bfloat16)
     half.add_lora(torch.randn(4, 256), torch.randn(8, 4), 0.5, torch.bfloat16)
-    (a, b, _), = half.side_paths()
+    (a, b, _, _), = half.side_paths()
     assert a.dtype == b.dtype == torch.bfloat16
     assert half.clear_lora() == 1 and not half.side_paths() and not dict(half.named_buffers()).keys() - {"weight"}
 

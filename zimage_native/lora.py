@@ -276,6 +276,19 @@ class LoraModule:
             return None  # the dense delta is smaller
         return down, up * self.alpha_scale
 
+    def kron_factors(self, rows: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(W1, W2) in fp32 with ``kron(W1, W2)`` equal to :meth:`delta` (alpha/rank in W2), for a
+        LoKr with a whole second factor, whose delta has no smaller low-rank form but is held by
+        these two small matrices; None for other modules, or where a split of the output ``rows``
+        (a fused target's layers) does not fall on whole rows of W1."""
+        t = self.tensors
+        if self.kind != "lokr" or "lokr_w2" not in t:
+            return None
+        w2 = t["lokr_w2"].float().flatten(1) * self.alpha_scale
+        if rows is not None and any(n % w2.shape[0] for n in rows):
+            return None
+        return _factor(t, "lokr_w1_a", "lokr_w1_b", "lokr_w1"), w2
+
     def delta(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The unscaled update dW (fp32, (out, in)) times alpha/rank."""
         t = {k: v.to(device) if device is not None else v for k, v in self.tensors.items()}
@@ -586,32 +599,34 @@ def add_lora_side_paths_(layers: Mapping[str, nn.Module], modules: Sequence[Lora
                          dtype: torch.dtype | None = None) -> int:
     """Apply LoRA modules unfused, as side paths of packed (GGUF, kept fp8) linears whose weights
     cannot be rewritten: ``y += scale * (x A^T) B^T`` with B carrying alpha/rank, from the module's
-    low-rank :meth:`LoraModule.factors` (a LoRA, a LoKr with a low-rank second factor, a LoHa), or
-    ``y += scale * x dW^T`` where the dense delta is smaller (a full delta, a LoKr with a whole
-    second factor: those cost the full weight's size in ``dtype``, which is logged). A fused target
-    (``attention.qkv``) shares A and splits B by rows. A and B are computed in fp32 and kept in
-    ``dtype`` (the model's compute dtype, which a forward would cast them to). Returns the layers
-    changed."""
+    low-rank :meth:`LoraModule.factors` (a LoRA, a LoKr with a low-rank second factor, a LoHa);
+    ``y += scale * (W1 kron W2) x`` from the two factors of a LoKr with a whole second factor; or
+    ``y += scale * x dW^T`` (a full delta: the full weight's size in ``dtype``, which is logged). A
+    fused target (``attention.qkv``) shares A and splits B (or W1) by rows. The factors are computed
+    in fp32 and kept in ``dtype`` (the model's compute dtype, which a forward would cast them to).
+    Returns the layers changed."""
     changed, dense, dense_bytes = 0, 0, 0
     with torch.no_grad():
         for module in modules:
             targets = [layers[m] for m in module.target.modules]
             rows = [layer.out_features for layer in targets]
-            factors = module.factors()
+            factors, kron = module.factors(), module.kron_factors(rows)
             if factors is not None:
                 down, up = factors
-                parts = [(down, b) for b in up.split(rows, dim=0)]
+                parts = [(down, b, False) for b in up.split(rows, dim=0)]
+            elif kron is not None:
+                w1, w2 = kron
+                parts = [(part, w2, True) for part in w1.split([n // w2.shape[0] for n in rows], dim=0)]
             else:
-                parts = [(d, None) for d in module.delta().split(rows, dim=0)]
+                parts = [(d, None, False) for d in module.delta().split(rows, dim=0)]
                 dense += 1
-            for layer, (a, b) in zip(targets, parts):
-                layer.add_lora(a, b, scale, dtype)
-                dense_bytes += 0 if b is not None else a.numel() * torch.finfo(dtype or a.dtype).bits // 8
+                dense_bytes += sum(d.numel() for d, _, _ in parts) * torch.finfo(dtype or torch.float32).bits // 8
+            for layer, (a, b, is_kron) in zip(targets, parts):
+                layer.add_lora(a, b, scale, dtype, kron=is_kron)
                 changed += 1
     if dense:
-        logger.warning("%d LoRA modules (full deltas or LoKr with a whole second factor) have no low-rank form: they "
-                       "are kept beside the quantised weights as dense side paths, %.2f GB in all (a low-VRAM run may "
-                       "not fit; a LoRA of low rank, LoHa or a LoKr with factored w2 stays small)", dense,
+        logger.warning("%d LoRA modules (full deltas) have no smaller form: they are kept beside the quantised "
+                       "weights as dense side paths, %.2f GB in all (a low-VRAM run may not fit)", dense,
                        dense_bytes / 1e9)
     return changed
 

@@ -12,9 +12,10 @@ dequantises them per forward exactly as loading would have (fp8 -> fp32, times t
 input dtype): the same results as the upcast weights, at about half of their bf16 bytes. Both are
 :class:`PackedLinear` s.
 
-A LoRA on such a layer is applied unfused, as a low-rank side path ``y += s * (x A^T) B^T`` (or a
-dense delta for LoKr / LoHa / full-delta modules): the packed weights are never rewritten, and
-removing the LoRA removes the side paths. A and B are non-persistent buffers of the layer, in the
+A LoRA on such a layer is applied unfused, as a low-rank side path ``y += s * (x A^T) B^T``, a
+Kronecker one ``y += s * (W1 kron W2) x`` (a LoKr whose second factor is whole: computed from the
+two small factors, never formed), or a dense delta (full-delta modules): the packed weights are
+never rewritten, and removing the LoRA removes the side paths. A and B are non-persistent buffers of the layer, in the
 model's compute dtype: every placement (``Module.to``, ``--offload model``, the streamed blocks
 of ``--offload blocks``) moves them with the layer, and a forward neither casts nor copies them.
 
@@ -28,12 +29,35 @@ module never imports Triton.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .formats.fp8 import dequantize_rows
 from .formats.ggml import dequantize, row_bytes, type_name
+
+
+class SidePath(NamedTuple):
+    """One LoRA side path of a packed linear: ``scale * B A x`` (``b`` None: ``a`` is the dense
+    delta), or with ``kron`` ``scale * (A kron B) x`` (A (p, q) and B (c, d), p c x q d the layer)."""
+
+    a: torch.Tensor
+    b: torch.Tensor | None
+    scale: float
+    kron: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a.to(x.dtype)  # no-ops in the compute dtype they are kept in
+        if self.kron:  # (A kron B) x = vec(A X B^T) for x's (q, d) reshape
+            q, d = a.shape[1], self.b.shape[1]
+            t = torch.matmul(x.reshape(*x.shape[:-1], q, d), self.b.to(x.dtype).t())  # (..., q, c)
+            return self.scale * torch.matmul(a, t).flatten(-2)  # (..., p, c) -> (..., p c)
+        side = F.linear(x, a)
+        if self.b is not None:
+            side = F.linear(side, self.b.to(x.dtype))
+        return self.scale * side
 
 
 class PackedLinear(nn.Module):
@@ -47,7 +71,7 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype),
                                  requires_grad=False) if bias else None
-        self.lora: list[tuple[str, str | None, float]] = []  # buffer names of (A, B or None), scale
+        self.lora: list[tuple[str, str | None, float, bool]] = []  # buffer names of (A, B or None), scale, kron
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (out_features, in_features) in ``dtype`` (without any LoRA)."""
@@ -56,20 +80,22 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = F.linear(x, self.dequantize(x.dtype), bias)
-        for a, b, scale in self.side_paths():
-            side = F.linear(x, a.to(x.dtype))  # no-ops in the compute dtype they are kept in
-            if b is not None:
-                side = F.linear(side, b.to(x.dtype))
-            y = y + scale * side
+        for side in self.side_paths():
+            y = y + side(x)
         return y
 
     # ---------------------------------------------------------------- LoRA side paths
-    def add_lora(self, a: torch.Tensor, b: torch.Tensor | None, scale: float, dtype: torch.dtype | None = None) -> None:
-        """Add ``scale * B A`` (``b`` None: ``a`` is a dense (out, in) delta) as a side path, kept on
-        the layer's device in ``dtype`` (the model's compute dtype; default: as given)."""
-        rows = a.shape[0] if b is None else b.shape[0]
-        if rows != self.out_features or a.shape[1] != self.in_features:
-            raise ValueError(f"LoRA side path of shape ({rows}, {a.shape[1]}) for a layer of shape "
+    def add_lora(self, a: torch.Tensor, b: torch.Tensor | None, scale: float, dtype: torch.dtype | None = None,
+                 kron: bool = False) -> None:
+        """Add ``scale * B A`` (``b`` None: ``a`` is a dense (out, in) delta), or with ``kron``
+        ``scale * (A kron B)``, as a side path, kept on the layer's device in ``dtype`` (the model's
+        compute dtype; default: as given)."""
+        if kron:
+            rows, cols = a.shape[0] * b.shape[0], a.shape[1] * b.shape[1]
+        else:
+            rows, cols = (a.shape[0] if b is None else b.shape[0]), a.shape[1]
+        if rows != self.out_features or cols != self.in_features:
+            raise ValueError(f"LoRA side path of shape ({rows}, {cols}) for a layer of shape "
                              f"({self.out_features}, {self.in_features})")
         names = []
         for part, tensor in (("a", a), ("b", b)):
@@ -79,15 +105,15 @@ class PackedLinear(nn.Module):
             name = f"lora_{part}{len(self.lora)}"
             self.register_buffer(name, tensor.detach().to(self.weight.device, dtype or tensor.dtype), persistent=False)
             names.append(name)
-        self.lora.append((names[0], names[1], float(scale)))
+        self.lora.append((names[0], names[1], float(scale), kron))
 
-    def side_paths(self) -> list[tuple[torch.Tensor, torch.Tensor | None, float]]:
-        """The LoRA side paths as (A, B or None, scale)."""
-        return [(getattr(self, a), None if b is None else getattr(self, b), s) for a, b, s in self.lora]
+    def side_paths(self) -> list[SidePath]:
+        """The LoRA side paths."""
+        return [SidePath(getattr(self, a), None if b is None else getattr(self, b), s, k) for a, b, s, k in self.lora]
 
     def clear_lora(self) -> int:
         n = len(self.lora)
-        for a, b, _ in self.lora:
+        for a, b, _, _ in self.lora:
             delattr(self, a)
             if b is not None:
                 delattr(self, b)
