@@ -660,6 +660,28 @@ def test_bench_optional_steps_fail_or_skip_without_losing_the_verdicts(tmp_path,
         assert "compile (regional)" not in [r["rung"] for r in saved["rows"]]
 
 
+@needs_cpu_fp8
+def test_bench_short_budget_skips_the_vae_rung_and_keeps_the_fp8_checks(tmp_path):
+    """The +vae rung (not judged; a cold compile of the whole decoder) is skipped when the budget is
+    short, and the +fp8 rung after it runs without the VAE compile, so the judged fp8 checks run."""
+    import json
+
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    args = [*BENCH_DRY[:BENCH_DRY.index("--rungs")], "--rungs", "eager", "--rungs", "vae", "--rungs", "fp8", "--check"]
+    result = CliRunner().invoke(main, [*args, "--budget-s", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    verdict_lines = [line for line in result.output.splitlines() if line.startswith(("PASS", "FAIL"))]
+    assert len(verdict_lines) == 3 and all(line.startswith("PASS") for line in verdict_lines), verdict_lines
+    rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    ours = {r["rung"]: r for r in rows if r["engine"] == "zimage-native"}
+    assert set(ours) == {"eager", "+fp8"}
+    assert not any(note.startswith("vae decode: compiled") for note in ours["+fp8"]["notes"]), ours["+fp8"]["notes"]
+    assert any(note.startswith("+vae: skipped (") for r in rows for note in r["notes"])
+
+
 def test_bench_skips_the_default_rungs_that_cannot_run_and_refuses_named_ones(tmp_path, monkeypatch):
     """Checked before any timing: the default ladder on the CPU keeps eager and says why each other rung
     is left out; a rung named with --rungs that cannot run is a one-line error. A rung refused by a
