@@ -22,7 +22,7 @@ import platform
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -651,7 +651,7 @@ def ladder(pipe, full_qwen=None, sizes=(1024,), steps: int = 8, repeats: int = 3
     without_vae = False
     for index, rung in enumerate(rungs):
         if without_vae:
-            rung = Rung(rung.name, rung.kernels, rung.compile, rung.cuda_graphs, False, rung.fp8)
+            rung = replace(rung, vae_compile=False)
         elif rung.vae_compile and not budget.allows_optional():
             # Not judged, and a cold Inductor compile of the whole decoder: with the budget short, the
             # rungs after it run without it, so that the judged fp8 checks still fit.
