@@ -407,3 +407,43 @@ def test_pipelines_bound_sdpa_where_it_has_its_math_path_only(tiny_model_dir, ti
     monkeypatch.undo()
     pipe.to("cpu")
     assert all(m.attn_fn is sdpa_reference for m in modules)
+
+
+@pytest.mark.parametrize("asked", ["flash_attn_2", "auto on a T4", "kernels", "fp8 on a T4"])
+def test_an_offloaded_dit_is_accelerated_for_the_gpu_it_runs_on(tiny_model_dir, monkeypatch, asked):
+    """With offload="model" the DiT's weights rest in CPU memory and run on the GPU: the checks and
+    choices of pipe.optimize are made for that GPU (stood in for by mocks), not for the CPU where
+    the weights are between runs (they refused FlashAttention and the kernels as "on cpu", chose
+    SDPA for "auto" without bounding it on a T4, and checked fp8 against the CPU's scaled_mm)."""
+    from types import SimpleNamespace
+
+    from zimage_native import ZImagePipeline
+    from zimage_native.accel import AccelerationUnavailable
+    from zimage_native.accel import fp8 as fp8_module
+    from zimage_native.accel import fused_ops
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
+    pipe.placement["transformer"], pipe.offload = CUDA, "model"  # as from_pretrained(device="cuda", offload="model")
+    modules = ab.dit_attention_modules(pipe.transformer)
+    if asked == "flash_attn_2":
+        mock_environment(monkeypatch, ("flash_attn_2",), (8, 6))
+        sentinel = object()
+        monkeypatch.setitem(ab.FACTORIES, "flash_attn_2", lambda: sentinel)
+        assert pipe.optimize(attention="flash_attn_2") == ["attention backend: flash_attn_2"]
+        assert all(m.attn_fn is sentinel for m in modules)
+    elif asked == "auto on a T4":  # bfloat16 below sm80: SDPA has its math path only, bounded
+        mock_environment(monkeypatch, (), (7, 5))
+        lines = pipe.optimize(attention="auto")
+        assert lines[0].startswith("attention backend: auto -> sdpa") and "on cpu" not in lines[0]
+        assert all(m.attn_fn is ab.bounded_sdpa for m in modules)
+    elif asked == "kernels":  # a GPU build of the kernels (not the interpreter), never run here
+        built = SimpleNamespace(INTERPRETED=False, DEQUANT_TYPES=())
+        monkeypatch.setattr(fused_ops, "load_kernels", lambda: built)
+        mock_environment(monkeypatch, (), (9, 0))
+        assert any("zimage::rms_norm" in line for line in pipe.optimize(kernels="triton"))
+    else:
+        monkeypatch.setattr(fp8_module, "cpu_rowwise_scaled_mm", lambda: True)  # the CPU could run it
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+        with pytest.raises(AccelerationUnavailable, match="Tesla T4 is sm75"):
+            pipe.optimize(fp8=True)

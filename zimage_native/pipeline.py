@@ -325,7 +325,8 @@ class ZImagePipeline:
         backend, shapes = self._compile_options
         blocks = self.offload == "blocks"  # then the branch's blocks are streamed like the DiT's
         accel = dict(kernels=state["kernels"], attention=state["attention"], fp8=state["fp8"],
-                     compile=state["compile"], compile_backend=backend, shapes=shapes, fuse=not blocks)
+                     compile=state["compile"], compile_backend=backend, shapes=shapes, fuse=not blocks,
+                     device=self.device)  # where it runs (with offload="model" it rests in CPU memory)
         device = torch.device("cpu") if blocks else self.transformer.x_pad_token.device
         model = self.controlnets.load(path, config, transformer_config=self.transformer_config, dtype=self.dtype,
                                       device=device, accel=accel)
@@ -524,6 +525,7 @@ class ZImagePipeline:
                     fp8_fast_accum=fp8_fast_accum,
                     shapes=shapes,
                     fuse=self.offload != "blocks",  # streamed blocks keep q|k|v and w1|w3 apart
+                    device=self.device,  # where it runs: with offload="model" its weights rest in CPU memory
                 )
                 lines += applied if model is self.transformer else [f"ControlNet: {line}" for line in applied]
         if changes.get("cuda_graphs"):

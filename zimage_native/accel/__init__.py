@@ -46,7 +46,7 @@ __all__ = [
 
 def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sdpa", fp8: bool = False,
              compile: str = "off", compile_backend: str | object = "inductor", fp8_fast_accum: bool = True,
-             shapes: str = "dynamic", fuse: bool = True) -> list[str]:
+             shapes: str = "dynamic", fuse: bool = True, device: str | torch.device | None = None) -> list[str]:
     """Apply, in order, the GEMM fusions, the kernel swaps, fp8, the attention backend and
     torch.compile in place.
 
@@ -60,34 +60,38 @@ def optimize(transformer: nn.Module, kernels: str = "none", attention: str = "sd
     so fp8 quantises one activation once per fusion (``fuse=False`` leaves them apart: streamed
     blocks, whose copies would carry the fused buffer and its views twice). fp8 always comes before
     compile; its activations are quantised by the Triton kernel where :func:`fp8_quantize_kernel` says.
+    ``device``: where the model runs, when its weights rest elsewhere between runs (a pipeline with
+    offload="model" keeps them in CPU memory and runs them on its GPU): the checks and choices are
+    made for that device. None: the block streamer's device, else where the weights are.
     Returns the log lines, which are also logged once at INFO. Every argument is checked before
     the model is touched.
     """
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"unknown kernels {kernels!r}; choose one of {list(KERNEL_CHOICES)}")
     canonical_name(attention)  # an unknown name fails first
+    device = _device(transformer, device)
     if kernels == "triton":
-        check_kernels_can_run(transformer)
+        check_kernels_can_run(transformer, device)
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {list(COMPILE_MODES)}, got {compile!r}")
     if shapes not in SHAPE_POLICIES:
         raise ValueError(f"shapes must be one of {list(SHAPE_POLICIES)}, got {shapes!r}")
     if compile != "off":
-        check_compile_supported(transformer, compile_backend)
+        check_compile_supported(transformer, compile_backend, device=device)
     if fp8:
-        check_fp8_supported(transformer)
-    check_attention_backend(transformer, attention)  # all checked before anything is swapped
+        check_fp8_supported(transformer, device)
+    check_attention_backend(transformer, attention, device)  # all checked before anything is swapped
     lines = []
     if (kernels == "triton" or fp8) and fuse:
         qkv, ffn = fuse_projections_(transformer)
         if qkv or ffn:
             lines.append(f"fused GEMMs: q|k|v in {qkv} attention modules, w1|w3 in {ffn} feed-forwards")
     if kernels == "triton":
-        lines += use_fused_kernels(transformer)
+        lines += use_fused_kernels(transformer, device)
     if fp8:
         lines.append(quantize_fp8_(transformer, fast_accum=fp8_fast_accum,
-                                   kernels=fp8_quantize_kernel(kernels, compile, _device(transformer))))
-    lines.append(set_attention_backend(transformer, attention))
+                                   kernels=fp8_quantize_kernel(kernels, compile, device), device=device))
+    lines.append(set_attention_backend(transformer, attention, device))
     if compile != "off":
         lines.append(compile_transformer_(transformer, compile, compile_backend, shapes))
     for line in lines:
@@ -123,7 +127,14 @@ def quantizer_problem(device: torch.device) -> str | None:
     return None
 
 
-def _device(model: nn.Module) -> torch.device:
+def _device(model: nn.Module, device: str | torch.device | None = None) -> torch.device:
+    """Where ``model`` runs: ``device`` if given, else its block streamer's device (offload="blocks"),
+    else where its weights are."""
+    if device is not None:
+        return torch.device(device)
+    streamer = getattr(model, "block_streamer", None)
+    if streamer is not None:
+        return streamer.device
     param = next(model.parameters(), None)
     return torch.device("cpu") if param is None else param.device
 

@@ -302,8 +302,10 @@ def dit_attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, Attention)]
 
 
-def check_attention_backend(model: nn.Module, name: str = "sdpa") -> tuple[str, str]:
-    """Resolve ``name`` for this model's device, dtype and head dim without changing the model.
+def check_attention_backend(model: nn.Module, name: str = "sdpa",
+                            device: torch.device | None = None) -> tuple[str, str]:
+    """Resolve ``name`` for this model's device (``device``: where it runs, if not where its weights
+    are, see :func:`_run_device`), dtype and head dim without changing the model.
 
     Returns (backend, log line); raises RuntimeError when an explicitly named backend cannot run.
     """
@@ -312,22 +314,26 @@ def check_attention_backend(model: nn.Module, name: str = "sdpa") -> tuple[str, 
         raise ValueError(f"{type(model).__name__} has no DiT attention modules to set a backend on")
     head_dim = modules[0].to_q.weight.shape[0] // modules[0].n_heads
     # The compute dtype from the q norm: to_q.weight may be packed GGUF bytes (uint8) or fp8.
-    backend, line = resolve_backend(name, _run_device(model), modules[0].norm_q.weight.dtype, head_dim)
+    backend, line = resolve_backend(name, _run_device(model, device), modules[0].norm_q.weight.dtype, head_dim)
     return backend, line + NOTES.get(backend, "")
 
 
-def _run_device(model: nn.Module) -> torch.device:
-    """Where the DiT's attention runs: with offload="blocks" the block weights rest on the CPU and
-    run on the streamer's device."""
+def _run_device(model: nn.Module, device: torch.device | None = None) -> torch.device:
+    """Where the DiT's attention runs: ``device`` if given (a pipeline with offload="model" keeps the
+    weights in CPU memory between runs and runs them on its GPU); with offload="blocks" the block
+    weights rest on the CPU and run on the streamer's device; else where the weights are."""
+    if device is not None:
+        return torch.device(device)
     streamer = getattr(model, "block_streamer", None)
     return streamer.device if streamer is not None else dit_attention_modules(model)[0].norm_q.weight.device
 
 
-def set_attention_backend(model: nn.Module, name: str = "sdpa") -> str:
-    """Check and install backend ``name`` on every DiT attention module; returns the log line."""
-    backend, line = check_attention_backend(model, name)
+def set_attention_backend(model: nn.Module, name: str = "sdpa", device: torch.device | None = None) -> str:
+    """Check and install backend ``name`` on every DiT attention module, for the device it runs on
+    (``device``, see :func:`_run_device`); returns the log line."""
+    backend, line = check_attention_backend(model, name, device)
     fn = FACTORIES[backend]()
     for module in dit_attention_modules(model):
         module.attn_fn = fn
-    bounded = fit_sdpa_(model, _run_device(model)) if backend == "sdpa" else None
+    bounded = fit_sdpa_(model, _run_device(model, device)) if backend == "sdpa" else None
     return line + (f"; {bounded}" if bounded else "")

@@ -228,22 +228,25 @@ def gpu_compile_problem(capability: tuple[int, int], name: str, dtypes: set[torc
             f"without compile on this GPU (CUDA graphs and the Triton kernels still apply)")
 
 
-def check_compile_supported(model: nn.Module, backend: str | object, what: str = "the DiT") -> None:
+def check_compile_supported(model: nn.Module, backend: str | object, what: str = "the DiT",
+                            device: torch.device | None = None) -> None:
     """Raise :class:`AccelerationUnavailable` where the inductor backend would not compile: without
     Triton, which inductor writes its CUDA kernels in (it would fail at the first call, after the
-    weights are loaded), or where it would silently skip the model's graphs."""
+    weights are loaded), or where it would silently skip the model's graphs. ``device``: where the
+    model runs (None: where its weights are)."""
     from ._kernels import AccelerationUnavailable, triton_unavailable_reason
 
     param = next(model.parameters(), None)
-    if backend != "inductor" or param is None or param.device.type != "cuda":
+    device = torch.device(device) if device is not None else param.device if param is not None else None
+    if backend != "inductor" or param is None or device.type != "cuda":
         return
     triton = triton_unavailable_reason()
     if triton:
         raise AccelerationUnavailable(f"torch.compile (inductor) writes its CUDA kernels in Triton, and {triton}; "
                                       f"or run without compile")
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    problem = gpu_compile_problem(torch.cuda.get_device_capability(param.device),
-                                  torch.cuda.get_device_name(param.device), dtypes, what)
+    problem = gpu_compile_problem(torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device),
+                                  dtypes, what)
     if problem:
         raise AccelerationUnavailable(problem)
 

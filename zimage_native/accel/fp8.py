@@ -61,19 +61,20 @@ def cpu_rowwise_scaled_mm() -> bool:
     return True
 
 
-def check_fp8_supported(model: nn.Module) -> None:
+def check_fp8_supported(model: nn.Module, device: torch.device | None = None) -> None:
     """fp8 GEMMs need fp8 tensor cores on a GPU (sm89+) and a bfloat16 DiT there; the CPU path (for
-    tests and dry runs) needs a PyTorch whose CPU ``_scaled_mm`` takes per-row scales. Raises clearly."""
+    tests and dry runs) needs a PyTorch whose CPU ``_scaled_mm`` takes per-row scales. ``device``:
+    where the model runs (None: where its weights are). Raises clearly."""
     param = next(model.parameters(), None)
     if param is None:
         return
-    if param.device.type == "cpu" and cpu_fp8_problem():
+    device = torch.device(device) if device is not None else param.device
+    if device.type == "cpu" and cpu_fp8_problem():
         raise AccelerationUnavailable(cpu_fp8_problem())
-    if param.device.type != "cuda":
+    if device.type != "cuda":
         return
     dtypes = {m.weight.dtype for name, m in model.named_modules() if type(m) is nn.Linear and _in_block(name)}
-    problem = gpu_fp8_problem(torch.cuda.get_device_capability(param.device), torch.cuda.get_device_name(param.device),
-                              dtypes)
+    problem = gpu_fp8_problem(torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device), dtypes)
     if problem:
         raise AccelerationUnavailable(problem)
 
@@ -175,18 +176,20 @@ def _eligible(module: nn.Module) -> bool:
     return module.in_features % 16 == 0 and module.out_features % 16 == 0  # _scaled_mm needs multiples of 16
 
 
-def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool = False) -> str:
+def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool = False,
+                  device: torch.device | None = None) -> str:
     """Replace the blocks' linears (and fused GEMMs) by :class:`Float8Linear` in place; returns the log line.
 
     A fused GEMM (``accel.fusions.FusedLinear``), or the q|k|v / w1|w3 of an fp8 file's kept layers,
     becomes one fp8 matrix and the linears it fuses become fp8 views of it (see :func:`_fusions`).
-    ``kernels=True`` quantises activations with the Triton kernel.
+    ``kernels=True`` quantises activations with the Triton kernel (on ``device``, where the model
+    runs; None: where its weights are).
     """
     quantize = quantize_rows
     if kernels:
         from .fused_ops import check_kernels_can_run
 
-        check_kernels_can_run(transformer)
+        check_kernels_can_run(transformer, device)
         quantize = torch.ops.zimage.quantize_fp8_rows
     options = dict(fast_accum=fast_accum, quantize=quantize)
     converted = kept = fused = 0

@@ -99,24 +99,27 @@ def count_fused(model: nn.Module) -> dict[str, tuple[int, int]]:
             for leaf, (twin, _) in TWINS.items()}
 
 
-def check_kernels_can_run(model: nn.Module) -> None:
-    """Import the kernels (registering the ops) and check the model's device; raises RuntimeError."""
+def check_kernels_can_run(model: nn.Module, device: torch.device | None = None) -> None:
+    """Import the kernels (registering the ops) and check the device the model runs on (``device``;
+    None: where its weights are); raises RuntimeError."""
     kernels = load_kernels()
     param = next(model.parameters(), None)
-    if param is not None and param.device.type != "cuda" and not kernels.INTERPRETED:
+    device = torch.device(device) if device is not None else param.device if param is not None else None
+    if device is not None and device.type != "cuda" and not kernels.INTERPRETED:
         raise AccelerationUnavailable(
-            f"kernels='triton' runs on a CUDA (or ROCm) GPU, but the transformer is on {param.device}; use "
+            f"kernels='triton' runs on a CUDA (or ROCm) GPU, but the transformer is on {device}; use "
             "kernels='none' there (TRITON_INTERPRET=1 runs the kernels on the CPU, slowly, for tests)"
         )
 
 
-def use_fused_kernels(model: nn.Module) -> list[str]:
+def use_fused_kernels(model: nn.Module, device: torch.device | None = None) -> list[str]:
     """Swap every leaf for its Triton twin in place; returns one log line per leaf type.
 
-    Raises RuntimeError (before touching the model) when Triton is missing, or when the model is
-    not on a CUDA device and the kernels were not built by the CPU interpreter.
+    Raises RuntimeError (before touching the model) when Triton is missing, or when the model does
+    not run on a CUDA device (``device``; None: where its weights are) and the kernels were not built
+    by the CPU interpreter.
     """
-    check_kernels_can_run(model)
+    check_kernels_can_run(model, device)
     for leaf in TWINS:
         swap_leaf_(model, leaf)
     counts = count_fused(model)
