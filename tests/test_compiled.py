@@ -92,6 +92,29 @@ def graphed(pipe, frozen: bool = True, **kwargs) -> tuple[GraphedSampler, FakeGr
     return pipe._graphed, fake
 
 
+def test_captured_graphs_refuse_a_placement_they_cannot_follow(fresh_pipe, monkeypatch):
+    """A graph replays the DiT's weights at the addresses it was captured with: offloaded, the DiT is
+    copied to the GPU anew on every visit (offload.visit) and those copies are freed after the run,
+    so enable_model_cpu_offload() after cuda_graphs would replay freed memory; pipe.to("cpu") would
+    leave a CUDA-graph sampler over a CPU model. Both are refused before anything moves."""
+    import zimage_native.pipeline as pipeline_module
+
+    sampler, _ = graphed(fresh_pipe)
+    fresh_pipe("a cat", **KW)
+    assert sampler.captures == 1
+    monkeypatch.setattr(pipeline_module, "resolve_device", lambda device: torch.device("cuda"))  # a GPU here
+    with pytest.raises(ValueError, match="needs the DiT to stay on the GPU.*CUDA graphs are on"):
+        fresh_pipe.enable_model_cpu_offload()
+    assert fresh_pipe.offload == "none" and fresh_pipe.placement["transformer"] == torch.device("cpu")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="needs the DiT on a CUDA device.*CUDA graphs are on"):
+        fresh_pipe.to("cpu")
+    fresh_pipe._graphed = None  # without graphs both are fine
+    fresh_pipe.to("cpu")
+    fresh_pipe.enable_model_cpu_offload(device="cpu")
+    assert fresh_pipe.offload == "model"
+
+
 @pytest.mark.parametrize("mode", ["step", "loop"])
 def test_graphed_sampler_replays_equal_eager_and_keys_without_guidance(fresh_pipe, tiny_pipe, mode):
     sampler, _ = graphed(fresh_pipe, mode=mode)

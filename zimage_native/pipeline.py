@@ -367,6 +367,7 @@ class ZImagePipeline:
         from .offload import move_
 
         device = resolve_device(device)
+        self._check_graphs_fit(device, "none")
         for name in ("text_encoder", "transformer", "vae"):
             module = self._module(name)
             if module is not None:  # a remote text encoder stays where it is
@@ -390,6 +391,7 @@ class ZImagePipeline:
         if self.offload == "blocks":
             raise ValueError("the DiT's blocks are already streamed (offload='blocks'); load it again with "
                              "offload='model'")
+        self._check_graphs_fit(device, "model")
         self.placement = dict.fromkeys(self.placement, device)
         self.offload = "model"
         for name in ("text_encoder", "transformer", "vae"):
@@ -400,6 +402,17 @@ class ZImagePipeline:
         self.prompt_cache.clear()
         if self._graphed is not None:
             self._graphed.clear()
+
+    def _check_graphs_fit(self, device: torch.device, offload: str) -> None:
+        """Refuse a placement that captured CUDA graphs cannot follow: a graph replays the weights at
+        the addresses it was captured with, and an offloaded DiT is copied to the GPU anew on every
+        visit (and freed after it), a DiT on the CPU has no graph to replay."""
+        from .accel.cuda_graphs import graphs_problem
+
+        problem = graphs_problem(device, offload) if self._graphed is not None else None
+        if problem:
+            raise ValueError(f"{problem}; CUDA graphs are on (cuda_graphs=True): load the pipeline again without "
+                             f"them to place it so")
 
     def enable_sequential_cpu_offload(self, *args, **kwargs) -> None:
         """diffusers' lowest-memory offload. Here it is chosen when loading, as ``offload="blocks"``
