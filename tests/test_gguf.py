@@ -229,6 +229,21 @@ def test_attention_backend_sees_the_compute_dtype_and_device_of_a_packed_or_stre
     assert seen[-1] == (torch.device("cuda", 0), torch.bfloat16, 128)
 
 
+def test_fp8_on_a_gguf_dit_is_refused_before_anything_changes(tmp_path):
+    """fp8 converts nn.Linear (and an fp8 file's) layers; a GGUF DiT's packed block linears have no fp8
+    form, so fp8=True converted none of them and the DiT ran as without it (one INFO line: "0 linears in
+    float8"). It is refused by name, before the fusions or any other transform touch the model."""
+    from zimage_native.accel import AccelerationUnavailable, optimize
+    from zimage_native.accel.fusions import FusedLinear
+
+    path, _ = write_dit(tmp_path / "mixed.gguf", lambda name, i: ("Q8_0", "Q4_K")[i % 2])
+    model = load_component("transformer", path, torch.bfloat16, "cpu", config=AXES)
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(AccelerationUnavailable, match=r"GGUF-packed \(\d+ Q4_K, \d+ Q8_0\).*Run without fp8"):
+        optimize(model, fp8=True, kernels="none")
+    assert [type(m) for m in model.modules()] == before and FusedLinear not in before
+
+
 def test_without_a_dtype_a_mixed_file_loads_in_one_compute_dtype(tmp_path):
     # Real GGUF files mix F32 norms, F16 / BF16 unquantised weights and packed ones: with dtype=None
     # the float tensors must not keep their file dtypes (fp32 activations meet bf16 weights).

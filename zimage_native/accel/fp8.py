@@ -32,7 +32,7 @@ from torch import nn
 
 from ..model.layers import FeedForward
 from ..model.transformer import Attention
-from ..quant_linear import FP8StoredLinear
+from ..quant_linear import FP8StoredLinear, GGUFLinear
 from ._kernels import AccelerationUnavailable
 from .fusions import FusedLinear
 
@@ -68,6 +68,9 @@ def check_fp8_supported(model: nn.Module, device: torch.device | None = None) ->
     param = next(model.parameters(), None)
     if param is None:
         return
+    packed = gguf_problem(model)
+    if packed:
+        raise AccelerationUnavailable(packed)
     device = torch.device(device) if device is not None else param.device
     if device.type == "cpu" and cpu_fp8_problem():
         raise AccelerationUnavailable(cpu_fp8_problem())
@@ -77,6 +80,22 @@ def check_fp8_supported(model: nn.Module, device: torch.device | None = None) ->
     problem = gpu_fp8_problem(torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device), dtypes)
     if problem:
         raise AccelerationUnavailable(problem)
+
+
+def gguf_problem(model: nn.Module) -> str | None:
+    """Why fp8 would change nothing in this DiT (None if it converts its blocks): GGUF-packed block
+    linears (``quant_linear.GGUFLinear``) have no fp8 form here, so they would stay packed and run as
+    without fp8, silently."""
+    packed: dict[str, int] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, GGUFLinear) and _in_block(name):
+            packed[m.qtype] = packed.get(m.qtype, 0) + 1
+    if not packed:
+        return None
+    types = ", ".join(f"{n} {qtype}" for qtype, n in sorted(packed.items()))
+    return (f"fp8 converts the blocks' bf16, fp16 or fp32 linears (or an fp8 file's); this DiT's block linears are "
+            f"GGUF-packed ({types}) and would run as they do without fp8. Run without fp8 (the GGUF file already "
+            f"keeps the DiT small), or load a bf16 or fp8 DiT to use fp8")
 
 
 def cpu_fp8_problem() -> str | None:
