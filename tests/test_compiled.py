@@ -507,6 +507,11 @@ def test_from_pretrained_checks_the_accelerations_before_reading_weights(tiny_mo
     # Triton's CPU interpreter: test_kernels_* do)
     with pytest.raises(ValueError, match="compile must be one of"):
         ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", compile="fast")
+    with pytest.raises(RuntimeError, match="'flash_attn_3' is not available: needs a CUDA GPU"):
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", attention="flash_attn_3")
+    monkeypatch.setenv("ZIMAGE_ATTENTION", "xformers")  # the backend named by the environment too
+    with pytest.raises(RuntimeError, match="'xformers' is not available: needs a CUDA GPU"):
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu")
     monkeypatch.setattr(_kernels.importlib.util, "find_spec", lambda name, *a: None)
     check_before_loading("cpu", "auto", compile="blocks", vae_compile=True)  # on the CPU: C++ kernels, no Triton
 

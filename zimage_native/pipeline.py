@@ -285,13 +285,13 @@ class ZImagePipeline:
         dtype = _dtype_argument(dtype, load.pop("torch_dtype", None))
         pop_diffusers_options(load)
         check_variant(variant)  # before a download: diffusers' variant="fp16" means something else
+        attention = attention or attention_from_env()
         check_before_loading(load.get("dit_device") or device, dtype, load.get("offload", "none"), kernels=kernels,
-                             compile=compile, fp8=fp8, cuda_graphs=cuda_graphs)
+                             compile=compile, fp8=fp8, cuda_graphs=cuda_graphs, attention=attention)
         pipe = cls(**load_pretrained(path_or_id, device, dtype, **load), variant=variant)
         if variant is None:
             logger.info("variant %s (defaults: %s)", pipe.variant, pipe.defaults)
-        pipe.optimize(kernels=kernels, attention=attention or attention_from_env(), compile=compile,
-                      cuda_graphs=cuda_graphs, fp8=fp8)
+        pipe.optimize(kernels=kernels, attention=attention, compile=compile, cuda_graphs=cuda_graphs, fp8=fp8)
         return pipe
 
     @classmethod
