@@ -84,6 +84,23 @@ def test_prompt_embeds_match_diffusers(tiny_pipe, reference_pipe):
         tiny_pipe("a cat", prompt_embeds=embeds, **kw)
 
 
+def test_prompt_embeds_of_the_wrong_form_are_refused_by_name(tiny_pipe):
+    """A (B, L, D) tensor (other pipelines' form) and features of another width are refused before
+    any model runs, naming the argument, for the negative embeddings too (they crashed inside the
+    run: "Boolean value of Tensor ... is ambiguous", a shape mismatch in the DiT)."""
+    embeds = tiny_pipe.encode_prompt(["a cat"])
+    kw = dict(height=32, width=32, num_inference_steps=1, output_type="latent")
+    with pytest.raises(ValueError, match=r"prompt_embeds must be a list .* shape \(1, \d+, 48\).*list\(tensor\)"):
+        tiny_pipe(prompt_embeds=embeds[0][None], guidance_scale=0.0, **kw)
+    with pytest.raises(ValueError, match="negative_prompt_embeds must be a list"):
+        tiny_pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds[0][None], guidance_scale=2.0, **kw)
+    with pytest.raises(ValueError, match="prompt_embeds hold 7 features per token, the DiT takes 48"):
+        tiny_pipe(prompt_embeds=[torch.randn(5, 7)], guidance_scale=0.0, **kw)
+    with pytest.raises(ValueError, match="negative_prompt_embeds hold 7 features"):
+        tiny_pipe("a cat", negative_prompt_embeds=[torch.randn(5, 7)], guidance_scale=2.0, **kw)
+    assert tiny_pipe(prompt_embeds=list(embeds[0][None]), guidance_scale=0.0, **kw).images.shape == (1, 16, 4, 4)
+
+
 def test_callback_on_step_end_reads_and_replaces_latents_like_diffusers(tiny_pipe, reference_pipe):
     def make_callback(seen):
         def callback(pipe, i, t, tensors):

@@ -546,9 +546,7 @@ def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator
     if prompt_embeds is not None:
         if prompts:
             raise ValueError("give either prompt or prompt_embeds, not both")
-        if not isinstance(prompt_embeds, (list, tuple)) or not prompt_embeds or \
-                not all(isinstance(e, torch.Tensor) and e.ndim == 2 for e in prompt_embeds):
-            raise ValueError("prompt_embeds must be a non-empty list of (tokens, features) tensors, one per prompt")
+        check_embeds("prompt_embeds", prompt_embeds)
     elif not prompts:
         raise ValueError("prompt must be a non-empty string or a non-empty list of strings")
     if not all(isinstance(p, str) for p in prompts):
@@ -572,6 +570,24 @@ def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator
         raise ValueError(f"cfg_normalization must be >= 0 (a multiple of the positive prediction's norm; 0 = off), "
                          f"got {cfg_normalization}")
     return prompts
+
+
+def check_embeds(name: str, embeds, width: int | None = None) -> None:
+    """``prompt_embeds`` / ``negative_prompt_embeds``: a non-empty list of (tokens, features) tensors,
+    one per prompt, as ``encode_prompt`` returns them (real tokens only, each its own length);
+    ``width``: the features the DiT takes (``cap_feat_dim``). A (B, L, D) tensor is refused, not
+    split: other pipelines pad their rows, and pad rows read as tokens would change the image."""
+    if isinstance(embeds, torch.Tensor):
+        raise ValueError(f"{name} must be a list of (tokens, features) tensors, one per prompt, got one tensor of "
+                         f"shape {tuple(embeds.shape)}; pipe.encode_prompt(prompts) gives such a list (for a "
+                         f"(B, L, D) tensor whose rows are all real tokens, pass list(tensor))")
+    if not isinstance(embeds, (list, tuple)) or not embeds or \
+            not all(isinstance(e, torch.Tensor) and e.ndim == 2 for e in embeds):
+        raise ValueError(f"{name} must be a non-empty list of (tokens, features) tensors, one per prompt")
+    wrong = sorted({e.shape[1] for e in embeds} - {width}) if width is not None else []
+    if wrong:
+        raise ValueError(f"{name} hold {wrong[0]} features per token, the DiT takes {width} (Qwen3's hidden "
+                         f"size): encode them with this pipeline's text encoder (pipe.encode_prompt)")
 
 
 def check_seeds(seeds) -> list[int] | None:
@@ -603,6 +619,10 @@ def check_size_fits(width: int, height: int, axes_lens, multiple: int = 16) -> N
 def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[str, Any]]:
     """Fill unset settings (task inputs, template suggestions, variant defaults) and check
     everything, before any model runs. Returns (resolved request, task, task inputs)."""
+    width = pipe.transformer_config.cap_feat_dim
+    for name in ("prompt_embeds", "negative_prompt_embeds"):  # before r.n counts them
+        if getattr(r, name) is not None:
+            check_embeds(name, getattr(r, name), width)
     task = get_task(task_name(r))
     inputs, w, h = task.read(pipe, r)
     suggested = dict(getattr(pipe._template(r.template), "settings", None) or {})
