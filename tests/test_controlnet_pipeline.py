@@ -119,6 +119,10 @@ def test_images_per_prompt_and_one_control_image_per_prompt(control_pipe, contro
     assert rel_err(without, expected) > 1e-3
     zero = control_pipe(["a cat", LONG], seed=0, controlnet_conditioning_scale=0.0, **kw).images
     assert torch.equal(zero, without)
+    # a numpy scale (a sweep over np.linspace, an array's float32) is taken as its value
+    half = control_pipe(["a cat", LONG], seed=0, controlnet_conditioning_scale=0.5, **kw).images
+    scaled = control_pipe(["a cat", LONG], seed=0, controlnet_conditioning_scale=np.float32(0.5), **kw).images
+    assert torch.equal(scaled, half)
 
 
 INPAINT_CASES = [

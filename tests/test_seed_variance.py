@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,6 +102,9 @@ def test_off_is_the_plain_run_and_bad_values_are_refused(pipe):
                             ({"seed_variance": 5.0, "seed_variance_steps": 1.5}, "seed_variance_steps")):
         with pytest.raises(ValueError, match=message):
             pipe("a cat", seed=1, **kwargs, **KW)
+    # numpy's float32 is a number too (it was refused as "must be a finite number")
+    as_numpy = {k: np.float32(v) for k, v in VAR.items()}
+    assert torch.equal(pipe("a cat", seed=1, **as_numpy, **KW).images, pipe("a cat", seed=1, **VAR, **KW).images)
 
 
 @pytest.mark.parametrize("mode", ["step", "loop"])

@@ -31,6 +31,7 @@ branch is built from the DiT's block, so kernel, attention and fp8 swaps apply u
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -173,7 +174,8 @@ class ControlInput:
 
 
 def check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+    """The conditioning scale as a float: any real number (numpy's float32 too), finite, not a bool."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not np.isfinite(scale):
         raise ValueError(f"controlnet_conditioning_scale must be a finite number, got {scale!r}")
     return float(scale)
 

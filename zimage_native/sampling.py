@@ -510,7 +510,7 @@ VARIANCE_SEED_OFFSET = 0x9E3779B97F4A7C15
 def check_seed_variance(amount, share, steps) -> None:
     """Refuse seed-variance settings out of range (ValueError naming the argument)."""
     for name, value in (("seed_variance", amount), ("seed_variance_share", share), ("seed_variance_steps", steps)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if amount < 0:
         raise ValueError(f"seed_variance must be >= 0 (0 turns it off), got {amount}")
