@@ -146,6 +146,36 @@ def test_given_start_latents_match_diffusers(tiny_pipe, reference_inpaint, refer
         tiny_pipe.img2img("a cat", image, latents=start[..., :2], num_inference_steps=2)
 
 
+def test_callback_on_step_end_reads_and_replaces_the_mask_like_diffusers(tiny_pipe, reference_inpaint):
+    """diffusers' inpainting gives its callback the latent-grid mask and takes a new one, which the
+    blends of the later steps use (it was refused as a tensor input here); keys it cannot replace
+    are refused, not ignored."""
+    image, mask = make_image(64, 48), make_mask(64, 48)
+
+    def make_callback(seen):
+        def callback(pipe, i, t, tensors):
+            seen.append(tuple(tensors["mask"].shape))
+            return {"mask": torch.ones_like(tensors["mask"]), "latents": tensors["latents"]} if i == 1 else {}
+        return callback
+
+    kw = dict(strength=0.8, num_inference_steps=4, output_type="latent", num_images_per_prompt=2,
+              callback_on_step_end_tensor_inputs=["latents", "mask"])
+    ref_seen, seen = [], []
+    expected = reference_inpaint("a cat", image=image, mask_image=mask, generator=torch.Generator().manual_seed(2),
+                                 guidance_scale=0.0, callback_on_step_end=make_callback(ref_seen), **kw).images
+    got = tiny_pipe.inpaint("a cat", image, mask, seed=2, callback_on_step_end=make_callback(seen), **kw).images
+    assert seen == ref_seen == [(2, 1, 6, 8)] * 4
+    assert_rel(got, expected, 1e-5, "inpaint with the mask replaced mid-run")
+    plain = tiny_pipe.inpaint("a cat", image, mask, seed=2, **{k: v for k, v in kw.items() if "callback" not in k})
+    assert rel_err(got, plain.images) > 1e-3  # the new mask took effect
+    with pytest.raises(ValueError, match=r"returned \['negative_prompt_embeds'\]; only \['latents', 'mask'\]"):
+        tiny_pipe.inpaint("a cat", image, mask, seed=2, callback_on_step_end=lambda p, i, t, d: {
+            "negative_prompt_embeds": []}, **kw)
+    with pytest.raises(ValueError, match="can hold"):  # text to image has no mask
+        tiny_pipe("a cat", width=32, height=32, num_inference_steps=1, callback_on_step_end=lambda *a: {},
+                  callback_on_step_end_tensor_inputs=["mask"])
+
+
 def test_lists_of_2d_masks_are_a_batch_as_in_diffusers(tiny_pipe):
     """A list of (H, W) arrays or tensors, or a (B, H, W) array, is a batch of masks (diffusers
     stacks them and adds the channel): each equals its PIL mask. An RGB array is refused."""

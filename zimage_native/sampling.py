@@ -298,7 +298,7 @@ class Inpaint(ImageToImage):
             sigma = ctx.schedule.sigmas.to(pipe.device, ctx.dtype)[start]
             latents = sigma * noise + (1.0 - sigma) * z
         mask = torch.nn.functional.interpolate(ctx.inputs["mask"], size=z.shape[-2:], mode="nearest")
-        mask = repeat_to(mask.to(pipe.device, ctx.dtype), ctx.batch, r.n, "mask")
+        mask = repeat_to(mask.to(pipe.device, ctx.dtype), ctx.batch, r.n, "mask").contiguous()  # a callback may edit it
         return Conditioning(latents, start, InpaintBlend(mask, z, noise), info={"strength": r.strength})
 
 
@@ -767,6 +767,7 @@ def request_info(pipe, r: GenerationRequest, seeds, **extra) -> dict[str, Any]:
 
 
 STEP_END_TENSORS = ("latents", "prompt_embeds")  # prompt_embeds: read only
+INPAINT_STEP_END_TENSORS = STEP_END_TENSORS + ("mask",)  # the blend's mask (B, 1, h, w), 1 = repaint
 StepEndCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
 
 
@@ -781,7 +782,8 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
     ``callback_on_step_end(pipe, i, t, tensors)`` as in diffusers: ``i`` counts the steps run,
     ``t`` is the step's timestep, ``tensors`` holds the names of
     ``callback_on_step_end_tensor_inputs`` ("latents", "prompt_embeds"); it returns a dict whose
-    ``latents``, if present, replace the current latents (prompt_embeds are read only); setting
+    ``latents``, if present, replace the current latents (prompt_embeds are read only; inpainting
+    also gives and takes ``mask``, its latent-grid mask, as diffusers' inpainting does); setting
     ``pipe._interrupt = True`` in it stops the run after that step, and the latents so far are
     decoded, as diffusers does. It runs the loop eagerly (no graph replay).
     """
@@ -789,9 +791,10 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
 
     pipe._interrupt = False
     r, task, inputs = resolve(pipe, request)
-    bad = [k for k in callback_on_step_end_tensor_inputs if k not in STEP_END_TENSORS]
+    known = INPAINT_STEP_END_TENSORS if task.name == "inpaint" else STEP_END_TENSORS
+    bad = [k for k in callback_on_step_end_tensor_inputs if k not in known]
     if bad:
-        raise ValueError(f"callback_on_step_end_tensor_inputs can hold {STEP_END_TENSORS}, got {bad}")
+        raise ValueError(f"callback_on_step_end_tensor_inputs can hold {known} here, got {bad}")
     schedule = schedule_for(pipe, r)
     task.check(pipe, r, schedule)
     for advice in request_advice(pipe.variant, r.guidance_scale, r.steps if r.sigmas is None else None,
@@ -812,11 +815,19 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
     if callback_on_step_end is not None:
         def on_step_end(k, index, latents):
             given = {"latents": latents, "prompt_embeds": embeds}
+            if task.name == "inpaint":
+                given["mask"] = cond.blend.mask
             tensors = {name: given[name] for name in callback_on_step_end_tensor_inputs}
             out = callback_on_step_end(pipe, k, schedule.timesteps[index].to(latents.device), tensors) or {}
+            replaceable = [name for name in given if name != "prompt_embeds"]
             if out.get("prompt_embeds", embeds) is not embeds:
-                raise ValueError("callback_on_step_end: replacing prompt_embeds mid-run is not supported (the "
-                                 "caption tokens are refined once per request); only latents can be replaced")
+                raise ValueError(f"callback_on_step_end: replacing prompt_embeds mid-run is not supported (the "
+                                 f"caption tokens are refined once per request); only {replaceable} can be replaced")
+            unknown = sorted(set(out) - set(given))
+            if unknown:  # diffusers would use negative_prompt_embeds; ignoring them would hide that
+                raise ValueError(f"callback_on_step_end returned {unknown}; only {replaceable} can be replaced here")
+            if "mask" in out:  # the blend reads it from the next step on
+                cond.blend.mask = out["mask"]
             return out.get("latents", latents)
 
     varied = None
