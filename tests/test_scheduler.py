@@ -76,7 +76,18 @@ def test_bad_step_counts_raise(bad):
 
 def test_bad_sigmas_raise():
     with pytest.raises(ValueError, match="\\(0, 1\\]"):
-        make_schedule(SchedulerConfig(), sigmas=[1.0, 0.0])
+        make_schedule(SchedulerConfig(), sigmas=[1.0, 1.5])
+    with pytest.raises(ValueError, match="\\(0, 1\\].*leave out the terminal 0"):
+        make_schedule(SchedulerConfig(), sigmas=[1.0, 0.5, 0.0])
+
+
+def test_shift_1_runs_custom_sigmas_as_they_are():
+    """docs/tasks.md: custom sigmas are shifted like the default ones; shift=1 takes them as given
+    (an already shifted list, e.g. ComfyUI's without its terminal 0), with the dynamic shift off too."""
+    given = [1.0, 0.9, 0.75, 0.5, 0.2]
+    for config in (SchedulerConfig(shift=3.0), SchedulerConfig(use_dynamic_shifting=True)):
+        ours = make_schedule(config, sigmas=given, shift=1.0, image_seq_len=4096)
+        assert torch.equal(ours.sigmas, torch.tensor(given + [0.0]))
 
 
 @pytest.mark.parametrize("config", [SchedulerConfig(shift=3.0), SchedulerConfig(use_dynamic_shifting=True)],

@@ -74,7 +74,8 @@ def make_schedule(
         if num_steps is not None and raw.numel() != num_steps:
             raise ValueError(f"got {raw.numel()} sigmas for num_inference_steps={num_steps}")
         if bool(((raw <= 0) | (raw > 1)).any()):
-            raise ValueError(f"sigmas must lie in (0, 1], got {raw.tolist()}")
+            zero = " (leave out the terminal 0: it is appended)" if bool((raw == 0).any()) else ""
+            raise ValueError(f"sigmas must lie in (0, 1], got {raw.tolist()}{zero}")
     if config.use_dynamic_shifting:
         if image_seq_len is None:
             raise ValueError("use_dynamic_shifting needs the image sequence length")
