@@ -141,7 +141,11 @@ def test_given_start_latents_match_diffusers(tiny_pipe, reference_inpaint, refer
     img2img = diffusers.ZImageImg2ImgPipeline(**reference_pipe.components)
     img2img.set_progress_bar_config(disable=True)
     expected = img2img("a cat", image=image, generator=torch.Generator().manual_seed(2), **kw).images
-    assert_rel(tiny_pipe.img2img("a cat", image, seed=2, **kw).images, expected, 1e-5, "img2img from given latents")
+    got = tiny_pipe.img2img("a cat", image, seed=2, **kw)
+    assert_rel(got.images, expected, 1e-5, "img2img from given latents")
+    # img2img from given latents draws nothing: no seed is reported as the image's (inpainting's is used)
+    assert got.seeds is None and tiny_pipe.img2img("a cat", image, **kw).seeds is None
+    assert tiny_pipe.inpaint("a cat", image, mask, seed=2, **kw).seeds == [2]
     with pytest.raises(ValueError, match="latents must have shape"):
         tiny_pipe.img2img("a cat", image, latents=start[..., :2], num_inference_steps=2)
 

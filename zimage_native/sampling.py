@@ -173,6 +173,7 @@ class Task:
     """A task: ``read`` its inputs (before any model runs; may set the size), ``condition`` the core."""
 
     name = "txt2img"
+    draws_with_latents = False  # whether the task draws from the generators when ``latents=`` are given
 
     def read(self, pipe, r: GenerationRequest) -> tuple[dict[str, Any], int | None, int | None]:
         """(inputs, width, height): the preprocessed inputs and the size they imply (None: no opinion)."""
@@ -284,6 +285,7 @@ class InpaintBlend:
 class Inpaint(ImageToImage):
     name = "inpaint"
     default_strength = 1.0
+    draws_with_latents = True  # the blend's noise and the image's posterior sample
 
     def read(self, pipe, r):
         inputs, w, h = super().read(pipe, r)
@@ -803,7 +805,7 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
             pipe.advised.add(advice)
             logger.warning(advice)
     batch = len(r.prompts or r.prompt_embeds) * r.n
-    needs_noise = r.latents is None or task.name != "txt2img" or r.seed_variance > 0  # (the variance is seeded)
+    needs_noise = r.latents is None or task.draws_with_latents or r.seed_variance > 0  # (the variance is seeded)
     generators, seeds = make_generators(r.seeds, r.generator, batch) if needs_noise else (None, None)
     info = request_info(pipe, r, seeds)
     embeds, negative = encode(pipe, r, info)
