@@ -127,6 +127,21 @@ def test_integer_arrays_16_bit_and_palette_images_read_as_their_pixels():
     assert torch.equal(preprocess_image(palette, 32, 32), preprocess_image(palette.convert("RGB"), 32, 32))
 
 
+def test_tensor_images_below_0_are_read_as_minus_1_to_1_with_a_warning(caplog):
+    """As diffusers (which warns that this is deprecated): values below 0 mean a [-1, 1] image. A
+    [0, 1] image that a bicubic resize pushed just below 0 is read so too, silently before: the
+    warning says to clamp it."""
+    from zimage_native.images import preprocess_image
+
+    x = torch.rand(1, 3, 32, 32) * 0.9
+    with caplog.at_level("WARNING", logger="zimage_native.images"):
+        assert torch.equal(preprocess_image(x), x * 2 - 1)
+        assert not caplog.records
+        x[0, 0, 0, 0] = -0.01
+        assert torch.equal(preprocess_image(x), x)
+    assert "read as [-1, 1]" in caplog.text and "-0.01" in caplog.text
+
+
 def test_seed_list_gives_each_image_its_own_seed(tiny_pipe):
     kw = dict(height=32, width=32, num_inference_steps=2, output_type="latent")
     both = tiny_pipe(["a cat", "a dog"], seed=[11, 12], **kw)

@@ -9,10 +9,13 @@ Lanczos, arrays and tensors with nearest interpolation; sizes round down to the 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def _as_batch(image, what: str) -> tuple[str, Any]:
@@ -78,7 +81,10 @@ def preprocess_image(image, width: int | None = None, height: int | None = None,
                          f"(for 0-255 values divide by 255, or pass the uint8 array as it is)")
     h, w = _target_size(tuple(x.shape[-2:]), width, height, multiple)
     x = torch.nn.functional.interpolate(x, size=(h, w))
-    if x.min() < 0:  # already in [-1, 1] (diffusers accepts this, deprecated)
+    if x.min() < 0:  # already in [-1, 1] (diffusers accepts this, deprecated, with a warning)
+        logger.warning("image values go below 0 (down to %.3g): the image is read as [-1, 1], not [0, 1]; clamp an "
+                       "image in [0, 1] that a resize pushed a little past its range (bicubic, Lanczos) to [0, 1] "
+                       "first", float(x.min()))
         return x
     return x * 2.0 - 1.0
 
