@@ -451,7 +451,7 @@ def test_encode_returns_safetensors_with_dtype_and_shape(tmp_path):
             r = c.post("/api/encode", json=body)
             assert r.status_code == 422 and words in r.json()["error"]["message"], (body, r.text)
         r = c.post("/api/tokenize", json={"texts": ["abc", "de"], "max_sequence_length": 2})
-        assert r.json() == {"input_ids": [[97, 98], [100, 101]], "token_counts": [2, 2]}
+        assert r.json() == {"input_ids": [[97, 98], [100, 101]], "token_counts": [2, 2], "full_token_counts": [3, 2]}
         saved = c.post("/api/save-embeddings", json={"prompt": "ab"}).json()
         assert saved["count"] == 1
         download = c.get(saved["url"])

@@ -187,6 +187,18 @@ def test_template_and_prompt_fields_reach_the_job(page, server, artifacts):
     assert record["first_block_cache"] == 0.1
 
 
+def test_a_prompt_cut_to_max_sequence_length_is_shown(page, server):
+    """Known once the job runs (the worker counts the tokens): the started event's advice."""
+    page.get_by_role("button", name="1:1 small").click()
+    page.fill("#steps", "2")
+    page.fill("#guidance", "")
+    page.fill("#prompt", "a red fox in fresh snow, " * 30)  # 750 tokens for the fake engine (one per byte)
+    page.click("#generate")
+    page.wait_for_selector("#message.info:not([hidden])")
+    page.wait_for_function("document.querySelector('#message').textContent.includes('max_sequence_length')")
+    assert "more than max_sequence_length 512" in page.inner_text("#message")
+
+
 def test_upload_image_mask_and_control_image(page, server, artifacts, tmp_path):
     from PIL import Image
 

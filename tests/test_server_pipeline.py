@@ -125,8 +125,48 @@ def test_the_distributed_mode_takes_the_prompts_the_dit_server_accepts(remote, t
                                                "max_sequence_length": 64, **extra}).json()
             last = follow(c, job["events_url"])[-1]
             assert last.type == "completed", last.data
+            # the cut is reported as with a local encoder: the encoder machine counts the tokens
+            advice = c.get(job["url"]).json()["advice"]
+            assert len(advice) == 1 and "more than max_sequence_length 64" in advice[0], advice
     prompts = [f"prompt {i}" for i in range(20)]
     assert [f.shape for f in remote.encode(prompts)] == [f.shape for f in tiny_pipe.text_encoder.encode(prompts)]
+
+
+def test_a_prompt_cut_to_max_sequence_length_is_reported(served, tiny_pipe):
+    """The CLI warns when a prompt is longer than max_sequence_length (its end is cut); a served job
+    says it in its advice (the job, its started event, /api/generate), also when the features come
+    from the prompt cache, and the token routes give the count before the cut."""
+    long = "a cat on a windowsill " * 40
+    formatted = tiny_pipe.format_prompts([long])[0]
+    full = len(tiny_pipe.text_encoder.tokenizer(formatted, add_special_tokens=False)["input_ids"])
+    assert full > 64
+    call = {"width": 32, "height": 32, "steps": 1, "seed": 1, "max_sequence_length": 64}
+    with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as c:
+        for _ in range(2):  # the second run's features come from the prompt cache
+            job = c.post("/api/v1/jobs", json={"prompt": long, **call}).json()
+            events = follow(c, job["events_url"])
+            assert events[-1].type == "completed"
+            advice = c.get(job["url"]).json()["advice"]
+            assert advice == [f"the prompt is {full} tokens long in the chat format, more than max_sequence_length "
+                              f"64: its last {full - 64} tokens (the end of the text and the chat format's closing "
+                              f"tokens) are cut; raise max_sequence_length to {full} to keep them."]
+            assert events[1].type == "started" and events[1].data["advice"] == advice
+        legacy = c.post("/api/generate", json={"prompt": long, **call}).json()
+        assert legacy["advice"] == advice
+        # with CFG the negative prompt is encoded too; a short prompt is not reported
+        job = c.post("/api/v1/jobs", json={"prompt": "a cat", "negative_prompt": long, "guidance_scale": 2,
+                                           **call}).json()
+        follow(c, job["events_url"])
+        advice = c.get(job["url"]).json()["advice"]
+        assert len(advice) == 2 and "Turbo" in advice[0]
+        assert advice[1].startswith(f"the negative prompt is {full} tokens long")
+        job = c.post("/api/v1/jobs", json={"prompt": long, **call, "max_sequence_length": 1024}).json()
+        events = follow(c, job["events_url"])
+        assert c.get(job["url"]).json()["advice"] == [] and "advice" not in events[1].data
+        counted = c.post("/api/format-prompt", json={"prompt": long, "tokens": True, "max_sequence_length": 64}).json()
+        assert counted["token_count"] == 64 and counted["full_token_count"] == full
+        tokens = c.post("/api/tokenize", json={"texts": [formatted, "a"], "max_sequence_length": 64}).json()
+        assert tokens["token_counts"][0] == 64 and tokens["full_token_counts"] == [full, 1]
 
 
 def test_a_served_job_with_seed_variance_equals_the_library_image(served, tiny_pipe):

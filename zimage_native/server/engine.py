@@ -21,7 +21,7 @@ import torch
 from ..metadata import png_info
 from ..prompt.format import format_prompt
 from ..prompt.templates import default_registry
-from ..sampling import PROMPT_FIELDS, GenerationRequest, optional_settings  # noqa: F401  (the one request type, re-exported)
+from ..sampling import PROMPT_FIELDS, GenerationRequest, negative_prompts, optional_settings  # noqa: F401  (the one request type, re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +108,43 @@ class Engine:
     def rewrite(self, prompt: str, **kwargs) -> str:
         raise EngineUnavailable("this server cannot rewrite prompts")
 
-    def warmup(self) -> None:
-        """Run whatever compiles or captures before the server reports ready (default: nothing)."""
+    def token_counts(self, texts: list[str]) -> list[int] | None:
+        """Each chat-formatted text's token count before the cut to max_sequence_length; None when
+        this engine cannot count them."""
+        return None
+
+    def length_advice(self, request: GenerationRequest, most: int) -> list[str]:
+        """A sentence for each text of the request (its prompts and, with CFG, its negative prompts)
+        longer than the request's max_sequence_length: its end is cut, as ``zimage generate`` warns.
+        ``most``: the largest max_sequence_length this server takes."""
+        if request.prompt_embeds is not None:
+            return []
+        texts = self.format_prompts(request.prompts, request.template, **request.fields)
+        names = ["the prompt"] if len(texts) == 1 else [f"prompt {i + 1}" for i in range(len(texts))]
+        if request.guidance_scale > 0 and request.negative_prompt_embeds is None:
+            negatives = negative_prompts(request.negative_prompt, len(texts))
+            texts += self.format_prompts(negatives)
+            names += (["the negative prompt"] if len(negatives) == 1
+                      else [f"negative prompt {i + 1}" for i in range(len(negatives))])
+        limit = request.max_sequence_length
+        # Qwen3's byte-level BPE makes at most one token per UTF-8 byte: a shorter text needs no count
+        # (and a remote encoder no call).
+        long = [i for i, text in enumerate(texts) if len(text.encode("utf-8")) > limit]
+        counts = self.token_counts([texts[i] for i in long]) if long else None
+        said = []
+        for i, count in zip(long, counts or ()):
+            if count > limit:
+                fix = (f"raise max_sequence_length to {count} to keep them" if count <= most else
+                       f"shorten it (this server takes max_sequence_length up to {most})")
+                said.append(f"{names[i]} is {count} tokens long in the chat format, more than max_sequence_length "
+                            f"{limit}: its last {count - limit} tokens (the end of the text and the chat format's "
+                            f"closing tokens) are cut; {fix}.")
+        return said
+
+
+def count_tokens(tokenizer, texts: list[str]) -> list[int]:
+    """Token counts of chat-formatted texts as the text encoder tokenizes them, before any cut."""
+    return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def _running(pipe, name: str):
@@ -199,6 +234,13 @@ class PipelineEngine(Engine):
     def tokenize(self, texts, max_sequence_length=None):
         return self.pipe.text_encoder.tokenize(list(texts), max_sequence_length)
 
+    def token_counts(self, texts):
+        te = self.pipe.text_encoder
+        if getattr(te, "tokenizer", None) is not None:
+            return count_tokens(te.tokenizer, texts)
+        counts = getattr(te, "token_counts", None)  # a remote encoder asks its machine
+        return counts(list(texts)) if callable(counts) else None
+
     def rewrite(self, prompt: str, **kwargs) -> str:
         if not self.can_rewrite:
             raise EngineUnavailable("this server has no text encoder to rewrite with")
@@ -258,6 +300,9 @@ class EncoderOnlyEngine(Engine):
 
     def tokenize(self, texts, max_sequence_length=None):
         return self.text_encoder.tokenize(list(texts), max_sequence_length)
+
+    def token_counts(self, texts):
+        return count_tokens(self.text_encoder.tokenizer, texts)
 
     def rewrite(self, prompt: str, **kwargs) -> str:
         from pathlib import Path
@@ -357,6 +402,9 @@ class FakeEngine(Engine):
     def tokenize(self, texts, max_sequence_length=None):
         limit = max_sequence_length or 512
         return [list(t.encode("utf-8"))[:limit] for t in texts]
+
+    def token_counts(self, texts):
+        return [len(t.encode("utf-8")) for t in texts]
 
     def encode(self, texts, max_sequence_length=None):
         self.calls.append(f"encode@{threading.current_thread().name}")

@@ -356,12 +356,16 @@ class JobManager:
                 self.storage.update_job(job.id, "running", started=job.started)
             except (sqlite3.Error, OSError) as e:
                 raise storage_failure(e, "the job could not be started") from None
-            self.publish(job, "started", {"steps": request.steps, "n": request.n})
-            if job.cancel_requested:
-                raise JobCancelled()
             # A remote text encoder (--encoder-url) that is slow to answer gives up on a cancel or the time limit.
             with abort_when(lambda: job.cancel_requested or timed_out()):
                 try:
+                    advice = self._length_advice(request)
+                    with self._cond:
+                        job.advice = job.advice + advice
+                        self._publish_locked(job, "started", {"steps": request.steps, "n": request.n,
+                                                              **({"advice": job.advice} if advice else {})})
+                    if job.cancel_requested:
+                        raise JobCancelled()
                     results = self.engine.generate(request, callback)
                 except RemoteCallAborted:
                     if job.cancel_requested:
@@ -398,6 +402,17 @@ class JobManager:
             logger.warning("job %s failed: %s", job.id, e, exc_info=logger.isEnabledFor(logging.DEBUG))
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             self._finish(job, "failed", error=message)
+
+    def _length_advice(self, request: GenerationRequest) -> list[str]:
+        """The request's texts that are cut to its max_sequence_length (Engine.length_advice); a
+        count that fails (a remote encoder down) says nothing here: the encoding reports it."""
+        try:
+            return self.engine.length_advice(request, self.settings.limits.max_sequence_length)
+        except RemoteCallAborted:
+            raise
+        except Exception as e:  # noqa: BLE001 - advice only
+            logger.debug("the prompts' token counts failed: %s", e)
+            return []
 
     def _finish(self, job: Job, status: str, *, error: str | None = None, data: dict | None = None) -> None:
         """End the job: its state in memory and its final event first (what clients wait for), then

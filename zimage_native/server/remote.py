@@ -196,7 +196,8 @@ class RemoteTextEncoder:
     - ``encode(texts, max_sequence_length=None) -> list[Tensor]``: texts are already chat-formatted
       (the pipeline formats them); returns one (L_i, hidden) tensor per text, on the CPU, in the
       remote encoder's dtype, or cast to ``dtype`` when one was given here;
-    - ``tokenize(texts, max_sequence_length=None) -> list[list[int]]``;
+    - ``tokenize(texts, max_sequence_length=None) -> list[list[int]]``; ``token_counts(texts)``, the
+      counts before the cut;
     - ``device`` (where features arrive: the CPU), ``dtype``, ``hidden_size``,
       ``max_sequence_length``; ``model`` and ``tokenizer`` are ``None`` (no local weights);
     - ``rewrite(prompt, ...)``: the prompt rewriter of the remote machine.
@@ -336,6 +337,18 @@ class RemoteTextEncoder:
         for batch in self._batches(list(texts)):
             ids += self._json("POST", "/api/tokenize", {"texts": batch, "max_sequence_length": limit})["input_ids"]
         return ids
+
+    def token_counts(self, texts: list[str]) -> list[int] | None:
+        """Each text's token count before the cut to max_sequence_length (None: the encoder's
+        server is older than this count)."""
+        counts: list[int] = []
+        for batch in self._batches(list(texts)):  # max_sequence_length 1: the ids are not wanted
+            full = self._json("POST", "/api/tokenize", {"texts": batch, "max_sequence_length": 1}).get(
+                "full_token_counts")
+            if full is None or len(full) != len(batch):
+                return None
+            counts += full
+        return counts
 
     def rewrite(self, prompt: str, rewriter: str | None = None, system_prompt: str | None = None,
                 max_new_tokens: int = 512, temperature: float = 0.7, seed: int | None = None, top_p: float = 0.95,

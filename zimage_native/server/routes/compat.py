@@ -32,7 +32,7 @@ def router(ctx: ServerContext) -> APIRouter:
                 "id": images[0]["id"], "job_id": job.id, "url": images[0]["url"], "seed": images[0]["seed"],
                 "seeds": [i["seed"] for i in images], "width": images[0]["width"], "height": images[0]["height"],
                 "formatted_prompt": first.get("formatted_prompt"), "generation_time": event.data.get("seconds"),
-                "images": images}
+                "images": images, "advice": job.advice}
 
     @api.get("/api/history")
     def get_history(limit: Limit = 100, offset: Offset = 0):

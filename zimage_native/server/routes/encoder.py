@@ -72,11 +72,13 @@ def router(ctx: ServerContext) -> APIRouter:
 
     @api.post("/api/tokenize", tags=["remote encoder"], responses=errors(502, 503))
     async def tokenize(body: TokenizeRequest):
-        """Token ids of already chat-formatted texts, cut to max_sequence_length."""
+        """Token ids of already chat-formatted texts, cut to max_sequence_length; ``full_token_counts``:
+        the counts before the cut (a count above max_sequence_length: the text's end is cut)."""
         check_max_len(body.max_sequence_length, limits)
         check_texts(body.texts)
-        ids = await ctx.on_worker(lambda: engine.tokenize(body.texts, body.max_sequence_length))
-        return {"input_ids": ids, "token_counts": [len(r) for r in ids]}
+        ids, full = await ctx.on_worker(lambda: (engine.tokenize(body.texts, body.max_sequence_length),
+                                                 engine.token_counts(body.texts)))
+        return {"input_ids": ids, "token_counts": [len(r) for r in ids], "full_token_counts": full}
 
     @api.post("/api/save-embeddings", tags=["compat"], responses=errors(502, 503))
     async def save_embeddings(body: EncodeRequest):
@@ -100,7 +102,8 @@ def router(ctx: ServerContext) -> APIRouter:
 
     @api.post("/api/format-prompt", tags=["compat"], responses=errors(502, 503))
     async def format_prompt(body: FormatPromptRequest):
-        """The exact text the encoder reads; with ``tokens: true`` also the token ids and count."""
+        """The exact text the encoder reads; with ``tokens: true`` also the token ids and count (cut to
+        max_sequence_length) and ``full_token_count``, the count before the cut."""
         check_text("prompt", body.prompt, limits, required=True)
         fields = check_prompt_fields(body, limits, engine)
         template = fields.pop("template", None)
@@ -108,8 +111,9 @@ def router(ctx: ServerContext) -> APIRouter:
         out: dict[str, Any] = {"formatted_prompt": text, "chars": len(text)}
         if body.tokens:
             check_max_len(body.max_sequence_length, limits)
-            ids = (await ctx.on_worker(lambda: engine.tokenize([text], body.max_sequence_length)))[0]
-            out.update(token_ids=ids, token_count=len(ids))
+            ids, full = await ctx.on_worker(lambda: (engine.tokenize([text], body.max_sequence_length)[0],
+                                                     engine.token_counts([text])))
+            out.update(token_ids=ids, token_count=len(ids), full_token_count=full[0] if full else None)
         return out
 
     def template_list(category: str | None) -> list[dict]:

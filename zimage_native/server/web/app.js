@@ -242,7 +242,13 @@ function trackJob(job, prompt) {
     const d = data(e);
     setStatus("queued", d.position ? `Queued, ${d.position} ahead` : "Queued");
   });
-  source.addEventListener("started", () => { setStatus("running", "Starting"); refreshQueue(); });
+  source.addEventListener("started", (e) => {
+    setStatus("running", "Starting");
+    refreshQueue();
+    // known once the job runs: a prompt longer than max_sequence_length is cut
+    const advice = data(e).advice;
+    if (advice && advice.length) show(advice.join(" "), "info");
+  });
   source.addEventListener("progress", (e) => {
     const d = data(e);
     const pct = Math.round((100 * d.step) / d.total);
