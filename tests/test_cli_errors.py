@@ -230,6 +230,20 @@ def test_a_side_past_the_position_table_is_refused_before_loading_and_by_the_lib
     check_size_fits(8192, 8192, (1536, 512, 512))
 
 
+def test_a_token_limit_past_the_caption_positions_is_refused_before_loading(tmp_path, tiny_pipe):
+    """A long prompt under a token limit above the DiT's caption positions failed after loading and
+    encoding, with the model's internal message; the largest limit that always fits still runs."""
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--max-sequence-length", "1505")
+    assert line == ("Error: --max-sequence-length must be at most 1504 for this model (its position table holds "
+                    "1536 caption positions), got 1505"), line
+    assert tiny_pipe.transformer_config.axes_lens[0] == 1536  # as the released DiTs
+    long = "a cat " * 1000  # more than 1504 tokens in the chat format
+    call = dict(width=32, height=32, num_inference_steps=1, seed=0, output_type="np")
+    assert tiny_pipe(long, max_sequence_length=1504, **call).images.shape == (1, 32, 32, 3)
+    with pytest.raises(ValueError, match="caption length out of range"):
+        tiny_pipe(long, max_sequence_length=1505, **call)
+
+
 @pytest.mark.parametrize("args, message", [
     (["-o", "x.png", "--output-dir", "out"], "Error: -o/--output names the file itself; give it, or --output-dir"),
     (["--tile-size", "256"], "Error: --tile-size needs --tiled-vae"),

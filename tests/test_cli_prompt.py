@@ -135,6 +135,25 @@ def test_format_prompt_tokens(tiny_model_dir):
     assert out == {"text": text, "tokens": len(ids), "ids": ids}
 
 
+def test_format_prompt_tokens_note_says_what_keeps_a_long_prompt(tiny_model_dir):
+    from zimage_native.cli.generate import check_caption_fits
+    from zimage_native.cli.format_prompt import MOST_TOKENS
+    from zimage_native.config import TransformerConfig
+
+    check_caption_fits(MOST_TOKENS, TransformerConfig().axes_lens)
+    with pytest.raises(ValueError):
+        check_caption_fits(MOST_TOKENS + 1, TransformerConfig().axes_lens)
+    lines = run("format-prompt", "a cat " * 200, "--tokens", "--model", tiny_model_dir).output.splitlines()
+    count = int(lines[-3].removeprefix("tokens: "))
+    assert 512 < count <= MOST_TOKENS
+    assert lines[-1] == (f"note: {count} tokens is more than the default max_sequence_length 512; raise the limit "
+                         f"(--max-sequence-length {count}) or the last {count - 512} tokens are cut")
+    lines = run("format-prompt", "a cat " * 1000, "--tokens", "--model", tiny_model_dir).output.splitlines()
+    count = int(lines[-3].removeprefix("tokens: "))
+    assert lines[-1] == (f"note: {count} tokens is more than the released models take (--max-sequence-length 1504 "
+                         f"at most): shorten the prompt, or its last {count - 1504} tokens are cut")
+
+
 def test_format_prompt_model_needs_tokens(tiny_model_dir):
     fails_with_one_line(["format-prompt", "a fox", "--model", tiny_model_dir], "add --tokens")
 

@@ -12,6 +12,7 @@ from ._common import user_errors
 from .templates import registry_for, templates_dir_option
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
+MOST_TOKENS = 1504  # the released DiTs' caption positions (generate.check_caption_fits)
 
 
 def load_tokenizer(model: str):
@@ -104,7 +105,11 @@ def format_prompt_command(prompt, system_prompt, thinking_content, assistant_con
         click.echo()
     click.echo(f"tokens: {len(ids)}")
     click.echo(f"ids: {ids}")
-    if len(ids) > DEFAULT_MAX_SEQUENCE_LENGTH:
+    if len(ids) > MOST_TOKENS:  # no limit keeps them all
+        click.echo(f"note: {len(ids)} tokens is more than the released models take (--max-sequence-length "
+                   f"{MOST_TOKENS} at most): shorten the prompt, or its last {len(ids) - MOST_TOKENS} tokens are cut")
+    elif len(ids) > DEFAULT_MAX_SEQUENCE_LENGTH:
         over = len(ids) - DEFAULT_MAX_SEQUENCE_LENGTH
         click.echo(f"note: {len(ids)} tokens is more than the default max_sequence_length "
-                   f"{DEFAULT_MAX_SEQUENCE_LENGTH}; raise the limit or the last {over} tokens are cut")
+                   f"{DEFAULT_MAX_SEQUENCE_LENGTH}; raise the limit (--max-sequence-length {len(ids)}) or the "
+                   f"last {over} tokens are cut")
