@@ -218,6 +218,7 @@ def test_a_completed_job_finds_the_history_already_pruned(tmp_path, monkeypatch)
     ({"seed": -5}, "seed", "between -1"),
     ({"seed": [3, -1]}, "seed.1", "between 0"),  # -1 means random for one seed only
     ({"template": "no-such-template"}, "template", "no-such-template"),
+    ({"template": "rewriter-cinematic"}, "template", "is a rewriter: its system prompt instructs the prompt rewriter"),
     ({"size": "64x64"}, "size", "either size or width"),
     ({"colour": "red"}, "colour", "Extra inputs"),
     ({"steps": "many"}, "steps", "valid integer"),

@@ -254,7 +254,11 @@ def run_generate(prompts: list[str], o: dict) -> None:
     if o["template"] is not None:
         from ..prompt.templates import default_registry
 
-        default_registry(o["templates_dir"]).get(o["template"])
+        if default_registry(o["templates_dir"]).get(o["template"]).category == "rewriter":
+            raise ValueError(f"--template {o['template']} is a rewriter: its system prompt instructs the prompt "
+                             f"rewriter, not the image; rewrite first (zimage rewrite PROMPT --rewriter "
+                             f"{o['template']}) and generate from its output, or pick an image template "
+                             f"(zimage templates list)")
 
     # The outputs, once the request is known to be valid: a folder that cannot be made fails now, not
     # after sampling; an existing file needs --overwrite.

@@ -470,7 +470,12 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
     check_text("negative_prompt", body.negative_prompt, limits)
     fields = check_prompt_fields(body, limits, engine)
     fields.pop("template", None)
-    suggested = dict(getattr(engine.template(body.template), "settings", None) or {}) if body.template else {}
+    template = engine.template(body.template) if body.template else None
+    if template is not None and template.category == "rewriter":
+        raise invalid("template", f"{body.template} is a rewriter: its system prompt instructs the prompt rewriter, "
+                                  f"not the image; rewrite first (POST /api/rewrite with rewriter {body.template}) and "
+                                  f"generate from its answer, or pick an image template")
+    suggested = dict(getattr(template, "settings", None) or {})
 
     mask_given, control_given = getattr(body, "mask", None), getattr(body, "control_image", None)
     if mask_given and not body.image:
