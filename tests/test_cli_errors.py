@@ -218,6 +218,39 @@ def test_attention_and_lora_mistakes_fail_before_the_model_is_looked_for(tmp_pat
     assert line.startswith(message), line
 
 
+def test_a_lora_folder_is_taken_and_a_bad_scale_is_named(tiny_model_dir, tiny_pipe, tmp_path):
+    """A LoRA save folder (diffusers' pytorch_lora_weights.safetensors), which the library loads, was
+    refused as "LoRA file not found"; a scale that is not a number was named as a missing path, and
+    a NaN scale ran to a NaN error after loading."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "my_lora"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    dim = tiny_pipe.transformer_config.dim
+    save_file({"transformer.layers.0.attention.to_k.lora_A.weight": torch.randn(2, dim, generator=g),
+               "transformer.layers.0.attention.to_k.lora_B.weight": torch.randn(dim, 2, generator=g)},
+              str(folder / "pytorch_lora_weights.safetensors"))
+    weights = str(folder / "pytorch_lora_weights.safetensors")
+    for text, message in ((f"{weights}:abc", f"Error: --lora {weights}:abc: the scale after ':' must be a number, "
+                                             f"got 'abc'"),
+                          (f"{weights}:nan", f"Error: --lora {weights}:nan: the scale must be a finite number, got nan")):
+        assert one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", text) == message
+        assert one_line_error("convert", weights, str(tmp_path / "out.safetensors"), "--to", "diffusers",
+                              "--lora", text) == message
+    args = ["generate", "a cat", "--model", str(tiny_model_dir), "--width", "32", "--height", "32", "--steps", "1",
+            "--seed", "1", "--device", "cpu", "--no-progress"]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "folder.png"), "--lora", f"{folder}:0.5"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "file.png"), "--lora", f"{weights}:0.5"])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "folder.png") as a, Image.open(tmp_path / "file.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_a_side_past_the_position_table_is_refused_before_loading_and_by_the_library(tmp_path, tiny_pipe):
     line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--width", "8208",
                           "--height", "16")

@@ -35,6 +35,10 @@ def convert(src, dst, layout, component, dtype, shard_size, loras, config, dry_r
     from ..converters.convert import convert_checkpoint
     from ..lora import parse_lora_arg
 
+    from .generate import check_lora_arg
+
+    for text in loras:
+        check_lora_arg(text, parse_lora_arg)
     if not dry_run:  # refused now, not after reading and converting gigabytes
         check_writable_folder(dst.parent, "DST")
     try:

@@ -340,9 +340,23 @@ def check_speed_flags(o: dict) -> None:
     from ..lora import parse_lora_arg
 
     for text in o.get("loras") or ():
-        path = Path(parse_lora_arg(text)[0]).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"--lora: LoRA file not found: {path}")
+        check_lora_arg(text, parse_lora_arg)
+
+
+def check_lora_arg(text: str, parse) -> None:
+    """A --lora PATH[:SCALE] that names a file or a LoRA save folder (the library picks its weights
+    file), with a finite scale; a scale that is not a number is named as such, not as a path."""
+    import math
+
+    name, scale = parse(text)
+    path = Path(name).expanduser()
+    if not path.exists():
+        head, _, tail = text.rpartition(":")
+        if head and Path(head).expanduser().exists():
+            raise ValueError(f"--lora {text}: the scale after ':' must be a number, got {tail!r}")
+        raise FileNotFoundError(f"--lora: LoRA file not found: {path}")
+    if not math.isfinite(scale):
+        raise ValueError(f"--lora {text}: the scale must be a finite number, got {scale}")
 
 
 def load_pipeline(o: dict):
