@@ -356,6 +356,15 @@ def test_unknown_profile_lists_the_tables(tmp_path):
     assert result.output.endswith("no profile [a100]; it has no profiles, only [default]\n"), result.output
 
 
+def test_a_key_above_every_table_is_refused_not_ignored(tmp_path):
+    """A first config file often starts with bare keys; TOML puts them at the top level, which neither
+    [default] nor a profile is, so they were silently ignored."""
+    with pytest.raises(ValueError, match=r"c.toml: 'steps' is not in a table; put it under \[default\] \(always "
+                                         r"applied\) or under a \[profile\]"):
+        config_values(tmp_path, 'steps = 2\nmodel = "x"\n[default]\nwidth = 32\n')
+    assert config_values(tmp_path, "[default]\nsteps = 2\n")["steps"] == 2
+
+
 def test_shipped_example_config_is_valid(tmp_path, monkeypatch):
     import sys
     from pathlib import Path

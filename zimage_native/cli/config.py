@@ -111,6 +111,10 @@ def read_profile(path: Path, profile: str | None) -> dict[str, tuple[Any, str]]:
     except tomllib.TOMLDecodeError as e:
         hint = f"; {BACKSLASH_HINT}" if str(e).startswith(("Unescaped '\\'", "Invalid hex value")) else ""
         raise ValueError(f"{path}: invalid TOML ({e}){hint}") from None
+    loose = [key for key, value in data.items() if not isinstance(value, dict)]
+    if loose:  # TOML puts keys above the first [table] at the top level, which no profile reads
+        raise ValueError(f"{path}: '{loose[0]}' is not in a table; put it under [default] (always applied) or "
+                         f"under a [profile] (applied with --profile)")
     values: dict[str, tuple[Any, str]] = {}
     _flatten(data.get("default", {}), f"{path}: [default]", values)
     # [default] is no profile (it always applies), though `--profile default` is accepted: [default] alone.
