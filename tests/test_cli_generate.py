@@ -356,6 +356,13 @@ def test_unknown_profile_lists_the_tables(tmp_path):
     assert result.output.endswith("no profile [a100]; it has no profiles, only [default]\n"), result.output
 
 
+def test_a_serve_key_in_a_table_generate_reads_says_where_it_goes(tmp_path):
+    with pytest.raises(ValueError, match=r"\[default\]\.queue_size: unknown key 'queue_size' for `zimage generate`; "
+                                         r"it is a `zimage serve` key: put it in a profile that only `zimage serve`"):
+        config_values(tmp_path, "[default]\nqueue_size = 4\n")
+    assert config_values(tmp_path, "[default]\nqueue_size = 4\n", command="serve")["queue_size"] == 4
+
+
 def test_a_key_above_every_table_is_refused_not_ignored(tmp_path):
     """A first config file often starts with bare keys; TOML puts them at the top level, which neither
     [default] nor a profile is, so they were silently ignored."""

@@ -138,6 +138,13 @@ def _matches(kind: click.ParamType, value: Any) -> bool:
     return isinstance(value, str)
 
 
+def serve_keys() -> dict[str, click.Option]:
+    """The config keys of `zimage serve` (for the hint when `zimage generate` meets one)."""
+    from . import main
+
+    return option_keys(main.commands["serve"])
+
+
 def convert(ctx: click.Context, values: dict[str, tuple[Any, str]]) -> dict[str, Any]:
     """Check each key against the command's parameters and convert it with the flag's own type. A key
     whose flag is given on the command line is only checked to exist: the flag replaces its value
@@ -149,6 +156,9 @@ def convert(ctx: click.Context, values: dict[str, tuple[Any, str]]) -> dict[str,
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
+            if ctx.command.name == "generate" and key in serve_keys():
+                hint = ("; it is a `zimage serve` key: put it in a profile that only `zimage serve` reads "
+                        "(zimage serve --profile NAME)")
             raise ValueError(f"{where}: unknown key '{key}' for `zimage {ctx.command.name}`{hint}")
         param = params[key]
         if ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
