@@ -155,6 +155,7 @@ def test_out_of_memory_while_generating_is_one_line_with_advice(tiny_model_dir, 
     (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert line.startswith("Error: CUDA out of memory. Tried to allocate 2.00 GiB.")
     assert "--width/--height" in line and "--batch-size" in line and "--text-encoder-quant int8" in line
+    assert "--tiled-vae (the VAE decode is the peak at 2K and larger)" in line
 
 
 def test_a_component_file_is_checked_when_it_is_read(tiny_model_dir, tmp_path, monkeypatch):

@@ -88,7 +88,8 @@ def user_errors(fn):
                 from ..devices import MEMORY_ADVICE
 
                 raise UserError(f"{str(e).splitlines()[0].strip()} To use less memory: a smaller --width/--height "
-                                f"or --batch-size for the images; for the weights, {MEMORY_ADVICE}") from None
+                                f"or --batch-size, or --tiled-vae (the VAE decode is the peak at 2K and larger), for "
+                                f"the images; for the weights, {MEMORY_ADVICE}") from None
             if isinstance(e, OSError) and e.filename is not None:  # a file or folder the system refused
                 raise UserError(f"cannot use {e.filename}: {e.strerror or e}") from None
             if not _is_user_error(e):
