@@ -110,6 +110,8 @@ def test_llm_url_errors_name_the_flag():
 @pytest.mark.parametrize("args, message", [
     (["--device", "cuda:99"], "Error: device 'cuda:99' is not available"),
     (["--device", "gpu"], "Error: unknown device 'gpu': give cpu, cuda, cuda:N, mps or auto"),
+    (["--device", "xpu"], "Error: device 'xpu' is not available in this torch"),  # was an AssertionError traceback
+    (["--vae-device", "hpu"], "Error: device 'hpu' is not available in this torch"),
     (["--device", "cpu", "--offload", "blocks", "--compile", "blocks"], "--compile='blocks' would change"),
     (["--device", "cpu", "--cuda-graphs"], "Error: --cuda-graphs needs the DiT on a CUDA device"),
     (["--device", "cpu", "--kernels", "triton"], "Error: --kernels='triton' runs on a CUDA"),

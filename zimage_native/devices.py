@@ -32,6 +32,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
                                   and torch.backends.mps.is_available()):
         raise ValueError(f"device {str(device)!r} is not available on this machine (use cpu or auto)")
+    if dev.type not in ("cpu", "cuda", "mps", "meta"):  # xpu, hpu, ...: torch's backend, if this build has it
+        available = getattr(getattr(torch, dev.type, None), "is_available", None)
+        if not (callable(available) and available()):
+            raise ValueError(f"device {str(device)!r} is not available in this torch {torch.__version__}: give cpu, "
+                             f"cuda, cuda:N, mps or auto")
     return dev
 
 
