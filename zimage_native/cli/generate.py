@@ -240,6 +240,8 @@ def run_generate(prompts: list[str], o: dict) -> None:
     check_caption_fits(o["max_sequence_length"], TransformerConfig().axes_lens)
     if o["strength"] is not None and not 0 <= o["strength"] <= 1:
         raise ValueError(f"--strength must be in [0, 1], got {o['strength']}")
+    if o["strength"] == 0:  # the library refuses it too, but only once the weights are loaded
+        raise ValueError("--strength 0 runs no step (the output would be the input image); give a strength above 0")
     if o["shift"] is not None and not o["shift"] > 0:
         raise ValueError(f"--shift must be > 0, got {o['shift']}")
     check_seed_variance(o["seed_variance"], o["seed_variance_share"], o["seed_variance_steps"])
