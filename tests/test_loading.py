@@ -84,6 +84,18 @@ def test_missing_model_folder_raises(tmp_path):
         ZImagePipeline.from_pretrained(tmp_path)
 
 
+def test_a_component_folder_or_a_folder_of_single_files_says_what_to_give(tiny_model_dir, tmp_path):
+    """`--model MODEL/transformer` and `--model ~/ComfyUI/models/diffusion_models` listed every missing
+    part and nothing more."""
+    with pytest.raises(FileNotFoundError, match=rf"missing .*; it is a part of the model folder "
+                                                rf"{tiny_model_dir.resolve()}: give that folder$"):
+        ZImagePipeline.from_pretrained(tiny_model_dir / "transformer")
+    (tmp_path / "z_image_turbo_bf16.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"missing .*; for single-file checkpoints \(ComfyUI, GGUF\) give the "
+                                                r"DiT file as transformer=FILE \(--transformer FILE\)"):
+        ZImagePipeline.from_pretrained(tmp_path)
+
+
 def test_hub_id_downloads_only_needed_files(tiny_model_dir, monkeypatch):
     calls = {}
 

@@ -167,8 +167,15 @@ def check_download_space(repo_id: str, allow_patterns: list[str], revision: str 
 def check_model_folder(folder: Path) -> Path:
     missing = [name for name in REQUIRED if not (folder / name).exists()]
     if missing:
+        hint = ""
+        parent = folder.resolve().parent
+        if all((parent / name).exists() for name in REQUIRED):  # a component folder of a model folder
+            hint = f"; it is a part of the model folder {parent}: give that folder"
+        elif any(folder.glob("*.safetensors")) or any(folder.glob("*.gguf")):  # a folder of single files
+            hint = ("; for single-file checkpoints (ComfyUI, GGUF) give the DiT file as transformer=FILE "
+                    "(--transformer FILE), and the others with --vae and --text-encoder")
         raise FileNotFoundError(
-            f"{folder} is not a Z-Image model folder (diffusers layout): missing {missing}"
+            f"{folder} is not a Z-Image model folder (diffusers layout): missing {missing}{hint}"
         )
     return folder
 
