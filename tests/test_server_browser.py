@@ -192,11 +192,22 @@ def test_a_prompt_cut_to_max_sequence_length_is_shown(page, server):
     page.get_by_role("button", name="1:1 small").click()
     page.fill("#steps", "2")
     page.fill("#guidance", "")
-    page.fill("#prompt", "a red fox in fresh snow, " * 30)  # 750 tokens for the fake engine (one per byte)
+    page.fill("#prompt", "a red fox in fresh snow, " * 30)  # 800 tokens in the chat format for the fake engine (one per byte)
     page.click("#generate")
     page.wait_for_selector("#message.info:not([hidden])")
     page.wait_for_function("document.querySelector('#message').textContent.includes('max_sequence_length')")
     assert "more than max_sequence_length 512" in page.inner_text("#message")
+    assert "raise max_sequence_length (the web page's Token limit) to 800" in page.inner_text("#message")
+    # the page's field takes it: the same prompt is then not cut
+    page.click("#format summary")
+    assert page.get_attribute("#max_sequence_length", "placeholder") == "512"
+    page.fill("#max_sequence_length", "800")
+    page.click("#generate")
+    job = page.locator("#jobs li.job").first
+    job.locator(".state", has_text=re.compile(r"Step|Done")).wait_for()
+    job_id = job.get_attribute("data-id")
+    state = httpx.get(f"{server.url}/api/v1/jobs/{job_id}").json()
+    assert state["params"]["max_sequence_length"] == 800 and state["advice"] == []
 
 
 def test_upload_image_mask_and_control_image(page, server, artifacts, tmp_path):

@@ -134,7 +134,8 @@ class Engine:
         said = []
         for i, count in zip(long, counts or ()):
             if count > limit:
-                fix = (f"raise max_sequence_length to {count} to keep them" if count <= most else
+                fix = (f"raise max_sequence_length (the web page's Token limit) to {count} to keep them"
+                       if count <= most else
                        f"shorten it (this server takes max_sequence_length up to {most})")
                 said.append(f"{names[i]} is {count} tokens long in the chat format, more than max_sequence_length "
                             f"{limit}: its last {count - limit} tokens (the end of the text and the chat format's "

@@ -107,6 +107,8 @@ function readForm() {
   if (variance) Object.assign(body, { seed_variance: variance, ...state.varianceShape });
   const cache = num("first_block_cache");
   if (cache) body.first_block_cache = cache;
+  const maxLen = num("max_sequence_length");
+  if (maxLen !== null) body.max_sequence_length = maxLen;
   const seed = $("seed").value.trim();
   if (seed !== "") body.seed = /^-?\d+$/.test(seed) ? Number(seed) : seed;  // -1: random
   if ($("template").value) body.template = $("template").value;
@@ -165,6 +167,7 @@ function reuse(params) {
   $("guidance").value = params.guidance_scale ?? "";
   $("seed_variance").value = params.seed_variance || "";
   $("first_block_cache").value = params.first_block_cache || "";
+  $("max_sequence_length").value = params.max_sequence_length ?? "";
   // share and steps have no field here: a re-used request keeps those it was made with
   state.varianceShape = params.seed_variance ? { seed_variance_share: params.seed_variance_share,
     seed_variance_steps: params.seed_variance_steps } : {};
@@ -363,6 +366,7 @@ async function init() {
   if (!$("width").value) setSize(d.width, d.height);
   for (const id of ["width", "height"]) { $(id).min = l.min_side; $(id).max = l.max_side; }
   $("steps").placeholder = d.steps; $("steps").max = l.max_steps;
+  $("max_sequence_length").placeholder = d.max_sequence_length; $("max_sequence_length").max = l.max_sequence_length;
   $("n").max = l.max_images;
   $("guidance").placeholder = d.guidance_scale;
   $("prompt").maxLength = l.max_prompt_chars;
