@@ -65,6 +65,11 @@ def test_ray_engine_generates_reports_progress_and_cancels(local_replica):
         engine.generate(request(steps=5), cancel)
     assert len(engine.encode(["a cat", "a dog"])) == 2
     assert engine.tokenize(["ab"]) == [[97, 98]]
+    # a prompt cut to max_sequence_length is counted on a replica, for the job's advice
+    assert engine.token_counts(["ab", "abc"]) == [2, 3]
+    long = GenerationRequest(prompt="a" * 600, width=32, height=32, steps=1, guidance_scale=0.0, seeds=[1])
+    (advice,) = engine.length_advice(long, 1024)
+    assert "more than max_sequence_length 512" in advice
 
 
 def test_scaling_options():

@@ -137,6 +137,9 @@ class ZImageReplica:
     def tokenize(self, texts: list[str], max_sequence_length: int | None = None):
         return self.engine.tokenize(texts, max_sequence_length)
 
+    def token_counts(self, texts: list[str]):
+        return self.engine.token_counts(texts)
+
     def rewrite(self, prompt: str, kwargs: dict[str, Any]) -> str:
         return self.engine.rewrite(prompt, **kwargs)
 
@@ -204,6 +207,9 @@ class RayEngine(Engine):
 
     def tokenize(self, texts, max_sequence_length=None):
         return self.handle.tokenize.remote(list(texts), max_sequence_length).result()
+
+    def token_counts(self, texts):
+        return self.handle.token_counts.remote(list(texts)).result()
 
     def rewrite(self, prompt: str, **kwargs) -> str:
         return self.handle.rewrite.remote(prompt, kwargs).result()
