@@ -170,7 +170,8 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @click.option("--assistant-content", default=None, help="Text after the think block.")
 @click.option("--force-think-block/--no-force-think-block", default=None, help="Empty think block without content.")
 @click.option("--strip-quotes/--no-strip-quotes", default=None, help='Remove " from the prompt.')
-@click.option("--max-sequence-length", type=int, default=512, show_default=True, help="Token limit of the prompt.")
+@click.option("--max-sequence-length", type=int, default=512, show_default=True,
+              help="Token limit of the prompt (longer prompts are cut; at most 1504).")
 @placement
 @speed
 @vae_tiling
