@@ -239,7 +239,8 @@ def test_a_lora_folder_is_taken_and_a_bad_scale_is_named(tiny_model_dir, tiny_pi
     weights = str(folder / "pytorch_lora_weights.safetensors")
     for text, message in ((f"{weights}:abc", f"Error: --lora {weights}:abc: the scale after ':' must be a number, "
                                              f"got 'abc'"),
-                          (f"{weights}:nan", f"Error: --lora {weights}:nan: the scale must be a finite number, got nan")):
+                          (f"{weights}:nan", f"Error: --lora {weights}:nan: the scale must be a finite number, "
+                                             f"got nan")):
         assert one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", text) == message
         assert one_line_error("convert", weights, str(tmp_path / "out.safetensors"), "--to", "diffusers",
                               "--lora", text) == message

@@ -192,7 +192,7 @@ def test_a_prompt_cut_to_max_sequence_length_is_shown(page, server):
     page.get_by_role("button", name="1:1 small").click()
     page.fill("#steps", "2")
     page.fill("#guidance", "")
-    page.fill("#prompt", "a red fox in fresh snow, " * 30)  # 800 tokens in the chat format for the fake engine (one per byte)
+    page.fill("#prompt", "a red fox in fresh snow, " * 30)  # 800 tokens in the chat format (one per byte here)
     page.click("#generate")
     page.wait_for_selector("#message.info:not([hidden])")
     page.wait_for_function("document.querySelector('#message').textContent.includes('max_sequence_length')")

@@ -149,7 +149,8 @@ def test_a_prompt_cut_to_max_sequence_length_is_reported(served, tiny_pipe):
             advice = c.get(job["url"]).json()["advice"]
             assert advice == [f"the prompt is {full} tokens long in the chat format, more than max_sequence_length "
                               f"64: its last {full - 64} tokens (the end of the text and the chat format's closing "
-                              f"tokens) are cut; raise max_sequence_length (the web page's Token limit) to {full} to keep them."]
+                              f"tokens) are cut; raise max_sequence_length (the web page's Token limit) to {full} "
+                              f"to keep them."]
             assert events[1].type == "started" and events[1].data["advice"] == advice
         legacy = c.post("/api/generate", json={"prompt": long, **call}).json()
         assert legacy["advice"] == advice
