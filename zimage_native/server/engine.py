@@ -142,6 +142,9 @@ class Engine:
                             f"closing tokens) are cut; {fix}.")
         return said
 
+    def warmup(self) -> None:
+        """Run whatever compiles or captures before the server reports ready (default: nothing)."""
+
 
 def count_tokens(tokenizer, texts: list[str]) -> list[int]:
     """Token counts of chat-formatted texts as the text encoder tokenizes them, before any cut."""
