@@ -262,9 +262,10 @@ def test_encoder_only_engine_matches_the_pipeline_encoder(tiny_model_dir, tiny_p
         assert torch.equal(got, want)
     assert engine.text_encoder_info()["hidden_size"] == 48 and not engine.can_generate
     settings = ServerSettings(data_dir=tmp_path)
-    with LiveServer(create_app(engine, settings)) as live:
+    with LiveServer(create_app(engine, settings, warmup=True)) as live:  # zimage serve --encoder-only --warmup
         remote = RemoteTextEncoder(live.url)
         assert torch.equal(remote.encode(texts[:1])[0], tiny_pipe.text_encoder.encode(texts[:1])[0])
+        assert remote.token_counts(texts) == [len(ids) for ids in tiny_pipe.text_encoder.tokenize(texts, 10**6)]
         kwargs = dict(max_new_tokens=5, temperature=0.0)
         assert remote.rewrite("a cat", **kwargs) == tiny_pipe.rewrite("a cat", **kwargs)
 
