@@ -22,6 +22,8 @@ compiled extensions are built for one torch release; the engine supports several
 
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,17 +36,28 @@ INT4_GROUP = 128
 CHUNK_ROWS = 4096
 
 
-def _by_rows(fn, weight: torch.Tensor, *args) -> tuple[torch.Tensor, ...]:
-    """``fn`` (a per-row quantiser returning tensors with rows first) over chunks of rows, joined."""
-    if weight.shape[0] <= CHUNK_ROWS:
-        return fn(weight, *args)
-    parts = [fn(weight[i:i + CHUNK_ROWS], *args) for i in range(0, weight.shape[0], CHUNK_ROWS)]
-    return tuple(torch.cat(tensors) for tensors in zip(*parts))
+def _by_rows(fn, weight: torch.Tensor, dtype: torch.dtype | None, device: torch.device | str | None,
+             *args) -> tuple[torch.Tensor, ...]:
+    """``fn`` (a per-row quantiser returning tensors with rows first) over chunks of rows, each chunk
+    moved to ``device`` and cast to ``dtype`` first (None: as it is), written into the outputs."""
+    n = weight.shape[0]
+    if n <= CHUNK_ROWS:
+        return fn(weight.to(device=device, dtype=dtype), *args)
+    out = None
+    for i in range(0, n, CHUNK_ROWS):
+        part = fn(weight[i:i + CHUNK_ROWS].to(device=device, dtype=dtype), *args)
+        if out is None:
+            out = tuple(torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in part)
+        for whole, t in zip(out, part):
+            whole[i:i + t.shape[0]] = t
+    return out
 
 
-def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) -> int8 codes (N, K) and fp32 scales (N,), symmetric per row: w ~= q * scale."""
-    return _by_rows(_int8_rows, weight.detach())
+def int8_rows(weight: torch.Tensor, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) -> int8 codes (N, K) and fp32 scales (N,), symmetric per row: w ~= q * scale; the codes
+    of ``weight`` cast to ``dtype``, computed on ``device`` (both None: as it is)."""
+    return _by_rows(_int8_rows, weight.detach(), dtype, device)
 
 
 def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,14 +94,18 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row"
 
 
-def int4_groups(weight: torch.Tensor, group_size: int, dtype: torch.dtype):
+def int4_groups(weight: torch.Tensor, group_size: int, dtype: torch.dtype, device: torch.device | str | None = None):
     """(N, K) -> packed codes (N, K/2) uint8 (even column in the low nibble), and a scale and a
-    minimum per group of ``group_size`` columns, (N, K/group_size) in ``dtype``."""
-    n, k = weight.shape
-    if k % group_size or group_size % 2:
-        raise ValueError(f"int4 needs the input features ({k}) to be a multiple of the group size "
+    minimum per group of ``group_size`` columns, (N, K/group_size) in ``dtype``: the codes of
+    ``weight`` cast to ``dtype``, computed on ``device`` (None: where it is)."""
+    check_int4_width(weight.shape[1], group_size)
+    return _by_rows(_int4_groups, weight.detach(), dtype, device, group_size, dtype)
+
+
+def check_int4_width(in_features: int, group_size: int) -> None:
+    if in_features % group_size or group_size % 2:
+        raise ValueError(f"int4 needs the input features ({in_features}) to be a multiple of the group size "
                          f"({group_size}, even); this layer cannot be quantised to int4")
-    return _by_rows(_int4_groups, weight.detach(), group_size, dtype)
 
 
 def _int4_groups(weight: torch.Tensor, group_size: int, dtype: torch.dtype):
@@ -187,6 +204,67 @@ def quantize_text_encoder(model: nn.Module, mode: str, device: torch.device | st
             if isinstance(child, (nn.Linear, nn.Embedding)):
                 setattr(parent, name, convert(child))
     return model if device is None else model.to(device)
+
+
+def swap_for_quantized_(model: nn.Module, mode: str, group_size: int = INT4_GROUP) -> dict[str, nn.Module]:
+    """Replace every ``nn.Linear`` of ``model`` (built on meta) by an empty ``mode`` ("int8" or "int4")
+    linear and every ``nn.Embedding`` by an empty :class:`Int8Embedding`, on meta, for
+    :func:`quantize_items` to fill; returns the new modules by path. An int4 width that is not a
+    multiple of ``group_size`` is refused here, before any weight is read."""
+    meta = torch.device("meta")
+    swapped = {}
+    for path, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Embedding):
+                n, k = child.weight.shape
+                new = Int8Embedding(torch.empty(n, k, dtype=torch.int8, device=meta),
+                                    torch.empty(n, device=meta), child.weight.dtype)
+            elif isinstance(child, nn.Linear) and mode == "int8":
+                n, k = child.weight.shape
+                new = Int8Linear(torch.empty(n, k, dtype=torch.int8, device=meta), torch.empty(n, device=meta),
+                                 child.bias)
+            elif isinstance(child, nn.Linear):
+                n, k = child.weight.shape
+                check_int4_width(k, group_size)
+                groups = torch.empty(n, k // group_size, dtype=child.weight.dtype, device=meta)
+                new = Int4Linear(torch.empty(n, k // 2, dtype=torch.uint8, device=meta), groups, groups.clone(),
+                                 child.bias)
+            else:
+                continue
+            setattr(parent, name, new)
+            swapped[f"{path}.{name}" if path else name] = new
+    return swapped
+
+
+def quantize_items(items: Iterable[tuple[str, torch.Tensor]], swapped: dict[str, nn.Module],
+                   device: torch.device | str, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (key, tensor) pairs of a state dict as read (any floating dtype), turned into those of the
+    model that :func:`swap_for_quantized_` made, in ``dtype`` on ``device``. Each swapped module's
+    weight is quantised as it arrives, in chunks of :data:`CHUNK_ROWS` rows, each chunk cast to
+    ``dtype`` and moved to ``device`` first (the codes of the weight cast whole), so no weight is
+    ever held in ``dtype`` whole, let alone the encoder. The other tensors (norms, biases, packed GGUF
+    bytes) are cast and moved; floating ones are copied, so that none keeps the file it was read
+    from mapped."""
+    from .formats.tensors import cast
+
+    device = torch.device(device)
+    for key, t in items:
+        path, _, leaf = key.rpartition(".")
+        module = swapped.get(path)
+        if module is None or leaf != "weight":
+            moved = cast(t, dtype).to(device)
+            yield key, moved.clone() if moved is t and t.is_floating_point() else moved
+            continue
+        target = dtype or t.dtype
+        if isinstance(module, Int4Linear):
+            names, tensors = ("packed", "scale", "minimum"), int4_groups(t, module.group_size, target, device)
+        else:
+            names, tensors = ("qweight", "scale"), int8_rows(t, target, device)
+            if isinstance(module, Int8Embedding):
+                module.dtype = target
+        del t
+        for name, tensor in zip(names, tensors):
+            yield f"{path}.{name}", tensor
 
 
 def weight_bytes(module: nn.Module) -> int:

@@ -22,7 +22,7 @@ from torch import nn
 
 from .devices import check_component_fits
 from .loading import assign_state_dict, build_on_meta, iter_tensors, read_weights, safetensors_files
-from .quantize import quantize_text_encoder
+from .quantize import QUANT_MODES, quantize_items, swap_for_quantized_
 
 logger = logging.getLogger(__name__)
 
@@ -67,28 +67,33 @@ def load_truncated_qwen3(full, items: Iterable[tuple[str, torch.Tensor]], dtype:
     with the first N-1 layers and no final norm, loaded strictly (see :func:`unused_key`).
 
     Floating tensors are cast to ``dtype`` and moved to ``device`` as they are taken, skipped ones
-    never. ``quant`` "int8" | "int4" quantises the weights (:mod:`zimage_native.quantize`): they are
-    then kept on the CPU and quantised one by one on ``device``, so the device never holds them all
-    in full precision. ``prepare(model)`` runs on the model built on meta before the weights are
-    assigned (the GGUF loader swaps in its packed linears there).
+    never. ``quant`` "int8" | "int4" quantises the weights (:mod:`zimage_native.quantize`) as they
+    are taken, by chunks of rows cast and moved to ``device`` (:func:`~zimage_native.quantize.quantize_items`),
+    so neither the host nor the device ever holds the encoder, or one of its weights, in ``dtype``:
+    the host holds the quantised weights and the one being read as stored. ``prepare(model)`` runs on the model built on meta before the weights are
+    assigned (the GGUF loader swaps in its packed linears there; they are kept as they are).
     """
     from .formats.tensors import cast
 
     model, config, n = build_truncated_qwen3(full)
     if prepare is not None:
         prepare(model)
-    if quant == "none":  # read straight onto the device: check it fits first (quantised: see loading)
-        check_component_fits("text encoder", model, dtype, torch.device(device))
-    read_on = device if quant == "none" else "cpu"
-    state_dict = read_weights(((k, cast(t, dtype).to(read_on)) for k, t in items if not unused_key(k, n)),
-                              "text encoder", model, dtype)
+    kept = ((k, t) for k, t in items if not unused_key(k, n))
+    if quant == "none":
+        taken = ((k, cast(t, dtype).to(device)) for k, t in kept)
+    elif quant in QUANT_MODES:
+        taken = quantize_items(kept, swap_for_quantized_(model, quant), device, dtype)
+    else:
+        raise ValueError(f"text encoder quantisation must be one of {QUANT_MODES}, got {quant!r}")
+    check_component_fits("text encoder", model, dtype, torch.device(device))  # what the device will hold
+    state_dict = read_weights(taken, "text encoder", model, dtype)
     rotary = model.rotary_emb
     model.rotary_emb = None  # its inv_freq buffer is computed, not loaded: rebuild it below on the device
     assign_state_dict(model, state_dict, "text_encoder")
-    del state_dict  # the model holds the weights now: each one is freed as soon as it is quantised
+    del state_dict
     with torch.device(device):
         model.rotary_emb = type(rotary)(config=config)
-    return quantize_text_encoder(model.eval().requires_grad_(False), quant, device)
+    return model.eval().requires_grad_(False)
 
 
 def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: torch.device | str,
@@ -106,8 +111,8 @@ def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: to
     def keep(key: str) -> bool:  # skip reading what is not loaded
         return not unused_key(key.removeprefix("model."), n)
 
-    read_on = device if quant == "none" else "cpu"
-    items = ((k.removeprefix("model."), t) for k, t in iter_tensors(safetensors_files(folder), dtype, read_on, keep))
+    read = iter_tensors(safetensors_files(folder), dtype if quant == "none" else None, "cpu", keep)  # quantised: cast by rows
+    items = ((k.removeprefix("model."), t) for k, t in read)
     return load_truncated_qwen3(full, items, dtype, device, quant)
 
 
