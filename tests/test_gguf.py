@@ -618,11 +618,16 @@ def test_gguf_text_encoder_errors_and_cli(tiny_model_dir, tmp_path):
         load_component("transformer", bare, None, "cpu")
     # `--text-encoder FILE.gguf` replaces the model folder's encoder, checked against the folder's config
     # (the tiny folder's encoder has head_dim 12).
+    with pytest.raises(ValueError, match="head_dim=12 does not match the checkpoint"):
+        load_component("text_encoder", bare, None, "cpu", tiny_model_dir / "text_encoder" / "config.json")
+    # From the command line its hidden size (256) is refused first, against the DiT's caption width (48),
+    # before any weight is read.
     out = tmp_path / "out.png"
     base = ["--device", "cpu", "--steps", "1", "--width", "32", "--height", "32", "--no-progress"]
     result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "--text-encoder",
                                        str(bare), "-o", str(out), *base])
-    assert result.exit_code == 1 and "head_dim=12 does not match the checkpoint" in result.output, result.output
+    assert result.exit_code == 1 and "text encoder hidden size 256" in result.output, result.output
+    assert "cap_feat_dim 48" in result.output and len(result.output.strip().splitlines()) == 1, result.output
     # GGUF DiT + GGUF text encoder as single files (tokenizer and VAE from the tiny folder) generate an image.
     dit, _ = write_dit(tmp_path / "dit-Q4_K.gguf", "Q4_K")
     result = CliRunner().invoke(main, ["generate", "a cat", "--transformer", str(dit), "--text-encoder", str(bare),

@@ -165,3 +165,39 @@ def test_loading_shows_progress_in_bytes_for_large_components(tiny_model_dir, tm
     loading.load_component("transformer", single, torch.bfloat16, "cpu", {"axes_dims": [8, 12, 12]})
     (bar,) = RecordingBar.bars
     assert bar.desc == "loading transformer" and bar.disable is None and bar.n == bar.total  # shown on a terminal
+
+
+def test_a_text_encoder_of_another_width_is_refused_before_any_weight_is_read(tiny_model_dir, tmp_path, monkeypatch):
+    """A Qwen3 whose hidden size is not the DiT's caption width (another Qwen3 size) was found only
+    after the DiT, the VAE and the encoder had all been loaded: now from the headers, before."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    import zimage_native.loading as loading
+    from zimage_native.testing import randomize_
+
+    from .fixtures import TINY_QWEN3
+
+    wide = tmp_path / "wide"
+    config = json.loads((tiny_model_dir / "text_encoder" / "config.json").read_text())
+    randomize_(Qwen3Model(Qwen3Config(**dict(TINY_QWEN3, vocab_size=config["vocab_size"], hidden_size=64))), 1
+               ).save_pretrained(wide)
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    shutil.rmtree(folder / "text_encoder")
+    shutil.copytree(wide, folder / "text_encoder")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were read before the widths were compared")
+
+    monkeypatch.setattr(loading, "load_module", no_load)
+    monkeypatch.setattr(loading, "load_component", no_load)
+    width = r"text encoder hidden size 64 \(.*\) does not match the transformer's cap_feat_dim 48"
+    with pytest.raises(ValueError, match=width):
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", text_encoder=wide / "model.safetensors")
+    with pytest.raises(ValueError, match=width):
+        ZImagePipeline.from_pretrained(folder, device="cpu")
+    with pytest.raises(ValueError, match=width):
+        ZImagePipeline.from_single_files(transformer=tiny_model_dir / "transformer", vae=tiny_model_dir / "vae",
+                                         text_encoder=wide, tokenizer=tiny_model_dir / "tokenizer", device="cpu")
+    assert loading.header_width("transformer", tiny_model_dir / "transformer") == 48
+    assert loading.header_width("text_encoder", tmp_path / "nothing.safetensors") is None

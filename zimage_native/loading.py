@@ -294,6 +294,42 @@ def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, devi
     return module.eval().requires_grad_(False)
 
 
+def header_width(kind: str, path: str | os.PathLike) -> int | None:
+    """From the headers alone: the caption width a DiT at ``path`` takes (``cap_feat_dim``), or the
+    hidden size of a text encoder there (a file in any supported format, or a component folder);
+    None when the headers cannot tell (the load then says why)."""
+    key = {"transformer": ("cap_embedder.0.weight", 0), "text_encoder": ("embed_tokens.weight", 1)}[kind]
+    try:
+        path = Path(path).expanduser()
+        if path.is_file() and sniff(path) == "gguf":
+            from .formats.gguf import GGUFCheckpoint, inspect_gguf
+            from .formats.gguf import canonical_shapes as gguf_shapes
+
+            with GGUFCheckpoint(path) as ckpt:
+                shapes = gguf_shapes(ckpt, inspect_gguf(ckpt).component(kind))
+        else:
+            with Checkpoint(path) as ckpt:
+                shapes = canonical_shapes(ckpt, inspect_checkpoint(ckpt).component(kind))
+        return int(shapes[key[0]][key[1]])
+    except Exception:  # noqa: BLE001 - a file that cannot be read is reported by its load, in its words
+        return None
+
+
+def qwen3_hidden_size(config_json: Path) -> int | None:
+    """The hidden size in a Qwen3 config.json; None for another model (refused, with its reason, when it loads)."""
+    config = json.loads(config_json.read_text())
+    return config.get("hidden_size") if config.get("model_type") == "qwen3" else None
+
+
+def check_widths(cap_feat_dim: int | None, hidden: int | None, transformer, text_encoder) -> None:
+    """Refuse, before any weight is read, a text encoder whose hidden size is not the DiT's caption
+    width (a Qwen3 other than the 4B, say): found after loading, it cost the whole load first."""
+    if cap_feat_dim is not None and hidden is not None and cap_feat_dim != hidden:
+        raise ValueError(f"text encoder hidden size {hidden} ({text_encoder}) does not match the transformer's "
+                         f"cap_feat_dim {cap_feat_dim} ({transformer}): Z-Image's DiT takes the features of "
+                         f"Qwen3-4B (hidden size 2560)")
+
+
 def read_scheduler_config(scheduler_config: SchedulerConfig | dict | str | os.PathLike | None) -> SchedulerConfig:
     """None: the released Turbo scheduler (shift 3.0); else a SchedulerConfig, a dict or a scheduler_config.json."""
     if scheduler_config is None:
@@ -351,6 +387,8 @@ def load_single_files(
     warn_if_cpu_fallback(device, resolved)
     device, dtype = resolved, resolve_dtype(dtype, resolved)
     scfg = read_scheduler_config(scheduler_config)
+    check_widths(header_width("transformer", transformer), header_width("text_encoder", given["text_encoder"]),
+                 transformer, given["text_encoder"])
     tok = load_tokenizer(tokenizer)
     dit = load_component("transformer", transformer, dtype, device, transformer_config)
     ae = load_component("vae", given["vae"], dtype, device, vae_config)
@@ -500,6 +538,14 @@ def load_pretrained(
         check_weights_fit(folder_weight_bytes(folder, skip, dtype, text_encoder_quant, offload), placement, offload,
                           advice=lambda device, free: settings_that_fit(folder, skip, dtype, placement, device, free))
     scfg = SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
+    if text_encoder_url is None:
+        dit_source = transformer if transformer is not None else folder / "transformer"
+        te_source = text_encoder if text_encoder is not None else folder / "text_encoder"
+        check_widths(header_width("transformer", transformer) if transformer is not None else
+                     TransformerConfig.from_json(folder / "transformer" / "config.json").cap_feat_dim,
+                     header_width("text_encoder", text_encoder) if text_encoder is not None else
+                     qwen3_hidden_size(folder / "text_encoder" / "config.json"),
+                     dit_source, te_source)
     logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
     if transformer is not None:
         dit = load_component("transformer", transformer, dtype, storage["transformer"],
