@@ -129,3 +129,31 @@ def test_header_entries_of_the_wrong_form(tmp_path):
     path.write_bytes(struct.pack("<Q", len(body)) + body)
     with pytest.raises(CorruptCheckpointError, match="unreadable header: TypeError"):
         check_safetensors(path)
+
+
+def test_a_cut_file_fails_before_any_weight_is_read(tiny_model_dir, dit_file, tmp_path, monkeypatch):
+    """A text encoder shard cut short (an interrupted download) was found only after the DiT and the
+    VAE had been read (the whole DiT, 12-25 GB for the released model): every weight file's header is
+    checked first now, in the folder and in single files."""
+    import zimage_native.loading as loading
+    from zimage_native import ZImagePipeline
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    te = cut(folder / "text_encoder" / "model.safetensors", fraction=0.9)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were read before the cut file was found")
+
+    monkeypatch.setattr(loading, "load_module", no_load)
+    monkeypatch.setattr(loading, "load_component", no_load)
+    with pytest.raises(CorruptCheckpointError) as err:
+        ZImagePipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    one_line(str(err.value), te)
+    with pytest.raises(CorruptCheckpointError) as err:
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", text_encoder=te)
+    one_line(str(err.value), te)
+    with pytest.raises(CorruptCheckpointError) as err:
+        ZImagePipeline.from_single_files(transformer=dit_file, vae=tiny_model_dir / "vae", text_encoder=te,
+                                         tokenizer=tiny_model_dir / "tokenizer", device="cpu")
+    one_line(str(err.value), te)

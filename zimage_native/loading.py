@@ -7,7 +7,8 @@
 
 The policy, stated once:
 - a file cut short or not a safetensors file fails in one line naming it (``CorruptCheckpointError``),
-  before safetensors reads it;
+  before safetensors reads it; a pipeline's loads check every weight file's header before reading
+  any weight (:func:`check_weight_files`);
 - modules are built on the ``meta`` device (no memory, no init cost) and weights are assigned;
 - every tensor is cast to the requested dtype as it is read, one tensor at a time, so a 24.6 GB
   fp32 checkpoint loads into 12.3 GB of bf16 without ever holding two full copies;
@@ -294,6 +295,29 @@ def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, devi
     return module.eval().requires_grad_(False)
 
 
+def check_weight_files(paths: Iterable[str | os.PathLike]) -> None:
+    """Before any weight is read: raise :class:`CorruptCheckpointError` if a weight file of ``paths``
+    (component files or folders) is cut short or damaged, so that an interrupted download fails at
+    once rather than after the components loaded before it (the whole DiT, before a cut text
+    encoder shard). Reads headers only; any other problem is left to the load, which names it."""
+    from .formats.checkpoint import CorruptCheckpointError
+
+    for path in paths:
+        try:
+            path = Path(path).expanduser()
+            if path.is_file() and sniff(path) == "gguf":
+                from .formats.gguf import check_gguf
+
+                check_gguf(path)
+            elif path.exists():
+                for file in safetensors_files(path):
+                    check_safetensors(file)
+        except CorruptCheckpointError:
+            raise
+        except Exception:  # noqa: BLE001 - reported by the load, in its words
+            continue
+
+
 def header_width(kind: str, path: str | os.PathLike) -> int | None:
     """From the headers alone: the caption width a DiT at ``path`` takes (``cap_feat_dim``), or the
     hidden size of a text encoder there (a file in any supported format, or a component folder);
@@ -387,6 +411,7 @@ def load_single_files(
     warn_if_cpu_fallback(device, resolved)
     device, dtype = resolved, resolve_dtype(dtype, resolved)
     scfg = read_scheduler_config(scheduler_config)
+    check_weight_files(dict.fromkeys((transformer, given["vae"], given["text_encoder"])))
     check_widths(header_width("transformer", transformer), header_width("text_encoder", given["text_encoder"]),
                  transformer, given["text_encoder"])
     tok = load_tokenizer(tokenizer)
@@ -538,9 +563,11 @@ def load_pretrained(
         check_weights_fit(folder_weight_bytes(folder, skip, dtype, text_encoder_quant, offload), placement, offload,
                           advice=lambda device, free: settings_that_fit(folder, skip, dtype, placement, device, free))
     scfg = SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
+    dit_source = transformer if transformer is not None else folder / "transformer"
+    te_source = text_encoder if text_encoder is not None else folder / "text_encoder"
+    check_weight_files([dit_source, vae if vae is not None else folder / "vae",
+                        *([te_source] if text_encoder_url is None else [])])
     if text_encoder_url is None:
-        dit_source = transformer if transformer is not None else folder / "transformer"
-        te_source = text_encoder if text_encoder is not None else folder / "text_encoder"
         check_widths(header_width("transformer", transformer) if transformer is not None else
                      TransformerConfig.from_json(folder / "transformer" / "config.json").cap_feat_dim,
                      header_width("text_encoder", text_encoder) if text_encoder is not None else
