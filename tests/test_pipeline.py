@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from zimage_native.prompt.format import format_prompt
+
 from .utils import assert_rel
 
 LONG = "a watercolor painting of mountains at dawn, soft light, mist over the lake, a small red boat"
@@ -123,6 +125,18 @@ def test_long_prompt_warns_with_token_counts(tiny_pipe, caplog):
         feats = tiny_pipe.encode_prompt([LONG], max_sequence_length=10)
     assert feats[0].shape[0] == 10
     assert "more than max_sequence_length 10" in caplog.text
+    full = len(tiny_pipe.text_encoder.tokenizer([format_prompt(LONG)], add_special_tokens=False)["input_ids"][0])
+    assert f"Raise max_sequence_length to {full} to keep them" in caplog.text
+
+
+def test_a_prompt_past_the_dits_caption_positions_is_told_to_shorten_not_to_raise(tiny_pipe, caplog):
+    """Past 1504 tokens no max_sequence_length keeps a prompt (the released DiTs refuse more), so the
+    warning says to shorten it."""
+    words = " ".join(f"w{i}" for i in range(1600))
+    with caplog.at_level("WARNING"):
+        tiny_pipe.text_encoder.tokenize([format_prompt(words)], 512)
+    assert "Shorten the prompt to keep them (the released DiTs take max_sequence_length up to 1504)" in caplog.text
+    assert "Raise max_sequence_length" not in caplog.text
 
 
 def test_calls_from_several_threads_run_one_at_a_time(tiny_pipe):

@@ -22,6 +22,7 @@ from torch import nn
 
 from .devices import check_component_fits
 from .loading import assign_state_dict, build_on_meta, iter_tensors, read_weights, safetensors_files
+from .prompt.format import CAPTION_TOKENS_MOST
 from .quantize import QUANT_MODES, quantize_items, swap_for_quantized_
 
 logger = logging.getLogger(__name__)
@@ -149,10 +150,13 @@ class TextEncoder:
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         for i, row in enumerate(ids):
             if len(row) > limit:
+                fix = (f"Raise max_sequence_length to {len(row)} to keep them" if len(row) <= CAPTION_TOKENS_MOST else
+                       f"Shorten the prompt to keep them (the released DiTs take max_sequence_length up to "
+                       f"{CAPTION_TOKENS_MOST})")
                 logger.warning(
                     "prompt %d has %d tokens, more than max_sequence_length %d: the last %d tokens "
-                    "(including the chat scaffold's closing tokens) are cut. Raise max_sequence_length to keep them.",
-                    i, len(row), limit, len(row) - limit,
+                    "(including the chat scaffold's closing tokens) are cut. %s.",
+                    i, len(row), limit, len(row) - limit, fix,
                 )
         return [row[:limit] for row in ids]
 

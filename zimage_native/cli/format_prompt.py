@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 
 from ..hub import DEFAULT_MODEL
+from ..prompt.format import CAPTION_TOKENS_MOST
 from ._common import user_errors
 from .templates import registry_for, templates_dir_option
 
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
-MOST_TOKENS = 1504  # the released DiTs' caption positions (generate.check_caption_fits)
 
 
 def load_tokenizer(model: str):
@@ -105,9 +105,9 @@ def format_prompt_command(prompt, system_prompt, thinking_content, assistant_con
         click.echo()
     click.echo(f"tokens: {len(ids)}")
     click.echo(f"ids: {ids}")
-    if len(ids) > MOST_TOKENS:  # no limit keeps them all
+    if len(ids) > CAPTION_TOKENS_MOST:  # no limit keeps them all
         click.echo(f"note: {len(ids)} tokens is more than the released models take (--max-sequence-length "
-                   f"{MOST_TOKENS} at most): shorten the prompt, or its last {len(ids) - MOST_TOKENS} tokens are cut")
+                   f"{CAPTION_TOKENS_MOST} at most): shorten the prompt, or its last {len(ids) - CAPTION_TOKENS_MOST} tokens are cut")
     elif len(ids) > DEFAULT_MAX_SEQUENCE_LENGTH:
         over = len(ids) - DEFAULT_MAX_SEQUENCE_LENGTH
         click.echo(f"note: {len(ids)} tokens is more than the default max_sequence_length "

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
+# The released DiTs number the caption rows (padded to a multiple of 32) on their first RoPE axis,
+# 1536 positions: (1536 - 2) // 32 * 32 is the longest chat-formatted prompt, in tokens, they take.
+CAPTION_TOKENS_MOST = 1504
 
 
 def format_prompt(
