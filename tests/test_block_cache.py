@@ -3,6 +3,7 @@ rule on diffusers' DiT, and against the uncached engine."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -159,6 +160,17 @@ def test_each_request_starts_afresh_and_records_the_threshold(pipe):
 def test_bad_thresholds_are_refused(pipe, bad):
     with pytest.raises(ValueError, match="first_block_cache must be a number >= 0"):
         pipe("a cat", seed=0, first_block_cache=bad, **KW)
+
+
+def test_thresholds_are_any_real_number():
+    """numpy's float32 (a value from an array or a config) is a threshold, as for the other settings."""
+    from zimage_native.accel.block_cache import check_threshold
+
+    for good in (0, 0.1, np.float32(0.1), np.float64(0.2), np.int64(1)):
+        check_threshold(good)
+    for bad in (np.float32("nan"), np.float64(-0.1), np.bool_(True)):
+        with pytest.raises(ValueError, match="first_block_cache must be a number >= 0"):
+            check_threshold(bad)
 
 
 def test_refused_under_cuda_graphs_and_full_compile_before_any_work(fresh_pipe, monkeypatch):

@@ -34,14 +34,16 @@ docs/performance.md, "First-block cache").
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
 
 
 def check_threshold(threshold) -> None:
-    """A first-block cache threshold must be a finite number >= 0 (0 turns the cache off)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+    """A first-block cache threshold must be a finite number >= 0 (0 turns the cache off); any real
+    number (numpy's float32 too), as the other settings take."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) \
             or threshold < 0:
         raise ValueError(f"first_block_cache must be a number >= 0 (0 = off; 0.05 to 0.2 is a usual range), "
                          f"got {threshold!r}")
