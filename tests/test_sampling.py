@@ -4,6 +4,7 @@ numpy / torch image inputs, prompt_embeds, callback_on_step_end), one text-encod
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -180,6 +181,28 @@ def test_numpy_integers_are_taken_and_seeds_are_checked(tiny_pipe):
             tiny_pipe("a cat", width=32, height=32, seed=bad, **kw)
     with pytest.raises(ValueError, match="positive multiple of 16"):
         tiny_pipe("a cat", width=32.0, height=32, **kw)
+
+
+def test_numpy_and_tensor_settings_are_recorded_as_plain_numbers(tiny_pipe):
+    """Number settings given as numpy scalars or 0-d tensors run as the same floats, and ``out.info``
+    holds them as plain Python numbers: the PNG writer and the server serialise it to JSON."""
+    from zimage_native.metadata import image_record, png_info
+
+    kw = dict(height=32, width=32, seed=1, num_inference_steps=2, output_type="latent")
+    plain = dict(guidance_scale=1.5, shift=2.5, cfg_truncation=0.9, cfg_normalization=1.2, seed_variance=10.0,
+                 seed_variance_share=0.25, seed_variance_steps=0.5, first_block_cache=0.1)
+    for wrap in (np.float32, np.float64, torch.tensor, np.array):
+        given = {k: wrap(v) for k, v in plain.items()}
+        out = tiny_pipe("a cat", **kw, **given)
+        want = tiny_pipe("a cat", **kw, **{k: float(wrap(v)) for k, v in plain.items()})
+        assert torch.equal(out.images, want.images)
+        numbers = {k: v for k, v in out.info.items() if k in plain}
+        assert numbers and all(type(v) is float for v in numbers.values()), numbers
+        assert json.loads(json.dumps(out.info)) == out.info
+        png_info(image_record(out.info, 0))
+    image = np.full((32, 32, 3), 0.5, dtype=np.float32)
+    out = tiny_pipe("a cat", image=image, strength=np.float32(0.75), **kw)
+    assert type(out.info["strength"]) is float and out.info["strength"] == float(np.float32(0.75))
 
 
 def test_strength_without_an_image_is_refused(tiny_pipe):

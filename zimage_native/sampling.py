@@ -30,6 +30,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -609,6 +610,24 @@ def _integer(value):
     return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
+#: The request's number settings, made plain Python numbers by :func:`resolve` (:func:`_number`).
+NUMBER_SETTINGS = ("guidance_scale", "shift", "strength", "cfg_normalization", "cfg_truncation", "control_scale",
+                   "seed_variance", "seed_variance_share", "seed_variance_steps", "first_block_cache")
+
+
+def _number(value):
+    """A numpy number or a one-value (0-d) array or tensor as a Python int or float, so that the run's
+    record (``out.info``, the PNG and server records) holds plain JSON numbers; anything else (a
+    bool, a string, a list) as it is, for the checks to refuse by name."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value) if isinstance(value, numbers.Real) else value
+
+
 def check_size_fits(width: int, height: int, axes_lens, multiple: int = 16) -> None:
     """The DiT's RoPE tables hold ``axes_lens[1]`` rows and ``axes_lens[2]`` columns of patches (the
     released models: 512 each, so sides up to 8192 pixels); a larger side is refused by name."""
@@ -625,6 +644,7 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
     for name in ("prompt_embeds", "negative_prompt_embeds"):  # before r.n counts them
         if getattr(r, name) is not None:
             check_embeds(name, getattr(r, name), width)
+    r = dataclasses.replace(r, **{name: _number(getattr(r, name)) for name in NUMBER_SETTINGS})
     task = get_task(task_name(r))
     inputs, w, h = task.read(pipe, r)
     suggested = dict(getattr(pipe._template(r.template), "settings", None) or {})
@@ -637,8 +657,8 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
         steps=_integer(sigma_count if sigma_count else r.steps if r.steps is not None  # sigmas set the step count
                        else suggested.get("steps", defaults.num_inference_steps)),
         seeds=check_seeds(r.seeds),
-        guidance_scale=(r.guidance_scale if r.guidance_scale is not None
-                        else suggested.get("guidance_scale", defaults.guidance_scale)),
+        guidance_scale=_number(r.guidance_scale if r.guidance_scale is not None
+                               else suggested.get("guidance_scale", defaults.guidance_scale)),
         negative_prompt=r.negative_prompt if r.negative_prompt is not None else suggested.get("negative_prompt"),
         strength=r.strength if r.strength is not None else getattr(task, "default_strength", None),
         num_images_per_prompt=_integer(r.n),
