@@ -136,6 +136,37 @@ def test_png_metadata_and_rerun_from_image(tiny_model_dir, tmp_path):
     assert read_metadata(other)["seed"] == 43 and not np.array_equal(pixels(first), pixels(other))
 
 
+def test_from_image_reruns_custom_sigmas_and_the_cfg_settings(tiny_model_dir, tiny_pipe, tmp_path):
+    """The record holds what made the image: custom sigmas (a library call's; no flag sets them), CFG
+    truncation and normalisation and the token limit. --from-image re-runs them (it ran the default
+    schedule, no truncation, no normalisation and 512 tokens); --steps replaces the sigmas, with a note."""
+    from zimage_native.metadata import image_record, png_info
+
+    kw = dict(width=32, height=32, seed=4, guidance_scale=2.0, cfg_truncation=0.1, cfg_normalization=1.05,
+              max_sequence_length=20)
+    prompt = "a cat on a red sofa by a window, soft afternoon light, film grain"
+    out = tiny_pipe(prompt, sigmas=[1.0, 0.7, 0.3], **kw)
+    made = tmp_path / "made.png"
+    out.images[0].save(made, pnginfo=png_info(image_record(out.info, 0)))
+    record = read_metadata(made)
+    assert record["sigmas"] == [1.0, 0.7, 0.3] and record["steps"] == 3
+    assert (record["cfg_truncation"], record["cfg_normalization"], record["max_sequence_length"]) == (0.1, 1.05, 20)
+    with Image.open(made) as im:
+        assert "Sigmas: 1 0.7 0.3" in im.info["parameters"]
+    for change in (dict(sigmas=None, num_inference_steps=3), dict(cfg_truncation=1.0), dict(cfg_normalization=0.0),
+                   dict(max_sequence_length=512)):  # each setting changes this image
+        args = {**kw, "sigmas": [1.0, 0.7, 0.3], **change}
+        assert not np.array_equal(np.asarray(tiny_pipe(prompt, **args).images[0]), pixels(made)), change
+    again = tmp_path / "again.png"
+    run("generate", "--from-image", made, "-o", again, "--device", "cpu", "--no-progress")
+    assert np.array_equal(pixels(again), pixels(made))
+    assert read_metadata(again)["sigmas"] == [1.0, 0.7, 0.3]
+    other = tmp_path / "other.png"
+    result = run("generate", "--from-image", made, "-o", other, "--device", "cpu", "--no-progress", "--steps", "2")
+    assert "--steps 2 replaces the 3 custom sigmas recorded in" in result.output
+    assert "sigmas" not in read_metadata(other) and read_metadata(other)["steps"] == 2
+
+
 def test_seed_variance_flags_metadata_and_rerun(tiny_model_dir, tmp_path):
     varied, plain = tmp_path / "varied.png", tmp_path / "plain.png"
     run("generate", "a cat", "--model", tiny_model_dir, "-o", varied, "--seed", 5, *BASE, "--steps", "2",
@@ -516,6 +547,10 @@ def test_single_files_and_lora_flags(tiny_model_dir, tiny_pipe, tmp_path, monkey
     assert len(stacks) == 1 and stacks[0].originals == {} and stacks[0].no_undo
     assert read_metadata(styled)["loras"] == [[str(lora), 0.5]]
     assert not np.array_equal(pixels(styled), pixels(out))
+    # --from-image loads the recorded LoRAs again (it ran without them)
+    again = tmp_path / "again.png"
+    run("generate", "--from-image", styled, "-o", again, *base[:-2])
+    assert np.array_equal(pixels(again), pixels(styled)) and read_metadata(again)["loras"] == [[str(lora), 0.5]]
 
 
 def test_a_shipped_profile_alone_and_its_gguf_path_replaced_by_the_flag(tiny_model_dir, tmp_path, monkeypatch):

@@ -203,6 +203,8 @@ def test_numpy_and_tensor_settings_are_recorded_as_plain_numbers(tiny_pipe):
     image = np.full((32, 32, 3), 0.5, dtype=np.float32)
     out = tiny_pipe("a cat", image=image, strength=np.float32(0.75), **kw)
     assert type(out.info["strength"]) is float and out.info["strength"] == float(np.float32(0.75))
+    with pytest.raises(ValueError, match="cfg_truncation must be a number"):
+        tiny_pipe("a cat", cfg_truncation="0.5", **kw)
 
 
 def test_strength_without_an_image_is_refused(tiny_pipe):

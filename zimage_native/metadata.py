@@ -46,6 +46,8 @@ def parameters_text(record: dict[str, Any]) -> str:
     if record.get("seed_variance"):
         parts.append(f"Seed variance: {record['seed_variance']} (share {record.get('seed_variance_share')}, "
                      f"steps {record.get('seed_variance_steps')})")
+    if record.get("sigmas"):
+        parts.append("Sigmas: " + " ".join(f"{s:g}" for s in record["sigmas"]))
     if record.get("first_block_cache"):
         parts.append(f"First block cache: {record['first_block_cache']}")
     if record.get("loras"):

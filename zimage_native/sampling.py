@@ -662,11 +662,16 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
         negative_prompt=r.negative_prompt if r.negative_prompt is not None else suggested.get("negative_prompt"),
         strength=r.strength if r.strength is not None else getattr(task, "default_strength", None),
         num_images_per_prompt=_integer(r.n),
+        max_sequence_length=_integer(r.max_sequence_length),
         fields={k: v for k, v in r.fields.items() if v is not None},
     )
     check_request(r.prompt, r.width, r.height, r.steps, r.seeds, r.generator, r.guidance_scale, r.n, r.output_type,
                   r.max_sequence_length, latent_multiple(pipe), r.prompt_embeds, r.cfg_normalization)
     check_size_fits(r.width, r.height, pipe.transformer_config.axes_lens, latent_multiple(pipe))
+    if r.cfg_truncation is not None and (isinstance(r.cfg_truncation, bool)
+                                         or not isinstance(r.cfg_truncation, numbers.Real)):
+        raise ValueError(f"cfg_truncation must be a number (CFG stops once 1 - sigma exceeds it; 1 or None: never), "
+                         f"got {r.cfg_truncation!r}")
     unknown = set(r.fields) - set(PROMPT_FIELDS)
     if unknown:
         raise ValueError(f"unknown prompt fields {sorted(unknown)}; known: {list(PROMPT_FIELDS)}")
@@ -770,10 +775,21 @@ def turbo_cfg_advice(variant: str, guidance_scale: float) -> str | None:
             f"the default, turns it off)")
 
 
-def optional_settings(r: GenerationRequest) -> dict[str, float]:
-    """The request's seed-variance and first-block-cache settings, for its record (those that are on)."""
+def optional_settings(r: GenerationRequest) -> dict[str, Any]:
+    """The request's settings that are off by default, for its record (those that are on): seed
+    variance, the first-block cache, CFG normalisation and truncation, a token limit other than 512,
+    and custom ``sigmas`` (as given, before the shift; a re-run with them draws the same schedule)."""
     names = ("seed_variance", "seed_variance_share", "seed_variance_steps") if r.seed_variance else ()
-    return {name: getattr(r, name) for name in (*names, "first_block_cache") if getattr(r, name)}
+    out = {name: getattr(r, name) for name in (*names, "first_block_cache") if getattr(r, name)}
+    if r.cfg_normalization:
+        out["cfg_normalization"] = float(r.cfg_normalization)  # True (diffusers' flag) is 1 here
+    if r.cfg_truncation is not None and r.cfg_truncation < 1:  # 1 and None never truncate
+        out["cfg_truncation"] = r.cfg_truncation
+    if r.max_sequence_length != 512:
+        out["max_sequence_length"] = r.max_sequence_length
+    if r.sigmas is not None:
+        out["sigmas"] = torch.as_tensor(r.sigmas, dtype=torch.float64).flatten().tolist()
+    return out
 
 
 def request_info(pipe, r: GenerationRequest, seeds, **extra) -> dict[str, Any]:

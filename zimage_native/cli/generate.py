@@ -102,10 +102,15 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
             "strip_quotes": "strip_quotes", "strength": "strength", "shift": "shift",
             "control_scale": "control_scale", "seed_variance": "seed_variance",
             "seed_variance_share": "seed_variance_share", "seed_variance_steps": "seed_variance_steps",
-            "first_block_cache": "first_block_cache"}
+            "first_block_cache": "first_block_cache", "cfg_normalization": "cfg_normalization",
+            "cfg_truncation": "cfg_truncation", "max_sequence_length": "max_sequence_length"}
     layer = {flag: record[key] for key, flag in keys.items() if record.get(key) is not None}
     if record.get("seed") is not None:
         layer["seed"] = [int(record["seed"])]
+    if record.get("loras"):  # --lora PATH:SCALE, as loaded then
+        layer["loras"] = [f"{path}:{scale}" for path, scale in record["loras"]]
+    if record.get("sigmas"):  # no flag sets them: run_jobs passes them on (the generate command's "sigmas")
+        layer["sigmas"] = [float(s) for s in record["sigmas"]]
     return layer, record["prompt"]
 
 
@@ -187,10 +192,15 @@ def generate(ctx, prompt, config_path, profile, from_image, **opts):
     config_path = config_source(config_path, profile)
     config = convert(ctx, read_profile(config_path, profile)) if config_path else {}
     recorded, recorded_prompt = from_image_layer(from_image)
+    sigmas = recorded.pop("sigmas", None)
     opts = apply_layers(ctx, opts, config, convert(ctx, {k: (v, f"{from_image}: {k}") for k, v in recorded.items()}))
     from click.core import ParameterSource
 
     typed = lambda key: ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE  # noqa: E731
+    opts["sigmas"] = None if typed("steps") else sigmas  # --steps asks for the default schedule at that count
+    if sigmas and typed("steps"):
+        click.echo(f"note: --steps {opts['steps']} replaces the {len(sigmas)} custom sigmas recorded in {from_image} "
+                   f"(the default schedule of {opts['steps']} steps runs)", err=True)
     if typed("strength") and opts["init_image"] is None:
         raise ValueError("--strength needs --image (img2img or inpainting); text-to-image starts from pure noise")
     if typed("control_scale") and opts["controlnet"] is None:
@@ -427,7 +437,7 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
                 image=init, mask_image=mask, strength=o["strength"] if init is not None else None,
                 shift=o["shift"], num_images_per_prompt=1, seed_variance=o["seed_variance"],
                 seed_variance_share=o["seed_variance_share"], seed_variance_steps=o["seed_variance_steps"],
-                first_block_cache=o["first_block_cache"])
+                first_block_cache=o["first_block_cache"], sigmas=o.get("sigmas"))
 
             def step(i, n, _size=len(batch)):
                 nonlocal bar
