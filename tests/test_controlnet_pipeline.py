@@ -125,6 +125,26 @@ def test_images_per_prompt_and_one_control_image_per_prompt(control_pipe, contro
     assert torch.equal(scaled, half)
 
 
+def test_the_scale_needs_a_control_image_and_defaults_to_0_75(control_pipe, control_files):
+    """controlnet_conditioning_scale without a control image would change nothing: it is refused (it
+    was ignored, its 0.75 default not told from a value given). Unset with a control image it is
+    0.75; a numpy scale is recorded as a plain float."""
+    control_pipe.load_controlnet(control_files["2.1"])
+    kw = dict(height=32, width=32, num_inference_steps=1, seed=0, output_type="latent")
+    for scale in (0.3, 0.75, np.float32(0.3)):
+        with pytest.raises(ValueError, match="controlnet_conditioning_scale needs control_image="):
+            control_pipe("a cat", controlnet_conditioning_scale=scale, **kw)
+    with pytest.raises(ValueError, match="controlnet_conditioning_scale needs control_image="):
+        control_pipe.img2img("a cat", picture(32, 32, 2), controlnet_conditioning_scale=0.5, **kw)
+    control = picture(32, 32, 1)
+    default = control_pipe("a cat", control_image=control, **kw)
+    assert default.info["control_scale"] == 0.75
+    given = control_pipe("a cat", control_image=control, controlnet_conditioning_scale=0.75, **kw)
+    assert torch.equal(default.images, given.images)
+    scaled = control_pipe("a cat", control_image=control, controlnet_conditioning_scale=np.float32(0.5), **kw)
+    assert type(scaled.info["control_scale"]) is float and scaled.info["control_scale"] == 0.5
+
+
 INPAINT_CASES = [
     pytest.param("2.0", "a cat", dict(height=48, width=64), id="2.0, one prompt"),
     pytest.param("2.1", ["a cat", LONG], dict(height=64, width=48, guidance_scale=3.0, negative_prompt=["blurry", "ugly"],

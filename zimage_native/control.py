@@ -185,10 +185,11 @@ class Control(Task):
     """ControlNet txt2img (diffusers' ``ZImageControlNetPipeline``): noise start, control hints."""
 
     name = "control"
+    default_scale = 0.75  # controlnet_conditioning_scale, as diffusers' ZImageControlNetPipeline
 
     def read(self, pipe, r):
         model = pipe.controlnets.require()
-        check_scale(r.control_scale)
+        check_scale(r.control_scale if r.control_scale is not None else self.default_scale)
         if r.image is not None:
             raise ValueError("control_image with image= needs mask_image= too (ControlNet inpainting); img2img "
                              "with a ControlNet is not supported (diffusers has no such pipeline either)")
@@ -221,7 +222,7 @@ class ControlInpaint(Control):
     def read(self, pipe, r):
         model = pipe.controlnets.require()
         check_inpaint_width(model.config.control_in_dim, pipe.transformer_config.in_channels)
-        check_scale(r.control_scale)
+        check_scale(r.control_scale if r.control_scale is not None else self.default_scale)
         if r.strength is not None and r.strength != 1.0:
             raise ValueError(f"ControlNet inpainting starts from noise and takes no strength (as diffusers' "
                              f"ZImageControlNetInpaintPipeline), got {r.strength}")

@@ -784,7 +784,7 @@ class ZImagePipeline:
         strength: float | None = None,
         mask_image=None,
         control_image=None,
-        controlnet_conditioning_scale: float = 0.75,
+        controlnet_conditioning_scale: float | None = None,
         seed_variance: float = 0.0,
         seed_variance_share: float = 0.5,
         seed_variance_steps: float = 0.2,
@@ -806,7 +806,8 @@ class ZImagePipeline:
 
         ``control_image`` (with a ControlNet loaded, :meth:`load_controlnet`): a pose / depth / edge
         image that steers the layout, as diffusers' ``ZImageControlNetPipeline``; its hints are
-        weighted by ``controlnet_conditioning_scale``. An unset size comes from the control image.
+        weighted by ``controlnet_conditioning_scale`` (default 0.75; refused without a control image,
+        where it would change nothing). An unset size comes from the control image.
 
         ``seed_variance`` > 0 (Turbo, whose images change little with the seed; 15 to 30 is a usual
         range): for the first ``seed_variance_steps`` of the schedule the prompt features carry

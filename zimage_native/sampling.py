@@ -83,7 +83,7 @@ class GenerationRequest:
     image: Any = None  # img2img / inpaint input: PIL, numpy (H, W, C) in [0, 1] or torch (B, C, H, W)
     mask_image: Any = None  # inpaint: white = repaint, black = keep
     control_image: Any = None  # ControlNet conditioning image
-    control_scale: float = 0.75
+    control_scale: float | None = None  # None: 0.75 where a ControlNet runs; refused without control_image
     num_images_per_prompt: int | None = None
     generator: Any = None
     latents: torch.Tensor | None = None  # the initial noise (txt2img) or the start latents (img2img, inpaint)
@@ -646,6 +646,9 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
             check_embeds(name, getattr(r, name), width)
     r = dataclasses.replace(r, **{name: _number(getattr(r, name)) for name in NUMBER_SETTINGS})
     task = get_task(task_name(r))
+    if r.control_scale is not None and r.control_image is None:  # it would change nothing
+        raise ValueError(f"controlnet_conditioning_scale needs control_image= (and a ControlNet loaded), got "
+                         f"{r.control_scale!r} without a control image")
     inputs, w, h = task.read(pipe, r)
     suggested = dict(getattr(pipe._template(r.template), "settings", None) or {})
     defaults = pipe.defaults
@@ -661,6 +664,7 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
                                else suggested.get("guidance_scale", defaults.guidance_scale)),
         negative_prompt=r.negative_prompt if r.negative_prompt is not None else suggested.get("negative_prompt"),
         strength=r.strength if r.strength is not None else getattr(task, "default_strength", None),
+        control_scale=r.control_scale if r.control_scale is not None else getattr(task, "default_scale", None),
         num_images_per_prompt=_integer(r.n),
         max_sequence_length=_integer(r.max_sequence_length),
         fields={k: v for k, v in r.fields.items() if v is not None},

@@ -429,7 +429,7 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
             request = GenerationRequest(
                 prompt=[jobs[i][1] for i in batch], seeds=[jobs[i][2] for i in batch], steps=o["steps"],
                 width=o["width"], height=o["height"],
-                control_image=control, control_scale=o.get("control_scale", 0.75),
+                control_image=control, control_scale=o.get("control_scale", 0.75) if control is not None else None,
                 guidance_scale=o["guidance_scale"], negative_prompt=o["negative_prompt"],
                 cfg_normalization=o["cfg_normalization"], cfg_truncation=o["cfg_truncation"],
                 max_sequence_length=o["max_sequence_length"], template=fields["template"],

@@ -557,7 +557,7 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
                              template=body.template, fields=fields, cfg_normalization=float(body.cfg_normalization),
                              cfg_truncation=float(body.cfg_truncation), max_sequence_length=body.max_sequence_length,
                              shift=shift, strength=strength, image=image, mask_image=mask, control_image=control,
-                             control_scale=0.75 if control_scale is None else control_scale,
+                             control_scale=control_scale,
                              seed_variance=float(getattr(body, "seed_variance", 0.0)),
                              seed_variance_share=float(getattr(body, "seed_variance_share", 0.5)),
                              seed_variance_steps=float(getattr(body, "seed_variance_steps", 0.2)),
