@@ -95,6 +95,27 @@ def test_mask_inputs_as_arrays_and_tensors_equal_the_pil_mask(tiny_pipe):
         assert torch.equal(tiny_pipe.inpaint("a cat", image, mask, **kw).images, want)
 
 
+def test_16_bit_and_float_masks_are_cut_at_half_their_range(tmp_path):
+    """A 16-bit grey mask (a PNG from an image editor or a segmentation tool) and a float one are read
+    by their own range, as 16-bit images are: Pillow's conversion to L clipped them, cutting 16-bit
+    masks at 128 of 65535 (0.2%) instead of half (diffusers does; a deliberate difference)."""
+    from zimage_native.images import preprocess_mask
+
+    levels = np.zeros((32, 48), dtype=np.uint16)
+    levels[:, 16:32] = 1000  # 1.5%: kept
+    levels[:, 32:] = 40000  # 61%: repainted
+    want = torch.zeros(1, 1, 32, 48)
+    want[..., 32:] = 1
+    png = tmp_path / "mask16.png"
+    Image.fromarray(levels).save(png)
+    with Image.open(png) as reopened:
+        assert reopened.mode in ("I", "I;16") and torch.equal(preprocess_mask(reopened, 32, 48), want)
+    for mask in (Image.fromarray(levels), Image.fromarray(levels.astype(np.int32)),
+                 Image.fromarray(levels.astype(np.float32) / 65535)):
+        assert mask.mode in ("I;16", "I", "F") and torch.equal(preprocess_mask(mask, 32, 48), want), mask.mode
+    assert torch.equal(preprocess_mask([Image.fromarray(levels), make_mask(48, 32)], 32, 48)[:1], want)
+
+
 def test_inpaint_rejects_bad_input(tiny_pipe):
     image = make_image(32, 32)
     with pytest.raises(ValueError, match="mask_image needs image"):

@@ -105,6 +105,23 @@ def _white(dtype: torch.dtype) -> float:
     return WHITE[dtype]
 
 
+def _wide_grey(image) -> bool:
+    """Whether a PIL image is 16-bit or float grey (a depth map, a 16-bit mask), which Pillow's
+    conversion to RGB or L clips (any value above 255 becomes white)."""
+    return image.mode in ("I", "F") or image.mode.startswith("I;16")
+
+
+def _pil_wide_grey(image, w: int, h: int) -> np.ndarray:
+    """A 16-bit or float grey PIL image as (h, w) float32 in [0, 1], scaled from its own range
+    (0-65535; float images: 0-1) and resized with Lanczos."""
+    from PIL import Image
+
+    top = 1.0 if image.mode == "F" else 65535.0
+    grey = np.asarray(image, dtype=np.float32) / top
+    grey = np.asarray(Image.fromarray(grey, mode="F").resize((w, h), resample=Image.LANCZOS), dtype=np.float32)
+    return np.clip(grey, 0.0, 1.0)
+
+
 def _pil_rgb(image, w: int, h: int) -> np.ndarray:
     """A PIL image as (h, w, 3) float32 in [0, 1], resized with Lanczos. RGB images are resized, then
     read (the reference's order); other modes are made RGB first (a palette image resized as
@@ -112,11 +129,8 @@ def _pil_rgb(image, w: int, h: int) -> np.ndarray:
     [0, 1] from their own range, which a plain RGB conversion would clip to white."""
     from PIL import Image
 
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        top = 1.0 if image.mode == "F" else 65535.0
-        grey = np.asarray(image, dtype=np.float32) / top
-        grey = np.asarray(Image.fromarray(grey, mode="F").resize((w, h), resample=Image.LANCZOS), dtype=np.float32)
-        return np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=-1)
+    if _wide_grey(image):
+        return np.repeat(_pil_wide_grey(image, w, h)[..., None], 3, axis=-1)
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.asarray(image.resize((w, h), resample=Image.LANCZOS), dtype=np.float32) / 255.0
@@ -124,7 +138,7 @@ def _pil_rgb(image, w: int, h: int) -> np.ndarray:
 
 def preprocess_mask(mask, height: int, width: int) -> torch.Tensor:
     """Mask(s) -> (B, 1, H, W) fp32 of 0 (keep) and 1 (repaint): PIL masks resized with Lanczos and
-    made grey, arrays (H, W) / (H, W, 1) / (B, H, W) and tensors (H, W) / (B, H, W) / (B, 1, H, W) (or
+    made grey (16-bit and float grey ones scaled from their own range, 0-65535 or 0-1), arrays (H, W) / (H, W, 1) / (B, H, W) and tensors (H, W) / (B, H, W) / (B, 1, H, W) (or
     lists of them) with nearest interpolation; then binarised at 0.5, as the reference's mask processor
     does."""
     from PIL import Image
@@ -143,9 +157,10 @@ def preprocess_mask(mask, height: int, width: int) -> torch.Tensor:
     kind, batch = _as_batch(mask, "mask_image")
     if kind != "pil" and batch.ndim == 3:  # a list of (H, W) masks: add the channel, as the reference does
         batch = batch[..., None] if kind == "np" else batch[:, None]
-    if kind == "pil":
-        arrays = [np.asarray(m.resize((width, height), resample=Image.LANCZOS).convert("L"), dtype=np.float32)
-                  / 255.0 for m in batch]
+    if kind == "pil":  # 16-bit and float grey masks by their own range, as images (Pillow's L would clip them)
+        arrays = [_pil_wide_grey(m, width, height) if _wide_grey(m) else
+                  np.asarray(m.resize((width, height), resample=Image.LANCZOS).convert("L"), dtype=np.float32) / 255.0
+                  for m in batch]
         m = torch.from_numpy(np.stack(arrays))[:, None]
     else:
         m = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)) if kind == "np" else batch.float()
