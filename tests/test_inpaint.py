@@ -215,12 +215,30 @@ def test_lists_of_2d_masks_are_a_batch_as_in_diffusers(tiny_pipe):
         tiny_pipe.inpaint("a cat", image, np.zeros((32, 48, 3), dtype=np.float32), num_inference_steps=1)
 
 
+def test_grey_arrays_and_tensors_are_made_rgb_as_a_grey_pil_image_is(tiny_pipe):
+    """A grey array or tensor (a depth map from a depth estimator, a 1-channel tensor) is read as a
+    grey PIL image is: its channel repeated (it was refused by shape; diffusers hands a one-channel
+    image to the VAE, which fails)."""
+    from zimage_native.images import preprocess_image
+
+    grey = np.random.default_rng(0).integers(0, 256, (32, 48), dtype=np.uint8)
+    want = preprocess_image(Image.fromarray(grey))  # mode L, made RGB
+    as_float = torch.from_numpy(grey.astype(np.float32) / 255)
+    for x in (grey, grey[..., None], grey[None, ..., None], grey.astype(np.uint16) * 257, as_float, as_float[None],
+              as_float[None, None], [as_float]):
+        assert torch.equal(preprocess_image(x), want), getattr(x, "shape", "list")
+    assert torch.equal(preprocess_image([grey, grey]), want.expand(2, -1, -1, -1))
+    kw = dict(num_inference_steps=2, output_type="latent", seed=3)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    assert torch.equal(tiny_pipe.img2img("a cat", grey, **kw).images, tiny_pipe.img2img("a cat", rgb, **kw).images)
+
+
 def test_bad_image_arrays_and_strength_raise_clear_value_errors(tiny_pipe):
     image, mask = make_image(32, 32), make_mask(32, 32)
-    with pytest.raises(ValueError, match=r"image arrays must be \(H, W, 3\).*got shape \(1, 32, 32\)"):
-        tiny_pipe.img2img("a cat", np.zeros((32, 32), dtype=np.float32), num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"image arrays must be \(H, W, 3\).*got shape \(1, 32, 32, 2\)"):
+        tiny_pipe.img2img("a cat", np.zeros((32, 32, 2), dtype=np.float32), num_inference_steps=1)
     with pytest.raises(ValueError, match=r"image arrays must be"):
-        tiny_pipe.inpaint("a cat", [np.zeros((32, 32))] * 2, mask, num_inference_steps=1)
+        tiny_pipe.inpaint("a cat", [np.zeros((32, 32, 4))] * 2, mask, num_inference_steps=1)
     for bad in ("0.5", float("nan"), True):
         with pytest.raises(ValueError, match="strength must be a number in \\[0, 1\\]"):
             tiny_pipe.inpaint("a cat", image, mask, strength=bad, num_inference_steps=1)

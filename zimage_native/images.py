@@ -2,7 +2,8 @@
 
 Inputs (``image``, ``mask_image``, ``control_image``) may be PIL images, numpy arrays (H, W, C) in
 [0, 1] (uint8 and uint16 images, such as ``np.asarray(pil)``'s, are scaled from their type's range;
-mask arrays are binarised as they are),
+mask arrays are binarised as they are; grey image arrays and tensors, such as depth maps, are made
+RGB by repeating their channel, as a grey PIL image is),
 torch tensors (B, C, H, W) in [0, 1], or lists of one kind. PIL images are resized with
 Lanczos, arrays and tensors with nearest interpolation; sizes round down to the latent grid.
 """
@@ -63,7 +64,9 @@ def _target_size(size_hw: tuple[int, int], width: int | None, height: int | None
 def preprocess_image(image, width: int | None = None, height: int | None = None, multiple: int = 16) -> torch.Tensor:
     """Image(s) -> (B, 3, H, W) fp32 in [-1, 1], as the reference's image processor does: PIL images
     resized with Lanczos, arrays and tensors (values in [0, 1]) with nearest interpolation, to
-    ``width`` x ``height`` or down to multiples of ``multiple``."""
+    ``width`` x ``height`` or down to multiples of ``multiple``. Grey arrays ((H, W), (H, W, 1),
+    (B, H, W, 1)) and tensors ((H, W), (1, H, W), (B, 1, H, W)) get their channel repeated (the
+    reference hands a one-channel image to the VAE, which fails)."""
     kind, batch = _as_batch(image, "image")
     if kind == "pil":
         h, w = _target_size((batch[0].height, batch[0].width), width, height, multiple)
@@ -71,11 +74,16 @@ def preprocess_image(image, width: int | None = None, height: int | None = None,
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
     x = torch.from_numpy(np.ascontiguousarray(batch)) if kind == "np" else batch
     x = x.float() / _white(x.dtype)
+    if x.ndim == 3:  # grey (H, W) arrays or tensors, stacked: add their channel
+        x = x[..., None] if kind == "np" else x[:, None]
     if kind == "np" and x.ndim == 4:
         x = x.permute(0, 3, 1, 2)
+    if x.ndim == 4 and x.shape[1] == 1:  # grey (a depth map): made RGB, as a grey PIL image is
+        x = x.expand(-1, 3, -1, -1)
     if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"image arrays must be (H, W, 3) / (B, H, W, 3), tensors (3, H, W) / (B, 3, H, W); "
-                         f"got shape {tuple(batch.shape)}")
+        raise ValueError(f"image arrays must be (H, W, 3) / (B, H, W, 3), or grey (H, W) / (H, W, 1) / (B, H, W, 1); "
+                         f"tensors (3, H, W) / (B, 3, H, W), or grey (H, W) / (1, H, W) / (B, 1, H, W); got shape "
+                         f"{tuple(batch.shape)}")
     if x.numel() and float(x.max()) > 1.0:
         raise ValueError(f"float image values must lie in [0, 1] (or [-1, 1]); got values up to {float(x.max()):g} "
                          f"(for 0-255 values divide by 255, or pass the uint8 array as it is)")
