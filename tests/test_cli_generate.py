@@ -215,6 +215,24 @@ def test_first_block_cache_refused_before_loading(tmp_path, monkeypatch, flags, 
     assert not (tmp_path / "out").exists()
 
 
+def test_from_image_of_single_files_loads_the_recorded_files(tmp_path):
+    """An image made from single files alone records no model folder (its "model" is a description):
+    the re-run loads the recorded files instead of taking that text for --model."""
+    from zimage_native.cli.generate import from_image_layer
+    from zimage_native.metadata import png_info
+
+    record = {"prompt": "a cat", "model": "single files: transformer=dit.gguf, vae=ae.safetensors, text_encoder=te",
+              "transformer": "dit.gguf", "vae": "ae.safetensors", "text_encoder": "te", "tokenizer": "tok",
+              "text_encoder_quant": "int8"}
+    path = tmp_path / "single.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=png_info(record))
+    layer, prompt = from_image_layer(path)
+    assert prompt == "a cat" and "model" not in layer
+    assert {k: layer[k] for k in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_quant")} == {
+        "transformer": "dit.gguf", "vae": "ae.safetensors", "text_encoder": "te", "tokenizer": "tok",
+        "text_encoder_quant": "int8"}
+
+
 def test_from_image_without_metadata_fails_clearly(tmp_path):
     plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
@@ -533,6 +551,16 @@ def test_single_files_and_lora_flags(tiny_model_dir, tiny_pipe, tmp_path, monkey
         "-o", out, *base)
     expected = tiny_pipe("a cat", width=32, height=32, num_inference_steps=1, seed=4).images[0]
     assert np.array_equal(pixels(out), np.asarray(expected))
+    # Another DiT file over the folder's is recorded, and --from-image loads it again (it loaded the folder's)
+    state = load_state_dict(tiny_model_dir / "transformer")
+    state = {k: v * 1.5 if k.startswith("layers.0.") else v for k, v in state.items()}
+    tuned = tmp_path / "tuned.safetensors"
+    save_file(state, tuned)
+    made, again = tmp_path / "tuned.png", tmp_path / "tuned-again.png"
+    run("generate", "a cat", "--model", tiny_model_dir, "--transformer", tuned, "-o", made, *base)
+    assert read_metadata(made)["transformer"] == str(tuned) and not np.array_equal(pixels(made), pixels(out))
+    run("generate", "--from-image", made, "-o", again, *base[:-2])
+    assert np.array_equal(pixels(again), pixels(made))
     # A LoRA on one projection: recorded in the metadata and changes the image.
     w = tiny_pipe.transformer.layers[0].attention.to_q.weight
     lora = tmp_path / "style.safetensors"

@@ -88,6 +88,11 @@ def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     return prompts
 
 
+#: The loading options that choose the weights, recorded with each image (the pipeline records only
+#: ``--model``): an image made with ``--transformer FILE`` is re-run with that file.
+COMPONENT_KEYS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_quant")
+
+
 def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
     """Command parameters recorded in a PNG by an earlier run (see zimage_native.metadata)."""
     if path is None:
@@ -107,6 +112,11 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
     layer = {flag: record[key] for key, flag in keys.items() if record.get(key) is not None}
     if record.get("seed") is not None:
         layer["seed"] = [int(record["seed"])]
+    for key in COMPONENT_KEYS:  # the model's own files replaced by single files (a GGUF DiT, a fine-tune)
+        if record.get(key) is not None:
+            layer[key] = record[key]
+    if str(record.get("model", "")).startswith("single files:"):  # no folder: the files above are the model
+        layer.pop("model", None)
     if record.get("loras"):  # --lora PATH:SCALE, as loaded then
         layer["loras"] = [f"{path}:{scale}" for path, scale in record["loras"]]
     if record.get("sigmas"):  # no flag sets them: run_jobs passes them on (the generate command's "sigmas")
@@ -422,6 +432,7 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
     from ..sampling import GenerationRequest
 
     batches = [list(range(i, min(i + o["batch_size"], len(jobs)))) for i in range(0, len(jobs), o["batch_size"])]
+    components = {k: str(o[k]) for k in COMPONENT_KEYS if o.get(k) not in (None, "none")}
     bar = None  # made at the first step, when the total is known: nothing is drawn while prompts encode
     done = 0
     try:
@@ -454,7 +465,7 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
                 tqdm.write(f"first-block cache: {counts['reused']} of {counts['full'] + counts['reused']} DiT "
                            f"forwards reused the main layers")
             for k, (i, image) in enumerate(zip(batch, result.images)):
-                record = image_record(result.info, k, k)
+                record = {**image_record(result.info, k, k), **components}
                 save_image_atomic(image, paths[i], pnginfo=png_info(record))
                 done += 1
                 if bar is not None:
