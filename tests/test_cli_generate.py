@@ -487,6 +487,13 @@ def test_inpaint_from_the_cli(tiny_model_dir, tiny_pipe, tmp_path):
     assert read_metadata(out)["strength"] == 1.0  # inpainting's default
     result = run("generate", "a cat", "--model", tiny_model_dir, "--mask", mask, "-o", tmp_path / "x.png", ok=False)
     assert result.exit_code == 1 and "--mask needs --image" in result.output
+    # A 16-bit mask is read by its range (converting it to 8-bit grey clipped it: 1.5% grey was repainted)
+    m16 = m.astype(np.uint16) * 257
+    m16[:, :16] = 1000
+    Image.fromarray(m16).save(mask)
+    run("generate", "a cat", "--model", tiny_model_dir, "--image", src, "--mask", mask, "-o", out, "--seed", 2,
+        "--steps", "3", "--device", "cpu", "--no-progress", "--overwrite")
+    assert np.array_equal(pixels(out), np.asarray(expected))
 
 
 def test_shift_flag_and_profile_key(tiny_model_dir, tiny_pipe, tmp_path):

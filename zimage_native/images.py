@@ -113,7 +113,7 @@ def _white(dtype: torch.dtype) -> float:
     return WHITE[dtype]
 
 
-def _wide_grey(image) -> bool:
+def is_wide_grey(image) -> bool:
     """Whether a PIL image is 16-bit or float grey (a depth map, a 16-bit mask), which Pillow's
     conversion to RGB or L clips (any value above 255 becomes white)."""
     return image.mode in ("I", "F") or image.mode.startswith("I;16")
@@ -137,7 +137,7 @@ def _pil_rgb(image, w: int, h: int) -> np.ndarray:
     [0, 1] from their own range, which a plain RGB conversion would clip to white."""
     from PIL import Image
 
-    if _wide_grey(image):
+    if is_wide_grey(image):
         return np.repeat(_pil_wide_grey(image, w, h)[..., None], 3, axis=-1)
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -166,7 +166,7 @@ def preprocess_mask(mask, height: int, width: int) -> torch.Tensor:
     if kind != "pil" and batch.ndim == 3:  # a list of (H, W) masks: add the channel, as the reference does
         batch = batch[..., None] if kind == "np" else batch[:, None]
     if kind == "pil":  # 16-bit and float grey masks by their own range, as images (Pillow's L would clip them)
-        arrays = [_pil_wide_grey(m, width, height) if _wide_grey(m) else
+        arrays = [_pil_wide_grey(m, width, height) if is_wide_grey(m) else
                   np.asarray(m.resize((width, height), resample=Image.LANCZOS).convert("L"), dtype=np.float32) / 255.0
                   for m in batch]
         m = torch.from_numpy(np.stack(arrays))[:, None]

@@ -318,13 +318,20 @@ def run_generate(prompts: list[str], o: dict) -> None:
 
 
 def read_image(path, flag: str, mode: str):
-    """The image a flag names, converted to ``mode``; a file PIL cannot read is a one-line error."""
+    """The image a flag names, converted to ``mode``; a 16-bit or float grey image (a depth map, a
+    16-bit mask) is kept as it is, for the library to read by its range (the conversion clips it). A
+    file PIL cannot read is a one-line error."""
     if path is None:
         return None
     from PIL import Image, UnidentifiedImageError
 
+    from ..images import is_wide_grey
+
     try:
         with Image.open(path) as im:
+            if is_wide_grey(im):
+                im.load()
+                return im.copy()
             return im.convert(mode)
     except UnidentifiedImageError:
         raise ValueError(f"{flag} {path}: not an image file (PNG, JPEG, WebP, ...)") from None
