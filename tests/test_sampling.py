@@ -207,6 +207,19 @@ def test_numpy_and_tensor_settings_are_recorded_as_plain_numbers(tiny_pipe):
         tiny_pipe("a cat", cfg_truncation="0.5", **kw)
 
 
+def test_the_image_record_holds_its_own_prompts_negative_prompt(tiny_pipe):
+    """With one negative prompt per prompt, each image's record holds its prompt's (it held the whole
+    list, which --from-image cannot take as --negative-prompt)."""
+    from zimage_native.metadata import image_record, parameters_text
+
+    out = tiny_pipe(["a cat", "a dog"], negative_prompt=["blurry", "dark"], guidance_scale=2.0, width=32, height=32,
+                    num_inference_steps=1, seed=[1, 2], output_type="latent")
+    records = [image_record(out.info, k, k) for k in range(2)]
+    assert [(r["prompt"], r["negative_prompt"], r["seed"]) for r in records] == [("a cat", "blurry", 1),
+                                                                                 ("a dog", "dark", 2)]
+    assert "Negative prompt: dark\n" in parameters_text(records[1])
+
+
 def test_strength_without_an_image_is_refused(tiny_pipe):
     """strength belongs to img2img and inpainting: text to image refuses it rather than ignoring it."""
     with pytest.raises(ValueError, match="strength needs image="):

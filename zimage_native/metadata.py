@@ -21,6 +21,8 @@ def image_record(info: dict[str, Any], index: int, prompt_index: int = 0) -> dic
     seeds = info.get("seeds") or []
     record = {k: v for k, v in info.items() if k not in ("prompts", "seeds", "formatted_prompts", "token_counts")}
     record["prompt"] = info["prompts"][prompt_index]
+    if isinstance(record.get("negative_prompt"), (list, tuple)):  # one per prompt: this image's prompt's
+        record["negative_prompt"] = record["negative_prompt"][prompt_index]
     formatted = info.get("formatted_prompts") or []
     if prompt_index < len(formatted):
         record["formatted_prompt"] = formatted[prompt_index]
