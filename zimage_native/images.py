@@ -146,9 +146,9 @@ def _pil_rgb(image, w: int, h: int) -> np.ndarray:
 
 def preprocess_mask(mask, height: int, width: int) -> torch.Tensor:
     """Mask(s) -> (B, 1, H, W) fp32 of 0 (keep) and 1 (repaint): PIL masks resized with Lanczos and
-    made grey (16-bit and float grey ones scaled from their own range, 0-65535 or 0-1), arrays (H, W) / (H, W, 1) / (B, H, W) and tensors (H, W) / (B, H, W) / (B, 1, H, W) (or
-    lists of them) with nearest interpolation; then binarised at 0.5, as the reference's mask processor
-    does."""
+    made grey (16-bit and float grey ones scaled from their own range, 0-65535 or 0-1), arrays
+    (H, W) / (H, W, 1) / (B, H, W) and tensors (H, W) / (B, H, W) / (B, 1, H, W) (or lists of them)
+    with nearest interpolation; then binarised at 0.5, as the reference's mask processor does."""
     from PIL import Image
 
     if isinstance(mask, np.ndarray) and mask.ndim == 3 and mask.shape[-1] in (3, 4):
