@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 from click.testing import CliRunner
 
@@ -276,8 +278,11 @@ def test_a_token_limit_past_the_caption_positions_is_refused_before_loading(tmp_
     long = "a cat " * 1000  # more than 1504 tokens in the chat format
     call = dict(width=32, height=32, num_inference_steps=1, seed=0, output_type="np")
     assert tiny_pipe(long, max_sequence_length=1504, **call).images.shape == (1, 32, 32, 3)
-    with pytest.raises(ValueError, match="caption length out of range"):
-        tiny_pipe(long, max_sequence_length=1505, **call)
+    calls = []
+    with patch.object(tiny_pipe, "encode_texts", side_effect=lambda *a: calls.append(a)):
+        with pytest.raises(ValueError, match=r"^max_sequence_length must be at most 1504 for this model .* got 1505$"):
+            tiny_pipe("a cat", max_sequence_length=1505, **call)  # refused before encoding, short prompt or long
+    assert calls == []
 
 
 @pytest.mark.parametrize("args, message", [

@@ -136,7 +136,7 @@ def test_format_prompt_tokens(tiny_model_dir):
 
 
 def test_format_prompt_tokens_note_says_what_keeps_a_long_prompt(tiny_model_dir):
-    from zimage_native.cli.generate import check_caption_fits
+    from zimage_native.sampling import check_caption_fits
     from zimage_native.prompt.format import CAPTION_TOKENS_MOST as MOST_TOKENS
     from zimage_native.config import TransformerConfig
 

@@ -637,6 +637,16 @@ def check_size_fits(width: int, height: int, axes_lens, multiple: int = 16) -> N
                              f"table covers {patches} patches of {multiple} pixels), got {value}")
 
 
+def check_caption_fits(max_len: int, axes_lens, name: str = "max_sequence_length") -> None:
+    """The DiT's first RoPE axis numbers the caption rows (padded to a multiple of 32), then the
+    image: a larger token limit would let a long prompt fail inside the DiT after encoding, so it is
+    refused (the released models: 1536 positions, at most 1504 tokens)."""
+    most = (axes_lens[0] - 2) // 32 * 32
+    if max_len > most:
+        raise ValueError(f"{name} must be at most {most} for this model (its position table holds {axes_lens[0]} "
+                         f"caption positions), got {max_len}")
+
+
 def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[str, Any]]:
     """Fill unset settings (task inputs, template suggestions, variant defaults) and check
     everything, before any model runs. Returns (resolved request, task, task inputs)."""
@@ -672,6 +682,7 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
     check_request(r.prompt, r.width, r.height, r.steps, r.seeds, r.generator, r.guidance_scale, r.n, r.output_type,
                   r.max_sequence_length, latent_multiple(pipe), r.prompt_embeds, r.cfg_normalization)
     check_size_fits(r.width, r.height, pipe.transformer_config.axes_lens, latent_multiple(pipe))
+    check_caption_fits(r.max_sequence_length, pipe.transformer_config.axes_lens)
     if r.cfg_truncation is not None and (isinstance(r.cfg_truncation, bool)
                                          or not isinstance(r.cfg_truncation, numbers.Real)):
         raise ValueError(f"cfg_truncation must be a number (CFG stops once 1 - sigma exceeds it; 1 or None: never), "

@@ -231,19 +231,10 @@ def generate(ctx, prompt, config_path, profile, from_image, **opts):
     run_generate(prompts, opts)
 
 
-def check_caption_fits(max_len: int, axes_lens) -> None:
-    """The DiT's first RoPE axis numbers the caption rows (padded to a multiple of 32) and then the
-    image: a longer token limit lets a long prompt fail after loading and encoding, so it is refused."""
-    most = (axes_lens[0] - 2) // 32 * 32
-    if max_len > most:
-        raise ValueError(f"--max-sequence-length must be at most {most} for this model (its position table "
-                         f"holds {axes_lens[0]} caption positions), got {max_len}")
-
-
 def run_generate(prompts: list[str], o: dict) -> None:
     from ..accel.block_cache import cache_problem, check_threshold
     from ..config import TransformerConfig
-    from ..sampling import check_request, check_seed_variance, check_size_fits
+    from ..sampling import check_caption_fits, check_request, check_seed_variance, check_size_fits
 
     seeds, drawn = resolve_seeds(tuple(o["seed"]), o["seeds"], o["num_images"])
     if o["batch_size"] < 1:
@@ -258,7 +249,7 @@ def run_generate(prompts: list[str], o: dict) -> None:
                   guidance_scale=given("guidance_scale", 0.0), max_len=o["max_sequence_length"],
                   cfg_normalization=o["cfg_normalization"])
     check_size_fits(given("width", 1024), given("height", 1024), TransformerConfig().axes_lens)  # the released DiTs
-    check_caption_fits(o["max_sequence_length"], TransformerConfig().axes_lens)
+    check_caption_fits(o["max_sequence_length"], TransformerConfig().axes_lens, "--max-sequence-length")
     if o["strength"] is not None and not 0 <= o["strength"] <= 1:
         raise ValueError(f"--strength must be in [0, 1], got {o['strength']}")
     if o["strength"] == 0:  # the library refuses it too, but only once the weights are loaded
