@@ -126,3 +126,75 @@ def test_static_shapes_under_the_default_limit_warn_naming_the_shape(pipe, caplo
     messages = [r.getMessage() for r in caplog.records]
     ours = [m for m in messages if m.startswith("torch.compile: the transformer block gets a new shape class (TransformerBlock")]
     assert ours and "sequence" in ours[0] and "past the recompile limit 8" in ours[0], messages
+
+
+def packed_tiny_dit():
+    """The tiny DiT with every block's to_q and w2 kept in fp8 (FP8StoredLinear, a packed linear, as a
+    GGUF one is): LoRAs on them are side paths added after compiling."""
+    from zimage_native.config import TransformerConfig
+    from zimage_native.model.transformer import ZImageTransformer
+    from zimage_native.quant_linear import FP8StoredLinear
+    from zimage_native.testing import randomize_
+
+    from .dit_configs import TINY_DIT
+
+    model = randomize_(ZImageTransformer(TransformerConfig.from_dict(TINY_DIT))).eval()
+    for block in (*model.noise_refiner, *model.context_refiner, *model.layers):
+        for parent, name in ((block.attention, "to_q"), (block.feed_forward, "w2")):
+            linear = getattr(parent, name)
+            packed = FP8StoredLinear.like(linear, torch.float8_e4m3fn)
+            packed.weight.copy_(linear.weight.detach().to(torch.float8_e4m3fn).view(torch.uint8))
+            packed.scale.fill_(1.0)
+            setattr(parent, name, packed)
+    return model
+
+
+def test_lora_side_paths_loaded_after_compiling_are_counted_as_shape_classes(caplog):
+    """A LoRA on packed linears is a side path that dynamo guards (its rank, its kind): every load of a
+    new rank or kind compiles the block again, so the engine counts each as a shape class, and warns
+    when dynamo's limit is reached instead of letting the block run eagerly unannounced."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel.compile import _block_forward, _dynamo_graphs, compile_transformer_
+    from zimage_native.lora import LoraStack
+    from zimage_native.model.sequence import build_layout, pad_captions, patchify
+
+    model = packed_tiny_dit()
+    cfg, dim, ffn = model.config, model.config.dim, model.layers[0].feed_forward.w2.in_features
+    g = torch.Generator().manual_seed(0)
+    layout = build_layout(cfg, [5], 8, 8, "cpu")
+    inputs = (patchify(torch.randn(1, 16, 8, 8, generator=g)),
+              pad_captions([torch.randn(5, cfg.cap_feat_dim, generator=g)], layout.caption_pad.shape[1]),
+              torch.tensor([0.3]), layout)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.02
+
+    loras = [{"diffusion_model.layers.0.attention.to_q.lora_A.weight": r(rank, dim),
+              "diffusion_model.layers.0.attention.to_q.lora_B.weight": r(dim, rank)} for rank in (2, 4)]
+    loras.append({"lycoris_layers_0_feed_forward_w2.lokr_w1": r(2, 2),  # a LoKr: a Kronecker side path
+                  "lycoris_layers_0_feed_forward_w2.lokr_w2": r(dim // 2, ffn // 2)})
+    loras.append({f"lycoris_layers_1_attention_to_q.hada_{w}": r(*shape)  # a LoHa (rank 1 x 3) on another block
+                  for w, shape in (("w1_a", (dim, 1)), ("w1_b", (1, dim)), ("w2_a", (dim, 3)), ("w2_b", (3, dim)))})
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compile_transformer_(model, "blocks", counter)
+    classes = model._zimage_compiled[2]
+    stack = LoraStack()
+    with torch.no_grad():
+        model(*inputs)
+        for lora in loras:
+            stack.load(model, lora)
+            model(*inputs)
+            stack.unload(model)
+            model(*inputs)  # back to the graphs without side paths
+    graphs = _dynamo_graphs(_block_forward.__code__)
+    assert counter.frame_count == 2 + len(loras)  # (modulated, unmodulated) blocks, and one per side path
+    assert len(classes.seen) == counter.frame_count and graphs in (None, counter.frame_count)
+    # Past the limit, the next new side-path structure is named in the engine's warning.
+    classes.limit = len(classes.seen)
+    stack.load(model, {"diffusion_model.layers.0.attention.to_q.lora_A.weight": r(8, dim),
+                       "diffusion_model.layers.0.attention.to_q.lora_B.weight": r(dim, 8)})
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        model(*inputs)
+    assert "1 LoRA side paths" in caplog.text and "past the recompile limit" in caplog.text, caplog.text

@@ -16,7 +16,9 @@ Shape policy (``shapes=``):
 - ``"dynamic"`` (default): the sequence dimension of every block input (tokens, RoPE tables, key
   mask) is marked dynamic before dynamo sees it, so one graph serves every caption length (each
   a multiple of 32) and every resolution. A block's shape class is then (modulated or not, batch,
-  masked or not, dtype): at most 4 per batch size.
+  masked or not, dtype, device): at most 4 per batch size on one device. LoRA side paths on packed
+  (GGUF, kept fp8) linears, added after compiling, are part of the class too (dynamo guards their
+  ranks and kinds): each new rank or kind loaded is one more class.
 - ``"static"``: every sequence length is its own graph, compiled lazily the first time it occurs
   (up to 16 caption classes per resolution, batch and block kind).
 
@@ -150,18 +152,40 @@ class CompiledBlock:
         # first block has a before_proj, the others none; torch 2.6 guards the count).
         self.kind = type(block).__name__
         self.structure = (self.kind, tuple(block._modules))
+        self.packed = _packed_linears(block)
 
     def __call__(self, x, rope, mask, c=None, mod=None):
         modulated = mod is not None or c is not None
         seq = None if self.dynamic else x.shape[1]
         kind = self.kind
-        key = (self.structure, modulated, x.shape[0], seq, mask is not None, x.dtype)
+        sides = side_path_structure(self.packed)
+        key = (self.structure, modulated, x.shape[0], seq, mask is not None, x.dtype, x.device, sides)
         self.classes.note(key, lambda: (f"({kind} {'modulated' if modulated else 'unmodulated'}, batch {x.shape[0]}, "
                                         f"sequence {x.shape[1]}, {'masked' if mask is not None else 'no mask'}, "
-                                        f"{str(x.dtype).removeprefix('torch.')})"))
+                                        f"{str(x.dtype).removeprefix('torch.')}, {x.device}"
+                                        f"{_describe_sides(sides)})"))
         if self.dynamic:
             _mark_sequence_dynamic(x, *rope, mask)
         return self.compiled(self.block, x, rope, mask, c, mod)
+
+
+def _packed_linears(model: nn.Module) -> list[nn.Module]:
+    from ..quant_linear import PackedLinear
+
+    return [m for m in model.modules() if isinstance(m, PackedLinear)]
+
+
+def side_path_structure(packed: list[nn.Module]) -> tuple:
+    """What dynamo guards about the LoRA side paths of packed (GGUF, kept fp8) linears, which a
+    ``load_lora`` adds after compiling and ``unload_lora`` removes: per layer, each side path's
+    factor shapes (the rank), kind and scale. Every new combination is a new graph."""
+    return tuple(tuple((tuple(getattr(m, a).shape), None if b is None else tuple(getattr(m, b).shape), s, k)
+                       for a, b, s, k in m.lora) for m in packed)
+
+
+def _describe_sides(sides: tuple) -> str:
+    n = sum(len(layer) for layer in sides)
+    return f", {n} LoRA side paths" if n else ""
 
 
 def _block_forward(block, x, rope, mask, c, mod):
@@ -176,11 +200,12 @@ class CompiledMethod:
     never c or the modulation vectors.
     """
 
-    def __init__(self, name: str, compiled, classes: ShapeClasses, dynamic: bool):
+    def __init__(self, name: str, compiled, classes: ShapeClasses, dynamic: bool, packed: list[nn.Module]):
         self.name = name
         self.compiled = compiled
         self.classes = classes
         self.dynamic = dynamic
+        self.packed = packed  # the model's packed linears, whose LoRA side paths the graph holds
 
     def __call__(self, *args, **kwargs):
         from .cuda_graphs import flatten
@@ -193,9 +218,11 @@ class CompiledMethod:
         sequence = [*tokens, *flatten(layout)[0], *flatten(hints)[0], *flatten(image)[0]]
         batch, masked = tokens[0].shape[0], layout.joint_mask is not None
         seq = None if self.dynamic else tuple(t.shape[1] for t in sequence if t.ndim >= 2)
-        key = (batch, masked, seq, tokens[0].dtype, tuple(sorted(hints or ())))
+        sides = side_path_structure(self.packed)
+        key = (batch, masked, seq, tokens[0].dtype, tokens[0].device, tuple(sorted(hints or ())), sides)
         self.classes.note(key, lambda: f"({self.name}, batch {batch}, {'masked' if masked else 'no mask'}, "
-                                       f"token shapes {[tuple(t.shape) for t in tokens]})")
+                                       f"token shapes {[tuple(t.shape) for t in tokens]}, {tokens[0].device}"
+                                       f"{_describe_sides(sides)})")
         if self.dynamic:
             _mark_sequence_dynamic(*sequence)
         return self.compiled(*args, **kwargs)
@@ -275,12 +302,13 @@ def compile_transformer_(transformer: nn.Module, mode: str = "blocks", backend: 
         return (f"compile: blocks ({len(blocks)} blocks share one compiled function; shapes {shapes}, "
                 f"recompile limit {limit})")
     methods = _methods(transformer)
+    packed = _packed_linears(transformer)
     for name in methods:
         method = getattr(transformer, name)
         compiled = torch.compile(method, fullgraph=True, **options)
         classes = shape_classes(f"{type(transformer).__name__}.{name}", f"the compiled {name}", limit,
                                 method.__func__.__code__)
-        setattr(transformer, name, CompiledMethod(name, compiled, classes, dynamic))
+        setattr(transformer, name, CompiledMethod(name, compiled, classes, dynamic, packed))
     transformer._zimage_compiled = ("full", shapes, classes)
     return f"compile: full ({' and '.join(methods)}, fullgraph; shapes {shapes}, recompile limit {limit})"
 
