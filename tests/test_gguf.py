@@ -497,14 +497,16 @@ def test_lora_side_paths_move_with_their_layer_in_the_compute_dtype():
     layer.weight.copy_(torch.from_numpy(random_blocks("Q8_0", 8, 256, np.random.default_rng(3))))
     layer.bias.copy_(torch.randn(8))
     keys = set(layer.state_dict())
-    layer.add_lora(torch.randn(4, 256), torch.randn(8, 4), 0.5)
-    layer.add_lora(torch.randn(8, 256), None, 0.25)  # a dense delta (a full-delta module)
-    layer.add_lora(torch.randn(2, 16), torch.randn(4, 16), 0.75, kron=True)  # a LoKr's W1 kron W2
+    given = [(torch.randn(4, 256), torch.randn(8, 4)), (torch.randn(8, 256), None),  # a dense delta (a full delta)
+             (torch.randn(2, 16), torch.randn(4, 16))]  # a LoKr's W1 kron W2
+    for (a, b), scale in zip(given, (0.5, 0.25, 0.75)):
+        layer.add_lora(a, b, scale, kron=a.shape == (2, 16))
     x = torch.randn(2, 256)
     (a, b, _, _), (d, _, _, _), (w1, w2, _, kron) = layer.side_paths()
     assert kron
-    expected = (torch.nn.functional.linear(x, layer.dequantize(), layer.bias) + 0.5 * (x @ a.T @ b.T)
-                + 0.25 * (x @ d.T) + 0.75 * (x @ torch.kron(w1, w2).T))
+    (a0, b0), (d0, _), (w10, w20) = given
+    expected = (torch.nn.functional.linear(x, layer.dequantize(), layer.bias) + 0.5 * (x @ a0.T @ b0.T)
+                + 0.25 * (x @ d0.T) + 0.75 * (x @ torch.kron(w10, w20).T))
     assert_rel(layer(x), expected, 1e-6, "GGUFLinear with side paths")
     assert set(layer.state_dict()) == keys
     assert {id(t) for t in (a, b, d, w1, w2)} <= {id(t) for t in _streamed_tensors(layer, ())}

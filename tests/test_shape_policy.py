@@ -188,6 +188,11 @@ def test_lora_side_paths_loaded_after_compiling_are_counted_as_shape_classes(cap
             model(*inputs)
             stack.unload(model)
             model(*inputs)  # back to the graphs without side paths
+        frames = counter.frame_count
+        stack.load(model, loras[0], 0.5)  # a rank seen before, at another scale: the scale is in the weights
+        model(*inputs)
+        stack.unload(model)
+        assert counter.frame_count == frames, "a LoRA scale change recompiled"
     graphs = _dynamo_graphs(_block_forward.__code__)
     assert counter.frame_count == 2 + len(loras)  # (modulated, unmodulated) blocks, and one per side path
     assert len(classes.seen) == counter.frame_count and graphs in (None, counter.frame_count)

@@ -16,7 +16,8 @@ A LoRA on such a layer is applied unfused, as a low-rank side path ``y += s * (x
 Kronecker one ``y += s * (W1 kron W2) x`` (a LoKr whose second factor is whole: computed from the
 two small factors, never formed), or a dense delta (full-delta modules): the packed weights are
 never rewritten, and removing the LoRA removes the side paths. A and B are non-persistent buffers of the layer, in the
-model's compute dtype: every placement (``Module.to``, ``--offload model``, the streamed blocks
+model's compute dtype, with the LoRA's scale folded into one of them (a compiled DiT then holds no
+scale to recompile for): every placement (``Module.to``, ``--offload model``, the streamed blocks
 of ``--offload blocks``) moves them with the layer, and a forward neither casts nor copies them.
 
 :class:`GGUFEmbedding` keeps a token-embedding table packed and dequantises only the rows looked up.
@@ -53,11 +54,12 @@ class SidePath(NamedTuple):
         if self.kron:  # (A kron B) x = vec(A X B^T) for x's (q, d) reshape
             q, d = a.shape[1], self.b.shape[1]
             t = torch.matmul(x.reshape(*x.shape[:-1], q, d), self.b.to(x.dtype).t())  # (..., q, c)
-            return self.scale * torch.matmul(a, t).flatten(-2)  # (..., p, c) -> (..., p c)
-        side = F.linear(x, a)
-        if self.b is not None:
-            side = F.linear(side, self.b.to(x.dtype))
-        return self.scale * side
+            side = torch.matmul(a, t).flatten(-2)  # (..., p, c) -> (..., p c)
+        else:
+            side = F.linear(x, a)
+            if self.b is not None:
+                side = F.linear(side, self.b.to(x.dtype))
+        return side if self.scale == 1.0 else self.scale * side
 
 
 class PackedLinear(nn.Module):
@@ -89,7 +91,7 @@ class PackedLinear(nn.Module):
                  kron: bool = False) -> None:
         """Add ``scale * B A`` (``b`` None: ``a`` is a dense (out, in) delta), or with ``kron``
         ``scale * (A kron B)``, as a side path, kept on the layer's device in ``dtype`` (the model's
-        compute dtype; default: as given)."""
+        compute dtype; default: as given), with the scale folded into one factor."""
         if kron:
             rows, cols = a.shape[0] * b.shape[0], a.shape[1] * b.shape[1]
         else:
@@ -97,15 +99,22 @@ class PackedLinear(nn.Module):
         if rows != self.out_features or cols != self.in_features:
             raise ValueError(f"LoRA side path of shape ({rows}, {cols}) for a layer of shape "
                              f"({self.out_features}, {self.in_features})")
+        # The scale is folded into one factor (in fp32), so the forward holds no Python float that
+        # torch.compile would specialise on: a LoRA loaded again at another scale reuses the graph.
+        given = {"a": a.dtype, "b": None if b is None else b.dtype}
+        if b is None or kron:
+            a = a.float() * scale
+        else:
+            b = b.float() * scale
         names = []
         for part, tensor in (("a", a), ("b", b)):
             if tensor is None:
                 names.append(None)
                 continue
             name = f"lora_{part}{len(self.lora)}"
-            self.register_buffer(name, tensor.detach().to(self.weight.device, dtype or tensor.dtype), persistent=False)
+            self.register_buffer(name, tensor.detach().to(self.weight.device, dtype or given[part]), persistent=False)
             names.append(name)
-        self.lora.append((names[0], names[1], float(scale), kron))
+        self.lora.append((names[0], names[1], 1.0, kron))
 
     def side_paths(self) -> list[SidePath]:
         """The LoRA side paths."""
