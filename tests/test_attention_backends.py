@@ -447,3 +447,41 @@ def test_an_offloaded_dit_is_accelerated_for_the_gpu_it_runs_on(tiny_model_dir, 
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
         with pytest.raises(AccelerationUnavailable, match="Tesla T4 is sm75"):
             pipe.optimize(fp8=True)
+
+
+@pytest.mark.parametrize("applied", ["flash_attn_2", "auto", "kernels"])
+def test_moving_to_the_cpu_refuses_gpu_only_accelerations_or_chooses_again(tiny_model_dir, monkeypatch, applied):
+    """pipe.to("cpu") after a GPU-only acceleration (stood in for by mocks, as above): an explicit
+    GPU attention backend or the Triton kernels are refused with the reason before anything moves
+    (they stayed installed and the next call failed inside the library); "auto" is chosen again
+    for the CPU (SDPA)."""
+    from types import SimpleNamespace
+
+    from zimage_native import ZImagePipeline
+    from zimage_native.accel import AccelerationUnavailable
+    from zimage_native.accel import fused_ops
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
+    pipe.placement["transformer"], pipe.offload = CUDA, "model"  # as from_pretrained(device="cuda", offload="model")
+    modules = ab.dit_attention_modules(pipe.transformer)
+    mock_environment(monkeypatch, ("flash_attn_2",), (8, 6))
+    sentinel = object()
+    monkeypatch.setitem(ab.FACTORIES, "flash_attn_2", lambda: sentinel)
+    if applied == "kernels":  # a GPU build of the kernels (not the interpreter), never run here
+        monkeypatch.setattr(fused_ops, "load_kernels", lambda: SimpleNamespace(INTERPRETED=False, DEQUANT_TYPES=()))
+        pipe.optimize(kernels="triton")
+        with pytest.raises(AccelerationUnavailable, match=r"cannot run on cpu: kernels='triton' runs on a CUDA .*reload"):
+            pipe.to("cpu")
+        assert pipe.placement["transformer"] == CUDA and pipe.offload == "model"  # nothing moved
+        return
+    assert "flash_attn_2" in pipe.optimize(attention=applied)[0]
+    assert all(m.attn_fn is sentinel for m in modules)
+    if applied == "flash_attn_2":
+        with pytest.raises(AccelerationUnavailable, match=r"'flash_attn_2' is not available: needs a CUDA GPU.*"
+                                                          r"optimize\(attention='sdpa'\) first"):
+            pipe.to("cpu")
+        assert pipe.placement["transformer"] == CUDA and all(m.attn_fn is sentinel for m in modules)
+        pipe.optimize(attention="sdpa")
+    pipe.to("cpu")
+    assert all(m.attn_fn is sdpa_reference for m in modules)
+    assert pipe("a cat", width=32, height=32, num_inference_steps=1, output_type="latent").images.isfinite().all()

@@ -368,6 +368,7 @@ class ZImagePipeline:
 
         device = resolve_device(device)
         self._check_graphs_fit(device, "none")
+        self._check_accelerations_fit(device)
         for name in ("text_encoder", "transformer", "vae"):
             module = self._module(name)
             if module is not None:  # a remote text encoder stays where it is
@@ -392,6 +393,7 @@ class ZImagePipeline:
             raise ValueError("the DiT's blocks are already streamed (offload='blocks'); load it again with "
                              "offload='model'")
         self._check_graphs_fit(device, "model")
+        self._check_accelerations_fit(device)
         self.placement = dict.fromkeys(self.placement, device)
         self.offload = "model"
         for name in ("text_encoder", "transformer", "vae"):
@@ -414,6 +416,17 @@ class ZImagePipeline:
             raise ValueError(f"{problem}; CUDA graphs are on (cuda_graphs=True): load the pipeline again without "
                              f"them to place it so")
 
+    def _check_accelerations_fit(self, device: torch.device) -> None:
+        """Refuse a placement where an applied acceleration cannot run (a GPU-only attention backend,
+        the Triton kernels or fp8 moved to the CPU), before anything moves, rather than fail inside
+        a library at the next call."""
+        from .accel import AccelerationUnavailable, placement_problem
+
+        for model in (self.transformer, self.controlnet):
+            problem = model is not None and placement_problem(model, self._accel, device, self._compile_options[0])
+            if problem:
+                raise AccelerationUnavailable(f"the pipeline cannot run on {device}: {problem}")
+
     def enable_sequential_cpu_offload(self, *args, **kwargs) -> None:
         """diffusers' lowest-memory offload. Here it is chosen when loading, as ``offload="blocks"``
         (the DiT's blocks stream from pinned CPU memory one ahead of their use): refused with that."""
@@ -431,8 +444,12 @@ class ZImagePipeline:
         """SDPA bounded to slices of the queries where it has only its math path (a bfloat16 model on a
         GPU below sm80: ``accel.attention_backends.sdpa_math_only``), for the DiT, the ControlNet
         branch and the VAE, on the devices where they run."""
-        from .accel.attention_backends import fit_sdpa_
+        from .accel.attention_backends import fit_sdpa_, set_attention_backend
 
+        if self._accel["attention"] == "auto":  # chosen again for the device the DiT now runs on
+            for model in (self.transformer, self.controlnet):
+                if model is not None:
+                    logger.info(set_attention_backend(model, "auto", self.placement["transformer"]))
         for name, model in (("transformer", self.transformer), ("transformer", self.controlnet), ("vae", self.vae)):
             line = fit_sdpa_(model, self.placement[name]) if model is not None else None
             if line:

@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 KERNEL_CHOICES = ("none", "triton")
 
 __all__ = [
-    "optimize", "check_before_loading", "blocks_conflict", "attention_from_env", "AccelerationUnavailable", "set_attention_backend", "use_fused_kernels", "load_kernels",
+    "optimize", "check_before_loading", "blocks_conflict", "placement_problem", "attention_from_env", "AccelerationUnavailable", "set_attention_backend", "use_fused_kernels", "load_kernels",
     "count_fused", "fuse_projections_", "quantize_fp8_", "resolve_backend", "check_attention_backend", "canonical_name", "unavailable_reason",
     "triton_unavailable_reason", "fp8_quantize_kernel", "ATTENTION_CHOICES", "KERNEL_CHOICES",
 ]
@@ -137,6 +137,40 @@ def _device(model: nn.Module, device: str | torch.device | None = None) -> torch
         return streamer.device
     param = next(model.parameters(), None)
     return torch.device("cpu") if param is None else param.device
+
+
+def placement_problem(transformer: nn.Module, settings: dict, device: str | torch.device,
+                      compile_backend: str | object = "inductor") -> str | None:
+    """Why the accelerations applied to ``transformer`` (``settings``: a pipeline's kernels, attention,
+    fp8, compile) cannot run on ``device``, where a move (``pipe.to``, ``enable_model_cpu_offload``)
+    would run it (None if they can). An attention backend named explicitly is checked there ("auto"
+    is chosen again after the move); the Triton kernels, fp8 (whose activations may go through a
+    Triton kernel) and compile are checked as ``optimize`` would check them for that device."""
+    from .fp8 import Float8Linear, quantize_rows
+
+    device = torch.device(device)
+    problems = []
+    attention = canonical_name(settings.get("attention", "sdpa"))
+    if attention not in ("sdpa", "auto"):
+        try:
+            check_attention_backend(transformer, attention, device)
+        except AccelerationUnavailable as e:
+            problems.append(f"{e}; pipe.optimize(attention='sdpa') first to move it")
+    checks = []
+    triton_quantizer = any(isinstance(m, Float8Linear) and m.quantize is not quantize_rows
+                           for m in transformer.modules())
+    if settings.get("kernels") == "triton" or triton_quantizer:
+        checks.append(lambda: check_kernels_can_run(transformer, device))
+    if settings.get("fp8"):
+        checks.append(lambda: check_fp8_supported(transformer, device))
+    if settings.get("compile", "off") != "off":
+        checks.append(lambda: check_compile_supported(transformer, compile_backend, device=device))
+    for check in checks:
+        try:
+            check()
+        except AccelerationUnavailable as e:
+            problems.append(f"{e} (reload the pipeline without it to run it there)")
+    return "; ".join(problems) or None
 
 
 def blocks_conflict(offload: str, settings: dict) -> str | None:
