@@ -867,3 +867,21 @@ def test_the_per_row_scaled_mm_probe_predicts_the_fp8_linear_on_the_cpu():
     except RuntimeError:
         runs = False
     assert cpu_rowwise_scaled_mm() == runs
+
+
+def test_the_vae_compile_is_checked_for_the_gpu_the_vae_runs_on(tiny_model_dir, monkeypatch):
+    """With offload="model" the VAE rests in CPU memory and decodes on the GPU: vae_compile is checked
+    for that GPU (a T4, stood in for by mocks, where inductor skips bfloat16 graphs), not skipped as
+    "on the CPU" (the VAE would then decode eagerly after a warning from inductor)."""
+    from zimage_native.accel import AccelerationUnavailable
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
+    pipe.placement = dict.fromkeys(pipe.placement, torch.device("cuda"))  # as from_pretrained(device="cuda",
+    pipe.offload = "model"                                                # offload="model")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "Tesla T4")
+    monkeypatch.setattr("zimage_native.accel._kernels.triton_unavailable_reason", lambda: None)
+    with pytest.raises(AccelerationUnavailable, match="Tesla T4 .*run the VAE decode eagerly"):
+        pipe.optimize(vae_compile=True)
+    assert "decode" not in pipe.vae.__dict__

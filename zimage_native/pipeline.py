@@ -568,7 +568,7 @@ class ZImagePipeline:
         if changes.get("vae_compile"):
             from .accel.vae import compile_vae_decode_
 
-            lines.append(compile_vae_decode_(self.vae, backend=compile_backend))
+            lines.append(compile_vae_decode_(self.vae, backend=compile_backend, device=self.placement["vae"]))
         state.update(changes)
         return lines
 

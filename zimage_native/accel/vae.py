@@ -35,11 +35,13 @@ class CompiledDecode:
 
 
 def compile_vae_decode_(vae: nn.Module, channels_last: bool = True, backend: str | object = "inductor",
-                        mode: str | None = None) -> str:
-    """Compile ``vae.decode`` in place (weights to channels_last first); returns the log line."""
+                        mode: str | None = None, device: torch.device | str | None = None) -> str:
+    """Compile ``vae.decode`` in place (weights to channels_last first); returns the log line.
+    ``device``: where the VAE runs, when its weights rest elsewhere between runs (offload="model"
+    keeps them in CPU memory): the check is made for that device (None: where its weights are)."""
     if isinstance(vae.__dict__.get("decode"), CompiledDecode):
         return "vae decode: already compiled"
-    check_compile_supported(vae, backend, "the VAE decode")
+    check_compile_supported(vae, backend, "the VAE decode", device=device)
     if channels_last:
         vae.decoder.to(memory_format=torch.channels_last)
     compiled = torch.compile(vae.decoder, backend=backend, mode=mode, dynamic=None)
