@@ -885,3 +885,35 @@ def test_the_vae_compile_is_checked_for_the_gpu_the_vae_runs_on(tiny_model_dir, 
     with pytest.raises(AccelerationUnavailable, match="Tesla T4 .*run the VAE decode eagerly"):
         pipe.optimize(vae_compile=True)
     assert "decode" not in pipe.vae.__dict__
+
+
+@needs_cpu_fp8
+def test_a_lora_after_fp8_is_refused_and_one_fused_before_cannot_be_unloaded(fp8_model_dir):
+    """fp8 replaces the block linears by Float8Linear, which hold only the rounded fp8 values: a LoRA
+    loaded after it failed with "no key of this LoRA matches a Z-Image module" (or, with keys outside
+    the blocks, loaded in part with the rest reported unmatched), and unload_lora of a LoRA fused
+    before it failed with a KeyError after restoring part of the weights. Both are refused, with
+    what to do, and a LoRA fused only outside the blocks still unloads."""
+    pipe = ZImagePipeline.from_pretrained(fp8_model_dir, device="cpu", dtype=torch.bfloat16)
+    dim = pipe.transformer.config.dim
+    g = torch.Generator().manual_seed(0)
+    embedder = pipe.transformer.t_embedder.mlp[0]
+    outside = {"diffusion_model.t_embedder.mlp.0.lora_A.weight": torch.randn(2, embedder.in_features, generator=g),
+               "diffusion_model.t_embedder.mlp.0.lora_B.weight": torch.randn(embedder.out_features, 2, generator=g)}
+    blocks = {"diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.randn(4, dim, generator=g),
+              "diffusion_model.layers.0.attention.to_q.lora_B.weight": torch.randn(dim, 4, generator=g)}
+    before = embedder.weight.clone()
+    pipe.load_lora({**outside, **blocks}, scale=0.5)
+    pipe.optimize(fp8=True)
+    with pytest.raises(ValueError, match=r"unload_lora: fp8 quantised 1 of the linears the LoRA is fused into "
+                                         r"\(e.g. layers.0.attention.to_q\).*reload the pipeline"):
+        pipe.unload_lora()
+    assert not torch.equal(embedder.weight, before)  # nothing was restored
+    with pytest.raises(ValueError, match=r"load_lora: fp8 quantised the DiT's block linears \(\d+ in float8\).*"
+                                         r"Load LoRAs before fp8"):
+        pipe.load_lora(blocks)
+    pipe = ZImagePipeline.from_pretrained(fp8_model_dir, device="cpu", dtype=torch.bfloat16)
+    embedder = pipe.transformer.t_embedder.mlp[0]
+    pipe.load_lora(outside)
+    pipe.optimize(fp8=True)
+    assert pipe.unload_lora() == 1 and torch.equal(embedder.weight, before)

@@ -580,7 +580,13 @@ class ZImagePipeline:
 
     @_serialized
     def load_lora(self, path_or_list, scale=1.0, **options):
-        """Fuse LoRA weights into the DiT (:meth:`LoraStack.load`); captured graphs are dropped."""
+        """Fuse LoRA weights into the DiT (:meth:`LoraStack.load`); captured graphs are dropped.
+        Refused once fp8 has quantised the DiT's block linears (load LoRAs before fp8)."""
+        from .accel.fp8 import lora_problem
+
+        problem = lora_problem(self.transformer)
+        if problem:
+            raise ValueError(f"load_lora: {problem}")
         report = self.lora_stack.load(self.transformer, path_or_list, scale, **options)
         if self._graphed is not None:
             self._graphed.clear()
@@ -610,7 +616,13 @@ class ZImagePipeline:
 
     @_serialized
     def unload_lora(self) -> int:
-        """Restore the DiT's weights exactly (:meth:`LoraStack.unload`); captured graphs are dropped."""
+        """Restore the DiT's weights exactly (:meth:`LoraStack.unload`); captured graphs are dropped.
+        Refused for a LoRA fused before fp8 quantised the DiT's block linears (reload instead)."""
+        from .accel.fp8 import lora_problem
+
+        problem = lora_problem(self.transformer, restore=self.lora_stack.originals)
+        if problem:
+            raise ValueError(f"unload_lora: {problem}")
         restored = self.lora_stack.unload(self.transformer)
         if self._graphed is not None:
             self._graphed.clear()

@@ -25,7 +25,7 @@ with an image-quality number against bf16.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -244,6 +244,26 @@ def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool
     return (f"fp8: {converted} linears in float8 e4m3 ({fused} as fused GEMMs, {accum}, activations quantised by "
             f"{'zimage::quantize_fp8_rows' if kernels else 'PyTorch'}), {kept} kept in "
             f"{str(dtype).removeprefix('torch.')}")
+
+
+def lora_problem(transformer: nn.Module, restore: Iterable[str] | None = None) -> str | None:
+    """Why a LoRA cannot be loaded into a DiT whose block linears fp8 has replaced by
+    :class:`Float8Linear` (None if it has none), or, with ``restore`` (the names of the linears a
+    loaded LoRA was fused into), why it cannot be removed: a Float8Linear holds only the rounded fp8
+    values, neither a weight to fuse a LoRA into nor the weight to restore."""
+    if restore is not None:
+        modules = dict(transformer.named_modules())
+        lost = [name for name in restore if isinstance(modules.get(name), Float8Linear)]
+        if not lost:
+            return None
+        return (f"fp8 quantised {len(lost)} of the linears the LoRA is fused into (e.g. {lost[0]}): their weights "
+                f"without it are not kept; reload the pipeline to remove it")
+    n = sum(isinstance(m, Float8Linear) for m in transformer.modules())
+    if not n:
+        return None
+    return (f"fp8 quantised the DiT's block linears ({n} in float8): a LoRA cannot be fused into them now. Load "
+            f"LoRAs before fp8 (pipe.load_lora, then pipe.optimize(fp8=True)), or bake one in with "
+            f"`zimage convert SRC DST --lora PATH --dtype fp8`")
 
 
 def _fusions(module: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
