@@ -203,3 +203,36 @@ def test_lora_side_paths_loaded_after_compiling_are_counted_as_shape_classes(cap
     with caplog.at_level(logging.WARNING), torch.no_grad():
         model(*inputs)
     assert "1 LoRA side paths" in caplog.text and "past the recompile limit" in caplog.text, caplog.text
+
+
+def test_full_graphs_count_the_side_paths_they_run():
+    """compile="full": the per-step graph runs the blocks' side paths, the caption graph those of the
+    context refiner; each method counts exactly the graphs dynamo keeps for it."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel.compile import _CLASSES, _dynamo_graphs, compile_transformer_
+    from zimage_native.lora import LoraStack
+    from zimage_native.model.sequence import build_layout, pad_captions, patchify
+    from zimage_native.model.transformer import ZImageTransformer
+
+    model = packed_tiny_dit()
+    cfg, dim = model.config, model.config.dim
+    g = torch.Generator().manual_seed(0)
+    layout = build_layout(cfg, [5], 8, 8, "cpu")
+    inputs = (patchify(torch.randn(1, 16, 8, 8, generator=g)),
+              pad_captions([torch.randn(5, cfg.cap_feat_dim, generator=g)], layout.caption_pad.shape[1]),
+              torch.tensor([0.3]), layout)
+    torch._dynamo.reset()
+    compile_transformer_(model, "full", CompileCounterWithBackend("eager"))
+    stack = LoraStack()
+    with torch.no_grad():
+        model(*inputs)
+        for where, rank in (("layers.0", 2), ("layers.0", 4), ("context_refiner.0", 2)):
+            stack.load(model, {f"diffusion_model.{where}.attention.to_q.lora_A.weight": torch.randn(rank, dim, generator=g),
+                               f"diffusion_model.{where}.attention.to_q.lora_B.weight": torch.randn(dim, rank, generator=g)})
+            model(*inputs)
+            stack.unload(model)
+    for name, graphs in (("forward_tokens", 3), ("encode_caption", 2)):
+        seen = len(_CLASSES[f"ZImageTransformer.{name}"].seen)
+        held = _dynamo_graphs(getattr(ZImageTransformer, name).__code__)
+        assert seen == graphs and held in (None, graphs), (name, seen, held)

@@ -175,6 +175,16 @@ def _packed_linears(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, PackedLinear)]
 
 
+def _method_packed(model: nn.Module, name: str) -> list[nn.Module]:
+    """The packed linears a ``full`` method's graph runs: the caption path's for ``encode_caption``,
+    the others for ``forward_tokens`` (the branch's ``step``: all of its)."""
+    caption = ([*_packed_linears(model.cap_embedder), *_packed_linears(model.context_refiner)]
+               if name in ("encode_caption", "forward_tokens") else [])
+    if name == "encode_caption":
+        return caption
+    return [m for m in _packed_linears(model) if all(m is not c for c in caption)]
+
+
 def side_path_structure(packed: list[nn.Module]) -> tuple:
     """What dynamo guards about the LoRA side paths of packed (GGUF, kept fp8) linears, which a
     ``load_lora`` adds after compiling and ``unload_lora`` removes: per layer, each side path's
@@ -302,13 +312,13 @@ def compile_transformer_(transformer: nn.Module, mode: str = "blocks", backend: 
         return (f"compile: blocks ({len(blocks)} blocks share one compiled function; shapes {shapes}, "
                 f"recompile limit {limit})")
     methods = _methods(transformer)
-    packed = _packed_linears(transformer)
     for name in methods:
         method = getattr(transformer, name)
         compiled = torch.compile(method, fullgraph=True, **options)
         classes = shape_classes(f"{type(transformer).__name__}.{name}", f"the compiled {name}", limit,
                                 method.__func__.__code__)
-        setattr(transformer, name, CompiledMethod(name, compiled, classes, dynamic, packed))
+        setattr(transformer, name, CompiledMethod(name, compiled, classes, dynamic,
+                                                    _method_packed(transformer, name)))
     transformer._zimage_compiled = ("full", shapes, classes)
     return f"compile: full ({' and '.join(methods)}, fullgraph; shapes {shapes}, recompile limit {limit})"
 
