@@ -376,3 +376,23 @@ def test_served_controlnet_equals_the_library(tmp_path):
     want = engine.pipe("a pose", control_image=control, controlnet_conditioning_scale=0.5, width=48, height=32,
                        num_inference_steps=2, seed=2).images[0]
     assert got.size == (48, 32) and np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_remote_encoder_is_asked_before_any_weight_is_read(remote, tiny_model_dir, monkeypatch):
+    """text_encoder_url: an encoder that is down, or whose features are not the DiT's caption width,
+    was found only after the DiT and the VAE had been loaded; now before any weight is read."""
+    import zimage_native.loading as loading
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were read before the remote encoder was asked")
+
+    monkeypatch.setattr(loading, "load_module", no_load)
+    monkeypatch.setattr(loading, "load_component", no_load)
+    with pytest.raises(RemoteEncoderError):
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", text_encoder_url="http://127.0.0.1:9")
+    info = RemoteTextEncoder.info
+    monkeypatch.setattr(RemoteTextEncoder, "info", lambda self: {**info(self), "hidden_size": 64})
+    with pytest.raises(ValueError, match=r"text encoder hidden size 64 \(http://.*\) does not match the "
+                                         r"transformer's cap_feat_dim 48"):
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", text_encoder_url=remote.url,
+                                       text_encoder_token=TOKEN)

@@ -567,12 +567,16 @@ def load_pretrained(
     te_source = text_encoder if text_encoder is not None else folder / "text_encoder"
     check_weight_files([dit_source, vae if vae is not None else folder / "vae",
                         *([te_source] if text_encoder_url is None else [])])
+    dit_width = (header_width("transformer", transformer) if transformer is not None else
+                 TransformerConfig.from_json(folder / "transformer" / "config.json").cap_feat_dim)
     if text_encoder_url is None:
-        check_widths(header_width("transformer", transformer) if transformer is not None else
-                     TransformerConfig.from_json(folder / "transformer" / "config.json").cap_feat_dim,
-                     header_width("text_encoder", text_encoder) if text_encoder is not None else
-                     qwen3_hidden_size(folder / "text_encoder" / "config.json"),
-                     dit_source, te_source)
+        check_widths(dit_width, header_width("text_encoder", text_encoder) if text_encoder is not None else
+                     qwen3_hidden_size(folder / "text_encoder" / "config.json"), dit_source, te_source)
+    else:  # asked before any weight is read: an encoder that is down or of another width fails at once
+        from .server.remote import RemoteTextEncoder
+
+        te = RemoteTextEncoder(text_encoder_url, text_encoder_token, dtype=dtype)
+        check_widths(dit_width, te.hidden_size, dit_source, text_encoder_url)
     logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
     if transformer is not None:
         dit = load_component("transformer", transformer, dtype, storage["transformer"],
@@ -587,9 +591,6 @@ def load_pretrained(
         vcfg = VAEConfig.from_json(folder / "vae" / "config.json")
         ae = load_module(lambda: AutoencoderKL(vcfg), folder / "vae", dtype, storage["vae"], "vae")
     if text_encoder_url is not None:
-        from .server.remote import RemoteTextEncoder
-
-        te = RemoteTextEncoder(text_encoder_url, text_encoder_token, dtype=dtype)
         hidden = te.hidden_size
     else:
         tok = load_tokenizer(tokenizer if tokenizer is not None else folder / "tokenizer")
