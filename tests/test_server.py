@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import time
 
 import pytest
@@ -636,6 +637,77 @@ def test_a_damaged_history_database_is_refused_in_one_line_before_the_model_load
         Storage(data)  # the library's way in says the same
     (data / "history.sqlite3").unlink()
     Storage(data).close()  # a missing history is a new one
+
+
+def test_a_second_server_on_a_data_folder_in_use_is_refused_and_leaves_the_first_alone(tmp_path):
+    """Two servers on one --data-dir (say one per GPU with the default folder): the second's start-up
+    repair marked the first's running job failed and its waiting job cancelled, and deleted its
+    temporary files and the images without a row yet. Now the second is refused, naming the first."""
+    from zimage_native.server.storage import DataDirInUse
+
+    with LiveServer(create_app(FakeEngine(step_delay=0.05), settings_for(tmp_path, queue_size=2))) as first, \
+            httpx.Client(base_url=first.url, timeout=30) as client:
+        running, waiting = submit(client, steps=40), submit(client, steps=2)
+        deadline = time.monotonic() + 10
+        while client.get(f"/api/v1/jobs/{running['id']}").json()["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(DataDirInUse) as refused:
+            create_app(FakeEngine(), settings_for(tmp_path))
+        message = str(refused.value)
+        assert f"the data folder {tmp_path} is in use by another zimage server (pid {os.getpid()} on " in message
+        assert "give each server its own --data-dir, or serve several GPUs from one server with --ray" in message
+        assert client.get(f"/api/v1/jobs/{waiting['id']}").json()["status"] == "queued"
+        events = follow(client, running["events_url"])
+        assert events[-1].type == "completed"
+    # The first server stopped: its lock is released and the folder serves again.
+    with LiveServer(create_app(FakeEngine(), settings_for(tmp_path))) as again, \
+            httpx.Client(base_url=again.url, timeout=30) as client:
+        assert client.get("/health").status_code == 200
+
+
+def test_the_data_folder_lock_goes_with_a_killed_server_and_the_cli_names_the_holder(tmp_path, monkeypatch):
+    """A server killed with SIGKILL leaves no stale lock; a live one is named (pid, address) by
+    ``zimage serve`` before the model loads."""
+    import importlib
+    import signal
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+    from zimage_native.server.storage import DataDirLock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from zimage_native.server.storage import DataDirLock; "
+                               "lock = DataDirLock(sys.argv[1]); lock.note('http://127.0.0.1:8123/'); "
+                               "print('locked', flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        serve_module = importlib.import_module("zimage_native.cli.serve")
+        monkeypatch.setattr(serve_module, "build_engine", lambda o: pytest.fail("the model was loaded"))
+        result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path), "--port", "0"])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"Error: the data folder {tmp_path} is in use by another zimage server (pid {holder.pid} on " in \
+               result.output
+        assert "http://127.0.0.1:8123/); give each server its own --data-dir" in result.output
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+    DataDirLock(tmp_path).release()  # free again once the holder is dead
+
+
+def test_an_encoder_server_keeps_its_own_data_folder(tmp_path, monkeypatch):
+    """An encoder server and the generation server it feeds, on one machine with the default
+    folders: they must not share one (a data folder serves one server at a time)."""
+    from zimage_native.cli.serve import build_settings, default_options
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    encoder = build_settings({**default_options(), "encoder_only": True}).data_dir
+    assert encoder == tmp_path / "zimage-native" / "server-encoder"
+    assert build_settings({**default_options(), "fake": True, "encoder_only": True}).data_dir.name == "server-fake"
 
 
 @pytest.mark.parametrize("name", ["run#2", "what?", "100%25"])

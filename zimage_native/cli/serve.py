@@ -42,8 +42,9 @@ def _is_loopback(host: str) -> bool:
 @click.option("--queue-size", type=int, default=8, show_default=True,
               help="Jobs that may wait behind the running one; beyond that: 429 with Retry-After.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="History folder (images + SQLite) [default: $XDG_DATA_HOME/zimage-native/server; "
-                   "with --fake: .../server-fake].")
+              help="History folder (images + SQLite), one server at a time [default: "
+                   "$XDG_DATA_HOME/zimage-native/server; with --fake: .../server-fake; with --encoder-only: "
+                   ".../server-encoder].")
 @loading
 @click.option("--encoder-timeout", type=float, default=120.0, show_default=True,
               help="With --encoder-url: seconds to wait for the encoder's answer (a cancel or --job-timeout "
@@ -140,7 +141,8 @@ def build_settings(o: dict):
             raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {o[key]}")
     limits = Limits(min_side=o["min_side"], max_side=o["max_side"], max_pixels=o["max_pixels"],
                     max_steps=o["max_steps"], max_images=o["max_images"])
-    data_dir = o["data_dir"] or default_data_dir(fake=bool(o.get("fake")))  # fake images stay out of real history
+    # Fake images stay out of a real history; an encoder server may run beside the server it feeds.
+    data_dir = o["data_dir"] or default_data_dir(fake=bool(o.get("fake")), encoder_only=bool(o.get("encoder_only")))
     return ServerSettings(data_dir=data_dir, queue_size=o["queue_size"], token=o["token"],
                           limits=limits, max_history=o["max_history"], job_timeout=o["job_timeout"],
                           full_sync=o["full_sync"])
@@ -260,7 +262,7 @@ def run_server(o: dict) -> None:
         import uvicorn
 
         from ..server.app import create_app
-        from ..server.storage import check_history
+        from ..server.storage import DataDirLock, check_history
     except ImportError as e:
         raise click.ClickException(f"zimage serve needs the server extra ({e.name} is missing): "
                                    f"pip install 'zimage-native[server]'") from None
@@ -268,6 +270,7 @@ def run_server(o: dict) -> None:
     # What would fail only once the server starts, checked before the model loads (minutes, GBs).
     check_writable_folder(Path(settings.data_dir), "--data-dir")
     check_history(settings.data_dir)
+    DataDirLock(settings.data_dir).release()  # another server on this folder: refused now, not after loading
     check_port_free(o["host"], o["port"])
     llm = chat_rewriter(o["llm_url"], o["llm_model"], o["llm_timeout"])
     if not _is_loopback(o["host"]) and not settings.token:
@@ -292,6 +295,7 @@ def run_server(o: dict) -> None:
             await super().startup(sockets=sockets)
             if not self.should_exit:
                 port = self.servers[0].sockets[0].getsockname()[1] if self.servers else o["port"]
+                app.state.data_lock.note(f"http://{shown}:{port}/")
                 click.echo(f"zimage serve: {engine.model_name} ready on http://{shown}:{port}/ "
                            f"(queue {settings.queue_size}, data {settings.data_dir})", err=True)
 

@@ -27,7 +27,7 @@ from .openapi import install_openapi
 from .routes import FAMILIES
 from .routes.server import web_dir
 from .settings import ServerSettings
-from .storage import Storage
+from .storage import DataDirLock, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +35,20 @@ logger = logging.getLogger(__name__)
 def create_app(engine: Engine, settings: ServerSettings | None = None, *, warmup: bool = False) -> FastAPI:
     """The server app around ``engine``; history lives in ``settings.data_dir``.
 
-    At creation the history is repaired (see :meth:`Storage.reconcile`); the worker thread starts
-    with the app (lifespan) and stops with it. ``warmup``: run ``engine.warmup()`` on the worker
+    At creation the data folder is locked for this app (a second app or server on it is refused with
+    :class:`~.storage.DataDirInUse` until the first stops or its process ends) and the history is
+    repaired (see :meth:`Storage.reconcile`); the worker thread starts with the app (lifespan) and
+    stops with it, and the lock is released then. ``warmup``: run ``engine.warmup()`` on the worker
     thread during start-up, so that compiled code and captured graphs belong to the thread that
     later runs the jobs; uvicorn only starts listening once it is done.
     """
     settings = settings or ServerSettings()
-    storage = Storage(settings.data_dir, full_sync=settings.full_sync, thumbnail_size=settings.thumbnail_size)
+    data_lock = DataDirLock(settings.data_dir)  # before the repair, which would take a live server's jobs
+    try:
+        storage = Storage(settings.data_dir, full_sync=settings.full_sync, thumbnail_size=settings.thumbnail_size)
+    except BaseException:
+        data_lock.release()
+        raise
     repaired = storage.reconcile()
     manager = JobManager(engine, storage, settings)
     ctx = ServerContext(engine, settings, storage, manager)
@@ -58,6 +65,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, *, warmup
         finally:
             await asyncio.to_thread(manager.stop)
             storage.close()
+            data_lock.release()
 
     app = FastAPI(title="zimage-native server", version=__version__, lifespan=lifespan,
                   description="Z-Image generation: job API with live progress, OpenAI-compatible images route, "
@@ -65,6 +73,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, *, warmup
     app.state.engine = engine
     app.state.settings = settings
     app.state.storage = storage
+    app.state.data_lock = data_lock
     app.state.manager = manager
     app.state.repaired = repaired
     app.state.context = ctx

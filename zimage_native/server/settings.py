@@ -7,14 +7,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
-def default_data_dir(fake: bool = False) -> Path:
+def default_data_dir(fake: bool = False, encoder_only: bool = False) -> Path:
     """``$XDG_DATA_HOME/zimage-native/server``, else ``~/.local/share/zimage-native/server``.
 
     ``fake``: the fake engine's own folder (``server-fake`` next to it), so that its solid-colour
-    images never mix with a real server's history.
+    images never mix with a real server's history. ``encoder_only``: ``server-encoder``, so that an
+    encoder server and the generation server it feeds can run on one machine (a data folder serves
+    one server at a time).
     """
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "zimage-native" / ("server-fake" if fake else "server")
+    name = "server-fake" if fake else "server-encoder" if encoder_only else "server"
+    return Path(base) / "zimage-native" / name
 
 
 INPUT_PIXELS_FACTOR = 6  # an input image may have this many times the pixels of the largest output

@@ -23,14 +23,20 @@ Crash consistency (a SIGKILL at any instant leaves a state that start-up repairs
 
 SQLite runs in WAL mode: committed transactions survive an application crash whatever the
 ``synchronous`` setting; ``synchronous=FULL`` (``full_sync=True``) also survives a power loss.
+
+One server per data folder: the start-up repair would take another live server's jobs and files
+for a crash's leftovers. A server holds :class:`DataDirLock` (an OS lock on ``server.lock``) for
+its life; the system drops it when the process ends, however it ends.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -138,6 +144,78 @@ def check_history(root: str | os.PathLike) -> None:
         raise ValueError(f"{path} is not a readable history database ({problem}); move it away (the server then "
                          f"starts a new history; the images stay in {Path(root) / 'images'}) or pick another "
                          f"--data-dir")
+
+
+LOCK_FILE = "server.lock"
+
+
+class DataDirInUse(ValueError):
+    """Another live server holds the data folder."""
+
+
+class DataDirLock:
+    """An exclusive OS lock on ``<root>/server.lock``, held until :meth:`release` or the end of the
+    process (a crash and SIGKILL included: the system drops the lock with the file handle). The file
+    says who holds it (process id, machine, start time, then the address once listening). A file
+    system without locks (some network drives) only gets a warning."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.path = Path(root) / LOCK_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+", encoding="utf-8")
+        try:
+            _lock(self._file)
+        except OSError as e:
+            if not isinstance(e, BlockingIOError) and e.errno not in (errno.EACCES, errno.EAGAIN, errno.EDEADLK):
+                logger.warning("cannot lock %s (%s): nothing stops a second server from using this data folder",
+                               self.path, e.strerror or e)
+            else:
+                holder = self._holder()
+                self._file.close()
+                raise DataDirInUse(
+                    f"the data folder {self.path.parent} is in use by another zimage server ({holder}); give each "
+                    f"server its own --data-dir, or serve several GPUs from one server with --ray") from None
+        self._owner = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        self._write(self._owner)
+
+    def _holder(self) -> str:
+        try:
+            self._file.seek(0)
+            return self._file.read().strip() or "no details"
+        except OSError:  # Windows: the holder's locked byte cannot be read
+            return "no details"
+
+    def _write(self, text: str) -> None:
+        try:
+            self._file.seek(0)
+            self._file.truncate()
+            self._file.write(text)
+            self._file.flush()
+        except OSError as e:
+            logger.warning("cannot write %s: %s", self.path, e)
+
+    def note(self, address: str) -> None:
+        """Add where the server listens, for the message a second server prints."""
+        if not self._file.closed:
+            self._write(f"{self._owner}, {address}")
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._write("")
+            self._file.close()  # closing the handle drops the lock
+
+
+def _lock(file) -> None:
+    """Lock ``file`` exclusively without waiting; BlockingIOError (or EACCES) when another handle has it."""
+    if os.name == "nt":
+        import msvcrt
+
+        file.seek(0)
+        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # per open file: two opens in one process conflict
 
 
 class Storage:
