@@ -693,6 +693,11 @@ def test_the_data_folder_lock_goes_with_a_killed_server_and_the_cli_names_the_ho
         assert f"Error: the data folder {tmp_path} is in use by another zimage server (pid {holder.pid} on " in \
                result.output
         assert "http://127.0.0.1:8123/); give each server its own --data-dir" in result.output
+        ray = pytest.importorskip("ray")  # --ray with a local cluster: refused before Ray starts
+        monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray was started"))
+        result = CliRunner().invoke(main, ["serve", "--ray", "--fake", "--data-dir", str(tmp_path), "--port", "0"])
+        assert result.exit_code == 1 and f"Error: the data folder {tmp_path} is in use" in result.output, \
+            result.output
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(10)

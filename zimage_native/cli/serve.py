@@ -233,7 +233,11 @@ def run_ray(o: dict) -> None:
                                    f"pip install 'zimage-native[ray]'") from None
     import time
 
-    build_settings(o)  # validate before starting anything
+    settings = build_settings(o)  # validate before starting anything
+    if o["ray_address"] is None:  # the ingress runs here: another server on its data folder is refused now
+        from ..server.storage import DataDirLock
+
+        DataDirLock(settings.data_dir).release()
     ray.init(address=o["ray_address"], ignore_reinit_error=True)
     try:
         o, warning = plan_ray_replicas(o, float(ray.cluster_resources().get("GPU", 0)))
