@@ -310,3 +310,23 @@ def test_shipped_dir_from_installed_package_data(tmp_path, monkeypatch):
     monkeypatch.setattr(tm, "_TEMPLATES_PACKAGE", "zn_fake_install.templates")
     assert shipped_templates_dir().resolve() == (pkg / "templates").resolve()
     assert TemplateRegistry().names() == ["packaged"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A rewriter template is not an image template
+
+
+def test_the_pipeline_refuses_a_rewriter_template_for_an_image(tiny_pipe):
+    """``pipe(template="rewriter-...")`` made the image from the rewriter's instructions ("You are a
+    prompt rewriter...") as the text encoder's system prompt; the CLI and the server refused it, the
+    library did not. A Template object is checked too; an image template still works."""
+    rewriter = SHIPPED.list("rewriter")[0]
+    for template in (rewriter.name, rewriter):
+        with pytest.raises(ValueError, match=rf"template '{rewriter.name}' is a rewriter: its system prompt instructs "
+                                             rf"the prompt rewriter, not the image; rewrite first"):
+            tiny_pipe("a cat", template=template, width=32, height=32, num_inference_steps=1, output_type="latent")
+    image = next(t.name for t in SHIPPED.list() if t.category != "rewriter")
+    out = tiny_pipe("a cat", template=image, width=32, height=32, num_inference_steps=1, output_type="latent")
+    assert out.images.shape[-1] == 4
+    # Formatting a rewriter's text to read it stays possible (zimage format-prompt, /api/format-prompt).
+    assert rewriter.system_prompt in tiny_pipe.format_prompts(["a cat"], rewriter.name)[0]

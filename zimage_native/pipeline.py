@@ -767,6 +767,9 @@ class ZImagePipeline:
     def generate(self, request: GenerationRequest, **run) -> ZImageOutput:
         """Run one :class:`GenerationRequest` (any task); ``run``: ``progress``, ``callback``,
         ``callback_on_step_end``, ``callback_on_step_end_tensor_inputs`` (:func:`sampling.generate`)."""
+        from .prompt.request import check_image_template
+
+        check_image_template(self._template(request.template))
         return sampling.generate(self, request, **run)
 
     def _call(self, prompt, *, seed, num_inference_steps, fields, progress, callback, callback_on_step_end,

@@ -60,6 +60,17 @@ def resolve_rewriter(rewriter: str | Template, registry: TemplateRegistry | None
     return template
 
 
+def check_image_template(template: Template | None) -> None:
+    """Refuse a rewriter template where an image template belongs (the text encoder's system prompt
+    for a generation): its system prompt instructs the rewriter LM, and the image would be made
+    from "You are a prompt rewriter..." with the user's prompt."""
+    if template is not None and getattr(template, "category", None) == REWRITER_CATEGORY:
+        raise ValueError(f"template {template.name!r} is a rewriter: its system prompt instructs the prompt "
+                         f"rewriter, not the image; rewrite first (pipe.rewrite(prompt, rewriter={template.name!r})) "
+                         f"and generate from its answer, or pick an image template "
+                         f"(pipe.template_registry.list())")
+
+
 def build_rewrite_text(
     prompt: str,
     rewriter: str | Template | None = None,
