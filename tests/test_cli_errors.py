@@ -256,6 +256,24 @@ def test_a_lora_folder_is_taken_and_a_bad_scale_is_named(tiny_model_dir, tiny_pi
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_model_file_given_as_a_lora_is_named_before_its_tensors_are_read(tiny_model_dir, tiny_pipe, tmp_path,
+                                                                            monkeypatch):
+    """The VAE given as --lora was "a LoRA for Stable Diffusion / SDXL (diffusers UNet)" (its
+    decoder.up_blocks keys), and a whole DiT was read into memory before "no key matches"."""
+    import safetensors.torch
+
+    vae = tiny_model_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    dit = tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", f"{vae}:0.5") == (
+        f"Error: {vae}: this is not a LoRA but model weights: a VAE (diffusers layout); load it as such (--vae FILE "
+        f"on the command line, vae= in from_pretrained)")
+    assert one_line_error("convert", str(dit), str(tmp_path / "out.safetensors"), "--to", "diffusers", "--lora",
+                          str(dit)).startswith(f"Error: {dit}: this is not a LoRA but model weights: a Z-Image DiT")
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("the tensors were read"))
+    with pytest.raises(ValueError, match=r"this is not a LoRA but model weights: a Z-Image DiT .*\(--transformer FILE"):
+        tiny_pipe.load_lora(dit)
+
+
 def test_a_side_past_the_position_table_is_refused_before_loading_and_by_the_library(tmp_path, tiny_pipe):
     line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--width", "8208",
                           "--height", "16")

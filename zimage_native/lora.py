@@ -371,6 +371,32 @@ def _foreign(keys: Iterable[str]) -> tuple[str, str] | None:
     return None
 
 
+_COMPONENT_NAMES = {"transformer": ("a Z-Image DiT", "--transformer", "transformer"),
+                    "vae": ("a VAE", "--vae", "vae"), "text_encoder": ("a Qwen3 text encoder", "--text-encoder",
+                                                                      "text_encoder")}
+
+
+def refuse_model_file(path: str | os.PathLike, keys: Iterable[str]) -> None:
+    """Refuse, by its key names alone (before any tensor is read: a DiT is 12 GB), a model checkpoint
+    given as a LoRA: no key is a LoRA tensor and the format detection finds model components. The
+    error says what the file holds and where it goes."""
+    if any(_SUFFIX.match(_strip(k)) for k in keys):
+        return
+    from .formats import detect_format
+
+    try:
+        fmt = detect_format(path)
+    except Exception:  # noqa: BLE001 - a file the detection refuses: the LoRA parser says what it can
+        return
+    found = [c for c in fmt.components if c.component in _COMPONENT_NAMES]
+    if fmt.kind != "model" or not found:
+        return
+    what = ", ".join(f"{_COMPONENT_NAMES[c.component][0]} ({c.layout} layout)" for c in found)
+    where = "; ".join(f"{_COMPONENT_NAMES[c.component][1]} FILE on the command line, "
+                      f"{_COMPONENT_NAMES[c.component][2]}= in from_pretrained" for c in found)
+    raise ValueError(f"{path}: this is not a LoRA but model weights: {what}; load it as such ({where})")
+
+
 def _strip(key: str) -> str:
     for prefix in _PREFIXES:
         if key.startswith(prefix):
@@ -538,14 +564,10 @@ def describe_lora_keys(keys: Iterable[str]) -> dict:
 # =========================================================================== files and fusing
 
 
-def read_lora(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor], *, with_metadata: bool = False):
-    """(name, state dict) of a LoRA safetensors file; a dict is passed through. Pickles are refused.
-
-    ``with_metadata=True``: (name, state dict, the file's safetensors metadata or None).
-    """
-    if isinstance(path_or_state, Mapping):
-        return ("<dict>", dict(path_or_state), None) if with_metadata else ("<dict>", dict(path_or_state))
-    path = Path(path_or_state).expanduser()
+def lora_file(path: str | os.PathLike) -> Path:
+    """The LoRA's safetensors file (a save folder's weights file), checked from its header alone:
+    a pickle, a damaged file or a model checkpoint is refused before any tensor is read."""
+    path = Path(path).expanduser()
     if path.is_dir():  # a diffusers / PEFT save folder: its weights file
         files = sorted(path.glob("*.safetensors"))
         named = path / "pytorch_lora_weights.safetensors"
@@ -555,15 +577,29 @@ def read_lora(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor], *, 
         path = named if named.is_file() else files[0]
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file not found: {path}")
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     from .formats import check_safetensors
 
     check_safetensors(path)
+    with safe_open(str(path), "pt") as f:
+        refuse_model_file(path, f.keys())
+    return path
+
+
+def read_lora(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor], *, with_metadata: bool = False):
+    """(name, state dict) of a LoRA safetensors file; a dict is passed through. Pickles are refused.
+
+    ``with_metadata=True``: (name, state dict, the file's safetensors metadata or None).
+    """
+    if isinstance(path_or_state, Mapping):
+        return ("<dict>", dict(path_or_state), None) if with_metadata else ("<dict>", dict(path_or_state))
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = lora_file(path_or_state)
     if not with_metadata:
         return str(path), load_file(str(path))
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     return str(path), load_file(str(path)), metadata

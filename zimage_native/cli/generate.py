@@ -366,8 +366,11 @@ def check_speed_flags(o: dict) -> None:
 
 def check_lora_arg(text: str, parse) -> None:
     """A --lora PATH[:SCALE] that names a file or a LoRA save folder (the library picks its weights
-    file), with a finite scale; a scale that is not a number is named as such, not as a path."""
+    file), with a finite scale; a scale that is not a number is named as such, not as a path. The
+    file's header is read too: a model checkpoint (a VAE, the DiT) is refused before loading."""
     import math
+
+    from ..lora import lora_file
 
     name, scale = parse(text)
     path = Path(name).expanduser()
@@ -378,6 +381,7 @@ def check_lora_arg(text: str, parse) -> None:
         raise FileNotFoundError(f"--lora: LoRA file not found: {path}")
     if not math.isfinite(scale):
         raise ValueError(f"--lora {text}: the scale must be a finite number, got {scale}")
+    lora_file(path)
 
 
 def load_pipeline(o: dict):
