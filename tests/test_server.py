@@ -238,6 +238,17 @@ def test_validation_errors_are_clear_json(client, body, param, words):
     assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("route", ["/v1/images/generations", "/api/v1/jobs"])
+def test_a_bad_size_is_blamed_on_size_not_on_width(client, route):
+    """A request that sends only ``size`` was told "width: must be a multiple of 16"."""
+    for size, words in (("1000x1008", "the width of 1000x1008 must be a multiple of 16, got 1000"),
+                        ("64x1024", "the height of 64x1024 must be between 32 and 512, got 1024")):
+        r = client.post(route, json={"prompt": "a cat", "size": size})
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["param"] == "size" and words in error["message"], error
+
+
 def test_malformed_json_and_oversized_bodies(client):
     r = client.post("/api/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "JSON" in r.json()["error"]["message"]

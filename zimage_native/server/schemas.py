@@ -357,12 +357,15 @@ def parse_size(text: str, param: str = "size") -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def check_size(width: int, height: int, limits: Limits) -> None:
+def check_size(width: int, height: int, limits: Limits, size: str | None = None) -> None:
+    """Sides in multiples of 16 within the limits. ``size``: the request's ``size`` text, which
+    errors then name (the client sent no width or height)."""
     for name, value in (("width", width), ("height", height)):
+        param, what = ("size", f"the {name} of {size} ") if size is not None else (name, "")
         if value % 16:
-            raise invalid(name, f"must be a multiple of 16, got {value}")
+            raise invalid(param, f"{what}must be a multiple of 16, got {value}")
         if not limits.min_side <= value <= limits.max_side:
-            raise invalid(name, f"must be between {limits.min_side} and {limits.max_side}, got {value}")
+            raise invalid(param, f"{what}must be between {limits.min_side} and {limits.max_side}, got {value}")
     if width * height > limits.max_pixels:
         raise invalid("size", f"{width}x{height} has {width * height} pixels; the limit is {limits.max_pixels}")
 
@@ -493,11 +496,12 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
     image = decode_image(body.image, limits, "image") if body.image else None
     mask = decode_image(mask_given, limits, "mask") if mask_given else None
     control = decode_image(control_given, limits, "control_image") if control_given else None
-    width, height = body.width, body.height
+    width, height, size = body.width, body.height, None
     if body.size is not None and body.size != "auto":
         if width is not None or height is not None:
             raise invalid("size", "give either size or width and height, not both")
         width, height = parse_size(body.size)
+        size = body.size
     reference = image if image is not None else control
     if reference is not None and width is None and height is None:
         width, height = _fit(reference.width, reference.height, limits)
@@ -507,7 +511,7 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
         width, height = _fit(int(suggested["width"]), int(suggested["height"]), limits)
     width = width if width is not None else _clamp_side(suggested.get("width", default_side(limits)), limits)
     height = height if height is not None else _clamp_side(suggested.get("height", default_side(limits)), limits)
-    check_size(width, height, limits)
+    check_size(width, height, limits, size)
     # The pipeline resizes every input to the output size (Lanczos): do it now, so that a waiting
     # job keeps small images, not the uploads.
     image, mask, control = (_to_size(x, width, height) for x in (image, mask, control))
