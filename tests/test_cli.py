@@ -113,3 +113,28 @@ def test_version_is_the_package_version_not_the_installed_metadata(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.0-stale")
     result = CliRunner().invoke(main, ["--version"], prog_name="zimage")
     assert result.exit_code == 0 and result.output == f"zimage, version {zimage_native.__version__}\n"
+
+
+def test_info_on_a_folder_that_holds_no_model_says_so(tiny_model_dir, tmp_path):
+    """``zimage info /tmp`` named a stray broken file that happened to be the folder's only
+    .safetensors ("truncated or not a safetensors file"); a folder of other files got "no safetensors
+    weights ... expected one of ...". Now both say that the folder is not a model folder."""
+    (tmp_path / "stray.safetensors").write_bytes(b"\x00" * 100)
+    (tmp_path / "notes.txt").write_text("hi")
+    for args in ([tmp_path], [tmp_path, "--check"]):
+        result = run("info", *args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert result.output.strip().startswith(f"Error: {tmp_path} is not a model folder (no model_index.json) nor "
+                                                f"a component folder")
+        assert f"give it: zimage info {tmp_path / 'stray.safetensors'}" in result.output
+    assert run("info", tiny_model_dir / "vae").exit_code == 0  # a component folder
+    lora = tmp_path / "lora"  # a LoRA save folder
+    lora.mkdir()
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"transformer.layers.0.attention.to_k.lora_A.weight": torch.zeros(2, 32),
+               "transformer.layers.0.attention.to_k.lora_B.weight": torch.zeros(32, 2)},
+              str(lora / "pytorch_lora_weights.safetensors"))
+    result = run("info", lora)
+    assert result.exit_code == 0 and "LoRA: 1 modules" in result.output, result.output

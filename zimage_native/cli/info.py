@@ -93,6 +93,23 @@ def _config_line(component: str, cfg: dict) -> str:
     return " ".join(f"{k}={cfg[k]}" for k in keys if k in cfg)
 
 
+def check_weights_folder(path: Path) -> None:
+    """A folder that is neither a model folder nor a component folder (no config.json, no weight file
+    of a known name, no LoRA save) is refused with the weight files it holds; the library would take
+    its one .safetensors file, whatever it is (``zimage info /tmp`` named a stray broken file)."""
+    from ..formats.checkpoint import WEIGHT_FILE_NAMES, WEIGHT_INDEX_NAMES
+
+    known = ("config.json", "pytorch_lora_weights.safetensors", *WEIGHT_FILE_NAMES, *WEIGHT_INDEX_NAMES)
+    if any((path / name).is_file() for name in known):
+        return
+    files = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".gguf") and p.is_file())
+    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    hint = f"; to read one file, give it: zimage info {path / files[0]} (here: {shown})" if files else ""
+    raise ValueError(f"{path} is not a model folder (no model_index.json) nor a component folder (no config.json "
+                     f"or weights file); give a model folder, a component folder such as MODEL/transformer, or a "
+                     f"file{hint}")
+
+
 @click.command()
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -107,6 +124,8 @@ def info(path: Path, as_json: bool, check: bool):
     if path.is_file():
         with path.open("rb") as f:
             is_image = f.read(8).startswith(IMAGE_MAGIC)
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        check_weights_folder(path)
     if check:
         if is_image:
             raise ValueError(f"--check reads model weights; {path} is an image")
