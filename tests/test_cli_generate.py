@@ -671,3 +671,26 @@ def test_prompt_and_config_files_saved_by_windows_editors(tmp_path):
     config = tmp_path / "c.toml"
     config.write_bytes(b"\xef\xbb\xbf[default]\nsteps = 4\n")
     assert read_profile(config, None)["steps"][0] == 4
+
+
+def test_ctrl_c_says_how_many_images_were_written_and_where(tiny_model_dir, tiny_pipe, tmp_path, monkeypatch):
+    """Ctrl-C during a run of many images ended with click's bare "Aborted!" (exit 1): no count of
+    the images already on disk. Now: how many, where, and exit status 130 without a traceback."""
+    cli_generate = sys.modules["zimage_native.cli.generate"]
+    monkeypatch.setattr(cli_generate, "load_pipeline", lambda o: tiny_pipe)
+    real, calls = tiny_pipe.generate, []
+
+    def generate(request, **kw):  # Ctrl-C while the third batch samples
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(request, **kw)
+
+    monkeypatch.setattr(tiny_pipe, "generate", generate)
+    out = tmp_path / "out"
+    result = run("generate", "a cat", "--model", tiny_model_dir, *BASE, "--num-images", "5", "--output-dir", out,
+                 ok=False)
+    assert result.exit_code == 130, result.output
+    assert f"interrupted: wrote 2 of 5 images in {out}" in result.output.splitlines(), result.output
+    assert "Aborted" not in result.output and "Traceback" not in result.output, result.output
+    assert len(list(out.glob("*.png"))) == 2 and not list(out.glob(".*"))

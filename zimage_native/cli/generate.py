@@ -437,6 +437,8 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
     components = {k: str(o[k]) for k in COMPONENT_KEYS if o.get(k) not in (None, "none")}
     bar = None  # made at the first step, when the total is known: nothing is drawn while prompts encode
     done = 0
+    written: list[Path] = []
+    interrupted = False
     try:
         for batch in batches:
             request = GenerationRequest(
@@ -469,13 +471,21 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
             for k, (i, image) in enumerate(zip(batch, result.images)):
                 record = {**image_record(result.info, k, k), **components}
                 save_image_atomic(image, paths[i], pnginfo=png_info(record))
+                written.append(paths[i])
                 done += 1
                 if bar is not None:
                     bar.set_postfix_str(f"images {done}/{len(jobs)}")
                 tqdm.write(f"wrote {paths[i]}")
+    except KeyboardInterrupt:  # Ctrl-C: say what is on disk, not click's bare "Aborted!"
+        interrupted = True
     finally:  # closed on an error too, so that the error starts on its own line
         if bar is not None:
             bar.close()
+    if interrupted:
+        folders = list(dict.fromkeys(str(p.parent) for p in written))
+        where = f" in {folders[0]}" if len(folders) == 1 else f" in {len(folders)} folders" if folders else ""
+        click.echo(f"interrupted: wrote {done} of {len(jobs)} image{'s' if len(jobs) > 1 else ''}{where}", err=True)
+        raise SystemExit(130)
 
 
 def print_debug(pipe, prompts, max_len, fields) -> None:
