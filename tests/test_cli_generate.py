@@ -694,3 +694,39 @@ def test_ctrl_c_says_how_many_images_were_written_and_where(tiny_model_dir, tiny
     assert f"interrupted: wrote 2 of 5 images in {out}" in result.output.splitlines(), result.output
     assert "Aborted" not in result.output and "Traceback" not in result.output, result.output
     assert len(list(out.glob("*.png"))) == 2 and not list(out.glob(".*"))
+
+
+def test_a_cpu_decode_that_cannot_fit_is_refused_before_sampling(tiny_model_dir, tiny_pipe, tmp_path, monkeypatch):
+    """An untiled VAE decode on the CPU takes about 3.9 kB per pixel in fp32 (15 GiB at 2048x2048):
+    one that the RAM and swap cannot hold was killed at the very end of sampling, without a word.
+    Now it is refused before sampling, and one that needs swap is warned about; both name --tiled-vae."""
+    import zimage_native.devices as devices
+
+    cli_generate = sys.modules["zimage_native.cli.generate"]
+    monkeypatch.setattr(cli_generate, "load_pipeline", lambda o: tiny_pipe)
+    monkeypatch.setattr(tiny_pipe, "vae_tiling", None)
+    real = tiny_pipe.generate
+    # The tiny VAE decodes 32 channels at full resolution in fp32: 8 x 32 x 4 bytes = 1 kB per pixel.
+    need = cli_generate.DECODE_ACTIVATIONS * tiny_pipe.vae_config.block_out_channels[0] * 4 * 64 * 48 * 2
+    assert need == 6_291_456
+    args = ["generate", "a cat", "--model", tiny_model_dir, *BASE, "--width", "64", "--height", "48", "--num-images",
+            "2", "--batch-size", "2"]
+    monkeypatch.setattr(devices, "host_memory", lambda: (need // 2, need // 4, 8 * need))
+    monkeypatch.setattr(tiny_pipe, "generate", lambda *a, **k: pytest.fail("sampled"))
+    result = run(*args, "--output-dir", tmp_path / "a", ok=False)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: the VAE decode of 2 images at 64x48 in one piece needs about 6.3 MB of CPU memory, and this machine "
+        "has 3.1 MB of RAM available (of 50.3 MB) and 1.6 MB of free swap: the system would stop the run at the end "
+        "of sampling; use --tiled-vae (the decode in tiles: about 1.2 GB at 2048x2048), or a smaller --batch-size "
+        "or size")
+    monkeypatch.setattr(tiny_pipe, "generate", real)
+    tiled = run(*args, "--output-dir", tmp_path / "b", "--tiled-vae")  # tiles: no check
+    assert "warning" not in tiled.output and len(list((tmp_path / "b").glob("*.png"))) == 2
+    monkeypatch.setattr(tiny_pipe, "vae_tiling", None)  # the run above turned tiling on
+    monkeypatch.setattr(devices, "host_memory", lambda: (need // 2, need, 8 * need))  # fits with swap: a warning
+    swapped = run(*args, "--output-dir", tmp_path / "c")
+    assert "warning: the VAE decode of 2 images at 64x48 in one piece needs about 6.3 MB of CPU memory, more than " \
+           "the 3.1 MB of RAM available: the system will swap" in swapped.output, swapped.output
+    monkeypatch.setattr(devices, "host_memory", lambda: None)  # not known: quiet
+    assert "warning" not in run(*args, "--output-dir", tmp_path / "d").output
