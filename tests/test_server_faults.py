@@ -479,7 +479,8 @@ def test_a_template_size_is_fitted_to_the_limits(tmp_path):
         assert (params["width"], params["height"]) == (256, 512)
         # Explicit sizes are still checked as sent.
         r = client.post("/api/v1/jobs", json={"prompt": "x", "size": "1024x512", "template": "architecture-archviz"})
-        assert r.status_code == 422 and r.json()["error"]["param"] == "width"
+        assert r.status_code == 422 and r.json()["error"]["param"] == "size"  # the field sent, not "width"
+        assert "the width of 1024x512 must be between" in r.json()["error"]["message"]
 
 
 # ------------------------------------------------------------------------------ 11. a synchronous client that leaves
