@@ -452,6 +452,10 @@ def test_encode_returns_safetensors_with_dtype_and_shape(tmp_path):
         assert [tuple(f.shape) for f in features] == [tuple(e.shape) for e in expected]
         assert all(torch.equal(f, e) for f, e in zip(features, expected))
         assert json.loads(meta["token_counts"]) == [e.shape[0] for e in expected]
+        # A template is applied (it was ignored: the features of the bare prompt came back).
+        r = c.post("/api/encode", json={"prompt": "ab", "template": "film-noir"})
+        assert json.loads(features_from_bytes(r.content)[1]["texts"]) == engine.format_prompts(["ab"], "film-noir")
+        assert "film noir" in engine.format_prompts(["ab"], "film-noir")[0].lower()
         # Pre-formatted texts are encoded as given; max_sequence_length cuts them.
         r = c.post("/api/encode", json={"texts": ["raw text"], "max_sequence_length": 3})
         (only,), _ = features_from_bytes(r.content)
@@ -460,7 +464,8 @@ def test_encode_returns_safetensors_with_dtype_and_shape(tmp_path):
                             ({"texts": ["a"], "template": "film-noir"}, "no prompt fields"),
                             ({"texts": ["a"], "template": "x"}, "unknown template"),
                             ({"texts": ["a"] * 17}, "at most 16"),
-                            ({"prompt": "a", "template": "no-such"}, "no-such")):
+                            ({"prompt": "a", "template": "no-such"}, "no-such"),
+                            ({"prompt": "a", "template": "rewriter-cinematic"}, "is a rewriter")):
             r = c.post("/api/encode", json=body)
             assert r.status_code == 422 and words in r.json()["error"]["message"], (body, r.text)
         r = c.post("/api/tokenize", json={"texts": ["abc", "de"], "max_sequence_length": 2})
@@ -485,6 +490,8 @@ def test_prompt_routes(client, server):
     name = next(t["name"] for t in templates["templates"] if t["category"] != "rewriter")
     r = client.post("/api/format-prompt", json={"prompt": "x", "template": name})
     assert r.status_code == 200
+    system = next(t["system_prompt"] for t in templates["templates"] if t["name"] == name)
+    assert r.json()["formatted_prompt"].startswith(f"<|im_start|>system\n{system}<|im_end|>\n")  # (was ignored)
     only = client.get("/api/templates", params={"category": "rewriter"}).json()["templates"]
     assert only and all(t["category"] == "rewriter" for t in only)
     assert client.get("/api/templates", params={"category": "nope"}).status_code == 422

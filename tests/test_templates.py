@@ -325,6 +325,8 @@ def test_the_pipeline_refuses_a_rewriter_template_for_an_image(tiny_pipe):
         with pytest.raises(ValueError, match=rf"template '{rewriter.name}' is a rewriter: its system prompt instructs "
                                              rf"the prompt rewriter, not the image; rewrite first"):
             tiny_pipe("a cat", template=template, width=32, height=32, num_inference_steps=1, output_type="latent")
+        with pytest.raises(ValueError, match=rf"template '{rewriter.name}' is a rewriter"):
+            tiny_pipe.encode_prompt("a cat", template=template)  # features for prompt_embeds= the same
     image = next(t.name for t in SHIPPED.list() if t.category != "rewriter")
     out = tiny_pipe("a cat", template=image, width=32, height=32, num_inference_steps=1, output_type="latent")
     assert out.images.shape[-1] == 4

@@ -682,6 +682,9 @@ class ZImagePipeline:
         if unknown:
             raise TypeError(f"encode_prompt() got unknown arguments {sorted(unknown)}; the chat format's parts are "
                             f"{list(sampling.PROMPT_FIELDS)}")
+        from .prompt.request import check_image_template
+
+        check_image_template(self._template(template))  # features for an image, as generate's
         prompts = [prompt] if isinstance(prompt, str) else prompt
         return self.encode_texts(self.format_prompts(prompts, template, **fields), max_sequence_length)
 

@@ -344,6 +344,17 @@ def check_prompt_fields(body, limits: Limits, engine: Engine) -> dict[str, Any]:
     return {k: getattr(body, k) for k in PROMPT_FIELDS if getattr(body, k) is not None}
 
 
+def image_template(name: str | None, engine: Engine):
+    """The template named for an image (None: none), refused if it is a rewriter's (its system
+    prompt instructs the prompt rewriter, not the image)."""
+    template = engine.template(name) if name else None
+    if template is not None and template.category == "rewriter":
+        raise invalid("template", f"{name} is a rewriter: its system prompt instructs the prompt rewriter, not the "
+                                  f"image; rewrite first (POST /api/rewrite with rewriter {name}) and generate from "
+                                  f"its answer, or pick an image template")
+    return template
+
+
 def check_max_len(value: int, limits: Limits) -> int:
     if not 1 <= value <= limits.max_sequence_length:
         raise invalid("max_sequence_length", f"must be between 1 and {limits.max_sequence_length}, got {value}")
@@ -473,11 +484,7 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
     check_text("negative_prompt", body.negative_prompt, limits)
     fields = check_prompt_fields(body, limits, engine)
     fields.pop("template", None)
-    template = engine.template(body.template) if body.template else None
-    if template is not None and template.category == "rewriter":
-        raise invalid("template", f"{body.template} is a rewriter: its system prompt instructs the prompt rewriter, "
-                                  f"not the image; rewrite first (POST /api/rewrite with rewriter {body.template}) and "
-                                  f"generate from its answer, or pick an image template")
+    template = image_template(body.template, engine)
     suggested = dict(getattr(template, "settings", None) or {})
 
     mask_given, control_given = getattr(body, "mask", None), getattr(body, "control_image", None)

@@ -10,7 +10,8 @@ from fastapi.responses import Response
 from ..context import ServerContext, not_found
 from ..openapi import errors, media
 from ..remote import features_to_bytes
-from ..schemas import ApiError, Choice, IdPath, check_max_len, check_prompt_fields, check_text, invalid
+from ..schemas import (ApiError, Choice, IdPath, check_max_len, check_prompt_fields, check_text, image_template,
+                       invalid)
 from ..storage import EMBEDDING_ID
 
 EmbeddingId = IdPath(EMBEDDING_ID, "embeddings")
@@ -48,8 +49,8 @@ def router(ctx: ServerContext) -> APIRouter:
         for p in prompts:
             check_text("prompt", p, limits, required=True)
         fields = check_prompt_fields(body, limits, engine)
-        template = fields.pop("template", None)
-        texts = engine.format_prompts(prompts, template, **fields)
+        image_template(body.template, engine)  # features for an image
+        texts = engine.format_prompts(prompts, body.template, **fields)
         if not 1 <= len(texts) <= limits.max_texts:
             raise invalid("texts", f"give between 1 and {limits.max_texts} texts, got {len(texts)}")
         return texts
@@ -106,8 +107,7 @@ def router(ctx: ServerContext) -> APIRouter:
         max_sequence_length) and ``full_token_count``, the count before the cut."""
         check_text("prompt", body.prompt, limits, required=True)
         fields = check_prompt_fields(body, limits, engine)
-        template = fields.pop("template", None)
-        text = engine.format_prompts([body.prompt], template, **fields)[0]
+        text = engine.format_prompts([body.prompt], body.template, **fields)[0]
         out: dict[str, Any] = {"formatted_prompt": text, "chars": len(text)}
         if body.tokens:
             check_max_len(body.max_sequence_length, limits)
