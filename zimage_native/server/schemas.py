@@ -483,7 +483,6 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
     check_text("prompt", body.prompt, limits, required=True)
     check_text("negative_prompt", body.negative_prompt, limits)
     fields = check_prompt_fields(body, limits, engine)
-    fields.pop("template", None)
     template = image_template(body.template, engine)
     suggested = dict(getattr(template, "settings", None) or {})
 
