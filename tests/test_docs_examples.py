@@ -317,3 +317,34 @@ def test_the_example_runner_can_fail(tmp_path):
     assert code_blocks(doc) == [(4, "x = 1\ny = x.no_such_method()")]
     assert for_the_cpu('f(device="cuda", width=1024, n=10240)') == 'f(device="cpu", width=64, n=10240)'
     assert has_placeholder(ast.parse("f(...)").body[0]) and not has_placeholder(ast.parse("f(1)").body[0])
+
+
+def call_defaults() -> dict:
+    import inspect
+
+    from zimage_native import ZImagePipeline
+
+    return {name: p.default for name, p in inspect.signature(ZImagePipeline.__call__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def test_documented_call_defaults_are_the_signature_s():
+    """The README's ``pipe(prompt, *, ...)`` signature and every "`name` (default X)" of the docs'
+    prose, for an argument of ``pipe(...)``, give the default the call has (docs/tasks.md said
+    ``controlnet_conditioning_scale`` defaulted to 0.75 after it became None)."""
+    defaults = call_defaults()
+    readme = (ROOT / "README.md").read_text()
+    signature = re.search(r"`pipe\(prompt, \*, (.*?), \.\.\.\)`", readme, re.S).group(1)
+    documented = ast.parse(f"f({' '.join(signature.split())})").body[0].value.keywords
+    assert len(documented) >= 30
+    for keyword in documented:
+        value = ast.literal_eval(keyword.value)
+        actual = defaults[keyword.arg]
+        assert value == (list(actual) if isinstance(actual, tuple) else actual), f"README: {keyword.arg}={value!r}"
+    checked = 0
+    for doc in DOC_FILES:
+        for name, value in re.findall(r"`(\w+)` \((?:[^()]*?, )?default ([-\w.]+)", doc.read_text()):
+            if name in defaults:
+                checked += 1
+                assert ast.literal_eval(value) == defaults[name], f"{doc.name}: {name} (default {value})"
+    assert checked >= 3
