@@ -730,3 +730,46 @@ def test_a_cpu_decode_that_cannot_fit_is_refused_before_sampling(tiny_model_dir,
            "the 3.1 MB of RAM available: the system will swap" in swapped.output, swapped.output
     monkeypatch.setattr(devices, "host_memory", lambda: None)  # not known: quiet
     assert "warning" not in run(*args, "--output-dir", tmp_path / "d").output
+
+
+def test_from_image_remakes_image_k_of_a_one_seed_batch_and_refuses_what_no_seed_remakes(tiny_pipe, tmp_path):
+    """One seed for a batch: its record says the image's place in the batch, and --from-image runs the
+    batch again to write that image (seed 5 alone makes image 0). A generator, given latents or a batch
+    of several prompts: the record cannot remake the image, and --from-image says so (it drew a random
+    seed); with --seed it runs the settings."""
+    import torch
+
+    from zimage_native.metadata import image_record, png_info
+
+    kw = dict(width=32, height=32, num_inference_steps=2)
+    out = tiny_pipe("a cat", num_images_per_prompt=2, seed=5, **kw)
+    made = tmp_path / "made.png"
+    out.images[1].save(made, pnginfo=png_info(image_record(out.info, 1)))
+    record = read_metadata(made)
+    assert (record["seed"], record["batch_index"], record["batch_size"]) == (5, 1, 2)
+    assert "batch_index" not in image_record(tiny_pipe("a cat", seed=5, **kw).info, 0)
+    with Image.open(made) as im:
+        assert "Seed: 5, Batch size: 2, Batch pos: 1, Size: 32x32" in im.info["parameters"]
+    again = tmp_path / "again.png"
+    result = run("generate", "--from-image", made, "-o", again, "--device", "cpu", "--no-progress")
+    assert "is image 1 of 2 drawn from seed 5: the 2 images run again" in result.output
+    assert np.array_equal(pixels(again), pixels(made))
+    assert not np.array_equal(np.asarray(tiny_pipe("a cat", seed=5, **kw).images[0]), pixels(made))
+    assert read_metadata(again)["batch_index"] == 1  # and the remade image's record remakes it too
+
+    generated = tiny_pipe("a cat", generator=torch.Generator().manual_seed(3), **kw)
+    latents = tiny_pipe("a cat", latents=torch.randn(1, 16, 4, 4), **kw)
+    mixed = tiny_pipe(["a cat", "a dog"], seed=5, **kw)
+    for name, info, index, why in (
+            ("generator", generated.info, 0, "made with a generator= (a library call), whose seed is not recorded"),
+            ("latents", latents.info, 0, "made from given latents=, which are not stored"),
+            ("mixed", mixed.info, 1, "seed 5 drew the noise of a batch of 2 images of 2 prompts (it is image 1)")):
+        path = tmp_path / f"{name}.png"
+        Image.new("RGB", (32, 32)).save(path, pnginfo=png_info(image_record(info, index, index)))
+        result = run("generate", "--from-image", path, "-o", tmp_path / "x.png", "--device", "cpu", ok=False)
+        assert result.exit_code == 1 and f"{path} cannot be remade from its record: " in result.output, result.output
+        assert why in result.output, result.output
+        assert "give --seed N (or --seed -1 for a random one)" in result.output and not (tmp_path / "x.png").exists()
+    run("generate", "--from-image", tmp_path / "generator.png", "-o", tmp_path / "x.png", "--seed", 8, "--device",
+        "cpu", "--no-progress")
+    assert read_metadata(tmp_path / "x.png")["seed"] == 8

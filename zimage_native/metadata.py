@@ -17,7 +17,13 @@ TEXT_KEY = "parameters"
 
 
 def image_record(info: dict[str, Any], index: int, prompt_index: int = 0) -> dict[str, Any]:
-    """The metadata of one image of a request (``info`` is ``ZImageOutput.info``)."""
+    """The metadata of one image of a request (``info`` is ``ZImageOutput.info``).
+
+    When one seed drew the noise of a batch (``num_images_per_prompt`` with one seed, or a list of
+    prompts), that seed alone remakes only the first image: the record of image ``index`` says so
+    with ``batch_index`` and ``batch_size`` (and ``batch_prompts``, the prompts the batch mixed, when
+    more than one). ``noise`` ("generator" or "latents") marks an image whose start the caller gave:
+    its record cannot remake it."""
     seeds = info.get("seeds") or []
     record = {k: v for k, v in info.items() if k not in ("prompts", "seeds", "formatted_prompts", "token_counts")}
     record["prompt"] = info["prompts"][prompt_index]
@@ -28,6 +34,10 @@ def image_record(info: dict[str, Any], index: int, prompt_index: int = 0) -> dic
         record["formatted_prompt"] = formatted[prompt_index]
     if seeds:
         record["seed"] = seeds[index] if len(seeds) > 1 else seeds[0]
+    if record.get("batch_size"):  # one seed for the whole batch (sampling.remake_info)
+        record["batch_index"] = index
+        if len(info["prompts"]) > 1:
+            record["batch_prompts"] = len(info["prompts"])
     return {k: v for k, v in record.items() if v is not None}
 
 
@@ -40,9 +50,13 @@ def parameters_text(record: dict[str, Any]) -> str:
         "Sampler: FlowMatch Euler",
         f"CFG scale: {record.get('guidance_scale')}",
         f"Seed: {record.get('seed')}",
+        *([f"Batch size: {record['batch_size']}, Batch pos: {record.get('batch_index')}"]
+          if record.get("batch_size") else []),
         f"Size: {record.get('width')}x{record.get('height')}",
         f"Model: {record.get('model')}",
     ]
+    if record.get("noise"):
+        parts.append(f"Noise: the caller's {record['noise']}")
     if record.get("strength") is not None:
         parts.append(f"Denoising strength: {record['strength']}")
     if record.get("seed_variance"):

@@ -819,6 +819,16 @@ def request_info(pipe, r: GenerationRequest, seeds, **extra) -> dict[str, Any]:
             "loras": [[lr.path, lr.scale] for lr in pipe.loras] or None, **extra}
 
 
+def remake_info(r: GenerationRequest, seeds: list[int] | None, batch: int) -> dict[str, Any]:
+    """What an image's seed alone does not say, for its record: ``noise`` "generator" or "latents"
+    when the caller gave the start (no seed remakes the image), ``batch_size`` when one seed drew
+    the noise of several images (image k is the k-th of a run of that many; see
+    ``metadata.image_record``)."""
+    if r.latents is not None or r.generator is not None:
+        return {"noise": "latents" if r.latents is not None else "generator"}
+    return {"batch_size": batch} if seeds is not None and len(seeds) == 1 and batch > 1 else {}
+
+
 STEP_END_TENSORS = ("latents", "prompt_embeds")  # prompt_embeds: read only
 INPAINT_STEP_END_TENSORS = STEP_END_TENSORS + ("mask",)  # the blend's mask (B, 1, h, w), 1 = repaint
 StepEndCallback = Callable[[Any, int, torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor] | None]
@@ -858,7 +868,7 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
     batch = len(r.prompts or r.prompt_embeds) * r.n
     needs_noise = r.latents is None or task.draws_with_latents or r.seed_variance > 0  # (the variance is seeded)
     generators, seeds = make_generators(r.seeds, r.generator, batch) if needs_noise else (None, None)
-    info = request_info(pipe, r, seeds)
+    info = request_info(pipe, r, seeds, **remake_info(r, seeds, batch))
     embeds, negative = encode(pipe, r, info)
     ctx = TaskContext(pipe, r, inputs, schedule, generators, batch, embeds[0].dtype)
     cond = task.condition(ctx)

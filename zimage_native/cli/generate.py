@@ -110,8 +110,19 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
             "first_block_cache": "first_block_cache", "cfg_normalization": "cfg_normalization",
             "cfg_truncation": "cfg_truncation", "max_sequence_length": "max_sequence_length"}
     layer = {flag: record[key] for key, flag in keys.items() if record.get(key) is not None}
-    if record.get("seed") is not None:
-        layer["seed"] = [int(record["seed"])]
+    seed, size, index = record.get("seed"), record.get("batch_size"), record.get("batch_index")
+    if record.get("noise") == "latents":  # no flag gives these: generate() pops them
+        layer["unremakeable"] = "it was made from given latents=, which are not stored"
+    elif record.get("noise") == "generator" or seed is None:
+        layer["unremakeable"] = "it was made with a generator= (a library call), whose seed is not recorded"
+    elif size and record.get("batch_prompts"):
+        layer["unremakeable"] = (f"seed {seed} drew the noise of a batch of {size} images of "
+                                 f"{record['batch_prompts']} prompts (it is image {index}), which a run of one "
+                                 f"prompt does not draw again")
+    if seed is not None and "unremakeable" not in layer:
+        layer["seed"] = [int(seed)]
+        if size:  # image `index` of the `size` images drawn from one seed: they run again
+            layer["seed_batch"] = (int(index), int(size))
     for key in COMPONENT_KEYS:  # the model's own files replaced by single files (a GGUF DiT, a fine-tune)
         if record.get(key) is not None:
             layer[key] = record[key]
@@ -203,6 +214,7 @@ def generate(ctx, prompt, config_path, profile, from_image, **opts):
     config = convert(ctx, read_profile(config_path, profile)) if config_path else {}
     recorded, recorded_prompt = from_image_layer(from_image)
     sigmas = recorded.pop("sigmas", None)
+    unremakeable, seed_batch = recorded.pop("unremakeable", None), recorded.pop("seed_batch", None)
     opts = apply_layers(ctx, opts, config, convert(ctx, {k: (v, f"{from_image}: {k}") for k, v in recorded.items()}))
     from click.core import ParameterSource
 
@@ -211,6 +223,15 @@ def generate(ctx, prompt, config_path, profile, from_image, **opts):
     if sigmas and typed("steps"):
         click.echo(f"note: --steps {opts['steps']} replaces the {len(sigmas)} custom sigmas recorded in {from_image} "
                    f"(the default schedule of {opts['steps']} steps runs)", err=True)
+    new_seed = typed("seed") or typed("seeds")
+    if unremakeable and not new_seed:  # a random seed would make another image, silently
+        raise ValueError(f"{from_image} cannot be remade from its record: {unremakeable}; give --seed N (or "
+                         f"--seed -1 for a random one) to run its settings with a new seed")
+    opts["seed_batch"] = None if new_seed or typed("num_images") or opts["prompts_file"] else seed_batch
+    if opts["seed_batch"]:
+        index, size = seed_batch
+        click.echo(f"note: {from_image} is image {index} of {size} drawn from seed {opts['seed'][0]}: the {size} "
+                   f"images run again and image {index} is written", err=True)
     if typed("strength") and opts["init_image"] is None:
         raise ValueError("--strength needs --image (img2img or inpainting); text-to-image starts from pure noise")
     if typed("control_scale") and opts["controlnet"] is None:
@@ -469,6 +490,7 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
     from ..sampling import GenerationRequest
 
     batches = [list(range(i, min(i + o["batch_size"], len(jobs)))) for i in range(0, len(jobs), o["batch_size"])]
+    index, size = o.get("seed_batch") or (None, 1)  # --from-image of image `index` of a one-seed batch
     components = {k: str(o[k]) for k in COMPONENT_KEYS if o.get(k) not in (None, "none")}
     bar = None  # made at the first step, when the total is known: nothing is drawn while prompts encode
     done = 0
@@ -485,7 +507,7 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
                 max_sequence_length=o["max_sequence_length"], template=fields["template"],
                 fields={k: v for k, v in fields.items() if k != "template" and v is not None},
                 image=init, mask_image=mask, strength=o["strength"] if init is not None else None,
-                shift=o["shift"], num_images_per_prompt=1, seed_variance=o["seed_variance"],
+                shift=o["shift"], num_images_per_prompt=size, seed_variance=o["seed_variance"],
                 seed_variance_share=o["seed_variance_share"], seed_variance_steps=o["seed_variance_steps"],
                 first_block_cache=o["first_block_cache"], sigmas=o.get("sigmas"))
 
@@ -505,8 +527,9 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
             if counts:  # what the threshold did, to tune it by
                 tqdm.write(f"first-block cache: {counts['reused']} of {counts['full'] + counts['reused']} DiT "
                            f"forwards reused the main layers")
-            for k, (i, image) in enumerate(zip(batch, result.images)):
-                record = {**image_record(result.info, k, k), **components}
+            images = result.images if index is None else result.images[index:index + 1]
+            for k, (i, image) in enumerate(zip(batch, images)):
+                record = {**image_record(result.info, k if index is None else index, k), **components}
                 save_image_atomic(image, paths[i], pnginfo=png_info(record))
                 written.append(paths[i])
                 done += 1
