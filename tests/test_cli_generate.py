@@ -183,6 +183,11 @@ def test_seed_variance_flags_metadata_and_rerun(tiny_model_dir, tmp_path):
     result = run("generate", "a cat", "--model", tiny_model_dir, "-o", tmp_path / "bad.png", *BASE,
                  "--seed-variance", "20", "--seed-variance-share", "0", ok=False)
     assert result.exit_code == 1 and "--seed-variance-share must be > 0" in result.output
+    for flag in ("--seed-variance-share", "--seed-variance-steps"):  # alone, it would change nothing
+        result = run("generate", "a cat", "--model", tiny_model_dir, "-o", tmp_path / "bad.png", *BASE, flag, "0.9",
+                     ok=False)
+        assert result.exit_code == 1 and f"{flag} 0.9 needs --seed-variance A (seed variance is off" in result.output
+        assert not (tmp_path / "bad.png").exists()
 
 
 def test_first_block_cache_flag_reports_metadata_and_rerun(tiny_model_dir, tmp_path):

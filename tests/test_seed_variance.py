@@ -107,6 +107,20 @@ def test_off_is_the_plain_run_and_bad_values_are_refused(pipe):
     assert torch.equal(pipe("a cat", seed=1, **as_numpy, **KW).images, pipe("a cat", seed=1, **VAR, **KW).images)
 
 
+def test_share_and_steps_default_with_seed_variance_on_and_are_refused_without_it(pipe):
+    """Unset, the share and steps are 0.5 and 0.2 while seed variance is on; given without it, where they
+    would change nothing, they are refused (as a ControlNet scale without a control image)."""
+    on = pipe("a cat", seed=1, seed_variance=20.0, **KW)
+    spelled = pipe("a cat", seed=1, seed_variance=20.0, seed_variance_share=0.5, seed_variance_steps=0.2, **KW)
+    assert torch.equal(on.images, spelled.images)
+    assert (on.info["seed_variance_share"], on.info["seed_variance_steps"]) == (0.5, 0.2)
+    for kwargs in ({"seed_variance_share": 0.9}, {"seed_variance_steps": 1.0},
+                   {"seed_variance": 0.0, "seed_variance_share": 0.5}):
+        name = next(k for k in kwargs if k != "seed_variance")
+        with pytest.raises(ValueError, match=rf"{name} .* needs seed_variance > 0 \(seed variance is off"):
+            pipe("a cat", seed=1, **kwargs, **KW)
+
+
 @pytest.mark.parametrize("mode", ["step", "loop"])
 def test_graph_replay_equals_eager_with_one_graph_for_both_kinds_of_step(pipe, tiny_pipe, mode):
     frozen = FrozenGraphs()

@@ -821,8 +821,8 @@ class ZImagePipeline:
         control_image=None,
         controlnet_conditioning_scale: float | None = None,
         seed_variance: float = 0.0,
-        seed_variance_share: float = 0.5,
-        seed_variance_steps: float = 0.2,
+        seed_variance_share: float | None = None,
+        seed_variance_steps: float | None = None,
         first_block_cache: float = 0.0,
         return_dict: bool = True,
     ) -> ZImageOutput | tuple:
@@ -848,7 +848,8 @@ class ZImagePipeline:
         range): for the first ``seed_variance_steps`` of the schedule the prompt features carry
         seeded noise, uniform in [-seed_variance, seed_variance] on ``seed_variance_share`` of their
         values (:func:`sampling.vary`), so seeds give more different compositions; the later steps
-        see the prompt as it is.
+        see the prompt as it is. Unset, the share is 0.5 and the steps 0.2; either without
+        ``seed_variance`` is refused (it would change nothing).
 
         ``first_block_cache`` > 0 (a threshold, 0.05 to 0.2 is a usual range; lossy): on a step where
         the first main layer's residual changed by at most this fraction since the last full step,

@@ -76,8 +76,8 @@ class GenerationRequest:
     max_sequence_length: int = 512
     shift: float | None = None  # the scheduler shift; None: the model's
     seed_variance: float = 0.0  # noise amplitude on the prompt features of the first steps (0 = off)
-    seed_variance_share: float = 0.5  # the fraction of the feature values that get noise
-    seed_variance_steps: float = 0.2  # the fraction of the schedule (its first steps) that sees them
+    seed_variance_share: float | None = None  # the fraction of the feature values that get noise (None: 0.5)
+    seed_variance_steps: float | None = None  # the fraction of the schedule (its first steps) that sees them (0.2)
     first_block_cache: float = 0.0  # reuse the main layers' work below this change of the first's (0 = off)
     strength: float | None = None  # img2img / inpaint; None: 0.6 for img2img, 1.0 for inpaint
     image: Any = None  # img2img / inpaint input: PIL, numpy (H, W, C) in [0, 1] or torch (B, C, H, W)
@@ -510,18 +510,40 @@ def make_generators(seeds, generator, batch: int) -> tuple[list[torch.Generator]
 VARIANCE_SEED_OFFSET = 0x9E3779B97F4A7C15
 
 
-def check_seed_variance(amount, share, steps) -> None:
-    """Refuse seed-variance settings out of range (ValueError naming the argument)."""
+def check_seed_variance(amount, share=None, steps=None) -> None:
+    """Refuse seed-variance settings out of range (ValueError naming the argument); None: unset."""
     for name, value in (("seed_variance", amount), ("seed_variance_share", share), ("seed_variance_steps", steps)):
+        if value is None and name != "seed_variance":
+            continue
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if amount < 0:
         raise ValueError(f"seed_variance must be >= 0 (0 turns it off), got {amount}")
-    if not 0 < share <= 1:
+    if share is not None and not 0 < share <= 1:
         raise ValueError(f"seed_variance_share must be > 0 and <= 1 (the fraction of feature values varied), got {share}")
-    if not 0 < steps <= 1:
+    if steps is not None and not 0 < steps <= 1:
         raise ValueError(f"seed_variance_steps must be > 0 and <= 1 (the fraction of the steps that see the varied "
                          f"features), got {steps}")
+
+
+#: The seed-variance settings used when seed variance is on and they are unset.
+SEED_VARIANCE_DEFAULTS = {"seed_variance_share": 0.5, "seed_variance_steps": 0.2}
+
+
+def check_seed_variance_given(amount, share, steps, flags: bool = False) -> None:
+    """Refuse a share or steps setting without seed variance (``amount`` 0 or unset), where it would
+    change nothing; ``flags``: name the CLI's flags."""
+    for name, value in (("seed_variance_share", share), ("seed_variance_steps", steps)):
+        if value is not None and not amount:
+            given, needs = (f"--{name.replace('_', '-')}", "--seed-variance A") if flags else \
+                (name, "seed_variance > 0")
+            raise ValueError(f"{given} {value!r} needs {needs} (seed variance is off, so it would change nothing)")
+
+
+def seed_variance_default(r: GenerationRequest, name: str) -> float | None:
+    """A seed-variance setting as given, else its default while seed variance is on (None when off)."""
+    value = getattr(r, name)
+    return SEED_VARIANCE_DEFAULTS[name] if value is None and r.seed_variance else value
 
 
 def vary(embeds: list[torch.Tensor], amount: float, share: float, seeds: list[int]) -> list[torch.Tensor]:
@@ -659,6 +681,7 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
     if r.control_scale is not None and r.control_image is None:  # it would change nothing
         raise ValueError(f"controlnet_conditioning_scale needs control_image= (and a ControlNet loaded), got "
                          f"{r.control_scale!r} without a control image")
+    check_seed_variance_given(r.seed_variance, r.seed_variance_share, r.seed_variance_steps)
     inputs, w, h = task.read(pipe, r)
     suggested = dict(getattr(pipe._template(r.template), "settings", None) or {})
     defaults = pipe.defaults
@@ -677,6 +700,8 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
         control_scale=r.control_scale if r.control_scale is not None else getattr(task, "default_scale", None),
         num_images_per_prompt=_integer(r.n),
         max_sequence_length=_integer(r.max_sequence_length),
+        seed_variance_share=seed_variance_default(r, "seed_variance_share"),
+        seed_variance_steps=seed_variance_default(r, "seed_variance_steps"),
         fields={k: v for k, v in r.fields.items() if v is not None},
     )
     check_request(r.prompt, r.width, r.height, r.steps, r.seeds, r.generator, r.guidance_scale, r.n, r.output_type,

@@ -169,10 +169,11 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @click.option("--seed-variance", type=float, default=0.0, show_default=True,
               help="More varied images across seeds (Turbo changes little with the seed): seeded noise of this "
                    "amplitude on the prompt features of the first steps; 15-30 is a usual range, 0 = off.")
-@click.option("--seed-variance-share", type=float, default=0.5, show_default=True,
-              help="With --seed-variance: the fraction of the prompt feature values that get noise.")
-@click.option("--seed-variance-steps", type=float, default=0.2, show_default=True,
-              help="With --seed-variance: the fraction of the steps, the first ones, that see the noise.")
+@click.option("--seed-variance-share", type=float, default=None,
+              help="With --seed-variance: the fraction of the prompt feature values that get noise [default: 0.5].")
+@click.option("--seed-variance-steps", type=float, default=None,
+              help="With --seed-variance: the fraction of the steps, the first ones, that see the noise "
+                   "[default: 0.2].")
 @click.option("--first-block-cache", type=float, default=0.0, show_default=True,
               help="Skip the DiT's main layers on steps whose first layer changed by at most this fraction since "
                    "the last full step, reusing that step's work (lossy; 0.05-0.2 is a usual range, for many "
@@ -255,7 +256,8 @@ def generate(ctx, prompt, config_path, profile, from_image, **opts):
 def run_generate(prompts: list[str], o: dict) -> None:
     from ..accel.block_cache import cache_problem, check_threshold
     from ..config import TransformerConfig
-    from ..sampling import check_caption_fits, check_request, check_seed_variance, check_size_fits
+    from ..sampling import (check_caption_fits, check_request, check_seed_variance, check_seed_variance_given,
+                            check_size_fits)
 
     seeds, drawn = resolve_seeds(tuple(o["seed"]), o["seeds"], o["num_images"])
     if o["batch_size"] < 1:
@@ -277,6 +279,7 @@ def run_generate(prompts: list[str], o: dict) -> None:
         raise ValueError("--strength 0 runs no step (the output would be the input image); give a strength above 0")
     if o["shift"] is not None and not o["shift"] > 0:
         raise ValueError(f"--shift must be > 0, got {o['shift']}")
+    check_seed_variance_given(o["seed_variance"], o["seed_variance_share"], o["seed_variance_steps"], flags=True)
     check_seed_variance(o["seed_variance"], o["seed_variance_share"], o["seed_variance_steps"])
     check_threshold(o["first_block_cache"])
     problem = cache_problem(o["cuda_graphs"], o["compile_mode"]) if o["first_block_cache"] else None

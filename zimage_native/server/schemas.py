@@ -569,8 +569,10 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
                              shift=shift, strength=strength, image=image, mask_image=mask, control_image=control,
                              control_scale=control_scale,
                              seed_variance=float(getattr(body, "seed_variance", 0.0)),
-                             seed_variance_share=float(getattr(body, "seed_variance_share", 0.5)),
-                             seed_variance_steps=float(getattr(body, "seed_variance_steps", 0.2)),
+                             # the API's defaults, taken only with seed variance on (the library refuses them without)
+                             **({"seed_variance_share": float(getattr(body, "seed_variance_share", 0.5)),
+                                 "seed_variance_steps": float(getattr(body, "seed_variance_steps", 0.2))}
+                                if getattr(body, "seed_variance", 0.0) else {}),
                              first_block_cache=first_block_cache)
 
 
