@@ -230,6 +230,11 @@ def test_a_completed_job_finds_the_history_already_pruned(tmp_path, monkeypatch)
     ({"seed_variance": -1}, "seed_variance", "between 0"),
     ({"seed_variance": 20, "seed_variance_share": 0}, "seed_variance_share", "> 0"),
     ({"first_block_cache": -1}, "first_block_cache", "between 0"),
+    # settings that would change nothing (they were ignored silently)
+    ({"strength": 0.5}, "strength", "needs an image"),
+    ({"control_scale": 0.5}, "control_scale", "needs a control_image"),
+    ({"seed_variance_share": 0.3}, "seed_variance_share", "needs seed_variance > 0"),
+    ({"seed_variance": 0, "seed_variance_steps": 0.5}, "seed_variance_steps", "needs seed_variance > 0"),
 ])
 def test_validation_errors_are_clear_json(client, body, param, words):
     r = client.post("/api/v1/jobs", json={"prompt": "a cat", **SMALL, **body})

@@ -241,8 +241,10 @@ def build_models(limits: Limits, templates: list[str], rewriters: list[str], tem
         shift: Num(0, 100, open_lo=True) | None = None
         seed_variance: Num(0, 1000, description="more varied images across seeds (Turbo): noise amplitude on the "
                                                 "prompt features of the first steps; 15-30 is usual, 0 = off") = 0.0
-        seed_variance_share: Num(0, 1, open_lo=True, description="the fraction of feature values varied") = 0.5
-        seed_variance_steps: Num(0, 1, open_lo=True, description="the fraction of the steps that see the noise") = 0.2
+        seed_variance_share: Num(0, 1, open_lo=True, description="the fraction of feature values varied (needs "
+                                                                 "seed_variance; default 0.5)") | None = None
+        seed_variance_steps: Num(0, 1, open_lo=True, description="the fraction of the steps that see the noise "
+                                                                 "(needs seed_variance; default 0.2)") | None = None
         first_block_cache: Num(0, 100, description="skip the DiT's main layers on steps whose first layer changed by "
                                                    "at most this fraction (lossy; 0.05-0.2 is usual, 0 = off)") = 0.0
         image: ImageData("img2img or inpainting input: base64 or a data: URL (PNG, JPEG, WebP)") | None = None
@@ -556,9 +558,16 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
             raise invalid("strength", f"strength {strength} with {steps} steps leaves no step to run")
     elif image is not None and body.strength is not None:
         raise invalid("strength", "ControlNet inpainting takes no strength (it always starts from noise)")
-    control_scale = None
+    elif body.strength is not None:
+        raise invalid("strength", "strength needs an image (img2img or inpainting); without one it would change nothing")
+    control_scale = getattr(body, "control_scale", None)
+    if control is None and control_scale is not None:
+        raise invalid("control_scale", "control_scale needs a control_image; without one it would change nothing")
+    variance = getattr(body, "seed_variance", 0.0)
+    for name in ("seed_variance_share", "seed_variance_steps"):
+        if not variance and getattr(body, name, None) is not None:
+            raise invalid(name, f"{name} needs seed_variance > 0 (seed variance is off, so it would change nothing)")
     if control is not None:
-        control_scale = getattr(body, "control_scale", None)
         control_scale = 0.75 if control_scale is None else control_scale
         if not 0 <= control_scale <= limits.max_control_scale:
             raise invalid("control_scale", f"must be between 0 and {limits.max_control_scale}, got {control_scale}")
@@ -568,11 +577,9 @@ def resolve_generation(body, engine: Engine, limits: Limits) -> GenerationReques
                              cfg_truncation=float(body.cfg_truncation), max_sequence_length=body.max_sequence_length,
                              shift=shift, strength=strength, image=image, mask_image=mask, control_image=control,
                              control_scale=control_scale,
-                             seed_variance=float(getattr(body, "seed_variance", 0.0)),
-                             # the API's defaults, taken only with seed variance on (the library refuses them without)
-                             **({"seed_variance_share": float(getattr(body, "seed_variance_share", 0.5)),
-                                 "seed_variance_steps": float(getattr(body, "seed_variance_steps", 0.2))}
-                                if getattr(body, "seed_variance", 0.0) else {}),
+                             seed_variance=float(variance),
+                             seed_variance_share=getattr(body, "seed_variance_share", None),
+                             seed_variance_steps=getattr(body, "seed_variance_steps", None),
                              first_block_cache=first_block_cache)
 
 
