@@ -95,6 +95,11 @@ def test_prompt_embeds_of_the_wrong_form_are_refused_by_name(tiny_pipe):
         tiny_pipe(prompt_embeds=embeds[0][None], guidance_scale=0.0, **kw)
     with pytest.raises(ValueError, match="negative_prompt_embeds must be a list"):
         tiny_pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds[0][None], guidance_scale=2.0, **kw)
+    with pytest.raises(ValueError, match=r"prompt_embeds\[0\] must be a \(tokens, features\) tensor, got shape "
+                                         r"\(1, \d+, 48\)"):  # a list of (1, L, D) tensors
+        tiny_pipe(prompt_embeds=[embeds[0][None]], guidance_scale=0.0, **kw)
+    with pytest.raises(ValueError, match=r"prompt_embeds\[1\] must be a \(tokens, features\) tensor, got str"):
+        tiny_pipe(prompt_embeds=[embeds[0], "a dog"], guidance_scale=0.0, **kw)
     with pytest.raises(ValueError, match="prompt_embeds hold 7 features per token, the DiT takes 48"):
         tiny_pipe(prompt_embeds=[torch.randn(5, 7)], guidance_scale=0.0, **kw)
     with pytest.raises(ValueError, match="negative_prompt_embeds hold 7 features"):

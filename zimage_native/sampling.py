@@ -606,9 +606,13 @@ def check_embeds(name: str, embeds, width: int | None = None) -> None:
         raise ValueError(f"{name} must be a list of (tokens, features) tensors, one per prompt, got one tensor of "
                          f"shape {tuple(embeds.shape)}; pipe.encode_prompt(prompts) gives such a list (for a "
                          f"(B, L, D) tensor whose rows are all real tokens, pass list(tensor))")
-    if not isinstance(embeds, (list, tuple)) or not embeds or \
-            not all(isinstance(e, torch.Tensor) and e.ndim == 2 for e in embeds):
+    if not isinstance(embeds, (list, tuple)) or not embeds:
         raise ValueError(f"{name} must be a non-empty list of (tokens, features) tensors, one per prompt")
+    for i, e in enumerate(embeds):
+        if not isinstance(e, torch.Tensor) or e.ndim != 2:
+            got = f"shape {tuple(e.shape)}" if isinstance(e, torch.Tensor) else type(e).__name__
+            raise ValueError(f"{name}[{i}] must be a (tokens, features) tensor, got {got}; {name} is a list of them, "
+                             f"one per prompt, as pipe.encode_prompt(prompts) gives it")
     wrong = sorted({e.shape[1] for e in embeds} - {width}) if width is not None else []
     if wrong:
         raise ValueError(f"{name} hold {wrong[0]} features per token, the DiT takes {width} (Qwen3's hidden "
