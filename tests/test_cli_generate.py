@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -701,23 +702,27 @@ def test_ctrl_c_says_how_many_images_were_written_and_where(tiny_model_dir, tiny
     assert len(list(out.glob("*.png"))) == 2 and not list(out.glob(".*"))
 
 
-def test_a_cpu_decode_that_cannot_fit_is_refused_before_sampling(tiny_model_dir, tiny_pipe, tmp_path, monkeypatch):
+def test_a_cpu_decode_that_cannot_fit_is_refused_before_sampling(tiny_model_dir, tiny_pipe, tmp_path, monkeypatch,
+                                                                   caplog):
     """An untiled VAE decode on the CPU takes about 3.9 kB per pixel in fp32 (15 GiB at 2048x2048):
     one that the RAM and swap cannot hold was killed at the very end of sampling, without a word.
-    Now it is refused before sampling, and one that needs swap is warned about; both name --tiled-vae."""
+    Now it is refused before sampling, and one that needs swap is warned about; both name --tiled-vae.
+    The check is the library's (devices.check_decode_fits, tests/test_memory_check.py)."""
     import zimage_native.devices as devices
 
     cli_generate = sys.modules["zimage_native.cli.generate"]
     monkeypatch.setattr(cli_generate, "load_pipeline", lambda o: tiny_pipe)
     monkeypatch.setattr(tiny_pipe, "vae_tiling", None)
-    real = tiny_pipe.generate
-    # The tiny VAE decodes 32 channels at full resolution in fp32: 8 x 32 x 4 bytes = 1 kB per pixel.
-    need = cli_generate.DECODE_ACTIVATIONS * tiny_pipe.vae_config.block_out_channels[0] * 4 * 64 * 48 * 2
+    monkeypatch.setattr(devices, "_swap_warned", set())
+    real = tiny_pipe.denoise, tiny_pipe.encode_texts
+    # The tiny VAE decodes 32 channels at full resolution in fp32: 32 x 32 bytes = 1 kB per pixel.
+    need = devices.decode_bytes(64, 48, 2, tiny_pipe.vae_config.block_out_channels[0], torch.float32)
     assert need == 6_291_456
     args = ["generate", "a cat", "--model", tiny_model_dir, *BASE, "--width", "64", "--height", "48", "--num-images",
             "2", "--batch-size", "2"]
     monkeypatch.setattr(devices, "host_memory", lambda: (need // 2, need // 4, 8 * need))
-    monkeypatch.setattr(tiny_pipe, "generate", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(tiny_pipe, "denoise", lambda *a, **k: pytest.fail("sampled"))
+    monkeypatch.setattr(tiny_pipe, "encode_texts", lambda *a, **k: pytest.fail("encoded"))
     result = run(*args, "--output-dir", tmp_path / "a", ok=False)
     assert result.exit_code == 1, result.output
     assert result.output.strip().splitlines()[-1] == (
@@ -725,16 +730,21 @@ def test_a_cpu_decode_that_cannot_fit_is_refused_before_sampling(tiny_model_dir,
         "has 3.1 MB of RAM available (of 50.3 MB) and 1.6 MB of free swap: the system would stop the run at the end "
         "of sampling; use --tiled-vae (the decode in tiles: about 1.2 GB at 2048x2048), or a smaller --batch-size "
         "or size")
-    monkeypatch.setattr(tiny_pipe, "generate", real)
-    tiled = run(*args, "--output-dir", tmp_path / "b", "--tiled-vae")  # tiles: no check
-    assert "warning" not in tiled.output and len(list((tmp_path / "b").glob("*.png"))) == 2
+    monkeypatch.setattr(tiny_pipe, "denoise", real[0])
+    monkeypatch.setattr(tiny_pipe, "encode_texts", real[1])
+    caplog.set_level("WARNING", logger="zimage_native.devices")
+    run(*args, "--output-dir", tmp_path / "b", "--tiled-vae")  # tiles: no check
+    assert "VAE decode" not in caplog.text and len(list((tmp_path / "b").glob("*.png"))) == 2
     monkeypatch.setattr(tiny_pipe, "vae_tiling", None)  # the run above turned tiling on
     monkeypatch.setattr(devices, "host_memory", lambda: (need // 2, need, 8 * need))  # fits with swap: a warning
-    swapped = run(*args, "--output-dir", tmp_path / "c")
-    assert "warning: the VAE decode of 2 images at 64x48 in one piece needs about 6.3 MB of CPU memory, more than " \
-           "the 3.1 MB of RAM available: the system will swap" in swapped.output, swapped.output
+    run(*args, "--output-dir", tmp_path / "c")
+    assert "the VAE decode of 2 images at 64x48 in one piece needs about 6.3 MB of CPU memory, more than the 3.1 MB " \
+           "of RAM available: the system will swap" in caplog.text, caplog.text
+    caplog.clear()
+    monkeypatch.setattr(devices, "_swap_warned", set())
     monkeypatch.setattr(devices, "host_memory", lambda: None)  # not known: quiet
-    assert "warning" not in run(*args, "--output-dir", tmp_path / "d").output
+    run(*args, "--output-dir", tmp_path / "d")
+    assert "VAE decode" not in caplog.text
 
 
 def test_from_image_remakes_image_k_of_a_one_seed_batch_and_refuses_what_no_seed_remakes(tiny_pipe, tmp_path):

@@ -308,6 +308,59 @@ def test_a_component_read_into_cpu_memory_is_checked_too(tiny_model_dir, monkeyp
     loading.load_component("transformer", single, torch.float32, "cpu", tiny_model_dir / "transformer")
 
 
+def test_a_cpu_decode_that_cannot_fit_is_refused_before_any_model_runs(tiny_pipe, monkeypatch, caplog):
+    """An untiled VAE decode on the CPU that the RAM and swap cannot hold got the process killed at the
+    end of sampling (a library user, a server with every queued job): the library refuses it before the
+    text encoder runs, for every task (the img2img encode peaks lower), and warns once about one that
+    needs swap. Tiles, latents out and a GPU's VAE are not checked."""
+    from PIL import Image
+
+    monkeypatch.setattr(tiny_pipe, "vae_tiling", None)
+    monkeypatch.setattr(devices, "_swap_warned", set())
+    need = devices.decode_bytes(64, 48, 2, tiny_pipe.vae_config.block_out_channels[0], torch.float32)
+    assert need == 32 * 32 * 64 * 48 * 2  # the tiny VAE: 32 channels at full resolution
+    call = dict(width=64, height=48, num_inference_steps=1, seed=[1, 2])
+    image = Image.new("RGB", (64, 48), (200, 30, 30))
+    real = tiny_pipe.encode_texts
+    host(monkeypatch, need // 2, need // 4, 8 * need)
+    monkeypatch.setattr(tiny_pipe, "encode_texts", lambda *a, **k: pytest.fail("the text encoder ran"))
+    for extra in ({}, {"image": image, "strength": 0.5}, {"image": image, "mask_image": Image.new("L", (64, 48), 255)}):
+        with pytest.raises(InsufficientMemoryError, match=r"^the VAE decode of 2 images at 64x48 in one piece "
+                           r"needs about 6\.3 MB of CPU memory, and this machine has 3\.1 MB of RAM available "
+                           r"\(of 50\.3 MB\) and 1\.6 MB of free swap: .* use --tiled-vae"):
+            tiny_pipe(["a cat", "a dog"], **call, **extra)
+    monkeypatch.setattr(tiny_pipe, "encode_texts", real)
+    assert tiny_pipe(["a cat", "a dog"], **call, output_type="latent").images.shape[0] == 2  # no decode
+    tiny_pipe.enable_vae_tiling(64, 16)
+    assert len(tiny_pipe(["a cat", "a dog"], **call).images) == 2
+    tiny_pipe.disable_vae_tiling()
+    placement = dict(tiny_pipe.placement, vae=torch.device("meta"))  # a VAE on another device: its own errors
+    monkeypatch.setattr(tiny_pipe, "placement", placement)
+    monkeypatch.setattr(tiny_pipe, "decode", lambda latents: torch.zeros(2, 3, 48, 64))
+    assert len(tiny_pipe(["a cat", "a dog"], **call).images) == 2
+    monkeypatch.setattr(tiny_pipe, "placement", dict(placement, vae=torch.device("cpu")))
+    host(monkeypatch, need // 2, need, 8 * need)  # fits with swap: one warning for the size
+    with caplog.at_level("WARNING", logger="zimage_native.devices"):
+        for _ in range(2):
+            tiny_pipe(["a cat", "a dog"], **call)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "the VAE decode of 2 images at 64x48 in one piece needs about 6.3 MB of CPU memory, more than the 3.1 MB of "
+        "RAM available"]
+
+
+def test_the_decode_estimate_covers_the_measured_peaks():
+    """Peak RSS above the weights of an untiled decode with the released VAE config (random weights,
+    CPU, torch 2.13.0), per output pixel: 3841 B in fp32 and 2185 B in bf16, not half (the old estimate,
+    8 activations in the VAE's dtype, gave 2048 B in bf16); the img2img encode: 3072 and 1536 B per
+    input pixel, below the decode's."""
+    released = 128  # block_out_channels[0]
+    measured = {torch.float32: (3841, 3072), torch.bfloat16: (2185, 1536)}
+    for dtype, (decode, encode) in measured.items():
+        estimate = devices.decode_bytes(1024, 1024, 1, released, dtype) / 1024**2
+        assert decode <= estimate <= 1.1 * decode and encode < decode, (dtype, estimate)
+    assert devices.decode_bytes(2048, 2048, 1, released, torch.float32) == 17_179_869_184  # 16.1 GB measured
+
+
 def test_host_memory_reads_meminfo_and_a_containers_limit(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n"

@@ -396,3 +396,27 @@ def test_a_remote_encoder_is_asked_before_any_weight_is_read(remote, tiny_model_
                                          r"transformer's cap_feat_dim 48"):
         ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", text_encoder_url=remote.url,
                                        text_encoder_token=TOKEN)
+
+
+def test_a_job_whose_cpu_decode_cannot_fit_fails_and_the_server_keeps_running(served, tiny_pipe, monkeypatch):
+    """On the CPU an untiled VAE decode that the RAM and swap cannot hold got the whole server killed at
+    the end of sampling, with every queued job. Now the job fails before sampling with the library's
+    message, and the next job runs."""
+    from zimage_native import devices
+
+    monkeypatch.setattr(tiny_pipe, "vae_tiling", None)
+    need = devices.decode_bytes(64, 48, 2, tiny_pipe.vae_config.block_out_channels[0], torch.float32)
+    monkeypatch.setattr(devices, "host_memory", lambda: (need // 2, need // 4, 8 * need))
+    monkeypatch.setattr(tiny_pipe, "denoise", lambda *a, **k: pytest.fail("sampled"))
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"prompt": "a cat", "width": 64, "height": 48, "steps": 2, "seed": [3, 4]}
+    with httpx.Client(base_url=served.url, headers=headers, timeout=60) as c:
+        events = follow(c, c.post("/api/v1/jobs", json=body).json()["events_url"])
+        assert events[-1].type == "failed", events
+        assert events[-1].data["error"].startswith(
+            "the VAE decode of 2 images at 64x48 in one piece needs about 6.3 MB of CPU memory, and this machine has "
+            "3.1 MB of RAM available (of 50.3 MB) and 1.6 MB of free swap: the system would stop the run at the end "
+            "of sampling; use --tiled-vae"), events[-1].data
+        monkeypatch.undo()
+        events = follow(c, c.post("/api/v1/jobs", json=body).json()["events_url"])
+        assert events[-1].type == "completed" and len(events[-1].data["images"]) == 2, events

@@ -283,6 +283,49 @@ def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device], p
                        format_bytes(total))
 
 
+# Bytes per output pixel of an untiled VAE decode on the CPU, per channel of the decoder's full-resolution
+# block: 7 activations in the VAE's dtype and one in fp32 (32 B in fp32, 18 B in bf16). Measured, peak RSS
+# above the weights (released VAE config, random weights, torch 2.13.0, docs/performance.md): 30.0 B in fp32
+# (3.84 kB per pixel: 0.95 GiB at 512x512, 3.75 GiB at 1024x1024, 15.0 GiB at 2048x2048) and 17.1 B in bf16
+# (2.19 kB per pixel, 2.13 GiB at 1024x1024: more than half of fp32's). The VAE encode of img2img and
+# inpainting peaks lower (24.0 B in fp32, 12.0 B in bf16, per input pixel; at most one input image per output
+# image, at the output size), so this bounds it too.
+DECODE_DTYPE_ACTIVATIONS, DECODE_FP32_ACTIVATIONS = 7, 1
+_swap_warned: set[tuple[int, int, int]] = set()  # (bytes, width, height) of the decodes warned about
+
+
+def decode_bytes(width: int, height: int, images: int, channels: int, dtype: torch.dtype) -> int:
+    """The estimated peak bytes of an untiled VAE decode of ``images`` images of ``width`` x ``height``
+    whose decoder's full-resolution block has ``channels`` channels (128 for the released VAE)."""
+    per_channel = DECODE_DTYPE_ACTIVATIONS * dtype.itemsize + DECODE_FP32_ACTIVATIONS * 4
+    return per_channel * channels * width * height * images
+
+
+def check_decode_fits(device: torch.device, dtype: torch.dtype, channels: int, width: int, height: int,
+                      images: int) -> None:
+    """Before sampling, for an untiled VAE decode on the CPU (:func:`decode_bytes`): refuse one that the
+    available RAM and free swap cannot hold (the system would kill the process at the very end of
+    sampling, a server with every queued job), and warn once per size about one that needs swap; both
+    name --tiled-vae. Quiet elsewhere (a GPU raises its own out-of-memory error) and where the system does
+    not report its memory."""
+    memory = host_memory() if device.type == "cpu" else None
+    if memory is None:
+        return
+    available, swap, total = memory
+    need = decode_bytes(width, height, images, channels, dtype)
+    what = (f"the VAE decode of {images} image{'s' if images > 1 else ''} at {width}x{height} in one piece needs "
+            f"about {format_bytes(need)} of CPU memory")
+    advice = "use --tiled-vae (the decode in tiles: about 1.2 GB at 2048x2048), or a smaller --batch-size or size"
+    if need > available + swap:
+        raise InsufficientMemoryError(f"{what}, and this machine has {format_bytes(available)} of RAM available (of "
+                                      f"{format_bytes(total)}) and {format_bytes(swap)} of free swap: the system would "
+                                      f"stop the run at the end of sampling; {advice}")
+    if need > available and (need, width, height) not in _swap_warned:  # once: a CLI run or a server has many batches
+        _swap_warned.add((need, width, height))
+        logger.warning("%s, more than the %s of RAM available: the system will swap at the end of sampling; %s",
+                       what, format_bytes(available), advice)
+
+
 def nvidia_gpu_present() -> bool:
     """Whether the machine has an NVIDIA driver (whatever torch makes of it)."""
     return Path("/proc/driver/nvidia/version").exists() or shutil.which("nvidia-smi") is not None

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .accel.block_cache import FirstBlockCache, check_threshold, pipeline_cache_problem
+from .devices import check_decode_fits
 from .finite import check_finite, finite_all, finite_rows
 from .images import check_side
 from .images import preprocess_image, preprocess_mask, to_pil  # noqa: F401  (the task inputs, re-exported)
@@ -895,6 +896,9 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
             pipe.advised.add(advice)
             logger.warning(advice)
     batch = len(r.prompts or r.prompt_embeds) * r.n
+    if r.output_type != "latent" and pipe.vae is not None and pipe.vae_tiling is None:  # before any model runs
+        check_decode_fits(pipe.placement["vae"], next(pipe.vae.parameters()).dtype,
+                          pipe.vae_config.block_out_channels[0], r.width, r.height, batch)
     needs_noise = r.latents is None or task.draws_with_latents or r.seed_variance > 0  # (the variance is seeded)
     generators, seeds = make_generators(r.seeds, r.generator, batch) if needs_noise else (None, None)
     info = request_info(pipe, r, seeds, **remake_info(r, seeds, batch))

@@ -450,41 +450,6 @@ def load_pipeline(o: dict):
     return pipe
 
 
-# Bytes per output pixel of an untiled VAE decode, per channel of the decoder's full-resolution
-# block and per byte of its dtype: measured 3.9 kB per pixel for the released VAE (128 channels) in
-# fp32 on the CPU (0.98 GiB at 512x512, 3.78 GiB at 1024x1024, 15.0 GiB at 2048x2048; docs/performance.md),
-# about 7.6 full-resolution activations at once; 8 here.
-DECODE_ACTIVATIONS = 8
-
-
-def check_decode_fits(pipe, request, images: int) -> None:
-    """On the CPU, an untiled VAE decode that cannot fit in the available RAM and free swap is refused
-    before sampling (the system would kill the process at the very end, without a word), and one that
-    needs swap is warned about; both name --tiled-vae. Quiet where the system does not report its memory."""
-    from ..devices import InsufficientMemoryError, format_bytes, host_memory
-    from ..sampling import resolve
-
-    if pipe.vae_tiling is not None or pipe.placement["vae"].type != "cpu" or pipe.vae is None:
-        return
-    memory = host_memory()
-    if memory is None:
-        return
-    available, swap, total = memory
-    r = resolve(pipe, request)[0]
-    dtype = next(pipe.vae.parameters()).dtype
-    need = DECODE_ACTIVATIONS * pipe.vae_config.block_out_channels[0] * dtype.itemsize * r.width * r.height * images
-    what = (f"the VAE decode of {images} image{'s' if images > 1 else ''} at {r.width}x{r.height} in one piece needs "
-            f"about {format_bytes(need)} of CPU memory")
-    advice = "use --tiled-vae (the decode in tiles: about 1.2 GB at 2048x2048), or a smaller --batch-size or size"
-    if need > available + swap:
-        raise InsufficientMemoryError(f"{what}, and this machine has {format_bytes(available)} of RAM available (of "
-                                      f"{format_bytes(total)}) and {format_bytes(swap)} of free swap: the system would "
-                                      f"stop the run at the end of sampling; {advice}")
-    if need > available:
-        click.echo(f"warning: {what}, more than the {format_bytes(available)} of RAM available: the system will swap "
-                   f"at the end of sampling; {advice}", err=True)
-
-
 def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> None:
     """Run the jobs in batches under one progress bar over all steps, writing each image as it comes."""
     from tqdm.auto import tqdm
@@ -523,8 +488,6 @@ def run_jobs(pipe, jobs, paths, o, fields, init, mask=None, control=None) -> Non
                 bar.set_postfix_str(f"images {done}/{len(jobs)}")
                 bar.update(1)
 
-            if batch is batches[0]:  # the largest batch: before any sampling
-                check_decode_fits(pipe, request, len(batch))
             result = pipe.generate(request, progress=False, callback=step)
             counts = result.info.get("first_block_cache_forwards")
             if counts:  # what the threshold did, to tune it by
