@@ -825,7 +825,9 @@ def optional_settings(r: GenerationRequest) -> dict[str, Any]:
     variance, the first-block cache, CFG normalisation and truncation, a token limit other than 512,
     and custom ``sigmas`` (as given, before the shift; a re-run with them draws the same schedule)."""
     names = ("seed_variance", "seed_variance_share", "seed_variance_steps") if r.seed_variance else ()
-    out = {name: getattr(r, name) for name in (*names, "first_block_cache") if getattr(r, name)}
+    out = {name: seed_variance_default(r, name) if name in SEED_VARIANCE_DEFAULTS else getattr(r, name)
+           for name in (*names, "first_block_cache")}  # (the share and steps in effect, given or not)
+    out = {name: value for name, value in out.items() if value}
     if r.cfg_normalization:
         out["cfg_normalization"] = float(r.cfg_normalization)  # True (diffusers' flag) is 1 here
     if r.cfg_truncation is not None and r.cfg_truncation < 1:  # 1 and None never truncate
