@@ -728,8 +728,8 @@ def test_a_cpu_decode_that_cannot_fit_is_refused_before_sampling(tiny_model_dir,
     assert result.output.strip().splitlines()[-1] == (
         "Error: the VAE decode of 2 images at 64x48 in one piece needs about 6.3 MB of CPU memory, and this machine "
         "has 3.1 MB of RAM available (of 50.3 MB) and 1.6 MB of free swap: the system would stop the run at the end "
-        "of sampling; use --tiled-vae (the decode in tiles: about 1.2 GB at 2048x2048), or a smaller --batch-size "
-        "or size")
+        "of sampling; use --tiled-vae (the decode in tiles: about 1.2 GB at 2048x2048; pipe.enable_vae_tiling() in "
+        "Python, zimage serve --tiled-vae for a server), or a smaller --batch-size or size")
     monkeypatch.setattr(tiny_pipe, "denoise", real[0])
     monkeypatch.setattr(tiny_pipe, "encode_texts", real[1])
     caplog.set_level("WARNING", logger="zimage_native.devices")

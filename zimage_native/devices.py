@@ -315,7 +315,8 @@ def check_decode_fits(device: torch.device, dtype: torch.dtype, channels: int, w
     need = decode_bytes(width, height, images, channels, dtype)
     what = (f"the VAE decode of {images} image{'s' if images > 1 else ''} at {width}x{height} in one piece needs "
             f"about {format_bytes(need)} of CPU memory")
-    advice = "use --tiled-vae (the decode in tiles: about 1.2 GB at 2048x2048), or a smaller --batch-size or size"
+    advice = ("use --tiled-vae (the decode in tiles: about 1.2 GB at 2048x2048; pipe.enable_vae_tiling() in Python, "
+              "zimage serve --tiled-vae for a server), or a smaller --batch-size or size")
     if need > available + swap:
         raise InsufficientMemoryError(f"{what}, and this machine has {format_bytes(available)} of RAM available (of "
                                       f"{format_bytes(total)}) and {format_bytes(swap)} of free swap: the system would "
