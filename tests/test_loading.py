@@ -84,6 +84,17 @@ def test_missing_model_folder_raises(tmp_path):
         ZImagePipeline.from_pretrained(tmp_path)
 
 
+def test_an_omni_folder_is_named(tiny_model_dir, tmp_path):
+    """Z-Image-Omni-Base's transformer (SigLIP image conditioning) is not implemented: the error names it."""
+    folder = tmp_path / "omni"
+    shutil.copytree(tiny_model_dir, folder)
+    config = folder / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "siglip_feat_dim": 1152}))
+    with pytest.raises(ValueError, match=r"Z-Image-Omni transformer .* not implemented; zimage-native runs "
+                                         r"Z-Image-Turbo and Z-Image \(base\)"):
+        ZImagePipeline.from_pretrained(folder, device="cpu")
+
+
 def test_a_component_folder_or_a_folder_of_single_files_says_what_to_give(tiny_model_dir, tmp_path):
     """`--model MODEL/transformer` and `--model ~/ComfyUI/models/diffusion_models` listed every missing
     part and nothing more."""

@@ -94,7 +94,9 @@ class TransformerConfig(_ConfigMixin):
         if not self.qk_norm:
             raise ValueError("qk_norm=False is not a released Z-Image configuration and is not supported")
         if self.siglip_feat_dim is not None:
-            raise ValueError("the Omni variant (siglip_feat_dim set) is not supported")
+            raise ValueError("this is a Z-Image-Omni transformer (its config sets siglip_feat_dim): the Omni image "
+                             "conditioning path is not implemented; zimage-native runs Z-Image-Turbo and "
+                             "Z-Image (base)")
 
     @property
     def head_dim(self) -> int:
