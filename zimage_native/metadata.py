@@ -9,11 +9,24 @@ Two chunks per image:
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
 JSON_KEY = "zimage"
 TEXT_KEY = "parameters"
+
+#: How the engine writes PNGs (the CLI's files, the server's stored images, the Ray replicas'
+#: transfers): zlib's run-length strategy at level 1. Measured on the CPU for a 1024x1024 photo
+#: (docs/performance.md, "After the DiT"): 67-137 ms and 1.60 MB against Pillow's default (level 6,
+#: default strategy) 576-802 ms and 1.59 MB; level 1 with the default strategy 155-160 ms, 1.77 MB.
+#: PNG is lossless at every level: only the time and the file size change.
+PNG_OPTIONS = {"compress_level": 1, "compress_type": zlib.Z_RLE}
+
+
+def save_png(image, fp, pnginfo=None) -> None:
+    """Write a PIL image as PNG to ``fp`` (a path or a binary file) with :data:`PNG_OPTIONS`."""
+    image.save(fp, format="PNG", pnginfo=pnginfo, **PNG_OPTIONS)
 
 
 def image_record(info: dict[str, Any], index: int, prompt_index: int = 0) -> dict[str, Any]:

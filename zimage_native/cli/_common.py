@@ -113,16 +113,19 @@ def check_writable_folder(folder: Path, flag: str) -> None:
         raise ValueError(f"{flag}: cannot write in the folder {folder} ({e.strerror or e})") from None
 
 
-def save_image_atomic(image, path: Path, **save_kwargs) -> None:
-    """Write a PNG next to its destination, then rename: no partial or empty file on failure. The
+def save_image_atomic(image, path: Path, pnginfo=None) -> None:
+    """Write a PNG (``images.save_png``: fast compression) next to its destination, then rename: no
+    partial or empty file on failure. The
     file is made by ``open`` (not ``tempfile.mkstemp``, whose files are private), so it has the
     permissions the umask gives any new file."""
+    from ..metadata import save_png
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     f = open(tmp, "xb")
     try:
         with f:
-            image.save(f, format="PNG", **save_kwargs)
+            save_png(image, f, pnginfo)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

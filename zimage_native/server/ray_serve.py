@@ -31,6 +31,7 @@ from typing import Any
 
 from ray import serve
 
+from ..metadata import save_png
 from .engine import Engine, GeneratedImage, GenerationRequest
 from .jobs import JobCancelled
 
@@ -55,7 +56,7 @@ def _request_payload(request: GenerationRequest) -> dict[str, Any]:
         image = getattr(request, name)
         if image is not None:
             buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
+            save_png(image, buffer)
             payload[f"{name}_png"] = buffer.getvalue()
     return payload
 
@@ -110,7 +111,7 @@ class ZImageReplica:
                 images = []
                 for result in results:
                     buffer = io.BytesIO()
-                    result.image.save(buffer, format="PNG", pnginfo=result.pnginfo())
+                    save_png(result.image, buffer, result.pnginfo())
                     images.append({"png": buffer.getvalue(), "seed": result.seed,
                                    "record": {**result.record, "replica": _replica_id()}})
                 items.put({"type": "images", "images": images})

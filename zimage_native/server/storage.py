@@ -44,6 +44,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from ..metadata import save_png
+
 logger = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"^j[0-9a-f]{20}$")
@@ -306,7 +308,7 @@ class Storage:
         day = time.strftime("%Y-%m-%d", time.localtime(created))
         file = f"images/{day}/{iid}.png"
         thumb = f"thumbs/{day}/{iid}.jpg"
-        write_atomic(self.root / file, lambda f: image.save(f, format="PNG", pnginfo=pnginfo))
+        write_atomic(self.root / file, lambda f: save_png(image, f, pnginfo))
         self._write_thumbnail(image, self.root / thumb)
         row = dict(id=iid, job_id=job_id, idx=index, created=created, file=file, thumb=thumb, width=image.width,
                    height=image.height, seed=record.get("seed"), record=record)
