@@ -38,7 +38,7 @@ from .accel.block_cache import FirstBlockCache, check_threshold, pipeline_cache_
 from .devices import check_decode_fits
 from .finite import check_finite, finite_all, finite_rows
 from .images import check_side
-from .images import preprocess_image, preprocess_mask, to_pil  # noqa: F401  (the task inputs, re-exported)
+from .images import preprocess_image, preprocess_mask, to_pil, to_uint8, uint8_to_pil  # noqa: F401  (re-exported)
 from .model.sequence import SequenceLayout, build_layout, pad_captions, patchify, unpatchify
 from .scheduler import Schedule, euler_step, make_schedule
 
@@ -950,7 +950,9 @@ def finish(pipe, latents: torch.Tensor, output_type: str, text_ok: torch.Tensor 
         return latents
     images = pipe.decode(latents)
     images_ok = finite_rows(images)
-    if output_type != "pt":
+    if output_type == "pil":  # made 8-bit where it was decoded: no float image on the host
+        images = to_uint8(images).cpu()
+    elif output_type == "np":
         images = images.cpu().permute(0, 2, 3, 1).float().numpy()
     check_finite(pipe, text_ok, latents_ok, images_ok, seeds, given_embeds)
-    return to_pil(images) if output_type == "pil" else images
+    return uint8_to_pil(images) if output_type == "pil" else images
