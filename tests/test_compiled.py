@@ -917,3 +917,64 @@ def test_a_lora_after_fp8_is_refused_and_one_fused_before_cannot_be_unloaded(fp8
     pipe.load_lora(outside)
     pipe.optimize(fp8=True)
     assert pipe.unload_lora() == 1 and torch.equal(embedder.weight, before)
+
+
+def server_sequence(pipe):
+    """The calls a server or a user loop makes at one size, with what each may newly need: a graph
+    for a CFG step ("cfg") and one for the inpainting blend ("inpaint"); everything else is
+    inputs. Yields (name, kind) after each call."""
+    import numpy as np
+
+    from .test_generation import make_image
+
+    image = make_image(48, 32)
+    mask = np.zeros((32, 48), dtype=np.float32)
+    mask[:, 24:] = 1
+    kw = {**KW, "num_inference_steps": 3}
+    negative = {"negative_prompt": "blurry"}
+    calls = [
+        ("first", None, {}), ("seed", None, {"seed": 5}), ("steps", None, {"num_inference_steps": 5}),
+        ("shift", None, {"shift": 2.0}), ("sigmas", None, {"sigmas": [1.0, 0.7, 0.3]}),
+        ("output np", None, {"output_type": "np"}), ("callback", None, {"callback": lambda k, n: None}),
+        ("cfg", "cfg", {"guidance_scale": 2.0, **negative}), ("guidance", None, {"guidance_scale": 3.5, **negative}),
+        ("truncation", None, {"guidance_scale": 3.5, "cfg_truncation": 0.5, **negative}),
+        ("norm", None, {"guidance_scale": 3.5, "cfg_normalization": True, **negative}),
+        ("negative length", None, {"guidance_scale": 3.5, "negative_prompt": "blurry, ugly, low quality"}),
+        ("img2img", None, {"image": image, "strength": 0.7}), ("strength", None, {"image": image, "strength": 0.5}),
+        ("inpaint", "inpaint", {"image": image, "mask_image": mask, "strength": 0.7}),
+        ("inpaint seed", None, {"image": image, "mask_image": mask, "strength": 0.9, "seed": 3}),
+        ("first again", None, {}),
+    ]
+    for name, kind, extra in calls:
+        args = {**kw, **extra}
+        if "sigmas" in extra:
+            args.pop("num_inference_steps")
+        pipe("a cat", **args)
+        yield name, kind
+
+
+def test_a_server_sequence_captures_only_what_needs_a_new_graph(fresh_pipe):
+    """Step mode: one graph per step kind. A new seed, step count, shift, custom sigmas, output type,
+    callback, guidance value, truncation, norm limit, negative prompt length (same 32-token class),
+    img2img strength replay the graphs already captured; CFG and the inpainting blend add one each."""
+    sampler, _ = graphed(fresh_pipe, frozen=False)
+    expected, got = 0, []
+    for name, kind in server_sequence(fresh_pipe):
+        expected += kind is not None or name == "first"
+        got.append((name, sampler.captures, expected))
+    assert all(n == e for _, n, e in got), got
+    assert sampler.evictions == 0 and sampler.captures == 3
+
+
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_a_server_sequence_compiles_once(fresh_pipe, mode):
+    """The same sequence under torch.compile: after the first call no option of it traces again."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    fresh_pipe.optimize(compile=mode, compile_backend=counter)
+    frames = []
+    for name, _ in server_sequence(fresh_pipe):
+        frames.append((name, counter.frame_count))
+    assert frames[0][1] > 0 and {n for _, n in frames} == {frames[0][1]}, frames

@@ -282,3 +282,58 @@ def test_nine_steps_on_turbo_is_advised_once(tiny_model_dir, caplog):
             for steps in (8, 9, 9):
                 pipe("a cat", num_inference_steps=steps, guidance_scale=0.0, **kw)
         assert sum("9 steps run 9 DiT forwards" in r.getMessage() for r in caplog.records) == expected, variant
+
+
+class HostReads:
+    """A dispatch mode that records every ATen op reading a tensor's value on the host (``.item()``,
+    ``bool(t)``, ``float(t)``, ``nonzero``, ...) or building a tensor from host data: on a GPU each
+    is a synchronisation (or a host-to-device copy) that stalls the queue, the CPU stand-in of
+    ``torch.cuda.set_sync_debug_mode("error")``."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from .graph_standins import HOST_DATA, HOST_READS
+
+        reads = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func._schema.name.split("::")[-1]
+                if name in HOST_READS or name in HOST_DATA:
+                    reads.append(name)
+                return func(*args, **(kwargs or {}))
+
+        self.mode, self.reads = Mode(), reads
+
+
+def test_the_eager_step_loop_reads_nothing_on_the_host(fresh_pipe, monkeypatch):
+    """Each step of the eager loop (no CUDA graphs, first-block cache off) queues tensor work only:
+    no host read per step, whatever the task or option, with a progress bar and a callback on.
+    A read would make the host wait for the GPU once per step."""
+    import zimage_native.sampling as sampling
+
+    calls = []
+    run_steps = sampling.run_steps
+
+    def watched(*args, **kwargs):
+        host = HostReads()
+        with host.mode:
+            out = run_steps(*args, **kwargs)
+        calls.append(list(host.reads))
+        return out
+
+    monkeypatch.setattr(sampling, "run_steps", watched)
+    fresh_pipe.progress = True
+    image = make_image(32, 32)
+    mask = np.zeros((32, 32), dtype=np.float32)
+    mask[:, 16:] = 1
+    steps = []
+    kw = dict(height=32, width=32, num_inference_steps=3, seed=0, output_type="latent",
+              callback=lambda k, n: steps.append(k))
+    for extra in ({}, {"guidance_scale": 3.0, "cfg_truncation": 0.5, "cfg_normalization": True},
+                  {"image": image, "strength": 0.8}, {"image": image, "mask_image": mask, "strength": 0.9},
+                  {"seed_variance": 20.0}):
+        fresh_pipe("a cat", **kw, **extra)
+    assert len(calls) == 5 and steps, "the step loop did not run"
+    assert calls == [[]] * 5, calls
