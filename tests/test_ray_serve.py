@@ -18,6 +18,8 @@ from zimage_native.server.engine import GenerationRequest  # noqa: E402
 from zimage_native.server.jobs import JobCancelled  # noqa: E402
 from zimage_native.server.ray_serve import RayEngine, ZImageReplica, build_app, scaling_options  # noqa: E402
 
+from .test_png_output import zlib_level_flag  # noqa: E402
+
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 
@@ -46,6 +48,7 @@ def test_replica_streams_steps_then_images(local_replica):
     assert [(i["step"], i["total"]) for i in items[:3]] == [(1, 3), (2, 3), (3, 3)]
     images = items[-1]["images"]
     assert [x["seed"] for x in images] == [1, 2] and images[0]["png"].startswith(b"\x89PNG")
+    assert zlib_level_flag(images[0]["png"]) == 0  # written with metadata.save_png (tests/test_png_output.py)
     assert images[0]["record"]["prompt"] == "a cat" and "replica" in images[0]["record"]
 
 
