@@ -610,6 +610,10 @@ def test_bench_ladder_dry_run_on_cpu(tmp_path):
     assert set(rows) == {("diffusers 0.42.1", "eager"), ("zimage-native", "eager"), ("zimage-native", "+fp8"),
                          ("diffusers 0.42.1", "compile (regional)")}
     assert rows["diffusers 0.42.1", "eager"]["psnr_db"] > 40  # bf16 parity of the two engines
+    # our rows time the PNG the output would be written as (e2e_s + png_s: to an image file)
+    assert all((r["png_s"] is not None and r["png_s"] > 0) == (engine == "zimage-native")
+               for (engine, _), r in rows.items()), rows
+    assert re.search(r"row done: zimage-native eager 32: .*, PNG \d+\.\d{3} s, cold", result.output), result.output
     notes = rows["zimage-native", "+fp8"]["notes"]
     # the tiny bench model's FFN width (1024) is a multiple of 16: the feed-forward GEMMs are fp8 too
     assert any(note.startswith("fp8: 28 linears in float8 e4m3 (8 as fused GEMMs") for note in notes), notes
@@ -739,7 +743,7 @@ def test_bench_skips_the_default_rungs_that_cannot_run_and_refuses_named_ones(tm
     assert [r["rung"] for r in payload["rows"]] == ["eager"]
     # the row as it is done, rounded for people (the JSON keeps the exact values); where the CSV went
     assert re.search(r"^row done: zimage-native eager 32: denoise \d+\.\d{3} s, e2e \d+\.\d{3} s, "
-                     r"cold \d+\.\d{3} s, PSNR inf$", result.output, re.M), result.output
+                     r"PNG \d+\.\d{3} s, cold \d+\.\d{3} s, PSNR inf$", result.output, re.M), result.output
     assert f"\nappended 1 row(s) to {tmp_path / 'e2e.csv'}; this run's rows and checks: {tmp_path / 'e2e.json'}\n" \
         in result.output
 

@@ -20,7 +20,8 @@ def row_line(row) -> str:
     psnr = row.psnr_db
     psnr = "-" if psnr is None else "inf" if math.isinf(psnr) else f"{psnr:.1f} dB"
     return (f"row done: {row.engine} {row.rung} {row.size}: denoise {seconds(row.denoise_s)}, "
-            f"e2e {seconds(row.e2e_s)}, cold {seconds(row.cold_start_s)}, PSNR {psnr}")
+            f"e2e {seconds(row.e2e_s)}{'' if row.png_s is None else f', PNG {seconds(row.png_s)}'}, "
+            f"cold {seconds(row.cold_start_s)}, PSNR {psnr}")
 
 
 @click.command()
