@@ -115,8 +115,8 @@ def check_writable_folder(folder: Path, flag: str) -> None:
 
 def save_image_atomic(image, path: Path, pnginfo=None) -> None:
     """Write a PNG (``metadata.save_png``: fast compression) next to its destination, then rename: no
-    partial or empty file on failure. The file is made by ``open`` (not ``tempfile.mkstemp``, whose files are private), so it has the
-    permissions the umask gives any new file."""
+    partial or empty file on failure. The file is made by ``open`` (not ``tempfile.mkstemp``, whose
+    files are private), so it has the permissions the umask gives any new file."""
     from ..metadata import save_png
 
     path.parent.mkdir(parents=True, exist_ok=True)
