@@ -189,7 +189,8 @@ def read_component_state_dict(path: str | os.PathLike, kind: str, *, dequantize_
     """
     with Checkpoint(path) as ckpt:
         info = inspect_checkpoint(ckpt).component(kind)
-        state = {key: cast(t, dtype).to(device) for key, t in canonical_items(ckpt, info, dequant=dequantize_fp8)}
+        state = {key: cast(t, dtype).to(device)
+                 for key, t in canonical_items(ckpt, info, dequant=dequantize_fp8, dtype=dtype)}
         scales = {}
         if not dequantize_fp8 and info.quantization == "scaled-fp8":
             scales = read_scales(ckpt, info.keys, info.keymap(), device)
@@ -244,7 +245,7 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
 
             kwargs = infer_text_encoder_config(shapes, config, base)
             full = Qwen3Config(**{k: v for k, v in kwargs.items() if k not in ("model_type", "transformers_version")})
-            return load_truncated_qwen3(full, canonical_items(ckpt, info), dtype, device, quant)
+            return load_truncated_qwen3(full, canonical_items(ckpt, info, dtype=dtype), dtype, device, quant)
         if kind == "transformer":
             from .model.transformer import ZImageTransformer
 
@@ -258,7 +259,7 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
             cfg = infer_vae_config(shapes, config, base)
             module = build_on_meta(lambda: AutoencoderKL(cfg))
         check_component_fits(kind, module, dtype, device)
-        items = ((k, cast(t, dtype).to(device)) for k, t in canonical_items(ckpt, info))
+        items = ((k, cast(t, dtype).to(device)) for k, t in canonical_items(ckpt, info, dtype=dtype))
         assign_state_dict(module, read_weights(items, kind, module, dtype), kind)
         logger.info("%s: loaded %s (%s layout%s)", kind, path, info.layout,
                     f", {info.quantization}" if info.quantization else "")
@@ -285,7 +286,8 @@ def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, devi
                 yield key, t.contiguous().view(torch.uint8)
                 yield key[: -len("weight")] + "scale", scale.reshape(-1, 1).expand(t.shape[0], 1).contiguous()
             else:
-                yield key, cast(dequantize(t, scales.get(key)) if t.dtype in TORCH_FP8 else t, dtype)
+                yield key, (dequantize(t, scales.get(key), dtype or torch.float32) if t.dtype in TORCH_FP8 else
+                            cast(t, dtype))
 
     assign_state_dict(module, read_weights(items(), "transformer", module, dtype), "transformer")
     kept = ", ".join(f"{kind} {n / 2**20:.1f} MiB" for kind, n in sorted(quantized_bytes(module).items()))

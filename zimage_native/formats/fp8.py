@@ -42,15 +42,38 @@ def scale_for(ckpt: Checkpoint, key: str) -> str | None:
     return None
 
 
-def dequantize(weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """fp8 -> fp32: ``weight * scale`` (scale: a scalar, or one value per output row)."""
+#: Elements upcast at a time by :func:`dequantize` (4 MiB of fp32).
+CHUNK_ELEMENTS = 2**20
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """fp8 -> ``dtype``: ``weight * scale`` computed in fp32 and rounded once to ``dtype`` (scale: a
+    scalar, or one value per output row).
+
+    Blocks of rows of :data:`CHUNK_ELEMENTS` elements are upcast one at a time into the result, so
+    the transient memory is one block, not the whole tensor in fp32 twice (the upcast and the
+    product): for Qwen3-4B's 151936 x 2560 embedding, 3.1 GB of fp32 for a 0.78 GB bf16 result.
+    Each value depends on its row alone, so the result is the whole-tensor one, bit for bit."""
+    s = None if scale is None else scale.to(torch.float32)
+    per_row = s is not None and s.numel() > 1 and s.ndim == 1 and weight.ndim >= 2
+    if per_row:
+        s = s.reshape(-1, *([1] * (weight.ndim - 1)))
+    rows = s is not None and s.numel() > 1  # a scale per row (else one for all)
+    step = max(1, CHUNK_ELEMENTS // max(1, weight[0].numel())) if weight.ndim and weight.numel() else 0
+    if step == 0 or weight.shape[0] <= step or (rows and (s.ndim != weight.ndim or s.shape[0] != weight.shape[0])):
+        return _upcast(weight, s, dtype)  # small, or a scale of another shape: broadcast (or refused) as a whole
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    for i in range(0, weight.shape[0], step):
+        block = weight[i:i + step].to(torch.float32)
+        if s is not None:
+            block.mul_(s[i:i + step] if rows else s)
+        out[i:i + step].copy_(block)  # rounded to dtype as .to(dtype) rounds
+    return out
+
+
+def _upcast(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     w = weight.to(torch.float32)
-    if scale is None:
-        return w
-    s = scale.to(torch.float32)
-    if s.numel() > 1 and s.ndim == 1 and w.ndim >= 2:
-        s = s.reshape(-1, *([1] * (w.ndim - 1)))
-    return w * s
+    return (w if scale is None else w * scale).to(dtype)
 
 
 def dequantize_rows(raw: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tensor,

@@ -18,9 +18,10 @@ from .detect import ComponentInfo
 from .fp8 import FP8_DTYPES, TORCH_FP8, dequantize, is_aux, scale_for
 
 
-def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool = True
-              ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The component's weights in file order (quantisation keys consumed), as stored or dequantised to fp32."""
+def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool = True,
+              dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The component's weights in file order (quantisation keys consumed), as stored or dequantised
+    to ``dtype`` (fp32 when None; meta tensors say fp32)."""
     for key in info.keys:
         if is_aux(key):
             continue
@@ -30,15 +31,17 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
                 yield key, torch.empty(t_info.shape, dtype=torch.float32, device="meta")
             else:
                 scale_key = scale_for(ckpt, key)
-                yield key, dequantize(ckpt.get(key), ckpt.get(scale_key) if scale_key else None)
+                yield key, dequantize(ckpt.get(key), ckpt.get(scale_key) if scale_key else None,
+                                      dtype or torch.float32)
         else:
             yield key, ckpt.meta(key) if meta else ckpt.get(key)
 
 
-def canonical_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool = False, dequant: bool = True
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream the component as canonical (our module names) tensors; fp8 is dequantised to fp32."""
-    return to_canonical(raw_items(ckpt, info, meta, dequant), info.keymap())
+def canonical_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool = False, dequant: bool = True,
+                    dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream the component as canonical (our module names) tensors; fp8 is dequantised to ``dtype``
+    (fp32 when None) by blocks of rows (:func:`~zimage_native.formats.fp8.dequantize`), never whole in fp32."""
+    return to_canonical(raw_items(ckpt, info, meta, dequant, dtype), info.keymap())
 
 
 def canonical_shapes(ckpt: Checkpoint, info: ComponentInfo) -> dict[str, tuple]:
