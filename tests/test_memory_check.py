@@ -312,7 +312,7 @@ def test_a_cpu_decode_that_cannot_fit_is_refused_before_any_model_runs(tiny_pipe
     """An untiled VAE decode on the CPU that the RAM and swap cannot hold got the process killed at the
     end of sampling (a library user, a server with every queued job): the library refuses it before the
     text encoder runs, for every task (the img2img encode peaks lower), and warns once about one that
-    needs swap. Tiles, latents out and a GPU's VAE are not checked."""
+    needs swap. Latents out and a GPU's VAE are not checked; tiles are (next test)."""
     from PIL import Image
 
     monkeypatch.setattr(tiny_pipe, "vae_tiling", None)
@@ -331,9 +331,6 @@ def test_a_cpu_decode_that_cannot_fit_is_refused_before_any_model_runs(tiny_pipe
             tiny_pipe(["a cat", "a dog"], **call, **extra)
     monkeypatch.setattr(tiny_pipe, "encode_texts", real)
     assert tiny_pipe(["a cat", "a dog"], **call, output_type="latent").images.shape[0] == 2  # no decode
-    tiny_pipe.enable_vae_tiling(64, 16)
-    assert len(tiny_pipe(["a cat", "a dog"], **call).images) == 2
-    tiny_pipe.disable_vae_tiling()
     placement = dict(tiny_pipe.placement, vae=torch.device("meta"))  # a VAE on another device: its own errors
     monkeypatch.setattr(tiny_pipe, "placement", placement)
     monkeypatch.setattr(tiny_pipe, "decode", lambda latents: torch.zeros(2, 3, 48, 64))
@@ -346,6 +343,46 @@ def test_a_cpu_decode_that_cannot_fit_is_refused_before_any_model_runs(tiny_pipe
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
         "the VAE decode of 2 images at 64x48 in one piece needs about 6.3 MB of CPU memory, more than the 3.1 MB of "
         "RAM available"]
+
+
+def test_a_tiled_decode_is_checked_for_the_tile_it_decodes(tiny_pipe, monkeypatch, caplog):
+    """--tiled-vae with a tile as large as the image (--tile-size 4096 at 1024x1024) decodes the image
+    in one piece (measured with the released VAE at 1024x1024 in fp32: 3841 MiB above the weights,
+    untiled 3841 MiB), but the CPU decode check was skipped for any tiled decode: now a tiled decode
+    is weighed for the tile it decodes (at most the image) plus its fp32 blend buffers, refused with
+    advice about the tile size, and one in smaller tiles runs where the one-tile decode could not."""
+    monkeypatch.setattr(devices, "_swap_warned", set())
+    channels = tiny_pipe.vae_config.block_out_channels[0]
+    call = dict(width=128, height=96, num_inference_steps=1, seed=[1, 2])
+    whole = devices.decode_bytes(128, 96, 2, channels, torch.float32) + devices.blend_bytes(2) * 128 * 96
+    tiles = devices.decode_bytes(64, 64, 2, channels, torch.float32) + devices.blend_bytes(2) * 128 * 96
+    assert devices.blend_bytes(2) == 52 and tiles < whole // 2
+    host(monkeypatch, tiles, 0, 8 * whole)  # room for 64x64 tiles, not for the whole image
+    real = tiny_pipe.encode_texts
+    monkeypatch.setattr(tiny_pipe, "encode_texts", lambda *a, **k: pytest.fail("the text encoder ran"))
+    try:
+        for size in (4096, 128):  # not smaller than the image: one tile
+            tiny_pipe.enable_vae_tiling(size, 16)
+            with pytest.raises(InsufficientMemoryError, match=r"^the VAE decode of 2 images at 128x96 in one tile "
+                               r"\(the tile size is not smaller than the image\) needs about "
+                               rf"{re.escape(devices.format_bytes(whole))} of CPU memory, .*"
+                               r"use a smaller --tile-size"):
+                tiny_pipe(["a cat", "a dog"], **call)
+        tiny_pipe.enable_vae_tiling(64, 16)
+        monkeypatch.setattr(tiny_pipe, "encode_texts", real)
+        decoded = []
+        monkeypatch.setattr(tiny_pipe.vae, "decode", lambda z, real=tiny_pipe.vae.decode: decoded.append(z.shape)
+                            or real(z))
+        assert len(tiny_pipe(["a cat", "a dog"], **call).images) == 2
+        assert decoded and all(tuple(shape[2:]) == (8, 8) for shape in decoded), decoded  # 64x64 pixel tiles
+        host(monkeypatch, tiles // 2, tiles, 8 * whole)  # the tiles fit with swap: one warning, naming them
+        with caplog.at_level("WARNING", logger="zimage_native.devices"):
+            tiny_pipe(["a cat", "a dog"], **call)
+        assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+            f"the VAE decode of 2 images at 128x96 in tiles of 64x64 needs about {devices.format_bytes(tiles)} of "
+            f"CPU memory, more than the {devices.format_bytes(tiles // 2)} of RAM available"]
+    finally:
+        tiny_pipe.disable_vae_tiling()
 
 
 def test_the_decode_estimate_covers_the_measured_peaks():

@@ -291,6 +291,14 @@ def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device], p
 # inpainting peaks lower (24.0 B in fp32, 12.0 B in bf16, per input pixel; at most one input image per output
 # image, at the output size), so this bounds it too.
 DECODE_DTYPE_ACTIVATIONS, DECODE_FP32_ACTIVATIONS = 7, 1
+
+
+def blend_bytes(images: int) -> int:
+    """Bytes per output pixel of a tiled decode's blend (:func:`zimage_native.tiling.tiled_apply`):
+    the fp32 sum of the tiles and its normalised copy (3 channels per image each), and the fp32 weights."""
+    return 2 * 3 * 4 * images + 4
+
+
 _swap_warned: set[tuple[int, int, int]] = set()  # (bytes, width, height) of the decodes warned about
 
 
@@ -302,21 +310,32 @@ def decode_bytes(width: int, height: int, images: int, channels: int, dtype: tor
 
 
 def check_decode_fits(device: torch.device, dtype: torch.dtype, channels: int, width: int, height: int,
-                      images: int) -> None:
-    """Before sampling, for an untiled VAE decode on the CPU (:func:`decode_bytes`): refuse one that the
-    available RAM and free swap cannot hold (the system would kill the process at the very end of
-    sampling, a server with every queued job), and warn once per size about one that needs swap; both
-    name --tiled-vae. Quiet elsewhere (a GPU raises its own out-of-memory error) and where the system does
-    not report its memory."""
+                      images: int, tile: int | None = None) -> None:
+    """Before sampling, for a VAE decode on the CPU (:func:`decode_bytes`): refuse one that the available
+    RAM and free swap cannot hold (the system would kill the process at the very end of sampling, a
+    server with every queued job), and warn once per size about one that needs swap; both say what to
+    change. ``tile``: the tile size in pixels of a tiled decode, which decodes tiles of at most
+    ``tile`` x ``tile`` (the whole image when the tile is not smaller) and blends them into fp32
+    buffers of the image's size. Quiet elsewhere (a GPU raises its own out-of-memory error) and where
+    the system does not report its memory."""
     memory = host_memory() if device.type == "cpu" else None
     if memory is None:
         return
     available, swap, total = memory
-    need = decode_bytes(width, height, images, channels, dtype)
-    what = (f"the VAE decode of {images} image{'s' if images > 1 else ''} at {width}x{height} in one piece needs "
-            f"about {format_bytes(need)} of CPU memory")
-    advice = ("use --tiled-vae (the decode in tiles: about 1.2 GB at 2048x2048; pipe.enable_vae_tiling() in Python, "
-              "zimage serve --tiled-vae for a server), or a smaller --batch-size or size")
+    images_ = f"{images} image{'s' if images > 1 else ''} at {width}x{height}"
+    if tile is None:
+        need = decode_bytes(width, height, images, channels, dtype)
+        what = f"the VAE decode of {images_} in one piece needs about {format_bytes(need)} of CPU memory"
+        advice = ("use --tiled-vae (the decode in tiles: about 1.2 GB at 2048x2048; pipe.enable_vae_tiling() in "
+                  "Python, zimage serve --tiled-vae for a server), or a smaller --batch-size or size")
+    else:
+        tw, th = min(tile, width), min(tile, height)
+        need = decode_bytes(tw, th, images, channels, dtype) + blend_bytes(images) * width * height
+        pieces = ("in one tile (the tile size is not smaller than the image)" if (tw, th) == (width, height) else
+                  f"in tiles of {tw}x{th}")
+        what = f"the VAE decode of {images_} {pieces} needs about {format_bytes(need)} of CPU memory"
+        advice = ("use a smaller --tile-size (512 needs about 1.2 GB at 2048x2048; pipe.enable_vae_tiling(tile_size) "
+                  "in Python), or a smaller --batch-size or size")
     if need > available + swap:
         raise InsufficientMemoryError(f"{what}, and this machine has {format_bytes(available)} of RAM available (of "
                                       f"{format_bytes(total)}) and {format_bytes(swap)} of free swap: the system would "
