@@ -295,6 +295,52 @@ def test_streamed_blocks_are_pinned_and_swap_cannot_hold_them(tiny_model_dir, mo
         loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
 
 
+
+@pytest.mark.parametrize("form", ["safetensors", "fp8", "gguf"])
+def test_a_dit_file_streamed_from_pinned_memory_must_fit_in_the_ram(tiny_model_dir, tmp_path, monkeypatch, form):
+    """--offload blocks with --transformer FILE (the 8gb profile's GGUF DiT, an fp8 or a bf16 file):
+    the file's DiT was left out of the pinned check made for a folder's DiT (its bytes come from the
+    file, not the folder's config) and was read with RAM and swap counted, to be page-locked after;
+    now its load is refused when the RAM alone cannot hold it, and --offload model (pageable) reads it."""
+    import zimage_native.gguf_loading as gguf_loading
+    import zimage_native.loading as loading
+
+    from .test_formats import comfy_dit, to_fp8, write
+
+    comfy = comfy_dit(tiny_model_dir, prefix="")
+    if form == "gguf":
+        pytest.importorskip("gguf")
+        import numpy as np
+
+        from .gguf_files import gguf_state, write_gguf
+
+        path = write_gguf(tmp_path / "dit-Q8_0.gguf", gguf_state(comfy, "Q8_0", np.random.default_rng(0))[0], "lumina2")
+    else:
+        path = write(tmp_path / "dit.safetensors", to_fp8(comfy, True)[0] if form == "fp8" else comfy)
+
+    class WeightsRead(Exception):
+        pass
+
+    def read(*args, **kwargs):
+        raise WeightsRead
+
+    monkeypatch.setattr(loading, "read_weights", read)
+    monkeypatch.setattr(gguf_loading, "read_weights", read)
+    fake_cuda(monkeypatch)
+    card(monkeypatch, free=16 * GB)
+    text_encoder = folder_weight_bytes(tiny_model_dir, ["transformer"], torch.float32)["text_encoder"]
+    host(monkeypatch, available=2 * text_encoder, swap=GB)  # the text encoder fits; the DiT only with swap
+    kw = dict(device="cuda", dtype=torch.float32, transformer=path)
+    with pytest.raises(InsufficientMemoryError, match=r"^the weights do not fit in CPU memory: transformer .*, of "
+                       r"which the transformer \(.*\) is pinned for streaming, which swap cannot hold"):
+        loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
+    with pytest.raises(WeightsRead):  # model offload keeps it pageable: swap may hold it
+        loading.load_pretrained(tiny_model_dir, offload="model", **kw)
+    host(monkeypatch, available=GB, swap=0)
+    with pytest.raises(WeightsRead):
+        loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
+
+
 def test_a_component_read_into_cpu_memory_is_checked_too(tiny_model_dir, monkeypatch):
     import zimage_native.loading as loading
 

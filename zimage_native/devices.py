@@ -187,16 +187,17 @@ def bytes_in(tensors, dtype: torch.dtype | None) -> int:
 
 
 def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype | None,
-                         device: torch.device) -> None:
+                         device: torch.device, pinned: bool = False) -> None:
     """Just before a component built on meta is read onto a GPU (or into CPU memory): refuse if its
     weights (its floating tensors in ``dtype``, packed ones as they are) exceed the card's free memory
     now (the machine's available RAM and swap), which the components loaded before it have already
-    taken their share of."""
+    taken their share of. ``pinned``: read into CPU memory to be page-locked for streaming
+    (``offload="blocks"`` on a GPU), so the RAM alone must hold it (:func:`check_host_memory`)."""
     if device.type not in ("cuda", "cpu", "mps"):
         return
     need = bytes_in((*module.parameters(), *module.buffers()), dtype)
     if device.type in HOST_MEMORY_DEVICES:
-        check_host_memory({what: need}, {what: device})
+        check_host_memory({what: need}, {what: device}, (what,) if pinned else ())
         return
     free, total = free_memory(device)
     if need > free:

@@ -31,11 +31,11 @@ logger = logging.getLogger(__name__)
 
 def load_gguf_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None = None,
                         device: torch.device | str = "cpu", config: dict | str | os.PathLike | None = None,
-                        quant: str = "none") -> nn.Module:
+                        quant: str = "none", pinned: bool = False) -> nn.Module:
     """The DiT (``kind`` 'transformer') or the truncated Qwen3 (``kind`` 'text_encoder') of a GGUF
     file, packed weights kept packed. ``config`` overrides what shapes cannot tell, as in
     ``load_component``; ``quant`` (text encoder only) quantises the linears the file stores in
-    F32 / F16 / BF16 (packed ones stay as they are)."""
+    F32 / F16 / BF16 (packed ones stay as they are); ``pinned`` as in ``load_component``."""
     path = Path(path)
     device = torch.device(device)
     compute = dtype or torch.float32
@@ -65,7 +65,7 @@ def load_gguf_component(kind: str, path: str | os.PathLike, dtype: torch.dtype |
             cfg = infer_transformer_config(shapes, config, folder_config(path))
             module = build_on_meta(lambda: ZImageTransformer(cfg))
             prepare(module)
-            check_component_fits(kind, module, compute, device)
+            check_component_fits(kind, module, compute, device, pinned)
             items = ((k, cast(t, compute).to(device)) for k, t in canonical_items(ckpt, info, packed=swapped,
                                                                                   dtype=compute))
             state = read_weights(items, kind, module, compute)

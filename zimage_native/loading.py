@@ -199,7 +199,7 @@ def read_component_state_dict(path: str | os.PathLike, kind: str, *, dequantize_
 
 def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None = None,
                    device: torch.device | str = "cpu", config: dict | str | os.PathLike | None = None,
-                   quant: str = "none", keep_fp8: bool | None = None) -> nn.Module:
+                   quant: str = "none", keep_fp8: bool | None = None, pinned: bool = False) -> nn.Module:
     """Load one component from a single file (any supported layout / fp8 form) or a component folder.
 
     ``kind``: 'transformer' | 'vae' | 'text_encoder'. Returns a ``ZImageTransformer``, an
@@ -215,6 +215,9 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
     as loading would (the same results) at half of the bf16 bytes. ``keep_fp8=False`` dequantises
     them while loading, as for the other components; None (the default) keeps them in CPU memory,
     and on a GPU only where the upcast weights would not fit (``devices.keeps_fp8_here``).
+    ``pinned``: the component is read into CPU memory to be page-locked there (the DiT of
+    ``offload="blocks"`` on a GPU): the RAM alone must hold it, swap cannot
+    (``devices.check_component_fits``).
     """
     kind = normalize_kind(kind)
     if quant != "none" and kind != "text_encoder":
@@ -226,7 +229,7 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
     if path.is_file() and sniff(path) == "gguf":
         from .gguf_loading import load_gguf_component
 
-        return load_gguf_component(kind, path, dtype, device, config, quant)
+        return load_gguf_component(kind, path, dtype, device, config, quant, pinned)
     with Checkpoint(path) as ckpt:
         info = inspect_checkpoint(ckpt).component(kind)
         kept_fp8 = kind == "transformer" and info.quantization in ("fp8", "scaled-fp8") and keep_fp8 is not False
@@ -252,13 +255,13 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
             cfg = infer_transformer_config(shapes, config, base)
             module = build_on_meta(lambda: ZImageTransformer(cfg))
             if kept_fp8:
-                return load_kept_fp8(ckpt, info, module, dtype, device, path)
+                return load_kept_fp8(ckpt, info, module, dtype, device, path, pinned)
         else:
             from .model.vae import AutoencoderKL
 
             cfg = infer_vae_config(shapes, config, base)
             module = build_on_meta(lambda: AutoencoderKL(cfg))
-        check_component_fits(kind, module, dtype, device)
+        check_component_fits(kind, module, dtype, device, pinned)
         items = ((k, cast(t, dtype).to(device)) for k, t in canonical_items(ckpt, info, dtype=dtype))
         assign_state_dict(module, read_weights(items, kind, module, dtype), kind)
         logger.info("%s: loaded %s (%s layout%s)", kind, path, info.layout,
@@ -267,7 +270,7 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
 
 
 def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, device: torch.device,
-                  path: Path) -> nn.Module:
+                  path: Path, pinned: bool = False) -> nn.Module:
     """An fp8 DiT file into ``module`` (built on meta): linears with float8 weights become
     FP8StoredLinear (the file's values and scales); the other tensors are dequantised and cast."""
     from .formats.fp8 import TORCH_FP8, dequantize
@@ -275,7 +278,7 @@ def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, devi
 
     fp8 = {k: t.dtype for k, t in canonical_items(ckpt, info, meta=True, dequant=False) if t.dtype in TORCH_FP8}
     swapped = swap_fp8_linears_(module, fp8)
-    check_component_fits("transformer", module, dtype, device)
+    check_component_fits("transformer", module, dtype, device, pinned)
     scales = read_scales(ckpt, info.keys, info.keymap(), device) if info.quantization == "scaled-fp8" else {}
 
     def items():
@@ -558,8 +561,8 @@ def load_pretrained(
     }
     storage = {name: load_device(name, dev, offload) for name, dev in placement.items()}
     skip = [k for k, v in overridden.items() if v is not None]
+    pinned = ("transformer",) if offload == "blocks" and placement["transformer"].type == "cuda" else ()
     if any(dev.type in HOST_MEMORY_DEVICES for dev in storage.values()):
-        pinned = ("transformer",) if offload == "blocks" and placement["transformer"].type == "cuda" else ()
         check_host_memory(folder_weight_bytes(folder, skip, dtype, text_encoder_quant), storage, pinned)
     if any(dev.type == "cuda" for dev in placement.values()):
         check_weights_fit(folder_weight_bytes(folder, skip, dtype, text_encoder_quant, offload), placement, offload,
@@ -582,7 +585,7 @@ def load_pretrained(
     logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
     if transformer is not None:
         dit = load_component("transformer", transformer, dtype, storage["transformer"],
-                             folder / "transformer" / "config.json")
+                             folder / "transformer" / "config.json", pinned=bool(pinned))
     else:
         tcfg = TransformerConfig.from_json(folder / "transformer" / "config.json")
         dit = load_module(lambda: ZImageTransformer(tcfg), folder / "transformer", dtype,
