@@ -603,6 +603,26 @@ def test_scaled_fp8_text_encoder(tiny_model_dir, tiny_pipe, tmp_path):
 
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_scaled_fp8_text_encoder_quantised_while_loading_equals_quantising_it_loaded(tiny_model_dir, tmp_path,
+                                                                                        dtype):
+    """The fp8 values dequantised by blocks into the load dtype, then quantised to int8 by chunks of
+    rows, give the codes of the encoder loaded whole and quantised after (the tiny widths are not
+    whole int4 groups)."""
+    from zimage_native.quantize import quantize_text_encoder
+
+    sd, _ = to_fp8(prefixed_te(tiny_model_dir, lm_head=False), True, per_row=True)
+    path = write(tmp_path / "te_fp8.safetensors", sd)
+    config = {"max_position_embeddings": 2048}
+    want = quantize_text_encoder(load_component("text_encoder", path, dtype, "cpu", config=config), "int8")
+    got = load_component("text_encoder", path, dtype, "cpu", config=config, quant="int8")
+    want_state, got_state = want.state_dict(), got.state_dict()
+    assert want_state.keys() == got_state.keys() and any(k.endswith(".qweight") for k in got_state)
+    for key, t in want_state.items():
+        assert got_state[key].dtype == t.dtype and torch.equal(got_state[key], t), key
+
+
 @pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("scale", ["none", "scalar", "one-element", "per-row", "per-row-2d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
