@@ -13,6 +13,12 @@
   and registered under one lock, so no event is lost or repeated.
 - Cancel: a waiting job is removed at once; a running one stops at its next step boundary (the
   pipeline's per-step callback raises).
+- Saving: once the engine has returned a job's images, the worker hands them to one writer thread
+  (PNG, thumbnail, fsync, database row) and takes the next job, so the GPU does not wait on the
+  disk. The job stays ``running`` until its images are stored; only then is it ``completed`` (a
+  storage error fails it, as before). The hand-off holds at most :data:`SAVE_QUEUE` jobs: a worker
+  that finds it full waits, so unsaved images cannot pile up. The writer saves in hand-off order;
+  :meth:`JobManager.stop` lets it finish what was handed to it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import dataclasses
 import errno
 import logging
 import math
+import queue
 import sqlite3
 import threading
 import time
@@ -39,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 TERMINAL = ("completed", "failed", "cancelled")
 KEEP_FINISHED = 256  # finished jobs kept in memory (older ones are answered from the database)
+SAVE_QUEUE = 1  # jobs waiting for the writer thread (besides the one it writes)
 
 
 class QueueFull(Exception):
@@ -135,6 +143,9 @@ class JobManager:
         self._queue: collections.deque[Job] = collections.deque()
         self._tasks: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._running: list[Job] = []
+        self._saving: list[Job] = []  # generated, their images handed to the writer thread
+        self._saves: queue.Queue = queue.Queue(maxsize=SAVE_QUEUE)
+        self._writer: threading.Thread | None = None
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
         self._avg_seconds = 2.0  # moving average of job run time (a guess until the first job ends)
         self._stopping = False
@@ -148,9 +159,12 @@ class JobManager:
             self._threads = [threading.Thread(target=self._loop, name=name, daemon=True) for name in names]
             for thread in self._threads:
                 thread.start()
+            self._writer = threading.Thread(target=self._write_loop, name="zimage-writer", daemon=True)
+            self._writer.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop admission, cancel waiting jobs, ask the running one to stop, join the worker."""
+        """Stop admission, cancel waiting jobs, ask the running one to stop, join the worker, then let
+        the writer store the images handed to it (their jobs complete) and join it."""
         with self._cond:
             self._stopping = True
             waiting = list(self._queue)
@@ -168,6 +182,12 @@ class JobManager:
             future.cancel()
         for thread in self._threads:
             thread.join(timeout)
+        if self._writer is not None and self._writer.is_alive():
+            try:  # after the joined workers' hand-offs: the writer stores them, then ends
+                self._saves.put(None, timeout=timeout)
+            except queue.Full:
+                logger.warning("the writer thread is stuck; images handed to it may not be stored")
+            self._writer.join(timeout)
 
     # ------------------------------------------------------------------ admission
     def retry_after(self) -> int:
@@ -177,9 +197,9 @@ class JobManager:
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            return {"running": len(self._running), "workers": self.workers, "queued": len(self._queue),
-                    "capacity": self.capacity, "queue_size": self.settings.queue_size, "tasks": len(self._tasks),
-                    "average_job_seconds": round(self._avg_seconds, 3)}
+            return {"running": len(self._running), "saving": len(self._saving), "workers": self.workers,
+                    "queued": len(self._queue), "capacity": self.capacity, "queue_size": self.settings.queue_size,
+                    "tasks": len(self._tasks), "average_job_seconds": round(self._avg_seconds, 3)}
 
     def submit(self, request: GenerationRequest, kind: str = "generate", advice: list[str] = ()) -> Job:
         now = time.time()
@@ -225,12 +245,12 @@ class JobManager:
 
     def active_jobs(self) -> list[Job]:
         with self._cond:
-            return list(self._running) + list(self._queue)
+            return list(self._saving) + list(self._running) + list(self._queue)
 
     def position(self, job: Job) -> int | None:
         """Jobs ahead of this one (running jobs count): 0 when running, None when finished."""
         with self._cond:
-            if any(job is running for running in self._running):
+            if any(job is running for running in self._running + self._saving):
                 return 0
             try:
                 return self._queue.index(job) + len(self._running)
@@ -371,7 +391,36 @@ class JobManager:
                     if job.cancel_requested:
                         raise JobCancelled() from None
                     raise JobTimedOut() from None
-            rows, made = [], time.time()  # one timestamp: the history lists a job's images together, in order
+            made = time.time()  # one timestamp: the history lists a job's images together, in order
+            with self._cond:
+                self._running = [j for j in self._running if j is not job]
+                self._saving.append(job)
+                self._cond.notify_all()
+            self._saves.put((job, results, t0, made))  # waits while the writer is SAVE_QUEUE jobs behind
+        except Exception as e:  # noqa: BLE001 - every job ends with a final event
+            self._end_with(job, e)
+
+    def _write_loop(self) -> None:
+        """The writer thread: store each handed-off job's images, then complete (or fail) the job."""
+        while True:
+            item = self._saves.get()
+            if item is None:
+                return
+            job = item[0]
+            try:
+                self._store(*item)
+            except Exception as e:  # noqa: BLE001 - the writer must survive anything
+                logger.exception("job %s: unexpected error while saving its images", job.id)
+                if not job.terminal:
+                    self._finish(job, "failed", error=f"internal error: {type(e).__name__}: {e}")
+            finally:
+                with self._cond:
+                    self._saving = [j for j in self._saving if j is not job]
+                    self._cond.notify_all()
+
+    def _store(self, job: Job, results: list, t0: float, made: float) -> None:
+        try:
+            rows = []
             for k, result in enumerate(results):
                 try:
                     rows.append(self.storage.save_image(job.id, k, result.image, result.record, result.pnginfo(),
@@ -390,15 +439,20 @@ class JobManager:
                     logger.error("job %s: pruning the history failed: %s", job.id, e)
             self._finish(job, "completed", data={"images": [image_view(r) for r in rows],
                                                  "seconds": round(seconds, 4)})
-        except JobCancelled:
+        except StorageFailed as e:
+            self._end_with(job, e)
+
+    def _end_with(self, job: Job, e: Exception) -> None:
+        """End a job that raised ``e`` while it ran or while its images were saved."""
+        if isinstance(e, JobCancelled):
             step = job.progress[0] if job.progress else 0
             self._finish(job, "cancelled", data={"step": step})
-        except JobTimedOut:
-            self._finish(job, "failed", error=f"the job ran longer than the limit of {timeout:g} s")
-        except StorageFailed as e:
+        elif isinstance(e, JobTimedOut):
+            self._finish(job, "failed", error=f"the job ran longer than the limit of {self.settings.job_timeout:g} s")
+        elif isinstance(e, StorageFailed):
             logger.error("job %s failed: %s", job.id, e)
             self._finish(job, "failed", error=str(e))
-        except Exception as e:  # noqa: BLE001 - reported to the client as a failed job
+        else:  # reported to the client as a failed job
             logger.warning("job %s failed: %s", job.id, e, exc_info=logger.isEnabledFor(logging.DEBUG))
             message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             self._finish(job, "failed", error=message)

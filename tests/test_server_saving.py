@@ -1,0 +1,157 @@
+"""The writer thread: a job's images are stored off the worker thread that drives the engine (the
+GPU), while the next job runs, and the job completes only once they are stored. Fake engine, CPU."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import threading
+import time
+
+import pytest
+
+from zimage_native.sampling import GenerationRequest
+from zimage_native.server import FakeEngine, Limits, ServerSettings
+from zimage_native.server.jobs import SAVE_QUEUE, JobManager
+from zimage_native.server.storage import Storage
+
+WAIT = 20.0  # seconds: only reached when the behaviour under test is broken
+
+
+class SignallingEngine(FakeEngine):
+    """Sets ``entered[prompt]`` when the worker starts generating that prompt."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered: dict[str, threading.Event] = collections.defaultdict(threading.Event)
+
+    def generate(self, request, callback):
+        self.entered[request.prompt].set()
+        return super().generate(request, callback)
+
+
+class GatedSaves:
+    """Stands in for Storage.save_image: each save waits for ``release`` (a slow disk), then saves."""
+
+    def __init__(self, storage: Storage):
+        self.save = storage.save_image
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.threads: list[str] = []
+        storage.save_image = self
+
+    def __call__(self, *args, **kwargs):
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        assert self.release.wait(3 * WAIT)  # longer than any wait of the tests: a stuck worker shows as stuck
+        return self.save(*args, **kwargs)
+
+
+def wait_until(predicate, timeout: float = WAIT) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.fixture
+def setup(tmp_path):
+    limits = Limits(min_side=32, max_side=512, max_pixels=512 * 512, max_steps=50, max_images=4)
+    storage = Storage(tmp_path)
+    engine = SignallingEngine()
+    manager = JobManager(engine, storage, ServerSettings(data_dir=tmp_path, limits=limits, queue_size=8))
+    gate = GatedSaves(storage)
+    yield manager, engine, storage, gate
+    gate.release.set()
+    manager.stop()
+    storage.close()
+
+
+def submit(manager: JobManager, prompt: str):
+    return manager.submit(GenerationRequest(prompt=prompt, width=64, height=64, steps=1, seeds=[1]))
+
+
+def test_the_worker_starts_the_next_job_while_the_last_ones_images_are_written(setup):
+    manager, engine, storage, gate = setup
+    first, second = submit(manager, "first"), submit(manager, "second")
+    manager.start()
+    assert gate.entered.wait(WAIT)  # the first job's image is being written, and the disk is slow
+    # The GPU's worker went on: the second job runs while the first one's image is still unwritten.
+    assert engine.entered["second"].wait(WAIT), "the worker waited for the first job's images to be written"
+    assert gate.threads == ["zimage-writer"]
+    assert first.status == "running" and first.images == [] and storage.job_images(first.id) == []
+    assert [e.type for e in first.events][-1] != "completed"
+    assert manager.view(first)["queue_position"] == 0 and manager.stats()["saving"] >= 1
+    gate.release.set()
+    assert wait_until(lambda: second.terminal)
+    assert first.status == second.status == "completed"
+    # Completed only once stored: the rows and the files exist; the events end in one "completed".
+    for job in (first, second):
+        rows = storage.job_images(job.id)
+        assert [r["id"] for r in rows] == [r["id"] for r in job.images] and len(rows) == 1
+        assert storage.image_file(rows[0]).is_file() and storage.thumb_file(rows[0]).is_file()
+        assert [e.type for e in job.events] == ["queued", "started", "progress", "completed"]
+        assert storage.get_job(job.id)["status"] == "completed"
+    assert first.finished <= second.finished  # the writer keeps the hand-off order
+
+
+def test_the_hand_off_is_bounded_a_worker_waits_when_the_writer_is_behind(setup):
+    manager, engine, storage, gate = setup
+    jobs = [submit(manager, f"job {i}") for i in range(SAVE_QUEUE + 3)]
+    manager.start()
+    # One job is being written, SAVE_QUEUE wait for the writer, and the worker holds one more: it
+    # waits for room, so the job after it has not started.
+    held = jobs[SAVE_QUEUE + 1]
+    assert wait_until(lambda: manager.stats()["saving"] == SAVE_QUEUE + 2 and manager._saves.full())
+    assert all(j.status == "running" for j in jobs[: SAVE_QUEUE + 2]) and held in manager._saving
+    assert jobs[-1].status == "queued" and not engine.entered[jobs[-1].request.prompt].is_set()
+    gate.release.set()
+    assert wait_until(lambda: all(j.terminal for j in jobs))
+    assert all(j.status == "completed" for j in jobs)
+
+
+def test_a_failing_save_fails_its_job_with_the_storage_error_and_the_next_job_completes(setup):
+    manager, engine, storage, gate = setup
+    gate.release.set()
+    calls = []
+
+    def save(job_id, *args, **kwargs):
+        calls.append(job_id)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return gate(job_id, *args, **kwargs)
+
+    storage.save_image = save
+    first, second = submit(manager, "first"), submit(manager, "second")
+    manager.start()
+    assert wait_until(lambda: second.terminal)
+    assert first.status == "failed" and first.images == []
+    assert first.error.startswith("image 0 of the job could not be saved: the server's data folder is full")
+    assert "No space left on device" in first.error and first.events[-1].data["error"] == first.error
+    assert storage.get_job(first.id)["status"] == "failed" and storage.get_job(first.id)["error"] == first.error
+    assert second.status == "completed" and len(storage.job_images(second.id)) == 1
+    assert manager.stats()["saving"] == 0 and manager.stats()["running"] == 0
+
+
+def test_stop_lets_the_writer_store_what_was_handed_to_it(setup):
+    manager, engine, storage, gate = setup
+    first, second = submit(manager, "first"), submit(manager, "second")
+    manager.start()
+    assert wait_until(lambda: first in manager._saving and second in manager._saving)
+    seen_at_return = []
+
+    def stop():
+        manager.stop()
+        seen_at_return.extend([first.status, second.status, manager._writer.is_alive()])
+
+    stopper = threading.Thread(target=stop)
+    stopper.start()
+    assert wait_until(lambda: not any(t.is_alive() for t in manager._threads))  # the worker has ended
+    gate.release.set()  # only now can the images be written: stop must still be waiting for them
+    stopper.join(WAIT)
+    assert seen_at_return == ["completed", "completed", False]
+    for job in (first, second):
+        assert storage.get_job(job.id)["status"] == "completed"
+        assert storage.image_file(storage.job_images(job.id)[0]).is_file()
