@@ -6,6 +6,7 @@ was entered and left: the worker's gap between leaving one job's generate and en
 one's is what the GPU would idle. Run on the CPU:
 
     PYTHONPATH=. python benchmarks/server_saving.py --jobs 12 --gpu-s 0.8
+    PYTHONPATH=. python benchmarks/server_saving.py --ray-head 10 --gpu-s   # the Ray ingress's store only
 """
 
 from __future__ import annotations
@@ -73,13 +74,45 @@ def run(jobs: int, gpu_s: float, image: Image.Image) -> dict:
                 "gap_ms_max": 1000 * max(gaps)}
 
 
+def ray_head(image: Image.Image, repeats: int) -> dict:
+    """Per image, what the Ray ingress does with a replica's PNG: before, decode it and store it
+    (encode again); now, store its bytes and decode only for the thumbnail. Real Storage, fsync on."""
+    import io
+
+    from zimage_native.metadata import png_info, save_png
+
+    record = {"prompt": "a photo", "seed": 1, "width": image.width, "height": image.height, "replica": "r1"}
+    buffer = io.BytesIO()
+    save_png(image, buffer, png_info(record))
+    png = buffer.getvalue()
+    times: dict[str, list[float]] = {"decode and encode again": [], "bytes as they are": []}
+    with tempfile.TemporaryDirectory() as folder:
+        storage = Storage(folder)
+        for k in range(repeats):
+            for name in times:
+                t = time.perf_counter()
+                if name == "bytes as they are":
+                    storage.save_image("j" + "0" * 20, 2 * k, Image.open(io.BytesIO(png)), record, png=png)
+                else:
+                    decoded = Image.open(io.BytesIO(png)).copy()
+                    storage.save_image("j" + "0" * 20, 2 * k + 1, decoded, record, png_info(record))
+                times[name].append(time.perf_counter() - t)
+        storage.close()
+    return {name: 1000 * statistics.median(v) for name, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=12)
-    parser.add_argument("--gpu-s", type=float, nargs="+", default=[0.0, 0.8])
+    parser.add_argument("--gpu-s", type=float, nargs="*", default=[0.0, 0.8])
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--ray-head", type=int, default=0, metavar="N",
+                        help="also time N stores of a Ray replica's PNG on the ingress, both ways")
     args = parser.parse_args()
     image = photo_like(args.size)
+    if args.ray_head:
+        for name, ms in ray_head(image, args.ray_head).items():
+            print(f"ray ingress, one {args.size}x{args.size} image, {name}: median {ms:.1f} ms")
     for gpu_s in args.gpu_s:
         r = run(args.jobs, gpu_s, image)
         ideal = 1 / gpu_s if gpu_s else float("inf")

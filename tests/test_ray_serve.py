@@ -4,6 +4,8 @@ check, no accepted request lost)."""
 
 from __future__ import annotations
 
+import io
+import json
 import socket
 import time
 
@@ -14,6 +16,7 @@ serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
 from zimage_native.cli.serve import default_options  # noqa: E402
+from zimage_native.metadata import JSON_KEY  # noqa: E402
 from zimage_native.server.engine import GenerationRequest  # noqa: E402
 from zimage_native.server.jobs import JobCancelled  # noqa: E402
 from zimage_native.server.ray_serve import RayEngine, ZImageReplica, build_app, scaling_options  # noqa: E402
@@ -73,6 +76,37 @@ def test_ray_engine_generates_reports_progress_and_cancels(local_replica):
     long = GenerationRequest(prompt="a" * 600, width=32, height=32, steps=1, guidance_scale=0.0, seeds=[1])
     (advice,) = engine.length_advice(long, 1024)
     assert "more than max_sequence_length 512" in advice
+
+
+def test_the_ingress_stores_a_replicas_png_as_it_came_with_the_metadata_of_the_local_path(local_replica, tmp_path):
+    """The ingress writes the replica's PNG bytes as they are (no decode and encode again); the file
+    carries the text chunks and pixels that the server without Ray stores for the same image and
+    record, and the thumbnail is still made."""
+    from PIL import Image
+
+    from zimage_native.server.engine import GeneratedImage
+    from zimage_native.server.storage import Storage
+
+    engine = RayEngine(local_replica, local_replica.info.remote().result())
+    (remote,) = engine.generate(request(seeds=[7]), lambda i, n: None)
+    assert remote.png is not None and remote.record["replica"]
+    pixels = Image.open(io.BytesIO(remote.png)).convert("RGB")
+    local = GeneratedImage(pixels, remote.seed, remote.record)  # what a server without Ray would store
+    stored = {}
+    for name, result in (("ray", remote), ("local", local)):
+        storage = Storage(tmp_path / name)
+        row = storage.save_image("j" + "0" * 20, 0, result.image, result.record, result.pnginfo(), png=result.png)
+        stored[name] = storage.image_file(row).read_bytes()
+        with Image.open(storage.image_file(row)) as im:
+            stored[name + " text"], stored[name + " pixels"] = dict(im.text), im.convert("RGB").tobytes()
+        with Image.open(storage.thumb_file(row)) as thumb:
+            assert thumb.format == "JPEG" and thumb.size == (32, 32)
+        assert (row["width"], row["height"], row["seed"], row["record"]) == (32, 32, 7, remote.record)
+        storage.close()
+    assert stored["ray"] == remote.png  # stored as it came from the replica
+    assert stored["ray text"] == stored["local text"] and stored["ray text"]
+    assert json.loads(stored["ray text"][JSON_KEY]) == remote.record  # the replica's name included
+    assert stored["ray pixels"] == stored["local pixels"] == pixels.tobytes()
 
 
 def test_scaling_options():

@@ -155,3 +155,27 @@ def test_stop_lets_the_writer_store_what_was_handed_to_it(setup):
     for job in (first, second):
         assert storage.get_job(job.id)["status"] == "completed"
         assert storage.image_file(storage.job_images(job.id)[0]).is_file()
+
+
+def test_storage_writes_given_png_bytes_as_they_are_and_still_makes_the_thumbnail(tmp_path):
+    """A Ray replica's image arrives as PNG bytes made with png_info(record): stored without being
+    encoded again, the same file the image itself would give."""
+    import io
+
+    from PIL import Image
+
+    from zimage_native.metadata import png_info, save_png
+
+    image = Image.new("RGB", (300, 200), (10, 200, 30))
+    record = {"prompt": "a field", "seed": 5, "replica": "r1"}
+    buffer = io.BytesIO()
+    save_png(image, buffer, png_info(record))
+    storage = Storage(tmp_path)
+    given = storage.save_image("j" + "1" * 20, 0, Image.open(io.BytesIO(buffer.getvalue())), record,
+                               png=buffer.getvalue())
+    encoded = storage.save_image("j" + "2" * 20, 0, image, record, png_info(record))
+    assert storage.image_file(given).read_bytes() == buffer.getvalue() == storage.image_file(encoded).read_bytes()
+    with Image.open(storage.thumb_file(given)) as thumb:
+        assert thumb.format == "JPEG" and thumb.size == (256, 171)
+    assert (given["width"], given["height"], given["seed"]) == (300, 200, 5)
+    storage.close()

@@ -35,6 +35,7 @@ class GeneratedImage:
     image: Any  # PIL image
     seed: int
     record: dict[str, Any]  # the PNG metadata record (zimage_native.metadata.image_record)
+    png: bytes | None = None  # the image already written as PNG with png_info(record) (a Ray replica's bytes)
 
     def pnginfo(self):
         return png_info(self.record)

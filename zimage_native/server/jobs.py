@@ -424,7 +424,7 @@ class JobManager:
             for k, result in enumerate(results):
                 try:
                     rows.append(self.storage.save_image(job.id, k, result.image, result.record, result.pnginfo(),
-                                                        created=made))
+                                                        created=made, png=result.png))
                 except (sqlite3.Error, OSError) as e:
                     raise storage_failure(e, f"image {k} of the job could not be saved") from None
             job.images = rows

@@ -5,7 +5,8 @@ Two deployments:
 - ``ZImageReplica`` builds an engine in its constructor (the same ``build_engine`` as
   ``zimage serve``: the pipeline with its speed options, or the fake engine), warms it up before
   it takes traffic, and answers ``generate`` as a stream (one progress item per step, then the
-  images as PNG bytes with their metadata), ``encode``, ``tokenize``, ``rewrite``, ``info``.
+  images as PNG bytes with their metadata, which the ingress stores as they are, without decoding
+  and encoding them again), ``encode``, ``tokenize``, ``rewrite``, ``info``.
   ``max_ongoing_requests=1``: a replica runs one generation at a time; ``max_queued_requests``
   caps what may wait for it; autoscaling settings come from the options; ``check_health`` fails
   once the engine is broken, and Serve replaces the replica.
@@ -31,7 +32,7 @@ from typing import Any
 
 from ray import serve
 
-from ..metadata import save_png
+from ..metadata import png_info, save_png
 from .engine import Engine, GeneratedImage, GenerationRequest
 from .jobs import JobCancelled
 
@@ -110,10 +111,10 @@ class ZImageReplica:
                 results = self.engine.generate(request, callback)
                 images = []
                 for result in results:
+                    record = {**result.record, "replica": _replica_id()}
                     buffer = io.BytesIO()
-                    save_png(result.image, buffer, result.pnginfo())
-                    images.append({"png": buffer.getvalue(), "seed": result.seed,
-                                   "record": {**result.record, "replica": _replica_id()}})
+                    save_png(result.image, buffer, png_info(record))  # the bytes the ingress stores as they are
+                    images.append({"png": buffer.getvalue(), "seed": result.seed, "record": record})
                 items.put({"type": "images", "images": images})
             except BaseException as e:  # noqa: BLE001 - handed to the stream
                 items.put({"type": "error", "error": e})
@@ -191,8 +192,9 @@ class RayEngine(Engine):
                 for item in stream:
                     if item["type"] == "progress":
                         callback(item["step"], item["total"])  # raises to cancel or time out
-                    else:
-                        return [GeneratedImage(Image.open(io.BytesIO(x["png"])).copy(), x["seed"], x["record"])
+                    else:  # the PNG is stored as it came (its metadata is png_info(record)); the image is
+                        # opened lazily, decoded only for the thumbnail
+                        return [GeneratedImage(Image.open(io.BytesIO(x["png"])), x["seed"], x["record"], png=x["png"])
                                 for x in item["images"]]
                 raise RuntimeError("the replica ended the stream without images")
             except BaseException as e:

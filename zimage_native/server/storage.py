@@ -301,14 +301,19 @@ class Storage:
 
     # ------------------------------------------------------------------ images
     def save_image(self, job_id: str, index: int, image, record: dict, pnginfo=None,
-                   created: float | None = None) -> dict:
-        """Write the PNG (and its thumbnail) atomically, then insert the row; returns the row."""
+                   created: float | None = None, png: bytes | None = None) -> dict:
+        """Write the PNG (and its thumbnail) atomically, then insert the row; returns the row.
+        ``png``: the image already encoded with its metadata (``save_png(image, f, png_info(record))``,
+        as a Ray replica sends it): written as it is instead of encoding ``image`` again."""
         created = time.time() if created is None else created
         iid = image_id(job_id, index)
         day = time.strftime("%Y-%m-%d", time.localtime(created))
         file = f"images/{day}/{iid}.png"
         thumb = f"thumbs/{day}/{iid}.jpg"
-        write_atomic(self.root / file, lambda f: save_png(image, f, pnginfo))
+        if png is not None:
+            write_atomic(self.root / file, lambda f: f.write(png))
+        else:
+            write_atomic(self.root / file, lambda f: save_png(image, f, pnginfo))
         self._write_thumbnail(image, self.root / thumb)
         row = dict(id=iid, job_id=job_id, idx=index, created=created, file=file, thumb=thumb, width=image.width,
                    height=image.height, seed=record.get("seed"), record=record)
