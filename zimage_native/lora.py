@@ -771,6 +771,83 @@ class LoraStack:
         return count
 
 
+class LoraAdapters:
+    """diffusers' named adapters (``load_lora_weights(..., adapter_name=)``, ``set_adapters``, ...) as
+    bookkeeping over fused LoRAs: each adapter keeps its source (a path or a state dict) and the
+    pipeline fuses the active ones at their weights again whenever the active set or a weight
+    changes (unfuse exactly, then fuse). The rules are diffusers 0.42.1's: a newly loaded adapter is
+    the only active one, at weight 1; ``set_adapters`` picks the active ones (an unset weight is 1);
+    ``disable_lora`` / ``enable_lora`` turn them all off and on again; ``delete_adapters`` drops some."""
+
+    def __init__(self):
+        self.sources: dict[str, tuple[object, dict]] = {}  # name -> (path or state dict, load options)
+        self.active: dict[str, float] = {}  # name -> weight, in set_adapters' order
+        self.enabled = True
+        self.fused = 0  # LoRAs the stack holds for these adapters (others came from load_lora)
+
+    def clear(self) -> None:
+        self.sources.clear()
+        self.active.clear()
+        self.enabled = True
+        self.fused = 0
+
+    def add(self, source, name: str | None, options: dict) -> str:
+        """Register an adapter and make it the only active one, at weight 1 (diffusers' rule)."""
+        if name is None:
+            name = f"default_{len(self.sources)}"  # diffusers' default names
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter_name must be a non-empty string, got {name!r}")
+        if name in self.sources:
+            raise ValueError(f"adapter name {name!r} is already in use (loaded: {list(self.sources)}); give another "
+                             f"adapter_name, or delete_adapters({name!r}) first")
+        self.sources[name] = (source, dict(options))
+        self.active = {name: 1.0}
+        self.enabled = True
+        return name
+
+    def names(self, adapter_names, what: str) -> list[str]:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.sources]
+        if unknown:
+            raise ValueError(f"{what}: no adapter named {unknown} (loaded: {list(self.sources) or 'none'}; name "
+                             f"them with load_lora_weights(..., adapter_name=))")
+        if len(set(names)) != len(names):
+            raise ValueError(f"{what}: an adapter is named twice in {names}")
+        return names
+
+    def set(self, adapter_names, adapter_weights=None) -> None:
+        """The active adapters and their weights, as diffusers' ``set_adapters``."""
+        names = self.names(adapter_names, "set_adapters")
+        weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"set_adapters: {len(names)} adapters but {len(weights)} adapter_weights")
+        values = []
+        for w in weights:
+            if isinstance(w, Mapping):
+                raise ValueError("set_adapters: per-block weights (a dict) are not supported here: the LoRA is fused "
+                                 "into the weights at one scale per adapter; give one number per adapter")
+            try:
+                value = 1.0 if w is None else float(w)
+            except (TypeError, ValueError):
+                value = math.nan
+            if isinstance(w, bool) or not math.isfinite(value):
+                raise ValueError(f"set_adapters: adapter_weights must be finite numbers (or None: 1), got {w!r}")
+            values.append(value)
+        self.active = dict(zip(names, values))
+        self.enabled = True
+
+    def delete(self, adapter_names) -> None:
+        for name in self.names(adapter_names, "delete_adapters"):
+            del self.sources[name]
+            self.active.pop(name, None)
+
+    def to_fuse(self) -> list[tuple[object, float, dict]]:
+        """(source, weight, options) of each adapter to fuse now."""
+        if not self.enabled:
+            return []
+        return [(self.sources[n][0], w, self.sources[n][1]) for n, w in self.active.items()]
+
+
 class LoraMixin:
     """``load_lora`` / ``unload_lora`` / ``loras`` on a class with a ``transformer``, through a
     :class:`LoraStack`. Kept for code that mixes it in; the pipeline holds a LoraStack instead."""

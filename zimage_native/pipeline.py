@@ -31,7 +31,7 @@ from .config import SchedulerConfig, TransformerConfig, VAEConfig
 from .devices import OFFLOAD_MODES, resolve_device, storage_device
 from .hub import DEFAULT_MODEL
 from .loading import check_quant, load_pretrained, load_single_files  # noqa: F401
-from .lora import LoraReport, LoraStack
+from .lora import LoraAdapters, LoraReport, LoraStack
 from .model.transformer import ZImageTransformer
 from .model.vae import AutoencoderKL
 from .prompt.format import format_prompt
@@ -216,6 +216,7 @@ class ZImagePipeline:
         self.templates_dirs: list[str] = []
         self.progress = True
         self.lora_stack = LoraStack()
+        self.lora_adapters = LoraAdapters()  # diffusers' named adapters over lora_stack
         self.prompt_rewriter = Rewriter(lambda: self.text_encoder, lambda: self.model_folder,
                                         lambda: self.template_registry)
         self.controlnets = _control.ControlNetSlot()
@@ -592,17 +593,91 @@ class ZImagePipeline:
             self._graphed.clear()
         return report
 
+    @_serialized
     def load_lora_weights(self, path, weight_name: str | None = None, adapter_name: str | None = None, **options):
-        """diffusers' name: :meth:`load_lora` at scale 1 (``weight_name``: the file in the folder
-        ``path``). The LoRA is fused at once; ``adapter_name`` is accepted and not used (no adapters)."""
-        return self.load_lora(Path(path) / weight_name if weight_name else path, **options)
+        """diffusers' name: load a LoRA (``weight_name``: the file in the folder ``path``; or a state
+        dict) as the adapter ``adapter_name`` (default ``default_N``), which becomes the only active
+        one, at weight 1, as in diffusers: an adapter loaded before it is unfused until
+        :meth:`set_adapters` names it again. Returns the new LoRA's report."""
+        source = Path(path) / weight_name if weight_name else path
+        self._check_adapters("load_lora_weights")
+        adapters = self.lora_adapters
+        before = dict(adapters.active), adapters.enabled
+        name = adapters.add(source, adapter_name, options)
+        try:
+            self._fuse_adapters()
+        except Exception:  # a file that cannot load leaves the adapters as they were
+            adapters.delete(name)
+            adapters.active, adapters.enabled = before
+            self._fuse_adapters()
+            raise
+        return self.lora_stack.loaded[-1]
+
+    @_serialized
+    def set_adapters(self, adapter_names, adapter_weights=None) -> None:
+        """diffusers' ``set_adapters``: the adapters (names given to :meth:`load_lora_weights`) that
+        apply, each at its weight (a number, or None for 1); the others are unfused. The active ones
+        are fused again at the new weights."""
+        self._check_adapters("set_adapters")
+        self.lora_adapters.set(adapter_names, adapter_weights)
+        self._fuse_adapters()
+
+    def get_active_adapters(self) -> list[str]:
+        """diffusers' name: the adapters that apply now."""
+        return list(self.lora_adapters.active) if self.lora_adapters.enabled else []
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """diffusers' name: the loaded adapters (all on the DiT, ``"transformer"``)."""
+        return {"transformer": list(self.lora_adapters.sources)} if self.lora_adapters.sources else {}
+
+    @_serialized
+    def disable_lora(self) -> None:
+        """diffusers' name: unfuse every adapter (they stay loaded; :meth:`enable_lora` applies them again)."""
+        self._check_adapters("disable_lora")
+        self.lora_adapters.enabled = False
+        self._fuse_adapters()
+
+    @_serialized
+    def enable_lora(self) -> None:
+        """diffusers' name: apply the active adapters again after :meth:`disable_lora`."""
+        self._check_adapters("enable_lora")
+        self.lora_adapters.enabled = True
+        self._fuse_adapters()
+
+    @_serialized
+    def delete_adapters(self, adapter_names) -> None:
+        """diffusers' name: drop these adapters (unfused if they applied); the others keep their weights."""
+        self._check_adapters("delete_adapters")
+        self.lora_adapters.delete(adapter_names)
+        self._fuse_adapters()
+
+    def _check_adapters(self, what: str) -> None:
+        """The adapter methods refit the fused LoRAs from their sources: refused while ``load_lora``
+        has fused LoRAs that no adapter names (they would be lost)."""
+        if len(self.lora_stack.loaded) != self.lora_adapters.fused:
+            raise ValueError(f"{what}: LoRAs loaded with load_lora() are fused and belong to no adapter; call "
+                             f"unload_lora() first, or load every LoRA with load_lora_weights(..., adapter_name=)")
+
+    def _fuse_adapters(self) -> None:
+        """Unfuse every LoRA (exactly), then fuse the active adapters at their weights."""
+        self._unfuse_loras()
+        self.lora_adapters.fused = 0
+        for source, weight, options in self.lora_adapters.to_fuse():
+            self.load_lora(source, weight, **options)
+            self.lora_adapters.fused += 1
 
     def fuse_lora(self, lora_scale: float = 1.0, **ignored) -> None:
         """diffusers' name. LoRAs are fused when loaded, at their scale: nothing to do at 1.0; another
-        scale is refused (load again with ``load_lora(path, scale=...)``)."""
+        scale is refused (``set_adapters(names, adapter_weights=)``, or ``load_lora(path, scale=...)``)."""
         if lora_scale != 1.0:
-            raise ValueError(f"fuse_lora(lora_scale={lora_scale}): LoRAs are fused when loaded here; unload_lora() "
-                             f"and load_lora(path, scale={lora_scale}) instead")
+            raise ValueError(f"fuse_lora(lora_scale={lora_scale}): LoRAs are fused when loaded here; set the weight "
+                             f"with set_adapters(names, adapter_weights=...), or unload_lora() and "
+                             f"load_lora(path, scale={lora_scale})")
+
+    def unfuse_lora(self, **ignored) -> None:
+        """diffusers' name. There, the LoRA still applies after it (unfused, through its adapter
+        layers); here it stays fused: the same images. To remove it: :meth:`disable_lora` or
+        :meth:`unload_lora_weights`."""
 
     def unload_lora_weights(self) -> int:
         """diffusers' name for :meth:`unload_lora`."""
@@ -616,8 +691,14 @@ class ZImagePipeline:
 
     @_serialized
     def unload_lora(self) -> int:
-        """Restore the DiT's weights exactly (:meth:`LoraStack.unload`); captured graphs are dropped.
-        Refused for a LoRA fused before fp8 quantised the DiT's block linears (reload instead)."""
+        """Restore the DiT's weights exactly (:meth:`LoraStack.unload`) and forget the adapters;
+        captured graphs are dropped. Refused for a LoRA fused before fp8 quantised the DiT's block
+        linears (reload instead)."""
+        restored = self._unfuse_loras()
+        self.lora_adapters.clear()
+        return restored
+
+    def _unfuse_loras(self) -> int:
         from .accel.fp8 import lora_problem
 
         problem = lora_problem(self.transformer, restore=self.lora_stack.originals)

@@ -1,0 +1,106 @@
+"""diffusers' named-adapter calls (``load_lora_weights(..., adapter_name=)``, ``set_adapters``,
+``disable_lora`` / ``enable_lora``, ``delete_adapters``, ``unfuse_lora``) against diffusers 0.42.1
+with PEFT on the tiny model, fp32 on the CPU: each state gives diffusers' final latents."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from .utils import assert_rel, rel_err
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+KW = dict(height=32, width=32, num_inference_steps=2, output_type="latent")
+
+
+def save_lora(pipe, path, seed):
+    """A diffusers-spelled LoRA on every attention projection, random A and B (not zero)."""
+    from safetensors.torch import save_file
+
+    g, sd = torch.Generator().manual_seed(seed), {}
+    for name, m in pipe.transformer.named_modules():
+        if isinstance(m, nn.Linear) and ".attention.to_" in name:
+            out_features, in_features = m.weight.shape
+            sd[f"transformer.{name}.lora_A.weight"] = torch.randn(4, in_features, generator=g) * 0.3
+            sd[f"transformer.{name}.lora_B.weight"] = torch.randn(out_features, 4, generator=g) * 0.3
+    save_file(sd, str(path))
+    return path
+
+
+def test_adapter_calls_match_diffusers(tiny_model_dir, tmp_path):
+    from .fixtures import our_pipeline, reference_pipeline
+
+    ours, ref = our_pipeline(tiny_model_dir), reference_pipeline(tiny_model_dir)
+    a, b = save_lora(ours, tmp_path / "a.safetensors", 1), save_lora(ours, tmp_path / "b.safetensors", 2)
+
+    def both(what):
+        got = ours("a cat", seed=0, **KW).images
+        expected = ref("a cat", generator=torch.Generator().manual_seed(0), guidance_scale=0.0, **KW).images
+        assert_rel(got, expected, 1e-5, what)
+        return got
+
+    plain = both("no LoRA")
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(str(a), adapter_name="a")
+        pipe.load_lora_weights(str(b), adapter_name="b")
+    assert ours.get_active_adapters() == ref.get_active_adapters() == ["b"]
+    assert ours.get_list_adapters() == ref.get_list_adapters() == {"transformer": ["a", "b"]}
+    only_b = both("two adapters loaded: the last one applies")
+    for pipe in (ours, ref):
+        pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.3])
+    mixed = both("set_adapters(['a', 'b'], [0.7, 0.3])")
+    assert rel_err(mixed, only_b) > 1e-2  # the control: the weights change the image
+    for pipe in (ours, ref):
+        pipe.fuse_lora()
+        pipe.unfuse_lora()  # diffusers: the adapters still apply, unfused
+    both("fuse_lora + unfuse_lora")
+    for pipe in (ours, ref):
+        pipe.disable_lora()
+    assert_rel(both("disable_lora"), plain, 1e-5, "disable_lora gives the plain model")
+    for pipe in (ours, ref):
+        pipe.enable_lora()
+    both("enable_lora")
+    for pipe in (ours, ref):
+        pipe.delete_adapters("a")
+    assert ours.get_active_adapters() == ref.get_active_adapters() == ["b"]
+    both("delete_adapters('a'): b keeps its weight 0.3")
+    for pipe in (ours, ref):
+        pipe.set_adapters("b")
+    both("set_adapters('b'): weight 1")
+    for pipe in (ours, ref):
+        pipe.unload_lora_weights()
+    assert ours.get_list_adapters() == {} and not ours.loras
+    both("unload_lora_weights")
+
+
+def test_adapter_mistakes_are_named(tiny_pipe, tmp_path):
+    pipe = tiny_pipe
+    a = save_lora(pipe, tmp_path / "a.safetensors", 1)
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    try:
+        pipe.load_lora_weights(a, adapter_name="a")
+        with pytest.raises(ValueError, match=r"adapter name 'a' is already in use"):
+            pipe.load_lora_weights(a, adapter_name="a")
+        with pytest.raises(ValueError, match=r"no adapter named \['c'\] \(loaded: \['a'\]"):
+            pipe.set_adapters(["a", "c"])
+        with pytest.raises(ValueError, match=r"per-block weights \(a dict\) are not supported"):
+            pipe.set_adapters("a", {"layers": 0.5})
+        with pytest.raises(ValueError, match=r"1 adapters but 2 adapter_weights"):
+            pipe.set_adapters("a", [0.5, 0.5])
+        with pytest.raises(ValueError, match=r"finite numbers"):
+            pipe.set_adapters("a", float("nan"))
+        (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+        fused = pipe.transformer.layers[0].attention.to_k.weight.clone()
+        with pytest.raises(Exception):
+            pipe.load_lora_weights(tmp_path / "bad.safetensors", adapter_name="bad")
+        assert pipe.get_list_adapters() == {"transformer": ["a"]} and pipe.get_active_adapters() == ["a"]
+        assert torch.equal(pipe.transformer.layers[0].attention.to_k.weight, fused)  # a still applies
+        pipe.load_lora(a, 0.5)  # the engine's own call: fused, in no adapter
+        with pytest.raises(ValueError, match=r"LoRAs loaded with load_lora\(\) are fused and belong to no adapter"):
+            pipe.set_adapters("a", 0.5)
+    finally:
+        pipe.unload_lora()
+    assert pipe.get_list_adapters() == {} and all(torch.equal(v, before[k]) for k, v in pipe.transformer.state_dict().items())
