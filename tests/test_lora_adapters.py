@@ -104,3 +104,25 @@ def test_adapter_mistakes_are_named(tiny_pipe, tmp_path):
     finally:
         pipe.unload_lora()
     assert pipe.get_list_adapters() == {} and all(torch.equal(v, before[k]) for k, v in pipe.transformer.state_dict().items())
+
+
+def test_joint_attention_kwargs_as_diffusers_reads_them(tiny_pipe, tmp_path):
+    """diffusers' Z-Image reads only ``scale`` (a per-call LoRA scale) from joint_attention_kwargs:
+    None, {} and scale 1 change nothing; without a LoRA no scale does; with fused LoRAs another
+    scale cannot apply and is refused, saying how to set it."""
+    pipe = tiny_pipe
+    plain = pipe("a cat", seed=0, **KW).images
+    for kwargs in (None, {}, {"scale": 1.0}, {"scale": 0.5}):
+        assert torch.equal(pipe("a cat", seed=0, joint_attention_kwargs=kwargs, **KW).images, plain), kwargs
+    with pytest.raises(ValueError, match=r"\['attn_mask'\] have no meaning here; only 'scale'"):
+        pipe("a cat", joint_attention_kwargs={"attn_mask": None}, **KW)
+    with pytest.raises(TypeError, match=r"must be a dict such as \{'scale': 0.8\}"):
+        pipe("a cat", joint_attention_kwargs=0.5, **KW)
+    pipe.load_lora_weights(save_lora(pipe, tmp_path / "a.safetensors", 1), adapter_name="a")
+    try:
+        fused = pipe("a cat", seed=0, joint_attention_kwargs={"scale": 1.0}, **KW).images
+        assert not torch.equal(fused, plain)  # the control: the LoRA applies
+        with pytest.raises(ValueError, match=r"pipe.set_adapters\(names, adapter_weights=...\)"):
+            pipe("a cat", joint_attention_kwargs={"scale": 0.5}, **KW)
+    finally:
+        pipe.unload_lora_weights()

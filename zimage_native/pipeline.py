@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -906,6 +907,7 @@ class ZImagePipeline:
         seed_variance_steps: float | None = None,
         first_block_cache: float = 0.0,
         return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
     ) -> ZImageOutput | tuple:
         """Generate images (every argument after ``prompt`` by keyword). ``return_dict=False`` returns
         ``(images,)`` as diffusers does. Unset ``width``/``height``/``num_inference_steps``/``guidance_scale`` come
@@ -938,7 +940,13 @@ class ZImagePipeline:
         (``accel.block_cache``). Most useful with many steps (the base model's 50 with CFG). Not with
         CUDA graphs or ``compile="full"``. ``output.info["first_block_cache_forwards"]`` counts the
         forwards run in full and reused.
+
+        ``joint_attention_kwargs``: diffusers' per-call LoRA scale (``{"scale": s}``), the only key
+        diffusers' Z-Image reads. LoRAs are fused here, so with one loaded a scale other than 1 is
+        refused (set it with :meth:`set_adapters` or ``load_lora(path, scale=)``); without one it
+        changes nothing, as in diffusers.
         """
+        self._check_attention_kwargs(joint_attention_kwargs)
         out = self._call(prompt, width=width, height=height, num_inference_steps=num_inference_steps, seed=seed,
                          generator=generator, latents=latents, guidance_scale=guidance_scale,
                          negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
@@ -955,6 +963,22 @@ class ZImagePipeline:
                          seed_variance_share=seed_variance_share, seed_variance_steps=seed_variance_steps,
                          first_block_cache=first_block_cache)
         return out if return_dict else out.to_tuple()
+
+    def _check_attention_kwargs(self, kwargs) -> None:
+        if kwargs is None:
+            return
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"joint_attention_kwargs must be a dict such as {{'scale': 0.8}}, got {type(kwargs).__name__}")
+        other = sorted(set(kwargs) - {"scale"})
+        if other:
+            raise ValueError(f"joint_attention_kwargs: {other} have no meaning here; only 'scale' (diffusers' per-call "
+                             f"LoRA scale) is read, and diffusers' Z-Image reads nothing else either")
+        scale = kwargs.get("scale", 1.0)
+        if scale != 1.0 and self.lora_stack.loaded:
+            raise ValueError(f"joint_attention_kwargs={{'scale': {scale}}}: LoRAs are fused into the weights here, so "
+                             f"a per-call LoRA scale cannot apply; set it before the call with "
+                             f"pipe.set_adapters(names, adapter_weights=...) (adapters of load_lora_weights) or "
+                             f"unload_lora() and load_lora(path, scale=...)")
 
     def img2img(self, prompt: str | list[str] | None, image, strength: float = 0.6, **kwargs) -> ZImageOutput:
         """Image-to-image: start from ``image`` (PIL, numpy (H, W, C) in [0, 1], torch (B, C, H, W) in
