@@ -10,7 +10,7 @@ import torch
 
 from zimage_native.prompt.format import format_prompt
 
-from .utils import assert_rel
+from .utils import assert_rel, rel_err
 
 LONG = "a watercolor painting of mountains at dawn, soft light, mist over the lake, a small red boat"
 
@@ -257,6 +257,27 @@ def test_diffusers_loading_habits_are_refused_before_loading_or_mapped(tiny_mode
         tiny_pipe.enable_sequential_cpu_offload()
     with pytest.raises(ValueError, match=r"enable_vae_tiling\(\) bounds the VAE's memory"):
         tiny_pipe.enable_vae_slicing()
+
+
+def test_an_assigned_scheduler_is_refused_not_ignored(tiny_model_dir, tiny_pipe):
+    """diffusers' ``pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=6)`` changes its images; here
+    the attribute was set and never read (the same latents). Now assigning or reading it raises,
+    and the call's ``shift=`` it names gives what diffusers gives with that scheduler."""
+    import diffusers
+
+    from .fixtures import reference_pipeline
+
+    kw = dict(height=32, width=32, num_inference_steps=2, output_type="latent")
+    ref = reference_pipeline(tiny_model_dir)
+    default = ref("a cat", generator=torch.Generator().manual_seed(0), guidance_scale=0.0, **kw).images
+    ref.scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=6.0)
+    shifted = ref("a cat", generator=torch.Generator().manual_seed(0), guidance_scale=0.0, **kw).images
+    assert rel_err(shifted, default) > 1e-2  # the control: the scheduler changes diffusers' image
+    with pytest.raises(ValueError, match=r"a scheduler object is not used. Give shift= or sigmas= to the call"):
+        tiny_pipe.scheduler = ref.scheduler
+    with pytest.raises(AttributeError, match=r"pipe.scheduler: the sampler here is FlowMatch Euler"):
+        tiny_pipe.scheduler.config
+    assert_rel(tiny_pipe("a cat", seed=0, shift=6.0, **kw).images, shifted, 1e-5, "shift=6.0 vs diffusers' scheduler")
 
 
 def test_diffusers_lora_method_names_and_save_folders(tiny_model_dir, tmp_path):

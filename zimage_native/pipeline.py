@@ -234,6 +234,21 @@ class ZImagePipeline:
 
         return default_registry(self.templates_dirs)
 
+    _SCHEDULER_ADVICE = ("the sampler here is FlowMatch Euler, built for each call from the model's "
+                         "scheduler_config.json (pipe.scheduler_config); a scheduler object is not used. Give "
+                         "shift= or sigmas= to the call instead (shift=6.0 runs what diffusers' "
+                         "FlowMatchEulerDiscreteScheduler with shift 6 does)")
+
+    @property
+    def scheduler(self):
+        """diffusers' ``pipe.scheduler``: not here (see ``scheduler_config``, and ``shift=`` / ``sigmas=``
+        of the call); reading or assigning it raises, so an assigned scheduler is not silently unused."""
+        raise AttributeError(f"pipe.scheduler: {self._SCHEDULER_ADVICE}")
+
+    @scheduler.setter
+    def scheduler(self, value):
+        raise ValueError(f"pipe.scheduler = {type(value).__name__}(...): {self._SCHEDULER_ADVICE}")
+
     @property
     def defaults(self) -> VariantDefaults:
         return VARIANTS[self.variant]
