@@ -314,6 +314,27 @@ def config_values(tmp_path, body: str, command: str = "generate", profile: str |
     return convert(click.Context(main.commands[command]), read_profile(path, profile))
 
 
+@pytest.mark.parametrize("command", ["generate", "serve", "rewrite", "bench"])
+def test_dtype_takes_the_short_names_as_convert_does(tmp_path, command):
+    """`--dtype bf16` (the docs' spelling, and `zimage convert --dtype`'s) was refused by generate,
+    serve, rewrite and bench, in a flag and in a config file; it reads as bfloat16 now, and a typo
+    is still refused with the choices."""
+    import click
+
+    from zimage_native.cli import main
+
+    cmd = main.commands[command]
+    args = [] if command in ("serve", "bench") else ["a cat"]
+    for short, long in (("bf16", "bfloat16"), ("BF16", "bfloat16"), ("fp32", "float32"), ("bfloat16", "bfloat16")):
+        assert cmd.make_context(command, [*args, "--dtype", short]).params["dtype"] == long
+    if command != "bench":  # bench runs bf16 or fp32 only
+        assert cmd.make_context(command, [*args, "--dtype", "fp16"]).params["dtype"] == "float16"
+    with pytest.raises(click.BadParameter, match="'bf15' is not one of 'auto', 'bfloat16'"):
+        cmd.make_context(command, [*args, "--dtype", "bf15"])
+    if command in ("generate", "serve"):
+        assert config_values(tmp_path, '[default]\ndtype = "bf16"\n', command)["dtype"] == "bfloat16"
+
+
 def test_config_keys_are_the_flag_names(tmp_path):
     """Keys are the flags' names with underscores, also where the parameter is named otherwise
     (--compile, --lora, --image): those failed as unknown keys."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ._common import user_errors
+from .options import DtypeChoice
 
 RUNG_NAMES = ("eager", "kernels", "compile", "cuda_graphs", "vae", "fp8")  # = zimage_native.bench.RUNG_NAMES
 
@@ -28,7 +29,8 @@ def row_line(row) -> str:
 @click.option("--model", default=None, help="A model folder to load; default: random weights, released architecture.")
 @click.option("--tiny", is_flag=True, help="A tiny random model (a CPU dry run of the code path).")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True)
+@click.option("--dtype", type=DtypeChoice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
+              help="auto: bfloat16 on GPU, float32 on CPU (bf16, fp32 too).")
 @click.option("--sizes", type=int, multiple=True, default=(1024,), show_default=True, help="Square sizes (repeatable).")
 @click.option("--steps", type=int, default=8, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per measurement (median).")

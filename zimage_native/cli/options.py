@@ -18,6 +18,18 @@ def stack(*decorators):
     return apply
 
 
+class DtypeChoice(click.Choice):
+    """A dtype flag's choices, taking the short names too (bf16, fp32, fp16: `zimage convert --dtype`'s
+    spelling, and the docs'), read as the long ones."""
+
+    ALIASES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and self.ALIASES.get(value.lower()) in self.choices:
+            value = self.ALIASES[value.lower()]
+        return super().convert(value, param, ctx)
+
+
 # Where the weights come from: single files, LoRA, a ControlNet, the variant, a remote text encoder.
 loading = stack(
     click.option("--transformer", type=click.Path(exists=True, path_type=Path), default=None,
@@ -47,8 +59,8 @@ loading = stack(
 # Devices, dtype and CPU offload.
 placement = stack(
     click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto."),
-    click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto",
-                 show_default=True, help="auto: bfloat16 on GPU, float32 on CPU."),
+    click.option("--dtype", type=DtypeChoice(["auto", "bfloat16", "float32", "float16"]), default="auto",
+                 show_default=True, help="auto: bfloat16 on GPU, float32 on CPU (bf16, fp32, fp16 too)."),
     click.option("--text-encoder-device", default=None, help="Device of the text encoder (default: --device)."),
     click.option("--dit-device", default=None, help="Device of the DiT (default: --device)."),
     click.option("--vae-device", default=None, help="Device of the VAE (default: --device)."),

@@ -7,7 +7,7 @@ import click
 
 from ..hub import DEFAULT_MODEL
 from ._common import user_errors
-from .options import stack
+from .options import DtypeChoice, stack
 from .templates import templates_dir_option
 
 # The rewriter on an OpenAI-compatible chat server (vLLM, SGLang, llama.cpp's server, Ollama, ...).
@@ -51,8 +51,8 @@ def chat_rewriter(llm_url, llm_model, llm_timeout, registry=None):
 @click.option("--top-p", type=float, default=0.95, show_default=True, help="Nucleus sampling mass.")
 @click.option("--seed", type=int, default=None, help="Sampling seed (same seed, same text).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32", "float16"]), default="auto",
-              show_default=True, help="auto: bfloat16 on GPU, float32 on CPU.")
+@click.option("--dtype", type=DtypeChoice(["auto", "bfloat16", "float32", "float16"]), default="auto",
+              show_default=True, help="auto: bfloat16 on GPU, float32 on CPU (bf16, fp32, fp16 too).")
 @llm_options
 @user_errors
 def rewrite(prompt, model, rewriter, system_prompt, force_think_block, templates_dirs, max_new_tokens,
