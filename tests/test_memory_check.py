@@ -102,7 +102,7 @@ def test_loading_is_refused_before_any_weight_is_read(tiny_model_dir, monkeypatc
                        "the peak, and the GPU has .* free of 16.00 GB") as e:
         loading.load_pretrained(tiny_model_dir, **kw)
     # the settings that fit this folder on this card, each with its peak (int4 cannot: widths of 48)
-    fits = str(e.value).split("To fit, use one of: ")[1]
+    fits = e.value.cli_message.split("To fit, use one of: ")[1]  # (the library's adds its arguments' names)
     assert fits.startswith("--text-encoder-quant int8 (") and "--offload model (1.2 MB at the peak)" in fits
     assert "int4" not in fits and "--offload blocks (" in fits
     assert fits.endswith("(or a GGUF or fp8 DiT file, kept quantised: --transformer FILE)")
@@ -135,6 +135,33 @@ def test_the_cli_says_it_in_one_line(tiny_model_dir, monkeypatch, tmp_path):
     (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert line.startswith("Error: the weights do not fit on cuda: transformer 1.2 MB")
     assert "GPU has 0.0 MB free of 8.00 GB" in line
+    assert "from_pretrained" not in line  # the Python spelling is for library callers
+
+
+def test_a_library_caller_is_told_the_arguments_not_only_the_flags(tiny_model_dir, monkeypatch):
+    """diffusers' habit, from_pretrained(...) then pipe.enable_model_cpu_offload(), fails here at the
+    load on a card too small for the resident weights (the weights go to the GPU as they load); the
+    error named only CLI flags (--offload model). It names from_pretrained's arguments too, and the
+    way to keep diffusers' order."""
+    import zimage_native.loading as loading
+    from zimage_native import ZImagePipeline
+
+    fake_cuda(monkeypatch)
+    monkeypatch.setattr(loading, "iter_tensors", lambda *a, **k: pytest.fail("weights read"))
+    card(monkeypatch, free=sum(folder_weight_bytes(tiny_model_dir, [], torch.bfloat16).values()) - 1)
+    with pytest.raises(InsufficientMemoryError) as e:
+        ZImagePipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16)
+    message = str(e.value)
+    assert "--offload model (1.2 MB at the peak)" in message and "\n" not in message
+    assert message.endswith('; in Python these are from_pretrained\'s arguments: text_encoder_quant="int8", '
+                            'transformer="FILE.gguf", offload="blocks", offload="model" (diffusers\' '
+                            'enable_model_cpu_offload(): from_pretrained places the weights on the GPU as it loads, '
+                            'so choose it there, or load with device="cpu" and then call '
+                            'pipe.enable_model_cpu_offload())')
+    assert e.value.cli_message == message.split("; in Python")[0]
+    card(monkeypatch, free=1000)  # a component file, checked as it is read
+    with pytest.raises(InsufficientMemoryError, match=r'does not fit on cuda:0.*; in Python these are from_pretrained'):
+        devices.check_component_fits("transformer", torch.nn.Linear(64, 64), torch.bfloat16, CUDA)
 
 
 def test_out_of_memory_while_generating_is_one_line_with_advice(tiny_model_dir, monkeypatch, tmp_path):

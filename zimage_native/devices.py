@@ -110,8 +110,22 @@ MEMORY_ADVICE = ("quantise the text encoder (--text-encoder-quant int8), use a G
 HEADROOM = 0.25
 
 
+#: The same settings in the library's words, added for a Python caller (the CLI prints its message
+#: without it): diffusers' habit of loading, then ``enable_model_cpu_offload()``, fails here at the
+#: load, which places the weights on the GPU as it reads them.
+PYTHON_MEMORY_ADVICE = ("in Python these are from_pretrained's arguments: text_encoder_quant=\"int8\", "
+                        "transformer=\"FILE.gguf\", offload=\"blocks\", offload=\"model\" (diffusers' "
+                        "enable_model_cpu_offload(): from_pretrained places the weights on the GPU as it loads, so "
+                        "choose it there, or load with device=\"cpu\" and then call pipe.enable_model_cpu_offload())")
+
+
 class InsufficientMemoryError(ValueError):
-    """The weights placed on a GPU at load time cannot fit in its free memory."""
+    """The weights placed on a GPU at load time cannot fit in its free memory. ``python_advice`` is
+    added to the message for a library caller; ``cli_message`` is the message without it."""
+
+    def __init__(self, message: str, python_advice: str | None = None):
+        super().__init__(f"{message}; {python_advice}" if python_advice else message)
+        self.cli_message = message
 
 
 def free_memory(device: torch.device) -> tuple[int, int]:
@@ -177,7 +191,7 @@ def check_weights_fit(needs: dict[str, int], placement: dict[str, torch.device],
         fix = (advice and advice(device, free)) or MEMORY_ADVICE
         raise InsufficientMemoryError(
             f"the weights do not fit on {device}: {what}, {format_bytes(peak)} at the peak, and the GPU has "
-            f"{format_bytes(free)} free of {format_bytes(total)}. To fit, {fix}")
+            f"{format_bytes(free)} free of {format_bytes(total)}. To fit, {fix}", PYTHON_MEMORY_ADVICE)
 
 
 def bytes_in(tensors, dtype: torch.dtype | None) -> int:
@@ -204,7 +218,7 @@ def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype 
         raise InsufficientMemoryError(
             f"the {what} ({format_bytes(need)} of weights) does not fit on {device}: the GPU has "
             f"{format_bytes(free)} free of {format_bytes(total)}, the components loaded before it included. "
-            f"To fit, {MEMORY_ADVICE}")
+            f"To fit, {MEMORY_ADVICE}", PYTHON_MEMORY_ADVICE)
 
 
 def format_bytes(n: int) -> str:

@@ -97,6 +97,7 @@ def user_errors(fn):
             loading = sys.modules.get("zimage_native.loading")
             mismatch = loading is not None and isinstance(e, loading.StateDictMismatchError)
             message = e.args[0] if isinstance(e, KeyError) and e.args and not mismatch else str(e)
+            message = getattr(e, "cli_message", None) or message  # without advice meant for a Python caller
             raise UserError(cli_message(str(message).splitlines()[0]) if str(message) else type(e).__name__) from None
 
     return wrapper
