@@ -259,6 +259,43 @@ def test_diffusers_loading_habits_are_refused_before_loading_or_mapped(tiny_mode
         tiny_pipe.enable_vae_slicing()
 
 
+def test_a_callback_turns_cfg_off_part_way_as_in_diffusers(tiny_pipe, reference_pipe, tiny_model_dir):
+    """diffusers' dynamic-CFG callback: read ``pipe.num_timesteps``, and at 40% of the steps set
+    ``pipe._guidance_scale = 0.0``; the later steps then run without CFG. Here ``num_timesteps`` was
+    an AttributeError and the assignment was kept and never read (CFG ran on every step). Now the
+    latents are diffusers', with CFG truncation as well, and for img2img ``num_timesteps`` counts
+    the steps the strength leaves, as in diffusers."""
+    seen = []
+
+    def dynamic_cfg(pipe, i, t, tensors):
+        seen.append((pipe.num_timesteps, pipe.guidance_scale, pipe.do_classifier_free_guidance))
+        if i == int(pipe.num_timesteps * 0.4):
+            pipe._guidance_scale = 0.0
+        return tensors
+
+    for extra in ({}, {"cfg_truncation": 0.9}):
+        kw = dict(height=32, width=32, num_inference_steps=5, output_type="latent", guidance_scale=3.0,
+                  negative_prompt="blurry", **extra)
+        expected = reference_pipe("a cat", generator=torch.Generator().manual_seed(0), callback_on_step_end=dynamic_cfg,
+                                  **kw).images
+        assert seen == [(5, 3.0, True)] * 3 + [(5, 0.0, False)] * 2
+        seen.clear()
+        got = tiny_pipe("a cat", seed=0, callback_on_step_end=dynamic_cfg, **kw).images
+        assert seen == [(5, 3.0, True)] * 3 + [(5, 0.0, False)] * 2
+        seen.clear()
+        assert_rel(got, expected, 1e-5, f"CFG off after step 2 {extra}")
+        assert rel_err(got, tiny_pipe("a cat", seed=0, **kw).images) > 1e-3  # the control: the callback matters
+    out = tiny_pipe.img2img("a cat", image=torch.rand(1, 3, 32, 32), strength=0.6, seed=0, num_inference_steps=5,
+                            output_type="latent", callback_on_step_end=lambda p, i, t, d: seen.append(p.num_timesteps))
+    assert seen == [3, 3, 3] and len(out.images) == 1
+    with pytest.raises(ValueError, match=r"set pipe._guidance_scale to 2, but the run started without classifier-free"):
+        tiny_pipe("a cat", height=32, width=32, num_inference_steps=2, guidance_scale=0.0,
+                  callback_on_step_end=lambda p, i, t, d: setattr(p, "_guidance_scale", 2.0) or d)
+    with pytest.raises(ValueError, match=r"set pipe._guidance_scale to -1.0; it must be a number >= 0"):
+        tiny_pipe("a cat", height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
+                  callback_on_step_end=lambda p, i, t, d: setattr(p, "_guidance_scale", -1.0) or d)
+
+
 def test_an_assigned_scheduler_is_refused_not_ignored(tiny_model_dir, tiny_pipe):
     """diffusers' ``pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=6)`` changes its images; here
     the attribute was set and never read (the same latents). Now assigning or reading it raises,

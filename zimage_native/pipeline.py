@@ -224,6 +224,8 @@ class ZImagePipeline:
         self.prompt_cache = PromptCache()  # features of recent prompts (encode_texts)
         self.advised: set[str] = set()  # advice about requests, logged once each (sampling.generate)
         self._interrupt = False  # diffusers' way to stop a run from callback_on_step_end
+        self._guidance_scale: float | None = None  # diffusers' run state (see guidance_scale, num_timesteps)
+        self._num_timesteps: int | None = None
         self._lock = threading.RLock()  # see _serialized
         self._fit_attention()
 
@@ -698,6 +700,23 @@ class ZImagePipeline:
     def unload_lora_weights(self) -> int:
         """diffusers' name for :meth:`unload_lora`."""
         return self.unload_lora()
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """diffusers' run state: the guidance scale of the current (or last) call. A
+        ``callback_on_step_end`` may set ``pipe._guidance_scale`` for the later steps, as in diffusers
+        (0 turns CFG off; turning it on in a run started without CFG is refused)."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """diffusers' run state: whether the current (or last) call guides (``guidance_scale > 0``)."""
+        return bool(self._guidance_scale)
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """diffusers' run state: the steps the current (or last) call runs (img2img: after ``strength``)."""
+        return self._num_timesteps
 
     @property
     def interrupt(self) -> bool:

@@ -418,8 +418,10 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
     """The sampling loop over fp32 ``latents``: only tensor work, no host syncs.
 
     After each step: the task's blend, then ``on_step_end(k, index, latents) -> latents`` (may
-    replace the latents), then ``callback(k + 1, total)``."""
+    replace the latents, and set ``pipe._guidance_scale`` for the later steps, as diffusers'
+    callbacks do: :func:`guidance_after_step_end`), then ``callback(k + 1, total)``."""
     cfg, dtype = pipe.transformer_config, pipe.dtype
+    scale = plan.guidance_scale
 
     def forward(x, step, side):
         layout, tokens = side
@@ -435,20 +437,40 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
         x = patchify(latents.to(dtype), cfg.patch_size)
         one = dataclasses.replace(step, guided=False) if step.guided else step  # each forward has batch B
         pred = forward(x, one, plan.varied if step.varied else plan.plain)
-        if step.guided:  # CFG: a second forward for the negatives, mask-free at batch 1
-            pred = cfg_combine(pred, forward(x, one, plan.negative), plan.guidance_scale, plan.norm_limit)
+        if step.guided and scale > 0:  # CFG: a second forward for the negatives, mask-free at batch 1
+            pred = cfg_combine(pred, forward(x, one, plan.negative), scale, plan.norm_limit)
         # The model predicts the negative velocity.
         sigma_next = plan.sigmas[step.index + 1]
         latents = euler_step(latents, -pred, plan.sigmas[step.index], sigma_next)
         if plan.blend is not None:
             latents = plan.blend(latents, sigma_next)
         if on_step_end is not None:
+            before = getattr(pipe, "_guidance_scale", None)
             latents = on_step_end(k, step.index, latents)
+            scale = guidance_after_step_end(pipe, plan, before, scale)
         if callback is not None:
             callback(k + 1, len(plan.steps))
         if getattr(pipe, "_interrupt", False):  # set by a callback_on_step_end, as in diffusers: stop here
             break
     return latents
+
+
+def guidance_after_step_end(pipe, plan: SamplingPlan, before, scale: float) -> float:
+    """The guidance scale of the later steps: ``pipe._guidance_scale`` if a step-end callback changed
+    it (diffusers' way to turn CFG off part-way: ``pipe._guidance_scale = 0.0``), else ``scale``.
+    CFG truncation still applies to the later steps. Turning CFG on in a run that started without it
+    is refused: there are no negative features to guide with."""
+    after = getattr(pipe, "_guidance_scale", None)
+    if after is before or after == before:
+        return scale
+    if isinstance(after, bool) or not isinstance(after, numbers.Real) or not after >= 0:
+        raise ValueError(f"callback_on_step_end set pipe._guidance_scale to {after!r}; it must be a number >= 0 "
+                         f"(0 turns CFG off for the later steps)")
+    if after > 0 and plan.negative is None:
+        raise ValueError(f"callback_on_step_end set pipe._guidance_scale to {after:g}, but the run started without "
+                         f"classifier-free guidance (guidance_scale 0): there are no negative prompt features; start "
+                         f"with guidance_scale > 0 and lower it in the callback instead")
+    return float(after)
 
 
 @torch.no_grad()
@@ -909,6 +931,8 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
     ctx = TaskContext(pipe, r, inputs, schedule, generators, batch, embeds[0].dtype)
     cond = task.condition(ctx)
     info.update(cond.info)
+    # diffusers' run state, read (and _guidance_scale set) by callbacks: pipe.guidance_scale, num_timesteps
+    pipe._guidance_scale, pipe._num_timesteps = r.guidance_scale, schedule.num_steps - cond.start
 
     on_step_end = None
     if callback_on_step_end is not None:
