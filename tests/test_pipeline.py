@@ -255,8 +255,6 @@ def test_diffusers_loading_habits_are_refused_before_loading_or_mapped(tiny_mode
     assert tiny_pipe.to(device="cpu") is tiny_pipe and tiny_pipe.to("cpu") is tiny_pipe
     with pytest.raises(ValueError, match=r"from_pretrained\(\.\.\., offload='blocks'\)"):
         tiny_pipe.enable_sequential_cpu_offload()
-    with pytest.raises(ValueError, match=r"enable_vae_tiling\(\) bounds the VAE's memory"):
-        tiny_pipe.enable_vae_slicing()
 
 
 def test_a_callback_turns_cfg_off_part_way_as_in_diffusers(tiny_pipe, reference_pipe, tiny_model_dir):
@@ -294,6 +292,64 @@ def test_a_callback_turns_cfg_off_part_way_as_in_diffusers(tiny_pipe, reference_
     with pytest.raises(ValueError, match=r"set pipe._guidance_scale to -1.0; it must be a number >= 0"):
         tiny_pipe("a cat", height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
                   callback_on_step_end=lambda p, i, t, d: setattr(p, "_guidance_scale", -1.0) or d)
+
+
+def test_diffusers_vae_calls_tile_and_slice(tiny_model_dir, reference_pipe):
+    """diffusers' Z-Image pipeline has no enable_vae_tiling(): its users write pipe.vae.enable_tiling()
+    and pipe.vae.enable_slicing(), which raised AttributeError here (and pipe.enable_vae_slicing() was
+    refused). They set the pipeline's tiling and slicing now: slicing gives the batch's images (diffusers'
+    sliced decode too), tiling what pipe.enable_vae_tiling() gives; the VAE keeps no pipeline alive."""
+    import gc
+    import weakref
+
+    from .fixtures import our_pipeline
+
+    pipe = our_pipeline(tiny_model_dir)
+    kw = dict(height=64, width=64, num_inference_steps=2, output_type="pt", guidance_scale=0.0)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
+    batch = pipe(["a cat", "a dog", "a fox"], generator=gens(), **kw).images
+    reference_pipe.vae.enable_slicing()
+    try:
+        expected = reference_pipe(["a cat", "a dog", "a fox"], generator=gens(), **kw).images
+    finally:
+        reference_pipe.vae.disable_slicing()
+    pipe.vae.enable_slicing()
+    assert pipe.vae_slicing
+    sliced = pipe(["a cat", "a dog", "a fox"], generator=gens(), **kw).images
+    assert_rel(sliced, expected, 1e-5, "sliced decode vs diffusers' sliced decode")
+    assert_rel(sliced, batch, 1e-6, "sliced vs batched decode")
+    image = torch.rand(2, 3, 64, 64)
+    img2img = pipe.img2img(["a cat", "a dog"], image=image, strength=0.5, seed=[1, 2], num_inference_steps=2,
+                           output_type="latent").images  # the encode is sliced too
+    pipe.disable_vae_slicing()
+    assert_rel(img2img, pipe.img2img(["a cat", "a dog"], image=image, strength=0.5, seed=[1, 2],
+                                     num_inference_steps=2, output_type="latent").images, 1e-6, "sliced encode")
+    from zimage_native import sampling
+
+    asked = []
+    real = sampling.check_decode_fits
+    sampling.check_decode_fits = lambda *args: asked.append(args[-1])  # (device, dtype, channels, w, h, images)
+    try:
+        for on in (False, True):
+            pipe.vae_slicing = on
+            pipe(["a cat", "a dog"], seed=0, height=32, width=32, num_inference_steps=1)
+    finally:
+        sampling.check_decode_fits, pipe.vae_slicing = real, False
+    assert asked == [2, 1]  # the CPU decode check counts one image when sliced
+    pipe.vae.enable_tiling()
+    assert pipe.vae_tiling is not None
+    pipe.vae.disable_tiling()
+    assert pipe.vae_tiling is None
+    pipe.enable_vae_slicing()
+    pipe.disable_vae_slicing()
+    assert not pipe.vae_slicing
+    gone = weakref.ref(pipe)
+    vae = pipe.vae
+    del pipe
+    gc.collect()
+    assert gone() is None  # the bound names hold the pipeline weakly
+    with pytest.raises(RuntimeError, match="the pipeline this VAE belonged to is gone"):
+        vae.enable_tiling()
 
 
 def test_an_assigned_scheduler_is_refused_not_ignored(tiny_model_dir, tiny_pipe):

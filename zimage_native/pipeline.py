@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import threading
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +211,8 @@ class ZImagePipeline:
 
             stream_blocks(transformer, self.placement["transformer"])  # the resident parts move there
         self.vae_tiling: TileConfig | None = None
+        self.vae_slicing = False  # decode and encode one image at a time (enable_vae_slicing)
+        self._bind_vae_calls()
         self._accel = {"kernels": "none", "attention": "sdpa", "compile": "off", "fp8": False, "cuda_graphs": False,
                        "vae_compile": False}
         self._graphed = None
@@ -454,10 +457,33 @@ class ZImagePipeline:
                          "enable_model_cpu_offload() works after loading")
 
     def enable_vae_slicing(self) -> None:
-        """diffusers' per-image VAE decode: refused, pointing at the tiled decode, which bounds the
-        VAE's memory here (a batch decodes at once)."""
-        raise ValueError("enable_vae_slicing(): not available; enable_vae_tiling() bounds the VAE's memory here "
-                         "(or decode fewer images per call)")
+        """Decode (and encode) a batch one image at a time, as diffusers' slicing does: the VAE's
+        memory is one image's, the images the same (each is decoded on its own either way)."""
+        self.vae_slicing = True
+
+    def disable_vae_slicing(self) -> None:
+        self.vae_slicing = False
+
+    def _bind_vae_calls(self) -> None:
+        """diffusers' Z-Image pipeline has no enable_vae_tiling(): its users call
+        ``pipe.vae.enable_tiling()`` / ``enable_slicing()`` (and ``disable_*``). Those names on this
+        pipeline's VAE set the pipeline's tiling and slicing (through a weak reference, so the VAE
+        does not keep the pipeline alive)."""
+        if self.vae is None:
+            return
+        owner = weakref.ref(self)
+
+        def call(name):
+            def method(*args, **kwargs):
+                pipe = owner()
+                if pipe is None:
+                    raise RuntimeError(f"vae.{name}: the pipeline this VAE belonged to is gone")
+                return getattr(pipe, name)(*args, **kwargs)
+            return method
+
+        for vae_name, name in (("enable_tiling", "enable_vae_tiling"), ("disable_tiling", "disable_vae_tiling"),
+                               ("enable_slicing", "enable_vae_slicing"), ("disable_slicing", "disable_vae_slicing")):
+            object.__setattr__(self.vae, vae_name, call(name))
 
     def _fit_attention(self) -> None:
         """SDPA bounded to slices of the queries where it has only its math path (a bfloat16 model on a
@@ -812,10 +838,13 @@ class ZImagePipeline:
             dtype = next(self.vae.parameters()).dtype
             z = latents.to(device, dtype)
             z = z / self.vae_config.scaling_factor + (self.vae_config.shift_factor or 0.0)  # in the VAE dtype
-            if self.vae_tiling is not None:
-                image = tiled_decode(self.vae, z, self.vae_tiling, self.vae_config.scale_factor).to(dtype)
-            else:
-                image = self.vae.decode(z)
+
+            def decode(z):
+                if self.vae_tiling is not None:
+                    return tiled_decode(self.vae, z, self.vae_tiling, self.vae_config.scale_factor).to(dtype)
+                return self.vae.decode(z)
+
+            image = torch.cat([decode(one) for one in z.split(1)]) if self.vae_slicing else decode(z)
             return (image * 0.5 + 0.5).clamp(0, 1)
 
     @_serialized
@@ -830,11 +859,17 @@ class ZImagePipeline:
         with self._running("vae") as device:
             vae_dtype = next(self.vae.parameters()).dtype
             x = image.to(device, dtype or image.dtype).to(vae_dtype)
-            if self.vae_tiling is not None:
-                mean, logvar = (t.to(vae_dtype) for t in tiled_encode(self.vae, x, self.vae_tiling,
-                                                                    self.vae_config.scale_factor))
+
+            def encode(x):
+                if self.vae_tiling is not None:
+                    return tuple(t.to(vae_dtype) for t in tiled_encode(self.vae, x, self.vae_tiling,
+                                                                      self.vae_config.scale_factor))
+                return self.vae.encode(x)
+
+            if self.vae_slicing:
+                mean, logvar = (torch.cat(parts) for parts in zip(*(encode(one) for one in x.split(1))))
             else:
-                mean, logvar = self.vae.encode(x)
+                mean, logvar = encode(x)
             if spread is not None:
                 mean, logvar = spread(mean), spread(logvar)
             if generators is None:

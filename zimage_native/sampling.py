@@ -922,7 +922,8 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
     batch = len(r.prompts or r.prompt_embeds) * r.n
     if r.output_type != "latent" and pipe.vae is not None:  # before any model runs; a tile as large as the image too
         check_decode_fits(pipe.placement["vae"], next(pipe.vae.parameters()).dtype,
-                          pipe.vae_config.block_out_channels[0], r.width, r.height, batch,
+                          pipe.vae_config.block_out_channels[0], r.width, r.height,
+                          1 if getattr(pipe, "vae_slicing", False) else batch,  # sliced: one image at a time
                           pipe.vae_tiling.tile_size if pipe.vae_tiling is not None else None)
     needs_noise = r.latents is None or task.draws_with_latents or r.seed_variance > 0  # (the variance is seeded)
     generators, seeds = make_generators(r.seeds, r.generator, batch) if needs_noise else (None, None)
