@@ -126,3 +126,59 @@ def test_joint_attention_kwargs_as_diffusers_reads_them(tiny_pipe, tmp_path):
             pipe("a cat", joint_attention_kwargs={"scale": 0.5}, **KW)
     finally:
         pipe.unload_lora_weights()
+
+
+def fake_hub_cache(cache, repo_id, files: dict):
+    """A Hugging Face cache holding ``files`` (name -> source path) of ``repo_id`` at one commit, as
+    snapshot_download leaves it: what local_files_only=True reads without a network."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, source in files.items():
+        target = repo / "snapshots" / commit / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    return cache
+
+
+def test_load_lora_weights_takes_a_hub_id_as_diffusers_does(tiny_pipe, tmp_path, monkeypatch):
+    """diffusers' load_lora_weights("owner/name", weight_name=...) fetches the LoRA from the Hub; here
+    it was read as a local path ("LoRA file not found: owner/name/..."). A Hub id is fetched now (only
+    the named file, or the .safetensors files), from the cache here; no network or no such cache is
+    a HubError that names the LoRA; a mistyped local file stays a local error; diffusers' other
+    options are named when refused."""
+    pipe = tiny_pipe
+    lora = save_lora(pipe, tmp_path / "a.safetensors", 1)
+    pipe.load_lora(lora)
+    expected = pipe("a cat", seed=0, **KW).images
+    pipe.unload_lora()
+    cache = fake_hub_cache(tmp_path / "hub", "someone/style", {"pytorch_lora_weights.safetensors": lora,
+                                                                 "v2/style.safetensors": lora})
+    try:
+        report = pipe.load_lora_weights("someone/style", adapter_name="root", cache_dir=cache, local_files_only=True)
+        assert report.path.endswith("pytorch_lora_weights.safetensors")
+        assert torch.equal(pipe("a cat", seed=0, **KW).images, expected)
+        report = pipe.load_lora_weights("someone/style", weight_name="style.safetensors", subfolder="v2",
+                                        adapter_name="sub", cache_dir=cache, local_files_only=True,
+                                        low_cpu_mem_usage=True)
+        assert report.path.endswith("v2/style.safetensors") and pipe.get_active_adapters() == ["sub"]
+    finally:
+        pipe.unload_lora_weights()
+    from zimage_native.hub import HubError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubError, match=r"^cannot fetch the LoRA someone/other from the Hugging Face Hub: "
+                       r"local_files_only is set .* or give the path of a LoRA file instead"):
+        pipe.load_lora_weights("someone/other", cache_dir=cache, local_files_only=True)
+    with pytest.raises(FileNotFoundError, match=r"LoRA not found: loras/style.safetensors \(give a LoRA file"):
+        pipe.load_lora_weights("loras/style.safetensors")  # a relative path, not looked up on the Hub
+    with pytest.raises(ValueError, match=r"hotswap=True\): LoRAs are fused into the weights here"):
+        pipe.load_lora_weights(lora, hotswap=True)
+    with pytest.raises(ValueError, match=r"set HF_TOKEN"):
+        pipe.load_lora_weights("someone/style", token="hf_x")
+    with pytest.raises(TypeError, match=r"load_lora_weights\(\) got unknown arguments \['prefix'\]"):
+        pipe.load_lora_weights(lora, prefix="unet")
+    assert pipe.get_list_adapters() == {} and not pipe.loras

@@ -11,6 +11,7 @@ import errno
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def _first_line(e: BaseException) -> str:
 
 
 LOCAL_HINT = "give a local folder instead (--model /path/to/folder on the command line)"
+LORA_HINT = "give the path of a LoRA file instead (download it on a connected machine)"
 TOKENIZER_HINT = ("give a local tokenizer folder instead (--tokenizer FOLDER on the command line: a model folder or "
                   "its tokenizer/)")
 
@@ -71,7 +73,7 @@ def explain_hub_error(e: BaseException, repo_id: str, what: str = "model", *, ca
     from huggingface_hub import constants, errors
 
     cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
-    local = TOKENIZER_HINT if what.startswith("tokenizer") else LOCAL_HINT
+    local = TOKENIZER_HINT if what.startswith("tokenizer") else LORA_HINT if what == "LoRA" else LOCAL_HINT
     head = f"cannot fetch the {what} {repo_id} from the Hugging Face Hub"
     chain = list(_chain(e))
     kinds = {type(x).__name__ for x in chain}
@@ -242,6 +244,29 @@ def resolve_tokenizer_folder(tokenizer: str | os.PathLike | None = None, *, revi
     if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
         raise FileNotFoundError(f"tokenizer: the Hub repository {text} has no tokenizer/ folder or tokenizer files")
     return folder
+
+
+def resolve_lora_source(path, weight_name: str | None = None, subfolder: str | None = None, *,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False):
+    """What a LoRA given as diffusers' ``load_lora_weights`` takes it refers to: a state dict as it
+    is; a local file or folder (``subfolder`` and ``weight_name`` inside it); else a Hub repository
+    id, of which only ``weight_name`` (else the .safetensors files) is downloaded. A path that is
+    neither raises FileNotFoundError."""
+    if isinstance(path, Mapping):
+        return path
+    text = str(path)
+    local = Path(text).expanduser() / (subfolder or "")
+    file_like = text.lower().endswith((".safetensors", ".gguf", ".ckpt", ".pt", ".pth", ".bin"))  # a local file
+    if local.exists() or file_like or not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        if not local.exists():
+            raise FileNotFoundError(f"LoRA not found: {local} (give a LoRA file, a folder holding one, a state dict "
+                                    f"or a Hub repository id such as owner/name)")
+        return local / weight_name if weight_name else local
+    inner = f"{subfolder.strip('/')}/" if subfolder else ""
+    folder = hub_snapshot(text, "LoRA", allow_patterns=[f"{inner}{weight_name or '*.safetensors'}"],
+                          revision=revision, cache_dir=cache_dir, local_files_only=local_files_only) / inner
+    return folder / weight_name if weight_name else folder
 
 
 def load_tokenizer(tokenizer: str | os.PathLike | None = None, **kwargs):

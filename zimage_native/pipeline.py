@@ -638,13 +638,33 @@ class ZImagePipeline:
         return report
 
     @_serialized
-    def load_lora_weights(self, path, weight_name: str | None = None, adapter_name: str | None = None, **options):
-        """diffusers' name: load a LoRA (``weight_name``: the file in the folder ``path``; or a state
-        dict) as the adapter ``adapter_name`` (default ``default_N``), which becomes the only active
-        one, at weight 1, as in diffusers: an adapter loaded before it is unfused until
-        :meth:`set_adapters` names it again. Returns the new LoRA's report."""
-        source = Path(path) / weight_name if weight_name else path
+    def load_lora_weights(self, path, weight_name: str | None = None, adapter_name: str | None = None, *,
+                          subfolder: str | None = None, revision: str | None = None,
+                          cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                          low_cpu_mem_usage: bool | None = None, hotswap: bool = False, **options):
+        """diffusers' name: load a LoRA (a file, a folder with ``weight_name`` or one LoRA file in it,
+        a Hub repository id, or a state dict) as the adapter ``adapter_name`` (default
+        ``default_N``), which becomes the only active one, at weight 1, as in diffusers: an adapter
+        loaded before it is unfused until :meth:`set_adapters` names it again. From the Hub only
+        ``weight_name`` (else the repository's .safetensors files) is downloaded; a failure raises
+        :class:`~zimage_native.hub.HubError`. ``low_cpu_mem_usage`` changes nothing here;
+        ``options``: :meth:`LoraStack.load`'s (``strict``, ``undo``, ``undo_device``). Returns the
+        new LoRA's report."""
+        from .hub import resolve_lora_source
+
+        if hotswap:
+            raise ValueError("load_lora_weights(hotswap=True): LoRAs are fused into the weights here; switch with "
+                             "set_adapters(), or unload_lora_weights() and load the new one")
+        if "token" in options:
+            raise ValueError("load_lora_weights(token=...): set HF_TOKEN in the environment (or run `hf auth login`)")
+        unknown = sorted(set(options) - {"strict", "undo", "undo_device"})
+        if unknown:
+            raise TypeError(f"load_lora_weights() got unknown arguments {unknown}; it takes weight_name, adapter_name, "
+                            f"subfolder, revision, cache_dir, local_files_only, low_cpu_mem_usage, and load_lora's "
+                            f"strict, undo, undo_device")
         self._check_adapters("load_lora_weights")
+        source = resolve_lora_source(path, weight_name, subfolder, revision=revision, cache_dir=cache_dir,
+                                     local_files_only=local_files_only)
         adapters = self.lora_adapters
         before = dict(adapters.active), adapters.enabled
         name = adapters.add(source, adapter_name, options)
