@@ -352,6 +352,29 @@ def test_diffusers_vae_calls_tile_and_slice(tiny_model_dir, reference_pipe):
         vae.enable_tiling()
 
 
+def test_diffusers_set_attention_backend_maps_to_the_engines_backends(tiny_pipe, monkeypatch):
+    """diffusers 0.42.1 picks attention with pipe.transformer.set_attention_backend("flash"); that was an
+    AttributeError here. Its names map to this engine's backends through optimize(attention=...);
+    a name with no counterpart is refused with the choices."""
+    from zimage_native.accel import AccelerationUnavailable
+
+    assert tiny_pipe.transformer.set_attention_backend("native") == [] and tiny_pipe._accel["attention"] == "sdpa"
+    with pytest.raises(AccelerationUnavailable, match="attention backend 'flash_attn_2' is not available"):
+        tiny_pipe.transformer.set_attention_backend("flash")  # mapped, then checked as optimize checks it
+    asked = []
+    monkeypatch.setattr(tiny_pipe, "optimize", lambda attention: asked.append(attention) or [])
+    names = ["native", "_native_cudnn", "_native_math", "flash", "flash_hub", "flash_varlen", "_flash_3",
+             "_flash_varlen_3", "_flash_3_hub", "sage", "sage_varlen", "_sage_qk_int8_pv_fp8_cuda", "xformers",
+             "SDPA", "flash_attn_3", "auto"]
+    for name in names:
+        tiny_pipe.transformer.set_attention_backend(name)
+    assert asked == ["sdpa"] * 3 + ["flash_attn_2"] * 3 + ["flash_attn_3"] * 3 + ["sage"] * 3 + ["xformers", "sdpa",
+                                                                                                   "flash_attn_3", "auto"]
+    for name in ("flex", "_native_npu", "aiter_fa2_hub", "flash_4_hub"):
+        with pytest.raises(ValueError, match=rf"set_attention_backend\('{name}'\): no such backend here"):
+            tiny_pipe.transformer.set_attention_backend(name)
+
+
 def test_an_assigned_scheduler_is_refused_not_ignored(tiny_model_dir, tiny_pipe):
     """diffusers' ``pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=6)`` changes its images; here
     the attribute was set and never read (the same latents). Now assigning or reading it raises,

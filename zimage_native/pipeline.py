@@ -484,6 +484,26 @@ class ZImagePipeline:
         for vae_name, name in (("enable_tiling", "enable_vae_tiling"), ("disable_tiling", "disable_vae_tiling"),
                                ("enable_slicing", "enable_vae_slicing"), ("disable_slicing", "disable_vae_slicing")):
             object.__setattr__(self.vae, vae_name, call(name))
+        object.__setattr__(self.transformer, "set_attention_backend", call("_set_diffusers_attention_backend"))
+
+    def _set_diffusers_attention_backend(self, backend: str) -> list[str]:
+        """diffusers' ``pipe.transformer.set_attention_backend(name)``: its backend names mapped to this
+        engine's (``optimize(attention=...)``); names with no counterpart here are refused."""
+        from .accel.attention_backends import ATTENTION_CHOICES
+
+        name = str(backend).lower()
+        mapped = ("sdpa" if name == "native" or name.startswith("_native_") and name not in ("_native_npu", "_native_xla")
+                  else "flash_attn_3" if name.startswith("_flash_3") or name == "_flash_varlen_3"
+                  else "flash_attn_2" if name.startswith("flash") and not name.startswith("flash_4")
+                  else "sage" if name.startswith(("sage", "_sage"))
+                  else "xformers" if name == "xformers" else None)
+        if name in ATTENTION_CHOICES:
+            mapped = name
+        if mapped is None:
+            raise ValueError(f"set_attention_backend({backend!r}): no such backend here; diffusers' native, flash, "
+                             f"_flash_3, sage and xformers (and their variants) map to this engine's "
+                             f"{list(ATTENTION_CHOICES)}, which pipe.optimize(attention=...) also takes")
+        return self.optimize(attention=mapped)
 
     def _fit_attention(self) -> None:
         """SDPA bounded to slices of the queries where it has only its math path (a bfloat16 model on a
