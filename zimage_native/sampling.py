@@ -421,7 +421,7 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
     replace the latents, and set ``pipe._guidance_scale`` for the later steps, as diffusers'
     callbacks do: :func:`guidance_after_step_end`), then ``callback(k + 1, total)``."""
     cfg, dtype = pipe.transformer_config, pipe.dtype
-    scale = plan.guidance_scale
+    scale = None  # a guidance scale a step-end callback set (a number), else the plan's (a device scalar when graphed)
 
     def forward(x, step, side):
         layout, tokens = side
@@ -437,8 +437,9 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
         x = patchify(latents.to(dtype), cfg.patch_size)
         one = dataclasses.replace(step, guided=False) if step.guided else step  # each forward has batch B
         pred = forward(x, one, plan.varied if step.varied else plan.plain)
-        if step.guided and scale > 0:  # CFG: a second forward for the negatives, mask-free at batch 1
-            pred = cfg_combine(pred, forward(x, one, plan.negative), scale, plan.norm_limit)
+        if step.guided and scale != 0:  # CFG: a second forward for the negatives, mask-free at batch 1
+            pred = cfg_combine(pred, forward(x, one, plan.negative), plan.guidance_scale if scale is None else scale,
+                               plan.norm_limit)
         # The model predicts the negative velocity.
         sigma_next = plan.sigmas[step.index + 1]
         latents = euler_step(latents, -pred, plan.sigmas[step.index], sigma_next)
@@ -455,9 +456,10 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
     return latents
 
 
-def guidance_after_step_end(pipe, plan: SamplingPlan, before, scale: float) -> float:
+def guidance_after_step_end(pipe, plan: SamplingPlan, before, scale: float | None) -> float | None:
     """The guidance scale of the later steps: ``pipe._guidance_scale`` if a step-end callback changed
-    it (diffusers' way to turn CFG off part-way: ``pipe._guidance_scale = 0.0``), else ``scale``.
+    it (diffusers' way to turn CFG off part-way: ``pipe._guidance_scale = 0.0``), else ``scale``
+    (None: the plan's).
     CFG truncation still applies to the later steps. Turning CFG on in a run that started without it
     is refused: there are no negative features to guide with."""
     after = getattr(pipe, "_guidance_scale", None)
