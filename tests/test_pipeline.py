@@ -328,7 +328,7 @@ def test_diffusers_vae_calls_tile_and_slice(tiny_model_dir, reference_pipe):
 
     asked = []
     real = sampling.check_decode_fits
-    sampling.check_decode_fits = lambda *args: asked.append(args[-1])  # (device, dtype, channels, w, h, images)
+    sampling.check_decode_fits = lambda *args: asked.append(args[5])  # (device, dtype, channels, w, h, images, tile)
     try:
         for on in (False, True):
             pipe.vae_slicing = on
