@@ -170,12 +170,13 @@ def test_lora_side_paths_loaded_after_compiling_are_counted_as_shape_classes(cap
     def r(*shape):
         return torch.randn(*shape, generator=g) * 0.02
 
+    # Ranks 2 and 20: the buckets 16 and 32 (ranks are padded to buckets: see the next test).
     loras = [{"diffusion_model.layers.0.attention.to_q.lora_A.weight": r(rank, dim),
-              "diffusion_model.layers.0.attention.to_q.lora_B.weight": r(dim, rank)} for rank in (2, 4)]
+              "diffusion_model.layers.0.attention.to_q.lora_B.weight": r(dim, rank)} for rank in (2, 20)]
     loras.append({"lycoris_layers_0_feed_forward_w2.lokr_w1": r(2, 2),  # a LoKr: a Kronecker side path
                   "lycoris_layers_0_feed_forward_w2.lokr_w2": r(dim // 2, ffn // 2)})
-    loras.append({f"lycoris_layers_1_attention_to_q.hada_{w}": r(*shape)  # a LoHa (rank 1 x 3) on another block
-                  for w, shape in (("w1_a", (dim, 1)), ("w1_b", (1, dim)), ("w2_a", (dim, 3)), ("w2_b", (3, dim)))})
+    loras.append({f"lycoris_layers_1_attention_to_q.hada_{w}": r(*shape)  # a LoHa (rank 5 x 8: bucket 64) on another block
+                  for w, shape in (("w1_a", (dim, 5)), ("w1_b", (5, dim)), ("w2_a", (dim, 8)), ("w2_b", (8, dim)))})
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("eager")
     compile_transformer_(model, "blocks", counter)
@@ -198,11 +199,92 @@ def test_lora_side_paths_loaded_after_compiling_are_counted_as_shape_classes(cap
     assert len(classes.seen) == counter.frame_count and graphs in (None, counter.frame_count)
     # Past the limit, the next new side-path structure is named in the engine's warning.
     classes.limit = len(classes.seen)
-    stack.load(model, {"diffusion_model.layers.0.attention.to_q.lora_A.weight": r(8, dim),
-                       "diffusion_model.layers.0.attention.to_q.lora_B.weight": r(dim, 8)})
+    stack.load(model, {"diffusion_model.layers.0.feed_forward.w2.lora_A.weight": r(8, ffn),
+                       "diffusion_model.layers.0.feed_forward.w2.lora_B.weight": r(dim, 8)})
     with caplog.at_level(logging.WARNING), torch.no_grad():
         model(*inputs)
     assert "1 LoRA side paths" in caplog.text and "past the recompile limit" in caplog.text, caplog.text
+
+
+def fused_eager_copy(model, lora):
+    """An eager copy of a packed DiT with every packed linear as an nn.Linear of its dequantised
+    weight (fp32) and ``lora`` fused into those weights: the reference for side paths."""
+    import copy
+
+    from zimage_native.lora import LoraStack
+    from zimage_native.quant_linear import PackedLinear
+
+    ref = copy.deepcopy(model)
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, PackedLinear):
+            linear = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(m.dequantize(torch.float32))
+                if m.bias is not None:
+                    linear.bias.copy_(m.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(ref.get_submodule(parent), child, linear)
+    LoraStack().load(ref, lora)
+    return ref
+
+
+def test_lora_ranks_are_padded_to_buckets_so_a_rank_swap_reuses_the_graph():
+    """A server swapping LoRAs of ranks 4, 8, 16, 32 and 64 on a compiled packed DiT: each side
+    path's rank is padded with zeros to its bucket (16, 32, 64 here: the layers are 64 wide), so
+    dynamo compiles one block graph per bucket and kind of block (modulated or not), not one per
+    rank (2 + 2 x 5 = 12 graphs before the padding, 2 + 2 x 3 = 8 with it). The compiled outputs
+    equal the eager model with each LoRA fused into the dequantised weights."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel.compile import compile_transformer_
+    from zimage_native.lora import LoraStack
+    from zimage_native.model.sequence import build_layout, pad_captions, patchify
+
+    from .utils import assert_rel
+
+    model = packed_tiny_dit()
+    cfg, dim, ffn = model.config, model.config.dim, model.layers[0].feed_forward.w2.in_features
+    g = torch.Generator().manual_seed(0)
+    layout = build_layout(cfg, [5], 8, 8, "cpu")
+    inputs = (patchify(torch.randn(1, 16, 8, 8, generator=g)),
+              pad_captions([torch.randn(5, cfg.cap_feat_dim, generator=g)], layout.caption_pad.shape[1]),
+              torch.tensor([0.3]), layout)
+
+    def lora(rank):  # to_q and w2 of every block (modulated and unmodulated)
+        out = {}
+        for where in ("noise_refiner.0", "context_refiner.0", "layers.0", "layers.1"):
+            for module, width in (("attention.to_q", dim), ("feed_forward.w2", ffn)):
+                out[f"diffusion_model.{where}.{module}.lora_A.weight"] = torch.randn(rank, width, generator=g) * 0.05
+                out[f"diffusion_model.{where}.{module}.lora_B.weight"] = torch.randn(dim, rank, generator=g) * 0.05
+        return out
+
+    loras = {rank: lora(rank) for rank in (4, 8, 16, 32, 64)}
+    references = {}
+    with torch.no_grad():
+        for rank, state in loras.items():
+            references[rank] = fused_eager_copy(model, state)(*inputs)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compile_transformer_(model, "blocks", counter)
+    stack = LoraStack()
+    with torch.no_grad():
+        model(*inputs)
+        for rank, state in loras.items():
+            stack.load(model, state)
+            assert {tuple(getattr(model.layers[0].attention.to_q, name).shape)
+                    for name in model.layers[0].attention.to_q.lora[0][:2]} == {(dim, max(16, rank)), (max(16, rank), dim)}
+            assert_rel(model(*inputs), references[rank], 1e-5, f"compiled side paths of rank {rank}")
+            stack.unload(model)
+    assert counter.frame_count == 2 + 2 * 3, counter.frame_count
+
+
+def test_rank_buckets():
+    from zimage_native.quant_linear import rank_bucket
+
+    assert [rank_bucket(r, 3840, 3840) for r in (1, 4, 16, 17, 33, 128, 2049)] == [16, 16, 16, 32, 64, 128, 3840]
+    assert rank_bucket(8, 64, 3840) == 16 and rank_bucket(40, 64, 3840) == 64  # capped by the smaller side
+    assert rank_bucket(64, 3840, 64) == 64 and rank_bucket(100, 3840, 64) == 100  # at or past it: kept
+    assert rank_bucket(4, 8, 3840) == 8
 
 
 def test_full_graphs_count_the_side_paths_they_run():
@@ -227,7 +309,7 @@ def test_full_graphs_count_the_side_paths_they_run():
     stack = LoraStack()
     with torch.no_grad():
         model(*inputs)
-        for where, rank in (("layers.0", 2), ("layers.0", 4), ("context_refiner.0", 2)):
+        for where, rank in (("layers.0", 2), ("layers.0", 20), ("context_refiner.0", 2)):  # buckets 16, 32, 16
             stack.load(model, {f"diffusion_model.{where}.attention.to_q.lora_A.weight": torch.randn(rank, dim, generator=g),
                                f"diffusion_model.{where}.attention.to_q.lora_B.weight": torch.randn(dim, rank, generator=g)})
             model(*inputs)

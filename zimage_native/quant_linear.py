@@ -40,6 +40,20 @@ from .formats.fp8 import dequantize_rows
 from .formats.ggml import dequantize, row_bytes, type_name
 
 
+MIN_RANK_BUCKET = 16
+
+
+def rank_bucket(rank: int, in_features: int, out_features: int) -> int:
+    """The rank a low-rank side path is held at: the next power of two from 16 up, capped by the
+    layer's smaller side (where the factors could not be bigger); a rank at or above that cap is
+    kept. Padding adds zero rows to A and zero columns to B, so ``B A`` is unchanged, and each
+    bucket is one shape for torch.compile (see docs/performance.md, "Shape policy")."""
+    cap = min(in_features, out_features)
+    if rank >= cap:
+        return rank
+    return min(cap, max(MIN_RANK_BUCKET, 1 << (rank - 1).bit_length()))
+
+
 class SidePath(NamedTuple):
     """One LoRA side path of a packed linear: ``scale * B A x`` (``b`` None: ``a`` is the dense
     delta), or with ``kron`` ``scale * (A kron B) x`` (A (p, q) and B (c, d), p c x q d the layer)."""
@@ -106,6 +120,12 @@ class PackedLinear(nn.Module):
             a = a.float() * scale
         else:
             b = b.float() * scale
+            # The rank padded with zeros up to its bucket: dynamo guards the factors' shapes, so a
+            # server swapping LoRAs of many ranks compiles one graph per bucket, not per rank.
+            pad = rank_bucket(a.shape[0], self.in_features, self.out_features) - a.shape[0]
+            if pad:
+                a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+                b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
         names = []
         for part, tensor in (("a", a), ("b", b)):
             if tensor is None:

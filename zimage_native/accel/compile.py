@@ -18,7 +18,8 @@ Shape policy (``shapes=``):
   a multiple of 32) and every resolution. A block's shape class is then (modulated or not, batch,
   masked or not, dtype, device): at most 4 per batch size on one device. LoRA side paths on packed
   (GGUF, kept fp8) linears, added after compiling, are part of the class too (dynamo guards their
-  ranks and kinds): each new rank or kind loaded is one more class.
+  ranks and kinds): each new rank bucket (``quant_linear.rank_bucket``: the rank padded with zeros
+  to a power of two from 16 up) or kind loaded is one more class.
 - ``"static"``: every sequence length is its own graph, compiled lazily the first time it occurs
   (up to 16 caption classes per resolution, batch and block kind).
 
