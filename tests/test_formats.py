@@ -510,6 +510,56 @@ def test_a_lora_on_an_fp8_dit_file_is_a_side_path_equal_to_the_fused_lora(tiny_m
 
 
 @needs_cpu_fp8
+@pytest.mark.parametrize("compile", ["off", "blocks"])
+def test_unload_lora_after_fp8_gives_the_dit_fp8_makes_without_a_lora(tiny_model_dir, tmp_path, compile):
+    """An fp8 file's linears with LoRA side paths stay stored layers (weight-only) under fp8, and
+    their q|k|v stays apart. After unload_lora they become fp8 GEMMs, fused as without the LoRA: the
+    same module types under the same names (to_qkv included), the same results bit for bit, and a
+    compiled DiT compiled again around the new modules."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel.fp8 import Float8Linear, fp8_waiting
+    from zimage_native.quant_linear import FP8StoredLinear, PackedLinear
+
+    from .fixtures import our_pipeline
+
+    sd, _ = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True)
+    dit = write(tmp_path / "fp8.safetensors", sd)
+    g = torch.Generator().manual_seed(1)
+    lora = {  # q|k|v of layers.0 (the whole fusion), to_q alone of layers.1 (one part of it)
+        "diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.randn(4, 64, generator=g) * 0.02,
+        "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.randn(192, 4, generator=g) * 0.02,
+        "diffusion_model.layers.1.attention.to_q.lora_A.weight": torch.randn(2, 64, generator=g) * 0.02,
+        "diffusion_model.layers.1.attention.to_q.lora_B.weight": torch.randn(64, 2, generator=g) * 0.02,
+    }
+    options = dict(fp8=True) if compile == "off" else dict(fp8=True, compile=compile,
+                                                           compile_backend=CompileCounterWithBackend("eager"))
+    plain, pipe = our_pipeline(tiny_model_dir, transformer=dit), our_pipeline(tiny_model_dir, transformer=dit)
+    torch._dynamo.reset()
+    plain.optimize(**options)
+    pipe.load_lora(lora, scale=0.7)
+    pipe.optimize(**options)
+    held = [pipe.transformer.layers[0].attention.to_k, pipe.transformer.layers[1].attention.to_q]
+    assert all(isinstance(m, FP8StoredLinear) and m.lora for m in held)
+    assert pipe.transformer.layers[1].attention.to_qkv is None and isinstance(
+        pipe.transformer.layers[1].attention.to_k, Float8Linear)
+
+    def kinds(model):
+        return {name: type(m).__name__ for name, m in model.named_modules()}
+
+    want = dit_output(plain.transformer)
+    assert not torch.equal(dit_output(pipe.transformer), want)  # the LoRA is in effect
+    pipe.unload_lora()
+    assert kinds(pipe.transformer) == kinds(plain.transformer)
+    assert not fp8_waiting(pipe.transformer)
+    assert torch.equal(dit_output(pipe.transformer), want)
+    if compile != "off":
+        block = pipe.transformer.layers[0]
+        assert type(block.forward).__name__ == "CompiledBlock"
+        assert block.forward.packed == [m for m in block.modules() if isinstance(m, PackedLinear)]
+
+
+@needs_cpu_fp8
 def test_fp8_compute_takes_an_fp8_files_values_and_scales_as_they_are(tiny_model_dir, tmp_path):
     from zimage_native.accel.fp8 import Float8Linear, quantize_fp8_
 

@@ -806,9 +806,26 @@ class ZImagePipeline:
         if problem:
             raise ValueError(f"unload_lora: {problem}")
         restored = self.lora_stack.unload(self.transformer)
+        self._requantize_fp8()
         if self._graphed is not None:
             self._graphed.clear()
         return restored
+
+    def _requantize_fp8(self) -> None:
+        """After an unload: the fp8 file's linears that fp8 left weight-only for their LoRA side paths
+        become fp8 GEMMs as the others did (``accel.fp8.requantize_fp8_``); a compiled DiT is
+        compiled again around them, as it was."""
+        from .accel.compile import compile_transformer_, compiled_mode, uncompile_
+        from .accel.fp8 import fp8_waiting, requantize_fp8_
+
+        if not fp8_waiting(self.transformer):
+            return
+        compiled = compiled_mode(self.transformer)
+        if compiled:
+            uncompile_(self.transformer)
+        logger.info("%s", requantize_fp8_(self.transformer))
+        if compiled:
+            logger.info("%s", compile_transformer_(self.transformer, compiled[0], self._compile_options[0], compiled[1]))
 
     @_serialized
     def rewrite(self, prompt: str, *args, **kwargs) -> str:

@@ -183,6 +183,10 @@ class Float8Linear(nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
+# The fusions of an fp8 file's stored layers: module type -> (fused attribute, the linears it stacks).
+_STORED = {Attention: ("to_qkv", ("to_q", "to_k", "to_v")), FeedForward: ("w13", ("w1", "w3"))}
+
+
 def _in_block(name: str) -> bool:
     """The big GEMMs inside the blocks: attention q/k/v/out and the feed-forward projections (of the
     DiT's blocks and of the ControlNet branch's, which are DiT blocks)."""
@@ -211,14 +215,66 @@ def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool
         check_kernels_can_run(transformer, device)
         quantize = torch.ops.zimage.quantize_fp8_rows
     options = dict(fast_accum=fast_accum, quantize=quantize)
+    deferred: set[str] = set()
+    converted, kept, fused = _convert(transformer, options, deferred)
+    transformer.__dict__["_zimage_fp8"] = (options, deferred)  # for requantize_fp8_ after an unload_lora
+    dtype = next((p.dtype for p in transformer.parameters()), None)
+    accum = "fast accumulation" if fast_accum else "fp32 accumulation"
+    return (f"fp8: {converted} linears in float8 e4m3 ({fused} as fused GEMMs, {accum}, activations quantised by "
+            f"{'zimage::quantize_fp8_rows' if kernels else 'PyTorch'}), {kept} kept in "
+            f"{str(dtype).removeprefix('torch.')}")
+
+
+def fp8_waiting(transformer: nn.Module) -> list[str]:
+    """What fp8 left undone in a DiT it quantised, for LoRA side paths that are gone now (after
+    ``unload_lora``): the block linears of an fp8 file still held as stored layers (weight-only,
+    dequantised per call), and the modules whose q|k|v or w1|w3 are not one fp8 GEMM yet, that
+    :func:`requantize_fp8_` converts. Empty for a DiT fp8 has not quantised."""
+    record = transformer.__dict__.get("_zimage_fp8")
+    if record is None:
+        return []
+    modules = dict(transformer.named_modules())
+    fusions = [name for name in sorted(record[1])
+               if not any(getattr(getattr(modules[name], n), "lora", None) for n in _STORED[type(modules[name])][1])]
+    return fusions + [name for name, m in modules.items()
+                      if isinstance(m, FP8StoredLinear) and not m.lora and _in_block(name) and _eligible(m)]
+
+
+def requantize_fp8_(transformer: nn.Module) -> str | None:
+    """Convert what :func:`fp8_waiting` names as :func:`quantize_fp8_` converted the rest (same
+    options; q|k|v and w1|w3 stacked into one fp8 GEMM from the same values and scales), so that
+    after ``unload_lora`` the DiT is the one fp8 makes without a LoRA: the same modules and the same
+    results, bit for bit. Returns the log line, or None if there was nothing to do. A compiled DiT
+    must be uncompiled first (``accel.compile.uncompile_``) and compiled again after."""
+    if not fp8_waiting(transformer):
+        return None
+    options, deferred = transformer.__dict__["_zimage_fp8"]
+    converted, _, fused = _convert(transformer, options, deferred)
+    return (f"fp8: {converted} linears freed of their LoRA side paths now in float8 e4m3 ({fused} fused GEMMs "
+            f"made)")
+
+
+def _convert(transformer: nn.Module, options: dict, deferred: set[str]) -> tuple[int, int, int]:
+    """The conversion of :func:`quantize_fp8_`: (linears converted, kept, fused GEMMs made). The
+    q|k|v or w1|w3 fusions of an fp8 file's stored layers that a LoRA side path holds apart are
+    added to ``deferred`` (module names), and those named there whose parts are free of side paths
+    now are made, from their parts as fp8 converted them (the same values and scales)."""
     converted = kept = fused = 0
     for name, module in list(transformer.named_modules()):
         parts_of = {}
-        for attr, sources in _fusions(module):
+        fusions = _fusions(module)
+        stored = _STORED.get(type(module))
+        if stored and name in deferred and getattr(module, stored[0]) is None:
+            sources = [(n, getattr(module, n)) for n in stored[1]]
+            if not any(getattr(m, "lora", None) for _, m in sources):
+                fusions.append((stored[0], sources))
+                deferred.discard(name)
+        for attr, sources in fusions:
             full = f"{name}.{attr}" if name else attr
             if not (_in_block(full) and all(_eligible(s) for _, s in sources)):
                 continue
-            parts = [Float8Linear.from_linear(source, **options) for _, source in sources]
+            parts = [source if isinstance(source, Float8Linear) else Float8Linear.from_linear(source, **options)
+                     for _, source in sources]
             fp8 = Float8Linear.stack(parts, persistent=False, **options)
             setattr(module, attr, fp8)
             start = 0
@@ -226,11 +282,16 @@ def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool
                 parts_of[source_name] = fp8.view(start, start + part.out_features)
                 start += part.out_features
             fused += 1
+        if stored and getattr(module, stored[0]) is None and _in_block(f"{name}.{stored[0]}"):
+            sources = [getattr(module, n) for n in stored[1]]
+            if (all(isinstance(m, FP8StoredLinear) and m.bias is None and _eligible(m) for m in sources)
+                    and any(m.lora for m in sources)):
+                deferred.add(name)  # one fp8 GEMM once the side paths are gone (requantize_fp8_)
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if child_name in parts_of:
                 setattr(module, child_name, parts_of[child_name])
-                converted += 1
+                converted += int(not isinstance(child, Float8Linear))
             elif type(child) is nn.Linear or isinstance(child, FP8StoredLinear):
                 if getattr(child, "lora", None):  # side paths (a LoRA on an fp8 file's weights) stay on the stored layer
                     kept += 1
@@ -239,11 +300,7 @@ def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool
                     converted += 1
                 else:
                     kept += 1
-    dtype = next((p.dtype for p in transformer.parameters()), None)
-    accum = "fast accumulation" if fast_accum else "fp32 accumulation"
-    return (f"fp8: {converted} linears in float8 e4m3 ({fused} as fused GEMMs, {accum}, activations quantised by "
-            f"{'zimage::quantize_fp8_rows' if kernels else 'PyTorch'}), {kept} kept in "
-            f"{str(dtype).removeprefix('torch.')}")
+    return converted, kept, fused
 
 
 def lora_problem(transformer: nn.Module, restore: Iterable[str] | None = None) -> str | None:
@@ -278,7 +335,7 @@ def _fusions(module: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]]]]
                        and m.weight.untyped_storage().data_ptr() == base]
             sources.sort(key=lambda item: item[1].weight.storage_offset())
             found.append((attr, sources))
-    stored = {Attention: ("to_qkv", ("to_q", "to_k", "to_v")), FeedForward: ("w13", ("w1", "w3"))}.get(type(module))
+    stored = _STORED.get(type(module))
     if stored and getattr(module, stored[0]) is None:
         sources = [(n, getattr(module, n)) for n in stored[1]]
         if all(isinstance(m, FP8StoredLinear) and not m.lora and m.bias is None for _, m in sources):
