@@ -467,14 +467,14 @@ def test_factored_lokr_and_loha_on_a_gguf_dit_stay_low_rank(tmp_path, caplog):
         report = held.pipe.load_lora(lora, scale=0.8)
     assert report.matched == 6 and not report.unmatched
     for name in ("to_q", "to_k", "to_v"):
-        (w1, w2, _, kron), = getattr(model.noise_refiner[0].attention, name).side_paths()
+        (w1, w2, kron), = getattr(model.noise_refiner[0].attention, name).side_paths()
         assert kron and w1.shape == (2, 4) and w2.shape == (dim // 2, dim // 4)
     attention, w2 = model.layers[0].attention, model.layers[0].feed_forward.w2
     for layer in (attention.to_q, attention.to_k, w2, attention.to_v):
-        (a, b, _, kron), = layer.side_paths()
+        (a, b, kron), = layer.side_paths()
         assert kron == (layer is attention.to_v), layer
         assert b is not None and (a.numel() + b.numel()) * 4 < layer.out_features * layer.in_features, layer
-    (a, b, _, kron), = attention.to_out[0].side_paths()
+    (a, b, kron), = attention.to_out[0].side_paths()
     assert b is None and not kron and a.shape == (dim, dim)
     assert "1 LoRA modules (full deltas) have no smaller form" in caplog.text
     expected = dit_output(held.fused_reference(lora, 0.8))  # fused from the dense deltas
@@ -502,7 +502,7 @@ def test_lora_side_paths_move_with_their_layer_in_the_compute_dtype():
     for (a, b), scale in zip(given, (0.5, 0.25, 0.75)):
         layer.add_lora(a, b, scale, kron=a.shape == (2, 16))
     x = torch.randn(2, 256)
-    (a, b, _, _), (d, _, _, _), (w1, w2, _, kron) = layer.side_paths()
+    (a, b, _), (d, _, _), (w1, w2, kron) = layer.side_paths()
     assert kron
     (a0, b0), (d0, _), (w10, w20) = given
     expected = (torch.nn.functional.linear(x, layer.dequantize(), layer.bias) + 0.5 * (x @ a0.T @ b0.T)
@@ -517,7 +517,7 @@ def test_lora_side_paths_move_with_their_layer_in_the_compute_dtype():
     assert layer(x.to("meta")).device.type == "meta"
     half = GGUFLinear(256, 8, "Q8_0", dtype=torch.bfloat16)
     half.add_lora(torch.randn(4, 256), torch.randn(8, 4), 0.5, torch.bfloat16)
-    (a, b, _, _), = half.side_paths()
+    (a, b, _), = half.side_paths()
     assert a.dtype == b.dtype == torch.bfloat16
     assert half.clear_lora() == 1 and not half.side_paths() and not dict(half.named_buffers()).keys() - {"weight"}
 

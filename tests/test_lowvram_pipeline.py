@@ -165,7 +165,7 @@ def test_a_lora_on_a_streamed_gguf_dit_streams_with_its_blocks(tiny_model_dir, t
         assert len(layer.lora) == 1 and layer.weight.dtype == torch.uint8  # a side path on the packed layer
         if offload == "blocks":
             move = FakeMove(pipe.transformer.block_streamer)  # after the LoRA: it knows the side paths' tensors
-            a, b, _, _ = layer.side_paths()[0]
+            a, b, _ = layer.side_paths()[0]
             assert a.device.type == "cpu" and (a.data_ptr() in move.owner and b.data_ptr() in move.owner)
         images.append(pipe("a cat", **CALL).images)
     assert np.array_equal(images[0], images[1])

@@ -55,12 +55,12 @@ def rank_bucket(rank: int, in_features: int, out_features: int) -> int:
 
 
 class SidePath(NamedTuple):
-    """One LoRA side path of a packed linear: ``scale * B A x`` (``b`` None: ``a`` is the dense
-    delta), or with ``kron`` ``scale * (A kron B) x`` (A (p, q) and B (c, d), p c x q d the layer)."""
+    """One LoRA side path of a packed linear: ``B A x`` (``b`` None: ``a`` is the dense delta), or
+    with ``kron`` ``(A kron B) x`` (A (p, q) and B (c, d), p c x q d the layer). The LoRA's scale is
+    in the factors (see :meth:`PackedLinear.add_lora`)."""
 
     a: torch.Tensor
     b: torch.Tensor | None
-    scale: float
     kron: bool = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ class SidePath(NamedTuple):
             side = F.linear(x, a)
             if self.b is not None:
                 side = F.linear(side, self.b.to(x.dtype))
-        return side if self.scale == 1.0 else self.scale * side
+        return side
 
 
 class PackedLinear(nn.Module):
@@ -87,7 +87,7 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype),
                                  requires_grad=False) if bias else None
-        self.lora: list[tuple[str, str | None, float, bool]] = []  # buffer names of (A, B or None), scale, kron
+        self.lora: list[tuple[str, str | None, bool]] = []  # buffer names of (A, B or None), kron
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (out_features, in_features) in ``dtype`` (without any LoRA)."""
@@ -134,15 +134,15 @@ class PackedLinear(nn.Module):
             name = f"lora_{part}{len(self.lora)}"
             self.register_buffer(name, tensor.detach().to(self.weight.device, dtype or given[part]), persistent=False)
             names.append(name)
-        self.lora.append((names[0], names[1], 1.0, kron))
+        self.lora.append((names[0], names[1], kron))
 
     def side_paths(self) -> list[SidePath]:
         """The LoRA side paths."""
-        return [SidePath(getattr(self, a), None if b is None else getattr(self, b), s, k) for a, b, s, k in self.lora]
+        return [SidePath(getattr(self, a), None if b is None else getattr(self, b), k) for a, b, k in self.lora]
 
     def clear_lora(self) -> int:
         n = len(self.lora)
-        for a, b, _, _ in self.lora:
+        for a, b, _ in self.lora:
             delattr(self, a)
             if b is not None:
                 delattr(self, b)

@@ -189,9 +189,10 @@ def _method_packed(model: nn.Module, name: str) -> list[nn.Module]:
 def side_path_structure(packed: list[nn.Module]) -> tuple:
     """What dynamo guards about the LoRA side paths of packed (GGUF, kept fp8) linears, which a
     ``load_lora`` adds after compiling and ``unload_lora`` removes: per layer, each side path's
-    factor shapes (the rank), kind and scale. Every new combination is a new graph."""
-    return tuple(tuple((tuple(getattr(m, a).shape), None if b is None else tuple(getattr(m, b).shape), s, k)
-                       for a, b, s, k in m.lora) for m in packed)
+    factor shapes (the rank bucket) and kind (the scale is in the factors). Every new combination
+    is a new graph."""
+    return tuple(tuple((tuple(getattr(m, a).shape), None if b is None else tuple(getattr(m, b).shape), k)
+                       for a, b, k in m.lora) for m in packed)
 
 
 def _describe_sides(sides: tuple) -> str:
