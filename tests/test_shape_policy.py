@@ -278,6 +278,66 @@ def test_lora_ranks_are_padded_to_buckets_so_a_rank_swap_reuses_the_graph():
     assert counter.frame_count == 2 + 2 * 3, counter.frame_count
 
 
+@pytest.fixture
+def no_classes_seen():
+    """The engine's shape classes are process-wide, and forgotten after torch._dynamo.reset() only when
+    a new one comes: a test that counts them from none starts from none and leaves none behind."""
+    from zimage_native.accel.compile import _CLASSES
+
+    for classes in _CLASSES.values():
+        classes.seen.clear()
+    yield
+    for classes in _CLASSES.values():
+        classes.seen.clear()
+
+
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_side_path_structure_is_walked_again_only_after_a_lora_change(monkeypatch, no_classes_seen, mode):
+    """The side paths' structure (part of every compiled call's shape class) is cached per compiled
+    call site and walked again only after a load_lora / unload_lora: forwards without a change do
+    not walk the layers, while a load and an unload still change the key (the classes seen) and
+    the output."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel import compile as compiled
+    from zimage_native.lora import LoraStack
+    from zimage_native.model.sequence import build_layout, pad_captions, patchify
+
+    model = packed_tiny_dit()
+    cfg, dim = model.config, model.config.dim
+    g = torch.Generator().manual_seed(0)
+    layout = build_layout(cfg, [5], 8, 8, "cpu")
+    inputs = (patchify(torch.randn(1, 16, 8, 8, generator=g)),
+              pad_captions([torch.randn(5, cfg.cap_feat_dim, generator=g)], layout.caption_pad.shape[1]),
+              torch.tensor([0.3]), layout)
+    lora = {"diffusion_model.layers.1.attention.to_q.lora_A.weight": torch.randn(4, dim, generator=g),
+            "diffusion_model.layers.1.attention.to_q.lora_B.weight": torch.randn(dim, 4, generator=g)}
+    walks = []
+    real = compiled.side_path_structure
+    monkeypatch.setattr(compiled, "side_path_structure", lambda packed: walks.append(1) or real(packed))
+    torch._dynamo.reset()
+    compiled.compile_transformer_(model, mode, CompileCounterWithBackend("eager"))
+    sites = 4 if mode == "blocks" else 2  # 4 blocks; or forward_tokens and encode_caption
+    classes = model._zimage_compiled[2] if mode == "blocks" else compiled._CLASSES["ZImageTransformer.forward_tokens"]
+    stack = LoraStack()
+    with torch.no_grad():
+        plain = model(*inputs)
+        assert len(walks) == sites
+        for _ in range(2):
+            model(*inputs)
+        assert len(walks) == sites, "the side paths were walked again without a LoRA change"
+        seen = len(classes.seen)
+        stack.load(model, lora)
+        with_lora = model(*inputs)
+        assert len(walks) == 2 * sites and not torch.equal(with_lora, plain)
+        assert len(classes.seen) == seen + 1 and any(compiled._describe_sides(key[-1]) for key in classes.seen)
+        model(*inputs)
+        assert len(walks) == 2 * sites
+        stack.unload(model)
+        assert torch.equal(model(*inputs), plain) and len(walks) == 3 * sites
+        assert len(classes.seen) == seen + 1  # back to the class without side paths
+
+
 def test_rank_buckets():
     from zimage_native.quant_linear import rank_bucket
 

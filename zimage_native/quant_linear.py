@@ -42,6 +42,20 @@ from .formats.ggml import dequantize, row_bytes, type_name
 
 MIN_RANK_BUCKET = 16
 
+_lora_changes = 0  # bumped by every add_lora / clear_lora of any packed linear (lora_generation)
+
+
+def lora_generation() -> int:
+    """A number that changes whenever a LoRA side path is added to or cleared from any packed
+    linear in the process: a cache of the side paths' structure (``accel.compile``) is current
+    while it is unchanged."""
+    return _lora_changes
+
+
+def _lora_changed() -> None:
+    global _lora_changes
+    _lora_changes += 1
+
 
 def rank_bucket(rank: int, in_features: int, out_features: int) -> int:
     """The rank a low-rank side path is held at: the next power of two from 16 up, capped by the
@@ -135,6 +149,7 @@ class PackedLinear(nn.Module):
             self.register_buffer(name, tensor.detach().to(self.weight.device, dtype or given[part]), persistent=False)
             names.append(name)
         self.lora.append((names[0], names[1], kron))
+        _lora_changed()
 
     def side_paths(self) -> list[SidePath]:
         """The LoRA side paths."""
@@ -147,6 +162,7 @@ class PackedLinear(nn.Module):
             if b is not None:
                 delattr(self, b)
         self.lora = []
+        _lora_changed()
         return n
 
     def storage(self) -> str:

@@ -154,12 +154,13 @@ class CompiledBlock:
         self.kind = type(block).__name__
         self.structure = (self.kind, tuple(block._modules))
         self.packed = _packed_linears(block)
+        self.sides = SidePathCache(self.packed)
 
     def __call__(self, x, rope, mask, c=None, mod=None):
         modulated = mod is not None or c is not None
         seq = None if self.dynamic else x.shape[1]
         kind = self.kind
-        sides = side_path_structure(self.packed)
+        sides = self.sides()
         key = (self.structure, modulated, x.shape[0], seq, mask is not None, x.dtype, x.device, sides)
         self.classes.note(key, lambda: (f"({kind} {'modulated' if modulated else 'unmodulated'}, batch {x.shape[0]}, "
                                         f"sequence {x.shape[1]}, {'masked' if mask is not None else 'no mask'}, "
@@ -195,6 +196,28 @@ def side_path_structure(packed: list[nn.Module]) -> tuple:
                        for a, b, k in m.lora) for m in packed)
 
 
+class SidePathCache:
+    """:func:`side_path_structure` of a fixed list of packed linears, computed again only after a
+    side path was added or cleared somewhere (``quant_linear.lora_generation``): every
+    ``load_lora`` / ``unload_lora`` goes through ``add_lora`` / ``clear_lora``. Walking every
+    layer's side paths on each compiled call cost about 1.4 ms of host time per DiT forward with a
+    LoRA on the 270 packed block linears of a 30-layer DiT (docs/performance.md)."""
+
+    def __init__(self, packed: list[nn.Module]):
+        from ..quant_linear import lora_generation
+
+        self.packed = packed
+        self.current = lora_generation
+        self.generation: int | None = None
+        self.value: tuple = ()
+
+    def __call__(self) -> tuple:
+        generation = self.current()
+        if generation != self.generation:
+            self.value, self.generation = side_path_structure(self.packed), generation
+        return self.value
+
+
 def _describe_sides(sides: tuple) -> str:
     n = sum(len(layer) for layer in sides)
     return f", {n} LoRA side paths" if n else ""
@@ -218,6 +241,7 @@ class CompiledMethod:
         self.classes = classes
         self.dynamic = dynamic
         self.packed = packed  # the model's packed linears, whose LoRA side paths the graph holds
+        self.sides = SidePathCache(packed)
 
     def __call__(self, *args, **kwargs):
         from .cuda_graphs import flatten
@@ -230,7 +254,7 @@ class CompiledMethod:
         sequence = [*tokens, *flatten(layout)[0], *flatten(hints)[0], *flatten(image)[0]]
         batch, masked = tokens[0].shape[0], layout.joint_mask is not None
         seq = None if self.dynamic else tuple(t.shape[1] for t in sequence if t.ndim >= 2)
-        sides = side_path_structure(self.packed)
+        sides = self.sides()
         key = (batch, masked, seq, tokens[0].dtype, tokens[0].device, tuple(sorted(hints or ())), sides)
         self.classes.note(key, lambda: f"({self.name}, batch {batch}, {'masked' if masked else 'no mask'}, "
                                        f"token shapes {[tuple(t.shape) for t in tokens]}, {tokens[0].device}"
