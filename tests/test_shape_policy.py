@@ -206,9 +206,10 @@ def test_lora_side_paths_loaded_after_compiling_are_counted_as_shape_classes(cap
     assert "1 LoRA side paths" in caplog.text and "past the recompile limit" in caplog.text, caplog.text
 
 
-def fused_eager_copy(model, lora):
+def fused_eager_copy(model, lora, scale=1.0):
     """An eager copy of a packed DiT with every packed linear as an nn.Linear of its dequantised
-    weight (fp32) and ``lora`` fused into those weights: the reference for side paths."""
+    weight (fp32) and ``lora`` (one or a list, at ``scale``: one or one per LoRA) fused into those
+    weights: the reference for side paths."""
     import copy
 
     from zimage_native.lora import LoraStack
@@ -224,7 +225,8 @@ def fused_eager_copy(model, lora):
                     linear.bias.copy_(m.bias)
             parent, _, child = name.rpartition(".")
             setattr(ref.get_submodule(parent), child, linear)
-    LoraStack().load(ref, lora)
+    if not isinstance(lora, list) or lora:
+        LoraStack().load(ref, lora, scale)
     return ref
 
 
@@ -336,6 +338,50 @@ def test_side_path_structure_is_walked_again_only_after_a_lora_change(monkeypatc
         stack.unload(model)
         assert torch.equal(model(*inputs), plain) and len(walks) == 3 * sites
         assert len(classes.seen) == seen + 1  # back to the class without side paths
+
+
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_compiled_side_paths_follow_load_unload_rescale_and_stack(mode):
+    """A compiled, partly packed DiT (to_q and w2 packed, to_k not) through a server's LoRA changes
+    between runs: each output equals the eager DiT with the same LoRAs fused into its (dequantised)
+    weights, and never an earlier graph's weights or side paths."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel.compile import compile_transformer_
+    from zimage_native.lora import LoraStack
+    from zimage_native.model.sequence import build_layout, pad_captions, patchify
+
+    from .utils import assert_rel
+
+    model = packed_tiny_dit()
+    cfg, dim, ffn = model.config, model.config.dim, model.layers[0].feed_forward.w2.in_features
+    g = torch.Generator().manual_seed(0)
+    layout = build_layout(cfg, [5], 8, 8, "cpu")
+    inputs = (patchify(torch.randn(1, 16, 8, 8, generator=g)),
+              pad_captions([torch.randn(5, cfg.cap_feat_dim, generator=g)], layout.caption_pad.shape[1]),
+              torch.tensor([0.3]), layout)
+
+    def lora(rank):
+        out = {}
+        for where in ("noise_refiner.0", "context_refiner.0", "layers.0", "layers.1"):
+            for module, width in (("attention.to_q", dim), ("attention.to_k", dim), ("feed_forward.w2", ffn)):
+                out[f"diffusion_model.{where}.{module}.lora_A.weight"] = torch.randn(rank, width, generator=g) * 0.05
+                out[f"diffusion_model.{where}.{module}.lora_B.weight"] = torch.randn(dim, rank, generator=g) * 0.05
+        return out
+
+    a, b = lora(4), lora(24)
+    runs = [([], []), ([a], [1.0]), ([], []), ([a], [0.5]), ([a, b], [0.5, 0.8]), ([], []), ([b], [-1.0]), ([], [])]
+    with torch.no_grad():
+        references = [fused_eager_copy(model, loras, scales)(*inputs) for loras, scales in runs]
+    torch._dynamo.reset()
+    compile_transformer_(model, mode, CompileCounterWithBackend("eager"))
+    stack = LoraStack()
+    for i, ((loras, scales), want) in enumerate(zip(runs, references)):
+        stack.unload(model)
+        if loras:
+            stack.load(model, loras, scales)
+        with torch.no_grad():
+            assert_rel(model(*inputs), want, 1e-5, f"run {i}: {len(loras)} LoRAs at {scales}")
 
 
 def test_rank_buckets():
