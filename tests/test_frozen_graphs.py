@@ -115,3 +115,31 @@ def test_graphed_gguf_dit_and_a_lora_side_path_loaded_after_capture(tiny_model_d
     want = eager("a cat", **KW).images
     assert_rel(pipe("a cat", **KW).images, want, 1e-6, "graphed GGUF DiT with a LoRA side path")
     assert sampler.captures == 2
+
+
+@needs_cpu_fp8
+def test_graphed_fp8_dit_after_unload_lora_replays_the_requantised_linears(tiny_model_dir, tmp_path):
+    """LoRA, then fp8, then graphs captured with the LoRA's weight-only layers; unload_lora makes
+    them fp8 GEMMs (accel.fp8.requantize_fp8_): the old graphs, which hold the old modules, are
+    dropped, and the next request equals the pipeline that got fp8 without a LoRA."""
+    from .fixtures import our_pipeline
+    from .test_compiled import KW, graphed
+    from .test_formats import comfy_dit, to_fp8, write
+
+    sd, _ = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True)
+    dit = write(tmp_path / "fp8.safetensors", sd)
+    g = torch.Generator().manual_seed(1)
+    lora = {"transformer.layers.0.attention.to_q.lora_A.weight": torch.randn(4, 64, generator=g) * 0.3,
+            "transformer.layers.0.attention.to_q.lora_B.weight": torch.randn(64, 4, generator=g) * 0.3}
+    plain, pipe = our_pipeline(tiny_model_dir, transformer=dit), our_pipeline(tiny_model_dir, transformer=dit)
+    plain.optimize(fp8=True)
+    pipe.load_lora(lora)
+    pipe.optimize(fp8=True)
+    sampler, _ = graphed(pipe)
+    with_lora = pipe("a cat", **KW).images
+    want = plain("a cat", **KW).images
+    assert not torch.equal(with_lora, want) and sampler.captures >= 1
+    captures = sampler.captures
+    pipe.unload_lora()
+    assert not sampler.graphs
+    assert torch.equal(pipe("a cat", **KW).images, want) and sampler.captures > captures
