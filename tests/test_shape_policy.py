@@ -149,7 +149,7 @@ def packed_tiny_dit():
     return model
 
 
-def test_lora_side_paths_loaded_after_compiling_are_counted_as_shape_classes(caplog):
+def test_lora_side_paths_loaded_after_compiling_are_counted_as_shape_classes(caplog, no_classes_seen):
     """A LoRA on packed linears is a side path that dynamo guards (its rank, its kind): every load of a
     new rank or kind compiles the block again, so the engine counts each as a shape class, and warns
     when dynamo's limit is reached instead of letting the block run eagerly unannounced."""
@@ -230,7 +230,7 @@ def fused_eager_copy(model, lora, scale=1.0):
     return ref
 
 
-def test_lora_ranks_are_padded_to_buckets_so_a_rank_swap_reuses_the_graph():
+def test_lora_ranks_are_padded_to_buckets_so_a_rank_swap_reuses_the_graph(no_classes_seen):
     """A server swapping LoRAs of ranks 4, 8, 16, 32 and 64 on a compiled packed DiT: each side
     path's rank is padded with zeros to its bucket (16, 32, 64 here: the layers are 64 wide), so
     dynamo compiles one block graph per bucket and kind of block (modulated or not), not one per
@@ -341,7 +341,7 @@ def test_side_path_structure_is_walked_again_only_after_a_lora_change(monkeypatc
 
 
 @pytest.mark.parametrize("mode", ["blocks", "full"])
-def test_compiled_side_paths_follow_load_unload_rescale_and_stack(mode):
+def test_compiled_side_paths_follow_load_unload_rescale_and_stack(no_classes_seen, mode):
     """A compiled, partly packed DiT (to_q and w2 packed, to_k not) through a server's LoRA changes
     between runs: each output equals the eager DiT with the same LoRAs fused into its (dequantised)
     weights, and never an earlier graph's weights or side paths."""
@@ -384,6 +384,46 @@ def test_compiled_side_paths_follow_load_unload_rescale_and_stack(mode):
             assert_rel(model(*inputs), want, 1e-5, f"run {i}: {len(loras)} LoRAs at {scales}")
 
 
+def test_stacked_loras_join_one_side_path_per_layer(no_classes_seen):
+    """LoRAs stacked on a packed linear join its one low-rank side path (their factors side by side,
+    without the padding's zero rows): 1, 2 or 3 stacked rank-4 LoRAs are one side path of rank 4, 8
+    or 12 in bucket 16, so the compiled blocks keep one graph per kind of block (before: one more
+    side path, and a new graph pair, per LoRA stacked). Outputs equal the eager DiT with the LoRAs
+    fused."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel.compile import compile_transformer_
+    from zimage_native.lora import LoraStack
+    from zimage_native.model.sequence import build_layout, pad_captions, patchify
+
+    from .utils import assert_rel
+
+    model = packed_tiny_dit()
+    cfg, dim = model.config, model.config.dim
+    g = torch.Generator().manual_seed(0)
+    layout = build_layout(cfg, [5], 8, 8, "cpu")
+    inputs = (patchify(torch.randn(1, 16, 8, 8, generator=g)),
+              pad_captions([torch.randn(5, cfg.cap_feat_dim, generator=g)], layout.caption_pad.shape[1]),
+              torch.tensor([0.3]), layout)
+    loras = [{f"diffusion_model.{where}.attention.to_q.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.05
+              for where in ("noise_refiner.0", "context_refiner.0", "layers.0", "layers.1")
+              for ab, shape in (("A", (4, dim)), ("B", (dim, 4)))} for _ in range(3)]
+    with torch.no_grad():
+        references = [fused_eager_copy(model, loras[:n], [0.5] * n)(*inputs) for n in (1, 2, 3)]
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compile_transformer_(model, "blocks", counter)
+    stack = LoraStack()
+    layer = model.layers[0].attention.to_q
+    with torch.no_grad():
+        for n, want in zip((1, 2, 3), references):
+            stack.load(model, loras[n - 1], 0.5)
+            assert len(layer.lora) == 1 and layer.side_paths()[0].a.shape == (16, dim)
+            assert int(layer.side_paths()[0].a.ne(0).any(dim=1).sum()) == 4 * n  # the ranks side by side
+            assert_rel(model(*inputs), want, 1e-5, f"{n} stacked LoRAs")
+    assert counter.frame_count == 2, counter.frame_count
+
+
 def test_rank_buckets():
     from zimage_native.quant_linear import rank_bucket
 
@@ -393,7 +433,7 @@ def test_rank_buckets():
     assert rank_bucket(4, 8, 3840) == 8
 
 
-def test_full_graphs_count_the_side_paths_they_run():
+def test_full_graphs_count_the_side_paths_they_run(no_classes_seen):
     """compile="full": the per-step graph runs the blocks' side paths, the caption graph those of the
     context refiner; each method counts exactly the graphs dynamo keeps for it."""
     from torch._dynamo.testing import CompileCounterWithBackend

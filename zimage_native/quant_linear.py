@@ -15,8 +15,9 @@ input dtype): the same results as the upcast weights, at about half of their bf1
 A LoRA on such a layer is applied unfused, as a low-rank side path ``y += s * (x A^T) B^T``, a
 Kronecker one ``y += s * (W1 kron W2) x`` (a LoKr whose second factor is whole: computed from the
 two small factors, never formed), or a dense delta (full-delta modules): the packed weights are
-never rewritten, and removing the LoRA removes the side paths. A and B are non-persistent buffers of the layer, in the
-model's compute dtype, with the LoRA's scale folded into one of them (a compiled DiT then holds no
+never rewritten, and removing the LoRA removes the side paths. A low-rank side path is held at
+its rank bucket (:func:`rank_bucket`), and a LoRA stacked on a layer joins its low-rank side
+path. A and B are non-persistent buffers of the layer, in the model's compute dtype, with the LoRA's scale folded into one of them (a compiled DiT then holds no
 scale to recompile for): every placement (``Module.to``, ``--offload model``, the streamed blocks
 of ``--offload blocks``) moves them with the layer, and a forward neither casts nor copies them.
 
@@ -130,10 +131,21 @@ class PackedLinear(nn.Module):
         # The scale is folded into one factor (in fp32), so the forward holds no Python float that
         # torch.compile would specialise on: a LoRA loaded again at another scale reuses the graph.
         given = {"a": a.dtype, "b": None if b is None else b.dtype}
+        index = len(self.lora)
         if b is None or kron:
             a = a.float() * scale
         else:
             b = b.float() * scale
+            low = next((i for i, (_, name_b, k) in enumerate(self.lora) if name_b is not None and not k), None)
+            if low is not None:
+                # A LoRA stacked on the layer's low-rank side path joins it: B1 A1 + B2 A2 = [B1 B2] [A1; A2],
+                # without A1's zero rows (its padding; a zero row adds nothing), so stacks too are one
+                # side path and one shape per rank bucket, run as two small GEMMs.
+                index, old_a, old_b = low, getattr(self, self.lora[low][0]), getattr(self, self.lora[low][1])
+                keep = old_a.ne(0).any(dim=1)
+                a = torch.cat([old_a[keep].float(), a.to(old_a.device)])
+                b = torch.cat([old_b[:, keep].float(), b.to(old_b.device)], dim=1)
+                given = {"a": old_a.dtype, "b": old_b.dtype}
             # The rank padded with zeros up to its bucket: dynamo guards the factors' shapes, so a
             # server swapping LoRAs of many ranks compiles one graph per bucket, not per rank.
             pad = rank_bucket(a.shape[0], self.in_features, self.out_features) - a.shape[0]
@@ -145,10 +157,11 @@ class PackedLinear(nn.Module):
             if tensor is None:
                 names.append(None)
                 continue
-            name = f"lora_{part}{len(self.lora)}"
+            name = f"lora_{part}{index}"
             self.register_buffer(name, tensor.detach().to(self.weight.device, dtype or given[part]), persistent=False)
             names.append(name)
-        self.lora.append((names[0], names[1], kron))
+        if index == len(self.lora):
+            self.lora.append((names[0], names[1], kron))
         _lora_changed()
 
     def side_paths(self) -> list[SidePath]:
