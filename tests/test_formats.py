@@ -673,6 +673,40 @@ def test_a_scaled_fp8_text_encoder_quantised_while_loading_equals_quantising_it_
         assert got_state[key].dtype == t.dtype and torch.equal(got_state[key], t), key
 
 
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_text_encoder_file_skips_unused_tensors_before_reading_them(tiny_model_dir, tmp_path, monkeypatch, scaled):
+    """The last layer, the final norm and lm_head of a text encoder file are not loaded (the engine
+    reads hidden_states[-2]): they are not read from the file, so not dequantised either (fp8 files
+    dequantised and dropped them: lm_head alone is 151936 x 2560 in Qwen3-4B). The kept keys load
+    as before, and strictly: a key the model lacks is still refused."""
+    from zimage_native.formats.checkpoint import Checkpoint
+    from zimage_native.text_encoder import unused_key
+
+    from .fixtures import TINY_QWEN3
+
+    sd, _ = to_fp8(prefixed_te(tiny_model_dir, lm_head=True), scaled)
+    n = TINY_QWEN3["num_hidden_layers"]
+    path = write(tmp_path / "te.safetensors", sd)
+    config = {"max_position_embeddings": 2048}
+    reads = []
+    get = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, key: reads.append(key) or get(self, key))
+    model = load_component("text_encoder", path, torch.float32, "cpu", config=config)
+    unused = {k for k in sd if unused_key(k.removeprefix("model."), n) or k.startswith("lm_head.")}
+    assert "lm_head.weight" in unused and f"model.layers.{n - 1}.mlp.up_proj.weight" in unused
+    assert not unused & set(reads), sorted(unused & set(reads))
+    state = model.state_dict()
+    for key, t in state.items():
+        file_key = "model." + key
+        if file_key in sd and key != "rotary_emb.inv_freq":
+            scale = sd.get(file_key[: -len("weight")] + "scale_weight")
+            want = sd[file_key].float() * (scale if scale is not None else 1)
+            assert torch.equal(t, want), key
+    sd["model.layers.0.self_attn.extra.weight"] = torch.ones(3)  # kept (not an unused key): still refused
+    with pytest.raises(StateDictMismatchError, match="unexpected.*layers.0.self_attn.extra.weight"):
+        load_component("text_encoder", write(tmp_path / "extra.safetensors", sd), torch.float32, "cpu", config=config)
+
+
 @pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("scale", ["none", "scalar", "one-element", "per-row", "per-row-2d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -244,11 +244,13 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
         if kind == "text_encoder":
             from transformers import Qwen3Config
 
-            from .text_encoder import load_truncated_qwen3
+            from .text_encoder import load_truncated_qwen3, unused_key
 
             kwargs = infer_text_encoder_config(shapes, config, base)
             full = Qwen3Config(**{k: v for k, v in kwargs.items() if k not in ("model_type", "transformers_version")})
-            return load_truncated_qwen3(full, canonical_items(ckpt, info, dtype=dtype), dtype, device, quant)
+            n = full.num_hidden_layers  # the last layer, the final norm and lm_head are neither read nor dequantised
+            items = canonical_items(ckpt, info, dtype=dtype, keep=lambda k: not unused_key(k, n))
+            return load_truncated_qwen3(full, items, dtype, device, quant)
         if kind == "transformer":
             from .model.transformer import ZImageTransformer
 

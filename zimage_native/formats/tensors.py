@@ -8,7 +8,7 @@ config inference reads.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -19,11 +19,17 @@ from .fp8 import FP8_DTYPES, TORCH_FP8, dequantize, is_aux, scale_for
 
 
 def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool = True,
-              dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+              dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None
+              ) -> Iterator[tuple[str, torch.Tensor]]:
     """The component's weights in file order (quantisation keys consumed), as stored or dequantised
-    to ``dtype`` (fp32 when None; meta tensors say fp32)."""
+    to ``dtype`` (fp32 when None; meta tensors say fp32). A key that the key map drops (a tied
+    ``lm_head``), or none of whose canonical keys ``keep`` accepts, is not read at all."""
+    keymap = info.keymap()
     for key in info.keys:
         if is_aux(key):
+            continue
+        targets = keymap.canonical_keys(key)
+        if not targets or (keep is not None and not any(keep(t) for t in targets)):
             continue
         t_info = ckpt.tensors[key]
         if t_info.dtype in FP8_DTYPES and dequant:
@@ -38,10 +44,13 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
 
 
 def canonical_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool = False, dequant: bool = True,
-                    dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                    dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream the component as canonical (our module names) tensors; fp8 is dequantised to ``dtype``
-    (fp32 when None) by blocks of rows (:func:`~zimage_native.formats.fp8.dequantize`), never whole in fp32."""
-    return to_canonical(raw_items(ckpt, info, meta, dequant, dtype), info.keymap())
+    (fp32 when None) by blocks of rows (:func:`~zimage_native.formats.fp8.dequantize`), never whole in fp32.
+    ``keep(canonical key)``: tensors it refuses are skipped before they are read (a file tensor split
+    into several canonical ones is read when any of them is kept, and yields all of them)."""
+    return to_canonical(raw_items(ckpt, info, meta, dequant, dtype, keep), info.keymap())
 
 
 def canonical_shapes(ckpt: Checkpoint, info: ComponentInfo) -> dict[str, tuple]:
