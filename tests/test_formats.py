@@ -782,6 +782,73 @@ def test_an_fp8_text_encoder_loads_without_an_fp32_copy_of_its_embedding(tiny_mo
                          f"(the model holds {held / 2**20:.0f} MiB)"
 
 
+_QUANT_PEAK_SCRIPT = """
+import sys, torch
+from zimage_native.loading import load_component
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+warm, big = sys.argv[1:]
+config = {"max_position_embeddings": 2048}
+load_component("text_encoder", warm, torch.float32, "cpu", config=config, quant="int8")  # imports, first allocations
+open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the resident size now
+start = status("VmRSS")
+model = load_component("text_encoder", big, torch.float32, "cpu", config=config, quant="int8")
+held = sum(t.nbytes for t in model.state_dict().values())
+print(status("VmHWM") - start, held)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures the peak resident size (Linux)")
+def test_an_fp8_text_encoder_quantised_while_loading_never_holds_a_whole_fp32_weight(tiny_model_dir, tmp_path):
+    """A scaled-fp8 text encoder quantised to int8 while loading in fp32 (the CPU's dtype): each fp8
+    weight was dequantised whole to fp32 before it was quantised by chunks of rows (1.56 GB for
+    Qwen3-4B's 151936 x 2560 embedding; a real-width file peaked 2597 MiB above the start for a
+    379 MiB model). The fp8 rows are dequantised by the chunks that are quantised now (1145 MiB):
+    the peak stays under the model, the file's mapped pages and half the embedding in fp32
+    (measured here: 106 MiB against a bound of 200 MiB; the whole-weight path: 316 MiB)."""
+    import subprocess
+    import sys
+
+    sd, _ = to_fp8(prefixed_te(tiny_model_dir, lm_head=False), True, per_row=True)
+    warm = write(tmp_path / "warm.safetensors", sd)
+    rows, width = 1 << 20, sd["model.embed_tokens.weight"].shape[1]  # 48 Mi values: 48 MiB in fp8, 192 MiB in fp32
+    codes = torch.randint(0, 0x78, (rows, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    sd["model.embed_tokens.weight"] = codes.view(torch.float8_e4m3fn)
+    sd["model.embed_tokens.scale_weight"] = torch.rand(rows, generator=torch.Generator().manual_seed(1)) + 0.1
+    big = write(tmp_path / "big.safetensors", sd)
+    del sd, codes
+    run = subprocess.run([sys.executable, "-c", _QUANT_PEAK_SCRIPT, str(warm), str(big)], capture_output=True,
+                         text=True, check=True)
+    peak, held = map(int, run.stdout.split())
+    fp32_embedding = rows * width * 4
+    bound = held + big.stat().st_size + fp32_embedding // 2
+    assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
+                         f"(the model holds {held / 2**20:.0f} MiB)"
+
+
+@pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("scale", ["none", "scalar", "per-row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_rows_quantise_as_the_weight_dequantised_whole(monkeypatch, fp8_dtype, scale, dtype):
+    """int8 and int4 codes of a float8 weight read by chunks of rows (each dequantised with its rows
+    of the scale) equal those of the weight dequantised whole first (the slow twin), bit for bit."""
+    from zimage_native import quantize
+    from zimage_native.formats.fp8 import dequantize
+
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(10, 32, generator=g) * 30).to(fp8_dtype)
+    s = {"none": None, "scalar": torch.tensor(0.37), "per-row": torch.rand(10, generator=g) + 0.1}[scale]
+    whole = dequantize(weight, s, dtype)
+    monkeypatch.setattr(quantize, "CHUNK_ROWS", 3)
+    for got, want in ((quantize.int8_rows(weight, dtype, "cpu", s), quantize.int8_rows(whole)),
+                      (quantize.int4_groups(weight, 16, dtype, "cpu", s), quantize.int4_groups(whole, 16, dtype))):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------------- refused formats
 
 

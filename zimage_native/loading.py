@@ -249,8 +249,16 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
             kwargs = infer_text_encoder_config(shapes, config, base)
             full = Qwen3Config(**{k: v for k, v in kwargs.items() if k not in ("model_type", "transformers_version")})
             n = full.num_hidden_layers  # the last layer, the final norm and lm_head are neither read nor dequantised
-            items = canonical_items(ckpt, info, dtype=dtype, keep=lambda k: not unused_key(k, n))
-            return load_truncated_qwen3(full, items, dtype, device, quant)
+            keep = lambda k: not unused_key(k, n)  # noqa: E731
+            if quant == "none":
+                items = canonical_items(ckpt, info, dtype=dtype, keep=keep)
+                return load_truncated_qwen3(full, items, dtype, device, quant)
+            # Quantised: fp8 weights come as stored, and are dequantised by the chunks of rows that are
+            # quantised (quantize.quantize_items), never whole in dtype (fp32: 1.56 GB for the embedding).
+            kept = [k for k in info.keys if any(keep(c) for c in info.keymap().canonical_keys(k))]
+            items = canonical_items(ckpt, info, dequant=False, keep=keep)
+            return load_truncated_qwen3(full, items, dtype, device, quant,
+                                        fp8_scales=read_scales(ckpt, kept, info.keymap()))
         if kind == "transformer":
             from .model.transformer import ZImageTransformer
 

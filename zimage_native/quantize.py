@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .formats.fp8 import TORCH_FP8, dequantize
+
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP = 128
 #: Rows quantised at a time: each row's codes depend on that row alone, so chunks give the same codes
@@ -37,15 +39,30 @@ CHUNK_ROWS = 4096
 
 
 def _by_rows(fn, weight: torch.Tensor, dtype: torch.dtype | None, device: torch.device | str | None,
-             *args) -> tuple[torch.Tensor, ...]:
+             *args, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """``fn`` (a per-row quantiser returning tensors with rows first) over chunks of rows, each chunk
-    moved to ``device`` and cast to ``dtype`` first (None: as it is), written into the outputs."""
+    moved to ``device`` and cast to ``dtype`` first (None: as it is), written into the outputs.
+
+    A float8 ``weight`` (as a file stores it) is the row source of its dequantised values: each
+    chunk is moved, then dequantised to ``dtype`` (fp32 when None) times its rows of ``scale`` (a
+    scalar, one value per row, or None) as loading dequantises (:func:`~zimage_native.formats.fp8.dequantize`),
+    so the weight is never whole in ``dtype``: the codes are those of the weight dequantised whole."""
     n = weight.shape[0]
+    if weight.dtype in TORCH_FP8:
+        per_row = scale is not None and scale.numel() > 1
+
+        def take(i: int, j: int) -> torch.Tensor:
+            part = scale[i:j] if per_row else scale
+            return dequantize(weight[i:j].to(device), None if part is None else part.to(device),
+                              dtype or torch.float32)
+    else:
+        def take(i: int, j: int) -> torch.Tensor:
+            return weight[i:j].to(device=device, dtype=dtype)
     if n <= CHUNK_ROWS:
-        return fn(weight.to(device=device, dtype=dtype), *args)
+        return fn(take(0, n), *args)
     out = None
     for i in range(0, n, CHUNK_ROWS):
-        part = fn(weight[i:i + CHUNK_ROWS].to(device=device, dtype=dtype), *args)
+        part = fn(take(i, i + CHUNK_ROWS), *args)
         if out is None:
             out = tuple(torch.empty((n, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in part)
         for whole, t in zip(out, part):
@@ -54,10 +71,12 @@ def _by_rows(fn, weight: torch.Tensor, dtype: torch.dtype | None, device: torch.
 
 
 def int8_rows(weight: torch.Tensor, dtype: torch.dtype | None = None,
-              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              device: torch.device | str | None = None, fp8_scale: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) -> int8 codes (N, K) and fp32 scales (N,), symmetric per row: w ~= q * scale; the codes
-    of ``weight`` cast to ``dtype``, computed on ``device`` (both None: as it is)."""
-    return _by_rows(_int8_rows, weight.detach(), dtype, device)
+    of ``weight`` cast to ``dtype``, computed on ``device`` (both None: as it is). A float8 ``weight``
+    is dequantised (times ``fp8_scale``) by chunks of rows first (see :func:`_by_rows`)."""
+    return _by_rows(_int8_rows, weight.detach(), dtype, device, scale=fp8_scale)
 
 
 def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,12 +113,14 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row"
 
 
-def int4_groups(weight: torch.Tensor, group_size: int, dtype: torch.dtype, device: torch.device | str | None = None):
+def int4_groups(weight: torch.Tensor, group_size: int, dtype: torch.dtype, device: torch.device | str | None = None,
+                fp8_scale: torch.Tensor | None = None):
     """(N, K) -> packed codes (N, K/2) uint8 (even column in the low nibble), and a scale and a
     minimum per group of ``group_size`` columns, (N, K/group_size) in ``dtype``: the codes of
-    ``weight`` cast to ``dtype``, computed on ``device`` (None: where it is)."""
+    ``weight`` cast to ``dtype``, computed on ``device`` (None: where it is). A float8 ``weight`` is
+    dequantised (times ``fp8_scale``) by chunks of rows first (see :func:`_by_rows`)."""
     check_int4_width(weight.shape[1], group_size)
-    return _by_rows(_int4_groups, weight.detach(), dtype, device, group_size, dtype)
+    return _by_rows(_int4_groups, weight.detach(), dtype, device, group_size, dtype, scale=fp8_scale)
 
 
 def check_int4_width(in_features: int, group_size: int) -> None:
@@ -237,29 +258,38 @@ def swap_for_quantized_(model: nn.Module, mode: str, group_size: int = INT4_GROU
 
 
 def quantize_items(items: Iterable[tuple[str, torch.Tensor]], swapped: dict[str, nn.Module],
-                   device: torch.device | str, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+                   device: torch.device | str, dtype: torch.dtype | None,
+                   fp8_scales: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """The (key, tensor) pairs of a state dict as read (any floating dtype), turned into those of the
     model that :func:`swap_for_quantized_` made, in ``dtype`` on ``device``. Each swapped module's
     weight is quantised as it arrives, in chunks of :data:`CHUNK_ROWS` rows, each chunk cast to
     ``dtype`` and moved to ``device`` first (the codes of the weight cast whole), so no weight is
-    ever held in ``dtype`` whole, let alone the encoder. The other tensors (norms, biases, packed GGUF
-    bytes) are cast and moved; floating ones are copied, so that none keeps the file it was read
-    from mapped."""
+    ever held in ``dtype`` whole, let alone the encoder. Float8 tensors (an fp8 file read without
+    dequantising) are dequantised with their scale in ``fp8_scales`` (by key; none: unscaled) to
+    ``dtype`` (fp32 when None) as loading would: a quantised weight by the same chunks of rows,
+    so not even an fp8 weight is ever whole in ``dtype``. The other tensors (norms, biases, packed
+    GGUF bytes) are cast and moved; floating ones are copied, so that none keeps the file it was
+    read from mapped."""
     from .formats.tensors import cast
 
     device = torch.device(device)
+    fp8_scales = fp8_scales or {}
     for key, t in items:
         path, _, leaf = key.rpartition(".")
         module = swapped.get(path)
         if module is None or leaf != "weight":
+            if t.dtype in TORCH_FP8:
+                yield key, dequantize(t, fp8_scales.get(key), dtype or torch.float32).to(device)
+                continue
             moved = cast(t, dtype).to(device)
             yield key, moved.clone() if moved is t and t.is_floating_point() else moved
             continue
-        target = dtype or t.dtype
+        target = dtype or (torch.float32 if t.dtype in TORCH_FP8 else t.dtype)
+        scale = fp8_scales.get(key)
         if isinstance(module, Int4Linear):
-            names, tensors = ("packed", "scale", "minimum"), int4_groups(t, module.group_size, target, device)
+            names, tensors = ("packed", "scale", "minimum"), int4_groups(t, module.group_size, target, device, scale)
         else:
-            names, tensors = ("qweight", "scale"), int8_rows(t, target, device)
+            names, tensors = ("qweight", "scale"), int8_rows(t, target, device, scale)
             if isinstance(module, Int8Embedding):
                 module.dtype = target
         del t

@@ -63,7 +63,8 @@ def unused_key(key: str, n_layers: int) -> bool:
 
 def load_truncated_qwen3(full, items: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None,
                          device: torch.device | str, quant: str = "none",
-                         prepare: Callable[[nn.Module], None] | None = None) -> nn.Module:
+                         prepare: Callable[[nn.Module], None] | None = None,
+                         fp8_scales: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The one Qwen3 loader: from a full Qwen3 config and canonical (key, tensor) pairs, the model
     with the first N-1 layers and no final norm, loaded strictly (see :func:`unused_key`).
 
@@ -73,6 +74,8 @@ def load_truncated_qwen3(full, items: Iterable[tuple[str, torch.Tensor]], dtype:
     so neither the host nor the device ever holds the encoder, or one of its weights, in ``dtype``:
     the host holds the quantised weights and the one being read as stored. ``prepare(model)`` runs on the model built on meta before the weights are
     assigned (the GGUF loader swaps in its packed linears there; they are kept as they are).
+    With ``quant``, ``items`` may hold float8 tensors as a file stores them, with their scales by
+    canonical key in ``fp8_scales``: they are dequantised by the same chunks of rows.
     """
     from .formats.tensors import cast
 
@@ -83,7 +86,7 @@ def load_truncated_qwen3(full, items: Iterable[tuple[str, torch.Tensor]], dtype:
     if quant == "none":
         taken = ((k, cast(t, dtype).to(device)) for k, t in kept)
     elif quant in QUANT_MODES:
-        taken = quantize_items(kept, swap_for_quantized_(model, quant), device, dtype)
+        taken = quantize_items(kept, swap_for_quantized_(model, quant), device, dtype, fp8_scales)
     else:
         raise ValueError(f"text encoder quantisation must be one of {QUANT_MODES}, got {quant!r}")
     check_component_fits("text encoder", model, dtype, torch.device(device))  # what the device will hold
