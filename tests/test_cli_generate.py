@@ -633,6 +633,36 @@ def test_a_shipped_profile_alone_and_its_gguf_path_replaced_by_the_flag(tiny_mod
     assert "wrong type" not in line
 
 
+def test_a_refusal_caused_by_a_profile_names_the_profile(tmp_path, monkeypatch):
+    """`--profile 8gb --fp8` was refused as "--offload='blocks' streams the DiT's blocks ...", an
+    offload the user never typed: the shipped [8gb] profile sets it. A refusal that names a flag set
+    by the config now says which profile (or [default]) of which file set it, and how to override
+    it; a flag typed on the command line gets no such note."""
+    from zimage_native.cli.config import EXAMPLE_CONFIG
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "z_image_turbo-Q4_K_M.gguf").touch()  # the profile's DiT path (refused before it is read)
+    common = ["generate", "a cat", "--device", "cpu", "-o", tmp_path / "a.png"]
+    for extra in (["--fp8"], ["--compile", "blocks"]):
+        result = run(*common, "--profile", "8gb", *extra, ok=False)
+        line = result.output.strip().splitlines()[-1]
+        assert result.exit_code == 1 and line.startswith("Error: --offload='blocks' streams the DiT's blocks"), line
+        assert line.endswith(f"(--offload='blocks' comes from profile 8gb ([8gb].offload in {EXAMPLE_CONFIG}): give "
+                             f"--offload none on the command line to override it, or pick another profile)"), line
+    line = run("serve", "--profile", "8gb", "--fp8", "--device", "cpu", ok=False).output.strip().splitlines()[-1]
+    assert line.endswith(f"(--offload='blocks' comes from profile 8gb ([8gb].offload in {EXAMPLE_CONFIG}): give "
+                         f"--offload none on the command line to override it, or pick another profile)"), line
+    typed = run(*common, "--profile", "8gb", "--fp8", "--offload", "blocks", ok=False).output.strip()
+    assert typed.startswith("Error: --offload='blocks' streams") and "comes from" not in typed, typed
+    config = tmp_path / "c.toml"
+    config.write_text('[default]\noffload = "blocks"\n')
+    line = run(*common, "--config", config, "--fp8", ok=False).output.strip().splitlines()[-1]
+    assert line.endswith(f"(--offload='blocks' comes from the config's [default] table ([default].offload in "
+                         f"{config}, applied to every run): give --offload none on the command line to override "
+                         f"it, or edit {config})"), line
+
+
 def test_compile_for_a_single_image_says_what_it_costs(tiny_model_dir, tmp_path, monkeypatch):
     from types import SimpleNamespace
 

@@ -94,13 +94,18 @@ def user_errors(fn):
                 raise UserError(f"cannot use {e.filename}: {e.strerror or e}") from None
             if not _is_user_error(e):
                 raise
-            loading = sys.modules.get("zimage_native.loading")
-            mismatch = loading is not None and isinstance(e, loading.StateDictMismatchError)
-            message = e.args[0] if isinstance(e, KeyError) and e.args and not mismatch else str(e)
-            message = getattr(e, "cli_message", None) or message  # without advice meant for a Python caller
-            raise UserError(cli_message(str(message).splitlines()[0]) if str(message) else type(e).__name__) from None
+            raise UserError(user_message(e)) from None
 
     return wrapper
+
+
+def user_message(e: BaseException) -> str:
+    """The one line a library input error (``_is_user_error``) is shown as, in flag names."""
+    loading = sys.modules.get("zimage_native.loading")
+    mismatch = loading is not None and isinstance(e, loading.StateDictMismatchError)
+    message = e.args[0] if isinstance(e, KeyError) and e.args and not mismatch else str(e)
+    message = getattr(e, "cli_message", None) or message  # without advice meant for a Python caller
+    return cli_message(str(message).splitlines()[0]) if str(message) else type(e).__name__
 
 
 def check_writable_folder(folder: Path, flag: str) -> None:

@@ -12,7 +12,9 @@ error that names the file, the table and the key.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ._common import read_user_text
+from ._common import UserError, _is_user_error, read_user_text, user_message
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -197,3 +199,73 @@ def apply_layers(ctx: click.Context, kwargs: dict[str, Any], *layers: dict[str, 
             if key in merged and ctx.get_parameter_source(key) in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
                 merged[key] = value
     return merged
+
+
+def config_origins(ctx: click.Context, values: dict[str, tuple[Any, str]]) -> dict[str, tuple[Any, str]]:
+    """Parameter name -> (config value, where it came from) for the config keys in effect: those whose
+    flag was not given on the command line (the layers above the config, --from-image, are the
+    caller's to drop)."""
+    params = option_keys(ctx.command)
+    out = {}
+    for key, (value, where) in values.items():
+        param = params.get(key)
+        if param is not None and ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            out[param.name] = (value, where)
+    return out
+
+
+def _override_hint(param: click.Option, value: Any) -> str:
+    """How to replace a config value on the command line: the flag with its built-in default (the
+    off form of a switch), or another value."""
+    flag = next(o for o in param.opts if o.startswith("--"))
+    if param.is_flag:
+        off = [o for o in param.secondary_opts if o.startswith("--")]
+        return off[0] if value is True and off else f"{flag}" if value is False else ""
+    if param.default is not None and not param.multiple:
+        return f"{flag} {param.default}"
+    return f"another {flag}"
+
+
+def origin_note(ctx: click.Context, origins: dict[str, tuple[Any, str]], message: str) -> str:
+    """For each flag that ``message`` names whose value came from the config file: where it was set
+    (the file, the table, the key) and what to do instead; empty when there is none."""
+    params = {p.name: p for p in ctx.command.params if isinstance(p, click.Option)}
+    notes = []
+    for name, (value, where) in origins.items():
+        param = params.get(name)
+        if param is None:
+            continue
+        flags = [o for o in (*param.opts, *param.secondary_opts) if o.startswith("--")]
+        if not any(re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", message) for f in flags):
+            continue
+        path, _, table = where.rpartition(": [")
+        table_name = table.split("]", 1)[0]
+        hint = _override_hint(param, value)
+        if table_name == "default":
+            edit = ("pass a copy of it without that key with --config" if Path(path) == EXAMPLE_CONFIG else
+                    f"edit {path}")
+            fix = f"give {hint} on the command line to override it, or {edit}" if hint else edit
+            notes.append(f"{flags[0]}={value!r} comes from the config's [default] table ([{table} in {path}, "
+                         f"applied to every run): {fix}")
+        else:
+            fix = f"give {hint} on the command line to override it, or pick" if hint else "pick"
+            notes.append(f"{flags[0]}={value!r} comes from profile {table_name} ([{table} in {path}): {fix} "
+                         f"another profile")
+    return "; ".join(notes)
+
+
+@contextlib.contextmanager
+def naming_config_origins(ctx: click.Context, origins: dict[str, tuple[Any, str]]):
+    """Input errors raised inside that name a flag set by the config file (a profile or [default])
+    say where it was set and how to override it: `--profile 8gb --fp8` is refused because of the
+    profile's offload = "blocks", which the user did not type."""
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, UserError) or not _is_user_error(e) or not origins:
+            raise
+        message = user_message(e)
+        note = origin_note(ctx, origins, message)
+        if not note:
+            raise
+        raise UserError(f"{message} ({note})") from None

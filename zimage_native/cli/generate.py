@@ -17,7 +17,7 @@ import click
 from ..hub import DEFAULT_MODEL
 from .options import config_file, loading, placement, speed, vae_tiling
 from ._common import check_writable_folder, read_user_text, save_image_atomic, user_errors
-from .config import apply_layers, config_source, convert, read_profile
+from .config import apply_layers, config_origins, config_source, convert, naming_config_origins, read_profile
 
 DEFAULT_PATTERN = "zimage-{index:03d}-{seed}.png"
 
@@ -212,11 +212,21 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 def generate(ctx, prompt, config_path, profile, from_image, **opts):
     """Generate images from PROMPT (or --prompts-file, or --from-image)."""
     config_path = config_source(config_path, profile)
-    config = convert(ctx, read_profile(config_path, profile)) if config_path else {}
+    values = read_profile(config_path, profile) if config_path else {}
+    config = convert(ctx, values)
     recorded, recorded_prompt = from_image_layer(from_image)
     sigmas = recorded.pop("sigmas", None)
     unremakeable, seed_batch = recorded.pop("unremakeable", None), recorded.pop("seed_batch", None)
-    opts = apply_layers(ctx, opts, config, convert(ctx, {k: (v, f"{from_image}: {k}") for k, v in recorded.items()}))
+    image_layer = convert(ctx, {k: (v, f"{from_image}: {k}") for k, v in recorded.items()})
+    opts = apply_layers(ctx, opts, config, image_layer)
+    origins = {k: v for k, v in config_origins(ctx, values).items() if k not in image_layer}
+    with naming_config_origins(ctx, origins):  # a refusal caused by a config value names where it was set
+        checked_generate(ctx, prompt, opts, from_image, recorded, recorded_prompt, sigmas, unremakeable, seed_batch)
+
+
+def checked_generate(ctx, prompt, opts: dict, from_image, recorded: dict, recorded_prompt, sigmas, unremakeable,
+                     seed_batch) -> None:
+    """The request's checks across flags, then the run."""
     from click.core import ParameterSource
 
     typed = lambda key: ctx.get_parameter_source(key) == ParameterSource.COMMANDLINE  # noqa: E731

@@ -16,7 +16,7 @@ import click
 from ..hub import DEFAULT_MODEL
 from .options import config_file, loading, placement, speed, vae_tiling
 from ._common import check_writable_folder, user_errors
-from .config import apply_layers, config_source, convert, option_keys, read_profile
+from .config import apply_layers, config_origins, config_source, convert, naming_config_origins, option_keys, read_profile
 from .rewrite import chat_rewriter, llm_options
 
 logger = logging.getLogger(__name__)
@@ -100,9 +100,11 @@ def serve(ctx, config_path, profile, **opts):
         skipped = sorted(k for k in values if k in generation_only)
         if skipped:
             logger.info("zimage serve ignores the generation keys %s of %s", skipped, config_path)
-        config = convert(ctx, {k: v for k, v in values.items() if k not in generation_only})
+        values = {k: v for k, v in values.items() if k not in generation_only}
+        config = convert(ctx, values)
     opts = apply_layers(ctx, opts, config)
-    run_server(opts)
+    with naming_config_origins(ctx, config_origins(ctx, values) if config_path else {}):
+        run_server(opts)
 
 
 def check_port_free(host: str, port: int) -> None:
