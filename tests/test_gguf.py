@@ -741,6 +741,30 @@ def test_zimage_convert_dequantises_a_gguf(tiny_model_dir, tmp_path):
         assert torch.equal(converted[key], value), key
 
 
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_a_gguf_text_encoder_skips_its_unused_tensors_before_reading_them(tiny_model_dir, tmp_path, monkeypatch,
+                                                                          quant):
+    """The GGUF twin of the safetensors check: the last layer (blk.2.*), the final norm and the LM head (output.weight)
+    are neither read nor dequantised, with or without --text-encoder-quant (the F16 tensors are the
+    ones int8 quantises)."""
+    from transformers import AutoTokenizer
+
+    from zimage_native.formats.gguf import GGUFCheckpoint
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    path, _ = write_qwen3(tmp_path / "te.gguf", len(tok), lambda name, i: ("Q8_0", "F16")[i % 2])
+    reads = []
+    for name in ("get", "values"):
+        method = getattr(GGUFCheckpoint, name)
+        monkeypatch.setattr(GGUFCheckpoint, name,
+                            lambda self, key, *a, _m=method, **k: reads.append(key) or _m(self, key, *a, **k))
+    load_component("text_encoder", path, torch.float32, "cpu", quant=quant)
+    with GGUFCheckpoint(path) as ckpt:
+        unused = {k for k in ckpt.tensors if k.startswith(("blk.2.", "output.", "output_norm."))}
+    assert "output.weight" in unused and len(unused) > 1 and reads
+    assert not unused & set(reads), sorted(unused & set(reads))
+
+
 def test_without_the_gguf_package_the_error_says_what_to_install(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
