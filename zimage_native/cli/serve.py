@@ -16,7 +16,8 @@ import click
 from ..hub import DEFAULT_MODEL
 from .options import config_file, loading, placement, speed, vae_tiling
 from ._common import check_writable_folder, user_errors
-from .config import apply_layers, config_origins, config_source, convert, naming_config_origins, option_keys, read_profile
+from .config import (apply_layers, config_origins, config_source, convert, naming_config_origins, option_keys,
+                     read_profile)
 from .rewrite import chat_rewriter, llm_options
 
 logger = logging.getLogger(__name__)
