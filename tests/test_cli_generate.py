@@ -784,8 +784,11 @@ def test_a_cpu_decode_that_cannot_fit_is_refused_before_sampling(tiny_model_dir,
     monkeypatch.setattr(tiny_pipe, "denoise", real[0])
     monkeypatch.setattr(tiny_pipe, "encode_texts", real[1])
     caplog.set_level("WARNING", logger="zimage_native.devices")
-    run(*args, "--output-dir", tmp_path / "b", "--tiled-vae")  # tiles: no check
-    assert "VAE decode" not in caplog.text and len(list((tmp_path / "b").glob("*.png"))) == 2
+    # A tile not smaller than the image (the default 512 here) decodes it in one piece: checked too.
+    result = run(*args, "--output-dir", tmp_path / "b", "--tiled-vae", ok=False)
+    assert result.exit_code == 1 and "Error: the VAE decode of 2 images at 64x48 in one tile (the tile size is not " \
+        "smaller than the image) needs about" in result.output, result.output
+    assert not list((tmp_path / "b").glob("*.png"))
     monkeypatch.setattr(tiny_pipe, "vae_tiling", None)  # the run above turned tiling on
     monkeypatch.setattr(devices, "host_memory", lambda: (need // 2, need, 8 * need))  # fits with swap: a warning
     run(*args, "--output-dir", tmp_path / "c")
