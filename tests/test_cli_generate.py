@@ -663,6 +663,31 @@ def test_a_refusal_caused_by_a_profile_names_the_profile(tmp_path, monkeypatch):
                          f"it, or edit {config})"), line
 
 
+def test_a_refusal_note_never_shows_a_secret_nor_a_value_an_environment_variable_replaced(tiny_model_dir, tmp_path,
+                                                                                          monkeypatch):
+    """The config note of a refusal printed a config's encoder_token in clear (a remote encoder's 401
+    names --encoder-token), and blamed the config for it when ZIMAGE_ENCODER_TOKEN had replaced it
+    (click's environment value wins over the config, as apply_layers has it)."""
+    cli_generate = sys.modules["zimage_native.cli.generate"]  # the package's `generate` is the command
+
+    def refused(o):
+        raise ValueError("HTTP 401: the token given is not the server's --token (check --encoder-token)")
+
+    monkeypatch.setattr(cli_generate, "load_pipeline", refused)
+    monkeypatch.delenv("ZIMAGE_ENCODER_TOKEN", raising=False)
+    config = tmp_path / "c.toml"
+    config.write_text('[default]\nencoder_token = "s3cret-token"\n')
+    common = ["generate", "a cat", "--model", tiny_model_dir, *BASE, "--output-dir", tmp_path, "--config", config]
+    line = run(*common, ok=False).output.strip().splitlines()[-1]
+    assert line.startswith("Error: HTTP 401") and "s3cret" not in line, line
+    assert line.endswith(f"(--encoder-token=(a secret, not shown) comes from the config's [default] table "
+                         f"([default].encoder_token in {config}, applied to every run): give another "
+                         f"--encoder-token on the command line to override it, or edit {config})"), line
+    monkeypatch.setenv("ZIMAGE_ENCODER_TOKEN", "from-the-environment")
+    line = run(*common, ok=False).output.strip().splitlines()[-1]
+    assert line == "Error: HTTP 401: the token given is not the server's --token (check --encoder-token)", line
+
+
 def test_compile_for_a_single_image_says_what_it_costs(tiny_model_dir, tmp_path, monkeypatch):
     from types import SimpleNamespace
 

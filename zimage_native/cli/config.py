@@ -51,6 +51,8 @@ TABLE_KEYS = {
     ("pytorch", "use_custom_scheduler"): ("use_custom_scheduler", lambda v: None),  # always: the engine's own
 }
 NOT_CONFIGURABLE = {"config", "config_path", "profile", "prompt", "from_image"}
+#: Parameters whose values are secrets: a refusal's note names where they were set, never the value.
+SECRET_NAMES = {"token", "encoder_token"}
 #: The example config shipped with the package: ``--profile NAME`` without ``--config`` reads it.
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "config.example.toml"
 
@@ -208,8 +210,9 @@ def config_origins(ctx: click.Context, values: dict[str, tuple[Any, str]]) -> di
     params = option_keys(ctx.command)
     out = {}
     for key, (value, where) in values.items():
-        param = params.get(key)
-        if param is not None and ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+        param = params.get(key)  # in effect where apply_layers used it: not a flag typed, nor an environment variable
+        if param is not None and ctx.get_parameter_source(param.name) in (ParameterSource.DEFAULT,
+                                                                          ParameterSource.DEFAULT_MAP):
             out[param.name] = (value, where)
     return out
 
@@ -241,15 +244,16 @@ def origin_note(ctx: click.Context, origins: dict[str, tuple[Any, str]], message
         path, _, table = where.rpartition(": [")
         table_name = table.split("]", 1)[0]
         hint = _override_hint(param, value)
+        shown = f"{flags[0]}=(a secret, not shown)" if param.name in SECRET_NAMES else f"{flags[0]}={value!r}"
         if table_name == "default":
             edit = ("pass a copy of it without that key with --config" if Path(path) == EXAMPLE_CONFIG else
                     f"edit {path}")
             fix = f"give {hint} on the command line to override it, or {edit}" if hint else edit
-            notes.append(f"{flags[0]}={value!r} comes from the config's [default] table ([{table} in {path}, "
+            notes.append(f"{shown} comes from the config's [default] table ([{table} in {path}, "
                          f"applied to every run): {fix}")
         else:
             fix = f"give {hint} on the command line to override it, or pick" if hint else "pick"
-            notes.append(f"{flags[0]}={value!r} comes from profile {table_name} ([{table} in {path}): {fix} "
+            notes.append(f"{shown} comes from profile {table_name} ([{table} in {path}): {fix} "
                          f"another profile")
     return "; ".join(notes)
 
