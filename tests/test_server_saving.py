@@ -179,3 +179,55 @@ def test_storage_writes_given_png_bytes_as_they_are_and_still_makes_the_thumbnai
         assert thumb.format == "JPEG" and thumb.size == (256, 171)
     assert (given["width"], given["height"], given["seed"]) == (300, 200, 5)
     storage.close()
+
+
+class ReplicaBytes(FakeEngine):
+    """Returns its images as RayEngine.generate does: a replica's PNG bytes, opened lazily;
+    ``mangle`` breaks the first job's bytes (a damaged transfer, a faulty replica)."""
+
+    def __init__(self, mangle):
+        super().__init__()
+        self.mangle, self.made = mangle, 0
+
+    def generate(self, request, callback):
+        import io
+
+        from PIL import Image
+
+        from zimage_native.metadata import png_info, save_png
+        from zimage_native.server.engine import GeneratedImage
+
+        self.made += 1
+        out = []
+        for result in super().generate(request, callback):
+            buffer = io.BytesIO()
+            save_png(result.image, buffer, png_info(result.record))
+            data = self.mangle(buffer.getvalue()) if self.made == 1 else buffer.getvalue()
+            out.append(GeneratedImage(Image.open(io.BytesIO(data)), result.seed, result.record, png=data))
+        return out
+
+
+@pytest.mark.parametrize("mangle", [lambda b: b[: b.index(b"IDAT") + 12],  # cut inside the pixel data
+                                    lambda b: b[: b.index(b"IDAT") + 20] + bytes([b[b.index(b"IDAT") + 20] ^ 0xFF])
+                                    + b[b.index(b"IDAT") + 21:]], ids=["truncated", "flipped-byte"])
+def test_a_replica_png_that_does_not_decode_fails_its_job_as_such_and_leaves_no_file(tmp_path, mangle):
+    """A replica's PNG is stored as it came and decoded only for the thumbnail: a broken one was
+    written to images/ (a file without a row) and the job failed as "the server cannot write its
+    history" (the disk's fault). It is decoded before anything is written now."""
+    limits = Limits(min_side=32, max_side=512, max_pixels=512 * 512, max_steps=50, max_images=4)
+    storage = Storage(tmp_path)
+    manager = JobManager(ReplicaBytes(mangle), storage, ServerSettings(data_dir=tmp_path, limits=limits,
+                                                                      queue_size=8))
+    broken, fine = submit(manager, "broken"), submit(manager, "fine")
+    manager.start()
+    try:
+        assert wait_until(lambda: fine.terminal)
+        assert broken.status == "failed" and broken.error.startswith("image 0 of the job: its PNG cannot be decoded ("), \
+            broken.error
+        assert broken.error.endswith("); nothing was stored") and "history" not in broken.error
+        assert storage.job_images(broken.id) == [] and not list(tmp_path.glob(f"images/*/{broken.id}-*"))
+        assert not list(tmp_path.glob(f"thumbs/*/{broken.id}-*"))
+        assert fine.status == "completed" and storage.image_file(storage.job_images(fine.id)[0]).is_file()
+    finally:
+        manager.stop()
+        storage.close()

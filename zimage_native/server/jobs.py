@@ -40,7 +40,7 @@ from typing import Any, Callable
 from .engine import Engine, GenerationRequest
 from .remote import RemoteCallAborted, abort_when
 from .settings import ServerSettings
-from .storage import Storage, new_job_id
+from .storage import BrokenImage, Storage, new_job_id
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,10 @@ def storage_failure(e: BaseException, what: str) -> StorageFailed:
 
 class JobTimedOut(Exception):
     pass
+
+
+class ImageBroken(Exception):
+    """An image the engine returned cannot be stored as it is (a Ray replica's PNG that does not decode)."""
 
 
 class Conflict(Exception):
@@ -425,6 +429,8 @@ class JobManager:
                 try:
                     rows.append(self.storage.save_image(job.id, k, result.image, result.record, result.pnginfo(),
                                                         created=made, png=result.png))
+                except BrokenImage as e:  # a replica's PNG that does not decode (not the disk's fault)
+                    raise ImageBroken(f"image {k} of the job: {e}") from None
                 except (sqlite3.Error, OSError) as e:
                     raise storage_failure(e, f"image {k} of the job could not be saved") from None
             job.images = rows
@@ -439,7 +445,7 @@ class JobManager:
                     logger.error("job %s: pruning the history failed: %s", job.id, e)
             self._finish(job, "completed", data={"images": [image_view(r) for r in rows],
                                                  "seconds": round(seconds, 4)})
-        except StorageFailed as e:
+        except (StorageFailed, ImageBroken) as e:
             self._end_with(job, e)
 
     def _end_with(self, job: Job, e: Exception) -> None:

@@ -151,6 +151,11 @@ def check_history(root: str | os.PathLike) -> None:
 LOCK_FILE = "server.lock"
 
 
+class BrokenImage(ValueError):
+    """PNG bytes handed to :meth:`Storage.save_image` (a Ray replica's) that do not decode: the
+    image's fault, not the disk's."""
+
+
 class DataDirInUse(ValueError):
     """Another live server holds the data folder."""
 
@@ -311,6 +316,10 @@ class Storage:
         file = f"images/{day}/{iid}.png"
         thumb = f"thumbs/{day}/{iid}.jpg"
         if png is not None:
+            try:  # decoded before anything is written (the thumbnail needs it): a broken PNG leaves no file
+                image.load()
+            except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, zlib.error, ...
+                raise BrokenImage(f"its PNG cannot be decoded ({type(e).__name__}: {e}); nothing was stored") from None
             write_atomic(self.root / file, lambda f: f.write(png))
         else:
             write_atomic(self.root / file, lambda f: save_png(image, f, pnginfo))
