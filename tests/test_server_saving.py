@@ -112,6 +112,24 @@ def test_the_hand_off_is_bounded_a_worker_waits_when_the_writer_is_behind(setup)
     assert all(j.status == "completed" for j in jobs)
 
 
+def test_a_waiting_job_is_not_at_position_0_while_the_worker_holds_a_job_for_the_writer(setup):
+    """Position 0 means running. A worker that waits for room in the hand-off is busy with a job
+    that is no longer in _running: the first waiting job was told 0 (and its `queued` event said 0,
+    shown as plain "Queued" by the web page) though it cannot start."""
+    manager, engine, storage, gate = setup
+    jobs = [submit(manager, f"job {i}") for i in range(SAVE_QUEUE + 3)]
+    manager.start()
+    assert wait_until(lambda: manager.stats()["saving"] == SAVE_QUEUE + 2 and manager._saves.full())
+    assert manager.stats()["running"] == 0 and jobs[-1].status == "queued"
+    assert manager.position(jobs[-1]) == 1 and manager.view(jobs[-1])["queue_position"] == 1
+    late = submit(manager, "late")
+    assert late.events[0].data["position"] == 2 and manager.position(late) == 2
+    assert manager.position(jobs[SAVE_QUEUE + 1]) == 0  # the held job itself: generated, being handed over
+    gate.release.set()
+    assert wait_until(lambda: late.terminal) and late.status == "completed"
+    assert manager._handing == 0 and manager.position(late) is None
+
+
 def test_a_failing_save_fails_its_job_with_the_storage_error_and_the_next_job_completes(setup):
     manager, engine, storage, gate = setup
     gate.release.set()

@@ -148,6 +148,7 @@ class JobManager:
         self._tasks: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._running: list[Job] = []
         self._saving: list[Job] = []  # generated, their images handed to the writer thread
+        self._handing = 0  # workers waiting for room in the hand-off (busy, though running no job)
         self._saves: queue.Queue = queue.Queue(maxsize=SAVE_QUEUE)
         self._writer: threading.Thread | None = None
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
@@ -215,6 +216,7 @@ class JobManager:
             active = len(self._queue) + len(self._running)
             if active >= self.capacity:
                 raise QueueFull(self._retry_after_locked(), active, self.capacity)
+            ahead = active + self._handing
             try:
                 self.storage.insert_job(job.id, kind, job.params, now)
             except (sqlite3.Error, OSError) as e:
@@ -222,8 +224,8 @@ class JobManager:
                 raise storage_failure(e, "the job was not queued") from None
             self._jobs[job.id] = job
             self._queue.append(job)
-            position = active  # jobs ahead of this one, the running ones included
-            self._publish_locked(job, "queued", {"position": position})
+            # jobs ahead of this one: the running ones, and a worker's job waiting for the writer
+            self._publish_locked(job, "queued", {"position": ahead})
             self._cond.notify_all()
         return job
 
@@ -252,12 +254,13 @@ class JobManager:
             return list(self._saving) + list(self._running) + list(self._queue)
 
     def position(self, job: Job) -> int | None:
-        """Jobs ahead of this one (running jobs count): 0 when running, None when finished."""
+        """Jobs ahead of this one (running jobs count, and a job a worker holds until the writer takes
+        it): 0 when running (or saving), None when finished."""
         with self._cond:
             if any(job is running for running in self._running + self._saving):
                 return 0
             try:
-                return self._queue.index(job) + len(self._running)
+                return self._queue.index(job) + len(self._running) + self._handing
             except ValueError:
                 return None
 
@@ -399,8 +402,13 @@ class JobManager:
             with self._cond:
                 self._running = [j for j in self._running if j is not job]
                 self._saving.append(job)
+                self._handing += 1
                 self._cond.notify_all()
-            self._saves.put((job, results, t0, made))  # waits while the writer is SAVE_QUEUE jobs behind
+            try:
+                self._saves.put((job, results, t0, made))  # waits while the writer is SAVE_QUEUE jobs behind
+            finally:
+                with self._cond:
+                    self._handing -= 1
         except Exception as e:  # noqa: BLE001 - every job ends with a final event
             self._end_with(job, e)
 
