@@ -130,6 +130,40 @@ def test_a_waiting_job_is_not_at_position_0_while_the_worker_holds_a_job_for_the
     assert manager._handing == 0 and manager.position(late) is None
 
 
+def test_the_average_behind_retry_after_is_the_workers_time_per_job_not_the_save_after_it(setup, monkeypatch):
+    """Retry-After is (waiting + 1) x the average job time. The average took each job from its start
+    to its images stored, though the worker starts the next job once it has handed them over: with
+    a 1 s generation and a 5 s save it said 6 s per job. A clock that only the engine (1 s) and
+    the save (5 s) move: the average is the worker's 1 s, the completed event still says 6 s."""
+    import types
+
+    from zimage_native.server import jobs as jobs_module
+
+    manager, engine, storage, gate = setup
+    now = [100.0]
+    monkeypatch.setattr(jobs_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0], time=time.time,
+                                                                     monotonic=time.monotonic))
+    generate, save = engine.generate, gate.save
+
+    def timed_generate(request, callback):
+        now[0] += 1.0
+        return generate(request, callback)
+
+    def timed_save(*args, **kwargs):
+        now[0] += 5.0
+        return save(*args, **kwargs)
+
+    engine.generate, gate.save = timed_generate, timed_save
+    job = submit(manager, "job")
+    manager.start()
+    assert gate.entered.wait(WAIT)  # handed over, not yet saved; the average is the first guess until timed
+    wait_until(lambda: manager.stats()["average_job_seconds"] != 2.0, timeout=2.0)  # (before the save moves it)
+    gate.release.set()
+    assert wait_until(lambda: job.terminal) and job.status == "completed"
+    assert job.events[-1].data["seconds"] == 6.0 and manager.stats()["average_job_seconds"] == 1.0
+    assert manager.retry_after() == 1
+
+
 def test_a_failing_save_fails_its_job_with_the_storage_error_and_the_next_job_completes(setup):
     manager, engine, storage, gate = setup
     gate.release.set()

@@ -152,7 +152,8 @@ class JobManager:
         self._saves: queue.Queue = queue.Queue(maxsize=SAVE_QUEUE)
         self._writer: threading.Thread | None = None
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
-        self._avg_seconds = 2.0  # moving average of job run time (a guess until the first job ends)
+        self._avg_seconds = 2.0  # moving average of a worker's time per job (a guess until the first one)
+        self._timed = 0  # jobs in that average
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self.completed_count = 0
@@ -409,6 +410,11 @@ class JobManager:
             finally:
                 with self._cond:
                     self._handing -= 1
+                    # The worker's time for the job (generating, then waiting for room in the hand-off):
+                    # what each job ahead costs a waiting one, the writer saving alongside (Retry-After).
+                    busy = time.perf_counter() - t0
+                    self._avg_seconds = 0.7 * self._avg_seconds + 0.3 * busy if self._timed else busy
+                    self._timed += 1
         except Exception as e:  # noqa: BLE001 - every job ends with a final event
             self._end_with(job, e)
 
@@ -442,9 +448,8 @@ class JobManager:
                 except (sqlite3.Error, OSError) as e:
                     raise storage_failure(e, f"image {k} of the job could not be saved") from None
             job.images = rows
-            seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0  # the job's time until its images were stored
             with self._cond:
-                self._avg_seconds = 0.7 * self._avg_seconds + 0.3 * seconds if self.completed_count else seconds
                 self.completed_count += 1
             if self.settings.max_history is not None:  # before "completed": a client that then lists the
                 try:  # history or the files sees them pruned
