@@ -335,6 +335,23 @@ def test_dtype_takes_the_short_names_as_convert_does(tmp_path, command):
         assert config_values(tmp_path, '[default]\ndtype = "bf16"\n', command)["dtype"] == "bfloat16"
 
 
+def test_convert_dtype_takes_the_long_names_as_the_other_commands_do(tmp_path):
+    """`zimage convert --dtype bfloat16` (torch's spelling, and generate's) was refused: "'bfloat16'
+    is not one of 'keep', 'fp32', 'bf16', 'fp16', 'fp8'"; it reads as bf16 now, a typo is still
+    refused with the choices."""
+    import click
+
+    from zimage_native.cli import main
+
+    cmd = main.commands["convert"]
+    args = [str(tmp_path), "out.safetensors", "--to", "comfy"]
+    for given, read in (("bfloat16", "bf16"), ("Float32", "fp32"), ("float16", "fp16"), ("bf16", "bf16"),
+                        ("fp8", "fp8"), ("keep", "keep")):
+        assert cmd.make_context("convert", [*args, "--dtype", given]).params["dtype"] == read
+    with pytest.raises(click.BadParameter, match="'bfloat15' is not one of 'keep', 'fp32'"):
+        cmd.make_context("convert", [*args, "--dtype", "bfloat15"])
+
+
 def test_config_keys_are_the_flag_names(tmp_path):
     """Keys are the flags' names with underscores, also where the parameter is named otherwise
     (--compile, --lora, --image): those failed as unknown keys."""

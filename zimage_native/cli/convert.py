@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ._common import UserError, check_writable_folder, user_errors
+from .options import DtypeChoice
 
 LAYOUT_HELP = ("Target layout. transformer: diffusers | comfyui (= original) | native-fused; "
                "vae: diffusers | ldm (= comfyui, bfl); text encoder: transformers (= comfyui, diffusers; "
@@ -19,8 +20,9 @@ LAYOUT_HELP = ("Target layout. transformer: diffusers | comfyui (= original) | n
 @click.option("--to", "layout", required=True, help=LAYOUT_HELP)
 @click.option("--component", type=click.Choice(["auto", "transformer", "vae", "text-encoder"]), default="auto",
               show_default=True, help="Which component of SRC (needed for all-in-one files).")
-@click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16", "fp8"]), default="keep",
-              show_default=True, help="Output dtype; fp8 = float8_e4m3fn block weights with per-tensor scales.")
+@click.option("--dtype", type=DtypeChoice(["keep", "fp32", "bf16", "fp16", "fp8"]), default="keep",
+              show_default=True, help="Output dtype (float32, bfloat16, float16 too); fp8 = float8_e4m3fn block "
+                                      "weights with per-tensor scales.")
 @click.option("--shard-size", default=None, metavar="SIZE",
               help="Split into files of at most SIZE (e.g. 5GB) with an index json; DST must be a folder.")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",

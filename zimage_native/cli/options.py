@@ -19,14 +19,18 @@ def stack(*decorators):
 
 
 class DtypeChoice(click.Choice):
-    """A dtype flag's choices, taking the short names too (bf16, fp32, fp16: `zimage convert --dtype`'s
-    spelling, and the docs'), read as the long ones."""
+    """A dtype flag's choices, taking the other spelling too: the short names (bf16, fp32, fp16: the
+    docs' spelling) where the choices are the long ones, and the long names (bfloat16, float32,
+    float16: torch's) where they are the short ones (`zimage convert --dtype`)."""
 
     ALIASES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
     def convert(self, value, param, ctx):
-        if isinstance(value, str) and self.ALIASES.get(value.lower()) in self.choices:
-            value = self.ALIASES[value.lower()]
+        if isinstance(value, str):
+            key = value.lower()
+            other = self.ALIASES.get(key) or next((s for s, long in self.ALIASES.items() if long == key), None)
+            if value not in self.choices and other in self.choices:
+                value = other
         return super().convert(value, param, ctx)
 
 
