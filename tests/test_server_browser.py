@@ -164,6 +164,7 @@ def test_reuse_fills_the_form(page, server):
 def test_template_and_prompt_fields_reach_the_job(page, server, artifacts):
     page.click("#format summary")
     options = page.locator("#template option")
+    page.wait_for_function("document.querySelectorAll('#template option').length > 50")  # fetched after load
     assert options.count() > 50
     name = options.nth(1).get_attribute("value")
     page.select_option("#template", name)
