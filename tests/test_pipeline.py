@@ -375,6 +375,31 @@ def test_diffusers_set_attention_backend_maps_to_the_engines_backends(tiny_pipe,
             tiny_pipe.transformer.set_attention_backend(name)
 
 
+def test_diffusers_tokenizer_and_components_attributes(tiny_pipe):
+    """diffusers users read pipe.tokenizer and pipe.components (to build another pipeline from the
+    same parts, or count tokens): both raised a bare AttributeError."""
+    from zimage_native.pipeline import ZImagePipeline
+
+    assert tiny_pipe.tokenizer is tiny_pipe.text_encoder.tokenizer
+    assert tiny_pipe.tokenizer("a cat").input_ids  # a transformers tokenizer
+    parts = tiny_pipe.components
+    assert list(parts) == ["transformer", "vae", "text_encoder", "tokenizer"]
+    assert parts["transformer"] is tiny_pipe.transformer and parts["vae"] is tiny_pipe.vae
+    assert parts["text_encoder"] is tiny_pipe.text_encoder and parts["tokenizer"] is tiny_pipe.tokenizer
+    bare = ZImagePipeline.__new__(ZImagePipeline)
+    bare.text_encoder = None
+    with pytest.raises(AttributeError, match="pipe.tokenizer: this pipeline has no text encoder"):
+        bare.tokenizer
+
+
+def test_output_type_none_says_to_give_np(tiny_pipe):
+    """diffusers reads output_type=None as "np" with a deprecation warning; here it is refused with
+    the value to give instead (not only the list of types)."""
+    with pytest.raises(ValueError, match=r"output_type=None: give output_type='np' for numpy arrays \(what "
+                                         r"diffusers returns for None"):
+        tiny_pipe("a cat", height=32, width=32, num_inference_steps=1, output_type=None)
+
+
 def test_an_assigned_scheduler_is_refused_not_ignored(tiny_model_dir, tiny_pipe):
     """diffusers' ``pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=6)`` changes its images; here
     the attribute was set and never read (the same latents). Now assigning or reading it raises,

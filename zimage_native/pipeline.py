@@ -255,6 +255,24 @@ class ZImagePipeline:
         raise ValueError(f"pipe.scheduler = {type(value).__name__}(...): {self._SCHEDULER_ADVICE}")
 
     @property
+    def tokenizer(self):
+        """diffusers' ``pipe.tokenizer``: the text encoder's tokenizer (a transformers tokenizer)."""
+        tokenizer = getattr(self.text_encoder, "tokenizer", None)
+        if tokenizer is None:
+            where = ("the text encoder is remote (text_encoder_url): its server tokenizes" if self.text_encoder
+                     is not None else "this pipeline has no text encoder")
+            raise AttributeError(f"pipe.tokenizer: {where}")
+        return tokenizer
+
+    @property
+    def components(self) -> dict:
+        """diffusers' ``pipe.components``: the loaded parts by name (transformer, vae, text_encoder,
+        tokenizer). No ``scheduler``: the sampler is built for each call (``pipe.scheduler`` says how)."""
+        out = {"transformer": self.transformer, "vae": self.vae, "text_encoder": self.text_encoder}
+        out["tokenizer"] = getattr(self.text_encoder, "tokenizer", None)
+        return out
+
+    @property
     def defaults(self) -> VariantDefaults:
         return VARIANTS[self.variant]
 

@@ -611,6 +611,9 @@ def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator
         raise ValueError(f"guidance_scale must be >= 0 (0 turns CFG off), got {guidance_scale}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
+    if output_type is None:  # diffusers reads None as "np", with a deprecation warning
+        raise ValueError(f"output_type=None: give output_type='np' for numpy arrays (what diffusers returns for None, "
+                         f"with a deprecation warning), or one of {OUTPUT_TYPES}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     if max_len < 1:
