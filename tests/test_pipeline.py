@@ -400,6 +400,17 @@ def test_output_type_none_says_to_give_np(tiny_pipe):
         tiny_pipe("a cat", height=32, width=32, num_inference_steps=1, output_type=None)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without a CUDA GPU")
+def test_model_cpu_offload_without_a_gpu_says_to_leave_it_out(tiny_pipe):
+    """enable_model_cpu_offload() on a CPU-only machine said "device 'cuda' is not available ... (use cpu
+    or auto)", as if offloading to the CPU meant anything there."""
+    with pytest.raises(ValueError, match=r"enable_model_cpu_offload\(\): it keeps the components in CPU memory .* "
+                                         r"sees no CUDA GPU; without a GPU the pipeline runs from CPU memory already: "
+                                         r"leave the call out") as caught:
+        tiny_pipe.enable_model_cpu_offload()
+    assert "use cpu or auto" not in str(caught.value) and tiny_pipe.offload != "model"
+
+
 def test_an_assigned_scheduler_is_refused_not_ignored(tiny_model_dir, tiny_pipe):
     """diffusers' ``pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=6)`` changes its images; here
     the attribute was set and never read (the same latents). Now assigning or reading it raises,

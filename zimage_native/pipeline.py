@@ -428,7 +428,15 @@ class ZImagePipeline:
         from .offload import move_
 
         kind = torch.device(device).type
-        device = resolve_device(kind if gpu_id is None else f"{kind}:{gpu_id}")
+        try:
+            device = resolve_device(kind if gpu_id is None else f"{kind}:{gpu_id}")
+        except ValueError:
+            if kind != "cuda" or torch.cuda.is_available():
+                raise
+            raise ValueError(f"enable_model_cpu_offload(): it keeps the components in CPU memory and moves each to "
+                             f"the GPU while it runs, but this torch {torch.__version__} sees no CUDA GPU; without a "
+                             f"GPU the pipeline runs from CPU memory already: leave the call out (on a Mac give "
+                             f"device='mps')") from None
         if self.offload == "blocks":
             raise ValueError("the DiT's blocks are already streamed (offload='blocks'); load it again with "
                              "offload='model'")
