@@ -274,8 +274,8 @@ def test_a_replica_png_that_does_not_decode_fails_its_job_as_such_and_leaves_no_
     manager.start()
     try:
         assert wait_until(lambda: fine.terminal)
-        assert broken.status == "failed" and broken.error.startswith("image 0 of the job: its PNG cannot be decoded ("), \
-            broken.error
+        assert broken.status == "failed", broken.error
+        assert broken.error.startswith("image 0 of the job: its PNG cannot be decoded ("), broken.error
         assert broken.error.endswith("); nothing was stored") and "history" not in broken.error
         assert storage.job_images(broken.id) == [] and not list(tmp_path.glob(f"images/*/{broken.id}-*"))
         assert not list(tmp_path.glob(f"thumbs/*/{broken.id}-*"))
