@@ -962,3 +962,59 @@ def test_tokenizer_local_folders(tiny_model_dir, tmp_path):
     assert resolve_tokenizer_folder(tiny_model_dir / "tokenizer") == tiny_model_dir / "tokenizer"
     with pytest.raises(FileNotFoundError, match="tokenizer folder not found"):
         resolve_tokenizer_folder(str(tmp_path / "missing"))
+
+
+@needs_cpu_fp8
+def test_adapter_calls_after_fp8_are_refused_before_anything_changes(tiny_model_dir, tmp_path):
+    """diffusers' adapter calls refit the LoRAs (unfuse all, fuse the active ones). After fp8, an fp8
+    file's side paths can be unfused (their linears become fp8 GEMMs) but nothing can be fused
+    again: a refit that needs a LoRA is refused before it unfuses anything, so the adapters that
+    get_active_adapters names are the ones that apply, and a refit that only unfuses works."""
+    from .fixtures import our_pipeline
+
+    sd, _ = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True)
+    dit = write(tmp_path / "fp8.safetensors", sd)
+
+    def lora(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {"diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.randn(4, 64, generator=g) * 0.02,
+                "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.randn(192, 4, generator=g) * 0.02}
+
+    plain, pipe = our_pipeline(tiny_model_dir, transformer=dit), our_pipeline(tiny_model_dir, transformer=dit)
+    plain.optimize(fp8=True)
+    pipe.load_lora_weights(lora(1), adapter_name="a")
+    pipe.load_lora_weights(lora(2), adapter_name="b")
+    pipe.set_adapters(["a", "b"], [1.0, 1.0])
+    pipe.optimize(fp8=True)
+    both = dit_output(pipe.transformer)
+    assert not torch.equal(both, dit_output(plain.transformer))  # the LoRAs apply
+    for call in (lambda: pipe.set_adapters("a", 0.5), lambda: pipe.delete_adapters("b"),
+                 lambda: pipe.load_lora_weights(lora(3), adapter_name="c")):
+        with pytest.raises(ValueError, match=r"The adapters cannot be changed after optimize\(fp8=True\)"):
+            call()
+        assert pipe.get_active_adapters() == ["a", "b"] and pipe.get_list_adapters() == {"transformer": ["a", "b"]}
+        assert len(pipe.lora_stack.loaded) == 2 and torch.equal(dit_output(pipe.transformer), both)
+    pipe.disable_lora()  # unfusing only: the DiT fp8 makes without a LoRA
+    assert pipe.get_active_adapters() == [] and torch.equal(dit_output(pipe.transformer), dit_output(plain.transformer))
+    with pytest.raises(ValueError, match=r"enable_lora: fp8 quantised the DiT's block linears"):
+        pipe.enable_lora()
+    assert pipe.get_active_adapters() == [] and not pipe.lora_stack.loaded
+
+
+@needs_cpu_fp8
+def test_adapter_calls_after_fp8_on_fused_loras_are_refused_before_anything_changes(tiny_model_dir, tmp_path):
+    """A LoRA fused into a bfloat16/fp32 DiT before fp8 cannot be unfused after it: set_adapters and
+    disable_lora are refused and leave the adapters as they were (they still apply)."""
+    from .fixtures import our_pipeline
+
+    pipe = our_pipeline(tiny_model_dir)
+    g = torch.Generator().manual_seed(1)
+    lora = {"diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.randn(4, 64, generator=g) * 0.02,
+            "diffusion_model.layers.0.attention.to_q.lora_B.weight": torch.randn(64, 4, generator=g) * 0.02}
+    pipe.load_lora_weights(lora, adapter_name="a")
+    pipe.optimize(fp8=True)
+    for call in (lambda: pipe.set_adapters("a", 0.5), pipe.disable_lora, lambda: pipe.delete_adapters("a")):
+        with pytest.raises(ValueError, match=r"fp8 quantised 1 of the linears the LoRA is fused into"):
+            call()
+        assert pipe.get_active_adapters() == ["a"] and pipe.get_list_adapters() == {"transformer": ["a"]}
+        assert pipe.lora_adapters.enabled and len(pipe.lora_stack.loaded) == pipe.lora_adapters.fused == 1

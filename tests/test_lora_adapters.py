@@ -182,3 +182,24 @@ def test_load_lora_weights_takes_a_hub_id_as_diffusers_does(tiny_pipe, tmp_path,
     with pytest.raises(TypeError, match=r"load_lora_weights\(\) got unknown arguments \['prefix'\]"):
         pipe.load_lora_weights(lora, prefix="unet")
     assert pipe.get_list_adapters() == {} and not pipe.loras
+
+
+def test_an_adapter_refit_that_fails_part_way_names_what_applies(fresh_pipe, tmp_path):
+    """set_adapters refits from the adapters' sources; a file gone since it was loaded fails the refit
+    part-way. The adapters are put back and fused again; where that fails too, the active adapters
+    are the ones fused (here none): get_active_adapters tells the truth and the next call works."""
+    pipe = fresh_pipe
+    plain = pipe("a cat", seed=0, **KW).images
+    b = save_lora(pipe, tmp_path / "b.safetensors", 2)
+    a = save_lora(pipe, tmp_path / "a.safetensors", 1)
+    pipe.load_lora_weights(str(a), adapter_name="a")
+    pipe.load_lora_weights(str(b), adapter_name="b")
+    pipe.set_adapters(["b", "a"])
+    a.unlink()
+    with pytest.raises(Exception):
+        pipe.set_adapters("a", 0.5)  # b is unfused, a cannot be read: fused as before (b, a) fails at a
+    assert pipe.get_active_adapters() == ["b"] and len(pipe.lora_stack.loaded) == pipe.lora_adapters.fused == 1
+    only_b = pipe("a cat", seed=0, **KW).images
+    pipe.set_adapters("b")
+    assert torch.equal(pipe("a cat", seed=0, **KW).images, only_b)
+    assert rel_err(only_b, plain) > 1e-2  # the control: b applies

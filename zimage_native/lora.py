@@ -791,6 +791,14 @@ class LoraAdapters:
         self.enabled = True
         self.fused = 0
 
+    def state(self) -> tuple:
+        """What :meth:`restore` puts back (the sources, the active adapters and weights, enabled)."""
+        return dict(self.sources), dict(self.active), self.enabled
+
+    def restore(self, state: tuple) -> None:
+        sources, active, self.enabled = state
+        self.sources, self.active = dict(sources), dict(active)
+
     def add(self, source, name: str | None, options: dict) -> str:
         """Register an adapter and make it the only active one, at weight 1 (diffusers' rule)."""
         if name is None:

@@ -711,16 +711,7 @@ class ZImagePipeline:
         self._check_adapters("load_lora_weights")
         source = resolve_lora_source(path, weight_name, subfolder, revision=revision, cache_dir=cache_dir,
                                      local_files_only=local_files_only)
-        adapters = self.lora_adapters
-        before = dict(adapters.active), adapters.enabled
-        name = adapters.add(source, adapter_name, options)
-        try:
-            self._fuse_adapters()
-        except Exception:  # a file that cannot load leaves the adapters as they were
-            adapters.delete(name)
-            adapters.active, adapters.enabled = before
-            self._fuse_adapters()
-            raise
+        self._refit_adapters("load_lora_weights", lambda: self.lora_adapters.add(source, adapter_name, options))
         return self.lora_stack.loaded[-1]
 
     @_serialized
@@ -729,8 +720,7 @@ class ZImagePipeline:
         apply, each at its weight (a number, or None for 1); the others are unfused. The active ones
         are fused again at the new weights."""
         self._check_adapters("set_adapters")
-        self.lora_adapters.set(adapter_names, adapter_weights)
-        self._fuse_adapters()
+        self._refit_adapters("set_adapters", lambda: self.lora_adapters.set(adapter_names, adapter_weights))
 
     def get_active_adapters(self) -> list[str]:
         """diffusers' name: the adapters that apply now."""
@@ -744,22 +734,19 @@ class ZImagePipeline:
     def disable_lora(self) -> None:
         """diffusers' name: unfuse every adapter (they stay loaded; :meth:`enable_lora` applies them again)."""
         self._check_adapters("disable_lora")
-        self.lora_adapters.enabled = False
-        self._fuse_adapters()
+        self._refit_adapters("disable_lora", lambda: setattr(self.lora_adapters, "enabled", False))
 
     @_serialized
     def enable_lora(self) -> None:
         """diffusers' name: apply the active adapters again after :meth:`disable_lora`."""
         self._check_adapters("enable_lora")
-        self.lora_adapters.enabled = True
-        self._fuse_adapters()
+        self._refit_adapters("enable_lora", lambda: setattr(self.lora_adapters, "enabled", True))
 
     @_serialized
     def delete_adapters(self, adapter_names) -> None:
         """diffusers' name: drop these adapters (unfused if they applied); the others keep their weights."""
         self._check_adapters("delete_adapters")
-        self.lora_adapters.delete(adapter_names)
-        self._fuse_adapters()
+        self._refit_adapters("delete_adapters", lambda: self.lora_adapters.delete(adapter_names))
 
     def _check_adapters(self, what: str) -> None:
         """The adapter methods refit the fused LoRAs from their sources: refused while ``load_lora``
@@ -767,6 +754,52 @@ class ZImagePipeline:
         if len(self.lora_stack.loaded) != self.lora_adapters.fused:
             raise ValueError(f"{what}: LoRAs loaded with load_lora() are fused and belong to no adapter; call "
                              f"unload_lora() first, or load every LoRA with load_lora_weights(..., adapter_name=)")
+
+    def _refit_adapters(self, what: str, change: Callable[[], Any]) -> None:
+        """Make ``change`` to the adapters and fuse the active ones again (:meth:`_fuse_adapters`).
+        Refused with nothing changed where fp8 would stop the refit part-way (:meth:`_refit_problem`);
+        a failure part-way (a LoRA file gone since it was loaded) puts the adapters back as they were
+        and fuses them again, and if that fails too, the active adapters are the ones fused: in every
+        case ``get_active_adapters()`` names what applies."""
+        adapters = self.lora_adapters
+        before = adapters.state()
+        change()
+        problem = self._refit_problem()
+        if problem:
+            adapters.restore(before)
+            raise ValueError(f"{what}: {problem}")
+        try:
+            self._fuse_adapters()
+        except Exception:
+            adapters.restore(before)
+            try:
+                self._fuse_adapters()
+            except Exception:
+                logger.warning("%s failed, and fusing the adapters as they were failed too: the active adapters are "
+                               "the ones fused (%s)", what, adapters.fused)
+                if adapters.enabled:
+                    adapters.active = dict(list(adapters.active.items())[:adapters.fused])
+            raise
+
+    def _refit_problem(self) -> str | None:
+        """Why the adapters cannot be fused again now (None if they can): fp8 keeps no weight to
+        unfuse a LoRA fused before it from, and allows no LoRA after it (an fp8 file's linears that
+        keep a LoRA as a side path become fp8 GEMMs once it is unfused, see :meth:`_requantize_fp8`)."""
+        from .accel.fp8 import fp8_applied, lora_problem
+
+        if self.lora_stack.loaded:
+            problem = lora_problem(self.transformer, restore=self.lora_stack.originals)
+            if problem:
+                return problem
+        if not self.lora_adapters.to_fuse():
+            return None
+        problem = lora_problem(self.transformer)
+        if problem is None and self.lora_stack.loaded and fp8_applied(self.transformer):
+            problem = "fp8 quantised the DiT: once its LoRAs are unfused no LoRA can be fused into it again"
+        if problem:
+            return (f"{problem}. The adapters cannot be changed after optimize(fp8=True): set them before it, or "
+                    f"disable_lora() / unload_lora_weights() to remove them")
+        return None
 
     def _fuse_adapters(self) -> None:
         """Unfuse every LoRA (exactly), then fuse the active adapters at their weights."""

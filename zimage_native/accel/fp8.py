@@ -225,6 +225,11 @@ def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool
             f"{str(dtype).removeprefix('torch.')}")
 
 
+def fp8_applied(transformer: nn.Module) -> bool:
+    """Whether :func:`quantize_fp8_` has quantised this DiT."""
+    return "_zimage_fp8" in transformer.__dict__
+
+
 def fp8_waiting(transformer: nn.Module) -> list[str]:
     """What fp8 left undone in a DiT it quantised, for LoRA side paths that are gone now (after
     ``unload_lora``): the block linears of an fp8 file still held as stored layers (weight-only,
