@@ -294,6 +294,39 @@ def test_a_callback_turns_cfg_off_part_way_as_in_diffusers(tiny_pipe, reference_
                   callback_on_step_end=lambda p, i, t, d: setattr(p, "_guidance_scale", -1.0) or d)
 
 
+def test_a_callbacks_guidance_change_is_in_the_run_record(tiny_pipe, tmp_path):
+    """A step-end callback that turns CFG off part-way makes another image than its guidance_scale
+    does on every step: the run's info, the image record and the PNG's parameters text say when
+    and to what, and --from-image (which has no callback) refuses the record instead of silently
+    making the other image. A callback that leaves the scale alone records nothing."""
+    from PIL import Image
+
+    from zimage_native.cli.generate import from_image_layer
+    from zimage_native.metadata import image_record, parameters_text, png_info
+
+    def off_after_three(pipe, i, t, tensors):
+        if i == 2:
+            pipe._guidance_scale = 0.0
+        return tensors
+
+    kw = dict(height=32, width=32, num_inference_steps=5, output_type="latent", guidance_scale=3.0, seed=0)
+    changed = tiny_pipe("a cat", callback_on_step_end=off_after_three, **kw)
+    assert changed.info["guidance_changes"] == [[3, 0.0]]
+    record = image_record(changed.info, 0)
+    assert record["guidance_changes"] == [[3, 0.0]]
+    assert "CFG scale: 3.0, CFG scale set by a callback: 0 after step 3," in parameters_text(record)
+    path = tmp_path / "changed.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=png_info(record))
+    layer, _ = from_image_layer(path)
+    assert "changed its guidance scale part-way ([[3, 0.0]]" in layer["unremakeable"] and "seed" not in layer
+    same = tiny_pipe("a cat", callback_on_step_end=lambda pipe, i, t, d: d, **kw)  # the control
+    assert "guidance_changes" not in same.info
+    path = tmp_path / "same.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=png_info(image_record(same.info, 0)))
+    layer, _ = from_image_layer(path)
+    assert "unremakeable" not in layer and layer["seed"] == [0]
+
+
 def test_diffusers_vae_calls_tile_and_slice(tiny_model_dir, reference_pipe):
     """diffusers' Z-Image pipeline has no enable_vae_tiling(): its users write pipe.vae.enable_tiling()
     and pipe.vae.enable_slicing(), which raised AttributeError here (and pipe.enable_vae_slicing() was

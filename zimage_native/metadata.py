@@ -35,8 +35,9 @@ def image_record(info: dict[str, Any], index: int, prompt_index: int = 0) -> dic
     When one seed drew the noise of a batch (``num_images_per_prompt`` with one seed, or a list of
     prompts), that seed alone remakes only the first image: the record of image ``index`` says so
     with ``batch_index`` and ``batch_size`` (and ``batch_prompts``, the prompts the batch mixed, when
-    more than one). ``noise`` ("generator" or "latents") marks an image whose start the caller gave:
-    its record cannot remake it."""
+    more than one). ``noise`` ("generator" or "latents") marks an image whose start the caller gave,
+    and ``guidance_changes`` one whose guidance a step-end callback changed part-way
+    (``sampling.note_guidance_change``): its record cannot remake it."""
     seeds = info.get("seeds") or []
     record = {k: v for k, v in info.items() if k not in ("prompts", "seeds", "formatted_prompts", "token_counts")}
     record["prompt"] = info["prompts"][prompt_index]
@@ -62,6 +63,9 @@ def parameters_text(record: dict[str, Any]) -> str:
         f"Steps: {record.get('steps')}",
         "Sampler: FlowMatch Euler",
         f"CFG scale: {record.get('guidance_scale')}",
+        *(["CFG scale set by a callback: " + ", ".join(f"{scale:g} after step {step}"
+                                                     for step, scale in record["guidance_changes"])]
+          if record.get("guidance_changes") else []),
         f"Seed: {record.get('seed')}",
         *([f"Batch size: {record['batch_size']}, Batch pos: {record.get('batch_index')}"]
           if record.get("batch_size") else []),

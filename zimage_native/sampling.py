@@ -456,6 +456,17 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
     return latents
 
 
+def note_guidance_change(info: dict, steps_run: int, before, after) -> None:
+    """Record in the run's ``info`` that a step-end callback set ``pipe._guidance_scale`` after
+    ``steps_run`` steps: ``info["guidance_changes"]`` lists ``[steps_run, scale]``, so the image's
+    record (and its PNG metadata) says that its guidance_scale held for the first steps only, and a
+    re-run from the record, which has no callback, is refused rather than silently different. A
+    value that is not a number is left to :func:`guidance_after_step_end` to refuse."""
+    if after is before or after == before or isinstance(after, bool) or not isinstance(after, numbers.Real):
+        return
+    info.setdefault("guidance_changes", []).append([steps_run, float(after)])
+
+
 def guidance_after_step_end(pipe, plan: SamplingPlan, before, scale: float | None) -> float | None:
     """The guidance scale of the later steps: ``pipe._guidance_scale`` if a step-end callback changed
     it (diffusers' way to turn CFG off part-way: ``pipe._guidance_scale = 0.0``), else ``scale``
@@ -947,7 +958,9 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
             if task.name == "inpaint":
                 given["mask"] = cond.blend.mask
             tensors = {name: given[name] for name in callback_on_step_end_tensor_inputs}
+            before = pipe._guidance_scale
             out = callback_on_step_end(pipe, k, schedule.timesteps[index].to(latents.device), tensors) or {}
+            note_guidance_change(info, k + 1, before, pipe._guidance_scale)
             replaceable = [name for name in given if name != "prompt_embeds"]
             if out.get("prompt_embeds", embeds) is not embeds:
                 raise ValueError(f"callback_on_step_end: replacing prompt_embeds mid-run is not supported (the "
