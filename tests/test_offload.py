@@ -244,3 +244,37 @@ def test_placing_copies_each_storage_once_and_nothing_already_there(monkeypatch)
     assert sorted(copies) == [12, 48]
     assert m.a.untyped_storage().data_ptr() == m.b.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
     assert torch.equal(torch.cat([m.a, m.b]), buffer)
+
+
+def test_a_lora_loaded_or_unloaded_between_streamed_runs_reaches_every_block():
+    """After a request the streamer keeps the block it predicts next (the next request's first
+    block) on the device. A LoRA fused then went into that device copy only, and the copy was
+    dropped for the CPU copy at the next request's first block: the first run after load_lora was
+    right, the later ones lost the LoRA on that block (and an unload then left it in the CPU copy).
+    Every run, after load and after unload, equals the eager DiT with the same LoRA (none)."""
+    from zimage_native.lora import LoraStack
+
+    model, eager = tiny_dit(), tiny_dit()
+    streamer = stream_blocks(model, "cpu", transfer=lambda t: t.clone())
+    g = torch.Generator().manual_seed(1)
+    lora = {}
+    for name in ("context_refiner.0", "noise_refiner.0", "layers.0", "layers.1"):
+        lora[f"diffusion_model.{name}.attention.to_q.lora_A.weight"] = torch.randn(4, CONFIG.dim, generator=g) * 0.3
+        lora[f"diffusion_model.{name}.attention.to_q.lora_B.weight"] = torch.randn(CONFIG.dim, 4, generator=g) * 0.3
+    x, cap, t, layout = inputs()
+    with torch.no_grad():
+        for _ in range(2):
+            model(x, cap, t, layout)
+        assert streamer.loaded  # the control: a block is on the device between runs
+        plain = eager(x, cap, t, layout)
+        ours, theirs = LoraStack(), LoraStack()
+        ours.load(model, lora)
+        theirs.load(eager, lora)
+        want = eager(x, cap, t, layout)
+        assert not torch.allclose(want, plain, atol=1e-3)
+        for run in range(3):
+            assert torch.equal(model(x, cap, t, layout), want), f"run {run} with the LoRA"
+        assert streamer.loaded
+        ours.unload(model)
+        for run in range(3):
+            assert torch.equal(model(x, cap, t, layout), plain), f"run {run} after unload"

@@ -702,6 +702,17 @@ def _packed_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
+def _settle_streamed_blocks(transformer: nn.Module) -> None:
+    """With ``offload="blocks"`` a block can still be on the device between runs (the streamer
+    prefetches the next request's first block after the last one): its weights point at a device
+    copy, which the streamer drops for the CPU copy when it moves on. A LoRA fused (or unfused, or
+    added as a side path) there would change the copy and be lost (or survive an unload), so every
+    block is pointed back at its CPU copy first (``BlockStreamer.release``)."""
+    streamer = getattr(transformer, "block_streamer", None)
+    if streamer is not None:
+        streamer.release()
+
+
 class LoraStack:
     """The LoRAs fused into one DiT (a pipeline's collaborator): ``load``, ``unload`` with exact undo,
     and the reports of what is loaded. The transformer is passed to each call."""
@@ -740,6 +751,7 @@ class LoraStack:
                 raise ValueError(f"{name}: {len(report.unmatched)} keys match no Z-Image module, e.g. "
                                  f"{report.unmatched[:5]}")
             planned.append((modules, report))
+        _settle_streamed_blocks(transformer)
         weights = {n: m.weight for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
         packed = _packed_linears(transformer)
         compute = next((p.dtype for p in transformer.parameters() if p.is_floating_point()), None)
@@ -761,6 +773,7 @@ class LoraStack:
         if self.no_undo:
             raise RuntimeError("a LoRA was fused with undo=False: the original weights were not kept; reload the "
                                "pipeline to remove it")
+        _settle_streamed_blocks(transformer)
         weights = {n: m.weight for n, m in transformer.named_modules() if isinstance(m, nn.Linear)}
         with torch.no_grad():
             for name, original in self.originals.items():
