@@ -294,11 +294,12 @@ def test_a_callback_turns_cfg_off_part_way_as_in_diffusers(tiny_pipe, reference_
                   callback_on_step_end=lambda p, i, t, d: setattr(p, "_guidance_scale", -1.0) or d)
 
 
-def test_a_callbacks_guidance_change_is_in_the_run_record(tiny_pipe, tmp_path):
+def test_a_callbacks_changes_to_the_run_are_in_its_record(tiny_pipe, tmp_path):
     """A step-end callback that turns CFG off part-way makes another image than its guidance_scale
-    does on every step: the run's info, the image record and the PNG's parameters text say when
-    and to what, and --from-image (which has no callback) refuses the record instead of silently
-    making the other image. A callback that leaves the scale alone records nothing."""
+    does on every step, and so do one that replaces the latents and one that interrupts the run:
+    the run's info, the image record and the PNG's parameters text say when and what, and
+    --from-image (which has no callback) refuses the record instead of silently making another
+    image. A callback that changes nothing records nothing."""
     from PIL import Image
 
     from zimage_native.cli.generate import from_image_layer
@@ -318,9 +319,24 @@ def test_a_callbacks_guidance_change_is_in_the_run_record(tiny_pipe, tmp_path):
     path = tmp_path / "changed.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=png_info(record))
     layer, _ = from_image_layer(path)
-    assert "changed its guidance scale part-way ([[3, 0.0]]" in layer["unremakeable"] and "seed" not in layer
+    assert "changed its run part-way ({'guidance_changes': [[3, 0.0]]})" in layer["unremakeable"]
+    assert "seed" not in layer
+
+    def nudge_then_stop(pipe, i, t, tensors):  # replaced latents after step 1, stopped after step 2
+        if i == 1:
+            pipe._interrupt = True
+        return {"latents": tensors["latents"] * 1.01} if i == 0 else tensors
+
+    stopped = tiny_pipe("a cat", callback_on_step_end=nudge_then_stop, **kw)
+    assert stopped.info["callback_replaced"] == [[1, "latents"]] and stopped.info["interrupted_after"] == 2
+    assert "guidance_changes" not in stopped.info
+    text = parameters_text(image_record(stopped.info, 0))
+    assert "Replaced by a callback: latents after step 1, Interrupted after step 2," in text
+    path = tmp_path / "stopped.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=png_info(image_record(stopped.info, 0)))
+    assert "'interrupted_after': 2" in from_image_layer(path)[0]["unremakeable"]
     same = tiny_pipe("a cat", callback_on_step_end=lambda pipe, i, t, d: d, **kw)  # the control
-    assert "guidance_changes" not in same.info
+    assert not {"guidance_changes", "callback_replaced", "interrupted_after"} & set(same.info)
     path = tmp_path / "same.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=png_info(image_record(same.info, 0)))
     layer, _ = from_image_layer(path)

@@ -36,8 +36,8 @@ def image_record(info: dict[str, Any], index: int, prompt_index: int = 0) -> dic
     prompts), that seed alone remakes only the first image: the record of image ``index`` says so
     with ``batch_index`` and ``batch_size`` (and ``batch_prompts``, the prompts the batch mixed, when
     more than one). ``noise`` ("generator" or "latents") marks an image whose start the caller gave,
-    and ``guidance_changes`` one whose guidance a step-end callback changed part-way
-    (``sampling.note_guidance_change``): its record cannot remake it."""
+    and ``guidance_changes``, ``callback_replaced`` or ``interrupted_after`` one that a step-end
+    callback changed part-way (``sampling.CALLBACK_RECORD_KEYS``): its record cannot remake it."""
     seeds = info.get("seeds") or []
     record = {k: v for k, v in info.items() if k not in ("prompts", "seeds", "formatted_prompts", "token_counts")}
     record["prompt"] = info["prompts"][prompt_index]
@@ -66,6 +66,10 @@ def parameters_text(record: dict[str, Any]) -> str:
         *(["CFG scale set by a callback: " + ", ".join(f"{scale:g} after step {step}"
                                                      for step, scale in record["guidance_changes"])]
           if record.get("guidance_changes") else []),
+        *(["Replaced by a callback: " + ", ".join(f"{name} after step {step}"
+                                               for step, name in record["callback_replaced"])]
+          if record.get("callback_replaced") else []),
+        *([f"Interrupted after step {record['interrupted_after']}"] if record.get("interrupted_after") else []),
         f"Seed: {record.get('seed')}",
         *([f"Batch size: {record['batch_size']}, Batch pos: {record.get('batch_index')}"]
           if record.get("batch_size") else []),

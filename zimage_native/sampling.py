@@ -456,12 +456,19 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
     return latents
 
 
+#: What a step-end callback did that the request's settings do not say (``output.info`` keys):
+#: ``guidance_changes`` [[steps run, new scale], ...], ``callback_replaced`` [[steps run, "latents"
+#: or "mask"], ...] and ``interrupted_after`` (steps run). The image's record (and its PNG text)
+#: carries them, and a re-run from the record, which has no callback, is refused rather than
+#: silently different.
+CALLBACK_RECORD_KEYS = ("guidance_changes", "callback_replaced", "interrupted_after")
+
+
 def note_guidance_change(info: dict, steps_run: int, before, after) -> None:
     """Record in the run's ``info`` that a step-end callback set ``pipe._guidance_scale`` after
-    ``steps_run`` steps: ``info["guidance_changes"]`` lists ``[steps_run, scale]``, so the image's
-    record (and its PNG metadata) says that its guidance_scale held for the first steps only, and a
-    re-run from the record, which has no callback, is refused rather than silently different. A
-    value that is not a number is left to :func:`guidance_after_step_end` to refuse."""
+    ``steps_run`` steps: ``info["guidance_changes"]`` lists ``[steps_run, scale]`` (see
+    :data:`CALLBACK_RECORD_KEYS`). A value that is not a number is left to
+    :func:`guidance_after_step_end` to refuse."""
     if after is before or after == before or isinstance(after, bool) or not isinstance(after, numbers.Real):
         return
     info.setdefault("guidance_changes", []).append([steps_run, float(after)])
@@ -968,6 +975,11 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
             unknown = sorted(set(out) - set(given))
             if unknown:  # diffusers would use negative_prompt_embeds; ignoring them would hide that
                 raise ValueError(f"callback_on_step_end returned {unknown}; only {replaceable} can be replaced here")
+            for name in ("latents", "mask"):  # what the record cannot remake (note_callback_changes)
+                if name in out and out[name] is not given[name]:
+                    info.setdefault("callback_replaced", []).append([k + 1, name])
+            if getattr(pipe, "_interrupt", False):
+                info["interrupted_after"] = k + 1
             if "mask" in out:  # the blend reads it from the next step on
                 cond.blend.mask = out["mask"]
             return out.get("latents", latents)

@@ -98,6 +98,7 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
     if path is None:
         return {}, None
     from ..metadata import read_metadata
+    from ..sampling import CALLBACK_RECORD_KEYS
 
     record = read_metadata(path)
     keys = {"negative_prompt": "negative_prompt", "width": "width", "height": "height", "steps": "steps",
@@ -115,9 +116,10 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
         layer["unremakeable"] = "it was made from given latents=, which are not stored"
     elif record.get("noise") == "generator" or seed is None:
         layer["unremakeable"] = "it was made with a generator= (a library call), whose seed is not recorded"
-    elif record.get("guidance_changes"):
-        layer["unremakeable"] = (f"a callback_on_step_end (a library call) changed its guidance scale part-way "
-                                 f"({record['guidance_changes']}: [steps run, scale]), which no flag does")
+    elif any(record.get(key) for key in CALLBACK_RECORD_KEYS):
+        done = {key: record[key] for key in CALLBACK_RECORD_KEYS if record.get(key)}
+        layer["unremakeable"] = (f"a callback_on_step_end (a library call) changed its run part-way ({done}), which "
+                                 f"no flag does")
     elif size and record.get("batch_prompts"):
         layer["unremakeable"] = (f"seed {seed} drew the noise of a batch of {size} images of "
                                  f"{record['batch_prompts']} prompts (it is image {index}), which a run of one "
