@@ -283,3 +283,126 @@ def test_a_replica_png_that_does_not_decode_fails_its_job_as_such_and_leaves_no_
     finally:
         manager.stop()
         storage.close()
+
+
+# ------------------------------------------------------------------ a cancel that comes too late
+def test_a_cancel_of_a_job_whose_images_are_being_stored_is_refused_and_the_job_completes(setup):
+    """The job was generated: a cancel while its images were stored answered "cancel requested"
+    (cancel_requested true) and then the job completed. It is refused now (Conflict, 409)."""
+    from zimage_native.server.jobs import Conflict
+
+    manager, engine, storage, gate = setup
+    job = submit(manager, "job")
+    manager.start()
+    assert gate.entered.wait(WAIT) and job in manager._saving
+    with pytest.raises(Conflict, match=r"already generated and its images are being stored: it is too late to cancel"):
+        manager.cancel(job.id)
+    assert not job.cancel_requested
+    gate.release.set()
+    assert wait_until(lambda: job.terminal) and job.status == "completed"
+    assert [e.type for e in job.events] == ["queued", "started", "progress", "completed"]
+
+
+class HeldAfterTheLastStep(FakeEngine):
+    """Generates, then waits for ``release`` before returning (a VAE decode after the last step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.done, self.release = threading.Event(), threading.Event()
+
+    def generate(self, request, callback):
+        out = super().generate(request, callback)
+        self.done.set()
+        assert self.release.wait(WAIT)
+        return out
+
+
+def test_a_cancel_accepted_after_the_last_step_still_cancels_the_job(tmp_path):
+    """Control of the refusal: a running job's cancel is accepted and holds even when it arrives
+    after the last step boundary (no callback left to raise): the job ends cancelled, unsaved."""
+    limits = Limits(min_side=32, max_side=512, max_pixels=512 * 512, max_steps=50, max_images=4)
+    storage = Storage(tmp_path)
+    engine = HeldAfterTheLastStep()
+    manager = JobManager(engine, storage, ServerSettings(data_dir=tmp_path, limits=limits, queue_size=8))
+    job = submit(manager, "job")
+    manager.start()
+    try:
+        assert engine.done.wait(WAIT)
+        assert manager.cancel(job.id) is job and job.cancel_requested
+        engine.release.set()
+        assert wait_until(lambda: job.terminal)
+        assert job.status == "cancelled" and job.images == [] and storage.job_images(job.id) == []
+        assert [e.type for e in job.events] == ["queued", "started", "progress", "cancelled"]
+        assert job.events[-1].data["step"] == 1 and storage.get_job(job.id)["status"] == "cancelled"
+    finally:
+        engine.release.set()
+        manager.stop()
+        storage.close()
+
+
+def _live(tmp_path, engine, **kw):
+    pytest.importorskip("fastapi")
+    from zimage_native.server import create_app
+    from zimage_native.server.testing import LiveServer
+
+    limits = Limits(min_side=32, max_side=512, max_pixels=512 * 512, max_steps=50, max_images=4)
+    return LiveServer(create_app(engine, ServerSettings(data_dir=tmp_path, limits=limits, **kw)))
+
+
+def test_the_cancel_route_answers_409_for_a_job_whose_images_are_being_stored(tmp_path):
+    httpx = pytest.importorskip("httpx")
+    with _live(tmp_path, FakeEngine()) as live, httpx.Client(base_url=live.url, timeout=30) as client:
+        gate = GatedSaves(live.app.state.storage)
+        try:
+            job = client.post("/api/v1/jobs", json={"prompt": "x", "width": 64, "height": 64, "steps": 1}).json()
+            assert gate.entered.wait(WAIT)
+            r = client.post(f"/api/v1/jobs/{job['id']}/cancel")
+            assert r.status_code == 409, r.text
+            error = r.json()["error"]
+            assert error["type"] == "conflict" and "too late to cancel" in error["message"]
+            assert client.get(f"/api/v1/jobs/{job['id']}").json()["cancel_requested"] is False
+        finally:
+            gate.release.set()
+        assert wait_until(lambda: client.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "completed")
+
+
+def test_a_sync_route_whose_limit_passes_while_the_images_are_stored_answers_them(tmp_path):
+    """The OpenAI route's limit passed while its job's images were being stored: it cancelled the
+    job ("cancel requested"), answered 504 "was cancelled", and the job then completed into the
+    history. A job too late to cancel is waited for now: the route answers its images."""
+    httpx = pytest.importorskip("httpx")
+    with _live(tmp_path, FakeEngine(), sync_timeout=0.5) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as client:
+        gate = GatedSaves(live.app.state.storage)
+        manager = live.app.state.manager
+
+        def release_after_the_limit():
+            assert gate.entered.wait(WAIT)
+            time.sleep(1.0)  # past the route's 0.5 s limit, while the job is still being stored
+            gate.release.set()
+
+        releaser = threading.Thread(target=release_after_the_limit)
+        releaser.start()
+        try:
+            r = client.post("/v1/images/generations", json={"prompt": "x", "size": "64x64",
+                                                            "num_inference_steps": 1, "response_format": "url"})
+        finally:
+            gate.release.set()
+            releaser.join(WAIT)
+        assert r.status_code == 200, r.text
+        (job,) = client.get("/api/v1/jobs").json()["jobs"]
+        assert job["status"] == "completed" and not manager.get(job["id"]).cancel_requested
+        assert r.json()["data"][0]["url"].endswith(job["images"][0]["url"])
+
+
+def test_a_sync_route_whose_limit_passes_while_generating_still_cancels_the_job(tmp_path):
+    """Control: a job still generating when the limit passes is cancelled and answered 504."""
+    httpx = pytest.importorskip("httpx")
+    with _live(tmp_path, FakeEngine(step_delay=0.2), sync_timeout=0.5) as live, \
+            httpx.Client(base_url=live.url, timeout=30) as client:
+        r = client.post("/v1/images/generations", json={"prompt": "x", "size": "64x64", "num_inference_steps": 20})
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["message"] == "the job did not finish within 0.5 s and was cancelled"
+        (job,) = client.get("/api/v1/jobs").json()["jobs"]
+        assert wait_until(lambda: client.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "cancelled")
+        assert client.get("/api/v1/images").json()["total"] == 0

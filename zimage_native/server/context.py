@@ -90,25 +90,30 @@ class ServerContext:
     async def wait(self, job: Job, timeout: float,
                    disconnected: Callable[[], Awaitable[bool]] | None = None) -> Event:
         """The job's terminal event. The job is cancelled if it takes longer than ``timeout``, or
-        once ``disconnected()`` (checked every half second) says the client has gone."""
+        once ``disconnected()`` (checked every half second) says the client has gone. A job that is
+        too late to cancel (generated, its images being stored) is waited for: it will complete
+        (or fail), and that is what is answered, never "cancelled"."""
         past, queue = self.manager.subscribe(job)
         try:
             for event in past:
                 if event.type in TERMINAL:
                     return event
-            deadline = time.monotonic() + timeout
+            deadline: float | None = time.monotonic() + timeout
             checked = time.monotonic()
             while True:
                 now = time.monotonic()
-                remaining = deadline - now
-                if remaining <= 0:
-                    self._cancel_quietly(job)
-                    raise ApiError(504, f"the job did not finish within {timeout:g} s and was cancelled", "timeout")
+                remaining = None if deadline is None else deadline - now
+                if remaining is not None and remaining <= 0:
+                    if self._cancel_quietly(job):
+                        raise ApiError(504, f"the job did not finish within {timeout:g} s and was cancelled",
+                                       "timeout")
+                    deadline = remaining = disconnected = None  # too late to cancel: wait for its end
                 if disconnected is not None and now - checked >= 0.5:  # progress events may never pause
                     checked = now
                     if await disconnected():
-                        self._cancel_quietly(job)  # nobody is left to receive the images
-                        raise ApiError(499, "the client disconnected; the job was cancelled", "cancelled")
+                        if self._cancel_quietly(job):  # nobody is left to receive the images
+                            raise ApiError(499, "the client disconnected; the job was cancelled", "cancelled")
+                        deadline = remaining = disconnected = None
                 try:
                     event = await asyncio.wait_for(queue.get(), min(remaining, 0.5) if disconnected else remaining)
                 except asyncio.TimeoutError:
@@ -118,11 +123,13 @@ class ServerContext:
         finally:
             self.manager.unsubscribe(job, queue)
 
-    def _cancel_quietly(self, job: Job) -> None:
+    def _cancel_quietly(self, job: Job) -> bool:
+        """Cancel ``job``; False when it is too late (ended meanwhile, or its images are being stored)."""
         try:
             self.manager.cancel(job.id)
-        except (KeyError, Conflict):  # ended meanwhile
-            pass
+        except (KeyError, Conflict):
+            return False
+        return True
 
     async def run_sync(self, body, request=None) -> tuple[Job, Event]:
         """Submit, wait for the job's end; a job that did not complete is an error (500 failed,

@@ -12,7 +12,8 @@
   after the id it asks for, then every new one, in order: the log and the subscription are read
   and registered under one lock, so no event is lost or repeated.
 - Cancel: a waiting job is removed at once; a running one stops at its next step boundary (the
-  pipeline's per-step callback raises).
+  pipeline's per-step callback raises), or, asked after its last one, before its images are handed
+  to the writer. A job being saved is generated: a cancel is refused (:class:`Conflict`), it completes.
 - Saving: once the engine has returned a job's images, the worker hands them to one writer thread
   (PNG, thumbnail, fsync, database row) and takes the next job, so the GPU does not wait on the
   disk. The job stays ``running`` until its images are stored; only then is it ``completed`` (a
@@ -279,13 +280,17 @@ class JobManager:
 
     # ------------------------------------------------------------------ cancel
     def cancel(self, job_id: str) -> Job:
-        """Cancel a waiting job now, or ask a running one to stop at its next step boundary."""
+        """Cancel a waiting job now, or ask a running one to stop at its next step boundary. A
+        :class:`Conflict` for a finished job, or one whose images are being stored (too late)."""
         with self._cond:
             job = self._jobs.get(job_id)
             if job is None:
                 raise KeyError(job_id)
             if job.terminal:
                 raise Conflict(f"job {job_id} is already {job.status}", job.status)
+            if any(job is saving for saving in self._saving):  # generated: it will complete (or fail) as is
+                raise Conflict(f"job {job_id} is already generated and its images are being stored: "
+                               f"it is too late to cancel it", job.status)
             if job.status == "queued":
                 if job.cancel_requested:  # out of the queue already: another cancel (or stop) is finishing it
                     return job
@@ -401,6 +406,8 @@ class JobManager:
                     raise JobTimedOut() from None
             made = time.time()  # one timestamp: the history lists a job's images together, in order
             with self._cond:
+                if job.cancel_requested:  # accepted after the last step boundary: the cancel still holds
+                    raise JobCancelled()
                 self._running = [j for j in self._running if j is not job]
                 self._saving.append(job)
                 self._handing += 1
