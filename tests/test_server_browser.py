@@ -376,3 +376,36 @@ def test_token_login(browser, tmp_path):
         page.wait_for_function("(() => { const i = document.querySelector('#history li.item img');"
                                " return i && i.complete && i.naturalWidth > 0; })()")
         context.close()
+
+
+def test_the_queue_line_counts_a_job_whose_images_are_being_stored(browser, tmp_path):
+    """A job whose images the writer thread stores is still running for its client, but the
+    queue object counts it under `saving`: the page's line said "0 running" for it."""
+    import time
+
+    from tests.test_server_saving import WAIT, GatedSaves
+
+    with LiveServer(create_app(FakeEngine(), ServerSettings(data_dir=tmp_path, queue_size=2))) as live:
+        gate = GatedSaves(live.app.state.storage)
+        context = browser.new_context(viewport=PHONE)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        try:
+            page.goto(live.url + "/")
+            page.wait_for_function("document.querySelectorAll('#presets button').length > 0")
+            # Control: nothing saving, the line is as before.
+            page.wait_for_function("document.getElementById('queue').textContent.startsWith('queue: ')")
+            assert page.locator("#queue").inner_text() == "queue: 0 running, 0 waiting (of 2)"
+            with httpx.Client(base_url=live.url, timeout=30) as c:
+                r = c.post("/api/v1/jobs", json={"prompt": "slow disk", "width": 256, "height": 256, "steps": 1})
+                assert r.status_code == 202
+            assert gate.entered.wait(WAIT)
+            assert live.app.state.manager.stats()["saving"] == 1
+            page.evaluate("refreshQueue()")
+            deadline = time.monotonic() + WAIT
+            while "saving" not in page.locator("#queue").inner_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert page.locator("#queue").inner_text() == "queue: 0 running, 1 saving, 0 waiting (of 2)"
+        finally:
+            gate.release.set()
+            context.close()

@@ -289,7 +289,9 @@ async function refreshQueue() {
   try {
     const health = await api("/health");
     const q = health.queue;
-    $("queue").textContent = `queue: ${q.running} running, ${q.queued} waiting (of ${q.queue_size})`;
+    // A job whose images are being stored is not done yet: named apart from the generating ones.
+    const saving = q.saving ? `, ${q.saving} saving` : "";
+    $("queue").textContent = `queue: ${q.running} running${saving}, ${q.queued} waiting (of ${q.queue_size})`;
   } catch (e) { /* the page keeps working without it */ }
 }
 
