@@ -424,6 +424,24 @@ def test_diffusers_set_attention_backend_maps_to_the_engines_backends(tiny_pipe,
             tiny_pipe.transformer.set_attention_backend(name)
 
 
+def test_set_attention_backend_is_bound_on_a_pipeline_without_a_vae(fresh_pipe, monkeypatch):
+    """_bind_vae_calls returned early without a VAE, so transformer.set_attention_backend (bound
+    there too) was an AttributeError on such a pipeline. Control: the pipeline with its VAE."""
+    from zimage_native.pipeline import ZImagePipeline
+
+    asked = []
+    monkeypatch.setattr(fresh_pipe, "optimize", lambda attention: asked.append(("with", attention)) or [])
+    assert fresh_pipe.transformer.set_attention_backend("flash") == [] and asked == [("with", "flash_attn_2")]
+    del fresh_pipe.transformer.__dict__["set_attention_backend"]  # bound to fresh_pipe: the new one binds its own
+    bare = ZImagePipeline(fresh_pipe.transformer, None, fresh_pipe.text_encoder, fresh_pipe.scheduler_config,
+                          fresh_pipe.vae_config)
+    assert bare.vae is None
+    monkeypatch.setattr(bare, "optimize", lambda attention: asked.append(("bare", attention)) or [])
+    assert bare.transformer.set_attention_backend("native") == [] and asked[-1] == ("bare", "sdpa")
+    with pytest.raises(ValueError, match=r"set_attention_backend\('flex'\): no such backend here"):
+        bare.transformer.set_attention_backend("flex")
+
+
 def test_diffusers_tokenizer_and_components_attributes(tiny_pipe):
     """diffusers users read pipe.tokenizer and pipe.components (to build another pipeline from the
     same parts, or count tokens): both raised a bare AttributeError."""

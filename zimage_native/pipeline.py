@@ -494,9 +494,8 @@ class ZImagePipeline:
         """diffusers' Z-Image pipeline has no enable_vae_tiling(): its users call
         ``pipe.vae.enable_tiling()`` / ``enable_slicing()`` (and ``disable_*``). Those names on this
         pipeline's VAE set the pipeline's tiling and slicing (through a weak reference, so the VAE
-        does not keep the pipeline alive)."""
-        if self.vae is None:
-            return
+        does not keep the pipeline alive). ``pipe.transformer.set_attention_backend`` is bound the
+        same way, with or without a VAE."""
         owner = weakref.ref(self)
 
         def call(name):
@@ -507,10 +506,12 @@ class ZImagePipeline:
                 return getattr(pipe, name)(*args, **kwargs)
             return method
 
+        object.__setattr__(self.transformer, "set_attention_backend", call("_set_diffusers_attention_backend"))
+        if self.vae is None:
+            return
         for vae_name, name in (("enable_tiling", "enable_vae_tiling"), ("disable_tiling", "disable_vae_tiling"),
                                ("enable_slicing", "enable_vae_slicing"), ("disable_slicing", "disable_vae_slicing")):
             object.__setattr__(self.vae, vae_name, call(name))
-        object.__setattr__(self.transformer, "set_attention_backend", call("_set_diffusers_attention_backend"))
 
     def _set_diffusers_attention_backend(self, backend: str) -> list[str]:
         """diffusers' ``pipe.transformer.set_attention_backend(name)``: its backend names mapped to this
