@@ -442,6 +442,24 @@ def test_set_attention_backend_is_bound_on_a_pipeline_without_a_vae(fresh_pipe, 
         bare.transformer.set_attention_backend("flex")
 
 
+@pytest.mark.parametrize("scale", ["x", None, True, float("nan"), float("inf"), [0.5]])
+def test_joint_attention_kwargs_scale_must_be_a_finite_number(tiny_pipe, scale):
+    """Without a LoRA loaded, {"scale": "x"} was accepted (and ignored): it is refused now, with what to give."""
+    assert not tiny_pipe.lora_stack.loaded
+    with pytest.raises(ValueError, match=r"the LoRA scale must be a finite number such as 0\.8"):
+        tiny_pipe("a cat", width=64, height=64, num_inference_steps=1, joint_attention_kwargs={"scale": scale})
+
+
+def test_joint_attention_kwargs_numeric_scales_are_still_accepted_without_a_lora(tiny_pipe):
+    """Control: numbers (ints, numpy floats) change nothing without a LoRA, as in diffusers."""
+    import numpy as np
+
+    for scale in (0.5, 1, 0, np.float32(0.8), np.float64(2.0)):
+        tiny_pipe._check_attention_kwargs({"scale": scale})
+    tiny_pipe._check_attention_kwargs({})
+    tiny_pipe._check_attention_kwargs(None)
+
+
 def test_diffusers_tokenizer_and_components_attributes(tiny_pipe):
     """diffusers users read pipe.tokenizer and pipe.components (to build another pipeline from the
     same parts, or count tokens): both raised a bare AttributeError."""

@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
+import numbers
 import os
 import re
 import threading
@@ -1160,6 +1162,9 @@ class ZImagePipeline:
             raise ValueError(f"joint_attention_kwargs: {other} have no meaning here; only 'scale' (diffusers' per-call "
                              f"LoRA scale) is read, and diffusers' Z-Image reads nothing else either")
         scale = kwargs.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+            raise ValueError(f"joint_attention_kwargs={{'scale': {scale!r}}}: the LoRA scale must be a finite number "
+                             f"such as 0.8 (1.0, or no joint_attention_kwargs, applies the LoRAs as loaded)")
         if scale != 1.0 and self.lora_stack.loaded:
             raise ValueError(f"joint_attention_kwargs={{'scale': {scale}}}: LoRAs are fused into the weights here, so "
                              f"a per-call LoRA scale cannot apply; set it before the call with "
