@@ -406,3 +406,30 @@ def test_a_sync_route_whose_limit_passes_while_generating_still_cancels_the_job(
         (job,) = client.get("/api/v1/jobs").json()["jobs"]
         assert wait_until(lambda: client.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "cancelled")
         assert client.get("/api/v1/images").json()["total"] == 0
+
+
+def test_a_sync_wait_whose_client_left_while_the_images_are_stored_does_not_claim_a_cancel(tmp_path):
+    """The disconnect check of a synchronous route cancelled the job and answered 499 "the job was
+    cancelled" even when it was too late (the images being stored: the job then completed). It waits
+    for the job's end now. Control: a client that leaves while the job generates still cancels it."""
+    import asyncio
+
+    from zimage_native.server.schemas import ApiError
+
+    async def gone():
+        return True
+
+    with _live(tmp_path, FakeEngine(step_delay=0.2)) as live:
+        gate, manager, ctx = GatedSaves(live.app.state.storage), live.app.state.manager, live.app.state.context
+        try:
+            generating = manager.submit(GenerationRequest(prompt="generating", width=64, height=64, steps=20, seeds=[1]))
+            with pytest.raises(ApiError, match="the client disconnected; the job was cancelled"):
+                asyncio.run(ctx.wait(generating, 30.0, gone))
+            assert wait_until(lambda: generating.terminal) and generating.status == "cancelled"
+            saving = submit(manager, "saving")
+            assert gate.entered.wait(WAIT) and saving in manager._saving
+            threading.Timer(1.0, gate.release.set).start()  # after a disconnect check or two
+            event = asyncio.run(ctx.wait(saving, 30.0, gone))
+            assert event.type == "completed" and saving.status == "completed" and not saving.cancel_requested
+        finally:
+            gate.release.set()
