@@ -149,6 +149,20 @@ def packed_tiny_dit():
     return model
 
 
+def packed_dit_and_inputs():
+    """:func:`packed_tiny_dit`, the generator its LoRAs draw from (seeded 0) and one forward's inputs
+    (an 8x8 latent, a 5-token caption)."""
+    from zimage_native.model.sequence import build_layout, pad_captions, patchify
+
+    model = packed_tiny_dit()
+    g = torch.Generator().manual_seed(0)
+    layout = build_layout(model.config, [5], 8, 8, "cpu")
+    inputs = (patchify(torch.randn(1, 16, 8, 8, generator=g)),
+              pad_captions([torch.randn(5, model.config.cap_feat_dim, generator=g)], layout.caption_pad.shape[1]),
+              torch.tensor([0.3]), layout)
+    return model, g, inputs
+
+
 def test_lora_side_paths_loaded_after_compiling_are_counted_as_shape_classes(caplog, no_classes_seen):
     """A LoRA on packed linears is a side path that dynamo guards (its rank, its kind): every load of a
     new rank or kind compiles the block again, so the engine counts each as a shape class, and warns
@@ -157,15 +171,9 @@ def test_lora_side_paths_loaded_after_compiling_are_counted_as_shape_classes(cap
 
     from zimage_native.accel.compile import _block_forward, _dynamo_graphs, compile_transformer_
     from zimage_native.lora import LoraStack
-    from zimage_native.model.sequence import build_layout, pad_captions, patchify
 
-    model = packed_tiny_dit()
-    cfg, dim, ffn = model.config, model.config.dim, model.layers[0].feed_forward.w2.in_features
-    g = torch.Generator().manual_seed(0)
-    layout = build_layout(cfg, [5], 8, 8, "cpu")
-    inputs = (patchify(torch.randn(1, 16, 8, 8, generator=g)),
-              pad_captions([torch.randn(5, cfg.cap_feat_dim, generator=g)], layout.caption_pad.shape[1]),
-              torch.tensor([0.3]), layout)
+    model, g, inputs = packed_dit_and_inputs()
+    dim, ffn = model.config.dim, model.layers[0].feed_forward.w2.in_features
 
     def r(*shape):
         return torch.randn(*shape, generator=g) * 0.02
@@ -240,17 +248,11 @@ def test_lora_ranks_are_padded_to_buckets_so_a_rank_swap_reuses_the_graph(no_cla
 
     from zimage_native.accel.compile import compile_transformer_
     from zimage_native.lora import LoraStack
-    from zimage_native.model.sequence import build_layout, pad_captions, patchify
 
     from .utils import assert_rel
 
-    model = packed_tiny_dit()
-    cfg, dim, ffn = model.config, model.config.dim, model.layers[0].feed_forward.w2.in_features
-    g = torch.Generator().manual_seed(0)
-    layout = build_layout(cfg, [5], 8, 8, "cpu")
-    inputs = (patchify(torch.randn(1, 16, 8, 8, generator=g)),
-              pad_captions([torch.randn(5, cfg.cap_feat_dim, generator=g)], layout.caption_pad.shape[1]),
-              torch.tensor([0.3]), layout)
+    model, g, inputs = packed_dit_and_inputs()
+    dim, ffn = model.config.dim, model.layers[0].feed_forward.w2.in_features
 
     def lora(rank):  # to_q and w2 of every block (modulated and unmodulated)
         out = {}
@@ -303,15 +305,9 @@ def test_side_path_structure_is_walked_again_only_after_a_lora_change(monkeypatc
 
     from zimage_native.accel import compile as compiled
     from zimage_native.lora import LoraStack
-    from zimage_native.model.sequence import build_layout, pad_captions, patchify
 
-    model = packed_tiny_dit()
-    cfg, dim = model.config, model.config.dim
-    g = torch.Generator().manual_seed(0)
-    layout = build_layout(cfg, [5], 8, 8, "cpu")
-    inputs = (patchify(torch.randn(1, 16, 8, 8, generator=g)),
-              pad_captions([torch.randn(5, cfg.cap_feat_dim, generator=g)], layout.caption_pad.shape[1]),
-              torch.tensor([0.3]), layout)
+    model, g, inputs = packed_dit_and_inputs()
+    dim = model.config.dim
     lora = {"diffusion_model.layers.1.attention.to_q.lora_A.weight": torch.randn(4, dim, generator=g),
             "diffusion_model.layers.1.attention.to_q.lora_B.weight": torch.randn(dim, 4, generator=g)}
     walks = []
@@ -349,17 +345,11 @@ def test_compiled_side_paths_follow_load_unload_rescale_and_stack(no_classes_see
 
     from zimage_native.accel.compile import compile_transformer_
     from zimage_native.lora import LoraStack
-    from zimage_native.model.sequence import build_layout, pad_captions, patchify
 
     from .utils import assert_rel
 
-    model = packed_tiny_dit()
-    cfg, dim, ffn = model.config, model.config.dim, model.layers[0].feed_forward.w2.in_features
-    g = torch.Generator().manual_seed(0)
-    layout = build_layout(cfg, [5], 8, 8, "cpu")
-    inputs = (patchify(torch.randn(1, 16, 8, 8, generator=g)),
-              pad_captions([torch.randn(5, cfg.cap_feat_dim, generator=g)], layout.caption_pad.shape[1]),
-              torch.tensor([0.3]), layout)
+    model, g, inputs = packed_dit_and_inputs()
+    dim, ffn = model.config.dim, model.layers[0].feed_forward.w2.in_features
 
     def lora(rank):
         out = {}
@@ -394,17 +384,11 @@ def test_stacked_loras_join_one_side_path_per_layer(no_classes_seen):
 
     from zimage_native.accel.compile import compile_transformer_
     from zimage_native.lora import LoraStack
-    from zimage_native.model.sequence import build_layout, pad_captions, patchify
 
     from .utils import assert_rel
 
-    model = packed_tiny_dit()
-    cfg, dim = model.config, model.config.dim
-    g = torch.Generator().manual_seed(0)
-    layout = build_layout(cfg, [5], 8, 8, "cpu")
-    inputs = (patchify(torch.randn(1, 16, 8, 8, generator=g)),
-              pad_captions([torch.randn(5, cfg.cap_feat_dim, generator=g)], layout.caption_pad.shape[1]),
-              torch.tensor([0.3]), layout)
+    model, g, inputs = packed_dit_and_inputs()
+    dim = model.config.dim
     loras = [{f"diffusion_model.{where}.attention.to_q.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.05
               for where in ("noise_refiner.0", "context_refiner.0", "layers.0", "layers.1")
               for ab, shape in (("A", (4, dim)), ("B", (dim, 4)))} for _ in range(3)]
@@ -440,16 +424,10 @@ def test_full_graphs_count_the_side_paths_they_run(no_classes_seen):
 
     from zimage_native.accel.compile import _CLASSES, _dynamo_graphs, compile_transformer_
     from zimage_native.lora import LoraStack
-    from zimage_native.model.sequence import build_layout, pad_captions, patchify
     from zimage_native.model.transformer import ZImageTransformer
 
-    model = packed_tiny_dit()
-    cfg, dim = model.config, model.config.dim
-    g = torch.Generator().manual_seed(0)
-    layout = build_layout(cfg, [5], 8, 8, "cpu")
-    inputs = (patchify(torch.randn(1, 16, 8, 8, generator=g)),
-              pad_captions([torch.randn(5, cfg.cap_feat_dim, generator=g)], layout.caption_pad.shape[1]),
-              torch.tensor([0.3]), layout)
+    model, g, inputs = packed_dit_and_inputs()
+    dim = model.config.dim
     torch._dynamo.reset()
     compile_transformer_(model, "full", CompileCounterWithBackend("eager"))
     stack = LoraStack()
