@@ -308,11 +308,11 @@ class JobManager:
     def _publish_locked(self, job: Job, type_: str, data: dict[str, Any]) -> Event:
         event = Event(len(job.events) + 1, type_, {"job_id": job.id, **data}, time.time())
         job.events.append(event)
-        for loop, queue in list(job.subscribers):
+        for loop, inbox in list(job.subscribers):  # (not `queue`: the module of the writer's hand-off)
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
+                loop.call_soon_threadsafe(inbox.put_nowait, event)
             except RuntimeError:  # the subscriber's loop is closed
-                job.subscribers.remove((loop, queue))
+                job.subscribers.remove((loop, inbox))
         return event
 
     def publish(self, job: Job, type_: str, data: dict[str, Any]) -> Event:
