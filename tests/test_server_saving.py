@@ -130,6 +130,25 @@ def test_a_waiting_job_is_not_at_position_0_while_the_worker_holds_a_job_for_the
     assert manager._handing == 0 and manager.position(late) is None
 
 
+def test_a_finished_job_is_neither_at_position_0_nor_active_while_the_writer_finishes_up(setup):
+    """The writer completes a job, then takes it out of _saving: in between, position() said 0
+    ("running") and active_jobs() listed the completed job (a race the test above once hit)."""
+    manager, engine, storage, gate = setup
+    gate.release.set()
+    seen = []
+    finish = manager._finish
+
+    def recording(job, status, **kwargs):
+        finish(job, status, **kwargs)
+        seen.append((status, manager.position(job), job in manager.active_jobs()))
+
+    manager._finish = recording
+    job = submit(manager, "job")
+    manager.start()
+    assert wait_until(lambda: seen) and job.status == "completed"
+    assert seen == [("completed", None, False)]
+
+
 def test_the_average_behind_retry_after_is_the_workers_time_per_job_not_the_save_after_it(setup, monkeypatch):
     """Retry-After is (waiting + 1) x the average job time. The average took each job from its start
     to its images stored, though the worker starts the next job once it has handed them over: with

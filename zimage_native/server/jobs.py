@@ -252,13 +252,15 @@ class JobManager:
             return self._jobs.get(job_id)
 
     def active_jobs(self) -> list[Job]:
-        with self._cond:
-            return list(self._saving) + list(self._running) + list(self._queue)
+        with self._cond:  # (a job the writer has just finished is still in _saving for a moment)
+            return [j for j in self._saving if not j.terminal] + list(self._running) + list(self._queue)
 
     def position(self, job: Job) -> int | None:
         """Jobs ahead of this one (running jobs count, and a job a worker holds until the writer takes
         it): 0 when running (or saving), None when finished."""
         with self._cond:
+            if job.terminal:  # the writer finishes a job before it leaves _saving
+                return None
             if any(job is running for running in self._running + self._saving):
                 return 0
             try:
