@@ -452,3 +452,36 @@ def test_a_sync_wait_whose_client_left_while_the_images_are_stored_does_not_clai
             assert event.type == "completed" and saving.status == "completed" and not saving.cancel_requested
         finally:
             gate.release.set()
+
+
+# ------------------------------------------------------------------ a save that fails half-way
+@pytest.mark.parametrize("fail", ["thumbnail", "row"])
+def test_a_save_that_fails_after_the_png_leaves_no_file_that_a_restart_would_adopt(tmp_path, fail):
+    """The PNG is written first, then the thumbnail, then the row. A full disk at the thumbnail (or
+    a database error at the row) failed the job but left its PNG (and thumbnail) behind: a file
+    without a row, which start-up adopts since its job is known, so after a restart the failed job
+    had an image in the history (and the full disk kept a file no one could delete from the page)."""
+    limits = Limits(min_side=32, max_side=512, max_pixels=512 * 512, max_steps=50, max_images=4)
+    storage = Storage(tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    setattr(storage, "_write_thumbnail" if fail == "thumbnail" else "_insert_image", disk_full)
+    manager = JobManager(FakeEngine(), storage, ServerSettings(data_dir=tmp_path, limits=limits, queue_size=8))
+    job = submit(manager, "job")
+    manager.start()
+    try:
+        assert wait_until(lambda: job.terminal)
+    finally:
+        manager.stop()
+        storage.close()
+    assert job.status == "failed" and "the server's data folder is full" in job.error
+    assert [p.name for p in tmp_path.glob("images/*/*") if p.is_file()] == []
+    assert [p.name for p in tmp_path.glob("thumbs/*/*") if p.is_file()] == []
+    restarted = Storage(tmp_path)
+    try:
+        assert restarted.reconcile()["adopted"] == 0
+        assert restarted.get_job(job.id)["status"] == "failed" and restarted.job_images(job.id) == []
+    finally:
+        restarted.close()

@@ -14,7 +14,8 @@ Crash consistency (a SIGKILL at any instant leaves a state that start-up repairs
 
 - write: the image goes to a temporary file in its destination folder, is flushed and fsynced,
   then renamed over the final name (atomic on POSIX); the thumbnail likewise; only then is the row
-  inserted. A crash leaves at worst a file without a row, never a row without a file.
+  inserted. A crash leaves at worst a file without a row, never a row without a file; a write that
+  fails (a full disk for the thumbnail, a database error for the row) removes the files it wrote.
 - delete: the row is deleted (committed) first, then the files.
 - start-up (:meth:`Storage.reconcile`): jobs left ``queued`` become ``cancelled`` and jobs left
   ``running`` become ``failed``; temporary files are removed; an image file without a row is
@@ -323,10 +324,14 @@ class Storage:
             write_atomic(self.root / file, lambda f: f.write(png))
         else:
             write_atomic(self.root / file, lambda f: save_png(image, f, pnginfo))
-        self._write_thumbnail(image, self.root / thumb)
         row = dict(id=iid, job_id=job_id, idx=index, created=created, file=file, thumb=thumb, width=image.width,
                    height=image.height, seed=record.get("seed"), record=record)
-        self._insert_image(row)
+        try:
+            self._write_thumbnail(image, self.root / thumb)
+            self._insert_image(row)
+        except BaseException:  # no row: take the files back, or start-up would adopt them into the history
+            self._unlink(file, thumb)
+            raise
         return row
 
     def _write_thumbnail(self, image, path: Path) -> None:
