@@ -485,3 +485,47 @@ def test_a_save_that_fails_after_the_png_leaves_no_file_that_a_restart_would_ado
         assert restarted.get_job(job.id)["status"] == "failed" and restarted.job_images(job.id) == []
     finally:
         restarted.close()
+
+
+@pytest.mark.parametrize("error", ["disk full", "broken png", "unexpected"])
+def test_a_batch_job_whose_second_image_fails_to_save_keeps_none_of_its_images(tmp_path, error):
+    """A job of three images whose image 1 could not be stored failed, but image 0 stayed in the
+    history: listed by /api/v1/images and, once the job left memory (or after a restart), under the
+    failed job in /api/v1/jobs/{id}, while the job's own view said no images (and a broken replica
+    PNG said "nothing was stored"). The images stored before the failing one are deleted now."""
+    from zimage_native.server.storage import BrokenImage
+
+    limits = Limits(min_side=32, max_side=512, max_pixels=512 * 512, max_steps=50, max_images=4)
+    storage = Storage(tmp_path)
+    save = storage.save_image
+
+    def failing_at_1(job_id, index, *args, **kwargs):
+        if index == 1 and job_id == batch.id:
+            raise {"disk full": OSError(errno.ENOSPC, "No space left on device"),
+                   "broken png": BrokenImage("its PNG cannot be decoded (x); nothing was stored"),
+                   "unexpected": ValueError("bad mode")}[error]
+        return save(job_id, index, *args, **kwargs)
+
+    storage.save_image = failing_at_1
+    manager = JobManager(FakeEngine(), storage, ServerSettings(data_dir=tmp_path, limits=limits, queue_size=8))
+    batch = manager.submit(GenerationRequest(prompt="batch", width=64, height=64, steps=1, seeds=[1, 2, 3]))
+    after = manager.submit(GenerationRequest(prompt="after", width=64, height=64, steps=1, seeds=[4, 5]))
+    manager.start()
+    try:
+        assert wait_until(lambda: after.terminal)
+    finally:
+        manager.stop()
+        storage.close()
+    assert batch.status == "failed" and batch.images == [], batch.error
+    assert batch.error.startswith("image 1 of the job" if error != "unexpected" else "internal error: ValueError")
+    assert after.status == "completed" and len(after.images) == 2
+    restarted = Storage(tmp_path)
+    try:
+        assert restarted.reconcile()["adopted"] == 0
+        assert restarted.job_images(batch.id) == [] and restarted.get_job(batch.id)["status"] == "failed"
+        assert sorted(r["id"] for r in restarted.list_images()) == [f"{after.id}-0", f"{after.id}-1"]
+        files = sorted(p.stem for p in tmp_path.glob("images/*/*.png"))
+        thumbs = sorted(p.stem for p in tmp_path.glob("thumbs/*/*.jpg"))
+        assert files == thumbs == [f"{after.id}-0", f"{after.id}-1"]
+    finally:
+        restarted.close()

@@ -447,15 +447,7 @@ class JobManager:
 
     def _store(self, job: Job, results: list, t0: float, made: float) -> None:
         try:
-            rows = []
-            for k, result in enumerate(results):
-                try:
-                    rows.append(self.storage.save_image(job.id, k, result.image, result.record, result.pnginfo(),
-                                                        created=made, png=result.png))
-                except BrokenImage as e:  # a replica's PNG that does not decode (not the disk's fault)
-                    raise ImageBroken(f"image {k} of the job: {e}") from None
-                except (sqlite3.Error, OSError) as e:
-                    raise storage_failure(e, f"image {k} of the job could not be saved") from None
+            rows = self._save_images(job, results, made)
             job.images = rows
             seconds = time.perf_counter() - t0  # the job's time until its images were stored
             with self._cond:
@@ -469,6 +461,28 @@ class JobManager:
                                                  "seconds": round(seconds, 4)})
         except (StorageFailed, ImageBroken) as e:
             self._end_with(job, e)
+
+    def _save_images(self, job: Job, results: list, made: float) -> list[dict]:
+        """Store the job's images, all or none: when one fails, those stored before it are deleted
+        again (a failed job has no images in the history)."""
+        rows: list[dict] = []
+        try:
+            for k, result in enumerate(results):
+                try:
+                    rows.append(self.storage.save_image(job.id, k, result.image, result.record, result.pnginfo(),
+                                                        created=made, png=result.png))
+                except BrokenImage as e:  # a replica's PNG that does not decode (not the disk's fault)
+                    raise ImageBroken(f"image {k} of the job: {e}") from None
+                except (sqlite3.Error, OSError) as e:
+                    raise storage_failure(e, f"image {k} of the job could not be saved") from None
+        except BaseException:
+            for row in rows:
+                try:
+                    self.storage.delete_image(row["id"])
+                except Exception as e:  # noqa: BLE001 - the job fails all the same
+                    logger.error("job %s: image %s stays in the history of the failed job: %s", job.id, row["id"], e)
+            raise
+        return rows
 
     def _end_with(self, job: Job, e: Exception) -> None:
         """End a job that raised ``e`` while it ran or while its images were saved."""
