@@ -204,7 +204,8 @@ class JobManager:
 
     def stats(self) -> dict[str, Any]:
         with self._cond:
-            return {"running": len(self._running), "saving": len(self._saving), "workers": self.workers,
+            saving = sum(not j.terminal for j in self._saving)  # (as in active_jobs)
+            return {"running": len(self._running), "saving": saving, "workers": self.workers,
                     "queued": len(self._queue), "capacity": self.capacity, "queue_size": self.settings.queue_size,
                     "tasks": len(self._tasks), "average_job_seconds": round(self._avg_seconds, 3)}
 
