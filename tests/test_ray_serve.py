@@ -8,6 +8,7 @@ import io
 import json
 import socket
 import time
+import types
 
 import pytest
 
@@ -107,6 +108,75 @@ def test_the_ingress_stores_a_replicas_png_as_it_came_with_the_metadata_of_the_l
     assert stored["ray text"] == stored["local text"] and stored["ray text"]
     assert json.loads(stored["ray text"][JSON_KEY]) == remote.record  # the replica's name included
     assert stored["ray pixels"] == stored["local pixels"] == pixels.tobytes()
+
+
+def ray_task_error(error: Exception) -> Exception:
+    """``error`` raised in a replica, as a deployment handle hands it to the ingress (checked on a
+    real local cluster: the job of a "[fail]" prompt)."""
+    import traceback
+
+    try:  # raised, as in the replica: the text Ray keeps is its traceback
+        raise error
+    except Exception:
+        text = traceback.format_exc()
+    wrapped = ray.exceptions.RayTaskError("handle_request_with_rejection", text, error, pid=4321, ip="192.0.2.2",
+                                          proctitle="ray::ServeReplica:zimage:ZImageReplica")
+    return wrapped.as_instanceof_cause()
+
+
+class FailingReplica:
+    """A deployment handle whose replica raises ``error`` (after one step of a generation)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def options(self, **kwargs):
+        return self
+
+    def __getattr__(self, method):  # generate, encode, tokenize, token_counts, rewrite
+        return types.SimpleNamespace(remote=lambda *args: self)
+
+    def __iter__(self):
+        yield {"type": "progress", "step": 1, "total": 3}
+        raise self.error
+
+    def cancel(self):
+        pass
+
+    def result(self):
+        raise self.error
+
+
+def test_an_engine_error_on_a_replica_reaches_the_job_and_the_routes_as_the_engines_message(tmp_path):
+    """Ray hands a replica's exception over wrapped: its text starts with the replica's process
+    title, pid, address and actor in terminal colours. A job that failed on a replica said
+    '\\x1b[36mray::ServeReplica:zimage:ZImageReplica.handle_request_with_rejection()\\x1b[39m
+    (pid=12126, ip=..., actor_id=..., repr=<...>)' instead of the engine's error, and /api/encode
+    answered 422 with that and the replica's traceback."""
+    from zimage_native.server import Limits, ServerSettings
+    from zimage_native.server.jobs import JobManager
+    from zimage_native.server.storage import Storage
+
+    info = ZImageReplica(fake_options(tmp_path, warmup=False)).info()
+    engine = RayEngine(FailingReplica(ray_task_error(RuntimeError("the fake engine was asked to fail"))), info)
+    storage = Storage(tmp_path / "data")
+    limits = Limits(min_side=16, max_side=512, max_pixels=512 * 512, max_steps=50, max_images=4)
+    manager = JobManager(engine, storage, ServerSettings(data_dir=tmp_path / "data", limits=limits))
+    job = manager.submit(request())
+    manager.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not job.terminal and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        manager.stop()
+        storage.close()
+    assert job.status == "failed" and job.error == "the fake engine was asked to fail"
+    assert job.events[-1].data["error"] == "the fake engine was asked to fail"
+    encoder = RayEngine(FailingReplica(ray_task_error(ValueError("max_sequence_length must be >= 1"))), info)
+    with pytest.raises(ValueError) as raised:  # what ctx.on_worker answers 422 with
+        encoder.encode(["a cat"], 0)
+    assert str(raised.value) == "max_sequence_length must be >= 1"
 
 
 def test_scaling_options():

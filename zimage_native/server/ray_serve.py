@@ -202,20 +202,36 @@ class RayEngine(Engine):
                 if attempt < RETRIES and _replica_died(e):
                     logger.warning("a replica died during a job (attempt %d): %s; retrying on another", attempt, e)
                     continue
-                raise
+                raise _engine_error(e)  # (Ray's wrapper stays its __context__)
         raise AssertionError("unreachable")
 
+    def _call(self, method: str, *args):
+        try:
+            return getattr(self.handle, method).remote(*args).result()
+        except Exception as e:
+            raise _engine_error(e)
+
     def encode(self, texts, max_sequence_length=None):
-        return self.handle.encode.remote(list(texts), max_sequence_length).result()
+        return self._call("encode", list(texts), max_sequence_length)
 
     def tokenize(self, texts, max_sequence_length=None):
-        return self.handle.tokenize.remote(list(texts), max_sequence_length).result()
+        return self._call("tokenize", list(texts), max_sequence_length)
 
     def token_counts(self, texts):
-        return self.handle.token_counts.remote(list(texts)).result()
+        return self._call("token_counts", list(texts))
 
     def rewrite(self, prompt: str, **kwargs) -> str:
-        return self.handle.rewrite.remote(prompt, kwargs).result()
+        return self._call("rewrite", prompt, kwargs)
+
+
+def _engine_error(error: BaseException) -> BaseException:
+    """The engine's own exception for one that a replica raised: Ray wraps it in a RayTaskError whose
+    text starts with the replica's process title, pid, address and actor in terminal colours (what a
+    failed job's ``error`` and a 422 showed), not the engine's message."""
+    import ray.exceptions as rex
+
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(error, rex.RayTaskError) and isinstance(cause, BaseException) else error
 
 
 def _replica_died(error: BaseException) -> bool:
