@@ -254,8 +254,8 @@ def test_storage_writes_given_png_bytes_as_they_are_and_still_makes_the_thumbnai
 
 
 class ReplicaBytes(FakeEngine):
-    """Returns its images as RayEngine.generate does: a replica's PNG bytes, opened lazily;
-    ``mangle`` breaks the first job's bytes (a damaged transfer, a faulty replica)."""
+    """Returns its images as RayEngine.generate does (GeneratedImage.from_png): a replica's PNG
+    bytes, opened lazily; ``mangle`` breaks the first job's bytes (a damaged transfer, a faulty replica)."""
 
     def __init__(self, mangle):
         super().__init__()
@@ -263,8 +263,6 @@ class ReplicaBytes(FakeEngine):
 
     def generate(self, request, callback):
         import io
-
-        from PIL import Image
 
         from zimage_native.metadata import png_info, save_png
         from zimage_native.server.engine import GeneratedImage
@@ -275,17 +273,25 @@ class ReplicaBytes(FakeEngine):
             buffer = io.BytesIO()
             save_png(result.image, buffer, png_info(result.record))
             data = self.mangle(buffer.getvalue()) if self.made == 1 else buffer.getvalue()
-            out.append(GeneratedImage(Image.open(io.BytesIO(data)), result.seed, result.record, png=data))
+            out.append(GeneratedImage.from_png(data, result.seed, result.record))
         return out
 
 
 @pytest.mark.parametrize("mangle", [lambda b: b[: b.index(b"IDAT") + 12],  # cut inside the pixel data
                                     lambda b: b[: b.index(b"IDAT") + 20] + bytes([b[b.index(b"IDAT") + 20] ^ 0xFF])
-                                    + b[b.index(b"IDAT") + 21:]], ids=["truncated", "flipped-byte"])
+                                    + b[b.index(b"IDAT") + 21:],
+                                    lambda b: b[: -len(b"\x00\x00\x00\x00IEND\xaeB`\x82")],  # cut after the pixels
+                                    lambda b: b[:20],  # cut in the header
+                                    lambda b: b"\x00" * 64],  # not an image
+                         ids=["truncated", "flipped-byte", "cut-after-the-pixel-data", "cut-in-the-header", "no-image"])
 def test_a_replica_png_that_does_not_decode_fails_its_job_as_such_and_leaves_no_file(tmp_path, mangle):
     """A replica's PNG is stored as it came and decoded only for the thumbnail: a broken one was
     written to images/ (a file without a row) and the job failed as "the server cannot write its
-    history" (the disk's fault). It is decoded before anything is written now."""
+    history" (the disk's fault). It is decoded before anything is written now. Bytes cut after the
+    pixel data decode (PIL does not need the IEND chunk): they were stored, a PNG without its end,
+    and the job completed; bytes cut in the header (or no image at all) failed the job in the
+    worker with PIL's words ("cannot identify image file <_io.BytesIO object at 0x7f...>").
+    Every one fails as "its PNG cannot be decoded" now."""
     limits = Limits(min_side=32, max_side=512, max_pixels=512 * 512, max_steps=50, max_images=4)
     storage = Storage(tmp_path)
     manager = JobManager(ReplicaBytes(mangle), storage, ServerSettings(data_dir=tmp_path, limits=limits,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import io
 import logging
 import threading
 import time
@@ -39,6 +40,19 @@ class GeneratedImage:
 
     def pnginfo(self):
         return png_info(self.record)
+
+    @classmethod
+    def from_png(cls, png: bytes, seed: int, record: dict[str, Any]) -> "GeneratedImage":
+        """An image that arrives as PNG bytes (a Ray replica's), stored as they are. Opened lazily;
+        the writer decodes the bytes (Storage.save_image, which refuses them when they are not one
+        whole PNG); bytes that do not even open leave ``image`` None for it to refuse."""
+        from PIL import Image
+
+        try:
+            image = Image.open(io.BytesIO(png))
+        except Exception:  # noqa: BLE001 - PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+            image = None
+        return cls(image, seed, record, png=png)
 
 
 class Engine:

@@ -183,8 +183,6 @@ class RayEngine(Engine):
         return {**self._info["describe"], "scale_out": "ray serve"}
 
     def generate(self, request: GenerationRequest, callback) -> list[GeneratedImage]:
-        from PIL import Image
-
         payload = _request_payload(request)
         for attempt in range(1, RETRIES + 1):
             stream = self.handle.options(stream=True).generate.remote(payload)
@@ -192,10 +190,9 @@ class RayEngine(Engine):
                 for item in stream:
                     if item["type"] == "progress":
                         callback(item["step"], item["total"])  # raises to cancel or time out
-                    else:  # the PNG is stored as it came (its metadata is png_info(record)); the image is
-                        # opened lazily, decoded only for the thumbnail
-                        return [GeneratedImage(Image.open(io.BytesIO(x["png"])), x["seed"], x["record"], png=x["png"])
-                                for x in item["images"]]
+                    else:  # the PNG is stored as it came (its metadata is png_info(record)); the writer
+                        # decodes it (for the thumbnail), refusing a damaged one
+                        return [GeneratedImage.from_png(x["png"], x["seed"], x["record"]) for x in item["images"]]
                 raise RuntimeError("the replica ended the stream without images")
             except BaseException as e:
                 stream.cancel()

@@ -33,6 +33,7 @@ its life; the system drops it when the process ends, however it ends.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
@@ -155,6 +156,29 @@ LOCK_FILE = "server.lock"
 class BrokenImage(ValueError):
     """PNG bytes handed to :meth:`Storage.save_image` (a Ray replica's) that do not decode: the
     image's fault, not the disk's."""
+
+
+PNG_START = b"\x89PNG\r\n\x1a\n"  # the signature
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk, which ends every whole PNG
+
+
+def decoded_png(png: bytes):
+    """The image that PNG bytes hold, decoded; :class:`BrokenImage` when they are not one whole PNG
+    (PIL decodes bytes cut after the pixel data, and the file would lack its end)."""
+    from PIL import Image
+
+    if not png.startswith(PNG_START):
+        problem = f"no PNG signature at the start of its {len(png)} bytes"
+    elif not png.endswith(PNG_END):
+        problem = f"no IEND chunk at the end of its {len(png)} bytes: cut short"
+    else:
+        try:
+            image = Image.open(io.BytesIO(png))
+            image.load()
+            return image
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, zlib.error, ...
+            problem = f"{type(e).__name__}: {e}"
+    raise BrokenImage(f"its PNG cannot be decoded ({problem}); nothing was stored")
 
 
 class DataDirInUse(ValueError):
@@ -310,17 +334,15 @@ class Storage:
                    created: float | None = None, png: bytes | None = None) -> dict:
         """Write the PNG (and its thumbnail) atomically, then insert the row; returns the row.
         ``png``: the image already encoded with its metadata (``save_png(image, f, png_info(record))``,
-        as a Ray replica sends it): written as it is instead of encoding ``image`` again."""
+        as a Ray replica sends it): written as it is instead of encoding ``image`` again, and decoded
+        from these bytes (``image`` is not used; :class:`BrokenImage` when they are not one whole PNG)."""
         created = time.time() if created is None else created
         iid = image_id(job_id, index)
         day = time.strftime("%Y-%m-%d", time.localtime(created))
         file = f"images/{day}/{iid}.png"
         thumb = f"thumbs/{day}/{iid}.jpg"
-        if png is not None:
-            try:  # decoded before anything is written (the thumbnail needs it): a broken PNG leaves no file
-                image.load()
-            except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, zlib.error, ...
-                raise BrokenImage(f"its PNG cannot be decoded ({type(e).__name__}: {e}); nothing was stored") from None
+        if png is not None:  # decoded before anything is written (the thumbnail needs it): a broken PNG leaves no file
+            image = decoded_png(png)
             write_atomic(self.root / file, lambda f: f.write(png))
         else:
             write_atomic(self.root / file, lambda f: save_png(image, f, pnginfo))
