@@ -536,3 +536,43 @@ def test_a_batch_job_whose_second_image_fails_to_save_keeps_none_of_its_images(t
         assert files == thumbs == [f"{after.id}-0", f"{after.id}-1"]
     finally:
         restarted.close()
+
+
+# ------------------------------------------------------------------ restart after a crash while saving
+def test_a_restart_completes_a_job_left_running_whose_images_are_all_stored(tmp_path):
+    """A job's row says running until the writer has stored every image, pruned the history and sent
+    "completed"; a crash in between (a long prune, or after the completed event but before the row
+    update) left a job with all its images that start-up called failed ("interrupted"), though
+    clients may have been told it completed. Start-up completes such a job now; a job with part of
+    its images (or none) still fails, and so does one whose count is unknown."""
+    from PIL import Image
+
+    from zimage_native.server.storage import write_atomic
+
+    image = Image.new("RGB", (32, 32), (1, 2, 3))
+    storage = Storage(tmp_path)
+    whole, adopted, partial, unknown = ("j" + c * 20 for c in "abcd")
+    for job_id, n in ((whole, 2), (adopted, 2), (partial, 3), (unknown, None)):
+        storage.insert_job(job_id, "generate", {"prompt": "p", **({"n": n} if n else {})}, time.time(), "running")
+    for job_id, count in ((whole, 2), (adopted, 1), (partial, 1), (unknown, 1)):
+        for k in range(count):
+            storage.save_image(job_id, k, image, {"prompt": "p", "seed": k})
+    # The last image of `adopted`: renamed into place, its row not inserted before the crash.
+    day = storage.job_images(adopted)[0]["file"].split("/")[1]
+    write_atomic(tmp_path / "images" / day / f"{adopted}-1.png", lambda f: image.save(f, format="PNG"))
+    storage.close()
+
+    restarted = Storage(tmp_path)
+    try:
+        report = restarted.reconcile()
+        for job_id in (whole, adopted):
+            row = restarted.get_job(job_id)
+            assert (row["status"], row["error"]) == ("completed", None) and row["finished"] is not None
+            assert len(restarted.job_images(job_id)) == 2
+        for job_id in (partial, unknown):
+            row = restarted.get_job(job_id)
+            assert (row["status"], row["error"]) == ("failed", "interrupted: the server stopped while the job ran")
+        assert (report["completed"], report["failed"], report["adopted"]) == (2, 2, 1)
+        assert restarted.reconcile() == dict.fromkeys(report, 0)
+    finally:
+        restarted.close()

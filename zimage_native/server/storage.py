@@ -18,7 +18,7 @@ Crash consistency (a SIGKILL at any instant leaves a state that start-up repairs
   fails (a full disk for the thumbnail, a database error for the row) removes the files it wrote.
 - delete: the row is deleted (committed) first, then the files.
 - start-up (:meth:`Storage.reconcile`): jobs left ``queued`` become ``cancelled`` and jobs left
-  ``running`` become ``failed``; temporary files are removed; an image file without a row is
+  ``running`` become ``failed``, or ``completed`` when all their images are stored; temporary files are removed; an image file without a row is
   adopted when its job is known (its metadata is read back from the PNG), else deleted; rows whose
   file is gone are dropped; thumbnails without an image are removed.
 
@@ -454,16 +454,14 @@ class Storage:
     def reconcile(self) -> dict[str, int]:
         """Repair what a crash can leave behind (see the module docstring); returns counts."""
         now = time.time()
-        report = dict(cancelled=0, failed=0, tmp_removed=0, adopted=0, orphans_removed=0, rows_dropped=0,
-                      thumbs_removed=0, thumbs_rebuilt=0)
+        report = dict(cancelled=0, failed=0, completed=0, tmp_removed=0, adopted=0, orphans_removed=0,
+                      rows_dropped=0, thumbs_removed=0, thumbs_rebuilt=0)
         with self._lock:
             report["cancelled"] = self._db.execute(
                 "UPDATE jobs SET status = 'cancelled', finished = ?, "
                 "error = 'the server stopped before the job ran' WHERE status = 'queued'", (now,)).rowcount
-            report["failed"] = self._db.execute(
-                "UPDATE jobs SET status = 'failed', finished = ?, "
-                "error = 'interrupted: the server stopped while the job ran' WHERE status = 'running'",
-                (now,)).rowcount
+            running = {r["id"]: json.loads(r["params"]).get("n")
+                       for r in self._db.execute("SELECT id, params FROM jobs WHERE status = 'running'").fetchall()}
             rows = {r["id"]: dict(r) for r in self._db.execute("SELECT id, file, thumb FROM images").fetchall()}
             jobs = {r["id"] for r in self._db.execute("SELECT id FROM jobs").fetchall()}
 
@@ -493,6 +491,17 @@ class Storage:
             else:
                 path.unlink(missing_ok=True)
                 report["orphans_removed"] += 1
+        # Jobs left running failed, but one whose images are all stored completed: the crash came after
+        # its last image (while the history was pruned, or before its row was updated).
+        with self._lock:
+            for job_id, n in running.items():
+                stored = self._db.execute("SELECT COUNT(*) FROM images WHERE job_id = ?", (job_id,)).fetchone()[0]
+                done = isinstance(n, int) and n > 0 and stored == n
+                self._db.execute(
+                    "UPDATE jobs SET status = ?, finished = ?, error = ? WHERE id = ?",
+                    ("completed", now, None, job_id) if done else
+                    ("failed", now, "interrupted: the server stopped while the job ran", job_id))
+                report["completed" if done else "failed"] += 1
         # Thumbnails: remove those without an image; rebuild missing ones.
         with self._lock:
             current = {r["id"]: dict(r) for r in self._db.execute("SELECT id, file, thumb FROM images").fetchall()}
