@@ -576,3 +576,38 @@ def test_a_restart_completes_a_job_left_running_whose_images_are_all_stored(tmp_
         assert restarted.reconcile() == dict.fromkeys(report, 0)
     finally:
         restarted.close()
+
+
+def test_a_restart_does_not_bring_back_an_image_whose_delete_a_crash_cut_short(tmp_path):
+    """Deletes go row first, then files (a delete, a prune, "Clear all" of many images). A crash in
+    between left files without rows, and start-up adopted every such file whose job it knew: the
+    deleted images came back into the history. Only a job that was running (a file renamed into
+    place just before its row) has its files adopted now; a finished job's are removed."""
+    from PIL import Image
+
+    from zimage_native.server.storage import write_atomic
+
+    image = Image.new("RGB", (32, 32), (1, 2, 3))
+    storage = Storage(tmp_path)
+    finished, running = "j" + "a" * 20, "j" + "b" * 20
+    storage.insert_job(finished, "generate", {"prompt": "p", "n": 3}, time.time(), "completed")
+    storage.insert_job(running, "generate", {"prompt": "q", "n": 2}, time.time(), "running")
+    rows = [storage.save_image(finished, k, image, {"prompt": "p", "seed": k}) for k in range(3)]
+    storage.save_image(running, 0, image, {"prompt": "q", "seed": 0})
+    day = rows[0]["file"].split("/")[1]
+    write_atomic(tmp_path / "images" / day / f"{running}-1.png", lambda f: image.save(f, format="PNG"))
+    storage._unlink = lambda *relatives: None  # the crash: rows deleted, files not yet
+    assert storage.delete_image(rows[1]["id"]) and storage.prune(1, spare_job=running) == 2
+    assert [r["id"] for r in storage.list_images()] == [f"{running}-0"]
+    storage.close()
+
+    restarted = Storage(tmp_path)
+    try:
+        report = restarted.reconcile()
+        assert sorted(r["id"] for r in restarted.list_images()) == [f"{running}-0", f"{running}-1"]
+        assert sorted(p.stem for p in tmp_path.glob("images/*/*.png")) == [f"{running}-0", f"{running}-1"]
+        assert sorted(p.stem for p in tmp_path.glob("thumbs/*/*.jpg")) == [f"{running}-0", f"{running}-1"]
+        assert (report["adopted"], report["orphans_removed"], report["thumbs_removed"]) == (1, 3, 3)
+        assert restarted.get_job(running)["status"] == "completed"  # (its images are all stored)
+    finally:
+        restarted.close()

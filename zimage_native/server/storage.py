@@ -18,9 +18,10 @@ Crash consistency (a SIGKILL at any instant leaves a state that start-up repairs
   fails (a full disk for the thumbnail, a database error for the row) removes the files it wrote.
 - delete: the row is deleted (committed) first, then the files.
 - start-up (:meth:`Storage.reconcile`): jobs left ``queued`` become ``cancelled`` and jobs left
-  ``running`` become ``failed``, or ``completed`` when all their images are stored; temporary files are removed; an image file without a row is
-  adopted when its job is known (its metadata is read back from the PNG), else deleted; rows whose
-  file is gone are dropped; thumbnails without an image are removed.
+  ``running`` become ``failed``, or ``completed`` when all their images are stored; temporary
+  files are removed; an image file without a row is adopted when its job was running (its metadata
+  is read back from the PNG), else deleted (a delete cut short must not bring an image back); rows
+  whose file is gone are dropped; thumbnails without an image are removed.
 
 SQLite runs in WAL mode: committed transactions survive an application crash whatever the
 ``synchronous`` setting; ``synchronous=FULL`` (``full_sync=True``) also survives a power loss.
@@ -463,7 +464,6 @@ class Storage:
             running = {r["id"]: json.loads(r["params"]).get("n")
                        for r in self._db.execute("SELECT id, params FROM jobs WHERE status = 'running'").fetchall()}
             rows = {r["id"]: dict(r) for r in self._db.execute("SELECT id, file, thumb FROM images").fetchall()}
-            jobs = {r["id"] for r in self._db.execute("SELECT id FROM jobs").fetchall()}
 
         for folder in (self.images_dir, self.thumbs_dir, self.embeddings_dir):
             for tmp in folder.rglob("*.tmp"):
@@ -481,12 +481,14 @@ class Storage:
                     self._db.execute("DELETE FROM images WHERE id = ?", (iid,))
                 self._unlink(row["thumb"])
                 report["rows_dropped"] += 1
-        # Image files without a row: adopt those of a known job, delete the rest.
+        # Image files without a row: adopt those of a job that was running (renamed into place just
+        # before the crash), delete the rest: a file of a finished job lost its row to a delete, a
+        # prune or "Clear all" that the crash cut short, and must not come back.
         for stem, path in files.items():
             if stem in rows:
                 continue
             match = IMAGE_ID.match(stem)
-            if match and match.group(1) in jobs and self._adopt(path, stem, int(match.group(2))):
+            if match and match.group(1) in running and self._adopt(path, stem, int(match.group(2))):
                 report["adopted"] += 1
             else:
                 path.unlink(missing_ok=True)
