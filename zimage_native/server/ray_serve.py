@@ -35,6 +35,7 @@ from ray import serve
 from ..metadata import png_info, save_png
 from .engine import Engine, GeneratedImage, GenerationRequest
 from .jobs import JobCancelled
+from .remote import RemoteCallAborted, abort_check
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +185,13 @@ class RayEngine(Engine):
 
     def generate(self, request: GenerationRequest, callback) -> list[GeneratedImage]:
         payload = _request_payload(request)
+        check = abort_check()  # the job's cancel or time limit (the job manager generates inside abort_when)
         for attempt in range(1, RETRIES + 1):
             stream = self.handle.options(stream=True).generate.remote(payload)
+            done, aborted = threading.Event(), threading.Event()
+            if check is not None:  # also while no step comes: the job waits for a replica (all busy, one starting)
+                threading.Thread(target=_cancel_on, args=(check, stream, done, aborted), daemon=True,
+                                 name="zimage-ray-abort").start()
             try:
                 for item in stream:
                     if item["type"] == "progress":
@@ -196,10 +202,14 @@ class RayEngine(Engine):
                 raise RuntimeError("the replica ended the stream without images")
             except BaseException as e:
                 stream.cancel()
+                if aborted.is_set():
+                    raise RemoteCallAborted("the job was cancelled or ran out of time on its replica") from None
                 if attempt < RETRIES and _replica_died(e):
                     logger.warning("a replica died during a job (attempt %d): %s; retrying on another", attempt, e)
                     continue
                 raise _engine_error(e)  # (Ray's wrapper stays its __context__)
+            finally:
+                done.set()
         raise AssertionError("unreachable")
 
     def _call(self, method: str, *args):
@@ -219,6 +229,16 @@ class RayEngine(Engine):
 
     def rewrite(self, prompt: str, **kwargs) -> str:
         return self._call("rewrite", prompt, kwargs)
+
+
+def _cancel_on(check, stream, done: threading.Event, aborted: threading.Event) -> None:
+    """Cancel ``stream`` once ``check()`` is true (asked a few times a second until ``done``): the
+    wait for its next item ends then, though no step has come to raise from the callback."""
+    while not done.wait(0.2):
+        if check():
+            aborted.set()
+            stream.cancel()
+            return
 
 
 def _engine_error(error: BaseException) -> BaseException:

@@ -121,6 +121,12 @@ def abort_when(check: Callable[[], bool]) -> Iterator[None]:
         _abort.check = previous
 
 
+def abort_check() -> Callable[[], bool] | None:
+    """The check of the innermost :func:`abort_when` on this thread (None outside one): other
+    remote calls (a Ray replica's generation) give up on it too."""
+    return getattr(_abort, "check", None)
+
+
 class _ConnectionMixin:
     """An HTTP(S) connection whose connect has its own (short) timeout, then ``read_timeout`` for the
     answer, which an ``abort`` check may cut short: a watcher thread asks it a few times a second
@@ -241,7 +247,7 @@ class RemoteTextEncoder:
             request.add_header("Content-Type", "application/json")
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
-        opener = _opener(self.timeout, getattr(_abort, "check", None))
+        opener = _opener(self.timeout, abort_check())
         try:
             with opener.open(request, timeout=min(self.connect_timeout, self.timeout)) as response:
                 return response.read(), dict(response.headers.items())
