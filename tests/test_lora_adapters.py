@@ -76,6 +76,81 @@ def test_adapter_calls_match_diffusers(tiny_model_dir, tmp_path):
     both("unload_lora_weights")
 
 
+def test_fuse_lora_then_unload_lora_weights_keeps_the_loras_as_diffusers_does(tiny_model_dir, tmp_path):
+    """diffusers' recipe to bake LoRAs in: ``fuse_lora()`` then ``unload_lora_weights()`` drops the
+    adapters and keeps their weights merged (later adapters go on top of them; ``unfuse_lora()``
+    before the unload undoes the fuse). Here the unload used to unfuse everything: the plain model
+    (rel err 0.37 from diffusers' image on the tiny model)."""
+    from .fixtures import our_pipeline, reference_pipeline
+
+    ours, ref = our_pipeline(tiny_model_dir), reference_pipeline(tiny_model_dir)
+    a, b = save_lora(ours, tmp_path / "a.safetensors", 1), save_lora(ours, tmp_path / "b.safetensors", 2)
+
+    def both(what):
+        got = ours("a cat", seed=0, **KW).images
+        expected = ref("a cat", generator=torch.Generator().manual_seed(0), guidance_scale=0.0, **KW).images
+        assert_rel(got, expected, 1e-5, what)
+        return got
+
+    plain = both("no LoRA")
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(str(a), adapter_name="a")
+        pipe.load_lora_weights(str(b), adapter_name="b")
+        pipe.set_adapters(["a", "b"], adapter_weights=[0.5, 0.7])
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    assert ours.get_list_adapters() == ref.get_list_adapters() == {} and len(ours.loras) == 2
+    baked = both("fuse_lora + unload_lora_weights: the LoRAs stay fused")
+    assert rel_err(baked, plain) > 1e-2  # the control: the LoRAs apply
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(str(a), adapter_name="c")
+    both("an adapter on top of the fused LoRAs")
+    for pipe in (ours, ref):
+        pipe.disable_lora()
+    assert_rel(both("disable_lora: the fused LoRAs are the model's weights now"), baked, 1e-6, "disabled")
+    for pipe in (ours, ref):
+        pipe.enable_lora()
+        pipe.unload_lora_weights()  # not fused: c goes, the LoRAs fused before stay
+    assert_rel(both("unload_lora_weights without fuse_lora"), baked, 1e-6, "unloaded")
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(str(a), adapter_name="d")
+        pipe.fuse_lora()
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+    assert_rel(both("fuse_lora + unfuse_lora + unload_lora_weights"), baked, 1e-6, "unfused")
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(str(a), adapter_name="e")
+        pipe.load_lora_weights(str(b), adapter_name="f")
+        pipe.set_adapters(["e", "f"])
+        pipe.fuse_lora(adapter_names=["e"])
+        pipe.unload_lora_weights()
+    both("fuse_lora(adapter_names=['e']) + unload_lora_weights: only e stays")
+    ours.unload_lora()  # the engine's own unload still restores the original weights
+    assert_rel(ours("a cat", seed=0, **KW).images, plain, 1e-6, "unload_lora")
+
+
+def test_adapter_changes_after_fuse_lora_are_refused(tiny_pipe, tmp_path):
+    """Between fuse_lora() and unload_lora_weights(), diffusers' PEFT unmerges for some calls and not
+    for others (set_adapters and delete_adapters keep the merge, loading another adapter undoes it);
+    they are refused here, naming unfuse_lora()."""
+    pipe = tiny_pipe
+    a = save_lora(pipe, tmp_path / "a.safetensors", 1)
+    try:
+        pipe.load_lora_weights(a, adapter_name="a")
+        with pytest.raises(ValueError, match=r"fuse_lora\(\): no adapter named \['x'\]"):
+            pipe.fuse_lora(adapter_names=["x"])
+        pipe.fuse_lora()
+        for call in (lambda: pipe.set_adapters("a", 0.5), lambda: pipe.delete_adapters("a"), pipe.disable_lora,
+                     lambda: pipe.load_lora_weights(a, adapter_name="b")):
+            with pytest.raises(ValueError, match=r"after fuse_lora\(\).*unfuse_lora\(\) first"):
+                call()
+        assert pipe.get_active_adapters() == ["a"]
+        pipe.unfuse_lora()
+        pipe.set_adapters("a", 0.5)
+    finally:
+        pipe.unload_lora()
+
+
 def test_adapter_mistakes_are_named(tiny_pipe, tmp_path):
     pipe = tiny_pipe
     a = save_lora(pipe, tmp_path / "a.safetensors", 1)

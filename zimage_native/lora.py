@@ -790,27 +790,55 @@ class LoraAdapters:
     pipeline fuses the active ones at their weights again whenever the active set or a weight
     changes (unfuse exactly, then fuse). The rules are diffusers 0.42.1's: a newly loaded adapter is
     the only active one, at weight 1; ``set_adapters`` picks the active ones (an unset weight is 1);
-    ``disable_lora`` / ``enable_lora`` turn them all off and on again; ``delete_adapters`` drops some."""
+    ``disable_lora`` / ``enable_lora`` turn them all off and on again; ``delete_adapters`` drops some.
+
+    ``fuse_lora`` marks the active adapters (or the named ones) as merged, and ``unload_lora_weights``
+    then keeps the merged ones as ``baked`` LoRAs: fused, in no adapter, under every later adapter
+    (diffusers' recipe to bake a LoRA in); ``unfuse_lora`` takes the mark back."""
 
     def __init__(self):
         self.sources: dict[str, tuple[object, dict]] = {}  # name -> (path or state dict, load options)
         self.active: dict[str, float] = {}  # name -> weight, in set_adapters' order
         self.enabled = True
-        self.fused = 0  # LoRAs the stack holds for these adapters (others came from load_lora)
+        self.merged: dict[str, float] | None = None  # what fuse_lora merged (name -> weight); None: not called
+        self.baked: list[tuple[object, float, dict]] = []  # (source, weight, options) kept by unload_lora_weights
+        self.fused = 0  # LoRAs the stack holds for these adapters and the baked ones (others came from load_lora)
 
     def clear(self) -> None:
         self.sources.clear()
         self.active.clear()
         self.enabled = True
+        self.merged = None
+        self.baked = []
         self.fused = 0
 
     def state(self) -> tuple:
-        """What :meth:`restore` puts back (the sources, the active adapters and weights, enabled)."""
-        return dict(self.sources), dict(self.active), self.enabled
+        """What :meth:`restore` puts back (the sources, the active adapters and weights, enabled, the
+        merged and the baked ones)."""
+        return dict(self.sources), dict(self.active), self.enabled, self.merged, list(self.baked)
 
     def restore(self, state: tuple) -> None:
-        sources, active, self.enabled = state
-        self.sources, self.active = dict(sources), dict(active)
+        sources, active, self.enabled, self.merged, baked = state
+        self.sources, self.active, self.baked = dict(sources), dict(active), list(baked)
+
+    def merge(self, adapter_names=None) -> None:
+        """diffusers' ``fuse_lora``: mark the active adapters (or the named ones, which must be active)
+        as merged, at their weights, for :meth:`bake`."""
+        applied = self.active if self.enabled else {}
+        names = list(applied) if adapter_names is None else self.names(adapter_names, "fuse_lora()")
+        inactive = [n for n in names if n not in applied]
+        if inactive:
+            raise ValueError(f"fuse_lora(): the adapters {inactive} do not apply now (active: {list(applied)}); "
+                             f"set_adapters() them first")
+        self.merged = {n: applied[n] for n in names}
+
+    def bake(self) -> None:
+        """diffusers' ``unload_lora_weights``: forget the adapters; the merged ones stay as baked LoRAs."""
+        self.baked += [(self.sources[n][0], w, self.sources[n][1]) for n, w in (self.merged or {}).items()]
+        self.sources.clear()
+        self.active.clear()
+        self.enabled = True
+        self.merged = None
 
     def add(self, source, name: str | None, options: dict) -> str:
         """Register an adapter and make it the only active one, at weight 1 (diffusers' rule)."""
@@ -863,10 +891,9 @@ class LoraAdapters:
             self.active.pop(name, None)
 
     def to_fuse(self) -> list[tuple[object, float, dict]]:
-        """(source, weight, options) of each adapter to fuse now."""
-        if not self.enabled:
-            return []
-        return [(self.sources[n][0], w, self.sources[n][1]) for n, w in self.active.items()]
+        """(source, weight, options) of each LoRA to fuse now: the baked ones, then the active adapters."""
+        active = [(self.sources[n][0], w, self.sources[n][1]) for n, w in self.active.items()] if self.enabled else []
+        return self.baked + active
 
 
 class LoraMixin:

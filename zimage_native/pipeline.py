@@ -757,6 +757,9 @@ class ZImagePipeline:
         if len(self.lora_stack.loaded) != self.lora_adapters.fused:
             raise ValueError(f"{what}: LoRAs loaded with load_lora() are fused and belong to no adapter; call "
                              f"unload_lora() first, or load every LoRA with load_lora_weights(..., adapter_name=)")
+        if self.lora_adapters.merged is not None:  # diffusers' PEFT unmerges for some of these calls, not others
+            raise ValueError(f"{what} after fuse_lora(): unload_lora_weights() keeps the fused adapters in the "
+                             f"weights, as in diffusers; to change the adapters instead, call unfuse_lora() first")
 
     def _refit_adapters(self, what: str, change: Callable[[], Any]) -> None:
         """Make ``change`` to the adapters and fuse the active ones again (:meth:`_fuse_adapters`).
@@ -812,22 +815,42 @@ class ZImagePipeline:
             self.load_lora(source, weight, **options)
             self.lora_adapters.fused += 1
 
-    def fuse_lora(self, lora_scale: float = 1.0, **ignored) -> None:
-        """diffusers' name. LoRAs are fused when loaded, at their scale: nothing to do at 1.0; another
-        scale is refused (``set_adapters(names, adapter_weights=)``, or ``load_lora(path, scale=...)``)."""
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names=None, **ignored) -> None:
+        """diffusers' name. LoRAs are fused when loaded here, so the weights do not change; as in
+        diffusers, the active adapters (or ``adapter_names``) are marked merged, and a following
+        :meth:`unload_lora_weights` keeps them in the weights (diffusers' recipe to bake a LoRA in).
+        A ``lora_scale`` other than 1 is refused (``set_adapters(names, adapter_weights=)``, or
+        ``load_lora(path, scale=...)``)."""
         if lora_scale != 1.0:
             raise ValueError(f"fuse_lora(lora_scale={lora_scale}): LoRAs are fused when loaded here; set the weight "
                              f"with set_adapters(names, adapter_weights=...), or unload_lora() and "
                              f"load_lora(path, scale={lora_scale})")
+        self.lora_adapters.merge(adapter_names)
 
     def unfuse_lora(self, **ignored) -> None:
         """diffusers' name. There, the LoRA still applies after it (unfused, through its adapter
-        layers); here it stays fused: the same images. To remove it: :meth:`disable_lora` or
-        :meth:`unload_lora_weights`."""
+        layers); here it stays fused: the same images. It takes back :meth:`fuse_lora`'s mark, so
+        :meth:`unload_lora_weights` removes the adapters again. To remove them now: :meth:`disable_lora`
+        or :meth:`unload_lora_weights`."""
+        self.lora_adapters.merged = None
 
+    @_serialized
     def unload_lora_weights(self) -> int:
-        """diffusers' name for :meth:`unload_lora`."""
-        return self.unload_lora()
+        """diffusers' name: remove the adapters. After :meth:`fuse_lora` the adapters it merged stay in
+        the weights, as in diffusers (they belong to no adapter then, and later adapters go on top;
+        :meth:`unload_lora` restores the original weights). Otherwise, as :meth:`unload_lora`, except
+        that LoRAs kept so before stay. Returns the LoRAs unfused."""
+        adapters = self.lora_adapters
+        if not adapters.baked and adapters.merged is None:
+            return self.unload_lora()
+        if len(self.lora_stack.loaded) != adapters.fused:  # load_lora's LoRAs too: unload_lora takes them all
+            return self.unload_lora()
+        before = len(adapters.to_fuse())
+        if adapters.enabled and adapters.merged == adapters.active:  # every fused adapter is kept: no refit
+            adapters.bake()
+        else:
+            self._refit_adapters("unload_lora_weights", adapters.bake)
+        return before - len(adapters.to_fuse())
 
     @property
     def guidance_scale(self) -> float | None:
