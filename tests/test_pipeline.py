@@ -442,6 +442,42 @@ def test_set_attention_backend_is_bound_on_a_pipeline_without_a_vae(fresh_pipe, 
         bare.transformer.set_attention_backend("flex")
 
 
+@pytest.mark.parametrize("name, mode", [("compile", "full"), ("compile_repeated_blocks", "blocks")])
+def test_diffusers_transformer_compile_compiles_the_run(tiny_model_dir, name, mode):
+    """The model card's pipe.transformer.compile() (nn.Module.compile) compiled the DiT's __call__, which
+    the pipeline never calls: the run stayed eager (0 frames compiled), and diffusers'
+    compile_repeated_blocks() was an AttributeError. They are the engine's compile="full" and
+    compile="blocks" now; torch.compile's options that have no counterpart are refused."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from .fixtures import our_pipeline
+
+    pipe = our_pipeline(tiny_model_dir)
+    kw = dict(height=32, width=32, num_inference_steps=2, output_type="latent", seed=0)
+    expected = pipe("a cat", **kw).images
+    for bad, match in ((dict(mode="max-autotune"), "inductor's default mode"),
+                       (dict(mode="reduce-overhead"), r"optimize\(cuda_graphs=True\)"), (dict(options={}), "options")):
+        with pytest.raises(ValueError, match=rf"transformer.{name}\(.*not taken here.*{match}"):
+            getattr(pipe.transformer, name)(**bad)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    lines = getattr(pipe.transformer, name)(backend=counter, fullgraph=True)
+    assert any(line.startswith(f"compile: {mode}") for line in lines) and pipe._accel["compile"] == mode
+    got = pipe("a cat", **kw).images
+    assert counter.frame_count > 0  # the run went through the compiled code
+    assert_rel(got, expected, 1e-6, f"transformer.{name}()")
+
+
+def test_torch_compile_wrapper_assigned_to_the_pipeline_is_refused(fresh_pipe):
+    """pipe.transformer = torch.compile(pipe.transformer) ran eagerly: the pipeline calls the DiT's
+    forward_tokens, which the wrapper forwards to the uncompiled module."""
+    dit = fresh_pipe.transformer
+    with pytest.raises(ValueError, match=r"forward_tokens, which the wrapper leaves eager; call "
+                                         r"pipe.transformer.compile\(\)"):
+        fresh_pipe.transformer = torch.compile(dit)
+    assert fresh_pipe.transformer is dit
+
+
 @pytest.mark.parametrize("scale", ["x", None, True, float("nan"), float("inf"), [0.5]])
 def test_joint_attention_kwargs_scale_must_be_a_finite_number(tiny_pipe, scale):
     """Without a LoRA loaded, {"scale": "x"} was accepted (and ignored): it is refused now, with what to give."""

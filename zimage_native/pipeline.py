@@ -257,6 +257,19 @@ class ZImagePipeline:
         raise ValueError(f"pipe.scheduler = {type(value).__name__}(...): {self._SCHEDULER_ADVICE}")
 
     @property
+    def transformer(self) -> ZImageTransformer:
+        """The DiT."""
+        return self._transformer
+
+    @transformer.setter
+    def transformer(self, module) -> None:
+        if hasattr(module, "_orig_mod"):  # torch.compile's wrapper (OptimizedModule): its __call__ is never called
+            raise ValueError("pipe.transformer = torch.compile(pipe.transformer): the pipeline runs the DiT's "
+                             "forward_tokens, which the wrapper leaves eager; call pipe.transformer.compile() (or "
+                             "compile_repeated_blocks()), or pipe.optimize(compile='blocks' | 'full')")
+        self._transformer = module
+
+    @property
     def tokenizer(self):
         """diffusers' ``pipe.tokenizer``: the text encoder's tokenizer (a transformers tokenizer)."""
         tokenizer = getattr(self.text_encoder, "tokenizer", None)
@@ -496,8 +509,8 @@ class ZImagePipeline:
         """diffusers' Z-Image pipeline has no enable_vae_tiling(): its users call
         ``pipe.vae.enable_tiling()`` / ``enable_slicing()`` (and ``disable_*``). Those names on this
         pipeline's VAE set the pipeline's tiling and slicing (through a weak reference, so the VAE
-        does not keep the pipeline alive). ``pipe.transformer.set_attention_backend`` is bound the
-        same way, with or without a VAE."""
+        does not keep the pipeline alive). ``pipe.transformer.set_attention_backend``, ``.compile`` and
+        ``.compile_repeated_blocks`` are bound the same way, with or without a VAE."""
         owner = weakref.ref(self)
 
         def call(name):
@@ -509,6 +522,8 @@ class ZImagePipeline:
             return method
 
         object.__setattr__(self.transformer, "set_attention_backend", call("_set_diffusers_attention_backend"))
+        for name in ("compile", "compile_repeated_blocks"):  # nn.Module.compile would compile an unused __call__
+            object.__setattr__(self.transformer, name, functools.partial(call("_diffusers_compile"), name))
         if self.vae is None:
             return
         for vae_name, name in (("enable_tiling", "enable_vae_tiling"), ("disable_tiling", "disable_vae_tiling"),
@@ -533,6 +548,27 @@ class ZImagePipeline:
                              f"_flash_3, sage and xformers (and their variants) map to this engine's "
                              f"{list(ATTENTION_CHOICES)}, which pipe.optimize(attention=...) also takes")
         return self.optimize(attention=mapped)
+
+    def _diffusers_compile(self, name: str, *args, **kwargs) -> list[str]:
+        """diffusers' ``pipe.transformer.compile()`` (``nn.Module.compile``: the whole forward) and
+        ``pipe.transformer.compile_repeated_blocks()`` (regional) as this engine's ``compile="full"`` and
+        ``compile="blocks"`` (:meth:`optimize`). ``nn.Module.compile`` itself compiles the module's
+        ``__call__``, which the pipeline never calls (it runs ``forward_tokens``): the run stayed eager.
+        ``backend=`` is the compile backend, ``dynamic=False`` the static shape policy; ``fullgraph``
+        changes nothing (the modes fix it); ``mode=`` and other options of torch.compile are refused."""
+        mode = "full" if name == "compile" else "blocks"
+        if args:
+            raise TypeError(f"transformer.{name}() takes keyword arguments here (backend=, dynamic=, fullgraph=)")
+        kwargs.pop("fullgraph", None)
+        backend, dynamic, torch_mode = kwargs.pop("backend", "inductor"), kwargs.pop("dynamic", None), kwargs.pop("mode", None)
+        if torch_mode not in (None, "default"):
+            instead = ("CUDA graphs are pipe.optimize(cuda_graphs=True)" if torch_mode == "reduce-overhead"
+                       else "the engine compiles with inductor's default mode")
+            raise ValueError(f"transformer.{name}(mode={torch_mode!r}): not taken here; {instead}")
+        if kwargs:
+            raise ValueError(f"transformer.{name}(): {sorted(kwargs)} are not taken here; it takes backend=, dynamic= "
+                             f"and fullgraph= (pipe.optimize(compile=...) has the engine's own options)")
+        return self.optimize(compile=mode, compile_backend=backend, shapes="static" if dynamic is False else "dynamic")
 
     def _fit_attention(self) -> None:
         """SDPA bounded to slices of the queries where it has only its math path (a bfloat16 model on a
