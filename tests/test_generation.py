@@ -349,6 +349,22 @@ def test_diffusers_habits_torch_dtype_to_offload_and_progress(tiny_model_dir):
         streamed.to("cpu")
 
 
+def test_model_offload_keeps_the_gpu_index_of_device(fresh_pipe, monkeypatch):
+    """diffusers' enable_model_cpu_offload(device="cuda:1") offloads to GPU 1; here the index was
+    dropped (the components visited "cuda", the current GPU). (meta stands for the GPU.)"""
+    import zimage_native.pipeline as pipeline
+
+    asked = []
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: asked.append(d) or torch.device("meta"))
+    fresh_pipe.enable_model_cpu_offload(device="cuda:1")
+    fresh_pipe.enable_model_cpu_offload(gpu_id=2)
+    fresh_pipe.enable_model_cpu_offload(gpu_id=1, device="cuda:1")
+    fresh_pipe.enable_model_cpu_offload()
+    assert asked == ["cuda:1", "cuda:2", "cuda:1", "cuda"]
+    with pytest.raises(ValueError, match=r"gpu_id=0, device='cuda:1'\): two GPUs"):
+        fresh_pipe.enable_model_cpu_offload(gpu_id=0, device="cuda:1")
+
+
 def test_to_and_model_offload_give_the_same_image(tiny_pipe, tiny_model_dir):
     kw = dict(height=32, width=32, num_inference_steps=2, seed=3, output_type="latent")
     pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu")

@@ -439,12 +439,16 @@ class ZImagePipeline:
     @_serialized
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
         """diffusers' name for ``offload="model"``: every component stays in CPU memory and visits
-        ``device`` (cuda:``gpu_id``) only while it runs."""
+        ``device`` (cuda:``gpu_id``, or the index in ``device``: "cuda:1") only while it runs."""
         from .offload import move_
 
-        kind = torch.device(device).type
+        kind, index = torch.device(device).type, torch.device(device).index
+        if gpu_id is not None and index is not None and gpu_id != index:
+            raise ValueError(f"enable_model_cpu_offload(gpu_id={gpu_id}, device={str(device)!r}): two GPUs; give the "
+                             f"index once")
+        index = gpu_id if gpu_id is not None else index
         try:
-            device = resolve_device(kind if gpu_id is None else f"{kind}:{gpu_id}")
+            device = resolve_device(kind if index is None else f"{kind}:{index}")
         except ValueError:
             if kind != "cuda" or torch.cuda.is_available():
                 raise
