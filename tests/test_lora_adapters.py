@@ -45,7 +45,7 @@ def test_adapter_calls_match_diffusers(tiny_model_dir, tmp_path):
     plain = both("no LoRA")
     for pipe in (ours, ref):
         pipe.load_lora_weights(str(a), adapter_name="a")
-        pipe.load_lora_weights(str(b), adapter_name="b")
+        pipe.load_lora_weights(str(b), "b")  # diffusers' positional order: (path, adapter_name, hotswap)
     assert ours.get_active_adapters() == ref.get_active_adapters() == ["b"]
     assert ours.get_list_adapters() == ref.get_list_adapters() == {"transformer": ["a", "b"]}
     only_b = both("two adapters loaded: the last one applies")

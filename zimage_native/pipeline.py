@@ -727,12 +727,13 @@ class ZImagePipeline:
         return report
 
     @_serialized
-    def load_lora_weights(self, path, weight_name: str | None = None, adapter_name: str | None = None, *,
-                          subfolder: str | None = None, revision: str | None = None,
+    def load_lora_weights(self, path, adapter_name: str | None = None, hotswap: bool = False, *,
+                          weight_name: str | None = None, subfolder: str | None = None, revision: str | None = None,
                           cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
-                          low_cpu_mem_usage: bool | None = None, hotswap: bool = False, **options):
-        """diffusers' name: load a LoRA (a file, a folder with ``weight_name`` or one LoRA file in it,
-        a Hub repository id, or a state dict) as the adapter ``adapter_name`` (default
+                          low_cpu_mem_usage: bool | None = None, **options):
+        """diffusers' name, with its positional order (path, adapter_name, hotswap): load a LoRA (a
+        file, a folder with ``weight_name`` or one LoRA file in it, a Hub repository id, or a state
+        dict) as the adapter ``adapter_name`` (default
         ``default_N``), which becomes the only active one, at weight 1, as in diffusers: an adapter
         loaded before it is unfused until :meth:`set_adapters` names it again. From the Hub only
         ``weight_name`` (else the repository's .safetensors files) is downloaded; a failure raises
