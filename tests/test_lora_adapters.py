@@ -122,7 +122,7 @@ def test_fuse_lora_then_unload_lora_weights_keeps_the_loras_as_diffusers_does(ti
         pipe.load_lora_weights(str(a), adapter_name="e")
         pipe.load_lora_weights(str(b), adapter_name="f")
         pipe.set_adapters(["e", "f"])
-        pipe.fuse_lora(adapter_names=["e"])
+        pipe.fuse_lora(["transformer"], 1.0, False, ["e"])  # diffusers' positional order
         pipe.unload_lora_weights()
     both("fuse_lora(adapter_names=['e']) + unload_lora_weights: only e stays")
     ours.unload_lora()  # the engine's own unload still restores the original weights

@@ -856,19 +856,23 @@ class ZImagePipeline:
             self.load_lora(source, weight, **options)
             self.lora_adapters.fused += 1
 
-    def fuse_lora(self, lora_scale: float = 1.0, adapter_names=None, **ignored) -> None:
+    def fuse_lora(self, components=None, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None,
+                  **ignored) -> None:
         """diffusers' name. LoRAs are fused when loaded here, so the weights do not change; as in
         diffusers, the active adapters (or ``adapter_names``) are marked merged, and a following
         :meth:`unload_lora_weights` keeps them in the weights (diffusers' recipe to bake a LoRA in).
         A ``lora_scale`` other than 1 is refused (``set_adapters(names, adapter_weights=)``, or
-        ``load_lora(path, scale=...)``)."""
+        ``load_lora(path, scale=...)``). The arguments are in diffusers' order; ``components`` (the
+        LoRAs are the DiT's: without ``"transformer"`` nothing is marked) and ``safe_fusing`` change nothing
+        else here."""
         if lora_scale != 1.0:
             raise ValueError(f"fuse_lora(lora_scale={lora_scale}): LoRAs are fused when loaded here; set the weight "
                              f"with set_adapters(names, adapter_weights=...), or unload_lora() and "
                              f"load_lora(path, scale={lora_scale})")
-        self.lora_adapters.merge(adapter_names)
+        if components is None or "transformer" in components:
+            self.lora_adapters.merge(adapter_names)
 
-    def unfuse_lora(self, **ignored) -> None:
+    def unfuse_lora(self, components=None, **ignored) -> None:
         """diffusers' name. There, the LoRA still applies after it (unfused, through its adapter
         layers); here it stays fused: the same images. It takes back :meth:`fuse_lora`'s mark, so
         :meth:`unload_lora_weights` removes the adapters again. To remove them now: :meth:`disable_lora`
