@@ -225,6 +225,10 @@ def test_diffusers_output_access_return_dict_and_encode_prompt_of_a_string(tiny_
     for diffusers_kw in ({"device": "cpu"}, {"negative_prompt": "blurry"}, {"do_classifier_free_guidance": False}):
         with pytest.raises(TypeError, match="for diffusers' pair use"):
             tiny_pipe.encode_prompt("a cat", **diffusers_kw)
+    for diffusers_args in (("cpu",), (torch.device("cpu"), True), (None, True)):  # diffusers' positional order
+        with pytest.raises(TypeError, match=r"not diffusers' \(prompt, device, do_classifier_free_guidance"):
+            tiny_pipe.encode_prompt("a cat", *diffusers_args)
+    assert torch.equal(tiny_pipe.encode_prompt("a cat", np.int64(512))[0], one[0])  # a numpy count is a count
     with pytest.raises(TypeError, match="unknown arguments"):
         tiny_pipe.encode_prompt("a cat", sytem_prompt="x")
     assert not torch.equal(tiny_pipe.encode_prompt("a cat", system_prompt="be brief")[0], one[0])

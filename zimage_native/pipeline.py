@@ -1003,6 +1003,12 @@ class ZImagePipeline:
         """Chat-format and encode prompts (a string is one prompt): ONE list of (L_i, cap_feat_dim)
         features on the DiT device, not diffusers' (prompt_embeds, negative_prompt_embeds) pair;
         ``fields``: the chat format's parts (``system_prompt``, ...)."""
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, numbers.Integral):
+            raise TypeError(f"encode_prompt(prompt, {max_sequence_length!r}, ...): the arguments here are (prompt, "
+                            f"max_sequence_length=512, template=None), not diffusers' (prompt, device, "
+                            f"do_classifier_free_guidance, negative_prompt): it returns one list of features per "
+                            f"prompt, on the pipeline's device; for diffusers' pair use pipe.encode_prompt(prompts), "
+                            f"pipe.encode_prompt(negative_prompts or [''] * len(prompts))")
         unknown = set(fields) - set(sampling.PROMPT_FIELDS)
         if unknown & DIFFUSERS_ENCODE_OPTIONS:
             raise TypeError(f"encode_prompt() takes no {sorted(unknown & DIFFUSERS_ENCODE_OPTIONS)}: it returns one "
