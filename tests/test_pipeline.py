@@ -428,6 +428,33 @@ def test_diffusers_set_attention_backend_maps_to_the_engines_backends(tiny_pipe,
             tiny_pipe.transformer.set_attention_backend(name)
 
 
+def test_diffusers_xformers_and_attention_slicing_calls(fresh_pipe, monkeypatch, caplog):
+    """enable_xformers_memory_efficient_attention() and enable_attention_slicing() were
+    AttributeErrors. The first is optimize(attention="xformers") now (disable: "sdpa"); attention
+    slicing changes nothing for Z-Image in diffusers 0.42.1 (no Z-Image module slices attention),
+    nor here: accepted, with a warning once, the images unchanged."""
+    from zimage_native.accel import AccelerationUnavailable
+
+    kw = dict(height=32, width=32, num_inference_steps=1, output_type="latent", seed=0)
+    before = fresh_pipe("a cat", **kw).images
+    with caplog.at_level("WARNING"):
+        fresh_pipe.enable_attention_slicing()
+        fresh_pipe.enable_attention_slicing("max")
+        fresh_pipe.disable_attention_slicing()
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "changes nothing for Z-Image" in caplog.records[0].message
+    assert torch.equal(fresh_pipe("a cat", **kw).images, before)
+    with pytest.raises(AccelerationUnavailable, match="attention backend 'xformers' is not available"):
+        fresh_pipe.enable_xformers_memory_efficient_attention()  # mapped, then checked as optimize checks it
+    with pytest.raises(ValueError, match="attention_op"):
+        fresh_pipe.enable_xformers_memory_efficient_attention(attention_op=object())
+    asked = []
+    monkeypatch.setattr(fresh_pipe, "optimize", lambda attention: asked.append(attention) or [])
+    fresh_pipe.enable_xformers_memory_efficient_attention()
+    fresh_pipe.disable_xformers_memory_efficient_attention()
+    assert asked == ["xformers", "sdpa"]
+
+
 def test_set_attention_backend_is_bound_on_a_pipeline_without_a_vae(fresh_pipe, monkeypatch):
     """_bind_vae_calls returned early without a VAE, so transformer.set_attention_backend (bound
     there too) was an AttributeError on such a pipeline. Control: the pipeline with its VAE."""

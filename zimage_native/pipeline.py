@@ -553,6 +553,34 @@ class ZImagePipeline:
                              f"{list(ATTENTION_CHOICES)}, which pipe.optimize(attention=...) also takes")
         return self.optimize(attention=mapped)
 
+    def enable_xformers_memory_efficient_attention(self, attention_op=None) -> list[str]:
+        """diffusers' switch to xformers attention: ``optimize(attention="xformers")`` (checked as that
+        checks it; ``attention_op`` is refused: xformers picks its kernel)."""
+        if attention_op is not None:
+            raise ValueError(f"enable_xformers_memory_efficient_attention(attention_op={attention_op!r}): not taken "
+                             f"here; xformers picks its kernel")
+        return self.optimize(attention="xformers")
+
+    def disable_xformers_memory_efficient_attention(self) -> list[str]:
+        """diffusers' switch back: ``optimize(attention="sdpa")``."""
+        return self.optimize(attention="sdpa")
+
+    def enable_attention_slicing(self, slice_size="auto") -> None:
+        """diffusers' name. In diffusers 0.42.1 it changes nothing for Z-Image (no Z-Image module slices
+        its attention), nor does it here: accepted, with a warning saying what saves memory instead."""
+        self._warn_once("enable_attention_slicing() changes nothing for Z-Image (in diffusers neither: no Z-Image "
+                        "module slices its attention; attention runs in SDPA's memory-efficient kernels). For less "
+                        "GPU memory: enable_model_cpu_offload(), from_pretrained(..., offload='blocks'), "
+                        "pipe.vae.enable_tiling()")
+
+    def disable_attention_slicing(self) -> None:
+        """diffusers' name; changes nothing (see :meth:`enable_attention_slicing`)."""
+
+    def _warn_once(self, advice: str) -> None:
+        if advice not in self.advised:
+            self.advised.add(advice)
+            logger.warning(advice)
+
     def _diffusers_compile(self, name: str, *args, **kwargs) -> list[str]:
         """diffusers' ``pipe.transformer.compile()`` (``nn.Module.compile``: the whole forward) and
         ``pipe.transformer.compile_repeated_blocks()`` (regional) as this engine's ``compile="full"`` and
