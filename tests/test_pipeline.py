@@ -113,6 +113,23 @@ def test_empty_prompt_list_raises(tiny_pipe):
         tiny_pipe([])
 
 
+def test_progress_bar_config_takes_tqdm_options_as_diffusers_does(fresh_pipe, capsys):
+    """diffusers' set_progress_bar_config(**kwargs) hands its options to tqdm; here all but disable
+    were ignored. A later call replaces them (and without disable shows the bar), as in diffusers."""
+    kw = dict(height=32, width=32, num_inference_steps=2, output_type="latent", progress=None)
+    fresh_pipe.progress = True
+    fresh_pipe.set_progress_bar_config(desc="my steps", ascii=True)
+    fresh_pipe("a cat", **kw)
+    err = capsys.readouterr().err
+    assert "my steps" in err and "denoise" not in err and "#" in err  # ascii bars draw with '#'
+    fresh_pipe.set_progress_bar_config(disable=True, desc="hidden")
+    fresh_pipe("a cat", **kw)
+    assert "hidden" not in capsys.readouterr().err
+    fresh_pipe.set_progress_bar_config(leave=True)
+    fresh_pipe("a cat", **kw)
+    assert "denoise" in capsys.readouterr().err
+
+
 def test_progress_bar_can_be_turned_off(tiny_pipe, capsys):
     tiny_pipe("a cat", height=32, width=32, num_inference_steps=2, output_type="latent", progress=True)
     assert "denoise" in capsys.readouterr().err

@@ -221,6 +221,7 @@ class ZImagePipeline:
         self._compile_options: tuple = ("inductor", "dynamic")  # backend and shape policy of the compile
         self.templates_dirs: list[str] = []
         self.progress = True
+        self.progress_bar_config: dict[str, Any] = {}  # tqdm options (set_progress_bar_config)
         self.lora_stack = LoraStack()
         self.lora_adapters = LoraAdapters()  # diffusers' named adapters over lora_stack
         self.prompt_rewriter = Rewriter(lambda: self.text_encoder, lambda: self.model_folder,
@@ -592,7 +593,8 @@ class ZImagePipeline:
         if args:
             raise TypeError(f"transformer.{name}() takes keyword arguments here (backend=, dynamic=, fullgraph=)")
         kwargs.pop("fullgraph", None)
-        backend, dynamic, torch_mode = kwargs.pop("backend", "inductor"), kwargs.pop("dynamic", None), kwargs.pop("mode", None)
+        backend, dynamic = kwargs.pop("backend", "inductor"), kwargs.pop("dynamic", None)
+        torch_mode = kwargs.pop("mode", None)
         if torch_mode not in (None, "default"):
             instead = ("CUDA graphs are pipe.optimize(cuda_graphs=True)" if torch_mode == "reduce-overhead"
                        else "the engine compiles with inductor's default mode")
@@ -617,10 +619,12 @@ class ZImagePipeline:
             if line:
                 logger.info(line)
 
-    def set_progress_bar_config(self, disable: bool = False, **_) -> None:
-        """diffusers' switch for the per-step progress bar (``pipe.progress``); other tqdm options are
-        ignored."""
+    def set_progress_bar_config(self, disable: bool = False, **options) -> None:
+        """diffusers' settings of the per-step progress bar: ``disable`` (``pipe.progress``) and tqdm's
+        own options (``leave``, ``desc``, ``position``, ...), which replace the earlier ones, as in
+        diffusers."""
         self.progress = not disable
+        self.progress_bar_config = dict(options)
 
     def _module(self, name: str) -> torch.nn.Module:
         if name == "transformer" and self.controlnet is not None:

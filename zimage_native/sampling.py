@@ -433,7 +433,8 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
             out = pipe.transformer.forward_tokens(x, tokens, None, layout, step.mods, **extra)
         return unpatchify(out, layout.grid, cfg.in_channels, cfg.patch_size).float()
 
-    for k, step in enumerate(tqdm(plan.steps, disable=not progress, desc="denoise")):
+    bar = {"desc": "denoise", **getattr(pipe, "progress_bar_config", {}), "disable": not progress}
+    for k, step in enumerate(tqdm(plan.steps, **bar)):
         x = patchify(latents.to(dtype), cfg.patch_size)
         one = dataclasses.replace(step, guided=False) if step.guided else step  # each forward has batch B
         pred = forward(x, one, plan.varied if step.varied else plan.plain)

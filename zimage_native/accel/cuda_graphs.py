@@ -246,7 +246,8 @@ class GraphedSampler:
         from tqdm.auto import tqdm
 
         n = len(plan.steps)
-        bar = tqdm(total=n, disable=not progress, desc="denoise")
+        options = {"desc": "denoise", **getattr(self.pipe, "progress_bar_config", {}), "disable": not progress}
+        bar = tqdm(total=n, **options)
         report = callback is not None or progress
         events: list = []
         done = 0
