@@ -263,6 +263,7 @@ def test_diffusers_loading_habits_are_refused_before_loading_or_mapped(tiny_mode
     for name, value, words in (("device_map", "balanced", "device= (and dit_device="), ("token", "hf_x", "HF_TOKEN"),
                                ("subfolder", "transformer", "model folder itself"),
                                ("controlnet", object(), "pipe.load_controlnet(path)"),
+                               ("quantization_config", object(), "fp8=True (the DiT's linears in e4m3)"),
                                ("use_safetensors", False, "only safetensors files are loaded")):
         with pytest.raises(ValueError, match=re.escape(words)):
             ZImagePipeline.from_pretrained(tiny_model_dir, **{name: value})

@@ -118,6 +118,8 @@ DIFFUSERS_LOAD_OPTIONS = {
     "token": "set HF_TOKEN (or run `hf auth login`) for a gated or private repository",
     "subfolder": "give the model folder itself (with model_index.json), or single files with from_single_files",
     "controlnet": "load it after the pipeline: pipe.load_controlnet(path)",
+    "quantization_config": "the engine quantises on its own: fp8=True (the DiT's linears in e4m3), "
+                           "text_encoder_quant='int8' or 'int4', or a GGUF DiT file with from_single_files",
 }
 
 
