@@ -136,6 +136,7 @@ def test_adapter_changes_after_fuse_lora_are_refused(tiny_pipe, tmp_path):
     pipe = tiny_pipe
     a = save_lora(pipe, tmp_path / "a.safetensors", 1)
     try:
+        pipe.fuse_lora()  # no adapter: nothing to keep, nothing refused after it
         pipe.load_lora_weights(a, adapter_name="a")
         with pytest.raises(ValueError, match=r"fuse_lora\(\): no adapter named \['x'\]"):
             pipe.fuse_lora(adapter_names=["x"])

@@ -823,7 +823,9 @@ class LoraAdapters:
 
     def merge(self, adapter_names=None) -> None:
         """diffusers' ``fuse_lora``: mark the active adapters (or the named ones, which must be active)
-        as merged, at their weights, for :meth:`bake`."""
+        as merged, at their weights, for :meth:`bake`. Without adapters there is nothing to mark."""
+        if not self.sources:
+            return
         applied = self.active if self.enabled else {}
         names = list(applied) if adapter_names is None else self.names(adapter_names, "fuse_lora()")
         inactive = [n for n in names if n not in applied]
