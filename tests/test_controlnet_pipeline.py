@@ -145,6 +145,18 @@ def test_the_scale_needs_a_control_image_and_defaults_to_0_75(control_pipe, cont
     assert type(scaled.info["control_scale"]) is float and scaled.info["control_scale"] == 0.5
 
 
+def test_assigning_pipe_controlnet_as_diffusers_does(control_pipe, control_files):
+    """diffusers scripts set pipe.controlnet = model; that was an AttributeError (a property without
+    a setter). None unloads; a model built elsewhere is refused, naming load_controlnet."""
+    control_pipe.load_controlnet(control_files["2.1"])
+    with pytest.raises(ValueError, match=r"pipe.controlnet = ZImageControlNetModel\(...\): load .* "
+                                         r"pipe.load_controlnet\(path\)"):
+        control_pipe.controlnet = diffusers.ZImageControlNetModel(**CONTROL_LAYOUTS["2.1"])
+    assert control_pipe.controlnet is not None  # the loaded one stays
+    control_pipe.controlnet = None
+    assert control_pipe.controlnet is None
+
+
 INPAINT_CASES = [
     pytest.param("2.0", "a cat", dict(height=48, width=64), id="2.0, one prompt"),
     pytest.param("2.1", ["a cat", LONG], dict(height=64, width=48, guidance_scale=3.0, negative_prompt=["blurry", "ugly"],

@@ -373,6 +373,16 @@ class ZImagePipeline:
         """The loaded ControlNet-Union branch (:meth:`load_controlnet`), or None."""
         return self.controlnets.model
 
+    @controlnet.setter
+    def controlnet(self, value):
+        """diffusers' ``pipe.controlnet = model``: None unloads (:meth:`unload_controlnet`); a model built
+        elsewhere (diffusers' ``ZImageControlNetModel``) is refused, naming :meth:`load_controlnet`."""
+        if value is not None:
+            raise ValueError(f"pipe.controlnet = {type(value).__name__}(...): load the ControlNet's file or folder "
+                             f"with pipe.load_controlnet(path) (it is built for this pipeline's DiT, dtype and "
+                             f"accelerations); pipe.controlnet = None unloads it")
+        self.unload_controlnet()
+
     @_serialized
     def load_controlnet(self, path: str | os.PathLike, config=None):
         """Load a Fun-ControlNet-Union (a diffusers folder or a published single file: versions 1.0,
