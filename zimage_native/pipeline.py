@@ -582,9 +582,8 @@ class ZImagePipeline:
         """diffusers' name. In diffusers 0.42.1 it changes nothing for Z-Image (no Z-Image module slices
         its attention), nor does it here: accepted, with a warning saying what saves memory instead."""
         self._warn_once("enable_attention_slicing() changes nothing for Z-Image (in diffusers neither: no Z-Image "
-                        "module slices its attention; attention runs in SDPA's memory-efficient kernels). For less "
-                        "GPU memory: enable_model_cpu_offload(), from_pretrained(..., offload='blocks'), "
-                        "pipe.vae.enable_tiling()")
+                        "module slices its attention). For less GPU memory: enable_model_cpu_offload(), "
+                        "from_pretrained(..., offload='blocks'), pipe.vae.enable_tiling()")
 
     def disable_attention_slicing(self) -> None:
         """diffusers' name; changes nothing (see :meth:`enable_attention_slicing`)."""
