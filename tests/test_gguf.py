@@ -798,3 +798,83 @@ def test_gguf_text_encoder_with_int8_quantises_only_its_unpacked_linears(tiny_mo
     b, = TextEncoder(plain, tok).encode(texts)
     cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
     assert cos > 0.999, cos  # int8 rounding of the fp16 linears only
+
+
+# ----------------------------------------------------------------------------------- the wrong file
+
+
+def retyped(src: Path, dst: Path, qtype: str, which) -> Path:
+    """``src`` with the packed tensors ``which(name)`` selects rewritten as ``qtype`` (random bytes of
+    that type's block size: only the type matters to these tests)."""
+    from zimage_native.formats.gguf import GGUFCheckpoint
+
+    rng = np.random.default_rng(0)
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    with GGUFCheckpoint(src) as ckpt:
+        tensors = {}
+        for key, t in ckpt.tensors.items():
+            if t.quantized and which(key):
+                rows = int(np.prod(t.shape[:-1]))
+                tensors[key] = (rng.integers(0, 256, (rows, t.shape[-1] // block * size), dtype=np.uint8), qtype)
+            else:
+                tensors[key] = (np.array(t.data), t.qtype)
+        meta = {k: v for k, v in ckpt.metadata.items() if k.startswith(f"{ckpt.architecture}.")}
+        arch = ckpt.architecture
+    return write_gguf(dst, tensors, arch, meta)
+
+
+SUPPORTED_TYPES = "supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"
+
+
+def test_an_unsupported_ggml_type_names_the_tensor_the_type_and_the_supported_types(tiny_model_dir, tmp_path):
+    """IQ*, TQ*, Q8_K, MXFP4 builds (llama.cpp's i1-IQ4_XS encoders, for example): one line naming the
+    component, the first such tensor, its type, how many there are and the supported types, from
+    load_component, `zimage info` and `zimage generate` (before any weight is read)."""
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from zimage_native.cli import main
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    dit, _ = write_dit(tmp_path / "dit.gguf", "Q4_K")
+    te, _ = write_qwen3(tmp_path / "te.gguf", len(tok), "Q4_K")
+    out = tmp_path / "out.png"
+    for qtype in ("IQ4_XS", "IQ3_S", "IQ2_XXS", "TQ1_0", "Q8_K", "MXFP4"):
+        cases = (("transformer", retyped(dit, tmp_path / f"dit-{qtype}.gguf", qtype, lambda k: ".feed_forward." in k),
+                  "the DiT's tensor noise_refiner.0.feed_forward.w1.weight", "(9 of the 52 tensors"),
+                 ("text_encoder", retyped(te, tmp_path / f"te-{qtype}.gguf", qtype, lambda k: "ffn_down" in k),
+                  "the text encoder's tensor blk.0.ffn_down.weight", "(2 of the 23 tensors"))
+        for kind, path, tensor, count in cases:
+            want = f"{path}: {tensor} is stored as {qtype}, a GGML type this engine does not dequantise {count}"
+            with pytest.raises(UnsupportedFormatError) as err:
+                load_component(kind, path, None, "cpu")
+            message = str(err.value)
+            assert message.startswith(want) and SUPPORTED_TYPES in message and "\n" not in message, message
+            result = CliRunner().invoke(main, ["info", str(path)])
+            assert f"cannot load: {message}" in result.output, result.output
+            flag = "--transformer" if kind == "transformer" else "--text-encoder"
+            other = te if kind == "transformer" else dit
+            result = CliRunner().invoke(main, ["generate", "a cat", flag, str(path),
+                                               "--text-encoder" if kind == "transformer" else "--transformer",
+                                               str(other), "--vae", str(tiny_model_dir / "vae"), "--tokenizer",
+                                               str(tiny_model_dir / "tokenizer"), "--device", "cpu", "-o", str(out)])
+            assert result.exit_code == 1 and result.output.strip().splitlines() == [f"Error: {message}"], \
+                result.output
+    assert not out.exists()
+
+
+def test_an_unsupported_type_in_tensors_the_encoder_never_reads_loads(tiny_model_dir, tmp_path):
+    """The truncated encoder reads neither the last layer nor the LM head: an IQ4_XS in those alone
+    is no reason to refuse the file, which gives the features of the same file without them."""
+    from transformers import AutoTokenizer
+
+    from zimage_native.text_encoder import TextEncoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    te, reference = write_qwen3(tmp_path / "te.gguf", len(tok), "Q4_K")
+    path = retyped(te, tmp_path / "te-iq-head.gguf", "IQ4_XS", lambda k: k.startswith(("blk.2.", "output.")))
+    assert detect_format(path).problem is None
+    model = load_component("text_encoder", path, torch.float32, "cpu")
+    texts = ["a cat on a chair"]
+    for a, b in zip(TextEncoder(model, tok).encode(texts), reference_features(reference, tok, texts)):
+        assert_rel(a, b, 1e-6, "text features")

@@ -22,6 +22,7 @@ header raises :class:`CorruptCheckpointError` (``PATH: truncated or not a GGUF f
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,9 +34,11 @@ import torch
 from ..converters.keymap import KeyMap, Rename, keymap_for, to_canonical
 from .checkpoint import CorruptCheckpointError, UnsupportedFormatError
 from .detect import ComponentInfo, FileFormat, _dit_layout
-from .ggml import FLOAT_TYPES, GGML_TYPES, dequantize
+from .ggml import FLOAT_TYPES, GGML_TYPES, QUANT_TYPES, dequantize
 
 CONTAINER = "GGUF"
+#: The GGML types the engine reads, for messages.
+SUPPORTED = ", ".join(FLOAT_TYPES + QUANT_TYPES)
 
 #: Qwen3 as llama.cpp writes it -> the canonical (bare ``Qwen3Model``) names.
 TE_LLAMA_CPP = KeyMap(
@@ -134,7 +137,7 @@ class GGUFCheckpoint:
             if "GGMLQuantizationType" in str(e):  # a complete file with a tensor type newer than the package
                 raise UnsupportedFormatError(
                     f"{self.path}: a GGUF tensor type the installed gguf package ({_gguf_version()}) does not know "
-                    f"({e}); supported: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q2_K..Q6_K") from None
+                    f"({e}); supported: {SUPPORTED}") from None
             raise _corrupt(self.path, e) from None
         self._reader = reader
         size = self.path.stat().st_size
@@ -282,11 +285,35 @@ def inspect_gguf(ckpt: GGUFCheckpoint) -> FileFormat:
         fmt.problem = (f"{ckpt.path}: a GGUF file (architecture {arch!r}) that is not a Z-Image DiT or a Qwen3 text "
                        f"encoder (tensors such as {sorted(keys)[:3]})")
         return fmt
-    bad = sorted({q for k, q in ckpt.unsupported.items() if any(k in c.keys for c in found)})
+    read = [k for c in found for k in _read_keys(c)]
+    bad = [k for k in read if k in ckpt.unsupported]
     if bad:
-        fmt.problem = (f"{ckpt.path}: GGML tensor types {bad} are not supported; supported: F32, F16, BF16, Q8_0, "
-                       f"Q5_0, Q5_1, Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K")
+        counts: dict[str, int] = {}
+        for k in bad:
+            counts[ckpt.unsupported[k]] = counts.get(ckpt.unsupported[k], 0) + 1
+        kinds = ", ".join(f"{q} {n}" for q, n in sorted(counts.items()))
+        what = next(("the DiT's" if c.component == "transformer" else "the text encoder's")
+                    for c in found if bad[0] in c.keys)
+        fmt.problem = (f"{ckpt.path}: {what} tensor {bad[0]} is stored as {ckpt.unsupported[bad[0]]}, a GGML type this "
+                       f"engine does not dequantise ({len(bad)} of the {len(read)} tensors it would load: {kinds}); "
+                       f"supported: {SUPPORTED}: use a build of the model in one of those (a Q4_K_M, Q5_K_M, Q6_K "
+                       f"or Q8_0 file)")
     return fmt
+
+
+def _read_keys(info: ComponentInfo) -> list[str]:
+    """The file keys that loading the component reads: not those the key map drops (a DiT's stray
+    ``norm_final``, an LM head) nor a text encoder's last layer and final norm, which the truncated
+    encoder never reads (``text_encoder.unused_key``)."""
+    km = keymap_of(info)
+    targets = {k: km.forward_key(km.strip(_strip(info, k)))[1] for k in info.keys}
+    if info.component != "text_encoder":
+        return [k for k, t in targets.items() if t]
+    from ..text_encoder import unused_key
+
+    layers = {int(m.group(1)) for ts in targets.values() for c in ts if (m := re.match(r"layers\.(\d+)\.", c))}
+    n = max(layers) + 1 if layers else 0
+    return [k for k, ts in targets.items() if any(not unused_key(c, n) for c in ts)]
 
 
 def detect_gguf(path: str | os.PathLike) -> FileFormat:
