@@ -878,3 +878,36 @@ def test_an_unsupported_type_in_tensors_the_encoder_never_reads_loads(tiny_model
     texts = ["a cat on a chair"]
     for a, b in zip(TextEncoder(model, tok).encode(texts), reference_features(reference, tok, texts)):
         assert_rel(a, b, 1e-6, "text features")
+
+
+def test_a_lumina_image_2_dit_is_named_as_such(tiny_model_dir, tmp_path):
+    """Lumina-Image 2.0 (NextDiT) DiTs share Z-Image's tensor names, and ComfyUI-GGUF writes both as
+    architecture 'lumina2'; its blocks' modulation is adaLN_modulation.1 and it has no pad tokens.
+    Such a file is named for what it is, as GGUF and as safetensors, not a shape error deep in loading."""
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    from .test_formats import comfy_dit, write
+
+    def lumina(state: dict) -> dict:
+        return {k.replace(".adaLN_modulation.0.", ".adaLN_modulation.1."): v for k, v in state.items()
+                if "pad_token" not in k}
+
+    from zimage_native.formats.gguf import GGUFCheckpoint
+
+    with GGUFCheckpoint(write_dit(tmp_path / "z.gguf", "Q4_K")[0]) as ckpt:
+        tensors = {k: (np.array(t.data), t.qtype) for k, t in ckpt.tensors.items()}
+    gguf_file = write_gguf(tmp_path / "lumina2-Q4_K.gguf", lumina(tensors), "lumina2")
+    st_file = write(tmp_path / "lumina_2_model_bf16.safetensors", lumina(comfy_dit(tiny_model_dir)))
+    for path in (gguf_file, st_file):
+        want = (f"{path}: a Lumina-Image 2.0 (NextDiT) DiT, not Z-Image's (layers.N.adaLN_modulation.1, no "
+                f"x_pad_token); use a Z-Image DiT")
+        assert detect_format(path).problem.startswith(want)
+        with pytest.raises(UnsupportedFormatError) as err:
+            load_component("transformer", path, None, "cpu", config=AXES)
+        assert str(err.value).startswith(want)
+        result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "--transformer",
+                                           str(path), "--device", "cpu", "-o", str(tmp_path / "out.png")])
+        assert result.exit_code == 1 and result.output.strip().splitlines() == [f"Error: {err.value}"], result.output
+

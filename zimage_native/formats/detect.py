@@ -127,6 +127,14 @@ _CANDIDATES = {
 
 
 def _dit_layout(stripped: list[str], path: Path) -> str:
+    if any(re.fullmatch(r"layers\.\d+\.adaLN_modulation\.1\.weight", k) for k in stripped):
+        # NextDiT (Lumina-Image 2.0 and its finetunes) shares the names, and ComfyUI-GGUF's architecture
+        # 'lumina2', with Z-Image's DiT; its blocks' modulation sits behind a SiLU (index 1).
+        pads = "" if "x_pad_token" in stripped else ", no x_pad_token"
+        raise UnsupportedFormatError(
+            f"{path}: a Lumina-Image 2.0 (NextDiT) DiT, not Z-Image's (layers.N.adaLN_modulation.1{pads}); "
+            f"use a Z-Image DiT, such as Comfy-Org/z_image_turbo's z_image_turbo_bf16.safetensors or a GGUF build "
+            f"from jayn7/Z-Image-Turbo-GGUF")
     comfy = any(k.endswith(".attention.qkv.weight") for k in stripped)
     fused = any(k.endswith((".attention.to_qkv.weight", ".feed_forward.w13.weight")) for k in stripped)
     split = any(k.endswith(".attention.to_q.weight") for k in stripped)
