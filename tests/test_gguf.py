@@ -911,3 +911,50 @@ def test_a_lumina_image_2_dit_is_named_as_such(tiny_model_dir, tmp_path):
                                            str(path), "--device", "cpu", "-o", str(tmp_path / "out.png")])
         assert result.exit_code == 1 and result.output.strip().splitlines() == [f"Error: {err.value}"], result.output
 
+
+
+def test_a_text_encoder_with_fewer_rows_than_the_tokenizer_is_refused_before_loading(tiny_model_dir, tmp_path,
+                                                                                    monkeypatch):
+    """A text encoder of another vocabulary than the tokenizer's: the first prompt with a token past
+    its embedding failed with 'IndexError: index 346 is out of bounds for dimension 0 with size 200'
+    after every component had loaded. Now one line from the headers, before any weight is read."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from zimage_native import ZImagePipeline, loading
+    from zimage_native.cli import main
+    from zimage_native.text_encoder import TextEncoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    small, _ = write_qwen3(tmp_path / "te-small-vocab.gguf", len(tok) // 2, "Q8_0")
+    good, _ = write_qwen3(tmp_path / "te.gguf", len(tok), "Q8_0")
+    dit, _ = write_dit(tmp_path / "dit.gguf", "Q8_0")
+    state = load_file(str(tiny_model_dir / "text_encoder" / "model.safetensors"))
+    state["embed_tokens.weight"] = state["embed_tokens.weight"][: len(tok) // 2].clone()
+    small_st = tmp_path / "te-small-vocab.safetensors"
+    save_file(state, str(small_st))
+    want = f"the tokenizer has {len(tok):,} tokens but the embedding of {{}} has {len(tok) // 2:,} rows: they are"
+    # The whole model as loaded stands beside it: a text encoder of the tokenizer's size is taken.
+    TextEncoder(load_component("text_encoder", good, torch.float32, "cpu"), tok)
+    with pytest.raises(ValueError, match=want.format("the text encoder")):
+        TextEncoder(load_component("text_encoder", small, torch.float32, "cpu"), tok)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a component was loaded before the check")
+
+    monkeypatch.setattr(loading, "load_component", no_loading)
+    monkeypatch.setattr(loading, "load_module", no_loading)
+    with pytest.raises(ValueError, match=want.format(small)):
+        ZImagePipeline.from_single_files(transformer=dit, vae=tiny_model_dir / "vae", text_encoder=small,
+                                         tokenizer=tiny_model_dir / "tokenizer", device="cpu")
+    with pytest.raises(ValueError, match=want.format(small_st)):
+        ZImagePipeline.from_pretrained(tiny_model_dir, text_encoder=small_st, device="cpu")
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(main, ["generate", "a cat", "--transformer", str(dit), "--text-encoder", str(small),
+                                       "--vae", str(tiny_model_dir / "vae"), "--tokenizer",
+                                       str(tiny_model_dir / "tokenizer"), "--device", "cpu", "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: " + want.format(small)), result.output
+    assert not out.exists()

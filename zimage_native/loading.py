@@ -333,11 +333,14 @@ def check_weight_files(paths: Iterable[str | os.PathLike]) -> None:
             continue
 
 
-def header_width(kind: str, path: str | os.PathLike) -> int | None:
+def header_width(kind: str, path: str | os.PathLike, axis: int | None = None) -> int | None:
     """From the headers alone: the caption width a DiT at ``path`` takes (``cap_feat_dim``), or the
     hidden size of a text encoder there (a file in any supported format, or a component folder);
-    None when the headers cannot tell (the load then says why)."""
+    ``axis=0`` with a text encoder: its vocabulary (embedding rows). None when the headers cannot
+    tell (the load then says why)."""
     key = {"transformer": ("cap_embedder.0.weight", 0), "text_encoder": ("embed_tokens.weight", 1)}[kind]
+    if axis is not None:
+        key = (key[0], axis)
     try:
         path = Path(path).expanduser()
         if path.is_file() and sniff(path) == "gguf":
@@ -406,7 +409,7 @@ def load_single_files(
     from .devices import resolve_device, resolve_dtype, warn_if_cpu_fallback
     from .formats.detect import detect_format
     from .hub import load_tokenizer
-    from .text_encoder import TextEncoder
+    from .text_encoder import TextEncoder, check_vocabulary
 
     if transformer is None:
         raise ValueError("from_single_files needs transformer= (a DiT file or folder)")
@@ -430,6 +433,7 @@ def load_single_files(
     check_widths(header_width("transformer", transformer), header_width("text_encoder", given["text_encoder"]),
                  transformer, given["text_encoder"])
     tok = load_tokenizer(tokenizer)
+    check_vocabulary(tok, header_width("text_encoder", given["text_encoder"], axis=0), given["text_encoder"])
     dit = load_component("transformer", transformer, dtype, device, transformer_config)
     ae = load_component("vae", given["vae"], dtype, device, vae_config)
     te = load_component("text_encoder", given["text_encoder"], dtype, device, text_encoder_config,
@@ -552,7 +556,7 @@ def load_pretrained(
     from .hub import load_tokenizer, resolve_model_folder
     from .model.transformer import ZImageTransformer
     from .model.vae import AutoencoderKL
-    from .text_encoder import TextEncoder, load_qwen3_encoder
+    from .text_encoder import TextEncoder, check_vocabulary, load_qwen3_encoder
 
     check_offload(offload)
     check_quant(text_encoder_quant, text_encoder_url)
@@ -592,6 +596,10 @@ def load_pretrained(
 
         te = RemoteTextEncoder(text_encoder_url, text_encoder_token, dtype=dtype)
         check_widths(dit_width, te.hidden_size, dit_source, text_encoder_url)
+    if text_encoder_url is None:
+        tok = load_tokenizer(tokenizer if tokenizer is not None else folder / "tokenizer")
+        if text_encoder is not None:  # a file from elsewhere: is it the tokenizer's model?
+            check_vocabulary(tok, header_width("text_encoder", text_encoder, axis=0), text_encoder)
     logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
     if transformer is not None:
         dit = load_component("transformer", transformer, dtype, storage["transformer"],
@@ -608,7 +616,6 @@ def load_pretrained(
     if text_encoder_url is not None:
         hidden = te.hidden_size
     else:
-        tok = load_tokenizer(tokenizer if tokenizer is not None else folder / "tokenizer")
         if text_encoder is not None:
             te = TextEncoder(load_component("text_encoder", text_encoder, dtype, storage["text_encoder"],
                                             folder / "text_encoder" / "config.json", quant=text_encoder_quant), tok)

@@ -120,10 +120,22 @@ def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: to
     return load_truncated_qwen3(full, items, dtype, device, quant)
 
 
+def check_vocabulary(tokenizer, rows: int | None, text_encoder) -> None:
+    """Refuse a tokenizer with more tokens than the text encoder's embedding has rows: they belong to
+    different models, and its first prompt with such a token would fail with an index error (Qwen3's
+    tokenizer has 151,669 tokens for 151,936 rows)."""
+    if tokenizer is not None and rows is not None and len(tokenizer) > rows:
+        raise ValueError(f"the tokenizer has {len(tokenizer):,} tokens but the embedding of {text_encoder} has "
+                         f"{rows:,} rows: they are of different models; give the tokenizer of the model the text "
+                         f"encoder comes from (--tokenizer), or a Qwen3-4B text encoder, as Z-Image needs")
+
+
 class TextEncoder:
     """Tokenizer + truncated Qwen3. ``encode(texts)`` -> list of (L_i, hidden) features."""
 
     def __init__(self, model: nn.Module, tokenizer, max_sequence_length: int = 512):
+        check_vocabulary(tokenizer, getattr(getattr(model, "embed_tokens", None), "num_embeddings", None),
+                         "the text encoder")
         self.model = model
         self.tokenizer = tokenizer
         self.max_sequence_length = max_sequence_length
