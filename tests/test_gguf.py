@@ -958,3 +958,53 @@ def test_a_text_encoder_with_fewer_rows_than_the_tokenizer_is_refused_before_loa
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: " + want.format(small)), result.output
     assert not out.exists()
+
+
+def test_a_file_missing_tensors_names_itself_before_its_weights_are_read(tiny_model_dir, tmp_path, monkeypatch):
+    """A DiT lacking a tensor (a partial conversion) was read whole, then refused with
+    'transformer: the checkpoint does not match the model. 1 missing keys ...', naming no file.
+    Now the header's keys are checked before any weight is read, and the message names the file and
+    what to do; the same for a safetensors DiT and for a GGUF text encoder."""
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from zimage_native.cli import main
+    from zimage_native.formats.gguf import GGUFCheckpoint
+    from zimage_native.loading import StateDictMismatchError
+
+    from .test_formats import comfy_dit, write
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    with GGUFCheckpoint(write_dit(tmp_path / "dit.gguf", "Q4_K")[0]) as ckpt:
+        dit = {k: (np.array(t.data), t.qtype) for k, t in ckpt.tensors.items()}
+    with GGUFCheckpoint(write_qwen3(tmp_path / "te.gguf", len(tok), "Q4_K")[0]) as ckpt:
+        te = {k: (np.array(t.data), t.qtype) for k, t in ckpt.tensors.items()}
+        meta = {k: v for k, v in ckpt.metadata.items() if k.startswith("qwen3.")}
+    gguf_dit = write_gguf(tmp_path / "dit-cut.gguf",
+                          {k: v for k, v in dit.items() if "layers.0.feed_forward.w2" not in k}, "lumina2")
+    gguf_te = write_gguf(tmp_path / "te-cut.gguf", {k: v for k, v in te.items() if "blk.1.ffn_up" not in k},
+                         "qwen3", meta)
+    st_dit = write(tmp_path / "dit-cut.safetensors", {k: v for k, v in comfy_dit(tiny_model_dir).items()
+                                                       if "layers.0.feed_forward.w2" not in k})
+    reads = []
+    for name in ("get", "values"):
+        method = getattr(GGUFCheckpoint, name)
+        monkeypatch.setattr(GGUFCheckpoint, name,
+                            lambda self, key, *a, _m=method, **k: reads.append(key) or _m(self, key, *a, **k))
+    tail = (". The file is incomplete (a partial conversion or download) or holds another model: download it again "
+            "or use another file")
+    for kind, path, key, config in (("transformer", gguf_dit, "layers.0.feed_forward.w2.weight", AXES),
+                                    ("transformer", st_dit, "layers.0.feed_forward.w2.weight",
+                                     tiny_model_dir / "transformer" / "config.json"),
+                                    ("text_encoder", gguf_te, "layers.1.mlp.up_proj.weight", None)):
+        with pytest.raises(StateDictMismatchError) as err:
+            load_component(kind, path, None, "cpu", config=config)
+        assert str(err.value) == (f"{path}: {kind}: the checkpoint does not match the model. 1 missing keys, e.g. "
+                                  f"['{key}']{tail}"), str(err.value)
+    assert not [k for k in reads if k in dit], reads  # the DiT's weights were not read
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "--transformer",
+                                       str(st_dit), "--device", "cpu", "-o", str(out)])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        f"Error: {st_dit}: transformer: the checkpoint does not match the model. 1 missing keys, e.g. "
+        f"['layers.0.feed_forward.w2.weight']{tail}"], result.output

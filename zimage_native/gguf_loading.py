@@ -23,7 +23,7 @@ from .formats.gguf import text_encoder_base
 from .formats.infer import folder_config, infer_text_encoder_config, infer_transformer_config
 from .formats.tensors import cast
 from .devices import check_component_fits
-from .loading import assign_state_dict, build_on_meta, read_weights
+from .loading import assign_state_dict, build_on_meta, check_keys, read_weights
 from .quant_linear import quantized_bytes, swap_quantized_modules_
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def load_gguf_component(kind: str, path: str | os.PathLike, dtype: torch.dtype |
             cfg = infer_transformer_config(shapes, config, folder_config(path))
             module = build_on_meta(lambda: ZImageTransformer(cfg))
             prepare(module)
+            check_keys(module, shapes, kind)
             check_component_fits(kind, module, compute, device, pinned)
             items = ((k, cast(t, compute).to(device)) for k, t in canonical_items(ckpt, info, packed=swapped,
                                                                                   dtype=compute))

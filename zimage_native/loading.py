@@ -61,6 +61,21 @@ class StateDictMismatchError(KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return self.message
 
+    def in_file(self, path: str | os.PathLike) -> "StateDictMismatchError":
+        """The same mismatch, said of the file ``path`` and with what to do about it."""
+        e = StateDictMismatchError("", self.missing, self.unexpected, self.shape_errors)
+        e.message = (f"{path}: {self.message.rstrip('.')}. The file is incomplete (a partial conversion or download) or holds "
+                     f"another model: download it again or use another file")
+        return e
+
+
+def check_keys(module: nn.Module, keys: Iterable[str], what: str) -> None:
+    """Refuse, from a header's canonical keys alone (before any weight is read), a checkpoint that
+    lacks tensors of ``module`` or has others (:func:`assign_state_dict` checks again, with shapes)."""
+    expected, keys = set(module.state_dict(keep_vars=True)), set(keys)
+    if expected != keys:
+        raise StateDictMismatchError(what, sorted(expected - keys), sorted(keys - expected))
+
 
 def read_header_keys(files: Iterable[Path]) -> list[str]:
     keys: list[str] = []
@@ -220,6 +235,15 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
     (``devices.check_component_fits``).
     """
     kind = normalize_kind(kind)
+    try:
+        return _load_component(kind, path, dtype, device, config, quant, keep_fp8, pinned)
+    except StateDictMismatchError as e:
+        raise e.in_file(Path(path).expanduser()) from None
+
+
+def _load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None, device: torch.device | str,
+                    config: dict | str | os.PathLike | None, quant: str, keep_fp8: bool | None,
+                    pinned: bool) -> nn.Module:
     if quant != "none" and kind != "text_encoder":
         raise ValueError(f"quant={quant!r} applies to the text encoder only, not to the {kind}")
     path = Path(path).expanduser()
@@ -264,6 +288,7 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
 
             cfg = infer_transformer_config(shapes, config, base)
             module = build_on_meta(lambda: ZImageTransformer(cfg))
+            check_keys(module, shapes, kind)
             if kept_fp8:
                 return load_kept_fp8(ckpt, info, module, dtype, device, path, pinned)
         else:
