@@ -276,3 +276,21 @@ def test_the_8gb_combination_gguf_dit_streamed_with_an_int8_encoder(tiny_model_d
             move = FakeMove(pipe.transformer.block_streamer)
         images.append(pipe("a cat", **CALL).images)
     assert np.array_equal(images[0], images[1]) and move.log
+
+
+def test_a_profile_naming_a_gguf_text_encoder_that_is_not_there_says_where_to_get_one(tmp_path, monkeypatch):
+    """The 8gb profile's comment suggests a llama.cpp Qwen3-4B GGUF as the text encoder; a profile
+    naming one that is not there said only that the path does not exist (the DiT's said where to get one)."""
+    from zimage_native.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "my.toml"
+    config.write_text('[lv]\ntext_encoder = "models/Qwen3-4B-Q4_K_M.gguf"\n')
+    result = CliRunner().invoke(main, ["generate", "a cat", "--config", str(config), "--profile", "lv",
+                                       "-o", str(tmp_path / "out.png")])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [
+        f"Error: {config}: [lv].text_encoder: Path 'models/Qwen3-4B-Q4_K_M.gguf' does not exist (relative paths are "
+        f"read from the current folder, {tmp_path}; --text-encoder on the command line replaces it); download a GGUF "
+        f"of Qwen3-4B there (a llama.cpp file, architecture qwen3), for example from Qwen/Qwen3-4B-GGUF on the "
+        f"Hugging Face Hub"], result.output

@@ -188,6 +188,9 @@ def convert(ctx: click.Context, values: dict[str, tuple[Any, str]]) -> dict[str,
             hint = ""
             if param.name == "transformer" and str(value).lower().endswith(".gguf"):
                 hint = "; download a GGUF DiT there, for example from jayn7/Z-Image-Turbo-GGUF on the Hugging Face Hub"
+            elif param.name == "text_encoder" and str(value).lower().endswith(".gguf"):
+                hint = ("; download a GGUF of Qwen3-4B there (a llama.cpp file, architecture qwen3), for example from "
+                        "Qwen/Qwen3-4B-GGUF on the Hugging Face Hub")
             raise ValueError(f"{where}: {message} (relative paths are read from the current folder, {Path.cwd()}; "
                              f"--{param.name.replace('_', '-')} on the command line replaces it){hint}") from None
     return out
