@@ -228,3 +228,33 @@ def test_the_server_fails_the_job_with_the_message(fp16_pipe, tmp_path):
     assert events[-1].type == "failed"
     assert events[-1].data["error"].startswith("the DiT made NaN or infinite latents for image 1 of 1 (seed 4)")
     assert got["status"] == "failed" and got["images"] == [] and "float16" in got["error"]
+
+
+def test_check_names_gguf_tensors_of_types_it_cannot_read(tmp_path):
+    """`zimage info --check` on a GGUF with IQ4_XS tensors stopped at the first one ('tensor X has
+    GGML type IQ4_XS, which is not supported', exit status 1), also where those tensors are ones the
+    engine never loads (a Qwen3 GGUF's LM head); it now checks the rest and names what it could not read."""
+    import json
+
+    from tests.gguf_files import random_blocks, write_gguf
+
+    rng = np.random.default_rng(0)
+    half = np.ones((2, 8), np.float16)
+    half[1, 1] = np.inf
+    path = write_gguf(tmp_path / "m.gguf", {"a.weight": (random_blocks("Q8_0", 4, 64, rng), "Q8_0"),
+                                            "output.weight": (rng.integers(0, 256, (4, 136), dtype=np.uint8),
+                                                              "IQ4_XS"),
+                                            "b.weight": (half, "F16")}, arch=None)
+    result = _invoke(path, "--check")
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[:3] == [
+        f"{path}: read 2 floating-point tensors (272 values)",
+        "  not read: 1 tensor(s) of GGML types this engine does not dequantise (IQ4_XS 1), e.g. output.weight",
+        "  b.weight: 0 NaN, 1 infinite of 16 values"]
+    report = json.loads(_invoke(path, "--check", "--json").output)
+    assert report["unread"] == {"output.weight": "IQ4_XS"} and report["tensors"] == 2
+    half[1, 1] = 1.0
+    write_gguf(path, {"output.weight": (rng.integers(0, 256, (4, 136), dtype=np.uint8), "IQ4_XS"),
+                      "b.weight": (half, "F16")}, arch=None)
+    result = _invoke(path, "--check")
+    assert result.exit_code == 0 and result.output.strip().endswith("  all values read are finite"), result.output

@@ -73,10 +73,16 @@ def _check(path: Path, as_json: bool) -> None:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         click.echo(f"{path}: read {report.tensors} floating-point tensors ({report.values:,} values)")
+        if report.unread:
+            types: dict[str, int] = {}
+            for qtype in report.unread.values():
+                types[qtype] = types.get(qtype, 0) + 1
+            click.echo(f"  not read: {len(report.unread)} tensor(s) of GGML types this engine does not dequantise "
+                       f"({', '.join(f'{q} {n}' for q, n in sorted(types.items()))}), e.g. {next(iter(report.unread))}")
         for b in report.bad:
             click.echo(f"  {b.name}: {b.nan:,} NaN, {b.inf:,} infinite of {b.numel:,} values")
         click.echo(f"  {len(report.bad)} tensor(s) hold NaN or infinite values: the file is damaged, or the model "
-                   "it holds diverged" if report.bad else "  all values are finite")
+                   "it holds diverged" if report.bad else f"  all values {'read ' if report.unread else ''}are finite")
     if report.bad:
         sys.exit(1)
 

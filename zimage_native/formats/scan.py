@@ -32,9 +32,11 @@ class ScanReport:
     tensors: int = 0  # floating-point tensors read (integer ones cannot hold NaN)
     values: int = 0
     bad: list[BadTensor] = field(default_factory=list)
+    unread: dict[str, str] = field(default_factory=dict)  # GGUF tensors of a type the engine cannot dequantise
 
     def to_dict(self) -> dict:
-        return {"tensors": self.tensors, "values": self.values, "nonfinite": [asdict(b) for b in self.bad]}
+        return {"tensors": self.tensors, "values": self.values, "nonfinite": [asdict(b) for b in self.bad],
+                "unread": self.unread}
 
 
 def count_nonfinite(t: torch.Tensor) -> tuple[int, int]:
@@ -61,7 +63,10 @@ def _scan_one(path: Path, report: ScanReport, prefix: str, progress: bool) -> No
 
         with GGUFCheckpoint(path) as ckpt:
             for key in tqdm(ckpt.keys(), desc=f"checking {path.name}", unit="tensor", disable=not progress):
-                _check(report, prefix + key, ckpt.values(key))
+                if key in ckpt.unsupported:
+                    report.unread[prefix + key] = ckpt.unsupported[key]
+                else:
+                    _check(report, prefix + key, ckpt.values(key))
         return
     with Checkpoint(path) as ckpt:
         for key in tqdm(ckpt.keys(), desc=f"checking {path.name}", unit="tensor", disable=not progress):
