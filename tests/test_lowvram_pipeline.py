@@ -294,3 +294,17 @@ def test_a_profile_naming_a_gguf_text_encoder_that_is_not_there_says_where_to_ge
         f"read from the current folder, {tmp_path}; --text-encoder on the command line replaces it); download a GGUF "
         f"of Qwen3-4B there (a llama.cpp file, architecture qwen3), for example from Qwen/Qwen3-4B-GGUF on the "
         f"Hugging Face Hub"], result.output
+
+
+def test_offload_on_a_cpu_only_run_says_it_changes_nothing(tiny_model_dir, caplog):
+    """The 8gb profile on a machine without a GPU: its offload ran silently, as if it saved memory.
+    It says now that everything runs on the CPU, where it changes nothing; no note without offload."""
+    import logging
+
+    said = 'keeps weights in CPU memory until they run on the GPU; here every component runs on the CPU'
+    for offload, noted in (("blocks", True), ("model", True), ("text_encoder", True), ("none", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="zimage_native.loading"):
+            load(tiny_model_dir, offload=offload)
+        assert any(said in r.getMessage() and f'offload "{offload}"' in r.getMessage()
+                   for r in caplog.records) == noted, (offload, caplog.text)

@@ -599,6 +599,10 @@ def load_pretrained(
         "vae": resolve_device(vae_device) if vae_device else main,
     }
     storage = {name: load_device(name, dev, offload) for name, dev in placement.items()}
+    if offload != "none" and all(dev.type == "cpu" for dev in placement.values()):
+        logger.warning('offload "%s" keeps weights in CPU memory until they run on the GPU; here every component '
+                       'runs on the CPU, so it changes nothing (the same images, the same memory): it is meant for a '
+                       'GPU', offload)
     skip = [k for k, v in overridden.items() if v is not None]
     pinned = ("transformer",) if offload == "blocks" and placement["transformer"].type == "cuda" else ()
     if any(dev.type in HOST_MEMORY_DEVICES for dev in storage.values()):
