@@ -1008,3 +1008,43 @@ def test_a_file_missing_tensors_names_itself_before_its_weights_are_read(tiny_mo
     assert result.exit_code == 1 and result.output.strip().splitlines() == [
         f"Error: {st_dit}: transformer: the checkpoint does not match the model. 1 missing keys, e.g. "
         f"['layers.0.feed_forward.w2.weight']{tail}"], result.output
+
+
+def test_a_wrong_file_for_a_component_is_refused_before_any_weight_is_read(tiny_model_dir, tmp_path, monkeypatch):
+    """A GGUF text encoder given as the DiT and the reverse, or an encoder of an unsupported type after
+    a good DiT: the files given are checked from their headers before any component loads (the DiT
+    used to load whole before a wrong --text-encoder was refused), and the message says where each
+    file goes."""
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from zimage_native import ZImagePipeline, loading
+    from zimage_native.cli import main
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    dit, _ = write_dit(tmp_path / "dit.gguf", "Q4_K")
+    te, _ = write_qwen3(tmp_path / "te.gguf", len(tok), "Q4_K")
+    iq = retyped(te, tmp_path / "te-IQ4_XS.gguf", "IQ4_XS", lambda k: "ffn_down" in k)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a component was loaded before the check")
+
+    monkeypatch.setattr(loading, "load_component", no_loading)
+    monkeypatch.setattr(loading, "load_module", no_loading)
+    swapped = (f"{te}: no transformer in this checkpoint (found: text_encoder); the text encoder goes in as "
+               f"text_encoder= (--text-encoder); the DiT goes in as transformer= (--transformer)")
+    single = dict(vae=tiny_model_dir / "vae", tokenizer=tiny_model_dir / "tokenizer", device="cpu")
+    for files, message in ((dict(transformer=te, text_encoder=dit), swapped),
+                           (dict(transformer=dit, text_encoder=iq), "the text encoder's tensor blk.0.ffn_down.weight "
+                                                                    "is stored as IQ4_XS")):
+        with pytest.raises(UnsupportedFormatError) as err:
+            ZImagePipeline.from_single_files(**files, **single)
+        assert message in str(err.value)
+        result = CliRunner().invoke(main, ["generate", "a cat", "--transformer", str(files["transformer"]),
+                                           "--text-encoder", str(files["text_encoder"]), "--vae", str(single["vae"]),
+                                           "--tokenizer", str(single["tokenizer"]), "--device", "cpu",
+                                           "-o", str(tmp_path / "out.png")])
+        assert result.exit_code == 1 and result.output.strip().splitlines() == [f"Error: {err.value}"], result.output
+    with pytest.raises(UnsupportedFormatError, match=r"dit.gguf: no text_encoder in this checkpoint \(found: "
+                                                     r"transformer\); the DiT goes in as transformer="):
+        ZImagePipeline.from_pretrained(tiny_model_dir, text_encoder=dit, device="cpu")

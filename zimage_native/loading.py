@@ -358,6 +358,23 @@ def check_weight_files(paths: Iterable[str | os.PathLike]) -> None:
             continue
 
 
+def check_components(files: dict[str, str | os.PathLike | None]) -> None:
+    """Before any weight is read: each single file of ``files`` (component -> path) must hold that
+    component in a form the engine loads, so that a wrong file (a text encoder given as the DiT, an
+    IQ4_XS GGUF, another model) is refused from its header at once, not after the components loaded
+    before it. Folders, and headers that cannot be read, are left to the load."""
+    from .formats.detect import detect_format
+
+    for kind, path in files.items():
+        if path is None or not Path(path).expanduser().is_file():
+            continue
+        try:
+            fmt = detect_format(Path(path).expanduser())
+        except Exception:  # noqa: BLE001 - reported by the load, in its words
+            continue
+        fmt.component(kind)
+
+
 def header_width(kind: str, path: str | os.PathLike, axis: int | None = None) -> int | None:
     """From the headers alone: the caption width a DiT at ``path`` takes (``cap_feat_dim``), or the
     hidden size of a text encoder there (a file in any supported format, or a component folder);
@@ -455,6 +472,7 @@ def load_single_files(
     device, dtype = resolved, resolve_dtype(dtype, resolved)
     scfg = read_scheduler_config(scheduler_config)
     check_weight_files(dict.fromkeys((transformer, given["vae"], given["text_encoder"])))
+    check_components({"transformer": transformer, **given})
     check_widths(header_width("transformer", transformer), header_width("text_encoder", given["text_encoder"]),
                  transformer, given["text_encoder"])
     tok = load_tokenizer(tokenizer)
@@ -615,6 +633,8 @@ def load_pretrained(
     te_source = text_encoder if text_encoder is not None else folder / "text_encoder"
     check_weight_files([dit_source, vae if vae is not None else folder / "vae",
                         *([te_source] if text_encoder_url is None else [])])
+    check_components({"transformer": transformer, "vae": vae,
+                      "text_encoder": text_encoder if text_encoder_url is None else None})
     dit_width = (header_width("transformer", transformer) if transformer is not None else
                  TransformerConfig.from_json(folder / "transformer" / "config.json").cap_feat_dim)
     if text_encoder_url is None:

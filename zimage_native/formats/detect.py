@@ -64,8 +64,13 @@ class FileFormat:
         for c in self.components:
             if c.component == kind:
                 return c
-        found = ", ".join(c.component for c in self.components) or "no Z-Image component"
-        raise UnsupportedFormatError(f"{self.path}: no {kind} in this checkpoint (found: {found})")
+        found = [c.component for c in self.components]
+        hint = ""
+        if len(found) == 1:  # a file given as the wrong component (a GGUF text encoder as the DiT, ...)
+            words = {"transformer": "the DiT", "vae": "the VAE", "text_encoder": "the text encoder"}
+            hint = "; " + "; ".join(f"{words[c]} goes in as {c}= (--{c.replace('_', '-')})" for c in (found[0], kind))
+        raise UnsupportedFormatError(f"{self.path}: no {kind} in this checkpoint (found: "
+                                     f"{', '.join(found) or 'no Z-Image component'}){hint}")
 
 
 def normalize_kind(kind: str) -> str:
