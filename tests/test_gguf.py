@@ -320,6 +320,8 @@ def test_gguf_files_that_are_not_z_image(tmp_path):
                                                  (random_blocks("Q4_0", 96, 64, rng), "Q4_0")}, "flux")
     fmt = detect_format(other)
     assert fmt.problem and "not a Z-Image DiT" in fmt.problem and "'flux'" in fmt.problem
+    assert fmt.problem.endswith("; Z-Image takes its own DiT (GGUF builds such as jayn7/Z-Image-Turbo-GGUF's) and "
+                                "Qwen3-4B as its text encoder (such as Qwen/Qwen3-4B-GGUF's)")
     with pytest.raises(UnsupportedFormatError, match="not a Z-Image DiT"):
         load_component("transformer", other, None, "cpu")
     # A tensor type we do not dequantise is named.

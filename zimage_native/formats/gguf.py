@@ -283,7 +283,8 @@ def inspect_gguf(ckpt: GGUFCheckpoint) -> FileFormat:
     if not found:
         fmt.kind = "unknown"
         fmt.problem = (f"{ckpt.path}: a GGUF file (architecture {arch!r}) that is not a Z-Image DiT or a Qwen3 text "
-                       f"encoder (tensors such as {sorted(keys)[:3]})")
+                       f"encoder (tensors such as {sorted(keys)[:3]}); Z-Image takes its own DiT (GGUF builds such as "
+                       f"jayn7/Z-Image-Turbo-GGUF's) and Qwen3-4B as its text encoder (such as Qwen/Qwen3-4B-GGUF's)")
         return fmt
     read = [k for c in found for k in _read_keys(c)]
     bad = [k for k in read if k in ckpt.unsupported]
