@@ -1050,3 +1050,26 @@ def test_a_wrong_file_for_a_component_is_refused_before_any_weight_is_read(tiny_
     with pytest.raises(UnsupportedFormatError, match=r"dit.gguf: no text_encoder in this checkpoint \(found: "
                                                      r"transformer\); the DiT goes in as transformer="):
         ZImagePipeline.from_pretrained(tiny_model_dir, text_encoder=dit, device="cpu")
+
+
+def test_a_file_that_contradicts_the_model_folders_config_is_named_with_that_config(tiny_model_dir, tmp_path):
+    """`--model FOLDER --transformer FILE` checks the file's shapes against the folder's config; a
+    contradiction said 'transformer: config value cap_feat_dim=48 does not match the checkpoint ...',
+    naming neither the file nor the config. Now both, and what to do."""
+    from transformers import AutoTokenizer
+
+    from zimage_native import ZImagePipeline
+    from zimage_native.formats.infer import ConfigMismatchError
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    dit, _ = write_dit(tmp_path / "dit.gguf", "Q4_K")  # cap_feat_dim 256, the tiny folder's 48
+    te, _ = write_qwen3(tmp_path / "te.gguf", len(tok), "Q4_K")
+    config = tiny_model_dir / "transformer" / "config.json"
+    with pytest.raises(ConfigMismatchError) as err:
+        ZImagePipeline.from_pretrained(tiny_model_dir, transformer=dit, text_encoder=te, device="cpu")
+    assert str(err.value) == (
+        f"{dit}: transformer: config value cap_feat_dim=48 does not match the checkpoint, whose tensor shapes give "
+        f"cap_feat_dim=256 (the config: {config}): the file holds another model than the config describes; give a "
+        f"file of that model, or a model folder (--model) of the file's model")
+    with pytest.raises(ConfigMismatchError, match=rf"^{dit}: transformer: config value dim=64 "):
+        load_component("transformer", dit, None, "cpu", config={"dim": 64})

@@ -46,11 +46,15 @@ def read_overrides(overrides: dict | str | os.PathLike | None) -> dict[str, Any]
     return {k: v for k, v in overrides.items() if not k.startswith("_")}
 
 
+class ConfigMismatchError(ValueError):
+    """A config value that contradicts what the checkpoint's tensor shapes give."""
+
+
 def _merge_checked(what: str, base: dict, inferred: dict, overrides: dict) -> dict:
     """base < inferred < overrides, where an override of an inferred value must agree with it."""
     for key, value in overrides.items():
         if key in inferred and _norm(value) != _norm(inferred[key]):
-            raise ValueError(
+            raise ConfigMismatchError(
                 f"{what}: config value {key}={value!r} does not match the checkpoint, whose tensor shapes give "
                 f"{key}={inferred[key]!r}")
     return {**base, **inferred, **overrides}
