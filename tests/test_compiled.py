@@ -614,6 +614,9 @@ def test_bench_ladder_dry_run_on_cpu(tmp_path):
     assert all((r["png_s"] is not None and r["png_s"] > 0) == (engine == "zimage-native")
                for (engine, _), r in rows.items()), rows
     assert re.search(r"row done: zimage-native eager 32: .*, PNG \d+\.\d{3} s, cold", result.output), result.output
+    # the compiled row says whether its cold start compiled its graphs or read them from Inductor's cache
+    assert any(n.startswith("cold start: Inductor cache ") for n in rows["diffusers 0.42.1", "compile (regional)"]["notes"])
+    assert not any(n.startswith("cold start:") for n in rows["zimage-native", "eager"]["notes"])
     notes = rows["zimage-native", "+fp8"]["notes"]
     # the tiny bench model's FFN width (1024) is a multiple of 16: the feed-forward GEMMs are fp8 too
     assert any(note.startswith("fp8: 28 linears in float8 e4m3 (8 as fused GEMMs") for note in notes), notes
@@ -982,3 +985,24 @@ def test_a_server_sequence_compiles_once(fresh_pipe, mode):
     for name, _ in server_sequence(fresh_pipe):
         frames.append((name, counter.frame_count))
     assert frames[0][1] > 0 and {n for _, n in frames} == {frames[0][1]}, frames
+
+
+def test_bench_says_whether_the_cold_start_read_the_inductor_cache():
+    """A cold start whose graphs come from Inductor's on-disk cache (a second run on one machine) is
+    several times shorter than one that compiles them: the benchmark's row says which it timed."""
+    from torch._inductor.utils import fresh_cache
+
+    from zimage_native.bench import cache_note, inductor_cache_counts
+
+    x = torch.ones(8)
+    notes = []
+    with fresh_cache():  # an empty cache directory of its own
+        for _ in range(2):
+            torch._dynamo.reset()
+            before = inductor_cache_counts()
+            torch.compile(lambda t: torch.sin(t) + 1)(x)
+            notes.append(cache_note(before))
+    assert notes == [["cold start: Inductor cache cold (0 graphs read from it, 1 compiled)"],
+                     ["cold start: Inductor cache warm (1 graphs read from it, 0 compiled)"]]
+    assert cache_note(inductor_cache_counts()) == []  # nothing compiled since: no note
+

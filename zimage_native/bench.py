@@ -149,6 +149,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def inductor_cache_counts() -> tuple[int, int]:
+    """(graphs read from Inductor's on-disk FX graph cache, graphs compiled) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+def cache_note(before: tuple[int, int]) -> list[str]:
+    """Whether the graphs Inductor made since ``before`` (:func:`inductor_cache_counts`) came from its
+    on-disk cache: a cold start with a warm cache (a second run on one machine, or a kept
+    TORCHINDUCTOR_CACHE_DIR) is several times shorter (docs/performance.md, "Compile cache")."""
+    hits, misses = (now - then for now, then in zip(inductor_cache_counts(), before))
+    if not hits and not misses:
+        return []
+    warmth = "warm" if not misses else "cold" if not hits else "partly warm"
+    return [f"cold start: Inductor cache {warmth} ({hits} graphs read from it, {misses} compiled)"]
+
+
 def timed(fn, device, repeats: int) -> tuple[float, object]:
     """Median wall time of ``repeats`` synchronised calls, and the last result."""
     times, out = [], None
@@ -454,7 +472,9 @@ def run_ours(pipe, rung: Rung, size: int, steps: int, repeats: int, reference=No
         torch.cuda.reset_peak_memory_stats(device)
     call = lambda: pipe(PROMPT, width=size, height=size, num_inference_steps=steps, seed=0,  # noqa: E731
                         output_type="np", progress=False)
+    before = inductor_cache_counts()
     row.cold_start_s, _ = timed(call, device, 1)
+    row.notes += cache_note(before)
     row.e2e_s, out = timed(call, device, repeats)
     row.png_s = png_seconds(out.images[0], size, steps, repeats)
     embeds = pipe.encode_prompt([PROMPT])
@@ -492,7 +512,9 @@ def run_diffusers(ref, pipe, size: int, steps: int, repeats: int, compiled: bool
         ref._zimage_compiled = True
     kw = dict(width=size, height=size, num_inference_steps=steps, guidance_scale=0.0)
     call = lambda: ref(PROMPT, generator=torch.Generator().manual_seed(0), output_type="np", **kw)  # noqa: E731
+    before = inductor_cache_counts()
     row.cold_start_s, _ = timed(call, device, 1)
+    row.notes += cache_note(before)
     row.e2e_s, out = timed(call, device, repeats)
     embeds = ref.encode_prompt(PROMPT, device=device, do_classifier_free_guidance=False)[0]
     row.denoise_s, _ = timed(lambda: ref(prompt_embeds=embeds, generator=torch.Generator().manual_seed(0),
