@@ -1006,3 +1006,42 @@ def test_bench_says_whether_the_cold_start_read_the_inductor_cache():
                      ["cold start: Inductor cache warm (1 graphs read from it, 0 compiled)"]]
     assert cache_note(inductor_cache_counts()) == []  # nothing compiled since: no note
 
+
+CACHE_PROBE = """
+import json, sys
+from pathlib import Path
+import torch
+from torch._dynamo.utils import counters
+from tests.fixtures import our_pipeline
+torch.set_num_threads(1)
+pipe = our_pipeline(Path(sys.argv[1]))
+pipe.optimize(compile="blocks")
+out = pipe("a cat", height=32, width=32, num_inference_steps=1, seed=0, output_type="latent")
+print(json.dumps({"inductor": dict(counters["inductor"]), "sum": torch.as_tensor(out.images).double().sum().item()}))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_reads_the_compiled_blocks_from_inductors_cache(tiny_model_dir, tmp_path):
+    """The compiled graphs go into Inductor's on-disk cache and a new process reads them back (a
+    several times shorter cold start, docs/performance.md "Compile cache"): nothing of one process
+    (an id, a closure, a per-model constant) is in the graph's key. Same bits in both processes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "PYTHONPATH": str(root)}
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(tiny_model_dir)], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.splitlines()[-1]))
+    first, second = (run["inductor"] for run in runs)
+    assert first.get("fxgraph_cache_miss", 0) > 0 and first.get("fxgraph_cache_hit", 0) == 0, first
+    assert second.get("fxgraph_cache_miss", 0) == 0, f"the second process compiled again: {second}"
+    assert second.get("fxgraph_cache_hit", 0) == first["fxgraph_cache_miss"], second
+    assert runs[1]["sum"] == runs[0]["sum"]
