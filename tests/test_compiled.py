@@ -1002,8 +1002,8 @@ def test_bench_says_whether_the_cold_start_read_the_inductor_cache():
             before = inductor_cache_counts()
             torch.compile(lambda t: torch.sin(t) + 1)(x)
             notes.append(cache_note(before))
-    assert notes == [["cold start: Inductor cache cold (0 graphs read from it, 1 compiled)"],
-                     ["cold start: Inductor cache warm (1 graphs read from it, 0 compiled)"]]
+    assert notes == [["cold start: Inductor cache cold (0 graphs read from it, 1 graph compiled)"],
+                     ["cold start: Inductor cache warm (1 graph read from it, 0 graphs compiled)"]]
     assert cache_note(inductor_cache_counts()) == []  # nothing compiled since: no note
 
 

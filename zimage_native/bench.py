@@ -164,7 +164,8 @@ def cache_note(before: tuple[int, int]) -> list[str]:
     if not hits and not misses:
         return []
     warmth = "warm" if not misses else "cold" if not hits else "partly warm"
-    return [f"cold start: Inductor cache {warmth} ({hits} graphs read from it, {misses} compiled)"]
+    graphs = lambda n: f"{n} graph{'' if n == 1 else 's'}"  # noqa: E731
+    return [f"cold start: Inductor cache {warmth} ({graphs(hits)} read from it, {graphs(misses)} compiled)"]
 
 
 def timed(fn, device, repeats: int) -> tuple[float, object]:
