@@ -51,6 +51,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     file: Path
     offsets: tuple[int, int]  # byte range inside the file's data section
+    data_start: int = 0  # where the data section starts in the file (8 + the header's length)
 
     @property
     def numel(self) -> int:
@@ -111,7 +112,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     try:
         header = json.loads(raw)
         metadata = header.pop("__metadata__", None) or {}
-        tensors = {k: TensorInfo(v["dtype"], tuple(v["shape"]), path, tuple(v["data_offsets"]))
+        tensors = {k: TensorInfo(v["dtype"], tuple(v["shape"]), path, tuple(v["data_offsets"]), 8 + n)
                    for k, v in header.items()}
     except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSON, or entries of the wrong form
         raise CorruptCheckpointError(path, detail=f"unreadable header: {type(e).__name__}: {e}") from None
@@ -186,6 +187,7 @@ class Checkpoint:
             self.metadata.update(metadata)
         self._stack = ExitStack()
         self._handles: dict[Path, Any] = {}
+        self._files: dict[Path, Any] = {}
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -196,6 +198,7 @@ class Checkpoint:
     def close(self) -> None:
         self._stack.close()
         self._handles.clear()
+        self._files.clear()
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -208,6 +211,35 @@ class Checkpoint:
             handle = safe_open(str(info.file), framework="pt", device="cpu")
             self._handles[info.file] = self._stack.enter_context(handle)
         return self._handles[info.file].get_tensor(key)
+
+    def read_rows(self, key: str, start: int, stop: int, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` (along the first dimension) of a tensor of two or more dimensions, as
+        stored, read from the file into new memory.
+
+        :meth:`get` hands out views of a memory map of the whole file: every page a conversion reads
+        (a dequantisation, a cast) stays in the process's resident memory until the last view of the
+        map is gone, which a kept tensor (a norm weight) makes the end of the process. Read here, a
+        tensor that is converted costs one block of rows at a time and maps nothing. ``buffer``: a
+        uint8 tensor of enough bytes to read into (reused by a caller reading block after block:
+        fresh memory for each block costs page faults); the result is then a view of it."""
+        info = self.tensors[key]
+        dtype = info.torch_dtype
+        if dtype is None or len(info.shape) < 2:
+            raise ValueError(f"{self.path}: {key} ({info.dtype}, shape {info.shape}) is not read by rows")
+        stop = min(stop, info.shape[0])
+        row = math.prod(info.shape[1:]) * dtype.itemsize
+        size = max(0, stop - start) * row
+        out = torch.empty(size, dtype=torch.uint8) if buffer is None else buffer[:size]
+        if info.file not in self._files:
+            self._files[info.file] = self._stack.enter_context(open(info.file, "rb", buffering=0))
+        f, view, done = self._files[info.file], memoryview(out.numpy()), 0
+        f.seek(info.data_start + info.offsets[0] + start * row)
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise CorruptCheckpointError(info.file, detail=f"{key} ends before its last row")
+            done += got
+        return out.view(dtype).reshape(max(0, stop - start), *info.shape[1:])
 
     def meta(self, key: str) -> torch.Tensor:
         info = self.tensors[key]

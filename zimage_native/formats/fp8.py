@@ -8,6 +8,8 @@ describe quantisation rather than hold a weight of the model (:func:`is_aux`).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .checkpoint import Checkpoint
@@ -46,14 +48,20 @@ def scale_for(ckpt: Checkpoint, key: str) -> str | None:
 CHUNK_ELEMENTS = 2**20
 
 
-def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float32,
+               read: Callable[[int, int], torch.Tensor] | None = None) -> torch.Tensor:
     """fp8 -> ``dtype``: ``weight * scale`` computed in fp32 and rounded once to ``dtype`` (scale: a
     scalar, or one value per output row).
 
     Blocks of rows of :data:`CHUNK_ELEMENTS` elements are upcast one at a time into the result, so
     the transient memory is one block, not the whole tensor in fp32 twice (the upcast and the
     product): for Qwen3-4B's 151936 x 2560 embedding, 3.1 GB of fp32 for a 0.78 GB bf16 result.
-    Each value depends on its row alone, so the result is the whole-tensor one, bit for bit."""
+    Each value depends on its row alone, so the result is the whole-tensor one, bit for bit.
+    ``read(i, j)``: the stored rows ``i:j``, where ``weight`` gives the shape only (a meta tensor;
+    the rows come from :meth:`~zimage_native.formats.checkpoint.Checkpoint.read_rows`, the result is
+    on the CPU)."""
+    rows_of = read if read is not None else (lambda i, j: weight[i:j])
+    device = torch.device("cpu") if read is not None else weight.device
     s = None if scale is None else scale.to(torch.float32)
     per_row = s is not None and s.numel() > 1 and s.ndim == 1 and weight.ndim >= 2
     if per_row:
@@ -61,10 +69,11 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dt
     rows = s is not None and s.numel() > 1  # a scale per row (else one for all)
     step = max(1, CHUNK_ELEMENTS // max(1, weight[0].numel())) if weight.ndim and weight.numel() else 0
     if step == 0 or weight.shape[0] <= step or (rows and (s.ndim != weight.ndim or s.shape[0] != weight.shape[0])):
-        return _upcast(weight, s, dtype)  # small, or a scale of another shape: broadcast (or refused) as a whole
-    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        # small, or a scale of another shape: broadcast (or refused) as a whole
+        return _upcast(weight if read is None else read(0, weight.shape[0]), s, dtype)
+    out = torch.empty(weight.shape, dtype=dtype, device=device)
     for i in range(0, weight.shape[0], step):
-        block = weight[i:i + step].to(torch.float32)
+        block = rows_of(i, i + step).to(torch.float32)
         if s is not None:
             block.mul_(s[i:i + step] if rows else s)
         out[i:i + step].copy_(block)  # rounded to dtype as .to(dtype) rounds

@@ -4,6 +4,11 @@ The path of every tensor: read from the file -> fp8 dequantised to fp32 (unless 
 it) -> renamed / split by the layout's key map (``converters.keymap.to_canonical``). The same
 stream runs on meta tensors built from the header alone, which gives the canonical shapes that
 config inference reads.
+
+A tensor kept as stored is a view of the file's memory map (no copy). A tensor that is converted
+(fp8 dequantised, or cast to another dtype) is read from the file by blocks of rows into its
+result instead (``Checkpoint.read_rows``): read through the map, its pages stayed resident beside
+the result until the map was dropped, and a kept view (a norm weight) keeps the map to the end.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
               dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None
               ) -> Iterator[tuple[str, torch.Tensor]]:
     """The component's weights in file order (quantisation keys consumed), as stored or dequantised
-    to ``dtype`` (fp32 when None; meta tensors say fp32). A key that the key map drops (a tied
-    ``lm_head``), or none of whose canonical keys ``keep`` accepts, is not read at all."""
+    to ``dtype`` (fp32 when None; meta tensors say fp32); other floating tensors of two or more
+    dimensions are cast to ``dtype`` (when given) as they are read. A key that the key map drops (a
+    tied ``lm_head``), or none of whose canonical keys ``keep`` accepts, is not read at all."""
     keymap = info.keymap()
     for key in info.keys:
         if is_aux(key):
@@ -37,10 +43,38 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
                 yield key, torch.empty(t_info.shape, dtype=torch.float32, device="meta")
             else:
                 scale_key = scale_for(ckpt, key)
-                yield key, dequantize(ckpt.get(key), ckpt.get(scale_key) if scale_key else None,
-                                      dtype or torch.float32)
+                scale = ckpt.get(scale_key) if scale_key else None
+                read = (lambda i, j, key=key: ckpt.read_rows(key, i, j)) if len(t_info.shape) >= 2 else None
+                yield key, dequantize(ckpt.meta(key) if read else ckpt.get(key), scale, dtype or torch.float32, read)
+        elif meta:
+            yield key, ckpt.meta(key)
+        elif converted(t_info, dtype):
+            yield key, cast_rows(ckpt, key, dtype)
         else:
-            yield key, ckpt.meta(key) if meta else ckpt.get(key)
+            yield key, ckpt.get(key)
+
+
+#: Elements read and cast at a time by :func:`cast_rows` (16 MiB of fp32).
+CAST_ELEMENTS = 2**22
+
+
+def converted(info, dtype: torch.dtype | None) -> bool:
+    """Whether a stored (non-fp8) tensor is cast to ``dtype`` by rows as it is read."""
+    stored = info.torch_dtype
+    return (dtype is not None and stored is not None and stored.is_floating_point and stored != dtype
+            and len(info.shape) >= 2)
+
+
+def cast_rows(ckpt: Checkpoint, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of the file cast to ``dtype``, read by blocks of :data:`CAST_ELEMENTS` elements into
+    one buffer (``Checkpoint.read_rows``): the values of ``ckpt.get(key).to(dtype)``."""
+    info = ckpt.tensors[key]
+    out = torch.empty(info.shape, dtype=dtype)
+    step = max(1, CAST_ELEMENTS // max(1, out[0].numel()))
+    buffer = torch.empty(min(step, info.shape[0]) * out[0].numel() * info.torch_dtype.itemsize, dtype=torch.uint8)
+    for i in range(0, info.shape[0], step):
+        out[i:i + step].copy_(ckpt.read_rows(key, i, i + step, buffer))
+    return out
 
 
 def canonical_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool = False, dequant: bool = True,
