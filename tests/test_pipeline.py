@@ -423,6 +423,56 @@ def test_diffusers_vae_calls_tile_and_slice(tiny_model_dir, reference_pipe):
         vae.enable_tiling()
 
 
+def test_a_copied_component_belongs_to_no_pipeline_and_a_copied_pipeline_to_itself(fresh_pipe, monkeypatch):
+    """copy.deepcopy(pipe.vae).enable_tiling() set the original pipeline's tiling (the bound names
+    held the original weakly, and a deep copy keeps a weak reference as it is); the same for
+    set_attention_backend on a copied DiT. torch.save(pipe.vae) failed (a local function cannot be
+    pickled) and copy.deepcopy(pipe) failed on its lock. Now a copied or unpickled component refuses
+    those names, saying it belongs to no pipeline, until a pipeline built with it binds them; a
+    copied pipeline is a pipeline of its own (its names bound to it) with the same images."""
+    import copy
+    import io
+
+    from zimage_native.pipeline import ZImagePipeline
+
+    pipe = fresh_pipe
+    vae = copy.deepcopy(pipe.vae)
+    buffer = io.BytesIO()
+    torch.save(pipe.vae, buffer)
+    buffer.seek(0)
+    unpickled = torch.load(buffer, weights_only=False)
+    for copied in (vae, unpickled):
+        for name in ("enable_tiling", "enable_slicing"):
+            with pytest.raises(RuntimeError, match=rf"vae.{name}: this VAE is a copy .* belongs to no pipeline"):
+                getattr(copied, name)()
+        assert all(torch.equal(a, b) for a, b in zip(copied.state_dict().values(), pipe.vae.state_dict().values()))
+    assert pipe.vae_tiling is None and not pipe.vae_slicing
+    dit = copy.deepcopy(pipe.transformer)
+    with pytest.raises(RuntimeError, match="transformer.set_attention_backend: this DiT is a copy"):
+        dit.set_attention_backend("flash")
+
+    twin = copy.deepcopy(pipe)
+    assert twin.vae is not pipe.vae and twin.transformer is not pipe.transformer and twin._lock is not pipe._lock
+    twin.vae.enable_tiling()
+    pipe.vae.enable_slicing()
+    assert twin.vae_tiling is not None and pipe.vae_tiling is None and pipe.vae_slicing and not twin.vae_slicing
+    asked = []
+    monkeypatch.setattr(twin, "optimize", lambda attention: asked.append(("twin", attention)) or [])
+    monkeypatch.setattr(pipe, "optimize", lambda attention: asked.append(("pipe", attention)) or [])
+    twin.transformer.set_attention_backend("flash")
+    pipe.transformer.set_attention_backend("native")
+    assert asked == [("twin", "flash_attn_2"), ("pipe", "sdpa")]
+    assert twin.prompt_rewriter._text_encoder() is twin.text_encoder
+    twin.vae.disable_tiling()
+    pipe.vae.disable_slicing()
+    kw = dict(seed=3, height=32, width=32, num_inference_steps=2, output_type="pt")
+    assert torch.equal(twin("a cat", **kw).images, pipe("a cat", **kw).images)
+
+    other = ZImagePipeline(dit, vae, pipe.text_encoder, pipe.scheduler_config, pipe.vae_config)
+    vae.enable_tiling()  # bound by the pipeline built with the copy
+    assert other.vae_tiling is not None and pipe.vae_tiling is None and twin.vae_tiling is None
+
+
 def test_diffusers_set_attention_backend_maps_to_the_engines_backends(tiny_pipe, monkeypatch):
     """diffusers 0.42.1 picks attention with pipe.transformer.set_attention_backend("flash"); that was an
     AttributeError here. Its names map to this engine's backends through optimize(attention=...);

@@ -13,6 +13,7 @@ ControlNet in :mod:`zimage_native.control` (a :class:`~zimage_native.control.Con
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import logging
@@ -172,6 +173,42 @@ def variant_scheduler(scheduler_config: SchedulerConfig, variant: str) -> Schedu
         logger.info("variant %s: scheduler shift %s instead of %s", variant, own, scheduler_config.shift)
         return dataclasses.replace(scheduler_config, shift=own)
     return scheduler_config
+
+
+class _PipelineCall:
+    """A diffusers name on a pipeline's component (``pipe.vae.enable_tiling``,
+    ``pipe.transformer.set_attention_backend``) that calls the pipeline's method ``name``; it holds
+    the pipeline weakly.
+
+    A copy of the component alone (``copy.deepcopy``, pickle) belongs to no pipeline: the name
+    refuses, saying so (it set the original pipeline's tiling or attention), until a pipeline built
+    with the copy binds it anew. In a copy of the whole pipeline it is bound to the copy."""
+
+    def __init__(self, pipe: "ZImagePipeline | None", name: str, component: str, attribute: str):
+        self.owner = None if pipe is None else weakref.ref(pipe)
+        self.name, self.component, self.attribute = name, component, attribute
+
+    def __call__(self, *args, **kwargs):
+        label, what = f"{self.component}.{self.attribute}", "VAE" if self.component == "vae" else "DiT"
+        if self.owner is None:
+            setting = ("the attention backend and compiling" if self.component == "transformer" else
+                       "tiling and slicing")
+            raise RuntimeError(f"{label}: this {what} is a copy (copy.deepcopy or pickle) and belongs to no pipeline, "
+                               f"and {setting} are a pipeline's settings: give it to a pipeline "
+                               f"(ZImagePipeline(..., {self.component}=...)), whose pipe.{label}() sets that "
+                               f"pipeline's, or copy the whole pipeline")
+        pipe = self.owner()
+        if pipe is None:
+            raise RuntimeError(f"{label}: the pipeline this {what} belonged to is gone")
+        return getattr(pipe, self.name)(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "_PipelineCall":
+        pipe = self.owner() if self.owner is not None else None
+        return _PipelineCall(memo.get(id(pipe)) if pipe is not None else None, self.name, self.component,
+                             self.attribute)
+
+    def __reduce__(self):
+        return _PipelineCall, (None, self.name, self.component, self.attribute)
 
 
 class ZImagePipeline:
@@ -527,25 +564,39 @@ class ZImagePipeline:
         ``pipe.vae.enable_tiling()`` / ``enable_slicing()`` (and ``disable_*``). Those names on this
         pipeline's VAE set the pipeline's tiling and slicing (through a weak reference, so the VAE
         does not keep the pipeline alive). ``pipe.transformer.set_attention_backend``, ``.compile`` and
-        ``.compile_repeated_blocks`` are bound the same way, with or without a VAE."""
-        owner = weakref.ref(self)
-
-        def call(name):
-            def method(*args, **kwargs):
-                pipe = owner()
-                if pipe is None:
-                    raise RuntimeError(f"vae.{name}: the pipeline this VAE belonged to is gone")
-                return getattr(pipe, name)(*args, **kwargs)
-            return method
-
-        object.__setattr__(self.transformer, "set_attention_backend", call("_set_diffusers_attention_backend"))
+        ``.compile_repeated_blocks`` are bound the same way, with or without a VAE (see
+        :class:`_PipelineCall` for copies)."""
+        object.__setattr__(self.transformer, "set_attention_backend",
+                           _PipelineCall(self, "_set_diffusers_attention_backend", "transformer",
+                                         "set_attention_backend"))
         for name in ("compile", "compile_repeated_blocks"):  # nn.Module.compile would compile an unused __call__
-            object.__setattr__(self.transformer, name, functools.partial(call("_diffusers_compile"), name))
+            object.__setattr__(self.transformer, name,
+                               functools.partial(_PipelineCall(self, "_diffusers_compile", "transformer", name), name))
         if self.vae is None:
             return
         for vae_name, name in (("enable_tiling", "enable_vae_tiling"), ("disable_tiling", "disable_vae_tiling"),
                                ("enable_slicing", "enable_vae_slicing"), ("disable_slicing", "disable_vae_slicing")):
-            object.__setattr__(self.vae, vae_name, call(name))
+            object.__setattr__(self.vae, vae_name, _PipelineCall(self, name, "vae", vae_name))
+
+    def __deepcopy__(self, memo: dict) -> "ZImagePipeline":
+        """A pipeline of its own: its components copied, its settings (tiling, slicing, attention, the
+        LoRA stack) with them, and the diffusers names on its VAE and DiT bound to the copy (they
+        stayed bound to the original). It gets its own lock; its prompt rewriter reads the copy's text
+        encoder and loads its LM anew when used. Refused with CUDA graphs captured (a graph replays
+        the addresses of the original's tensors)."""
+        if self._graphed is not None:
+            raise TypeError("copy.deepcopy(pipe): the pipeline has captured CUDA graphs (optimize(cuda_graphs=True)), "
+                            "which replay the original's tensors; copy it before capturing them")
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied  # before the components: their bound names look the copy up here
+        with self._lock:
+            for key, value in self.__dict__.items():
+                if key not in ("_lock", "prompt_rewriter"):
+                    copied.__dict__[key] = copy.deepcopy(value, memo)
+        copied._lock = threading.RLock()
+        copied.prompt_rewriter = Rewriter(lambda: copied.text_encoder, lambda: copied.model_folder,
+                                          lambda: copied.template_registry)
+        return copied
 
     def _set_diffusers_attention_backend(self, backend: str) -> list[str]:
         """diffusers' ``pipe.transformer.set_attention_backend(name)``: its backend names mapped to this
