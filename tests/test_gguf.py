@@ -603,6 +603,60 @@ def test_gguf_qwen3_encoder_kept_packed_equals_the_dequantised_model(tiny_model_
     assert sum(quantized_bytes(model).values()) == loaded
 
 
+_GGUF_PEAK_SCRIPT = """
+import sys, torch
+from zimage_native.loading import load_component
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+warm, big = sys.argv[1:]
+load_component("text_encoder", warm, torch.float32, "cpu")  # imports, first allocations
+open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the resident size now
+start, anon = status("VmRSS"), status("RssAnon")
+model = load_component("text_encoder", big, torch.float32, "cpu")
+model.embed_tokens.weight.max()  # every packed byte of the embedding read once
+print(status("VmHWM") - start, status("RssAnon") - anon, model.embed_tokens.weight.nbytes)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures the peak resident size (Linux)")
+def test_packed_gguf_weights_are_the_files_pages_not_a_copy(tiny_model_dir, tmp_path):
+    """A GGUF tensor was copied out of the file's memory map as it was read, so a packed weight kept
+    packed was held twice at the load's peak (the copy, and the mapped pages read to make it) and
+    in anonymous memory after it: at real width (Qwen3-4B, Q8_0, one loaded layer) the load peaked
+    1001 MiB above the start for 496 MiB of weights, all of them anonymous. The file is mapped
+    copy-on-write now and a packed weight is a view of it: here, a 1 Mi x 256 Q8_0 embedding (272
+    MiB) read once after the load peaks at 272 MiB with 0 MiB of anonymous memory (the copy: 545 MiB
+    with 272 MiB anonymous)."""
+    import subprocess
+    import sys
+
+    from .gguf_files import gguf_state
+
+    _, _ = write_qwen3(tmp_path / "warm.gguf", 300, "Q8_0")
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zimage_native.formats.gguf import TE_LLAMA_CPP
+
+    rows = 1 << 20
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Qwen3Model(Qwen3Config(vocab_size=rows, **GGUF_QWEN3)).state_dict().items()}
+    rng = np.random.default_rng(0)
+    small = {k: torch.randn(shape) * 0.05 for k, shape in shapes.items() if k != "embed_tokens.weight"}
+    file, _ = gguf_state(dict(from_canonical(small.items(), TE_LLAMA_CPP)), "Q8_0", rng)
+    file["token_embd.weight"] = (random_blocks("Q8_0", rows, 256, rng), "Q8_0")
+    meta = {"qwen3.rope.freq_base": 1e6, "qwen3.attention.layer_norm_rms_epsilon": 1e-6, "qwen3.context_length": 2048}
+    big = write_gguf(tmp_path / "big.gguf", file, "qwen3", meta)
+    del file
+    run = subprocess.run([sys.executable, "-c", _GGUF_PEAK_SCRIPT, str(tmp_path / "warm.gguf"), str(big)],
+                         capture_output=True, text=True, check=True)
+    peak, anon, embedding = map(int, run.stdout.split())
+    assert anon < embedding // 4, f"{anon / 2**20:.0f} MiB of anonymous memory for a {embedding / 2**20:.0f} MiB " \
+                                  f"packed embedding"
+    assert peak < embedding * 3 // 2, f"peak {peak / 2**20:.0f} MiB above the start for {embedding / 2**20:.0f} MiB"
+
+
 def test_gguf_text_encoder_errors_and_cli(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
     from transformers import AutoTokenizer

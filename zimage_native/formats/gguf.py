@@ -132,7 +132,7 @@ class GGUFCheckpoint:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                reader = gguf.GGUFReader(str(self.path))
+                reader = gguf.GGUFReader(str(self.path), mode="c")  # copy-on-write: writable views, file untouched
         except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
             if "GGMLQuantizationType" in str(e):  # a complete file with a tensor type newer than the package
                 raise UnsupportedFormatError(
@@ -192,13 +192,15 @@ class GGUFCheckpoint:
         return torch.empty(t.shape, dtype=dtype, device="meta")
 
     def get(self, key: str) -> torch.Tensor:
-        """F32 / F16 / BF16: the values (own dtype, a copy in memory). Block types: the packed
-        bytes ``(rows, row_bytes)`` in uint8, rows being the shape's leading dimensions."""
+        """F32 / F16 / BF16: the values (own dtype). Block types: the packed bytes ``(rows, row_bytes)``
+        in uint8, rows being the shape's leading dimensions. A view of the file's memory map (mapped
+        copy-on-write: a write to it changes this process's pages only), which it keeps open after
+        :meth:`close`: a packed weight kept packed is the file's pages, not a copy of them beside
+        them (which doubled the load's peak, and held the weights in anonymous memory)."""
         t = self.tensors[key]
         if key in self.unsupported:
             raise UnsupportedFormatError(f"{self.path}: tensor {key} has GGML type {t.qtype}, which is not supported")
-        data = np.array(t.data, copy=True)
-        raw = torch.from_numpy(data.reshape(-1).view(np.uint8))
+        raw = torch.from_numpy(np.ascontiguousarray(t.data).reshape(-1).view(np.uint8))
         if t.qtype == "F32":
             return raw.view(torch.float32).reshape(t.shape)
         if t.qtype == "F16":
