@@ -91,15 +91,25 @@ def iter_tensors(
     device: torch.device | str = "cpu",
     keep: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) one tensor at a time, cast to ``dtype`` (floating tensors only) on ``device``."""
+    """Yield (key, tensor) one tensor at a time, cast to ``dtype`` (floating tensors only) on ``device``.
+
+    A tensor that is cast is read from the file by blocks of rows into its result
+    (:func:`~zimage_native.formats.tensors.cast_rows`); one kept as stored is a view of the file's
+    memory map. Cast through the map, every page read stayed resident until the file was done (a
+    bf16 DiT shard of 1.4 GB loaded in fp32: 4190 MiB at the peak for 2790 MiB of weights)."""
+    from .formats.tensors import cast_rows, converted
+
     for file in files:
-        with safe_open(str(check_safetensors(file)), framework="pt", device="cpu") as f:
-            for key in f.keys():
+        with Checkpoint(check_safetensors(file)) as ckpt:
+            for key in sorted(ckpt.keys()):
                 if keep is not None and not keep(key):
                     continue
-                t = f.get_tensor(key)
-                if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                    t = t.to(dtype)
+                if converted(ckpt.tensors[key], dtype):
+                    t = cast_rows(ckpt, key, dtype)
+                else:
+                    t = ckpt.get(key)
+                    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                        t = t.to(dtype)
                 yield key, t.to(device)
 
 

@@ -188,6 +188,7 @@ class Checkpoint:
         self._stack = ExitStack()
         self._handles: dict[Path, Any] = {}
         self._files: dict[Path, Any] = {}
+        self._scratch = torch.empty(0, dtype=torch.uint8)
 
     def __enter__(self) -> "Checkpoint":
         return self
@@ -199,6 +200,16 @@ class Checkpoint:
         self._stack.close()
         self._handles.clear()
         self._files.clear()
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+
+    def scratch(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of at least ``nbytes`` for :meth:`read_rows`, one per checkpoint, reused
+        (and grown) from tensor to tensor until :meth:`close`: a block buffer allocated per tensor
+        left the allocator's heap fragmented (190 MiB kept after a 2.8 GB fp32 load)."""
+        if self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(0, dtype=torch.uint8)  # the old one freed first
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        return self._scratch
 
     def keys(self) -> list[str]:
         return list(self.tensors)

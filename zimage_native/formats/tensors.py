@@ -44,7 +44,8 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
             else:
                 scale_key = scale_for(ckpt, key)
                 scale = ckpt.get(scale_key) if scale_key else None
-                read = (lambda i, j, key=key: ckpt.read_rows(key, i, j)) if len(t_info.shape) >= 2 else None
+                read = (lambda i, j, key=key, row=t_info.numel // max(1, t_info.shape[0]):  # (fp8: 1 byte a value)
+                        ckpt.read_rows(key, i, j, ckpt.scratch((j - i) * row))) if len(t_info.shape) >= 2 else None
                 yield key, dequantize(ckpt.meta(key) if read else ckpt.get(key), scale, dtype or torch.float32, read)
         elif meta:
             yield key, ckpt.meta(key)
@@ -67,11 +68,11 @@ def converted(info, dtype: torch.dtype | None) -> bool:
 
 def cast_rows(ckpt: Checkpoint, key: str, dtype: torch.dtype) -> torch.Tensor:
     """A tensor of the file cast to ``dtype``, read by blocks of :data:`CAST_ELEMENTS` elements into
-    one buffer (``Checkpoint.read_rows``): the values of ``ckpt.get(key).to(dtype)``."""
+    the checkpoint's scratch buffer (``Checkpoint.read_rows``): the values of ``ckpt.get(key).to(dtype)``."""
     info = ckpt.tensors[key]
     out = torch.empty(info.shape, dtype=dtype)
     step = max(1, CAST_ELEMENTS // max(1, out[0].numel()))
-    buffer = torch.empty(min(step, info.shape[0]) * out[0].numel() * info.torch_dtype.itemsize, dtype=torch.uint8)
+    buffer = ckpt.scratch(min(step, info.shape[0]) * out[0].numel() * info.torch_dtype.itemsize)
     for i in range(0, info.shape[0], step):
         out[i:i + step].copy_(ckpt.read_rows(key, i, i + step, buffer))
     return out
