@@ -634,14 +634,15 @@ def test_packed_gguf_weights_are_the_files_pages_not_a_copy(tiny_model_dir, tmp_
 
     from .gguf_files import gguf_state
 
-    _, _ = write_qwen3(tmp_path / "warm.gguf", 300, "Q8_0")
+    write_qwen3(tmp_path / "warm.gguf", 300, "Q8_0")
     from transformers import Qwen3Config, Qwen3Model
 
     from zimage_native.formats.gguf import TE_LLAMA_CPP
 
     rows = 1 << 20
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Qwen3Model(Qwen3Config(vocab_size=rows, **GGUF_QWEN3)).state_dict().items()}
+        model = Qwen3Model(Qwen3Config(vocab_size=rows, **GGUF_QWEN3))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     rng = np.random.default_rng(0)
     small = {k: torch.randn(shape) * 0.05 for k, shape in shapes.items() if k != "embed_tokens.weight"}
     file, _ = gguf_state(dict(from_canonical(small.items(), TE_LLAMA_CPP)), "Q8_0", rng)
