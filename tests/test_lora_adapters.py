@@ -279,3 +279,25 @@ def test_an_adapter_refit_that_fails_part_way_names_what_applies(fresh_pipe, tmp
     pipe.set_adapters("b")
     assert torch.equal(pipe("a cat", seed=0, **KW).images, only_b)
     assert rel_err(only_b, plain) > 1e-2  # the control: b applies
+
+
+def test_a_failed_refit_over_baked_loras_names_what_applies(fresh_pipe, tmp_path):
+    """With a LoRA baked in (fuse_lora + unload_lora_weights), a refit that fails part-way keeps the
+    LoRAs it fused: the baked one counts among them, so the active adapters are the fused ones after
+    it. They were counted from the start of the active ones: ['b', 'a'] with only b fused."""
+    pipe = fresh_pipe
+    x = save_lora(pipe, tmp_path / "x.safetensors", 3)
+    a, b = save_lora(pipe, tmp_path / "a.safetensors", 1), save_lora(pipe, tmp_path / "b.safetensors", 2)
+    pipe.load_lora_weights(str(x), adapter_name="x")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.load_lora_weights(str(a), adapter_name="a")
+    pipe.load_lora_weights(str(b), adapter_name="b")
+    pipe.set_adapters(["b", "a"])
+    a.unlink()
+    with pytest.raises(FileNotFoundError):
+        pipe.set_adapters("a", 0.5)  # fused again as before (x, b, a): fails at a
+    assert pipe.get_active_adapters() == ["b"] and len(pipe.lora_stack.loaded) == pipe.lora_adapters.fused == 2
+    with_b = pipe("a cat", seed=0, **KW).images
+    pipe.set_adapters("b")
+    assert torch.equal(pipe("a cat", seed=0, **KW).images, with_b)

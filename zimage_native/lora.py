@@ -842,6 +842,13 @@ class LoraAdapters:
         self.enabled = True
         self.merged = None
 
+    def keep_fused(self) -> None:
+        """After a fuse that stopped part-way: keep only the LoRAs it fused (the first ``fused`` of
+        :meth:`to_fuse`: the baked ones, then the active adapters), so the active ones are those that apply."""
+        self.baked = self.baked[:self.fused]
+        if self.enabled:
+            self.active = dict(list(self.active.items())[:self.fused - len(self.baked)])
+
     def add(self, source, name: str | None, options: dict) -> str:
         """Register an adapter and make it the only active one, at weight 1 (diffusers' rule)."""
         if name is None:

@@ -918,8 +918,7 @@ class ZImagePipeline:
             except Exception:
                 logger.warning("%s failed, and fusing the adapters as they were failed too: the active adapters are "
                                "the ones fused (%s)", what, adapters.fused)
-                if adapters.enabled:
-                    adapters.active = dict(list(adapters.active.items())[:adapters.fused])
+                adapters.keep_fused()
             raise
 
     def _refit_problem(self) -> str | None:
