@@ -301,3 +301,21 @@ def test_a_failed_refit_over_baked_loras_names_what_applies(fresh_pipe, tmp_path
     with_b = pipe("a cat", seed=0, **KW).images
     pipe.set_adapters("b")
     assert torch.equal(pipe("a cat", seed=0, **KW).images, with_b)
+
+
+def test_load_lora_weights_refuses_the_old_positional_weight_name(tiny_pipe, tmp_path):
+    """load_lora_weights now takes diffusers' order (path, adapter_name, hotswap); a call in its former
+    order (path, weight_name, adapter_name) loaded a folder's one file as the adapter
+    'style.safetensors', or was refused as hotswap=True. Both are named, with nothing loaded."""
+    pipe = tiny_pipe
+    (tmp_path / "loras").mkdir()
+    save_lora(pipe, tmp_path / "loras" / "style.safetensors", 1)
+    try:
+        for args in (("style.safetensors",), ("style.safetensors", "style")):
+            with pytest.raises(TypeError, match=r"diffusers' \(adapter_name, hotswap\); give the file .* weight_name="):
+                pipe.load_lora_weights(tmp_path / "loras", *args)
+            assert pipe.get_list_adapters() == {} and not pipe.loras
+        pipe.load_lora_weights(tmp_path / "loras", "style", weight_name="style.safetensors")
+        assert pipe.get_active_adapters() == ["style"]
+    finally:
+        pipe.unload_lora()

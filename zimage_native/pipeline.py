@@ -836,6 +836,10 @@ class ZImagePipeline:
         new LoRA's report."""
         from .hub import resolve_lora_source
 
+        if not isinstance(hotswap, bool) or str(adapter_name).lower().endswith((".safetensors", ".bin", ".pt")):
+            raise TypeError(f"load_lora_weights(path, {adapter_name!r}, {hotswap!r}): the arguments after the path are "
+                            f"diffusers' (adapter_name, hotswap); give the file in a folder or repository as "
+                            f"weight_name=")
         if hotswap:
             raise ValueError("load_lora_weights(hotswap=True): LoRAs are fused into the weights here; switch with "
                              "set_adapters(), or unload_lora_weights() and load the new one")
