@@ -1128,3 +1128,29 @@ def test_a_file_that_contradicts_the_model_folders_config_is_named_with_that_con
         f"file of that model, or a model folder (--model) of the file's model")
     with pytest.raises(ConfigMismatchError, match=rf"^{dit}: transformer: config value dim=64 "):
         load_component("transformer", dit, None, "cpu", config={"dim": 64})
+
+
+def test_the_checks_before_a_load_read_each_gguf_header_once(tiny_model_dir, tmp_path, monkeypatch):
+    """A GGUF header takes seconds to parse (a Qwen3 GGUF holds its 151k-token tokenizer: 9-10 s an
+    open on the shared CI CPU). The component, width and vocabulary checks opened the text encoder
+    three times and the DiT twice before the load; now once each (then once more for the load, and
+    once for the check that the file is whole)."""
+    from transformers import AutoTokenizer
+
+    from zimage_native import ZImagePipeline
+    from zimage_native.formats import gguf
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    te, _ = write_qwen3(tmp_path / "te.gguf", len(tok), "Q8_0")
+    dit, _ = write_dit(tmp_path / "dit.gguf", "Q8_0")
+    opened: list[str] = []
+    init = gguf.GGUFCheckpoint.__init__
+
+    def counting(self, path, *args, **kwargs):
+        opened.append(Path(path).name)
+        init(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFCheckpoint, "__init__", counting)
+    ZImagePipeline.from_single_files(transformer=dit, vae=tiny_model_dir / "vae", text_encoder=te,
+                                     tokenizer=tiny_model_dir / "tokenizer", device="cpu")
+    assert (opened.count("dit.gguf"), opened.count("te.gguf")) == (3, 3), opened

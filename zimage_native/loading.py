@@ -18,6 +18,7 @@ The policy, stated once:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -378,16 +379,58 @@ def check_components(files: dict[str, str | os.PathLike | None]) -> None:
     component in a form the engine loads, so that a wrong file (a text encoder given as the DiT, an
     IQ4_XS GGUF, another model) is refused from its header at once, not after the components loaded
     before it. Folders, and headers that cannot be read, are left to the load."""
-    from .formats.detect import detect_format
-
     for kind, path in files.items():
         if path is None or not Path(path).expanduser().is_file():
             continue
         try:
-            fmt = detect_format(Path(path).expanduser())
+            fmt, _ = header_facts(path)
         except Exception:  # noqa: BLE001 - reported by the load, in its words
             continue
         fmt.component(kind)
+
+
+def header_facts(path: str | os.PathLike) -> tuple[Any, dict[str, dict[str, tuple]]]:
+    """What a weight file's header (or a component folder's) tells the checks before a load: its
+    :class:`~zimage_native.formats.detect.FileFormat` and each component's canonical shapes. A file's
+    are read once (until it changes): the checks ask several times, and a GGUF header takes seconds
+    to parse (a Qwen3 GGUF holds its tokenizer)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return _read_facts(path)
+    stat = path.stat()
+    return _file_facts(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_facts(path: str, size: int, mtime_ns: int) -> tuple[Any, dict[str, dict[str, tuple]]]:
+    return _read_facts(Path(path))
+
+
+def _read_facts(path: Path) -> tuple[Any, dict[str, dict[str, tuple]]]:
+    from .formats.detect import detect_format
+
+    def shapes(read, ckpt, fmt) -> dict[str, dict[str, tuple]]:
+        out = {}
+        for info in fmt.components:
+            try:
+                out[info.component] = read(ckpt, info)
+            except Exception:  # noqa: BLE001 - that component's load says why
+                pass
+        return out
+
+    container = sniff(path) if path.is_file() else "folder"
+    if container == "gguf":
+        from .formats.gguf import GGUFCheckpoint, inspect_gguf
+        from .formats.gguf import canonical_shapes as gguf_shapes
+
+        with GGUFCheckpoint(path) as ckpt:
+            fmt = inspect_gguf(ckpt)
+            return fmt, shapes(gguf_shapes, ckpt, fmt)
+    if container not in ("safetensors", "folder"):
+        return detect_format(path), {}
+    with Checkpoint(path) as ckpt:
+        fmt = inspect_checkpoint(ckpt)
+        return fmt, shapes(canonical_shapes, ckpt, fmt)
 
 
 def header_width(kind: str, path: str | os.PathLike, axis: int | None = None) -> int | None:
@@ -399,17 +442,9 @@ def header_width(kind: str, path: str | os.PathLike, axis: int | None = None) ->
     if axis is not None:
         key = (key[0], axis)
     try:
-        path = Path(path).expanduser()
-        if path.is_file() and sniff(path) == "gguf":
-            from .formats.gguf import GGUFCheckpoint, inspect_gguf
-            from .formats.gguf import canonical_shapes as gguf_shapes
-
-            with GGUFCheckpoint(path) as ckpt:
-                shapes = gguf_shapes(ckpt, inspect_gguf(ckpt).component(kind))
-        else:
-            with Checkpoint(path) as ckpt:
-                shapes = canonical_shapes(ckpt, inspect_checkpoint(ckpt).component(kind))
-        return int(shapes[key[0]][key[1]])
+        fmt, shapes = header_facts(path)
+        fmt.component(kind)
+        return int(shapes[kind][key[0]][key[1]])
     except Exception:  # noqa: BLE001 - a file that cannot be read is reported by its load, in its words
         return None
 
