@@ -577,6 +577,21 @@ def test_torch_compile_wrapper_assigned_to_the_pipeline_is_refused(fresh_pipe):
     assert fresh_pipe.transformer is dit
 
 
+def test_a_dit_assigned_to_the_pipeline_gets_its_compile_and_attention_calls(tiny_model_dir, fresh_pipe):
+    """The names are bound when the pipeline is built: a DiT assigned to pipe.transformer later (a
+    loaded file, say) kept nn.Module.compile, which returned None and left the run eager (compiled
+    mode None), the trap the refusal of torch.compile's wrapper points away from."""
+    from zimage_native.accel.compile import compiled_mode
+    from zimage_native.loading import load_component
+
+    dit = load_component("transformer", tiny_model_dir / "transformer", torch.float32, "cpu")
+    assert "compile" not in dit.__dict__  # as loaded: no pipeline's names
+    fresh_pipe.transformer = dit
+    lines = fresh_pipe.transformer.compile(backend="eager")
+    assert any(line.startswith("compile: full") for line in lines) and compiled_mode(dit) == ("full", "dynamic")
+    assert isinstance(fresh_pipe.transformer.set_attention_backend("native"), list)  # the pipeline answered
+
+
 @pytest.mark.parametrize("scale", ["x", None, True, float("nan"), float("inf"), [0.5]])
 def test_joint_attention_kwargs_scale_must_be_a_finite_number(tiny_pipe, scale):
     """Without a LoRA loaded, {"scale": "x"} was accepted (and ignored): it is refused now, with what to give."""

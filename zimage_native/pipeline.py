@@ -308,6 +308,8 @@ class ZImagePipeline:
                              "forward_tokens, which the wrapper leaves eager; call pipe.transformer.compile() (or "
                              "compile_repeated_blocks()), or pipe.optimize(compile='blocks' | 'full')")
         self._transformer = module
+        if module is not None:
+            self._bind_transformer_calls()
 
     @property
     def tokenizer(self):
@@ -563,20 +565,24 @@ class ZImagePipeline:
         """diffusers' Z-Image pipeline has no enable_vae_tiling(): its users call
         ``pipe.vae.enable_tiling()`` / ``enable_slicing()`` (and ``disable_*``). Those names on this
         pipeline's VAE set the pipeline's tiling and slicing (through a weak reference, so the VAE
-        does not keep the pipeline alive). ``pipe.transformer.set_attention_backend``, ``.compile`` and
-        ``.compile_repeated_blocks`` are bound the same way, with or without a VAE (see
-        :class:`_PipelineCall` for copies)."""
-        object.__setattr__(self.transformer, "set_attention_backend",
-                           _PipelineCall(self, "_set_diffusers_attention_backend", "transformer",
-                                         "set_attention_backend"))
-        for name in ("compile", "compile_repeated_blocks"):  # nn.Module.compile would compile an unused __call__
-            object.__setattr__(self.transformer, name,
-                               functools.partial(_PipelineCall(self, "_diffusers_compile", "transformer", name), name))
+        does not keep the pipeline alive). ``pipe.transformer``'s names are bound likewise, by
+        :meth:`_bind_transformer_calls` (see :class:`_PipelineCall` for copies)."""
         if self.vae is None:
             return
         for vae_name, name in (("enable_tiling", "enable_vae_tiling"), ("disable_tiling", "disable_vae_tiling"),
                                ("enable_slicing", "enable_vae_slicing"), ("disable_slicing", "disable_vae_slicing")):
             object.__setattr__(self.vae, vae_name, _PipelineCall(self, name, "vae", vae_name))
+
+    def _bind_transformer_calls(self) -> None:
+        """``pipe.transformer.set_attention_backend``, ``.compile`` and ``.compile_repeated_blocks`` call
+        the pipeline (a DiT assigned to ``pipe.transformer`` gets them too): nn.Module.compile would
+        compile the module's ``__call__``, which the pipeline never calls."""
+        object.__setattr__(self.transformer, "set_attention_backend",
+                           _PipelineCall(self, "_set_diffusers_attention_backend", "transformer",
+                                         "set_attention_backend"))
+        for name in ("compile", "compile_repeated_blocks"):
+            object.__setattr__(self.transformer, name,
+                               functools.partial(_PipelineCall(self, "_diffusers_compile", "transformer", name), name))
 
     def __deepcopy__(self, memo: dict) -> "ZImagePipeline":
         """A pipeline of its own: its components copied, its settings (tiling, slicing, attention, the
