@@ -392,17 +392,17 @@ def check_components(files: dict[str, str | os.PathLike | None]) -> None:
 def header_facts(path: str | os.PathLike) -> tuple[Any, dict[str, dict[str, tuple]]]:
     """What a weight file's header (or a component folder's) tells the checks before a load: its
     :class:`~zimage_native.formats.detect.FileFormat` and each component's canonical shapes. A file's
-    are read once (until it changes): the checks ask several times, and a GGUF header takes seconds
+    are read once (until it changes: its inode, size or time): the checks ask several times, and a GGUF header takes seconds
     to parse (a Qwen3 GGUF holds its tokenizer)."""
     path = Path(path).expanduser()
     if not path.is_file():
         return _read_facts(path)
     stat = path.stat()
-    return _file_facts(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return _file_facts(str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=8)
-def _file_facts(path: str, size: int, mtime_ns: int) -> tuple[Any, dict[str, dict[str, tuple]]]:
+def _file_facts(path: str, inode: int, size: int, mtime_ns: int) -> tuple[Any, dict[str, dict[str, tuple]]]:
     return _read_facts(Path(path))
 
 
