@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -242,3 +244,18 @@ def test_bad_image_arrays_and_strength_raise_clear_value_errors(tiny_pipe):
     for bad in ("0.5", float("nan"), True):
         with pytest.raises(ValueError, match="strength must be a number in \\[0, 1\\]"):
             tiny_pipe.inpaint("a cat", image, mask, strength=bad, num_inference_steps=1)
+
+
+def test_masked_image_latents_is_ignored_with_a_warning_as_diffusers_ignores_it(tiny_pipe, caplog):
+    """diffusers 0.42.1's Z-Image inpainting takes masked_image_latents= and never reads it."""
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    kw = dict(prompt="a cat", image=image, mask_image=mask, seed=0, num_inference_steps=2, output_type="latent")
+    plain = tiny_pipe.inpaint(**kw).images
+    with caplog.at_level(logging.WARNING, logger="zimage_native.pipeline"):
+        given = tiny_pipe.inpaint(masked_image_latents=torch.zeros(1, 16, 8, 8), **kw).images
+    assert torch.equal(given, plain)
+    assert any("masked_image_latents= is ignored" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match=r"masked_image_latents= belongs to inpainting .*pipe.inpaint"):
+        tiny_pipe("a cat", masked_image_latents=torch.zeros(1, 16, 8, 8), seed=0, num_inference_steps=1)

@@ -1265,6 +1265,7 @@ class ZImagePipeline:
         image=None,
         strength: float | None = None,
         mask_image=None,
+        masked_image_latents: torch.Tensor | None = None,
         control_image=None,
         controlnet_conditioning_scale: float | None = None,
         seed_variance: float = 0.0,
@@ -1306,12 +1307,22 @@ class ZImagePipeline:
         CUDA graphs or ``compile="full"``. ``output.info["first_block_cache_forwards"]`` counts the
         forwards run in full and reused.
 
+        ``masked_image_latents`` (inpainting): accepted and ignored with a warning, as diffusers'
+        ``ZImageInpaintPipeline`` effectively ignores it (the same images either way).
+
         ``joint_attention_kwargs``: diffusers' per-call LoRA scale (``{"scale": s}``), the only key
         diffusers' Z-Image reads. LoRAs are fused here, so with one loaded a scale other than 1 is
         refused (set it with :meth:`set_adapters` or ``load_lora(path, scale=)``); without one it
         changes nothing, as in diffusers.
         """
         self._check_attention_kwargs(joint_attention_kwargs)
+        if masked_image_latents is not None:
+            if mask_image is None:
+                raise ValueError("masked_image_latents= belongs to inpainting (diffusers' ZImageInpaintPipeline), and "
+                                 "there it changes nothing; give image= and mask_image= (pipe.inpaint)")
+            logger.warning("masked_image_latents= is ignored, as diffusers' Z-Image inpainting ignores it (it "
+                           "encodes image= either way and never reads them): the kept area comes from image= "
+                           "and mask_image=")
         out = self._call(prompt, width=width, height=height, num_inference_steps=num_inference_steps, seed=seed,
                          generator=generator, latents=latents, guidance_scale=guidance_scale,
                          negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
