@@ -146,13 +146,14 @@ def test_the_branchs_compiled_blocks_count_against_the_one_recompile_limit(fresh
         per_batch[key[2]] = per_batch.get(key[2], 0) + 1
     assert max(per_batch.values()) <= BLOCK_VARIANTS  # the limit's budget per batch size covers the branch
 
-    # Past the limit (here the classes seen so far), the next class warns, naming the block type.
+    # Past the limit (here the graphs dynamo holds, the engine's and dynamo's alike, as the engine
+    # sets them), the next class warns, naming the block type.
     name, saved = recompile_limit_name(), getattr(config, recompile_limit_name())
     handler = LimitHits()
     logging.getLogger("torch._dynamo.convert_frame").addHandler(handler)
     try:
         setattr(config, name, counter.frame_count)
-        classes.limit = len(classes.seen)
+        classes.limit = counter.frame_count
         with caplog.at_level(logging.WARNING):
             pipe(["a cat", long, "a dog"], control_image=control, **KW)  # batch 3: new classes
     finally:

@@ -128,6 +128,44 @@ def test_static_shapes_under_the_default_limit_warn_naming_the_shape(pipe, caplo
     assert ours and "sequence" in ours[0] and "past the recompile limit 8" in ours[0], messages
 
 
+def test_shape_classes_after_a_reset_count_the_graphs_dynamo_holds(caplog, limit_hits):
+    """After torch._dynamo.reset(), a class seen before and run again first (dynamo compiles it again:
+    1 graph) must not leave the other classes seen before counted: the next new classes are counted
+    by the graphs dynamo holds (1, then 2, under a limit of 3), and the warning still comes when it
+    holds 3 and dynamo runs the next class eagerly."""
+    import torch._dynamo.config as config
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel.compile import ShapeClasses, _dynamo_graphs, recompile_limit_name
+
+    def f(x):
+        return x.sin() + 1
+
+    name = recompile_limit_name()
+    saved = getattr(config, name)
+    held = []
+    try:
+        setattr(config, name, 3)
+        counter = CompileCounterWithBackend("eager")
+        compiled = torch.compile(f, backend=counter, dynamic=False)
+        classes = ShapeClasses("f", 3, f.__code__)
+        torch._dynamo.reset()
+        with caplog.at_level(logging.WARNING):
+            for n in (1, 2, 3, "reset", 1, 4, 5, 6):
+                if n == "reset":
+                    torch._dynamo.reset()
+                    continue
+                classes.note((n,), lambda: f"(size {n})")
+                compiled(torch.ones(n))
+                held.append(_dynamo_graphs(f.__code__))
+    finally:
+        setattr(config, name, saved)
+    assert held == [1, 2, 3, 1, 2, 3, 3], held
+    ours = [r.getMessage() for r in caplog.records if "past the recompile limit" in r.getMessage()]
+    assert len(ours) == 1 and "(size 6), number 4" in ours[0], ours
+    assert len(limit_hits.messages) == 1, limit_hits.messages  # dynamo's own, for size 6 only
+
+
 def packed_tiny_dit():
     """The tiny DiT with every block's to_q and w2 kept in fp8 (FP8StoredLinear, a packed linear, as a
     GGUF one is): LoRAs on them are side paths added after compiling."""

@@ -88,8 +88,11 @@ def set_recompile_limit(limit: int) -> int:
 
 class ShapeClasses:
     """The shape classes seen by one compiled code object; warns (once per class) past the limit.
-    ``code`` (the code object, if given) lets it notice ``torch._dynamo.reset()``: once dynamo holds
-    no graph for it, the classes seen before are forgotten."""
+    ``code`` (the code object, if given): a new class is counted against the limit by the graphs
+    dynamo holds for it (its own count for the limit), not by the classes seen, which outlive a
+    ``torch._dynamo.reset()``; once dynamo holds no graph, the classes seen before are forgotten.
+    Only a new class asks dynamo: a class seen before a reset and run again after it is not noted
+    again (its graph still counts)."""
 
     def __init__(self, what: str, limit: int, code=None):
         self.what = what
@@ -101,14 +104,15 @@ class ShapeClasses:
     def note(self, key: tuple, describe) -> None:
         if key in self.seen:
             return
-        if self.seen and self.code is not None and _dynamo_graphs(self.code) == 0:
+        held = None if self.code is None else _dynamo_graphs(self.code)
+        if self.seen and held == 0:
             self.seen.clear()
-        if len(self.seen) >= self.limit and key not in self.warned:
+        count = len(self.seen) if held is None else held
+        if count >= self.limit and key not in self.warned:
             self.warned.add(key)
             logger.warning("torch.compile: %s gets a new shape class %s, number %d for one code object, past the "
                            "recompile limit %d: dynamo runs it eagerly (slow). Serve fewer shapes or raise the "
-                           "limit (accel.compile.set_recompile_limit)", self.what, describe(), len(self.seen) + 1,
-                           self.limit)
+                           "limit (accel.compile.set_recompile_limit)", self.what, describe(), count + 1, self.limit)
             return
         self.seen[key] = None
 
