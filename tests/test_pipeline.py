@@ -592,7 +592,8 @@ def test_a_dit_assigned_to_the_pipeline_gets_its_compile_and_attention_calls(tin
     assert isinstance(fresh_pipe.transformer.set_attention_backend("native"), list)  # the pipeline answered
 
 
-@pytest.mark.parametrize("scale", ["x", None, True, float("nan"), float("inf"), [0.5]])
+@pytest.mark.parametrize("scale", ["x", None, True, float("nan"), float("inf"), [0.5], torch.tensor([0.5]),
+                                   torch.ones(2), torch.tensor(True), torch.tensor(float("nan")), torch.tensor(1j)])
 def test_joint_attention_kwargs_scale_must_be_a_finite_number(tiny_pipe, scale):
     """Without a LoRA loaded, {"scale": "x"} was accepted (and ignored): it is refused now, with what to give."""
     assert not tiny_pipe.lora_stack.loaded
@@ -608,6 +609,16 @@ def test_joint_attention_kwargs_numeric_scales_are_still_accepted_without_a_lora
         tiny_pipe._check_attention_kwargs({"scale": scale})
     tiny_pipe._check_attention_kwargs({})
     tiny_pipe._check_attention_kwargs(None)
+
+
+def test_joint_attention_kwargs_take_a_0d_tensor_scale(tiny_pipe):
+    """Some diffusers scripts pass the scale as a 0-d tensor: {"scale": torch.tensor(0.5)} was refused
+    as not a number; a 0-d real tensor is its value (other shapes stay refused, above)."""
+    plain = tiny_pipe("a cat", width=64, height=64, num_inference_steps=1, seed=0, output_type="latent").images
+    for scale in (torch.tensor(0.5), torch.tensor(1), torch.tensor(0.8, dtype=torch.bfloat16)):
+        out = tiny_pipe("a cat", width=64, height=64, num_inference_steps=1, seed=0,
+                        output_type="latent", joint_attention_kwargs={"scale": scale}).images
+        assert torch.equal(out, plain), scale
 
 
 def test_diffusers_tokenizer_and_components_attributes(tiny_pipe):

@@ -1310,10 +1310,10 @@ class ZImagePipeline:
         ``masked_image_latents`` (inpainting): accepted and ignored with a warning, as diffusers'
         ``ZImageInpaintPipeline`` effectively ignores it (the same images either way).
 
-        ``joint_attention_kwargs``: diffusers' per-call LoRA scale (``{"scale": s}``), the only key
-        diffusers' Z-Image reads. LoRAs are fused here, so with one loaded a scale other than 1 is
-        refused (set it with :meth:`set_adapters` or ``load_lora(path, scale=)``); without one it
-        changes nothing, as in diffusers.
+        ``joint_attention_kwargs``: diffusers' per-call LoRA scale (``{"scale": s}``: a number or a
+        0-d real tensor), the only key diffusers' Z-Image reads. LoRAs are fused here, so with one
+        loaded a scale other than 1 is refused (set it with :meth:`set_adapters` or
+        ``load_lora(path, scale=)``); without one it changes nothing, as in diffusers.
         """
         self._check_attention_kwargs(joint_attention_kwargs)
         if masked_image_latents is not None:
@@ -1350,6 +1350,9 @@ class ZImagePipeline:
             raise ValueError(f"joint_attention_kwargs: {other} have no meaning here; only 'scale' (diffusers' per-call "
                              f"LoRA scale) is read, and diffusers' Z-Image reads nothing else either")
         scale = kwargs.get("scale", 1.0)
+        if (isinstance(scale, torch.Tensor) and scale.ndim == 0 and scale.device.type != "meta"
+                and not scale.dtype.is_complex and scale.dtype != torch.bool):
+            scale = scale.item()  # a 0-d tensor, as some diffusers scripts pass
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
             raise ValueError(f"joint_attention_kwargs={{'scale': {scale!r}}}: the LoRA scale must be a finite number "
                              f"such as 0.8 (1.0, or no joint_attention_kwargs, applies the LoRAs as loaded)")
