@@ -707,6 +707,41 @@ def test_a_text_encoder_file_skips_unused_tensors_before_reading_them(tiny_model
         load_component("text_encoder", write(tmp_path / "extra.safetensors", sd), torch.float32, "cpu", config=config)
 
 
+def test_a_text_encoder_missing_a_tensor_is_refused_before_its_weights_are_read(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    """A text encoder lacking a tensor (a partial conversion) was read whole (22 of the tiny file's
+    35 tensors) before it was refused; its header's keys are checked first now, as the DiT's are: as
+    a single file (bf16; int8, whose message named the quantised module's keys, qweight and scale),
+    a component folder and a model folder's text_encoder (load_qwen3_encoder)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from zimage_native.formats.checkpoint import Checkpoint
+    from zimage_native.loading import StateDictMismatchError
+    from zimage_native.text_encoder import load_qwen3_encoder
+
+    sd = {k: v for k, v in prefixed_te(tiny_model_dir).items() if "layers.1.mlp.up_proj" not in k}
+    path = write(tmp_path / "te-cut.safetensors", sd)
+    folder = tmp_path / "text_encoder"
+    shutil.copytree(tiny_model_dir / "text_encoder", folder)
+    for file in folder.glob("*.safetensors"):
+        file.unlink()
+    save_file(sd, str(folder / "model.safetensors"))
+    reads = []
+    for name in ("get", "read_rows", "raw_bytes"):  # as stored, by rows (cast), as bytes
+        method = getattr(Checkpoint, name)
+        monkeypatch.setattr(Checkpoint, name, lambda self, key, *a, _m=method: reads.append(key) or _m(self, key, *a))
+    loads = [lambda: load_component("text_encoder", path, torch.bfloat16, "cpu"),
+             lambda: load_component("text_encoder", path, torch.float32, "cpu", quant="int8"),
+             lambda: load_component("text_encoder", folder, torch.float32, "cpu"),
+             lambda: load_qwen3_encoder(folder, torch.float32, "cpu")]
+    for load in loads:
+        with pytest.raises(StateDictMismatchError, match=r"1 missing keys, e.g. \['layers.1.mlp.up_proj.weight'\]"):
+            load()
+        assert reads == [], reads
+
+
 @pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("scale", ["none", "scalar", "one-element", "per-row", "per-row-2d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -1059,6 +1059,7 @@ def test_a_file_missing_tensors_names_itself_before_its_weights_are_read(tiny_mo
         assert str(err.value) == (f"{path}: {kind}: the checkpoint does not match the model. 1 missing keys, e.g. "
                                   f"['{key}']{tail}"), str(err.value)
     assert not [k for k in reads if k in dit], reads  # the DiT's weights were not read
+    assert not [k for k in reads if k in te], reads  # nor the text encoder's
     out = tmp_path / "out.png"
     result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "--transformer",
                                        str(st_dit), "--device", "cpu", "-o", str(out)])

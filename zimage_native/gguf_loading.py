@@ -58,7 +58,7 @@ def load_gguf_component(kind: str, path: str | os.PathLike, dtype: torch.dtype |
             full = Qwen3Config(**{k: v for k, v in kwargs.items() if k not in ("model_type", "transformers_version")})
             n = full.num_hidden_layers
             items = canonical_items(ckpt, info, packed=swapped, dtype=compute, keep=lambda k: not unused_key(k, n))
-            module = load_truncated_qwen3(full, items, compute, device, quant, prepare=prepare)
+            module = load_truncated_qwen3(full, items, compute, device, quant, prepare=prepare, keys=shapes)
         elif kind == "transformer":
             from .model.transformer import ZImageTransformer
 

@@ -292,13 +292,13 @@ def _load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | Non
             keep = lambda k: not unused_key(k, n)  # noqa: E731
             if quant == "none":
                 items = canonical_items(ckpt, info, dtype=dtype, keep=keep)
-                return load_truncated_qwen3(full, items, dtype, device, quant)
+                return load_truncated_qwen3(full, items, dtype, device, quant, keys=shapes)
             # Quantised: fp8 weights come as stored, and are dequantised by the chunks of rows that are
             # quantised (quantize.quantize_items), never whole in dtype (fp32: 1.56 GB for the embedding).
             kept = [k for k in info.keys if any(keep(c) for c in info.keymap().canonical_keys(k))]
             items = canonical_items(ckpt, info, dequant=False, keep=keep)
             return load_truncated_qwen3(full, items, dtype, device, quant,
-                                        fp8_scales=read_scales(ckpt, kept, info.keymap()))
+                                        fp8_scales=read_scales(ckpt, kept, info.keymap()), keys=shapes)
         if kind == "transformer":
             from .model.transformer import ZImageTransformer
 

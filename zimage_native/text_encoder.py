@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .devices import check_component_fits
-from .loading import assign_state_dict, build_on_meta, iter_tensors, read_weights, safetensors_files
+from .loading import (assign_state_dict, build_on_meta, check_keys, iter_tensors, read_header_keys, read_weights,
+                      safetensors_files)
 from .prompt.format import CAPTION_TOKENS_MOST
 from .quantize import QUANT_MODES, quantize_items, swap_for_quantized_
 
@@ -64,7 +65,8 @@ def unused_key(key: str, n_layers: int) -> bool:
 def load_truncated_qwen3(full, items: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None,
                          device: torch.device | str, quant: str = "none",
                          prepare: Callable[[nn.Module], None] | None = None,
-                         fp8_scales: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                         fp8_scales: dict[str, torch.Tensor] | None = None,
+                         keys: Iterable[str] | None = None) -> nn.Module:
     """The one Qwen3 loader: from a full Qwen3 config and canonical (key, tensor) pairs, the model
     with the first N-1 layers and no final norm, loaded strictly (see :func:`unused_key`).
 
@@ -75,13 +77,16 @@ def load_truncated_qwen3(full, items: Iterable[tuple[str, torch.Tensor]], dtype:
     the host holds the quantised weights and the one being read as stored. ``prepare(model)`` runs on the model built on meta before the weights are
     assigned (the GGUF loader swaps in its packed linears there; they are kept as they are).
     With ``quant``, ``items`` may hold float8 tensors as a file stores them, with their scales by
-    canonical key in ``fp8_scales``: they are dequantised by the same chunks of rows.
+    canonical key in ``fp8_scales``: they are dequantised by the same chunks of rows. ``keys``: every
+    canonical key of the file (from its header), checked before any weight is read.
     """
     from .formats.tensors import cast
 
     model, config, n = build_truncated_qwen3(full)
     if prepare is not None:
         prepare(model)
+    if keys is not None:
+        check_keys(model, (k for k in keys if not unused_key(k, n)), "text_encoder")
     kept = ((k, t) for k, t in items if not unused_key(k, n))
     if quant == "none":
         taken = ((k, cast(t, dtype).to(device)) for k, t in kept)
@@ -115,9 +120,11 @@ def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: to
     def keep(key: str) -> bool:  # skip reading what is not loaded
         return not unused_key(key.removeprefix("model."), n)
 
-    read = iter_tensors(safetensors_files(folder), dtype if quant == "none" else None, "cpu", keep)  # quantised: cast by rows
+    files = safetensors_files(folder)
+    read = iter_tensors(files, dtype if quant == "none" else None, "cpu", keep)  # quantised: cast by rows
     items = ((k.removeprefix("model."), t) for k, t in read)
-    return load_truncated_qwen3(full, items, dtype, device, quant)
+    keys = [k.removeprefix("model.") for k in read_header_keys(files)]
+    return load_truncated_qwen3(full, items, dtype, device, quant, keys=keys)
 
 
 def check_vocabulary(tokenizer, rows: int | None, text_encoder) -> None:
