@@ -258,3 +258,64 @@ def test_check_names_gguf_tensors_of_types_it_cannot_read(tmp_path):
                       "b.weight": (half, "F16")}, arch=None)
     result = _invoke(path, "--check")
     assert result.exit_code == 0 and result.output.strip().endswith("  all values read are finite"), result.output
+
+
+def test_info_names_the_tensors_a_dit_or_text_encoder_lacks(tiny_model_dir, tmp_path):
+    """`zimage info` on a DiT or text encoder file lacking a tensor (a partial conversion) described it
+    and exited 0 without a word that it cannot load (load_component refuses it); it says which tensors
+    are missing now, from the header, and `--check` exits 1 (a file, a GGUF, a model folder)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from zimage_native.config import TransformerConfig
+    from zimage_native.model.transformer import ZImageTransformer
+    from zimage_native.testing import randomize_
+
+    from .dit_configs import REAL_HEADS_DIT
+    from .test_formats import prefixed_te, write
+    from .test_gguf import write_gguf, write_qwen3
+
+    tail = ("The file is incomplete (a partial conversion or download) or holds another model: download it again or "
+            "use another file")
+    dit = {k: v.contiguous() for k, v in
+           randomize_(ZImageTransformer(TransformerConfig.from_dict(REAL_HEADS_DIT))).state_dict().items()}
+    te = prefixed_te(tiny_model_dir)
+    whole = [write(tmp_path / "dit.safetensors", dit), write(tmp_path / "te.safetensors", te)]
+    for path in whole:  # the control: complete files load, and say nothing of it
+        result = _invoke(path)
+        assert result.exit_code == 0 and "cannot load" not in result.output, result.output
+        result = _invoke(path, "--check")
+        assert result.exit_code == 0 and "cannot load" not in result.output, result.output
+    from transformers import AutoTokenizer
+
+    from zimage_native.formats.gguf import GGUFCheckpoint
+
+    with GGUFCheckpoint(write_qwen3(tmp_path / "te.gguf", len(AutoTokenizer.from_pretrained(
+            tiny_model_dir / "tokenizer")), "Q4_K")[0]) as ckpt:
+        gguf_te = {k: (np.array(t.data), t.qtype) for k, t in ckpt.tensors.items() if "blk.1.ffn_up" not in k}
+        meta = {k: v for k, v in ckpt.metadata.items() if k.startswith("qwen3.")}
+    cases = [(write(tmp_path / "dit-cut.safetensors", {k: v for k, v in dit.items() if "layers.0.feed_forward.w2" not in k}),
+              "transformer", "layers.0.feed_forward.w2.weight"),
+             (write(tmp_path / "te-cut.safetensors", {k: v for k, v in te.items() if "layers.1.mlp.up_proj" not in k}),
+              "text_encoder", "layers.1.mlp.up_proj.weight"),
+             (write_gguf(tmp_path / "te-cut.gguf", gguf_te, "qwen3", meta), "text_encoder", "layers.1.mlp.up_proj.weight")]
+    for path, kind, key in cases:
+        message = f"{path}: {kind}: the checkpoint does not match the model. 1 missing keys, e.g. ['{key}']. {tail}"
+        result = _invoke(path)
+        assert result.exit_code == 0 and f"  cannot load: {message}" in result.output.splitlines(), result.output
+        result = _invoke(path, "--check")
+        assert result.exit_code == 1 and f"  cannot load: {message}" in result.output.splitlines(), result.output
+        assert json.loads(_invoke(path, "--check", "--json").output)["cannot_load"] == [message]
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = sorted((folder / "text_encoder").glob("*.safetensors"))
+    assert len(weights) == 1, weights
+    state = {k: v for k, v in prefixed_te(tiny_model_dir).items() if "layers.1.mlp.up_proj" not in k}
+    save_file(state, weights[0])
+    result = _invoke(folder, "--check")
+    assert result.exit_code == 1 and f"  cannot load: {folder / 'text_encoder'}: text_encoder: the checkpoint does not " \
+        f"match the model. 1 missing keys, e.g. ['layers.1.mlp.up_proj.weight']. {tail}" in result.output.splitlines(), \
+        result.output
+

@@ -210,6 +210,7 @@ def test_released_shapes_infer_the_turbo_config_from_headers_only(tmp_path):
     assert dit["layout"] == "comfyui" and dit["tensors"] == 453 and dit["parameters"] == 6_154_908_736
     assert TransformerConfig.from_dict(dit["config"]) == TransformerConfig()
     assert dit["dtypes"] == {"BF16": 6_154_908_736}
+    assert "problem" not in report and "cannot_load" not in dit  # its keys are the DiT's (checked from the header)
 
 
 def test_released_vae_and_text_encoder_shapes(tmp_path):
@@ -229,7 +230,7 @@ def test_released_vae_and_text_encoder_shapes(tmp_path):
     sd = convert_state_dict(te.state_dict(), None, TE_TRANSFORMERS)
     path = write_sparse(tmp_path / "qwen_3_4b.safetensors", {k: (v.shape, "BF16") for k, v in sd.items()})
     entry = describe(path)["components"]["text_encoder"]
-    assert entry["tensors"] == 398 and entry["parameters"] == 4_022_468_096
+    assert entry["tensors"] == 398 and entry["parameters"] == 4_022_468_096 and "cannot_load" not in entry
     cfg = entry["config"]
     assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
             cfg["head_dim"], cfg["intermediate_size"], cfg["vocab_size"]) == (2560, 36, 32, 8, 128, 9728, 151936)

@@ -78,6 +78,24 @@ def check_keys(module: nn.Module, keys: Iterable[str], what: str) -> None:
         raise StateDictMismatchError(what, sorted(expected - keys), sorted(keys - expected))
 
 
+def check_header_keys(kind: str, config, keys: Iterable[str]) -> None:
+    """What :func:`load_component` refuses before reading a weight, for ``zimage info``: a DiT
+    (``config`` a TransformerConfig) or text encoder (Qwen3Config kwargs) whose header's canonical
+    keys lack tensors of the model or hold others. Other kinds are not checked here."""
+    if kind == "transformer":
+        from .model.transformer import ZImageTransformer
+
+        check_keys(build_on_meta(lambda: ZImageTransformer(config)), keys, kind)
+    elif kind == "text_encoder":
+        from transformers import Qwen3Config
+
+        from .text_encoder import build_truncated_qwen3, unused_key
+
+        model, _, n = build_truncated_qwen3(Qwen3Config(**{k: v for k, v in config.items()
+                                                           if k not in ("model_type", "transformers_version")}))
+        check_keys(model, (k for k in keys if not unused_key(k, n)), kind)
+
+
 def read_header_keys(files: Iterable[Path]) -> list[str]:
     keys: list[str] = []
     for file in files:

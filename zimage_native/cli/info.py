@@ -62,15 +62,27 @@ def _image_info(path: Path, as_json: bool) -> None:
     click.echo(f"  re-run it: zimage generate --from-image {path}")
 
 
+def _missing_tensors(path: Path) -> list[str]:
+    """Why the DiT or text encoder of ``path`` cannot load from its header's keys (tensors of the
+    model missing, others there): what load_component refuses before reading a weight."""
+    from ..formats import describe
+
+    model = path.is_dir() and (path / "model_index.json").is_file()
+    reports = [describe(path / name) for name in COMPONENTS] if model else [describe(path)]
+    return [c["cannot_load"] for r in reports for c in r.get("components", {}).values() if "cannot_load" in c]
+
+
 def _check(path: Path, as_json: bool) -> None:
-    """``--check``: every tensor's values read; exit status 1 if any holds NaN or inf."""
+    """``--check``: every tensor's values read; exit status 1 if any holds NaN or inf, or if the DiT or
+    text encoder lacks tensors (or holds others)."""
     import sys
 
     from ..formats.scan import scan_nonfinite
 
     report = scan_nonfinite(path, progress=not as_json and sys.stderr.isatty())
+    cannot_load = _missing_tensors(path)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps({**report.to_dict(), "cannot_load": cannot_load}, indent=2))
     else:
         click.echo(f"{path}: read {report.tensors} floating-point tensors ({report.values:,} values)")
         if report.unread:
@@ -83,7 +95,9 @@ def _check(path: Path, as_json: bool) -> None:
             click.echo(f"  {b.name}: {b.nan:,} NaN, {b.inf:,} infinite of {b.numel:,} values")
         click.echo(f"  {len(report.bad)} tensor(s) hold NaN or infinite values: the file is damaged, or the model "
                    "it holds diverged" if report.bad else f"  all values {'read ' if report.unread else ''}are finite")
-    if report.bad:
+        for message in cannot_load:
+            click.echo(f"  cannot load: {message}")
+    if report.bad or cannot_load:
         sys.exit(1)
 
 

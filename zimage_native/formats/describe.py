@@ -44,10 +44,27 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                     "tensors": info.tensors, "parameters": info.parameters, "dtypes": info.dtypes,
                 }
                 try:
-                    cfg = infer_config(info.component, canonical_shapes(ckpt, info), None, folder_config(Path(path)))
+                    shapes = canonical_shapes(ckpt, info)
+                    cfg = infer_config(info.component, shapes, None, folder_config(Path(path)))
                     entry["config"] = cfg if isinstance(cfg, dict) else cfg.to_dict()
                 except (ValueError, KeyError) as e:
                     entry["config_error"] = str(e)
+                else:
+                    note_missing_keys(out, entry, info.component, cfg, shapes, fmt.path)
                 components[info.component] = entry
     out["components"] = components
     return out
+
+
+def note_missing_keys(out: dict[str, Any], entry: dict[str, Any], kind: str, cfg, shapes: dict[str, tuple],
+                      path) -> None:
+    """A DiT or text encoder whose header lacks tensors of the model, or has others, cannot load
+    (load_component refuses it): the component's ``cannot_load`` says which, and so does
+    ``out["problem"]`` (unless it holds another problem)."""
+    from ..loading import StateDictMismatchError, check_header_keys
+
+    try:
+        check_header_keys(kind, cfg, shapes)
+    except StateDictMismatchError as e:
+        entry["cannot_load"] = str(e.in_file(path))
+        out.setdefault("problem", entry["cannot_load"])

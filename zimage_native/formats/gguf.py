@@ -413,6 +413,7 @@ def text_encoder_base(ckpt: GGUFCheckpoint, info: ComponentInfo) -> dict[str, An
 
 def describe_gguf(path: str | os.PathLike, fmt: FileFormat) -> dict[str, Any]:
     """The ``zimage info`` description of a GGUF file: components, GGML types with tensor counts and bytes."""
+    from .describe import note_missing_keys
     from .infer import infer_config
 
     out: dict[str, Any] = {"path": str(fmt.path), "container": "gguf", "kind": fmt.kind,
@@ -437,10 +438,13 @@ def describe_gguf(path: str | os.PathLike, fmt: FileFormat) -> dict[str, Any]:
             }
             try:
                 base = text_encoder_base(ckpt, info) if info.component == "text_encoder" else None
-                cfg = infer_config(info.component, canonical_shapes(ckpt, info), None, base)
+                shapes = canonical_shapes(ckpt, info)
+                cfg = infer_config(info.component, shapes, None, base)
                 desc["config"] = cfg if isinstance(cfg, dict) else cfg.to_dict()
             except (ValueError, KeyError) as e:
                 desc["config_error"] = str(e)
+            else:
+                note_missing_keys(out, desc, info.component, cfg, shapes, fmt.path)
             components[info.component] = desc
     out["components"] = components
     return out
