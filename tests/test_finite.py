@@ -296,11 +296,11 @@ def test_info_names_the_tensors_a_dit_or_text_encoder_lacks(tiny_model_dir, tmp_
             tiny_model_dir / "tokenizer")), "Q4_K")[0]) as ckpt:
         gguf_te = {k: (np.array(t.data), t.qtype) for k, t in ckpt.tensors.items() if "blk.1.ffn_up" not in k}
         meta = {k: v for k, v in ckpt.metadata.items() if k.startswith("qwen3.")}
-    cases = [(write(tmp_path / "dit-cut.safetensors", {k: v for k, v in dit.items() if "layers.0.feed_forward.w2" not in k}),
-              "transformer", "layers.0.feed_forward.w2.weight"),
-             (write(tmp_path / "te-cut.safetensors", {k: v for k, v in te.items() if "layers.1.mlp.up_proj" not in k}),
-              "text_encoder", "layers.1.mlp.up_proj.weight"),
-             (write_gguf(tmp_path / "te-cut.gguf", gguf_te, "qwen3", meta), "text_encoder", "layers.1.mlp.up_proj.weight")]
+    w2, up = "layers.0.feed_forward.w2.weight", "layers.1.mlp.up_proj.weight"
+    cases = [(write(tmp_path / "dit-cut.safetensors", {k: v for k, v in dit.items() if w2 not in k}),
+              "transformer", w2),
+             (write(tmp_path / "te-cut.safetensors", {k: v for k, v in te.items() if up not in k}), "text_encoder", up),
+             (write_gguf(tmp_path / "te-cut.gguf", gguf_te, "qwen3", meta), "text_encoder", up)]
     for path, kind, key in cases:
         message = f"{path}: {kind}: the checkpoint does not match the model. 1 missing keys, e.g. ['{key}']. {tail}"
         result = _invoke(path)
@@ -315,7 +315,7 @@ def test_info_names_the_tensors_a_dit_or_text_encoder_lacks(tiny_model_dir, tmp_
     state = {k: v for k, v in prefixed_te(tiny_model_dir).items() if "layers.1.mlp.up_proj" not in k}
     save_file(state, weights[0])
     result = _invoke(folder, "--check")
-    assert result.exit_code == 1 and f"  cannot load: {folder / 'text_encoder'}: text_encoder: the checkpoint does not " \
-        f"match the model. 1 missing keys, e.g. ['layers.1.mlp.up_proj.weight']. {tail}" in result.output.splitlines(), \
-        result.output
+    message = (f"{folder / 'text_encoder'}: text_encoder: the checkpoint does not match the model. 1 missing keys, "
+               f"e.g. ['{up}']. {tail}")
+    assert result.exit_code == 1 and f"  cannot load: {message}" in result.output.splitlines(), result.output
 

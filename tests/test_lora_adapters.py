@@ -200,7 +200,8 @@ def test_joint_attention_kwargs_as_diffusers_reads_them(tiny_pipe, tmp_path):
         assert not torch.equal(fused, plain)  # the control: the LoRA applies
         with pytest.raises(ValueError, match=r"pipe.set_adapters\(names, adapter_weights=...\)"):
             pipe("a cat", joint_attention_kwargs={"scale": 0.5}, **KW)
-        assert torch.equal(pipe("a cat", seed=0, joint_attention_kwargs={"scale": torch.tensor(1.0)}, **KW).images, fused)
+        one = pipe("a cat", seed=0, joint_attention_kwargs={"scale": torch.tensor(1.0)}, **KW).images
+        assert torch.equal(one, fused)
         with pytest.raises(ValueError, match=r"\{'scale': 0.5\}: LoRAs are fused into the weights here"):
             pipe("a cat", joint_attention_kwargs={"scale": torch.tensor(0.5)}, **KW)
     finally:
