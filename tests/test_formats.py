@@ -633,12 +633,16 @@ def test_an_fp8_files_kept_fusions_are_one_fp8_gemm_with_one_activation_quantisa
     assert_rel(fused_out, apart_out, 1e-6, "fused fp8 GEMMs against one fp8 GEMM per linear")
 
 
-def test_fp8_weights_can_stay_fp8_with_their_scales(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_fp8_weights_can_stay_fp8_with_their_scales(tiny_model_dir, tmp_path, dtype):
+    """With a dtype too (it casts the other floating tensors): the fp8 weights were cast to it by
+    rows, without their scales, since they were read by rows."""
     sd, expected = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True)
     path = write(tmp_path / "fp8.safetensors", sd)
-    state, scales = read_component_state_dict(path, "transformer", dequantize_fp8=False)
+    state, scales = read_component_state_dict(path, "transformer", dequantize_fp8=False, dtype=dtype)
     q = state["layers.0.attention.to_k.weight"]
     assert q.dtype == torch.float8_e4m3fn
+    assert state["x_pad_token"].dtype == (dtype or torch.float32)  # a 2-D tensor of the file, cast by rows
     assert torch.equal(scales["layers.0.attention.to_k.weight"], sd["layers.0.attention.qkv.scale_weight"])
     want = convert_state_dict(expected, DIT_COMFYUI, None)["layers.0.attention.to_k.weight"]
     assert torch.equal(q.float() * scales["layers.0.attention.to_k.weight"], want)

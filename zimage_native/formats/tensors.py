@@ -62,8 +62,8 @@ CAST_ELEMENTS = 2**22
 def converted(info, dtype: torch.dtype | None) -> bool:
     """Whether a stored (non-fp8) tensor is cast to ``dtype`` by rows as it is read."""
     stored = info.torch_dtype
-    return (dtype is not None and stored is not None and stored.is_floating_point and stored != dtype
-            and len(info.shape) >= 2)
+    return (dtype is not None and stored is not None and stored.is_floating_point and stored not in TORCH_FP8
+            and stored != dtype and len(info.shape) >= 2)
 
 
 def cast_rows(ckpt: Checkpoint, key: str, dtype: torch.dtype) -> torch.Tensor:
