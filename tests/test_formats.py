@@ -1006,6 +1006,24 @@ def test_tensors_read_by_rows_are_those_read_through_the_map(tmp_path, monkeypat
             assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8)), key
 
 
+def test_tensors_without_rows_or_columns_are_cast_like_the_others(tmp_path):
+    """A stored tensor of 0 rows (or 0 columns) cast while loading: cast_rows took the size of a row
+    from the result's first row, and a tensor of no rows has none (IndexError from a folder that
+    loaded before the cast by rows)."""
+    from zimage_native.formats.checkpoint import Checkpoint
+    from zimage_native.formats.tensors import cast_rows
+    from zimage_native.loading import iter_tensors
+
+    sd = {"none.weight": torch.randn(0, 7), "empty.weight": torch.randn(5, 0), "some.weight": torch.randn(3, 2)}
+    path = write(tmp_path / "t.safetensors", sd)
+    with Checkpoint(path) as ckpt:
+        for key, value in sd.items():
+            got = cast_rows(ckpt, key, torch.bfloat16)
+            assert got.dtype == torch.bfloat16 and torch.equal(got, value.to(torch.bfloat16)), key
+    loaded = dict(iter_tensors([path], torch.float16))
+    assert all(torch.equal(loaded[k], v.half()) for k, v in sd.items())
+
+
 @pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("scale", ["none", "scalar", "per-row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

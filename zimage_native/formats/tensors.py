@@ -13,6 +13,7 @@ the result until the map was dropped, and a kept view (a norm weight) keeps the 
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -71,8 +72,9 @@ def cast_rows(ckpt: Checkpoint, key: str, dtype: torch.dtype) -> torch.Tensor:
     the checkpoint's scratch buffer (``Checkpoint.read_rows``): the values of ``ckpt.get(key).to(dtype)``."""
     info = ckpt.tensors[key]
     out = torch.empty(info.shape, dtype=dtype)
-    step = max(1, CAST_ELEMENTS // max(1, out[0].numel()))
-    buffer = ckpt.scratch(min(step, info.shape[0]) * out[0].numel() * info.torch_dtype.itemsize)
+    row = math.prod(info.shape[1:])  # (not out[0]: a tensor may have no rows)
+    step = max(1, CAST_ELEMENTS // max(1, row))
+    buffer = ckpt.scratch(min(step, info.shape[0]) * row * info.torch_dtype.itemsize)
     for i in range(0, info.shape[0], step):
         out[i:i + step].copy_(ckpt.read_rows(key, i, i + step, buffer))
     return out
