@@ -473,6 +473,28 @@ def test_a_copied_component_belongs_to_no_pipeline_and_a_copied_pipeline_to_itse
     assert other.vae_tiling is not None and pipe.vae_tiling is None and twin.vae_tiling is None
 
 
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_a_copied_compiled_pipeline_runs_its_own_dit(fresh_pipe, mode):
+    """compile="full" compiled the DiT's bound methods (forward_tokens, encode_caption): a bound
+    method deep-copies as itself, so copy.deepcopy(pipe) ran the original's DiT, weights, LoRA and
+    all (the copy's feed-forwards zeroed, its images were the original's, bit for bit). The class's
+    function is compiled now, called with the module, which a copy replaces with its own."""
+    import copy
+
+    pipe = fresh_pipe
+    pipe.optimize(compile=mode, compile_backend="eager")
+    kw = dict(seed=3, height=32, width=32, num_inference_steps=1, output_type="pt")
+    before = pipe("a cat", **kw).images
+    twin = copy.deepcopy(pipe)
+    with torch.no_grad():  # run inside forward_tokens only (the modulation is computed outside it)
+        for block in twin.transformer.layers:
+            for p in block.feed_forward.parameters():
+                p.zero_()
+    # (a copy's own weights differ from the original's by 2e-6: copied memory is aligned, the file's map is not)
+    assert (twin("a cat", **kw).images - before).abs().max() > 1e-2
+    assert torch.equal(pipe("a cat", **kw).images, before)
+
+
 def test_diffusers_set_attention_backend_maps_to_the_engines_backends(tiny_pipe, monkeypatch):
     """diffusers 0.42.1 picks attention with pipe.transformer.set_attention_backend("flash"); that was an
     AttributeError here. Its names map to this engine's backends through optimize(attention=...);

@@ -239,9 +239,11 @@ class CompiledMethod:
     never c or the modulation vectors.
     """
 
-    def __init__(self, name: str, compiled, classes: ShapeClasses, dynamic: bool, packed: list[nn.Module]):
+    def __init__(self, name: str, compiled, classes: ShapeClasses, dynamic: bool, packed: list[nn.Module],
+                 module: nn.Module):
         self.name = name
-        self.compiled = compiled
+        self.compiled = compiled  # the class's function, compiled: the module is its first argument
+        self.module = module  # (a bound method would stay the original's in a copy of the module)
         self.classes = classes
         self.dynamic = dynamic
         self.packed = packed  # the model's packed linears, whose LoRA side paths the graph holds
@@ -265,7 +267,7 @@ class CompiledMethod:
                                        f"{_describe_sides(sides)})")
         if self.dynamic:
             _mark_sequence_dynamic(*sequence)
-        return self.compiled(*args, **kwargs)
+        return self.compiled(self.module, *args, **kwargs)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -343,12 +345,12 @@ def compile_transformer_(transformer: nn.Module, mode: str = "blocks", backend: 
                 f"recompile limit {limit})")
     methods = _methods(transformer)
     for name in methods:
-        method = getattr(transformer, name)
-        compiled = torch.compile(method, fullgraph=True, **options)
+        function = getattr(type(transformer), name)
+        compiled = torch.compile(function, fullgraph=True, **options)
         classes = shape_classes(f"{type(transformer).__name__}.{name}", f"the compiled {name}", limit,
-                                method.__func__.__code__)
+                                function.__code__)
         setattr(transformer, name, CompiledMethod(name, compiled, classes, dynamic,
-                                                    _method_packed(transformer, name)))
+                                                    _method_packed(transformer, name), transformer))
     transformer._zimage_compiled = ("full", shapes, classes)
     return f"compile: full ({' and '.join(methods)}, fullgraph; shapes {shapes}, recompile limit {limit})"
 
