@@ -1033,7 +1033,12 @@ def test_a_second_process_reads_the_compiled_blocks_from_inductors_cache(tiny_mo
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "PYTHONPATH": str(root)}
+    # The caches on, whatever the caller's environment says (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, set
+    # by some CI for reproducible compiles, failed this test with 0 misses), and nothing remote.
+    switches = ("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE",
+                "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE", "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE", "TORCH_COMPILE_DISABLE")
+    env = {**{k: v for k, v in os.environ.items() if k not in switches},
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "PYTHONPATH": str(root)}
     runs = []
     for _ in range(2):
         done = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(tiny_model_dir)], cwd=root, env=env,
