@@ -472,6 +472,13 @@ def test_a_copied_component_belongs_to_no_pipeline_and_a_copied_pipeline_to_itse
     vae.enable_tiling()  # bound by the pipeline built with the copy
     assert other.vae_tiling is not None and pipe.vae_tiling is None and twin.vae_tiling is None
 
+    # A component copied before its pipeline in one deepcopy (the copy of the VAE was made first,
+    # belonging to no pipeline, and the copied pipeline's VAE refused enable_tiling)
+    first_vae, third = copy.deepcopy([pipe.vae, pipe])
+    assert third.vae is first_vae
+    first_vae.enable_tiling()
+    assert third.vae_tiling is not None and pipe.vae_tiling is None
+
 
 @pytest.mark.parametrize("mode", ["blocks", "full"])
 def test_a_copied_compiled_pipeline_runs_its_own_dit(fresh_pipe, mode):

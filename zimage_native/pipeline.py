@@ -602,6 +602,7 @@ class ZImagePipeline:
         copied._lock = threading.RLock()
         copied.prompt_rewriter = Rewriter(lambda: copied.text_encoder, lambda: copied.model_folder,
                                           lambda: copied.template_registry)
+        copied._bind_vae_calls()  # (a component copied before the pipeline, in one deepcopy, was bound to none)
         return copied
 
     def _set_diffusers_attention_backend(self, backend: str) -> list[str]:
