@@ -466,7 +466,9 @@ def test_a_copied_component_belongs_to_no_pipeline_and_a_copied_pipeline_to_itse
     twin.vae.disable_tiling()
     pipe.vae.disable_slicing()
     kw = dict(seed=3, height=32, width=32, num_inference_steps=2, output_type="pt")
-    assert torch.equal(twin("a cat", **kw).images, pipe("a cat", **kw).images)
+    # (not bit-equal on every CPU: the copy's weights are aligned, those read through the file's map
+    # may not be, and the CPU kernels take other paths for them: 2e-6 measured)
+    assert_rel(twin("a cat", **kw).images, pipe("a cat", **kw).images, 1e-5, "the copy's images")
 
     other = ZImagePipeline(dit, vae, pipe.text_encoder, pipe.scheduler_config, pipe.vae_config)
     vae.enable_tiling()  # bound by the pipeline built with the copy
@@ -478,6 +480,8 @@ def test_a_copied_component_belongs_to_no_pipeline_and_a_copied_pipeline_to_itse
     assert third.vae is first_vae
     first_vae.enable_tiling()
     assert third.vae_tiling is not None and pipe.vae_tiling is None
+    first_dit, fourth = copy.deepcopy([pipe.transformer, pipe])  # the DiT's names likewise
+    assert fourth.transformer is first_dit and first_dit.compile.func.owner() is fourth
 
 
 @pytest.mark.parametrize("mode", ["blocks", "full"])

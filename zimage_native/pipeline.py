@@ -603,6 +603,7 @@ class ZImagePipeline:
         copied.prompt_rewriter = Rewriter(lambda: copied.text_encoder, lambda: copied.model_folder,
                                           lambda: copied.template_registry)
         copied._bind_vae_calls()  # (a component copied before the pipeline, in one deepcopy, was bound to none)
+        copied._bind_transformer_calls()
         return copied
 
     def _set_diffusers_attention_backend(self, backend: str) -> list[str]:
