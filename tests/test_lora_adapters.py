@@ -30,10 +30,11 @@ def save_lora(pipe, path, seed):
     return path
 
 
-def test_adapter_calls_match_diffusers(tiny_model_dir, tmp_path):
+def pipelines_and_loras(model_dir, tmp_path):
+    """Our pipeline and diffusers', two LoRA files, and ``both(what)``: run both, compare (1e-5), ours' latents."""
     from .fixtures import our_pipeline, reference_pipeline
 
-    ours, ref = our_pipeline(tiny_model_dir), reference_pipeline(tiny_model_dir)
+    ours, ref = our_pipeline(model_dir), reference_pipeline(model_dir)
     a, b = save_lora(ours, tmp_path / "a.safetensors", 1), save_lora(ours, tmp_path / "b.safetensors", 2)
 
     def both(what):
@@ -42,6 +43,11 @@ def test_adapter_calls_match_diffusers(tiny_model_dir, tmp_path):
         assert_rel(got, expected, 1e-5, what)
         return got
 
+    return ours, ref, a, b, both
+
+
+def test_adapter_calls_match_diffusers(tiny_model_dir, tmp_path):
+    ours, ref, a, b, both = pipelines_and_loras(tiny_model_dir, tmp_path)
     plain = both("no LoRA")
     for pipe in (ours, ref):
         pipe.load_lora_weights(str(a), adapter_name="a")
@@ -81,17 +87,7 @@ def test_fuse_lora_then_unload_lora_weights_keeps_the_loras_as_diffusers_does(ti
     adapters and keeps their weights merged (later adapters go on top of them; ``unfuse_lora()``
     before the unload undoes the fuse). Here the unload used to unfuse everything: the plain model
     (rel err 0.37 from diffusers' image on the tiny model)."""
-    from .fixtures import our_pipeline, reference_pipeline
-
-    ours, ref = our_pipeline(tiny_model_dir), reference_pipeline(tiny_model_dir)
-    a, b = save_lora(ours, tmp_path / "a.safetensors", 1), save_lora(ours, tmp_path / "b.safetensors", 2)
-
-    def both(what):
-        got = ours("a cat", seed=0, **KW).images
-        expected = ref("a cat", generator=torch.Generator().manual_seed(0), guidance_scale=0.0, **KW).images
-        assert_rel(got, expected, 1e-5, what)
-        return got
-
+    ours, ref, a, b, both = pipelines_and_loras(tiny_model_dir, tmp_path)
     plain = both("no LoRA")
     for pipe in (ours, ref):
         pipe.load_lora_weights(str(a), adapter_name="a")
