@@ -741,3 +741,18 @@ def test_diffusers_lora_method_names_and_save_folders(tiny_model_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="2 .safetensors files and no pytorch_lora_weights"):
         pipe.load_lora(folder)
     assert pipe.load_lora_weights(folder, weight_name="lora.safetensors").matched == 1
+
+
+def test_a_pipeline_without_its_dit_deep_copies(fresh_pipe):
+    """pipe.transformer = None (the setter takes it, as to free the DiT's memory) and then
+    copy.deepcopy(pipe) failed with AttributeError: 'NoneType' object has no attribute
+    'set_attention_backend' (the copy binds its DiT's names, and had none); the copy has no DiT
+    either, and its VAE's names are its own."""
+    import copy
+
+    pipe = fresh_pipe
+    pipe.transformer = None
+    twin = copy.deepcopy(pipe)
+    assert twin.transformer is None and twin.vae is not pipe.vae
+    twin.vae.enable_tiling()
+    assert twin.vae_tiling is not None and pipe.vae_tiling is None

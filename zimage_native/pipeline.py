@@ -308,8 +308,7 @@ class ZImagePipeline:
                              "forward_tokens, which the wrapper leaves eager; call pipe.transformer.compile() (or "
                              "compile_repeated_blocks()), or pipe.optimize(compile='blocks' | 'full')")
         self._transformer = module
-        if module is not None:
-            self._bind_transformer_calls()
+        self._bind_transformer_calls()
 
     @property
     def tokenizer(self):
@@ -577,6 +576,8 @@ class ZImagePipeline:
         """``pipe.transformer.set_attention_backend``, ``.compile`` and ``.compile_repeated_blocks`` call
         the pipeline (a DiT assigned to ``pipe.transformer`` gets them too): nn.Module.compile would
         compile the module's ``__call__``, which the pipeline never calls."""
+        if self.transformer is None:  # (pipe.transformer = None, as to free its memory)
+            return
         object.__setattr__(self.transformer, "set_attention_backend",
                            _PipelineCall(self, "_set_diffusers_attention_backend", "transformer",
                                          "set_attention_backend"))
