@@ -480,3 +480,47 @@ def test_full_graphs_count_the_side_paths_they_run(no_classes_seen):
         seen = len(_CLASSES[f"ZImageTransformer.{name}"].seen)
         held = _dynamo_graphs(getattr(ZImageTransformer, name).__code__)
         assert seen == graphs and held in (None, graphs), (name, seen, held)
+
+
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_a_copied_dit_shares_the_shape_classes_and_graphs_of_the_original(caplog, limit_hits, monkeypatch,
+                                                                         no_classes_seen, mode):
+    """copy.deepcopy of a compiled DiT copied its shape classes too: a class the original ran after the
+    copy was new to the copy, which, with dynamo holding as many graphs as its limit, warned "number 3
+    ... past the recompile limit 2: dynamo runs it eagerly" (full) for a class whose graph dynamo held and
+    ran (no new graph). The copy runs the original's graphs (the module is an input of the graph),
+    so it shares its classes: no warning, no graph more, and the copy's own weights."""
+    import copy
+
+    import torch._dynamo.config as config
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel.compile import _CLASSES, compile_transformer_, recompile_limit_name, uncompile_
+    from zimage_native.model.sequence import build_layout, pad_captions, patchify
+
+    model, g, one = packed_dit_and_inputs()
+    layout = build_layout(model.config, [5, 5], 8, 8, "cpu")
+    two = (patchify(torch.randn(2, 16, 8, 8, generator=g)),
+           pad_captions([torch.randn(5, model.config.cap_feat_dim, generator=g)] * 2, layout.caption_pad.shape[1]),
+           torch.tensor([0.3, 0.3]), layout)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compile_transformer_(model, mode, counter)
+    limit = {"full": 2, "blocks": 4}[mode]  # the classes of batch 1 and 2 (a block: modulated or not)
+    monkeypatch.setattr(config, recompile_limit_name(), limit)
+    for classes in _CLASSES.values():
+        monkeypatch.setattr(classes, "limit", limit)
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        model(*one)
+        twin = copy.deepcopy(model)
+        model(*two)
+        frames = counter.frame_count
+        for p in twin.layers[0].feed_forward.parameters():
+            p.mul_(3)
+        got = twin(*two)
+    ours = [r.getMessage() for r in caplog.records if "past the recompile limit" in r.getMessage()]
+    assert ours == [] and limit_hits.messages == [] and counter.frame_count == frames, (ours, counter.frame_count)
+    eager = copy.deepcopy(twin)
+    uncompile_(eager)
+    with torch.no_grad():
+        assert torch.equal(got, eager(*two))

@@ -101,6 +101,11 @@ class ShapeClasses:
         self.seen: dict[tuple, None] = {}
         self.warned: set[tuple] = set()
 
+    def __deepcopy__(self, memo: dict) -> "ShapeClasses":
+        # Process-wide, as dynamo's graphs for the code object are: a copied DiT (copy.deepcopy of
+        # it or of its pipeline) runs the same graphs, so it shares the classes seen with the original.
+        return self
+
     def note(self, key: tuple, describe) -> None:
         if key in self.seen:
             return
