@@ -186,6 +186,7 @@ class BusyReplicas:
     one still starting): its stream yields nothing until it is cancelled, then raises as Ray does."""
 
     def __init__(self):
+        self.waiting = threading.Event()  # a generation is waiting for a replica
         self.cancelled = threading.Event()
 
     def options(self, **kwargs):
@@ -198,6 +199,7 @@ class BusyReplicas:
         return self
 
     def __next__(self):
+        self.waiting.set()
         assert self.cancelled.wait(60)
         raise concurrent.futures.CancelledError()
 
@@ -227,9 +229,9 @@ def test_a_job_waiting_for_a_busy_replica_ends_at_once_on_a_cancel_or_its_time_l
     job = manager.submit(request())
     manager.start()
     try:
-        deadline = time.monotonic() + 30
-        while job.status != "running" and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # cancel once the request waits for a replica (a cancel before that ends the job before it
+        # reaches the replicas: nothing to withdraw)
+        assert replica.waiting.wait(30), "the job never asked the replicas"
         if end == "cancel":
             manager.cancel(job.id)
         deadline = time.monotonic() + 5  # the watch asks a few times a second
