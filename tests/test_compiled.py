@@ -258,6 +258,18 @@ def test_graphed_steps_report_progress_one_step_behind_and_cancel(fresh_pipe):
     assert fake.log.count("replay") == 3  # cancelled after step 2, with step 3 already queued
 
 
+def test_graphed_steps_show_the_progress_bar_options(fresh_pipe, capsys):
+    """The graphed per-step loop draws the same bar as the eager one, with set_progress_bar_config's
+    tqdm options."""
+    graphed(fresh_pipe)
+    fresh_pipe.set_progress_bar_config(desc="my steps", ascii=True)
+    fresh_pipe("a cat", **{**KW, "num_inference_steps": 2}, progress=True)
+    err = capsys.readouterr().err
+    assert "my steps" in err and "denoise" not in err and "2/2" in err
+    fresh_pipe("a cat", **{**KW, "num_inference_steps": 2}, progress=False)
+    assert "my steps" not in capsys.readouterr().err
+
+
 def test_flatten_round_trips_a_plan(tiny_pipe):
     embeds = tiny_pipe.encode_prompt(["a cat"])
     plan = tiny_pipe.plan((4, 6), embeds, embeds, make_schedule(tiny_pipe.scheduler_config, 3), guidance_scale=2.0)

@@ -412,6 +412,13 @@ def cfg_combine(pos: torch.Tensor, neg: torch.Tensor, scale: float | torch.Tenso
     return pred
 
 
+def denoise_bar(pipe, progress: bool, steps=None, **kwargs):
+    """The per-step progress bar (tqdm) with the pipeline's ``set_progress_bar_config`` options;
+    ``progress=False`` disables it whatever those say."""
+    options = {"desc": "denoise", **getattr(pipe, "progress_bar_config", {}), **kwargs, "disable": not progress}
+    return tqdm(steps, **options)
+
+
 def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = False,
               callback: Callable[[int, int], None] | None = None,
               on_step_end: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
@@ -433,8 +440,7 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
             out = pipe.transformer.forward_tokens(x, tokens, None, layout, step.mods, **extra)
         return unpatchify(out, layout.grid, cfg.in_channels, cfg.patch_size).float()
 
-    bar = {"desc": "denoise", **getattr(pipe, "progress_bar_config", {}), "disable": not progress}
-    for k, step in enumerate(tqdm(plan.steps, **bar)):
+    for k, step in enumerate(denoise_bar(pipe, progress, plan.steps)):
         x = patchify(latents.to(dtype), cfg.patch_size)
         one = dataclasses.replace(step, guided=False) if step.guided else step  # each forward has batch B
         pred = forward(x, one, plan.varied if step.varied else plan.plain)

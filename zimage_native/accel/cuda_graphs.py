@@ -243,11 +243,10 @@ class GraphedSampler:
         return entry.captured.output.clone()
 
     def _run_steps(self, latents, plan, progress, callback):
-        from tqdm.auto import tqdm
+        from ..sampling import denoise_bar
 
         n = len(plan.steps)
-        options = {"desc": "denoise", **getattr(self.pipe, "progress_bar_config", {}), "disable": not progress}
-        bar = tqdm(total=n, **options)
+        bar = denoise_bar(self.pipe, progress, total=n)
         report = callback is not None or progress
         events: list = []
         done = 0
