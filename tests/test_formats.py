@@ -1006,6 +1006,20 @@ def test_tensors_read_by_rows_are_those_read_through_the_map(tmp_path, monkeypat
             assert got.dtype == want.dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8)), key
 
 
+def test_read_rows_refuses_a_buffer_it_cannot_read_into(tmp_path):
+    """A too-small (or not uint8) buffer for read_rows failed at the final reshape, after the read,
+    with a size message that named neither the buffer nor the tensor."""
+    from zimage_native.formats.checkpoint import Checkpoint
+
+    path = write(tmp_path / "t.safetensors", {"a.weight": torch.randn(10, 7)})
+    with Checkpoint(path) as ckpt:
+        assert torch.equal(ckpt.read_rows("a.weight", 0, 4, torch.empty(4 * 7 * 4, dtype=torch.uint8)),
+                           ckpt.get("a.weight")[:4])
+        for buffer in (torch.empty(4 * 7 * 4 - 1, dtype=torch.uint8), torch.empty(4 * 7, dtype=torch.float32)):
+            with pytest.raises(ValueError, match=r"read_rows\('a.weight', 0, 4\): the buffer must be .* 112 bytes"):
+                ckpt.read_rows("a.weight", 0, 4, buffer)
+
+
 def test_tensors_without_rows_or_columns_are_cast_like_the_others(tmp_path):
     """A stored tensor of 0 rows (or 0 columns) cast while loading: cast_rows took the size of a row
     from the result's first row, and a tensor of no rows has none (IndexError from a folder that

@@ -240,6 +240,9 @@ class Checkpoint:
         stop = min(stop, info.shape[0])
         row = math.prod(info.shape[1:]) * dtype.itemsize
         size = max(0, stop - start) * row
+        if buffer is not None and (buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < size):
+            raise ValueError(f"read_rows({key!r}, {start}, {stop}): the buffer must be a 1-d uint8 tensor of at "
+                             f"least {size} bytes, got {buffer.dtype} of shape {tuple(buffer.shape)}")
         out = torch.empty(size, dtype=torch.uint8) if buffer is None else buffer[:size]
         if info.file not in self._files:
             self._files[info.file] = self._stack.enter_context(open(info.file, "rb", buffering=0))
