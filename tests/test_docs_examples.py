@@ -348,3 +348,56 @@ def test_documented_call_defaults_are_the_signature_s():
                 checked += 1
                 assert ast.literal_eval(value) == defaults[name], f"{doc.name}: {name} (default {value})"
     assert checked >= 3
+
+
+#: flags the docs name for other programs: flag -> the program
+OTHER_PROGRAMS_FLAGS = {
+    "--index-url": "pip", "--no-deps": "pip", "--no-build-isolation": "pip", "--torch-backend": "uv pip",
+    "--head": "ray start", "--address": "ray start", "--num-gpus": "ray start",
+    "--exclude-checks": "schemathesis", "--max-examples": "schemathesis", "--workers": "schemathesis",
+    "--benchmark-only": "pytest-benchmark", "--fmad": "ptxas",
+}
+
+
+def known_flags() -> set[str]:
+    """Every option of every ``zimage`` command (both spellings of a boolean switch), the predecessor's
+    flags that stop with what they are here, and the flags of the repository's scripts."""
+    import click
+
+    from zimage_native.cli import PREDECESSOR_FLAGS, main
+
+    flags = {"--help"} | set(PREDECESSOR_FLAGS) | set(OTHER_PROGRAMS_FLAGS)  # --help: click adds it to each
+    commands = [main]
+    while commands:
+        command = commands.pop()
+        flags |= {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        if isinstance(command, click.Group):
+            commands.extend(command.commands.values())
+    for script in (ROOT / "benchmarks").glob("*.py"):
+        flags |= set(re.findall(r"add_argument\(\s*\"(--[a-z0-9-]+)\"", script.read_text()))
+    return flags
+
+
+def unknown_flags(text: str, known: set[str]) -> set[str]:
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", text)) - known
+
+
+def test_every_flag_the_docs_name_exists():
+    """Every ``--flag`` in README.md, docs/*.md and docs/deploy/ (tables and prose too, not only the
+    commands the tests above run) is an option of a ``zimage`` command, a predecessor's flag the CLI
+    answers, a flag of a script in benchmarks/, or one of another program listed above."""
+    known = known_flags()
+    assert unknown_flags("`--steps` and `--no-such-flag`, `--no-overwrite`", known) == {"--no-such-flag"}
+    docs = [*DOC_FILES, *sorted((ROOT / "docs" / "deploy").glob("*"))]
+    unknown = {f"{doc.relative_to(ROOT)}: {flag}" for doc in docs for flag in unknown_flags(doc.read_text(), known)}
+    assert not unknown, f"flags that nothing takes: {sorted(unknown)}"
+
+
+def test_every_zimage_environment_variable_the_docs_name_is_read():
+    """Each ``ZIMAGE_*`` variable of the docs is read somewhere: by the engine, a script or the tests."""
+    sources = "\n".join(p.read_text() for folder in ("zimage_native", "converters", "kernels", "benchmarks", "tests")
+                        for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".sh") and p.name != Path(__file__).name)
+    named = {v for doc in DOC_FILES for v in re.findall(r"\bZIMAGE_[A-Z0-9_]+", doc.read_text())}
+    assert {"ZIMAGE_TOKEN", "ZIMAGE_ATTENTION"} <= named
+    unread = {v for v in named if not re.search(rf"\b{v}\b", sources)}
+    assert not unread, f"environment variables the docs name and nothing reads: {sorted(unread)}"
