@@ -395,8 +395,9 @@ def test_every_flag_the_docs_name_exists():
 
 def test_every_zimage_environment_variable_the_docs_name_is_read():
     """Each ``ZIMAGE_*`` variable of the docs is read somewhere: by the engine, a script or the tests."""
-    sources = "\n".join(p.read_text() for folder in ("zimage_native", "converters", "kernels", "benchmarks", "tests")
-                        for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".sh") and p.name != Path(__file__).name)
+    folders = ("zimage_native", "converters", "kernels", "benchmarks", "tests")
+    sources = "\n".join(p.read_text() for folder in folders for p in (ROOT / folder).rglob("*")
+                        if p.suffix in (".py", ".sh") and p.name != Path(__file__).name)
     named = {v for doc in DOC_FILES for v in re.findall(r"\bZIMAGE_[A-Z0-9_]+", doc.read_text())}
     assert {"ZIMAGE_TOKEN", "ZIMAGE_ATTENTION"} <= named
     unread = {v for v in named if not re.search(rf"\b{v}\b", sources)}
