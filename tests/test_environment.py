@@ -116,6 +116,19 @@ def test_each_card_size_gets_the_profile_made_for_it(gpus, monkeypatch, card_gib
         assert f": --profile {profile} (" in line
 
 
+@pytest.mark.parametrize("card_gib, gguf", [(12, None), (12, "0.17.1"), (24, None)])
+def test_a_gguf_profile_names_the_gguf_extra_when_it_is_missing(gpus, monkeypatch, card_gib, gguf):
+    """The 16, 12 and 8 GB profiles read a GGUF DiT; `zimage env` sent a user without the gguf
+    package (a plain `pip install .`) to --profile 12gb, whose first load stops for it."""
+    monkeypatch.setattr(environment.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setitem(CARDS, 0, ("card", (8, 9), card_gib * GiB))
+    rep = environment.report()
+    rep["packages"]["gguf"] = gguf
+    (line,) = [line for line in environment.lines(rep) if line.startswith("  Z-Image-Turbo")]
+    needs = card_gib < 24 and gguf is None
+    assert ("pip install 'zimage-native[gguf]' first (gguf is not installed)" in line) == needs, line
+
+
 def test_what_runs_on_the_cpu_only_as_a_dry_run_says_so(monkeypatch):
     """--fp8 and --offload blocks run on the CPU (fp8 through its torch._scaled_mm, the streaming as a
     dry run): "yes", with what that means there; with a GPU, a plain "yes"."""

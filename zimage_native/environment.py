@@ -237,6 +237,10 @@ def lines(rep: dict[str, Any]) -> list[str]:
     for what, why in verdicts(rep):
         yes = f"yes, {said[what]}" if what in said else "yes"
         out.append(f"  {what}: {yes if why is None else 'no, ' + why}")
+    from . import footprint
+
+    reads_gguf = {p.name for p in footprint.PROFILES if p.dit.startswith("gguf") or p.text_encoder.startswith("gguf")}
+    no_gguf = rep["packages"].get("gguf") is None
     for gpu in (g for g in rep["gpus"] if "error" not in g):
         room = gpu["total_bytes"] * (1 - HEADROOM)
         fits = [(name, peak) for name, peak in released_peaks() if peak <= room]
@@ -245,6 +249,8 @@ def lines(rep: dict[str, Any]) -> list[str]:
             pick = (f"{name}, {format_bytes(peak)} of weights at the peak" if name.startswith("everything")
                     else f"--profile {name} ({format_bytes(peak)} of weights at the peak)")
         else:
-            pick = "none of the example profiles leaves a quarter of this card free; try --profile 8gb"
+            name, pick = "8gb", "none of the example profiles leaves a quarter of this card free; try --profile 8gb"
+        if name in reads_gguf and no_gguf:
+            pick += "; it reads a GGUF file: pip install 'zimage-native[gguf]' first (gguf is not installed)"
         out.append(f"  Z-Image-Turbo on GPU {gpu['index']} ({format_bytes(gpu['total_bytes'])}): {pick}")
     return out
