@@ -111,7 +111,7 @@ def dit_output(model) -> torch.Tensor:
 def vae_output(vae) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        return vae.decode(torch.randn(1, 16, 4, 4, generator=g))
+        return vae.decode(torch.randn(1, 16, 4, 4, generator=g)).sample
 
 
 def assert_same_weights(module, reference):

@@ -444,8 +444,8 @@ def test_a_tiled_decode_is_checked_for_the_tile_it_decodes(tiny_pipe, monkeypatc
         tiny_pipe.enable_vae_tiling(64, 16)
         monkeypatch.setattr(tiny_pipe, "encode_texts", real)
         decoded = []
-        monkeypatch.setattr(tiny_pipe.vae, "decode", lambda z, real=tiny_pipe.vae.decode: decoded.append(z.shape)
-                            or real(z))
+        monkeypatch.setattr(tiny_pipe.vae, "decode", lambda z, real=tiny_pipe.vae.decode, **kw: decoded.append(z.shape)
+                            or real(z, **kw))
         assert len(tiny_pipe(["a cat", "a dog"], **call).images) == 2
         assert decoded and all(tuple(shape[2:]) == (8, 8) for shape in decoded), decoded  # 64x64 pixel tiles
         host(monkeypatch, tiles // 2, tiles, 8 * whole)  # the tiles fit with swap: one warning, naming them

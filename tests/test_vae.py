@@ -71,7 +71,7 @@ def ours(reference):
 def test_decode_parity(reference, ours, h, w, batch):
     z = torch.randn(batch, 16, h, w, generator=torch.Generator().manual_seed(h * w))
     expected = reference.decode(z).sample
-    got = ours.decode(z)
+    got = ours.decode(z).sample
     assert got.shape == (batch, 3, 8 * h, 8 * w)
     err = assert_rel(got, expected, TOL, f"decode {h}x{w}")
     print(f"decode {h}x{w} rel err {err:.3e}")
@@ -109,7 +109,7 @@ def test_load_from_diffusers_folder(reference, tmp_path, caplog):
     assert not caplog.records, "the diffusers config.json has keys VAEConfig does not know"
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     z = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(model.decode(z), reference.decode(z).sample)
+    assert torch.equal(model.decode(z).sample, reference.decode(z).sample)
     x = torch.rand(1, 3, 32, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
     dist = reference.encode(x).latent_dist
     mean, logvar = model.encode(x)

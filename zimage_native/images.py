@@ -202,3 +202,40 @@ def uint8_to_pil(pixels: torch.Tensor):
     from PIL import Image
 
     return [Image.fromarray(p) for p in pixels.numpy()]
+
+
+class ImageProcessor:
+    """diffusers' ``pipe.image_processor`` (its ``VaeImageProcessor`` with ``do_normalize``, and a
+    ``vae_scale_factor`` of twice the VAE's, 16 for Z-Image) for scripts that decode or encode by
+    hand: ``postprocess`` a decoded batch, ``preprocess`` an image to the VAE's input."""
+
+    def __init__(self, vae_scale_factor: int):
+        self.vae_scale_factor = vae_scale_factor
+
+    def preprocess(self, image, height: int | None = None, width: int | None = None, resize_mode: str = "default",
+                   crops_coords=None) -> torch.Tensor:
+        """Image(s) as the pipeline's ``image=`` takes them -> (B, 3, H, W) fp32 in [-1, 1], resized to
+        ``width`` x ``height`` or with the sides rounded down to multiples of ``vae_scale_factor``."""
+        if resize_mode != "default" or crops_coords is not None:
+            raise ValueError("image_processor.preprocess: resize_mode and crops_coords are not supported here; "
+                             "crop or pad the image first, then give height= and width= (or neither)")
+        return preprocess_image(image, width=width, height=height, multiple=self.vae_scale_factor)
+
+    def postprocess(self, image: torch.Tensor, output_type: str = "pil", do_denormalize: list[bool] | None = None):
+        """A decoded batch (B, 3, H, W) in [-1, 1] -> ``"pil"`` (a list of images), ``"np"`` ((B, H, W, 3)
+        in [0, 1]), ``"pt"`` ((B, 3, H, W) in [0, 1]) or ``"latent"`` (the input itself).
+        ``do_denormalize``: one flag per image (None: all), False leaves that image's values as they are."""
+        if not isinstance(image, torch.Tensor) or image.ndim != 4:
+            got = f"shape {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"image_processor.postprocess takes a batch tensor (B, 3, H, W), as "
+                             f"pipe.vae.decode(z).sample gives it; got {got}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        if output_type == "latent":
+            return image
+        flags = [True] * image.shape[0] if do_denormalize is None else do_denormalize
+        image = torch.stack([(one * 0.5 + 0.5).clamp(0, 1) if flag else one for one, flag in zip(image, flags)])
+        if output_type == "pt":
+            return image
+        array = image.cpu().permute(0, 2, 3, 1).float().numpy()
+        return array if output_type == "np" else to_pil(array)

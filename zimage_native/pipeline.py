@@ -35,6 +35,7 @@ from . import sampling
 from .config import SchedulerConfig, TransformerConfig, VAEConfig
 from .devices import OFFLOAD_MODES, resolve_device, storage_device
 from .hub import DEFAULT_MODEL
+from .images import ImageProcessor
 from .loading import check_quant, load_pretrained, load_single_files  # noqa: F401
 from .lora import LoraAdapters, LoraReport, LoraStack
 from .model.transformer import ZImageTransformer
@@ -349,6 +350,17 @@ class ZImagePipeline:
     def vae_scale_factor(self) -> int:
         """The VAE's spatial downscale (2 ** (len(block_out_channels) - 1)): 8 for the released VAE."""
         return self.vae_config.scale_factor
+
+    @property
+    def _execution_device(self) -> torch.device:
+        """diffusers' name for where the pipeline runs: :attr:`device`."""
+        return self.device
+
+    @property
+    def image_processor(self) -> ImageProcessor:
+        """diffusers' ``pipe.image_processor``, for latents decoded by hand and images encoded by hand
+        (docs/tasks.md, "Decoding by hand")."""
+        return ImageProcessor(2 * self.vae_scale_factor)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -1141,7 +1153,7 @@ class ZImagePipeline:
             def decode(z):
                 if self.vae_tiling is not None:
                     return tiled_decode(self.vae, z, self.vae_tiling, self.vae_config.scale_factor).to(dtype)
-                return self.vae.decode(z)
+                return self.vae.decode(z, return_dict=False)[0]
 
             image = torch.cat([decode(one) for one in z.split(1)]) if self.vae_slicing else decode(z)
             return (image * 0.5 + 0.5).clamp(0, 1)

@@ -90,7 +90,7 @@ def tiled_apply(
 def tiled_decode(vae, z: torch.Tensor, config: TileConfig, scale_factor: int = 8) -> torch.Tensor:
     """VAE decode (B, C, h, w) -> (B, 3, 8h, 8w) tile by tile; returns fp32."""
     tile, overlap = config.tile_size // scale_factor, config.overlap // scale_factor
-    return tiled_apply(vae.decode, z, tile, overlap, scale_factor)
+    return tiled_apply(lambda t: vae.decode(t, return_dict=False)[0], z, tile, overlap, scale_factor)
 
 
 def tiled_encode(vae, x: torch.Tensor, config: TileConfig, scale_factor: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,21 +17,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..model.vae import DecoderOutput
 from .compile import check_compile_supported
 
 
 class CompiledDecode:
-    """``vae.decode`` replaced: channels_last input, the compiled decoder, contiguous output."""
+    """``vae.decode`` replaced: channels_last input, the compiled decoder, contiguous output; called
+    as the module's ``decode`` (``return_dict=False``: ``(image,)``, else a ``DecoderOutput``)."""
 
     def __init__(self, decoder: nn.Module, compiled, channels_last: bool):
         self.decoder = decoder
         self.compiled = compiled
         self.channels_last = channels_last
 
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
         if self.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
-        return self.compiled(z).contiguous()
+        image = self.compiled(z).contiguous()
+        return DecoderOutput(image) if return_dict else (image,)
 
 
 def compile_vae_decode_(vae: nn.Module, channels_last: bool = True, backend: str | object = "inductor",

@@ -5,6 +5,12 @@ Shapes (``s = config.scale_factor = 2 ** (len(block_out_channels) - 1)``, 8 for 
 - ``encode``: image in [-1, 1], (B, 3, H, W) -> (mean, logvar), each (B, 16, H/s, W/s);
 - ``decode``: latent (B, 16, h, w) -> image (B, 3, s*h, s*w), roughly in [-1, 1].
 
+The two methods take diffusers' call forms, as scripts that decode by hand call them:
+``decode(z).sample`` (or ``decode(z)[0]``) and ``decode(z, return_dict=False)[0]`` are the image
+batch; ``encode(x)`` is a :class:`Moments` (``mean, logvar = vae.encode(x)``) whose ``latent_dist``
+is diffusers' posterior (:class:`Gaussian`), and ``encode(x, return_dict=False)`` is
+``(latent_dist,)``.
+
 The released VAE has no quant_conv / post_quant_conv; a config with ``use_quant_conv`` /
 ``use_post_quant_conv`` gets them (1x1 convolutions after the encoder and before the decoder, as in
 diffusers). There is no latent scaling here: the pipeline applies ``z / scaling_factor +
@@ -17,6 +23,9 @@ folder loads without renaming. Numerics mirror diffusers 0.42.1 (``Encoder``/``D
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +200,63 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
+@dataclass
+class DecoderOutput:
+    """What ``decode(z)`` returns: ``.sample`` (and ``[0]``) is the image batch (B, 3, H, W), as diffusers'."""
+
+    sample: torch.Tensor
+
+    def __getitem__(self, index):
+        return (self.sample,)[index]
+
+
+def _normal(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise drawn as diffusers' ``randn_tensor``: on the generator's device, then
+    moved; a list of generators draws one batch row each (a list of one is one generator)."""
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"latent_dist.sample: {len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([_normal((1, *shape[1:]), g, device, dtype) for g in generator])
+    where = device if generator is None else generator.device
+    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
+class Gaussian:
+    """The latent posterior (diffusers' ``latent_dist``): ``mean``, ``logvar`` (clamped by ``encode``),
+    ``std``, ``var``, ``mode()`` and ``sample(generator)``. Its latents are unscaled: diffusers scales
+    them with ``(z - shift_factor) * scaling_factor``."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+        self.mean, self.logvar = mean, logvar
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return torch.exp(self.logvar)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        return self.mean + self.std * _normal(self.mean.shape, generator, self.mean.device, self.mean.dtype)
+
+
+class Moments(NamedTuple):
+    """What ``encode(x)`` returns: the pair ``(mean, logvar)``, with diffusers' ``latent_dist``."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+    @property
+    def latent_dist(self) -> Gaussian:
+        return Gaussian(self.mean, self.logvar)
+
+
 class AutoencoderKL(nn.Module):
     """The KL autoencoder: ``encode`` gives the latent Gaussian's (mean, logvar), ``decode`` maps latents to images."""
 
@@ -203,17 +269,31 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(moments, moments, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) in [-1, 1] -> (mean, logvar), each (B, latent_channels, H/s, W/s)."""
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (diffusers' ``vae.dtype``, which its pipeline casts the latents to)."""
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (with ``offload="model"`` the CPU between runs, as diffusers')."""
+        return next(self.parameters()).device
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True) -> Moments | tuple[Gaussian]:
+        """(B, 3, H, W) in [-1, 1] -> (mean, logvar), each (B, latent_channels, H/s, W/s), as a
+        :class:`Moments`; ``return_dict=False``: ``(latent_dist,)``, as diffusers."""
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         mean, logvar = moments.chunk(2, dim=1)
         # Same clamp as diffusers' DiagonalGaussianDistribution, so exp(0.5 * logvar) stays finite.
-        return mean, logvar.clamp(-30.0, 20.0)
+        moments = Moments(mean, logvar.clamp(-30.0, 20.0))
+        return moments if return_dict else (moments.latent_dist,)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, latent_channels, h, w), already un-scaled by the caller -> (B, 3, s*h, s*w)."""
+    def decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
+        """(B, latent_channels, h, w), already un-scaled by the caller -> (B, 3, s*h, s*w): a
+        :class:`DecoderOutput` (``.sample``), or with ``return_dict=False`` the tuple ``(image,)``."""
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        return self.decoder(z)
+        image = self.decoder(z)
+        return DecoderOutput(image) if return_dict else (image,)
