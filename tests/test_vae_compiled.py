@@ -7,6 +7,7 @@ CPU, float32, a tiny random VAE, Inductor. Tolerance: the VAE's parity tolerance
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -55,3 +56,18 @@ def test_inductor_channels_last_decode_matches_eager():
     compile_vae_decode_(fast)
     z = torch.randn(1, 16, 6, 10, generator=torch.Generator().manual_seed(0))
     assert_rel(fast.decode(z).sample, eager.decode(z).sample, 1e-5, "inductor channels_last decode")
+
+
+@torch.no_grad()
+def test_the_compiled_decode_runs_the_post_quant_conv():
+    """A VAE with a post_quant_conv (loaded from a file that has one, tests/test_vae_scale.py): the
+    compiled decode ran the decoder alone, without that 1x1 convolution (relative error 1.1)."""
+    torch._dynamo.reset()
+    eager = randomize_(AutoencoderKL(dataclasses.replace(TINY, use_post_quant_conv=True)), seed=3).eval()
+    fast = copy.deepcopy(eager)
+    compile_vae_decode_(fast, backend="aot_eager")
+    z = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(0))
+    assert_rel(fast.decode(z).sample, eager.decode(z).sample, 1e-5, "compiled decode with a post_quant_conv")
+    twin = copy.deepcopy(fast)  # a copy runs its own post_quant_conv
+    twin.post_quant_conv.weight.mul_(0.5)
+    assert not torch.allclose(twin.decode(z).sample, fast.decode(z).sample)

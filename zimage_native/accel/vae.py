@@ -22,15 +22,19 @@ from .compile import check_compile_supported
 
 
 class CompiledDecode:
-    """``vae.decode`` replaced: channels_last input, the compiled decoder, contiguous output; called
-    as the module's ``decode`` (``return_dict=False``: ``(image,)``, else a ``DecoderOutput``)."""
+    """``vae.decode`` replaced: the VAE's post_quant_conv (when it has one), channels_last input, the
+    compiled decoder, contiguous output; called as the module's ``decode`` (``return_dict=False``:
+    ``(image,)``, else a ``DecoderOutput``)."""
 
-    def __init__(self, decoder: nn.Module, compiled, channels_last: bool):
+    def __init__(self, decoder: nn.Module, compiled, channels_last: bool, post_quant_conv: nn.Module | None = None):
         self.decoder = decoder
         self.compiled = compiled
         self.channels_last = channels_last
+        self.post_quant_conv = post_quant_conv
 
     def __call__(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
         if self.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
         image = self.compiled(z).contiguous()
@@ -48,7 +52,7 @@ def compile_vae_decode_(vae: nn.Module, channels_last: bool = True, backend: str
     if channels_last:
         vae.decoder.to(memory_format=torch.channels_last)
     compiled = torch.compile(vae.decoder, backend=backend, mode=mode, dynamic=None)
-    vae.decode = CompiledDecode(vae.decoder, compiled, channels_last)
+    vae.decode = CompiledDecode(vae.decoder, compiled, channels_last, vae.post_quant_conv)
     return f"vae decode: compiled{', channels_last' if channels_last else ''}"
 
 
