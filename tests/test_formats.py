@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -174,7 +175,10 @@ def test_dit_config_override_from_json_and_mismatch(tiny_model_dir, tmp_path):
     cfg.write_text(json.dumps({"_class_name": "ZImageTransformer2DModel", "axes_dims": [8, 12, 12], "rope_theta": 100.0}))
     model = load_component("transformer", path, None, "cpu", config=cfg)
     assert model.config.rope_theta == 100.0 and model.config.axes_dims == (8, 12, 12)
-    with pytest.raises(ValueError, match=r"n_layers=5 does not match the checkpoint.*n_layers=2"):
+    with pytest.raises(ValueError, match=r"n_layers=1 does not match the checkpoint.*n_layers=2"):
+        load_component("transformer", path, None, "cpu", config={**TINY_AXES, "n_layers": 1})
+    with pytest.raises(ValueError, match=r"layers 2\.\.4 missing: the checkpoint holds layers 0\.\.1 \(2 blocks\), "
+                                         r"the config gives n_layers=5"):  # fewer blocks than the config: missing
         load_component("transformer", path, None, "cpu", config={**TINY_AXES, "n_layers": 5})
     with pytest.raises(ValueError, match="n_heads=4 does not match"):
         load_component("transformer", path, None, "cpu", config={**TINY_AXES, "n_heads": 4})
@@ -193,7 +197,7 @@ def test_dit_inconsistent_shapes_raise(tiny_model_dir, tmp_path):
     sd = comfy_dit(tiny_model_dir, "")
     del sd["context_refiner.0.attention.qkv.weight"]
     sd = {k.replace("context_refiner.0.", "context_refiner.9."): v for k, v in sd.items()}
-    with pytest.raises(ValueError, match="not contiguous"):
+    with pytest.raises(ValueError, match=r"context_refiner 0\.\.8 missing: the checkpoint holds context_refiner 9 "):
         load_component("transformer", write(tmp_path / "bad3.safetensors", sd), None, "cpu", config=TINY_AXES)
 
 
@@ -211,6 +215,75 @@ def test_released_shapes_infer_the_turbo_config_from_headers_only(tmp_path):
     assert TransformerConfig.from_dict(dit["config"]) == TransformerConfig()
     assert dit["dtypes"] == {"BF16": 6_154_908_736}
     assert "problem" not in report and "cannot_load" not in dit  # its keys are the DiT's (checked from the header)
+
+
+def _released_shapes(drop: tuple[str, ...] = (), extra_layers: int = 0) -> dict[str, tuple]:
+    """The canonical shapes of the released DiT without the blocks in ``drop`` (prefixes such as
+    'layers.29.'), with ``extra_layers`` more main layers."""
+    shapes = _meta_shapes(TransformerConfig(n_layers=30 + extra_layers))
+    return {k: v for k, v in shapes.items() if not k.startswith(drop)}
+
+
+@pytest.mark.parametrize("drop, message", [
+    (("layers.29.",), r"layers 29 missing: the checkpoint holds layers 0\.\.28 \(29 blocks\), the released Z-Image "
+                      r"DiTs of its widths \(dim 3840\) have n_layers=30\. The file is incomplete"),
+    (("layers.11.",), r"layers 11 missing: the checkpoint holds layers 0\.\.10, 12\.\.29 \(29 blocks\)\. The file is "
+                      r"incomplete"),
+    (("noise_refiner.1.", "context_refiner.1."), r"noise_refiner 1 missing: the checkpoint holds noise_refiner 0 "
+                                                 r"\(1 block\), the released .* have n_refiner_layers=2"),
+    (("context_refiner.0.",), r"context_refiner 0 missing: the checkpoint holds context_refiner 1 \(1 block\)"),
+])
+def test_a_released_width_dit_missing_blocks_is_refused_naming_them(tmp_path, drop, message):
+    """A DiT file of the released widths missing blocks (a partial conversion: layers 0..28 of 30)
+    had its config inferred with fewer layers: it loaded, ran and made wrong images without a word.
+    Its blocks must be the released ones now (30 layers, 2 refiner blocks of each kind), and a gap
+    in the indices is named as the blocks missing (and by `zimage info`)."""
+    shapes = _released_shapes(drop)
+    with pytest.raises(ValueError, match=message):
+        infer_transformer_config(shapes)
+    comfy = convert_state_dict({k: torch.empty(v, device="meta") for k, v in shapes.items()}, None, DIT_COMFYUI)
+    path = write_sparse(tmp_path / "z_image_turbo_bf16.safetensors", {k: (v.shape, "BF16") for k, v in comfy.items()})
+    dit = describe(path)["components"]["transformer"]
+    assert "config" not in dit and re.search(message, dit["config_error"]), dit
+
+
+def test_a_released_width_dit_of_another_depth_needs_its_config():
+    """More layers than the released model, at its widths: refused unless a config gives that depth;
+    a config giving the depth the file has is taken at its word (fewer layers too)."""
+    with pytest.raises(ValueError, match=r"holds layers 0\.\.31 \(32 blocks\), the released .* n_layers=30: if the "
+                                         r"file is another model of these widths, give its config \(n_layers=32\)"):
+        infer_transformer_config(_released_shapes(extra_layers=2))
+    assert infer_transformer_config(_released_shapes(extra_layers=2), {"n_layers": 32}).n_layers == 32
+    assert infer_transformer_config(_released_shapes(("layers.29.",)), {"n_layers": 29}).n_layers == 29
+    with pytest.raises(ValueError, match=r"layers 29 missing: .* the config gives n_layers=30"):
+        infer_transformer_config(_released_shapes(("layers.29.",)), {"n_layers": 30})
+
+
+def test_a_dit_folder_missing_layers_is_refused_naming_them(tiny_model_dir, tmp_path, monkeypatch):
+    """A DiT folder whose config.json gives more layers than its weights hold: load_component
+    inferred the depth from the keys over the config.json and loaded a shallower DiT without a word;
+    from_pretrained read every weight, then failed naming a few missing keys (a KeyError). Both
+    refuse it now from the header, naming the folder and the missing layers, before a weight is read."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from zimage_native import ZImagePipeline, loading
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("layers.1.")}, str(weights))
+    message = (r"transformer: layers 1 missing: the checkpoint holds layers 0 \(1 block\), its config.json gives "
+               r"n_layers=2\. The file is incomplete")
+    with pytest.raises(ValueError, match=re.escape(str(model / "transformer")) + ": " + message):
+        load_component("transformer", model / "transformer", None, "cpu")
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a weight was read")
+
+    monkeypatch.setattr(loading, "iter_tensors", no_reads)
+    with pytest.raises(ValueError, match=re.escape(str(model / "transformer")) + ": " + message):
+        ZImagePipeline.from_pretrained(model, device="cpu", dtype=torch.float32)
 
 
 def test_released_vae_and_text_encoder_shapes(tmp_path):

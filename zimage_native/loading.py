@@ -36,7 +36,7 @@ from .formats.checkpoint import (WEIGHT_FILE_NAMES, WEIGHT_INDEX_NAMES, Checkpoi
 from .formats.detect import inspect_checkpoint, normalize_kind
 from .formats.fp8 import read_scales
 from .formats.infer import folder_config, infer_text_encoder_config, infer_transformer_config, infer_vae_config
-from .formats.infer import ConfigMismatchError, read_overrides
+from .formats.infer import BlockCountError, ConfigMismatchError, check_dit_blocks, read_overrides
 from .formats.tensors import canonical_items, canonical_shapes, cast
 
 logger = logging.getLogger(__name__)
@@ -268,6 +268,8 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
         return _load_component(kind, path, dtype, device, config, quant, keep_fp8, pinned)
     except StateDictMismatchError as e:
         raise e.in_file(Path(path).expanduser()) from None
+    except BlockCountError as e:
+        raise type(e)(f"{Path(path).expanduser()}: {e}") from None
     except ConfigMismatchError as e:
         given = f" (the config: {config})" if isinstance(config, (str, os.PathLike)) else ""
         raise ConfigMismatchError(f"{Path(path).expanduser()}: {e}{given}: the file holds another model than the "
@@ -723,6 +725,7 @@ def load_pretrained(
                              folder / "transformer" / "config.json", pinned=bool(pinned))
     else:
         tcfg = TransformerConfig.from_json(folder / "transformer" / "config.json")
+        check_dit_blocks(read_header_keys(safetensors_files(folder / "transformer")), tcfg, folder / "transformer")
         dit = load_module(lambda: ZImageTransformer(tcfg), folder / "transformer", dtype,
                           storage["transformer"], "transformer")
     if vae is not None:

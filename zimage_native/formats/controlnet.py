@@ -89,7 +89,7 @@ def infer_controlnet_config(
     when the tensors match no Fun-ControlNet-Union layout.
     """
     embedders = [k for k in shapes if re.match(r"^control_all_x_embedder\.\d+-\d+\.weight$", k)]
-    n = _count(shapes, r"^control_layers\.(\d+)\.")
+    n = _count(shapes, r"^control_layers\.(\d+)\.", "ControlNet")
     if len(embedders) != 1 or not n or "control_layers.0.before_proj.weight" not in shapes:
         raise UnsupportedFormatError(
             "not a Z-Image Fun-ControlNet-Union checkpoint: it needs one control_all_x_embedder.P-F.weight and "
@@ -100,7 +100,7 @@ def infer_controlnet_config(
         raise UnsupportedFormatError(f"{embedders[0]} has {width} inputs, not a multiple of the patch volume {p * p * f}")
     head_dim = _need(shapes, "control_layers.0.attention.norm_q.weight", "ControlNet")[0]
 
-    n_refiner = _count(shapes, r"^control_noise_refiner\.(\d+)\.")
+    n_refiner = _count(shapes, r"^control_noise_refiner\.(\d+)\.", "ControlNet")
     if not n_refiner:
         variant = "control_layers"
     elif not any(k.startswith("control_noise_refiner.") and ".after_proj." in k for k in shapes):

@@ -64,14 +64,6 @@ def _norm(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def _count(shapes: dict[str, tuple], pattern: str) -> int:
-    rx = re.compile(pattern)
-    idx = {int(m.group(1)) for k in shapes if (m := rx.match(k))}
-    if idx and idx != set(range(max(idx) + 1)):
-        raise ValueError(f"block indices are not contiguous for {pattern}: {sorted(idx)}")
-    return len(idx)
-
-
 def _need(shapes: dict[str, tuple], key: str, what: str) -> tuple:
     if key not in shapes:
         raise UnsupportedFormatError(f"{what}: the checkpoint has no {key}; cannot infer its config")
@@ -83,7 +75,8 @@ def infer_transformer_config(shapes: dict[str, tuple], overrides: dict | str | o
     """The DiT config: released Turbo values, with what canonical tensor shapes determine inferred and checked."""
     what = "transformer"
     overrides = read_overrides(overrides)
-    base = {**TransformerConfig().to_dict(), **(base or {})}
+    given_base = base or {}
+    base = {**TransformerConfig().to_dict(), **given_base}
     embed = [k for k in shapes if re.fullmatch(r"all_x_embedder\.\d+-\d+\.weight", k)]
     if len(embed) != 1:
         raise UnsupportedFormatError(f"{what}: expected one patch embedder, found {embed or 'none'}")
@@ -94,9 +87,10 @@ def infer_transformer_config(shapes: dict[str, tuple], overrides: dict | str | o
         raise ValueError(f"{what}: patch embedder input {patch_dim} is not a multiple of {patch}*{patch}*{f_patch}")
     inferred["in_channels"] = patch_dim // (patch * patch * f_patch)
     inferred["cap_feat_dim"] = _need(shapes, "cap_embedder.0.weight", what)[0]
-    inferred["n_layers"] = _count(shapes, r"^layers\.(\d+)\.")
-    refiners = _count(shapes, r"^noise_refiner\.(\d+)\.")
-    context = _count(shapes, r"^context_refiner\.(\d+)\.")
+    inferred["n_layers"] = _count(shapes, r"^layers\.(\d+)\.", what)
+    refiners = _count(shapes, r"^noise_refiner\.(\d+)\.", what)
+    context = _count(shapes, r"^context_refiner\.(\d+)\.", what)
+    _check_depth(what, shapes, inferred, overrides, given_base)
     if refiners != context:
         raise ValueError(f"{what}: {refiners} noise-refiner blocks but {context} context-refiner blocks")
     inferred["n_refiner_layers"] = refiners
@@ -126,6 +120,115 @@ def infer_transformer_config(shapes: dict[str, tuple], overrides: dict | str | o
     return config
 
 
+def _count(shapes: dict[str, tuple], pattern: str, what: str) -> int:
+    """How many blocks ``pattern`` (a regex whose group 1 is the block index) finds; indices with a gap
+    are refused (:class:`IncompleteCheckpointError`, naming the missing blocks)."""
+    idx = _indices(shapes, pattern)
+    if idx and idx != list(range(idx[-1] + 1)):
+        name = _block_name(pattern)
+        missing = sorted(set(range(idx[-1] + 1)) - set(idx))
+        raise IncompleteCheckpointError(f"{what}: {name} {_spans(missing)} missing: the checkpoint holds {name} "
+                                        f"{_spans(idx)} ({_blocks(len(idx))}). {INCOMPLETE}")
+    return len(idx)
+
+
+def _indices(shapes: dict[str, tuple], pattern: str) -> list[int]:
+    rx = re.compile(pattern)
+    return sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
+
+
+def _block_name(pattern: str) -> str:
+    """'layers', 'noise_refiner', ... from a block pattern such as ``^layers\\.(\\d+)\\.``."""
+    return pattern.lstrip("^").split("\\.(")[0].replace("\\.", ".")
+
+
+def _blocks(n: int) -> str:
+    return f"{n} block" if n == 1 else f"{n} blocks"
+
+
+def _spans(indices: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0..2, 5, 7..8'."""
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(f"{a}..{b}" if b > a else str(a) for a, b in spans) or "none"
+
+
+#: What to do about a checkpoint missing blocks, said once.
+INCOMPLETE = "The file is incomplete (a partial conversion or download): download or convert it again"
+
+
+class BlockCountError(ValueError):
+    """A checkpoint whose number of blocks is not the one its config (or the released model of its
+    widths) gives."""
+
+
+class IncompleteCheckpointError(BlockCountError):
+    """A checkpoint whose blocks have a gap, or fewer blocks than its config (or the released model
+    of its widths) has: it would load as a shallower model and make wrong images."""
+
+
+def _check_block_count(what: str, shapes: dict[str, tuple], pattern: str, key: str, expected: int, source: str
+                       ) -> None:
+    """Refuse a checkpoint whose blocks ``pattern`` are not exactly 0..expected-1 (``key``, e.g.
+    n_layers, as ``source`` gives it)."""
+    idx = _indices(shapes, pattern)
+    if idx == list(range(expected)):
+        return
+    name = _block_name(pattern)
+    missing = sorted(set(range(expected)) - set(idx))
+    holds = f"the checkpoint holds {name} {_spans(idx)} ({_blocks(len(idx))}), {source} {key}={expected}"
+    if missing:
+        raise IncompleteCheckpointError(f"{what}: {name} {_spans(missing)} missing: {holds}. {INCOMPLETE}")
+    raise BlockCountError(f"{what}: {holds}: if the file is another model of these widths, give its config "
+                          f"({key}={len(idx)})")
+
+
+#: The widths of the released DiTs (Z-Image-Turbo and Z-Image share them, zimage-reference 1.2),
+#: whose depth a file of these widths must have unless a config says otherwise.
+RELEASED_DIT = TransformerConfig()
+_BLOCKS = (("n_layers", r"^layers\.(\d+)\."), ("n_refiner_layers", r"^noise_refiner\.(\d+)\."),
+           ("n_refiner_layers", r"^context_refiner\.(\d+)\."))
+
+
+def _check_depth(what: str, shapes: dict[str, tuple], inferred: dict, overrides: dict, base: dict) -> None:
+    """A DiT missing blocks (a partial conversion, a cut file) loads as a shallower model and makes
+    wrong images without a word: its blocks must be those its config gives (an override, else the
+    component folder's config.json), else, at the released widths, the released depth (30 layers,
+    2 refiner blocks of each kind). A config that gives the count the file has is taken at its word.
+    (Gaps in the indices are refused before, by :func:`_count`.)"""
+    released = all(inferred[k] == getattr(RELEASED_DIT, k) for k in ("dim", "cap_feat_dim", "in_channels"))
+    for key, pattern in _BLOCKS:
+        if key in overrides:
+            expected, source = overrides[key], "the config gives"
+            if len(_indices(shapes, pattern)) > expected:
+                continue  # more blocks than the override: _merge_checked names both values
+        elif key in base:
+            expected, source = base[key], "its config.json gives"
+        elif released:
+            expected, source = getattr(RELEASED_DIT, key), (f"the released Z-Image DiTs of its widths (dim "
+                                                           f"{RELEASED_DIT.dim}) have")
+        else:
+            continue
+        _check_block_count(what, shapes, pattern, key, int(expected), source)
+
+
+def check_dit_blocks(keys, config: TransformerConfig, path) -> None:
+    """Refuse, from a DiT folder's header keys, weights whose blocks are not those its
+    config.json gives (:class:`BlockCountError`, naming ``path`` and the missing blocks): loaded
+    against the config, they failed after every weight was read, naming a few missing keys."""
+    shapes = dict.fromkeys(keys, ())
+    try:
+        for key, pattern in _BLOCKS:
+            _count(shapes, pattern, "transformer")
+            _check_block_count("transformer", shapes, pattern, key, getattr(config, key), "its config.json gives")
+    except BlockCountError as e:
+        raise type(e)(f"{path}: {e}") from None
+
+
 def _check_shapes(what: str, shapes: dict[str, tuple], expected: dict[str, tuple]) -> None:
     for key, shape in expected.items():
         if key in shapes and tuple(shapes[key]) != tuple(shape):
@@ -138,12 +241,12 @@ def infer_vae_config(shapes: dict[str, tuple], overrides: dict | str | os.PathLi
     what = "vae"
     overrides = read_overrides(overrides)
     base = {**VAEConfig().to_dict(), **(base or {})}
-    n = _count(shapes, r"^encoder\.down_blocks\.(\d+)\.")
+    n = _count(shapes, r"^encoder\.down_blocks\.(\d+)\.", what)
     if not n:
         raise UnsupportedFormatError(f"{what}: no encoder down blocks found")
     widths = [_need(shapes, f"encoder.down_blocks.{i}.resnets.0.conv1.weight", what)[0] for i in range(n)]
-    layers = _count(shapes, r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.")
-    up_layers = _count(shapes, r"^decoder\.up_blocks\.0\.resnets\.(\d+)\.")
+    layers = _count(shapes, r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.", what)
+    up_layers = _count(shapes, r"^decoder\.up_blocks\.0\.resnets\.(\d+)\.", what)
     if up_layers != layers + 1:
         raise ValueError(f"{what}: decoder blocks have {up_layers} resnets, expected layers_per_block + 1 = "
                          f"{layers + 1}")
@@ -180,7 +283,7 @@ def infer_text_encoder_config(shapes: dict[str, tuple], overrides: dict | str | 
     kv_rows = _need(shapes, "layers.0.self_attn.k_proj.weight", what)[0]
     if q_rows % head_dim or kv_rows % head_dim:
         raise ValueError(f"{what}: q/k projections ({q_rows}, {kv_rows} rows) are not multiples of head_dim {head_dim}")
-    n_layers = _count(shapes, r"^layers\.(\d+)\.")
+    n_layers = _count(shapes, r"^layers\.(\d+)\.", what)
     if "norm.weight" not in shapes:
         raise ValueError(f"{what}: the checkpoint has no final norm.weight: it looks truncated; Z-Image needs the "
                          f"full Qwen3 (it reads hidden_states[-2])")
