@@ -198,9 +198,14 @@ def _check_depth(what: str, shapes: dict[str, tuple], inferred: dict, overrides:
     """A DiT missing blocks (a partial conversion, a cut file) loads as a shallower model and makes
     wrong images without a word: its blocks must be those its config gives (an override, else the
     component folder's config.json), else, at the released widths, the released depth (30 layers,
-    2 refiner blocks of each kind). A config that gives the count the file has is taken at its word.
+    2 refiner blocks of each kind). A config that gives the count the file has is taken at its word;
+    one of other widths is another model's (refused by :func:`_merge_checked`, naming the widths).
     (Gaps in the indices are refused before, by :func:`_count`.)"""
-    released = all(inferred[k] == getattr(RELEASED_DIT, k) for k in ("dim", "cap_feat_dim", "in_channels"))
+    widths = ("dim", "cap_feat_dim", "in_channels")
+    given = {**base, **overrides}
+    if any(k in given and given[k] != inferred[k] for k in widths):
+        return  # a config of another model: _merge_checked names the contradiction
+    released = all(inferred[k] == getattr(RELEASED_DIT, k) for k in widths)
     for key, pattern in _BLOCKS:
         if key in overrides:
             expected, source = overrides[key], "the config gives"
