@@ -319,3 +319,37 @@ def test_info_names_the_tensors_a_dit_or_text_encoder_lacks(tiny_model_dir, tmp_
                f"e.g. ['{up}']. {tail}")
     assert result.exit_code == 1 and f"  cannot load: {message}" in result.output.splitlines(), result.output
 
+
+
+def test_check_says_a_dit_whose_config_cannot_be_inferred_cannot_load(tiny_model_dir, tmp_path):
+    """`zimage info --check` on a DiT file whose config cannot be inferred from its header (its patch
+    embedder or caption embedder missing, a gap in its layers) read every tensor, found them finite
+    and exited 0: load_component refuses such a file. It says `cannot load:` with why now, and exits
+    1; a DiT that loads once a config gives its RoPE axes (what shapes cannot tell) is not refused."""
+    import json
+
+    from zimage_native.config import TransformerConfig
+    from zimage_native.model.transformer import ZImageTransformer
+    from zimage_native.testing import randomize_
+
+    from .dit_configs import REAL_HEADS_DIT
+    from .test_formats import comfy_dit, write
+
+    dit = {k: v.contiguous() for k, v in
+           randomize_(ZImageTransformer(TransformerConfig.from_dict(REAL_HEADS_DIT))).state_dict().items()}
+    cases = [("no-embedder", "all_x_embedder.", "transformer: expected one patch embedder, found none"),
+             ("no-caption-embedder", "cap_embedder.0.",
+              "transformer: the checkpoint has no cap_embedder.0.weight; cannot infer its config"),
+             ("gap", "layers.0.", "transformer: layers 0 missing: the checkpoint holds layers 1 (1 block). The file "
+                                  "is incomplete (a partial conversion or download): download or convert it again")]
+    for name, drop, why in cases:
+        path = write(tmp_path / f"{name}.safetensors", {k: v for k, v in dit.items() if not k.startswith(drop)})
+        result = _invoke(path, "--check")
+        assert result.exit_code == 1 and f"  cannot load: {path}: {why}" in result.output.splitlines(), result.output
+        assert json.loads(_invoke(path, "--check", "--json").output)["cannot_load"] == [f"{path}: {why}"]
+        result = _invoke(path)
+        assert result.exit_code == 0 and f"  cannot load: {path}: {why}" in result.output.splitlines(), result.output
+    path = write(tmp_path / "tiny-comfy.safetensors", comfy_dit(tiny_model_dir))  # axes_dims [8, 12, 12] needed
+    result = _invoke(path, "--check")
+    assert result.exit_code == 0 and "cannot load" not in result.output, result.output
+    assert "head dim is 32" in _invoke(path).output

@@ -48,12 +48,26 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                     cfg = infer_config(info.component, shapes, None, folder_config(Path(path)))
                     entry["config"] = cfg if isinstance(cfg, dict) else cfg.to_dict()
                 except (ValueError, KeyError) as e:
-                    entry["config_error"] = str(e)
+                    note_config_error(out, entry, info.component, e, fmt.path)
                 else:
                     note_missing_keys(out, entry, info.component, cfg, shapes, fmt.path)
                 components[info.component] = entry
     out["components"] = components
     return out
+
+
+def note_config_error(out: dict[str, Any], entry: dict[str, Any], kind: str, error: Exception, path) -> None:
+    """A component whose config cannot be inferred from its header: ``config_error`` says why. A DiT
+    or text encoder of that kind cannot load (load_component refuses it; ``zimage info --check`` said
+    nothing of a DiT file missing its patch embedder, or with a gap in its layers): ``cannot_load``
+    says so too, and ``out["problem"]``, unless the error is a value a config gives (a DiT's RoPE
+    axes: the file loads with ``config=``, or beside a model folder's config.json)."""
+    from .infer import ConfigNeededError
+
+    entry["config_error"] = str(error)
+    if kind in ("transformer", "text_encoder") and not isinstance(error, ConfigNeededError):
+        entry["cannot_load"] = f"{path}: {error}"
+        out.setdefault("problem", entry["cannot_load"])
 
 
 def note_missing_keys(out: dict[str, Any], entry: dict[str, Any], kind: str, cfg, shapes: dict[str, tuple],

@@ -413,7 +413,7 @@ def text_encoder_base(ckpt: GGUFCheckpoint, info: ComponentInfo) -> dict[str, An
 
 def describe_gguf(path: str | os.PathLike, fmt: FileFormat) -> dict[str, Any]:
     """The ``zimage info`` description of a GGUF file: components, GGML types with tensor counts and bytes."""
-    from .describe import note_missing_keys
+    from .describe import note_config_error, note_missing_keys
     from .infer import infer_config
 
     out: dict[str, Any] = {"path": str(fmt.path), "container": "gguf", "kind": fmt.kind,
@@ -442,7 +442,7 @@ def describe_gguf(path: str | os.PathLike, fmt: FileFormat) -> dict[str, Any]:
                 cfg = infer_config(info.component, shapes, None, base)
                 desc["config"] = cfg if isinstance(cfg, dict) else cfg.to_dict()
             except (ValueError, KeyError) as e:
-                desc["config_error"] = str(e)
+                note_config_error(out, desc, info.component, e, fmt.path)
             else:
                 note_missing_keys(out, desc, info.component, cfg, shapes, fmt.path)
             components[info.component] = desc

@@ -50,6 +50,11 @@ class ConfigMismatchError(ValueError):
     """A config value that contradicts what the checkpoint's tensor shapes give."""
 
 
+class ConfigNeededError(ValueError):
+    """A config value that shapes cannot tell and the default does not fit (a DiT's RoPE axes): the
+    file loads with that value given (``config=``, or the config.json of a model folder)."""
+
+
 def _merge_checked(what: str, base: dict, inferred: dict, overrides: dict) -> dict:
     """base < inferred < overrides, where an override of an inferred value must agree with it."""
     for key, value in overrides.items():
@@ -109,7 +114,7 @@ def infer_transformer_config(shapes: dict[str, tuple], overrides: dict | str | o
             hint = (f" The checkpoint's head dim is {head_dim} (the q/k-norm size) but axes_dims "
                     f"{list(merged['axes_dims'])} sums to {sum(merged['axes_dims'])}: RoPE axes cannot be read from "
                     f"shapes, pass transformer_config={{'axes_dims': [...]}} (zimage convert: --config FILE).")
-        raise ValueError(f"{what}: {e}.{hint}") from None
+        raise (ConfigNeededError if hint else ValueError)(f"{what}: {e}.{hint}") from None
     _check_shapes(what, shapes, {
         "layers.0.feed_forward.w1.weight": (config.ffn_dim, dim),
         "layers.0.adaLN_modulation.0.weight": (4 * dim, config.adaln_dim),
