@@ -278,3 +278,37 @@ def test_a_lora_loaded_or_unloaded_between_streamed_runs_reaches_every_block():
         ours.unload(model)
         for run in range(3):
             assert torch.equal(model(x, cap, t, layout), plain), f"run {run} after unload"
+
+
+@pytest.mark.parametrize("setting", ["compile-blocks", "compile-full", "offload-blocks"])
+def test_pickling_a_compiled_or_streamed_dit_is_refused_saying_what_to_do(tiny_model_dir, setting):
+    """torch.save(pipe.transformer) or pickle.dumps of a compiled DiT failed with PyTorch's "Can't
+    pickle <function _block_forward ...>: it's not the same object as
+    zimage_native.accel.compile._block_forward", and of a DiT with offload="blocks" with "Can't
+    pickle local object 'BlockStreamer.__init__.<locals>.<lambda>'". Both are refused now saying why
+    and what to do (save the state_dict; pickle before optimize / load with offload='none');
+    copy.deepcopy still copies them, and their state_dict still saves."""
+    import io
+    import pickle
+
+    from tests.fixtures import our_pipeline
+
+    pipe = our_pipeline(tiny_model_dir, offload="blocks") if setting == "offload-blocks" else our_pipeline(tiny_model_dir)
+    if setting.startswith("compile"):
+        pipe.optimize(compile=setting.removeprefix("compile-"), compile_backend="eager")
+        message = (r"^cannot pickle a compiled DiT \(optimize\(compile=\.\.\.\)\): .* Save its weights instead "
+                   r"\(torch\.save\(pipe\.transformer\.state_dict\(\), PATH\).* or pickle it before optimize")
+    else:
+        message = (r"^cannot pickle a DiT whose blocks are streamed \(offload='blocks'\): .* Save its weights instead "
+                   r"\(torch\.save\(pipe\.transformer\.state_dict\(\), PATH\).* or load it with offload='none'")
+    for save in (lambda: torch.save(pipe.transformer, io.BytesIO()), lambda: pickle.dumps(pipe.transformer),
+                 lambda: pickle.dumps(pipe)):
+        with pytest.raises(TypeError, match=message):
+            save()
+    copied = copy.deepcopy(pipe.transformer)
+    assert copied is not pipe.transformer and torch.equal(copied.x_pad_token, pipe.transformer.x_pad_token)
+    buffer = io.BytesIO()
+    torch.save(pipe.transformer.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state.keys() == pipe.transformer.state_dict().keys()

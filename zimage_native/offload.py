@@ -37,6 +37,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from .process_local import ProcessLocal
+
 # Submodules of a block that stay resident (the pipeline calls them outside the block's forward).
 RESIDENT = ("adaLN_modulation",)
 
@@ -52,8 +54,13 @@ def _streamed_tensors(block: nn.Module, keep: tuple[str, ...]) -> list[torch.Ten
     return out
 
 
-class BlockStreamer:
+class BlockStreamer(ProcessLocal):
     """Moves each block's weights to ``device`` just in time and back after use (see module doc)."""
+
+    pickle_refusal = ("cannot pickle a DiT whose blocks are streamed (offload='blocks'): its streaming hooks belong to "
+                      "this process. Save its weights instead (torch.save(pipe.transformer.state_dict(), PATH), or "
+                      "safetensors' save_file) and load them into a new DiT, or load it with offload='none' to "
+                      "pickle it")
 
     def __init__(self, blocks: Iterable[nn.Module], device: torch.device | str, depth: int = 1,
                  keep: tuple[str, ...] = RESIDENT, transfer: Callable[[torch.Tensor], torch.Tensor] | None = None):

@@ -40,7 +40,15 @@ import logging
 import torch
 from torch import nn
 
+from ..process_local import ProcessLocal
+
 logger = logging.getLogger(__name__)
+
+#: Why a compiled DiT is not pickled, and what to do.
+PICKLE_REFUSAL = ("cannot pickle a compiled DiT (optimize(compile=...)): its compiled functions belong to this process. "
+                  "Save its weights instead (torch.save(pipe.transformer.state_dict(), PATH), or safetensors' "
+                  "save_file) and load them into a new DiT, or pickle it before optimize(compile=...); "
+                  "copy.deepcopy copies a compiled DiT")
 
 COMPILE_MODES = ("off", "blocks", "full")
 SHAPE_POLICIES = ("dynamic", "static")
@@ -149,9 +157,11 @@ def _mark_sequence_dynamic(*tensors: torch.Tensor | None) -> None:
             torch._dynamo.maybe_mark_dynamic(t, 1)
 
 
-class CompiledBlock:
+class CompiledBlock(ProcessLocal):
     """A block's ``forward``: notes its shape class, marks the sequence dim dynamic (under the dynamic
     policy), and calls the one compiled function shared by all blocks."""
+
+    pickle_refusal = PICKLE_REFUSAL
 
     def __init__(self, block: nn.Module, compiled, classes: ShapeClasses, dynamic: bool):
         self.block = block
@@ -236,13 +246,15 @@ def _block_forward(block, x, rope, mask, c, mod):
     return type(block).forward(block, x, rope, mask, c, mod)
 
 
-class CompiledMethod:
+class CompiledMethod(ProcessLocal):
     """``forward_tokens`` / ``encode_caption`` of the ``full`` preset, with the same bookkeeping.
 
     Marked dynamic (dim 1): the token inputs (x for forward_tokens, the caption features or
     tokens), every tensor of the layout, the ControlNet hints and the image tokens it passes on;
     never c or the modulation vectors.
     """
+
+    pickle_refusal = PICKLE_REFUSAL
 
     def __init__(self, name: str, compiled, classes: ShapeClasses, dynamic: bool, packed: list[nn.Module],
                  module: nn.Module):
