@@ -109,22 +109,30 @@ def iter_tensors(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     keep: Callable[[str], bool] | None = None,
+    rows: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) one tensor at a time, cast to ``dtype`` (floating tensors only) on ``device``.
 
     A tensor that is cast is read from the file by blocks of rows into its result
     (:func:`~zimage_native.formats.tensors.cast_rows`); one kept as stored is a view of the file's
     memory map. Cast through the map, every page read stayed resident until the file was done (a
-    bf16 DiT shard of 1.4 GB loaded in fp32: 4190 MiB at the peak for 2790 MiB of weights)."""
-    from .formats.tensors import cast_rows, converted
+    bf16 DiT shard of 1.4 GB loaded in fp32: 4190 MiB at the peak for 2790 MiB of weights).
+    ``rows``: a tensor of two or more dimensions kept as stored comes as a
+    :class:`~zimage_native.formats.tensors.StoredRows`, read by rows where it is used (quantised),
+    valid until the next one is taken (``device`` does not apply to it)."""
+    from .formats.tensors import StoredRows, cast_rows, converted
 
     for file in files:
         with Checkpoint(check_safetensors(file)) as ckpt:
             for key in sorted(ckpt.keys()):
                 if keep is not None and not keep(key):
                     continue
-                if converted(ckpt.tensors[key], dtype):
+                info = ckpt.tensors[key]
+                if converted(info, dtype):
                     t = cast_rows(ckpt, key, dtype)
+                elif rows and len(info.shape) >= 2 and info.torch_dtype is not None:
+                    yield key, StoredRows(ckpt, key)
+                    continue
                 else:
                     t = ckpt.get(key)
                     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
@@ -316,7 +324,7 @@ def _load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | Non
             # Quantised: fp8 weights come as stored, and are dequantised by the chunks of rows that are
             # quantised (quantize.quantize_items), never whole in dtype (fp32: 1.56 GB for the embedding).
             kept = [k for k in info.keys if any(keep(c) for c in info.keymap().canonical_keys(k))]
-            items = canonical_items(ckpt, info, dequant=False, keep=keep)
+            items = canonical_items(ckpt, info, dequant=False, keep=keep, rows=True)
             return load_truncated_qwen3(full, items, dtype, device, quant,
                                         fp8_scales=read_scales(ckpt, kept, info.keymap()), keys=shapes)
         if kind == "transformer":

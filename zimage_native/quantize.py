@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .formats.fp8 import TORCH_FP8, dequantize
+from .formats.tensors import StoredRows
 
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP = 128
@@ -46,18 +47,21 @@ def _by_rows(fn, weight: torch.Tensor, dtype: torch.dtype | None, device: torch.
     A float8 ``weight`` (as a file stores it) is the row source of its dequantised values: each
     chunk is moved, then dequantised to ``dtype`` (fp32 when None) times its rows of ``scale`` (a
     scalar, one value per row, or None) as loading dequantises (:func:`~zimage_native.formats.fp8.dequantize`),
-    so the weight is never whole in ``dtype``: the codes are those of the weight dequantised whole."""
+    so the weight is never whole in ``dtype``: the codes are those of the weight dequantised whole.
+    A :class:`~zimage_native.formats.tensors.StoredRows` ``weight`` is read from its file by the
+    same chunks (each consumed before the next is read), never whole nor through the file's map."""
     n = weight.shape[0]
+    rows = weight.rows if isinstance(weight, StoredRows) else lambda i, j: weight[i:j]
     if weight.dtype in TORCH_FP8:
         per_row = scale is not None and scale.numel() > 1
 
         def take(i: int, j: int) -> torch.Tensor:
             part = scale[i:j] if per_row else scale
-            return dequantize(weight[i:j].to(device), None if part is None else part.to(device),
+            return dequantize(rows(i, j).to(device), None if part is None else part.to(device),
                               dtype or torch.float32)
     else:
         def take(i: int, j: int) -> torch.Tensor:
-            return weight[i:j].to(device=device, dtype=dtype)
+            return rows(i, j).to(device=device, dtype=dtype)
     if n <= CHUNK_ROWS:
         return fn(take(0, n), *args)
     out = None
@@ -70,13 +74,17 @@ def _by_rows(fn, weight: torch.Tensor, dtype: torch.dtype | None, device: torch.
     return out
 
 
+def _detached(weight):
+    return weight if isinstance(weight, StoredRows) else weight.detach()
+
+
 def int8_rows(weight: torch.Tensor, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None, fp8_scale: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) -> int8 codes (N, K) and fp32 scales (N,), symmetric per row: w ~= q * scale; the codes
     of ``weight`` cast to ``dtype``, computed on ``device`` (both None: as it is). A float8 ``weight``
     is dequantised (times ``fp8_scale``) by chunks of rows first (see :func:`_by_rows`)."""
-    return _by_rows(_int8_rows, weight.detach(), dtype, device, scale=fp8_scale)
+    return _by_rows(_int8_rows, _detached(weight), dtype, device, scale=fp8_scale)
 
 
 def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +128,7 @@ def int4_groups(weight: torch.Tensor, group_size: int, dtype: torch.dtype, devic
     ``weight`` cast to ``dtype``, computed on ``device`` (None: where it is). A float8 ``weight`` is
     dequantised (times ``fp8_scale``) by chunks of rows first (see :func:`_by_rows`)."""
     check_int4_width(weight.shape[1], group_size)
-    return _by_rows(_int4_groups, weight.detach(), dtype, device, group_size, dtype, scale=fp8_scale)
+    return _by_rows(_int4_groups, _detached(weight), dtype, device, group_size, dtype, scale=fp8_scale)
 
 
 def check_int4_width(in_features: int, group_size: int) -> None:
@@ -267,7 +275,11 @@ def quantize_items(items: Iterable[tuple[str, torch.Tensor]], swapped: dict[str,
     ever held in ``dtype`` whole, let alone the encoder. Float8 tensors (an fp8 file read without
     dequantising) are dequantised with their scale in ``fp8_scales`` (by key; none: unscaled) to
     ``dtype`` (fp32 when None) as loading would: a quantised weight by the same chunks of rows,
-    so not even an fp8 weight is ever whole in ``dtype``. The other tensors (norms, biases, packed
+    so not even an fp8 weight is ever whole in ``dtype``. A weight that comes as
+    :class:`~zimage_native.formats.tensors.StoredRows` is read from its file by those chunks (never
+    through the file's memory map, whose pages stayed resident beside the result until the file was
+    done: a real-width Qwen3 read that way peaked at 744 MiB for a 213 MiB int8 model, 430 MiB of it the
+    file's pages). The other tensors (norms, biases, packed
     GGUF bytes) are cast and moved; floating ones are copied, so that none keeps the file it was
     read from mapped."""
     from .formats.tensors import cast
@@ -277,6 +289,8 @@ def quantize_items(items: Iterable[tuple[str, torch.Tensor]], swapped: dict[str,
     for key, t in items:
         path, _, leaf = key.rpartition(".")
         module = swapped.get(path)
+        if isinstance(t, StoredRows) and (module is None or leaf != "weight"):
+            t = t.whole()  # not quantised: in new memory, cast below
         if module is None or leaf != "weight":
             if t.dtype in TORCH_FP8:
                 yield key, dequantize(t, fp8_scales.get(key), dtype or torch.float32).to(device)

@@ -121,7 +121,9 @@ def load_qwen3_encoder(folder: str | os.PathLike, dtype: torch.dtype, device: to
         return not unused_key(key.removeprefix("model."), n)
 
     files = safetensors_files(folder)
-    read = iter_tensors(files, dtype if quant == "none" else None, "cpu", keep)  # quantised: cast by rows
+    # Quantised: each weight is read by the rows that are quantised (and cast), none through the file's map.
+    read = iter_tensors(files, dtype, "cpu", keep) if quant == "none" else iter_tensors(files, None, "cpu", keep,
+                                                                                        rows=True)
     items = ((k.removeprefix("model."), t) for k, t in read)
     keys = [k.removeprefix("model.") for k in read_header_keys(files)]
     return load_truncated_qwen3(full, items, dtype, device, quant, keys=keys)

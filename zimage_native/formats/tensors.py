@@ -24,13 +24,37 @@ from .detect import ComponentInfo
 from .fp8 import FP8_DTYPES, TORCH_FP8, dequantize, is_aux, scale_for
 
 
+class StoredRows:
+    """A tensor of a file, of two or more dimensions, as stored, read by blocks of rows where it is
+    used (:func:`~zimage_native.quantize.int8_rows` and ``int4_groups`` quantise it so): taken whole
+    from the file's memory map, every page read stayed resident beside the result until the file
+    was done. ``shape`` and ``dtype`` are the stored ones; :meth:`rows` reads rows ``i:j`` into the
+    checkpoint's scratch buffer (valid until the next read); valid while the checkpoint is open."""
+
+    def __init__(self, ckpt: Checkpoint, key: str):
+        self.ckpt, self.key = ckpt, key
+        info = ckpt.tensors[key]
+        self.shape, self.dtype = torch.Size(info.shape), info.torch_dtype
+        self.row_bytes = math.prod(info.shape[1:]) * self.dtype.itemsize
+
+    def rows(self, i: int, j: int) -> torch.Tensor:
+        j = min(j, self.shape[0])
+        return self.ckpt.read_rows(self.key, i, j, self.ckpt.scratch(max(0, j - i) * self.row_bytes))
+
+    def whole(self) -> torch.Tensor:
+        """The tensor in new memory (for a tensor that is not quantised)."""
+        return self.rows(0, self.shape[0]).clone()
+
+
 def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool = True,
-              dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None
+              dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None, rows: bool = False
               ) -> Iterator[tuple[str, torch.Tensor]]:
     """The component's weights in file order (quantisation keys consumed), as stored or dequantised
     to ``dtype`` (fp32 when None; meta tensors say fp32); other floating tensors of two or more
     dimensions are cast to ``dtype`` (when given) as they are read. A key that the key map drops (a
-    tied ``lm_head``), or none of whose canonical keys ``keep`` accepts, is not read at all."""
+    tied ``lm_head``), or none of whose canonical keys ``keep`` accepts, is not read at all.
+    ``rows``: a tensor of two or more dimensions kept as stored comes as :class:`StoredRows` (for a
+    key map that only renames: the text encoder's), not as a view of the file's memory map."""
     keymap = info.keymap()
     for key in info.keys:
         if is_aux(key):
@@ -52,6 +76,8 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
             yield key, ckpt.meta(key)
         elif converted(t_info, dtype):
             yield key, cast_rows(ckpt, key, dtype)
+        elif rows and len(t_info.shape) >= 2 and t_info.torch_dtype is not None:
+            yield key, StoredRows(ckpt, key)
         else:
             yield key, ckpt.get(key)
 
@@ -81,13 +107,13 @@ def cast_rows(ckpt: Checkpoint, key: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 def canonical_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool = False, dequant: bool = True,
-                    dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None
+                    dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None, rows: bool = False
                     ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream the component as canonical (our module names) tensors; fp8 is dequantised to ``dtype``
     (fp32 when None) by blocks of rows (:func:`~zimage_native.formats.fp8.dequantize`), never whole in fp32.
     ``keep(canonical key)``: tensors it refuses are skipped before they are read (a file tensor split
     into several canonical ones is read when any of them is kept, and yields all of them)."""
-    return to_canonical(raw_items(ckpt, info, meta, dequant, dtype, keep), info.keymap())
+    return to_canonical(raw_items(ckpt, info, meta, dequant, dtype, keep, rows), info.keymap())
 
 
 def canonical_shapes(ckpt: Checkpoint, info: ComponentInfo) -> dict[str, tuple]:
