@@ -669,21 +669,32 @@ def test_a_second_server_on_a_data_folder_in_use_is_refused_and_leaves_the_first
     """Two servers on one --data-dir (say one per GPU with the default folder): the second's start-up
     repair marked the first's running job failed and its waiting job cancelled, and deleted its
     temporary files and the images without a row yet. Now the second is refused, naming the first."""
+    import threading
+
     from zimage_native.server.storage import DataDirInUse
 
-    with LiveServer(create_app(FakeEngine(step_delay=0.05), settings_for(tmp_path, queue_size=2))) as first, \
+    generating, release = threading.Event(), threading.Event()
+
+    class Held(FakeEngine):  # the first job runs until the second server was refused
+        def generate(self, request, callback):
+            generating.set()
+            assert release.wait(30)
+            return super().generate(request, callback)
+
+    with LiveServer(create_app(Held(), settings_for(tmp_path, queue_size=2))) as first, \
             httpx.Client(base_url=first.url, timeout=30) as client:
-        running, waiting = submit(client, steps=40), submit(client, steps=2)
-        deadline = time.monotonic() + 10
-        while client.get(f"/api/v1/jobs/{running['id']}").json()["status"] != "running":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        with pytest.raises(DataDirInUse) as refused:
-            create_app(FakeEngine(), settings_for(tmp_path))
+        running, waiting = submit(client, steps=2), submit(client, steps=2)
+        try:
+            assert generating.wait(30)
+            with pytest.raises(DataDirInUse) as refused:
+                create_app(FakeEngine(), settings_for(tmp_path))
+            assert client.get(f"/api/v1/jobs/{running['id']}").json()["status"] == "running"
+            assert client.get(f"/api/v1/jobs/{waiting['id']}").json()["status"] == "queued"
+        finally:
+            release.set()
         message = str(refused.value)
         assert f"the data folder {tmp_path} is in use by another zimage server (pid {os.getpid()} on " in message
         assert "give each server its own --data-dir, or serve several GPUs from one server with --ray" in message
-        assert client.get(f"/api/v1/jobs/{waiting['id']}").json()["status"] == "queued"
         events = follow(client, running["events_url"])
         assert events[-1].type == "completed"
     # The first server stopped: its lock is released and the folder serves again.
