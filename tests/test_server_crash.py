@@ -53,9 +53,9 @@ def test_sigkill_mid_batch_then_restart_keeps_history_consistent(tmp_path):
     try:
         with httpx.Client(base_url=url, timeout=30) as c:
             ids = []
-            for i in range(6):
-                r = c.post("/api/v1/jobs", json={"prompt": f"job {i}", "width": 64, "height": 64, "steps": 6,
-                                                 "n": 3, "seed": 100 * i})
+            for i in range(6):  # two short jobs, then long ones: the kill comes while the third generates
+                r = c.post("/api/v1/jobs", json={"prompt": f"job {i}", "width": 64, "height": 64,
+                                                 "steps": 2 if i < 2 else 50, "n": 3, "seed": 100 * i})
                 assert r.status_code == 202, r.text
                 ids.append(r.json()["id"])
             completed_before: dict[str, list[str]] = {}
@@ -67,7 +67,10 @@ def test_sigkill_mid_batch_then_restart_keeps_history_consistent(tmp_path):
                         completed_before[j] = [i["id"] for i in s["images"]]
                 running = [s for s in states.values() if s["status"] == "running" and s["progress"]
                            and s["progress"]["step"] >= 2]
-                if len(completed_before) >= 2 and running:
+                # one job in flight: none has its images being stored (the writer thread stores a job's
+                # images while the next one generates; a kill then interrupts both), and the running
+                # one has 2 s of steps left
+                if len(completed_before) >= 2 and running and c.get("/health").json()["queue"]["saving"] == 0:
                     break
                 time.sleep(0.02)
             else:
