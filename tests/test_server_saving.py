@@ -177,7 +177,8 @@ def test_the_average_behind_retry_after_is_the_workers_time_per_job_not_the_save
     job = submit(manager, "job")
     manager.start()
     assert gate.entered.wait(WAIT)  # handed over, not yet saved; the average is the first guess until timed
-    wait_until(lambda: manager.stats()["average_job_seconds"] != 2.0, timeout=2.0)  # (before the save moves it)
+    # the worker times the job after the hand-off: wait for that before the save moves the clock
+    assert wait_until(lambda: manager._timed == 1)
     gate.release.set()
     assert wait_until(lambda: job.terminal) and job.status == "completed"
     assert job.events[-1].data["seconds"] == 6.0 and manager.stats()["average_job_seconds"] == 1.0
