@@ -81,8 +81,23 @@ def test_health_and_capabilities(client):
     assert client.head("/health").status_code == 200 and client.head("/").status_code == 200  # curl -I, monitors
 
 
-def test_job_events_arrive_in_order(client):
-    job, events = run_job(client, steps=4, n=2, seed=7)
+def test_job_events_arrive_in_order(client, server):
+    import threading
+
+    release = threading.Event()
+    generate = server.engine.generate
+
+    def held(request, callback):  # the job cannot end before its 202 answer is read
+        assert release.wait(30)
+        return generate(request, callback)
+
+    server.engine.generate = held
+    try:
+        job = submit(client, steps=4, n=2, seed=7)
+    finally:
+        release.set()
+        del server.engine.generate
+    events = follow(client, job["events_url"])
     assert job["status"] in ("queued", "running") and job["queue_position"] == 0
     assert [e.type for e in events] == ["queued", "started"] + ["progress"] * 4 + ["completed"]
     assert [e.id for e in events] == list(range(1, 8))
