@@ -167,7 +167,18 @@ def test_cancel_a_running_job_between_steps(client, server):
 
 
 def test_queue_full_answers_429_with_retry_after(tmp_path):
-    engine = FakeEngine(step_delay=0.05)
+    import threading
+
+    release = threading.Event()
+
+    class Held(FakeEngine):  # the running job holds its place until the test lets it go
+        def generate(self, request, callback):
+            def held(step, total):
+                callback(step, total)
+                assert release.wait(30)
+            return super().generate(request, held)
+
+    engine = Held()
     with LiveServer(create_app(engine, settings_for(tmp_path, queue_size=1))) as live, \
             httpx.Client(base_url=live.url, timeout=30) as c:
         accepted = [submit(c, steps=50) for _ in range(2)]
@@ -184,6 +195,7 @@ def test_queue_full_answers_429_with_retry_after(tmp_path):
         third = submit(c, steps=2)
         for job in (accepted[0], third):
             c.post(f"/api/v1/jobs/{job['id']}/cancel")
+        release.set()
         assert follow(c, third["events_url"])[-1].type == "cancelled"
 
 
