@@ -287,8 +287,11 @@ def test_cancel_stops_a_job_waiting_for_a_hanging_remote_encoder(tmp_path, silen
     server = live(tmp_path, engine=EncodesFirst(hanging_remote(silent.url)))
     with server, httpx.Client(base_url=server.url, timeout=30) as client:
         job = client.post("/api/v1/jobs", json={"prompt": "x", **SMALL}).json()
-        assert wait_status(client, job["id"], ("running",))["status"] == "running"
-        time.sleep(0.3)  # inside the remote call
+        # cancel once the job waits for the encoder (a cancel before that ends it without a call)
+        deadline = time.monotonic() + 30
+        while not silent.connections:
+            assert time.monotonic() < deadline, "the job never called the remote encoder"
+            time.sleep(0.01)
         t0 = time.monotonic()
         assert client.post(f"/api/v1/jobs/{job['id']}/cancel").json()["cancel_requested"] is True
         last = follow(client, job["events_url"], timeout=10)[-1]
