@@ -143,7 +143,20 @@ def test_failed_job_reports_the_error(client):
 
 
 def test_cancel_a_running_job_between_steps(client, server):
+    import threading
+
     server.engine.step_delay = 0.03
+    answered = threading.Event()
+    generate = server.engine.generate
+
+    def held(request, callback):  # the job waits after step 2 until its cancel was answered
+        def on_step(step, total):
+            callback(step, total)
+            if step == 2:
+                assert answered.wait(30)
+        return generate(request, on_step)
+
+    server.engine.generate = held
     try:
         job = submit(client, steps=40)
         sent = []
@@ -152,9 +165,12 @@ def test_cancel_a_running_job_between_steps(client, server):
             if event.type == "progress" and event.data["step"] == 2 and not sent:
                 r = client.post(f"/api/v1/jobs/{job['id']}/cancel")
                 sent.append(r)
+                answered.set()
 
         events = follow(client, job["events_url"], on_event)
     finally:
+        answered.set()
+        del server.engine.generate
         server.engine.step_delay = 0.01
     assert sent and sent[0].status_code == 200 and sent[0].json()["cancel_requested"] is True
     types = [e.type for e in events]
