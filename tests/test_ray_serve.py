@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -287,6 +288,10 @@ def cluster(tmp_path_factory):
     """Ray with 4 CPUs and 2 logical GPUs, two replicas of the fake engine behind the ingress."""
     if ray.is_initialized():
         ray.shutdown()
+    # Serve's controller gives the HTTP proxy 3 readiness checks of 5 s, then kills it and serve.start
+    # fails after 60 s: on a loaded 2-core machine the proxy took longer to start (its worker
+    # imports Ray Serve and uvicorn). The controller and its actors inherit the driver's environment.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
