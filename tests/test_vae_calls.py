@@ -75,6 +75,17 @@ def test_postprocess_refuses_what_it_cannot_take(tiny_pipe):
         tiny_pipe.image_processor.preprocess(Image.new("RGB", (32, 32)), resize_mode="crop")
 
 
+def test_postprocess_refuses_a_do_denormalize_list_of_another_length(tiny_pipe):
+    """One flag per image: a shorter list dropped the images past it (3 decoded, 1 returned; diffusers
+    raises IndexError), a longer one was ignored."""
+    image = torch.rand(3, 3, 16, 16) * 2 - 1
+    for output_type in ("pt", "np", "pil"):
+        for flags in ([True], [True, False], [True] * 4):
+            with pytest.raises(ValueError, match=rf"do_denormalize has {len(flags)} flags for a batch of 3 images"):
+                tiny_pipe.image_processor.postprocess(image, output_type, do_denormalize=flags)
+        assert len(tiny_pipe.image_processor.postprocess(image, output_type, do_denormalize=[True, False, True])) == 3
+
+
 @torch.no_grad()
 def test_images_encoded_by_hand_match_diffusers(tiny_pipe, reference_pipe):
     """img2img by hand: image_processor.preprocess, vae.encode(x).latent_dist.sample(generator) / .mode(),

@@ -233,7 +233,10 @@ class ImageProcessor:
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if output_type == "latent":
             return image
-        flags = [True] * image.shape[0] if do_denormalize is None else do_denormalize
+        flags = [True] * image.shape[0] if do_denormalize is None else list(do_denormalize)
+        if len(flags) != image.shape[0]:
+            raise ValueError(f"image_processor.postprocess: do_denormalize has {len(flags)} flags for a batch of "
+                             f"{image.shape[0]} images (one per image, or None: all)")
         image = torch.stack([(one * 0.5 + 0.5).clamp(0, 1) if flag else one for one, flag in zip(image, flags)])
         if output_type == "pt":
             return image
