@@ -75,6 +75,20 @@ def test_postprocess_refuses_what_it_cannot_take(tiny_pipe):
         tiny_pipe.image_processor.preprocess(Image.new("RGB", (32, 32)), resize_mode="crop")
 
 
+@torch.no_grad()
+def test_a_decode_used_as_the_tensor_it_was_names_sample(tiny_pipe):
+    """decode(z) returned the image tensor up to now; a tensor's name on its DecoderOutput says to
+    read .sample (it said only "'DecoderOutput' object has no attribute 'shape'")."""
+    out = tiny_pipe.vae.decode(torch.randn(1, 16, 4, 4))
+    for name in ("shape", "clamp", "cpu", "permute"):
+        with pytest.raises(AttributeError, match=rf"no attribute '{name}': vae.decode\(z\) returns .*\.sample is"):
+            getattr(out, name)
+    with pytest.raises(AttributeError, match=r"no attribute 'latent_dist'$"):
+        out.latent_dist
+    assert not hasattr(out, "__deepcopy__") and copy.deepcopy(out).sample.shape == (1, 3, 32, 32)
+    assert torch.equal(pickle.loads(pickle.dumps(out)).sample, out.sample)
+
+
 def test_postprocess_refuses_a_do_denormalize_list_of_another_length(tiny_pipe):
     """One flag per image: a shorter list dropped the images past it (3 decoded, 1 returned; diffusers
     raises IndexError), a longer one was ignored."""

@@ -209,6 +209,15 @@ class DecoderOutput:
     def __getitem__(self, index):
         return (self.sample,)[index]
 
+    def __getattr__(self, name: str):
+        # Only names the class does not have reach here. decode(z) was the image tensor itself up to
+        # now: a tensor's name on its result says where the tensor went.
+        if not name.startswith("__") and hasattr(torch.Tensor, name):
+            raise AttributeError(f"'DecoderOutput' object has no attribute {name!r}: vae.decode(z) returns "
+                                 f"diffusers' output, whose .sample is the image tensor (B, 3, H, W) "
+                                 f"(or decode(z, return_dict=False)[0])")
+        raise AttributeError(f"'DecoderOutput' object has no attribute {name!r}")
+
 
 def _normal(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Standard normal noise drawn as diffusers' ``randn_tensor``: on the generator's device, then
