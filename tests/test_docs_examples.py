@@ -390,7 +390,8 @@ def test_every_flag_the_docs_name_exists():
     assert unknown_flags("`--steps` and `--no-such-flag`, `--no-overwrite`", known) == {"--no-such-flag"}
     docs = [*DOC_FILES, *sorted((ROOT / "docs" / "deploy").glob("*"))]
     unknown = {f"{doc.relative_to(ROOT)}: {flag}" for doc in docs for flag in unknown_flags(doc.read_text(), known)}
-    assert not unknown, f"flags that nothing takes: {sorted(unknown)}"
+    assert not unknown, (f"flags that nothing takes: {sorted(unknown)} (another program's flag, pip's or pytest's "
+                         f"say, is listed in OTHER_PROGRAMS_FLAGS with the program)")
 
 
 def test_every_zimage_environment_variable_the_docs_name_is_read():
