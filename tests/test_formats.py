@@ -259,6 +259,20 @@ def test_a_released_width_dit_of_another_depth_needs_its_config():
         infer_transformer_config(_released_shapes(("layers.29.",)), {"n_layers": 30})
 
 
+def test_a_released_width_dit_with_fewer_layers_is_told_it_may_need_its_config():
+    """A file of the released widths with fewer layers and no gap (0..19 of 30) is a cut file or
+    another model of these widths (a pruned one, which loads with its config): the message said only
+    to download it again. It names the config too now; a config's count is not second-guessed."""
+    shapes = _released_shapes(tuple(f"layers.{i}." for i in range(20, 30)))
+    with pytest.raises(ValueError, match=r"layers 20\.\.29 missing: .* The file is incomplete .*; if it is another "
+                                         r"model of these widths \(fewer blocks: a pruned model\), give its config "
+                                         r"\(n_layers=20\)$"):
+        infer_transformer_config(shapes)
+    assert infer_transformer_config(shapes, {"n_layers": 20}).n_layers == 20
+    with pytest.raises(ValueError, match=r"the config gives n_layers=30\. The file is incomplete[^;]*$"):
+        infer_transformer_config(shapes, {"n_layers": 30})
+
+
 def test_a_dit_folder_missing_layers_is_refused_naming_them(tiny_model_dir, tmp_path, monkeypatch):
     """A DiT folder whose config.json gives more layers than its weights hold: load_component
     inferred the depth from the keys over the config.json and loaded a shallower DiT without a word;

@@ -176,10 +176,12 @@ class IncompleteCheckpointError(BlockCountError):
     of its widths) has: it would load as a shallower model and make wrong images."""
 
 
-def _check_block_count(what: str, shapes: dict[str, tuple], pattern: str, key: str, expected: int, source: str
-                       ) -> None:
+def _check_block_count(what: str, shapes: dict[str, tuple], pattern: str, key: str, expected: int, source: str,
+                       released: bool = False) -> None:
     """Refuse a checkpoint whose blocks ``pattern`` are not exactly 0..expected-1 (``key``, e.g.
-    n_layers, as ``source`` gives it)."""
+    n_layers, as ``source`` gives it). ``released``: ``expected`` is the released model's count, no
+    config's: a file with fewer blocks may also be another model of these widths (a pruned one),
+    which loads with its config, and the message says so."""
     idx = _indices(shapes, pattern)
     if idx == list(range(expected)):
         return
@@ -187,7 +189,9 @@ def _check_block_count(what: str, shapes: dict[str, tuple], pattern: str, key: s
     missing = sorted(set(range(expected)) - set(idx))
     holds = f"the checkpoint holds {name} {_spans(idx)} ({_blocks(len(idx))}), {source} {key}={expected}"
     if missing:
-        raise IncompleteCheckpointError(f"{what}: {name} {_spans(missing)} missing: {holds}. {INCOMPLETE}")
+        other = (f"; if it is another model of these widths (fewer blocks: a pruned model), give its config "
+                 f"({key}={len(idx)})" if released and idx else "")
+        raise IncompleteCheckpointError(f"{what}: {name} {_spans(missing)} missing: {holds}. {INCOMPLETE}{other}")
     raise BlockCountError(f"{what}: {holds}: if the file is another model of these widths, give its config "
                           f"({key}={len(idx)})")
 
@@ -223,7 +227,8 @@ def _check_depth(what: str, shapes: dict[str, tuple], inferred: dict, overrides:
                                                            f"{RELEASED_DIT.dim}) have")
         else:
             continue
-        _check_block_count(what, shapes, pattern, key, int(expected), source)
+        _check_block_count(what, shapes, pattern, key, int(expected), source,
+                           released=key not in overrides and key not in base)
 
 
 def check_dit_blocks(keys, config: TransformerConfig, path) -> None:
