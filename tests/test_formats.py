@@ -259,6 +259,21 @@ def test_a_released_width_dit_of_another_depth_needs_its_config():
         infer_transformer_config(_released_shapes(("layers.29.",)), {"n_layers": 30})
 
 
+def test_zimage_info_does_not_call_a_deeper_released_width_dit_unloadable(tmp_path):
+    """A file of the released widths with more layers (32) is another model of these widths that
+    loads with its config, as a file whose RoPE axes only a config gives: `zimage info` called it
+    'cannot load' (and --check exited 1). It shows the config error only now; a file missing a
+    layer is still one that cannot load."""
+    for drop, extra, unloadable in (((), 2, False), (("layers.29.",), 0, True)):
+        shapes = _released_shapes(drop, extra_layers=extra)
+        comfy = convert_state_dict({k: torch.empty(v, device="meta") for k, v in shapes.items()}, None, DIT_COMFYUI)
+        path = write_sparse(tmp_path / f"dit{extra}.safetensors", {k: (v.shape, "BF16") for k, v in comfy.items()})
+        report = describe(path)
+        dit = report["components"]["transformer"]
+        assert "config" not in dit and "n_layers=" in dit["config_error"], dit
+        assert ("cannot_load" in dit) == ("problem" in report) == unloadable, (extra, report)
+
+
 def test_a_released_width_dit_with_fewer_layers_is_told_it_may_need_its_config():
     """A file of the released widths with fewer layers and no gap (0..19 of 30) is a cut file or
     another model of these widths (a pruned one, which loads with its config): the message said only

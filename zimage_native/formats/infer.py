@@ -176,12 +176,19 @@ class IncompleteCheckpointError(BlockCountError):
     of its widths) has: it would load as a shallower model and make wrong images."""
 
 
+class DepthNeedsConfigError(BlockCountError, ConfigNeededError):
+    """A checkpoint of the released widths with more blocks than the released model, and no config
+    giving its depth: another model of these widths, which loads with its config (``zimage info``
+    says so without calling it a file that cannot load, as for the RoPE axes)."""
+
+
 def _check_block_count(what: str, shapes: dict[str, tuple], pattern: str, key: str, expected: int, source: str,
                        released: bool = False) -> None:
     """Refuse a checkpoint whose blocks ``pattern`` are not exactly 0..expected-1 (``key``, e.g.
     n_layers, as ``source`` gives it). ``released``: ``expected`` is the released model's count, no
     config's: a file with fewer blocks may also be another model of these widths (a pruned one),
-    which loads with its config, and the message says so."""
+    which loads with its config, and the message says so; one with more blocks is such a model
+    (:class:`DepthNeedsConfigError`)."""
     idx = _indices(shapes, pattern)
     if idx == list(range(expected)):
         return
@@ -192,8 +199,8 @@ def _check_block_count(what: str, shapes: dict[str, tuple], pattern: str, key: s
         other = (f"; if it is another model of these widths (fewer blocks: a pruned model), give its config "
                  f"({key}={len(idx)})" if released and idx else "")
         raise IncompleteCheckpointError(f"{what}: {name} {_spans(missing)} missing: {holds}. {INCOMPLETE}{other}")
-    raise BlockCountError(f"{what}: {holds}: if the file is another model of these widths, give its config "
-                          f"({key}={len(idx)})")
+    raise (DepthNeedsConfigError if released else BlockCountError)(
+        f"{what}: {holds}: if the file is another model of these widths, give its config ({key}={len(idx)})")
 
 
 #: The widths of the released DiTs (Z-Image-Turbo and Z-Image share them, zimage-reference 1.2),
