@@ -316,29 +316,35 @@ print(status("VmHWM") - start, sum(t.nbytes for t in model.state_dict().values()
 """
 
 
-def save_wide_qwen3(folder: Path, layers: int, vocab: int) -> Path:
+def wide_qwen3_layer() -> dict[str, torch.Tensor]:
+    """The linear weights of one Qwen3-4B layer (random, bf16: 200 MB)."""
+    hidden, mlp, heads, kv, head = 2560, 9728, 32, 8, 128
+    g = torch.Generator().manual_seed(1)
+    shapes = {"self_attn.q_proj.weight": (heads * head, hidden), "self_attn.k_proj.weight": (kv * head, hidden),
+              "self_attn.v_proj.weight": (kv * head, hidden), "self_attn.o_proj.weight": (hidden, heads * head),
+              "mlp.gate_proj.weight": (mlp, hidden), "mlp.up_proj.weight": (mlp, hidden),
+              "mlp.down_proj.weight": (hidden, mlp)}
+    return {k: (torch.randn(*shape, generator=g) * 0.02).bfloat16() for k, shape in shapes.items()}
+
+
+def save_wide_qwen3(folder: Path, layers: int, vocab: int, layer: dict[str, torch.Tensor]) -> Path:
     """A Qwen3 of the released widths (hidden 2560, MLP 9728, 32 / 8 heads of 128) with ``layers``
-    layers and ``vocab`` tokens, bf16, as a transformers folder (random weights, written directly)."""
+    layers and ``vocab`` tokens, bf16, as a transformers folder (random weights, written directly).
+    Every layer holds a copy of the linear weights ``layer`` (:func:`wide_qwen3_layer`: drawing
+    200 MB of random values per layer took seconds; the peak tests measure bytes, not values)."""
     import json
 
     from safetensors.torch import save_file
 
     hidden, mlp, heads, kv, head = 2560, 9728, 32, 8, 128
     g = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).bfloat16()
-
-    state = {"embed_tokens.weight": rand(vocab, hidden), "norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+    state = {"embed_tokens.weight": (torch.randn(vocab, hidden, generator=g) * 0.02).bfloat16(),
+             "norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
     for i in range(layers):
-        state.update({f"layers.{i}.{k}": v for k, v in {
-            "self_attn.q_proj.weight": rand(heads * head, hidden), "self_attn.k_proj.weight": rand(kv * head, hidden),
-            "self_attn.v_proj.weight": rand(kv * head, hidden), "self_attn.o_proj.weight": rand(hidden, heads * head),
-            "self_attn.q_norm.weight": torch.ones(head, dtype=torch.bfloat16),
-            "self_attn.k_norm.weight": torch.ones(head, dtype=torch.bfloat16),
-            "mlp.gate_proj.weight": rand(mlp, hidden), "mlp.up_proj.weight": rand(mlp, hidden),
-            "mlp.down_proj.weight": rand(hidden, mlp), "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-            "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)}.items()})
+        state.update({f"layers.{i}.{k}": v.clone() for k, v in layer.items()})
+        state.update({f"layers.{i}.{k}": torch.ones(n, dtype=torch.bfloat16) for k, n in {
+            "self_attn.q_norm.weight": head, "self_attn.k_norm.weight": head, "input_layernorm.weight": hidden,
+            "post_attention_layernorm.weight": hidden}.items()})
     folder.mkdir(parents=True)
     save_file(state, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(dict(
@@ -365,8 +371,10 @@ def test_a_text_encoder_quantised_while_loading_is_read_by_rows_not_through_the_
 
     from zimage_native.formats.checkpoint import read_header
 
-    save_wide_qwen3(tmp_path / "warm", 2, 256)
-    save_wide_qwen3(tmp_path / "big", 2, 1024)
+    layer = wide_qwen3_layer()
+    save_wide_qwen3(tmp_path / "warm", 2, 256, layer)
+    save_wide_qwen3(tmp_path / "big", 2, 1024, layer)
+    del layer
     tensors, _ = read_header(tmp_path / "big" / "model.safetensors")
     read = sum(t.offsets[1] - t.offsets[0] for k, t in tensors.items() if k.startswith(("layers.0.", "embed_tokens.")))
     for how in ("folder", "file"):
