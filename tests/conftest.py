@@ -13,12 +13,8 @@ import torch
 import zimage_native  # noqa: F401,E402
 
 
-# Deterministic, quiet CPU runs, on one intra-op thread: the tiny models' ops take microseconds, and
-# with two OpenMP threads each parallel region waited on the other thread, which lost its core to
-# the other threads of the run (helper threads that called torch, a subprocess, another job on the
-# runner): a 64x48 linear took 4.7 ms instead of 67 us on a loaded 2-core machine, and
-# tests/test_pipeline.py ran 88 s with two threads and 30 s with one, back to back (the same 62 pass).
-torch.set_num_threads(1)
+# Deterministic, quiet CPU runs.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
