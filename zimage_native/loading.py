@@ -244,7 +244,7 @@ def read_component_state_dict(path: str | os.PathLike, kind: str, *, dequantize_
         state = {key: cast(t, dtype).to(device)
                  for key, t in canonical_items(ckpt, info, dequant=dequantize_fp8, dtype=dtype)}
         scales = {}
-        if not dequantize_fp8 and info.quantization == "scaled-fp8":
+        if not dequantize_fp8 and info.quantization in ("scaled-fp8", "comfy-quant"):
             scales = read_scales(ckpt, info.keys, info.keymap(), device)
         return state, scales
 
@@ -300,7 +300,7 @@ def _load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | Non
         return load_gguf_component(kind, path, dtype, device, config, quant, pinned)
     with Checkpoint(path) as ckpt:
         info = inspect_checkpoint(ckpt).component(kind)
-        kept_fp8 = kind == "transformer" and info.quantization in ("fp8", "scaled-fp8") and keep_fp8 is not False
+        kept_fp8 = kind == "transformer" and info.has_fp8_weights and keep_fp8 is not False
         if kept_fp8 and keep_fp8 is None:  # auto: see devices.keeps_fp8_here
             upcast = bytes_in((t for _, t in canonical_items(ckpt, info, meta=True)), dtype)
             kept_fp8 = keeps_fp8_here(upcast, device)
@@ -358,7 +358,8 @@ def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, devi
     fp8 = {k: t.dtype for k, t in canonical_items(ckpt, info, meta=True, dequant=False) if t.dtype in TORCH_FP8}
     swapped = swap_fp8_linears_(module, fp8)
     check_component_fits("transformer", module, dtype, device, pinned)
-    scales = read_scales(ckpt, info.keys, info.keymap(), device) if info.quantization == "scaled-fp8" else {}
+    scales = (read_scales(ckpt, info.keys, info.keymap(), device) if info.quantization in ("scaled-fp8", "comfy-quant")
+              else {})
 
     def items():
         for key, t in canonical_items(ckpt, info, dequant=False):

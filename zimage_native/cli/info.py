@@ -200,6 +200,9 @@ def info(path: Path, as_json: bool, check: bool):
         quant = c["quantization"] or "not quantised"
         click.echo(f"  {name:<13} {c['layout']:<13} {quant:<14} {c['parameters']:>15,} params  {c['tensors']:>5} "
                    f"tensors{prefix}  [{_dtypes(c['dtypes'])}]")
+        if "comfy_quant" in c:
+            formats = ", ".join(f"{fmt} {n} layers" for fmt, n in c["comfy_quant"].items())
+            click.echo(f"  {'':<13} comfy_quant formats: {formats} (the other linears unquantised)")
         if "gguf_types" in c:
             types = ", ".join(f"{q} {e['tensors']} tensors {e['bytes']:,} bytes"
                               for q, e in sorted(c["gguf_types"].items(), key=lambda kv: -kv[1]["bytes"]))

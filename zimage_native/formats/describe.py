@@ -43,6 +43,11 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                     "layout": info.layout, "prefix": info.prefix, "quantization": info.quantization,
                     "tensors": info.tensors, "parameters": info.parameters, "dtypes": info.dtypes,
                 }
+                if info.comfy_quant:  # ComfyUI mixed precision: layers per format
+                    formats: dict[str, int] = {}
+                    for name in info.comfy_quant.values():
+                        formats[name] = formats.get(name, 0) + 1
+                    entry["comfy_quant"] = dict(sorted(formats.items()))
                 try:
                     shapes = canonical_shapes(ckpt, info)
                     cfg = infer_config(info.component, shapes, None, folder_config(Path(path)))

@@ -3,9 +3,11 @@
 - which components it holds (DiT, VAE, Qwen3 text encoder; one file may hold all three, as
   ComfyUI's all-in-one checkpoints do under ``model.diffusion_model.`` / ``vae.`` /
   ``text_encoders.qwen3_4b.``) and in which layout (``converters.keymap``);
-- its quantisation: none, plain fp8 or ComfyUI's "scaled fp8" (:mod:`.fp8`). Formats that need
-  kernels we do not have (comfy_quant mixed precision, nunchaku SVDQuant, bitsandbytes,
-  GPTQ/AWQ) are recognised and refused with an error that names them;
+- its quantisation: none, plain fp8, ComfyUI's "scaled fp8" (:mod:`.fp8`) or ComfyUI's mixed
+  precision "comfy_quant" files in the formats :data:`COMFY_QUANT_FORMATS` (:func:`comfy_quant_layers`).
+  Formats that need kernels we do not have (the other comfy_quant formats: nvfp4, mxfp8, ...;
+  nunchaku SVDQuant, bitsandbytes, GPTQ/AWQ) are recognised and refused with an error that names
+  them (for comfy_quant: the layer and its format);
 - LoRAs and ControlNets are recognised and pointed elsewhere.
 """
 
@@ -35,11 +37,19 @@ class ComponentInfo:
     layout: str  # a name from converters.keymap.LAYOUTS
     prefix: str  # the key prefix that selects this component in the file ("" for a plain file)
     keys: list[str]  # the full keys of the component, quantisation keys included
-    quantization: str | None = None  # None | "fp8" | "scaled-fp8"
+    quantization: str | None = None  # None | "fp8" | "scaled-fp8" | "comfy-quant"
+    comfy_quant: dict[str, str] = field(default_factory=dict)  # comfy-quant: weight key -> format
     n_blocks: int | None = None  # VAE only: len(block_out_channels), for the LDM up-block mirror
     dtypes: dict[str, int] = field(default_factory=dict)  # dtype -> parameter count
     tensors: int = 0
     parameters: int = 0
+
+    @property
+    def has_fp8_weights(self) -> bool:
+        """Whether the component stores float8 weights that a DiT can keep (``keep_fp8``)."""
+        if self.quantization == "comfy-quant":
+            return any(dtype in FP8_DTYPES for dtype in self.dtypes)
+        return self.quantization in ("fp8", "scaled-fp8")
 
     def keymap(self) -> KeyMap:
         """The key map of this layout (its ``prefixes`` cover every prefix that detection accepts)."""
@@ -80,32 +90,85 @@ def normalize_kind(kind: str) -> str:
     return kind
 
 
-def _comfy_quant_formats(ckpt: Checkpoint, keys: list[str]) -> list[str]:
-    formats = set()
+#: comfy_quant formats that load, and the safetensors dtype their weights must have. Layouts, from
+#: ComfyUI's comfy/ops.py (``_load_quantized_module``) and comfy/quant_ops.py (``QUANT_ALGOS``), and
+#: comfy-kitchen's tensor/fp8.py and tensor/int8.py: ``<layer>.weight`` holds the values, ``<layer>.weight_scale``
+#: an fp32 scale, and weight = values * scale (per tensor for fp8; per tensor or per output row,
+#: shape (out, 1), for int8).
+COMFY_QUANT_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int8_tensorwise": "I8"}
+COMFY_QUANT_SUFFIX = ".comfy_quant"
+
+
+def comfy_quant_layers(ckpt: Checkpoint) -> dict[str, object]:
+    """Layer (file key without ``.weight``) -> its comfy_quant config, as ComfyUI reads it: a
+    ``<layer>.comfy_quant`` uint8 tensor holding the UTF-8 bytes of a JSON object, or (older files)
+    ``{"layers": {layer: config}}`` in the ``_quantization_metadata`` entry of the safetensors
+    metadata, which ComfyUI's ``convert_old_quants`` turns into those tensors (overriding one of
+    the same layer). A config that is not JSON is ``None``; metadata naming a layer without its
+    prefix is matched to the one weight key that ends with it."""
+    keys = ckpt.keys()
+    layers: dict[str, object] = {}
     for key in keys:
-        if key.endswith(".comfy_quant"):
+        if key.endswith(COMFY_QUANT_SUFFIX):
             try:
-                formats.add(str(json.loads(ckpt.raw_bytes(key).decode("utf-8")).get("format", "?")))
-            except (ValueError, UnicodeDecodeError, AttributeError):
-                formats.add("?")
+                layers[key[: -len(COMFY_QUANT_SUFFIX)]] = json.loads(ckpt.raw_bytes(key).decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                layers[key[: -len(COMFY_QUANT_SUFFIX)]] = None
     meta = ckpt.metadata.get("_quantization_metadata")
-    if meta:
+    if meta is not None:
         try:
-            layers = json.loads(meta).get("layers", {})
-            formats.update(str(v.get("format", "?")) for v in layers.values() if isinstance(v, dict))
+            entries = json.loads(meta).get("layers")
         except (ValueError, AttributeError):
-            formats.add("?")
-    return sorted(formats)
+            entries = None
+        if not isinstance(entries, dict):
+            layers["_quantization_metadata"] = None
+            return layers
+        for name, conf in entries.items():
+            if name + ".weight" not in ckpt.tensors:
+                found = [k[: -len(".weight")] for k in keys if k.endswith("." + name + ".weight")]
+                name = found[0] if len(found) == 1 else name
+            layers[name] = conf
+    return layers
 
 
-def _quantization_problem(ckpt: Checkpoint) -> str | None:
+def _comfy_quant_problem(ckpt: Checkpoint, layers: dict[str, object]) -> str | None:
+    """Why a comfy_quant file cannot load (naming the layer and its format), or None."""
+    path = ckpt.path
+    formats = sorted({str(c.get("format")) if isinstance(c, dict) else "?" for c in layers.values()})
+    where = f"{path}: ComfyUI mixed-precision 'comfy_quant' file (formats: {', '.join(formats)}): layer"
+    for layer, conf in layers.items():
+        fmt = conf.get("format") if isinstance(conf, dict) else None
+        if fmt is None:
+            return f"{where} {layer}: its comfy_quant config is not a JSON object with a format ({conf!r})"
+        if fmt not in COMFY_QUANT_FORMATS:
+            return (f"{where} {layer}: format {fmt!r} is not supported (supported: {', '.join(COMFY_QUANT_FORMATS)}); "
+                    f"use a bf16, fp8, scaled-fp8 or GGUF file")
+        weight = ckpt.tensors.get(layer + ".weight")
+        if weight is None:
+            return f"{where} {layer}: format {fmt} but the file has no {layer}.weight"
+        if weight.dtype != COMFY_QUANT_FORMATS[fmt] or len(weight.shape) != 2:
+            return (f"{where} {layer}: format {fmt} needs a 2-D {COMFY_QUANT_FORMATS[fmt]} weight, the file has "
+                    f"{weight.dtype} {list(weight.shape)}")
+        scale = ckpt.tensors.get(layer + ".weight_scale")
+        if scale is None or scale.dtype not in FLOAT_DTYPES:
+            return f"{where} {layer}: format {fmt} but no floating {layer}.weight_scale"
+        per_row = fmt == "int8_tensorwise" and tuple(scale.shape) == (weight.shape[0], 1)
+        if scale.numel != 1 and not per_row:
+            return (f"{where} {layer}: format {fmt} takes one weight_scale per tensor"
+                    f"{' or per output row, shape (out, 1)' if fmt == 'int8_tensorwise' else ''}; the file has "
+                    f"shape {list(scale.shape)}")
+        params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
+        if conf.get("convrot", params.get("convrot", False)):
+            return f"{where} {layer}: format {fmt} with ConvRot (Hadamard-rotated weights) is not supported"
+    return None
+
+
+def _quantization_problem(ckpt: Checkpoint, comfy: dict[str, object]) -> str | None:
     """A message naming the quantisation format we cannot load, or None."""
     keys = ckpt.keys()
     path = ckpt.path
-    if any(k.endswith(".comfy_quant") for k in keys) or "_quantization_metadata" in ckpt.metadata:
-        formats = ", ".join(_comfy_quant_formats(ckpt, keys)) or "?"
-        return (f"{path}: ComfyUI mixed-precision 'comfy_quant' quantisation (formats: {formats}) is not supported; "
-                f"use a bf16, plain fp8 or legacy scaled-fp8 file")
+    if comfy:
+        return _comfy_quant_problem(ckpt, comfy)
     if any(k.endswith((".qweight", ".wscales", ".smooth_factor", ".wtscale")) for k in keys):
         return (f"{path}: nunchaku SVDQuant (W4A4 int4/fp4, 'qweight') checkpoint is not supported: it needs the "
                 f"nunchaku CUDA kernels")
@@ -152,7 +215,8 @@ def _dit_layout(stripped: list[str], path: Path) -> str:
     return "diffusers"
 
 
-def _analyse(ckpt: Checkpoint, component: str, prefix: str, keys: list[str]) -> ComponentInfo:
+def _analyse(ckpt: Checkpoint, component: str, prefix: str, keys: list[str],
+             comfy: dict[str, object]) -> ComponentInfo:
     km_probe = keymap_for(component, {"transformer": "diffusers", "vae": "diffusers",
                                       "text_encoder": "bare"}[component])
     stripped = [km_probe.strip(k[len(prefix):]) for k in keys]
@@ -173,9 +237,13 @@ def _analyse(ckpt: Checkpoint, component: str, prefix: str, keys: list[str]) -> 
                 f"{ckpt.path}: the text encoder has no q_norm: it is not a Qwen3 model (Z-Image needs Qwen3-4B)")
     info = ComponentInfo(component, layout, prefix, keys, n_blocks=n_blocks)
     weights = [k for k in keys if not is_aux(k)]
-    if any(ckpt.tensors[k].dtype in FP8_DTYPES for k in weights):
+    info.comfy_quant = {k: conf["format"] for k in weights
+                        if k.endswith(".weight") and isinstance(conf := comfy.get(k[: -len(".weight")]), dict)}
+    if info.comfy_quant:
+        info.quantization = "comfy-quant"
+    elif any(ckpt.tensors[k].dtype in FP8_DTYPES for k in weights):
         info.quantization = "scaled-fp8" if is_scaled(keys) else "fp8"
-    ints = [k for k in weights if ckpt.tensors[k].dtype not in FLOAT_DTYPES + FP8_DTYPES]
+    ints = [k for k in weights if ckpt.tensors[k].dtype not in FLOAT_DTYPES + FP8_DTYPES and k not in info.comfy_quant]
     if ints:
         raise UnsupportedFormatError(
             f"{ckpt.path}: integer-typed weights ({ckpt.tensors[ints[0]].dtype} {ints[0]}) without a known "
@@ -192,7 +260,8 @@ def inspect_checkpoint(ckpt: Checkpoint) -> FileFormat:
     """Detect components, layouts and quantisation of an open checkpoint (header only)."""
     keys = ckpt.keys()
     fmt = FileFormat(ckpt.path, "safetensors", "model", metadata=dict(ckpt.metadata))
-    fmt.problem = _quantization_problem(ckpt)
+    comfy = comfy_quant_layers(ckpt)
+    fmt.problem = _quantization_problem(ckpt, comfy)
     if fmt.problem:
         return fmt
     if keys and all(_LORA_KEY.search(k) for k in keys):
@@ -223,7 +292,7 @@ def inspect_checkpoint(ckpt: Checkpoint) -> FileFormat:
         comp_keys = [k for k in keys if k.startswith(prefix)] if prefix else [
             k for k in keys if k in unclaimed]
         try:
-            fmt.components.append(_analyse(ckpt, component, prefix, comp_keys))
+            fmt.components.append(_analyse(ckpt, component, prefix, comp_keys, comfy))
         except UnsupportedFormatError as e:
             fmt.problem = str(e)
             return fmt

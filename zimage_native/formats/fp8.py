@@ -17,13 +17,16 @@ from .checkpoint import Checkpoint
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 TORCH_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
-#: Keys that describe quantisation rather than hold a weight of the model.
-SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale")
+#: Keys that describe quantisation rather than hold a weight of the model. ``input_scale`` (a static
+#: activation scale: ComfyUI quantises a layer's input to fp8 with it for its fp8 GEMM) is not used
+#: here: activations stay in the compute dtype. ``comfy_quant``: a layer's ComfyUI mixed-precision
+#: config (:func:`~zimage_native.formats.detect.comfy_quant_layers`).
+SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".comfy_quant")
 MARKER = "scaled_fp8"
 
 
 def is_aux(key: str) -> bool:
-    """A scale or marker key (not a weight of the model)."""
+    """A scale, marker or quantisation config key (not a weight of the model)."""
     return key.endswith(SCALE_SUFFIXES) or key == MARKER or key.endswith("." + MARKER)
 
 

@@ -50,7 +50,8 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
               dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None, rows: bool = False
               ) -> Iterator[tuple[str, torch.Tensor]]:
     """The component's weights in file order (quantisation keys consumed), as stored or dequantised
-    to ``dtype`` (fp32 when None; meta tensors say fp32); other floating tensors of two or more
+    to ``dtype`` (fp32 when None; meta tensors say fp32; comfy_quant int8 weights are dequantised
+    whatever ``dequant`` says); other floating tensors of two or more
     dimensions are cast to ``dtype`` (when given) as they are read. A key that the key map drops (a
     tied ``lm_head``), or none of whose canonical keys ``keep`` accepts, is not read at all.
     ``rows``: a tensor of two or more dimensions kept as stored comes as :class:`StoredRows` (for a
@@ -63,13 +64,14 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
         if not targets or (keep is not None and not any(keep(t) for t in targets)):
             continue
         t_info = ckpt.tensors[key]
-        if t_info.dtype in FP8_DTYPES and dequant:
+        int8 = info.comfy_quant.get(key) == "int8_tensorwise"  # always dequantised (int8 values * weight_scale)
+        if (t_info.dtype in FP8_DTYPES and dequant) or int8:
             if meta:
                 yield key, torch.empty(t_info.shape, dtype=torch.float32, device="meta")
             else:
                 scale_key = scale_for(ckpt, key)
                 scale = ckpt.get(scale_key) if scale_key else None
-                read = (lambda i, j, key=key, row=t_info.numel // max(1, t_info.shape[0]):  # (fp8: 1 byte a value)
+                read = (lambda i, j, key=key, row=t_info.numel // max(1, t_info.shape[0]):  # (1 byte a value)
                         ckpt.read_rows(key, i, j, ckpt.scratch((j - i) * row))) if len(t_info.shape) >= 2 else None
                 yield key, dequantize(ckpt.meta(key) if read else ckpt.get(key), scale, dtype or torch.float32, read)
         elif meta:

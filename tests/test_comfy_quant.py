@@ -1,0 +1,222 @@
+"""ComfyUI mixed-precision ("comfy_quant") DiT files: float8_e4m3fn / float8_e5m2 / int8_tensorwise
+layers load as the model of their dequantised weights; other formats are refused naming the layer.
+
+The files are built in code in ComfyUI's layout (comfy/ops.py ``_load_quantized_module``,
+comfy/quant_ops.py ``QUANT_ALGOS``, comfy/utils.py ``convert_old_quants``): ``<layer>.weight`` (the
+quantised values), ``<layer>.weight_scale`` (fp32), ``<layer>.comfy_quant`` (uint8: the UTF-8 bytes
+of a JSON object, ``{"format": ...}``) or, in older files, ``{"layers": {layer: {"format": ...}}}``
+in the ``_quantization_metadata`` entry of the safetensors metadata. The DiT is the single-file
+(ComfyUI) layout, with its fused ``attention.qkv``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from zimage_native.converters.keymap import DIT_COMFYUI, convert_state_dict
+from zimage_native.formats import UnsupportedFormatError, describe, detect_format
+from zimage_native.loading import load_component
+
+from .test_formats import TINY_AXES, comfy_dit, dit_output, write
+
+PREFIX = "model.diffusion_model."
+
+#: Which layers of the tiny DiT get which format: the blocks' (and refiners') attention and
+#: feed-forward linears; the embedders, adaLN and final layer stay in the float dtype (a mixed file).
+MIX = {
+    "attention.qkv": ("float8_e4m3fn", "tensor"),
+    "attention.out": ("int8_tensorwise", "row"),
+    "feed_forward.w1": ("int8_tensorwise", "tensor"),
+    "feed_forward.w2": ("float8_e5m2", "tensor"),
+    "feed_forward.w3": ("float8_e4m3fn", "tensor"),
+}
+
+
+def comfy_quant_tensor(conf: dict) -> torch.Tensor:
+    """A layer's config as ComfyUI stores it: uint8 bytes of UTF-8 JSON."""
+    return torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)
+
+
+def quantise(v: torch.Tensor, fmt: str, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, fp32 weight_scale) of ``v`` in ``fmt``: weight = values * scale."""
+    amax = v.abs().amax(dim=1, keepdim=True) if granularity == "row" else v.abs().max().reshape(())
+    if fmt == "int8_tensorwise":
+        scale = (amax / 127.0).float()
+        return torch.round(v / scale).clamp(-127, 127).to(torch.int8), scale
+    dtype = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}[fmt]
+    scale = (amax / torch.finfo(dtype).max).float()
+    return (v / scale).to(dtype), scale
+
+
+def to_comfy_quant(sd: dict, form: str = "tensor", mix: dict = MIX, input_scale: bool = True
+                   ) -> tuple[dict, dict, dict | None]:
+    """(file tensors, expected dequantised fp32 state, safetensors metadata) of a comfy_quant file."""
+    out, expected, layers = {}, {}, {}
+    for k, v in sd.items():
+        match = next((m for m in mix if k.endswith(f".{m}.weight")), None)
+        if match is None:
+            out[k] = expected[k] = v
+            continue
+        fmt, granularity = mix[match]
+        layer = k[: -len(".weight")]
+        q, scale = quantise(v, fmt, granularity)
+        out[k], out[f"{layer}.weight_scale"] = q, scale
+        expected[k] = q.float() * scale
+        if input_scale and fmt.startswith("float8"):
+            out[f"{layer}.input_scale"] = torch.tensor(0.05)  # an activation scale: not used here
+        layers[layer] = {"format": fmt}
+        if form == "tensor":
+            out[f"{layer}.comfy_quant"] = comfy_quant_tensor(layers[layer])
+    metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})} \
+        if form == "metadata" else None
+    return out, expected, metadata
+
+
+def in_new_memory(model):
+    """``model`` with every tensor copied out of its file's memory map: a GEMM's rounding depends on
+    its operands' alignment, so models of the same weights read from two files (views of two maps,
+    at other offsets) differ by about 1e-6 (3e-6 of 3.4 here), and match bit for bit in new memory."""
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()
+    return model
+
+
+@pytest.fixture(scope="module")
+def comfy_sd(tiny_model_dir):
+    return comfy_dit(tiny_model_dir, PREFIX)
+
+
+@pytest.mark.parametrize("form", ["tensor", "metadata"])
+def test_a_comfy_quant_dit_loads_as_the_model_of_its_dequantised_weights(comfy_sd, tmp_path, form):
+    from zimage_native.quant_linear import FP8StoredLinear
+
+    sd, expected, metadata = to_comfy_quant(comfy_sd, form)
+    path = write(tmp_path / "z_image_turbo_fp8mix.safetensors", sd, metadata)
+    reference = load_component("transformer", write(tmp_path / "dequantised.safetensors", expected), torch.float32,
+                               "cpu", config=TINY_AXES)
+    info = detect_format(path).components[0]
+    assert info.quantization == "comfy-quant" and info.prefix == PREFIX
+    assert sorted(set(info.comfy_quant.values())) == ["float8_e4m3fn", "float8_e5m2", "int8_tensorwise"]
+
+    upcast = load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES, keep_fp8=False)
+    want = reference.state_dict()
+    assert upcast.state_dict().keys() == want.keys()
+    for k, v in upcast.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    reference = in_new_memory(reference)
+    assert torch.equal(dit_output(in_new_memory(upcast)), dit_output(reference))
+
+    kept = load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES)  # fp8 layers stay fp8
+    stored = sorted(n for n, m in kept.named_modules() if isinstance(m, FP8StoredLinear))
+    fp8 = [n for n in (m.rsplit(".", 1)[0] for m in convert_state_dict(
+        {k[len(PREFIX):]: v for k, v in sd.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)},
+        DIT_COMFYUI, None))]
+    assert stored == sorted(fp8) and len(stored) > 0  # the fused qkv's parts, w2, w3; the int8 layers upcast
+    assert torch.equal(dit_output(in_new_memory(kept)), dit_output(reference))
+
+    d = describe(path)["components"]["transformer"]
+    assert d["quantization"] == "comfy-quant" and "problem" not in describe(path)
+    n_layers = len(reference.layers) + len(reference.noise_refiner) + len(reference.context_refiner)
+    assert d["comfy_quant"] == {"float8_e4m3fn": 2 * n_layers, "float8_e5m2": n_layers,
+                                "int8_tensorwise": 2 * n_layers}
+
+
+def test_zimage_info_names_the_comfy_quant_formats(comfy_sd, tmp_path):
+    from zimage_native.cli import main
+
+    sd, _, _ = to_comfy_quant(comfy_sd)
+    path = write(tmp_path / "fp8mix.safetensors", sd)
+    result = CliRunner().invoke(main, ["info", str(path)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "comfy-quant" in result.output and "cannot load" not in result.output
+    assert re.search(r"comfy_quant formats: float8_e4m3fn \d+ layers, float8_e5m2 \d+ layers, "
+                     r"int8_tensorwise \d+ layers", result.output), result.output
+
+
+def test_a_comfy_quant_file_of_float8_layers_only_keeps_them_as_a_scaled_fp8_file_does(comfy_sd, tmp_path):
+    """float8_e4m3fn with a per-tensor weight_scale is ComfyUI's scaled fp8 (``convert_old_quants``
+    turns a scaled-fp8 file into it): the same values load from either file."""
+    mix = {m: ("float8_e4m3fn", "tensor") for m in MIX}
+    sd, expected, _ = to_comfy_quant(comfy_sd, mix=mix, input_scale=False)
+    comfy = write(tmp_path / "comfy.safetensors", sd)
+    scaled = {k.replace(".weight_scale", ".scale_weight"): v for k, v in sd.items() if not k.endswith(".comfy_quant")}
+    scaled = write(tmp_path / "scaled.safetensors", {**scaled, "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)})
+    assert detect_format(scaled).components[0].quantization == "scaled-fp8"
+    a = load_component("transformer", comfy, torch.float32, "cpu", config=TINY_AXES)
+    b = load_component("transformer", scaled, torch.float32, "cpu", config=TINY_AXES)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for k, v in a.state_dict().items():  # the kept float8 bytes, their scales, the other tensors
+        assert v.dtype == b.state_dict()[k].dtype and torch.equal(v, b.state_dict()[k]), k
+    assert torch.equal(dit_output(in_new_memory(a)), dit_output(in_new_memory(b)))
+
+
+def _layer(name: str = "layers.0.attention.qkv") -> str:
+    return PREFIX + name
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nvfp4", r"layer model\.diffusion_model\.layers\.0\.attention\.qkv: format 'nvfp4' is not supported"),
+    ("mxfp8", r"layer model\.diffusion_model\.layers\.0\.attention\.qkv: format 'mxfp8' is not supported"),
+    ("unknown", r"layer model\.diffusion_model\.layers\.0\.attention\.qkv: format 'int4_magic' is not supported"),
+    ("no_format", r"attention\.qkv: its comfy_quant config is not a JSON object with a format"),
+    ("not_json", r"attention\.qkv: its comfy_quant config is not a JSON object"),
+    ("convrot", r"attention\.out: format int8_tensorwise with ConvRot"),
+    ("no_scale", r"attention\.qkv: format float8_e4m3fn but no floating .*attention\.qkv\.weight_scale"),
+    ("fp8_row_scale", r"attention\.qkv: format float8_e4m3fn takes one weight_scale per tensor"),
+    ("int8_flat_scale", r"attention\.out: format int8_tensorwise takes one weight_scale per tensor or per output row"),
+    ("wrong_dtype", r"attention\.qkv: format float8_e5m2 needs a 2-D F8_E5M2 weight, the file has F8_E4M3"),
+    ("metadata_fp32_weight", r"layers\.0\.attention\.qkv: format float8_e4m3fn needs a 2-D F8_E4M3 weight, the "
+                             r"file has F32"),
+    ("metadata_no_layer", r"layer layers\.9\.nothing: format float8_e4m3fn but the file has no "
+                          r"layers\.9\.nothing\.weight"),
+])
+def test_comfy_quant_formats_that_cannot_load_are_refused_naming_the_layer(comfy_sd, tmp_path, case, message):
+    sd, _, _ = to_comfy_quant(comfy_sd)
+    metadata = None
+    qkv, out = _layer(), _layer("layers.0.attention.out")
+    if case in ("nvfp4", "mxfp8", "unknown"):
+        sd[f"{qkv}.comfy_quant"] = comfy_quant_tensor({"format": {"unknown": "int4_magic"}.get(case, case)})
+    elif case == "no_format":
+        sd[f"{qkv}.comfy_quant"] = comfy_quant_tensor({"group_size": 16})
+    elif case == "not_json":
+        sd[f"{qkv}.comfy_quant"] = torch.tensor(list(b"\xff{"), dtype=torch.uint8)
+    elif case == "convrot":
+        sd[f"{out}.comfy_quant"] = comfy_quant_tensor({"format": "int8_tensorwise", "convrot": True,
+                                                       "convrot_groupsize": 256})
+    elif case == "no_scale":
+        del sd[f"{qkv}.weight_scale"]
+    elif case == "fp8_row_scale":
+        sd[f"{qkv}.weight_scale"] = torch.ones(sd[f"{qkv}.weight"].shape[0], 1)
+    elif case == "int8_flat_scale":
+        sd[f"{out}.weight_scale"] = sd[f"{out}.weight_scale"].reshape(-1)
+    elif case == "wrong_dtype":
+        sd[f"{qkv}.comfy_quant"] = comfy_quant_tensor({"format": "float8_e5m2"})
+    elif case.startswith("metadata"):
+        sd = {k[len(PREFIX):]: v for k, v in comfy_sd.items()}  # an unprefixed file
+        name = "layers.0.attention.qkv" if case == "metadata_fp32_weight" else "layers.9.nothing"
+        metadata = {"_quantization_metadata": json.dumps({"layers": {name: {"format": "float8_e4m3fn"}}})}
+    path = write(tmp_path / "model.safetensors", sd, metadata)
+    with pytest.raises(UnsupportedFormatError, match=message):
+        load_component("transformer", path, None, "cpu", config=TINY_AXES)
+    assert re.search(message, describe(path)["problem"])
+    assert "comfy_quant" in describe(path)["problem"]
+
+
+def test_metadata_naming_layers_without_the_files_prefix_finds_them(comfy_sd, tmp_path):
+    """Older files name their layers in ``_quantization_metadata`` as their keys are, or without the
+    component's prefix (as some converters write them): both load."""
+    sd, expected, metadata = to_comfy_quant(comfy_sd, "metadata")
+    layers = json.loads(metadata["_quantization_metadata"])["layers"]
+    bare = {"_quantization_metadata": json.dumps({"layers": {k[len(PREFIX):]: v for k, v in layers.items()}})}
+    a = load_component("transformer", write(tmp_path / "a.safetensors", sd, metadata), torch.float32, "cpu",
+                       config=TINY_AXES, keep_fp8=False)
+    b = load_component("transformer", write(tmp_path / "b.safetensors", sd, bare), torch.float32, "cpu",
+                       config=TINY_AXES, keep_fp8=False)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
