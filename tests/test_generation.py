@@ -266,6 +266,27 @@ def test_tiled_vae_decode_and_encode_agree_closely_with_untiled(tiny_pipe):
         tiny_pipe.disable_vae_tiling()
 
 
+@torch.no_grad()
+def test_an_image_encodes_alike_at_any_thread_count(tiny_pipe):
+    """Pixels from a PIL image are an NHWC array seen as (B, 3, H, W): channels_last strides. On
+    those, torch's CPU GroupNorm (H*W >= 1024) sums each thread's share of the pixels and of their
+    squares, so the encoded image (the control latents of a ControlNet request, the img2img start)
+    moved with torch.get_num_threads(); the VAE now gets contiguous pixels, as diffusers' ControlNet
+    pipelines give it, on any thread count."""
+    pixels = preprocess_image(make_image(64, 64), 64, 64)
+    assert pixels.is_contiguous(memory_format=torch.channels_last)  # the layout this is about
+    threads = torch.get_num_threads()
+    got = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got[n] = tiny_pipe.encode_image(pixels, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[1], got[2]), rel_err(got[1], got[2])
+    assert torch.equal(got[1], tiny_pipe.encode_image(pixels.contiguous(), None))
+
+
 def test_tile_config_rejects_bad_sizes(tiny_pipe):
     with pytest.raises(ValueError, match="overlap"):
         tiny_pipe.enable_vae_tiling(tile_size=128, overlap=64)
