@@ -756,3 +756,85 @@ def test_a_pipeline_without_its_dit_deep_copies(fresh_pipe):
     assert twin.transformer is None and twin.vae is not pipe.vae
     twin.vae.enable_tiling()
     assert twin.vae_tiling is not None and pipe.vae_tiling is None
+
+
+def _saved_and_loaded(pipe, how: str):
+    import io
+    import pickle
+
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(pipe))
+    buffer = io.BytesIO()
+    torch.save(pipe, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_a_plain_pipeline_pickles_to_a_pipeline_of_its_own_with_the_same_images(fresh_pipe, how):
+    """torch.save(pipe) and pickle.dumps(pipe) (as users save diffusers pipelines) failed with "Can't
+    pickle local object 'ZImagePipeline.__init__.<locals>.<lambda>'" (the prompt rewriter's
+    accessors), and once a prompt was encoded with "cannot pickle 'weakref.ReferenceType' object"
+    (the prompt cache's encoder). A plain pipeline pickles now, as copy.deepcopy copies it: its
+    settings and fused LoRA kept, its own lock and rewriter, its VAE's and DiT's diffusers names
+    bound to it, an empty prompt cache, and the images of the pipeline it was saved from, bit for bit."""
+    import copy
+
+    pipe = fresh_pipe
+    kw = dict(seed=3, height=32, width=32, num_inference_steps=2, output_type="pt")
+    dim = pipe.transformer.config.dim
+    g = torch.Generator().manual_seed(0)
+    pipe.load_lora({"diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.randn(4, dim, generator=g) * 0.1,
+                    "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.randn(3 * dim, 4, generator=g)},
+                   scale=0.7)
+    pipe.enable_vae_tiling()
+    # The copy's weights are in aligned memory, as the unpickled pipeline's are (the original's are
+    # read through the file's map: about 1e-6 on some CPUs, see the deepcopy test above).
+    twin = copy.deepcopy(pipe)
+    want = twin("a cat", **kw).images  # (a run fills the prompt cache)
+    assert len(twin.prompt_cache) == 1
+    back = _saved_and_loaded(twin, how)
+    assert isinstance(back, type(pipe)) and back._lock is not twin._lock and len(back.prompt_cache) == 0
+    assert back.prompt_rewriter._text_encoder() is back.text_encoder
+    assert torch.equal(back("a cat", **kw).images, want)
+    assert back.vae_tiling == twin.vae_tiling and [r.path for r in back.loras] == [r.path for r in twin.loras]
+    back.vae.disable_tiling()
+    assert back.vae_tiling is None and twin.vae_tiling is not None
+    assert back.transformer.compile.func.owner() is back
+    assert back.unload_lora() == twin.unload_lora() == 3  # the LoRA's undo travelled with it
+    assert torch.equal(back("a cat", **kw).images, twin("a cat", **kw).images)
+    assert not torch.equal(back("a cat", **kw).images, want)
+    assert torch.equal(copy.deepcopy(back)("a cat", **kw).images, twin("a cat", **kw).images)
+    assert_rel(want, pipe("a cat", **kw).images, 1e-5, "the original's images")
+
+
+def test_pickling_a_pipeline_with_cuda_graphs_is_refused_saying_what_to_do(fresh_pipe):
+    """Captured CUDA graphs replay this process's tensors: pickling a pipeline holding them failed
+    with PyTorch's "Can't pickle local object ..." (naming a lambda); it is refused now saying why and
+    what to do, as copy.deepcopy refuses it."""
+    import io
+    import pickle
+
+    from zimage_native.accel.cuda_graphs import GraphedSampler
+
+    from .graph_standins import FrozenGraphs
+
+    fresh_pipe._graphed = GraphedSampler(fresh_pipe, capture=FrozenGraphs().capture)
+    message = (r"^cannot pickle a pipeline with CUDA graphs \(optimize\(cuda_graphs=True\)\): .* Save the DiT's "
+               r"weights instead .* or pickle the pipeline before optimize\(cuda_graphs=True\)")
+    for save in (lambda: torch.save(fresh_pipe, io.BytesIO()), lambda: pickle.dumps(fresh_pipe)):
+        with pytest.raises(TypeError, match=message):
+            save()
+    fresh_pipe._graphed = None
+    assert isinstance(pickle.loads(pickle.dumps(fresh_pipe)), type(fresh_pipe))
+
+
+def test_a_pipeline_with_a_remote_text_encoder_pickles_its_address(fresh_pipe):
+    """A remote text encoder holds no connection (each request opens one): it pickles as its address,
+    timeouts and token, and the unpickled pipeline reaches the same server."""
+    from zimage_native.server.remote import RemoteTextEncoder
+
+    fresh_pipe.text_encoder = RemoteTextEncoder("http://127.0.0.1:9", token="t0k", timeout=7.0)
+    back = _saved_and_loaded(fresh_pipe, "torch.save").text_encoder
+    assert isinstance(back, RemoteTextEncoder) and back is not fresh_pipe.text_encoder
+    assert (back.url, back.token, back.timeout) == ("http://127.0.0.1:9", "t0k", 7.0)

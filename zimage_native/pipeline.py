@@ -610,14 +610,39 @@ class ZImagePipeline:
         memo[id(self)] = copied  # before the components: their bound names look the copy up here
         with self._lock:
             for key, value in self.__dict__.items():
-                if key not in ("_lock", "prompt_rewriter"):
+                if key not in self._PROCESS_PARTS:
                     copied.__dict__[key] = copy.deepcopy(value, memo)
-        copied._lock = threading.RLock()
-        copied.prompt_rewriter = Rewriter(lambda: copied.text_encoder, lambda: copied.model_folder,
-                                          lambda: copied.template_registry)
-        copied._bind_vae_calls()  # (a component copied before the pipeline, in one deepcopy, was bound to none)
-        copied._bind_transformer_calls()
+        copied._own_process_parts()  # (a component copied before the pipeline, in one deepcopy, was bound to none)
         return copied
+
+    #: What a copy or an unpickled pipeline makes anew (:meth:`_own_process_parts`), not copied.
+    _PROCESS_PARTS = ("_lock", "prompt_rewriter")
+
+    def _own_process_parts(self) -> None:
+        """A copied or unpickled pipeline's own lock and prompt rewriter (reading its text encoder; the
+        rewriter's LM loads anew when used), and the diffusers names on its VAE and DiT bound to it."""
+        self._lock = threading.RLock()
+        self.prompt_rewriter = Rewriter(lambda: self.text_encoder, lambda: self.model_folder,
+                                        lambda: self.template_registry)
+        self._bind_vae_calls()
+        self._bind_transformer_calls()
+
+    def __getstate__(self) -> dict:
+        """``pickle`` / ``torch.save(pipe)`` (then ``torch.load(PATH, weights_only=False)``) of a plain
+        pipeline: its components, settings and LoRA stack, as :meth:`__deepcopy__` copies them; the
+        lock and the prompt rewriter are made anew when unpickled. Refused with CUDA graphs captured;
+        a compiled DiT and streamed blocks (offload="blocks") refuse themselves
+        (:class:`~zimage_native.process_local.ProcessLocal`)."""
+        if self._graphed is not None:
+            raise TypeError("cannot pickle a pipeline with CUDA graphs (optimize(cuda_graphs=True)): its graphs belong "
+                            "to this process. Save the DiT's weights instead (torch.save(pipe.transformer.state_dict(), "
+                            "PATH)), or pickle the pipeline before optimize(cuda_graphs=True)")
+        with self._lock:
+            return {key: value for key, value in self.__dict__.items() if key not in self._PROCESS_PARTS}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._own_process_parts()
 
     def _set_diffusers_attention_backend(self, backend: str) -> list[str]:
         """diffusers' ``pipe.transformer.set_attention_backend(name)``: its backend names mapped to this

@@ -226,6 +226,11 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __getstate__(self) -> dict:
+        """Pickled empty: the encoder it holds weakly is another object once unpickled (a cache
+        whose source changed empties itself at its next use)."""
+        return {**self.__dict__, "_entries": OrderedDict(), "_source": None}
+
     @property
     def nbytes(self) -> int:
         return sum(f.nbytes for features in self._entries.values() for f in features)
