@@ -15,6 +15,7 @@ from zimage_native.offload import RESIDENT, _streamed_tensors, dit_blocks, strea
 from zimage_native.testing import randomize_
 
 from .dit_configs import TINY_DIT
+from .utils import assert_rel
 
 CONFIG = TransformerConfig.from_dict(dict(TINY_DIT, n_layers=3, n_refiner_layers=2))
 NAMES = ["c0", "c1", "n0", "n1", "l0", "l1", "l2"]  # execution order: context, noise refiner, layers
@@ -312,3 +313,69 @@ def test_pickling_a_compiled_or_streamed_dit_is_refused_saying_what_to_do(tiny_m
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
     assert state.keys() == pipe.transformer.state_dict().keys()
+
+
+def test_a_hand_decode_or_encode_under_model_offload_visits_the_execution_device(tiny_model_dir, monkeypatch):
+    """With offload="model" the VAE rests in CPU memory, and pipe.vae.decode(z) / pipe.vae.encode(x)
+    called by hand (docs/tasks.md, "Decoding by hand") ran there: on a GPU, latents on the execution
+    device failed with a device-mismatch RuntimeError (diffusers' offload hook moves its VAE to the
+    GPU for these calls). They visit the execution device now, as pipe.decode does: each of the VAE's
+    storages copied there once, nothing copied back, the same images as pipe.decode and the same
+    latents as pipe.encode_image; inside the pipeline's own decode nothing moves twice. "cpu:1"
+    stands in for the GPU, copy_storage records the moves."""
+    import zimage_native.offload as offload
+    import zimage_native.pipeline as pipeline
+    from zimage_native.accel.vae import CompiledDecode
+
+    from .fixtures import our_pipeline
+
+    pipe = our_pipeline(tiny_model_dir)
+    gpu = torch.device("cpu", 1)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: gpu)
+    pipe.enable_model_cpu_offload()
+    vae = pipe.vae
+    resting, storages = [], set()
+
+    def rest():  # where the VAE's weights rest between uses
+        resting[:] = [t.data_ptr() for t in (*vae.parameters(), *vae.buffers())]
+        storages.clear(), storages.update(t.untyped_storage().data_ptr() for t in (*vae.parameters(), *vae.buffers()))
+
+    rest()
+    copies, during = [], []
+    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: copies.append((storage.data_ptr(), device))
+                        or storage.clone())
+    vae.decoder.conv_in.register_forward_pre_hook(
+        lambda m, args: during.append(m.weight.data_ptr() not in resting))
+    vae.encoder.conv_in.register_forward_pre_hook(
+        lambda m, args: during.append(m.weight.data_ptr() not in resting))
+
+    def moved_once():
+        assert sorted(p for p, _ in copies) == sorted(storages) and {d for _, d in copies} == {gpu}
+        assert during and all(during), "ran on the resting weights"
+        assert [t.data_ptr() for t in (*vae.parameters(), *vae.buffers())] == resting  # back, no copy back
+        copies.clear(), during.clear()
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 4, 6, generator=g)
+    z = latents / pipe.vae_config.scaling_factor + pipe.vae_config.shift_factor
+    image = pipe.vae.decode(z).sample
+    moved_once()
+    assert torch.equal((image * 0.5 + 0.5).clamp(0, 1), pipe.decode(latents))
+    moved_once()
+    x = torch.rand(1, 3, 32, 48, generator=g) * 2 - 1
+    mean = pipe.vae.encode(x).latent_dist.mode()
+    moved_once()
+    want = pipe.encode_image(x, None)
+    moved_once()
+    assert torch.equal((mean - pipe.vae_config.shift_factor) * pipe.vae_config.scaling_factor, want)
+
+    pipe.optimize(vae_compile=True, compile_backend="eager")  # the compiled decode visits too
+    assert isinstance(vae.__dict__["decode"].inner, CompiledDecode)
+    rest()  # (the decoder's weights are channels_last copies now)
+    assert_rel(vae.decode(z, return_dict=False)[0], image, 1e-5, "compiled hand decode")
+    moved_once()
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: torch.device("cpu"))
+    pipe.to("cpu")  # resident: the calls are the VAE's own again
+    assert isinstance(vae.__dict__["decode"], CompiledDecode) and "encode" not in vae.__dict__
+    vae.encode(x)
+    assert copies == []

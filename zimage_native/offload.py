@@ -195,20 +195,63 @@ def move_(module: nn.Module, device: torch.device | str) -> nn.Module:
     return module
 
 
+#: ids of the modules visiting their device now (:func:`visit`).
+_visiting: set[int] = set()
+
+
 @contextlib.contextmanager
 def visit(module: nn.Module, device: torch.device):
     """``module``'s weights on ``device`` for the duration (``offload="model"`` / ``"text_encoder"``),
     then back where they rest, in CPU memory, without a copy back: a run does not change weights, so
-    each tensor simply points at its resting copy again (a LoRA fused between runs edits that copy).
-    Storages are copied once each (:func:`_place`)."""
+    each tensor simply points at its resting copy again (a LoRA fused between runs edits that copy),
+    and the GPU's cached blocks are released. Storages are copied once each (:func:`_place`). Inside
+    a visit of the same module (a :class:`VisitOnCall` inside the pipeline's decode) nothing moves."""
+    if id(module) in _visiting:
+        yield
+        return
+    device = torch.device(device)
     tensors = _tensors(module)
     homes = [t.data for t in tensors]
+    _visiting.add(id(module))
     try:
-        _place(tensors, torch.device(device))
+        _place(tensors, device)
         yield
     finally:
         for t, home in zip(tensors, homes):
             t.data = home
+        _visiting.discard(id(module))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class VisitOnCall:
+    """``module.<name>(...)`` of a module resting in CPU memory (the VAE under ``offload="model"``),
+    called by hand (``pipe.vae.decode(z)``, ``pipe.vae.encode(x)``): the call visits ``device`` as
+    the pipeline's own decode does (:func:`visit`), so inputs on the execution device run (diffusers'
+    model offload moves its VAE to the GPU for these calls with a hook too, and leaves it there until
+    the next offload). It calls ``inner`` (what was the module's own attribute: a compiled decode) or
+    else the class's method. Installed by :func:`visit_on_call_`."""
+
+    def __init__(self, module: nn.Module, name: str, device: torch.device, inner: Callable | None = None):
+        self.module, self.name, self.device, self.inner = module, name, torch.device(device), inner
+
+    def __call__(self, *args, **kwargs):
+        call = self.inner if self.inner is not None else getattr(type(self.module), self.name).__get__(self.module)
+        with visit(self.module, self.device):
+            return call(*args, **kwargs)
+
+
+def visit_on_call_(module: nn.Module, names: Iterable[str], device: torch.device | None) -> None:
+    """``module``'s methods ``names`` visit ``device`` when called (:class:`VisitOnCall`); with
+    ``device`` None they are the module's own again."""
+    for name in names:
+        current = module.__dict__.pop(name, None)
+        if isinstance(current, VisitOnCall):
+            current = current.inner
+        if current is not None:
+            module.__dict__[name] = current
+        if device is not None:
+            module.__dict__[name] = VisitOnCall(module, name, device, current)
 
 
 def dit_blocks(transformer: nn.Module) -> list[nn.Module]:

@@ -255,6 +255,7 @@ class ZImagePipeline:
         self.vae_tiling: TileConfig | None = None
         self.vae_slicing = False  # decode and encode one image at a time (enable_vae_slicing)
         self._bind_vae_calls()
+        self._fit_vae_hand_calls()
         self._accel = {"kernels": "none", "attention": "sdpa", "compile": "off", "fp8": False, "cuda_graphs": False,
                        "vae_compile": False}
         self._graphed = None
@@ -493,6 +494,7 @@ class ZImagePipeline:
                 move_(module, device)
         self.placement = dict.fromkeys(self.placement, device)
         self.offload = "none"
+        self._fit_vae_hand_calls()
         self._fit_attention()
         self.prompt_cache.clear()  # its features are on the old devices
         if self._graphed is not None:
@@ -530,6 +532,7 @@ class ZImagePipeline:
             module = self._module(name)
             if module is not None:
                 move_(module, storage_device(name, device, self.offload))
+        self._fit_vae_hand_calls()
         self._fit_attention()
         self.prompt_cache.clear()
         if self._graphed is not None:
@@ -750,12 +753,19 @@ class ZImagePipeline:
             return
         from .offload import visit
 
-        try:
-            with visit(module, device):
-                yield device
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        with visit(module, device):
+            yield device
+
+    def _fit_vae_hand_calls(self) -> None:
+        """``pipe.vae.decode`` / ``encode`` called by hand visit the VAE's execution device, as the
+        pipeline's decode does, while the VAE rests in CPU memory (offload="model"); else they are
+        the VAE's own (see ``offload.VisitOnCall``)."""
+        from .offload import visit_on_call_
+
+        if self.vae is not None:
+            device = self.placement["vae"]
+            visiting = storage_device("vae", device, self.offload) != device
+            visit_on_call_(self.vae, ("decode", "encode"), device if visiting else None)
 
     # ------------------------------------------------------------------ acceleration
     @_serialized
@@ -843,6 +853,7 @@ class ZImagePipeline:
             from .accel.vae import compile_vae_decode_
 
             lines.append(compile_vae_decode_(self.vae, backend=compile_backend, device=self.placement["vae"]))
+            self._fit_vae_hand_calls()  # (the compiled decode replaced the visiting one)
         state.update(changes)
         return lines
 
