@@ -446,6 +446,51 @@ def test_stacked_loras_join_one_side_path_per_layer(no_classes_seen):
     assert counter.frame_count == 2, counter.frame_count
 
 
+def test_loras_stacked_past_a_layers_smaller_side_are_held_as_one_delta(no_classes_seen):
+    """Factors past the cap of rank_bucket (the layer's smaller side) were kept at their rank: each
+    stack of rank-48 LoRAs on the 64-wide packed layers was a side path of rank 48 n (A (48 n, 64),
+    B (64, 48 n): 12288 values for 2, 30720 for 5, where the delta B A is 4096) and a new block
+    graph pair for every stack size (12 graphs for 1..5 LoRAs). Past the cap the side path is the
+    delta itself, and later LoRAs add to it: one shape whatever the stack (6 graphs: none, bucket
+    64, the delta). The outputs equal the eager DiT with the LoRAs fused."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel.compile import compile_transformer_
+    from zimage_native.lora import LoraStack
+
+    from .utils import assert_rel
+
+    model, g, inputs = packed_dit_and_inputs()
+    dim = model.config.dim
+    layer = model.layers[0].attention.to_q
+    assert min(layer.in_features, layer.out_features) == dim == 64
+
+    def lora():
+        return {f"diffusion_model.{where}.attention.to_q.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.05
+                for where in ("noise_refiner.0", "context_refiner.0", "layers.0", "layers.1")
+                for ab, shape in (("A", (48, dim)), ("B", (dim, 48)))}
+
+    stacks = {n: [lora() for _ in range(n)] for n in (1, 2, 3, 4)}
+    with torch.no_grad():
+        references = {n: fused_eager_copy(model, stack, [0.5] * n)(*inputs) for n, stack in stacks.items()}
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compile_transformer_(model, "blocks", counter)
+    loaded = LoraStack()
+    with torch.no_grad():
+        model(*inputs)
+        for n, stack in stacks.items():
+            loaded.load(model, stack, [0.5] * n)
+            (side,) = layer.side_paths()
+            if n == 1:  # rank 48, in bucket 64
+                assert side.a.shape == (64, dim) and side.b.shape == (dim, 64)
+            else:
+                assert side.b is None and side.a.shape == (dim, dim)
+            assert_rel(model(*inputs), references[n], 1e-5, f"{n} stacked rank-48 LoRAs")
+            loaded.unload(model)
+    assert counter.frame_count == 2 + 2 * 2, counter.frame_count
+
+
 def test_rank_buckets():
     from zimage_native.quant_linear import rank_bucket
 

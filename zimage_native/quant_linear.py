@@ -17,7 +17,8 @@ Kronecker one ``y += s * (W1 kron W2) x`` (a LoKr whose second factor is whole: 
 two small factors, never formed), or a dense delta (full-delta modules): the packed weights are
 never rewritten, and removing the LoRA removes the side paths. A low-rank side path is held at
 its rank bucket (:func:`rank_bucket`), and a LoRA stacked on a layer joins its low-rank side
-path. A and B are non-persistent buffers of the layer, in the model's compute dtype, with the LoRA's scale folded into one of them (a compiled DiT then holds no
+path; past the layer's smaller side the joined factors are held as their delta ``B A`` (fewer
+values, one shape), which later LoRAs add to. A and B are non-persistent buffers of the layer, in the model's compute dtype, with the LoRA's scale folded into one of them (a compiled DiT then holds no
 scale to recompile for): every placement (``Module.to``, ``--offload model``, the streamed blocks
 of ``--offload blocks``) moves them with the layer, and a forward neither casts nor copies them.
 
@@ -60,8 +61,8 @@ def _lora_changed() -> None:
 
 def rank_bucket(rank: int, in_features: int, out_features: int) -> int:
     """The rank a low-rank side path is held at: the next power of two from 16 up, capped by the
-    layer's smaller side (where the factors could not be bigger); a rank at or above that cap is
-    kept. Padding adds zero rows to A and zero columns to B, so ``B A`` is unchanged, and each
+    layer's smaller side (where the factors could not be bigger); a rank at that cap is kept (past
+    it, :meth:`PackedLinear.add_lora` holds the delta instead). Padding adds zero rows to A and zero columns to B, so ``B A`` is unchanged, and each
     bucket is one shape for torch.compile (see docs/performance.md, "Shape policy")."""
     cap = min(in_features, out_features)
     if rank >= cap:
@@ -136,8 +137,13 @@ class PackedLinear(nn.Module):
             a = a.float() * scale
         else:
             b = b.float() * scale
-            low = next((i for i, (_, name_b, k) in enumerate(self.lora) if name_b is not None and not k), None)
-            if low is not None:
+            low = next((i for i, (_, _, k) in enumerate(self.lora) if not k), None)
+            if low is not None and self.lora[low][1] is None:
+                # Stacked on a delta (a full delta, or factors that went past the cap, below): added to it.
+                index, old = low, getattr(self, self.lora[low][0])
+                a, b = old.float() + b.to(old.device) @ a.to(old.device).float(), None
+                given = {"a": old.dtype, "b": None}
+            elif low is not None:
                 # A LoRA stacked on the layer's low-rank side path joins it: B1 A1 + B2 A2 = [B1 B2] [A1; A2],
                 # without A1's zero rows (its padding; a zero row adds nothing), so stacks too are one
                 # side path and one shape per rank bucket, run as two small GEMMs.
@@ -146,22 +152,33 @@ class PackedLinear(nn.Module):
                 a = torch.cat([old_a[keep].float(), a.to(old_a.device)])
                 b = torch.cat([old_b[:, keep].float(), b.to(old_b.device)], dim=1)
                 given = {"a": old_a.dtype, "b": old_b.dtype}
-            # The rank padded with zeros up to its bucket: dynamo guards the factors' shapes, so a
-            # server swapping LoRAs of many ranks compiles one graph per bucket, not per rank.
-            pad = rank_bucket(a.shape[0], self.in_features, self.out_features) - a.shape[0]
-            if pad:
-                a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
-                b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+            if b is not None and a.shape[0] > min(self.in_features, self.out_features):
+                # Past the layer's smaller side the factors hold more than the delta B A itself, and
+                # each rank would be a shape of its own (a graph more for every stack): held as the
+                # delta, one shape whatever is stacked on it later.
+                a, b = b @ a.to(b.device).float(), None
+            if b is not None:
+                # The rank padded with zeros up to its bucket: dynamo guards the factors' shapes, so a
+                # server swapping LoRAs of many ranks compiles one graph per bucket, not per rank.
+                pad = rank_bucket(a.shape[0], self.in_features, self.out_features) - a.shape[0]
+                if pad:
+                    a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+                    b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+        if index < len(self.lora) and b is None and self.lora[index][1] is not None:
+            delattr(self, self.lora[index][1])  # factors joined past the cap: the delta replaces them
         names = []
         for part, tensor in (("a", a), ("b", b)):
             if tensor is None:
                 names.append(None)
                 continue
             name = f"lora_{part}{index}"
-            self.register_buffer(name, tensor.detach().to(self.weight.device, dtype or given[part]), persistent=False)
+            self.register_buffer(name, tensor.detach().to(self.weight.device, dtype or given[part]),
+                                 persistent=False)
             names.append(name)
         if index == len(self.lora):
             self.lora.append((names[0], names[1], kron))
+        else:
+            self.lora[index] = (names[0], names[1], kron)
         _lora_changed()
 
     def side_paths(self) -> list[SidePath]:
