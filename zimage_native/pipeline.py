@@ -638,8 +638,9 @@ class ZImagePipeline:
         (:class:`~zimage_native.process_local.ProcessLocal`)."""
         if self._graphed is not None:
             raise TypeError("cannot pickle a pipeline with CUDA graphs (optimize(cuda_graphs=True)): its graphs belong "
-                            "to this process. Save the DiT's weights instead (torch.save(pipe.transformer.state_dict(), "
-                            "PATH)), or pickle the pipeline before optimize(cuda_graphs=True)")
+                            "to this process. Save the DiT's weights instead "
+                            "(torch.save(pipe.transformer.state_dict(), PATH)), or pickle the pipeline before "
+                            "optimize(cuda_graphs=True)")
         with self._lock:
             return {key: value for key, value in self.__dict__.items() if key not in self._PROCESS_PARTS}
 

@@ -18,7 +18,8 @@ two small factors, never formed), or a dense delta (full-delta modules): the pac
 never rewritten, and removing the LoRA removes the side paths. A low-rank side path is held at
 its rank bucket (:func:`rank_bucket`), and a LoRA stacked on a layer joins its low-rank side
 path; past the layer's smaller side the joined factors are held as their delta ``B A`` (fewer
-values, one shape), which later LoRAs add to. A and B are non-persistent buffers of the layer, in the model's compute dtype, with the LoRA's scale folded into one of them (a compiled DiT then holds no
+values, one shape), which later LoRAs add to. A and B are non-persistent buffers of the layer, in
+the model's compute dtype, with the LoRA's scale folded into one of them (a compiled DiT then holds no
 scale to recompile for): every placement (``Module.to``, ``--offload model``, the streamed blocks
 of ``--offload blocks``) moves them with the layer, and a forward neither casts nor copies them.
 
@@ -62,8 +63,9 @@ def _lora_changed() -> None:
 def rank_bucket(rank: int, in_features: int, out_features: int) -> int:
     """The rank a low-rank side path is held at: the next power of two from 16 up, capped by the
     layer's smaller side (where the factors could not be bigger); a rank at that cap is kept (past
-    it, :meth:`PackedLinear.add_lora` holds the delta instead). Padding adds zero rows to A and zero columns to B, so ``B A`` is unchanged, and each
-    bucket is one shape for torch.compile (see docs/performance.md, "Shape policy")."""
+    it, :meth:`PackedLinear.add_lora` holds the delta instead). Padding adds zero rows to A and zero
+    columns to B, so ``B A`` is unchanged, and each bucket is one shape for torch.compile (see
+    docs/performance.md, "Shape policy")."""
     cap = min(in_features, out_features)
     if rank >= cap:
         return rank
