@@ -4,6 +4,7 @@ loader (diffusers folder, single files, LoRA, GGUF), and the CLI exits 1 without
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -157,3 +158,48 @@ def test_a_cut_file_fails_before_any_weight_is_read(tiny_model_dir, dit_file, tm
         ZImagePipeline.from_single_files(transformer=dit_file, vae=tiny_model_dir / "vae", text_encoder=te,
                                          tokenizer=tiny_model_dir / "tokenizer", device="cpu")
     one_line(str(err.value), te)
+
+
+@pytest.mark.parametrize("damage, message", [
+    # a config.json cut short by an interrupted download or copy
+    (lambda f: cut(f / "transformer" / "config.json", keep=30),
+     r"transformer/config\.json is not valid JSON \(line \d+ column \d+: .*\): the file is incomplete or damaged "
+     r"\(a partial download or copy, or an edit\); download or copy it again$"),
+    (lambda f: cut(f / "text_encoder" / "config.json", keep=30), r"text_encoder/config\.json is not valid JSON"),
+    (lambda f: cut(f / "vae" / "config.json", keep=30), r"vae/config\.json is not valid JSON"),
+    # a sharded component whose index names a shard the download never finished
+    (lambda f: shard(f, write_second=True, index=lambda text: text[:40]),
+     r"diffusion_pytorch_model\.safetensors\.index\.json is not valid JSON"),
+    (lambda f: shard(f, write_second=False),
+     r"index\.json lists shards that are not there: \[.*-00002-of-00002\.safetensors'\]; the folder is incomplete "
+     r"\(a download or copy that stopped part way\): download the missing files again"),
+])
+def test_a_half_downloaded_folder_names_the_file_and_says_to_download_it_again(tiny_model_dir, tmp_path, damage,
+                                                                                message):
+    """A model folder whose download stopped part way: a cut config.json was the JSON parser's bare
+    'Unterminated string starting at: line 2 column 18 (char 19)', naming no file; a missing shard named the file
+    but not what to do. Both are one line naming the file and saying to download it again."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    damage(folder)
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(folder), "-o", str(out), *BASE])
+    assert result.exit_code == 1 and not out.exists(), result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {folder}/"), result.output
+    assert re.search(message, lines[0]), lines[0]
+
+
+def shard(folder: Path, write_second: bool, index=lambda text: text) -> None:
+    """The DiT of ``folder`` as two shards and an index, as the Hub ships the released one."""
+    from safetensors.torch import load_file
+
+    dit = folder / "transformer"
+    tensors = load_file(dit / "diffusion_pytorch_model.safetensors")
+    (dit / "diffusion_pytorch_model.safetensors").unlink()
+    keys = sorted(tensors)
+    names = {k: f"diffusion_pytorch_model-0000{1 + i % 2}-of-00002.safetensors" for i, k in enumerate(keys)}
+    for n in sorted(set(names.values()))[: 2 if write_second else 1]:
+        save_file({k: tensors[k] for k in keys if names[k] == n}, dit / n)
+    text = json.dumps({"metadata": {}, "weight_map": names})
+    (dit / "diffusion_pytorch_model.safetensors.index.json").write_text(index(text))

@@ -33,9 +33,20 @@ def _from_dict(cls, data: dict[str, Any], ignore: tuple[str, ...] = ()):
     return cls(**kwargs)
 
 
-def _read_json(path: str | os.PathLike) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file of a model folder (a config, an index); a cut or damaged one (a download or copy
+    that stopped part way, a hand edit) is a one-line ValueError naming the file, not the parser's
+    bare "Expecting value: line 2 column 1"."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else e.reason
+        raise ValueError(f"{path} is not valid JSON ({where}): the file is incomplete or damaged (a partial "
+                         f"download or copy, or an edit); download or copy it again") from None
+
+
+_read_json = read_json
 
 
 class _ConfigMixin:

@@ -19,7 +19,6 @@ The policy, stated once:
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .config import SchedulerConfig
+from .config import SchedulerConfig, read_json
 from .devices import bytes_in, check_component_fits, format_bytes, keeps_fp8_here, weight_peak
 from .formats.checkpoint import (WEIGHT_FILE_NAMES, WEIGHT_INDEX_NAMES, Checkpoint, check_safetensors,
                                  safetensors_files, sniff)
@@ -480,7 +479,7 @@ def header_width(kind: str, path: str | os.PathLike, axis: int | None = None) ->
 
 def qwen3_hidden_size(config_json: Path) -> int | None:
     """The hidden size in a Qwen3 config.json; None for another model (refused, with its reason, when it loads)."""
-    config = json.loads(config_json.read_text())
+    config = read_json(config_json)
     return config.get("hidden_size") if config.get("model_type") == "qwen3" else None
 
 
@@ -598,7 +597,7 @@ def folder_weight_bytes(folder: Path, skip: Iterable[str], dtype: torch.dtype, t
         needs["transformer"] = footprint.dit_bytes(TransformerConfig.from_json(folder / "transformer" / "config.json"),
                                                    size, "blocks" if offload == "blocks" else "none")
     if "text_encoder" not in skip:
-        config = json.loads((folder / "text_encoder" / "config.json").read_text())
+        config = read_json(folder / "text_encoder" / "config.json")
         if config.get("model_type") == "qwen3":  # anything else is refused, with its reason, when it loads
             needs["text_encoder"] = footprint.text_encoder_bytes(config, text_encoder_quant, size)
     if "vae" not in skip:

@@ -143,12 +143,18 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
     for name in WEIGHT_INDEX_NAMES:
         index = path / name
         if index.is_file():
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
+            from ..config import read_json
+
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no weight_map: the index is damaged; download or copy it again")
             files = [path / shard for shard in sorted(set(weight_map.values()))]
             absent = [str(f) for f in files if not f.is_file()]
             if absent:
-                raise FileNotFoundError(f"{index} lists shards that are not there: {absent}")
+                raise FileNotFoundError(
+                    f"{index} lists shards that are not there: {absent}; the folder is incomplete (a download "
+                    f"or copy that stopped part way): download the missing files again (for a Hub id, a run "
+                    f"with the network completes the cache)")
             return files
     for name in WEIGHT_FILE_NAMES:
         if (path / name).is_file():
