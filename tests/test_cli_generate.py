@@ -795,6 +795,33 @@ def test_ctrl_c_says_how_many_images_were_written_and_where(tiny_model_dir, tiny
     assert len(list(out.glob("*.png"))) == 2 and not list(out.glob(".*"))
 
 
+
+def test_ctrl_c_while_the_model_loads_or_a_conversion_runs_exits_130(tiny_model_dir, tmp_path, monkeypatch):
+    """Ctrl-C during sampling exits 130 with a line saying what was written, but Ctrl-C while the model
+    loaded (or downloaded), or while `zimage convert` ran, ended in click's "Aborted!" with exit
+    status 1 (measured: a SIGINT 9 s into `zimage generate` on the tiny model): a failure to a script
+    or a shell loop, not an interruption. Now every command interrupted outside sampling says
+    "interrupted" and exits 130, and leaves no file."""
+    from zimage_native.converters import convert as converters
+
+    cli_generate = sys.modules["zimage_native.cli.generate"]
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_generate, "load_pipeline", interrupt)
+    out = tmp_path / "out.png"
+    result = run("generate", "a cat", "--model", tiny_model_dir, *BASE, "-o", out, ok=False)
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines()[-1] == "interrupted", result.output
+    assert "Aborted" not in result.output and not out.exists()
+    monkeypatch.setattr(converters, "convert_checkpoint", interrupt)
+    dst = tmp_path / "vae.safetensors"
+    result = run("convert", tiny_model_dir / "vae", dst, "--to", "ldm", ok=False)
+    assert (result.exit_code, result.output.strip()) == (130, "interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_cpu_decode_that_cannot_fit_is_refused_before_sampling(tiny_model_dir, tiny_pipe, tmp_path, monkeypatch,
                                                                    caplog):
     """An untiled VAE decode on the CPU takes about 3.9 kB per pixel in fp32 (15 GiB at 2048x2048):

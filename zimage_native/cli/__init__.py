@@ -69,6 +69,13 @@ class ZImageGroup(click.Group):
             raise
         except click.UsageError as e:
             raise _one_line(e) from None
+        except KeyboardInterrupt:
+            # Ctrl-C while a model loads or downloads, or a conversion runs: click says "Aborted!" with
+            # exit status 1, a failure; 130 (128 + SIGINT) is the shell's status for an interrupted command,
+            # as a generation interrupted while sampling has (its line says what it wrote). A conversion's
+            # output appears only when complete, and an image only when written.
+            click.echo("interrupted", err=True)
+            raise SystemExit(130) from None
 
     def parse_args(self, ctx, args):
         out, i = [], 0
