@@ -777,6 +777,47 @@ def test_bench_skips_the_default_rungs_that_cannot_run_and_refuses_named_ones(tm
     assert b.rung_problem(pipe, b.Rung("eager")) is None
 
 
+
+def test_bench_without_diffusers_installed_or_with_a_model_skips_diffusers_before_loading(tiny_model_dir, tmp_path,
+                                                                                          monkeypatch):
+    """diffusers is a test-only dependency, but `zimage bench` measured it by default: after a plain
+    `pip install .` (no diffusers) the run built the model, then ended in a traceback
+    (ModuleNotFoundError: No module named 'diffusers'); with --model, the default --diffusers was refused
+    after the whole model had loaded. Both are decided before loading now: as the default, diffusers is
+    left out with a note; asked for with --diffusers, it is a one-line error."""
+    import json
+    import sys
+
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # a plain install: `import diffusers` fails
+    base = ["bench", "--device", "cpu", "--dtype", "float32", "--sizes", "32", "--steps", "1", "--repeats", "1",
+            "--rungs", "eager", "--out", str(tmp_path)]
+    result = CliRunner().invoke(main, [*base, "--tiny"])
+    assert result.exit_code == 0, result.output
+    assert ("diffusers is not measured: the diffusers package is not installed (pip install diffusers==0.42.1); "
+            "--no-diffusers says so without this line") in result.output.splitlines(), result.output
+    payload = json.loads(next(line for line in result.output.splitlines() if line.startswith("{")))
+    assert [(r["engine"], r["rung"]) for r in payload["rows"]] == [("zimage-native", "eager")]
+    result = CliRunner().invoke(main, [*base, "--tiny", "--diffusers"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: --diffusers: the diffusers package is not installed (pip install "
+                                     "diffusers==0.42.1); use --no-diffusers")
+
+    monkeypatch.setattr(ZImagePipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    result = CliRunner().invoke(main, [*base, "--model", str(tiny_model_dir), "--diffusers"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("Error: --diffusers: --model is given (diffusers is measured on the random "
+                                     "weights only); use --no-diffusers")
+    monkeypatch.undo()
+    result = CliRunner().invoke(main, [*base, "--model", str(tiny_model_dir)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == ("diffusers is not measured: --model is given (diffusers is measured "
+                                             "on the random weights only); --no-diffusers says so without this line")
+
+
 GOOD_CHECKS = {"size": 1024, "parity_db": 45.0, "graph_vs_compiled_rel_l2": 1e-4,
                "graph_new_request": {"replayed": True, "rel_l2": 3e-4},
                "cfg_under_graphs": {"exercised": True, "rel_l2": 2e-4},
