@@ -203,3 +203,18 @@ def shard(folder: Path, write_second: bool, index=lambda text: text) -> None:
         save_file({k: tensors[k] for k in keys if names[k] == n}, dit / n)
     text = json.dumps({"metadata": {}, "weight_map": names})
     (dit / "diffusion_pytorch_model.safetensors.index.json").write_text(index(text))
+
+
+@pytest.mark.parametrize("name", ["vae/config.json", "scheduler/scheduler_config.json"])
+def test_zimage_info_names_a_cut_config_of_a_model_folder(tiny_model_dir, tmp_path, name):
+    """`zimage info`, the command to look at a folder with, answered a cut config.json with the parser's
+    bare 'Error: Unterminated string starting at: line 2 column 18 (char 19)'; it names the file now, as loading does."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    cut(folder / name, keep=30)
+    result = CliRunner().invoke(main, ["info", str(folder)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(
+        rf"Error: {re.escape(str(folder / name))} is not valid JSON \(line \d+ column \d+: [^)]+\): the file is "
+        r"incomplete or damaged \(a partial download or copy, or an edit\); download or copy it again", lines[0]), lines

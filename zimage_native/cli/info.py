@@ -13,6 +13,7 @@ COMPONENTS = ("transformer", "vae", "text_encoder")
 
 
 def _folder_report(path: Path) -> dict:
+    from ..config import read_json
     from ..formats import detect_format
     from ..hub import check_model_folder
     from ..loading import inspect_weights
@@ -20,7 +21,7 @@ def _folder_report(path: Path) -> dict:
     check_model_folder(path)
     report = {}
     for name in COMPONENTS:
-        config = json.loads((path / name / "config.json").read_text())
+        config = read_json(path / name / "config.json")
         kind = config.get("_class_name") or ",".join(config.get("architectures", [])) or config.get("model_type", "?")
         report[name] = {"class": kind, **inspect_weights(path / name)}
         fmt = detect_format(path / name)
@@ -29,7 +30,7 @@ def _folder_report(path: Path) -> dict:
         report[name]["quantization"] = found[0].quantization if found else None
         if fmt.problem:
             report[name]["problem"] = fmt.problem
-    scheduler = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = read_json(path / "scheduler" / "scheduler_config.json")
     report["scheduler"] = {"class": scheduler.get("_class_name", "?"), "shift": scheduler.get("shift")}
     report["gpu_weights_bf16"] = dict(_peaks(path))
     return report
