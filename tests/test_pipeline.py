@@ -198,6 +198,16 @@ def test_calls_from_several_threads_run_one_at_a_time(tiny_pipe):
     tiny_pipe("a cat", seed=0, callback_on_step_end=reenter, **run)
 
 
+def test_a_prompt_that_is_not_text_is_named_as_such(tiny_pipe):
+    """pipe(5) (a seed or a size given where the prompt goes) raised Python's bare "TypeError: 'int' object
+    is not iterable" from inside the request; it says what the prompt must be now."""
+    for prompt, name in ((5, "int"), (1.5, "float")):
+        with pytest.raises(TypeError, match=rf"^prompt must be a string or a list of strings, got {name}$"):
+            tiny_pipe(prompt, width=32, height=32, num_inference_steps=1)
+    with pytest.raises(ValueError, match="^every prompt must be a string$"):
+        tiny_pipe(["a cat", 5], width=32, height=32, num_inference_steps=1)
+
+
 # ------------------------------------------------------------------------- diffusers habits
 def test_call_arguments_are_keywords_so_diffusers_positional_height_width_cannot_swap(tiny_pipe):
     """diffusers' order is (prompt, height, width, ...); a positional call would have come out

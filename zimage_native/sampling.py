@@ -28,7 +28,7 @@ import math
 import numbers
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -95,7 +95,11 @@ class GenerationRequest:
 
     @property
     def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt or [])
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt is not None and not isinstance(self.prompt, Iterable):  # pipe(5): not "'int' object is ..."
+            raise TypeError(f"prompt must be a string or a list of strings, got {type(self.prompt).__name__}")
+        return list(self.prompt or [])
 
     @property
     def n(self) -> int:
