@@ -449,6 +449,19 @@ def test_unknown_profile_lists_the_tables(tmp_path):
     assert result.output.endswith("no profile [a100]; it has no profiles, only [default]\n"), result.output
 
 
+def test_a_mistyped_profile_of_the_shipped_config_gets_the_one_meant(tmp_path):
+    """`--profile rtx4900` (or 12GB, lowvram) listed the shipped profiles but not the one meant, where a
+    mistyped config key gets "did you mean"; a profile close to one of them is named now (a100, no
+    closer to h100 than 0.75, gets none: an A100 is not an H100)."""
+    for typed, meant in (("rtx4900", "rtx4090"), ("12GB", "12gb"), ("lowvram", "low_vram")):
+        result = run("generate", "a cat", "--profile", typed, "-o", tmp_path / "a.png", ok=False)
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert result.output.endswith(f"no profile [{typed}]; its profiles are 12gb, 16gb, 8gb, h100, low_vram, "
+                                      f"rtx4090; did you mean '{meant}'?\n"), result.output
+    result = run("generate", "a cat", "--profile", "a100", "-o", tmp_path / "a.png", ok=False)
+    assert result.output.endswith("its profiles are 12gb, 16gb, 8gb, h100, low_vram, rtx4090\n"), result.output
+
+
 def test_a_serve_key_in_a_table_generate_reads_says_where_it_goes(tmp_path):
     with pytest.raises(ValueError, match=r"\[default\]\.queue_size: unknown key 'queue_size' for `zimage generate`; "
                                          r"it is a `zimage serve` key: put it in a profile that only `zimage serve`"):
