@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shutil
 import subprocess
 import sys
@@ -20,8 +21,11 @@ def test_wheel_maps_folders_into_the_namespace(tmp_path):
     pytest.importorskip("wheel")
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__"))
+    # Without PYTHONPATH: a checkout on it would put its kernels/ folder before the installed Hugging
+    # Face ``kernels`` package in pip's build process.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(src)], check=True)
+                    str(tmp_path / "dist"), str(src)], check=True, env=env)
     wheel = next((tmp_path / "dist").glob("zimage_native-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "zimage_native/kernels/__init__.py" in names
