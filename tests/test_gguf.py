@@ -6,6 +6,8 @@ built from the ``gguf`` package's own dequantisation of the same bytes.
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -99,16 +101,45 @@ def _canonical_random(cfg: TransformerConfig, seed: int = 0) -> dict[str, torch.
     return {k: torch.randn(tuple(v.shape), generator=g) * 0.05 for k, v in model.state_dict().items()}
 
 
+#: Built files of one GGML type (``write_dit`` / ``write_qwen3`` arguments without the path -> the file's
+#: bytes and its reference), the last few: a build draws and encodes millions of random values and
+#: dequantises them with the gguf package (seconds each on the CI CPU), and many tests take the same file.
+_BUILT: OrderedDict = OrderedDict()
+_BUILT_KEEP = 4
+
+
+def _built(key, build):
+    """(bytes, reference) for ``key``, from ``build()`` or the last few builds (``key`` None: not kept)."""
+    if key is not None and key in _BUILT:
+        _BUILT.move_to_end(key)
+        return _BUILT[key]
+    entry = build()
+    if key is not None:
+        _BUILT[key] = entry
+        while len(_BUILT) > _BUILT_KEEP:
+            _BUILT.popitem(last=False)
+    return entry
+
+
 def write_dit(path: Path, types, prefix: str = "", arch: str | None = "lumina2", seed: int = 0
               ) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A GGUF DiT in the ComfyUI layout; returns it and the reference canonical fp32 values."""
+    """A GGUF DiT in the ComfyUI layout; returns it and the reference canonical fp32 values (a copy of
+    their own for each call: tests change them). Files of one type (``types`` a string) are built once
+    and written again for each call."""
+    key = ("dit", types, prefix, arch, seed) if isinstance(types, str) else None
+    data, reference = _built(key, lambda: _build_dit(path, types, prefix, arch, seed))
+    path.write_bytes(data)
+    return path, {k: v.clone() for k, v in reference.items()}
+
+
+def _build_dit(path: Path, types, prefix: str, arch: str | None, seed: int) -> tuple[bytes, dict[str, torch.Tensor]]:
     cfg = _dit_config()
     comfy = dict(from_canonical(_canonical_random(cfg, seed).items(), DIT_COMFYUI))
     comfy["norm_final.weight"] = torch.ones(cfg.dim)
     file, values = gguf_state(comfy, types, np.random.default_rng(seed))
     write_gguf(path, {prefix + k: v for k, v in file.items()}, arch)
     reference = dict(to_canonical(((k, v) for k, v in values.items()), DIT_COMFYUI))
-    return path, reference
+    return path.read_bytes(), reference
 
 
 def reference_dit(reference: dict[str, torch.Tensor]) -> ZImageTransformer:
@@ -533,7 +564,15 @@ GGUF_QWEN3 = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, n
 
 
 def write_qwen3(path: Path, tokenizer_len: int, types, arch: str | None = "qwen3", seed: int = 0):
-    """A GGUF Qwen3 in llama.cpp names; returns it and the reference full transformers Qwen3Model."""
+    """A GGUF Qwen3 in llama.cpp names; returns it and the reference full transformers Qwen3Model (one
+    of its own for each call). Files of one type are built once and written again for each call."""
+    key = ("qwen3", tokenizer_len, types, arch, seed) if isinstance(types, str) else None
+    data, reference = _built(key, lambda: _build_qwen3(path, tokenizer_len, types, arch, seed))
+    path.write_bytes(data)
+    return path, copy.deepcopy(reference)
+
+
+def _build_qwen3(path: Path, tokenizer_len: int, types, arch: str | None, seed: int):
     from transformers import Qwen3Config, Qwen3Model
 
     from zimage_native.formats.gguf import TE_LLAMA_CPP
@@ -554,7 +593,7 @@ def write_qwen3(path: Path, tokenizer_len: int, types, arch: str | None = "qwen3
     state = dict(to_canonical(values.items(), TE_LLAMA_CPP))  # the LM head is dropped
     reference = Qwen3Model(config).eval()
     reference.load_state_dict(state, strict=True)
-    return path, reference
+    return path.read_bytes(), reference
 
 
 def reference_features(reference, tokenizer, texts: list[str]) -> list[torch.Tensor]:
