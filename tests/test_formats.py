@@ -27,6 +27,7 @@ from zimage_native.loading import StateDictMismatchError, load_component, read_c
 from zimage_native.model.sequence import build_layout, pad_captions, patchify
 from zimage_native.text_encoder import TextEncoder
 
+from .fresh_process import run_fresh
 from .utils import assert_rel, needs_cpu_fp8
 
 TINY_AXES = {"axes_dims": [8, 12, 12]}  # RoPE axes cannot be read from shapes
@@ -905,8 +906,6 @@ def test_an_fp8_text_encoder_loads_without_an_fp32_copy_of_its_embedding(tiny_mo
     by blocks of rows into bf16 now: the peak (in a fresh process) stays under the model, the file's
     mapped pages and one fp32 copy of the embedding (measured: 196 MiB against a bound of 336 MiB);
     the whole-tensor path holds two fp32 copies at once (measured: 432 MiB)."""
-    import subprocess
-    import sys
 
     sd, _ = to_fp8(prefixed_te(tiny_model_dir, lm_head=False), True)
     warm = write(tmp_path / "warm.safetensors", sd)
@@ -915,9 +914,7 @@ def test_an_fp8_text_encoder_loads_without_an_fp32_copy_of_its_embedding(tiny_mo
     sd["model.embed_tokens.weight"] = codes.view(torch.float8_e4m3fn)
     big = write(tmp_path / "big.safetensors", sd)
     del sd, codes
-    run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(warm), str(big)], capture_output=True, text=True,
-                         check=True)
-    peak, held = map(int, run.stdout.split())
+    peak, held = map(int, run_fresh(_PEAK_SCRIPT, warm, big).split())
     fp32_embedding = rows * width * 4
     bound = held + big.stat().st_size + fp32_embedding  # less than the whole path's two fp32 copies
     assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
@@ -950,8 +947,6 @@ def test_an_fp8_text_encoder_quantised_while_loading_never_holds_a_whole_fp32_we
     379 MiB model). The fp8 rows are dequantised by the chunks that are quantised now (1145 MiB):
     the peak stays under the model, the file's mapped pages and half the embedding in fp32
     (measured here: 106 MiB against a bound of 200 MiB; the whole-weight path: 316 MiB)."""
-    import subprocess
-    import sys
 
     sd, _ = to_fp8(prefixed_te(tiny_model_dir, lm_head=False), True, per_row=True)
     warm = write(tmp_path / "warm.safetensors", sd)
@@ -961,9 +956,7 @@ def test_an_fp8_text_encoder_quantised_while_loading_never_holds_a_whole_fp32_we
     sd["model.embed_tokens.scale_weight"] = torch.rand(rows, generator=torch.Generator().manual_seed(1)) + 0.1
     big = write(tmp_path / "big.safetensors", sd)
     del sd, codes
-    run = subprocess.run([sys.executable, "-c", _QUANT_PEAK_SCRIPT, str(warm), str(big)], capture_output=True,
-                         text=True, check=True)
-    peak, held = map(int, run.stdout.split())
+    peak, held = map(int, run_fresh(_QUANT_PEAK_SCRIPT, warm, big).split())
     fp32_embedding = rows * width * 4
     bound = held + big.stat().st_size + fp32_embedding // 2
     assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
@@ -1000,8 +993,6 @@ def test_a_converted_tensor_is_read_by_rows_not_through_the_memory_map(tiny_mode
     the peak stays under the model and half the file, and the file's pages do not stay mapped
     (measured here: fp8 338 MiB with 12 MiB mapped, fp32 111 MiB with none, against bounds of 366
     and 192 MiB; through the map: 500 MiB with 156 mapped, 288 MiB with 192 mapped)."""
-    import subprocess
-    import sys
 
     sd = prefixed_te(tiny_model_dir, lm_head=False)
     if stored == "fp8":
@@ -1021,9 +1012,7 @@ def test_a_converted_tensor_is_read_by_rows_not_through_the_memory_map(tiny_mode
         sd["model.embed_tokens.weight"] = torch.randn(rows, width, generator=g)
     big = write(tmp_path / "big.safetensors", sd)
     del sd
-    run = subprocess.run([sys.executable, "-c", _MAPPED_SCRIPT, str(warm), str(big)], capture_output=True, text=True,
-                         check=True)
-    peak, mapped, held = map(int, run.stdout.split())
+    peak, mapped, held = map(int, run_fresh(_MAPPED_SCRIPT, warm, big).split())
     size = big.stat().st_size
     assert peak < held + size // 2, f"peak {peak / 2**20:.0f} MiB above the start, bound " \
                                     f"{(held + size // 2) / 2**20:.0f} MiB (the model holds {held / 2**20:.0f} MiB)"
@@ -1057,8 +1046,6 @@ def test_a_folder_cast_while_loading_is_read_by_rows(tiny_model_dir, tmp_path):
     file (measured: 200 MiB against a bound of 216 MiB; through the map: 288 MiB)."""
     import json
     import shutil
-    import subprocess
-    import sys
 
     for name, rows in (("warm", None), ("big", 1 << 20)):
         folder = tmp_path / name
@@ -1070,9 +1057,7 @@ def test_a_folder_cast_while_loading_is_read_by_rows(tiny_model_dir, tmp_path):
             write(folder / "model.safetensors", sd)
             config = json.loads((folder / "config.json").read_text())
             (folder / "config.json").write_text(json.dumps({**config, "vocab_size": rows}))
-    run = subprocess.run([sys.executable, "-c", _FOLDER_SCRIPT, str(tmp_path / "warm"), str(tmp_path / "big")],
-                         capture_output=True, text=True, check=True)
-    peak, held = map(int, run.stdout.split())
+    peak, held = map(int, run_fresh(_FOLDER_SCRIPT, tmp_path / "warm", tmp_path / "big").split())
     size = (tmp_path / "big" / "model.safetensors").stat().st_size
     assert peak < held + size // 4, f"peak {peak / 2**20:.0f} MiB above the start, bound " \
                                     f"{(held + size // 4) / 2**20:.0f} MiB (the model holds {held / 2**20:.0f} MiB)"

@@ -26,6 +26,7 @@ from zimage_native.quant_linear import GGUFLinear, quantized_bytes, resident_byt
 
 from .gguf_files import ALL_TYPES, BLOCK_TYPES, SCALE_FIELDS, gguf_state, random_blocks, write_gguf  # noqa: E402
 from .test_formats import dit_output  # noqa: E402
+from .fresh_process import run_fresh  # noqa: E402
 from .utils import assert_rel  # noqa: E402
 
 # Rows (input features) that are whole 256-value blocks everywhere except the patch embedder (64):
@@ -668,8 +669,6 @@ def test_packed_gguf_weights_are_the_files_pages_not_a_copy(tiny_model_dir, tmp_
     copy-on-write now and a packed weight is a view of it: here, a 1 Mi x 256 Q8_0 embedding (272
     MiB) read once after the load peaks at 272 MiB with 0 MiB of anonymous memory (the copy: 545 MiB
     with 272 MiB anonymous)."""
-    import subprocess
-    import sys
 
     from .gguf_files import gguf_state
 
@@ -689,9 +688,7 @@ def test_packed_gguf_weights_are_the_files_pages_not_a_copy(tiny_model_dir, tmp_
     meta = {"qwen3.rope.freq_base": 1e6, "qwen3.attention.layer_norm_rms_epsilon": 1e-6, "qwen3.context_length": 2048}
     big = write_gguf(tmp_path / "big.gguf", file, "qwen3", meta)
     del file
-    run = subprocess.run([sys.executable, "-c", _GGUF_PEAK_SCRIPT, str(tmp_path / "warm.gguf"), str(big)],
-                         capture_output=True, text=True, check=True)
-    peak, anon, embedding = map(int, run.stdout.split())
+    peak, anon, embedding = map(int, run_fresh(_GGUF_PEAK_SCRIPT, tmp_path / "warm.gguf", big).split())
     assert anon < embedding // 4, f"{anon / 2**20:.0f} MiB of anonymous memory for a {embedding / 2**20:.0f} MiB " \
                                   f"packed embedding"
     assert peak < embedding * 3 // 2, f"peak {peak / 2**20:.0f} MiB above the start for {embedding / 2**20:.0f} MiB"

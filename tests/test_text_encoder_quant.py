@@ -16,6 +16,8 @@ from zimage_native.quantize import (Int4Linear, Int8Embedding, Int8Linear, int4_
                                     weight_bytes)
 from zimage_native.testing import randomize_
 
+from .fresh_process import run_fresh
+
 # K multiple of 128 so that int4 uses its real group size.
 QWEN = dict(vocab_size=300, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=512,
@@ -366,8 +368,6 @@ def test_a_text_encoder_quantised_while_loading_is_read_by_rows_not_through_the_
     read, chunks of 256 rows) the peak stays under the model and a quarter of what is read
     (measured: folder 45 MiB, file 61 MiB, against a bound of 148 MiB; through the map: 270 and
     291 MiB)."""
-    import subprocess
-    import sys
 
     from zimage_native.formats.checkpoint import read_header
 
@@ -378,9 +378,7 @@ def test_a_text_encoder_quantised_while_loading_is_read_by_rows_not_through_the_
     tensors, _ = read_header(tmp_path / "big" / "model.safetensors")
     read = sum(t.offsets[1] - t.offsets[0] for k, t in tensors.items() if k.startswith(("layers.0.", "embed_tokens.")))
     for how in ("folder", "file"):
-        run = subprocess.run([sys.executable, "-c", _MAPPED_QUANT_SCRIPT, how, str(tmp_path / "warm"),
-                              str(tmp_path / "big")], capture_output=True, text=True, check=True)
-        peak, held = map(int, run.stdout.split())
+        peak, held = map(int, run_fresh(_MAPPED_QUANT_SCRIPT, how, tmp_path / "warm", tmp_path / "big").split())
         assert peak < held + read // 4, f"{how}: peak {peak / 2**20:.0f} MiB above the start, bound " \
                                         f"{(held + read // 4) / 2**20:.0f} MiB (the model holds {held / 2**20:.0f} MiB)"
 

@@ -1,0 +1,97 @@
+"""Run a measurement script in a process of its own, forked from one that has imported torch,
+transformers' Qwen3 and the engine once.
+
+The peak-memory tests each ran ``python -c SCRIPT`` in a new interpreter: every one paid the
+imports again (7 s of CPU on the shared CI machine, more than most measurements). A server process
+imports once, then forks a child per script: the child starts with the imports done and nothing
+else (the server runs no torch op and holds no tensor), so each measurement is as isolated as in a
+new interpreter (its own allocator, its own peak: the scripts still reset VmHWM after their warm-up
+load). Linux only, like the measurements (/proc/self/clear_refs).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import select
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_SERVER = r"""
+import json, os, sys, traceback
+import torch  # noqa: F401
+import zimage_native.loading, zimage_native.text_encoder  # noqa: F401 (first: the hub's kernels package)
+import transformers.models.qwen3.modeling_qwen3  # noqa: F401
+print("ready", flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for fd, name in ((1, job["out"]), (2, job["err"])):
+                os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
+            sys.argv = ["-c", *job["args"]]
+            exec(compile(job["script"], "<measurement>", "exec"), {"__name__": "__main__"})
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+_server: subprocess.Popen | None = None
+
+
+def _stop() -> None:
+    if _server is not None and _server.poll() is None:
+        _server.stdin.close()
+        _server.wait(timeout=60)
+
+
+def _readline(timeout: float) -> str:
+    ready, _, _ = select.select([_server.stdout], [], [], timeout)
+    if not ready:
+        _server.kill()
+        raise TimeoutError(f"no answer from the measurement process in {timeout:.0f} s")
+    return _server.stdout.readline()
+
+
+def _start() -> subprocess.Popen:
+    global _server
+    if _server is None or _server.poll() is not None:
+        _server = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True)
+        if _readline(600).strip() != "ready":
+            raise RuntimeError("the measurement process did not start")
+        atexit.register(_stop)
+    return _server
+
+
+def run_fresh(script: str, *args: str, timeout: float = 600) -> str:
+    """``python -c script *args`` in a fresh process (forked after the imports); its stdout.
+    Raises ``subprocess.CalledProcessError`` (with its stderr) when the script fails."""
+    server = _start()
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        server.stdin.write(json.dumps({"script": script, "args": [str(a) for a in args], "out": str(out),
+                                       "err": str(err)}) + "\n")
+        server.stdin.flush()
+        answer = _readline(timeout)
+        if not answer:
+            raise RuntimeError("the measurement process ended")
+        code = int(answer)
+        stdout, stderr = out.read_text(), err.read_text()
+    if code:
+        raise subprocess.CalledProcessError(code, ["python", "-c", script, *args], stdout, stderr)
+    return stdout
+
+
