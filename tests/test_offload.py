@@ -379,3 +379,51 @@ def test_a_hand_decode_or_encode_under_model_offload_visits_the_execution_device
     assert isinstance(vae.__dict__["decode"], CompiledDecode) and "encode" not in vae.__dict__
     vae.encode(x)
     assert copies == []
+
+
+def test_a_hand_decode_and_the_pipelines_decode_from_two_threads_each_run_on_the_visiting_weights(
+        tiny_model_dir, monkeypatch):
+    """offload.visit was re-entrant through a process-wide set of module ids: a visit of a module
+    already visiting, from any thread, moved nothing and ended nothing. A hand pipe.vae.decode(z) in
+    one thread and the pipeline's own decode in another (the server's worker thread) shared the first
+    one's visit, and when that one ended the weights went back to CPU memory under the other's run:
+    its later layers ran on the resting weights (on a GPU, a device-mismatch RuntimeError). A visit
+    from another thread now waits for the first to end, then visits itself. "cpu:1" stands in for
+    the GPU; the worker's decode is started from inside the hand decode's first layer."""
+    import threading
+
+    import zimage_native.offload as offload
+    import zimage_native.pipeline as pipeline
+
+    from .fixtures import our_pipeline
+
+    pipe = our_pipeline(tiny_model_dir)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: torch.device("cpu", 1))
+    pipe.enable_model_cpu_offload()
+    vae = pipe.vae
+    resting = {t.data_ptr() for t in (*vae.parameters(), *vae.buffers())}
+    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: storage.clone())
+    ran, worker_in, hand_done, images = [], threading.Event(), threading.Event(), []
+    latents = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(0))
+    worker = threading.Thread(target=lambda: images.append(pipe.decode(latents)), name="worker")
+
+    def first_layer(module, args):
+        ran.append((threading.current_thread().name, module.weight.data_ptr() not in resting))
+        if threading.current_thread() is worker:
+            worker_in.set()
+            hand_done.wait(5)  # (the hand decode ends meanwhile, unless it waits for this one)
+        elif not worker.is_alive():
+            worker.start()
+            worker_in.wait(1)  # (the worker waits for this visit to end: it never comes in)
+
+    vae.decoder.conv_in.register_forward_pre_hook(first_layer)
+    vae.decoder.conv_out.register_forward_pre_hook(
+        lambda m, args: ran.append((threading.current_thread().name, m.weight.data_ptr() not in resting)))
+    z = latents / pipe.vae_config.scaling_factor + pipe.vae_config.shift_factor
+    image = vae.decode(z).sample
+    hand_done.set()
+    worker.join(30)
+    assert not worker.is_alive() and len(images) == 1
+    assert sorted(ran) == [("MainThread", True)] * 2 + [("worker", True)] * 2, "a layer ran on the resting weights"
+    assert torch.equal(images[0], (image * 0.5 + 0.5).clamp(0, 1))
+    assert {t.data_ptr() for t in (*vae.parameters(), *vae.buffers())} == resting

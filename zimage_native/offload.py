@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
+import weakref
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -195,8 +197,19 @@ def move_(module: nn.Module, device: torch.device | str) -> nn.Module:
     return module
 
 
-#: ids of the modules visiting their device now (:func:`visit`).
-_visiting: set[int] = set()
+class _Visits:
+    """A module's visits (:func:`visit`): ``lock`` held for a visit, so that a visit from another
+    thread (a hand ``pipe.vae.decode`` while the pipeline's worker thread decodes) waits for it
+    rather than running on weights that move back under it, and ``depth``, the holder's nested
+    visits (only the outermost moves anything)."""
+
+    def __init__(self):
+        self.lock, self.depth = threading.RLock(), 0
+
+
+#: The modules' visit locks, by module (weak: an entry goes with its module, ids are not reused).
+_visits: weakref.WeakKeyDictionary[nn.Module, _Visits] = weakref.WeakKeyDictionary()
+_visits_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -205,23 +218,31 @@ def visit(module: nn.Module, device: torch.device):
     then back where they rest, in CPU memory, without a copy back: a run does not change weights, so
     each tensor simply points at its resting copy again (a LoRA fused between runs edits that copy),
     and the GPU's cached blocks are released. Storages are copied once each (:func:`_place`). Inside
-    a visit of the same module (a :class:`VisitOnCall` inside the pipeline's decode) nothing moves."""
-    if id(module) in _visiting:
-        yield
-        return
-    device = torch.device(device)
-    tensors = _tensors(module)
-    homes = [t.data for t in tensors]
-    _visiting.add(id(module))
-    try:
-        _place(tensors, device)
-        yield
-    finally:
-        for t, home in zip(tensors, homes):
-            t.data = home
-        _visiting.discard(id(module))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    a visit of the same module in the same thread (a :class:`VisitOnCall` inside the pipeline's
+    decode) nothing moves; a visit from another thread waits until this one has ended."""
+    with _visits_lock:
+        visits = _visits.get(module)
+        if visits is None:
+            visits = _visits[module] = _Visits()
+    with visits.lock:
+        visits.depth += 1
+        try:
+            if visits.depth > 1:
+                yield
+                return
+            device = torch.device(device)
+            tensors = _tensors(module)
+            homes = [t.data for t in tensors]
+            try:
+                _place(tensors, device)
+                yield
+            finally:
+                for t, home in zip(tensors, homes):
+                    t.data = home
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        finally:
+            visits.depth -= 1
 
 
 class VisitOnCall:
