@@ -818,6 +818,43 @@ def test_a_plain_pipeline_pickles_to_a_pipeline_of_its_own_with_the_same_images(
     assert_rel(want, pipe("a cat", **kw).images, 1e-5, "the original's images")
 
 
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_an_unpickled_pipeline_with_fused_projections_keeps_the_views_a_lora_reaches(fresh_pipe, how):
+    """optimize(kernels="triton") and fp8 fuse q|k|v and w1|w3 into one GEMM each, whose linears'
+    weights are views of the fused buffer (accel.fusions). pickle.dumps copies every tensor's storage
+    apart (torch.save keeps shared ones shared): the unpickled DiT held those weights twice (tiny
+    DiT: 2.37 MB of storages -> 3.65 MB), and a LoRA loaded on it edited the linears but not the
+    fused GEMMs: its images were those without the LoRA on q|k|v (max diff to the original's 0.27,
+    the LoRA's whole effect). The unpickled pipeline rejoins the views."""
+    from zimage_native.accel.fusions import fuse_projections_
+
+    pipe = fresh_pipe
+    fuse_projections_(pipe.transformer)  # (as optimize(kernels="triton") does on a GPU)
+    kw = dict(seed=3, height=32, width=32, num_inference_steps=2, output_type="pt")
+    dim = pipe.transformer.config.dim
+    g = torch.Generator().manual_seed(0)
+    lora = {"diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.randn(4, dim, generator=g) * 0.1,
+            "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.randn(3 * dim, 4, generator=g)}
+
+    def storages(model):
+        return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in (*model.parameters(), *model.buffers())}
+
+    back = _saved_and_loaded(pipe, how)
+    assert sum(storages(back.transformer).values()) == sum(storages(pipe.transformer).values())
+    attention = back.transformer.layers[0].attention
+    assert attention.to_q.weight.untyped_storage().data_ptr() == attention.to_qkv.weight.untyped_storage().data_ptr()
+    without = back("a cat", **kw).images
+    assert torch.equal(without, pipe("a cat", **kw).images)
+    pipe.load_lora(dict(lora), scale=0.7)
+    back.load_lora(dict(lora), scale=0.7)
+    want = pipe("a cat", **kw).images
+    assert not torch.equal(want, without)
+    assert torch.equal(back("a cat", **kw).images, want)
+    back.unload_lora()
+    assert torch.equal(back("a cat", **kw).images, without)
+
+
 def test_pickling_a_pipeline_with_cuda_graphs_is_refused_saying_what_to_do(fresh_pipe):
     """Captured CUDA graphs replay this process's tensors: pickling a pipeline holding them failed
     with PyTorch's "Can't pickle local object ..." (naming a lambda); it is refused now saying why and

@@ -645,7 +645,12 @@ class ZImagePipeline:
             return {key: value for key, value in self.__dict__.items() if key not in self._PROCESS_PARTS}
 
     def __setstate__(self, state: dict) -> None:
+        from .accel.fusions import rejoin_fused_views_
+
         self.__dict__.update(state)
+        for model in (self.transformer, getattr(self, "controlnet", None)):
+            if model is not None:  # (pickle.dumps copied the fused GEMMs' views apart)
+                rejoin_fused_views_(model)
         self._own_process_parts()
 
     def _set_diffusers_attention_backend(self, backend: str) -> list[str]:

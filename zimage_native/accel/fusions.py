@@ -63,3 +63,28 @@ def fuse_projections_(model: nn.Module) -> tuple[int, int]:
             module.w13 = FusedLinear([module.w1, module.w3])
             ffn += 1
     return qkv, ffn
+
+
+def rejoin_fused_views_(model: nn.Module) -> int:
+    """The linears of each :class:`FusedLinear` views of its buffer again, where they are copies of
+    their own: ``pickle.loads`` of a ``pickle.dumps`` copies every tensor's storage apart (``torch.save``
+    and ``copy.deepcopy`` keep shared storages shared), and then a fused LoRA edited the linears'
+    weights but not the fused GEMM, and the weights were held twice. Returns the fusions rejoined
+    (the values are the fused buffer's, equal to the copies')."""
+    rejoined = 0
+    for module in model.modules():
+        if isinstance(module, Attention) and isinstance(module.to_qkv, FusedLinear):
+            fused, linears = module.to_qkv, (module.to_q, module.to_k, module.to_v)
+        elif isinstance(module, FeedForward) and isinstance(module.w13, FusedLinear):
+            fused, linears = module.w13, (module.w1, module.w3)
+        else:
+            continue
+        home = fused.weight.untyped_storage().data_ptr()
+        if all(m.weight.untyped_storage().data_ptr() == home for m in linears):
+            continue
+        start = 0
+        for m, n in zip(linears, fused.splits):
+            m.weight.data = fused.weight[start:start + n]
+            start += n
+        rejoined += 1
+    return rejoined
