@@ -491,6 +491,42 @@ def test_loras_stacked_past_a_layers_smaller_side_are_held_as_one_delta(no_class
     assert counter.frame_count == 2 + 2 * 2, counter.frame_count
 
 
+def test_a_full_delta_lora_stacked_on_a_packed_layers_side_path_joins_it():
+    """A LoRA stacked on a packed layer joined its low-rank side path, or (since 9c2d829) was added to
+    its delta, but a full-delta LoRA (b None) was always a side path of its own: a stack of n full
+    deltas held n (out, in) deltas, one shape class more per stack size, and low-rank then full was
+    two side paths where full then low-rank was one. Any LoRA on a layer with a delta now adds to it,
+    and a full delta on low-rank factors joins them as the delta B A + D; removing the LoRAs gives the
+    layer back exactly."""
+    model, g, _ = packed_dit_and_inputs()
+    layer = model.layers[0].feed_forward.w2  # (64, 170): packed, not square
+    out, inp = layer.out_features, layer.in_features
+    assert out != inp and not layer.lora
+    x = torch.randn(3, inp, generator=g)
+    with torch.no_grad():
+        base = layer(x)
+
+        def check(*terms):
+            (side,) = layer.side_paths()
+            assert side.b is None and side.a.shape == (out, inp)
+            want = base + x @ sum(terms).T
+            assert ((layer(x) - want).norm() / want.norm()).item() < 1e-6
+
+        d1, d2 = (torch.randn(out, inp, generator=g) * 0.01 for _ in range(2))
+        a, b = torch.randn(8, inp, generator=g) * 0.1, torch.randn(out, 8, generator=g) * 0.1
+        layer.add_lora(d1, None, 0.5)
+        layer.add_lora(d2, None, 2.0)
+        check(0.5 * d1, 2.0 * d2)
+        layer.add_lora(a, b, 0.7)
+        check(0.5 * d1, 2.0 * d2, 0.7 * b @ a)
+        assert layer.clear_lora() == 1 and torch.equal(layer(x), base)
+        layer.add_lora(a, b, 0.7)
+        layer.add_lora(d1, None, 0.5)
+        check(0.7 * b @ a, 0.5 * d1)
+        assert [name for name in layer._buffers if name.startswith("lora_")] == ["lora_a0"]
+        assert layer.clear_lora() == 1 and torch.equal(layer(x), base)
+
+
 def test_rank_buckets():
     from zimage_native.quant_linear import rank_bucket
 

@@ -18,7 +18,8 @@ two small factors, never formed), or a dense delta (full-delta modules): the pac
 never rewritten, and removing the LoRA removes the side paths. A low-rank side path is held at
 its rank bucket (:func:`rank_bucket`), and a LoRA stacked on a layer joins its low-rank side
 path; past the layer's smaller side the joined factors are held as their delta ``B A`` (fewer
-values, one shape), which later LoRAs add to. A and B are non-persistent buffers of the layer, in
+values, one shape), which later LoRAs add to, as to a full delta (a full delta stacked on factors joins
+them as ``B A + D``). A and B are non-persistent buffers of the layer, in
 the model's compute dtype, with the LoRA's scale folded into one of them (a compiled DiT then holds no
 scale to recompile for): every placement (``Module.to``, ``--offload model``, the streamed blocks
 of ``--offload blocks``) moves them with the layer, and a forward neither casts nor copies them.
@@ -135,16 +136,25 @@ class PackedLinear(nn.Module):
         # torch.compile would specialise on: a LoRA loaded again at another scale reuses the graph.
         given = {"a": a.dtype, "b": None if b is None else b.dtype}
         index = len(self.lora)
-        if b is None or kron:
+        if kron:
             a = a.float() * scale
         else:
-            b = b.float() * scale
+            if b is None:
+                a = a.float() * scale
+            else:
+                b = b.float() * scale
             low = next((i for i, (_, _, k) in enumerate(self.lora) if not k), None)
             if low is not None and self.lora[low][1] is None:
                 # Stacked on a delta (a full delta, or factors that went past the cap, below): added to it.
                 index, old = low, getattr(self, self.lora[low][0])
-                a, b = old.float() + b.to(old.device) @ a.to(old.device).float(), None
+                a = a.to(old.device).float() if b is None else b.to(old.device) @ a.to(old.device).float()
+                a, b = old.float() + a, None
                 given = {"a": old.dtype, "b": None}
+            elif low is not None and b is None:
+                # A full delta stacked on low-rank factors: held with them as one delta, B A + D.
+                index, old_a, old_b = low, getattr(self, self.lora[low][0]), getattr(self, self.lora[low][1])
+                a = old_b.float() @ old_a.float() + a.to(old_a.device)
+                given = {"a": old_a.dtype, "b": None}
             elif low is not None:
                 # A LoRA stacked on the layer's low-rank side path joins it: B1 A1 + B2 A2 = [B1 B2] [A1; A2],
                 # without A1's zero rows (its padding; a zero row adds nothing), so stacks too are one
@@ -167,7 +177,7 @@ class PackedLinear(nn.Module):
                     a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
                     b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
         if index < len(self.lora) and b is None and self.lora[index][1] is not None:
-            delattr(self, self.lora[index][1])  # factors joined past the cap: the delta replaces them
+            delattr(self, self.lora[index][1])  # factors joined past the cap or with a delta: the delta replaces them
         names = []
         for part, tensor in (("a", a), ("b", b)):
             if tensor is None:
