@@ -12,6 +12,7 @@ in the ``_quantization_metadata`` entry of the safetensors metadata. The DiT is 
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -22,7 +23,7 @@ from zimage_native.converters.keymap import DIT_COMFYUI, convert_state_dict
 from zimage_native.formats import UnsupportedFormatError, describe, detect_format
 from zimage_native.loading import load_component
 
-from .test_formats import TINY_AXES, comfy_dit, dit_output, write
+from .test_formats import TINY_AXES, comfy_dit, dit_output, prefixed_te, write
 
 PREFIX = "model.diffusion_model."
 
@@ -220,3 +221,86 @@ def test_metadata_naming_layers_without_the_files_prefix_finds_them(comfy_sd, tm
                        config=TINY_AXES, keep_fp8=False)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
+
+
+_TE_QUANT_PEAK_SCRIPT = """
+import sys, torch
+from zimage_native.loading import load_component
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+warm, big = sys.argv[1:]
+config = {"max_position_embeddings": 2048}
+load_component("text_encoder", warm, torch.bfloat16, "cpu", config=config, quant="int8")  # imports, first allocations
+open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the resident size now
+start = status("VmRSS")
+model = load_component("text_encoder", big, torch.bfloat16, "cpu", config=config, quant="int8")
+held = sum(t.nbytes for t in model.state_dict().values())
+print(status("VmHWM") - start, held)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures the peak resident size (Linux)")
+def test_a_comfy_quant_int8_text_encoder_quantised_while_loading_never_holds_a_whole_fp32_weight(tiny_model_dir,
+                                                                                                 tmp_path):
+    """A text encoder whose int8_tensorwise weights are quantised while loading (quant="int8"): each
+    was dequantised whole to fp32 before it was quantised by chunks of rows (a 1 Mi x 48 embedding
+    here, 192 MiB in fp32: 251 MiB above the start for a 52 MiB model, where the same model from a
+    bf16 file peaks at 56 MiB). It is read and dequantised by the chunks that are quantised now
+    (measured: 60 MiB), with the same codes (the int8 encoder equals that of the dequantised
+    file)."""
+    import subprocess
+    import sys
+
+    sd = prefixed_te(tiny_model_dir, lm_head=False)
+    mix = {"embed_tokens": ("int8_tensorwise", "row"), "self_attn.q_proj": ("int8_tensorwise", "tensor"),
+           "mlp.down_proj": ("int8_tensorwise", "row")}
+    small, expected, _ = to_comfy_quant(sd, mix=mix)
+    config = {"max_position_embeddings": 2048}
+    warm = write(tmp_path / "warm.safetensors", small)
+    reference = write(tmp_path / "dequantised.safetensors", expected)
+    a = load_component("text_encoder", warm, torch.bfloat16, "cpu", config=config, quant="int8").state_dict()
+    b = load_component("text_encoder", reference, torch.bfloat16, "cpu", config=config, quant="int8").state_dict()
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert v.dtype == b[k].dtype and torch.equal(v, b[k]), k
+    rows, width = 1 << 20, sd["model.embed_tokens.weight"].shape[1]  # 48 Mi values: 48 MiB in int8, 192 in fp32
+    g = torch.Generator().manual_seed(0)
+    small["model.embed_tokens.weight"] = torch.randint(-127, 128, (rows, width), dtype=torch.int8, generator=g)
+    small["model.embed_tokens.weight_scale"] = (torch.rand(rows, 1, generator=g) + 0.1) / 127
+    big = write(tmp_path / "big.safetensors", small)
+    del small
+    run = subprocess.run([sys.executable, "-c", _TE_QUANT_PEAK_SCRIPT, str(warm), str(big)], capture_output=True,
+                         text=True, check=True)
+    peak, held = map(int, run.stdout.split())
+    bound = held + big.stat().st_size + rows * width * 4 // 2  # under half the embedding in fp32
+    assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
+                         f"(the model holds {held / 2**20:.0f} MiB)"
+
+
+def test_a_kept_fp8_dit_dequantises_its_int8_layers_into_the_dtype_not_through_fp32(comfy_sd, tmp_path, monkeypatch):
+    """A DiT that keeps its fp8 layers (keep_fp8, the default on the CPU) loaded in bf16: its
+    int8_tensorwise layers were dequantised whole to fp32 and then cast (a transient fp32 copy of
+    each, 157 MB for a released feed-forward linear); they are dequantised by rows into bf16 now,
+    with the values of the upcast load."""
+    from zimage_native.formats import tensors
+
+    sd, _, _ = to_comfy_quant(comfy_sd)
+    path = write(tmp_path / "fp8mix.safetensors", sd)
+    made = []
+    real = tensors.dequantize
+
+    def spy(weight, scale, dtype=torch.float32, read=None):
+        out = real(weight, scale, dtype, read)
+        made.append((tuple(out.shape), out.dtype))
+        return out
+
+    monkeypatch.setattr(tensors, "dequantize", spy)
+    kept = load_component("transformer", path, torch.bfloat16, "cpu", config=TINY_AXES, keep_fp8=True)
+    int8 = sum(1 for fmt in detect_format(path).components[0].comfy_quant.values() if fmt == "int8_tensorwise")
+    assert len(made) == int8 and all(dtype == torch.bfloat16 for _, dtype in made), made
+    upcast = load_component("transformer", path, torch.bfloat16, "cpu", config=TINY_AXES, keep_fp8=False).state_dict()
+    for k, v in kept.state_dict().items():
+        if k in upcast and v.dtype == torch.bfloat16:
+            assert torch.equal(v, upcast[k]), k

@@ -360,8 +360,8 @@ def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, devi
     scales = (read_scales(ckpt, info.keys, info.keymap(), device) if info.quantization in ("scaled-fp8", "comfy-quant")
               else {})
 
-    def items():
-        for key, t in canonical_items(ckpt, info, dequant=False):
+    def items():  # (in dtype: a comfy_quant int8 weight is dequantised into it by rows, not whole in fp32 first)
+        for key, t in canonical_items(ckpt, info, dequant=False, dtype=dtype):
             t = t.to(device)
             if key in swapped:  # the float8 values as bytes, and their scale as one value per row
                 scale = scales.get(key, torch.ones((), device=device)).float()

@@ -46,6 +46,25 @@ class StoredRows:
         return self.rows(0, self.shape[0]).clone()
 
 
+class DequantizedRows(StoredRows):
+    """A ComfyUI ``int8_tensorwise`` weight (int8 values x ``weight_scale``, one value or one per
+    row) read by blocks of rows where it is used, each block dequantised to fp32 as
+    :func:`~zimage_native.formats.fp8.dequantize` does: the rows of the whole dequantised weight,
+    which is never held (quantised while loading, a text encoder's int8 weight was dequantised
+    whole to fp32 first). ``dtype`` is fp32."""
+
+    def __init__(self, ckpt: Checkpoint, key: str, scale: torch.Tensor):
+        super().__init__(ckpt, key)  # row_bytes of the stored int8 values
+        self.scale, self.dtype = scale.to(torch.float32, copy=True), torch.float32  # (not a view of the map)
+
+    def rows(self, i: int, j: int) -> torch.Tensor:
+        s = self.scale[i:j] if self.scale.numel() > 1 else self.scale
+        return super().rows(i, j).to(torch.float32).mul_(s)
+
+    def whole(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0])  # new memory already
+
+
 def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool = True,
               dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None, rows: bool = False
               ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -55,7 +74,8 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
     dimensions are cast to ``dtype`` (when given) as they are read. A key that the key map drops (a
     tied ``lm_head``), or none of whose canonical keys ``keep`` accepts, is not read at all.
     ``rows``: a tensor of two or more dimensions kept as stored comes as :class:`StoredRows` (for a
-    key map that only renames: the text encoder's), not as a view of the file's memory map."""
+    key map that only renames: the text encoder's), not as a view of the file's memory map, and
+    with ``dequant=False`` a comfy_quant int8 weight as :class:`DequantizedRows`."""
     keymap = info.keymap()
     for key in info.keys:
         if is_aux(key):
@@ -65,7 +85,9 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
             continue
         t_info = ckpt.tensors[key]
         int8 = info.comfy_quant.get(key) == "int8_tensorwise"  # always dequantised (int8 values * weight_scale)
-        if (t_info.dtype in FP8_DTYPES and dequant) or int8:
+        if int8 and rows and not dequant and not meta and len(t_info.shape) >= 2:
+            yield key, DequantizedRows(ckpt, key, ckpt.get(scale_for(ckpt, key)))
+        elif (t_info.dtype in FP8_DTYPES and dequant) or int8:
             if meta:
                 yield key, torch.empty(t_info.shape, dtype=torch.float32, device="meta")
             else:
