@@ -287,6 +287,29 @@ def test_an_image_encodes_alike_at_any_thread_count(tiny_pipe):
     assert torch.equal(got[1], tiny_pipe.encode_image(pixels.contiguous(), None))
 
 
+@torch.no_grad()
+def test_channels_last_latents_decode_alike_at_any_thread_count(tiny_pipe):
+    """Latents a caller hands over in channels_last (``latents=``: the step loop keeps their layout)
+    reached the decoder's GroupNorms channels_last, whose CPU kernel sums each thread's share: the
+    images moved with torch.get_num_threads() (here 1 vs 2 threads: rel 5.4e-7, not bit-equal). The VAE gets contiguous latents, plain or tiled, as it gets pixels."""
+    latents = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    channels_last = latents.contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    try:
+        for tile in (None, 64):
+            if tile:
+                tiny_pipe.enable_vae_tiling(tile_size=tile, overlap=16)
+            got = {}
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                got[n] = tiny_pipe.decode(channels_last)
+            assert torch.equal(got[1], got[2]), (tile, rel_err(got[1], got[2]))
+            assert torch.equal(got[2], tiny_pipe.decode(latents)), tile
+    finally:
+        torch.set_num_threads(threads)
+        tiny_pipe.disable_vae_tiling()
+
+
 def test_tile_config_rejects_bad_sizes(tiny_pipe):
     with pytest.raises(ValueError, match="overlap"):
         tiny_pipe.enable_vae_tiling(tile_size=128, overlap=64)

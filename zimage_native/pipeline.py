@@ -1189,7 +1189,10 @@ class ZImagePipeline:
         """fp32 latents (B, 16, h, w) -> images (B, 3, f*h, f*w) in [0, 1] (f: ``vae_scale_factor``)."""
         with self._running("vae") as device:
             dtype = next(self.vae.parameters()).dtype
-            z = latents.to(device, dtype)
+            # Contiguous, as encode_image's pixels: channels_last latents (a caller's ``latents=``, which
+            # the step loop keeps in their layout) reached the decoder's GroupNorms channels_last, and
+            # the images moved with the CPU thread count (docs/numerics.md).
+            z = latents.to(device, dtype).contiguous()
             z = z / self.vae_config.scaling_factor + (self.vae_config.shift_factor or 0.0)  # in the VAE dtype
 
             def decode(z):
