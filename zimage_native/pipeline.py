@@ -1215,9 +1215,9 @@ class ZImagePipeline:
         with self._running("vae") as device:
             vae_dtype = next(self.vae.parameters()).dtype
             # Contiguous (B, 3, H, W): pixels from PIL or arrays are an NHWC array seen as NCHW
-            # (channels_last strides), and torch's CPU GroupNorm on channels_last (H*W >= 1024) sums
-            # each thread's share of the pixels and the squares, so the latents moved with the thread
-            # count and were far less exact than with the contiguous kernel (docs/numerics.md).
+            # (channels_last strides), and torch's CPU GroupNorm on channels_last sums the pixels and
+            # their squares (far less exact than the contiguous kernel), by thread from H*W >= 1024, so
+            # the latents moved with the thread count too (docs/numerics.md).
             x = image.to(device, dtype or image.dtype).to(vae_dtype).contiguous()
 
             def encode(x):
