@@ -22,7 +22,8 @@ PROMPTS = ["a cat",  # 14 tokens with the test tokenizer: class 32
            "a watercolor painting of mountains at dawn, soft light, mist over the lake, a small red boat drifting "
            "near the shore under pine trees, birds in the sky, reflections on calm water"]  # 104: 128
 SIZES = [(32, 48), (48, 48)]
-CFG = [dict(guidance_scale=0.0), dict(guidance_scale=3.0, cfg_truncation=0.5)]  # truncation: guided + plain steps
+CFG = [dict(guidance_scale=0.0), dict(guidance_scale=3.0, cfg_truncation=0.2)]  # truncation: guided + plain steps
+# (2 steps at shift 3 run at model times 0 and 0.25: the first guided, the second plain)
 
 
 class InspectingBackend:
