@@ -23,7 +23,8 @@ from zimage_native.converters.keymap import DIT_COMFYUI, convert_state_dict
 from zimage_native.formats import UnsupportedFormatError, describe, detect_format
 from zimage_native.loading import load_component
 
-from .test_formats import TINY_AXES, comfy_dit, dit_output, prefixed_te, write
+from .fresh_process import run_fresh
+from .test_formats import QUANT_PEAK_SCRIPT, TINY_AXES, comfy_dit, dit_output, prefixed_te, write
 
 PREFIX = "model.diffusion_model."
 
@@ -223,24 +224,6 @@ def test_metadata_naming_layers_without_the_files_prefix_finds_them(comfy_sd, tm
         assert torch.equal(v, b.state_dict()[k]), k
 
 
-_TE_QUANT_PEAK_SCRIPT = """
-import sys, torch
-from zimage_native.loading import load_component
-
-def status(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-
-warm, big = sys.argv[1:]
-config = {"max_position_embeddings": 2048}
-load_component("text_encoder", warm, torch.bfloat16, "cpu", config=config, quant="int8")  # imports, first allocations
-open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the resident size now
-start = status("VmRSS")
-model = load_component("text_encoder", big, torch.bfloat16, "cpu", config=config, quant="int8")
-held = sum(t.nbytes for t in model.state_dict().values())
-print(status("VmHWM") - start, held)
-"""
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures the peak resident size (Linux)")
 def test_a_comfy_quant_int8_text_encoder_quantised_while_loading_never_holds_a_whole_fp32_weight(tiny_model_dir,
                                                                                                  tmp_path):
@@ -250,9 +233,6 @@ def test_a_comfy_quant_int8_text_encoder_quantised_while_loading_never_holds_a_w
     bf16 file peaks at 56 MiB). It is read and dequantised by the chunks that are quantised now
     (measured: 60 MiB), with the same codes (the int8 encoder equals that of the dequantised
     file)."""
-    import subprocess
-    import sys
-
     sd = prefixed_te(tiny_model_dir, lm_head=False)
     mix = {"embed_tokens": ("int8_tensorwise", "row"), "self_attn.q_proj": ("int8_tensorwise", "tensor"),
            "mlp.down_proj": ("int8_tensorwise", "row")}
@@ -271,9 +251,7 @@ def test_a_comfy_quant_int8_text_encoder_quantised_while_loading_never_holds_a_w
     small["model.embed_tokens.weight_scale"] = (torch.rand(rows, 1, generator=g) + 0.1) / 127
     big = write(tmp_path / "big.safetensors", small)
     del small
-    run = subprocess.run([sys.executable, "-c", _TE_QUANT_PEAK_SCRIPT, str(warm), str(big)], capture_output=True,
-                         text=True, check=True)
-    peak, held = map(int, run.stdout.split())
+    peak, held = map(int, run_fresh(QUANT_PEAK_SCRIPT, warm, big, "bfloat16").split())
     bound = held + big.stat().st_size + rows * width * 4 // 2  # under half the embedding in fp32
     assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
                          f"(the model holds {held / 2**20:.0f} MiB)"

@@ -921,19 +921,20 @@ def test_an_fp8_text_encoder_loads_without_an_fp32_copy_of_its_embedding(tiny_mo
                          f"(the model holds {held / 2**20:.0f} MiB)"
 
 
-_QUANT_PEAK_SCRIPT = """
+QUANT_PEAK_SCRIPT = """
 import sys, torch
 from zimage_native.loading import load_component
 
 def status(key):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
 
-warm, big = sys.argv[1:]
+warm, big, dtype = sys.argv[1:]
+dtype = getattr(torch, dtype)
 config = {"max_position_embeddings": 2048}
-load_component("text_encoder", warm, torch.float32, "cpu", config=config, quant="int8")  # imports, first allocations
+load_component("text_encoder", warm, dtype, "cpu", config=config, quant="int8")  # imports, first allocations
 open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the resident size now
 start = status("VmRSS")
-model = load_component("text_encoder", big, torch.float32, "cpu", config=config, quant="int8")
+model = load_component("text_encoder", big, dtype, "cpu", config=config, quant="int8")
 held = sum(t.nbytes for t in model.state_dict().values())
 print(status("VmHWM") - start, held)
 """
@@ -956,7 +957,7 @@ def test_an_fp8_text_encoder_quantised_while_loading_never_holds_a_whole_fp32_we
     sd["model.embed_tokens.scale_weight"] = torch.rand(rows, generator=torch.Generator().manual_seed(1)) + 0.1
     big = write(tmp_path / "big.safetensors", sd)
     del sd, codes
-    peak, held = map(int, run_fresh(_QUANT_PEAK_SCRIPT, warm, big).split())
+    peak, held = map(int, run_fresh(QUANT_PEAK_SCRIPT, warm, big, "float32").split())
     fp32_embedding = rows * width * 4
     bound = held + big.stat().st_size + fp32_embedding // 2
     assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
