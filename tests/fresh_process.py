@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,16 +53,36 @@ for line in sys.stdin:
 _server: subprocess.Popen | None = None
 
 
+def _kill() -> None:
+    """Ends the server and the measurement it runs (one process group) and reaps the server: after a
+    timeout or an exception while waiting (pytest-timeout, Ctrl-C), a measurement left running went
+    on as an orphan, and a server left running answered the next call with the previous one's status."""
+    global _server
+    if _server is None:
+        return
+    try:
+        os.killpg(_server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _server.wait()
+    _server.stdin.close()
+    _server.stdout.close()
+    _server = None
+
+
 def _stop() -> None:
     if _server is not None and _server.poll() is None:
         _server.stdin.close()
-        _server.wait(timeout=60)
+        try:
+            _server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill()
 
 
 def _readline(timeout: float) -> str:
     ready, _, _ = select.select([_server.stdout], [], [], timeout)
     if not ready:
-        _server.kill()
         raise TimeoutError(f"no answer from the measurement process in {timeout:.0f} s")
     return _server.stdout.readline()
 
@@ -68,10 +90,15 @@ def _readline(timeout: float) -> str:
 def _start() -> subprocess.Popen:
     global _server
     if _server is None or _server.poll() is not None:
+        # A process group of its own (the server and the children it forks), so that _kill ends them all.
         _server = subprocess.Popen([sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   text=True)
-        if _readline(600).strip() != "ready":
-            raise RuntimeError("the measurement process did not start")
+                                   text=True, start_new_session=True)
+        try:
+            if _readline(600).strip() != "ready":
+                raise RuntimeError("the measurement process did not start")
+        except BaseException:
+            _kill()
+            raise
         atexit.register(_stop)
     return _server
 
@@ -82,11 +109,16 @@ def run_fresh(script: str, *args: str, timeout: float = 600) -> str:
     server = _start()
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        server.stdin.write(json.dumps({"script": script, "args": [str(a) for a in args], "out": str(out),
-                                       "err": str(err)}) + "\n")
-        server.stdin.flush()
-        answer = _readline(timeout)
+        try:
+            server.stdin.write(json.dumps({"script": script, "args": [str(a) for a in args], "out": str(out),
+                                           "err": str(err)}) + "\n")
+            server.stdin.flush()
+            answer = _readline(timeout)
+        except BaseException:  # a timeout, pytest-timeout, Ctrl-C: no measurement goes on, nor waits to answer
+            _kill()
+            raise
         if not answer:
+            _kill()
             raise RuntimeError("the measurement process ended")
         code = int(answer)
         stdout, stderr = out.read_text(), err.read_text()
