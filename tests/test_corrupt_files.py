@@ -218,3 +218,34 @@ def test_zimage_info_names_a_cut_config_of_a_model_folder(tiny_model_dir, tmp_pa
     assert len(lines) == 1 and re.fullmatch(
         rf"Error: {re.escape(str(folder / name))} is not valid JSON \(line \d+ column \d+: [^)]+\): the file is "
         r"incomplete or damaged \(a partial download or copy, or an edit\); download or copy it again", lines[0]), lines
+
+
+@pytest.mark.parametrize("name, command", [
+    # the tokenizer's files, read by transformers, which passed the parser's message on
+    ("tokenizer/tokenizer_config.json", lambda f, src, out: ["generate", "a cat", "--model", f, "-o", out, *BASE]),
+    ("tokenizer/tokenizer.json", lambda f, src, out: ["format-prompt", "a cat", "--model", f, "--tokens"]),
+    # a component folder's config.json (formats.infer.read_overrides): a --vae folder, `zimage info` of one
+    ("vae/config.json", lambda f, src, out: ["generate", "a cat", "--model", src, "--vae", f / "vae", "-o", out, *BASE]),
+    ("transformer/config.json", lambda f, src, out: ["info", f / "transformer"]),
+])
+def test_a_cut_tokenizer_file_or_component_config_names_the_file(tiny_model_dir, tmp_path, name, command):
+    """The JSON files that 3ebb0f6 left to the bare parser message: a cut tokenizer_config.json or
+    tokenizer.json ('Error: Expecting property name enclosed in double quotes: line 3 column 2 (char
+    30)', from transformers), and the config.json of a component folder given on its own ('--vae
+    FOLDER'; `zimage info FOLDER/transformer` said 'cannot load: FOLDER: Unterminated string starting
+    at: line 2 column 18 (char 19)' with exit status 0). Each names the file and says to download or
+    copy it again now."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    cut(folder / name, keep=30)
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(main, [str(a) for a in command(folder, tiny_model_dir, out)])
+    assert not out.exists()
+    message = rf"{re.escape(str(folder / name))} is not valid JSON \(line \d+ column \d+: [^)]+\): the file is " \
+              r"incomplete or damaged \(a partial download or copy, or an edit\); download or copy it again"
+    if name.startswith("transformer/"):  # info lists what it cannot load, one line each
+        assert re.search(rf"cannot load: .*: {message}", result.output), result.output
+    else:
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1, result.output
+        assert re.fullmatch(rf"Error: {message}", lines[0]), lines

@@ -271,6 +271,21 @@ def resolve_lora_source(path, weight_name: str | None = None, subfolder: str | N
 
 def load_tokenizer(tokenizer: str | os.PathLike | None = None, **kwargs):
     """A transformers tokenizer from :func:`resolve_tokenizer_folder`."""
+    return tokenizer_from_folder(resolve_tokenizer_folder(tokenizer, **kwargs))
+
+
+def tokenizer_from_folder(folder: str | os.PathLike):
+    """``AutoTokenizer.from_pretrained(folder)``; a cut or damaged JSON file of the folder (a download or
+    copy that stopped part way) is named, with what to do, not the parser's bare "Unterminated string
+    starting at: line 3 column 3 (char 24)" that transformers passes on."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_tokenizer_folder(tokenizer, **kwargs))
+    from .config import read_json
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except ValueError:  # json.JSONDecodeError is one; which file, transformers does not say
+        if Path(folder).is_dir():
+            for path in sorted(Path(folder).glob("*.json")):
+                read_json(path)  # raises, naming the file, for the one that does not parse
+        raise

@@ -18,21 +18,21 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 512
 def load_tokenizer(model: str):
     """The tokenizer of a model folder (its tokenizer/ subfolder, or the folder itself when it is a
     tokenizer folder) or of a Hub id (only the tokenizer files are downloaded)."""
-    from transformers import AutoTokenizer
+    from ..hub import tokenizer_from_folder
 
     path = Path(model).expanduser()
     if path.exists():
         if (path / "tokenizer").is_dir():
-            return AutoTokenizer.from_pretrained(path / "tokenizer")
+            return tokenizer_from_folder(path / "tokenizer")
         if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
-            return AutoTokenizer.from_pretrained(path)
+            return tokenizer_from_folder(path)
         raise FileNotFoundError(
             f"no tokenizer in {path}: expected a model folder with tokenizer/ or a tokenizer folder")
     if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
         raise FileNotFoundError(f"model folder not found: {model}")
     from ..hub import resolve_tokenizer_folder
 
-    return AutoTokenizer.from_pretrained(resolve_tokenizer_folder(str(model)))  # a failure: one-line HubError
+    return tokenizer_from_folder(resolve_tokenizer_folder(str(model)))  # a failure: one-line HubError
 
 
 def prompt_options(fn):

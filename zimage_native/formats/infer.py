@@ -8,13 +8,12 @@ contradicts the shapes is an error that names both values.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from ..config import TransformerConfig, VAEConfig
+from ..config import TransformerConfig, VAEConfig, read_json
 from .checkpoint import UnsupportedFormatError
 from .detect import normalize_kind
 
@@ -37,8 +36,7 @@ def read_overrides(overrides: dict | str | os.PathLike | None) -> dict[str, Any]
         path = Path(overrides)
         if path.is_dir():
             path = path / "config.json"
-        with open(path, encoding="utf-8") as f:
-            overrides = json.load(f)
+        overrides = read_json(path)  # a cut file: named, not the parser's bare "Unterminated string"
     elif hasattr(overrides, "to_dict"):
         overrides = overrides.to_dict()
     if not isinstance(overrides, dict):
