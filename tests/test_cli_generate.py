@@ -924,3 +924,40 @@ def test_from_image_remakes_image_k_of_a_one_seed_batch_and_refuses_what_no_seed
     run("generate", "--from-image", tmp_path / "generator.png", "-o", tmp_path / "x.png", "--seed", 8, "--device",
         "cpu", "--no-progress")
     assert read_metadata(tmp_path / "x.png")["seed"] == 8
+
+
+@pytest.mark.parametrize("when", ["serving", "deploying"])
+def test_ctrl_c_stops_zimage_serve_ray_with_exit_status_130(tmp_path, monkeypatch, when):
+    """`zimage serve` stops on Ctrl-C after uvicorn's graceful shutdown with 'interrupted' and exit
+    status 130 (35d3d32), but `zimage serve --ray` caught the KeyboardInterrupt itself: it shut Ray
+    Serve down and exited 0 without a word; and a Ctrl-C while Serve deployed the app (the replicas
+    loading the model) left it deployed. Both shut Serve down and exit 130 now. Ray itself is faked:
+    what is checked is the command's handling."""
+    import time
+    import types
+
+    calls = []
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    ray = types.ModuleType("ray")
+    ray.init = lambda **kwargs: calls.append("init")
+    ray.cluster_resources = lambda: {"CPU": 2.0}
+    ray.shutdown = lambda: calls.append("ray.shutdown")
+    serve = types.ModuleType("ray.serve")
+    serve.start = lambda **kwargs: calls.append("start")
+    serve.run = interrupt if when == "deploying" else (lambda *a, **k: calls.append("run"))
+    serve.shutdown = lambda: calls.append("serve.shutdown")
+    ray.serve = serve
+    app_module = types.ModuleType("zimage_native.server.ray_serve")
+    app_module.build_app = lambda o: "app"
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    monkeypatch.setitem(sys.modules, "ray.serve", serve)
+    monkeypatch.setitem(sys.modules, "zimage_native.server.ray_serve", app_module)
+    monkeypatch.setattr(time, "sleep", interrupt)
+    result = run("serve", "--ray", "--fake", "--gpus-per-replica", "0", "--replicas", "1", "--data-dir", tmp_path,
+                 "--port", "0", ok=False)
+    assert (result.exit_code, result.output.strip().splitlines()[-1]) == (130, "interrupted"), result.output
+    assert calls[-1] == "serve.shutdown" and calls.count("serve.shutdown") == 1, calls
+    assert "Traceback" not in result.output

@@ -249,14 +249,15 @@ def run_ray(o: dict) -> None:
         raise
     if warning:
         click.echo(f"warning: {warning}", err=True)
-    ray_serve.start(http_options={"host": o["host"], "port": o["port"]})
-    ray_serve.run(build_app(o), name="zimage", route_prefix="/")
-    click.echo(f"zimage serve --ray: ready on http://{o['host']}:{o['port']}/ (Ctrl-C to stop)", err=True)
     try:
+        ray_serve.start(http_options={"host": o["host"], "port": o["port"]})
+        ray_serve.run(build_app(o), name="zimage", route_prefix="/")
+        click.echo(f"zimage serve --ray: ready on http://{o['host']}:{o['port']}/ (Ctrl-C to stop)", err=True)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # while deploying (the replicas load the model) too: no app is left deployed
         ray_serve.shutdown()
+        raise  # 'interrupted', exit status 130, as `zimage serve` without --ray (cli.ZImageGroup)
 
 
 def run_server(o: dict) -> None:
