@@ -208,6 +208,29 @@ def test_a_prompt_that_is_not_text_is_named_as_such(tiny_pipe):
         tiny_pipe(["a cat", 5], width=32, height=32, num_inference_steps=1)
 
 
+def test_a_negative_prompt_that_is_not_text_is_named_and_numpy_prompts_work(tiny_pipe):
+    """94cb82a named the type of a prompt that is not text, not its sibling: negative_prompt=5 with
+    CFG still raised "TypeError: 'int' object is not iterable", and b"blurry" was read as 6 negative
+    prompts ("got 6 negative prompts for 1 prompts"); a numpy array of two prompts (or negative
+    prompts) raised numpy's "The truth value of an array with more than one element is ambiguous".
+    The negative prompt gets the prompt's TypeError naming the type; bytes and a dict are refused as a
+    prompt too (not one prompt per byte or key); a numpy array is a list of prompts."""
+    import numpy as np
+
+    kw = dict(width=32, height=32, num_inference_steps=1)
+    for negative, name in ((5, "int"), (b"blurry", "bytes")):
+        with pytest.raises(TypeError, match=rf"^negative_prompt must be a string or a list of strings, got {name}$"):
+            tiny_pipe("a cat", negative_prompt=negative, guidance_scale=2.0, **kw)
+    for prompt, name in ((b"a cat", "bytes"), ({"a cat": 1}, "dict")):
+        with pytest.raises(TypeError, match=rf"^prompt must be a string or a list of strings, got {name}$"):
+            tiny_pipe(prompt, **kw)
+    as_list = tiny_pipe(["a cat", "a dog"], negative_prompt=["blurry", "dark"], guidance_scale=2.0, seed=3,
+                        output_type="np", **kw).images
+    as_numpy = tiny_pipe(np.array(["a cat", "a dog"]), negative_prompt=np.array(["blurry", "dark"]),
+                         guidance_scale=2.0, seed=3, output_type="np", **kw).images
+    assert len(as_numpy) == 2 and np.array_equal(np.asarray(as_numpy), np.asarray(as_list))
+
+
 # ------------------------------------------------------------------------- diffusers habits
 def test_call_arguments_are_keywords_so_diffusers_positional_height_width_cannot_swap(tiny_pipe):
     """diffusers' order is (prompt, height, width, ...); a positional call would have come out

@@ -28,7 +28,7 @@ import math
 import numbers
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -95,11 +95,7 @@ class GenerationRequest:
 
     @property
     def prompts(self) -> list[str]:
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        if self.prompt is not None and not isinstance(self.prompt, Iterable):  # pipe(5): not "'int' object is ..."
-            raise TypeError(f"prompt must be a string or a list of strings, got {type(self.prompt).__name__}")
-        return list(self.prompt or [])
+        return text_list(self.prompt, "prompt")
 
     @property
     def n(self) -> int:
@@ -617,11 +613,24 @@ def vary(embeds: list[torch.Tensor], amount: float, share: float, seeds: list[in
     return out
 
 
+def text_list(value, name: str) -> list:
+    """A prompt or negative prompt as a list: a string is one, None none, a list, tuple or numpy array
+    of strings as it is. pipe(5) is a TypeError naming the type, not "'int' object is not iterable";
+    bytes (not one prompt per byte) and a dict too; a numpy array is not asked its truth value."""
+    if isinstance(value, str):
+        return [value]
+    if value is None:
+        return []
+    if isinstance(value, (bytes, bytearray, Mapping)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+    return list(value)
+
+
 def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator=None, guidance_scale=0.0, n=1,
                   output_type="pil", max_len=512, multiple: int = 16, prompt_embeds=None,
                   cfg_normalization=0.0) -> list[str]:
     """Validate a generation request before any work is done; returns the prompts as a list."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
+    prompts = text_list(prompt, "prompt")
     if prompt_embeds is not None:
         if prompts:
             raise ValueError("give either prompt or prompt_embeds, not both")
@@ -821,7 +830,8 @@ def negative_prompts(negative_prompt, n: int) -> list[str]:
     CLI's --negative-prompt with --batch-size; diffusers asserts here), a list must match."""
     if negative_prompt is None:
         negative_prompt = ""
-    negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+    negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else text_list(negative_prompt,
+                                                                                          "negative_prompt")
     if len(negatives) != n:
         raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts")
     return negatives
@@ -829,7 +839,9 @@ def negative_prompts(negative_prompt, n: int) -> list[str]:
 
 def negative_given(request: GenerationRequest) -> bool:
     """Whether the caller gave a negative prompt (a template's suggested one is not given)."""
-    return request.negative_prompt not in (None, "", []) or request.negative_prompt_embeds is not None
+    negative = request.negative_prompt
+    given = negative != "" if isinstance(negative, str) else len(text_list(negative, "negative_prompt")) > 0
+    return given or request.negative_prompt_embeds is not None
 
 
 def request_advice(variant: str, guidance_scale: float, steps: int | None, negative: bool) -> list[str]:
