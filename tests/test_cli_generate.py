@@ -462,6 +462,18 @@ def test_a_mistyped_profile_of_the_shipped_config_gets_the_one_meant(tmp_path):
     assert result.output.endswith("its profiles are 12gb, 16gb, 8gb, h100, low_vram, rtx4090\n"), result.output
 
 
+def test_a_profile_typed_in_another_case_than_the_files_gets_the_one_meant(tmp_path):
+    """d8123f6 case-folded only the name typed: a file's [RTX4090] or [A100-80GB] typed as rtx4090 or
+    a100-80gb (the likeliest slip, only the case) got no 'did you mean'. Both sides are folded now,
+    and the profile is named as the file spells it."""
+    body = "[default]\nsteps = 2\n[RTX4090]\nwidth = 32\n[A100-80GB]\nwidth = 64\n"
+    for typed, meant in (("rtx4090", "RTX4090"), ("a100-80gb", "A100-80GB"), ("rtx4900", "RTX4090")):
+        with pytest.raises(ValueError, match=rf"no profile \[{typed}\]; its profiles are A100-80GB, RTX4090; "
+                                             rf"did you mean '{meant}'\?$"):
+            config_values(tmp_path, body, profile=typed)
+    assert config_values(tmp_path, body, profile="RTX4090")["width"] == 32
+
+
 def test_a_serve_key_in_a_table_generate_reads_says_where_it_goes(tmp_path):
     with pytest.raises(ValueError, match=r"\[default\]\.queue_size: unknown key 'queue_size' for `zimage generate`; "
                                          r"it is a `zimage serve` key: put it in a profile that only `zimage serve`"):

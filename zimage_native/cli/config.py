@@ -126,8 +126,9 @@ def read_profile(path: Path, profile: str | None) -> dict[str, tuple[Any, str]]:
         if profile not in data:
             profiles = sorted(k for k, v in data.items() if isinstance(v, dict) and k != "default")
             which = f"its profiles are {', '.join(profiles)}" if profiles else "it has no profiles, only [default]"
-            close = difflib.get_close_matches(profile.lower(), profiles, n=1, cutoff=0.8)  # rtx4900, 12GB, lowvram
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            folded = {name.casefold(): name for name in profiles}  # both sides: [RTX4090] for rtx4090 too
+            close = difflib.get_close_matches(profile.casefold(), folded, n=1, cutoff=0.8)  # rtx4900, 12GB, lowvram
+            hint = f"; did you mean '{folded[close[0]]}'?" if close else ""
             raise ValueError(f"{path}: no profile [{profile}]; {which}{hint}")
         _flatten(data[profile], f"{path}: [{profile}]", values)
     return values
