@@ -46,9 +46,6 @@ def read_json(path: str | os.PathLike) -> Any:
                          f"download or copy, or an edit); download or copy it again") from None
 
 
-_read_json = read_json
-
-
 class _ConfigMixin:
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -56,7 +53,7 @@ class _ConfigMixin:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike):
-        return cls.from_dict(_read_json(path))
+        return cls.from_dict(read_json(path))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
