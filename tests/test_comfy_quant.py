@@ -25,6 +25,7 @@ from zimage_native.loading import load_component
 
 from .fresh_process import run_fresh
 from .test_formats import QUANT_PEAK_SCRIPT, TINY_AXES, comfy_dit, dit_output, prefixed_te, write
+from .utils import assert_rel
 
 PREFIX = "model.diffusion_model."
 
@@ -119,7 +120,7 @@ def test_a_comfy_quant_dit_loads_as_the_model_of_its_dequantised_weights(comfy_s
     fp8 = [n for n in (m.rsplit(".", 1)[0] for m in convert_state_dict(
         {k[len(PREFIX):]: v for k, v in sd.items() if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)},
         DIT_COMFYUI, None))]
-    assert stored == sorted(fp8) and len(stored) > 0  # the fused qkv's parts, w2, w3; the int8 layers upcast
+    assert stored == sorted(fp8) and len(stored) > 0  # the fused qkv's parts, w2, w3 (the int8 layers: below)
     assert torch.equal(dit_output(in_new_memory(kept)), dit_output(reference))
 
     d = describe(path)["components"]["transformer"]
@@ -257,12 +258,14 @@ def test_a_comfy_quant_int8_text_encoder_quantised_while_loading_never_holds_a_w
                          f"(the model holds {held / 2**20:.0f} MiB)"
 
 
-def test_a_kept_fp8_dit_dequantises_its_int8_layers_into_the_dtype_not_through_fp32(comfy_sd, tmp_path, monkeypatch):
-    """A DiT that keeps its fp8 layers (keep_fp8, the default on the CPU) loaded in bf16: its
-    int8_tensorwise layers were dequantised whole to fp32 and then cast (a transient fp32 copy of
-    each, 157 MB for a released feed-forward linear); they are dequantised by rows into bf16 now,
-    with the values of the upcast load."""
+def test_a_dit_upcast_in_bf16_dequantises_its_int8_layers_into_the_dtype_and_a_kept_one_not_at_all(
+        comfy_sd, tmp_path, monkeypatch):
+    """A DiT loaded in bf16 without keeping its fp8 layers (keep_fp8=False) dequantises its
+    int8_tensorwise layers by rows into bf16, never whole in fp32 (a transient fp32 copy of each,
+    157 MB for a released feed-forward linear); one that keeps its fp8 layers (the default on the
+    CPU) keeps its int8 layers too and dequantises none of them while loading."""
     from zimage_native.formats import tensors
+    from zimage_native.quant_linear import Int8StoredLinear
 
     sd, _, _ = to_comfy_quant(comfy_sd)
     path = write(tmp_path / "fp8mix.safetensors", sd)
@@ -275,10 +278,128 @@ def test_a_kept_fp8_dit_dequantises_its_int8_layers_into_the_dtype_not_through_f
         return out
 
     monkeypatch.setattr(tensors, "dequantize", spy)
+    upcast = load_component("transformer", path, torch.bfloat16, "cpu", config=TINY_AXES, keep_fp8=False)
+    formats = detect_format(path).components[0].comfy_quant.values()
+    int8 = sum(1 for fmt in formats if fmt == "int8_tensorwise")
+    assert len(made) == len(formats) and all(dtype == torch.bfloat16 for _, dtype in made), made  # fp8 and int8
+    made.clear()
     kept = load_component("transformer", path, torch.bfloat16, "cpu", config=TINY_AXES, keep_fp8=True)
-    int8 = sum(1 for fmt in detect_format(path).components[0].comfy_quant.values() if fmt == "int8_tensorwise")
-    assert len(made) == int8 and all(dtype == torch.bfloat16 for _, dtype in made), made
-    upcast = load_component("transformer", path, torch.bfloat16, "cpu", config=TINY_AXES, keep_fp8=False).state_dict()
-    for k, v in kept.state_dict().items():
-        if k in upcast and v.dtype == torch.bfloat16:
-            assert torch.equal(v, upcast[k]), k
+    assert made == [] and sum(isinstance(m, Int8StoredLinear) for m in kept.modules()) == int8
+    upcast = upcast.state_dict()
+    for name, m in kept.named_modules():
+        if isinstance(m, Int8StoredLinear):
+            assert torch.equal(m.dequantize(torch.bfloat16), upcast[f"{name}.weight"]), name
+
+#: The int8 layers' mixes: the fused qkv with per-row scales (split with its rows into to_q / to_k / to_v),
+#: per-tensor and per-row layers, beside an fp8 layer; and a file of int8 layers alone (no float8 weight).
+INT8_MIXES = {
+    "int8+fp8": {"attention.qkv": ("int8_tensorwise", "row"), "attention.out": ("int8_tensorwise", "tensor"),
+                 "feed_forward.w1": ("int8_tensorwise", "row"), "feed_forward.w2": ("float8_e4m3fn", "tensor"),
+                 "feed_forward.w3": ("int8_tensorwise", "tensor")},
+    "int8 only": {"attention.qkv": ("int8_tensorwise", "tensor"), "attention.out": ("int8_tensorwise", "row"),
+                  "feed_forward.w1": ("int8_tensorwise", "tensor"), "feed_forward.w2": ("int8_tensorwise", "row"),
+                  "feed_forward.w3": ("int8_tensorwise", "row")},
+}
+
+
+def file_bytes(sd: dict) -> int:
+    """The bytes of a comfy_quant file's weights and scales (not its configs or activation scales)."""
+    return sum(v.numel() * v.element_size() for k, v in sd.items() if not k.endswith((".comfy_quant", ".input_scale")))
+
+
+@pytest.mark.parametrize("mix", INT8_MIXES)
+def test_a_kept_dit_keeps_its_int8_layers_in_int8_with_the_results_of_the_dequantised_model(comfy_sd, tmp_path, mix):
+    """A DiT that keeps its fp8 layers (keep_fp8, the default on the CPU) keeps its int8_tensorwise
+    layers too: Int8StoredLinear, the file's int8 values and fp32 scales (per row, or the tensor's
+    repeated; a fused qkv's per-row scales split with its rows), dequantised per forward as loading
+    does. They were dequantised while loading: an int8 file held the bytes of the dequantised model."""
+    from zimage_native.quant_linear import Int8StoredLinear, resident_bytes
+
+    sd, expected, _ = to_comfy_quant(comfy_sd, mix=INT8_MIXES[mix])
+    path = write(tmp_path / "int8mix.safetensors", sd)
+    reference = load_component("transformer", write(tmp_path / "dequantised.safetensors", expected), torch.float32,
+                               "cpu", config=TINY_AXES)
+    kept = load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES)
+    int8 = convert_state_dict({k[len(PREFIX):]: v for k, v in sd.items() if v.dtype == torch.int8}, DIT_COMFYUI, None)
+    stored = {n: m for n, m in kept.named_modules() if isinstance(m, Int8StoredLinear)}
+    assert sorted(stored) == sorted(k.rsplit(".", 1)[0] for k in int8) and len(stored) > 0
+    want = reference.state_dict()
+    for name, layer in stored.items():
+        assert layer.weight.dtype == torch.int8 and layer.scale.dtype == torch.float32, name
+        assert layer.scale.shape == (layer.out_features, 1), name
+        assert torch.equal(layer.weight, int8[f"{name}.weight"]), name
+        assert torch.equal(layer.dequantize(torch.float32), want[f"{name}.weight"]), name
+    assert torch.equal(dit_output(in_new_memory(kept)), dit_output(in_new_memory(reference)))
+    file, held = file_bytes(sd), resident_bytes(kept)
+    assert file <= held < 1.01 * file, (held, file)  # (a per-tensor scale is held once per row)
+    assert held < 0.8 * resident_bytes(reference)
+    block = lambda m: resident_bytes(m.layers[0])  # noqa: E731
+    assert block(kept) < 0.5 * block(reference)  # 1 byte per value in the int8 and fp8 layers, against 4 (and
+    # the adaLN linear and norms in fp32: 119504 bytes against 263936)
+    layer = stored["layers.0.attention.to_k"]
+    before = layer.dequantize(torch.float32)
+    kept.to(torch.bfloat16)  # a dtype cast of the model leaves the int8 values and fp32 scales alone
+    assert layer.weight.dtype == torch.int8 and layer.scale.dtype == torch.float32
+    assert torch.equal(layer.dequantize(torch.float32), before) and "int8" in repr(layer)
+
+
+def test_a_dit_that_does_not_keep_its_fp8_layers_dequantises_its_int8_layers_too(comfy_sd, tmp_path):
+    from zimage_native.quant_linear import PackedLinear
+
+    sd, expected, _ = to_comfy_quant(comfy_sd, mix=INT8_MIXES["int8 only"])
+    upcast = load_component("transformer", write(tmp_path / "int8.safetensors", sd), torch.float32, "cpu",
+                            config=TINY_AXES, keep_fp8=False)
+    assert not any(isinstance(m, PackedLinear) for m in upcast.modules())
+    reference = load_component("transformer", write(tmp_path / "dequantised.safetensors", expected), torch.float32,
+                               "cpu", config=TINY_AXES)
+    for k, v in reference.state_dict().items():
+        assert torch.equal(upcast.state_dict()[k], v), k
+
+
+def test_a_lora_on_a_kept_int8_dit_is_a_side_path_equal_to_the_lora_fused_into_the_dequantised_model(comfy_sd,
+                                                                                                    tmp_path):
+    from zimage_native.lora import LoraMixin
+    from zimage_native.quant_linear import Int8StoredLinear
+
+    class Holder(LoraMixin):
+        def __init__(self, transformer):
+            self.transformer = transformer
+
+    sd, expected, _ = to_comfy_quant(comfy_sd, mix=INT8_MIXES["int8+fp8"])
+    kept = in_new_memory(load_component("transformer", write(tmp_path / "int8mix.safetensors", sd), torch.float32,
+                                        "cpu", config=TINY_AXES))
+    reference = in_new_memory(load_component("transformer", write(tmp_path / "dequantised.safetensors", expected),
+                                             torch.float32, "cpu", config=TINY_AXES))
+    g = torch.Generator().manual_seed(1)
+    lora = {  # the fused qkv (int8, per-row scales): one A, a B split by rows over to_q / to_k / to_v; w1 int8
+        "diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.randn(4, 64, generator=g) * 0.02,
+        "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.randn(192, 4, generator=g) * 0.02,
+        "diffusion_model.layers.1.feed_forward.w1.lora_A.weight": torch.randn(2, 64, generator=g) * 0.02,
+        "diffusion_model.layers.1.feed_forward.w1.lora_B.weight": torch.randn(170, 2, generator=g) * 0.02,
+    }
+    layer = kept.layers[0].attention.to_k
+    assert isinstance(layer, Int8StoredLinear) and isinstance(kept.layers[1].feed_forward.w1, Int8StoredLinear)
+    before, values = dit_output(kept), layer.weight.clone()
+    holder = Holder(kept)
+    assert holder.load_lora(lora, scale=0.7).weights == 4
+    assert torch.equal(layer.weight, values) and len(layer.lora) == 1
+    Holder(reference).load_lora(lora, scale=0.7)  # fused into the dequantised weights
+    assert_rel(dit_output(kept), dit_output(reference), 1e-6, "int8 DiT + LoRA")
+    assert holder.unload_lora() == 4 and torch.equal(dit_output(kept), before)
+
+
+def test_a_kept_int8_dit_runs_the_pipeline_as_its_dequantised_weights_resident_and_streamed(tiny_model_dir, tmp_path):
+    from zimage_native.quant_linear import Int8StoredLinear
+
+    from .fixtures import our_pipeline
+
+    sd, _, _ = to_comfy_quant(comfy_dit(tiny_model_dir, "", norm_final=False), mix=INT8_MIXES["int8+fp8"])
+    dit = write(tmp_path / "z_image_turbo_int8mix.safetensors", sd)
+    kw = dict(width=32, height=32, num_inference_steps=2, seed=5, output_type="latent")
+    upcast = our_pipeline(tiny_model_dir, transformer=dit)
+    upcast.transformer = load_component("transformer", dit, torch.float32, "cpu", config=TINY_AXES, keep_fp8=False)
+    want = upcast("a cat", **kw).images
+    for offload in ("none", "blocks", "model"):
+        pipe = our_pipeline(tiny_model_dir, transformer=dit, offload=offload)
+        assert isinstance(pipe.transformer.layers[0].attention.to_v, Int8StoredLinear)
+        assert torch.equal(pipe("a cat", **kw).images, want), offload

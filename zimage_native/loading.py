@@ -263,7 +263,8 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
 
     An fp8 DiT file's linears can keep their float8 weights (``keep_fp8=True``): each becomes a
     :class:`~zimage_native.quant_linear.FP8StoredLinear` that dequantises them per forward exactly
-    as loading would (the same results) at half of the bf16 bytes. ``keep_fp8=False`` dequantises
+    as loading would (the same results) at half of the bf16 bytes; with them, the ``int8_tensorwise``
+    layers of a ComfyUI mixed-precision file stay int8 (``Int8StoredLinear``). ``keep_fp8=False`` dequantises
     them while loading, as for the other components; None (the default) keeps them in CPU memory,
     and on a GPU only where the upcast weights would not fit (``devices.keeps_fp8_here``).
     ``pinned``: the component is read into CPU memory to be page-locked there (the DiT of
@@ -350,30 +351,34 @@ def _load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | Non
 def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, device: torch.device,
                   path: Path, pinned: bool = False) -> nn.Module:
     """An fp8 DiT file into ``module`` (built on meta): linears with float8 weights become
-    FP8StoredLinear (the file's values and scales); the other tensors are dequantised and cast."""
+    FP8StoredLinear, those of a comfy_quant file's int8_tensorwise layers Int8StoredLinear (the
+    file's values and scales; a fused qkv's per-row scales split with its rows); the other tensors
+    are dequantised and cast."""
     from .formats.fp8 import TORCH_FP8, dequantize
     from .quant_linear import quantized_bytes, swap_fp8_linears_
 
-    fp8 = {k: t.dtype for k, t in canonical_items(ckpt, info, meta=True, dequant=False) if t.dtype in TORCH_FP8}
+    stored = TORCH_FP8 + (torch.int8,)
+    fp8 = {k: t.dtype for k, t in canonical_items(ckpt, info, meta=True, dequant=False, keep_int8=True)
+           if t.dtype in stored}
     swapped = swap_fp8_linears_(module, fp8)
     check_component_fits("transformer", module, dtype, device, pinned)
-    scales = (read_scales(ckpt, info.keys, info.keymap(), device) if info.quantization in ("scaled-fp8", "comfy-quant")
-              else {})
+    scales = (read_scales(ckpt, info.keys, info.keymap(), device, int8=True)
+              if info.quantization in ("scaled-fp8", "comfy-quant") else {})
 
-    def items():  # (in dtype: a comfy_quant int8 weight is dequantised into it by rows, not whole in fp32 first)
-        for key, t in canonical_items(ckpt, info, dequant=False, dtype=dtype):
+    def items():
+        for key, t in canonical_items(ckpt, info, dequant=False, dtype=dtype, keep_int8=True):
             t = t.to(device)
-            if key in swapped:  # the float8 values as bytes, and their scale as one value per row
+            if key in swapped:  # the values (float8 as bytes, int8 as they are), and their scale as one value per row
                 scale = scales.get(key, torch.ones((), device=device)).float()
-                yield key, t.contiguous().view(torch.uint8)
+                yield key, t.contiguous() if t.dtype == torch.int8 else t.contiguous().view(torch.uint8)
                 yield key[: -len("weight")] + "scale", scale.reshape(-1, 1).expand(t.shape[0], 1).contiguous()
             else:
-                yield key, (dequantize(t, scales.get(key), dtype or torch.float32) if t.dtype in TORCH_FP8 else
+                yield key, (dequantize(t, scales.get(key), dtype or torch.float32) if t.dtype in stored else
                             cast(t, dtype))
 
     assign_state_dict(module, read_weights(items(), "transformer", module, dtype), "transformer")
     kept = ", ".join(f"{kind} {n / 2**20:.1f} MiB" for kind, n in sorted(quantized_bytes(module).items()))
-    logger.info("transformer: loaded %s (%s layout, %s): %d linears keep their float8 weights (%s), dequantised "
+    logger.info("transformer: loaded %s (%s layout, %s): %d linears keep their float8 or int8 weights (%s), dequantised "
                 "per forward; %d other tensors dequantised or cast to %s", path, info.layout, info.quantization,
                 len(swapped), kept, len(fp8) - len(swapped), dtype or "float32")
     return module.eval().requires_grad_(False)

@@ -1,5 +1,5 @@
-"""Linears and embeddings whose weights stay in a GGML block format (GGUF files) or in float8 (fp8
-files) until they are used.
+"""Linears and embeddings whose weights stay in a GGML block format (GGUF files), in float8 (fp8
+files) or in int8 (ComfyUI ``int8_tensorwise`` layers) until they are used.
 
 :class:`GGUFLinear` is a linear-layer variant behind the same leaf interface as ``nn.Linear`` and
 the fp8 linear (``forward(x) -> y``, ``in_features``, ``out_features``, ``bias``): its weight is
@@ -10,7 +10,8 @@ to the input dtype at every forward, then freed. Resident weight bytes are there
 :class:`FP8StoredLinear` holds an fp8 file's float8 weight and its scale as the file has them and
 dequantises them per forward exactly as loading would have (fp8 -> fp32, times the scale, -> the
 input dtype): the same results as the upcast weights, at about half of their bf16 bytes. Both are
-:class:`PackedLinear` s.
+:class:`PackedLinear` s, as is :class:`Int8StoredLinear`, which holds a ComfyUI ``int8_tensorwise``
+layer's int8 values and scale the same way.
 
 A LoRA on such a layer is applied unfused, as a low-rank side path ``y += s * (x A^T) B^T``, a
 Kronecker one ``y += s * (W1 kron W2) x`` (a LoKr whose second factor is whole: computed from the
@@ -290,6 +291,41 @@ class FP8StoredLinear(PackedLinear):
         return str(self.fp8_dtype).removeprefix("torch.")
 
 
+class Int8StoredLinear(PackedLinear):
+    """The weight as a ComfyUI ``int8_tensorwise`` layer stores it: int8 values (``weight``, (out, in))
+    times ``scale`` (fp32 (out, 1): the file's per-row scales, or its per-tensor scale repeated),
+    dequantised per call as the loader would have done once (int8 -> fp32, times the scale, -> the
+    input dtype), so the results are those of the dequantised weights, bit for bit.
+
+    int8 is not a floating dtype, so a dtype cast of the model leaves the values alone; the scale
+    stays fp32 and follows the weight's device."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
+
+    @classmethod
+    def like(cls, linear: nn.Module) -> "Int8StoredLinear":
+        """An empty Int8StoredLinear with the geometry of ``linear`` (on its device, meta included)."""
+        bias = getattr(linear, "bias", None)
+        return cls(linear.in_features, linear.out_features, bias is not None,
+                   device=linear.weight.device, dtype=bias.dtype if bias is not None else None)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight.to(torch.float32) * self.scale).to(dtype)
+
+    def _apply(self, fn, recurse=True):
+        scale = self.scale
+        super()._apply(fn, recurse)
+        self.scale = scale.to(self.weight.device)  # fp32 whatever the cast
+        return self
+
+    def storage(self) -> str:
+        return "int8"
+
+
 class GGUFEmbedding(nn.Module):
     """An embedding table stored packed (``weight``: uint8 rows); looked-up rows come out in ``dtype``."""
 
@@ -345,14 +381,16 @@ def swap_quantized_modules_(model: nn.Module, qtypes: dict[str, str], dtype: tor
 
 def swap_fp8_linears_(model: nn.Module, fp8: dict[str, torch.dtype]) -> set[str]:
     """Replace, in place, every ``nn.Linear`` whose ``<name>.weight`` is in ``fp8`` (canonical weight
-    key -> float8 dtype) by an :class:`FP8StoredLinear`; returns the keys that were swapped."""
+    key -> float8 dtype, or ``torch.int8`` for a comfy_quant int8 layer) by an :class:`FP8StoredLinear`
+    (an :class:`Int8StoredLinear`); returns the keys that were swapped."""
     swapped = set()
     for name, module in list(model.named_modules()):
         key = f"{name}.weight"
         if key in fp8 and isinstance(module, nn.Linear):
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child,
-                    FP8StoredLinear.like(module, fp8[key]))
+            new = (Int8StoredLinear.like(module) if fp8[key] == torch.int8 else
+                   FP8StoredLinear.like(module, fp8[key]))
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
             swapped.add(key)
     return swapped
 

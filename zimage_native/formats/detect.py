@@ -46,9 +46,10 @@ class ComponentInfo:
 
     @property
     def has_fp8_weights(self) -> bool:
-        """Whether the component stores float8 weights that a DiT can keep (``keep_fp8``)."""
+        """Whether the component stores float8 weights, or comfy_quant int8 ones, that a DiT can keep
+        (``keep_fp8``)."""
         if self.quantization == "comfy-quant":
-            return any(dtype in FP8_DTYPES for dtype in self.dtypes)
+            return any(dtype in FP8_DTYPES + ("I8",) for dtype in self.dtypes)
         return self.quantization in ("fp8", "scaled-fp8")
 
     def keymap(self) -> KeyMap:

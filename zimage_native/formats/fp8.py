@@ -96,13 +96,16 @@ def dequantize_rows(raw: torch.Tensor, fp8_dtype: torch.dtype, scale: torch.Tens
     return (raw.view(fp8_dtype).to(torch.float32) * scale).to(dtype)
 
 
-def read_scales(ckpt: Checkpoint, keys: list[str], keymap, device: torch.device | str = "cpu"
-                ) -> dict[str, torch.Tensor]:
-    """fp32 scales by canonical weight key (a fused weight's per-tensor scale is given to each part)."""
+def read_scales(ckpt: Checkpoint, keys: list[str], keymap, device: torch.device | str = "cpu",
+                int8: bool = False) -> dict[str, torch.Tensor]:
+    """fp32 scales by canonical weight key (a fused weight's per-tensor scale is given to each part,
+    its per-row scales are split with its rows). ``int8``: those of int8 weights too (comfy_quant
+    ``int8_tensorwise`` layers, for a DiT that keeps them)."""
     scales: dict[str, torch.Tensor] = {}
+    stored = FP8_DTYPES + ("I8",) if int8 else FP8_DTYPES
     for key in keys:
         scale_key = scale_for(ckpt, key)
-        if scale_key is None or ckpt.tensors[key].dtype not in FP8_DTYPES:
+        if scale_key is None or ckpt.tensors[key].dtype not in stored:
             continue
         scale = ckpt.get(scale_key).to(torch.float32)
         targets = keymap.canonical_keys(key)

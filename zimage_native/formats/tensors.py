@@ -66,11 +66,12 @@ class DequantizedRows(StoredRows):
 
 
 def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool = True,
-              dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None, rows: bool = False
-              ) -> Iterator[tuple[str, torch.Tensor]]:
+              dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None, rows: bool = False,
+              keep_int8: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """The component's weights in file order (quantisation keys consumed), as stored or dequantised
     to ``dtype`` (fp32 when None; meta tensors say fp32; comfy_quant int8 weights are dequantised
-    whatever ``dequant`` says); other floating tensors of two or more
+    whatever ``dequant`` says, unless ``keep_int8``: then they come as stored, int8, for a DiT that
+    keeps them (``loading.load_kept_fp8``), their scales read apart); other floating tensors of two or more
     dimensions are cast to ``dtype`` (when given) as they are read. A key that the key map drops (a
     tied ``lm_head``), or none of whose canonical keys ``keep`` accepts, is not read at all.
     ``rows``: a tensor of two or more dimensions kept as stored comes as :class:`StoredRows` (for a
@@ -84,8 +85,10 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
         if not targets or (keep is not None and not any(keep(t) for t in targets)):
             continue
         t_info = ckpt.tensors[key]
-        int8 = info.comfy_quant.get(key) == "int8_tensorwise"  # always dequantised (int8 values * weight_scale)
-        if int8 and rows and not dequant and not meta and len(t_info.shape) >= 2:
+        int8 = info.comfy_quant.get(key) == "int8_tensorwise"  # dequantised (int8 values * weight_scale)...
+        if int8 and keep_int8:  # ... unless kept
+            yield key, ckpt.meta(key) if meta else ckpt.get(key)
+        elif int8 and rows and not dequant and not meta and len(t_info.shape) >= 2:
             yield key, DequantizedRows(ckpt, key, ckpt.get(scale_for(ckpt, key)))
         elif (t_info.dtype in FP8_DTYPES and dequant) or int8:
             if meta:
@@ -131,13 +134,13 @@ def cast_rows(ckpt: Checkpoint, key: str, dtype: torch.dtype) -> torch.Tensor:
 
 
 def canonical_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool = False, dequant: bool = True,
-                    dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None, rows: bool = False
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
+                    dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None, rows: bool = False,
+                    keep_int8: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream the component as canonical (our module names) tensors; fp8 is dequantised to ``dtype``
     (fp32 when None) by blocks of rows (:func:`~zimage_native.formats.fp8.dequantize`), never whole in fp32.
     ``keep(canonical key)``: tensors it refuses are skipped before they are read (a file tensor split
     into several canonical ones is read when any of them is kept, and yields all of them)."""
-    return to_canonical(raw_items(ckpt, info, meta, dequant, dtype, keep, rows), info.keymap())
+    return to_canonical(raw_items(ckpt, info, meta, dequant, dtype, keep, rows, keep_int8), info.keymap())
 
 
 def canonical_shapes(ckpt: Checkpoint, info: ComponentInfo) -> dict[str, tuple]:
