@@ -245,7 +245,35 @@ class GGUFLinear(PackedLinear):
         return self.qtype
 
 
-class FP8StoredLinear(PackedLinear):
+class ScaledStoredLinear(PackedLinear):
+    """A PackedLinear whose weight is stored values (``weight``, (out, in), in ``stored_dtype``) times
+    a per-row fp32 ``scale`` ((out, 1)): the values are not floating, so a dtype cast of the model
+    leaves them alone, and the scale stays fp32 whatever the cast and follows the weight's device."""
+
+    stored_dtype = torch.uint8
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=self.stored_dtype, device=device))
+        self.register_buffer("scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
+
+    @classmethod
+    def like(cls, linear: nn.Module, *args) -> "ScaledStoredLinear":
+        """An empty one with the geometry of ``linear`` (on its device, meta included); ``args``: the
+        class's own arguments before ``bias`` (FP8StoredLinear: the float8 dtype)."""
+        bias = getattr(linear, "bias", None)
+        return cls(linear.in_features, linear.out_features, *args, bias is not None,
+                   device=linear.weight.device, dtype=bias.dtype if bias is not None else None)
+
+    def _apply(self, fn, recurse=True):
+        scale = self.scale
+        super()._apply(fn, recurse)
+        self.scale = scale.to(self.weight.device)  # fp32 whatever the cast
+        return self
+
+
+class FP8StoredLinear(ScaledStoredLinear):
     """The weight as an fp8 file stores it: float8 values (``weight``, held as their bytes, uint8
     (out, in)) times ``scale`` (fp32 (out, 1): the file's per-row scales, or its per-tensor scale
     repeated, or 1 for a file without scales), dequantised per call as the loader would have done
@@ -264,15 +292,6 @@ class FP8StoredLinear(PackedLinear):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.fp8_dtype = fp8_dtype
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.uint8, device=device))
-        self.register_buffer("scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
-
-    @classmethod
-    def like(cls, linear: nn.Module, fp8_dtype: torch.dtype) -> "FP8StoredLinear":
-        """An empty FP8StoredLinear with the geometry of ``linear`` (on its device, meta included)."""
-        bias = getattr(linear, "bias", None)
-        return cls(linear.in_features, linear.out_features, fp8_dtype, bias is not None,
-                   device=linear.weight.device, dtype=bias.dtype if bias is not None else None)
 
     def values(self) -> torch.Tensor:
         """The stored float8 values (a view of the bytes)."""
@@ -281,17 +300,11 @@ class FP8StoredLinear(PackedLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.dequantizer(self.weight, self.fp8_dtype, self.scale, dtype)
 
-    def _apply(self, fn, recurse=True):
-        scale = self.scale
-        super()._apply(fn, recurse)
-        self.scale = scale.to(self.weight.device)  # fp32 whatever the cast
-        return self
-
     def storage(self) -> str:
         return str(self.fp8_dtype).removeprefix("torch.")
 
 
-class Int8StoredLinear(PackedLinear):
+class Int8StoredLinear(ScaledStoredLinear):
     """The weight as a ComfyUI ``int8_tensorwise`` layer stores it: int8 values (``weight``, (out, in))
     times ``scale`` (fp32 (out, 1): the file's per-row scales, or its per-tensor scale repeated),
     dequantised per call as the loader would have done once (int8 -> fp32, times the scale, -> the
@@ -300,27 +313,10 @@ class Int8StoredLinear(PackedLinear):
     int8 is not a floating dtype, so a dtype cast of the model leaves the values alone; the scale
     stays fp32 and follows the weight's device."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        super().__init__(in_features, out_features, bias, device, dtype)
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.empty(out_features, 1, dtype=torch.float32, device=device))
-
-    @classmethod
-    def like(cls, linear: nn.Module) -> "Int8StoredLinear":
-        """An empty Int8StoredLinear with the geometry of ``linear`` (on its device, meta included)."""
-        bias = getattr(linear, "bias", None)
-        return cls(linear.in_features, linear.out_features, bias is not None,
-                   device=linear.weight.device, dtype=bias.dtype if bias is not None else None)
+    stored_dtype = torch.int8
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight.to(torch.float32) * self.scale).to(dtype)
-
-    def _apply(self, fn, recurse=True):
-        scale = self.scale
-        super()._apply(fn, recurse)
-        self.scale = scale.to(self.weight.device)  # fp32 whatever the cast
-        return self
 
     def storage(self) -> str:
         return "int8"
