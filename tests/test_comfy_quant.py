@@ -24,7 +24,8 @@ from zimage_native.formats import UnsupportedFormatError, describe, detect_forma
 from zimage_native.loading import load_component
 
 from .fresh_process import run_fresh
-from .test_formats import QUANT_PEAK_SCRIPT, TINY_AXES, comfy_dit, dit_output, prefixed_te, write
+from .test_formats import (QUANT_PEAK_SCRIPT, TINY_AXES, assert_kept_dit_runs_as_upcast, comfy_dit, dit_output,
+                           prefixed_te, write)
 from .utils import assert_rel
 
 PREFIX = "model.diffusion_model."
@@ -391,15 +392,6 @@ def test_a_lora_on_a_kept_int8_dit_is_a_side_path_equal_to_the_lora_fused_into_t
 def test_a_kept_int8_dit_runs_the_pipeline_as_its_dequantised_weights_resident_and_streamed(tiny_model_dir, tmp_path):
     from zimage_native.quant_linear import Int8StoredLinear
 
-    from .fixtures import our_pipeline
-
     sd, _, _ = to_comfy_quant(comfy_dit(tiny_model_dir, "", norm_final=False), mix=INT8_MIXES["int8+fp8"])
     dit = write(tmp_path / "z_image_turbo_int8mix.safetensors", sd)
-    kw = dict(width=32, height=32, num_inference_steps=2, seed=5, output_type="latent")
-    upcast = our_pipeline(tiny_model_dir, transformer=dit)
-    upcast.transformer = load_component("transformer", dit, torch.float32, "cpu", config=TINY_AXES, keep_fp8=False)
-    want = upcast("a cat", **kw).images
-    for offload in ("none", "blocks", "model"):
-        pipe = our_pipeline(tiny_model_dir, transformer=dit, offload=offload)
-        assert isinstance(pipe.transformer.layers[0].attention.to_v, Int8StoredLinear)
-        assert torch.equal(pipe("a cat", **kw).images, want), offload
+    assert_kept_dit_runs_as_upcast(tiny_model_dir, dit, lambda t: t.layers[0].attention.to_v, Int8StoredLinear)

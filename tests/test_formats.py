@@ -494,17 +494,23 @@ def test_all_in_one_file(tiny_model_dir, tiny_pipe, tmp_path):
 def test_an_fp8_dit_file_runs_the_pipeline_as_its_upcast_weights_resident_and_streamed(tiny_model_dir, tmp_path):
     from zimage_native.quant_linear import FP8StoredLinear
 
-    from .fixtures import our_pipeline
-
     sd, _ = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True)
     dit = write(tmp_path / "z_image_turbo_fp8_scaled.safetensors", sd)
+    assert_kept_dit_runs_as_upcast(tiny_model_dir, dit, lambda t: t.layers[0].feed_forward.w1, FP8StoredLinear)
+
+
+def assert_kept_dit_runs_as_upcast(model_dir, dit, layer, kind):
+    """The pipeline with the DiT file ``dit`` kept packed (``layer(transformer)`` is a ``kind``) gives
+    the latents of its upcast weights, resident and under each offload."""
+    from .fixtures import our_pipeline
+
     kw = dict(width=32, height=32, num_inference_steps=2, seed=5, output_type="latent")
-    upcast = our_pipeline(tiny_model_dir, transformer=dit)
+    upcast = our_pipeline(model_dir, transformer=dit)
     upcast.transformer = load_component("transformer", dit, torch.float32, "cpu", config=TINY_AXES, keep_fp8=False)
     want = upcast("a cat", **kw).images
     for offload in ("none", "blocks", "model"):
-        pipe = our_pipeline(tiny_model_dir, transformer=dit, offload=offload)
-        assert isinstance(pipe.transformer.layers[0].feed_forward.w1, FP8StoredLinear)
+        pipe = our_pipeline(model_dir, transformer=dit, offload=offload)
+        assert isinstance(layer(pipe.transformer), kind)
         assert torch.equal(pipe("a cat", **kw).images, want), offload
 
 
