@@ -208,7 +208,8 @@ def shard(folder: Path, write_second: bool, index=lambda text: text) -> None:
 @pytest.mark.parametrize("name", ["vae/config.json", "scheduler/scheduler_config.json"])
 def test_zimage_info_names_a_cut_config_of_a_model_folder(tiny_model_dir, tmp_path, name):
     """`zimage info`, the command to look at a folder with, answered a cut config.json with the parser's
-    bare 'Error: Unterminated string starting at: line 2 column 18 (char 19)'; it names the file now, as loading does."""
+    bare 'Error: Unterminated string starting at: line 2 column 18 (char 19)'; it names the file now, as
+    loading does."""
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     cut(folder / name, keep=30)
@@ -225,7 +226,8 @@ def test_zimage_info_names_a_cut_config_of_a_model_folder(tiny_model_dir, tmp_pa
     ("tokenizer/tokenizer_config.json", lambda f, src, out: ["generate", "a cat", "--model", f, "-o", out, *BASE]),
     ("tokenizer/tokenizer.json", lambda f, src, out: ["format-prompt", "a cat", "--model", f, "--tokens"]),
     # a component folder's config.json (formats.infer.read_overrides): a --vae folder, `zimage info` of one
-    ("vae/config.json", lambda f, src, out: ["generate", "a cat", "--model", src, "--vae", f / "vae", "-o", out, *BASE]),
+    ("vae/config.json",
+     lambda f, src, out: ["generate", "a cat", "--model", src, "--vae", f / "vae", "-o", out, *BASE]),
     ("transformer/config.json", lambda f, src, out: ["info", f / "transformer"]),
 ])
 def test_a_cut_tokenizer_file_or_component_config_names_the_file(tiny_model_dir, tmp_path, name, command):

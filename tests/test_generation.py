@@ -291,7 +291,8 @@ def test_an_image_encodes_alike_at_any_thread_count(tiny_pipe):
 def test_channels_last_latents_decode_alike_at_any_thread_count(tiny_pipe):
     """Latents a caller hands over in channels_last (``latents=``: the step loop keeps their layout)
     reached the decoder's GroupNorms channels_last, whose CPU kernel sums each thread's share: the
-    images moved with torch.get_num_threads() (here 1 vs 2 threads: rel 5.4e-7, not bit-equal). The VAE gets contiguous latents, plain or tiled, as it gets pixels."""
+    images moved with torch.get_num_threads() (here 1 vs 2 threads: rel 5.4e-7, not bit-equal). The
+    VAE gets contiguous latents, plain or tiled, as it gets pixels."""
     latents = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
     channels_last = latents.contiguous(memory_format=torch.channels_last)
     threads = torch.get_num_threads()

@@ -378,9 +378,9 @@ def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, devi
 
     assign_state_dict(module, read_weights(items(), "transformer", module, dtype), "transformer")
     kept = ", ".join(f"{kind} {n / 2**20:.1f} MiB" for kind, n in sorted(quantized_bytes(module).items()))
-    logger.info("transformer: loaded %s (%s layout, %s): %d linears keep their float8 or int8 weights (%s), dequantised "
-                "per forward; %d other tensors dequantised or cast to %s", path, info.layout, info.quantization,
-                len(swapped), kept, len(fp8) - len(swapped), dtype or "float32")
+    logger.info("transformer: loaded %s (%s layout, %s): %d linears keep their float8 or int8 weights (%s), "
+                "dequantised per forward; %d other tensors dequantised or cast to %s", path, info.layout,
+                info.quantization, len(swapped), kept, len(fp8) - len(swapped), dtype or "float32")
     return module.eval().requires_grad_(False)
 
 
