@@ -26,7 +26,7 @@ from zimage_native.loading import load_component
 from .fresh_process import run_fresh
 from .test_formats import (QUANT_PEAK_SCRIPT, TINY_AXES, assert_kept_dit_runs_as_upcast, comfy_dit, dit_output,
                            prefixed_te, write)
-from .utils import assert_rel
+from .utils import assert_rel, needs_cpu_fp8
 
 PREFIX = "model.diffusion_model."
 
@@ -395,3 +395,122 @@ def test_a_kept_int8_dit_runs_the_pipeline_as_its_dequantised_weights_resident_a
     sd, _, _ = to_comfy_quant(comfy_dit(tiny_model_dir, "", norm_final=False), mix=INT8_MIXES["int8+fp8"])
     dit = write(tmp_path / "z_image_turbo_int8mix.safetensors", sd)
     assert_kept_dit_runs_as_upcast(tiny_model_dir, dit, lambda t: t.layers[0].attention.to_v, Int8StoredLinear)
+
+
+#: ``--fp8`` on a kept DiT: the int8 layers' mixes above, the first file's (fp8 and int8 stored layers in one
+#: w1|w3 fusion, e5m2 beside), and int8 layers beside layers the file left in the float dtype (w1 int8, w3 not).
+FP8_MIXES = {**INT8_MIXES, "fp8mix": MIX,
+             "int8 beside fp32": {"attention.qkv": ("int8_tensorwise", "row"),
+                                  "feed_forward.w1": ("int8_tensorwise", "tensor")}}
+
+
+@pytest.fixture(scope="module")
+def fp8_width_sd():
+    """The comfy layout of a tiny DiT whose every block linear fp8 can take (TINY_FP8_DIT: widths of 16s)."""
+    from zimage_native.config import TransformerConfig
+    from zimage_native.model.transformer import ZImageTransformer
+    from zimage_native.testing import randomize_
+
+    from .dit_configs import TINY_FP8_DIT
+
+    source = randomize_(ZImageTransformer(TransformerConfig.from_dict(TINY_FP8_DIT)))
+    return convert_state_dict(source.state_dict(), None, DIT_COMFYUI)
+
+
+def module_kinds(model) -> dict[str, str]:
+    return {name: type(m).__name__ for name, m in model.named_modules()}
+
+
+@needs_cpu_fp8
+@pytest.mark.parametrize("mix", FP8_MIXES)
+def test_fp8_converts_a_kept_dits_int8_layers_as_it_converts_their_dequantised_weights(fp8_width_sd, tmp_path, mix):
+    """``--fp8`` on a DiT that keeps its int8 layers (Int8StoredLinear) left them int8, dequantised per
+    call, and its q|k|v and w1|w3 apart (an int8-only file: "0 linears in float8 e4m3"). Each becomes
+    the Float8Linear of its dequantised weight (fp32 rows quantised to e4m3 with their own scales, as
+    an nn.Linear's are), fused with its neighbours whatever they are stored as: the same modules and
+    log line as the dequantised model under fp8, e4m3 layers' values as they are, and for a file
+    without e4m3 layers the same outputs, bit for bit."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    from zimage_native.accel.fp8 import Float8Linear, quantize_fp8_
+    from zimage_native.accel.fusions import fuse_projections_
+    from zimage_native.quant_linear import FP8StoredLinear, Int8StoredLinear, PackedLinear
+
+    sd, expected, _ = to_comfy_quant(fp8_width_sd, mix=FP8_MIXES[mix])
+    kept = in_new_memory(load_component("transformer", write(tmp_path / "mix.safetensors", sd), torch.float32,
+                                        "cpu", config=TINY_AXES))
+    reference = in_new_memory(load_component("transformer", write(tmp_path / "dequantised.safetensors", expected),
+                                             torch.float32, "cpu", config=TINY_AXES))
+    int8 = {n: m.dequantize(torch.float32) for n, m in kept.named_modules() if isinstance(m, Int8StoredLinear)}
+    e4m3 = {n: (m.values().clone(), m.scale.clone()) for n, m in kept.named_modules()
+            if isinstance(m, FP8StoredLinear) and m.fp8_dtype == torch.float8_e4m3fn}
+    assert len(int8) >= 8
+    fuse_projections_(reference)
+    line = quantize_fp8_(kept)
+    # 4 blocks x (q, k, v, out, w1, w2, w3), each block's q|k|v and w1|w3 one fp8 GEMM however they are stored
+    assert line.startswith("fp8: 28 linears in float8 e4m3 (8 as fused GEMMs"), line
+    assert line == quantize_fp8_(reference)
+    assert not any(isinstance(m, PackedLinear) for m in kept.modules())
+    assert module_kinds(kept) == module_kinds(reference)
+    g = torch.Generator().manual_seed(2)
+    for name, weight in int8.items():
+        plain = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        plain.weight = nn.Parameter(weight, requires_grad=False)
+        layer, twin = kept.get_submodule(name), Float8Linear.from_linear(plain)  # the path an nn.Linear takes
+        assert isinstance(layer, Float8Linear), name
+        assert torch.equal(layer.weight.view(torch.uint8), twin.weight.view(torch.uint8)), name
+        assert torch.equal(layer.weight_scale, twin.weight_scale), name
+        x = torch.randn(3, 11, layer.in_features, generator=g)
+        assert_rel(layer(x), layer.reference(x), 1e-2, f"{name}: fp8 GEMM against its slow twin")
+        assert_rel(layer(x), F.linear(x, weight), 0.06, f"{name}: fp8 against the dequantised weight")
+    for name, (values, scale) in e4m3.items():  # fused beside int8 rows, taken as they are
+        layer = kept.get_submodule(name)
+        assert torch.equal(layer.weight.view(torch.uint8), values.view(torch.uint8)), name
+        assert torch.equal(layer.weight_scale, scale), name
+    if not e4m3:
+        assert torch.equal(dit_output(kept), dit_output(reference))
+
+
+
+@needs_cpu_fp8
+def test_a_lora_on_a_kept_int8_dit_under_fp8_is_held_and_released_as_on_an_fp8_files(tiny_model_dir, tmp_path):
+    """As an fp8 file's (test_formats.test_unload_lora_after_fp8_gives_the_dit_fp8_makes_without_a_lora):
+    int8 layers with LoRA side paths stay stored layers (weight-only) and their
+    q|k|v stays apart; after unload_lora they become fp8 GEMMs, fused as without the LoRA, with the same
+    results bit for bit; a LoRA after fp8 is refused. Before, the int8 layers stayed int8 with or
+    without a LoRA, and a LoRA after fp8 loaded as a side path on them."""
+    from zimage_native.accel.fp8 import Float8Linear, fp8_waiting
+    from zimage_native.quant_linear import Int8StoredLinear
+
+    from .fixtures import our_pipeline
+
+    sd, _, _ = to_comfy_quant(comfy_dit(tiny_model_dir, "", norm_final=False), mix=INT8_MIXES["int8 only"])
+    dit = write(tmp_path / "int8.safetensors", sd)
+    g = torch.Generator().manual_seed(1)
+    lora = {  # q|k|v of layers.0 (the whole fusion), to_q alone of layers.1 (one part of it)
+        "diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.randn(4, 64, generator=g) * 0.02,
+        "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.randn(192, 4, generator=g) * 0.02,
+        "diffusion_model.layers.1.attention.to_q.lora_A.weight": torch.randn(2, 64, generator=g) * 0.02,
+        "diffusion_model.layers.1.attention.to_q.lora_B.weight": torch.randn(64, 2, generator=g) * 0.02,
+    }
+    plain, pipe = our_pipeline(tiny_model_dir, transformer=dit), our_pipeline(tiny_model_dir, transformer=dit)
+    # TINY_DIT: 4 attentions' q, k, v, out (its feed-forward width, 170, is no multiple of 16: kept in int8)
+    line = next(line for line in plain.optimize(fp8=True) if line.startswith("fp8:"))
+    assert "16 linears in float8 e4m3 (4 as fused GEMMs" in line, line
+    with pytest.raises(ValueError, match=r"load_lora: fp8 quantised the DiT's block linears"):
+        plain.load_lora(lora)
+    pipe.load_lora(lora, scale=0.7)
+    line = next(line for line in pipe.optimize(fp8=True) if line.startswith("fp8:"))
+    # the refiners' q|k|v fused, layers.0's held apart (to_out converted), layers.1's to_k, to_v, to_out converted
+    assert "12 linears in float8 e4m3 (2 as fused GEMMs" in line, line
+    held = [pipe.transformer.layers[0].attention.to_k, pipe.transformer.layers[1].attention.to_q]
+    assert all(isinstance(m, Int8StoredLinear) and m.lora for m in held)
+    assert pipe.transformer.layers[1].attention.to_qkv is None and isinstance(
+        pipe.transformer.layers[1].attention.to_k, Float8Linear)
+    want = dit_output(plain.transformer)
+    assert not torch.equal(dit_output(pipe.transformer), want)  # the LoRA is in effect
+    pipe.unload_lora()
+    assert module_kinds(pipe.transformer) == module_kinds(plain.transformer)
+    assert not fp8_waiting(pipe.transformer)
+    assert torch.equal(dit_output(pipe.transformer), want)

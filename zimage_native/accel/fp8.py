@@ -11,9 +11,11 @@ The per-token activation quantisation is one pass: the Triton kernel ``zimage::q
 CUDA GPU with nothing compiled), else :func:`quantize_rows` in PyTorch (which compile fuses).
 The fused q|k|v and w1|w3 GEMMs (``accel.fusions``) stay fused: the fused weight is quantised as
 one matrix (its rows keep their own scales), so one activation is quantised once per fusion, and
-the original linears become fp8 views of it (same names, no extra memory). An fp8 file's layers
-kept in float8 (``quant_linear.FP8StoredLinear``, which ``fuse_projections_`` leaves apart) are
-fused here: their values and scales are stacked into one fp8 GEMM the same way.
+the original linears become fp8 views of it (same names, no extra memory). The layers a file keeps
+stored (``quant_linear.ScaledStoredLinear``: an fp8 file's ``FP8StoredLinear``, a ComfyUI
+comfy_quant file's int8 ``Int8StoredLinear``), which ``fuse_projections_`` leaves apart, are
+converted and fused here: e4m3 values and scales as they are, int8 (and e5m2) values dequantised in
+fp32 and quantised per row as a bf16 weight is, stacked into one fp8 GEMM the same way, in any mix.
 
 The slow twin is :meth:`Float8Linear.reference`: it quantises the activation by its own code (in
 float64) and multiplies the dequantised values in fp64. Only the attention and feed-forward
@@ -32,7 +34,7 @@ from torch import nn
 
 from ..model.layers import FeedForward
 from ..model.transformer import Attention
-from ..quant_linear import FP8StoredLinear, GGUFLinear
+from ..quant_linear import FP8StoredLinear, GGUFLinear, ScaledStoredLinear
 from ._kernels import AccelerationUnavailable
 from .fusions import FusedLinear
 
@@ -143,12 +145,13 @@ class Float8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, **kwargs) -> "Float8Linear":
-        """From an ``nn.Linear`` (quantised per row), or from an fp8 file's layer
-        (``quant_linear.FP8StoredLinear``): e4m3 values and their scales as they are, with no second
-        rounding and no copy; e5m2 values quantised again from their dequantised weight."""
+        """From an ``nn.Linear`` (quantised per row), or from a file's stored layer
+        (``quant_linear.ScaledStoredLinear``): an fp8 file's e4m3 values and their scales as they are,
+        with no second rounding and no copy; e5m2 or int8 values dequantised in fp32 and quantised per
+        row as an ``nn.Linear``'s weight is."""
         if isinstance(linear, FP8StoredLinear) and linear.fp8_dtype == FP8:
             return cls(linear.values(), linear.scale, linear.bias, **kwargs)
-        weight = linear.dequantize(torch.float32) if isinstance(linear, FP8StoredLinear) else linear.weight.detach()
+        weight = linear.dequantize(torch.float32) if isinstance(linear, ScaledStoredLinear) else linear.weight.detach()
         weight, scale = quantize_rows(weight)
         return cls(weight, scale, getattr(linear, "bias", None), **kwargs)
 
@@ -183,7 +186,7 @@ class Float8Linear(nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-# The fusions of an fp8 file's stored layers: module type -> (fused attribute, the linears it stacks).
+# The fusions of a file's stored layers: module type -> (fused attribute, the linears it stacks).
 _STORED = {Attention: ("to_qkv", ("to_q", "to_k", "to_v")), FeedForward: ("w13", ("w1", "w3"))}
 
 
@@ -203,10 +206,10 @@ def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool
                   device: torch.device | None = None) -> str:
     """Replace the blocks' linears (and fused GEMMs) by :class:`Float8Linear` in place; returns the log line.
 
-    A fused GEMM (``accel.fusions.FusedLinear``), or the q|k|v / w1|w3 of an fp8 file's kept layers,
-    becomes one fp8 matrix and the linears it fuses become fp8 views of it (see :func:`_fusions`).
-    ``kernels=True`` quantises activations with the Triton kernel (on ``device``, where the model
-    runs; None: where its weights are).
+    A fused GEMM (``accel.fusions.FusedLinear``), or the q|k|v / w1|w3 of a file's stored layers
+    (fp8 or int8), becomes one fp8 matrix and the linears it fuses become fp8 views of it (see
+    :func:`_fusions`). ``kernels=True`` quantises activations with the Triton kernel (on ``device``,
+    where the model runs; None: where its weights are).
     """
     quantize = quantize_rows
     if kernels:
@@ -232,8 +235,8 @@ def fp8_applied(transformer: nn.Module) -> bool:
 
 def fp8_waiting(transformer: nn.Module) -> list[str]:
     """What fp8 left undone in a DiT it quantised, for LoRA side paths that are gone now (after
-    ``unload_lora``): the block linears of an fp8 file still held as stored layers (weight-only,
-    dequantised per call), and the modules whose q|k|v or w1|w3 are not one fp8 GEMM yet, that
+    ``unload_lora``): the block linears of a file still held as stored layers (fp8 or int8;
+    weight-only, dequantised per call), and the modules whose q|k|v or w1|w3 are not one fp8 GEMM yet, that
     :func:`requantize_fp8_` converts. Empty for a DiT fp8 has not quantised."""
     record = transformer.__dict__.get("_zimage_fp8")
     if record is None:
@@ -242,7 +245,7 @@ def fp8_waiting(transformer: nn.Module) -> list[str]:
     fusions = [name for name in sorted(record[1])
                if not any(getattr(getattr(modules[name], n), "lora", None) for n in _STORED[type(modules[name])][1])]
     return fusions + [name for name, m in modules.items()
-                      if isinstance(m, FP8StoredLinear) and not m.lora and _in_block(name) and _eligible(m)]
+                      if isinstance(m, ScaledStoredLinear) and not m.lora and _in_block(name) and _eligible(m)]
 
 
 def requantize_fp8_(transformer: nn.Module) -> str | None:
@@ -261,7 +264,7 @@ def requantize_fp8_(transformer: nn.Module) -> str | None:
 
 def _convert(transformer: nn.Module, options: dict, deferred: set[str]) -> tuple[int, int, int]:
     """The conversion of :func:`quantize_fp8_`: (linears converted, kept, fused GEMMs made). The
-    q|k|v or w1|w3 fusions of an fp8 file's stored layers that a LoRA side path holds apart are
+    q|k|v or w1|w3 fusions of a file's stored layers that a LoRA side path holds apart are
     added to ``deferred`` (module names), and those named there whose parts are free of side paths
     now are made, from their parts as fp8 converted them (the same values and scales)."""
     converted = kept = fused = 0
@@ -289,16 +292,16 @@ def _convert(transformer: nn.Module, options: dict, deferred: set[str]) -> tuple
             fused += 1
         if stored and getattr(module, stored[0]) is None and _in_block(f"{name}.{stored[0]}"):
             sources = [getattr(module, n) for n in stored[1]]
-            if (all(isinstance(m, FP8StoredLinear) and m.bias is None and _eligible(m) for m in sources)
-                    and any(m.lora for m in sources)):
+            if _stored_fusion(sources) and all(_eligible(m) for m in sources) and any(
+                    getattr(m, "lora", None) for m in sources):
                 deferred.add(name)  # one fp8 GEMM once the side paths are gone (requantize_fp8_)
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if child_name in parts_of:
                 setattr(module, child_name, parts_of[child_name])
                 converted += int(not isinstance(child, Float8Linear))
-            elif type(child) is nn.Linear or isinstance(child, FP8StoredLinear):
-                if getattr(child, "lora", None):  # side paths (a LoRA on an fp8 file's weights) stay on the stored layer
+            elif type(child) is nn.Linear or isinstance(child, ScaledStoredLinear):
+                if getattr(child, "lora", None):  # side paths (a LoRA on a file's weights) stay on the stored layer
                     kept += 1
                 elif _in_block(full) and _eligible(child):
                     setattr(module, child_name, Float8Linear.from_linear(child, **options))
@@ -331,7 +334,8 @@ def lora_problem(transformer: nn.Module, restore: Iterable[str] | None = None) -
 def _fusions(module: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
     """(attribute, [(name, linear) in output order]) of each GEMM fusion of ``module`` that fp8 keeps:
     the fused GEMMs of ``accel.fusions`` (their linears are views of the fused weight), and an
-    attention's q|k|v or a feed-forward's w1|w3 held as an fp8 file's layers without a LoRA."""
+    attention's q|k|v or a feed-forward's w1|w3 held as a file's stored layers without a LoRA
+    (:func:`_stored_fusion`)."""
     found = []
     for attr, fusion in module.named_children():
         if isinstance(fusion, FusedLinear):
@@ -343,6 +347,15 @@ def _fusions(module: nn.Module) -> list[tuple[str, list[tuple[str, nn.Module]]]]
     stored = _STORED.get(type(module))
     if stored and getattr(module, stored[0]) is None:
         sources = [(n, getattr(module, n)) for n in stored[1]]
-        if all(isinstance(m, FP8StoredLinear) and not m.lora and m.bias is None for _, m in sources):
+        if _stored_fusion([m for _, m in sources]) and not any(getattr(m, "lora", None) for _, m in sources):
             found.append((stored[0], sources))
     return found
+
+
+def _stored_fusion(parts: list[nn.Module]) -> bool:
+    """Whether q|k|v or w1|w3 parts are fused here: bias-free, each a file's stored layer (fp8 or int8,
+    in any mix: each part's rows keep their own scales in the stacked matrix) or an ``nn.Linear``
+    (a layer the file left in bf16 beside stored ones, quantised per row as a fused bf16 weight is),
+    at least one of them stored (``nn.Linear`` s alone are ``accel.fusions``' to fuse)."""
+    return (all((isinstance(m, ScaledStoredLinear) or type(m) is nn.Linear) and m.bias is None for m in parts)
+            and any(isinstance(m, ScaledStoredLinear) for m in parts))
