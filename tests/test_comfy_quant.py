@@ -476,7 +476,7 @@ def test_fp8_converts_a_kept_dits_int8_layers_as_it_converts_their_dequantised_w
 @needs_cpu_fp8
 def test_a_lora_on_a_kept_int8_dit_under_fp8_is_held_and_released_as_on_an_fp8_files(tiny_model_dir, tmp_path):
     """As an fp8 file's (test_formats.test_unload_lora_after_fp8_gives_the_dit_fp8_makes_without_a_lora):
-    int8 layers with LoRA side paths stay stored layers (weight-only) and their
+    int8 layers with LoRA side paths stay stored layers (weight-only, named in the fp8 line) and their
     q|k|v stays apart; after unload_lora they become fp8 GEMMs, fused as without the LoRA, with the same
     results bit for bit; a LoRA after fp8 is refused. Before, the int8 layers stayed int8 with or
     without a LoRA, and a LoRA after fp8 loaded as a side path on them."""
@@ -497,13 +497,17 @@ def test_a_lora_on_a_kept_int8_dit_under_fp8_is_held_and_released_as_on_an_fp8_f
     plain, pipe = our_pipeline(tiny_model_dir, transformer=dit), our_pipeline(tiny_model_dir, transformer=dit)
     # TINY_DIT: 4 attentions' q, k, v, out (its feed-forward width, 170, is no multiple of 16: kept in int8)
     line = next(line for line in plain.optimize(fp8=True) if line.startswith("fp8:"))
+    # the feed-forward linears (width 170, no multiple of 16) named as kept in int8 (before: "9 kept in float32")
     assert "16 linears in float8 e4m3 (4 as fused GEMMs" in line, line
+    assert line.endswith("9 kept in float32, 12 kept as stored layers (int8 12; dequantised per call)"), line
     with pytest.raises(ValueError, match=r"load_lora: fp8 quantised the DiT's block linears"):
         plain.load_lora(lora)
     pipe.load_lora(lora, scale=0.7)
     line = next(line for line in pipe.optimize(fp8=True) if line.startswith("fp8:"))
-    # the refiners' q|k|v fused, layers.0's held apart (to_out converted), layers.1's to_k, to_v, to_out converted
+    # the refiners' q|k|v fused, layers.0's held apart (to_out converted), layers.1's to_k, to_v, to_out converted;
+    # kept in int8: the 4 linears with side paths and the 12 feed-forward ones
     assert "12 linears in float8 e4m3 (2 as fused GEMMs" in line, line
+    assert line.endswith("9 kept in float32, 16 kept as stored layers (int8 16; dequantised per call)"), line
     held = [pipe.transformer.layers[0].attention.to_k, pipe.transformer.layers[1].attention.to_q]
     assert all(isinstance(m, Int8StoredLinear) and m.lora for m in held)
     assert pipe.transformer.layers[1].attention.to_qkv is None and isinstance(

@@ -682,7 +682,10 @@ def test_fp8_compute_takes_an_fp8_files_values_and_scales_as_they_are(tiny_model
     out_storage = stored[3].values().data_ptr()
     # q|k|v of the 4 blocks stacked into one fp8 GEMM each (12 linears) and the 4 out projections
     # (the feed-forward width, 170, is not a multiple of 16)
-    assert "16 linears in float8 e4m3 (4 as fused GEMMs" in quantize_fp8_(kept)
+    line = quantize_fp8_(kept)
+    assert "16 linears in float8 e4m3 (4 as fused GEMMs" in line
+    # the file's other linears (feed-forward, adaLN, embedders, final layer) stay in fp8, not "21 kept in bfloat16"
+    assert line.endswith(", 21 kept as stored layers (float8_e4m3fn 21; dequantised per call)"), line
     layers = [attention.to_q, attention.to_k, attention.to_v, attention.to_out[0]]
     assert all(isinstance(m, Float8Linear) for m in [*layers, attention.to_qkv])
     for layer, value, scale in zip(layers, values, scales):  # no second rounding

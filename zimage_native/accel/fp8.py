@@ -209,7 +209,9 @@ def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool
     A fused GEMM (``accel.fusions.FusedLinear``), or the q|k|v / w1|w3 of a file's stored layers
     (fp8 or int8), becomes one fp8 matrix and the linears it fuses become fp8 views of it (see
     :func:`_fusions`). ``kernels=True`` quantises activations with the Triton kernel (on ``device``,
-    where the model runs; None: where its weights are).
+    where the model runs; None: where its weights are). The log line counts the linears converted
+    and those kept: ``nn.Linear`` s in the model's dtype, and a file's stored layers left as they are
+    (a LoRA side path on them, outside the blocks, or a width fp8 cannot take) by storage.
     """
     quantize = quantize_rows
     if kernels:
@@ -219,13 +221,16 @@ def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool
         quantize = torch.ops.zimage.quantize_fp8_rows
     options = dict(fast_accum=fast_accum, quantize=quantize)
     deferred: set[str] = set()
-    converted, kept, fused = _convert(transformer, options, deferred)
+    converted, kept, fused, stored = _convert(transformer, options, deferred)
     transformer.__dict__["_zimage_fp8"] = (options, deferred)  # for requantize_fp8_ after an unload_lora
     dtype = next((p.dtype for p in transformer.parameters()), None)
     accum = "fast accumulation" if fast_accum else "fp32 accumulation"
+    held = [f"{kept} kept in {str(dtype).removeprefix('torch.')}"] if kept or not stored else []
+    if stored:
+        held.append(f"{sum(stored.values())} kept as stored layers ("
+                    + ", ".join(f"{kind} {n}" for kind, n in sorted(stored.items())) + "; dequantised per call)")
     return (f"fp8: {converted} linears in float8 e4m3 ({fused} as fused GEMMs, {accum}, activations quantised by "
-            f"{'zimage::quantize_fp8_rows' if kernels else 'PyTorch'}), {kept} kept in "
-            f"{str(dtype).removeprefix('torch.')}")
+            f"{'zimage::quantize_fp8_rows' if kernels else 'PyTorch'}), {', '.join(held)}")
 
 
 def fp8_applied(transformer: nn.Module) -> bool:
@@ -257,17 +262,20 @@ def requantize_fp8_(transformer: nn.Module) -> str | None:
     if not fp8_waiting(transformer):
         return None
     options, deferred = transformer.__dict__["_zimage_fp8"]
-    converted, _, fused = _convert(transformer, options, deferred)
+    converted, _, fused, _ = _convert(transformer, options, deferred)
     return (f"fp8: {converted} linears freed of their LoRA side paths now in float8 e4m3 ({fused} fused GEMMs "
             f"made)")
 
 
-def _convert(transformer: nn.Module, options: dict, deferred: set[str]) -> tuple[int, int, int]:
-    """The conversion of :func:`quantize_fp8_`: (linears converted, kept, fused GEMMs made). The
-    q|k|v or w1|w3 fusions of a file's stored layers that a LoRA side path holds apart are
-    added to ``deferred`` (module names), and those named there whose parts are free of side paths
-    now are made, from their parts as fp8 converted them (the same values and scales)."""
+def _convert(transformer: nn.Module, options: dict, deferred: set[str]
+             ) -> tuple[int, int, int, dict[str, int]]:
+    """The conversion of :func:`quantize_fp8_`: (linears converted, ``nn.Linear`` s kept, fused GEMMs
+    made, a file's stored layers kept by storage). The q|k|v or w1|w3 fusions of a file's stored
+    layers that a LoRA side path holds apart are added to ``deferred`` (module names), and those named
+    there whose parts are free of side paths now are made, from their parts as fp8 converted them
+    (the same values and scales)."""
     converted = kept = fused = 0
+    stored_kept: dict[str, int] = {}
     for name, module in list(transformer.named_modules()):
         parts_of = {}
         fusions = _fusions(module)
@@ -301,14 +309,14 @@ def _convert(transformer: nn.Module, options: dict, deferred: set[str]) -> tuple
                 setattr(module, child_name, parts_of[child_name])
                 converted += int(not isinstance(child, Float8Linear))
             elif type(child) is nn.Linear or isinstance(child, ScaledStoredLinear):
-                if getattr(child, "lora", None):  # side paths (a LoRA on a file's weights) stay on the stored layer
-                    kept += 1
-                elif _in_block(full) and _eligible(child):
+                if _in_block(full) and _eligible(child) and not getattr(child, "lora", None):
                     setattr(module, child_name, Float8Linear.from_linear(child, **options))
                     converted += 1
+                elif isinstance(child, ScaledStoredLinear):  # (side paths, a LoRA on a file's weights, stay on it)
+                    stored_kept[child.storage()] = stored_kept.get(child.storage(), 0) + 1
                 else:
                     kept += 1
-    return converted, kept, fused
+    return converted, kept, fused, stored_kept
 
 
 def lora_problem(transformer: nn.Module, restore: Iterable[str] | None = None) -> str | None:
