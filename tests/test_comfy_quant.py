@@ -518,3 +518,44 @@ def test_a_lora_on_a_kept_int8_dit_under_fp8_is_held_and_released_as_on_an_fp8_f
     assert module_kinds(pipe.transformer) == module_kinds(plain.transformer)
     assert not fp8_waiting(pipe.transformer)
     assert torch.equal(dit_output(pipe.transformer), want)
+
+
+@pytest.fixture(scope="module")
+def fp8_width_model_dir(tmp_path_factory):
+    from .dit_configs import TINY_FP8_DIT
+    from .fixtures import build_model_folder
+
+    return build_model_folder(tmp_path_factory.mktemp("tiny-fp8-width"), TINY_FP8_DIT)
+
+
+@needs_cpu_fp8
+def test_a_lora_on_the_int8_part_of_a_w1_w3_beside_a_bf16_part_defers_the_fusion_until_unload(fp8_width_model_dir,
+                                                                                               tmp_path):
+    """w1 int8 (a LoRA side path on it) beside w3 as the file left it: under fp8 w3 is converted alone and
+    w1 held; unload_lora fuses w1|w3 into one fp8 GEMM, and the DiT is the one fp8 makes without the LoRA."""
+    from zimage_native.accel.fp8 import Float8Linear, fp8_waiting
+    from zimage_native.quant_linear import Int8StoredLinear
+
+    from .fixtures import our_pipeline
+
+    sd, _, _ = to_comfy_quant(comfy_dit(fp8_width_model_dir, "", norm_final=False),
+                              mix=FP8_MIXES["int8 beside fp32"])
+    dit = write(tmp_path / "int8.safetensors", sd)
+    g = torch.Generator().manual_seed(1)
+    lora = {"diffusion_model.layers.0.feed_forward.w1.lora_A.weight": torch.randn(4, 96, generator=g) * 0.02,
+            "diffusion_model.layers.0.feed_forward.w1.lora_B.weight": torch.randn(256, 4, generator=g) * 0.02}
+    plain, pipe = our_pipeline(fp8_width_model_dir, transformer=dit), our_pipeline(fp8_width_model_dir, transformer=dit)
+    assert next(line for line in plain.optimize(fp8=True) if line.startswith("fp8:")).startswith(
+        "fp8: 28 linears in float8 e4m3 (8 as fused GEMMs")
+    pipe.load_lora(lora, scale=0.7)
+    line = next(line for line in pipe.optimize(fp8=True) if line.startswith("fp8:"))
+    assert line.startswith("fp8: 27 linears in float8 e4m3 (7 as fused GEMMs"), line
+    assert line.endswith("1 kept as stored layers (int8 1; dequantised per call)"), line
+    ff = pipe.transformer.layers[0].feed_forward
+    assert isinstance(ff.w1, Int8StoredLinear) and ff.w1.lora and isinstance(ff.w3, Float8Linear) and ff.w13 is None
+    want = dit_output(plain.transformer)
+    assert not torch.equal(dit_output(pipe.transformer), want)  # the LoRA is in effect
+    pipe.unload_lora()
+    assert isinstance(ff.w13, Float8Linear) and ff.w1.weight.data_ptr() == ff.w13.weight.data_ptr()
+    assert module_kinds(pipe.transformer) == module_kinds(plain.transformer) and not fp8_waiting(pipe.transformer)
+    assert torch.equal(dit_output(pipe.transformer), want)
