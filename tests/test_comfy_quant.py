@@ -559,3 +559,23 @@ def test_a_lora_on_the_int8_part_of_a_w1_w3_beside_a_bf16_part_defers_the_fusion
     assert isinstance(ff.w13, Float8Linear) and ff.w1.weight.data_ptr() == ff.w13.weight.data_ptr()
     assert module_kinds(pipe.transformer) == module_kinds(plain.transformer) and not fp8_waiting(pipe.transformer)
     assert torch.equal(dit_output(pipe.transformer), want)
+
+
+@pytest.mark.parametrize("fmt", ["int8_tensorwise", "float8_e4m3fn"])
+def test_fp8_on_a_gpu_refuses_a_float16_dit_whose_block_linears_are_all_stored(tiny_model_dir, tmp_path, monkeypatch,
+                                                                               fmt):
+    """The per-row scaled fp8 GEMM writes bfloat16 only; the GPU check read the dtype of the blocks'
+    nn.Linear s, and a DiT whose block linears a file keeps stored (int8 or fp8) has none, so a float16
+    one passed it (and, its stored layers now converted, would fail at its first GEMM)."""
+    from zimage_native.accel import AccelerationUnavailable
+    from zimage_native.accel.fp8 import check_fp8_supported
+
+    sd, _, _ = to_comfy_quant(comfy_dit(tiny_model_dir, "", norm_final=False), mix={m: (fmt, "tensor") for m in MIX})
+    path = write(tmp_path / "stored.safetensors", sd)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
+    half = load_component("transformer", path, torch.float16, "cpu", config=TINY_AXES, keep_fp8=True)
+    with pytest.raises(AccelerationUnavailable, match=r"needs the DiT in bfloat16 .* its linears are float16"):
+        check_fp8_supported(half, torch.device("cuda", 0))
+    check_fp8_supported(half.to(torch.bfloat16), torch.device("cuda", 0))  # the stored values stay as they are

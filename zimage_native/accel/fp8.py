@@ -79,6 +79,8 @@ def check_fp8_supported(model: nn.Module, device: torch.device | None = None) ->
     if device.type != "cuda":
         return
     dtypes = {m.weight.dtype for name, m in model.named_modules() if type(m) is nn.Linear and _in_block(name)}
+    if any(isinstance(m, ScaledStoredLinear) and _in_block(name) for name, m in model.named_modules()):
+        dtypes.add(param.dtype)  # a file's stored layers (fp8, int8) compute in the model's dtype
     problem = gpu_fp8_problem(torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device), dtypes)
     if problem:
         raise AccelerationUnavailable(problem)
