@@ -46,13 +46,18 @@ def diffusers_beside(asked: bool, model) -> bool:
 
 
 @click.command()
-@click.option("--model", default=None, help="A model folder to load; default: random weights, released architecture.")
-@click.option("--tiny", is_flag=True, help="A tiny random model (a CPU dry run of the code path).")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--model", default=None,
+              help="Model folder to time [default: random weights in the released models' shapes, nothing to "
+                   "download].")
+@click.option("--tiny", is_flag=True,
+              help="Use a tiny random model instead: a quick CPU dry run of the code path, not a timing.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where to run: cpu, cuda, cuda:N, or auto (a GPU if there is one, else the CPU).")
 @click.option("--dtype", type=DtypeChoice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
               help="auto: bfloat16 on GPU, float32 on CPU (bf16, fp32 too).")
-@click.option("--sizes", type=int, multiple=True, default=(1024,), show_default=True, help="Square sizes (repeatable).")
-@click.option("--steps", type=int, default=8, show_default=True)
+@click.option("--sizes", type=int, multiple=True, default=(1024,), show_default=True,
+              help="Image side in pixels, square (repeatable).")
+@click.option("--steps", type=int, default=8, show_default=True, help="Denoising steps per image.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per measurement (median).")
 @click.option("--rungs", multiple=True, type=click.Choice(RUNG_NAMES), default=RUNG_NAMES, show_default=True,
               help="Ladder rungs (repeatable); each adds its feature to the ones before, in the order above.")
@@ -61,7 +66,7 @@ def diffusers_beside(asked: bool, model) -> bool:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"),
               show_default=True, help="Folder for the CSV rows.")
 @click.option("--big-size", type=int, default=None,
-              help="One more row at this size (e.g. 2048) for the last bf16 rung.")
+              help="One more row at this side in pixels (e.g. 2048) for the last bf16 rung [default: none].")
 @click.option("--check", is_flag=True,
               help="Judge the run (bf16 parity, graph replay, a new request and CFG under graphs, fp8 quality): "
                    "one line per check as it is measured, exit status 1 when any fails or was not measured.")

@@ -154,21 +154,31 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @click.option("--overwrite/--no-overwrite", default=False, show_default=True, help="Replace existing files.")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="One prompt per line (lines starting with # are skipped).")
-@click.option("--width", type=int, default=None, help="Multiple of 16 [default: template setting, else 1024].")
-@click.option("--height", type=int, default=None, help="Multiple of 16 [default: template setting, else 1024].")
-@click.option("--steps", type=int, default=None, help="DiT forwards [default: 8 Turbo, 50 base].")
+@click.option("--width", type=int, default=None,
+              help="Image width in pixels, a multiple of 16 [default: the template's size, else 1024].")
+@click.option("--height", type=int, default=None,
+              help="Image height in pixels, a multiple of 16 [default: the template's size, else 1024].")
+@click.option("--steps", type=int, default=None,
+              help="Denoising steps, each one pass of the DiT [default: 8 Turbo, 50 base].")
 @click.option("--seed", type=int, multiple=True,
-              help="Seed(s): --seed 1 2 3 gives one image per seed; -1 draws a random one (printed).")
-@click.option("--seeds", type=int, default=None, help="Draw N random seeds (printed).")
+              help="Seed of the noise, a whole number (the same seed gives the same image): --seed 1 2 3 makes one "
+                   "image per seed; -1 draws a random one (printed) [default: random].")
+@click.option("--seeds", type=int, default=None, help="Draw N random seeds (printed), one image each.")
 @click.option("--num-images", type=int, default=1, show_default=True,
               help="Images per prompt (consecutive seeds from --seed).")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Images per forward batch.")
-@click.option("--guidance-scale", type=float, default=None, help="CFG scale, 0 = off [default: 0 Turbo, 4 base].")
-@click.option("--negative-prompt", default=None, help="Negative prompt (used when CFG is on).")
+@click.option("--batch-size", type=int, default=1, show_default=True,
+              help="Images sampled together (faster on a GPU, more memory; the images do not change).")
+@click.option("--guidance-scale", type=float, default=None,
+              help="Classifier-free guidance (CFG) strength, 0 = off; above 0 each step runs the DiT twice "
+                   "[default: 0 Turbo, 4 base].")
+@click.option("--negative-prompt", default=None,
+              help="What the image should not show (used only when --guidance-scale is above 0) [default: none].")
 @click.option("--cfg-normalization", type=float, default=0.0, show_default=True,
-              help="Clamp ||pred|| to this multiple of ||pos|| (0 = off).")
+              help="With CFG: limit the guided prediction's size to this multiple of the prompt's own prediction "
+                   "(0 = off).")
 @click.option("--cfg-truncation", type=float, default=1.0, show_default=True,
-              help="Turn CFG off once 1 - sigma exceeds this (1 = never).")
+              help="With CFG: turn it off for the steps where the fraction of noise removed (1 - sigma) exceeds this, "
+                   "0 to 1 (1 = never).")
 @click.option("--shift", type=float, default=None,
               help="Scheduler shift (sigma -> s*sigma / (1 + (s-1)*sigma)) [default: the model's, Turbo 3, base 6].")
 @click.option("--seed-variance", type=float, default=0.0, show_default=True,
@@ -188,7 +198,8 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @click.option("--mask", "mask", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Inpaint with --image: repaint where this mask is white, keep where it is black.")
 @click.option("--strength", type=float, default=None,
-              help="img2img / inpaint: 1 = from pure noise [default: 0.6 img2img, 1.0 inpaint].")
+              help="With --image: how much to change it, 0 to 1 (the share of the steps that run; 1 = from pure "
+                   "noise) [default: 0.6 img2img, 1.0 inpaint].")
 @click.option("--control-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="ControlNet: pose / depth / edge image [sets the size unless --width/--height; with --image "
                    "and --mask: ControlNet inpainting].")
@@ -196,12 +207,18 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
               help="ControlNet conditioning scale (0 = no control).")
 @click.option("--template", default=None, help="Prompt template name (see `zimage templates list`).")
 @click.option("--templates-dir", type=click.Path(exists=True, file_okay=False), multiple=True,
-              help="Extra template folder (repeatable).")
-@click.option("--system-prompt", default=None, help="System message of the chat format.")
-@click.option("--thinking-content", default=None, help="Text inside <think>...</think>.")
-@click.option("--assistant-content", default=None, help="Text after the think block.")
-@click.option("--force-think-block/--no-force-think-block", default=None, help="Empty think block without content.")
-@click.option("--strip-quotes/--no-strip-quotes", default=None, help='Remove " from the prompt.')
+              help="Extra folder of templates (repeatable) [default: the shipped templates only].")
+@click.option("--system-prompt", default=None,
+              help="System message of the chat format the text encoder reads [default: none, or the template's].")
+@click.option("--thinking-content", default=None,
+              help="Text inside <think>...</think> [default: none, or the template's].")
+@click.option("--assistant-content", default=None,
+              help="Assistant text after the think block [default: none, or the template's].")
+@click.option("--force-think-block/--no-force-think-block", default=None,
+              help="Add an empty think block when there is no thinking content [default: the template's, else no].")
+@click.option("--strip-quotes/--no-strip-quotes", default=None,
+              help="Remove the double quotes from the prompt (Z-Image writes quoted text into the image) "
+                   "[default: the template's, else no].")
 @click.option("--max-sequence-length", type=int, default=512, show_default=True,
               help="Token limit of the prompt (longer prompts are cut; at most 1504).")
 @placement

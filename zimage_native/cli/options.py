@@ -45,7 +45,8 @@ loading = stack(
     click.option("--tokenizer", default=None,
                  help="Tokenizer folder or Hub id (default: the model's, or Z-Image-Turbo's)."),
     click.option("--lora", "loras", multiple=True,
-                 help="LoRA file, PATH[:SCALE] (repeatable); fused into the weights."),
+                 help="LoRA to apply: PATH, or PATH:SCALE with SCALE a number (default 1); repeatable; fused into "
+                      "the weights."),
     click.option("--controlnet", type=click.Path(exists=True, path_type=Path), default=None,
                  help="Fun-ControlNet-Union file or diffusers folder (1.0, 2.0, 2.1; docs/tasks.md), for "
                       "requests with a control image."),
@@ -62,7 +63,8 @@ loading = stack(
 
 # Devices, dtype and CPU offload.
 placement = stack(
-    click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto."),
+    click.option("--device", default="auto", show_default=True,
+                 help="Where the model runs: cpu, cuda, cuda:N, mps, or auto (a GPU if there is one, else the CPU)."),
     click.option("--dtype", type=DtypeChoice(["auto", "bfloat16", "float32", "float16"]), default="auto",
                  show_default=True, help="auto: bfloat16 on GPU, float32 on CPU (bf16, fp32, fp16 too)."),
     click.option("--text-encoder-device", default=None, help="Device of the text encoder (default: --device)."),
@@ -76,37 +78,48 @@ placement = stack(
                       "setting's peak (docs/performance.md)."),
     click.option("--text-encoder-quant", type=click.Choice(["none", "int8", "int4"]), default="none",
                  show_default=True,
-                 help="Weight-only quantised text encoder (the predecessor's quantization = 8bit / 4bit)."),
+                 help="Store the text encoder's weights in 8 or 4 bits (int8 per row, int4 in groups of 128): less "
+                      "memory, a small error in the prompt features; none keeps them in --dtype. (Also accepted in "
+                      "a config file: quantization = \"8bit\" | \"4bit\".)"),
 )
 
 
 # Accelerations (docs/performance.md).
 speed = stack(
     click.option("--kernels", type=click.Choice(["none", "triton"]), default="none", show_default=True,
-                 help="Fused Triton kernels (GPU)."),
+                 help="Fused Triton kernels for the DiT (a CUDA GPU with Triton installed)."),
     click.option("--attention", default=None,
                  help="Attention backend: sdpa, flash_attn_2, flash_attn_3, sage, xformers or auto "
                       "[default: $ZIMAGE_ATTENTION, else sdpa]."),
     click.option("--compile", "compile_mode", type=click.Choice(["off", "blocks", "full"]), default="off",
                  is_flag=False, flag_value="blocks", show_default=True,
-                 help="torch.compile preset; --compile alone is blocks (the predecessor's flag)."),
+                 help="Compile the DiT with torch.compile: blocks (each transformer block) or full (the whole DiT "
+                      "forward as one graph); --compile alone means blocks. The first image is slower (compiling), "
+                      "the ones after it faster."),
     click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
                  help="Capture the sampling loop as CUDA graphs, one per step kind and shape, replayed per step "
                       "(GPU)."),
     click.option("--graph-cache-size", type=click.IntRange(min=1), default=32, show_default=True,
                  help="At most this many CUDA graphs are kept (least recently used out); they share one memory "
                       "pool."),
-    click.option("--fp8/--no-fp8", default=False, show_default=True, help="float8 e4m3 linears in the DiT (lossy)."),
+    click.option("--fp8/--no-fp8", default=False, show_default=True,
+                 help="Run the DiT's linear layers in 8-bit floats (float8 e4m3): less memory, lossy; on a GPU it "
+                      "needs compute capability 8.9 or newer (Ada, Hopper, Blackwell)."),
     click.option("--vae-compile/--no-vae-compile", default=False, show_default=True,
-                 help="Compile the VAE decode, its weights in channels_last."),
+                 help="Compile the VAE decode with torch.compile (its weights in channels_last); the first image is "
+                      "slower (compiling)."),
 )
 
 
 # Tiled VAE decode and encode.
 vae_tiling = stack(
-    click.option("--tiled-vae/--no-tiled-vae", default=False, show_default=True, help="Decode/encode in tiles (2K+)."),
-    click.option("--tile-size", type=int, default=512, show_default=True, help="VAE tile size in pixels."),
-    click.option("--tile-overlap", type=int, default=64, show_default=True, help="VAE tile overlap in pixels."),
+    click.option("--tiled-vae/--no-tiled-vae", default=False, show_default=True,
+                 help="Decode and encode images in overlapping tiles: less memory for large images (2048 pixels "
+                      "a side and up)."),
+    click.option("--tile-size", type=int, default=512, show_default=True,
+                 help="With --tiled-vae: tile side in pixels."),
+    click.option("--tile-overlap", type=int, default=64, show_default=True,
+                 help="With --tiled-vae: overlap of neighbouring tiles in pixels."),
 )
 
 

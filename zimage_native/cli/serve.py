@@ -71,10 +71,11 @@ def _is_loopback(host: str) -> bool:
 @click.option("--warmup/--no-warmup", default=None,
               help="Run one generation before listening [default: on with --compile or --cuda-graphs].")
 @click.option("--max-side", type=int, default=2048, show_default=True,
-              help="Largest width or height a request may ask.")
+              help="Largest width or height in pixels a request may ask.")
 @click.option("--min-side", type=int, default=256, show_default=True,
-              help="Smallest width or height a request may ask.")
-@click.option("--max-pixels", type=int, default=2048 * 2048, show_default=True, help="Largest width x height.")
+              help="Smallest width or height in pixels a request may ask.")
+@click.option("--max-pixels", type=int, default=2048 * 2048, show_default=True,
+              help="Largest width x height in pixels a request may ask.")
 @click.option("--max-steps", type=int, default=100, show_default=True, help="Most steps a request may ask.")
 @click.option("--max-images", type=int, default=4, show_default=True, help="Most images (n) per request.")
 @click.option("--max-history", type=int, default=None, help="Keep only the newest N images [default: all].")
