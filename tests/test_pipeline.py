@@ -231,6 +231,26 @@ def test_a_negative_prompt_that_is_not_text_is_named_and_numpy_prompts_work(tiny
     assert len(as_numpy) == 2 and np.array_equal(np.asarray(as_numpy), np.asarray(as_list))
 
 
+def test_prompts_from_a_generator_are_read_once_as_a_list(tiny_pipe):
+    """A generator (or map(), iter()) given as prompt= was consumed by the first read of the request (the
+    image count), so the check after it found no prompt: "prompt must be a non-empty string or a
+    non-empty list of strings"; as negative_prompt= it was "got 0 negative prompts for 2 prompts". It is
+    read once into a list when the request is made: the same images as the list, and the record holds
+    the list."""
+    import numpy as np
+
+    kw = dict(width=32, height=32, num_inference_steps=1, guidance_scale=2.0, seed=3, output_type="np")
+    as_list = tiny_pipe(["a cat", "a dog"], negative_prompt=["blurry", "dark"], **kw)
+    from_generators = tiny_pipe((p for p in ["a cat", "a dog"]), negative_prompt=iter(["blurry", "dark"]), **kw)
+    assert len(from_generators.images) == 2
+    assert np.array_equal(np.asarray(from_generators.images), np.asarray(as_list.images))
+    assert from_generators.info["prompts"] == ["a cat", "a dog"] == as_list.info["prompts"]
+    assert from_generators.info["negative_prompt"] == ["blurry", "dark"]  # not a spent generator object
+    one = tiny_pipe(map(str.strip, [" a cat "]), width=32, height=32, num_inference_steps=1, seed=3,
+                    output_type="np")
+    assert len(one.images) == 1 and one.info["prompts"] == ["a cat"]
+
+
 # ------------------------------------------------------------------------- diffusers habits
 def test_call_arguments_are_keywords_so_diffusers_positional_height_width_cannot_swap(tiny_pipe):
     """diffusers' order is (prompt, height, width, ...); a positional call would have come out

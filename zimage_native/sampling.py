@@ -28,7 +28,7 @@ import math
 import numbers
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -92,6 +92,15 @@ class GenerationRequest:
     prompt_embeds: list[torch.Tensor] | None = None
     negative_prompt_embeds: list[torch.Tensor] | None = None
     output_type: str = "pil"
+
+    def __post_init__(self):
+        # A generator or other one-shot iterator (map(), iter(), a file's lines) is read once, here, into
+        # a list: the request reads its prompts several times (the image count, the checks, the encode),
+        # and the second read of an iterator found it empty ("prompt must be a non-empty string ...").
+        for name in ("prompt", "negative_prompt"):
+            value = getattr(self, name)
+            if isinstance(value, Iterator):
+                object.__setattr__(self, name, list(value))
 
     @property
     def prompts(self) -> list[str]:
