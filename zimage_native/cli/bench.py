@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._common import user_errors
+from ._common import check_writable_folder, user_errors
 from .options import DtypeChoice
 
 RUNG_NAMES = ("eager", "kernels", "compile", "cuda_graphs", "vae", "fp8")  # = zimage_native.bench.RUNG_NAMES
@@ -64,7 +64,9 @@ def diffusers_beside(asked: bool, model) -> bool:
 @click.option("--diffusers/--no-diffusers", "with_diffusers", default=True, show_default=True,
               help="Measure diffusers 0.42.1 on the same weights in the same run.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"),
-              show_default=True, help="Folder for the CSV rows.")
+              show_default=True,
+              help="Folder for the results: rows appended to e2e.csv, this run's rows and checks in e2e.json; "
+                   "a relative path is from the current folder (the line at the end names the files in full).")
 @click.option("--big-size", type=int, default=None,
               help="One more row at this side in pixels (e.g. 2048) for the last bf16 rung [default: none].")
 @click.option("--check", is_flag=True,
@@ -81,6 +83,10 @@ def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffuse
     from ..devices import resolve_device, resolve_dtype
     from ..pipeline import ZImagePipeline
 
+    # Absolute, so the last line names the files wherever the command ran; checked before minutes of
+    # building and timing.
+    out = out.expanduser().resolve()
+    check_writable_folder(out, "--out")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     with_diffusers = diffusers_beside(with_diffusers, model)

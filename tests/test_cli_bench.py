@@ -1,0 +1,41 @@
+"""``zimage bench`` as a new user runs it, from any folder: where its results go and what it says about
+them (the ladder itself: test_compiled.py)."""
+
+from __future__ import annotations
+
+import time
+
+from click.testing import CliRunner
+
+from zimage_native.cli import main
+
+DRY = ["bench", "--tiny", "--device", "cpu", "--dtype", "float32", "--sizes", "32", "--steps", "1", "--repeats", "1",
+       "--rungs", "eager", "--no-diffusers"]
+
+
+def test_bench_results_go_under_the_current_folder_and_the_last_line_names_them_in_full(tmp_path, monkeypatch):
+    """The default --out, benchmarks/results, is relative: run from elsewhere, the files went under that
+    folder while the last line said only 'appended 1 row(s) to benchmarks/results/e2e.csv', which names
+    no folder a user can find them in. The line names the absolute paths now."""
+    here = tmp_path / "somewhere"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    result = CliRunner().invoke(main, DRY)
+    assert result.exit_code == 0, result.output
+    results = here.resolve() / "benchmarks" / "results"
+    assert (results / "e2e.csv").is_file() and (results / "e2e.json").is_file()
+    assert result.output.splitlines()[-1] == (f"appended 1 row(s) to {results / 'e2e.csv'}; this run's rows and "
+                                              f"checks: {results / 'e2e.json'}"), result.output
+
+
+def test_bench_out_that_cannot_be_written_fails_before_building(tmp_path):
+    """--out under a file (or in a folder without write permission) failed only when the first row was
+    written, after the model was built and timed; it fails at once now, naming --out."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, [*DRY, "--out", str(blocker / "results")])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: --out: cannot write in the folder {blocker / 'results'}")
+    assert "row done" not in result.output and time.perf_counter() - start < 5
