@@ -39,3 +39,24 @@ def test_bench_out_that_cannot_be_written_fails_before_building(tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: --out: cannot write in the folder {blocker / 'results'}")
     assert "row done" not in result.output and time.perf_counter() - start < 5
+
+
+def test_the_recorded_git_sha_is_the_engines_not_the_current_folders(tmp_path, monkeypatch):
+    """environment()'s git_sha was `git rev-parse HEAD` in the current folder: run from outside the
+    checkout it was None, and from inside another repository that repository's commit, recorded with
+    the timings as the engine's."""
+    import subprocess
+    from pathlib import Path
+
+    from zimage_native import bench
+
+    engine = Path(bench.__file__).resolve().parent
+    expected = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=engine).stdout.strip() or None
+    other = tmp_path / "other-repo"
+    other.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=other, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"],
+                   cwd=other, check=True)
+    monkeypatch.chdir(other)
+    assert bench._git_sha() == expected

@@ -437,8 +437,11 @@ def environment(device: torch.device) -> dict:
 
 
 def _git_sha() -> str | None:
+    """The commit of the engine's own checkout (None for an installed package): asked in the package's
+    folder, not the current one, which is another repository or none."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
