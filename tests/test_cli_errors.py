@@ -21,7 +21,7 @@ def one_line_error(*args: str):
 @pytest.mark.parametrize("args, message", [
     (["info", "/nonexistent"], "Path '/nonexistent' does not exist. (see `zimage info --help`)"),
     (["generate", "a cat", "--bogus"], ("No such option '--bogus'", "No such option: --bogus")),  # click 8.2+, 8.1
-    (["generate", "a cat", "--steps", "x"], "'x' is not a valid integer"),
+    (["generate", "a cat", "--steps", "x"], "'x' is not a whole number: the number of denoising steps"),
     (["templates", "list", "--category", "nonsense"], "'nonsense' is not one of"),
     (["templates", "show", "photo-aerial-drone", "--nope"], "(see `zimage templates show --help`)"),
     (["nosuchcommand"], "No such command 'nosuchcommand'"),

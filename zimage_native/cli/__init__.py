@@ -37,6 +37,10 @@ def _one_line(e: click.UsageError) -> click.ClickException:
     if isinstance(e, click.NoSuchOption) and e.option_name in PREDECESSOR_FLAGS:
         return UserError(f"No such option '{e.option_name}': the predecessor's {e.option_name} is "
                          f"{PREDECESSOR_FLAGS[e.option_name]} here{where}")
+    if isinstance(e, click.NoSuchOption) and e.option_name in ("--size", "--resolution") and e.ctx is not None \
+            and any(p.name == "width" for p in e.ctx.command.params):  # other tools' one flag for the size
+        return UserError(f"No such option '{e.option_name}': the size is two flags, in pixels: --width W --height H "
+                         f"(for example --width 1024 --height 768){where}")
     if isinstance(e, click.NoSuchOption) and e.option_name in ("-v", "--verbose") and e.ctx and e.ctx.parent:
         root = e.ctx.find_root().info_name
         command = e.ctx.command_path[len(root):].strip()

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from ..hub import DEFAULT_MODEL
-from .options import config_file, loading, placement, speed, vae_tiling
+from .options import SIDE, WholeNumber, config_file, loading, placement, speed, vae_tiling
 from ._common import check_writable_folder, read_user_text, save_image_atomic, user_errors
 from .config import apply_layers, config_origins, config_source, convert, naming_config_origins, read_profile
 
@@ -154,13 +154,13 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @click.option("--overwrite/--no-overwrite", default=False, show_default=True, help="Replace existing files.")
 @click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="One prompt per line (lines starting with # are skipped).")
-@click.option("--width", type=int, default=None,
+@click.option("--width", type=SIDE, default=None,
               help="Image width in pixels, a multiple of 16 [default: the template's size, else 1024].")
-@click.option("--height", type=int, default=None,
+@click.option("--height", type=SIDE, default=None,
               help="Image height in pixels, a multiple of 16 [default: the template's size, else 1024].")
-@click.option("--steps", type=int, default=None,
+@click.option("--steps", type=WholeNumber("the number of denoising steps (for example 8)"), default=None,
               help="Denoising steps, each one pass of the DiT [default: 8 Turbo, 50 base].")
-@click.option("--seed", type=int, multiple=True,
+@click.option("--seed", type=WholeNumber("a seed is 0 to 2**64 - 1, or -1 for a random one"), multiple=True,
               help="Seed of the noise, a whole number (the same seed gives the same image): --seed 1 2 3 makes one "
                    "image per seed; -1 draws a random one (printed) [default: random].")
 @click.option("--seeds", type=int, default=None, help="Draw N random seeds (printed), one image each.")

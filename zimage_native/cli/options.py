@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -32,6 +33,27 @@ class DtypeChoice(click.Choice):
             if value not in self.choices and other in self.choices:
                 value = other
         return super().convert(value, param, ctx)
+
+
+class WholeNumber(click.types.IntParamType):
+    """An integer flag whose refusal says what the flag takes (``what``) rather than only "not a valid
+    integer"; a size typed as one value (--width 1024x768) names the two flags it is."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def convert(self, value, param, ctx):
+        size = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", value) if isinstance(value, str) else None
+        if size and param is not None and param.name in ("width", "height"):
+            self.fail(f"{value!r} is a width and a height: give them as --width {size[1]} --height {size[2]}",
+                      param, ctx)
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value!r} is not a whole number: {self.what}", param, ctx)
+
+
+SIDE = WholeNumber("the side in pixels, a multiple of 16 (for example 1024)")
 
 
 # Where the weights come from: single files, LoRA, a ControlNet, the variant, a remote text encoder.

@@ -1,0 +1,44 @@
+"""A new user's typical slips on `zimage generate`, each refused before any weights load in one line
+that names the problem and the way to fix it."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from zimage_native.cli import main
+
+
+def one_line_error(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), prog_name="zimage")
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, line", [
+    # other tools' one size flag: click offered '--batch-size', '--seed', '--tile-size'
+    (["--size", "512x512"], "Error: No such option '--size': the size is two flags, in pixels: --width W --height H "
+                            "(for example --width 1024 --height 768) (see `zimage generate --help`)"),
+    (["--resolution", "1024"], "Error: No such option '--resolution': the size is two flags, in pixels: --width W "
+                               "--height H (for example --width 1024 --height 768) (see `zimage generate --help`)"),
+    # a size typed into one flag: was "'512x768' is not a valid integer."
+    (["--width", "512x768"], "Error: Invalid value for '--width': '512x768' is a width and a height: give them as "
+                             "--width 512 --height 768 (see `zimage generate --help`)"),
+    (["--height", "1024 x 768"], "Error: Invalid value for '--height': '1024 x 768' is a width and a height: give "
+                                 "them as --width 1024 --height 768 (see `zimage generate --help`)"),
+    (["--width", "wide"], "Error: Invalid value for '--width': 'wide' is not a whole number: the side in pixels, a "
+                          "multiple of 16 (for example 1024) (see `zimage generate --help`)"),
+    (["--seed", "abc"], "Error: Invalid value for '--seed': 'abc' is not a whole number: a seed is 0 to 2**64 - 1, "
+                        "or -1 for a random one (see `zimage generate --help`)"),
+    (["--steps", "2.5"], "Error: Invalid value for '--steps': '2.5' is not a whole number: the number of denoising "
+                         "steps (for example 8) (see `zimage generate --help`)"),
+])
+def test_a_mistyped_number_or_size_says_what_the_flag_takes(tmp_path, args, line):
+    assert one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args) == line
+
+
+def test_the_size_hint_is_only_where_width_and_height_are():
+    """`zimage bench` has --sizes: click's own suggestion stays."""
+    assert "--sizes" in one_line_error("bench", "--size", "64")
