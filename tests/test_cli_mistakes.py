@@ -1,5 +1,5 @@
-"""A new user's typical slips on `zimage generate`, each refused before any weights load in one line
-that names the problem and the way to fix it."""
+"""A new user's typical slips on `zimage generate` (and `zimage bench --out`), each refused before any
+weights load in one line that names the problem and the way to fix it."""
 
 from __future__ import annotations
 
@@ -42,3 +42,24 @@ def test_a_mistyped_number_or_size_says_what_the_flag_takes(tmp_path, args, line
 def test_the_size_hint_is_only_where_width_and_height_are():
     """`zimage bench` has --sizes: click's own suggestion stays."""
     assert "--sizes" in one_line_error("bench", "--size", "64")
+
+
+def test_output_naming_a_folder_says_to_name_a_file_or_use_output_dir(tmp_path):
+    """-o FOLDER was "Invalid value for '-o' / '--output': File '...' is a directory."."""
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "-o", str(tmp_path))
+    assert line == (f"Error: -o/--output names the image file, and {tmp_path} is a folder: give a file in it (-o "
+                    f"{tmp_path / 'image.png'}), or --output-dir {tmp_path} for names made from the seed")
+
+
+def test_a_file_in_the_way_of_the_output_folder_is_named(tmp_path):
+    """A file where a folder of the output path should be gave the system's words for it, "(File exists)"
+    for -o or "(Not a directory)" for a folder below it; the line names the file now."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    missing = str(tmp_path / "missing")
+    assert one_line_error("generate", "a cat", "--model", missing, "-o", str(afile / "x.png")) == (
+        f"Error: --output: cannot write in the folder {afile} ({afile} is a file, not a folder)")
+    assert one_line_error("generate", "a cat", "--model", missing, "--output-dir", str(afile / "a" / "b")) == (
+        f"Error: --output-dir: cannot write in the folder {afile / 'a' / 'b'} ({afile} is a file, not a folder)")
+    assert one_line_error("bench", "--tiny", "--out", str(afile / "r")) == (
+        f"Error: --out: cannot write in the folder {afile / 'r'} ({afile} is a file, not a folder)")

@@ -116,7 +116,10 @@ def check_writable_folder(folder: Path, flag: str) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise ValueError(f"{flag}: cannot write in the folder {folder} ({e.strerror or e})") from None
+        # A file where a folder of the path should be: the system says "File exists" or "Not a directory".
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else e.strerror or e
+        raise ValueError(f"{flag}: cannot write in the folder {folder} ({why})") from None
 
 
 def save_image_atomic(image, path: Path, pnginfo=None) -> None:

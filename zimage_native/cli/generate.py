@@ -145,7 +145,7 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @click.option("--model", "--model-path", "model", default=None,
               help=f"Model folder (diffusers layout) or Hub id [default: {DEFAULT_MODEL}, or none with --transformer].")
 @loading
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="FILE", default=None,
               help="PNG to write for a single image; with several, NAME_INDEX_SEED.png. Default: --name-pattern.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the images (default: the current folder).")
@@ -294,6 +294,10 @@ def run_generate(prompts: list[str], o: dict) -> None:
     seeds, drawn = resolve_seeds(tuple(o["seed"]), o["seeds"], o["num_images"])
     if o["batch_size"] < 1:
         raise ValueError(f"--batch-size must be >= 1, got {o['batch_size']}")
+    if o["output"] is not None and o["output"].is_dir():
+        raise ValueError(f"-o/--output names the image file, and {o['output']} is a folder: give a file in it "
+                         f"(-o {o['output'] / 'image.png'}), or --output-dir {o['output']} for names made from the "
+                         f"seed")
     jobs = [(pi, p, s) for pi, p in enumerate(prompts) for s in seeds]
     paths = output_paths(jobs, o["output"], o["output_dir"], o["name_pattern"])
     if any(p.suffix.lower() != ".png" for p in paths):
