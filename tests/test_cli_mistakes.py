@@ -63,3 +63,11 @@ def test_a_file_in_the_way_of_the_output_folder_is_named(tmp_path):
         f"Error: --output-dir: cannot write in the folder {afile / 'a' / 'b'} ({afile} is a file, not a folder)")
     assert one_line_error("bench", "--tiny", "--out", str(afile / "r")) == (
         f"Error: --out: cannot write in the folder {afile / 'r'} ({afile} is a file, not a folder)")
+
+
+@pytest.mark.parametrize("output, line", [
+    ("fox", "Error: --output must be a .png file, got fox (-o fox.png)"),  # was "..., got fox" alone
+    ("fox.jpg", "Error: --output must be a .png file, got fox.jpg (-o fox.png)"),
+])
+def test_an_output_that_is_not_a_png_names_the_png_to_give(tmp_path, output, line):
+    assert one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "-o", output) == line

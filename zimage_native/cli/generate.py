@@ -301,7 +301,8 @@ def run_generate(prompts: list[str], o: dict) -> None:
     jobs = [(pi, p, s) for pi, p in enumerate(prompts) for s in seeds]
     paths = output_paths(jobs, o["output"], o["output_dir"], o["name_pattern"])
     if any(p.suffix.lower() != ".png" for p in paths):
-        raise ValueError(f"--output must be a .png file, got {o['output']}")  # --name-pattern adds .png
+        # --name-pattern adds .png
+        raise ValueError(f"--output must be a .png file, got {o['output']} (-o {o['output'].with_suffix('.png')})")
     # Refuse bad input before spending minutes loading weights.
     given = lambda key, fallback: fallback if o[key] is None else o[key]  # noqa: E731
     check_request("x", given("width", 1024), given("height", 1024), given("steps", 1),
