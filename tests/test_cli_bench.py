@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from click.testing import CliRunner
 
 from zimage_native.cli import main
@@ -60,3 +61,22 @@ def test_the_recorded_git_sha_is_the_engines_not_the_current_folders(tmp_path, m
                    cwd=other, check=True)
     monkeypatch.chdir(other)
     assert bench._git_sha() == expected
+
+
+@pytest.mark.parametrize("args, line", [
+    # was "--width must be a positive multiple of 16, got 100 ..." after the weights were built
+    (["--sizes", "100"], "Error: --sizes must be a positive multiple of 16, got 100 (nearest: 96 or 112)"),
+    (["--sizes", "64", "--big-size", "2050"], "Error: --big-size must be a positive multiple of 16, got 2050 "
+                                              "(nearest: 2048 or 2064)"),
+    (["--steps", "0"], "Error: --steps must be >= 1 (denoising steps per image), got 0"),
+    # was Python's "no median for empty data", after building and running the first rung
+    (["--repeats", "0"], "Error: --repeats must be >= 1 (timed runs per measurement, their median is reported), "
+                         "got 0"),
+    (["--budget-s", "-5"], "Error: --budget-s must be a number of seconds >= 0, got -5.0"),  # was run as 0 s
+])
+def test_bench_numbers_are_refused_before_building_in_the_flags_names(tmp_path, args, line):
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["bench", "--tiny", "--device", "cpu", "--no-diffusers", "--rungs", "eager",
+                                       "--out", str(tmp_path), *args])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [line], result.output
+    assert time.perf_counter() - start < 5 and not list(tmp_path.iterdir())  # nothing built, nothing written

@@ -45,6 +45,25 @@ def diffusers_beside(asked: bool, model) -> bool:
     return False
 
 
+def check_numbers(sizes, steps: int, repeats: int, big_size, budget_s) -> None:
+    """The numbers of the run, refused before the weights are built (a minute and more for the full-size
+    random model), in the flags' names: the library's checks come only at the first rung, and name
+    --width and --steps; --repeats 0 was Python's "no median for empty data"."""
+    import math
+
+    from ..images import check_side
+
+    for flag, size in [*(("--sizes", s) for s in sizes), *([("--big-size", big_size)] if big_size is not None else [])]:
+        check_side(flag, size, 16)
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1 (denoising steps per image), got {steps}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1 (timed runs per measurement, their median is reported), "
+                         f"got {repeats}")
+    if budget_s is not None and not (math.isfinite(budget_s) and budget_s >= 0):  # 0: no optional step
+        raise ValueError(f"--budget-s must be a number of seconds >= 0, got {budget_s}")
+
+
 @click.command()
 @click.option("--model", default=None,
               help="Model folder to time [default: random weights in the released models' shapes, nothing to "
@@ -86,6 +105,7 @@ def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffuse
     # Absolute, so the last line names the files wherever the command ran; checked before minutes of
     # building and timing.
     out = out.expanduser().resolve()
+    check_numbers(sizes, steps, repeats, big_size, budget_s)
     check_writable_folder(out, "--out")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
