@@ -71,3 +71,17 @@ def test_a_file_in_the_way_of_the_output_folder_is_named(tmp_path):
 ])
 def test_an_output_that_is_not_a_png_names_the_png_to_give(tmp_path, output, line):
     assert one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "-o", output) == line
+
+
+@pytest.mark.parametrize("command", ["generate", "format-prompt", "rewrite"])
+def test_an_unquoted_prompt_says_to_quote_it(command):
+    """`zimage generate a red fox` (the shell splits the prompt) was "Got unexpected extra arguments (red
+    fox)"; it says to quote the prompt now, showing it quoted."""
+    assert one_line_error(command, "a", "red", "fox") == (
+        f"Error: the prompt is one argument: put it in quotes, zimage {command} \"a red fox\" ... (the words after "
+        f"'a' were read as more arguments)")
+
+
+def test_a_quoted_prompt_with_a_stray_argument_keeps_clicks_message():
+    assert one_line_error("generate", "a cat", "--seed", "1", "abc") == (
+        "Error: Got unexpected extra argument (abc) (see `zimage generate --help`)")

@@ -41,6 +41,12 @@ def _one_line(e: click.UsageError) -> click.ClickException:
             and any(p.name == "width" for p in e.ctx.command.params):  # other tools' one flag for the size
         return UserError(f"No such option '{e.option_name}': the size is two flags, in pixels: --width W --height H "
                          f"(for example --width 1024 --height 768){where}")
+    extra = re.match(r"Got unexpected extra arguments? \((.*)\)$", e.format_message())
+    prompt = e.ctx.params.get("prompt") if e.ctx is not None else None
+    if extra and isinstance(prompt, str) and " " not in prompt.strip():  # an unquoted prompt: its first word
+        text = f"{prompt} {extra[1]}"
+        return UserError(f"the prompt is one argument: put it in quotes, {e.ctx.command_path} \"{text}\" ... (the "
+                         f"words after '{prompt}' were read as more arguments)")
     if isinstance(e, click.NoSuchOption) and e.option_name in ("-v", "--verbose") and e.ctx and e.ctx.parent:
         root = e.ctx.find_root().info_name
         command = e.ctx.command_path[len(root):].strip()
