@@ -5,6 +5,7 @@ from __future__ import annotations
 from unittest.mock import patch
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from zimage_native.cli import main
@@ -111,7 +112,7 @@ def test_llm_url_errors_name_the_flag():
 
 @pytest.mark.parametrize("args, message", [
     (["--device", "cuda:99"], "Error: device 'cuda:99' is not available"),
-    (["--device", "gpu"], "Error: unknown device 'gpu': give cpu, cuda, cuda:N, mps or auto"),
+    (["--device", "gpu"], "Error: unknown device 'gpu': a GPU is cuda here (cuda); give cpu, cuda, cuda:N, mps or auto"),
     (["--device", "xpu"], "Error: device 'xpu' is not available in this torch"),  # was an AssertionError traceback
     (["--vae-device", "hpu"], "Error: device 'hpu' is not available in this torch"),
     (["--device", "cpu", "--offload", "blocks", "--compile", "blocks"], "--compile='blocks' would change"),
@@ -128,6 +129,25 @@ def test_device_and_speed_flags_are_one_line_naming_the_flag(tiny_model_dir, tmp
                           "--steps", "1", "-o", str(tmp_path / "x.png"), *args)
     assert message in line, line
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("asked, expected", [("CPU", "cpu"), (" Cpu ", "cpu"), ("Meta", "meta")])
+def test_device_names_are_read_in_any_case(asked, expected):
+    from zimage_native.devices import resolve_device
+
+    assert resolve_device(asked) == torch.device(expected)
+
+
+@pytest.mark.parametrize("asked, message", [
+    ("gpu:1", "unknown device 'gpu:1': a GPU is cuda here (cuda:1); give cpu, cuda, cuda:N, mps or auto"),
+    ("cuda0", "unknown device 'cuda0': give cpu, cuda, cuda:N, mps or auto"),  # no list of torch's 20 device types
+])
+def test_a_mistyped_device_says_what_to_give(asked, message):
+    from zimage_native.devices import resolve_device
+
+    with pytest.raises(ValueError) as e:
+        resolve_device(asked)
+    assert str(e.value) == message
 
 
 def test_an_unreachable_encoder_url_is_one_line(tiny_model_dir, tmp_path):

@@ -13,16 +13,21 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    if isinstance(device, str):
+        device = device.strip().lower()  # "CPU", "Cuda:0", " auto"
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    if isinstance(device, str) and (device == "gpu" or device.startswith("gpu:")):  # torch calls NVIDIA GPUs cuda
+        raise ValueError(f"unknown device {device!r}: a GPU is cuda here ({device.replace('gpu', 'cuda')}); give "
+                         f"cpu, cuda, cuda:N, mps or auto")
     try:
         dev = torch.device(device)
-    except RuntimeError as e:  # "gpu", "cuda:x", ...
-        raise ValueError(f"unknown device {str(device)!r}: give cpu, cuda, cuda:N, mps or auto ({e})") from None
+    except RuntimeError:  # "cuda:x", "cuda0", ... (torch's message lists its 20 device types)
+        raise ValueError(f"unknown device {str(device)!r}: give cpu, cuda, cuda:N, mps or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} is not available: this torch {torch.__version__} sees no CUDA GPU "
                          f"(use cpu or auto)")
