@@ -85,3 +85,18 @@ def test_an_unquoted_prompt_says_to_quote_it(command):
 def test_a_quoted_prompt_with_a_stray_argument_keeps_clicks_message():
     assert one_line_error("generate", "a cat", "--seed", "1", "abc") == (
         "Error: Got unexpected extra argument (abc) (see `zimage generate --help`)")
+
+
+@pytest.mark.parametrize("args, extra", [
+    (["fox", "--width", "1024", "768"], "768"),  # meant --height 768: quoting "fox 768" fixes nothing
+    (["fox", "--steps", "8", "12"], "12"),
+    (["a", "red", "fox", "--width", "1024", "768"], None),  # the words after the prompt: the hint stays
+])
+def test_a_stray_flag_value_after_a_one_word_prompt_is_not_called_part_of_the_prompt(args, extra):
+    """The quoting hint took any extra argument for the rest of a one-word prompt: `zimage generate fox
+    --width 1024 768` said to type "fox 768". It is given only where the extra words follow the prompt."""
+    line = one_line_error("generate", *args)
+    if extra is None:
+        assert line.startswith('Error: the prompt is one argument: put it in quotes, zimage generate "a red fox 768"')
+    else:
+        assert line == f"Error: Got unexpected extra argument ({extra}) (see `zimage generate --help`)"

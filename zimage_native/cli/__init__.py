@@ -43,7 +43,9 @@ def _one_line(e: click.UsageError) -> click.ClickException:
                          f"(for example --width 1024 --height 768){where}")
     extra = re.match(r"Got unexpected extra arguments? \((.*)\)$", e.format_message())
     prompt = e.ctx.params.get("prompt") if e.ctx is not None else None
-    if extra and isinstance(prompt, str) and " " not in prompt.strip():  # an unquoted prompt: its first word
+    if extra and isinstance(prompt, str) and " " not in prompt.strip() and _follows(e.ctx, prompt, extra[1]):
+        # an unquoted prompt: its first word, the extra words right after it (not a stray flag value
+        # such as the 768 of `--width 1024 768`, which no quoting would fix)
         text = f"{prompt} {extra[1]}"
         return UserError(f"the prompt is one argument: put it in quotes, {e.ctx.command_path} \"{text}\" ... (the "
                          f"words after '{prompt}' were read as more arguments)")
@@ -53,6 +55,18 @@ def _one_line(e: click.UsageError) -> click.ClickException:
         return UserError(f"No such option '{e.option_name}': -v/--verbose goes before the command: "
                          f"{root} -v {command} ...")
     return UserError(e.format_message().splitlines()[0] + where)
+
+
+def _follows(ctx: click.Context, prompt: str, extra: str) -> bool:
+    """Whether the extra arguments start right after the prompt on the command line (as
+    :meth:`ZImageGroup.parse_args` saw it)."""
+    args = ctx.meta.get(ARGS_KEY, [])
+    return any(word == prompt and i + 1 < len(args) and not args[i + 1].startswith("-")
+               and extra.startswith(args[i + 1]) for i, word in enumerate(args))
+
+
+#: ``ctx.meta`` key of the command line as :meth:`ZImageGroup.parse_args` read it (for :func:`_one_line`).
+ARGS_KEY = "zimage.args"
 
 
 #: click >= 8.2 raises this for a bare group or command with no_args_is_help (its help, exit status 2);
@@ -99,6 +113,7 @@ class ZImageGroup(click.Group):
                     i += 1
                 continue
             i += 1
+        ctx.meta[ARGS_KEY] = out
         return super().parse_args(ctx, out)
 
 
