@@ -150,6 +150,16 @@ def test_a_mistyped_device_says_what_to_give(asked, message):
     assert str(e.value) == message
 
 
+def test_enable_model_cpu_offload_reads_device_names_as_device_does(fresh_pipe):
+    """enable_model_cpu_offload(device=) gave the name to torch.device itself: "CPU" (read as cpu by
+    device= everywhere else) and "gpu" ended in torch's RuntimeError listing its 20 device types."""
+    with pytest.raises(ValueError) as e:
+        fresh_pipe.enable_model_cpu_offload(device="GPU")
+    assert str(e.value) == "unknown device 'gpu': a GPU is cuda here (cuda); give cpu, cuda, cuda:N, mps or auto"
+    fresh_pipe.enable_model_cpu_offload(device=" CPU")
+    assert fresh_pipe.offload == "model" and set(fresh_pipe.placement.values()) == {torch.device("cpu")}
+
+
 def test_an_unreachable_encoder_url_is_one_line(tiny_model_dir, tmp_path):
     import socket
 

@@ -12,6 +12,21 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """A device name read in any case ("CPU", "Cuda:0") as a torch.device, without asking whether it is
+    there (:func:`resolve_device` does, and reads "auto"); a name torch does not know is a ValueError
+    saying what to give, not torch's list of its 20 device types."""
+    if isinstance(device, str):
+        device = device.strip().lower()
+        if device == "gpu" or device.startswith("gpu:"):  # torch calls NVIDIA GPUs cuda
+            raise ValueError(f"unknown device {device!r}: a GPU is cuda here ({device.replace('gpu', 'cuda')}); "
+                             f"give cpu, cuda, cuda:N, mps or auto")
+    try:
+        return torch.device(device)  # (a torch.device, or an index as torch reads it: 0 is cuda:0)
+    except RuntimeError:  # "cuda:x", "cuda0", ...
+        raise ValueError(f"unknown device {str(device)!r}: give cpu, cuda, cuda:N, mps or auto") from None
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if isinstance(device, str):
         device = device.strip().lower()  # "CPU", "Cuda:0", " auto"
@@ -21,13 +36,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if isinstance(device, str) and (device == "gpu" or device.startswith("gpu:")):  # torch calls NVIDIA GPUs cuda
-        raise ValueError(f"unknown device {device!r}: a GPU is cuda here ({device.replace('gpu', 'cuda')}); give "
-                         f"cpu, cuda, cuda:N, mps or auto")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:  # "cuda:x", "cuda0", ... (torch's message lists its 20 device types)
-        raise ValueError(f"unknown device {str(device)!r}: give cpu, cuda, cuda:N, mps or auto") from None
+    dev = parse_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} is not available: this torch {torch.__version__} sees no CUDA GPU "
                          f"(use cpu or auto)")

@@ -33,7 +33,7 @@ import torch
 from . import control as _control  # noqa: F401  (registers the ControlNet tasks on the core)
 from . import sampling
 from .config import SchedulerConfig, TransformerConfig, VAEConfig
-from .devices import OFFLOAD_MODES, resolve_device, storage_device
+from .devices import OFFLOAD_MODES, parse_device, resolve_device, storage_device
 from .hub import DEFAULT_MODEL
 from .images import ImageProcessor
 from .loading import check_quant, load_pretrained, load_single_files  # noqa: F401
@@ -507,7 +507,7 @@ class ZImagePipeline:
         ``device`` (cuda:``gpu_id``, or the index in ``device``: "cuda:1") only while it runs."""
         from .offload import move_
 
-        kind, index = torch.device(device).type, torch.device(device).index
+        kind, index = parse_device(device).type, parse_device(device).index  # "CUDA", as device= everywhere
         if gpu_id is not None and index is not None and gpu_id != index:
             raise ValueError(f"enable_model_cpu_offload(gpu_id={gpu_id}, device={str(device)!r}): two GPUs; give the "
                              f"index once")
