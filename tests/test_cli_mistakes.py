@@ -66,7 +66,10 @@ def test_a_file_in_the_way_of_the_output_folder_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("output, line", [
-    ("fox", "Error: --output must be a .png file, got fox (-o fox.png)"),  # was "..., got fox" alone
+    ("fox", "Error: --output must be a .png file, got fox (-o fox.png, or --output-dir fox for a folder)"),
+    # a new folder's path: was "(-o out.png)" alone, the trailing / being lost to Path
+    ("out/", "Error: --output must be a .png file, got out (-o out.png, or --output-dir out for a folder)"),
+    ("fox.", "Error: --output must be a .png file, got fox. (-o fox.png, or --output-dir fox. for a folder)"),  # was fox..png
     ("fox.jpg", "Error: --output must be a .png file, got fox.jpg (-o fox.png)"),
 ])
 def test_an_output_that_is_not_a_png_names_the_png_to_give(tmp_path, output, line):

@@ -44,6 +44,14 @@ def output_paths(jobs: list[tuple[int, str, int]], output: Path | None, output_d
     return [folder / (n if n.lower().endswith(".png") else n + ".png") for n in names]
 
 
+def png_hint(output: Path) -> str:
+    """What to give for an ``-o`` that is not a .png: the same name as a .png, and for a name without
+    an extension (``-o out/`` reaches here as ``out``), ``--output-dir`` too, which is what a folder is."""
+    if output.suffix:
+        return f"-o {output.with_suffix('.png')}"
+    return f"-o {output.with_name(output.name.rstrip('.') + '.png')}, or --output-dir {output} for a folder"
+
+
 def resolve_seeds(seed: tuple[int, ...], seeds: int | None, num_images: int) -> tuple[list[int], bool]:
     """The seed of each image of a prompt, and whether they were drawn at random (then printed)."""
     if seed and seeds:
@@ -300,9 +308,8 @@ def run_generate(prompts: list[str], o: dict) -> None:
                          f"seed")
     jobs = [(pi, p, s) for pi, p in enumerate(prompts) for s in seeds]
     paths = output_paths(jobs, o["output"], o["output_dir"], o["name_pattern"])
-    if any(p.suffix.lower() != ".png" for p in paths):
-        # --name-pattern adds .png
-        raise ValueError(f"--output must be a .png file, got {o['output']} (-o {o['output'].with_suffix('.png')})")
+    if any(p.suffix.lower() != ".png" for p in paths):  # (--name-pattern adds .png)
+        raise ValueError(f"--output must be a .png file, got {o['output']} ({png_hint(o['output'])})")
     # Refuse bad input before spending minutes loading weights.
     given = lambda key, fallback: fallback if o[key] is None else o[key]  # noqa: E731
     check_request("x", given("width", 1024), given("height", 1024), given("steps", 1),
