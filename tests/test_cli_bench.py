@@ -80,3 +80,24 @@ def test_bench_numbers_are_refused_before_building_in_the_flags_names(tmp_path, 
                                        "--out", str(tmp_path), *args])
     assert result.exit_code == 1 and result.output.strip().splitlines() == [line], result.output
     assert time.perf_counter() - start < 5 and not list(tmp_path.iterdir())  # nothing built, nothing written
+
+
+def test_an_installed_engine_inside_another_repository_records_no_git_sha(tmp_path, monkeypatch):
+    """An installed package in a virtual environment inside the user's own repository (ignored there):
+    git, asked in the package's folder, answered with the user's repository's commit, recorded as the
+    engine's. Only a checkout that tracks the engine's files gives a commit."""
+    import subprocess
+
+    from zimage_native import bench
+
+    project = tmp_path / "project"
+    package = project / ".venv" / "lib" / "site-packages" / "zimage_native"
+    package.mkdir(parents=True)
+    (project / ".gitignore").write_text(".venv/\n")
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run(["git", "add", ".gitignore"], cwd=project, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x"], cwd=project,
+                   check=True)
+    (package / "bench.py").write_text("")
+    monkeypatch.setattr(bench, "__file__", str(package / "bench.py"))
+    assert bench._git_sha() is None

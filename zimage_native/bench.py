@@ -438,10 +438,17 @@ def environment(device: torch.device) -> dict:
 
 def _git_sha() -> str | None:
     """The commit of the engine's own checkout (None for an installed package): asked in the package's
-    folder, not the current one, which is another repository or none."""
+    folder, not the current one, which is another repository or none, and only where git tracks this
+    file (an installed package in a virtual environment inside the user's repository is no checkout
+    of the engine: that repository's commit is not the engine's)."""
+    here = Path(__file__).resolve()
     try:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", here.name], capture_output=True, text=True,
+                                 timeout=10, cwd=here.parent)
+        if tracked.returncode != 0:
+            return None
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+                             cwd=here.parent)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
