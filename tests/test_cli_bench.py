@@ -101,3 +101,13 @@ def test_an_installed_engine_inside_another_repository_records_no_git_sha(tmp_pa
     (package / "bench.py").write_text("")
     monkeypatch.setattr(bench, "__file__", str(package / "bench.py"))
     assert bench._git_sha() is None
+
+
+@pytest.mark.parametrize("args", [["--device", "gpu"], ["--repeats", "0"]])
+def test_a_refused_bench_run_makes_no_out_folder(tmp_path, args):
+    """--out was made (check_writable_folder) before --device was read: `zimage bench --device gpu`
+    left an empty benchmarks/results behind its one-line error."""
+    out = tmp_path / "results"
+    result = CliRunner().invoke(main, ["bench", "--tiny", "--out", str(out), *args])
+    assert result.exit_code == 1 and result.output.startswith("Error: "), result.output
+    assert not out.exists()

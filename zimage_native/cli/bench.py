@@ -106,9 +106,9 @@ def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffuse
     # building and timing.
     out = out.expanduser().resolve()
     check_numbers(sizes, steps, repeats, big_size, budget_s)
-    check_writable_folder(out, "--out")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    check_writable_folder(out, "--out")  # (makes the folder: after the other checks, so a refused run makes none)
     with_diffusers = diffusers_beside(with_diffusers, model)
     full_qwen = None
     if model is not None:
