@@ -97,9 +97,9 @@ def gguf_problem(model: nn.Module) -> str | None:
     if not packed:
         return None
     types = ", ".join(f"{n} {qtype}" for qtype, n in sorted(packed.items()))
-    return (f"fp8 converts the blocks' bf16, fp16 or fp32 linears (or an fp8 file's); this DiT's block linears are "
-            f"GGUF-packed ({types}) and would run as they do without fp8. Run without fp8 (the GGUF file already "
-            f"keeps the DiT small), or load a bf16 or fp8 DiT to use fp8")
+    return (f"fp8 converts the blocks' bf16, fp16 or fp32 linears (or a file's fp8 or int8 ones); this DiT's block "
+            f"linears are GGUF-packed ({types}) and would run as they do without fp8. Run without fp8 (the GGUF file "
+            f"already keeps the DiT small), or load a bf16, fp8 or int8 (comfy_quant) DiT to use fp8")
 
 
 def cpu_fp8_problem() -> str | None:
