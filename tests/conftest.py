@@ -13,8 +13,15 @@ import torch
 import zimage_native  # noqa: F401,E402
 
 
-# Deterministic, quiet CPU runs.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Deterministic, quiet CPU runs. Under pytest-xdist (CI: ``-n 2`` on 2 cores) each worker is a process
+# of its own and gets one thread, and so do the processes the tests start (OMP_NUM_THREADS): two
+# workers of two threads each on two cores spent 4.2x the CPU time (spinning threads) on the same
+# tests. A test that needs another count sets it (tests/test_generation.py: 1 and 2 threads).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
