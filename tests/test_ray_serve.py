@@ -27,7 +27,9 @@ from zimage_native.server.ray_serve import RayEngine, ZImageReplica, build_app, 
 
 from .test_png_output import zlib_level_flag  # noqa: E402
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+# One xdist group for both Ray modules: under `pytest -n 2 --dist loadgroup` they run on one worker,
+# one after the other, never two Ray instances at once.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600), pytest.mark.xdist_group("ray")]
 
 
 def fake_options(tmp_path, **extra):

@@ -14,7 +14,9 @@ import pytest
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'zimage-native[ray]')")
 httpx = pytest.importorskip("httpx")
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+# One xdist group for both Ray modules: under `pytest -n 2 --dist loadgroup` they run on one worker,
+# one after the other, never two Ray instances at once.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600), pytest.mark.xdist_group("ray")]
 
 
 def free_port() -> int:

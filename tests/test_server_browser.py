@@ -22,6 +22,10 @@ httpx = pytest.importorskip("httpx")
 from zimage_native.server import FakeEngine, ServerSettings, create_app  # noqa: E402
 from zimage_native.server.testing import LiveServer  # noqa: E402
 
+# Under `pytest -n 2 --dist loadgroup` the module runs on one worker: one chromium and one server
+# (module fixtures), not one of each per worker.
+pytestmark = pytest.mark.xdist_group("browser")
+
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 PHONE = {"width": 390, "height": 844}
