@@ -5,11 +5,26 @@ on one worker."""
 from __future__ import annotations
 
 import importlib
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def ci_pytest_command() -> str:
+    lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python -m pytest")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_ci_runs_on_both_cores_keeping_the_groups():
+    command = ci_pytest_command()
+    assert re.search(r" -n 2( |$)", command) and "--dist loadgroup" in command, command
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    assert any(r.startswith("pytest-xdist") for r in extra), extra
 
 
 @pytest.mark.parametrize("module, group", [("test_ray_serve", "ray"), ("test_ray_serve_cli", "ray"),
