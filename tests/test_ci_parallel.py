@@ -28,12 +28,16 @@ def test_ci_runs_on_both_cores_keeping_the_groups():
 
 
 @pytest.mark.parametrize("module, group", [("test_ray_serve", "ray"), ("test_ray_serve_cli", "ray"),
-                                           ("test_server_browser", "browser")])
+                                           ("test_server_browser", "browser"), ("test_kernels_gpu_build", "gpu-build")])
 def test_modules_that_must_not_overlap_share_a_group(module, group):
     """The two Ray modules each start a Ray instance (never two at once: one group); the browser
-    module's chromium and server are module fixtures (once, on one worker)."""
-    pytest.importorskip("httpx")
-    pytest.importorskip("fastapi")
+    module's chromium and server, and the GPU-build module's probe (~3 min), are module fixtures
+    (once, on one worker)."""
+    if module == "test_kernels_gpu_build":
+        pytest.importorskip("triton")
+    else:
+        pytest.importorskip("httpx")
+        pytest.importorskip("fastapi")
     if module.startswith("test_ray"):
         pytest.importorskip("ray")
     marks = importlib.import_module(f"tests.{module}").pytestmark

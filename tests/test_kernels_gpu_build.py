@@ -18,8 +18,11 @@ from .utils import needs_probe_triton
 
 triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
+# One xdist group: the module fixture ``builds`` (one probe process compiling every launch for five
+# targets, ~3 min on a 2-core machine) runs once, not once on each worker.
 pytestmark = [pytest.mark.skipif(torch.cuda.is_available(),
-                                 reason="on a GPU the kernel tests build and run them for real"), needs_probe_triton]
+                                 reason="on a GPU the kernel tests build and run them for real"), needs_probe_triton,
+              pytest.mark.xdist_group("gpu-build")]
 
 PROBE = Path(__file__).with_name("gpu_build_probe.py")
 #: Shared memory one block may use, per architecture (bytes).
