@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from zimage_native.cli import main
 
 
-def one_line_error(*args: str):
+def one_line_error(*args: str) -> str:
+    """The CLI's output for ``args``: one line starting with 'Error: ', exit status 1, no traceback."""
     result = CliRunner().invoke(main, list(args), prog_name="zimage")
     assert result.exit_code == 1, (result.exit_code, result.output)
     lines = result.output.strip().splitlines()

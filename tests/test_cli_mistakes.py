@@ -4,17 +4,8 @@ weights load in one line that names the problem and the way to fix it."""
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
 
-from zimage_native.cli import main
-
-
-def one_line_error(*args: str) -> str:
-    result = CliRunner().invoke(main, list(args), prog_name="zimage")
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
-    return lines[0]
+from .test_cli_errors import one_line_error
 
 
 @pytest.mark.parametrize("args, line", [

@@ -25,7 +25,7 @@ from zimage_native.loading import load_component
 
 from .fresh_process import run_fresh
 from .test_formats import (QUANT_PEAK_SCRIPT, TINY_AXES, assert_kept_dit_runs_as_upcast, comfy_dit, dit_output,
-                           prefixed_te, write)
+                           fusion_lora, module_kinds, prefixed_te, write)
 from .utils import assert_rel, needs_cpu_fp8
 
 PREFIX = "model.diffusion_model."
@@ -417,10 +417,6 @@ def fp8_width_sd():
     return convert_state_dict(source.state_dict(), None, DIT_COMFYUI)
 
 
-def module_kinds(model) -> dict[str, str]:
-    return {name: type(m).__name__ for name, m in model.named_modules()}
-
-
 @needs_cpu_fp8
 @pytest.mark.parametrize("mix", FP8_MIXES)
 def test_fp8_converts_a_kept_dits_int8_layers_as_it_converts_their_dequantised_weights(fp8_width_sd, tmp_path, mix):
@@ -487,13 +483,7 @@ def test_a_lora_on_a_kept_int8_dit_under_fp8_is_held_and_released_as_on_an_fp8_f
 
     sd, _, _ = to_comfy_quant(comfy_dit(tiny_model_dir, "", norm_final=False), mix=INT8_MIXES["int8 only"])
     dit = write(tmp_path / "int8.safetensors", sd)
-    g = torch.Generator().manual_seed(1)
-    lora = {  # q|k|v of layers.0 (the whole fusion), to_q alone of layers.1 (one part of it)
-        "diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.randn(4, 64, generator=g) * 0.02,
-        "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.randn(192, 4, generator=g) * 0.02,
-        "diffusion_model.layers.1.attention.to_q.lora_A.weight": torch.randn(2, 64, generator=g) * 0.02,
-        "diffusion_model.layers.1.attention.to_q.lora_B.weight": torch.randn(64, 2, generator=g) * 0.02,
-    }
+    lora = fusion_lora()
     plain, pipe = our_pipeline(tiny_model_dir, transformer=dit), our_pipeline(tiny_model_dir, transformer=dit)
     # TINY_DIT: 4 attentions' q, k, v, out (its feed-forward width, 170, is no multiple of 16: kept in int8)
     line = next(line for line in plain.optimize(fp8=True) if line.startswith("fp8:"))

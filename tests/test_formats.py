@@ -619,6 +619,22 @@ def test_a_lora_on_an_fp8_dit_file_is_a_side_path_equal_to_the_fused_lora(tiny_m
     assert holder.unload_lora() == 4 and torch.equal(dit_output(kept), before)
 
 
+def fusion_lora() -> dict[str, torch.Tensor]:
+    """A LoRA (ComfyUI names) on the q|k|v of layers.0 (the whole fusion) and on to_q alone of layers.1
+    (one part of it)."""
+    g = torch.Generator().manual_seed(1)
+    return {
+        "diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.randn(4, 64, generator=g) * 0.02,
+        "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.randn(192, 4, generator=g) * 0.02,
+        "diffusion_model.layers.1.attention.to_q.lora_A.weight": torch.randn(2, 64, generator=g) * 0.02,
+        "diffusion_model.layers.1.attention.to_q.lora_B.weight": torch.randn(64, 2, generator=g) * 0.02,
+    }
+
+
+def module_kinds(model) -> dict[str, str]:
+    return {name: type(m).__name__ for name, m in model.named_modules()}
+
+
 @needs_cpu_fp8
 @pytest.mark.parametrize("compile", ["off", "blocks"])
 def test_unload_lora_after_fp8_gives_the_dit_fp8_makes_without_a_lora(tiny_model_dir, tmp_path, compile):
@@ -635,13 +651,7 @@ def test_unload_lora_after_fp8_gives_the_dit_fp8_makes_without_a_lora(tiny_model
 
     sd, _ = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True)
     dit = write(tmp_path / "fp8.safetensors", sd)
-    g = torch.Generator().manual_seed(1)
-    lora = {  # q|k|v of layers.0 (the whole fusion), to_q alone of layers.1 (one part of it)
-        "diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.randn(4, 64, generator=g) * 0.02,
-        "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.randn(192, 4, generator=g) * 0.02,
-        "diffusion_model.layers.1.attention.to_q.lora_A.weight": torch.randn(2, 64, generator=g) * 0.02,
-        "diffusion_model.layers.1.attention.to_q.lora_B.weight": torch.randn(64, 2, generator=g) * 0.02,
-    }
+    lora = fusion_lora()
     options = dict(fp8=True) if compile == "off" else dict(fp8=True, compile=compile,
                                                            compile_backend=CompileCounterWithBackend("eager"))
     plain, pipe = our_pipeline(tiny_model_dir, transformer=dit), our_pipeline(tiny_model_dir, transformer=dit)
@@ -654,13 +664,10 @@ def test_unload_lora_after_fp8_gives_the_dit_fp8_makes_without_a_lora(tiny_model
     assert pipe.transformer.layers[1].attention.to_qkv is None and isinstance(
         pipe.transformer.layers[1].attention.to_k, Float8Linear)
 
-    def kinds(model):
-        return {name: type(m).__name__ for name, m in model.named_modules()}
-
     want = dit_output(plain.transformer)
     assert not torch.equal(dit_output(pipe.transformer), want)  # the LoRA is in effect
     pipe.unload_lora()
-    assert kinds(pipe.transformer) == kinds(plain.transformer)
+    assert module_kinds(pipe.transformer) == module_kinds(plain.transformer)
     assert not fp8_waiting(pipe.transformer)
     assert torch.equal(dit_output(pipe.transformer), want)
     if compile != "off":
