@@ -507,7 +507,8 @@ class ZImagePipeline:
         ``device`` (cuda:``gpu_id``, or the index in ``device``: "cuda:1") only while it runs."""
         from .offload import move_
 
-        kind, index = parse_device(device).type, parse_device(device).index  # "CUDA", as device= everywhere
+        asked = parse_device(device)  # "CUDA", as device= everywhere
+        kind, index = asked.type, asked.index
         if gpu_id is not None and index is not None and gpu_id != index:
             raise ValueError(f"enable_model_cpu_offload(gpu_id={gpu_id}, device={str(device)!r}): two GPUs; give the "
                              f"index once")
