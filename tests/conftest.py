@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -29,6 +30,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def refused_url():
+    """``http://127.0.0.1:PORT`` where nothing listens, for the "cannot reach" tests. A socket stays bound
+    there, not listening (a connection is refused), for the whole test: a port bound, read and closed
+    (the earlier helpers) is free again, and under ``-n 2`` the other worker's next server may be given
+    it, which then answers instead of refusing."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{held.getsockname()[1]}"
 
 
 @pytest.fixture

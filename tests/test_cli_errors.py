@@ -161,16 +161,10 @@ def test_enable_model_cpu_offload_reads_device_names_as_device_does(fresh_pipe):
     assert fresh_pipe.offload == "model" and set(fresh_pipe.placement.values()) == {torch.device("cpu")}
 
 
-def test_an_unreachable_encoder_url_is_one_line(tiny_model_dir, tmp_path):
-    import socket
-
-    with socket.socket() as s:  # a port with nothing listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_an_unreachable_encoder_url_is_one_line(tiny_model_dir, tmp_path, refused_url):
     line = one_line_error("generate", "a cat", "--model", str(tiny_model_dir), "--device", "cpu", "--width", "32",
-                          "--height", "32", "--steps", "1", "-o", str(tmp_path / "x.png"),
-                          "--encoder-url", f"http://127.0.0.1:{port}")
-    assert line.startswith(f"Error: cannot reach the text encoder at http://127.0.0.1:{port}"), line
+                          "--height", "32", "--steps", "1", "-o", str(tmp_path / "x.png"), "--encoder-url", refused_url)
+    assert line.startswith(f"Error: cannot reach the text encoder at {refused_url}"), line
     assert not (tmp_path / "x.png").exists()
 
 

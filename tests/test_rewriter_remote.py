@@ -5,7 +5,6 @@ non-2xx, timeout, not a chat completion); the CLI, the pipeline and the server u
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -87,14 +86,6 @@ def chat():
         yield server
 
 
-def closed_port_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"http://127.0.0.1:{port}"
-
-
 def test_request_uses_the_template_as_system_prompt_and_strips_the_think_block(chat):
     rw = ChatRewriter(chat.url, "qwen3-4b")
     text = rw.rewrite("a fox", rewriter="rewriter-cinematic", max_new_tokens=300, temperature=0.5, top_p=0.9, seed=7)
@@ -140,8 +131,8 @@ def test_api_key_is_sent_as_a_bearer_token(chat, monkeypatch):
     assert chat.headers[0]["Authorization"] == "Bearer sekrit"
 
 
-def test_unreachable_server():
-    url = closed_port_url()
+def test_unreachable_server(refused_url):
+    url = refused_url
     with pytest.raises(ChatServerError, match=rf"cannot reach the chat server at {url}/v1/chat/completions: "
                                               r".*[Cc]onnection refused.*is it running"):
         ChatRewriter(url).rewrite("a fox")
@@ -199,8 +190,8 @@ def test_cli_rewrite_through_the_server_without_torch(chat):
     assert chat.requests[0]["model"] == "m" and chat.requests[0]["seed"] == 3
 
 
-def test_cli_errors_are_one_line():
-    url = closed_port_url()
+def test_cli_errors_are_one_line(refused_url):
+    url = refused_url
     result = CliRunner().invoke(main, ["rewrite", "a fox", "--llm-url", url], prog_name="zimage")
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()

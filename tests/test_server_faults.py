@@ -196,21 +196,13 @@ class RemoteBackedEngine(FakeEngine):
         return self.remote.rewrite(prompt, **kwargs)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("case", ["unreachable", "refused"])
-def test_remote_encoder_failures_are_502_or_503_with_their_message(tmp_path, case):
+def test_remote_encoder_failures_are_502_or_503_with_their_message(tmp_path, case, refused_url):
     from zimage_native.server import RemoteTextEncoder
 
     encoder = LiveServer(create_app(FakeEngine(), ServerSettings(data_dir=tmp_path / "enc", token="right")))
     with encoder:
-        url = f"http://127.0.0.1:{free_port()}" if case == "unreachable" else encoder.url
+        url = refused_url if case == "unreachable" else encoder.url
         remote = RemoteTextEncoder(url, token="wrong", timeout=5)
         remote._caps = {"limits": {}}  # what the DiT server read at start-up
         dit = live(tmp_path / "dit", engine=RemoteBackedEngine(remote))
