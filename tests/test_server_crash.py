@@ -4,11 +4,12 @@ batch of jobs, then restarted on the same data folder; the history must be consi
 from __future__ import annotations
 
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -20,27 +21,23 @@ from PIL import Image  # noqa: E402
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(data_dir, log) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    """The server on a port the system picks (--port 0), its URL read from its "ready on" line: a port
+    picked here and closed before the server bound it could be taken meanwhile (under -n 2, by the
+    other worker's servers), and the server then exited, or the test talked to another server."""
+    offset = os.fstat(log.fileno()).st_size
     cmd = [sys.executable, "-m", "zimage_native.cli", "serve", "--fake", "--fake-step-delay", "0.04",
-           "--port", str(port), "--data-dir", str(data_dir), "--queue-size", "8", "--min-side", "32"]
+           "--port", "0", "--data-dir", str(data_dir), "--queue-size", "8", "--min-side", "32"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
+        ready = re.search(rb" ready on (http://127\.0\.0\.1:[1-9][0-9]*)/ ", Path(log.name).read_bytes()[offset:])
+        if ready:
+            url = ready.group(1).decode()
+            assert httpx.get(url + "/health", timeout=10).status_code == 200
+            return proc, url
         if proc.poll() is not None:
             raise AssertionError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
         time.sleep(0.1)
     proc.kill()
     raise AssertionError("the server did not start within 60 s")
