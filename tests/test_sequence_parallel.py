@@ -3,9 +3,6 @@ the attention seam with torch.distributed (gloo, 2 processes) equal to one proce
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -46,9 +43,8 @@ def test_module_boundaries_for_sequence_parallel_engines():
     assert seen == [("first block", torch.Size([2, 128, 256])), ("final layer", torch.Size([2, 64, 256]))]
 
 
-def _worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store: str, queue) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         from zimage_native.accel.sequence_parallel import enable_ulysses_
@@ -66,17 +62,14 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_ulysses_attention_over_two_processes_equals_one_process():
+def test_ulysses_attention_over_two_processes_equals_one_process(tmp_path):
+    # The rendezvous is a file in tmp_path, not MASTER_PORT: a port picked and closed here was bound
+    # by rank 0 only after the spawned processes imported torch, and under -n 2 the other worker's
+    # servers could be handed it meanwhile (rank 0 then failed: address already in use).
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(2, free_port(), queue), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path / "store"), queue), nprocs=2, join=True, start_method="spawn")
     results = sorted(queue.get() for _ in range(2))
     for rank, err, restored in results:
         assert err < 1e-5, f"rank {rank}: relative error {err:.2e}"
