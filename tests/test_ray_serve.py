@@ -8,7 +8,6 @@ import concurrent.futures
 import io
 import json
 import os
-import socket
 import threading
 import time
 import types
@@ -26,6 +25,7 @@ from zimage_native.server.jobs import JobCancelled  # noqa: E402
 from zimage_native.server.ray_serve import RayEngine, ZImageReplica, build_app, scaling_options  # noqa: E402
 
 from .test_png_output import zlib_level_flag  # noqa: E402
+from .utils import reserved_port  # noqa: E402
 
 # One xdist group for both Ray modules: under `pytest -n 2 --dist loadgroup` they run on one worker,
 # one after the other, never two Ray instances at once.
@@ -279,12 +279,6 @@ def test_shipped_serve_config_is_valid():
 
 
 # ------------------------------------------------------------------------------------------ a real local cluster
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Ray with 4 CPUs and 2 logical GPUs, two replicas of the fake engine behind the ingress."""
@@ -295,16 +289,17 @@ def cluster(tmp_path_factory):
     # imports Ray Serve and uvicorn). The controller and its actors inherit the driver's environment.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     ray.init(num_cpus=4, num_gpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    options = fake_options(tmp_path_factory.mktemp("ray-data"), fake_step_delay=0.15, replicas=2, queue_size=2,
-                           health_check_period_s=1.0, health_check_timeout_s=5.0)
-    serve.run(build_app(options), name="zimage", route_prefix="/")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    yield client
-    client.close()
-    serve.shutdown()
-    ray.shutdown()
+    # The port stays reserved while the proxy starts (seconds, in an actor) and runs: see reserved_port.
+    with reserved_port() as port:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        options = fake_options(tmp_path_factory.mktemp("ray-data"), fake_step_delay=0.15, replicas=2, queue_size=2,
+                               health_check_period_s=1.0, health_check_timeout_s=5.0)
+        serve.run(build_app(options), name="zimage", route_prefix="/")
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        yield client
+        client.close()
+        serve.shutdown()
+        ray.shutdown()
 
 
 def submit(client, prompt, steps=4):

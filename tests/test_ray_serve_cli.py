@@ -4,7 +4,6 @@ of its own so that it never overlaps the local cluster of tests/test_ray_serve.p
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,21 +13,21 @@ import pytest
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'zimage-native[ray]')")
 httpx = pytest.importorskip("httpx")
 
+from .utils import reserved_port  # noqa: E402
+
 # One xdist group for both Ray modules: under `pytest -n 2 --dist loadgroup` they run on one worker,
 # one after the other, never two Ray instances at once.
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600), pytest.mark.xdist_group("ray")]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_zimage_serve_ray_command(tmp_path):
     """Starts Ray, deploys, answers HTTP, runs a job, stops on Ctrl-C."""
-    port = free_port()
+    with reserved_port() as port:  # Ray's proxy binds it tens of seconds later: see reserved_port
+        serve_ray_and_run_a_job(tmp_path, port)
+
+
+def serve_ray_and_run_a_job(tmp_path, port):
     cmd = [sys.executable, "-m", "zimage_native.cli", "serve", "--ray", "--fake", "--replicas", "1",
            "--gpus-per-replica", "0", "--port", str(port), "--data-dir", str(tmp_path), "--min-side", "32"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

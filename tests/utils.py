@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import socket
 from pathlib import Path
 from types import ModuleType
 
@@ -71,3 +73,15 @@ def assert_bits_equal(got: torch.Tensor, expected: torch.Tensor, what: str, nan_
     if nan_payloads:
         differ &= ~(got.isnan() & expected.isnan())
     assert not differ.any(), f"{what}: {int(differ.sum())} of {differ.numel()} values differ from the twin"
+
+
+@contextlib.contextmanager
+def reserved_port():
+    """A port for a server that another process starts and binds later (Ray Serve's proxy, ``zimage
+    serve --ray --port``). A socket stays bound there with SO_REUSEADDR, not listening: the server's
+    bind (SO_REUSEADDR, as uvicorn and Ray Serve set it) succeeds, while no bind to port 0 (the other
+    xdist worker's servers) is handed the port meanwhile, as one picked and closed could be."""
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", 0))
+        yield held.getsockname()[1]
