@@ -218,17 +218,24 @@ async def run_load_test(url: str, *, clients: int = 48, queue_size: int = 8, ste
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def reserve_port() -> socket.socket:
+    """A loopback port for a server this script starts: the socket returned stays bound to it
+    (SO_REUSEADDR, not listening) until closed. The server's own bind (SO_REUSEADDR, as uvicorn and
+    zimage serve's port check set it) succeeds, while no bind to port 0 elsewhere is handed the port
+    during the server's start-up (or, in the soak, between its SIGKILL and restart); a port picked
+    and closed could be (the tests run two pytest workers that start servers all the time)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    return s
 
 
 class SpawnedServer:
     """``zimage serve --fake`` in a child process on a free loopback port, with a throwaway data folder."""
 
     def __init__(self, queue_size: int, step_delay: float, data_dir: str):
-        self.port = free_port()
+        self.reservation = reserve_port()  # closed in __exit__
+        self.port = self.reservation.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "zimage_native.cli", "serve", "--fake", "--fake-step-delay",
                     str(step_delay), "--host", "127.0.0.1", "--port", str(self.port), "--queue-size",
@@ -257,6 +264,7 @@ class SpawnedServer:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        self.reservation.close()
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -50,7 +50,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_test import free_port, percentile  # noqa: E402  (the load test's helpers)
+from load_test import percentile, reserve_port  # noqa: E402  (the load test's helpers)
 
 TERMINAL = ("completed", "failed", "cancelled")
 TOKEN = "soak-token"
@@ -70,7 +70,8 @@ class Server:
     reuses the port and the data folder."""
 
     def __init__(self, data_dir: str, step_delay: float, queue_size: int, log_path: str, port: int | None = None):
-        self.port = port or free_port()
+        self.reservation = None if port else reserve_port()  # held until stop(): the restart reuses the port
+        self.port = port or self.reservation.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "zimage_native.cli", "serve", "--fake", "--fake-step-delay", str(step_delay),
                     "--host", "127.0.0.1", "--port", str(self.port), "--queue-size", str(queue_size),
@@ -116,6 +117,8 @@ class Server:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        if self.reservation is not None:
+            self.reservation.close()
         return self.log()
 
 

@@ -4,6 +4,7 @@ queue_size + 1 of a burst accepted, the rest 429 with Retry-After, no event lost
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
@@ -43,3 +44,23 @@ def test_percentile():
     lt = load_script()
     values = list(range(1, 101))
     assert lt.percentile(values, 50) == 50 and lt.percentile(values, 95) == 95 and lt.percentile([7], 95) == 7
+
+
+@pytest.mark.parametrize("script", ["load_test", "soak"])
+def test_the_spawned_servers_port_is_reserved_until_it_stops(tmp_path, script):
+    """The load test's and the soak's server port was picked (bound to port 0, closed) and given to
+    `zimage serve --port`: free until the server bound it seconds later, and, in the soak, again
+    between the SIGKILL and the restart, when the other pytest worker's servers may be handed it.
+    It stays bound (SO_REUSEADDR, not listening) until the server is stopped now."""
+    module = benchmark_script(script)
+    if script == "load_test":
+        server = module.SpawnedServer(2, step_delay=0.0, data_dir=str(tmp_path))
+        stop = lambda: server.__exit__(None, None, None)  # noqa: E731
+    else:
+        server = module.Server(str(tmp_path), 0.0, 2, str(tmp_path / "log"))
+        stop = server.stop
+    with socket.socket() as other, pytest.raises(OSError):
+        other.bind(("127.0.0.1", server.port))  # before the server starts, as after a kill
+    stop()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", server.port))  # and released once it stopped
