@@ -692,7 +692,11 @@ def test_a_refusal_caused_by_a_profile_names_the_profile(tmp_path, monkeypatch):
         assert result.exit_code == 1 and line.startswith("Error: --offload='blocks' streams the DiT's blocks"), line
         assert line.endswith(f"(--offload='blocks' comes from profile 8gb ([8gb].offload in {EXAMPLE_CONFIG}): give "
                              f"--offload none on the command line to override it, or pick another profile)"), line
-    line = run("serve", "--profile", "8gb", "--fp8", "--device", "cpu", ok=False).output.strip().splitlines()[-1]
+    # its own data folder and --port 0: the default ones (~/.local/share/zimage-native/server, 8000) are
+    # shared with the other pytest worker, a concurrent job and the user's own server (port 8000 in
+    # use failed this test: "Error: --port 8000: cannot listen on 127.0.0.1:8000")
+    line = run("serve", "--profile", "8gb", "--fp8", "--device", "cpu", "--data-dir", tmp_path / "d", "--port", "0",
+               ok=False).output.strip().splitlines()[-1]
     assert line.endswith(f"(--offload='blocks' comes from profile 8gb ([8gb].offload in {EXAMPLE_CONFIG}): give "
                          f"--offload none on the command line to override it, or pick another profile)"), line
     typed = run(*common, "--profile", "8gb", "--fp8", "--offload", "blocks", ok=False).output.strip()

@@ -649,7 +649,9 @@ def test_serve_cli_checks_options_and_reads_profiles(tmp_path, monkeypatch):
     monkeypatch.undo()  # the real run_server: these fail before anything is loaded or bound
     for args, words in ((["--queue-size", "-1"], "--queue-size"), (["--min-side", "8"], "--min-side"),
                         (["--encoder-only", "--encoder-url", "http://x"], "exclude each other")):
-        result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path / "d"), *args])
+        # --port 0: the port check comes first, and the default 8000 may be in use (another job, the
+        # user's server): "Error: --port 8000: cannot listen on 127.0.0.1:8000" instead of the refusal
+        result = CliRunner().invoke(main, ["serve", "--data-dir", str(tmp_path / "d"), "--port", "0", *args])
         assert result.exit_code == 1 and words in result.output, result.output
 
 
