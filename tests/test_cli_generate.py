@@ -491,7 +491,6 @@ def test_a_key_above_every_table_is_refused_not_ignored(tmp_path):
 
 
 def test_shipped_example_config_is_valid(tmp_path, monkeypatch):
-    import sys
     from pathlib import Path
 
     import click
