@@ -24,8 +24,9 @@ from zimage_native.formats import UnsupportedFormatError, describe, detect_forma
 from zimage_native.loading import load_component
 
 from .fresh_process import run_fresh
-from .test_formats import (QUANT_PEAK_SCRIPT, TINY_AXES, assert_kept_dit_runs_as_upcast, comfy_dit, dit_output,
-                           fusion_lora, module_kinds, prefixed_te, write)
+from .test_formats import (QUANT_PEAK_SCRIPT, TINY_AXES, assert_fusion_lora_held_then_released,
+                           assert_kept_dit_runs_as_upcast, comfy_dit, dit_output, fusion_lora, module_kinds,
+                           prefixed_te, write)
 from .utils import assert_rel, needs_cpu_fp8
 
 PREFIX = "model.diffusion_model."
@@ -476,7 +477,6 @@ def test_a_lora_on_a_kept_int8_dit_under_fp8_is_held_and_released_as_on_an_fp8_f
     q|k|v stays apart; after unload_lora they become fp8 GEMMs, fused as without the LoRA, with the same
     results bit for bit; a LoRA after fp8 is refused. Before, the int8 layers stayed int8 with or
     without a LoRA, and a LoRA after fp8 loaded as a side path on them."""
-    from zimage_native.accel.fp8 import Float8Linear, fp8_waiting
     from zimage_native.quant_linear import Int8StoredLinear
 
     from .fixtures import our_pipeline
@@ -498,16 +498,7 @@ def test_a_lora_on_a_kept_int8_dit_under_fp8_is_held_and_released_as_on_an_fp8_f
     # kept in int8: the 4 linears with side paths and the 12 feed-forward ones
     assert "12 linears in float8 e4m3 (2 as fused GEMMs" in line, line
     assert line.endswith("9 kept in float32, 16 kept as stored layers (int8 16; dequantised per call)"), line
-    held = [pipe.transformer.layers[0].attention.to_k, pipe.transformer.layers[1].attention.to_q]
-    assert all(isinstance(m, Int8StoredLinear) and m.lora for m in held)
-    assert pipe.transformer.layers[1].attention.to_qkv is None and isinstance(
-        pipe.transformer.layers[1].attention.to_k, Float8Linear)
-    want = dit_output(plain.transformer)
-    assert not torch.equal(dit_output(pipe.transformer), want)  # the LoRA is in effect
-    pipe.unload_lora()
-    assert module_kinds(pipe.transformer) == module_kinds(plain.transformer)
-    assert not fp8_waiting(pipe.transformer)
-    assert torch.equal(dit_output(pipe.transformer), want)
+    assert_fusion_lora_held_then_released(plain, pipe, Int8StoredLinear)
 
 
 @pytest.fixture(scope="module")

@@ -635,6 +635,24 @@ def module_kinds(model) -> dict[str, str]:
     return {name: type(m).__name__ for name, m in model.named_modules()}
 
 
+def assert_fusion_lora_held_then_released(plain, pipe, stored: type) -> None:
+    """``pipe`` (with :func:`fusion_lora` loaded) and ``plain`` (without) after fp8: the layers with side
+    paths stay ``stored`` layers and layers.1's q|k|v stays apart (its to_k in fp8); after unload_lora
+    ``pipe`` has the modules and the output of ``plain``, bit for bit, and nothing waits for fp8."""
+    from zimage_native.accel.fp8 import Float8Linear, fp8_waiting
+
+    held = [pipe.transformer.layers[0].attention.to_k, pipe.transformer.layers[1].attention.to_q]
+    assert all(isinstance(m, stored) and m.lora for m in held)
+    assert pipe.transformer.layers[1].attention.to_qkv is None and isinstance(
+        pipe.transformer.layers[1].attention.to_k, Float8Linear)
+    want = dit_output(plain.transformer)
+    assert not torch.equal(dit_output(pipe.transformer), want)  # the LoRA is in effect
+    pipe.unload_lora()
+    assert module_kinds(pipe.transformer) == module_kinds(plain.transformer)
+    assert not fp8_waiting(pipe.transformer)
+    assert torch.equal(dit_output(pipe.transformer), want)
+
+
 @needs_cpu_fp8
 @pytest.mark.parametrize("compile", ["off", "blocks"])
 def test_unload_lora_after_fp8_gives_the_dit_fp8_makes_without_a_lora(tiny_model_dir, tmp_path, compile):
@@ -644,7 +662,6 @@ def test_unload_lora_after_fp8_gives_the_dit_fp8_makes_without_a_lora(tiny_model
     compiled DiT compiled again around the new modules."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from zimage_native.accel.fp8 import Float8Linear, fp8_waiting
     from zimage_native.quant_linear import FP8StoredLinear, PackedLinear
 
     from .fixtures import our_pipeline
@@ -659,17 +676,7 @@ def test_unload_lora_after_fp8_gives_the_dit_fp8_makes_without_a_lora(tiny_model
     plain.optimize(**options)
     pipe.load_lora(lora, scale=0.7)
     pipe.optimize(**options)
-    held = [pipe.transformer.layers[0].attention.to_k, pipe.transformer.layers[1].attention.to_q]
-    assert all(isinstance(m, FP8StoredLinear) and m.lora for m in held)
-    assert pipe.transformer.layers[1].attention.to_qkv is None and isinstance(
-        pipe.transformer.layers[1].attention.to_k, Float8Linear)
-
-    want = dit_output(plain.transformer)
-    assert not torch.equal(dit_output(pipe.transformer), want)  # the LoRA is in effect
-    pipe.unload_lora()
-    assert module_kinds(pipe.transformer) == module_kinds(plain.transformer)
-    assert not fp8_waiting(pipe.transformer)
-    assert torch.equal(dit_output(pipe.transformer), want)
+    assert_fusion_lora_held_then_released(plain, pipe, FP8StoredLinear)
     if compile != "off":
         block = pipe.transformer.layers[0]
         assert type(block.forward).__name__ == "CompiledBlock"
