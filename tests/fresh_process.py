@@ -5,8 +5,17 @@ The peak-memory tests each ran ``python -c SCRIPT`` in a new interpreter: every 
 imports again (7 s of CPU on the shared CI machine, more than most measurements). A server process
 imports once, then forks a child per script: the child starts with the imports done and nothing
 else (the server runs no torch op and holds no tensor), so each measurement is as isolated as in a
-new interpreter (its own allocator, its own peak: the scripts still reset VmHWM after their warm-up
-load). Linux only, like the measurements (/proc/self/clear_refs).
+new interpreter (its own allocator, its own peak). Linux only, like the measurements
+(/proc/self/clear_refs).
+
+A script finds two functions beside it: ``status(key)``, a /proc/self/status entry in bytes, and
+``reset_peak()``, called after its warm-up load: it collects the warm-up's garbage, hands glibc's
+free blocks back to the system (malloc_trim), resets VmHWM and returns VmRSS, the start of the
+measurement. Every block of 1 MiB or more is mapped on its own and unmapped when freed
+(M_MMAP_THRESHOLD fixed at 1 MiB), so a peak counts the bytes the engine held at once, not what
+glibc kept: with its default, dynamic threshold, the warm-up's freed model was reused by the
+measured load, or not, by chance, and one measurement varied from 27 to 155 MiB above the start
+between runs (111 to 123 MiB with the fixed threshold).
 """
 
 from __future__ import annotations
@@ -22,10 +31,25 @@ import tempfile
 from pathlib import Path
 
 _SERVER = r"""
-import json, os, sys, traceback
+import ctypes, gc, json, os, sys, traceback
 import torch  # noqa: F401
 import zimage_native.loading, zimage_native.text_encoder  # noqa: F401 (first: the hub's kernels package)
 import transformers.models.qwen3.modeling_qwen3  # noqa: F401
+libc = ctypes.CDLL("libc.so.6")
+M_MMAP_THRESHOLD = -3
+
+
+def status(key):  # a /proc/self/status entry (VmRSS, VmHWM, RssFile, RssAnon) in bytes
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+
+def reset_peak():  # frees what the warm-up left, resets VmHWM to the resident size, returns VmRSS
+    gc.collect()
+    libc.malloc_trim(0)
+    open("/proc/self/clear_refs", "w").write("5")
+    return status("VmRSS")
+
+
 print("ready", flush=True)
 for line in sys.stdin:
     job = json.loads(line)
@@ -36,7 +60,9 @@ for line in sys.stdin:
             for fd, name in ((1, job["out"]), (2, job["err"])):
                 os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
             sys.argv = ["-c", *job["args"]]
-            exec(compile(job["script"], "<measurement>", "exec"), {"__name__": "__main__"})
+            libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+            exec(compile(job["script"], "<measurement>", "exec"),
+                 {"__name__": "__main__", "status": status, "reset_peak": reset_peak})
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -46,8 +72,8 @@ for line in sys.stdin:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(os.waitstatus_to_exitcode(status), flush=True)
+    _, ended = os.waitpid(pid, 0)
+    print(os.waitstatus_to_exitcode(ended), flush=True)
 """
 
 _server: subprocess.Popen | None = None

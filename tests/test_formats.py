@@ -907,14 +907,10 @@ _PEAK_SCRIPT = """
 import sys, torch
 from zimage_native.loading import load_component
 
-def status(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-
 warm, big = sys.argv[1:]
 config = {"max_position_embeddings": 2048}
 load_component("text_encoder", warm, torch.bfloat16, "cpu", config=config)  # imports, first allocations
-open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the resident size now
-start = status("VmRSS")
+start = reset_peak()
 model = load_component("text_encoder", big, torch.bfloat16, "cpu", config=config)
 held = sum(t.nbytes for t in model.state_dict().values())
 print(status("VmHWM") - start, held)
@@ -927,7 +923,7 @@ def test_an_fp8_text_encoder_loads_without_an_fp32_copy_of_its_embedding(tiny_mo
     Qwen3-4B) was upcast whole to fp32, then multiplied by its scale (a second fp32 copy), then cast:
     a real-width file peaked at 3.6 GB above the start for a 0.93 GB bf16 model. It is dequantised
     by blocks of rows into bf16 now: the peak (in a fresh process) stays under the model, the file's
-    mapped pages and one fp32 copy of the embedding (measured: 196 MiB against a bound of 336 MiB);
+    mapped pages and one fp32 copy of the embedding (measured: 102 MiB against a bound of 336 MiB);
     the whole-tensor path holds two fp32 copies at once (measured: 432 MiB)."""
 
     sd, _ = to_fp8(prefixed_te(tiny_model_dir, lm_head=False), True)
@@ -948,15 +944,11 @@ QUANT_PEAK_SCRIPT = """
 import sys, torch
 from zimage_native.loading import load_component
 
-def status(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-
 warm, big, dtype = sys.argv[1:]
 dtype = getattr(torch, dtype)
 config = {"max_position_embeddings": 2048}
 load_component("text_encoder", warm, dtype, "cpu", config=config, quant="int8")  # imports, first allocations
-open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the resident size now
-start = status("VmRSS")
+start = reset_peak()
 model = load_component("text_encoder", big, dtype, "cpu", config=config, quant="int8")
 held = sum(t.nbytes for t in model.state_dict().values())
 print(status("VmHWM") - start, held)
@@ -970,7 +962,7 @@ def test_an_fp8_text_encoder_quantised_while_loading_never_holds_a_whole_fp32_we
     Qwen3-4B's 151936 x 2560 embedding; a real-width file peaked 2597 MiB above the start for a
     379 MiB model). The fp8 rows are dequantised by the chunks that are quantised now (1145 MiB):
     the peak stays under the model, the file's mapped pages and half the embedding in fp32
-    (measured here: 106 MiB against a bound of 200 MiB; the whole-weight path: 316 MiB)."""
+    (measured here: 60 MiB against a bound of 200 MiB; the whole-weight path: 316 MiB)."""
 
     sd, _ = to_fp8(prefixed_te(tiny_model_dir, lm_head=False), True, per_row=True)
     warm = write(tmp_path / "warm.safetensors", sd)
@@ -991,14 +983,11 @@ _MAPPED_SCRIPT = """
 import sys, torch
 from zimage_native.loading import load_component
 
-def status(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-
 warm, big = sys.argv[1:]
 config = {"max_position_embeddings": 2048}
 load_component("text_encoder", warm, torch.bfloat16, "cpu", config=config)  # imports, first allocations
-open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the resident size now
-start, start_file = status("VmRSS"), status("RssFile")
+start = reset_peak()
+start_file = status("RssFile")
 model = load_component("text_encoder", big, torch.bfloat16, "cpu", config=config)
 held = sum(t.nbytes for t in model.state_dict().values())
 print(status("VmHWM") - start, status("RssFile") - start_file, held)
@@ -1015,7 +1004,7 @@ def test_a_converted_tensor_is_read_by_rows_not_through_the_memory_map(tiny_mode
     start for a 934 MiB model with 476 MiB of the file still mapped after it, the fp32 file 2811
     MiB. Converted tensors are read from the file by blocks of rows now (Checkpoint.read_rows):
     the peak stays under the model and half the file, and the file's pages do not stay mapped
-    (measured here: fp8 338 MiB with 12 MiB mapped, fp32 111 MiB with none, against bounds of 366
+    (measured here: fp8 306 MiB with 12 MiB mapped, fp32 112 MiB with none, against bounds of 366
     and 192 MiB; through the map: 500 MiB with 156 mapped, 288 MiB with 192 mapped)."""
 
     sd = prefixed_te(tiny_model_dir, lm_head=False)
@@ -1047,13 +1036,9 @@ _FOLDER_SCRIPT = """
 import sys, torch
 from zimage_native.text_encoder import load_qwen3_encoder
 
-def status(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-
 warm, big = sys.argv[1:]
 load_qwen3_encoder(warm, torch.float32, "cpu")  # imports, first allocations
-open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the resident size now
-start = status("VmRSS")
+start = reset_peak()
 model = load_qwen3_encoder(big, torch.float32, "cpu")
 held = sum(t.nbytes for t in model.state_dict().values())
 print(status("VmHWM") - start, held)
@@ -1067,7 +1052,7 @@ def test_a_folder_cast_while_loading_is_read_by_rows(tiny_model_dir, tmp_path):
     whose pages stayed resident until the whole file was read (a real-width DiT shard of 1.4 GB:
     4190 MiB at the peak for 2790 MiB of weights; 2805 MiB now). Here a 1 Mi x 48 bf16 embedding
     (96 MiB in the file, 192 MiB in fp32): the peak stays under the model and a quarter of the
-    file (measured: 200 MiB against a bound of 216 MiB; through the map: 288 MiB)."""
+    file (measured: 201 MiB against a bound of 216 MiB; through the map: 288 MiB)."""
     import json
     import shutil
 

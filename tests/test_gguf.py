@@ -648,13 +648,10 @@ _GGUF_PEAK_SCRIPT = """
 import sys, torch
 from zimage_native.loading import load_component
 
-def status(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-
 warm, big = sys.argv[1:]
 load_component("text_encoder", warm, torch.float32, "cpu")  # imports, first allocations
-open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the resident size now
-start, anon = status("VmRSS"), status("RssAnon")
+start = reset_peak()
+anon = status("RssAnon")
 model = load_component("text_encoder", big, torch.float32, "cpu")
 model.embed_tokens.weight.max()  # every packed byte of the embedding read once
 print(status("VmHWM") - start, status("RssAnon") - anon, model.embed_tokens.weight.nbytes)

@@ -302,17 +302,13 @@ from pathlib import Path
 from zimage_native.loading import load_component
 from zimage_native.text_encoder import load_qwen3_encoder
 
-def status(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-
 q.CHUNK_ROWS = 256  # small chunk temporaries (10 MiB of fp32 at most), so that the file's pages show
 how, warm, big = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 load = {"folder": lambda p: load_qwen3_encoder(p, torch.bfloat16, "cpu", "int8"),
         "file": lambda p: load_component("text_encoder", p / "model.safetensors", torch.bfloat16, "cpu",
                                          config={"max_position_embeddings": 2048}, quant="int8")}[how]
 load(warm)  # imports, first allocations
-open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the resident size now
-start = status("VmRSS")
+start = reset_peak()
 model = load(big)
 print(status("VmHWM") - start, sum(t.nbytes for t in model.state_dict().values()))
 """
@@ -366,8 +362,8 @@ def test_a_text_encoder_quantised_while_loading_is_read_by_rows_not_through_the_
     The weights are read from the file by the chunks of rows that are quantised now
     (Checkpoint.read_rows), bit for bit the same codes. Here (1 layer loaded, 198 MiB of weights
     read, chunks of 256 rows) the peak stays under the model and a quarter of what is read
-    (measured: folder 45 MiB, file 61 MiB, against a bound of 148 MiB; through the map: 270 and
-    291 MiB)."""
+    (measured: folder 111 to 121 MiB, file 111 to 123 MiB, against a bound of 148 MiB; through the
+    map: 309 and 310 MiB)."""
 
     from zimage_native.formats.checkpoint import read_header
 
