@@ -143,3 +143,35 @@ def test_graphed_fp8_dit_after_unload_lora_replays_the_requantised_linears(tiny_
     pipe.unload_lora()
     assert not sampler.graphs
     assert torch.equal(pipe("a cat", **KW).images, want) and sampler.captures > captures
+
+
+def test_a_lora_fused_in_place_keeps_the_captured_graphs(tiny_model_dir):
+    """A LoRA on ordinary weights is written into them in place (fused, unfused, fused again at a new
+    adapter weight), so the graphs captured before read the new values at the same addresses: no
+    LoRA change captures again (each did: a warm-up step and a capture per graph, per change), and
+    every request equals the eager pipeline with the same LoRAs."""
+    from torch import nn
+
+    from .fixtures import our_pipeline
+    from .test_compiled import KW, graphed
+
+    eager, pipe = our_pipeline(tiny_model_dir), our_pipeline(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    loras = [{f"transformer.{name}.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.3
+              for name, m in pipe.transformer.named_modules() if isinstance(m, nn.Linear) and ".attention.to_" in name
+              for ab, shape in (("A", (rank, m.in_features)), ("B", (m.out_features, rank)))} for rank in (4, 8)]
+    sampler, _ = graphed(pipe)
+    changes = [lambda p: p.load_lora(loras[0], scale=0.8), lambda p: p.unload_lora(),
+               lambda p: p.load_lora_weights(loras[0], adapter_name="a"),
+               lambda p: p.load_lora_weights(loras[1], adapter_name="b"),
+               lambda p: p.set_adapters(["a", "b"], [0.3, 0.7]), lambda p: p.set_adapters(["a", "b"], [0.9, 0.1]),
+               lambda p: p.disable_lora(), lambda p: p.enable_lora(), lambda p: p.unload_lora_weights()]
+    results = [(pipe("a cat", **KW).images, eager("a cat", **KW).images)]
+    for change in changes:
+        for p in (eager, pipe):
+            change(p)
+        results.append((pipe("a cat", **KW).images, eager("a cat", **KW).images))
+    assert sampler.captures == 1 and sampler.replays == KW["num_inference_steps"] * len(results)
+    for k, (got, want) in enumerate(results):
+        assert torch.equal(got, want), f"after change {k}"
+    assert not torch.equal(results[1][1], results[0][1]) and torch.equal(results[-1][1], results[0][1])

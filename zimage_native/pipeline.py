@@ -872,17 +872,33 @@ class ZImagePipeline:
 
     @_serialized
     def load_lora(self, path_or_list, scale=1.0, **options):
-        """Fuse LoRA weights into the DiT (:meth:`LoraStack.load`); captured graphs are dropped.
+        """Fuse LoRA weights into the DiT (:meth:`LoraStack.load`). Captured graphs are kept for a
+        LoRA fused into the weights (in place: a graph reads the new values at the same addresses)
+        and dropped for one that adds side paths to packed linears (:meth:`_lora_changed_graphs`).
         Refused once fp8 has quantised the DiT's block linears (load LoRAs before fp8)."""
         from .accel.fp8 import lora_problem
+        from .quant_linear import lora_generation
 
         problem = lora_problem(self.transformer)
         if problem:
             raise ValueError(f"load_lora: {problem}")
+        before = lora_generation()
         report = self.lora_stack.load(self.transformer, path_or_list, scale, **options)
-        if self._graphed is not None:
-            self._graphed.clear()
+        self._lora_changed_graphs(before)
         return report
+
+    def _lora_changed_graphs(self, generation: int, requantized: bool = False) -> None:
+        """Drop the captured graphs after a LoRA change that replaced what they run: a side path added
+        to or cleared from a packed (GGUF, kept fp8) linear (``quant_linear.lora_generation`` moved
+        on from ``generation``: new tensors and Python state the graphs never ran), or fp8 linears
+        made anew (``requantized``). A LoRA fused into (or unfused from) ordinary weights is written
+        into them in place (``lora.fuse_lora_``, ``LoraStack.unload``), so the graphs stay: dropping
+        them made every LoRA change (a ``set_adapters`` weight, a load, an unload) capture each graph
+        again, with its eager warm-up step."""
+        from .quant_linear import lora_generation
+
+        if self._graphed is not None and (requantized or lora_generation() != generation):
+            self._graphed.clear()
 
     @_serialized
     def load_lora_weights(self, path, adapter_name: str | None = None, hotswap: bool = False, *,
@@ -1092,31 +1108,32 @@ class ZImagePipeline:
 
     def _unfuse_loras(self) -> int:
         from .accel.fp8 import lora_problem
+        from .quant_linear import lora_generation
 
         problem = lora_problem(self.transformer, restore=self.lora_stack.originals)
         if problem:
             raise ValueError(f"unload_lora: {problem}")
+        before = lora_generation()
         restored = self.lora_stack.unload(self.transformer)
-        self._requantize_fp8()
-        if self._graphed is not None:
-            self._graphed.clear()
+        self._lora_changed_graphs(before, requantized=self._requantize_fp8())
         return restored
 
-    def _requantize_fp8(self) -> None:
+    def _requantize_fp8(self) -> bool:
         """After an unload: the fp8 file's linears that fp8 left weight-only for their LoRA side paths
         become fp8 GEMMs as the others did (``accel.fp8.requantize_fp8_``); a compiled DiT is
-        compiled again around them, as it was."""
+        compiled again around them, as it was. Returns whether any linear was made anew."""
         from .accel.compile import compile_transformer_, compiled_mode, uncompile_
         from .accel.fp8 import fp8_waiting, requantize_fp8_
 
         if not fp8_waiting(self.transformer):
-            return
+            return False
         compiled = compiled_mode(self.transformer)
         if compiled:
             uncompile_(self.transformer)
         logger.info("%s", requantize_fp8_(self.transformer))
         if compiled:
             logger.info("%s", compile_transformer_(self.transformer, compiled[0], self._compile_options[0], compiled[1]))
+        return True
 
     @_serialized
     def rewrite(self, prompt: str, *args, **kwargs) -> str:

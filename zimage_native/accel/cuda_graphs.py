@@ -34,8 +34,9 @@ CUDA events on a GPU; the CPU tests pass a re-running stand-in and a recording e
 bookkeeping (keys, copy-in, eviction and release, per-step progress and cancel), and the GPU
 script checks that replay equals the compiled eager run.
 
-Anything that changes weights (LoRA, fp8 conversion) after a capture invalidates it: call
-``clear()`` (the pipeline does so when it changes the DiT).
+Anything that replaces what a graph runs (fp8 conversion, a LoRA side path on a packed linear)
+after a capture invalidates it: call ``clear()`` (the pipeline does so when it changes the DiT). A
+LoRA fused into ordinary weights writes them in place, and the graphs replay the new values.
 """
 
 from __future__ import annotations
