@@ -107,6 +107,7 @@ def test_the_cache_is_bounded_least_recently_used_out_and_hands_out_copies():
 def test_another_encoder_a_move_or_size_zero_empties_it_and_it_keeps_no_encoder_alive(pipe, monkeypatch):
     pipe.encode_prompt(["a cat"])
     assert len(pipe.prompt_cache) == 1
+    pipe.placement = dict.fromkeys(pipe.placement, torch.device("cpu", 1))  # (stands in for another device)
     pipe.to("cpu")
     assert len(pipe.prompt_cache) == 0
     pipe.encode_prompt(["a cat"])
@@ -178,3 +179,21 @@ def test_the_benchmark_encodes_on_every_timed_run(monkeypatch):
     bench.run_ours(pipe, bench.LADDER[0], 32, 1, 2)
     assert len(asked) == 1 + 2 + 1 + 2  # cold start, 2 timed requests, the embeds, 2 timed encodes
     assert len(calls) == len(asked)
+
+
+def test_a_move_to_where_the_pipeline_is_keeps_the_features_and_the_graphs(pipe, monkeypatch):
+    """A script that calls pipe.to(device) before every call moves nothing after the first: the cached
+    features and the captured graphs stay (each such call re-encoded the prompt and captured the
+    graphs again). A real move, or an offloaded pipeline made resident, drops them."""
+    from .test_compiled import graphed
+
+    calls = spy_encoder(pipe, monkeypatch)
+    sampler, _ = graphed(pipe, frozen=False)
+    monkeypatch.setattr(pipe, "_check_graphs_fit", lambda *a: None)  # (the CPU stands in for the GPU)
+    for _ in range(3):
+        pipe.to("cpu")
+        pipe("a cat", seed=1, **KW)
+    assert len(calls) == 1 and sampler.captures == 1
+    pipe.offload = "model"
+    pipe.to("cpu")
+    assert len(pipe.prompt_cache) == 0 and not sampler.graphs

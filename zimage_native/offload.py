@@ -167,6 +167,17 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
                  for t in table.values() if t is not None}.values())
 
 
+def _already_on(storage: torch.UntypedStorage, device: torch.device) -> bool:
+    """Whether ``storage`` is on ``device`` ("cuda" is whichever GPU holds it)."""
+    return storage.device.type == device.type and device.index in (None, storage.device.index)
+
+
+def resides_on(module: nn.Module, device: torch.device | str) -> bool:
+    """Whether every weight of ``module`` is on ``device`` already (:func:`move_` would copy nothing)."""
+    device = torch.device(device)
+    return all(_already_on(t.data.untyped_storage(), device) for t in _tensors(module))
+
+
 def _place(tensors: list[torch.Tensor], device: torch.device) -> None:
     """Point each tensor at a copy of its storage on ``device``, copying each storage once: weights
     that are views of one buffer (the fused q|k|v and w1|w3 GEMMs, ``accel.fusions``) stay views of one
@@ -176,8 +187,8 @@ def _place(tensors: list[torch.Tensor], device: torch.device) -> None:
     for t in tensors:
         home = t.data
         storage = home.untyped_storage()
-        if storage.device.type == device.type and device.index in (None, storage.device.index):
-            continue  # already there ("cuda" is whichever GPU holds it)
+        if _already_on(storage, device):
+            continue
         key = (storage.data_ptr(), storage.nbytes())
         if key not in copies:
             copies[key] = copy_storage(storage, device)

@@ -483,22 +483,26 @@ class ZImagePipeline:
         if self.offload == "blocks":
             raise ValueError("pipe.to() cannot move a DiT whose blocks are streamed (offload='blocks'); load it "
                              "again with offload='none'")
-        from .offload import move_
+        from .offload import move_, resides_on
 
         device = resolve_device(device)
         self._check_graphs_fit(device, "none")
         self._check_accelerations_fit(device)
-        for name in ("text_encoder", "transformer", "vae"):
-            module = self._module(name)
-            if module is not None:  # a remote text encoder stays where it is
-                move_(module, device)
+        modules = [m for m in map(self._module, ("text_encoder", "transformer", "vae")) if m is not None]
+        # Already there (a script's pipe.to("cuda") before every call): nothing moves, and the cached
+        # features and captured graphs stay; dropping them re-encoded and re-captured every call.
+        moved = (self.offload != "none" or any(place != device for place in self.placement.values())
+                 or not all(resides_on(m, device) for m in modules))
+        for module in modules:  # (a remote text encoder stays where it is)
+            move_(module, device)
         self.placement = dict.fromkeys(self.placement, device)
         self.offload = "none"
         self._fit_vae_hand_calls()
         self._fit_attention()
-        self.prompt_cache.clear()  # its features are on the old devices
-        if self._graphed is not None:
-            self._graphed.clear()  # graphs hold tensors of the old placement
+        if moved:
+            self.prompt_cache.clear()  # its features are on the old devices
+            if self._graphed is not None:
+                self._graphed.clear()  # graphs hold tensors of the old placement
         return self
 
     @_serialized
