@@ -426,3 +426,39 @@ def test_rank_mismatch_raises_and_stray_foreign_keys_are_reported(caplog):
                                  "layers.0.attention.to_q.lora_B.weight": b, te_key: torch.zeros(4, 8)})
     assert report.matched == 1 and report.unmatched == [te_key]
     assert "CLIP text encoder" in caplog.text
+
+
+def test_an_adapter_refit_reuses_the_copies_of_the_original_weights(tiny_model_dir, tmp_path):
+    """set_adapters (and every adapter call) unfuses the LoRAs and fuses the active ones again. The
+    unfused weights equal their saved originals again, so the refit keeps those copies instead of
+    copying every fused weight once more (on a GPU, each LoRA'd weight to CPU memory per call; a
+    whole-DiT LoRA is GBs per weight change). The images are those of a pipeline that loaded the
+    adapters at these weights anew, and unloading still restores the weights bit for bit."""
+    from .fixtures import our_pipeline
+
+    pipe, fresh = our_pipeline(tiny_model_dir), our_pipeline(tiny_model_dir)
+    kwargs = dict(width=32, height=32, num_inference_steps=2, seed=1, output_type="latent")
+    before = weights(pipe)
+    paths = []
+    for seed in (1, 2):
+        sd = {}
+        for name, m in pipe.transformer.named_modules():
+            if isinstance(m, nn.Linear) and name.startswith(("layers", "noise_refiner", "context_refiner")):
+                a, b = factors(m.out_features, m.in_features, seed=seed + len(name))
+                sd[f"transformer.{name}.lora_A.weight"], sd[f"transformer.{name}.lora_B.weight"] = a, b
+        paths.append(save(tmp_path, sd, f"lora{seed}.safetensors"))
+    for p in (pipe, fresh):
+        p.load_lora_weights(paths[0], adapter_name="a")
+        p.load_lora_weights(paths[1], adapter_name="b")
+    copies = dict(pipe.lora_stack.originals)
+    assert len(copies) > 20
+    for w in (0.3, 0.8):
+        pipe.set_adapters(["a", "b"], [w, 1 - w])
+        assert all(pipe.lora_stack.originals[k] is v for k, v in copies.items()), "the originals were copied again"
+        assert not pipe.lora_stack.spare
+    fresh.set_adapters(["a", "b"], [0.8, 0.2])
+    assert torch.equal(pipe("a cat", **kwargs).images, fresh("a cat", **kwargs).images)
+    pipe.set_adapters(["a"])  # one adapter: nothing stays in spare after the refit
+    assert set(pipe.lora_stack.originals) <= set(copies) and not pipe.lora_stack.spare
+    pipe.unload_lora_weights()
+    assert_only_changed(before, weights(pipe), {})

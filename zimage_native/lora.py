@@ -606,11 +606,13 @@ def read_lora(path_or_state: str | os.PathLike | Mapping[str, torch.Tensor], *, 
 
 
 def fuse_lora_(weights: Mapping[str, torch.Tensor], modules: Sequence[LoraModule], scale: float,
-               originals: dict[str, torch.Tensor] | None = None, undo_device: torch.device | str = "cpu") -> int:
+               originals: dict[str, torch.Tensor] | None = None, undo_device: torch.device | str = "cpu",
+               spare: dict[str, torch.Tensor] | None = None) -> int:
     """W <- W + scale * dW in place for each module (fp32 maths, one rounding). Returns weights changed.
 
     ``weights`` maps canonical module names to their weight tensors. Before a weight first changes,
-    a copy goes to ``originals`` (if given) on ``undo_device``.
+    a copy goes to ``originals`` (if given) on ``undo_device``; or, where ``spare`` holds a copy of
+    it on that device (one the weight was just restored from, equal to it), that copy is taken.
     """
     changed = 0
     with torch.no_grad():
@@ -625,7 +627,10 @@ def fuse_lora_(weights: Mapping[str, torch.Tensor], modules: Sequence[LoraModule
             for name, part in zip(module.target.modules, delta.split(rows, dim=0)):
                 w = weights[name]
                 if originals is not None and name not in originals:
-                    originals[name] = w.detach().to(undo_device, copy=True)
+                    kept = (spare or {}).pop(name, None)
+                    if kept is None or kept.device != torch.device(undo_device):
+                        kept = w.detach().to(undo_device, copy=True)
+                    originals[name] = kept
                 w.copy_((w.float() + scale * part).to(w.dtype))
                 changed += 1
     return changed
@@ -719,6 +724,7 @@ class LoraStack:
 
     def __init__(self):
         self.originals: dict[str, torch.Tensor] = {}
+        self.spare: dict[str, torch.Tensor] = {}  # originals of an unload(keep=True), equal to the weights again
         self.loaded: list[LoraReport] = []
         self.no_undo = False
 
@@ -757,7 +763,7 @@ class LoraStack:
         compute = next((p.dtype for p in transformer.parameters() if p.is_floating_point()), None)
         for modules, report in planned:
             fused, side = _split_by_storage(modules, packed)
-            fuse_lora_(weights, fused, report.scale, self.originals if undo else None, undo_device)
+            fuse_lora_(weights, fused, report.scale, self.originals if undo else None, undo_device, self.spare)
             add_lora_side_paths_(packed, side, report.scale, compute)
             self.no_undo |= not undo
             self.loaded.append(report)
@@ -768,8 +774,12 @@ class LoraStack:
         reports = [r for _, r in planned]
         return reports[0] if single else reports
 
-    def unload(self, transformer: nn.Module) -> int:
-        """Restore the weights as they were before the first ``load``, bit for bit. Returns weights restored."""
+    def unload(self, transformer: nn.Module, keep: bool = False) -> int:
+        """Restore the weights as they were before the first ``load``, bit for bit. Returns weights restored.
+        ``keep``: for a refit (unload, then load again at other scales): the copies the weights were
+        restored from stay in ``spare``, and the next ``load`` takes them instead of copying the
+        weights again (a copy to ``undo_device`` per fused weight: the GPU to the CPU, by default);
+        the caller empties ``spare`` after the refit."""
         if self.no_undo:
             raise RuntimeError("a LoRA was fused with undo=False: the original weights were not kept; reload the "
                                "pipeline to remove it")
@@ -779,6 +789,8 @@ class LoraStack:
             for name, original in self.originals.items():
                 weights[name].copy_(original)
         count = len(self.originals) + sum(m.clear_lora() for m in _packed_linears(transformer).values())
+        if keep:
+            self.spare.update(self.originals)
         self.originals.clear()
         self.loaded.clear()
         return count

@@ -1030,12 +1030,16 @@ class ZImagePipeline:
         return None
 
     def _fuse_adapters(self) -> None:
-        """Unfuse every LoRA (exactly), then fuse the active adapters at their weights."""
-        self._unfuse_loras()
-        self.lora_adapters.fused = 0
-        for source, weight, options in self.lora_adapters.to_fuse():
-            self.load_lora(source, weight, **options)
-            self.lora_adapters.fused += 1
+        """Unfuse every LoRA (exactly), then fuse the active adapters at their weights. The copies of
+        the original weights are reused, not made again (``LoraStack.unload(keep=True)``)."""
+        try:
+            self._unfuse_loras(keep=True)
+            self.lora_adapters.fused = 0
+            for source, weight, options in self.lora_adapters.to_fuse():
+                self.load_lora(source, weight, **options)
+                self.lora_adapters.fused += 1
+        finally:
+            self.lora_stack.spare.clear()
 
     def fuse_lora(self, components=None, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None,
                   **ignored) -> None:
@@ -1110,7 +1114,7 @@ class ZImagePipeline:
         self.lora_adapters.clear()
         return restored
 
-    def _unfuse_loras(self) -> int:
+    def _unfuse_loras(self, keep: bool = False) -> int:
         from .accel.fp8 import lora_problem
         from .quant_linear import lora_generation
 
@@ -1118,7 +1122,7 @@ class ZImagePipeline:
         if problem:
             raise ValueError(f"unload_lora: {problem}")
         before = lora_generation()
-        restored = self.lora_stack.unload(self.transformer)
+        restored = self.lora_stack.unload(self.transformer, keep)
         self._lora_changed_graphs(before, requantized=self._requantize_fp8())
         return restored
 
