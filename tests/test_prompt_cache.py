@@ -197,3 +197,14 @@ def test_a_move_to_where_the_pipeline_is_keeps_the_features_and_the_graphs(pipe,
     pipe.offload = "model"
     pipe.to("cpu")
     assert len(pipe.prompt_cache) == 0 and not sampler.graphs
+
+
+def test_offloading_again_as_it_is_keeps_the_features(pipe, monkeypatch):
+    """enable_model_cpu_offload() before every call, as pipe.to() above: encoded once."""
+    calls = spy_encoder(pipe, monkeypatch)
+    for _ in range(3):
+        pipe.enable_model_cpu_offload(device="cpu")
+        pipe("a cat", seed=1, **KW)
+    assert len(calls) == 1 and pipe.offload == "model"
+    pipe.to("cpu")  # offloading ends: a move
+    assert len(pipe.prompt_cache) == 0

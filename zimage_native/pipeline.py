@@ -531,6 +531,7 @@ class ZImagePipeline:
                              "offload='model'")
         self._check_graphs_fit(device, "model")
         self._check_accelerations_fit(device)
+        moved = self.offload != "model" or any(place != device for place in self.placement.values())
         self.placement = dict.fromkeys(self.placement, device)
         self.offload = "model"
         for name in ("text_encoder", "transformer", "vae"):
@@ -539,9 +540,10 @@ class ZImagePipeline:
                 move_(module, storage_device(name, device, self.offload))
         self._fit_vae_hand_calls()
         self._fit_attention()
-        self.prompt_cache.clear()
-        if self._graphed is not None:
-            self._graphed.clear()
+        if moved:  # (called again as it was: nothing changes, and the cached features stay)
+            self.prompt_cache.clear()
+            if self._graphed is not None:
+                self._graphed.clear()
 
     def _check_graphs_fit(self, device: torch.device, offload: str) -> None:
         """Refuse a placement that captured CUDA graphs cannot follow: a graph replays the weights at
