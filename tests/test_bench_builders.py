@@ -4,6 +4,8 @@ to finite small values, and a profile's pipeline has the profile's placement and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -82,3 +84,27 @@ def test_profile_pipelines_take_the_profiles_placement_and_run(configs):
 def test_unknown_weight_format_is_refused(configs):
     with pytest.raises(ValueError, match="unknown GGML block type"):
         bench.random_dit(configs[0], "cpu", torch.bfloat16, "gguf:IQ4_XS")
+
+
+def test_each_builder_call_writes_its_tokenizer_to_a_folder_of_its_own_and_removes_it(tmp_path, monkeypatch):
+    """build_random_pipeline and profile_pipeline wrote their tokenizer to one fixed
+    $TMPDIR/zimage-bench-tokenizer: two benchmark runs at once rewrote each other's files there, and
+    the folder stayed. Each call now has a temporary folder of its own, removed once the tokenizer is
+    read, and the pipeline runs without it."""
+    import zimage_native.testing as testing
+
+    real, folders = testing.build_tokenizer, []
+
+    def recording(folder):
+        folders.append(Path(folder))
+        return real(folder)
+
+    monkeypatch.setattr(testing, "build_tokenizer", recording)
+    pipe, _ = bench.build_random_pipeline(torch.device("cpu"), torch.float32, tiny=True, workdir=tmp_path)
+    other = bench.profile_pipeline(fp.PROFILES[0], "cpu", torch.bfloat16, tiny=True, workdir=tmp_path)
+    assert len(folders) == 2 and folders[0] != folders[1], folders
+    assert all(f.parent == tmp_path for f in folders), folders
+    assert list(tmp_path.iterdir()) == []  # removed
+    for p in (pipe, other):
+        out = p("a lighthouse", width=32, height=32, num_inference_steps=1, seed=0, output_type="np", progress=False)
+        assert out.images.shape == (1, 32, 32, 3)

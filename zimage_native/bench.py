@@ -21,6 +21,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -223,6 +224,18 @@ def on_device(module: torch.nn.Module, device: torch.device, dtype: torch.dtype,
     return random_init_(module, seed).eval().requires_grad_(False)
 
 
+def bench_tokenizer(workdir: str | os.PathLike | None = None):
+    """The benchmark's small byte-level BPE tokenizer (:func:`zimage_native.testing.build_tokenizer`),
+    written to a temporary folder of this call's own under ``workdir`` (default: the system's temporary
+    folder) and removed once it is read: two runs at once each have theirs (a fixed
+    ``$TMPDIR/zimage-bench-tokenizer`` was shared, each run rewriting the other's files), and none is
+    left behind. The tokenizer is held in memory; nothing reads the folder afterwards."""
+    from .testing import build_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="zimage-bench-tokenizer-", dir=workdir) as folder:
+        return build_tokenizer(Path(folder))
+
+
 def build_random_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool = False, workdir: Path | None = None):
     """Our pipeline with the released Z-Image-Turbo architecture (or a tiny one) and random weights,
     plus the full 36-layer Qwen3 module (for diffusers, which runs all of its layers)."""
@@ -230,11 +243,9 @@ def build_random_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool =
     from .model.transformer import ZImageTransformer
     from .model.vae import AutoencoderKL
     from .pipeline import ZImagePipeline
-    from .testing import build_tokenizer
     from .text_encoder import TextEncoder, build_truncated_qwen3, qwen3_on_meta
 
-    workdir = Path(workdir or os.environ.get("TMPDIR", "/tmp")) / "zimage-bench-tokenizer"
-    tokenizer = build_tokenizer(workdir)
+    tokenizer = bench_tokenizer(workdir)
     tcfg, vcfg, qcfg = model_configs(len(tokenizer), tiny)
     transformer = on_device(build_on_meta(lambda: ZImageTransformer(tcfg)), device, dtype, 1)
     vae = on_device(build_on_meta(lambda: AutoencoderKL(vcfg)), device, dtype, 2)
@@ -363,12 +374,10 @@ def profile_pipeline(profile, device: torch.device | str, dtype: torch.dtype = t
     from .devices import storage_device
     from .model.vae import AutoencoderKL
     from .pipeline import ZImagePipeline
-    from .testing import build_tokenizer
     from .text_encoder import TextEncoder
 
     device = torch.device(device)
-    workdir = Path(workdir or os.environ.get("TMPDIR", "/tmp")) / "zimage-bench-tokenizer"
-    tokenizer = text_encoder.tokenizer if text_encoder is not None else build_tokenizer(workdir)
+    tokenizer = text_encoder.tokenizer if text_encoder is not None else bench_tokenizer(workdir)
     tcfg, vcfg, qcfg = model_configs(len(tokenizer), tiny)
     dit = random_dit(tcfg, device, dtype, profile.dit)
     if text_encoder is None:
