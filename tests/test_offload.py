@@ -4,6 +4,7 @@ every copy: identical results, the copy order, the prefetch depth and the blocks
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -427,3 +428,56 @@ def test_a_hand_decode_and_the_pipelines_decode_from_two_threads_each_run_on_the
     assert sorted(ran) == [("MainThread", True)] * 2 + [("worker", True)] * 2, "a layer ran on the resting weights"
     assert torch.equal(images[0], (image * 0.5 + 0.5).clamp(0, 1))
     assert {t.data_ptr() for t in (*vae.parameters(), *vae.buffers())} == resting
+
+
+def test_a_vae_assigned_to_the_pipeline_is_prepared_as_the_loaded_one(tiny_model_dir, monkeypatch):
+    """``pipe.vae = other_vae`` (diffusers' way to swap a VAE) was a plain attribute: under
+    offload="model" the new VAE's decode / encode called by hand ran where its weights rest (on a GPU,
+    a device-mismatch RuntimeError for latents on the execution device), its enable_tiling() did not
+    exist, its weights were not placed and ``vae_config`` (scaling, shift) stayed the old VAE's, while
+    the pipeline's own decode visited. It is prepared as a loaded VAE now: placed where the VAE rests,
+    the hand calls visiting (also compiled, with vae_compile on), the diffusers names bound, its
+    config the pipeline's; the old VAE's calls are its own again. A VAE of another class is refused.
+    "cpu:1" stands in for the GPU."""
+    import zimage_native.offload as offload
+    import zimage_native.pipeline as pipeline
+    from zimage_native.accel.vae import CompiledDecode
+    from zimage_native.config import VAEConfig
+    from zimage_native.loading import load_module
+    from zimage_native.model.vae import AutoencoderKL
+    from zimage_native.offload import VisitOnCall
+
+    from .fixtures import our_pipeline
+
+    pipe = our_pipeline(tiny_model_dir)
+    gpu = torch.device("cpu", 1)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: gpu)
+    pipe.enable_model_cpu_offload()
+    pipe.optimize(vae_compile=True, compile_backend="eager")
+    old = pipe.vae
+    config = dataclasses.replace(VAEConfig.from_json(tiny_model_dir / "vae" / "config.json"), scaling_factor=0.5)
+    new = randomize_(load_module(lambda: AutoencoderKL(config), tiny_model_dir / "vae", torch.float32, "cpu", "vae"),
+                     seed=7, std=0.02)
+    moved = []
+    real_move = offload.move_
+    monkeypatch.setattr(offload, "move_", lambda module, device: moved.append((module, device))
+                        or real_move(module, device))
+    pipe.vae = new
+    assert pipe.vae is new and moved == [(new, torch.device("cpu"))]  # where the VAE rests under offload="model"
+    assert pipe.vae_config is config
+    assert isinstance(new.__dict__.get("decode"), VisitOnCall) and isinstance(new.__dict__.get("encode"), VisitOnCall)
+    assert new.__dict__["decode"].device == gpu and isinstance(new.__dict__["decode"].inner, CompiledDecode)
+    assert not isinstance(old.__dict__.get("decode"), VisitOnCall) and "encode" not in old.__dict__
+
+    copies = []
+    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: copies.append(device) or storage.clone())
+    latents = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(0))
+    image = new.decode(latents / config.scaling_factor + config.shift_factor).sample
+    assert copies and set(copies) == {gpu}, "the hand decode did not visit the execution device"
+    assert_rel((image * 0.5 + 0.5).clamp(0, 1), pipe.decode(latents), 1e-5, "hand decode of the assigned VAE")
+    new.enable_tiling()
+    assert pipe.vae_tiling is not None
+
+    with pytest.raises(ValueError, match=r"^pipe\.vae = torch\.nn\.modules\.conv\.Conv2d\(\.\.\.\): .*load_component"):
+        pipe.vae = torch.nn.Conv2d(16, 3, 1)
+    assert pipe.vae is new

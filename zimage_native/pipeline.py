@@ -235,7 +235,7 @@ class ZImagePipeline:
         offload: str = "none",
     ):
         self.transformer = transformer
-        self.vae = vae
+        self._vae = vae  # prepared below, once the placement is known (the setter does it for a later VAE)
         self.text_encoder = text_encoder
         self.vae_config = vae_config
         self.source = source
@@ -260,6 +260,7 @@ class ZImagePipeline:
                        "vae_compile": False}
         self._graphed = None
         self._compile_options: tuple = ("inductor", "dynamic")  # backend and shape policy of the compile
+        self._vae_compile_backend: str | object = "inductor"  # the VAE decode's (optimize(vae_compile=True))
         self.templates_dirs: list[str] = []
         self.progress = True
         self.progress_bar_config: dict[str, Any] = {}  # tqdm options (set_progress_bar_config)
@@ -311,6 +312,46 @@ class ZImagePipeline:
                              "compile_repeated_blocks()), or pipe.optimize(compile='blocks' | 'full')")
         self._transformer = module
         self._bind_transformer_calls()
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        """The VAE."""
+        return self._vae
+
+    @vae.setter
+    @_serialized
+    def vae(self, module) -> None:
+        """diffusers' ``pipe.vae = other_vae``: the VAE is prepared as a loaded one is. Its config becomes
+        ``vae_config`` (scaling, shift, downscale), its weights rest where the VAE's placement keeps them
+        (CPU memory under offload="model"), its ``decode`` / ``encode`` called by hand visit the
+        execution device, its ``enable_tiling()`` and the other diffusers names set this pipeline's,
+        SDPA is fitted to where it runs and, with ``vae_compile`` on, its decode is compiled. The VAE it
+        replaces gets its own ``decode`` / ``encode`` back. None drops the VAE (as to free its memory)."""
+        if module is not None and not isinstance(module, AutoencoderKL):
+            raise ValueError(f"pipe.vae = {type(module).__module__}.{type(module).__name__}(...): the pipeline runs "
+                             f"its own VAE class; load the VAE's file or folder with "
+                             f"zimage_native.loading.load_component('vae', path, dtype) and assign that, or give "
+                             f"vae= to from_pretrained / from_single_files")
+        from .accel.attention_backends import fit_sdpa_
+        from .offload import move_, visit_on_call_
+
+        old = self._vae
+        if old is not None and old is not module:
+            visit_on_call_(old, ("decode", "encode"), None)  # (a compiled decode stays the old VAE's own)
+        self._vae = module
+        if module is None:
+            return
+        self.vae_config = module.config
+        move_(module, storage_device("vae", self.placement["vae"], self.offload))
+        self._bind_vae_calls()
+        if self._accel["vae_compile"]:
+            from .accel.vae import compile_vae_decode_
+
+            logger.info(compile_vae_decode_(module, backend=self._vae_compile_backend, device=self.placement["vae"]))
+        self._fit_vae_hand_calls()
+        line = fit_sdpa_(module, self.placement["vae"])
+        if line:
+            logger.info(line)
 
     @property
     def tokenizer(self):
@@ -866,6 +907,7 @@ class ZImagePipeline:
             from .accel.vae import compile_vae_decode_
 
             lines.append(compile_vae_decode_(self.vae, backend=compile_backend, device=self.placement["vae"]))
+            self._vae_compile_backend = compile_backend  # (a VAE assigned later is compiled alike)
             self._fit_vae_hand_calls()  # (the compiled decode replaced the visiting one)
         state.update(changes)
         return lines
