@@ -407,6 +407,22 @@ def check_weight_files(paths: Iterable[str | os.PathLike]) -> None:
             continue
 
 
+def check_component_paths(call: str, given: dict[str, Any]) -> None:
+    """The component options (``transformer=``, ``vae=``, ``text_encoder=``, ``tokenizer=``) are paths
+    here. diffusers' ``from_pretrained(..., vae=vae)`` passes a built module: refused saying so (it
+    failed inside pathlib), and for a VAE of this engine, that assigning it after loading works."""
+    from .model.vae import AutoencoderKL
+
+    for name, value in given.items():
+        if value is None or isinstance(value, (str, os.PathLike)):
+            continue
+        instead = ("load without it and assign it, pipe.vae = vae (prepared as a loaded VAE)"
+                   if isinstance(value, AutoencoderKL) else
+                   "give the path of its files (a weights file, or the folder its save_pretrained wrote)")
+        raise TypeError(f"{call}({name}={type(value).__name__}(...)): {name}= takes the path of a file or folder "
+                        f"here, not a loaded object; {instead}")
+
+
 def check_components(files: dict[str, str | os.PathLike | None]) -> None:
     """Before any weight is read: each single file of ``files`` (component -> path) must hold that
     component in a form the engine loads, so that a wrong file (a text encoder given as the DiT, an
@@ -536,6 +552,8 @@ def load_single_files(
     from .hub import load_tokenizer
     from .text_encoder import TextEncoder, check_vocabulary
 
+    check_component_paths("from_single_files", {"transformer": transformer, "vae": vae, "text_encoder": text_encoder,
+                                                "tokenizer": tokenizer})
     if transformer is None:
         raise ValueError("from_single_files needs transformer= (a DiT file or folder)")
     given = {"vae": vae, "text_encoder": text_encoder}
@@ -684,6 +702,8 @@ def load_pretrained(
     from .model.vae import AutoencoderKL
     from .text_encoder import TextEncoder, check_vocabulary, load_qwen3_encoder
 
+    check_component_paths("from_pretrained", {"transformer": transformer, "vae": vae, "text_encoder": text_encoder,
+                                              "tokenizer": tokenizer})
     check_offload(offload)
     check_quant(text_encoder_quant, text_encoder_url)
     overridden = {"transformer": transformer, "vae": vae,
