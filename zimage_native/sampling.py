@@ -654,8 +654,11 @@ def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator
         raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
     if seed is not None and generator is not None:
         raise ValueError("give either seed or generator, not both")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0 (0 turns CFG off), got {guidance_scale}")
+    check_generator(generator)
+    # NaN compared as "not > 0" and ran without CFG; inf ran into a NaN error blaming the weights.
+    if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
+            or not math.isfinite(guidance_scale) or guidance_scale < 0):
+        raise ValueError(f"guidance_scale must be >= 0, a finite number (0 turns CFG off), got {guidance_scale!r}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {n!r}")
     if output_type is None:  # diffusers reads None as "np", with a deprecation warning
@@ -670,6 +673,20 @@ def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator
         raise ValueError(f"cfg_normalization must be >= 0 (a multiple of the positive prediction's norm; 0 = off), "
                          f"got {cfg_normalization}")
     return prompts
+
+
+def check_generator(generator) -> None:
+    """``generator``: None, a ``torch.Generator`` or a non-empty list of them (one per image), as in
+    diffusers; a number given there (a seed) is refused naming ``seed=``, not "'int' object is not
+    iterable" from where the noise is drawn."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, (list, tuple)) and generator and all(isinstance(g, torch.Generator) for g in generator):
+        return
+    seed = (f"; for a seed, give seed={generator!r}" if isinstance(generator, numbers.Integral)
+            and not isinstance(generator, bool) else "")
+    raise TypeError(f"generator must be a torch.Generator or a list of them (one per image), got "
+                    f"{generator!r:.80}{seed}")
 
 
 def check_embeds(name: str, embeds, width: int | None = None) -> None:
