@@ -46,6 +46,56 @@ def test_a_generator_that_is_not_a_torch_generator_is_refused(tiny_pipe, generat
         tiny_pipe("a cat", **SMALL, generator=generator)
 
 
+def test_callbacks_that_cannot_take_their_arguments_are_refused_before_any_model_runs(tiny_pipe):
+    """A step-end callback of another signature, diffusers' legacy callback(step, timestep, latents) given
+    as callback=, or a callback that is not a function failed with Python's TypeError from inside the
+    first step, after the prompt was encoded and a DiT step ran."""
+    def three(pipe, step, timestep):
+        return {}
+
+    def legacy(step, timestep, latents):
+        pass
+
+    with no_model_runs(tiny_pipe):
+        with pytest.raises(TypeError, match=r"^callback_on_step_end: .*three\(pipe, step, timestep\) cannot take the "
+                                            r"arguments it is called with; it is called as fn\(pipe, step, timestep, "
+                                            r"callback_kwargs\), returning a dict"):
+            tiny_pipe("a cat", **SMALL, callback_on_step_end=three)
+        with pytest.raises(TypeError, match=r"^callback: .*legacy\(step, timestep, latents\) cannot take the "
+                                            r"arguments .* fn\(step, total\) after each step; diffusers' "
+                                            r"callback\(step, timestep, latents\) is callback_on_step_end="):
+            tiny_pipe("a cat", **SMALL, callback=legacy)
+        with pytest.raises(TypeError, match=r"^callback_on_step_end must be a function called as fn\(pipe, step, "
+                                            r"timestep, callback_kwargs\).*, got str$"):
+            tiny_pipe("a cat", **SMALL, callback_on_step_end="print")
+    # Signatures that take the arguments run: *args, defaults, a callable object, a bound method.
+    calls = []
+
+    class Hook:
+        def __call__(self, pipe, step, timestep, callback_kwargs, extra=None):
+            calls.append(step)
+            return callback_kwargs
+
+    tiny_pipe("a cat", **SMALL, seed=0, callback_on_step_end=Hook(), callback=lambda *a: calls.append(a))
+    tiny_pipe("a cat", **SMALL, seed=0, callback_on_step_end=lambda *a: None)
+    assert calls == [0, (1, 1)]
+
+
+def test_step_end_latents_of_another_shape_are_refused_naming_both_shapes(tiny_pipe):
+    """Latents of another shape returned by callback_on_step_end reached the DiT at the next step and
+    failed there: "mat1 and mat2 shapes cannot be multiplied (32x32 and 64x64)"."""
+    def halve(pipe, step, timestep, callback_kwargs):
+        return {"latents": callback_kwargs["latents"][:, :8]}
+
+    with pytest.raises(ValueError, match=r"^callback_on_step_end returned latents of shape \(1, 8, 4, 4\) after step "
+                                         r"1; they replace the run's latents, of shape \(1, 16, 4, 4\): return a "
+                                         r"tensor of that shape"):
+        tiny_pipe("a cat", width=32, height=32, num_inference_steps=2, seed=0, callback_on_step_end=halve)
+    with pytest.raises(ValueError, match=r"^callback_on_step_end returned latents of ndarray after step 1"):
+        tiny_pipe("a cat", width=32, height=32, num_inference_steps=2, seed=0,
+                  callback_on_step_end=lambda p, i, t, kw: {"latents": kw["latents"].numpy()})
+
+
 def test_loaded_components_given_to_from_pretrained_are_refused_saying_what_to_give(tiny_model_dir, tiny_pipe):
     """diffusers' from_pretrained(..., vae=vae) passes a built module; here the component options are
     paths, and a module failed inside pathlib: "expected str, bytes or os.PathLike object, not

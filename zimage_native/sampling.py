@@ -689,6 +689,25 @@ def check_generator(generator) -> None:
                     f"{generator!r:.80}{seed}")
 
 
+def check_callback(name: str, fn, args: tuple, signature: str) -> None:
+    """Refuse a callback that is not callable or cannot take ``args`` (how the run calls it) before any
+    model runs, saying how it is called, rather than with a TypeError from inside the first step."""
+    if fn is None:
+        return
+    if not callable(fn):
+        raise TypeError(f"{name} must be a function called as {signature}, got {type(fn).__name__}")
+    import inspect
+
+    try:
+        inspect.signature(fn).bind(*args)
+    except ValueError:  # no signature to read (some builtins): left to the call
+        return
+    except TypeError:
+        label = getattr(fn, "__qualname__", type(fn).__name__)
+        raise TypeError(f"{name}: {label}{inspect.signature(fn)} cannot take the arguments it is called with; it "
+                        f"is called as {signature}") from None
+
+
 def check_embeds(name: str, embeds, width: int | None = None) -> None:
     """``prompt_embeds`` / ``negative_prompt_embeds``: a non-empty list of (tokens, features) tensors,
     one per prompt, as ``encode_prompt`` returns them (real tokens only, each its own length);
@@ -984,6 +1003,11 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
     bad = [k for k in callback_on_step_end_tensor_inputs if k not in known]
     if bad:
         raise ValueError(f"callback_on_step_end_tensor_inputs can hold {known} here, got {bad}")
+    check_callback("callback_on_step_end", callback_on_step_end, (pipe, 0, 0, {}),
+                   "fn(pipe, step, timestep, callback_kwargs), returning a dict (diffusers' signature)")
+    check_callback("callback", callback, (1, 1),
+                   "fn(step, total) after each step; diffusers' callback(step, timestep, latents) is "
+                   "callback_on_step_end=fn(pipe, step, timestep, callback_kwargs) here, with callback_kwargs['latents']")
     schedule = schedule_for(pipe, r)
     task.check(pipe, r, schedule)
     for advice in request_advice(pipe.variant, r.guidance_scale, r.steps if r.sigmas is None else None,
@@ -1031,7 +1055,13 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
                 info["interrupted_after"] = k + 1
             if "mask" in out:  # the blend reads it from the next step on
                 cond.blend.mask = out["mask"]
-            return out.get("latents", latents)
+            new = out.get("latents", latents)
+            if not isinstance(new, torch.Tensor) or new.shape != latents.shape:  # (else a shape error in the DiT)
+                got = f"shape {tuple(new.shape)}" if isinstance(new, torch.Tensor) else type(new).__name__
+                raise ValueError(f"callback_on_step_end returned latents of {got} after step {k + 1}; they replace "
+                                 f"the run's latents, of shape {tuple(latents.shape)}: return a tensor of that shape "
+                                 f"(callback_kwargs['latents'] changed in place, or a new one)")
+            return new
 
     varied = None
     if r.seed_variance > 0:  # a generator given: its seed stands for the image's
