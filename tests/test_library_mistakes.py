@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
+import torch
 
 SMALL = dict(width=32, height=32, num_inference_steps=1)
 
@@ -111,3 +112,14 @@ def test_loaded_components_given_to_from_pretrained_are_refused_saying_what_to_g
         ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", tokenizer=tiny_pipe.tokenizer)
     with pytest.raises(TypeError, match=r"^from_single_files\(transformer=ZImageTransformer\(\.\.\.\)\): "):
         ZImagePipeline.from_single_files(transformer=tiny_pipe.transformer, vae=tiny_model_dir / "vae")
+
+
+def test_a_dtype_given_where_the_device_goes_is_refused_saying_to_name_it(tiny_model_dir):
+    """from_pretrained(path, torch.bfloat16) (the dtype positionally, where the device goes) failed with
+    torch's five-line "device() received an invalid combination of arguments - got (torch.dtype)"."""
+    from zimage_native import ZImagePipeline
+
+    with pytest.raises(TypeError, match=r"^a dtype \(torch\.bfloat16\) was given where the device goes: give it by "
+                                        r"name, dtype=torch\.bfloat16 \(or torch_dtype=\), and the device as "
+                                        r"device='cuda' / 'cpu' \(or leave it out: auto\)$"):
+        ZImagePipeline.from_pretrained(tiny_model_dir, torch.bfloat16)

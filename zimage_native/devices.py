@@ -16,6 +16,10 @@ def parse_device(device: str | torch.device) -> torch.device:
     """A device name read in any case ("CPU", "Cuda:0") as a torch.device, without asking whether it is
     there (:func:`resolve_device` does, and reads "auto"); a name torch does not know is a ValueError
     saying what to give, not torch's list of its 20 device types."""
+    if isinstance(device, torch.dtype):  # from_pretrained(path, torch.bfloat16): the device's place
+        name = str(device).removeprefix("torch.")
+        raise TypeError(f"a dtype ({device}) was given where the device goes: give it by name, dtype=torch.{name} "
+                        f"(or torch_dtype=), and the device as device='cuda' / 'cpu' (or leave it out: auto)")
     if isinstance(device, str):
         device = device.strip().lower()
         if device == "gpu" or device.startswith("gpu:"):  # torch calls NVIDIA GPUs cuda
