@@ -123,3 +123,17 @@ def test_a_dtype_given_where_the_device_goes_is_refused_saying_to_name_it(tiny_m
                                         r"name, dtype=torch\.bfloat16 \(or torch_dtype=\), and the device as "
                                         r"device='cuda' / 'cpu' \(or leave it out: auto\)$"):
         ZImagePipeline.from_pretrained(tiny_model_dir, torch.bfloat16)
+
+
+@pytest.mark.parametrize("count, prompts, n", [(2, 1, 1), (3, 2, 1), (2, 1, 3)])
+def test_a_generator_list_of_another_length_than_the_batch_is_refused_before_encoding(tiny_pipe, count, prompts, n):
+    """generator=[...] of another length than the images was refused only where the noise is drawn,
+    after the prompts were encoded, and without saying what to give."""
+    generators = [torch.Generator().manual_seed(i) for i in range(count)]
+    with no_model_runs(tiny_pipe), pytest.raises(
+            ValueError, match=rf"^got {count} generators for {prompts * n} images: give one generator or one per "
+                              r"image \(the prompts times num_images_per_prompt\)$"):
+        tiny_pipe(["a cat"] * prompts, **SMALL, num_images_per_prompt=n, generator=generators)
+    # One, or one per image, runs (a list of one is the one generator, as in diffusers).
+    for given in ([generators[0]], generators[:1] * prompts * n):
+        assert len(tiny_pipe(["a cat"] * prompts, **SMALL, num_images_per_prompt=n, generator=given).images) == prompts * n

@@ -557,7 +557,11 @@ def randn(shape, generators: list[torch.Generator], dtype: torch.dtype) -> torch
 def make_generators(seeds, generator, batch: int) -> tuple[list[torch.Generator], list[int] | None]:
     """One generator (shared, as diffusers) or one per image for a list of seeds."""
     if generator is not None:
-        return ([generator] if isinstance(generator, torch.Generator) else list(generator)), None
+        generators = [generator] if isinstance(generator, torch.Generator) else list(generator)
+        if len(generators) not in (1, batch):  # before the prompts are encoded, not where the noise is drawn
+            raise ValueError(f"got {len(generators)} generators for {batch} images: give one generator or one per "
+                             f"image (the prompts times num_images_per_prompt)")
+        return generators, None
     seeds = list(seeds) if seeds else [random.randrange(2**63)]
     if len(seeds) not in (1, batch):
         raise ValueError(f"got {len(seeds)} seeds for {batch} images: give one seed or one per image")
