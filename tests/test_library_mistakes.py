@@ -137,3 +137,24 @@ def test_a_generator_list_of_another_length_than_the_batch_is_refused_before_enc
     # One, or one per image, runs (a list of one is the one generator, as in diffusers).
     for given in ([generators[0]], generators[:1] * prompts * n):
         assert len(tiny_pipe(["a cat"] * prompts, **SMALL, num_images_per_prompt=n, generator=given).images) == prompts * n
+
+
+def test_a_module_method_on_the_text_encoder_says_where_the_module_is(tiny_pipe):
+    """diffusers' pipe.text_encoder is the Qwen3 module; here it is the tokenizer and module together,
+    and pipe.text_encoder.to(torch.bfloat16) / .parameters() failed with a bare "'TextEncoder' object has
+    no attribute 'to'". The message names pipe.text_encoder.model and the pipeline's placement; other
+    names, copies and pickling are as before."""
+    import copy
+    import pickle
+
+    te = tiny_pipe.text_encoder
+    for name in ("to", "parameters", "half", "state_dict"):
+        with pytest.raises(AttributeError, match=rf"^'TextEncoder' object has no attribute '{name}': pipe\.text_encoder "
+                                                 r"is the tokenizer and the Qwen3 module together, the module is "
+                                                 r"pipe\.text_encoder\.model; its device and dtype are the pipeline's"):
+            getattr(te, name)
+    with pytest.raises(AttributeError, match=r"^'TextEncoder' object has no attribute 'nothing_here'$"):
+        te.nothing_here
+    assert not hasattr(te, "__nothing__") and te.dtype == torch.float32
+    for again in (copy.deepcopy(te), pickle.loads(pickle.dumps(te))):
+        assert torch.equal(again.encode(["a cat"])[0], te.encode(["a cat"])[0])

@@ -156,6 +156,16 @@ class TextEncoder:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         return cls(load_qwen3_encoder(encoder_dir, dtype, device, quant), tokenizer)
 
+    def __getattr__(self, name: str):
+        # Only names the class does not have reach here. diffusers' pipe.text_encoder is the Qwen3 module
+        # (pipe.text_encoder.to("cuda"), .parameters(), .half()): say where that module is here.
+        if not name.startswith("_") and hasattr(nn.Module, name):
+            raise AttributeError(f"'TextEncoder' object has no attribute {name!r}: pipe.text_encoder is the tokenizer "
+                                 f"and the Qwen3 module together, the module is pipe.text_encoder.model; its device "
+                                 f"and dtype are the pipeline's (pipe.to(device), or text_encoder_device= and dtype= "
+                                 f"when loading)")
+        raise AttributeError(f"'TextEncoder' object has no attribute {name!r}")
+
     def _norm_weight(self) -> torch.Tensor:
         # The first layer norm: always in the compute dtype, also when the linears are quantised.
         return self.model.layers[0].input_layernorm.weight
