@@ -158,3 +158,20 @@ def test_a_module_method_on_the_text_encoder_says_where_the_module_is(tiny_pipe)
     assert not hasattr(te, "__nothing__") and te.dtype == torch.float32
     for again in (copy.deepcopy(te), pickle.loads(pickle.dumps(te))):
         assert torch.equal(again.encode(["a cat"])[0], te.encode(["a cat"])[0])
+
+
+def test_an_image_given_as_a_path_says_to_open_it(tiny_pipe, tmp_path):
+    """img2img / inpaint with image="in.png" (a path, where diffusers' users call load_image first) was
+    refused naming only the type, "got str"; it now says to open it, before any model runs."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    picture = Image.new("RGB", (32, 32))
+    for path in (str(tmp_path / "in.png"), tmp_path / "in.png"):
+        with no_model_runs(tiny_pipe), pytest.raises(
+                ValueError, match=r"^image must be a PIL image, .* got a path \('.*in\.png'\): open it first, "
+                                  r"image=PIL\.Image\.open\(path\)$"):
+            tiny_pipe.img2img("a cat", image=path, strength=0.6, num_inference_steps=1)
+    with no_model_runs(tiny_pipe), pytest.raises(ValueError, match=r"got a path .* mask_image=PIL\.Image\.open"):
+        tiny_pipe.inpaint("a cat", image=picture, mask_image=Path("mask.png"), num_inference_steps=1)

@@ -11,6 +11,7 @@ Lanczos, arrays and tensors with nearest interpolation; sizes round down to the 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -33,8 +34,11 @@ def _as_batch(image, what: str) -> tuple[str, Any]:
         return "np", arr
     if all(isinstance(i, torch.Tensor) for i in items):
         return "pt", torch.cat(items) if items[0].ndim == 4 else torch.stack(items)
+    paths = [i for i in items if isinstance(i, (str, os.PathLike))]
+    got = (f"a path ({str(paths[0])!r:.80}): open it first, {what}=PIL.Image.open(path)" if paths
+           else type(items[0]).__name__)
     raise ValueError(f"{what} must be a PIL image, a numpy array (H, W, C) in [0, 1], a torch tensor (B, C, H, W) "
-                     f"in [0, 1], or a list of one kind; got {type(items[0]).__name__}")
+                     f"in [0, 1], or a list of one kind; got {got}")
 
 
 def check_side(name: str, value, multiple: int) -> None:
