@@ -175,3 +175,24 @@ def test_an_image_given_as_a_path_says_to_open_it(tiny_pipe, tmp_path):
             tiny_pipe.img2img("a cat", image=path, strength=0.6, num_inference_steps=1)
     with no_model_runs(tiny_pipe), pytest.raises(ValueError, match=r"got a path .* mask_image=PIL\.Image\.open"):
         tiny_pipe.inpaint("a cat", image=picture, mask_image=Path("mask.png"), num_inference_steps=1)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.5", True, [0.5, float("nan")]])
+def test_a_lora_scale_that_is_not_a_finite_number_is_refused_before_any_weight_changes(fresh_pipe, tmp_path, scale):
+    """load_lora(path, scale=nan) fused NaN into the DiT's weights, and every later image failed with a
+    NonFiniteError; scale="0.5" was read one character at a time ("could not convert string to float:
+    '.'"). Refused now, naming the value, with the weights untouched."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "lora.safetensors"
+    save_file({"transformer.layers.0.attention.to_q.lora_A.weight": torch.randn(4, 64, generator=g) * 0.1,
+               "transformer.layers.0.attention.to_q.lora_B.weight": torch.randn(64, 4, generator=g) * 0.1}, path)
+    before = fresh_pipe.transformer.layers[0].attention.to_q.weight.clone()
+    paths = [path, path] if isinstance(scale, list) else path
+    with pytest.raises(ValueError, match=r"^load_lora: scale must be a finite number \(or, for a list of LoRAs, one "
+                                         r"per LoRA\), got "):
+        fresh_pipe.load_lora(paths, scale=scale)
+    assert torch.equal(fresh_pipe.transformer.layers[0].attention.to_q.weight, before) and not fresh_pipe.loras
+    fresh_pipe.load_lora(path, scale=0.5)  # a number runs
+    assert fresh_pipe.loras[0].scale == 0.5

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -741,12 +742,15 @@ class LoraStack:
         items = [path_or_list] if single else list(path_or_list)
         if not items:
             raise ValueError("load_lora: no LoRA given")
-        if isinstance(scale, (int, float)):
-            scales = [float(scale)] * len(items)
-        else:
-            scales = [float(s) for s in scale]
-            if len(scales) != len(items):
-                raise ValueError(f"load_lora: {len(items)} LoRAs but {len(scales)} scales")
+        scalar = isinstance(scale, (numbers.Number, str, bytes)) or not isinstance(scale, Iterable)
+        scales = [scale] * len(items) if scalar else list(scale)
+        if len(scales) != len(items):
+            raise ValueError(f"load_lora: {len(items)} LoRAs but {len(scales)} scales")
+        for s in scales:  # before any weight changes: a NaN fused into the weights made every image NaN
+            if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
+                raise ValueError(f"load_lora: scale must be a finite number (or, for a list of LoRAs, one per LoRA), "
+                                 f"got {s!r}")
+        scales = [float(s) for s in scales]
         shapes = linear_shapes(transformer)
         planned = []
         for item, s in zip(items, scales):
