@@ -35,7 +35,7 @@ def _as_batch(image, what: str) -> tuple[str, Any]:
     if all(isinstance(i, torch.Tensor) for i in items):
         return "pt", torch.cat(items) if items[0].ndim == 4 else torch.stack(items)
     paths = [i for i in items if isinstance(i, (str, os.PathLike))]
-    got = (f"a path ({str(paths[0])!r:.80}): open it first, {what}=PIL.Image.open(path)" if paths
+    got = (f"a path ({str(paths[0])!r}): open it first, {what}=PIL.Image.open(path)" if paths
            else type(items[0]).__name__)
     raise ValueError(f"{what} must be a PIL image, a numpy array (H, W, C) in [0, 1], a torch tensor (B, C, H, W) "
                      f"in [0, 1], or a list of one kind; got {got}")
