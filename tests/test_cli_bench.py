@@ -3,8 +3,6 @@ them (the ladder itself: test_compiled.py)."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from click.testing import CliRunner
 
@@ -29,17 +27,34 @@ def test_bench_results_go_under_the_current_folder_and_the_last_line_names_them_
                                               f"checks: {results / 'e2e.json'}"), result.output
 
 
-def test_bench_out_that_cannot_be_written_fails_before_building(tmp_path):
+@pytest.fixture
+def builds(monkeypatch):
+    """The pipelines ``zimage bench`` built (none, for a refused run). These tests timed the refusal
+    (under 5 s) instead, and the time counted the first import of zimage_native.bench and the
+    pipeline (0.5 to 2.3 s measured on 2 loaded cores, load 7): a bound on the import, not on
+    building."""
+    from zimage_native import bench
+
+    built = []
+
+    def build(*args, **kwargs):
+        built.append(args)
+        raise RuntimeError("zimage bench built a pipeline")
+
+    monkeypatch.setattr(bench, "build_random_pipeline", build)
+    return built
+
+
+def test_bench_out_that_cannot_be_written_fails_before_building(tmp_path, builds):
     """--out under a file (or in a folder without write permission) failed only when the first row was
     written, after the model was built and timed; it fails at once now, naming --out."""
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    start = time.perf_counter()
     result = CliRunner().invoke(main, [*DRY, "--out", str(blocker / "results")])
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: --out: cannot write in the folder {blocker / 'results'}")
-    assert "row done" not in result.output and time.perf_counter() - start < 5
+    assert "row done" not in result.output and builds == []
 
 
 def test_the_recorded_git_sha_is_the_engines_not_the_current_folders(tmp_path, monkeypatch):
@@ -74,12 +89,11 @@ def test_the_recorded_git_sha_is_the_engines_not_the_current_folders(tmp_path, m
                          "got 0"),
     (["--budget-s", "-5"], "Error: --budget-s must be a number of seconds >= 0, got -5.0"),  # was run as 0 s
 ])
-def test_bench_numbers_are_refused_before_building_in_the_flags_names(tmp_path, args, line):
-    start = time.perf_counter()
+def test_bench_numbers_are_refused_before_building_in_the_flags_names(tmp_path, builds, args, line):
     result = CliRunner().invoke(main, ["bench", "--tiny", "--device", "cpu", "--no-diffusers", "--rungs", "eager",
                                        "--out", str(tmp_path), *args])
     assert result.exit_code == 1 and result.output.strip().splitlines() == [line], result.output
-    assert time.perf_counter() - start < 5 and not list(tmp_path.iterdir())  # nothing built, nothing written
+    assert builds == [] and not list(tmp_path.iterdir())  # nothing built, nothing written
 
 
 def test_an_installed_engine_inside_another_repository_records_no_git_sha(tmp_path, monkeypatch):
