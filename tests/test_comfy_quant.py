@@ -1,5 +1,6 @@
 """ComfyUI mixed-precision ("comfy_quant") DiT files: float8_e4m3fn / float8_e5m2 / int8_tensorwise
-layers load as the model of their dequantised weights; other formats are refused naming the layer.
+layers load as the model of their dequantised weights (nvfp4 and mxfp8: test_comfy_quant_blocks.py);
+other formats are refused naming the layer.
 
 The files are built in code in ComfyUI's layout (comfy/ops.py ``_load_quantized_module``,
 comfy/quant_ops.py ``QUANT_ALGOS``, comfy/utils.py ``convert_old_quants``): ``<layer>.weight`` (the
@@ -166,8 +167,9 @@ def _layer(name: str = "layers.0.attention.qkv") -> str:
 
 
 @pytest.mark.parametrize("case, message", [
-    ("nvfp4", r"layer model\.diffusion_model\.layers\.0\.attention\.qkv: format 'nvfp4' is not supported"),
-    ("mxfp8", r"layer model\.diffusion_model\.layers\.0\.attention\.qkv: format 'mxfp8' is not supported"),
+    ("nvfp4", r"layer model\.diffusion_model\.layers\.0\.attention\.qkv: format nvfp4 needs a 2-D U8 weight"),
+    ("mxfp8", r"layer model\.diffusion_model\.layers\.0\.attention\.qkv: format mxfp8 needs "
+              r"model\.diffusion_model\.layers\.0\.attention\.qkv\.weight_scale in F8_E8M0 or U8"),
     ("unknown", r"layer model\.diffusion_model\.layers\.0\.attention\.qkv: format 'int4_magic' is not supported"),
     ("no_format", r"attention\.qkv: its comfy_quant config is not a JSON object with a format"),
     ("not_json", r"attention\.qkv: its comfy_quant config is not a JSON object"),

@@ -4,8 +4,9 @@
   ComfyUI's all-in-one checkpoints do under ``model.diffusion_model.`` / ``vae.`` /
   ``text_encoders.qwen3_4b.``) and in which layout (``converters.keymap``);
 - its quantisation: none, plain fp8, ComfyUI's "scaled fp8" (:mod:`.fp8`) or ComfyUI's mixed
-  precision "comfy_quant" files in the formats :data:`COMFY_QUANT_FORMATS` (:func:`comfy_quant_layers`).
-  Formats that need kernels we do not have (the other comfy_quant formats: nvfp4, mxfp8, ...;
+  precision "comfy_quant" files in the formats :data:`LOADABLE_FORMATS` (:func:`comfy_quant_layers`; the
+  block-scaled nvfp4 and mxfp8: :mod:`.microscale`). Formats that need kernels we do not have (the other
+  comfy_quant formats: convrot_w4a4, asym_w4a8_int8, ...;
   nunchaku SVDQuant, bitsandbytes, GPTQ/AWQ) are recognised and refused with an error that names
   them (for comfy_quant: the layer and its format);
 - LoRAs and ControlNets are recognised and pointed elsewhere.
@@ -23,6 +24,7 @@ from ..converters.keymap import KeyMap, keymap_for
 from .checkpoint import (FLOAT_DTYPES, SAFETENSORS_DTYPES, Checkpoint, UnsupportedFormatError,
                          refuse_non_safetensors, sniff)
 from .fp8 import FP8_DTYPES, is_aux, is_scaled
+from .microscale import BLOCK_FORMATS, blocked_shape
 
 COMPONENTS = ("transformer", "vae", "text_encoder")
 _KIND_ALIASES = {"dit": "transformer", "unet": "transformer", "diffusion_model": "transformer",
@@ -48,8 +50,8 @@ class ComponentInfo:
     def has_fp8_weights(self) -> bool:
         """Whether the component stores float8 weights, or comfy_quant int8 ones, that a DiT can keep
         (``keep_fp8``)."""
-        if self.quantization == "comfy-quant":
-            return any(dtype in FP8_DTYPES + ("I8",) for dtype in self.dtypes)
+        if self.quantization == "comfy-quant":  # (block-scaled layers are dequantised while loading)
+            return any(fmt in COMFY_QUANT_FORMATS for fmt in self.comfy_quant.values())
         return self.quantization in ("fp8", "scaled-fp8")
 
     def keymap(self) -> KeyMap:
@@ -97,6 +99,15 @@ def normalize_kind(kind: str) -> str:
 #: an fp32 scale, and weight = values * scale (per tensor for fp8; per tensor or per output row,
 #: shape (out, 1), for int8).
 COMFY_QUANT_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int8_tensorwise": "I8"}
+#: Every comfy_quant format that loads: those above, and the block-scaled ones, dequantised while
+#: loading (:mod:`.microscale`).
+LOADABLE_FORMATS = (*COMFY_QUANT_FORMATS, *BLOCK_FORMATS)
+#: What to say of the formats ComfyUI knows that do not load here: why, beside the usual advice.
+REFUSED_FORMATS = {
+    "convrot_w4a4": "4-bit int weights rotated by a Hadamard transform (ConvRot), for comfy-kitchen's W4A4 kernels",
+    "asym_w4a8_int8": "asymmetric 4-bit int weights with zero points, for comfy-kitchen's W4A8 kernels",
+    "awq_w4a16": "AWQ 4-bit int weights, for comfy-kitchen's W4A16 kernels",
+}
 COMFY_QUANT_SUFFIX = ".comfy_quant"
 
 
@@ -141,12 +152,18 @@ def _comfy_quant_problem(ckpt: Checkpoint, layers: dict[str, object]) -> str | N
         fmt = conf.get("format") if isinstance(conf, dict) else None
         if fmt is None:
             return f"{where} {layer}: its comfy_quant config is not a JSON object with a format ({conf!r})"
-        if fmt not in COMFY_QUANT_FORMATS:
-            return (f"{where} {layer}: format {fmt!r} is not supported (supported: {', '.join(COMFY_QUANT_FORMATS)}); "
-                    f"use a bf16, fp8, scaled-fp8 or GGUF file")
+        if fmt not in LOADABLE_FORMATS:
+            why = f" ({REFUSED_FORMATS[fmt]})" if isinstance(fmt, str) and fmt in REFUSED_FORMATS else ""
+            return (f"{where} {layer}: format {fmt!r}{why} is not supported (supported: "
+                    f"{', '.join(LOADABLE_FORMATS)}); use a bf16, fp8, scaled-fp8 or GGUF file")
         weight = ckpt.tensors.get(layer + ".weight")
         if weight is None:
             return f"{where} {layer}: format {fmt} but the file has no {layer}.weight"
+        if fmt in BLOCK_FORMATS:
+            problem = _block_layer_problem(ckpt, layer, fmt, weight)
+            if problem:
+                return f"{where} {layer}: format {fmt} {problem}"
+            continue
         if weight.dtype != COMFY_QUANT_FORMATS[fmt] or len(weight.shape) != 2:
             return (f"{where} {layer}: format {fmt} needs a 2-D {COMFY_QUANT_FORMATS[fmt]} weight, the file has "
                     f"{weight.dtype} {list(weight.shape)}")
@@ -161,6 +178,30 @@ def _comfy_quant_problem(ckpt: Checkpoint, layers: dict[str, object]) -> str | N
         params = conf.get("params") if isinstance(conf.get("params"), dict) else {}
         if conf.get("convrot", params.get("convrot", False)):
             return f"{where} {layer}: format {fmt} with ConvRot (Hadamard-rotated weights) is not supported"
+    return None
+
+
+def _block_layer_problem(ckpt: Checkpoint, layer: str, fmt: str, weight) -> str | None:
+    """Why a block-scaled (nvfp4 / mxfp8) layer's tensors do not match ComfyUI's layout, or None."""
+    size, stored, scale_dtypes = BLOCK_FORMATS[fmt]
+    values = 2 if fmt == "nvfp4" else 1
+    if weight.dtype != stored or len(weight.shape) != 2 or weight.shape[1] * values % size:
+        return (f"needs a 2-D {stored} weight of whole blocks of {size} values a row, the file has {weight.dtype} "
+                f"{list(weight.shape)}")
+    scale = ckpt.tensors.get(layer + ".weight_scale")
+    want = blocked_shape(fmt, weight.shape)
+    if scale is None or scale.dtype not in scale_dtypes or scale.numel != want[0] * want[1]:
+        found = "none" if scale is None else f"{scale.dtype} {list(scale.shape)}"
+        return (f"needs {layer}.weight_scale in {' or '.join(scale_dtypes)}, {want[0]} x {want[1]} block scales (one "
+                f"per {size} values, in cuBLAS's blocked layout); the file has {found}")
+    if fmt == "nvfp4":
+        second = ckpt.tensors.get(layer + ".weight_scale_2")
+        if second is None or second.dtype not in FLOAT_DTYPES or second.numel != 1:
+            found = "none" if second is None else f"{second.dtype} {list(second.shape)}"
+            return f"needs one floating {layer}.weight_scale_2 (the per-tensor scale); the file has {found}"
+        if layer + ".pre_quant_scale" in ckpt.tensors:
+            return ("with a pre_quant_scale (activations scaled per channel before the GEMM) is not supported; use a "
+                    "bf16, fp8 or GGUF file")
     return None
 
 

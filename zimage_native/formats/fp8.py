@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import FLOAT_DTYPES, Checkpoint
 
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 TORCH_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -20,8 +20,9 @@ TORCH_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 #: Keys that describe quantisation rather than hold a weight of the model. ``input_scale`` (a static
 #: activation scale: ComfyUI quantises a layer's input to fp8 with it for its fp8 GEMM) is not used
 #: here: activations stay in the compute dtype. ``comfy_quant``: a layer's ComfyUI mixed-precision
-#: config (:func:`~zimage_native.formats.detect.comfy_quant_layers`).
-SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale", ".comfy_quant")
+#: config (:func:`~zimage_native.formats.detect.comfy_quant_layers`). ``weight_scale_2``: nvfp4's
+#: per-tensor scale (:mod:`.microscale`).
+SCALE_SUFFIXES = (".scale_weight", ".weight_scale", ".weight_scale_2", ".scale_input", ".input_scale", ".comfy_quant")
 MARKER = "scaled_fp8"
 
 
@@ -107,6 +108,8 @@ def read_scales(ckpt: Checkpoint, keys: list[str], keymap, device: torch.device 
         scale_key = scale_for(ckpt, key)
         if scale_key is None or ckpt.tensors[key].dtype not in stored:
             continue
+        if ckpt.tensors[scale_key].dtype not in FLOAT_DTYPES:
+            continue  # an mxfp8 weight (float8 too): its e8m0 block scales; it is dequantised while loading
         scale = ckpt.get(scale_key).to(torch.float32)
         targets = keymap.canonical_keys(key)
         parts = scale.chunk(len(targets)) if scale.numel() > 1 else [scale] * len(targets)

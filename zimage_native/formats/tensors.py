@@ -22,6 +22,8 @@ from ..converters.keymap import to_canonical
 from .checkpoint import Checkpoint
 from .detect import ComponentInfo
 from .fp8 import FP8_DTYPES, TORCH_FP8, dequantize, is_aux, scale_for
+from .microscale import BLOCK_FORMATS, logical_shape
+from .microscale import dequantize as dequantize_blocks
 
 
 class StoredRows:
@@ -69,7 +71,8 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
               dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None, rows: bool = False,
               keep_int8: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """The component's weights in file order (quantisation keys consumed), as stored or dequantised
-    to ``dtype`` (fp32 when None; meta tensors say fp32; comfy_quant int8 weights are dequantised
+    to ``dtype`` (fp32 when None; meta tensors say fp32; comfy_quant nvfp4 and mxfp8 weights always
+    are, by blocks of rows (:mod:`.microscale`); comfy_quant int8 weights are dequantised
     whatever ``dequant`` says, unless ``keep_int8``: then they come as stored, int8, for a DiT that
     keeps them (``loading.load_kept_fp8``), their scales read apart); other floating tensors of two or more
     dimensions are cast to ``dtype`` (when given) as they are read. A key that the key map drops (a
@@ -85,8 +88,12 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
         if not targets or (keep is not None and not any(keep(t) for t in targets)):
             continue
         t_info = ckpt.tensors[key]
-        int8 = info.comfy_quant.get(key) == "int8_tensorwise"  # dequantised (int8 values * weight_scale)...
-        if int8 and keep_int8:  # ... unless kept
+        fmt = info.comfy_quant.get(key)
+        int8 = fmt == "int8_tensorwise"  # dequantised (int8 values * weight_scale)...
+        if fmt in BLOCK_FORMATS:  # nvfp4 / mxfp8: always dequantised, by blocks of rows
+            yield key, (torch.empty(logical_shape(fmt, t_info.shape), dtype=torch.float32, device="meta") if meta
+                        else dequantize_blocks(ckpt, key, fmt, dtype or torch.float32))
+        elif int8 and keep_int8:  # ... unless kept
             yield key, ckpt.meta(key) if meta else ckpt.get(key)
         elif int8 and rows and not dequant and not meta and len(t_info.shape) >= 2:
             yield key, DequantizedRows(ckpt, key, ckpt.get(scale_for(ckpt, key)))

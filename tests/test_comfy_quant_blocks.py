@@ -1,0 +1,243 @@
+"""ComfyUI's block-scaled comfy_quant formats, ``nvfp4`` and ``mxfp8`` (Z-Image-Turbo-NVFP4 and -MXFP8
+files on the Hub mix them with bf16 layers), dequantised while loading.
+
+The layouts are ComfyUI's (comfy/float.py, comfy/ops.py ``_load_quantized_module``, comfy/quant_ops.py
+``QUANT_ALGOS``; see zimage_native/formats/microscale.py). The files are built in code from random
+codes and scales, and the values they must dequantise to come from a slow twin written from the
+format definitions: e2m1 and e4m3 values from their sign, exponent and mantissa bits, e8m0 as
+2^(e - 127), the block scales found by the blocked layout's index formula, one value at a time in
+numpy float32 (nvfp4: value * (block scale * tensor scale), as comfy-kitchen computes it).
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from zimage_native.formats import UnsupportedFormatError, describe, detect_format
+from zimage_native.formats.checkpoint import Checkpoint
+from zimage_native.formats.microscale import dequantize
+from zimage_native.loading import load_component
+
+from .test_comfy_quant import PREFIX, comfy_quant_tensor, in_new_memory, to_comfy_quant
+from .test_formats import TINY_AXES, comfy_dit, dit_output, write
+
+
+def e2m1(code: int) -> float:
+    sign = -1.0 if code & 8 else 1.0
+    e, m = (code >> 1) & 3, code & 1
+    return sign * (m * 0.5 if e == 0 else 2.0 ** (e - 1) * (1 + m / 2))
+
+
+def e4m3(code: int) -> float:
+    sign = -1.0 if code & 0x80 else 1.0
+    e, m = (code >> 3) & 0xF, code & 7
+    return sign * (m / 8 * 2.0 ** -6 if e == 0 else 2.0 ** (e - 7) * (1 + m / 8))
+
+
+def blocked_index(r: int, c: int, blocks: int) -> int:
+    """Where the scale of row r, block c sits in cuBLAS's blocked layout (128 x 4 tiles, row-major)."""
+    tiles_c = -(-blocks // 4)
+    return ((r // 128) * tiles_c + c // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4
+
+
+def twin(fmt: str, weight: np.ndarray, scale: np.ndarray, second: float = 1.0) -> np.ndarray:
+    """The fp32 weight, one value at a time from the stored bytes (``weight`` and ``scale`` as uint8)."""
+    rows = weight.shape[0]
+    cols = weight.shape[1] * (2 if fmt == "nvfp4" else 1)
+    size = 16 if fmt == "nvfp4" else 32
+    flat = scale.reshape(-1)
+    out = np.empty((rows, cols), dtype=np.float32)
+    for r in range(rows):
+        for j in range(cols):
+            s = int(flat[blocked_index(r, j // size, cols // size)])
+            if fmt == "nvfp4":
+                byte = int(weight[r, j // 2])
+                code = byte >> 4 if j % 2 == 0 else byte & 0xF
+                out[r, j] = np.float32(e2m1(code)) * (np.float32(e4m3(s)) * np.float32(second))
+            else:
+                block = np.float32(0.0) if s == 0 else np.float32(2.0 ** (s - 127))
+                out[r, j] = np.float32(e4m3(int(weight[r, j]))) * block
+    return out
+
+
+def random_layer(fmt: str, rows: int, cols: int, g: torch.Generator) -> tuple[dict, np.ndarray]:
+    """(the layer's tensors by suffix, its weight by the twin) of random codes and scales; the blocked
+    scales' padding is random too (it must not be read)."""
+    size = 16 if fmt == "nvfp4" else 32
+    shape = (-(-rows // 128) * 128, -(-(cols // size) // 4) * 4)
+    if fmt == "nvfp4":
+        weight = torch.randint(0, 256, (rows, cols // 2), generator=g, dtype=torch.uint8)
+        scale = torch.randint(0x18, 0x40, shape, generator=g, dtype=torch.uint8)  # e4m3 2^-4 .. 2^0.9, no NaN
+        second = float(torch.rand((), generator=g)) * 0.1 + 0.01
+        tensors = {"weight": weight, "weight_scale": scale.view(torch.float8_e4m3fn),
+                   "weight_scale_2": torch.tensor(second, dtype=torch.float32), "input_scale": torch.tensor(0.1)}
+        return tensors, twin(fmt, weight.numpy(), scale.numpy(), second)
+    codes = torch.randint(0, 0x7F, (rows, cols), generator=g, dtype=torch.uint8)  # e4m3 without NaN (0x7F, 0xFF)
+    weight = (codes | (torch.randint(0, 2, (rows, cols), generator=g, dtype=torch.uint8) << 7))
+    scale = torch.randint(118, 130, shape, generator=g, dtype=torch.uint8)  # 2^-9 .. 2^2
+    scale.view(-1)[::7] = 0  # e8m0 code 0: an all-zero block, read as 0
+    tensors = {"weight": weight.view(torch.float8_e4m3fn), "weight_scale": scale.view(torch.float8_e8m0fnu)}
+    return tensors, twin(fmt, weight.numpy(), scale.numpy())
+
+
+@pytest.mark.parametrize("fmt, rows, cols, scale_dtype", [
+    ("nvfp4", 192, 64, "F8_E4M3"), ("nvfp4", 300, 1040, "U8"), ("mxfp8", 64, 64, "F8_E8M0"),
+    ("mxfp8", 260, 288, "U8")])
+def test_block_scaled_weights_dequantise_to_the_values_of_their_definition(tmp_path, fmt, rows, cols, scale_dtype,
+                                                                          monkeypatch):
+    """Bit for bit the twin's values, whatever the row blocks read at a time (one tile, several, a part)."""
+    from zimage_native.formats import microscale
+
+    g = torch.Generator().manual_seed(rows + cols)
+    tensors, want = random_layer(fmt, rows, cols, g)
+    if scale_dtype == "U8":
+        tensors["weight_scale"] = tensors["weight_scale"].view(torch.uint8)
+    path = write(tmp_path / "layer.safetensors", {f"x.{k}": v for k, v in tensors.items()})
+    for chunk in (2**20, 100 * cols, 7 * cols):
+        monkeypatch.setattr(microscale, "CHUNK_ELEMENTS", chunk)
+        with Checkpoint(path) as ckpt:
+            assert ckpt.tensors["x.weight_scale"].dtype == scale_dtype
+            got = dequantize(ckpt, "x.weight", fmt)
+            assert got.dtype == torch.float32 and tuple(got.shape) == (rows, cols)
+            assert torch.equal(got.view(torch.int32), torch.from_numpy(want).view(torch.int32))  # -0.0 too
+            bf16 = dequantize(ckpt, "x.weight", fmt, torch.bfloat16)
+            assert torch.equal(bf16, torch.from_numpy(want).to(torch.bfloat16))  # rounded once
+
+
+#: nvfp4 on the fused qkv (192 x 64: two tiles of rows, the second padded) and t_embedder.mlp.2 (64 x 1024:
+#: 16 tiles of blocks); mxfp8 on attention.out and t_embedder.mlp.0 (1024 x 256: 8 tiles of rows);
+#: float8 on feed_forward.w3 (a mixed file as on the Hub); the rest fp32.
+BLOCK_MIX = {"attention.qkv": "nvfp4", "t_embedder.mlp.2": "nvfp4", "attention.out": "mxfp8",
+             "t_embedder.mlp.0": "mxfp8"}
+
+
+def block_file(sd: dict, seed: int = 0) -> tuple[dict, dict]:
+    """(file tensors, expected fp32 state): the BLOCK_MIX layers in their formats with random values."""
+    g = torch.Generator().manual_seed(seed)
+    out, expected = to_comfy_quant(sd, mix={"feed_forward.w3": ("float8_e4m3fn", "tensor")})[:2]
+    for k, v in sd.items():
+        match = next((m for m in BLOCK_MIX if k.endswith(f".{m}.weight")), None)
+        if match is None:
+            continue
+        fmt, layer = BLOCK_MIX[match], k[: -len(".weight")]
+        tensors, want = random_layer(fmt, *v.shape, g)
+        out.update({f"{layer}.{suffix}": t for suffix, t in tensors.items()})
+        out[f"{layer}.comfy_quant"] = comfy_quant_tensor({"format": fmt})
+        expected[k] = torch.from_numpy(want)
+    return out, expected
+
+
+@pytest.fixture(scope="module")
+def comfy_sd(tiny_model_dir):
+    return comfy_dit(tiny_model_dir, PREFIX)
+
+
+def test_an_nvfp4_and_mxfp8_dit_loads_as_the_model_of_its_dequantised_weights(comfy_sd, tmp_path):
+    from zimage_native.quant_linear import FP8StoredLinear
+
+    sd, expected = block_file(comfy_sd)
+    path = write(tmp_path / "z_image_turbo_nvfp4.safetensors", sd)
+    info = detect_format(path).components[0]
+    assert info.quantization == "comfy-quant" and sorted(set(info.comfy_quant.values())) == [
+        "float8_e4m3fn", "mxfp8", "nvfp4"]
+    reference = load_component("transformer", write(tmp_path / "dequantised.safetensors", expected), torch.float32,
+                               "cpu", config=TINY_AXES)
+    want = reference.state_dict()
+    reference = in_new_memory(reference)
+    for keep in (False, None):  # dequantised while loading; or its float8 layers kept (the block-scaled ones never)
+        model = load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES, keep_fp8=keep)
+        stored = {n for n, m in model.named_modules() if isinstance(m, FP8StoredLinear)}
+        assert all(n.endswith("feed_forward.w3") for n in stored) and (len(stored) > 0) == (keep is None)
+        state = model.state_dict()
+        for k, v in want.items():
+            if not any(s + "." in k for s in stored):
+                assert torch.equal(state[k], v), k
+        assert torch.equal(dit_output(in_new_memory(model)), dit_output(reference))
+    bf16 = load_component("transformer", path, torch.bfloat16, "cpu", config=TINY_AXES, keep_fp8=False)
+    qkv = "layers.0.attention.to_q.weight"
+    assert bf16.state_dict()[qkv].dtype == torch.bfloat16 and torch.equal(bf16.state_dict()[qkv],
+                                                                           want[qkv].to(torch.bfloat16))
+    d = describe(path)
+    assert "problem" not in d and d["components"]["transformer"]["comfy_quant"]["nvfp4"] > 0
+    # an fp8 compute path's view: the float8 layers with their scales; mxfp8 weights (float8 too) come
+    # dequantised, so no scale of theirs (their e8m0 block scales are not a weight scale)
+    from zimage_native.loading import read_component_state_dict
+
+    state, scales = read_component_state_dict(path, "transformer", dequantize_fp8=False)
+    assert sorted({k.rsplit(".", 2)[-2] for k in scales}) == ["w3"]
+    assert state["layers.0.attention.to_out.0.weight"].dtype == torch.float32
+
+
+def _layer(name: str = "layers.0.attention.qkv") -> str:
+    return PREFIX + name
+
+
+@pytest.mark.parametrize("case, message", [
+    ("convrot_w4a4", r"attention\.qkv: format 'convrot_w4a4' \(4-bit int weights rotated by a Hadamard transform "
+                     r"\(ConvRot\), for comfy-kitchen's W4A4 kernels\) is not supported \(supported: float8_e4m3fn, "
+                     r"float8_e5m2, int8_tensorwise, nvfp4, mxfp8\); use a bf16, fp8, scaled-fp8 or GGUF file"),
+    ("asym_w4a8_int8", r"attention\.qkv: format 'asym_w4a8_int8' \(asymmetric 4-bit int weights with zero points"),
+    ("nvfp4_fp8_weight", r"attention\.qkv: format nvfp4 needs a 2-D U8 weight of whole blocks of 16 values a row, "
+                         r"the file has F8_E4M3 \[192, 64\]"),
+    ("nvfp4_plain_scales", r"attention\.qkv: format nvfp4 needs .*attention\.qkv\.weight_scale in F8_E4M3 or U8, "
+                           r"256 x 4 block scales \(one per 16 values, in cuBLAS's blocked layout\); the file has "
+                           r"F8_E4M3 \[192, 4\]"),
+    ("nvfp4_no_second", r"attention\.qkv: format nvfp4 needs one floating .*attention\.qkv\.weight_scale_2 \(the "
+                        r"per-tensor scale\); the file has none"),
+    ("nvfp4_pre_quant", r"attention\.qkv: format nvfp4 with a pre_quant_scale \(activations scaled per channel "
+                        r"before the GEMM\) is not supported"),
+    ("mxfp8_float_scale", r"attention\.out: format mxfp8 needs .*attention\.out\.weight_scale in F8_E8M0 or U8"),
+])
+def test_block_scaled_layers_that_do_not_match_their_format_are_refused_naming_it(comfy_sd, tmp_path, case,
+                                                                                  message):
+    sd, _ = block_file(comfy_sd)
+    qkv, out = _layer(), _layer("layers.0.attention.out")
+    if case in ("convrot_w4a4", "asym_w4a8_int8"):
+        sd[f"{qkv}.comfy_quant"] = comfy_quant_tensor({"format": case})
+    elif case == "nvfp4_fp8_weight":
+        sd[f"{qkv}.weight"] = torch.zeros(192, 64, dtype=torch.float8_e4m3fn)
+    elif case == "nvfp4_plain_scales":  # one scale per block, not in the blocked layout
+        sd[f"{qkv}.weight_scale"] = torch.ones(192, 4, dtype=torch.float8_e4m3fn)
+    elif case == "nvfp4_no_second":
+        del sd[f"{qkv}.weight_scale_2"]
+    elif case == "nvfp4_pre_quant":
+        sd[f"{qkv}.pre_quant_scale"] = torch.ones(64)
+    elif case == "mxfp8_float_scale":
+        sd[f"{out}.weight_scale"] = sd[f"{out}.weight_scale"].view(torch.uint8).float()
+    path = write(tmp_path / "model.safetensors", sd)
+    with pytest.raises(UnsupportedFormatError, match=message):
+        load_component("transformer", path, None, "cpu", config=TINY_AXES)
+    assert re.search(message, describe(path)["problem"])
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_a_text_encoder_with_nvfp4_and_mxfp8_layers_loads_as_the_encoder_of_its_dequantised_weights(
+        tiny_model_dir, tmp_path, quant):
+    """As loaded, and quantised while loading (the int8 codes of the dequantised weights)."""
+    from .test_formats import prefixed_te
+
+    sd = prefixed_te(tiny_model_dir, lm_head=False)
+    g = torch.Generator().manual_seed(1)
+    mix = {"self_attn.q_proj": "nvfp4", "mlp.gate_proj": "nvfp4", "mlp.down_proj": "mxfp8"}
+    out, expected = {}, {}
+    for k, v in sd.items():
+        fmt = next((f for m, f in mix.items() if k.endswith(f".{m}.weight")), None)
+        if fmt is None:
+            out[k] = expected[k] = v
+            continue
+        tensors, want = random_layer(fmt, *v.shape, g)
+        out.update({f"{k[: -len('weight')]}{suffix}": t for suffix, t in tensors.items()})
+        out[f"{k[: -len('.weight')]}.comfy_quant"] = comfy_quant_tensor({"format": fmt})
+        expected[k] = torch.from_numpy(want)
+    config = {"max_position_embeddings": 2048}
+    a = load_component("text_encoder", write(tmp_path / "qwen_3_4b_nvfp4.safetensors", out), torch.bfloat16, "cpu",
+                       config=config, quant=quant).state_dict()
+    b = load_component("text_encoder", write(tmp_path / "dequantised.safetensors", expected), torch.bfloat16, "cpu",
+                       config=config, quant=quant).state_dict()
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        assert v.dtype == b[k].dtype and torch.equal(v, b[k]), k
