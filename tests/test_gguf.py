@@ -914,11 +914,12 @@ def retyped(src: Path, dst: Path, qtype: str, which) -> Path:
     return write_gguf(dst, tensors, arch, meta)
 
 
-SUPPORTED_TYPES = "supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"
+SUPPORTED_TYPES = ("supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, "
+                   "IQ4_XS")
 
 
 def test_an_unsupported_ggml_type_names_the_tensor_the_type_and_the_supported_types(tiny_model_dir, tmp_path):
-    """IQ*, TQ*, Q8_K, MXFP4 builds (llama.cpp's i1-IQ4_XS encoders, for example): one line naming the
+    """IQ1-3, TQ*, Q8_K, MXFP4 builds (llama.cpp's i1-IQ3_S encoders, for example): one line naming the
     component, the first such tensor, its type, how many there are and the supported types, from
     load_component, `zimage info` and `zimage generate` (before any weight is read)."""
     from click.testing import CliRunner
@@ -930,7 +931,7 @@ def test_an_unsupported_ggml_type_names_the_tensor_the_type_and_the_supported_ty
     dit, _ = write_dit(tmp_path / "dit.gguf", "Q4_K")
     te, _ = write_qwen3(tmp_path / "te.gguf", len(tok), "Q4_K")
     out = tmp_path / "out.png"
-    for qtype in ("IQ4_XS", "IQ3_S", "IQ2_XXS", "TQ1_0", "Q8_K", "MXFP4"):
+    for qtype in ("IQ3_S", "IQ2_XXS", "IQ1_M", "TQ1_0", "Q8_K", "MXFP4"):
         cases = (("transformer", retyped(dit, tmp_path / f"dit-{qtype}.gguf", qtype, lambda k: ".feed_forward." in k),
                   "the DiT's tensor noise_refiner.0.feed_forward.w1.weight", "(9 of the 52 tensors"),
                  ("text_encoder", retyped(te, tmp_path / f"te-{qtype}.gguf", qtype, lambda k: "ffn_down" in k),
@@ -955,7 +956,7 @@ def test_an_unsupported_ggml_type_names_the_tensor_the_type_and_the_supported_ty
 
 
 def test_an_unsupported_type_in_tensors_the_encoder_never_reads_loads(tiny_model_dir, tmp_path):
-    """The truncated encoder reads neither the last layer nor the LM head: an IQ4_XS in those alone
+    """The truncated encoder reads neither the last layer nor the LM head: an IQ3_S in those alone
     is no reason to refuse the file, which gives the features of the same file without them."""
     from transformers import AutoTokenizer
 
@@ -963,12 +964,31 @@ def test_an_unsupported_type_in_tensors_the_encoder_never_reads_loads(tiny_model
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
     te, reference = write_qwen3(tmp_path / "te.gguf", len(tok), "Q4_K")
-    path = retyped(te, tmp_path / "te-iq-head.gguf", "IQ4_XS", lambda k: k.startswith(("blk.2.", "output.")))
+    path = retyped(te, tmp_path / "te-iq-head.gguf", "IQ3_S", lambda k: k.startswith(("blk.2.", "output.")))
     assert detect_format(path).problem is None
     model = load_component("text_encoder", path, torch.float32, "cpu")
     texts = ["a cat on a chair"]
     for a, b in zip(TextEncoder(model, tok).encode(texts), reference_features(reference, tok, texts)):
         assert_rel(a, b, 1e-6, "text features")
+
+
+@pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS"])
+def test_an_iq4_text_encoder_gives_the_features_of_its_dequantised_weights(tiny_model_dir, tmp_path, qtype):
+    """llama.cpp's IQ4_NL / IQ4_XS Qwen3 builds (Qwen3-4B.i1-IQ4_XS.gguf, ...): every linear and the
+    embedding in the type, kept packed, against the encoder built from the gguf package's values."""
+    from transformers import AutoTokenizer
+
+    from zimage_native.quant_linear import GGUFEmbedding, GGUFLinear
+    from zimage_native.text_encoder import TextEncoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    path, reference = write_qwen3(tmp_path / f"Qwen3-4B-{qtype}.gguf", len(tok), qtype)
+    model = load_component("text_encoder", path, torch.float32, "cpu")
+    packed = [m for m in model.modules() if isinstance(m, (GGUFLinear, GGUFEmbedding))]
+    assert packed and {m.qtype for m in packed} == {qtype}
+    texts = ["a cat on a chair", "two dogs"]
+    for a, b in zip(TextEncoder(model, tok).encode(texts), reference_features(reference, tok, texts)):
+        assert_rel(a, b, 1e-6, f"{qtype} text features")
 
 
 def test_a_lumina_image_2_dit_is_named_as_such(tiny_model_dir, tmp_path):

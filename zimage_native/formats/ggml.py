@@ -11,7 +11,11 @@ fp32 values ``(rows, row_values)``, bit for bit what the ``gguf`` package's refe
 to the requested dtype. Only integer and elementwise float ops are used, so it runs on the CPU,
 CUDA, MPS, ... alike. The ``gguf`` package itself is not needed here.
 
-Supported: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
+Supported: F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, and the two
+non-linear 4-bit types of llama.cpp's i-quants that need no codebook grid, IQ4_NL and IQ4_XS (4-bit
+indices into a table of 16 int8 values, the ``kvalues_iq4nl`` of ggml-common.h; common in Qwen3 GGUF
+text encoders). The other IQ types (IQ1_*, IQ2_*, IQ3_*: indices into grids of 256 to 2048 8-value
+entries), TQ1_0 / TQ2_0, MXFP4 and Q8_K are not.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     12: ("Q4_K", 256, 144),
     13: ("Q5_K", 256, 176),
     14: ("Q6_K", 256, 210),
+    20: ("IQ4_NL", 32, 18),
+    23: ("IQ4_XS", 256, 136),
     30: ("BF16", 1, 2),
 }
 TYPE_IDS: dict[str, int] = {name: tid for tid, (name, _, _) in GGML_TYPES.items()}
@@ -194,9 +200,39 @@ def _q6_k(b: torch.Tensor) -> torch.Tensor:
     return (ds * q).reshape(n, 256)
 
 
+#: The 16 values of IQ4_NL / IQ4_XS codes (``kvalues_iq4nl``), non-linear in the code.
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _iq4_values(q: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 -> their IQ4_VALUES, as fp32, looked up in a table filled on ``q``'s device from
+    Python scalars (no tensor built from host data, so no host-to-device copy: see :func:`_split`)."""
+    table = q.new_empty(16, dtype=torch.float32)
+    for k, value in enumerate(IQ4_VALUES):
+        table[k] = value
+    return table[q.long()]
+
+
+def _iq4_nl(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]  # Q4_0's block: fp16 d, then 16 bytes of codes (low nibbles: values 0..15, high: 16..31)
+    return _f16(b, 0) * _iq4_values(_nibbles(b[:, 2:18], n, 1, 16).reshape(n, 32))
+
+
+def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]  # fp16 d, uint16 high scale bits, 4 bytes of low scale nibbles, 128 bytes of codes
+    d = _f16(b, 0)
+    high = _split(b[:, 2:4], n, 1, 2, (0, 2, 4, 6), 3).transpose(2, 3).reshape(n, 8)  # 2 bits per sub-block
+    low = _nibbles(b[:, 4:8], n, 1, 4).transpose(2, 3).reshape(n, 8)  # sub-block 2i: low nibble of byte i
+    ls = (low | (high << 4)).to(torch.float32) - 32
+    dl = (d * ls).reshape(n, 8, 1)
+    q = _iq4_values(_nibbles(b[:, 8:136], n, 8, 16).reshape(n, 8, 32))  # per 32 values: 16 low, 16 high nibbles
+    return (dl * q).reshape(n, 256)
+
+
 _BLOCK_DEQUANT = {
     "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
     "Q2_K": _q2_k, "Q3_K": _q3_k, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k,
+    "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs,
 }
 
 

@@ -299,8 +299,8 @@ def inspect_gguf(ckpt: GGUFCheckpoint) -> FileFormat:
                     for c in found if bad[0] in c.keys)
         fmt.problem = (f"{ckpt.path}: {what} tensor {bad[0]} is stored as {ckpt.unsupported[bad[0]]}, a GGML type this "
                        f"engine does not dequantise ({len(bad)} of the {len(read)} tensors it would load: {kinds}); "
-                       f"supported: {SUPPORTED}: use a build of the model in one of those (a Q4_K_M, Q5_K_M, Q6_K "
-                       f"or Q8_0 file)")
+                       f"supported: {SUPPORTED}: use a build of the model in one of those (a Q4_K_M, IQ4_XS, Q5_K_M, "
+                       f"Q6_K or Q8_0 file)")
     return fmt
 
 
