@@ -163,6 +163,8 @@ def test_an_nvfp4_and_mxfp8_dit_loads_as_the_model_of_its_dequantised_weights(co
                                                                            want[qkv].to(torch.bfloat16))
     d = describe(path)
     assert "problem" not in d and d["components"]["transformer"]["comfy_quant"]["nvfp4"] > 0
+    plain = describe(tmp_path / "dequantised.safetensors")["components"]["transformer"]
+    assert d["components"]["transformer"]["parameters"] == plain["parameters"]  # nvfp4: two values a byte
     # an fp8 compute path's view: the float8 layers with their scales; mxfp8 weights (float8 too) come
     # dequantised, so no scale of theirs (their e8m0 block scales are not a weight scale)
     from zimage_native.loading import read_component_state_dict

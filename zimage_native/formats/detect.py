@@ -294,7 +294,7 @@ def _analyse(ckpt: Checkpoint, component: str, prefix: str, keys: list[str],
         t = ckpt.tensors[k]
         info.dtypes[t.dtype] = info.dtypes.get(t.dtype, 0) + t.numel
         info.tensors += 1
-        info.parameters += 0 if is_aux(k) else t.numel
+        info.parameters += 0 if is_aux(k) else t.numel * (2 if info.comfy_quant.get(k) == "nvfp4" else 1)  # 2 a byte
     return info
 
 
