@@ -1136,7 +1136,7 @@ def test_a_wrong_file_for_a_component_is_refused_before_any_weight_is_read(tiny_
     tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
     dit, _ = write_dit(tmp_path / "dit.gguf", "Q4_K")
     te, _ = write_qwen3(tmp_path / "te.gguf", len(tok), "Q4_K")
-    iq = retyped(te, tmp_path / "te-IQ4_XS.gguf", "IQ4_XS", lambda k: "ffn_down" in k)
+    iq = retyped(te, tmp_path / "te-IQ3_S.gguf", "IQ3_S", lambda k: "ffn_down" in k)
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a component was loaded before the check")
@@ -1148,7 +1148,7 @@ def test_a_wrong_file_for_a_component_is_refused_before_any_weight_is_read(tiny_
     single = dict(vae=tiny_model_dir / "vae", tokenizer=tiny_model_dir / "tokenizer", device="cpu")
     for files, message in ((dict(transformer=te, text_encoder=dit), swapped),
                            (dict(transformer=dit, text_encoder=iq), "the text encoder's tensor blk.0.ffn_down.weight "
-                                                                    "is stored as IQ4_XS")):
+                                                                    "is stored as IQ3_S")):
         with pytest.raises(UnsupportedFormatError) as err:
             ZImagePipeline.from_single_files(**files, **single)
         assert message in str(err.value)
