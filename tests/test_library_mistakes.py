@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,3 +197,27 @@ def test_a_lora_scale_that_is_not_a_finite_number_is_refused_before_any_weight_c
     assert torch.equal(fresh_pipe.transformer.layers[0].attention.to_q.weight, before) and not fresh_pipe.loras
     fresh_pipe.load_lora(path, scale=0.5)  # a number runs
     assert fresh_pipe.loras[0].scale == 0.5
+
+
+@pytest.mark.parametrize("scale, want", [
+    (torch.tensor(0.5), [0.5]), (np.array(0.5), [0.5]),
+    ([torch.tensor(0.5), torch.tensor(0.25)], [0.5, 0.25]), ([np.array(0.5), np.float32(0.25)], [0.5, 0.25]),
+    (torch.tensor([0.5, 0.25]), [0.5, 0.25])])
+def test_lora_scales_given_as_0d_tensors_or_arrays_load_as_their_numbers(fresh_pipe, tmp_path, scale, want):
+    """load_lora(paths, scale=[torch.tensor(0.5), ...]) loaded at those numbers before the finite-number
+    check came, and was refused by it ("got tensor(0.5000)"); a single 0-d tensor or array failed with
+    "iteration over a 0-d tensor". Each one-value tensor or array is read as its number: the weights
+    are those of the same load with Python floats, bit for bit."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "lora.safetensors"
+    save_file({"transformer.layers.0.attention.to_q.lora_A.weight": torch.randn(4, 64, generator=g) * 0.1,
+               "transformer.layers.0.attention.to_q.lora_B.weight": torch.randn(64, 4, generator=g) * 0.1}, path)
+    paths = path if len(want) == 1 else [path] * len(want)
+    fresh_pipe.load_lora(paths, scale=want[0] if len(want) == 1 else want)
+    expected = fresh_pipe.transformer.layers[0].attention.to_q.weight.clone()
+    fresh_pipe.unload_lora()
+    fresh_pipe.load_lora(paths, scale=scale)
+    assert [r.scale for r in fresh_pipe.loras] == want and all(type(r.scale) is float for r in fresh_pipe.loras)
+    assert torch.equal(fresh_pipe.transformer.layers[0].attention.to_q.weight, expected)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -719,6 +720,14 @@ def _settle_streamed_blocks(transformer: nn.Module) -> None:
         streamer.release()
 
 
+def _one_value(value):
+    """A 0-d tensor or array (a scale given as ``torch.tensor(0.8)``) as its Python number; anything
+    else as it is, for the scale check to refuse by name."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0 and getattr(value, "is_meta", False) is False:
+        return value.item()
+    return value
+
+
 class LoraStack:
     """The LoRAs fused into one DiT (a pipeline's collaborator): ``load``, ``unload`` with exact undo,
     and the reports of what is loaded. The transformer is passed to each call."""
@@ -742,8 +751,9 @@ class LoraStack:
         items = [path_or_list] if single else list(path_or_list)
         if not items:
             raise ValueError("load_lora: no LoRA given")
+        scale = _one_value(scale)
         scalar = isinstance(scale, (numbers.Number, str, bytes)) or not isinstance(scale, Iterable)
-        scales = [scale] * len(items) if scalar else list(scale)
+        scales = [scale] * len(items) if scalar else [_one_value(s) for s in scale]
         if len(scales) != len(items):
             raise ValueError(f"load_lora: {len(items)} LoRAs but {len(scales)} scales")
         for s in scales:  # before any weight changes: a NaN fused into the weights made every image NaN
