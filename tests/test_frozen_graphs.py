@@ -175,3 +175,20 @@ def test_a_lora_fused_in_place_keeps_the_captured_graphs(tiny_model_dir):
     for k, (got, want) in enumerate(results):
         assert torch.equal(got, want), f"after change {k}"
     assert not torch.equal(results[1][1], results[0][1]) and torch.equal(results[-1][1], results[0][1])
+
+
+def test_clearing_no_side_path_keeps_the_lora_generation():
+    """unload_lora clears the side paths of every packed linear; one that had none moved the process's
+    LoRA generation all the same, so a LoRA fused into the ordinary weights of a GGUF or kept-fp8 DiT
+    (or any LoRA change in another pipeline of the process) dropped every captured graph. Only a
+    clear that removes a side path moves it now."""
+    from zimage_native.quant_linear import Int8StoredLinear, lora_generation
+
+    layer = Int8StoredLinear(32, 16)
+    layer.weight.copy_(torch.randint(-127, 128, (16, 32), dtype=torch.int8))
+    layer.scale.fill_(0.01)
+    before = lora_generation()
+    assert layer.clear_lora() == 0 and lora_generation() == before
+    layer.add_lora(torch.randn(4, 32), torch.randn(16, 4), 0.5)
+    added = lora_generation()
+    assert added != before and layer.clear_lora() == 1 and lora_generation() != added

@@ -205,7 +205,8 @@ class PackedLinear(nn.Module):
             if b is not None:
                 delattr(self, b)
         self.lora = []
-        _lora_changed()
+        if n:  # nothing cleared: the structure is unchanged (captured graphs and compiled code stay current)
+            _lora_changed()
         return n
 
     def storage(self) -> str:
