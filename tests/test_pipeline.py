@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -330,6 +331,33 @@ def test_diffusers_loading_habits_are_refused_before_loading_or_mapped(tiny_mode
     assert tiny_pipe.to(device="cpu") is tiny_pipe and tiny_pipe.to("cpu") is tiny_pipe
     with pytest.raises(ValueError, match=r"from_pretrained\(\.\.\., offload='blocks'\)"):
         tiny_pipe.enable_sequential_cpu_offload()
+
+
+def test_unknown_and_habitual_loading_keywords_name_from_pretrained(tiny_model_dir, monkeypatch, caplog):
+    from zimage_native import ZImagePipeline, pipeline
+
+    monkeypatch.setattr(pipeline, "_ignored_told", set(), raising=False)  # each habit logs once per process
+    for name, value in (("foo", 1), ("proxies", None), ("dduf_file", "x.dduf")):
+        with pytest.raises(TypeError) as err:
+            ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", **{name: value})
+        assert str(err.value).startswith(f"ZImagePipeline.from_pretrained() got an unexpected keyword argument "
+                                         f"'{name}' (its loading options: device, dtype, variant,")
+        assert "load_pretrained" not in str(err.value) and "\n" not in str(err.value)
+    # ignoring these would change what the caller gets: refused
+    for name, value, words in (("safety_checker", object(), "there is no safety checker"),
+                               ("requires_safety_checker", True, "there is no safety checker"),
+                               ("force_download", True, "hf download REPO --force-download")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", **{name: value})
+    # habits that change nothing: accepted, each named once in the log
+    habits = dict(safety_checker=None, requires_safety_checker=False, feature_extractor=None, use_safetensors=True,
+                  low_cpu_mem_usage=True, force_download=False)
+    with caplog.at_level(logging.INFO, logger="zimage_native.pipeline"):
+        pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", **habits)
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", **habits)
+    assert pipe.variant == "turbo"
+    told = [r.getMessage() for r in caplog.records if "ignored (diffusers' option)" in r.getMessage()]
+    assert sorted(m.split("=")[0].removeprefix("from_pretrained: ") for m in told) == sorted(habits), told
 
 
 def test_a_callback_turns_cfg_off_part_way_as_in_diffusers(tiny_pipe, reference_pipe, tiny_model_dir):

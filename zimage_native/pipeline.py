@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 import numbers
@@ -113,9 +114,8 @@ def _dtype_argument(dtype, torch_dtype):
     return torch_dtype
 
 
-# diffusers' from_pretrained options: what they mean here (None: accepted, nothing to do), else why refused.
+# diffusers' from_pretrained options refused here, with what to use instead.
 DIFFUSERS_LOAD_OPTIONS = {
-    "low_cpu_mem_usage": None,  # loading is always tensor by tensor onto modules built on the meta device
     "device_map": "device= (and dit_device= / text_encoder_device= / vae_device=, or offload=) place the components",
     "token": "set HF_TOKEN (or run `hf auth login`) for a gated or private repository",
     "subfolder": "give the model folder itself (with model_index.json), or single files with from_single_files",
@@ -124,18 +124,43 @@ DIFFUSERS_LOAD_OPTIONS = {
                            "text_encoder_quant='int8' or 'int4', or a GGUF DiT file with from_single_files",
 }
 
+# diffusers' options passed out of habit: ignored (logged once) with one of these values, since they
+# change nothing here; another value is refused with the reason, as ignoring it would change the result.
+IGNORED_LOAD_OPTIONS = {
+    "low_cpu_mem_usage": ((True, False, None), "loading is always tensor by tensor onto modules built on the "
+                                               "meta device"),
+    "use_safetensors": ((True, None), "only safetensors files are loaded (pickled .bin / .pt weights are refused: "
+                                      "loading them can run code)"),
+    "safety_checker": ((None,), "there is no safety checker (diffusers' Z-Image pipeline has none either); "
+                                "check the images yourself"),
+    "requires_safety_checker": ((False, None), "there is no safety checker"),
+    "feature_extractor": ((None,), "there is no safety checker to feed"),
+    "force_download": ((False, None), "cached files are reused; run `hf download REPO --force-download` "
+                                      "to fetch them again"),
+}
+_ignored_told: set[str] = set()
+
 
 def pop_diffusers_options(load: dict) -> None:
     """Take diffusers' from_pretrained options out of ``load``: accepted where they change nothing here
-    (``use_safetensors=True``, ``low_cpu_mem_usage``), else refused saying what to use."""
-    if load.pop("use_safetensors", True) is False:
-        raise ValueError("use_safetensors=False: only safetensors files are loaded (pickled .bin / .pt weights are "
-                         "refused: loading them can run code)")
+    (IGNORED_LOAD_OPTIONS, logged once each), else refused saying what to use. Any other unknown
+    keyword is refused naming from_pretrained (not the internal load_pretrained)."""
+    for name in [k for k in load if k in IGNORED_LOAD_OPTIONS]:
+        harmless, why = IGNORED_LOAD_OPTIONS[name]
+        value = load.pop(name)
+        if not any(value is h for h in harmless):
+            raise ValueError(f"{name}={value!r} is diffusers' option; here {why}")
+        if name not in _ignored_told:
+            _ignored_told.add(name)
+            logger.info("from_pretrained: %s=%r ignored (diffusers' option): %s", name, value, why)
     for name in [k for k in load if k in DIFFUSERS_LOAD_OPTIONS]:
-        instead = DIFFUSERS_LOAD_OPTIONS[name]
-        if instead is not None:
-            raise ValueError(f"{name}= is diffusers' option; here {instead}")
-        del load[name]
+        raise ValueError(f"{name}= is diffusers' option; here {DIFFUSERS_LOAD_OPTIONS[name]}")
+    known = [k for k in inspect.signature(load_pretrained).parameters if k not in ("path_or_id", "device", "dtype")]
+    for name in load:
+        if name not in known:
+            raise TypeError(f"ZImagePipeline.from_pretrained() got an unexpected keyword argument {name!r} (its "
+                            f"loading options: device, dtype, variant, kernels, attention, compile, cuda_graphs, "
+                            f"fp8, {', '.join(known)}; docs/tasks.md)")
 
 
 #: diffusers' ``encode_prompt`` arguments, refused by name by :meth:`ZImagePipeline.encode_prompt`.
