@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from unittest.mock import patch
 
 import pytest
@@ -149,6 +150,36 @@ def test_a_mistyped_device_says_what_to_give(asked, message):
     with pytest.raises(ValueError) as e:
         resolve_device(asked)
     assert str(e.value) == message
+
+
+def test_an_integer_device_is_a_cuda_index_as_in_torch(monkeypatch, tiny_model_dir):
+    """device=0 said "unknown device '0'" (torch.device(0) asks the accelerator, and a CPU-only build
+    has none), and dit_device=0 / vae_device=0 read as "not given" and loaded on the main device."""
+    from zimage_native import ZImagePipeline, loading
+    from zimage_native.devices import parse_device, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for asked in (0, 1):
+        assert parse_device(asked) == torch.device("cuda", asked)
+        with pytest.raises(ValueError) as e:
+            resolve_device(asked)
+        assert str(e.value) == (f"device 'cuda:{asked}' is not available: this torch {torch.__version__} sees no "
+                                f"CUDA GPU (use cpu or auto)")
+    for asked in (True, -1):
+        with pytest.raises(ValueError, match=re.escape(f"unknown device {asked!r}: give cpu, cuda, cuda:N (or the "
+                                                       f"index N), mps or auto")):
+            resolve_device(asked)
+    for name in ("dit_device", "vae_device", "text_encoder_device"):  # 0 is a device, not "not given"
+        with pytest.raises(ValueError, match=re.escape("device 'cuda:0' is not available")):
+            loading.load_pretrained(tiny_model_dir, "cpu", **{name: 0})
+    with pytest.raises(ValueError, match=re.escape("device 'cuda:0' is not available")):
+        ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dit_device=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # two GPUs, faked
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [resolve_device(i) for i in (0, 1)] == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    with pytest.raises(ValueError, match=re.escape("device 'cuda:2' is not available: there are 2 CUDA device(s), "
+                                                   "cuda:0 to cuda:1")):
+        resolve_device(2)
 
 
 def test_enable_model_cpu_offload_reads_device_names_as_device_does(fresh_pipe):

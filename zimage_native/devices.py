@@ -12,7 +12,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def parse_device(device: str | torch.device) -> torch.device:
+def parse_device(device: str | int | torch.device) -> torch.device:
     """A device name read in any case ("CPU", "Cuda:0") as a torch.device, without asking whether it is
     there (:func:`resolve_device` does, and reads "auto"); a name torch does not know is a ValueError
     saying what to give, not torch's list of its 20 device types."""
@@ -20,18 +20,22 @@ def parse_device(device: str | torch.device) -> torch.device:
         name = str(device).removeprefix("torch.")
         raise TypeError(f"a dtype ({device}) was given where the device goes: give it by name, dtype=torch.{name} "
                         f"(or torch_dtype=), and the device as device='cuda' / 'cpu' (or leave it out: auto)")
+    if isinstance(device, bool) or (isinstance(device, int) and device < 0):
+        raise ValueError(f"unknown device {device!r}: give cpu, cuda, cuda:N (or the index N), mps or auto")
+    if isinstance(device, int):  # an index, as torch reads it: 0 is cuda:0 (torch.device(0) asks the
+        return torch.device("cuda", device)  # accelerator and fails on a CPU-only build instead)
     if isinstance(device, str):
         device = device.strip().lower()
         if device == "gpu" or device.startswith("gpu:"):  # torch calls NVIDIA GPUs cuda
             raise ValueError(f"unknown device {device!r}: a GPU is cuda here ({device.replace('gpu', 'cuda')}); "
                              f"give cpu, cuda, cuda:N, mps or auto")
     try:
-        return torch.device(device)  # (a torch.device, or an index as torch reads it: 0 is cuda:0)
+        return torch.device(device)
     except RuntimeError:  # "cuda:x", "cuda0", ...
         raise ValueError(f"unknown device {str(device)!r}: give cpu, cuda, cuda:N, mps or auto") from None
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | int | torch.device | None) -> torch.device:
     if isinstance(device, str):
         device = device.strip().lower()  # "CPU", "Cuda:0", " auto"
     if device is None or str(device) == "auto":
@@ -41,6 +45,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     dev = parse_device(device)
+    if isinstance(device, int):
+        device = dev  # named as cuda:N below
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} is not available: this torch {torch.__version__} sees no CUDA GPU "
                          f"(use cpu or auto)")

@@ -715,9 +715,9 @@ def load_pretrained(
     warn_if_cpu_fallback(device, main)
     dtype = resolve_dtype(dtype, main)
     placement = {
-        "text_encoder": resolve_device(text_encoder_device) if text_encoder_device else main,
-        "transformer": resolve_device(dit_device) if dit_device else main,
-        "vae": resolve_device(vae_device) if vae_device else main,
+        "text_encoder": resolve_device(text_encoder_device) if text_encoder_device is not None else main,
+        "transformer": resolve_device(dit_device) if dit_device is not None else main,
+        "vae": resolve_device(vae_device) if vae_device is not None else main,
     }
     storage = {name: load_device(name, dev, offload) for name, dev in placement.items()}
     if offload != "none" and all(dev.type == "cpu" for dev in placement.values()):

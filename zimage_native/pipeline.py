@@ -461,8 +461,9 @@ class ZImagePipeline:
         pop_diffusers_options(load)
         check_variant(variant)  # before a download: diffusers' variant="fp16" means something else
         attention = attention or attention_from_env()
-        check_before_loading(load.get("dit_device") or device, dtype, load.get("offload", "none"), kernels=kernels,
-                             compile=compile, fp8=fp8, cuda_graphs=cuda_graphs, attention=attention)
+        dit_device = device if load.get("dit_device") is None else load["dit_device"]  # dit_device=0 is cuda:0
+        check_before_loading(dit_device, dtype, load.get("offload", "none"), kernels=kernels, compile=compile,
+                             fp8=fp8, cuda_graphs=cuda_graphs, attention=attention)
         pipe = cls(**load_pretrained(path_or_id, device, dtype, **load), variant=variant)
         if variant is None:
             logger.info("variant %s (defaults: %s)", pipe.variant, pipe.defaults)
