@@ -5,6 +5,7 @@ deep inside the run, a shape error in the DiT, or a request silently run otherwi
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import numpy as np
 import pytest
@@ -221,3 +222,26 @@ def test_lora_scales_given_as_0d_tensors_or_arrays_load_as_their_numbers(fresh_p
     fresh_pipe.load_lora(paths, scale=scale)
     assert [r.scale for r in fresh_pipe.loras] == want and all(type(r.scale) is float for r in fresh_pipe.loras)
     assert torch.equal(fresh_pipe.transformer.layers[0].attention.to_q.weight, expected)
+
+
+def test_an_input_image_off_the_16_grid_runs_rounded_down_with_one_warning_saying_how_to_choose(tiny_pipe, caplog):
+    """img2img and inpainting with a 33x31 image ran at 32x16 without a word (diffusers rounds down
+    the same way): the size is kept, and one warning names both sizes and width= / height=."""
+    from PIL import Image
+
+    image, mask = Image.new("RGB", (33, 31), (200, 10, 10)), Image.new("L", (33, 31), 255)
+    said = ("image is 33x31, whose sides are not all multiples of 16: the run uses 32x16 (rounded down, as diffusers "
+            "does); give width= and height= (multiples of 16, e.g. width=32, height=32) to choose the size the image "
+            "is resized to")
+    for extra in ({"strength": 0.5}, {"mask_image": mask}):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="zimage_native"):
+            out = tiny_pipe("a cat", image=image, num_inference_steps=2, seed=1, **extra)
+        assert out.images[0].size == (32, 16)
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [said]
+    for size, extra in (((33, 31), {"width": 32, "height": 32}), ((32, 48), {})):  # chosen, or on the grid: quiet
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="zimage_native"):
+            out = tiny_pipe("a cat", image=Image.new("RGB", size), strength=0.5, num_inference_steps=2, seed=1, **extra)
+        assert out.images[0].size == (extra.get("width", size[0]), extra.get("height", size[1]))
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

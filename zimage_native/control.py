@@ -193,7 +193,7 @@ class Control(Task):
         if r.image is not None:
             raise ValueError("control_image with image= needs mask_image= too (ControlNet inpainting); img2img "
                              "with a ControlNet is not supported (diffusers has no such pipeline either)")
-        pixels = preprocess_image(r.control_image, r.width, r.height, latent_multiple(pipe))
+        pixels = preprocess_image(r.control_image, r.width, r.height, latent_multiple(pipe), what="control_image")
         if r.strength is not None and r.strength != 1.0:
             raise ValueError(f"ControlNet generation starts from noise and takes no strength, got {r.strength}")
         return {"model": model, "control": pixels}, pixels.shape[-1], pixels.shape[-2]
@@ -226,7 +226,7 @@ class ControlInpaint(Control):
         if r.strength is not None and r.strength != 1.0:
             raise ValueError(f"ControlNet inpainting starts from noise and takes no strength (as diffusers' "
                              f"ZImageControlNetInpaintPipeline), got {r.strength}")
-        image = preprocess_image(r.image, r.width, r.height, latent_multiple(pipe))
+        image = preprocess_image(r.image, r.width, r.height, latent_multiple(pipe), what="image")
         h, w = image.shape[-2:]
         control = preprocess_image(r.control_image, w, h, latent_multiple(pipe))
         mask = preprocess_mask(r.mask_image, h, w)

@@ -52,7 +52,8 @@ def check_side(name: str, value, multiple: int) -> None:
         raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}{hint}")
 
 
-def _target_size(size_hw: tuple[int, int], width: int | None, height: int | None, multiple: int) -> tuple[int, int]:
+def _target_size(size_hw: tuple[int, int], width: int | None, height: int | None, multiple: int,
+                 what: str | None = None) -> tuple[int, int]:
     for name, value in (("width", width), ("height", height)):
         if value is not None:
             check_side(name, value, multiple)
@@ -62,18 +63,26 @@ def _target_size(size_hw: tuple[int, int], width: int | None, height: int | None
         raise ValueError(f"the input image must be at least {multiple}x{multiple} (its size is rounded down to a "
                          f"multiple of {multiple}: {size_hw[1]}x{size_hw[0]} gives {w}x{h}); give width= and height= "
                          f"to resize it")
+    if what is not None and (h, w) != tuple(size_hw) and (height is None or width is None):
+        near = [max(multiple, round(v / multiple) * multiple) for v in (size_hw[1], size_hw[0])]
+        logger.warning("%s is %dx%d, whose sides are not all multiples of %d: the run uses %dx%d (rounded down, as "
+                       "diffusers does); give width= and height= (multiples of %d, e.g. width=%d, height=%d) to "
+                       "choose the size the image is resized to", what, size_hw[1], size_hw[0], multiple, w, h,
+                       multiple, near[0], near[1])
     return h, w
 
 
-def preprocess_image(image, width: int | None = None, height: int | None = None, multiple: int = 16) -> torch.Tensor:
+def preprocess_image(image, width: int | None = None, height: int | None = None, multiple: int = 16,
+                     what: str | None = None) -> torch.Tensor:
     """Image(s) -> (B, 3, H, W) fp32 in [-1, 1], as the reference's image processor does: PIL images
     resized with Lanczos, arrays and tensors (values in [0, 1]) with nearest interpolation, to
     ``width`` x ``height`` or down to multiples of ``multiple``. Grey arrays ((H, W), (H, W, 1),
     (B, H, W, 1)) and tensors ((H, W), (1, H, W), (B, 1, H, W)) get their channel repeated (the
-    reference hands a one-channel image to the VAE, which fails)."""
+    reference hands a one-channel image to the VAE, which fails). ``what``: the argument's name, for the
+    warning given when a side is rounded down (the pipeline's inputs; not the by-hand image processor)."""
     kind, batch = _as_batch(image, "image")
     if kind == "pil":
-        h, w = _target_size((batch[0].height, batch[0].width), width, height, multiple)
+        h, w = _target_size((batch[0].height, batch[0].width), width, height, multiple, what)
         arrays = [_pil_rgb(i, w, h) for i in batch]
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) * 2.0 - 1.0
     x = torch.from_numpy(np.ascontiguousarray(batch)) if kind == "np" else batch
@@ -91,7 +100,7 @@ def preprocess_image(image, width: int | None = None, height: int | None = None,
     if x.numel() and float(x.max()) > 1.0:
         raise ValueError(f"float image values must lie in [0, 1] (or [-1, 1]); got values up to {float(x.max()):g} "
                          f"(for 0-255 values divide by 255, or pass the uint8 array as it is)")
-    h, w = _target_size(tuple(x.shape[-2:]), width, height, multiple)
+    h, w = _target_size(tuple(x.shape[-2:]), width, height, multiple, what)
     x = torch.nn.functional.interpolate(x, size=(h, w))
     if x.min() < 0:  # already in [-1, 1] (diffusers accepts this, deprecated, with a warning)
         logger.warning("image values go below 0 (down to %.3g): the image is read as [-1, 1], not [0, 1]; clamp an "

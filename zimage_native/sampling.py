@@ -231,7 +231,7 @@ class ImageToImage(Task):
     default_strength = 0.6
 
     def read(self, pipe, r):
-        pixels = preprocess_image(r.image, r.width, r.height, latent_multiple(pipe))
+        pixels = preprocess_image(r.image, r.width, r.height, latent_multiple(pipe), what="image")
         return {"pixels": pixels}, pixels.shape[-1], pixels.shape[-2]
 
     def check(self, pipe, r, schedule):
