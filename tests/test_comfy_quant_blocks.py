@@ -243,3 +243,36 @@ def test_a_text_encoder_with_nvfp4_and_mxfp8_layers_loads_as_the_encoder_of_its_
     assert a.keys() == b.keys()
     for k, v in a.items():
         assert v.dtype == b[k].dtype and torch.equal(v, b[k]), k
+
+
+@pytest.mark.parametrize("scale_dtype", ["F8_E8M0", "U8"])
+def test_info_check_flags_an_e8m0_block_scale_code_255_of_an_mxfp8_layer(tmp_path, scale_dtype):
+    """An mxfp8 block scale of code 255 (NaN in the OCP MX definition) loaded its block as 32 infinite
+    values, and ``zimage info --check`` said "all values are finite" (the F8_E8M0 / U8 scales were skipped
+    as not floating). It is now counted, in the scales the loader reads (not the blocked layout's padding),
+    and the block dequantises to NaN."""
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    tensors, _ = random_layer("mxfp8", 64, 64, torch.Generator().manual_seed(3))
+    codes = tensors["weight_scale"].view(torch.uint8).clone()
+    codes.view(-1)[blocked_index(5, 1, 2)] = 255  # row 5, block 1: read by the loader
+    codes.view(-1)[blocked_index(100, 3, 2)] = 255  # padding (64 rows, 2 blocks stored as 128 x 4): never read
+    tensors["weight_scale"] = codes if scale_dtype == "U8" else codes.view(torch.float8_e8m0fnu)
+    layer = {f"x.{k}": v for k, v in tensors.items()} | {"x.comfy_quant": comfy_quant_tensor({"format": "mxfp8"})}
+    path = write(tmp_path / "mxfp8.safetensors", layer)
+    with Checkpoint(path) as ckpt:
+        assert ckpt.tensors["x.weight_scale"].dtype == scale_dtype
+        weight = dequantize(ckpt, "x.weight", "mxfp8")
+    assert torch.isnan(weight[5, 32:]).all() and torch.isfinite(weight).sum() == 64 * 64 - 32
+    result = CliRunner().invoke(main, ["info", str(path), "--check"])
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"{path}: read 2 floating-point tensors ({64 * 64 + 64 * 2:,} values)"
+    assert lines[1:] == ["  x.weight_scale: 1 NaN, 0 infinite of 128 values",
+                         "  1 tensor(s) hold NaN or infinite values: the file is damaged, or the model it holds diverged"]
+    codes.view(-1)[blocked_index(5, 1, 2)] = 127  # the padding alone: clean
+    layer["x.weight_scale"] = codes if scale_dtype == "U8" else codes.view(torch.float8_e8m0fnu)
+    clean = CliRunner().invoke(main, ["info", str(write(tmp_path / "clean.safetensors", layer)), "--check"])
+    assert clean.exit_code == 0 and clean.output.strip().endswith("all values are finite"), clean.output

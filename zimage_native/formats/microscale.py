@@ -13,7 +13,8 @@ comfy/quant_ops.py ``QUANT_ALGOS``) and comfy-kitchen dequantises them
   weight = e2m1 value * (weight_scale_2 * block scale), in fp32.
 - ``mxfp8``: ``<layer>.weight`` float8 e4m3 (rows, cols); ``<layer>.weight_scale`` e8m0 (stored as
   F8_E8M0 or U8), one power of two 2^(e - 127) per 32 values of a row, blocked; code 0 reads as 0 (as
-  comfy-kitchen's ``e8m0_to_f32`` reads it: ComfyUI writes it for all-zero blocks). weight = value *
+  comfy-kitchen's ``e8m0_to_f32`` reads it: ComfyUI writes it for all-zero blocks), code 255 as NaN
+  (the OCP MX definition, and torch's float8_e8m0fnu; ``zimage info --check`` counts it). weight = value *
   block scale (exact in fp32).
 
 The blocked layout (cuBLAS's block-scaling-factor layout): the (rows, blocks) scales, padded with
@@ -74,7 +75,8 @@ def block_scales(ckpt: Checkpoint, key: str, fmt: str) -> torch.Tensor:
     if fmt == "nvfp4":
         return codes.view(torch.float8_e4m3fn).to(torch.float32) * ckpt.get(stem + "weight_scale_2").float().reshape(())
     exponent = codes.to(torch.int32)
-    return torch.where(exponent == 0, 0, exponent << 23).view(torch.float32)
+    bits = torch.where(exponent == 255, 0x7FC00000, exponent << 23)  # 255: NaN, as in OCP MX and torch's e8m0
+    return torch.where(exponent == 0, 0, bits).view(torch.float32)
 
 
 def decode(raw: torch.Tensor, fmt: str) -> torch.Tensor:

@@ -13,6 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, sniff
+from .detect import _block_layer_problem, comfy_quant_layers
+from .microscale import BLOCK_FORMATS, block_scales
 
 #: The components of a diffusers model folder, scanned in this order.
 FOLDER_COMPONENTS = ("transformer", "vae", "text_encoder")
@@ -69,10 +71,28 @@ def _scan_one(path: Path, report: ScanReport, prefix: str, progress: bool) -> No
                     _check(report, prefix + key, ckpt.values(key))
         return
     with Checkpoint(path) as ckpt:
+        blocks = _block_layers(ckpt)
         for key in tqdm(ckpt.keys(), desc=f"checking {path.name}", unit="tensor", disable=not progress):
+            if key[: -len(".weight_scale")] in blocks and key.endswith(".weight_scale"):
+                continue  # read below as the loader reads it
             dtype = ckpt.tensors[key].torch_dtype
             if dtype is not None and dtype.is_floating_point:
                 _check(report, prefix + key, ckpt.get(key))
+        for layer, fmt in blocks.items():
+            _check(report, prefix + layer + ".weight_scale", block_scales(ckpt, layer + ".weight", fmt))
+
+
+def _block_layers(ckpt: Checkpoint) -> dict[str, str]:
+    """The comfy_quant nvfp4 / mxfp8 layers of a file that loads -> their format. Their block scales
+    (F8_E8M0 or U8 bytes, which a dtype test skips) are read without the blocked layout's padding, as
+    values: an e8m0 code 255 or an e4m3 NaN is a NaN scale, whose block loads as NaN."""
+    layers = {}
+    for layer, conf in comfy_quant_layers(ckpt).items():
+        fmt = conf.get("format") if isinstance(conf, dict) else None
+        weight = ckpt.tensors.get(layer + ".weight")
+        if fmt in BLOCK_FORMATS and weight is not None and _block_layer_problem(ckpt, layer, fmt, weight) is None:
+            layers[layer] = fmt
+    return layers
 
 
 def scan_nonfinite(path: str | os.PathLike, progress: bool = False) -> ScanReport:
