@@ -231,3 +231,25 @@ def test_the_first_block_cache_runs_the_control_branch(control_pipe, control_fil
     always = control_pipe("a cat", first_block_cache=1e6, **kw)
     assert always.info["first_block_cache_forwards"] == {"full": 1, "reused": 2}
     assert rel_err(always.images, plain) > 1e-3
+
+
+def test_a_control_image_off_the_16_grid_runs_rounded_down_with_one_warning(control_pipe, control_files, caplog):
+    """As img2img's image (tests/test_library_mistakes.py): ControlNet generation at a 33x31 control
+    image ran at 32x16 without a word; control inpainting names its image once (the control image is
+    resized to the image's size, so it adds no second warning)."""
+    import logging
+
+    control_pipe.load_controlnet(control_files["2.1"])
+    said = ("{} is 33x31, whose sides are not all multiples of 16: the run uses 32x16 (rounded down, as diffusers "
+            "does); give width= and height= (multiples of 16, e.g. width=32, height=32) to choose the size the image "
+            "is resized to")
+    kw = dict(num_inference_steps=1, seed=0)
+    for what, call in (("control_image", lambda: control_pipe("a cat", control_image=picture(33, 31, 1), **kw)),
+                       ("image", lambda: control_pipe.inpaint("a cat", image=picture(33, 31, 7),
+                                                              mask_image=picture(33, 31, 0, "L"),
+                                                              control_image=picture(33, 31, 8), **kw))):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="zimage_native"):
+            out = call()
+        assert out.images[0].size == (32, 16)
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [said.format(what)]
