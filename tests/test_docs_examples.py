@@ -355,7 +355,7 @@ OTHER_PROGRAMS_FLAGS = {
     "--index-url": "pip", "--no-deps": "pip", "--no-build-isolation": "pip", "--torch-backend": "uv pip",
     "--head": "ray start", "--address": "ray start", "--num-gpus": "ray start",
     "--exclude-checks": "schemathesis", "--max-examples": "schemathesis", "--workers": "schemathesis",
-    "--benchmark-only": "pytest-benchmark", "--dist": "pytest-xdist", "--fmad": "ptxas",
+    "--benchmark-only": "pytest-benchmark", "--dist": "pytest-xdist", "--fmad": "ptxas", "--force-download": "hf download",
 }
 
 

@@ -155,7 +155,10 @@ def pop_diffusers_options(load: dict) -> None:
             logger.info("from_pretrained: %s=%r ignored (diffusers' option): %s", name, value, why)
     for name in [k for k in load if k in DIFFUSERS_LOAD_OPTIONS]:
         raise ValueError(f"{name}= is diffusers' option; here {DIFFUSERS_LOAD_OPTIONS[name]}")
-    known = [k for k in inspect.signature(load_pretrained).parameters if k not in ("path_or_id", "device", "dtype")]
+    parameters = inspect.signature(load_pretrained).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return  # a loader that takes any keyword (a wrapped or stand-in load_pretrained) says itself
+    known = [k for k in parameters if k not in ("path_or_id", "device", "dtype")]
     for name in load:
         if name not in known:
             raise TypeError(f"ZImagePipeline.from_pretrained() got an unexpected keyword argument {name!r} (its "
