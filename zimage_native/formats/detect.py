@@ -160,7 +160,7 @@ def _comfy_quant_problem(ckpt: Checkpoint, layers: dict[str, object]) -> str | N
         if weight is None:
             return f"{where} {layer}: format {fmt} but the file has no {layer}.weight"
         if fmt in BLOCK_FORMATS:
-            problem = _block_layer_problem(ckpt, layer, fmt, weight)
+            problem = block_layer_problem(ckpt, layer, fmt, weight)
             if problem:
                 return f"{where} {layer}: format {fmt} {problem}"
             continue
@@ -181,7 +181,7 @@ def _comfy_quant_problem(ckpt: Checkpoint, layers: dict[str, object]) -> str | N
     return None
 
 
-def _block_layer_problem(ckpt: Checkpoint, layer: str, fmt: str, weight) -> str | None:
+def block_layer_problem(ckpt: Checkpoint, layer: str, fmt: str, weight) -> str | None:
     """Why a block-scaled (nvfp4 / mxfp8) layer's tensors do not match ComfyUI's layout, or None."""
     size, stored, scale_dtypes = BLOCK_FORMATS[fmt]
     values = 2 if fmt == "nvfp4" else 1

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, sniff
-from .detect import _block_layer_problem, comfy_quant_layers
+from .detect import block_layer_problem, comfy_quant_layers
 from .microscale import BLOCK_FORMATS, block_scales
 
 #: The components of a diffusers model folder, scanned in this order.
@@ -90,7 +90,7 @@ def _block_layers(ckpt: Checkpoint) -> dict[str, str]:
     for layer, conf in comfy_quant_layers(ckpt).items():
         fmt = conf.get("format") if isinstance(conf, dict) else None
         weight = ckpt.tensors.get(layer + ".weight")
-        if fmt in BLOCK_FORMATS and weight is not None and _block_layer_problem(ckpt, layer, fmt, weight) is None:
+        if fmt in BLOCK_FORMATS and weight is not None and block_layer_problem(ckpt, layer, fmt, weight) is None:
             layers[layer] = fmt
     return layers
 
