@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zimage_native.bench import GGML_SCALES
+from zimage_native.bench import GGML_SCALES, put_scale
 
 #: Byte offsets of the fp16 scale fields in one block, and a magnitude for them that keeps the
 #: dequantised weights around 0.01-0.05 (so a random model stays finite): the engine's random-weight
@@ -41,7 +41,7 @@ def random_blocks(qtype: str, rows: int, cols: int, rng: np.random.Generator, ma
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
     offsets, mag = SCALE_FIELDS[qtype]
     for off in offsets:
-        raw[:, off:off + 2] = finite_f16(rng, raw.shape[0], mag if magnitude else None)
+        put_scale(raw, qtype, off, finite_f16(rng, raw.shape[0], mag if magnitude else None))
     return raw.reshape(rows, cols // block * size)
 
 

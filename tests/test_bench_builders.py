@@ -83,7 +83,7 @@ def test_profile_pipelines_take_the_profiles_placement_and_run(configs):
 
 def test_unknown_weight_format_is_refused(configs):
     with pytest.raises(ValueError, match="unknown GGML block type"):
-        bench.random_dit(configs[0], "cpu", torch.bfloat16, "gguf:IQ3_S")
+        bench.random_dit(configs[0], "cpu", torch.bfloat16, "gguf:TQ1_0")
 
 
 def test_each_builder_call_writes_its_tokenizer_to_a_folder_of_its_own_and_removes_it(tmp_path, monkeypatch):

@@ -231,8 +231,8 @@ def test_the_server_fails_the_job_with_the_message(fp16_pipe, tmp_path):
 
 
 def test_check_names_gguf_tensors_of_types_it_cannot_read(tmp_path):
-    """`zimage info --check` on a GGUF with IQ3_S tensors stopped at the first one ('tensor X has
-    GGML type IQ3_S, which is not supported', exit status 1), also where those tensors are ones the
+    """`zimage info --check` on a GGUF with TQ1_0 tensors stopped at the first one ('tensor X has
+    GGML type TQ1_0, which is not supported', exit status 1), also where those tensors are ones the
     engine never loads (a Qwen3 GGUF's LM head); it now checks the rest and names what it could not read."""
     import json
 
@@ -242,19 +242,19 @@ def test_check_names_gguf_tensors_of_types_it_cannot_read(tmp_path):
     half = np.ones((2, 8), np.float16)
     half[1, 1] = np.inf
     path = write_gguf(tmp_path / "m.gguf", {"a.weight": (random_blocks("Q8_0", 4, 64, rng), "Q8_0"),
-                                            "output.weight": (rng.integers(0, 256, (4, 110), dtype=np.uint8),
-                                                              "IQ3_S"),
+                                            "output.weight": (rng.integers(0, 256, (4, 54), dtype=np.uint8),
+                                                              "TQ1_0"),
                                             "b.weight": (half, "F16")}, arch=None)
     result = _invoke(path, "--check")
     assert result.exit_code == 1, result.output
     assert result.output.splitlines()[:3] == [
         f"{path}: read 2 floating-point tensors (272 values)",
-        "  not read: 1 tensor(s) of GGML types this engine does not dequantise (IQ3_S 1), e.g. output.weight",
+        "  not read: 1 tensor(s) of GGML types this engine does not dequantise (TQ1_0 1), e.g. output.weight",
         "  b.weight: 0 NaN, 1 infinite of 16 values"]
     report = json.loads(_invoke(path, "--check", "--json").output)
-    assert report["unread"] == {"output.weight": "IQ3_S"} and report["tensors"] == 2
+    assert report["unread"] == {"output.weight": "TQ1_0"} and report["tensors"] == 2
     half[1, 1] = 1.0
-    write_gguf(path, {"output.weight": (rng.integers(0, 256, (4, 110), dtype=np.uint8), "IQ3_S"),
+    write_gguf(path, {"output.weight": (rng.integers(0, 256, (4, 54), dtype=np.uint8), "TQ1_0"),
                       "b.weight": (half, "F16")}, arch=None)
     result = _invoke(path, "--check")
     assert result.exit_code == 0 and result.output.strip().endswith("  all values read are finite"), result.output

@@ -89,6 +89,10 @@ def test_ggml_block_sizes_follow_from_the_block_layouts():
         "Q8_0": (32, 2 + 32), "Q4_0": (32, 2 + 16), "Q4_1": (32, 2 + 2 + 16), "Q5_0": (32, 2 + 4 + 16),
         "Q5_1": (32, 2 + 2 + 4 + 16), "Q2_K": (256, 16 + 64 + 2 + 2), "Q3_K": (256, 32 + 64 + 12 + 2),
         "Q4_K": (256, 2 + 2 + 12 + 128), "Q5_K": (256, 2 + 2 + 12 + 32 + 128), "Q6_K": (256, 128 + 64 + 16 + 2),
+        # i-quants: grid indices (low bytes, high bits), sign bytes or 7-bit patterns, 3- / 4-bit scales
+        "IQ2_XXS": (256, 2 + 64), "IQ2_XS": (256, 2 + 64 + 8), "IQ2_S": (256, 2 + 32 + 32 + 8 + 8),
+        "IQ3_XXS": (256, 2 + 64 + 32), "IQ3_S": (256, 2 + 64 + 8 + 32 + 4), "IQ1_S": (256, 2 + 32 + 16),
+        "IQ1_M": (256, 32 + 16 + 8),
     }
     for qtype, (block, size) in fields.items():
         assert fp.GGML_BLOCKS[qtype] == (block, size), qtype
@@ -165,7 +169,7 @@ def test_gguf_dit_bytes_equal_the_loaded_file_resident_and_streamed(tmp_path, qt
     assert torch.uint8 in moved  # the packed weights are what streams
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "IQ3_S", "IQ2_XXS", "IQ1_M"])
 def test_gguf_text_encoder_bytes_equal_the_loaded_file(tiny_model_dir, tmp_path, qtype):
     """A one-type llama.cpp GGUF Qwen3 loaded in bf16 holds ``text_encoder_bytes(cfg, "gguf:TYPE")``
     (its 35-of-36-style truncation included: the last layer and the LM head are not loaded)."""

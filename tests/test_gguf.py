@@ -35,10 +35,14 @@ GGUF_DIT = dict(dim=768, n_heads=6, n_kv_heads=6, n_layers=1, n_refiner_layers=1
                 axes_dims=(32, 48, 48))
 
 
+#: llama.cpp's i-quants with codebook grids (mradermacher's i1 Qwen3-4B builds: IQ3_S, IQ2_M, IQ1_M, ...).
+GRID_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
+
+
 # ----------------------------------------------------------------------------------- dequantisation
 
 
-@pytest.mark.parametrize("qtype", sorted(n for n, _, _ in GGML_TYPES.values()))
+@pytest.mark.parametrize("qtype", sorted({n for n, _, _ in GGML_TYPES.values()} | set(GRID_TYPES)))
 def test_dequantisation_is_bit_exact_against_the_gguf_package(qtype):
     rng = np.random.default_rng(sum(map(ord, qtype)))
     q = gguf.GGMLQuantizationType[qtype]
@@ -65,9 +69,14 @@ def test_dequantisation_is_bit_exact_against_the_gguf_package(qtype):
 
 def test_dequantisation_copies_nothing_from_the_host(monkeypatch):
     """Only ops on the packed tensor (scalar shifts and masks): no tensor is built from host data, so
-    on a GPU there is no host-to-device copy per forward and the ops can be captured in a CUDA graph."""
+    on a GPU there is no host-to-device copy per forward and the ops can be captured in a CUDA graph.
+    The IQ1-IQ3 codebook grids come from the gguf package: the first dequantisation on a device copies
+    them there (a CUDA graph captures after a warm-up run), every later one copies nothing."""
     rng = np.random.default_rng(0)
     raws = {q: torch.from_numpy(random_blocks(q, 2, 256, rng)) for q in BLOCK_TYPES}
+    assert set(GRID_TYPES) <= set(raws)
+    for qtype in GRID_TYPES:
+        dequantize(raws[qtype], qtype)  # the warm-up: grids (and sign patterns) reach the device once
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a tensor was built from host data during dequantisation")
@@ -78,15 +87,48 @@ def test_dequantisation_copies_nothing_from_the_host(monkeypatch):
         assert dequantize(raw, qtype).shape == (2, 256)
 
 
+def test_iq_grids_are_read_from_the_gguf_package_once_per_device():
+    """The IQ1-IQ3 grids and the 128 sign patterns are not copied into the engine: they are the gguf
+    package's (``gguf.quants.<TYPE>.grid`` after ``init_grid()``, ``IQ2_XXS.ksigns``), converted once
+    to a tensor and kept per device."""
+    from zimage_native.formats import ggml
+
+    cpu = torch.device("cpu")
+    for qtype in GRID_TYPES:
+        cls = getattr(gguf.quants, qtype)
+        cls.init_grid()
+        table = ggml._table(qtype, cpu)
+        assert table is ggml._table(qtype, cpu) and ggml._TABLES[(qtype, cpu)] is table
+        assert tuple(table.shape) == tuple(cls.grid_shape) and table.dtype == torch.float32
+        assert np.array_equal(table.numpy(), np.asarray(cls.grid).reshape(cls.grid_shape)), qtype
+    signs = ggml._table("ksigns", cpu)
+    ksigns = np.frombuffer(gguf.quants.IQ2_XXS.ksigns, dtype=np.uint8)
+    assert tuple(signs.shape) == (128, 8)
+    for i in (0, 1, 3, 77, 127):  # bit j of pattern i set: value j negated; 8 bits of even parity
+        assert [1.0 - 2.0 * ((int(ksigns[i]) >> j) & 1) for j in range(8)] == signs[i].tolist()
+        assert bin(int(ksigns[i])).count("1") % 2 == 0 and int(ksigns[i]) & 0x7F == i
+
+
 def test_scale_fields_are_the_fp16_fields_of_the_format():
-    # Setting every scale field to 0 must zero the signed types (guards the offsets used to build files).
+    # Setting every scale field to 0 must zero the signed types (guards the offsets used to build files;
+    # IQ1_M's fp16 is split into four nibbles: bench.put_scale writes it).
+    from zimage_native.bench import put_scale
+
     rng = np.random.default_rng(0)
-    for qtype in ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K"):
+    for qtype in ("Q4_0", "Q5_0", "Q8_0", "Q3_K", "Q6_K", *GRID_TYPES):
         raw = random_blocks(qtype, 2, 256, rng)
         blocks = raw.reshape(-1, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][1])
+        assert dequantize(torch.from_numpy(raw.copy()), qtype).any(), qtype
         for off in SCALE_FIELDS[qtype][0]:
-            blocks[:, off:off + 2] = 0
+            put_scale(blocks, qtype, off, np.zeros((blocks.shape[0], 2), np.uint8))
         assert not dequantize(torch.from_numpy(raw.copy()), qtype).any(), qtype
+    # A known IQ1_M scale: d = 1.5 (0x3E00) gives values d * (2 s + 1) * (grid +- 0.125).
+    raw = random_blocks("IQ1_M", 1, 256, rng)
+    put_scale(raw, "IQ1_M", 48, np.array([[0x00, 0x3E]], np.uint8))
+    expected = np.asarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.IQ1_M), dtype=np.float32)
+    assert np.array_equal(dequantize(torch.from_numpy(raw.copy()), "IQ1_M").numpy(), expected.reshape(1, 256))
+    units = np.abs(expected) / np.float32(1.5 * 0.125)  # (2 s + 1) x {1, 7, 9}: odd whole numbers
+    assert np.array_equal(units, np.round(units)) and (units % 2 == 1).all()
 
 
 # ----------------------------------------------------------------------------------- DiT files
@@ -360,13 +402,13 @@ def test_gguf_files_that_are_not_z_image(tmp_path):
     path, _ = write_dit(tmp_path / "ok.gguf", "Q8_0")
     iq = write_gguf(tmp_path / "iq.gguf", {"x_pad_token": (np.zeros((1, 256), np.float32), "F32"),
                                            "layers.0.attention.qkv.weight":
-                                               (np.zeros((4, 66), np.uint8), "IQ2_XXS")}, "lumina2")
-    with pytest.raises(UnsupportedFormatError, match="IQ2_XXS"):
+                                               (np.zeros((4, 66), np.uint8), "TQ2_0")}, "lumina2")
+    with pytest.raises(UnsupportedFormatError, match="TQ2_0"):
         load_component("transformer", iq, None, "cpu")
     # A type id the gguf package does not know (a newer file) is named as such, not as damage.
     data = bytearray(iq.read_bytes())
     at = data.find(b"layers.0.attention.qkv.weight") + len(b"layers.0.attention.qkv.weight") + 4 + 16
-    assert int.from_bytes(data[at:at + 4], "little") == gguf.GGMLQuantizationType.IQ2_XXS
+    assert int.from_bytes(data[at:at + 4], "little") == gguf.GGMLQuantizationType.TQ2_0
     data[at:at + 4] = (250).to_bytes(4, "little")
     iq.write_bytes(bytes(data))
     with pytest.raises(UnsupportedFormatError, match="tensor type the installed gguf package") as err:
@@ -914,12 +956,12 @@ def retyped(src: Path, dst: Path, qtype: str, which) -> Path:
     return write_gguf(dst, tensors, arch, meta)
 
 
-SUPPORTED_TYPES = ("supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, "
-                   "IQ4_XS")
+SUPPORTED_TYPES = ("supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ2_XXS, "
+                   "IQ2_XS, IQ3_XXS, IQ1_S, IQ4_NL, IQ3_S, IQ2_S, IQ4_XS, IQ1_M")
 
 
 def test_an_unsupported_ggml_type_names_the_tensor_the_type_and_the_supported_types(tiny_model_dir, tmp_path):
-    """IQ1-3, TQ*, Q8_K, MXFP4 builds (llama.cpp's i1-IQ3_S encoders, for example): one line naming the
+    """TQ1_0 / TQ2_0 (ternary), Q8_K, MXFP4 builds: one line naming the
     component, the first such tensor, its type, how many there are and the supported types, from
     load_component, `zimage info` and `zimage generate` (before any weight is read)."""
     from click.testing import CliRunner
@@ -931,7 +973,7 @@ def test_an_unsupported_ggml_type_names_the_tensor_the_type_and_the_supported_ty
     dit, _ = write_dit(tmp_path / "dit.gguf", "Q4_K")
     te, _ = write_qwen3(tmp_path / "te.gguf", len(tok), "Q4_K")
     out = tmp_path / "out.png"
-    for qtype in ("IQ3_S", "IQ2_XXS", "IQ1_M", "TQ1_0", "Q8_K", "MXFP4"):
+    for qtype in ("TQ1_0", "TQ2_0", "Q8_K", "MXFP4"):
         cases = (("transformer", retyped(dit, tmp_path / f"dit-{qtype}.gguf", qtype, lambda k: ".feed_forward." in k),
                   "the DiT's tensor noise_refiner.0.feed_forward.w1.weight", "(9 of the 52 tensors"),
                  ("text_encoder", retyped(te, tmp_path / f"te-{qtype}.gguf", qtype, lambda k: "ffn_down" in k),
@@ -956,7 +998,7 @@ def test_an_unsupported_ggml_type_names_the_tensor_the_type_and_the_supported_ty
 
 
 def test_an_unsupported_type_in_tensors_the_encoder_never_reads_loads(tiny_model_dir, tmp_path):
-    """The truncated encoder reads neither the last layer nor the LM head: an IQ3_S in those alone
+    """The truncated encoder reads neither the last layer nor the LM head: a TQ1_0 in those alone
     is no reason to refuse the file, which gives the features of the same file without them."""
     from transformers import AutoTokenizer
 
@@ -964,7 +1006,7 @@ def test_an_unsupported_type_in_tensors_the_encoder_never_reads_loads(tiny_model
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
     te, reference = write_qwen3(tmp_path / "te.gguf", len(tok), "Q4_K")
-    path = retyped(te, tmp_path / "te-iq-head.gguf", "IQ3_S", lambda k: k.startswith(("blk.2.", "output.")))
+    path = retyped(te, tmp_path / "te-tq-head.gguf", "TQ1_0", lambda k: k.startswith(("blk.2.", "output.")))
     assert detect_format(path).problem is None
     model = load_component("text_encoder", path, torch.float32, "cpu")
     texts = ["a cat on a chair"]
@@ -972,12 +1014,16 @@ def test_an_unsupported_type_in_tensors_the_encoder_never_reads_loads(tiny_model
         assert_rel(a, b, 1e-6, "text features")
 
 
-@pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS"])
-def test_an_iq4_text_encoder_gives_the_features_of_its_dequantised_weights(tiny_model_dir, tmp_path, qtype):
-    """llama.cpp's IQ4_NL / IQ4_XS Qwen3 builds (Qwen3-4B.i1-IQ4_XS.gguf, ...): every linear and the
-    embedding in the type, kept packed, against the encoder built from the gguf package's values."""
+@pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS", *GRID_TYPES])
+def test_an_iq_text_encoder_gives_the_features_of_its_dequantised_weights(tiny_model_dir, tmp_path, qtype):
+    """llama.cpp's i-quant Qwen3 builds (Qwen3-4B.i1-IQ4_XS.gguf, mradermacher's i1-IQ3_S, i1-IQ2_M,
+    i1-IQ1_M, ...): every linear and the embedding in the type, kept packed, against the encoder built
+    from the gguf package's values; `zimage info` names the type with its tensors and bytes."""
+    from click.testing import CliRunner
     from transformers import AutoTokenizer
 
+    from zimage_native.cli import main
+    from zimage_native.formats.gguf import GGUFCheckpoint
     from zimage_native.quant_linear import GGUFEmbedding, GGUFLinear
     from zimage_native.text_encoder import TextEncoder
 
@@ -989,6 +1035,12 @@ def test_an_iq4_text_encoder_gives_the_features_of_its_dequantised_weights(tiny_
     texts = ["a cat on a chair", "two dogs"]
     for a, b in zip(TextEncoder(model, tok).encode(texts), reference_features(reference, tok, texts)):
         assert_rel(a, b, 1e-6, f"{qtype} text features")
+    with GGUFCheckpoint(path) as ckpt:
+        typed = [t for t in ckpt.tensors.values() if t.qtype == qtype]
+        assert all(t.n_bytes == int(np.prod(t.shape[:-1])) * row_bytes(qtype, t.shape[-1]) for t in typed)
+    result = CliRunner().invoke(main, ["info", str(path)])
+    assert result.exit_code == 0 and "cannot load" not in result.output, result.output
+    assert f"{qtype} {len(typed)} tensors {sum(t.n_bytes for t in typed):,} bytes" in result.output, result.output
 
 
 def test_a_lumina_image_2_dit_is_named_as_such(tiny_model_dir, tmp_path):
@@ -1136,7 +1188,7 @@ def test_a_wrong_file_for_a_component_is_refused_before_any_weight_is_read(tiny_
     tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
     dit, _ = write_dit(tmp_path / "dit.gguf", "Q4_K")
     te, _ = write_qwen3(tmp_path / "te.gguf", len(tok), "Q4_K")
-    iq = retyped(te, tmp_path / "te-IQ3_S.gguf", "IQ3_S", lambda k: "ffn_down" in k)
+    iq = retyped(te, tmp_path / "te-TQ1_0.gguf", "TQ1_0", lambda k: "ffn_down" in k)
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a component was loaded before the check")
@@ -1148,7 +1200,7 @@ def test_a_wrong_file_for_a_component_is_refused_before_any_weight_is_read(tiny_
     single = dict(vae=tiny_model_dir / "vae", tokenizer=tiny_model_dir / "tokenizer", device="cpu")
     for files, message in ((dict(transformer=te, text_encoder=dit), swapped),
                            (dict(transformer=dit, text_encoder=iq), "the text encoder's tensor blk.0.ffn_down.weight "
-                                                                    "is stored as IQ3_S")):
+                                                                    "is stored as TQ1_0")):
         with pytest.raises(UnsupportedFormatError) as err:
             ZImagePipeline.from_single_files(**files, **single)
         assert message in str(err.value)

@@ -266,13 +266,29 @@ def build_random_pipeline(device: torch.device, dtype: torch.dtype, tiny: bool =
 
 
 # ------------------------------------------------------------------- random weights in each stored format
-#: Byte offsets of the fp16 scale fields in one block of each GGML block type, and a magnitude for
-#: them that keeps the dequantised weights around 0.01-0.05 (so a random model stays finite).
+#: Byte offsets of the fp16 scale fields in one block of each GGML block type (:func:`put_scale`
+#: writes them; IQ1_M's is split), and a magnitude for them that keeps the dequantised weights
+#: around 0.01-0.05 (so a random model stays finite).
 GGML_SCALES = {
     "Q4_0": ([0], 3e-3), "Q4_1": ([0, 2], 3e-3), "Q5_0": ([0], 1.5e-3), "Q5_1": ([0, 2], 1.5e-3),
     "Q8_0": ([0], 2e-4), "Q2_K": ([80, 82], 5e-4), "Q3_K": ([108], 1e-4), "Q4_K": ([0, 2], 3e-5),
     "Q5_K": ([0, 2], 1.5e-5), "Q6_K": ([208], 5e-6), "IQ4_NL": ([0], 5e-4), "IQ4_XS": ([0], 2e-5),
+    "IQ1_S": ([0], 2e-3), "IQ1_M": ([48], 2e-3), "IQ2_XXS": ([0], 2e-4), "IQ2_XS": ([0], 2e-4),
+    "IQ2_S": ([0], 2e-4), "IQ3_XXS": ([0], 1e-4), "IQ3_S": ([0], 1e-4),
 }
+
+
+def put_scale(blocks, qtype: str, offset: int, f16):
+    """Write fp16 scales (their bytes, ``(blocks, 2)`` uint8) into the field at ``offset`` of every
+    block (numpy arrays or torch tensors alike). IQ1_M has no such field: its fp16 is split into the
+    top nibbles of the four uint16 at ``offset`` (48), bits 0-3 in the first, 12-15 in the last."""
+    if qtype != "IQ1_M":
+        blocks[:, offset:offset + 2] = f16
+        return
+    lo, hi = f16[:, 0], f16[:, 1]
+    for k, nibble in enumerate((lo & 0x0F, lo >> 4, hi & 0x0F, hi >> 4)):
+        at = offset + 2 * k + 1  # the high byte of word k
+        blocks[:, at] = (blocks[:, at] & 0x0F) | (nibble << 4)
 
 
 def random_ggml_(packed: torch.Tensor, qtype: str, seed: int = 0) -> torch.Tensor:
@@ -289,7 +305,7 @@ def random_ggml_(packed: torch.Tensor, qtype: str, seed: int = 0) -> torch.Tenso
         blocks.random_(0, 256, generator=g)
         for off in offsets:
             scales = (torch.rand(blocks.shape[0], generator=g, device=packed.device) * 2 - 1) * magnitude
-            blocks[:, off:off + 2] = scales.to(torch.float16).view(torch.uint8).view(-1, 2)
+            put_scale(blocks, qtype, off, scales.to(torch.float16).view(torch.uint8).view(-1, 2))
     return packed
 
 

@@ -426,7 +426,7 @@ def check_component_paths(call: str, given: dict[str, Any]) -> None:
 def check_components(files: dict[str, str | os.PathLike | None]) -> None:
     """Before any weight is read: each single file of ``files`` (component -> path) must hold that
     component in a form the engine loads, so that a wrong file (a text encoder given as the DiT, an
-    IQ3_S GGUF, another model) is refused from its header at once, not after the components loaded
+    TQ1_0 GGUF, another model) is refused from its header at once, not after the components loaded
     before it. Folders, and headers that cannot be read, are left to the load."""
     for kind, path in files.items():
         if path is None or not Path(path).expanduser().is_file():

@@ -300,7 +300,7 @@ def inspect_gguf(ckpt: GGUFCheckpoint) -> FileFormat:
         fmt.problem = (f"{ckpt.path}: {what} tensor {bad[0]} is stored as {ckpt.unsupported[bad[0]]}, a GGML type this "
                        f"engine does not dequantise ({len(bad)} of the {len(read)} tensors it would load: {kinds}); "
                        f"supported: {SUPPORTED}: use a build of the model in one of those (a Q4_K_M, IQ4_XS, Q5_K_M, "
-                       f"Q6_K or Q8_0 file)")
+                       f"Q6_K or Q8_0 file; an IQ3_S, IQ2_M or IQ1_M one for less memory)")
     return fmt
 
 
