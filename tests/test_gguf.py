@@ -109,6 +109,23 @@ def test_iq_grids_are_read_from_the_gguf_package_once_per_device():
         assert bin(int(ksigns[i])).count("1") % 2 == 0 and int(ksigns[i]) & 0x7F == i
 
 
+def test_iq_grids_load_on_first_use_inside_a_compiled_call(monkeypatch):
+    """A compiled model's first forward on a device with no grid yet: building the grid (numpy, the
+    gguf package's bytes) is not traced, so the call gives the eager values instead of failing in
+    dynamo ('AssertionError: Expected np.nditer base, got <class 'bytes'>')."""
+    from zimage_native.formats import ggml
+
+    raw = torch.from_numpy(random_blocks("IQ3_S", 4, 256, np.random.default_rng(1)))
+    want = dequantize(raw, "IQ3_S")
+    monkeypatch.setattr(ggml, "_TABLES", {})  # cold: no table on any device,
+    monkeypatch.setattr(gguf.quants.IQ3_S, "grid", None)  # nor the package's grid decoded yet
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda r: dequantize(r, "IQ3_S"), backend="aot_eager")
+    assert torch.equal(compiled(raw).view(torch.int32), want.view(torch.int32))
+    assert {name for name, _ in ggml._TABLES} == {"IQ3_S", "bits"}
+    torch._dynamo.reset()
+
+
 def test_scale_fields_are_the_fp16_fields_of_the_format():
     # Setting every scale field to 0 must zero the signed types (guards the offsets used to build files;
     # IQ1_M's fp16 is split into four nibbles: bench.put_scale writes it).

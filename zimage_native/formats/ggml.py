@@ -277,12 +277,17 @@ def _host_table(name: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(cls.grid, dtype=np.float32).reshape(cls.grid_shape).copy())
 
 
-def _table(name: str, device: torch.device) -> torch.Tensor:
-    key = (name, device)
-    table = _TABLES.get(key)
-    if table is None:
-        table = _TABLES[key] = _host_table(name).to(device)
+@torch.compiler.disable
+def _load_table(name: str, device: torch.device) -> torch.Tensor:
+    """Build table ``name`` on ``device`` and keep it; not traced by torch.compile (numpy and the
+    gguf package's bytes), so a compiled model's first call on a cold device runs it eagerly."""
+    table = _TABLES[(name, device)] = _host_table(name).to(device)
     return table
+
+
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    table = _TABLES.get((name, device))
+    return _load_table(name, device) if table is None else table
 
 
 def _lookup(name: str, idx: torch.Tensor) -> torch.Tensor:
