@@ -393,6 +393,9 @@ def test_the_engines_warnings_name_the_flags_on_the_command_line(monkeypatch):
     assert warning("the image width is odd; pipe.cfg_truncation_x and --guidance_scale stay") == (
         "the image width is odd; pipe.cfg_truncation_x and --guidance_scale stay")  # words, attributes, flags
     assert warning("guidance_scale 1", name="torch._dynamo") == "guidance_scale 1"  # other libraries' logs
+    assert warning("give width= and height= (e.g. width=%d, height=%d); strength=0.5 or mask_image=", 32, 48) == (
+        "give --width and --height (e.g. --width=32, --height=48); --strength=0.5 or --mask")  # keywords
+    assert warning("the width=%d and pipe.width= stay", 32) == "the --width=32 and pipe.width= stay"
     # the CLI's own handler carries the filter (where no other program configured logging first)
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])
@@ -408,7 +411,29 @@ def test_a_too_small_input_image_gives_its_size(tiny_model_dir, tmp_path):
     Image.new("RGB", (8, 20)).save(small)
     line = one_line_error("generate", "a cat", "--model", str(tiny_model_dir), "--device", "cpu", "--steps", "1",
                           "--image", str(small), "-o", str(tmp_path / "x.png"), "--seed", "1")
-    assert "8x20 gives 0x16" in line and "give --width= and --height= to resize it" in line, line
+    assert "8x20 gives 0x16" in line and "give --width and --height to resize it" in line, line
+
+
+def test_an_off_grid_input_image_warns_in_flags(tiny_model_dir, tmp_path, monkeypatch):
+    """`--image` 33x31 ran at 32x16 with a warning in the library's words, "give width= and height=
+    (..., e.g. width=32, height=32)": on the command line it names the flags, through the CLI's own
+    log handler (the one `zimage` installs)."""
+    import logging
+
+    from PIL import Image
+
+    Image.new("RGB", (33, 31), (200, 10, 10)).save(tmp_path / "in.png")
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    result = CliRunner().invoke(main, ["generate", "a cat", "--model", str(tiny_model_dir), "--device", "cpu",
+                                       "--steps", "1", "--image", str(tmp_path / "in.png"), "-o",
+                                       str(tmp_path / "x.png"), "--seed", "1"], prog_name="zimage")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("WARNING")]
+    assert warnings == ["WARNING zimage_native.images: image is 33x31, whose sides are not all multiples of 16: the "
+                        "run uses 32x16 (rounded down, as diffusers does); give --width and --height (multiples of "
+                        "16, e.g. --width=32, --height=32) to choose the size the image is resized to"], result.output
 
 
 def test_compile_alone_is_the_blocks_preset():

@@ -33,19 +33,26 @@ LIBRARY_FLAGS = {
     "cfg_normalization": "--cfg-normalization",
 }
 _NAMES = "|".join(LIBRARY_FLAGS)
-# A statement about the argument ("steps must be ...", at the start or after ': ', '; ', ', ', '(') or
-# its value ("for num_inference_steps=4").
-_LIBRARY_NAME = re.compile(rf"(?:^|(?<=: )|(?<=; )|(?<=, )|(?<=\())({_NAMES})(?=\s+(?:must|is|are|needs)\b)"
-                           rf"|(?<![\w.-])({_NAMES})(?==)")
+# A statement about the argument ("steps must be ...", at the start or after ': ', '; ', ', ', '(').
+_STATEMENT = re.compile(rf"(?:^|(?<=: )|(?<=; )|(?<=, )|(?<=\())({_NAMES})(?=\s+(?:must|is|are|needs)\b)")
+# A keyword, with its value ("for num_inference_steps=4" -> "--steps=4") or without ("give width= and
+# height=" -> "give --width and --height").
+_KEYWORD = re.compile(rf"(?<![\w.-])({_NAMES})=(?=([^\s,;)]?))")
+
+
+def _flag_keywords(message: str) -> str:
+    return _KEYWORD.sub(lambda m: LIBRARY_FLAGS[m.group(1)] + ("=" if m.group(2) else ""), message)
 
 
 def cli_message(message: str) -> str:
-    """``message`` with the library argument names it starts a statement with replaced by their flags."""
-    return _LIBRARY_NAME.sub(lambda m: LIBRARY_FLAGS[m.group(1) or m.group(2)], message)
+    """``message`` with the library argument names it starts a statement with, or gives as keywords,
+    replaced by their flags."""
+    return _flag_keywords(_STATEMENT.sub(lambda m: LIBRARY_FLAGS[m.group(1)], message))
 
 
 # In the engine's warnings an argument name is a whole word: the unambiguous ones (with an underscore)
-# are named by their flags on the command line ("guidance_scale 1 turns CFG on" -> "--guidance-scale 1 ...").
+# are named by their flags on the command line ("guidance_scale 1 turns CFG on" -> "--guidance-scale 1 ..."),
+# and any given as a keyword as in an error ("give width= ..." -> "give --width ...").
 _WARNING_NAME = re.compile(rf"(?<![\w.-])({'|'.join(k for k in LIBRARY_FLAGS if '_' in k)})(?![\w])")
 
 
@@ -55,7 +62,8 @@ class FlagNames(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith("zimage_native") and record.levelno >= logging.WARNING:
-            record.msg, record.args = _WARNING_NAME.sub(lambda m: LIBRARY_FLAGS[m.group(1)], record.getMessage()), None
+            message = _flag_keywords(record.getMessage())
+            record.msg, record.args = _WARNING_NAME.sub(lambda m: LIBRARY_FLAGS[m.group(1)], message), None
         return True
 
 
