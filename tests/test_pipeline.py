@@ -360,6 +360,36 @@ def test_unknown_and_habitual_loading_keywords_name_from_pretrained(tiny_model_d
     assert sorted(m.split("=")[0].removeprefix("from_pretrained: ") for m in told) == sorted(habits), told
 
 
+def test_unknown_keywords_of_from_single_files_name_it_before_loading(tiny_model_dir, monkeypatch):
+    """`from_single_files(..., fp8=True)` loaded every file, then failed with "ZImagePipeline.__init__()
+    got an unexpected keyword argument 'fp8'": now refused first, naming from_single_files and its
+    options (as from_pretrained does); diffusers' torch_dtype= is its dtype, and its habits are handled
+    as from_pretrained handles them."""
+    from zimage_native import ZImagePipeline, pipeline
+
+    files = [str(tiny_model_dir / c) for c in ("transformer", "vae", "text_encoder", "tokenizer")]
+    monkeypatch.setattr(pipeline, "load_single_files", lambda *a, **k: pytest.fail("loaded before refusing"))
+    for name, value in (("foo", 1), ("fp8", True), ("source", "x")):
+        with pytest.raises(TypeError) as err:
+            ZImagePipeline.from_single_files(*files, device="cpu", **{name: value})
+        assert str(err.value).startswith(f"ZImagePipeline.from_single_files() got an unexpected keyword argument "
+                                         f"'{name}' (its loading options: transformer, vae, text_encoder, "
+                                         f"tokenizer, device, dtype, transformer_config,"), str(err.value)
+        assert "pipe.optimize()" in str(err.value) and "__init__" not in str(err.value)
+    with pytest.raises(ValueError, match=re.escape("HF_TOKEN")):
+        ZImagePipeline.from_single_files(*files, device="cpu", token="hf_x")
+    seen = {}
+
+    def stand_in(*args, **kwargs):
+        seen["dtype"] = args[5]
+        raise RuntimeError("stand-in loader")
+
+    monkeypatch.setattr(pipeline, "load_single_files", stand_in)
+    with pytest.raises(RuntimeError, match="stand-in loader"):
+        ZImagePipeline.from_single_files(*files, device="cpu", torch_dtype=torch.float32, low_cpu_mem_usage=True)
+    assert seen["dtype"] is torch.float32
+
+
 def test_a_callback_turns_cfg_off_part_way_as_in_diffusers(tiny_pipe, reference_pipe, tiny_model_dir):
     """diffusers' dynamic-CFG callback: read ``pipe.num_timesteps``, and at 40% of the steps set
     ``pipe._guidance_scale = 0.0``; the later steps then run without CFG. Here ``num_timesteps`` was

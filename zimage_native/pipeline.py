@@ -141,10 +141,12 @@ IGNORED_LOAD_OPTIONS = {
 _ignored_told: set[str] = set()
 
 
-def pop_diffusers_options(load: dict) -> None:
-    """Take diffusers' from_pretrained options out of ``load``: accepted where they change nothing here
-    (IGNORED_LOAD_OPTIONS, logged once each), else refused saying what to use. Any other unknown
-    keyword is refused naming from_pretrained (not the internal load_pretrained)."""
+def pop_diffusers_options(load: dict, method: str = "from_pretrained", known: list[str] | None = None,
+                          options: str = "") -> None:
+    """Take diffusers' loading options out of ``load``: accepted where they change nothing here
+    (IGNORED_LOAD_OPTIONS, logged once each), else refused saying what to use. Any other keyword not in
+    ``known`` is refused naming ``method`` (not the internal loader) and ``options``; ``known`` None:
+    from_pretrained's, the options of load_pretrained."""
     for name in [k for k in load if k in IGNORED_LOAD_OPTIONS]:
         harmless, why = IGNORED_LOAD_OPTIONS[name]
         value = load.pop(name)
@@ -152,18 +154,19 @@ def pop_diffusers_options(load: dict) -> None:
             raise ValueError(f"{name}={value!r} is diffusers' option; here {why}")
         if name not in _ignored_told:
             _ignored_told.add(name)
-            logger.info("from_pretrained: %s=%r ignored (diffusers' option): %s", name, value, why)
+            logger.info("%s: %s=%r ignored (diffusers' option): %s", method, name, value, why)
     for name in [k for k in load if k in DIFFUSERS_LOAD_OPTIONS]:
         raise ValueError(f"{name}= is diffusers' option; here {DIFFUSERS_LOAD_OPTIONS[name]}")
-    parameters = inspect.signature(load_pretrained).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return  # a loader that takes any keyword (a wrapped or stand-in load_pretrained) says itself
-    known = [k for k in parameters if k not in ("path_or_id", "device", "dtype")]
+    if known is None:
+        parameters = inspect.signature(load_pretrained).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return  # a loader that takes any keyword (a wrapped or stand-in load_pretrained) says itself
+        known = [k for k in parameters if k not in ("path_or_id", "device", "dtype")]
+        options = f"device, dtype, variant, kernels, attention, compile, cuda_graphs, fp8, {', '.join(known)}"
     for name in load:
         if name not in known:
-            raise TypeError(f"ZImagePipeline.from_pretrained() got an unexpected keyword argument {name!r} (its "
-                            f"loading options: device, dtype, variant, kernels, attention, compile, cuda_graphs, "
-                            f"fp8, {', '.join(known)}; docs/tasks.md)")
+            raise TypeError(f"ZImagePipeline.{method}() got an unexpected keyword argument {name!r} (its "
+                            f"loading options: {options}; docs/tasks.md)")
 
 
 #: diffusers' ``encode_prompt`` arguments, refused by name by :meth:`ZImagePipeline.encode_prompt`.
@@ -478,9 +481,17 @@ class ZImagePipeline:
                           **kwargs) -> "ZImagePipeline":
         """Build from single files (ComfyUI split, all-in-one, fp8) or component folders; see
         :func:`zimage_native.loading.load_single_files` for the arguments. Other keyword arguments
-        (``variant=``, ...) go to the constructor."""
-        check_variant(kwargs.get("variant"))
+        (``variant=``, ...) go to the constructor; ``torch_dtype=`` (diffusers' name) is accepted for
+        ``dtype``. An unknown keyword is refused before anything loads."""
         names = ("transformer_config", "vae_config", "text_encoder_config", "scheduler_config", "text_encoder_quant")
+        built = ("self", "transformer", "vae", "text_encoder", "scheduler_config", "vae_config", "source")
+        known = [*names, *(k for k in inspect.signature(cls.__init__).parameters if k not in built)]
+        dtype = _dtype_argument(dtype, kwargs.pop("torch_dtype", None))
+        pop_diffusers_options(kwargs, "from_single_files", known,
+                              f"transformer, vae, text_encoder, tokenizer, device, dtype, {', '.join(known)}; "
+                              f"accelerations (kernels, attention, compile, cuda_graphs, fp8) with pipe.optimize() "
+                              f"after loading")
+        check_variant(kwargs.get("variant"))
         loaded = load_single_files(transformer, vae, text_encoder, tokenizer, device, dtype,
                                    **{k: kwargs.pop(k) for k in names if k in kwargs})
         if kwargs.get("variant") is None:  # from the DiT file's name, not the other components' paths
