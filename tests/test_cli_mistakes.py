@@ -30,6 +30,28 @@ def test_a_mistyped_number_or_size_says_what_the_flag_takes(tmp_path, args, line
     assert one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args) == line
 
 
+@pytest.mark.parametrize("flag, what", [
+    # click suggested '--batch-size', which gives no more images (a batch of 4 for one image makes one)
+    ("--batch", "--num-images N makes N images per prompt (--batch-size B only samples B of them at once"),
+    ("--batch-count", "--num-images N makes N images per prompt"),
+    # click suggested '--config', '--fp8' and '--control-scale', '--guidance-scale'
+    ("--cfg", "the CFG scale is --guidance-scale (0 turns CFG off, the Turbo default; the base model's is 4)"),
+    ("--cfg-scale", "the CFG scale is --guidance-scale"),
+    ("--sampler", "there is one sampler, FlowMatch Euler; --steps and --shift set its schedule"),
+    ("--prompt", "the prompt is the first argument, in quotes: zimage generate \"a red fox\" ..."),
+])
+def test_other_tools_flags_say_what_they_are_here(tmp_path, flag, what):
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), flag, "2")
+    assert line.startswith(f"Error: No such option '{flag}': {what}"), line
+    assert line.endswith("(see `zimage generate --help`)"), line
+
+
+def test_the_other_tools_hints_are_only_where_their_flags_are():
+    """`zimage bench` has no --num-images: click's own message stays."""
+    line = one_line_error("bench", "--batch", "2")
+    assert "No such option" in line and "--num-images" not in line, line
+
+
 def test_the_size_hint_is_only_where_width_and_height_are():
     """`zimage bench` has --sizes: click's own suggestion stays."""
     assert "--sizes" in one_line_error("bench", "--size", "64")

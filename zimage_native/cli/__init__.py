@@ -27,6 +27,23 @@ PREDECESSOR_FLAGS = {
 }
 
 
+_SIZE = "the size is two flags, in pixels: --width W --height H (for example --width 1024 --height 768)"
+_COUNT = ("--num-images N makes N images per prompt (--batch-size B only samples B of them at once: faster on a "
+          "GPU, more memory)")
+_CFG = "the CFG scale is --guidance-scale (0 turns CFG off, the Turbo default; the base model's is 4)"
+_SAMPLER = "there is one sampler, FlowMatch Euler; --steps and --shift set its schedule"
+#: Other tools' flags (Automatic1111, ComfyUI, diffusers scripts), with the parameter a command must have for
+#: the hint to apply and what they are here; click's own suggestion can mislead (--batch -> --batch-size,
+#: which gives no more images).
+OTHER_TOOLS_FLAGS = {
+    "--size": ("width", _SIZE), "--resolution": ("width", _SIZE),
+    "--batch": ("num_images", _COUNT), "--batch-count": ("num_images", _COUNT), "--n-iter": ("num_images", _COUNT),
+    "--cfg": ("guidance_scale", _CFG), "--cfg-scale": ("guidance_scale", _CFG),
+    "--sampler": ("shift", _SAMPLER), "--scheduler": ("shift", _SAMPLER),
+    "--prompt": ("prompt", "the prompt is the first argument, in quotes: {command} \"a red fox\" ..."),
+}
+
+
 def _one_line(e: click.UsageError) -> click.ClickException:
     """click's usage errors (no such file, bad choice, unknown option) as one line, exit status 1,
     like every other input error of the CLI; the line names the command's --help, or for a flag of
@@ -37,10 +54,10 @@ def _one_line(e: click.UsageError) -> click.ClickException:
     if isinstance(e, click.NoSuchOption) and e.option_name in PREDECESSOR_FLAGS:
         return UserError(f"No such option '{e.option_name}': the predecessor's {e.option_name} is "
                          f"{PREDECESSOR_FLAGS[e.option_name]} here{where}")
-    if isinstance(e, click.NoSuchOption) and e.option_name in ("--size", "--resolution") and e.ctx is not None \
-            and any(p.name == "width" for p in e.ctx.command.params):  # other tools' one flag for the size
-        return UserError(f"No such option '{e.option_name}': the size is two flags, in pixels: --width W --height H "
-                         f"(for example --width 1024 --height 768){where}")
+    if isinstance(e, click.NoSuchOption) and e.option_name in OTHER_TOOLS_FLAGS and e.ctx is not None:
+        param, what = OTHER_TOOLS_FLAGS[e.option_name]
+        if any(p.name == param for p in e.ctx.command.params):
+            return UserError(f"No such option '{e.option_name}': {what.format(command=e.ctx.command_path)}{where}")
     extra = re.match(r"Got unexpected extra arguments? \((.*)\)$", e.format_message())
     prompt = e.ctx.params.get("prompt") if e.ctx is not None else None
     if extra and isinstance(prompt, str) and " " not in prompt.strip() and _follows(e.ctx, prompt, extra[1]):
