@@ -365,6 +365,8 @@ def test_a_token_limit_past_the_caption_positions_is_refused_before_loading(tmp_
     (["--tile-overlap", "32"], "Error: --tile-overlap needs --tiled-vae"),
     (["--seeds", "2", "--num-images", "3"], "Error: --seeds 2 already gives 2 images per prompt"),
     (["--seed", "1", "2", "--num-images", "3"], "Error: got 2 seeds and --num-images 3: several seeds give one"),
+    (["--seed", "1", "--seeds", "0"], "Error: --seeds must be >= 1, got 0"),  # was one image from --seed 1
+    (["--seed", "1", "--seeds", "-2"], "Error: --seeds must be >= 1, got -2"),  # was "not both"
     (["--cfg-normalization", "-1"], "Error: --cfg-normalization must be >= 0"),
     (["--image", __file__, "--strength", "0"], "Error: --strength 0 runs no step"),  # was refused after loading
     (["--template", "rewriter-cinematic"], "Error: --template rewriter-cinematic is a rewriter: its system prompt "

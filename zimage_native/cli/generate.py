@@ -54,7 +54,9 @@ def png_hint(output: Path) -> str:
 
 def resolve_seeds(seed: tuple[int, ...], seeds: int | None, num_images: int) -> tuple[list[int], bool]:
     """The seed of each image of a prompt, and whether they were drawn at random (then printed)."""
-    if seed and seeds:
+    if seeds is not None and seeds < 1:  # before the check below, where --seeds 0 read as not given
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if seed and seeds is not None:
         raise ValueError("give --seed or --seeds, not both")
     if num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {num_images}")
@@ -79,8 +81,6 @@ def resolve_seeds(seed: tuple[int, ...], seeds: int | None, num_images: int) -> 
     if len(seed) == 1:
         return [seed[0] + i for i in range(num_images)], False
     count = seeds if seeds is not None else num_images
-    if count < 1:
-        raise ValueError(f"--seeds must be >= 1, got {count}")
     return [random.randrange(2**31) for _ in range(count)], True
 
 
