@@ -361,12 +361,13 @@ OTHER_PROGRAMS_FLAGS = {
 
 def known_flags() -> set[str]:
     """Every option of every ``zimage`` command (both spellings of a boolean switch), the predecessor's
-    flags that stop with what they are here, and the flags of the repository's scripts."""
+    and other tools' flags that stop with what they are here, and the flags of the repository's scripts."""
     import click
 
-    from zimage_native.cli import PREDECESSOR_FLAGS, main
+    from zimage_native.cli import OTHER_TOOLS_FLAGS, PREDECESSOR_FLAGS, main
 
-    flags = {"--help"} | set(PREDECESSOR_FLAGS) | set(OTHER_PROGRAMS_FLAGS)  # --help: click adds it to each
+    # --help: click adds it to each
+    flags = {"--help"} | set(PREDECESSOR_FLAGS) | set(OTHER_TOOLS_FLAGS) | set(OTHER_PROGRAMS_FLAGS)
     commands = [main]
     while commands:
         command = commands.pop()
