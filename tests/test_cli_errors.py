@@ -445,3 +445,19 @@ def test_compile_alone_is_the_blocks_preset():
                        (["--compile", "--steps", "2", "a cat"], "blocks")):
         ctx = generate.make_context("generate", list(args))
         assert ctx.params["compile_mode"] == mode, args
+
+
+def test_the_exit_statuses_are_the_ones_docs_cli_md_lists():
+    """docs/cli.md's "Exit status" table: 0, 1, 2 (a bare group's help, click >= 8.2) and 130 (Ctrl-C:
+    tests/test_cli_generate.py); the cheap ones are checked here."""
+    from importlib.metadata import version
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    section = text.split("### Exit status", 1)[1].split("\n\n", 1)[0]
+    assert re.findall(r"^\| (\d+) \|", section, re.M) == ["0", "1", "2", "130"]
+    status = lambda *args: CliRunner().invoke(main, list(args), prog_name="zimage").exit_code  # noqa: E731
+    assert status("--help") == status("generate", "--help") == status("--version") == 0
+    assert status("generate", "a cat", "--bogus") == status("generate", "a cat", "--steps", "0") == 1
+    bare = 2 if tuple(int(v) for v in version("click").split(".")[:2]) >= (8, 2) else 0
+    assert status() == status("templates") == bare
