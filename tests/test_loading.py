@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -105,6 +106,25 @@ def test_a_component_folder_or_a_folder_of_single_files_says_what_to_give(tiny_m
     with pytest.raises(FileNotFoundError, match=r"missing .*; for single-file checkpoints \(ComfyUI, GGUF\) give the "
                                                 r"DiT file as transformer=FILE \(--transformer FILE\)"):
         ZImagePipeline.from_pretrained(tmp_path)
+
+
+def test_a_folder_lacking_a_component_takes_it_from_its_own_file(tiny_model_dir, tmp_path):
+    """A model folder without vae/ (ComfyUI users keep ae.safetensors elsewhere) was refused with
+    "missing ['vae/config.json']" even with vae= (--vae FILE) given, and without it the error did not
+    say what to do. Now the given file stands in for it (its config from its tensors, as from single
+    files), and the error names vae=FILE (--vae FILE)."""
+    folder = tmp_path / "novae"
+    shutil.copytree(tiny_model_dir, folder, ignore=lambda d, names: ["vae"] if d == str(tiny_model_dir) else [])
+    with pytest.raises(FileNotFoundError, match=re.escape("missing ['vae/config.json']; give vae=FILE (--vae FILE) "
+                                                          "for what it lacks, or fetch the whole folder again")):
+        ZImagePipeline.from_pretrained(folder, device="cpu")
+    vae_file = tiny_model_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    pipe = ZImagePipeline.from_pretrained(folder, device="cpu", vae=vae_file)
+    # the VAE's config from its tensors, as from single files (released scaling and shift factors)
+    whole = ZImagePipeline.from_single_files(tiny_model_dir / "transformer", vae_file, tiny_model_dir / "text_encoder",
+                                             tiny_model_dir / "tokenizer", device="cpu")
+    kw = dict(width=32, height=32, num_inference_steps=2, seed=3)
+    assert pipe("a cat", **kw).images[0].tobytes() == whole("a cat", **kw).images[0].tobytes()
 
 
 def test_hub_id_downloads_only_needed_files(tiny_model_dir, monkeypatch):

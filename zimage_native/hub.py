@@ -38,6 +38,9 @@ REQUIRED = [
     "scheduler/scheduler_config.json",
 ]
 
+#: The components a model folder holds and the CLI flags that give one from its own file.
+COMPONENT_FLAGS = {"transformer": "--transformer", "vae": "--vae", "text_encoder": "--text-encoder"}
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -166,16 +169,22 @@ def check_download_space(repo_id: str, allow_patterns: list[str], revision: str 
                        f"set HF_HUB_CACHE to a folder on a larger disk, or {LOCAL_HINT}")
 
 
-def check_model_folder(folder: Path) -> Path:
-    missing = [name for name in REQUIRED if not (folder / name).exists()]
+def check_model_folder(folder: Path, given: tuple[str, ...] = ()) -> Path:
+    """``folder`` if it holds a model in the diffusers layout; the components in ``given`` (whose files
+    come from elsewhere) may be missing from it."""
+    missing = [name for name in REQUIRED if not (folder / name).exists() and name.split("/")[0] not in given]
     if missing:
         hint = ""
         parent = folder.resolve().parent
+        parts = [name.split("/")[0] for name in missing if name.split("/")[0] in COMPONENT_FLAGS]
         if all((parent / name).exists() for name in REQUIRED):  # a component folder of a model folder
             hint = f"; it is a part of the model folder {parent}: give that folder"
         elif any(folder.glob("*.safetensors")) or any(folder.glob("*.gguf")):  # a folder of single files
             hint = ("; for single-file checkpoints (ComfyUI, GGUF) give the DiT file as transformer=FILE "
                     "(--transformer FILE), and the others with --vae and --text-encoder")
+        elif parts and len(parts) < len(COMPONENT_FLAGS) and (folder / "scheduler").is_dir():  # a partial folder
+            hint = (f"; give {' and '.join(f'{c}=FILE ({COMPONENT_FLAGS[c]} FILE)' for c in parts)} for what it "
+                    f"lacks, or fetch the whole folder again")
         raise FileNotFoundError(
             f"{folder} is not a Z-Image model folder (diffusers layout): missing {missing}{hint}"
         )
@@ -201,7 +210,7 @@ def resolve_model_folder(
                                     f"single-file checkpoint (ComfyUI, GGUF) goes in as transformer=FILE "
                                     f"(--transformer FILE), with the other components from a model folder or "
                                     f"their own files (--vae, --text-encoder)")
-        return check_model_folder(path)
+        return check_model_folder(path, skip_weights)
     text = str(path_or_id)
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model folder not found: {text} (give a diffusers-layout folder or a Hub id "
@@ -209,7 +218,7 @@ def resolve_model_folder(
     allow = [p for p in HUB_FILES if p not in {f"{c}/*.safetensors" for c in skip_weights}]
     folder = hub_snapshot(text, "model", revision=revision, cache_dir=cache_dir, allow_patterns=allow,
                           local_files_only=local_files_only)
-    return check_model_folder(folder)
+    return check_model_folder(folder, skip_weights)
 
 
 TOKENIZER_PATTERNS = ["tokenizer/*"]

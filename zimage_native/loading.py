@@ -605,6 +605,13 @@ def check_quant(text_encoder_quant: str, text_encoder_url: str | None = None) ->
     return text_encoder_quant
 
 
+def _own_config(folder: Path, component: str) -> Path | None:
+    """The model folder's config.json of a component given as its own file: what its tensors cannot
+    tell, if the folder has it (a folder may lack the components given as files)."""
+    path = folder / component / "config.json"
+    return path if path.is_file() else None
+
+
 def folder_weight_bytes(folder: Path, skip: Iterable[str], dtype: torch.dtype, text_encoder_quant: str = "none",
                         offload: str = "none") -> dict[str, int]:
     """The weight bytes each component of a diffusers-layout folder holds on its device while it runs,
@@ -755,14 +762,14 @@ def load_pretrained(
     logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
     if transformer is not None:
         dit = load_component("transformer", transformer, dtype, storage["transformer"],
-                             folder / "transformer" / "config.json", pinned=bool(pinned))
+                             _own_config(folder, "transformer"), pinned=bool(pinned))
     else:
         tcfg = TransformerConfig.from_json(folder / "transformer" / "config.json")
         check_dit_blocks(read_header_keys(safetensors_files(folder / "transformer")), tcfg, folder / "transformer")
         dit = load_module(lambda: ZImageTransformer(tcfg), folder / "transformer", dtype,
                           storage["transformer"], "transformer")
     if vae is not None:
-        ae = load_component("vae", vae, dtype, storage["vae"], folder / "vae" / "config.json")
+        ae = load_component("vae", vae, dtype, storage["vae"], _own_config(folder, "vae"))
     else:
         vcfg = VAEConfig.from_json(folder / "vae" / "config.json")
         ae = load_module(lambda: AutoencoderKL(vcfg), folder / "vae", dtype, storage["vae"], "vae")
@@ -771,7 +778,7 @@ def load_pretrained(
     else:
         if text_encoder is not None:
             te = TextEncoder(load_component("text_encoder", text_encoder, dtype, storage["text_encoder"],
-                                            folder / "text_encoder" / "config.json", quant=text_encoder_quant), tok)
+                                            _own_config(folder, "text_encoder"), quant=text_encoder_quant), tok)
         else:
             te = TextEncoder(load_qwen3_encoder(folder / "text_encoder", dtype, storage["text_encoder"],
                                                 text_encoder_quant), tok)
