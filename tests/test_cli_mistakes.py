@@ -116,3 +116,25 @@ def test_a_stray_flag_value_after_a_one_word_prompt_is_not_called_part_of_the_pr
         assert line.startswith('Error: the prompt is one argument: put it in quotes, zimage generate "a red fox 768"')
     else:
         assert line == f"Error: Got unexpected extra argument ({extra}) (see `zimage generate --help`)"
+
+
+@pytest.mark.parametrize("spec", ["{f}=0.8", "{f},0.8", "{f}@0.8", "{f} 0.8"])
+def test_a_lora_scale_after_another_separator_says_to_use_a_colon(tmp_path, spec):
+    """Other tools write PATH=0.8 or PATH,0.8: it was "LoRA file not found: PATH=0.8"."""
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    text = spec.format(f=lora)
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", text)
+    assert line == f"Error: --lora {text}: the scale goes after ':' (--lora {lora}:0.8)", line
+
+
+def test_a_lora_scale_given_as_its_own_argument_says_to_join_it(tmp_path):
+    """`--lora style.safetensors 0.8` was "Got unexpected extra argument (0.8)"."""
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", str(lora), "0.8")
+    assert line == (f"Error: --lora takes its scale in the same argument, after ':': --lora {lora}:0.8 ('0.8' was "
+                    f"read as one more argument) (see `zimage generate --help`)"), line
+    # a stray number elsewhere keeps click's message
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--width", "1024", "768")
+    assert "Got unexpected extra argument (768)" in line and "--lora" not in line, line

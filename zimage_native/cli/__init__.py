@@ -66,6 +66,10 @@ def _one_line(e: click.UsageError) -> click.ClickException:
         text = f"{prompt} {extra[1]}"
         return UserError(f"the prompt is one argument: put it in quotes, {e.ctx.command_path} \"{text}\" ... (the "
                          f"words after '{prompt}' were read as more arguments)")
+    lora = _lora_before(e.ctx, extra[1].split()[0]) if extra and e.ctx is not None else None
+    if lora is not None:  # `--lora style.safetensors 0.8`: the scale read as an extra argument
+        return UserError(f"--lora takes its scale in the same argument, after ':': --lora {lora}:{extra[1].split()[0]} "
+                         f"('{extra[1].split()[0]}' was read as one more argument){where}")
     if isinstance(e, click.NoSuchOption) and e.option_name in ("-v", "--verbose") and e.ctx and e.ctx.parent:
         root = e.ctx.find_root().info_name
         command = e.ctx.command_path[len(root):].strip()
@@ -80,6 +84,14 @@ def _follows(ctx: click.Context, prompt: str, extra: str) -> bool:
     args = ctx.meta.get(ARGS_KEY, [])
     return any(word == prompt and i + 1 < len(args) and not args[i + 1].startswith("-")
                and extra.startswith(args[i + 1]) for i, word in enumerate(args))
+
+
+def _lora_before(ctx: click.Context, extra: str) -> str | None:
+    """The --lora value that the number ``extra`` follows on the command line, if it does."""
+    args = ctx.meta.get(ARGS_KEY, [])
+    if not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)", extra):
+        return None
+    return next((args[i + 1] for i in range(len(args) - 2) if args[i] == "--lora" and args[i + 2] == extra), None)
 
 
 #: ``ctx.meta`` key of the command line as :meth:`ZImageGroup.parse_args` read it (for :func:`_one_line`).

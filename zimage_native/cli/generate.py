@@ -446,10 +446,22 @@ def check_lora_arg(text: str, parse) -> None:
         head, _, tail = text.rpartition(":")
         if head and Path(head).expanduser().exists():
             raise ValueError(f"--lora {text}: the scale after ':' must be a number, got {tail!r}")
+        for sep in ("=", ",", "@", " "):  # other tools' separators: PATH=0.8, PATH,0.8
+            head, _, tail = text.rpartition(sep)
+            if head and Path(head).expanduser().exists() and _is_number(tail):
+                raise ValueError(f"--lora {text}: the scale goes after ':' (--lora {head}:{tail.strip()})")
         raise FileNotFoundError(f"--lora: LoRA file not found: {path}")
     if not math.isfinite(scale):
         raise ValueError(f"--lora {text}: the scale must be a finite number, got {scale}")
     lora_file(path)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load_pipeline(o: dict):
