@@ -461,3 +461,16 @@ def test_the_exit_statuses_are_the_ones_docs_cli_md_lists():
     assert status("generate", "a cat", "--bogus") == status("generate", "a cat", "--steps", "0") == 1
     bare = 2 if tuple(int(v) for v in version("click").split(".")[:2]) >= (8, 2) else 0
     assert status() == status("templates") == bare
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tile-size", "7"], "Error: --tile-size must be a multiple of 16 and at least 64, got 7"),
+    (["--tile-size", "256", "--tile-overlap", "200"], "Error: --tile-overlap must be a multiple of 16, >= 0 and "
+                                                      "smaller than half the tile size (128), got 200"),
+])
+def test_bad_tile_settings_are_refused_before_loading(tmp_path, args, message):
+    """`--tiled-vae --tile-size 7` loaded every weight (11 s on the tiny model under load; minutes for the
+    released one), then failed in enable_vae_tiling; the model here does not exist, so the line shows
+    the check ran first."""
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--tiled-vae", *args)
+    assert line == message, line

@@ -298,6 +298,7 @@ def run_generate(prompts: list[str], o: dict) -> None:
     from ..config import TransformerConfig
     from ..sampling import (check_caption_fits, check_request, check_seed_variance, check_seed_variance_given,
                             check_size_fits)
+    from ..tiling import TileConfig
 
     seeds, drawn = resolve_seeds(tuple(o["seed"]), o["seeds"], o["num_images"])
     if o["batch_size"] < 1:
@@ -323,6 +324,8 @@ def run_generate(prompts: list[str], o: dict) -> None:
         raise ValueError("--strength 0 runs no step (the output would be the input image); give a strength above 0")
     if o["shift"] is not None and not o["shift"] > 0:
         raise ValueError(f"--shift must be > 0, got {o['shift']}")
+    if o["tiled_vae"]:  # the library's check, which ran only once the weights were loaded
+        TileConfig(o["tile_size"], o["tile_overlap"])
     check_seed_variance_given(o["seed_variance"], o["seed_variance_share"], o["seed_variance_steps"], flags=True)
     check_seed_variance(o["seed_variance"], o["seed_variance_share"], o["seed_variance_steps"])
     check_threshold(o["first_block_cache"])
