@@ -65,43 +65,67 @@ def unblock(blocked: torch.Tensor, rows: int, blocks: int) -> torch.Tensor:
     return t.reshape(tiles_r * 128, tiles_c * 4)[:rows, :blocks]
 
 
-def block_scales(ckpt: Checkpoint, key: str, fmt: str) -> torch.Tensor:
-    """The fp32 scale of every block of weight ``key``, (rows, blocks): nvfp4's e4m3 block scales times
-    its ``weight_scale_2``, mxfp8's powers of two."""
+def block_codes(ckpt: Checkpoint, key: str, fmt: str) -> torch.Tensor:
+    """The block-scale codes of weight ``key``, unblocked: uint8 (rows, blocks), one byte a block (nvfp4:
+    e4m3 bits, mxfp8: e8m0 exponents), in new memory."""
     stem = key[: -len("weight")]
     rows, cols = logical_shape(fmt, ckpt.tensors[key].shape)
     raw = torch.frombuffer(bytearray(ckpt.raw_bytes(stem + "weight_scale")), dtype=torch.uint8)
-    codes = unblock(raw, rows, cols // BLOCK_FORMATS[fmt][0])
+    return unblock(raw, rows, cols // BLOCK_FORMATS[fmt][0]).contiguous()
+
+
+def tensor_scale(ckpt: Checkpoint, key: str, fmt: str) -> torch.Tensor:
+    """nvfp4's per-tensor ``weight_scale_2`` of weight ``key`` as a 0-d fp32 tensor (mxfp8 has none: 1)."""
+    if fmt != "nvfp4":
+        return torch.ones((), dtype=torch.float32)
+    return ckpt.get(key[: -len("weight")] + "weight_scale_2").float().reshape(()).clone()
+
+
+def code_scales(codes: torch.Tensor, fmt: str, second: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-scale codes (uint8 (rows, blocks)) -> the fp32 scale of every block: nvfp4's e4m3 block
+    scales times its per-tensor ``second`` (``weight_scale_2``), mxfp8's powers of two."""
     if fmt == "nvfp4":
-        return codes.view(torch.float8_e4m3fn).to(torch.float32) * ckpt.get(stem + "weight_scale_2").float().reshape(())
+        return codes.view(torch.float8_e4m3fn).to(torch.float32) * second.to(torch.float32).reshape(())
     exponent = codes.to(torch.int32)
     bits = torch.where(exponent == 255, 0x7FC00000, exponent << 23)  # 255: NaN, as in OCP MX and torch's e8m0
     return torch.where(exponent == 0, 0, bits).view(torch.float32)
 
 
+def block_scales(ckpt: Checkpoint, key: str, fmt: str) -> torch.Tensor:
+    """The fp32 scale of every block of weight ``key``, (rows, blocks): nvfp4's e4m3 block scales times
+    its ``weight_scale_2``, mxfp8's powers of two."""
+    return code_scales(block_codes(ckpt, key, fmt), fmt, tensor_scale(ckpt, key, fmt))
+
+
 def decode(raw: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Stored rows -> their unscaled values in fp32: e2m1 codes (two a byte, high nibble first) or e4m3."""
+    """Stored rows -> their unscaled values in fp32: e2m1 codes (two a byte, high nibble first) or e4m3
+    (as float8 or as its bytes)."""
     if fmt == "mxfp8":
-        return raw.to(torch.float32)
+        return (raw.view(torch.float8_e4m3fn) if raw.dtype == torch.uint8 else raw).to(torch.float32)
     values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=raw.device)
     pairs = torch.stack([values.repeat_interleave(16), values.repeat(16)], dim=-1)  # byte -> (high, low) values
     return torch.index_select(pairs, 0, raw.reshape(-1).int()).reshape(raw.shape[0], -1)
+
+
+def scaled_values(raw: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Stored rows (rows, stored cols) times their blocks' fp32 ``scales`` (rows, blocks): the weight's
+    rows in fp32, each value its code's value times its block's scale (the one computation of the
+    values, for the loader and for :class:`~zimage_native.quant_linear.BlockScaledLinear`)."""
+    values = decode(raw, fmt)
+    values.view(values.shape[0], -1, BLOCK_FORMATS[fmt][0]).mul_(scales.unsqueeze(-1))
+    return values
 
 
 def dequantize(ckpt: Checkpoint, key: str, fmt: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A block-scaled weight of the file in ``dtype``: read by blocks of rows (``Checkpoint.read_rows``),
     each computed in fp32 and rounded once into the result, never whole in fp32."""
     info = ckpt.tensors[key]
-    size = BLOCK_FORMATS[fmt][0]
     rows, cols = logical_shape(fmt, info.shape)
-    scales = block_scales(ckpt, key, fmt).unsqueeze(-1)
+    scales = block_scales(ckpt, key, fmt)
     out = torch.empty(rows, cols, dtype=dtype)
     step = max(1, CHUNK_ELEMENTS // max(1, cols))
     stored_row = info.numel // max(1, rows)  # bytes: both formats store 1 byte a value or a pair
     buffer = ckpt.scratch(min(step, rows) * stored_row)
     for i in range(0, rows, step):
-        values = decode(ckpt.read_rows(key, i, i + step, buffer), fmt)
-        n = values.shape[0]
-        values.view(n, -1, size).mul_(scales[i:i + n])
-        out[i:i + n].copy_(values)  # rounded to dtype as .to(dtype) rounds
-    return out
+        out[i:i + step].copy_(scaled_values(ckpt.read_rows(key, i, i + step, buffer), scales[i:i + step], fmt))
+    return out  # (copy_ rounds to dtype as .to(dtype) rounds)
