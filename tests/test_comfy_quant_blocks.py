@@ -115,15 +115,16 @@ BLOCK_MIX = {"attention.qkv": "nvfp4", "t_embedder.mlp.2": "nvfp4", "attention.o
              "t_embedder.mlp.0": "mxfp8"}
 
 
-def block_file(sd: dict, seed: int = 0) -> tuple[dict, dict]:
-    """(file tensors, expected fp32 state): the BLOCK_MIX layers in their formats with random values."""
+def block_file(sd: dict, seed: int = 0, mix: dict | None = None, blocks: dict = BLOCK_MIX) -> tuple[dict, dict]:
+    """(file tensors, expected fp32 state): the ``blocks`` layers in their formats with random values,
+    the ``mix`` layers in to_comfy_quant's formats (default: feed_forward.w3 in float8)."""
     g = torch.Generator().manual_seed(seed)
-    out, expected = to_comfy_quant(sd, mix={"feed_forward.w3": ("float8_e4m3fn", "tensor")})[:2]
+    out, expected = to_comfy_quant(sd, mix={"feed_forward.w3": ("float8_e4m3fn", "tensor")} if mix is None else mix)[:2]
     for k, v in sd.items():
-        match = next((m for m in BLOCK_MIX if k.endswith(f".{m}.weight")), None)
+        match = next((m for m in blocks if k.endswith(f".{m}.weight")), None)
         if match is None:
             continue
-        fmt, layer = BLOCK_MIX[match], k[: -len(".weight")]
+        fmt, layer = blocks[match], k[: -len(".weight")]
         tensors, want = random_layer(fmt, *v.shape, g)
         out.update({f"{layer}.{suffix}": t for suffix, t in tensors.items()})
         out[f"{layer}.comfy_quant"] = comfy_quant_tensor({"format": fmt})
@@ -137,7 +138,7 @@ def comfy_sd(tiny_model_dir):
 
 
 def test_an_nvfp4_and_mxfp8_dit_loads_as_the_model_of_its_dequantised_weights(comfy_sd, tmp_path):
-    from zimage_native.quant_linear import FP8StoredLinear
+    from zimage_native.quant_linear import FP8StoredLinear, PackedLinear
 
     sd, expected = block_file(comfy_sd)
     path = write(tmp_path / "z_image_turbo_nvfp4.safetensors", sd)
@@ -148,10 +149,12 @@ def test_an_nvfp4_and_mxfp8_dit_loads_as_the_model_of_its_dequantised_weights(co
                                "cpu", config=TINY_AXES)
     want = reference.state_dict()
     reference = in_new_memory(reference)
-    for keep in (False, None):  # dequantised while loading; or its float8 layers kept (the block-scaled ones never)
+    for keep in (False, None):  # dequantised while loading; or its float8 and block-scaled layers kept (below)
         model = load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES, keep_fp8=keep)
-        stored = {n for n, m in model.named_modules() if isinstance(m, FP8StoredLinear)}
-        assert all(n.endswith("feed_forward.w3") for n in stored) and (len(stored) > 0) == (keep is None)
+        stored = {n for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+        fp8 = {n for n, m in model.named_modules() if isinstance(m, FP8StoredLinear)}
+        assert all(n.endswith("feed_forward.w3") for n in fp8) and (len(fp8) > 0) == (keep is None)
+        assert (len(stored) > len(fp8)) == (keep is None)
         state = model.state_dict()
         for k, v in want.items():
             if not any(s + "." in k for s in stored):
@@ -276,3 +279,196 @@ def test_info_check_flags_an_e8m0_block_scale_code_255_of_an_mxfp8_layer(tmp_pat
     layer["x.weight_scale"] = codes if scale_dtype == "U8" else codes.view(torch.float8_e8m0fnu)
     clean = CliRunner().invoke(main, ["info", str(write(tmp_path / "clean.safetensors", layer)), "--check"])
     assert clean.exit_code == 0 and clean.output.strip().endswith("all values are finite"), clean.output
+
+
+# ----------------------------------------------------------------------------------- kept packed
+
+#: Mixed files: the BLOCK_MIX layers (nvfp4, mxfp8) beside float8 ones; beside float8 and int8 ones with
+#: the unquantised tensors in bf16 (as on the Hub).
+KEPT_MIXES = {"fp8": ({"feed_forward.w3": ("float8_e4m3fn", "tensor")}, False),
+              "fp8+int8, bf16": ({"feed_forward.w3": ("float8_e4m3fn", "tensor"),
+                                  "feed_forward.w1": ("int8_tensorwise", "row")}, True)}
+
+
+def kept_file(comfy_sd, tmp_path, mix: str = "fp8") -> tuple:
+    """(path, file tensors) of a KEPT_MIXES file."""
+    layers, bf16 = KEPT_MIXES[mix]
+    sd, _ = block_file(comfy_sd, mix=layers)
+    if bf16:
+        sd = {k: v.to(torch.bfloat16) if v.dtype == torch.float32 and v.ndim >= 1 and not k.endswith(
+            ("_scale", "_scale_2")) else v for k, v in sd.items()}
+    return write(tmp_path / "z_image_turbo_nvfp4.safetensors", sd), sd
+
+
+def block_layers(model) -> dict:
+    from zimage_native.quant_linear import BlockScaledLinear
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, BlockScaledLinear)}
+
+
+def expected_formats(model) -> dict:
+    """Canonical linear name -> the format BLOCK_MIX gives it (the fused qkv split into to_q / to_k / to_v)."""
+    canonical = {"attention.qkv": ("attention.to_q", "attention.to_k", "attention.to_v"),
+                 "attention.out": ("attention.to_out.0",)}
+    out = {}
+    for name, _ in model.named_modules():
+        for layer, fmt in BLOCK_MIX.items():
+            if any(name.endswith("." + c) or name == c for c in canonical.get(layer, (layer,))):
+                out[name] = fmt
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mix", KEPT_MIXES)
+def test_a_kept_dit_keeps_its_nvfp4_and_mxfp8_layers_packed_with_the_results_of_the_dequantised_model(
+        comfy_sd, tmp_path, mix, dtype):
+    """A DiT that keeps its fp8 layers (keep_fp8 True, or None on the CPU) keeps its nvfp4 and mxfp8
+    layers as their codes (BlockScaledLinear: uint8 codes, one uint8 block-scale code a block, nvfp4's
+    fp32 weight_scale_2), dequantised per forward as the loader does: each weight, and the DiT's output,
+    bit for bit those of keep_fp8=False, in fp32 and in bf16. They were dequantised while loading: the
+    model held the dtype's bytes (fp32: 2.37 MB for a file of 1.02 MB)."""
+    from torch import nn
+
+    from zimage_native.quant_linear import FP8StoredLinear, Int8StoredLinear, quantized_bytes, resident_bytes
+
+    path, sd = kept_file(comfy_sd, tmp_path, mix)
+    upcast = in_new_memory(load_component("transformer", path, dtype, "cpu", config=TINY_AXES, keep_fp8=False))
+    for keep in (True, None):
+        kept = load_component("transformer", path, dtype, "cpu", config=TINY_AXES, keep_fp8=keep)
+        blocks = block_layers(kept)
+        assert {n: m.fmt for n, m in blocks.items()} == expected_formats(kept) and len(blocks) == 18
+    assert any(isinstance(m, FP8StoredLinear) for m in kept.modules())
+    assert any(isinstance(m, Int8StoredLinear) for m in kept.modules()) == ("int8" in mix)
+    want = upcast.state_dict()
+    for name, layer in blocks.items():
+        size = 16 if layer.fmt == "nvfp4" else 32
+        assert layer.weight.dtype == torch.uint8 and layer.block_scale.dtype == torch.uint8, name
+        assert layer.block_scale.shape == (layer.out_features, layer.in_features // size), name
+        assert layer.scale_2.dtype == torch.float32 and layer.scale_2.shape == (), name
+        got = layer.dequantize(dtype)
+        assert got.dtype == dtype and torch.equal(got, want[f"{name}.weight"]), name
+    # resident: the codes and block-scale codes, each storage once (a split qkv's parts share theirs)
+    packed = sum(m.weight.numel() + m.block_scale.numel() + 4 + (0 if m.bias is None else m.bias.nbytes)
+                 for m in blocks.values())
+    assert resident_bytes(nn.ModuleList(blocks.values())) == packed
+    counted = quantized_bytes(kept)
+    for fmt in ("nvfp4", "mxfp8"):
+        assert counted[fmt] == sum(m.weight.numel() + m.block_scale.numel() + 4 for m in blocks.values()
+                                   if m.fmt == fmt)
+    file = sum(v.nbytes for k, v in sd.items() if not k.endswith((".comfy_quant", ".input_scale")))
+    if dtype == torch.float32 and mix == "fp8":  # (the file's tensors in fp32, as loaded)
+        held = resident_bytes(kept)
+        assert 0.99 * file <= held <= file, (held, file)  # (less the blocked scales' padding)
+        assert held < 0.45 * resident_bytes(upcast)
+    assert torch.equal(dit_output(in_new_memory(kept), dtype), dit_output(upcast, dtype))  # (copies the tensors)
+
+
+def test_a_dtype_cast_of_a_kept_block_scaled_dit_leaves_its_codes_and_scales_alone(comfy_sd, tmp_path):
+    """``model.to(torch.bfloat16)`` (and the state dict) leave the codes as they are (uint8, the same
+    storage) and the per-tensor scale in fp32; the cast model gives the outputs of the fp32 dequantised
+    model cast to bf16, bit for bit (one rounding of the same fp32 values)."""
+    path, _ = kept_file(comfy_sd, tmp_path)
+    kept = in_new_memory(load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES, keep_fp8=True))
+    upcast = in_new_memory(load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES,
+                                          keep_fp8=False))
+    layers = block_layers(kept)
+    before = {n: (m.weight.data_ptr(), m.block_scale.data_ptr(), m.scale_2.clone()) for n, m in layers.items()}
+    kept.to(torch.bfloat16)
+    upcast.to(torch.bfloat16)
+    state = kept.state_dict()
+    for name, m in layers.items():
+        assert (m.weight.data_ptr(), m.block_scale.data_ptr()) == before[name][:2], name
+        assert m.scale_2.dtype == torch.float32 and torch.equal(m.scale_2, before[name][2]), name
+        assert state[f"{name}.weight"].dtype == state[f"{name}.block_scale"].dtype == torch.uint8, name
+        assert state[f"{name}.scale_2"].dtype == torch.float32, name
+        assert m.fmt in repr(m)
+    assert torch.equal(dit_output(kept, torch.bfloat16), dit_output(upcast, torch.bfloat16))
+
+
+def test_a_lora_on_a_kept_block_scaled_dit_is_a_side_path_equal_to_the_lora_fused_into_the_dequantised_model(
+        comfy_sd, tmp_path):
+    from zimage_native.lora import LoraMixin
+    from zimage_native.quant_linear import BlockScaledLinear
+
+    from .utils import assert_rel
+
+    class Holder(LoraMixin):
+        def __init__(self, transformer):
+            self.transformer = transformer
+
+    path, _ = kept_file(comfy_sd, tmp_path)
+    kept = in_new_memory(load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES, keep_fp8=True))
+    reference = in_new_memory(load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES,
+                                             keep_fp8=False))
+    g = torch.Generator().manual_seed(1)
+    lora = {  # the fused qkv (nvfp4): one A, a B split by rows over to_q / to_k / to_v; attention.out (mxfp8)
+        "diffusion_model.layers.0.attention.qkv.lora_A.weight": torch.randn(4, 64, generator=g) * 0.02,
+        "diffusion_model.layers.0.attention.qkv.lora_B.weight": torch.randn(192, 4, generator=g) * 0.02,
+        "diffusion_model.layers.1.attention.out.lora_A.weight": torch.randn(2, 64, generator=g) * 0.02,
+        "diffusion_model.layers.1.attention.out.lora_B.weight": torch.randn(64, 2, generator=g) * 0.02,
+    }
+    layer, out = kept.layers[0].attention.to_k, kept.layers[1].attention.to_out[0]
+    assert isinstance(layer, BlockScaledLinear) and isinstance(out, BlockScaledLinear)
+    assert (layer.fmt, out.fmt) == ("nvfp4", "mxfp8")
+    before, codes = dit_output(kept), (layer.weight.clone(), layer.block_scale.clone())
+    holder = Holder(kept)
+    assert holder.load_lora(lora, scale=0.7).weights == 4
+    assert torch.equal(layer.weight, codes[0]) and torch.equal(layer.block_scale, codes[1]) and len(layer.lora) == 1
+    assert len(out.lora) == 1
+    Holder(reference).load_lora(lora, scale=0.7)  # fused into the dequantised weights
+    with_lora = dit_output(kept)
+    assert not torch.equal(with_lora, before)
+    assert_rel(with_lora, dit_output(reference), 1e-6, "nvfp4 / mxfp8 DiT + LoRA")
+    assert holder.unload_lora() == 4 and torch.equal(dit_output(kept), before)
+
+
+def test_streamed_blocks_move_a_kept_block_scaled_layers_codes_and_scales(comfy_sd, tmp_path):
+    """offload="blocks": each block's codes, block-scale codes and per-tensor scales are among the
+    tensors copied to the execution device before it runs (a fake move that records every copy) and
+    the output is the resident model's."""
+    from zimage_native.offload import RESIDENT, _streamed_tensors, stream_blocks
+
+    path, _ = kept_file(comfy_sd, tmp_path)
+    resident = in_new_memory(load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES,
+                                            keep_fp8=True))
+    want = dit_output(resident)
+    model = in_new_memory(load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES, keep_fp8=True))
+    copied = set()
+
+    def transfer(t):
+        copied.add(t.data_ptr())
+        return t.clone()
+
+    streamer = stream_blocks(model, "cpu", depth=1, transfer=transfer)
+    homes = {t.data_ptr() for block in streamer.blocks for t in _streamed_tensors(block, RESIDENT)}
+    layers = [m for block in streamer.blocks for m in block_layers(block).values()]
+    assert len(layers) == 16  # 4 blocks (2 layers, 2 refiners) x (q, k, v, out); the t_embedder's are resident
+    buffers = {t.data_ptr() for m in layers for t in (m.weight, m.block_scale, m.scale_2)}
+    assert buffers <= homes
+    for _ in range(2):
+        assert torch.equal(dit_output(model), want)
+    assert homes <= copied
+
+
+def test_a_kept_block_scaled_dit_runs_the_pipeline_as_its_dequantised_weights_resident_and_streamed(tiny_model_dir,
+                                                                                                    tmp_path):
+    from zimage_native.quant_linear import BlockScaledLinear
+
+    from .test_formats import assert_kept_dit_runs_as_upcast
+
+    sd, _ = block_file(comfy_dit(tiny_model_dir, PREFIX))
+    dit = write(tmp_path / "z_image_turbo_nvfp4.safetensors", sd)
+    assert_kept_dit_runs_as_upcast(tiny_model_dir, dit, lambda t: t.layers[0].attention.to_q, BlockScaledLinear)
+
+
+def test_fusing_projections_leaves_kept_block_scaled_layers_apart(comfy_sd, tmp_path):
+    """accel.fusions.fuse_projections_ fuses plain nn.Linear q|k|v and w1|w3 only: a block-scaled q|k|v
+    stays three layers, each dequantising its own codes, and the output is unchanged."""
+    from zimage_native.accel.fusions import fuse_projections_
+
+    path, _ = kept_file(comfy_sd, tmp_path)
+    kept = in_new_memory(load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES, keep_fp8=True))
+    before, layers = dit_output(kept), block_layers(kept)
+    assert fuse_projections_(kept) == (0, 0)  # q|k|v nvfp4 everywhere, and every w3 float8
+    assert block_layers(kept) == layers and all(m.attention.to_qkv is None for m in kept.layers)
+    assert torch.equal(dit_output(kept), before)

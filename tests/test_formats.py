@@ -98,12 +98,12 @@ def to_fp8(sd: dict, scaled: bool, scale_name: str = "scale_weight", per_row: bo
     return out, expected
 
 
-def dit_output(model) -> torch.Tensor:
-    """One DiT forward on fixed random inputs."""
+def dit_output(model, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One DiT forward on fixed random inputs (in ``dtype``: the model's)."""
     g = torch.Generator().manual_seed(0)
     cfg = model.config
-    latents = torch.randn(1, cfg.in_channels, 8, 8, generator=g)
-    caption = [torch.randn(5, cfg.cap_feat_dim, generator=g)]
+    latents = torch.randn(1, cfg.in_channels, 8, 8, generator=g).to(dtype)
+    caption = [torch.randn(5, cfg.cap_feat_dim, generator=g).to(dtype)]
     layout = build_layout(cfg, [5], 8, 8, "cpu")
     with torch.no_grad():
         return model(patchify(latents, cfg.patch_size), pad_captions(caption, layout.caption_pad.shape[1]),

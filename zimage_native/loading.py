@@ -351,35 +351,47 @@ def _load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | Non
 def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, device: torch.device,
                   path: Path, pinned: bool = False) -> nn.Module:
     """An fp8 DiT file into ``module`` (built on meta): linears with float8 weights become
-    FP8StoredLinear, those of a comfy_quant file's int8_tensorwise layers Int8StoredLinear (the
-    file's values and scales; a fused qkv's per-row scales split with its rows); the other tensors
-    are dequantised and cast."""
+    FP8StoredLinear, those of a comfy_quant file's int8_tensorwise layers Int8StoredLinear, its nvfp4
+    and mxfp8 layers BlockScaledLinear (the file's values and scales; a fused qkv's per-row scales
+    and block scales split with its rows); the other tensors are dequantised and cast."""
     from .formats.fp8 import TORCH_FP8, dequantize
+    from .formats.microscale import code_scales, read_block_codes, scaled_values
     from .quant_linear import quantized_bytes, swap_fp8_linears_
 
     stored = TORCH_FP8 + (torch.int8,)
-    fp8 = {k: t.dtype for k, t in canonical_items(ckpt, info, meta=True, dequant=False, keep_int8=True)
-           if t.dtype in stored}
+    blocks = read_block_codes(ckpt, info.comfy_quant, info.keymap(), device)  # canonical key -> (fmt, codes, scale)
+    fp8 = {k: blocks[k][0] if k in blocks else t.dtype
+           for k, t in canonical_items(ckpt, info, meta=True, dequant=False, keep_stored=True)
+           if k in blocks or t.dtype in stored}
     swapped = swap_fp8_linears_(module, fp8)
     check_component_fits("transformer", module, dtype, device, pinned)
     scales = (read_scales(ckpt, info.keys, info.keymap(), device, int8=True)
               if info.quantization in ("scaled-fp8", "comfy-quant") else {})
 
     def items():
-        for key, t in canonical_items(ckpt, info, dequant=False, dtype=dtype, keep_int8=True):
+        for key, t in canonical_items(ckpt, info, dequant=False, dtype=dtype, keep_stored=True):
             t = t.to(device)
-            if key in swapped:  # the values (float8 as bytes, int8 as they are), and their scale as one value per row
+            stem = key[: -len("weight")]
+            if key in blocks:  # the codes as bytes, their block-scale codes and per-tensor scale
+                fmt, codes, second = blocks[key]
+                if key in swapped:
+                    yield key, t.contiguous().view(torch.uint8)
+                    yield stem + "block_scale", codes
+                    yield stem + "scale_2", second
+                else:  # (not a linear's weight: dequantised as the loader does)
+                    yield key, scaled_values(t, code_scales(codes, fmt, second), fmt).to(dtype or torch.float32)
+            elif key in swapped:  # the values (float8 as bytes, int8 as they are), and their scale as one value per row
                 scale = scales.get(key, torch.ones((), device=device)).float()
                 yield key, t.contiguous() if t.dtype == torch.int8 else t.contiguous().view(torch.uint8)
-                yield key[: -len("weight")] + "scale", scale.reshape(-1, 1).expand(t.shape[0], 1).contiguous()
+                yield stem + "scale", scale.reshape(-1, 1).expand(t.shape[0], 1).contiguous()
             else:
                 yield key, (dequantize(t, scales.get(key), dtype or torch.float32) if t.dtype in stored else
                             cast(t, dtype))
 
     assign_state_dict(module, read_weights(items(), "transformer", module, dtype), "transformer")
     kept = ", ".join(f"{kind} {n / 2**20:.1f} MiB" for kind, n in sorted(quantized_bytes(module).items()))
-    logger.info("transformer: loaded %s (%s layout, %s): %d linears keep their float8 or int8 weights (%s), "
-                "dequantised per forward; %d other tensors dequantised or cast to %s", path, info.layout,
+    logger.info("transformer: loaded %s (%s layout, %s): %d linears keep their float8, int8, nvfp4 or mxfp8 weights "
+                "(%s), dequantised per forward; %d other tensors dequantised or cast to %s", path, info.layout,
                 info.quantization, len(swapped), kept, len(fp8) - len(swapped), dtype or "float32")
     return module.eval().requires_grad_(False)
 

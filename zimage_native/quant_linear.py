@@ -43,6 +43,7 @@ from torch import nn
 
 from .formats.fp8 import dequantize_rows
 from .formats.ggml import dequantize, row_bytes, type_name
+from .formats.microscale import BLOCK_FORMATS, code_scales, scaled_values
 
 
 MIN_RANK_BUCKET = 16
@@ -213,6 +214,10 @@ class PackedLinear(nn.Module):
         """How the weight is held, for ``extra_repr``."""
         raise NotImplementedError
 
+    def stored_bytes(self) -> int:
+        """Bytes of the stored weight (what :func:`quantized_bytes` counts; one byte a stored value)."""
+        return self.weight.numel()
+
     def extra_repr(self) -> str:
         lora = f", {len(self.lora)} LoRA side paths" if self.lora else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -323,6 +328,58 @@ class Int8StoredLinear(ScaledStoredLinear):
         return "int8"
 
 
+class BlockScaledLinear(PackedLinear):
+    """The weight as a ComfyUI block-scaled (``nvfp4`` / ``mxfp8``) layer stores it, dequantised per
+    call as the loader would have done once (:func:`~zimage_native.formats.microscale.scaled_values`:
+    each code's value times its block's scale in fp32, rounded once to the input dtype), so the
+    results are those of the weights dequantised while loading, bit for bit.
+
+    - ``weight``: the codes, uint8: nvfp4 (out, in / 2), two e2m1 codes a byte; mxfp8 (out, in), the
+      e4m3 values' bytes;
+    - ``block_scale``: the block-scale codes, uint8 (out, in / block), one byte a block (nvfp4: e4m3
+      bits, one per 16 values; mxfp8: e8m0 exponents, one per 32), unblocked from the file's tiles;
+    - ``scale_2``: nvfp4's per-tensor ``weight_scale_2``, fp32, one value (mxfp8: 1).
+
+    Held so (0.5625 byte a value in nvfp4, 1.03 in mxfp8), not as fp32 block scales (4 bytes a block:
+    0.75 byte a value in nvfp4). Codes are not floating, so a dtype cast of the model leaves them
+    alone; ``scale_2`` stays fp32 whatever the cast and follows the weight's device. Torch only: no
+    Triton kernel (as IQ4 GGUF types)."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, bias: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.fmt = fmt
+        per_byte = 2 if fmt == "nvfp4" else 1
+        self.register_buffer("weight", torch.empty(out_features, in_features // per_byte, dtype=torch.uint8,
+                                                   device=device))
+        self.register_buffer("block_scale", torch.empty(out_features, in_features // BLOCK_FORMATS[fmt][0],
+                                                        dtype=torch.uint8, device=device))
+        self.register_buffer("scale_2", torch.ones((), dtype=torch.float32, device=device))
+
+    @classmethod
+    def like(cls, linear: nn.Module, fmt: str) -> "BlockScaledLinear":
+        """An empty one in ``fmt`` with the geometry of ``linear`` (on its device, meta included)."""
+        bias = getattr(linear, "bias", None)
+        return cls(linear.in_features, linear.out_features, fmt, bias is not None, device=linear.weight.device,
+                   dtype=bias.dtype if bias is not None else None)
+
+    def _apply(self, fn, recurse=True):
+        scale_2 = self.scale_2
+        super()._apply(fn, recurse)
+        self.scale_2 = scale_2.to(self.weight.device)  # fp32 whatever the cast
+        return self
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        scales = code_scales(self.block_scale, self.fmt, self.scale_2)
+        return scaled_values(self.weight, scales, self.fmt).to(dtype)
+
+    def stored_bytes(self) -> int:
+        return self.weight.numel() + self.block_scale.numel() + 4
+
+    def storage(self) -> str:
+        return self.fmt
+
+
 class GGUFEmbedding(nn.Module):
     """An embedding table stored packed (``weight``: uint8 rows); looked-up rows come out in ``dtype``."""
 
@@ -376,29 +433,34 @@ def swap_quantized_modules_(model: nn.Module, qtypes: dict[str, str], dtype: tor
     return swapped
 
 
-def swap_fp8_linears_(model: nn.Module, fp8: dict[str, torch.dtype]) -> set[str]:
+def swap_fp8_linears_(model: nn.Module, fp8: dict[str, torch.dtype | str]) -> set[str]:
     """Replace, in place, every ``nn.Linear`` whose ``<name>.weight`` is in ``fp8`` (canonical weight
-    key -> float8 dtype, or ``torch.int8`` for a comfy_quant int8 layer) by an :class:`FP8StoredLinear`
-    (an :class:`Int8StoredLinear`); returns the keys that were swapped."""
+    key -> float8 dtype, ``torch.int8`` for a comfy_quant int8 layer, or "nvfp4" / "mxfp8" for a
+    block-scaled one) by an :class:`FP8StoredLinear` (an :class:`Int8StoredLinear`, a
+    :class:`BlockScaledLinear`); returns the keys that were swapped."""
     swapped = set()
     for name, module in list(model.named_modules()):
         key = f"{name}.weight"
         if key in fp8 and isinstance(module, nn.Linear):
             parent_name, _, child = name.rpartition(".")
-            new = (Int8StoredLinear.like(module) if fp8[key] == torch.int8 else
-                   FP8StoredLinear.like(module, fp8[key]))
+            if isinstance(fp8[key], str):
+                new = BlockScaledLinear.like(module, fp8[key])
+            else:
+                new = (Int8StoredLinear.like(module) if fp8[key] == torch.int8 else
+                       FP8StoredLinear.like(module, fp8[key]))
             setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
             swapped.add(key)
     return swapped
 
 
 def quantized_bytes(model: nn.Module) -> dict[str, int]:
-    """Storage (GGML type, float8 dtype) -> bytes held by the model's packed layers."""
+    """Storage (GGML type, float8 dtype, int8, nvfp4, mxfp8) -> bytes held by the model's packed layers
+    (their stored values; a block-scaled layer's block-scale codes too, part of its format's bytes)."""
     out: dict[str, int] = {}
     for m in model.modules():
         if isinstance(m, (PackedLinear, GGUFEmbedding)):
             kind = m.storage() if isinstance(m, PackedLinear) else m.qtype
-            out[kind] = out.get(kind, 0) + m.weight.numel()
+            out[kind] = out.get(kind, 0) + (m.stored_bytes() if isinstance(m, PackedLinear) else m.weight.numel())
     return out
 
 

@@ -48,10 +48,10 @@ class ComponentInfo:
 
     @property
     def has_fp8_weights(self) -> bool:
-        """Whether the component stores float8 weights, or comfy_quant int8 ones, that a DiT can keep
-        (``keep_fp8``)."""
-        if self.quantization == "comfy-quant":  # (block-scaled layers are dequantised while loading)
-            return any(fmt in COMFY_QUANT_FORMATS for fmt in self.comfy_quant.values())
+        """Whether the component stores float8 weights, or comfy_quant int8, nvfp4 or mxfp8 ones, that
+        a DiT can keep (``keep_fp8``)."""
+        if self.quantization == "comfy-quant":
+            return any(fmt in LOADABLE_FORMATS for fmt in self.comfy_quant.values())
         return self.quantization in ("fp8", "scaled-fp8")
 
     def keymap(self) -> KeyMap:
@@ -99,8 +99,8 @@ def normalize_kind(kind: str) -> str:
 #: an fp32 scale, and weight = values * scale (per tensor for fp8; per tensor or per output row,
 #: shape (out, 1), for int8).
 COMFY_QUANT_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "int8_tensorwise": "I8"}
-#: Every comfy_quant format that loads: those above, and the block-scaled ones, dequantised while
-#: loading (:mod:`.microscale`).
+#: Every comfy_quant format that loads: those above, and the block-scaled ones (:mod:`.microscale`;
+#: kept as their codes where a DiT keeps its fp8 layers, else dequantised while loading).
 LOADABLE_FORMATS = (*COMFY_QUANT_FORMATS, *BLOCK_FORMATS)
 #: What to say of the formats ComfyUI knows that do not load here: why, beside the usual advice.
 REFUSED_FORMATS = {

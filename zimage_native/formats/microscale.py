@@ -1,5 +1,6 @@
-"""ComfyUI's block-scaled ("microscaling") comfy_quant formats, ``nvfp4`` and ``mxfp8``, dequantised
-while loading.
+"""ComfyUI's block-scaled ("microscaling") comfy_quant formats, ``nvfp4`` and ``mxfp8``: dequantised
+while loading (:func:`dequantize`), or kept as their codes by a DiT (:func:`read_block_codes`,
+``quant_linear.BlockScaledLinear``), both through :func:`code_scales` and :func:`scaled_values`.
 
 Layouts, as ComfyUI writes and reads them (comfy/float.py ``stochastic_round_quantize_nvfp4*``,
 ``stochastic_round_quantize_mxfp8_by_block``, ``to_blocked``; comfy/ops.py ``_load_quantized_module``;
@@ -67,11 +68,11 @@ def unblock(blocked: torch.Tensor, rows: int, blocks: int) -> torch.Tensor:
 
 def block_codes(ckpt: Checkpoint, key: str, fmt: str) -> torch.Tensor:
     """The block-scale codes of weight ``key``, unblocked: uint8 (rows, blocks), one byte a block (nvfp4:
-    e4m3 bits, mxfp8: e8m0 exponents), in new memory."""
+    e4m3 bits, mxfp8: e8m0 exponents), in new memory of their own size."""
     stem = key[: -len("weight")]
     rows, cols = logical_shape(fmt, ckpt.tensors[key].shape)
     raw = torch.frombuffer(bytearray(ckpt.raw_bytes(stem + "weight_scale")), dtype=torch.uint8)
-    return unblock(raw, rows, cols // BLOCK_FORMATS[fmt][0]).contiguous()
+    return unblock(raw, rows, cols // BLOCK_FORMATS[fmt][0]).clone()  # (not a view of the padded tiles)
 
 
 def tensor_scale(ckpt: Checkpoint, key: str, fmt: str) -> torch.Tensor:
@@ -129,3 +130,20 @@ def dequantize(ckpt: Checkpoint, key: str, fmt: str, dtype: torch.dtype = torch.
     for i in range(0, rows, step):
         out[i:i + step].copy_(scaled_values(ckpt.read_rows(key, i, i + step, buffer), scales[i:i + step], fmt))
     return out  # (copy_ rounds to dtype as .to(dtype) rounds)
+
+
+def read_block_codes(ckpt: Checkpoint, formats: dict[str, str], keymap, device: torch.device | str = "cpu"
+                     ) -> dict[str, tuple[str, torch.Tensor, torch.Tensor]]:
+    """Canonical weight key -> (format, block-scale codes (rows, blocks) uint8, per-tensor scale fp32)
+    of every block-scaled weight of ``formats`` (file weight key -> comfy_quant format), for a DiT
+    that keeps them (``quant_linear.BlockScaledLinear``): a fused weight's codes are split with its
+    rows, its per-tensor scale given to each part."""
+    out = {}
+    for key, fmt in formats.items():
+        if fmt not in BLOCK_FORMATS:
+            continue
+        targets = keymap.canonical_keys(key)
+        codes, second = block_codes(ckpt, key, fmt).to(device), tensor_scale(ckpt, key, fmt).to(device)
+        for target, part in zip(targets, codes.chunk(len(targets))):
+            out[target] = (fmt, part.contiguous(), second.clone())
+    return out

@@ -69,12 +69,13 @@ class DequantizedRows(StoredRows):
 
 def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool = True,
               dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None, rows: bool = False,
-              keep_int8: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+              keep_stored: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """The component's weights in file order (quantisation keys consumed), as stored or dequantised
-    to ``dtype`` (fp32 when None; meta tensors say fp32; comfy_quant nvfp4 and mxfp8 weights always
-    are, by blocks of rows (:mod:`.microscale`); comfy_quant int8 weights are dequantised
-    whatever ``dequant`` says, unless ``keep_int8``: then they come as stored, int8, for a DiT that
-    keeps them (``loading.load_kept_fp8``), their scales read apart); other floating tensors of two or more
+    to ``dtype`` (fp32 when None; meta tensors say fp32); comfy_quant nvfp4 and mxfp8 weights (by
+    blocks of rows, :mod:`.microscale`) and int8 weights are dequantised whatever ``dequant`` says,
+    unless ``keep_stored``: then they come as stored (int8, nvfp4's uint8 code pairs, mxfp8's e4m3
+    values; meta tensors say so too) for a DiT that keeps them (``loading.load_kept_fp8``), their
+    scales read apart; other floating tensors of two or more
     dimensions are cast to ``dtype`` (when given) as they are read. A key that the key map drops (a
     tied ``lm_head``), or none of whose canonical keys ``keep`` accepts, is not read at all.
     ``rows``: a tensor of two or more dimensions kept as stored comes as :class:`StoredRows` (for a
@@ -90,10 +91,12 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
         t_info = ckpt.tensors[key]
         fmt = info.comfy_quant.get(key)
         int8 = fmt == "int8_tensorwise"  # dequantised (int8 values * weight_scale)...
-        if fmt in BLOCK_FORMATS:  # nvfp4 / mxfp8: always dequantised, by blocks of rows
+        if fmt in BLOCK_FORMATS and keep_stored:  # nvfp4 / mxfp8 kept...
+            yield key, ckpt.meta(key) if meta else ckpt.get(key)
+        elif fmt in BLOCK_FORMATS:  # ... or dequantised, by blocks of rows
             yield key, (torch.empty(logical_shape(fmt, t_info.shape), dtype=torch.float32, device="meta") if meta
                         else dequantize_blocks(ckpt, key, fmt, dtype or torch.float32))
-        elif int8 and keep_int8:  # ... unless kept
+        elif int8 and keep_stored:  # ... unless kept
             yield key, ckpt.meta(key) if meta else ckpt.get(key)
         elif int8 and rows and not dequant and not meta and len(t_info.shape) >= 2:
             yield key, DequantizedRows(ckpt, key, ckpt.get(scale_for(ckpt, key)))
@@ -142,12 +145,12 @@ def cast_rows(ckpt: Checkpoint, key: str, dtype: torch.dtype) -> torch.Tensor:
 
 def canonical_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool = False, dequant: bool = True,
                     dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None, rows: bool = False,
-                    keep_int8: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                    keep_stored: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream the component as canonical (our module names) tensors; fp8 is dequantised to ``dtype``
     (fp32 when None) by blocks of rows (:func:`~zimage_native.formats.fp8.dequantize`), never whole in fp32.
     ``keep(canonical key)``: tensors it refuses are skipped before they are read (a file tensor split
     into several canonical ones is read when any of them is kept, and yields all of them)."""
-    return to_canonical(raw_items(ckpt, info, meta, dequant, dtype, keep, rows, keep_int8), info.keymap())
+    return to_canonical(raw_items(ckpt, info, meta, dequant, dtype, keep, rows, keep_stored), info.keymap())
 
 
 def canonical_shapes(ckpt: Checkpoint, info: ComponentInfo) -> dict[str, tuple]:
