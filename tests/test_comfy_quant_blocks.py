@@ -22,8 +22,9 @@ from zimage_native.formats.checkpoint import Checkpoint
 from zimage_native.formats.microscale import dequantize
 from zimage_native.loading import load_component
 
-from .test_comfy_quant import PREFIX, comfy_quant_tensor, in_new_memory, to_comfy_quant
-from .test_formats import TINY_AXES, comfy_dit, dit_output, write
+from .test_comfy_quant import PREFIX, comfy_quant_tensor, fp8_width_sd, in_new_memory, to_comfy_quant  # noqa: F401
+from .test_formats import TINY_AXES, comfy_dit, dit_output, module_kinds, write
+from .utils import needs_cpu_fp8
 
 
 def e2m1(code: int) -> float:
@@ -472,3 +473,58 @@ def test_fusing_projections_leaves_kept_block_scaled_layers_apart(comfy_sd, tmp_
     assert fuse_projections_(kept) == (0, 0)  # q|k|v nvfp4 everywhere, and every w3 float8
     assert block_layers(kept) == layers and all(m.attention.to_qkv is None for m in kept.layers)
     assert torch.equal(dit_output(kept), before)
+
+
+#: Every block linear of the fp8-width DiT stored: q|k|v nvfp4, out and w1 mxfp8, w2 nvfp4 (and w3 int8).
+FP8_BLOCKS = {"attention.qkv": "nvfp4", "attention.out": "mxfp8", "feed_forward.w1": "mxfp8",
+              "feed_forward.w2": "nvfp4"}
+
+
+@needs_cpu_fp8
+def test_fp8_converts_a_kept_dits_block_scaled_layers_as_it_converts_their_dequantised_weights(fp8_width_sd,
+                                                                                               tmp_path):
+    """``--fp8`` takes a kept nvfp4 / mxfp8 layer as it takes an int8 one: its weight dequantised in fp32
+    and quantised per row as an nn.Linear's is, q|k|v and w1|w3 stacked into one fp8 GEMM whatever
+    their parts are stored as. Without it the block-scaled layers stayed packed, dequantised per call,
+    and their fusions apart, silently (before the layers were kept they were nn.Linear and converted):
+    the same modules, line and outputs, bit for bit, as the dequantised model under fp8."""
+    from zimage_native.accel.fp8 import quantize_fp8_
+    from zimage_native.accel.fusions import fuse_projections_
+    from zimage_native.quant_linear import PackedLinear
+
+    sd, _ = block_file(fp8_width_sd, mix={"feed_forward.w3": ("int8_tensorwise", "row")}, blocks=FP8_BLOCKS)
+    path = write(tmp_path / "z_image_turbo_nvfp4.safetensors", sd)
+    kept = in_new_memory(load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES, keep_fp8=True))
+    reference = in_new_memory(load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES,
+                                             keep_fp8=False))
+    assert len(block_layers(kept)) == 4 * 6  # 4 blocks x (q, k, v, out, w1, w2)
+    fuse_projections_(reference)
+    line = quantize_fp8_(kept)
+    assert line.startswith("fp8: 28 linears in float8 e4m3 (8 as fused GEMMs"), line
+    assert line == quantize_fp8_(reference)
+    assert not any(isinstance(m, PackedLinear) for m in kept.modules())
+    assert module_kinds(kept) == module_kinds(reference)
+    assert torch.equal(dit_output(kept), dit_output(reference))
+
+
+@needs_cpu_fp8
+def test_a_lora_on_a_kept_block_scaled_dit_under_fp8_is_held_and_released_as_on_an_fp8_files(tiny_model_dir,
+                                                                                             tmp_path):
+    """As an fp8 file's and an int8 one's: block-scaled layers with LoRA side paths stay packed under
+    fp8 (weight-only, named in the fp8 line) and their q|k|v stays apart; after unload_lora they become
+    fp8 GEMMs, fused as without the LoRA, with the same results bit for bit."""
+    from zimage_native.quant_linear import BlockScaledLinear
+
+    from .fixtures import our_pipeline
+    from .test_formats import assert_fusion_lora_held_then_released, fusion_lora
+
+    sd, _ = block_file(comfy_dit(tiny_model_dir, "", norm_final=False), mix={})
+    dit = write(tmp_path / "z_image_turbo_nvfp4.safetensors", sd)
+    plain, pipe = our_pipeline(tiny_model_dir, transformer=dit), our_pipeline(tiny_model_dir, transformer=dit)
+    line = next(line for line in plain.optimize(fp8=True) if line.startswith("fp8:"))
+    assert "16 linears in float8 e4m3 (4 as fused GEMMs" in line, line  # 4 attentions' q, k, v, out
+    pipe.load_lora(fusion_lora(), scale=0.7)
+    line = next(line for line in pipe.optimize(fp8=True) if line.startswith("fp8:"))
+    assert "12 linears in float8 e4m3 (2 as fused GEMMs" in line, line
+    assert line.endswith("4 kept as stored layers (nvfp4 4; dequantised per call)"), line
+    assert_fusion_lora_held_then_released(plain, pipe, BlockScaledLinear)

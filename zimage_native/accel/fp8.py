@@ -12,10 +12,11 @@ CUDA GPU with nothing compiled), else :func:`quantize_rows` in PyTorch (which co
 The fused q|k|v and w1|w3 GEMMs (``accel.fusions``) stay fused: the fused weight is quantised as
 one matrix (its rows keep their own scales), so one activation is quantised once per fusion, and
 the original linears become fp8 views of it (same names, no extra memory). The layers a file keeps
-stored (``quant_linear.ScaledStoredLinear``: an fp8 file's ``FP8StoredLinear``, a ComfyUI
-comfy_quant file's int8 ``Int8StoredLinear``), which ``fuse_projections_`` leaves apart, are
-converted and fused here: e4m3 values and scales as they are, int8 (and e5m2) values dequantised in
-fp32 and quantised per row as a bf16 weight is, stacked into one fp8 GEMM the same way, in any mix.
+stored (:data:`STORED`: an fp8 file's ``FP8StoredLinear``, a ComfyUI comfy_quant file's int8
+``Int8StoredLinear`` and nvfp4 / mxfp8 ``BlockScaledLinear``), which ``fuse_projections_`` leaves
+apart, are converted and fused here: e4m3 values and scales as they are, int8, e5m2, nvfp4 and
+mxfp8 values dequantised in fp32 and quantised per row as a bf16 weight is, stacked into one fp8
+GEMM the same way, in any mix.
 
 The slow twin is :meth:`Float8Linear.reference`: it quantises the activation by its own code (in
 float64) and multiplies the dequantised values in fp64. Only the attention and feed-forward
@@ -34,13 +35,16 @@ from torch import nn
 
 from ..model.layers import FeedForward
 from ..model.transformer import Attention
-from ..quant_linear import FP8StoredLinear, GGUFLinear, ScaledStoredLinear
+from ..quant_linear import BlockScaledLinear, FP8StoredLinear, GGUFLinear, ScaledStoredLinear
 from ._kernels import AccelerationUnavailable
 from .fusions import FusedLinear
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 MIN_CAPABILITY = (8, 9)  # Ada (sm89) and Hopper (sm90) have fp8 tensor cores
+
+#: A file's layers held as stored (fp8, int8, nvfp4, mxfp8), which fp8 converts as their dequantised weights.
+STORED = (ScaledStoredLinear, BlockScaledLinear)
 
 Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -79,7 +83,7 @@ def check_fp8_supported(model: nn.Module, device: torch.device | None = None) ->
     if device.type != "cuda":
         return
     dtypes = {m.weight.dtype for name, m in model.named_modules() if type(m) is nn.Linear and _in_block(name)}
-    if any(isinstance(m, ScaledStoredLinear) and _in_block(name) for name, m in model.named_modules()):
+    if any(isinstance(m, STORED) and _in_block(name) for name, m in model.named_modules()):
         dtypes.add(param.dtype)  # a file's stored layers (fp8, int8) compute in the model's dtype
     problem = gpu_fp8_problem(torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device), dtypes)
     if problem:
@@ -148,12 +152,12 @@ class Float8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, **kwargs) -> "Float8Linear":
         """From an ``nn.Linear`` (quantised per row), or from a file's stored layer
-        (``quant_linear.ScaledStoredLinear``): an fp8 file's e4m3 values and their scales as they are,
-        with no second rounding and no copy; e5m2 or int8 values dequantised in fp32 and quantised per
-        row as an ``nn.Linear``'s weight is."""
+        (:data:`STORED`): an fp8 file's e4m3 values and their scales as they are,
+        with no second rounding and no copy; e5m2, int8, nvfp4 or mxfp8 values dequantised in fp32 and
+        quantised per row as an ``nn.Linear``'s weight is."""
         if isinstance(linear, FP8StoredLinear) and linear.fp8_dtype == FP8:
             return cls(linear.values(), linear.scale, linear.bias, **kwargs)
-        weight = linear.dequantize(torch.float32) if isinstance(linear, ScaledStoredLinear) else linear.weight.detach()
+        weight = linear.dequantize(torch.float32) if isinstance(linear, STORED) else linear.weight.detach()
         weight, scale = quantize_rows(weight)
         return cls(weight, scale, getattr(linear, "bias", None), **kwargs)
 
@@ -252,7 +256,7 @@ def fp8_waiting(transformer: nn.Module) -> list[str]:
     fusions = [name for name in sorted(record[1])
                if not any(getattr(getattr(modules[name], n), "lora", None) for n in _STORED[type(modules[name])][1])]
     return fusions + [name for name, m in modules.items()
-                      if isinstance(m, ScaledStoredLinear) and not m.lora and _in_block(name) and _eligible(m)]
+                      if isinstance(m, STORED) and not m.lora and _in_block(name) and _eligible(m)]
 
 
 def requantize_fp8_(transformer: nn.Module) -> str | None:
@@ -310,11 +314,11 @@ def _convert(transformer: nn.Module, options: dict, deferred: set[str]
             if child_name in parts_of:
                 setattr(module, child_name, parts_of[child_name])
                 converted += int(not isinstance(child, Float8Linear))
-            elif type(child) is nn.Linear or isinstance(child, ScaledStoredLinear):
+            elif type(child) is nn.Linear or isinstance(child, STORED):
                 if _in_block(full) and _eligible(child) and not getattr(child, "lora", None):
                     setattr(module, child_name, Float8Linear.from_linear(child, **options))
                     converted += 1
-                elif isinstance(child, ScaledStoredLinear):  # (side paths, a LoRA on a file's weights, stay on it)
+                elif isinstance(child, STORED):  # (side paths, a LoRA on a file's weights, stay on it)
                     stored_kept[child.storage()] = stored_kept.get(child.storage(), 0) + 1
                 else:
                     kept += 1
@@ -367,5 +371,5 @@ def _stored_fusion(parts: list[nn.Module]) -> bool:
     in any mix: each part's rows keep their own scales in the stacked matrix) or an ``nn.Linear``
     (a layer the file left in bf16 beside stored ones, quantised per row as a fused bf16 weight is),
     at least one of them stored (``nn.Linear`` s alone are ``accel.fusions``' to fuse)."""
-    return (all((isinstance(m, ScaledStoredLinear) or type(m) is nn.Linear) and m.bias is None for m in parts)
-            and any(isinstance(m, ScaledStoredLinear) for m in parts))
+    return (all((isinstance(m, STORED) or type(m) is nn.Linear) and m.bias is None for m in parts)
+            and any(isinstance(m, STORED) for m in parts))
