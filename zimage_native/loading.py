@@ -264,7 +264,8 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
     An fp8 DiT file's linears can keep their float8 weights (``keep_fp8=True``): each becomes a
     :class:`~zimage_native.quant_linear.FP8StoredLinear` that dequantises them per forward exactly
     as loading would (the same results) at half of the bf16 bytes; with them, the ``int8_tensorwise``
-    layers of a ComfyUI mixed-precision file stay int8 (``Int8StoredLinear``). ``keep_fp8=False`` dequantises
+    layers of a ComfyUI mixed-precision file stay int8 (``Int8StoredLinear``), its ``nvfp4`` / ``mxfp8``
+    layers their codes (``BlockScaledLinear``, bit for bit the same results too). ``keep_fp8=False`` dequantises
     them while loading, as for the other components; None (the default) keeps them in CPU memory,
     and on a GPU only where the upcast weights would not fit (``devices.keeps_fp8_here``).
     ``pinned``: the component is read into CPU memory to be page-locked there (the DiT of

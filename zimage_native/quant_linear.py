@@ -1,5 +1,6 @@
 """Linears and embeddings whose weights stay in a GGML block format (GGUF files), in float8 (fp8
-files) or in int8 (ComfyUI ``int8_tensorwise`` layers) until they are used.
+files), in int8 (ComfyUI ``int8_tensorwise`` layers) or in ComfyUI's block-scaled ``nvfp4`` /
+``mxfp8`` codes (:class:`BlockScaledLinear`) until they are used.
 
 :class:`GGUFLinear` is a linear-layer variant behind the same leaf interface as ``nn.Linear`` and
 the fp8 linear (``forward(x) -> y``, ``in_features``, ``out_features``, ``bias``): its weight is
