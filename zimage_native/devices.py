@@ -161,10 +161,10 @@ def free_memory(device: torch.device) -> tuple[int, int]:
 
 def keeps_fp8_here(upcast_bytes: int, device: torch.device) -> bool:
     """Whether an fp8 DiT file keeps its float8 weights (and a ComfyUI comfy_quant file its int8, nvfp4
-    and mxfp8 ones) on ``device`` when not told (``load_component(keep_fp8=None)``): in CPU memory always (half the RAM, and half the bytes an
-    offloaded DiT copies to the GPU); on a CUDA GPU only when its upcast weights (``upcast_bytes``)
-    would not fit there with :data:`HEADROOM` of the card left free, since upcast weights need no
-    dequantisation per forward; elsewhere never (Apple's Metal has no float8 types)."""
+    and mxfp8 ones) on ``device`` when not told (``load_component(keep_fp8=None)``): in CPU memory
+    always (half the RAM, and half the bytes an offloaded DiT copies to the GPU); on a CUDA GPU only
+    when its upcast weights (``upcast_bytes``) would not fit there with :data:`HEADROOM` of the card
+    left free, since upcast weights need no dequantisation per forward; elsewhere never (Apple's Metal has no float8 types)."""
     if device.type == "cpu":
         return True
     if device.type != "cuda":
