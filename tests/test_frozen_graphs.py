@@ -192,3 +192,90 @@ def test_clearing_no_side_path_keeps_the_lora_generation():
     layer.add_lora(torch.randn(4, 32), torch.randn(16, 4), 0.5)
     added = lora_generation()
     assert added != before and layer.clear_lora() == 1 and lora_generation() != added
+
+
+def _packed_dit_file(tiny_model_dir, tmp_path, kind: str):
+    """A GGUF (Q8_0) or a kept-fp8 single-file DiT of the tiny model: every block linear packed."""
+    if kind == "gguf":
+        pytest.importorskip("gguf")
+        import numpy as np
+
+        from .gguf_files import gguf_state, write_gguf
+        from .test_formats import comfy_dit
+
+        file, _ = gguf_state(comfy_dit(tiny_model_dir), "Q8_0", np.random.default_rng(0))
+        return write_gguf(tmp_path / "dit-Q8_0.gguf", file, "lumina2")
+    from .test_formats import comfy_dit, to_fp8, write
+
+    sd, _ = to_fp8(comfy_dit(tiny_model_dir, "", norm_final=False), True)
+    return write(tmp_path / "fp8.safetensors", sd)
+
+
+def _side_path_adapters(pipe, seed: int = 0) -> list[dict]:
+    """Two adapters for the packed linears of a tiny DiT, of one structure: a LoRA (rank 4, then 8:
+    both rank bucket 16) on to_q and w1 of layers 0 and 1, and a LoKr (a Kronecker side path) on
+    layer 0's to_k."""
+    dim, ffn = pipe.transformer_config.dim, pipe.transformer.layers[0].feed_forward.w1.out_features
+    g = torch.Generator().manual_seed(seed)
+    adapters = []
+    for rank in (4, 8):
+        lora = {}
+        for i in (0, 1):
+            for module, (rows, cols) in (("attention.to_q", (dim, dim)), ("feed_forward.w1", (ffn, dim))):
+                lora[f"transformer.layers.{i}.{module}.lora_A.weight"] = torch.randn(rank, cols, generator=g) * 0.3
+                lora[f"transformer.layers.{i}.{module}.lora_B.weight"] = torch.randn(rows, rank, generator=g) * 0.3
+        lora["lycoris_layers_0_attention_to_k.lokr_w1"] = torch.randn(2, 2, generator=g) * 0.3
+        lora["lycoris_layers_0_attention_to_k.lokr_w2"] = torch.randn(dim // 2, dim // 2, generator=g) * 0.3
+        adapters.append(lora)
+    return adapters
+
+
+@pytest.mark.parametrize("kind", ["gguf", "fp8"])
+def test_side_path_lora_changes_of_one_structure_keep_the_captured_graphs(tiny_model_dir, tmp_path, kind):
+    """A GGUF or kept-fp8 DiT holds LoRAs as side paths of its packed linears. A change that keeps
+    their structure (the same layers, side paths, rank buckets, kinds: another adapter weight,
+    another adapter of the same bucket) writes the new factors into the side paths' tensors in
+    place, so the graphs captured before stay (each such change captured every graph again); a
+    change of structure (a second Kronecker side path, disable / enable, unload) still captures
+    again. Every request equals the eager pipeline with the same adapters, bit for bit."""
+    from .fixtures import our_pipeline
+    from .test_compiled import KW, graphed
+
+    path = _packed_dit_file(tiny_model_dir, tmp_path, kind)
+    eager, pipe = our_pipeline(tiny_model_dir, transformer=path), our_pipeline(tiny_model_dir, transformer=path)
+    from zimage_native.quant_linear import PackedLinear
+
+    layer = pipe.transformer.layers[0]
+    assert all(isinstance(m, PackedLinear) for m in (layer.attention.to_q, layer.attention.to_k, layer.feed_forward.w1))
+    a, b = _side_path_adapters(pipe)
+    sources = [{k: v.clone() for k, v in lora.items()} for lora in (a, b)]
+    sampler, _ = graphed(pipe)
+    # (change, whether it changes the side paths' structure: a capture more)
+    changes = [(lambda p: p.load_lora_weights(a, adapter_name="a"), True),
+               (lambda p: p.load_lora_weights(b, adapter_name="b"), False),  # only b: same buckets and kinds
+               (lambda p: p.set_adapters("a", 0.6), False),
+               (lambda p: p.set_adapters("b", -0.4), False),
+               (lambda p: p.set_adapters(["a", "b"], [0.3, 0.7]), True),  # two Kronecker side paths on to_k
+               (lambda p: p.set_adapters(["a", "b"], [0.9, 0.1]), False),  # (rank 4 + 8 joined: still bucket 16)
+               (lambda p: p.set_adapters(["b", "a"], [0.2, 0.5]), False),
+               (lambda p: p.disable_lora(), True),
+               (lambda p: p.enable_lora(), True),
+               (lambda p: p.set_adapters("a"), True),
+               (lambda p: p.unload_lora_weights(), True)]
+    results = [(pipe("a cat", **KW).images, eager("a cat", **KW).images)]
+    captures = [sampler.captures]
+    for change, _ in changes:
+        for p in (eager, pipe):
+            change(p)
+        results.append((pipe("a cat", **KW).images, eager("a cat", **KW).images))
+        captures.append(sampler.captures)
+    expected = [1]
+    for _, structural in changes:
+        expected.append(expected[-1] + structural)
+    assert captures == expected
+    for k, (got, want) in enumerate(results):
+        assert torch.equal(got, want), f"after change {k}"
+    assert len({r[1].sum().item() for r in results[:7]}) == 7  # each change changed the image
+    assert torch.equal(results[-1][1], results[0][1])
+    for lora, source in zip((a, b), sources):  # the in-place writes never reached an adapter's tensors
+        assert all(torch.equal(lora[k], v) for k, v in source.items())

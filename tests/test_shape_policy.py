@@ -606,3 +606,111 @@ def test_a_copied_dit_shares_the_shape_classes_and_graphs_of_the_original(caplog
     uncompile_(eager)
     with torch.no_grad():
         assert torch.equal(got, eager(*two))
+
+
+def test_a_side_path_refit_of_one_structure_writes_in_place():
+    """A refit (``clear_lora(keep=True)``, the LoRAs added again, ``end_refit``) that keeps the side
+    paths' structure writes the new factors into the tensors they had (a captured CUDA graph holds
+    their addresses), never into the caller's tensors, and keeps the LoRA generation; another
+    bucket, another kind, a side path more or fewer, or a delta for factors is a new structure and
+    moves the generation. Outputs equal a layer given the same LoRA from scratch."""
+    from zimage_native.quant_linear import lora_generation
+
+    model, g, _ = packed_dit_and_inputs()
+    layer = model.layers[0].attention.to_q  # 64 x 64, packed
+    x = torch.randn(3, 64, generator=g)
+
+    def lo(rank):
+        return torch.randn(rank, 64, generator=g) * 0.1, torch.randn(64, rank, generator=g) * 0.1
+
+    kron, kron2 = ((torch.randn(2, 2, generator=g), torch.randn(32, 32, generator=g) * 0.1) for _ in range(2))
+    (a4, b4), (a8, b8), (a20, b20) = lo(4), lo(8), lo(20)
+    delta = torch.randn(64, 64, generator=g) * 0.01
+
+    def fresh(*loras):
+        other = packed_tiny_dit().layers[0].attention.to_q
+        other.load_state_dict(layer.state_dict())
+        for a, b, s, k in loras:
+            other.add_lora(a, b, s, kron=k)
+        return other(x)
+
+    def refit(*loras):
+        before = lora_generation()
+        tensors = [t for t in layer._buffers.values() if t is not None]
+        layer.clear_lora(keep=True)
+        for a, b, s, k in loras:
+            layer.add_lora(a, b, s, kron=k)
+        layer.end_refit()
+        same = lora_generation() == before
+        kept = all(any(t is u for u in tensors) for name, t in layer._buffers.items() if name.startswith("lora_"))
+        with torch.no_grad():
+            assert torch.equal(layer(x), fresh(*loras))
+        return same, kept
+
+    callers = [t.clone() for t in (a4, b4, a8, b8, *kron, *kron2)]
+    with torch.no_grad():
+        layer.add_lora(a4, b4, 0.5)
+        layer.add_lora(*kron, 0.7, kron=True)
+        assert refit((a4, b4, 0.9, False), (*kron, -0.3, True)) == (True, True)  # other weights
+        assert refit((a8, b8, 0.9, False), (*kron2, 0.7, True)) == (True, True)  # other LoRAs, same bucket
+        assert refit((a4, b4, 0.5, False), (a8, b8, 0.2, False), (*kron, 1.0, True)) == (True, True)  # stacked: rank 12
+        assert refit((*kron, 1.0, True), (a4, b4, 0.5, False)) == (False, False)  # the kinds' order swapped
+        assert refit((*kron, 0.5, True), (a8, b8, 0.5, False)) == (True, True)
+        assert refit((*kron, 0.5, True), (a20, b20, 0.5, False)) == (False, False)  # bucket 32: A and B anew
+        assert refit((*kron, 0.5, True), (a20, b20, 0.3, False)) == (True, True)
+        assert refit((*kron, 0.5, True)) == (False, True)  # a side path fewer
+        assert refit((*kron, 0.5, True), (delta, None, 1.0, False)) == (False, False)  # a delta
+        assert refit((*kron, 0.5, True), (delta, None, 2.0, False)) == (True, True)
+        assert refit() == (False, True)
+    assert all(torch.equal(t, c) for t, c in zip((a4, b4, a8, b8, *kron, *kron2), callers))  # not written into
+    before = lora_generation()
+    layer.add_lora(a4, b4, 0.5)
+    layer.add_lora(a4, b4, 0.5)  # stacked on a side path of the same bucket, outside a refit: in place
+    assert lora_generation() == before + 1 and len(layer.lora) == 1
+
+
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_a_compiled_dit_keeps_its_code_across_side_path_refits(monkeypatch, no_classes_seen, mode):
+    """A server's adapter changes on a compiled packed DiT (another weight, another LoRA of the same
+    rank bucket) as the pipeline refits them (``unload(keep=True)``, ``load``, ``end_refit``): the
+    side paths are written in place, so dynamo compiles nothing and the side paths' structure is not
+    walked again (the LoRA generation stays); the outputs equal the eager DiT with each LoRA fused."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel import compile as compiled
+    from zimage_native.lora import LoraStack
+
+    from .utils import assert_rel
+
+    model, g, inputs = packed_dit_and_inputs()
+    dim, ffn = model.config.dim, model.layers[0].feed_forward.w2.in_features
+
+    def lora(rank):
+        out = {}
+        for where in ("noise_refiner.0", "context_refiner.0", "layers.0", "layers.1"):
+            for module, width in (("attention.to_q", dim), ("feed_forward.w2", ffn)):
+                out[f"diffusion_model.{where}.{module}.lora_A.weight"] = torch.randn(rank, width, generator=g) * 0.05
+                out[f"diffusion_model.{where}.{module}.lora_B.weight"] = torch.randn(dim, rank, generator=g) * 0.05
+        return out
+
+    a, b = lora(4), lora(8)
+    runs = [(a, 0.5), (b, 1.0), (a, -0.7), (b, 0.2)]
+    with torch.no_grad():
+        references = [fused_eager_copy(model, state, scale)(*inputs) for state, scale in runs]
+    walks = []
+    real = compiled.side_path_structure
+    monkeypatch.setattr(compiled, "side_path_structure", lambda packed: walks.append(1) or real(packed))
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compiled.compile_transformer_(model, mode, counter)
+    stack = LoraStack()
+    with torch.no_grad():
+        stack.load(model, a, 0.5)
+        assert_rel(model(*inputs), references[0], 1e-5, "the first LoRA")
+        frames, walked = counter.frame_count, len(walks)
+        for i, ((state, scale), want) in enumerate(zip(runs[1:], references[1:])):
+            stack.unload(model, keep=True)
+            stack.load(model, state, scale)
+            stack.end_refit(model)
+            assert_rel(model(*inputs), want, 1e-5, f"refit {i}")
+    assert (counter.frame_count, len(walks)) == (frames, walked)

@@ -792,8 +792,9 @@ class LoraStack:
         """Restore the weights as they were before the first ``load``, bit for bit. Returns weights restored.
         ``keep``: for a refit (unload, then load again at other scales): the copies the weights were
         restored from stay in ``spare``, and the next ``load`` takes them instead of copying the
-        weights again (a copy to ``undo_device`` per fused weight: the GPU to the CPU, by default);
-        the caller empties ``spare`` after the refit."""
+        weights again (a copy to ``undo_device`` per fused weight: the GPU to the CPU, by default),
+        and packed linears keep their side paths' tensors for the next ``load`` to write into
+        (``PackedLinear.clear_lora``); the caller ends the refit with :meth:`end_refit`."""
         if self.no_undo:
             raise RuntimeError("a LoRA was fused with undo=False: the original weights were not kept; reload the "
                                "pipeline to remove it")
@@ -802,12 +803,20 @@ class LoraStack:
         with torch.no_grad():
             for name, original in self.originals.items():
                 weights[name].copy_(original)
-        count = len(self.originals) + sum(m.clear_lora() for m in _packed_linears(transformer).values())
+        count = len(self.originals) + sum(m.clear_lora(keep) for m in _packed_linears(transformer).values())
         if keep:
             self.spare.update(self.originals)
         self.originals.clear()
         self.loaded.clear()
         return count
+
+    def end_refit(self, transformer: nn.Module) -> None:
+        """After ``unload(keep=True)`` and the loads of a refit: the spare copies are let go, and each
+        packed linear's side paths are checked against those it kept (``PackedLinear.end_refit``:
+        the LoRA generation moves on only where their structure changed)."""
+        self.spare.clear()
+        for m in _packed_linears(transformer).values():
+            m.end_refit()
 
 
 class LoraAdapters:

@@ -1115,7 +1115,13 @@ class ZImagePipeline:
 
     def _fuse_adapters(self) -> None:
         """Unfuse every LoRA (exactly), then fuse the active adapters at their weights. The copies of
-        the original weights are reused, not made again (``LoraStack.unload(keep=True)``)."""
+        the original weights are reused, not made again (``LoraStack.unload(keep=True)``), and side
+        paths of packed linears that come back with the same structure (layers, rank buckets,
+        kinds) are written into their tensors in place: the captured graphs stay, as for fused
+        weights; a change of structure drops them (:meth:`_lora_changed_graphs`)."""
+        from .quant_linear import lora_generation
+
+        before = lora_generation()
         try:
             self._unfuse_loras(keep=True)
             self.lora_adapters.fused = 0
@@ -1123,7 +1129,8 @@ class ZImagePipeline:
                 self.load_lora(source, weight, **options)
                 self.lora_adapters.fused += 1
         finally:
-            self.lora_stack.spare.clear()
+            self.lora_stack.end_refit(self.transformer)
+            self._lora_changed_graphs(before)
 
     def fuse_lora(self, components=None, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None,
                   **ignored) -> None:

@@ -25,6 +25,9 @@ them as ``B A + D``). A and B are non-persistent buffers of the layer, in
 the model's compute dtype, with the LoRA's scale folded into one of them (a compiled DiT then holds no
 scale to recompile for): every placement (``Module.to``, ``--offload model``, the streamed blocks
 of ``--offload blocks``) moves them with the layer, and a forward neither casts nor copies them.
+Factors of the shape, dtype and device a side path holds are written into its tensors in place
+(a LoRA stacked in the same bucket, or an adapter refit: ``clear_lora(keep=True)``, the LoRAs
+added again, ``end_refit``), so a captured CUDA graph, which holds their addresses, stays current.
 
 :class:`GGUFEmbedding` keeps a token-embedding table packed and dequantises only the rows looked up.
 
@@ -54,8 +57,9 @@ _lora_changes = 0  # bumped by every add_lora / clear_lora of any packed linear 
 
 def lora_generation() -> int:
     """A number that changes whenever a LoRA side path is added to or cleared from any packed
-    linear in the process: a cache of the side paths' structure (``accel.compile``) is current
-    while it is unchanged."""
+    linear in the process, or its tensors are replaced (not where new factors are written into them
+    in place, see :meth:`PackedLinear.add_lora`): a cache of the side paths' structure
+    (``accel.compile``) and captured graphs are current while it is unchanged."""
     return _lora_changes
 
 
@@ -110,6 +114,8 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype),
                                  requires_grad=False) if bias else None
         self.lora: list[tuple[str, str | None, bool]] = []  # buffer names of (A, B or None), kron
+        self._kept: dict[str, torch.Tensor] | None = None  # during a refit: the side paths' tensors before it
+        self._kept_lora: list[tuple[str, str | None, bool]] = []  # and their names
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (out_features, in_features) in ``dtype`` (without any LoRA)."""
@@ -181,35 +187,74 @@ class PackedLinear(nn.Module):
                     b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
         if index < len(self.lora) and b is None and self.lora[index][1] is not None:
             delattr(self, self.lora[index][1])  # factors joined past the cap or with a delta: the delta replaces them
-        names = []
+        names, written = [], True
         for part, tensor in (("a", a), ("b", b)):
             if tensor is None:
                 names.append(None)
                 continue
             name = f"lora_{part}{index}"
-            self.register_buffer(name, tensor.detach().to(self.weight.device, dtype or given[part]),
-                                 persistent=False)
+            written &= self._write_side_tensor(name, tensor.detach(), dtype or given[part])
             names.append(name)
+        entry = (names[0], names[1], kron)
         if index == len(self.lora):
-            self.lora.append((names[0], names[1], kron))
-        else:
-            self.lora[index] = (names[0], names[1], kron)
-        _lora_changed()
+            self.lora.append(entry)
+            written = False
+        elif self.lora[index] != entry:
+            self.lora[index] = entry
+            written = False
+        if not written and self._kept is None:
+            _lora_changed()
+
+    def _write_side_tensor(self, name: str, value: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Hold ``value`` as the side-path buffer ``name``: written in place (``copy_``) into the
+        tensor held under that name (or kept for a refit, :meth:`clear_lora`) where it has the
+        value's shape, dtype and device, so a captured CUDA graph (which holds its address) and
+        compiled code read the new values; else a new tensor of the layer's own (never the
+        caller's: a later in-place write must not reach the LoRA's state dict). Returns whether it
+        was written in place."""
+        given, value = value, value.to(self.weight.device, dtype)
+        for held in ((self._kept or {}).get(name), self._buffers.get(name)):
+            if held is not None and (held.shape, held.dtype, held.device) == (value.shape, value.dtype, value.device):
+                if held is not value:
+                    held.copy_(value)
+                self.register_buffer(name, held, persistent=False)
+                return True
+        self.register_buffer(name, value.clone() if value is given else value, persistent=False)
+        return False
 
     def side_paths(self) -> list[SidePath]:
         """The LoRA side paths."""
         return [SidePath(getattr(self, a), None if b is None else getattr(self, b), k) for a, b, k in self.lora]
 
-    def clear_lora(self) -> int:
+    def clear_lora(self, keep: bool = False) -> int:
+        """Remove the side paths; returns how many. ``keep``: the start of a refit (the LoRAs added
+        again, at other weights or others of the same structure): their tensors are kept for
+        :meth:`add_lora` to write the new factors into, and :meth:`end_refit` says whether the
+        structure changed."""
         n = len(self.lora)
+        if keep and self._kept is None:
+            self._kept = {name: getattr(self, name) for side in self.lora for name in side[:2] if name is not None}
+            self._kept_lora = list(self.lora)
         for a, b, _ in self.lora:
             delattr(self, a)
             if b is not None:
                 delattr(self, b)
         self.lora = []
-        if n:  # nothing cleared: the structure is unchanged (captured graphs and compiled code stay current)
+        if n and self._kept is None:  # nothing cleared: the structure is unchanged (graphs and compiled code stay current)
             _lora_changed()
         return n
+
+    def end_refit(self) -> None:
+        """The end of a refit (:meth:`clear_lora` with ``keep``): the LoRA generation moves on unless
+        the side paths are those kept, tensor for tensor (written in place: captured graphs and
+        compiled code stay current); the kept tensors are let go."""
+        if self._kept is None:
+            return
+        same = self.lora == self._kept_lora and all(
+            self._buffers.get(name) is self._kept.get(name) for side in self.lora for name in side[:2] if name)
+        self._kept, self._kept_lora = None, []
+        if not same:
+            _lora_changed()
 
     def storage(self) -> str:
         """How the weight is held, for ``extra_repr``."""
