@@ -1125,10 +1125,13 @@ class ZImagePipeline:
         try:
             self._unfuse_loras(keep=True)
             self.lora_adapters.fused = 0
+            self.lora_stack.files = self.lora_adapters.files  # each file read once (lora.LoraFiles)
             for source, weight, options in self.lora_adapters.to_fuse():
                 self.load_lora(source, weight, **options)
                 self.lora_adapters.fused += 1
         finally:
+            self.lora_stack.files = None
+            self.lora_adapters.keep_files()
             self.lora_stack.end_refit(self.transformer)
             self._lora_changed_graphs(before)
 
