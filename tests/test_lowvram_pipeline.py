@@ -308,3 +308,42 @@ def test_offload_on_a_cpu_only_run_says_it_changes_nothing(tiny_model_dir, caplo
             load(tiny_model_dir, offload=offload)
         assert any(said in r.getMessage() and f'offload "{offload}"' in r.getMessage()
                    for r in caplog.records) == noted, (offload, caplog.text)
+
+
+def test_adapter_refits_on_a_streamed_gguf_dit_write_the_side_paths_in_place(tiny_model_dir, tmp_path):
+    """Adapter changes of one side-path structure on the 8gb profile's streamed GGUF blocks: the new
+    factors are written into the side paths' CPU tensors in place (the same tensors after the
+    refit), which the streamer then copies with each block, so every image equals the same files
+    and adapters fully resident. Between requests the first block can still point at its device
+    copy (the streamer's prefetch); a write there would be lost at the next request."""
+    pytest.importorskip("gguf")
+    from .gguf_files import gguf_state, write_gguf
+    from .test_formats import comfy_dit
+
+    file, _ = gguf_state(comfy_dit(tiny_model_dir), "Q8_0", np.random.default_rng(0))
+    path = write_gguf(tmp_path / "z_image_turbo-Q8_0.gguf", file, "lumina2")
+    g = torch.Generator().manual_seed(0)
+    dim = load(tiny_model_dir).transformer.config.dim
+    adapters = [{f"transformer.{where}.attention.to_k.lora_{ab}.weight": torch.randn(*shape, generator=g) * 0.3
+                 for where in ("context_refiner.0", "layers.0", "layers.1")
+                 for ab, shape in (("A", (rank, dim)), ("B", (dim, rank)))} for rank in (4, 8)]
+    changes = [lambda p: p.load_lora_weights(adapters[0], adapter_name="a"),
+               lambda p: p.load_lora_weights(adapters[1], adapter_name="b"),
+               lambda p: p.set_adapters(["a", "b"], [0.4, -0.9]), lambda p: p.set_adapters("a", 0.7)]
+    images, held = [], []
+    for offload in ("none", "blocks"):
+        pipe = load(tiny_model_dir, transformer=path, offload=offload)
+        runs = []
+        for change in changes:
+            change(pipe)
+            if offload == "blocks":
+                FakeMove(pipe.transformer.block_streamer)  # (it knows the tensors there are now)
+            runs.append(pipe("a cat", **CALL).images)
+            layer = pipe.transformer.layers[0].attention.to_k
+            held.append((offload, layer.side_paths()[0].a, layer.side_paths()[0].b))
+        images.append(runs)
+    for k, (resident, streamed) in enumerate(zip(*images)):
+        assert np.array_equal(resident, streamed), f"after change {k}"
+    assert len({r.tobytes() for r in images[0]}) == len(changes)  # each change changed the image
+    streamed = [(a, b) for offload, a, b in held if offload == "blocks"]
+    assert all(a is streamed[0][0] and b is streamed[0][1] for a, b in streamed)  # written in place
