@@ -369,7 +369,7 @@ def test_adapter_refits_read_each_lora_file_once(fresh_pipe, tiny_model_dir, tmp
         with open(file, "rb") as f:
             return os.path.getsize(file) - 8 - int.from_bytes(f.read(8), "little")
 
-    assert pipe.lora_adapters.files.held_bytes() == tensor_bytes(a) + tensor_bytes(b)  # what is held: the files' tensors
+    assert pipe.lora_adapters.files.held_bytes() == tensor_bytes(a) + tensor_bytes(b)  # the files' tensors
     pipe.delete_adapters("b")
     assert list(pipe.lora_adapters.files.held) == [str(a)]
     pipe.unload_lora_weights()

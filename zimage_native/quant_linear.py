@@ -240,7 +240,7 @@ class PackedLinear(nn.Module):
             if b is not None:
                 delattr(self, b)
         self.lora = []
-        if n and self._kept is None:  # nothing cleared: the structure is unchanged (graphs and compiled code stay current)
+        if n and self._kept is None:  # (nothing cleared: the structure is unchanged, graphs and compiled code current)
             _lora_changed()
         return n
 
