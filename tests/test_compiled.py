@@ -134,6 +134,24 @@ def test_graphed_sampler_replays_equal_eager_and_keys_without_guidance(fresh_pip
     assert sampler.captures == with_cfg + (0 if mode == "step" else 1)
 
 
+def test_loop_graphs_are_keyed_by_the_steps_run_not_where_they_start(fresh_pipe, tiny_pipe):
+    """Loop mode: text to image at 2 steps and img2img runs of 2 steps from longer schedules (strength
+    0.5 of 4, 0.4 of 5, 0.3 of 6) replay one graph, their sigmas copied in, each equal to eager bit for
+    bit. The schedule's step indices were Python constants of the loop: each (steps, start) pair was
+    a capture of its own (4 captures here); 3 steps run is another graph."""
+    from .test_generation import make_image
+
+    sampler, _ = graphed(fresh_pipe, mode="loop")
+    image = make_image(48, 32)
+    runs = [dict(num_inference_steps=2), *[dict(image=image, strength=s, num_inference_steps=n)
+                                            for s, n in ((0.5, 4), (0.4, 5), (0.3, 6))]]
+    for kw in runs:
+        assert torch.equal(fresh_pipe("a cat", **{**KW, **kw}).images, tiny_pipe("a cat", **{**KW, **kw}).images), kw
+    assert sampler.captures == 1 and sampler.replays == 4, list(sampler.graphs)
+    fresh_pipe("a cat", **{**KW, "image": image, "strength": 0.6, "num_inference_steps": 5})  # 3 steps run
+    assert sampler.captures == 2
+
+
 def test_graphed_runs_from_several_threads_keep_their_own_images(fresh_pipe, tiny_pipe):
     """The graphs' static buffers are shared: runs from several threads must not interleave (the
     pipeline serialises them), so each thread gets the image its request gives alone."""

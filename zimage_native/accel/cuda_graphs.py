@@ -12,9 +12,11 @@
   GPU never waits for Python and the loop has no synchronising call other than those events.
   A callback that raises stops the run after at most one more step.
 - ``"loop"``: the whole loop (all N forwards and Euler updates) as one graph per (request shape,
-  steps, CFG pattern). Fewest launches; progress is reported only at the end and a cancel takes
-  effect only after the run. Kept for the GPU check to measure against ``"step"`` (the issue's
-  rule: keep ``"step"`` unless ``"loop"`` is more than 2% faster).
+  steps run, CFG pattern): the run is numbered from its first step (:func:`loop_plan`), so where
+  it starts in the schedule (an img2img strength) is not part of the key. Fewest launches;
+  progress is reported only at the end and a cancel takes effect only after the run. Kept for
+  the GPU check to measure against ``"step"`` (the issue's rule: keep ``"step"`` unless
+  ``"loop"`` is more than 2% faster).
 
 Guidance values (``guidance_scale`` and the CFG norm limit) are device tensors copied in, never
 part of the key: a new guidance value replays the same graph.
@@ -158,6 +160,17 @@ def one_step_plan(plan, step):
                                varied=None, sigmas=plan.sigmas[step.index:step.index + 2])
 
 
+def loop_plan(plan):
+    """The plan of a whole run from its first step: the steps numbered from 0 and the sigmas from
+    that step on. A loop graph then depends on the steps run, not on where they start in the
+    schedule: an img2img / inpainting run of 2 steps (strength 0.5 of 4, 0.4 of 5, 0.3 of 6) and
+    a text-to-image run of 2 steps replay one graph, their sigmas copied in (with the schedule's
+    indices as Python constants each (steps, start) pair was a capture of its own)."""
+    start = plan.steps[0].index if plan.steps else 0
+    return dataclasses.replace(plan, steps=[dataclasses.replace(step, index=step.index - start) for step in plan.steps],
+                               sigmas=plan.sigmas[start:])
+
+
 class GraphedSampler:
     """Capture-once, replay-many wrapper of ``pipe.run_steps``, with a bounded LRU graph cache."""
 
@@ -227,6 +240,7 @@ class GraphedSampler:
         return self._run_steps(latents, plan, progress, callback)
 
     def _run_loop(self, latents, plan, callback):
+        plan = loop_plan(plan)
         tensors, rebuild, signature = flatten((latents, plan))
 
         def make_fn(static_latents, static_plan):
