@@ -134,6 +134,20 @@ def test_graphed_sampler_replays_equal_eager_and_keys_without_guidance(fresh_pip
     assert sampler.captures == with_cfg + (0 if mode == "step" else 1)
 
 
+def test_an_unguided_step_of_a_cfg_run_replays_the_plain_graph(fresh_pipe, tiny_pipe):
+    """Step mode: the steps that CFG truncation leaves unguided run one forward, as every step of a
+    run without CFG does, and replay its graph. They carried the negatives' layout and tokens into
+    the graph's inputs, unused: a third graph (a warm-up step and a capture per size, batch and
+    caption class) that a cfg_truncation value alone asked for. Each run equals eager bit for bit."""
+    sampler, _ = graphed(fresh_pipe)
+    kw = {**KW, "num_inference_steps": 3}  # model times 0, 0.14, 0.4 (shift 3)
+    runs = [{}, {"guidance_scale": 2.0, "cfg_truncation": 0.3}, {"guidance_scale": 4.0, "cfg_truncation": 0.1}]
+    for extra in runs:  # no CFG; guided, guided, plain; guided, plain, plain
+        args = {**kw, **extra, "negative_prompt": "blurry"}
+        assert torch.equal(fresh_pipe("a cat", **args).images, tiny_pipe("a cat", **args).images), extra
+    assert sampler.captures == 2 and sampler.guided_replays == 3, list(sampler.graphs)
+
+
 def test_loop_graphs_are_keyed_by_the_steps_run_not_where_they_start(fresh_pipe, tiny_pipe):
     """Loop mode: text to image at 2 steps and img2img runs of 2 steps from longer schedules (strength
     0.5 of 4, 0.4 of 5, 0.3 of 6) replay one graph, their sigmas copied in, each equal to eager bit for

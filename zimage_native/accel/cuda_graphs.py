@@ -154,10 +154,12 @@ def guidance_tensors(plan, device: torch.device):
 def one_step_plan(plan, step):
     """The plan of a single step: that step (as index 0), its two sigmas, and as ``plain`` the caption
     tokens its positives read (a seed-variance step's are ``plan.varied``: one graph serves both
-    kinds of step, the tokens copied in at the switch)."""
+    kinds of step, the tokens copied in at the switch). An unguided step has no negatives: the
+    steps CFG truncation leaves unguided replay the graph of a run without CFG."""
     plain = plan.varied if step.varied else plan.plain
     return dataclasses.replace(plan, steps=[dataclasses.replace(step, index=0, varied=False)], plain=plain,
-                               varied=None, sigmas=plan.sigmas[step.index:step.index + 2])
+                               negative=plan.negative if step.guided else None, varied=None,
+                               sigmas=plan.sigmas[step.index:step.index + 2])
 
 
 def loop_plan(plan):
