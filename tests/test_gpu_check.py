@@ -84,7 +84,9 @@ def test_dry_run_exit_status_and_verdict(tmp_path, bench_rc):
 @needs_cpu_fp8
 def test_gpu_only_checks_run_on_the_cpu_with_stand_in_graphs():
     """The ladder's GPU-only checks (CFG under graphs, graph modes, fp8 both ways) as code paths:
-    stand-in graph capture, eager-backend compile, the tiny bench model in bf16."""
+    stand-in graph capture, eager-backend compile, the tiny bench model in bf16. The compiled blocks
+    run eagerly inside the stand-in's capture (dynamo does not compile under its recording dispatch
+    mode; docs/performance.md): this checks the ladder's code paths, not compiled code in a graph."""
     import torch
     from torch._dynamo.testing import CompileCounterWithBackend
 
