@@ -474,3 +474,28 @@ def test_bad_tile_settings_are_refused_before_loading(tmp_path, args, message):
     the check ran first."""
     line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--tiled-vae", *args)
     assert line == message, line
+
+
+def test_paths_and_file_names_in_messages_are_not_rewritten_as_flags(tmp_path):
+    """A library name followed by '=' inside a path or a file name is not a keyword: `--model
+    runs/width=512/model` was refused naming 'runs/--width=512/model', and a warning or error naming
+    'strength=0.8.safetensors' or 'C:\\loras\\shift=3.gguf' named a file that does not exist."""
+    import logging
+
+    from zimage_native.cli import _common
+
+    def warning(message, *args):
+        record = logging.LogRecord("zimage_native.lora", logging.WARNING, __file__, 1, message, args, None)
+        assert _common.FlagNames().filter(record)
+        return record.getMessage()
+
+    folder = tmp_path / "runs" / "width=512" / "model"
+    line = one_line_error("generate", "a cat", "--model", str(folder))
+    assert f"model folder not found: {folder} " in line, line
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path), "--lora", str(tmp_path / "strength=0.8.sft"))
+    assert line == f"Error: --lora: LoRA file not found: {tmp_path / 'strength=0.8.sft'}", line
+    for text in ("LoRA file not found: strength=0.8.safetensors", "read C:\\loras\\shift=3.gguf (width=32)",
+                 "/data/guidance_scale/style.safetensors: 3 keys matched no module"):
+        want = text.replace("(width=32)", "(--width=32)")
+        assert _common.cli_message(text) == want and warning(text) == want, text
+    assert warning("give width= for 'out/height=1/x.png'") == "give --width for 'out/height=1/x.png'"

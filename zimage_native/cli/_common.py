@@ -40,8 +40,23 @@ _STATEMENT = re.compile(rf"(?:^|(?<=: )|(?<=; )|(?<=, )|(?<=\())({_NAMES})(?=\s+
 _KEYWORD = re.compile(rf"(?<![\w.-])({_NAMES})=(?=([^\s,;)]?))")
 
 
+#: How a file name ends (a model, LoRA, image, config or prompt file), for :func:`_in_path`.
+_FILE_END = re.compile(r"\.(?:safetensors|sft|gguf|ckpt|pt|pth|bin|png|jpe?g|webp|json|toml|txt)$", re.IGNORECASE)
+
+
+def _in_path(m: re.Match) -> bool:
+    """Whether the match lies in a path or a file name (``/runs/width=512/``, ``strength=0.8.safetensors``:
+    the word it is part of holds a path separator or ends as a file name does), which stays as it is."""
+    word = re.search(r"\S*$", m.string[:m.start()]).group() + re.match(r"\S*", m.string[m.start():]).group()
+    return "/" in word or "\\" in word or _FILE_END.search(word.rstrip(".,;:)]}'\"")) is not None
+
+
+def _outside_paths(pattern: re.Pattern, replace, message: str) -> str:
+    return pattern.sub(lambda m: m.group(0) if _in_path(m) else replace(m), message)
+
+
 def _flag_keywords(message: str) -> str:
-    return _KEYWORD.sub(lambda m: LIBRARY_FLAGS[m.group(1)] + ("=" if m.group(2) else ""), message)
+    return _outside_paths(_KEYWORD, lambda m: LIBRARY_FLAGS[m.group(1)] + ("=" if m.group(2) else ""), message)
 
 
 def cli_message(message: str) -> str:
@@ -63,7 +78,7 @@ class FlagNames(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith("zimage_native") and record.levelno >= logging.WARNING:
             message = _flag_keywords(record.getMessage())
-            record.msg, record.args = _WARNING_NAME.sub(lambda m: LIBRARY_FLAGS[m.group(1)], message), None
+            record.msg, record.args = _outside_paths(_WARNING_NAME, lambda m: LIBRARY_FLAGS[m.group(1)], message), None
         return True
 
 
