@@ -138,3 +138,14 @@ def test_a_lora_scale_given_as_its_own_argument_says_to_join_it(tmp_path):
     # a stray number elsewhere keeps click's message
     line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--width", "1024", "768")
     assert "Got unexpected extra argument (768)" in line and "--lora" not in line, line
+
+
+@pytest.mark.parametrize("prompt", [["a cat"], ["a", "cat"]])
+def test_a_lora_scale_read_as_the_prompt_says_to_join_it(tmp_path, prompt):
+    """`zimage generate --lora style.safetensors 0.8 "a cat"`: the scale became the prompt and the prompt
+    an extra argument, and the hint was to quote the prompt: 'zimage generate "0.8 a cat"'."""
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    line = one_line_error("generate", "--model", str(tmp_path / "missing"), "--lora", str(lora), "0.8", *prompt)
+    assert line == (f"Error: --lora takes its scale in the same argument, after ':': --lora {lora}:0.8 ('0.8' was "
+                    f"read as the prompt) (see `zimage generate --help`)"), line

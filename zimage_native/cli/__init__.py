@@ -60,6 +60,10 @@ def _one_line(e: click.UsageError) -> click.ClickException:
             return UserError(f"No such option '{e.option_name}': {what.format(command=e.ctx.command_path)}{where}")
     extra = re.match(r"Got unexpected extra arguments? \((.*)\)$", e.format_message())
     prompt = e.ctx.params.get("prompt") if e.ctx is not None else None
+    if extra and isinstance(prompt, str) and _lora_before(e.ctx, prompt) is not None:
+        # `--lora style.safetensors 0.8 "a cat"`: the scale was read as the prompt, the prompt as more
+        return UserError(f"--lora takes its scale in the same argument, after ':': --lora "
+                         f"{_lora_before(e.ctx, prompt)}:{prompt} ('{prompt}' was read as the prompt){where}")
     if extra and isinstance(prompt, str) and " " not in prompt.strip() and _follows(e.ctx, prompt, extra[1]):
         # an unquoted prompt: its first word, the extra words right after it (not a stray flag value
         # such as the 768 of `--width 1024 768`, which no quoting would fix)
