@@ -127,6 +127,19 @@ def test_a_folder_lacking_a_component_takes_it_from_its_own_file(tiny_model_dir,
     assert pipe("a cat", **kw).images[0].tobytes() == whole("a cat", **kw).images[0].tobytes()
 
 
+def test_a_folder_lacking_its_tokenizer_takes_the_one_given(tiny_model_dir, tmp_path):
+    """A model folder without tokenizer/ was refused ("missing ['tokenizer']") even with tokenizer=
+    (--tokenizer) given, as a folder without vae/ was with vae= before 3a0461d."""
+    folder = tmp_path / "notok"
+    shutil.copytree(tiny_model_dir, folder, ignore=lambda d, names: ["tokenizer"] if d == str(tiny_model_dir) else [])
+    with pytest.raises(FileNotFoundError, match=re.escape("missing ['tokenizer']")):
+        ZImagePipeline.from_pretrained(folder, device="cpu")
+    pipe = ZImagePipeline.from_pretrained(folder, device="cpu", tokenizer=tiny_model_dir / "tokenizer")
+    whole = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu")
+    kw = dict(width=32, height=32, num_inference_steps=2, seed=3)
+    assert pipe("a cat", **kw).images[0].tobytes() == whole("a cat", **kw).images[0].tobytes()
+
+
 def test_hub_id_downloads_only_needed_files(tiny_model_dir, monkeypatch):
     calls = {}
 

@@ -201,7 +201,8 @@ def resolve_model_folder(
     """A local folder as is; an ``owner/name`` Hub id through ``huggingface_hub.snapshot_download``.
 
     ``skip_weights``: components ("transformer", "vae", "text_encoder") whose weights come from
-    elsewhere (a single file, a remote encoder): only their configs are fetched.
+    elsewhere (a single file, a remote encoder): only their configs are fetched; a local folder may
+    lack them, and the tokenizer where ``skip_weights`` names it too.
     """
     path = Path(path_or_id).expanduser()
     if path.exists():

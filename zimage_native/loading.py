@@ -728,9 +728,11 @@ def load_pretrained(
     check_quant(text_encoder_quant, text_encoder_url)
     overridden = {"transformer": transformer, "vae": vae,
                   "text_encoder": text_encoder if text_encoder_url is None else text_encoder_url}
+    # (the tokenizer too: given from elsewhere, or not read at all beside a remote text encoder)
+    given = {**overridden, "tokenizer": tokenizer if text_encoder_url is None else text_encoder_url}
     folder = resolve_model_folder(path_or_id, revision=revision, cache_dir=cache_dir,
                                   local_files_only=local_files_only,
-                                  skip_weights=tuple(k for k, v in overridden.items() if v is not None))
+                                  skip_weights=tuple(k for k, v in given.items() if v is not None))
     main = resolve_device(device)
     warn_if_cpu_fallback(device, main)
     dtype = resolve_dtype(dtype, main)
