@@ -109,6 +109,36 @@ def test_iq_grids_are_read_from_the_gguf_package_once_per_device():
         assert bin(int(ksigns[i])).count("1") % 2 == 0 and int(ksigns[i]) & 0x7F == i
 
 
+def test_an_iq_grid_built_by_two_threads_at_once_is_one_table(monkeypatch):
+    """Two threads that found a device's table missing both built it, and the later store replaced
+    the table the other had already used (and a CUDA graph captured from it would hold, freed):
+    the first kept is the one every thread gets."""
+    import threading
+
+    from zimage_native.formats import ggml
+
+    monkeypatch.setattr(ggml, "_TABLES", {})
+    real, b_done, got = ggml._host_table, threading.Event(), {}
+
+    def host_table(name):
+        if threading.current_thread().name == "A":
+            assert b_done.wait(30)  # A found the table missing; B builds, keeps and uses its own meanwhile
+        return real(name)
+
+    def run(tag):
+        got[tag] = ggml._table("IQ3_S", torch.device("cpu"))
+        if tag == "B":
+            b_done.set()
+
+    monkeypatch.setattr(ggml, "_host_table", host_table)
+    threads = [threading.Thread(target=run, args=(tag,), name=tag) for tag in "AB"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got["A"] is got["B"] is ggml._TABLES[("IQ3_S", torch.device("cpu"))]
+
+
 def test_iq_grids_load_on_first_use_inside_a_compiled_call(monkeypatch):
     """A compiled model's first forward on a device with no grid yet: building the grid (numpy, the
     gguf package's bytes) is not traced, so the call gives the eager values instead of failing in

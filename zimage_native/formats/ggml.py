@@ -280,9 +280,10 @@ def _host_table(name: str) -> torch.Tensor:
 @torch.compiler.disable
 def _load_table(name: str, device: torch.device) -> torch.Tensor:
     """Build table ``name`` on ``device`` and keep it; not traced by torch.compile (numpy and the
-    gguf package's bytes), so a compiled model's first call on a cold device runs it eagerly."""
-    table = _TABLES[(name, device)] = _host_table(name).to(device)
-    return table
+    gguf package's bytes), so a compiled model's first call on a cold device runs it eagerly. Where
+    another thread kept one first, that one is returned (and this one dropped): a table once used is
+    never replaced, so a captured CUDA graph's table stays alive."""
+    return _TABLES.setdefault((name, device), _host_table(name).to(device))
 
 
 def _table(name: str, device: torch.device) -> torch.Tensor:
