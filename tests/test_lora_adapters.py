@@ -374,3 +374,18 @@ def test_adapter_refits_read_each_lora_file_once(fresh_pipe, tiny_model_dir, tmp
     assert list(pipe.lora_adapters.files.held) == [str(a)]
     pipe.unload_lora_weights()
     assert not pipe.lora_adapters.files.held
+
+
+def test_adapters_forgotten_by_unload_lora_weights_let_go_of_their_files(fresh_pipe, tmp_path):
+    """After fuse_lora(), unload_lora_weights() keeps the merged adapter in the weights and forgets the
+    others without a refit: the forgotten adapters' files stayed held in CPU memory (LoraFiles) until
+    some later adapter change; only the baked LoRA's file is held now."""
+    pipe = fresh_pipe
+    a, b = save_lora(pipe, tmp_path / "a.safetensors", 1), save_lora(pipe, tmp_path / "b.safetensors", 2)
+    pipe.load_lora_weights(str(a), adapter_name="a")
+    pipe.load_lora_weights(str(b), adapter_name="b")  # b the only active one
+    assert sorted(pipe.lora_adapters.files.held) == [str(a), str(b)]
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    assert pipe.get_list_adapters() == {} and [str(s) for s, _, _ in pipe.lora_adapters.baked] == [str(b)]
+    assert list(pipe.lora_adapters.files.held) == [str(b)]

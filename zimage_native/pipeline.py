@@ -1172,6 +1172,7 @@ class ZImagePipeline:
         before = len(adapters.to_fuse())
         if adapters.enabled and adapters.merged == adapters.active:  # every fused adapter is kept: no refit
             adapters.bake()
+            adapters.keep_files()  # (the forgotten adapters' files, as a refit would)
         else:
             self._refit_adapters("unload_lora_weights", adapters.bake)
         return before - len(adapters.to_fuse())
