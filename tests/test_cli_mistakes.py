@@ -149,3 +149,16 @@ def test_a_lora_scale_read_as_the_prompt_says_to_join_it(tmp_path, prompt):
     line = one_line_error("generate", "--model", str(tmp_path / "missing"), "--lora", str(lora), "0.8", *prompt)
     assert line == (f"Error: --lora takes its scale in the same argument, after ':': --lora {lora}:0.8 ('0.8' was "
                     f"read as the prompt) (see `zimage generate --help`)"), line
+
+
+def test_a_lora_scale_read_as_the_only_prompt_is_refused_before_loading(tmp_path):
+    """`zimage generate --lora style.safetensors 0.8` (no prompt after it) ran with the prompt "0.8"; a
+    LoRA value that has its own scale (`--lora style.safetensors:0.5 0.8`) leaves the number to be
+    the prompt (or an extra argument), as before."""
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    line = one_line_error("generate", "--model", str(tmp_path / "missing"), "--lora", str(lora), "0.8")
+    assert line == (f"Error: --lora takes its scale in the same argument, after ':': --lora {lora}:0.8 ('0.8' was "
+                    f"read as the prompt)"), line
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", f"{lora}:0.5", "0.8")
+    assert line == "Error: Got unexpected extra argument (0.8) (see `zimage generate --help`)", line

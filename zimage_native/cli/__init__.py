@@ -91,11 +91,13 @@ def _follows(ctx: click.Context, prompt: str, extra: str) -> bool:
 
 
 def _lora_before(ctx: click.Context, extra: str) -> str | None:
-    """The --lora value that the number ``extra`` follows on the command line, if it does."""
-    args = ctx.meta.get(ARGS_KEY, [])
-    if not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)", extra):
+    """The --lora value without a scale of its own that the number ``extra`` follows on the command
+    line, if it does."""
+    args, number = ctx.meta.get(ARGS_KEY, []), r"[-+]?(\d+\.?\d*|\.\d+)"
+    if not re.fullmatch(number, extra):
         return None
-    return next((args[i + 1] for i in range(len(args) - 2) if args[i] == "--lora" and args[i + 2] == extra), None)
+    return next((args[i + 1] for i in range(len(args) - 2) if args[i] == "--lora" and args[i + 2] == extra
+                 and not re.search(f":{number}$", args[i + 1])), None)
 
 
 #: ``ctx.meta`` key of the command line as :meth:`ZImageGroup.parse_args` read it (for :func:`_one_line`).

@@ -289,6 +289,12 @@ def checked_generate(ctx, prompt, opts: dict, from_image, recorded: dict, record
                          f"again with --image IN.png (and --mask for inpainting)")
     if recorded.get("control_scale") is not None and opts["controlnet"] is None:
         raise ValueError(f"{from_image} was made with a ControlNet; give --controlnet FILE and --control-image again")
+    from . import _lora_before
+
+    lora = _lora_before(ctx, prompt) if isinstance(prompt, str) else None
+    if lora is not None:  # `zimage generate --lora style.safetensors 0.8` made an image of the prompt "0.8"
+        raise ValueError(f"--lora takes its scale in the same argument, after ':': --lora {lora}:{prompt} ('{prompt}' "
+                         f"was read as the prompt)")
     prompts = read_prompts(prompt or (recorded_prompt if not opts["prompts_file"] else None), opts["prompts_file"])
     run_generate(prompts, opts)
 
