@@ -420,6 +420,22 @@ def fp8_width_sd():
     return convert_state_dict(source.state_dict(), None, DIT_COMFYUI)
 
 
+def assert_fp8_converts_as_its_reference(kept, reference) -> None:
+    """``--fp8`` on a kept DiT (stored layers) gives the modules and log line of the dequantised DiT
+    ``reference`` under fp8 (its projections fused first, as optimize does): 4 blocks x (q, k, v, out,
+    w1, w2, w3), each block's q|k|v and w1|w3 one fp8 GEMM however they are stored, none left packed."""
+    from zimage_native.accel.fp8 import quantize_fp8_
+    from zimage_native.accel.fusions import fuse_projections_
+    from zimage_native.quant_linear import PackedLinear
+
+    fuse_projections_(reference)
+    line = quantize_fp8_(kept)
+    assert line.startswith("fp8: 28 linears in float8 e4m3 (8 as fused GEMMs"), line
+    assert line == quantize_fp8_(reference)
+    assert not any(isinstance(m, PackedLinear) for m in kept.modules())
+    assert module_kinds(kept) == module_kinds(reference)
+
+
 @needs_cpu_fp8
 @pytest.mark.parametrize("mix", FP8_MIXES)
 def test_fp8_converts_a_kept_dits_int8_layers_as_it_converts_their_dequantised_weights(fp8_width_sd, tmp_path, mix):
@@ -432,9 +448,8 @@ def test_fp8_converts_a_kept_dits_int8_layers_as_it_converts_their_dequantised_w
     from torch import nn
     from torch.nn import functional as F
 
-    from zimage_native.accel.fp8 import Float8Linear, quantize_fp8_
-    from zimage_native.accel.fusions import fuse_projections_
-    from zimage_native.quant_linear import FP8StoredLinear, Int8StoredLinear, PackedLinear
+    from zimage_native.accel.fp8 import Float8Linear
+    from zimage_native.quant_linear import FP8StoredLinear, Int8StoredLinear
 
     sd, expected, _ = to_comfy_quant(fp8_width_sd, mix=FP8_MIXES[mix])
     kept = in_new_memory(load_component("transformer", write(tmp_path / "mix.safetensors", sd), torch.float32,
@@ -445,13 +460,7 @@ def test_fp8_converts_a_kept_dits_int8_layers_as_it_converts_their_dequantised_w
     e4m3 = {n: (m.values().clone(), m.scale.clone()) for n, m in kept.named_modules()
             if isinstance(m, FP8StoredLinear) and m.fp8_dtype == torch.float8_e4m3fn}
     assert len(int8) >= 8
-    fuse_projections_(reference)
-    line = quantize_fp8_(kept)
-    # 4 blocks x (q, k, v, out, w1, w2, w3), each block's q|k|v and w1|w3 one fp8 GEMM however they are stored
-    assert line.startswith("fp8: 28 linears in float8 e4m3 (8 as fused GEMMs"), line
-    assert line == quantize_fp8_(reference)
-    assert not any(isinstance(m, PackedLinear) for m in kept.modules())
-    assert module_kinds(kept) == module_kinds(reference)
+    assert_fp8_converts_as_its_reference(kept, reference)
     g = torch.Generator().manual_seed(2)
     for name, weight in int8.items():
         plain = nn.Linear(weight.shape[1], weight.shape[0], bias=False)

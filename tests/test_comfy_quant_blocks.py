@@ -23,7 +23,8 @@ from zimage_native.formats.microscale import dequantize
 from zimage_native.loading import load_component
 
 from .test_comfy_quant import PREFIX, comfy_quant_tensor, fp8_width_sd, in_new_memory, to_comfy_quant  # noqa: F401
-from .test_formats import TINY_AXES, comfy_dit, dit_output, module_kinds, write
+from .test_comfy_quant import assert_fp8_converts_as_its_reference
+from .test_formats import TINY_AXES, comfy_dit, dit_output, write
 from .utils import needs_cpu_fp8
 
 
@@ -488,22 +489,13 @@ def test_fp8_converts_a_kept_dits_block_scaled_layers_as_it_converts_their_dequa
     their parts are stored as. Without it the block-scaled layers stayed packed, dequantised per call,
     and their fusions apart, silently (before the layers were kept they were nn.Linear and converted):
     the same modules, line and outputs, bit for bit, as the dequantised model under fp8."""
-    from zimage_native.accel.fp8 import quantize_fp8_
-    from zimage_native.accel.fusions import fuse_projections_
-    from zimage_native.quant_linear import PackedLinear
-
     sd, _ = block_file(fp8_width_sd, mix={"feed_forward.w3": ("int8_tensorwise", "row")}, blocks=FP8_BLOCKS)
     path = write(tmp_path / "z_image_turbo_nvfp4.safetensors", sd)
     kept = in_new_memory(load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES, keep_fp8=True))
     reference = in_new_memory(load_component("transformer", path, torch.float32, "cpu", config=TINY_AXES,
                                              keep_fp8=False))
     assert len(block_layers(kept)) == 4 * 6  # 4 blocks x (q, k, v, out, w1, w2)
-    fuse_projections_(reference)
-    line = quantize_fp8_(kept)
-    assert line.startswith("fp8: 28 linears in float8 e4m3 (8 as fused GEMMs"), line
-    assert line == quantize_fp8_(reference)
-    assert not any(isinstance(m, PackedLinear) for m in kept.modules())
-    assert module_kinds(kept) == module_kinds(reference)
+    assert_fp8_converts_as_its_reference(kept, reference)
     assert torch.equal(dit_output(kept), dit_output(reference))
 
 

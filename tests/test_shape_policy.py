@@ -10,6 +10,7 @@ policy under dynamo's default limit hits it, with the engine's warning naming th
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import pytest
@@ -188,6 +189,16 @@ def packed_tiny_dit():
     return model
 
 
+def block_lora(dim: int, ffn: int, g: torch.Generator, rank: int) -> dict[str, torch.Tensor]:
+    """A LoRA of ``rank`` on to_q and w2 of one block of each kind (modulated and unmodulated)."""
+    out = {}
+    for where in ("noise_refiner.0", "context_refiner.0", "layers.0", "layers.1"):
+        for module, width in (("attention.to_q", dim), ("feed_forward.w2", ffn)):
+            out[f"diffusion_model.{where}.{module}.lora_A.weight"] = torch.randn(rank, width, generator=g) * 0.05
+            out[f"diffusion_model.{where}.{module}.lora_B.weight"] = torch.randn(dim, rank, generator=g) * 0.05
+    return out
+
+
 def packed_dit_and_inputs():
     """:func:`packed_tiny_dit`, the generator its LoRAs draw from (seeded 0) and one forward's inputs
     (an 8x8 latent, a 5-token caption)."""
@@ -293,13 +304,7 @@ def test_lora_ranks_are_padded_to_buckets_so_a_rank_swap_reuses_the_graph(no_cla
     model, g, inputs = packed_dit_and_inputs()
     dim, ffn = model.config.dim, model.layers[0].feed_forward.w2.in_features
 
-    def lora(rank):  # to_q and w2 of every block (modulated and unmodulated)
-        out = {}
-        for where in ("noise_refiner.0", "context_refiner.0", "layers.0", "layers.1"):
-            for module, width in (("attention.to_q", dim), ("feed_forward.w2", ffn)):
-                out[f"diffusion_model.{where}.{module}.lora_A.weight"] = torch.randn(rank, width, generator=g) * 0.05
-                out[f"diffusion_model.{where}.{module}.lora_B.weight"] = torch.randn(dim, rank, generator=g) * 0.05
-        return out
+    lora = functools.partial(block_lora, dim, ffn, g)
 
     loras = {rank: lora(rank) for rank in (4, 8, 16, 32, 64)}
     references = {}
@@ -685,13 +690,7 @@ def test_a_compiled_dit_keeps_its_code_across_side_path_refits(monkeypatch, no_c
     model, g, inputs = packed_dit_and_inputs()
     dim, ffn = model.config.dim, model.layers[0].feed_forward.w2.in_features
 
-    def lora(rank):
-        out = {}
-        for where in ("noise_refiner.0", "context_refiner.0", "layers.0", "layers.1"):
-            for module, width in (("attention.to_q", dim), ("feed_forward.w2", ffn)):
-                out[f"diffusion_model.{where}.{module}.lora_A.weight"] = torch.randn(rank, width, generator=g) * 0.05
-                out[f"diffusion_model.{where}.{module}.lora_B.weight"] = torch.randn(dim, rank, generator=g) * 0.05
-        return out
+    lora = functools.partial(block_lora, dim, ffn, g)
 
     a, b = lora(4), lora(8)
     runs = [(a, 0.5), (b, 1.0), (a, -0.7), (b, 0.2)]
