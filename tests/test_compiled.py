@@ -166,6 +166,26 @@ def test_loop_graphs_are_keyed_by_the_steps_run_not_where_they_start(fresh_pipe,
     assert sampler.captures == 2
 
 
+def test_an_unguided_loop_of_a_cfg_run_replays_the_plain_loop_graph(fresh_pipe, tiny_pipe):
+    """Loop mode: a CFG run whose every step CFG truncation leaves unguided (a late img2img start)
+    runs one forward per step, as a run without CFG does, and replays its graph. It carried the
+    negatives' layout and tokens into the loop graph's inputs, unused: a capture of its own. A run
+    with a guided step is another graph. Each run equals eager bit for bit."""
+    from .test_generation import make_image
+
+    sampler, _ = graphed(fresh_pipe, mode="loop")
+    late = dict(image=make_image(48, 32), strength=0.5, num_inference_steps=4)  # model times 0.25, 0.5
+    runs = [late, {**late, "guidance_scale": 2.0, "cfg_truncation": 0.2},
+            {**late, "guidance_scale": 4.0, "cfg_truncation": 0.1}]
+    for extra in runs:  # no CFG; plain, plain; plain, plain
+        args = {**KW, **extra, "negative_prompt": "blurry"}
+        assert torch.equal(fresh_pipe("a cat", **args).images, tiny_pipe("a cat", **args).images), extra
+    assert sampler.captures == 1 and sampler.replays == 3 and sampler.guided_replays == 0, list(sampler.graphs)
+    args = {**KW, **late, "guidance_scale": 2.0, "cfg_truncation": 0.3, "negative_prompt": "blurry"}  # guided, plain
+    assert torch.equal(fresh_pipe("a cat", **args).images, tiny_pipe("a cat", **args).images)
+    assert sampler.captures == 2 and sampler.guided_replays == 1
+
+
 def test_graphed_runs_from_several_threads_keep_their_own_images(fresh_pipe, tiny_pipe):
     """The graphs' static buffers are shared: runs from several threads must not interleave (the
     pipeline serialises them), so each thread gets the image its request gives alone."""

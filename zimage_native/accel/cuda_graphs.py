@@ -167,10 +167,13 @@ def loop_plan(plan):
     that step on. A loop graph then depends on the steps run, not on where they start in the
     schedule: an img2img / inpainting run of 2 steps (strength 0.5 of 4, 0.4 of 5, 0.3 of 6) and
     a text-to-image run of 2 steps replay one graph, their sigmas copied in (with the schedule's
-    indices as Python constants each (steps, start) pair was a capture of its own)."""
+    indices as Python constants each (steps, start) pair was a capture of its own). A run with no
+    guided step has no negatives: a CFG run that truncation leaves unguided throughout (a late
+    img2img start) replays the loop graph of a run without CFG."""
     start = plan.steps[0].index if plan.steps else 0
+    guided = any(step.guided for step in plan.steps)
     return dataclasses.replace(plan, steps=[dataclasses.replace(step, index=step.index - start) for step in plan.steps],
-                               sigmas=plan.sigmas[start:])
+                               negative=plan.negative if guided else None, sigmas=plan.sigmas[start:])
 
 
 class GraphedSampler:
