@@ -5,6 +5,7 @@ computed from a config on meta, they equal the bytes of real tiny models stored 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from zimage_native.testing import randomize_
 
 from .dit_configs import TINY_DIT, TINY_FP8_DIT
 from .fixtures import TINY_VAE
+from .test_comfy_quant import fp8_width_sd  # noqa: F401 - a fixture
 from .utils import needs_cpu_fp8
 
 # Widths that are multiples of 128, so that int4 uses its real group size (as test_text_encoder_quant).
@@ -167,6 +169,62 @@ def test_gguf_dit_bytes_equal_the_loaded_file_resident_and_streamed(tmp_path, qt
     for _ in range(2):
         assert torch.equal(dit_output(model), want)
     assert torch.uint8 in moved  # the packed weights are what streams
+
+
+#: Every block linear of a ComfyUI block-scaled DiT in one format (the fused q|k|v split into three layers).
+ALL_BLOCK_LINEARS = ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8"])
+def test_block_scaled_dit_bytes_equal_the_kept_file_resident_and_streamed(fp8_width_sd, tmp_path, fmt):
+    """A ComfyUI nvfp4 / mxfp8 DiT whose blocks' attention and feed-forward linears are all in that
+    format, the rest fp32 in the file, loaded in bf16 with the layers kept packed (BlockScaledLinear)
+    holds exactly ``dit_bytes(cfg, fmt)``: codes (nvfp4 two a byte), a block-scale byte per 16 / 32
+    values, an fp32 scale_2 per layer, the rest bf16; streamed, the resident parts and the largest
+    block as offload counts them."""
+    from zimage_native.loading import load_component
+    from zimage_native.quant_linear import BlockScaledLinear, resident_bytes
+
+    from .test_comfy_quant_blocks import block_file
+    from .test_formats import TINY_AXES, write
+
+    sd, _ = block_file(fp8_width_sd, mix={}, blocks=dict.fromkeys(ALL_BLOCK_LINEARS, fmt))
+    path = write(tmp_path / f"z_image_turbo_{fmt}.safetensors", sd)
+    model = load_component("transformer", path, torch.bfloat16, "cpu", config=TINY_AXES, keep_fp8=True)
+    cfg = TransformerConfig.from_dict(TINY_FP8_DIT)
+    layers = [m for m in model.modules() if isinstance(m, BlockScaledLinear)]
+    assert len(layers) == 7 * (cfg.n_layers + 2 * cfg.n_refiner_layers) and {m.fmt for m in layers} == {fmt}
+    assert resident_bytes(model) == weight_bytes(model) == fp.dit_bytes(cfg, fmt)
+    assert fp.dit_bytes(cfg, fmt) < fp.dit_bytes(cfg, "bf16")
+    resident, largest = streamed_bytes(model)
+    assert fp.dit_bytes(cfg, fmt, "blocks") == resident + 2 * largest
+
+
+def test_the_docs_dit_table_is_the_one_footprint_computes():
+    """docs/performance.md's DiT table (resident and with --offload blocks): every GB figure and every
+    exact byte count equal dit_bytes for the released config, the nvfp4 / mxfp8 rows included."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
+    text = text.split("| DiT weights | all resident |", 1)[1].split("\n\n", 1)[0]  # that table alone
+    rows = re.findall(r"^\| (fp32|bf16|fp8|mxfp8|nvfp4|GGUF \w+)\b[^|]* \| ([^|]+) \| ([^|]+) \|$", text, re.M)
+    formats = [label.replace("GGUF ", "gguf:") for label, _, _ in rows]
+    assert {"fp8", "mxfp8", "nvfp4", "gguf:Q4_K"} <= set(formats), formats
+    for fmt, (_, *cells) in zip(formats, rows):
+        for cell, offload in zip(cells, ("none", "blocks")):
+            if "GB" not in cell:  # (fp8 with offload: not combinable)
+                continue
+            want = fp.dit_bytes(None, fmt, offload)
+            assert cell.split(" GB")[0] == f"{want / 1e9:.2f}", (fmt, offload, cell, want)
+            exact = re.search(r"\(([\d,]+) B\)", cell)
+            assert exact is None or int(exact.group(1).replace(",", "")) == want, (fmt, offload, cell, want)
+
+
+def test_block_scaled_bytes_follow_from_the_layer_layout():
+    """nvfp4: 0.5 byte a value + 1 byte per 16 values; mxfp8: 1 byte a value + 1 byte per 32; 4 bytes of
+    fp32 scale_2 a layer (mxfp8's is 1)."""
+    assert fp.block_scaled_bytes("nvfp4", (96, 256)) == 96 * 128 + 96 * 16 + 4
+    assert fp.block_scaled_bytes("mxfp8", (96, 256)) == 96 * 256 + 96 * 8 + 4
+    with pytest.raises(ValueError, match="multiple of 32"):
+        fp.block_scaled_bytes("mxfp8", (96, 48))
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "IQ3_S", "IQ2_XXS", "IQ1_M"])

@@ -8,6 +8,12 @@ gives it:
 - ``bf16`` / ``fp16`` / ``fp32``: every tensor in that dtype;
 - ``fp8`` (DiT, ``--fp8``, :mod:`zimage_native.accel.fp8`): the attention and feed-forward linears
   inside the blocks as float8 (1 byte) with one fp32 scale per output row, the rest in bf16;
+- ``nvfp4`` / ``mxfp8`` (a ComfyUI block-scaled DiT kept packed, ``quant_linear.BlockScaledLinear``):
+  the same linears as their codes (nvfp4: two per byte; mxfp8: one byte each), one byte of block
+  scale per 16 (nvfp4) or 32 (mxfp8) values of a row and one fp32 ``scale_2`` per layer (a fused
+  q|k|v is split into three layers), the rest in bf16. That is a file storing all of those linears
+  in that format; a file that leaves some in bf16 (or in fp8) holds more, one that also stores
+  other linears less;
 - ``int8`` / ``int4`` (text encoder, ``--text-encoder-quant``, :mod:`zimage_native.quantize`):
   int8 linears with one fp32 scale per row; int4 codes two per byte with a scale and a minimum per
   group of 128 inputs in the model dtype; in both the token embedding in int8 with one fp32 scale
@@ -36,6 +42,7 @@ import torch
 from torch import nn
 
 from .formats.ggml import GGML_TYPES
+from .formats.microscale import BLOCK_FORMATS
 from .quantize import INT4_GROUP
 
 #: GGML type -> (values per block, bytes per block): the types the GGUF loader reads (formats.ggml).
@@ -168,10 +175,11 @@ def _weights(fmt: str) -> tuple[str, str | None]:
         if qtype not in GGML_BLOCKS:
             raise ValueError(f"unknown GGML type {qtype!r}; known: {sorted(GGML_BLOCKS)}")
         return "bf16", qtype
-    if fmt == "fp8":
-        return "bf16", "fp8"
+    if fmt == "fp8" or fmt in BLOCK_FORMATS:
+        return "bf16", fmt
     if fmt not in DTYPE_BYTES:
-        raise ValueError(f"weights must be one of {sorted(DTYPE_BYTES)}, 'fp8' or 'gguf:TYPE', got {fmt!r}")
+        raise ValueError(f"weights must be one of {sorted(DTYPE_BYTES)}, 'fp8', {', '.join(map(repr, BLOCK_FORMATS))} "
+                         f"or 'gguf:TYPE', got {fmt!r}")
     return fmt, None
 
 
@@ -181,10 +189,25 @@ def ggml_linear(qtype: str) -> Callable[[Tensor], bool]:
     return lambda t: t.owner is nn.Linear and t.name.endswith(".weight") and t.shape[-1] % block == 0
 
 
+def block_scaled_bytes(fmt: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a linear weight kept as a BlockScaledLinear in ``fmt`` ("nvfp4" / "mxfp8"): its codes
+    (nvfp4: two a byte), one block-scale code (a byte) per block of a row, and the fp32 ``scale_2``."""
+    block = BLOCK_FORMATS[fmt][0]
+    rows, cols = shape
+    if cols % block:
+        raise ValueError(f"a {fmt} row holds a multiple of {block} values; a row of {cols} cannot be {fmt}")
+    return rows * cols // (2 if fmt == "nvfp4" else 1) + rows * (cols // block) + 4
+
+
 def dit_tensor_bytes(t: Tensor, fmt: str) -> int:
     dtype, quant = _weights(fmt)
     if quant == "fp8" and dit_block_linear(t) and t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0:
         return t.numel + 4 * t.shape[0]  # float8 values + one fp32 scale per output row
+    if quant in BLOCK_FORMATS:  # a file's layers are padded to whole blocks in both dimensions
+        block = BLOCK_FORMATS[quant][0]
+        if dit_block_linear(t) and t.shape[0] % block == 0 and t.shape[1] % block == 0:
+            return block_scaled_bytes(quant, t.shape)
+        return t.numel * DTYPE_BYTES[dtype]
     if quant not in (None, "fp8") and ggml_linear(quant)(t):
         return ggml_bytes(quant, t.shape)
     return t.numel * DTYPE_BYTES[dtype]
@@ -259,7 +282,7 @@ class Profile:
     targets and whether the VAE decodes in tiles (``tiled_vae``, which changes no weight bytes)."""
 
     name: str
-    dit: str  # "bf16" | "fp8" | "gguf:TYPE"
+    dit: str  # "bf16" | "fp8" | "nvfp4" | "mxfp8" | "gguf:TYPE"
     text_encoder: str  # "none" (bf16) | "int8" | "int4" | "gguf:TYPE"
     offload: str  # "none" | "text_encoder" | "blocks"
     card_gib: float
@@ -293,8 +316,8 @@ def report() -> str:
     cfg = TransformerConfig()
     gb = lambda n: f"{n / 1e9:.2f} GB ({n:,} B)"  # noqa: E731
     lines = ["DiT (6,154,908,736 parameters):"]
-    for fmt in ("fp32", "bf16", "fp8", "gguf:Q8_0", "gguf:Q6_K", "gguf:Q5_K", "gguf:Q4_K", "gguf:Q4_0", "gguf:Q3_K",
-                "gguf:Q2_K"):
+    for fmt in ("fp32", "bf16", "fp8", "mxfp8", "nvfp4", "gguf:Q8_0", "gguf:Q6_K", "gguf:Q5_K", "gguf:Q4_K",
+                "gguf:Q4_0", "gguf:Q3_K", "gguf:Q2_K"):
         lines.append(f"  {fmt:<10} resident {gb(dit_bytes(cfg, fmt))}   offload=blocks {gb(dit_bytes(cfg, fmt, 'blocks'))}")
     lines.append("Text encoder (Qwen3-4B, 35 of 36 layers loaded):")
     for quant in ("none", "int8", "int4", "gguf:Q8_0", "gguf:Q6_K", "gguf:Q4_K"):
