@@ -13,6 +13,8 @@ import torch
 # zimage_native imports the installed one first (zimage_native._import_hub_kernels_first).
 import zimage_native  # noqa: F401,E402
 
+pytest_plugins = ("pytester",)  # tests/test_frozen_graphs.py runs two tests in order in a session of their own
+
 
 # Deterministic, quiet CPU runs. Under pytest-xdist (CI: ``-n 2`` on 2 cores) each worker is a process
 # of its own and gets one thread, and so do the processes the tests start (OMP_NUM_THREADS): two
@@ -25,6 +27,17 @@ else:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _forget_dynamo_skips_after_stand_in_captures():
+    """After a test that captured with the FrozenGraphs stand-in, reset dynamo: it marked the compiled
+    blocks' code skipped under the stand-in's dispatch mode, and every later test in this process
+    (an xdist worker) would run its compiled blocks eagerly (tests/graph_standins.py)."""
+    yield
+    from .graph_standins import forget_dynamo_skips
+
+    forget_dynamo_skips()
 
 
 @pytest.fixture

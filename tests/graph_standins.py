@@ -20,6 +20,13 @@ the tensors it returned at capture time, so their addresses stay fixed.
 Capture also refuses what a real capture refuses: reading a tensor's value on the host
 (``.item()``, ``bool(t)``, ``nonzero``, ...) and building a tensor from host data
 (``torch.tensor([...])``, which on a GPU is a host-to-device copy).
+
+Dynamo does not compile under the recording dispatch mode: it skips a compiled function it meets
+there and marks that code object skipped for the rest of the process (torch 2.13: a skip applies
+to the code, not the frame). The compiled blocks of every pipeline share one code object, so after
+a capture of ``compile="blocks"`` code every later pipeline's blocks ran eagerly, compiling nothing,
+until ``torch._dynamo.reset()``: a later test in the same process that compiles without resetting
+first checked eager blocks. tests/conftest.py calls :func:`forget_dynamo_skips` after each test.
 """
 
 from __future__ import annotations
@@ -35,6 +42,22 @@ HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "
               "unique_consecutive", "item"}
 #: ATen ops that turn host data into a tensor (on a GPU: a host-to-device copy, illegal during capture).
 HOST_DATA = {"lift_fresh", "lift_fresh_copy"}
+
+
+_captures = 0  # recording captures run since the last forget_dynamo_skips()
+
+
+def forget_dynamo_skips() -> bool:
+    """``torch._dynamo.reset()`` if a capture ran under the recording dispatch mode since the last
+    call (dropping the code objects dynamo marked skipped there, see the module doc); True if so."""
+    global _captures
+    if not _captures:
+        return False
+    _captures = 0
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return True
 
 
 class CaptureError(RuntimeError):
@@ -113,8 +136,10 @@ class FrozenGraphs(FakeGraphs):
         self.ops = 0  # ops on the tapes captured so far
 
     def capture(self, fn):
+        global _captures
         fn()  # warm-up, as cuda_capture does (outside the capture)
         recorder = _Recorder()
+        _captures += 1
         with recorder:
             out = fn()
         tape = recorder.tape

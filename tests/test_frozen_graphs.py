@@ -3,6 +3,8 @@ wrong and a re-running stand-in would not: Python values baked in at capture, ho
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -280,3 +282,44 @@ def test_side_path_lora_changes_of_one_structure_keep_the_captured_graphs(tiny_m
     assert torch.equal(results[-1][1], results[0][1])
     for lora, source in zip((a, b), sources):  # the in-place writes never reached an adapter's tensors
         assert all(torch.equal(lora[k], v) for k, v in source.items())
+
+
+LATER_TEST = '''
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from tests.fixtures import our_pipeline
+from tests.test_compiled import KW, graphed
+
+
+def test_a_capture_of_compiled_blocks(tiny_model_dir):
+    torch._dynamo.reset()
+    pipe = our_pipeline(tiny_model_dir)
+    pipe.optimize(compile="blocks", compile_backend=CompileCounterWithBackend("eager"))
+    sampler, _ = graphed(pipe)
+    pipe("a cat", **KW)
+    assert sampler.captures == 1
+
+
+def test_a_later_compile_that_does_not_reset_dynamo(tiny_model_dir):
+    pipe = our_pipeline(tiny_model_dir)
+    counter = CompileCounterWithBackend("eager")
+    pipe.optimize(compile="blocks", compile_backend=counter)
+    pipe("a cat", **KW)
+    assert counter.frame_count == 2  # the modulated and the unmodulated block
+'''
+
+
+def test_a_capture_of_compiled_blocks_leaves_the_next_test_compiling(pytester):
+    """Dynamo marks the compiled blocks' code object skipped when it meets it under the stand-in's
+    recording dispatch mode, for the rest of the process: a later test in the same process (an xdist
+    worker) that compiled blocks without resetting dynamo first ran them eagerly, compiling nothing
+    (0 frames), and a test comparing them with eager passed without running compiled code. The
+    conftest resets dynamo after a test that captured; two tests in that order in one session."""
+    root = Path(__file__).resolve().parents[1]
+    pytester.syspathinsert(root)
+    pytester.makeconftest("from tests.conftest import _forget_dynamo_skips_after_stand_in_captures, tiny_model_dir"
+                          "  # noqa: F401")
+    pytester.makepyfile(test_order=LATER_TEST)
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly", "-q")
+    result.assert_outcomes(passed=2)
