@@ -140,6 +140,21 @@ def test_a_lora_scale_given_as_its_own_argument_says_to_join_it(tmp_path):
     assert "Got unexpected extra argument (768)" in line and "--lora" not in line, line
 
 
+
+@pytest.mark.parametrize("scale", ["-0.5", "-.5", "-1"])
+def test_a_negative_lora_scale_given_as_its_own_argument_says_to_join_it(tmp_path, scale):
+    """`--lora style.safetensors -0.5` was "No such option '-0'" (click reads the scale as short options);
+    a negative number after a --lora value with its own scale, or after another flag, keeps click's message."""
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", str(lora), scale)
+    assert line == (f"Error: --lora takes its scale in the same argument, after ':': --lora {lora}:{scale} ('{scale}' "
+                    f"was read as an option) (see `zimage generate --help`)"), line
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", f"{lora}:0.5", scale)
+    assert line.startswith(f"Error: No such option '{scale[:2]}'") and "--lora" not in line, line
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--steps", "4", scale)
+    assert line.startswith(f"Error: No such option '{scale[:2]}'") and "--lora" not in line, line
+
 @pytest.mark.parametrize("prompt", [["a cat"], ["a", "cat"]])
 def test_a_lora_scale_read_as_the_prompt_says_to_join_it(tmp_path, prompt):
     """`zimage generate --lora style.safetensors 0.8 "a cat"`: the scale became the prompt and the prompt

@@ -74,6 +74,13 @@ def _one_line(e: click.UsageError) -> click.ClickException:
     if lora is not None:  # `--lora style.safetensors 0.8`: the scale read as an extra argument
         return UserError(f"--lora takes its scale in the same argument, after ':': --lora {lora}:{extra[1].split()[0]} "
                          f"('{extra[1].split()[0]}' was read as one more argument){where}")
+    if isinstance(e, click.NoSuchOption) and e.ctx is not None:  # `--lora style.safetensors -0.5`: click read
+        # the negative scale as short options ('-0')
+        scale = next((a for a in e.ctx.meta.get(ARGS_KEY, []) if a.startswith(e.option_name)
+                      and _lora_before(e.ctx, a) is not None), None)
+        if scale is not None:
+            return UserError(f"--lora takes its scale in the same argument, after ':': --lora "
+                             f"{_lora_before(e.ctx, scale)}:{scale} ('{scale}' was read as an option){where}")
     if isinstance(e, click.NoSuchOption) and e.option_name in ("-v", "--verbose") and e.ctx and e.ctx.parent:
         root = e.ctx.find_root().info_name
         command = e.ctx.command_path[len(root):].strip()
