@@ -499,3 +499,22 @@ def test_paths_and_file_names_in_messages_are_not_rewritten_as_flags(tmp_path):
         want = text.replace("(width=32)", "(--width=32)")
         assert _common.cli_message(text) == want and warning(text) == want, text
     assert warning("give width= for 'out/height=1/x.png'") == "give --width for 'out/height=1/x.png'"
+
+
+def test_a_remote_encoder_with_a_text_encoder_quant_is_refused_in_flag_words(tmp_path):
+    """`--encoder-url URL --text-encoder-quant int8` was refused in the library's words, "text_encoder_quant
+    applies to a local text encoder; with text_encoder_url ...": a statement whose subject is an argument
+    and 'applies', or that starts "with" an argument, names the flags; the same words mid-sentence, in a
+    path or as another word stay."""
+    from zimage_native.cli._common import cli_message
+
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--encoder-url",
+                          "http://127.0.0.1:9", "--text-encoder-quant", "int8")
+    assert line == ("Error: --text-encoder-quant applies to a local text encoder; with --encoder-url the remote "
+                    "server's setting applies (start it with --text-encoder-quant)"), line
+    for text, want in (("offload applies to the DiT", "--offload applies to the DiT"),
+                       ("bad: with width, height must be set", "bad: with --width, --height must be set"),
+                       ("a run with guidance_scale 0 has no negatives", None), ("within offload the", None),
+                       ("with widths of 16", None), ("with /data/width the file", None),
+                       ("with text_encoder_url=x", "with --encoder-url=x")):
+        assert cli_message(text) == (want or text), text

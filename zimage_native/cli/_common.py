@@ -26,15 +26,17 @@ LIBRARY_FLAGS = {
     "height": "--height", "strength": "--strength", "cfg_truncation": "--cfg-truncation", "tile_size": "--tile-size",
     "tile_overlap": "--tile-overlap", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
     "top_p": "--top-p", "offload": "--offload", "variant": "--variant", "text_encoder_quant": "--text-encoder-quant",
-    "shift": "--shift", "mask_image": "--mask", "llm_url": "--llm-url",
+    "shift": "--shift", "mask_image": "--mask", "llm_url": "--llm-url", "text_encoder_url": "--encoder-url",
     "compile": "--compile", "fp8": "--fp8", "kernels": "--kernels", "cuda_graphs": "--cuda-graphs",
     "overlap": "--tile-overlap", "seed_variance": "--seed-variance", "seed_variance_share": "--seed-variance-share",
     "seed_variance_steps": "--seed-variance-steps", "first_block_cache": "--first-block-cache",
     "cfg_normalization": "--cfg-normalization",
 }
 _NAMES = "|".join(LIBRARY_FLAGS)
-# A statement about the argument ("steps must be ...", at the start or after ': ', '; ', ', ', '(').
-_STATEMENT = re.compile(rf"(?:^|(?<=: )|(?<=; )|(?<=, )|(?<=\())({_NAMES})(?=\s+(?:must|is|are|needs)\b)")
+# A statement about the argument ("steps must be ...", "text_encoder_quant applies to ...") or one that
+# starts with it ("with text_encoder_url the server's ..."), at the start or after ': ', '; ', ', ', '('.
+_STATEMENT = re.compile(rf"(?:^|(?<=: )|(?<=; )|(?<=, )|(?<=\())(with )?({_NAMES})"
+                        rf"(?(1)(?=[\s,])|(?=\s+(?:must|is|are|needs|applies)\b))")
 # A keyword, with its value ("for num_inference_steps=4" -> "--steps=4") or without ("give width= and
 # height=" -> "give --width and --height").
 _KEYWORD = re.compile(rf"(?<![\w.-])({_NAMES})=(?=([^\s,;)]?))")
@@ -62,7 +64,7 @@ def _flag_keywords(message: str) -> str:
 def cli_message(message: str) -> str:
     """``message`` with the library argument names it starts a statement with, or gives as keywords,
     replaced by their flags."""
-    return _flag_keywords(_STATEMENT.sub(lambda m: LIBRARY_FLAGS[m.group(1)], message))
+    return _flag_keywords(_STATEMENT.sub(lambda m: (m.group(1) or "") + LIBRARY_FLAGS[m.group(2)], message))
 
 
 # In the engine's warnings an argument name is a whole word: the unambiguous ones (with an underscore)
