@@ -251,3 +251,91 @@ def test_unknown_settings_are_refused():
         fp.text_encoder_bytes(dict(QWEN, hidden_size=96, head_dim=24), "int4")
     with pytest.raises(ValueError, match="unknown GGML type 'Q7_K'"):
         fp.dit_bytes(TransformerConfig.from_dict(TINY_DIT), "gguf:Q7_K")
+
+
+# ----------------------------------------------------------------------------------- a DiT file, layer by layer
+
+
+@pytest.fixture(scope="module")
+def comfy_sd(tiny_model_dir):
+    from .test_comfy_quant import PREFIX
+    from .test_formats import comfy_dit
+
+    return comfy_dit(tiny_model_dir, PREFIX)
+
+
+def no_weight_reads(monkeypatch) -> None:
+    """Any read of a tensor's values (safetensors or GGUF) fails: the header alone must do (and a
+    comfy_quant layer's config, the few bytes of JSON that say its format)."""
+    from zimage_native.formats.checkpoint import Checkpoint
+    from zimage_native.formats.gguf import GGUFCheckpoint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a weight was read: {args[1:]}")
+
+    raw_bytes = Checkpoint.raw_bytes
+    for cls, names in ((Checkpoint, ("get", "read_rows")), (GGUFCheckpoint, ("get", "values"))):
+        for name in names:
+            monkeypatch.setattr(cls, name, refuse)
+    monkeypatch.setattr(Checkpoint, "raw_bytes", lambda self, key: raw_bytes(self, key)
+                        if key.endswith(".comfy_quant") else refuse(self, key))
+
+
+def assert_file_bytes_are_the_loaded_models(path, dtype, keep_fp8, config, monkeypatch) -> dict:
+    """dit_file_bytes (header only) == the resident bytes of the loaded DiT, all resident and streamed
+    (what stays plus two blocks, as offload counts them); returns the header's breakdown by format."""
+    from zimage_native.loading import load_component
+    from zimage_native.quant_linear import resident_bytes
+
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    model = load_component("transformer", path, dtype, "cpu", config=config, keep_fp8=keep_fp8)
+    with monkeypatch.context() as m:
+        no_weight_reads(m)
+        header = {offload: fp.dit_file_bytes(path, name, offload, keep_fp8 is not False, config=config)
+                  for offload in ("none", "blocks")}
+        formats = fp.dit_file_formats(path, name, keep_fp8 is not False, config=config)
+    assert header["none"] == resident_bytes(model) == weight_bytes(model)
+    resident, largest = streamed_bytes(model)
+    assert header["blocks"] == resident + 2 * largest
+    assert sum(e["bytes"] for e in formats.values()) == header["none"]
+    return formats
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("keep_fp8", [True, False])
+@pytest.mark.parametrize("mix", ["fp8", "fp8+int8, bf16"])
+def test_a_mixed_comfy_quant_dit_files_header_gives_the_loaded_models_bytes(comfy_sd, tmp_path, monkeypatch, mix,
+                                                                           keep_fp8, dtype):
+    """A ComfyUI mixed-precision DiT (nvfp4 on the fused qkv and t_embedder.mlp.2, mxfp8 on attention.out and
+    t_embedder.mlp.0, float8 on feed_forward.w3, int8 on w1 in the second mix, the rest fp32 or bf16): the
+    bytes counted layer by layer from its header equal the loaded model's, kept packed or dequantised."""
+    from .test_comfy_quant_blocks import kept_file
+    from .test_formats import TINY_AXES
+
+    path, _ = kept_file(comfy_sd, tmp_path, mix)
+    formats = assert_file_bytes_are_the_loaded_models(path, dtype, keep_fp8, TINY_AXES, monkeypatch)
+    name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    n = 7 * 2 + 7 * 2 * 1  # the tiny DiT's blocks: 2 layers and 2 refiners of 1
+    if keep_fp8:  # nvfp4: 3 * n / 7 q, k, v parts of the fused qkv + t_embedder.mlp.2; mxfp8: n / 7 + 1
+        counts = {fmt: e["tensors"] for fmt, e in formats.items() if fmt != name}
+        want = {"nvfp4": 3 * n // 7 + 1, "mxfp8": n // 7 + 1, "float8_e4m3fn": n // 7}
+        assert counts == (dict(want, int8=n // 7) if "int8" in mix else want)
+    else:
+        assert list(formats) == [name]
+
+
+def test_a_mixed_gguf_dit_files_header_gives_the_loaded_models_bytes(tmp_path, monkeypatch):
+    """A Q4_K_M-like GGUF DiT (ten block types and F16 / BF16 rotating tensor by tensor): counted
+    per tensor in its own type from the header, the loaded model's bytes, in bf16 and fp32."""
+    pytest.importorskip("gguf")
+    from .test_gguf import AXES
+
+    mix = ("Q4_K", "Q6_K", "Q5_K", "Q8_0", "Q4_0", "Q5_1", "Q2_K", "Q3_K", "Q4_1", "Q5_0", "F16", "BF16")
+    from .test_gguf import write_dit
+
+    path, _ = write_dit(tmp_path / "mixed.gguf", lambda name, i: mix[i % len(mix)])
+    for dtype in (torch.bfloat16, torch.float32):
+        formats = assert_file_bytes_are_the_loaded_models(path, dtype, None, AXES, monkeypatch)
+        assert len(set(formats) & set(mix)) >= 8, formats
+
+

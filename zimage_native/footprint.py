@@ -12,8 +12,7 @@ gives it:
   the same linears as their codes (nvfp4: two per byte; mxfp8: one byte each), one byte of block
   scale per 16 (nvfp4) or 32 (mxfp8) values of a row and one fp32 ``scale_2`` per layer (a fused
   q|k|v is split into three layers), the rest in bf16. That is a file storing all of those linears
-  in that format; a file that leaves some in bf16 (or in fp8) holds more, one that also stores
-  other linears less;
+  in that format;
 - ``int8`` / ``int4`` (text encoder, ``--text-encoder-quant``, :mod:`zimage_native.quantize`):
   int8 linears with one fp32 scale per row; int4 codes two per byte with a scale and a minimum per
   group of 128 inputs in the model dtype; in both the token embedding in int8 with one fp32 scale
@@ -21,8 +20,12 @@ gives it:
 - ``gguf:TYPE`` (GGUF files, kept packed): every linear weight whose rows are a multiple of the
   type's block in the GGML block type ``TYPE`` (``Q8_0``: 34 bytes per 32 values, ``Q4_K``: 144
   bytes per 256, ...), every other tensor in the compute dtype. That is a file with one type for
-  all its linears; a real ``Q4_K_M`` file mixes types per tensor, and :func:`gguf_bytes` takes that
-  mix (``{name: type}``) to give its exact number.
+  all its linears.
+
+Real files mix formats per layer (a ``Q4_K_M`` GGUF file: Q4_K, Q6_K and F32 tensors; a ComfyUI
+comfy_quant file: nvfp4, mxfp8, float8, int8 and bf16 layers). :func:`dit_file_bytes` counts a DiT
+file's own mix from its header alone, each tensor by the same per-tensor rules
+(:func:`stored_bytes`) in the format the loader keeps it in (``zimage info FILE`` prints it).
 
 ``offload="blocks"`` (:mod:`zimage_native.offload`) keeps on the device only what is outside the
 streamed parts of the blocks plus ``depth + 1`` blocks in flight (the running block and its
@@ -199,18 +202,42 @@ def block_scaled_bytes(fmt: str, shape: tuple[int, ...]) -> int:
     return rows * cols // (2 if fmt == "nvfp4" else 1) + rows * (cols // block) + 4
 
 
-def dit_tensor_bytes(t: Tensor, fmt: str) -> int:
-    dtype, quant = _weights(fmt)
-    if quant == "fp8" and dit_block_linear(t) and t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0:
-        return t.numel + 4 * t.shape[0]  # float8 values + one fp32 scale per output row
+def scaled_rows_bytes(shape: tuple[int, ...]) -> int:
+    """Bytes of a linear weight kept as one-byte values (float8, or a comfy_quant int8 layer) with one
+    fp32 scale per output row (``FP8StoredLinear``, ``Int8StoredLinear``, ``--fp8``'s linears)."""
+    return math.prod(shape) + 4 * shape[0]
+
+
+def stored_bytes(t: Tensor, storage: str | None, dtype: str = "bf16") -> int:
+    """Bytes of ``t`` held as ``storage``: None (in ``dtype``), a GGML type, "nvfp4" / "mxfp8", or
+    one-byte values with a scale per row ("fp8", a float8 dtype's name, "int8")."""
+    if storage is None:
+        return t.numel * DTYPE_BYTES[dtype]
+    if storage in GGML_BLOCKS:
+        return ggml_bytes(storage, t.shape)
+    if storage in BLOCK_FORMATS:
+        return block_scaled_bytes(storage, t.shape)
+    if storage in ("fp8", "int8") or storage.startswith("float8"):
+        return scaled_rows_bytes(t.shape)
+    raise ValueError(f"unknown storage {storage!r} for {t.name}")
+
+
+def dit_tensor_storage(t: Tensor, quant: str | None) -> str | None:
+    """How a DiT stored all in one format (``quant``: "fp8", "nvfp4", "mxfp8", a GGML type or None)
+    holds ``t``: in that format, or None (in the compute dtype)."""
+    if quant == "fp8":
+        return quant if dit_block_linear(t) and t.shape[0] % 16 == 0 and t.shape[1] % 16 == 0 else None
     if quant in BLOCK_FORMATS:  # a file's layers are padded to whole blocks in both dimensions
         block = BLOCK_FORMATS[quant][0]
-        if dit_block_linear(t) and t.shape[0] % block == 0 and t.shape[1] % block == 0:
-            return block_scaled_bytes(quant, t.shape)
-        return t.numel * DTYPE_BYTES[dtype]
-    if quant not in (None, "fp8") and ggml_linear(quant)(t):
-        return ggml_bytes(quant, t.shape)
-    return t.numel * DTYPE_BYTES[dtype]
+        return quant if dit_block_linear(t) and t.shape[0] % block == 0 and t.shape[1] % block == 0 else None
+    if quant is not None and ggml_linear(quant)(t):
+        return quant
+    return None
+
+
+def dit_tensor_bytes(t: Tensor, fmt: str) -> int:
+    dtype, quant = _weights(fmt)
+    return stored_bytes(t, dit_tensor_storage(t, quant), dtype)
 
 
 # ----------------------------------------------------------------------------- components
@@ -224,19 +251,110 @@ def streamed(t: Tensor) -> bool:
     return parts[0] in ("layers", "noise_refiner", "context_refiner") and not any(p in RESIDENT for p in parts)
 
 
-def dit_bytes(config=None, weights: str = "bf16", offload: str = "none", depth: int = 1) -> int:
-    """Bytes of the DiT on its device: all of it, or with ``offload="blocks"`` what stays resident
-    plus ``depth + 1`` of the largest streamed blocks."""
-    tensors = tensors_of(dit_on_meta(config))
-    if offload != "blocks":
-        return sum(dit_tensor_bytes(t, weights) for t in tensors)
-    resident = sum(dit_tensor_bytes(t, weights) for t in tensors if not streamed(t))
+def placed_bytes(tensors: list[Tensor], bytes_of: Callable[[Tensor], int], offload: str = "none",
+                 depth: int = 1) -> int:
+    """Bytes of a DiT's ``tensors`` on its device: all of them, or with ``offload="blocks"`` those that
+    stay resident plus ``depth + 1`` of the largest streamed blocks."""
+    if offload not in ("none", "blocks"):
+        raise ValueError(f"offload must be 'none' or 'blocks' for the DiT, got {offload!r}")
+    if offload == "none":
+        return sum(bytes_of(t) for t in tensors)
+    resident = sum(bytes_of(t) for t in tensors if not streamed(t))
     blocks: dict[str, int] = {}
     for t in tensors:
         if streamed(t):
             key = ".".join(t.name.split(".")[:2])
-            blocks[key] = blocks.get(key, 0) + dit_tensor_bytes(t, weights)
+            blocks[key] = blocks.get(key, 0) + bytes_of(t)
     return resident + (depth + 1) * max(blocks.values())
+
+
+def dit_bytes(config=None, weights: str = "bf16", offload: str = "none", depth: int = 1) -> int:
+    """Bytes of the DiT on its device: all of it, or with ``offload="blocks"`` what stays resident
+    plus ``depth + 1`` of the largest streamed blocks."""
+    return placed_bytes(tensors_of(dit_on_meta(config)), lambda t: dit_tensor_bytes(t, weights), offload, depth)
+
+
+# ----------------------------------------------------------------------------- a DiT file, layer by layer
+
+
+def dit_file_layers(path, keep_fp8: bool = True, config=None) -> tuple[list[Tensor], dict[str, str]]:
+    """(the tensors of the DiT that a file loads into, ``{name: storage}`` of those the loader keeps
+    packed in the file's own format, layer by layer), from the file's header alone.
+
+    The model is built on meta from the config the loader infers (``config`` overrides, as
+    ``load_component``'s). What stays packed follows the loader's rules: in a GGUF file, every
+    ``nn.Linear`` weight stored in a block type (``canonical_qtypes``: rows of whole blocks), in that
+    type; in a safetensors file with float8 weights or comfy_quant int8 / nvfp4 / mxfp8 layers, with
+    ``keep_fp8`` (``load_component``'s default on the CPU, with ``offload="blocks"``, and on a GPU
+    where the dequantised DiT does not fit), every ``nn.Linear`` weight of those (``kept_formats``);
+    everything else is cast or dequantised to the compute dtype (``keep_fp8=False``: all of it)."""
+    from pathlib import Path
+
+    from .formats import Checkpoint, canonical_shapes, folder_config, infer_transformer_config, inspect_checkpoint
+    from .formats.checkpoint import sniff
+
+    path = Path(path).expanduser()
+    if path.is_file() and sniff(path) == "gguf":
+        from .formats.gguf import GGUFCheckpoint, canonical_qtypes, inspect_gguf
+        from .formats.gguf import canonical_shapes as gguf_shapes
+
+        with GGUFCheckpoint(path) as ckpt:
+            info = inspect_gguf(ckpt).component("transformer")
+            packed, shapes = canonical_qtypes(ckpt, info), gguf_shapes(ckpt, info)
+        owners = (nn.Linear, nn.Embedding)  # (swap_quantized_modules_)
+    else:
+        from .loading import kept_formats
+
+        with Checkpoint(path) as ckpt:
+            info = inspect_checkpoint(ckpt).component("transformer")
+            shapes = canonical_shapes(ckpt, info)
+            kept = kept_formats(ckpt, info) if keep_fp8 and info.has_fp8_weights else {}
+        packed = {k: v if isinstance(v, str) else str(v).removeprefix("torch.") for k, v in kept.items()}
+        owners = (nn.Linear,)  # (swap_fp8_linears_)
+    tensors = tensors_of(dit_on_meta(infer_transformer_config(shapes, config, folder_config(path))))
+    return tensors, {t.name: packed[t.name] for t in tensors if t.name in packed and t.owner in owners}
+
+
+def dit_file_bytes(path, dtype: str = "bf16", offload: str = "none", keep_fp8: bool = True, depth: int = 1,
+                   config=None) -> int:
+    """Bytes the DiT of a file holds on its device once loaded in ``dtype``, each layer in the format
+    the loader keeps it in (:func:`dit_file_layers`: a file mixing formats is counted layer by layer),
+    all resident or with ``offload="blocks"`` (as :func:`dit_bytes`). From the header alone."""
+    tensors, storage = dit_file_layers(path, keep_fp8, config)
+    return placed_bytes(tensors, lambda t: stored_bytes(t, storage.get(t.name), dtype), offload, depth)
+
+
+def dit_file_formats(path, dtype: str = "bf16", keep_fp8: bool = True, config=None) -> dict[str, dict[str, int]]:
+    """The resident DiT of :func:`dit_file_bytes` by storage: ``{format: {"tensors": n, "bytes": b}}``,
+    the packed formats (a GGML type, "nvfp4", "mxfp8", a float8 dtype, "int8": linear weights) first,
+    largest first, then ``dtype`` (every other tensor)."""
+    return _by_storage(*dit_file_layers(path, keep_fp8, config), dtype)
+
+
+def dit_file_summary(path, dtype: str = "bf16", config=None) -> dict:
+    """What ``zimage info FILE`` prints for a DiT file, from its header: ``{"resident": bytes,
+    "offload_blocks": bytes, "formats": dit_file_formats(...)}`` with the file's packed layers kept
+    packed (GGUF: always; fp8 / comfy_quant files: ``keep_fp8``), and for a file whose layers may
+    also be dequantised while loading (``keep_fp8=False``, or a GPU where they fit dequantised) the
+    same under ``"dequantised"``."""
+    out = {}
+    for keep in (True, False):
+        tensors, storage = dit_file_layers(path, keep, config)
+        size = lambda t: stored_bytes(t, storage.get(t.name), dtype)  # noqa: E731
+        out[keep] = {"resident": placed_bytes(tensors, size), "offload_blocks": placed_bytes(tensors, size, "blocks"),
+                     "formats": _by_storage(tensors, storage, dtype)}
+    return out[True] if out[True] == out[False] else {**out[True], "dequantised": out[False]}
+
+
+def _by_storage(tensors: list[Tensor], storage: dict[str, str], dtype: str) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for t in tensors:
+        entry = out.setdefault(storage.get(t.name, dtype), {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += stored_bytes(t, storage.get(t.name), dtype)
+    rest = out.pop(dtype, None)
+    out = dict(sorted(out.items(), key=lambda kv: -kv[1]["bytes"]))
+    return {**out, dtype: rest} if rest else out
 
 
 def text_encoder_bytes(config: dict | None = None, quant: str = "none", dtype: str = "bf16") -> int:

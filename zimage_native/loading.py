@@ -349,6 +349,22 @@ def _load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | Non
         return module.eval().requires_grad_(False)
 
 
+def kept_formats(ckpt, info) -> dict[str, torch.dtype | str]:
+    """Canonical weight key -> how a DiT that keeps its fp8 weights (``keep_fp8``) stores it, from the
+    header alone: "nvfp4" / "mxfp8" for a comfy_quant block-scaled layer, its float8 dtype or
+    ``torch.int8`` for a stored float8 / int8 weight. Of these, the weights of ``nn.Linear`` modules
+    stay so (``swap_fp8_linears_``); the others are dequantised while loading."""
+    from .formats.fp8 import TORCH_FP8
+    from .formats.microscale import BLOCK_FORMATS
+
+    keymap = info.keymap()
+    blocks = {canon: fmt for key, fmt in info.comfy_quant.items() if fmt in BLOCK_FORMATS
+              for canon in keymap.canonical_keys(key)}
+    stored = TORCH_FP8 + (torch.int8,)
+    items = canonical_items(ckpt, info, meta=True, dequant=False, keep_stored=True)
+    return {k: blocks.get(k, t.dtype) for k, t in items if k in blocks or t.dtype in stored}
+
+
 def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, device: torch.device,
                   path: Path, pinned: bool = False) -> nn.Module:
     """An fp8 DiT file into ``module`` (built on meta): linears with float8 weights become
@@ -361,9 +377,7 @@ def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, devi
 
     stored = TORCH_FP8 + (torch.int8,)
     blocks = read_block_codes(ckpt, info.comfy_quant, info.keymap(), device)  # canonical key -> (fmt, codes, scale)
-    fp8 = {k: blocks[k][0] if k in blocks else t.dtype
-           for k, t in canonical_items(ckpt, info, meta=True, dequant=False, keep_stored=True)
-           if k in blocks or t.dtype in stored}
+    fp8 = kept_formats(ckpt, info)
     swapped = swap_fp8_linears_(module, fp8)
     check_component_fits("transformer", module, dtype, device, pinned)
     scales = (read_scales(ckpt, info.keys, info.keymap(), device, int8=True)
