@@ -339,3 +339,47 @@ def test_a_mixed_gguf_dit_files_header_gives_the_loaded_models_bytes(tmp_path, m
         assert len(set(formats) & set(mix)) >= 8, formats
 
 
+
+@pytest.mark.parametrize("kind", ["comfy_quant", "gguf"])
+def test_zimage_info_shows_a_mixed_dit_files_gpu_weights_layer_by_layer(comfy_sd, tiny_model_dir, tmp_path, kind):
+    """``zimage info`` on a mixed comfy_quant DiT (in a component folder: its config.json gives the RoPE
+    axes) and on a mixed GGUF DiT: the bytes the loaded bf16 model holds, all resident and streamed,
+    kept packed and (comfy_quant only) dequantised, with the bytes of each format."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+    from zimage_native.loading import load_component
+
+    if kind == "gguf":
+        pytest.importorskip("gguf")
+        from .test_gguf import write_dit
+
+        mix = ("Q4_K", "Q6_K", "Q8_0", "F16")
+        path = write_dit(tmp_path / "mixed.gguf", lambda name, i: mix[i % len(mix)])[0]
+    else:
+        from .test_comfy_quant_blocks import kept_file
+
+        path = tmp_path / "transformer"
+        path.mkdir()
+        kept_file(comfy_sd, tmp_path, "fp8+int8, bf16")[0].rename(path / "diffusion_pytorch_model.safetensors")
+        shutil.copy(tiny_model_dir / "transformer" / "config.json", path / "config.json")
+    result = CliRunner().invoke(main, ["info", str(path), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)["components"]["transformer"]["gpu_weights_bf16"]
+    settings = {True: shown, False: shown.get("dequantised")}
+    assert (settings[False] is None) == (kind == "gguf")  # (a GGUF file's packed layers always stay packed)
+    for keep, entry in settings.items():
+        if entry is not None:
+            model = load_component("transformer", path, torch.bfloat16, "cpu", keep_fp8=keep)
+            resident, largest = streamed_bytes(model)
+            assert entry["resident"] == weight_bytes(model) and entry["offload_blocks"] == resident + 2 * largest
+            assert sum(e["bytes"] for e in entry["formats"].values()) == entry["resident"]
+    assert len(shown["formats"]) == (5 if kind == "comfy_quant" else 4), shown["formats"]
+    table = CliRunner().invoke(main, ["info", str(path)], catch_exceptions=False).output
+    assert "GPU weights in bf16" in table and "with --offload blocks" in table, table
+    assert ("dequantised while loading (keep_fp8=False" in table) == (kind == "comfy_quant"), table
+    for fmt, e in shown["formats"].items():
+        assert re.search(rf"\b{fmt} {e['tensors']} (linear|tensor)s? ", table), (fmt, table)

@@ -106,6 +106,24 @@ def _dtypes(d: dict) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in sorted(d.items()))
 
 
+def _dit_weight_lines(w: dict) -> list[str]:
+    """The DiT's weights on the GPU in bf16, layer by layer from the header (footprint.dit_file_summary)."""
+    from ..devices import format_bytes
+
+    def sizes(entry: dict) -> str:
+        return (f"{format_bytes(entry['resident'])} all resident, {format_bytes(entry['offload_blocks'])} "
+                f"with --offload blocks")
+
+    formats = ", ".join(f"{fmt} {e['tensors']} {'tensor' if fmt == 'bf16' else 'linear'}{'s' * (e['tensors'] != 1)} "
+                        f"{format_bytes(e['bytes'])}" for fmt, e in w["formats"].items())
+    head = "GPU weights in bf16, each layer in the format it is kept in (activations come on top)"
+    if "dequantised" not in w:
+        return [f"{head}: {sizes(w)}", f"  {formats}"]
+    return [f"{head}:", f"  quantised layers kept (on the CPU, with --offload blocks, or on a GPU where the "
+                        f"dequantised DiT would not fit): {sizes(w)}", f"    {formats}",
+            f"  dequantised while loading (keep_fp8=False, or on a GPU where it fits): {sizes(w['dequantised'])}"]
+
+
 def _config_line(component: str, cfg: dict) -> str:
     keys = {"transformer": ("dim", "n_layers", "n_refiner_layers", "n_heads", "cap_feat_dim", "in_channels"),
             "vae": ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups"),
@@ -174,6 +192,11 @@ def info(path: Path, as_json: bool, check: bool):
     from ..formats import describe
 
     report = describe(path)
+    dit = report.get("components", {}).get("transformer")
+    if dit and "config" in dit and "cannot_load" not in dit and "problem" not in report:
+        from ..footprint import dit_file_summary
+
+        dit["gpu_weights_bf16"] = dit_file_summary(path)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
@@ -212,5 +235,8 @@ def info(path: Path, as_json: bool, check: bool):
             click.echo(f"  {'':<13} {_config_line(name, c['config'])}")
         else:
             click.echo(f"  {'':<13} config: {c['config_error']}")
+        if "gpu_weights_bf16" in c:
+            for line in _dit_weight_lines(c["gpu_weights_bf16"]):
+                click.echo(f"  {'':<13} {line}")
     if report.get("problem"):
         click.echo(f"  cannot load: {report['problem']}")
