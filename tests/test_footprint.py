@@ -324,6 +324,22 @@ def test_a_mixed_comfy_quant_dit_files_header_gives_the_loaded_models_bytes(comf
         assert list(formats) == [name]
 
 
+
+@pytest.mark.parametrize("keep_fp8", [True, False])
+@pytest.mark.parametrize("scaled, per_row", [(False, False), (True, False), (True, True)])
+def test_an_fp8_dit_files_header_gives_the_loaded_models_bytes(comfy_sd, tmp_path, monkeypatch, scaled, per_row,
+                                                               keep_fp8):
+    """A plain fp8 file (every 2-D weight in float8, no scales) and a scaled-fp8 one (per tensor, per
+    row): its float8 linears kept with a scale per row, its other float8 tensors dequantised."""
+    from .test_formats import TINY_AXES, to_fp8, write
+
+    sd, _ = to_fp8(comfy_sd, scaled, per_row=per_row)
+    if scaled:
+        sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    path = write(tmp_path / "z_image_turbo_fp8.safetensors", sd)
+    formats = assert_file_bytes_are_the_loaded_models(path, torch.bfloat16, keep_fp8, TINY_AXES, monkeypatch)
+    assert list(formats) == (["float8_e4m3fn", "bf16"] if keep_fp8 else ["bf16"])
+
 def test_a_mixed_gguf_dit_files_header_gives_the_loaded_models_bytes(tmp_path, monkeypatch):
     """A Q4_K_M-like GGUF DiT (ten block types and F16 / BF16 rotating tensor by tensor): counted
     per tensor in its own type from the header, the loaded model's bytes, in bf16 and fp32."""
