@@ -177,3 +177,40 @@ def test_a_lora_scale_read_as_the_only_prompt_is_refused_before_loading(tmp_path
                     f"read as the prompt)"), line
     line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", f"{lora}:0.5", "0.8")
     assert line == "Error: Got unexpected extra argument (0.8) (see `zimage generate --help`)", line
+
+
+@pytest.mark.parametrize("command, args, flags", [
+    ("generate", ["width=512"], "--width 512"),
+    ("generate", ["num_inference_steps=4", "guidance_scale=0"], "--steps 4 --guidance-scale 0"),  # library names
+    ("generate", ["encoder_url=https://host:8000"], "--encoder-url https://host:8000"),  # a URL (has '/')
+    ("generate", ["text_encoder_url=http://host/v1?a=b&c"], "--encoder-url 'http://host/v1?a=b&c'"),  # quoted for a shell
+    ("generate", ["tiled-vae=true", "progress=False"], "--tiled-vae --no-progress"),  # switches
+    ("rewrite", ["llm_url=http://host:8000/v1"], "--llm-url http://host:8000/v1"),
+])
+def test_a_setting_written_as_a_keyword_names_its_flag(tmp_path, command, args, flags):
+    """`zimage generate "a cat" width=512` (a setting written as in Python) was "Got unexpected extra
+    argument (width=512)"; it names the flag now, for a URL value too."""
+    line = one_line_error(command, "a cat", "--model", str(tmp_path / "missing"), *args)
+    extra = "arguments" if len(args) > 1 else "argument"
+    assert line == (f"Error: Got unexpected extra {extra} ({' '.join(args)}): settings are flags here, {flags} "
+                    f"(see `zimage {command} --help`)"), line
+
+
+@pytest.mark.parametrize("args", [
+    ["http://host/a?width=512"],  # a URL that holds a keyword: no keyword
+    ["see llm_url=http://host:8000/v1"],  # a quoted prompt with a keyword in it
+    ["width=512", "red"],  # not every extra word is a keyword
+    ["llm_url=http://host:8000/v1"],  # generate has no --llm-url
+    ["verbose=1"],  # not a flag of the command
+    ["tiled_vae=maybe"],  # not a switch's value
+])
+def test_a_stray_argument_that_is_no_keyword_of_the_command_keeps_clicks_message(tmp_path, args):
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
+    assert line.endswith(f"({' '.join(args)}) (see `zimage generate --help`)") and "flags here" not in line, line
+
+
+def test_a_keyword_after_a_one_word_prompt_is_named_as_a_flag_not_as_more_prompt():
+    """`zimage generate fox width=512`: the quoting hint said to type "fox width=512"."""
+    assert one_line_error("generate", "fox", "width=512") == (
+        "Error: Got unexpected extra argument (width=512): settings are flags here, --width 512 (see `zimage "
+        "generate --help`)")

@@ -13,6 +13,7 @@ import sys
 import click
 
 from .. import __version__
+from ._common import LIBRARY_FLAGS
 
 
 #: The predecessor's flags (docs/cli.md, "Coming from the predecessor") that are spelled otherwise here.
@@ -59,6 +60,9 @@ def _one_line(e: click.UsageError) -> click.ClickException:
         if any(p.name == param for p in e.ctx.command.params):
             return UserError(f"No such option '{e.option_name}': {what.format(command=e.ctx.command_path)}{where}")
     extra = re.match(r"Got unexpected extra arguments? \((.*)\)$", e.format_message())
+    flags = _keyword_flags(e.ctx, extra[1].split(" ")) if extra and e.ctx is not None else None
+    if flags is not None:  # `width=512`, `llm_url=http://host:8000/v1`: written as a Python call takes them
+        return UserError(f"{e.format_message()}: settings are flags here, {flags}{where}")
     prompt = e.ctx.params.get("prompt") if e.ctx is not None else None
     if extra and isinstance(prompt, str) and _lora_before(e.ctx, prompt) is not None:
         # `--lora style.safetensors 0.8 "a cat"`: the scale was read as the prompt, the prompt as more
@@ -87,6 +91,43 @@ def _one_line(e: click.UsageError) -> click.ClickException:
         return UserError(f"No such option '{e.option_name}': -v/--verbose goes before the command: "
                          f"{root} -v {command} ...")
     return UserError(e.format_message().splitlines()[0] + where)
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "none")
+
+
+def _keyword_flags(ctx: click.Context, words: list[str]) -> str | None:
+    """Extra arguments written as keywords (``width=512``, ``num_inference_steps=4``,
+    ``llm_url=http://host:8000/v1``: the library's argument name or a flag's name without its dashes, with
+    '_' or '-') as the flags of the command (``--width 512``); None unless every word is one, so a prompt
+    word that holds a URL or an '=' is not taken for a keyword."""
+    import shlex
+
+    flags: dict[str, tuple[str, click.Option]] = {}
+    for p in ctx.command.params:
+        for opt in (p.opts + p.secondary_opts) if isinstance(p, click.Option) else ():
+            if opt.startswith("--"):
+                flags[opt[2:]] = flags[opt[2:].replace("-", "_")] = (opt, p)
+    flags.update({name: flags[flag[2:]] for name, flag in LIBRARY_FLAGS.items()
+                  if name not in flags and flag[2:] in flags})
+    out = []
+    for word in words:
+        m = re.fullmatch(r"([A-Za-z][\w-]*)=(.*)", word, re.S)
+        if m is None or m[1] not in flags:
+            return None
+        opt, param = flags[m[1]]
+        if not param.is_flag:
+            out.append(f"{opt} {shlex.quote(m[2])}")
+            continue
+        if m[2].lower() not in _TRUE + _FALSE:
+            return None
+        # tiled_vae=True: --tiled-vae; progress=false or no_progress=1: --no-progress
+        names = param.opts if (m[2].lower() in _TRUE) == (opt in param.opts) else param.secondary_opts
+        named = [n for n in names if n.startswith("--")]
+        if not named:  # a switch with no "off" flag: off is the default
+            return None
+        out.append(named[0])
+    return " ".join(out)
 
 
 def _follows(ctx: click.Context, prompt: str, extra: str) -> bool:
