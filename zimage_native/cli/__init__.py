@@ -157,6 +157,33 @@ ARGS_KEY = "zimage.args"
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while a command runs: a KeyboardInterrupt (every ``except KeyboardInterrupt`` catches it),
+    but not that class itself. CPython (3.10 to 3.13) marks the process to end by SIGINT whenever a
+    KeyboardInterrupt leaves code run from a string (the ``exec`` of a dataclass's or namedtuple's
+    generated methods, frequent while torch and transformers import), even one caught afterwards; with
+    ``python -m zimage_native.cli`` the run then ended by the signal after its ``interrupted`` line
+    (status -2 to a Python parent) instead of exiting 130. A subclass is not marked."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted
+
+
+def _catch_ctrl_c():
+    """Make SIGINT raise :class:`Interrupted` while a command runs, where it would raise Python's own
+    KeyboardInterrupt (not where it is ignored, as in a background job, or handled by an embedding
+    program, or outside the main thread); returns the function that restores the handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return lambda: None
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    return lambda: signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 class ZImageGroup(click.Group):
     """Lets ``--seed 1 2 3`` mean ``--seed 1 --seed 2 --seed 3`` (click options take one value each),
     and prints click's usage errors as one line with exit status 1 (:func:`_one_line`)."""
@@ -170,6 +197,7 @@ class ZImageGroup(click.Group):
             raise _one_line(e) from None
 
     def invoke(self, ctx):
+        restore = _catch_ctrl_c()
         try:
             return super().invoke(ctx)
         except _NO_ARGS_IS_HELP:
@@ -183,6 +211,8 @@ class ZImageGroup(click.Group):
             # output appears only when complete, and an image only when written.
             click.echo("interrupted", err=True)
             raise SystemExit(130) from None
+        finally:
+            restore()
 
     def parse_args(self, ctx, args):
         out, i = [], 0
