@@ -43,8 +43,8 @@ import re  # noqa: E402
 
 import click  # noqa: E402
 
-from .. import __version__
-from ._common import LIBRARY_FLAGS
+from .. import __version__  # noqa: E402
+from ._common import LIBRARY_FLAGS  # noqa: E402
 
 
 #: The predecessor's flags (docs/cli.md, "Coming from the predecessor") that are spelled otherwise here.
