@@ -237,9 +237,10 @@ def test_side_path_lora_changes_of_one_structure_keep_the_captured_graphs(tiny_m
     """A GGUF or kept-fp8 DiT holds LoRAs as side paths of its packed linears. A change that keeps
     their structure (the same layers, side paths, rank buckets, kinds: another adapter weight,
     another adapter of the same bucket) writes the new factors into the side paths' tensors in
-    place, so the graphs captured before stay (each such change captured every graph again); a
-    change of structure (a second Kronecker side path, disable / enable, unload) still captures
-    again. Every request equals the eager pipeline with the same adapters, bit for bit."""
+    place, so the graphs captured before stay (each such change captured every graph again), and so
+    do disable_lora / enable_lora (zero factors written into the side paths, then the factors); a
+    change of structure (a second Kronecker side path, unload) still captures again. Every request
+    equals the eager pipeline with the same adapters, bit for bit."""
     from .fixtures import our_pipeline
     from .test_compiled import KW, graphed
 
@@ -260,8 +261,8 @@ def test_side_path_lora_changes_of_one_structure_keep_the_captured_graphs(tiny_m
                (lambda p: p.set_adapters(["a", "b"], [0.3, 0.7]), True),  # two Kronecker side paths on to_k
                (lambda p: p.set_adapters(["a", "b"], [0.9, 0.1]), False),  # (rank 4 + 8 joined: still bucket 16)
                (lambda p: p.set_adapters(["b", "a"], [0.2, 0.5]), False),
-               (lambda p: p.disable_lora(), True),
-               (lambda p: p.enable_lora(), True),
+               (lambda p: p.disable_lora(), False),  # low-rank and Kronecker side paths: kept, zeroed
+               (lambda p: p.enable_lora(), False),  # (each captured again: 2 captures per toggle)
                (lambda p: p.set_adapters("a"), True),
                (lambda p: p.delete_adapters("b"), False),  # b did not apply: a is fused again as it was
                (lambda p: p.unload_lora_weights(), True)]
@@ -282,6 +283,78 @@ def test_side_path_lora_changes_of_one_structure_keep_the_captured_graphs(tiny_m
     assert torch.equal(results[-1][1], results[0][1])
     for lora, source in zip((a, b), sources):  # the in-place writes never reached an adapter's tensors
         assert all(torch.equal(lora[k], v) for k, v in source.items())
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits (an integer view): -0.0 differs from 0.0, a NaN equals the same NaN."""
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("kind, dtype", [("gguf", torch.float32), ("gguf", torch.bfloat16),
+                                         ("fp8", torch.float32)])
+def test_disable_and_enable_of_side_path_adapters_keep_the_captured_graphs(tiny_model_dir, tmp_path, kind, dtype):
+    """A server toggling a style per request (disable_lora / enable_lora) dropped the graphs at each
+    call (2 captures per toggle): the side paths were removed, then made anew. Low-rank and
+    Kronecker side paths now stay with zero factors while disabled, and enable writes the factors
+    back in place: no capture. Disabled equals the DiT without a LoRA bit for bit (a zeroed side
+    path adds +0 to outputs that are never -0), enabled equals the eager pipeline. A full delta
+    (dense side path) keeps the old way: removed while disabled (zeroed, it would cost a GEMM of
+    the layer's full size on every call), so its toggle still captures twice."""
+    from zimage_native import ZImagePipeline
+
+    from .test_compiled import KW, graphed
+
+    path = _packed_dit_file(tiny_model_dir, tmp_path, kind)
+    eager, pipe, plain = [ZImagePipeline.from_pretrained(tiny_model_dir, transformer=path, device="cpu", dtype=dtype)
+                          for _ in range(3)]
+    for p in (eager, pipe, plain):
+        p.progress = False
+    lora, _ = _side_path_adapters(pipe)
+    dim = pipe.transformer_config.dim
+    g = torch.Generator().manual_seed(5)
+    dense = {**lora, "lycoris_layers_1_attention_to_out_0.diff": torch.randn(dim, dim, generator=g) * 0.05}
+    without = plain("a cat", **KW).images
+    to_q = pipe.transformer.layers[0].attention.to_q
+    sampler, _ = graphed(pipe)
+    for name, adapter, per_toggle in (("low-rank", lora, 0), ("dense", dense, 2)):
+        for p in (eager, pipe):
+            p.load_lora_weights(adapter, adapter_name=name)
+        with_lora = eager("a cat", **KW).images
+        assert torch.equal(_bits(pipe("a cat", **KW).images), _bits(with_lora))
+        captures = sampler.captures
+        for toggle in range(2):
+            pipe.disable_lora()
+            assert len(to_q.lora) == 1 and not getattr(to_q, to_q.lora[0][0]).any()  # kept, zeroed
+            assert torch.equal(_bits(pipe("a cat", **KW).images), _bits(without)), f"{name} disabled, {toggle}"
+            pipe.enable_lora()
+            assert torch.equal(_bits(pipe("a cat", **KW).images), _bits(with_lora)), f"{name} enabled, {toggle}"
+            assert sampler.captures == captures + per_toggle * (toggle + 1), name
+        for p in (eager, pipe):
+            p.unload_lora_weights()
+    assert not to_q.lora
+    pipe.load_lora_weights(lora, adapter_name="a")
+    pipe.disable_lora()
+    pipe.delete_adapters("a")  # nothing to enable again: the zeroed side paths go
+    assert not to_q.lora and torch.equal(_bits(pipe("a cat", **KW).images), _bits(without))
+
+
+@needs_cpu_fp8
+def test_fp8_after_disable_lora_makes_the_dit_of_fp8_without_a_lora(tiny_model_dir, tmp_path):
+    """disable_lora keeps zeroed side paths on an fp8 file's linears; fp8 (optimize(fp8=True)) makes
+    fp8 GEMMs only of linears without side paths, and no adapter can be enabled after it: the
+    zeroed side paths go first, so the DiT is the one fp8 makes without a LoRA, bit for bit."""
+    from .fixtures import our_pipeline
+    from .test_formats import dit_output
+
+    path = _packed_dit_file(tiny_model_dir, tmp_path, "fp8")
+    plain, pipe = our_pipeline(tiny_model_dir, transformer=path), our_pipeline(tiny_model_dir, transformer=path)
+    plain.optimize(fp8=True)
+    pipe.load_lora_weights(_side_path_adapters(pipe)[0], adapter_name="a")
+    pipe.disable_lora()
+    assert pipe.transformer.layers[0].attention.to_q.lora  # kept, zeroed
+    pipe.optimize(fp8=True)
+    assert str(pipe.transformer) == str(plain.transformer)
+    assert torch.equal(_bits(dit_output(pipe.transformer)), _bits(dit_output(plain.transformer)))
 
 
 LATER_TEST = '''

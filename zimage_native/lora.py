@@ -852,13 +852,14 @@ class LoraStack:
         self.loaded.clear()
         return count
 
-    def end_refit(self, transformer: nn.Module) -> None:
+    def end_refit(self, transformer: nn.Module, silence: bool = False) -> None:
         """After ``unload(keep=True)`` and the loads of a refit: the spare copies are let go, and each
         packed linear's side paths are checked against those it kept (``PackedLinear.end_refit``:
-        the LoRA generation moves on only where their structure changed)."""
+        the LoRA generation moves on only where their structure changed). ``silence``: low-rank and
+        Kronecker side paths that the refit did not add again stay, zeroed (``disable_lora``)."""
         self.spare.clear()
         for m in _packed_linears(transformer).values():
-            m.end_refit()
+            m.end_refit(silence)
 
 
 class LoraAdapters:

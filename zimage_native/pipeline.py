@@ -905,6 +905,10 @@ class ZImagePipeline:
                    or blocks_conflict(self.offload, changes))
         if problem:
             raise ValueError(problem)
+        if changes.get("fp8") and not self.lora_adapters.enabled and self.lora_adapters.active:
+            # The zeroed side paths of disabled adapters (_fuse_adapters) go: fp8 makes fp8 GEMMs only
+            # of linears without side paths, and no adapter can be enabled after it.
+            self._fuse_adapters(silence=False)
         before_compile = any(k in changes for k in ("kernels", "attention", "fp8"))
         compile_mode = changes.get("compile", "off")
         lines = []
@@ -1113,14 +1117,23 @@ class ZImagePipeline:
                     f"disable_lora() / unload_lora_weights() to remove them")
         return None
 
-    def _fuse_adapters(self) -> None:
+    def _fuse_adapters(self, silence: bool | None = None) -> None:
         """Unfuse every LoRA (exactly), then fuse the active adapters at their weights. The copies of
         the original weights are reused, not made again (``LoraStack.unload(keep=True)``), and side
         paths of packed linears that come back with the same structure (layers, rank buckets,
         kinds) are written into their tensors in place: the captured graphs stay, as for fused
-        weights; a change of structure drops them (:meth:`_lora_changed_graphs`)."""
+        weights; a change of structure drops them (:meth:`_lora_changed_graphs`).
+
+        ``silence`` (by default: while the adapters are disabled, some are active, and fp8 has not
+        quantised the DiT, after which they could not be enabled again): the low-rank and Kronecker
+        side paths of the adapters stay, with zero factors (``PackedLinear.end_refit``), so
+        ``disable_lora`` / ``enable_lora`` keep the graphs."""
+        from .accel.fp8 import fp8_applied
         from .quant_linear import lora_generation
 
+        if silence is None:
+            adapters = self.lora_adapters
+            silence = not adapters.enabled and bool(adapters.active) and not fp8_applied(self.transformer)
         before = lora_generation()
         try:
             self._unfuse_loras(keep=True)
@@ -1132,7 +1145,7 @@ class ZImagePipeline:
         finally:
             self.lora_stack.files = None
             self.lora_adapters.keep_files()
-            self.lora_stack.end_refit(self.transformer)
+            self.lora_stack.end_refit(self.transformer, silence)
             self._lora_changed_graphs(before)
 
     def fuse_lora(self, components=None, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None,

@@ -244,12 +244,23 @@ class PackedLinear(nn.Module):
             _lora_changed()
         return n
 
-    def end_refit(self) -> None:
+    def end_refit(self, silence: bool = False) -> None:
         """The end of a refit (:meth:`clear_lora` with ``keep``): the LoRA generation moves on unless
         the side paths are those kept, tensor for tensor (written in place: captured graphs and
-        compiled code stay current); the kept tensors are let go."""
+        compiled code stay current); the kept tensors are let go.
+
+        ``silence`` (``disable_lora``): where the refit added no side path and those kept are all
+        low-rank or Kronecker, they stay with zeros written into their factors, so the structure
+        and the graphs stay, and the next refit (``enable_lora``) writes the factors back in place.
+        A zeroed side path adds exactly +0 (a GEMM of zeros sums from +0) to outputs that are never
+        -0. A dense delta is not kept so: zeroed, it would cost a GEMM of the layer's full size on
+        every call (docs/lora.md)."""
         if self._kept is None:
             return
+        if silence and not self.lora and self._kept_lora and all(b is not None or k for _, b, k in self._kept_lora):
+            for name, tensor in self._kept.items():
+                self.register_buffer(name, tensor.zero_(), persistent=False)
+            self.lora = list(self._kept_lora)
         same = self.lora == self._kept_lora and all(
             self._buffers.get(name) is self._kept.get(name) for side in self.lora for name in side[:2] if name)
         self._kept, self._kept_lora = None, []
