@@ -357,6 +357,52 @@ def test_fp8_after_disable_lora_makes_the_dit_of_fp8_without_a_lora(tiny_model_d
     assert torch.equal(_bits(dit_output(pipe.transformer)), _bits(dit_output(plain.transformer)))
 
 
+@pytest.mark.parametrize("kind", ["gguf", "fp8"])
+def test_a_switch_between_full_delta_adapters_holds_one_set_of_deltas(tiny_model_dir, tmp_path, kind, monkeypatch):
+    """Full deltas on packed linears are dense side paths, each the size of its layer's weight. A
+    refit kept the side paths held before it until its end (to write into), so set_adapters from
+    one full-delta adapter to another on other layers held both sets of deltas (2 x one adapter's
+    bytes at the peak); the kept side paths of layers the new adapters do not write into now go
+    before the new ones are made: the peak is one set. The images equal the eager pipeline's."""
+    from zimage_native.quant_linear import PackedLinear
+
+    from .fixtures import our_pipeline
+    from .test_compiled import KW
+
+    path = _packed_dit_file(tiny_model_dir, tmp_path, kind)
+    eager, pipe = our_pipeline(tiny_model_dir, transformer=path), our_pipeline(tiny_model_dir, transformer=path)
+    packed = [m for m in pipe.transformer.modules() if isinstance(m, PackedLinear)]
+
+    def held() -> int:  # bytes of the side paths' tensors, held or kept for a refit (each storage once)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for m in packed
+                    for name, t in [*m._buffers.items(), *(m._kept or {}).items()] if name.startswith("lora_")}
+        return sum(storages.values())
+
+    peak = [0]
+    add_lora = PackedLinear.add_lora
+
+    def counting(self, *args, **kwargs):
+        add_lora(self, *args, **kwargs)
+        peak[0] = max(peak[0], held())
+
+    monkeypatch.setattr(PackedLinear, "add_lora", counting)
+    dim = pipe.transformer_config.dim
+    g = torch.Generator().manual_seed(3)
+    adapters = {name: {f"lycoris_layers_{layer}_attention_{module}.diff": torch.randn(dim, dim, generator=g) * 0.05
+                       for module in ("to_q", "to_out_0")} for name, layer in (("a", 0), ("b", 1))}
+    for p in (eager, pipe):
+        for name, adapter in adapters.items():
+            p.load_lora_weights(adapter, adapter_name=name)
+    one = held()
+    assert one == 2 * dim * dim * 4  # two fp32 deltas
+    for name in ("a", "b", "a"):
+        peak[0] = 0
+        for p in (eager, pipe):
+            p.set_adapters(name)
+        assert peak[0] == held() == one, name
+        assert torch.equal(pipe("a cat", **KW).images, eager("a cat", **KW).images)
+
+
 LATER_TEST = '''
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend

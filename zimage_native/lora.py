@@ -852,6 +852,28 @@ class LoraStack:
         self.loaded.clear()
         return count
 
+    def release_unwritten(self, transformer: nn.Module, sources: Sequence) -> None:
+        """In a refit, after ``unload(keep=True)`` and before the loads of ``sources`` (the LoRAs it
+        fuses): where a packed linear keeps a dense side path (a delta the size of its weight), the
+        kept side paths of the packed linears that none of ``sources`` adds a side path to are let
+        go now, before the new ones are made (``PackedLinear.end_refit``): switching between
+        full-delta adapters on different layers held both sets of deltas at the end of the refit.
+        It parses ``sources`` once more (6 ms of CPU time for a rank-32 LoRA on every block linear
+        of the real DiT), so only where a dense side path is kept."""
+        packed = _packed_linears(transformer)
+        if not any(m.keeps_dense() for m in packed.values()):
+            return
+        shapes = linear_shapes(transformer)
+        written = set()
+        for source in sources:
+            name, state_dict, metadata = (self.files.read(source) if self.files is not None
+                                          else read_lora(source, with_metadata=True))
+            modules, _ = parse_lora(state_dict, shapes, name, metadata=metadata)
+            written.update(n for module in modules for n in module.target.modules)
+        for name, m in packed.items():
+            if name not in written:
+                m.end_refit()
+
     def end_refit(self, transformer: nn.Module, silence: bool = False) -> None:
         """After ``unload(keep=True)`` and the loads of a refit: the spare copies are let go, and each
         packed linear's side paths are checked against those it kept (``PackedLinear.end_refit``:

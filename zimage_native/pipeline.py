@@ -1139,6 +1139,8 @@ class ZImagePipeline:
             self._unfuse_loras(keep=True)
             self.lora_adapters.fused = 0
             self.lora_stack.files = self.lora_adapters.files  # each file read once (lora.LoraFiles)
+            if not silence:  # (kept dense deltas that nothing writes into go before new ones are made)
+                self.lora_stack.release_unwritten(self.transformer, [s for s, _, _ in self.lora_adapters.to_fuse()])
             for source, weight, options in self.lora_adapters.to_fuse():
                 self.load_lora(source, weight, **options)
                 self.lora_adapters.fused += 1

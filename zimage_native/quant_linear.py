@@ -244,6 +244,11 @@ class PackedLinear(nn.Module):
             _lora_changed()
         return n
 
+    def keeps_dense(self) -> bool:
+        """Whether a refit (:meth:`clear_lora` with ``keep``) keeps a dense side path here (a delta
+        the size of the weight)."""
+        return any(b is None and not k for _, b, k in self._kept_lora)
+
     def end_refit(self, silence: bool = False) -> None:
         """The end of a refit (:meth:`clear_lora` with ``keep``): the LoRA generation moves on unless
         the side paths are those kept, tensor for tensor (written in place: captured graphs and
