@@ -1046,7 +1046,8 @@ class ZImagePipeline:
 
     @_serialized
     def disable_lora(self) -> None:
-        """diffusers' name: unfuse every adapter (they stay loaded; :meth:`enable_lora` applies them again)."""
+        """diffusers' name: unfuse every adapter (they stay loaded; :meth:`enable_lora` applies them again).
+        Their low-rank side paths on packed linears stay, zeroed, so captured graphs stay (:meth:`_fuse_adapters`)."""
         self._check_adapters("disable_lora")
         self._refit_adapters("disable_lora", lambda: setattr(self.lora_adapters, "enabled", False))
 

@@ -27,7 +27,8 @@ scale to recompile for): every placement (``Module.to``, ``--offload model``, th
 of ``--offload blocks``) moves them with the layer, and a forward neither casts nor copies them.
 Factors of the shape, dtype and device a side path holds are written into its tensors in place
 (a LoRA stacked in the same bucket, or an adapter refit: ``clear_lora(keep=True)``, the LoRAs
-added again, ``end_refit``), so a captured CUDA graph, which holds their addresses, stays current.
+added again, ``end_refit``; ``disable_lora`` writes zeros into low-rank and Kronecker ones), so a
+captured CUDA graph, which holds their addresses, stays current.
 
 :class:`GGUFEmbedding` keeps a token-embedding table packed and dequantises only the rows looked up.
 
