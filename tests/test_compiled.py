@@ -3,6 +3,7 @@ CUDA-graph wrapper's bookkeeping (with a stand-in capture), fp8 linears and the 
 
 from __future__ import annotations
 
+import logging
 import re
 import weakref
 
@@ -245,6 +246,26 @@ def test_graph_cache_is_lru_bounded_and_releases(fresh_pipe):
     assert [key_height(k) for k in sampler.graphs] == [48 // 8, 32 // 8]  # latent heights
     sampler.clear()
     assert not sampler.graphs and fake.released == 4
+
+
+def test_a_stream_with_more_step_kinds_than_the_cache_warns_once_naming_the_option(fresh_pipe, caplog):
+    """A stream that cycles through more step kinds than max_graphs evicts and recaptures a graph on
+    every request (an eager warm-up step and a capture instead of a replay): the sampler says so once,
+    naming max_graphs and the option that raises it. Evictions alone (a size not seen again) do not."""
+    sampler, _ = graphed(fresh_pipe, frozen=False, max_graphs=2)
+    with caplog.at_level(logging.WARNING, logger="zimage_native.accel.cuda_graphs"):
+        for height in (32, 48, 64):  # three sizes, each once: one eviction, no graph captured again
+            fresh_pipe("a cat", **{**KW, "height": height})
+        assert (sampler.captures, sampler.evictions, sampler.recaptures) == (3, 1, 0)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        for _ in range(2):  # round-robin over the three: every request evicts and recaptures
+            for height in (32, 48, 64):
+                fresh_pipe("a cat", **{**KW, "height": height})
+    assert (sampler.captures, sampler.evictions, sampler.recaptures) == (9, 7, 6)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "max_graphs=2" in warnings[0] and "--graph-cache-size" in warnings[0]
+    assert "captured again" in warnings[0]
 
 
 def test_a_server_mix_of_caption_classes_is_captured_once_in_one_shared_pool(fresh_pipe, monkeypatch):

@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 GRAPH_MODES = ("step", "loop")
 DEFAULT_MAX_GRAPHS = 32  # a caption class each (16) with and without CFG, for one size; one shared pool
+EVICTED_MEMORY = 4096  # evicted signatures remembered to recognise a recapture (a thrash); then forgotten
 
 
 def graphs_problem(device: torch.device, offload: str) -> str | None:
@@ -194,7 +195,10 @@ class GraphedSampler:
         self.captures = 0
         self.replays = 0
         self.evictions = 0
+        self.recaptures = 0  # captures of a step kind this cache had evicted (a thrash: see _entry)
         self.guided_replays = 0  # replays that ran a CFG step (the GPU check asks for at least one)
+        self._evicted: set[int] = set()  # hashes of the evicted signatures (bounded, see _entry)
+        self._warned_thrash = False
 
     def clear(self) -> None:
         while self.graphs:
@@ -212,8 +216,16 @@ class GraphedSampler:
             return entry
         while len(self.graphs) >= self.max_graphs:  # free before capturing the next one
             # no local name for the evicted entry: its output (in its graph's pool) dies here
-            self._release(self.graphs.popitem(last=False)[1])
+            evicted = next(iter(self.graphs))
+            self._release(self.graphs.pop(evicted))
             self.evictions += 1
+            if len(self._evicted) >= EVICTED_MEMORY:
+                self._evicted.clear()
+            self._evicted.add(hash(evicted))
+        if hash(signature) in self._evicted:
+            self._evicted.discard(hash(signature))
+            self.recaptures += 1
+            self._warn_thrash()
         static = [t.clone() for t in tensors]
         latents, plan = rebuild(static)
         captured = self.capture(make_fn(latents, plan))
@@ -222,6 +234,19 @@ class GraphedSampler:
         logger.info("captured a CUDA graph (%s mode) for latents %s (%d of at most %d cached)", self.mode,
                     tuple(latents.shape), len(self.graphs), self.max_graphs)
         return entry
+
+    def _warn_thrash(self) -> None:
+        """Once per sampler: a step kind evicted for lack of room is captured again, so the stream
+        runs more step kinds (sizes, batch sizes, caption classes, CFG on or off) than the cache
+        holds and each such request pays an eager warm-up step and a capture instead of a replay."""
+        if self._warned_thrash:
+            return
+        self._warned_thrash = True
+        logger.warning("CUDA graphs: a graph evicted from the full cache (max_graphs=%d) is captured again: the "
+                       "requests use more step kinds (sizes, batch sizes, caption classes, CFG on or off) than the "
+                       "cache holds, so requests pay a capture instead of a replay (%d evictions so far). Raise "
+                       "graph_cache_size (--graph-cache-size; the graphs share one memory pool) or serve fewer "
+                       "sizes", self.max_graphs, self.evictions)
 
     @staticmethod
     def _copy_in(entry: Entry, tensors: list[torch.Tensor]) -> None:
