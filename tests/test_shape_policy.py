@@ -713,3 +713,23 @@ def test_a_compiled_dit_keeps_its_code_across_side_path_refits(monkeypatch, no_c
             stack.end_refit(model)
             assert_rel(model(*inputs), want, 1e-5, f"refit {i}")
     assert (counter.frame_count, len(walks)) == (frames, walked)
+
+
+def test_each_compiled_shape_class_is_logged_once_when_its_first_call_compiles(pipe, caplog):
+    """A server's first request of a new batch size (or caption mix) compiles new block graphs: the
+    engine says so, once per graph dynamo compiles, and stays quiet for a new prompt length or size
+    (the sequence dim is dynamic: no compile)."""
+    torch._dynamo.reset()
+    backend = InspectingBackend()
+    pipe.optimize(compile="blocks", compile_backend=backend)
+    kw = dict(num_inference_steps=1, output_type="latent", seed=0)
+    said = []
+    for prompt, height, batch in ((PROMPTS[0], 32, 1), (PROMPTS[1], 48, 1), (PROMPTS[2], 32, 1), (PROMPTS[0], 32, 2)):
+        caplog.clear()
+        graphs = backend.graphs
+        with caplog.at_level(logging.INFO, logger="zimage_native.accel.compile"):
+            pipe(prompt, height=height, width=48, num_images_per_prompt=batch, **kw)
+        lines = [r.getMessage() for r in caplog.records if "compiled on this call" in r.getMessage()]
+        said.append((len(lines), backend.graphs - graphs))
+        assert all(f"batch {batch}," in line for line in lines), lines
+    assert said == [(2, 2), (0, 0), (0, 0), (2, 2)], said

@@ -128,6 +128,11 @@ class ShapeClasses:
                            "limit (accel.compile.set_recompile_limit)", self.what, describe(), count + 1, self.limit)
             return
         self.seen[key] = None
+        # A new class is a new graph: its first call pays the compile (Inductor: 30-90 s on the CPU of
+        # docs/performance.md's shape-policy table), which a server's first request of a new batch size or
+        # caption mix paid without a line (dynamo logs nothing at default levels).
+        logger.info("torch.compile: %s gets a new shape class %s: compiled on this call (%d of the recompile "
+                    "limit %d)", self.what, describe(), count + 1, self.limit)
 
 
 def _dynamo_graphs(code) -> int | None:
