@@ -268,6 +268,19 @@ def test_a_stream_with_more_step_kinds_than_the_cache_warns_once_naming_the_opti
     assert "captured again" in warnings[0]
 
 
+def test_the_capture_line_names_the_caption_class_and_cfg(fresh_pipe, caplog):
+    """A new caption class or CFG is a capture at a size already captured: the log line says which,
+    not only the latents' shape (which is the same for all three here)."""
+    graphed(fresh_pipe, frozen=False)
+    with caplog.at_level(logging.INFO, logger="zimage_native.accel.cuda_graphs"):
+        for prompt, guidance in (("a cat", 0.0), (LONG, 0.0), ("a cat", 2.0)):
+            fresh_pipe(prompt, guidance_scale=guidance, **{**KW, "num_inference_steps": 1})
+    lines = [r.getMessage() for r in caplog.records if "captured a CUDA graph" in r.getMessage()]
+    assert len(lines) == 3, lines
+    assert "caption 32 tokens, no CFG" in lines[0] and "caption 64 tokens, no CFG" in lines[1], lines
+    assert "caption 32 tokens, CFG with negatives of 32 tokens" in lines[2], lines
+
+
 def test_a_server_mix_of_caption_classes_is_captured_once_in_one_shared_pool(fresh_pipe, monkeypatch):
     """Prompts falling in many 32-token caption classes at one size, with and without CFG, round after
     round: every graph is captured once (with the old default cache of 8 graphs, each of pool of its

@@ -152,6 +152,15 @@ def guidance_tensors(plan, device: torch.device):
                                norm_limit=as_tensor(plan.norm_limit))
 
 
+def step_kind(plan) -> str:
+    """What besides the latents' shape keys a graph, in words: the caption lengths (the 32-token
+    class) and CFG, for the capture's log line (a new caption class or CFG is a capture too)."""
+    def tokens(branch):
+        return branch[1].shape[1] if isinstance(branch[1], torch.Tensor) else "?"
+    cfg = f"CFG with negatives of {tokens(plan.negative)} tokens" if plan.negative is not None else "no CFG"
+    return f"caption {tokens(plan.plain)} tokens, {cfg}"
+
+
 def one_step_plan(plan, step):
     """The plan of a single step: that step (as index 0), its two sigmas, and as ``plain`` the caption
     tokens its positives read (a seed-variance step's are ``plan.varied``: one graph serves both
@@ -231,8 +240,8 @@ class GraphedSampler:
         captured = self.capture(make_fn(latents, plan))
         entry = self.graphs[signature] = Entry(static, latents, captured)
         self.captures += 1
-        logger.info("captured a CUDA graph (%s mode) for latents %s (%d of at most %d cached)", self.mode,
-                    tuple(latents.shape), len(self.graphs), self.max_graphs)
+        logger.info("captured a CUDA graph (%s mode) for latents %s, %s (%d of at most %d cached)", self.mode,
+                    tuple(latents.shape), step_kind(plan), len(self.graphs), self.max_graphs)
         return entry
 
     def _warn_thrash(self) -> None:
