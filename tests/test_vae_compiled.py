@@ -46,6 +46,29 @@ def test_compiled_decode_wrapper_matches_eager(channels_last):
     assert_rel(fast.decode(z).sample, eager.decode(z).sample, 1e-5, "eager decode again, channels_last weights")
 
 
+@torch.no_grad()
+def test_each_graph_the_compiled_decode_compiles_is_logged(caplog):
+    """A new size or batch size may compile the decoder again (automatic dynamic shapes): each
+    compile is logged with the latents' shape, once per graph dynamo makes, and a shape it already
+    serves logs nothing."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    vae = randomize_(AutoencoderKL(TINY), seed=3).eval()
+    counter = CompileCounterWithBackend("eager")
+    compile_vae_decode_(vae, backend=counter)
+    said = []
+    for shape in [(1, 16, 8, 8), (1, 16, 8, 8), (1, 16, 6, 10), (1, 16, 10, 6), (2, 16, 6, 10), (3, 16, 6, 10)]:
+        caplog.clear()
+        frames = counter.frame_count
+        with caplog.at_level("INFO", logger="zimage_native.accel.vae"):
+            vae.decode(torch.randn(*shape))
+        lines = [r.getMessage() for r in caplog.records if "the VAE decode compiled a graph" in r.getMessage()]
+        assert all(f"latents {shape}" in line for line in lines), lines
+        said.append((len(lines), counter.frame_count - frames))
+    assert all(n == f for n, f in said) and sum(f for _, f in said) >= 3, said
+
+
 @pytest.mark.slow
 @torch.no_grad()
 def test_inductor_channels_last_decode_matches_eager():

@@ -14,11 +14,15 @@ resolution instead of recompiling for every size (a server decodes many sizes).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from ..model.vae import DecoderOutput
-from .compile import check_compile_supported
+from .compile import _dynamo_graphs, check_compile_supported, recompile_limit_name
+
+logger = logging.getLogger(__name__)
 
 
 class CompiledDecode:
@@ -37,7 +41,19 @@ class CompiledDecode:
             z = self.post_quant_conv(z)
         if self.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
+        code = type(self.decoder).forward.__code__
+        before = _dynamo_graphs(code)
         image = self.compiled(z).contiguous()
+        after = _dynamo_graphs(code)
+        if before is not None and after is not None and after > before:
+            # A new size or batch may compile the decoder again (dynamo's automatic dynamic shapes: the
+            # second shape makes the changed dims symbolic; a batch of 1 and a square are specialised):
+            # 5 to 7 graphs for a server's sizes and batches (docs/performance.md), each a compile on the
+            # request that meets it, which said nothing before.
+            import torch._dynamo.config as config
+
+            logger.info("torch.compile: the VAE decode compiled a graph for latents %s (%d for the decoder; "
+                        "dynamo's recompile limit %d)", tuple(z.shape), after, getattr(config, recompile_limit_name()))
         return DecoderOutput(image) if return_dict else (image,)
 
 
