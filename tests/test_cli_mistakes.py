@@ -214,3 +214,21 @@ def test_a_keyword_after_a_one_word_prompt_is_named_as_a_flag_not_as_more_prompt
     assert one_line_error("generate", "fox", "width=512") == (
         "Error: Got unexpected extra argument (width=512): settings are flags here, --width 512 (see `zimage "
         "generate --help`)")
+
+
+@pytest.mark.parametrize("args, quoted, flags", [
+    (["a", "red", "fox", "width=512"], "a red fox", "--width 512"),
+    (["a", "cat", "num_inference_steps=4", "tiled_vae=True"], "a cat", "--steps 4 --tiled-vae"),
+])
+def test_keywords_after_an_unquoted_prompt_are_named_as_flags_not_quoted_into_it(args, quoted, flags):
+    """`zimage generate a red fox width=512`: the quoting hint said to type "a red fox width=512" (the
+    setting as part of the prompt, which would then be drawn); the keywords at the end are flags."""
+    assert one_line_error("generate", *args) == (
+        f"Error: the prompt is one argument: put it in quotes, and settings are flags: zimage generate \"{quoted}\" "
+        f"{flags} ... (the words after 'a' were read as more arguments)")
+
+
+def test_a_keyword_inside_an_unquoted_prompt_stays_in_the_quoted_prompt():
+    assert one_line_error("generate", "a", "cat", "width=512", "on", "grass") == (
+        "Error: the prompt is one argument: put it in quotes, zimage generate \"a cat width=512 on grass\" ... (the "
+        "words after 'a' were read as more arguments)")

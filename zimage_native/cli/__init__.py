@@ -102,9 +102,15 @@ def _one_line(e: click.UsageError) -> click.ClickException:
     if extra and isinstance(prompt, str) and " " not in prompt.strip() and _follows(e.ctx, prompt, extra[1]):
         # an unquoted prompt: its first word, the extra words right after it (not a stray flag value
         # such as the 768 of `--width 1024 768`, which no quoting would fix)
-        text = f"{prompt} {extra[1]}"
-        return UserError(f"the prompt is one argument: put it in quotes, {e.ctx.command_path} \"{text}\" ... (the "
-                         f"words after '{prompt}' were read as more arguments)")
+        words = extra[1].split(" ")
+        # `zimage generate a red fox width=512`: the keywords at the end are settings, not more prompt
+        cut, flags = next(((i, f) for i in range(1, len(words)) if (f := _keyword_flags(e.ctx, words[i:]))),
+                          (len(words), None))
+        text = " ".join([prompt, *words[:cut]])
+        how = (f"put it in quotes, and settings are flags: {e.ctx.command_path} \"{text}\" {flags}" if flags else
+               f"put it in quotes, {e.ctx.command_path} \"{text}\"")
+        return UserError(f"the prompt is one argument: {how} ... (the words after '{prompt}' were read as more "
+                         f"arguments)")
     lora = _lora_before(e.ctx, extra[1].split()[0]) if extra and e.ctx is not None else None
     if lora is not None:  # `--lora style.safetensors 0.8`: the scale read as an extra argument
         return UserError(f"--lora takes its scale in the same argument, after ':': --lora {lora}:{extra[1].split()[0]} "
