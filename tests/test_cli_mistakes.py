@@ -232,3 +232,17 @@ def test_a_keyword_inside_an_unquoted_prompt_stays_in_the_quoted_prompt():
     assert one_line_error("generate", "a", "cat", "width=512", "on", "grass") == (
         "Error: the prompt is one argument: put it in quotes, zimage generate \"a cat width=512 on grass\" ... (the "
         "words after 'a' were read as more arguments)")
+
+
+@pytest.mark.parametrize("args, flags", [
+    (["offload=None"], "--offload none"),  # Python's None: the choice 'none'
+    (["text_encoder_quant=None", "variant=Turbo"], "--text-encoder-quant none --variant turbo"),
+    (["compile=True"], "--compile"),  # a flag whose value is optional: alone (blocks)
+    (["compile=False"], "--compile off"),
+    (["kernels=True"], "--kernels [none|triton]"),  # no choice is True: the choices
+])
+def test_a_keyword_for_a_flag_of_choices_names_a_value_the_flag_takes(tmp_path, args, flags):
+    """`offload=None` was named as `--offload None` and `compile=True` as `--compile True`: flags that
+    click then refused ("'None' is not one of 'none', ..."). The value is named as the flag takes it."""
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
+    assert line.endswith(f"settings are flags here, {flags} (see `zimage generate --help`)"), line

@@ -138,8 +138,6 @@ def _keyword_flags(ctx: click.Context, words: list[str]) -> str | None:
     ``llm_url=http://host:8000/v1``: the library's argument name or a flag's name without its dashes, with
     '_' or '-') as the flags of the command (``--width 512``); None unless every word is one, so a prompt
     word that holds a URL or an '=' is not taken for a keyword."""
-    import shlex
-
     flags: dict[str, tuple[str, click.Option]] = {}
     for p in ctx.command.params:
         for opt in (p.opts + p.secondary_opts) if isinstance(p, click.Option) else ():
@@ -154,7 +152,7 @@ def _keyword_flags(ctx: click.Context, words: list[str]) -> str | None:
             return None
         opt, param = flags[m[1]]
         if not param.is_flag:
-            out.append(f"{opt} {shlex.quote(m[2])}")
+            out.append(_with_value(opt, param, m[2]))
             continue
         if m[2].lower() not in _TRUE + _FALSE:
             return None
@@ -165,6 +163,23 @@ def _keyword_flags(ctx: click.Context, words: list[str]) -> str | None:
             return None
         out.append(named[0])
     return " ".join(out)
+
+
+def _with_value(opt: str, param: click.Option, value: str) -> str:
+    """The flag with a keyword's value, as the flag takes it: a choice as the flag spells it (Python's
+    ``offload=None``: ``--offload none``; ``compile=True``, a flag whose value is optional: ``--compile``),
+    a value that is none of its choices as the choices (``--kernels [none|triton]``)."""
+    import shlex
+
+    choices = getattr(param.type, "choices", None)
+    if choices is None:
+        return f"{opt} {shlex.quote(value)}"
+    names, low = {str(c).lower(): str(c) for c in choices}, value.lower()
+    if low in _TRUE and getattr(param, "_flag_needs_value", False):
+        return opt
+    off = next((names[n] for n in ("none", "off") if n in names), None) if low in _FALSE else None
+    value = names.get(low, off)
+    return f"{opt} {shlex.quote(value)}" if value is not None else f"{opt} [{'|'.join(map(str, choices))}]"
 
 
 def _follows(ctx: click.Context, prompt: str, extra: str) -> bool:
