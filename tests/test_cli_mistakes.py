@@ -246,3 +246,14 @@ def test_a_keyword_for_a_flag_of_choices_names_a_value_the_flag_takes(tmp_path, 
     click then refused ("'None' is not one of 'none', ..."). The value is named as the flag takes it."""
     line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
     assert line.endswith(f"settings are flags here, {flags} (see `zimage generate --help`)"), line
+
+
+@pytest.mark.parametrize("args, flags", [
+    (["negative_prompt=blurry, low quality"], "--negative-prompt 'blurry, low quality'"),
+    (["output_dir=my images", "width=512"], "--output-dir 'my images' --width 512"),
+])
+def test_a_keyword_whose_value_holds_a_space_names_its_flag(tmp_path, args, flags):
+    """`negative_prompt="blurry, low quality"` (one word of the command line) got no hint: the words were
+    taken from click's message, which joins them with spaces, so its value read as three words."""
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
+    assert line.endswith(f"settings are flags here, {flags} (see `zimage generate --help`)"), line

@@ -91,7 +91,7 @@ def _one_line(e: click.UsageError) -> click.ClickException:
         if any(p.name == param for p in e.ctx.command.params):
             return UserError(f"No such option '{e.option_name}': {what.format(command=e.ctx.command_path)}{where}")
     extra = re.match(r"Got unexpected extra arguments? \((.*)\)$", e.format_message())
-    flags = _keyword_flags(e.ctx, extra[1].split(" ")) if extra and e.ctx is not None else None
+    flags = _keyword_flags(e.ctx, _extra_words(e.ctx, extra[1])) if extra and e.ctx is not None else None
     if flags is not None:  # `width=512`, `llm_url=http://host:8000/v1`: written as a Python call takes them
         return UserError(f"{e.format_message()}: settings are flags here, {flags}{where}")
     prompt = e.ctx.params.get("prompt") if e.ctx is not None else None
@@ -163,6 +163,20 @@ def _keyword_flags(ctx: click.Context, words: list[str]) -> str | None:
             return None
         out.append(named[0])
     return " ".join(out)
+
+
+def _extra_words(ctx: click.Context, text: str) -> list[str]:
+    """The extra arguments that click's message joins with spaces (``text``) as the words of the command
+    line (:meth:`ZImageGroup.parse_args`), so that one holding a space (``negative_prompt="low quality"``)
+    stays one word."""
+    given = sorted({a for a in ctx.meta.get(ARGS_KEY, []) if a}, key=len, reverse=True)
+    words, i = [], 0
+    while i < len(text):
+        word = next((a for a in given if text.startswith(a, i) and text[i + len(a):i + len(a) + 1] in ("", " ")),
+                    text[i:].split(" ", 1)[0])
+        words.append(word)
+        i += len(word) + 1
+    return words or [text]
 
 
 def _with_value(opt: str, param: click.Option, value: str) -> str:
