@@ -257,3 +257,11 @@ def test_a_keyword_whose_value_holds_a_space_names_its_flag(tmp_path, args, flag
     taken from click's message, which joins them with spaces, so its value read as three words."""
     line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
     assert line.endswith(f"settings are flags here, {flags} (see `zimage generate --help`)"), line
+
+
+@pytest.mark.parametrize("command", ["generate", "rewrite", "format-prompt"])
+def test_an_empty_extra_argument_is_one_error_line(tmp_path, command):
+    """`zimage generate "a cat" "$NEGATIVE"` with the variable empty: an empty extra argument ended in an
+    IndexError traceback (the --lora scale hint looked at its first word)."""
+    assert one_line_error(command, "a cat", "") == (
+        f"Error: Got unexpected extra argument () (see `zimage {command} --help`)")

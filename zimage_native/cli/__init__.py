@@ -111,10 +111,11 @@ def _one_line(e: click.UsageError) -> click.ClickException:
                f"put it in quotes, {e.ctx.command_path} \"{text}\"")
         return UserError(f"the prompt is one argument: {how} ... (the words after '{prompt}' were read as more "
                          f"arguments)")
-    lora = _lora_before(e.ctx, extra[1].split()[0]) if extra and e.ctx is not None else None
+    first = extra[1].split(" ")[0] if extra else ""  # ('' for an empty argument: `zimage generate "a cat" ""`)
+    lora = _lora_before(e.ctx, first) if first and e.ctx is not None else None
     if lora is not None:  # `--lora style.safetensors 0.8`: the scale read as an extra argument
-        return UserError(f"--lora takes its scale in the same argument, after ':': --lora {lora}:{extra[1].split()[0]} "
-                         f"('{extra[1].split()[0]}' was read as one more argument){where}")
+        return UserError(f"--lora takes its scale in the same argument, after ':': --lora {lora}:{first} "
+                         f"('{first}' was read as one more argument){where}")
     if isinstance(e, click.NoSuchOption) and e.ctx is not None:  # `--lora style.safetensors -0.5`: click read
         # the negative scale as short options ('-0')
         scale = next((a for a in e.ctx.meta.get(ARGS_KEY, []) if a.startswith(e.option_name)
