@@ -219,6 +219,7 @@ def test_a_keyword_after_a_one_word_prompt_is_named_as_a_flag_not_as_more_prompt
 @pytest.mark.parametrize("args, quoted, flags", [
     (["a", "red", "fox", "width=512"], "a red fox", "--width 512"),
     (["a", "cat", "num_inference_steps=4", "tiled_vae=True"], "a cat", "--steps 4 --tiled-vae"),
+    (["a", "cat", "negative_prompt=low quality"], "a cat", "--negative-prompt 'low quality'"),  # one word
 ])
 def test_keywords_after_an_unquoted_prompt_are_named_as_flags_not_quoted_into_it(args, quoted, flags):
     """`zimage generate a red fox width=512`: the quoting hint said to type "a red fox width=512" (the

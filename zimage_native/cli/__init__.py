@@ -102,7 +102,7 @@ def _one_line(e: click.UsageError) -> click.ClickException:
     if extra and isinstance(prompt, str) and " " not in prompt.strip() and _follows(e.ctx, prompt, extra[1]):
         # an unquoted prompt: its first word, the extra words right after it (not a stray flag value
         # such as the 768 of `--width 1024 768`, which no quoting would fix)
-        words = extra[1].split(" ")
+        words = _extra_words(e.ctx, extra[1])
         # `zimage generate a red fox width=512`: the keywords at the end are settings, not more prompt
         cut, flags = next(((i, f) for i in range(1, len(words)) if (f := _keyword_flags(e.ctx, words[i:]))),
                           (len(words), None))
