@@ -200,6 +200,41 @@ def test_graphed_loop_replays_for_new_control_inputs(eager, fresh, control_files
     assert not sampler.graphs  # captured graphs held the branch: dropped
 
 
+def test_loading_and_unloading_a_controlnet_keeps_the_graphs_without_control(eager, fresh, control_files):  # noqa: F811
+    """A server loading and unloading a ControlNet between requests: the graphs of requests without a
+    control image run the DiT alone and stay; the graphs of control requests hold the branch and go
+    with it (its memory is freed). Up to 0.20.0 every change dropped every graph (4 captures for 4
+    plain requests with 3 changes). Each request equals the eager pipeline's bit for bit."""
+    from zimage_native.accel.cuda_graphs import _holds
+
+    from .test_compiled import graphed
+
+    pipe, plain_eager = fresh(), fresh()
+    sampler, frozen = graphed(pipe)
+    control = picture(48, 32, 5)
+
+    def both(**kw):
+        want = (eager if "control_image" in kw else plain_eager)("a cat", **kw, **KW).images
+        assert torch.equal(pipe("a cat", **kw, **KW).images, want)
+
+    both()
+    pipe.load_controlnet(control_files["2.1"])
+    both()
+    assert sampler.captures == 1 and frozen.released == 0
+    both(control_image=control)
+    assert sampler.captures == 2
+    held = pipe.controlnet
+    pipe.unload_controlnet()
+    assert frozen.released == 1 and len(sampler.graphs) == 1  # the control graph went with its branch
+    assert not any(_holds(key, held) for key in sampler.graphs)
+    both()
+    pipe.load_controlnet(control_files["2.1"])
+    both()
+    both(control_image=control)  # a new branch: captured anew
+    pipe.load_controlnet(control_files["2.1"])  # replacing it releases its graph too
+    assert sampler.captures == 3 and frozen.released == 2 and len(sampler.graphs) == 1
+
+
 def test_triton_kernels_reach_the_branch(eager, fresh, control_files):  # noqa: F811
     """kernels="triton" (Triton's interpreter on the CPU): every leaf of the branch is swapped, its
     q|k|v and w1|w3 fused, and the result equals eager within the parity tolerance."""

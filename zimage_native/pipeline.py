@@ -528,6 +528,7 @@ class ZImagePipeline:
                      compile=state["compile"], compile_backend=backend, shapes=shapes, fuse=not blocks,
                      device=self.device)  # where it runs (with offload="model" it rests in CPU memory)
         device = torch.device("cpu") if blocks else self.transformer.x_pad_token.device
+        replaced = self.controlnet
         model = self.controlnets.load(path, config, transformer_config=self.transformer_config, dtype=self.dtype,
                                       device=device, accel=accel)
         if blocks:
@@ -536,16 +537,22 @@ class ZImagePipeline:
             stream_blocks(model, self.placement["transformer"], blocks=_control.branch_blocks(model),
                           keep=RESIDENT + ("before_proj", "after_proj"))
         self._fit_attention()
-        if self._graphed is not None:
-            self._graphed.clear()
+        self._release_control_graphs(replaced)
         return model
 
     @_serialized
     def unload_controlnet(self) -> bool:
         """Drop the loaded ControlNet; returns whether one was loaded."""
-        if self._graphed is not None:
-            self._graphed.clear()
+        self._release_control_graphs(self.controlnet)
         return self.controlnets.unload()
+
+    def _release_control_graphs(self, branch) -> None:
+        """Captured graphs of control requests hold ``branch`` (a ControlNet being replaced or dropped):
+        released. The others (requests without a control image) run the DiT alone, which a load or
+        an unload leaves as it was: kept. Up to 0.20.0 every graph was dropped, so a server loading
+        and unloading a ControlNet between requests captured its plain graphs again each time."""
+        if self._graphed is not None and branch is not None:
+            self._graphed.release_holding(branch)
 
     # ------------------------------------------------------------------ placement
     @_serialized

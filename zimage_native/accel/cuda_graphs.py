@@ -37,7 +37,9 @@ bookkeeping (keys, copy-in, eviction and release, per-step progress and cancel),
 script checks that replay equals the compiled eager run.
 
 Anything that replaces what a graph runs (fp8 conversion, a LoRA side path on a packed linear)
-after a capture invalidates it: call ``clear()`` (the pipeline does so when it changes the DiT). A
+after a capture invalidates it: call ``clear()`` (the pipeline does so when it changes the DiT).
+A ControlNet loaded or unloaded changes only the graphs of control requests, whose keys hold the
+branch: ``release_holding(branch)`` drops those and keeps the others. A
 LoRA fused into ordinary weights writes them in place, and the graphs replay the new values.
 """
 
@@ -94,6 +96,11 @@ def flatten(obj: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]]
 
     build = walk(obj)
     return tensors, lambda new: build(iter(new)), tuple(spec)
+
+
+def _holds(key: tuple, obj: Any) -> bool:
+    """Whether the nested tuple ``key`` (a graph's signature) holds ``obj`` itself."""
+    return any(part is obj or (type(part) is tuple and _holds(part, obj)) for part in key)
 
 
 @dataclasses.dataclass
@@ -212,6 +219,16 @@ class GraphedSampler:
     def clear(self) -> None:
         while self.graphs:
             self._release(self.graphs.popitem(last=False)[1])
+
+    def release_holding(self, obj: Any) -> int:
+        """Release the graphs whose key holds ``obj`` (a ControlNet that control requests ran: the key
+        holds the plan's non-tensor parts, the branch among them) and keep the others; returns how
+        many were released. Loading or unloading a ControlNet leaves a request without a control
+        image as it was, so its graphs stay."""
+        held = [key for key in self.graphs if _holds(key, obj)]
+        for key in held:
+            self._release(self.graphs.pop(key))
+        return len(held)
 
     def _release(self, entry: Entry) -> None:
         entry.captured.release()
