@@ -1194,3 +1194,32 @@ def test_a_second_process_reads_the_compiled_blocks_from_inductors_cache(tiny_mo
     assert second.get("fxgraph_cache_miss", 0) == 0, f"the second process compiled again: {second}"
     assert second.get("fxgraph_cache_hit", 0) == first["fxgraph_cache_miss"], second
     assert runs[1]["sum"] == runs[0]["sum"]
+
+
+def test_an_attention_backend_already_in_place_keeps_the_graphs_and_the_compiled_blocks(fresh_pipe, tiny_pipe):
+    """optimize(attention="auto") where auto picks the backend in place (SDPA on the CPU), and back to
+    "sdpa": nothing to swap. Each call undid the compile, compiled again and dropped the captured
+    graphs (FrozenGraphs stand-in: 3 captures and 3 releases for request, auto, request, sdpa,
+    request, where 1 capture serves all); now the graphs and the compiled block functions stay, the
+    requests equal eager bit for bit, and "auto" is still chosen again at a move."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel.compile import CompiledBlock
+
+    sampler, frozen = graphed(fresh_pipe)
+    want = tiny_pipe("a cat", **KW).images
+    lines = []
+    for attention in (None, "auto", "sdpa"):
+        if attention:
+            lines += fresh_pipe.optimize(attention=attention)
+        assert torch.equal(fresh_pipe("a cat", **KW).images, want)
+    assert (sampler.captures, frozen.released) == (1, 0) and fresh_pipe._accel["attention"] == "sdpa"
+    assert len(lines) == 2 and all(line.endswith("(already in place)") for line in lines)
+    fresh_pipe._graphed = None
+    torch._dynamo.reset()
+    fresh_pipe.optimize(compile="blocks", compile_backend=CompileCounterWithBackend("eager"))
+    compiled = fresh_pipe.transformer.layers[0].__dict__["forward"]
+    assert isinstance(compiled, CompiledBlock)
+    lines = fresh_pipe.optimize(attention="auto")
+    assert lines == [lines[0]] and lines[0].startswith("attention backend: auto -> sdpa")  # not undone
+    assert fresh_pipe.transformer.layers[0].__dict__["forward"] is compiled and fresh_pipe._accel["attention"] == "auto"

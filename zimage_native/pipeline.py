@@ -912,13 +912,22 @@ class ZImagePipeline:
                    or blocks_conflict(self.offload, changes))
         if problem:
             raise ValueError(problem)
+        lines = []
+        installed = ("attention" in changes and not changes.keys() & {"kernels", "fp8"}  # (those undo compile anyway)
+                     and self._attention_in_place(changes["attention"]))
+        if installed:
+            # The backend asked for is the one every attention module already runs ("auto" where it
+            # picks it, or its name): nothing to swap, so the compiled code and the captured graphs
+            # stay (up to 0.20.0 they were undone, compiled again and captured again for the same
+            # function). The name is kept: "auto" is chosen again at a move.
+            state["attention"] = changes.pop("attention")
+            lines.append(f"{installed} (already in place)")
         if changes.get("fp8") and not self.lora_adapters.enabled and self.lora_adapters.active:
             # The zeroed side paths of disabled adapters (_fuse_adapters) go: fp8 makes fp8 GEMMs only
             # of linears without side paths, and no adapter can be enabled after it.
             self._fuse_adapters(silence=False)
         before_compile = any(k in changes for k in ("kernels", "attention", "fp8"))
         compile_mode = changes.get("compile", "off")
-        lines = []
         if "compile" in changes:
             self._compile_options = (compile_backend, shapes)
         if before_compile and state["compile"] != "off":
@@ -962,6 +971,20 @@ class ZImagePipeline:
             self._fit_vae_hand_calls()  # (the compiled decode replaced the visiting one)
         state.update(changes)
         return lines
+
+    def _attention_in_place(self, name: str) -> str | None:
+        """Install backend ``name`` on the DiT and the ControlNet branch (checked first, as optimize
+        does); its log line if every attention module kept the function it had, else None (then
+        optimize installs it again, undoing and redoing compile and dropping the graphs). SDPA keeps
+        its function; the other backends make a new one at each install, so they never count."""
+        from .accel.attention_backends import dit_attention_modules, set_attention_backend
+
+        models = [m for m in (self.transformer, self.controlnet) if m is not None]
+        before = [module.attn_fn for m in models for module in dit_attention_modules(m)]
+        lines = [set_attention_backend(m, name, self.device) for m in models]
+        after = [module.attn_fn for m in models for module in dit_attention_modules(m)]
+        same = bool(before) and all(a is b for a, b in zip(before, after))
+        return lines[0] if same else None
 
     # ------------------------------------------------------------------ LoRA and the rewriter (collaborators)
     @property
