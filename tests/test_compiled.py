@@ -1199,7 +1199,7 @@ def test_a_second_process_reads_the_compiled_blocks_from_inductors_cache(tiny_mo
 def test_an_attention_backend_already_in_place_keeps_the_graphs_and_the_compiled_blocks(fresh_pipe, tiny_pipe):
     """optimize(attention="auto") where auto picks the backend in place (SDPA on the CPU), and back to
     "sdpa": nothing to swap. Each call undid the compile, compiled again and dropped the captured
-    graphs (FrozenGraphs stand-in: 3 captures and 3 releases for request, auto, request, sdpa,
+    graphs (FrozenGraphs stand-in: 3 captures and 2 releases for request, auto, request, sdpa,
     request, where 1 capture serves all); now the graphs and the compiled block functions stay, the
     requests equal eager bit for bit, and "auto" is still chosen again at a move."""
     from torch._dynamo.testing import CompileCounterWithBackend
