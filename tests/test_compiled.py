@@ -1038,6 +1038,38 @@ def test_the_vae_compile_is_checked_for_the_gpu_the_vae_runs_on(tiny_model_dir, 
     assert "decode" not in pipe.vae.__dict__
 
 
+def test_the_same_vae_assigned_again_under_model_offload_keeps_its_compiled_decode(tiny_model_dir, monkeypatch):
+    """pipe.vae = pipe.vae with vae_compile under offload="model" (a GPU stood in for: the visit is a
+    no-op here): the VAE's decode is wrapped to visit the GPU when called by hand, and the check for
+    "already compiled" did not look through the wrapper, so each assignment compiled the decoder
+    again (a new torch.compile wrapper; dynamo kept its graph: 1 frame either way). Now the compiled
+    decode is kept, and a decode by hand is the same bit for bit."""
+    import contextlib
+
+    import zimage_native.accel.attention_backends as ab
+    import zimage_native.accel.vae as vae_module
+    import zimage_native.offload as offload_module
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    pipe.placement = dict.fromkeys(pipe.placement, torch.device("cuda"))  # as from_pretrained(device="cuda",
+    pipe.offload = "model"                                                # offload="model")
+    monkeypatch.setattr(offload_module, "visit", lambda module, device: contextlib.nullcontext())
+    monkeypatch.setattr(vae_module, "check_compile_supported", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ab, "fit_sdpa_", lambda *args, **kwargs: None)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    pipe.optimize(vae_compile=True, compile_backend=counter)
+    compiled = pipe.vae.decode.inner
+    z = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = pipe.vae.decode(z, return_dict=False)[0]
+        pipe.vae = pipe.vae
+        after = pipe.vae.decode(z, return_dict=False)[0]
+    assert pipe.vae.decode.inner is compiled and counter.frame_count == 1
+    assert torch.equal(after, before)
+
+
 @needs_cpu_fp8
 def test_a_lora_after_fp8_is_refused_and_one_fused_before_cannot_be_unloaded(fp8_model_dir):
     """fp8 replaces the block linears by Float8Linear, which hold only the rounded fp8 values: a LoRA

@@ -62,7 +62,9 @@ def compile_vae_decode_(vae: nn.Module, channels_last: bool = True, backend: str
     """Compile ``vae.decode`` in place (weights to channels_last first); returns the log line.
     ``device``: where the VAE runs, when its weights rest elsewhere between runs (offload="model"
     keeps them in CPU memory): the check is made for that device (None: where its weights are)."""
-    if isinstance(vae.__dict__.get("decode"), CompiledDecode):
+    current = vae.__dict__.get("decode")
+    # (under offload="model" a pipeline wraps it to visit the GPU when called by hand: offload.VisitOnCall)
+    if isinstance(getattr(current, "inner", current), CompiledDecode):
         return "vae decode: already compiled"
     check_compile_supported(vae, backend, "the VAE decode", device=device)
     if channels_last:
