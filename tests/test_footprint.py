@@ -399,3 +399,103 @@ def test_zimage_info_shows_a_mixed_dit_files_gpu_weights_layer_by_layer(comfy_sd
     assert ("dequantised while loading (keep_fp8=False" in table) == (kind == "comfy_quant"), table
     for fmt, e in shown["formats"].items():
         assert re.search(rf"\b{fmt} {e['tensors']} (linear|tensor)s? ", table), (fmt, table)
+
+
+# ----------------------------------------------------------------------------------- a text encoder file, layer by layer
+
+#: A Q4_K_M-like mix (and i1-style IQ types) rotating tensor by tensor; F32 / F16 / BF16 among them.
+TE_MIX = ("Q4_K", "Q6_K", "F32", "IQ4_XS", "Q8_0", "IQ3_S", "F16", "Q5_K", "BF16", "IQ2_XXS")
+
+
+def assert_te_file_bytes_are_the_loaded_models(path, monkeypatch, config=None, quants=("none", "int8", "int4"),
+                                               dtypes=(torch.bfloat16, torch.float32)) -> dict:
+    """text_encoder_file_bytes (header only) == the bytes of the loaded truncated Qwen3, for each
+    dtype and --text-encoder-quant; returns the header's bf16 summary."""
+    from zimage_native.loading import load_component
+    from zimage_native.quant_linear import resident_bytes
+
+    for dtype in dtypes:
+        name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+        for quant in quants:
+            model = load_component("text_encoder", path, dtype, "cpu", config=config, quant=quant)
+            with monkeypatch.context() as m:
+                no_weight_reads(m)
+                header = fp.text_encoder_file_bytes(path, name, quant, config)
+            assert header == resident_bytes(model) == weight_bytes(model), (name, quant)
+    with monkeypatch.context() as m:
+        no_weight_reads(m)
+        summary = fp.text_encoder_file_summary(path, config=config)
+    assert sum(e["bytes"] for e in summary["formats"].values()) + summary["rope_table"] == summary["resident"]
+    return summary
+
+
+def test_a_mixed_gguf_text_encoder_files_header_gives_the_loaded_models_bytes(tiny_model_dir, tmp_path, monkeypatch):
+    """A llama.cpp Qwen3 GGUF mixing block types (K and IQ) with F32 / F16 / BF16 tensor by tensor: counted
+    per tensor in its own type from the header (the last layer and the LM head not loaded), the loaded
+    encoder's bytes in bf16 and fp32, as stored and with --text-encoder-quant int8 / int4."""
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    from .test_gguf import write_qwen3
+
+    vocab = len(AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer"))
+    path, _ = write_qwen3(tmp_path / "qwen3-mixed.gguf", vocab, lambda name, i: TE_MIX[i % len(TE_MIX)])
+    summary = assert_te_file_bytes_are_the_loaded_models(path, monkeypatch)
+    assert len(set(summary["formats"]) & set(TE_MIX)) >= 6, summary["formats"]
+    assert set(summary["text_encoder_quant"]) == {"int8", "int4"}
+    # (only the F32 / F16 / BF16 linears and embedding are quantised: the packed ones stay packed)
+    assert summary["text_encoder_quant"]["int4"] < summary["text_encoder_quant"]["int8"] < summary["resident"]
+
+
+@pytest.mark.parametrize("stored", ["fp32", "bf16", "fp8", "scaled-fp8", "all-in-one"])
+def test_a_safetensors_text_encoder_files_header_gives_the_loaded_models_bytes(tiny_model_dir, tmp_path, monkeypatch,
+                                                                              stored):
+    """A ``qwen_3_4b.safetensors``-style file (with its tied LM head) in fp32, bf16, float8 (dequantised
+    while loading) or inside an all-in-one file: the header's count is the loaded encoder's bytes."""
+    from .test_formats import comfy_dit, ldm_vae, prefixed_te, to_fp8, write
+
+    sd = prefixed_te(tiny_model_dir)
+    if stored == "bf16":
+        sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    elif stored in ("fp8", "scaled-fp8"):
+        sd, _ = to_fp8(sd, stored == "scaled-fp8")
+    elif stored == "all-in-one":
+        sd = {**comfy_dit(tiny_model_dir), **ldm_vae(tiny_model_dir, "vae."),
+              **{"text_encoders.qwen3_4b.transformer." + k: v for k, v in sd.items()}}
+    path = write(tmp_path / "qwen_3_4b.safetensors", sd)
+    config = {"max_position_embeddings": 2048}
+    summary = assert_te_file_bytes_are_the_loaded_models(path, monkeypatch, config, quants=("none", "int8"))
+    assert list(summary["formats"]) == ["bf16"]  # nothing stays packed: float8 is dequantised while loading
+    assert list(summary["text_encoder_quant"]) == ["int8"]  # the tiny widths are not whole int4 groups
+
+
+def test_zimage_info_shows_a_text_encoder_files_gpu_weights(tiny_model_dir, tmp_path):
+    """``zimage info`` on a mixed GGUF Qwen3: the bytes the loaded bf16 encoder holds, by format, and with
+    --text-encoder-quant int8 / int4, in JSON and in the table."""
+    import json
+
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from zimage_native.cli import main
+    from zimage_native.devices import format_bytes
+    from zimage_native.loading import load_component
+
+    pytest.importorskip("gguf")
+    from .test_gguf import write_qwen3
+
+    vocab = len(AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer"))
+    path, _ = write_qwen3(tmp_path / "qwen3-mixed.gguf", vocab, lambda name, i: TE_MIX[i % len(TE_MIX)])
+    result = CliRunner().invoke(main, ["info", str(path), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)["components"]["text_encoder"]["gpu_weights_bf16"]
+    assert shown["resident"] == weight_bytes(load_component("text_encoder", path, torch.bfloat16, "cpu"))
+    for quant, size in shown["text_encoder_quant"].items():
+        assert size == weight_bytes(load_component("text_encoder", path, torch.bfloat16, "cpu", quant=quant))
+    table = CliRunner().invoke(main, ["info", str(path)], catch_exceptions=False).output
+    assert f"GPU weights in bf16 (the layers loaded; each in the format it is kept in; activations come on top): " \
+           f"{format_bytes(shown['resident'])}" in table, table
+    for quant, size in shown["text_encoder_quant"].items():
+        assert f"{format_bytes(size)} with --text-encoder-quant {quant}" in table, table
+    for fmt, e in shown["formats"].items():
+        assert re.search(rf"\b{fmt} {e['tensors']} (weight|tensor)s? ", table), (fmt, table)

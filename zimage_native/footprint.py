@@ -208,9 +208,18 @@ def scaled_rows_bytes(shape: tuple[int, ...]) -> int:
     return math.prod(shape) + 4 * shape[0]
 
 
+def int4_bytes(shape: tuple[int, ...], dtype: str = "bf16") -> int:
+    """Bytes of a linear weight quantised to int4 (``quantize.Int4Linear``): codes two per byte, a
+    scale and a minimum per group of :data:`~zimage_native.quantize.INT4_GROUP` inputs in ``dtype``."""
+    rows, cols = shape
+    if cols % INT4_GROUP:
+        raise ValueError(f"int4 needs the input features ({cols}) to be a multiple of {INT4_GROUP}")
+    return rows * cols // 2 + 2 * DTYPE_BYTES[dtype] * rows * (cols // INT4_GROUP)
+
+
 def stored_bytes(t: Tensor, storage: str | None, dtype: str = "bf16") -> int:
-    """Bytes of ``t`` held as ``storage``: None (in ``dtype``), a GGML type, "nvfp4" / "mxfp8", or
-    one-byte values with a scale per row ("fp8", a float8 dtype's name, "int8")."""
+    """Bytes of ``t`` held as ``storage``: None (in ``dtype``), a GGML type, "nvfp4" / "mxfp8",
+    one-byte values with a scale per row ("fp8", a float8 dtype's name, "int8"), or "int4"."""
     if storage is None:
         return t.numel * DTYPE_BYTES[dtype]
     if storage in GGML_BLOCKS:
@@ -219,6 +228,11 @@ def stored_bytes(t: Tensor, storage: str | None, dtype: str = "bf16") -> int:
         return block_scaled_bytes(storage, t.shape)
     if storage in ("fp8", "int8") or storage.startswith("float8"):
         return scaled_rows_bytes(t.shape)
+    if storage == "int4":
+        try:
+            return int4_bytes(t.shape, dtype)
+        except ValueError as e:
+            raise ValueError(f"{t.name}: {e}") from None
     raise ValueError(f"unknown storage {storage!r} for {t.name}")
 
 
@@ -357,6 +371,22 @@ def _by_storage(tensors: list[Tensor], storage: dict[str, str], dtype: str) -> d
     return {**out, dtype: rest} if rest else out
 
 
+def text_encoder_storage(t: Tensor, quant: str = "none", packed: dict[str, str] | None = None) -> str | None:
+    """How the truncated Qwen3 holds ``t`` (:func:`stored_bytes`' ``storage``): a weight that a GGUF file
+    stores in a block type (``packed``: ``{name: GGML type}``) stays packed if it is an ``nn.Linear`` or
+    ``nn.Embedding`` weight (``swap_quantized_modules_``); with ``--text-encoder-quant`` ``quant``
+    ("int8" / "int4", ``quantize.swap_for_quantized_``) every other linear weight is quantised to
+    ``quant`` and the embedding to int8; the rest (norms, and everything with "none") is in the
+    compute dtype (None)."""
+    if t.buffer or t.owner not in (nn.Linear, nn.Embedding) or not t.name.endswith("weight"):
+        return None
+    if packed and t.name in packed:
+        return packed[t.name]
+    if quant == "none":
+        return None
+    return "int8" if t.owner is nn.Embedding else quant
+
+
 def text_encoder_bytes(config: dict | None = None, quant: str = "none", dtype: str = "bf16") -> int:
     """Bytes of the truncated Qwen3 (``config``: a full Qwen3 config dict, default Qwen3-4B) with
     ``--text-encoder-quant quant`` ("none", "int8", "int4") or as a GGUF file ("gguf:TYPE": every
@@ -366,25 +396,80 @@ def text_encoder_bytes(config: dict | None = None, quant: str = "none", dtype: s
     else:
         model = text_encoder_on_meta(config)
         params, buffers = [t for t in tensors_of(model) if not t.buffer], _unique_buffer_bytes(model)
-    size = DTYPE_BYTES[dtype]
     if quant not in ("none", "int8", "int4") and not quant.startswith("gguf:"):
         raise ValueError(f"text encoder quant must be 'none', 'int8', 'int4' or 'gguf:TYPE', got {quant!r}")
+    packed = None
     if quant.startswith("gguf:"):
         qtype = _weights(quant)[1]
-        packed = lambda t: len(t.shape) == 2 and t.shape[-1] % GGML_BLOCKS[qtype][0] == 0  # noqa: E731
-        return buffers + gguf_bytes(params, uniform_types(params, qtype, packed), dtype)
-    total = buffers
-    for t in params:
-        if quant == "none" or len(t.shape) != 2:
-            total += t.numel * size
-        elif t.owner is nn.Embedding or quant == "int8":
-            total += t.numel + 4 * t.shape[0]  # int8 codes + one fp32 scale per row
-        else:  # int4, as quantize.int4_groups stores it
-            rows, cols = t.shape
-            if cols % INT4_GROUP:
-                raise ValueError(f"{t.name}: int4 needs the input features ({cols}) to be a multiple of {INT4_GROUP}")
-            total += t.numel // 2 + 2 * size * rows * (cols // INT4_GROUP)  # codes + scale and minimum per group
-    return total
+        packed = {t.name: qtype for t in params if len(t.shape) == 2 and t.shape[-1] % GGML_BLOCKS[qtype][0] == 0}
+        quant = "none"
+    return buffers + sum(stored_bytes(t, text_encoder_storage(t, quant, packed), dtype) for t in params)
+
+
+# ----------------------------------------------------------------------------- a text encoder file, layer by layer
+
+
+def text_encoder_file_layers(path, quant: str = "none", config=None) -> tuple[list[Tensor], int, dict[str, str]]:
+    """(the parameters of the truncated Qwen3 that a file's text encoder loads into, the bytes of its
+    computed buffers (the fp32 RoPE table), ``{name: storage}`` of the weights not held in the compute
+    dtype), from the file's header alone.
+
+    The model is built on meta from the config the loader infers (``config`` overrides, as
+    ``load_component``'s), without the last layer, the final norm and the LM head (never loaded).
+    A GGUF file's ``nn.Linear`` / ``nn.Embedding`` weights stored in a block type (rows of whole
+    blocks) stay packed in that type, layer by layer; every other tensor, and every tensor of a
+    safetensors file (bf16, fp16, fp32, float8: dequantised while loading), is cast to the compute
+    dtype, or with ``quant`` quantised as :func:`text_encoder_storage` says."""
+    from pathlib import Path
+
+    from .formats import Checkpoint, canonical_shapes, folder_config, infer_text_encoder_config, inspect_checkpoint
+    from .formats.checkpoint import sniff
+
+    if quant not in ("none", "int8", "int4"):
+        raise ValueError(f"text encoder quant must be 'none', 'int8' or 'int4', got {quant!r}")
+    path = Path(path).expanduser()
+    base = folder_config(path) or {}
+    packed: dict[str, str] = {}
+    if path.is_file() and sniff(path) == "gguf":
+        from .formats.gguf import GGUFCheckpoint, canonical_qtypes, inspect_gguf, text_encoder_base
+        from .formats.gguf import canonical_shapes as gguf_shapes
+
+        with GGUFCheckpoint(path) as ckpt:
+            info = inspect_gguf(ckpt).component("text_encoder")
+            packed, shapes = canonical_qtypes(ckpt, info), gguf_shapes(ckpt, info)
+            base = {**base, **text_encoder_base(ckpt, info)}
+    else:
+        with Checkpoint(path) as ckpt:
+            shapes = canonical_shapes(ckpt, inspect_checkpoint(ckpt).component("text_encoder"))
+    model = text_encoder_on_meta(infer_text_encoder_config(shapes, config, base))
+    params = [t for t in tensors_of(model) if not t.buffer]
+    storage = {t.name: s for t in params if (s := text_encoder_storage(t, quant, packed)) is not None}
+    return params, _unique_buffer_bytes(model), storage
+
+
+def text_encoder_file_bytes(path, dtype: str = "bf16", quant: str = "none", config=None) -> int:
+    """Bytes the text encoder of a file (a Qwen3 safetensors or GGUF file, or the one inside an
+    all-in-one file) holds once loaded in ``dtype``, each layer in the format the loader keeps it in
+    (:func:`text_encoder_file_layers`), from the header alone."""
+    params, buffers, storage = text_encoder_file_layers(path, quant, config)
+    return buffers + sum(stored_bytes(t, storage.get(t.name), dtype) for t in params)
+
+
+def text_encoder_file_summary(path, dtype: str = "bf16", config=None) -> dict:
+    """What ``zimage info FILE`` prints for a text encoder, from the header: ``{"resident": bytes,
+    "formats": {format: {"tensors": n, "bytes": b}}, "rope_table": bytes}`` (the formats' bytes and
+    the fp32 RoPE table add up to ``resident``), and ``"text_encoder_quant": {"int8": bytes, "int4":
+    bytes}``, what ``--text-encoder-quant`` makes of it (int4 only where the widths allow it)."""
+    params, buffers, storage = text_encoder_file_layers(path, "none", config)
+    formats = _by_storage(params, storage, dtype)
+    out = {"resident": buffers + sum(e["bytes"] for e in formats.values()), "formats": formats, "rope_table": buffers,
+           "text_encoder_quant": {}}
+    for quant in ("int8", "int4"):
+        try:
+            out["text_encoder_quant"][quant] = text_encoder_file_bytes(path, dtype, quant, config)
+        except ValueError:  # int4 needs widths of whole groups
+            pass
+    return out
 
 
 def vae_bytes(config=None, dtype: str = "bf16") -> int:

@@ -124,6 +124,18 @@ def _dit_weight_lines(w: dict) -> list[str]:
             f"  dequantised while loading (keep_fp8=False, or on a GPU where it fits): {sizes(w['dequantised'])}"]
 
 
+def _text_encoder_weight_lines(w: dict) -> list[str]:
+    """The text encoder's weights in bf16, layer by layer from the header (footprint.text_encoder_file_summary)."""
+    from ..devices import format_bytes
+
+    formats = ", ".join(f"{fmt} {e['tensors']} {'tensor' if fmt == 'bf16' else 'weight'}{'s' * (e['tensors'] != 1)} "
+                        f"{format_bytes(e['bytes'])}" for fmt, e in w["formats"].items())
+    quant = ", ".join(f"{format_bytes(b)} with --text-encoder-quant {q}" for q, b in w["text_encoder_quant"].items())
+    return [f"GPU weights in bf16 (the layers loaded; each in the format it is kept in; activations come on top): "
+            f"{format_bytes(w['resident'])}" + (f"; {quant}" if quant else ""),
+            f"  {formats}, RoPE table (fp32) {format_bytes(w['rope_table'])}"]
+
+
 def _config_line(component: str, cfg: dict) -> str:
     keys = {"transformer": ("dim", "n_layers", "n_refiner_layers", "n_heads", "cap_feat_dim", "in_channels"),
             "vae": ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups"),
@@ -192,11 +204,12 @@ def info(path: Path, as_json: bool, check: bool):
     from ..formats import describe
 
     report = describe(path)
-    dit = report.get("components", {}).get("transformer")
-    if dit and "config" in dit and "cannot_load" not in dit and "problem" not in report:
-        from ..footprint import dit_file_summary
+    from ..footprint import dit_file_summary, text_encoder_file_summary
 
-        dit["gpu_weights_bf16"] = dit_file_summary(path)
+    for name, summary in (("transformer", dit_file_summary), ("text_encoder", text_encoder_file_summary)):
+        c = report.get("components", {}).get(name)
+        if c and "config" in c and "cannot_load" not in c and "problem" not in report:
+            c["gpu_weights_bf16"] = summary(path)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
@@ -236,7 +249,8 @@ def info(path: Path, as_json: bool, check: bool):
         else:
             click.echo(f"  {'':<13} config: {c['config_error']}")
         if "gpu_weights_bf16" in c:
-            for line in _dit_weight_lines(c["gpu_weights_bf16"]):
+            lines = _dit_weight_lines if name == "transformer" else _text_encoder_weight_lines
+            for line in lines(c["gpu_weights_bf16"]):
                 click.echo(f"  {'':<13} {line}")
     if report.get("problem"):
         click.echo(f"  cannot load: {report['problem']}")
