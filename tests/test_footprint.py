@@ -401,7 +401,7 @@ def test_zimage_info_shows_a_mixed_dit_files_gpu_weights_layer_by_layer(comfy_sd
         assert re.search(rf"\b{fmt} {e['tensors']} (linear|tensor)s? ", table), (fmt, table)
 
 
-# ----------------------------------------------------------------------------------- a text encoder file, layer by layer
+# -------------------------------------------------------------------------------- a text encoder file, layer by layer
 
 #: A Q4_K_M-like mix (and i1-style IQ types) rotating tensor by tensor; F32 / F16 / BF16 among them.
 TE_MIX = ("Q4_K", "Q6_K", "F32", "IQ4_XS", "Q8_0", "IQ3_S", "F16", "Q5_K", "BF16", "IQ2_XXS")
