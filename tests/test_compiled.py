@@ -1255,3 +1255,35 @@ def test_an_attention_backend_already_in_place_keeps_the_graphs_and_the_compiled
     lines = fresh_pipe.optimize(attention="auto")
     assert lines == [lines[0]] and lines[0].startswith("attention backend: auto -> sdpa")  # not undone
     assert fresh_pipe.transformer.layers[0].__dict__["forward"] is compiled and fresh_pipe._accel["attention"] == "auto"
+
+
+def test_an_optimize_call_that_fails_leaves_the_attention_backend_as_it_was(fresh_pipe, monkeypatch):
+    """optimize(attention=<another backend>, compile=<a mode it refuses>): the call fails, and the models
+    run the backend they ran, under the name the pipeline holds. The check of whether the backend was
+    already in place installed it on every attention module first and left it there when optimize
+    failed afterwards: the DiT ran the new backend (7 calls of the stand-in in a 2-step request) under
+    the name "sdpa", and optimize(attention="sdpa") then found nothing to change."""
+    from zimage_native.accel import attention_backends as ab
+    from zimage_native.model.attention import attention
+
+    calls = []
+
+    def other(q, k, v, mask):  # a stand-in for a GPU backend (a function of its own at each install)
+        calls.append(q.shape)
+        return attention(q, k, v, mask)
+
+    monkeypatch.setattr(ab, "unavailable_reason", lambda *args: None)
+    monkeypatch.setitem(ab.FACTORIES, "xformers", lambda: other)
+    sampler, frozen = graphed(fresh_pipe)
+    fresh_pipe("a cat", **KW)
+    modules = ab.dit_attention_modules(fresh_pipe.transformer)
+    before = [m.attn_fn for m in modules]
+    with pytest.raises(ValueError, match="compile must be one of"):
+        fresh_pipe.optimize(attention="xformers", compile="bogus")
+    assert all(m.attn_fn is fn for m, fn in zip(modules, before)) and fresh_pipe._accel["attention"] == "sdpa"
+    assert (len(sampler.graphs), frozen.released) == (1, 0)
+    fresh_pipe._graphed = None
+    fresh_pipe("a cat", **KW)
+    assert not calls  # the eager request ran SDPA, the backend the pipeline names
+    assert fresh_pipe.optimize(attention="xformers") == ["attention backend: xformers"]
+    assert all(m.attn_fn is other for m in modules) and fresh_pipe._accel["attention"] == "xformers"

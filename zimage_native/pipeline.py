@@ -976,14 +976,24 @@ class ZImagePipeline:
         """Install backend ``name`` on the DiT and the ControlNet branch (checked first, as optimize
         does); its log line if every attention module kept the function it had, else None (then
         optimize installs it again, undoing and redoing compile and dropping the graphs). SDPA keeps
-        its function; the other backends make a new one at each install, so they never count."""
+        its function; the other backends make a new one at each install, so they never count.
+        Otherwise every module gets its function back: optimize checks the whole call (a compile
+        mode, its backend) before it touches the models, and a call that fails there leaves them as
+        they were (the new backend installed under the old name, optimize(attention=old) found
+        nothing to change and the models kept running the new one)."""
         from .accel.attention_backends import dit_attention_modules, set_attention_backend
 
         models = [m for m in (self.transformer, self.controlnet) if m is not None]
-        before = [module.attn_fn for m in models for module in dit_attention_modules(m)]
-        lines = [set_attention_backend(m, name, self.device) for m in models]
-        after = [module.attn_fn for m in models for module in dit_attention_modules(m)]
-        same = bool(before) and all(a is b for a, b in zip(before, after))
+        modules = [module for m in models for module in dit_attention_modules(m)]
+        before = [module.attn_fn for module in modules]
+        same = False
+        try:
+            lines = [set_attention_backend(m, name, self.device) for m in models]
+            same = bool(modules) and all(module.attn_fn is fn for module, fn in zip(modules, before))
+        finally:
+            if not same:  # (also when the install raised half-way)
+                for module, fn in zip(modules, before):
+                    module.attn_fn = fn
         return lines[0] if same else None
 
     # ------------------------------------------------------------------ LoRA and the rewriter (collaborators)
