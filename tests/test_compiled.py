@@ -268,6 +268,24 @@ def test_a_stream_with_more_step_kinds_than_the_cache_warns_once_naming_the_opti
     assert "captured again" in warnings[0]
 
 
+def test_a_capture_after_the_graphs_were_cleared_is_not_a_thrash(fresh_pipe, caplog):
+    """clear() (a move, an fp8 or LoRA change, a new attention backend) drops every graph, so each step
+    kind is captured again whatever the cache's size: a size evicted before the clear and met after it
+    counted as a recapture and logged the thrash warning, advising a larger --graph-cache-size that
+    would have changed nothing (max_graphs=2, three sizes, clear, the first size again: 1 recapture)."""
+    sampler, _ = graphed(fresh_pipe, frozen=False, max_graphs=2)
+    with caplog.at_level(logging.WARNING, logger="zimage_native.accel.cuda_graphs"):
+        for height in (32, 48, 64):  # 32 is evicted
+            fresh_pipe("a cat", **{**KW, "height": height})
+        sampler.clear()
+        fresh_pipe("a cat", **{**KW, "height": 32})
+        assert (sampler.captures, sampler.evictions, sampler.recaptures) == (4, 1, 0)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        for height in (48, 64, 32):  # a real thrash after it is still told
+            fresh_pipe("a cat", **{**KW, "height": height})
+    assert sampler.recaptures == 1 and len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+
 def test_the_capture_line_names_the_caption_class_and_cfg(fresh_pipe, caplog):
     """A new caption class or CFG is a capture at a size already captured: the log line says which,
     not only the latents' shape (which is the same for all three here)."""

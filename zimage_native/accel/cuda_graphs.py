@@ -217,6 +217,8 @@ class GraphedSampler:
         self._warned_thrash = False
 
     def clear(self) -> None:
+        # every step kind is captured again after this, whatever the cache's size: no thrash to tell
+        self._evicted.clear()
         while self.graphs:
             self._release(self.graphs.popitem(last=False)[1])
 
