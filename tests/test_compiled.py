@@ -1280,7 +1280,8 @@ def test_an_optimize_call_that_fails_leaves_the_attention_backend_as_it_was(fres
     run the backend they ran, under the name the pipeline holds. The check of whether the backend was
     already in place installed it on every attention module first and left it there when optimize
     failed afterwards: the DiT ran the new backend (7 calls of the stand-in in a 2-step request) under
-    the name "sdpa", and optimize(attention="sdpa") then found nothing to change."""
+    the name "sdpa", and optimize(attention="sdpa") then found nothing to change. A backend already in
+    place ("auto" picking SDPA) stored its name before the call failed: "sdpa" became "auto"."""
     from zimage_native.accel import attention_backends as ab
     from zimage_native.model.attention import attention
 
@@ -1290,6 +1291,9 @@ def test_an_optimize_call_that_fails_leaves_the_attention_backend_as_it_was(fres
         calls.append(q.shape)
         return attention(q, k, v, mask)
 
+    with pytest.raises(ValueError, match="compile must be one of"):  # "auto" picks SDPA, in place: the name stays
+        fresh_pipe.optimize(attention="auto", compile="bogus")
+    assert fresh_pipe._accel["attention"] == "sdpa" and fresh_pipe._accel["compile"] == "off"
     monkeypatch.setattr(ab, "unavailable_reason", lambda *args: None)
     monkeypatch.setitem(ab.FACTORIES, "xformers", lambda: other)
     sampler, frozen = graphed(fresh_pipe)

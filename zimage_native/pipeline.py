@@ -919,14 +919,14 @@ class ZImagePipeline:
             # The backend asked for is the one every attention module already runs ("auto" where it
             # picks it, or its name): nothing to swap, so the compiled code and the captured graphs
             # stay (up to 0.20.0 they were undone, compiled again and captured again for the same
-            # function). The name is kept: "auto" is chosen again at a move.
-            state["attention"] = changes.pop("attention")
+            # function). The name is kept (with the other changes, once the call went through):
+            # "auto" is chosen again at a move.
             lines.append(f"{installed} (already in place)")
         if changes.get("fp8") and not self.lora_adapters.enabled and self.lora_adapters.active:
             # The zeroed side paths of disabled adapters (_fuse_adapters) go: fp8 makes fp8 GEMMs only
             # of linears without side paths, and no adapter can be enabled after it.
             self._fuse_adapters(silence=False)
-        before_compile = any(k in changes for k in ("kernels", "attention", "fp8"))
+        before_compile = not installed and any(k in changes for k in ("kernels", "attention", "fp8"))
         compile_mode = changes.get("compile", "off")
         if "compile" in changes:
             self._compile_options = (compile_backend, shapes)
