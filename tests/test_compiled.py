@@ -299,6 +299,32 @@ def test_the_capture_line_names_the_caption_class_and_cfg(fresh_pipe, caplog):
     assert "caption 32 tokens, CFG with negatives of 32 tokens" in lines[2], lines
 
 
+def test_the_capture_line_names_the_inpainting_blend_and_the_controlnet(fresh_pipe, caplog):
+    """An inpainting or a control request is a capture of its own at a size, caption and CFG already
+    captured (its blend, the ControlNet's hints are part of the step): the line said the same as the
+    text-to-image capture's."""
+    import numpy as np
+
+    from .test_generation import make_image
+
+    graphed(fresh_pipe, frozen=False)
+    mask = np.zeros((32, 48), dtype=np.float32)
+    mask[:, 24:] = 1
+    one = {**KW, "num_inference_steps": 2}
+    with caplog.at_level(logging.INFO, logger="zimage_native.accel.cuda_graphs"):
+        fresh_pipe("a cat", **one)
+        fresh_pipe("a cat", image=make_image(48, 32), mask_image=mask, strength=1.0, **one)
+    lines = [r.getMessage() for r in caplog.records if "captured a CUDA graph" in r.getMessage()]
+    assert len(lines) == 2 and lines[0] != lines[1], lines
+    assert "no CFG (" in lines[0] and "no CFG, inpainting blend (" in lines[1], lines
+    from types import SimpleNamespace
+
+    from zimage_native.accel.cuda_graphs import step_kind
+
+    control = SimpleNamespace(plain=(None, torch.zeros(1, 32, 8)), negative=None, blend=None, extra=object())
+    assert step_kind(control) == "caption 32 tokens, no CFG, ControlNet hints"  # a control request's step
+
+
 def test_a_server_mix_of_caption_classes_is_captured_once_in_one_shared_pool(fresh_pipe, monkeypatch):
     """Prompts falling in many 32-token caption classes at one size, with and without CFG, round after
     round: every graph is captured once (with the old default cache of 8 graphs, each of pool of its

@@ -161,11 +161,14 @@ def guidance_tensors(plan, device: torch.device):
 
 def step_kind(plan) -> str:
     """What besides the latents' shape keys a graph, in words: the caption lengths (the 32-token
-    class) and CFG, for the capture's log line (a new caption class or CFG is a capture too)."""
+    class), CFG, the inpainting blend and the ControlNet's hints, for the capture's log line (each
+    is a capture of its own at a size already captured)."""
     def tokens(branch):
         return branch[1].shape[1] if isinstance(branch[1], torch.Tensor) else "?"
     cfg = f"CFG with negatives of {tokens(plan.negative)} tokens" if plan.negative is not None else "no CFG"
-    return f"caption {tokens(plan.plain)} tokens, {cfg}"
+    blend = ", inpainting blend" if plan.blend is not None else ""
+    extra = ", ControlNet hints" if plan.extra is not None else ""  # (the one extra DiT input: control.ControlHints)
+    return f"caption {tokens(plan.plain)} tokens, {cfg}{blend}{extra}"
 
 
 def one_step_plan(plan, step):
