@@ -4,7 +4,6 @@ computed from a config on meta, they equal the bytes of real tiny models stored 
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 
