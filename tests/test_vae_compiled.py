@@ -94,3 +94,18 @@ def test_the_compiled_decode_runs_the_post_quant_conv():
     twin = copy.deepcopy(fast)  # a copy runs its own post_quant_conv
     twin.post_quant_conv.weight.mul_(0.5)
     assert not torch.allclose(twin.decode(z).sample, fast.decode(z).sample)
+
+
+def test_compiling_the_decode_raises_dynamos_recompile_limit_above_the_graphs_a_server_makes(monkeypatch):
+    """5 to 7 decoder graphs over a server's sizes and batches were counted: dynamo's default limit
+    of 8 (when only the VAE is compiled) left one to spare, past which it decodes eagerly."""
+    import torch._dynamo.config as config
+
+    from zimage_native.accel.compile import recompile_limit_name
+    from zimage_native.accel.vae import VAE_RECOMPILE_LIMIT
+
+    name = recompile_limit_name()
+    monkeypatch.setattr(config, name, 8)  # dynamo's default (an earlier compile in this process may have raised it)
+    vae = randomize_(AutoencoderKL(TINY), seed=3).eval()
+    compile_vae_decode_(vae, backend="eager")
+    assert getattr(config, name) == VAE_RECOMPILE_LIMIT >= 16

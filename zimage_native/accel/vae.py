@@ -20,9 +20,14 @@ import torch
 from torch import nn
 
 from ..model.vae import DecoderOutput
-from .compile import _dynamo_graphs, check_compile_supported, recompile_limit_name
+from .compile import _dynamo_graphs, check_compile_supported, recompile_limit_name, set_recompile_limit
 
 logger = logging.getLogger(__name__)
+
+# Graphs of the decoder over a server's sizes and batches: 5 to 7 counted (docs/performance.md,
+# "Request streams"), one below dynamo's default limit of 8, past which it decodes eagerly. The
+# limit is raised to this when the decode is compiled (the DiT's compile raises it further).
+VAE_RECOMPILE_LIMIT = 16
 
 
 class CompiledDecode:
@@ -69,6 +74,7 @@ def compile_vae_decode_(vae: nn.Module, channels_last: bool = True, backend: str
     check_compile_supported(vae, backend, "the VAE decode", device=device)
     if channels_last:
         vae.decoder.to(memory_format=torch.channels_last)
+    set_recompile_limit(VAE_RECOMPILE_LIMIT)
     compiled = torch.compile(vae.decoder, backend=backend, mode=mode, dynamic=None)
     vae.decode = CompiledDecode(vae.decoder, compiled, channels_last, vae.post_quant_conv)
     return f"vae decode: compiled{', channels_last' if channels_last else ''}"
