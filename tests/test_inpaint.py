@@ -237,7 +237,7 @@ def test_grey_arrays_and_tensors_are_made_rgb_as_a_grey_pil_image_is(tiny_pipe):
 
 def test_bad_image_arrays_and_strength_raise_clear_value_errors(tiny_pipe):
     image, mask = make_image(32, 32), make_mask(32, 32)
-    with pytest.raises(ValueError, match=r"image arrays must be \(H, W, 3\).*got shape \(1, 32, 32, 2\)"):
+    with pytest.raises(ValueError, match=r"image arrays must be \(H, W, 3\).*got shape \(32, 32, 2\)$"):
         tiny_pipe.img2img("a cat", np.zeros((32, 32, 2), dtype=np.float32), num_inference_steps=1)
     with pytest.raises(ValueError, match=r"image arrays must be"):
         tiny_pipe.inpaint("a cat", [np.zeros((32, 32, 4))] * 2, mask, num_inference_steps=1)

@@ -10,6 +10,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 SMALL = dict(width=32, height=32, num_inference_steps=1)
 
@@ -245,3 +246,60 @@ def test_an_input_image_off_the_16_grid_runs_rounded_down_with_one_warning_sayin
             out = tiny_pipe("a cat", image=Image.new("RGB", size), strength=0.5, num_inference_steps=2, seed=1, **extra)
         assert out.images[0].size == (extra.get("width", size[0]), extra.get("height", size[1]))
         assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+
+@pytest.mark.parametrize("image, said", [
+    (np.zeros((32, 32, 4), np.uint8), r"got shape \(32, 32, 4\): an RGBA array; drop its alpha channel, "
+                                       r"array\[\.\.\., :3\]$"),
+    (torch.rand(32, 32, 3), r"got shape \(32, 32, 3\): a channels-last tensor; tensors are channels-first, "
+                            r"tensor\.permute\(2, 0, 1\)$"),
+    (torch.rand(2, 32, 32, 3), r"got shape \(2, 32, 32, 3\): a channels-last tensor; tensors are channels-first, "
+                               r"tensor\.permute\(0, 3, 1, 2\)$"),
+    (np.random.rand(3, 32, 32), r"got shape \(3, 32, 32\): a channels-first array; arrays are channels-last, "
+                                r"array\.transpose\(1, 2, 0\)$"),
+    ([np.zeros((32, 32, 4), np.uint8)] * 2, r"got a list of shape \(32, 32, 4\) items: an RGBA array; drop its "
+                                            r"alpha channel, array\[\.\.\., :3\]$"),
+])
+def test_an_image_array_of_another_layout_is_refused_naming_the_shape_given_and_the_fix(tiny_pipe, image, said):
+    """An RGBA array (np.asarray of a PNG with alpha), a channels-last tensor or a channels-first array
+    were refused naming the shape after stacking, (1, 32, 32, 4) for a (32, 32, 4) array, with no word
+    on what was wrong."""
+    with no_model_runs(tiny_pipe), pytest.raises(ValueError, match=r"^image arrays must be .*; " + said):
+        tiny_pipe.img2img(["a cat"] * (len(image) if isinstance(image, list) else 1), image=image,
+                          num_inference_steps=1)
+
+
+@pytest.mark.parametrize("images, said", [
+    ([np.zeros((32, 32, 3), np.uint8), np.zeros((48, 32, 3), np.uint8)],
+     r"^image: the arrays of a list must have one shape, got \(32, 32, 3\) and \(48, 32, 3\): resize them to one "
+     r"size \(PIL images are resized to the first one's size\)$"),
+    ([torch.rand(3, 32, 32), torch.rand(3, 32, 48)],
+     r"^image: the tensors of a list must have one shape, got \(3, 32, 32\) and \(3, 32, 48\): "),
+    ([Image.new("RGB", (32, 32)), np.zeros((32, 32, 3), np.uint8)],
+     r"^image must be .* or a list of one kind; got a list of Image and ndarray$"),
+])
+def test_a_list_of_images_of_several_sizes_or_kinds_is_refused_saying_so(tiny_pipe, images, said):
+    """A list of arrays or tensors of several sizes failed inside numpy ("all input arrays must have the
+    same shape") or torch ("stack expects each tensor to be equal size"); a list of a PIL image and an
+    array was refused with "got Image", as if PIL images were not taken."""
+    with no_model_runs(tiny_pipe), pytest.raises(ValueError, match=said):
+        tiny_pipe.img2img(["a cat", "a dog"], image=images, num_inference_steps=1)
+
+
+def test_an_input_image_on_the_grid_resized_by_one_given_side_gives_no_rounding_warning(tiny_pipe, caplog):
+    """A 32x32 image with width=48 (height from the image) warned "image is 32x32, whose sides are not
+    all multiples of 16: the run uses 48x32 (rounded down ...)": neither side was rounded. A side left
+    to the image that is rounded down still warns."""
+    with caplog.at_level(logging.WARNING, logger="zimage_native"):
+        out = tiny_pipe.img2img("a cat", image=Image.new("RGB", (32, 32)), width=48, num_inference_steps=2, seed=0)
+    assert out.images[0].size == (48, 32)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "multiples of 16" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="zimage_native"):
+        out = tiny_pipe.img2img("a cat", image=Image.new("RGB", (32, 44)), width=48, num_inference_steps=2, seed=0)
+    assert out.images[0].size == (48, 32)
+    assert [r.getMessage() for r in caplog.records if "multiples of 16" in r.getMessage()] == [
+        "image is 32x44, whose sides are not all multiples of 16: the run uses 48x32 (rounded down, as diffusers "
+        "does); give width= and height= (multiples of 16, e.g. width=48, height=48) to choose the size the image is "
+        "resized to"]

@@ -29,16 +29,41 @@ def _as_batch(image, what: str) -> tuple[str, Any]:
         raise ValueError(f"{what} must not be an empty list")
     if all(isinstance(i, Image.Image) for i in items):
         return "pil", items
-    if all(isinstance(i, np.ndarray) for i in items):
-        arr = np.concatenate(items) if items[0].ndim == 4 else np.stack(items)
-        return "np", arr
-    if all(isinstance(i, torch.Tensor) for i in items):
-        return "pt", torch.cat(items) if items[0].ndim == 4 else torch.stack(items)
+    for kind, cls in (("np", np.ndarray), ("pt", torch.Tensor)):
+        if all(isinstance(i, cls) for i in items):
+            size = lambda i: tuple(i.shape[1:] if i.ndim == 4 else i.shape)  # noqa: E731  (batches: their items)
+            other = [i for i in items if size(i) != size(items[0])]
+            if other:  # (else numpy's "all input arrays must have the same shape", torch's stack error)
+                raise ValueError(f"{what}: the {'arrays' if kind == 'np' else 'tensors'} of a list must have one "
+                                 f"shape, got {tuple(items[0].shape)} and {tuple(other[0].shape)}: resize them to one "
+                                 f"size (PIL images are resized to the first one's size)")
+            stack = (np.concatenate, np.stack) if kind == "np" else (torch.cat, torch.stack)
+            return kind, stack[0](items) if items[0].ndim == 4 else stack[1](items)
     paths = [i for i in items if isinstance(i, (str, os.PathLike))]
+    kinds = list(dict.fromkeys(type(i).__name__ for i in items))
     got = (f"a path ({str(paths[0])!r}): open it first, {what}=PIL.Image.open(path)" if paths
-           else type(items[0]).__name__)
+           else f"a list of {' and '.join(kinds)}" if len(kinds) > 1 else kinds[0])
     raise ValueError(f"{what} must be a PIL image, a numpy array (H, W, C) in [0, 1], a torch tensor (B, C, H, W) "
                      f"in [0, 1], or a list of one kind; got {got}")
+
+
+def _layout_hint(image, kind: str) -> str:
+    """The shape given (not the stacked batch's) and, where it says what is wrong, the fix: an RGBA
+    array (``np.asarray`` of a PNG with alpha), a channels-last tensor, a channels-first array."""
+    one = image[0] if isinstance(image, (list, tuple)) else image
+    shape = tuple(one.shape)
+    got = f"got a list of shape {shape} items" if isinstance(image, (list, tuple)) else f"got shape {shape}"
+    if kind == "np" and len(shape) in (3, 4) and shape[-1] == 4:
+        return f"{got}: an RGBA array; drop its alpha channel, array[..., :3]"
+    if kind == "pt" and len(shape) in (3, 4) and shape[-3] == 4:
+        return f"{got}: an RGBA tensor; drop its alpha channel, tensor[..., :3, :, :]"
+    if kind == "pt" and len(shape) in (3, 4) and shape[-1] == 3 and shape[-3] != 3:
+        order = "2, 0, 1" if len(shape) == 3 else "0, 3, 1, 2"
+        return f"{got}: a channels-last tensor; tensors are channels-first, tensor.permute({order})"
+    if kind == "np" and len(shape) in (3, 4) and shape[-3] == 3 and shape[-1] != 3:
+        order = "1, 2, 0" if len(shape) == 3 else "0, 2, 3, 1"
+        return f"{got}: a channels-first array; arrays are channels-last, array.transpose({order})"
+    return got
 
 
 def check_side(name: str, value, multiple: int) -> None:
@@ -63,8 +88,10 @@ def _target_size(size_hw: tuple[int, int], width: int | None, height: int | None
         raise ValueError(f"the input image must be at least {multiple}x{multiple} (its size is rounded down to a "
                          f"multiple of {multiple}: {size_hw[1]}x{size_hw[0]} gives {w}x{h}); give width= and height= "
                          f"to resize it")
-    if what is not None and (h, w) != tuple(size_hw) and (height is None or width is None):
-        near = [max(multiple, round(v / multiple) * multiple) for v in (size_hw[1], size_hw[0])]
+    # Only a side taken from the image can have been rounded (a side given is the caller's choice).
+    if what is not None and ((height is None and h != size_hw[0]) or (width is None and w != size_hw[1])):
+        near = [given if given is not None else max(multiple, round(v / multiple) * multiple)
+                for given, v in ((width, size_hw[1]), (height, size_hw[0]))]
         logger.warning("%s is %dx%d, whose sides are not all multiples of %d: the run uses %dx%d (rounded down, as "
                        "diffusers does); give width= and height= (multiples of %d, e.g. width=%d, height=%d) to "
                        "choose the size the image is resized to", what, size_hw[1], size_hw[0], multiple, w, h,
@@ -95,8 +122,8 @@ def preprocess_image(image, width: int | None = None, height: int | None = None,
         x = x.expand(-1, 3, -1, -1)
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"image arrays must be (H, W, 3) / (B, H, W, 3), or grey (H, W) / (H, W, 1) / (B, H, W, 1); "
-                         f"tensors (3, H, W) / (B, 3, H, W), or grey (H, W) / (1, H, W) / (B, 1, H, W); got shape "
-                         f"{tuple(batch.shape)}")
+                         f"tensors (3, H, W) / (B, 3, H, W), or grey (H, W) / (1, H, W) / (B, 1, H, W); "
+                         f"{_layout_hint(image, kind)}")
     if x.numel() and float(x.max()) > 1.0:
         raise ValueError(f"float image values must lie in [0, 1] (or [-1, 1]); got values up to {float(x.max()):g} "
                          f"(for 0-255 values divide by 255, or pass the uint8 array as it is)")
