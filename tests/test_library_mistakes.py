@@ -249,6 +249,29 @@ def test_an_input_image_off_the_16_grid_runs_rounded_down_with_one_warning_sayin
 
 
 
+@pytest.mark.parametrize("setting, value, said", [
+    ("latents", np.zeros((1, 16, 4, 4), np.float32), r"^latents must be a torch tensor \(batch, 16, height/8, "
+                                                      r"width/8\), got ndarray; torch\.from_numpy\(array\) makes one$"),
+    ("latents", [torch.zeros(1, 16, 4, 4)], r"^latents must be a torch tensor .*, got list$"),
+    ("max_sequence_length", "512", r"^max_sequence_length must be an integer >= 1, got '512'$"),
+    ("shift", "3", r"^shift must be a finite number > 0, got '3'$"),
+    ("shift", float("inf"), r"^shift must be a finite number > 0, got inf$"),
+    ("sigmas", [1.0, float("nan")], r"^sigmas must lie in \(0, 1\], got \[1\.0, nan\]$"),
+    ("sigmas", "1, 0.5", r"^sigmas must be a list of numbers in \(0, 1\], got '1, 0\.5'$"),
+    ("template", 5, r"^template must be a template's name \(zimage templates list\) or a Template, got int$"),
+])
+def test_settings_of_the_wrong_kind_are_refused_by_name_before_any_model_runs(tiny_pipe, setting, value, said):
+    """latents= as a numpy array or a list failed with "'numpy.ndarray' object has no attribute 'to'" /
+    "'list' object has no attribute 'shape'" after the prompt was encoded; max_sequence_length="512"
+    and shift="3" with "'<' / '>' not supported between instances of 'str' and 'int'"; sigmas="1, 0.5"
+    with torch's "new(): invalid data type 'str'"; template=5 with "'int' object has no attribute
+    'prompt_fields'". A NaN sigma or an infinite shift ran, and the NaN latents were blamed on the
+    weights ("possible causes: damaged weights")."""
+    extra = {} if setting == "sigmas" else {"num_inference_steps": 1}
+    with no_model_runs(tiny_pipe), pytest.raises((TypeError, ValueError), match=said):
+        tiny_pipe("a cat", width=32, height=32, seed=0, **extra, **{setting: value})
+
+
 @pytest.mark.parametrize("image, said", [
     (np.zeros((32, 32, 4), np.uint8), r"got shape \(32, 32, 4\): an RGBA array; drop its alpha channel, "
                                        r"array\[\.\.\., :3\]$"),

@@ -1449,8 +1449,13 @@ class ZImagePipeline:
         return sampling.run_steps(self, latents, plan, progress, callback, on_step_end)
 
     def _template(self, template):
-        if template is None or not isinstance(template, str):
+        from .prompt.templates import Template
+
+        if template is None or isinstance(template, Template):
             return template
+        if not isinstance(template, str):  # (else "'int' object has no attribute 'prompt_fields'")
+            raise TypeError(f"template must be a template's name (zimage templates list) or a Template, got "
+                            f"{type(template).__name__}")
         return self.template_registry.get(template)
 
     # ------------------------------------------------------------------ requests
@@ -1531,8 +1536,8 @@ class ZImagePipeline:
 
         ``control_image`` (with a ControlNet loaded, :meth:`load_controlnet`): a pose / depth / edge
         image that steers the layout, as diffusers' ``ZImageControlNetPipeline``; its hints are
-        weighted by ``controlnet_conditioning_scale`` (default 0.75; refused without a control image,
-        where it would change nothing). An unset size comes from the control image.
+        weighted by ``controlnet_conditioning_scale`` (default None: 0.75 with a control image; refused
+        without one, where it would change nothing). An unset size comes from the control image.
 
         ``seed_variance`` > 0 (Turbo, whose images change little with the seed; 15 to 30 is a usual
         range): for the first ``seed_variance_steps`` of the schedule the prompt features carry

@@ -40,7 +40,7 @@ from .finite import check_finite, finite_all, finite_rows
 from .images import check_side
 from .images import preprocess_image, preprocess_mask, to_pil, to_uint8, uint8_to_pil  # noqa: F401  (re-exported)
 from .model.sequence import SequenceLayout, build_layout, pad_captions, patchify, unpatchify
-from .scheduler import Schedule, euler_step, make_schedule
+from .scheduler import Schedule, euler_step, make_schedule, sigma_values
 
 logger = logging.getLogger(__name__)
 
@@ -670,8 +670,8 @@ def check_request(prompt, width=1024, height=1024, steps=8, seed=None, generator
                          f"with a deprecation warning), or one of {OUTPUT_TYPES}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if max_len < 1:
-        raise ValueError(f"max_sequence_length must be >= 1, got {max_len}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_sequence_length must be an integer >= 1, got {max_len!r}")
     norm = float(cfg_normalization or 0.0)
     if not math.isfinite(norm) or norm < 0:
         raise ValueError(f"cfg_normalization must be >= 0 (a multiple of the positive prediction's norm; 0 = off), "
@@ -804,7 +804,12 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
     inputs, w, h = task.read(pipe, r)
     suggested = dict(getattr(pipe._template(r.template), "settings", None) or {})
     defaults = pipe.defaults
-    sigma_count = torch.as_tensor(r.sigmas).numel() if r.sigmas is not None else 0
+    sigma_count = sigma_values(r.sigmas).numel() if r.sigmas is not None else 0
+    if r.latents is not None and not isinstance(r.latents, torch.Tensor):  # (else "... has no attribute 'to'")
+        numpy = "; torch.from_numpy(array) makes one" if isinstance(r.latents, np.ndarray) else ""
+        raise TypeError(f"latents must be a torch tensor (batch, {pipe.transformer_config.in_channels}, height/"
+                        f"{pipe.vae_scale_factor}, width/{pipe.vae_scale_factor}), got {type(r.latents).__name__}"
+                        f"{numpy}")
     r = dataclasses.replace(
         r,
         width=_integer(r.width if r.width is not None else w if w is not None else suggested.get("width", 1024)),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,22 @@ def calculate_mu(image_seq_len: int, config: SchedulerConfig) -> float:
     return image_seq_len * m + b
 
 
+def sigma_values(sigmas) -> torch.Tensor:
+    """Custom sigmas as a flat fp32 tensor, refused (ValueError) unless they are numbers in (0, 1]: a
+    string failed inside torch ("new(): invalid data type 'str'"), and a NaN passed the range check
+    and ran into NaN latents blamed on the weights."""
+    try:
+        raw = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"sigmas must be a list of numbers in (0, 1], got {sigmas!r:.80}") from None
+    if raw.numel() < 1:
+        raise ValueError("sigmas must not be empty")
+    if not bool(((raw > 0) & (raw <= 1)).all()):  # (NaN fails both)
+        zero = " (leave out the terminal 0: it is appended)" if bool((raw == 0).any()) else ""
+        raise ValueError(f"sigmas must lie in (0, 1], got {raw.tolist()}{zero}")
+    return raw
+
+
 def make_schedule(
     config: SchedulerConfig,
     num_steps: int | None = None,
@@ -60,22 +77,17 @@ def make_schedule(
     enters the schedule.
     """
     if shift is not None:
-        if not shift > 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+        if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0 < shift < math.inf:
+            raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
         config = dataclasses.replace(config, shift=float(shift), use_dynamic_shifting=False)
     if sigmas is None:
         if num_steps is None:
             raise ValueError("give num_steps or sigmas")
         raw = default_sigmas(num_steps)
     else:
-        raw = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
-        if raw.numel() < 1:
-            raise ValueError("sigmas must not be empty")
+        raw = sigma_values(sigmas)
         if num_steps is not None and raw.numel() != num_steps:
             raise ValueError(f"got {raw.numel()} sigmas for num_inference_steps={num_steps}")
-        if bool(((raw <= 0) | (raw > 1)).any()):
-            zero = " (leave out the terminal 0: it is appended)" if bool((raw == 0).any()) else ""
-            raise ValueError(f"sigmas must lie in (0, 1], got {raw.tolist()}{zero}")
     if config.use_dynamic_shifting:
         if image_seq_len is None:
             raise ValueError("use_dynamic_shifting needs the image sequence length")
