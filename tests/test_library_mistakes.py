@@ -248,7 +248,6 @@ def test_an_input_image_off_the_16_grid_runs_rounded_down_with_one_warning_sayin
         assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-
 @pytest.mark.parametrize("setting, value, said", [
     ("latents", np.zeros((1, 16, 4, 4), np.float32), r"^latents must be a torch tensor \(batch, 16, height/8, "
                                                       r"width/8\), got ndarray; torch\.from_numpy\(array\) makes one$"),
@@ -270,6 +269,29 @@ def test_settings_of_the_wrong_kind_are_refused_by_name_before_any_model_runs(ti
     extra = {} if setting == "sigmas" else {"num_inference_steps": 1}
     with no_model_runs(tiny_pipe), pytest.raises((TypeError, ValueError), match=said):
         tiny_pipe("a cat", width=32, height=32, seed=0, **extra, **{setting: value})
+
+
+def test_step_end_tensor_inputs_given_as_one_string_are_refused_naming_the_list(tiny_pipe):
+    """callback_on_step_end_tensor_inputs="latents" (a string where a list goes) was refused listing
+    its letters: "can hold ('latents', 'prompt_embeds') here, got ['l', 'a', 't', 'e', 'n', 't', 's']"."""
+    with no_model_runs(tiny_pipe), pytest.raises(
+            ValueError, match=r"^callback_on_step_end_tensor_inputs is a list of names, such as \['latents'\]; got "
+                              r"the string 'latents'$"):
+        tiny_pipe("a cat", **SMALL, callback_on_step_end=lambda p, i, t, kw: kw,
+                  callback_on_step_end_tensor_inputs="latents")
+
+
+def test_a_step_end_callback_that_returns_a_tensor_is_told_to_return_a_dict(tiny_pipe):
+    """callback_on_step_end returning the latents themselves (not {"latents": ...}) failed with "Boolean
+    value of Tensor with more than one value is ambiguous"; None and a dict run as before."""
+    with pytest.raises(TypeError, match=r"^callback_on_step_end returned a Tensor after step 1; it returns a dict "
+                                        r"\(callback_kwargs, or \{'latents': tensor\} to replace the latents; None "
+                                        r"or \{\} changes nothing\)$"):
+        tiny_pipe("a cat", **SMALL, seed=0, callback_on_step_end=lambda p, i, t, kw: kw["latents"])
+    plain = np.asarray(tiny_pipe("a cat", **SMALL, seed=0).images[0])
+    for returned in (lambda p, i, t, kw: None, lambda p, i, t, kw: kw):
+        assert np.array_equal(np.asarray(tiny_pipe("a cat", **SMALL, seed=0, callback_on_step_end=returned).images[0]),
+                              plain)
 
 
 @pytest.mark.parametrize("image, said", [

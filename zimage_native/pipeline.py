@@ -1474,7 +1474,9 @@ class ZImagePipeline:
         request = GenerationRequest(prompt=prompt, seeds=seeds, steps=num_inference_steps,
                                     fields={k: v for k, v in fields.items() if v is not None}, **kw)
         return self.generate(request, progress=progress, callback=callback, callback_on_step_end=callback_on_step_end,
-                             callback_on_step_end_tensor_inputs=tuple(callback_on_step_end_tensor_inputs))
+                             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs
+                             if isinstance(callback_on_step_end_tensor_inputs, str)  # refused by name in generate
+                             else tuple(callback_on_step_end_tensor_inputs))
 
     @torch.no_grad()
     def __call__(

@@ -1009,6 +1009,9 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
     pipe._interrupt = False
     r, task, inputs = resolve(pipe, request)
     known = INPAINT_STEP_END_TENSORS if task.name == "inpaint" else STEP_END_TENSORS
+    if isinstance(callback_on_step_end_tensor_inputs, str):  # (else refused letter by letter)
+        raise ValueError(f"callback_on_step_end_tensor_inputs is a list of names, such as ['latents']; got the "
+                         f"string {callback_on_step_end_tensor_inputs!r}")
     bad = [k for k in callback_on_step_end_tensor_inputs if k not in known]
     if bad:
         raise ValueError(f"callback_on_step_end_tensor_inputs can hold {known} here, got {bad}")
@@ -1048,7 +1051,13 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
                 given["mask"] = cond.blend.mask
             tensors = {name: given[name] for name in callback_on_step_end_tensor_inputs}
             before = pipe._guidance_scale
-            out = callback_on_step_end(pipe, k, schedule.timesteps[index].to(latents.device), tensors) or {}
+            out = callback_on_step_end(pipe, k, schedule.timesteps[index].to(latents.device), tensors)
+            if out is None:
+                out = {}
+            elif not isinstance(out, Mapping):  # (the latents themselves: "Boolean value of Tensor ... ambiguous")
+                raise TypeError(f"callback_on_step_end returned a {type(out).__name__} after step {k + 1}; it returns "
+                                f"a dict (callback_kwargs, or {{'latents': tensor}} to replace the latents; None or "
+                                f"{{}} changes nothing)")
             note_guidance_change(info, k + 1, before, pipe._guidance_scale)
             replaceable = [name for name in given if name != "prompt_embeds"]
             if out.get("prompt_embeds", embeds) is not embeds:
