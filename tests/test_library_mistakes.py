@@ -348,3 +348,21 @@ def test_an_input_image_on_the_grid_resized_by_one_given_side_gives_no_rounding_
         "image is 32x44, whose sides are not all multiples of 16: the run uses 48x32 (rounded down, as diffusers "
         "does); give width= and height= (multiples of 16, e.g. width=48, height=48) to choose the size the image is "
         "resized to"]
+
+
+@pytest.mark.parametrize("given, seeds", [
+    (np.array([4, 5]), [4, 5]), (torch.tensor([4, 5]), [4, 5]), (np.random.default_rng(0).integers(0, 2**31, 2), None),
+    (torch.tensor(4), [4]), (np.array(4), [4])])
+def test_seeds_drawn_with_numpy_or_torch_run_as_those_seeds(tiny_pipe, given, seeds):
+    """seed=np.array([4, 5]) (seeds drawn with numpy, one per prompt) was refused as one seed: "a seed
+    must be an integer in [0, 2**64), got array([4, 5])"; a 0-d tensor or array too, where numpy
+    integers and the other number settings' 0-d tensors are taken. They run as the Python ints."""
+    seeds = seeds or [int(s) for s in given]
+    prompts = ["a cat", "a dog"][:len(seeds)]
+    out = tiny_pipe(prompts, **SMALL, seed=given)
+    want = tiny_pipe(prompts, **SMALL, seed=seeds)
+    assert out.seeds == seeds and all(type(s) is int for s in out.seeds)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(out.images, want.images))
+    with no_model_runs(tiny_pipe), pytest.raises(ValueError, match=r"^a seed must be an integer in \[0, 2\*\*64\), "
+                                                                   r"got 4\.0 "):
+        tiny_pipe("a cat", **SMALL, seed=np.array(4.0))

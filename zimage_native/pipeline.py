@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from . import control as _control  # noqa: F401  (registers the ControlNet tasks on the core)
@@ -1470,6 +1471,8 @@ class ZImagePipeline:
 
     def _call(self, prompt, *, seed, num_inference_steps, fields, progress, callback, callback_on_step_end,
               callback_on_step_end_tensor_inputs, **kw) -> ZImageOutput:
+        if isinstance(seed, (np.ndarray, torch.Tensor)):  # seeds drawn with numpy or torch (0-d: one seed)
+            seed = seed.tolist()  # Python numbers: a float array is refused as floats are
         seeds = None if seed is None else list(seed) if isinstance(seed, (list, tuple)) else [seed]
         request = GenerationRequest(prompt=prompt, seeds=seeds, steps=num_inference_steps,
                                     fields={k: v for k, v in fields.items() if v is not None}, **kw)
