@@ -187,6 +187,51 @@ def test_an_unguided_loop_of_a_cfg_run_replays_the_plain_loop_graph(fresh_pipe, 
     assert sampler.captures == 2 and sampler.guided_replays == 1
 
 
+def test_a_step_end_callback_runs_on_the_replayed_steps_and_equals_eager(fresh_pipe, tiny_pipe):
+    """Step mode: a request with callback_on_step_end replays the step graphs, the callback running
+    after each replay (queued behind it: no wait). Such a request ran the whole loop eagerly, with
+    no notice (0 replays for 3 requests), so a diffusers script that passes a callback lost the
+    graphs. The callback gets a copy of the latents (the graph's own are overwritten by the next
+    replay), and what it does takes effect as in the eager loop: latents replaced, CFG turned off
+    part-way (the plain graph), an interrupt, an inpainting mask replaced. Each run equals eager bit
+    for bit, the latents the callback kept at every step too."""
+    import numpy as np
+
+    from .test_generation import make_image
+
+    sampler, _ = graphed(fresh_pipe)
+
+    def callback(kept):
+        def on_step_end(pipe, i, t, tensors):
+            kept.append(tensors["latents"])
+            if i == 1:
+                pipe._guidance_scale = 0.0
+            if i == 2:
+                pipe._interrupt = True
+            out = {"latents": tensors["latents"] * 0.9} if i == 0 else {}
+            if "mask" in tensors and i == 0:
+                out["mask"] = torch.ones_like(tensors["mask"])
+            return out
+        return on_step_end
+
+    mask = np.zeros((32, 48), dtype=np.float32)
+    mask[:, 24:] = 1
+    inpaint = {"image": make_image(48, 32), "mask_image": mask, "strength": 1.0,
+               "callback_on_step_end_tensor_inputs": ["latents", "mask"]}
+    runs = [{"guidance_scale": 2.0, "negative_prompt": "blurry"}, {}, inpaint]
+    for extra in runs:
+        args = {**KW, "num_inference_steps": 4, **extra}
+        seen, expected = [], []
+        got = fresh_pipe("a cat", callback_on_step_end=callback(seen), **args)
+        want = tiny_pipe("a cat", callback_on_step_end=callback(expected), **args)
+        assert torch.equal(got.images, want.images), extra
+        assert len(seen) == len(expected) == 3 and all(map(torch.equal, seen, expected)), extra
+        assert {k: got.info.get(k) for k in ("guidance_changes", "interrupted_after", "callback_replaced")} == \
+            {k: want.info.get(k) for k in ("guidance_changes", "interrupted_after", "callback_replaced")}
+    # guided, guided, plain (CFG off after step 2); plain x3; inpainting x3
+    assert sampler.replays == 9 and sampler.guided_replays == 2 and sampler.captures == 3, list(sampler.graphs)
+
+
 def test_graphed_runs_from_several_threads_keep_their_own_images(fresh_pipe, tiny_pipe):
     """The graphs' static buffers are shared: runs from several threads must not interleave (the
     pipeline serialises them), so each thread gets the image its request gives alone."""

@@ -294,11 +294,16 @@ class GraphedSampler:
             torch._foreach_copy_(dst, src)
 
     @torch.no_grad()
-    def __call__(self, latents: torch.Tensor, plan, progress: bool = False, callback=None) -> torch.Tensor:
+    def __call__(self, latents: torch.Tensor, plan, progress: bool = False, callback=None,
+                 on_step_end=None) -> torch.Tensor:
+        """Run ``plan`` from ``latents``. ``on_step_end`` (step mode only; see ``sampling.run_steps``)
+        is called after each replay with a copy of the latents, and what it returns is copied in."""
         plan = guidance_tensors(plan, latents.device)
         if self.mode == "loop":
+            if on_step_end is not None:
+                raise ValueError("a loop graph runs every step in one replay: on_step_end needs mode 'step'")
             return self._run_loop(latents, plan, callback)
-        return self._run_steps(latents, plan, progress, callback)
+        return self._run_steps(latents, plan, progress, callback, on_step_end)
 
     def _run_loop(self, latents, plan, callback):
         plan = loop_plan(plan)
@@ -318,8 +323,8 @@ class GraphedSampler:
                 callback(k + 1, len(plan.steps))
         return entry.captured.output.clone()
 
-    def _run_steps(self, latents, plan, progress, callback):
-        from ..sampling import denoise_bar
+    def _run_steps(self, latents, plan, progress, callback, on_step_end=None):
+        from ..sampling import denoise_bar, guidance_after_step_end
 
         n = len(plan.steps)
         bar = denoise_bar(self.pipe, progress, total=n)
@@ -341,8 +346,11 @@ class GraphedSampler:
 
         current = latents
         fresh: set[int] = set()
+        scale = None  # a guidance scale a step-end callback set (0: the later steps run without CFG)
         try:
             for k, step in enumerate(plan.steps):
+                if scale == 0:
+                    step = dataclasses.replace(step, guided=False)
                 tensors, rebuild, signature = flatten((current, one_step_plan(plan, step)))
                 entry = self._entry(("step", signature), tensors, rebuild, make_fn)
                 if id(entry) not in fresh:  # first use of this graph in this request: copy everything
@@ -353,11 +361,21 @@ class GraphedSampler:
                 self.replays += 1
                 self.guided_replays += bool(step.guided)
                 current = entry.latents
+                if on_step_end is not None:  # queued behind the replay: no wait here
+                    before = getattr(self.pipe, "_guidance_scale", None)
+                    # a copy: the next replay of this graph overwrites its latents, which the callback may keep
+                    current = on_step_end(k, step.index, current.clone()).to(current.dtype)  # (fp32, as the loop's)
+                    changed = guidance_after_step_end(self.pipe, plan, before, scale)
+                    if changed != scale:  # a value copied in, as the plan's
+                        scale = changed
+                        plan = guidance_tensors(dataclasses.replace(plan, guidance_scale=scale), latents.device)
                 if report:
                     events.append(self.new_event())
                     events[-1].record()
                     if k >= 1:
                         finish_up_to(k - 1)  # step k is queued behind it: the GPU keeps working
+                if on_step_end is not None and getattr(self.pipe, "_interrupt", False):
+                    break  # set by the step-end callback, as in the eager loop
             if report and events:
                 finish_up_to(len(events) - 1)
         finally:
