@@ -534,6 +534,49 @@ def test_diffusers_vae_calls_tile_and_slice(tiny_model_dir, reference_pipe):
         vae.enable_tiling()
 
 
+
+def test_components_shared_by_two_pipelines_set_both_and_outlive_the_second(fresh_pipe, monkeypatch):
+    """A second pipeline built with the first's DiT and VAE (``ZImagePipeline(pipe.transformer, pipe.vae,
+    ...)``, as a server's remote-encoder pipeline is) took over the names on the shared VAE and DiT: pipe.vae.enable_tiling() set the second pipeline's
+    tiling and not the first's, and once the second was gone, pipe.vae.enable_tiling() and
+    pipe.transformer.set_attention_backend() raised "the pipeline this VAE belonged to is gone" on
+    the first, which still held them. Now each name calls every live pipeline that holds the
+    component (compile: the last one built with it, which compiles the shared DiT once)."""
+    import copy
+    import gc
+
+    from zimage_native.pipeline import ZImagePipeline
+
+    pipe = fresh_pipe
+    other = ZImagePipeline(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.scheduler_config, pipe.vae_config)
+    pipe.vae.enable_tiling()
+    assert pipe.vae_tiling is not None and other.vae_tiling is not None
+    other.vae.disable_tiling()
+    assert pipe.vae_tiling is None and other.vae_tiling is None
+    asked = []
+    for name, target in (("pipe", pipe), ("other", other)):
+        monkeypatch.setattr(target, "optimize", lambda name=name, **kw: asked.append((name, kw)) or [name])
+    assert pipe.transformer.set_attention_backend("native") == ["other"]
+    assert pipe.transformer.compile_repeated_blocks() == ["other"]
+    assert asked == [("pipe", {"attention": "sdpa"}), ("other", {"attention": "sdpa"}),
+                     ("other", {"compile": "blocks", "compile_backend": "inductor", "shapes": "dynamic"})]
+    monkeypatch.undo()  # (it holds the pipelines)
+    # A pipeline that took another VAE no longer answers to the old one's names.
+    third = ZImagePipeline(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.scheduler_config, pipe.vae_config)
+    third.vae = copy.deepcopy(pipe.vae)
+    pipe.vae.enable_slicing()
+    assert pipe.vae_slicing and other.vae_slicing and not third.vae_slicing
+    third.vae.enable_slicing()
+    assert third.vae_slicing
+    del other, third, target
+    gc.collect()
+    asked.clear()
+    pipe.vae.disable_slicing()
+    assert not pipe.vae_slicing
+    monkeypatch.setattr(pipe, "optimize", lambda **kw: asked.append(("pipe", kw)) or ["pipe"])
+    assert pipe.transformer.set_attention_backend("native") == ["pipe"]
+    assert asked == [("pipe", {"attention": "sdpa"})]
+
 def test_a_copied_component_belongs_to_no_pipeline_and_a_copied_pipeline_to_itself(fresh_pipe, monkeypatch):
     """copy.deepcopy(pipe.vae).enable_tiling() set the original pipeline's tiling (the bound names
     held the original weakly, and a deep copy keeps a weak reference as it is); the same for
@@ -592,7 +635,7 @@ def test_a_copied_component_belongs_to_no_pipeline_and_a_copied_pipeline_to_itse
     first_vae.enable_tiling()
     assert third.vae_tiling is not None and pipe.vae_tiling is None
     first_dit, fourth = copy.deepcopy([pipe.transformer, pipe])  # the DiT's names likewise
-    assert fourth.transformer is first_dit and first_dit.compile.func.owner() is fourth
+    assert fourth.transformer is first_dit and first_dit.compile.func.pipelines() == [fourth]
 
 
 @pytest.mark.parametrize("mode", ["blocks", "full"])

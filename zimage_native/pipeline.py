@@ -211,37 +211,58 @@ def variant_scheduler(scheduler_config: SchedulerConfig, variant: str) -> Schedu
 class _PipelineCall:
     """A diffusers name on a pipeline's component (``pipe.vae.enable_tiling``,
     ``pipe.transformer.set_attention_backend``) that calls the pipeline's method ``name``; it holds
-    the pipeline weakly.
+    the pipelines and the component weakly.
 
-    A copy of the component alone (``copy.deepcopy``, pickle) belongs to no pipeline: the name
-    refuses, saying so (it set the original pipeline's tiling or attention), until a pipeline built
-    with the copy binds it anew. In a copy of the whole pipeline it is bound to the copy."""
+    A component shared by several pipelines (a second pipeline built with the first's DiT and VAE,
+    ``ZImagePipeline(pipe.transformer, pipe.vae, ...)``) calls every live pipeline that still holds
+    it, the first built first, as diffusers' names set the shared module (tiling, slicing and the
+    attention backend are each pipeline's settings here); with ``every=False`` (compile: the one DiT
+    is compiled once) only the last of them. A copy of the component alone (``copy.deepcopy``,
+    pickle) belongs to no pipeline: the name refuses, saying so (it set the original pipeline's
+    tiling or attention), until a pipeline built with the copy binds it anew. In a copy of the whole
+    pipeline it is bound to the copy."""
 
-    def __init__(self, pipe: "ZImagePipeline | None", name: str, component: str, attribute: str):
-        self.owner = None if pipe is None else weakref.ref(pipe)
-        self.name, self.component, self.attribute = name, component, attribute
+    def __init__(self, owners: "list[ZImagePipeline]", module: "torch.nn.Module | None", name: str, component: str,
+                 attribute: str, every: bool = True):
+        self.owners = [weakref.ref(pipe) for pipe in owners]
+        self.module = None if module is None else weakref.ref(module)
+        self.name, self.component, self.attribute, self.every = name, component, attribute, every
+
+    def pipelines(self) -> "list[ZImagePipeline]":
+        """The live pipelines that hold the component, in the order they were built with it."""
+        module = self.module() if self.module is not None else None
+        return [pipe for ref in self.owners
+                if (pipe := ref()) is not None and module is not None and getattr(pipe, self.component, None) is module]
 
     def __call__(self, *args, **kwargs):
         label, what = f"{self.component}.{self.attribute}", "VAE" if self.component == "vae" else "DiT"
-        if self.owner is None:
+        if not self.owners:
             setting = ("the attention backend and compiling" if self.component == "transformer" else
                        "tiling and slicing")
             raise RuntimeError(f"{label}: this {what} is a copy (copy.deepcopy or pickle) and belongs to no pipeline, "
                                f"and {setting} are a pipeline's settings: give it to a pipeline "
                                f"(ZImagePipeline(..., {self.component}=...)), whose pipe.{label}() sets that "
                                f"pipeline's, or copy the whole pipeline")
-        pipe = self.owner()
-        if pipe is None:
+        pipes = self.pipelines()
+        if not pipes:
             raise RuntimeError(f"{label}: the pipeline this {what} belonged to is gone")
-        return getattr(pipe, self.name)(*args, **kwargs)
+        results = [getattr(pipe, self.name)(*args, **kwargs) for pipe in (pipes if self.every else pipes[-1:])]
+        return results[-1]
+
+    def bound(self, pipe: "ZImagePipeline", module: torch.nn.Module) -> "_PipelineCall":
+        """This name bound to ``pipe`` too, after the pipelines that still hold ``module``."""
+        earlier = [p for p in self.pipelines() if p is not pipe] if self.module is not None and \
+            self.module() is module else []
+        return _PipelineCall(earlier + [pipe], module, self.name, self.component, self.attribute, self.every)
 
     def __deepcopy__(self, memo: dict) -> "_PipelineCall":
-        pipe = self.owner() if self.owner is not None else None
-        return _PipelineCall(memo.get(id(pipe)) if pipe is not None else None, self.name, self.component,
-                             self.attribute)
+        module = self.module() if self.module is not None else None
+        owners = [memo[id(pipe)] for pipe in self.pipelines() if id(pipe) in memo]
+        return _PipelineCall(owners, memo.get(id(module)) if owners else None, self.name, self.component,
+                             self.attribute, self.every)
 
     def __reduce__(self):
-        return _PipelineCall, (None, self.name, self.component, self.attribute)
+        return _PipelineCall, ([], None, self.name, self.component, self.attribute, self.every)
 
 
 class ZImagePipeline:
@@ -681,7 +702,7 @@ class ZImagePipeline:
             return
         for vae_name, name in (("enable_tiling", "enable_vae_tiling"), ("disable_tiling", "disable_vae_tiling"),
                                ("enable_slicing", "enable_vae_slicing"), ("disable_slicing", "disable_vae_slicing")):
-            object.__setattr__(self.vae, vae_name, _PipelineCall(self, name, "vae", vae_name))
+            self._bind_call(self.vae, vae_name, _PipelineCall([], None, name, "vae", vae_name))
 
     def _bind_transformer_calls(self) -> None:
         """``pipe.transformer.set_attention_backend``, ``.compile`` and ``.compile_repeated_blocks`` call
@@ -689,12 +710,22 @@ class ZImagePipeline:
         compile the module's ``__call__``, which the pipeline never calls."""
         if self.transformer is None:  # (pipe.transformer = None, as to free its memory)
             return
-        object.__setattr__(self.transformer, "set_attention_backend",
-                           _PipelineCall(self, "_set_diffusers_attention_backend", "transformer",
-                                         "set_attention_backend"))
+        self._bind_call(self.transformer, "set_attention_backend",
+                        _PipelineCall([], None, "_set_diffusers_attention_backend", "transformer",
+                                      "set_attention_backend"))
         for name in ("compile", "compile_repeated_blocks"):
-            object.__setattr__(self.transformer, name,
-                               functools.partial(_PipelineCall(self, "_diffusers_compile", "transformer", name), name))
+            self._bind_call(self.transformer, name,
+                            _PipelineCall([], None, "_diffusers_compile", "transformer", name, every=False), name)
+
+    def _bind_call(self, module: torch.nn.Module, attribute: str, call: _PipelineCall, *leading) -> None:
+        """Set ``module.attribute`` to ``call`` bound to this pipeline, after the live pipelines that
+        the name was bound to and that still hold ``module`` (see :class:`_PipelineCall`); ``leading``
+        arguments go first in each call."""
+        existing = module.__dict__.get(attribute)
+        if isinstance(existing, functools.partial):
+            existing = existing.func
+        call = (existing if isinstance(existing, _PipelineCall) else call).bound(self, module)
+        object.__setattr__(module, attribute, functools.partial(call, *leading) if leading else call)
 
     def __deepcopy__(self, memo: dict) -> "ZImagePipeline":
         """A pipeline of its own: its components copied, its settings (tiling, slicing, attention, the
