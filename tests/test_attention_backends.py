@@ -186,6 +186,9 @@ def seam_inputs():
 
 
 def install_fakes(monkeypatch):
+    """Stand-ins of the four libraries in sys.modules; returns the log of their calls. The backend
+    functions made from earlier stand-ins are forgotten (``ab.attention_function`` makes one per process)."""
+    monkeypatch.setattr(ab, "_made", {})
     calls = []
 
     def fa_func(q, k, v):

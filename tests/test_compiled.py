@@ -1346,6 +1346,44 @@ def test_an_attention_backend_already_in_place_keeps_the_graphs_and_the_compiled
     assert fresh_pipe.transformer.layers[0].__dict__["forward"] is compiled and fresh_pipe._accel["attention"] == "auto"
 
 
+@pytest.mark.parametrize("backend", ["flash_attn_3", "flash_attn_2", "sage", "xformers"])
+def test_a_gpu_attention_backend_installed_again_keeps_the_graphs_and_the_compiled_blocks(fresh_pipe, monkeypatch,
+                                                                                          backend):
+    """optimize(attention="auto") where auto picks the FlashAttention, Sage or xFormers backend already
+    installed, and its name again: each made a new function (a closure over its library), so the
+    modules did not keep theirs and every call undid the compile, compiled again and dropped the
+    graphs (FrozenGraphs stand-in: 4 captures and 3 releases for request, auto, request, name,
+    request, auto, request). The function is made once per process now: 1 capture, the same
+    compiled block functions, every request equal to the first (stand-ins of the libraries,
+    tests/test_attention_backends.py, running on the CPU)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel import attention_backends as ab
+    from zimage_native.accel.compile import CompiledBlock
+
+    from .test_attention_backends import install_fakes
+
+    install_fakes(monkeypatch)
+    monkeypatch.setattr(ab, "unavailable_reason", lambda name, *args: None if name in (backend, "sdpa") else "absent")
+    assert fresh_pipe.optimize(attention=backend) == [f"attention backend: {backend}{ab.NOTES.get(backend, '')}"]
+    sampler, frozen = graphed(fresh_pipe)
+    want = fresh_pipe("a cat", **KW).images
+    lines = []
+    for attention in ("auto", backend, "auto"):
+        lines += fresh_pipe.optimize(attention=attention)
+        assert torch.equal(fresh_pipe("a cat", **KW).images, want)
+    assert (sampler.captures, frozen.released) == (1, 0) and fresh_pipe._accel["attention"] == "auto"
+    assert len(lines) == 3 and all(line.endswith("(already in place)") for line in lines), lines
+    fresh_pipe._graphed = None
+    torch._dynamo.reset()
+    fresh_pipe.optimize(compile="blocks", compile_backend=CompileCounterWithBackend("eager"))
+    compiled = fresh_pipe.transformer.layers[0].__dict__["forward"]
+    assert isinstance(compiled, CompiledBlock)
+    for attention in (backend, "auto"):
+        assert fresh_pipe.optimize(attention=attention)[0].endswith("(already in place)")
+        assert fresh_pipe.transformer.layers[0].__dict__["forward"] is compiled  # not undone
+
+
 def test_an_optimize_call_that_fails_leaves_the_attention_backend_as_it_was(fresh_pipe, monkeypatch):
     """optimize(attention=<another backend>, compile=<a mode it refuses>): the call fails, and the models
     run the backend they ran, under the name the pipeline holds. The check of whether the backend was

@@ -1007,8 +1007,10 @@ class ZImagePipeline:
     def _attention_in_place(self, name: str) -> str | None:
         """Install backend ``name`` on the DiT and the ControlNet branch (checked first, as optimize
         does); its log line if every attention module kept the function it had, else None (then
-        optimize installs it again, undoing and redoing compile and dropping the graphs). SDPA keeps
-        its function; the other backends make a new one at each install, so they never count.
+        optimize installs it again, undoing and redoing compile and dropping the graphs). Each
+        backend's function is made once per process (``attention_backends.attention_function``), so
+        a backend installed again, by its name or by "auto", counts: up to 0.20.0 FlashAttention,
+        Sage and xFormers made a new function at each install and never did.
         Otherwise every module gets its function back: optimize checks the whole call (a compile
         mode, its backend) before it touches the models, and a call that fails there leaves them as
         they were (the new backend installed under the old name, optimize(attention=old) found

@@ -294,6 +294,21 @@ FACTORIES: dict[str, Callable[[], AttnFn]] = {
     "xformers": _xformers,
 }
 NOTES = {"sage": " (masked batches fall back to sdpa: SageAttention has no key mask)"}
+_made: dict[Callable[[], AttnFn], AttnFn] = {}  # factory -> the one function it made in this process
+
+
+def attention_function(backend: str) -> AttnFn:
+    """Backend ``backend``'s attention function, made by its factory once per process: installing the
+    same backend again installs the same function object, so ``ZImagePipeline.optimize`` sees it in
+    place and keeps the compiled blocks and the captured CUDA graphs. FlashAttention, Sage and
+    xFormers build a closure over their library; a new one at each install made
+    optimize(attention="auto") where auto picks the backend already there undo compile, compile
+    again and capture the graphs again. Keyed by the factory: a replaced factory (a test's
+    stand-in) makes its own."""
+    factory = FACTORIES[backend]
+    if factory not in _made:
+        _made[factory] = factory()
+    return _made[factory]
 
 
 # ---------------------------------------------------------------- installing on a model
@@ -332,7 +347,7 @@ def set_attention_backend(model: nn.Module, name: str = "sdpa", device: torch.de
     """Check and install backend ``name`` on every DiT attention module, for the device it runs on
     (``device``, see :func:`_run_device`); returns the log line."""
     backend, line = check_attention_backend(model, name, device)
-    fn = FACTORIES[backend]()
+    fn = attention_function(backend)
     for module in dit_attention_modules(model):
         module.attn_fn = fn
     bounded = fit_sdpa_(model, _run_device(model, device)) if backend == "sdpa" else None
