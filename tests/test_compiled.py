@@ -1384,6 +1384,46 @@ def test_a_gpu_attention_backend_installed_again_keeps_the_graphs_and_the_compil
         assert fresh_pipe.transformer.layers[0].__dict__["forward"] is compiled  # not undone
 
 
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_compile_asked_after_the_graphs_were_captured_captures_them_again_from_the_compiled_code(
+        fresh_pipe, tiny_pipe, mode):
+    """optimize(cuda_graphs=True), a request, then optimize(compile=...): the graph captured from the
+    eager DiT stayed in the cache, and a CUDA graph replays the kernels that ran while it was captured,
+    so every later request replayed eager kernels (1 capture in all; 0 calls of compiled code during
+    it). The compile change drops the graphs, says so, and the next request captures from the
+    compiled code: the stand-in capture counts the compiled graphs' calls while it captures (the
+    FrozenGraphs stand-in cannot: dynamo does not run under its recording mode). A repeat request
+    then replays: 2 captures in all."""
+    from .graph_standins import FakeGraphs
+
+    ran = []  # calls of the code dynamo compiled
+
+    def counting_backend(gm, example_inputs):
+        def run(*args):
+            ran.append(1)
+            return gm.forward(*args)
+        return run
+
+    fake, compiled_calls = FakeGraphs(), []  # compiled calls during each capture
+
+    def capture(fn):
+        before = len(ran)
+        captured = fake.capture(fn)
+        compiled_calls.append(len(ran) - before)
+        return captured
+
+    torch._dynamo.reset()
+    sampler = fresh_pipe._graphed = GraphedSampler(fresh_pipe, capture=capture, new_event=fake.event)
+    want = tiny_pipe("a cat", **KW).images
+    assert torch.equal(fresh_pipe("a cat", **KW).images, want)
+    lines = fresh_pipe.optimize(compile=mode, compile_backend=counting_backend)
+    released = fake.released
+    for _ in range(2):
+        assert_rel(fresh_pipe("a cat", **KW).images, want, 1e-5, f"graphed, compile={mode}")
+    assert (sampler.captures, released) == (2, 1) and compiled_calls[0] == 0 and compiled_calls[1] > 0, compiled_calls
+    assert lines[-1] == "cuda graphs: 1 captured graph dropped, captured again from the compiled DiT at the next requests"
+
+
 def test_an_optimize_call_that_fails_leaves_the_attention_backend_as_it_was(fresh_pipe, monkeypatch):
     """optimize(attention=<another backend>, compile=<a mode it refuses>): the call fails, and the models
     run the backend they ran, under the name the pipeline holds. The check of whether the backend was

@@ -993,8 +993,16 @@ class ZImagePipeline:
             self._graphed = GraphedSampler(self, mode=graph_mode, max_graphs=size)
             lines.append(f"cuda graphs: {'one graph per step kind' if graph_mode == 'step' else 'the whole loop'}, "
                          f"at most {size} cached (LRU)")
-        elif self._graphed is not None and before_compile:
-            self._graphed.clear()  # captured graphs hold the old modules
+        elif self._graphed is not None and (before_compile or "compile" in changes):
+            # Captured graphs hold the old modules (a transform before compile), or replay the kernels
+            # of the code they were captured from: eager kernels where compile is asked after the
+            # graphs were on, so the compile bought nothing until the cache turned over.
+            dropped = len(self._graphed.graphs)
+            self._graphed.clear()
+            if dropped:
+                lines.append(f"cuda graphs: {dropped} captured graph{'s' if dropped > 1 else ''} dropped, captured "
+                             f"again from the {'compiled' if 'compile' in changes else 'changed'} DiT at the next "
+                             f"requests")
         if changes.get("vae_compile"):
             from .accel.vae import compile_vae_decode_
 
