@@ -235,6 +235,39 @@ def test_loading_and_unloading_a_controlnet_keeps_the_graphs_without_control(eag
     assert sampler.captures == 3 and frozen.released == 2 and len(sampler.graphs) == 1
 
 
+def test_a_controlnet_at_a_freed_ones_address_is_not_counted_as_a_recapture(fresh, control_files, monkeypatch,  # noqa: F811
+                                                                          caplog):
+    """A branch hashes by its address, which a branch loaded after an unload can take. The graph cache
+    remembered evicted step kinds by their signatures' hashes, so the new branch's first control
+    capture matched the freed branch's evicted one and counted as a recapture, with the thrash
+    warning advising a larger cache (100 rounds of load, control request, plain request with room for
+    one graph: 6 branches took an earlier one's address, 105 recaptures for 99). Here every branch
+    hashes alike, as if each took the last one's address: the new branch's capture is no recapture;
+    the plain request's graph, evicted by it and captured again, still is."""
+    import logging
+
+    from zimage_native.model.controlnet import ZImageControlNet
+
+    from .test_compiled import graphed
+
+    monkeypatch.setattr(ZImageControlNet, "__hash__", lambda self: 0)
+    pipe = fresh()
+    sampler, _ = graphed(pipe, frozen=False, max_graphs=1)
+    control = picture(48, 32, 5)
+    with caplog.at_level(logging.WARNING, logger="zimage_native.accel.cuda_graphs"):
+        pipe.load_controlnet(control_files["2.1"])
+        pipe("a cat", control_image=control, **KW)
+        pipe("a cat", **KW)  # evicts the control graph
+        pipe.unload_controlnet()
+        pipe.load_controlnet(control_files["2.1"])
+        pipe("a cat", control_image=control, **KW)  # a new branch: its first capture (evicts the plain graph)
+        assert (sampler.captures, sampler.evictions, sampler.recaptures) == (3, 2, 0)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        pipe("a cat", **KW)  # captured again after its eviction: a recapture
+    assert (sampler.captures, sampler.recaptures) == (4, 1)
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+
+
 def test_triton_kernels_reach_the_branch(eager, fresh, control_files):  # noqa: F811
     """kernels="triton" (Triton's interpreter on the CPU): every leaf of the branch is swapped, its
     q|k|v and w1|w3 fused, and the result equals eager within the parity tolerance."""

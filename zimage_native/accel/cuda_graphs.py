@@ -46,7 +46,9 @@ LoRA fused into ordinary weights writes them in place, and the graphs replay the
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -216,7 +218,9 @@ class GraphedSampler:
         self.evictions = 0
         self.recaptures = 0  # captures of a step kind this cache had evicted (a thrash: see _entry)
         self.guided_replays = 0  # replays that ran a CFG step (the GPU check asks for at least one)
-        self._evicted: set[int] = set()  # hashes of the evicted signatures (bounded, see _entry)
+        self._evicted: set[int] = set()  # what _memo keeps of the evicted signatures (bounded, see _entry)
+        self._numbers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # see _memo
+        self._counter = itertools.count()
         self._warned_thrash = False
 
     def clear(self) -> None:
@@ -235,6 +239,28 @@ class GraphedSampler:
             self._release(self.graphs.pop(key))
         return len(held)
 
+    def _memo(self, signature: tuple) -> int:
+        """What the evicted memory keeps of ``signature``: its hash, with every object in it compared by
+        identity (a ControlNet branch, the DiT) counted by a number given to that object alone. Such
+        an object hashes by its address, which an object made after it is freed can take: a
+        ControlNet loaded after one was unloaded took the freed branch's address in 6 of 100 rounds
+        of load, control request, plain request (room for one graph), and its first capture counted
+        as a recapture (105 for 99, with the thrash warning). The numbers are held weakly (keeping
+        the signatures would keep the branches alive)."""
+        def part(p):
+            if type(p) is tuple:
+                return tuple(part(q) for q in p)
+            if type(p).__eq__ is not object.__eq__:  # compared by value: hashed as it is
+                return p
+            try:
+                number = self._numbers.get(p)
+            except TypeError:  # not weakly referable: None, a dtype (they live as long as the process)
+                return p
+            if number is None:
+                number = self._numbers[p] = next(self._counter)
+            return ("object", number)
+        return hash(part(signature))
+
     def _release(self, entry: Entry) -> None:
         entry.captured.release()
         entry.static.clear()
@@ -252,9 +278,10 @@ class GraphedSampler:
             self.evictions += 1
             if len(self._evicted) >= EVICTED_MEMORY:
                 self._evicted.clear()
-            self._evicted.add(hash(evicted))
-        if hash(signature) in self._evicted:
-            self._evicted.discard(hash(signature))
+            self._evicted.add(self._memo(evicted))
+        memo = self._memo(signature)
+        if memo in self._evicted:
+            self._evicted.discard(memo)
             self.recaptures += 1
             self._warn_thrash()
         static = [t.clone() for t in tensors]
