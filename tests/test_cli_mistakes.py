@@ -266,3 +266,50 @@ def test_an_empty_extra_argument_is_one_error_line(tmp_path, command):
     IndexError traceback (the --lora scale hint looked at its first word)."""
     assert one_line_error(command, "a cat", "") == (
         f"Error: Got unexpected extra argument () (see `zimage {command} --help`)")
+
+
+@pytest.mark.parametrize("command", ["generate", "format-prompt", "rewrite"])
+@pytest.mark.parametrize("args, keyword, quoted", [
+    (["prompt=a cat"], "prompt=", "a cat"),  # `prompt="a cat"`: the shell drops the quotes
+    (["Prompt=a cat"], "Prompt=", "a cat"),
+    (["prompt=a", "cat"], "prompt=", "a cat"),  # unquoted: the rest of the prompt follows
+    (["prompt="], "prompt=", "a red fox"),
+])
+def test_a_prompt_written_as_a_keyword_says_to_give_it_alone(command, args, keyword, quoted):
+    """`zimage generate prompt="a cat"` (as in a Python call) drew the prompt "prompt=a cat"; it is refused
+    now, naming the command line meant, as the other settings written as keywords are."""
+    assert one_line_error(command, *args) == (
+        f"Error: the prompt is the first argument, in quotes, without '{keyword}': zimage {command} \"{quoted}\" ...")
+
+
+@pytest.mark.parametrize("command, args, quoted, flags", [
+    ("generate", ["prompt=a cat", "width=512", "negative_prompt=low quality"], "a cat",
+     "--width 512 --negative-prompt 'low quality'"),
+    ("generate", ["prompt=a", "red", "cat", "num_inference_steps=4"], "a red cat", "--steps 4"),
+    ("rewrite", ["prompt=a cat", "llm_url=http://host:8000/v1"], "a cat", "--llm-url http://host:8000/v1"),
+])
+def test_a_prompt_keyword_with_settings_as_keywords_names_the_whole_command_line(command, args, quoted, flags):
+    """`zimage generate prompt="a cat" width=512`: the hint named --width alone, and the next run drew
+    "prompt=a cat"; the line gives the prompt and the flags together."""
+    assert one_line_error(command, *args) == (
+        f"Error: the prompt is the first argument, in quotes, without 'prompt=', and settings are flags: "
+        f"zimage {command} \"{quoted}\" {flags} ...")
+
+
+def test_a_prompt_with_an_equals_sign_later_in_its_text_is_a_prompt(tiny_model_dir, tmp_path):
+    """Only a leading `prompt=` is a keyword: a prompt that holds '=' elsewhere (or that starts with
+    another word and '=') runs as written."""
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+    from zimage_native.metadata import read_metadata
+
+    for i, prompt in enumerate(["a sign reading prompt=x", "E=mc2 on a blackboard", "prompts=many"]):
+        out = tmp_path / f"{i}.png"
+        result = CliRunner().invoke(main, ["generate", prompt, "--model", str(tiny_model_dir), "--device", "cpu",
+                                           "--width", "32", "--height", "32", "--steps", "1", "--seed", "1",
+                                           "--no-progress", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert read_metadata(out)["prompt"] == prompt
+    result = CliRunner().invoke(main, ["format-prompt", "x=1, prompt=2"])
+    assert result.exit_code == 0 and "x=1, prompt=2" in result.output, result.output

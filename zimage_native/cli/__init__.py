@@ -91,10 +91,13 @@ def _one_line(e: click.UsageError) -> click.ClickException:
         if any(p.name == param for p in e.ctx.command.params):
             return UserError(f"No such option '{e.option_name}': {what.format(command=e.ctx.command_path)}{where}")
     extra = re.match(r"Got unexpected extra arguments? \((.*)\)$", e.format_message())
+    prompt = e.ctx.params.get("prompt") if e.ctx is not None else None
+    if extra and _prompt_keyword(e.ctx, prompt) is not None and _follows(e.ctx, prompt, extra[1]):
+        # `zimage generate prompt=a cat`, `prompt="a cat" width=512`: written as a Python call takes them
+        return UserError(_prompt_keyword_hint(e.ctx, prompt, _extra_words(e.ctx, extra[1])))
     flags = _keyword_flags(e.ctx, _extra_words(e.ctx, extra[1])) if extra and e.ctx is not None else None
     if flags is not None:  # `width=512`, `llm_url=http://host:8000/v1`: written as a Python call takes them
         return UserError(f"{e.format_message()}: settings are flags here, {flags}{where}")
-    prompt = e.ctx.params.get("prompt") if e.ctx is not None else None
     if extra and isinstance(prompt, str) and _lora_before(e.ctx, prompt) is not None:
         # `--lora style.safetensors 0.8 "a cat"`: the scale was read as the prompt, the prompt as more
         return UserError(f"--lora takes its scale in the same argument, after ':': --lora "
@@ -104,8 +107,7 @@ def _one_line(e: click.UsageError) -> click.ClickException:
         # such as the 768 of `--width 1024 768`, which no quoting would fix)
         words = _extra_words(e.ctx, extra[1])
         # `zimage generate a red fox width=512`: the keywords at the end are settings, not more prompt
-        cut, flags = next(((i, f) for i in range(1, len(words)) if (f := _keyword_flags(e.ctx, words[i:]))),
-                          (len(words), None))
+        cut, flags = _trailing_settings(e.ctx, words, 1)
         text = " ".join([prompt, *words[:cut]])
         how = (f"put it in quotes, and settings are flags: {e.ctx.command_path} \"{text}\" {flags}" if flags else
                f"put it in quotes, {e.ctx.command_path} \"{text}\"")
@@ -164,6 +166,48 @@ def _keyword_flags(ctx: click.Context, words: list[str]) -> str | None:
             return None
         out.append(named[0])
     return " ".join(out)
+
+
+def _trailing_settings(ctx: click.Context, words: list[str], first: int = 0) -> tuple[int, str | None]:
+    """Where the settings written as keywords at the end of ``words`` start (the first such index from
+    ``first`` on, else ``len(words)``), and their flags (:func:`_keyword_flags`; None if there are none)."""
+    return next(((i, f) for i in range(first, len(words)) if (f := _keyword_flags(ctx, words[i:]))),
+                (len(words), None))
+
+
+def _prompt_keyword(ctx: click.Context, prompt) -> str | None:
+    """The prompt of a command's PROMPT argument written as a keyword (``prompt=a cat``, as in a Python
+    call: the shell passes ``prompt="a cat"`` as ``prompt=a cat``): ``a cat``; None for any other prompt
+    (one holding an '=' later in its text, ``a sign reading x=1``, stays a prompt)."""
+    m = re.match(r"prompt=(.*)", prompt, re.S | re.I) if isinstance(prompt, str) and "prompt" in ctx.params else None
+    return m[1] if m else None
+
+
+def _prompt_keyword_hint(ctx: click.Context, prompt: str, words: list[str]) -> str | None:
+    """The line for a PROMPT argument written as a keyword (:func:`_prompt_keyword`), and the words
+    that followed it on the command line: more words of an unquoted prompt, then settings written as
+    keywords (named as their flags, :func:`_keyword_flags`); None if ``prompt`` is no such keyword."""
+    text = _prompt_keyword(ctx, prompt)
+    if text is None:
+        return None
+    cut, flags = _trailing_settings(ctx, words)
+    text = " ".join([text, *words[:cut]]).strip() or "a red fox"
+    settings = f", and settings are flags: {ctx.command_path} \"{text}\" {flags}" if flags else \
+        f": {ctx.command_path} \"{text}\""
+    return f"the prompt is the first argument, in quotes, without '{prompt[:prompt.index('=') + 1]}'{settings} ..."
+
+
+class PromptCommand(click.Command):
+    """A command whose PROMPT argument written as a keyword (``zimage generate prompt="a cat"``) is
+    refused (:func:`_prompt_keyword_hint`) rather than taken as the prompt ``prompt=a cat``."""
+
+    def invoke(self, ctx):
+        from ._common import UserError
+
+        hint = _prompt_keyword_hint(ctx, ctx.params.get("prompt"), [])
+        if hint is not None:
+            raise UserError(hint)
+        return super().invoke(ctx)
 
 
 def _extra_words(ctx: click.Context, text: str) -> list[str]:

@@ -9,6 +9,7 @@ import click
 
 from ..hub import DEFAULT_MODEL
 from ..prompt.format import CAPTION_TOKENS_MOST
+from . import PromptCommand
 from ._common import user_errors
 from .templates import registry_for, templates_dir_option
 
@@ -68,7 +69,7 @@ def resolve_prompt_fields(template, templates_dirs, system_prompt, thinking_cont
             "strip_quotes": bool(strip_quotes)}
 
 
-@click.command("format-prompt")
+@click.command("format-prompt", cls=PromptCommand)
 @click.argument("prompt")
 @prompt_options
 @click.option("--tokens", is_flag=True, help="Also print the token count and ids (needs the model's tokenizer).")

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from ..hub import DEFAULT_MODEL
+from . import PromptCommand
 from .options import SIDE, WholeNumber, config_file, loading, placement, speed, vae_tiling
 from ._common import check_writable_folder, read_user_text, save_image_atomic, user_errors
 from .config import apply_layers, config_origins, config_source, convert, naming_config_origins, read_profile
@@ -148,7 +149,7 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
     return layer, record["prompt"]
 
 
-@click.command()
+@click.command(cls=PromptCommand)
 @click.argument("prompt", required=False)
 @click.option("--model", "--model-path", "model", default=None,
               help=f"Model folder (diffusers layout) or Hub id [default: {DEFAULT_MODEL}, or none with --transformer].")

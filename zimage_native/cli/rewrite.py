@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from ..hub import DEFAULT_MODEL
+from . import PromptCommand
 from ._common import user_errors
 from .options import DtypeChoice, stack
 from .templates import templates_dir_option
@@ -35,7 +36,7 @@ def chat_rewriter(llm_url, llm_model, llm_timeout, registry=None):
     return ChatRewriter(llm_url, llm_model, timeout=llm_timeout, template_registry=registry)
 
 
-@click.command()
+@click.command(cls=PromptCommand)
 @click.argument("prompt")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Model folder (diffusers layout) or Hub id; only text_encoder/ and tokenizer/ are read.")
