@@ -477,7 +477,6 @@ def test_zimage_info_shows_a_text_encoder_files_gpu_weights(tiny_model_dir, tmp_
     from transformers import AutoTokenizer
 
     from zimage_native.cli import main
-    from zimage_native.devices import format_bytes
     from zimage_native.loading import load_component
 
     pytest.importorskip("gguf")
@@ -493,8 +492,53 @@ def test_zimage_info_shows_a_text_encoder_files_gpu_weights(tiny_model_dir, tmp_
         assert size == weight_bytes(load_component("text_encoder", path, torch.bfloat16, "cpu", quant=quant))
     table = CliRunner().invoke(main, ["info", str(path)], catch_exceptions=False).output
     assert f"GPU weights in bf16 (the layers loaded; each in the format it is kept in; activations come on top): " \
-           f"{format_bytes(shown['resident'])}" in table, table
+           f"{fp.format_size(shown['resident'])}" in table, table
     for quant, size in shown["text_encoder_quant"].items():
-        assert f"{format_bytes(size)} with --text-encoder-quant {quant}" in table, table
+        assert f"{fp.format_size(size)} with --text-encoder-quant {quant}" in table, table
     for fmt, e in shown["formats"].items():
         assert re.search(rf"\b{fmt} {e['tensors']} (weight|tensor)s? ", table), (fmt, table)
+
+
+#: A size as `zimage info` prints it, and the bytes of its unit.
+PRINTED_SIZE = re.compile(r"(?<![\w.])([\d,]+(?:\.\d+)?) (bytes|KB|MB|GB)\b")
+UNIT = {"bytes": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def printed_sizes(table: str) -> list[tuple[float, float]]:
+    """Every size in ``table``: (its value in bytes, half of the unit of its last digit)."""
+    out = []
+    for number, unit in PRINTED_SIZE.findall(table):
+        decimals = len(number.split(".")[1]) if "." in number else 0
+        out.append((float(number.replace(",", "")) * UNIT[unit], 0.5 * 10**-decimals * UNIT[unit]))
+    return out
+
+
+def byte_counts(entry) -> list[int]:
+    """The byte counts of a GPU weight entry of ``zimage info --json`` (all its numbers but tensor counts)."""
+    if isinstance(entry, dict):
+        return [n for k, v in entry.items() if k != "tensors" for n in byte_counts(v)]
+    if isinstance(entry, list):
+        return [n for e in entry for n in byte_counts(e)]
+    return [entry] if isinstance(entry, int) else []
+
+
+@pytest.mark.parametrize("where", ["", "transformer", "text_encoder"])
+def test_zimage_info_prints_each_size_in_a_unit_that_shows_it(tiny_model_dir, where):
+    """`zimage info` on the tiny model printed its small figures as '0.0 MB' (the text encoder's RoPE
+    table: 48 bytes) and others with one digit ('0.1 MB' for 122 kB): each byte count of the JSON is
+    printed in a unit that shows it, to within the rounding of its last digit and 5%."""
+    import json
+
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    path = str(tiny_model_dir / where) if where else str(tiny_model_dir)
+    report = json.loads(CliRunner().invoke(main, ["info", path, "--json"], catch_exceptions=False).output)
+    table = CliRunner().invoke(main, ["info", path], catch_exceptions=False).output
+    weights = [report["gpu_weights_bf16"]] if not where else [c["gpu_weights_bf16"] for c in
+                                                               report["components"].values()]
+    counts, sizes = byte_counts(weights), printed_sizes(table)
+    assert counts and sizes, (report, table)
+    for n in counts:
+        assert any(abs(value - n) <= half and abs(value - n) <= 0.05 * n for value, half in sizes), (n, table)

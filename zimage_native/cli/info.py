@@ -108,14 +108,14 @@ def _dtypes(d: dict) -> str:
 
 def _dit_weight_lines(w: dict) -> list[str]:
     """The DiT's weights on the GPU in bf16, layer by layer from the header (footprint.dit_file_summary)."""
-    from ..devices import format_bytes
+    from ..footprint import format_size
 
     def sizes(entry: dict) -> str:
-        return (f"{format_bytes(entry['resident'])} all resident, {format_bytes(entry['offload_blocks'])} "
+        return (f"{format_size(entry['resident'])} all resident, {format_size(entry['offload_blocks'])} "
                 f"with --offload blocks")
 
     formats = ", ".join(f"{fmt} {e['tensors']} {'tensor' if fmt == 'bf16' else 'linear'}{'s' * (e['tensors'] != 1)} "
-                        f"{format_bytes(e['bytes'])}" for fmt, e in w["formats"].items())
+                        f"{format_size(e['bytes'])}" for fmt, e in w["formats"].items())
     head = "GPU weights in bf16, each layer in the format it is kept in (activations come on top)"
     if "dequantised" not in w:
         return [f"{head}: {sizes(w)}", f"  {formats}"]
@@ -126,14 +126,14 @@ def _dit_weight_lines(w: dict) -> list[str]:
 
 def _text_encoder_weight_lines(w: dict) -> list[str]:
     """The text encoder's weights in bf16, layer by layer from the header (footprint.text_encoder_file_summary)."""
-    from ..devices import format_bytes
+    from ..footprint import format_size
 
     formats = ", ".join(f"{fmt} {e['tensors']} {'tensor' if fmt == 'bf16' else 'weight'}{'s' * (e['tensors'] != 1)} "
-                        f"{format_bytes(e['bytes'])}" for fmt, e in w["formats"].items())
-    quant = ", ".join(f"{format_bytes(b)} with --text-encoder-quant {q}" for q, b in w["text_encoder_quant"].items())
+                        f"{format_size(e['bytes'])}" for fmt, e in w["formats"].items())
+    quant = ", ".join(f"{format_size(b)} with --text-encoder-quant {q}" for q, b in w["text_encoder_quant"].items())
     return [f"GPU weights in bf16 (the layers loaded; each in the format it is kept in; activations come on top): "
-            f"{format_bytes(w['resident'])}" + (f"; {quant}" if quant else ""),
-            f"  {formats}, RoPE table (fp32) {format_bytes(w['rope_table'])}"]
+            f"{format_size(w['resident'])}" + (f"; {quant}" if quant else ""),
+            f"  {formats}, RoPE table (fp32) {format_size(w['rope_table'])}"]
 
 
 def _config_line(component: str, cfg: dict) -> str:
@@ -195,11 +195,11 @@ def info(path: Path, as_json: bool, check: bool):
             click.echo(f"  {name:<13} {r['class']:<28} {r['parameters']:>15,} params  {r['tensors']:>5} tensors  "
                        f"{r['files']} file(s)  {r.get('layout')}{quant}  [{_dtypes(r['dtypes'])}]")
         click.echo(f"  {'scheduler':<13} {report['scheduler']['class']:<28} shift {report['scheduler']['shift']}")
-        from ..devices import format_bytes
+        from ..footprint import format_size
 
         click.echo("  GPU weights at the peak in bf16 (activations come on top; docs/performance.md, Low VRAM):")
         for flags, peak in report["gpu_weights_bf16"].items():
-            click.echo(f"    {flags:<45} {format_bytes(peak):>10}")
+            click.echo(f"    {flags:<45} {format_size(peak):>10}")
         return
     from ..formats import describe
 
