@@ -542,3 +542,39 @@ def test_zimage_info_prints_each_size_in_a_unit_that_shows_it(tiny_model_dir, wh
     assert counts and sizes, (report, table)
     for n in counts:
         assert any(abs(value - n) <= half and abs(value - n) <= 0.05 * n for value, half in sizes), (n, table)
+
+
+@pytest.mark.parametrize("dtype, name", [(torch.float32, "fp32"), (torch.float16, "float16")])
+def test_zimage_info_dtype_gives_the_figures_of_that_dtype(tiny_model_dir, dtype, name):
+    """`zimage info` counted every figure in bf16, with no way to ask for another dtype (fp32 is what
+    `zimage generate` loads on the CPU): --dtype gives the loaded model's bytes in that dtype, for a
+    model folder's peaks and for a DiT / text encoder component, under the dtype's name."""
+    import json
+
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+    from zimage_native.loading import folder_weight_bytes, load_component
+
+    short = {torch.float32: "fp32", torch.float16: "fp16"}[dtype]
+
+    def shown(*args):
+        result = CliRunner().invoke(main, ["info", *map(str, args), "--dtype", name], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    peaks = json.loads(shown(tiny_model_dir, "--json"))[f"gpu_weights_{short}"]
+    assert peaks["everything resident"] == sum(folder_weight_bytes(tiny_model_dir, [], dtype).values())
+    assert f"GPU weights at the peak in {short}" in shown(tiny_model_dir)
+    for component in ("transformer", "text_encoder"):
+        entry = json.loads(shown(tiny_model_dir / component, "--json"))["components"][component][f"gpu_weights_{short}"]
+        assert entry["resident"] == weight_bytes(load_component(component, tiny_model_dir / component, dtype, "cpu"))
+        assert list(entry["formats"]) == [short]
+        assert f"GPU weights in {short}" in shown(tiny_model_dir / component)
+
+
+def test_zimage_info_dtype_is_refused_where_no_weight_figure_is_shown(tiny_model_dir):
+    from .test_cli_errors import one_line_error
+
+    assert one_line_error("info", str(tiny_model_dir), "--check", "--dtype", "fp32") == (
+        "Error: --dtype sets the dtype of the weight figures, which --check does not show; leave it out")

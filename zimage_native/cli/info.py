@@ -8,11 +8,12 @@ from pathlib import Path
 import click
 
 from ._common import user_errors
+from .options import DtypeChoice
 
 COMPONENTS = ("transformer", "vae", "text_encoder")
 
 
-def _folder_report(path: Path) -> dict:
+def _folder_report(path: Path, dtype: str) -> dict:
     from ..config import read_json
     from ..formats import detect_format
     from ..hub import check_model_folder
@@ -32,18 +33,19 @@ def _folder_report(path: Path) -> dict:
             report[name]["problem"] = fmt.problem
     scheduler = read_json(path / "scheduler" / "scheduler_config.json")
     report["scheduler"] = {"class": scheduler.get("_class_name", "?"), "shift": scheduler.get("shift")}
-    report["gpu_weights_bf16"] = dict(_peaks(path))
+    report[f"gpu_weights_{dtype}"] = dict(_peaks(path, dtype))
     return report
 
 
-def _peaks(path: Path) -> list[tuple[str, int]]:
-    """Peak bytes of bf16 weights on one GPU, per offload / text encoder setting (from the configs)."""
+def _peaks(path: Path, dtype: str) -> list[tuple[str, int]]:
+    """Peak bytes of weights in ``dtype`` on one GPU, per offload / text encoder setting (from the configs)."""
     import torch
 
     from ..loading import setting_peaks
 
     gpu = torch.device("cuda")
-    return setting_peaks(path, [], torch.bfloat16, dict.fromkeys(COMPONENTS, gpu), gpu)
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    return setting_peaks(path, [], torch_dtype, dict.fromkeys(COMPONENTS, gpu), gpu)
 
 
 IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")  # PNG, JPEG, WebP
@@ -106,17 +108,17 @@ def _dtypes(d: dict) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in sorted(d.items()))
 
 
-def _dit_weight_lines(w: dict) -> list[str]:
-    """The DiT's weights on the GPU in bf16, layer by layer from the header (footprint.dit_file_summary)."""
+def _dit_weight_lines(w: dict, dtype: str) -> list[str]:
+    """The DiT's weights on the GPU in ``dtype``, layer by layer from the header (footprint.dit_file_summary)."""
     from ..footprint import format_size
 
     def sizes(entry: dict) -> str:
         return (f"{format_size(entry['resident'])} all resident, {format_size(entry['offload_blocks'])} "
                 f"with --offload blocks")
 
-    formats = ", ".join(f"{fmt} {e['tensors']} {'tensor' if fmt == 'bf16' else 'linear'}{'s' * (e['tensors'] != 1)} "
+    formats = ", ".join(f"{fmt} {e['tensors']} {'tensor' if fmt == dtype else 'linear'}{'s' * (e['tensors'] != 1)} "
                         f"{format_size(e['bytes'])}" for fmt, e in w["formats"].items())
-    head = "GPU weights in bf16, each layer in the format it is kept in (activations come on top)"
+    head = f"GPU weights in {dtype}, each layer in the format it is kept in (activations come on top)"
     if "dequantised" not in w:
         return [f"{head}: {sizes(w)}", f"  {formats}"]
     return [f"{head}:", f"  quantised layers kept (on the CPU, with --offload blocks, or on a GPU where the "
@@ -124,14 +126,14 @@ def _dit_weight_lines(w: dict) -> list[str]:
             f"  dequantised while loading (keep_fp8=False, or on a GPU where it fits): {sizes(w['dequantised'])}"]
 
 
-def _text_encoder_weight_lines(w: dict) -> list[str]:
-    """The text encoder's weights in bf16, layer by layer from the header (footprint.text_encoder_file_summary)."""
+def _text_encoder_weight_lines(w: dict, dtype: str) -> list[str]:
+    """The text encoder's weights in ``dtype``, layer by layer from the header (footprint.text_encoder_file_summary)."""
     from ..footprint import format_size
 
-    formats = ", ".join(f"{fmt} {e['tensors']} {'tensor' if fmt == 'bf16' else 'weight'}{'s' * (e['tensors'] != 1)} "
+    formats = ", ".join(f"{fmt} {e['tensors']} {'tensor' if fmt == dtype else 'weight'}{'s' * (e['tensors'] != 1)} "
                         f"{format_size(e['bytes'])}" for fmt, e in w["formats"].items())
     quant = ", ".join(f"{format_size(b)} with --text-encoder-quant {q}" for q, b in w["text_encoder_quant"].items())
-    return [f"GPU weights in bf16 (the layers loaded; each in the format it is kept in; activations come on top): "
+    return [f"GPU weights in {dtype} (the layers loaded; each in the format it is kept in; activations come on top): "
             f"{format_size(w['resident'])}" + (f"; {quant}" if quant else ""),
             f"  {formats}, RoPE table (fp32) {format_size(w['rope_table'])}"]
 
@@ -166,8 +168,11 @@ def check_weights_folder(path: Path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--check", is_flag=True,
               help="Instead: read every tensor and list those holding NaN or infinite values (exit status 1 if any).")
+@click.option("--dtype", type=DtypeChoice(["bf16", "fp16", "fp32"]), default=None,
+              help="The dtype the weight figures assume for the layers not kept packed (fp32: generate's default "
+                   "on the CPU; bfloat16, float16, float32 too) [default: bf16, a GPU's].")
 @user_errors
-def info(path: Path, as_json: bool, check: bool):
+def info(path: Path, as_json: bool, check: bool, dtype: str | None):
     """Show what PATH holds (a model folder, a component folder or a single file): detected format,
     components, layout, quantisation, dtypes, tensors and parameters. Reads headers only. For an
     image written by zimage: the request it records."""
@@ -177,6 +182,10 @@ def info(path: Path, as_json: bool, check: bool):
             is_image = f.read(8).startswith(IMAGE_MAGIC)
     if path.is_dir() and not (path / "model_index.json").is_file():
         check_weights_folder(path)
+    if dtype is not None and (check or is_image):
+        raise ValueError(f"--dtype sets the dtype of the weight figures, which {'--check' if check else 'an image'} "
+                         f"does not show; leave it out")
+    dtype = dtype or "bf16"
     if check:
         if is_image:
             raise ValueError(f"--check reads model weights; {path} is an image")
@@ -184,7 +193,7 @@ def info(path: Path, as_json: bool, check: bool):
     if is_image:
         return _image_info(path, as_json)
     if path.is_dir() and (path / "model_index.json").is_file():
-        report = _folder_report(path)
+        report = _folder_report(path, dtype)
         if as_json:
             click.echo(json.dumps(report, indent=2))
             return
@@ -197,8 +206,8 @@ def info(path: Path, as_json: bool, check: bool):
         click.echo(f"  {'scheduler':<13} {report['scheduler']['class']:<28} shift {report['scheduler']['shift']}")
         from ..footprint import format_size
 
-        click.echo("  GPU weights at the peak in bf16 (activations come on top; docs/performance.md, Low VRAM):")
-        for flags, peak in report["gpu_weights_bf16"].items():
+        click.echo(f"  GPU weights at the peak in {dtype} (activations come on top; docs/performance.md, Low VRAM):")
+        for flags, peak in report[f"gpu_weights_{dtype}"].items():
             click.echo(f"    {flags:<45} {format_size(peak):>10}")
         return
     from ..formats import describe
@@ -209,7 +218,7 @@ def info(path: Path, as_json: bool, check: bool):
     for name, summary in (("transformer", dit_file_summary), ("text_encoder", text_encoder_file_summary)):
         c = report.get("components", {}).get(name)
         if c and "config" in c and "cannot_load" not in c and "problem" not in report:
-            c["gpu_weights_bf16"] = summary(path)
+            c[f"gpu_weights_{dtype}"] = summary(path, dtype)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
@@ -248,9 +257,9 @@ def info(path: Path, as_json: bool, check: bool):
             click.echo(f"  {'':<13} {_config_line(name, c['config'])}")
         else:
             click.echo(f"  {'':<13} config: {c['config_error']}")
-        if "gpu_weights_bf16" in c:
+        if f"gpu_weights_{dtype}" in c:
             lines = _dit_weight_lines if name == "transformer" else _text_encoder_weight_lines
-            for line in lines(c["gpu_weights_bf16"]):
+            for line in lines(c[f"gpu_weights_{dtype}"], dtype):
                 click.echo(f"  {'':<13} {line}")
     if report.get("problem"):
         click.echo(f"  cannot load: {report['problem']}")
