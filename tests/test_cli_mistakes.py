@@ -25,6 +25,15 @@ from .test_cli_errors import one_line_error
                         "or -1 for a random one (see `zimage generate --help`)"),
     (["--steps", "2.5"], "Error: Invalid value for '--steps': '2.5' is not a whole number: the number of denoising "
                          "steps (for example 8) (see `zimage generate --help`)"),
+    # a list of seeds in one word, as other tools take it: was "'1,2,3' is not a whole number"
+    (["--seed", "1,2,3"], "Error: Invalid value for '--seed': '1,2,3' is 3 values: give them as separate words, "
+                          "--seed 1 2 3 (see `zimage generate --help`)"),
+    (["--seed", "7, 8"], "Error: Invalid value for '--seed': '7, 8' is 2 values: give them as separate words, "
+                         "--seed 7 8 (see `zimage generate --help`)"),
+    (["--seed", "1,x"], "Error: Invalid value for '--seed': '1,x' is not a whole number: a seed is 0 to 2**64 - 1, "
+                        "or -1 for a random one (see `zimage generate --help`)"),
+    (["--width", "512,768"], "Error: Invalid value for '--width': '512,768' is a width and a height: give them as "
+                             "--width 512 --height 768 (see `zimage generate --help`)"),  # one value, two numbers
 ])
 def test_a_mistyped_number_or_size_says_what_the_flag_takes(tmp_path, args, line):
     assert one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args) == line

@@ -43,10 +43,15 @@ class WholeNumber(click.types.IntParamType):
         self.what = what
 
     def convert(self, value, param, ctx):
-        size = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", value) if isinstance(value, str) else None
+        size = re.fullmatch(r"\s*(\d+)\s*[xX*,]\s*(\d+)\s*", value) if isinstance(value, str) else None
         if size and param is not None and param.name in ("width", "height"):
             self.fail(f"{value!r} is a width and a height: give them as --width {size[1]} --height {size[2]}",
                       param, ctx)
+        numbers = re.split(r"\s*[,;]\s*|\s+", value.strip()) if isinstance(value, str) else []
+        if len(numbers) > 1 and all(re.fullmatch(r"-?\d+", n) for n in numbers) and param is not None and param.multiple:
+            # `--seed 1,2,3` (a list as other tools take it): the flag takes its values as separate words
+            self.fail(f"{value!r} is {len(numbers)} values: give them as separate words, {param.opts[-1]} "
+                      f"{' '.join(numbers)}", param, ctx)
         try:
             return super().convert(value, param, ctx)
         except click.BadParameter:
