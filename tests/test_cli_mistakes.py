@@ -322,3 +322,35 @@ def test_a_prompt_with_an_equals_sign_later_in_its_text_is_a_prompt(tiny_model_d
         assert read_metadata(out)["prompt"] == prompt
     result = CliRunner().invoke(main, ["format-prompt", "x=1, prompt=2"])
     assert result.exit_code == 0 and "x=1, prompt=2" in result.output, result.output
+
+
+@pytest.mark.parametrize("command, flag, here", [
+    ("generate", "--num_inference_steps", "--steps"),  # the library's name: click suggested nothing
+    ("generate", "--num_images_per_prompt", "--num-images"),
+    ("generate", "--text_encoder_quant", "--text-encoder-quant"),  # click offered three flags
+    ("generate", "--guidance_scale", "--guidance-scale"),
+    ("generate", "--tiled_vae", "--tiled-vae"),
+    ("generate", "--no_progress", "--no-progress"),
+    ("rewrite", "--llm_url", "--llm-url"),
+])
+def test_a_flag_spelled_with_underscores_or_as_the_library_argument_names_the_flag(tmp_path, command, flag, here):
+    """Flags written as Python names (`--num_inference_steps 4`, as diffusers scripts take them) got
+    click's "No such option" with no suggestion, or several; the line names the flag now."""
+    line = one_line_error(command, "a cat", "--model", str(tmp_path / "missing"), flag, "4")
+    assert line == f"Error: No such option '{flag}': it is {here} here (see `zimage {command} --help`)", line
+
+
+@pytest.mark.parametrize("flag, what", [
+    ("--n_samples", "--num-images N makes N images per prompt"),  # click suggested '--compile'
+    ("--n_iter", "--num-images N makes N images per prompt"),
+    ("--cpu_offload", "the predecessor's --cpu-offload is --offload model"),
+])
+def test_other_tools_flags_spelled_with_underscores_say_what_they_are_here(tmp_path, flag, what):
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), flag, "2")
+    assert line.startswith(f"Error: No such option '{flag}': {what}"), line
+
+
+def test_an_underscored_name_that_is_no_flag_of_the_command_keeps_clicks_message(tmp_path):
+    """`zimage rewrite` has no --steps: click's own line stays."""
+    line = one_line_error("rewrite", "a cat", "--num_inference_steps", "4")
+    assert line == "Error: No such option '--num_inference_steps'. (see `zimage rewrite --help`)", line

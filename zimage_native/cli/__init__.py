@@ -70,6 +70,7 @@ _SAMPLER = "there is one sampler, FlowMatch Euler; --steps and --shift set its s
 OTHER_TOOLS_FLAGS = {
     "--size": ("width", _SIZE), "--resolution": ("width", _SIZE),
     "--batch": ("num_images", _COUNT), "--batch-count": ("num_images", _COUNT), "--n-iter": ("num_images", _COUNT),
+    "--n-samples": ("num_images", _COUNT),
     "--cfg": ("guidance_scale", _CFG), "--cfg-scale": ("guidance_scale", _CFG),
     "--sampler": ("shift", _SAMPLER), "--scheduler": ("shift", _SAMPLER),
     "--prompt": ("prompt", "the prompt is the first argument, in quotes: {command} \"a red fox\" ..."),
@@ -83,13 +84,21 @@ def _one_line(e: click.UsageError) -> click.ClickException:
     from ._common import UserError
 
     where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
-    if isinstance(e, click.NoSuchOption) and e.option_name in PREDECESSOR_FLAGS:
-        return UserError(f"No such option '{e.option_name}': the predecessor's {e.option_name} is "
-                         f"{PREDECESSOR_FLAGS[e.option_name]} here{where}")
-    if isinstance(e, click.NoSuchOption) and e.option_name in OTHER_TOOLS_FLAGS and e.ctx is not None:
-        param, what = OTHER_TOOLS_FLAGS[e.option_name]
+    # the predecessor's and other tools' flags, with '_' for '-' too (`--n_iter`, the CompVis scripts' spelling)
+    dashed = e.option_name.replace("_", "-") if isinstance(e, click.NoSuchOption) else None
+    if dashed in PREDECESSOR_FLAGS:
+        return UserError(f"No such option '{e.option_name}': the predecessor's {dashed} is "
+                         f"{PREDECESSOR_FLAGS[dashed]} here{where}")
+    if dashed in OTHER_TOOLS_FLAGS and e.ctx is not None:
+        param, what = OTHER_TOOLS_FLAGS[dashed]
         if any(p.name == param for p in e.ctx.command.params):
             return UserError(f"No such option '{e.option_name}': {what.format(command=e.ctx.command_path)}{where}")
+    if isinstance(e, click.NoSuchOption) and e.option_name.startswith("--") and e.ctx is not None:
+        # `--num_inference_steps 4`, `--text_encoder_quant int8`: the library's argument name, or a flag's
+        # with '_' (click suggested nothing, or --compile for --n_samples, or three flags)
+        flag = _command_flags(e.ctx).get(e.option_name[2:])
+        if flag is not None:
+            return UserError(f"No such option '{e.option_name}': it is {flag[0]} here{where}")
     extra = re.match(r"Got unexpected extra arguments? \((.*)\)$", e.format_message())
     prompt = e.ctx.params.get("prompt") if e.ctx is not None else None
     if extra and _prompt_keyword(e.ctx, prompt) is not None and _follows(e.ctx, prompt, extra[1]):
@@ -136,11 +145,10 @@ def _one_line(e: click.UsageError) -> click.ClickException:
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "none")
 
 
-def _keyword_flags(ctx: click.Context, words: list[str]) -> str | None:
-    """Extra arguments written as keywords (``width=512``, ``num_inference_steps=4``,
-    ``llm_url=http://host:8000/v1``: the library's argument name or a flag's name without its dashes, with
-    '_' or '-') as the flags of the command (``--width 512``); None unless every word is one, so a prompt
-    word that holds a URL or an '=' is not taken for a keyword."""
+def _command_flags(ctx: click.Context) -> dict[str, tuple[str, click.Option]]:
+    """The command's flags (``"--width"``, its option) by their names without dashes, with '_' or '-'
+    (``width``, ``tiled_vae``, ``tiled-vae``), and by the library's names of their arguments
+    (``num_inference_steps``: ``--steps``)."""
     flags: dict[str, tuple[str, click.Option]] = {}
     for p in ctx.command.params:
         for opt in (p.opts + p.secondary_opts) if isinstance(p, click.Option) else ():
@@ -148,6 +156,15 @@ def _keyword_flags(ctx: click.Context, words: list[str]) -> str | None:
                 flags[opt[2:]] = flags[opt[2:].replace("-", "_")] = (opt, p)
     flags.update({name: flags[flag[2:]] for name, flag in LIBRARY_FLAGS.items()
                   if name not in flags and flag[2:] in flags})
+    return flags
+
+
+def _keyword_flags(ctx: click.Context, words: list[str]) -> str | None:
+    """Extra arguments written as keywords (``width=512``, ``num_inference_steps=4``,
+    ``llm_url=http://host:8000/v1``: the library's argument name or a flag's name without its dashes, with
+    '_' or '-') as the flags of the command (``--width 512``); None unless every word is one, so a prompt
+    word that holds a URL or an '=' is not taken for a keyword."""
+    flags = _command_flags(ctx)
     out = []
     for word in words:
         m = re.fullmatch(r"([A-Za-z][\w-]*)=(.*)", word, re.S)
