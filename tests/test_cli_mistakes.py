@@ -354,3 +354,19 @@ def test_an_underscored_name_that_is_no_flag_of_the_command_keeps_clicks_message
     """`zimage rewrite` has no --steps: click's own line stays."""
     line = one_line_error("rewrite", "a cat", "--num_inference_steps", "4")
     assert line == "Error: No such option '--num_inference_steps'. (see `zimage rewrite --help`)", line
+
+
+def test_a_batch_size_for_a_single_image_says_to_give_num_images(tmp_path):
+    """`zimage generate "a cat" --batch-size 4` (ComfyUI's batch_size is the number of images) made one
+    image, silently; it is refused before loading now, naming --num-images. A run of several images,
+    or a batch size from a config file (a profile for many runs), is not."""
+    missing = str(tmp_path / "missing")
+    assert one_line_error("generate", "a cat", "--model", missing, "--batch-size", "4") == (
+        "Error: --batch-size 4 samples up to 4 images at once, and this run makes one (one prompt, one seed); "
+        "for 4 images give --num-images 4 (with --batch-size 4 to sample them together)")
+    config = tmp_path / "zimage.toml"
+    config.write_text("[default]\nbatch_size = 4\n")
+    for args in (["--num-images", "2"], ["--seed", "1", "2"], ["--seeds", "2"], ["--config", str(config)]):
+        line = one_line_error("generate", "a cat", "--model", missing, *args, *(["--batch-size", "4"]
+                                                                             if "--config" not in args else []))
+        assert line.startswith("Error: model folder not found"), (args, line)

@@ -297,6 +297,13 @@ def checked_generate(ctx, prompt, opts: dict, from_image, recorded: dict, record
         raise ValueError(f"--lora takes its scale in the same argument, after ':': --lora {lora}:{prompt} ('{prompt}' "
                          f"was read as the prompt)")
     prompts = read_prompts(prompt or (recorded_prompt if not opts["prompts_file"] else None), opts["prompts_file"])
+    size = opts["batch_size"]
+    if typed("batch_size") and size > 1 and len(prompts) == 1 and opts["num_images"] == 1 and len(opts["seed"]) < 2 \
+            and opts["seeds"] is None and not opts["seed_batch"]:
+        # ComfyUI's batch_size is the number of images: here it made one, silently
+        raise ValueError(f"--batch-size {size} samples up to {size} images at once, and this run makes one (one "
+                         f"prompt, one seed); for {size} images give --num-images {size} (with --batch-size {size} "
+                         f"to sample them together)")
     run_generate(prompts, opts)
 
 
