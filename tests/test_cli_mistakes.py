@@ -370,3 +370,30 @@ def test_a_batch_size_for_a_single_image_says_to_give_num_images(tmp_path):
         line = one_line_error("generate", "a cat", "--model", missing, *args, *(["--batch-size", "4"]
                                                                              if "--config" not in args else []))
         assert line.startswith("Error: model folder not found"), (args, line)
+
+
+def test_a_path_starting_with_a_tilde_is_in_the_home_folder(tiny_model_dir, tmp_path, monkeypatch):
+    """`output_dir = "~/images"` in a config file (no shell expands it) or `-o "~/cat.png"` typed in quotes
+    wrote the images into a new folder named '~' in the current one; an input path so written was "does
+    not exist". A leading ~ is the home folder now, as in the shell (and as --model and --lora read it)."""
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    config = tmp_path / "zimage.toml"
+    config.write_text('[default]\noutput_dir = "~/images"\n')
+    args = ["generate", "a cat", "--model", str(tiny_model_dir), "--device", "cpu", "--width", "32", "--height", "32",
+            "--steps", "1", "--seed", "1", "--no-progress"]
+    for extra in (["--config", str(config)], ["-o", "~/one/cat.png"]):
+        result = CliRunner().invoke(main, [*args, *extra])
+        assert result.exit_code == 0, result.output
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*.png")) == ["images/zimage-000-1.png", "one/cat.png"]
+    assert list(cwd.iterdir()) == []
+    result = CliRunner().invoke(main, ["info", "~/one/cat.png"])
+    assert result.exit_code == 0 and result.output.startswith(f"{home / 'one' / 'cat.png'}  (image written by"), \
+        result.output

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ._common import check_writable_folder, user_errors
-from .options import DtypeChoice
+from .options import DtypeChoice, UserPath
 
 RUNG_NAMES = ("eager", "kernels", "compile", "cuda_graphs", "vae", "fp8")  # = zimage_native.bench.RUNG_NAMES
 
@@ -82,7 +82,7 @@ def check_numbers(sizes, steps: int, repeats: int, big_size, budget_s) -> None:
               help="Ladder rungs (repeatable); each adds its feature to the ones before, in the order above.")
 @click.option("--diffusers/--no-diffusers", "with_diffusers", default=True, show_default=True,
               help="Measure diffusers 0.42.1 on the same weights in the same run.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("benchmarks/results"),
+@click.option("--out", type=UserPath(file_okay=False, path_type=Path), default=Path("benchmarks/results"),
               show_default=True,
               help="Folder for the results: rows appended to e2e.csv, this run's rows and checks in e2e.json; "
                    "a relative path is from the current folder (the line at the end names the files in full).")

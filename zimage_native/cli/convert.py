@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ._common import UserError, check_writable_folder, user_errors
-from .options import DtypeChoice
+from .options import DtypeChoice, UserPath
 
 LAYOUT_HELP = ("Target layout. transformer: diffusers | comfyui (= original) | native-fused; "
                "vae: diffusers | ldm (= comfyui, bfl); text encoder: transformers (= comfyui, diffusers; "
@@ -15,8 +15,8 @@ LAYOUT_HELP = ("Target layout. transformer: diffusers | comfyui (= original) | n
 
 
 @click.command()
-@click.argument("src", type=click.Path(exists=True, path_type=Path))
-@click.argument("dst", type=click.Path(path_type=Path))
+@click.argument("src", type=UserPath(exists=True, path_type=Path))
+@click.argument("dst", type=UserPath(path_type=Path))
 @click.option("--to", "layout", required=True, help=LAYOUT_HELP)
 @click.option("--component", type=click.Choice(["auto", "transformer", "vae", "text-encoder"]), default="auto",
               show_default=True, help="Which component of SRC (needed for all-in-one files).")
@@ -27,7 +27,7 @@ LAYOUT_HELP = ("Target layout. transformer: diffusers | comfyui (= original) | n
               help="Split into files of at most SIZE (e.g. 5GB) with an index json; DST must be a folder.")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="Bake a LoRA into the transformer (repeatable); fused in fp32 before any cast or fp8.")
-@click.option("--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+@click.option("--config", "config", type=UserPath(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A config.json with what the shapes cannot tell (e.g. axes_dims), for the output folder's config.")
 @click.option("--dry-run", is_flag=True, help="Print the key map and sizes; write nothing.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")

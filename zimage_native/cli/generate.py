@@ -16,7 +16,7 @@ import click
 
 from ..hub import DEFAULT_MODEL
 from . import PromptCommand
-from .options import SIDE, WholeNumber, config_file, loading, placement, speed, vae_tiling
+from .options import SIDE, UserPath, WholeNumber, config_file, loading, placement, speed, vae_tiling
 from ._common import check_writable_folder, read_user_text, save_image_atomic, user_errors
 from .config import apply_layers, config_origins, config_source, convert, naming_config_origins, read_profile
 
@@ -154,14 +154,14 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @click.option("--model", "--model-path", "model", default=None,
               help=f"Model folder (diffusers layout) or Hub id [default: {DEFAULT_MODEL}, or none with --transformer].")
 @loading
-@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="FILE", default=None,
+@click.option("-o", "--output", type=UserPath(path_type=Path), metavar="FILE", default=None,
               help="PNG to write for a single image; with several, NAME_INDEX_SEED.png. Default: --name-pattern.")
-@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--output-dir", type=UserPath(file_okay=False, path_type=Path), default=None,
               help="Folder for the images (default: the current folder).")
 @click.option("--name-pattern", default=DEFAULT_PATTERN, show_default=True,
               help="File names under --output-dir; fields {index} {seed} {prompt_index} {slug}.")
 @click.option("--overwrite/--no-overwrite", default=False, show_default=True, help="Replace existing files.")
-@click.option("--prompts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+@click.option("--prompts-file", type=UserPath(exists=True, dir_okay=False, path_type=Path), default=None,
               help="One prompt per line (lines starting with # are skipped).")
 @click.option("--width", type=SIDE, default=None,
               help="Image width in pixels, a multiple of 16 [default: the template's size, else 1024].")
@@ -202,20 +202,20 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
               help="Skip the DiT's main layers on steps whose first layer changed by at most this fraction since "
                    "the last full step, reusing that step's work (lossy; 0.05-0.2 is a usual range, for many "
                    "steps; 0 = off). Not with --cuda-graphs or --compile full.")
-@click.option("--image", "init_image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+@click.option("--image", "init_image", type=UserPath(exists=True, dir_okay=False, path_type=Path), default=None,
               help="img2img: start from this image.")
-@click.option("--mask", "mask", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+@click.option("--mask", "mask", type=UserPath(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Inpaint with --image: repaint where this mask is white, keep where it is black.")
 @click.option("--strength", type=float, default=None,
               help="With --image: how much to change it, 0 to 1 (the share of the steps that run; 1 = from pure "
                    "noise) [default: 0.6 img2img, 1.0 inpaint].")
-@click.option("--control-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+@click.option("--control-image", type=UserPath(exists=True, dir_okay=False, path_type=Path), default=None,
               help="ControlNet: pose / depth / edge image [sets the size unless --width/--height; with --image "
                    "and --mask: ControlNet inpainting].")
 @click.option("--control-scale", type=float, default=0.75, show_default=True,
               help="ControlNet conditioning scale (0 = no control).")
 @click.option("--template", default=None, help="Prompt template name (see `zimage templates list`).")
-@click.option("--templates-dir", type=click.Path(exists=True, file_okay=False), multiple=True,
+@click.option("--templates-dir", type=UserPath(exists=True, file_okay=False), multiple=True,
               help="Extra folder of templates (repeatable) [default: the shipped templates only].")
 @click.option("--system-prompt", default=None,
               help="System message of the chat format the text encoder reads [default: none, or the template's].")
@@ -234,7 +234,7 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @speed
 @vae_tiling
 @config_file
-@click.option("--from-image", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+@click.option("--from-image", type=UserPath(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Re-run the request recorded in a PNG written by zimage; flags override it.")
 @click.option("--debug", is_flag=True, help="Print the formatted prompts, token ids and embedding statistics.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ._common import user_errors
-from .options import DtypeChoice
+from .options import DtypeChoice, UserPath
 
 COMPONENTS = ("transformer", "vae", "text_encoder")
 
@@ -164,7 +164,7 @@ def check_weights_folder(path: Path) -> None:
 
 
 @click.command()
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.argument("path", type=UserPath(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--check", is_flag=True,
               help="Instead: read every tensor and list those holding NaN or infinite values (exit status 1 if any).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -17,6 +18,15 @@ def stack(*decorators):
         return fn
 
     return apply
+
+
+class UserPath(click.Path):
+    """A path, with a leading ``~`` as the home folder, as the shell expands it: a path from a config
+    file (``output_dir = "~/images"``) or typed in quotes reached the command as ``~/images``, and the
+    images went to a new folder named ``~`` in the current one."""
+
+    def convert(self, value, param, ctx):
+        return super().convert(os.path.expanduser(value) if isinstance(value, str) else value, param, ctx)
 
 
 class DtypeChoice(click.Choice):
@@ -63,21 +73,21 @@ SIDE = WholeNumber("the side in pixels, a multiple of 16 (for example 1024)")
 
 # Where the weights come from: single files, LoRA, a ControlNet, the variant, a remote text encoder.
 loading = stack(
-    click.option("--transformer", type=click.Path(exists=True, path_type=Path), default=None,
+    click.option("--transformer", type=UserPath(exists=True, path_type=Path), default=None,
                  help="DiT file in any supported format (ComfyUI, all-in-one, fp8, GGUF); see docs/formats.md."),
-    click.option("--vae", type=click.Path(exists=True, path_type=Path), default=None,
+    click.option("--vae", type=UserPath(exists=True, path_type=Path), default=None,
                  help="VAE file (e.g. ae.safetensors)."),
-    click.option("--text-encoder", type=click.Path(exists=True, path_type=Path), default=None,
+    click.option("--text-encoder", type=UserPath(exists=True, path_type=Path), default=None,
                  help="Qwen3 text encoder file (e.g. qwen_3_4b.safetensors, or a llama.cpp GGUF)."),
     click.option("--tokenizer", default=None,
                  help="Tokenizer folder or Hub id (default: the model's, or Z-Image-Turbo's)."),
     click.option("--lora", "loras", multiple=True,
                  help="LoRA to apply: PATH, or PATH:SCALE with SCALE a number (default 1); repeatable; fused into "
                       "the weights."),
-    click.option("--controlnet", type=click.Path(exists=True, path_type=Path), default=None,
+    click.option("--controlnet", type=UserPath(exists=True, path_type=Path), default=None,
                  help="Fun-ControlNet-Union file or diffusers folder (1.0, 2.0, 2.1; docs/tasks.md), for "
                       "requests with a control image."),
-    click.option("--controlnet-config", type=click.Path(exists=True, path_type=Path), default=None,
+    click.option("--controlnet-config", type=UserPath(exists=True, path_type=Path), default=None,
                  help="config.json overriding what is inferred from the ControlNet file."),
     click.option("--variant", type=click.Choice(["turbo", "base"]), default=None,
                  help="Step and guidance defaults (Turbo 8/0, base 50/4); detected from the model if not given."),
@@ -152,7 +162,7 @@ vae_tiling = stack(
 
 # The TOML config layer.
 config_file = stack(
-    click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    click.option("--config", "config_path", type=UserPath(dir_okay=False, path_type=Path), default=None,
                  help="TOML config file ([default] plus profiles)."),
     click.option("--profile", default=None,
                  help="Profile of the config file to apply on top of [default]; without --config, of the shipped "

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from ..hub import DEFAULT_MODEL
-from .options import config_file, loading, placement, speed, vae_tiling
+from .options import UserPath, config_file, loading, placement, speed, vae_tiling
 from ._common import check_writable_folder, user_errors
 from .config import (apply_layers, config_origins, config_source, convert, naming_config_origins, option_keys,
                      read_profile)
@@ -42,7 +42,7 @@ def _is_loopback(host: str) -> bool:
               help="Bearer token required on every route but /health and the page shell [env ZIMAGE_TOKEN].")
 @click.option("--queue-size", type=int, default=8, show_default=True,
               help="Jobs that may wait behind the running one; beyond that: 429 with Retry-After.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--data-dir", type=UserPath(file_okay=False, path_type=Path), default=None,
               help="History folder (images + SQLite), one server at a time [default: "
                    "$XDG_DATA_HOME/zimage-native/server; with --fake: .../server-fake; with --encoder-only: "
                    ".../server-encoder].")
@@ -82,7 +82,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--job-timeout", type=float, default=None, help="Seconds a job may run before it fails [default: none].")
 @click.option("--full-sync/--no-full-sync", default=False, show_default=True,
               help="SQLite synchronous=FULL: history survives a power loss, at some cost per write.")
-@click.option("--templates-dir", type=click.Path(exists=True, file_okay=False), multiple=True,
+@click.option("--templates-dir", type=UserPath(exists=True, file_okay=False), multiple=True,
               help="Extra template folder (repeatable).")
 @placement
 @speed

@@ -9,9 +9,10 @@ import click
 
 from ..prompt.templates import CATEGORIES
 from ._common import user_errors
+from .options import UserPath
 
 templates_dir_option = click.option(
-    "--templates-dir", "templates_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+    "--templates-dir", "templates_dirs", multiple=True, type=UserPath(file_okay=False, path_type=Path),
     help="Extra folder of templates (repeatable); its templates replace shipped ones of the same name.")
 
 
