@@ -397,3 +397,33 @@ def test_a_path_starting_with_a_tilde_is_in_the_home_folder(tiny_model_dir, tmp_
     result = CliRunner().invoke(main, ["info", "~/one/cat.png"])
     assert result.exit_code == 0 and result.output.startswith(f"{home / 'one' / 'cat.png'}  (image written by"), \
         result.output
+
+
+@pytest.mark.parametrize("name", ["out.gguf", "out.sft", "out.ckpt"])
+def test_convert_to_a_weight_file_of_another_format_says_it_writes_safetensors(tiny_model_dir, tmp_path, name):
+    """`zimage convert MODEL/transformer out.gguf --to comfy` made a folder named out.gguf holding
+    diffusion_pytorch_model.safetensors (a DST not ending in .safetensors is a folder), and said
+    "wrote out.gguf"; it is refused now, before reading, naming the .safetensors file to give."""
+    dst = tmp_path / name
+    line = one_line_error("convert", str(tiny_model_dir / "transformer"), str(dst), "--to", "comfy")
+    gguf = " (GGUF files are read, not written)" if name.endswith(".gguf") else ""
+    assert line == (f"Error: DST {dst}: convert writes safetensors{gguf}: give a .safetensors file "
+                    f"({tmp_path / 'out.safetensors'}) or a folder (a name without a file extension)"), line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_says_a_small_outputs_size_in_a_unit_that_shows_it(tiny_model_dir, tmp_path):
+    """The line said '0.002 GB' for the tiny DiT (2,367,424 bytes of tensors)."""
+    import re
+
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    dst = tmp_path / "out.safetensors"
+    result = CliRunner().invoke(main, ["convert", str(tiny_model_dir / "transformer"), str(dst), "--to", "comfy"])
+    assert result.exit_code == 0, result.output
+    size = re.search(r", ([\d.]+) (bytes|KB|MB|GB) in 1 file\(s\)\)$", result.output.strip())
+    assert size is not None, result.output
+    shown = float(size[1]) * {"bytes": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[size[2]]
+    assert abs(shown - dst.stat().st_size) <= 0.05 * dst.stat().st_size, (result.output, dst.stat().st_size)

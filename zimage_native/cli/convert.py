@@ -14,6 +14,10 @@ LAYOUT_HELP = ("Target layout. transformer: diffusers | comfyui (= original) | n
                "'model.' prefix) | bare.")
 
 
+#: Weight file extensions of other formats: a DST ending so would be a folder (any name but .safetensors is).
+OTHER_WEIGHT_SUFFIXES = (".gguf", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+
+
 @click.command()
 @click.argument("src", type=UserPath(exists=True, path_type=Path))
 @click.argument("dst", type=UserPath(path_type=Path))
@@ -41,6 +45,10 @@ def convert(src, dst, layout, component, dtype, shard_size, loras, config, dry_r
 
     for text in loras:
         check_lora_arg(text, parse_lora_arg)
+    if dst.suffix.lower() in OTHER_WEIGHT_SUFFIXES:  # was a folder of that name holding .safetensors
+        gguf = " (GGUF files are read, not written)" if dst.suffix.lower() == ".gguf" else ""
+        raise ValueError(f"DST {dst}: convert writes safetensors{gguf}: give a .safetensors file "
+                         f"({dst.with_suffix('.safetensors')}) or a folder (a name without a file extension)")
     if not dry_run:  # refused now, not after reading and converting gigabytes
         check_writable_folder(dst.parent, "DST")
     try:
@@ -52,5 +60,7 @@ def convert(src, dst, layout, component, dtype, shard_size, loras, config, dry_r
     if dry_run:
         click.echo("\n".join(plan.lines()))
         return
+    from ..footprint import format_size
+
     click.echo(f"wrote {dst} ({plan.component}, {plan.dst_layout}, {len(plan.tensors)} tensors, "
-               f"{plan.total_bytes / 1e9:.3f} GB in {len(plan.shards)} file(s))")
+               f"{format_size(plan.total_bytes)} in {len(plan.shards)} file(s))")
