@@ -427,3 +427,22 @@ def test_convert_says_a_small_outputs_size_in_a_unit_that_shows_it(tiny_model_di
     assert size is not None, result.output
     shown = float(size[1]) * {"bytes": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[size[2]]
     assert abs(shown - dst.stat().st_size) <= 0.05 * dst.stat().st_size, (result.output, dst.stat().st_size)
+
+
+@pytest.mark.parametrize("args, flag, value", [
+    (["--guidance-scale", "1", "--negative-prompt", "--tiled-vae"], "--negative-prompt", "--tiled-vae"),
+    (["-o", "--overwrite"], "-o", "--overwrite"),  # was "--output must be a .png file, got --overwrite"
+    (["--output-dir", "--seed", "1"], "--output-dir", "--seed"),
+])
+def test_a_flag_whose_value_is_missing_is_not_given_the_next_flag(tmp_path, args, flag, value):
+    """`--negative-prompt --tiled-vae` (the value forgotten) drew an image with the negative prompt
+    "--tiled-vae" and without tiling: click takes the next word as the value, a flag too."""
+    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
+    assert line == (f"Error: {flag} takes a value, and the next word is the flag {value}: give the value after {flag} "
+                    f"({flag} VALUE {value} ...) (see `zimage generate --help`)"), line
+
+
+def test_a_flag_with_an_optional_value_before_another_flag_is_taken():
+    """--compile alone means --compile blocks: the next flag is no value it lacks."""
+    line = one_line_error("generate", "a cat", "--device", "cpu", "--compile", "--cuda-graphs")
+    assert line == "Error: --cuda-graphs needs the DiT on a CUDA device; it is on cpu", line

@@ -276,6 +276,23 @@ def _lora_before(ctx: click.Context, extra: str) -> str | None:
                  and not re.search(f":{number}$", args[i + 1])), None)
 
 
+def _check_flag_values(command: click.Command, args: list[str], path: str) -> None:
+    """Refuse a flag that takes a value followed by another of the command's flags: click takes the
+    flag as the value (``--negative-prompt --tiled-vae`` drew an image with the negative prompt
+    "--tiled-vae" and no tiling; ``-o --overwrite`` asked for ``--overwrite.png``)."""
+    from ._common import UserError
+
+    names = {o for p in command.params if isinstance(p, click.Option) for o in p.opts + p.secondary_opts}
+    takes = {o: p for p in command.params if isinstance(p, click.Option) and not p.is_flag and not p.count
+             and not getattr(p, "_flag_needs_value", False) for o in p.opts}
+    for flag, value in zip(args, args[1:]):
+        if flag == "--":
+            return
+        if flag in takes and value in names:
+            raise UserError(f"{flag} takes a value, and the next word is the flag {value}: give the value after "
+                            f"{flag} ({flag} VALUE {value} ...) (see `{path} --help`)")
+
+
 #: ``ctx.meta`` key of the command line as :meth:`ZImageGroup.parse_args` read it (for :func:`_one_line`).
 ARGS_KEY = "zimage.args"
 
@@ -338,6 +355,12 @@ class ZImageGroup(click.Group):
             raise SystemExit(130) from None
         finally:
             restore()
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None and not isinstance(cmd, click.Group):
+            _check_flag_values(cmd, rest, f"{ctx.command_path} {name}")
+        return name, cmd, rest
 
     def parse_args(self, ctx, args):
         out, i = [], 0
