@@ -368,6 +368,11 @@ def test_a_token_limit_past_the_caption_positions_is_refused_before_loading(tmp_
     (["--seed", "1", "--seeds", "0"], "Error: --seeds must be >= 1, got 0"),  # was one image from --seed 1
     (["--seed", "1", "--seeds", "-2"], "Error: --seeds must be >= 1, got -2"),  # was "not both"
     (["--cfg-normalization", "-1"], "Error: --cfg-normalization must be >= 0"),
+    # the library took it, and CFG ran on no step: --guidance-scale 2 made an image without guidance
+    (["--guidance-scale", "2", "--cfg-truncation", "-1"], "Error: --cfg-truncation must be >= 0 (CFG stops on the "
+                                                          "steps where 1 - sigma exceeds it, 1: never; below 0 it "
+                                                          "runs on no step, which --guidance-scale 0 says), got -1.0"),
+    (["--cfg-truncation", "nan"], "Error: --cfg-truncation must be >= 0"),
     (["--image", __file__, "--strength", "0"], "Error: --strength 0 runs no step"),  # was refused after loading
     (["--template", "rewriter-cinematic"], "Error: --template rewriter-cinematic is a rewriter: its system prompt "
                                            "instructs the prompt rewriter, not the image; rewrite first (zimage "

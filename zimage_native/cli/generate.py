@@ -336,6 +336,10 @@ def run_generate(prompts: list[str], o: dict) -> None:
         raise ValueError(f"--strength must be in [0, 1], got {o['strength']}")
     if o["strength"] == 0:  # the library refuses it too, but only once the weights are loaded
         raise ValueError("--strength 0 runs no step (the output would be the input image); give a strength above 0")
+    if not o["cfg_truncation"] >= 0:  # the library takes it: CFG then ran on no step, silently
+        raise ValueError(f"--cfg-truncation must be >= 0 (CFG stops on the steps where 1 - sigma exceeds it, 1: "
+                         f"never; below 0 it runs on no step, which --guidance-scale 0 says), got "
+                         f"{o['cfg_truncation']}")
     if o["shift"] is not None and not o["shift"] > 0:
         raise ValueError(f"--shift must be > 0, got {o['shift']}")
     if o["tiled_vae"]:  # the library's check, which ran only once the weights were loaded
