@@ -176,7 +176,8 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
 @click.option("--num-images", type=int, default=1, show_default=True,
               help="Images per prompt (consecutive seeds from --seed).")
 @click.option("--batch-size", type=int, default=1, show_default=True,
-              help="Images sampled together (faster on a GPU, more memory; the same images up to rounding).")
+              help="Images sampled together (faster on a GPU, more memory; the same images up to rounding); no more "
+                   "images: --num-images sets how many.")
 @click.option("--guidance-scale", type=float, default=None,
               help="Classifier-free guidance (CFG) strength, 0 = off; above 0 each step runs the DiT twice "
                    "[default: 0 Turbo, 4 base].")
