@@ -523,3 +523,20 @@ def test_a_remote_encoder_with_a_text_encoder_quant_is_refused_in_flag_words(tmp
                        ("with widths of 16", None), ("with /data/width the file", None),
                        ("with text_encoder_url=x", "with --encoder-url=x")):
         assert cli_message(text) == (want or text), text
+
+
+@pytest.mark.parametrize("said", ["CUDA out of memory. Tried to allocate 4.00 GiB. See documentation for Memory "
+                                  "Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)",
+                                  "CUDA out of memory. Tried to allocate 4.00 GiB."])
+def test_out_of_memory_advice_starts_a_sentence_of_its_own(said):
+    """torch's out-of-memory message ends in its docs' address in parentheses: the advice was joined
+    to it as "...environment-variables) To use less memory"."""
+    from zimage_native.cli._common import UserError, user_errors
+
+    def run():
+        raise torch.OutOfMemoryError(said + "\nmore lines")
+
+    with pytest.raises(UserError) as raised:
+        user_errors(run)()
+    first = said.rstrip(".")
+    assert str(raised.value).startswith(f"{first}. To use less memory: a smaller --width/--height")
