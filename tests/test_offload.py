@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 
 import pytest
@@ -510,6 +511,38 @@ def _comfy_quant_dit(tmp_path, model_dir):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings (Linux)")
+@pytest.mark.parametrize("kind", ["gguf", "comfy-quant", "folder"])
+def test_a_pinned_load_reads_the_weights_of_a_mapped_one_into_memory_of_their_own(tiny_model_dir, tmp_path, kind):
+    """``pinned`` (offload="blocks" on a GPU) reads the tensors a load keeps as stored from the file
+    into memory of their own, not as views of its map: the same values, the file not mapped."""
+    from zimage_native.loading import load_module
+
+    if kind == "folder":
+        config = TransformerConfig.from_json(tiny_model_dir / "transformer" / "config.json")
+        path = tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+        load = lambda pinned: load_module(lambda: ZImageTransformer(config), path.parent, None, "cpu",  # noqa: E731
+                                          "transformer", pinned=pinned)
+    else:
+        path, config = _gguf_dit(tmp_path) if kind == "gguf" else _comfy_quant_dit(tmp_path, tiny_model_dir)
+        load = lambda pinned: load_component("transformer", path, None, "cpu", config=config,  # noqa: E731
+                                             pinned=pinned)
+    mapped, pinned = load(False).state_dict(), load(True).state_dict()
+    real = os.path.realpath(path)
+    ranges = [[int(a, 16) for a in line.split()[0].split("-")] for line in open("/proc/self/maps")
+              if line.rstrip("\n").endswith(" " + real)]
+
+    def in_map(t):
+        return any(a <= t.untyped_storage().data_ptr() < b for a, b in ranges)
+
+    assert mapped.keys() == pinned.keys()
+    weights = [k for k, v in mapped.items() if v.dim() >= 2]
+    assert any(in_map(mapped[k]) for k in weights)  # (the mapped load's are views of the file)
+    assert not any(in_map(pinned[k]) for k in weights)
+    for k, v in mapped.items():
+        assert v.dtype == pinned[k].dtype and torch.equal(v, pinned[k]), k
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the process's mappings (Linux)")
 @pytest.mark.parametrize("kind", ["gguf", "comfy-quant"])
 def test_a_dit_whose_weights_are_repacked_lets_its_files_map_go(tiny_model_dir, tmp_path, kind):
     """A GGUF DiT's packed weights, and the float8 / int8 weights a comfy_quant DiT keeps, were views
@@ -523,3 +556,73 @@ def test_a_dit_whose_weights_are_repacked_lets_its_files_map_go(tiny_model_dir, 
     assert _mapped(path)  # (the loaded weights are the file's pages)
     stream_blocks(model, "meta", allocate=lambda n: torch.empty(n, dtype=torch.uint8))  # what leaves the host: meta
     assert not _mapped(path), f"{path.name} still mapped after every weight of the model moved"
+
+
+_PACK_SCRIPT = """
+import json, sys, torch
+from zimage_native.loading import load_component
+from zimage_native.offload import stream_blocks
+
+path, config = sys.argv[1], json.loads(sys.argv[2])
+
+
+def load():  # offload="blocks" on a GPU, the pinned slabs in plain memory and the resident part moved off the host
+    model = load_component("transformer", path, torch.bfloat16, "cpu", config=config, pinned=True)
+    stream_blocks(model, "meta", allocate=lambda n: torch.empty(n, dtype=torch.uint8))
+    return model
+
+
+load()  # imports, first allocations (not measured)
+start = reset_peak()
+model = load()
+held = sum(t.nbytes for t in model.state_dict().values() if not t.is_meta)
+print(status("VmHWM") - start, held)
+"""
+
+_PACK_CONFIG = dict(dim=1536, n_heads=12, n_kv_heads=12, n_layers=1, n_refiner_layers=1, cap_feat_dim=256,
+                    axes_dims=[32, 48, 48])  # an FFN of 4096: rows of whole Q8_0 blocks
+
+
+def _pack_file(tmp_path, kind: str):
+    """A DiT of ``_PACK_CONFIG`` in the ComfyUI layout: bf16 safetensors (170 MB) or Q8_0 GGUF (90 MB)."""
+    from safetensors.torch import save_file
+
+    from zimage_native.converters.keymap import DIT_COMFYUI, from_canonical
+    from zimage_native.loading import build_on_meta
+
+    model = build_on_meta(lambda: ZImageTransformer(TransformerConfig.from_dict(_PACK_CONFIG)))
+    g = torch.Generator().manual_seed(0)
+    sd = dict(from_canonical(((k, (torch.randn(v.shape, generator=g) * 0.05).bfloat16())
+                              for k, v in model.state_dict().items()), DIT_COMFYUI))
+    sd["norm_final.weight"] = torch.ones(_PACK_CONFIG["dim"], dtype=torch.bfloat16)
+    if kind == "bf16":
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "dit.safetensors"))
+        return tmp_path / "dit.safetensors"
+    pytest.importorskip("gguf")
+    import numpy as np
+
+    from .gguf_files import quantizable, random_blocks, write_gguf
+
+    rng = np.random.default_rng(0)
+    file = {k: (random_blocks("Q8_0", *v.shape, rng), "Q8_0") if quantizable(k, tuple(v.shape), "Q8_0") else
+            (v.float().numpy(), "F32") for k, v in sd.items()}
+    return write_gguf(tmp_path / "dit.gguf", file, "lumina2")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures the peak resident size (Linux)")
+@pytest.mark.parametrize("kind", ["bf16", "Q8_0"])
+def test_packing_the_blocks_of_a_dit_file_holds_the_file_once(tmp_path, kind):
+    """offload="blocks" reads the DiT for pinned memory and packs its blocks into slabs. Loaded as
+    views of the file's map (a bf16 file in bf16, a GGUF's packed weights), every page the pack read
+    stayed resident until the map was closed at its end: the peak was the file and the slabs, twice
+    the weights (real width, one main and one refiner layer per stack: bf16 2026 MiB for 1013 MiB
+    of slabs, Q4_K 571 for 286). A pinned load reads the tensors into memory of their own instead,
+    each freed as its copy is made: the peak stays under the slabs and half the file."""
+    from .fresh_process import run_fresh
+
+    path = _pack_file(tmp_path, kind)
+    peak, held = map(int, run_fresh(_PACK_SCRIPT, path, json.dumps({"axes_dims": _PACK_CONFIG["axes_dims"]})).split())
+    size = path.stat().st_size
+    bound = held + size // 2
+    assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB (slabs " \
+                         f"{held / 2**20:.0f} MiB, file {size / 2**20:.0f} MiB)"

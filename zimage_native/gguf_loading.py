@@ -39,7 +39,7 @@ def load_gguf_component(kind: str, path: str | os.PathLike, dtype: torch.dtype |
     path = Path(path)
     device = torch.device(device)
     compute = dtype or torch.float32
-    with GGUFCheckpoint(path) as ckpt:
+    with GGUFCheckpoint(path, copies=pinned) as ckpt:
         info = inspect_gguf(ckpt).component(kind)
         qtypes = canonical_qtypes(ckpt, info)
         shapes = canonical_shapes(ckpt, info)

@@ -109,6 +109,7 @@ def iter_tensors(
     device: torch.device | str = "cpu",
     keep: Callable[[str], bool] | None = None,
     rows: bool = False,
+    copies: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, tensor) one tensor at a time, cast to ``dtype`` (floating tensors only) on ``device``.
 
@@ -118,11 +119,12 @@ def iter_tensors(
     bf16 DiT shard of 1.4 GB loaded in fp32: 4190 MiB at the peak for 2790 MiB of weights).
     ``rows``: a tensor of two or more dimensions kept as stored comes as a
     :class:`~zimage_native.formats.tensors.StoredRows`, read by rows where it is used (quantised),
-    valid until the next one is taken (``device`` does not apply to it)."""
+    valid until the next one is taken (``device`` does not apply to it). ``copies``: tensors kept as
+    stored are read into memory of their own, not views of the map (``Checkpoint``'s ``copies``)."""
     from .formats.tensors import StoredRows, cast_rows, converted
 
     for file in files:
-        with Checkpoint(check_safetensors(file)) as ckpt:
+        with Checkpoint(check_safetensors(file), copies=copies) as ckpt:
             for key in sorted(ckpt.keys()):
                 if keep is not None and not keep(key):
                     continue
@@ -214,11 +216,13 @@ def load_module(
     dtype: torch.dtype | None,
     device: torch.device | str,
     what: str,
+    pinned: bool = False,
 ) -> nn.Module:
-    """Build ``factory()`` on meta and strictly load the weights at ``path`` into it."""
+    """Build ``factory()`` on meta and strictly load the weights at ``path`` into it; ``pinned`` as in
+    :func:`load_component`."""
     module = build_on_meta(factory)
-    check_component_fits(what, module, dtype, torch.device(device))
-    state_dict = read_weights(iter_tensors(safetensors_files(path), dtype, device), what, module, dtype)
+    check_component_fits(what, module, dtype, torch.device(device), pinned)
+    state_dict = read_weights(iter_tensors(safetensors_files(path), dtype, device, copies=pinned), what, module, dtype)
     return assign_state_dict(module, state_dict, what).eval().requires_grad_(False)
 
 
@@ -284,7 +288,9 @@ def load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | None
     and on a GPU only where the upcast weights would not fit (``devices.keeps_fp8_here``).
     ``pinned``: the component is read into CPU memory to be page-locked there (the DiT of
     ``offload="blocks"`` on a GPU): the RAM alone must hold it, swap cannot
-    (``devices.check_component_fits``).
+    (``devices.check_component_fits``), and its tensors are read into memory of their own, not
+    views of the file's map, each freed as its pinned copy is made (through the map, the pages the
+    copies read stayed resident to the end: the file and the slabs at once).
     """
     kind = normalize_kind(kind)
     try:
@@ -313,7 +319,7 @@ def _load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | Non
         from .gguf_loading import load_gguf_component
 
         return load_gguf_component(kind, path, dtype, device, config, quant, pinned)
-    with Checkpoint(path) as ckpt:
+    with Checkpoint(path, copies=pinned) as ckpt:
         info = inspect_checkpoint(ckpt).component(kind)
         kept_fp8 = kind == "transformer" and info.has_fp8_weights and keep_fp8 is not False
         if kept_fp8 and keep_fp8 is None:  # auto: see devices.keeps_fp8_here
@@ -810,7 +816,7 @@ def load_pretrained(
         tcfg = TransformerConfig.from_json(folder / "transformer" / "config.json")
         check_dit_blocks(read_header_keys(safetensors_files(folder / "transformer")), tcfg, folder / "transformer")
         dit = load_module(lambda: ZImageTransformer(tcfg), folder / "transformer", dtype,
-                          storage["transformer"], "transformer")
+                          storage["transformer"], "transformer", pinned=bool(pinned))
     if vae is not None:
         ae = load_component("vae", vae, dtype, storage["vae"], _own_config(folder, "vae"))
     else:

@@ -177,10 +177,16 @@ def _component_files(path: Path) -> list[Path]:
 
 
 class Checkpoint:
-    """The tensors of one file, or of a component folder (sharded or not), by name. Data is read on demand."""
+    """The tensors of one file, or of a component folder (sharded or not), by name. Data is read on demand.
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    ``copies``: :meth:`get` reads a tensor of two or more dimensions into memory of its own
+    (:meth:`read_rows`) rather than handing out a view of the file's memory map, for a load whose
+    weights are copied again at once (into the pinned slabs of ``offload="blocks"``): the pages a
+    copy reads from the map stay resident until the map is closed, so the file and the copies were
+    held together at the end of the load."""
+
+    def __init__(self, path: str | os.PathLike, copies: bool = False):
+        self.path, self.copies = Path(path), copies
         self.files = _component_files(self.path)
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
@@ -224,6 +230,8 @@ class Checkpoint:
         from safetensors import safe_open
 
         info = self.tensors[key]
+        if self.copies and len(info.shape) >= 2 and info.torch_dtype is not None:
+            return self.read_rows(key, 0, info.shape[0])
         if info.file not in self._handles:
             handle = safe_open(str(info.file), framework="pt", device="cpu")
             self._handles[info.file] = self._stack.enter_context(handle)

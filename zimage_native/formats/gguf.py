@@ -96,6 +96,7 @@ class GGUFTensor:
     n_bytes: int
     data: Any  # numpy view of the memory-mapped bytes / values
     stored: tuple[int, ...] = ()  # the shape as stored, when ComfyUI-GGUF's orig_shape differs from it
+    offset: int = 0  # where its bytes start in the file
 
     @property
     def row_packed(self) -> bool:
@@ -126,8 +127,8 @@ def _corrupt(path: Path, e: BaseException) -> CorruptCheckpointError:
 class GGUFCheckpoint:
     """The tensors and metadata of one GGUF file, by name; data is memory-mapped and read on demand."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, copies: bool = False):
+        self.path, self.copies = Path(path), copies
         gguf = _require_gguf(self.path)
         try:
             with warnings.catch_warnings():
@@ -165,7 +166,7 @@ class GGUFCheckpoint:
                 raise CorruptCheckpointError(self.path, CONTAINER, f"its tensors need {end:,} bytes, the file has "
                                                                    f"{size:,}")
             self.tensors[t.name] = GGUFTensor(t.name, qtype, shape, int(t.n_bytes), t.data,
-                                              stored if stored != shape else ())
+                                              stored if stored != shape else (), int(t.data_offset))
 
     def __enter__(self) -> "GGUFCheckpoint":
         return self
@@ -196,11 +197,22 @@ class GGUFCheckpoint:
         in uint8, rows being the shape's leading dimensions. A view of the file's memory map (mapped
         copy-on-write: a write to it changes this process's pages only), which it keeps open after
         :meth:`close`: a packed weight kept packed is the file's pages, not a copy of them beside
-        them (which doubled the load's peak, and held the weights in anonymous memory)."""
+        them (which doubled the load's peak, and held the weights in anonymous memory). With
+        ``copies``, the bytes read from the file into memory of their own instead."""
         t = self.tensors[key]
         if key in self.unsupported:
             raise UnsupportedFormatError(f"{self.path}: tensor {key} has GGML type {t.qtype}, which is not supported")
-        raw = torch.from_numpy(np.ascontiguousarray(t.data).reshape(-1).view(np.uint8))
+        if self.copies:  # read from the file, not through the map (see ``Checkpoint``'s ``copies``)
+            raw, done = torch.empty(t.n_bytes, dtype=torch.uint8), 0
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(t.offset)
+                while done < t.n_bytes:
+                    got = f.readinto(memoryview(raw.numpy())[done:])
+                    if not got:
+                        raise CorruptCheckpointError(self.path, CONTAINER, f"{key} ends before its last byte")
+                    done += got
+        else:
+            raw = torch.from_numpy(np.ascontiguousarray(t.data).reshape(-1).view(np.uint8))
         if t.qtype == "F32":
             return raw.view(torch.float32).reshape(t.shape)
         if t.qtype == "F16":
