@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from zimage_native import footprint as fp
+from zimage_native.devices import format_bytes
 from zimage_native.cli.config import tomllib  # tomli before Python 3.11
 from zimage_native.config import TransformerConfig, VAEConfig
 from zimage_native.model.transformer import ZImageTransformer
@@ -492,9 +493,9 @@ def test_zimage_info_shows_a_text_encoder_files_gpu_weights(tiny_model_dir, tmp_
         assert size == weight_bytes(load_component("text_encoder", path, torch.bfloat16, "cpu", quant=quant))
     table = CliRunner().invoke(main, ["info", str(path)], catch_exceptions=False).output
     assert f"GPU weights in bf16 (the layers loaded; each in the format it is kept in; activations come on top): " \
-           f"{fp.format_size(shown['resident'])}" in table, table
+           f"{format_bytes(shown['resident'])}" in table, table
     for quant, size in shown["text_encoder_quant"].items():
-        assert f"{fp.format_size(size)} with --text-encoder-quant {quant}" in table, table
+        assert f"{format_bytes(size)} with --text-encoder-quant {quant}" in table, table
     for fmt, e in shown["formats"].items():
         assert re.search(rf"\b{fmt} {e['tensors']} (weight|tensor)s? ", table), (fmt, table)
 

@@ -17,6 +17,8 @@ from zimage_native.devices import InsufficientMemoryError, check_weights_fit
 from zimage_native.loading import folder_weight_bytes
 from zimage_native.quantize import weight_bytes
 
+from .utils import patch_weight_reads
+
 CUDA = torch.device("cuda", 0)
 GB = 10**9
 
@@ -94,11 +96,11 @@ def test_loading_is_refused_before_any_weight_is_read(tiny_model_dir, monkeypatc
         raise WeightsRead
 
     fake_cuda(monkeypatch)
-    monkeypatch.setattr(loading, "iter_tensors", read)
+    patch_weight_reads(monkeypatch, read)
     need = folder_weight_bytes(tiny_model_dir, [], torch.bfloat16)
     card(monkeypatch, free=sum(need.values()) - 1)
     kw = dict(device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(InsufficientMemoryError, match="transformer .* MB, text encoder .* MB, vae .* MB, .* MB at "
+    with pytest.raises(InsufficientMemoryError, match="transformer .* MB, text encoder .* KB, vae .* KB, .* MB at "
                        "the peak, and the GPU has .* free of 16.00 GB") as e:
         loading.load_pretrained(tiny_model_dir, **kw)
     # the settings that fit this folder on this card, each with its peak (int4 cannot: widths of 48)
@@ -134,7 +136,7 @@ def test_the_cli_says_it_in_one_line(tiny_model_dir, monkeypatch, tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert line.startswith("Error: the weights do not fit on cuda: transformer 1.2 MB")
-    assert "GPU has 0.0 MB free of 8.00 GB" in line
+    assert "GPU has 1.0 KB free of 8.00 GB" in line
     assert "from_pretrained" not in line  # the Python spelling is for library callers
 
 
@@ -143,11 +145,10 @@ def test_a_library_caller_is_told_the_arguments_not_only_the_flags(tiny_model_di
     load on a card too small for the resident weights (the weights go to the GPU as they load); the
     error named only CLI flags (--offload model). It names from_pretrained's arguments too, and the
     way to keep diffusers' order."""
-    import zimage_native.loading as loading
     from zimage_native import ZImagePipeline
 
     fake_cuda(monkeypatch)
-    monkeypatch.setattr(loading, "iter_tensors", lambda *a, **k: pytest.fail("weights read"))
+    patch_weight_reads(monkeypatch, lambda *a, **k: pytest.fail("weights read"))
     card(monkeypatch, free=sum(folder_weight_bytes(tiny_model_dir, [], torch.bfloat16).values()) - 1)
     with pytest.raises(InsufficientMemoryError) as e:
         ZImagePipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.bfloat16)
@@ -227,7 +228,7 @@ def test_an_encoder_only_server_checks_its_text_encoder(tiny_model_dir, monkeypa
     fake_cuda(monkeypatch)
     need = folder_weight_bytes(tiny_model_dir, ["transformer", "vae"], torch.bfloat16, "int8")["text_encoder"]
     card(monkeypatch, free=need - 1)
-    with pytest.raises(InsufficientMemoryError, match=r"^the weights do not fit on cuda: text encoder 0\.1 MB"):
+    with pytest.raises(InsufficientMemoryError, match=r"^the weights do not fit on cuda: text encoder \d+\.\d KB, "):
         EncoderOnlyEngine.from_pretrained(tiny_model_dir, device="cuda", dtype=torch.bfloat16, quant="int8")
 
 
@@ -239,7 +240,7 @@ def test_a_text_encoder_file_is_checked_when_it_is_read(tiny_model_dir, monkeypa
     folder = tiny_model_dir / "text_encoder"
     need = folder_weight_bytes(tiny_model_dir, ["transformer", "vae"], torch.bfloat16)["text_encoder"]
     card(monkeypatch, free=need - 1000)  # (the check counts the RoPE buffers in bf16, the loaded model in fp32)
-    with pytest.raises(InsufficientMemoryError, match=r"^the text encoder \(0\.1 MB of weights\) does not fit"):
+    with pytest.raises(InsufficientMemoryError, match=r"^the text encoder \(\d+\.\d KB of weights\) does not fit"):
         loading.load_component("text_encoder", folder, torch.bfloat16, CUDA)
     card(monkeypatch, free=need)
     with pytest.raises((RuntimeError, AssertionError), match="CUDA|NVIDIA driver"):  # it fits: reading starts
@@ -265,7 +266,7 @@ def test_weights_kept_in_cpu_memory_are_checked_before_reading(tiny_model_dir, m
     def read(*args, **kwargs):
         raise WeightsRead
 
-    monkeypatch.setattr(loading, "iter_tensors", read)
+    patch_weight_reads(monkeypatch, read)
     need = folder_weight_bytes(tiny_model_dir, [], torch.float32)
     host(monkeypatch, available=sum(need.values()) - 1)
     with pytest.raises(InsufficientMemoryError) as e:
@@ -274,7 +275,7 @@ def test_weights_kept_in_cpu_memory_are_checked_before_reading(tiny_model_dir, m
     total = devices.format_bytes(sum(need.values()))
     assert str(e.value).startswith(
         f"the weights do not fit in CPU memory: transformer {mb['transformer']}, text encoder {mb['text_encoder']}, "
-        f"vae {mb['vae']}, {total} in all, and this machine has {total} of RAM available of 32.00 GB and 0.0 MB of "
+        f"vae {mb['vae']}, {total} in all, and this machine has {total} of RAM available of 32.00 GB and 0 bytes of "
         f"free swap. To fit, load in bfloat16 (--dtype bfloat16)")
     with pytest.raises(WeightsRead):  # half the bytes in bf16: it fits, reading starts
         loading.load_pretrained(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
@@ -306,7 +307,7 @@ def test_streamed_blocks_are_pinned_and_swap_cannot_hold_them(tiny_model_dir, mo
     def read(*args, **kwargs):
         raise WeightsRead
 
-    monkeypatch.setattr(loading, "iter_tensors", read)
+    patch_weight_reads(monkeypatch, read)
     fake_cuda(monkeypatch)
     card(monkeypatch, free=16 * GB)
     need = folder_weight_bytes(tiny_model_dir, [], torch.float32)

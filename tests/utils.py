@@ -85,3 +85,17 @@ def reserved_port():
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         held.bind(("127.0.0.1", 0))
         yield held.getsockname()[1]
+
+
+def patch_weight_reads(monkeypatch, read) -> None:
+    """Replace ``loading.iter_tensors`` with ``read`` in ``loading`` and in every module that imported it
+    by name (imported first: a module first imported while the patch is on keeps the patched function
+    after the test, and the next test to load a model in the process raised the test's exception)."""
+    import zimage_native.formats.controlnet
+    import zimage_native.loading
+    import zimage_native.prompt.rewriter
+    import zimage_native.text_encoder
+
+    for module in (zimage_native.loading, zimage_native.text_encoder, zimage_native.formats.controlnet,
+                   zimage_native.prompt.rewriter):
+        monkeypatch.setattr(module, "iter_tensors", read)

@@ -512,18 +512,6 @@ def profile_bytes(profile: Profile, dit_config=None, te_config: dict | None = No
             "denoise": dit + vae + (0 if offloaded else te)}
 
 
-def format_size(n: int) -> str:
-    """Bytes as ``zimage info`` prints them: from 1 MB as the engine's messages do
-    (:func:`~zimage_native.devices.format_bytes`: MB, GB from 0.1 GB), below in KB (10^3), below 1 KB
-    in bytes; a small figure (a tiny model's weights, its text encoder's RoPE table of 48 bytes) read
-    "0.0 MB"."""
-    from .devices import format_bytes
-
-    if n >= 10**6:
-        return format_bytes(n)
-    return f"{n / 1e3:.1f} KB" if n >= 10**3 else f"{n:,} bytes"
-
-
 def report() -> str:
     """The tables of docs/formats.md and docs/performance.md, for the released models."""
     from .config import TransformerConfig

@@ -60,7 +60,7 @@ def convert(src, dst, layout, component, dtype, shard_size, loras, config, dry_r
     if dry_run:
         click.echo("\n".join(plan.lines()))
         return
-    from ..footprint import format_size
+    from ..devices import format_bytes
 
     click.echo(f"wrote {dst} ({plan.component}, {plan.dst_layout}, {len(plan.tensors)} tensors, "
-               f"{format_size(plan.total_bytes)} in {len(plan.shards)} file(s))")
+               f"{format_bytes(plan.total_bytes)} in {len(plan.shards)} file(s))")

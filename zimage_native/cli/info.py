@@ -110,14 +110,14 @@ def _dtypes(d: dict) -> str:
 
 def _dit_weight_lines(w: dict, dtype: str) -> list[str]:
     """The DiT's weights on the GPU in ``dtype``, layer by layer from the header (footprint.dit_file_summary)."""
-    from ..footprint import format_size
+    from ..devices import format_bytes
 
     def sizes(entry: dict) -> str:
-        return (f"{format_size(entry['resident'])} all resident, {format_size(entry['offload_blocks'])} "
+        return (f"{format_bytes(entry['resident'])} all resident, {format_bytes(entry['offload_blocks'])} "
                 f"with --offload blocks")
 
     formats = ", ".join(f"{fmt} {e['tensors']} {'tensor' if fmt == dtype else 'linear'}{'s' * (e['tensors'] != 1)} "
-                        f"{format_size(e['bytes'])}" for fmt, e in w["formats"].items())
+                        f"{format_bytes(e['bytes'])}" for fmt, e in w["formats"].items())
     head = f"GPU weights in {dtype}, each layer in the format it is kept in (activations come on top)"
     if "dequantised" not in w:
         return [f"{head}: {sizes(w)}", f"  {formats}"]
@@ -128,14 +128,14 @@ def _dit_weight_lines(w: dict, dtype: str) -> list[str]:
 
 def _text_encoder_weight_lines(w: dict, dtype: str) -> list[str]:
     """The text encoder's weights in ``dtype``, layer by layer from the header (footprint.text_encoder_file_summary)."""
-    from ..footprint import format_size
+    from ..devices import format_bytes
 
     formats = ", ".join(f"{fmt} {e['tensors']} {'tensor' if fmt == dtype else 'weight'}{'s' * (e['tensors'] != 1)} "
-                        f"{format_size(e['bytes'])}" for fmt, e in w["formats"].items())
-    quant = ", ".join(f"{format_size(b)} with --text-encoder-quant {q}" for q, b in w["text_encoder_quant"].items())
+                        f"{format_bytes(e['bytes'])}" for fmt, e in w["formats"].items())
+    quant = ", ".join(f"{format_bytes(b)} with --text-encoder-quant {q}" for q, b in w["text_encoder_quant"].items())
     return [f"GPU weights in {dtype} (the layers loaded; each in the format it is kept in; activations come on top): "
-            f"{format_size(w['resident'])}" + (f"; {quant}" if quant else ""),
-            f"  {formats}, RoPE table (fp32) {format_size(w['rope_table'])}"]
+            f"{format_bytes(w['resident'])}" + (f"; {quant}" if quant else ""),
+            f"  {formats}, RoPE table (fp32) {format_bytes(w['rope_table'])}"]
 
 
 def _config_line(component: str, cfg: dict) -> str:
@@ -204,11 +204,11 @@ def info(path: Path, as_json: bool, check: bool, dtype: str | None):
             click.echo(f"  {name:<13} {r['class']:<28} {r['parameters']:>15,} params  {r['tensors']:>5} tensors  "
                        f"{r['files']} file(s)  {r.get('layout')}{quant}  [{_dtypes(r['dtypes'])}]")
         click.echo(f"  {'scheduler':<13} {report['scheduler']['class']:<28} shift {report['scheduler']['shift']}")
-        from ..footprint import format_size
+        from ..devices import format_bytes
 
         click.echo(f"  GPU weights at the peak in {dtype} (activations come on top; docs/performance.md, Low VRAM):")
         for flags, peak in report[f"gpu_weights_{dtype}"].items():
-            click.echo(f"    {flags:<45} {format_size(peak):>10}")
+            click.echo(f"    {flags:<45} {format_bytes(peak):>10}")
         return
     from ..formats import describe
 
