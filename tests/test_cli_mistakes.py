@@ -446,3 +446,22 @@ def test_a_flag_with_an_optional_value_before_another_flag_is_taken():
     """--compile alone means --compile blocks: the next flag is no value it lacks."""
     line = one_line_error("generate", "a cat", "--device", "cpu", "--compile", "--cuda-graphs")
     assert line == "Error: --cuda-graphs needs the DiT on a CUDA device; it is on cpu", line
+
+
+@pytest.mark.parametrize("args, flag, value, path", [
+    # a subcommand of a group: `--templates-dir --json` looked for a folder named --json
+    (["templates", "show", "--templates-dir", "--json", "photo-aerial-drone"], "--templates-dir", "--json",
+     "zimage templates show"),
+    (["templates", "list", "--category", "--json"], "--category", "--json", "zimage templates list"),
+    # the help flag: `--negative-prompt --help` ran the model with the negative prompt "--help"
+    (["generate", "a cat", "--model", "/nonexistent", "--negative-prompt", "--help"], "--negative-prompt", "--help",
+     "zimage generate"),
+    (["generate", "a cat", "--model", "/nonexistent", "--negative-prompt", "-h"], "--negative-prompt", "-h",
+     "zimage generate"),
+])
+def test_a_forgotten_value_before_a_subcommands_flag_or_the_help_flag_is_refused(args, flag, value, path):
+    """docs/cli.md says the forgotten-value check holds for every command: the subcommands of
+    `zimage templates` and the help flag (-h, --help) were left out of it."""
+    line = one_line_error(*args)
+    assert line == (f"Error: {flag} takes a value, and the next word is the flag {value}: give the value after {flag} "
+                    f"({flag} VALUE {value} ...) (see `{path} --help`)"), line

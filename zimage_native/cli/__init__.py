@@ -276,13 +276,15 @@ def _lora_before(ctx: click.Context, extra: str) -> str | None:
                  and not re.search(f":{number}$", args[i + 1])), None)
 
 
-def _check_flag_values(command: click.Command, args: list[str], path: str) -> None:
-    """Refuse a flag that takes a value followed by another of the command's flags: click takes the
-    flag as the value (``--negative-prompt --tiled-vae`` drew an image with the negative prompt
-    "--tiled-vae" and no tiling; ``-o --overwrite`` asked for ``--overwrite.png``)."""
+def _check_flag_values(command: click.Command, args: list[str], path: str, help_names=()) -> None:
+    """Refuse a flag that takes a value followed by another of the command's flags, its help flags
+    (``help_names``) included: click takes the flag as the value (``--negative-prompt --tiled-vae``
+    drew an image with the negative prompt "--tiled-vae" and no tiling; ``-o --overwrite`` asked for
+    ``--overwrite.png``; ``--negative-prompt --help`` ran the model)."""
     from ._common import UserError
 
     names = {o for p in command.params if isinstance(p, click.Option) for o in p.opts + p.secondary_opts}
+    names.update(help_names)
     takes = {o: p for p in command.params if isinstance(p, click.Option) and not p.is_flag and not p.count
              and not getattr(p, "_flag_needs_value", False) for o in p.opts}
     for flag, value in zip(args, args[1:]):
@@ -358,8 +360,11 @@ class ZImageGroup(click.Group):
 
     def resolve_command(self, ctx, args):
         name, cmd, rest = super().resolve_command(ctx, args)
-        if cmd is not None and not isinstance(cmd, click.Group):
-            _check_flag_values(cmd, rest, f"{ctx.command_path} {name}")
+        path, words, leaf = f"{ctx.command_path} {name}", rest, cmd
+        while isinstance(leaf, click.Group) and words and words[0] in leaf.commands:  # `templates show ...`
+            path, leaf, words = f"{path} {words[0]}", leaf.commands[words[0]], words[1:]
+        if leaf is not None and not isinstance(leaf, click.Group):
+            _check_flag_values(leaf, words, path, ctx.help_option_names)
         return name, cmd, rest
 
     def parse_args(self, ctx, args):
