@@ -366,3 +366,20 @@ def test_seeds_drawn_with_numpy_or_torch_run_as_those_seeds(tiny_pipe, given, se
     with no_model_runs(tiny_pipe), pytest.raises(ValueError, match=r"^a seed must be an integer in \[0, 2\*\*64\), "
                                                                    r"got 4\.0 "):
         tiny_pipe("a cat", **SMALL, seed=np.array(4.0))
+
+
+@pytest.mark.parametrize("setting, value, plain", [
+    ("max_sequence_length", torch.tensor(64), 64), ("max_sequence_length", np.array(64), 64),
+    ("width", torch.tensor(48), 48), ("num_inference_steps", torch.tensor(2), 2)])
+def test_a_whole_number_setting_given_as_a_0d_tensor_runs_as_that_number(tiny_pipe, setting, value, plain):
+    """max_sequence_length=torch.tensor(64) ran (diffusers 0.42.1 takes it too) until the integer check
+    (3a60ea7) refused it ("must be an integer >= 1, got tensor(64)"); width= and num_inference_steps=
+    as 0-d tensors were refused likewise, though the float settings' 0-d tensors are taken. A 0-d
+    integer tensor or array runs as its number, bit for bit; a float one stays refused by name."""
+    base = dict(width=32, height=32, num_inference_steps=1, seed=0)
+    out = tiny_pipe("a cat", **{**base, setting: value})
+    want = tiny_pipe("a cat", **{**base, setting: plain})
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(want.images[0]))
+    assert out.info == want.info and type(out.info.get(setting, plain)) is int
+    with no_model_runs(tiny_pipe), pytest.raises(ValueError, match=r" got tensor\(64\.\)$| got 64\.0$"):
+        tiny_pipe("a cat", **{**base, setting: torch.tensor(64.0)})

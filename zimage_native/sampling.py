@@ -748,8 +748,12 @@ def check_seeds(seeds) -> list[int] | None:
 
 
 def _integer(value):
-    """numpy and other integral scalars as Python ints (a size or step count from an array); anything
-    else as it is, for the checks to refuse by name."""
+    """numpy and other integral scalars, and 0-d integer tensors and arrays (as diffusers takes them), as
+    Python ints (a size or step count from an array); anything else as it is, for the checks to refuse
+    by name."""
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+        number = value.item()  # (a float or bool one stays a tensor, refused as given)
+        value = number if isinstance(number, int) and not isinstance(number, bool) else value
     return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
 
 
