@@ -976,3 +976,21 @@ def test_ctrl_c_stops_zimage_serve_ray_with_exit_status_130(tmp_path, monkeypatc
     assert (result.exit_code, result.output.strip().splitlines()[-1]) == (130, "interrupted"), result.output
     assert calls[-1] == "serve.shutdown" and calls.count("serve.shutdown") == 1, calls
     assert "Traceback" not in result.output
+
+
+def test_from_image_reruns_a_negative_cfg_truncation_the_library_recorded(tiny_pipe, tmp_path):
+    """The library takes cfg_truncation=-1 (diffusers' semantics: CFG on no step) and records it; the CLI's
+    refusal of a negative --cfg-truncation (01052c7) refused the rerun of that PNG too, naming a flag
+    nobody typed. The recorded value runs again, bit for bit; typed, it is refused as before."""
+    from zimage_native.metadata import image_record, png_info
+
+    out = tiny_pipe("a cat", width=32, height=32, num_inference_steps=2, seed=1, guidance_scale=2.0,
+                    cfg_truncation=-1.0)
+    made, again = tmp_path / "made.png", tmp_path / "again.png"
+    out.images[0].save(made, pnginfo=png_info(image_record(out.info, 0)))
+    assert read_metadata(made)["cfg_truncation"] == -1
+    run("generate", "--from-image", made, "-o", again, "--device", "cpu", "--no-progress")
+    assert np.array_equal(pixels(again), pixels(made)) and read_metadata(again)["cfg_truncation"] == -1
+    result = run("generate", "--from-image", made, "-o", tmp_path / "typed.png", "--device", "cpu",
+                 "--cfg-truncation", "-0.5", ok=False)
+    assert "Error: --cfg-truncation must be >= 0" in result.output, result.output

@@ -297,6 +297,11 @@ def checked_generate(ctx, prompt, opts: dict, from_image, recorded: dict, record
     if lora is not None:  # `zimage generate --lora style.safetensors 0.8` made an image of the prompt "0.8"
         raise ValueError(f"--lora takes its scale in the same argument, after ':': --lora {lora}:{prompt} ('{prompt}' "
                          f"was read as the prompt)")
+    # The library takes it (CFG then runs on no step, silently): refused unless the PNG rerun records it.
+    if not opts["cfg_truncation"] >= 0 and (typed("cfg_truncation") or "cfg_truncation" not in recorded):
+        raise ValueError(f"--cfg-truncation must be >= 0 (CFG stops on the steps where 1 - sigma exceeds it, 1: "
+                         f"never; below 0 it runs on no step, which --guidance-scale 0 says), got "
+                         f"{opts['cfg_truncation']}")
     prompts = read_prompts(prompt or (recorded_prompt if not opts["prompts_file"] else None), opts["prompts_file"])
     size = opts["batch_size"]
     if typed("batch_size") and size > 1 and len(prompts) == 1 and opts["num_images"] == 1 and len(opts["seed"]) < 2 \
@@ -337,10 +342,6 @@ def run_generate(prompts: list[str], o: dict) -> None:
         raise ValueError(f"--strength must be in [0, 1], got {o['strength']}")
     if o["strength"] == 0:  # the library refuses it too, but only once the weights are loaded
         raise ValueError("--strength 0 runs no step (the output would be the input image); give a strength above 0")
-    if not o["cfg_truncation"] >= 0:  # the library takes it: CFG then ran on no step, silently
-        raise ValueError(f"--cfg-truncation must be >= 0 (CFG stops on the steps where 1 - sigma exceeds it, 1: "
-                         f"never; below 0 it runs on no step, which --guidance-scale 0 says), got "
-                         f"{o['cfg_truncation']}")
     if o["shift"] is not None and not o["shift"] > 0:
         raise ValueError(f"--shift must be > 0, got {o['shift']}")
     if o["tiled_vae"]:  # the library's check, which ran only once the weights were loaded
