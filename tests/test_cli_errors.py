@@ -527,16 +527,25 @@ def test_a_remote_encoder_with_a_text_encoder_quant_is_refused_in_flag_words(tmp
 
 @pytest.mark.parametrize("said", ["CUDA out of memory. Tried to allocate 4.00 GiB. See documentation for Memory "
                                   "Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)",
-                                  "CUDA out of memory. Tried to allocate 4.00 GiB."])
+                                  "CUDA out of memory. Tried to allocate 4.00 GiB.", ""])
 def test_out_of_memory_advice_starts_a_sentence_of_its_own(said):
     """torch's out-of-memory message ends in its docs' address in parentheses: the advice was joined
-    to it as "...environment-variables) To use less memory"."""
+    to it as "...environment-variables) To use less memory". One with no message (an IndexError
+    traceback before) is named."""
     from zimage_native.cli._common import UserError, user_errors
 
     def run():
-        raise torch.OutOfMemoryError(said + "\nmore lines")
+        raise torch.OutOfMemoryError(said + "\nmore lines" if said else "")
 
     with pytest.raises(UserError) as raised:
         user_errors(run)()
-    first = said.rstrip(".")
+    first = said.rstrip(".") or "out of memory"
     assert str(raised.value).startswith(f"{first}. To use less memory: a smaller --width/--height")
+
+
+def test_sizes_are_printed_in_a_unit_that_shows_them():
+    from zimage_native.devices import format_bytes
+
+    assert [format_bytes(n) for n in (0, 48, 999, 1000, 121_872, 999_949, 999_950, 10**6, 10**8 - 1, 10**8)] == [
+        "0 bytes", "48 bytes", "999 bytes", "1.0 KB", "121.9 KB", "999.9 KB", "1.0 MB", "1.0 MB", "100.0 MB",
+        "0.10 GB"]

@@ -250,7 +250,7 @@ def format_bytes(n: int) -> str:
     tiny model's weights or no free memory at all, read "0.0 MB" or "0.1 MB" for 121,872 bytes)."""
     if n >= 10**8:
         return f"{n / 1e9:.2f} GB"
-    if n >= 10**6:
+    if n >= 10**6 - 50:  # (999,950 bytes and up round to 1.0 MB, not 1000.0 KB)
         return f"{n / 1e6:.1f} MB"
     return f"{n / 1e3:.1f} KB" if n >= 10**3 else f"{n:,} bytes"
 

@@ -112,7 +112,7 @@ def user_errors(fn):
             if torch is not None and isinstance(e, torch.OutOfMemoryError):
                 from ..devices import MEMORY_ADVICE
 
-                said = str(e).splitlines()[0].strip()  # (torch's ends in its docs' address, in parentheses)
+                said = next((line.strip() for line in str(e).splitlines() if line.strip()), "out of memory")  # (torch's ends in its docs' address, in parentheses)
                 raise UserError(f"{said}{'' if said.endswith('.') else '.'} To use less memory: a smaller --width/--height "
                                 f"or --batch-size, or --tiled-vae (the VAE decode is the peak at 2K and larger), for "
                                 f"the images; for the weights, {MEMORY_ADVICE}") from None
