@@ -232,6 +232,33 @@ def test_a_step_end_callback_runs_on_the_replayed_steps_and_equals_eager(fresh_p
     assert sampler.replays == 9 and sampler.guided_replays == 2 and sampler.captures == 3, list(sampler.graphs)
 
 
+def test_a_mask_the_step_end_callback_changes_in_place_is_read_by_the_next_replay(fresh_pipe, tiny_pipe):
+    """An inpainting mask a step-end callback changes in place (callback_kwargs["mask"].fill_(1),
+    returning nothing) is read by the eager loop's later blends. A replay copied in only the
+    tensors that were replaced (a new object), so the graphed run kept the mask as it was: its image
+    was the one of a run without the callback, and differed from eager."""
+    import numpy as np
+
+    from .test_generation import make_image
+
+    sampler, _ = graphed(fresh_pipe)
+
+    def on_step_end(pipe, i, t, tensors):
+        if i == 0:
+            tensors["mask"].fill_(1.0)
+        return {}
+
+    mask = np.zeros((32, 48), dtype=np.float32)
+    mask[:, 24:] = 1
+    args = {**KW, "num_inference_steps": 4, "image": make_image(48, 32), "mask_image": mask, "strength": 1.0,
+            "callback_on_step_end_tensor_inputs": ["latents", "mask"]}
+    got = fresh_pipe("a cat", callback_on_step_end=on_step_end, **args)
+    want = tiny_pipe("a cat", callback_on_step_end=on_step_end, **args)
+    assert sampler.replays == 4
+    assert not torch.equal(want.images, tiny_pipe("a cat", **args).images)  # the change matters
+    assert torch.equal(got.images, want.images)
+
+
 def test_graphed_runs_from_several_threads_keep_their_own_images(fresh_pipe, tiny_pipe):
     """The graphs' static buffers are shared: runs from several threads must not interleave (the
     pipeline serialises them), so each thread gets the image its request gives alone."""

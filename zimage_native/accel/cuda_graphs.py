@@ -392,6 +392,9 @@ class GraphedSampler:
                     before = getattr(self.pipe, "_guidance_scale", None)
                     # a copy: the next replay of this graph overwrites its latents, which the callback may keep
                     current = on_step_end(k, step.index, current.clone()).to(current.dtype)  # (fp32, as the loop's)
+                    # What it was given (an inpainting mask) it may have changed in place, which the eager
+                    # loop reads: the next replay copies every input in, not only the tensors replaced.
+                    fresh.clear()
                     changed = guidance_after_step_end(self.pipe, plan, before, scale)
                     if changed != scale:  # a value copied in, as the plan's
                         scale = changed
