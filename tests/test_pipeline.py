@@ -568,6 +568,12 @@ def test_components_shared_by_two_pipelines_set_both_and_outlive_the_second(fres
     assert pipe.vae_slicing and other.vae_slicing and not third.vae_slicing
     third.vae.enable_slicing()
     assert third.vae_slicing
+    old = third.vae
+    third.vae = pipe.vae  # (the copy's names: third, which holds another VAE now)
+    with pytest.raises(RuntimeError, match=r"vae.enable_tiling: the pipeline this VAE belonged to holds another "
+                                           r"VAE now \(pipe.vae was replaced\): call it on pipe.vae"):
+        old.enable_tiling()
+    third.vae = old
     del other, third, target
     gc.collect()
     asked.clear()

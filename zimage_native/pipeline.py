@@ -245,6 +245,9 @@ class _PipelineCall:
                                f"pipeline's, or copy the whole pipeline")
         pipes = self.pipelines()
         if not pipes:
+            if any(ref() is not None for ref in self.owners):
+                raise RuntimeError(f"{label}: the pipeline this {what} belonged to holds another {what} now "
+                                   f"(pipe.{self.component} was replaced): call it on pipe.{self.component}")
             raise RuntimeError(f"{label}: the pipeline this {what} belonged to is gone")
         results = [getattr(pipe, self.name)(*args, **kwargs) for pipe in (pipes if self.every else pipes[-1:])]
         return results[-1]
