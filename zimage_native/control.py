@@ -57,13 +57,15 @@ class ControlNetSlot:
         self.path: str | None = None
 
     def load(self, path: str | os.PathLike, config=None, *, transformer_config, dtype, device,
-             accel: dict[str, Any] | None = None) -> ZImageControlNet:
+             accel: dict[str, Any] | None = None, pinned: bool = False) -> ZImageControlNet:
         """Load ``path`` (diffusers folder or single file; ``config`` overrides the inferred config,
         see ``formats.controlnet``) for a DiT of ``transformer_config``, replacing any loaded one.
-        ``accel``: the DiT's acceleration settings (``optimize`` arguments), applied to the branch."""
+        ``accel``: the DiT's acceleration settings (``optimize`` arguments), applied to the branch.
+        ``pinned``: read for pinned memory (``formats.controlnet.load_controlnet``)."""
         from .formats.controlnet import load_controlnet
 
-        model = load_controlnet(path, config, transformer_config=transformer_config, dtype=dtype, device=device)
+        model = load_controlnet(path, config, transformer_config=transformer_config, dtype=dtype, device=device,
+                                pinned=pinned)
         if accel:
             from .accel import optimize
 

@@ -554,8 +554,10 @@ class ZImagePipeline:
                      device=self.device)  # where it runs (with offload="model" it rests in CPU memory)
         device = torch.device("cpu") if blocks else self.transformer.x_pad_token.device
         replaced = self.controlnet
+        # Its blocks are packed into pinned slabs on a GPU: read them into memory of their own, as the DiT's.
         model = self.controlnets.load(path, config, transformer_config=self.transformer_config, dtype=self.dtype,
-                                      device=device, accel=accel)
+                                      device=device, accel=accel,
+                                      pinned=blocks and self.device.type == "cuda")
         if blocks:
             from .offload import RESIDENT, stream_blocks
 

@@ -168,10 +168,14 @@ def load_controlnet(
     transformer_config: TransformerConfig | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
+    pinned: bool = False,
 ) -> ZImageControlNet:
     """Load a Fun-ControlNet-Union folder or single file for a DiT of ``transformer_config``
     (default: the released Z-Image DiT). ``config`` overrides the inferred config (see the module
-    docstring). Weights are cast to ``dtype`` while reading, placed on ``device``."""
+    docstring). Weights are cast to ``dtype`` while reading, placed on ``device``. ``pinned``: the
+    branch is read into CPU memory to be packed into pinned slabs (``offload="blocks"`` on a GPU), so
+    its tensors are read into memory of their own, not views of the file's map, as the DiT's are
+    (``loading.load_component``'s ``pinned``)."""
     path = Path(path)
     tcfg = transformer_config or TransformerConfig()
     files = safetensors_files(path)
@@ -197,7 +201,7 @@ def load_controlnet(
     except ValueError as e:
         raise ValueError(f"{path}: {e} (pass the DiT's transformer_config, or config= to override)") from e
     keep = (lambda k: not k.startswith(drop)) if drop else None
-    state_dict = dict(iter_tensors(files, dtype, device, keep))
+    state_dict = dict(iter_tensors(files, dtype, device, keep, copies=pinned))
     assign_state_dict(module, state_dict, f"ControlNet {path.name}")
     logger.info("ControlNet %s: version %s layout, %d control layers at DiT layers %s, control input %d channels",
                 path.name, cfg.version, n, list(cfg.control_layers_places), cfg.control_in_dim)
