@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from .fresh_process import run_fresh
+from .gguf_files import random_blocks, write_gguf
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
                                 reason="measures the peak resident size (Linux)")
@@ -50,3 +52,23 @@ def test_fp8_output_is_quantised_by_blocks_of_rows(tmp_path):
     bound = src.stat().st_size + rows * cols + rows * cols * 4 // 2
     assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB"
 
+
+def test_a_fused_gguf_weight_is_split_and_joined_in_the_output_dtype(tmp_path):
+    """A GGUF converted to bf16 was dequantised to fp32, split into canonical q, k, v, joined again
+    in fp32 for the ComfyUI layout's fused q|k|v and only then cast: the fp32 values, their join
+    and the bf16 result at once (a real-width Q8_0 DiT's 11520 x 3840 q|k|v: 422 MiB above the
+    start for an 84 MiB result). Without a LoRA or fp8 output in between, the values are
+    dequantised straight to the output dtype now (computed in fp32 and rounded once, as the cast
+    rounded them): the peak stays under the file and three results (the values, their join and
+    room for a dequantised block's fp32 intermediates). Here a 6144 x 2048 Q8_0 q|k|v, in a DiT
+    file that holds nothing else but its pad token."""
+    dim = 2048
+    src = write_gguf(tmp_path / "qkv.gguf", {
+        "x_pad_token": (np.zeros((1, dim), np.float32), "F32"),
+        "layers.0.attention.qkv.weight": (random_blocks("Q8_0", 3 * dim, dim, np.random.default_rng(0)), "Q8_0"),
+    }, "lumina2")
+    peak = _peak(src, "bf16", tmp_path / "out")
+    result = 3 * dim * dim * 2
+    bound = src.stat().st_size + 3 * result
+    assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
+                         f"({result / 2**20:.0f} MiB of bf16 q|k|v)"
