@@ -564,6 +564,15 @@ def test_a_dit_whose_weights_are_repacked_lets_its_files_map_go(tiny_model_dir, 
     assert not _mapped(path), f"{path.name} still mapped after every weight of the model moved"
 
 
+#: The end of each pack script: a warm-up load, then the measured one (peak above the start, bytes held).
+_MEASURE_LOAD = """
+load()  # imports, first allocations (not measured)
+start = reset_peak()
+model = load()
+held = sum(t.nbytes for t in model.state_dict().values() if not t.is_meta)
+print(status("VmHWM") - start, held)
+"""
+
 _PACK_SCRIPT = """
 import json, sys, torch
 from zimage_native.loading import load_component
@@ -576,14 +585,7 @@ def load():  # offload="blocks" on a GPU, the pinned slabs in plain memory and t
     model = load_component("transformer", path, torch.bfloat16, "cpu", config=config, pinned=True)
     stream_blocks(model, "meta", allocate=lambda n: torch.empty(n, dtype=torch.uint8))
     return model
-
-
-load()  # imports, first allocations (not measured)
-start = reset_peak()
-model = load()
-held = sum(t.nbytes for t in model.state_dict().values() if not t.is_meta)
-print(status("VmHWM") - start, held)
-"""
+""" + _MEASURE_LOAD
 
 def _controlnet_file(tmp_path, config: TransformerConfig, n_control: int = 2):
     """A Fun-ControlNet-Union 2.0 single file for a DiT of ``config`` (``n_control`` control layers,
@@ -670,14 +672,7 @@ def load():  # pipe.load_controlnet with offload="blocks" on a GPU: slabs in pla
     stream_blocks(model, "meta", blocks=branch_blocks(model), keep=RESIDENT + ("before_proj", "after_proj"),
                   allocate=lambda n: torch.empty(n, dtype=torch.uint8))
     return model
-
-
-load()  # imports, first allocations (not measured)
-start = reset_peak()
-model = load()
-held = sum(t.nbytes for t in model.state_dict().values() if not t.is_meta)
-print(status("VmHWM") - start, held)
-"""
+""" + _MEASURE_LOAD
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures the peak resident size (Linux)")
