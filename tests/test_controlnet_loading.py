@@ -15,6 +15,7 @@ from zimage_native.formats import UnsupportedFormatError
 from zimage_native.loading import StateDictMismatchError, build_on_meta
 from zimage_native.model.controlnet import ZImageControlNet
 
+from .test_controlnet_pipeline import control_files, control_model_dir  # noqa: F401 (fixtures)
 from .test_controlnet_model import CONTROL_DIT, CONTROL_LAYOUTS, inputs, make_models, run_ours, run_reference
 from .utils import assert_rel
 
@@ -201,3 +202,85 @@ def test_zimage_info_describes_a_controlnet_from_its_headers(tmp_path, version, 
     assert "zimage generate --controlnet" in result.output
     report = json.loads(CliRunner().invoke(main, ["info", "--json", str(path)]).output)
     assert report["kind"] == "controlnet" and report["controlnet"]["parameters"] == sum(v.numel() for v in sd.values())
+
+
+# ------------------------------------------------------------------------------------------ memory
+class WeightsRead(Exception):
+    pass
+
+
+def _refuse_reads(monkeypatch):
+    from .utils import patch_weight_reads
+
+    def read(*args, **kwargs):
+        raise WeightsRead
+
+    patch_weight_reads(monkeypatch, read)
+
+
+@pytest.mark.parametrize("version", sorted(CONTROL_LAYOUTS))
+def test_a_controlnet_that_cannot_fit_on_the_gpu_is_refused_before_it_is_read(tmp_path, monkeypatch, version):
+    """The branch read onto a GPU (the DiT resident there) is weighed against the card's free memory,
+    which the components loaded before it have taken their share of, before a tensor is read: at one
+    byte less than the loaded branch holds it is refused, at its bytes reading starts."""
+    from zimage_native.devices import InsufficientMemoryError, format_bytes
+    from zimage_native.quantize import weight_bytes
+
+    from .test_memory_check import CUDA, card
+
+    path = write(tmp_path, f"cn-{version}.safetensors", control_state_dict(version))
+    need = weight_bytes(load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16))
+    _refuse_reads(monkeypatch)
+    card(monkeypatch, free=need - 1)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the ControlNet \({format_bytes(need)} of weights\) does not "
+                       rf"fit on cuda:0: the GPU has .* free of 16.00 GB, the components loaded before it included. "
+                       rf"To fit, stream its blocks with the DiT's \(--offload blocks\), keep it in CPU memory except "
+                       rf"while it runs \(--offload model\) or load a smaller ControlNet \(2.1 lite.*; in Python these "
+                       rf"are from_pretrained's arguments: offload=\"blocks\", offload=\"model\"$") as e:
+        load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16, device=CUDA)
+    assert "in Python" not in e.value.cli_message  # the CLI prints its flags alone
+    card(monkeypatch, free=need)  # exactly its bytes: reading starts
+    with pytest.raises(WeightsRead):
+        load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16, device=CUDA)
+
+
+def test_pipe_load_controlnet_is_refused_when_the_ram_cannot_hold_it(control_model_dir, control_files,  # noqa: F811
+                                                                    monkeypatch):
+    """pipe.load_controlnet weighs the branch against the RAM before reading it: on the CPU against the
+    available RAM and free swap; with offload="blocks" on a GPU, where its blocks are pinned for
+    streaming, against the RAM alone. Each refusal names the branch's bytes and what to change, and
+    leaves the pipeline without a ControlNet."""
+    from zimage_native import ZImagePipeline
+    from zimage_native.devices import InsufficientMemoryError, format_bytes
+    from zimage_native.quantize import weight_bytes
+
+    from .test_memory_check import CUDA, GB, host
+
+    path = control_files["2.1"]
+    need = weight_bytes(load_controlnet(path, transformer_config=DIT, dtype=torch.float32))
+    size = format_bytes(need)
+    pipe = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32)
+    blocks = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="blocks")
+    monkeypatch.setitem(blocks.placement, "transformer", CUDA)  # its DiT runs on a GPU: the branch's blocks are pinned
+    _refuse_reads(monkeypatch)
+    host(monkeypatch, available=need - 1)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit in CPU memory: ControlNet {size}, "
+                       rf"and this machine has .* of RAM available of 32.00 GB and 0 bytes of free swap. To fit, load "
+                       rf"a smaller ControlNet \(2.1 lite.*, load the pipeline in bfloat16 \(--dtype bfloat16\) or, "
+                       rf"with a GPU, offload less \(--offload none\); in Python these are from_pretrained's "
+                       rf"arguments: dtype=torch.bfloat16, offload=\"none\"$"):
+        pipe.load_controlnet(path)
+    assert pipe.controlnet is None
+    host(monkeypatch, available=need - 1, swap=GB)  # swap may hold pageable weights: reading starts
+    with pytest.raises(WeightsRead):
+        pipe.load_controlnet(path)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit in CPU memory: ControlNet {size}, of "
+                       rf"which the ControlNet \({size}\) is pinned for streaming, which swap cannot hold, and this "
+                       rf"machine has .* of RAM available of 32.00 GB. To fit, keep it in pageable CPU memory, which "
+                       rf"swap can hold \(--offload model\), or load a smaller ControlNet .*; in Python these are "
+                       rf"from_pretrained's arguments: offload=\"model\"$"):
+        blocks.load_controlnet(path)
+    assert blocks.controlnet is None
+    host(monkeypatch, available=need)  # the RAM holds it: reading starts
+    with pytest.raises(WeightsRead):
+        blocks.load_controlnet(path)

@@ -225,24 +225,27 @@ def bytes_in(tensors, dtype: torch.dtype | None) -> int:
 
 
 def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype | None,
-                         device: torch.device, pinned: bool = False) -> None:
+                         device: torch.device, pinned: bool = False, advice: str | None = None,
+                         python_advice: str | None = None) -> None:
     """Just before a component built on meta is read onto a GPU (or into CPU memory): refuse if its
     weights (its floating tensors in ``dtype``, packed ones as they are) exceed the card's free memory
     now (the machine's available RAM and swap), which the components loaded before it have already
     taken their share of. ``pinned``: read into CPU memory to be page-locked for streaming
-    (``offload="blocks"`` on a GPU), so the RAM alone must hold it (:func:`check_host_memory`)."""
+    (``offload="blocks"`` on a GPU), so the RAM alone must hold it (:func:`check_host_memory`).
+    ``advice`` / ``python_advice``: what to change in the CLI's words / the library's, in place of the
+    advice for a pipeline's components (a ControlNet's own)."""
     if device.type not in ("cuda", "cpu", "mps"):
         return
     need = bytes_in((*module.parameters(), *module.buffers()), dtype)
     if device.type in HOST_MEMORY_DEVICES:
-        check_host_memory({what: need}, {what: device}, (what,) if pinned else ())
+        check_host_memory({what: need}, {what: device}, (what,) if pinned else (), advice, python_advice)
         return
     free, total = free_memory(device)
     if need > free:
         raise InsufficientMemoryError(
             f"the {what} ({format_bytes(need)} of weights) does not fit on {device}: the GPU has "
             f"{format_bytes(free)} free of {format_bytes(total)}, the components loaded before it included. "
-            f"To fit, {MEMORY_ADVICE}", PYTHON_MEMORY_ADVICE)
+            f"To fit, {advice or MEMORY_ADVICE}", python_advice if advice else PYTHON_MEMORY_ADVICE)
 
 
 def format_bytes(n: int) -> str:
@@ -295,12 +298,14 @@ def host_memory(meminfo: str | Path = "/proc/meminfo", cgroup: str | Path = "/sy
     return max(available, 0), max(swap, 0), total
 
 
-def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device], pinned: tuple[str, ...] = ()) -> None:
+def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device], pinned: tuple[str, ...] = (),
+                      advice: str | None = None, python_advice: str | None = None) -> None:
     """Refuse before loading the weights that would stay in CPU memory (``needs``: bytes per component;
     those whose ``storage`` device is the CPU, or Apple silicon's GPU, which shares the RAM, count) when they exceed the available RAM and free swap
     together, or when the ``pinned`` ones (page-locked for streaming: swap cannot hold them) exceed
     the RAM alone; warn when they all exceed the RAM (the system would swap). Quiet where the system
-    does not report its memory."""
+    does not report its memory. ``advice`` / ``python_advice``: what to change in the CLI's words /
+    the library's, in place of the advice for a pipeline's components."""
     parts = {name: size for name, size in needs.items() if storage[name].type in HOST_MEMORY_DEVICES}
     need, memory = sum(parts.values()), host_memory()
     if not need or memory is None:
@@ -315,12 +320,13 @@ def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device], p
         raise InsufficientMemoryError(
             f"the weights do not fit in {where_kept}: {where}, of which the {' and '.join(pinned).replace('_', ' ')} "
             f"({format_bytes(locked)}) is pinned for streaming, which swap cannot hold, and this machine has "
-            f"{format_bytes(available)} of RAM available of {format_bytes(total)}. To fit, use a smaller DiT (a GGUF "
-            f"file, --transformer FILE.gguf) or --offload model")
+            f"{format_bytes(available)} of RAM available of {format_bytes(total)}. To fit, "
+            f"{advice or 'use a smaller DiT (a GGUF file, --transformer FILE.gguf) or --offload model'}", python_advice)
     if need > available + swap:
         raise InsufficientMemoryError(
             f"the weights do not fit in {where_kept}: {where}, and this machine has {format_bytes(available)} of RAM "
-            f"available of {format_bytes(total)} and {format_bytes(swap)} of free swap. To fit, {HOST_MEMORY_ADVICE}")
+            f"available of {format_bytes(total)} and {format_bytes(swap)} of free swap. To fit, "
+            f"{advice or HOST_MEMORY_ADVICE}", python_advice)
     if need > available:
         logger.warning("the weights kept in %s (%s) exceed the available RAM (%s of %s): the system will swap, "
                        "and loading and generating will be slow", where_kept, where, format_bytes(available),

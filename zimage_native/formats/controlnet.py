@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 
 from ..config import ControlNetConfig, TransformerConfig
+from ..devices import HOST_MEMORY_DEVICES, check_component_fits
 from ..loading import assign_state_dict, build_on_meta, iter_tensors, safetensors_files
 from ..model.controlnet import ZImageControlNet
 from .checkpoint import UnsupportedFormatError, read_header
@@ -152,6 +153,26 @@ def describe_controlnet(path: str | os.PathLike) -> dict[str, Any]:
             "parameters": sum(math.prod(v) for v in shapes.values())}
 
 
+#: A smaller branch, in the words of the advice when one does not fit.
+SMALLER = "load a smaller ControlNet (2.1 lite: 3 control layers, against 15 for 2.0 and 2.1)"
+
+
+def memory_advice(device: torch.device, pinned: bool) -> tuple[str, str]:
+    """What to change when a ControlNet read onto ``device`` (``pinned``: into CPU memory to be
+    page-locked, for ``offload="blocks"`` on a GPU) does not fit, in the CLI's words and the library's
+    (``devices.check_component_fits``): the branch takes the pipeline's dtype and placement, so
+    these are the pipeline's settings."""
+    python = "in Python these are from_pretrained's arguments: "
+    if pinned:
+        return (f"keep it in pageable CPU memory, which swap can hold (--offload model), or {SMALLER}",
+                f'{python}offload="model"')
+    if device.type in HOST_MEMORY_DEVICES:
+        return (f"{SMALLER}, load the pipeline in bfloat16 (--dtype bfloat16) or, with a GPU, offload less "
+                f"(--offload none)", f'{python}dtype=torch.bfloat16, offload="none"')
+    return (f"stream its blocks with the DiT's (--offload blocks), keep it in CPU memory except while it runs "
+            f"(--offload model) or {SMALLER}", f'{python}offload="blocks", offload="model"')
+
+
 def _merge(what: str, inferred: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
     """Inferred values < an explicit config; the values the shapes fix, and the layer count, must agree."""
     places = explicit.get("control_layers_places")
@@ -175,7 +196,9 @@ def load_controlnet(
     docstring). Weights are cast to ``dtype`` while reading, placed on ``device``. ``pinned``: the
     branch is read into CPU memory to be packed into pinned slabs (``offload="blocks"`` on a GPU), so
     its tensors are read into memory of their own, not views of the file's map, as the DiT's are
-    (``loading.load_component``'s ``pinned``)."""
+    (``loading.load_component``'s ``pinned``). Before any weight is read, the branch's bytes must fit
+    where they go (``devices.check_component_fits``: the GPU's free memory, or the available RAM, of
+    which the components loaded before it have taken their share; pinned, the RAM alone)."""
     path = Path(path)
     tcfg = transformer_config or TransformerConfig()
     files = safetensors_files(path)
@@ -200,6 +223,8 @@ def load_controlnet(
         module = build_on_meta(lambda: ZImageControlNet(cfg, tcfg))
     except ValueError as e:
         raise ValueError(f"{path}: {e} (pass the DiT's transformer_config, or config= to override)") from e
+    device = torch.device(device)
+    check_component_fits("ControlNet", module, dtype, device, pinned, *memory_advice(device, pinned))
     keep = (lambda k: not k.startswith(drop)) if drop else None
     state_dict = dict(iter_tensors(files, dtype, device, keep, copies=pinned))
     assign_state_dict(module, state_dict, f"ControlNet {path.name}")
