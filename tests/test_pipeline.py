@@ -582,6 +582,20 @@ def test_components_shared_by_two_pipelines_set_both_and_outlive_the_second(fres
     monkeypatch.setattr(pipe, "optimize", lambda **kw: asked.append(("pipe", kw)) or ["pipe"])
     assert pipe.transformer.set_attention_backend("native") == ["pipe"]
     assert asked == [("pipe", {"attention": "sdpa"})]
+    monkeypatch.undo()
+    # A pipeline whose VAE or DiT was dropped (= None, as to free its memory) holds none: not "another".
+    vae, dit = pipe.vae, pipe.transformer
+    pipe.vae = pipe.transformer = None
+    with pytest.raises(RuntimeError, match=r"^vae.enable_tiling: the pipeline this VAE belonged to holds no VAE now "
+                                           r"\(pipe.vae = None\)$"):
+        vae.enable_tiling()
+    with pytest.raises(RuntimeError, match=r"^transformer.set_attention_backend: the pipeline this DiT belonged to "
+                                           r"holds no DiT now \(pipe.transformer = None\)$"):
+        dit.set_attention_backend("native")
+    pipe.vae, pipe.transformer = vae, dit
+    vae.enable_tiling()
+    assert pipe.vae_tiling is not None
+
 
 def test_a_copied_component_belongs_to_no_pipeline_and_a_copied_pipeline_to_itself(fresh_pipe, monkeypatch):
     """copy.deepcopy(pipe.vae).enable_tiling() set the original pipeline's tiling (the bound names

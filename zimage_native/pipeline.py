@@ -245,7 +245,11 @@ class _PipelineCall:
                                f"pipeline's, or copy the whole pipeline")
         pipes = self.pipelines()
         if not pipes:
-            if any(ref() is not None for ref in self.owners):
+            live = [pipe for ref in self.owners if (pipe := ref()) is not None]
+            if live and all(getattr(pipe, self.component, None) is None for pipe in live):
+                raise RuntimeError(f"{label}: the pipeline this {what} belonged to holds no {what} now "
+                                   f"(pipe.{self.component} = None)")
+            if live:
                 raise RuntimeError(f"{label}: the pipeline this {what} belonged to holds another {what} now "
                                    f"(pipe.{self.component} was replaced): call it on pipe.{self.component}")
             raise RuntimeError(f"{label}: the pipeline this {what} belonged to is gone")
