@@ -170,6 +170,7 @@ def to_canonical(items: Iterable[tuple[str, torch.Tensor]], keymap: KeyMap) -> I
                 )
             for k, part in zip(keys, tensor.chunk(len(keys), dim=rule.dim)):
                 yield k, part
+                del part
         elif isinstance(rule, Conv1x1):
             if tensor.ndim == 4 and tuple(tensor.shape[2:]) != (1, 1):
                 raise ValueError(f"{key}: expected a 1x1 conv weight, got shape {tuple(tensor.shape)}")
@@ -177,6 +178,7 @@ def to_canonical(items: Iterable[tuple[str, torch.Tensor]], keymap: KeyMap) -> I
         else:
             for k in keys:
                 yield k, tensor
+        del tensor  # not held while the next one is read (a stream holds one tensor at a time)
 
 
 def from_canonical(items: Iterable[tuple[str, torch.Tensor]], keymap: KeyMap) -> Iterator[tuple[str, torch.Tensor]]:
@@ -192,11 +194,14 @@ def from_canonical(items: Iterable[tuple[str, torch.Tensor]], keymap: KeyMap) ->
             parts[index] = tensor
             if len(parts) == len(rule.dst):
                 del pending[out]
-                yield out, torch.cat([parts[i] for i in range(len(rule.dst))], dim=rule.dim)
+                tensor = torch.cat([parts[i] for i in range(len(rule.dst))], dim=rule.dim)
+                del parts  # the parts are not held beside their join
+                yield out, tensor
         elif isinstance(rule, Conv1x1):
             yield out, tensor[:, :, None, None] if tensor.ndim == 2 else tensor
         else:
             yield out, tensor
+        del tensor  # not held while the next one is made (a stream holds one tensor at a time)
     if pending:
         incomplete = {k: sorted(v) for k, v in pending.items()}
         shown = dict(list(incomplete.items())[:5])
