@@ -284,3 +284,23 @@ def test_pipe_load_controlnet_is_refused_when_the_ram_cannot_hold_it(control_mod
     host(monkeypatch, available=need)  # the RAM holds it: reading starts
     with pytest.raises(WeightsRead):
         blocks.load_controlnet(path)
+
+
+def test_a_controlnet_kept_as_stored_is_weighed_in_the_files_dtype(tmp_path, monkeypatch):
+    """dtype=None keeps each tensor as the file stores it: a bf16 branch is weighed in bf16, not in
+    the fp32 of the module built on meta (which refused one that fits, at twice its bytes)."""
+    from zimage_native.devices import InsufficientMemoryError, format_bytes
+    from zimage_native.quantize import weight_bytes
+
+    from .test_memory_check import host
+
+    path = write(tmp_path, "cn-bf16.safetensors", {k: v.to(torch.bfloat16) for k, v in control_state_dict("2.1").items()})
+    need = weight_bytes(load_controlnet(path, transformer_config=DIT))
+    _refuse_reads(monkeypatch)
+    host(monkeypatch, available=need - 1)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit in CPU memory: ControlNet "
+                                                      rf"{format_bytes(need)}, "):
+        load_controlnet(path, transformer_config=DIT)
+    host(monkeypatch, available=need)  # exactly its bytes: reading starts
+    with pytest.raises(WeightsRead):
+        load_controlnet(path, transformer_config=DIT)

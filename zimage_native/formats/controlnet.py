@@ -223,6 +223,10 @@ def load_controlnet(
         module = build_on_meta(lambda: ZImageControlNet(cfg, tcfg))
     except ValueError as e:
         raise ValueError(f"{path}: {e} (pass the DiT's transformer_config, or config= to override)") from e
+    if dtype is None:  # kept as stored: weighed in the file's dtypes, not in the fp32 it is built in on meta
+        stored = {k: info.torch_dtype for file in files for k, info in read_header(file)[0].items()}
+        for name, p in module.named_parameters():
+            p.data = p.data.to(stored.get(name) or p.dtype)
     device = torch.device(device)
     check_component_fits("ControlNet", module, dtype, device, pinned, *memory_advice(device, pinned))
     keep = (lambda k: not k.startswith(drop)) if drop else None
