@@ -304,3 +304,20 @@ def test_a_controlnet_kept_as_stored_is_weighed_in_the_files_dtype(tmp_path, mon
     host(monkeypatch, available=need)  # exactly its bytes: reading starts
     with pytest.raises(WeightsRead):
         load_controlnet(path, transformer_config=DIT)
+
+
+def test_a_bfloat16_branch_short_of_ram_is_not_told_to_load_in_bfloat16(tmp_path, monkeypatch):
+    """The advice for a branch that does not fit in CPU memory names --dtype bfloat16 only where the
+    pipeline is wider: a bf16 pipeline is told what would change something."""
+    from zimage_native.devices import InsufficientMemoryError
+
+    from .test_memory_check import host
+
+    path = write(tmp_path, "cn.safetensors", control_state_dict("2.1"))
+    _refuse_reads(monkeypatch)
+    host(monkeypatch, available=1)
+    with pytest.raises(InsufficientMemoryError, match=r"To fit, load a smaller ControlNet \(2.1 lite.*\) or, with a "
+                       r"GPU, offload less \(--offload none\); in Python these are from_pretrained's arguments: "
+                       r"offload=\"none\"$") as e:
+        load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16)
+    assert "bfloat16" not in str(e.value)

@@ -157,18 +157,20 @@ def describe_controlnet(path: str | os.PathLike) -> dict[str, Any]:
 SMALLER = "load a smaller ControlNet (2.1 lite: 3 control layers, against 15 for 2.0 and 2.1)"
 
 
-def memory_advice(device: torch.device, pinned: bool) -> tuple[str, str]:
+def memory_advice(device: torch.device, pinned: bool, dtype: torch.dtype | None) -> tuple[str, str]:
     """What to change when a ControlNet read onto ``device`` (``pinned``: into CPU memory to be
-    page-locked, for ``offload="blocks"`` on a GPU) does not fit, in the CLI's words and the library's
-    (``devices.check_component_fits``): the branch takes the pipeline's dtype and placement, so
-    these are the pipeline's settings."""
+    page-locked, for ``offload="blocks"`` on a GPU) in ``dtype`` does not fit, in the CLI's words and
+    the library's (``devices.check_component_fits``): the branch takes the pipeline's dtype and
+    placement, so these are the pipeline's settings (bfloat16 only where the pipeline is wider)."""
     python = "in Python these are from_pretrained's arguments: "
     if pinned:
         return (f"keep it in pageable CPU memory, which swap can hold (--offload model), or {SMALLER}",
                 f'{python}offload="model"')
     if device.type in HOST_MEMORY_DEVICES:
-        return (f"{SMALLER}, load the pipeline in bfloat16 (--dtype bfloat16) or, with a GPU, offload less "
-                f"(--offload none)", f'{python}dtype=torch.bfloat16, offload="none"')
+        if dtype is not None and dtype.itemsize > 2:
+            return (f"{SMALLER}, load the pipeline in bfloat16 (--dtype bfloat16) or, with a GPU, offload less "
+                    f"(--offload none)", f'{python}dtype=torch.bfloat16, offload="none"')
+        return f"{SMALLER} or, with a GPU, offload less (--offload none)", f'{python}offload="none"'
     return (f"stream its blocks with the DiT's (--offload blocks), keep it in CPU memory except while it runs "
             f"(--offload model) or {SMALLER}", f'{python}offload="blocks", offload="model"')
 
@@ -228,7 +230,7 @@ def load_controlnet(
         for name, p in module.named_parameters():
             p.data = p.data.to(stored.get(name) or p.dtype)
     device = torch.device(device)
-    check_component_fits("ControlNet", module, dtype, device, pinned, *memory_advice(device, pinned))
+    check_component_fits("ControlNet", module, dtype, device, pinned, *memory_advice(device, pinned, dtype))
     keep = (lambda k: not k.startswith(drop)) if drop else None
     state_dict = dict(iter_tensors(files, dtype, device, keep, copies=pinned))
     assign_state_dict(module, state_dict, f"ControlNet {path.name}")
