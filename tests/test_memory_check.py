@@ -593,3 +593,29 @@ def test_an_fp8_dit_file_keeps_its_float8_weights_where_the_upcast_ones_would_no
     assert devices.keeps_fp8_here(upcast, cuda)
     assert devices.keeps_fp8_here(upcast, torch.device("cpu"))
     assert not devices.keeps_fp8_here(upcast, torch.device("mps"))
+
+
+def test_a_module_kept_as_stored_is_weighed_in_the_files_dtypes(tmp_path, monkeypatch):
+    """load_module(dtype=None) keeps each tensor as the file stores it: a bf16 DiT (one fp32 tensor
+    beside) is weighed in those dtypes, not in the fp32 of the module built on meta, which refused
+    one that fits at about twice its bytes."""
+    from safetensors.torch import save_file
+
+    from zimage_native.config import TransformerConfig
+    from zimage_native.loading import load_module
+    from zimage_native.model.transformer import ZImageTransformer
+
+    from .dit_configs import TINY_DIT
+
+    config = TransformerConfig.from_dict(TINY_DIT)
+    state = {k: v if k == "x_pad_token" else v.to(torch.bfloat16) for k, v in ZImageTransformer(config).state_dict().items()}
+    save_file(state, tmp_path / "diffusion_pytorch_model.safetensors")
+    need = sum(t.numel() * t.element_size() for t in state.values())
+    host(monkeypatch, available=need - 1)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit in CPU memory: transformer "
+                                                      rf"{devices.format_bytes(need)}, "):
+        load_module(lambda: ZImageTransformer(config), tmp_path, None, "cpu", "transformer")
+    host(monkeypatch, available=need)  # exactly its bytes: it loads, as stored
+    model = load_module(lambda: ZImageTransformer(config), tmp_path, None, "cpu", "transformer")
+    assert {k: v.dtype for k, v in model.state_dict().items()} == {k: v.dtype for k, v in state.items()}
+    assert weight_bytes(model) == need

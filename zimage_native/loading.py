@@ -30,7 +30,7 @@ from torch import nn
 
 from .config import SchedulerConfig, read_json
 from .devices import bytes_in, check_component_fits, format_bytes, keeps_fp8_here, weight_peak
-from .formats.checkpoint import (WEIGHT_FILE_NAMES, WEIGHT_INDEX_NAMES, Checkpoint, check_safetensors,
+from .formats.checkpoint import (WEIGHT_FILE_NAMES, WEIGHT_INDEX_NAMES, Checkpoint, check_safetensors, read_header,
                                  safetensors_files, sniff)
 from .formats.detect import inspect_checkpoint, normalize_kind
 from .formats.fp8 import read_scales
@@ -210,6 +210,18 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
+def take_stored_dtypes(module: nn.Module, files: Iterable[Path]) -> nn.Module:
+    """Give the tensors of ``module`` (built on meta, in the fp32 of its constructor) the dtypes that
+    ``files`` store them in (their headers), for a load that keeps them as stored (``dtype=None``):
+    it is then weighed (``devices.check_component_fits``) in the file's bytes, not fp32's, which
+    refused a bf16 component that fits at twice its bytes. The tensors read are assigned over them."""
+    stored = {k: info.torch_dtype for file in files for k, info in read_header(file)[0].items()}
+    for name, t in (*module.named_parameters(), *module.named_buffers()):
+        if name in stored:
+            t.data = t.data.to(stored[name])
+    return module
+
+
 def load_module(
     factory: Callable[[], nn.Module],
     path: str | os.PathLike,
@@ -220,9 +232,12 @@ def load_module(
 ) -> nn.Module:
     """Build ``factory()`` on meta and strictly load the weights at ``path`` into it; ``pinned`` as in
     :func:`load_component`."""
+    files = safetensors_files(path)
     module = build_on_meta(factory)
+    if dtype is None:  # kept as stored
+        take_stored_dtypes(module, files)
     check_component_fits(what, module, dtype, torch.device(device), pinned)
-    state_dict = read_weights(iter_tensors(safetensors_files(path), dtype, device, copies=pinned), what, module, dtype)
+    state_dict = read_weights(iter_tensors(files, dtype, device, copies=pinned), what, module, dtype)
     return assign_state_dict(module, state_dict, what).eval().requires_grad_(False)
 
 

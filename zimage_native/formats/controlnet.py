@@ -35,7 +35,7 @@ from safetensors import safe_open
 
 from ..config import ControlNetConfig, TransformerConfig
 from ..devices import HOST_MEMORY_DEVICES, check_component_fits
-from ..loading import assign_state_dict, build_on_meta, iter_tensors, safetensors_files
+from ..loading import assign_state_dict, build_on_meta, iter_tensors, safetensors_files, take_stored_dtypes
 from ..model.controlnet import ZImageControlNet
 from .checkpoint import UnsupportedFormatError, read_header
 from .infer import _count, _merge_checked, _need, folder_config, read_overrides
@@ -225,10 +225,8 @@ def load_controlnet(
         module = build_on_meta(lambda: ZImageControlNet(cfg, tcfg))
     except ValueError as e:
         raise ValueError(f"{path}: {e} (pass the DiT's transformer_config, or config= to override)") from e
-    if dtype is None:  # kept as stored: weighed in the file's dtypes, not in the fp32 it is built in on meta
-        stored = {k: info.torch_dtype for file in files for k, info in read_header(file)[0].items()}
-        for name, p in module.named_parameters():
-            p.data = p.data.to(stored.get(name) or p.dtype)
+    if dtype is None:  # kept as stored
+        take_stored_dtypes(module, files)
     device = torch.device(device)
     check_component_fits("ControlNet", module, dtype, device, pinned, *memory_advice(device, pinned, dtype))
     keep = (lambda k: not k.startswith(drop)) if drop else None
