@@ -4,6 +4,7 @@ folders, config overrides, strictness and the errors for files that are not Cont
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -321,3 +322,33 @@ def test_a_bfloat16_branch_short_of_ram_is_not_told_to_load_in_bfloat16(tmp_path
                        r"offload=\"none\"$") as e:
         load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16)
     assert "bfloat16" not in str(e.value)
+
+
+def test_replacing_a_controlnet_counts_the_loaded_one(control_model_dir, control_files, monkeypatch):  # noqa: F811
+    """pipe.load_controlnet(B) with A loaded holds A until B has loaded, so A's bytes are not free
+    while B is weighed: a refusal says so, and that pipe.unload_controlnet() frees them first (in the
+    library's words only: the CLI holds one). A stays loaded; with none loaded the sentence is absent."""
+    from zimage_native import ZImagePipeline
+    from zimage_native.devices import InsufficientMemoryError, format_bytes
+    from zimage_native.quantize import weight_bytes
+
+    from .test_memory_check import host
+
+    pipe = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32)
+    loaded = pipe.load_controlnet(control_files["2.1"])
+    need = weight_bytes(load_controlnet(control_files["1.0"], transformer_config=DIT, dtype=torch.float32))
+    held = (f"the ControlNet loaded now (cn-2.1.safetensors, {format_bytes(weight_bytes(loaded))}) stays in memory "
+            f"until this one has loaded, so its bytes are not free: pipe.unload_controlnet() frees them first")
+    _refuse_reads(monkeypatch)
+    host(monkeypatch, available=need - 1)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit in CPU memory: ControlNet "
+                       rf"{format_bytes(need)}, .*; in Python these are from_pretrained's arguments: "
+                       rf"dtype=torch.bfloat16, offload=\"none\"; {re.escape(held)}$") as e:
+        pipe.load_controlnet(control_files["1.0"])
+    assert "unload_controlnet" not in e.value.cli_message
+    assert pipe.controlnet is loaded
+    pipe.unload_controlnet()
+    with pytest.raises(InsufficientMemoryError) as e:
+        pipe.load_controlnet(control_files["1.0"])
+    assert "unload_controlnet" not in str(e.value)
+    assert str(e.value).endswith('offload="none"')

@@ -34,12 +34,14 @@ import logging
 import numbers
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .devices import format_bytes
 from .model.controlnet import ZImageControlNet
 from .model.sequence import SequenceLayout, patchify
 from .images import preprocess_image, preprocess_mask
@@ -62,10 +64,22 @@ class ControlNetSlot:
         see ``formats.controlnet``) for a DiT of ``transformer_config``, replacing any loaded one.
         ``accel``: the DiT's acceleration settings (``optimize`` arguments), applied to the branch.
         ``pinned``: read for pinned memory (``formats.controlnet.load_controlnet``)."""
+        from .devices import InsufficientMemoryError
         from .formats.controlnet import load_controlnet
+        from .quantize import weight_bytes
 
-        model = load_controlnet(path, config, transformer_config=transformer_config, dtype=dtype, device=device,
-                                pinned=pinned)
+        try:
+            model = load_controlnet(path, config, transformer_config=transformer_config, dtype=dtype, device=device,
+                                    pinned=pinned)
+        except InsufficientMemoryError as e:
+            if self.model is None:
+                raise
+            # The loaded one is held until this one has loaded: its bytes are not free. Only the library
+            # can hold two (the CLI loads one), so the library's advice says so.
+            held = (f"the ControlNet loaded now ({Path(self.path).name}, {format_bytes(weight_bytes(self.model))}) "
+                    f"stays in memory until this one has loaded, so its bytes are not free: "
+                    f"pipe.unload_controlnet() frees them first")
+            raise InsufficientMemoryError(e.cli_message, "; ".join(filter(None, (e.python_advice, held)))) from None
         if accel:
             from .accel import optimize
 

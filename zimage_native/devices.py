@@ -145,11 +145,12 @@ PYTHON_MEMORY_ADVICE = ("in Python these are from_pretrained's arguments: text_e
 
 class InsufficientMemoryError(ValueError):
     """The weights placed on a GPU at load time cannot fit in its free memory. ``python_advice`` is
-    added to the message for a library caller; ``cli_message`` is the message without it."""
+    added to the message for a library caller (kept as ``python_advice``); ``cli_message`` is the
+    message without it."""
 
     def __init__(self, message: str, python_advice: str | None = None):
         super().__init__(f"{message}; {python_advice}" if python_advice else message)
-        self.cli_message = message
+        self.cli_message, self.python_advice = message, python_advice
 
 
 def free_memory(device: torch.device) -> tuple[int, int]:
