@@ -267,14 +267,16 @@ def _prepare(src, dst, to, component, dtype, shard_size, loras, config=None):
     limit = parse_size(shard_size)
     from ..formats.checkpoint import sniff
 
+    # copies: each weight is read from the file into memory of its own (Checkpoint.read_rows,
+    # GGUFCheckpoint.get), not taken as a view of the file's memory map, whose pages stayed resident
+    # until the map closed at the end: a real-width bf16 DiT of 1050 MiB was held whole while it was
+    # written, a GGUF file's packed bytes too.
     if src.is_file() and sniff(src) == "gguf":
         from ..formats import gguf
 
-        ckpt, inspect, canonical_shapes = gguf.GGUFCheckpoint(src), gguf.inspect_gguf, gguf.canonical_shapes
+        ckpt, inspect, canonical_shapes = (gguf.GGUFCheckpoint(src, copies=True), gguf.inspect_gguf,
+                                           gguf.canonical_shapes)
     else:
-        # copies: each weight is read from the file into memory of its own (Checkpoint.read_rows),
-        # not taken as a view of the file's memory map, whose pages stayed resident until the map
-        # closed at the end: a real-width bf16 DiT of 1050 MiB was held whole while it was written.
         ckpt, inspect = Checkpoint(src, copies=True), inspect_checkpoint
     try:
         fmt = inspect(ckpt)

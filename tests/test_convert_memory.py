@@ -1,9 +1,9 @@
 """Host memory of ``zimage convert``: the peak of one conversion, in a fresh process
 (``tests/fresh_process.py``: VmHWM above the start, after a warm-up conversion of the same file),
 against a bound derived from the sizes of the tensors it converts. A safetensors file is read
-tensor by tensor into memory of its own (``Checkpoint(copies=True)``); a GGUF file's pages read
-through its map are part of the peak, and so were a safetensors file's when the first two tests
-were written: their bounds include the file. Pages that ``read()`` brings into the page cache are
+tensor by tensor into memory of its own (``Checkpoint(copies=True)``), a GGUF file too
+(``GGUFCheckpoint(copies=True)``); their pages read through the map were part of the peak when the
+first two tests were written: their bounds include the file. Pages that ``read()`` brings into the page cache are
 not the process's: VmHWM, what a user sees, counts neither them nor the written file's."""
 
 from __future__ import annotations
@@ -96,3 +96,24 @@ def test_a_conversion_holds_one_tensor_of_the_file_at_a_time(tmp_path):
     bound = tensor * 3 // 2
     assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
                          f"({tensor / 2**20:.0f} MiB a weight, {src.stat().st_size / 2**20:.0f} MiB the file)"
+
+
+def test_a_gguf_conversion_holds_one_packed_weight_of_the_file_at_a_time(tmp_path):
+    """A GGUF file was read through its memory map: every page read stayed resident until the map
+    closed at the end, so the whole file was held beside the weight being written. Its packed
+    bytes are read tensor by tensor into memory of their own now (``GGUFCheckpoint(copies=True)``):
+    the peak stays under the bf16 result of one weight and half the file (the packed bytes of one
+    weight read, and room for the dequantisation's blocks). Here four 4096 x 4096 Q8_0 weights in
+    a DiT file that holds nothing else but its pad token, converted to bf16."""
+    rows = cols = 4096
+    rng = np.random.default_rng(0)
+    src = write_gguf(tmp_path / "ffn.gguf", {
+        "x_pad_token": (np.zeros((1, cols), np.float32), "F32"),
+        **{f"layers.{i}.feed_forward.w{j}.weight": (random_blocks("Q8_0", rows, cols, rng), "Q8_0")
+           for i in range(2) for j in (1, 3)},
+    }, "lumina2")
+    peak = _peak(src, "bf16", tmp_path / "out")
+    result = rows * cols * 2
+    bound = result + src.stat().st_size // 2
+    assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
+                         f"({result / 2**20:.0f} MiB a bf16 weight, {src.stat().st_size / 2**20:.0f} MiB the file)"
