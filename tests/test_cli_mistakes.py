@@ -465,3 +465,28 @@ def test_a_forgotten_value_before_a_subcommands_flag_or_the_help_flag_is_refused
     line = one_line_error(*args)
     assert line == (f"Error: {flag} takes a value, and the next word is the flag {value}: give the value after {flag} "
                     f"({flag} VALUE {value} ...) (see `{path} --help`)"), line
+
+
+def test_only_a_command_whose_seed_takes_several_reads_the_numbers_after_it_as_seeds(monkeypatch):
+    """`--seed 1 2 3` is generate's list of seeds. `zimage rewrite`'s --seed takes one, but the group read
+    the numbers after every command's --seed as more seeds: `rewrite "a cat" --seed 1 2` ran with seed 2
+    (the last, silently) and `rewrite --seed 5 1984` said the prompt was missing."""
+    import importlib
+
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    calls = []
+
+    class Recorder:
+        def rewrite(self, prompt, rewriter, system_prompt, max_new_tokens, temperature, seed, top_p, **kwargs):
+            calls.append((prompt, seed))
+            return "a rewritten prompt"
+
+    monkeypatch.setattr(importlib.import_module("zimage_native.cli.rewrite"), "chat_rewriter", lambda *a: Recorder())
+    result = CliRunner().invoke(main, ["rewrite", "--seed", "5", "1984"], prog_name="zimage")
+    assert (result.exit_code, calls) == (0, [("1984", 5)]), result.output
+    assert one_line_error("rewrite", "a cat", "--seed", "1", "2") == (
+        "Error: Got unexpected extra argument (2) (see `zimage rewrite --help`)")
+    assert calls == [("1984", 5)]

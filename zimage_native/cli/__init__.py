@@ -295,6 +295,29 @@ def _check_flag_values(command: click.Command, args: list[str], path: str, help_
                             f"{flag} ({flag} VALUE {value} ...) (see `{path} --help`)")
 
 
+def _expand_seeds(command: click.Command, args: list[str]) -> list[str]:
+    """``args`` of ``command`` with ``--seed 1 2 3`` as ``--seed 1 --seed 2 --seed 3`` (click options take
+    one value each) where its --seed takes several (``zimage generate``), up to a ``--``; a command whose
+    --seed takes one seed (``zimage rewrite``) keeps its words: expanded, ``--seed 1 2`` ran with seed 2
+    and ``--seed 5 1984`` lost the prompt 1984."""
+    if not any(isinstance(p, click.Option) and "--seed" in p.opts and p.multiple for p in command.params):
+        return list(args)
+    out, i = [], 0
+    while i < len(args):
+        out.append(args[i])
+        if args[i] == "--":
+            return out + list(args[i + 1:])
+        if args[i] == "--seed":
+            out.append(args[i + 1]) if i + 1 < len(args) else None
+            i += 2
+            while i < len(args) and re.fullmatch(r"-?\d+", args[i]):
+                out += ["--seed", args[i]]
+                i += 1
+            continue
+        i += 1
+    return out
+
+
 #: ``ctx.meta`` key of the command line as :meth:`ZImageGroup.parse_args` read it (for :func:`_one_line`).
 ARGS_KEY = "zimage.args"
 
@@ -329,8 +352,9 @@ def _catch_ctrl_c():
 
 
 class ZImageGroup(click.Group):
-    """Lets ``--seed 1 2 3`` mean ``--seed 1 --seed 2 --seed 3`` (click options take one value each),
-    and prints click's usage errors as one line with exit status 1 (:func:`_one_line`)."""
+    """Lets ``--seed 1 2 3`` mean ``--seed 1 --seed 2 --seed 3`` where --seed takes several
+    (:func:`_expand_seeds`), and prints click's usage errors as one line with exit status 1
+    (:func:`_one_line`)."""
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -364,23 +388,14 @@ class ZImageGroup(click.Group):
         while isinstance(leaf, click.Group) and words and words[0] in leaf.commands:  # `templates show ...`
             path, leaf, words = f"{path} {words[0]}", leaf.commands[words[0]], words[1:]
         if leaf is not None and not isinstance(leaf, click.Group):
-            _check_flag_values(leaf, words, path, ctx.help_option_names)
+            own = _expand_seeds(leaf, words)
+            rest, ctx.meta[ARGS_KEY] = [*rest[:len(rest) - len(words)], *own], [*args[:len(args) - len(words)], *own]
+            _check_flag_values(leaf, own, path, ctx.help_option_names)
         return name, cmd, rest
 
     def parse_args(self, ctx, args):
-        out, i = [], 0
-        while i < len(args):
-            out.append(args[i])
-            if args[i] == "--seed":
-                out.append(args[i + 1]) if i + 1 < len(args) else None
-                i += 2
-                while i < len(args) and re.fullmatch(r"-?\d+", args[i]):
-                    out += ["--seed", args[i]]
-                    i += 1
-                continue
-            i += 1
-        ctx.meta[ARGS_KEY] = out
-        return super().parse_args(ctx, out)
+        ctx.meta[ARGS_KEY] = list(args)
+        return super().parse_args(ctx, args)
 
 
 @click.group(cls=ZImageGroup, context_settings={"help_option_names": ["-h", "--help"]})
