@@ -399,15 +399,21 @@ def test_a_path_starting_with_a_tilde_is_in_the_home_folder(tiny_model_dir, tmp_
         result.output
 
 
-@pytest.mark.parametrize("name", ["out.gguf", "out.sft", "out.ckpt"])
-def test_convert_to_a_weight_file_of_another_format_says_it_writes_safetensors(tiny_model_dir, tmp_path, name):
+@pytest.mark.parametrize("name, why", [
+    ("out.gguf", " (GGUF files are read, not written)"),
+    ("out.sft", " files, named .safetensors (an .sft file is read, not written)"),
+    ("out.ckpt", ""),
+    # a .safetensors name not in lower case made a folder too (`Out.SafeTensors`, as Windows shows names)
+    ("out.SafeTensors", " files, named .safetensors in lower case (any other name is a folder)"),
+    ("out.SAFETENSORS", " files, named .safetensors in lower case (any other name is a folder)"),
+])
+def test_convert_to_a_weight_file_of_another_format_says_it_writes_safetensors(tiny_model_dir, tmp_path, name, why):
     """`zimage convert MODEL/transformer out.gguf --to comfy` made a folder named out.gguf holding
     diffusion_pytorch_model.safetensors (a DST not ending in .safetensors is a folder), and said
     "wrote out.gguf"; it is refused now, before reading, naming the .safetensors file to give."""
     dst = tmp_path / name
     line = one_line_error("convert", str(tiny_model_dir / "transformer"), str(dst), "--to", "comfy")
-    gguf = " (GGUF files are read, not written)" if name.endswith(".gguf") else ""
-    assert line == (f"Error: DST {dst}: convert writes safetensors{gguf}: give a .safetensors file "
+    assert line == (f"Error: DST {dst}: convert writes safetensors{why}: give a .safetensors file "
                     f"({tmp_path / 'out.safetensors'}) or a folder (a name without a file extension)"), line
     assert list(tmp_path.iterdir()) == []
 

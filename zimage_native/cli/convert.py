@@ -45,9 +45,13 @@ def convert(src, dst, layout, component, dtype, shard_size, loras, config, dry_r
 
     for text in loras:
         check_lora_arg(text, parse_lora_arg)
-    if dst.suffix.lower() in OTHER_WEIGHT_SUFFIXES:  # was a folder of that name holding .safetensors
-        gguf = " (GGUF files are read, not written)" if dst.suffix.lower() == ".gguf" else ""
-        raise ValueError(f"DST {dst}: convert writes safetensors{gguf}: give a .safetensors file "
+    suffix = dst.suffix.lower()
+    if suffix in OTHER_WEIGHT_SUFFIXES or (suffix == ".safetensors" and dst.suffix != ".safetensors"):
+        # was a folder of that name holding .safetensors (out.SafeTensors too: only '.safetensors' is a file)
+        why = {".gguf": " (GGUF files are read, not written)",
+               ".sft": " files, named .safetensors (an .sft file is read, not written)",
+               ".safetensors": " files, named .safetensors in lower case (any other name is a folder)"}.get(suffix, "")
+        raise ValueError(f"DST {dst}: convert writes safetensors{why}: give a .safetensors file "
                          f"({dst.with_suffix('.safetensors')}) or a folder (a name without a file extension)")
     if not dry_run:  # refused now, not after reading and converting gigabytes
         check_writable_folder(dst.parent, "DST")
