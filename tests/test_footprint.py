@@ -579,3 +579,8 @@ def test_zimage_info_dtype_is_refused_where_no_weight_figure_is_shown(tiny_model
 
     assert one_line_error("info", str(tiny_model_dir), "--check", "--dtype", "fp32") == (
         "Error: --dtype sets the dtype of the weight figures, which --check does not show; leave it out")
+    # a VAE (a component folder or its file) shows none either: --dtype was taken and changed nothing
+    for path in (tiny_model_dir / "vae", tiny_model_dir / "vae" / "diffusion_pytorch_model.safetensors"):
+        assert one_line_error("info", str(path), "--dtype", "fp32") == (
+            "Error: --dtype sets the dtype of the weight figures, which a VAE does not show (a model folder, a DiT "
+            "or a text encoder does); leave it out")

@@ -185,7 +185,7 @@ def info(path: Path, as_json: bool, check: bool, dtype: str | None):
     if dtype is not None and (check or is_image):
         raise ValueError(f"--dtype sets the dtype of the weight figures, which {'--check' if check else 'an image'} "
                          f"does not show; leave it out")
-    dtype = dtype or "bf16"
+    dtype_given, dtype = dtype is not None, dtype or "bf16"
     if check:
         if is_image:
             raise ValueError(f"--check reads model weights; {path} is an image")
@@ -213,6 +213,13 @@ def info(path: Path, as_json: bool, check: bool, dtype: str | None):
     from ..formats import describe
 
     report = describe(path)
+    figured = [name for name in ("transformer", "text_encoder") if name in report.get("components", {})]
+    if dtype_given and (not figured or "lora" in report or "controlnet" in report):
+        names = {"vae": "VAE", "transformer": "DiT", "text_encoder": "text encoder"}
+        what = ("a LoRA" if "lora" in report else "a ControlNet" if "controlnet" in report else
+                f"a {' and '.join(names.get(n, n) for n in report.get('components', {})) or 'file'}")
+        raise ValueError(f"--dtype sets the dtype of the weight figures, which {what} does not show (a model "
+                         f"folder, a DiT or a text encoder does); leave it out")
     from ..footprint import dit_file_summary, text_encoder_file_summary
 
     for name, summary in (("transformer", dit_file_summary), ("text_encoder", text_encoder_file_summary)):
