@@ -131,6 +131,45 @@ def test_progress_bar_config_takes_tqdm_options_as_diffusers_does(fresh_pipe, ca
     assert "denoise" in capsys.readouterr().err
 
 
+def test_diffusers_progress_bar_for_a_loop_of_ones_own(fresh_pipe, capsys):
+    """diffusers' pipe.progress_bar(iterable=None, total=None), which hand-written denoising loops
+    use, was an AttributeError: it is the per-step bar, with set_progress_bar_config's options."""
+    fresh_pipe.set_progress_bar_config(desc="my loop", ascii=True)
+    with fresh_pipe.progress_bar(total=3) as bar:
+        for _ in range(3):
+            bar.update()
+    assert list(fresh_pipe.progress_bar(range(2))) == [0, 1]
+    err = capsys.readouterr().err
+    assert "my loop" in err and "3/3" in err and "2/2" in err
+    fresh_pipe.set_progress_bar_config(disable=True)
+    with fresh_pipe.progress_bar(total=3) as bar:
+        bar.update(3)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="iterable= or total="):
+        fresh_pipe.progress_bar()
+
+
+def test_callback_tensor_inputs_named_by_the_pipeline_as_in_diffusers(tiny_pipe, reference_pipe):
+    """callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs (a diffusers idiom) was an
+    AttributeError here: the names offered are diffusers' Z-Image ones, with diffusers' latents."""
+    seen = {"ours": [], "ref": []}
+
+    def record(name):
+        def on_step_end(pipe, i, t, tensors):
+            seen[name].append(sorted(tensors))
+            return {"latents": tensors["latents"] * 0.9} if i == 1 else {}
+        return on_step_end
+
+    kw = dict(height=32, width=32, num_inference_steps=3, output_type="latent", guidance_scale=2.0)
+    assert tiny_pipe._callback_tensor_inputs == reference_pipe._callback_tensor_inputs
+    got = tiny_pipe("a cat", seed=0, callback_on_step_end=record("ours"),
+                    callback_on_step_end_tensor_inputs=tiny_pipe._callback_tensor_inputs, **kw).images
+    expected = reference_pipe("a cat", generator=torch.Generator().manual_seed(0), callback_on_step_end=record("ref"),
+                              callback_on_step_end_tensor_inputs=reference_pipe._callback_tensor_inputs, **kw).images
+    assert seen["ours"] == seen["ref"] == [["latents", "prompt_embeds"]] * 3
+    assert_rel(got, expected, 1e-5, "latents with the pipeline's callback tensor inputs")
+
+
 def test_progress_bar_can_be_turned_off(tiny_pipe, capsys):
     tiny_pipe("a cat", height=32, width=32, num_inference_steps=2, output_type="latent", progress=True)
     assert "denoise" in capsys.readouterr().err

@@ -281,6 +281,10 @@ class ZImagePipeline:
     behind ``rewrite`` / ``load_rewriter`` / ``unload_rewriter``).
     """
 
+    # diffusers' names a step-end callback may ask for (callback_on_step_end_tensor_inputs=
+    # pipe._callback_tensor_inputs); every task offers them (inpainting also "mask")
+    _callback_tensor_inputs = list(sampling.STEP_END_TENSORS)
+
     def __init__(
         self,
         transformer: ZImageTransformer,
@@ -878,6 +882,14 @@ class ZImagePipeline:
         diffusers."""
         self.progress = not disable
         self.progress_bar_config = dict(options)
+
+    def progress_bar(self, iterable=None, total=None):
+        """diffusers' bar for a denoising loop of one's own (``with pipe.progress_bar(total=n) as bar:``
+        ... ``bar.update()``, or ``for t in pipe.progress_bar(timesteps)``): the pipeline's own per-step
+        bar, with the :meth:`set_progress_bar_config` options and ``pipe.progress``."""
+        if iterable is None and total is None:
+            raise ValueError("progress_bar() needs iterable= or total=, as in diffusers")
+        return sampling.denoise_bar(self, self.progress, iterable, **({} if total is None else {"total": total}))
 
     def _module(self, name: str) -> torch.nn.Module:
         if name == "transformer" and self.controlnet is not None:
