@@ -125,6 +125,48 @@ def test_fuse_lora_then_unload_lora_weights_keeps_the_loras_as_diffusers_does(ti
     assert_rel(ours("a cat", seed=0, **KW).images, plain, 1e-6, "unload_lora")
 
 
+def test_fuse_lora_with_a_scale_scales_the_active_adapters_as_diffusers_does(tiny_model_dir, tmp_path):
+    """diffusers' recipe ``load_lora_weights(...)`` + ``fuse_lora(lora_scale=0.7)`` (then
+    ``unload_lora_weights()`` to bake it in) was refused here, pointing at set_adapters. diffusers
+    multiplies the active adapters' weights by the scale, and they keep it after unfuse_lora."""
+    ours, ref, a, b, both = pipelines_and_loras(tiny_model_dir, tmp_path)
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(str(a), adapter_name="a")
+    full = both("adapter a at weight 1")
+    for pipe in (ours, ref):
+        pipe.fuse_lora(lora_scale=0.7)
+    scaled = both("fuse_lora(lora_scale=0.7)")
+    assert rel_err(scaled, full) > 1e-2  # the control: the scale changes the image
+    for pipe in (ours, ref):
+        pipe.unfuse_lora()
+    assert_rel(both("unfuse_lora: still at 0.7"), scaled, 1e-6, "unfused")
+    for pipe in (ours, ref):
+        pipe.load_lora_weights(str(b), adapter_name="b")
+        pipe.set_adapters(["a", "b"], adapter_weights=[0.5, 0.8])
+        pipe.fuse_lora(lora_scale=0.6, adapter_names=["b", "a"])
+        pipe.unfuse_lora()
+    both("two adapters, fuse_lora(lora_scale=0.6)")
+    assert ours.get_active_adapters() == ["a", "b"]
+    with pytest.raises(ValueError, match=r"every active adapter \(\['a', 'b'\]\)"):
+        ours.fuse_lora(lora_scale=0.5, adapter_names=["a"])  # diffusers gives neither weight then
+    with pytest.raises(ValueError, match="finite number"):
+        ours.fuse_lora(lora_scale=float("nan"))
+    for pipe in (ours, ref):
+        pipe.set_adapters("a", 0.7)
+        pipe.fuse_lora(lora_scale=0.7)
+        pipe.unload_lora_weights()
+    assert ours.get_list_adapters() == ref.get_list_adapters() == {}
+    baked = both("fuse_lora(lora_scale=0.7) at weight 0.7 + unload_lora_weights: baked at 0.49")
+    ours.unload_lora()
+    ours.load_lora_weights(str(a), adapter_name="check")
+    ours.set_adapters("check", 0.49)
+    assert_rel(ours("a cat", seed=0, **KW).images, baked, 1e-5, "baked at 0.49")
+    ours.unload_lora()
+    ours.load_lora(str(a))
+    with pytest.raises(ValueError, match=r"load_lora\(path, scale=0.5\)"):
+        ours.fuse_lora(lora_scale=0.5)  # a LoRA of load_lora() belongs to no adapter
+
+
 def test_adapter_changes_after_fuse_lora_are_refused(tiny_pipe, tmp_path):
     """Between fuse_lora() and unload_lora_weights(), diffusers' PEFT unmerges for some calls and not
     for others (set_adapters and delete_adapters keep the merge, loading another adapter undoes it);

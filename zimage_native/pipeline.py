@@ -1254,21 +1254,35 @@ class ZImagePipeline:
             self.lora_stack.end_refit(self.transformer, silence)
             self._lora_changed_graphs(before)
 
+    @_serialized
     def fuse_lora(self, components=None, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None,
                   **ignored) -> None:
-        """diffusers' name. LoRAs are fused when loaded here, so the weights do not change; as in
-        diffusers, the active adapters (or ``adapter_names``) are marked merged, and a following
-        :meth:`unload_lora_weights` keeps them in the weights (diffusers' recipe to bake a LoRA in).
-        A ``lora_scale`` other than 1 is refused (``set_adapters(names, adapter_weights=)``, or
-        ``load_lora(path, scale=...)``). The arguments are in diffusers' order; ``components`` (the
-        LoRAs are the DiT's: without ``"transformer"`` nothing is marked) and ``safe_fusing`` change nothing
-        else here."""
-        if lora_scale != 1.0:
-            raise ValueError(f"fuse_lora(lora_scale={lora_scale}): LoRAs are fused when loaded here; set the weight "
-                             f"with set_adapters(names, adapter_weights=...), or unload_lora() and "
-                             f"load_lora(path, scale={lora_scale})")
-        if components is None or "transformer" in components:
-            self.lora_adapters.merge(adapter_names)
+        """diffusers' name. LoRAs are fused when loaded here; as in diffusers, the active adapters (or
+        ``adapter_names``) are marked merged, and a following :meth:`unload_lora_weights` keeps them in
+        the weights (diffusers' recipe to bake a LoRA in). ``lora_scale`` multiplies the weights of the
+        active adapters, as diffusers' does (it stays after :meth:`unfuse_lora`; the adapters are
+        fused again at the new weights); with ``adapter_names`` naming only some of them it is refused
+        (diffusers then gives neither weight), and so is it for LoRAs of ``load_lora`` (no adapter).
+        The arguments are in diffusers' order; ``components`` (the LoRAs are the DiT's: without
+        ``"transformer"`` nothing is marked) and ``safe_fusing`` change nothing else here."""
+        if isinstance(lora_scale, bool) or not isinstance(lora_scale, numbers.Real) or not math.isfinite(lora_scale):
+            raise ValueError(f"fuse_lora(lora_scale={lora_scale!r}): the scale must be a finite number such as 0.8")
+        if components is not None and "transformer" not in components:
+            return
+        adapters = self.lora_adapters
+        if lora_scale != 1.0 and (adapters.sources or self.lora_stack.loaded):
+            if not adapters.sources:
+                raise ValueError(f"fuse_lora(lora_scale={lora_scale}): the LoRAs of load_lora() are fused at their "
+                                 f"scale and belong to no adapter; unload_lora() and load_lora(path, "
+                                 f"scale={lora_scale}), or load them with load_lora_weights()")
+            self._check_adapters("fuse_lora")
+            if adapter_names is not None and set(adapters.names(adapter_names, "fuse_lora()")) != set(adapters.active):
+                raise ValueError(f"fuse_lora(lora_scale={lora_scale}, adapter_names={adapter_names!r}): the scale "
+                                 f"applies to every active adapter ({list(adapters.active)}); set their weights with "
+                                 f"set_adapters(names, adapter_weights=...) and call fuse_lora(adapter_names=...)")
+            scaled = {name: weight * lora_scale for name, weight in adapters.active.items()}
+            self._refit_adapters("fuse_lora", lambda: setattr(adapters, "active", scaled))
+        adapters.merge(adapter_names)
 
     def unfuse_lora(self, components=None, **ignored) -> None:
         """diffusers' name. There, the LoRA still applies after it (unfused, through its adapter
