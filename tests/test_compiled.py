@@ -1451,6 +1451,60 @@ def test_compile_asked_after_the_graphs_were_captured_captures_them_again_from_t
     assert lines[-1] == "cuda graphs: 1 captured graph dropped, captured again from the compiled DiT at the next requests"
 
 
+@pytest.mark.parametrize("asked", ["dit", "first"])
+def test_compile_of_a_shared_dit_drops_the_graphs_of_every_pipeline_holding_it(fresh_pipe, tiny_pipe, asked):
+    """Two pipelines share one DiT (ZImagePipeline(pipe.transformer, ...)), each with its graphs captured.
+    Compile asked through the DiT (transformer.compile_repeated_blocks(), which runs the last pipeline's
+    optimize) or on the first pipeline compiled the shared DiT, but only the pipeline asked dropped its
+    graphs: the other kept replaying its graph captured from the eager DiT (1 capture in all, 0 calls
+    of compiled code in it) and reported compile "off". Now each pipeline holding the DiT records the
+    compile and captures again from the compiled code (2 captures, 1 release, compiled calls in the
+    second), and a repeat request replays."""
+    ran = []  # calls of the code dynamo compiled
+
+    def counting_backend(gm, example_inputs):
+        def run(*args):
+            ran.append(1)
+            return gm.forward(*args)
+        return run
+
+    def counted(pipe):
+        fake, calls = FakeGraphs(), []  # compiled calls during each capture
+
+        def capture(fn):
+            before = len(ran)
+            captured = fake.capture(fn)
+            calls.append(len(ran) - before)
+            return captured
+
+        pipe._graphed = GraphedSampler(pipe, capture=capture, new_event=fake.event)
+        return pipe._graphed, fake, calls
+
+    torch._dynamo.reset()
+    first = fresh_pipe
+    second = ZImagePipeline(first.transformer, first.vae, first.text_encoder, first.scheduler_config, first.vae_config)
+    second.progress = False
+    want = tiny_pipe("a cat", **KW).images
+    pipes = {"first": (first, *counted(first)), "second": (second, *counted(second))}
+    for pipe, *_ in pipes.values():
+        assert torch.equal(pipe("a cat", **KW).images, want)
+    if asked == "dit":
+        lines = first.transformer.compile_repeated_blocks(backend=counting_backend)
+    else:
+        lines = first.optimize(compile="blocks", compile_backend=counting_backend)
+    other = "first" if asked == "dit" else "second"
+    for name, (pipe, sampler, fake, calls) in pipes.items():
+        released = fake.released
+        for _ in range(2):
+            assert_rel(pipe("a cat", **KW).images, want, 1e-5, f"{name} pipeline, compiled through {asked}")
+        assert (sampler.captures, released) == (2, 1) and calls[0] == 0 and calls[1] > 0, (name, calls)
+        assert pipe._accel["compile"] == "blocks" and pipe._compile_options == (counting_backend, "dynamic"), name
+    assert lines[-1] == ("cuda graphs: 1 captured graph of another pipeline holding this DiT dropped, captured "
+                         "again from the compiled DiT at the next requests"), lines
+    with pytest.raises(ValueError, match="compile is already 'blocks'"):
+        pipes[other][0].optimize(compile="full")
+
+
 def test_an_optimize_call_that_fails_leaves_the_attention_backend_as_it_was(fresh_pipe, monkeypatch):
     """optimize(attention=<another backend>, compile=<a mode it refuses>): the call fails, and the models
     run the backend they ran, under the name the pipeline holds. The check of whether the backend was

@@ -1014,16 +1014,8 @@ class ZImagePipeline:
             self._graphed = GraphedSampler(self, mode=graph_mode, max_graphs=size)
             lines.append(f"cuda graphs: {'one graph per step kind' if graph_mode == 'step' else 'the whole loop'}, "
                          f"at most {size} cached (LRU)")
-        elif self._graphed is not None and (before_compile or "compile" in changes):
-            # Captured graphs hold the old modules (a transform before compile), or replay the kernels
-            # of the code they were captured from: eager kernels where compile is asked after the
-            # graphs were on, so the compile bought nothing until the cache turned over.
-            dropped = len(self._graphed.graphs)
-            self._graphed.clear()
-            if dropped:
-                lines.append(f"cuda graphs: {dropped} captured graph{'s' if dropped > 1 else ''} dropped, captured "
-                             f"again from the {'compiled' if 'compile' in changes else 'changed'} DiT at the next "
-                             f"requests")
+        elif before_compile or "compile" in changes:
+            lines += self._drop_graphs("compiled" if "compile" in changes else "changed")
         if changes.get("vae_compile"):
             from .accel.vae import compile_vae_decode_
 
@@ -1031,6 +1023,43 @@ class ZImagePipeline:
             self._vae_compile_backend = compile_backend  # (a VAE assigned later is compiled alike)
             self._fit_vae_hand_calls()  # (the compiled decode replaced the visiting one)
         state.update(changes)
+        if before_compile or "compile" in changes:
+            lines += self._dit_changed_for_sharers({k: v for k, v in changes.items() if k in self._DIT_SETTINGS})
+        return lines
+
+    #: What optimize() records about the DiT itself (every pipeline holding it shares them).
+    _DIT_SETTINGS = ("kernels", "attention", "fp8", "compile")
+
+    def _drop_graphs(self, how: str, whose: str = "") -> list[str]:
+        """Drop the captured graphs after the DiT changed (``how``: "compiled" or "changed"); the log
+        line, if any were captured. They hold the old modules (a transform before compile), or replay
+        the kernels of the code they were captured from: eager kernels where compile is asked after
+        the graphs were on, so the compile bought nothing until the cache turned over."""
+        dropped = len(self._graphed.graphs) if self._graphed is not None else 0
+        if not dropped:
+            return []
+        self._graphed.clear()
+        return [f"cuda graphs: {dropped} captured graph{'s' if dropped > 1 else ''}{whose} dropped, captured again "
+                f"from the {how} DiT at the next requests"]
+
+    def _dit_changed_for_sharers(self, changes: dict) -> list[str]:
+        """Every other live pipeline built with this DiT (``ZImagePipeline(pipe.transformer, ...)``; they
+        are the ones its bound ``compile`` name knows, :class:`_PipelineCall`) records ``changes``, the
+        transforms optimize() just applied to the DiT they share, and drops its captured graphs (after
+        a run it has in flight). Up to 0.21.0 only the pipeline asked did (``pipe.transformer.compile()``
+        asks the last one built with it): another kept replaying graphs captured from the eager DiT,
+        and reported compile "off"."""
+        call = self.transformer.__dict__.get("compile")
+        call = call.func if isinstance(call, functools.partial) else call  # (bound with its name as the first argument)
+        others = [pipe for pipe in call.pipelines() if pipe is not self] if isinstance(call, _PipelineCall) else []
+        lines = []
+        for other in others:
+            with other._lock:
+                other._accel.update(changes)
+                if "compile" in changes:
+                    other._compile_options = self._compile_options
+                lines += other._drop_graphs("compiled" if "compile" in changes else "changed",
+                                            " of another pipeline holding this DiT")
         return lines
 
     def _attention_in_place(self, name: str) -> str | None:
