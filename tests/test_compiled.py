@@ -259,6 +259,84 @@ def test_a_mask_the_step_end_callback_changes_in_place_is_read_by_the_next_repla
     assert torch.equal(got.images, want.images)
 
 
+def set_from_another_thread(pipe) -> None:
+    """``pipe._interrupt = True`` from another thread (diffusers' ``interrupt`` flag), joined at once."""
+    import threading
+
+    thread = threading.Thread(target=setattr, args=(pipe, "_interrupt", True))
+    thread.start()
+    thread.join()
+
+
+def test_an_interrupt_from_another_thread_stops_a_step_graphed_run_as_the_eager_loop(fresh_pipe, tiny_model_dir):
+    """pipe._interrupt = True set by another thread (no step-end callback) after the second step of 5:
+    the eager loop stopped there, but step mode read the flag only when a step-end callback ran, so
+    the graphed run replayed all 5 steps. It now reads it after each replay (a Python attribute: no
+    host sync) and stops after the same step; both records say so (interrupted_after), and the
+    latents are equal bit for bit."""
+    from .fixtures import our_pipeline
+
+    eager = our_pipeline(tiny_model_dir)
+    forwards = []
+    forward = eager.transformer.forward_tokens
+
+    def counted_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        forwards.append(1)
+        if len(forwards) == 2:
+            set_from_another_thread(eager)
+        return out
+
+    eager.transformer.forward_tokens = counted_forward
+    sampler, fake = graphed(fresh_pipe)
+    capture = fake.capture
+
+    def capture_then_interrupt(fn):  # the flag set by another thread after the second replay
+        captured = capture(fn)
+        replay = captured.replay
+
+        def counted_replay():
+            replay()
+            if sampler.replays == 1:  # (counted after this replay returns)
+                set_from_another_thread(fresh_pipe)
+
+        captured.replay = counted_replay
+        return captured
+
+    sampler.capture = capture_then_interrupt
+    args = {**KW, "num_inference_steps": 5}
+    got, want = fresh_pipe("a cat", **args), eager("a cat", **args)
+    assert (sampler.replays, len(forwards)) == (2, 2)
+    assert got.info["interrupted_after"] == want.info["interrupted_after"] == 2
+    assert torch.equal(got.images, want.images)
+    assert not torch.equal(got.images, eager("a cat", **args).images)  # (the flag is reset at each call)
+    assert "interrupted_after" not in fresh_pipe("a cat", **args).info and sampler.replays == 2 + 5
+
+
+def test_a_loop_graph_runs_every_step_whatever_the_interrupt_flag(fresh_pipe, tiny_pipe):
+    """Loop mode: one replay runs every step, so pipe._interrupt set by another thread cannot stop it
+    (docs/performance.md): the run ends with all its steps, recorded as not interrupted. The flag set
+    while the loop was captured was read by the captured loop, which stopped after its first step:
+    the cached graph held 1 step of 4, and every later request replayed it (its latents differed
+    from eager by 2.4). No capture reads the flag now."""
+    sampler, fake = graphed(fresh_pipe, mode="loop")
+    capture = fake.capture
+
+    def interrupted_capture(fn):
+        def flagged():  # the flag set from another thread as the capture begins
+            set_from_another_thread(fresh_pipe)
+            return fn()
+        return capture(flagged)
+
+    sampler.capture = interrupted_capture
+    args = {**KW, "num_inference_steps": 4}
+    want = tiny_pipe("a cat", **args).images
+    for _ in range(2):
+        out = fresh_pipe("a cat", **args)
+        assert torch.equal(out.images, want) and "interrupted_after" not in out.info
+    assert (sampler.captures, sampler.replays) == (1, 2)
+
+
 def test_graphed_runs_from_several_threads_keep_their_own_images(fresh_pipe, tiny_pipe):
     """The graphs' static buffers are shared: runs from several threads must not interleave (the
     pipeline serialises them), so each thread gets the image its request gives alone."""

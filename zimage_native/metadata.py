@@ -37,7 +37,8 @@ def image_record(info: dict[str, Any], index: int, prompt_index: int = 0) -> dic
     with ``batch_index`` and ``batch_size`` (and ``batch_prompts``, the prompts the batch mixed, when
     more than one). ``noise`` ("generator" or "latents") marks an image whose start the caller gave,
     and ``guidance_changes``, ``callback_replaced`` or ``interrupted_after`` one that a step-end
-    callback changed part-way (``sampling.CALLBACK_RECORD_KEYS``): its record cannot remake it."""
+    callback (or ``pipe._interrupt`` set by another thread) changed part-way
+    (``sampling.CALLBACK_RECORD_KEYS``): its record cannot remake it."""
     seeds = info.get("seeds") or []
     record = {k: v for k, v in info.items() if k not in ("prompts", "seeds", "formatted_prompts", "token_counts")}
     record["prompt"] = info["prompts"][prompt_index]

@@ -1550,9 +1550,9 @@ class ZImagePipeline:
 
     @_serialized
     def run_steps(self, latents: torch.Tensor, plan: SamplingPlan, progress: bool = False, callback=None,
-                  on_step_end=None) -> torch.Tensor:
+                  on_step_end=None, info=None, interruptible: bool = True) -> torch.Tensor:
         """The step loop (:func:`sampling.run_steps`); what the graphed sampler captures."""
-        return sampling.run_steps(self, latents, plan, progress, callback, on_step_end)
+        return sampling.run_steps(self, latents, plan, progress, callback, on_step_end, info, interruptible)
 
     def _template(self, template):
         from .prompt.templates import Template

@@ -430,12 +430,16 @@ def denoise_bar(pipe, progress: bool, steps=None, **kwargs):
 
 def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = False,
               callback: Callable[[int, int], None] | None = None,
-              on_step_end: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+              on_step_end: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None,
+              info: dict | None = None, interruptible: bool = True) -> torch.Tensor:
     """The sampling loop over fp32 ``latents``: only tensor work, no host syncs.
 
     After each step: the task's blend, then ``on_step_end(k, index, latents) -> latents`` (may
     replace the latents, and set ``pipe._guidance_scale`` for the later steps, as diffusers'
-    callbacks do: :func:`guidance_after_step_end`), then ``callback(k + 1, total)``."""
+    callbacks do: :func:`guidance_after_step_end`), then ``callback(k + 1, total)``, then the stop
+    on ``pipe._interrupt`` (:func:`interrupted`). ``interruptible=False``: the flag is not read (a
+    captured graph's loop: a graph replays no Python, so a stop seen while it was captured would cut
+    every later replay short)."""
     cfg, dtype = pipe.transformer_config, pipe.dtype
     scale = None  # a guidance scale a step-end callback set (a number), else the plan's (a device scalar when graphed)
 
@@ -467,9 +471,21 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
             scale = guidance_after_step_end(pipe, plan, before, scale)
         if callback is not None:
             callback(k + 1, len(plan.steps))
-        if getattr(pipe, "_interrupt", False):  # set by a callback_on_step_end, as in diffusers: stop here
+        if interruptible and interrupted(pipe, k, len(plan.steps), info):
             break
     return latents
+
+
+def interrupted(pipe, k: int, total: int, info: dict | None) -> bool:
+    """Whether the run stops after its step ``k``: diffusers' flag ``pipe._interrupt``, set by a
+    ``callback_on_step_end`` or by another thread (it is a Python attribute: reading it costs no host
+    sync). A stop that leaves steps unrun is recorded in ``info["interrupted_after"]`` (the step-end
+    callback's wrapper in :func:`generate` records its own)."""
+    if not getattr(pipe, "_interrupt", False):
+        return False
+    if info is not None and k + 1 < total:
+        info.setdefault("interrupted_after", k + 1)
+    return True
 
 
 #: What a step-end callback did that the request's settings do not say (``output.info`` keys):
@@ -524,8 +540,8 @@ def denoise(pipe, latents, prompt_embeds, negative_embeds, schedule: Schedule, g
                  cfg_normalization, cfg_truncation, start, blend, extra, varied, varied_steps, cache)
         latents = latents.to(pipe.device, torch.float32)
         if pipe._graphed is not None and p.cache is None and (on_step_end is None or pipe._graphed.mode == "step"):
-            return pipe._graphed(latents, p, progress, callback, on_step_end)
-        latents = run_steps(pipe, latents, p, progress, callback, on_step_end)
+            return pipe._graphed(latents, p, progress, callback, on_step_end, info)
+        latents = run_steps(pipe, latents, p, progress, callback, on_step_end, info)
         if p.cache is not None and info is not None:
             info["first_block_cache_forwards"] = p.cache.counts()
         return latents

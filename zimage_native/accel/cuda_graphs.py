@@ -10,11 +10,13 @@
   every schedule. After each replay a CUDA event is recorded; progress and cancellation are
   handled one step behind (the callback for step k runs while step k+1 is already queued), so the
   GPU never waits for Python and the loop has no synchronising call other than those events.
-  A callback that raises stops the run after at most one more step.
+  A callback that raises stops the run after at most one more step; ``pipe._interrupt`` (set by a
+  step-end callback or another thread) is read after each replay and stops the run there.
 - ``"loop"``: the whole loop (all N forwards and Euler updates) as one graph per (request shape,
   steps run, CFG pattern): the run is numbered from its first step (:func:`loop_plan`), so where
   it starts in the schedule (an img2img strength) is not part of the key. Fewest launches;
-  progress is reported only at the end and a cancel takes effect only after the run. Kept for
+  progress is reported only at the end and a cancel takes effect only after the run (nor does
+  ``pipe._interrupt`` stop it: no capture reads the flag). Kept for
   the GPU check to measure against ``"step"`` (the issue's rule: keep ``"step"`` unless
   ``"loop"`` is more than 2% faster).
 
@@ -322,22 +324,24 @@ class GraphedSampler:
 
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, plan, progress: bool = False, callback=None,
-                 on_step_end=None) -> torch.Tensor:
+                 on_step_end=None, info: dict | None = None) -> torch.Tensor:
         """Run ``plan`` from ``latents``. ``on_step_end`` (step mode only; see ``sampling.run_steps``)
-        is called after each replay with a copy of the latents, and what it returns is copied in."""
+        is called after each replay with a copy of the latents, and what it returns is copied in.
+        Step mode reads ``pipe._interrupt`` after each replay and stops there (recorded in ``info``);
+        a loop graph runs every step in one replay and is not stopped. No capture reads the flag."""
         plan = guidance_tensors(plan, latents.device)
         if self.mode == "loop":
             if on_step_end is not None:
                 raise ValueError("a loop graph runs every step in one replay: on_step_end needs mode 'step'")
             return self._run_loop(latents, plan, callback)
-        return self._run_steps(latents, plan, progress, callback, on_step_end)
+        return self._run_steps(latents, plan, progress, callback, on_step_end, info)
 
     def _run_loop(self, latents, plan, callback):
         plan = loop_plan(plan)
         tensors, rebuild, signature = flatten((latents, plan))
 
         def make_fn(static_latents, static_plan):
-            return lambda: self.pipe.run_steps(static_latents, static_plan)
+            return lambda: self.pipe.run_steps(static_latents, static_plan, interruptible=False)
 
         entry = self._entry(("loop", signature), tensors, rebuild, make_fn)
         entry.sources = []  # a new request: copy everything in
@@ -350,8 +354,8 @@ class GraphedSampler:
                 callback(k + 1, len(plan.steps))
         return entry.captured.output.clone()
 
-    def _run_steps(self, latents, plan, progress, callback, on_step_end=None):
-        from ..sampling import denoise_bar, guidance_after_step_end
+    def _run_steps(self, latents, plan, progress, callback, on_step_end=None, info=None):
+        from ..sampling import denoise_bar, guidance_after_step_end, interrupted
 
         n = len(plan.steps)
         bar = denoise_bar(self.pipe, progress, total=n)
@@ -369,7 +373,7 @@ class GraphedSampler:
                     callback(done, n)
 
         def make_fn(static_latents, static_plan):
-            return lambda: static_latents.copy_(self.pipe.run_steps(static_latents, static_plan))
+            return lambda: static_latents.copy_(self.pipe.run_steps(static_latents, static_plan, interruptible=False))
 
         current = latents
         fresh: set[int] = set()
@@ -404,8 +408,8 @@ class GraphedSampler:
                     events[-1].record()
                     if k >= 1:
                         finish_up_to(k - 1)  # step k is queued behind it: the GPU keeps working
-                if on_step_end is not None and getattr(self.pipe, "_interrupt", False):
-                    break  # set by the step-end callback, as in the eager loop
+                if interrupted(self.pipe, k, n, info):  # set by the step-end callback or another thread
+                    break
             if report and events:
                 finish_up_to(len(events) - 1)
         finally:

@@ -127,8 +127,8 @@ def from_image_layer(path: Path | None) -> tuple[dict, str | None]:
         layer["unremakeable"] = "it was made with a generator= (a library call), whose seed is not recorded"
     elif any(record.get(key) for key in CALLBACK_RECORD_KEYS):
         done = {key: record[key] for key in CALLBACK_RECORD_KEYS if record.get(key)}
-        layer["unremakeable"] = (f"a callback_on_step_end (a library call) changed its run part-way ({done}), which "
-                                 f"no flag does")
+        layer["unremakeable"] = (f"a callback_on_step_end or pipe._interrupt (a library call) changed its run part-way "
+                                 f"({done}), which no flag does")
     elif size and record.get("batch_prompts"):
         layer["unremakeable"] = (f"seed {seed} drew the noise of a batch of {size} images of "
                                  f"{record['batch_prompts']} prompts (it is image {index}), which a run of one "
