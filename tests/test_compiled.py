@@ -232,6 +232,35 @@ def test_a_step_end_callback_runs_on_the_replayed_steps_and_equals_eager(fresh_p
     assert sampler.replays == 9 and sampler.guided_replays == 2 and sampler.captures == 3, list(sampler.graphs)
 
 
+def test_a_step_end_callback_in_loop_mode_replays_step_graphs_captured_once(fresh_pipe, tiny_pipe):
+    """Loop mode: a loop graph has no Python between its steps, so a request with callback_on_step_end
+    ran its whole loop eagerly (3 requests of 3 steps: 0 captures, 0 replays, 9 eager DiT forwards).
+    Such a request now replays step graphs, captured on demand and cached beside the loop graphs:
+    1 capture (its warm-up and recording are the 2 DiT forwards run in Python) and 9 replays for the
+    3 requests, each equal to eager bit for bit; a request without a callback still replays its
+    loop graph, and the step graph stays cached."""
+    sampler, _ = graphed(fresh_pipe, mode="loop")
+    forwards = []
+    forward = fresh_pipe.transformer.forward_tokens
+
+    def counted_forward(*args, **kwargs):  # the DiT forwards run in Python (a replay runs none)
+        forwards.append(1)
+        return forward(*args, **kwargs)
+
+    fresh_pipe.transformer.forward_tokens = counted_forward
+
+    def on_step_end(pipe, i, t, tensors):
+        return {"latents": tensors["latents"] * 0.99}
+
+    args = {**KW, "num_inference_steps": 3}
+    for seed in range(3):
+        got = fresh_pipe("a cat", callback_on_step_end=on_step_end, **{**args, "seed": seed}).images
+        assert torch.equal(got, tiny_pipe("a cat", callback_on_step_end=on_step_end, **{**args, "seed": seed}).images)
+    assert (sampler.captures, sampler.replays, len(forwards)) == (1, 9, 2), [key[0] for key in sampler.graphs]
+    assert torch.equal(fresh_pipe("a cat", **args).images, tiny_pipe("a cat", **args).images)
+    assert (sampler.captures, sampler.replays) == (2, 10) and [key[0] for key in sampler.graphs] == ["step", "loop"]
+
+
 def test_a_mask_the_step_end_callback_changes_in_place_is_read_by_the_next_replay(fresh_pipe, tiny_pipe):
     """An inpainting mask a step-end callback changes in place (callback_kwargs["mask"].fill_(1),
     returning nothing) is read by the eager loop's later blends. A replay copied in only the

@@ -531,15 +531,14 @@ def denoise(pipe, latents, prompt_embeds, negative_embeds, schedule: Schedule, g
             extra=None, on_step_end=None, varied=None, varied_steps=0.0, cache=0.0,
             info: dict | None = None) -> torch.Tensor:
     """Plan and run the step loop from ``latents`` at schedule step ``start``; the final fp32 latents.
-    The pipeline's graphed loop (``cuda_graphs``) runs it, ``on_step_end`` after each step's replay,
-    unless the graphs are in loop mode with ``on_step_end`` (no Python between the steps of a loop
-    graph) or the first-block cache (``cache`` > 0; its counts go to ``info["first_block_cache_forwards"]``)
-    is on."""
+    The pipeline's graphed loop (``cuda_graphs``) runs it, ``on_step_end`` after each step's replay
+    (in loop mode too: such a run replays step graphs), unless the first-block cache (``cache`` > 0;
+    its counts go to ``info["first_block_cache_forwards"]``) is on."""
     with pipe._running("transformer"):
         p = plan(pipe, latents.shape[-2:], prompt_embeds, negative_embeds, schedule, guidance_scale,
                  cfg_normalization, cfg_truncation, start, blend, extra, varied, varied_steps, cache)
         latents = latents.to(pipe.device, torch.float32)
-        if pipe._graphed is not None and p.cache is None and (on_step_end is None or pipe._graphed.mode == "step"):
+        if pipe._graphed is not None and p.cache is None:
             return pipe._graphed(latents, p, progress, callback, on_step_end, info)
         latents = run_steps(pipe, latents, p, progress, callback, on_step_end, info)
         if p.cache is not None and info is not None:
@@ -1024,9 +1023,9 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
     ``latents``, if present, replace the current latents (prompt_embeds are read only; inpainting
     also gives and takes ``mask``, its latent-grid mask, as diffusers' inpainting does); setting
     ``pipe._interrupt = True`` in it stops the run after that step, and the latents so far are
-    decoded, as diffusers does. With CUDA graphs (step mode) it runs after each step's replay, on a
-    copy of the latents (the graph's own are overwritten by the next replay); in loop mode the loop
-    runs eagerly (one replay runs every step).
+    decoded, as diffusers does. With CUDA graphs it runs after each step's replay, on a copy of the
+    latents (the graph's own are overwritten by the next replay); in loop mode such a run replays
+    step graphs (one loop replay runs every step).
     """
     from .pipeline import ZImageOutput
 

@@ -16,7 +16,9 @@
   steps run, CFG pattern): the run is numbered from its first step (:func:`loop_plan`), so where
   it starts in the schedule (an img2img strength) is not part of the key. Fewest launches;
   progress is reported only at the end and a cancel takes effect only after the run (nor does
-  ``pipe._interrupt`` stop it: no capture reads the flag). Kept for
+  ``pipe._interrupt`` stop it: no capture reads the flag). A run with a step-end callback, which
+  needs Python between the steps, replays step graphs instead (captured once per step kind, in
+  the same cache and pool). Kept for
   the GPU check to measure against ``"step"`` (the issue's rule: keep ``"step"`` unless
   ``"loop"`` is more than 2% faster).
 
@@ -325,14 +327,14 @@ class GraphedSampler:
     @torch.no_grad()
     def __call__(self, latents: torch.Tensor, plan, progress: bool = False, callback=None,
                  on_step_end=None, info: dict | None = None) -> torch.Tensor:
-        """Run ``plan`` from ``latents``. ``on_step_end`` (step mode only; see ``sampling.run_steps``)
-        is called after each replay with a copy of the latents, and what it returns is copied in.
-        Step mode reads ``pipe._interrupt`` after each replay and stops there (recorded in ``info``);
-        a loop graph runs every step in one replay and is not stopped. No capture reads the flag."""
+        """Run ``plan`` from ``latents``. ``on_step_end`` (see ``sampling.run_steps``) is called after
+        each replay with a copy of the latents, and what it returns is copied in: a loop graph has no
+        Python between its steps, so in loop mode such a run replays step graphs, captured on demand
+        and cached beside the loop graphs. Step mode reads ``pipe._interrupt`` after each replay and
+        stops there (recorded in ``info``); a loop graph runs every step in one replay and is not
+        stopped. No capture reads the flag."""
         plan = guidance_tensors(plan, latents.device)
-        if self.mode == "loop":
-            if on_step_end is not None:
-                raise ValueError("a loop graph runs every step in one replay: on_step_end needs mode 'step'")
+        if self.mode == "loop" and on_step_end is None:
             return self._run_loop(latents, plan, callback)
         return self._run_steps(latents, plan, progress, callback, on_step_end, info)
 
