@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from zimage_native.cli import main
 from zimage_native.converters.convert import convert_checkpoint, parse_size, plan_conversion
-from zimage_native.converters.keymap import DIT_COMFYUI, convert_state_dict
+from zimage_native.converters.keymap import DIT_COMFYUI, convert_state_dict, from_canonical, to_canonical
 from zimage_native.formats import detect_format
 from zimage_native.loading import load_component
 
@@ -127,6 +127,43 @@ def test_bf16_cast(tiny_model_dir, tmp_path):
     out = read(tmp_path / "bf16.safetensors")
     want = convert_state_dict(dit_state(tiny_model_dir), None, DIT_COMFYUI)
     assert_identical(out, {k: v.to(torch.bfloat16) for k, v in want.items()})
+
+
+def test_a_fused_weight_fused_again_is_its_own_memory_not_a_copy():
+    """A fused q|k|v split into its canonical parts and fused again for the same layout is the
+    original tensor's memory (no second copy at the peak of a conversion), with its values; parts
+    that do not lie one after the other in one storage in their order are joined by a copy."""
+    qkv = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+    parts = list(to_canonical([("layers.0.attention.qkv.weight", qkv)], DIT_COMFYUI))
+    [(key, joined)] = from_canonical(parts, DIT_COMFYUI)
+    assert key == "layers.0.attention.qkv.weight" and joined.data_ptr() == qkv.data_ptr()
+    assert joined.shape == qkv.shape and joined.is_contiguous() and torch.equal(joined, qkv)
+    for swapped in ([(parts[0][0], parts[1][1]), (parts[1][0], parts[0][1]), parts[2]],  # views out of order
+                    [(k, t.clone()) for k, t in parts]):  # separate memory
+        [(_, copied)] = from_canonical(swapped, DIT_COMFYUI)
+        assert copied.data_ptr() != qkv.data_ptr()
+        assert torch.equal(copied, torch.cat([t for _, t in swapped]))
+
+
+@pytest.mark.parametrize("dtype", ["keep", "bf16", "fp16", "fp8"])
+def test_a_comfyui_file_to_comfyui_keeps_the_fused_values(tiny_model_dir, tmp_path, dtype):
+    """ComfyUI to ComfyUI (the q|k|v passed on as it was read, not joined again): the values of the
+    file cast to the output dtype, bit for bit (fp8: those of quantising the fused weight whole)."""
+    from zimage_native.converters.convert import quantize_fp8
+
+    original = comfy_dit(tiny_model_dir, "", norm_final=False)
+    src = write(tmp_path / "comfy.safetensors", original)
+    convert_checkpoint(src, tmp_path / "out.safetensors", "comfyui", dtype=dtype)
+    out = read(tmp_path / "out.safetensors")
+    key = "layers.0.attention.qkv.weight"
+    if dtype == "fp8":
+        q, scale = quantize_fp8(original[key])
+        assert torch.equal(out[key].view(torch.uint8), q.view(torch.uint8)) and torch.equal(
+            out[key[:-len("weight")] + "scale_weight"], scale)
+    else:
+        want = {k: v if dtype == "keep" else v.to(getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]))
+                for k, v in original.items()}
+        assert_identical(out, want)
 
 
 def test_fp8_output_has_scales_and_loads(tiny_model_dir, tmp_path):

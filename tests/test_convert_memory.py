@@ -117,3 +117,23 @@ def test_a_gguf_conversion_holds_one_packed_weight_of_the_file_at_a_time(tmp_pat
     bound = result + src.stat().st_size // 2
     assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
                          f"({result / 2**20:.0f} MiB a bf16 weight, {src.stat().st_size / 2**20:.0f} MiB the file)"
+
+
+def test_a_fused_weight_is_written_without_a_second_copy(tmp_path):
+    """A fused q|k|v converted to a layout that fuses it the same way (ComfyUI to ComfyUI) was split
+    into its canonical parts and joined again by a copy: the weight twice at the peak (a real-width
+    11520 x 3840 bf16 q|k|v: 169 MiB above the start for an 84 MiB weight). The parts, row blocks
+    of the tensor read, are fused again as a view of its memory now: the peak stays under one and a
+    half weights. Here that q|k|v in a DiT file that holds nothing else but its pad token, kept as
+    it is."""
+    dim = 3840
+    weight = (torch.randn(3 * dim, dim, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    src = tmp_path / "qkv.safetensors"
+    save_file({"x_pad_token": torch.zeros(1, dim, dtype=torch.bfloat16), "layers.0.attention.qkv.weight": weight},
+              str(src))
+    del weight
+    peak = _peak(src, "keep", tmp_path / "out")
+    tensor = 3 * dim * dim * 2
+    bound = tensor * 3 // 2
+    assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
+                         f"({tensor / 2**20:.0f} MiB the q|k|v)"
