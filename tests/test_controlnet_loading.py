@@ -245,6 +245,32 @@ def test_a_controlnet_that_cannot_fit_on_the_gpu_is_refused_before_it_is_read(tm
         load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16, device=CUDA)
 
 
+def test_a_2_0_file_holding_its_zero_refiner_is_weighed_with_it_before_it_is_read(tmp_path, monkeypatch):
+    """Whether a file's control refiner is used (2.1) or dropped (2.0: its before_proj is zeros) is in
+    that tensor's values, which were read before the branch was weighed. The branch is weighed from
+    the headers, as the file holds it (its zero refiner counted), before any tensor is read; once read
+    the refiner is dropped as before."""
+    from zimage_native.devices import InsufficientMemoryError, format_bytes
+    from zimage_native.quantize import weight_bytes
+
+    from .test_memory_check import CUDA, card
+
+    sd = control_state_dict("2.1")
+    sd["control_noise_refiner.0.before_proj.weight"] = torch.zeros_like(sd["control_noise_refiner.0.before_proj.weight"])
+    path = write(tmp_path, "cn-2.0-zero-refiner.safetensors", sd)
+    loaded = load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16)
+    assert loaded.control_noise_refiner is None
+    refiner = sum(v.numel() for k, v in sd.items() if k.startswith("control_noise_refiner.")) * 2
+    held = weight_bytes(loaded) + refiner
+    _refuse_reads(monkeypatch)
+    card(monkeypatch, free=held - 1)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the ControlNet \({format_bytes(held)} of weights\) does not "):
+        load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16, device=CUDA)
+    card(monkeypatch, free=held)  # the file's bytes: reading starts
+    with pytest.raises(WeightsRead):
+        load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16, device=CUDA)
+
+
 def test_pipe_load_controlnet_is_refused_when_the_ram_cannot_hold_it(control_model_dir, control_files,  # noqa: F811
                                                                     monkeypatch):
     """pipe.load_controlnet weighs the branch against the RAM before reading it: on the CPU against the

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ..config import ControlNetConfig, TransformerConfig
 from ..devices import HOST_MEMORY_DEVICES, check_component_fits
@@ -57,10 +56,9 @@ def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 
 
 def _all_zero(files: list[Path], key: str) -> bool:
-    for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            if key in f.keys():
-                return not bool(f.get_tensor(key).any())
+    """Whether tensor ``key`` of the files is all zeros (read as the weights are: ``iter_tensors``)."""
+    for _, tensor in iter_tensors(files, keep=lambda k: k == key):
+        return not bool(tensor.any())
     raise KeyError(key)
 
 
@@ -184,6 +182,20 @@ def _merge(what: str, inferred: dict[str, Any], explicit: dict[str, Any]) -> dic
     return _merge_checked(what, inferred, {k: inferred[k] for k in SHAPE_KEYS}, explicit)
 
 
+def _branch(path: Path, files: list[Path], shapes: dict[str, tuple], tcfg: TransformerConfig, explicit: dict,
+            dtype: torch.dtype | None, refiner_untrained: bool | None) -> tuple[ControlNetConfig, ZImageControlNet]:
+    """The config and the module built on meta (in the file's dtypes when ``dtype`` is None)."""
+    inferred = infer_controlnet_config(shapes, tcfg, refiner_untrained)
+    cfg = ControlNetConfig.from_dict(_merge(f"ControlNet {path.name}", inferred, explicit))
+    try:
+        module = build_on_meta(lambda: ZImageControlNet(cfg, tcfg))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e} (pass the DiT's transformer_config, or config= to override)") from e
+    if dtype is None:  # kept as stored
+        take_stored_dtypes(module, files)
+    return cfg, module
+
+
 def load_controlnet(
     path: str | os.PathLike,
     config: dict | str | os.PathLike | ControlNetConfig | None = None,
@@ -205,11 +217,18 @@ def load_controlnet(
     tcfg = transformer_config or TransformerConfig()
     files = safetensors_files(path)
     shapes = _shapes(files)
-    before = "control_noise_refiner.0.before_proj.weight"
-    untrained = _all_zero(files, before) if before in shapes else None
-    inferred = infer_controlnet_config(shapes, tcfg, untrained)
     explicit = {**(folder_config(path) or {}), **read_overrides(config)}
-    cfg = ControlNetConfig.from_dict(_merge(f"ControlNet {path.name}", inferred, explicit))
+    device = torch.device(device)
+    advice = memory_advice(device, pinned, dtype)
+    # 2.0 and 2.1 files with control refiner blocks are told apart by before_proj's values (2.0's are
+    # zeros and its refiner is dropped), which were read before the branch was weighed. It is weighed
+    # from the headers alone now, as the file holds it (its refiner counted), before any tensor is
+    # read; a 2.0 file that holds its zero refiner then loads without it.
+    before = "control_noise_refiner.0.before_proj.weight"
+    cfg, module = _branch(path, files, shapes, tcfg, explicit, dtype, False if before in shapes else None)
+    check_component_fits("ControlNet", module, dtype, device, pinned, *advice)
+    if before in shapes and _all_zero(files, before):
+        cfg, module = _branch(path, files, shapes, tcfg, explicit, dtype, True)
 
     n = len(cfg.control_layers_places)
     if not explicit and tcfg.n_layers == 30 and n not in PUBLISHED_LAYER_COUNTS:
@@ -221,14 +240,6 @@ def load_controlnet(
     if dropped:
         logger.info("ControlNet %s: version 2.0 layout, dropping its %d unused control_noise_refiner tensors",
                     path.name, dropped)
-    try:
-        module = build_on_meta(lambda: ZImageControlNet(cfg, tcfg))
-    except ValueError as e:
-        raise ValueError(f"{path}: {e} (pass the DiT's transformer_config, or config= to override)") from e
-    if dtype is None:  # kept as stored
-        take_stored_dtypes(module, files)
-    device = torch.device(device)
-    check_component_fits("ControlNet", module, dtype, device, pinned, *memory_advice(device, pinned, dtype))
     keep = (lambda k: not k.startswith(drop)) if drop else None
     state_dict = dict(iter_tensors(files, dtype, device, keep, copies=pinned))
     assign_state_dict(module, state_dict, f"ControlNet {path.name}")
