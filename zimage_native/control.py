@@ -44,6 +44,7 @@ from torch.nn import functional as F
 from .devices import format_bytes
 from .model.controlnet import ZImageControlNet
 from .model.sequence import SequenceLayout, patchify
+from .offload import RESIDENT, resident_tensors
 from .images import preprocess_image, preprocess_mask
 from .sampling import Task, TaskContext, latent_multiple, register_task, repeat_to
 
@@ -59,18 +60,19 @@ class ControlNetSlot:
         self.path: str | None = None
 
     def load(self, path: str | os.PathLike, config=None, *, transformer_config, dtype, device,
-             accel: dict[str, Any] | None = None, pinned: bool = False) -> ZImageControlNet:
+             accel: dict[str, Any] | None = None, stream_to: torch.device | None = None) -> ZImageControlNet:
         """Load ``path`` (diffusers folder or single file; ``config`` overrides the inferred config,
         see ``formats.controlnet``) for a DiT of ``transformer_config``, replacing any loaded one.
         ``accel``: the DiT's acceleration settings (``optimize`` arguments), applied to the branch.
-        ``pinned``: read for pinned memory (``formats.controlnet.load_controlnet``)."""
+        ``stream_to``: the device its blocks will be streamed to (``offload="blocks"``); on a GPU
+        they are read for pinned memory (``formats.controlnet.load_controlnet``)."""
         from .devices import InsufficientMemoryError
         from .formats.controlnet import load_controlnet
         from .quantize import weight_bytes
 
         try:
             model = load_controlnet(path, config, transformer_config=transformer_config, dtype=dtype, device=device,
-                                    pinned=pinned)
+                                    pinned=stream_to is not None and stream_to.type == "cuda", stream_to=stream_to)
         except InsufficientMemoryError as e:
             if self.model is None:
                 raise
@@ -103,6 +105,17 @@ class ControlNetSlot:
 def branch_blocks(model: ZImageControlNet) -> list:
     """The branch's blocks in execution order (refiner stage, then control layers)."""
     return [*(model.control_noise_refiner or []), *model.control_layers]
+
+
+#: Submodules of the branch's blocks that stay on the GPU when its blocks are streamed
+#: (``offload="blocks"``): the projections run outside the blocks, as the modulations do.
+BRANCH_RESIDENT = RESIDENT + ("before_proj", "after_proj")
+
+
+def branch_resident(model: ZImageControlNet) -> list[torch.Tensor]:
+    """The branch's tensors that stay on the GPU when its blocks are streamed: its embedder, the
+    blocks' modulations and projections (:data:`BRANCH_RESIDENT`)."""
+    return resident_tensors(model, branch_blocks(model), BRANCH_RESIDENT)
 
 
 # ---------------------------------------------------------------------------------------- context

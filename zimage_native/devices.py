@@ -227,17 +227,18 @@ def bytes_in(tensors, dtype: torch.dtype | None) -> int:
 
 def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype | None,
                          device: torch.device, pinned: bool = False, advice: str | None = None,
-                         python_advice: str | None = None) -> None:
+                         python_advice: str | None = None, tensors: list[torch.Tensor] | None = None) -> None:
     """Just before a component built on meta is read onto a GPU (or into CPU memory): refuse if its
     weights (its floating tensors in ``dtype``, packed ones as they are) exceed the card's free memory
     now (the machine's available RAM and swap), which the components loaded before it have already
     taken their share of. ``pinned``: read into CPU memory to be page-locked for streaming
     (``offload="blocks"`` on a GPU), so the RAM alone must hold it (:func:`check_host_memory`).
     ``advice`` / ``python_advice``: what to change in the CLI's words / the library's, in place of the
-    advice for a pipeline's components (a ControlNet's own)."""
+    advice for a pipeline's components (a ControlNet's own). ``tensors``: those of the module that
+    go to ``device`` (by default all of them)."""
     if device.type not in ("cuda", "cpu", "mps"):
         return
-    need = bytes_in((*module.parameters(), *module.buffers()), dtype)
+    need = bytes_in((*module.parameters(), *module.buffers()) if tensors is None else tensors, dtype)
     if device.type in HOST_MEMORY_DEVICES:
         check_host_memory({what: need}, {what: device}, (what,) if pinned else (), advice, python_advice)
         return

@@ -371,11 +371,17 @@ def stream_blocks(transformer: nn.Module, device: torch.device | str, depth: int
     return streamer
 
 
+def resident_tensors(model: nn.Module, blocks: list[nn.Module], keep: tuple[str, ...] = RESIDENT
+                     ) -> list[torch.Tensor]:
+    """The parameters and buffers of ``model`` that :func:`stream_blocks` (same ``blocks`` and
+    ``keep``) moves to the device to stay there: all but the streamed parts of the blocks."""
+    ids = {id(t) for b in blocks for t in _streamed_tensors(b, keep)}
+    return [t for t in (*model.parameters(), *model.buffers()) if id(t) not in ids]
+
+
 def streamed_bytes(transformer: nn.Module) -> tuple[int, int]:
     """(bytes that stay on the device, bytes of the largest streamed block) of a DiT."""
     blocks = dit_blocks(transformer)
     streamed = [sum(t.numel() * t.element_size() for t in _streamed_tensors(b, RESIDENT)) for b in blocks]
-    ids = {id(t) for b in blocks for t in _streamed_tensors(b, RESIDENT)}
-    resident = sum(t.numel() * t.element_size() for t in (*transformer.parameters(), *transformer.buffers())
-                   if id(t) not in ids)
+    resident = sum(t.numel() * t.element_size() for t in resident_tensors(transformer, blocks))
     return resident, max(streamed, default=0)

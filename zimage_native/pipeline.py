@@ -563,14 +563,15 @@ class ZImagePipeline:
         device = torch.device("cpu") if blocks else self.transformer.x_pad_token.device
         replaced = self.controlnet
         # Its blocks are packed into pinned slabs on a GPU: read them into memory of their own, as the DiT's.
+        # Streamed, its blocks rest in CPU memory and its other tensors stay on the DiT's GPU (weighed there).
         model = self.controlnets.load(path, config, transformer_config=self.transformer_config, dtype=self.dtype,
                                       device=device, accel=accel,
-                                      pinned=blocks and self.device.type == "cuda")
+                                      stream_to=self.placement["transformer"] if blocks else None)
         if blocks:
-            from .offload import RESIDENT, stream_blocks
+            from .offload import stream_blocks
 
             stream_blocks(model, self.placement["transformer"], blocks=_control.branch_blocks(model),
-                          keep=RESIDENT + ("before_proj", "after_proj"))
+                          keep=_control.BRANCH_RESIDENT)
         self._fit_attention()
         self._release_control_graphs(replaced)
         return model

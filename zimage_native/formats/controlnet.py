@@ -155,12 +155,18 @@ def describe_controlnet(path: str | os.PathLike) -> dict[str, Any]:
 SMALLER = "load a smaller ControlNet (2.1 lite: 3 control layers, against 15 for 2.0 and 2.1)"
 
 
-def memory_advice(device: torch.device, pinned: bool, dtype: torch.dtype | None) -> tuple[str, str]:
+def memory_advice(device: torch.device, pinned: bool, dtype: torch.dtype | None,
+                  streamed: bool = False) -> tuple[str, str]:
     """What to change when a ControlNet read onto ``device`` (``pinned``: into CPU memory to be
-    page-locked, for ``offload="blocks"`` on a GPU) in ``dtype`` does not fit, in the CLI's words and
-    the library's (``devices.check_component_fits``): the branch takes the pipeline's dtype and
-    placement, so these are the pipeline's settings (bfloat16 only where the pipeline is wider)."""
+    page-locked, for ``offload="blocks"`` on a GPU; ``streamed``: the part that stays on the GPU
+    then) in ``dtype`` does not fit, in the CLI's words and the library's
+    (``devices.check_component_fits``): the branch takes the pipeline's dtype and placement, so
+    these are the pipeline's settings (bfloat16 only where the pipeline is wider)."""
     python = "in Python these are from_pretrained's arguments: "
+    if streamed:  # blocks streamed already: only a smaller branch or narrower weights lower that part
+        if dtype is not None and dtype.itemsize > 2:
+            return (f"{SMALLER} or load the pipeline in bfloat16 (--dtype bfloat16)", f"{python}dtype=torch.bfloat16")
+        return SMALLER, None
     if pinned:
         return (f"keep it in pageable CPU memory, which swap can hold (--offload model), or {SMALLER}",
                 f'{python}offload="model"')
@@ -204,6 +210,7 @@ def load_controlnet(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     pinned: bool = False,
+    stream_to: torch.device | None = None,
 ) -> ZImageControlNet:
     """Load a Fun-ControlNet-Union folder or single file for a DiT of ``transformer_config``
     (default: the released Z-Image DiT). ``config`` overrides the inferred config (see the module
@@ -212,7 +219,9 @@ def load_controlnet(
     its tensors are read into memory of their own, not views of the file's map, as the DiT's are
     (``loading.load_component``'s ``pinned``). Before any weight is read, the branch's bytes must fit
     where they go (``devices.check_component_fits``: the GPU's free memory, or the available RAM, of
-    which the components loaded before it have taken their share; pinned, the RAM alone)."""
+    which the components loaded before it have taken their share; pinned, the RAM alone).
+    ``stream_to``: the GPU its blocks will be streamed to (``offload="blocks"``), where its other
+    tensors stay (``control.branch_resident``): they must fit in its free memory too."""
     path = Path(path)
     tcfg = transformer_config or TransformerConfig()
     files = safetensors_files(path)
@@ -227,6 +236,12 @@ def load_controlnet(
     before = "control_noise_refiner.0.before_proj.weight"
     cfg, module = _branch(path, files, shapes, tcfg, explicit, dtype, False if before in shapes else None)
     check_component_fits("ControlNet", module, dtype, device, pinned, *advice)
+    if stream_to is not None and stream_to.type == "cuda":
+        from ..control import branch_resident
+
+        check_component_fits("ControlNet's part that stays on the GPU while its blocks are streamed (its "
+                             "embedder, modulations and projections)", module, dtype, stream_to, False,
+                             *memory_advice(stream_to, False, dtype, streamed=True), tensors=branch_resident(module))
     if before in shapes and _all_zero(files, before):
         cfg, module = _branch(path, files, shapes, tcfg, explicit, dtype, True)
 
