@@ -131,12 +131,13 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (the amax, then the codes, written into the result). Whole, the weight's fp32 upcast, its
     quotient by the scale and the clamp of that were held at once: three fp32 copies (a 10240 x 3840
     bf16 weight: 450 MiB at the peak for a 37 MiB result). Each code depends on its value and the
-    scale alone, so the result is the whole-tensor one, bit for bit."""
+    scale alone, so the result is the whole-tensor one, bit for bit. A weight without values (no
+    rows or no columns) gives an empty result with scale 1, as an all-zero one does."""
     if weight.is_meta:
         return torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device="meta"), torch.empty((), device="meta")
     w = weight.reshape(1) if weight.ndim == 0 else weight
     step = max(1, CHUNK_ELEMENTS // max(1, math.prod(w.shape[1:])))
-    starts = range(0, w.shape[0], step)
+    starts = range(0, w.shape[0] if w.numel() else 0, step)  # (an empty block has no max: rows of no columns)
     amax = torch.zeros((), dtype=torch.float32, device=w.device)
     for i in starts:  # the max of the blocks' maxima (a NaN stays NaN, as in the whole max)
         amax = torch.maximum(amax, w[i:i + step].float().abs().max())

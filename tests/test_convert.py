@@ -166,6 +166,26 @@ def test_a_comfyui_file_to_comfyui_keeps_the_fused_values(tiny_model_dir, tmp_pa
         assert_identical(out, want)
 
 
+@pytest.mark.parametrize("shape", [(8, 0), (0, 8), (0, 0)])
+def test_a_weight_without_values_quantises_to_fp8_as_an_empty_tensor_with_scale_one(tmp_path, shape):
+    """A weight of rows without columns made quantize_fp8 fail (the max of an empty block); one
+    without rows gave scale 1. Both give an empty fp8 tensor and scale 1 (as an all-zero weight
+    does), also through a conversion to fp8."""
+    from zimage_native.converters.convert import quantize_fp8
+
+    q, scale = quantize_fp8(torch.empty(shape, dtype=torch.bfloat16))
+    assert q.dtype == torch.float8_e4m3fn and q.shape == shape
+    assert scale.dtype == torch.float32 and scale.shape == () and scale.item() == 1.0
+    src = write(tmp_path / "empty.safetensors", {"x_pad_token": torch.zeros(1, 8, dtype=torch.bfloat16),
+                                                 "layers.0.feed_forward.w1.weight": torch.empty(shape,
+                                                                                                dtype=torch.bfloat16)})
+    convert_checkpoint(src, tmp_path / "fp8.safetensors", "comfyui", dtype="fp8")
+    out = read(tmp_path / "fp8.safetensors")
+    assert out["layers.0.feed_forward.w1.weight"].dtype == torch.float8_e4m3fn
+    assert out["layers.0.feed_forward.w1.weight"].shape == shape
+    assert out["layers.0.feed_forward.w1.scale_weight"].item() == 1.0
+
+
 def test_fp8_output_has_scales_and_loads(tiny_model_dir, tmp_path):
     plan = convert_checkpoint(tiny_model_dir / "transformer", tmp_path / "fp8.safetensors", "comfyui", dtype="fp8")
     out = read(tmp_path / "fp8.safetensors")
