@@ -523,7 +523,7 @@ def byte_counts(entry) -> list[int]:
     return [entry] if isinstance(entry, int) else []
 
 
-@pytest.mark.parametrize("where", ["", "transformer", "text_encoder"])
+@pytest.mark.parametrize("where", ["", "transformer", "text_encoder", "vae"])
 def test_zimage_info_prints_each_size_in_a_unit_that_shows_it(tiny_model_dir, where):
     """`zimage info` on the tiny model printed its small figures as '0.0 MB' (the text encoder's RoPE
     table: 48 bytes) and others with one digit ('0.1 MB' for 122 kB): each byte count of the JSON is
@@ -549,12 +549,13 @@ def test_zimage_info_prints_each_size_in_a_unit_that_shows_it(tiny_model_dir, wh
 def test_zimage_info_dtype_gives_the_figures_of_that_dtype(tiny_model_dir, dtype, name):
     """`zimage info` counted every figure in bf16, with no way to ask for another dtype (fp32 is what
     `zimage generate` loads on the CPU): --dtype gives the loaded model's bytes in that dtype, for a
-    model folder's peaks and for a DiT / text encoder component, under the dtype's name."""
+    model folder's peaks and for a DiT / text encoder / VAE component, under the dtype's name."""
     import json
 
     from click.testing import CliRunner
 
     from zimage_native.cli import main
+    from zimage_native.devices import format_bytes
     from zimage_native.loading import folder_weight_bytes, load_component
 
     short = {torch.float32: "fp32", torch.float16: "fp16"}[dtype]
@@ -572,6 +573,12 @@ def test_zimage_info_dtype_gives_the_figures_of_that_dtype(tiny_model_dir, dtype
         assert entry["resident"] == weight_bytes(load_component(component, tiny_model_dir / component, dtype, "cpu"))
         assert list(entry["formats"]) == [short]
         assert f"GPU weights in {short}" in shown(tiny_model_dir / component)
+    # A VAE, as a component folder or its file: --dtype was ignored there (no figure at all).
+    want = weight_bytes(load_component("vae", tiny_model_dir / "vae", dtype, "cpu"))
+    for where in (tiny_model_dir / "vae", tiny_model_dir / "vae" / "diffusion_pytorch_model.safetensors"):
+        entry = json.loads(shown(where, "--json"))["components"]["vae"]
+        assert entry[f"gpu_weights_{short}"] == {"resident": want} and "gpu_weights_bf16" not in entry
+        assert f"GPU weights in {short} (activations come on top): {format_bytes(want)}" in shown(where)
 
 
 def test_zimage_info_dtype_is_refused_where_no_weight_figure_is_shown(tiny_model_dir):

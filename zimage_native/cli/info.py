@@ -138,6 +138,21 @@ def _text_encoder_weight_lines(w: dict, dtype: str) -> list[str]:
             f"  {formats}, RoPE table (fp32) {format_bytes(w['rope_table'])}"]
 
 
+def _vae_summary(config: dict, dtype: str) -> dict:
+    """The VAE's weights in ``dtype`` (every tensor is cast to it), from the config inferred from
+    the header: ``{"resident": bytes}`` (the figure a model folder's peaks count for it)."""
+    from ..config import VAEConfig
+    from ..footprint import vae_bytes
+
+    return {"resident": vae_bytes(VAEConfig.from_dict(config), dtype)}
+
+
+def _vae_weight_lines(w: dict, dtype: str) -> list[str]:
+    from ..devices import format_bytes
+
+    return [f"GPU weights in {dtype} (activations come on top): {format_bytes(w['resident'])}"]
+
+
 def _config_line(component: str, cfg: dict) -> str:
     keys = {"transformer": ("dim", "n_layers", "n_refiner_layers", "n_heads", "cap_feat_dim", "in_channels"),
             "vae": ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups"),
@@ -222,7 +237,9 @@ def info(path: Path, as_json: bool, check: bool, dtype: str | None):
                          f"folder, a DiT or a text encoder does); leave it out")
     from ..footprint import dit_file_summary, text_encoder_file_summary
 
-    for name, summary in (("transformer", dit_file_summary), ("text_encoder", text_encoder_file_summary)):
+    vae_summary = lambda path, dtype: _vae_summary(report["components"]["vae"]["config"], dtype)  # noqa: E731
+    for name, summary in (("transformer", dit_file_summary), ("text_encoder", text_encoder_file_summary),
+                          ("vae", vae_summary)):
         c = report.get("components", {}).get(name)
         if c and "config" in c and "cannot_load" not in c and "problem" not in report:
             c[f"gpu_weights_{dtype}"] = summary(path, dtype)
@@ -265,7 +282,8 @@ def info(path: Path, as_json: bool, check: bool, dtype: str | None):
         else:
             click.echo(f"  {'':<13} config: {c['config_error']}")
         if f"gpu_weights_{dtype}" in c:
-            lines = _dit_weight_lines if name == "transformer" else _text_encoder_weight_lines
+            lines = {"transformer": _dit_weight_lines, "text_encoder": _text_encoder_weight_lines,
+                     "vae": _vae_weight_lines}[name]
             for line in lines(c[f"gpu_weights_{dtype}"], dtype):
                 click.echo(f"  {'':<13} {line}")
     if report.get("problem"):
