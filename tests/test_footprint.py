@@ -581,13 +581,21 @@ def test_zimage_info_dtype_gives_the_figures_of_that_dtype(tiny_model_dir, dtype
         assert f"GPU weights in {short} (activations come on top): {format_bytes(want)}" in shown(where)
 
 
-def test_zimage_info_dtype_is_refused_where_no_weight_figure_is_shown(tiny_model_dir):
+def test_zimage_info_dtype_is_refused_where_no_weight_figure_is_shown(tiny_model_dir, tmp_path):
+    from safetensors.torch import save_file
+
     from .test_cli_errors import one_line_error
 
     assert one_line_error("info", str(tiny_model_dir), "--check", "--dtype", "fp32") == (
         "Error: --dtype sets the dtype of the weight figures, which --check does not show; leave it out")
-    # a VAE (a component folder or its file) shows none either: --dtype was taken and changed nothing
-    for path in (tiny_model_dir / "vae", tiny_model_dir / "vae" / "diffusion_pytorch_model.safetensors"):
+    # a LoRA or a ControlNet shows none: --dtype was taken and changed nothing
+    lora = tmp_path / "lora.safetensors"
+    save_file({"transformer.layers.0.attention.to_k.lora_A.weight": torch.zeros(2, 32),
+               "transformer.layers.0.attention.to_k.lora_B.weight": torch.zeros(32, 2)}, str(lora))
+    from .test_controlnet_loading import control_state_dict, write
+
+    controlnet = write(tmp_path, "cn.safetensors", control_state_dict("1.0"))
+    for path, what in ((lora, "a LoRA"), (controlnet, "a ControlNet")):
         assert one_line_error("info", str(path), "--dtype", "fp32") == (
-            "Error: --dtype sets the dtype of the weight figures, which a VAE does not show (a model folder, a DiT "
-            "or a text encoder does); leave it out")
+            f"Error: --dtype sets the dtype of the weight figures, which {what} does not show (a model folder, "
+            f"a DiT, a text encoder or a VAE does); leave it out")

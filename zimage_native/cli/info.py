@@ -228,13 +228,11 @@ def info(path: Path, as_json: bool, check: bool, dtype: str | None):
     from ..formats import describe
 
     report = describe(path)
-    figured = [name for name in ("transformer", "text_encoder") if name in report.get("components", {})]
-    if dtype_given and (not figured or "lora" in report or "controlnet" in report):
-        names = {"vae": "VAE", "transformer": "DiT", "text_encoder": "text encoder"}
-        what = ("a LoRA" if "lora" in report else "a ControlNet" if "controlnet" in report else
-                f"a {' and '.join(names.get(n, n) for n in report.get('components', {})) or 'file'}")
+    figured = [name for name in ("transformer", "text_encoder", "vae") if name in report.get("components", {})]
+    if dtype_given and not figured:  # a LoRA, a ControlNet
+        what = "a LoRA" if "lora" in report else "a ControlNet" if "controlnet" in report else "this file"
         raise ValueError(f"--dtype sets the dtype of the weight figures, which {what} does not show (a model "
-                         f"folder, a DiT or a text encoder does); leave it out")
+                         f"folder, a DiT, a text encoder or a VAE does); leave it out")
     from ..footprint import dit_file_summary, text_encoder_file_summary
 
     vae_summary = lambda path, dtype: _vae_summary(report["components"]["vae"]["config"], dtype)  # noqa: E731
