@@ -619,3 +619,43 @@ def test_a_module_kept_as_stored_is_weighed_in_the_files_dtypes(tmp_path, monkey
     model = load_module(lambda: ZImageTransformer(config), tmp_path, None, "cpu", "transformer")
     assert {k: v.dtype for k, v in model.state_dict().items()} == {k: v.dtype for k, v in state.items()}
     assert weight_bytes(model) == need
+
+
+#: load_component(dtype=None) sources: (name, kind, convert_checkpoint's output layout and dtype, load_component
+#: keywords). The DiT in the ComfyUI layout (a fused q|k|v under other names than the module's), in scaled fp8
+#: with its float8 linears kept (the other tensors bf16 as stored) or dequantised (to fp32), the VAE in the LDM
+#: layout and the text encoder, all in bf16 otherwise.
+KEPT_AS_STORED = [
+    ("dit-bf16", "transformer", ("comfyui", "bf16"), {}),
+    ("dit-fp8-kept", "transformer", ("comfyui", "fp8"), {"keep_fp8": True}),
+    ("dit-fp8-dequantised", "transformer", ("comfyui", "fp8"), {"keep_fp8": False}),
+    ("vae-bf16", "vae", ("ldm", "bf16"), {}),
+    ("text-encoder-bf16", "text_encoder", ("transformers", "bf16"), {}),
+    ("text-encoder-bf16-int8", "text_encoder", ("transformers", "bf16"), {"quant": "int8"}),
+]
+
+
+@pytest.mark.parametrize("name, kind, converted, kwargs", KEPT_AS_STORED, ids=[c[0] for c in KEPT_AS_STORED])
+def test_a_component_file_kept_as_stored_is_weighed_in_the_dtypes_it_is_read_in(tiny_model_dir, tmp_path, monkeypatch,
+                                                                                name, kind, converted, kwargs):
+    """load_component(dtype=None, its default) keeps each tensor as the file stores it (dequantised
+    ones in fp32): the component is weighed in those dtypes, as load_module and load_controlnet weigh
+    theirs, not in the fp32 of the module built on meta, which refused a bf16 one that fits at twice
+    its bytes (the tiny DiT in bf16, 1.2 MB, as 2.4 MB)."""
+    from zimage_native.converters.convert import convert_checkpoint
+    from zimage_native.loading import load_component
+
+    folder = {"transformer": "transformer", "vae": "vae", "text_encoder": "text_encoder"}[kind]
+    src = tmp_path / f"{name}.safetensors"
+    convert_checkpoint(tiny_model_dir / folder, src, converted[0], dtype=converted[1])
+    config = str(tiny_model_dir / "transformer" / "config.json") if kind == "transformer" else None
+    model = load_component(kind, src, None, "cpu", config, **kwargs)
+    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    what = kind.replace("_", " ")
+    host(monkeypatch, available=need - 1)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit in CPU memory: {what} "
+                                                      rf"{devices.format_bytes(need)}, "):
+        load_component(kind, src, None, "cpu", config, **kwargs)
+    host(monkeypatch, available=need)  # exactly its bytes: it loads, as stored
+    loaded = load_component(kind, src, None, "cpu", config, **kwargs)
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == {k: v.dtype for k, v in model.state_dict().items()}

@@ -210,16 +210,21 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
-def take_stored_dtypes(module: nn.Module, files: Iterable[Path]) -> nn.Module:
-    """Give the tensors of ``module`` (built on meta, in the fp32 of its constructor) the dtypes that
-    ``files`` store them in (their headers), for a load that keeps them as stored (``dtype=None``):
-    it is then weighed (``devices.check_component_fits``) in the file's bytes, not fp32's, which
-    refused a bf16 component that fits at twice its bytes. The tensors read are assigned over them."""
-    stored = {k: info.torch_dtype for file in files for k, info in read_header(file)[0].items()}
+def take_dtypes(module: nn.Module, dtypes: dict[str, torch.dtype | None]) -> nn.Module:
+    """Give the tensors of ``module`` (built on meta, in the fp32 of its constructor) named in
+    ``dtypes`` those dtypes, for a load that keeps them as stored (``dtype=None``): it is then weighed
+    (``devices.check_component_fits``) in the bytes it will hold, not fp32's, which refused a bf16
+    component that fits at twice its bytes. The tensors read are assigned over them."""
     for name, t in (*module.named_parameters(), *module.named_buffers()):
-        if name in stored:
-            t.data = t.data.to(stored[name])
+        if name in dtypes:
+            t.data = t.data.to(dtypes[name])
     return module
+
+
+def take_stored_dtypes(module: nn.Module, files: Iterable[Path]) -> nn.Module:
+    """:func:`take_dtypes` with the dtypes that ``files`` store the tensors in (their headers), for a
+    module whose names are the file's."""
+    return take_dtypes(module, {k: info.torch_dtype for file in files for k, info in read_header(file)[0].items()})
 
 
 def load_module(
@@ -345,6 +350,9 @@ def _load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | Non
                         dtype or "float32")
         shapes = canonical_shapes(ckpt, info)
         base = folder_config(path)
+        # Kept as stored (dtype=None): the dtypes the canonical tensors are read in (the file's;
+        # fp32 where dequantised), in which the module is weighed (take_dtypes).
+        read_dtypes = {k: t.dtype for k, t in canonical_items(ckpt, info, meta=True)} if dtype is None else {}
         if kind == "text_encoder":
             from transformers import Qwen3Config
 
@@ -354,14 +362,15 @@ def _load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | Non
             full = Qwen3Config(**{k: v for k, v in kwargs.items() if k not in ("model_type", "transformers_version")})
             n = full.num_hidden_layers  # the last layer, the final norm and lm_head are neither read nor dequantised
             keep = lambda k: not unused_key(k, n)  # noqa: E731
+            prepare = lambda model: take_dtypes(model, read_dtypes)  # noqa: E731
             if quant == "none":
                 items = canonical_items(ckpt, info, dtype=dtype, keep=keep)
-                return load_truncated_qwen3(full, items, dtype, device, quant, keys=shapes)
+                return load_truncated_qwen3(full, items, dtype, device, quant, prepare=prepare, keys=shapes)
             # Quantised: fp8 weights come as stored, and are dequantised by the chunks of rows that are
             # quantised (quantize.quantize_items), never whole in dtype (fp32: 1.56 GB for the embedding).
             kept = [k for k in info.keys if any(keep(c) for c in info.keymap().canonical_keys(k))]
             items = canonical_items(ckpt, info, dequant=False, keep=keep, rows=True)
-            return load_truncated_qwen3(full, items, dtype, device, quant,
+            return load_truncated_qwen3(full, items, dtype, device, quant, prepare=prepare,
                                         fp8_scales=read_scales(ckpt, kept, info.keymap()), keys=shapes)
         if kind == "transformer":
             from .model.transformer import ZImageTransformer
@@ -370,12 +379,13 @@ def _load_component(kind: str, path: str | os.PathLike, dtype: torch.dtype | Non
             module = build_on_meta(lambda: ZImageTransformer(cfg))
             check_keys(module, shapes, kind)
             if kept_fp8:
-                return load_kept_fp8(ckpt, info, module, dtype, device, path, pinned)
+                return load_kept_fp8(ckpt, info, module, dtype, device, path, pinned, read_dtypes)
         else:
             from .model.vae import AutoencoderKL
 
             cfg = infer_vae_config(shapes, config, base)
             module = build_on_meta(lambda: AutoencoderKL(cfg))
+        take_dtypes(module, read_dtypes)
         check_component_fits(kind, module, dtype, device, pinned)
         items = ((k, cast(t, dtype).to(device)) for k, t in canonical_items(ckpt, info, dtype=dtype))
         assign_state_dict(module, read_weights(items, kind, module, dtype), kind)
@@ -401,11 +411,12 @@ def kept_formats(ckpt, info) -> dict[str, torch.dtype | str]:
 
 
 def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, device: torch.device,
-                  path: Path, pinned: bool = False) -> nn.Module:
+                  path: Path, pinned: bool = False, read_dtypes: dict[str, torch.dtype] | None = None) -> nn.Module:
     """An fp8 DiT file into ``module`` (built on meta): linears with float8 weights become
     FP8StoredLinear, those of a comfy_quant file's int8_tensorwise layers Int8StoredLinear, its nvfp4
     and mxfp8 layers BlockScaledLinear (the file's values and scales; a fused qkv's per-row scales
-    and block scales split with its rows); the other tensors are dequantised and cast."""
+    and block scales split with its rows); the other tensors are dequantised and cast.
+    ``read_dtypes``: with ``dtype`` None, the dtypes the other tensors are read in (:func:`take_dtypes`)."""
     from .formats.fp8 import TORCH_FP8, dequantize
     from .formats.microscale import code_scales, read_block_codes, scaled_values
     from .quant_linear import quantized_bytes, swap_fp8_linears_
@@ -414,6 +425,7 @@ def load_kept_fp8(ckpt, info, module: nn.Module, dtype: torch.dtype | None, devi
     blocks = read_block_codes(ckpt, info.comfy_quant, info.keymap(), device)  # canonical key -> (fmt, codes, scale)
     fp8 = kept_formats(ckpt, info)
     swapped = swap_fp8_linears_(module, fp8)
+    take_dtypes(module, {k: v for k, v in (read_dtypes or {}).items() if k not in swapped})
     check_component_fits("transformer", module, dtype, device, pinned)
     scales = (read_scales(ckpt, info.keys, info.keymap(), device, int8=True)
               if info.quantization in ("scaled-fp8", "comfy-quant") else {})
