@@ -1558,6 +1558,33 @@ def test_compile_asked_after_the_graphs_were_captured_captures_them_again_from_t
     assert lines[-1] == "cuda graphs: 1 captured graph dropped, captured again from the compiled DiT at the next requests"
 
 
+def test_a_dit_assigned_to_the_pipeline_drops_the_graphs_captured_from_the_one_it_replaces(fresh_pipe):
+    """pipe.transformer = another DiT after the graphs were captured: the next request replayed the
+    graphs of the old DiT (its kernels and weights; the caption tokens refined by the new one), 1
+    capture in all, and its image was neither DiT's (FrozenGraphs: max |graphed - eager| 0.45). The
+    assignment drops the graphs, so each DiT's request equals its eager run, the old one put back too;
+    the DiT assigned again as it is keeps them."""
+    import copy
+
+    sampler, _ = graphed(fresh_pipe)
+    dit = fresh_pipe.transformer
+    other = copy.deepcopy(dit)
+    with torch.no_grad():
+        for weight in other.parameters():
+            weight.mul_(1.1)
+    first = fresh_pipe("a cat", **KW).images
+    fresh_pipe.transformer = fresh_pipe.transformer  # the same DiT: the graphs stay
+    assert torch.equal(fresh_pipe("a cat", **KW).images, first) and sampler.captures == 1
+    fresh_pipe.transformer = other
+    replaced = fresh_pipe("a cat", **KW).images
+    fresh_pipe.transformer = dit
+    back = fresh_pipe("a cat", **KW).images
+    assert sampler.captures == 3, list(sampler.graphs)
+    fresh_pipe._graphed = None  # the eager runs
+    assert torch.equal(back, first) and torch.equal(back, fresh_pipe("a cat", **KW).images)
+    fresh_pipe.transformer = other
+    assert torch.equal(replaced, fresh_pipe("a cat", **KW).images)
+    assert not torch.equal(replaced, first)  # the change matters
 @pytest.mark.parametrize("asked", ["dit", "first"])
 def test_compile_of_a_shared_dit_drops_the_graphs_of_every_pipeline_holding_it(fresh_pipe, tiny_pipe, asked):
     """Two pipelines share one DiT (ZImagePipeline(pipe.transformer, ...)), each with its graphs captured.

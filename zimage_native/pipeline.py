@@ -374,8 +374,13 @@ class ZImagePipeline:
             raise ValueError("pipe.transformer = torch.compile(pipe.transformer): the pipeline runs the DiT's "
                              "forward_tokens, which the wrapper leaves eager; call pipe.transformer.compile() (or "
                              "compile_repeated_blocks()), or pipe.optimize(compile='blocks' | 'full')")
+        replaced = getattr(self, "_transformer", None) is not module
         self._transformer = module
         self._bind_transformer_calls()
+        if replaced and getattr(self, "_graphed", None) is not None:
+            # A graph replays the kernels and weights it was captured with: the old DiT's (its tokens
+            # refined by the new one), not the DiT assigned.
+            self._graphed.clear()
 
     @property
     def vae(self) -> AutoencoderKL:
