@@ -288,6 +288,21 @@ def test_a_mask_the_step_end_callback_changes_in_place_is_read_by_the_next_repla
     assert torch.equal(got.images, want.images)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_latents_of_another_dtype_a_step_end_callback_returns_stay_so_as_in_eager(fresh_pipe, tiny_pipe, dtype):
+    """A step-end callback that returns the latents in another dtype: the eager loop (and diffusers')
+    carries them on, each step casting them to fp32, and returns the last step's as the callback gave
+    them (output_type="latent": bfloat16 latents). The graphed run cast them to fp32 for its next replay,
+    and returned that: the values of eager, in fp32. Now the dtype of eager too."""
+    sampler, _ = graphed(fresh_pipe)
+
+    def on_step_end(pipe, i, t, tensors):
+        return {"latents": tensors["latents"].to(dtype)}
+
+    args = {**KW, "num_inference_steps": 3, "callback_on_step_end": on_step_end}
+    got, want = fresh_pipe("a cat", **args).images, tiny_pipe("a cat", **args).images
+    assert sampler.replays == 3 and want.dtype == dtype
+    assert got.dtype == want.dtype and torch.equal(got, want)
 def set_from_another_thread(pipe) -> None:
     """``pipe._interrupt = True`` from another thread (diffusers' ``interrupt`` flag), joined at once."""
     import threading

@@ -378,6 +378,7 @@ class GraphedSampler:
             return lambda: static_latents.copy_(self.pipe.run_steps(static_latents, static_plan, interruptible=False))
 
         current = latents
+        returned = None  # what the last step-end callback returned: the run's result, as in the eager loop
         fresh: set[int] = set()
         scale = None  # a guidance scale a step-end callback set (0: the later steps run without CFG)
         try:
@@ -397,7 +398,8 @@ class GraphedSampler:
                 if on_step_end is not None:  # queued behind the replay: no wait here
                     before = getattr(self.pipe, "_guidance_scale", None)
                     # a copy: the next replay of this graph overwrites its latents, which the callback may keep
-                    current = on_step_end(k, step.index, current.clone()).to(current.dtype)  # (fp32, as the loop's)
+                    returned = on_step_end(k, step.index, current.clone())
+                    current = returned.to(current.dtype)  # the graph's input in fp32 (the eager step casts it)
                     # What it was given (an inpainting mask) it may have changed in place, which the eager
                     # loop reads: the next replay copies every input in, not only the tensors replaced.
                     fresh.clear()
@@ -416,4 +418,4 @@ class GraphedSampler:
                 finish_up_to(len(events) - 1)
         finally:
             bar.close()
-        return current.clone()
+        return current.clone() if returned is None else returned  # (latents of another dtype stay so)
