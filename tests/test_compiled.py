@@ -381,6 +381,31 @@ def test_a_loop_graph_runs_every_step_whatever_the_interrupt_flag(fresh_pipe, ti
     assert (sampler.captures, sampler.replays) == (1, 2)
 
 
+def test_latents_or_a_mask_a_step_end_callback_returns_on_another_device_are_refused_by_name(fresh_pipe, tiny_pipe):
+    """Latents (or an inpainting mask) a step-end callback returns on another device than the run's
+    (a CPU tensor in a GPU run; "meta" stands in here): the eager loop failed inside the DiT ("Tensor
+    on device cpu is not on the expected device meta!"), and the graphed run tried to capture a graph
+    for the other device's latents first (on a GPU: after evicting one from a full cache). Both
+    refuse after the callback, naming the device, and the graphed run captures nothing for it."""
+    import numpy as np
+
+    from .test_generation import make_image
+
+    sampler, _ = graphed(fresh_pipe)
+    mask = np.zeros((32, 48), dtype=np.float32)
+    mask[:, 24:] = 1
+    inpaint = {"image": make_image(48, 32), "mask_image": mask, "strength": 1.0,
+               "callback_on_step_end_tensor_inputs": ["latents", "mask"]}
+    for name, extra in (("latents", {}), ("mask", inpaint)):
+        def on_step_end(pipe, i, t, tensors, name=name):
+            return {name: torch.empty_like(tensors[name], device="meta")}
+        for pipe in (fresh_pipe, tiny_pipe):
+            with pytest.raises(ValueError, match=rf"^callback_on_step_end returned {name} on meta after step 1; the "
+                                                 rf"run's are on cpu: return them there"):
+                pipe("a cat", callback_on_step_end=on_step_end, **{**KW, **extra})
+    assert sampler.captures == 2 and sampler.replays == 2, list(sampler.graphs)  # the first step of each request
+
+
 def test_graphed_runs_from_several_threads_keep_their_own_images(fresh_pipe, tiny_pipe):
     """The graphs' static buffers are shared: runs from several threads must not interleave (the
     pipeline serialises them), so each thread gets the image its request gives alone."""
