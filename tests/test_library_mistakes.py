@@ -257,6 +257,8 @@ def test_an_input_image_off_the_16_grid_runs_rounded_down_with_one_warning_sayin
     ("shift", float("inf"), r"^shift must be a finite number > 0, got inf$"),
     ("sigmas", [1.0, float("nan")], r"^sigmas must lie in \(0, 1\], got \[1\.0, nan\]$"),
     ("sigmas", "1, 0.5", r"^sigmas must be a list of numbers in \(0, 1\], got '1, 0\.5'$"),
+    ("sigmas", np.array([[1.0, 0.7], [0.4, 0.2]]),
+     r"^sigmas must be a flat list of numbers in \(0, 1\], got an array of shape \(2, 2\)$"),
     ("template", 5, r"^template must be a template's name \(zimage templates list\) or a Template, got int$"),
 ])
 def test_settings_of_the_wrong_kind_are_refused_by_name_before_any_model_runs(tiny_pipe, setting, value, said):
@@ -265,7 +267,8 @@ def test_settings_of_the_wrong_kind_are_refused_by_name_before_any_model_runs(ti
     and shift="3" with "'<' / '>' not supported between instances of 'str' and 'int'"; sigmas="1, 0.5"
     with torch's "new(): invalid data type 'str'"; template=5 with "'int' object has no attribute
     'prompt_fields'". A NaN sigma or an infinite shift ran, and the NaN latents were blamed on the
-    weights ("possible causes: damaged weights")."""
+    weights ("possible causes: damaged weights"). A 2-D array of sigmas ran its rows one after the
+    other (4 steps for a 2 x 2 array)."""
     extra = {} if setting == "sigmas" else {"num_inference_steps": 1}
     with no_model_runs(tiny_pipe), pytest.raises((TypeError, ValueError), match=said):
         tiny_pipe("a cat", width=32, height=32, seed=0, **extra, **{setting: value})

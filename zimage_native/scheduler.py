@@ -52,9 +52,12 @@ def sigma_values(sigmas) -> torch.Tensor:
     string failed inside torch ("new(): invalid data type 'str'"), and a NaN passed the range check
     and ran into NaN latents blamed on the weights."""
     try:
-        raw = torch.as_tensor(sigmas, dtype=torch.float32).flatten()
+        raw = torch.as_tensor(sigmas, dtype=torch.float32)
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"sigmas must be a list of numbers in (0, 1], got {sigmas!r:.80}") from None
+    if raw.dim() > 1:  # (else flattened into a schedule of all its rows: [[1, 0.7], [0.4, 0.2]] ran 4 steps)
+        raise ValueError(f"sigmas must be a flat list of numbers in (0, 1], got an array of shape {tuple(raw.shape)}")
+    raw = raw.flatten()
     if raw.numel() < 1:
         raise ValueError("sigmas must not be empty")
     if not bool(((raw > 0) & (raw <= 1)).all()):  # (NaN fails both)
