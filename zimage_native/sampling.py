@@ -1091,10 +1091,10 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
                 raise ValueError(f"callback_on_step_end returned {unknown}; only {replaceable} can be replaced here")
             for name in ("latents", "mask"):  # what the record cannot remake (note_callback_changes)
                 if name in out and out[name] is not given[name]:
-                    place = getattr(out[name], "device", given[name].device)
-                    if place != given[name].device:  # (else the DiT or a graph capture fails on a device mismatch)
-                        raise ValueError(f"callback_on_step_end returned {name} on {place} after step {k + 1}; the "
-                                         f"run's are on {given[name].device}: return them there "
+                    # (else the DiT or a graph capture fails on a device mismatch; not a tensor: refused below)
+                    if isinstance(out[name], torch.Tensor) and out[name].device != given[name].device:
+                        raise ValueError(f"callback_on_step_end returned {name} on {out[name].device} after step "
+                                         f"{k + 1}; the run's are on {given[name].device}: return them there "
                                          f"(.to(callback_kwargs[{name!r}].device))")
                     info.setdefault("callback_replaced", []).append([k + 1, name])
             if getattr(pipe, "_interrupt", False):
