@@ -1713,3 +1713,43 @@ def test_an_optimize_call_that_fails_leaves_the_attention_backend_as_it_was(fres
     assert not calls  # the eager request ran SDPA, the backend the pipeline names
     assert fresh_pipe.optimize(attention="xformers") == ["attention backend: xformers"]
     assert all(m.attn_fn is other for m in modules) and fresh_pipe._accel["attention"] == "xformers"
+
+
+def test_two_threads_changing_a_shared_dit_through_two_pipelines_do_not_deadlock(fresh_pipe, monkeypatch):
+    """optimize() on each of two pipelines sharing a DiT, in two threads: each call took its own lock,
+    changed the DiT, then took the other pipeline's lock to update its record while holding its own,
+    so the two calls waited for each other forever (reproduced: both threads still alive after 20 s).
+    A call that changes the DiT now takes the locks of every pipeline holding it in one order (by
+    id): the second call waits for the first, then finds the DiT compiled and changes nothing. The
+    barrier holds each call inside its change until the other has entered its own (or 2 s pass)."""
+    import threading
+
+    import zimage_native.accel as accel
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    first = fresh_pipe
+    second = ZImagePipeline(first.transformer, first.vae, first.text_encoder, first.scheduler_config, first.vae_config)
+    barrier, waited, transform = threading.Barrier(2, timeout=2), set(), accel.optimize
+
+    def meeting(*args, **kwargs):
+        if threading.get_ident() not in waited:  # once per thread: both inside a change at once
+            waited.add(threading.get_ident())
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                pass
+        return transform(*args, **kwargs)
+
+    monkeypatch.setattr(accel, "optimize", meeting)
+    backend, results = CompileCounterWithBackend("eager"), {}
+    threads = [threading.Thread(target=lambda p=pipe: results.__setitem__(p, p.optimize(compile="blocks",
+                                                                                        compile_backend=backend)),
+                                daemon=True) for pipe in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert not any(thread.is_alive() for thread in threads), "the two optimize calls deadlocked"
+    assert sorted(len(lines) > 0 for lines in results.values()) == [False, True]  # one compiled, one found it done
+    assert first._accel["compile"] == second._accel["compile"] == "blocks"

@@ -331,3 +331,53 @@ def test_the_gpu_benchmark_runs_its_smoke_mode(tmp_path):
         (f"ControlNet {v}", "diffusers eager") for v in ("1.0", "2.0", "2.1")]
     assert all(r["rel_err_vs_diffusers"] <= 1e-5 for r in rows if "rel_err_vs_diffusers" in r)
     assert json.loads((tmp_path / "controlnet.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_a_shared_dit_compiled_through_one_pipeline_compiles_the_others_controlnet(fresh, control_files):  # noqa: F811
+    """Two pipelines share a DiT; the second has a ControlNet loaded. Compiling the DiT through the first
+    recorded "blocks" in the second, but its ControlNet stayed eager (0 of 4 branch blocks compiled).
+    A pipeline built on the compiled DiT afterwards recorded compile "off": a ControlNet it loaded
+    stayed eager (0 of 4) and optimize(compile="full") compiled the "blocks" DiT again. Now the
+    second's ControlNet is compiled with the DiT, and the third records the DiT's compile (its
+    ControlNet compiled, "full" refused); the control images equal the eager ones."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native.accel.compile import CompiledBlock
+
+    def compiled_blocks(model):
+        return sum(isinstance(m.__dict__.get("forward"), CompiledBlock) for m in model.modules())
+
+    torch._dynamo.reset()
+    first = fresh()
+    control = picture(48, 32, 3)
+    want = fresh()
+    want.load_controlnet(control_files["2.1"])
+    want = want("a cat", control_image=control, **KW).images
+    second = ZImagePipeline(first.transformer, first.vae, first.text_encoder, first.scheduler_config, first.vae_config)
+    second.progress = False
+    second.load_controlnet(control_files["2.1"])
+    backend = CompileCounterWithBackend("eager")
+    lines = first.optimize(compile="blocks", compile_backend=backend)
+    assert "ControlNet of another pipeline holding this DiT: compile: blocks (4 blocks" in " ".join(lines), lines
+    branch = len(second.controlnet.control_layers) + len(second.controlnet.control_noise_refiner)
+    assert second._accel["compile"] == "blocks" and compiled_blocks(second.controlnet) == branch == 4
+    third = ZImagePipeline(first.transformer, first.vae, first.text_encoder, first.scheduler_config, first.vae_config)
+    third.progress = False
+    assert third._accel["compile"] == "blocks" and third._compile_options == first._compile_options
+    third.load_controlnet(control_files["2.1"])
+    assert compiled_blocks(third.controlnet) == branch
+    with pytest.raises(ValueError, match="compile is already 'blocks'"):
+        third.optimize(compile="full")
+    for pipe in (second, third):
+        assert_rel(pipe("a cat", control_image=control, **KW).images, want, 1e-5, "compiled ControlNet")
+    assert backend.frame_count > 0
+    assigned = fresh()
+    assigned.transformer = first.transformer  # the assigned DiT's record comes with it
+    assert assigned._accel["compile"] == "blocks" and assigned._compile_options == first._compile_options
+    from zimage_native.accel.compile import compile_transformer_
+
+    dit = fresh().transformer  # (its pipeline is gone: the DiT's own compile is the record)
+    compile_transformer_(dit, "full", backend, "static")
+    bare = fresh()
+    bare.transformer = dit
+    assert bare._accel["compile"] == "full" and bare._compile_options[1] == "static"

@@ -452,3 +452,45 @@ def test_a_capture_of_compiled_blocks_leaves_the_next_test_compiling(pytester):
     pytester.makepyfile(test_order=LATER_TEST)
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly", "-q")
     result.assert_outcomes(passed=2)
+
+
+@pytest.mark.parametrize("kind", ["gguf", "fp8"])
+def test_a_lora_change_through_one_pipeline_drops_the_graphs_of_every_pipeline_holding_the_dit(
+        tiny_model_dir, tmp_path, kind):
+    """Two pipelines share a packed DiT (``ZImagePipeline(pipe.transformer, ...)``), each with its graph
+    captured. A LoRA change through the first that changes the side paths' structure (a load, a
+    second Kronecker side path, an unload) dropped only the first's graphs: the second replayed its
+    graph of the DiT without them (max abs diff 0.18 for GGUF, 1.0 for kept fp8, from its eager run).
+    Now every pipeline holding the DiT drops them; a change written in place (disable_lora) keeps
+    them. Each request of the second equals its eager run, bit for bit."""
+    from zimage_native import ZImagePipeline
+
+    from .fixtures import our_pipeline
+    from .test_compiled import KW, graphed
+
+    first = our_pipeline(tiny_model_dir, transformer=_packed_dit_file(tiny_model_dir, tmp_path, kind))
+    second = ZImagePipeline(first.transformer, first.vae, first.text_encoder, first.scheduler_config, first.vae_config)
+    second.progress = False
+    a, b = _side_path_adapters(first)
+    sampler, _ = graphed(second)
+    graphed(first)
+    for pipe in (first, second):
+        pipe("a cat", **KW)
+    changes = [(lambda p: p.load_lora_weights(a, adapter_name="a"), True),
+               (lambda p: p.load_lora_weights(b, adapter_name="b"), False),
+               (lambda p: p.set_adapters(["a", "b"], [0.3, 0.7]), True),  # two Kronecker side paths on to_k
+               (lambda p: p.disable_lora(), False),  # (kept, zeroed)
+               (lambda p: p.unload_lora_weights(), True),
+               (lambda p: p.load_lora(a, scale=0.8), True),
+               (lambda p: p.unload_lora(), True)]
+    captures = sampler.captures
+    for k, (change, structural) in enumerate(changes):
+        change(first)
+        got = second("a cat", **KW).images
+        second._graphed = None
+        want = second("a cat", **KW).images  # eager
+        second._graphed = sampler
+        assert torch.equal(got, want), f"after change {k}"
+        captures += structural
+        assert sampler.captures == captures, k
+        first("a cat", **KW)

@@ -103,6 +103,24 @@ def _serialized(method):
     return wrapper
 
 
+def _serialized_with_sharers(method):
+    """:func:`_serialized` for a call that changes the DiT (``optimize``, the LoRA calls): it also holds
+    the locks of the other live pipelines holding the DiT (:meth:`ZImagePipeline._sharers`), all taken
+    in one order (by ``id``), so that it can update their records and drop their graphs, and no run
+    of theirs reads the DiT while it changes. Up to 0.21.0 a call took its own lock, then each other
+    pipeline's while holding it: two such calls on two pipelines sharing a DiT, in two threads, each
+    held its own lock and waited for the other's, forever."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with contextlib.ExitStack() as held:
+            for pipe in sorted([self, *self._sharers()], key=id):
+                held.enter_context(pipe._lock)
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 def _dtype_argument(dtype, torch_dtype):
     """``dtype``, or diffusers' ``torch_dtype`` for it (both only if they agree)."""
     if isinstance(torch_dtype, dict):
@@ -325,6 +343,7 @@ class ZImagePipeline:
         self._graphed = None
         self._compile_options: tuple = ("inductor", "dynamic")  # backend and shape policy of the compile
         self._vae_compile_backend: str | object = "inductor"  # the VAE decode's (optimize(vae_compile=True))
+        self._record_the_dit()  # (a DiT compiled already, or held by another pipeline, keeps its record)
         self.templates_dirs: list[str] = []
         self.progress = True
         self.progress_bar_config: dict[str, Any] = {}  # tqdm options (set_progress_bar_config)
@@ -381,6 +400,30 @@ class ZImagePipeline:
             # A graph replays the kernels and weights it was captured with: the old DiT's (its tokens
             # refined by the new one), not the DiT assigned.
             self._graphed.clear()
+        if "_accel" in self.__dict__:  # (the constructor records it once its record is made)
+            self._record_the_dit()
+
+    def _record_the_dit(self) -> None:
+        """This pipeline's record of the transforms applied to its DiT (a DiT built with, or assigned
+        to, it): another live pipeline's holding the DiT (:meth:`_sharers`), with its compile backend
+        and shape policy, else the compile the DiT itself holds (``accel.compile.compiled_mode``). Up
+        to 0.21.0 a pipeline built on a compiled DiT (``ZImagePipeline(pipe.transformer, ...)``, or
+        ``pipe.transformer = compiled``) recorded compile "off": ``optimize(compile="full")`` compiled
+        the "blocks" DiT again instead of being refused, and a ControlNet it loaded stayed eager
+        beside the compiled DiT."""
+        from .accel.compile import compiled_mode
+
+        if self.transformer is None:
+            return
+        sharers = self._sharers()
+        if sharers:
+            self._accel.update({key: sharers[0]._accel[key] for key in self._DIT_SETTINGS})
+            self._compile_options = sharers[0]._compile_options
+            return
+        compiled = compiled_mode(self.transformer)
+        self._accel["compile"] = compiled[0] if compiled else "off"
+        if compiled:
+            self._compile_options = (self._compile_options[0], compiled[1])
 
     @property
     def vae(self) -> AutoencoderKL:
@@ -928,7 +971,7 @@ class ZImagePipeline:
             visit_on_call_(self.vae, ("decode", "encode"), device if visiting else None)
 
     # ------------------------------------------------------------------ acceleration
-    @_serialized
+    @_serialized_with_sharers
     def optimize(
         self,
         kernels: str | None = None,
@@ -997,24 +1040,13 @@ class ZImagePipeline:
             compile_backend, shapes = self._compile_options
             lines.append(f"compile: {compile_mode} undone, to apply {sorted(set(changes) & {'kernels', 'attention', 'fp8'})} "
                          "before compiling again")
+        transform = dict(kernels=changes.get("kernels", "none"), attention=changes.get("attention", state["attention"]),
+                         fp8=bool(changes.get("fp8", False)), compile=compile_mode, compile_backend=compile_backend,
+                         fp8_fast_accum=fp8_fast_accum, shapes=shapes)
         if before_compile or compile_mode != "off":
             # The same transforms on the ControlNet branch (built from the DiT's block), if loaded.
-            for model in (self.transformer, self.controlnet):
-                if model is None:
-                    continue
-                applied = optimize_dit(
-                    model,
-                    kernels=changes.get("kernels", "none"),
-                    attention=changes.get("attention", state["attention"]),
-                    fp8=bool(changes.get("fp8", False)),
-                    compile=compile_mode,
-                    compile_backend=compile_backend,
-                    fp8_fast_accum=fp8_fast_accum,
-                    shapes=shapes,
-                    fuse=self.offload != "blocks",  # streamed blocks keep q|k|v and w1|w3 apart
-                    device=self.device,  # where it runs: with offload="model" its weights rest in CPU memory
-                )
-                lines += applied if model is self.transformer else [f"ControlNet: {line}" for line in applied]
+            lines += optimize_dit(self.transformer, **transform, fuse=self.offload != "blocks", device=self.device)
+            lines += self._transform_controlnet(transform)
         if changes.get("cuda_graphs"):
             size = graph_cache_size or DEFAULT_MAX_GRAPHS
             self._graphed = GraphedSampler(self, mode=graph_mode, max_graphs=size)
@@ -1030,8 +1062,20 @@ class ZImagePipeline:
             self._fit_vae_hand_calls()  # (the compiled decode replaced the visiting one)
         state.update(changes)
         if before_compile or "compile" in changes:
-            lines += self._dit_changed_for_sharers({k: v for k, v in changes.items() if k in self._DIT_SETTINGS})
+            lines += self._dit_changed_for_sharers({k: v for k, v in changes.items() if k in self._DIT_SETTINGS},
+                                                   transform if before_compile or compile_mode != "off" else None)
         return lines
+
+    def _transform_controlnet(self, transform: dict, whose: str = "") -> list[str]:
+        """Apply ``transform`` (``accel.optimize``'s arguments, as optimize applied them to the DiT) to
+        the loaded ControlNet branch, if any, on this pipeline's device (with offload="model" its
+        weights rest in CPU memory; streamed blocks keep q|k|v and w1|w3 apart); its log lines."""
+        from .accel import optimize as optimize_dit
+
+        if self.controlnet is None:
+            return []
+        applied = optimize_dit(self.controlnet, **transform, fuse=self.offload != "blocks", device=self.device)
+        return [f"ControlNet{whose}: {line}" for line in applied]
 
     #: What optimize() records about the DiT itself (every pipeline holding it shares them).
     _DIT_SETTINGS = ("kernels", "attention", "fp8", "compile")
@@ -1048,24 +1092,34 @@ class ZImagePipeline:
         return [f"cuda graphs: {dropped} captured graph{'s' if dropped > 1 else ''}{whose} dropped, captured again "
                 f"from the {how} DiT at the next requests"]
 
-    def _dit_changed_for_sharers(self, changes: dict) -> list[str]:
-        """Every other live pipeline built with this DiT (``ZImagePipeline(pipe.transformer, ...)``; they
-        are the ones its bound ``compile`` name knows, :class:`_PipelineCall`) records ``changes``, the
-        transforms optimize() just applied to the DiT they share, and drops its captured graphs (after
-        a run it has in flight). Up to 0.21.0 only the pipeline asked did (``pipe.transformer.compile()``
-        asks the last one built with it): another kept replaying graphs captured from the eager DiT,
-        and reported compile "off"."""
-        call = self.transformer.__dict__.get("compile")
+    def _sharers(self) -> "list[ZImagePipeline]":
+        """The other live pipelines holding this pipeline's DiT (``ZImagePipeline(pipe.transformer, ...)``,
+        ``pipe.transformer = other.transformer``): the ones its bound ``compile`` name knows
+        (:class:`_PipelineCall`)."""
+        call = self.transformer.__dict__.get("compile") if self.transformer is not None else None
         call = call.func if isinstance(call, functools.partial) else call  # (bound with its name as the first argument)
-        others = [pipe for pipe in call.pipelines() if pipe is not self] if isinstance(call, _PipelineCall) else []
+        return [pipe for pipe in call.pipelines() if pipe is not self] if isinstance(call, _PipelineCall) else []
+
+    def _dit_changed_for_sharers(self, changes: dict, transform: dict | None) -> list[str]:
+        """Every other live pipeline holding this DiT (:meth:`_sharers`; their locks are held,
+        :func:`_serialized_with_sharers`) records ``changes``, the transforms optimize() just applied
+        to the DiT they share, applies ``transform`` (what optimize applied to the DiT) to its own
+        loaded ControlNet, as optimize does to this pipeline's, and drops its captured graphs. Up to
+        0.21.0 only the pipeline asked did (``pipe.transformer.compile()`` asks the last one built
+        with it): another kept replaying graphs captured from the eager DiT, reported compile "off",
+        and its ControlNet stayed eager under a record saying it was compiled."""
+        from .accel.compile import uncompile_
+
         lines = []
-        for other in others:
-            with other._lock:
-                other._accel.update(changes)
-                if "compile" in changes:
-                    other._compile_options = self._compile_options
-                lines += other._drop_graphs("compiled" if "compile" in changes else "changed",
-                                            " of another pipeline holding this DiT")
+        for other in self._sharers():
+            other._accel.update(changes)
+            if "compile" in changes:
+                other._compile_options = self._compile_options
+            if transform is not None and other.controlnet is not None:
+                uncompile_(other.controlnet)  # (compiled again by the transform, as the DiT was)
+                lines += other._transform_controlnet(transform, " of another pipeline holding this DiT")
+            lines += other._drop_graphs("compiled" if "compile" in changes else "changed",
+                                        " of another pipeline holding this DiT")
         return lines
 
     def _attention_in_place(self, name: str) -> str | None:
@@ -1100,7 +1154,7 @@ class ZImagePipeline:
         """Reports of the LoRAs fused so far (since the last ``unload_lora``)."""
         return list(self.lora_stack.loaded)
 
-    @_serialized
+    @_serialized_with_sharers
     def load_lora(self, path_or_list, scale=1.0, **options):
         """Fuse LoRA weights into the DiT (:meth:`LoraStack.load`). Captured graphs are kept for a
         LoRA fused into the weights (in place: a graph reads the new values at the same addresses)
@@ -1127,10 +1181,12 @@ class ZImagePipeline:
         again, with its eager warm-up step."""
         from .quant_linear import lora_generation
 
-        if self._graphed is not None and (requantized or lora_generation() != generation):
-            self._graphed.clear()
+        if requantized or lora_generation() != generation:
+            for pipe in (self, *self._sharers()):  # (every pipeline holding the DiT: their locks are held)
+                if pipe._graphed is not None:
+                    pipe._graphed.clear()
 
-    @_serialized
+    @_serialized_with_sharers
     def load_lora_weights(self, path, adapter_name: str | None = None, hotswap: bool = False, *,
                           weight_name: str | None = None, subfolder: str | None = None, revision: str | None = None,
                           cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
@@ -1166,7 +1222,7 @@ class ZImagePipeline:
         self._refit_adapters("load_lora_weights", lambda: self.lora_adapters.add(source, adapter_name, options))
         return self.lora_stack.loaded[-1]
 
-    @_serialized
+    @_serialized_with_sharers
     def set_adapters(self, adapter_names, adapter_weights=None) -> None:
         """diffusers' ``set_adapters``: the adapters (names given to :meth:`load_lora_weights`) that
         apply, each at its weight (a number, or None for 1); the others are unfused. The active ones
@@ -1182,20 +1238,20 @@ class ZImagePipeline:
         """diffusers' name: the loaded adapters (all on the DiT, ``"transformer"``)."""
         return {"transformer": list(self.lora_adapters.sources)} if self.lora_adapters.sources else {}
 
-    @_serialized
+    @_serialized_with_sharers
     def disable_lora(self) -> None:
         """diffusers' name: unfuse every adapter (they stay loaded; :meth:`enable_lora` applies them again).
         Their low-rank side paths on packed linears stay, zeroed, so captured graphs stay (:meth:`_fuse_adapters`)."""
         self._check_adapters("disable_lora")
         self._refit_adapters("disable_lora", lambda: setattr(self.lora_adapters, "enabled", False))
 
-    @_serialized
+    @_serialized_with_sharers
     def enable_lora(self) -> None:
         """diffusers' name: apply the active adapters again after :meth:`disable_lora`."""
         self._check_adapters("enable_lora")
         self._refit_adapters("enable_lora", lambda: setattr(self.lora_adapters, "enabled", True))
 
-    @_serialized
+    @_serialized_with_sharers
     def delete_adapters(self, adapter_names) -> None:
         """diffusers' name: drop these adapters (unfused if they applied); the others keep their weights."""
         self._check_adapters("delete_adapters")
@@ -1289,7 +1345,7 @@ class ZImagePipeline:
             self.lora_stack.end_refit(self.transformer, silence)
             self._lora_changed_graphs(before)
 
-    @_serialized
+    @_serialized_with_sharers
     def fuse_lora(self, components=None, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names=None,
                   **ignored) -> None:
         """diffusers' name. LoRAs are fused when loaded here; as in diffusers, the active adapters (or
@@ -1326,7 +1382,7 @@ class ZImagePipeline:
         or :meth:`unload_lora_weights`."""
         self.lora_adapters.merged = None
 
-    @_serialized
+    @_serialized_with_sharers
     def unload_lora_weights(self) -> int:
         """diffusers' name: remove the adapters. After :meth:`fuse_lora` the adapters it merged stay in
         the weights, as in diffusers (they belong to no adapter then, and later adapters go on top;
@@ -1368,7 +1424,7 @@ class ZImagePipeline:
         after that step (the image is decoded from the latents so far); reset at each call."""
         return self._interrupt
 
-    @_serialized
+    @_serialized_with_sharers
     def unload_lora(self) -> int:
         """Restore the DiT's weights exactly (:meth:`LoraStack.unload`) and forget the adapters;
         captured graphs are dropped. Refused for a LoRA fused before fp8 quantised the DiT's block
