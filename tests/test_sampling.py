@@ -85,6 +85,31 @@ def test_prompt_embeds_match_diffusers(tiny_pipe, reference_pipe):
         tiny_pipe("a cat", prompt_embeds=embeds, **kw)
 
 
+def test_an_empty_negative_list_is_no_negatives_without_cfg(tiny_model_dir, reference_pipe, caplog):
+    """diffusers' encode_prompt(..., do_classifier_free_guidance=False) returns [] as the negative
+    embeddings, and scripts pass both on: with CFG off that is none given (it was refused as "must be
+    a non-empty list"), and no advice that a negative prompt is unused; with CFG on it is refused
+    naming the fix (diffusers fails there with a bare AssertionError)."""
+    from zimage_native import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
+    embeds, negative = reference_pipe.encode_prompt("a cat", device="cpu", do_classifier_free_guidance=False)
+    assert negative == []
+    kw = dict(height=32, width=32, num_inference_steps=3, output_type="latent")
+    expected = reference_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=0.0,
+                              generator=torch.Generator().manual_seed(1), **kw).images
+    with caplog.at_level("WARNING", logger="zimage_native.sampling"):
+        got = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, guidance_scale=0.0, seed=1, **kw).images
+        from_text = pipe("a cat", negative_prompt_embeds=(), guidance_scale=0.0, seed=1, **kw).images
+    assert "negative prompt is not used" not in caplog.text
+    assert_rel(got, expected, 1e-5, "prompt_embeds with negative_prompt_embeds=[]")
+    assert torch.equal(from_text, pipe("a cat", guidance_scale=0.0, seed=1, **kw).images)
+    for given in (dict(prompt_embeds=embeds), dict(prompt="a cat")):
+        with pytest.raises(ValueError, match=r"negative_prompt_embeds=\[\] holds no negative embeddings .* "
+                                             r"guidance_scale 2.0 turns CFG on"):
+            pipe(**given, negative_prompt_embeds=[], guidance_scale=2.0, **kw)
+
+
 def test_prompt_embeds_of_the_wrong_form_are_refused_by_name(tiny_pipe):
     """A (B, L, D) tensor (other pipelines' form) and features of another width are refused before
     any model runs, naming the argument, for the negative embeddings too (they crashed inside the

@@ -729,6 +729,12 @@ def check_callback(name: str, fn, args: tuple, signature: str) -> None:
                         f"is called as {signature}") from None
 
 
+def empty_embeds(embeds) -> bool:
+    """Whether ``embeds`` is an empty list (or tuple): diffusers' ``encode_prompt`` returns ``[]`` as the
+    negative embeddings when CFG is off, and scripts pass it on; it stands for none given."""
+    return isinstance(embeds, (list, tuple)) and not embeds
+
+
 def check_embeds(name: str, embeds, width: int | None = None) -> None:
     """``prompt_embeds`` / ``negative_prompt_embeds``: a non-empty list of (tokens, features) tensors,
     one per prompt, as ``encode_prompt`` returns them (real tokens only, each its own length);
@@ -813,6 +819,9 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
     """Fill unset settings (task inputs, template suggestions, variant defaults) and check
     everything, before any model runs. Returns (resolved request, task, task inputs)."""
     width = pipe.transformer_config.cap_feat_dim
+    no_negatives = empty_embeds(r.negative_prompt_embeds)  # diffusers' encode_prompt without CFG returns []
+    if no_negatives:
+        r = dataclasses.replace(r, negative_prompt_embeds=None)
     for name in ("prompt_embeds", "negative_prompt_embeds"):  # before r.n counts them
         if getattr(r, name) is not None:
             check_embeds(name, getattr(r, name), width)
@@ -860,6 +869,10 @@ def resolve(pipe, r: GenerationRequest) -> tuple[GenerationRequest, Task, dict[s
     unknown = set(r.fields) - set(PROMPT_FIELDS)
     if unknown:
         raise ValueError(f"unknown prompt fields {sorted(unknown)}; known: {list(PROMPT_FIELDS)}")
+    if no_negatives and r.guidance_scale > 0:
+        raise ValueError(f"negative_prompt_embeds=[] holds no negative embeddings (what diffusers' encode_prompt "
+                         f"returns with CFG off), but guidance_scale {r.guidance_scale} turns CFG on: give one per "
+                         f"prompt (pipe.encode_prompt(negative_prompts)), or guidance_scale=0")
     if r.prompt_embeds is not None and r.guidance_scale > 0 and r.negative_prompt_embeds is None:
         raise ValueError("with prompt_embeds and guidance_scale > 0, give negative_prompt_embeds too")
     check_seed_variance(r.seed_variance, r.seed_variance_share, r.seed_variance_steps)
@@ -916,7 +929,7 @@ def negative_given(request: GenerationRequest) -> bool:
     """Whether the caller gave a negative prompt (a template's suggested one is not given)."""
     negative = request.negative_prompt
     given = negative != "" if isinstance(negative, str) else len(text_list(negative, "negative_prompt")) > 0
-    return given or request.negative_prompt_embeds is not None
+    return given or (request.negative_prompt_embeds is not None and not empty_embeds(request.negative_prompt_embeds))
 
 
 def request_advice(variant: str, guidance_scale: float, steps: int | None, negative: bool) -> list[str]:
