@@ -163,6 +163,21 @@ def test_a_module_method_on_the_text_encoder_says_where_the_module_is(tiny_pipe)
         assert torch.equal(again.encode(["a cat"])[0], te.encode(["a cat"])[0])
 
 
+def test_diffusers_shortcuts_to_the_dit_channels_and_the_qwen3_config(tiny_pipe, reference_pipe):
+    """diffusers' pipe.transformer.in_channels / out_channels (its Z-Image pipelines size the latents
+    so) and pipe.text_encoder.config were AttributeErrors. They read the configs held; the Qwen3
+    config is the built module's, one layer short of diffusers' (the last layer is never read)."""
+    dit, ref_dit = tiny_pipe.transformer, reference_pipe.transformer
+    assert (dit.in_channels, dit.out_channels) == (ref_dit.in_channels, ref_dit.out_channels)
+    assert dit.in_channels == dit.config.in_channels and dit.in_channels != dit.config.patch_dim
+    config, ref_config = tiny_pipe.text_encoder.config, reference_pipe.text_encoder.config
+    assert config is tiny_pipe.text_encoder.model.config and type(config) is type(ref_config)
+    ours, theirs = config.to_dict(), ref_config.to_dict()
+    assert {k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)} == {"num_hidden_layers",
+                                                                                         "layer_types"}
+    assert config.num_hidden_layers == len(tiny_pipe.text_encoder.model.layers) == ref_config.num_hidden_layers - 1
+
+
 def test_an_image_given_as_a_path_says_to_open_it(tiny_pipe, tmp_path):
     """img2img / inpaint with image="in.png" (a path, where diffusers' users call load_image first) was
     refused naming only the type, "got str"; it now says to open it, before any model runs."""

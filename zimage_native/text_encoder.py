@@ -171,6 +171,13 @@ class TextEncoder:
         return self.model.layers[0].input_layernorm.weight
 
     @property
+    def config(self):
+        """The Qwen3 config of the module held (``self.model.config``; diffusers' ``text_encoder.config``).
+        ``num_hidden_layers`` (and ``layer_types``) count the layers built: one fewer than the checkpoint's
+        and diffusers' (the last layer is never read: Z-Image takes ``hidden_states[-2]``)."""
+        return self.model.config
+
+    @property
     def device(self) -> torch.device:
         return self._norm_weight().device
 

@@ -147,6 +147,16 @@ class ZImageTransformer(nn.Module):
         self._key = key
 
     @property
+    def in_channels(self) -> int:
+        """The latent channels it takes (``config.in_channels``), as diffusers' model exposes it."""
+        return self.config.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        """The latent channels it predicts: as many as it takes (diffusers' ``out_channels``)."""
+        return self.config.in_channels
+
+    @property
     def x_embedder(self) -> nn.Linear:
         return self.all_x_embedder[self._key]
 
