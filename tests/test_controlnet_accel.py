@@ -315,6 +315,11 @@ def test_offload_blocks_streams_the_branch_too(control_model_dir, control_files,
     assert len(ran) == 2 * 2 * len(streamer.blocks) and all(ran)
     assert sorted(set(move.log)) == list(range(len(streamer.blocks)))
     assert len(streamer.loaded) <= streamer.depth
+    dit = pipe.transformer.block_streamer
+    assert streamer.loaded and dit.loaded  # each holds the block it fetched for a step that did not come
+    pipe.maybe_free_model_hooks()  # diffusers' end-of-call step drops both
+    assert not streamer.loaded and not dit.loaded
+    assert torch.equal(pipe(["a cat", "a dog"], control_image=control, guidance_scale=2.0, **KW).images, want)
 
 
 def test_the_gpu_benchmark_runs_its_smoke_mode(tmp_path):

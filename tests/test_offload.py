@@ -285,6 +285,30 @@ def test_a_lora_loaded_or_unloaded_between_streamed_runs_reaches_every_block():
             assert torch.equal(model(x, cap, t, layout), plain), f"run {run} after unload"
 
 
+def test_maybe_free_model_hooks_drops_the_block_fetched_for_a_step_that_did_not_come(tiny_model_dir):
+    """diffusers' scripts call pipe.maybe_free_model_hooks() after a run (an AttributeError here).
+    Under offload="blocks" the streamer keeps the block it predicted next on the device between
+    requests (a main-sized block: 338 MiB of the released DiT in bf16); it drops that copy, the
+    blocks point at their CPU copies again, and the next request is the same. Without block offload
+    there is nothing to free: the call changes nothing."""
+    from tests.fixtures import our_pipeline
+
+    kw = dict(height=32, width=32, num_inference_steps=2, output_type="latent", seed=0)
+    pipe = our_pipeline(tiny_model_dir, offload="blocks")
+    streamer = pipe.transformer.block_streamer
+    homes = [[t.data_ptr() for t in _streamed_tensors(b, streamer.keep)] for b in streamer.blocks]
+    first = pipe("a cat", **kw).images
+    assert streamer.loaded  # the control: a block is held between requests
+    assert pipe.maybe_free_model_hooks() is None
+    assert not streamer.loaded
+    assert [[t.data_ptr() for t in _streamed_tensors(b, streamer.keep)] for b in streamer.blocks] == homes
+    assert torch.equal(pipe("a cat", **kw).images, first)
+    plain = our_pipeline(tiny_model_dir)
+    before = {k: v.clone() for k, v in plain.transformer.state_dict().items()}
+    plain.maybe_free_model_hooks()
+    assert all(torch.equal(v, before[k]) for k, v in plain.transformer.state_dict().items())
+
+
 @pytest.mark.parametrize("setting", ["compile-blocks", "compile-full", "offload-blocks"])
 def test_pickling_a_compiled_or_streamed_dit_is_refused_saying_what_to_do(tiny_model_dir, setting):
     """torch.save(pipe.transformer) or pickle.dumps of a compiled DiT failed with PyTorch's "Can't

@@ -739,6 +739,21 @@ class ZImagePipeline:
             if problem:
                 raise AccelerationUnavailable(f"the pipeline cannot run on {device}: {problem}")
 
+    @_serialized
+    def maybe_free_model_hooks(self) -> None:
+        """diffusers' end-of-call step: there model offload's hooks leave the last component on the GPU,
+        and this moves every component back to the CPU and arms the hooks again. Here there are no
+        hooks to arm: under ``offload="model"`` a component visits the GPU only while it runs and rests
+        in CPU memory when the call returns. What stays on the GPU between requests is, under
+        ``offload="blocks"``, the block (the prefetch depth of them) fetched for a step that did not
+        come, the DiT's and the ControlNet's: this drops those copies (the next request copies its
+        blocks as they run, as it does anyway). Otherwise it does nothing, as diffusers' without
+        offload."""
+        for model in (self.transformer, self.controlnet):
+            streamer = getattr(model, "block_streamer", None)
+            if streamer is not None:
+                streamer.release()
+
     def enable_sequential_cpu_offload(self, *args, **kwargs) -> None:
         """diffusers' lowest-memory offload. Here it is chosen when loading, as ``offload="blocks"``
         (the DiT's blocks stream from pinned CPU memory one ahead of their use): refused with that."""
