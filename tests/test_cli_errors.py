@@ -546,6 +546,6 @@ def test_out_of_memory_advice_starts_a_sentence_of_its_own(said):
 def test_sizes_are_printed_in_a_unit_that_shows_them():
     from zimage_native.devices import format_bytes
 
-    assert [format_bytes(n) for n in (0, 48, 999, 1000, 121_872, 999_949, 999_950, 10**6, 10**8 - 1, 10**8)] == [
-        "0 bytes", "48 bytes", "999 bytes", "1.0 KB", "121.9 KB", "999.9 KB", "1.0 MB", "1.0 MB", "100.0 MB",
+    assert [format_bytes(n) for n in (0, 1, 2, 48, 999, 1000, 121_872, 999_949, 999_950, 10**6, 10**8 - 1, 10**8)] == [
+        "0 bytes", "1 byte", "2 bytes", "48 bytes", "999 bytes", "1.0 KB", "121.9 KB", "999.9 KB", "1.0 MB", "1.0 MB", "100.0 MB",
         "0.10 GB"]

@@ -251,13 +251,13 @@ def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype 
 
 
 def format_bytes(n: int) -> str:
-    """Bytes in GB (10^9), MB below 0.1 GB, KB below 1 MB and bytes below 1 KB (a small figure, a
+    """Bytes in GB (10^9), MB below 0.1 GB, KB below 1 MB and bytes below 1 KB ("1 byte"; a small figure, a
     tiny model's weights or no free memory at all, read "0.0 MB" or "0.1 MB" for 121,872 bytes)."""
     if n >= 10**8:
         return f"{n / 1e9:.2f} GB"
     if n >= 10**6 - 50:  # (999,950 bytes and up round to 1.0 MB, not 1000.0 KB)
         return f"{n / 1e6:.1f} MB"
-    return f"{n / 1e3:.1f} KB" if n >= 10**3 else f"{n:,} bytes"
+    return f"{n / 1e3:.1f} KB" if n >= 10**3 else f"{n:,} byte" if n == 1 else f"{n:,} bytes"
 
 
 # ----------------------------------------------------------------------------- CPU memory
