@@ -159,7 +159,7 @@ def test_graphed_fp8_dit_after_unload_lora_replays_the_requantised_linears(tiny_
 
 def test_a_lora_fused_in_place_keeps_the_captured_graphs(tiny_model_dir):
     """A LoRA on ordinary weights is written into them in place (fused, unfused, fused again at a new
-    adapter weight), so the graphs captured before read the new values at the same addresses: no
+    adapter weight or fuse_lora's scale), so the graphs captured before read the new values at the same addresses: no
     LoRA change captures again (each did: a warm-up step and a capture per graph, per change), and
     every request equals the eager pipeline with the same LoRAs."""
     from torch import nn
@@ -177,6 +177,7 @@ def test_a_lora_fused_in_place_keeps_the_captured_graphs(tiny_model_dir):
                lambda p: p.load_lora_weights(loras[0], adapter_name="a"),
                lambda p: p.load_lora_weights(loras[1], adapter_name="b"),
                lambda p: p.set_adapters(["a", "b"], [0.3, 0.7]), lambda p: p.set_adapters(["a", "b"], [0.9, 0.1]),
+               lambda p: p.fuse_lora(lora_scale=0.7), lambda p: p.unfuse_lora(),  # (the 0.7 stays, as in diffusers)
                lambda p: p.disable_lora(), lambda p: p.enable_lora(), lambda p: p.unload_lora_weights()]
     results = [(pipe("a cat", **KW).images, eager("a cat", **KW).images)]
     for change in changes:
