@@ -314,13 +314,14 @@ def test_pipe_load_controlnet_is_refused_when_the_ram_cannot_hold_it(control_mod
         blocks.load_controlnet(path)
 
 
-def test_the_part_of_a_streamed_branch_that_stays_on_the_gpu_is_weighed_there(control_model_dir,  # noqa: F811
-                                                                               control_files, monkeypatch):  # noqa: F811
+def test_what_a_streamed_branch_holds_on_the_gpu_is_weighed_there(control_model_dir,  # noqa: F811
+                                                                    control_files, monkeypatch):  # noqa: F811
     """With offload="blocks" the branch's blocks rest in pinned CPU memory, weighed against the RAM;
     its embedder and its blocks' modulations and projections stay on the DiT's GPU, where they were
-    not weighed (a real-width 2.1 branch: 663 MiB of its 6401 in bf16). They are weighed against the
-    card's free memory before any tensor is read: at one byte less they are refused, at their bytes
-    reading starts."""
+    not weighed (a real-width 2.1 branch: 663 MiB of its 6401 in bf16), and two of its blocks are
+    there at a time while it runs (the running one and its prefetch, 2 x 337.5 MiB), which were not
+    counted either. These are weighed against the card's free memory before any tensor is read: at
+    one byte less they are refused, at their bytes reading starts."""
     from zimage_native import ZImagePipeline
     from zimage_native.devices import InsufficientMemoryError, format_bytes
 
@@ -332,20 +333,27 @@ def test_the_part_of_a_streamed_branch_that_stays_on_the_gpu_is_weighed_there(co
     resident = sum(v.numel() * v.element_size() for k, v in state.items()
                    if not k.startswith(("control_layers.", "control_noise_refiner."))
                    or any(part in kept for part in k.split(".")))
-    assert 0 < resident < sum(v.numel() * v.element_size() for v in state.values())
+    streamed = {}  # block -> bytes of what is streamed of it
+    for k, v in state.items():
+        if k.startswith(("control_layers.", "control_noise_refiner.")) and not any(part in kept for part in k.split(".")):
+            block = ".".join(k.split(".")[:2])
+            streamed[block] = streamed.get(block, 0) + v.numel() * v.element_size()
+    assert resident + sum(streamed.values()) == sum(v.numel() * v.element_size() for v in state.values())
+    on_gpu = resident + 2 * max(streamed.values())  # the running block and its prefetch
     blocks = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="blocks")
     monkeypatch.setitem(blocks.placement, "transformer", CUDA)  # its DiT runs on a GPU
     _refuse_reads(monkeypatch)
     host(monkeypatch, available=GB)  # the RAM holds the pinned blocks
-    card(monkeypatch, free=resident - 1)
-    with pytest.raises(InsufficientMemoryError, match=rf"^the ControlNet's part that stays on the GPU while its blocks "
-                       rf"are streamed \(its embedder, modulations and projections\) \({format_bytes(resident)} of "
+    card(monkeypatch, free=on_gpu - 1)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the ControlNet's part on the GPU while its blocks are "
+                       rf"streamed \(its embedder, modulations and projections, and 2 blocks in flight\) "
+                       rf"\({format_bytes(on_gpu)} of "
                        rf"weights\) does not fit on cuda:0: .* To fit, load a smaller ControlNet \(2.1 lite.*\) or "
                        rf"load the pipeline in bfloat16 \(--dtype bfloat16\); in Python these are from_pretrained's "
                        rf"arguments: dtype=torch.bfloat16$"):
         blocks.load_controlnet(path)
     assert blocks.controlnet is None
-    card(monkeypatch, free=resident)  # exactly its bytes: reading starts
+    card(monkeypatch, free=on_gpu)  # exactly its bytes: reading starts
     with pytest.raises(WeightsRead):
         blocks.load_controlnet(path)
 

@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from .devices import format_bytes
 from .model.controlnet import ZImageControlNet
 from .model.sequence import SequenceLayout, patchify
-from .offload import RESIDENT, resident_tensors
+from .offload import RESIDENT, _streamed_tensors, resident_tensors
 from .images import preprocess_image, preprocess_mask
 from .sampling import Task, TaskContext, latent_multiple, register_task, repeat_to
 
@@ -116,6 +116,16 @@ def branch_resident(model: ZImageControlNet) -> list[torch.Tensor]:
     """The branch's tensors that stay on the GPU when its blocks are streamed: its embedder, the
     blocks' modulations and projections (:data:`BRANCH_RESIDENT`)."""
     return resident_tensors(model, branch_blocks(model), BRANCH_RESIDENT)
+
+
+def branch_on_gpu(model: ZImageControlNet, depth: int = 1) -> list[torch.Tensor]:
+    """The branch's tensors on the GPU at the peak when its blocks are streamed with prefetch
+    ``depth`` (``stream_blocks``' default, the pipeline's): :func:`branch_resident` and ``depth + 1``
+    blocks in flight (the running one and its prefetch), the largest block's tensors listed once per
+    copy, as ``footprint`` counts the DiT's streamed blocks."""
+    blocks = [_streamed_tensors(b, BRANCH_RESIDENT) for b in branch_blocks(model)]
+    largest = max(blocks, key=lambda ts: sum(t.numel() * t.element_size() for t in ts), default=[])
+    return [*branch_resident(model), *largest * (depth + 1)]
 
 
 # ---------------------------------------------------------------------------------------- context

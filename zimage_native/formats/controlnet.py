@@ -221,7 +221,8 @@ def load_controlnet(
     where they go (``devices.check_component_fits``: the GPU's free memory, or the available RAM, of
     which the components loaded before it have taken their share; pinned, the RAM alone).
     ``stream_to``: the GPU its blocks will be streamed to (``offload="blocks"``), where its other
-    tensors stay (``control.branch_resident``): they must fit in its free memory too."""
+    tensors stay and two of its blocks are in flight at a time (``control.branch_on_gpu``): they must
+    fit in its free memory too."""
     path = Path(path)
     tcfg = transformer_config or TransformerConfig()
     files = safetensors_files(path)
@@ -237,11 +238,11 @@ def load_controlnet(
     cfg, module = _branch(path, files, shapes, tcfg, explicit, dtype, False if before in shapes else None)
     check_component_fits("ControlNet", module, dtype, device, pinned, *advice)
     if stream_to is not None and stream_to.type == "cuda":
-        from ..control import branch_resident
+        from ..control import branch_on_gpu
 
-        check_component_fits("ControlNet's part that stays on the GPU while its blocks are streamed (its "
-                             "embedder, modulations and projections)", module, dtype, stream_to, False,
-                             *memory_advice(stream_to, False, dtype, streamed=True), tensors=branch_resident(module))
+        check_component_fits("ControlNet's part on the GPU while its blocks are streamed (its embedder, "
+                             "modulations and projections, and 2 blocks in flight)", module, dtype, stream_to, False,
+                             *memory_advice(stream_to, False, dtype, streamed=True), tensors=branch_on_gpu(module))
     if before in shapes and _all_zero(files, before):
         cfg, module = _branch(path, files, shapes, tcfg, explicit, dtype, True)
 
