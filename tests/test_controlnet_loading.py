@@ -276,7 +276,9 @@ def test_pipe_load_controlnet_is_refused_when_the_ram_cannot_hold_it(control_mod
     """pipe.load_controlnet weighs the branch against the RAM before reading it: on the CPU against the
     available RAM and free swap; with offload="blocks" on a GPU, where its blocks are pinned for
     streaming, against the RAM alone. Each refusal names the branch's bytes and what to change, and
-    leaves the pipeline without a ControlNet."""
+    leaves the pipeline without a ControlNet. The pinned refusal's advice names only routes that fit:
+    --offload model (pageable) when the RAM and swap hold the branch, a smaller branch of a size that
+    fits, and the RAM to free (it named --offload model where that was refused too)."""
     from zimage_native import ZImagePipeline
     from zimage_native.devices import InsufficientMemoryError, format_bytes
     from zimage_native.quantize import weight_bytes
@@ -289,7 +291,9 @@ def test_pipe_load_controlnet_is_refused_when_the_ram_cannot_hold_it(control_mod
     size = format_bytes(need)
     pipe = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32)
     blocks = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="blocks")
+    model = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="model")
     monkeypatch.setitem(blocks.placement, "transformer", CUDA)  # its DiT runs on a GPU: the branch's blocks are pinned
+    monkeypatch.setitem(model.placement, "transformer", CUDA)  # the branch rests in pageable CPU memory
     _refuse_reads(monkeypatch)
     host(monkeypatch, available=need - 1)
     with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit in CPU memory: ControlNet {size}, "
@@ -305,12 +309,24 @@ def test_pipe_load_controlnet_is_refused_when_the_ram_cannot_hold_it(control_mod
     with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit in CPU memory: ControlNet {size}, of "
                        rf"which the ControlNet \({size}\) is pinned for streaming, which swap cannot hold, and this "
                        rf"machine has .* of RAM available of 32.00 GB. To fit, keep it in pageable CPU memory, which "
-                       rf"swap can hold \(--offload model\), or load a smaller ControlNet .*; in Python these are "
+                       rf"swap can hold \(--offload model\), load a smaller ControlNet \(2.1 lite.*\) whose weights "
+                       rf"take at most {format_bytes(need - 1)} or free 1 byte of RAM; in Python these are "
                        rf"from_pretrained's arguments: offload=\"model\"$"):
         blocks.load_controlnet(path)
     assert blocks.controlnet is None
-    host(monkeypatch, available=need)  # the RAM holds it: reading starts
-    with pytest.raises(WeightsRead):
+    # without swap --offload model is refused too (above): the advice leaves it out and says why
+    host(monkeypatch, available=need // 2, swap=need // 4)
+    with pytest.raises(InsufficientMemoryError) as e:
+        blocks.load_controlnet(path)
+    assert str(e.value).endswith(
+        f"To fit, load a smaller ControlNet (2.1 lite: 3 control layers, against 15 for 2.0 and 2.1) whose weights "
+        f"take at most {format_bytes(need // 2)} or free {format_bytes(need - need // 2)} of RAM (--offload model does "
+        f"not fit either: it keeps {size} of weights in pageable CPU memory, more than the RAM and free swap hold "
+        f"together, {format_bytes(need // 2 + need // 4)})")
+    with pytest.raises(InsufficientMemoryError, match=rf"and {format_bytes(need // 4)} of free swap"):
+        model.load_controlnet(path)  # (the advice it gave before, followed: refused)
+    host(monkeypatch, available=need // 2 + (need - need // 2), swap=need // 4)  # what it said to free, freed
+    with pytest.raises(WeightsRead):  # the RAM holds it: reading starts
         blocks.load_controlnet(path)
 
 

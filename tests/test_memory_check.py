@@ -323,6 +323,63 @@ def test_streamed_blocks_are_pinned_and_swap_cannot_hold_them(tiny_model_dir, mo
         loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
 
 
+def test_the_pinned_refusal_names_only_routes_that_fit(tiny_model_dir, monkeypatch):
+    """The refusal of a DiT too large for the RAM under --offload blocks named --offload model, "which
+    swap can hold", where RAM and swap together cannot hold every component either: followed, that
+    load was refused too. --offload model is named only where it fits, a smaller DiT with the largest
+    size that fits, and the RAM to free; each one followed, reading starts."""
+    import zimage_native.loading as loading
+
+    class WeightsRead(Exception):
+        pass
+
+    def read(*args, **kwargs):
+        raise WeightsRead
+
+    patch_weight_reads(monkeypatch, read)
+    fake_cuda(monkeypatch)
+    card(monkeypatch, free=16 * GB)
+    need = folder_weight_bytes(tiny_model_dir, [], torch.float32)
+    dit, encoder, everything = need["transformer"], need["text_encoder"], sum(need.values())
+    kw = dict(device="cuda", dtype=torch.float32)
+    fmt = devices.format_bytes
+    available, swap = dit - 1, encoder  # the pinned DiT lacks a byte; --offload model lacks the VAE's bytes
+    host(monkeypatch, available, swap)
+    with pytest.raises(InsufficientMemoryError) as e:
+        loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
+    short = dit - available  # the rest (the text encoder) fits in the swap
+    assert str(e.value).endswith(
+        f"To fit, use a smaller DiT (a GGUF file, --transformer FILE.gguf) whose weights take at most "
+        f"{fmt(dit - short)} or free {fmt(short)} of RAM (--offload model does not fit either: it keeps {fmt(everything)} "
+        f"of weights in pageable CPU memory, more than the RAM and free swap hold together, {fmt(available + swap)}); "
+        f'in Python these are from_pretrained\'s arguments: transformer="FILE.gguf"')
+    with pytest.raises(InsufficientMemoryError, match="^the weights do not fit in CPU memory"):
+        loading.load_pretrained(tiny_model_dir, offload="model", **kw)  # the route it no longer names
+    host(monkeypatch, available + short, swap)  # the RAM it said to free, freed
+    with pytest.raises(WeightsRead):
+        loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
+
+    host(monkeypatch, available, swap=everything - available)  # RAM and swap hold every component
+    with pytest.raises(InsufficientMemoryError) as e:
+        loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
+    assert str(e.value).endswith(
+        f"To fit, keep it in pageable CPU memory, which swap can hold (--offload model), use a smaller DiT (a GGUF "
+        f"file, --transformer FILE.gguf) whose weights take at most {fmt(available)} or free 1 byte of RAM; in Python "
+        f'these are from_pretrained\'s arguments: offload="model", transformer="FILE.gguf"')
+    with pytest.raises(WeightsRead):  # the route it names fits: reading starts
+        loading.load_pretrained(tiny_model_dir, offload="model", **kw)
+
+    host(monkeypatch, encoder // 2, swap=0)  # not even the text encoder fits: only freeing RAM is left
+    with pytest.raises(InsufficientMemoryError) as e:
+        loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
+    short = dit + encoder - encoder // 2
+    assert f"To fit, free {fmt(short)} of RAM (--offload model does not fit either" in str(e.value)
+    assert "smaller DiT" not in str(e.value) and "in Python" not in str(e.value)
+    host(monkeypatch, encoder // 2 + short, swap=0)
+    with pytest.raises(WeightsRead):
+        loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
+
+
 
 @pytest.mark.parametrize("form", ["safetensors", "fp8", "gguf"])
 def test_a_dit_file_streamed_from_pinned_memory_must_fit_in_the_ram(tiny_model_dir, tmp_path, monkeypatch, form):

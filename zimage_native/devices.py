@@ -300,6 +300,33 @@ def host_memory(meminfo: str | Path = "/proc/meminfo", cgroup: str | Path = "/sy
     return max(available, 0), max(swap, 0), total
 
 
+#: What makes a DiT streamed from pinned memory smaller, in the CLI's words and the library's.
+SMALLER_DIT, PYTHON_SMALLER_DIT = "use a smaller DiT (a GGUF file, --transformer FILE.gguf)", 'transformer="FILE.gguf"'
+
+
+def pinned_advice(everything: int, need: int, locked: int, available: int, swap: int, smaller: str,
+                  python_smaller: str | None) -> tuple[str, str | None]:
+    """The routes, in the CLI's words and the library's, to fit ``need`` bytes kept in CPU memory of
+    which the ``locked`` ones (one component's) are pinned and exceed the ``available`` RAM: only
+    those that fit beside ``swap`` bytes of free swap. ``--offload model`` keeps every component
+    (``everything`` bytes) pageable, so it fits when the RAM and swap together hold them; a smaller
+    pinned component (``smaller`` / ``python_smaller``) is given the largest size that fits; and
+    freeing RAM (the bytes the RAM lacks for both the pinned weights and the rest) always fits."""
+    short = max(locked - available, need - available - swap)
+    model = everything <= available + swap
+    routes = ["keep it in pageable CPU memory, which swap can hold (--offload model)"] if model else []
+    python = ['offload="model"'] if model else []
+    if locked > short:
+        routes.append(f"{smaller} whose weights take at most {format_bytes(locked - short)}")
+        python += [python_smaller] if python_smaller else []
+    routes.append(f"free {format_bytes(short)} of RAM")
+    text = f"{', '.join(routes[:-1])} or {routes[-1]}" if len(routes) > 1 else routes[0]
+    if not model:
+        text += (f" (--offload model does not fit either: it keeps {format_bytes(everything)} of weights in pageable "
+                 f"CPU memory, more than the RAM and free swap hold together, {format_bytes(available + swap)})")
+    return text, f"in Python these are from_pretrained's arguments: {', '.join(python)}" if python else None
+
+
 def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device], pinned: tuple[str, ...] = (),
                       advice: str | None = None, python_advice: str | None = None) -> None:
     """Refuse before loading the weights that would stay in CPU memory (``needs``: bytes per component;
@@ -307,7 +334,9 @@ def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device], p
     together, or when the ``pinned`` ones (page-locked for streaming: swap cannot hold them) exceed
     the RAM alone; warn when they all exceed the RAM (the system would swap). Quiet where the system
     does not report its memory. ``advice`` / ``python_advice``: what to change in the CLI's words /
-    the library's, in place of the advice for a pipeline's components."""
+    the library's, in place of the advice for a pipeline's components; for pinned weights, the smaller
+    weights to load in their place (:func:`pinned_advice` adds the largest size that fits and the other
+    routes)."""
     parts = {name: size for name, size in needs.items() if storage[name].type in HOST_MEMORY_DEVICES}
     need, memory = sum(parts.values()), host_memory()
     if not need or memory is None:
@@ -319,11 +348,13 @@ def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device], p
     where = f"{listed}, {format_bytes(need)} in all" if len(parts) > 1 else listed
     locked = sum(size for name, size in parts.items() if name in pinned)
     if locked > available:
+        routes, python = pinned_advice(sum(needs.values()), need, locked, available, swap,
+                                       advice or SMALLER_DIT, python_advice if advice else PYTHON_SMALLER_DIT)
         raise InsufficientMemoryError(
             f"the weights do not fit in {where_kept}: {where}, of which the {' and '.join(pinned).replace('_', ' ')} "
             f"({format_bytes(locked)}) is pinned for streaming, which swap cannot hold, and this machine has "
             f"{format_bytes(available)} of RAM available of {format_bytes(total)}. To fit, "
-            f"{advice or 'use a smaller DiT (a GGUF file, --transformer FILE.gguf) or --offload model'}", python_advice)
+            f"{routes}", python)
     if need > available + swap:
         raise InsufficientMemoryError(
             f"the weights do not fit in {where_kept}: {where}, and this machine has {format_bytes(available)} of RAM "

@@ -167,9 +167,8 @@ def memory_advice(device: torch.device, pinned: bool, dtype: torch.dtype | None,
         if dtype is not None and dtype.itemsize > 2:
             return (f"{SMALLER} or load the pipeline in bfloat16 (--dtype bfloat16)", f"{python}dtype=torch.bfloat16")
         return SMALLER, None
-    if pinned:
-        return (f"keep it in pageable CPU memory, which swap can hold (--offload model), or {SMALLER}",
-                f'{python}offload="model"')
+    if pinned:  # devices.pinned_advice gives it the size that fits and adds the routes that fit (--offload model)
+        return SMALLER, None
     if device.type in HOST_MEMORY_DEVICES:
         if dtype is not None and dtype.itemsize > 2:
             return (f"{SMALLER}, load the pipeline in bfloat16 (--dtype bfloat16) or, with a GPU, offload less "
