@@ -2,7 +2,9 @@
 
 The path of every tensor: read (fp8, comfy_quant and GGUF dequantised: to fp32 for LoRAs or fp8
 output, else to the output dtype) -> canonical names (``keymap.to_canonical``) -> LoRA deltas added
-in fp32 -> destination layout (``keymap.from_canonical``) -> dtype cast or fp8 quantisation -> file.
+in fp32 -> destination layout (``keymap.from_canonical_blocks``: the parts of a fused q|k|v or w1|w3
+passed on as they come, written at their rows of it, not joined first; joined for fp8 output, whose
+scale is the whole weight's) -> dtype cast or fp8 quantisation -> file.
 The same path runs first on meta tensors built from the header alone, which gives the plan (keys,
 shapes, dtypes, sizes, shard assignment) that ``--dry-run`` prints and the writer follows: each
 file's header is written from the plan first, then every tensor is converted, written at its offset
@@ -30,7 +32,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..formats.fp8 import CHUNK_ELEMENTS
-from .keymap import KeyMap, from_canonical, keymap_for
+from .keymap import KeyMap, from_canonical_blocks, keymap_for
 from .streaming import ST_DTYPES, SafetensorsWriter
 
 DTYPES = {"keep": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -181,8 +183,11 @@ class _LoraBaker:
         return out
 
 
-def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | None, baker, meta: bool
-            ) -> Iterator[tuple[str, torch.Tensor]]:
+def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | None, baker, meta: bool,
+            join: bool = False) -> Iterator[tuple[str, torch.Tensor, int | None]]:
+    """The converted (key, tensor, row) triples: ``row`` None for a whole tensor, else the row where a
+    part of a fused one begins (``keymap.from_canonical_blocks``), for ``SafetensorsWriter.write``
+    to place; ``join``: every tensor whole (fp8 output joins them: one scale for the fused weight)."""
     from ..formats import canonical_items
     from ..formats.gguf import GGUFCheckpoint
     from ..formats.gguf import canonical_items as gguf_items
@@ -210,21 +215,21 @@ def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | No
 
     fp8 = out_dtype == torch.float8_e4m3fn
     if fp8:
-        yield "scaled_fp8", torch.empty(0, dtype=torch.float8_e4m3fn, device="meta" if meta else "cpu")
+        yield "scaled_fp8", torch.empty(0, dtype=torch.float8_e4m3fn, device="meta" if meta else "cpu"), None
     pattern = _FP8_TARGETS.get(component)
-    for key, tensor in from_canonical(canonical(), dst):
+    for key, tensor, row in from_canonical_blocks(canonical(), dst, join=join or fp8):
         if fp8 and pattern is not None and tensor.ndim == 2 and any(pattern.match(c) for c in dst.canonical_keys(key)):
             q, scale = quantize_fp8(tensor)
-            yield key, q
+            yield key, q, None
             del q  # not held while the next tensors are made (the writer streams them one at a time)
-            yield key[: -len("weight")] + "scale_weight", scale
+            yield key[: -len("weight")] + "scale_weight", scale, None
             del scale
         elif fp8 and tensor.is_floating_point():
-            yield key, tensor.to(torch.bfloat16)
+            yield key, tensor.to(torch.bfloat16), row
         elif out_dtype is not None and tensor.is_floating_point():
-            yield key, tensor.to(out_dtype)
+            yield key, tensor.to(out_dtype), row
         else:
-            yield key, tensor
+            yield key, tensor, row
         del tensor  # not held while the next one is made
 
 
@@ -311,7 +316,7 @@ def _prepare(src, dst, to, component, dtype, shard_size, loras, config=None):
         baker = _LoraBaker(loras, shapes) if loras else None
         sources, dropped = _sources(info, dst_km)
         planned = []
-        for key, t in _stream(ckpt, info, dst_km, kind, out_dtype, None, meta=True):
+        for key, t, _ in _stream(ckpt, info, dst_km, kind, out_dtype, None, meta=True, join=True):
             planned.append(PlannedTensor(key, tuple(t.shape), _ST_NAMES[t.dtype], t.numel() * t.element_size(),
                                          sources.get(key, [])))
         shards: list[list[str]] = [[]]
@@ -422,9 +427,10 @@ def _write(plan: Plan, folder: Path, ckpt, info, dst_km, out_dtype, baker, metad
                disable=True if total < PROGRESS_MIN_BYTES else None)
     try:
         with bar:
-            for key, tensor in _stream(ckpt, info, dst_km, plan.component, out_dtype, baker, meta=False):
+            for key, tensor, row in _stream(ckpt, info, dst_km, plan.component, out_dtype, baker, meta=False):
                 want = expected.get(key)
-                if (want is None or key in written or tuple(tensor.shape) != want.shape
+                part = row is not None  # a part of a fused tensor: rows of it, placed by the writer
+                if (want is None or key in written or tuple(tensor.shape[part:]) != want.shape[part:]
                         or _ST_NAMES.get(tensor.dtype) != want.dtype):
                     raise RuntimeError(f"conversion produced {key} {tuple(tensor.shape)} {tensor.dtype}, which "
                                        f"the plan does not have")
@@ -432,10 +438,12 @@ def _write(plan: Plan, folder: Path, ckpt, info, dst_km, out_dtype, baker, metad
                 if i not in writers:
                     tensors = [(k, expected[k].dtype, expected[k].shape) for k in plan.shards[i]]
                     writers[i] = SafetensorsWriter(folder / plan.shard_files[i], tensors, metadata)
-                writers[i].write(key, tensor)
-                written.add(key)
+                complete = writers[i].write(key, tensor, row)
                 bar.update(tensor.numel() * tensor.element_size())
                 del tensor  # not held while the next one is made
+                if not complete:
+                    continue
+                written.add(key)
                 remaining[i] -= 1
                 if remaining[i] == 0:
                     writers.pop(i).close()

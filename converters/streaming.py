@@ -92,6 +92,7 @@ class SafetensorsWriter:
         head, self._offsets = build_header(planned, metadata)
         self._base = len(head)
         self._pending = set(self._info)
+        self._rows: dict[str, list[tuple[int, int]]] = {}  # the row blocks written of the tensors begun
         self.path = path
         self._file = open(path, "wb")
         try:
@@ -100,23 +101,39 @@ class SafetensorsWriter:
             self._file.close()
             raise
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one planned tensor's bytes at its offset (from CPU; other devices are copied there)."""
+    def write(self, name: str, tensor: torch.Tensor, row: int | None = None) -> bool:
+        """Write one planned tensor's bytes at its offset (from CPU; other devices are copied there).
+        ``row``: ``tensor`` is the block of the planned tensor's rows (along its first dim) that
+        begins at ``row``, written at its place: the blocks come in any order, each row once (the
+        parts of a fused q|k|v, placed without a join). Returns whether the tensor is complete."""
         if name not in self._info:
             raise KeyError(f"{name} is not planned for {self.path}")
         if name not in self._pending:
             raise ValueError(f"{name} is already written")
         st, shape = self._info[name]
         got = ST_DTYPES.get(tensor.dtype)
-        if got != st or tuple(tensor.shape) != shape:
-            raise ValueError(f"{name} is planned as {st} {list(shape)}, got {got or tensor.dtype} {list(tensor.shape)}")
+        rows = shape[0] if shape else 0
+        first, n = (0, rows) if row is None else (row, tensor.shape[0] if tensor.ndim else 0)
+        inside = row is None or (len(shape) > 0 and 0 <= first and first + n <= rows)
+        if got != st or tuple(tensor.shape) != (shape if row is None else (n, *shape[1:])) or not inside:
+            at = "" if row is None else f" at row {row}"
+            raise ValueError(f"{name} is planned as {st} {list(shape)}, got {got or tensor.dtype} "
+                             f"{list(tensor.shape)}{at}")
+        written = self._rows.setdefault(name, [])
+        if any(a < first + n and first < b for a, b in written):
+            raise ValueError(f"{name}: rows {first} to {first + n - 1} are written already in part")
         start, end = self._offsets[name]
-        if end > start:
+        if end > start and (n or row is None):
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            self._file.seek(self._base + start)
+            self._file.seek(self._base + start + (0 if row is None else first * ((end - start) // rows)))
             self._file.write(memoryview(data))
             del data
+        written.append((first, first + n))
+        if sum(b - a for a, b in written) < rows:
+            return False
+        del self._rows[name]
         self._pending.discard(name)
+        return True
 
     def close(self) -> None:
         """Close the file; an error when a planned tensor was not written."""

@@ -117,6 +117,39 @@ def test_writer_refuses_what_the_plan_does_not_hold(tmp_path):
     assert torch.equal(out["a"], torch.arange(6, dtype=torch.bfloat16).reshape(3, 2).t()) and out["b"] == 2.5
 
 
+
+def test_writer_places_blocks_of_rows_in_any_order(tmp_path):
+    """``write(name, block, row=)``: the parts of a fused tensor, written at their rows as they come
+    (the parts of a diffusers q|k|v, without their join): the file equals ``save_file``'s of the
+    whole tensor, the tensor is complete when its last row is, and a block that overlaps rows
+    written, leaves the tensor or is not of its columns is refused."""
+    from zimage_native.converters.streaming import SafetensorsWriter
+
+    g = torch.Generator().manual_seed(0)
+    whole = {"qkv": torch.randn(6, 4, generator=g).bfloat16(), "b": torch.randn(3, generator=g)}
+    save_file(whole, tmp_path / "old.safetensors")
+    plan = [(k, v.dtype, v.shape) for k, v in whole.items()]
+    with SafetensorsWriter(tmp_path / "new.safetensors", plan) as w:
+        assert w.write("qkv", whole["qkv"][4:], row=4) is False
+        with pytest.raises(ValueError, match="qkv: rows 3 to 4 are written already in part"):
+            w.write("qkv", whole["qkv"][3:5], row=3)
+        with pytest.raises(ValueError, match=r"qkv is planned as BF16 \[6, 4\], got BF16 \[2, 4\] at row 5"):
+            w.write("qkv", whole["qkv"][:2], row=5)
+        with pytest.raises(ValueError, match=r"got BF16 \[2, 3\] at row 0"):
+            w.write("qkv", whole["qkv"][:2, :3], row=0)
+        assert w.write("b", whole["b"]) is True
+        assert w.write("qkv", whole["qkv"][:2], row=0) is False
+        assert w.write("qkv", whole["qkv"][2:4], row=2) is True
+        with pytest.raises(ValueError, match="qkv is already written"):
+            w.write("qkv", whole["qkv"][:2], row=0)
+    assert_same_file(tmp_path / "new.safetensors", tmp_path / "old.safetensors")
+    w = SafetensorsWriter(tmp_path / "x.safetensors", plan)
+    w.write("b", whole["b"])
+    w.write("qkv", whole["qkv"][:4], row=0)
+    with pytest.raises(RuntimeError, match=r"1 planned tensor\(s\) not written .* e.g. qkv"):  # rows 4 and 5 missing
+        w.close()
+
+
 # ----------------------------------------------------------------------------------- old writer vs new
 
 
@@ -125,7 +158,7 @@ def _old_write(plan, folder, ckpt, info, dst_km, out_dtype, baker, metadata):
     shard_of = {k: i for i, keys in enumerate(plan.shards) for k in keys}
     remaining = [len(keys) for keys in plan.shards]
     buffers = [{} for _ in plan.shards]
-    for key, tensor in conv._stream(ckpt, info, dst_km, plan.component, out_dtype, baker, meta=False):
+    for key, tensor, _ in conv._stream(ckpt, info, dst_km, plan.component, out_dtype, baker, meta=False, join=True):
         i = shard_of[key]
         buffers[i][key] = tensor.contiguous()
         remaining[i] -= 1
@@ -206,16 +239,17 @@ def test_one_output_tensor_is_alive_at_a_time(tiny_model_dir, tmp_path, monkeypa
     they had last passed on while the next one was read (two at once)."""
     stream = conv._stream
     alive_peak = [0]
-    made = []
+    made, keys = [], set()
 
     def watched(*args, meta, **kwargs):
-        for key, tensor in stream(*args, meta=meta, **kwargs):
+        for key, tensor, row in stream(*args, meta=meta, **kwargs):
             if not meta:
                 made.append(weakref.ref(tensor))
+                keys.add(key)
                 alive_peak[0] = max(alive_peak[0], sum(r() is not None for r in made))
-            yield key, tensor
+            yield key, tensor, row
 
     monkeypatch.setattr(conv, "_stream", watched)
     plan = convert_checkpoint(tiny_model_dir / "transformer", tmp_path / dst, "comfyui", **options)
-    assert len(made) == len(plan.tensors) > 60
+    assert len(keys) == len(plan.tensors) > 60
     assert alive_peak[0] <= 1, f"{alive_peak[0]} of {len(made)} output tensors alive at once"
