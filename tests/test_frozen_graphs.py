@@ -3,6 +3,7 @@ wrong and a re-running stand-in would not: Python values baked in at capture, ho
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -440,18 +441,24 @@ def test_a_later_compile_that_does_not_reset_dynamo(tiny_model_dir):
 '''
 
 
-def test_a_capture_of_compiled_blocks_leaves_the_next_test_compiling(pytester):
+def test_a_capture_of_compiled_blocks_leaves_the_next_test_compiling(pytester, monkeypatch):
     """Dynamo marks the compiled blocks' code object skipped when it meets it under the stand-in's
     recording dispatch mode, for the rest of the process: a later test in the same process (an xdist
     worker) that compiled blocks without resetting dynamo first ran them eagerly, compiling nothing
     (0 frames), and a test comparing them with eager passed without running compiled code. The
-    conftest resets dynamo after a test that captured; two tests in that order in one session."""
+    conftest resets dynamo after a test that captured; two tests in that order in one session.
+
+    The session runs in a process of its own: run in this one, pytester removes on its way out every
+    module first imported inside it (torch._inductor's, when no test here had compiled before), and
+    the next import of one in this process ran it again and failed on what it had registered in
+    modules that stayed ("Artifact of type=autotune already registered in mega-cache artifact
+    factory" in every later compiling test)."""
     root = Path(__file__).resolve().parents[1]
-    pytester.syspathinsert(root)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     pytester.makeconftest("from tests.conftest import _forget_dynamo_skips_after_stand_in_captures, tiny_model_dir"
                           "  # noqa: F401")
     pytester.makepyfile(test_order=LATER_TEST)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly", "-q")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist", "-p", "no:randomly", "-q")
     result.assert_outcomes(passed=2)
 
 
