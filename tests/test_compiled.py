@@ -1625,6 +1625,67 @@ def test_a_dit_assigned_to_the_pipeline_drops_the_graphs_captured_from_the_one_i
     fresh_pipe.transformer = other
     assert torch.equal(replaced, fresh_pipe("a cat", **KW).images)
     assert not torch.equal(replaced, first)  # the change matters
+
+
+@needs_cpu_fp8
+@pytest.mark.parametrize("setting", ["kernels", "fp8", "attention", "compile"])
+def test_a_dit_assigned_is_recorded_as_it_is_and_optimize_applies_the_transforms_to_it(fresh_pipe, monkeypatch,
+                                                                                        setting):
+    """pipe.transformer = another DiT after optimize(): the record kept describing the DiT replaced,
+    so the new DiT ran without kernels, fp8 or the attention backend asked (the stand-in backend: 0
+    calls in a request) and optimize() asking for them again returned [] (nothing applied); compile
+    was already recorded from the DiT. The record now says what the DiT assigned has (nothing here;
+    "auto" kept where it picks the backend the DiT runs), optimize() applies the transforms to it,
+    and the transformed DiT put back is recorded with them."""
+    import copy
+
+    from zimage_native import accel
+    from zimage_native.accel import attention_backends as ab
+    from zimage_native.accel.compile import compiled_mode
+    from zimage_native.accel.fp8 import fp8_applied
+    from zimage_native.accel.fused_ops import count_fused
+    from zimage_native.model.attention import attention
+
+    def record():
+        return {key: fresh_pipe._accel[key] for key in fresh_pipe._DIT_SETTINGS}
+
+    fresh_pipe.optimize(attention="auto")  # (SDPA on the CPU: in place)
+    eager = copy.deepcopy(fresh_pipe.transformer)
+    fresh_pipe.transformer = copy.deepcopy(eager)
+    assert record()["attention"] == "auto"  # (the DiT runs what "auto" picks)
+    fresh_pipe.optimize(attention="sdpa")
+    plain = record()
+    assert plain == {"kernels": "none", "attention": "sdpa", "fp8": False, "compile": "off"}
+    calls = []
+
+    def stand_in(q, k, v, mask):  # a GPU backend's stand-in
+        calls.append(q.shape)
+        return attention(q, k, v, mask)
+
+    monkeypatch.setattr(ab, "unavailable_reason", lambda *args: None)
+    monkeypatch.setitem(ab.FACTORIES, "xformers", lambda: stand_in)
+    accel.load_kernels(interpret=not torch.cuda.is_available())
+    asked = {"kernels": dict(kernels="triton"), "fp8": dict(fp8=True), "attention": dict(attention="xformers"),
+             "compile": dict(compile="blocks", compile_backend="eager")}[setting]
+    has = {"kernels": lambda dit: any(swapped for swapped, _ in count_fused(dit).values()),
+           "fp8": fp8_applied, "attention": lambda dit: ab.backend_in_place(dit) == "xformers",
+           "compile": lambda dit: compiled_mode(dit) == ("blocks", "dynamic")}[setting]
+    assert fresh_pipe.optimize(**asked)
+    optimized, transformed = fresh_pipe.transformer, record()
+    assert has(optimized) and transformed != plain
+    fresh_pipe.transformer = eager
+    assert record() == plain
+    calls.clear()
+    fresh_pipe("a cat", **KW)
+    assert not has(eager) and not calls
+    assert fresh_pipe.optimize(**asked), "optimize applied nothing to the DiT assigned"
+    assert has(eager) and record() == transformed
+    fresh_pipe("a cat", **KW)
+    assert bool(calls) == (setting == "attention")
+    fresh_pipe.transformer = optimized  # the transformed DiT put back: recorded with its transforms
+    assert record() == transformed
+
+
 @pytest.mark.parametrize("asked", ["dit", "first"])
 def test_compile_of_a_shared_dit_drops_the_graphs_of_every_pipeline_holding_it(fresh_pipe, tiny_pipe, asked):
     """Two pipelines share one DiT (ZImagePipeline(pipe.transformer, ...)), each with its graphs captured.

@@ -238,6 +238,38 @@ def test_calls_from_several_threads_run_one_at_a_time(tiny_pipe):
     tiny_pipe("a cat", seed=0, callback_on_step_end=reenter, **run)
 
 
+
+def test_a_dit_assigned_from_another_thread_waits_for_the_run(fresh_pipe):
+    """pipe.transformer = other_dit from another thread during a run (a server swapping its DiT): the
+    assignment was not serialised as the other setters are, so the run went on with the new DiT from
+    the next step (an image of neither DiT). It now waits for the run, which finishes with the DiT it
+    started with; the next run has the new one."""
+    import copy
+    import threading
+
+    run = dict(width=32, height=32, num_inference_steps=3, output_type="latent", seed=0)
+    other = copy.deepcopy(fresh_pipe.transformer)
+    with torch.no_grad():
+        for weight in other.parameters():
+            weight.mul_(1.1)
+    want = fresh_pipe("a cat", **run).images
+    assigned, during = threading.Event(), []
+
+    def assign():
+        fresh_pipe.transformer = other
+        assigned.set()
+
+    def on_step_end(pipe, step, timestep, tensors):
+        if step == 0:
+            threading.Thread(target=assign).start()
+            during.append(assigned.wait(1.0))  # (without the lock the assignment lands here)
+        return tensors
+
+    got = fresh_pipe("a cat", callback_on_step_end=on_step_end, **run).images
+    assert assigned.wait(60) and fresh_pipe.transformer is other
+    assert during == [False] and torch.equal(got, want)
+    assert not torch.equal(fresh_pipe("a cat", **run).images, want)  # the next run has the new DiT
+
 def test_a_prompt_that_is_not_text_is_named_as_such(tiny_pipe):
     """pipe(5) (a seed or a size given where the prompt goes) raised Python's bare "TypeError: 'int' object
     is not iterable" from inside the request; it says what the prompt must be now."""

@@ -113,12 +113,27 @@ def _serialized_with_sharers(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with contextlib.ExitStack() as held:
-            for pipe in sorted([self, *self._sharers()], key=id):
-                held.enter_context(pipe._lock)
+        with _locks_of([self, *self._sharers()]):
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _locks_of(pipes: "list[ZImagePipeline]"):
+    """The locks of ``pipes`` (:func:`_serialized`), each taken once, all in one order (by ``id``)."""
+    with contextlib.ExitStack() as held:
+        for pipe in sorted({id(pipe): pipe for pipe in pipes}.values(), key=id):
+            held.enter_context(pipe._lock)
+        yield
+
+
+def _pipelines_holding(dit) -> "list[ZImagePipeline]":
+    """The live pipelines holding ``dit`` (``ZImagePipeline(pipe.transformer, ...)``, ``pipe.transformer =
+    other.transformer``): the ones its bound ``compile`` name knows (:class:`_PipelineCall`)."""
+    call = dit.__dict__.get("compile") if dit is not None else None
+    call = call.func if isinstance(call, functools.partial) else call  # (bound with its name as the first argument)
+    return call.pipelines() if isinstance(call, _PipelineCall) else []
 
 
 def _dtype_argument(dtype, torch_dtype):
@@ -316,6 +331,7 @@ class ZImagePipeline:
         placement: dict[str, torch.device] | None = None,
         offload: str = "none",
     ):
+        self._lock = threading.RLock()  # see _serialized
         self.transformer = transformer
         self._vae = vae  # prepared below, once the placement is known (the setter does it for a later VAE)
         self.text_encoder = text_encoder
@@ -357,7 +373,6 @@ class ZImagePipeline:
         self._interrupt = False  # diffusers' way to stop a run from callback_on_step_end
         self._guidance_scale: float | None = None  # diffusers' run state (see guidance_scale, num_timesteps)
         self._num_timesteps: int | None = None
-        self._lock = threading.RLock()  # see _serialized
         self._fit_attention()
 
     @property
@@ -393,35 +408,50 @@ class ZImagePipeline:
             raise ValueError("pipe.transformer = torch.compile(pipe.transformer): the pipeline runs the DiT's "
                              "forward_tokens, which the wrapper leaves eager; call pipe.transformer.compile() (or "
                              "compile_repeated_blocks()), or pipe.optimize(compile='blocks' | 'full')")
-        replaced = getattr(self, "_transformer", None) is not module
-        self._transformer = module
-        self._bind_transformer_calls()
-        if replaced and getattr(self, "_graphed", None) is not None:
-            # A graph replays the kernels and weights it was captured with: the old DiT's (its tokens
-            # refined by the new one), not the DiT assigned.
-            self._graphed.clear()
-        if "_accel" in self.__dict__:  # (the constructor records it once its record is made)
-            self._record_the_dit()
+        # A run of this pipeline finishes with the DiT it started with, and another pipeline holding
+        # the DiT assigned does not change it (nor its record, read below) meanwhile.
+        with _locks_of([self, *_pipelines_holding(module)]):
+            replaced = getattr(self, "_transformer", None) is not module
+            self._transformer = module
+            self._bind_transformer_calls()
+            if replaced and getattr(self, "_graphed", None) is not None:
+                # A graph replays the kernels and weights it was captured with: the old DiT's (its
+                # tokens refined by the new one), not the DiT assigned.
+                self._graphed.clear()
+            if "_accel" in self.__dict__:  # (the constructor records it once its record is made)
+                self._record_the_dit()
 
     def _record_the_dit(self) -> None:
         """This pipeline's record of the transforms applied to its DiT (a DiT built with, or assigned
         to, it): another live pipeline's holding the DiT (:meth:`_sharers`), with its compile backend
-        and shape policy, else the compile the DiT itself holds (``accel.compile.compiled_mode``). Up
-        to 0.21.0 a pipeline built on a compiled DiT (``ZImagePipeline(pipe.transformer, ...)``, or
-        ``pipe.transformer = compiled``) recorded compile "off": ``optimize(compile="full")`` compiled
-        the "blocks" DiT again instead of being refused, and a ControlNet it loaded stayed eager
-        beside the compiled DiT."""
+        and shape policy, else what the DiT itself holds: its kernel swaps, fp8, the attention
+        backend its modules run ("auto" kept where it picks that one) and its compile
+        (``accel.compile.compiled_mode``). The transforms applied to the DiT it replaces are not
+        applied to it (``optimize`` applies them when asked). Up to 0.21.0 a pipeline built on a
+        compiled DiT recorded compile "off" (``optimize(compile="full")`` compiled the "blocks" DiT
+        again instead of being refused, and a ControlNet it loaded stayed eager beside the compiled
+        DiT); and a DiT assigned kept the record of the DiT it replaced: with kernels, fp8 or an
+        attention backend on, the new DiT ran without them and ``optimize`` asking for them again
+        did nothing (it returned [])."""
+        from .accel.attention_backends import backend_in_place, check_attention_backend
         from .accel.compile import compiled_mode
+        from .accel.fp8 import fp8_applied
+        from .accel.fused_ops import count_fused
 
-        if self.transformer is None:
+        dit = self.transformer
+        if dit is None:
             return
         sharers = self._sharers()
         if sharers:
             self._accel.update({key: sharers[0]._accel[key] for key in self._DIT_SETTINGS})
             self._compile_options = sharers[0]._compile_options
             return
-        compiled = compiled_mode(self.transformer)
-        self._accel["compile"] = compiled[0] if compiled else "off"
+        attention = backend_in_place(dit) or "sdpa"
+        if self._accel["attention"] == "auto" and check_attention_backend(dit, "auto", self.device)[0] == attention:
+            attention = "auto"  # (chosen again at a move)
+        compiled = compiled_mode(dit)
+        self._accel.update(kernels="triton" if any(swapped for swapped, _ in count_fused(dit).values()) else "none",
+                           fp8=fp8_applied(dit), attention=attention, compile=compiled[0] if compiled else "off")
         if compiled:
             self._compile_options = (self._compile_options[0], compiled[1])
 
@@ -1108,12 +1138,8 @@ class ZImagePipeline:
                 f"from the {how} DiT at the next requests"]
 
     def _sharers(self) -> "list[ZImagePipeline]":
-        """The other live pipelines holding this pipeline's DiT (``ZImagePipeline(pipe.transformer, ...)``,
-        ``pipe.transformer = other.transformer``): the ones its bound ``compile`` name knows
-        (:class:`_PipelineCall`)."""
-        call = self.transformer.__dict__.get("compile") if self.transformer is not None else None
-        call = call.func if isinstance(call, functools.partial) else call  # (bound with its name as the first argument)
-        return [pipe for pipe in call.pipelines() if pipe is not self] if isinstance(call, _PipelineCall) else []
+        """The other live pipelines holding this pipeline's DiT (:func:`_pipelines_holding`)."""
+        return [pipe for pipe in _pipelines_holding(self.transformer) if pipe is not self]
 
     def _dit_changed_for_sharers(self, changes: dict, transform: dict | None) -> list[str]:
         """Every other live pipeline holding this DiT (:meth:`_sharers`; their locks are held,

@@ -317,6 +317,18 @@ def dit_attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, Attention)]
 
 
+def backend_in_place(model: nn.Module) -> str | None:
+    """The name of the backend every DiT attention module of ``model`` runs ("sdpa" for SDPA and its
+    bounded variant), or None: no such modules, several backends, or a function no backend here made."""
+    functions = {module.attn_fn for module in dit_attention_modules(model)}
+    if len(functions) != 1:
+        return None
+    fn = functions.pop()
+    if fn in (sdpa_attention, bounded_sdpa):
+        return "sdpa"
+    return next((name for name, factory in FACTORIES.items() if _made.get(factory) is fn), None)
+
+
 def check_attention_backend(model: nn.Module, name: str = "sdpa",
                             device: torch.device | None = None) -> tuple[str, str]:
     """Resolve ``name`` for this model's device (``device``: where it runs, if not where its weights
