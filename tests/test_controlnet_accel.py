@@ -386,3 +386,44 @@ def test_a_shared_dit_compiled_through_one_pipeline_compiles_the_others_controln
     bare = fresh()
     bare.transformer = dit
     assert bare._accel["compile"] == "full" and bare._compile_options[1] == "static"
+
+
+def test_an_attention_backend_already_in_place_is_recorded_by_every_pipeline_holding_the_dit(
+        fresh, control_files, monkeypatch):  # noqa: F811
+    """optimize(attention=X) where X is already in place on the shared DiT changed only the record of
+    the pipeline asked: with "auto" picking the backend there, the other pipeline kept "xformers"
+    (so it does not choose again at a move); with the DiT given the backend outside the pipelines
+    (accel.set_attention_backend), the other pipeline kept "sdpa" and its ControlNet kept running
+    SDPA (0 of its attention modules on the backend) beside the DiT running X. Now every pipeline
+    holding the DiT records X, and a ControlNet of theirs not running it gets it (the call then
+    installs it as for a backend not in place)."""
+    from zimage_native.accel import attention_backends as ab
+    from zimage_native.model.attention import attention
+
+    def stand_in(q, k, v, mask):  # a GPU backend's stand-in
+        return attention(q, k, v, mask)
+
+    monkeypatch.setattr(ab, "unavailable_reason", lambda name, *args: None if name in ("sdpa", "xformers") else "no")
+    monkeypatch.setitem(ab.FACTORIES, "xformers", lambda: stand_in)
+
+    def pair():
+        first = fresh()
+        second = ZImagePipeline(first.transformer, first.vae, first.text_encoder, first.scheduler_config,
+                                first.vae_config)
+        second.progress = False
+        return first, second
+
+    first, second = pair()
+    first.optimize(attention="xformers")
+    assert second._accel["attention"] == "xformers"
+    lines = first.optimize(attention="auto")  # picks xformers, in place
+    assert lines[-1].endswith("(already in place)"), lines
+    assert first._accel["attention"] == second._accel["attention"] == "auto"
+
+    first, second = pair()
+    second.load_controlnet(control_files["2.1"])
+    ab.set_attention_backend(first.transformer, "xformers")
+    lines = first.optimize(attention="xformers")
+    assert first._accel["attention"] == second._accel["attention"] == "xformers"
+    assert ab.backend_in_place(second.controlnet) == "xformers", lines
+    assert ab.backend_in_place(first.transformer) == "xformers"

@@ -1106,9 +1106,9 @@ class ZImagePipeline:
             self._vae_compile_backend = compile_backend  # (a VAE assigned later is compiled alike)
             self._fit_vae_hand_calls()  # (the compiled decode replaced the visiting one)
         state.update(changes)
-        if before_compile or "compile" in changes:
+        if before_compile or "compile" in changes or installed:
             lines += self._dit_changed_for_sharers({k: v for k, v in changes.items() if k in self._DIT_SETTINGS},
-                                                   transform if before_compile or compile_mode != "off" else None)
+                                                   None if installed else transform)
         return lines
 
     def _transform_controlnet(self, transform: dict, whose: str = "") -> list[str]:
@@ -1148,7 +1148,9 @@ class ZImagePipeline:
         loaded ControlNet, as optimize does to this pipeline's, and drops its captured graphs. Up to
         0.21.0 only the pipeline asked did (``pipe.transformer.compile()`` asks the last one built
         with it): another kept replaying graphs captured from the eager DiT, reported compile "off",
-        and its ControlNet stayed eager under a record saying it was compiled."""
+        and its ControlNet stayed eager under a record saying it was compiled. ``transform`` None:
+        an attention backend already in place everywhere (:meth:`_attention_in_place`), only its
+        name is recorded (the DiT, the ControlNets and the graphs stay)."""
         from .accel.compile import uncompile_
 
         lines = []
@@ -1156,7 +1158,9 @@ class ZImagePipeline:
             other._accel.update(changes)
             if "compile" in changes:
                 other._compile_options = self._compile_options
-            if transform is not None and other.controlnet is not None:
+            if transform is None:
+                continue
+            if other.controlnet is not None:
                 uncompile_(other.controlnet)  # (compiled again by the transform, as the DiT was)
                 lines += other._transform_controlnet(transform, " of another pipeline holding this DiT")
             lines += other._drop_graphs("compiled" if "compile" in changes else "changed",
@@ -1164,9 +1168,10 @@ class ZImagePipeline:
         return lines
 
     def _attention_in_place(self, name: str) -> str | None:
-        """Install backend ``name`` on the DiT and the ControlNet branch (checked first, as optimize
-        does); its log line if every attention module kept the function it had, else None (then
-        optimize installs it again, undoing and redoing compile and dropping the graphs). Each
+        """Install backend ``name`` on the DiT and the ControlNet branches of every pipeline holding it
+        (checked first, as optimize does); its log line if every attention module kept the function it
+        had, else None (then optimize installs it again, undoing and redoing compile and dropping the
+        graphs). Each
         backend's function is made once per process (``attention_backends.attention_function``), so
         a backend installed again, by its name or by "auto", counts: up to 0.20.0 FlashAttention,
         Sage and xFormers made a new function at each install and never did.
@@ -1176,7 +1181,8 @@ class ZImagePipeline:
         nothing to change and the models kept running the new one)."""
         from .accel.attention_backends import dit_attention_modules, set_attention_backend
 
-        models = [m for m in (self.transformer, self.controlnet) if m is not None]
+        branches = [pipe.controlnet for pipe in (self, *self._sharers())]
+        models = [m for m in (self.transformer, *branches) if m is not None]
         modules = [module for m in models for module in dit_attention_modules(m)]
         before = [module.attn_fn for module in modules]
         same = False
