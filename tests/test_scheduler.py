@@ -101,3 +101,22 @@ def test_a_request_shift_replaces_the_configured_one(config):
         assert torch.equal(ours.sigmas, ref.sigmas) and torch.equal(ours.timesteps, ref.timesteps), shift
     with pytest.raises(ValueError, match=r"^shift must be a finite number > 0, got 0\.0$"):
         make_schedule(config, 7, shift=0.0)
+
+
+@pytest.mark.parametrize("device", ["meta"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_sigmas_on_another_device_are_read_on_the_host(device, dynamic):
+    """sigmas= as a tensor on a GPU (a script's torch.linspace(..., device="cuda")): the schedule, built on
+    the host, joined them to a CPU zero (torch.cat: a device mismatch). They are read onto the host now,
+    the schedule the list's; a tensor on "meta" (the CPU-only stand-in for another device) holds no
+    values and is refused by name (it failed with "Tensor.item() cannot be called on meta tensors")."""
+    config = SchedulerConfig(shift=3.0, use_dynamic_shifting=dynamic)
+    given = [1.0, 0.75, 0.5, 0.25]
+    sigmas = torch.tensor(given, dtype=torch.float64, device=device)
+    if device == "meta":
+        with pytest.raises(ValueError, match=r"^sigmas must be a list of numbers in \(0, 1\], got tensor\(.*'meta'"):
+            make_schedule(config, sigmas=sigmas, image_seq_len=256)
+        return
+    got, want = (make_schedule(config, sigmas=s, image_seq_len=256) for s in (sigmas, given))
+    assert got.sigmas.device.type == "cpu" and torch.equal(got.sigmas, want.sigmas)
+    assert torch.equal(got.timesteps, want.timesteps)

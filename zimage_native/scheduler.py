@@ -48,11 +48,12 @@ def calculate_mu(image_seq_len: int, config: SchedulerConfig) -> float:
 
 
 def sigma_values(sigmas) -> torch.Tensor:
-    """Custom sigmas as a flat fp32 tensor, refused (ValueError) unless they are numbers in (0, 1]: a
-    string failed inside torch ("new(): invalid data type 'str'"), and a NaN passed the range check
-    and ran into NaN latents blamed on the weights."""
+    """Custom sigmas as a flat fp32 tensor on the CPU, where the schedule is built (a tensor on a GPU
+    was joined to a CPU zero: a device mismatch), refused (ValueError) unless they are numbers in
+    (0, 1]: a string failed inside torch ("new(): invalid data type 'str'"), and a NaN passed the range
+    check and ran into NaN latents blamed on the weights."""
     try:
-        raw = torch.as_tensor(sigmas, dtype=torch.float32)
+        raw = torch.as_tensor(sigmas, dtype=torch.float32, device="cpu")  # (a tensor on "meta" has no values)
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"sigmas must be a list of numbers in (0, 1], got {sigmas!r:.80}") from None
     if raw.dim() > 1:  # (else flattened into a schedule of all its rows: [[1, 0.7], [0.4, 0.2]] ran 4 steps)
