@@ -4,6 +4,8 @@ with PEFT on the tiny model, fp32 on the CPU: each state gives diffusers' final 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -431,3 +433,64 @@ def test_adapters_forgotten_by_unload_lora_weights_let_go_of_their_files(fresh_p
     pipe.unload_lora_weights()
     assert pipe.get_list_adapters() == {} and [str(s) for s, _, _ in pipe.lora_adapters.baked] == [str(b)]
     assert list(pipe.lora_adapters.files.held) == [str(b)]
+
+
+class _WatchedLock:
+    """A pipeline's re-entrant lock that tells when a thread other than ``owner`` (once set) tries to take it."""
+
+    def __init__(self):
+        self.lock, self.owner, self.tried = threading.RLock(), None, threading.Event()
+
+    def acquire(self, blocking=True, timeout=-1):
+        if self.owner is not None and threading.get_ident() != self.owner:
+            self.tried.set()
+        return self.lock.acquire(blocking, timeout)
+
+    def release(self):
+        self.lock.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def test_a_step_end_callback_changing_a_shared_dit_does_not_deadlock_with_another_pipelines_change(fresh_pipe,
+                                                                                                     tmp_path):
+    """diffusers' LoRA schedule (``set_adapters`` from a ``callback_on_step_end``) on pipeline A while
+    another thread calls ``optimize`` on pipeline B, which shares A's DiT. Both calls take the locks of
+    every pipeline holding the DiT in id order, but the callback's run already held A's: with B first
+    in that order, B's call took B's lock and waited for A's, and the callback waited for B's, forever
+    (reproduced: both threads alive after 20 s). The callback waits here until B's call has tried A's
+    lock (so B's call took B's first)."""
+    from zimage_native import ZImagePipeline
+
+    other = ZImagePipeline(fresh_pipe.transformer, fresh_pipe.vae, fresh_pipe.text_encoder,
+                           fresh_pipe.scheduler_config, fresh_pipe.vae_config)
+    running, changing = sorted([fresh_pipe, other], key=id, reverse=True)  # the run's lock comes second
+    running.load_lora_weights(str(save_lora(running, tmp_path / "a.safetensors", 1)), adapter_name="a")
+    running._lock = _WatchedLock()
+    started, results = threading.Event(), {}
+
+    def on_step_end(pipe, i, t, tensors):
+        if i == 0:
+            running._lock.owner = threading.get_ident()  # the run's thread, which holds it
+            started.set()
+            assert running._lock.tried.wait(10)
+            pipe.set_adapters("a", adapter_weights=0.5)
+        return tensors
+
+    def run():
+        results["run"] = running("a cat", seed=0, callback_on_step_end=on_step_end, **KW).images
+
+    def change():
+        started.wait(10)
+        results["change"] = changing.optimize(attention="sdpa")
+
+    threads = [threading.Thread(target=run, daemon=True), threading.Thread(target=change, daemon=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert not any(thread.is_alive() for thread in threads), "the callback's set_adapters and optimize deadlocked"
+    assert set(results) == {"run", "change"} and running.lora_adapters.active == {"a": 0.5}

@@ -109,16 +109,42 @@ def _serialized_with_sharers(method):
     in one order (by ``id``), so that it can update their records and drop their graphs, and no run
     of theirs reads the DiT while it changes. Up to 0.21.0 a call took its own lock, then each other
     pipeline's while holding it: two such calls on two pipelines sharing a DiT, in two threads, each
-    held its own lock and waited for the other's, forever."""
+    held its own lock and waited for the other's, forever. A call from inside a run (a step-end
+    callback's ``set_adapters``) already holds its pipeline's lock, out of that order: the locks are
+    taken by :func:`_take_locks`, which waits for one while holding none of the others it took."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        taken = _take_locks([pipe._lock for pipe in sorted([self, *self._sharers()], key=id)])
+        try:
         with _locks_of([self, *self._sharers()]):
             return method(self, *args, **kwargs)
+        finally:
+            for lock in reversed(taken):
+                lock.release()
 
     return wrapper
 
 
+def _take_locks(locks: list) -> list:
+    """Take every lock of ``locks`` (re-entrant ones: those this thread holds are taken again) and
+    return them. A lock held by another thread is waited for after letting go of the ones taken so
+    far, then everything is tried again: a thread waiting here holds no lock of ``locks`` but those
+    it held before the call. Taking them in order and waiting while holding the first ones
+    deadlocked with a thread that held a later one from before its call (a run, whose step-end
+    callback changes the DiT shared with this pipeline) and waited for an earlier one."""
+    while True:
+        taken = []
+        for lock in locks:
+            if not lock.acquire(blocking=False):
+                break
+            taken.append(lock)
+        else:
+            return taken
+        for held in reversed(taken):
+            held.release()
+        with lock:  # until it is free (its holder's run or change is over)
+            pass
 @contextlib.contextmanager
 def _locks_of(pipes: "list[ZImagePipeline]"):
     """The locks of ``pipes`` (:func:`_serialized`), each taken once, all in one order (by ``id``)."""
