@@ -357,6 +357,37 @@ def test_an_interrupt_from_another_thread_stops_a_step_graphed_run_as_the_eager_
     assert "interrupted_after" not in fresh_pipe("a cat", **args).info and sampler.replays == 2 + 5
 
 
+def test_a_stop_asked_after_the_last_step_is_no_interruption_in_the_record(fresh_pipe, tiny_pipe, tmp_path):
+    """pipe._interrupt set by a step-end callback after the last step stops nothing: the run is whole.
+    The callback's wrapper recorded interrupted_after 3 for a 3-step run all the same (eager and
+    graphed), so the PNG said "Interrupted after step 3" and --from-image refused to remake an image
+    equal to the plain run's, while the flag set by another thread then recorded nothing. Now neither
+    does; a stop after step 2 of 3 is still recorded, in both loops."""
+    from PIL import Image
+
+    from zimage_native.cli.generate import from_image_layer
+    from zimage_native.metadata import image_record, png_info
+
+    def stop_after(step):
+        def on_step_end(pipe, i, t, tensors):
+            if i + 1 == step:
+                pipe._interrupt = True
+            return tensors
+        return on_step_end
+
+    sampler, _ = graphed(fresh_pipe)
+    args = {**KW, "num_inference_steps": 3, "seed": 0}
+    whole = tiny_pipe("a cat", **args).images
+    for pipe in (tiny_pipe, fresh_pipe):
+        out = pipe("a cat", callback_on_step_end=stop_after(3), **args)
+        assert torch.equal(out.images, whole) and "interrupted_after" not in out.info
+        path = tmp_path / "whole.png"
+        Image.new("RGB", (8, 8)).save(path, pnginfo=png_info(image_record(out.info, 0)))
+        assert "unremakeable" not in from_image_layer(path)[0]
+        assert pipe("a cat", callback_on_step_end=stop_after(2), **args).info["interrupted_after"] == 2
+    assert sampler.replays == 3 + 2
+
+
 def test_a_loop_graph_runs_every_step_whatever_the_interrupt_flag(fresh_pipe, tiny_pipe):
     """Loop mode: one replay runs every step, so pipe._interrupt set by another thread cannot stop it
     (docs/performance.md): the run ends with all its steps, recorded as not interrupted. The flag set

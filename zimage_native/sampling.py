@@ -479,8 +479,8 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
 def interrupted(pipe, k: int, total: int, info: dict | None) -> bool:
     """Whether the run stops after its step ``k``: diffusers' flag ``pipe._interrupt``, set by a
     ``callback_on_step_end`` or by another thread (it is a Python attribute: reading it costs no host
-    sync). A stop that leaves steps unrun is recorded in ``info["interrupted_after"]`` (the step-end
-    callback's wrapper in :func:`generate` records its own)."""
+    sync). A stop that leaves steps unrun is recorded in ``info["interrupted_after"]``, whoever set
+    the flag; one after the last step is none (the run is whole)."""
     if not getattr(pipe, "_interrupt", False):
         return False
     if info is not None and k + 1 < total:
@@ -1110,8 +1110,6 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
                                          f"{k + 1}; the run's are on {given[name].device}: return them there "
                                          f"(.to(callback_kwargs[{name!r}].device))")
                     info.setdefault("callback_replaced", []).append([k + 1, name])
-            if getattr(pipe, "_interrupt", False):
-                info["interrupted_after"] = k + 1
             if "mask" in out:  # the blend reads it from the next step on
                 cond.blend.mask = out["mask"]
             new = out.get("latents", latents)
