@@ -115,13 +115,8 @@ def _serialized_with_sharers(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        taken = _take_locks([pipe._lock for pipe in sorted([self, *self._sharers()], key=id)])
-        try:
         with _locks_of([self, *self._sharers()]):
             return method(self, *args, **kwargs)
-        finally:
-            for lock in reversed(taken):
-                lock.release()
 
     return wrapper
 
@@ -145,13 +140,18 @@ def _take_locks(locks: list) -> list:
             held.release()
         with lock:  # until it is free (its holder's run or change is over)
             pass
+
+
 @contextlib.contextmanager
 def _locks_of(pipes: "list[ZImagePipeline]"):
-    """The locks of ``pipes`` (:func:`_serialized`), each taken once, all in one order (by ``id``)."""
-    with contextlib.ExitStack() as held:
-        for pipe in sorted({id(pipe): pipe for pipe in pipes}.values(), key=id):
-            held.enter_context(pipe._lock)
+    """The locks of ``pipes`` (:func:`_serialized`), each taken once, all in one order (by ``id``),
+    by :func:`_take_locks`."""
+    taken = _take_locks([pipe._lock for pipe in sorted({id(pipe): pipe for pipe in pipes}.values(), key=id)])
+    try:
         yield
+    finally:
+        for lock in reversed(taken):
+            lock.release()
 
 
 def _pipelines_holding(dit) -> "list[ZImagePipeline]":
