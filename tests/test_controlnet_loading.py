@@ -439,3 +439,51 @@ def test_replacing_a_controlnet_counts_the_loaded_one(control_model_dir, control
         pipe.load_controlnet(control_files["1.0"])
     assert "unload_controlnet" not in str(e.value)
     assert str(e.value).endswith('offload="none"')
+
+
+def test_replacing_a_streamed_controlnet_counts_what_the_loaded_one_holds_where_it_was_refused(
+        control_model_dir, control_files, monkeypatch):  # noqa: F811
+    """With offload="blocks" the loaded branch A holds its blocks in (pinned) CPU memory and its
+    other tensors (embedder, modulations, projections) on the DiT's GPU. A refusal of B names what A
+    holds in the memory that was short: its blocks for the RAM check, its other tensors for the GPU's
+    (the whole branch, named for both, was more than either held)."""
+    from zimage_native import ZImagePipeline
+    from zimage_native.devices import InsufficientMemoryError, format_bytes
+    from zimage_native.quantize import weight_bytes
+
+    from .test_memory_check import CUDA, GB, card, host
+
+    blocks = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="blocks")
+    loaded = blocks.load_controlnet(control_files["2.1"])  # its blocks streamed (on the CPU, a dry run)
+    kept = ("adaLN_modulation", "before_proj", "after_proj")
+    state = loaded.state_dict()
+    streamed = sum(v.numel() * v.element_size() for k, v in state.items()
+                   if k.startswith(("control_layers.", "control_noise_refiner."))
+                   and not any(part in kept for part in k.split(".")))
+    resident = weight_bytes(loaded) - streamed
+    assert 0 < resident < streamed < weight_bytes(loaded)
+    monkeypatch.setitem(blocks.placement, "transformer", CUDA)  # its DiT runs on a GPU: B's blocks are pinned
+
+    def refusal() -> InsufficientMemoryError:
+        with pytest.raises(InsufficientMemoryError) as e:
+            blocks.load_controlnet(control_files["1.0"])
+        assert blocks.controlnet is loaded and "unload_controlnet" not in e.value.cli_message
+        return e.value
+
+    need = weight_bytes(load_controlnet(control_files["1.0"], transformer_config=DIT, dtype=torch.float32))
+    _refuse_reads(monkeypatch)
+    card(monkeypatch, free=16 * GB)
+    host(monkeypatch, available=need - 1)  # the RAM is short of B's pinned blocks
+    e = refusal()
+    assert str(e).startswith("the weights do not fit in CPU memory") and e.device == torch.device("cpu")
+    assert str(e).endswith(f"; the ControlNet loaded now (cn-2.1.safetensors, {format_bytes(streamed)} in CPU memory: "
+                           f"its blocks, pinned for streaming) stays in memory until this one has loaded, so its bytes "
+                           f"are not free: pipe.unload_controlnet() frees them first")
+    host(monkeypatch, available=GB)
+    card(monkeypatch, free=1)  # the GPU is short of what stays there
+    e = refusal()
+    assert str(e).startswith("the ControlNet's part on the GPU while its blocks are streamed") and e.device == CUDA
+    assert str(e).endswith(f"; the ControlNet loaded now (cn-2.1.safetensors, {format_bytes(resident)} on cuda:0: its "
+                           f"embedder, modulations and projections, its blocks resting in CPU memory) stays in memory "
+                           f"until this one has loaded, so its bytes are not free: pipe.unload_controlnet() frees them "
+                           f"first")

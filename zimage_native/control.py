@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .devices import format_bytes
+from .devices import HOST_MEMORY_DEVICES, format_bytes
 from .model.controlnet import ZImageControlNet
 from .model.sequence import SequenceLayout, patchify
 from .offload import RESIDENT, _streamed_tensors, resident_tensors
@@ -68,26 +68,42 @@ class ControlNetSlot:
         they are read for pinned memory (``formats.controlnet.load_controlnet``)."""
         from .devices import InsufficientMemoryError
         from .formats.controlnet import load_controlnet
-        from .quantize import weight_bytes
 
+        streamed = stream_to is not None and stream_to.type == "cuda"
         try:
             model = load_controlnet(path, config, transformer_config=transformer_config, dtype=dtype, device=device,
-                                    pinned=stream_to is not None and stream_to.type == "cuda", stream_to=stream_to)
+                                    pinned=streamed, stream_to=stream_to)
         except InsufficientMemoryError as e:
             if self.model is None:
                 raise
             # The loaded one is held until this one has loaded: its bytes are not free. Only the library
             # can hold two (the CLI loads one), so the library's advice says so.
-            held = (f"the ControlNet loaded now ({Path(self.path).name}, {format_bytes(weight_bytes(self.model))}) "
+            held = (f"the ControlNet loaded now ({Path(self.path).name}, {self._held(e.device, streamed)}) "
                     f"stays in memory until this one has loaded, so its bytes are not free: "
                     f"pipe.unload_controlnet() frees them first")
-            raise InsufficientMemoryError(e.cli_message, "; ".join(filter(None, (e.python_advice, held)))) from None
+            raise InsufficientMemoryError(e.cli_message, "; ".join(filter(None, (e.python_advice, held))),
+                                          e.device) from None
         if accel:
             from .accel import optimize
 
             optimize(model, **accel)
         self.model, self.path = model, str(path)
         return model
+
+    def _held(self, short: torch.device | None, streamed: bool) -> str:
+        """What the loaded ControlNet holds in the memory that is ``short`` (a refusal's device), in
+        words: with its blocks streamed from pinned memory to a GPU (``streamed``), its blocks in the
+        RAM and its other tensors on the GPU (:func:`branch_resident`; blocks visit it only while it
+        runs, and a load waits for the run); else all of it."""
+        from .quantize import storage_bytes, weight_bytes
+
+        if not streamed or short is None or getattr(self.model, "block_streamer", None) is None:
+            return format_bytes(weight_bytes(self.model))
+        if short.type in HOST_MEMORY_DEVICES:
+            blocks = [t for ts in branch_streamed(self.model) for t in ts]
+            return f"{format_bytes(storage_bytes(blocks))} in CPU memory: its blocks, pinned for streaming"
+        return (f"{format_bytes(storage_bytes(branch_resident(self.model)))} on {short}: its embedder, modulations "
+                f"and projections, its blocks resting in CPU memory")
 
     def unload(self) -> bool:
         """Drop the loaded ControlNet; returns whether one was loaded."""
@@ -118,12 +134,17 @@ def branch_resident(model: ZImageControlNet) -> list[torch.Tensor]:
     return resident_tensors(model, branch_blocks(model), BRANCH_RESIDENT)
 
 
+def branch_streamed(model: ZImageControlNet) -> list[list[torch.Tensor]]:
+    """Per block (:func:`branch_blocks`), its tensors that are streamed (all but :data:`BRANCH_RESIDENT`)."""
+    return [_streamed_tensors(b, BRANCH_RESIDENT) for b in branch_blocks(model)]
+
+
 def branch_on_gpu(model: ZImageControlNet, depth: int = 1) -> list[torch.Tensor]:
     """The branch's tensors on the GPU at the peak when its blocks are streamed with prefetch
     ``depth`` (``stream_blocks``' default, the pipeline's): :func:`branch_resident` and ``depth + 1``
     blocks in flight (the running one and its prefetch), the largest block's tensors listed once per
     copy, as ``footprint`` counts the DiT's streamed blocks."""
-    blocks = [_streamed_tensors(b, BRANCH_RESIDENT) for b in branch_blocks(model)]
+    blocks = branch_streamed(model)
     largest = max(blocks, key=lambda ts: sum(t.numel() * t.element_size() for t in ts), default=[])
     return [*branch_resident(model), *largest * (depth + 1)]
 

@@ -146,11 +146,12 @@ PYTHON_MEMORY_ADVICE = ("in Python these are from_pretrained's arguments: text_e
 class InsufficientMemoryError(ValueError):
     """The weights placed on a GPU at load time cannot fit in its free memory. ``python_advice`` is
     added to the message for a library caller (kept as ``python_advice``); ``cli_message`` is the
-    message without it."""
+    message without it. ``device``: the memory that is short, a GPU's or the RAM's
+    (``torch.device("cpu")``, also for Apple silicon's GPU, which shares it), where the check knows it."""
 
-    def __init__(self, message: str, python_advice: str | None = None):
+    def __init__(self, message: str, python_advice: str | None = None, device: torch.device | None = None):
         super().__init__(f"{message}; {python_advice}" if python_advice else message)
-        self.cli_message, self.python_advice = message, python_advice
+        self.cli_message, self.python_advice, self.device = message, python_advice, device
 
 
 def free_memory(device: torch.device) -> tuple[int, int]:
@@ -216,7 +217,7 @@ def check_weights_fit(needs: dict[str, int], placement: dict[str, torch.device],
         fix = (advice and advice(device, free)) or MEMORY_ADVICE
         raise InsufficientMemoryError(
             f"the weights do not fit on {device}: {what}, {format_bytes(peak)} at the peak, and the GPU has "
-            f"{format_bytes(free)} free of {format_bytes(total)}. To fit, {fix}", PYTHON_MEMORY_ADVICE)
+            f"{format_bytes(free)} free of {format_bytes(total)}. To fit, {fix}", PYTHON_MEMORY_ADVICE, device)
 
 
 def bytes_in(tensors, dtype: torch.dtype | None) -> int:
@@ -247,7 +248,7 @@ def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype 
         raise InsufficientMemoryError(
             f"the {what} ({format_bytes(need)} of weights) does not fit on {device}: the GPU has "
             f"{format_bytes(free)} free of {format_bytes(total)}, the components loaded before it included. "
-            f"To fit, {advice or MEMORY_ADVICE}", python_advice if advice else PYTHON_MEMORY_ADVICE)
+            f"To fit, {advice or MEMORY_ADVICE}", python_advice if advice else PYTHON_MEMORY_ADVICE, device)
 
 
 def format_bytes(n: int) -> str:
@@ -354,12 +355,12 @@ def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device], p
             f"the weights do not fit in {where_kept}: {where}, of which the {' and '.join(pinned).replace('_', ' ')} "
             f"({format_bytes(locked)}) is pinned for streaming, which swap cannot hold, and this machine has "
             f"{format_bytes(available)} of RAM available of {format_bytes(total)}. To fit, "
-            f"{routes}", python)
+            f"{routes}", python, torch.device("cpu"))
     if need > available + swap:
         raise InsufficientMemoryError(
             f"the weights do not fit in {where_kept}: {where}, and this machine has {format_bytes(available)} of RAM "
             f"available of {format_bytes(total)} and {format_bytes(swap)} of free swap. To fit, "
-            f"{advice or HOST_MEMORY_ADVICE}", python_advice)
+            f"{advice or HOST_MEMORY_ADVICE}", python_advice, torch.device("cpu"))
     if need > available:
         logger.warning("the weights kept in %s (%s) exceed the available RAM (%s of %s): the system will swap, "
                        "and loading and generating will be slow", where_kept, where, format_bytes(available),

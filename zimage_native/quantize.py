@@ -314,8 +314,14 @@ def quantize_items(items: Iterable[tuple[str, torch.Tensor]], swapped: dict[str,
 def weight_bytes(module: nn.Module) -> int:
     """Bytes held by a module's parameters and buffers: each storage counted once and whole, so
     views (the fp8 views of a fused GEMM, tied weights) count as the memory they share."""
+    return storage_bytes((*module.parameters(), *module.buffers()))
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes held by ``tensors`` (:func:`weight_bytes` of a part of a module): each storage counted
+    once and whole (the pinned slab that streamed blocks are packed into counts as the slab)."""
     seen, total = set(), 0
-    for t in (*module.parameters(), *module.buffers()):
+    for t in tensors:
         if t.is_meta:
             total += t.numel() * t.element_size()
             continue
