@@ -449,6 +449,9 @@ class _WatchedLock:
     def release(self):
         self.lock.release()
 
+    def _is_owned(self):
+        return self.lock._is_owned()
+
     __enter__ = acquire
 
     def __exit__(self, *exc):
@@ -494,3 +497,43 @@ def test_a_step_end_callback_changing_a_shared_dit_does_not_deadlock_with_anothe
         thread.join(timeout=20)
     assert not any(thread.is_alive() for thread in threads), "the callback's set_adapters and optimize deadlocked"
     assert set(results) == {"run", "change"} and running.lora_adapters.active == {"a": 0.5}
+
+
+def test_two_runs_whose_callbacks_change_a_shared_dit_refuse_one_change_instead_of_waiting_forever(fresh_pipe,
+                                                                                                   tmp_path):
+    """Two pipelines sharing a DiT, each running in a thread with a step-end callback that calls
+    ``set_adapters``: each change waits for the other pipeline's run, whose callback waits for this
+    one's (reproduced: both threads alive after 20 s). The second to wait is refused, naming why; the
+    other run ends with its change made. The barrier holds both callbacks until both runs are in."""
+    from zimage_native import ZImagePipeline
+
+    other = ZImagePipeline(fresh_pipe.transformer, fresh_pipe.vae, fresh_pipe.text_encoder,
+                           fresh_pipe.scheduler_config, fresh_pipe.vae_config)
+    other.progress = False
+    for pipe in (fresh_pipe, other):
+        pipe.load_lora_weights(str(save_lora(pipe, tmp_path / f"{id(pipe)}.safetensors", 1)), adapter_name="a")
+    barrier, results = threading.Barrier(2, timeout=10), {}
+
+    def on_step_end(pipe, i, t, tensors):
+        if i == 0:
+            barrier.wait()
+            pipe.set_adapters("a", adapter_weights=0.5)
+        return tensors
+
+    def run(pipe):
+        try:
+            results[pipe] = pipe("a cat", seed=0, callback_on_step_end=on_step_end, **KW).images
+        except RuntimeError as error:
+            results[pipe] = error
+
+    threads = [threading.Thread(target=run, args=(pipe,), daemon=True) for pipe in (fresh_pipe, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert not any(thread.is_alive() for thread in threads), "the two callbacks' set_adapters deadlocked"
+    refused = [pipe for pipe, result in results.items() if isinstance(result, RuntimeError)]
+    assert len(results) == 2 and len(refused) == 1, results
+    assert "each waits for the other's run to end" in str(results[refused[0]])
+    ran = other if refused[0] is fresh_pipe else fresh_pipe
+    assert isinstance(results[ran], torch.Tensor) and ran.lora_adapters.active == {"a": 0.5}

@@ -138,8 +138,42 @@ def _take_locks(locks: list) -> list:
             return taken
         for held in reversed(taken):
             held.release()
+        _wait_for(lock, [other for other in locks if other._is_owned()])  # (those held from before the call)
+
+
+#: The threads waiting in :func:`_take_locks` while holding locks of their set from before the call
+#: (a run whose step-end callback changes a DiT it shares): thread id -> (lock waited for, locks held).
+_WAITING: dict[int, tuple] = {}
+_WAITING_LOCK = threading.Lock()
+
+
+def _wait_for(lock, kept: list) -> None:
+    """Wait until ``lock`` is free, holding ``kept``. A wait that closes a circle (the thread holding
+    ``lock`` waits for one of ``kept``, maybe through others) is refused instead: two pipelines
+    sharing a DiT, each running with a step-end callback that changes it (``set_adapters``), each
+    waited for the other's run to end, forever (reproduced: both threads alive after 20 s)."""
+    me = threading.get_ident()
+    with _WAITING_LOCK:
+        wanted, seen = lock, set()
+        while (holder := next((t for t, (_, held) in _WAITING.items() if any(h is wanted for h in held)),
+                              None)) is not None and holder not in seen:
+            seen.add(holder)
+            wanted = _WAITING[holder][0]
+            if any(h is wanted for h in kept):
+                raise RuntimeError("a change of a DiT shared by several pipelines (set_adapters, optimize, a LoRA "
+                                   "call, pipe.transformer = ...) from inside a run, while another pipeline holding "
+                                   "that DiT runs and, from inside its run, waits to change it too: each waits for "
+                                   "the other's run to end, forever. Refused here; change a shared DiT from the "
+                                   "step-end callbacks of one pipeline at a time, or give each pipeline a DiT of "
+                                   "its own (copy.deepcopy(pipe.transformer))")
+        if kept:
+            _WAITING[me] = (lock, kept)
+    try:
         with lock:  # until it is free (its holder's run or change is over)
             pass
+    finally:
+        with _WAITING_LOCK:
+            _WAITING.pop(me, None)
 
 
 @contextlib.contextmanager
