@@ -239,6 +239,72 @@ def test_calls_from_several_threads_run_one_at_a_time(tiny_pipe):
 
 
 
+def test_a_dit_change_waits_for_a_pipeline_that_came_to_hold_the_dit_while_it_waited(fresh_pipe, monkeypatch):
+    """optimize() on pipeline P while another thread assigns P's DiT to pipeline R: optimize named
+    the pipelines holding the DiT (P alone) before waiting for P's lock, which the assignment held,
+    so it took P's only and compiled the DiT during R's next run (R's record went from compile "off"
+    to "blocks" between two steps). Now it names them again once it holds the locks, and waits for
+    R's run. The assignment is held inside until optimize waits; optimize's transform waits for R's
+    run to start (at most 3 s: with R's lock held by optimize it cannot)."""
+    import copy
+    import threading
+
+    import zimage_native.accel as accel
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from zimage_native import ZImagePipeline
+
+    from .test_lora_adapters import _WatchedLock
+
+    torch._dynamo.reset()
+    pipe = fresh_pipe
+    other = ZImagePipeline(copy.deepcopy(pipe.transformer), pipe.vae, pipe.text_encoder, pipe.scheduler_config,
+                           pipe.vae_config)
+    other.progress = False
+    pipe._lock = _WatchedLock()
+    in_setter, go, started, transform, bind = (threading.Event(), threading.Event(), threading.Event(),
+                                               accel.optimize, other._bind_transformer_calls)
+
+    def held_bind():
+        pipe._lock.owner = threading.get_ident()  # the assignment's thread, which holds it
+        in_setter.set()
+        go.wait(10)
+        bind()
+
+    def after_the_run_started(*args, **kwargs):
+        started.wait(3)
+        return transform(*args, **kwargs)
+
+    def on_step_end(p, i, t, tensors):
+        records.append(p._accel["compile"])
+        started.set()
+        return tensors
+
+    other._bind_transformer_calls = held_bind
+    monkeypatch.setattr(accel, "optimize", after_the_run_started)
+    records = []
+    assign = threading.Thread(target=lambda: setattr(other, "transformer", pipe.transformer), daemon=True)
+    assign.start()
+    assert in_setter.wait(10)
+    change = threading.Thread(target=lambda: pipe.optimize(compile="blocks",
+                                                           compile_backend=CompileCounterWithBackend("eager")),
+                              daemon=True)
+    change.start()
+    assert pipe._lock.tried.wait(10)  # optimize waits for the lock the assignment holds
+    go.set()
+    assign.join(timeout=10)
+    run = threading.Thread(target=lambda: other("a cat", seed=0, callback_on_step_end=on_step_end,
+                                                **dict(height=32, width=32, num_inference_steps=3,
+                                                       output_type="latent")), daemon=True)
+    run.start()
+    for thread in (change, run):
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in (assign, change, run))
+    assert other.transformer is pipe.transformer and len(records) == 3
+    assert len(set(records)) == 1, f"the DiT was changed during the run: {records}"
+    assert other._accel["compile"] == pipe._accel["compile"] == "blocks"
+
+
 def test_a_dit_assigned_from_another_thread_waits_for_the_run(fresh_pipe):
     """pipe.transformer = other_dit from another thread during a run (a server swapping its DiT): the
     assignment was not serialised as the other setters are, so the run went on with the new DiT from

@@ -115,7 +115,7 @@ def _serialized_with_sharers(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with _locks_of([self, *self._sharers()]):
+        with _locks_of(lambda: [self, *self._sharers()]):
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -177,10 +177,20 @@ def _wait_for(lock, kept: list) -> None:
 
 
 @contextlib.contextmanager
-def _locks_of(pipes: "list[ZImagePipeline]"):
-    """The locks of ``pipes`` (:func:`_serialized`), each taken once, all in one order (by ``id``),
-    by :func:`_take_locks`."""
-    taken = _take_locks([pipe._lock for pipe in sorted({id(pipe): pipe for pipe in pipes}.values(), key=id)])
+def _locks_of(pipes: "Callable[[], list[ZImagePipeline]]"):
+    """The locks of the pipelines ``pipes()`` names (:func:`_serialized`), each taken once, all in one
+    order (by ``id``), by :func:`_take_locks`; named again once they are held, and taken again with
+    any pipeline that came to hold the DiT meanwhile. They were named once, before the wait: an
+    ``optimize`` waiting while another thread assigned the DiT to a pipeline (``pipe.transformer =``)
+    compiled it during that pipeline's next run, without its lock (its record went from compile
+    "off" to "blocks" between two steps)."""
+    while True:
+        wanted = {id(pipe): pipe for pipe in pipes()}
+        taken = _take_locks([pipe._lock for pipe in sorted(wanted.values(), key=id)])
+        if {id(pipe) for pipe in pipes()} <= wanted.keys():
+            break
+        for lock in reversed(taken):
+            lock.release()
     try:
         yield
     finally:
@@ -470,7 +480,7 @@ class ZImagePipeline:
                              "compile_repeated_blocks()), or pipe.optimize(compile='blocks' | 'full')")
         # A run of this pipeline finishes with the DiT it started with, and another pipeline holding
         # the DiT assigned does not change it (nor its record, read below) meanwhile.
-        with _locks_of([self, *_pipelines_holding(module)]):
+        with _locks_of(lambda: [self, *_pipelines_holding(module)]):
             replaced = getattr(self, "_transformer", None) is not module
             self._transformer = module
             self._bind_transformer_calls()
