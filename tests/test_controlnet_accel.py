@@ -388,6 +388,34 @@ def test_a_shared_dit_compiled_through_one_pipeline_compiles_the_others_controln
     assert bare._accel["compile"] == "full" and bare._compile_options[1] == "static"
 
 
+def test_auto_attention_chosen_again_at_a_move_reaches_the_controlnets_of_every_pipeline_holding_the_dit(
+        fresh, control_files, monkeypatch):  # noqa: F811
+    """attention="auto" is chosen again when a pipeline places its DiT (pipe.to, offload, a ControlNet
+    load): on a DiT shared with another pipeline, only the DiT and the caller's ControlNet got the new
+    pick, and the other pipeline's ControlNet kept the backend picked before (xformers beside the DiT
+    running SDPA). The stand-in makes xFormers available, then not (as on a device without it)."""
+    from zimage_native.accel import attention_backends as ab
+    from zimage_native.model.attention import attention
+
+    def stand_in(q, k, v, mask):  # a GPU backend's stand-in
+        return attention(q, k, v, mask)
+
+    available = {"sdpa", "xformers"}
+    monkeypatch.setattr(ab, "unavailable_reason", lambda name, *args: None if name in available else "no")
+    monkeypatch.setitem(ab.FACTORIES, "xformers", lambda: stand_in)
+    first = fresh()
+    second = ZImagePipeline(first.transformer, first.vae, first.text_encoder, first.scheduler_config,
+                            first.vae_config)
+    first.optimize(attention="auto")
+    second.load_controlnet(control_files["2.1"])
+    assert ab.backend_in_place(first.transformer) == ab.backend_in_place(second.controlnet) == "xformers"
+    available.discard("xformers")
+    first.to("cpu")
+    assert ab.backend_in_place(first.transformer) == "sdpa"
+    assert ab.backend_in_place(second.controlnet) == "sdpa"
+    assert first._accel["attention"] == second._accel["attention"] == "auto"
+
+
 def test_an_attention_backend_already_in_place_is_recorded_by_every_pipeline_holding_the_dit(
         fresh, control_files, monkeypatch):  # noqa: F811
     """optimize(attention=X) where X is already in place on the shared DiT changed only the record of

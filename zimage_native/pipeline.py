@@ -1032,7 +1032,9 @@ class ZImagePipeline:
         from .accel.attention_backends import fit_sdpa_, set_attention_backend
 
         if self._accel["attention"] == "auto":  # chosen again for the device the DiT now runs on
-            for model in (self.transformer, self.controlnet):
+            # (with the ControlNets of the other pipelines holding the DiT, which share its record: one
+            # kept the backend picked before beside the DiT running the new pick)
+            for model in (self.transformer, *(pipe.controlnet for pipe in (self, *self._sharers()))):
                 if model is not None:
                     logger.info(set_attention_backend(model, "auto", self.placement["transformer"]))
         for name, model in (("transformer", self.transformer), ("transformer", self.controlnet), ("vae", self.vae)):
