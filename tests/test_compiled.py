@@ -18,6 +18,16 @@ from zimage_native.scheduler import make_schedule
 from .graph_standins import FakeGraphs, FrozenGraphs
 from .utils import assert_rel, needs_cpu_fp8, rel_err
 
+
+def counting_compile_backend(ran: list):
+    """A torch.compile backend that runs the graphs dynamo made, appending to ``ran`` at each call."""
+    def backend(gm, example_inputs):
+        def run(*args):
+            ran.append(1)
+            return gm.forward(*args)
+        return run
+    return backend
+
 LONG = "a watercolor painting of mountains at dawn, soft light, mist over the lake, a small red boat"
 KW = dict(height=32, width=48, num_inference_steps=2, output_type="latent", seed=0)
 
@@ -1602,12 +1612,7 @@ def test_compile_asked_after_the_graphs_were_captured_captures_them_again_from_t
     from .graph_standins import FakeGraphs
 
     ran = []  # calls of the code dynamo compiled
-
-    def counting_backend(gm, example_inputs):
-        def run(*args):
-            ran.append(1)
-            return gm.forward(*args)
-        return run
+    counting_backend = counting_compile_backend(ran)
 
     fake, compiled_calls = FakeGraphs(), []  # compiled calls during each capture
 
@@ -1727,12 +1732,7 @@ def test_compile_of_a_shared_dit_drops_the_graphs_of_every_pipeline_holding_it(f
     compile and captures again from the compiled code (2 captures, 1 release, compiled calls in the
     second), and a repeat request replays."""
     ran = []  # calls of the code dynamo compiled
-
-    def counting_backend(gm, example_inputs):
-        def run(*args):
-            ran.append(1)
-            return gm.forward(*args)
-        return run
+    counting_backend = counting_compile_backend(ran)
 
     def counted(pipe):
         fake, calls = FakeGraphs(), []  # compiled calls during each capture

@@ -18,7 +18,7 @@ from zimage_native.model.controlnet import ZImageControlNet
 
 from .test_controlnet_pipeline import control_files, control_model_dir  # noqa: F401 (fixtures)
 from .test_controlnet_model import CONTROL_DIT, CONTROL_LAYOUTS, inputs, make_models, run_ours, run_reference
-from .utils import assert_rel
+from .utils import WeightsRead, assert_rel, refuse_weight_reads
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -206,19 +206,6 @@ def test_zimage_info_describes_a_controlnet_from_its_headers(tmp_path, version, 
 
 
 # ------------------------------------------------------------------------------------------ memory
-class WeightsRead(Exception):
-    pass
-
-
-def _refuse_reads(monkeypatch):
-    from .utils import patch_weight_reads
-
-    def read(*args, **kwargs):
-        raise WeightsRead
-
-    patch_weight_reads(monkeypatch, read)
-
-
 @pytest.mark.parametrize("version", sorted(CONTROL_LAYOUTS))
 def test_a_controlnet_that_cannot_fit_on_the_gpu_is_refused_before_it_is_read(tmp_path, monkeypatch, version):
     """The branch read onto a GPU (the DiT resident there) is weighed against the card's free memory,
@@ -231,7 +218,7 @@ def test_a_controlnet_that_cannot_fit_on_the_gpu_is_refused_before_it_is_read(tm
 
     path = write(tmp_path, f"cn-{version}.safetensors", control_state_dict(version))
     need = weight_bytes(load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16))
-    _refuse_reads(monkeypatch)
+    refuse_weight_reads(monkeypatch)
     card(monkeypatch, free=need - 1)
     with pytest.raises(InsufficientMemoryError, match=rf"^the ControlNet \({format_bytes(need)} of weights\) does not "
                        rf"fit on cuda:0: the GPU has .* free of 16.00 GB, the components loaded before it included. "
@@ -262,7 +249,7 @@ def test_a_2_0_file_holding_its_zero_refiner_is_weighed_with_it_before_it_is_rea
     assert loaded.control_noise_refiner is None
     refiner = sum(v.numel() for k, v in sd.items() if k.startswith("control_noise_refiner.")) * 2
     held = weight_bytes(loaded) + refiner
-    _refuse_reads(monkeypatch)
+    refuse_weight_reads(monkeypatch)
     card(monkeypatch, free=held - 1)
     with pytest.raises(InsufficientMemoryError, match=rf"^the ControlNet \({format_bytes(held)} of weights\) does not "):
         load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16, device=CUDA)
@@ -294,7 +281,7 @@ def test_pipe_load_controlnet_is_refused_when_the_ram_cannot_hold_it(control_mod
     model = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="model")
     monkeypatch.setitem(blocks.placement, "transformer", CUDA)  # its DiT runs on a GPU: the branch's blocks are pinned
     monkeypatch.setitem(model.placement, "transformer", CUDA)  # the branch rests in pageable CPU memory
-    _refuse_reads(monkeypatch)
+    refuse_weight_reads(monkeypatch)
     host(monkeypatch, available=need - 1)
     with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit in CPU memory: ControlNet {size}, "
                        rf"and this machine has .* of RAM available of 32.00 GB and 0 bytes of free swap. To fit, load "
@@ -358,7 +345,7 @@ def test_what_a_streamed_branch_holds_on_the_gpu_is_weighed_there(control_model_
     on_gpu = resident + 2 * max(streamed.values())  # the running block and its prefetch
     blocks = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="blocks")
     monkeypatch.setitem(blocks.placement, "transformer", CUDA)  # its DiT runs on a GPU
-    _refuse_reads(monkeypatch)
+    refuse_weight_reads(monkeypatch)
     host(monkeypatch, available=GB)  # the RAM holds the pinned blocks
     card(monkeypatch, free=on_gpu - 1)
     with pytest.raises(InsufficientMemoryError, match=rf"^the ControlNet's part on the GPU while its blocks are "
@@ -384,7 +371,7 @@ def test_a_controlnet_kept_as_stored_is_weighed_in_the_files_dtype(tmp_path, mon
 
     path = write(tmp_path, "cn-bf16.safetensors", {k: v.to(torch.bfloat16) for k, v in control_state_dict("2.1").items()})
     need = weight_bytes(load_controlnet(path, transformer_config=DIT))
-    _refuse_reads(monkeypatch)
+    refuse_weight_reads(monkeypatch)
     host(monkeypatch, available=need - 1)
     with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit in CPU memory: ControlNet "
                                                       rf"{format_bytes(need)}, "):
@@ -402,7 +389,7 @@ def test_a_bfloat16_branch_short_of_ram_is_not_told_to_load_in_bfloat16(tmp_path
     from .test_memory_check import host
 
     path = write(tmp_path, "cn.safetensors", control_state_dict("2.1"))
-    _refuse_reads(monkeypatch)
+    refuse_weight_reads(monkeypatch)
     host(monkeypatch, available=1)
     with pytest.raises(InsufficientMemoryError, match=r"To fit, load a smaller ControlNet \(2.1 lite.*\) or, with a "
                        r"GPU, offload less \(--offload none\); in Python these are from_pretrained's arguments: "
@@ -426,7 +413,7 @@ def test_replacing_a_controlnet_counts_the_loaded_one(control_model_dir, control
     need = weight_bytes(load_controlnet(control_files["1.0"], transformer_config=DIT, dtype=torch.float32))
     held = (f"the ControlNet loaded now (cn-2.1.safetensors, {format_bytes(weight_bytes(loaded))}) stays in memory "
             f"until this one has loaded, so its bytes are not free: pipe.unload_controlnet() frees them first")
-    _refuse_reads(monkeypatch)
+    refuse_weight_reads(monkeypatch)
     host(monkeypatch, available=need - 1)
     with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit in CPU memory: ControlNet "
                        rf"{format_bytes(need)}, .*; in Python these are from_pretrained's arguments: "
@@ -471,7 +458,7 @@ def test_replacing_a_streamed_controlnet_counts_what_the_loaded_one_holds_where_
         return e.value
 
     need = weight_bytes(load_controlnet(control_files["1.0"], transformer_config=DIT, dtype=torch.float32))
-    _refuse_reads(monkeypatch)
+    refuse_weight_reads(monkeypatch)
     card(monkeypatch, free=16 * GB)
     host(monkeypatch, available=need - 1)  # the RAM is short of B's pinned blocks
     e = refusal()

@@ -17,7 +17,7 @@ from zimage_native.devices import InsufficientMemoryError, check_weights_fit
 from zimage_native.loading import folder_weight_bytes
 from zimage_native.quantize import weight_bytes
 
-from .utils import patch_weight_reads
+from .utils import WeightsRead, patch_weight_reads, refuse_weight_reads
 
 CUDA = torch.device("cuda", 0)
 GB = 10**9
@@ -89,14 +89,8 @@ def test_loading_is_refused_before_any_weight_is_read(tiny_model_dir, monkeypatc
     from zimage_native import footprint
     from zimage_native.config import TransformerConfig
 
-    class WeightsRead(Exception):
-        pass
-
-    def read(*args, **kwargs):
-        raise WeightsRead
-
     fake_cuda(monkeypatch)
-    patch_weight_reads(monkeypatch, read)
+    refuse_weight_reads(monkeypatch)
     need = folder_weight_bytes(tiny_model_dir, [], torch.bfloat16)
     card(monkeypatch, free=sum(need.values()) - 1)
     kw = dict(device="cuda", dtype=torch.bfloat16)
@@ -260,13 +254,7 @@ def test_weights_kept_in_cpu_memory_are_checked_before_reading(tiny_model_dir, m
     RAM: beyond RAM and swap together the load stops before reading, beyond the RAM it warns."""
     import zimage_native.loading as loading
 
-    class WeightsRead(Exception):
-        pass
-
-    def read(*args, **kwargs):
-        raise WeightsRead
-
-    patch_weight_reads(monkeypatch, read)
+    refuse_weight_reads(monkeypatch)
     need = folder_weight_bytes(tiny_model_dir, [], torch.float32)
     host(monkeypatch, available=sum(need.values()) - 1)
     with pytest.raises(InsufficientMemoryError) as e:
@@ -301,13 +289,7 @@ def test_streamed_blocks_are_pinned_and_swap_cannot_hold_them(tiny_model_dir, mo
     itself; swap only counts for the rest."""
     import zimage_native.loading as loading
 
-    class WeightsRead(Exception):
-        pass
-
-    def read(*args, **kwargs):
-        raise WeightsRead
-
-    patch_weight_reads(monkeypatch, read)
+    refuse_weight_reads(monkeypatch)
     fake_cuda(monkeypatch)
     card(monkeypatch, free=16 * GB)
     need = folder_weight_bytes(tiny_model_dir, [], torch.float32)
@@ -330,13 +312,7 @@ def test_the_pinned_refusal_names_only_routes_that_fit(tiny_model_dir, monkeypat
     size that fits, and the RAM to free; each one followed, reading starts."""
     import zimage_native.loading as loading
 
-    class WeightsRead(Exception):
-        pass
-
-    def read(*args, **kwargs):
-        raise WeightsRead
-
-    patch_weight_reads(monkeypatch, read)
+    refuse_weight_reads(monkeypatch)
     fake_cuda(monkeypatch)
     card(monkeypatch, free=16 * GB)
     need = folder_weight_bytes(tiny_model_dir, [], torch.float32)
@@ -402,9 +378,6 @@ def test_a_dit_file_streamed_from_pinned_memory_must_fit_in_the_ram(tiny_model_d
         path = write_gguf(tmp_path / "dit-Q8_0.gguf", gguf_state(comfy, "Q8_0", np.random.default_rng(0))[0], "lumina2")
     else:
         path = write(tmp_path / "dit.safetensors", to_fp8(comfy, True)[0] if form == "fp8" else comfy)
-
-    class WeightsRead(Exception):
-        pass
 
     def read(*args, **kwargs):
         raise WeightsRead

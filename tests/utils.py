@@ -99,3 +99,15 @@ def patch_weight_reads(monkeypatch, read) -> None:
     for module in (zimage_native.loading, zimage_native.text_encoder, zimage_native.formats.controlnet,
                    zimage_native.prompt.rewriter):
         monkeypatch.setattr(module, "iter_tensors", read)
+
+
+class WeightsRead(Exception):
+    """Raised by :func:`refuse_weight_reads`' patch: a load got past its checks to reading weights."""
+
+
+def refuse_weight_reads(monkeypatch) -> None:
+    """:func:`patch_weight_reads` with a reader that raises :class:`WeightsRead`."""
+    def read(*args, **kwargs):
+        raise WeightsRead
+
+    patch_weight_reads(monkeypatch, read)
