@@ -291,7 +291,8 @@ def test_triton_kernels_reach_the_branch(eager, fresh, control_files):  # noqa: 
 def test_offload_blocks_streams_the_branch_too(control_model_dir, control_files, eager):  # noqa: F811
     """With offload="blocks" the branch's blocks are streamed like the DiT's (its projections and
     modulations stay resident): every branch block runs on its moved copy, the results are those of
-    the resident pipeline, and between runs at most the prefetch depth is moved."""
+    the resident pipeline, and between runs no block of either is held (the sampling loop drops
+    the block each prefetched for a step that did not come)."""
     from zimage_native.control import branch_blocks
     from zimage_native.offload import _streamed_tensors
 
@@ -314,10 +315,8 @@ def test_offload_blocks_streams_the_branch_too(control_model_dir, control_files,
     # 2 steps x 2 CFG forwards (positives, negatives: mask-free), every block on its moved copy
     assert len(ran) == 2 * 2 * len(streamer.blocks) and all(ran)
     assert sorted(set(move.log)) == list(range(len(streamer.blocks)))
-    assert len(streamer.loaded) <= streamer.depth
     dit = pipe.transformer.block_streamer
-    assert streamer.loaded and dit.loaded  # each holds the block it fetched for a step that did not come
-    pipe.maybe_free_model_hooks()  # diffusers' end-of-call step drops both
+    # the block each fetched for a step that did not come is dropped when the sampling loop ends
     assert not streamer.loaded and not dit.loaded
     assert torch.equal(pipe(["a cat", "a dog"], control_image=control, guidance_scale=2.0, **KW).images, want)
 

@@ -3,6 +3,7 @@ every copy: identical results, the copy order, the prefetch depth and the blocks
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -30,11 +31,11 @@ def tiny_dit():
     return randomize_(ZImageTransformer(CONFIG), 1).eval()
 
 
-def inputs():
+def inputs(config=CONFIG):
     g = torch.Generator().manual_seed(3)
     latents = torch.randn(1, 16, 8, 12, generator=g)
-    caps = [torch.randn(9, CONFIG.cap_feat_dim, generator=g)]
-    layout = build_layout(CONFIG, [9], 8, 12)
+    caps = [torch.randn(9, config.cap_feat_dim, generator=g)]
+    layout = build_layout(config, [9], 8, 12)
     return patchify(latents), pad_captions(caps, layout.caption_pad.shape[1]), torch.tensor([0.3]), layout
 
 
@@ -285,12 +286,41 @@ def test_a_lora_loaded_or_unloaded_between_streamed_runs_reaches_every_block():
             assert torch.equal(model(x, cap, t, layout), plain), f"run {run} after unload"
 
 
-def test_maybe_free_model_hooks_drops_the_block_fetched_for_a_step_that_did_not_come(tiny_model_dir):
+def test_a_request_leaves_no_block_on_the_device_and_fetches_each_use_once_but_one(tiny_model_dir):
+    """The last block of a request's last DiT forward prefetches the next step's first block, for a
+    step that does not come. That block stayed on the device until the next request (338 MiB of the
+    released DiT in bf16), during the VAE decode too, the peak of a low-VRAM run. The sampling loop
+    drops it now: after every request no block is held, each block is fetched once per use plus
+    that one prefetch, and the images are bit-equal to the resident pipeline's."""
+    from tests.fixtures import our_pipeline
+
+    pipe = our_pipeline(tiny_model_dir, offload="blocks")
+    streamer = pipe.transformer.block_streamer
+    owner = {t.data_ptr(): i for i, b in enumerate(streamer.blocks) for t in _streamed_tensors(b, streamer.keep)}
+    fetched, used = [], []
+    move = streamer.transfer
+    streamer.transfer = lambda t: fetched.append(owner[t.data_ptr()]) or move(t)
+    for i, block in enumerate(streamer.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: used.append(i))
+    first_of_a_step = len(pipe.transformer.context_refiner)  # the noise refiner's first block
+    resident = our_pipeline(tiny_model_dir)
+    for steps in (2, 3, 3):
+        kw = dict(height=32, width=32, num_inference_steps=steps, output_type="pt", seed=0)
+        fetched.clear(), used.clear()
+        images = pipe("a cat", **kw).images
+        assert not streamer.loaded, f"{sorted(streamer.loaded)} held after a request of {steps} steps"
+        fetches = collections.Counter(i for k, i in enumerate(fetched) if k == 0 or fetched[k - 1] != i)
+        assert fetches - collections.Counter(used) == {first_of_a_step: 1}
+        assert collections.Counter(used) - fetches == {}
+        assert torch.equal(images, resident("a cat", **kw).images)
+
+
+def test_maybe_free_model_hooks_drops_the_block_a_dit_called_by_hand_fetched_for_its_next_pass(tiny_model_dir):
     """diffusers' scripts call pipe.maybe_free_model_hooks() after a run (an AttributeError here).
-    Under offload="blocks" the streamer keeps the block it predicted next on the device between
-    requests (a main-sized block: 338 MiB of the released DiT in bf16); it drops that copy, the
-    blocks point at their CPU copies again, and the next request is the same. Without block offload
-    there is nothing to free: the call changes nothing."""
+    After a pipeline call under offload="blocks" nothing is held (the sampling loop drops the block
+    it prefetched); a DiT called by hand keeps the block it predicts next on the device, and the
+    call drops that copy: the blocks point at their CPU copies again, and the next request is the
+    same. Without block offload there is nothing to free: the call changes nothing."""
     from tests.fixtures import our_pipeline
 
     kw = dict(height=32, width=32, num_inference_steps=2, output_type="latent", seed=0)
@@ -298,7 +328,11 @@ def test_maybe_free_model_hooks_drops_the_block_fetched_for_a_step_that_did_not_
     streamer = pipe.transformer.block_streamer
     homes = [[t.data_ptr() for t in _streamed_tensors(b, streamer.keep)] for b in streamer.blocks]
     first = pipe("a cat", **kw).images
-    assert streamer.loaded  # the control: a block is held between requests
+    assert not streamer.loaded
+    with torch.no_grad():
+        for _ in range(2):  # the second pass knows the order, and its last block prefetches the first
+            pipe.transformer(*inputs(pipe.transformer_config))
+    assert streamer.loaded  # the control: a block is held after the hand calls
     assert pipe.maybe_free_model_hooks() is None
     assert not streamer.loaded
     assert [[t.data_ptr() for t in _streamed_tensors(b, streamer.keep)] for b in streamer.blocks] == homes

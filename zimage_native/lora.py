@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .converters.keymap import DIT_COMFYUI, DIT_NATIVE_FUSED, Fuse, Rename
+from .offload import release_streamed
 
 logger = logging.getLogger(__name__)
 
@@ -750,14 +751,13 @@ def _packed_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _settle_streamed_blocks(transformer: nn.Module) -> None:
-    """With ``offload="blocks"`` a block can still be on the device between runs (the streamer
-    prefetches the next request's first block after the last one): its weights point at a device
-    copy, which the streamer drops for the CPU copy when it moves on. A LoRA fused (or unfused, or
-    added as a side path) there would change the copy and be lost (or survive an unload), so every
-    block is pointed back at its CPU copy first (``BlockStreamer.release``)."""
-    streamer = getattr(transformer, "block_streamer", None)
-    if streamer is not None:
-        streamer.release()
+    """With ``offload="blocks"`` a block can still be on the device between runs of a DiT called
+    outside the pipeline's sampling loop, which drops it itself (the streamer prefetches the next
+    pass's first block after the last one): its weights point at a device copy, which the streamer
+    drops for the CPU copy when it moves on. A LoRA fused (or unfused, or added as a side path)
+    there would change the copy and be lost (or survive an unload), so every block is pointed back
+    at its CPU copy first (:func:`offload.release_streamed`)."""
+    release_streamed(transformer)
 
 
 def _one_value(value):

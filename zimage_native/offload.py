@@ -18,10 +18,10 @@ often each other block followed it, and the most frequent successor is prefetche
 on a tie). The sampling loop runs the same order every step, so from the second pass on every
 block but the very first is prefetched, including the first block of the next step while the last
 one runs. Only the end of a request is mispredicted (its last block predicts another step; the
-next request starts with the caption refiner): one wasted copy per request, unless that block is
-within the prefetch depth of the request's first block. A prefetch that turns
-out wrong is dropped when the next block starts, so at most ``depth + 1`` blocks are ever on the
-device.
+next request starts with the caption refiner): one wasted copy per request, which the pipeline
+drops when its sampling loop ends (:func:`release_streamed`), so that no block stays on the device
+between requests (nor during the VAE decode). Within a run, a prefetch that turns out wrong is
+dropped when the next block starts, so at most ``depth + 1`` blocks are ever on the device.
 
 The copy itself is a hook (``transfer``), so the CPU tests can record the copy order with a fake
 device move. Weights are swapped through ``tensor.data``, so in-place weight edits while a block is
@@ -153,6 +153,15 @@ class BlockStreamer(ProcessLocal):
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+
+def release_streamed(*models: nn.Module | None) -> None:
+    """Drop every device copy of the streamed blocks of ``models`` (those with a ``block_streamer``;
+    others, and None, are skipped): the blocks point at their CPU copies again."""
+    for model in models:
+        streamer = getattr(model, "block_streamer", None)
+        if streamer is not None:
+            streamer.release()
 
 
 # ---------------------------------------------------------------------------- whole components

@@ -42,6 +42,7 @@ from .loading import check_quant, load_pretrained, load_single_files  # noqa: F4
 from .lora import LoraAdapters, LoraReport, LoraStack
 from .model.transformer import ZImageTransformer
 from .model.vae import AutoencoderKL
+from .offload import release_streamed
 from .prompt.format import format_prompt
 from .prompt.rewriter import Rewriter
 from .sampling import (GenerationRequest, SamplingPlan, Step, check_request, preprocess_image,  # noqa: F401
@@ -844,15 +845,13 @@ class ZImagePipeline:
         """diffusers' end-of-call step: there model offload's hooks leave the last component on the GPU,
         and this moves every component back to the CPU and arms the hooks again. Here there are no
         hooks to arm: under ``offload="model"`` a component visits the GPU only while it runs and rests
-        in CPU memory when the call returns. What stays on the GPU between requests is, under
-        ``offload="blocks"``, the block (the prefetch depth of them) fetched for a step that did not
-        come, the DiT's and the ControlNet's: this drops those copies (the next request copies its
-        blocks as they run, as it does anyway). Otherwise it does nothing, as diffusers' without
+        in CPU memory when the call returns. Under ``offload="blocks"`` the sampling loop drops the
+        block (the prefetch depth of them) its last forward fetched for a step that does not come, so
+        after a pipeline call nothing is left to free either. What it still drops are the blocks a
+        DiT or ControlNet called by hand (``pipe.transformer(...)``) left on the device for its next
+        pass (``offload.release_streamed``). Otherwise it does nothing, as diffusers' without
         offload."""
-        for model in (self.transformer, self.controlnet):
-            streamer = getattr(model, "block_streamer", None)
-            if streamer is not None:
-                streamer.release()
+        release_streamed(self.transformer, self.controlnet)
 
     def enable_sequential_cpu_offload(self, *args, **kwargs) -> None:
         """diffusers' lowest-memory offload. Here it is chosen when loading, as ``offload="blocks"``

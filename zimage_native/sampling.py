@@ -40,6 +40,7 @@ from .finite import check_finite, finite_all, finite_rows
 from .images import check_side
 from .images import preprocess_image, preprocess_mask, to_pil, to_uint8, uint8_to_pil  # noqa: F401  (re-exported)
 from .model.sequence import SequenceLayout, build_layout, pad_captions, patchify, unpatchify
+from .offload import release_streamed
 from .scheduler import Schedule, euler_step, make_schedule, sigma_values
 
 logger = logging.getLogger(__name__)
@@ -533,17 +534,23 @@ def denoise(pipe, latents, prompt_embeds, negative_embeds, schedule: Schedule, g
     """Plan and run the step loop from ``latents`` at schedule step ``start``; the final fp32 latents.
     The pipeline's graphed loop (``cuda_graphs``) runs it, ``on_step_end`` after each step's replay
     (in loop mode too: such a run replays step graphs), unless the first-block cache (``cache`` > 0;
-    its counts go to ``info["first_block_cache_forwards"]``) is on."""
+    its counts go to ``info["first_block_cache_forwards"]``) is on. With ``offload="blocks"`` the
+    block the last forward prefetched for a step that does not come (the DiT's, the ControlNet
+    branch's) is dropped at the end, an interrupted or failed run's too: nothing stays on the device
+    between requests (:func:`offload.release_streamed`)."""
     with pipe._running("transformer"):
-        p = plan(pipe, latents.shape[-2:], prompt_embeds, negative_embeds, schedule, guidance_scale,
-                 cfg_normalization, cfg_truncation, start, blend, extra, varied, varied_steps, cache)
-        latents = latents.to(pipe.device, torch.float32)
-        if pipe._graphed is not None and p.cache is None:
-            return pipe._graphed(latents, p, progress, callback, on_step_end, info)
-        latents = run_steps(pipe, latents, p, progress, callback, on_step_end, info)
-        if p.cache is not None and info is not None:
-            info["first_block_cache_forwards"] = p.cache.counts()
-        return latents
+        try:
+            p = plan(pipe, latents.shape[-2:], prompt_embeds, negative_embeds, schedule, guidance_scale,
+                     cfg_normalization, cfg_truncation, start, blend, extra, varied, varied_steps, cache)
+            latents = latents.to(pipe.device, torch.float32)
+            if pipe._graphed is not None and p.cache is None:
+                return pipe._graphed(latents, p, progress, callback, on_step_end, info)
+            latents = run_steps(pipe, latents, p, progress, callback, on_step_end, info)
+            if p.cache is not None and info is not None:
+                info["first_block_cache_forwards"] = p.cache.counts()
+            return latents
+        finally:
+            release_streamed(pipe.transformer, pipe.controlnet)
 
 
 # =========================================================================== the run
