@@ -1771,6 +1771,32 @@ def test_compile_of_a_shared_dit_drops_the_graphs_of_every_pipeline_holding_it(f
         pipes[other][0].optimize(compile="full")
 
 
+@pytest.mark.parametrize("call", ["to", "offload"])
+def test_a_move_of_a_shared_dit_drops_the_graphs_and_moves_the_placement_of_every_pipeline_holding_it(
+        fresh_pipe, monkeypatch, call):
+    """A move of a DiT shared by two pipelines through one of them (pipe.to, enable_model_cpu_offload)
+    left the other pipeline's captured graph (of the old placement) in place and its placement of the
+    DiT where the DiT was (cpu beside the DiT on "meta", the tests' stand-in for another device), and
+    a placement its graphs cannot follow was refused only for the caller's graphs. Now the check
+    covers every pipeline holding the DiT, which drop their graphs and run the DiT where it went."""
+    import zimage_native.accel.cuda_graphs as cuda_graphs
+
+    first = fresh_pipe
+    second = ZImagePipeline(first.transformer, first.vae, first.text_encoder, first.scheduler_config, first.vae_config)
+    second.progress = False
+    sampler, _ = graphed(second, frozen=False)
+    second("a cat", **KW)
+    assert len(sampler.graphs) == 1
+    place = {"to": first.to, "offload": lambda device: first.enable_model_cpu_offload(device=device)}[call]
+    with pytest.raises(ValueError, match="CUDA graphs are on"):  # (graphs need the DiT on a CUDA device)
+        place("cpu")
+    assert len(sampler.graphs) == 1 and first.offload == "none"  # refused before anything moved
+    monkeypatch.setattr(cuda_graphs, "graphs_problem", lambda *args: None)  # ("meta" stands in for the GPU)
+    place("meta")
+    assert not sampler.graphs
+    assert first.device == second.device == second.placement["transformer"] == torch.device("meta")
+
+
 def test_an_optimize_call_that_fails_leaves_the_attention_backend_as_it_was(fresh_pipe, monkeypatch):
     """optimize(attention=<another backend>, compile=<a mode it refuses>): the call fails, and the models
     run the backend they ran, under the name the pipeline holds. The check of whether the backend was

@@ -454,3 +454,34 @@ def test_an_attention_backend_already_in_place_is_recorded_by_every_pipeline_hol
     assert first._accel["attention"] == second._accel["attention"] == "xformers"
     assert ab.backend_in_place(second.controlnet) == "xformers", lines
     assert ab.backend_in_place(first.transformer) == "xformers"
+
+
+@pytest.mark.parametrize("call", ["to", "offload", "controlnet"])
+def test_placing_a_shared_dit_waits_for_the_run_of_every_pipeline_holding_it(fresh, control_files, call):  # noqa: F811
+    """pipe.to, enable_model_cpu_offload and load_controlnet place the DiT (move it, pick an "auto"
+    attention again for it); on a DiT shared with another pipeline they took only their own
+    pipeline's lock, so such a call from another thread during the other pipeline's run went through
+    between its steps (pipe.to("meta") took the DiT's weights away under the run). They now take the
+    lock of every pipeline holding the DiT, as the other DiT-changing calls do: the call waits for
+    the run, which ends as an undisturbed run does."""
+    import threading
+
+    first = fresh()
+    second = ZImagePipeline(first.transformer, first.vae, first.text_encoder, first.scheduler_config,
+                            first.vae_config)
+    second.progress = False
+    place = {"to": lambda: first.to("meta"), "offload": lambda: first.enable_model_cpu_offload(device="meta"),
+             "controlnet": lambda: first.load_controlnet(control_files["2.1"])}[call]
+    run = dict(width=32, height=32, num_inference_steps=3, output_type="latent", seed=0)
+    want = second("a cat", **run).images
+    placed, during = threading.Event(), []
+
+    def on_step_end(pipe, step, timestep, tensors):
+        if step == 0:
+            threading.Thread(target=lambda: (place(), placed.set()), daemon=True).start()
+            during.append(placed.wait(1.0))  # (without the locks the call lands here)
+        return tensors
+
+    got = second("a cat", callback_on_step_end=on_step_end, **run).images
+    assert placed.wait(60) and during == [False]
+    assert torch.equal(got, want)

@@ -336,6 +336,25 @@ def test_a_dit_assigned_from_another_thread_waits_for_the_run(fresh_pipe):
     assert during == [False] and torch.equal(got, want)
     assert not torch.equal(fresh_pipe("a cat", **run).images, want)  # the next run has the new DiT
 
+def test_a_dit_assigned_gets_the_attention_fitted_to_the_pipelines_device(fresh_pipe, tiny_pipe, monkeypatch):
+    """Where SDPA has only its math path (a bfloat16 model on a GPU below sm80: stood in for by
+    sdpa_math_only), a placement bounds the DiT's SDPA to slices of the queries; a DiT assigned
+    afterwards (pipe.transformer = dit) kept plain SDPA (0 of 4 attention modules bounded on the tiny
+    DiT), so it ran the unbounded math path. The setter now fits it as a placement does."""
+    import copy
+
+    from zimage_native.accel import attention_backends as ab
+
+    monkeypatch.setattr(ab, "sdpa_math_only", lambda device, dtype: "math only (stand-in)")
+    fresh_pipe.enable_model_cpu_offload(device="cpu")  # a placement: the fit runs
+    bounded = lambda dit: [module.attn_fn is ab.bounded_sdpa for module in ab.dit_attention_modules(dit)]
+    assert all(bounded(fresh_pipe.transformer))
+    other = copy.deepcopy(tiny_pipe.transformer)
+    assert not any(bounded(other))
+    fresh_pipe.transformer = other
+    assert bounded(other) and all(bounded(other))
+
+
 def test_a_prompt_that_is_not_text_is_named_as_such(tiny_pipe):
     """pipe(5) (a seed or a size given where the prompt goes) raised Python's bare "TypeError: 'int' object
     is not iterable" from inside the request; it says what the prompt must be now."""

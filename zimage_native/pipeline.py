@@ -105,8 +105,9 @@ def _serialized(method):
 
 
 def _serialized_with_sharers(method):
-    """:func:`_serialized` for a call that changes the DiT (``optimize``, the LoRA calls): it also holds
-    the locks of the other live pipelines holding the DiT (:meth:`ZImagePipeline._sharers`), all taken
+    """:func:`_serialized` for a call that changes the DiT (``optimize``, the LoRA calls, the calls that
+    place it: ``to``, ``enable_model_cpu_offload``, ``load_controlnet``): it also holds the locks of
+    the other live pipelines holding the DiT (:meth:`ZImagePipeline._sharers`), all taken
     in one order (by ``id``), so that it can update their records and drop their graphs, and no run
     of theirs reads the DiT while it changes. Up to 0.21.0 a call took its own lock, then each other
     pipeline's while holding it: two such calls on two pipelines sharing a DiT, in two threads, each
@@ -489,8 +490,9 @@ class ZImagePipeline:
                 # A graph replays the kernels and weights it was captured with: the old DiT's (its
                 # tokens refined by the new one), not the DiT assigned.
                 self._graphed.clear()
-            if "_accel" in self.__dict__:  # (the constructor records it once its record is made)
+            if "_accel" in self.__dict__:  # (the constructor records and fits it once its record is made)
                 self._record_the_dit()
+                self._fit_attention()  # (SDPA bounded where it has only its math path, as at a placement)
 
     def _record_the_dit(self) -> None:
         """This pipeline's record of the transforms applied to its DiT (a DiT built with, or assigned
@@ -697,7 +699,7 @@ class ZImagePipeline:
                              f"accelerations); pipe.controlnet = None unloads it")
         self.unload_controlnet()
 
-    @_serialized
+    @_serialized_with_sharers  # (an "auto" attention picked again reaches the DiT: _fit_attention)
     def load_controlnet(self, path: str | os.PathLike, config=None):
         """Load a Fun-ControlNet-Union (a diffusers folder or a published single file: versions 1.0,
         2.0, 2.1, 2.1 lite) for this pipeline's DiT, replacing any loaded one. ``config`` (a dict, a
@@ -740,7 +742,7 @@ class ZImagePipeline:
             self._graphed.release_holding(branch)
 
     # ------------------------------------------------------------------ placement
-    @_serialized
+    @_serialized_with_sharers
     def to(self, *args, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ZImagePipeline":
         """Every component on ``device``, resident (diffusers' ``pipe.to``; offloading ends). Returns
         the pipeline. Streamed blocks cannot move this way: load again with ``offload="none"``. The
@@ -759,7 +761,7 @@ class ZImagePipeline:
         from .offload import move_, resides_on
 
         device = resolve_device(device)
-        self._check_graphs_fit(device, "none")
+        self._check_graphs_fit(device, "none")  # (for every pipeline holding the DiT)
         self._check_accelerations_fit(device)
         modules = [m for m in map(self._module, ("text_encoder", "transformer", "vae")) if m is not None]
         # Already there (a script's pipe.to("cuda") before every call): nothing moves, and the cached
@@ -776,9 +778,10 @@ class ZImagePipeline:
             self.prompt_cache.clear()  # its features are on the old devices
             if self._graphed is not None:
                 self._graphed.clear()  # graphs hold tensors of the old placement
+            self._dit_moved_for_sharers()
         return self
 
-    @_serialized
+    @_serialized_with_sharers
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
         """diffusers' name for ``offload="model"``: every component stays in CPU memory and visits
         ``device`` (cuda:``gpu_id``, or the index in ``device``: "cuda:1") only while it runs."""
@@ -802,7 +805,7 @@ class ZImagePipeline:
         if self.offload == "blocks":
             raise ValueError("the DiT's blocks are already streamed (offload='blocks'); load it again with "
                              "offload='model'")
-        self._check_graphs_fit(device, "model")
+        self._check_graphs_fit(device, "model")  # (for every pipeline holding the DiT)
         self._check_accelerations_fit(device)
         moved = self.offload != "model" or any(place != device for place in self.placement.values())
         self.placement = dict.fromkeys(self.placement, device)
@@ -817,14 +820,28 @@ class ZImagePipeline:
             self.prompt_cache.clear()
             if self._graphed is not None:
                 self._graphed.clear()
+            self._dit_moved_for_sharers()
+
+    def _dit_moved_for_sharers(self) -> None:
+        """The DiT moved (:meth:`to`, :meth:`enable_model_cpu_offload`; the locks of every pipeline
+        holding it are held): each other pipeline holding it runs it where it now runs, and drops
+        its captured graphs, which hold the tensors of the old placement. Up to 0.22.0 they kept
+        both (graphs of the old addresses, and a placement the DiT had left), and the move did not
+        wait for their runs."""
+        for other in self._sharers():
+            other.placement["transformer"] = self.placement["transformer"]
+            for line in other._drop_graphs("moved", " of another pipeline holding this DiT"):
+                logger.info(line)
 
     def _check_graphs_fit(self, device: torch.device, offload: str) -> None:
-        """Refuse a placement that captured CUDA graphs cannot follow: a graph replays the weights at
-        the addresses it was captured with, and an offloaded DiT is copied to the GPU anew on every
-        visit (and freed after it), a DiT on the CPU has no graph to replay."""
+        """Refuse a placement that captured CUDA graphs cannot follow (those of this pipeline or of
+        another holding its DiT, which follows the DiT: :meth:`_dit_moved_for_sharers`): a graph
+        replays the weights at the addresses it was captured with, and an offloaded DiT is copied
+        to the GPU anew on every visit (and freed after it), a DiT on the CPU has no graph to replay."""
         from .accel.cuda_graphs import graphs_problem
 
-        problem = graphs_problem(device, offload) if self._graphed is not None else None
+        graphed = any(pipe._graphed is not None for pipe in (self, *self._sharers()))
+        problem = graphs_problem(device, offload) if graphed else None
         if problem:
             raise ValueError(f"{problem}; CUDA graphs are on (cuda_graphs=True): load the pipeline again without "
                              f"them to place it so")
@@ -1197,8 +1214,8 @@ class ZImagePipeline:
     _DIT_SETTINGS = ("kernels", "attention", "fp8", "compile")
 
     def _drop_graphs(self, how: str, whose: str = "") -> list[str]:
-        """Drop the captured graphs after the DiT changed (``how``: "compiled" or "changed"); the log
-        line, if any were captured. They hold the old modules (a transform before compile), or replay
+        """Drop the captured graphs after the DiT changed (``how``: "compiled", "changed" or "moved"); the
+        log line, if any were captured. They hold the old modules (a transform before compile), or replay
         the kernels of the code they were captured from: eager kernels where compile is asked after
         the graphs were on, so the compile bought nothing until the cache turned over."""
         dropped = len(self._graphed.graphs) if self._graphed is not None else 0
