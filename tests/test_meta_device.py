@@ -243,3 +243,46 @@ def test_nothing_is_imported_under_meta(mode, tmp_path, tiny_model_dir):
         assert seen == []
     else:
         assert "transformers.models.qwen3.modeling_qwen3" in seen
+
+
+class HostTraffic(TorchDispatchMode):
+    """Records each op that makes the host wait for the device: a read of a device value on the host
+    (``.item()``, ``bool(t)``, ``nonzero``: tests/graph_standins.HOST_READS), a tensor built from host
+    data or a copy of a CPU tensor to the device (a host-to-device copy that is not non_blocking waits
+    for the stream on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from .graph_standins import HOST_DATA, HOST_READS
+
+        out = func(*args, **(kwargs or {}))
+        name = func._schema.name.split("::")[-1]
+        to_device = (any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tree_leaves(args))
+                     and any(isinstance(t, torch.Tensor) and t.device == META for t in tree_leaves(out)))
+        if name in HOST_READS or name in HOST_DATA or (name in ("_to_copy", "copy_") and to_device):
+            self.ops.append(name)
+        return out
+
+
+@pytest.mark.parametrize("task", ["txt2img", "cfg_mixed_batch", "inpaint", "step_callback"])
+def test_the_step_loop_neither_reads_nor_copies_from_the_host(meta_pipe, task, monkeypatch):
+    """Inside the step loop (with a step-end callback there too) no op makes the host wait for the
+    device: the per-request tensors (timesteps, sigmas, layouts) are on the device before it starts.
+    The callback's timestep was copied from the CPU schedule at each step (one wait per step)."""
+    import zimage_native.sampling as sampling
+
+    ops = []
+    run_steps = sampling.run_steps
+
+    def watched(*args, **kwargs):
+        with HostTraffic() as mode:
+            out = run_steps(*args, **kwargs)
+        ops.append(mode.ops)
+        return out
+
+    monkeypatch.setattr(sampling, "run_steps", watched)
+    REQUESTS[task](meta_pipe)
+    assert ops == [[]], ops

@@ -1088,13 +1088,17 @@ def generate(pipe, request: GenerationRequest, *, progress: bool | None = None,
 
     on_step_end = None
     if callback_on_step_end is not None:
+        # The timesteps the callback is given, on the loop's device, copied there once, before the loop: a
+        # copy per step (host to device, not non_blocking) made the host wait for the GPU at each step.
+        timesteps = schedule.timesteps.to(pipe.device)
+
         def on_step_end(k, index, latents):
             given = {"latents": latents, "prompt_embeds": embeds}
             if task.name == "inpaint":
                 given["mask"] = cond.blend.mask
             tensors = {name: given[name] for name in callback_on_step_end_tensor_inputs}
             before = pipe._guidance_scale
-            out = callback_on_step_end(pipe, k, schedule.timesteps[index].to(latents.device), tensors)
+            out = callback_on_step_end(pipe, k, timesteps[index], tensors)
             if out is None:
                 out = {}
             elif not isinstance(out, Mapping):  # (the latents themselves: "Boolean value of Tensor ... ambiguous")
