@@ -441,3 +441,40 @@ def test_a_placement_change_keeps_fused_views_so_later_weight_edits_reach_the_fu
         attn.to_k.weight.add_(1.0)
     n = attn.to_q.weight.shape[0]
     assert torch.equal(fused[n:2 * n], attn.to_k.weight)
+
+
+@pytest.mark.parametrize("shape, prompts, extra", [
+    pytest.param((1, 16, 16, 32), "a cat", {}, id="one latent"),
+    pytest.param((1, 16, 16, 16), "a cat", {"num_images_per_prompt": 2}, id="one latent, two outputs"),
+    pytest.param((2, 16, 16, 16), ["a cat", "a dog"], {"generators": 2}, id="one latent per prompt, generator list"),
+    pytest.param((1, 16, 16, 16), "a cat", {"guidance_scale": 3.0, "negative_prompt": "blurry"}, id="with CFG"),
+])
+def test_img2img_takes_image_latents_as_diffusers_does(tiny_pipe, reference_img2img, shape, prompts, extra):
+    """image= of the VAE's latent channels is the clean (scaled) image latents, not encoded, as in
+    diffusers' img2img; there it needs width/height (8x the latent sides, multiples of 16) given, and
+    without them it fails resizing the latents as an image, while here they are the latents' size."""
+    extra = dict(extra)
+    n_gens = extra.pop("generators", 0)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in range(3, 3 + n_gens)] if n_gens else \
+        torch.Generator().manual_seed(3)  # noqa: E731
+    latents = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    height, width = shape[2] * 8, shape[3] * 8
+    text = lambda: list(prompts) if isinstance(prompts, list) else prompts  # noqa: E731 (diffusers edits a list)
+    kw = dict(strength=0.6, num_inference_steps=5, output_type="latent", **extra)
+    expected = reference_img2img(text(), image=latents, generator=gens(), height=height, width=width,
+                                 **{"guidance_scale": 0.0, **kw}).images
+    got = tiny_pipe.img2img(text(), image=latents, generator=gens(), **kw).images
+    assert got.shape == expected.shape
+    assert_rel(got, expected, 1e-5, "img2img from image latents")
+
+
+def test_image_latents_are_not_resized_or_inpainted(tiny_pipe):
+    latents = torch.randn(1, 16, 8, 12)
+    with pytest.raises(ValueError, match=r"make a 96x64 image and are not resized; got width=128"):
+        tiny_pipe.img2img("a cat", image=latents, width=128, num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"positive multiples of 2 \(the DiT's patch size\), got 12x7"):
+        tiny_pipe.img2img("a cat", image=latents[..., :7, :], num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"must be a float tensor, got torch.int64"):
+        tiny_pipe.img2img("a cat", image=latents.long(), num_inference_steps=2)
+    with pytest.raises(ValueError, match=r"inpainting takes an image, not image latents"):
+        tiny_pipe.inpaint("a cat", image=latents, mask_image=Image.new("L", (96, 64), 255), num_inference_steps=2)

@@ -227,11 +227,40 @@ def start_index(num_steps: int, strength: float) -> int:
     return int(max(num_steps - min(num_steps * strength, num_steps), 0))
 
 
+def is_image_latents(pipe, image) -> bool:
+    """Whether ``image=`` is a batch of image latents (B, C, h, w) with the DiT's C latent channels
+    (16 for Z-Image; an image tensor has 1 or 3)."""
+    channels = pipe.transformer_config.in_channels
+    return (isinstance(image, torch.Tensor) and image.ndim == 4 and channels not in (1, 3)
+            and image.shape[1] == channels)
+
+
+def read_image_latents(pipe, r: GenerationRequest) -> tuple[dict[str, Any], int, int]:
+    """img2img's ``image=`` given as scaled image latents (what ``output_type="latent"`` returns, or
+    ``(posterior.sample() - shift_factor) * scaling_factor``), taken as the clean latents, as
+    diffusers' img2img takes them: the image they make is the size, and they are not resized."""
+    x, f, patch = r.image, pipe.vae_scale_factor, pipe.transformer_config.patch_size
+    if not x.is_floating_point():
+        raise ValueError(f"image latents (image= of {x.shape[1]} channels) must be a float tensor, got {x.dtype}")
+    h, w = x.shape[-2:]
+    if h < patch or w < patch or h % patch or w % patch:
+        raise ValueError(f"image latents (image= of {x.shape[1]} channels) need sides that are positive multiples "
+                         f"of {patch} (the DiT's patch size), got {w}x{h} (width x height)")
+    for name, given, side in (("width", r.width, w * f), ("height", r.height, h * f)):
+        if given is not None and given != side:
+            raise ValueError(f"image latents of shape {tuple(x.shape)} make a {w * f}x{h * f} image and are not "
+                             f"resized; got {name}={given}: leave width= and height= out, or decode the latents "
+                             f"(pipe.decode) and pass the image")
+    return {"image_latents": x}, w * f, h * f
+
+
 class ImageToImage(Task):
     name = "img2img"
     default_strength = 0.6
 
     def read(self, pipe, r):
+        if is_image_latents(pipe, r.image):
+            return read_image_latents(pipe, r)
         pixels = preprocess_image(r.image, r.width, r.height, latent_multiple(pipe), what="image")
         return {"pixels": pixels}, pixels.shape[-1], pixels.shape[-2]
 
@@ -245,8 +274,13 @@ class ImageToImage(Task):
     def encode(self, ctx: TaskContext, noise_first: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(clean image latents, noise, start), from the same generators: the posterior sample, then
         the noise (or the noise first, as the reference's inpainting draws them when given latents)."""
-        pipe, pixels, gens, r = ctx.pipe, ctx.inputs["pixels"], ctx.generators, ctx.request
+        pipe, gens, r = ctx.pipe, ctx.generators, ctx.request
         spread = lambda x: repeat_to(x, ctx.batch, r.n, "input image")  # noqa: E731
+        start = start_index(ctx.schedule.num_steps, r.strength)
+        if "image_latents" in ctx.inputs:  # given as image=: no encode, no posterior draw (only the noise)
+            z = spread(ctx.inputs["image_latents"].to(pipe.device, ctx.dtype))
+            return z, randn(z.shape, gens, ctx.dtype).to(pipe.device), start
+        pixels = ctx.inputs["pixels"]
         shape = latent_shape(pipe, ctx.batch, r.height, r.width)
         noise = randn(shape, gens, ctx.dtype).to(pipe.device) if noise_first else None
         if r.generator is None and len(gens) == ctx.batch:
@@ -257,7 +291,7 @@ class ImageToImage(Task):
         z = z.to(ctx.dtype)
         if noise is None:
             noise = randn(z.shape, gens, ctx.dtype).to(pipe.device)
-        return z, noise, start_index(ctx.schedule.num_steps, r.strength)
+        return z, noise, start
 
     def given_latents(self, ctx: TaskContext) -> torch.Tensor | None:
         """``latents=``, checked and in the features' dtype, as the reference takes them (no noising)."""
@@ -300,6 +334,10 @@ class Inpaint(ImageToImage):
     draws_with_latents = True  # the blend's noise and the image's posterior sample
 
     def read(self, pipe, r):
+        if is_image_latents(pipe, r.image):
+            raise ValueError(f"inpainting takes an image, not image latents (image= of shape {tuple(r.image.shape)}; "
+                             f"diffusers' inpainting fails on them too): decode them first (pipe.decode(latents)), "
+                             f"or use img2img, which takes image latents")
         inputs, w, h = super().read(pipe, r)
         inputs["mask"] = preprocess_mask(r.mask_image, h, w)
         return inputs, w, h
