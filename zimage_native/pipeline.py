@@ -1388,9 +1388,20 @@ class ZImagePipeline:
 
     @_serialized_with_sharers
     def delete_adapters(self, adapter_names) -> None:
-        """diffusers' name: drop these adapters (unfused if they applied); the others keep their weights."""
+        """diffusers' name: drop these adapters (unfused if they applied); the others keep their weights.
+        Names of no loaded adapter (gone with :meth:`unload_lora_weights`, or never loaded) are passed
+        over with a warning, as diffusers passes them over."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        loaded = list(self.lora_adapters.sources)
+        missing = [name for name in names if name not in loaded]
+        if missing:
+            logger.warning("delete_adapters: no adapter named %s is loaded (loaded: %s); nothing to delete for %s",
+                           missing, loaded or "none", "it" if len(missing) == 1 else "them")
+        names = [name for name in names if name in loaded]
+        if not names:
+            return
         self._check_adapters("delete_adapters")
-        self._refit_adapters("delete_adapters", lambda: self.lora_adapters.delete(adapter_names))
+        self._refit_adapters("delete_adapters", lambda: self.lora_adapters.delete(names))
 
     def _check_adapters(self, what: str) -> None:
         """The adapter methods refit the fused LoRAs from their sources: refused while ``load_lora``
@@ -1501,6 +1512,12 @@ class ZImagePipeline:
                 raise ValueError(f"fuse_lora(lora_scale={lora_scale}): the LoRAs of load_lora() are fused at their "
                                  f"scale and belong to no adapter; unload_lora() and load_lora(path, "
                                  f"scale={lora_scale}), or load them with load_lora_weights()")
+            if adapters.merged is not None:
+                raise ValueError(f"fuse_lora(lora_scale={lora_scale}) after fuse_lora(): diffusers keeps the weights "
+                                 f"fused at the first scale but multiplies the adapters' scale again, so a later "
+                                 f"unfuse_lora() leaves part of the LoRA in the weights (0.7 - 0.49 for two "
+                                 f"fuse_lora(lora_scale=0.7)); call unfuse_lora() first, or set_adapters(names, "
+                                 f"adapter_weights=...) for the weights wanted")
             self._check_adapters("fuse_lora")
             if adapter_names is not None and set(adapters.names(adapter_names, "fuse_lora()")) != set(adapters.active):
                 raise ValueError(f"fuse_lora(lora_scale={lora_scale}, adapter_names={adapter_names!r}): the scale "
