@@ -1069,6 +1069,53 @@ def test_bench_interrupted_keeps_the_verdicts_and_rows_measured_before(tmp_path,
 
 
 @needs_cpu_fp8
+def test_bench_check_a_judged_step_that_raises_keeps_the_report_and_every_verdict(tmp_path, monkeypatch):
+    """A judged step raising (on a GPU: a failed capture, out of memory) under --check: the traceback,
+    then the report (the table and its JSON line) and every verdict as after a timeout, the check it
+    did not measure a FAIL, one line naming the error (in e2e.json too), exit status 1. Before, the
+    exception ended the run with its traceback only (no report, no verdict for what was not measured)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from zimage_native import bench
+    from zimage_native.cli import main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: stand-in")
+
+    monkeypatch.setattr(bench, "fp8_accumulation_quality", broken)
+    result = CliRunner().invoke(main, [*BENCH_DRY, "--out", str(tmp_path)])
+    assert result.exit_code == 1 and not isinstance(result.exception, RuntimeError), result.output
+    lines = result.output.splitlines()
+    assert "Traceback (most recent call last):" in lines
+    assert any(line.startswith("{") and '"rows"' in line for line in lines)  # the report's JSON line
+    assert "FAIL fp8 quality: not measured (no fp8 rung)" in lines
+    assert "FAIL the ladder stopped: RuntimeError: CUDA error: stand-in" in lines
+    assert sum(line.startswith("PASS bf16 parity") for line in lines) == 1
+    saved = json.loads((tmp_path / "e2e.json").read_text())
+    assert saved["checks"]["ladder_error"] == "RuntimeError: CUDA error: stand-in"
+    assert saved["checks"]["parity_db"] > 40 and "fp8_quality_db" not in saved["checks"]
+
+
+def test_bench_without_check_a_step_that_raises_still_raises(tmp_path, monkeypatch):
+    """Without --check nothing is judged: the error stays the command's error (not a report)."""
+    from click.testing import CliRunner
+
+    from zimage_native import bench
+    from zimage_native.cli import main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("stand-in")
+
+    monkeypatch.setattr(bench, "run_ours", broken)
+    args = ["bench", "--tiny", "--device", "cpu", "--sizes", "32", "--steps", "2", "--repeats", "1", "--rungs", "eager",
+            "--no-diffusers", "--out", str(tmp_path)]
+    result = CliRunner().invoke(main, args)
+    assert isinstance(result.exception, RuntimeError) and "stand-in" in str(result.exception), result.output
+
+
+@needs_cpu_fp8
 def test_bench_optional_steps_fail_or_skip_without_losing_the_verdicts(tmp_path, monkeypatch):
     """diffusers compiled (optional) raising: a note on the last row, every judged check still measured
     and passed, exit status 0. (Skipped by a spent --budget-s: checked on the same bench run as the

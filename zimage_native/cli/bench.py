@@ -146,6 +146,7 @@ def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffuse
                 click.echo(line, err=True)
                 said.add(line)
 
+    failed = None
     try:
         b.ladder(pipe, full_qwen, sizes=sizes, steps=steps, repeats=repeats, rungs=ladder,
                  with_diffusers=with_diffusers, big_size=big_size, on_row=on_row, checks=checks,
@@ -154,6 +155,15 @@ def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffuse
     except KeyboardInterrupt:  # `timeout -s INT` (the GPU check) or Ctrl-C: report what was measured
         interrupted = True
         click.echo("interrupted: the report and the verdicts below hold what was measured before", err=True)
+    except Exception as e:  # a step failed (a capture, out of memory): with --check, report what was measured
+        if not check:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        interrupted, failed = True, f"{type(e).__name__}: {e}"
+        checks["ladder_error"] = failed  # in e2e.json too (what the GPU check brings back)
+        click.echo(f"failed: {failed}; the report and the verdicts below hold what was measured before", err=True)
     click.echo(b.report(rows, env, checks))
     click.echo(f"appended {len(rows)} row(s) to {out / 'e2e.csv'}; this run's rows and checks: "
                f"{b.write_json(rows, env, checks, out)}")
@@ -162,6 +172,8 @@ def bench(model, tiny, device, dtype, sizes, steps, repeats, rungs, with_diffuse
         for line in passes + failures:
             if line not in said:  # the checks never measured (and any not said yet)
                 click.echo(line, err=True)
+        if failed:
+            click.echo(f"FAIL the ladder stopped: {failed}", err=True)
         if failures or interrupted:
             raise SystemExit(1)
     elif interrupted:
