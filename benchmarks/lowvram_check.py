@@ -2,7 +2,8 @@
 resident weights, and the measured GPU memory peaks of each low-VRAM profile.
 
     python3 -m pip install -q --no-deps --no-build-isolation -e .       # once per machine
-    python3 benchmarks/lowvram_check.py --out $OUT                      # GPU, within --budget-s (180 s)
+    ZIMAGE_GIT_SHA=<sha> python3 benchmarks/lowvram_check.py --out $OUT  # GPU, within --budget-s (180 s); the
+                                                                        # commit: the device gets no .git
     python3 benchmarks/lowvram_check.py --tiny --device cpu --out DIR   # CPU dry run of the same code (< 60 s)
 
 Everything runs on random weights of the released Z-Image-Turbo architecture (DiT, Qwen3-4B, VAE),

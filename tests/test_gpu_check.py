@@ -160,3 +160,25 @@ def test_device_wheels_pin_the_versions_the_project_tests_against():
     assert set(pins) == {"diffusers", "importlib_metadata", "gguf"}
     assert "gguf" in " ".join(tomllib.loads((ROOT / "pyproject.toml").read_text())
                               ["project"]["optional-dependencies"]["gguf"])
+
+
+def test_the_runbook_names_the_commit_and_quotes_the_skip_line_the_script_prints():
+    """The device gets the working tree without .git: each runbook call that records results names the
+    commit (ZIMAGE_GIT_SHA=<sha>: call 2's lowvram.json recorded no git sha without it), and so does the
+    time breakdown run alone; the skip line the runbook says to look for is the one gpu_check.sh prints
+    for that step (it quoted "skipped (time budget spent)", which the script never prints)."""
+    import re
+
+    doc = (ROOT / "docs" / "performance.md").read_text()
+    runbook = " ".join(doc.split("### GPU session runbook", 1)[1].split("\n## ", 1)[0].split())
+    calls = re.findall(r"\| \d \| `([^`]*)`", runbook)
+    assert len(calls) == 2 and all("ZIMAGE_GIT_SHA=<sha> " in call for call in calls), calls
+    alone = runbook.split("it can run alone:", 1)[1].split("(nothing", 1)[0]
+    assert "ZIMAGE_GIT_SHA=<sha> python3 benchmarks/time_breakdown.py --out $OUT" in alone, alone
+    script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    step = next(line for line in script.splitlines() if "benchmarks/time_breakdown.py --device cuda" in line)
+    name, _, least = step.split('"', 1)[1].split("|")[:3]
+    printed = re.search(r'echo "== \$name: (skipped \(\$\{limit\} s of the budget left, needs \$\{least\} s\))"',
+                        script).group(1)
+    quoted = printed.replace("${limit}", "N").replace("${least}", least)
+    assert f'"== {name.split(":")[0]}: ...: {quoted}"' in runbook, quoted
