@@ -496,3 +496,28 @@ def test_only_a_command_whose_seed_takes_several_reads_the_numbers_after_it_as_s
     assert one_line_error("rewrite", "a cat", "--seed", "1", "2") == (
         "Error: Got unexpected extra argument (2) (see `zimage rewrite --help`)")
     assert calls == [("1984", 5)]
+
+
+@pytest.mark.parametrize("name, tensors, says", [
+    # another model's all-in-one file: its UNet is no DiT; detection sees only its VAE
+    ("sdxl.safetensors", {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+                          "first_stage_model.decoder.conv_in.weight": (512, 4, 3, 3)}, "no transformer in this checkpoint"),
+    ("flux1-dev.safetensors", {"double_blocks.0.img_attn.qkv.weight": (24, 8), "img_in.weight": (8, 64)},
+     "not recognised as a Z-Image DiT"),
+    ("model.ckpt", None, "pickled PyTorch checkpoint (.pt/.ckpt/.bin) is refused"),
+])
+def test_another_models_file_as_the_only_file_is_named_before_the_missing_components(tmp_path, name, tensors, says):
+    """`--transformer FILE` alone, FILE another model's: the file's own fault, not 'no vae or text_encoder given,
+    pass --vae, --text-encoder' (which sent a user to fetch 8 GB of components for a file that never loads)."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / name
+    if tensors is None:
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    else:
+        save_file({key: torch.zeros(shape) for key, shape in tensors.items()}, path)
+    line = one_line_error("generate", "a cat", "--transformer", str(path), "--device", "cpu", "-o",
+                          str(tmp_path / "cat.png"))
+    assert line.startswith(f"Error: {path}: ") and says in line, line
+    assert "--text-encoder" not in line, line

@@ -195,8 +195,8 @@ def gguf_files(request) -> list[str]:
 
 
 def safetensors_files(request) -> list[str]:
-    """A comfy_quant layer of an unknown format, a pickled checkpoint, a file cut short, and a LoRA given
-    as the DiT."""
+    """A comfy_quant layer of an unknown format, a pickled checkpoint, a file cut short, a LoRA given
+    as the DiT, and another model's file given as the only one."""
     from zimage_native.loading import load_component
 
     from .test_comfy_quant import PREFIX, comfy_quant_tensor, to_comfy_quant
@@ -212,8 +212,11 @@ def safetensors_files(request) -> list[str]:
     cut.write_bytes(comfy.read_bytes()[: comfy.stat().st_size // 2])
     lora = write(tmp_path / "lora.safetensors", {"layers.0.attention.to_q.lora_A.weight": torch.ones(4, 64),
                                                  "layers.0.attention.to_q.lora_B.weight": torch.ones(64, 4)})
-    return [raised(load_component, "transformer", path, None, "cpu", config=TINY_AXES)
-            for path in (comfy, pickled, cut, lora)]
+    flux = write(tmp_path / "flux1-dev.safetensors", {"double_blocks.0.img_attn.qkv.weight": torch.ones(24, 8),
+                                                      "img_in.weight": torch.ones(8, 64)})
+    return [*(raised(load_component, "transformer", path, None, "cpu", config=TINY_AXES)
+              for path in (comfy, pickled, cut, lora)),
+            cli("generate", "a cat", "--transformer", flux, "--device", "cpu", "-o", tmp_path / "cat.png")]
 
 
 def lora_keys(request) -> list[str]:

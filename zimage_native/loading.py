@@ -630,6 +630,9 @@ def load_single_files(
                                                 "tokenizer": tokenizer})
     if transformer is None:
         raise ValueError("from_single_files needs transformer= (a DiT file or folder)")
+    # A file that is no Z-Image DiT (an SDXL or FLUX checkpoint, a pickle) is named as such first, not
+    # after the VAE and text encoder it lacks are asked for (gigabytes to fetch for a file that never loads).
+    check_components({"transformer": transformer})
     given = {"vae": vae, "text_encoder": text_encoder}
     missing = [name for name, value in given.items() if value is None]
     if missing:
@@ -647,7 +650,7 @@ def load_single_files(
     device, dtype = resolved, resolve_dtype(dtype, resolved)
     scfg = read_scheduler_config(scheduler_config)
     check_weight_files(dict.fromkeys((transformer, given["vae"], given["text_encoder"])))
-    check_components({"transformer": transformer, **given})
+    check_components(given)
     check_widths(header_width("transformer", transformer), header_width("text_encoder", given["text_encoder"]),
                  transformer, given["text_encoder"])
     tok = load_tokenizer(tokenizer)
