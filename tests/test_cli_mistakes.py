@@ -521,3 +521,22 @@ def test_another_models_file_as_the_only_file_is_named_before_the_missing_compon
                           str(tmp_path / "cat.png"))
     assert line.startswith(f"Error: {path}: ") and says in line, line
     assert "--text-encoder" not in line, line
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_an_empty_prompt_is_named_as_empty(tmp_path, prompt):
+    """`zimage generate "$PROMPT"` with the variable unset: '' was told to give a PROMPT, as if none was typed,
+    and '   ' made an image of no prompt; both say the prompt is empty, before any weights load."""
+    line = one_line_error("generate", prompt, "--model", str(tmp_path / "missing"), "-o", str(tmp_path / "cat.png"))
+    assert line == (f"Error: the PROMPT is empty ({prompt!r}; an unset shell variable, as in \"$PROMPT\"?): give the "
+                    f"text in quotes, or --prompts-file or --from-image"), line
+
+
+def test_an_empty_prompt_beside_a_prompts_file_runs_the_files_prompts(tmp_path):
+    from zimage_native.cli.generate import read_prompts
+
+    (tmp_path / "prompts.txt").write_text("a red fox\n")
+    assert read_prompts("", tmp_path / "prompts.txt") == ["a red fox"]
+    assert read_prompts("a cat", tmp_path / "prompts.txt") == ["a cat", "a red fox"]
+    with pytest.raises(ValueError, match="give a PROMPT, --prompts-file or --from-image"):
+        read_prompts(None, None)

@@ -86,12 +86,16 @@ def resolve_seeds(seed: tuple[int, ...], seeds: int | None, num_images: int) -> 
 
 
 def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
-    prompts = [prompt] if prompt else []
+    blank = prompt is not None and not prompt.strip()  # "" or spaces: most often an unset shell variable
+    prompts = [prompt] if prompt and not blank else []
     if prompts_file is not None:
         lines = read_user_text(prompts_file, "--prompts-file").splitlines()
         prompts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not prompts:
             raise ValueError(f"--prompts-file {prompts_file} has no prompts (only blank and # lines)")
+    if blank and not prompts:  # "   " made an image of no prompt; "" said to give a PROMPT, as if none was typed
+        raise ValueError(f"the PROMPT is empty ({prompt!r}; an unset shell variable, as in \"$PROMPT\"?): give the "
+                         f"text in quotes, or --prompts-file or --from-image")
     if not prompts:
         raise ValueError("give a PROMPT, --prompts-file or --from-image")
     return prompts
@@ -302,7 +306,9 @@ def checked_generate(ctx, prompt, opts: dict, from_image, recorded: dict, record
         raise ValueError(f"--cfg-truncation must be >= 0 (CFG stops on the steps where 1 - sigma exceeds it, 1: "
                          f"never; below 0 it runs on no step, which --guidance-scale 0 says), got "
                          f"{opts['cfg_truncation']}")
-    prompts = read_prompts(prompt or (recorded_prompt if not opts["prompts_file"] else None), opts["prompts_file"])
+    typed_prompt = prompt if prompt and prompt.strip() else None  # a blank one is refused unless something replaces it
+    prompts = read_prompts(typed_prompt or (recorded_prompt if not opts["prompts_file"] else None) or prompt,
+                           opts["prompts_file"])
     size = opts["batch_size"]
     if typed("batch_size") and size > 1 and len(prompts) == 1 and opts["num_images"] == 1 and len(opts["seed"]) < 2 \
             and opts["seeds"] is None and not opts["seed_batch"]:
