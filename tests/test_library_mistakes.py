@@ -401,3 +401,29 @@ def test_a_whole_number_setting_given_as_a_0d_tensor_runs_as_that_number(tiny_pi
     assert out.info == want.info and type(out.info.get(setting, plain)) is int
     with no_model_runs(tiny_pipe), pytest.raises(ValueError, match=r" got tensor\(64\.\)$| got 64\.0$"):
         tiny_pipe("a cat", **{**base, setting: torch.tensor(64.0)})
+
+
+def test_a_four_channel_vae_beside_a_z_image_dit_is_refused_at_load(tiny_model_dir, tmp_path, monkeypatch):
+    """An SD / SDXL VAE (4 latent channels) given as a single file: it loaded, the whole request sampled, and the
+    decode failed in a conv ('expected input[1, 16, 8, 8] to have 4 channels'); now refused at load, naming both
+    files, before the text encoder is read."""
+    import diffusers
+
+    from zimage_native import ZImagePipeline, loading
+
+    from .fixtures import TINY_VAE
+
+    diffusers.AutoencoderKL(**{**TINY_VAE, "latent_channels": 4}).save_pretrained(tmp_path / "sd_vae")
+    vae = tmp_path / "sd_vae" / "diffusion_pytorch_model.safetensors"
+    load = loading.load_component
+
+    def no_text_encoder(kind, *args, **kwargs):
+        assert kind != "text_encoder", "the text encoder was loaded before the VAE was refused"
+        return load(kind, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_component", no_text_encoder)
+    with pytest.raises(ValueError, match=r"^the VAE .*sd_vae.* has 4 latent channels and the transformer .* makes 16: "
+                                         r"Z-Image decodes with the 16-channel FLUX VAE"):
+        ZImagePipeline.from_single_files(tiny_model_dir / "transformer", vae=vae,
+                                         text_encoder=tiny_model_dir / "text_encoder",
+                                         tokenizer=tiny_model_dir / "tokenizer", device="cpu")

@@ -657,6 +657,10 @@ def load_single_files(
     check_vocabulary(tok, header_width("text_encoder", given["text_encoder"], axis=0), given["text_encoder"])
     dit = load_component("transformer", transformer, dtype, device, transformer_config)
     ae = load_component("vae", given["vae"], dtype, device, vae_config)
+    if ae.config.latent_channels != dit.config.in_channels:  # before the text encoder loads; it failed at the decode
+        raise ValueError(f"the VAE {given['vae']} has {ae.config.latent_channels} latent channels and the transformer "
+                         f"{transformer} makes {dit.config.in_channels}: Z-Image decodes with the 16-channel FLUX VAE "
+                         f"(ae.safetensors); a 4-channel one is Stable Diffusion's or SDXL's")
     te = load_component("text_encoder", given["text_encoder"], dtype, device, text_encoder_config,
                         quant=text_encoder_quant)
     if te.config.hidden_size != dit.config.cap_feat_dim:
