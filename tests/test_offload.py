@@ -749,3 +749,91 @@ def test_packing_the_blocks_of_a_controlnet_file_holds_the_file_once(tmp_path):
     bound = held + size // 2
     assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB (slabs " \
                          f"{held / 2**20:.0f} MiB, file {size / 2**20:.0f} MiB)"
+
+
+def _sharing(first, **kwargs):
+    """A second pipeline holding ``first``'s DiT (and its VAE and text encoder)."""
+    from zimage_native import ZImagePipeline
+
+    second = ZImagePipeline(first.transformer, first.vae, first.text_encoder, first.scheduler_config,
+                            first.vae_config, **kwargs)
+    second.progress = False
+    return second
+
+
+@pytest.mark.parametrize("call", ["offload", "to"])
+def test_placing_a_shared_dit_places_every_pipeline_holding_it(tiny_model_dir, monkeypatch, call):
+    """Two pipelines holding one DiT. first.enable_model_cpu_offload() left the DiT in CPU memory, and
+    the second (offload="none", its placement of the DiT moved to the GPU) ran it there without a
+    visit: on a GPU a device-mismatch RuntimeError. second.to(gpu) made the DiT resident while the
+    first still said offload="model" (and copied it at every run, for nothing). A placement now places
+    every pipeline holding the DiT, each whole: the second visits the GPU from CPU memory, the first
+    is resident and copies nothing. "cpu:1" stands in for the GPU, copy_storage records the copies, a
+    hook on the last block records whether it ran on the weights resting in CPU memory."""
+    import zimage_native.offload as offload
+    import zimage_native.pipeline as pipeline
+
+    from .fixtures import our_pipeline
+
+    gpu = torch.device("cpu", 1)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: gpu)
+    copies = []
+    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: copies.append(device) or storage.clone())
+    kw = dict(height=32, width=32, num_inference_steps=1, seed=0, output_type="latent")
+    first = our_pipeline(tiny_model_dir)
+    if call == "offload":
+        second = _sharing(first)
+        first.enable_model_cpu_offload()
+        runner, offload_mode = second, "model"
+    else:
+        first.enable_model_cpu_offload()
+        second = _sharing(first, placement=dict(first.placement), offload="model")
+        second.to("cuda")
+        runner, offload_mode = first, "none"
+    assert first.offload == second.offload == offload_mode
+    assert first.placement == second.placement == dict.fromkeys(first.placement, gpu)
+    dit = runner.transformer
+    resting = {t.data_ptr() for t in (*dit.parameters(), *dit.buffers())}
+    ran_resting = []
+    dit.layers[-1].register_forward_pre_hook(
+        lambda m, args: ran_resting.append(any(p.data_ptr() in resting for p in m.parameters())))
+    copies.clear()
+    runner("a cat", **kw)
+    if offload_mode == "model":
+        assert ran_resting == [False] and gpu in copies  # visited the GPU from CPU memory
+    else:
+        assert ran_resting == [True] and copies == []  # resident on the GPU: nothing copied
+    assert {t.data_ptr() for t in (*dit.parameters(), *dit.buffers())} == resting
+
+
+def test_a_pipeline_placed_otherwise_cannot_take_a_dit_another_pipeline_holds(tiny_model_dir, monkeypatch):
+    """A pipeline built with offload="none" on a DiT another pipeline offloads ran it on the CPU (its
+    default placement is where the DiT rests); one assigned such a DiT (pipe.transformer = dit) too; a
+    resident pipeline built on a streamed DiT (offload="blocks") moved its blocks off their CPU copies
+    at pipe.to. Each is refused now, naming the other pipeline's placement; placed alike, it is taken.
+    "meta" stands in for the GPU."""
+    import zimage_native.pipeline as pipeline
+
+    from .fixtures import our_pipeline
+
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: torch.device("meta"))
+    first = our_pipeline(tiny_model_dir)
+    first.enable_model_cpu_offload()
+    with pytest.raises(ValueError, match=r"another pipeline, which runs it on meta with offload='model'; this "
+                                         r"pipeline would run it on cpu with offload='none'.*own DiT"):
+        _sharing(first)
+    own = our_pipeline(tiny_model_dir)
+    with pytest.raises(ValueError, match="offload='model'; this pipeline would run it on cpu with offload='none'"):
+        own.transformer = first.transformer
+    assert own.transformer is not first.transformer and pipeline._pipelines_holding(first.transformer) == [first]
+    own.enable_model_cpu_offload()  # placed alike first: taken
+    own.transformer = first.transformer
+    second = _sharing(first, placement=dict(first.placement), offload="model")
+    assert own.transformer is second.transformer is first.transformer
+
+    streamed = our_pipeline(tiny_model_dir, offload="blocks")
+    with pytest.raises(ValueError, match="offload='blocks'; this pipeline would run it on cpu with offload='none'"):
+        _sharing(streamed)
+    assert _sharing(streamed, offload="blocks").transformer is streamed.transformer
+    text_encoder_offloaded = _sharing(our_pipeline(tiny_model_dir), offload="text_encoder")  # the DiT resident alike
+    assert text_encoder_offloaded.offload == "text_encoder"

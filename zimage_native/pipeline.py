@@ -208,6 +208,13 @@ def _pipelines_holding(dit) -> "list[ZImagePipeline]":
     return call.pipelines() if isinstance(call, _PipelineCall) else []
 
 
+def _held_as(device: torch.device, offload: str) -> tuple:
+    """How a pipeline placed on ``device`` with ``offload`` holds its DiT: where it runs, where it
+    rests between runs and whether its blocks are streamed (offload "none" and "text_encoder" hold
+    it alike)."""
+    return device, storage_device("transformer", device, offload), offload == "blocks"
+
+
 def _dtype_argument(dtype, torch_dtype):
     """``dtype``, or diffusers' ``torch_dtype`` for it (both only if they agree)."""
     if isinstance(torch_dtype, dict):
@@ -404,7 +411,12 @@ class ZImagePipeline:
         offload: str = "none",
     ):
         self._lock = threading.RLock()  # see _serialized
-        self.transformer = transformer
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+        here = transformer.x_pad_token.device
+        self.placement = {"text_encoder": here, "transformer": here, "vae": here, **(placement or {})}
+        self.offload = offload
+        self.transformer = transformer  # (refused on a DiT other pipelines place otherwise: _check_held_alike)
         self._vae = vae  # prepared below, once the placement is known (the setter does it for a later VAE)
         self.text_encoder = text_encoder
         self.vae_config = vae_config
@@ -413,11 +425,6 @@ class ZImagePipeline:
         check_variant(variant)
         self.variant = variant or detect_variant(source or "", scheduler_config)
         self.scheduler_config = variant_scheduler(scheduler_config, self.variant)
-        if offload not in OFFLOAD_MODES:
-            raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
-        here = transformer.x_pad_token.device
-        self.placement = {"text_encoder": here, "transformer": here, "vae": here, **(placement or {})}
-        self.offload = offload
         if offload == "blocks" and getattr(transformer, "block_streamer", None) is None:
             from .offload import stream_blocks
 
@@ -483,6 +490,7 @@ class ZImagePipeline:
         # A run of this pipeline finishes with the DiT it started with, and another pipeline holding
         # the DiT assigned does not change it (nor its record, read below) meanwhile.
         with _locks_of(lambda: [self, *_pipelines_holding(module)]):
+            self._check_held_alike(module)
             replaced = getattr(self, "_transformer", None) is not module
             self._transformer = module
             self._bind_transformer_calls()
@@ -493,6 +501,27 @@ class ZImagePipeline:
             if "_accel" in self.__dict__:  # (the constructor records and fits it once its record is made)
                 self._record_the_dit()
                 self._fit_attention()  # (SDPA bounded where it has only its math path, as at a placement)
+
+    def _check_held_alike(self, dit) -> None:
+        """Refuse ``dit`` (built with, or assigned to, this pipeline) where another live pipeline holding
+        it places it otherwise: another execution device, or another place where it rests between
+        runs (resident, CPU memory under offload="model", streamed blocks under "blocks"). The DiT
+        rests in one place, and each pipeline's runs follow its own offload mode: up to 0.22.0 a
+        pipeline built with offload="none" on a DiT another offloaded ran it on the CPU, and one
+        given a streamed DiT moved its blocks off their CPU copies at ``pipe.to``. Pipelines placed
+        alike stay so: :meth:`_place_holders` places every holder together."""
+        if dit is None or "placement" not in self.__dict__:
+            return
+        held = _held_as(self.placement["transformer"], self.offload)
+        for other in _pipelines_holding(dit):
+            if other is not self and _held_as(other.device, other.offload) != held:
+                raise ValueError(
+                    f"this DiT is held by another pipeline, which runs it on {other.device} with "
+                    f"offload={other.offload!r}; this pipeline would run it on {self.placement['transformer']} "
+                    f"with offload={self.offload!r}. Pipelines sharing a DiT place it alike (pipe.to and "
+                    f"enable_model_cpu_offload through one place every one): build this one with "
+                    f"placement=other.placement, offload={other.offload!r} (or, before assigning the DiT, "
+                    f"place this one so), or give each pipeline its own DiT (copy.deepcopy(other.transformer))")
 
     def _record_the_dit(self) -> None:
         """This pipeline's record of the transforms applied to its DiT (a DiT built with, or assigned
@@ -744,9 +773,10 @@ class ZImagePipeline:
     # ------------------------------------------------------------------ placement
     @_serialized_with_sharers
     def to(self, *args, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ZImagePipeline":
-        """Every component on ``device``, resident (diffusers' ``pipe.to``; offloading ends). Returns
-        the pipeline. Streamed blocks cannot move this way: load again with ``offload="none"``. The
-        dtype is chosen when loading (``dtype=`` / ``torch_dtype=``): a dtype here is refused."""
+        """Every component on ``device``, resident (diffusers' ``pipe.to``; offloading ends), and so
+        every other pipeline holding this DiT (:meth:`_place_holders`). Returns the pipeline.
+        Streamed blocks cannot move this way: load again with ``offload="none"``. The dtype is
+        chosen when loading (``dtype=`` / ``torch_dtype=``): a dtype here is refused."""
         dtypes = [a for a in args if isinstance(a, torch.dtype)] + ([dtype] if dtype is not None else [])
         if dtypes:
             raise ValueError(f"pipe.to({dtypes[0]}): the dtype is chosen when loading; load again with "
@@ -758,35 +788,14 @@ class ZImagePipeline:
         if self.offload == "blocks":
             raise ValueError("pipe.to() cannot move a DiT whose blocks are streamed (offload='blocks'); load it "
                              "again with offload='none'")
-        from .offload import move_, resides_on
-
-        device = resolve_device(device)
-        self._check_graphs_fit(device, "none")  # (for every pipeline holding the DiT)
-        self._check_accelerations_fit(device)
-        modules = [m for m in map(self._module, ("text_encoder", "transformer", "vae")) if m is not None]
-        # Already there (a script's pipe.to("cuda") before every call): nothing moves, and the cached
-        # features and captured graphs stay; dropping them re-encoded and re-captured every call.
-        moved = (self.offload != "none" or any(place != device for place in self.placement.values())
-                 or not all(resides_on(m, device) for m in modules))
-        for module in modules:  # (a remote text encoder stays where it is)
-            move_(module, device)
-        self.placement = dict.fromkeys(self.placement, device)
-        self.offload = "none"
-        self._fit_vae_hand_calls()
-        self._fit_attention()
-        if moved:
-            self.prompt_cache.clear()  # its features are on the old devices
-            if self._graphed is not None:
-                self._graphed.clear()  # graphs hold tensors of the old placement
-            self._dit_moved_for_sharers()
+        self._place_holders(resolve_device(device), "none")
         return self
 
     @_serialized_with_sharers
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
         """diffusers' name for ``offload="model"``: every component stays in CPU memory and visits
-        ``device`` (cuda:``gpu_id``, or the index in ``device``: "cuda:1") only while it runs."""
-        from .offload import move_
-
+        ``device`` (cuda:``gpu_id``, or the index in ``device``: "cuda:1") only while it runs; so
+        do those of every other pipeline holding this DiT (:meth:`_place_holders`)."""
         asked = parse_device(device)  # "CUDA", as device= everywhere
         kind, index = asked.type, asked.index
         if gpu_id is not None and index is not None and gpu_id != index:
@@ -805,37 +814,48 @@ class ZImagePipeline:
         if self.offload == "blocks":
             raise ValueError("the DiT's blocks are already streamed (offload='blocks'); load it again with "
                              "offload='model'")
-        self._check_graphs_fit(device, "model")  # (for every pipeline holding the DiT)
-        self._check_accelerations_fit(device)
-        moved = self.offload != "model" or any(place != device for place in self.placement.values())
+        self._place_holders(device, "model")
+
+    def _place_holders(self, device: torch.device, offload: str) -> None:
+        """Place this pipeline and every other live pipeline holding its DiT (:meth:`_sharers`; the
+        locks of all are held) on ``device`` with ``offload`` ("none" or "model"), each whole: a
+        pipeline's offload mode covers its three components, and the DiT rests in one place, so
+        pipelines sharing it are placed together (:meth:`_check_held_alike` refuses a pipeline that
+        would join them placed otherwise). Checked for all before anything moves. Up to 0.22.0 only
+        the pipeline asked changed its mode: another holding the DiT with offload="none" ran a DiT
+        left in CPU memory on the GPU (a device-mismatch RuntimeError), and one offloading it kept
+        a DiT made resident by another's ``pipe.to`` resident, reporting offload="model"."""
+        holders = [self, *self._sharers()]
+        self._check_graphs_fit(device, offload)  # (for every pipeline holding the DiT)
+        for pipe in holders:
+            pipe._check_accelerations_fit(device)
+        for pipe in holders:
+            pipe._place_components(device, offload, "" if pipe is self else " of another pipeline holding this DiT")
+
+    def _place_components(self, device: torch.device, offload: str, whose: str) -> None:
+        """This pipeline's components placed on ``device`` with ``offload`` (:meth:`_place_holders`);
+        already so placed (a script's ``pipe.to("cuda")`` before every call), nothing moves and the
+        cached features and captured graphs stay; dropping them re-encoded and re-captured every call."""
+        from .offload import move_, resides_on
+
+        modules = {name: module for name in ("text_encoder", "transformer", "vae")
+                   if (module := self._module(name)) is not None}  # (a remote text encoder stays where it is)
+        moved = (self.offload != offload or any(place != device for place in self.placement.values())
+                 or not all(resides_on(m, storage_device(n, device, offload)) for n, m in modules.items()))
+        for name, module in modules.items():
+            move_(module, storage_device(name, device, offload))
         self.placement = dict.fromkeys(self.placement, device)
-        self.offload = "model"
-        for name in ("text_encoder", "transformer", "vae"):
-            module = self._module(name)
-            if module is not None:
-                move_(module, storage_device(name, device, self.offload))
+        self.offload = offload
         self._fit_vae_hand_calls()
         self._fit_attention()
-        if moved:  # (called again as it was: nothing changes, and the cached features stay)
-            self.prompt_cache.clear()
-            if self._graphed is not None:
-                self._graphed.clear()
-            self._dit_moved_for_sharers()
-
-    def _dit_moved_for_sharers(self) -> None:
-        """The DiT moved (:meth:`to`, :meth:`enable_model_cpu_offload`; the locks of every pipeline
-        holding it are held): each other pipeline holding it runs it where it now runs, and drops
-        its captured graphs, which hold the tensors of the old placement. Up to 0.22.0 they kept
-        both (graphs of the old addresses, and a placement the DiT had left), and the move did not
-        wait for their runs."""
-        for other in self._sharers():
-            other.placement["transformer"] = self.placement["transformer"]
-            for line in other._drop_graphs("moved", " of another pipeline holding this DiT"):
+        if moved:
+            self.prompt_cache.clear()  # its features are on the old devices
+            for line in self._drop_graphs("moved", whose):  # graphs hold tensors of the old placement
                 logger.info(line)
 
     def _check_graphs_fit(self, device: torch.device, offload: str) -> None:
         """Refuse a placement that captured CUDA graphs cannot follow (those of this pipeline or of
-        another holding its DiT, which follows the DiT: :meth:`_dit_moved_for_sharers`): a graph
+        another holding its DiT, placed with it: :meth:`_place_holders`): a graph
         replays the weights at the addresses it was captured with, and an offloaded DiT is copied
         to the GPU anew on every visit (and freed after it), a DiT on the CPU has no graph to replay."""
         from .accel.cuda_graphs import graphs_problem
