@@ -4,6 +4,8 @@ loading and unloading through the pipeline, and the errors a user can meet."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
@@ -291,8 +293,8 @@ def test_triton_kernels_reach_the_branch(eager, fresh, control_files):  # noqa: 
 def test_offload_blocks_streams_the_branch_too(control_model_dir, control_files, eager):  # noqa: F811
     """With offload="blocks" the branch's blocks are streamed like the DiT's (its projections and
     modulations stay resident): every branch block runs on its moved copy, the results are those of
-    the resident pipeline, and between runs no block of either is held (the sampling loop drops
-    the block each prefetched for a step that did not come)."""
+    the resident pipeline, each branch block is fetched once per use (the last forward prefetches
+    no block for a step that does not come) and between runs no block of either is held."""
     from zimage_native.control import branch_blocks
     from zimage_native.offload import _streamed_tensors
 
@@ -304,9 +306,9 @@ def test_offload_blocks_streams_the_branch_too(control_model_dir, control_files,
     streamer = pipe.controlnet.block_streamer
     assert streamer.blocks == branch_blocks(pipe.controlnet) and "after_proj" in streamer.keep
     move = FakeMove(streamer)  # logs which block each moved tensor belongs to
-    ran = []
+    ran, used = [], []
     for i, block in enumerate(streamer.blocks):
-        block.register_forward_pre_hook(lambda m, a, i=i: ran.append(
+        block.register_forward_pre_hook(lambda m, a, i=i: used.append(i) or ran.append(
             not {t.data_ptr() for t in _streamed_tensors(m, streamer.keep)} & set(move.owner)))
     control = picture(48, 32, 5)
     got = pipe(["a cat", "a dog"], control_image=control, guidance_scale=2.0, **KW).images
@@ -315,6 +317,7 @@ def test_offload_blocks_streams_the_branch_too(control_model_dir, control_files,
     # 2 steps x 2 CFG forwards (positives, negatives: mask-free), every block on its moved copy
     assert len(ran) == 2 * 2 * len(streamer.blocks) and all(ran)
     assert sorted(set(move.log)) == list(range(len(streamer.blocks)))
+    assert collections.Counter(move.log) == collections.Counter(used)
     dit = pipe.transformer.block_streamer
     # the block each fetched for a step that did not come is dropped when the sampling loop ends
     assert not streamer.loaded and not dit.loaded

@@ -286,12 +286,14 @@ def test_a_lora_loaded_or_unloaded_between_streamed_runs_reaches_every_block():
             assert torch.equal(model(x, cap, t, layout), plain), f"run {run} after unload"
 
 
-def test_a_request_leaves_no_block_on_the_device_and_fetches_each_use_once_but_one(tiny_model_dir):
-    """The last block of a request's last DiT forward prefetches the next step's first block, for a
-    step that does not come. That block stayed on the device until the next request (338 MiB of the
-    released DiT in bf16), during the VAE decode too, the peak of a low-VRAM run. The sampling loop
-    drops it now: after every request no block is held, each block is fetched once per use plus
-    that one prefetch, and the images are bit-equal to the resident pipeline's."""
+def test_a_request_leaves_no_block_on_the_device_and_fetches_each_block_once_per_use(tiny_model_dir):
+    """The last block of a request's last DiT forward would prefetch the next step's first block,
+    for a step that does not come (a wasted copy; it stayed on the device until the next request,
+    338 MiB of the released DiT in bf16). The sampling loop runs its last forward in
+    offload.last_pass, which starts no such prefetch, and drops what is still held when it ends:
+    after every request no block is held, each block is fetched exactly once per use (with CFG
+    too, where the positives' last block still prefetches the negatives' first), and the images
+    are bit-equal to the resident pipeline's."""
     from tests.fixtures import our_pipeline
 
     pipe = our_pipeline(tiny_model_dir, offload="blocks")
@@ -302,16 +304,14 @@ def test_a_request_leaves_no_block_on_the_device_and_fetches_each_use_once_but_o
     streamer.transfer = lambda t: fetched.append(owner[t.data_ptr()]) or move(t)
     for i, block in enumerate(streamer.blocks):
         block.register_forward_pre_hook(lambda m, a, i=i: used.append(i))
-    first_of_a_step = len(pipe.transformer.context_refiner)  # the noise refiner's first block
     resident = our_pipeline(tiny_model_dir)
-    for steps in (2, 3, 3):
-        kw = dict(height=32, width=32, num_inference_steps=steps, output_type="pt", seed=0)
+    for steps, guidance in ((2, 0.0), (3, 0.0), (3, 2.0), (2, 0.0)):
+        kw = dict(height=32, width=32, num_inference_steps=steps, guidance_scale=guidance, output_type="pt", seed=0)
         fetched.clear(), used.clear()
         images = pipe("a cat", **kw).images
         assert not streamer.loaded, f"{sorted(streamer.loaded)} held after a request of {steps} steps"
-        fetches = collections.Counter(i for k, i in enumerate(fetched) if k == 0 or fetched[k - 1] != i)
-        assert fetches - collections.Counter(used) == {first_of_a_step: 1}
-        assert collections.Counter(used) - fetches == {}
+        fetches = [i for k, i in enumerate(fetched) if k == 0 or fetched[k - 1] != i]
+        assert collections.Counter(fetches) == collections.Counter(used), (steps, guidance, fetches, used)
         assert torch.equal(images, resident("a cat", **kw).images)
 
 

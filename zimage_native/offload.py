@@ -17,10 +17,12 @@ Which block comes next is learned from the order in which blocks ran before: for
 often each other block followed it, and the most frequent successor is prefetched (the first seen
 on a tie). The sampling loop runs the same order every step, so from the second pass on every
 block but the very first is prefetched, including the first block of the next step while the last
-one runs. Only the end of a request is mispredicted (its last block predicts another step; the
-next request starts with the caption refiner): one wasted copy per request, which the pipeline
-drops when its sampling loop ends (:func:`release_streamed`), so that no block stays on the device
-between requests (nor during the VAE decode). Within a run, a prefetch that turns out wrong is
+one runs. Only the end of a request would be mispredicted (its last block predicts another step;
+the next request starts with the caption refiner): the sampling loop runs its last forward in
+:func:`last_pass`, where no block prefetches one that starts another pass (the blocks are listed
+in execution order, so such a block comes before it), and what is still held when the loop ends
+(an interrupted run's prefetch) it drops (:func:`release_streamed`), so that no block stays on the
+device between requests (nor during the VAE decode). Within a run, a prefetch that turns out wrong is
 dropped when the next block starts, so at most ``depth + 1`` blocks are ever on the device.
 
 The copy itself is a hook (``transfer``), so the CPU tests can record the copy order with a fake
@@ -78,6 +80,7 @@ class BlockStreamer(ProcessLocal):
         self.loaded: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], object]] = {}
         self.successor: dict[int, dict[int, int]] = {}  # block -> {next block: times seen}
         self.last: int | None = None
+        self.last_pass = False  # no prefetch of a block that starts another pass (:func:`last_pass`)
         self.handles = []
         for i, block in enumerate(self.blocks):
             self.handles.append(block.register_forward_pre_hook(functools.partial(self._before, i)))
@@ -112,14 +115,15 @@ class BlockStreamer(ProcessLocal):
             self.free(i)
 
     def ahead(self, i: int) -> list[int]:
-        """The blocks to prefetch while block ``i`` runs: its next ``depth`` most frequent successors."""
+        """The blocks to prefetch while block ``i`` runs: its next ``depth`` most frequent successors
+        (in the last pass only those after it in execution order)."""
         out, j = [], i
         for _ in range(self.depth):
             seen = self.successor.get(j)
             if not seen:
                 break
-            j = max(seen, key=seen.get)  # the first seen of the most frequent
-            if j == i or j in out:
+            before, j = j, max(seen, key=seen.get)  # the first seen of the most frequent
+            if j == i or j in out or (self.last_pass and j <= before):
                 break
             out.append(j)
         return out
@@ -162,6 +166,21 @@ def release_streamed(*models: nn.Module | None) -> None:
         streamer = getattr(model, "block_streamer", None)
         if streamer is not None:
             streamer.release()
+
+
+@contextlib.contextmanager
+def last_pass(*models: nn.Module | None):
+    """Within: the streamed blocks of ``models`` (those with a ``block_streamer``; others, and None,
+    are skipped) run their last pass of a run, and prefetch no block of a pass that does not come
+    (the next step's first block, which the last block predicts)."""
+    streamers = [s for s in (getattr(m, "block_streamer", None) for m in models) if s is not None]
+    for streamer in streamers:
+        streamer.last_pass = True
+    try:
+        yield
+    finally:
+        for streamer in streamers:
+            streamer.last_pass = False
 
 
 # ---------------------------------------------------------------------------- whole components

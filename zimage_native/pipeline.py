@@ -882,9 +882,9 @@ class ZImagePipeline:
         """diffusers' end-of-call step: there model offload's hooks leave the last component on the GPU,
         and this moves every component back to the CPU and arms the hooks again. Here there are no
         hooks to arm: under ``offload="model"`` a component visits the GPU only while it runs and rests
-        in CPU memory when the call returns. Under ``offload="blocks"`` the sampling loop drops the
-        block (the prefetch depth of them) its last forward fetched for a step that does not come, so
-        after a pipeline call nothing is left to free either. What it still drops are the blocks a
+        in CPU memory when the call returns. Under ``offload="blocks"`` the sampling loop's last forward
+        fetches no block for a step that does not come, and the loop drops what an interrupted run
+        left, so after a pipeline call nothing is left to free either. What it still drops are the blocks a
         DiT or ControlNet called by hand (``pipe.transformer(...)``) left on the device for its next
         pass (``offload.release_streamed``). Otherwise it does nothing, as diffusers' without
         offload."""

@@ -22,6 +22,7 @@ step and keeps them where the mask is black (white = repaint).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -40,7 +41,7 @@ from .finite import check_finite, finite_all, finite_rows
 from .images import check_side
 from .images import preprocess_image, preprocess_mask, to_pil, to_uint8, uint8_to_pil  # noqa: F401  (re-exported)
 from .model.sequence import SequenceLayout, build_layout, pad_captions, patchify, unpatchify
-from .offload import release_streamed
+from .offload import last_pass, release_streamed
 from .scheduler import Schedule, euler_step, make_schedule, sigma_values
 
 logger = logging.getLogger(__name__)
@@ -482,23 +483,26 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
     cfg, dtype = pipe.transformer_config, pipe.dtype
     scale = None  # a guidance scale a step-end callback set (a number), else the plan's (a device scalar when graphed)
 
-    def forward(x, step, side):
+    def forward(x, step, side, last):
+        """One forward; ``last``: the run's last, where streamed blocks prefetch no next step's."""
         layout, tokens = side
-        extra = plan.extra(x, step, layout, tokens) if plan.extra is not None else {}
-        if plan.cache is not None:  # each branch (positives, negatives) keeps its own residuals
-            branch = "negative" if side is plan.negative else "positive"
-            out = plan.cache.forward(pipe.transformer, branch, x, tokens, layout, step.mods, **extra)
-        else:
-            out = pipe.transformer.forward_tokens(x, tokens, None, layout, step.mods, **extra)
+        with last_pass(pipe.transformer, pipe.controlnet) if last else contextlib.nullcontext():
+            extra = plan.extra(x, step, layout, tokens) if plan.extra is not None else {}
+            if plan.cache is not None:  # each branch (positives, negatives) keeps its own residuals
+                branch = "negative" if side is plan.negative else "positive"
+                out = plan.cache.forward(pipe.transformer, branch, x, tokens, layout, step.mods, **extra)
+            else:
+                out = pipe.transformer.forward_tokens(x, tokens, None, layout, step.mods, **extra)
         return unpatchify(out, layout.grid, cfg.in_channels, cfg.patch_size).float()
 
     for k, step in enumerate(denoise_bar(pipe, progress, plan.steps)):
         x = patchify(latents.to(dtype), cfg.patch_size)
         one = dataclasses.replace(step, guided=False) if step.guided else step  # each forward has batch B
-        pred = forward(x, one, plan.varied if step.varied else plan.plain)
-        if step.guided and scale != 0:  # CFG: a second forward for the negatives, mask-free at batch 1
-            pred = cfg_combine(pred, forward(x, one, plan.negative), plan.guidance_scale if scale is None else scale,
-                               plan.norm_limit)
+        guided, final = step.guided and scale != 0, k == len(plan.steps) - 1
+        pred = forward(x, one, plan.varied if step.varied else plan.plain, final and not guided)
+        if guided:  # CFG: a second forward for the negatives, mask-free at batch 1
+            pred = cfg_combine(pred, forward(x, one, plan.negative, final),
+                               plan.guidance_scale if scale is None else scale, plan.norm_limit)
         # The model predicts the negative velocity.
         sigma_next = plan.sigmas[step.index + 1]
         latents = euler_step(latents, -pred, plan.sigmas[step.index], sigma_next)
@@ -573,9 +577,10 @@ def denoise(pipe, latents, prompt_embeds, negative_embeds, schedule: Schedule, g
     The pipeline's graphed loop (``cuda_graphs``) runs it, ``on_step_end`` after each step's replay
     (in loop mode too: such a run replays step graphs), unless the first-block cache (``cache`` > 0;
     its counts go to ``info["first_block_cache_forwards"]``) is on. With ``offload="blocks"`` the
-    block the last forward prefetched for a step that does not come (the DiT's, the ControlNet
-    branch's) is dropped at the end, an interrupted or failed run's too: nothing stays on the device
-    between requests (:func:`offload.release_streamed`)."""
+    last forward prefetches no block for a step that does not come (:func:`offload.last_pass`), and
+    what is still held at the end (the DiT's, the ControlNet branch's: an interrupted or failed run's
+    prefetch) is dropped: nothing stays on the device between requests
+    (:func:`offload.release_streamed`)."""
     with pipe._running("transformer"):
         try:
             p = plan(pipe, latents.shape[-2:], prompt_embeds, negative_embeds, schedule, guidance_scale,
