@@ -3,8 +3,9 @@
 The path of every tensor: read (fp8, comfy_quant and GGUF dequantised: to fp32 for LoRAs or fp8
 output, else to the output dtype) -> canonical names (``keymap.to_canonical``) -> LoRA deltas added
 in fp32 -> destination layout (``keymap.from_canonical_blocks``: the parts of a fused q|k|v or w1|w3
-passed on as they come, written at their rows of it, not joined first; joined for fp8 output, whose
-scale is the whole weight's) -> dtype cast or fp8 quantisation -> file.
+passed on as they come, written at their rows of it, not joined first; for fp8 output, whose scale
+is the whole weight's, with the amax of a first pass over them) -> dtype cast or fp8 quantisation
+(written by blocks of rows as they are made) -> file.
 The same path runs first on meta tensors built from the header alone, which gives the plan (keys,
 shapes, dtypes, sizes, shard assignment) that ``--dry-run`` prints and the writer follows: each
 file's header is written from the plan first, then every tensor is converted, written at its offset
@@ -27,12 +28,12 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from ..formats.fp8 import CHUNK_ELEMENTS
-from .keymap import KeyMap, from_canonical_blocks, keymap_for
+from .keymap import Fuse, KeyMap, from_canonical_blocks, keymap_for
 from .streaming import ST_DTYPES, SafetensorsWriter
 
 DTYPES = {"keep": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -126,29 +127,55 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_blocks(w: torch.Tensor) -> tuple[range, int]:
+    """The starts and the size of blocks of rows of :data:`~zimage_native.formats.fp8.CHUNK_ELEMENTS`
+    values of a 1-d or wider ``w`` (none for a tensor without values: an empty block has no max)."""
+    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(w.shape[1:])))
+    return range(0, w.shape[0] if w.numel() else 0, step), step
+
+
+def fp8_amax(weight: torch.Tensor) -> torch.Tensor:
+    """The fp32 max of ``|weight|`` (0 for a weight without values), by blocks of rows: the max of
+    the blocks' maxima, a NaN stays NaN, as in the whole max."""
+    w = weight.reshape(1) if weight.ndim == 0 else weight
+    starts, step = _row_blocks(w)
+    amax = torch.zeros((), dtype=torch.float32, device=w.device)
+    for i in starts:
+        amax = torch.maximum(amax, w[i:i + step].float().abs().max())
+    return amax
+
+
+def fp8_blocks(weight: torch.Tensor, amax: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, Iterator[tuple[int, torch.Tensor]]]:
+    """Per-tensor scaled fp8 of a 2-d ``weight`` by blocks of rows: (fp32 scale, the (first row,
+    fp8 rows) blocks, made as they are taken), scale = amax / 448, where ``amax`` is the weight's
+    (:func:`fp8_amax`) unless given: that of a larger tensor whose rows ``weight`` is (the max over
+    its parts), whose scale it gets. Each code depends on its value and the scale alone, so the
+    blocks are the whole-tensor result's rows, bit for bit."""
+    amax = fp8_amax(weight) if amax is None else amax
+    scale = (amax / FP8_MAX) if amax > 0 else torch.ones((), dtype=torch.float32, device=weight.device)
+    starts, step = _row_blocks(weight)
+    blocks = ((i, (weight[i:i + step].float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn))
+              for i in starts)
+    return scale.reshape(()).to(torch.float32), blocks
+
+
+def quantize_fp8(weight: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor scaled fp8: (fp8 weight, fp32 scale) with weight ~= fp8 * scale, scale = amax / 448.
 
     Computed in fp32 by blocks of rows of :data:`~zimage_native.formats.fp8.CHUNK_ELEMENTS` values
-    (the amax, then the codes, written into the result). Whole, the weight's fp32 upcast, its
-    quotient by the scale and the clamp of that were held at once: three fp32 copies (a 10240 x 3840
-    bf16 weight: 450 MiB at the peak for a 37 MiB result). Each code depends on its value and the
-    scale alone, so the result is the whole-tensor one, bit for bit. A weight without values (no
-    rows or no columns) gives an empty result with scale 1, as an all-zero one does."""
+    (the amax, then the codes, written into the result: :func:`fp8_blocks`). Whole, the weight's
+    fp32 upcast, its quotient by the scale and the clamp of that were held at once: three fp32
+    copies (a 10240 x 3840 bf16 weight: 450 MiB at the peak for a 37 MiB result). A weight without
+    values (no rows or no columns) gives an empty result with scale 1, as an all-zero one does."""
     if weight.is_meta:
         return torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device="meta"), torch.empty((), device="meta")
     w = weight.reshape(1) if weight.ndim == 0 else weight
-    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(w.shape[1:])))
-    starts = range(0, w.shape[0] if w.numel() else 0, step)  # (an empty block has no max: rows of no columns)
-    amax = torch.zeros((), dtype=torch.float32, device=w.device)
-    for i in starts:  # the max of the blocks' maxima (a NaN stays NaN, as in the whole max)
-        amax = torch.maximum(amax, w[i:i + step].float().abs().max())
-    scale = (amax / FP8_MAX) if amax > 0 else torch.ones((), dtype=torch.float32, device=w.device)
+    scale, blocks = fp8_blocks(w, amax)
     q = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
-    for i in starts:  # (assigned: rounded to float8 as .to rounds)
-        q[i:i + step] = (w[i:i + step].float() / scale).clamp_(-FP8_MAX, FP8_MAX)
-    q = q.reshape(weight.shape)
-    return q, scale.reshape(()).to(torch.float32)
+    for i, block in blocks:
+        q[i:i + block.shape[0]] = block
+    return q.reshape(weight.shape), scale
 
 
 class _LoraBaker:
@@ -187,10 +214,11 @@ def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | No
             join: bool = False) -> Iterator[tuple[str, torch.Tensor, int | None]]:
     """The converted (key, tensor, row) triples: ``row`` None for a whole tensor, else the row where a
     part of a fused one begins (``keymap.from_canonical_blocks``), for ``SafetensorsWriter.write``
-    to place; ``join``: every tensor whole (fp8 output joins them: one scale for the fused weight)."""
+    to place; ``join``: every tensor whole (the plan's shapes)."""
     from ..formats import canonical_items
     from ..formats.gguf import GGUFCheckpoint
     from ..formats.gguf import canonical_items as gguf_items
+    from ..formats.gguf import keymap_of
 
     # Quantised tensors (fp8, comfy_quant, GGUF) are dequantised to fp32 for a LoRA's deltas or the
     # fp8 quantisation; otherwise straight to the output dtype (computed in fp32 and rounded once, as
@@ -203,8 +231,8 @@ def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | No
         canonical_items = gguf_items  # noqa: F811
         read_dtype = read_dtype or torch.float32
 
-    def canonical():
-        for key, tensor in canonical_items(ckpt, info, meta=meta, dtype=read_dtype):
+    def canonical(keep=None):
+        for key, tensor in canonical_items(ckpt, info, meta=meta, dtype=read_dtype, keep=keep):
             original = tensor.dtype
             if baker is not None:
                 tensor = baker(key, tensor)
@@ -217,12 +245,32 @@ def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | No
     if fp8:
         yield "scaled_fp8", torch.empty(0, dtype=torch.float8_e4m3fn, device="meta" if meta else "cpu"), None
     pattern = _FP8_TARGETS.get(component)
-    for key, tensor, row in from_canonical_blocks(canonical(), dst, join=join or fp8):
-        if fp8 and pattern is not None and tensor.ndim == 2 and any(pattern.match(c) for c in dst.canonical_keys(key)):
-            q, scale = quantize_fp8(tensor)
-            yield key, q, None
-            del q  # not held while the next tensors are made (the writer streams them one at a time)
-            yield key[: -len("weight")] + "scale_weight", scale, None
+    quantised = (lambda key: pattern.match(key) is not None) if fp8 and pattern is not None else (lambda key: False)
+    # fp8: one scale for a fused weight (q|k|v, w1|w3), its parts' amax. Parts the source stores apart
+    # are quantised and written at their rows as they come, with the amax of a first pass over them,
+    # one part read at a time; joined, they were held and copied: the weight twice at the peak (a
+    # real-width bf16 q|k|v: 169 MiB). Parts of one source tensor are joined as a view of it.
+    apart = _fused_apart(dst, keymap_of(info), quantised)
+    amax: dict[str, torch.Tensor] = {}
+    if fp8 and not meta and not join:
+        for key, tensor in canonical(keep=apart):
+            out = dst.foreign_key(key)
+            amax[out] = torch.maximum(amax[out], fp8_amax(tensor)) if out in amax else fp8_amax(tensor)
+            del tensor
+    scaled = set()
+    for key, tensor, row in from_canonical_blocks(canonical(), dst, join=join or (fp8 and (lambda k: not apart(k)))):
+        if tensor.ndim == 2 and any(quantised(c) for c in dst.canonical_keys(key)):
+            if tensor.is_meta or not tensor.numel():
+                q, scale = quantize_fp8(tensor)
+                yield key, q, row
+            else:  # by blocks of rows, each written as it is made: the fp8 weight is never held whole
+                scale, blocks = fp8_blocks(tensor, amax.get(key))
+                for i, block in blocks:
+                    yield key, block, (row or 0) + i
+                    del block
+            if key not in scaled:
+                scaled.add(key)
+                yield key[: -len("weight")] + "scale_weight", scale, None
             del scale
         elif fp8 and tensor.is_floating_point():
             yield key, tensor.to(torch.bfloat16), row
@@ -231,6 +279,18 @@ def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | No
         else:
             yield key, tensor, row
         del tensor  # not held while the next one is made
+
+
+def _fused_apart(dst: KeyMap, src: KeyMap, quantised: Callable[[str], bool]) -> Callable[[str], bool]:
+    """Whether a canonical key is a part of a weight that ``dst`` fuses along dim 0 and fp8 output
+    quantises (``quantised``), stored apart in the source (``src`` does not fuse the same parts)."""
+    def apart(key: str) -> bool:
+        rule = dst.inverse_key(key)[0]
+        if not (isinstance(rule, Fuse) and rule.dim == 0 and quantised(key)):
+            return False
+        stored = src.inverse_key(key)[0]
+        return not (isinstance(stored, Fuse) and stored.dst == rule.dst)
+    return apart
 
 
 def _sources(info, dst: KeyMap) -> tuple[dict[str, list[str]], list[str]]:

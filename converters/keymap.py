@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Union
 
 import torch
 
@@ -209,8 +209,8 @@ def from_canonical(items: Iterable[tuple[str, torch.Tensor]], keymap: KeyMap) ->
         del tensor  # not held while the next one is made
 
 
-def from_canonical_blocks(items: Iterable[tuple[str, torch.Tensor]], keymap: KeyMap, join: bool = False
-                          ) -> Iterator[tuple[str, torch.Tensor, int | None]]:
+def from_canonical_blocks(items: Iterable[tuple[str, torch.Tensor]], keymap: KeyMap,
+                          join: bool | Callable[[str], bool] = False) -> Iterator[tuple[str, torch.Tensor, int | None]]:
     """As :func:`from_canonical`, with the row of the foreign tensor where each tensor yielded
     begins: ``None`` for a whole tensor. Unless ``join``, the parts of a tensor fused along dim 0
     (q|k|v, w1|w3) are not joined: each is passed on as it comes, as the block of rows it fills
@@ -218,7 +218,7 @@ def from_canonical_blocks(items: Iterable[tuple[str, torch.Tensor]], keymap: Key
     (``streaming.SafetensorsWriter.write(..., row=)``). Joined, the parts of a diffusers DiT's
     q|k|v were held until the last came and copied into the fused tensor: the weight twice at the
     peak of a conversion (a real-width 11520 x 3840 bf16 q|k|v: 169 MiB above the start for an 84
-    MiB weight)."""
+    MiB weight). ``join`` may be a test of a part's canonical key: those it passes are joined."""
     pending: dict[str, dict[int, torch.Tensor | tuple[int, ...]]] = {}  # out -> index -> part (its shape when passed on)
     for key, tensor in items:
         rule, foreign, index = keymap.inverse_key(key)
@@ -227,7 +227,7 @@ def from_canonical_blocks(items: Iterable[tuple[str, torch.Tensor]], keymap: Key
             parts = pending.setdefault(out, {})
             if index in parts:
                 raise ValueError(f"{key}: given twice")
-            if not join and rule.dim == 0:
+            if not (join(key) if callable(join) else join) and rule.dim == 0:
                 shape = tuple(tensor.shape)
                 if any(other != shape for other in parts.values()):
                     raise ValueError(f"{key}: shape {list(shape)} differs from the other parts of {out} "

@@ -164,3 +164,59 @@ def test_the_parts_of_a_fused_weight_are_written_where_they_go(tmp_path):
                          f"({part / 2**20:.0f} MiB a part, {3 * part / 2**20:.0f} MiB the q|k|v)"
     written = load_file(tmp_path / "out" / "out.safetensors")["layers.0.attention.qkv.weight"]
     assert torch.equal(written.view(torch.int16), torch.cat(list(parts.values())).view(torch.int16))
+
+
+def test_fp8_parts_of_a_fused_weight_are_quantised_where_they_go(tmp_path):
+    """fp8 output of a diffusers DiT to the ComfyUI layout joined its separate to_q, to_k and to_v
+    (one scale for the fused q|k|v, the amax of all three): held until the last came, copied into
+    the join, quantised (a real-width 3 x 3840 x 3840 bf16 q|k|v: 169 MiB above the start for a 42
+    MiB result). A first pass computes the amax over the parts, read one at a time; then each part
+    is quantised with the fused weight's scale and written at its rows as it comes: the peak stays
+    under one and a half parts, and the file holds the join's codes and scale bit for bit. The
+    parts' ranges differ, so a scale of one part alone would show."""
+    from safetensors.torch import load_file
+
+    from zimage_native.converters.convert import quantize_fp8
+
+    dim = 3840
+    g = torch.Generator().manual_seed(0)
+    parts = {name: (torch.randn(dim, dim, generator=g) * 0.02 * (i + 1)).bfloat16()
+             for i, name in enumerate(("to_q", "to_k", "to_v"))}
+    src = tmp_path / "qkv.safetensors"
+    save_file({"x_pad_token": torch.zeros(1, dim, dtype=torch.bfloat16),
+               **{f"layers.0.attention.{name}.weight": t for name, t in parts.items()}}, str(src))
+    peak = _peak(src, "fp8", tmp_path / "out")
+    part = dim * dim * 2
+    bound = part * 3 // 2
+    assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
+                         f"({part / 2**20:.0f} MiB a part, {3 * part / 2**20:.0f} MiB the q|k|v)"
+    written = load_file(tmp_path / "out" / "out.safetensors")
+    want, scale = quantize_fp8(torch.cat(list(parts.values())))
+    assert torch.equal(written["layers.0.attention.qkv.weight"].view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(written["layers.0.attention.qkv.scale_weight"], scale)
+
+
+def test_fp8_output_is_written_by_blocks_of_rows(tmp_path):
+    """fp8 output was quantised into a whole fp8 tensor, then written: the weight read and its fp8
+    result at once (a ComfyUI file's real-width 11520 x 3840 bf16 q|k|v to ComfyUI fp8: 84 + 42 MiB;
+    a real-width bf16 DiT of 1050 MiB converted at 136 MiB). Each block of rows is written as it is
+    quantised now: the peak stays under the weight and a quarter of it, and the file holds the
+    whole-tensor codes bit for bit."""
+    from safetensors.torch import load_file
+
+    from zimage_native.converters.convert import quantize_fp8
+
+    dim = 3840
+    weight = (torch.randn(3 * dim, dim, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    src = tmp_path / "qkv.safetensors"
+    save_file({"x_pad_token": torch.zeros(1, dim, dtype=torch.bfloat16), "layers.0.attention.qkv.weight": weight},
+              str(src))
+    peak = _peak(src, "fp8", tmp_path / "out")
+    tensor = 3 * dim * dim * 2
+    bound = tensor * 5 // 4
+    assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
+                         f"({tensor / 2**20:.0f} MiB the q|k|v)"
+    written = load_file(tmp_path / "out" / "out.safetensors")
+    want, scale = quantize_fp8(weight)
+    assert torch.equal(written["layers.0.attention.qkv.weight"].view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(written["layers.0.attention.qkv.scale_weight"], scale)
