@@ -357,6 +357,38 @@ def test_the_pinned_refusal_names_only_routes_that_fit(tiny_model_dir, monkeypat
 
 
 
+def test_the_pinned_refusal_names_offload_model_only_where_its_largest_component_fits_on_the_gpu(
+        tiny_model_dir, monkeypatch):
+    """--offload blocks refused for a DiT the RAM cannot pin named --offload model wherever RAM and
+    swap hold every component, without asking the GPU: under model offload each component visits
+    the GPU whole, so a DiT larger than its free memory was refused there too (the GPU check,
+    followed). The sizes are the headers' (folder_weight_bytes, before any read): --offload model is
+    named only when the largest visitor fits in the free memory, and the refusal says why not."""
+    import zimage_native.loading as loading
+
+    refuse_weight_reads(monkeypatch)
+    fake_cuda(monkeypatch)
+    need = folder_weight_bytes(tiny_model_dir, [], torch.float32, "none", "model")
+    largest = max(need.values())
+    everything = sum(folder_weight_bytes(tiny_model_dir, [], torch.float32).values())
+    kw = dict(device="cuda", dtype=torch.float32)
+    available = folder_weight_bytes(tiny_model_dir, [], torch.float32)["transformer"] - 1  # the pinned DiT lacks a byte
+    host(monkeypatch, available, swap=everything - available)  # RAM and swap hold every component
+    card(monkeypatch, free=largest - 1)  # the largest visitor lacks a byte on the card
+    with pytest.raises(InsufficientMemoryError) as e:
+        loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
+    assert "(--offload model)" not in str(e.value) and 'offload="model"' not in str(e.value)
+    assert "(--offload model does not fit either: the transformer visits cuda whole" in str(e.value)
+    with pytest.raises(InsufficientMemoryError, match="^the weights do not fit on cuda"):
+        loading.load_pretrained(tiny_model_dir, offload="model", **kw)  # the route it no longer names
+    card(monkeypatch, free=largest)  # it fits: named, and followed, reading starts
+    with pytest.raises(InsufficientMemoryError) as e:
+        loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
+    assert "(--offload model)" in str(e.value) and 'offload="model"' in str(e.value)
+    with pytest.raises(WeightsRead):
+        loading.load_pretrained(tiny_model_dir, offload="model", **kw)
+
+
 @pytest.mark.parametrize("form", ["safetensors", "fp8", "gguf"])
 def test_a_dit_file_streamed_from_pinned_memory_must_fit_in_the_ram(tiny_model_dir, tmp_path, monkeypatch, form):
     """--offload blocks with --transformer FILE (the 8gb profile's GGUF DiT, an fp8 or a bf16 file):

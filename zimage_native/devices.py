@@ -306,15 +306,17 @@ SMALLER_DIT, PYTHON_SMALLER_DIT = "use a smaller DiT (a GGUF file, --transformer
 
 
 def pinned_advice(everything: int, need: int, locked: int, available: int, swap: int, smaller: str,
-                  python_smaller: str | None) -> tuple[str, str | None]:
+                  python_smaller: str | None, model_gpu: str | None = None) -> tuple[str, str | None]:
     """The routes, in the CLI's words and the library's, to fit ``need`` bytes kept in CPU memory of
     which the ``locked`` ones (one component's) are pinned and exceed the ``available`` RAM: only
     those that fit beside ``swap`` bytes of free swap. ``--offload model`` keeps every component
     (``everything`` bytes) pageable, so it fits when the RAM and swap together hold them; a smaller
     pinned component (``smaller`` / ``python_smaller``) is given the largest size that fits; and
-    freeing RAM (the bytes the RAM lacks for both the pinned weights and the rest) always fits."""
+    freeing RAM (the bytes the RAM lacks for both the pinned weights and the rest) always fits.
+    ``model_gpu``: why ``--offload model`` does not fit on the GPU (:func:`model_offload_gpu_short`),
+    where it does not: it is not named then either."""
     short = max(locked - available, need - available - swap)
-    model = everything <= available + swap
+    model = everything <= available + swap and model_gpu is None
     routes = ["keep it in pageable CPU memory, which swap can hold (--offload model)"] if model else []
     python = ['offload="model"'] if model else []
     if locked > short:
@@ -322,14 +324,31 @@ def pinned_advice(everything: int, need: int, locked: int, available: int, swap:
         python += [python_smaller] if python_smaller else []
     routes.append(f"free {format_bytes(short)} of RAM")
     text = f"{', '.join(routes[:-1])} or {routes[-1]}" if len(routes) > 1 else routes[0]
-    if not model:
+    if model_gpu is not None:
+        text += f" (--offload model does not fit either: {model_gpu})"
+    elif not model:
         text += (f" (--offload model does not fit either: it keeps {format_bytes(everything)} of weights in pageable "
                  f"CPU memory, more than the RAM and free swap hold together, {format_bytes(available + swap)})")
     return text, f"in Python these are from_pretrained's arguments: {', '.join(python)}" if python else None
 
 
+def model_offload_gpu_short(needs: dict[str, int], placement: dict[str, torch.device]) -> str | None:
+    """Why ``offload="model"`` would not fit on a GPU of ``placement`` (``needs``: the bytes each
+    component holds there while it runs, from the headers): each component visits its GPU alone, so
+    the largest must fit in the free memory (:func:`free_memory`); None where it does."""
+    for device in {d for d in placement.values() if d.type == "cuda"}:
+        peak, _, visit = weight_peak(needs, placement, "model", device)
+        free, _ = free_memory(device)
+        if peak > free:
+            largest = max(visit, key=visit.get)
+            return (f"the {largest.replace('_', ' ')} visits {device} whole, {format_bytes(peak)}, and the GPU has "
+                    f"{format_bytes(free)} free")
+    return None
+
+
 def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device], pinned: tuple[str, ...] = (),
-                      advice: str | None = None, python_advice: str | None = None) -> None:
+                      advice: str | None = None, python_advice: str | None = None,
+                      model_gpu: str | None = None) -> None:
     """Refuse before loading the weights that would stay in CPU memory (``needs``: bytes per component;
     those whose ``storage`` device is the CPU, or Apple silicon's GPU, which shares the RAM, count) when they exceed the available RAM and free swap
     together, or when the ``pinned`` ones (page-locked for streaming: swap cannot hold them) exceed
@@ -337,7 +356,7 @@ def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device], p
     does not report its memory. ``advice`` / ``python_advice``: what to change in the CLI's words /
     the library's, in place of the advice for a pipeline's components; for pinned weights, the smaller
     weights to load in their place (:func:`pinned_advice` adds the largest size that fits and the other
-    routes)."""
+    routes; ``model_gpu``: why ``--offload model`` does not fit on the GPU, :func:`pinned_advice`)."""
     parts = {name: size for name, size in needs.items() if storage[name].type in HOST_MEMORY_DEVICES}
     need, memory = sum(parts.values()), host_memory()
     if not need or memory is None:
@@ -350,7 +369,7 @@ def check_host_memory(needs: dict[str, int], storage: dict[str, torch.device], p
     locked = sum(size for name, size in parts.items() if name in pinned)
     if locked > available:
         routes, python = pinned_advice(sum(needs.values()), need, locked, available, swap,
-                                       advice or SMALLER_DIT, python_advice if advice else PYTHON_SMALLER_DIT)
+                                       advice or SMALLER_DIT, python_advice if advice else PYTHON_SMALLER_DIT, model_gpu)
         raise InsufficientMemoryError(
             f"the weights do not fit in {where_kept}: {where}, of which the {' and '.join(pinned).replace('_', ' ')} "
             f"({format_bytes(locked)}) is pinned for streaming, which swap cannot hold, and this machine has "

@@ -784,7 +784,7 @@ def load_pretrained(
     """
     from .config import TransformerConfig, VAEConfig
     from .devices import (HOST_MEMORY_DEVICES, check_host_memory, check_offload, check_weights_fit, load_device,
-                          resolve_device, resolve_dtype, warn_if_cpu_fallback)
+                          model_offload_gpu_short, resolve_device, resolve_dtype, warn_if_cpu_fallback)
     from .hub import load_tokenizer, resolve_model_folder
     from .model.transformer import ZImageTransformer
     from .model.vae import AutoencoderKL
@@ -817,7 +817,11 @@ def load_pretrained(
     skip = [k for k, v in overridden.items() if v is not None]
     pinned = ("transformer",) if offload == "blocks" and placement["transformer"].type == "cuda" else ()
     if any(dev.type in HOST_MEMORY_DEVICES for dev in storage.values()):
-        check_host_memory(folder_weight_bytes(folder, skip, dtype, text_encoder_quant), storage, pinned)
+        # the pinned refusal names --offload model only where its largest component fits on the GPU
+        model_gpu = model_offload_gpu_short(folder_weight_bytes(folder, skip, dtype, text_encoder_quant, "model"),
+                                            placement) if pinned else None
+        check_host_memory(folder_weight_bytes(folder, skip, dtype, text_encoder_quant), storage, pinned,
+                          model_gpu=model_gpu)
     if any(dev.type == "cuda" for dev in placement.values()):
         check_weights_fit(folder_weight_bytes(folder, skip, dtype, text_encoder_quant, offload), placement, offload,
                           advice=lambda device, free: settings_that_fit(folder, skip, dtype, placement, device, free))
