@@ -172,8 +172,10 @@ def test_fp8_parts_of_a_fused_weight_are_quantised_where_they_go(tmp_path):
     the join, quantised (a real-width 3 x 3840 x 3840 bf16 q|k|v: 169 MiB above the start for a 42
     MiB result). A first pass computes the amax over the parts, read one at a time; then each part
     is quantised with the fused weight's scale and written at its rows as it comes: the peak stays
-    under one and a half parts, and the file holds the join's codes and scale bit for bit. The
-    parts' ranges differ, so a scale of one part alone would show."""
+    under two parts (one part read, its blocks' fp32 intermediates and what the reads leave resident:
+    37 to 42 MiB in separate runs of this test; a held join is three parts and more), and the file
+    holds the join's codes and scale bit for bit. The parts' ranges differ, so a scale of one part
+    alone would show."""
     from safetensors.torch import load_file
 
     from zimage_native.converters.convert import quantize_fp8
@@ -187,7 +189,7 @@ def test_fp8_parts_of_a_fused_weight_are_quantised_where_they_go(tmp_path):
                **{f"layers.0.attention.{name}.weight": t for name, t in parts.items()}}, str(src))
     peak = _peak(src, "fp8", tmp_path / "out")
     part = dim * dim * 2
-    bound = part * 3 // 2
+    bound = part * 2
     assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
                          f"({part / 2**20:.0f} MiB a part, {3 * part / 2**20:.0f} MiB the q|k|v)"
     written = load_file(tmp_path / "out" / "out.safetensors")
