@@ -837,3 +837,174 @@ def test_a_pipeline_placed_otherwise_cannot_take_a_dit_another_pipeline_holds(ti
     assert _sharing(streamed, offload="blocks").transformer is streamed.transformer
     text_encoder_offloaded = _sharing(our_pipeline(tiny_model_dir), offload="text_encoder")  # the DiT resident alike
     assert text_encoder_offloaded.offload == "text_encoder"
+
+
+def _sharing_one(first, name, **kwargs):
+    """A second pipeline with a DiT of its own that holds ``first``'s component ``name`` ("vae" or
+    "text_encoder"; its other one a copy)."""
+    from zimage_native import ZImagePipeline
+
+    vae = first.vae if name == "vae" else copy.deepcopy(first.vae)
+    text_encoder = first.text_encoder if name == "text_encoder" else copy.deepcopy(first.text_encoder)
+    second = ZImagePipeline(copy.deepcopy(first.transformer), vae, text_encoder, first.scheduler_config,
+                            first.vae_config, **kwargs)
+    second.progress = False
+    return second
+
+
+def _runs_of(pipe, name):
+    """The submodule whose forward runs ``pipe``'s component ``name`` (the VAE's decoder: the pipeline
+    calls ``vae.decode``)."""
+    return pipe.vae.decoder if name == "vae" else pipe.text_encoder.model
+
+
+@pytest.mark.parametrize("name", ["vae", "text_encoder"])
+@pytest.mark.parametrize("call", ["offload", "to"])
+def test_placing_a_shared_vae_or_text_encoder_places_every_pipeline_holding_it(tiny_model_dir, monkeypatch, call,
+                                                                               name):
+    """Two pipelines with a DiT each, sharing a VAE or a text encoder. first.enable_model_cpu_offload()
+    left the shared component in CPU memory under a second pipeline resident on the GPU (offload
+    "none"), whose run then ran it there without a visit (the text encoder: on a GPU a device-mismatch
+    RuntimeError; the VAE's decode visited only through the hand-call wrapper the first had put on
+    it), and second.to(gpu) made it resident under a first that still said offload="model". A
+    placement now places every pipeline sharing a component with the one asked, and those sharing
+    one with them (a third holding the second's DiT), each whole. "cpu:1" stands in for the GPU,
+    copy_storage records the copies, a hook records whether the component ran on its resting weights."""
+    import zimage_native.offload as offload
+    import zimage_native.pipeline as pipeline
+    from zimage_native import ZImagePipeline
+
+    from .fixtures import our_pipeline
+
+    gpu = torch.device("cpu", 1)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: gpu)
+    copies = []
+    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: copies.append(device) or storage.clone())
+    first = our_pipeline(tiny_model_dir)
+    if call == "offload":
+        second = _sharing_one(first, name)
+        third = ZImagePipeline(second.transformer, copy.deepcopy(second.vae), copy.deepcopy(second.text_encoder),
+                               second.scheduler_config, second.vae_config)
+        second.to("cuda")  # (places the third with it)
+        first.to("cuda")
+        first.enable_model_cpu_offload()
+        runner, offload_mode = second, "model"
+    else:
+        first.enable_model_cpu_offload()
+        second = third = _sharing_one(first, name, placement=dict(first.placement), offload="model")
+        second.to("cuda")
+        runner, offload_mode = first, "none"
+    assert first.offload == second.offload == third.offload == offload_mode
+    assert first.placement == second.placement == third.placement == dict.fromkeys(first.placement, gpu)
+    module = _runs_of(runner, name)
+    resting = {p.data_ptr() for p in module.parameters()}
+    ran_resting = []
+    module.register_forward_pre_hook(
+        lambda m, args: ran_resting.append(any(p.data_ptr() in resting for p in m.parameters())))
+    copies.clear()
+    runner("a cat", height=32, width=32, num_inference_steps=1, seed=0)
+    if offload_mode == "model":
+        assert ran_resting == [False] and gpu in copies  # visited the GPU from CPU memory
+    else:
+        assert ran_resting == [True] and copies == []  # resident on the GPU: nothing copied
+    assert {p.data_ptr() for p in module.parameters()} == resting
+
+
+@pytest.mark.parametrize("name", ["vae", "text_encoder"])
+def test_a_pipeline_placed_otherwise_cannot_take_a_vae_or_text_encoder_another_pipeline_holds(tiny_model_dir,
+                                                                                              monkeypatch, name):
+    """A pipeline built with the default placement (resident on the CPU) on a VAE or text encoder
+    another pipeline offloads, or assigned one (pipe.vae = ..., pipe.text_encoder = ...), ran it from
+    where it rested: on the CPU, or (resident on a GPU) on weights left in CPU memory. Refused now,
+    naming the other pipeline's placement; placed alike, it is taken. A text encoder offloaded under
+    offload="text_encoder" rests as under "model". "meta" stands in for the GPU."""
+    import zimage_native.pipeline as pipeline
+
+    from .fixtures import our_pipeline
+
+    what = {"vae": "VAE", "text_encoder": "text encoder"}[name]
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: torch.device("meta"))
+    first = our_pipeline(tiny_model_dir)
+    first.enable_model_cpu_offload()
+    with pytest.raises(ValueError, match=rf"this {what} is held by another pipeline, which runs it on meta with "
+                                         rf"offload='model'; this pipeline would run it on cpu with offload='none'"
+                                         rf".*own {what} \(copy.deepcopy\(other.{name}\)\)"):
+        _sharing_one(first, name)
+    own = our_pipeline(tiny_model_dir)
+    with pytest.raises(ValueError, match=f"this {what} is held by another pipeline"):
+        setattr(own, name, getattr(first, name))
+    assert getattr(own, name) is not getattr(first, name)
+    own.enable_model_cpu_offload()  # placed alike first: taken
+    setattr(own, name, getattr(first, name))
+    second = _sharing_one(first, name, placement=dict(first.placement), offload="model")
+    assert getattr(own, name) is getattr(second, name) is getattr(first, name)
+    if name == "text_encoder":
+        assert _sharing_one(first, name, placement=dict(first.placement), offload="text_encoder").offload == \
+            "text_encoder"
+
+
+@pytest.mark.parametrize("name", ["vae", "text_encoder"])
+@pytest.mark.parametrize("call", ["offload", "to"])
+def test_placing_a_shared_vae_or_text_encoder_waits_for_the_other_pipelines_run(tiny_model_dir, monkeypatch, call,
+                                                                               name):
+    """first.to(...) or first.enable_model_cpu_offload() while a second pipeline sharing only its VAE or
+    text encoder ran it in another thread took only the first's lock: it moved the component under
+    the second's run and returned during it. Now it takes the second's lock too and waits for the
+    run. The run holds in its component's forward until the placement has either tried the second's
+    lock or returned. "cpu:1" stands in for the GPU."""
+    import threading
+    import time
+
+    import zimage_native.pipeline as pipeline
+
+    from .fixtures import our_pipeline
+    from .test_lora_adapters import _WatchedLock
+
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: torch.device("cpu", 1))
+    first = our_pipeline(tiny_model_dir)
+    second = _sharing_one(first, name)
+    second._lock = _WatchedLock()
+    entered, release, placed = threading.Event(), threading.Event(), threading.Event()
+
+    def hold(module, args):
+        second._lock.owner = threading.get_ident()
+        entered.set()
+        release.wait(30)
+
+    _runs_of(second, name).register_forward_pre_hook(hold)
+    run = threading.Thread(target=lambda: second("a cat", height=32, width=32, num_inference_steps=1, seed=0))
+    place = threading.Thread(target=lambda: (first.to("cuda") if call == "to" else first.enable_model_cpu_offload(),
+                                             placed.set()))
+    run.start()
+    assert entered.wait(30)
+    place.start()
+    deadline = time.monotonic() + 30
+    while not (second._lock.tried.is_set() or placed.is_set()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    during = placed.is_set()
+    release.set()
+    run.join(30)
+    place.join(30)
+    assert not during and second._lock.tried.is_set(), "the placement did not wait for the other pipeline's run"
+    assert placed.is_set() and second.offload == first.offload == ("none" if call == "to" else "model")
+
+
+def test_a_placement_is_refused_where_a_pipeline_sharing_a_component_streams_its_dit(tiny_model_dir, monkeypatch):
+    """A pipeline sharing only its VAE with one whose DiT's blocks are streamed (offload="blocks"; the
+    VAE resident in both): pipe.to() or enable_model_cpu_offload() on it would place the streaming
+    pipeline too, moving its blocks off their CPU copies; refused as on the streaming pipeline itself,
+    and nothing moves. "cpu:1" stands in for the GPU."""
+    import zimage_native.pipeline as pipeline
+
+    from .fixtures import our_pipeline
+
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: torch.device("cpu", 1))
+    streamed = our_pipeline(tiny_model_dir, offload="blocks")
+    plain = our_pipeline(tiny_model_dir)
+    plain.vae = streamed.vae  # (resident alike)
+    with pytest.raises(ValueError, match=r"blocks are streamed \(offload='blocks': this pipeline's, or another's"):
+        plain.to("cuda")
+    with pytest.raises(ValueError, match=r"already streamed \(offload='blocks': this pipeline's, or another's"):
+        plain.enable_model_cpu_offload()
+    assert (plain.offload, streamed.offload) == ("none", "blocks")
+    assert plain.placement == streamed.placement == dict.fromkeys(plain.placement, torch.device("cpu"))

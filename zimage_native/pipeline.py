@@ -105,8 +105,8 @@ def _serialized(method):
 
 
 def _serialized_with_sharers(method):
-    """:func:`_serialized` for a call that changes the DiT (``optimize``, the LoRA calls, the calls that
-    place it: ``to``, ``enable_model_cpu_offload``, ``load_controlnet``): it also holds the locks of
+    """:func:`_serialized` for a call that changes the DiT (``optimize``, the LoRA calls,
+    ``load_controlnet``; the placement calls: :func:`_serialized_with_placed`): it also holds the locks of
     the other live pipelines holding the DiT (:meth:`ZImagePipeline._sharers`), all taken
     in one order (by ``id``), so that it can update their records and drop their graphs, and no run
     of theirs reads the DiT while it changes. Up to 0.21.0 a call took its own lock, then each other
@@ -118,6 +118,19 @@ def _serialized_with_sharers(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         with _locks_of(lambda: [self, *self._sharers()]):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _serialized_with_placed(method):
+    """:func:`_serialized_with_sharers` for the calls that place the components (``to``,
+    ``enable_model_cpu_offload``): the locks of every pipeline placed with this one
+    (:meth:`ZImagePipeline._placed_with`), so that no run of theirs reads a component while it moves."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with _locks_of(self._placed_with):
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -200,19 +213,24 @@ def _locks_of(pipes: "Callable[[], list[ZImagePipeline]]"):
             lock.release()
 
 
-def _pipelines_holding(dit) -> "list[ZImagePipeline]":
-    """The live pipelines holding ``dit`` (``ZImagePipeline(pipe.transformer, ...)``, ``pipe.transformer =
-    other.transformer``): the ones its bound ``compile`` name knows (:class:`_PipelineCall`)."""
-    call = dit.__dict__.get("compile") if dit is not None else None
-    call = call.func if isinstance(call, functools.partial) else call  # (bound with its name as the first argument)
-    return call.pipelines() if isinstance(call, _PipelineCall) else []
+#: The live pipelines (built, copied or unpickled), for :func:`_pipelines_holding`.
+_PIPELINES: "weakref.WeakSet[ZImagePipeline]" = weakref.WeakSet()
 
 
-def _held_as(device: torch.device, offload: str) -> tuple:
-    """How a pipeline placed on ``device`` with ``offload`` holds its DiT: where it runs, where it
-    rests between runs and whether its blocks are streamed (offload "none" and "text_encoder" hold
-    it alike)."""
-    return device, storage_device("transformer", device, offload), offload == "blocks"
+def _pipelines_holding(module) -> "list[ZImagePipeline]":
+    """The live pipelines holding ``module`` as their DiT, VAE or text encoder's model
+    (``ZImagePipeline(pipe.transformer, ...)``, ``pipe.vae = other.vae``: :meth:`ZImagePipeline._placed`)."""
+    if module is None:
+        return []
+    return [pipe for pipe in list(_PIPELINES) if any(held is module for held in pipe._placed().values())]
+
+
+def _held_as(name: str, device: torch.device, offload: str) -> tuple:
+    """How a pipeline placed on ``device`` with ``offload`` holds its component ``name``: where it
+    runs, where it rests between runs and whether it is streamed (the DiT under "blocks"); offload
+    "none" and "text_encoder" hold the DiT and the VAE alike, "model", "text_encoder" and "blocks"
+    the text encoder."""
+    return device, storage_device(name, device, offload), name == "transformer" and offload == "blocks"
 
 
 def _dtype_argument(dtype, torch_dtype):
@@ -417,8 +435,9 @@ class ZImagePipeline:
         self.placement = {"text_encoder": here, "transformer": here, "vae": here, **(placement or {})}
         self.offload = offload
         self.transformer = transformer  # (refused on a DiT other pipelines place otherwise: _check_held_alike)
+        self._check_held_alike("vae", vae)
         self._vae = vae  # prepared below, once the placement is known (the setter does it for a later VAE)
-        self.text_encoder = text_encoder
+        self.text_encoder = text_encoder  # (refused likewise)
         self.vae_config = vae_config
         self.source = source
         self.model_folder = Path(model_folder) if model_folder is not None else None
@@ -453,6 +472,7 @@ class ZImagePipeline:
         self._guidance_scale: float | None = None  # diffusers' run state (see guidance_scale, num_timesteps)
         self._num_timesteps: int | None = None
         self._fit_attention()
+        _PIPELINES.add(self)
 
     @property
     def template_registry(self):
@@ -490,7 +510,7 @@ class ZImagePipeline:
         # A run of this pipeline finishes with the DiT it started with, and another pipeline holding
         # the DiT assigned does not change it (nor its record, read below) meanwhile.
         with _locks_of(lambda: [self, *_pipelines_holding(module)]):
-            self._check_held_alike(module)
+            self._check_held_alike("transformer", module)
             replaced = getattr(self, "_transformer", None) is not module
             self._transformer = module
             self._bind_transformer_calls()
@@ -502,26 +522,28 @@ class ZImagePipeline:
                 self._record_the_dit()
                 self._fit_attention()  # (SDPA bounded where it has only its math path, as at a placement)
 
-    def _check_held_alike(self, dit) -> None:
-        """Refuse ``dit`` (built with, or assigned to, this pipeline) where another live pipeline holding
-        it places it otherwise: another execution device, or another place where it rests between
-        runs (resident, CPU memory under offload="model", streamed blocks under "blocks"). The DiT
-        rests in one place, and each pipeline's runs follow its own offload mode: up to 0.22.0 a
-        pipeline built with offload="none" on a DiT another offloaded ran it on the CPU, and one
-        given a streamed DiT moved its blocks off their CPU copies at ``pipe.to``. Pipelines placed
-        alike stay so: :meth:`_place_holders` places every holder together."""
-        if dit is None or "placement" not in self.__dict__:
+    def _check_held_alike(self, name: str, module) -> None:
+        """Refuse ``module``, this pipeline's component ``name`` (built with, or assigned to, it), where
+        another live pipeline holding it places it otherwise: another execution device, or another
+        place where it rests between runs (resident, CPU memory under offload="model", streamed blocks
+        under "blocks"). A component rests in one place, and each pipeline's runs follow its own offload
+        mode: up to 0.22.0 a pipeline built with offload="none" on a DiT another offloaded ran it on
+        the CPU, and one given a streamed DiT moved its blocks off their CPU copies at ``pipe.to``; a
+        shared VAE or text encoder was placed likewise by one pipeline under the other's runs.
+        Pipelines placed alike stay so: :meth:`_place_holders` places them together."""
+        if module is None or "placement" not in self.__dict__:
             return
-        held = _held_as(self.placement["transformer"], self.offload)
-        for other in _pipelines_holding(dit):
-            if other is not self and _held_as(other.device, other.offload) != held:
+        what = {"transformer": "DiT", "vae": "VAE", "text_encoder": "text encoder"}[name]
+        held = _held_as(name, self.placement[name], self.offload)
+        for other in _pipelines_holding(module):
+            if other is not self and _held_as(name, other.placement[name], other.offload) != held:
                 raise ValueError(
-                    f"this DiT is held by another pipeline, which runs it on {other.device} with "
-                    f"offload={other.offload!r}; this pipeline would run it on {self.placement['transformer']} "
-                    f"with offload={self.offload!r}. Pipelines sharing a DiT place it alike (pipe.to and "
+                    f"this {what} is held by another pipeline, which runs it on {other.placement[name]} with "
+                    f"offload={other.offload!r}; this pipeline would run it on {self.placement[name]} "
+                    f"with offload={self.offload!r}. Pipelines sharing a component place it alike (pipe.to and "
                     f"enable_model_cpu_offload through one place every one): build this one with "
-                    f"placement=other.placement, offload={other.offload!r} (or, before assigning the DiT, "
-                    f"place this one so), or give each pipeline its own DiT (copy.deepcopy(other.transformer))")
+                    f"placement=other.placement, offload={other.offload!r} (or, before assigning the {what}, "
+                    f"place this one so), or give each pipeline its own {what} (copy.deepcopy(other.{name}))")
 
     def _record_the_dit(self) -> None:
         """This pipeline's record of the transforms applied to its DiT (a DiT built with, or assigned
@@ -563,14 +585,19 @@ class ZImagePipeline:
         return self._vae
 
     @vae.setter
-    @_serialized
     def vae(self, module) -> None:
         """diffusers' ``pipe.vae = other_vae``: the VAE is prepared as a loaded one is. Its config becomes
         ``vae_config`` (scaling, shift, downscale), its weights rest where the VAE's placement keeps them
         (CPU memory under offload="model"), its ``decode`` / ``encode`` called by hand visit the
         execution device, its ``enable_tiling()`` and the other diffusers names set this pipeline's,
         SDPA is fitted to where it runs and, with ``vae_compile`` on, its decode is compiled. The VAE it
-        replaces gets its own ``decode`` / ``encode`` back. None drops the VAE (as to free its memory)."""
+        replaces gets its own ``decode`` / ``encode`` back. None drops the VAE (as to free its memory).
+        A VAE another pipeline places otherwise is refused (:meth:`_check_held_alike`)."""
+        with _locks_of(lambda: [self, *_pipelines_holding(module)]):  # (as the transformer setter)
+            self._check_held_alike("vae", module)
+            self._set_vae(module)
+
+    def _set_vae(self, module) -> None:
         if module is not None and not isinstance(module, AutoencoderKL):
             raise ValueError(f"pipe.vae = {type(module).__module__}.{type(module).__name__}(...): the pipeline runs "
                              f"its own VAE class; load the VAE's file or folder with "
@@ -596,6 +623,23 @@ class ZImagePipeline:
         line = fit_sdpa_(module, self.placement["vae"])
         if line:
             logger.info(line)
+
+    @property
+    def text_encoder(self):
+        """The text encoder (:class:`~zimage_native.text_encoder.TextEncoder`, a remote one, or None)."""
+        return self._text_encoder
+
+    @text_encoder.setter
+    def text_encoder(self, encoder) -> None:
+        """``pipe.text_encoder = other.text_encoder``; one whose model another pipeline places otherwise
+        is refused (:meth:`_check_held_alike`)."""
+        model = getattr(encoder, "model", None)
+        if model is None:  # (a remote encoder, or none: nothing placed)
+            self._text_encoder = encoder
+            return
+        with _locks_of(lambda: [self, *_pipelines_holding(model)]):
+            self._check_held_alike("text_encoder", model)
+            self._text_encoder = encoder
 
     @property
     def tokenizer(self):
@@ -771,10 +815,10 @@ class ZImagePipeline:
             self._graphed.release_holding(branch)
 
     # ------------------------------------------------------------------ placement
-    @_serialized_with_sharers
+    @_serialized_with_placed
     def to(self, *args, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ZImagePipeline":
         """Every component on ``device``, resident (diffusers' ``pipe.to``; offloading ends), and so
-        every other pipeline holding this DiT (:meth:`_place_holders`). Returns the pipeline.
+        every other pipeline sharing a component with it (:meth:`_place_holders`). Returns the pipeline.
         Streamed blocks cannot move this way: load again with ``offload="none"``. The dtype is
         chosen when loading (``dtype=`` / ``torch_dtype=``): a dtype here is refused."""
         dtypes = [a for a in args if isinstance(a, torch.dtype)] + ([dtype] if dtype is not None else [])
@@ -785,17 +829,18 @@ class ZImagePipeline:
         if len(places) != 1:
             raise ValueError(f"pipe.to() takes one device, got {places}")
         device = places[0]
-        if self.offload == "blocks":
-            raise ValueError("pipe.to() cannot move a DiT whose blocks are streamed (offload='blocks'); load it "
-                             "again with offload='none'")
+        if any(pipe.offload == "blocks" for pipe in self._placed_with()):
+            raise ValueError("pipe.to() cannot move a DiT whose blocks are streamed (offload='blocks': this "
+                             "pipeline's, or another's sharing a component with it); load it again with "
+                             "offload='none'")
         self._place_holders(resolve_device(device), "none")
         return self
 
-    @_serialized_with_sharers
+    @_serialized_with_placed
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
         """diffusers' name for ``offload="model"``: every component stays in CPU memory and visits
         ``device`` (cuda:``gpu_id``, or the index in ``device``: "cuda:1") only while it runs; so
-        do those of every other pipeline holding this DiT (:meth:`_place_holders`)."""
+        do those of every other pipeline sharing a component with it (:meth:`_place_holders`)."""
         asked = parse_device(device)  # "CUDA", as device= everywhere
         kind, index = asked.type, asked.index
         if gpu_id is not None and index is not None and gpu_id != index:
@@ -811,26 +856,27 @@ class ZImagePipeline:
                              f"the GPU while it runs, but this torch {torch.__version__} sees no CUDA GPU; without a "
                              f"GPU the pipeline runs from CPU memory already: leave the call out (on a Mac give "
                              f"device='mps')") from None
-        if self.offload == "blocks":
-            raise ValueError("the DiT's blocks are already streamed (offload='blocks'); load it again with "
-                             "offload='model'")
+        if any(pipe.offload == "blocks" for pipe in self._placed_with()):
+            raise ValueError("the DiT's blocks are already streamed (offload='blocks': this pipeline's, or another's "
+                             "sharing a component with it); load it again with offload='model'")
         self._place_holders(device, "model")
 
     def _place_holders(self, device: torch.device, offload: str) -> None:
-        """Place this pipeline and every other live pipeline holding its DiT (:meth:`_sharers`; the
-        locks of all are held) on ``device`` with ``offload`` ("none" or "model"), each whole: a
-        pipeline's offload mode covers its three components, and the DiT rests in one place, so
-        pipelines sharing it are placed together (:meth:`_check_held_alike` refuses a pipeline that
-        would join them placed otherwise). Checked for all before anything moves. Up to 0.22.0 only
-        the pipeline asked changed its mode: another holding the DiT with offload="none" ran a DiT
-        left in CPU memory on the GPU (a device-mismatch RuntimeError), and one offloading it kept
-        a DiT made resident by another's ``pipe.to`` resident, reporting offload="model"."""
-        holders = [self, *self._sharers()]
-        self._check_graphs_fit(device, offload)  # (for every pipeline holding the DiT)
+        """Place this pipeline and every other live pipeline placed with it (:meth:`_placed_with`: those
+        sharing a component with it, theirs, and so on; the locks of all are held) on ``device`` with
+        ``offload`` ("none" or "model"), each whole: a pipeline's offload mode covers its three
+        components, and a component rests in one place, so pipelines sharing one are placed together
+        (:meth:`_check_held_alike` refuses a pipeline that would join them placed otherwise). Checked
+        for all before anything moves. Up to 0.22.0 only the pipeline asked changed its mode: another
+        holding the DiT with offload="none" ran a DiT left in CPU memory on the GPU (a device-mismatch
+        RuntimeError), and one offloading it kept a DiT made resident by another's ``pipe.to``
+        resident, reporting offload="model"; a shared VAE or text encoder likewise."""
+        holders = self._placed_with()
         for pipe in holders:
+            pipe._check_graphs_fit(device, offload)
             pipe._check_accelerations_fit(device)
         for pipe in holders:
-            pipe._place_components(device, offload, "" if pipe is self else " of another pipeline holding this DiT")
+            pipe._place_components(device, offload, "" if pipe is self else " of another pipeline placed with it")
 
     def _place_components(self, device: torch.device, offload: str, whose: str) -> None:
         """This pipeline's components placed on ``device`` with ``offload`` (:meth:`_place_holders`);
@@ -854,14 +900,13 @@ class ZImagePipeline:
                 logger.info(line)
 
     def _check_graphs_fit(self, device: torch.device, offload: str) -> None:
-        """Refuse a placement that captured CUDA graphs cannot follow (those of this pipeline or of
-        another holding its DiT, placed with it: :meth:`_place_holders`): a graph
-        replays the weights at the addresses it was captured with, and an offloaded DiT is copied
-        to the GPU anew on every visit (and freed after it), a DiT on the CPU has no graph to replay."""
+        """Refuse a placement that this pipeline's captured CUDA graphs cannot follow (checked for every
+        pipeline placed with it: :meth:`_place_holders`): a graph replays the weights at the
+        addresses it was captured with, and an offloaded DiT is copied to the GPU anew on every visit
+        (and freed after it), a DiT on the CPU has no graph to replay."""
         from .accel.cuda_graphs import graphs_problem
 
-        graphed = any(pipe._graphed is not None for pipe in (self, *self._sharers()))
-        problem = graphs_problem(device, offload) if graphed else None
+        problem = graphs_problem(device, offload) if self._graphed is not None else None
         if problem:
             raise ValueError(f"{problem}; CUDA graphs are on (cuda_graphs=True): load the pipeline again without "
                              f"them to place it so")
@@ -969,6 +1014,7 @@ class ZImagePipeline:
                                         lambda: self.template_registry)
         self._bind_vae_calls()
         self._bind_transformer_calls()
+        _PIPELINES.add(self)
 
     def __getstate__(self) -> dict:
         """``pickle`` / ``torch.save(pipe)`` (then ``torch.load(PATH, weights_only=False)``) of a plain
@@ -1248,6 +1294,21 @@ class ZImagePipeline:
     def _sharers(self) -> "list[ZImagePipeline]":
         """The other live pipelines holding this pipeline's DiT (:func:`_pipelines_holding`)."""
         return [pipe for pipe in _pipelines_holding(self.transformer) if pipe is not self]
+
+    def _placed(self) -> dict:
+        """The modules this pipeline places, by component (a remote text encoder has none)."""
+        return {"transformer": self.__dict__.get("_transformer"), "vae": self.__dict__.get("_vae"),
+                "text_encoder": getattr(self.__dict__.get("_text_encoder"), "model", None)}
+
+    def _placed_with(self) -> "list[ZImagePipeline]":
+        """This pipeline and the live pipelines placed with it (:meth:`_place_holders`): those holding
+        one of its components (a DiT, a VAE, a text encoder's model), those holding one of theirs,
+        and so on."""
+        group = [self]
+        for pipe in group:  # (grows while it is read)
+            for module in pipe._placed().values():
+                group += [other for other in _pipelines_holding(module) if not any(other is p for p in group)]
+        return group
 
     def _dit_changed_for_sharers(self, changes: dict, transform: dict | None) -> list[str]:
         """Every other live pipeline holding this DiT (:meth:`_sharers`; their locks are held,
