@@ -349,6 +349,11 @@ def _prepare(src, dst, to, component, dtype, shard_size, loras, config=None):
         if component is None:
             if fmt.problem:
                 raise ValueError(fmt.problem)
+            if fmt.foreign:  # an SDXL all-in-one: its VAE alone was written, the UNet and CLIP left out unsaid
+                taken = sum(len(c.keys) for c in fmt.components)
+                raise ValueError(f"{src}: this checkpoint is {fmt.foreign_text()}: only its "
+                                 f"{', '.join(c.component for c in fmt.components)} ({taken} of {len(ckpt.keys())} "
+                                 f"tensors) would be converted; to take that part out alone, name it with --component")
             if len(fmt.components) != 1:
                 found = [c.component for c in fmt.components]
                 raise ValueError(f"{src} holds several components {found}: choose one with --component")

@@ -501,9 +501,11 @@ def test_only_a_command_whose_seed_takes_several_reads_the_numbers_after_it_as_s
 @pytest.mark.parametrize("name, tensors, says", [
     # another model's all-in-one file: its UNet is no DiT; detection sees only its VAE
     ("sdxl.safetensors", {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
-                          "first_stage_model.decoder.conv_in.weight": (512, 4, 3, 3)}, "no transformer in this checkpoint"),
+                          "first_stage_model.decoder.conv_in.weight": (512, 4, 3, 3)},
+     "no transformer in this checkpoint: it is for Stable Diffusion 1.x/2.x/SDXL (UNet), not Z-Image"),
     ("flux1-dev.safetensors", {"double_blocks.0.img_attn.qkv.weight": (24, 8), "img_in.weight": (8, 64)},
-     "not recognised as a Z-Image DiT"),
+     "this checkpoint is for FLUX (double_blocks / single_blocks), not Z-Image"),
+    ("unknown.safetensors", {"some.weight": (2, 2)}, "not recognised as a Z-Image DiT"),
     ("model.ckpt", None, "pickled PyTorch checkpoint (.pt/.ckpt/.bin) is refused"),
 ])
 def test_another_models_file_as_the_only_file_is_named_before_the_missing_components(tmp_path, name, tensors, says):
@@ -521,6 +523,34 @@ def test_another_models_file_as_the_only_file_is_named_before_the_missing_compon
                           str(tmp_path / "cat.png"))
     assert line.startswith(f"Error: {path}: ") and says in line, line
     assert "--text-encoder" not in line, line
+    assert "--vae" not in line, line  # an SDXL all-in-one's VAE is SDXL's 4-channel one, no Z-Image VAE
+
+
+@pytest.mark.parametrize("to", ["comfyui", "diffusers"])
+def test_converting_another_models_all_in_one_file_is_refused_naming_the_family(tmp_path, to):
+    """`zimage convert sdxl.safetensors out.safetensors --to comfyui` wrote the SDXL VAE alone ("wrote ... (vae,
+    ldm, 2 tensors)"), without a word about the UNet and CLIP tensors it left out: a file of another model is named
+    as such, with what would be converted of it; the part is still taken out when named with --component."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src, dst = tmp_path / "sdxl.safetensors", tmp_path / "out.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+               "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(10, 8),
+               "first_stage_model.decoder.conv_in.weight": torch.zeros(512, 4, 3, 3),
+               "first_stage_model.encoder.conv_in.weight": torch.zeros(128, 3, 3, 3)}, src)
+    line = one_line_error("convert", str(src), str(dst), "--to", to)
+    assert line == (f"Error: {src}: this checkpoint is for Stable Diffusion 1.x/2.x/SDXL (UNet), not Z-Image (key "
+                    f"'model.diffusion_model.input_blocks.0.0.weight'): only its vae (2 of 4 tensors) would be "
+                    f"converted; to take that part out alone, name it with --component"), line
+    assert not dst.exists()
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    result = CliRunner().invoke(main, ["convert", str(src), str(dst), "--to", to, "--component", "vae"])
+    assert result.exit_code == 0, result.output
+    assert len(load_file(dst)) == 2
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])
@@ -540,3 +570,4 @@ def test_an_empty_prompt_beside_a_prompts_file_runs_the_files_prompts(tmp_path):
     assert read_prompts("a cat", tmp_path / "prompts.txt") == ["a cat", "a red fox"]
     with pytest.raises(ValueError, match="give a PROMPT, --prompts-file or --from-image"):
         read_prompts(None, None)
+

@@ -5,6 +5,7 @@ deep inside the run, a shape error in the DiT, or a request silently run otherwi
 from __future__ import annotations
 
 import contextlib
+import re
 import logging
 
 import numpy as np
@@ -427,3 +428,44 @@ def test_a_four_channel_vae_beside_a_z_image_dit_is_refused_at_load(tiny_model_d
         ZImagePipeline.from_single_files(tiny_model_dir / "transformer", vae=vae,
                                          text_encoder=tiny_model_dir / "text_encoder",
                                          tokenizer=tiny_model_dir / "tokenizer", device="cpu")
+
+
+@pytest.mark.parametrize("tensors, family", [
+    # SD3 all-in-one beside a diffusers-layout VAE: the VAE's up_blocks.N.resnets are its own, not a UNet's
+    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (6, 2),
+      "vae.decoder.conv_in.weight": (8, 16, 3, 3), "vae.decoder.up_blocks.0.resnets.0.conv1.weight": (8, 8, 3, 3)},
+     "Stable Diffusion 3 (joint_blocks)"),
+    ({"down_blocks.0.attentions.0.proj_in.weight": (4, 4)}, "Stable Diffusion / SDXL (diffusers UNet)"),
+    ({"model.diffusion_model.blocks.0.self_attn.q.weight": (4, 4)}, "Wan (blocks.N.self_attn / cross_attn)"),
+    # the UNet named before the CLIP text encoder, whichever key comes first in the file
+    ({"cond_stage_model.transformer.text_model.final_layer_norm.weight": (4,),
+      "model.diffusion_model.output_blocks.0.0.weight": (4, 4)}, "Stable Diffusion 1.x/2.x/SDXL (UNet)"),
+])
+def test_another_models_checkpoint_is_named_by_its_family(tmp_path, tensors, family):
+    """An SD/SDXL all-in-one loaded as the DiT said "no transformer in this checkpoint (found: vae); the VAE goes
+    in as vae= (--vae)", for SD's 4-channel VAE; another model's file is named by its family, from the table the
+    LoRA loader names foreign LoRAs with."""
+    from safetensors.torch import save_file
+
+    from zimage_native.formats import UnsupportedFormatError
+    from zimage_native.loading import load_component
+
+    path = tmp_path / "other.safetensors"
+    save_file({key: torch.zeros(shape) for key, shape in tensors.items()}, path)
+    with pytest.raises(UnsupportedFormatError, match=f"^{path}: .*for {re.escape(family)}, not Z-Image") as e:
+        load_component("transformer", path, None, "cpu")
+    assert "vae=" not in str(e.value) and "--vae" not in str(e.value)
+
+
+def test_a_z_image_vae_in_diffusers_layout_is_no_other_family(tmp_path):
+    """The FLUX VAE's decoder.up_blocks.N.resnets read as a diffusers UNet's names; detection looks only at the
+    keys no component took."""
+    from safetensors.torch import save_file
+
+    from zimage_native.formats import detect_format
+
+    path = tmp_path / "vae.safetensors"
+    save_file({"decoder.conv_in.weight": torch.zeros(8, 16, 3, 3),
+               "decoder.up_blocks.0.resnets.0.conv1.weight": torch.zeros(8, 8, 3, 3)}, path)
+    fmt = detect_format(path)
+    assert (fmt.foreign, [c.component for c in fmt.components]) == (None, ["vae"])

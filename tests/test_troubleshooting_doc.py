@@ -196,7 +196,7 @@ def gguf_files(request) -> list[str]:
 
 def safetensors_files(request) -> list[str]:
     """A comfy_quant layer of an unknown format, a pickled checkpoint, a file cut short, a LoRA given
-    as the DiT, and another model's file given as the only one."""
+    as the DiT, a file of no known model, and another model's file given as the only one."""
     from zimage_native.loading import load_component
 
     from .test_comfy_quant import PREFIX, comfy_quant_tensor, to_comfy_quant
@@ -214,8 +214,9 @@ def safetensors_files(request) -> list[str]:
                                                  "layers.0.attention.to_q.lora_B.weight": torch.ones(64, 4)})
     flux = write(tmp_path / "flux1-dev.safetensors", {"double_blocks.0.img_attn.qkv.weight": torch.ones(24, 8),
                                                       "img_in.weight": torch.ones(8, 64)})
+    unknown = write(tmp_path / "unknown.safetensors", {"some.weight": torch.ones(2, 2)})
     return [*(raised(load_component, "transformer", path, None, "cpu", config=TINY_AXES)
-              for path in (comfy, pickled, cut, lora)),
+              for path in (comfy, pickled, cut, lora, unknown)),
             cli("generate", "a cat", "--transformer", flux, "--device", "cpu", "-o", tmp_path / "cat.png")]
 
 

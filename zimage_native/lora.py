@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .converters.keymap import DIT_COMFYUI, DIT_NATIVE_FUSED, Fuse, Rename
+from .formats.families import foreign_family
 from .offload import release_streamed
 
 logger = logging.getLogger(__name__)
@@ -57,19 +58,6 @@ _SUFFIX = re.compile(
     r"|lora_mid\.weight|alpha|lokr_(?:w1|w1_a|w1_b|w2|w2_a|w2_b|t2)|hada_(?:w1_a|w1_b|w2_a|w2_b|t1|t2)"
     r"|dora_scale|lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?|diff|diff_b)$"
 )
-
-_FOREIGN = [
-    (re.compile(r"(^|[._])(double_blocks|single_blocks)[._]"), "FLUX (double_blocks / single_blocks)"),
-    (re.compile(r"(^|[._])single_transformer_blocks[._]"), "FLUX in diffusers naming (single_transformer_blocks)"),
-    (re.compile(r"(^|[._])joint_blocks[._]"), "Stable Diffusion 3 (joint_blocks)"),
-    (re.compile(r"(^|[._])(input_blocks|output_blocks|middle_block)[._]"), "Stable Diffusion 1.x/2.x/SDXL (UNet)"),
-    (re.compile(r"(^|[._])(down_blocks|up_blocks|mid_block)[._]\d+[._](attentions|resnets)"),
-     "Stable Diffusion / SDXL (diffusers UNet)"),
-    (re.compile(r"^lora_te\d?_|(^|[._])text_model[._]"), "a CLIP text encoder (SD / SDXL / FLUX lora_te)"),
-    (re.compile(r"(^|[._])transformer_blocks[._]"),
-     "another DiT family (transformer_blocks: FLUX, SD3, Qwen-Image, ...)"),
-    (re.compile(r"(^|[._])blocks[._]\d+[._](self_attn|cross_attn)[._]"), "Wan (blocks.N.self_attn / cross_attn)"),
-]
 
 
 def _normal(name: str) -> str:
@@ -366,14 +354,6 @@ def detect_family(keys: Iterable[str]) -> str:
     return "; ".join(found) or "unknown"
 
 
-def _foreign(keys: Iterable[str]) -> tuple[str, str] | None:
-    for key in keys:
-        for pattern, family in _FOREIGN:
-            if pattern.search(key):
-                return family, key
-    return None
-
-
 _COMPONENT_NAMES = {"transformer": ("a Z-Image DiT", "--transformer", "transformer"),
                     "vae": ("a VAE", "--vae", "vae"), "text_encoder": ("a Qwen3 text encoder", "--text-encoder",
                                                                       "text_encoder")}
@@ -535,7 +515,7 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
         report.kinds[group.kind] = report.kinds.get(group.kind, 0) + 1
     report.matched = len(kept)
     report.weights = sum(len(g.target.modules) for g in kept)
-    foreign = _foreign(report.unmatched)
+    foreign = foreign_family(report.unmatched)
     if not kept:
         if foreign:
             raise ValueError(f"{name}: this LoRA is for {foreign[0]}, not Z-Image (key {foreign[1]!r})")
@@ -549,7 +529,7 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
 def describe_lora_keys(keys: Iterable[str]) -> dict:
     """Header-only summary of a LoRA file for ``zimage info``: family, module count, kinds."""
     keys = list(keys)
-    foreign = _foreign(keys)
+    foreign = foreign_family(keys)
     modules = {}
     for key in keys:
         m = _SUFFIX.match(_strip(key))

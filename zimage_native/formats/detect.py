@@ -23,6 +23,7 @@ from pathlib import Path
 from ..converters.keymap import KeyMap, keymap_for
 from .checkpoint import (FLOAT_DTYPES, SAFETENSORS_DTYPES, Checkpoint, UnsupportedFormatError,
                          refuse_non_safetensors, sniff)
+from .families import foreign_family
 from .fp8 import FP8_DTYPES, is_aux, is_scaled
 from .microscale import BLOCK_FORMATS, blocked_shape
 
@@ -69,6 +70,7 @@ class FileFormat:
     components: list[ComponentInfo] = field(default_factory=list)
     problem: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    foreign: tuple[str, str] | None = None  # (family, a key of it) for keys of another model that no component took
 
     def component(self, kind: str) -> ComponentInfo:
         kind = normalize_kind(kind)
@@ -77,6 +79,8 @@ class FileFormat:
         for c in self.components:
             if c.component == kind:
                 return c
+        if self.foreign:  # an SDXL all-in-one's VAE is SDXL's: no hint to load it as Z-Image's
+            raise UnsupportedFormatError(f"{self.path}: no {kind} in this checkpoint: it is {self.foreign_text()}")
         found = [c.component for c in self.components]
         hint = ""
         if len(found) == 1:  # a file given as the wrong component (a GGUF text encoder as the DiT, ...)
@@ -84,6 +88,11 @@ class FileFormat:
             hint = "; " + "; ".join(f"{words[c]} goes in as {c}= (--{c.replace('_', '-')})" for c in (found[0], kind))
         raise UnsupportedFormatError(f"{self.path}: no {kind} in this checkpoint (found: "
                                      f"{', '.join(found) or 'no Z-Image component'}){hint}")
+
+    def foreign_text(self) -> str:
+        """'for FAMILY, not Z-Image (key 'KEY')', of a file with keys of another model (``foreign``)."""
+        family, key = self.foreign
+        return f"for {family}, not Z-Image (key {key!r})"
 
 
 def normalize_kind(kind: str) -> str:
@@ -338,9 +347,12 @@ def inspect_checkpoint(ckpt: Checkpoint) -> FileFormat:
         except UnsupportedFormatError as e:
             fmt.problem = str(e)
             return fmt
+    taken = {k for c in fmt.components for k in c.keys}
+    fmt.foreign = foreign_family(k for k in keys if k not in taken)
     if not fmt.components:
         fmt.kind = "unknown"
-        fmt.problem = (f"{ckpt.path}: not recognised as a Z-Image DiT, FLUX-family VAE or Qwen3 text encoder "
+        fmt.problem = (f"{ckpt.path}: this checkpoint is {fmt.foreign_text()}" if fmt.foreign else
+                       f"{ckpt.path}: not recognised as a Z-Image DiT, FLUX-family VAE or Qwen3 text encoder "
                        f"(keys such as {sorted(keys)[:3]})")
     return fmt
 

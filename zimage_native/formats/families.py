@@ -1,0 +1,37 @@
+"""Other model families, named by their key names: one table for the LoRA parser and the checkpoint detection.
+
+A LoRA or a checkpoint of FLUX, SD 1.x/2.x/SDXL, SD3, Wan, ... is refused naming the family it is
+for, not as keys that match nothing. The patterns take a key with dots or with underscores
+(kohya's ``lora_unet_input_blocks_4_...``), with or without a prefix (``model.diffusion_model.``).
+No pattern matches a key of a Z-Image DiT or text encoder; the one for diffusers UNets' ``up_blocks.N.resnets``
+also matches the FLUX VAE's, so :mod:`.detect` looks only at keys that no Z-Image component took.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+#: (pattern, family), the more specific first: a file with several matches is named by the first pattern.
+FOREIGN = [
+    (re.compile(r"(^|[._])(double_blocks|single_blocks)[._]"), "FLUX (double_blocks / single_blocks)"),
+    (re.compile(r"(^|[._])single_transformer_blocks[._]"), "FLUX in diffusers naming (single_transformer_blocks)"),
+    (re.compile(r"(^|[._])joint_blocks[._]"), "Stable Diffusion 3 (joint_blocks)"),
+    (re.compile(r"(^|[._])(input_blocks|output_blocks|middle_block)[._]"), "Stable Diffusion 1.x/2.x/SDXL (UNet)"),
+    (re.compile(r"(^|[._])(down_blocks|up_blocks|mid_block)[._]\d+[._](attentions|resnets)"),
+     "Stable Diffusion / SDXL (diffusers UNet)"),
+    (re.compile(r"^lora_te\d?_|(^|[._])text_model[._]"), "a CLIP text encoder (SD / SDXL / FLUX lora_te)"),
+    (re.compile(r"(^|[._])transformer_blocks[._]"),
+     "another DiT family (transformer_blocks: FLUX, SD3, Qwen-Image, ...)"),
+    (re.compile(r"(^|[._])blocks[._]\d+[._](self_attn|cross_attn)[._]"), "Wan (blocks.N.self_attn / cross_attn)"),
+]
+
+
+def foreign_family(keys: Iterable[str]) -> tuple[str, str] | None:
+    """(family, a key of it) for the first pattern of :data:`FOREIGN` that some key matches, or None."""
+    keys = list(keys)
+    for pattern, family in FOREIGN:
+        for key in keys:
+            if pattern.search(key):
+                return family, key
+    return None
