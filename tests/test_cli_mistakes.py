@@ -571,3 +571,17 @@ def test_an_empty_prompt_beside_a_prompts_file_runs_the_files_prompts(tmp_path):
     with pytest.raises(ValueError, match="give a PROMPT, --prompts-file or --from-image"):
         read_prompts(None, None)
 
+
+@pytest.mark.parametrize("typed, meant", [("fats", "fast"), ("afst", "fast"), ("qualiyt", "quality"), ("8bg", "8gb"),
+                                          ("tsaf", None), ("a100", None), ("fsta", None)])
+def test_a_profile_with_two_letters_swapped_gets_the_one_meant(tmp_path, typed, meant):
+    """`--profile fats` for [fast] got no "did you mean": a swapped pair scores 0.75 against the matcher's cutoff
+    0.8, which stays (a100 scores 0.75 against h100, a100 is no H100); a name that is the typed one with two
+    neighbouring letters swapped is named, and nothing further off."""
+    config = tmp_path / "config.toml"
+    config.write_text("[default]\nsteps = 2\n[fast]\nsteps = 4\n[quality]\nsteps = 9\n[8gb]\nsteps = 3\n"
+                      "[h100]\nsteps = 5\n")
+    line = one_line_error("generate", "a cat", "--config", str(config), "--profile", typed, "-o",
+                          str(tmp_path / "a.png"))
+    hint = f"; did you mean '{meant}'?" if meant else ""
+    assert line == f"Error: {config}: no profile [{typed}]; its profiles are 8gb, fast, h100, quality{hint}", line

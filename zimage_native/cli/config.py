@@ -127,11 +127,19 @@ def read_profile(path: Path, profile: str | None) -> dict[str, tuple[Any, str]]:
             profiles = sorted(k for k, v in data.items() if isinstance(v, dict) and k != "default")
             which = f"its profiles are {', '.join(profiles)}" if profiles else "it has no profiles, only [default]"
             folded = {name.casefold(): name for name in profiles}  # both sides: [RTX4090] for rtx4090 too
-            close = difflib.get_close_matches(profile.casefold(), folded, n=1, cutoff=0.8)  # rtx4900, 12GB, lowvram
+            # rtx4900, 12GB, lowvram; not a100 for h100 (0.75); a swapped pair (fats, 0.75) by its own test
+            close = (difflib.get_close_matches(profile.casefold(), folded, n=1, cutoff=0.8)
+                     or [name for name in folded if _one_swap(profile.casefold(), name)][:1])
             hint = f"; did you mean '{folded[close[0]]}'?" if close else ""
             raise ValueError(f"{path}: no profile [{profile}]; {which}{hint}")
         _flatten(data[profile], f"{path}: [{profile}]", values)
     return values
+
+
+def _one_swap(typed: str, name: str) -> bool:
+    """Whether ``name`` is ``typed`` with one pair of neighbouring characters swapped (fats: fast)."""
+    return len(typed) == len(name) and any(typed[:i] + typed[i + 1] + typed[i] + typed[i + 2:] == name
+                                           for i in range(len(typed) - 1))
 
 
 def _matches(kind: click.ParamType, value: Any) -> bool:
