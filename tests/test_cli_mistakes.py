@@ -3,6 +3,8 @@ weights load in one line that names the problem and the way to fix it."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from .test_cli_errors import one_line_error
@@ -585,3 +587,16 @@ def test_a_profile_with_two_letters_swapped_gets_the_one_meant(tmp_path, typed, 
                           str(tmp_path / "a.png"))
     hint = f"; did you mean '{meant}'?" if meant else ""
     assert line == f"Error: {config}: no profile [{typed}]; its profiles are 8gb, fast, h100, quality{hint}", line
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_a_folder_that_takes_no_new_file_is_not_called_missing():
+    """`-o /proc/a.png` said "cannot write in the folder /proc (No such file or directory)", of a folder that is
+    there: the system's word for a file it will not make there. A read-only mount ("Read-only file system"), a
+    folder without permission ("Permission denied") and a file in the way (named above) read right as they were."""
+    assert one_line_error("generate", "a cat", "--model", "/nonexistent", "-o", "/proc/a.png") == (
+        "Error: --output: cannot write in the folder /proc (it is a folder but takes no new file or folder: "
+        "No such file or directory)")
+    assert one_line_error("generate", "a cat", "--model", "/nonexistent", "--output-dir", "/proc/zimage/out") == (
+        "Error: --output-dir: cannot write in the folder /proc/zimage/out (/proc is a folder but takes no new file "
+        "or folder: No such file or directory)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -145,6 +146,9 @@ def check_writable_folder(folder: Path, flag: str) -> None:
         # A file where a folder of the path should be: the system says "File exists" or "Not a directory".
         blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
         why = f"{blocker} is a file, not a folder" if blocker is not None else e.strerror or e
+        if blocker is None and e.errno == errno.ENOENT:  # /proc: "No such file or directory" of a folder that is there
+            base = next(p for p in (folder, *folder.parents) if p.exists())
+            why = f"{'it' if base == folder else base} is a folder but takes no new file or folder: {e.strerror}"
         raise ValueError(f"{flag}: cannot write in the folder {folder} ({why})") from None
 
 
