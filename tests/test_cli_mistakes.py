@@ -550,6 +550,11 @@ def test_converting_another_models_all_in_one_file_is_refused_naming_the_family(
 
     from zimage_native.cli import main
 
+    info = CliRunner().invoke(main, ["info", str(src)])  # it listed the VAE alone, as if that were the file
+    assert info.exit_code == 0, info.output
+    assert ("  not for Z-Image: Stable Diffusion 1.x/2.x/SDXL (UNet) (key "
+            "'model.diffusion_model.input_blocks.0.0.weight')\n") in info.output, info.output
+
     result = CliRunner().invoke(main, ["convert", str(src), str(dst), "--to", to, "--component", "vae"])
     assert result.exit_code == 0, result.output
     assert len(load_file(dst)) == 2

@@ -284,5 +284,7 @@ def info(path: Path, as_json: bool, check: bool, dtype: str | None):
                      "vae": _vae_weight_lines}[name]
             for line in lines(c[f"gpu_weights_{dtype}"], dtype):
                 click.echo(f"  {'':<13} {line}")
+    if report.get("foreign"):
+        click.echo(f"  not for Z-Image: {report['foreign']}")
     if report.get("problem"):
         click.echo(f"  cannot load: {report['problem']}")

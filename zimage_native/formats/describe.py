@@ -30,6 +30,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         return out
     if fmt.problem:
         out["problem"] = fmt.problem
+    elif fmt.foreign:  # an SDXL all-in-one: its VAE is all that reads as a component
+        out["foreign"] = f"{fmt.foreign[0]} (key {fmt.foreign[1]!r})"
     if fmt.kind == "controlnet" and fmt.container == "safetensors":
         from .controlnet import describe_controlnet
 
