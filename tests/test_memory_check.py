@@ -721,3 +721,33 @@ def test_a_component_file_kept_as_stored_is_weighed_in_the_dtypes_it_is_read_in(
     host(monkeypatch, available=need)  # exactly its bytes: it loads, as stored
     loaded = load_component(kind, src, None, "cpu", config, **kwargs)
     assert {k: v.dtype for k, v in loaded.state_dict().items()} == {k: v.dtype for k, v in model.state_dict().items()}
+
+
+def test_the_pinned_refusal_of_a_dit_file_names_offload_model_only_where_the_file_fits_on_the_gpu(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """--transformer FILE --offload blocks, the file's DiT too large for the RAM to pin: the refusal
+    (the file's own check, its DiT left out of the folder's) named --offload model without asking the
+    GPU, where the DiT visits whole, and followed, offload="model" read the file with no GPU check of
+    the DiT. The DiT's bytes are the file header's (footprint.dit_file_bytes), as loaded on the GPU."""
+    import zimage_native.loading as loading
+    from zimage_native import footprint
+
+    from .test_formats import comfy_dit, write
+
+    path = write(tmp_path / "dit.safetensors", comfy_dit(tiny_model_dir, prefix=""))
+    refuse_weight_reads(monkeypatch)
+    fake_cuda(monkeypatch)
+    dit = footprint.dit_file_bytes(path, "fp32", config=tiny_model_dir / "transformer" / "config.json")
+    others = folder_weight_bytes(tiny_model_dir, ["transformer"], torch.float32, "none", "model")
+    assert dit > max(others.values())  # the DiT is the largest visitor
+    host(monkeypatch, available=dit - 1, swap=10 * dit)  # the pinned DiT lacks a byte; swap holds it pageable
+    kw = dict(device="cuda", dtype=torch.float32, transformer=path)
+    card(monkeypatch, free=dit - 1)  # the DiT lacks a byte on the card
+    with pytest.raises(InsufficientMemoryError) as e:
+        loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
+    assert "(--offload model)" not in str(e.value) and 'offload="model"' not in str(e.value)
+    assert "(--offload model does not fit either: the transformer visits cuda whole" in str(e.value)
+    card(monkeypatch, free=dit)  # it fits: named
+    with pytest.raises(InsufficientMemoryError) as e:
+        loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
+    assert "(--offload model)" in str(e.value) and 'offload="model"' in str(e.value)

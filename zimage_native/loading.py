@@ -847,6 +847,15 @@ def load_pretrained(
         if text_encoder is not None:  # a file from elsewhere: is it the tokenizer's model?
             check_vocabulary(tok, header_width("text_encoder", text_encoder, axis=0), text_encoder)
     logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
+    if transformer is not None and pinned:
+        # a file's DiT, left out of the folder's check: weighed from its header the same way, so its
+        # pinned refusal names --offload model only where the file's DiT fits on the GPU as it visits
+        from .footprint import dit_file_bytes
+
+        dit_bytes = dit_file_bytes(transformer, {torch.float32: "fp32", torch.bfloat16: "bf16",
+                                                 torch.float16: "fp16"}[dtype], config=_own_config(folder, "transformer"))
+        model = {**folder_weight_bytes(folder, skip, dtype, text_encoder_quant, "model"), "transformer": dit_bytes}
+        check_host_memory({"transformer": dit_bytes}, storage, pinned, model_gpu=model_offload_gpu_short(model, placement))
     if transformer is not None:
         dit = load_component("transformer", transformer, dtype, storage["transformer"],
                              _own_config(folder, "transformer"), pinned=bool(pinned))
