@@ -31,11 +31,12 @@ class FakeMove:
     def __init__(self, streamer):
         self.streamer, self.log, self.most, self.bytes = streamer, [], 0, 0
         self.owner = {t.data_ptr(): i for i, b in enumerate(streamer.blocks) for t in _streamed_tensors(b, RESIDENT)}
+        self.first = {_streamed_tensors(b, RESIDENT)[0].data_ptr() for b in streamer.blocks}  # one log per block copy
         streamer.transfer = self
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         block = self.owner[t.data_ptr()]
-        if not self.log or self.log[-1] != block:
+        if t.data_ptr() in self.first:
             self.log.append(block)
         self.most = max(self.most, len(self.streamer.loaded) + 1)
         self.bytes += t.nbytes

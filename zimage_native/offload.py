@@ -22,7 +22,10 @@ the next request starts with the caption refiner): the sampling loop runs its la
 :func:`last_pass`, where no block prefetches one that starts another pass (the blocks are listed
 in execution order, so such a block comes before it), and what is still held when the loop ends
 (an interrupted run's prefetch) it drops (:func:`release_streamed`), so that no block stays on the
-device between requests (nor during the VAE decode). Within a run, a prefetch that turns out wrong is
+device between requests (nor during the VAE decode). The caption passes are the other order that
+frequencies cannot tell (with CFG the caption refiner's last block is followed by the negatives'
+caption refiner and by the image's first block, once each per request): the sampling plan names the
+block that runs next (:func:`runs_next`). Within a run, a prefetch that turns out wrong is
 dropped when the next block starts, so at most ``depth + 1`` blocks are ever on the device.
 
 The copy itself is a hook (``transfer``), so the CPU tests can record the copy order with a fake
@@ -81,6 +84,7 @@ class BlockStreamer(ProcessLocal):
         self.successor: dict[int, dict[int, int]] = {}  # block -> {next block: times seen}
         self.last: int | None = None
         self.last_pass = False  # no prefetch of a block that starts another pass (:func:`last_pass`)
+        self.known: dict[int, int] = {}  # block -> the block the caller says runs next (:func:`runs_next`)
         self.handles = []
         for i, block in enumerate(self.blocks):
             self.handles.append(block.register_forward_pre_hook(functools.partial(self._before, i)))
@@ -116,13 +120,17 @@ class BlockStreamer(ProcessLocal):
 
     def ahead(self, i: int) -> list[int]:
         """The blocks to prefetch while block ``i`` runs: its next ``depth`` most frequent successors
-        (in the last pass only those after it in execution order)."""
+        (in the last pass only those after it in execution order); a successor the caller named
+        (:func:`runs_next`) comes before the learned one."""
         out, j = [], i
         for _ in range(self.depth):
             seen = self.successor.get(j)
-            if not seen:
+            if j in self.known:
+                before, j = j, self.known[j]
+            elif seen:
+                before, j = j, max(seen, key=seen.get)  # the first seen of the most frequent
+            else:
                 break
-            before, j = j, max(seen, key=seen.get)  # the first seen of the most frequent
             if j == i or j in out or (self.last_pass and j <= before):
                 break
             out.append(j)
@@ -181,6 +189,25 @@ def last_pass(*models: nn.Module | None):
     finally:
         for streamer in streamers:
             streamer.last_pass = False
+
+
+@contextlib.contextmanager
+def runs_next(model: nn.Module | None, block: nn.Module, then: nn.Module):
+    """Within: the streamed ``block`` of ``model`` (one with a ``block_streamer``; others, and None,
+    are skipped) prefetches ``then``, which the caller knows runs next, rather than its most frequent
+    successor. The sampling plan's caption passes need it: with CFG the caption refiner's last block
+    is followed by the negatives' caption refiner once and by the image's first block once per
+    request, a tie that frequencies cannot break."""
+    streamer = getattr(model, "block_streamer", None)
+    if streamer is None:
+        yield
+        return
+    key = streamer.blocks.index(block)
+    streamer.known[key] = streamer.blocks.index(then)
+    try:
+        yield
+    finally:
+        streamer.known.pop(key, None)
 
 
 # ---------------------------------------------------------------------------- whole components

@@ -41,7 +41,7 @@ from .finite import check_finite, finite_all, finite_rows
 from .images import check_side
 from .images import preprocess_image, preprocess_mask, to_pil, to_uint8, uint8_to_pil  # noqa: F401  (re-exported)
 from .model.sequence import SequenceLayout, build_layout, pad_captions, patchify, unpatchify
-from .offload import last_pass, release_streamed
+from .offload import last_pass, release_streamed, runs_next
 from .scheduler import Schedule, euler_step, make_schedule, sigma_values
 
 logger = logging.getLogger(__name__)
@@ -415,15 +415,21 @@ def plan(pipe, size, prompt_embeds, negative_embeds, schedule: Schedule, guidanc
     cfg, device, dtype, dit = pipe.transformer_config, pipe.device, pipe.dtype, pipe.transformer
     use_cfg = guidance_scale > 0 and negative_embeds is not None
 
-    def prepare(embeds):
-        layout = build_layout(cfg, [e.shape[0] for e in embeds], size[0], size[1], device)
-        cap = pad_captions(embeds, layout.caption_pad.shape[1])
-        return layout, dit.encode_caption(cap, layout)
+    def encode(cap, layout, another: bool):
+        """The caption tokens; ``another``: another caption pass follows (streamed blocks prefetch
+        its first block, not the image's: :func:`offload.runs_next`)."""
+        then = dit.context_refiner[0] if another else dit.noise_refiner[0]
+        with runs_next(dit, dit.context_refiner[-1], then) if len(dit.context_refiner) else contextlib.nullcontext():
+            return dit.encode_caption(cap, layout)
 
-    plain = prepare(prompt_embeds)
-    negative = prepare(negative_embeds) if use_cfg else None
+    def prepare(embeds, another):
+        layout = build_layout(cfg, [e.shape[0] for e in embeds], size[0], size[1], device)
+        return layout, encode(pad_captions(embeds, layout.caption_pad.shape[1]), layout, another)
+
+    plain = prepare(prompt_embeds, use_cfg or varied is not None)
+    negative = prepare(negative_embeds, varied is not None) if use_cfg else None
     if varied is not None:  # the same layout: only the features differ
-        varied = plain[0], dit.encode_caption(pad_captions(varied, plain[0].caption_pad.shape[1]), plain[0])
+        varied = plain[0], encode(pad_captions(varied, plain[0].caption_pad.shape[1]), plain[0], False)
     times = schedule.model_times()
     c = dit.time_embedding(times.to(device), dtype)  # (N, 256): one row per step
     mods = dit.modulations(c)
