@@ -474,3 +474,36 @@ def test_replacing_a_streamed_controlnet_counts_what_the_loaded_one_holds_where_
                            f"embedder, modulations and projections, its blocks resting in CPU memory) stays in memory "
                            f"until this one has loaded, so its bytes are not free: pipe.unload_controlnet() frees them "
                            f"first")
+
+
+def test_the_pinned_controlnet_refusal_names_offload_model_only_where_the_dit_and_branch_fit_on_the_gpu(
+        control_model_dir, control_files, monkeypatch):  # noqa: F811
+    """A ControlNet too large for the RAM to pin under offload="blocks" named --offload model wherever
+    the RAM and swap hold it, without asking the GPU; under model offload the branch visits the GPU
+    with the DiT, whole. It is named only where both fit in the card's free memory (as the pipeline's
+    own pinned refusal does: devices.model_offload_gpu_short), and the refusal says why not."""
+    from zimage_native import ZImagePipeline
+    from zimage_native.devices import InsufficientMemoryError, format_bytes
+    from zimage_native.quantize import weight_bytes
+
+    from .test_memory_check import CUDA, GB, card, host
+
+    path = control_files["2.1"]
+    need = weight_bytes(load_controlnet(path, transformer_config=DIT, dtype=torch.float32))
+    blocks = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="blocks")
+    monkeypatch.setitem(blocks.placement, "transformer", CUDA)
+    visit = weight_bytes(blocks.transformer) + need  # what visits the GPU under model offload: the DiT and branch
+    refuse_weight_reads(monkeypatch)
+    host(monkeypatch, available=need - 1, swap=GB)  # RAM and swap hold the branch, the RAM cannot pin it
+    asked = card(monkeypatch, free=visit - 1)  # (its resident part and 2 blocks in flight fit)
+    with pytest.raises(InsufficientMemoryError) as e:
+        blocks.load_controlnet(path)
+    assert CUDA in asked
+    assert "(--offload model)" not in str(e.value) and 'offload="model"' not in str(e.value)
+    assert str(e.value).endswith(f"(--offload model does not fit either: the transformer visits cuda:0 whole, "
+                                 f"{format_bytes(visit)}, and the GPU has {format_bytes(visit - 1)} free)")
+    card(monkeypatch, free=visit)  # they fit: named
+    with pytest.raises(InsufficientMemoryError) as e:
+        blocks.load_controlnet(path)
+    assert "(--offload model)" in str(e.value) and 'offload="model"' in str(e.value)
+    assert blocks.controlnet is None

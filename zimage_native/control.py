@@ -35,7 +35,7 @@ import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -60,19 +60,21 @@ class ControlNetSlot:
         self.path: str | None = None
 
     def load(self, path: str | os.PathLike, config=None, *, transformer_config, dtype, device,
-             accel: dict[str, Any] | None = None, stream_to: torch.device | None = None) -> ZImageControlNet:
+             accel: dict[str, Any] | None = None, stream_to: torch.device | None = None,
+             model_gpu: Callable[[int], str | None] | None = None) -> ZImageControlNet:
         """Load ``path`` (diffusers folder or single file; ``config`` overrides the inferred config,
         see ``formats.controlnet``) for a DiT of ``transformer_config``, replacing any loaded one.
         ``accel``: the DiT's acceleration settings (``optimize`` arguments), applied to the branch.
         ``stream_to``: the device its blocks will be streamed to (``offload="blocks"``); on a GPU
-        they are read for pinned memory (``formats.controlnet.load_controlnet``)."""
+        they are read for pinned memory (``formats.controlnet.load_controlnet``, which takes
+        ``model_gpu`` too)."""
         from .devices import InsufficientMemoryError
         from .formats.controlnet import load_controlnet
 
         streamed = stream_to is not None and stream_to.type == "cuda"
         try:
             model = load_controlnet(path, config, transformer_config=transformer_config, dtype=dtype, device=device,
-                                    pinned=streamed, stream_to=stream_to)
+                                    pinned=streamed, stream_to=stream_to, model_gpu=model_gpu)
         except InsufficientMemoryError as e:
             if self.model is None:
                 raise

@@ -228,7 +228,8 @@ def bytes_in(tensors, dtype: torch.dtype | None) -> int:
 
 def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype | None,
                          device: torch.device, pinned: bool = False, advice: str | None = None,
-                         python_advice: str | None = None, tensors: list[torch.Tensor] | None = None) -> None:
+                         python_advice: str | None = None, tensors: list[torch.Tensor] | None = None,
+                         model_gpu: Callable[[int], str | None] | None = None) -> None:
     """Just before a component built on meta is read onto a GPU (or into CPU memory): refuse if its
     weights (its floating tensors in ``dtype``, packed ones as they are) exceed the card's free memory
     now (the machine's available RAM and swap), which the components loaded before it have already
@@ -236,12 +237,15 @@ def check_component_fits(what: str, module: torch.nn.Module, dtype: torch.dtype 
     (``offload="blocks"`` on a GPU), so the RAM alone must hold it (:func:`check_host_memory`).
     ``advice`` / ``python_advice``: what to change in the CLI's words / the library's, in place of the
     advice for a pipeline's components (a ControlNet's own). ``tensors``: those of the module that
-    go to ``device`` (by default all of them)."""
+    go to ``device`` (by default all of them). ``model_gpu(bytes)``: why ``--offload model`` would not
+    fit on the GPU with the component's bytes (:func:`model_offload_gpu_short`), for the pinned refusal's
+    advice (:func:`pinned_advice`), asked where ``pinned``."""
     if device.type not in ("cuda", "cpu", "mps"):
         return
     need = bytes_in((*module.parameters(), *module.buffers()) if tensors is None else tensors, dtype)
     if device.type in HOST_MEMORY_DEVICES:
-        check_host_memory({what: need}, {what: device}, (what,) if pinned else (), advice, python_advice)
+        check_host_memory({what: need}, {what: device}, (what,) if pinned else (), advice, python_advice,
+                          model_gpu=model_gpu(need) if model_gpu is not None and pinned else None)
         return
     free, total = free_memory(device)
     if need > free:

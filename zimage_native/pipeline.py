@@ -790,7 +790,8 @@ class ZImagePipeline:
         # Streamed, its blocks rest in CPU memory and its other tensors stay on the DiT's GPU (weighed there).
         model = self.controlnets.load(path, config, transformer_config=self.transformer_config, dtype=self.dtype,
                                       device=device, accel=accel,
-                                      stream_to=self.placement["transformer"] if blocks else None)
+                                      stream_to=self.placement["transformer"] if blocks else None,
+                                      model_gpu=self._model_offload_short if blocks else None)
         if blocks:
             from .offload import stream_blocks
 
@@ -799,6 +800,18 @@ class ZImagePipeline:
         self._fit_attention()
         self._release_control_graphs(replaced)
         return model
+
+    def _model_offload_short(self, branch: int) -> str | None:
+        """Why this pipeline would not fit on its GPU under ``offload="model"`` with a ControlNet of
+        ``branch`` bytes, which visits with the DiT (``devices.model_offload_gpu_short``; the bytes are
+        the loaded components' tensors', not the pinned slabs' that hold streamed blocks); None where it
+        would."""
+        from .devices import bytes_in, model_offload_gpu_short
+
+        modules = {"text_encoder": self._module("text_encoder"), "transformer": self.transformer, "vae": self.vae}
+        needs = {name: bytes_in((*m.parameters(), *m.buffers()), None) for name, m in modules.items() if m is not None}
+        needs["transformer"] += branch
+        return model_offload_gpu_short(needs, {name: self.placement[name] for name in needs})
 
     @_serialized
     def unload_controlnet(self) -> bool:

@@ -28,7 +28,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -210,6 +210,7 @@ def load_controlnet(
     device: torch.device | str = "cpu",
     pinned: bool = False,
     stream_to: torch.device | None = None,
+    model_gpu: Callable[[int], str | None] | None = None,
 ) -> ZImageControlNet:
     """Load a Fun-ControlNet-Union folder or single file for a DiT of ``transformer_config``
     (default: the released Z-Image DiT). ``config`` overrides the inferred config (see the module
@@ -221,7 +222,9 @@ def load_controlnet(
     which the components loaded before it have taken their share; pinned, the RAM alone).
     ``stream_to``: the GPU its blocks will be streamed to (``offload="blocks"``), where its other
     tensors stay and two of its blocks are in flight at a time (``control.branch_on_gpu``): they must
-    fit in its free memory too."""
+    fit in its free memory too. ``model_gpu(bytes)``: why the pipeline under ``offload="model"``, with
+    the branch's bytes visiting the GPU with the DiT, would not fit there (the pinned refusal names
+    ``--offload model`` only where it would: ``devices.check_component_fits``)."""
     path = Path(path)
     tcfg = transformer_config or TransformerConfig()
     files = safetensors_files(path)
@@ -235,7 +238,7 @@ def load_controlnet(
     # read; a 2.0 file that holds its zero refiner then loads without it.
     before = "control_noise_refiner.0.before_proj.weight"
     cfg, module = _branch(path, files, shapes, tcfg, explicit, dtype, False if before in shapes else None)
-    check_component_fits("ControlNet", module, dtype, device, pinned, *advice)
+    check_component_fits("ControlNet", module, dtype, device, pinned, *advice, model_gpu=model_gpu)
     if stream_to is not None and stream_to.type == "cuda":
         from ..control import branch_on_gpu
 
