@@ -5,6 +5,7 @@ loading and unloading through the pipeline, and the errors a user can meet."""
 from __future__ import annotations
 
 import collections
+import functools
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from zimage_native import ZImagePipeline
 from zimage_native.accel.fp8 import Float8Linear
 from zimage_native.formats import UnsupportedFormatError
 from zimage_native.model.transformer import Attention
+from zimage_native.offload import _streamed_tensors
 
 from .test_controlnet_pipeline import control_files, control_model_dir, picture  # noqa: F401 (fixtures)
 from .utils import assert_rel, needs_cpu_fp8, rel_err
@@ -296,7 +298,6 @@ def test_offload_blocks_streams_the_branch_too(control_model_dir, control_files,
     the resident pipeline, each branch block is fetched once per use (the last forward prefetches
     no block for a step that does not come) and between runs no block of either is held."""
     from zimage_native.control import branch_blocks
-    from zimage_native.offload import _streamed_tensors
 
     from .test_lowvram_pipeline import FakeMove
 
@@ -322,6 +323,41 @@ def test_offload_blocks_streams_the_branch_too(control_model_dir, control_files,
     # the block each fetched for a step that did not come is dropped when the sampling loop ends
     assert not streamer.loaded and not dit.loaded
     assert torch.equal(pipe(["a cat", "a dog"], control_image=control, guidance_scale=2.0, **KW).images, want)
+
+
+@pytest.mark.parametrize("version", ["2.0", "2.1"])
+def test_offload_blocks_prefetches_every_branch_block_a_last_step_runs_again(control_model_dir, control_files,  # noqa: F811
+                                                                             version):
+    """A 2.0 branch runs its control layers twice in a step (the refiner chain, then the main one):
+    its last layer predicts the first layer both times. The last forward of a request prefetched no
+    block before the one running (offload.last_pass, by position), so the first layer's second run
+    in it was a synchronous copy (3 steps: 2 branch copies not prefetched, 1 before). Now a block
+    is refused a prefetch there only once it ran as often as in a whole pass: in a later request
+    every branch block runs prefetched but the request's first, and nothing is fetched unused."""
+    pipe = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="blocks")
+    pipe.progress = False
+    pipe.load_controlnet(control_files[version])
+    streamer = pipe.controlnet.block_streamer
+    fetched, synchronous, used = [], [], []
+    owner = {t.data_ptr(): i for i, b in enumerate(streamer.blocks) for t in _streamed_tensors(b, streamer.keep)}
+    streamer.transfer = lambda t: fetched.append(owner[t.data_ptr()]) or t.clone()
+
+    def record(i, module, args):  # before the streamer's hook: was the block prefetched?
+        if i not in streamer.loaded:
+            synchronous.append(len(used))
+        used.append(i)
+
+    for i, block in enumerate(streamer.blocks):
+        block.register_forward_pre_hook(functools.partial(record, i), prepend=True)
+    control = picture(48, 32, 5)
+    for steps in (2, 3):
+        fetched.clear(), synchronous.clear(), used.clear()
+        pipe("a cat", control_image=control, **dict(KW, num_inference_steps=steps))
+    assert len(used) == 3 * len(streamer.blocks) * (2 if version == "2.0" else 1)
+    assert synchronous == [0], f"uses {used}: {len(synchronous)} not prefetched ({synchronous})"
+    fetches = [i for k, i in enumerate(fetched) if k == 0 or fetched[k - 1] != i]
+    assert collections.Counter(fetches) == collections.Counter(used)
+    assert not streamer.loaded
 
 
 def test_the_gpu_benchmark_runs_its_smoke_mode(tmp_path):

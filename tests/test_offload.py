@@ -289,8 +289,8 @@ def test_a_lora_loaded_or_unloaded_between_streamed_runs_reaches_every_block():
 def test_a_request_leaves_no_block_on_the_device_and_fetches_each_block_once_per_use(tiny_model_dir):
     """The last block of a request's last DiT forward would prefetch the next step's first block,
     for a step that does not come (a wasted copy; it stayed on the device until the next request,
-    338 MiB of the released DiT in bf16). The sampling loop runs its last forward in
-    offload.last_pass, which starts no such prefetch, and drops what is still held when it ends:
+    338 MiB of the released DiT in bf16). The sampling loop runs its last forward as the last
+    offload.streamed_pass, which starts no such prefetch, and drops what is still held when it ends:
     after every request no block is held, each block is fetched exactly once per use (with CFG
     too, where the positives' last block still prefetches the negatives' first), and the images
     are bit-equal to the resident pipeline's."""

@@ -18,9 +18,11 @@ often each other block followed it, and the most frequent successor is prefetche
 on a tie). The sampling loop runs the same order every step, so from the second pass on every
 block but the very first is prefetched, including the first block of the next step while the last
 one runs. Only the end of a request would be mispredicted (its last block predicts another step;
-the next request starts with the caption refiner): the sampling loop runs its last forward in
-:func:`last_pass`, where no block prefetches one that starts another pass (the blocks are listed
-in execution order, so such a block comes before it), and what is still held when the loop ends
+the next request starts with the caption refiner): the sampling loop runs each forward in
+:func:`streamed_pass`, where a block counts its runs, and in its last one no block prefetches a
+block that has run as often as in a whole pass before (the next step's first block; a block run
+twice in a pass, as a ControlNet 2.0 branch runs its layers, is still prefetched for its second
+run), and what is still held when the loop ends
 (an interrupted run's prefetch) it drops (:func:`release_streamed`), so that no block stays on the
 device between requests (nor during the VAE decode). The caption passes are the other order that
 frequencies cannot tell (with CFG the caption refiner's last block is followed by the negatives'
@@ -35,6 +37,7 @@ on the CPU (fused LoRA, see :mod:`zimage_native.lora`) land in the CPU copy and 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import threading
@@ -83,8 +86,12 @@ class BlockStreamer(ProcessLocal):
         self.loaded: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], object]] = {}
         self.successor: dict[int, dict[int, int]] = {}  # block -> {next block: times seen}
         self.last: int | None = None
-        self.last_pass = False  # no prefetch of a block that starts another pass (:func:`last_pass`)
         self.known: dict[int, int] = {}  # block -> the block the caller says runs next (:func:`runs_next`)
+        # Within :func:`streamed_pass`: the runs of each block in this pass, the most of them in a pass
+        # before, and whether this pass is the last (a block run as often as that is not prefetched).
+        self.runs: collections.Counter | None = None
+        self.runs_per_pass: dict[int, int] = {}
+        self.last_pass = False
         self.handles = []
         for i, block in enumerate(self.blocks):
             self.handles.append(block.register_forward_pre_hook(functools.partial(self._before, i)))
@@ -120,18 +127,18 @@ class BlockStreamer(ProcessLocal):
 
     def ahead(self, i: int) -> list[int]:
         """The blocks to prefetch while block ``i`` runs: its next ``depth`` most frequent successors
-        (in the last pass only those after it in execution order); a successor the caller named
-        (:func:`runs_next`) comes before the learned one."""
+        (in the last pass only those that run again in it: :func:`streamed_pass`); a successor the
+        caller named (:func:`runs_next`) comes before the learned one."""
         out, j = [], i
         for _ in range(self.depth):
             seen = self.successor.get(j)
             if j in self.known:
-                before, j = j, self.known[j]
+                j = self.known[j]
             elif seen:
-                before, j = j, max(seen, key=seen.get)  # the first seen of the most frequent
+                j = max(seen, key=seen.get)  # the first seen of the most frequent
             else:
                 break
-            if j == i or j in out or (self.last_pass and j <= before):
+            if j == i or j in out or (self.last_pass and self.runs[j] >= self.runs_per_pass.get(j, 0)):
                 break
             out.append(j)
         return out
@@ -142,6 +149,8 @@ class BlockStreamer(ProcessLocal):
             seen = self.successor.setdefault(self.last, {})
             seen[i] = seen.get(i, 0) + 1
         self.last = i
+        if self.runs is not None:
+            self.runs[i] += 1
         self.load(i)
         upcoming = self.ahead(i)
         for k in list(self.loaded):
@@ -177,18 +186,23 @@ def release_streamed(*models: nn.Module | None) -> None:
 
 
 @contextlib.contextmanager
-def last_pass(*models: nn.Module | None):
-    """Within: the streamed blocks of ``models`` (those with a ``block_streamer``; others, and None,
-    are skipped) run their last pass of a run, and prefetch no block of a pass that does not come
-    (the next step's first block, which the last block predicts)."""
+def streamed_pass(*models: nn.Module | None, last: bool = False):
+    """Within: one pass of the streamed blocks of ``models`` (those with a ``block_streamer``; others,
+    and None, are skipped), each block's runs counted. A pass that ends without an error records the
+    most runs of each block in a pass; in the ``last`` pass of a run a block prefetches no block
+    that has run that often already (the next step's first block, which the last block predicts,
+    for a pass that does not come)."""
     streamers = [s for s in (getattr(m, "block_streamer", None) for m in models) if s is not None]
     for streamer in streamers:
-        streamer.last_pass = True
+        streamer.runs, streamer.last_pass = collections.Counter(), last
     try:
         yield
+        for streamer in streamers:
+            for j, n in streamer.runs.items():
+                streamer.runs_per_pass[j] = max(streamer.runs_per_pass.get(j, 0), n)
     finally:
         for streamer in streamers:
-            streamer.last_pass = False
+            streamer.runs, streamer.last_pass = None, False
 
 
 @contextlib.contextmanager

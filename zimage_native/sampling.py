@@ -41,7 +41,7 @@ from .finite import check_finite, finite_all, finite_rows
 from .images import check_side
 from .images import preprocess_image, preprocess_mask, to_pil, to_uint8, uint8_to_pil  # noqa: F401  (re-exported)
 from .model.sequence import SequenceLayout, build_layout, pad_captions, patchify, unpatchify
-from .offload import last_pass, release_streamed, runs_next
+from .offload import release_streamed, runs_next, streamed_pass
 from .scheduler import Schedule, euler_step, make_schedule, sigma_values
 
 logger = logging.getLogger(__name__)
@@ -492,7 +492,7 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
     def forward(x, step, side, last):
         """One forward; ``last``: the run's last, where streamed blocks prefetch no next step's."""
         layout, tokens = side
-        with last_pass(pipe.transformer, pipe.controlnet) if last else contextlib.nullcontext():
+        with streamed_pass(pipe.transformer, pipe.controlnet, last=last):
             extra = plan.extra(x, step, layout, tokens) if plan.extra is not None else {}
             if plan.cache is not None:  # each branch (positives, negatives) keeps its own residuals
                 branch = "negative" if side is plan.negative else "positive"
@@ -583,7 +583,7 @@ def denoise(pipe, latents, prompt_embeds, negative_embeds, schedule: Schedule, g
     The pipeline's graphed loop (``cuda_graphs``) runs it, ``on_step_end`` after each step's replay
     (in loop mode too: such a run replays step graphs), unless the first-block cache (``cache`` > 0;
     its counts go to ``info["first_block_cache_forwards"]``) is on. With ``offload="blocks"`` the
-    last forward prefetches no block for a step that does not come (:func:`offload.last_pass`), and
+    last forward prefetches no block for a step that does not come (:func:`offload.streamed_pass`), and
     what is still held at the end (the DiT's, the ControlNet branch's: an interrupted or failed run's
     prefetch) is dropped: nothing stays on the device between requests
     (:func:`offload.release_streamed`)."""
