@@ -806,6 +806,41 @@ def test_placing_a_shared_dit_places_every_pipeline_holding_it(tiny_model_dir, m
     assert {t.data_ptr() for t in (*dit.parameters(), *dit.buffers())} == resting
 
 
+@pytest.mark.parametrize("call", ["to", "offload"])
+def test_placing_a_shared_dit_leaves_a_pipeline_already_holding_it_so_as_it_was_built(tiny_model_dir, monkeypatch,
+                                                                                       call):
+    """A second pipeline holding the first's DiT, which it places alike, with its text encoder kept
+    off the GPU by design (offload="text_encoder", or placement={"text_encoder": cpu, ...}). A
+    script's first.to("cuda") (or enable_model_cpu_offload()) before every call, a no-op for the
+    first, placed the second whole: its text encoder moved to the GPU, offload="text_encoder" became
+    "none" and its prompt cache was dropped (1 entry -> 0). Only the DiT is shared: the second
+    already holds it as asked and is left as it was built. "cpu:1" stands in for the GPU (a move
+    there gives a tensor new storage)."""
+    import zimage_native.pipeline as pipeline
+    from zimage_native import ZImagePipeline
+
+    from .fixtures import our_pipeline
+
+    gpu = torch.device("cpu", 1)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: gpu)
+    first = our_pipeline(tiny_model_dir)
+    place = first.to if call == "to" else first.enable_model_cpu_offload
+    place("cuda")
+    own_text_encoder = dict(first.placement, text_encoder=torch.device("cpu"))
+    builds = [dict(placement=own_text_encoder, offload=first.offload)]
+    if call == "to":
+        builds.append(dict(placement=dict(first.placement), offload="text_encoder"))
+    for build in builds:
+        second = ZImagePipeline(first.transformer, first.vae, our_pipeline(tiny_model_dir).text_encoder,
+                                first.scheduler_config, first.vae_config, **build)  # a text encoder of its own
+        second("a cat", height=32, width=32, num_inference_steps=1, seed=0, output_type="latent")
+        built = (second.offload, dict(second.placement), len(second.prompt_cache))
+        text_encoder = [p.data_ptr() for p in second.text_encoder.model.parameters()]
+        place("cuda")
+        assert (second.offload, dict(second.placement), len(second.prompt_cache)) == built, build
+        assert [p.data_ptr() for p in second.text_encoder.model.parameters()] == text_encoder, build
+
+
 def test_a_pipeline_placed_otherwise_cannot_take_a_dit_another_pipeline_holds(tiny_model_dir, monkeypatch):
     """A pipeline built with offload="none" on a DiT another pipeline offloads ran it on the CPU (its
     default placement is where the DiT rests); one assigned such a DiT (pipe.transformer = dit) too; a

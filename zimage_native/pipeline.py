@@ -883,13 +883,22 @@ class ZImagePipeline:
         for all before anything moves. Up to 0.22.0 only the pipeline asked changed its mode: another
         holding the DiT with offload="none" ran a DiT left in CPU memory on the GPU (a device-mismatch
         RuntimeError), and one offloading it kept a DiT made resident by another's ``pipe.to``
-        resident, reporting offload="model"; a shared VAE or text encoder likewise."""
-        holders = self._placed_with()
+        resident, reporting offload="model"; a shared VAE or text encoder likewise. Another pipeline
+        whose shared components are already held as asked is left as it was built: the placement of
+        what it does not share (offload="text_encoder", its own text encoder on the CPU) is its own."""
+        holders = [self, *(pipe for pipe in self._placed_with()[1:] if pipe._shares_otherwise(device, offload))]
         for pipe in holders:
             pipe._check_graphs_fit(device, offload)
             pipe._check_accelerations_fit(device)
         for pipe in holders:
             pipe._place_components(device, offload, "" if pipe is self else " of another pipeline placed with it")
+
+    def _shares_otherwise(self, device: torch.device, offload: str) -> bool:
+        """Whether a component this pipeline shares with another is held otherwise than ``device`` with
+        ``offload`` would hold it (:func:`_held_as`): then :meth:`_place_holders` places it whole."""
+        return any(module is not None and len(_pipelines_holding(module)) > 1
+                   and _held_as(name, self.placement[name], self.offload) != _held_as(name, device, offload)
+                   for name, module in self._placed().items())
 
     def _place_components(self, device: torch.device, offload: str, whose: str) -> None:
         """This pipeline's components placed on ``device`` with ``offload`` (:meth:`_place_holders`);
