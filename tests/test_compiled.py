@@ -1836,7 +1836,7 @@ def test_a_move_of_a_shared_dit_drops_the_graphs_and_moves_the_placement_of_ever
     assert len(sampler.graphs) == 1
     place = {"to": first.to, "offload": lambda device: first.enable_model_cpu_offload(device=device)}[call]
     with pytest.raises(ValueError, match="CUDA graphs are on"):  # (graphs need the DiT on a CUDA device)
-        place("cpu")
+        place("cpu:1")  # (a move: "cpu", where both hold the DiT already, moves nothing and is taken)
     assert len(sampler.graphs) == 1 and first.offload == "none"  # refused before anything moved
     monkeypatch.setattr(cuda_graphs, "graphs_problem", lambda *args: None)  # ("meta" stands in for the GPU)
     place("meta")

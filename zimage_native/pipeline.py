@@ -16,6 +16,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import gc
 import inspect
 import logging
 import math
@@ -222,6 +223,15 @@ def _pipelines_holding(module) -> "list[ZImagePipeline]":
     (``ZImagePipeline(pipe.transformer, ...)``, ``pipe.vae = other.vae``: :meth:`ZImagePipeline._placed`)."""
     if module is None:
         return []
+
+    def holding() -> int:
+        return sum(any(held is module for held in pipe._placed().values()) for pipe in list(_PIPELINES))
+
+    # A pipeline no longer referenced but not yet freed (its bound calls make cycles, which only the
+    # collector frees: `text_encoder = ZImagePipeline.from_pretrained(...).text_encoder`) holds nothing:
+    # collected first where it would count as a second holder (only there; sharing is rare).
+    if holding() > 1:
+        gc.collect()
     return [pipe for pipe in list(_PIPELINES) if any(held is module for held in pipe._placed().values())]
 
 
