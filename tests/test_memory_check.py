@@ -181,8 +181,9 @@ def test_out_of_memory_while_generating_is_one_line_with_advice(tiny_model_dir, 
 
 
 def test_a_component_file_is_checked_when_it_is_read(tiny_model_dir, tmp_path, monkeypatch):
-    """Component files (a single-file DiT, a GGUF DiT kept packed) are not in the folder's estimate:
-    each is checked just before its tensors are read, against what the card has free then."""
+    """Component files (a single-file DiT, a GGUF DiT kept packed) are weighed from their headers with
+    the folder's components before loading, and each is checked again just before its tensors are read,
+    against what the card has free then."""
     import zimage_native.loading as loading
     from zimage_native.quantize import weight_bytes
 
@@ -193,8 +194,8 @@ def test_a_component_file_is_checked_when_it_is_read(tiny_model_dir, tmp_path, m
     need = folder_weight_bytes(tiny_model_dir, [], torch.bfloat16)
     assert need["text_encoder"] + need["vae"] < need["transformer"]
     card(monkeypatch, free=need["transformer"] - 1)  # room for the folder's text encoder and VAE only
-    with pytest.raises(InsufficientMemoryError, match=r"^the transformer \(1.2 MB of weights\) does not fit on "
-                       r"cuda: the GPU has 1.2 MB free of 16.00 GB, the components loaded before it included"):
+    with pytest.raises(InsufficientMemoryError, match=r"^the weights do not fit on cuda: transformer 1.2 MB, text "
+                       r"encoder .* KB, vae .* KB, 2.1 MB at the peak, and the GPU has 1.2 MB free of 16.00 GB"):
         loading.load_pretrained(tiny_model_dir, device="cuda", dtype=torch.bfloat16, transformer=single)
 
     path, _ = write_dit(tmp_path / "q4k.gguf", "Q4_K")
@@ -751,3 +752,79 @@ def test_the_pinned_refusal_of_a_dit_file_names_offload_model_only_where_the_fil
     with pytest.raises(InsufficientMemoryError) as e:
         loading.load_pretrained(tiny_model_dir, offload="blocks", **kw)
     assert "(--offload model)" in str(e.value) and 'offload="model"' in str(e.value)
+
+
+@pytest.mark.parametrize("offload", ["none", "model"])
+@pytest.mark.parametrize("form", ["fp32", "fp8"])
+def test_a_dit_file_is_weighed_against_the_gpu_with_the_folders_components(tiny_model_dir, tmp_path, monkeypatch,
+                                                                            form, offload):
+    """--transformer FILE was left out of the check before loading (skip): a DiT file too large for the
+    card was read whole (offload "none": refused by its own check only when the DiT alone did not fit,
+    after nothing was weighed with it; "model": read into CPU memory, out of memory when it ran). It is
+    weighed from its header (an fp8 file's float8 layers kept, the least the loader keeps) with the
+    folder's components, refused at one byte short in the folder's words and advice, read at an exact fit."""
+    import zimage_native.gguf_loading as gguf_loading
+    import zimage_native.loading as loading
+    from zimage_native import footprint
+    from zimage_native.devices import format_bytes, weight_peak
+
+    from .test_formats import comfy_dit, to_fp8, write
+
+    comfy = comfy_dit(tiny_model_dir, prefix="")
+    path = write(tmp_path / "dit.safetensors", to_fp8(comfy, True)[0] if form == "fp8" else comfy)
+    refuse_weight_reads(monkeypatch)
+
+    def read(*args, **kwargs):
+        raise WeightsRead
+
+    monkeypatch.setattr(loading, "read_weights", read)
+    monkeypatch.setattr(gguf_loading, "read_weights", read)
+    fake_cuda(monkeypatch)
+    dit = footprint.dit_file_bytes(path, "fp32", config=tiny_model_dir / "transformer" / "config.json")
+    folder_dit = folder_weight_bytes(tiny_model_dir, [], torch.float32)["transformer"]
+    assert (dit < folder_dit) if form == "fp8" else (dit == folder_dit)  # the file's own bytes
+    needs = {**folder_weight_bytes(tiny_model_dir, ["transformer", "vae"], torch.float32, "none", offload),
+             "transformer": dit}  # (the VAE on the CPU: the DiT is the largest on the card)
+    peak = weight_peak(needs, dict.fromkeys(needs, CUDA), offload, CUDA)[0]
+    assert peak == (dit if offload == "model" else sum(needs.values()))  # the file's DiT counts in the peak
+    kw = dict(device="cuda", dtype=torch.float32, transformer=path, offload=offload, vae_device="cpu")
+    card(monkeypatch, free=peak - 1)
+    with pytest.raises(InsufficientMemoryError) as e:
+        loading.load_pretrained(tiny_model_dir, **kw)
+    message = e.value.cli_message
+    alone = "each component runs there alone and the " if offload == "model" else ""
+    assert message.startswith(f"the weights do not fit on cuda: {alone}transformer")
+    assert f"{format_bytes(peak)} at the peak, and the GPU has {format_bytes(peak - 1)} free" in message
+    if offload == "none":  # the advice weighs the file too: each component visits alone under --offload model
+        assert f"--offload model ({format_bytes(dit)} at the peak)" in message
+    card(monkeypatch, free=peak)  # an exact fit: reading starts (an fp8 file's scales onto the card: no GPU here)
+    with pytest.raises((WeightsRead, RuntimeError, AssertionError)) as e:
+        loading.load_pretrained(tiny_model_dir, **kw)
+    assert e.type is WeightsRead or re.search("CUDA|NVIDIA driver", str(e.value))
+
+
+@pytest.mark.parametrize("offload", ["none", "model"])
+def test_a_text_encoder_file_is_weighed_against_the_gpu_before_loading(tiny_model_dir, tmp_path, monkeypatch, offload):
+    """--text-encoder FILE, the one component on the card: weighed from its header
+    (footprint.text_encoder_file_bytes, with --text-encoder-quant) before anything is read."""
+    import zimage_native.loading as loading
+    from zimage_native import footprint
+    from zimage_native.devices import format_bytes
+
+    from .test_formats import prefixed_te, write
+
+    path = write(tmp_path / "te.safetensors", prefixed_te(tiny_model_dir))
+    refuse_weight_reads(monkeypatch)
+    fake_cuda(monkeypatch)
+    te = footprint.text_encoder_file_bytes(path, "fp32", "int8", tiny_model_dir / "text_encoder" / "config.json")
+    assert te < folder_weight_bytes(tiny_model_dir, [], torch.float32)["text_encoder"]  # int8: the quant counts
+    kw = dict(device="cuda", dtype=torch.float32, text_encoder=path, text_encoder_quant="int8", offload=offload,
+              dit_device="cpu", vae_device="cpu")
+    card(monkeypatch, free=te - 1)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit on cuda: .*text encoder "
+                       rf"(needs )?{format_bytes(te)}, {format_bytes(te)} at the peak, and the GPU has "
+                       rf"{format_bytes(te - 1)} free"):
+        loading.load_pretrained(tiny_model_dir, **kw)
+    card(monkeypatch, free=te)  # an exact fit: reading starts
+    with pytest.raises(WeightsRead):
+        loading.load_pretrained(tiny_model_dir, **kw)

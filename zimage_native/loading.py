@@ -694,16 +694,27 @@ def _own_config(folder: Path, component: str) -> Path | None:
 
 
 def folder_weight_bytes(folder: Path, skip: Iterable[str], dtype: torch.dtype, text_encoder_quant: str = "none",
-                        offload: str = "none") -> dict[str, int]:
+                        offload: str = "none", files: dict[str, str | os.PathLike] | None = None) -> dict[str, int]:
     """The weight bytes each component of a diffusers-layout folder holds on its device while it runs,
     loaded in ``dtype`` (computed from its config by :mod:`zimage_native.footprint`; with ``offload``
     "blocks" the DiT's resident part and the blocks in flight), except the components in ``skip``
-    (replaced by other files or a remote encoder)."""
+    (replaced by other files or a remote encoder). ``files``: components of ``skip`` given as files
+    (component -> path or None), a DiT's and a text encoder's weighed from the file's header the same way
+    (``footprint.dit_file_bytes`` with the packed layers kept packed, the least the loader keeps;
+    ``footprint.text_encoder_file_bytes``), with the folder's config.json beside them as the loader
+    reads it; a VAE file is not weighed (its own check at the load covers it)."""
     from . import footprint
     from .config import TransformerConfig, VAEConfig
 
     size = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     needs = {}
+    files = files or {}
+    if files.get("transformer") is not None:
+        needs["transformer"] = footprint.dit_file_bytes(files["transformer"], size, "blocks" if offload == "blocks"
+                                                        else "none", config=_own_config(folder, "transformer"))
+    if files.get("text_encoder") is not None:
+        needs["text_encoder"] = footprint.text_encoder_file_bytes(files["text_encoder"], size, text_encoder_quant,
+                                                                  _own_config(folder, "text_encoder"))
     if "transformer" not in skip:
         needs["transformer"] = footprint.dit_bytes(TransformerConfig.from_json(folder / "transformer" / "config.json"),
                                                    size, "blocks" if offload == "blocks" else "none")
@@ -722,13 +733,13 @@ SETTINGS = (("none", "none"), ("none", "int8"), ("none", "int4"), ("blocks", "no
 
 
 def setting_peaks(folder: Path, skip: list[str], dtype: torch.dtype, placement: dict[str, torch.device],
-                  device: torch.device) -> list[tuple[str, int]]:
-    """(flags, peak bytes of weights on ``device``) for each of :data:`SETTINGS` this folder allows
-    (int4 needs widths in multiples of its group)."""
+                  device: torch.device, files: dict[str, str | os.PathLike] | None = None) -> list[tuple[str, int]]:
+    """(flags, peak bytes of weights on ``device``) for each of :data:`SETTINGS` this folder (with the
+    component ``files`` of :func:`folder_weight_bytes`) allows (int4 needs widths in multiples of its group)."""
     out = []
     for offload, quant in SETTINGS:
         try:
-            needs = folder_weight_bytes(folder, skip, dtype, quant, offload)
+            needs = folder_weight_bytes(folder, skip, dtype, quant, offload, files)
         except ValueError:
             continue
         flags = " ".join(f for f in (f"--offload {offload}" if offload != "none" else "",
@@ -738,11 +749,11 @@ def setting_peaks(folder: Path, skip: list[str], dtype: torch.dtype, placement: 
 
 
 def settings_that_fit(folder: Path, skip: list[str], dtype: torch.dtype, placement: dict[str, torch.device],
-                      device: torch.device, free: int) -> str | None:
+                      device: torch.device, free: int, files: dict[str, str | os.PathLike] | None = None) -> str | None:
     """The settings whose weights fit in ``free`` bytes of ``device``, in the CLI's words with their
     peaks; None if none does."""
     fits = [f"{flags} ({format_bytes(peak)} at the peak)"
-            for flags, peak in setting_peaks(folder, skip, dtype, placement, device) if peak <= free]
+            for flags, peak in setting_peaks(folder, skip, dtype, placement, device, files) if peak <= free]
     return f"use one of: {'; '.join(fits)} (or a GGUF or fp8 DiT file, kept quantised: --transformer FILE)" if fits else None
 
 
@@ -822,16 +833,23 @@ def load_pretrained(
                                             placement) if pinned else None
         check_host_memory(folder_weight_bytes(folder, skip, dtype, text_encoder_quant), storage, pinned,
                           model_gpu=model_gpu)
-    if any(dev.type == "cuda" for dev in placement.values()):
-        check_weights_fit(folder_weight_bytes(folder, skip, dtype, text_encoder_quant, offload), placement, offload,
-                          advice=lambda device, free: settings_that_fit(folder, skip, dtype, placement, device, free))
     scfg = SchedulerConfig.from_json(folder / "scheduler" / "scheduler_config.json")
     dit_source = transformer if transformer is not None else folder / "transformer"
     te_source = text_encoder if text_encoder is not None else folder / "text_encoder"
     check_weight_files([dit_source, vae if vae is not None else folder / "vae",
                         *([te_source] if text_encoder_url is None else [])])
-    check_components({"transformer": transformer, "vae": vae,
-                      "text_encoder": text_encoder if text_encoder_url is None else None})
+    files = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder if text_encoder_url is None else None}
+    check_components(files)  # (before the files' headers are weighed)
+    if transformer is not None and pinned:
+        # a file's DiT, left out of the folder's RAM check: its pinned refusal names --offload model only
+        # where the file's DiT fits on the GPU as it visits
+        model = folder_weight_bytes(folder, skip, dtype, text_encoder_quant, "model", files)
+        check_host_memory({"transformer": model["transformer"]}, storage, pinned,
+                          model_gpu=model_offload_gpu_short(model, placement))
+    if any(dev.type == "cuda" for dev in placement.values()):
+        check_weights_fit(folder_weight_bytes(folder, skip, dtype, text_encoder_quant, offload, files), placement,
+                          offload, advice=lambda device, free: settings_that_fit(folder, skip, dtype, placement, device,
+                                                                                 free, files))
     dit_width = (header_width("transformer", transformer) if transformer is not None else
                  TransformerConfig.from_json(folder / "transformer" / "config.json").cap_feat_dim)
     if text_encoder_url is None:
@@ -847,15 +865,6 @@ def load_pretrained(
         if text_encoder is not None:  # a file from elsewhere: is it the tokenizer's model?
             check_vocabulary(tok, header_width("text_encoder", text_encoder, axis=0), text_encoder)
     logger.info("loading %s in %s, placement %s, offload %s", folder, dtype, placement, offload)
-    if transformer is not None and pinned:
-        # a file's DiT, left out of the folder's check: weighed from its header the same way, so its
-        # pinned refusal names --offload model only where the file's DiT fits on the GPU as it visits
-        from .footprint import dit_file_bytes
-
-        dit_bytes = dit_file_bytes(transformer, {torch.float32: "fp32", torch.bfloat16: "bf16",
-                                                 torch.float16: "fp16"}[dtype], config=_own_config(folder, "transformer"))
-        model = {**folder_weight_bytes(folder, skip, dtype, text_encoder_quant, "model"), "transformer": dit_bytes}
-        check_host_memory({"transformer": dit_bytes}, storage, pinned, model_gpu=model_offload_gpu_short(model, placement))
     if transformer is not None:
         dit = load_component("transformer", transformer, dtype, storage["transformer"],
                              _own_config(folder, "transformer"), pinned=bool(pinned))
