@@ -204,6 +204,18 @@ def test_control_inpaint_needs_a_2x_controlnet_and_takes_no_strength(control_pip
                              num_inference_steps=1)
 
 
+def test_control_inpaint_refuses_image_latents_as_inpainting_does(control_pipe, control_files):
+    """Image latents as image= (a (B, 16, h, w) tensor, which img2img takes) are refused by plain
+    inpainting naming them; ControlNet inpainting failed on them with the image reader's shape error
+    ("image arrays must be (H, W, 3) ... got shape (1, 16, 4, 6)"). diffusers' ControlNet inpainting
+    fails on them too (a size mismatch at the mask, with or without height/width)."""
+    control_pipe.load_controlnet(control_files["2.1"])
+    latents, mask, control = torch.randn(1, 16, 4, 6), picture(48, 32, 0, "L"), picture(48, 32, 8)
+    with pytest.raises(ValueError, match=r"ControlNet inpainting takes an image, not image latents \(image= of "
+                                         r"shape \(1, 16, 4, 6\).*pipe.decode"):
+        control_pipe.inpaint("a cat", image=latents, mask_image=mask, control_image=control, num_inference_steps=1)
+
+
 def test_seed_variance_reaches_the_control_branch(control_pipe, control_files):
     """With every step varied, seed variance is the run with the varied features given as
     prompt_embeds (varied by independent code): the ControlNet branch reads the same caption tokens."""

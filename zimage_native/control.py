@@ -46,7 +46,7 @@ from .model.controlnet import ZImageControlNet
 from .model.sequence import SequenceLayout, patchify
 from .offload import RESIDENT, _streamed_tensors, resident_tensors
 from .images import preprocess_image, preprocess_mask
-from .sampling import Task, TaskContext, latent_multiple, register_task, repeat_to
+from .sampling import Task, TaskContext, latent_multiple, refuse_image_latents, register_task, repeat_to
 
 logger = logging.getLogger(__name__)
 
@@ -288,6 +288,7 @@ class ControlInpaint(Control):
         if r.strength is not None and r.strength != 1.0:
             raise ValueError(f"ControlNet inpainting starts from noise and takes no strength (as diffusers' "
                              f"ZImageControlNetInpaintPipeline), got {r.strength}")
+        refuse_image_latents(pipe, r.image, "ControlNet inpainting")
         image = preprocess_image(r.image, r.width, r.height, latent_multiple(pipe), what="image")
         h, w = image.shape[-2:]
         control = preprocess_image(r.control_image, w, h, latent_multiple(pipe))

@@ -236,6 +236,15 @@ def is_image_latents(pipe, image) -> bool:
             and image.shape[1] == channels)
 
 
+def refuse_image_latents(pipe, image, task: str) -> None:
+    """Refuse image latents (:func:`is_image_latents`) as the image of ``task`` (inpainting, with a
+    ControlNet or not), which needs the image's pixels; diffusers' fails on them too."""
+    if is_image_latents(pipe, image):
+        raise ValueError(f"{task} takes an image, not image latents (image= of shape {tuple(image.shape)}; "
+                         f"diffusers' {task} fails on them too): decode them first (pipe.decode(latents)), "
+                         f"or use img2img, which takes image latents")
+
+
 def read_image_latents(pipe, r: GenerationRequest) -> tuple[dict[str, Any], int, int]:
     """img2img's ``image=`` given as scaled image latents (what ``output_type="latent"`` returns, or
     ``(posterior.sample() - shift_factor) * scaling_factor``), taken as the clean latents, as
@@ -335,10 +344,7 @@ class Inpaint(ImageToImage):
     draws_with_latents = True  # the blend's noise and the image's posterior sample
 
     def read(self, pipe, r):
-        if is_image_latents(pipe, r.image):
-            raise ValueError(f"inpainting takes an image, not image latents (image= of shape {tuple(r.image.shape)}; "
-                             f"diffusers' inpainting fails on them too): decode them first (pipe.decode(latents)), "
-                             f"or use img2img, which takes image latents")
+        refuse_image_latents(pipe, r.image, "inpainting")
         inputs, w, h = super().read(pipe, r)
         inputs["mask"] = preprocess_mask(r.mask_image, h, w)
         return inputs, w, h
