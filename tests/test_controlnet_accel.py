@@ -330,8 +330,9 @@ def test_offload_blocks_prefetches_every_branch_block_a_last_step_runs_again(con
                                                                              version):
     """A 2.0 branch runs its control layers twice in a step (the refiner chain, then the main one):
     its last layer predicts the first layer both times. The last forward of a request prefetched no
-    block before the one running (offload.last_pass, by position), so the first layer's second run
-    in it was a synchronous copy (3 steps: 2 branch copies not prefetched, 1 before). Now a block
+    block listed before the one running (the first version of that rule, by position), so the first
+    layer's second run in it was a synchronous copy (3 steps: 2 branch copies not prefetched where
+    there was 1). Now a block
     is refused a prefetch there only once it ran as often as in a whole pass: in a later request
     every branch block runs prefetched but the request's first, and nothing is fetched unused."""
     pipe = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="blocks")
