@@ -1083,3 +1083,46 @@ def test_a_placement_is_refused_where_a_pipeline_sharing_a_component_streams_its
         plain.enable_model_cpu_offload()
     assert (plain.offload, streamed.offload) == ("none", "blocks")
     assert plain.placement == streamed.placement == dict.fromkeys(plain.placement, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("made", ["built", "copied"])
+def test_a_dropped_pipeline_is_not_placed_with_the_one_it_shared_a_component_with(tiny_model_dir, monkeypatch, made):
+    """A second pipeline sharing the first's VAE, built or copied (copy.copy: its unpickling path),
+    then dropped (del): its prompt rewriter's callables held it in a reference cycle, so it stayed
+    alive, and in the registry of live pipelines, until the cyclic garbage collector ran, and
+    first.to(gpu) meanwhile placed its DiT and text encoder too (twice the first's bytes copied to
+    the GPU: a dropped 12 GB DiT moved onto a real one). A dropped pipeline is freed at once now.
+    The collector is off during the test; "cpu:1" stands in for the GPU, copy_storage counts the
+    bytes copied."""
+    import gc
+    import weakref
+
+    import zimage_native.offload as offload
+    import zimage_native.pipeline as pipeline
+    from zimage_native import ZImagePipeline
+
+    from .fixtures import our_pipeline
+
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: torch.device("cpu", 1))
+    copied = []
+    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: copied.append(storage.nbytes()) or
+                        storage.clone())
+    first = our_pipeline(tiny_model_dir)
+    gc.collect()
+    gc.disable()
+    try:
+        second = (ZImagePipeline(copy.deepcopy(first.transformer), first.vae, copy.deepcopy(first.text_encoder),
+                                 first.scheduler_config, first.vae_config) if made == "built" else copy.copy(first))
+        assert len(first._placed_with()) == 2
+        if made == "copied":
+            second.transformer = copy.deepcopy(first.transformer)
+        dropped = weakref.ref(second)
+        del second
+        assert dropped() is None, "the dropped pipeline stayed alive until the garbage collector ran"
+        assert first._placed_with() == [first]
+        first.to("cuda")
+    finally:
+        gc.enable()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for module in first._placed().values()
+                for t in [*module.parameters(), *module.buffers()]}
+    assert copied and sum(copied) <= sum(storages.values())

@@ -473,8 +473,7 @@ class ZImagePipeline:
         self.progress_bar_config: dict[str, Any] = {}  # tqdm options (set_progress_bar_config)
         self.lora_stack = LoraStack()
         self.lora_adapters = LoraAdapters()  # diffusers' named adapters over lora_stack
-        self.prompt_rewriter = Rewriter(lambda: self.text_encoder, lambda: self.model_folder,
-                                        lambda: self.template_registry)
+        self.prompt_rewriter = self._new_rewriter()
         self.controlnets = _control.ControlNetSlot()
         self.prompt_cache = PromptCache()  # features of recent prompts (encode_texts)
         self.advised: set[str] = set()  # advice about requests, logged once each (sampling.generate)
@@ -1042,11 +1041,27 @@ class ZImagePipeline:
         """A copied or unpickled pipeline's own lock and prompt rewriter (reading its text encoder; the
         rewriter's LM loads anew when used), and the diffusers names on its VAE and DiT bound to it."""
         self._lock = threading.RLock()
-        self.prompt_rewriter = Rewriter(lambda: self.text_encoder, lambda: self.model_folder,
-                                        lambda: self.template_registry)
+        self.prompt_rewriter = self._new_rewriter()
         self._bind_vae_calls()
         self._bind_transformer_calls()
         _PIPELINES.add(self)
+
+    def _new_rewriter(self) -> Rewriter:
+        """A prompt rewriter reading this pipeline's text encoder, model folder and templates. It holds
+        the pipeline weakly: a pipeline in a reference cycle with its rewriter stayed alive after
+        ``del pipe`` until the garbage collector ran, in the registry of live pipelines, and so was
+        placed with a pipeline it had shared a component with (its DiT copied to the GPU)."""
+        ref = weakref.ref(self)
+
+        def read(name: str):
+            def reader():
+                pipe = ref()
+                if pipe is None:
+                    raise RuntimeError("the pipeline this prompt rewriter belonged to is gone")
+                return getattr(pipe, name)
+            return reader
+
+        return Rewriter(read("text_encoder"), read("model_folder"), read("template_registry"))
 
     def __getstate__(self) -> dict:
         """``pickle`` / ``torch.save(pipe)`` (then ``torch.load(PATH, weights_only=False)``) of a plain
