@@ -1126,3 +1126,22 @@ def test_a_dropped_pipeline_is_not_placed_with_the_one_it_shared_a_component_wit
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for module in first._placed().values()
                 for t in [*module.parameters(), *module.buffers()]}
     assert copied and sum(copied) <= sum(storages.values())
+
+
+@pytest.mark.parametrize("offload", ["none", "blocks"])
+def test_a_dit_without_refiner_blocks_runs(tmp_path, offload):
+    """A DiT with n_refiner_layers=0 (the config and the loader take it; the model runs its caption
+    and image tokens straight into the main layers) ran up to the caption passes' runs_next, whose
+    successor was read as noise_refiner[0] before the plan looked whether there was a refiner block:
+    an IndexError in every request, resident or streamed. Its images are the streamed and the
+    resident pipeline's alike, with CFG."""
+    from tests.fixtures import build_model_folder, our_pipeline
+
+    folder = build_model_folder(tmp_path / "no-refiners", dit_kwargs=dict(TINY_DIT, n_refiner_layers=0))
+    pipe = our_pipeline(folder, offload=offload)
+    assert len(pipe.transformer.context_refiner) == len(pipe.transformer.noise_refiner) == 0
+    kw = dict(height=32, width=32, num_inference_steps=2, guidance_scale=2.0, output_type="pt", seed=0)
+    images = pipe("a cat", **kw).images
+    assert torch.isfinite(images).all()
+    if offload == "blocks":
+        assert torch.equal(images, our_pipeline(folder)("a cat", **kw).images)

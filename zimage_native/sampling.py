@@ -424,8 +424,9 @@ def plan(pipe, size, prompt_embeds, negative_embeds, schedule: Schedule, guidanc
     def encode(cap, layout, another: bool):
         """The caption tokens; ``another``: another caption pass follows (streamed blocks prefetch
         its first block, not the image's: :func:`offload.runs_next`)."""
-        then = dit.context_refiner[0] if another else dit.noise_refiner[0]
-        with runs_next(dit, dit.context_refiner[-1], then) if len(dit.context_refiner) else contextlib.nullcontext():
+        if not len(dit.context_refiner):  # (a DiT without refiner blocks: nothing to name)
+            return dit.encode_caption(cap, layout)
+        with runs_next(dit, dit.context_refiner[-1], dit.context_refiner[0] if another else dit.noise_refiner[0]):
             return dit.encode_caption(cap, layout)
 
     def prepare(embeds, another):
