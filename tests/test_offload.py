@@ -1145,3 +1145,47 @@ def test_a_dit_without_refiner_blocks_runs(tmp_path, offload):
     assert torch.isfinite(images).all()
     if offload == "blocks":
         assert torch.equal(images, our_pipeline(folder)("a cat", **kw).images)
+
+
+def test_the_registry_of_live_pipelines_is_read_while_another_thread_adds_one(tiny_model_dir, monkeypatch):
+    """pipe.to(), enable_model_cpu_offload() and the component setters read the registry of live
+    pipelines (a WeakSet) while another thread may build, copy or unpickle a pipeline, adding it: a
+    WeakSet read while another thread adds to it raises "Set changed size during iteration" (a loop
+    copying pipelines in one thread broke pipe._placed_with() in another after about 5700 reads).
+    Here the other thread's copy is made while the read is between two members; the read goes on,
+    and the copy is registered once it is done."""
+    import threading
+    import time
+    import weakref
+
+    import zimage_native.pipeline as pipeline
+
+    from .fixtures import our_pipeline
+
+    first = our_pipeline(tiny_model_dir)
+    made, errors = [], []
+
+    class AddedDuringTheRead(weakref.WeakSet):
+        def __iter__(self):
+            members = super().__iter__()
+            yield next(members)
+            if not made:  # (once: the copy's own reads pass straight through)
+                made.append(None)
+                other = threading.Thread(target=lambda: made.append(copy.copy(first)))
+                other.start()
+                other.join(1)  # (with the registry locked the copy waits for this read to end)
+            yield from members
+
+    registry = AddedDuringTheRead(pipeline._PIPELINES)
+    monkeypatch.setattr(pipeline, "_PIPELINES", registry)
+    second = copy.deepcopy(first)  # (two members: the read has a second to go on to)
+    try:
+        assert first._placed_with() == [first]
+    except RuntimeError as e:
+        errors.append(e)
+    deadline = time.monotonic() + 30
+    while len(made) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not errors, errors
+    assert made[1] in registry and second in registry
+    assert len(first._placed_with()) == 2  # (the copy holds first's components)

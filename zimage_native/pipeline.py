@@ -16,7 +16,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import gc
 import inspect
 import logging
 import math
@@ -214,8 +213,17 @@ def _locks_of(pipes: "Callable[[], list[ZImagePipeline]]"):
             lock.release()
 
 
-#: The live pipelines (built, copied or unpickled), for :func:`_pipelines_holding`.
+#: The live pipelines (built, copied or unpickled), for :func:`_pipelines_holding`; read and added to
+#: under _PIPELINES_LOCK (:func:`_register`): a WeakSet read in one thread while another adds to it
+#: raises "Set changed size during iteration".
 _PIPELINES: "weakref.WeakSet[ZImagePipeline]" = weakref.WeakSet()
+_PIPELINES_LOCK = threading.Lock()
+
+
+def _register(pipe: "ZImagePipeline") -> None:
+    """Add ``pipe`` (built, copied or unpickled) to the live pipelines."""
+    with _PIPELINES_LOCK:
+        _PIPELINES.add(pipe)
 
 
 def _pipelines_holding(module) -> "list[ZImagePipeline]":
@@ -223,16 +231,9 @@ def _pipelines_holding(module) -> "list[ZImagePipeline]":
     (``ZImagePipeline(pipe.transformer, ...)``, ``pipe.vae = other.vae``: :meth:`ZImagePipeline._placed`)."""
     if module is None:
         return []
-
-    def holding() -> int:
-        return sum(any(held is module for held in pipe._placed().values()) for pipe in list(_PIPELINES))
-
-    # A pipeline no longer referenced but not yet freed (its bound calls make cycles, which only the
-    # collector frees: `text_encoder = ZImagePipeline.from_pretrained(...).text_encoder`) holds nothing:
-    # collected first where it would count as a second holder (only there; sharing is rare).
-    if holding() > 1:
-        gc.collect()
-    return [pipe for pipe in list(_PIPELINES) if any(held is module for held in pipe._placed().values())]
+    with _PIPELINES_LOCK:
+        live = list(_PIPELINES)
+    return [pipe for pipe in live if any(held is module for held in pipe._placed().values())]
 
 
 def _held_as(name: str, device: torch.device, offload: str) -> tuple:
@@ -481,7 +482,7 @@ class ZImagePipeline:
         self._guidance_scale: float | None = None  # diffusers' run state (see guidance_scale, num_timesteps)
         self._num_timesteps: int | None = None
         self._fit_attention()
-        _PIPELINES.add(self)
+        _register(self)
 
     @property
     def template_registry(self):
@@ -1044,7 +1045,7 @@ class ZImagePipeline:
         self.prompt_rewriter = self._new_rewriter()
         self._bind_vae_calls()
         self._bind_transformer_calls()
-        _PIPELINES.add(self)
+        _register(self)
 
     def _new_rewriter(self) -> Rewriter:
         """A prompt rewriter reading this pipeline's text encoder, model folder and templates. It holds
