@@ -1189,3 +1189,41 @@ def test_the_registry_of_live_pipelines_is_read_while_another_thread_adds_one(ti
     assert not errors, errors
     assert made[1] in registry and second in registry
     assert len(first._placed_with()) == 2  # (the copy holds first's components)
+
+
+@pytest.mark.parametrize("replacement", ["another", "none"])
+def test_replacing_a_shared_vae_keeps_the_other_pipelines_hand_calls_visiting(tiny_model_dir, monkeypatch,
+                                                                             replacement):
+    """Two pipelines with offload="model" sharing a VAE; the first's VAE replaced (pipe.vae = other,
+    or None): the setter gave the replaced VAE its own decode / encode back while the second still held
+    it, resting in CPU memory, so second.vae.decode(latents) by hand (after output_type="latent") ran
+    on the CPU weights (on a GPU a device mismatch). They visit the GPU while another pipeline holds
+    the VAE, and are the VAE's own once none does. "cpu:1" stands in for the GPU, copy_storage
+    records the copies."""
+    import zimage_native.offload as offload
+    import zimage_native.pipeline as pipeline
+    from zimage_native import ZImagePipeline
+
+    from .fixtures import our_pipeline
+
+    gpu = torch.device("cpu", 1)
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: gpu)
+    copies = []
+    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: copies.append(device) or storage.clone())
+    first = our_pipeline(tiny_model_dir)
+    first.enable_model_cpu_offload()
+    second = ZImagePipeline(copy.deepcopy(first.transformer), first.vae, copy.deepcopy(first.text_encoder),
+                            first.scheduler_config, first.vae_config, placement=dict(first.placement), offload="model")
+    shared = first.vae
+    latents = torch.randn(1, shared.config.latent_channels, 4, 4)
+
+    def decode_by_hand_visits(pipe) -> bool:
+        copies.clear()
+        pipe.vae.decode(latents)
+        return gpu in copies
+
+    assert decode_by_hand_visits(second)
+    first.vae = copy.deepcopy(shared) if replacement == "another" else None
+    assert second.vae is shared and decode_by_hand_visits(second)
+    second.vae = copy.deepcopy(shared)
+    assert not isinstance(shared.__dict__.get("decode"), offload.VisitOnCall)  # (held by none: its own again)

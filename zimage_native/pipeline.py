@@ -617,8 +617,9 @@ class ZImagePipeline:
         from .offload import move_, visit_on_call_
 
         old = self._vae
-        if old is not None and old is not module:
-            visit_on_call_(old, ("decode", "encode"), None)  # (a compiled decode stays the old VAE's own)
+        if old is not None and old is not module and all(pipe is self for pipe in _pipelines_holding(old)):
+            # (a compiled decode stays the old VAE's own; one another pipeline holds keeps its visits)
+            visit_on_call_(old, ("decode", "encode"), None)
         self._vae = module
         if module is None:
             return
