@@ -828,3 +828,31 @@ def test_a_text_encoder_file_is_weighed_against_the_gpu_before_loading(tiny_mode
     card(monkeypatch, free=te)  # an exact fit: reading starts
     with pytest.raises(WeightsRead):
         loading.load_pretrained(tiny_model_dir, **kw)
+
+
+@pytest.mark.parametrize("offload", ["none", "model"])
+def test_a_vae_file_is_weighed_against_the_gpu_before_loading(tiny_model_dir, tmp_path, monkeypatch, offload):
+    """--vae FILE, the one component on the card: weighed from its header (footprint.vae_file_bytes,
+    the config the loader infers from the file) before anything is read; it was left out of the check
+    and the DiT was read before the VAE's own check at its load."""
+    import zimage_native.loading as loading
+    from zimage_native import footprint
+    from zimage_native.devices import format_bytes
+
+    from .test_formats import ldm_vae, write
+
+    path = write(tmp_path / "ae.safetensors", ldm_vae(tiny_model_dir))
+    refuse_weight_reads(monkeypatch)
+    fake_cuda(monkeypatch)
+    vae = footprint.vae_file_bytes(path, "fp32", tiny_model_dir / "vae" / "config.json")
+    assert vae == folder_weight_bytes(tiny_model_dir, [], torch.float32)["vae"]  # the same VAE, another layout
+    kw = dict(device="cuda", dtype=torch.float32, vae=path, offload=offload, dit_device="cpu",
+              text_encoder_device="cpu")
+    card(monkeypatch, free=vae - 1)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit on cuda: .*vae "
+                       rf"(needs )?{format_bytes(vae)}, {format_bytes(vae)} at the peak, and the GPU has "
+                       rf"{format_bytes(vae - 1)} free"):
+        loading.load_pretrained(tiny_model_dir, **kw)
+    card(monkeypatch, free=vae)  # an exact fit: reading starts
+    with pytest.raises(WeightsRead):
+        loading.load_pretrained(tiny_model_dir, **kw)

@@ -476,6 +476,21 @@ def vae_bytes(config=None, dtype: str = "bf16") -> int:
     return sum(t.numel * DTYPE_BYTES[dtype] for t in tensors_of(vae_on_meta(config)))
 
 
+def vae_file_bytes(path, dtype: str = "bf16", config=None) -> int:
+    """Bytes the VAE of a file (a VAE safetensors file or folder, or the one inside an all-in-one
+    file) holds once loaded in ``dtype`` (every tensor in ``dtype``, as the loader casts them), built
+    on meta from the config the loader infers from the header (``config`` overrides, as
+    ``load_component``'s). From the header alone."""
+    from pathlib import Path
+
+    from .formats import Checkpoint, canonical_shapes, folder_config, infer_vae_config, inspect_checkpoint
+
+    path = Path(path).expanduser()
+    with Checkpoint(path) as ckpt:
+        shapes = canonical_shapes(ckpt, inspect_checkpoint(ckpt).component("vae"))
+    return vae_bytes(infer_vae_config(shapes, config, folder_config(path)), dtype)
+
+
 # ----------------------------------------------------------------------------- profiles
 
 

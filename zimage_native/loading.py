@@ -699,10 +699,10 @@ def folder_weight_bytes(folder: Path, skip: Iterable[str], dtype: torch.dtype, t
     loaded in ``dtype`` (computed from its config by :mod:`zimage_native.footprint`; with ``offload``
     "blocks" the DiT's resident part and the blocks in flight), except the components in ``skip``
     (replaced by other files or a remote encoder). ``files``: components of ``skip`` given as files
-    (component -> path or None), a DiT's and a text encoder's weighed from the file's header the same way
+    (component -> path or None), each weighed from the file's header the same way
     (``footprint.dit_file_bytes`` with the packed layers kept packed, the least the loader keeps;
-    ``footprint.text_encoder_file_bytes``), with the folder's config.json beside them as the loader
-    reads it; a VAE file is not weighed (its own check at the load covers it)."""
+    ``footprint.text_encoder_file_bytes``; ``footprint.vae_file_bytes``), with the folder's
+    config.json beside them as the loader reads it."""
     from . import footprint
     from .config import TransformerConfig, VAEConfig
 
@@ -715,6 +715,8 @@ def folder_weight_bytes(folder: Path, skip: Iterable[str], dtype: torch.dtype, t
     if files.get("text_encoder") is not None:
         needs["text_encoder"] = footprint.text_encoder_file_bytes(files["text_encoder"], size, text_encoder_quant,
                                                                   _own_config(folder, "text_encoder"))
+    if files.get("vae") is not None:
+        needs["vae"] = footprint.vae_file_bytes(files["vae"], size, _own_config(folder, "vae"))
     if "transformer" not in skip:
         needs["transformer"] = footprint.dit_bytes(TransformerConfig.from_json(folder / "transformer" / "config.json"),
                                                    size, "blocks" if offload == "blocks" else "none")

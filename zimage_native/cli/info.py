@@ -138,15 +138,6 @@ def _text_encoder_weight_lines(w: dict, dtype: str) -> list[str]:
             f"  {formats}, RoPE table (fp32) {format_bytes(w['rope_table'])}"]
 
 
-def _vae_summary(config: dict, dtype: str) -> dict:
-    """The VAE's weights in ``dtype`` (every tensor is cast to it), from the config inferred from
-    the header: ``{"resident": bytes}`` (the figure a model folder's peaks count for it)."""
-    from ..config import VAEConfig
-    from ..footprint import vae_bytes
-
-    return {"resident": vae_bytes(VAEConfig.from_dict(config), dtype)}
-
-
 def _vae_weight_lines(w: dict, dtype: str) -> list[str]:
     from ..devices import format_bytes
 
@@ -233,9 +224,10 @@ def info(path: Path, as_json: bool, check: bool, dtype: str | None):
         what = "a LoRA" if "lora" in report else "a ControlNet" if "controlnet" in report else "this file"
         raise ValueError(f"--dtype sets the dtype of the weight figures, which {what} does not show (a model "
                          f"folder, a DiT, a text encoder or a VAE does); leave it out")
-    from ..footprint import dit_file_summary, text_encoder_file_summary
+    from ..footprint import dit_file_summary, text_encoder_file_summary, vae_file_bytes
 
-    vae_summary = lambda path, dtype: _vae_summary(report["components"]["vae"]["config"], dtype)  # noqa: E731
+    # the VAE's weights in dtype (every tensor is cast to it): the figure the load's GPU check counts for it
+    vae_summary = lambda path, dtype: {"resident": vae_file_bytes(path, dtype)}  # noqa: E731
     for name, summary in (("transformer", dit_file_summary), ("text_encoder", text_encoder_file_summary),
                           ("vae", vae_summary)):
         c = report.get("components", {}).get(name)
