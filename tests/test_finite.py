@@ -69,6 +69,39 @@ def test_only_the_bad_image_is_named(tiny_pipe):
     assert "float16" not in str(e.value) and "damaged weights" in str(e.value)
 
 
+class Forward(Exception):
+    """A model ran."""
+
+
+@pytest.mark.parametrize("form", ["latents", "tensor", "array"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_an_img2img_input_holding_nan_is_refused_naming_it_before_any_forward(tiny_pipe, monkeypatch, form, bad):
+    """img2img's image= (image latents, an image tensor or array) holding NaN or inf in its second
+    item: the run made NaN latents and blamed the DiT ("the DiT made NaN ... damaged weights"). It is
+    refused where the input is read, naming it and the item, before the VAE or the DiT runs; the
+    same input made finite reaches a forward."""
+    def forward(*args, **kwargs):
+        raise Forward
+
+    monkeypatch.setattr(tiny_pipe.transformer, "forward_tokens", forward)
+    monkeypatch.setattr(tiny_pipe.vae.encoder, "forward", forward)
+    shape = {"latents": (2, 16, 8, 8), "tensor": (2, 3, 64, 64), "array": (2, 64, 64, 3)}[form]
+    image = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    what = "the image latents given as image=" if form == "latents" else "image"
+
+    def run(value):
+        x = image.clone()
+        x[1, 0, 3, 2] = value
+        tiny_pipe(["a cat", "a dog"], image=x.numpy() if form == "array" else x, num_inference_steps=2,
+                  strength=1.0)
+
+    with pytest.raises(ValueError, match=rf"^NaN or infinite values in {what} \(item 2 of 2\) would make NaN "
+                                         r"latents and black images: give finite values$"):
+        run(bad)
+    with pytest.raises(Forward):  # the same input, finite: a model runs
+        run(0.5)
+
+
 def test_text_encoder_nan_names_the_text_features(tiny_model_dir):
     pipe = ZImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
     pipe.progress = False

@@ -291,7 +291,7 @@ class ControlInpaint(Control):
         refuse_image_latents(pipe, r.image, "ControlNet inpainting")
         image = preprocess_image(r.image, r.width, r.height, latent_multiple(pipe), what="image")
         h, w = image.shape[-2:]
-        control = preprocess_image(r.control_image, w, h, latent_multiple(pipe))
+        control = preprocess_image(r.control_image, w, h, latent_multiple(pipe), what="control_image")
         mask = preprocess_mask(r.mask_image, h, w)
         return {"model": model, "control": control, "image": image, "mask": mask}, w, h
 

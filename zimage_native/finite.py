@@ -28,6 +28,17 @@ def finite_all(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.isfinite(t).all() for t in tensors]).all().reshape(1)
 
 
+def refuse_nonfinite_input(x: torch.Tensor, what: str) -> None:
+    """Refuse an input batch ``x`` (one image per item) that holds NaN or inf, naming ``what`` and the
+    items, where it is read: left in, it makes NaN latents that the run's check blames on the DiT.
+    One device-to-host copy (an input is read once, before any model runs)."""
+    ok = finite_rows(x).tolist()
+    bad = [str(i + 1) for i, good in enumerate(ok) if not good]
+    if bad:
+        raise ValueError(f"NaN or infinite values in {what} (item {', '.join(bad)} of {len(ok)}) would make NaN "
+                         f"latents and black images: give finite values")
+
+
 def _suspects(pipe, stage: str, given_embeds: bool) -> list[str]:
     """What in this pipeline can make NaN or inf at ``stage``, most likely first."""
     out = []

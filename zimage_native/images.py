@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .finite import refuse_nonfinite_input
+
 logger = logging.getLogger(__name__)
 
 
@@ -124,6 +126,7 @@ def preprocess_image(image, width: int | None = None, height: int | None = None,
         raise ValueError(f"image arrays must be (H, W, 3) / (B, H, W, 3), or grey (H, W) / (H, W, 1) / (B, H, W, 1); "
                          f"tensors (3, H, W) / (B, 3, H, W), or grey (H, W) / (1, H, W) / (B, 1, H, W); "
                          f"{_layout_hint(image, kind)}")
+    refuse_nonfinite_input(x, what or "image")
     if x.numel() and float(x.max()) > 1.0:
         raise ValueError(f"float image values must lie in [0, 1] (or [-1, 1]); got values up to {float(x.max()):g} "
                          f"(for 0-255 values divide by 255, or pass the uint8 array as it is)")

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from .accel.block_cache import FirstBlockCache, check_threshold, pipeline_cache_problem
 from .devices import check_decode_fits
-from .finite import check_finite, finite_all, finite_rows
+from .finite import check_finite, finite_all, finite_rows, refuse_nonfinite_input
 from .images import check_side
 from .images import preprocess_image, preprocess_mask, to_pil, to_uint8, uint8_to_pil  # noqa: F401  (re-exported)
 from .model.sequence import SequenceLayout, build_layout, pad_captions, patchify, unpatchify
@@ -256,6 +256,7 @@ def read_image_latents(pipe, r: GenerationRequest) -> tuple[dict[str, Any], int,
     if h < patch or w < patch or h % patch or w % patch:
         raise ValueError(f"image latents (image= of {x.shape[1]} channels) need sides that are positive multiples "
                          f"of {patch} (the DiT's patch size), got {w}x{h} (width x height)")
+    refuse_nonfinite_input(x, "the image latents given as image=")
     for name, given, side in (("width", r.width, w * f), ("height", r.height, h * f)):
         if given is not None and given != side:
             raise ValueError(f"image latents of shape {tuple(x.shape)} make a {w * f}x{h * f} image and are not "
