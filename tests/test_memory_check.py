@@ -803,13 +803,27 @@ def test_a_dit_file_is_weighed_against_the_gpu_with_the_folders_components(tiny_
     assert e.type is WeightsRead or re.search("CUDA|NVIDIA driver", str(e.value))
 
 
+def _refused_short_read_at_a_fit(monkeypatch, folder, what: str, need: int, kw: dict) -> None:
+    """load_pretrained(folder, **kw) with ``what`` (``need`` bytes) alone on the fake card: refused one
+    byte short in the folder's words, before anything is read; at an exact fit reading starts."""
+    import zimage_native.loading as loading
+    from zimage_native.devices import format_bytes
+
+    card(monkeypatch, free=need - 1)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit on cuda: .*{what} "
+                       rf"(needs )?{format_bytes(need)}, {format_bytes(need)} at the peak, and the GPU has "
+                       rf"{format_bytes(need - 1)} free"):
+        loading.load_pretrained(folder, **kw)
+    card(monkeypatch, free=need)  # an exact fit: reading starts
+    with pytest.raises(WeightsRead):
+        loading.load_pretrained(folder, **kw)
+
+
 @pytest.mark.parametrize("offload", ["none", "model"])
 def test_a_text_encoder_file_is_weighed_against_the_gpu_before_loading(tiny_model_dir, tmp_path, monkeypatch, offload):
     """--text-encoder FILE, the one component on the card: weighed from its header
     (footprint.text_encoder_file_bytes, with --text-encoder-quant) before anything is read."""
-    import zimage_native.loading as loading
     from zimage_native import footprint
-    from zimage_native.devices import format_bytes
 
     from .test_formats import prefixed_te, write
 
@@ -820,14 +834,7 @@ def test_a_text_encoder_file_is_weighed_against_the_gpu_before_loading(tiny_mode
     assert te < folder_weight_bytes(tiny_model_dir, [], torch.float32)["text_encoder"]  # int8: the quant counts
     kw = dict(device="cuda", dtype=torch.float32, text_encoder=path, text_encoder_quant="int8", offload=offload,
               dit_device="cpu", vae_device="cpu")
-    card(monkeypatch, free=te - 1)
-    with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit on cuda: .*text encoder "
-                       rf"(needs )?{format_bytes(te)}, {format_bytes(te)} at the peak, and the GPU has "
-                       rf"{format_bytes(te - 1)} free"):
-        loading.load_pretrained(tiny_model_dir, **kw)
-    card(monkeypatch, free=te)  # an exact fit: reading starts
-    with pytest.raises(WeightsRead):
-        loading.load_pretrained(tiny_model_dir, **kw)
+    _refused_short_read_at_a_fit(monkeypatch, tiny_model_dir, "text encoder", te, kw)
 
 
 @pytest.mark.parametrize("offload", ["none", "model"])
@@ -835,9 +842,7 @@ def test_a_vae_file_is_weighed_against_the_gpu_before_loading(tiny_model_dir, tm
     """--vae FILE, the one component on the card: weighed from its header (footprint.vae_file_bytes,
     the config the loader infers from the file) before anything is read; it was left out of the check
     and the DiT was read before the VAE's own check at its load."""
-    import zimage_native.loading as loading
     from zimage_native import footprint
-    from zimage_native.devices import format_bytes
 
     from .test_formats import ldm_vae, write
 
@@ -848,11 +853,4 @@ def test_a_vae_file_is_weighed_against_the_gpu_before_loading(tiny_model_dir, tm
     assert vae == folder_weight_bytes(tiny_model_dir, [], torch.float32)["vae"]  # the same VAE, another layout
     kw = dict(device="cuda", dtype=torch.float32, vae=path, offload=offload, dit_device="cpu",
               text_encoder_device="cpu")
-    card(monkeypatch, free=vae - 1)
-    with pytest.raises(InsufficientMemoryError, match=rf"^the weights do not fit on cuda: .*vae "
-                       rf"(needs )?{format_bytes(vae)}, {format_bytes(vae)} at the peak, and the GPU has "
-                       rf"{format_bytes(vae - 1)} free"):
-        loading.load_pretrained(tiny_model_dir, **kw)
-    card(monkeypatch, free=vae)  # an exact fit: reading starts
-    with pytest.raises(WeightsRead):
-        loading.load_pretrained(tiny_model_dir, **kw)
+    _refused_short_read_at_a_fit(monkeypatch, tiny_model_dir, "vae", vae, kw)
