@@ -22,7 +22,6 @@ step and keeps them where the mask is black (white = repaint).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
