@@ -1180,7 +1180,10 @@ def test_the_registry_of_live_pipelines_is_read_while_another_thread_adds_one(ti
     monkeypatch.setattr(pipeline, "_PIPELINES", registry)
     second = copy.deepcopy(first)  # (two members: the read has a second to go on to)
     try:
-        assert first._placed_with() == [first]
+        group = first._placed_with()
+        # (the copy shares first's components: whether it is registered before the call's later reads,
+        # one per component, depends on the two threads' timing; it failed under CI's load as [first, copy])
+        assert group[0] is first and len(group) in (1, 2)
     except RuntimeError as e:
         errors.append(e)
     deadline = time.monotonic() + 30
