@@ -212,13 +212,14 @@ def test_a_controlnet_that_cannot_fit_on_the_gpu_is_refused_before_it_is_read(tm
     which the components loaded before it have taken their share of, before a tensor is read: at one
     byte less than the loaded branch holds it is refused, at its bytes reading starts."""
     from zimage_native.devices import InsufficientMemoryError, format_bytes
+    from zimage_native.formats.controlnet import DECIDING  # read alone first where the file holds it (2.1)
     from zimage_native.quantize import weight_bytes
 
     from .test_memory_check import CUDA, card
 
     path = write(tmp_path, f"cn-{version}.safetensors", control_state_dict(version))
     need = weight_bytes(load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16))
-    refuse_weight_reads(monkeypatch)
+    decided = refuse_weight_reads(monkeypatch)
     card(monkeypatch, free=need - 1)
     with pytest.raises(InsufficientMemoryError, match=rf"^the ControlNet \({format_bytes(need)} of weights\) does not "
                        rf"fit on cuda:0: the GPU has .* free of 16.00 GB, the components loaded before it included. "
@@ -227,33 +228,37 @@ def test_a_controlnet_that_cannot_fit_on_the_gpu_is_refused_before_it_is_read(tm
                        rf"are from_pretrained's arguments: offload=\"blocks\", offload=\"model\"$") as e:
         load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16, device=CUDA)
     assert "in Python" not in e.value.cli_message  # the CLI prints its flags alone
+    assert decided == ([DECIDING] if DECIDING in control_state_dict(version) else [])
     card(monkeypatch, free=need)  # exactly its bytes: reading starts
     with pytest.raises(WeightsRead):
         load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16, device=CUDA)
 
 
-def test_a_2_0_file_holding_its_zero_refiner_is_weighed_with_it_before_it_is_read(tmp_path, monkeypatch):
+def test_a_2_0_file_holding_its_zero_refiner_is_weighed_without_it(tmp_path, monkeypatch):
     """Whether a file's control refiner is used (2.1) or dropped (2.0: its before_proj is zeros) is in
-    that tensor's values, which were read before the branch was weighed. The branch is weighed from
-    the headers, as the file holds it (its zero refiner counted), before any tensor is read; once read
-    the refiner is dropped as before."""
+    that tensor's values. It was weighed from the headers as the file holds it, refiner counted (774
+    MiB over at real width in bf16: a card that fits refused). That one tensor is read first, the only
+    one read before the check, and the branch is weighed as it loads: refused one byte short of that,
+    read at it."""
     from zimage_native.devices import InsufficientMemoryError, format_bytes
+    from zimage_native.formats.controlnet import DECIDING
     from zimage_native.quantize import weight_bytes
 
     from .test_memory_check import CUDA, card
 
     sd = control_state_dict("2.1")
-    sd["control_noise_refiner.0.before_proj.weight"] = torch.zeros_like(sd["control_noise_refiner.0.before_proj.weight"])
+    sd[DECIDING] = torch.zeros_like(sd[DECIDING])
     path = write(tmp_path, "cn-2.0-zero-refiner.safetensors", sd)
     loaded = load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16)
-    assert loaded.control_noise_refiner is None
-    refiner = sum(v.numel() for k, v in sd.items() if k.startswith("control_noise_refiner.")) * 2
-    held = weight_bytes(loaded) + refiner
-    refuse_weight_reads(monkeypatch)
-    card(monkeypatch, free=held - 1)
-    with pytest.raises(InsufficientMemoryError, match=rf"^the ControlNet \({format_bytes(held)} of weights\) does not "):
+    assert loaded.control_noise_refiner is None and loaded.config.version == "2.0"
+    kept = weight_bytes(loaded)
+    assert kept < sum(v.numel() for v in sd.values()) * 2  # the file's bytes in bf16, its refiner counted
+    decided = refuse_weight_reads(monkeypatch)
+    card(monkeypatch, free=kept - 1)
+    with pytest.raises(InsufficientMemoryError, match=rf"^the ControlNet \({format_bytes(kept)} of weights\) does not "):
         load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16, device=CUDA)
-    card(monkeypatch, free=held)  # the file's bytes: reading starts
+    assert decided == [DECIDING]  # the one tensor read before the refusal
+    card(monkeypatch, free=kept)  # exactly what loads: reading starts
     with pytest.raises(WeightsRead):
         load_controlnet(path, transformer_config=DIT, dtype=torch.bfloat16, device=CUDA)
 

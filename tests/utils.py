@@ -105,9 +105,27 @@ class WeightsRead(Exception):
     """Raised by :func:`refuse_weight_reads`' patch: a load got past its checks to reading weights."""
 
 
-def refuse_weight_reads(monkeypatch) -> None:
-    """:func:`patch_weight_reads` with a reader that raises :class:`WeightsRead`."""
+def refuse_weight_reads(monkeypatch) -> list[str]:
+    """:func:`patch_weight_reads` with a reader that raises :class:`WeightsRead`, except for a read of
+    ``formats.controlnet.DECIDING`` alone (the one tensor whose values a ControlNet's layout, and so its
+    bytes, depend on: read before it is weighed), which reads it and is listed in the list returned."""
+    import inspect
+
+    from zimage_native.formats.checkpoint import read_header
+    from zimage_native.formats.controlnet import DECIDING
+    from zimage_native.loading import iter_tensors
+
+    decided = []
+
     def read(*args, **kwargs):
-        raise WeightsRead
+        call = inspect.signature(iter_tensors).bind(*args, **kwargs)
+        files, keep = list(call.arguments["files"]), call.arguments.get("keep")
+        keys = [k for f in files for k in read_header(f)[0] if keep is None or keep(k)]
+        if keys != [DECIDING]:
+            raise WeightsRead
+        decided.append(DECIDING)
+        call.arguments["files"] = files
+        return iter_tensors(*call.args, **call.kwargs)
 
     patch_weight_reads(monkeypatch, read)
+    return decided

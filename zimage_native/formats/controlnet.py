@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 # The published files (with a 30-layer DiT): number of control layers -> version(s).
 PUBLISHED_LAYER_COUNTS = {6: "1.0", 15: "2.0 / 2.1", 3: "2.1 lite"}
+#: The tensor whose values tell 2.0 from 2.1 where a file holds control refiner blocks (all zeros:
+#: 2.0, whose refiner is dropped): read before the branch is weighed, the only one.
+DECIDING = "control_noise_refiner.0.before_proj.weight"
 # Values that the tensor shapes fix; a config may restate them but not change them.
 SHAPE_KEYS = ("dim", "n_heads", "control_in_dim", "all_patch_size", "all_f_patch_size")
 
@@ -217,9 +220,10 @@ def load_controlnet(
     docstring). Weights are cast to ``dtype`` while reading, placed on ``device``. ``pinned``: the
     branch is read into CPU memory to be packed into pinned slabs (``offload="blocks"`` on a GPU), so
     its tensors are read into memory of their own, not views of the file's map, as the DiT's are
-    (``loading.load_component``'s ``pinned``). Before any weight is read, the branch's bytes must fit
-    where they go (``devices.check_component_fits``: the GPU's free memory, or the available RAM, of
-    which the components loaded before it have taken their share; pinned, the RAM alone).
+    (``loading.load_component``'s ``pinned``). Before any weight is read (but :data:`DECIDING`, whose
+    values decide the layout), the branch's bytes as it loads must fit where they go
+    (``devices.check_component_fits``: the GPU's free memory, or the available RAM, of which the
+    components loaded before it have taken their share; pinned, the RAM alone).
     ``stream_to``: the GPU its blocks will be streamed to (``offload="blocks"``), where its other
     tensors stay and two of its blocks are in flight at a time (``control.branch_on_gpu``): they must
     fit in its free memory too. ``model_gpu(bytes)``: why the pipeline under ``offload="model"``, with
@@ -233,11 +237,10 @@ def load_controlnet(
     device = torch.device(device)
     advice = memory_advice(device, pinned, dtype)
     # 2.0 and 2.1 files with control refiner blocks are told apart by before_proj's values (2.0's are
-    # zeros and its refiner is dropped), which were read before the branch was weighed. It is weighed
-    # from the headers alone now, as the file holds it (its refiner counted), before any tensor is
-    # read; a 2.0 file that holds its zero refiner then loads without it.
-    before = "control_noise_refiner.0.before_proj.weight"
-    cfg, module = _branch(path, files, shapes, tcfg, explicit, dtype, False if before in shapes else None)
+    # zeros and its refiner is dropped): that one tensor (3840 x 3840 at real width) is read first, the
+    # only one read before the branch is weighed, so that the branch is weighed as it loads.
+    untrained = _all_zero(files, DECIDING) if DECIDING in shapes else None
+    cfg, module = _branch(path, files, shapes, tcfg, explicit, dtype, untrained)
     check_component_fits("ControlNet", module, dtype, device, pinned, *advice, model_gpu=model_gpu)
     if stream_to is not None and stream_to.type == "cuda":
         from ..control import branch_on_gpu
@@ -245,8 +248,6 @@ def load_controlnet(
         check_component_fits("ControlNet's part on the GPU while its blocks are streamed (its embedder, "
                              "modulations and projections, and 2 blocks in flight)", module, dtype, stream_to, False,
                              *memory_advice(stream_to, False, dtype, streamed=True), tensors=branch_on_gpu(module))
-    if before in shapes and _all_zero(files, before):
-        cfg, module = _branch(path, files, shapes, tcfg, explicit, dtype, True)
 
     n = len(cfg.control_layers_places)
     if not explicit and tcfg.n_layers == 30 and n not in PUBLISHED_LAYER_COUNTS:
