@@ -322,6 +322,23 @@ def test_pipe_load_controlnet_is_refused_when_the_ram_cannot_hold_it(control_mod
         blocks.load_controlnet(path)
 
 
+BRANCH_BLOCKS, DIT_BLOCKS = ("control_layers.", "control_noise_refiner."), ("layers.", "noise_refiner.", "context_refiner.")
+
+
+def streamed_on_gpu(state: dict[str, torch.Tensor], blocks: tuple[str, ...], kept: tuple[str, ...]) -> int:
+    """Bytes of a model's ``state`` on the GPU while its ``blocks`` are streamed: all but the blocks' tensors
+    outside their ``kept`` submodules, and 2 of the largest blocks' (the running one and its prefetch)."""
+    resident = sum(v.numel() * v.element_size() for k, v in state.items()
+                   if not k.startswith(blocks) or any(part in kept for part in k.split(".")))
+    streamed = {}  # block -> bytes of what is streamed of it
+    for k, v in state.items():
+        if k.startswith(blocks) and not any(part in kept for part in k.split(".")):
+            block = ".".join(k.split(".")[:2])
+            streamed[block] = streamed.get(block, 0) + v.numel() * v.element_size()
+    assert resident + sum(streamed.values()) == sum(v.numel() * v.element_size() for v in state.values())
+    return resident + 2 * max(streamed.values())
+
+
 def test_what_a_streamed_branch_holds_on_the_gpu_is_weighed_there(control_model_dir,  # noqa: F811
                                                                     control_files, monkeypatch):  # noqa: F811
     """With offload="blocks" the branch's blocks rest in pinned CPU memory, weighed against the RAM;
@@ -336,18 +353,8 @@ def test_what_a_streamed_branch_holds_on_the_gpu_is_weighed_there(control_model_
     from .test_memory_check import CUDA, GB, card, host
 
     path = control_files["2.1"]
-    state = load_controlnet(path, transformer_config=DIT, dtype=torch.float32).state_dict()
-    kept = ("adaLN_modulation", "before_proj", "after_proj")
-    resident = sum(v.numel() * v.element_size() for k, v in state.items()
-                   if not k.startswith(("control_layers.", "control_noise_refiner."))
-                   or any(part in kept for part in k.split(".")))
-    streamed = {}  # block -> bytes of what is streamed of it
-    for k, v in state.items():
-        if k.startswith(("control_layers.", "control_noise_refiner.")) and not any(part in kept for part in k.split(".")):
-            block = ".".join(k.split(".")[:2])
-            streamed[block] = streamed.get(block, 0) + v.numel() * v.element_size()
-    assert resident + sum(streamed.values()) == sum(v.numel() * v.element_size() for v in state.values())
-    on_gpu = resident + 2 * max(streamed.values())  # the running block and its prefetch
+    on_gpu = streamed_on_gpu(load_controlnet(path, transformer_config=DIT, dtype=torch.float32).state_dict(),
+                             BRANCH_BLOCKS, ("adaLN_modulation", "before_proj", "after_proj"))
     blocks = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="blocks")
     monkeypatch.setitem(blocks.placement, "transformer", CUDA)  # its DiT runs on a GPU
     refuse_weight_reads(monkeypatch)
@@ -512,3 +519,53 @@ def test_the_pinned_controlnet_refusal_names_offload_model_only_where_the_dit_an
         blocks.load_controlnet(path)
     assert "(--offload model)" in str(e.value) and 'offload="model"' in str(e.value)
     assert blocks.controlnet is None
+
+
+def test_a_controlnet_under_model_offload_is_weighed_with_the_dit_it_visits_the_gpu_with(
+        control_model_dir, control_files, monkeypatch):  # noqa: F811
+    """With offload="model" the branch rests in CPU memory and visits the GPU with the DiT while a step
+    runs: only the RAM was asked, so a DiT and a branch that each fit but not together loaded and ran out
+    of GPU memory at the first step. The two are weighed together before the branch is read: refused one
+    byte short of their sum, naming both and --offload blocks where its peak (the DiT's and the branch's
+    resident parts and blocks in flight) fits, the reason where it does not; read at their sum. A branch
+    loaded before, resting in CPU memory, holds none of the GPU: the refusal does not say it does."""
+    from zimage_native import ZImagePipeline
+    from zimage_native.devices import InsufficientMemoryError, format_bytes
+    from zimage_native.formats.controlnet import SMALLER
+    from zimage_native.quantize import weight_bytes
+
+    from .test_memory_check import CUDA, GB, card, host
+
+    path = control_files["2.1"]
+    model = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="model")
+    monkeypatch.setitem(model.placement, "transformer", CUDA)  # its DiT runs on a GPU, resting in CPU memory
+    card(monkeypatch, free=16 * GB)
+    model.load_controlnet(control_files["1.0"])  # loaded before, resting in CPU memory
+    loaded = model.controlnet
+    branch = load_controlnet(path, transformer_config=DIT, dtype=torch.float32).state_dict()
+    dit, need = weight_bytes(model.transformer), sum(v.numel() * v.element_size() for v in branch.values())
+    together = dit + need
+    streamed = (streamed_on_gpu(model.transformer.state_dict(), DIT_BLOCKS, ("adaLN_modulation",))
+                + streamed_on_gpu(branch, BRANCH_BLOCKS, ("adaLN_modulation", "before_proj", "after_proj")))
+    assert max(dit, need, streamed) < together - 1  # each alone fits, and so does --offload blocks
+    refuse_weight_reads(monkeypatch)
+    host(monkeypatch, available=GB)  # the RAM holds it
+    visit = (f"the DiT ({format_bytes(dit)}) and the ControlNet ({format_bytes(need)}) visit cuda:0 together while a "
+             f"step runs (--offload model), {format_bytes(together)} of weights, and the GPU has ")
+    card(monkeypatch, free=together - 1)
+    with pytest.raises(InsufficientMemoryError) as e:
+        model.load_controlnet(path)
+    assert str(e.value) == (f"{visit}{format_bytes(together - 1)} free of 16.00 GB. To fit, stream their blocks "
+                            f"(--offload blocks: {format_bytes(streamed)} at the peak) or {SMALLER}; in Python these "
+                            f"are from_pretrained's arguments: offload=\"blocks\"")
+    assert e.value.device == CUDA and "in Python" not in e.value.cli_message
+    assert model.controlnet is loaded  # kept; and it holds none of the GPU: no word of unload_controlnet
+    card(monkeypatch, free=streamed - 1)
+    with pytest.raises(InsufficientMemoryError) as e:
+        model.load_controlnet(path)
+    assert str(e.value).endswith(f"To fit, {SMALLER} or use a smaller DiT (a GGUF file, --transformer FILE.gguf) "
+                                 f"(--offload blocks does not fit either: {format_bytes(streamed)} at the peak); in "
+                                 f"Python these are from_pretrained's arguments: transformer=\"FILE.gguf\"")
+    card(monkeypatch, free=together)  # both fit: reading starts
+    with pytest.raises(WeightsRead):
+        model.load_controlnet(path)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .devices import HOST_MEMORY_DEVICES, format_bytes
+from .devices import HOST_MEMORY_DEVICES, SMALLER_DIT, InsufficientMemoryError, format_bytes, weight_peak
 from .model.controlnet import ZImageControlNet
 from .model.sequence import SequenceLayout, patchify
 from .offload import RESIDENT, _streamed_tensors, resident_tensors
@@ -61,22 +61,22 @@ class ControlNetSlot:
 
     def load(self, path: str | os.PathLike, config=None, *, transformer_config, dtype, device,
              accel: dict[str, Any] | None = None, stream_to: torch.device | None = None,
-             model_gpu: Callable[[int], str | None] | None = None) -> ZImageControlNet:
+             model_gpu: Callable[[int], str | None] | None = None,
+             visits: Callable[[ZImageControlNet], None] | None = None) -> ZImageControlNet:
         """Load ``path`` (diffusers folder or single file; ``config`` overrides the inferred config,
         see ``formats.controlnet``) for a DiT of ``transformer_config``, replacing any loaded one.
         ``accel``: the DiT's acceleration settings (``optimize`` arguments), applied to the branch.
         ``stream_to``: the device its blocks will be streamed to (``offload="blocks"``); on a GPU
         they are read for pinned memory (``formats.controlnet.load_controlnet``, which takes
-        ``model_gpu`` too)."""
-        from .devices import InsufficientMemoryError
+        ``model_gpu`` and ``visits`` too)."""
         from .formats.controlnet import load_controlnet
 
         streamed = stream_to is not None and stream_to.type == "cuda"
         try:
             model = load_controlnet(path, config, transformer_config=transformer_config, dtype=dtype, device=device,
-                                    pinned=streamed, stream_to=stream_to, model_gpu=model_gpu)
+                                    pinned=streamed, stream_to=stream_to, model_gpu=model_gpu, visits=visits)
         except InsufficientMemoryError as e:
-            if self.model is None:
+            if self.model is None or not self._holds(e.device, streamed):
                 raise
             # The loaded one is held until this one has loaded: its bytes are not free. Only the library
             # can hold two (the CLI loads one), so the library's advice says so.
@@ -91,6 +91,11 @@ class ControlNetSlot:
             optimize(model, **accel)
         self.model, self.path = model, str(path)
         return model
+
+    def _holds(self, short: torch.device | None, streamed: bool) -> bool:
+        """Whether the loaded ControlNet holds memory of the device that is ``short``: not a GPU's where
+        it rests in CPU memory between runs (``offload="model"``)."""
+        return streamed or short is None or short.type != "cuda" or next(self.model.parameters()).device.type == "cuda"
 
     def _held(self, short: torch.device | None, streamed: bool) -> str:
         """What the loaded ControlNet holds in the memory that is ``short`` (a refusal's device), in
@@ -149,6 +154,40 @@ def branch_on_gpu(model: ZImageControlNet, depth: int = 1) -> list[torch.Tensor]
     blocks = branch_streamed(model)
     largest = max(blocks, key=lambda ts: sum(t.numel() * t.element_size() for t in ts), default=[])
     return [*branch_resident(model), *largest * (depth + 1)]
+
+
+def check_branch_visit(branch: int, branch_streamed: int, model: dict[str, int], blocks: dict[str, int],
+                       placement: dict[str, torch.device]) -> None:
+    """Under ``offload="model"`` the branch (``branch`` bytes) rests in CPU memory and visits the DiT's
+    GPU with the DiT while a step runs: refuse, before it is read, where the two together exceed the
+    GPU's free memory (each alone may fit). ``model`` / ``blocks``: the bytes each component of the
+    pipeline holds on its GPU while it runs under ``offload="model"`` / ``"blocks"``; the refusal names
+    ``--offload blocks`` where its peak, the branch's part on the GPU then (``branch_streamed``,
+    :func:`branch_on_gpu`) counted with the DiT's, fits."""
+    from .devices import free_memory  # (read when called: tests fake the card's free memory)
+    from .formats.controlnet import SMALLER
+
+    device = placement["transformer"]
+    if device.type != "cuda":
+        return
+    free, total = free_memory(device)
+    dit = model["transformer"]
+    if dit + branch <= free:
+        return
+    streamed = weight_peak({**blocks, "transformer": blocks["transformer"] + branch_streamed}, placement, "blocks",
+                           device)[0]
+    python = "in Python these are from_pretrained's arguments: "
+    if streamed <= free:
+        fix = f"stream their blocks (--offload blocks: {format_bytes(streamed)} at the peak) or {SMALLER}"
+        python += 'offload="blocks"'
+    else:
+        fix = (f"{SMALLER} or {SMALLER_DIT} (--offload blocks does not fit either: {format_bytes(streamed)} at the "
+               f"peak)")
+        python += 'transformer="FILE.gguf"'
+    raise InsufficientMemoryError(
+        f"the DiT ({format_bytes(dit)}) and the ControlNet ({format_bytes(branch)}) visit {device} together while a "
+        f"step runs (--offload model), {format_bytes(dit + branch)} of weights, and the GPU has {format_bytes(free)} "
+        f"free of {format_bytes(total)}. To fit, {fix}", python, device)
 
 
 # ---------------------------------------------------------------------------------------- context

@@ -802,7 +802,8 @@ class ZImagePipeline:
         model = self.controlnets.load(path, config, transformer_config=self.transformer_config, dtype=self.dtype,
                                       device=device, accel=accel,
                                       stream_to=self.placement["transformer"] if blocks else None,
-                                      model_gpu=self._model_offload_short if blocks else None)
+                                      model_gpu=self._model_offload_short if blocks else None,
+                                      visits=self._check_branch_visit if self.offload == "model" else None)
         if blocks:
             from .offload import stream_blocks
 
@@ -817,12 +818,36 @@ class ZImagePipeline:
         ``branch`` bytes, which visits with the DiT (``devices.model_offload_gpu_short``; the bytes are
         the loaded components' tensors', not the pinned slabs' that hold streamed blocks); None where it
         would."""
-        from .devices import bytes_in, model_offload_gpu_short
+        from .devices import model_offload_gpu_short
+
+        needs = self._gpu_needs("model")
+        needs["transformer"] += branch
+        return model_offload_gpu_short(needs, {name: self.placement[name] for name in needs})
+
+    def _gpu_needs(self, offload: str) -> dict[str, int]:
+        """The bytes each loaded component holds on its device while it runs under ``offload``: "model",
+        all of its tensors; "blocks", the DiT's resident part and its 2 largest blocks in flight (the running
+        one and its prefetch, ``offload.streamed_bytes``)."""
+        from .devices import bytes_in
+        from .offload import streamed_bytes
 
         modules = {"text_encoder": self._module("text_encoder"), "transformer": self.transformer, "vae": self.vae}
         needs = {name: bytes_in((*m.parameters(), *m.buffers()), None) for name, m in modules.items() if m is not None}
-        needs["transformer"] += branch
-        return model_offload_gpu_short(needs, {name: self.placement[name] for name in needs})
+        if offload == "blocks":
+            resident, block = streamed_bytes(self.transformer)
+            needs["transformer"] = resident + 2 * block
+        return needs
+
+    def _check_branch_visit(self, branch: torch.nn.Module) -> None:
+        """``offload="model"``: the ControlNet ``branch`` (built on meta, weighed in this pipeline's dtype)
+        visits the DiT's GPU with the DiT while a step runs; refuse where both cannot fit there
+        (``control.check_branch_visit``)."""
+        from .devices import bytes_in
+
+        model = self._gpu_needs("model")
+        _control.check_branch_visit(bytes_in((*branch.parameters(), *branch.buffers()), self.dtype),
+                                    bytes_in(_control.branch_on_gpu(branch), self.dtype), model,
+                                    self._gpu_needs("blocks"), {name: self.placement[name] for name in model})
 
     @_serialized
     def unload_controlnet(self) -> bool:

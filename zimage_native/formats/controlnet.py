@@ -214,6 +214,7 @@ def load_controlnet(
     pinned: bool = False,
     stream_to: torch.device | None = None,
     model_gpu: Callable[[int], str | None] | None = None,
+    visits: Callable[[ZImageControlNet], None] | None = None,
 ) -> ZImageControlNet:
     """Load a Fun-ControlNet-Union folder or single file for a DiT of ``transformer_config``
     (default: the released Z-Image DiT). ``config`` overrides the inferred config (see the module
@@ -228,7 +229,9 @@ def load_controlnet(
     tensors stay and two of its blocks are in flight at a time (``control.branch_on_gpu``): they must
     fit in its free memory too. ``model_gpu(bytes)``: why the pipeline under ``offload="model"``, with
     the branch's bytes visiting the GPU with the DiT, would not fit there (the pinned refusal names
-    ``--offload model`` only where it would: ``devices.check_component_fits``)."""
+    ``--offload model`` only where it would: ``devices.check_component_fits``). ``visits(branch)``: with
+    the branch built on meta, before any weight is read, where it visits a GPU with the DiT while a step
+    runs (``offload="model"``: ``control.check_branch_visit`` weighs them together there)."""
     path = Path(path)
     tcfg = transformer_config or TransformerConfig()
     files = safetensors_files(path)
@@ -248,6 +251,8 @@ def load_controlnet(
         check_component_fits("ControlNet's part on the GPU while its blocks are streamed (its embedder, "
                              "modulations and projections, and 2 blocks in flight)", module, dtype, stream_to, False,
                              *memory_advice(stream_to, False, dtype, streamed=True), tensors=branch_on_gpu(module))
+    if visits is not None:
+        visits(module)
 
     n = len(cfg.control_layers_places)
     if not explicit and tcfg.n_layers == 30 and n not in PUBLISHED_LAYER_COUNTS:
