@@ -489,6 +489,34 @@ def test_diffusers_loading_habits_are_refused_before_loading_or_mapped(tiny_mode
         tiny_pipe.enable_sequential_cpu_offload()
 
 
+def test_pipe_to_the_dtype_it_holds_changes_nothing_as_in_diffusers(fresh_pipe, reference_pipe):
+    """diffusers scripts load in a dtype and then call ``pipe.to("cuda", torch.bfloat16)`` (or
+    ``pipe.to(device=..., dtype=...)``) with the same dtype: a no-op there. It was refused here ("the
+    dtype is chosen when loading") whatever the dtype. Now the dtype every component holds is
+    accepted and changes nothing; another one, or a pipeline whose components differ, is refused."""
+    import copy
+
+    kw = dict(height=64, width=64, num_inference_steps=2, output_type="latent")
+    before = fresh_pipe("a cat", seed=0, **kw).images
+    for args, options in (((torch.float32,), {}), (("cpu", torch.float32), {}), ((), dict(device="cpu",
+                                                                                            dtype=torch.float32))):
+        assert fresh_pipe.to(*args, **options) is fresh_pipe
+        assert reference_pipe.to(*args, **options) is reference_pipe  # (fp32 already: nothing changes there)
+    assert fresh_pipe.dtype == fresh_pipe.vae.dtype == fresh_pipe.text_encoder.dtype == torch.float32
+    after = fresh_pipe("a cat", seed=0, **kw).images
+    assert torch.equal(after, before)
+    expected = reference_pipe("a cat", generator=torch.Generator().manual_seed(0), guidance_scale=0.0, **kw).images
+    assert_rel(after, expected, 1e-5, "final latents after pipe.to(device, dtype)")
+    with pytest.raises(ValueError, match=r"load again with dtype='bfloat16' \(or torch_dtype=\); this pipeline "
+                                         r"holds float32"):
+        fresh_pipe.to("cpu", torch.bfloat16)
+    with pytest.raises(ValueError, match=r"pipe.to\(\) takes one dtype"):
+        fresh_pipe.to(torch.float32, dtype=torch.float32)  # (two dtypes: refused as two devices are)
+    fresh_pipe.vae = copy.deepcopy(fresh_pipe.vae).to(torch.bfloat16)  # components of two dtypes
+    with pytest.raises(ValueError, match="this pipeline holds bfloat16, float32"):
+        fresh_pipe.to(torch.float32)
+
+
 def test_unknown_and_habitual_loading_keywords_name_from_pretrained(tiny_model_dir, monkeypatch, caplog):
     from zimage_native import ZImagePipeline, pipeline
 

@@ -869,12 +869,20 @@ class ZImagePipeline:
         """Every component on ``device``, resident (diffusers' ``pipe.to``; offloading ends), and so
         every other pipeline sharing a component with it (:meth:`_place_holders`). Returns the pipeline.
         Streamed blocks cannot move this way: load again with ``offload="none"``. The dtype is
-        chosen when loading (``dtype=`` / ``torch_dtype=``): a dtype here is refused."""
+        chosen when loading (``dtype=`` / ``torch_dtype=``): a dtype here is refused, unless every
+        component holds it already (diffusers' ``pipe.to("cuda", torch.bfloat16)`` after loading in
+        bfloat16), where it changes nothing. Without a device only the dtype is checked."""
         dtypes = [a for a in args if isinstance(a, torch.dtype)] + ([dtype] if dtype is not None else [])
-        if dtypes:
+        held = {self.dtype, *(getattr(part, "dtype", None) for part in (self.vae, self.text_encoder))} - {None}
+        if len(dtypes) > 1:
+            raise ValueError(f"pipe.to() takes one dtype, got {dtypes}")
+        if dtypes and (dtypes[0] not in held or len(held) > 1):
             raise ValueError(f"pipe.to({dtypes[0]}): the dtype is chosen when loading; load again with "
-                             f"dtype={str(dtypes[0]).removeprefix('torch.')!r} (or torch_dtype=)")
+                             f"dtype={str(dtypes[0]).removeprefix('torch.')!r} (or torch_dtype=); this pipeline "
+                             f"holds {', '.join(sorted(str(d).removeprefix('torch.') for d in held))}")
         places = [a for a in args if not isinstance(a, torch.dtype)] + ([device] if device is not None else [])
+        if not places and dtypes:
+            return self  # diffusers' pipe.to(torch.bfloat16) on a pipeline loaded so
         if len(places) != 1:
             raise ValueError(f"pipe.to() takes one device, got {places}")
         device = places[0]
