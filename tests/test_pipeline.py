@@ -487,6 +487,11 @@ def test_diffusers_loading_habits_are_refused_before_loading_or_mapped(tiny_mode
     assert tiny_pipe.to(device="cpu") is tiny_pipe and tiny_pipe.to("cpu") is tiny_pipe
     with pytest.raises(ValueError, match=r"from_pretrained\(\.\.\., offload='blocks'\)"):
         tiny_pipe.enable_sequential_cpu_offload()
+    # diffusers' ZImageImg2ImgPipeline.from_pipe(pipe): here the pipeline itself runs img2img (it raised
+    # "type object 'ZImagePipeline' has no attribute 'from_pipe'")
+    with pytest.raises(ValueError, match=r"one pipeline runs every task here, so call pipe itself: img2img with "
+                                         r"pipe\(prompt, image=\.\.\., strength=\.\.\.\)"):
+        ZImagePipeline.from_pipe(tiny_pipe)
 
 
 def test_pipe_to_the_dtype_it_holds_changes_nothing_as_in_diffusers(fresh_pipe, reference_pipe):

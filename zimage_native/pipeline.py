@@ -767,6 +767,18 @@ class ZImagePipeline:
             logger.info("variant %s (from %s; variant= or --variant sets it)", kwargs["variant"], Path(transformer).name)
         return cls(**loaded, **kwargs)
 
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs) -> "ZImagePipeline":
+        """diffusers' ``ZImageImg2ImgPipeline.from_pipe(pipe)`` (and its inpainting and ControlNet
+        pipelines') makes a pipeline of another task over the same weights. Here one pipeline runs
+        every task, so there is nothing to make: refused, naming the calls that do it."""
+        raise ValueError("ZImagePipeline.from_pipe(pipe): one pipeline runs every task here, so call pipe itself: "
+                         "img2img with pipe(prompt, image=..., strength=...) or pipe.img2img(prompt, image, strength), "
+                         "inpainting with pipe.inpaint(prompt, image, mask_image) (or image= and mask_image=), "
+                         "ControlNet with pipe.load_controlnet(path) and control_image=; a second pipeline over the "
+                         "same weights is ZImagePipeline(pipe.transformer, pipe.vae, pipe.text_encoder, "
+                         "pipe.scheduler_config, pipe.vae_config)")
+
     # ------------------------------------------------------------------ ControlNet
     @property
     def controlnet(self):
