@@ -38,6 +38,14 @@ def both(ours, ref, prompt, **kw):
         pytest.param(["a cat", LONG], (48, 64),
                      {"guidance_scale": 3.0, "negative_prompt": ["blurry", "ugly, low quality"],
                       "cfg_normalization": True, "cfg_truncation": 0.5}, id="CFG normalization and truncation"),
+        pytest.param(["a cat", LONG], (48, 64),
+                     {"guidance_scale": 3.0, "negative_prompt": ["blurry", "ugly, low quality"],
+                      "cfg_normalization": 1.3}, id="CFG normalization as a norm ratio"),
+        pytest.param(["a cat", LONG], (48, 64), {"guidance_scale": 3.0, "cfg_truncation": 0.0},
+                     id="CFG truncated after the first step"),
+        pytest.param("a cat", (48, 64), {"guidance_scale": 3.0, "cfg_truncation": None}, id="cfg_truncation None"),
+        pytest.param(["a cat", LONG], (48, 64), {"guidance_scale": 1.0}, id="guidance 1 runs CFG"),
+        pytest.param(LONG, (48, 64), {"max_sequence_length": 16}, id="prompt cut to max_sequence_length"),
     ],
 )
 def test_final_latents_match_diffusers(tiny_pipe, reference_pipe, prompt, size, extra):
@@ -45,6 +53,16 @@ def test_final_latents_match_diffusers(tiny_pipe, reference_pipe, prompt, size, 
     got, expected = both(tiny_pipe, reference_pipe, prompt, height=h, width=w, num_inference_steps=4,
                          output_type="latent", **extra)
     assert got.dtype == torch.float32
+    assert_rel(got, expected, 1e-5, "final latents")
+
+
+def test_one_negative_prompt_for_a_list_of_prompts_is_each_ones(tiny_pipe, reference_pipe):
+    """``negative_prompt="blurry"`` with a list of prompts: each prompt's negative, as a list of it would
+    be (diffusers' pipeline stops there with an AssertionError; its list form is the reference)."""
+    kw = dict(height=48, width=64, num_inference_steps=3, output_type="latent", guidance_scale=3.0)
+    got = tiny_pipe(["a cat", LONG], negative_prompt="blurry", seed=0, **kw).images
+    expected = reference_pipe(["a cat", LONG], negative_prompt=["blurry", "blurry"],
+                              generator=torch.Generator().manual_seed(0), **kw).images
     assert_rel(got, expected, 1e-5, "final latents")
 
 
