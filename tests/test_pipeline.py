@@ -66,6 +66,18 @@ def test_one_negative_prompt_for_a_list_of_prompts_is_each_ones(tiny_pipe, refer
     assert_rel(got, expected, 1e-5, "final latents")
 
 
+def test_a_prompt_tuple_no_image_count_and_one_size_given_run_as_diffusers_means_them(tiny_pipe, reference_pipe):
+    """Forms diffusers scripts pass: a tuple of prompts and ``num_images_per_prompt=None`` (diffusers
+    fails on both with a TypeError) run as a list and one image per prompt; with only ``height`` given
+    the width is 1024, as in diffusers."""
+    kw = dict(height=32, width=32, num_inference_steps=1, output_type="latent", seed=0)
+    listed = tiny_pipe(["a cat", LONG], **kw).images
+    assert torch.equal(tiny_pipe(("a cat", LONG), num_images_per_prompt=None, **kw).images, listed)
+    got, expected = both(tiny_pipe, reference_pipe, "a cat", height=32, num_inference_steps=1, output_type="latent")
+    assert got.shape == expected.shape == (1, 16, 4, 128)
+    assert_rel(got, expected, 1e-5, "final latents")
+
+
 def test_images_match_diffusers(tiny_pipe, reference_pipe):
     got, expected = both(tiny_pipe, reference_pipe, ["a cat", LONG], height=64, width=96, num_inference_steps=3,
                          output_type="np")
