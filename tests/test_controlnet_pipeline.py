@@ -143,6 +143,10 @@ def test_the_scale_needs_a_control_image_and_defaults_to_0_75(control_pipe, cont
     assert torch.equal(default.images, given.images)
     scaled = control_pipe("a cat", control_image=control, controlnet_conditioning_scale=np.float32(0.5), **kw)
     assert type(scaled.info["control_scale"]) is float and scaled.info["control_scale"] == 0.5
+    # diffusers' signature names list[float], which its one ControlNet cannot take (a TypeError inside
+    # the branch, "only integer tensors of a single element can be converted to an index")
+    with pytest.raises(ValueError, match=r"controlnet_conditioning_scale must be a finite number, got \[0.5\]"):
+        control_pipe("a cat", control_image=control, controlnet_conditioning_scale=[0.5], **kw)
 
 
 def test_assigning_pipe_controlnet_as_diffusers_does(control_pipe, control_files):
