@@ -41,7 +41,8 @@ def inputs(config=CONFIG):
 
 class Recorder:
     """A fake device move (a copy of the tensor) that logs which block each copy belongs to, plus
-    hooks that log each block's run and check its weights are the copies while it runs."""
+    hooks that log each block's run and check its weights are the copies while it runs and the CPU
+    copies after it (unless it runs again next)."""
 
     def __init__(self, model):
         self.model, self.log, self.max_loaded = model, [], 0
@@ -54,7 +55,7 @@ class Recorder:
         return t.clone()
 
     def attach(self, streamer):
-        for name, block in zip(NAMES, streamer.blocks):
+        for index, (name, block) in enumerate(zip(NAMES, streamer.blocks)):
             homes = [t.data_ptr() for t in _streamed_tensors(block, RESIDENT)]
             self.owner.update(dict.fromkeys(homes, name))
 
@@ -64,8 +65,9 @@ class Recorder:
                 now = [t.data_ptr() for t in _streamed_tensors(module, RESIDENT)]
                 assert not set(now) & set(homes), f"{name} runs on its CPU copies"
 
-            def after(module, args, out, homes=homes):
-                assert [t.data_ptr() for t in _streamed_tensors(module, RESIDENT)] == homes  # freed
+            def after(module, args, out, homes=homes, index=index):
+                freed = [t.data_ptr() for t in _streamed_tensors(module, RESIDENT)] == homes
+                assert freed == (index not in streamer.loaded)  # freed unless kept (it runs again next)
 
             block.register_forward_pre_hook(before)  # after the streamer's hooks
             block.register_forward_hook(after)
@@ -114,6 +116,50 @@ def test_copy_order_and_prefetch_depth(depth):
     assert rec.max_loaded == depth + 1
     streamer.release()
     assert not streamer.loaded
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@torch.no_grad()
+def test_a_block_run_twice_in_a_pass_has_each_run_prefetched(depth):
+    """A ControlNet 2.x pass runs the DiT's noise-refiner blocks after the first refiner hint twice
+    in a row (its own tokens, then the branch's with the hints) before the main layers. Learned as
+    one successor per block, n1 predicted itself (first seen of a tie) both times: its second run
+    and l0 were synchronous copies every pass. Learned per run in the pass, every run of a
+    three-pass request but its first is prefetched (n1's second runs on the copy its first left),
+    each copy is used, and the last pass leaves nothing on the device; the results are the
+    resident DiT's."""
+    from zimage_native.offload import streamed_pass
+
+    ref = tiny_dit()
+    model, rec, streamer = streamed(depth)
+    synchronous = []
+    for i, block in enumerate(streamer.blocks):
+        block.register_forward_pre_hook(lambda m, a, i=i: synchronous.append(i not in streamer.loaded), prepend=True)
+    x, cap, t, layout = inputs()
+
+    def control_pass(dit, mods, tokens):  # the DiT's part of a ControlNet 2.x pass (refiner hint after n0)
+        image = dit.refine_image(dit.embed_image(x, layout), layout, mods, stop=1)
+        own = dit.refine_image(image, layout, mods, start=1)
+        dit.refine_image(image + 1, layout, mods, start=1)  # the branch's copy of the tokens
+        return dit.forward_tokens(x, tokens, None, layout, mods, image_tokens=own)
+
+    mods = ref.modulations(ref.time_embedding(t, x.dtype))
+    want = control_pass(ref, mods, ref.encode_caption(cap, layout))
+    tokens = model.encode_caption(cap, layout)
+    with streamed_pass(model):  # the first pass learns the order (its l2 has no successor to prefetch)
+        assert torch.equal(control_pass(model, mods, tokens), want)
+    assert not streamer.loaded
+    rec.log.clear(), synchronous.clear()
+    for k in range(3):  # a request of three passes
+        with streamed_pass(model, last=k == 2):
+            assert torch.equal(control_pass(model, mods, tokens), want)
+    runs = [name for kind, name in rec.log if kind == "run"]
+    assert runs == ["n0", "n1", "n1", "l0", "l1", "l2"] * 3
+    assert synchronous == [True] + [False] * (len(runs) - 1), synchronous  # only the request's first
+    copies = [name for kind, name in rec.log if kind == "copy"]
+    once = [name for k, name in enumerate(runs) if k == 0 or runs[k - 1] != name]  # n1's two runs: one copy
+    assert collections.Counter(copies) == collections.Counter(once), rec.log
+    assert not streamer.loaded and rec.max_loaded <= depth + 1
 
 
 @torch.no_grad()

@@ -11,18 +11,21 @@ moves it in with forward hooks:
   and the copies of the next ``depth`` blocks are started on a side CUDA stream, so that they
   overlap block k's compute; the compute stream waits for block k's copy event only;
 - after block k has run, its device copies are dropped (the tensors point at the CPU copies again;
-  ``record_stream`` keeps the allocator from reusing their memory before the compute is done).
+  ``record_stream`` keeps the allocator from reusing their memory before the compute is done),
+  unless block k is prefetched to run again next (it keeps its copy).
 
-Which block comes next is learned from the order in which blocks ran before: for each block, how
-often each other block followed it, and the most frequent successor is prefetched (the first seen
-on a tie). The sampling loop runs the same order every step, so from the second pass on every
-block but the very first is prefetched, including the first block of the next step while the last
-one runs. Only the end of a request would be mispredicted (its last block predicts another step;
-the next request starts with the caption refiner): the sampling loop runs each forward in
-:func:`streamed_pass`, where a block counts its runs, and in its last one no block prefetches a
-block that has run as often as in a whole pass before (the next step's first block; a block run
-twice in a pass, as a ControlNet 2.0 branch runs its layers, is still prefetched for its second
-run), and what is still held when the loop ends
+Which block comes next is learned from the order in which blocks ran before, per run: a run is
+(block, its runs before it in this :func:`streamed_pass`; 0 outside one), and for each run, how
+often each other run followed it; the most frequent successor is prefetched (the first seen on a
+tie). Keying by run matters where a block runs twice in a pass with different successors: with a
+ControlNet 2.x the DiT's noise-refiner blocks after the first refiner hint run twice in a row
+(then the main layers follow), and a 2.0 branch runs its control layers twice. The sampling loop
+runs the same order every step, so from the second pass on every block use but the very first is
+prefetched, including the first block of the next step while the last one runs. Only the end of
+a request would be mispredicted (its last block predicts another step; the next request starts
+with the caption refiner): the sampling loop runs each forward in :func:`streamed_pass`, where a
+block counts its runs, and in its last one no run is prefetched that this pass has had already
+(the next step's first block), and what is still held when the loop ends
 (an interrupted run's prefetch) it drops (:func:`release_streamed`), so that no block stays on the
 device between requests (nor during the VAE decode). The caption passes are the other order that
 frequencies cannot tell (with CFG the caption refiner's last block is followed by the negatives'
@@ -84,13 +87,15 @@ class BlockStreamer(ProcessLocal):
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # block index -> (its tensors, their CPU copies, the copy-done event or None)
         self.loaded: dict[int, tuple[list[torch.Tensor], list[torch.Tensor], object]] = {}
-        self.successor: dict[int, dict[int, int]] = {}  # block -> {next block: times seen}
-        self.last: int | None = None
+        # A run of a block is keyed (block, its runs before it in this pass): 0 outside
+        # :func:`streamed_pass`, so that a block run twice in a pass learns one successor per run.
+        self.successor: dict[tuple[int, int], dict[tuple[int, int], int]] = {}  # run -> {next run: times seen}
+        self.last: tuple[int, int] | None = None
         self.known: dict[int, int] = {}  # block -> the block the caller says runs next (:func:`runs_next`)
-        # Within :func:`streamed_pass`: the runs of each block in this pass, the most of them in a pass
-        # before, and whether this pass is the last (a block run as often as that is not prefetched).
+        self.upcoming: list[tuple[int, int]] = []  # the runs prefetched for while the current one runs
+        # Within :func:`streamed_pass`: the runs of each block in this pass, and whether this pass
+        # is the last (a run that this pass has had already is the next pass's: not prefetched).
         self.runs: collections.Counter | None = None
-        self.runs_per_pass: dict[int, int] = {}
         self.last_pass = False
         self.handles = []
         for i, block in enumerate(self.blocks):
@@ -125,34 +130,38 @@ class BlockStreamer(ProcessLocal):
         for i in list(self.loaded):
             self.free(i)
 
-    def ahead(self, i: int) -> list[int]:
-        """The blocks to prefetch while block ``i`` runs: its next ``depth`` most frequent successors
-        (in the last pass only those that run again in it: :func:`streamed_pass`); a successor the
-        caller named (:func:`runs_next`) comes before the learned one."""
-        out, j = [], i
+    def ahead(self, run: tuple[int, int]) -> list[tuple[int, int]]:
+        """The runs to prefetch for while ``run`` (block, its runs before in this pass) runs: its
+        next ``depth`` most frequent successors (in the last pass only runs still to come in it:
+        :func:`streamed_pass`); a block the caller named (:func:`runs_next`; its first run in a
+        pass) comes before the learned one."""
+        out, j = [], run
         for _ in range(self.depth):
             seen = self.successor.get(j)
-            if j in self.known:
-                j = self.known[j]
+            if j[0] in self.known:
+                j = (self.known[j[0]], 0)
             elif seen:
                 j = max(seen, key=seen.get)  # the first seen of the most frequent
             else:
                 break
-            if j == i or j in out or (self.last_pass and self.runs[j] >= self.runs_per_pass.get(j, 0)):
+            if j == run or j in out or (self.last_pass and j[1] < self.runs[j[0]]):
                 break
             out.append(j)
         return out
 
     # -------------------------------------------------------------- hooks
     def _before(self, i: int, module: nn.Module, args) -> None:
+        run = (i, 0)
+        if self.runs is not None:
+            run = (i, self.runs[i])
+            self.runs[i] += 1
         if self.last is not None:
             seen = self.successor.setdefault(self.last, {})
-            seen[i] = seen.get(i, 0) + 1
-        self.last = i
-        if self.runs is not None:
-            self.runs[i] += 1
+            seen[run] = seen.get(run, 0) + 1
+        self.last = run
         self.load(i)
-        upcoming = self.ahead(i)
+        self.upcoming = self.ahead(run)
+        upcoming = [k for k, _ in self.upcoming]
         for k in list(self.loaded):
             if k != i and k not in upcoming:  # a wrong prefetch: the order changed
                 self.free(k)
@@ -166,7 +175,8 @@ class BlockStreamer(ProcessLocal):
                 t.data.record_stream(compute)
 
     def _after(self, i: int, module: nn.Module, args, output) -> None:
-        self.free(i)
+        if all(k != i for k, _ in self.upcoming):  # (a block that runs again next keeps its copy)
+            self.free(i)
 
     def remove(self) -> None:
         """Remove the hooks (the blocks stay where their weights are now: on the CPU)."""
@@ -188,18 +198,17 @@ def release_streamed(*models: nn.Module | None) -> None:
 @contextlib.contextmanager
 def streamed_pass(*models: nn.Module | None, last: bool = False):
     """Within: one pass of the streamed blocks of ``models`` (those with a ``block_streamer``; others,
-    and None, are skipped), each block's runs counted. A pass that ends without an error records the
-    most runs of each block in a pass; in the ``last`` pass of a run a block prefetches no block
-    that has run that often already (the next step's first block, which the last block predicts,
-    for a pass that does not come)."""
+    and None, are skipped), each block's runs counted: a run is learned and predicted as (block, its
+    runs before it in the pass), so that a block run twice in a pass (a ControlNet 2.x pass: the
+    DiT's noise-refiner blocks after the first refiner hint, a 2.0 branch's control layers) has
+    a successor per run. In the ``last`` pass of a run a block prefetches no run that this pass
+    has had already (the next step's first block, which the last block predicts, for a pass that
+    does not come)."""
     streamers = [s for s in (getattr(m, "block_streamer", None) for m in models) if s is not None]
     for streamer in streamers:
         streamer.runs, streamer.last_pass = collections.Counter(), last
     try:
         yield
-        for streamer in streamers:
-            for j, n in streamer.runs.items():
-                streamer.runs_per_pass[j] = max(streamer.runs_per_pass.get(j, 0), n)
     finally:
         for streamer in streamers:
             streamer.runs, streamer.last_pass = None, False
