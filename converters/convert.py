@@ -231,8 +231,16 @@ def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | No
         canonical_items = gguf_items  # noqa: F811
         read_dtype = read_dtype or torch.float32
 
+    fp8 = out_dtype == torch.float8_e4m3fn
+    pattern = _FP8_TARGETS.get(component)
+    quantised = (lambda key: pattern.match(key) is not None) if fp8 and pattern is not None else (lambda key: False)
+    # fp8 without a LoRA: a quantised weight that is quantised again comes as rows dequantised where
+    # they are quantised (formats.tensors.ValueRows), its fp32 values never whole (a real-width
+    # q|k|v: 169 MiB at once for a 42 MiB result).
+    by_rows = quantised if fp8 and baker is None and not meta else None
+
     def canonical(keep=None):
-        for key, tensor in canonical_items(ckpt, info, meta=meta, dtype=read_dtype, keep=keep):
+        for key, tensor in canonical_items(ckpt, info, meta=meta, dtype=read_dtype, keep=keep, by_rows=by_rows):
             original = tensor.dtype
             if baker is not None:
                 tensor = baker(key, tensor)
@@ -241,16 +249,14 @@ def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | No
             yield key, tensor
             del tensor  # not held while the next one is read
 
-    fp8 = out_dtype == torch.float8_e4m3fn
     if fp8:
         yield "scaled_fp8", torch.empty(0, dtype=torch.float8_e4m3fn, device="meta" if meta else "cpu"), None
-    pattern = _FP8_TARGETS.get(component)
-    quantised = (lambda key: pattern.match(key) is not None) if fp8 and pattern is not None else (lambda key: False)
     # fp8: one scale for a fused weight (q|k|v, w1|w3), its parts' amax. Parts the source stores apart
     # are quantised and written at their rows as they come, with the amax of a first pass over them,
     # one part read at a time; joined, they were held and copied: the weight twice at the peak (a
-    # real-width bf16 q|k|v: 169 MiB). Parts of one source tensor are joined as a view of it.
-    apart = _fused_apart(dst, keymap_of(info), quantised)
+    # real-width bf16 q|k|v: 169 MiB). Parts of one source tensor are joined as a view of it, unless
+    # they come by rows (a quantised source): then they are written apart too.
+    apart = _fused_apart(dst, keymap_of(info), quantised, stored_apart=by_rows is None or not info.quantization)
     amax: dict[str, torch.Tensor] = {}
     if fp8 and not meta and not join:
         for key, tensor in canonical(keep=apart):
@@ -281,13 +287,18 @@ def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | No
         del tensor  # not held while the next one is made
 
 
-def _fused_apart(dst: KeyMap, src: KeyMap, quantised: Callable[[str], bool]) -> Callable[[str], bool]:
+def _fused_apart(dst: KeyMap, src: KeyMap, quantised: Callable[[str], bool],
+                 stored_apart: bool = True) -> Callable[[str], bool]:
     """Whether a canonical key is a part of a weight that ``dst`` fuses along dim 0 and fp8 output
-    quantises (``quantised``), stored apart in the source (``src`` does not fuse the same parts)."""
+    quantises (``quantised``), stored apart in the source (``src`` does not fuse the same parts) or,
+    without ``stored_apart``, whatever the source stores (a quantised source's parts come by rows,
+    :class:`~zimage_native.formats.tensors.ValueRows`: there is no tensor read to join them as a view of)."""
     def apart(key: str) -> bool:
         rule = dst.inverse_key(key)[0]
         if not (isinstance(rule, Fuse) and rule.dim == 0 and quantised(key)):
             return False
+        if not stored_apart:
+            return True
         stored = src.inverse_key(key)[0]
         return not (isinstance(stored, Fuse) and stored.dst == rule.dst)
     return apart

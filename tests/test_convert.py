@@ -215,6 +215,52 @@ def test_fp8_sources_and_targets(tiny_model_dir, tmp_path):
         convert_checkpoint(tiny_model_dir / "vae", tmp_path / "vae8.safetensors", "ldm", dtype="fp8")
 
 
+def _quantised_dit(kind: str, tiny_model_dir, tmp_path):
+    """(a quantised tiny DiT file, its dequantised fp32 values in the same layout as a file)."""
+    import numpy as np
+
+    from .gguf_files import gguf_state, write_gguf
+    from .test_comfy_quant import to_comfy_quant
+    from .test_comfy_quant_blocks import block_file
+
+    comfy = comfy_dit(tiny_model_dir, "", norm_final=False)
+    if kind == "gguf":
+        types = lambda name, i: ("Q8_0", "Q4_K", "F16")[i % 3]  # noqa: E731
+        file, values = gguf_state(comfy, types, np.random.default_rng(0))
+        src = write_gguf(tmp_path / "dit.gguf", file, "lumina2")
+        expected = {k: v.reshape(comfy[k].shape) for k, v in values.items()}
+    elif kind == "comfy_quant int8 / fp8":
+        mix = {"attention.qkv": ("int8_tensorwise", "row"), "feed_forward.w1": ("float8_e4m3fn", "tensor"),
+               "feed_forward.w3": ("int8_tensorwise", "tensor"), "attention.out": ("float8_e4m3fn", "tensor")}
+        sd, expected, _ = to_comfy_quant(comfy, mix=mix)
+        src = write(tmp_path / "dit.safetensors", sd)
+    elif kind == "comfy_quant nvfp4 / mxfp8":
+        sd, expected = block_file(comfy)
+        src = write(tmp_path / "dit.safetensors", sd)
+    else:  # scaled fp8, a scale per row, in the diffusers layout: q, k, v and w1, w3 stored apart
+        sd, expected = to_fp8(dit_state(tiny_model_dir), True, per_row=True)
+        src = write(tmp_path / "dit.safetensors", sd)
+    return src, write(tmp_path / "values.safetensors", expected)
+
+
+@pytest.mark.parametrize("kind", ["gguf", "comfy_quant int8 / fp8", "comfy_quant nvfp4 / mxfp8", "scaled fp8"])
+@pytest.mark.parametrize("layout", ["comfyui", "diffusers", "native-fused"])
+def test_fp8_from_a_quantised_source_is_the_fp8_of_its_dequantised_values(tiny_model_dir, tmp_path, kind, layout):
+    """A quantised weight is dequantised by blocks of rows where it is quantised to fp8 again
+    (``formats.tensors.ValueRows``), the parts of a fused one written at their rows with the amax
+    of a first pass: every code and scale those of the same conversion of its dequantised fp32
+    values, whatever the source fuses (a fused q|k|v split, separate q, k, v fused, w1 and w3 apart)."""
+    src, values = _quantised_dit(kind, tiny_model_dir, tmp_path)
+    convert_checkpoint(src, tmp_path / "out.safetensors", layout, dtype="fp8")
+    convert_checkpoint(values, tmp_path / "want.safetensors", layout, dtype="fp8")
+    got, want = read(tmp_path / "out.safetensors"), read(tmp_path / "want.safetensors")
+    assert got.keys() == want.keys(), sorted(set(got) ^ set(want))[:5]
+    for k in got:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k].reshape(-1).view(torch.uint8),
+                                                             want[k].reshape(-1).view(torch.uint8)), k
+    assert sum(k.endswith("scale_weight") for k in got) > 4
+
+
 # ----------------------------------------------------------------------------------- LoRA baking
 
 

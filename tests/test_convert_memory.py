@@ -222,3 +222,58 @@ def test_fp8_output_is_written_by_blocks_of_rows(tmp_path):
     want, scale = quantize_fp8(weight)
     assert torch.equal(written["layers.0.attention.qkv.weight"].view(torch.uint8), want.view(torch.uint8))
     assert torch.equal(written["layers.0.attention.qkv.scale_weight"], scale)
+
+
+def _quantised_qkv(kind: str, folder: Path) -> tuple[Path, torch.Tensor]:
+    """A real-width 11520 x 3840 q|k|v, quantised (``kind``), in a DiT file that holds nothing else
+    but its pad token; and its dequantised fp32 values."""
+    from zimage_native.formats.fp8 import dequantize
+    from zimage_native.formats.gguf import GGUFCheckpoint
+
+    from .test_comfy_quant import comfy_quant_tensor
+
+    dim, key = 3840, "layers.0.attention.qkv.weight"
+    if kind == "Q8_0 GGUF":
+        src = write_gguf(folder / "qkv.gguf", {
+            "x_pad_token": (np.zeros((1, dim), np.float32), "F32"),
+            key: (random_blocks("Q8_0", 3 * dim, dim, np.random.default_rng(0)), "Q8_0")}, "lumina2")
+        with GGUFCheckpoint(src) as ckpt:
+            return src, ckpt.values(key)
+    weight = torch.randn(3 * dim, dim, generator=torch.Generator().manual_seed(0)) * 0.02
+    if kind == "scaled fp8":
+        scale = (weight.abs().max() / 448).reshape(())
+        codes = (weight / scale).to(torch.float8_e4m3fn)
+        extra = {"layers.0.attention.qkv.scale_weight": scale, "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    else:  # comfy_quant int8, a scale per row
+        scale = (weight.abs().amax(1, keepdim=True) / 127).float()  # (out, 1)
+        codes = torch.round(weight / scale).clamp(-127, 127).to(torch.int8)
+        extra = {"layers.0.attention.qkv.weight_scale": scale,
+                 "layers.0.attention.qkv.comfy_quant": comfy_quant_tensor({"format": "int8_tensorwise"})}
+    src = folder / "qkv.safetensors"
+    save_file({"x_pad_token": torch.zeros(1, dim, dtype=torch.bfloat16), key: codes, **extra}, str(src))
+    return src, dequantize(codes, scale)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0 GGUF", "scaled fp8", "comfy_quant int8"])
+def test_fp8_from_a_quantised_source_dequantises_by_blocks_of_rows(tmp_path, kind):
+    """fp8 output from a quantised source dequantised each weight whole to fp32 before quantising
+    it by rows: a real-width 11520 x 3840 q|k|v 169 MiB of fp32 at once (a Q8_0 GGUF to fp8: 217
+    MiB above the start, 135 to bf16; a scaled-fp8 or int8 file: 177 against 91). Its rows are
+    dequantised where they are quantised now (``formats.tensors.ValueRows``), by blocks, the amax
+    pass too: the peak stays under the file and a quarter of the fp32 values, and the file holds
+    the codes and scale of the whole dequantised weight bit for bit."""
+    from safetensors.torch import load_file
+
+    from zimage_native.converters.convert import quantize_fp8
+
+    src, values = _quantised_qkv(kind, tmp_path)
+    want, scale = quantize_fp8(values)
+    fp32 = values.numel() * 4
+    del values
+    peak = _peak(src, "fp8", tmp_path / "out")
+    bound = src.stat().st_size + fp32 // 4
+    assert peak < bound, f"peak {peak / 2**20:.0f} MiB above the start, bound {bound / 2**20:.0f} MiB " \
+                         f"({fp32 / 2**20:.0f} MiB of fp32 q|k|v, {src.stat().st_size / 2**20:.0f} MiB the file)"
+    written = load_file(tmp_path / "out" / "out.safetensors")
+    assert torch.equal(written["layers.0.attention.qkv.weight"].view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(written["layers.0.attention.qkv.scale_weight"], scale)

@@ -379,14 +379,18 @@ def canonical_qtypes(ckpt: GGUFCheckpoint, info: ComponentInfo) -> dict[str, str
 
 
 def canonical_items(ckpt: GGUFCheckpoint, info: ComponentInfo, meta: bool = False, packed: set[str] | None = None,
-                    dtype: torch.dtype = torch.float32, keep=None) -> Iterator[tuple[str, torch.Tensor]]:
+                    dtype: torch.dtype = torch.float32, keep=None, by_rows=None) -> Iterator[tuple[str, torch.Tensor]]:
     """The component as canonical (key, tensor) pairs.
 
     ``meta``: meta tensors with the values' shapes. Otherwise a packed tensor whose canonical
-    key(s) are all in ``packed`` stays packed (uint8 rows); every other packed tensor is
-    dequantised to ``dtype``; float tensors come in their own dtype. ``keep(canonical key)`` skips
-    reading tensors that are not wanted.
+    key(s) are all in ``packed`` stays packed (uint8 rows); one of two dimensions, packed by rows,
+    whose canonical keys ``by_rows`` all accepts comes as a
+    :class:`~zimage_native.formats.tensors.ValueRows` of its packed bytes, dequantised to fp32 by
+    blocks of rows where used; every other packed tensor is dequantised to ``dtype``; float tensors
+    come in their own dtype. ``keep(canonical key)`` skips reading tensors that are not wanted.
     """
+    from .tensors import ValueRows
+
     km = keymap_of(info)
     packed = packed if packed is not None else set()
 
@@ -407,6 +411,11 @@ def canonical_items(ckpt: GGUFCheckpoint, info: ComponentInfo, meta: bool = Fals
                 yield name, shaped(name, ckpt.meta(key))
             elif t.quantized and all(c in packed for c in targets):
                 yield name, ckpt.get(key)
+            elif (t.quantized and t.row_packed and len(t.shape) == 2 and by_rows is not None
+                  and all(by_rows(c) for c in targets)):
+                rows = ckpt.get(key)
+                yield name, ValueRows(t.shape, lambda i, j, rows=rows, qtype=t.qtype: dequantize(rows[i:j], qtype))
+                del rows
             else:
                 yield name, shaped(name, ckpt.values(key, dtype) if t.quantized else ckpt.get(key))
 

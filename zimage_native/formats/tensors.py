@@ -22,7 +22,7 @@ from ..converters.keymap import to_canonical
 from .checkpoint import Checkpoint
 from .detect import ComponentInfo
 from .fp8 import FP8_DTYPES, TORCH_FP8, dequantize, is_aux, scale_for
-from .microscale import BLOCK_FORMATS, logical_shape
+from .microscale import BLOCK_FORMATS, block_scales, logical_shape, scaled_values
 from .microscale import dequantize as dequantize_blocks
 
 
@@ -67,9 +67,67 @@ class DequantizedRows(StoredRows):
         return self.rows(0, self.shape[0])  # new memory already
 
 
+class ValueRows:
+    """A quantised 2-d weight whose fp32 values are computed by blocks of rows where they are used
+    (``values[i:j]``: rows ``i:j`` in new memory, ``read(i, j)`` of the whole weight), never held
+    whole: ``zimage convert`` to fp8 quantises them so (``converters.convert.fp8_blocks``, whose
+    amax pass and codes read rows like a tensor's). Dequantised whole to fp32 first, a real-width
+    11520 x 3840 q|k|v was 169 MiB at once for a 42 MiB fp8 result. :meth:`chunk` splits it along
+    its rows as ``torch.chunk`` does (the parts of a fused weight, ``keymap.to_canonical``); a part
+    reads its rows of the weight. Each value depends on its row alone, so the blocks are the rows of
+    the whole dequantisation, bit for bit."""
+
+    dtype, device, is_meta, ndim = torch.float32, torch.device("cpu"), False, 2
+
+    def __init__(self, shape: tuple[int, int], read: Callable[[int, int], torch.Tensor], start: int = 0):
+        self.shape, self.read, self.start = torch.Size(shape), read, start
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        i, j, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("ValueRows reads consecutive rows only")
+        return self.read(self.start + i, self.start + max(i, j))
+
+    def chunk(self, n: int, dim: int = 0) -> list["ValueRows"]:
+        if dim != 0:
+            raise ValueError("ValueRows splits along its rows only")
+        size = -(-self.shape[0] // n)
+        return [ValueRows((min(size, self.shape[0] - i), self.shape[1]), self.read, self.start + i)
+                for i in range(0, self.shape[0], size)]
+
+
+def _value_rows(ckpt: Checkpoint, key: str, fmt: str | None) -> ValueRows | None:
+    """The rows of a 2-d fp8, int8 or block-scaled (``fmt``) weight of the file, dequantised to fp32
+    by blocks as read (``Checkpoint.read_rows``); ``None`` for a weight of another shape or with a
+    scale that is neither one value nor one a row (dequantised whole, broadcast)."""
+    t_info = ckpt.tensors[key]
+    if len(t_info.shape) != 2:
+        return None
+    row_bytes = t_info.numel // max(1, t_info.shape[0])  # 1 byte a value, or an nvfp4 pair
+
+    def codes(i: int, j: int) -> torch.Tensor:
+        return ckpt.read_rows(key, i, j, ckpt.scratch((j - i) * row_bytes))
+
+    if fmt in BLOCK_FORMATS:
+        scales = block_scales(ckpt, key, fmt)
+        return ValueRows(logical_shape(fmt, t_info.shape),
+                         lambda i, j: scaled_values(codes(i, j), scales[i:j], fmt))
+    scale_key = scale_for(ckpt, key)
+    scale = ckpt.get(scale_key).to(torch.float32, copy=True) if scale_key else None  # (not a view of the map)
+    if scale is None or scale.numel() == 1:
+        return ValueRows(t_info.shape, lambda i, j: dequantize(codes(i, j), scale, torch.float32))
+    if scale.shape[0] == t_info.shape[0] and scale.numel() == t_info.shape[0]:  # one a row
+        return ValueRows(t_info.shape, lambda i, j: dequantize(codes(i, j), scale[i:j], torch.float32))
+    return None
+
+
 def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool = True,
               dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None, rows: bool = False,
-              keep_stored: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+              keep_stored: bool = False, by_rows: Callable[[str], bool] | None = None
+              ) -> Iterator[tuple[str, torch.Tensor]]:
     """The component's weights in file order (quantisation keys consumed), as stored or dequantised
     to ``dtype`` (fp32 when None; meta tensors say fp32); comfy_quant nvfp4 and mxfp8 weights (by
     blocks of rows, :mod:`.microscale`) and int8 weights are dequantised whatever ``dequant`` says,
@@ -80,7 +138,9 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
     tied ``lm_head``), or none of whose canonical keys ``keep`` accepts, is not read at all.
     ``rows``: a tensor of two or more dimensions kept as stored comes as :class:`StoredRows` (for a
     key map that only renames: the text encoder's), not as a view of the file's memory map, and
-    with ``dequant=False`` a comfy_quant int8 weight as :class:`DequantizedRows`."""
+    with ``dequant=False`` a comfy_quant int8 weight as :class:`DequantizedRows`. ``by_rows``: a
+    quantised 2-d weight (fp8, int8, nvfp4, mxfp8) all of whose canonical keys it accepts comes as
+    :class:`ValueRows`, dequantised by blocks of rows where used, not whole."""
     keymap = info.keymap()
     for key in info.keys:
         if is_aux(key):
@@ -91,7 +151,12 @@ def raw_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool, dequant: bool =
         t_info = ckpt.tensors[key]
         fmt = info.comfy_quant.get(key)
         int8 = fmt == "int8_tensorwise"  # dequantised (int8 values * weight_scale)...
-        if fmt in BLOCK_FORMATS and keep_stored:  # nvfp4 / mxfp8 kept...
+        quantised = fmt in BLOCK_FORMATS or int8 or (t_info.dtype in FP8_DTYPES and dequant)
+        lazy = (_value_rows(ckpt, key, fmt) if quantised and not keep_stored and not meta and by_rows is not None
+                and all(by_rows(t) for t in targets) else None)
+        if lazy is not None:
+            yield key, lazy
+        elif fmt in BLOCK_FORMATS and keep_stored:  # nvfp4 / mxfp8 kept...
             yield key, ckpt.meta(key) if meta else ckpt.get(key)
         elif fmt in BLOCK_FORMATS:  # ... or dequantised, by blocks of rows
             yield key, (torch.empty(logical_shape(fmt, t_info.shape), dtype=torch.float32, device="meta") if meta
@@ -145,12 +210,15 @@ def cast_rows(ckpt: Checkpoint, key: str, dtype: torch.dtype) -> torch.Tensor:
 
 def canonical_items(ckpt: Checkpoint, info: ComponentInfo, meta: bool = False, dequant: bool = True,
                     dtype: torch.dtype | None = None, keep: Callable[[str], bool] | None = None, rows: bool = False,
-                    keep_stored: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                    keep_stored: bool = False, by_rows: Callable[[str], bool] | None = None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream the component as canonical (our module names) tensors; fp8 is dequantised to ``dtype``
     (fp32 when None) by blocks of rows (:func:`~zimage_native.formats.fp8.dequantize`), never whole in fp32.
     ``keep(canonical key)``: tensors it refuses are skipped before they are read (a file tensor split
-    into several canonical ones is read when any of them is kept, and yields all of them)."""
-    return to_canonical(raw_items(ckpt, info, meta, dequant, dtype, keep, rows, keep_stored), info.keymap())
+    into several canonical ones is read when any of them is kept, and yields all of them).
+    ``by_rows``: quantised weights whose canonical keys it accepts come as :class:`ValueRows`."""
+    return to_canonical(raw_items(ckpt, info, meta, dequant, dtype, keep, rows, keep_stored, by_rows),
+                        info.keymap())
 
 
 def canonical_shapes(ckpt: Checkpoint, info: ComponentInfo) -> dict[str, tuple]:
