@@ -1,7 +1,8 @@
 """Convert one checkpoint component between layouts and dtypes, shard it, bake LoRAs in; write atomically.
 
-The path of every tensor: read (fp8, comfy_quant and GGUF dequantised: to fp32 for LoRAs or fp8
-output, else to the output dtype) -> canonical names (``keymap.to_canonical``) -> LoRA deltas added
+The path of every tensor: read (fp8, comfy_quant and GGUF dequantised: to fp32 for LoRAs, by blocks
+of rows where they are quantised for fp8 output (``formats.tensors.ValueRows``), else to the output
+dtype) -> canonical names (``keymap.to_canonical``) -> LoRA deltas added
 in fp32 -> destination layout (``keymap.from_canonical_blocks``: the parts of a fused q|k|v or w1|w3
 passed on as they come, written at their rows of it, not joined first; for fp8 output, whose scale
 is the whole weight's, with the amax of a first pass over them) -> dtype cast or fp8 quantisation
@@ -221,7 +222,7 @@ def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | No
     from ..formats.gguf import keymap_of
 
     # Quantised tensors (fp8, comfy_quant, GGUF) are dequantised to fp32 for a LoRA's deltas or the
-    # fp8 quantisation; otherwise straight to the output dtype (computed in fp32 and rounded once, as
+    # fp8 quantisation (by rows, below, where no LoRA needs them whole); otherwise straight to the output dtype (computed in fp32 and rounded once, as
     # the cast of their fp32 values rounded them), so a fused weight is split and joined in the
     # output dtype, not in fp32 (a real-width GGUF's q|k|v: its fp32 values, their join and its
     # cast, 422 MiB at the peak for an 84 MiB bf16 result).
