@@ -222,10 +222,11 @@ def _stream(ckpt, info, dst: KeyMap, component: str, out_dtype: torch.dtype | No
     from ..formats.gguf import keymap_of
 
     # Quantised tensors (fp8, comfy_quant, GGUF) are dequantised to fp32 for a LoRA's deltas or the
-    # fp8 quantisation (by rows, below, where no LoRA needs them whole); otherwise straight to the output dtype (computed in fp32 and rounded once, as
-    # the cast of their fp32 values rounded them), so a fused weight is split and joined in the
-    # output dtype, not in fp32 (a real-width GGUF's q|k|v: its fp32 values, their join and its
-    # cast, 422 MiB at the peak for an 84 MiB bf16 result).
+    # fp8 quantisation (by rows, below, where no LoRA needs them whole); otherwise straight to the
+    # output dtype (computed in fp32 and rounded once, as the cast of their fp32 values rounded
+    # them), so a fused weight is split and joined in the output dtype, not in fp32 (a real-width
+    # GGUF's q|k|v: its fp32 values, their join and its cast, 422 MiB at the peak for an 84 MiB
+    # bf16 result).
     direct = baker is None and out_dtype not in (None, torch.float8_e4m3fn)
     read_dtype = out_dtype if direct else None
     if isinstance(ckpt, GGUFCheckpoint):
