@@ -23,7 +23,8 @@ ControlNet 2.x the DiT's noise-refiner blocks after the first refiner hint run t
 runs the same order every step, so from the second pass on every block use but the very first is
 prefetched, including the first block of the next step while the last one runs. Only the end of
 a request would be mispredicted (its last block predicts another step; the next request starts
-with the caption refiner): the sampling loop runs each forward in :func:`streamed_pass`, where a
+with the caption refiner, which is learned as no run's successor: the end of a request ends the
+run, :meth:`BlockStreamer.release`): the sampling loop runs each forward in :func:`streamed_pass`, where a
 block counts its runs, and in its last one no run is prefetched that this pass has had already
 (the next step's first block), and what is still held when the loop ends
 (an interrupted run's prefetch) it drops (:func:`release_streamed`), so that no block stays on the
@@ -126,9 +127,12 @@ class BlockStreamer(ProcessLocal):
             t.data = home
 
     def release(self) -> None:
-        """Drop every device copy (for example a prefetched block after the last step)."""
+        """Drop every device copy (for example a prefetched block after the last step). The block
+        that runs next starts another run (the next request's caption refiner): it is learned as no
+        block's successor, as no prefetch could have served it."""
         for i in list(self.loaded):
             self.free(i)
+        self.last = None
 
     def ahead(self, run: tuple[int, int]) -> list[tuple[int, int]]:
         """The runs to prefetch for while ``run`` (block, its runs before in this pass) runs: its
