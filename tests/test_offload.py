@@ -401,6 +401,54 @@ def test_the_next_request_is_learned_as_no_blocks_successor(tiny_model_dir):
         assert torch.equal(images, resident("a cat", **kw).images)
 
 
+@pytest.mark.parametrize("other", ["run", "maybe_free_model_hooks"])
+def test_a_pipeline_sharing_a_streamed_dit_waits_for_the_run_of_the_other(tiny_model_dir, other):
+    """Two pipelines holding one DiT whose blocks are streamed share its streamer: a request (or a
+    maybe_free_model_hooks) of the second, from another thread while the first's run is inside a
+    block, freed that block under it, and the first failed with KeyError where the block ended.
+    Now the second waits for the first's run (here the block waits up to 2 s for it to finish,
+    which it does only when nothing holds it back), and both return the resident pipeline's images."""
+    import threading
+
+    from tests.fixtures import our_pipeline
+    from zimage_native import ZImagePipeline
+
+    pipe = our_pipeline(tiny_model_dir, offload="blocks")
+    second = ZImagePipeline(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.scheduler_config, pipe.vae_config,
+                            offload="blocks")
+    second.progress = False
+    kw = dict(height=32, width=32, num_inference_steps=2, output_type="pt", seed=0)
+    want = our_pipeline(tiny_model_dir)("a cat", **kw).images
+    streamer = pipe.transformer.block_streamer
+    inside, done, results = threading.Event(), threading.Event(), {}
+
+    def call():
+        inside.wait()
+        try:
+            results["second"] = second("a cat", **kw).images if other == "run" else second.maybe_free_model_hooks()
+        finally:
+            done.set()
+
+    def block_runs(module, args):
+        if not inside.is_set():  # the first run's first image block: the other call comes now
+            inside.set()
+            done.wait(2)
+
+    handle = streamer.blocks[len(pipe.transformer.context_refiner)].register_forward_pre_hook(block_runs)
+    thread = threading.Thread(target=call)
+    thread.start()
+    try:
+        first = pipe("a cat", **kw).images
+    finally:
+        inside.set()
+        thread.join()
+        handle.remove()
+    assert torch.equal(first, want)
+    if other == "run":
+        assert torch.equal(results["second"], want)
+    assert not streamer.loaded
+
+
 def test_maybe_free_model_hooks_drops_the_block_a_dit_called_by_hand_fetched_for_its_next_pass(tiny_model_dir):
     """diffusers' scripts call pipe.maybe_free_model_hooks() after a run (an AttributeError here).
     After a pipeline call under offload="blocks" nothing is held (the sampling loop drops the block
