@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from zimage_native.cli import main
 from zimage_native.converters.convert import convert_checkpoint, parse_size, plan_conversion
-from zimage_native.converters.keymap import DIT_COMFYUI, convert_state_dict, from_canonical, to_canonical
+from zimage_native.converters.keymap import DIT_COMFYUI, convert_state_dict, from_canonical, keymap_for, to_canonical
 from zimage_native.formats import detect_format
 from zimage_native.loading import load_component
 
@@ -311,6 +311,80 @@ def test_lora_is_fused_before_fp8_quantisation(tiny_model_dir, tmp_path):
     assert torch.equal(out["layers.0.attention.qkv.scale_weight"], s)
     with pytest.raises(ValueError, match="LoRAs can be baked into the transformer only"):
         convert_checkpoint(tiny_model_dir / "vae", tmp_path / "v.safetensors", "ldm", loras=[(str(path), 1.0)])
+
+
+def _reference_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor scaled fp8 of a whole weight, written here apart from the converter: the scale is
+    max|w| / 448 in fp32 (1 for a weight of zeros), the codes w / scale clamped to +-448, rounded to
+    float8_e4m3fn; the loader reads codes * scale."""
+    w = weight.float()
+    amax = w.abs().max()
+    scale = amax / 448 if amax > 0 else torch.tensor(1.0)
+    return (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn), scale.float()
+
+
+_FUSED_PARTS = {  # output layout -> (pattern of a fused fp8 weight, the canonical names of its parts in order)
+    "comfyui": [(r"(.+)\.attention\.qkv\.weight", [".attention.to_q.weight", ".attention.to_k.weight",
+                                                     ".attention.to_v.weight"]),
+                (r"(.+)\.attention\.out\.weight", [".attention.to_out.0.weight"])],
+    "native-fused": [(r"(.+)\.attention\.to_qkv\.weight", [".attention.to_q.weight", ".attention.to_k.weight",
+                                                             ".attention.to_v.weight"]),
+                     (r"(.+)\.feed_forward\.w13\.weight", [".feed_forward.w1.weight", ".feed_forward.w3.weight"])],
+}
+
+
+@pytest.mark.parametrize("source", ["diffusers", "comfyui", "native-fused"])
+def test_fp8_output_equals_a_whole_tensor_reference_for_fused_and_separate_parts(tiny_model_dir, tmp_path, monkeypatch,
+                                                                                  source):
+    """fp8 output quantises each fused weight (q|k|v, w1|w3) with one scale, its parts' amax from a
+    first pass, by blocks of rows (here 5 rows of the tiny DiT's 64 columns, plus 3 values: no part is
+    a multiple of the block), its parts written at their rows. Against the whole-tensor reference
+    above, on the joined canonical weights: every fp8 weight of the three output layouts, from a
+    source storing the parts apart (diffusers) or fused (ComfyUI q|k|v, native-fused q|k|v and w1|w3),
+    with parts of three dtypes, all-zero parts and a whole all-zero q|k|v, parts of ranges 1e4 apart,
+    and a LoRA baked in; codes and scale bit for bit."""
+    import re
+
+    from zimage_native.converters import convert as converter
+    from zimage_native.converters.keymap import DIT_NATIVE_FUSED
+    from zimage_native.lora import LoraMixin
+
+    monkeypatch.setattr(converter, "CHUNK_ELEMENTS", 64 * 5 + 3)
+    canonical = dit_state(tiny_model_dir)
+    for key in list(canonical):
+        if key.startswith("layers.0.attention.to_") and not key.startswith("layers.0.attention.to_out"):
+            canonical[key] = torch.zeros_like(canonical[key])  # the whole q|k|v zero: scale 1
+        elif key in ("layers.1.attention.to_q.weight", "layers.1.feed_forward.w1.weight"):
+            canonical[key] = torch.zeros_like(canonical[key])
+        elif key.endswith(("attention.to_v.weight", "feed_forward.w3.weight")):
+            canonical[key] = (canonical[key] * 1e4).half() if "refiner" in key else canonical[key] * 1e4
+        elif key.endswith("attention.to_k.weight"):
+            canonical[key] = canonical[key].bfloat16()
+    stored = {"diffusers": canonical, "comfyui": convert_state_dict(canonical, None, DIT_COMFYUI),
+              "native-fused": convert_state_dict(canonical, None, DIT_NATIVE_FUSED)}[source]
+    src = write(tmp_path / "src.safetensors", stored)
+    lora, _ = _lora(tiny_model_dir, tmp_path)
+
+    class P(LoraMixin):  # the canonical weights with the LoRA fused, in fp32
+        transformer = load_component("transformer", src, torch.float32, "cpu", config=TINY_AXES)
+
+    baked = P()
+    baked.load_lora(lora, 0.7)
+    weights = baked.transformer.state_dict()
+    for layout in ("comfyui", "native-fused", "diffusers"):
+        convert_checkpoint(src, tmp_path / f"{layout}.safetensors", layout, dtype="fp8", loras=[(str(lora), 0.7)])
+        out = read(tmp_path / f"{layout}.safetensors")
+        quantised = {k for k, v in out.items() if v.dtype == torch.float8_e4m3fn and k != "scaled_fp8"}
+        dst = keymap_for("transformer", layout)
+        assert quantised == {dst.foreign_key(k) for k in canonical if converter._FP8_TARGETS["transformer"].match(k)}
+        for key in quantised:
+            parts = [key]
+            for pattern, names in _FUSED_PARTS.get(layout, []):
+                if (m := re.fullmatch(pattern, key)) is not None:
+                    parts = [m[1] + name for name in names]
+            codes, scale = _reference_fp8(torch.cat([weights[part].float() for part in parts]))
+            assert torch.equal(out[key].view(torch.uint8), codes.view(torch.uint8)), (source, layout, key)
+            assert torch.equal(out[key[: -len("weight")] + "scale_weight"], scale), (source, layout, key)
 
 
 # ----------------------------------------------------------------------------------- safety
