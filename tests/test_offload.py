@@ -678,6 +678,51 @@ def test_a_vae_assigned_to_the_pipeline_is_prepared_as_the_loaded_one(tiny_model
     assert pipe.vae is new
 
 
+@pytest.mark.parametrize("offload_mode,text_encoder_on_cpu", [("none", False), ("model", False),
+                                                                ("text_encoder", False), ("none", True)])
+def test_a_text_encoder_assigned_to_the_pipeline_rests_where_the_pipelines_does(tiny_model_dir, monkeypatch,
+                                                                                 offload_mode, text_encoder_on_cpu):
+    """``pipe.text_encoder = encoder`` left the encoder's model where it was: on a pipeline resident on
+    a GPU an encoder loaded on the CPU ran there, and under offload="model" one loaded on a GPU stayed
+    there between runs. It is placed as the pipeline's own encoder now, as an assigned VAE: on the
+    execution device when resident, in CPU memory when offloaded (runs visiting the execution device);
+    an encoder the pipeline places on the CPU (text_encoder_device="cpu") stays there, nothing copied.
+    "cpu:1" stands in for the GPU, copy_storage records the copies."""
+    import zimage_native.offload as offload
+    from zimage_native import ZImagePipeline
+    from zimage_native.devices import storage_device
+
+    from .fixtures import our_pipeline
+
+    gpu = torch.device("cpu", 1)
+    base = our_pipeline(tiny_model_dir)
+    placement = dict.fromkeys(base.placement, gpu) | ({"text_encoder": torch.device("cpu")} if text_encoder_on_cpu
+                                                       else {})
+    pipe = ZImagePipeline(copy.deepcopy(base.transformer), copy.deepcopy(base.vae), copy.deepcopy(base.text_encoder),
+                          base.scheduler_config, base.vae_config, placement=placement, offload=offload_mode)
+    pipe.progress = False
+    encoder = copy.deepcopy(base.text_encoder)  # loaded on the CPU, held by no pipeline
+    rest = storage_device("text_encoder", placement["text_encoder"], offload_mode)
+    moved, copies = [], []
+    real_move = offload.move_
+    monkeypatch.setattr(offload, "move_", lambda module, device: moved.append((module, device))
+                        or real_move(module, device))
+    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: copies.append(device) or storage.clone())
+    pipe.text_encoder = encoder
+    assert pipe.text_encoder is encoder and moved == [(encoder.model, rest)]
+    assert copies == ([gpu] * len(copies) if rest == gpu else []) and (copies or rest != gpu)
+
+    resting = {p.data_ptr() for p in encoder.model.parameters()}
+    ran_resting = []
+    encoder.model.register_forward_pre_hook(
+        lambda m, args: ran_resting.append(any(p.data_ptr() in resting for p in m.parameters())))
+    copies.clear()
+    pipe("a cat", height=32, width=32, num_inference_steps=1, seed=0, output_type="latent")
+    visits = rest != placement["text_encoder"]  # (offloaded: it ran on a copy on the execution device)
+    assert ran_resting == [not visits] and (gpu in copies or not visits)
+    assert {p.data_ptr() for p in encoder.model.parameters()} == resting
+
+
 # ----------------------------------------------------------------------------------- host memory of a file's map
 
 

@@ -664,8 +664,13 @@ class ZImagePipeline:
 
     @text_encoder.setter
     def text_encoder(self, encoder) -> None:
-        """``pipe.text_encoder = other.text_encoder``; one whose model another pipeline places otherwise
-        is refused (:meth:`_check_held_alike`)."""
+        """``pipe.text_encoder = other.text_encoder``: its model rests where this pipeline's text encoder
+        rests (as a VAE assigned: the execution device when resident, CPU memory under offload="model",
+        "text_encoder" and "blocks", whose runs visit the execution device; an encoder placed on the
+        CPU stays there). Up to 0.23.0 it stayed where it was: on a pipeline resident on a GPU an
+        encoder loaded on the CPU ran on the CPU, and under offload="model" one loaded on a GPU
+        stayed resident there. One whose model another pipeline
+        places otherwise is refused (:meth:`_check_held_alike`)."""
         model = getattr(encoder, "model", None)
         if model is None:  # (a remote encoder, or none: nothing placed)
             self._text_encoder = encoder
@@ -673,6 +678,10 @@ class ZImagePipeline:
         with _locks_of(lambda: [self, *_pipelines_holding(model)]):
             self._check_held_alike("text_encoder", model)
             self._text_encoder = encoder
+            if "_accel" in self.__dict__:  # (the constructor takes the components where they were loaded)
+                from .offload import move_
+
+                move_(model, storage_device("text_encoder", self.placement["text_encoder"], self.offload))
 
     @property
     def tokenizer(self):
