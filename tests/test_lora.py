@@ -428,6 +428,50 @@ def test_rank_mismatch_raises_and_stray_foreign_keys_are_reported(caplog):
     assert "CLIP text encoder" in caplog.text
 
 
+def _qwen3_text_encoder_keys(layers: int = 2) -> dict[str, torch.Tensor]:
+    """A kohya-style LoRA of the Qwen3 text encoder, as Z-Image LoRA trainers write it beside lora_unet_ keys."""
+    sd = {}
+    for i in range(layers):
+        for module in ("self_attn_q_proj", "self_attn_k_proj", "mlp_gate_proj"):
+            sd[f"lora_te_model_layers_{i}_{module}.lora_down.weight"] = torch.zeros(RANK, 16)
+            sd[f"lora_te_model_layers_{i}_{module}.lora_up.weight"] = torch.zeros(16, RANK)
+            sd[f"lora_te_model_layers_{i}_{module}.alpha"] = torch.tensor(float(RANK))
+    return sd
+
+
+def test_a_qwen3_text_encoder_lora_is_named_as_such(tmp_path, caplog):
+    """Kohya-style keys of the Qwen3 text encoder (lora_te_model_layers_N_self_attn_* / mlp_*) were named
+    "a CLIP text encoder (SD / SDXL / FLUX lora_te)": a file of them alone was refused as "not Z-Image",
+    and one with DiT keys too warned twice (that family, then every key unmatched). Beside DiT keys the
+    DiT part is applied and one warning counts the skipped text-encoder keys; alone, the file is refused
+    as a Qwen3 text-encoder LoRA this engine does not apply, nothing changed. A CLIP key is still CLIP's."""
+    from zimage_native.lora import describe_lora_keys
+
+    pipe = Pipe()
+    before = weights(pipe)
+    a, b = factors(DIM, DIM)
+    text_encoder = _qwen3_text_encoder_keys()
+    mixed = {"lora_unet_layers_0_attention_to_q.lora_down.weight": a,
+             "lora_unet_layers_0_attention_to_q.lora_up.weight": b, **text_encoder}
+    with caplog.at_level("WARNING", logger="zimage_native.lora"):
+        report = pipe.load_lora(save(tmp_path, mixed, "mixed.safetensors"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert report.matched == 1 and sorted(report.unmatched) == sorted(text_encoder)
+    assert len(warnings) == 1 and f"{len(text_encoder)} keys are for the Qwen3 text encoder" in warnings[0], warnings
+    assert "CLIP" not in caplog.text
+    q = "layers.0.attention.to_q.weight"
+    assert_only_changed(before, weights(pipe), {q: expected(before[q], a, b)})
+    pipe.unload_lora()
+    with pytest.raises(ValueError, match=rf"this is a LoRA for the Qwen3 text encoder \({len(text_encoder)} keys, "
+                                         rf"e\.g\. 'lora_te_model_layers_0_.*which this engine does not apply"):
+        pipe.load_lora(save(tmp_path, text_encoder, "te.safetensors"))
+    assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
+    described = describe_lora_keys(mixed)
+    assert described["foreign"] is None and described["text_encoder_keys"] == len(text_encoder)
+    clip = "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"
+    assert describe_lora_keys([clip])["foreign"].startswith("a CLIP text encoder")
+
+
 def test_an_adapter_refit_reuses_the_copies_of_the_original_weights(tiny_model_dir, tmp_path):
     """set_adapters (and every adapter call) unfuses the LoRAs and fuses the active ones again. The
     unfused weights equal their saved originals again, so the refit keeps those copies instead of

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .converters.keymap import DIT_COMFYUI, DIT_NATIVE_FUSED, Fuse, Rename
-from .formats.families import foreign_family
+from .formats.families import QWEN3_TEXT_ENCODER_LORA_KEY, foreign_family
 from .offload import release_streamed
 
 logger = logging.getLogger(__name__)
@@ -516,14 +516,29 @@ def parse_lora(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tupl
     report.matched = len(kept)
     report.weights = sum(len(g.target.modules) for g in kept)
     foreign = foreign_family(report.unmatched)
+    text_encoder = text_encoder_keys(report.unmatched)
     if not kept:
         if foreign:
             raise ValueError(f"{name}: this LoRA is for {foreign[0]}, not Z-Image (key {foreign[1]!r})")
+        if text_encoder:
+            raise ValueError(f"{name}: this is a LoRA for the Qwen3 text encoder ({len(text_encoder)} keys, e.g. "
+                             f"{text_encoder[0]!r}), which this engine does not apply: it applies LoRAs to the "
+                             f"DiT only, and this file has no DiT keys")
         raise ValueError(f"{name}: no key of this LoRA matches a Z-Image module (family: {report.family}; "
                          f"{len(keys)} keys, e.g. {keys[:3]})")
     if foreign:
         logger.warning("%s: some keys look like %s (e.g. %s); they were not applied", name, foreign[0], foreign[1])
+    if text_encoder:
+        logger.warning("%s: %d keys are for the Qwen3 text encoder (e.g. %s), which this engine does not apply "
+                       "LoRAs to: skipped; the DiT part (%d modules) is applied", name, len(text_encoder),
+                       text_encoder[0], len(kept))
     return kept, report
+
+
+def text_encoder_keys(keys: Iterable[str]) -> list[str]:
+    """The keys of a LoRA for the Qwen3 text encoder (kohya ``lora_te_model_layers_N_...``), which this
+    engine does not apply (:data:`~zimage_native.formats.families.QWEN3_TEXT_ENCODER_LORA_KEY`)."""
+    return [key for key in keys if QWEN3_TEXT_ENCODER_LORA_KEY.search(key)]
 
 
 def describe_lora_keys(keys: Iterable[str]) -> dict:
@@ -541,7 +556,7 @@ def describe_lora_keys(keys: Iterable[str]) -> dict:
                 else "loha" if any(r.startswith("hada_") for r in roles) else "full" if "diff" in roles else "other")
         kinds[kind] = kinds.get(kind, 0) + 1
     return {"family": detect_family(keys), "modules": len(modules), "kinds": kinds,
-            "foreign": foreign[0] if foreign else None}
+            "foreign": foreign[0] if foreign else None, "text_encoder_keys": len(text_encoder_keys(keys))}
 
 
 # =========================================================================== files and fusing
@@ -804,9 +819,10 @@ class LoraStack:
             self.no_undo |= not undo
             self.loaded.append(report)
             logger.info("%s", report)
-            if report.unmatched:
-                logger.warning("%s: %d keys matched no module, e.g. %s", report.path, len(report.unmatched),
-                               report.unmatched[:5])
+            text_encoder = set(text_encoder_keys(report.unmatched))
+            unmatched = [k for k in report.unmatched if k not in text_encoder]
+            if unmatched:  # (the text encoder's keys: said once, by parse_lora)
+                logger.warning("%s: %d keys matched no module, e.g. %s", report.path, len(unmatched), unmatched[:5])
         reports = [r for _, r in planned]
         return reports[0] if single else reports
 

@@ -243,6 +243,9 @@ def info(path: Path, as_json: bool, check: bool, dtype: str | None):
         click.echo(f"  LoRA: {lora['modules']} modules ({kinds}); family: {lora['family']}")
         if lora["foreign"]:
             click.echo(f"  not for Z-Image: {lora['foreign']}")
+        if lora["text_encoder_keys"]:
+            click.echo(f"  {lora['text_encoder_keys']} keys for the Qwen3 text encoder: not applied (LoRAs are "
+                       f"applied to the DiT only)")
         click.echo(f"  {report['tensors']} tensors, {report['parameters']:,} params")
         return
     if "controlnet" in report:

@@ -5,12 +5,19 @@ for, not as keys that match nothing. The patterns take a key with dots or with u
 (kohya's ``lora_unet_input_blocks_4_...``), with or without a prefix (``model.diffusion_model.``).
 No pattern matches a key of a Z-Image DiT or text encoder; the one for diffusers UNets' ``up_blocks.N.resnets``
 also matches the FLUX VAE's, so :mod:`.detect` looks only at keys that no Z-Image component took.
+A LoRA key of the Z-Image text encoder (Qwen3, :data:`QWEN3_TEXT_ENCODER_LORA_KEY`) is no other family's either:
+:func:`foreign_family` leaves it out, and :mod:`zimage_native.lora` names it as such.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Iterable
+
+#: A kohya-style LoRA key of the Z-Image text encoder, a Qwen3 (``lora_te_model_layers_0_self_attn_q_proj``,
+#: ``lora_te_model_layers_0_mlp_gate_proj``, as Z-Image LoRA trainers write beside ``lora_unet_`` keys); a CLIP
+#: text encoder's read ``lora_te1_text_model_encoder_layers_0_...``.
+QWEN3_TEXT_ENCODER_LORA_KEY = re.compile(r"^lora_te\d?_(model_)?layers_\d+_(self_attn|mlp)_")
 
 #: (pattern, family), the more specific first: a file with several matches is named by the first pattern.
 FOREIGN = [
@@ -28,8 +35,9 @@ FOREIGN = [
 
 
 def foreign_family(keys: Iterable[str]) -> tuple[str, str] | None:
-    """(family, a key of it) for the first pattern of :data:`FOREIGN` that some key matches, or None."""
-    keys = list(keys)
+    """(family, a key of it) for the first pattern of :data:`FOREIGN` that some key matches, or None.
+    The Z-Image text encoder's LoRA keys (:data:`QWEN3_TEXT_ENCODER_LORA_KEY`) are not looked at."""
+    keys = [key for key in keys if not QWEN3_TEXT_ENCODER_LORA_KEY.search(key)]
     for pattern, family in FOREIGN:
         for key in keys:
             if pattern.search(key):
