@@ -445,6 +445,9 @@ def test_a_qwen3_text_encoder_lora_is_named_as_such(tmp_path, caplog):
     and one with DiT keys too warned twice (that family, then every key unmatched). Beside DiT keys the
     DiT part is applied and one warning counts the skipped text-encoder keys; alone, the file is refused
     as a Qwen3 text-encoder LoRA this engine does not apply, nothing changed. A CLIP key is still CLIP's."""
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
     from zimage_native.lora import describe_lora_keys
 
     pipe = Pipe()
@@ -453,8 +456,9 @@ def test_a_qwen3_text_encoder_lora_is_named_as_such(tmp_path, caplog):
     text_encoder = _qwen3_text_encoder_keys()
     mixed = {"lora_unet_layers_0_attention_to_q.lora_down.weight": a,
              "lora_unet_layers_0_attention_to_q.lora_up.weight": b, **text_encoder}
+    mixed_file = save(tmp_path, mixed, "mixed.safetensors")
     with caplog.at_level("WARNING", logger="zimage_native.lora"):
-        report = pipe.load_lora(save(tmp_path, mixed, "mixed.safetensors"))
+        report = pipe.load_lora(mixed_file)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert report.matched == 1 and sorted(report.unmatched) == sorted(text_encoder)
     assert len(warnings) == 1 and f"{len(text_encoder)} keys are for the Qwen3 text encoder" in warnings[0], warnings
@@ -470,6 +474,8 @@ def test_a_qwen3_text_encoder_lora_is_named_as_such(tmp_path, caplog):
     assert described["foreign"] is None and described["text_encoder_keys"] == len(text_encoder)
     clip = "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"
     assert describe_lora_keys([clip])["foreign"].startswith("a CLIP text encoder")
+    info = CliRunner().invoke(main, ["info", str(mixed_file)]).output
+    assert f"{len(text_encoder)} keys for the Qwen3 text encoder: not applied" in info and "not for Z-Image" not in info
 
 
 def test_an_adapter_refit_reuses_the_copies_of_the_original_weights(tiny_model_dir, tmp_path):
