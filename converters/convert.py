@@ -21,6 +21,7 @@ fp8 output is ComfyUI's "scaled fp8": block Linear weights in float8_e4m3fn with
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +37,8 @@ import torch
 from ..formats.fp8 import CHUNK_ELEMENTS
 from .keymap import Fuse, KeyMap, from_canonical_blocks, keymap_for
 from .streaming import ST_DTYPES, SafetensorsWriter
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"keep": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16, "fp8": torch.float8_e4m3fn,
@@ -96,6 +99,7 @@ class Plan:
     config: dict
     dropped: list[str] = field(default_factory=list)
     loras: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)  # tensors of no component of the file (_left_out)
 
     @property
     def total_bytes(self) -> int:
@@ -113,6 +117,8 @@ class Plan:
             out.append(f"  {t.key} {arrow} {src}  {list(t.shape)} {t.dtype} {_human(t.nbytes)}")
         for key in self.dropped:
             out.append(f"  (dropped) {key}")
+        for key in self.left_out:
+            out.append(f"  (left out: no Z-Image component) {key}")
         by_key = {t.key: t for t in self.tensors}
         for name, keys in zip(self.shard_files, self.shards):
             out.append(f"  file {name}: {len(keys)} tensors, {_human(sum(by_key[k].nbytes for k in keys))}")
@@ -327,6 +333,17 @@ def _sources(info, dst: KeyMap) -> tuple[dict[str, list[str]], list[str]]:
     return sources, dropped
 
 
+def _left_out(ckpt, fmt) -> list[str]:
+    """The tensors of the file that no component of it holds and no other model family names: they are
+    not converted, whatever ``--component`` (a component not chosen, or another family's tensors,
+    named with ``--component``, are left out knowingly). Quantisation markers are not tensors of a model."""
+    from ..formats import is_aux
+    from ..formats.families import foreign_family
+
+    taken = {k for c in fmt.components for k in c.keys}
+    return [k for k in ckpt.keys() if k not in taken and not is_aux(k) and foreign_family([k]) is None]
+
+
 def plan_conversion(src: str | os.PathLike, dst: str | os.PathLike, to: str, *, component: str | None = None,
                     dtype: str = "keep", shard_size: str | int | None = None,
                     loras: Sequence[tuple[str, float]] = (), config: dict | str | None = None) -> Plan:
@@ -374,6 +391,11 @@ def _prepare(src, dst, to, component, dtype, shard_size, loras, config=None):
         else:
             info = fmt.component(normalize_kind(component))
         kind = info.component
+        left_out = _left_out(ckpt, fmt)
+        if left_out:  # (they were left out without a word)
+            logger.warning("%s: %d tensor%s of no Z-Image component %s not converted: %s%s", src, len(left_out),
+                           "s" if len(left_out) > 1 else "", "are" if len(left_out) > 1 else "is",
+                           ", ".join(left_out[:5]), ", ..." if len(left_out) > 5 else "")
         dst_km = keymap_for(kind, to)
         if info.quantization and out_dtype is None:
             raise ValueError(f"{src} is {info.quantization}: choose an output --dtype (fp32, bf16, fp16 or fp8); "
@@ -416,7 +438,7 @@ def _prepare(src, dst, to, component, dtype, shard_size, loras, config=None):
             names = [f"{base}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         plan = Plan(str(src), str(dst), kind, info.layout, dst_km.name, dtype,
                     info.quantization, planned, shards, names, folder, config, dropped,
-                    [f"{p} (scale {s:g})" for p, s in loras])
+                    [f"{p} (scale {s:g})" for p, s in loras], left_out)
         return plan, (ckpt, info, dst_km, out_dtype, baker)
     except BaseException:
         ckpt.close()

@@ -93,6 +93,41 @@ def test_norm_final_is_dropped_and_listed(tiny_model_dir, tmp_path):
     assert any("(dropped) model.diffusion_model.norm_final.weight" in line for line in plan.lines())
 
 
+def test_tensors_of_no_component_are_named_not_left_out_unsaid(tiny_model_dir, tmp_path, caplog):
+    """A recognised file with tensors outside its component (a ComfyUI DiT under model.diffusion_model.
+    with unprefixed extras) was converted without them and without a word. They are warned about now,
+    the count and up to five names, and listed by --dry-run; nothing else changes in what is written.
+    Another family's tensors (named with --component) and quantisation markers are not counted."""
+    extras = {f"my_extra_{i}.embedding": torch.full((2, 3), float(i)) for i in range(7)}
+    dit = comfy_dit(tiny_model_dir)
+    plain = convert_checkpoint(write(tmp_path / "plain.safetensors", dit), tmp_path / "plain-out.safetensors",
+                               "diffusers")
+    for count in (1, 7):
+        stray = dict(list(extras.items())[:count])
+        src = write(tmp_path / f"stray{count}.safetensors", {**dit, **stray})
+        with caplog.at_level("WARNING", logger="zimage_native.converters.convert"):
+            caplog.clear()
+            plan = convert_checkpoint(src, tmp_path / f"out{count}.safetensors", "diffusers")
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and plan.left_out == list(stray), warnings
+        assert f"{count} tensor{'s' if count > 1 else ''} of no Z-Image component" in warnings[0]
+        assert all((name in warnings[0]) == (i < 5) for i, name in enumerate(stray)) and \
+            warnings[0].endswith(", ...") == (count > 5)
+        assert_identical(read(tmp_path / f"out{count}.safetensors"), read(tmp_path / "plain-out.safetensors"))
+        assert plan.dropped == plain.dropped and [t.key for t in plan.tensors] == [t.key for t in plain.tensors]
+    result = run("convert", src, tmp_path / "dry.safetensors", "--to", "diffusers", "--dry-run")
+    assert result.exit_code == 0 and "(left out: no Z-Image component) my_extra_6.embedding" in result.output, \
+        result.output
+    caplog.clear()
+    fp8, _ = to_fp8(dit, True)  # its scaled_fp8 marker is outside the prefix
+    sdxl_key = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+    src = write(tmp_path / "fp8.safetensors", {**fp8, sdxl_key: torch.zeros(4, 8)})
+    with caplog.at_level("WARNING", logger="zimage_native.converters.convert"):
+        plan = convert_checkpoint(src, tmp_path / "fp8-out.safetensors", "diffusers", component="transformer",
+                                  dtype="bf16")
+    assert plan.left_out == [] and not caplog.records
+
+
 # ----------------------------------------------------------------------------------- sharding and dtypes
 
 
