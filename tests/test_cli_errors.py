@@ -1,4 +1,6 @@
-"""Every input error of the CLI is one line on stderr, exit status 1, naming the flag the user typed."""
+"""Every input error of the CLI is one line on stderr naming the flag the user typed: exit status 2 for a
+command line that cannot be parsed (click's usage errors and the CLI's own checks of the words typed), 1 for
+an input the command refuses while running (docs/cli.md, "Exit status")."""
 
 from __future__ import annotations
 
@@ -12,13 +14,18 @@ from click.testing import CliRunner
 from zimage_native.cli import main
 
 
-def one_line_error(*args: str) -> str:
-    """The CLI's output for ``args``: one line starting with 'Error: ', exit status 1, no traceback."""
+def one_line_error(*args: str, status: int = 1) -> str:
+    """The CLI's output for ``args``: one line starting with 'Error: ', exit status ``status``, no traceback."""
     result = CliRunner().invoke(main, list(args), prog_name="zimage")
-    assert result.exit_code == 1, (result.exit_code, result.output)
+    assert result.exit_code == status, (result.exit_code, result.output)
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in result.output, result.output
     return lines[0]
+
+
+def usage_error(*args: str) -> str:
+    """The CLI's one-line output for a command line that cannot be parsed, exit status 2 (click's)."""
+    return one_line_error(*args, status=2)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -30,8 +37,8 @@ def one_line_error(*args: str) -> str:
     (["nosuchcommand"], "No such command 'nosuchcommand'"),
     (["convert", "/nonexistent", "/tmp/x", "--to", "diffusers"], "Path '/nonexistent' does not exist"),
 ])
-def test_click_usage_errors_are_one_line_with_status_1(args, message):
-    line = one_line_error(*args)
+def test_click_usage_errors_are_one_line_with_status_2(args, message):
+    line = usage_error(*args)
     assert any(m in line for m in ((message,) if isinstance(message, str) else message)), line
 
 
@@ -42,10 +49,10 @@ def test_the_predecessors_flags_say_what_they_are_here(command):
 
     prompt = ["a cat"] if command == "generate" else []
     for flag, here in PREDECESSOR_FLAGS.items():
-        line = one_line_error(command, *prompt, flag)
+        line = usage_error(command, *prompt, flag)
         assert line == f"Error: No such option '{flag}': the predecessor's {flag} is {here} here " \
                        f"(see `zimage {command} --help`)", line
-    assert "--offload model" in one_line_error(command, *prompt, "--cpu-offload")
+    assert "--offload model" in usage_error(command, *prompt, "--cpu-offload")
 
 
 @pytest.mark.parametrize("args, command", [
@@ -53,8 +60,8 @@ def test_the_predecessors_flags_say_what_they_are_here(command):
     (["templates", "list", "-v"], "templates list"),
 ])
 def test_verbose_after_the_command_says_it_goes_before(args, command):
-    assert one_line_error(*args) == f"Error: No such option '{args[-1]}': -v/--verbose goes before the command: " \
-                                    f"zimage -v {command} ..."
+    assert usage_error(*args) == f"Error: No such option '{args[-1]}': -v/--verbose goes before the command: " \
+                                 f"zimage -v {command} ..."
 
 
 @pytest.mark.parametrize("args, message", [
@@ -453,7 +460,8 @@ def test_compile_alone_is_the_blocks_preset():
 
 
 def test_the_exit_statuses_are_the_ones_docs_cli_md_lists():
-    """docs/cli.md's "Exit status" table: 0, 1, 2 (a bare group's help, click >= 8.2) and 130 (Ctrl-C:
+    """docs/cli.md's "Exit status" table: 0, 1 (an input the command refuses while running), 2 (a command
+    line that cannot be parsed, and a bare group's help with click >= 8.2) and 130 (Ctrl-C:
     tests/test_cli_generate.py); the cheap ones are checked here."""
     from importlib.metadata import version
     from pathlib import Path
@@ -463,7 +471,8 @@ def test_the_exit_statuses_are_the_ones_docs_cli_md_lists():
     assert re.findall(r"^\| (\d+) \|", section, re.M) == ["0", "1", "2", "130"]
     status = lambda *args: CliRunner().invoke(main, list(args), prog_name="zimage").exit_code  # noqa: E731
     assert status("--help") == status("generate", "--help") == status("--version") == 0
-    assert status("generate", "a cat", "--bogus") == status("generate", "a cat", "--steps", "0") == 1
+    assert status("generate", "a cat", "--bogus") == status("generate", "a cat", "--steps", "x") == 2
+    assert status("generate", "a cat", "--steps", "0") == 1
     bare = 2 if tuple(int(v) for v in version("click").split(".")[:2]) >= (8, 2) else 0
     assert status() == status("templates") == bare
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_cli_errors import one_line_error
+from .test_cli_errors import one_line_error, usage_error
 
 
 @pytest.mark.parametrize("args, line", [
@@ -38,7 +38,7 @@ from .test_cli_errors import one_line_error
                              "--width 512 --height 768 (see `zimage generate --help`)"),  # one value, two numbers
 ])
 def test_a_mistyped_number_or_size_says_what_the_flag_takes(tmp_path, args, line):
-    assert one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args) == line
+    assert usage_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args) == line
 
 
 @pytest.mark.parametrize("flag, what", [
@@ -52,20 +52,20 @@ def test_a_mistyped_number_or_size_says_what_the_flag_takes(tmp_path, args, line
     ("--prompt", "the prompt is the first argument, in quotes: zimage generate \"a red fox\" ..."),
 ])
 def test_other_tools_flags_say_what_they_are_here(tmp_path, flag, what):
-    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), flag, "2")
+    line = usage_error("generate", "a cat", "--model", str(tmp_path / "missing"), flag, "2")
     assert line.startswith(f"Error: No such option '{flag}': {what}"), line
     assert line.endswith("(see `zimage generate --help`)"), line
 
 
 def test_the_other_tools_hints_are_only_where_their_flags_are():
     """`zimage bench` has no --num-images: click's own message stays."""
-    line = one_line_error("bench", "--batch", "2")
+    line = usage_error("bench", "--batch", "2")
     assert "No such option" in line and "--num-images" not in line, line
 
 
 def test_the_size_hint_is_only_where_width_and_height_are():
     """`zimage bench` has --sizes: click's own suggestion stays."""
-    assert "--sizes" in one_line_error("bench", "--size", "64")
+    assert "--sizes" in usage_error("bench", "--size", "64")
 
 
 def test_output_naming_a_folder_says_to_name_a_file_or_use_output_dir(tmp_path):
@@ -104,13 +104,13 @@ def test_an_output_that_is_not_a_png_names_the_png_to_give(tmp_path, output, lin
 def test_an_unquoted_prompt_says_to_quote_it(command):
     """`zimage generate a red fox` (the shell splits the prompt) was "Got unexpected extra arguments (red
     fox)"; it says to quote the prompt now, showing it quoted."""
-    assert one_line_error(command, "a", "red", "fox") == (
+    assert usage_error(command, "a", "red", "fox") == (
         f"Error: the prompt is one argument: put it in quotes, zimage {command} \"a red fox\" ... (the words after "
         f"'a' were read as more arguments)")
 
 
 def test_a_quoted_prompt_with_a_stray_argument_keeps_clicks_message():
-    assert one_line_error("generate", "a cat", "--seed", "1", "abc") == (
+    assert usage_error("generate", "a cat", "--seed", "1", "abc") == (
         "Error: Got unexpected extra argument (abc) (see `zimage generate --help`)")
 
 
@@ -122,7 +122,7 @@ def test_a_quoted_prompt_with_a_stray_argument_keeps_clicks_message():
 def test_a_stray_flag_value_after_a_one_word_prompt_is_not_called_part_of_the_prompt(args, extra):
     """The quoting hint took any extra argument for the rest of a one-word prompt: `zimage generate fox
     --width 1024 768` said to type "fox 768". It is given only where the extra words follow the prompt."""
-    line = one_line_error("generate", *args)
+    line = usage_error("generate", *args)
     if extra is None:
         assert line.startswith('Error: the prompt is one argument: put it in quotes, zimage generate "a red fox 768"')
     else:
@@ -143,11 +143,11 @@ def test_a_lora_scale_given_as_its_own_argument_says_to_join_it(tmp_path):
     """`--lora style.safetensors 0.8` was "Got unexpected extra argument (0.8)"."""
     lora = tmp_path / "style.safetensors"
     lora.write_bytes(b"")
-    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", str(lora), "0.8")
+    line = usage_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", str(lora), "0.8")
     assert line == (f"Error: --lora takes its scale in the same argument, after ':': --lora {lora}:0.8 ('0.8' was "
                     f"read as one more argument) (see `zimage generate --help`)"), line
     # a stray number elsewhere keeps click's message
-    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--width", "1024", "768")
+    line = usage_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--width", "1024", "768")
     assert "Got unexpected extra argument (768)" in line and "--lora" not in line, line
 
 
@@ -158,12 +158,12 @@ def test_a_negative_lora_scale_given_as_its_own_argument_says_to_join_it(tmp_pat
     a negative number after a --lora value with its own scale, or after another flag, keeps click's message."""
     lora = tmp_path / "style.safetensors"
     lora.write_bytes(b"")
-    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", str(lora), scale)
+    line = usage_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", str(lora), scale)
     assert line == (f"Error: --lora takes its scale in the same argument, after ':': --lora {lora}:{scale} ('{scale}' "
                     f"was read as an option) (see `zimage generate --help`)"), line
-    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", f"{lora}:0.5", scale)
+    line = usage_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", f"{lora}:0.5", scale)
     assert line.startswith(f"Error: No such option '{scale[:2]}'") and "--lora" not in line, line
-    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--steps", "4", scale)
+    line = usage_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--steps", "4", scale)
     assert line.startswith(f"Error: No such option '{scale[:2]}'") and "--lora" not in line, line
 
 @pytest.mark.parametrize("prompt", [["a cat"], ["a", "cat"]])
@@ -172,7 +172,7 @@ def test_a_lora_scale_read_as_the_prompt_says_to_join_it(tmp_path, prompt):
     an extra argument, and the hint was to quote the prompt: 'zimage generate "0.8 a cat"'."""
     lora = tmp_path / "style.safetensors"
     lora.write_bytes(b"")
-    line = one_line_error("generate", "--model", str(tmp_path / "missing"), "--lora", str(lora), "0.8", *prompt)
+    line = usage_error("generate", "--model", str(tmp_path / "missing"), "--lora", str(lora), "0.8", *prompt)
     assert line == (f"Error: --lora takes its scale in the same argument, after ':': --lora {lora}:0.8 ('0.8' was "
                     f"read as the prompt) (see `zimage generate --help`)"), line
 
@@ -183,10 +183,10 @@ def test_a_lora_scale_read_as_the_only_prompt_is_refused_before_loading(tmp_path
     the prompt (or an extra argument), as before."""
     lora = tmp_path / "style.safetensors"
     lora.write_bytes(b"")
-    line = one_line_error("generate", "--model", str(tmp_path / "missing"), "--lora", str(lora), "0.8")
+    line = usage_error("generate", "--model", str(tmp_path / "missing"), "--lora", str(lora), "0.8")
     assert line == (f"Error: --lora takes its scale in the same argument, after ':': --lora {lora}:0.8 ('0.8' was "
                     f"read as the prompt)"), line
-    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", f"{lora}:0.5", "0.8")
+    line = usage_error("generate", "a cat", "--model", str(tmp_path / "missing"), "--lora", f"{lora}:0.5", "0.8")
     assert line == "Error: Got unexpected extra argument (0.8) (see `zimage generate --help`)", line
 
 
@@ -201,7 +201,7 @@ def test_a_lora_scale_read_as_the_only_prompt_is_refused_before_loading(tmp_path
 def test_a_setting_written_as_a_keyword_names_its_flag(tmp_path, command, args, flags):
     """`zimage generate "a cat" width=512` (a setting written as in Python) was "Got unexpected extra
     argument (width=512)"; it names the flag now, for a URL value too."""
-    line = one_line_error(command, "a cat", "--model", str(tmp_path / "missing"), *args)
+    line = usage_error(command, "a cat", "--model", str(tmp_path / "missing"), *args)
     extra = "arguments" if len(args) > 1 else "argument"
     assert line == (f"Error: Got unexpected extra {extra} ({' '.join(args)}): settings are flags here, {flags} "
                     f"(see `zimage {command} --help`)"), line
@@ -216,13 +216,13 @@ def test_a_setting_written_as_a_keyword_names_its_flag(tmp_path, command, args, 
     ["tiled_vae=maybe"],  # not a switch's value
 ])
 def test_a_stray_argument_that_is_no_keyword_of_the_command_keeps_clicks_message(tmp_path, args):
-    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
+    line = usage_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
     assert line.endswith(f"({' '.join(args)}) (see `zimage generate --help`)") and "flags here" not in line, line
 
 
 def test_a_keyword_after_a_one_word_prompt_is_named_as_a_flag_not_as_more_prompt():
     """`zimage generate fox width=512`: the quoting hint said to type "fox width=512"."""
-    assert one_line_error("generate", "fox", "width=512") == (
+    assert usage_error("generate", "fox", "width=512") == (
         "Error: Got unexpected extra argument (width=512): settings are flags here, --width 512 (see `zimage "
         "generate --help`)")
 
@@ -235,13 +235,13 @@ def test_a_keyword_after_a_one_word_prompt_is_named_as_a_flag_not_as_more_prompt
 def test_keywords_after_an_unquoted_prompt_are_named_as_flags_not_quoted_into_it(args, quoted, flags):
     """`zimage generate a red fox width=512`: the quoting hint said to type "a red fox width=512" (the
     setting as part of the prompt, which would then be drawn); the keywords at the end are flags."""
-    assert one_line_error("generate", *args) == (
+    assert usage_error("generate", *args) == (
         f"Error: the prompt is one argument: put it in quotes, and settings are flags: zimage generate \"{quoted}\" "
         f"{flags} ... (the words after 'a' were read as more arguments)")
 
 
 def test_a_keyword_inside_an_unquoted_prompt_stays_in_the_quoted_prompt():
-    assert one_line_error("generate", "a", "cat", "width=512", "on", "grass") == (
+    assert usage_error("generate", "a", "cat", "width=512", "on", "grass") == (
         "Error: the prompt is one argument: put it in quotes, zimage generate \"a cat width=512 on grass\" ... (the "
         "words after 'a' were read as more arguments)")
 
@@ -256,7 +256,7 @@ def test_a_keyword_inside_an_unquoted_prompt_stays_in_the_quoted_prompt():
 def test_a_keyword_for_a_flag_of_choices_names_a_value_the_flag_takes(tmp_path, args, flags):
     """`offload=None` was named as `--offload None` and `compile=True` as `--compile True`: flags that
     click then refused ("'None' is not one of 'none', ..."). The value is named as the flag takes it."""
-    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
+    line = usage_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
     assert line.endswith(f"settings are flags here, {flags} (see `zimage generate --help`)"), line
 
 
@@ -267,7 +267,7 @@ def test_a_keyword_for_a_flag_of_choices_names_a_value_the_flag_takes(tmp_path, 
 def test_a_keyword_whose_value_holds_a_space_names_its_flag(tmp_path, args, flags):
     """`negative_prompt="blurry, low quality"` (one word of the command line) got no hint: the words were
     taken from click's message, which joins them with spaces, so its value read as three words."""
-    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
+    line = usage_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
     assert line.endswith(f"settings are flags here, {flags} (see `zimage generate --help`)"), line
 
 
@@ -275,7 +275,7 @@ def test_a_keyword_whose_value_holds_a_space_names_its_flag(tmp_path, args, flag
 def test_an_empty_extra_argument_is_one_error_line(tmp_path, command):
     """`zimage generate "a cat" "$NEGATIVE"` with the variable empty: an empty extra argument ended in an
     IndexError traceback (the --lora scale hint looked at its first word)."""
-    assert one_line_error(command, "a cat", "") == (
+    assert usage_error(command, "a cat", "") == (
         f"Error: Got unexpected extra argument () (see `zimage {command} --help`)")
 
 
@@ -289,7 +289,7 @@ def test_an_empty_extra_argument_is_one_error_line(tmp_path, command):
 def test_a_prompt_written_as_a_keyword_says_to_give_it_alone(command, args, keyword, quoted):
     """`zimage generate prompt="a cat"` (as in a Python call) drew the prompt "prompt=a cat"; it is refused
     now, naming the command line meant, as the other settings written as keywords are."""
-    assert one_line_error(command, *args) == (
+    assert usage_error(command, *args) == (
         f"Error: the prompt is the first argument, in quotes, without '{keyword}': zimage {command} \"{quoted}\" ...")
 
 
@@ -302,7 +302,7 @@ def test_a_prompt_written_as_a_keyword_says_to_give_it_alone(command, args, keyw
 def test_a_prompt_keyword_with_settings_as_keywords_names_the_whole_command_line(command, args, quoted, flags):
     """`zimage generate prompt="a cat" width=512`: the hint named --width alone, and the next run drew
     "prompt=a cat"; the line gives the prompt and the flags together."""
-    assert one_line_error(command, *args) == (
+    assert usage_error(command, *args) == (
         f"Error: the prompt is the first argument, in quotes, without 'prompt=', and settings are flags: "
         f"zimage {command} \"{quoted}\" {flags} ...")
 
@@ -338,7 +338,7 @@ def test_a_prompt_with_an_equals_sign_later_in_its_text_is_a_prompt(tiny_model_d
 def test_a_flag_spelled_with_underscores_or_as_the_library_argument_names_the_flag(tmp_path, command, flag, here):
     """Flags written as Python names (`--num_inference_steps 4`, as diffusers scripts take them) got
     click's "No such option" with no suggestion, or several; the line names the flag now."""
-    line = one_line_error(command, "a cat", "--model", str(tmp_path / "missing"), flag, "4")
+    line = usage_error(command, "a cat", "--model", str(tmp_path / "missing"), flag, "4")
     assert line == f"Error: No such option '{flag}': it is {here} here (see `zimage {command} --help`)", line
 
 
@@ -348,13 +348,13 @@ def test_a_flag_spelled_with_underscores_or_as_the_library_argument_names_the_fl
     ("--cpu_offload", "the predecessor's --cpu-offload is --offload model"),
 ])
 def test_other_tools_flags_spelled_with_underscores_say_what_they_are_here(tmp_path, flag, what):
-    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), flag, "2")
+    line = usage_error("generate", "a cat", "--model", str(tmp_path / "missing"), flag, "2")
     assert line.startswith(f"Error: No such option '{flag}': {what}"), line
 
 
 def test_an_underscored_name_that_is_no_flag_of_the_command_keeps_clicks_message(tmp_path):
     """`zimage rewrite` has no --steps: click's own line stays."""
-    line = one_line_error("rewrite", "a cat", "--num_inference_steps", "4")
+    line = usage_error("rewrite", "a cat", "--num_inference_steps", "4")
     assert line == "Error: No such option '--num_inference_steps'. (see `zimage rewrite --help`)", line
 
 
@@ -445,7 +445,7 @@ def test_convert_says_a_small_outputs_size_in_a_unit_that_shows_it(tiny_model_di
 def test_a_flag_whose_value_is_missing_is_not_given_the_next_flag(tmp_path, args, flag, value):
     """`--negative-prompt --tiled-vae` (the value forgotten) drew an image with the negative prompt
     "--tiled-vae" and without tiling: click takes the next word as the value, a flag too."""
-    line = one_line_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
+    line = usage_error("generate", "a cat", "--model", str(tmp_path / "missing"), *args)
     assert line == (f"Error: {flag} takes a value, and the next word is the flag {value}: give the value after {flag} "
                     f"({flag} VALUE {value} ...) (see `zimage generate --help`)"), line
 
@@ -470,7 +470,7 @@ def test_a_flag_with_an_optional_value_before_another_flag_is_taken():
 def test_a_forgotten_value_before_a_subcommands_flag_or_the_help_flag_is_refused(args, flag, value, path):
     """docs/cli.md says the forgotten-value check holds for every command: the subcommands of
     `zimage templates` and the help flag (-h, --help) were left out of it."""
-    line = one_line_error(*args)
+    line = usage_error(*args)
     assert line == (f"Error: {flag} takes a value, and the next word is the flag {value}: give the value after {flag} "
                     f"({flag} VALUE {value} ...) (see `{path} --help`)"), line
 
@@ -495,7 +495,7 @@ def test_only_a_command_whose_seed_takes_several_reads_the_numbers_after_it_as_s
     monkeypatch.setattr(importlib.import_module("zimage_native.cli.rewrite"), "chat_rewriter", lambda *a: Recorder())
     result = CliRunner().invoke(main, ["rewrite", "--seed", "5", "1984"], prog_name="zimage")
     assert (result.exit_code, calls) == (0, [("1984", 5)]), result.output
-    assert one_line_error("rewrite", "a cat", "--seed", "1", "2") == (
+    assert usage_error("rewrite", "a cat", "--seed", "1", "2") == (
         "Error: Got unexpected extra argument (2) (see `zimage rewrite --help`)")
     assert calls == [("1984", 5)]
 

@@ -51,7 +51,7 @@ def test_templates_list_category_filter():
     lines = run("templates", "list", "--category", "rewriter").output.splitlines()
     assert len(lines) >= 10 and len(lines) == len(SHIPPED.list("rewriter"))
     assert all(line.split()[1] == "rewriter" for line in lines)
-    assert run("templates", "list", "--category", "nonsense").exit_code == 1  # one line, like every input error
+    assert run("templates", "list", "--category", "nonsense").exit_code == 2  # a choice click refuses: its usage status
 
 
 def test_templates_list_json_and_extra_folder(tmp_path):

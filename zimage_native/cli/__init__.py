@@ -78,38 +78,38 @@ OTHER_TOOLS_FLAGS = {
 
 
 def _one_line(e: click.UsageError) -> click.ClickException:
-    """click's usage errors (no such file, bad choice, unknown option) as one line, exit status 1,
-    like every other input error of the CLI; the line names the command's --help, or for a flag of
+    """click's usage errors (no such file, bad choice, unknown option) as one line, with click's exit
+    status 2 for usage errors (:class:`UsageLine`); the line names the command's --help, or for a flag of
     the predecessor project what it is here, or for -v after a command where it goes."""
-    from ._common import UserError
+    from ._common import UsageLine
 
     where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
     # the predecessor's and other tools' flags, with '_' for '-' too (`--n_iter`, the CompVis scripts' spelling)
     dashed = e.option_name.replace("_", "-") if isinstance(e, click.NoSuchOption) else None
     if dashed in PREDECESSOR_FLAGS:
-        return UserError(f"No such option '{e.option_name}': the predecessor's {dashed} is "
+        return UsageLine(f"No such option '{e.option_name}': the predecessor's {dashed} is "
                          f"{PREDECESSOR_FLAGS[dashed]} here{where}")
     if dashed in OTHER_TOOLS_FLAGS and e.ctx is not None:
         param, what = OTHER_TOOLS_FLAGS[dashed]
         if any(p.name == param for p in e.ctx.command.params):
-            return UserError(f"No such option '{e.option_name}': {what.format(command=e.ctx.command_path)}{where}")
+            return UsageLine(f"No such option '{e.option_name}': {what.format(command=e.ctx.command_path)}{where}")
     if isinstance(e, click.NoSuchOption) and e.option_name.startswith("--") and e.ctx is not None:
         # `--num_inference_steps 4`, `--text_encoder_quant int8`: the library's argument name, or a flag's
         # with '_' (click suggested nothing, or --compile for --n_samples, or three flags)
         flag = _command_flags(e.ctx).get(e.option_name[2:])
         if flag is not None:
-            return UserError(f"No such option '{e.option_name}': it is {flag[0]} here{where}")
+            return UsageLine(f"No such option '{e.option_name}': it is {flag[0]} here{where}")
     extra = re.match(r"Got unexpected extra arguments? \((.*)\)$", e.format_message())
     prompt = e.ctx.params.get("prompt") if e.ctx is not None else None
     if extra and _prompt_keyword(e.ctx, prompt) is not None and _follows(e.ctx, prompt, extra[1]):
         # `zimage generate prompt=a cat`, `prompt="a cat" width=512`: written as a Python call takes them
-        return UserError(_prompt_keyword_hint(e.ctx, prompt, _extra_words(e.ctx, extra[1])))
+        return UsageLine(_prompt_keyword_hint(e.ctx, prompt, _extra_words(e.ctx, extra[1])))
     flags = _keyword_flags(e.ctx, _extra_words(e.ctx, extra[1])) if extra and e.ctx is not None else None
     if flags is not None:  # `width=512`, `llm_url=http://host:8000/v1`: written as a Python call takes them
-        return UserError(f"{e.format_message()}: settings are flags here, {flags}{where}")
+        return UsageLine(f"{e.format_message()}: settings are flags here, {flags}{where}")
     if extra and isinstance(prompt, str) and _lora_before(e.ctx, prompt) is not None:
         # `--lora style.safetensors 0.8 "a cat"`: the scale was read as the prompt, the prompt as more
-        return UserError(f"--lora takes its scale in the same argument, after ':': --lora "
+        return UsageLine(f"--lora takes its scale in the same argument, after ':': --lora "
                          f"{_lora_before(e.ctx, prompt)}:{prompt} ('{prompt}' was read as the prompt){where}")
     if extra and isinstance(prompt, str) and " " not in prompt.strip() and _follows(e.ctx, prompt, extra[1]):
         # an unquoted prompt: its first word, the extra words right after it (not a stray flag value
@@ -120,26 +120,26 @@ def _one_line(e: click.UsageError) -> click.ClickException:
         text = " ".join([prompt, *words[:cut]])
         how = (f"put it in quotes, and settings are flags: {e.ctx.command_path} \"{text}\" {flags}" if flags else
                f"put it in quotes, {e.ctx.command_path} \"{text}\"")
-        return UserError(f"the prompt is one argument: {how} ... (the words after '{prompt}' were read as more "
+        return UsageLine(f"the prompt is one argument: {how} ... (the words after '{prompt}' were read as more "
                          f"arguments)")
     first = extra[1].split(" ")[0] if extra else ""  # ('' for an empty argument: `zimage generate "a cat" ""`)
     lora = _lora_before(e.ctx, first) if first and e.ctx is not None else None
     if lora is not None:  # `--lora style.safetensors 0.8`: the scale read as an extra argument
-        return UserError(f"--lora takes its scale in the same argument, after ':': --lora {lora}:{first} "
+        return UsageLine(f"--lora takes its scale in the same argument, after ':': --lora {lora}:{first} "
                          f"('{first}' was read as one more argument){where}")
     if isinstance(e, click.NoSuchOption) and e.ctx is not None:  # `--lora style.safetensors -0.5`: click read
         # the negative scale as short options ('-0')
         scale = next((a for a in e.ctx.meta.get(ARGS_KEY, []) if a.startswith(e.option_name)
                       and _lora_before(e.ctx, a) is not None), None)
         if scale is not None:
-            return UserError(f"--lora takes its scale in the same argument, after ':': --lora "
+            return UsageLine(f"--lora takes its scale in the same argument, after ':': --lora "
                              f"{_lora_before(e.ctx, scale)}:{scale} ('{scale}' was read as an option){where}")
     if isinstance(e, click.NoSuchOption) and e.option_name in ("-v", "--verbose") and e.ctx and e.ctx.parent:
         root = e.ctx.find_root().info_name
         command = e.ctx.command_path[len(root):].strip()
-        return UserError(f"No such option '{e.option_name}': -v/--verbose goes before the command: "
+        return UsageLine(f"No such option '{e.option_name}': -v/--verbose goes before the command: "
                          f"{root} -v {command} ...")
-    return UserError(e.format_message().splitlines()[0] + where)
+    return UsageLine(e.format_message().splitlines()[0] + where)
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "none")
@@ -219,11 +219,11 @@ class PromptCommand(click.Command):
     refused (:func:`_prompt_keyword_hint`) rather than taken as the prompt ``prompt=a cat``."""
 
     def invoke(self, ctx):
-        from ._common import UserError
+        from ._common import UsageLine
 
         hint = _prompt_keyword_hint(ctx, ctx.params.get("prompt"), [])
         if hint is not None:
-            raise UserError(hint)
+            raise UsageLine(hint)
         return super().invoke(ctx)
 
 
@@ -281,7 +281,7 @@ def _check_flag_values(command: click.Command, args: list[str], path: str, help_
     (``help_names``) included: click takes the flag as the value (``--negative-prompt --tiled-vae``
     drew an image with the negative prompt "--tiled-vae" and no tiling; ``-o --overwrite`` asked for
     ``--overwrite.png``; ``--negative-prompt --help`` ran the model)."""
-    from ._common import UserError
+    from ._common import UsageLine
 
     names = {o for p in command.params if isinstance(p, click.Option) for o in p.opts + p.secondary_opts}
     names.update(help_names)
@@ -291,7 +291,7 @@ def _check_flag_values(command: click.Command, args: list[str], path: str, help_
         if flag == "--":
             return
         if flag in takes and value in names:
-            raise UserError(f"{flag} takes a value, and the next word is the flag {value}: give the value after "
+            raise UsageLine(f"{flag} takes a value, and the next word is the flag {value}: give the value after "
                             f"{flag} ({flag} VALUE {value} ...) (see `{path} --help`)")
 
 
@@ -353,7 +353,7 @@ def _catch_ctrl_c():
 
 class ZImageGroup(click.Group):
     """Lets ``--seed 1 2 3`` mean ``--seed 1 --seed 2 --seed 3`` where --seed takes several
-    (:func:`_expand_seeds`), and prints click's usage errors as one line with exit status 1
+    (:func:`_expand_seeds`), and prints click's usage errors as one line with exit status 2
     (:func:`_one_line`)."""
 
     def make_context(self, info_name, args, parent=None, **extra):

@@ -16,7 +16,17 @@ import click
 
 
 class UserError(click.ClickException):
-    """Printed as one line, exit status 1 (click's convention for usage errors is 2)."""
+    """An input the command refused while running (a value the engine rejects, a file, a model, memory):
+    printed as one line, exit status 1."""
+
+
+class UsageLine(UserError):
+    """A command line that cannot be parsed: click's usage errors (an unknown flag, a bad or missing value
+    or argument, a path that does not exist) and the CLI's own checks of the words typed (an unquoted
+    prompt, a setting written as a keyword, a flag taking the next flag as its value), printed as one line
+    with click's exit status for usage errors, 2."""
+
+    exit_code = 2
 
 
 # The library's argument names and the CLI flags that set them: a library message about

@@ -17,7 +17,7 @@ import click
 from ..hub import DEFAULT_MODEL
 from . import PromptCommand
 from .options import SIDE, UserPath, WholeNumber, config_file, loading, placement, speed, vae_tiling
-from ._common import check_writable_folder, read_user_text, save_image_atomic, user_errors
+from ._common import UsageLine, check_writable_folder, read_user_text, save_image_atomic, user_errors
 from .config import apply_layers, config_origins, config_source, convert, naming_config_origins, read_profile
 
 DEFAULT_PATTERN = "zimage-{index:03d}-{seed}.png"
@@ -299,7 +299,8 @@ def checked_generate(ctx, prompt, opts: dict, from_image, recorded: dict, record
 
     lora = _lora_before(ctx, prompt) if isinstance(prompt, str) else None
     if lora is not None:  # `zimage generate --lora style.safetensors 0.8` made an image of the prompt "0.8"
-        raise ValueError(f"--lora takes its scale in the same argument, after ':': --lora {lora}:{prompt} ('{prompt}' "
+        # (a command line misread, as the same mistake before a prompt is: exit status 2)
+        raise UsageLine(f"--lora takes its scale in the same argument, after ':': --lora {lora}:{prompt} ('{prompt}' "
                          f"was read as the prompt)")
     # The library takes it (CFG then runs on no step, silently): refused unless the PNG rerun records it.
     if not opts["cfg_truncation"] >= 0 and (typed("cfg_truncation") or "cfg_truncation" not in recorded):
