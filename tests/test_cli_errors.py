@@ -221,6 +221,18 @@ def test_seed_out_of_range_and_from_image_of_a_non_image(tmp_path):
         f"Error: {text} is not an image file (a PNG written by zimage-native is needed)")
 
 
+@pytest.mark.parametrize("command", [["convert", "{model}", "{out}", "--to", "comfyui"],
+                                     ["generate", "a cat", "--transformer", "{model}", "--model", "{model}", "-o",
+                                      "{out}.png"]])
+def test_a_whole_model_folder_given_as_one_component_names_the_flag_that_loads_it(tiny_model_dir, tmp_path, command):
+    """`zimage convert MODEL_FOLDER ...` and `--transformer MODEL_FOLDER` said "load it with
+    ZImagePipeline.from_pretrained", a Python call, to a command-line user; they name --model now."""
+    args = [a.format(model=tiny_model_dir, out=tmp_path / "out") for a in command]
+    line = one_line_error(*args)
+    assert line == (f"Error: {tiny_model_dir} is a whole model folder (diffusers layout): give it as --model, or give "
+                    f"one component (a file, or a folder such as {tiny_model_dir / 'transformer'})"), line
+
+
 def test_tile_overlap_error_names_the_flag(tiny_model_dir, tmp_path):
     line = one_line_error("generate", "a cat", "--model", str(tiny_model_dir), "--device", "cpu", "--tiled-vae",
                           "--tile-overlap", "600", "-o", str(tmp_path / "x.png"))

@@ -170,9 +170,12 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
 
 def _component_files(path: Path) -> list[Path]:
     if path.is_dir() and (path / "model_index.json").is_file():
-        raise UnsupportedFormatError(
-            f"{path} is a whole model folder (diffusers layout): load it with ZImagePipeline.from_pretrained, "
-            f"or give one component (a file, or a folder such as {path / 'transformer'})")
+        component = f"give one component (a file, or a folder such as {path / 'transformer'})"
+        error = UnsupportedFormatError(f"{path} is a whole model folder (diffusers layout): load it with "
+                                       f"ZImagePipeline.from_pretrained, or {component}")
+        # the command line has no from_pretrained: its way to load the folder is --model
+        error.cli_message = f"{path} is a whole model folder (diffusers layout): give it as --model, or {component}"
+        raise error
     return safetensors_files(path)
 
 
