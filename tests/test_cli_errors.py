@@ -221,6 +221,20 @@ def test_seed_out_of_range_and_from_image_of_a_non_image(tmp_path):
         f"Error: {text} is not an image file (a PNG written by zimage-native is needed)")
 
 
+@pytest.mark.parametrize("command", [["generate", "a cat"], ["serve"]])
+def test_a_config_file_that_does_not_exist_is_a_usage_error_as_other_missing_paths_are(tmp_path, command):
+    """`--config missing.toml` said "config file not found" with status 1, where every other path flag
+    naming a file that is not there (--image, --transformer, --prompts-file, ...) is click's usage error,
+    status 2."""
+    missing = tmp_path / "missing.toml"
+    line = usage_error(*command, "--config", str(missing), "--profile", "x")
+    assert line == (f"Error: Invalid value for '--config': File '{missing}' does not exist. "
+                    f"(see `zimage {command[0]} --help`)"), line
+    assert usage_error(*command, "--image" if command == ["generate", "a cat"] else "--transformer",
+                       str(tmp_path / "missing.png")).endswith(f"'{tmp_path / 'missing.png'}' does not exist. "
+                                                                f"(see `zimage {command[0]} --help`)")
+
+
 @pytest.mark.parametrize("command", [["convert", "{model}", "{out}", "--to", "comfyui"],
                                      ["generate", "a cat", "--transformer", "{model}", "--model", "{model}", "-o",
                                       "{out}.png"]])

@@ -162,7 +162,7 @@ vae_tiling = stack(
 
 # The TOML config layer.
 config_file = stack(
-    click.option("--config", "config_path", type=UserPath(dir_okay=False, path_type=Path), default=None,
+    click.option("--config", "config_path", type=UserPath(exists=True, dir_okay=False, path_type=Path), default=None,
                  help="TOML config file ([default] plus profiles)."),
     click.option("--profile", default=None,
                  help="Profile of the config file to apply on top of [default]; without --config, of the shipped "
