@@ -569,13 +569,23 @@ def test_an_empty_prompt_is_named_as_empty(tmp_path, prompt):
                     f"text in quotes, or --prompts-file or --from-image"), line
 
 
+def test_no_prompt_at_all_is_a_usage_error_as_in_the_other_prompt_commands(tmp_path):
+    """`zimage generate` with no PROMPT (nor --prompts-file or --from-image) exited 1, where `zimage
+    format-prompt` and `zimage rewrite` without theirs exit with click's 'Missing argument', 2."""
+    line = usage_error("generate", "--model", str(tmp_path / "missing"), "-o", str(tmp_path / "cat.png"))
+    assert line == "Error: give a PROMPT, --prompts-file or --from-image", line
+    for command in ("format-prompt", "rewrite"):
+        assert usage_error(command) == f"Error: Missing argument 'PROMPT'. (see `zimage {command} --help`)"
+
+
 def test_an_empty_prompt_beside_a_prompts_file_runs_the_files_prompts(tmp_path):
+    from zimage_native.cli._common import UsageLine
     from zimage_native.cli.generate import read_prompts
 
     (tmp_path / "prompts.txt").write_text("a red fox\n")
     assert read_prompts("", tmp_path / "prompts.txt") == ["a red fox"]
     assert read_prompts("a cat", tmp_path / "prompts.txt") == ["a cat", "a red fox"]
-    with pytest.raises(ValueError, match="give a PROMPT, --prompts-file or --from-image"):
+    with pytest.raises(UsageLine, match="give a PROMPT, --prompts-file or --from-image"):
         read_prompts(None, None)
 
 

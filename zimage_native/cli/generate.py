@@ -96,8 +96,8 @@ def read_prompts(prompt: str | None, prompts_file: Path | None) -> list[str]:
     if blank and not prompts:  # "   " made an image of no prompt; "" said to give a PROMPT, as if none was typed
         raise ValueError(f"the PROMPT is empty ({prompt!r}; an unset shell variable, as in \"$PROMPT\"?): give the "
                          f"text in quotes, or --prompts-file or --from-image")
-    if not prompts:
-        raise ValueError("give a PROMPT, --prompts-file or --from-image")
+    if not prompts:  # a missing argument, as click says for `zimage format-prompt` alone: exit status 2
+        raise UsageLine("give a PROMPT, --prompts-file or --from-image")
     return prompts
 
 
