@@ -240,11 +240,13 @@ def test_a_config_file_that_does_not_exist_is_a_usage_error_as_other_missing_pat
                                       "{out}.png"]])
 def test_a_whole_model_folder_given_as_one_component_names_the_flag_that_loads_it(tiny_model_dir, tmp_path, command):
     """`zimage convert MODEL_FOLDER ...` and `--transformer MODEL_FOLDER` said "load it with
-    ZImagePipeline.from_pretrained", a Python call, to a command-line user; they name --model now."""
+    ZImagePipeline.from_pretrained", a Python call, to a command-line user; they name the component to give
+    and --model, generate's way to load the folder (convert takes no --model: not "give it as --model")."""
     args = [a.format(model=tiny_model_dir, out=tmp_path / "out") for a in command]
     line = one_line_error(*args)
-    assert line == (f"Error: {tiny_model_dir} is a whole model folder (diffusers layout): give it as --model, or give "
-                    f"one component (a file, or a folder such as {tiny_model_dir / 'transformer'})"), line
+    assert line == (f"Error: {tiny_model_dir} is a whole model folder (diffusers layout): give one component (a file, "
+                    f"or a folder such as {tiny_model_dir / 'transformer'}) (zimage generate takes the whole folder "
+                    f"as --model)"), line
 
 
 def test_tile_overlap_error_names_the_flag(tiny_model_dir, tmp_path):

@@ -173,8 +173,10 @@ def _component_files(path: Path) -> list[Path]:
         component = f"give one component (a file, or a folder such as {path / 'transformer'})"
         error = UnsupportedFormatError(f"{path} is a whole model folder (diffusers layout): load it with "
                                        f"ZImagePipeline.from_pretrained, or {component}")
-        # the command line has no from_pretrained: its way to load the folder is --model
-        error.cli_message = f"{path} is a whole model folder (diffusers layout): give it as --model, or {component}"
+        # the command line has no from_pretrained: generate and info take the folder as --model / MODEL, and
+        # convert takes one component
+        error.cli_message = (f"{path} is a whole model folder (diffusers layout): {component} (zimage generate "
+                             f"takes the whole folder as --model)")
         raise error
     return safetensors_files(path)
 
