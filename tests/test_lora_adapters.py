@@ -510,8 +510,8 @@ def test_two_runs_whose_callbacks_change_a_shared_dit_refuse_one_change_instead_
     other = ZImagePipeline(fresh_pipe.transformer, fresh_pipe.vae, fresh_pipe.text_encoder,
                            fresh_pipe.scheduler_config, fresh_pipe.vae_config)
     other.progress = False
-    for pipe in (fresh_pipe, other):
-        pipe.load_lora_weights(str(save_lora(pipe, tmp_path / f"{id(pipe)}.safetensors", 1)), adapter_name="a")
+    # (the adapter is the shared DiT's: loaded through one, both pipelines hold it)
+    fresh_pipe.load_lora_weights(str(save_lora(fresh_pipe, tmp_path / "a.safetensors", 1)), adapter_name="a")
     barrier, results = threading.Barrier(2, timeout=10), {}
 
     def on_step_end(pipe, i, t, tensors):
@@ -537,6 +537,56 @@ def test_two_runs_whose_callbacks_change_a_shared_dit_refuse_one_change_instead_
     assert "each waits for the other's run to end" in str(results[refused[0]])
     ran = other if refused[0] is fresh_pipe else fresh_pipe
     assert isinstance(results[ran], torch.Tensor) and ran.lora_adapters.active == {"a": 0.5}
+
+
+def test_pipelines_sharing_a_dit_share_its_loras(fresh_pipe, tmp_path):
+    """Two pipelines holding one DiT kept a LoRA record each, over the one set of weights:
+    first.load_lora(a), second.load_lora(b), first.unload_lora() (the weights as first's load found
+    them: b gone, second still reporting it), second.unload_lora() (as second's load found them: a
+    back in, max abs weight change 1.2 on the tiny model), and both reported no LoRA. The records are
+    the DiT's now: each pipeline reports what is fused, either one's unload restores the weights, a
+    pipeline built on the DiT takes them, and one given another DiT (pipe.transformer = dit) reports
+    none and leaves the new DiT as it is at unload (it wrote the old DiT's original weights into 16
+    of the new one's weights)."""
+    import copy
+
+    from zimage_native import ZImagePipeline
+
+    first = fresh_pipe
+    second = ZImagePipeline(first.transformer, first.vae, first.text_encoder, first.scheduler_config, first.vae_config)
+    a, b = (str(save_lora(first, tmp_path / f"{name}.safetensors", seed)) for name, seed in (("a", 1), ("b", 2)))
+
+    def weights(dit):
+        return {name: tensor.clone() for name, tensor in dit.state_dict().items()}
+
+    def unchanged(dit, before):
+        return all(torch.equal(tensor, before[name]) for name, tensor in dit.state_dict().items())
+
+    original = weights(first.transformer)
+    for loads, unloads in ((first, second), (second, first)):
+        loads.load_lora(a)
+        unloads.load_lora(b)
+        assert [r.path for r in first.loras] == [r.path for r in second.loras] == [a, b]
+        assert unloads.unload_lora() > 0
+        assert first.loras == second.loras == [] and unchanged(first.transformer, original)
+        assert loads.unload_lora() == 0 and unchanged(first.transformer, original)
+    first.load_lora_weights(a, adapter_name="a")
+    third = ZImagePipeline(first.transformer, first.vae, first.text_encoder, first.scheduler_config, first.vae_config)
+    assert second.get_list_adapters() == third.get_list_adapters() == {"transformer": ["a"]}
+    third.unload_lora_weights()
+    assert first.loras == [] and first.get_list_adapters() == {} and unchanged(first.transformer, original)
+
+    first.load_lora(a)
+    own = copy.deepcopy(first.transformer)
+    with torch.no_grad():
+        for parameter in own.parameters():
+            parameter.add_(0.01)  # (another fine-tune)
+    own_weights = weights(own)
+    second.transformer = own
+    assert second.loras == [] and [r.path for r in first.loras] == [a]
+    assert second.unload_lora() == 0 and unchanged(own, own_weights)
+    first.unload_lora()
+    assert unchanged(first.transformer, original)
 
 
 def test_a_second_scaled_fuse_lora_without_unfuse_is_refused(tiny_pipe, tmp_path):

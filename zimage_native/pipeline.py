@@ -496,6 +496,7 @@ class ZImagePipeline:
         self.progress_bar_config: dict[str, Any] = {}  # tqdm options (set_progress_bar_config)
         self.lora_stack = LoraStack()
         self.lora_adapters = LoraAdapters()  # diffusers' named adapters over lora_stack
+        self._take_the_dits_loras(None)  # (those of another pipeline holding the DiT)
         self.prompt_rewriter = self._new_rewriter()
         self.controlnets = _control.ControlNetSlot()
         self.prompt_cache = PromptCache()  # features of recent prompts (encode_texts)
@@ -543,9 +544,12 @@ class ZImagePipeline:
         # the DiT assigned does not change it (nor its record, read below) meanwhile.
         with _locks_of(lambda: [self, *_pipelines_holding(module)]):
             self._check_held_alike("transformer", module)
-            replaced = getattr(self, "_transformer", None) is not module
+            before = getattr(self, "_transformer", None)
+            replaced = before is not module
             self._transformer = module
             self._bind_transformer_calls()
+            if replaced and "lora_stack" in self.__dict__:  # (the constructor takes them once they are made)
+                self._take_the_dits_loras(before)
             if replaced and getattr(self, "_graphed", None) is not None:
                 # A graph replays the kernels and weights it was captured with: the old DiT's (its
                 # tokens refined by the new one), not the DiT assigned.
@@ -553,6 +557,25 @@ class ZImagePipeline:
             if "_accel" in self.__dict__:  # (the constructor records and fits it once its record is made)
                 self._record_the_dit()
                 self._fit_attention()  # (SDPA bounded where it has only its math path, as at a placement)
+
+    def _take_the_dits_loras(self, before) -> None:
+        """The LoRA records (``lora_stack``, ``lora_adapters``) of the DiT this pipeline now holds, which
+        replaced ``before``: the LoRAs are fused into the DiT's weights, so every pipeline holding it
+        shares one record of them, that of another pipeline holding it; a DiT no other pipeline holds
+        gets empty ones (the LoRAs fused into ``before`` stay in it, recorded by the pipelines still
+        holding it). A pipeline left without a DiT (None) keeps its records for the DiT given back, and
+        a DiT given to a pipeline without one takes them. Up to 0.23.0 each pipeline kept its own:
+        with two pipelines sharing a DiT, first.load_lora(a), second.load_lora(b), first.unload_lora()
+        and second.unload_lora() left ``a`` in the weights (each undo restored the weights as its own
+        load had found them), both pipelines reporting no LoRA; and after ``pipe.transformer =
+        other_dit`` the pipeline still reported the old DiT's LoRAs, and ``unload_lora()`` wrote the old
+        DiT's original weights into the new one."""
+        sharers = self._sharers()
+        if sharers:
+            self.lora_stack, self.lora_adapters = sharers[0].lora_stack, sharers[0].lora_adapters
+        elif (before is not None and self.transformer is not None) or \
+                any(pipe is not self for pipe in _pipelines_holding(before)):
+            self.lora_stack, self.lora_adapters = LoraStack(), LoraAdapters()
 
     def _check_held_alike(self, name: str, module) -> None:
         """Refuse ``module``, this pipeline's component ``name`` (built with, or assigned to, it), where
