@@ -552,3 +552,58 @@ def test_placing_a_shared_dit_waits_for_the_run_of_every_pipeline_holding_it(fre
     got = second("a cat", callback_on_step_end=on_step_end, **run).images
     assert placed.wait(60) and during == [False]
     assert torch.equal(got, want)
+
+
+def test_two_pipelines_sharing_a_dit_visit_it_one_at_a_time_with_a_controlnet_loaded(fresh, control_files,  # noqa: F811
+                                                                                     monkeypatch):
+    """Two pipelines holding one DiT under offload="model", one with a ControlNet loaded, run in two
+    threads. A visit of the GPU waits for another thread's visit of the same module, but the run with
+    the ControlNet visited a ModuleList of the DiT and the branch made anew at each call, which no
+    other visit held: both visits ran at once, and the one ending last pointed the DiT back at the
+    other's device copies (92 of 131 tensors left resting off their CPU copies). The DiT and the
+    branch visit each as itself now: the second run waits. The first run into the DiT's first block
+    waits there (3 s at most) for the other to come in; the second in stays there 1 s so that it
+    ends last. "cpu:1" stands in for the GPU."""
+    import threading
+    import time
+
+    import zimage_native.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: torch.device("cpu", 1))
+    first = fresh()
+    first.enable_model_cpu_offload()
+    second = ZImagePipeline(first.transformer, first.vae, first.text_encoder, first.scheduler_config,
+                            first.vae_config, placement=dict(first.placement), offload="model")
+    second.progress = False
+    first.load_controlnet(control_files["2.1"])
+    dit = first.transformer
+    resting = [t.data_ptr() for t in (*dit.parameters(), *dit.buffers())]
+    inside, came_in_meanwhile = {"first": threading.Event(), "second": threading.Event()}, []
+
+    def hold(module, args):
+        me = threading.current_thread().name
+        inside[me].set()
+        other = inside["second" if me == "first" else "first"]
+        if not other.is_set():
+            came_in_meanwhile.append(other.wait(3))
+        else:
+            time.sleep(1)
+
+    dit.layers[0].register_forward_pre_hook(hold)
+    errors = []
+
+    def run(pipe):
+        try:
+            pipe("a cat", height=32, width=32, num_inference_steps=1, output_type="latent", seed=0)
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(pipe,), name=name, daemon=True)
+               for name, pipe in (("first", first), ("second", second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and not any(thread.is_alive() for thread in threads), errors
+    assert came_in_meanwhile == [False], "the two runs visited the shared DiT at once"
+    assert [t.data_ptr() for t in (*dit.parameters(), *dit.buffers())] == resting

@@ -1295,7 +1295,12 @@ class ZImagePipeline:
     @contextlib.contextmanager
     def _running(self, name: str):
         """A component on its execution device while it runs; an offloaded one visits it from CPU
-        memory (``offload.visit``: copied there, nothing copied back)."""
+        memory (``offload.visit``: copied there, nothing copied back). The DiT and the ControlNet
+        branch visit each as itself: a visit waits for another thread's visit of the same module
+        (another pipeline holding the DiT), and the ModuleList of both that :meth:`_module` makes
+        anew at each call was a module no other visit held, so two pipelines sharing a DiT, one with
+        a ControlNet, ran their visits at once: the one ending last pointed the DiT back at the other's
+        device copies (92 of the tiny DiT's 131 tensors left resting there)."""
         device = self.placement[name]
         module = self._module(name)
         if module is None or storage_device(name, device, self.offload) == device:  # None: a remote encoder
@@ -1303,7 +1308,11 @@ class ZImagePipeline:
             return
         from .offload import visit
 
-        with visit(module, device):
+        parts = [self.transformer, self.controlnet] if name == "transformer" and self.controlnet is not None \
+            else [module]
+        with contextlib.ExitStack() as visits:
+            for part in parts:
+                visits.enter_context(visit(part, device))
             yield device
 
     def _fit_vae_hand_calls(self) -> None:
