@@ -1409,3 +1409,48 @@ def test_replacing_a_shared_vae_keeps_the_other_pipelines_hand_calls_visiting(ti
     assert second.vae is shared and decode_by_hand_visits(second)
     second.vae = copy.deepcopy(shared)
     assert not isinstance(shared.__dict__.get("decode"), offload.VisitOnCall)  # (held by none: its own again)
+
+
+@pytest.mark.parametrize("change", ["optimize", "set_adapters"])
+def test_a_step_end_callback_changing_a_shared_dit_under_model_offload_does_not_deadlock_with_another_run(
+        tiny_model_dir, monkeypatch, tmp_path, change):
+    """Two pipelines holding one DiT under offload="model". The first's run changes the DiT from a
+    step-end callback (diffusers' LoRA schedule calling set_adapters, or optimize) while the second
+    runs in another thread: the second's run held its own lock and waited for the DiT's visit, which
+    the first's run held, and the callback's change waited for the second's lock, forever (both
+    threads alive after 40 s). A run under offload="model" takes the locks of the pipelines holding
+    its DiT now: the second run waits for the first's, holding none, and both end, the second with the
+    image of the changed DiT. The callback gives the second run 1 s to come to its wait. "cpu:1"
+    stands in for the GPU."""
+    import threading
+
+    import zimage_native.pipeline as pipeline
+
+    from .fixtures import our_pipeline
+    from .test_lora_adapters import save_lora
+
+    monkeypatch.setattr(pipeline, "resolve_device", lambda d: torch.device("cpu", 1))
+    first = our_pipeline(tiny_model_dir)
+    first.enable_model_cpu_offload()
+    second = _sharing(first, placement=dict(first.placement), offload="model")
+    if change == "set_adapters":
+        first.load_lora_weights(str(save_lora(first, tmp_path / "a.safetensors", 1)), adapter_name="a")
+    kw = dict(height=32, width=32, num_inference_steps=2, output_type="latent", seed=0)
+    results = {}
+    other = threading.Thread(target=lambda: results.update(second=second("a cat", **kw).images), daemon=True)
+
+    def on_step_end(pipe, step, timestep, tensors):
+        if step == 0:
+            other.start()
+            other.join(1)  # (the second run comes to its wait)
+            pipe.set_adapters("a", 0.5) if change == "set_adapters" else pipe.optimize(attention="sdpa")
+        return tensors
+
+    run = threading.Thread(target=lambda: results.update(first=first("a cat", callback_on_step_end=on_step_end,
+                                                                     **kw).images), daemon=True)
+    run.start()
+    for thread in (run, other):
+        thread.join(60)
+    assert not run.is_alive() and not other.is_alive(), "the callback's change and the other run deadlocked"
+    assert set(results) == {"first", "second"}
+    assert torch.equal(results["second"], second("a cat", **kw).images)

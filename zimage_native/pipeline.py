@@ -123,21 +123,26 @@ def _serialized_with_sharers(method):
     return wrapper
 
 
-def _serialized_with_streamed_sharers(method):
+def _serialized_run(method):
     """:func:`_serialized` for a call that runs the DiT or drops its streamed blocks (``generate``,
-    ``denoise``, ``run_steps``, ``maybe_free_model_hooks``): where the DiT's blocks are streamed
-    (``offload="blocks"``) it also holds the locks of the other live pipelines holding that DiT, as
-    :func:`_serialized_with_sharers` does. The streamer's state (the blocks on the device, the last
-    block run, the pass's run counts) belongs to one run: a run or ``maybe_free_model_hooks`` of
-    another pipeline sharing the DiT, in another thread, freed the blocks of a run in progress (the
-    first failed with ``KeyError`` where its block ended; on a GPU the block's weights pointed back at
-    the CPU while it ran). A resident DiT is only read by a run: pipelines sharing it still run at once."""
+    ``denoise``, ``run_steps``, ``maybe_free_model_hooks``). Under offload="model" or "blocks" it also
+    holds the locks of the other live pipelines holding the DiT (:meth:`ZImagePipeline._sharers`), as
+    :func:`_serialized_with_sharers` does. "model": their runs visit the GPU with the one DiT one at a
+    time anyway (``offload.visit``), and a run waiting for that visit held its own lock, out of sight of
+    :func:`_take_locks`: a step-end callback of the visiting run that changed the DiT (``set_adapters``,
+    ``optimize``) waited for that lock, and the waiting run for the callback's visit to end, forever
+    (reproduced: both threads alive after 40 s); now the other run waits for the whole run, holding no
+    lock, before its visit. "blocks": the streamer's state (the blocks on the device, the last block
+    run, the pass's run counts) belongs to one run; a run or ``maybe_free_model_hooks`` of another
+    pipeline sharing the DiT, in another thread, freed the blocks of a run in progress (``KeyError``
+    where its block ended; on a GPU the block's weights pointed back at the CPU while it ran). A
+    resident DiT is only read by a run: pipelines sharing it still run at once."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         def pipes():
             streamed = getattr(self.__dict__.get("_transformer"), "block_streamer", None) is not None
-            return [self, *self._sharers()] if streamed else [self]
+            return [self, *self._sharers()] if streamed or self.offload == "model" else [self]
 
         with _locks_of(pipes):
             return method(self, *args, **kwargs)
@@ -1054,7 +1059,7 @@ class ZImagePipeline:
             if problem:
                 raise AccelerationUnavailable(f"the pipeline cannot run on {device}: {problem}")
 
-    @_serialized_with_streamed_sharers
+    @_serialized_run
     def maybe_free_model_hooks(self) -> None:
         """diffusers' end-of-call step: there model offload's hooks leave the last component on the GPU,
         and this moves every component back to the CPU and arms the hooks again. Here there are no
@@ -1989,7 +1994,7 @@ class ZImagePipeline:
         return [f.to(self.device) for f in features]
 
     # ------------------------------------------------------------------ the sampling core (see sampling.py)
-    @_serialized_with_streamed_sharers
+    @_serialized_run
     def denoise(self, latents, prompt_embeds, negative_embeds, schedule: Schedule, guidance_scale=0.0,
                 cfg_normalization=False, cfg_truncation=1.0, progress=True, start=0, callback=None, **hooks):
         """Run the step loop from ``latents`` at schedule step ``start`` (:func:`sampling.denoise`)."""
@@ -2000,7 +2005,7 @@ class ZImagePipeline:
         """The step loop's static inputs for one request (:func:`sampling.plan`)."""
         return sampling.plan(self, *args, **kwargs)
 
-    @_serialized_with_streamed_sharers
+    @_serialized_run
     def run_steps(self, latents: torch.Tensor, plan: SamplingPlan, progress: bool = False, callback=None,
                   on_step_end=None, info=None, interruptible: bool = True) -> torch.Tensor:
         """The step loop (:func:`sampling.run_steps`); what the graphed sampler captures."""
@@ -2017,7 +2022,7 @@ class ZImagePipeline:
         return self.template_registry.get(template)
 
     # ------------------------------------------------------------------ requests
-    @_serialized_with_streamed_sharers
+    @_serialized_run
     def generate(self, request: GenerationRequest, **run) -> ZImageOutput:
         """Run one :class:`GenerationRequest` (any task); ``run``: ``progress``, ``callback``,
         ``callback_on_step_end``, ``callback_on_step_end_tensor_inputs`` (:func:`sampling.generate`)."""
