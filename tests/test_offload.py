@@ -1454,3 +1454,55 @@ def test_a_step_end_callback_changing_a_shared_dit_under_model_offload_does_not_
     assert not run.is_alive() and not other.is_alive(), "the callback's change and the other run deadlocked"
     assert set(results) == {"first", "second"}
     assert torch.equal(results["second"], second("a cat", **kw).images)
+
+
+def test_two_runs_whose_callbacks_call_each_others_pipeline_refuse_one_call_instead_of_waiting_forever(
+        tiny_model_dir):
+    """Two pipelines sharing only a VAE (placed together), each running in a thread with a step-end
+    callback that calls the other pipeline: the first's optimize() waits for the second's run, and the
+    second's pipe.to() (which takes the locks of both) for the first's. The wait's circle check saw
+    only the locks of the pipelines a call named, and the first's run's lock was not among
+    optimize()'s: neither wait was refused, and both threads stayed alive (after 20 s). Every lock a
+    thread holds counts now: one call is refused, naming why, and the other run ends. The barrier
+    holds both callbacks until both runs are in; the second's waits 0.2 s more, so that the first's
+    wait is the one that would go unseen."""
+    import threading
+    import time
+
+    from zimage_native import ZImagePipeline
+
+    from .fixtures import our_pipeline
+
+    first = our_pipeline(tiny_model_dir)
+    second = ZImagePipeline(copy.deepcopy(first.transformer), first.vae, copy.deepcopy(first.text_encoder),
+                            first.scheduler_config, first.vae_config)
+    second.progress = False
+    barrier, results = threading.Barrier(2, timeout=10), {}
+
+    def calling(call):
+        def on_step_end(pipe, step, timestep, tensors):
+            if step == 0:
+                barrier.wait()
+                call()
+            return tensors
+        return on_step_end
+
+    def run(pipe, call):
+        try:
+            results[pipe] = pipe("a cat", height=32, width=32, num_inference_steps=2, output_type="latent", seed=0,
+                                 callback_on_step_end=calling(call)).images
+        except RuntimeError as error:
+            results[pipe] = error
+
+    threads = [threading.Thread(target=run, args=(first, lambda: second.optimize(attention="sdpa")), daemon=True),
+               threading.Thread(target=run, args=(second, lambda: (time.sleep(0.2), first.to("cpu"))), daemon=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert not any(thread.is_alive() for thread in threads), "the two callbacks' calls deadlocked"
+    refused = [pipe for pipe, result in results.items() if isinstance(result, RuntimeError)]
+    assert len(results) == 2 and len(refused) == 1, results
+    assert "each waits for the other's run to end" in str(results[refused[0]])
+    ran = second if refused[0] is first else first
+    assert isinstance(results[ran], torch.Tensor)

@@ -94,11 +94,12 @@ class ZImageOutput:
 def _serialized(method):
     """One call at a time per pipeline (re-entrant): a run shares the pipeline's modules, offload moves,
     fused LoRA weights and CUDA-graph buffers, so calls from several threads (a web framework's worker
-    threads) wait for each other instead of corrupting each other's images."""
+    threads) wait for each other instead of corrupting each other's images. Taken by :func:`_locks_of`,
+    so that a wait for it from inside another pipeline's run is seen by :func:`_wait_for`."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with self._lock:
+        with _locks_of(lambda: [self]):
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -180,11 +181,22 @@ def _take_locks(locks: list) -> list:
             return taken
         for held in reversed(taken):
             held.release()
-        _wait_for(lock, [other for other in locks if other._is_owned()])  # (those held from before the call)
+        _wait_for(lock, list(_held_locks()))  # (those held from before the call)
 
 
-#: The threads waiting in :func:`_take_locks` while holding locks of their set from before the call
-#: (a run whose step-end callback changes a DiT it shares): thread id -> (lock waited for, locks held).
+#: The pipeline locks each thread holds (taken by :func:`_locks_of`), for :func:`_wait_for`.
+_HELD = threading.local()
+
+
+def _held_locks() -> list:
+    """The pipeline locks this thread holds, in the order taken (:data:`_HELD`)."""
+    if not hasattr(_HELD, "locks"):
+        _HELD.locks = []
+    return _HELD.locks
+
+
+#: The threads waiting in :func:`_take_locks` while holding pipeline locks from before the call (a
+#: run whose step-end callback calls a pipeline): thread id -> (lock waited for, locks held).
 _WAITING: dict[int, tuple] = {}
 _WAITING_LOCK = threading.Lock()
 
@@ -193,7 +205,11 @@ def _wait_for(lock, kept: list) -> None:
     """Wait until ``lock`` is free, holding ``kept``. A wait that closes a circle (the thread holding
     ``lock`` waits for one of ``kept``, maybe through others) is refused instead: two pipelines
     sharing a DiT, each running with a step-end callback that changes it (``set_adapters``), each
-    waited for the other's run to end, forever (reproduced: both threads alive after 20 s)."""
+    waited for the other's run to end, forever (reproduced: both threads alive after 20 s). ``kept``
+    is every pipeline lock the thread holds: up to 0.23.0 only those of the pipelines the call named,
+    so a run's callback calling another pipeline (``other.optimize()``) waited unseen, holding its own
+    run's lock, and two pipelines sharing only a VAE, each running with a callback calling the other
+    (``optimize``, ``pipe.to``), waited for each other forever (both threads alive after 20 s)."""
     me = threading.get_ident()
     with _WAITING_LOCK:
         wanted, seen = lock, set()
@@ -202,12 +218,13 @@ def _wait_for(lock, kept: list) -> None:
             seen.add(holder)
             wanted = _WAITING[holder][0]
             if any(h is wanted for h in kept):
-                raise RuntimeError("a change of a DiT shared by several pipelines (set_adapters, optimize, a LoRA "
-                                   "call, pipe.transformer = ...) from inside a run, while another pipeline holding "
-                                   "that DiT runs and, from inside its run, waits to change it too: each waits for "
-                                   "the other's run to end, forever. Refused here; change a shared DiT from the "
-                                   "step-end callbacks of one pipeline at a time, or give each pipeline a DiT of "
-                                   "its own (copy.deepcopy(pipe.transformer))")
+                raise RuntimeError("a call from inside a run (a step-end callback's set_adapters, optimize, "
+                                   "pipe.to, a LoRA call, pipe.transformer = ...) that waits for another pipeline's "
+                                   "run, which from inside it waits for this run (a change of a DiT both share, or a "
+                                   "call into this pipeline): each waits for the other's run to end, forever. "
+                                   "Refused here; change a shared DiT, or call another pipeline, from the step-end "
+                                   "callbacks of one pipeline at a time, or give each pipeline a DiT of its own "
+                                   "(copy.deepcopy(pipe.transformer))")
         if kept:
             _WAITING[me] = (lock, kept)
     try:
@@ -233,9 +250,12 @@ def _locks_of(pipes: "Callable[[], list[ZImagePipeline]]"):
             break
         for lock in reversed(taken):
             lock.release()
+    held = _held_locks()
+    held.extend(taken)
     try:
         yield
     finally:
+        del held[len(held) - len(taken):]
         for lock in reversed(taken):
             lock.release()
 
