@@ -291,12 +291,12 @@ def test_a_dit_change_waits_for_a_pipeline_that_came_to_hold_the_dit_while_it_wa
     other = ZImagePipeline(copy.deepcopy(pipe.transformer), pipe.vae, pipe.text_encoder, pipe.scheduler_config,
                            pipe.vae_config)
     other.progress = False
-    pipe._lock = _WatchedLock()
+    pipe._lock, other._lock = _WatchedLock(), _WatchedLock()
     in_setter, go, started, transform, bind = (threading.Event(), threading.Event(), threading.Event(),
                                                accel.optimize, other._bind_transformer_calls)
 
     def held_bind():
-        pipe._lock.owner = threading.get_ident()  # the assignment's thread, which holds it
+        pipe._lock.owner = other._lock.owner = threading.get_ident()  # the assignment's thread, which holds both
         in_setter.set()
         go.wait(10)
         bind()
@@ -320,7 +320,10 @@ def test_a_dit_change_waits_for_a_pipeline_that_came_to_hold_the_dit_while_it_wa
                                                            compile_backend=CompileCounterWithBackend("eager")),
                               daemon=True)
     change.start()
-    assert pipe._lock.tried.wait(10)  # optimize waits for the lock the assignment holds
+    # optimize waits for a lock the assignment holds (the first of the two by id: its locks are taken in
+    # that order)
+    first, second = sorted((pipe, other), key=id)
+    assert first._lock.tried.wait(10) or second._lock.tried.wait(0)
     go.set()
     assign.join(timeout=10)
     run = threading.Thread(target=lambda: other("a cat", seed=0, callback_on_step_end=on_step_end,
