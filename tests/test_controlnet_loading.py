@@ -185,24 +185,44 @@ def test_files_that_are_not_controlnets(tmp_path):
         load_controlnet(pickled, transformer_config=DIT)
 
 
-@pytest.mark.parametrize("version, shown", [("1.0", "1.0"), ("2.0", "2.0"), ("2.1", "2.1 (2.0 if")])
-def test_zimage_info_describes_a_controlnet_from_its_headers(tmp_path, version, shown):
+@pytest.mark.parametrize("version, shown", [("1.0", "1.0"), ("2.0", "2.0"), ("2.1", "2.1"), ("2.0 zeros", "2.0")])
+def test_zimage_info_describes_a_controlnet_from_its_headers(tmp_path, monkeypatch, version, shown):
+    """From the headers, and for a file with control refiner blocks from the one tensor whose values
+    tell 2.0 (all zeros: the refiner is dropped) from 2.1, read alone as the loader reads it: the
+    version the loader decides and what it keeps."""
     from click.testing import CliRunner
 
     from zimage_native.cli import main
+    from zimage_native.devices import format_bytes
+    from zimage_native.formats.controlnet import DECIDING
 
-    sd = control_state_dict(version)
+    sd = control_state_dict("2.1" if version == "2.0 zeros" else version)
     if version == "2.0":  # as published: no refiner tensors of its own
         sd = {k: v for k, v in sd.items() if not k.startswith("control_noise_refiner.")}
+    if version == "2.0 zeros":  # 2.0 with the untrained refiner blocks (diffusers' rule: before_proj all zeros)
+        sd[DECIDING] = torch.zeros_like(sd[DECIDING])
     path = write(tmp_path, f"cn-{version}.safetensors", sd)
+    loaded = load_controlnet(path, transformer_config=DIT).state_dict()
+    kept = {k: v for k, v in sd.items() if k in loaded}
+    assert sorted(kept) == sorted(loaded)
+    decided = refuse_weight_reads(monkeypatch)
     result = CliRunner().invoke(main, ["info", str(path)])
     assert result.exit_code == 0, result.output
-    want_in = CONTROL_LAYOUTS[version]["control_in_dim"]
-    assert f"ControlNet-Union {shown}" in result.output and f"control input {want_in} channels" in result.output
+    assert decided == ([DECIDING] if DECIDING in sd else [])  # that tensor alone is read
+    want_in = CONTROL_LAYOUTS[shown]["control_in_dim"]
+    assert f"ControlNet-Union {shown}: " in result.output and f"control input {want_in} channels" in result.output
     assert "2 control layers at DiT layers [0, 15]" in result.output  # placed for the released 30-layer DiT
     assert "zimage generate --controlnet" in result.output
-    report = json.loads(CliRunner().invoke(main, ["info", "--json", str(path)]).output)
-    assert report["kind"] == "controlnet" and report["controlnet"]["parameters"] == sum(v.numel() for v in sd.values())
+    size = sum(v.numel() * v.element_size() for v in sd.values())
+    assert f"{len(sd)} tensors, {sum(v.numel() for v in sd.values()):,} params, {format_bytes(size)}" in result.output
+    kept_line = (f"loads {len(kept)} tensors, {sum(v.numel() for v in kept.values()):,} params, "
+                 f"{format_bytes(sum(v.numel() * v.element_size() for v in kept.values()))} as stored: its "
+                 f"{len(sd) - len(kept)} control_noise_refiner tensors are untrained")
+    assert (kept_line in result.output) == (version == "2.0 zeros"), result.output
+    report = json.loads(CliRunner().invoke(main, ["info", "--json", str(path)]).output)["controlnet"]
+    assert report["version"] == shown and report["parameters"] == sum(v.numel() for v in sd.values())
+    assert report["kept"] == {"tensors": len(kept), "parameters": sum(v.numel() for v in kept.values()),
+                              "bytes": sum(v.numel() * v.element_size() for v in kept.values())}
 
 
 # ------------------------------------------------------------------------------------------ memory

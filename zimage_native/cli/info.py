@@ -1,4 +1,5 @@
-"""``zimage info``: what a model folder, component folder or single file holds, read from headers only."""
+"""``zimage info``: what a model folder, component folder or single file holds, read from headers only
+(but the one tensor of a ControlNet 2.x file that tells 2.0 from 2.1)."""
 
 from __future__ import annotations
 
@@ -180,8 +181,9 @@ def check_weights_folder(path: Path) -> None:
 @user_errors
 def info(path: Path, as_json: bool, check: bool, dtype: str | None):
     """Show what PATH holds (a model folder, a component folder or a single file): detected format,
-    components, layout, quantisation, dtypes, tensors and parameters. Reads headers only. For an
-    image written by zimage: the request it records."""
+    components, layout, quantisation, dtypes, tensors and parameters. Reads headers only (and, of a
+    ControlNet 2.x file, the one tensor that tells 2.0 from 2.1). For an image written by zimage: the
+    request it records."""
     is_image = False
     if path.is_file():
         with path.open("rb") as f:
@@ -253,9 +255,16 @@ def info(path: Path, as_json: bool, check: bool, dtype: str | None):
         if "error" in cn:
             click.echo(f"  ControlNet: {cn['error']}")
         else:
+            from ..devices import format_bytes
+
             click.echo(f"  ControlNet-Union {cn['version']}: {len(cn['control_layers_places'])} control layers at DiT "
                        f"layers {cn['control_layers_places']}, control input {cn['control_in_dim']} channels; "
-                       f"{cn['tensors']} tensors, {cn['parameters']:,} params")
+                       f"{cn['tensors']} tensors, {cn['parameters']:,} params, {format_bytes(cn['bytes'])}")
+            kept = cn["kept"]
+            if kept["tensors"] != cn["tensors"]:  # 2.0 with its untrained refiner blocks (before_proj all zeros)
+                click.echo(f"  loads {kept['tensors']} tensors, {kept['parameters']:,} params, "
+                           f"{format_bytes(kept['bytes'])} as stored: its {cn['tensors'] - kept['tensors']} "
+                           f"control_noise_refiner tensors are untrained (before_proj all zeros) and dropped")
             click.echo("  use it with pipe.load_controlnet(PATH) or zimage generate --controlnet PATH")
         return
     for name, c in report.get("components", {}).items():

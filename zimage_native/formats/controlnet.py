@@ -24,7 +24,6 @@ own config.json is used the same way. Loading is strict (missing and unexpected 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from pathlib import Path
@@ -36,7 +35,7 @@ from ..config import ControlNetConfig, TransformerConfig
 from ..devices import HOST_MEMORY_DEVICES, check_component_fits
 from ..loading import assign_state_dict, build_on_meta, iter_tensors, safetensors_files, take_stored_dtypes
 from ..model.controlnet import ZImageControlNet
-from .checkpoint import UnsupportedFormatError, read_header
+from .checkpoint import TensorInfo, UnsupportedFormatError, read_header
 from .infer import _count, _merge_checked, _need, folder_config, read_overrides
 
 logger = logging.getLogger(__name__)
@@ -44,18 +43,29 @@ logger = logging.getLogger(__name__)
 # The published files (with a 30-layer DiT): number of control layers -> version(s).
 PUBLISHED_LAYER_COUNTS = {6: "1.0", 15: "2.0 / 2.1", 3: "2.1 lite"}
 #: The tensor whose values tell 2.0 from 2.1 where a file holds control refiner blocks (all zeros:
-#: 2.0, whose refiner is dropped): read before the branch is weighed, the only one.
+#: 2.0, whose refiner is dropped): read before the branch is weighed, the only one (``zimage info``
+#: reads it too, and nothing else).
 DECIDING = "control_noise_refiner.0.before_proj.weight"
+#: The control refiner blocks' prefix (the 2.0 layout drops them).
+REFINER = "control_noise_refiner."
 # Values that the tensor shapes fix; a config may restate them but not change them.
 SHAPE_KEYS = ("dim", "n_heads", "control_in_dim", "all_patch_size", "all_f_patch_size")
 
 
-def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    shapes = {}
+def _infos(files: list[Path]) -> dict[str, TensorInfo]:
+    infos = {}
     for file in files:
-        tensors, _ = read_header(file)
-        shapes.update({k: v.shape for k, v in tensors.items()})
-    return shapes
+        infos.update(read_header(file)[0])
+    return infos
+
+
+def _shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    return {k: v.shape for k, v in _infos(files).items()}
+
+
+def _dropped(shapes: dict[str, tuple], variant: str | None) -> list[str]:
+    """The tensors the loader drops: the control refiner blocks of the 2.0 layout (never trained)."""
+    return [k for k in shapes if k.startswith(REFINER)] if variant == "control_layers" else []
 
 
 def _all_zero(files: list[Path], key: str) -> bool:
@@ -134,24 +144,32 @@ def infer_controlnet_config(
 
 
 def describe_controlnet(path: str | os.PathLike) -> dict[str, Any]:
-    """What ``zimage info`` says about a ControlNet, from the headers only (for the released DiT):
-    the version, the control layer places, the control input width. 2.0 and 2.1 files with control
-    refiner blocks are told apart by a tensor's values, which this does not read."""
+    """What ``zimage info`` says about a ControlNet (for the released DiT): the version, the control
+    layer places, the control input width, from the headers; where the file holds control refiner
+    blocks, :data:`DECIDING` is read too (alone, as the loader reads it first), whose values tell 2.0
+    (all zeros) from 2.1. ``tensors`` / ``parameters`` / ``bytes``: the file's (bytes as stored);
+    ``kept``: the same of what the loader keeps (2.0's untrained refiner blocks dropped)."""
     files = safetensors_files(Path(path))
-    shapes = _shapes(files)
+    infos = _infos(files)
+    shapes = {k: v.shape for k, v in infos.items()}
     try:
-        cfg = infer_controlnet_config(shapes, TransformerConfig(), refiner_untrained=False)
+        untrained = _all_zero(files, DECIDING) if DECIDING in shapes else None
+        cfg = infer_controlnet_config(shapes, TransformerConfig(), untrained)
     except (UnsupportedFormatError, ValueError) as e:
         return {"error": str(e)}
-    version = {None: "1.0", "control_layers": "2.0"}.get(
-        cfg["add_control_noise_refiner"],
-        "2.1 (2.0 if control_noise_refiner.0.before_proj is all zeros: decided when loading)")
+    version = {None: "1.0", "control_layers": "2.0"}.get(cfg["add_control_noise_refiner"], "2.1")
     if len(cfg["control_layers_places"]) == 3:
         version += " lite"
+
+    def count(names) -> dict[str, int]:
+        return {"tensors": len(names), "parameters": sum(infos[k].numel for k in names),
+                "bytes": sum(infos[k].offsets[1] - infos[k].offsets[0] for k in names)}
+
+    dropped = set(_dropped(shapes, cfg["add_control_noise_refiner"]))
     return {"version": version, "control_layers_places": cfg["control_layers_places"],
             "control_refiner_layers_places": cfg["control_refiner_layers_places"],
-            "control_in_dim": cfg["control_in_dim"], "tensors": len(shapes),
-            "parameters": sum(math.prod(v) for v in shapes.values())}
+            "control_in_dim": cfg["control_in_dim"], **count(list(infos)),
+            "kept": count([k for k in infos if k not in dropped])}
 
 
 #: A smaller branch, in the words of the advice when one does not fit.
@@ -259,12 +277,11 @@ def load_controlnet(
         logger.warning("ControlNet %s: %d control layers is not a published layout (%s); placed at DiT layers %s by "
                        "the even-spacing rule: pass config= if its publisher says otherwise", path.name, n,
                        PUBLISHED_LAYER_COUNTS, list(cfg.control_layers_places))
-    drop = "control_noise_refiner." if cfg.add_control_noise_refiner == "control_layers" else None
-    dropped = sum(1 for k in shapes if drop and k.startswith(drop))
+    dropped = set(_dropped(shapes, cfg.add_control_noise_refiner))
     if dropped:
         logger.info("ControlNet %s: version 2.0 layout, dropping its %d unused control_noise_refiner tensors",
-                    path.name, dropped)
-    keep = (lambda k: not k.startswith(drop)) if drop else None
+                    path.name, len(dropped))
+    keep = (lambda k: k not in dropped) if dropped else None
     state_dict = dict(iter_tensors(files, dtype, device, keep, copies=pinned))
     assign_state_dict(module, state_dict, f"ControlNet {path.name}")
     logger.info("ControlNet %s: version %s layout, %d control layers at DiT layers %s, control input %d channels",

@@ -1,4 +1,5 @@
-"""``zimage info`` for files and component folders: a JSON-able description read from headers only."""
+"""``zimage info`` for files and component folders: a JSON-able description read from headers only (but
+the one tensor of a ControlNet 2.x file that tells 2.0 from 2.1: ``controlnet.describe_controlnet``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from .tensors import canonical_shapes
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """A JSON-able, header-only description of a file or component folder (used by ``zimage info``)."""
+    """A JSON-able description of a file or component folder from its headers (used by ``zimage info``;
+    a ControlNet's: ``controlnet.describe_controlnet``)."""
     fmt = detect_format(path)
     if fmt.container == "gguf":
         from .gguf import describe_gguf
