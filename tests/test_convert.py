@@ -523,6 +523,40 @@ def test_cli_convert_and_errors(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
 
 
+def test_rope_axes_that_shapes_cannot_tell_are_asked_for_in_each_callers_words(tiny_model_dir, tmp_path):
+    """A DiT whose head dim is not the released 128 (the tiny one: 32) needs its RoPE axes from a
+    config. Python is told of transformer_config=; the command line (convert, info on what convert
+    wrote) of the ways it has, which work: convert --config, a component folder with a config.json."""
+    import shutil
+
+    from zimage_native.formats.infer import ConfigNeededError
+
+    from .dit_configs import TINY_DIT
+
+    comfy = tmp_path / "comfy.safetensors"
+    assert run("convert", tiny_model_dir / "transformer", comfy, "--to", "comfyui").exit_code == 0
+    with pytest.raises(ConfigNeededError, match=r"RoPE axes cannot be read from shapes, pass "
+                                                r"transformer_config=\{'axes_dims': \[\.\.\.\]\}\.$"):
+        load_component("transformer", comfy, torch.float32, "cpu")
+    cli = 'RoPE axes cannot be read from shapes; give them in a config.json ({"axes_dims": [...]}): zimage convert '
+    result = CliRunner().invoke(main, ["convert", str(comfy), str(tmp_path / "d"), "--to", "diffusers"])
+    assert result.exit_code == 1 and cli in result.output and "transformer_config" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    text = run("info", comfy).output
+    assert "config: transformer: head_dim " in text and cli in text and "transformer_config" not in text, text
+    dit = json.loads(run("info", comfy, "--json").output)["components"]["transformer"]
+    assert cli in dit["config_error"] and "transformer_config" not in json.dumps(dit), dit
+    # the ways it names: a component folder holding the file and its config.json, convert --config
+    folder = tmp_path / "component"
+    folder.mkdir()
+    shutil.copy(comfy, folder / "diffusion_pytorch_model.safetensors")
+    (folder / "config.json").write_text(json.dumps(TINY_AXES))
+    assert f"dim={TINY_DIT['dim']} n_layers={TINY_DIT['n_layers']} " in run("info", folder).output
+    (tmp_path / "axes.json").write_text(json.dumps(TINY_AXES))
+    result = run("convert", comfy, tmp_path / "d", "--to", "diffusers", "--config", tmp_path / "axes.json")
+    assert result.exit_code == 0, result.output
+
+
 def test_info_on_single_files(tiny_model_dir, tmp_path):
     src = write(tmp_path / "dit.safetensors", comfy_dit(tiny_model_dir))
     report = json.loads(run("info", src, "--json").output)

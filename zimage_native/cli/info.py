@@ -221,6 +221,9 @@ def info(path: Path, as_json: bool, check: bool, dtype: str | None):
     from ..formats import describe
 
     report = describe(path)
+    for c in report.get("components", {}).values():  # the config a file needs, said in the command line's words
+        if "config_error_cli" in c:
+            c["config_error"] = c.pop("config_error_cli")
     figured = [name for name in ("transformer", "text_encoder", "vae") if name in report.get("components", {})]
     if dtype_given and not figured:  # a LoRA, a ControlNet
         what = "a LoRA" if "lora" in report else "a ControlNet" if "controlnet" in report else "this file"

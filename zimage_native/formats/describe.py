@@ -74,6 +74,8 @@ def note_config_error(out: dict[str, Any], entry: dict[str, Any], kind: str, err
     from .infer import ConfigNeededError
 
     entry["config_error"] = str(error)
+    if getattr(error, "cli_message", None):  # the same in the command line's words (zimage info shows these)
+        entry["config_error_cli"] = error.cli_message
     if kind in ("transformer", "text_encoder") and not isinstance(error, ConfigNeededError):
         entry["cannot_load"] = f"{path}: {error}"
         out.setdefault("problem", entry["cannot_load"])

@@ -50,7 +50,14 @@ class ConfigMismatchError(ValueError):
 
 class ConfigNeededError(ValueError):
     """A config value that shapes cannot tell and the default does not fit (a DiT's RoPE axes): the
-    file loads with that value given (``config=``, or the config.json of a model folder)."""
+    file loads with that value given (``config=``, or the config.json of a model folder).
+    ``cli_message`` (where set): the message in the command line's words."""
+
+
+#: How a command line gives a DiT's RoPE axes, which shapes cannot tell (``ConfigNeededError.cli_message``).
+AXES_CLI = ("give them in a config.json ({\"axes_dims\": [...]}): zimage convert --config FILE, or zimage generate "
+            "--model FOLDER (its transformer/config.json) with --transformer FILE, or a component folder holding "
+            "the file and its config.json")
 
 
 def _merge_checked(what: str, base: dict, inferred: dict, overrides: dict) -> dict:
@@ -107,12 +114,14 @@ def infer_transformer_config(shapes: dict[str, tuple], overrides: dict | str | o
     try:
         config = TransformerConfig.from_dict(merged)
     except ValueError as e:
-        hint = ""
-        if head_dim != sum(merged["axes_dims"]):
-            hint = (f" The checkpoint's head dim is {head_dim} (the q/k-norm size) but axes_dims "
-                    f"{list(merged['axes_dims'])} sums to {sum(merged['axes_dims'])}: RoPE axes cannot be read from "
-                    f"shapes, pass transformer_config={{'axes_dims': [...]}} (zimage convert: --config FILE).")
-        raise (ConfigNeededError if hint else ValueError)(f"{what}: {e}.{hint}") from None
+        if head_dim == sum(merged["axes_dims"]):
+            raise ValueError(f"{what}: {e}.") from None
+        # never the released DiTs (head dim 128 = 32 + 48 + 48): one of other widths, such as a tiny test model
+        said = (f"{what}: {e}. The checkpoint's head dim is {head_dim} (the q/k-norm size) but axes_dims "
+                f"{list(merged['axes_dims'])} sums to {sum(merged['axes_dims'])}: RoPE axes cannot be read from shapes")
+        error = ConfigNeededError(f"{said}, pass transformer_config={{'axes_dims': [...]}}.")
+        error.cli_message = f"{said}; {AXES_CLI}"
+        raise error from None
     _check_shapes(what, shapes, {
         "layers.0.feed_forward.w1.weight": (config.ffn_dim, dim),
         "layers.0.adaLN_modulation.0.weight": (4 * dim, config.adaln_dim),
