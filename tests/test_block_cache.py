@@ -225,3 +225,47 @@ def test_streamed_blocks_under_the_cache_equal_resident_ones_and_skipped_layers_
     # each, then layer 0 (block 2): the last two layers were copied in for the full step only
     assert move.log.count(4) == 1 and move.log.count(5) == 1, move.log
     assert move.log.count(2) >= 4 and move.log.count(1) >= 4  # (a wrong prefetch may add a copy)
+
+
+def test_streamed_blocks_under_the_cache_are_each_copied_once_per_use_and_prefetched(folder, pipe):
+    """Which block follows the first main layer is known only once the cache has decided: the
+    first layer prefetched its most frequent successor (the second layer), a wasted copy on every
+    reused step, and the next step's first block was then copied on demand (a 6-step request
+    reusing 5 steps after an uncached one: 21 copies for 16 uses, 5 on demand). Now the first
+    layer prefetches nothing while the cache decides and the decision prefetches what follows it
+    (offload.runs_next with None, offload.resume_after): after the first request each block is
+    copied once per use and only the request's first block on demand, on reused and full steps
+    alike, and the images are bit-equal to the resident pipeline's under the same cache."""
+    import functools
+
+    from .fixtures import our_pipeline
+    from .test_lowvram_pipeline import FakeMove
+
+    streamed = our_pipeline(folder, offload="blocks")
+    streamer = streamed.transformer.block_streamer
+    move = FakeMove(streamer)
+    on_demand, used = [], []
+
+    def record(i, module, args):  # before the streamer's hook: was the block prefetched?
+        if i not in streamer.loaded:
+            on_demand.append(len(used))
+        used.append(i)
+
+    for i, block in enumerate(streamer.blocks):
+        block.register_forward_pre_hook(functools.partial(record, i), prepend=True)
+    dit = streamed.transformer
+    per_forward, rest = len(dit.noise_refiner) + 1, len(dit.layers) - 1  # run every forward / in full only
+    kw = dict(KW, num_inference_steps=6)
+    for request, cache in enumerate((0.0, 1e6, MIXED, 1e6, MIXED)):
+        move.log.clear(), on_demand.clear(), used.clear()
+        out = streamed("a cat", seed=8, first_block_cache=cache, **kw)
+        counts = out.info.get("first_block_cache_forwards", {"full": 6, "reused": 0})
+        assert len(used) == len(dit.context_refiner) + 6 * per_forward + counts["full"] * rest, (request, used)
+        if cache:
+            assert counts["reused"] >= 2 and counts["full"] >= 1 + (cache == MIXED), counts  # the premise
+        assert not streamer.loaded
+        assert sorted(move.log) == sorted(used), (request, counts, move.log, used)  # one copy per use
+        if request:  # (the first request learns the order)
+            assert on_demand == [0], (request, counts, on_demand, used)
+        want = pipe("a cat", seed=8, first_block_cache=cache, **kw)
+        assert torch.equal(out.images, want.images)

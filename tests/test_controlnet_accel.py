@@ -356,7 +356,8 @@ def test_offload_blocks_prefetches_every_block_use_but_the_requests_first(contro
     request after the first, with and without CFG and for every ControlNet version, each
     streamer's only synchronous use is its first of the request, every copy is used (one per use,
     a block's back-to-back runs using one), nothing stays on the device, and the images are
-    bit-equal to the resident pipeline's."""
+    bit-equal to the resident pipeline's; so too with the first-block cache reusing every step
+    after the first (its decision names the block that follows the DiT's first main layer)."""
     pipe = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="blocks")
     resident = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32)
     pipe.progress = resident.progress = False
@@ -370,8 +371,8 @@ def test_offload_blocks_prefetches_every_block_use_but_the_requests_first(contro
     for tag, streamer in streamers.items():
         _record_streaming(streamer, tag, log)
     pipe("a cat", **kw)  # the first request learns the order
-    for steps, guidance in ((3, 2.0), (3, 0.0)):
-        request = dict(kw, num_inference_steps=steps, guidance_scale=guidance)
+    for steps, guidance, cache in ((3, 2.0, 0.0), (3, 0.0, 0.0), (3, 2.0, 1e6), (3, 0.0, 1e6)):
+        request = dict(kw, num_inference_steps=steps, guidance_scale=guidance, first_block_cache=cache)
         log.clear()
         images = pipe("a cat", **request).images
         for tag, streamer in streamers.items():

@@ -31,7 +31,10 @@ block counts its runs, and in its last one no run is prefetched that this pass h
 device between requests (nor during the VAE decode). The caption passes are the other order that
 frequencies cannot tell (with CFG the caption refiner's last block is followed by the negatives'
 caption refiner and by the image's first block, once each per request): the sampling plan names the
-block that runs next (:func:`runs_next`). Within a run, a prefetch that turns out wrong is
+block that runs next (:func:`runs_next`). The first-block cache (``accel.block_cache``) knows which
+block follows the first main layer (the second, or the next forward's first) only once that layer
+has run: it names no successor for it (nothing prefetched) and its decision prefetches what follows
+(:func:`resume_after`). Within a run, a prefetch that turns out wrong is
 dropped when the next block starts, so at most ``depth + 1`` blocks are ever on the device.
 
 The copy itself is a hook (``transfer``), so the CPU tests can record the copy order with a fake
@@ -143,6 +146,8 @@ class BlockStreamer(ProcessLocal):
         for _ in range(self.depth):
             seen = self.successor.get(j)
             if j[0] in self.known:
+                if self.known[j[0]] is None:  # not known yet (:func:`resume_after` will say)
+                    break
                 j = (self.known[j[0]], 0)
             elif seen:
                 j = max(seen, key=seen.get)  # the first seen of the most frequent
@@ -152,6 +157,17 @@ class BlockStreamer(ProcessLocal):
                 break
             out.append(j)
         return out
+
+    def prefetch(self, run: tuple[int, int], running: int | None = None) -> None:
+        """Start the copies of the runs predicted to follow ``run`` (:meth:`ahead`) and drop every
+        other block held but ``running`` (a wrong prefetch: the order changed)."""
+        self.upcoming = self.ahead(run)
+        upcoming = [k for k, _ in self.upcoming]
+        for k in list(self.loaded):
+            if k != running and k not in upcoming:
+                self.free(k)
+        for k in upcoming:
+            self.load(k)
 
     # -------------------------------------------------------------- hooks
     def _before(self, i: int, module: nn.Module, args) -> None:
@@ -164,13 +180,7 @@ class BlockStreamer(ProcessLocal):
             seen[run] = seen.get(run, 0) + 1
         self.last = run
         self.load(i)
-        self.upcoming = self.ahead(run)
-        upcoming = [k for k, _ in self.upcoming]
-        for k in list(self.loaded):
-            if k != i and k not in upcoming:  # a wrong prefetch: the order changed
-                self.free(k)
-        for k in upcoming:
-            self.load(k)
+        self.prefetch(run, i)
         tensors, _, event = self.loaded[i]
         if event is not None:
             compute = torch.cuda.current_stream(self.device)
@@ -219,22 +229,41 @@ def streamed_pass(*models: nn.Module | None, last: bool = False):
 
 
 @contextlib.contextmanager
-def runs_next(model: nn.Module | None, block: nn.Module, then: nn.Module):
+def runs_next(model: nn.Module | None, block: nn.Module, then: nn.Module | None):
     """Within: the streamed ``block`` of ``model`` (one with a ``block_streamer``; others, and None,
     are skipped) prefetches ``then``, which the caller knows runs next, rather than its most frequent
     successor. The sampling plan's caption passes need it: with CFG the caption refiner's last block
     is followed by the negatives' caption refiner once and by the image's first block once per
-    request, a tie that frequencies cannot break."""
+    request, a tie that frequencies cannot break. ``then`` None: not known while ``block`` runs, so
+    nothing is prefetched after it (nor after a block whose prefetch reaches it) until the caller
+    says what follows (:func:`resume_after`)."""
     streamer = getattr(model, "block_streamer", None)
     if streamer is None:
         yield
         return
     key = streamer.blocks.index(block)
-    streamer.known[key] = streamer.blocks.index(then)
+    streamer.known[key] = None if then is None else streamer.blocks.index(then)
     try:
         yield
     finally:
         streamer.known.pop(key, None)
+
+
+def resume_after(model: nn.Module | None, block: nn.Module) -> None:
+    """The streamed blocks of ``model`` (one with a ``block_streamer``; others, and None, are
+    skipped) go on as if ``block`` had just run: what follows its run in this pass is prefetched
+    now, and the next block is learned as its successor. For a caller that decides which block runs
+    next only after a block has run, with that block's successor named None (:func:`runs_next`) so
+    that it prefetched nothing: the first-block cache, whose reused step skips from the first main
+    layer to what follows the last (``accel.block_cache``); ``block`` is the block that ran for a
+    step run in full."""
+    streamer = getattr(model, "block_streamer", None)
+    if streamer is None:
+        return
+    i = streamer.blocks.index(block)
+    if streamer.last is None or streamer.last[0] != i:  # skipped to: its run as if it ran now
+        streamer.last = (i, 0 if streamer.runs is None else streamer.runs[i])
+    streamer.prefetch(streamer.last)
 
 
 # ---------------------------------------------------------------------------- whole components

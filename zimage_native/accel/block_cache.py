@@ -27,17 +27,24 @@ not with ``compile="full"`` (one graph for the whole forward, which the cache ru
 ``compile="blocks"`` compiles the layers themselves and works with it. :func:`cache_problem` says
 so before a request runs.
 
+With streamed blocks (``offload="blocks"``) the first layer prefetches nothing while the cache
+decides, and the decision prefetches what follows it: the second layer or the next forward's first
+block (``offload.runs_next`` with None, ``offload.resume_after``), so each block is copied once per use.
+
 It is lossy: the threshold trades quality for speed (``sampling.GenerationRequest.first_block_cache``;
 docs/performance.md, "First-block cache").
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass, field
 
 import torch
+
+from ..offload import resume_after, runs_next
 
 
 def check_threshold(threshold) -> None:
@@ -89,13 +96,20 @@ class FirstBlockCache:
                 control_hints: dict[int, torch.Tensor] | None = None,
                 image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         state = self.branches.setdefault(branch, _Branch())
-        h = dit.joint_tokens(x, cap_tokens, layout, mods, image_tokens)
-        head = dit.run_layers(h, layout, mods, control_hints, 0, 1)
+        decides = state.head_residual is not None  # (the first forward of a branch runs in full)
+        # Streamed blocks (offload="blocks"): which block follows the first layer is known only once
+        # the cache has decided, so it prefetches nothing and the decision says what follows.
+        with runs_next(dit, dit.layers[0], None) if decides else contextlib.nullcontext():
+            h = dit.joint_tokens(x, cap_tokens, layout, mods, image_tokens)
+            head = dit.run_layers(h, layout, mods, control_hints, 0, 1)
         residual = head - h
-        if state.head_residual is not None and self.small_change(residual, state.head_residual):
+        if decides and self.small_change(residual, state.head_residual):
+            resume_after(dit, dit.layers[-1])  # what follows the skipped layers: the next forward
             self.reused += 1
             out = head + state.tail_residual
         else:
+            if decides:
+                resume_after(dit, dit.layers[0])  # the next layer
             self.full += 1
             out = dit.run_layers(head, layout, mods, control_hints, 1)
             state.head_residual, state.tail_residual = residual, out - head
