@@ -163,6 +163,45 @@ def test_a_block_run_twice_in_a_pass_has_each_run_prefetched(depth):
     assert not streamer.loaded and rec.max_loaded <= depth + 1
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+@torch.no_grad()
+def test_a_block_whose_successor_is_named_later_prefetches_nothing_until_then(depth):
+    """The first-block cache knows which block follows the first main layer only once that layer
+    has run (accel/block_cache.py): runs_next with None keeps the layer (and, deeper, the block
+    before it) from prefetching past it, and resume_after then prefetches what follows the block it
+    names: the next layers for a full step, what follows the last layer (the next pass's caption
+    blocks here) for a skipped one. Each block is copied once per use and the results are those of
+    the resident DiT."""
+    from zimage_native.offload import resume_after, runs_next
+
+    ref = tiny_dit()
+    model, rec, streamer = streamed(depth)
+    x, cap, t, layout = inputs()
+    model(x, cap, t, layout)
+    model(x, cap, t, layout)  # learned: c0 c1 n0 n1 l0 l1 l2, then c0
+    mods = model.modulations(model.time_embedding(t, x.dtype))
+    cap_tokens = model.encode_caption(cap, layout)
+    for skip in (True, False):
+        rec.log.clear()
+        with runs_next(model, model.layers[0], None):
+            h = model.joint_tokens(x, cap_tokens, layout, mods)
+            head = model.run_layers(h, layout, mods, None, 0, 1)
+        copies = [name for kind, name in rec.log if kind == "copy"]
+        assert not streamer.loaded and set(copies) <= {"n0", "n1", "l0"}, (depth, rec.log)  # no l1, l2 copied
+        rec.log.clear()
+        resume_after(model, model.layers[-1] if skip else model.layers[0])
+        ahead = NAMES[:depth] if skip else NAMES[5:5 + depth]  # the next pass's first blocks / the next layers
+        assert sorted(NAMES[k] for k in streamer.loaded) == sorted(ahead), (skip, depth)
+        assert rec.log == [("copy", name) for name in ahead], (skip, depth, rec.log)
+        if not skip:
+            rec.log.clear()
+            out = model.run_layers(head, layout, mods, None, 1)
+            assert [e for e in rec.log if e[1] in ahead] == [("run", name) for name in ahead]  # copied once
+            want = ref.run_layers(ref.joint_tokens(x, ref.encode_caption(cap, layout), layout, mods), layout, mods)
+            assert torch.equal(out, want)
+        streamer.release()
+
+
 @torch.no_grad()
 def test_a_changed_order_drops_the_wrong_prefetch():
     model, rec, streamer = streamed(1)
