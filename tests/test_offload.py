@@ -488,6 +488,65 @@ def test_a_pipeline_sharing_a_streamed_dit_waits_for_the_run_of_the_other(tiny_m
     assert not streamer.loaded
 
 
+@pytest.mark.parametrize("who", ["itself", "second"])
+def test_a_plan_waits_for_the_run_of_a_pipeline_sharing_the_streamed_dit(tmp_path, who):
+    """pipe.plan (the step loop's inputs, run_steps' other half) runs the DiT's caption-refiner
+    blocks, and was the one call running the DiT that took no lock: from another thread, on the
+    pipeline itself or on another holding its streamed DiT, while a run was inside its first image
+    block, the caption block's wrong-prefetch sweep freed that block under it (its weights pointed
+    back at the CPU mid-run) and prefetched it again (a DiT with two caption-refiner blocks, as the
+    released ones: blocks [2, 0, 1] freed, the running block 2 first). Now the plan waits for the
+    run (the block waits up to 2 s for it, which ends only when nothing holds the plan back): the
+    running block is never freed, and the images and the plan's caption tokens are the resident
+    pipeline's."""
+    import threading
+
+    from tests.fixtures import build_model_folder, our_pipeline
+    from zimage_native import ZImagePipeline
+    from zimage_native.scheduler import make_schedule
+
+    folder = build_model_folder(tmp_path / "two-refiners", dit_kwargs=dict(TINY_DIT, n_refiner_layers=2))
+    pipe = our_pipeline(folder, offload="blocks")
+    other = pipe if who == "itself" else ZImagePipeline(pipe.transformer, pipe.vae, pipe.text_encoder,
+                                                        pipe.scheduler_config, pipe.vae_config, offload="blocks")
+    resident = our_pipeline(folder)
+    kw = dict(height=32, width=32, num_inference_steps=2, output_type="pt", seed=0)
+    embeds = resident.encode_prompt(["a dog"])
+    want_tokens = resident.plan((4, 4), embeds, None, make_schedule(resident.scheduler_config, 2)).plain[1]
+    streamer = pipe.transformer.block_streamer
+    first_image_block = len(pipe.transformer.context_refiner)
+    freed, free = [], streamer.free
+    streamer.free = lambda i: (freed.append(i), free(i))[1]
+    inside, done, results = threading.Event(), threading.Event(), {}
+
+    def call():
+        inside.wait()
+        try:
+            results["plan"] = other.plan((4, 4), embeds, None, make_schedule(other.scheduler_config, 2))
+        finally:
+            done.set()
+
+    def block_runs(module, args):
+        if not inside.is_set():  # the first run's first image block: the plan comes now
+            start = len(freed)
+            inside.set()
+            done.wait(2)
+            results["freed inside"] = freed[start:]
+
+    handle = streamer.blocks[first_image_block].register_forward_pre_hook(block_runs)
+    thread = threading.Thread(target=call)
+    thread.start()
+    try:
+        images = pipe("a cat", **kw).images
+    finally:
+        inside.set()
+        thread.join()
+        handle.remove()
+    assert first_image_block not in results["freed inside"], results["freed inside"]
+    assert torch.equal(images, resident("a cat", **kw).images)
+    assert torch.equal(results["plan"].plain[1], want_tokens)
+
+
 def test_maybe_free_model_hooks_drops_the_block_a_dit_called_by_hand_fetched_for_its_next_pass(tiny_model_dir):
     """diffusers' scripts call pipe.maybe_free_model_hooks() after a run (an AttributeError here).
     After a pipeline call under offload="blocks" nothing is held (the sampling loop drops the block

@@ -126,7 +126,7 @@ def _serialized_with_sharers(method):
 
 def _serialized_run(method):
     """:func:`_serialized` for a call that runs the DiT or drops its streamed blocks (``generate``,
-    ``denoise``, ``run_steps``, ``maybe_free_model_hooks``). Under offload="model" or "blocks" it also
+    ``denoise``, ``plan``, ``run_steps``, ``maybe_free_model_hooks``). Under offload="model" or "blocks" it also
     holds the locks of the other live pipelines holding the DiT (:meth:`ZImagePipeline._sharers`), as
     :func:`_serialized_with_sharers` does. "model": their runs visit the GPU with the one DiT one at a
     time anyway (``offload.visit``), and a run waiting for that visit held its own lock, out of sight of
@@ -2021,6 +2021,7 @@ class ZImagePipeline:
         return sampling.denoise(self, latents, prompt_embeds, negative_embeds, schedule, guidance_scale,
                                 cfg_normalization, cfg_truncation, progress, start, callback, **hooks)
 
+    @_serialized_run  # (it runs the DiT's caption-refiner blocks)
     def plan(self, *args, **kwargs) -> SamplingPlan:
         """The step loop's static inputs for one request (:func:`sampling.plan`)."""
         return sampling.plan(self, *args, **kwargs)
