@@ -821,6 +821,61 @@ def test_a_text_encoder_assigned_to_the_pipeline_rests_where_the_pipelines_does(
     assert {p.data_ptr() for p in encoder.model.parameters()} == resting
 
 
+@pytest.mark.parametrize("new", ["none", "remote"])
+def test_a_text_encoder_set_to_none_or_a_remote_one_waits_for_the_run(tiny_model_dir, monkeypatch, new):
+    """``pipe.text_encoder = None`` (to free its memory) or a remote encoder took no lock, where an
+    encoder with a model waits for the pipeline's run: from another thread, while a run's offloaded
+    encoder visited the execution device, the run went on with the encoder assigned (None:
+    AttributeError 'NoneType' object has no attribute 'encode'; a remote one was called in place of
+    the visiting model). Now the assignment waits for the run (here the visit waits up to 2 s for
+    it, which ends only when nothing holds it back): the run returns the image it returns alone,
+    and the encoder is the one assigned afterwards. "cpu:1" stands in for the GPU."""
+    import threading
+
+    import zimage_native.offload as offload
+    from zimage_native import ZImagePipeline
+    from zimage_native.server.remote import RemoteTextEncoder
+
+    from .fixtures import our_pipeline
+
+    base = our_pipeline(tiny_model_dir)
+    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: storage.clone())
+    pipe = ZImagePipeline(copy.deepcopy(base.transformer), copy.deepcopy(base.vae), copy.deepcopy(base.text_encoder),
+                          base.scheduler_config, base.vae_config,
+                          placement=dict.fromkeys(base.placement, torch.device("cpu", 1)), offload="text_encoder")
+    pipe.progress = False
+    kw = dict(height=32, width=32, num_inference_steps=1, output_type="latent", seed=0)
+    want = pipe("a cat", **kw).images
+    pipe.prompt_cache.clear()
+    encoder = RemoteTextEncoder.__new__(RemoteTextEncoder) if new == "remote" else None  # (never called)
+    model = {id(p) for p in pipe.text_encoder.model.parameters()}
+    inside, done, place = threading.Event(), threading.Event(), offload._place
+
+    def visiting(tensors, device):  # the encoder's visit: the assignment comes now
+        place(tensors, device)
+        if not inside.is_set() and {id(t) for t in tensors} >= model:
+            inside.set()
+            done.wait(2)
+
+    def assign():
+        inside.wait()
+        try:
+            pipe.text_encoder = encoder
+        finally:
+            done.set()
+
+    monkeypatch.setattr(offload, "_place", visiting)
+    thread = threading.Thread(target=assign)
+    thread.start()
+    try:
+        images = pipe("a cat", **kw).images
+    finally:
+        inside.set()
+        thread.join()
+    assert inside.is_set() and torch.equal(images, want)
+    assert pipe.text_encoder is encoder
+
+
 # ----------------------------------------------------------------------------------- host memory of a file's map
 
 

@@ -719,14 +719,11 @@ class ZImagePipeline:
         encoder loaded on the CPU ran on the CPU, and under offload="model" one loaded on a GPU
         stayed resident there. One whose model another pipeline
         places otherwise is refused (:meth:`_check_held_alike`)."""
-        model = getattr(encoder, "model", None)
-        if model is None:  # (a remote encoder, or none: nothing placed)
-            self._text_encoder = encoder
-            return
-        with _locks_of(lambda: [self, *_pipelines_holding(model)]):
+        model = getattr(encoder, "model", None)  # (None for a remote encoder, or none: nothing placed)
+        with _locks_of(lambda: [self, *_pipelines_holding(model)]):  # (a run ends with the encoder it started with)
             self._check_held_alike("text_encoder", model)
             self._text_encoder = encoder
-            if "_accel" in self.__dict__:  # (the constructor takes the components where they were loaded)
+            if model is not None and "_accel" in self.__dict__:  # (the constructor takes them where they were loaded)
                 from .offload import move_
 
                 move_(model, storage_device("text_encoder", self.placement["text_encoder"], self.offload))
