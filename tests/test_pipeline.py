@@ -555,6 +555,22 @@ def test_pipe_to_the_dtype_it_holds_changes_nothing_as_in_diffusers(fresh_pipe, 
         fresh_pipe.to(torch.float32)
 
 
+def test_pipe_to_leaves_a_remote_text_encoders_dtype_to_its_machine(fresh_pipe):
+    """A remote text encoder (docs/server.md: built with dtype=None, the remote dtype) holds no weights
+    here: its dtype is a request to its machine, and its features are cast to the DiT's. pipe.to("cpu")
+    asked it for its dtype (a RemoteEncoderError while that machine was down), and pipe.to(dtype) counted
+    it as a component of another dtype. Now only the DiT's and the VAE's dtypes are weighed."""
+    from zimage_native.server.remote import RemoteTextEncoder
+
+    fresh_pipe.text_encoder = RemoteTextEncoder("http://127.0.0.1:9", timeout=5)  # nothing listens there
+    for args in (("cpu",), (torch.float32,), ("cpu", torch.float32)):
+        assert fresh_pipe.to(*args) is fresh_pipe
+    fresh_pipe.text_encoder = RemoteTextEncoder("http://127.0.0.1:9", dtype="bfloat16")  # features in bf16
+    assert fresh_pipe.to("cpu", torch.float32) is fresh_pipe
+    with pytest.raises(ValueError, match="this pipeline holds float32$"):
+        fresh_pipe.to("cpu", torch.bfloat16)
+
+
 def test_unknown_and_habitual_loading_keywords_name_from_pretrained(tiny_model_dir, monkeypatch, caplog):
     from zimage_native import ZImagePipeline, pipeline
 

@@ -959,11 +959,15 @@ class ZImagePipeline:
         Streamed blocks cannot move this way: load again with ``offload="none"``. The dtype is
         chosen when loading (``dtype=`` / ``torch_dtype=``): a dtype here is refused, unless every
         component holds it already (diffusers' ``pipe.to("cuda", torch.bfloat16)`` after loading in
-        bfloat16), where it changes nothing. Without a device only the dtype is checked."""
+        bfloat16), where it changes nothing; a remote text encoder's dtype (its machine's) is not
+        checked. Without a device only the dtype is checked."""
         dtypes = [a for a in args if isinstance(a, torch.dtype)] + ([dtype] if dtype is not None else [])
-        held = {self.dtype, *(getattr(part, "dtype", None) for part in (self.vae, self.text_encoder))} - {None}
         if len(dtypes) > 1:
             raise ValueError(f"pipe.to() takes one dtype, got {dtypes}")
+        # the weights this pipeline holds: a remote text encoder's dtype is the other machine's (asking for it
+        # is a request there, and its features are cast to the DiT's)
+        local = (self.vae, self.text_encoder if self._module("text_encoder") is not None else None)
+        held = {self.dtype, *(getattr(part, "dtype", None) for part in local)} - {None} if dtypes else set()
         if dtypes and (dtypes[0] not in held or len(held) > 1):
             raise ValueError(f"pipe.to({dtypes[0]}): the dtype is chosen when loading; load again with "
                              f"dtype={str(dtypes[0]).removeprefix('torch.')!r} (or torch_dtype=); this pipeline "
