@@ -44,6 +44,16 @@ def test_click_usage_errors_are_one_line_with_status_2(args, message, tmp_path):
     assert any(m.format(missing=missing) in line for m in messages), line
 
 
+@pytest.mark.parametrize("command", [["generate", "a cat"], ["serve"], ["format-prompt", "a cat"], ["rewrite", "a cat"],
+                                     ["templates", "list"], ["templates", "show", "photo-aerial-drone"]])
+def test_a_templates_dir_that_does_not_exist_is_a_usage_error_in_every_command(command, tmp_path):
+    """--templates-dir names a folder: one that does not exist is click's usage error (status 2), as in
+    generate and serve. format-prompt, rewrite and templates took it and refused it once running (status 1)."""
+    missing = tmp_path / "missing"
+    line = usage_error(*command, "--templates-dir", str(missing))
+    assert f"Invalid value for '--templates-dir': Directory '{missing}' does not exist." in line, line
+
+
 @pytest.mark.parametrize("command", ["generate", "serve"])
 def test_the_predecessors_flags_say_what_they_are_here(command):
     """Users of the predecessor type its flags; each says what it is spelled as here (docs/cli.md)."""

@@ -12,7 +12,7 @@ from ._common import user_errors
 from .options import UserPath
 
 templates_dir_option = click.option(
-    "--templates-dir", "templates_dirs", multiple=True, type=UserPath(file_okay=False, path_type=Path),
+    "--templates-dir", "templates_dirs", multiple=True, type=UserPath(exists=True, file_okay=False, path_type=Path),
     help="Extra folder of templates (repeatable); its templates replace shipped ones of the same name.")
 
 
