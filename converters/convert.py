@@ -56,11 +56,15 @@ _WEIGHT_NAMES = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pyt
 _CLASS_NAMES = {"transformer": "ZImageTransformer2DModel", "vae": "AutoencoderKL"}
 
 
+#: A size as text, upper-cased: a number and a unit (parse_size)
+SIZE_TEXT = re.compile(r"\s*(\d+\.?\d*|\.\d+)\s*([KMGT]?I?B?)\s*")
+
+
 def parse_size(text: str | int | None) -> int | None:
     """'5GB', '500MB', '2GiB', '123' -> bytes (decimal units as in huggingface_hub; GiB/MiB binary)."""
     if text is None or isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?I?B?)\s*", str(text).upper())
+    m = SIZE_TEXT.fullmatch(str(text).upper())
     if not m:
         raise ValueError(f"cannot read size {text!r} (use e.g. 5GB, 500MB, 2GiB)")
     value, unit = float(m.group(1)), m.group(2).rstrip("B")

@@ -54,6 +54,18 @@ def test_a_templates_dir_that_does_not_exist_is_a_usage_error_in_every_command(c
     assert f"Invalid value for '--templates-dir': Directory '{missing}' does not exist." in line, line
 
 
+def test_a_shard_size_that_reads_as_no_size_is_a_usage_error(tiny_model_dir, tmp_path):
+    """zimage convert --shard-size x is a value of the wrong type (status 2, as --steps x); 0 reads as
+    a size the command refuses (status 1, as --steps 0). Both were 1, and '1.2.3GB' said only
+    "could not convert string to float"."""
+    convert = ["convert", str(tiny_model_dir / "transformer"), str(tmp_path / "out"), "--to", "comfyui", "--dry-run"]
+    for text in ("x", "5XB", "1.2.3GB", "."):
+        line = usage_error(*convert, "--shard-size", text)
+        assert line.startswith(f"Error: Invalid value for '--shard-size': cannot read size '{text}' (use e.g. 5GB"), line
+    assert one_line_error(*convert, "--shard-size", "0") == "Error: shard size must be positive, got '0'"
+    assert "in 2 file(s)" in CliRunner().invoke(main, [*convert, "--shard-size", "1.5MB"]).output
+
+
 @pytest.mark.parametrize("command", ["generate", "serve"])
 def test_the_predecessors_flags_say_what_they_are_here(command):
     """Users of the predecessor type its flags; each says what it is spelled as here (docs/cli.md)."""

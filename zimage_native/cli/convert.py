@@ -14,6 +14,23 @@ LAYOUT_HELP = ("Target layout. transformer: diffusers | comfyui (= original) | n
                "'model.' prefix) | bare.")
 
 
+class ShardSize(click.ParamType):
+    """--shard-size: text that reads as no size (``abc``, ``5XB``) is a usage error (status 2), as
+    ``--steps x`` is; a size that reads but is refused (``0``) is refused when the command runs (1)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from ..converters.convert import SIZE_TEXT, parse_size
+
+        try:
+            parse_size(value)
+        except ValueError as e:
+            if not SIZE_TEXT.fullmatch(str(value).upper()):
+                self.fail(str(e), param, ctx)
+        return value
+
+
 #: Weight file extensions of other formats: a DST ending so would be a folder (any name but .safetensors is).
 OTHER_WEIGHT_SUFFIXES = (".gguf", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -27,7 +44,7 @@ OTHER_WEIGHT_SUFFIXES = (".gguf", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 @click.option("--dtype", type=DtypeChoice(["keep", "fp32", "bf16", "fp16", "fp8"]), default="keep",
               show_default=True, help="Output dtype (float32, bfloat16, float16 too); fp8 = float8_e4m3fn block "
                                       "weights with per-tensor scales.")
-@click.option("--shard-size", default=None, metavar="SIZE",
+@click.option("--shard-size", type=ShardSize(), default=None, metavar="SIZE",
               help="Split into files of at most SIZE (e.g. 5GB) with an index json; DST must be a folder.")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="Bake a LoRA into the transformer (repeatable); fused in fp32 before any cast or fp8.")
