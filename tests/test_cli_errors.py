@@ -511,7 +511,7 @@ def test_compile_alone_is_the_blocks_preset():
         assert ctx.params["compile_mode"] == mode, args
 
 
-def test_the_exit_statuses_are_the_ones_docs_cli_md_lists():
+def test_the_exit_statuses_are_the_ones_docs_cli_md_lists(tmp_path):
     """docs/cli.md's "Exit status" table: 0, 1 (an input the command refuses while running), 2 (a command
     line that cannot be parsed, and a bare group's help with click >= 8.2) and 130 (Ctrl-C:
     tests/test_cli_generate.py); the cheap ones are checked here."""
@@ -525,6 +525,13 @@ def test_the_exit_statuses_are_the_ones_docs_cli_md_lists():
     assert status("--help") == status("generate", "--help") == status("--version") == 0
     assert status("generate", "a cat", "--bogus") == status("generate", "a cat", "--steps", "x") == 2
     assert status("generate", "a cat", "--steps", "0") == 1
+    # the same mistakes in a config file are 1: the file is read when the command runs (the table says so)
+    assert "anything wrong in a `--config` / `--profile` file" in section
+    for flag, value in (("--width", "wide"), ("--offload", "bogus"), ("--transformer", str(tmp_path / "missing"))):
+        assert status("generate", "a cat", flag, value) == 2
+        config = tmp_path / "c.toml"
+        config.write_text(f'[default]\n{flag[2:]} = "{value}"\n')
+        assert status("generate", "a cat", "--config", str(config)) == 1, flag
     bare = 2 if tuple(int(v) for v in version("click").split(".")[:2]) >= (8, 2) else 0
     assert status() == status("templates") == bare
 
