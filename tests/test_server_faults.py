@@ -443,6 +443,27 @@ def test_serve_ray_plans_replicas_that_fit():
     assert options["replicas"] == 1 and "wait until the Ray cluster has the GPUs" in warning  # it may autoscale
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--replicas", "0"], "Error: --replicas must be >= 1, got 0"),
+    (["--replicas", "-1"], "Error: --replicas must be >= 1, got -1"),
+    (["--min-replicas", "3", "--max-replicas", "2"], "Error: need 1 <= min_replicas <= max_replicas, got 3 and 2"),
+])
+def test_serve_ray_refuses_replica_counts_before_starting_ray(monkeypatch, args, message):
+    """--replicas 0 was deployed as one replica (``options.get("replicas") or 1``), and -1 or a minimum
+    above the maximum were refused only once Ray and Serve had started. Now status 1 before Ray starts."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    from click.testing import CliRunner
+
+    from zimage_native.cli import main
+
+    def started(*args, **kwargs):
+        raise AssertionError("ray.init ran")
+
+    monkeypatch.setattr(ray, "init", started)
+    result = CliRunner().invoke(main, ["serve", "--ray", "--fake", *args])
+    assert (result.exit_code, result.output.strip()) == (1, message), (result.output, result.exception)
+
+
 # ------------------------------------------------------------------------------ 9. --max-history below n
 def test_max_history_never_prunes_the_images_of_the_job_that_made_them(tmp_path):
     server = live(tmp_path, max_history=1)

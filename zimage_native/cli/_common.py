@@ -41,7 +41,7 @@ LIBRARY_FLAGS = {
     "compile": "--compile", "fp8": "--fp8", "kernels": "--kernels", "cuda_graphs": "--cuda-graphs",
     "overlap": "--tile-overlap", "seed_variance": "--seed-variance", "seed_variance_share": "--seed-variance-share",
     "seed_variance_steps": "--seed-variance-steps", "first_block_cache": "--first-block-cache",
-    "cfg_normalization": "--cfg-normalization",
+    "cfg_normalization": "--cfg-normalization", "replicas": "--replicas",
 }
 _NAMES = "|".join(LIBRARY_FLAGS)
 # A statement about the argument ("steps must be ...", "text_encoder_quant applies to ...") or one that

@@ -231,13 +231,14 @@ def run_ray(o: dict) -> None:
         import ray
         from ray import serve as ray_serve
 
-        from ..server.ray_serve import build_app
+        from ..server.ray_serve import build_app, scaling_options
     except ImportError as e:
         raise click.ClickException(f"zimage serve --ray needs the ray extra ({e.name} is missing): "
                                    f"pip install 'zimage-native[ray]'") from None
     import time
 
     settings = build_settings(o)  # validate before starting anything
+    scaling_options(o)  # the replica counts too (--replicas 0 was deployed as 1, -1 refused once Ray had started)
     if o["ray_address"] is None:  # the ingress runs here: another server on its data folder is refused now
         from ..server.storage import DataDirLock
 

@@ -280,7 +280,7 @@ class ZImageIngress:
 
 def scaling_options(options: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """Serve options of the replica deployment, and the number of ingress workers (max replicas)."""
-    replicas = options.get("replicas") or 1
+    replicas = 1 if options.get("replicas") is None else options["replicas"]  # (0 is refused, not taken as 1)
     low, high = options.get("min_replicas"), options.get("max_replicas")
     deployment: dict[str, Any] = {
         "max_ongoing_requests": 1,
