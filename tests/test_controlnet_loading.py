@@ -589,3 +589,34 @@ def test_a_controlnet_under_model_offload_is_weighed_with_the_dit_it_visits_the_
     card(monkeypatch, free=together)  # both fit: reading starts
     with pytest.raises(WeightsRead):
         model.load_controlnet(path)
+
+
+def test_a_dit_with_fused_gemms_is_weighed_under_model_offload_as_the_memory_it_visits_with(
+        control_model_dir, control_files, monkeypatch):  # noqa: F811
+    """Under offload="model" the DiT visits the GPU storage by storage (``offload.visit``): the views of
+    a fused q|k|v or w1|w3 GEMM (fp8 or Triton kernels fuse them) are copied with the buffer they share.
+    Weighed tensor by tensor, a fused DiT counted each fused weight twice (the tiny DiT with fp8: 2,008,032
+    B for the 1,555,424 B that visit; at real width about 4.2 GB of fp8 q|k|v and w1|w3 more), and a
+    branch that fits beside it was refused. Weighed as it visits: refused one byte short, read at it."""
+    from zimage_native import ZImagePipeline
+    from zimage_native.devices import InsufficientMemoryError, bytes_in
+    from zimage_native.quantize import weight_bytes
+
+    from .test_memory_check import CUDA, GB, card, host
+
+    model = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.bfloat16, offload="model")
+    model.optimize(fp8=True)  # fuses q|k|v and w1|w3 (the CPU's fp8 GEMM: torch 2.13)
+    dit = weight_bytes(model.transformer)
+    assert bytes_in((*model.transformer.parameters(), *model.transformer.buffers()), None) > dit  # views shared
+    weighed = []
+    load_controlnet(control_files["2.1"], transformer_config=model.transformer_config, dtype=torch.bfloat16,
+                    visits=lambda m: weighed.append(bytes_in((*m.parameters(), *m.buffers()), torch.bfloat16)))
+    monkeypatch.setitem(model.placement, "transformer", CUDA)
+    refuse_weight_reads(monkeypatch)
+    host(monkeypatch, available=GB)
+    card(monkeypatch, free=dit + weighed[0] - 1)
+    with pytest.raises(InsufficientMemoryError, match=r"^the DiT \(.*\) and the ControlNet \(.*\) visit cuda:0 together"):
+        model.load_controlnet(control_files["2.1"])
+    card(monkeypatch, free=dit + weighed[0])  # both fit: reading starts
+    with pytest.raises(WeightsRead):
+        model.load_controlnet(control_files["2.1"])
