@@ -899,6 +899,36 @@ def test_gguf_qwen3_in_transformers_names(tiny_model_dir, tmp_path):
         assert_rel(a, b, 1e-6, "text features")
 
 
+
+@pytest.mark.parametrize("prefix", ["", "text_encoders.qwen3_4b.transformer."])
+def test_the_lm_head_of_a_gguf_qwen3_in_transformers_names_is_the_text_encoders(tiny_model_dir, tmp_path, caplog,
+                                                                               prefix):
+    """A Qwen3 GGUF in transformers names with its LM head (``lm_head.weight`` beside ``model.``, as in
+    ComfyUI's qwen_3_4b.safetensors) is the text encoder's, dropped by its key map as from a safetensors
+    file: it was left out of the component, so ``zimage convert`` warned of "1 tensor of no Z-Image
+    component" and --dry-run listed it so, where the safetensors file lists it as dropped."""
+    from transformers import AutoTokenizer
+
+    from zimage_native.converters.convert import plan_conversion
+    from zimage_native.converters.keymap import TE_TRANSFORMERS
+    from zimage_native.formats.gguf import TE_LLAMA_CPP, GGUFCheckpoint
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir / "tokenizer")
+    llama_path, _ = write_qwen3(tmp_path / "llama-names.gguf", len(tok), "Q8_0")
+    with GGUFCheckpoint(llama_path) as ckpt:
+        tensors = {k: (np.array(t.data), t.qtype) for k, t in ckpt.tensors.items()}
+    renamed = {prefix + TE_TRANSFORMERS.foreign_key(c): v for k, v in tensors.items()
+               for c in TE_LLAMA_CPP.canonical_keys(k)}
+    renamed[prefix + "lm_head.weight"] = tensors["output.weight"]
+    path = write_gguf(tmp_path / "hf-names.gguf", renamed, "qwen3")
+    with caplog.at_level("WARNING", logger="zimage_native.converters.convert"):
+        plan = plan_conversion(path, tmp_path / "out.safetensors", "transformers", dtype="bf16")
+    assert plan.left_out == [] and plan.dropped == [prefix + "lm_head.weight"]
+    assert not [r for r in caplog.records if "no Z-Image component" in r.getMessage()]
+    model = load_component("text_encoder", path, torch.float32, "cpu", config={"max_position_embeddings": 2048})
+    assert isinstance(model.layers[0].self_attn.q_proj, GGUFLinear)
+
+
 def test_gguf_benchmark_smoke():
     """The GPU benchmark of packed linears runs its code path on the CPU (tiny shapes)."""
     from .utils import benchmark_script

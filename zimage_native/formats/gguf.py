@@ -290,7 +290,10 @@ def inspect_gguf(ckpt: GGUFCheckpoint) -> FileFormat:
             break
     hf = next((p for p in _TE_HF_PREFIXES if p + "embed_tokens.weight" in keys), None)
     if hf is not None:  # a Qwen3 in transformers names (some GGUF converters keep them)
-        te_keys = [k for k in keys if k.startswith(hf) and not k.startswith(_DIT_PREFIXES[:2])]
+        # (and the LM head beside model., which the key map drops, as from a safetensors file: not left
+        # out as a tensor of no component)
+        head = hf.removesuffix("model.") + "lm_head.weight" if hf.endswith("model.") else None
+        te_keys = [k for k in keys if (k.startswith(hf) or k == head) and not k.startswith(_DIT_PREFIXES[:2])]
         if hf + "layers.0.self_attn.q_norm.weight" not in keys:
             fmt.problem = (f"{ckpt.path}: the text encoder has no q_norm: it is not a Qwen3 model "
                            f"(Z-Image needs Qwen3-4B)")
