@@ -599,6 +599,7 @@ def test_a_dit_with_fused_gemms_is_weighed_under_model_offload_as_the_memory_it_
     B for the 1,555,424 B that visit; at real width about 4.2 GB of fp8 q|k|v and w1|w3 more), and a
     branch that fits beside it was refused. Weighed as it visits: refused one byte short, read at it."""
     from zimage_native import ZImagePipeline
+    from zimage_native.accel import optimize
     from zimage_native.devices import InsufficientMemoryError, bytes_in
     from zimage_native.quantize import weight_bytes
 
@@ -608,15 +609,47 @@ def test_a_dit_with_fused_gemms_is_weighed_under_model_offload_as_the_memory_it_
     model.optimize(fp8=True)  # fuses q|k|v and w1|w3 (the CPU's fp8 GEMM: torch 2.13)
     dit = weight_bytes(model.transformer)
     assert bytes_in((*model.transformer.parameters(), *model.transformer.buffers()), None) > dit  # views shared
-    weighed = []
-    load_controlnet(control_files["2.1"], transformer_config=model.transformer_config, dtype=torch.bfloat16,
-                    visits=lambda m: weighed.append(bytes_in((*m.parameters(), *m.buffers()), torch.bfloat16)))
+    branch = load_controlnet(control_files["2.1"], transformer_config=model.transformer_config, dtype=torch.bfloat16)
+    optimize(branch, fp8=True, device=torch.device("cpu"))  # converted with the DiT's fp8, as ControlNetSlot.load does
     monkeypatch.setitem(model.placement, "transformer", CUDA)
     refuse_weight_reads(monkeypatch)
     host(monkeypatch, available=GB)
-    card(monkeypatch, free=dit + weighed[0] - 1)
+    card(monkeypatch, free=dit + weight_bytes(branch) - 1)
     with pytest.raises(InsufficientMemoryError, match=r"^the DiT \(.*\) and the ControlNet \(.*\) visit cuda:0 together"):
         model.load_controlnet(control_files["2.1"])
-    card(monkeypatch, free=dit + weighed[0])  # both fit: reading starts
+    card(monkeypatch, free=dit + weight_bytes(branch))  # both fit: reading starts
+    with pytest.raises(WeightsRead):
+        model.load_controlnet(control_files["2.1"])
+
+
+def test_a_branch_under_model_offload_with_fp8_is_weighed_as_fp8_converts_it(
+        control_model_dir, control_files, monkeypatch):  # noqa: F811
+    """With the DiT's fp8 on (``optimize(fp8=True)``), a ControlNet loaded under offload="model" is converted
+    as it loads (its blocks are DiT blocks) and visits the GPU in fp8. It was weighed in the pipeline's dtype
+    before: the tiny 2.1 branch 594,816 B for the 533,376 B that visit (at real width about 6.7 GB for 3.7),
+    and a branch that fits beside the DiT was refused. Weighed as fp8 converts it (``accel.fp8.fp8_bytes``):
+    refused one byte short of the DiT and the converted branch, read at them."""
+    from zimage_native import ZImagePipeline
+    from zimage_native.accel import optimize
+    from zimage_native.devices import InsufficientMemoryError
+    from zimage_native.quantize import weight_bytes
+
+    from .test_memory_check import CUDA, GB, card, host
+
+    model = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.bfloat16, offload="model")
+    model.optimize(fp8=True)  # (the CPU's fp8 GEMM: torch 2.13)
+    dit = weight_bytes(model.transformer)
+    branch = load_controlnet(control_files["2.1"], transformer_config=model.transformer_config, dtype=torch.bfloat16)
+    loaded = weight_bytes(branch)
+    optimize(branch, fp8=True, device=torch.device("cpu"))  # as ControlNetSlot.load converts it with the DiT's fp8
+    converted = weight_bytes(branch)
+    assert converted < loaded
+    monkeypatch.setitem(model.placement, "transformer", CUDA)
+    refuse_weight_reads(monkeypatch)
+    host(monkeypatch, available=GB)
+    card(monkeypatch, free=dit + converted - 1)
+    with pytest.raises(InsufficientMemoryError, match=r"^the DiT \(.*\) and the ControlNet \(.*\) visit cuda:0 together"):
+        model.load_controlnet(control_files["2.1"])
+    card(monkeypatch, free=dit + converted)  # both fit: reading starts
     with pytest.raises(WeightsRead):
         model.load_controlnet(control_files["2.1"])

@@ -929,13 +929,16 @@ class ZImagePipeline:
         return needs
 
     def _check_branch_visit(self, branch: torch.nn.Module) -> None:
-        """``offload="model"``: the ControlNet ``branch`` (built on meta, weighed in this pipeline's dtype)
-        visits the DiT's GPU with the DiT while a step runs; refuse where both cannot fit there
-        (``control.check_branch_visit``)."""
+        """``offload="model"``: the ControlNet ``branch`` (built on meta, weighed in this pipeline's dtype,
+        or as the DiT's fp8 converts it after loading: ``accel.fp8.fp8_bytes``) visits the DiT's GPU with
+        the DiT while a step runs; refuse where both cannot fit there (``control.check_branch_visit``)."""
+        from .accel.fp8 import fp8_bytes
         from .devices import bytes_in
 
         model = self._gpu_needs("model")
-        _control.check_branch_visit(bytes_in((*branch.parameters(), *branch.buffers()), self.dtype),
+        weighed = (fp8_bytes(branch, self.dtype) if self._accel["fp8"]
+                   else bytes_in((*branch.parameters(), *branch.buffers()), self.dtype))
+        _control.check_branch_visit(weighed,
                                     bytes_in(_control.branch_on_gpu(branch), self.dtype), model,
                                     self._gpu_needs("blocks"), {name: self.placement[name] for name in model})
 

@@ -208,6 +208,27 @@ def _eligible(module: nn.Module) -> bool:
     return module.in_features % 16 == 0 and module.out_features % 16 == 0  # _scaled_mm needs multiples of 16
 
 
+
+def fp8_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """The bytes of ``model`` (built on meta, its floating tensors to be read in ``dtype``) once
+    :func:`quantize_fp8_` has converted it: the blocks' eligible linears one byte a value and an fp32
+    scale a row (``footprint.scaled_rows_bytes``; a fused GEMM's matrix is its parts' rows), the rest
+    in ``dtype``. Weighs a ControlNet branch before it is read, which the DiT's fp8 converts after."""
+    from ..footprint import scaled_rows_bytes
+
+    total = 0
+    for name, module in model.named_modules():
+        converted = type(module) is nn.Linear and _in_block(name) and _eligible(module)
+        for key, t in (*module._parameters.items(), *module._buffers.items()):
+            if t is None:
+                continue
+            if converted and key == "weight":
+                total += scaled_rows_bytes(tuple(t.shape))
+            else:
+                total += t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+    return total
+
+
 def quantize_fp8_(transformer: nn.Module, fast_accum: bool = True, kernels: bool = False,
                   device: torch.device | None = None) -> str:
     """Replace the blocks' linears (and fused GEMMs) by :class:`Float8Linear` in place; returns the log line.
