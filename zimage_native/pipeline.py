@@ -914,15 +914,18 @@ class ZImagePipeline:
 
     def _gpu_needs(self, offload: str) -> dict[str, int]:
         """The bytes each loaded component holds on its device while it runs under ``offload``: "model",
-        all of its tensors, each storage once (``quantize.weight_bytes``: what ``offload.visit`` copies;
-        counted by tensor, the views of a fused q|k|v or w1|w3 GEMM counted it twice); "blocks", the
-        DiT's resident part and its 2 largest blocks in flight (the running one and its prefetch,
-        ``offload.streamed_bytes``)."""
+        all of its tensors; "blocks", the DiT's resident part and its 2 largest blocks in flight (the running
+        one and its prefetch, ``offload.streamed_bytes``). Where this pipeline runs under "model", each
+        storage once (``quantize.weight_bytes``: what ``offload.visit`` copies; by tensor, the views of a
+        fused q|k|v or w1|w3 GEMM counted it twice); else by tensor (not the pinned slabs, whole, that
+        hold streamed blocks)."""
+        from .devices import bytes_in
         from .offload import streamed_bytes
         from .quantize import weight_bytes
 
         modules = {"text_encoder": self._module("text_encoder"), "transformer": self.transformer, "vae": self.vae}
-        needs = {name: weight_bytes(m) for name, m in modules.items() if m is not None}
+        weigh = weight_bytes if self.offload == "model" else (lambda m: bytes_in((*m.parameters(), *m.buffers()), None))
+        needs = {name: weigh(m) for name, m in modules.items() if m is not None}
         if offload == "blocks":
             resident, block = streamed_bytes(self.transformer)
             needs["transformer"] = resident + 2 * block
