@@ -208,7 +208,6 @@ def _eligible(module: nn.Module) -> bool:
     return module.in_features % 16 == 0 and module.out_features % 16 == 0  # _scaled_mm needs multiples of 16
 
 
-
 def fp8_bytes(model: nn.Module, dtype: torch.dtype) -> int:
     """The bytes of ``model`` (built on meta, its floating tensors to be read in ``dtype``) once
     :func:`quantize_fp8_` has converted it: the blocks' eligible linears one byte a value and an fp32
