@@ -876,6 +876,87 @@ def test_a_text_encoder_set_to_none_or_a_remote_one_waits_for_the_run(tiny_model
     assert pipe.text_encoder is encoder
 
 
+@pytest.mark.parametrize("placed", ["none", "model", "blocks", "pipe.to"])
+def test_a_dit_assigned_to_the_pipeline_rests_where_the_pipelines_does(tiny_model_dir, monkeypatch, placed):
+    """``pipe.transformer = dit`` left the DiT where it was loaded: on a pipeline resident on a GPU
+    (built so, or after ``pipe.to("cuda")``) a DiT loaded on the CPU stayed there (a device mismatch at
+    its run on a real GPU), under offload="model" one on a GPU stayed resident, and under "blocks" a
+    plain DiT ran unstreamed. It is placed as the pipeline's own now: on the execution device when
+    resident, in CPU memory under "model" (runs visiting), its blocks streamed under "blocks" (as
+    from_pretrained streams its DiT). "cpu:1" stands in for the GPU, copy_storage records the copies;
+    the run returns the latents of the pipeline's own DiT, which holds the same weights."""
+    import zimage_native.offload as offload
+    from zimage_native import ZImagePipeline
+    from zimage_native.devices import storage_device
+
+    from .fixtures import our_pipeline
+
+    gpu = torch.device("cpu", 1)
+    base = our_pipeline(tiny_model_dir)
+    mode = "none" if placed == "pipe.to" else placed
+    placement = dict.fromkeys(base.placement, torch.device("cpu") if placed == "pipe.to" else gpu)
+    pipe = ZImagePipeline(copy.deepcopy(base.transformer), copy.deepcopy(base.vae), copy.deepcopy(base.text_encoder),
+                          base.scheduler_config, base.vae_config, placement=placement, offload=mode)
+    pipe.progress = False
+    if placed == "pipe.to":
+        pipe.to(gpu)
+    kw = dict(height=32, width=32, num_inference_steps=1, seed=0, output_type="latent")
+    want = pipe("a cat", **kw).images
+    dit = copy.deepcopy(base.transformer)  # loaded on the CPU, held by no pipeline
+    moved, copies = [], []
+    real_move = offload.move_
+    monkeypatch.setattr(offload, "move_", lambda module, device: moved.append((module, device))
+                        or real_move(module, device))
+    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: copies.append(device) or storage.clone())
+    pipe.transformer = dit
+    assert pipe.transformer is dit
+    streamer = getattr(dit, "block_streamer", None)
+    if mode == "blocks":
+        assert moved == [] and streamer is not None and streamer.device == gpu
+        assert streamer.blocks == offload.dit_blocks(dit)
+        loads, load = [], streamer.load
+        streamer.load = lambda i: (loads.append(i), load(i))[1]
+    else:
+        rest = storage_device("transformer", gpu, mode)
+        assert streamer is None and moved == [(dit, rest)]
+        assert copies == ([gpu] * len(copies) if rest == gpu else []) and (copies or rest != gpu)
+
+    resting = {p.data_ptr() for p in dit.parameters()}
+    ran_resting = []
+    dit.layers[0].register_forward_pre_hook(lambda m, args: ran_resting.append(any(p.data_ptr() in resting
+                                                                                   for p in m.parameters())))
+    copies.clear()
+    got = pipe("a cat", **kw).images
+    assert torch.equal(got, want)
+    if mode == "blocks":
+        assert sorted(set(loads)) == list(range(len(streamer.blocks))) and not streamer.loaded
+    else:
+        visits = mode == "model"  # (it ran on a copy on the execution device)
+        assert ran_resting and all(r is not visits for r in ran_resting) and (gpu in copies or not visits)
+    assert {p.data_ptr() for p in dit.parameters()} == resting
+
+
+def test_a_streamed_dit_is_refused_by_a_pipeline_not_streaming_it(tiny_model_dir):
+    """A DiT whose blocks are streamed (loaded with offload="blocks", its pipeline gone) assigned to a
+    resident pipeline is refused, naming offload='blocks': moved whole, its streaming hooks would still
+    copy its blocks at each run."""
+    import gc
+
+    from .fixtures import our_pipeline
+
+    streamed = our_pipeline(tiny_model_dir, offload="blocks")
+    dit = streamed.transformer
+    del streamed
+    gc.collect()
+    pipe = our_pipeline(tiny_model_dir)
+    own = pipe.transformer
+    with pytest.raises(ValueError, match=r"its blocks are streamed \(offload='blocks'\) and this pipeline runs its "
+                                         r"DiT with offload='none'; assign it to a pipeline loaded with "
+                                         r"offload='blocks'"):
+        pipe.transformer = dit
+    assert pipe.transformer is own
+
+
 # ----------------------------------------------------------------------------------- host memory of a file's map
 
 

@@ -503,9 +503,7 @@ class ZImagePipeline:
         self.variant = variant or detect_variant(source or "", scheduler_config)
         self.scheduler_config = variant_scheduler(scheduler_config, self.variant)
         if offload == "blocks" and getattr(transformer, "block_streamer", None) is None:
-            from .offload import stream_blocks
-
-            stream_blocks(transformer, self.placement["transformer"])  # the resident parts move there
+            self._stream_the_dit(transformer)  # the resident parts move there
         self.vae_tiling: TileConfig | None = None
         self.vae_slicing = False  # decode and encode one image at a time (enable_vae_slicing)
         self._bind_vae_calls()
@@ -561,6 +559,10 @@ class ZImagePipeline:
 
     @transformer.setter
     def transformer(self, module) -> None:
+        """``pipe.transformer = other_dit``: the DiT is placed as this pipeline's own (:meth:`_place_the_dit`).
+        A DiT compiled with torch.compile's wrapper, one whose blocks are streamed on a pipeline not
+        streaming them, and one another pipeline places otherwise (:meth:`_check_held_alike`) are
+        refused."""
         if hasattr(module, "_orig_mod"):  # torch.compile's wrapper (OptimizedModule): its __call__ is never called
             raise ValueError("pipe.transformer = torch.compile(pipe.transformer): the pipeline runs the DiT's "
                              "forward_tokens, which the wrapper leaves eager; call pipe.transformer.compile() (or "
@@ -569,6 +571,8 @@ class ZImagePipeline:
         # the DiT assigned does not change it (nor its record, read below) meanwhile.
         with _locks_of(lambda: [self, *_pipelines_holding(module)]):
             self._check_held_alike("transformer", module)
+            if module is not None and "_accel" in self.__dict__:  # (the constructor takes it where it was loaded)
+                self._place_the_dit(module)
             before = getattr(self, "_transformer", None)
             replaced = before is not module
             self._transformer = module
@@ -582,6 +586,34 @@ class ZImagePipeline:
             if "_accel" in self.__dict__:  # (the constructor records and fits it once its record is made)
                 self._record_the_dit()
                 self._fit_attention()  # (SDPA bounded where it has only its math path, as at a placement)
+
+    def _place_the_dit(self, module) -> None:
+        """A DiT assigned rests where this pipeline's DiT rests: on the execution device when resident,
+        in CPU memory under offload="model" (its runs visit the execution device, :meth:`_running`),
+        and under "blocks" its blocks streamed from (pinned, on a GPU) CPU memory with its other parts
+        on the execution device, as ``from_pretrained`` streams the DiT it loads (a DiT streamed
+        already, held by another pipeline streaming it, is left so). Up to 0.23.0 it stayed where it was
+        loaded: a DiT on the CPU assigned to a pipeline resident on a GPU failed its run with a device
+        mismatch, one on a GPU stayed resident under "model", and under "blocks" a plain DiT ran
+        unstreamed."""
+        streamed = getattr(module, "block_streamer", None) is not None
+        if self.offload != "blocks":
+            if streamed:
+                raise ValueError(f"pipe.transformer = dit: its blocks are streamed (offload='blocks') and this "
+                                 f"pipeline runs its DiT with offload={self.offload!r}; assign it to a pipeline "
+                                 f"loaded with offload='blocks', or load the DiT again without streaming")
+            from .offload import move_
+
+            move_(module, storage_device("transformer", self.placement["transformer"], self.offload))
+        elif not streamed:
+            self._stream_the_dit(module)
+
+    def _stream_the_dit(self, module) -> None:
+        """``offload="blocks"``: the DiT's blocks streamed to its execution device (``offload.stream_blocks``:
+        packed into pinned slabs on a GPU), its other parts moved there."""
+        from .offload import stream_blocks
+
+        stream_blocks(module, self.placement["transformer"])
 
     def _take_the_dits_loras(self, before) -> None:
         """The LoRA records (``lora_stack``, ``lora_adapters``) of the DiT this pipeline now holds, which
