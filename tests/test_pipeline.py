@@ -555,6 +555,20 @@ def test_pipe_to_the_dtype_it_holds_changes_nothing_as_in_diffusers(fresh_pipe, 
         fresh_pipe.to(torch.float32)
 
 
+def test_pipe_to_accepts_diffusers_silence_dtype_warnings(fresh_pipe):
+    """diffusers' ``pipe.to("cpu", silence_dtype_warnings=True)`` (its own offload calls it so) raised
+    TypeError here. The keyword is accepted and changes nothing: the placement and the dtype are
+    checked as without it."""
+    kw = dict(height=32, width=32, num_inference_steps=1, seed=0, output_type="latent")
+    before = fresh_pipe("a cat", **kw).images
+    for args in (("cpu",), (torch.float32,), ("cpu", torch.float32)):
+        for silence in (True, False):
+            assert fresh_pipe.to(*args, silence_dtype_warnings=silence) is fresh_pipe
+    assert torch.equal(fresh_pipe("a cat", **kw).images, before)
+    with pytest.raises(ValueError, match=r"load again with dtype='bfloat16'"):
+        fresh_pipe.to("cpu", torch.bfloat16, silence_dtype_warnings=True)
+
+
 def test_pipe_to_leaves_a_remote_text_encoders_dtype_to_its_machine(fresh_pipe):
     """A remote text encoder (docs/server.md: built with dtype=None, the remote dtype) holds no weights
     here: its dtype is a request to its machine, and its features are cast to the DiT's. pipe.to("cpu")

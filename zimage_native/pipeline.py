@@ -993,14 +993,17 @@ class ZImagePipeline:
 
     # ------------------------------------------------------------------ placement
     @_serialized_with_placed
-    def to(self, *args, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ZImagePipeline":
+    def to(self, *args, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+           silence_dtype_warnings: bool = False) -> "ZImagePipeline":
         """Every component on ``device``, resident (diffusers' ``pipe.to``; offloading ends), and so
         every other pipeline sharing a component with it (:meth:`_place_holders`). Returns the pipeline.
         Streamed blocks cannot move this way: load again with ``offload="none"``. The dtype is
         chosen when loading (``dtype=`` / ``torch_dtype=``): a dtype here is refused, unless every
         component holds it already (diffusers' ``pipe.to("cuda", torch.bfloat16)`` after loading in
         bfloat16), where it changes nothing; a remote text encoder's dtype (its machine's) is not
-        checked. Without a device only the dtype is checked."""
+        checked. Without a device only the dtype is checked. ``silence_dtype_warnings`` (diffusers'
+        switch for its warning about float16 on the CPU) is accepted and changes nothing: no such
+        warning is given here."""
         dtypes = [a for a in args if isinstance(a, torch.dtype)] + ([dtype] if dtype is not None else [])
         if len(dtypes) > 1:
             raise ValueError(f"pipe.to() takes one dtype, got {dtypes}")
