@@ -218,6 +218,72 @@ def test_the_docs_dit_table_is_the_one_footprint_computes():
             assert exact is None or int(exact.group(1).replace(",", "")) == want, (fmt, offload, cell, want)
 
 
+
+def gb_cells(cell: str) -> list[str]:
+    """The GB figures of a table cell ("4.17 / 3.22 / 2.21 GB", "3.93 GB / 2.27 GB", "7.84 GB
+    (7,843,069,952 B)"), without those in parentheses."""
+    return re.findall(r"\d+\.\d\d", re.sub(r"\([^)]*\)", "", cell))
+
+
+def assert_figure(cell: str, want: int, what) -> None:
+    """``cell``'s GB figure (and exact byte count, where it gives one) is ``want``."""
+    assert gb_cells(cell) == [f"{want / 1e9:.2f}"], (what, cell, want)
+    exact = re.search(r"\(([\d,]+) B\)", cell)
+    assert exact is None or int(exact.group(1).replace(",", "")) == want, (what, cell, want)
+
+
+def test_the_docs_text_encoder_vae_and_profile_figures_are_the_ones_footprint_computes():
+    """docs/performance.md's text-encoder table, VAE line and profile table, docs/formats.md's
+    "Resident bytes per format" rows of the text encoder and the VAE, and the byte counts in the
+    comments of config.example.toml's profiles: each GB / GiB figure and exact byte count equals
+    what footprint computes for the released configs."""
+    root = Path(__file__).resolve().parents[1]
+    perf = (root / "docs" / "performance.md").read_text()
+    table = perf.split("| text encoder | bytes |", 1)[1].split("\n\n", 1)[0]
+    rows = dict(re.findall(r"^\| ([^|]+) \| ([^|]+) \|$", table, re.M))
+    assert_figure(rows["bf16"], fp.text_encoder_bytes(None, "none"), "bf16")
+    for quant in ("int8", "int4"):
+        assert_figure(rows[f"`--text-encoder-quant {quant}`"], fp.text_encoder_bytes(None, quant), quant)
+    gguf = next(cell for label, cell in rows.items() if label.startswith("GGUF Q8_0 / Q6_K / Q4_K"))
+    assert gb_cells(gguf) == [f"{fp.text_encoder_bytes(None, 'gguf:' + q) / 1e9:.2f}" for q in ("Q8_0", "Q6_K", "Q4_K")]
+    vae = re.search(r"^VAE: (.+) in bf16\.$", perf, re.M).group(1)
+    assert_figure(vae, fp.vae_bytes(None, "bf16"), "vae")
+
+    table = perf.split("| profile | DiT | text encoder | offload | encoding |", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` [^|]*\|[^|]+\|[^|]+\|[^|]+\| ([^|]+) \| ([^|]+) \|$", table, re.M)
+    assert [name for name, _, _ in rows] == [p.name for p in fp.PROFILES]
+    for profile, (name, encode, denoise) in zip(fp.PROFILES, rows):
+        b = fp.profile_bytes(profile)
+        for cell, phase in ((encode, "encode"), (denoise, "denoise")):
+            assert_figure(cell, b[phase], (name, phase))
+            assert re.search(r"\((\d+\.\d\d) GiB\)", cell).group(1) == f"{b[phase] / 2**30:.2f}", (name, phase, cell)
+
+    formats = (root / "docs" / "formats.md").read_text()
+    table = formats.split("| component | format | bytes |", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| (text encoder[^|]*|VAE) \| ([^|]+) \| ([^|]+) \|$", table, re.M)
+    figures = {fmt.strip(): cell for component, fmt, cell in rows if component.startswith("text encoder")}
+    assert_figure(figures["bf16"], fp.text_encoder_bytes(None, "none"), "formats.md bf16")
+    assert gb_cells(figures["`--text-encoder-quant int8` / `int4`"]) == [
+        f"{fp.text_encoder_bytes(None, q) / 1e9:.2f}" for q in ("int8", "int4")]
+    checked = 0
+    for fmt, cell in figures.items():
+        if fmt.startswith("GGUF "):
+            types = fmt.split(" (")[0].removeprefix("GGUF ").split(" / ")
+            assert gb_cells(cell) == [f"{fp.text_encoder_bytes(None, 'gguf:' + q) / 1e9:.2f}" for q in types], fmt
+            checked += len(types)
+    assert checked >= 11, figures  # Q8_0 / Q6_K / Q4_K and the eight i-quants
+    vae = next(cell for label, fmt, cell in rows if label == "VAE")
+    assert_figure(vae, fp.vae_bytes(None, "bf16"), "formats.md vae")
+
+    example = (root / "zimage_native" / "config.example.toml").read_text()
+    for profile in fp.PROFILES:
+        comment = example.split(f"[{profile.name}]", 1)[0].rsplit("\n\n", 1)[1]
+        b = fp.profile_bytes(profile)
+        gib = re.findall(r"\((\d+\.\d\d) GiB\)", comment)
+        assert gib and gib[0] == f"{b['encode'] / 2**30:.2f}", (profile.name, comment)
+        assert gib[-1] == f"{b['denoise'] / 2**30:.2f}", (profile.name, comment)
+
+
 def test_block_scaled_bytes_follow_from_the_layer_layout():
     """nvfp4: 0.5 byte a value + 1 byte per 16 values; mxfp8: 1 byte a value + 1 byte per 32; 4 bytes of
     fp32 scale_2 a layer (mxfp8's is 1)."""
