@@ -295,6 +295,11 @@ def hub_offline(request) -> list[str]:
             raised(resolve_model_folder, tmp_path / "downloads")]
 
 
+def profile_file_missing(request) -> list[str]:
+    """A GGUF profile of the shipped example config run in a folder without its DiT file."""
+    request.getfixturevalue("monkeypatch").chdir(request.getfixturevalue("tmp_path"))
+    return [cli("generate", "a cat", "--profile", "16gb", "--device", "cpu")]
+
 def in_source(*modules: str):
     """A check that reads the source of the modules that produce the message (GPU-only or interrupt paths)."""
     def check(request) -> list[str]:
@@ -313,6 +318,7 @@ CHECKS = {
     "A later request is slow": [shape_classes, in_source("zimage_native/accel/cuda_graphs.py")],
     "Triton is missing, or the kernels refuse the CPU": [triton_missing, triton_on_the_cpu],
     "fp8 or compile refused on an older GPU": [older_gpus, in_source("zimage_native/devices.py")],
+    "A profile's GGUF file is missing": [profile_file_missing],
     "A GGUF file is refused": [gguf_files],
     "A safetensors file is refused": [safetensors_files],
     "LoRA keys not matched": [lora_keys],
