@@ -447,8 +447,6 @@ def test_a_pipeline_sharing_a_streamed_dit_waits_for_the_run_of_the_other(tiny_m
     block, freed that block under it, and the first failed with KeyError where the block ended.
     Now the second waits for the first's run (here the block waits up to 2 s for it to finish,
     which it does only when nothing holds it back), and both return the resident pipeline's images."""
-    import threading
-
     from tests.fixtures import our_pipeline
     from zimage_native import ZImagePipeline
 
@@ -459,33 +457,47 @@ def test_a_pipeline_sharing_a_streamed_dit_waits_for_the_run_of_the_other(tiny_m
     kw = dict(height=32, width=32, num_inference_steps=2, output_type="pt", seed=0)
     want = our_pipeline(tiny_model_dir)("a cat", **kw).images
     streamer = pipe.transformer.block_streamer
+    call = (lambda: second("a cat", **kw).images) if other == "run" else second.maybe_free_model_hooks
+    first, result, _ = _call_inside_a_run(streamer.blocks[len(pipe.transformer.context_refiner)],
+                                          lambda: pipe("a cat", **kw).images, call)
+    assert torch.equal(first, want)
+    if other == "run":
+        assert torch.equal(result, want)
+    assert not streamer.loaded
+
+
+def _call_inside_a_run(block, run, call, log: list | None = None):
+    """``run()`` here; when it first enters ``block``, ``call()`` in another thread, the block waiting up
+    to 2 s for it (a call that waits for the run ends only after it). Returns the run's result, the
+    call's, and what was appended to ``log`` while the block waited."""
+    import threading
+
     inside, done, results = threading.Event(), threading.Event(), {}
 
-    def call():
+    def other():
         inside.wait()
         try:
-            results["second"] = second("a cat", **kw).images if other == "run" else second.maybe_free_model_hooks()
+            results["call"] = call()
         finally:
             done.set()
 
     def block_runs(module, args):
-        if not inside.is_set():  # the first run's first image block: the other call comes now
+        if not inside.is_set():
+            start = len(log or ())
             inside.set()
             done.wait(2)
+            results["logged"] = (log or [])[start:]
 
-    handle = streamer.blocks[len(pipe.transformer.context_refiner)].register_forward_pre_hook(block_runs)
-    thread = threading.Thread(target=call)
+    handle = block.register_forward_pre_hook(block_runs)
+    thread = threading.Thread(target=other)
     thread.start()
     try:
-        first = pipe("a cat", **kw).images
+        out = run()
     finally:
         inside.set()
         thread.join()
         handle.remove()
-    assert torch.equal(first, want)
-    if other == "run":
-        assert torch.equal(results["second"], want)
-    assert not streamer.loaded
+    return out, results.get("call"), results.get("logged")
 
 
 @pytest.mark.parametrize("who", ["itself", "second"])
@@ -499,8 +511,6 @@ def test_a_plan_waits_for_the_run_of_a_pipeline_sharing_the_streamed_dit(tmp_pat
     run (the block waits up to 2 s for it, which ends only when nothing holds the plan back): the
     running block is never freed, and the images and the plan's caption tokens are the resident
     pipeline's."""
-    import threading
-
     from tests.fixtures import build_model_folder, our_pipeline
     from zimage_native import ZImagePipeline
     from zimage_native.scheduler import make_schedule
@@ -517,34 +527,12 @@ def test_a_plan_waits_for_the_run_of_a_pipeline_sharing_the_streamed_dit(tmp_pat
     first_image_block = len(pipe.transformer.context_refiner)
     freed, free = [], streamer.free
     streamer.free = lambda i: (freed.append(i), free(i))[1]
-    inside, done, results = threading.Event(), threading.Event(), {}
-
-    def call():
-        inside.wait()
-        try:
-            results["plan"] = other.plan((4, 4), embeds, None, make_schedule(other.scheduler_config, 2))
-        finally:
-            done.set()
-
-    def block_runs(module, args):
-        if not inside.is_set():  # the first run's first image block: the plan comes now
-            start = len(freed)
-            inside.set()
-            done.wait(2)
-            results["freed inside"] = freed[start:]
-
-    handle = streamer.blocks[first_image_block].register_forward_pre_hook(block_runs)
-    thread = threading.Thread(target=call)
-    thread.start()
-    try:
-        images = pipe("a cat", **kw).images
-    finally:
-        inside.set()
-        thread.join()
-        handle.remove()
-    assert first_image_block not in results["freed inside"], results["freed inside"]
+    images, plan, freed_inside = _call_inside_a_run(
+        streamer.blocks[first_image_block], lambda: pipe("a cat", **kw).images,
+        lambda: other.plan((4, 4), embeds, None, make_schedule(other.scheduler_config, 2)), freed)
+    assert first_image_block not in freed_inside, freed_inside
     assert torch.equal(images, resident("a cat", **kw).images)
-    assert torch.equal(results["plan"].plain[1], want_tokens)
+    assert torch.equal(plan.plain[1], want_tokens)
 
 
 def test_maybe_free_model_hooks_drops_the_block_a_dit_called_by_hand_fetched_for_its_next_pass(tiny_model_dir):
@@ -776,6 +764,19 @@ def test_a_vae_assigned_to_the_pipeline_is_prepared_as_the_loaded_one(tiny_model
     assert pipe.vae is new
 
 
+def _record_moves(monkeypatch) -> tuple[list, list]:
+    """Lists that record offload.move_'s (module, device) calls and the devices copy_storage copies to
+    (a clone: "cpu:1" stands in for the GPU); the moves still run."""
+    import zimage_native.offload as offload
+
+    moved, copies = [], []
+    real_move = offload.move_
+    monkeypatch.setattr(offload, "move_", lambda module, device: moved.append((module, device))
+                        or real_move(module, device))
+    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: copies.append(device) or storage.clone())
+    return moved, copies
+
+
 @pytest.mark.parametrize("offload_mode,text_encoder_on_cpu", [("none", False), ("model", False),
                                                                 ("text_encoder", False), ("none", True)])
 def test_a_text_encoder_assigned_to_the_pipeline_rests_where_the_pipelines_does(tiny_model_dir, monkeypatch,
@@ -786,7 +787,6 @@ def test_a_text_encoder_assigned_to_the_pipeline_rests_where_the_pipelines_does(
     execution device when resident, in CPU memory when offloaded (runs visiting the execution device);
     an encoder the pipeline places on the CPU (text_encoder_device="cpu") stays there, nothing copied.
     "cpu:1" stands in for the GPU, copy_storage records the copies."""
-    import zimage_native.offload as offload
     from zimage_native import ZImagePipeline
     from zimage_native.devices import storage_device
 
@@ -801,11 +801,7 @@ def test_a_text_encoder_assigned_to_the_pipeline_rests_where_the_pipelines_does(
     pipe.progress = False
     encoder = copy.deepcopy(base.text_encoder)  # loaded on the CPU, held by no pipeline
     rest = storage_device("text_encoder", placement["text_encoder"], offload_mode)
-    moved, copies = [], []
-    real_move = offload.move_
-    monkeypatch.setattr(offload, "move_", lambda module, device: moved.append((module, device))
-                        or real_move(module, device))
-    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: copies.append(device) or storage.clone())
+    moved, copies = _record_moves(monkeypatch)
     pipe.text_encoder = encoder
     assert pipe.text_encoder is encoder and moved == [(encoder.model, rest)]
     assert copies == ([gpu] * len(copies) if rest == gpu else []) and (copies or rest != gpu)
@@ -903,11 +899,7 @@ def test_a_dit_assigned_to_the_pipeline_rests_where_the_pipelines_does(tiny_mode
     kw = dict(height=32, width=32, num_inference_steps=1, seed=0, output_type="latent")
     want = pipe("a cat", **kw).images
     dit = copy.deepcopy(base.transformer)  # loaded on the CPU, held by no pipeline
-    moved, copies = [], []
-    real_move = offload.move_
-    monkeypatch.setattr(offload, "move_", lambda module, device: moved.append((module, device))
-                        or real_move(module, device))
-    monkeypatch.setattr(offload, "copy_storage", lambda storage, device: copies.append(device) or storage.clone())
+    moved, copies = _record_moves(monkeypatch)
     pipe.transformer = dit
     assert pipe.transformer is dit
     streamer = getattr(dit, "block_streamer", None)
