@@ -389,6 +389,37 @@ def test_offload_blocks_prefetches_every_block_use_but_the_requests_first(contro
         assert torch.equal(images, resident("a cat", **request).images)
 
 
+@pytest.mark.parametrize("version", ["2.0", "2.1"])
+def test_the_first_block_cache_wastes_no_copy_at_prefetch_depth_2_with_a_controlnet_2x(control_model_dir,  # noqa: F811
+                                                                                         control_files, version):
+    """A ControlNet 2.x computes its hints with the DiT's noise-refiner blocks before the DiT's
+    forward. The first-block cache named the first main layer's successor None (nothing prefetched
+    past it until it decides) only within the forward, so at prefetch depth 2 the hints' last
+    refiner block prefetched the second main layer, wasted on every reused step (48 copies for 40
+    block runs, 5 steps with CFG). Now the hints run within the cache's decision too: one copy per
+    run, and the images equal the resident pipeline's."""
+    pipe = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32, offload="blocks")
+    resident = ZImagePipeline.from_pretrained(control_model_dir, device="cpu", dtype=torch.float32)
+    pipe.progress = resident.progress = False
+    pipe.load_controlnet(control_files[version]), resident.load_controlnet(control_files[version])
+    streamer = pipe.transformer.block_streamer
+    streamer.depth = 2
+    kw = dict(KW, output_type="pt", control_image=picture(48, 32, 5), num_inference_steps=5, first_block_cache=1e6)
+    log = []
+    _record_streaming(streamer, "dit", log)
+    pipe("a cat", **kw)  # the first request learns the order
+    for guidance in (2.0, 0.0):
+        log.clear()
+        out = pipe("a cat", **dict(kw, guidance_scale=guidance))
+        assert out.info["first_block_cache_forwards"]["reused"] >= 4  # the premise: reused steps
+        uses = [e[2] for e in log if e[0] == "use"]
+        fetches = [e[2] for e in log if e[0] == "copy"]
+        runs = [b for k, b in enumerate(uses) if k == 0 or uses[k - 1] != b]  # back-to-back: one copy
+        assert fetches == runs, (guidance, fetches, runs)
+        assert not streamer.loaded
+        assert torch.equal(out.images, resident("a cat", **dict(kw, guidance_scale=guidance)).images)
+
+
 def test_the_gpu_benchmark_runs_its_smoke_mode(tmp_path):
     """benchmarks/bench_controlnet.py (part of benchmarks/gpu_check.sh) on the CPU: every row, and
     the diffusers rows at fp32 parity (the GPU run reports the bf16 numbers)."""

@@ -261,6 +261,9 @@ def resume_after(model: nn.Module | None, block: nn.Module) -> None:
     if streamer is None:
         return
     i = streamer.blocks.index(block)
+    # What follows is said now: a block named followed by None predicts its learned successor again,
+    # for the rest of the runs_next context (the first-block cache's full step runs its other layers in it).
+    streamer.known = {k: then for k, then in streamer.known.items() if then is not None}
     if streamer.last is None or streamer.last[0] != i:  # skipped to: its run as if it ran now
         streamer.last = (i, 0 if streamer.runs is None else streamer.runs[i])
     streamer.prefetch(streamer.last)

@@ -22,6 +22,7 @@ step and keeps them where the mask is black (white = repaint).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -499,10 +500,11 @@ def run_steps(pipe, latents: torch.Tensor, plan: SamplingPlan, progress: bool = 
     def forward(x, step, side, last):
         """One forward; ``last``: the run's last, where streamed blocks prefetch no next step's."""
         layout, tokens = side
-        with streamed_pass(pipe.transformer, pipe.controlnet, last=last):
+        branch = "negative" if side is plan.negative else "positive"  # (the cache's residuals of each)
+        deciding = plan.cache.deciding(pipe.transformer, branch) if plan.cache is not None else contextlib.nullcontext()
+        with streamed_pass(pipe.transformer, pipe.controlnet, last=last), deciding:
             extra = plan.extra(x, step, layout, tokens) if plan.extra is not None else {}
             if plan.cache is not None:  # each branch (positives, negatives) keeps its own residuals
-                branch = "negative" if side is plan.negative else "positive"
                 out = plan.cache.forward(pipe.transformer, branch, x, tokens, layout, step.mods, **extra)
             else:
                 out = pipe.transformer.forward_tokens(x, tokens, None, layout, step.mods, **extra)

@@ -84,8 +84,9 @@ class _Branch:
 @dataclass
 class FirstBlockCache:
     """The cache of one request (see the module doc). ``forward`` stands in for
-    ``ZImageTransformer.forward_tokens``; ``branch`` names the forward's residuals ("positive",
-    "negative"). ``full`` / ``reused`` count the forwards of each kind."""
+    ``ZImageTransformer.forward_tokens``, run within :meth:`deciding` with the forward's ControlNet
+    hints; ``branch`` names the forward's residuals ("positive", "negative"). ``full`` /
+    ``reused`` count the forwards of each kind."""
 
     threshold: float
     branches: dict[str, _Branch] = field(default_factory=dict)
@@ -97,11 +98,8 @@ class FirstBlockCache:
                 image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         state = self.branches.setdefault(branch, _Branch())
         decides = state.head_residual is not None  # (the first forward of a branch runs in full)
-        # Streamed blocks (offload="blocks"): which block follows the first layer is known only once
-        # the cache has decided, so it prefetches nothing and the decision says what follows.
-        with runs_next(dit, dit.layers[0], None) if decides else contextlib.nullcontext():
-            h = dit.joint_tokens(x, cap_tokens, layout, mods, image_tokens)
-            head = dit.run_layers(h, layout, mods, control_hints, 0, 1)
+        h = dit.joint_tokens(x, cap_tokens, layout, mods, image_tokens)
+        head = dit.run_layers(h, layout, mods, control_hints, 0, 1)
         residual = head - h
         if decides and self.small_change(residual, state.head_residual):
             resume_after(dit, dit.layers[-1])  # what follows the skipped layers: the next forward
@@ -114,6 +112,20 @@ class FirstBlockCache:
             out = dit.run_layers(head, layout, mods, control_hints, 1)
             state.head_residual, state.tail_residual = residual, out - head
         return dit.final_tokens(out, x.shape[1], mods)
+
+    def deciding(self, dit, branch: str):
+        """Within: the forward of ``branch`` (:meth:`forward`) and its ControlNet hints, which a
+        ControlNet 2.x computes with the DiT's noise-refiner blocks before it. Streamed blocks
+        (offload="blocks"): when the cache decides on this forward, which block follows the first
+        main layer is known only once it has, so that layer prefetches nothing, nor does a block whose
+        prefetch reaches it (``offload.runs_next`` with None), and the decision says what follows
+        (``offload.resume_after``). When only :meth:`forward` named the first layer's successor None, a
+        prefetch of depth 2 from the hints' last refiner block (run before the forward) copied the
+        second main layer in for nothing on every reused step."""
+        state = self.branches.get(branch)
+        if state is None or state.head_residual is None:  # (runs in full)
+            return contextlib.nullcontext()
+        return runs_next(dit, dit.layers[0], None)
 
     def small_change(self, residual: torch.Tensor, before: torch.Tensor) -> bool:
         change = (residual - before).abs().mean() / before.abs().mean()
