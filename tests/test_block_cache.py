@@ -269,3 +269,28 @@ def test_streamed_blocks_under_the_cache_are_each_copied_once_per_use_and_prefet
             assert on_demand == [0], (request, counts, on_demand, used)
         want = pipe("a cat", seed=8, first_block_cache=cache, **kw)
         assert torch.equal(out.images, want.images)
+
+
+@pytest.mark.parametrize("resident", ["caption refiner", "first layer", "last layer"])
+def test_a_dit_streaming_only_some_blocks_runs_with_and_without_the_cache(folder, pipe, resident):
+    """``offload.stream_blocks(blocks=...)`` may leave some of the DiT's blocks resident. The caption
+    passes (``offload.runs_next``) and the cache's decision (``runs_next`` with None,
+    ``offload.resume_after``) looked their blocks up among the streamed ones: ValueError ("... is not
+    in list") on every request with the caption refiner or the first main layer left resident, and on
+    every cached one with the last layer left resident. A block left resident now names nothing: the
+    images equal the resident pipeline's, with CFG, and nothing stays on the device."""
+    from zimage_native.offload import stream_blocks
+
+    from .fixtures import our_pipeline
+
+    partial = our_pipeline(folder)
+    dit = partial.transformer
+    left = {"caption refiner": [*dit.context_refiner], "first layer": [dit.layers[0]], "last layer": [dit.layers[-1]]}
+    streamer = stream_blocks(dit, "cpu", blocks=[b for b in (*dit.context_refiner, *dit.noise_refiner, *dit.layers)
+                                                 if all(b is not r for r in left[resident])])
+    kw = dict(KW, num_inference_steps=4, guidance_scale=2.0)
+    for cache in (0.0, MIXED, 1e6):
+        out = partial("a cat", seed=3, first_block_cache=cache, **kw)
+        assert torch.equal(out.images, pipe("a cat", seed=3, first_block_cache=cache, **kw).images), cache
+        assert not streamer.loaded
+    assert out.info["first_block_cache_forwards"]["reused"] >= 2  # (the premise: reused steps)

@@ -238,8 +238,8 @@ def runs_next(model: nn.Module | None, block: nn.Module, then: nn.Module | None)
     nothing is prefetched after it (nor after a block whose prefetch reaches it) until the caller
     says what follows (:func:`resume_after`)."""
     streamer = getattr(model, "block_streamer", None)
-    if streamer is None:
-        yield
+    if streamer is None or block not in streamer.blocks or (then is not None and then not in streamer.blocks):
+        yield  # (a block left resident, ``stream_blocks(blocks=...)``: the learned order goes on)
         return
     key = streamer.blocks.index(block)
     streamer.known[key] = None if then is None else streamer.blocks.index(then)
@@ -258,7 +258,7 @@ def resume_after(model: nn.Module | None, block: nn.Module) -> None:
     layer to what follows the last (``accel.block_cache``); ``block`` is the block that ran for a
     step run in full."""
     streamer = getattr(model, "block_streamer", None)
-    if streamer is None:
+    if streamer is None or block not in streamer.blocks:  # (a block left resident)
         return
     i = streamer.blocks.index(block)
     # What follows is said now: a block named followed by None predicts its learned successor again,
