@@ -8,7 +8,7 @@ The names below are imported on first use, so that importing the package (and th
 commands that run no model) does not import torch.
 """
 
-__version__ = "0.23.0"
+__version__ = "0.24.0"
 
 
 def _import_hub_kernels_first() -> None:
