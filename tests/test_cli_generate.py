@@ -967,6 +967,7 @@ def test_ctrl_c_stops_zimage_serve_ray_with_exit_status_130(tmp_path, monkeypatc
     ray.serve = serve
     app_module = types.ModuleType("zimage_native.server.ray_serve")
     app_module.build_app = lambda o: "app"
+    app_module.scaling_options = lambda o: ({"num_replicas": 1}, 1)  # (checked before Ray starts)
     monkeypatch.setitem(sys.modules, "ray", ray)
     monkeypatch.setitem(sys.modules, "ray.serve", serve)
     monkeypatch.setitem(sys.modules, "zimage_native.server.ray_serve", app_module)
